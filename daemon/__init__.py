@@ -1,0 +1,1 @@
+"""The locod daemon: serving loop, turns, backends, telemetry, decision log, configuration."""

@@ -1,0 +1,206 @@
+"""Cloud answers through any OpenAI-compatible endpoint, with retries, a circuit breaker and cost accounting.
+
+Retries happen only before the first token arrives (connection refused, timeout, 429 within
+``max_retry_after_s``, 5xx): after that a retry could repeat text, so a cut stream is a CloudError and the
+turn falls back to the local model. After ``breaker_failures`` failed turns in a row the breaker opens
+and the cloud is not tried for ``breaker_cooldown_s``: an offline laptop does not pay a timeout per turn.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+
+from locod.daemon.backends import Generation, Prompt
+from locod.daemon.config import CloudConfig, CloudModelConfig
+from locod.errors import CloudError, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def read_api_key(model: CloudModelConfig, env: dict[str, str] | None = None) -> str | None:
+    """The key from the model's env variable, else its key file (refused if group/world can read it)."""
+    env = dict(os.environ) if env is None else env
+    if env.get(model.api_key_env):
+        return env[model.api_key_env].strip()
+    if not model.api_key_file:
+        return None
+    path = Path(model.api_key_file).expanduser()
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        raise ConfigError(f"cloud model {model.name!r}: api_key_file {path}: {exc.strerror}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"cloud model {model.name!r}: api_key_file {path} is readable by group or others "
+                          f"(mode {stat.S_IMODE(mode):o}); run `chmod 600 {path}`")
+    return path.read_text(encoding="utf-8").strip()
+
+
+class CircuitBreaker:
+    def __init__(self, failures: int, cooldown_s: float) -> None:
+        self.limit, self.cooldown_s = failures, cooldown_s
+        self.consecutive = 0
+        self.opened_at: float | None = None
+        self._lock = threading.Lock()
+
+    def allow(self) -> bool:
+        """Closed: yes. Open: no, until the cooldown passes; then one trial turn goes through (half-open)."""
+        with self._lock:
+            if self.opened_at is None:
+                return True
+            if time.monotonic() - self.opened_at >= self.cooldown_s:
+                self.opened_at = time.monotonic()  # the trial; others wait another cooldown
+                return True
+            return False
+
+    def success(self) -> None:
+        with self._lock:
+            self.consecutive, self.opened_at = 0, None
+
+    def failure(self) -> None:
+        with self._lock:
+            self.consecutive += 1
+            if self.consecutive >= self.limit:
+                if self.opened_at is None:
+                    log.warning("cloud circuit breaker open after %d failures; retrying in %.0f s",
+                                self.consecutive, self.cooldown_s)
+                self.opened_at = time.monotonic()
+
+    @property
+    def state(self) -> str:
+        return "closed" if self.opened_at is None else "open"
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What a cloud turn sends beyond text, for accounting and the record."""
+
+    images: int
+    bytes: int
+
+
+class CloudBackend:
+    def __init__(self, config: CloudConfig) -> None:
+        self.config = config
+        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
+        self._clients: dict[str, openai.OpenAI] = {}
+        self.upload_bps: float | None = None  # EWMA of measured upload speed, for telemetry
+        for model in config.models:
+            key = read_api_key(model) or "no-key-configured"
+            self._clients[model.name] = openai.OpenAI(
+                base_url=model.base_url, api_key=key, timeout=config.timeout_s, max_retries=0,
+            )
+
+    @property
+    def available(self) -> bool:
+        return bool(self.config.models)
+
+    def generate(self, name: str, prompt: Prompt, upload: Upload) -> Generation:
+        model = next(m for m in self.config.models if m.name == name)
+        client = self._clients[name]
+        started = time.perf_counter()
+        attempt = 0
+        while True:
+            try:
+                stream = client.chat.completions.create(
+                    model=model.model, messages=prompt.messages,  # type: ignore[arg-type]
+                    max_tokens=prompt.max_tokens, temperature=prompt.temperature, seed=prompt.seed,
+                    stream=True, stream_options={"include_usage": True},
+                )
+                break
+            except openai.APIStatusError as exc:
+                delay = self._retry_delay(exc, attempt)
+                if delay is None:
+                    self.breaker.failure()
+                    raise CloudError(f"{name}: HTTP {exc.status_code} from the endpoint", code="cloud_http") from None
+            except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+                if attempt >= self.config.max_retries:
+                    self.breaker.failure()
+                    kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
+                    raise CloudError(f"{name}: endpoint {kind}", code="cloud_unreachable") from None
+                delay = min(2.0, 0.25 * 2**attempt)
+            except openai.OpenAIError as exc:
+                self.breaker.failure()
+                raise CloudError(f"{name}: invalid reply from the endpoint: {type(exc).__name__}",
+                                 code="cloud_invalid_reply") from None
+            attempt += 1
+            log.info("cloud %s: retry %d in %.2f s", name, attempt, delay)
+            time.sleep(delay)
+        return self._consume(name, model, stream, prompt, upload, started)
+
+    def _retry_delay(self, exc: openai.APIStatusError, attempt: int) -> float | None:
+        if attempt >= self.config.max_retries or not (exc.status_code == 429 or exc.status_code >= 500):
+            return None
+        if exc.status_code == 429:
+            header = exc.response.headers.get("retry-after", "1")
+            try:
+                wait = float(header)
+            except ValueError:
+                wait = 1.0
+            return wait if wait <= self.config.max_retry_after_s else None
+        return min(2.0, 0.25 * 2**attempt)
+
+    def _consume(self, name: str, model: CloudModelConfig, stream: openai.Stream, prompt: Prompt,  # type: ignore[type-arg]
+                 upload: Upload, started: float) -> Generation:
+        first: float | None = None
+        parts: list[str] = []
+        usage = None
+        chunks = 0
+        try:
+            for chunk in stream:
+                if prompt.cancelled.is_set():
+                    break
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if not chunk.choices:
+                    continue
+                delta = chunk.choices[0].delta.content
+                if delta:
+                    if first is None:
+                        first = time.perf_counter()
+                        self._measure_upload(upload.bytes, first - started)
+                    chunks += 1
+                    parts.append(delta)
+                    prompt.on_delta(delta)
+        except Exception as exc:  # transport (httpx/httpx2), decoding, API errors: the stream is cut
+            self.breaker.failure()
+            text = "".join(parts)
+            raise CloudError(f"{name}: the answer stream broke after {len(text)} characters: "
+                             f"{type(exc).__name__}", code="cloud_stream_cut") from None
+        finally:
+            stream.close()
+        if first is None and not prompt.cancelled.is_set():
+            self.breaker.failure()
+            raise CloudError(f"{name}: the endpoint returned no answer text", code="cloud_invalid_reply")
+        self.breaker.success()
+        text = "".join(parts)
+        if usage is not None:
+            tokens_in, tokens_out = usage.prompt_tokens, usage.completion_tokens
+        else:  # the endpoint reported no usage: estimate at 4 characters a token
+            tokens_in = sum(len(str(m["content"])) for m in prompt.messages) // 4
+            tokens_out = max(chunks, len(text) // 4)
+        cost = (tokens_in * model.usd_per_mtok_in + tokens_out * model.usd_per_mtok_out) / 1e6 \
+            + upload.images * model.usd_per_image
+        total = time.perf_counter() - started
+        return Generation(text=text, tokens_in=tokens_in, tokens_out=tokens_out,
+                          first_token_ms=None if first is None else (first - started) * 1000,
+                          total_ms=total * 1000, cost_usd=cost, images_sent=upload.images,
+                          bytes_up=upload.bytes, cancelled=prompt.cancelled.is_set())
+
+    def _measure_upload(self, sent: int, seconds: float) -> None:
+        """Passive bandwidth estimate: request bytes over time to first token (an underestimate by design)."""
+        if sent < 50_000 or seconds <= 0:
+            return  # small requests measure latency, not bandwidth
+        rate = sent / seconds
+        self.upload_bps = rate if self.upload_bps is None else 0.7 * self.upload_bps + 0.3 * rate
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()

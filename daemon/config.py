@@ -1,0 +1,411 @@
+"""All of locod's configuration: one TOML file, ``LOCOD_*`` environment overrides, then CLI overrides.
+
+The dataclasses below are the schema. ``load_config`` checks every key against them, so an unknown key, a
+wrong type or an out-of-range value is an error that names the file, the key and what was expected.
+docs/configuration.md documents each key; ``locod config show`` prints the effective result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from locod.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
+    return {"min": lo, "max": hi}
+
+
+def _choice(*options: str) -> dict[str, Any]:
+    return {"choices": options}
+
+
+@dataclass(frozen=True)
+class LocalModelConfig:
+    """One GGUF model the daemon may run. ``path`` is absolute or relative to ``paths.models_dir``."""
+
+    name: str
+    path: str
+    # None: use the chat template stored in the GGUF itself.
+    chat_format: str | None = None
+    n_ctx: int = field(default=2048, metadata=_range(128, 1 << 20))
+    n_gpu_layers: int = field(default=0, metadata=_range(-1, 10_000))
+    # Joules per generated token when no power sensor is available; used for energy accounting.
+    joules_per_token: float = field(default=0.05, metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class CloudModelConfig:
+    """One model behind an OpenAI-compatible endpoint, with its prices (USD)."""
+
+    name: str
+    base_url: str
+    model: str
+    api_key_env: str = "LOCOD_CLOUD_API_KEY"
+    api_key_file: str = ""
+    usd_per_mtok_in: float = field(default=0.15, metadata=_range(0))
+    usd_per_mtok_out: float = field(default=0.60, metadata=_range(0))
+    usd_per_image: float = field(default=0.0, metadata=_range(0))
+    vision: bool = True
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    # Extra loopback endpoint, e.g. "tcp://127.0.0.1:5557"; the ipc socket is always bound.
+    tcp: str = ""
+    # Shared secret required from tcp clients (ignored on the ipc socket, which is protected by file modes).
+    tcp_secret_file: str = ""
+    max_message_bytes: int = field(default=32 << 20, metadata=_range(1024, 1 << 30))
+    session_idle_s: float = field(default=1800.0, metadata=_range(1))
+    max_sessions: int = field(default=1000, metadata=_range(1))
+    queue_limit: int = field(default=256, metadata=_range(1))
+    cloud_workers: int = field(default=8, metadata=_range(1, 256))
+    shutdown_grace_s: float = field(default=20.0, metadata=_range(0))
+    watchdog_stall_s: float = field(default=30.0, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class PathsConfig:
+    state_dir: str = ""
+    runtime_dir: str = ""
+    models_dir: str = ""
+    # Directories under which the daemon may open a path named by a client (instead of receiving bytes).
+    allow_dirs: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = field(default="INFO", metadata=_choice("DEBUG", "INFO", "WARNING", "ERROR"))
+    # Store prompt text in the decision log; off by default (a hash and the length are stored instead).
+    prompts: bool = False
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    default: str = "smollm2-135m-instruct"
+    memory_budget_mb: int = field(default=4096, metadata=_range(64))
+    n_threads: int = field(default=0, metadata=_range(0, 1024))
+    max_tokens: int = field(default=256, metadata=_range(1, 1 << 20))
+    models: list[LocalModelConfig] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    default: str = ""
+    timeout_s: float = field(default=30.0, metadata=_range(0.1))
+    max_retries: int = field(default=2, metadata=_range(0, 10))
+    max_retry_after_s: float = field(default=10.0, metadata=_range(0))
+    daily_cap_usd: float = field(default=0.0, metadata=_range(0))
+    breaker_failures: int = field(default=3, metadata=_range(1))
+    breaker_cooldown_s: float = field(default=60.0, metadata=_range(0))
+    models: list[CloudModelConfig] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AttachmentsConfig:
+    max_bytes: int = field(default=20 << 20, metadata=_range(1))
+    max_count: int = field(default=8, metadata=_range(0, 64))
+    image_max_side: int = field(default=1024, metadata=_range(32, 16384))
+    image_max_pixels: int = field(default=100_000_000, metadata=_range(1))
+    image_jpeg_bytes: int = field(default=300_000, metadata=_range(1000))
+    doc_chunk_chars: int = field(default=1200, metadata=_range(100))
+    doc_token_budget: int = field(default=1500, metadata=_range(0))
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    # "auto": the policy decides; "local"/"cloud": every turn goes there unless the request forces otherwise.
+    mode: str = field(default="auto", metadata=_choice("auto", "local", "cloud"))
+    sla: float = field(default=0.8, metadata=_range(0.0, 1.0))
+    v: float = field(default=1.0, metadata=_range(0.0))
+    explore_c: float = field(default=0.2, metadata=_range(0.0))
+    q_cap: float = field(default=50.0, metadata=_range(0.0))
+    weight_money: float = field(default=1.0, metadata=_range(0.0))
+    weight_energy: float = field(default=0.2, metadata=_range(0.0))
+    weight_policy: float = field(default=0.5, metadata=_range(0.0))
+    policy_path: str = ""
+    battery_critical_pct: float = field(default=10.0, metadata=_range(0.0, 100.0))
+    judge: bool = False
+
+
+@dataclass(frozen=True)
+class TelemetryConfig:
+    interval_s: float = field(default=1.0, metadata=_range(0.05, 3600))
+    probe_interval_s: float = field(default=30.0, metadata=_range(1))
+    sysfs_root: str = "/sys"
+    procfs_root: str = "/proc"
+    # Prior for upload bandwidth before any real upload was measured (bytes/s): a modest WiFi uplink.
+    bandwidth_prior_bps: float = field(default=2_000_000.0, metadata=_range(1))
+
+
+@dataclass(frozen=True)
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    cloud: CloudConfig = field(default_factory=CloudConfig)
+    attachments: AttachmentsConfig = field(default_factory=AttachmentsConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    # Where the values came from, for `locod config show` and error messages.
+    source: str = field(default="(defaults)", compare=False)
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.paths.state_dir)
+
+    @property
+    def runtime_dir(self) -> Path:
+        return Path(self.paths.runtime_dir)
+
+    @property
+    def models_dir(self) -> Path:
+        return Path(self.paths.models_dir)
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "locod.db"
+
+    @property
+    def ipc_endpoint(self) -> str:
+        return f"ipc://{self.runtime_dir / 'locod.sock'}"
+
+    def local_model(self, name: str) -> LocalModelConfig:
+        for model in self.local.models:
+            if model.name == name:
+                return model
+        raise ConfigError(f"no local model named {name!r}; configured: {[m.name for m in self.local.models]}")
+
+    def cloud_model(self, name: str) -> CloudModelConfig:
+        for model in self.cloud.models:
+            if model.name == name:
+                return model
+        raise ConfigError(f"no cloud model named {name!r}; configured: {[m.name for m in self.cloud.models]}")
+
+
+# Environment overrides: variable -> dotted key. Documented in docs/configuration.md.
+ENV_OVERRIDES: dict[str, str] = {
+    "LOCOD_STATE_DIR": "paths.state_dir",
+    "LOCOD_RUNTIME_DIR": "paths.runtime_dir",
+    "LOCOD_MODELS_DIR": "paths.models_dir",
+    "LOCOD_LOG_LEVEL": "log.level",
+    "LOCOD_LOG_PROMPTS": "log.prompts",
+    "LOCOD_TCP": "daemon.tcp",
+    "LOCOD_ROUTING": "routing.mode",
+    "LOCOD_SLA": "routing.sla",
+    "LOCOD_LOCAL_MODEL": "local.default",
+    "LOCOD_CLOUD_MODEL": "cloud.default",
+    "LOCOD_DAILY_CAP_USD": "cloud.daily_cap_usd",
+    "LOCOD_POLICY": "routing.policy_path",
+}
+
+EMBEDDED_MODEL = LocalModelConfig(name="smollm2-135m-instruct", path="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def find_config_file(env: Mapping[str, str]) -> Path | None:
+    """The first config file that exists: $LOCOD_CONFIG, $XDG_CONFIG_HOME/locod, /etc/locod."""
+    if env.get("LOCOD_CONFIG"):
+        path = Path(env["LOCOD_CONFIG"])
+        if not path.is_file():
+            raise ConfigError(f"LOCOD_CONFIG names {path}, which is not a file")
+        return path
+    xdg = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    for candidate in (xdg / "locod" / "config.toml", Path("/etc/locod/config.toml")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, str] | None = None,
+) -> Config:
+    """Read ``path`` (or the first default file), apply env then ``overrides`` ("section.key" -> text)."""
+    env = os.environ if env is None else env
+    file = Path(path) if path is not None else find_config_file(env)
+    table: dict[str, Any] = {}
+    source = "(defaults)"
+    if file is not None:
+        source = str(file)
+        try:
+            table = tomllib.loads(file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{file}: no such config file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{file}: cannot read: {exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+    for var, key in ENV_OVERRIDES.items():
+        if env.get(var, "") != "":
+            _set_text(table, key, env[var], f"${var}")
+    for key, text in (overrides or {}).items():
+        _set_text(table, key, text, f"override {key}")
+    config = _build(Config, table, source, "")
+    return _with_defaults(dataclasses.replace(config, source=source), env)
+
+
+def _set_text(table: dict[str, Any], dotted: str, text: str, origin: str) -> None:
+    """Put an override given as text into the raw table, converted by the schema's type for that key."""
+    *sections, key = dotted.split(".")
+    cls: Any = Config
+    node = table
+    for section in sections:
+        hints = typing.get_type_hints(cls)
+        if section not in hints or not dataclasses.is_dataclass(hints[section]):
+            raise ConfigError(f"{origin}: unknown section {section!r}")
+        cls = hints[section]
+        node = node.setdefault(section, {})
+    hints = typing.get_type_hints(cls)
+    if key not in hints:
+        raise ConfigError(f"{origin}: unknown key {dotted!r}")
+    node[key] = _parse_text(hints[key], text, origin, dotted)
+
+
+def _parse_text(hint: Any, text: str, origin: str, key: str) -> Any:
+    base = _strip_optional(hint)
+    try:
+        if base is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if base is int:
+            return int(text)
+        if base is float:
+            return float(text)
+        if typing.get_origin(base) is list:
+            return [part for part in text.split(os.pathsep) if part]
+    except ValueError:
+        raise ConfigError(f"{origin}: {key} expects {_type_name(hint)}, got {text!r}") from None
+    return text
+
+
+def _strip_optional(hint: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0]
+    return hint
+
+
+def _type_name(hint: Any) -> str:
+    base = _strip_optional(hint)
+    if typing.get_origin(base) is list:
+        (item,) = typing.get_args(base)
+        return f"a list of {_type_name(item)}"
+    if dataclasses.is_dataclass(base):
+        return "a table"
+    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+    return names.get(base, str(base))
+
+
+def _build(cls: Any, table: Any, source: str, where: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: [{where or 'top level'}] must be a table, got {type(table).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    for key in table:
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"{source}: unknown key {where + key!r} (known here: {known})")
+    values: dict[str, Any] = {}
+    for name, fld in names.items():
+        if name not in table:
+            if fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{source}: {where}{name} is required")
+            continue
+        values[name] = _value(hints[name], table[name], fld.metadata, source, where + name)
+    return cls(**values)
+
+
+def _value(hint: Any, raw: Any, meta: Mapping[str, Any], source: str, key: str) -> Any:
+    optional = _strip_optional(hint) is not hint
+    base = _strip_optional(hint)
+    if optional and raw == "":
+        return None
+    if dataclasses.is_dataclass(base):
+        return _build(base, raw, source, key + ".")
+    if typing.get_origin(base) is list:
+        (item,) = typing.get_args(base)
+        if not isinstance(raw, list):
+            raise ConfigError(f"{source}: {key} expects {_type_name(base)}, got {type(raw).__name__}")
+        return [_value(item, element, {}, source, f"{key}[{i}]") for i, element in enumerate(raw)]
+    ok = isinstance(raw, base) and not (base is int and isinstance(raw, bool))
+    if base is float and isinstance(raw, int) and not isinstance(raw, bool):
+        raw, ok = float(raw), True
+    if not ok:
+        raise ConfigError(f"{source}: {key} expects {_type_name(hint)}, got {type(raw).__name__} {raw!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and raw < lo) or (hi is not None and raw > hi):
+        bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise ConfigError(f"{source}: {key} must be {bounds}, got {raw!r}")
+    choices = meta.get("choices")
+    if choices and raw not in choices:
+        raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, got {raw!r}")
+    return raw
+
+
+def _with_defaults(config: Config, env: Mapping[str, str]) -> Config:
+    """Fill in directories (XDG or systemd's) and the embedded model, then check cross-key rules."""
+    home = Path.home()
+    state = config.paths.state_dir or env.get("STATE_DIRECTORY", "").split(":")[0] or str(
+        Path(env.get("XDG_STATE_HOME") or home / ".local/state") / "locod"
+    )
+    runtime = config.paths.runtime_dir or env.get("RUNTIME_DIRECTORY", "").split(":")[0] or str(
+        Path(env.get("XDG_RUNTIME_DIR") or f"/tmp/locod-{os.getuid()}") / "locod"
+    )
+    models = config.paths.models_dir or (
+        str(Path(state) / "models")
+        if env.get("STATE_DIRECTORY")
+        else str(Path(env.get("XDG_DATA_HOME") or home / ".local/share") / "locod" / "models")
+    )
+    local_models = list(config.local.models)
+    if not any(m.name == EMBEDDED_MODEL.name for m in local_models):
+        local_models.insert(0, EMBEDDED_MODEL)
+    cloud_default = config.cloud.default or (config.cloud.models[0].name if config.cloud.models else "")
+    config = dataclasses.replace(
+        config,
+        paths=dataclasses.replace(config.paths, state_dir=state, runtime_dir=runtime, models_dir=models),
+        local=dataclasses.replace(config.local, models=local_models),
+        cloud=dataclasses.replace(config.cloud, default=cloud_default),
+    )
+    _check_names(config)
+    return config
+
+
+def _check_names(config: Config) -> None:
+    local_names = [m.name for m in config.local.models]
+    cloud_names = [m.name for m in config.cloud.models]
+    everything = local_names + cloud_names
+    duplicated = {n for n in everything if everything.count(n) > 1}
+    if duplicated:
+        raise ConfigError(f"{config.source}: model names must be unique, repeated: {sorted(duplicated)}")
+    config.local_model(config.local.default)
+    if config.cloud.default:
+        config.cloud_model(config.cloud.default)
+    for model in config.cloud.models:
+        if not model.base_url.startswith(("http://", "https://")):
+            raise ConfigError(f"{config.source}: cloud model {model.name!r}: base_url must be http(s)")
+    if config.daemon.tcp and not config.daemon.tcp.startswith("tcp://"):
+        raise ConfigError(f"{config.source}: daemon.tcp must look like tcp://127.0.0.1:5557")
+
+
+def as_dict(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain data. Holds no secrets: keys live only in env or key files."""
+    return dataclasses.asdict(config)

@@ -1,0 +1,204 @@
+"""Local answers through llama.cpp: a zoo of GGUF models, loaded on demand and kept within a memory budget.
+
+Like Ollama's keep-alive, a model stays resident after use; when loading another would exceed the budget,
+the least recently used models are unloaded first. Only the local worker (behind the FairGate) touches the
+zoo, so loading and generating need no lock of their own.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llama_cpp import Llama
+
+from locod.daemon.backends import Generation, Prompt
+from locod.daemon.config import LocalModelConfig
+from locod.errors import ModelError, PromptTooLong
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+# Tokens the chat template adds around each message (role markers), and room it may add for a system prompt.
+PER_MESSAGE_TOKENS = 6
+TEMPLATE_SLACK_TOKENS = 32
+MIN_ANSWER_TOKENS = 16
+
+
+def resolve_path(model: LocalModelConfig, models_dir: Path) -> Path:
+    path = Path(model.path).expanduser()
+    return path if path.is_absolute() else models_dir / path
+
+
+def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
+    """Fail early, and by name, on a missing or non-GGUF file: a traceback from llama.cpp helps nobody."""
+    path = resolve_path(model, models_dir)
+    if not path.is_file():
+        raise ModelError(f"model {model.name!r}: file {path} not found; run `locod models fetch` for the "
+                         "embedded model, or fix its path in the config", code="model_missing")
+    with path.open("rb") as f:
+        if f.read(4) != GGUF_MAGIC:
+            raise ModelError(f"model {model.name!r}: {path} is not a GGUF file", code="model_corrupt")
+    return path
+
+
+@dataclass
+class LoadedModel:
+    config: LocalModelConfig
+    llm: Llama
+    footprint_mb: float
+    last_used: float
+
+
+class ModelZoo:
+    def __init__(self, models: list[LocalModelConfig], models_dir: Path, budget_mb: int, n_threads: int) -> None:
+        self.models = {m.name: m for m in models}
+        self.models_dir = models_dir
+        self.budget_mb = budget_mb
+        self.n_threads = n_threads or None
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+
+    def get(self, name: str) -> LoadedModel:
+        if name not in self.models:
+            raise ModelError(f"no local model named {name!r}; configured: {sorted(self.models)}",
+                             code="unknown_model")
+        loaded = self._loaded.get(name)
+        if loaded is None:
+            loaded = self._load(self.models[name])
+        self._loaded.move_to_end(name)
+        loaded.last_used = time.monotonic()
+        return loaded
+
+    def _load(self, model: LocalModelConfig) -> LoadedModel:
+        path = check_model_file(model, self.models_dir)
+        estimate = path.stat().st_size / 2**20
+        self._make_room(estimate)
+        started = time.perf_counter()
+        try:
+            llm = Llama(model_path=str(path), n_ctx=model.n_ctx, n_gpu_layers=model.n_gpu_layers,
+                        n_threads=self.n_threads, chat_format=model.chat_format, verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelError(f"model {model.name!r}: llama.cpp could not load {path}: {exc}",
+                             code="model_corrupt") from None
+        loaded = LoadedModel(model, llm, estimate + _kv_cache_mb(llm), time.monotonic())
+        self._loaded[model.name] = loaded
+        log.info("loaded local model %s (%.0f MB resident estimate) in %.1f s", model.name,
+                 loaded.footprint_mb, time.perf_counter() - started)
+        return loaded
+
+    def _make_room(self, needed_mb: float) -> None:
+        while self._loaded and sum(m.footprint_mb for m in self._loaded.values()) + needed_mb > self.budget_mb:
+            name, old = self._loaded.popitem(last=False)
+            old.llm.close()
+            log.info("unloaded local model %s to stay within %d MB", name, self.budget_mb)
+
+    def resident(self) -> list[str]:
+        return list(self._loaded)
+
+    def close(self) -> None:
+        for loaded in self._loaded.values():
+            loaded.llm.close()
+        self._loaded.clear()
+
+
+def _kv_cache_mb(llm: Llama) -> float:
+    """KV cache size from the GGUF metadata (f16 keys and values), 0 when the fields are absent."""
+    meta: dict[str, Any] = llm.metadata
+    arch = meta.get("general.architecture", "")
+    try:
+        layers = int(meta[f"{arch}.block_count"])
+        heads = int(meta[f"{arch}.attention.head_count"])
+        kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+        width = int(meta[f"{arch}.embedding_length"])
+    except (KeyError, ValueError):
+        return 0.0
+    return 2 * layers * llm.n_ctx() * kv_heads * (width // heads) * 2 / 2**20
+
+
+def fit_to_context(llm: Llama, messages: list[dict[str, str]], max_tokens: int) -> tuple[list[dict[str, str]], int, int]:
+    """Trim history to the context window; returns (messages, prompt tokens, answer budget).
+
+    The rule: system messages and the newest user message always stay; the answer gets up to
+    ``max_tokens``; older messages are dropped oldest first until the rest fits, and kept history
+    starts at a user message. A newest message that leaves no room for ``MIN_ANSWER_TOKENS`` is an error.
+    """
+    n_ctx = llm.n_ctx()
+
+    def cost(message: dict[str, str]) -> int:
+        return len(llm.tokenize(message["content"].encode(), add_bos=False, special=False)) + PER_MESSAGE_TOKENS
+
+    system = [m for m in messages if m["role"] == "system"]
+    dialogue = [m for m in messages if m["role"] != "system"]
+    fixed = TEMPLATE_SLACK_TOKENS + sum(cost(m) for m in system) + cost(dialogue[-1])
+    if fixed + MIN_ANSWER_TOKENS > n_ctx:
+        raise PromptTooLong(f"the prompt needs about {fixed} tokens; the model's context is {n_ctx} tokens")
+    answer = min(max_tokens, n_ctx - fixed)
+    room = n_ctx - fixed - answer
+    kept: list[dict[str, str]] = []
+    for message in reversed(dialogue[:-1]):
+        room -= cost(message)
+        if room < 0:
+            break
+        kept.insert(0, message)
+    while kept and kept[0]["role"] != "user":
+        kept.pop(0)
+    return [*system, *kept, dialogue[-1]], fixed + sum(cost(m) for m in kept), answer
+
+
+@dataclass(frozen=True)
+class LocalPrompt:
+    """Messages already trimmed to fit one loaded model."""
+
+    loaded: LoadedModel
+    messages: list[dict[str, str]]
+    tokens_in: int
+    answer_budget: int
+
+
+class LocalBackend:
+    def __init__(self, zoo: ModelZoo) -> None:
+        self.zoo = zoo
+        self.tokens_per_s: float | None = None  # EWMA of measured generation speed
+
+    def prepare(self, model: str, messages: list[dict[str, str]], max_tokens: int) -> LocalPrompt:
+        """Load the model and fit the messages to its context; raises before anything is generated."""
+        loaded = self.zoo.get(model)
+        fitted, tokens_in, budget = fit_to_context(loaded.llm, messages, max_tokens)
+        return LocalPrompt(loaded, fitted, tokens_in, budget)
+
+    def generate(self, local: LocalPrompt, prompt: Prompt) -> Generation:
+        started = time.perf_counter()
+        first: float | None = None
+        parts: list[str] = []
+        tokens_out = 0
+        stream = local.loaded.llm.create_chat_completion(
+            messages=local.messages,  # type: ignore[arg-type]
+            max_tokens=local.answer_budget, temperature=prompt.temperature, seed=prompt.seed, stream=True,
+        )
+        try:
+            for chunk in stream:
+                if prompt.cancelled.is_set():
+                    break
+                delta = chunk["choices"][0]["delta"].get("content")  # type: ignore[index, union-attr]
+                if not delta:
+                    continue
+                if first is None:
+                    first = time.perf_counter()
+                tokens_out += 1
+                parts.append(delta)
+                prompt.on_delta(delta)
+        finally:
+            stream.close()  # type: ignore[union-attr]
+        end = time.perf_counter()
+        if first is not None and tokens_out > 1 and end > first:
+            rate = (tokens_out - 1) / (end - first)
+            self.tokens_per_s = rate if self.tokens_per_s is None else 0.8 * self.tokens_per_s + 0.2 * rate
+        return Generation(
+            text="".join(parts), tokens_in=local.tokens_in, tokens_out=tokens_out,
+            first_token_ms=None if first is None else (first - started) * 1000, total_ms=(end - started) * 1000,
+            energy_j=tokens_out * local.loaded.config.joules_per_token, cancelled=prompt.cancelled.is_set(),
+        )

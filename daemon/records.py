@@ -1,0 +1,197 @@
+"""The decision log: one row per accepted turn in table ``decisions`` of ``<state dir>/locod.db``.
+
+A row is inserted (outcome ``pending``) when a turn is accepted and completed before its ``done`` frame is
+sent, both committed durably (WAL, ``synchronous=FULL``). A row still ``pending`` at start-up belongs to a
+daemon that died mid-turn and is marked ``interrupted``: accepted turns are never silently lost.
+Schema changes are numbered migrations recorded in ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from locod.errors import StorageError, UnknownDecision
+
+
+@dataclass
+class DecisionRecord:
+    """What was decided for one turn and why; the columns of ``decisions``."""
+
+    session: str
+    turn: int
+    request_id: str
+    prompt_sha256: str
+    prompt_chars: int
+    prompt: str | None
+    task: str
+    location: str
+    model: str
+    reason: str
+    attachments_offered: list[dict[str, Any]] = field(default_factory=list)
+    attachments_sent: list[str] = field(default_factory=list)
+    telemetry: dict[str, Any] = field(default_factory=dict)
+    features: dict[str, Any] = field(default_factory=dict)
+    policy_version: str | None = None
+    q: float | None = None
+    sla: float | None = None
+    v: float | None = None
+    s_hat: dict[str, float] = field(default_factory=dict)
+    costs: dict[str, float] = field(default_factory=dict)
+    probabilities: dict[str, float] = field(default_factory=dict)
+    mask: dict[str, bool] = field(default_factory=dict)
+    explored: bool = False
+    latency_decide_ms: float = 0.0
+
+
+@dataclass
+class Outcome:
+    """How the turn ended; filled in before the ``done`` frame."""
+
+    outcome: str  # ok | fallback | error | cancelled
+    backend: str
+    model: str
+    tokens_in: int = 0
+    tokens_out: int = 0
+    images_sent: int = 0
+    bytes_up: int = 0
+    latency_first_token_ms: float | None = None
+    latency_total_ms: float = 0.0
+    cost_usd: float = 0.0
+    energy_j: float = 0.0
+    error: str | None = None
+    attachments_sent: list[str] | None = None
+
+
+JSON_COLUMNS = ("attachments_offered", "attachments_sent", "telemetry", "features", "s_hat", "costs",
+                "probabilities", "mask")
+
+
+def _migration_1(db: sqlite_utils.Database) -> None:
+    db["decisions"].create(
+        {
+            "id": int, "created": float, "finished": float, "session": str, "turn": int, "request_id": str,
+            "prompt_sha256": str, "prompt_chars": int, "prompt": str, "task": str,
+            "attachments_offered": str, "attachments_sent": str, "telemetry": str, "features": str,
+            "policy_version": str, "q": float, "sla": float, "v": float, "s_hat": str, "costs": str,
+            "probabilities": str, "mask": str, "location": str, "model": str, "reason": str, "explored": int,
+            "outcome": str, "error": str, "backend": str, "tokens_in": int, "tokens_out": int,
+            "images_sent": int, "bytes_up": int, "latency_decide_ms": float, "latency_first_token_ms": float,
+            "latency_total_ms": float, "cost_usd": float, "energy_j": float, "satisfied": int,
+            "label_source": str, "labelled": float,
+        },
+        pk="id",
+        not_null={"created", "session", "turn", "location", "model", "outcome"},
+    )
+    db["decisions"].create_index(["created"])
+    db["decisions"].create_index(["session", "turn"])
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+
+
+class DecisionLog:
+    """One connection shared by the daemon's threads, one writer at a time."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageError(f"cannot open the decision log {path}: {exc}") from None
+        self._conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.Lock()
+        with self._writing("migrate"):
+            self._migrate()
+            self.interrupted_at_start = self.db.execute(
+                "UPDATE decisions SET outcome = 'interrupted', error = 'daemon stopped during the turn' "
+                "WHERE outcome = 'pending'"
+            ).rowcount
+
+    @contextmanager
+    def _writing(self, what: str) -> Iterator[None]:
+        with self._lock:
+            try:
+                with self._conn:  # BEGIN ... COMMIT, or ROLLBACK on error
+                    self._conn.execute("BEGIN IMMEDIATE")
+                    yield
+            except sqlite3.Error as exc:
+                raise StorageError(f"decision log {self.path}: {what} failed: {exc}") from None
+
+    def _migrate(self) -> None:
+        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
+            step(self.db)
+            self._conn.execute(f"PRAGMA user_version = {number}")
+
+    def schema_version(self) -> int:
+        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
+
+    def begin(self, record: DecisionRecord) -> int:
+        """Insert the accepted turn as ``pending``; returns its decision id."""
+        row: dict[str, Any] = asdict(record)
+        for column in JSON_COLUMNS:
+            row[column] = json.dumps(row[column], separators=(",", ":"), default=str)
+        row.update(created=time.time(), outcome="pending", explored=int(record.explored))
+        with self._writing("recording the turn"):
+            return int(self.db["decisions"].insert(row).last_pk)
+
+    def finish(self, decision_id: int, outcome: Outcome) -> None:
+        row: dict[str, Any] = asdict(outcome)
+        sent = row.pop("attachments_sent")
+        if sent is not None:
+            row["attachments_sent"] = json.dumps(sent)
+        row["finished"] = time.time()
+        with self._writing("completing the record"):
+            self.db["decisions"].update(decision_id, row)
+
+    def label(self, decision_id: int, satisfied: bool, source: str) -> dict[str, Any]:
+        """Store a satisfaction label once; returns the row as it was before."""
+        with self._writing("storing the label"):
+            rows = list(self.db.query("SELECT * FROM decisions WHERE id = ?", [decision_id]))
+            if not rows:
+                raise UnknownDecision(f"no decision with id {decision_id}")
+            if rows[0]["satisfied"] is not None:
+                raise UnknownDecision(f"decision {decision_id} is already labelled", code="already_labelled")
+            self.db["decisions"].update(
+                decision_id, {"satisfied": int(satisfied), "label_source": source, "labelled": time.time()}
+            )
+        return _decoded(rows[0])
+
+    def recent(self, limit: int = 20) -> list[dict[str, Any]]:
+        rows = self.db.query("SELECT * FROM decisions ORDER BY id DESC LIMIT ?", [limit])
+        return [_decoded(row) for row in rows]
+
+    def spent_since(self, since: float) -> float:
+        row = self._conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM decisions WHERE created >= ?",
+                                 [since]).fetchone()
+        return float(row[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+def _decoded(row: dict[str, Any]) -> dict[str, Any]:
+    for column in JSON_COLUMNS:
+        if isinstance(row.get(column), str):
+            row[column] = json.loads(row[column])
+    return row
+
+
+def local_midnight(now: float | None = None) -> float:
+    t = time.localtime(now)
+    return time.mktime((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0, 0, 0, -1))

@@ -1,0 +1,345 @@
+"""The daemon: ZeroMQ sockets, the serving loop, and the lifecycle (start, reload, stop).
+
+One thread owns the sockets and never blocks on work: it parses requests, answers the cheap ops
+(``ping``, ``status``, ``decisions``, ``feedback``, ``reload``) itself and hands chat turns to a thread pool.
+Worker threads send their frames through an inproc PUSH/PULL pair back to this thread, which forwards them
+to the client's ROUTER socket (ZeroMQ sockets are not thread-safe). A client that vanishes mid-stream is
+noticed on send (ROUTER_MANDATORY) and its turns are cancelled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import fcntl
+import hmac
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from locod import __version__
+from locod.daemon.cloud import CloudBackend
+from locod.daemon.config import Config, load_config
+from locod.daemon.gate import FairGate
+from locod.daemon.local import LocalBackend, ModelZoo, check_model_file
+from locod.daemon.logs import configure_logging
+from locod.daemon.notify import Notifier
+from locod.daemon.records import DecisionLog, local_midnight
+from locod.daemon.router import Router
+from locod.daemon.sessions import SessionStore
+from locod.daemon.telemetry import TelemetrySampler
+from locod.daemon.turn import Reply, TurnRunner
+from locod.errors import Busy, LocodError, ProtocolError, StorageError
+from locod.protocol import BadRequest, ChatRequest, FeedbackRequest, SimpleRequest, encode, error_frame, parse_request
+
+log = logging.getLogger(__name__)
+
+OUTBOX = "inproc://locod-outbox"
+IPC, TCP = b"i", b"t"
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: str | None = None,
+                 overrides: Mapping[str, str] | None = None) -> None:
+        self.config = config
+        self._config_path = config_path
+        self._overrides = dict(overrides or {})
+        self.started = time.time()
+        self.notifier = Notifier()
+        self.records = DecisionLog(config.db_path)
+        self.zoo = ModelZoo(config.local.models, config.models_dir, config.local.memory_budget_mb,
+                            config.local.n_threads)
+        self.local = LocalBackend(self.zoo)
+        self.cloud = CloudBackend(config.cloud)
+        self.sessions = SessionStore(config.daemon.session_idle_s, config.daemon.max_sessions)
+        self.gate = FairGate()
+        self.telemetry = TelemetrySampler(config, self.cloud, self.local)
+        self.router = Router(config, self.records, self.telemetry, self.cloud)
+        self.runner = TurnRunner(config, self.sessions, self.local, self.cloud, self.records, self.gate,
+                                 self.router.decide, self.telemetry.snapshot_dict, self.router.after_turn)
+        self.pool = ThreadPoolExecutor(max_workers=config.daemon.queue_limit, thread_name_prefix="turn")
+        # Turns in flight and whom they answer; touched only by the loop's thread.
+        self._turns: dict[Future[None], tuple[bytes, Reply]] = {}
+        self.ctx = zmq.Context()
+        self._local_out = threading.local()
+        self.sockets: dict[bytes, zmq.Socket[bytes]] = {}
+        self.stopping_since: float | None = None
+        self.turns_served = 0
+
+    # -- start ---------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        cfg = self.config
+        runtime = cfg.runtime_dir
+        runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(runtime, 0o700)
+        self._lock = (runtime / "locod.lock").open("w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StorageError(f"another locod daemon is already running with runtime dir {runtime}",
+                               code="already_running") from None
+        if self.records.interrupted_at_start:
+            log.warning("%d turns were interrupted by the previous daemon's stop; marked 'interrupted'",
+                        self.records.interrupted_at_start)
+        default = cfg.local_model(cfg.local.default)
+        check_model_file(default, cfg.models_dir)
+        self.zoo.get(default.name)  # load once before READY: the first turn should not pay for it
+        self.outbox = self.ctx.socket(zmq.PULL)
+        self.outbox.bind(OUTBOX)
+        self.sockets[IPC] = self._router_socket()
+        sock_path = runtime / "locod.sock"
+        sock_path.unlink(missing_ok=True)  # a stale socket of a dead daemon; the lock says none is alive
+        self.sockets[IPC].bind(cfg.ipc_endpoint)
+        os.chmod(sock_path, 0o600)
+        if cfg.daemon.tcp:
+            self.sockets[TCP] = self._router_socket()
+            self.sockets[TCP].bind(cfg.daemon.tcp)
+        self._tcp_secret = self._read_tcp_secret()
+        self.telemetry.start()
+        self._install_signals()
+        log.info("locod %s serving on %s%s with local model %s", __version__, cfg.ipc_endpoint,
+                 f" and {cfg.daemon.tcp}" if cfg.daemon.tcp else "", default.name)
+        self.notifier.ready(self._status_line())
+
+    def _router_socket(self) -> zmq.Socket[bytes]:
+        sock = self.ctx.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to a vanished client raises instead of dropping
+        sock.setsockopt(zmq.LINGER, 0)
+        # Hard ceiling: a frame far over the configured limit is dropped by ZeroMQ before it is buffered.
+        # Frames between the limit and this ceiling get a `too_large` error reply.
+        sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.daemon.max_message_bytes + 4096)
+        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
+        return sock
+
+    def _read_tcp_secret(self) -> str | None:
+        if not self.config.daemon.tcp:
+            return None
+        path = self.config.daemon.tcp_secret_file
+        host = self.config.daemon.tcp.split("//", 1)[1].rsplit(":", 1)[0]
+        if not path:
+            if host not in ("127.0.0.1", "localhost", "[::1]", "::1"):
+                raise StorageError(f"daemon.tcp binds {host}, beyond loopback: set daemon.tcp_secret_file",
+                                   code="insecure_tcp")
+            return None
+        return Path(path).read_text(encoding="utf-8").strip()
+
+    def _install_signals(self) -> None:
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda *_: None)  # the wakeup fd carries the signal number to the loop
+
+    # -- the loop ------------------------------------------------------------------------------------
+
+    def serve_forever(self) -> int:
+        poller = zmq.Poller()
+        for sock in self.sockets.values():
+            poller.register(sock, zmq.POLLIN)
+        poller.register(self.outbox, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        watchdog_every = self.notifier.watchdog_interval
+        last_ping = last_status = 0.0
+        while True:
+            events = dict(poller.poll(timeout=250))
+            if self._wake_r.fileno() in events:
+                self._on_signals()
+            for tag, sock in self.sockets.items():
+                if sock in events:
+                    self._drain_requests(tag, sock)
+            if self.outbox in events:
+                self._drain_outbox()
+            now = time.monotonic()
+            if watchdog_every is not None and now - last_ping >= watchdog_every:
+                self.notifier.watchdog()
+                last_ping = now
+            if now - last_status >= 10:
+                self.notifier.status(self._status_line())
+                last_status = now
+            for future in [f for f in self._turns if f.done()]:
+                del self._turns[future]
+                self.turns_served += 1
+            if self.stopping_since is not None and self._stop_step(now):
+                return 0
+
+    def _drain_requests(self, tag: bytes, sock: zmq.Socket[bytes]) -> None:
+        for _ in range(100):  # bounded, so outgoing frames and signals are not starved
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            peer = tag + frames[0]
+            try:
+                self._dispatch(peer, tag, frames[1:])
+            except BadRequest as exc:
+                self._send(peer, error_frame(exc.request_id, exc))
+            except LocodError as exc:
+                self._send(peer, error_frame(None, exc))
+
+    def _drain_outbox(self) -> None:
+        for _ in range(1000):
+            try:
+                peer, frame = self.outbox.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._send(peer, frame)
+
+    def _send(self, peer: bytes, frame: bytes) -> None:
+        sock = self.sockets.get(peer[:1])
+        if sock is None:
+            return
+        try:
+            sock.send_multipart([peer[1:], frame], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                raise
+            for owner, reply in self._turns.values():  # gone, or too slow to keep up: stop its turns
+                if owner == peer:
+                    reply.cancelled.set()
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def _dispatch(self, peer: bytes, tag: bytes, frames: list[bytes]) -> None:
+        request = parse_request(frames, self.config.daemon.max_message_bytes)
+        if tag == TCP and self._tcp_secret is not None and not hmac.compare_digest(
+            (request.secret or "").encode(), self._tcp_secret.encode()
+        ):
+            raise BadRequest("this tcp endpoint needs the shared secret in field 'secret'", code="unauthorized",
+                             request_id=request.id)
+        if isinstance(request, ChatRequest):
+            self._start_turn(peer, request)
+            return
+        try:
+            frame = encode("result", request.id, op=getattr(request, "op", "feedback"), data=self._answer(request))
+        except LocodError as exc:
+            frame = error_frame(request.id, exc)
+        self._send(peer, frame)
+
+    def _answer(self, request: FeedbackRequest | SimpleRequest) -> Any:
+        if isinstance(request, FeedbackRequest):
+            return self.router.feedback(request.decision, request.satisfied, source="user")
+        if request.op == "ping":
+            return {"pong": True, "pid": os.getpid(), "version": __version__}
+        if request.op == "status":
+            return self.status()
+        if request.op == "decisions":
+            return self.records.recent(request.limit)
+        if request.op == "reload":
+            return {"reloaded": self.reload()}
+        raise ProtocolError(f"op {request.op!r} has no handler", code="unknown_op")
+
+    def _start_turn(self, peer: bytes, request: ChatRequest) -> None:
+        if self.stopping_since is not None:
+            raise BadRequest("the daemon is shutting down", code="shutting_down", request_id=request.id)
+        if len(self._turns) >= self.config.daemon.queue_limit:
+            raise Busy(f"{len(self._turns)} turns in flight, at the queue limit; try again shortly")
+        reply = Reply(send=lambda kind, **fields: self._post(peer, encode(kind, request.id, **fields)))
+        self._turns[self.pool.submit(self.runner.run, request, peer, reply)] = (peer, reply)
+
+    def _post(self, peer: bytes, frame: bytes) -> None:
+        """Send from a worker thread: through this thread's own PUSH socket to the loop."""
+        push = getattr(self._local_out, "push", None)
+        if push is None:
+            push = self._local_out.push = self.ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 1000)
+            push.connect(OUTBOX)
+        push.send_multipart([peer, frame])
+
+    # -- status, reload, stop ------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
+            "endpoints": [cfg.ipc_endpoint, *([cfg.daemon.tcp] if cfg.daemon.tcp else [])],
+            "config": cfg.source, "db": str(cfg.db_path),
+            "local": {"default": cfg.local.default, "models": [m.name for m in cfg.local.models],
+                      "resident": self.zoo.resident(), "tokens_per_s": self.local.tokens_per_s},
+            "cloud": {"models": [m.name for m in cfg.cloud.models], "default": cfg.cloud.default,
+                      "breaker": self.cloud.breaker.state,
+                      "spent_today_usd": round(self.records.spent_since(local_midnight()), 6),
+                      "daily_cap_usd": cfg.cloud.daily_cap_usd},
+            "queue": {"in_flight": len(self._turns), "waiting_for_local": self.gate.waiting},
+            "sessions": len(self.sessions), "turns_served": self.turns_served,
+            "interrupted_at_start": self.records.interrupted_at_start,
+            "telemetry": self.telemetry.snapshot_dict(),
+            "routing": self.router.status(),
+            "stopping": self.stopping_since is not None,
+        }
+
+    def _status_line(self) -> str:
+        routing = self.router.status()
+        online = self.telemetry.snapshot().online
+        net = "online" if online else "offline" if online is False else "network unknown"
+        return (f"model {self.config.local.default}, {net}, mode {routing['mode']}, "
+                f"SLA {routing.get('attained', 'n/a')}/{routing['sla']}, Q {routing.get('q', 0):.2f}, "
+                f"{len(self._turns)} in flight")
+
+    def _on_signals(self) -> None:
+        try:
+            data = self._wake_r.recv(64)
+        except BlockingIOError:
+            return
+        for signum in data:
+            if signum == signal.SIGHUP:
+                self.reload()
+            elif signum in (signal.SIGTERM, signal.SIGINT) and self.stopping_since is None:
+                log.info("stopping: finishing %d turns in flight (grace %.0f s)", len(self._turns),
+                         self.config.daemon.shutdown_grace_s)
+                self.notifier.stopping()
+                self.stopping_since = time.monotonic()
+
+    def reload(self) -> bool:
+        """Re-read the config and the policy; a config that fails validation is rejected, the old one kept."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self._config_path, overrides=self._overrides)
+        except LocodError as exc:
+            log.error("reload rejected, keeping the running configuration: %s", exc.message)
+            self.notifier.ready(self._status_line())
+            return False
+        # Paths, sockets and the model zoo stay as started; what a turn reads is swapped whole.
+        new = dataclasses.replace(new, paths=self.config.paths, daemon=self.config.daemon)
+        self.config = new
+        self.runner.config = new
+        self.router.reload(new)
+        configure_logging(new.log.level)
+        log.info("configuration reloaded from %s", new.source)
+        self.notifier.ready(self._status_line())
+        return True
+
+    def _stop_step(self, now: float) -> bool:
+        """Called each loop pass while stopping; True once everything is finished and flushed."""
+        assert self.stopping_since is not None
+        if self._turns and now - self.stopping_since > self.config.daemon.shutdown_grace_s:
+            for _, reply in self._turns.values():
+                reply.cancel_reason = "the daemon is shutting down"
+                reply.cancelled.set()
+        if self._turns:
+            return False
+        self._drain_outbox()
+        return True
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self._drain_outbox()
+        self.telemetry.stop()
+        self.router.save()
+        self.cloud.close()
+        self.zoo.close()
+        self.records.close()
+        self.ctx.destroy(linger=0)
+        self.notifier.close()

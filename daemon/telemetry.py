@@ -1,0 +1,343 @@
+"""Device and network state, sampled off the request path into an immutable snapshot.
+
+A sampler thread refreshes the snapshot every ``telemetry.interval_s``; a turn reads the latest one, an
+attribute read. Every reader takes the sysfs/procfs roots from the config, so tests run these very
+readers over fixture trees copied from real machines (tests/fixtures/telemetry/). A signal a device does
+not have is ``None`` with a reason; a reader that fails is warned about once, not every second.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from locod.daemon.config import Config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    taken: float = 0.0  # time.time() of the sample
+    battery_pct: float | None = None
+    on_ac: bool | None = None
+    battery_s_left: float | None = None
+    power_w: float | None = None
+    power_source: str | None = None  # battery | rapl | ina3221
+    cpu_pct: float | None = None
+    cpu_mhz: float | None = None
+    cpu_temp_c: float | None = None
+    throttled: bool | None = None
+    mem_available_mb: float | None = None
+    gpu_pct: float | None = None
+    gpu_mem_used_mb: float | None = None
+    gpu_power_w: float | None = None
+    online: bool | None = None
+    link: str = "unknown"  # ethernet | wifi | cellular | none | unknown
+    rtt_ms: float | None = None
+    rtt_age_s: float | None = None
+    upload_bps: float = 0.0
+    upload_measured: bool = False
+    local_tokens_per_s: float | None = None
+    joules_per_token: float | None = None
+    missing: dict[str, str] = field(default_factory=dict)  # signal -> why it is None
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii", errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _number(path: Path) -> float | None:
+    text = _read(path)
+    try:
+        return float(text) if text is not None else None
+    except ValueError:
+        return None
+
+
+class Readers:
+    """Each method reads one family of signals from the configured roots, keeping the state it needs
+    between samples (CPU jiffies, RAPL counters). Garbage reads as None."""
+
+    def __init__(self, sysfs: Path, procfs: Path) -> None:
+        self.sys, self.proc = sysfs, procfs
+        self._cpu_prev: tuple[float, float] | None = None
+        self._rapl_prev: tuple[float, float, float] | None = None  # energy_uj, max_range, time
+        self._throttle_prev: float | None = None
+        self._nvml: Any = None
+        self._nvml_tried = False
+
+    def power_supply(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        supplies = sorted((self.sys / "class/power_supply").glob("*"))
+        batteries = [s for s in supplies if _read(s / "type") == "Battery" and _read(s / "present") != "0"]
+        mains = [s for s in supplies if _read(s / "type") in ("Mains", "USB", "USB_C", "USB_PD")]
+        if mains:
+            out["on_ac"] = any(_read(s / "online") == "1" for s in mains)
+        if batteries:
+            bat = batteries[0]
+            capacity = _number(bat / "capacity")
+            out["battery_pct"] = capacity if capacity is not None and 0 <= capacity <= 100 else None
+            status = _read(bat / "status") or ""
+            if "on_ac" not in out:
+                out["on_ac"] = status in ("Charging", "Full", "Not charging")
+            power = _number(bat / "power_now")
+            if power is None:
+                current, voltage = _number(bat / "current_now"), _number(bat / "voltage_now")
+                power = current * voltage / 1e6 if current is not None and voltage is not None else None
+            if power is not None and power > 0 and status == "Discharging":
+                out["power_w"] = power / 1e6
+                out["power_source"] = "battery"
+                energy = _number(bat / "energy_now")
+                if energy is None:
+                    charge, voltage = _number(bat / "charge_now"), _number(bat / "voltage_now")
+                    energy = charge * voltage / 1e6 if charge is not None and voltage is not None else None
+                if energy is not None:
+                    out["battery_s_left"] = energy / power * 3600
+        return out
+
+    def rapl(self, now: float) -> float | None:
+        """Package power from Intel RAPL's energy counter, handling its wrap at max_energy_range_uj."""
+        zone = self.sys / "class/powercap/intel-rapl:0"
+        energy, max_range = _number(zone / "energy_uj"), _number(zone / "max_energy_range_uj")
+        if energy is None:
+            return None
+        prev, self._rapl_prev = self._rapl_prev, (energy, max_range or 0.0, now)
+        if prev is None or now <= prev[2]:
+            return None
+        delta = energy - prev[0]
+        if delta < 0:
+            delta += max_range or 0.0
+        return delta / 1e6 / (now - prev[2]) if delta >= 0 else None
+
+    def ina3221(self) -> float | None:
+        """Jetson board power: the sum of INA3221 rails (hwmon: in*_input mV x curr*_input mA)."""
+        total, found = 0.0, False
+        for hwmon in sorted(self.sys.glob("bus/i2c/drivers/ina3221*/*/hwmon/hwmon*")):
+            for volt_file in sorted(hwmon.glob("in*_input")):
+                channel = volt_file.name[2:-6]
+                if _read(hwmon / f"in{channel}_label") in (None, "") or "sum" in (_read(hwmon / f"in{channel}_label") or "").lower():
+                    continue
+                mv, ma = _number(volt_file), _number(hwmon / f"curr{channel}_input")
+                if mv is not None and ma is not None:
+                    total += mv * ma / 1e6
+                    found = True
+        return total if found else None
+
+    def cpu(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        line = (_read(self.proc / "stat") or "").splitlines()[:1]
+        parts = line[0].split() if line else []
+        if parts[:1] == ["cpu"] and len(parts) >= 5:
+            try:
+                values = [float(v) for v in parts[1:]]
+            except ValueError:
+                values = []
+            if values:
+                idle = values[3] + (values[4] if len(values) > 4 else 0.0)
+                total = sum(values[:8])
+                prev, self._cpu_prev = self._cpu_prev, (idle, total)
+                if prev is not None and total > prev[1]:
+                    out["cpu_pct"] = round(100.0 * (1 - (idle - prev[0]) / (total - prev[1])), 1)
+        freqs = [f for f in (_number(p) for p in self.sys.glob("devices/system/cpu/cpu[0-9]*/cpufreq/scaling_cur_freq")) if f]
+        if freqs:
+            out["cpu_mhz"] = round(sum(freqs) / len(freqs) / 1000, 1)
+        temps = [t for t in (_number(p) for p in self.sys.glob("class/thermal/thermal_zone*/temp")) if t and 0 < t < 150_000]
+        if temps:
+            out["cpu_temp_c"] = max(temps) / 1000
+        counts = [c for c in (_number(p) for p in self.sys.glob("devices/system/cpu/cpu*/thermal_throttle/package_throttle_count")) if c is not None]
+        if counts:
+            prev_count, self._throttle_prev = self._throttle_prev, sum(counts)
+            out["throttled"] = prev_count is not None and sum(counts) > prev_count
+        for line_text in (_read(self.proc / "meminfo") or "").splitlines():
+            if line_text.startswith("MemAvailable:"):
+                try:
+                    out["mem_available_mb"] = round(float(line_text.split()[1]) / 1024, 1)
+                except (IndexError, ValueError):
+                    pass
+        return out
+
+    def gpu(self) -> dict[str, Any]:
+        for load_file in (self.sys / "devices/gpu.0/load", self.sys / "devices/platform/gpu.0/load"):
+            load = _number(load_file)
+            if load is not None:
+                return {"gpu_pct": load / 10.0}  # Jetson reports per mille
+        nvml = self._nvml_handle()
+        if nvml is None:
+            return {}
+        pynvml, handle = nvml
+        try:
+            util = pynvml.nvmlDeviceGetUtilizationRates(handle)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            out = {"gpu_pct": float(util.gpu), "gpu_mem_used_mb": mem.used / 2**20}
+            try:
+                out["gpu_power_w"] = pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
+            except pynvml.NVMLError:
+                pass
+            return out
+        except pynvml.NVMLError:
+            return {}
+
+    def _nvml_handle(self) -> tuple[Any, Any] | None:
+        if not self._nvml_tried:
+            self._nvml_tried = True
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                self._nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(0))
+            except Exception:  # no library, no driver or no device: simply no NVML
+                self._nvml = None
+        return self._nvml  # type: ignore[no-any-return]
+
+    def network(self) -> dict[str, Any]:
+        kinds = []
+        for iface in sorted((self.sys / "class/net").glob("*")):
+            if iface.name == "lo" or _read(iface / "operstate") not in ("up", "unknown"):
+                continue
+            if _read(iface / "carrier") == "0" or not (iface / "device").exists():
+                continue  # virtual interfaces (bridges, veth, docker) say nothing about the uplink
+            if (iface / "wireless").exists() or (iface / "phy80211").exists():
+                kinds.append("wifi")
+            elif iface.name.startswith(("wwan", "rmnet", "usb")) or _read(iface / "type") in ("519", "530"):
+                kinds.append("cellular")
+            else:
+                kinds.append("ethernet")
+        for preferred in ("ethernet", "wifi", "cellular"):
+            if preferred in kinds:
+                return {"link": preferred, "online": True}
+        return {"link": "none", "online": False}
+
+
+class _Cloudish(Protocol):
+    upload_bps: float | None
+
+
+class _Localish(Protocol):
+    tokens_per_s: float | None
+
+
+class TelemetrySampler:
+    def __init__(self, config: Config, cloud: _Cloudish, local: _Localish) -> None:
+        self.config = config.telemetry
+        self.readers = Readers(Path(self.config.sysfs_root), Path(self.config.procfs_root))
+        self.cloud, self.local = cloud, local
+        self.probe_target = _probe_target(config)
+        self._snapshot = Snapshot()
+        self._dict: dict[str, Any] = asdict(self._snapshot)
+        self._stop = threading.Event()
+        self._rtt: tuple[float, float] | None = None  # (ms, monotonic time measured)
+        self._probe_ok: bool | None = None
+        self._warned: set[str] = set()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        self.sample()
+        self._threads = [threading.Thread(target=self._run, name="telemetry", daemon=True)]
+        if self.probe_target:
+            self._threads.append(threading.Thread(target=self._probe_loop, name="rtt-probe", daemon=True))
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def snapshot_dict(self) -> dict[str, Any]:
+        return self._dict
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.config.interval_s):
+            self.sample()
+
+    def sample(self) -> Snapshot:
+        now = time.time()
+        values: dict[str, Any] = {}
+        for name, read in (("power_supply", self.readers.power_supply), ("cpu", self.readers.cpu),
+                           ("gpu", self.readers.gpu), ("network", self.readers.network)):
+            try:
+                values.update(read())
+            except Exception as exc:  # a broken sensor must not stop the others
+                self._warn_once(name, f"telemetry reader {name} failed: {exc!r}")
+        if "power_w" not in values:
+            for source, read_power in (("rapl", lambda: self.readers.rapl(now)), ("ina3221", self.readers.ina3221)):
+                try:
+                    watts = read_power()
+                except Exception as exc:
+                    self._warn_once(source, f"telemetry reader {source} failed: {exc!r}")
+                    continue
+                if watts is not None:
+                    values.update(power_w=round(watts, 3), power_source=source)
+                    break
+        if self._probe_ok is False:
+            values["online"] = False
+        if self._rtt is not None:
+            values["rtt_ms"] = round(self._rtt[0], 2)
+            values["rtt_age_s"] = round(time.monotonic() - self._rtt[1], 1)
+        measured = self.cloud.upload_bps
+        values["upload_bps"] = measured if measured is not None else self.config.bandwidth_prior_bps
+        values["upload_measured"] = measured is not None
+        tps = self.local.tokens_per_s
+        values["local_tokens_per_s"] = round(tps, 2) if tps else None
+        if tps and values.get("power_w"):
+            values["joules_per_token"] = round(values["power_w"] / tps, 4)
+        missing = {name: _why_missing(name) for name in _OPTIONAL if values.get(name) is None}
+        snap = Snapshot(taken=now, missing=missing, **values)
+        self._snapshot, self._dict = snap, asdict(snap)
+        return snap
+
+    def _probe_loop(self) -> None:
+        """TCP-connect RTT to the cloud endpoint, at a low rate, backing off while it fails."""
+        assert self.probe_target is not None
+        backoff = self.config.probe_interval_s
+        while not self._stop.is_set():
+            started = time.perf_counter()
+            try:
+                with socket.create_connection(self.probe_target, timeout=2.0):
+                    pass
+                self._rtt = ((time.perf_counter() - started) * 1000, time.monotonic())
+                self._probe_ok = True
+                backoff = self.config.probe_interval_s
+            except OSError:
+                self._probe_ok = False
+                backoff = min(backoff * 2, 600.0)
+            self._stop.wait(backoff)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s (further failures of this reader are not logged)", message)
+
+
+_OPTIONAL = ("battery_pct", "on_ac", "power_w", "cpu_temp_c", "gpu_pct", "rtt_ms")
+
+
+def _why_missing(name: str) -> str:
+    return {
+        "battery_pct": "no battery in /sys/class/power_supply",
+        "on_ac": "no mains or battery status in /sys/class/power_supply",
+        "power_w": "no discharging battery, RAPL counter or INA3221 rail",
+        "cpu_temp_c": "no readable thermal zone",
+        "gpu_pct": "no Jetson GPU load file and no NVML device",
+        "rtt_ms": "no cloud endpoint probed yet",
+    }[name]
+
+
+def _probe_target(config: Config) -> tuple[str, int] | None:
+    if not config.cloud.models:
+        return None
+    url = urlsplit(config.cloud_model(config.cloud.default).base_url)
+    if not url.hostname:
+        return None
+    return url.hostname, url.port or (443 if url.scheme == "https" else 80)

@@ -1,0 +1,99 @@
+"""Every error a locod user can see, in one tree.
+
+Each class carries a stable ``code``; the daemon sends it in ``error`` frames and the client raises the
+matching class again, so a caller can catch ``ModelError`` whether it ran in-process or over the socket::
+
+    LocodError
+    ├── RequestError            the request itself is wrong (the client should change it)
+    │   ├── ProtocolError         not a valid message: bytes, JSON, frames, version, size
+    │   ├── AttachmentError       an attachment is unreadable, too large, or not allowed
+    │   ├── PromptTooLong         the prompt alone does not fit the model's context
+    │   └── UnknownDecision       feedback names a decision that does not exist or is already labelled
+    ├── ModelError              a local model is missing, corrupt, or cannot be loaded
+    ├── CloudError              the cloud endpoint failed (usually answered by falling back to local)
+    ├── PolicyError             the ONNX routing policy is missing, corrupt or mismatched
+    ├── ConfigError             the configuration file or an override is invalid
+    ├── FetchError              a model could not be downloaded or failed its checksum
+    ├── StorageError            the decision log cannot be written
+    ├── Busy                    the daemon is shutting down or over its queue limit
+    └── DaemonNotRunning        (client side) nothing answers at the endpoint
+"""
+
+from __future__ import annotations
+
+
+class LocodError(Exception):
+    code = "error"
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class RequestError(LocodError):
+    code = "bad_request"
+
+
+class ProtocolError(RequestError):
+    code = "protocol"
+
+
+class AttachmentError(RequestError):
+    code = "bad_attachment"
+
+
+class PromptTooLong(RequestError):
+    code = "prompt_too_long"
+
+
+class UnknownDecision(RequestError):
+    code = "unknown_decision"
+
+
+class ModelError(LocodError):
+    code = "model"
+
+
+class CloudError(LocodError):
+    code = "cloud"
+
+
+class PolicyError(LocodError):
+    code = "policy"
+
+
+class ConfigError(LocodError):
+    code = "config"
+
+
+class FetchError(LocodError):
+    code = "fetch"
+
+
+class StorageError(LocodError):
+    code = "storage"
+
+
+class Busy(LocodError):
+    code = "busy"
+
+
+class DaemonNotRunning(LocodError):
+    code = "not_running"
+
+
+_BY_CODE: dict[str, type[LocodError]] = {
+    cls.code: cls
+    for cls in (
+        LocodError, RequestError, ProtocolError, AttachmentError, PromptTooLong, UnknownDecision,
+        ModelError, CloudError, PolicyError, ConfigError, FetchError, StorageError, Busy, DaemonNotRunning,
+    )
+}
+
+
+def from_frame(kind: str, code: str, message: str) -> LocodError:
+    """Rebuild the error a daemon reported: ``kind`` is the class's code, ``code`` the specific one."""
+    cls = _BY_CODE.get(kind, LocodError)
+    return cls(message, code=code)

@@ -1,0 +1,246 @@
+"""The wire protocol, shared by the daemon and the client (docs/protocol.md is its prose).
+
+One JSON object per ZeroMQ message. A request carries ``v`` (protocol version), ``id`` (chosen by the
+client, echoed in every reply) and ``op``. Replies carry ``v``, ``id`` and ``type``: ``decision``, ``delta``,
+``done`` for a chat turn; ``result`` for the other ops; ``error`` (``kind``, ``code``, ``message``) for any.
+Parsing turns bytes into typed requests or raises a ``ProtocolError`` that names what is wrong.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from locod.errors import LocodError, ProtocolError
+
+PROTOCOL_VERSION = 1
+OPS = ("chat", "feedback", "status", "decisions", "ping", "reload")
+ROLES = ("system", "user", "assistant")
+FORCE = ("local", "cloud")
+ATTACHMENT_KINDS = ("image", "document")
+
+
+@dataclass(frozen=True)
+class Attachment:
+    kind: str
+    name: str
+    data: bytes | None = None
+    path: str | None = None
+    private: bool = False
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    max_tokens: int | None = None
+    temperature: float = 0.7
+    seed: int | None = None
+    force: str | None = None
+    stream: bool = True
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    id: str
+    messages: list[dict[str, str]]
+    session: str | None = None
+    model: str | None = None
+    attachments: list[Attachment] = field(default_factory=list)
+    options: ChatOptions = field(default_factory=ChatOptions)
+    secret: str | None = None
+
+    @property
+    def prompt(self) -> str:
+        """The text of the last user message: what this turn asks."""
+        return self.messages[-1]["content"]
+
+
+@dataclass(frozen=True)
+class FeedbackRequest:
+    id: str
+    decision: int
+    satisfied: bool
+    secret: str | None = None
+
+
+@dataclass(frozen=True)
+class SimpleRequest:
+    """``status``, ``ping``, ``reload`` and ``decisions`` (with ``limit``)."""
+
+    id: str
+    op: str
+    limit: int = 20
+    secret: str | None = None
+
+
+Request = ChatRequest | FeedbackRequest | SimpleRequest
+
+
+class BadRequest(ProtocolError):
+    """A ProtocolError that knows the request id, when one could be read, so the reply can carry it."""
+
+    def __init__(self, message: str, *, code: str, request_id: str | None) -> None:
+        super().__init__(message, code=code)
+        self.request_id = request_id
+
+
+def parse_request(frames: list[bytes], max_bytes: int) -> Request:
+    if len(frames) != 1:
+        raise BadRequest(f"expected one frame per message, got {len(frames)}", code="extra_frames",
+                         request_id=None)
+    raw = frames[0]
+    if len(raw) > max_bytes:
+        raise BadRequest(f"message of {len(raw)} bytes is over the limit of {max_bytes}", code="too_large",
+                         request_id=None)
+    try:
+        msg = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise BadRequest(f"message is not valid JSON: {exc}", code="invalid_json", request_id=None) from None
+    if not isinstance(msg, dict):
+        raise BadRequest(f"message must be a JSON object, got {type(msg).__name__}", code="not_object",
+                         request_id=None)
+    rid = msg.get("id")
+    if not isinstance(rid, str) or not rid or len(rid) > 200:
+        raise BadRequest("field 'id' must be a non-empty string of at most 200 characters", code="bad_field",
+                         request_id=None)
+    reader = _Fields(msg, rid)
+    version = msg.get("v")
+    if version != PROTOCOL_VERSION:
+        raise BadRequest(f"unsupported protocol version {version!r}; this daemon speaks v{PROTOCOL_VERSION}",
+                         code="unsupported_version", request_id=rid)
+    op = msg.get("op")
+    if op not in OPS:
+        raise BadRequest(f"unknown op {op!r}; known: {', '.join(OPS)}", code="unknown_op", request_id=rid)
+    secret = reader.optional("secret", str)
+    if op == "chat":
+        return _parse_chat(reader, secret)
+    if op == "feedback":
+        decision = reader.required("decision", int)
+        satisfied = reader.required("satisfied", bool)
+        return FeedbackRequest(rid, decision, satisfied, secret)
+    limit = reader.optional("limit", int) or 20
+    if not 1 <= limit <= 1000:
+        raise reader.bad("limit", "must be between 1 and 1000")
+    return SimpleRequest(rid, op, limit, secret)
+
+
+class _Fields:
+    """Typed field access that turns every mismatch into a BadRequest naming the field."""
+
+    def __init__(self, msg: dict[str, Any], rid: str) -> None:
+        self.msg, self.rid = msg, rid
+
+    def bad(self, name: str, why: str) -> BadRequest:
+        return BadRequest(f"field {name!r} {why}", code="bad_field", request_id=self.rid)
+
+    def required(self, name: str, kind: type, within: dict[str, Any] | None = None) -> Any:
+        source = self.msg if within is None else within
+        if name not in source:
+            raise self.bad(name, "is required")
+        return self._check(name, source[name], kind)
+
+    def optional(self, name: str, kind: type, within: dict[str, Any] | None = None) -> Any:
+        source = self.msg if within is None else within
+        value = source.get(name)
+        return None if value is None else self._check(name, value, kind)
+
+    def _check(self, name: str, value: Any, kind: type) -> Any:
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self.bad(name, f"must be {kind.__name__}, got {type(value).__name__}")
+        return value
+
+
+def _parse_chat(reader: _Fields, secret: str | None) -> ChatRequest:
+    msg = reader.msg
+    if ("prompt" in msg) == ("messages" in msg):
+        raise reader.bad("prompt", "or 'messages' is required (exactly one of them)")
+    if "prompt" in msg:
+        messages = [{"role": "user", "content": reader.required("prompt", str)}]
+    else:
+        raw = reader.required("messages", list)
+        messages = []
+        for i, item in enumerate(raw):
+            if not isinstance(item, dict) or set(item) - {"role", "content"}:
+                raise reader.bad(f"messages[{i}]", "must be an object with 'role' and 'content'")
+            role, content = item.get("role"), item.get("content")
+            if role not in ROLES or not isinstance(content, str):
+                raise reader.bad(f"messages[{i}]", f"needs role in {ROLES} and string content")
+            messages.append({"role": role, "content": content})
+    if not messages or messages[-1]["role"] != "user":
+        raise reader.bad("messages", "must end with a user message")
+    if not messages[-1]["content"].strip():
+        raise BadRequest("the prompt is empty", code="empty_prompt", request_id=reader.rid)
+    session = reader.optional("session", str)
+    if session is not None and not 0 < len(session) <= 200:
+        raise reader.bad("session", "must be 1 to 200 characters")
+    attachments = [_parse_attachment(reader, i, a) for i, a in enumerate(reader.optional("attachments", list) or [])]
+    options = _parse_options(reader, reader.optional("options", dict) or {})
+    return ChatRequest(reader.rid, messages, session, reader.optional("model", str), attachments, options, secret)
+
+
+def _parse_attachment(reader: _Fields, index: int, raw: Any) -> Attachment:
+    where = f"attachments[{index}]"
+    if not isinstance(raw, dict):
+        raise reader.bad(where, "must be an object")
+    unknown = set(raw) - {"kind", "name", "data", "path", "private"}
+    if unknown:
+        raise reader.bad(where, f"has unknown keys {sorted(unknown)}")
+    kind = reader.required("kind", str, raw)
+    if kind not in ATTACHMENT_KINDS:
+        raise reader.bad(f"{where}.kind", f"must be one of {ATTACHMENT_KINDS}")
+    name = reader.optional("name", str, raw) or f"attachment-{index}"
+    data_b64, path = reader.optional("data", str, raw), reader.optional("path", str, raw)
+    if (data_b64 is None) == (path is None):
+        raise reader.bad(where, "needs exactly one of 'data' (base64) or 'path'")
+    data = None
+    if data_b64 is not None:
+        try:
+            data = base64.b64decode(data_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise reader.bad(f"{where}.data", "is not valid base64") from None
+    private = reader.optional("private", bool, raw) or False
+    return Attachment(kind, name[:200], data, path, private)
+
+
+def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
+    unknown = set(raw) - {"max_tokens", "temperature", "seed", "force", "stream"}
+    if unknown:
+        raise reader.bad("options", f"has unknown keys {sorted(unknown)}")
+    max_tokens = reader.optional("max_tokens", int, raw)
+    if max_tokens is not None and not 1 <= max_tokens <= 1 << 20:
+        raise reader.bad("options.max_tokens", "must be between 1 and 1048576")
+    temperature = reader.optional("temperature", float, raw)
+    if temperature is not None and not 0.0 <= temperature <= 5.0:
+        raise reader.bad("options.temperature", "must be between 0 and 5")
+    force = reader.optional("force", str, raw)
+    if force is not None and force not in FORCE:
+        raise reader.bad("options.force", f"must be one of {FORCE}")
+    stream = reader.optional("stream", bool, raw)
+    return ChatOptions(
+        max_tokens=max_tokens,
+        temperature=0.7 if temperature is None else temperature,
+        seed=reader.optional("seed", int, raw),
+        force=force,
+        stream=True if stream is None else stream,
+    )
+
+
+def encode(kind: str, request_id: str | None, **fields: Any) -> bytes:
+    """One reply frame."""
+    return json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "type": kind, **fields},
+                      separators=(",", ":")).encode()
+
+
+def error_frame(request_id: str | None, error: LocodError) -> bytes:
+    """An error reply: ``kind`` names the class in locod.errors, ``code`` the specific problem."""
+    return encode("error", request_id, kind=type(error).code, code=error.code, message=error.message)
+
+
+def request(op: str, request_id: str, **fields: Any) -> bytes:
+    """One request frame (the client's side)."""
+    return json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "op": op, **fields},
+                      separators=(",", ":")).encode()

@@ -1,0 +1,1 @@
+"""Everything learned: the MESS+ router (online) and the TMO offloading policy (trained, shipped as ONNX)."""

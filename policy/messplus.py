@@ -1,0 +1,231 @@
+"""MESS+ (Woisetschläger et al., NeurIPS 2025): keep a satisfaction SLA at minimum cost, learning online.
+
+Per turn, for every candidate model m, a predictor gives s_hat_m (probability the answer satisfies) and a
+cost model gives cost_m in [0, 1]. With the virtual queue Q the rule picks
+
+    m* = argmin_m  V * cost_m + Q * (alpha - s_hat_m)        (+ the TMO policy's term, see router)
+
+and the queue moves by Q <- clip(Q + alpha - s, 0, q_cap), where s is the label when one exists and the
+prediction until it arrives (corrected by the difference when it does: labels may be late or never come).
+With probability min(1, c / t^(1/4)) a turn explores a random candidate so that every model keeps getting
+labels. The predictor is one logistic head per model over hashed word n-grams plus a few dense features,
+trained by SGD on each label; a per-model prior is its starting bias. Everything persists atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+HASH_DIM = 4096
+TASKS = ("chat", "code", "math", "rewrite", "recommend", "query")
+DENSE = ("bias", "log_chars", "n_attachments", "max_relevance", "has_image", "position", "prev_cloud",
+         *(f"task_{t}" for t in TASKS))
+DIM = HASH_DIM + len(DENSE)
+
+
+@dataclass(frozen=True)
+class TurnFeatures:
+    """What the predictor knows about a turn before answering it."""
+
+    prompt: str
+    task: str
+    n_attachments: int = 0
+    max_relevance: float = 0.0
+    has_image: bool = False
+    position: int = 0
+    prev_cloud: bool = False
+
+
+def vectorize(f: TurnFeatures) -> tuple[np.ndarray, np.ndarray]:
+    """Sparse (indices, values): hashed unigrams and bigrams (L2-normalised), then the dense features."""
+    words = f.prompt.lower().split()[:256]
+    grams = words + [a + " " + b for a, b in zip(words, words[1:])]
+    counts: dict[int, float] = {}
+    for gram in grams:
+        index = zlib.crc32(gram.encode()) % HASH_DIM
+        counts[index] = counts.get(index, 0.0) + 1.0
+    norm = math.sqrt(sum(v * v for v in counts.values())) or 1.0
+    dense = [1.0, math.log1p(len(f.prompt)) / 8.0, min(f.n_attachments, 8) / 8.0, _finite(f.max_relevance),
+             float(f.has_image), min(f.position, 20) / 20.0, float(f.prev_cloud),
+             *(float(f.task == t) for t in TASKS)]
+    indices = np.fromiter([*counts.keys(), *range(HASH_DIM, DIM)], dtype=np.int64)
+    values = np.fromiter([*(v / norm for v in counts.values()), *dense], dtype=np.float64)
+    return indices, values
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
+
+
+@dataclass
+class Choice:
+    model: str
+    explored: bool
+    s_hat: dict[str, float]
+    objective: dict[str, float]
+
+
+@dataclass
+class MessPlusState:
+    q: float = 0.0
+    t: int = 0
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+    labels: dict[str, int] = field(default_factory=dict)  # labels seen per model
+    settled: int = 0  # answered turns
+    satisfied_sum: float = 0.0  # sum of s over answered turns (labels where known, predictions otherwise)
+    pending: dict[int, tuple[str, float]] = field(default_factory=dict)  # decision -> (model, s used)
+
+
+class MessPlus:
+    def __init__(self, models: dict[str, float], *, sla: float, v: float, explore_c: float, q_cap: float,
+                 path: Path | None = None, rng: random.Random | None = None, learning_rate: float = 0.5) -> None:
+        """``models`` maps each candidate's name to its prior probability of satisfying."""
+        self.priors = dict(models)
+        self.sla, self.v, self.explore_c, self.q_cap = sla, v, explore_c, q_cap
+        self.path = path
+        self.rng = rng or random.Random()
+        self.learning_rate = learning_rate
+        self.state = self._load() if path is not None else MessPlusState()
+        for name, prior in self.priors.items():
+            self.state.weights.setdefault(name, _prior_weights(prior))
+        self.max_s_hat_avg = 1.0  # EWMA of the best predicted satisfaction: detects an infeasible SLA
+
+    # -- prediction and the rule ---------------------------------------------------------------------
+
+    def predict(self, x: tuple[np.ndarray, np.ndarray], models: list[str]) -> dict[str, float]:
+        indices, values = x
+        out = {}
+        for name in models:
+            z = float(self.state.weights[name][indices] @ values)
+            out[name] = 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
+        return out
+
+    def choose(self, x: tuple[np.ndarray, np.ndarray], costs: dict[str, float],
+               extra: dict[str, float] | None = None) -> Choice:
+        """Pick among ``costs``'s models (already masked); ``extra`` adds a per-model term (the policy's)."""
+        models = list(costs)
+        s_hat = self.predict(x, models)
+        self.state.t += 1
+        self.max_s_hat_avg = 0.95 * self.max_s_hat_avg + 0.05 * max(s_hat.values())
+        objective = {
+            m: self.v * costs[m] + self.state.q * (self.sla - s_hat[m]) + (extra or {}).get(m, 0.0) for m in models
+        }
+        explore = len(models) > 1 and self.rng.random() < self.explore_probability
+        model = self.rng.choice(models) if explore else min(models, key=objective.__getitem__)
+        return Choice(model, explore, s_hat, objective)
+
+    @property
+    def explore_probability(self) -> float:
+        return min(1.0, self.explore_c / max(1, self.state.t) ** 0.25)
+
+    def settle(self, decision: int, model: str, s_hat: float) -> None:
+        """After a turn is answered: move the queue by the prediction until a label arrives."""
+        self._shift_queue(self.sla - s_hat)
+        self.state.settled += 1
+        self.state.satisfied_sum += s_hat
+        self.state.pending[decision] = (model, s_hat)
+        if len(self.state.pending) > 10_000:  # labels that never came: their predictions stand
+            del self.state.pending[next(iter(self.state.pending))]
+
+    def label(self, decision: int, model: str, x: tuple[np.ndarray, np.ndarray], satisfied: bool) -> None:
+        """A label for a settled turn: correct the queue, then train that model's head."""
+        y = 1.0 if satisfied else 0.0
+        pending = self.state.pending.pop(decision, None)
+        if pending is not None:
+            self._shift_queue(pending[1] - y)
+            self.state.satisfied_sum += y - pending[1]
+        self.train(model, x, y)
+
+    def train(self, model: str, x: tuple[np.ndarray, np.ndarray], y: float) -> None:
+        if model not in self.state.weights:
+            return
+        indices, values = x
+        w = self.state.weights[model]
+        p = 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, float(w[indices] @ values)))))
+        seen = self.state.labels.get(model, 0)
+        rate = self.learning_rate / math.sqrt(1.0 + seen / 50.0)
+        w[indices] -= rate * ((p - y) * values + 1e-4 * w[indices])
+        self.state.labels[model] = seen + 1
+
+    def _shift_queue(self, step: float) -> None:
+        self.state.q = min(self.q_cap, max(0.0, self.state.q + step))
+
+    # -- reporting -----------------------------------------------------------------------------------
+
+    @property
+    def attained(self) -> float | None:
+        return None if self.state.settled == 0 else self.state.satisfied_sum / self.state.settled
+
+    @property
+    def infeasible(self) -> bool:
+        """Q pinned at its cap while even the best model is predicted below the SLA."""
+        return self.state.q >= 0.9 * self.q_cap and self.max_s_hat_avg < self.sla
+
+    # -- persistence ---------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(".tmp")
+        names = sorted(self.state.weights)
+        with tmp.open("wb") as f:
+            np.savez(
+                f, version=np.array(STATE_VERSION), dim=np.array(DIM), q=np.array(self.state.q),
+                t=np.array(self.state.t), settled=np.array(self.state.settled), satisfied_sum=np.array(self.state.satisfied_sum),
+                names=np.array(names), weights=np.stack([self.state.weights[n] for n in names]),
+                labels=np.array([self.state.labels.get(n, 0) for n in names]),
+                pending_ids=np.array(list(self.state.pending), dtype=np.int64),
+                pending_models=np.array([m for m, _ in self.state.pending.values()], dtype=str),
+                pending_s=np.array([s for _, s in self.state.pending.values()], dtype=np.float64),
+            )
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+
+    def _load(self) -> MessPlusState:
+        assert self.path is not None
+        if not self.path.exists():
+            return MessPlusState()
+        try:
+            with np.load(self.path, allow_pickle=False) as data:
+                if int(data["version"]) != STATE_VERSION or int(data["dim"]) != DIM:
+                    raise ValueError(f"version {int(data['version'])}, dim {int(data['dim'])}")
+                names = [str(n) for n in data["names"]]
+                weights = {n: data["weights"][i].astype(np.float64) for i, n in enumerate(names)}
+                if any(not np.all(np.isfinite(w)) for w in weights.values()):
+                    raise ValueError("non-finite weights")
+                state = MessPlusState(
+                    q=float(data["q"]), t=int(data["t"]), settled=int(data["settled"]), weights=weights,
+                    labels={n: int(c) for n, c in zip(names, data["labels"])},
+                    satisfied_sum=float(data["satisfied_sum"]),
+                    pending={int(i): (str(m), float(s)) for i, m, s in
+                             zip(data["pending_ids"], data["pending_models"], data["pending_s"])},
+                )
+        except Exception as exc:  # corrupt, truncated, foreign: never let it poison routing
+            aside = self.path.with_name(f"{self.path.name}.bad-{int(time.time())}")
+            os.replace(self.path, aside)
+            log.error("MESS+ state %s is unusable (%s); kept aside as %s, starting from the prior",
+                      self.path, exc, aside)
+            return MessPlusState()
+        if not (math.isfinite(state.q) and state.q >= 0):
+            state.q = 0.0
+        return state
+
+
+def _prior_weights(prior: float) -> np.ndarray:
+    w = np.zeros(DIM, dtype=np.float64)
+    p = min(max(prior, 1e-3), 1 - 1e-3)
+    w[HASH_DIM] = math.log(p / (1 - p))  # the bias feature
+    return w
