@@ -17,21 +17,100 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-
 from locod.daemon.config import AttachmentsConfig
+
 from locod.errors import AttachmentError
 from locod.protocol import Attachment
 
 WORD = re.compile(r"[a-z0-9]+")
 # Words that carry no topic: left out of relevance scoring.
 STOPWORDS = frozenset(
-    "a an and are as at be by can could do does for from has have how i in is it its me my of on or "
-    "please that the their them then there these this those to was what when where which who why will "
-    "with would you your about into than just also more most some any all".split()
+    [
+        "a",
+        "an",
+        "and",
+        "are",
+        "as",
+        "at",
+        "be",
+        "by",
+        "can",
+        "could",
+        "do",
+        "does",
+        "for",
+        "from",
+        "has",
+        "have",
+        "how",
+        "i",
+        "in",
+        "is",
+        "it",
+        "its",
+        "me",
+        "my",
+        "of",
+        "on",
+        "or",
+        "please",
+        "that",
+        "the",
+        "their",
+        "them",
+        "then",
+        "there",
+        "these",
+        "this",
+        "those",
+        "to",
+        "was",
+        "what",
+        "when",
+        "where",
+        "which",
+        "who",
+        "why",
+        "will",
+        "with",
+        "would",
+        "you",
+        "your",
+        "about",
+        "into",
+        "than",
+        "just",
+        "also",
+        "more",
+        "most",
+        "some",
+        "any",
+        "all",
+    ]
 )
 # A prompt that points at "this picture" wants the image even if nothing else matches.
-IMAGE_CUES = frozenset("image images picture pictures photo photos screenshot see look shown show visible "
-                       "diagram chart figure camera scan pic".split())
+IMAGE_CUES = frozenset(
+    [
+        "image",
+        "images",
+        "picture",
+        "pictures",
+        "photo",
+        "photos",
+        "screenshot",
+        "see",
+        "look",
+        "shown",
+        "show",
+        "visible",
+        "diagram",
+        "chart",
+        "figure",
+        "camera",
+        "scan",
+        "pic",
+    ]
+)
 
 
 @dataclass(frozen=True)
@@ -55,8 +134,13 @@ class PreparedAttachment:
 
     def summary(self) -> dict[str, object]:
         """What the decision record keeps of it (never the content)."""
-        out: dict[str, object] = {"name": self.name, "kind": self.kind, "private": self.private,
-                                  "relevance": round(self.relevance, 4), "bytes": self.original_bytes}
+        out: dict[str, object] = {
+            "name": self.name,
+            "kind": self.kind,
+            "private": self.private,
+            "relevance": round(self.relevance, 4),
+            "bytes": self.original_bytes,
+        }
         if self.kind == "image":
             out.update(width=self.width, height=self.height, jpeg_bytes=len(self.jpeg))
         else:
@@ -77,22 +161,27 @@ def load_bytes(attachment: Attachment, allow_dirs: list[str], max_bytes: int) ->
         resolved = Path(attachment.path).resolve()
         allowed = [Path(d).resolve() for d in allow_dirs]
         if not any(resolved.is_relative_to(d) for d in allowed):
-            raise AttachmentError(f"attachment {attachment.name!r}: path is outside the allowed directories; "
-                                  "send the bytes instead", code="path_not_allowed")
+            raise AttachmentError(
+                f"attachment {attachment.name!r}: path is outside the allowed directories; send the bytes instead",
+                code="path_not_allowed",
+            )
         try:
             with resolved.open("rb") as f:
                 data = f.read(max_bytes + 1)
         except OSError as exc:
             raise AttachmentError(f"attachment {attachment.name!r}: cannot read: {exc.strerror}") from None
     if len(data) > max_bytes:
-        raise AttachmentError(f"attachment {attachment.name!r} is over the {max_bytes}-byte limit",
-                              code="attachment_too_large")
+        raise AttachmentError(
+            f"attachment {attachment.name!r} is over the {max_bytes}-byte limit", code="attachment_too_large"
+        )
     if not data:
         raise AttachmentError(f"attachment {attachment.name!r} is empty")
     return data
 
 
-def prepare(attachment: Attachment, data: bytes, prompt_terms: set[str], config: AttachmentsConfig) -> PreparedAttachment:
+def prepare(
+    attachment: Attachment, data: bytes, prompt_terms: set[str], config: AttachmentsConfig
+) -> PreparedAttachment:
     if attachment.kind == "image":
         return _prepare_image(attachment, data, prompt_terms, config)
     return _prepare_document(attachment, data, prompt_terms, config)
@@ -133,30 +222,37 @@ def _jpeg_size(data: bytes) -> tuple[int, int]:
             continue
         marker = data[i + 1]
         if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
             return width, height
         if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
             i += 1 if marker == 0xFF else 2
             continue
-        i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+        i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
     raise AttachmentError("JPEG has no frame header", code="bad_image")
 
 
-def _prepare_image(attachment: Attachment, data: bytes, prompt_terms: set[str], config: AttachmentsConfig) -> PreparedAttachment:
+def _prepare_image(
+    attachment: Attachment, data: bytes, prompt_terms: set[str], config: AttachmentsConfig
+) -> PreparedAttachment:
     where = f"image {attachment.name!r}"
     try:
         fmt, width, height = image_size(data)
     except AttachmentError as exc:
         raise AttachmentError(f"{where}: {exc.message}", code=exc.code) from None
     if width == 0 or height == 0 or width * height > config.image_max_pixels or max(width, height) > 65_535:
-        raise AttachmentError(f"{where}: {width}x{height} pixels is outside the accepted size "
-                              f"(at most {config.image_max_pixels} pixels)", code="bad_image")
+        raise AttachmentError(
+            f"{where}: {width}x{height} pixels is outside the accepted size (at most {config.image_max_pixels} pixels)",
+            code="bad_image",
+        )
     longest = max(width, height)
     # JPEG can decode at 1/2, 1/4, 1/8 scale directly: far cheaper than decoding 12 MP then shrinking.
     flag = cv2.IMREAD_COLOR
     if fmt == "jpeg":
-        for factor, reduced in ((8, cv2.IMREAD_REDUCED_COLOR_8), (4, cv2.IMREAD_REDUCED_COLOR_4),
-                                (2, cv2.IMREAD_REDUCED_COLOR_2)):
+        for factor, reduced in (
+            (8, cv2.IMREAD_REDUCED_COLOR_8),
+            (4, cv2.IMREAD_REDUCED_COLOR_4),
+            (2, cv2.IMREAD_REDUCED_COLOR_2),
+        ):
             if longest // factor >= config.image_max_side:
                 flag = reduced
                 break
@@ -166,16 +262,16 @@ def _prepare_image(attachment: Attachment, data: bytes, prompt_terms: set[str], 
     h, w = pixels.shape[:2]
     scale = config.image_max_side / max(h, w)
     if scale < 1:
-        pixels = cv2.resize(pixels, (max(1, round(w * scale)), max(1, round(h * scale))),
-                            interpolation=cv2.INTER_AREA)
+        pixels = cv2.resize(pixels, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
     jpeg = _encode_under(pixels, config.image_jpeg_bytes, where)
     h, w = pixels.shape[:2]
     name_terms = terms(Path(attachment.name).stem.replace("_", " ").replace("-", " "))
     overlap = len(name_terms & prompt_terms) / max(1, len(name_terms))
     cue = 1.0 if prompt_terms & IMAGE_CUES else 0.0
     relevance = min(1.0, 0.2 + 0.5 * cue + 0.5 * overlap)
-    return PreparedAttachment("image", attachment.name, attachment.private, relevance, len(data),
-                              jpeg=jpeg, width=w, height=h)
+    return PreparedAttachment(
+        "image", attachment.name, attachment.private, relevance, len(data), jpeg=jpeg, width=w, height=h
+    )
 
 
 def _encode_under(pixels: np.ndarray, budget: int, where: str) -> bytes:
@@ -190,19 +286,23 @@ def _encode_under(pixels: np.ndarray, budget: int, where: str) -> bytes:
     raise AttachmentError(f"{where}: cannot be encoded under {budget} bytes", code="bad_image")
 
 
-def _prepare_document(attachment: Attachment, data: bytes, prompt_terms: set[str], config: AttachmentsConfig) -> PreparedAttachment:
+def _prepare_document(
+    attachment: Attachment, data: bytes, prompt_terms: set[str], config: AttachmentsConfig
+) -> PreparedAttachment:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        raise AttachmentError(f"document {attachment.name!r} is not UTF-8 text (plain text or Markdown)",
-                              code="bad_document") from None
+        raise AttachmentError(
+            f"document {attachment.name!r} is not UTF-8 text (plain text or Markdown)", code="bad_document"
+        ) from None
     if "\x00" in text:
         raise AttachmentError(f"document {attachment.name!r} holds binary data", code="bad_document")
     pieces = chunk_text(text, config.doc_chunk_chars)
     chunks = rank_chunks(pieces, prompt_terms)
     relevance = chunks[0].score if chunks else 0.0
-    return PreparedAttachment("document", attachment.name, attachment.private, relevance, len(data),
-                              chunks=tuple(chunks))
+    return PreparedAttachment(
+        "document", attachment.name, attachment.private, relevance, len(data), chunks=tuple(chunks)
+    )
 
 
 def data_url(jpeg: bytes) -> str:

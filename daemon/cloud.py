@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import openai
-
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import CloudConfig, CloudModelConfig
+
 from locod.errors import CloudError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,10 @@ def read_api_key(model: CloudModelConfig, env: dict[str, str] | None = None) -> 
     except OSError as exc:
         raise ConfigError(f"cloud model {model.name!r}: api_key_file {path}: {exc.strerror}") from None
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"cloud model {model.name!r}: api_key_file {path} is readable by group or others "
-                          f"(mode {stat.S_IMODE(mode):o}); run `chmod 600 {path}`")
+        raise ConfigError(
+            f"cloud model {model.name!r}: api_key_file {path} is readable by group or others "
+            f"(mode {stat.S_IMODE(mode):o}); run `chmod 600 {path}`"
+        )
     return path.read_text(encoding="utf-8").strip()
 
 
@@ -69,8 +71,11 @@ class CircuitBreaker:
             self.consecutive += 1
             if self.consecutive >= self.limit:
                 if self.opened_at is None:
-                    log.warning("cloud circuit breaker open after %d failures; retrying in %.0f s",
-                                self.consecutive, self.cooldown_s)
+                    log.warning(
+                        "cloud circuit breaker open after %d failures; retrying in %.0f s",
+                        self.consecutive,
+                        self.cooldown_s,
+                    )
                 self.opened_at = time.monotonic()
 
     @property
@@ -95,7 +100,10 @@ class CloudBackend:
         for model in config.models:
             key = read_api_key(model) or "no-key-configured"
             self._clients[model.name] = openai.OpenAI(
-                base_url=model.base_url, api_key=key, timeout=config.timeout_s, max_retries=0,
+                base_url=model.base_url,
+                api_key=key,
+                timeout=config.timeout_s,
+                max_retries=0,
             )
 
     @property
@@ -110,9 +118,13 @@ class CloudBackend:
         while True:
             try:
                 stream = client.chat.completions.create(
-                    model=model.model, messages=prompt.messages,  # type: ignore[arg-type]
-                    max_tokens=prompt.max_tokens, temperature=prompt.temperature, seed=prompt.seed,
-                    stream=True, stream_options={"include_usage": True},
+                    model=model.model,
+                    messages=prompt.messages,
+                    max_tokens=prompt.max_tokens,
+                    temperature=prompt.temperature,
+                    seed=prompt.seed,
+                    stream=True,
+                    stream_options={"include_usage": True},
                 )
                 break
             except openai.APIStatusError as exc:
@@ -128,8 +140,9 @@ class CloudBackend:
                 delay = min(2.0, 0.25 * 2**attempt)
             except openai.OpenAIError as exc:
                 self.breaker.failure()
-                raise CloudError(f"{name}: invalid reply from the endpoint: {type(exc).__name__}",
-                                 code="cloud_invalid_reply") from None
+                raise CloudError(
+                    f"{name}: invalid reply from the endpoint: {type(exc).__name__}", code="cloud_invalid_reply"
+                ) from None
             attempt += 1
             log.info("cloud %s: retry %d in %.2f s", name, attempt, delay)
             time.sleep(delay)
@@ -147,8 +160,15 @@ class CloudBackend:
             return wait if wait <= self.config.max_retry_after_s else None
         return min(2.0, 0.25 * 2**attempt)
 
-    def _consume(self, name: str, model: CloudModelConfig, stream: openai.Stream, prompt: Prompt,  # type: ignore[type-arg]
-                 upload: Upload, started: float) -> Generation:
+    def _consume(
+        self,
+        name: str,
+        model: CloudModelConfig,
+        stream: openai.Stream,
+        prompt: Prompt,
+        upload: Upload,
+        started: float,
+    ) -> Generation:
         first: float | None = None
         parts: list[str] = []
         usage = None
@@ -172,8 +192,10 @@ class CloudBackend:
         except Exception as exc:  # transport (httpx/httpx2), decoding, API errors: the stream is cut
             self.breaker.failure()
             text = "".join(parts)
-            raise CloudError(f"{name}: the answer stream broke after {len(text)} characters: "
-                             f"{type(exc).__name__}", code="cloud_stream_cut") from None
+            raise CloudError(
+                f"{name}: the answer stream broke after {len(text)} characters: {type(exc).__name__}",
+                code="cloud_stream_cut",
+            ) from None
         finally:
             stream.close()
         if first is None and not prompt.cancelled.is_set():
@@ -186,13 +208,21 @@ class CloudBackend:
         else:  # the endpoint reported no usage: estimate at 4 characters a token
             tokens_in = sum(len(str(m["content"])) for m in prompt.messages) // 4
             tokens_out = max(chunks, len(text) // 4)
-        cost = (tokens_in * model.usd_per_mtok_in + tokens_out * model.usd_per_mtok_out) / 1e6 \
-            + upload.images * model.usd_per_image
+        cost = (
+            tokens_in * model.usd_per_mtok_in + tokens_out * model.usd_per_mtok_out
+        ) / 1e6 + upload.images * model.usd_per_image
         total = time.perf_counter() - started
-        return Generation(text=text, tokens_in=tokens_in, tokens_out=tokens_out,
-                          first_token_ms=None if first is None else (first - started) * 1000,
-                          total_ms=total * 1000, cost_usd=cost, images_sent=upload.images,
-                          bytes_up=upload.bytes, cancelled=prompt.cancelled.is_set())
+        return Generation(
+            text=text,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            first_token_ms=None if first is None else (first - started) * 1000,
+            total_ms=total * 1000,
+            cost_usd=cost,
+            images_sent=upload.images,
+            bytes_up=upload.bytes,
+            cancelled=prompt.cancelled.is_set(),
+        )
 
     def _measure_upload(self, sent: int, seconds: float) -> None:
         """Passive bandwidth estimate: request bytes over time to first token (an underestimate by design)."""

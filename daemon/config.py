@@ -364,11 +364,15 @@ def _value(hint: Any, raw: Any, meta: Mapping[str, Any], source: str, key: str) 
 def _with_defaults(config: Config, env: Mapping[str, str]) -> Config:
     """Fill in directories (XDG or systemd's) and the embedded model, then check cross-key rules."""
     home = Path.home()
-    state = config.paths.state_dir or env.get("STATE_DIRECTORY", "").split(":")[0] or str(
-        Path(env.get("XDG_STATE_HOME") or home / ".local/state") / "locod"
+    state = (
+        config.paths.state_dir
+        or env.get("STATE_DIRECTORY", "").split(":")[0]
+        or str(Path(env.get("XDG_STATE_HOME") or home / ".local/state") / "locod")
     )
-    runtime = config.paths.runtime_dir or env.get("RUNTIME_DIRECTORY", "").split(":")[0] or str(
-        Path(env.get("XDG_RUNTIME_DIR") or f"/tmp/locod-{os.getuid()}") / "locod"
+    runtime = (
+        config.paths.runtime_dir
+        or env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        or str(Path(env.get("XDG_RUNTIME_DIR") or f"/tmp/locod-{os.getuid()}") / "locod")
     )
     models = config.paths.models_dir or (
         str(Path(state) / "models")

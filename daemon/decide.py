@@ -66,8 +66,9 @@ def withheld_note(attachments: list[PreparedAttachment], send: tuple[int, ...], 
     return "; ".join(notes)
 
 
-def fixed_decision(config: Config, force: str | None, model: str | None, attachments: list[PreparedAttachment],
-                   access: CloudAccess) -> Decision | None:
+def fixed_decision(
+    config: Config, force: str | None, model: str | None, attachments: list[PreparedAttachment], access: CloudAccess
+) -> Decision | None:
     """The decision when the client or the config fixes the location; None when the router should decide."""
     if model is not None:
         if any(m.name == model for m in config.local.models):
@@ -75,7 +76,9 @@ def fixed_decision(config: Config, force: str | None, model: str | None, attachm
         cloud = config.cloud_model(model)
         if access.blocked_by:
             return Decision("local", config.local.default, (), f"the request named {model}, but {access.blocked_by}")
-        return Decision("cloud", model, tuple(uploadable(attachments, cloud.vision)), "the request named this cloud model")
+        return Decision(
+            "cloud", model, tuple(uploadable(attachments, cloud.vision)), "the request named this cloud model"
+        )
     where = force or (config.routing.mode if config.routing.mode != "auto" else None)
     origin = "the request forced" if force else "routing.mode is"
     if where == "local":

@@ -9,8 +9,14 @@ import re
 
 # The first rule that matches names the task; TMO's categories plus the ones a laptop assistant sees most.
 TASK_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("code", re.compile(r"```|\b(def|class|function|python|javascript|rust|bug|compile|stack trace|regex|sql)\b", re.I)),
-    ("math", re.compile(r"\d\s*[-+*/^=]\s*\d|\b(sum|product|solve|equation|integral|percent|how many|calculate)\b", re.I)),
+    (
+        "code",
+        re.compile(r"```|\b(def|class|function|python|javascript|rust|bug|compile|stack trace|regex|sql)\b", re.I),
+    ),
+    (
+        "math",
+        re.compile(r"\d\s*[-+*/^=]\s*\d|\b(sum|product|solve|equation|integral|percent|how many|calculate)\b", re.I),
+    ),
     ("rewrite", re.compile(r"\b(rewrite|rephrase|paraphrase|translate|summari[sz]e|shorten|proofread|edit)\b", re.I)),
     ("recommend", re.compile(r"\b(recommend|suggest|which should|best way|ideas? for)\b", re.I)),
     ("query", re.compile(r"^\s*(who|what|when|where|which|why|how|is|are|does|did|can)\b|\?\s*$", re.I)),

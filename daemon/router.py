@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
 from locod.daemon.attachments import PreparedAttachment
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config
@@ -35,8 +34,7 @@ MIN_RELEVANCE = 0.3
 
 
 class Router:
-    def __init__(self, config: Config, records: DecisionLog, telemetry: TelemetrySampler,
-                 cloud: CloudBackend) -> None:
+    def __init__(self, config: Config, records: DecisionLog, telemetry: TelemetrySampler, cloud: CloudBackend) -> None:
         self.records = records
         self.telemetry = telemetry
         self.cloud = cloud
@@ -49,18 +47,30 @@ class Router:
         priors = {m.name: LOCAL_PRIOR for m in config.local.models}
         priors.update({m.name: CLOUD_PRIOR for m in config.cloud.models})
         with self._lock:
-            self.mess = MessPlus(priors, sla=routing.sla, v=routing.v, explore_c=routing.explore_c,
-                                 q_cap=routing.q_cap, path=Path(config.paths.state_dir) / "messplus.npz")
+            self.mess = MessPlus(
+                priors,
+                sla=routing.sla,
+                v=routing.v,
+                explore_c=routing.explore_c,
+                q_cap=routing.q_cap,
+                path=Path(config.paths.state_dir) / "messplus.npz",
+            )
 
     # -- deciding ------------------------------------------------------------------------------------
 
     def access(self, snapshot: Snapshot) -> CloudAccess:
-        critical = (snapshot.battery_pct is not None and snapshot.on_ac is False
-                    and snapshot.battery_pct < self.config.routing.battery_critical_pct)
+        critical = (
+            snapshot.battery_pct is not None
+            and snapshot.on_ac is False
+            and snapshot.battery_pct < self.config.routing.battery_critical_pct
+        )
         return CloudAccess(
-            configured=self.cloud.available, breaker_open=not self._breaker_allows(), online=snapshot.online,
+            configured=self.cloud.available,
+            breaker_open=not self._breaker_allows(),
+            online=snapshot.online,
             spent_today_usd=self.records.spent_since(local_midnight()),
-            daily_cap_usd=self.config.cloud.daily_cap_usd, battery_critical=critical,
+            daily_cap_usd=self.config.cloud.daily_cap_usd,
+            battery_critical=critical,
         )
 
     def _breaker_allows(self) -> bool:
@@ -81,15 +91,25 @@ class Router:
             q, attained = self.mess.state.q, self.mess.attained
         location = "local" if any(m.name == choice.model for m in self.config.local.models) else "cloud"
         send = self._attachments_for(choice.model, turn.attachments) if location == "cloud" else ()
-        why = "explored (MESS+ exploration turn)" if choice.explored else (
-            f"MESS+: lowest V*cost + Q*(alpha - s_hat) with Q={q:.2f}, s_hat={choice.s_hat[choice.model]:.2f}")
+        why = (
+            "explored (MESS+ exploration turn)"
+            if choice.explored
+            else (f"MESS+: lowest V*cost + Q*(alpha - s_hat) with Q={q:.2f}, s_hat={choice.s_hat[choice.model]:.2f}")
+        )
         if access.blocked_by and location == "local":
             why += f"; cloud masked: {access.blocked_by}"
         routing = {
-            "features": {**{k: v for k, v in vars(features).items() if k != "prompt"},
-                         "hashed": {int(i): round(float(v), 5) for i, v in zip(*x) if i < HASH_DIM}},
-            "q": q, "sla": self.mess.sla, "v": self.mess.v, "s_hat": choice.s_hat, "costs": costs,
-            "mask": mask, "attained": attained,
+            "features": {
+                **{k: v for k, v in vars(features).items() if k != "prompt"},
+                "hashed": {int(i): round(float(v), 5) for i, v in zip(*x) if i < HASH_DIM},
+            },
+            "q": q,
+            "sla": self.mess.sla,
+            "v": self.mess.v,
+            "s_hat": choice.s_hat,
+            "costs": costs,
+            "mask": mask,
+            "attained": attained,
         }
         decision = Decision(location, choice.model, send, why, choice.explored, routing)
         return self._with_notes(decision, turn)
@@ -98,16 +118,26 @@ class Router:
         note = withheld_note(turn.attachments, decision.send, decision.location)
         if not note:
             return decision
-        return Decision(decision.location, decision.model, decision.send, f"{decision.reason}; {note}",
-                        decision.explored, decision.routing)
+        return Decision(
+            decision.location,
+            decision.model,
+            decision.send,
+            f"{decision.reason}; {note}",
+            decision.explored,
+            decision.routing,
+        )
 
     def features(self, turn: Turn) -> TurnFeatures:
         relevance = [a.relevance for a in turn.attachments]
         trail = turn.session.trail
         return TurnFeatures(
-            prompt=turn.request.prompt, task=turn.task, n_attachments=len(turn.attachments),
-            max_relevance=max(relevance, default=0.0), has_image=any(a.kind == "image" for a in turn.attachments),
-            position=len(trail), prev_cloud=bool(trail) and trail[-1].location == "cloud",
+            prompt=turn.request.prompt,
+            task=turn.task,
+            n_attachments=len(turn.attachments),
+            max_relevance=max(relevance, default=0.0),
+            has_image=any(a.kind == "image" for a in turn.attachments),
+            position=len(trail),
+            prev_cloud=bool(trail) and trail[-1].location == "cloud",
         )
 
     def costs(self, turn: Turn, snapshot: Snapshot, access: CloudAccess) -> tuple[dict[str, float], dict[str, bool]]:
@@ -128,8 +158,9 @@ class Router:
                 continue
             sent = [turn.attachments[i] for i in self._attachments_for(cloud.name, turn.attachments)]
             images = sum(a.kind == "image" for a in sent)
-            usd = (prompt_tokens * cloud.usd_per_mtok_in + EXPECTED_ANSWER_TOKENS * cloud.usd_per_mtok_out) / 1e6 \
-                + images * cloud.usd_per_image
+            usd = (
+                prompt_tokens * cloud.usd_per_mtok_in + EXPECTED_ANSWER_TOKENS * cloud.usd_per_mtok_out
+            ) / 1e6 + images * cloud.usd_per_image
             upload = prompt_tokens * 4 + sum(len(a.jpeg) for a in sent)
             joules = RADIO_W * upload / max(snapshot.upload_bps, 1.0)
             raw[cloud.name] = weights.weight_money * usd / MONEY_REF_USD + weights.weight_energy * joules / ENERGY_REF_J
@@ -170,10 +201,15 @@ class Router:
             state = self.mess.state
             attained = self.mess.attained
             return {
-                "mode": self.config.routing.mode, "sla": self.mess.sla, "v": self.mess.v, "q": state.q,
-                "turns": state.settled, "attained": None if attained is None else round(attained, 4),
+                "mode": self.config.routing.mode,
+                "sla": self.mess.sla,
+                "v": self.mess.v,
+                "q": state.q,
+                "turns": state.settled,
+                "attained": None if attained is None else round(attained, 4),
                 "explore_probability": round(self.mess.explore_probability, 4),
-                "labels": dict(state.labels), "infeasible": self.mess.infeasible,
+                "labels": dict(state.labels),
+                "infeasible": self.mess.infeasible,
                 "pending_labels": len(state.pending),
             }
 

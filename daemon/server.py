@@ -25,8 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-
-from locod import __version__
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config, load_config
 from locod.daemon.gate import FairGate
@@ -38,6 +36,8 @@ from locod.daemon.router import Router
 from locod.daemon.sessions import SessionStore
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import Reply, TurnRunner
+
+from locod import __version__
 from locod.errors import Busy, LocodError, ProtocolError, StorageError
 from locod.protocol import BadRequest, ChatRequest, FeedbackRequest, SimpleRequest, encode, error_frame, parse_request
 
@@ -48,24 +48,37 @@ IPC, TCP = b"i", b"t"
 
 
 class Daemon:
-    def __init__(self, config: Config, config_path: str | None = None,
-                 overrides: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Config, config_path: str | None = None, overrides: Mapping[str, str] | None = None
+    ) -> None:
         self.config = config
         self._config_path = config_path
         self._overrides = dict(overrides or {})
         self.started = time.time()
+        self._locks = [_exclusive_lock(config.state_dir), _exclusive_lock(config.runtime_dir)]
         self.notifier = Notifier()
+        self.outbox: zmq.Socket[bytes] | None = None
         self.records = DecisionLog(config.db_path)
-        self.zoo = ModelZoo(config.local.models, config.models_dir, config.local.memory_budget_mb,
-                            config.local.n_threads)
+        self.zoo = ModelZoo(
+            config.local.models, config.models_dir, config.local.memory_budget_mb, config.local.n_threads
+        )
         self.local = LocalBackend(self.zoo)
         self.cloud = CloudBackend(config.cloud)
         self.sessions = SessionStore(config.daemon.session_idle_s, config.daemon.max_sessions)
         self.gate = FairGate()
         self.telemetry = TelemetrySampler(config, self.cloud, self.local)
         self.router = Router(config, self.records, self.telemetry, self.cloud)
-        self.runner = TurnRunner(config, self.sessions, self.local, self.cloud, self.records, self.gate,
-                                 self.router.decide, self.telemetry.snapshot_dict, self.router.after_turn)
+        self.runner = TurnRunner(
+            config,
+            self.sessions,
+            self.local,
+            self.cloud,
+            self.records,
+            self.gate,
+            self.router.decide,
+            self.telemetry.snapshot_dict,
+            self.router.after_turn,
+        )
         self.pool = ThreadPoolExecutor(max_workers=config.daemon.queue_limit, thread_name_prefix="turn")
         # Turns in flight and whom they answer; touched only by the loop's thread.
         self._turns: dict[Future[None], tuple[bytes, Reply]] = {}
@@ -80,17 +93,11 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         runtime = cfg.runtime_dir
-        runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(runtime, 0o700)
-        self._lock = (runtime / "locod.lock").open("w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StorageError(f"another locod daemon is already running with runtime dir {runtime}",
-                               code="already_running") from None
         if self.records.interrupted_at_start:
-            log.warning("%d turns were interrupted by the previous daemon's stop; marked 'interrupted'",
-                        self.records.interrupted_at_start)
+            log.warning(
+                "%d turns were interrupted by the previous daemon's stop; marked 'interrupted'",
+                self.records.interrupted_at_start,
+            )
         default = cfg.local_model(cfg.local.default)
         check_model_file(default, cfg.models_dir)
         self.zoo.get(default.name)  # load once before READY: the first turn should not pay for it
@@ -107,8 +114,13 @@ class Daemon:
         self._tcp_secret = self._read_tcp_secret()
         self.telemetry.start()
         self._install_signals()
-        log.info("locod %s serving on %s%s with local model %s", __version__, cfg.ipc_endpoint,
-                 f" and {cfg.daemon.tcp}" if cfg.daemon.tcp else "", default.name)
+        log.info(
+            "locod %s serving on %s%s with local model %s",
+            __version__,
+            cfg.ipc_endpoint,
+            f" and {cfg.daemon.tcp}" if cfg.daemon.tcp else "",
+            default.name,
+        )
         self.notifier.ready(self._status_line())
 
     def _router_socket(self) -> zmq.Socket[bytes]:
@@ -130,8 +142,9 @@ class Daemon:
         host = self.config.daemon.tcp.split("//", 1)[1].rsplit(":", 1)[0]
         if not path:
             if host not in ("127.0.0.1", "localhost", "[::1]", "::1"):
-                raise StorageError(f"daemon.tcp binds {host}, beyond loopback: set daemon.tcp_secret_file",
-                                   code="insecure_tcp")
+                raise StorageError(
+                    f"daemon.tcp binds {host}, beyond loopback: set daemon.tcp_secret_file", code="insecure_tcp"
+                )
             return None
         return Path(path).read_text(encoding="utf-8").strip()
 
@@ -149,6 +162,7 @@ class Daemon:
         poller = zmq.Poller()
         for sock in self.sockets.values():
             poller.register(sock, zmq.POLLIN)
+        assert self.outbox is not None
         poller.register(self.outbox, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         watchdog_every = self.notifier.watchdog_interval
@@ -188,8 +202,13 @@ class Daemon:
                 self._send(peer, error_frame(exc.request_id, exc))
             except LocodError as exc:
                 self._send(peer, error_frame(None, exc))
+            except Exception:  # a bug in one request's handling must not take the loop down
+                log.exception("request from a client failed")
+                self._send(peer, encode("error", None, kind="error", code="internal", message="internal error"))
 
     def _drain_outbox(self) -> None:
+        if self.outbox is None:
+            return
         for _ in range(1000):
             try:
                 peer, frame = self.outbox.recv_multipart(zmq.NOBLOCK)
@@ -214,11 +233,16 @@ class Daemon:
 
     def _dispatch(self, peer: bytes, tag: bytes, frames: list[bytes]) -> None:
         request = parse_request(frames, self.config.daemon.max_message_bytes)
-        if tag == TCP and self._tcp_secret is not None and not hmac.compare_digest(
-            (request.secret or "").encode(), self._tcp_secret.encode()
+        if (
+            tag == TCP
+            and self._tcp_secret is not None
+            and not hmac.compare_digest((request.secret or "").encode(), self._tcp_secret.encode())
         ):
-            raise BadRequest("this tcp endpoint needs the shared secret in field 'secret'", code="unauthorized",
-                             request_id=request.id)
+            raise BadRequest(
+                "this tcp endpoint needs the shared secret in field 'secret'",
+                code="unauthorized",
+                request_id=request.id,
+            )
         if isinstance(request, ChatRequest):
             self._start_turn(peer, request)
             return
@@ -246,7 +270,7 @@ class Daemon:
             raise BadRequest("the daemon is shutting down", code="shutting_down", request_id=request.id)
         if len(self._turns) >= self.config.daemon.queue_limit:
             raise Busy(f"{len(self._turns)} turns in flight, at the queue limit; try again shortly")
-        reply = Reply(send=lambda kind, **fields: self._post(peer, encode(kind, request.id, **fields)))
+        reply = Reply(send=lambda frame_type, **fields: self._post(peer, encode(frame_type, request.id, **fields)))
         self._turns[self.pool.submit(self.runner.run, request, peer, reply)] = (peer, reply)
 
     def _post(self, peer: bytes, frame: bytes) -> None:
@@ -263,17 +287,28 @@ class Daemon:
     def status(self) -> dict[str, Any]:
         cfg = self.config
         return {
-            "version": __version__, "pid": os.getpid(), "uptime_s": round(time.time() - self.started, 1),
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 1),
             "endpoints": [cfg.ipc_endpoint, *([cfg.daemon.tcp] if cfg.daemon.tcp else [])],
-            "config": cfg.source, "db": str(cfg.db_path),
-            "local": {"default": cfg.local.default, "models": [m.name for m in cfg.local.models],
-                      "resident": self.zoo.resident(), "tokens_per_s": self.local.tokens_per_s},
-            "cloud": {"models": [m.name for m in cfg.cloud.models], "default": cfg.cloud.default,
-                      "breaker": self.cloud.breaker.state,
-                      "spent_today_usd": round(self.records.spent_since(local_midnight()), 6),
-                      "daily_cap_usd": cfg.cloud.daily_cap_usd},
+            "config": cfg.source,
+            "db": str(cfg.db_path),
+            "local": {
+                "default": cfg.local.default,
+                "models": [m.name for m in cfg.local.models],
+                "resident": self.zoo.resident(),
+                "tokens_per_s": self.local.tokens_per_s,
+            },
+            "cloud": {
+                "models": [m.name for m in cfg.cloud.models],
+                "default": cfg.cloud.default,
+                "breaker": self.cloud.breaker.state,
+                "spent_today_usd": round(self.records.spent_since(local_midnight()), 6),
+                "daily_cap_usd": cfg.cloud.daily_cap_usd,
+            },
             "queue": {"in_flight": len(self._turns), "waiting_for_local": self.gate.waiting},
-            "sessions": len(self.sessions), "turns_served": self.turns_served,
+            "sessions": len(self.sessions),
+            "turns_served": self.turns_served,
             "interrupted_at_start": self.records.interrupted_at_start,
             "telemetry": self.telemetry.snapshot_dict(),
             "routing": self.router.status(),
@@ -284,9 +319,11 @@ class Daemon:
         routing = self.router.status()
         online = self.telemetry.snapshot().online
         net = "online" if online else "offline" if online is False else "network unknown"
-        return (f"model {self.config.local.default}, {net}, mode {routing['mode']}, "
-                f"SLA {routing.get('attained', 'n/a')}/{routing['sla']}, Q {routing.get('q', 0):.2f}, "
-                f"{len(self._turns)} in flight")
+        return (
+            f"model {self.config.local.default}, {net}, mode {routing['mode']}, "
+            f"SLA {routing.get('attained', 'n/a')}/{routing['sla']}, Q {routing.get('q', 0):.2f}, "
+            f"{len(self._turns)} in flight"
+        )
 
     def _on_signals(self) -> None:
         try:
@@ -297,8 +334,11 @@ class Daemon:
             if signum == signal.SIGHUP:
                 self.reload()
             elif signum in (signal.SIGTERM, signal.SIGINT) and self.stopping_since is None:
-                log.info("stopping: finishing %d turns in flight (grace %.0f s)", len(self._turns),
-                         self.config.daemon.shutdown_grace_s)
+                log.info(
+                    "stopping: finishing %d turns in flight (grace %.0f s)",
+                    len(self._turns),
+                    self.config.daemon.shutdown_grace_s,
+                )
                 self.notifier.stopping()
                 self.stopping_since = time.monotonic()
 
@@ -343,3 +383,18 @@ class Daemon:
         self.records.close()
         self.ctx.destroy(linger=0)
         self.notifier.close()
+
+
+def _exclusive_lock(directory: Path) -> Any:
+    """Hold ``directory/locod.lock`` for the daemon's life: one daemon per state and runtime directory."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(directory, 0o700)
+    handle = (directory / "locod.lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StorageError(
+            f"another locod daemon is already running with {directory}", code="already_running"
+        ) from None
+    return handle

@@ -125,7 +125,10 @@ class Readers:
         for hwmon in sorted(self.sys.glob("bus/i2c/drivers/ina3221*/*/hwmon/hwmon*")):
             for volt_file in sorted(hwmon.glob("in*_input")):
                 channel = volt_file.name[2:-6]
-                if _read(hwmon / f"in{channel}_label") in (None, "") or "sum" in (_read(hwmon / f"in{channel}_label") or "").lower():
+                if (
+                    _read(hwmon / f"in{channel}_label") in (None, "")
+                    or "sum" in (_read(hwmon / f"in{channel}_label") or "").lower()
+                ):
                     continue
                 mv, ma = _number(volt_file), _number(hwmon / f"curr{channel}_input")
                 if mv is not None and ma is not None:
@@ -148,13 +151,23 @@ class Readers:
                 prev, self._cpu_prev = self._cpu_prev, (idle, total)
                 if prev is not None and total > prev[1]:
                     out["cpu_pct"] = round(100.0 * (1 - (idle - prev[0]) / (total - prev[1])), 1)
-        freqs = [f for f in (_number(p) for p in self.sys.glob("devices/system/cpu/cpu[0-9]*/cpufreq/scaling_cur_freq")) if f]
+        freqs = [
+            f for f in (_number(p) for p in self.sys.glob("devices/system/cpu/cpu[0-9]*/cpufreq/scaling_cur_freq")) if f
+        ]
         if freqs:
             out["cpu_mhz"] = round(sum(freqs) / len(freqs) / 1000, 1)
-        temps = [t for t in (_number(p) for p in self.sys.glob("class/thermal/thermal_zone*/temp")) if t and 0 < t < 150_000]
+        temps = [
+            t for t in (_number(p) for p in self.sys.glob("class/thermal/thermal_zone*/temp")) if t and 0 < t < 150_000
+        ]
         if temps:
             out["cpu_temp_c"] = max(temps) / 1000
-        counts = [c for c in (_number(p) for p in self.sys.glob("devices/system/cpu/cpu*/thermal_throttle/package_throttle_count")) if c is not None]
+        counts = [
+            c
+            for c in (
+                _number(p) for p in self.sys.glob("devices/system/cpu/cpu*/thermal_throttle/package_throttle_count")
+            )
+            if c is not None
+        ]
         if counts:
             prev_count, self._throttle_prev = self._throttle_prev, sum(counts)
             out["throttled"] = prev_count is not None and sum(counts) > prev_count
@@ -197,7 +210,7 @@ class Readers:
                 self._nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(0))
             except Exception:  # no library, no driver or no device: simply no NVML
                 self._nvml = None
-        return self._nvml  # type: ignore[no-any-return]
+        return self._nvml
 
     def network(self) -> dict[str, Any]:
         kinds = []
@@ -264,8 +277,12 @@ class TelemetrySampler:
     def sample(self) -> Snapshot:
         now = time.time()
         values: dict[str, Any] = {}
-        for name, read in (("power_supply", self.readers.power_supply), ("cpu", self.readers.cpu),
-                           ("gpu", self.readers.gpu), ("network", self.readers.network)):
+        for name, read in (
+            ("power_supply", self.readers.power_supply),
+            ("cpu", self.readers.cpu),
+            ("gpu", self.readers.gpu),
+            ("network", self.readers.network),
+        ):
             try:
                 values.update(read())
             except Exception as exc:  # a broken sensor must not stop the others

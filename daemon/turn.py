@@ -26,9 +26,10 @@ from locod.daemon.config import Config
 from locod.daemon.decide import Decision
 from locod.daemon.features import task_of
 from locod.daemon.gate import FairGate
-from locod.daemon.local import LocalBackend, LocalPrompt
+from locod.daemon.local import LocalBackend
 from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
 from locod.daemon.sessions import Session, SessionStore, TurnTrail
+
 from locod.errors import Busy, CloudError, LocodError
 from locod.protocol import ChatRequest
 
@@ -56,9 +57,18 @@ class Turn:
 
 
 class TurnRunner:
-    def __init__(self, config: Config, sessions: SessionStore, local: LocalBackend, cloud: CloudBackend,
-                 records: DecisionLog, gate: FairGate, decide: Callable[[Turn], Decision],
-                 snapshot: Callable[[], dict[str, Any]], on_labelable: Callable[[int, Turn, Decision], None]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        sessions: SessionStore,
+        local: LocalBackend,
+        cloud: CloudBackend,
+        records: DecisionLog,
+        gate: FairGate,
+        decide: Callable[[Turn], Decision],
+        snapshot: Callable[[], dict[str, Any]],
+        on_labelable: Callable[[int, Turn, Decision], None],
+    ) -> None:
         self.config = config
         self.sessions = sessions
         self.local = local
@@ -88,8 +98,9 @@ class TurnRunner:
     def _assemble(self, request: ChatRequest, client: bytes) -> Turn:
         cfg = self.config.attachments
         if len(request.attachments) > cfg.max_count:
-            raise att.AttachmentError(f"{len(request.attachments)} attachments, at most {cfg.max_count} allowed",
-                                      code="too_many_attachments")
+            raise att.AttachmentError(
+                f"{len(request.attachments)} attachments, at most {cfg.max_count} allowed", code="too_many_attachments"
+            )
         prompt_terms = att.terms(request.prompt)
         prepared = [
             att.prepare(a, att.load_bytes(a, self.config.paths.allow_dirs, cfg.max_bytes), prompt_terms, cfg)
@@ -100,8 +111,14 @@ class TurnRunner:
 
     # -- the two ways a turn is answered -------------------------------------------------------------
 
-    def _answer_locally(self, turn: Turn, decision: Decision, decide_ms: float, reply: Reply,
-                        after_cloud: tuple[int, CloudError] | None = None) -> None:
+    def _answer_locally(
+        self,
+        turn: Turn,
+        decision: Decision,
+        decide_ms: float,
+        reply: Reply,
+        after_cloud: tuple[int, CloudError] | None = None,
+    ) -> None:
         """Answer with the local model; ``after_cloud`` is (record id, failure) when falling back."""
         with self.gate.slot(turn.client, reply.cancelled) as granted:
             if not granted:
@@ -114,19 +131,32 @@ class TurnRunner:
             except LocodError as exc:
                 if after_cloud is None:
                     raise  # rejected before acceptance: nothing recorded
-                self._finish(after_cloud[0], turn, decision, None, "error", reply,
-                             f"{after_cloud[1].message}; local fallback failed: {exc.message}")
+                self._finish(
+                    after_cloud[0],
+                    turn,
+                    decision,
+                    None,
+                    "error",
+                    reply,
+                    f"{after_cloud[1].message}; local fallback failed: {exc.message}",
+                )
                 return
             if after_cloud is None:
                 decision_id = self._begin(turn, decision, decide_ms, reply)
             else:
                 decision_id = after_cloud[0]
-                reply.send("fallback", decision=decision_id, model=decision.model, cause=after_cloud[1].code,
-                           message=f"the cloud answer failed ({after_cloud[1].message}); answering locally")
+                reply.send(
+                    "fallback",
+                    decision=decision_id,
+                    model=decision.model,
+                    cause=after_cloud[1].code,
+                    message=f"the cloud answer failed ({after_cloud[1].message}); answering locally",
+                )
             generation = self.local.generate(local_prompt, self._prompt(turn, [], reply))
         outcome = "fallback" if after_cloud else "ok"
-        self._finish(decision_id, turn, decision, generation, outcome, reply,
-                     after_cloud[1].message if after_cloud else None)
+        self._finish(
+            decision_id, turn, decision, generation, outcome, reply, after_cloud[1].message if after_cloud else None
+        )
 
     def _answer_in_cloud(self, turn: Turn, decision: Decision, decide_ms: float, reply: Reply) -> None:
         decision_id = self._begin(turn, decision, decide_ms, reply)
@@ -146,51 +176,104 @@ class TurnRunner:
         prompt = turn.request.prompt
         routing: dict[str, Any] = decision.routing
         record = DecisionRecord(
-            session=turn.session.id, turn=turn.session.turns, request_id=turn.request.id,
-            prompt_sha256=hashlib.sha256(prompt.encode()).hexdigest(), prompt_chars=len(prompt),
-            prompt=prompt if self.config.log.prompts else None, task=turn.task,
-            location=decision.location, model=decision.model, reason=decision.reason,
+            session=turn.session.id,
+            turn=turn.session.turns,
+            request_id=turn.request.id,
+            prompt_sha256=hashlib.sha256(prompt.encode()).hexdigest(),
+            prompt_chars=len(prompt),
+            prompt=prompt if self.config.log.prompts else None,
+            task=turn.task,
+            location=decision.location,
+            model=decision.model,
+            reason=decision.reason,
             attachments_offered=[a.summary() for a in turn.attachments],
             attachments_sent=[turn.attachments[i].name for i in decision.send],
-            telemetry=self.snapshot(), explored=decision.explored, latency_decide_ms=decide_ms,
-            features=routing.get("features", {}), policy_version=routing.get("policy_version"),
-            q=routing.get("q"), sla=routing.get("sla"), v=routing.get("v"), s_hat=routing.get("s_hat", {}),
-            costs=routing.get("costs", {}), probabilities=routing.get("probabilities", {}),
+            telemetry=self.snapshot(),
+            explored=decision.explored,
+            latency_decide_ms=decide_ms,
+            features=routing.get("features", {}),
+            policy_version=routing.get("policy_version"),
+            q=routing.get("q"),
+            sla=routing.get("sla"),
+            v=routing.get("v"),
+            s_hat=routing.get("s_hat", {}),
+            costs=routing.get("costs", {}),
+            probabilities=routing.get("probabilities", {}),
             mask=routing.get("mask", {}),
         )
         decision_id = self.records.begin(record)
-        reply.send("decision", decision=decision_id, location=decision.location, model=decision.model,
-                   reason=decision.reason, attachments_sent=record.attachments_sent, explored=decision.explored)
+        reply.send(
+            "decision",
+            decision=decision_id,
+            location=decision.location,
+            model=decision.model,
+            reason=decision.reason,
+            attachments_sent=record.attachments_sent,
+            explored=decision.explored,
+        )
         return decision_id
 
-    def _finish(self, decision_id: int, turn: Turn, decision: Decision, generation: Generation | None,
-                outcome: str, reply: Reply, error: str | None) -> None:
+    def _finish(
+        self,
+        decision_id: int,
+        turn: Turn,
+        decision: Decision,
+        generation: Generation | None,
+        outcome: str,
+        reply: Reply,
+        error: str | None,
+    ) -> None:
         if generation is not None and generation.cancelled:
             outcome, error = "cancelled", reply.cancel_reason
         g = generation or Generation("", 0, 0, None, 0.0)
         sent = [turn.attachments[i].name for i in decision.send]
-        self.records.finish(decision_id, Outcome(
-            outcome=outcome, backend=decision.location, model=decision.model, tokens_in=g.tokens_in,
-            tokens_out=g.tokens_out, images_sent=g.images_sent, bytes_up=g.bytes_up,
-            latency_first_token_ms=g.first_token_ms, latency_total_ms=g.total_ms, cost_usd=g.cost_usd,
-            energy_j=g.energy_j, error=error, attachments_sent=sent,
-        ))
+        self.records.finish(
+            decision_id,
+            Outcome(
+                outcome=outcome,
+                backend=decision.location,
+                model=decision.model,
+                tokens_in=g.tokens_in,
+                tokens_out=g.tokens_out,
+                images_sent=g.images_sent,
+                bytes_up=g.bytes_up,
+                latency_first_token_ms=g.first_token_ms,
+                latency_total_ms=g.total_ms,
+                cost_usd=g.cost_usd,
+                energy_j=g.energy_j,
+                error=error,
+                attachments_sent=sent,
+            ),
+        )
         if outcome in ("ok", "fallback"):
             slots = tuple(i in decision.send for i in range(len(turn.attachments)))
-            self.sessions.record(turn.session, [turn.request.messages[-1]], g.text,
-                                 TurnTrail(decision.location, slots, turn.task))
+            self.sessions.record(
+                turn.session, [turn.request.messages[-1]], g.text, TurnTrail(decision.location, slots, turn.task)
+            )
             self.on_finished(decision_id, turn, decision)
             done: dict[str, Any] = dict(
-                decision=decision_id, session=turn.session.id, outcome=outcome, location=decision.location,
-                model=decision.model, tokens_in=g.tokens_in, tokens_out=g.tokens_out, cost_usd=g.cost_usd,
-                latency_ms=round(g.total_ms, 2), first_token_ms=g.first_token_ms,
+                decision=decision_id,
+                session=turn.session.id,
+                outcome=outcome,
+                location=decision.location,
+                model=decision.model,
+                tokens_in=g.tokens_in,
+                tokens_out=g.tokens_out,
+                cost_usd=g.cost_usd,
+                latency_ms=round(g.total_ms, 2),
+                first_token_ms=g.first_token_ms,
             )
             if not turn.request.options.stream:
                 done["text"] = g.text
             reply.send("done", **done)
         else:
-            reply.send("error", kind=Busy.code if outcome == "cancelled" else CloudError.code,
-                       code=outcome, message=error or outcome, decision=decision_id)
+            reply.send(
+                "error",
+                kind=Busy.code if outcome == "cancelled" else CloudError.code,
+                code=outcome,
+                message=error or outcome,
+                decision=decision_id,
+            )
 
     # -- what each backend is sent -------------------------------------------------------------------
 
@@ -200,8 +283,7 @@ class TurnRunner:
     def _prompt(self, turn: Turn, messages: list[dict[str, object]], reply: Reply) -> Prompt:
         options = turn.request.options
         on_delta = (lambda text: reply.send("delta", text=text)) if options.stream else (lambda text: None)
-        return Prompt(messages, self._max_tokens(turn), options.temperature, options.seed, on_delta,
-                      reply.cancelled)
+        return Prompt(messages, self._max_tokens(turn), options.temperature, options.seed, on_delta, reply.cancelled)
 
     def _history(self, turn: Turn) -> list[dict[str, str]]:
         """The session's earlier messages, then this request's own (all but its last user message)."""
@@ -233,6 +315,7 @@ class TurnRunner:
         for image in images:
             parts.append({"type": "image_url", "image_url": {"url": att.data_url(image.jpeg)}})
         content: object = parts if images else text
-        messages: list[dict[str, object]] = [*self._history(turn), {"role": "user", "content": content}]
+        history: list[dict[str, object]] = [dict(m) for m in self._history(turn)]
+        messages = [*history, {"role": "user", "content": content}]
         upload_bytes = len(text.encode()) + sum(len(i.jpeg) * 4 // 3 for i in images)
         return messages, Upload(images=len(images), bytes=upload_bytes)

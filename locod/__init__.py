@@ -6,7 +6,7 @@ lives in ``locod.daemon`` and everything learned (routing, policy) in ``locod.po
 
 __version__ = "0.1.0"
 
-from locod.client import Client, TurnResult  # noqa: E402
-from locod.errors import LocodError  # noqa: E402
+from locod.client import Client, TurnResult
+from locod.errors import LocodError
 
 __all__ = ["Client", "LocodError", "TurnResult", "__version__"]

@@ -57,6 +57,7 @@ def _print_json(data: Any) -> None:
 
 # -- commands -----------------------------------------------------------------------------------------
 
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from locod.daemon.logs import configure_logging
     from locod.daemon.server import Daemon
@@ -76,9 +77,16 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
     files = [attachment(p) for p in args.attach or []] + [attachment(p, private=True) for p in args.private or []]
     with _client(args) as client:
-        frames = client.chat(args.prompt, session=args.session, model=args.model, attachments=files,
-                             force=args.force, max_tokens=args.max_tokens, temperature=args.temperature,
-                             seed=args.seed)
+        frames = client.chat(
+            args.prompt,
+            session=args.session,
+            model=args.model,
+            attachments=files,
+            force=args.force,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
         return _stream(frames, args.json, args.verbose)
 
 
@@ -90,17 +98,21 @@ def _stream(frames: Any, as_json: bool, verbose: bool) -> int:
             print(frame["text"], end="", flush=True)
         elif frame["type"] == "decision" and verbose:
             sent = ", ".join(frame["attachments_sent"]) or "none"
-            print(f"[{frame['location']}: {frame['model']}; attachments sent: {sent}; {frame['reason']}]",
-                  file=sys.stderr)
+            print(
+                f"[{frame['location']}: {frame['model']}; attachments sent: {sent}; {frame['reason']}]", file=sys.stderr
+            )
         elif frame["type"] == "fallback":
             print(f"\n[{frame['message']}]", file=sys.stderr)
         elif frame["type"] == "done":
             if not as_json:
                 print()
             if verbose:
-                print(f"[decision {frame['decision']}: {frame['outcome']} via {frame['location']} "
-                      f"{frame['model']}, {frame['tokens_out']} tokens, {frame['latency_ms']:.0f} ms, "
-                      f"${frame['cost_usd']:.5f}]", file=sys.stderr)
+                print(
+                    f"[decision {frame['decision']}: {frame['outcome']} via {frame['location']} "
+                    f"{frame['model']}, {frame['tokens_out']} tokens, {frame['latency_ms']:.0f} ms, "
+                    f"${frame['cost_usd']:.5f}]",
+                    file=sys.stderr,
+                )
     return 0
 
 
@@ -140,19 +152,37 @@ def cmd_status(args: argparse.Namespace) -> int:
     net = "online" if t["online"] else "offline" if t["online"] is False else "unknown"
     rows = [
         ("daemon", f"locod {status['version']}, pid {status['pid']}, up {status['uptime_s']:.0f} s"),
-        ("local", f"{loc['default']} (resident: {', '.join(loc['resident']) or 'none'}; "
-                  f"{_fmt(loc['tokens_per_s'], '{:.1f} tok/s')})"),
-        ("cloud", f"{', '.join(c['models']) or 'none configured'}; breaker {c['breaker']}; "
-                  f"today ${c['spent_today_usd']:.4f}" + (f" of ${c['daily_cap_usd']:.2f}" if c["daily_cap_usd"] else "")),
-        ("routing", f"mode {r['mode']}, SLA {r['sla']:.2f}, attained {_fmt(r['attained'], '{:.3f}')} over "
-                    f"{r['turns']} turns, Q {r['q']:.2f}" + (" (SLA INFEASIBLE)" if r["infeasible"] else "")),
-        ("device", f"battery {battery}, {power}, power {_fmt(t['power_w'], '{:.1f} W')}, "
-                   f"CPU {_fmt(t['cpu_pct'], '{:.0f}%')} {_fmt(t['cpu_temp_c'], '{:.0f}°C')}, "
-                   f"GPU {_fmt(t['gpu_pct'], '{:.0f}%')}, free memory {_fmt(t['mem_available_mb'], '{:.0f} MB')}"),
-        ("network", f"{net} via {t['link']}, RTT {_fmt(t['rtt_ms'], '{:.0f} ms')}, upload "
-                    f"{t['upload_bps'] / 1e6:.1f} MB/s{'' if t['upload_measured'] else ' (prior)'}"),
-        ("queue", f"{status['queue']['in_flight']} in flight, {status['queue']['waiting_for_local']} waiting "
-                  f"for the local model; {status['sessions']} sessions"),
+        (
+            "local",
+            f"{loc['default']} (resident: {', '.join(loc['resident']) or 'none'}; "
+            f"{_fmt(loc['tokens_per_s'], '{:.1f} tok/s')})",
+        ),
+        (
+            "cloud",
+            f"{', '.join(c['models']) or 'none configured'}; breaker {c['breaker']}; "
+            f"today ${c['spent_today_usd']:.4f}" + (f" of ${c['daily_cap_usd']:.2f}" if c["daily_cap_usd"] else ""),
+        ),
+        (
+            "routing",
+            f"mode {r['mode']}, SLA {r['sla']:.2f}, attained {_fmt(r['attained'], '{:.3f}')} over "
+            f"{r['turns']} turns, Q {r['q']:.2f}" + (" (SLA INFEASIBLE)" if r["infeasible"] else ""),
+        ),
+        (
+            "device",
+            f"battery {battery}, {power}, power {_fmt(t['power_w'], '{:.1f} W')}, "
+            f"CPU {_fmt(t['cpu_pct'], '{:.0f}%')} {_fmt(t['cpu_temp_c'], '{:.0f}°C')}, "
+            f"GPU {_fmt(t['gpu_pct'], '{:.0f}%')}, free memory {_fmt(t['mem_available_mb'], '{:.0f} MB')}",
+        ),
+        (
+            "network",
+            f"{net} via {t['link']}, RTT {_fmt(t['rtt_ms'], '{:.0f} ms')}, upload "
+            f"{t['upload_bps'] / 1e6:.1f} MB/s{'' if t['upload_measured'] else ' (prior)'}",
+        ),
+        (
+            "queue",
+            f"{status['queue']['in_flight']} in flight, {status['queue']['waiting_for_local']} waiting "
+            f"for the local model; {status['sessions']} sessions",
+        ),
     ]
     for name, text in rows:
         print(f"{name:>8}  {text}")
@@ -169,8 +199,20 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
         return 0
-    columns = ("id", "session", "turn", "task", "location", "model", "outcome", "tokens_out", "latency_total_ms",
-               "cost_usd", "satisfied", "reason")
+    columns = (
+        "id",
+        "session",
+        "turn",
+        "task",
+        "location",
+        "model",
+        "outcome",
+        "tokens_out",
+        "latency_total_ms",
+        "cost_usd",
+        "satisfied",
+        "reason",
+    )
     table = [[_cell(row.get(c)) for c in columns] for row in reversed(rows)]
     widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
     widths[-1] = min(widths[-1], 60)
@@ -191,7 +233,9 @@ def _cell(value: Any) -> str:
 def cmd_feedback(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.feedback(args.decision, args.label == "good")
-    print(f"decision {result['decision']} labelled {'good' if result['satisfied'] else 'bad'}; Q is now {result['q']:.2f}")
+    print(
+        f"decision {result['decision']} labelled {'good' if result['satisfied'] else 'bad'}; Q is now {result['q']:.2f}"
+    )
     return 0
 
 
@@ -252,10 +296,15 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="locod", description="Local-cloud LLM daemon for edge devices.")
-    parser.add_argument("--config", help="config file (default: $LOCOD_CONFIG, ~/.config/locod/config.toml, "
-                                         "/etc/locod/config.toml)")
-    parser.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
-                        help="override one config key (after the file and LOCOD_* variables)")
+    parser.add_argument(
+        "--config", help="config file (default: $LOCOD_CONFIG, ~/.config/locod/config.toml, /etc/locod/config.toml)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key (after the file and LOCOD_* variables)",
+    )
     parser.add_argument("--endpoint", help="daemon endpoint (default: the ipc socket in the runtime dir)")
     parser.add_argument("--secret", help="shared secret for a tcp endpoint")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
@@ -263,8 +312,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the daemon in the foreground")
     p.set_defaults(func=cmd_serve)
 
-    for name, func, text in (("ask", cmd_ask, "ask one question and stream the answer"),
-                             ("chat", cmd_chat, "interactive multi-turn chat")):
+    for name, func, text in (
+        ("ask", cmd_ask, "ask one question and stream the answer"),
+        ("chat", cmd_chat, "interactive multi-turn chat"),
+    ):
         p = sub.add_parser(name, help=text)
         if name == "ask":
             p.add_argument("prompt")

@@ -29,8 +29,7 @@ def attachment(path: str | Path, *, private: bool = False, kind: str | None = No
     """Read a file into a protocol attachment (the daemon never needs to open client paths)."""
     path = Path(path)
     kind = kind or ("image" if path.suffix.lower() in IMAGE_SUFFIXES else "document")
-    return {"kind": kind, "name": path.name, "data": base64.b64encode(path.read_bytes()).decode(),
-            "private": private}
+    return {"kind": kind, "name": path.name, "data": base64.b64encode(path.read_bytes()).decode(), "private": private}
 
 
 @dataclass
@@ -48,16 +47,21 @@ def default_endpoint() -> str:
 
 
 class Client:
-    def __init__(self, endpoint: str | None = None, *, timeout_s: float = 10.0, turn_timeout_s: float = 600.0,
-                 secret: str | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        *,
+        timeout_s: float = 10.0,
+        turn_timeout_s: float = 600.0,
+        secret: str | None = None,
+    ) -> None:
         self.endpoint = endpoint or default_endpoint()
         self.timeout_ms = int(timeout_s * 1000)
         self.turn_timeout_ms = int(turn_timeout_s * 1000)
         self.secret = secret
         if self.endpoint.startswith("ipc://") and not Path(self.endpoint[6:]).exists():
             raise self._not_running()
-        self._ctx = zmq.Context.instance()
-        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self.endpoint)
 
@@ -86,8 +90,10 @@ class Client:
         """Replies to request ``rid`` until its last frame; raises the reported error on an error frame."""
         while True:
             if not self._sock.poll(timeout_ms, zmq.POLLIN):
-                raise DaemonNotRunning(f"locod daemon is not running at {self.endpoint} (no reply within "
-                                       f"{timeout_ms / 1000:.0f} s); start it with `locod serve`")
+                raise DaemonNotRunning(
+                    f"locod daemon is not running at {self.endpoint} (no reply within "
+                    f"{timeout_ms / 1000:.0f} s); start it with `locod serve`"
+                )
             frame = json.loads(self._sock.recv())
             if frame.get("id") != rid:
                 continue  # a late reply to an earlier, abandoned request
@@ -120,9 +126,16 @@ class Client:
     def reload(self) -> dict[str, Any]:
         return dict(self.call("reload"))
 
-    def chat(self, prompt: str | None = None, *, messages: list[dict[str, str]] | None = None,
-             session: str | None = None, model: str | None = None,
-             attachments: list[dict[str, Any]] | None = None, **options: Any) -> Iterator[dict[str, Any]]:
+    def chat(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        session: str | None = None,
+        model: str | None = None,
+        attachments: list[dict[str, Any]] | None = None,
+        **options: Any,
+    ) -> Iterator[dict[str, Any]]:
         """Stream the frames of one turn: ``decision``, ``delta``..., (``fallback``), ``done``."""
         fields: dict[str, Any] = {"messages": messages} if messages is not None else {"prompt": prompt}
         if session is not None:

@@ -87,8 +87,20 @@ class DaemonNotRunning(LocodError):
 _BY_CODE: dict[str, type[LocodError]] = {
     cls.code: cls
     for cls in (
-        LocodError, RequestError, ProtocolError, AttachmentError, PromptTooLong, UnknownDecision,
-        ModelError, CloudError, PolicyError, ConfigError, FetchError, StorageError, Busy, DaemonNotRunning,
+        LocodError,
+        RequestError,
+        ProtocolError,
+        AttachmentError,
+        PromptTooLong,
+        UnknownDecision,
+        ModelError,
+        CloudError,
+        PolicyError,
+        ConfigError,
+        FetchError,
+        StorageError,
+        Busy,
+        DaemonNotRunning,
     )
 }
 

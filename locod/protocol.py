@@ -88,28 +88,31 @@ class BadRequest(ProtocolError):
 
 def parse_request(frames: list[bytes], max_bytes: int) -> Request:
     if len(frames) != 1:
-        raise BadRequest(f"expected one frame per message, got {len(frames)}", code="extra_frames",
-                         request_id=None)
+        raise BadRequest(f"expected one frame per message, got {len(frames)}", code="extra_frames", request_id=None)
     raw = frames[0]
     if len(raw) > max_bytes:
-        raise BadRequest(f"message of {len(raw)} bytes is over the limit of {max_bytes}", code="too_large",
-                         request_id=None)
+        raise BadRequest(
+            f"message of {len(raw)} bytes is over the limit of {max_bytes}", code="too_large", request_id=None
+        )
     try:
         msg = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BadRequest(f"message is not valid JSON: {exc}", code="invalid_json", request_id=None) from None
     if not isinstance(msg, dict):
-        raise BadRequest(f"message must be a JSON object, got {type(msg).__name__}", code="not_object",
-                         request_id=None)
+        raise BadRequest(f"message must be a JSON object, got {type(msg).__name__}", code="not_object", request_id=None)
     rid = msg.get("id")
     if not isinstance(rid, str) or not rid or len(rid) > 200:
-        raise BadRequest("field 'id' must be a non-empty string of at most 200 characters", code="bad_field",
-                         request_id=None)
+        raise BadRequest(
+            "field 'id' must be a non-empty string of at most 200 characters", code="bad_field", request_id=None
+        )
     reader = _Fields(msg, rid)
     version = msg.get("v")
     if version != PROTOCOL_VERSION:
-        raise BadRequest(f"unsupported protocol version {version!r}; this daemon speaks v{PROTOCOL_VERSION}",
-                         code="unsupported_version", request_id=rid)
+        raise BadRequest(
+            f"unsupported protocol version {version!r}; this daemon speaks v{PROTOCOL_VERSION}",
+            code="unsupported_version",
+            request_id=rid,
+        )
     op = msg.get("op")
     if op not in OPS:
         raise BadRequest(f"unknown op {op!r}; known: {', '.join(OPS)}", code="unknown_op", request_id=rid)
@@ -229,10 +232,11 @@ def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
     )
 
 
-def encode(kind: str, request_id: str | None, **fields: Any) -> bytes:
+def encode(frame_type: str, request_id: str | None, **fields: Any) -> bytes:
     """One reply frame."""
-    return json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "type": kind, **fields},
-                      separators=(",", ":")).encode()
+    return json.dumps(
+        {"v": PROTOCOL_VERSION, "id": request_id, "type": frame_type, **fields}, separators=(",", ":")
+    ).encode()
 
 
 def error_frame(request_id: str | None, error: LocodError) -> bytes:
@@ -242,5 +246,4 @@ def error_frame(request_id: str | None, error: LocodError) -> bytes:
 
 def request(op: str, request_id: str, **fields: Any) -> bytes:
     """One request frame (the client's side)."""
-    return json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "op": op, **fields},
-                      separators=(",", ":")).encode()
+    return json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "op": op, **fields}, separators=(",", ":")).encode()

@@ -30,8 +30,16 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 1
 HASH_DIM = 4096
 TASKS = ("chat", "code", "math", "rewrite", "recommend", "query")
-DENSE = ("bias", "log_chars", "n_attachments", "max_relevance", "has_image", "position", "prev_cloud",
-         *(f"task_{t}" for t in TASKS))
+DENSE = (
+    "bias",
+    "log_chars",
+    "n_attachments",
+    "max_relevance",
+    "has_image",
+    "position",
+    "prev_cloud",
+    *(f"task_{t}" for t in TASKS),
+)
 DIM = HASH_DIM + len(DENSE)
 
 
@@ -57,9 +65,16 @@ def vectorize(f: TurnFeatures) -> tuple[np.ndarray, np.ndarray]:
         index = zlib.crc32(gram.encode()) % HASH_DIM
         counts[index] = counts.get(index, 0.0) + 1.0
     norm = math.sqrt(sum(v * v for v in counts.values())) or 1.0
-    dense = [1.0, math.log1p(len(f.prompt)) / 8.0, min(f.n_attachments, 8) / 8.0, _finite(f.max_relevance),
-             float(f.has_image), min(f.position, 20) / 20.0, float(f.prev_cloud),
-             *(float(f.task == t) for t in TASKS)]
+    dense = [
+        1.0,
+        math.log1p(len(f.prompt)) / 8.0,
+        min(f.n_attachments, 8) / 8.0,
+        _finite(f.max_relevance),
+        float(f.has_image),
+        min(f.position, 20) / 20.0,
+        float(f.prev_cloud),
+        *(float(f.task == t) for t in TASKS),
+    ]
     indices = np.fromiter([*counts.keys(), *range(HASH_DIM, DIM)], dtype=np.int64)
     values = np.fromiter([*(v / norm for v in counts.values()), *dense], dtype=np.float64)
     return indices, values
@@ -89,8 +104,18 @@ class MessPlusState:
 
 
 class MessPlus:
-    def __init__(self, models: dict[str, float], *, sla: float, v: float, explore_c: float, q_cap: float,
-                 path: Path | None = None, rng: random.Random | None = None, learning_rate: float = 0.5) -> None:
+    def __init__(
+        self,
+        models: dict[str, float],
+        *,
+        sla: float,
+        v: float,
+        explore_c: float,
+        q_cap: float,
+        path: Path | None = None,
+        rng: random.Random | None = None,
+        learning_rate: float = 0.5,
+    ) -> None:
         """``models`` maps each candidate's name to its prior probability of satisfying."""
         self.priors = dict(models)
         self.sla, self.v, self.explore_c, self.q_cap = sla, v, explore_c, q_cap
@@ -112,8 +137,9 @@ class MessPlus:
             out[name] = 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
         return out
 
-    def choose(self, x: tuple[np.ndarray, np.ndarray], costs: dict[str, float],
-               extra: dict[str, float] | None = None) -> Choice:
+    def choose(
+        self, x: tuple[np.ndarray, np.ndarray], costs: dict[str, float], extra: dict[str, float] | None = None
+    ) -> Choice:
         """Pick among ``costs``'s models (already masked); ``extra`` adds a per-model term (the policy's)."""
         models = list(costs)
         s_hat = self.predict(x, models)
@@ -182,9 +208,15 @@ class MessPlus:
         names = sorted(self.state.weights)
         with tmp.open("wb") as f:
             np.savez(
-                f, version=np.array(STATE_VERSION), dim=np.array(DIM), q=np.array(self.state.q),
-                t=np.array(self.state.t), settled=np.array(self.state.settled), satisfied_sum=np.array(self.state.satisfied_sum),
-                names=np.array(names), weights=np.stack([self.state.weights[n] for n in names]),
+                f,
+                version=np.array(STATE_VERSION),
+                dim=np.array(DIM),
+                q=np.array(self.state.q),
+                t=np.array(self.state.t),
+                settled=np.array(self.state.settled),
+                satisfied_sum=np.array(self.state.satisfied_sum),
+                names=np.array(names),
+                weights=np.stack([self.state.weights[n] for n in names]),
                 labels=np.array([self.state.labels.get(n, 0) for n in names]),
                 pending_ids=np.array(list(self.state.pending), dtype=np.int64),
                 pending_models=np.array([m for m, _ in self.state.pending.values()], dtype=str),
@@ -207,17 +239,23 @@ class MessPlus:
                 if any(not np.all(np.isfinite(w)) for w in weights.values()):
                     raise ValueError("non-finite weights")
                 state = MessPlusState(
-                    q=float(data["q"]), t=int(data["t"]), settled=int(data["settled"]), weights=weights,
+                    q=float(data["q"]),
+                    t=int(data["t"]),
+                    settled=int(data["settled"]),
+                    weights=weights,
                     labels={n: int(c) for n, c in zip(names, data["labels"])},
                     satisfied_sum=float(data["satisfied_sum"]),
-                    pending={int(i): (str(m), float(s)) for i, m, s in
-                             zip(data["pending_ids"], data["pending_models"], data["pending_s"])},
+                    pending={
+                        int(i): (str(m), float(s))
+                        for i, m, s in zip(data["pending_ids"], data["pending_models"], data["pending_s"])
+                    },
                 )
         except Exception as exc:  # corrupt, truncated, foreign: never let it poison routing
             aside = self.path.with_name(f"{self.path.name}.bad-{int(time.time())}")
             os.replace(self.path, aside)
-            log.error("MESS+ state %s is unusable (%s); kept aside as %s, starting from the prior",
-                      self.path, exc, aside)
+            log.error(
+                "MESS+ state %s is unusable (%s); kept aside as %s, starting from the prior", self.path, exc, aside
+            )
             return MessPlusState()
         if not (math.isfinite(state.q) and state.q >= 0):
             state.q = 0.0

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# From a fresh checkout: install locod into .venv, fetch the embedded model, start the daemon in the
+# background and ask it a first question. For a supervised service use scripts/install.sh instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet .
+.venv/bin/locod models fetch
+state="${LOCOD_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/locod}"
+mkdir -p "$state"
+if ! .venv/bin/locod status >/dev/null 2>&1; then
+  nohup .venv/bin/locod serve >>"$state/daemon.log" 2>&1 &
+  echo "locod daemon started (pid $!), log: $state/daemon.log" >&2
+  for _ in $(seq 1 120); do .venv/bin/locod status >/dev/null 2>&1 && break; sleep 0.5; done
+fi
+.venv/bin/locod ask -v "In one sentence, what is a daemon in computing?"
+echo "Try: .venv/bin/locod chat    .venv/bin/locod status    .venv/bin/locod decisions" >&2

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install locod with its test extra into a virtual environment, fetch the embedded model, then lint,
+# type-check and run the whole test suite. LOCOD_VENV picks the environment (default: .venv).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv="${LOCOD_VENV:-.venv}"
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -m pip install --quiet --upgrade pip
+# A regular (not editable) install, so the tests also prove the package layout works once installed.
+"$venv/bin/python" -m pip install --quiet '.[test]'
+"$venv/bin/locod" models fetch --dir models
+"$venv/bin/python" -m ruff check .
+"$venv/bin/python" -m mypy locod daemon policy
+"$venv/bin/python" -m pytest "$@"

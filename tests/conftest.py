@@ -1,0 +1,238 @@
+"""Real parts for the tests: the embedded model, a daemon subprocess, a loopback OpenAI-compatible server.
+
+Nothing here is mocked: the daemon runs as `python -m locod.cli serve` with the real GGUF, a real ipc
+socket in a temp dir and a real SQLite file; the "cloud" is `python -m llama_cpp.server` serving the same
+GGUF under a cloud model's name, optionally behind tests/faultproxy.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from locod.daemon.fetch import fetch, manifest
+
+from locod.client import Client
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL_NAME = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="session")
+def models_dir() -> Path:
+    """The repo's models/ folder with the embedded model fetched (once; later runs find it in place)."""
+    directory = Path(os.environ.get("LOCOD_TEST_MODELS_DIR", REPO / "models"))
+    fetch(MODEL_NAME, directory, progress=lambda _: None)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def model_path(models_dir: Path) -> Path:
+    return models_dir / manifest()[MODEL_NAME].file
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Any, timeout: float = 60.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def write_config(path: Path, config: dict[str, Any]) -> Path:
+    """A TOML file from {section: {key: value, "models": [{...}]}}."""
+    lines = []
+    for section, values in config.items():
+        lines.append(f"[{section}]")
+        tables = {k: v for k, v in values.items() if isinstance(v, list) and v and isinstance(v[0], dict)}
+        for key, value in values.items():
+            if key not in tables:
+                lines.append(f"{key} = {toml_value(value)}")
+        for key, items in tables.items():
+            for item in items:
+                lines.append(f"[[{section}.{key}]]")
+                lines.extend(f"{k} = {toml_value(v)}" for k, v in item.items())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class DaemonHandle:
+    proc: subprocess.Popen[bytes]
+    home: Path
+    config_path: Path
+    log_path: Path
+    env: dict[str, str]
+    endpoint: str = ""
+    clients: list[Client] = field(default_factory=list)
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "state" / "locod.db"
+
+    def client(self, **kwargs: Any) -> Client:
+        client = Client(self.endpoint, **kwargs)
+        self.clients.append(client)
+        return client
+
+    def rows(
+        self, sql: str = "SELECT * FROM decisions ORDER BY id", params: tuple[Any, ...] = ()
+    ) -> list[dict[str, Any]]:
+        conn = sqlite3.connect(self.db_path)
+        conn.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in conn.execute(sql, params)]
+        finally:
+            conn.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        for client in self.clients:
+            client.close()
+        self.clients.clear()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def locod_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "locod.cli", *args]
+
+
+def start_daemon(
+    home: Path,
+    models_dir: Path,
+    config: dict[str, Any] | None = None,
+    extra_env: dict[str, str] | None = None,
+    wait: bool = True,
+) -> DaemonHandle:
+    home.mkdir(parents=True, exist_ok=True)
+    config_path = write_config(home / "config.toml", config or {})
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCOD_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+    env.update(
+        LOCOD_STATE_DIR=str(home / "state"),
+        LOCOD_RUNTIME_DIR=str(home / "run"),
+        LOCOD_MODELS_DIR=str(models_dir),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra_env or {})
+    log_path = home / "daemon.log"
+    with log_path.open("ab") as log_file:
+        proc = subprocess.Popen(
+            locod_command("--config", str(config_path), "serve"), env=env, stdout=log_file, stderr=subprocess.STDOUT
+        )
+    handle = DaemonHandle(proc, home, config_path, log_path, env, f"ipc://{home / 'run' / 'locod.sock'}")
+    if wait:
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {proc.returncode}:\n{handle.log()}")
+            return "serving on" in handle.log()
+
+        wait_for(ready, 120, "the daemon to serve")
+    return handle
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path, models_dir: Path) -> Iterator[Any]:
+    handles: list[DaemonHandle] = []
+
+    def make(config: dict[str, Any] | None = None, name: str = "d", **kwargs: Any) -> DaemonHandle:
+        handle = start_daemon(tmp_path / name, models_dir, config, **kwargs)
+        handles.append(handle)
+        return handle
+
+    yield make
+    for handle in handles:
+        handle.stop()
+
+
+@pytest.fixture
+def daemon(daemon_factory: Any) -> DaemonHandle:
+    return daemon_factory()  # type: ignore[no-any-return]
+
+
+@dataclass
+class CloudServer:
+    proc: subprocess.Popen[bytes]
+    base_url: str
+    model: str = "cloud-small"
+
+
+@pytest.fixture(scope="session")
+def cloud_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudServer]:
+    """A real OpenAI-compatible server on loopback, serving the embedded GGUF as "cloud-small"."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("cloud") / "server.log"
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "llama_cpp.server",
+                "--model",
+                str(model_path),
+                "--model_alias",
+                "cloud-small",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--n_ctx",
+                "4096",
+            ],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    base_url = f"http://127.0.0.1:{port}/v1"
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"llama_cpp.server exited:\n{log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{base_url}/models", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    wait_for(up, 120, "llama_cpp.server")
+    yield CloudServer(proc, base_url)
+    proc.terminate()
+    proc.wait(30)

@@ -1,0 +1,136 @@
+"""Hostile and broken requests against the running daemon: an error naming the problem, nothing recorded,
+and the daemon keeps serving."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+import zmq
+
+from .conftest import DaemonHandle
+
+LIMIT = 64 * 1024
+
+
+@pytest.fixture
+def small_daemon(daemon_factory: Any) -> DaemonHandle:
+    return daemon_factory({"daemon": {"max_message_bytes": LIMIT}})  # type: ignore[no-any-return]
+
+
+def raw_socket(handle: DaemonHandle) -> zmq.Socket[bytes]:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(handle.endpoint)
+    return sock
+
+
+def exchange(sock: zmq.Socket[bytes], *frames: bytes, timeout_ms: int = 20_000) -> dict[str, Any]:
+    sock.send_multipart(list(frames))
+    assert sock.poll(timeout_ms), "no reply"
+    return dict(json.loads(sock.recv()))
+
+
+def msg(**fields: Any) -> bytes:
+    return json.dumps({"v": 1, "id": "t", **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    ("frames", "code"),
+    [
+        ((b"\x00\x01garbage",), "invalid_json"),
+        ((b'"just a string"',), "not_object"),
+        ((msg(op="explode"),), "unknown_op"),
+        ((json.dumps({"v": 2, "id": "t", "op": "ping"}).encode(),), "unsupported_version"),
+        ((msg(op="chat", prompt=["not", "text"]),), "bad_field"),
+        ((msg(op="chat"),), "bad_field"),
+        ((msg(op="chat", prompt=""),), "empty_prompt"),
+        ((msg(op="ping"), b"second frame"), "extra_frames"),
+        ((msg(op="chat", prompt="x" * (LIMIT + 10)),), "too_large"),
+        ((msg(op="feedback", decision=999, satisfied=True),), "unknown_decision"),
+        ((msg(op="chat", prompt="hi", model="no-such-model"),), "config"),
+        (
+            (msg(op="chat", prompt="look", attachments=[{"kind": "image", "name": "x.png", "data": "aGVsbG8="}]),),
+            "bad_image",
+        ),
+        (
+            (msg(op="chat", prompt="read", attachments=[{"kind": "document", "path": "/etc/passwd"}]),),
+            "path_not_allowed",
+        ),
+    ],
+)
+def test_bad_request_gets_a_named_error_and_nothing_is_written(
+    small_daemon: DaemonHandle, frames: tuple[bytes, ...], code: str
+) -> None:
+    sock = raw_socket(small_daemon)
+    reply = exchange(sock, *frames)
+    assert reply["type"] == "error" and reply["code"] == code, reply
+    assert reply["message"]
+    assert small_daemon.rows() == []
+    assert exchange(sock, msg(op="ping"))["data"]["pong"]  # still serving
+    sock.close()
+
+
+def test_prompt_longer_than_the_context_is_rejected_before_recording(small_daemon: DaemonHandle) -> None:
+    sock = raw_socket(small_daemon)
+    reply = exchange(sock, msg(op="chat", prompt="word " * 5000))
+    assert reply["code"] == "prompt_too_long" and "context is 2048 tokens" in reply["message"]
+    assert small_daemon.rows() == []
+    sock.close()
+
+
+def test_frame_far_over_the_limit_is_dropped_by_zeromq_and_the_daemon_lives(small_daemon: DaemonHandle) -> None:
+    sock = raw_socket(small_daemon)
+    sock.send(b"x" * (4 * LIMIT))  # over ZMQ_MAXMSGSIZE: the connection is dropped, no reply is possible
+    assert not sock.poll(1000)
+    sock.close()
+    other = raw_socket(small_daemon)
+    assert exchange(other, msg(op="ping"))["data"]["pong"]
+    other.close()
+
+
+def test_client_disconnecting_mid_stream_cancels_its_turn(small_daemon: DaemonHandle) -> None:
+    sock = raw_socket(small_daemon)
+    sock.send(
+        msg(op="chat", prompt="Tell a very long story about the sea.", options={"max_tokens": 1500, "temperature": 0.0})
+    )
+    first = json.loads(sock.recv())
+    assert first["type"] == "decision"
+    json.loads(sock.recv())  # the first delta: generation is under way
+    sock.close(linger=0)
+    client = small_daemon.client()
+
+    def finished() -> bool:
+        rows = small_daemon.rows()
+        return bool(rows) and rows[0]["outcome"] != "pending"
+
+    deadline = time.monotonic() + 60
+    while not finished() and time.monotonic() < deadline:
+        assert client.ping()["pong"]  # serving the others meanwhile
+        time.sleep(0.1)
+    (row,) = small_daemon.rows()
+    assert row["outcome"] == "cancelled" and row["error"] == "the client disconnected"
+    assert row["tokens_out"] < 1500
+    assert client.ask("Still there?", max_tokens=3).done["outcome"] == "ok"
+
+
+def test_many_bad_messages_then_a_good_one(small_daemon: DaemonHandle) -> None:
+    sock = raw_socket(small_daemon)
+    garbage = [
+        b"",
+        b"{",
+        b"null",
+        b"{}",
+        msg(op=None),
+        msg(op="chat", prompt="x", options="fast"),
+        msg(op="chat", prompt="x", attachments="all"),
+        json.dumps({"v": 1, "id": 5, "op": "ping"}).encode(),
+    ]
+    for frame in garbage * 20:
+        assert exchange(sock, frame)["type"] == "error"
+    good = small_daemon.client().ask("Hello", max_tokens=3)
+    assert good.done["outcome"] == "ok"
+    assert len(small_daemon.rows()) == 1
+    sock.close()

@@ -1,0 +1,104 @@
+"""Configuration: file, LOCOD_* overrides, --set overrides, and errors that name file, key and type."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from locod.daemon.config import load_config
+
+from locod.errors import ConfigError
+
+from .conftest import locod_command
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_follow_xdg(tmp_path: Path) -> None:
+    env = {
+        "XDG_STATE_HOME": str(tmp_path / "st"),
+        "XDG_RUNTIME_DIR": str(tmp_path / "rt"),
+        "XDG_DATA_HOME": str(tmp_path / "data"),
+        "XDG_CONFIG_HOME": str(tmp_path / "nothing"),
+    }
+    config = load_config(env=env)
+    assert config.db_path == tmp_path / "st" / "locod" / "locod.db"
+    assert config.ipc_endpoint == f"ipc://{tmp_path / 'rt' / 'locod' / 'locod.sock'}"
+    assert config.models_dir == tmp_path / "data" / "locod" / "models"
+    assert config.local.models[0].name == "smollm2-135m-instruct"
+
+
+def test_systemd_directories_win_over_xdg(tmp_path: Path) -> None:
+    env = {"STATE_DIRECTORY": "/var/lib/locod", "RUNTIME_DIRECTORY": "/run/locod", "XDG_STATE_HOME": "/x"}
+    config = load_config(write(tmp_path, ""), env=env)
+    assert config.state_dir == Path("/var/lib/locod") and config.runtime_dir == Path("/run/locod")
+    assert config.models_dir == Path("/var/lib/locod/models")
+
+
+def test_precedence_file_then_env_then_cli(tmp_path: Path) -> None:
+    path = write(tmp_path, '[log]\nlevel = "DEBUG"\n[routing]\nsla = 0.6\n')
+    config = load_config(path, env={"LOCOD_LOG_LEVEL": "WARNING", "LOCOD_SLA": "0.7"}, overrides={"routing.sla": "0.9"})
+    assert config.log.level == "WARNING"
+    assert config.routing.sla == 0.9
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, '[routing]\nmode = "local"\n')
+    assert load_config(env={"LOCOD_CONFIG": str(path)}).routing.mode == "local"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[daemon]\nbogus = 1\n", "unknown key 'daemon.bogus'"),
+        ("[nosuch]\nx = 1\n", "unknown key 'nosuch'"),
+        ('[daemon]\nmax_message_bytes = "big"\n', "daemon.max_message_bytes expects an integer, got str"),
+        ("[routing]\nsla = 1.5\n", "routing.sla must be between 0.0 and 1.0, got 1.5"),
+        ('[routing]\nmode = "maybe"\n', "routing.mode must be one of auto, local, cloud"),
+        ("[log]\nprompts = 1\n", "log.prompts expects true or false"),
+        ('[[local.models]]\nname = "x"\n', "local.models[0].path is required"),
+        ('[[cloud.models]]\nname = "c"\nbase_url = "ftp://x"\nmodel = "m"\n', "base_url must be http(s)"),
+        ('[local]\ndefault = "ghost"\n', "no local model named 'ghost'"),
+        ("this is = = not toml", "not valid TOML"),
+    ],
+)
+def test_errors_name_file_key_and_type(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert message in info.value.message
+    assert str(path) in info.value.message or "ghost" in message
+
+
+def test_bad_env_override_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"\$LOCOD_SLA: routing.sla expects a number"):
+        load_config(write(tmp_path, ""), env={"LOCOD_SLA": "high"})
+
+
+def test_config_show_prints_effective_values_without_secrets(tmp_path: Path) -> None:
+    path = write(tmp_path, '[[cloud.models]]\nname = "c"\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "m"\n')
+    env = {"LOCOD_CLOUD_API_KEY": "sk-test-secret-123", "LOCOD_SLA": "0.65", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run(
+        locod_command("--config", str(path), "config", "show"), capture_output=True, text=True, env=env, check=True
+    ).stdout
+    assert "sla = 0.65" in out and 'base_url = "http://127.0.0.1:9/v1"' in out
+    assert "sk-test-secret-123" not in out
+
+
+def test_cli_reports_config_error_with_exit_code_2(tmp_path: Path) -> None:
+    path = write(tmp_path, "[routing]\nsla = 7\n")
+    result = subprocess.run(locod_command("--config", str(path), "config", "show"), capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "routing.sla must be between" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_documented_example_config_is_valid() -> None:
+    example = Path(__file__).resolve().parent.parent / "docs" / "config.example.toml"
+    config = load_config(example, env={})
+    assert config.cloud.default == "mini"
+    assert [m.name for m in config.local.models] == ["smollm2-135m-instruct", "llama-3.2-3b"]

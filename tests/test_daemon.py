@@ -1,0 +1,215 @@
+"""The daemon end to end: a real subprocess, the real embedded model, a real socket and database."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from locod.client import Client
+from locod.errors import DaemonNotRunning
+
+from .conftest import DaemonHandle, locod_command, start_daemon, wait_for
+
+GREEDY = {"temperature": 0.0, "seed": 1}
+
+
+def test_ask_streams_decision_deltas_done_and_records_the_turn(daemon: DaemonHandle) -> None:
+    result = daemon.client().ask("Name one primary colour.", session="s1", max_tokens=24, **GREEDY)
+    kinds = [f["type"] for f in result.frames]
+    assert kinds[0] == "decision" and kinds[-1] == "done" and "delta" in kinds
+    assert result.text.strip()
+    assert result.decision["location"] == "local" and result.decision["model"] == "smollm2-135m-instruct"
+    (row,) = daemon.rows()
+    assert row["id"] == result.done["decision"] == result.decision["decision"]
+    assert row["session"] == "s1" and row["turn"] == 0 and row["outcome"] == "ok"
+    assert row["location"] == "local" and row["backend"] == "local"
+    assert "no cloud model is configured" in row["reason"]
+    assert 0 < row["tokens_out"] <= 24 and row["tokens_in"] > 0
+    assert row["latency_total_ms"] > 0 and row["finished"] >= row["created"]
+    assert row["prompt"] is None and len(row["prompt_sha256"]) == 64 and row["prompt_chars"] == 24
+    assert '"cpu_pct"' in row["telemetry"]
+
+
+def test_session_second_turn_sees_the_first(daemon: DaemonHandle) -> None:
+    client = daemon.client()
+    first = client.ask("My name is Zebulon. Remember it.", session="memory", max_tokens=16, **GREEDY)
+    second = client.ask("What is my name?", session="memory", max_tokens=16, **GREEDY)
+    other = client.ask("What is my name?", session="elsewhere", max_tokens=16, **GREEDY)
+    rows = daemon.rows()
+    assert [r["turn"] for r in rows] == [0, 1, 0]
+    # The second turn's prompt carries the first exchange: more prompt tokens than the same question alone.
+    assert second.done["tokens_in"] > other.done["tokens_in"] + first.done["tokens_out"]
+
+
+def test_decisions_and_status_ops(daemon: DaemonHandle) -> None:
+    client = daemon.client()
+    client.ask("Hi", max_tokens=4, **GREEDY)
+    client.ask("Hello", max_tokens=4, **GREEDY)
+    recent = client.decisions(limit=1)
+    assert len(recent) == 1 and recent[0]["id"] == 2
+    status = client.status()
+    assert status["local"]["resident"] == ["smollm2-135m-instruct"]
+    assert status["turns_served"] == 2 and status["queue"]["in_flight"] == 0
+    assert client.ping()["pong"] is True
+
+
+def test_ping_and_status_answered_while_a_generation_runs(daemon: DaemonHandle) -> None:
+    slow = daemon.client()
+    rid = slow.send(
+        "chat", prompt="Write a long story about a lighthouse keeper.", options={"max_tokens": 300, "temperature": 0.0}
+    )
+    frames = slow.frames(rid, 60_000)
+    assert next(frames)["type"] == "decision"
+    assert next(frames)["type"] == "delta"  # generating now
+    other = daemon.client()
+    assert other.ping()["pong"]
+    assert other.status()["queue"]["in_flight"] == 1
+    rest = list(frames)
+    assert rest[-1]["type"] == "done"  # the slow turn was still running while the others were answered
+
+
+def test_prompts_are_stored_only_when_configured(daemon_factory: Any) -> None:
+    handle = daemon_factory({"log": {"prompts": True}})
+    handle.client().ask("Store me", max_tokens=2)
+    assert handle.rows()[0]["prompt"] == "Store me"
+
+
+def test_zoo_loads_on_demand_and_unloads_least_recently_used(daemon_factory: Any, models_dir: Path) -> None:
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    handle = daemon_factory(
+        {
+            # Room for about one model: loading the second unloads the first.
+            "local": {
+                "memory_budget_mb": 150,
+                "models": [
+                    {"name": "copy-a", "path": gguf, "n_ctx": 512},
+                    {"name": "copy-b", "path": str(models_dir / gguf), "n_ctx": 512},
+                ],
+            },
+        }
+    )
+    client = handle.client()
+    assert client.status()["local"]["resident"] == ["smollm2-135m-instruct"]
+    result = client.ask("Hi", model="copy-a", max_tokens=2)
+    assert result.decision["model"] == "copy-a" and result.decision["reason"] == "the request named this local model"
+    assert client.status()["local"]["resident"] == ["copy-a"]
+    client.ask("Hi", model="copy-b", max_tokens=2)
+    assert client.status()["local"]["resident"] == ["copy-b"]
+    assert [r["model"] for r in handle.rows()] == ["copy-a", "copy-b"]
+
+
+def test_socket_directory_and_file_modes(daemon: DaemonHandle) -> None:
+    run = daemon.home / "run"
+    assert stat.S_IMODE(run.stat().st_mode) == 0o700
+    assert stat.S_IMODE((run / "locod.sock").stat().st_mode) == 0o600
+    assert daemon.rows("PRAGMA journal_mode")[0]["journal_mode"] == "wal"
+    assert daemon.rows("PRAGMA user_version")[0]["user_version"] == 1
+
+
+def test_second_daemon_on_same_runtime_dir_refuses(daemon: DaemonHandle, models_dir: Path) -> None:
+    result = subprocess.run(
+        locod_command("--config", str(daemon.config_path), "serve"),
+        env=daemon.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 4
+    assert "another locod daemon is already running" in result.stderr
+    assert daemon.client().ping()["pong"]  # the first one is untouched
+
+
+def test_sigterm_exits_zero(daemon: DaemonHandle) -> None:
+    daemon.client().ask("Hi", max_tokens=2)
+    assert daemon.stop() == 0
+
+
+def test_cli_ask_status_decisions(daemon: DaemonHandle) -> None:
+    env = {**daemon.env}
+    base = locod_command("--config", str(daemon.config_path))
+    ask = subprocess.run(
+        [*base, "ask", "-v", "Say hello", "--max-tokens", "8"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert ask.returncode == 0 and ask.stdout.strip()
+    assert "[local: smollm2-135m-instruct" in ask.stderr
+    status = subprocess.run([*base, "status"], env=env, capture_output=True, text=True, timeout=60)
+    assert "routing  mode auto" in status.stdout and "local  smollm2-135m-instruct" in status.stdout
+    table = subprocess.run([*base, "decisions"], env=env, capture_output=True, text=True, timeout=60)
+    assert table.stdout.splitlines()[0].split()[:3] == ["id", "session", "turn"]
+    assert table.stdout.splitlines()[1].startswith("1 ")
+
+
+def test_missing_daemon_is_a_clear_message(tmp_path: Path) -> None:
+    env = {**os.environ, "LOCOD_RUNTIME_DIR": str(tmp_path / "nothing"), "LOCOD_STATE_DIR": str(tmp_path)}
+    result = subprocess.run(locod_command("ask", "hello"), env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 5
+    assert result.stderr.strip() == (
+        f"locod: locod daemon is not running at ipc://{tmp_path}/nothing/locod.sock; start it with `locod serve`"
+    )
+
+
+def test_stale_socket_times_out_with_the_same_advice(tmp_path: Path) -> None:
+    sock = tmp_path / "locod.sock"
+    ctx = zmq.Context.instance()
+    dead = ctx.socket(zmq.ROUTER)
+    dead.bind(f"ipc://{sock}")  # bound, but nobody answers
+    try:
+        client = Client(f"ipc://{sock}", timeout_s=0.5)
+        try:
+            client.ping()
+            raise AssertionError("ping should not succeed")
+        except DaemonNotRunning as exc:
+            assert "start it with `locod serve`" in exc.message
+        finally:
+            client.close()
+    finally:
+        dead.close(0)
+
+
+def test_missing_model_file_fails_start_clearly(tmp_path: Path, models_dir: Path) -> None:
+    handle = start_daemon(
+        tmp_path,
+        models_dir,
+        {"local": {"default": "ghost", "models": [{"name": "ghost", "path": str(tmp_path / "nope.gguf")}]}},
+        wait=False,
+    )
+    assert handle.proc.wait(60) == 3
+    log = handle.log()
+    assert f"model 'ghost': file {tmp_path / 'nope.gguf'} not found" in log and "Traceback" not in log
+
+
+def test_corrupt_model_file_fails_start_clearly(tmp_path: Path, models_dir: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + os.urandom(4096))
+    handle = start_daemon(
+        tmp_path, models_dir, {"local": {"default": "bad", "models": [{"name": "bad", "path": str(bad)}]}}, wait=False
+    )
+    assert handle.proc.wait(60) == 3
+    assert "llama.cpp could not load" in handle.log() and "Traceback" not in handle.log()
+    not_gguf = tmp_path / "text.gguf"
+    shutil.copy(__file__, not_gguf)
+    handle = start_daemon(
+        tmp_path / "2",
+        models_dir,
+        {"local": {"default": "t", "models": [{"name": "t", "path": str(not_gguf)}]}},
+        wait=False,
+    )
+    assert handle.proc.wait(60) == 3
+    assert "is not a GGUF file" in handle.log()
+
+
+def test_restart_keeps_records_and_marks_nothing_interrupted(daemon_factory: Any) -> None:
+    first = daemon_factory(name="same")
+    first.client().ask("Hi", max_tokens=2)
+    assert first.stop() == 0
+    second = daemon_factory(name="same")
+    second.client().ask("Hi again", max_tokens=2)
+    assert [r["id"] for r in second.rows()] == [1, 2]
+    assert second.client().status()["interrupted_at_start"] == 0
+    wait_for(lambda: second.proc.poll() is None, 1)
