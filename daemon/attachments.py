@@ -340,9 +340,14 @@ def rank_chunks(pieces: list[str], prompt_terms: set[str]) -> list[DocChunk]:
 
 
 def select_chunks(doc: PreparedAttachment, token_budget: int) -> list[DocChunk]:
-    """The best chunks that fit ``token_budget`` (4 characters a token), back in document order."""
+    """The best chunks that fit ``token_budget`` (4 characters a token), back in document order.
+
+    Only chunks that share terms with the prompt are sent; when none does ("summarise this"), the
+    document's opening chunks are.
+    """
+    candidates = [c for c in doc.chunks if c.score > 0] or sorted(doc.chunks, key=lambda c: c.index)
     chosen, used = [], 0
-    for chunk in doc.chunks:
+    for chunk in candidates:
         cost = len(chunk.text) // 4 + 1
         if used + cost > token_budget:
             continue

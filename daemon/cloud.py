@@ -172,6 +172,7 @@ class CloudBackend:
         first: float | None = None
         parts: list[str] = []
         usage = None
+        finished = False
         chunks = 0
         try:
             for chunk in stream:
@@ -181,6 +182,7 @@ class CloudBackend:
                     usage = chunk.usage
                 if not chunk.choices:
                     continue
+                finished = finished or chunk.choices[0].finish_reason is not None
                 delta = chunk.choices[0].delta.content
                 if delta:
                     if first is None:
@@ -198,9 +200,13 @@ class CloudBackend:
             ) from None
         finally:
             stream.close()
-        if first is None and not prompt.cancelled.is_set():
-            self.breaker.failure()
-            raise CloudError(f"{name}: the endpoint returned no answer text", code="cloud_invalid_reply")
+        if not prompt.cancelled.is_set():
+            if first is None:
+                self.breaker.failure()
+                raise CloudError(f"{name}: the endpoint returned no answer text", code="cloud_invalid_reply")
+            if not finished:  # the connection closed cleanly, but the answer never said it was complete
+                self.breaker.failure()
+                raise CloudError(f"{name}: the answer stream ended without finishing", code="cloud_stream_cut")
         self.breaker.success()
         text = "".join(parts)
         if usage is not None:

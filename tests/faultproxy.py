@@ -1,0 +1,185 @@
+"""A fault-injecting HTTP proxy on loopback, in front of the real OpenAI-compatible test server.
+
+It records every request it sees (path, headers, JSON body) and, per request, can delay it, answer with
+an HTTP error (optionally with Retry-After), cut the streamed answer after a few chunks, or answer garbage.
+The upstream server runs a text-only model, so image parts are recorded, then replaced by a text marker
+before forwarding.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import urlsplit
+
+
+@dataclass
+class Fault:
+    """What to do to the next ``times`` requests (None: every request)."""
+
+    kind: str = "pass"  # pass | status | delay | cut | garbage
+    status: int = 500
+    retry_after: str | None = None
+    delay_s: float = 0.0
+    cut_after_chunks: int = 3
+    times: int | None = None
+
+
+@dataclass
+class Seen:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+
+
+@dataclass
+class FaultProxy:
+    upstream: str
+    faults: list[Fault] = field(default_factory=list)
+    seen: list[Seen] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def base_url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def set(self, fault: Fault) -> None:
+        with self.lock:
+            self.faults = [fault]
+
+    def next_fault(self) -> Fault:
+        with self.lock:
+            while self.faults:
+                fault = self.faults[0]
+                if fault.times is None:
+                    return fault
+                if fault.times > 0:
+                    fault.times -= 1
+                    return fault
+                self.faults.pop(0)
+            return Fault()
+
+    def chat_requests(self) -> list[Seen]:
+        with self.lock:
+            return [s for s in self.seen if s.path.endswith("/chat/completions")]
+
+    def start(self) -> FaultProxy:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._forward(b"")
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                try:
+                    parsed = json.loads(body)
+                except ValueError:
+                    parsed = {}
+                with proxy.lock:
+                    proxy.seen.append(Seen(self.path, {k.lower(): v for k, v in self.headers.items()}, parsed))
+                fault = proxy.next_fault()
+                if fault.kind == "delay":
+                    time.sleep(fault.delay_s)
+                if fault.kind == "status":
+                    payload = json.dumps({"error": {"message": "injected", "type": "server_error"}}).encode()
+                    self.send_response(fault.status)
+                    if fault.retry_after is not None:
+                        self.send_header("Retry-After", fault.retry_after)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                if fault.kind == "garbage":
+                    payload = b"data: {this is not json\n\ndata: \x00\x01\x02\n\n"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                self._forward(json.dumps(_text_only(parsed)).encode(), fault)
+
+            def _forward(self, body: bytes, fault: Fault | None = None) -> None:
+                target = urlsplit(proxy.upstream)
+                conn = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+                headers = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                response = conn.getresponse()
+                self.send_response(response.status)
+                streaming = response.getheader("Content-Type", "").startswith("text/event-stream")
+                for name in ("Content-Type",):
+                    if response.getheader(name):
+                        self.send_header(name, response.getheader(name, ""))
+                if streaming:
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    try:
+                        self._relay_stream(response, fault)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass  # the client (the daemon cancelling a turn) went away
+                else:
+                    data = response.read()
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                conn.close()
+
+            def _relay_stream(self, response: http.client.HTTPResponse, fault: Fault | None) -> None:
+                chunks = 0
+                while line := response.readline():
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                    self.wfile.flush()
+                    if line.startswith(b"data:"):
+                        chunks += 1
+                        if fault is not None and fault.kind == "cut" and chunks >= fault.cut_after_chunks:
+                            self.close_connection = True
+                            self.connection.shutdown(2)  # the stream dies mid-answer, mid-body
+                            return
+                self.wfile.write(b"0\r\n\r\n")
+                self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+def _text_only(body: dict[str, Any]) -> dict[str, Any]:
+    """Replace image parts by a marker: the upstream test model reads text only."""
+    messages = []
+    for message in body.get("messages", []):
+        content = message.get("content")
+        if isinstance(content, list):
+            texts = [p.get("text", "") if p.get("type") == "text" else "[image]" for p in content]
+            message = {**message, "content": "\n".join(texts)}
+        messages.append(message)
+    return {**body, "messages": messages} if "messages" in body else body
+
+
+def image_parts(seen: Seen) -> list[str]:
+    """The data URLs of the image parts in a recorded chat request."""
+    urls = []
+    for message in seen.body.get("messages", []):
+        content = message.get("content")
+        if isinstance(content, list):
+            urls.extend(p["image_url"]["url"] for p in content if p.get("type") == "image_url")
+    return urls

@@ -1,0 +1,254 @@
+"""Cloud offload against a real OpenAI-compatible server (llama_cpp.server on loopback) behind a
+fault-injecting proxy that records what was uploaded."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from locod.client import attachment
+
+from .conftest import CloudServer, DaemonHandle, free_port, locod_command, start_daemon
+from .faultproxy import Fault, FaultProxy, image_parts
+
+SECRET = "sk-locod-test-7f3a9c1e5b2d4f60"
+
+
+@pytest.fixture
+def proxy(cloud_server: CloudServer) -> Iterator[FaultProxy]:
+    p = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()
+    yield p
+    p.stop()
+
+
+def cloud_config(base_url: str, mode: str = "cloud", **cloud: Any) -> dict[str, Any]:
+    return {
+        "routing": {"mode": mode},
+        "cloud": {
+            "timeout_s": 5.0,
+            "max_retries": 2,
+            "max_retry_after_s": 2.0,
+            "breaker_failures": 3,
+            "breaker_cooldown_s": 600.0,
+            **cloud,
+            "models": [
+                {
+                    "name": "cloud-small",
+                    "base_url": base_url,
+                    "model": "cloud-small",
+                    "usd_per_mtok_in": 1.0,
+                    "usd_per_mtok_out": 2.0,
+                    "usd_per_image": 0.01,
+                }
+            ],
+        },
+    }
+
+
+@pytest.fixture
+def cloud_daemon(daemon_factory: Any, proxy: FaultProxy) -> DaemonHandle:
+    return daemon_factory(cloud_config(proxy.base_url), extra_env={"LOCOD_CLOUD_API_KEY": SECRET})  # type: ignore[no-any-return]
+
+
+def test_cloud_turn_streams_and_is_accounted(cloud_daemon: DaemonHandle, proxy: FaultProxy) -> None:
+    result = cloud_daemon.client().ask("Name a planet.", max_tokens=16, temperature=0.0)
+    assert result.decision["location"] == "cloud" and result.decision["reason"] == "routing.mode is cloud"
+    assert any(f["type"] == "delta" for f in result.frames) and result.text
+    (row,) = cloud_daemon.rows()
+    assert row["outcome"] == "ok" and row["backend"] == "cloud" and row["model"] == "cloud-small"
+    # usage as the endpoint reported it, priced per million tokens
+    assert row["tokens_in"] > 0 and 0 < row["tokens_out"] <= 16
+    assert row["cost_usd"] == pytest.approx((row["tokens_in"] * 1.0 + row["tokens_out"] * 2.0) / 1e6)
+    (seen,) = proxy.chat_requests()
+    assert seen.headers["authorization"] == f"Bearer {SECRET}"
+    assert SECRET not in json.dumps(seen.body)
+    assert seen.body["stream"] is True and seen.body["model"] == "cloud-small"
+    status = cloud_daemon.client().status()
+    assert status["cloud"]["spent_today_usd"] == pytest.approx(row["cost_usd"], abs=1e-6)
+
+
+def test_session_moving_between_local_and_cloud_keeps_one_history(
+    cloud_daemon: DaemonHandle, proxy: FaultProxy
+) -> None:
+    client = cloud_daemon.client()
+    first = client.ask("My favourite fruit is mango.", session="mix", force="local", max_tokens=8)
+    client.ask("What is my favourite fruit?", session="mix", force="cloud", max_tokens=8)
+    (seen,) = proxy.chat_requests()
+    assert seen.body["messages"] == [
+        {"role": "user", "content": "My favourite fruit is mango."},
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "What is my favourite fruit?"},
+    ]
+    third = client.ask("And again?", session="mix", force="local", max_tokens=4)
+    assert [r["location"] for r in cloud_daemon.rows()] == ["local", "cloud", "local"]
+    assert third.done["tokens_in"] > first.done["tokens_in"]
+
+
+def photo(width: int, height: int) -> bytes:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)
+    pixels = cv2.resize(pixels, (width, height), interpolation=cv2.INTER_LINEAR)
+    ok, buf = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    assert ok
+    return bytes(buf)
+
+
+def test_images_are_downscaled_reencoded_and_private_ones_stay(
+    cloud_daemon: DaemonHandle, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    (tmp_path / "receipt.jpg").write_bytes(photo(4000, 3000))  # a 12-megapixel photo
+    (tmp_path / "passport.jpg").write_bytes(photo(640, 480))
+    files = [attachment(tmp_path / "receipt.jpg"), attachment(tmp_path / "passport.jpg", private=True)]
+    result = cloud_daemon.client().ask("What is the total on this receipt photo?", attachments=files, max_tokens=8)
+    assert result.decision["attachments_sent"] == ["receipt.jpg"]
+    assert "private, kept on device: passport.jpg" in result.decision["reason"]
+    (seen,) = proxy.chat_requests()
+    urls = image_parts(seen)
+    assert len(urls) == 1 and urls[0].startswith("data:image/jpeg;base64,")
+    jpeg = base64.b64decode(urls[0].split(",", 1)[1])
+    assert len(jpeg) <= 300_000
+    decoded = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert max(decoded.shape[:2]) <= 1024 and decoded.shape[1] > decoded.shape[0]
+    (row,) = cloud_daemon.rows()
+    assert row["images_sent"] == 1 and json.loads(row["attachments_sent"]) == ["receipt.jpg"]
+    assert row["cost_usd"] == pytest.approx((row["tokens_in"] + 2 * row["tokens_out"]) / 1e6 + 0.01)
+    offered = json.loads(row["attachments_offered"])
+    assert [a["name"] for a in offered] == ["receipt.jpg", "passport.jpg"] and offered[0]["width"] == 1024
+
+
+def test_documents_send_only_the_relevant_chunks(cloud_daemon: DaemonHandle, proxy: FaultProxy) -> None:
+    filler = "\n\n".join(f"Paragraph {i} talks about gardening, tomatoes and watering schedules." for i in range(60))
+    doc = filler + "\n\nThe warranty for the dishwasher expires in March 2031 according to clause 14.\n\n" + filler
+    files = [{"kind": "document", "name": "manual.md", "data": base64.b64encode(doc.encode()).decode()}]
+    cloud_daemon.client().ask("When does the dishwasher warranty expire?", attachments=files, max_tokens=8)
+    (seen,) = proxy.chat_requests()
+    sent = seen.body["messages"][-1]["content"]
+    assert "warranty for the dishwasher expires in March 2031" in sent
+    assert len(sent) < len(doc) / 3  # excerpts, not the whole manual
+    offered = json.loads(cloud_daemon.rows()[0]["attachments_offered"])
+    assert offered[0]["relevance"] > 0.5
+
+
+def test_local_answer_to_an_image_turn_says_the_image_was_withheld(cloud_daemon: DaemonHandle, tmp_path: Path) -> None:
+    (tmp_path / "cat.png").write_bytes(cv2.imencode(".png", np.zeros((64, 64, 3), np.uint8))[1].tobytes())
+    result = cloud_daemon.client().ask(
+        "What is in this picture?", attachments=[attachment(tmp_path / "cat.png")], force="local", max_tokens=4
+    )
+    assert "the local model cannot see images, withheld: cat.png" in result.decision["reason"]
+    assert json.loads(cloud_daemon.rows()[0]["attachments_sent"]) == []
+
+
+@pytest.mark.parametrize(
+    ("fault", "cause"),
+    [
+        (Fault("status", status=500), "cloud_http"),
+        (Fault("status", status=429, retry_after="3600"), "cloud_http"),
+        (Fault("delay", delay_s=8.0, times=3), "cloud_unreachable"),
+        (Fault("garbage"), "cloud_stream_cut"),
+        (Fault("cut", cut_after_chunks=3), "cloud_stream_cut"),
+    ],
+)
+def test_cloud_faults_end_in_a_local_answer(
+    cloud_daemon: DaemonHandle, proxy: FaultProxy, fault: Fault, cause: str
+) -> None:
+    proxy.set(fault)
+    result = cloud_daemon.client().ask("Say something nice.", max_tokens=8)
+    kinds = [f["type"] for f in result.frames]
+    fallback = next(f for f in result.frames if f["type"] == "fallback")
+    assert fallback["cause"] == cause and "answering locally" in fallback["message"]
+    assert kinds[-1] == "done" and result.done["outcome"] == "fallback" and result.done["location"] == "local"
+    assert "delta" in kinds[kinds.index("fallback") :]  # a real local answer follows
+    (row,) = cloud_daemon.rows()
+    assert row["outcome"] == "fallback" and row["backend"] == "local" and row["error"]
+
+
+def test_retryable_faults_are_retried(cloud_daemon: DaemonHandle, proxy: FaultProxy) -> None:
+    proxy.faults = [Fault("status", status=503, times=1), Fault("status", status=429, retry_after="0.2", times=1)]
+    result = cloud_daemon.client().ask("Hello", max_tokens=4)
+    assert result.done["outcome"] == "ok" and result.done["location"] == "cloud"
+    assert len(proxy.chat_requests()) == 3
+
+
+def test_connection_refused_falls_back_and_breaker_opens(daemon_factory: Any) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens here
+    handle = daemon_factory(cloud_config(dead, max_retries=0))
+    client = handle.client()
+    for _ in range(3):
+        assert client.ask("Hi", max_tokens=2).done["outcome"] == "fallback"
+    assert client.status()["cloud"]["breaker"] == "open"
+    result = client.ask("Hi", max_tokens=2)
+    assert result.decision["location"] == "local"
+    assert "circuit breaker is open" in result.decision["reason"]
+    assert [r["outcome"] for r in handle.rows()] == ["fallback", "fallback", "fallback", "ok"]
+
+
+def test_breaker_recovers_after_cooldown(daemon_factory: Any, proxy: FaultProxy) -> None:
+    config = cloud_config(proxy.base_url, max_retries=0, breaker_failures=1, breaker_cooldown_s=1.0)
+    handle = daemon_factory(config)
+    proxy.set(Fault("status", status=500, times=1))
+    client = handle.client()
+    assert client.ask("Hi", max_tokens=2).done["outcome"] == "fallback"
+    assert client.ask("Hi", max_tokens=2).decision["location"] == "local"  # open
+    import time
+
+    time.sleep(1.2)
+    assert client.ask("Hi", max_tokens=2).decision["location"] == "cloud"  # the trial turn goes through
+    assert client.status()["cloud"]["breaker"] == "closed"
+
+
+def test_daily_cap_masks_the_cloud(daemon_factory: Any, proxy: FaultProxy) -> None:
+    handle = daemon_factory(cloud_config(proxy.base_url, daily_cap_usd=1e-9))
+    client = handle.client()
+    assert client.ask("Hi", max_tokens=2).decision["location"] == "cloud"
+    capped = client.ask("Hi again", max_tokens=2)
+    assert capped.decision["location"] == "local"
+    assert "reached the cap" in capped.decision["reason"]
+
+
+def test_api_key_never_reaches_logs_status_errors_or_database(daemon_factory: Any, proxy: FaultProxy) -> None:
+    handle = daemon_factory(
+        {**cloud_config(proxy.base_url), "log": {"level": "DEBUG"}}, extra_env={"LOCOD_CLOUD_API_KEY": SECRET}
+    )
+    client = handle.client()
+    client.ask("Hi", max_tokens=2)
+    proxy.set(Fault("status", status=401))
+    client.ask("Hi", max_tokens=2)
+    everything = [json.dumps(client.status()), json.dumps(client.decisions()), handle.log()]
+    show = subprocess.run(
+        locod_command("--config", str(handle.config_path), "config", "show"),
+        env=handle.env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    everything.append(show.stdout)
+    handle.stop()
+    for path in handle.db_path.parent.iterdir():
+        if path.is_file():
+            everything.append(path.read_bytes().decode("latin-1"))
+    assert not [text[:80] for text in everything if SECRET in text]
+
+
+def test_key_file_readable_by_others_is_refused(tmp_path: Path, models_dir: Path, proxy: FaultProxy) -> None:
+    key = tmp_path / "key"
+    key.write_text(SECRET)
+    os.chmod(key, 0o644)
+    config = cloud_config(proxy.base_url)
+    config["cloud"]["models"][0]["api_key_file"] = str(key)
+    handle = start_daemon(tmp_path / "d", models_dir, config, wait=False)
+    assert handle.proc.wait(60) == 2
+    assert "is readable by group or others (mode 644); run `chmod 600" in handle.log()
+    os.chmod(key, 0o600)
+    good = start_daemon(tmp_path / "d2", models_dir, config)
+    good.client().ask("Hi", max_tokens=2)
+    assert proxy.chat_requests()[0].headers["authorization"] == f"Bearer {SECRET}"
+    good.stop()
