@@ -328,10 +328,15 @@ def chunk_text(text: str, size: int) -> list[str]:
 
 
 def rank_chunks(pieces: list[str], prompt_terms: set[str]) -> list[DocChunk]:
-    """Chunks best first; a chunk's score is the IDF-weighted share of prompt terms it contains."""
+    """Chunks best first; a chunk's score is the IDF-weighted share of prompt terms it contains.
+
+    Terms are matched as substrings of the lower-cased chunk ("clause" finds "clauses"): a few C-level
+    searches per chunk instead of tokenising the whole document, which keeps a 50-page document in the
+    low milliseconds.
+    """
     if not pieces:
         return []
-    chunk_terms = [terms(p) & prompt_terms for p in pieces]
+    chunk_terms = [{t for t in prompt_terms if t in piece.lower()} for piece in pieces]
     n = len(pieces)
     weight = {t: math.log(1 + n / (1 + sum(t in ct for ct in chunk_terms))) + 0.1 for t in prompt_terms}
     total = sum(weight.values()) or 1.0

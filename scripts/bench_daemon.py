@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""How much the daemon costs on top of llama.cpp: tokens/s through the daemon vs. llama-cpp-python called
+directly on the same prompts (greedy, same model and settings), in alternating rounds of one run, and the
+`ping` round trip over ZeroMQ.
+
+    python scripts/bench_daemon.py [--rounds 3] [--max-tokens 128] [--pings 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from llama_cpp import Llama
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.conftest import start_daemon  # noqa: E402  (the same real-daemon launcher the tests use)
+
+from locod.daemon.fetch import fetch  # noqa: E402
+
+PROMPTS = [
+    "Explain how a refrigerator keeps food cold.",
+    "Write a short story about a robot learning to paint.",
+    "List some tips for staying focused while studying.",
+    "Describe the water cycle to a ten-year-old.",
+]
+
+
+def direct(llm: Llama, max_tokens: int) -> tuple[int, float]:
+    tokens, started = 0, time.perf_counter()
+    for prompt in PROMPTS:
+        stream = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
+                                            temperature=0.0, seed=1, stream=True)
+        for chunk in stream:
+            if chunk["choices"][0]["delta"].get("content"):  # type: ignore[index,union-attr]
+                tokens += 1
+    return tokens, time.perf_counter() - started
+
+
+def through_daemon(client: object, max_tokens: int) -> tuple[int, float, float]:
+    """Tokens, client-observed seconds, and seconds the daemon itself spent generating."""
+    tokens, inside, started = 0, 0.0, time.perf_counter()
+    for prompt in PROMPTS:
+        result = client.ask(prompt, max_tokens=max_tokens, temperature=0.0, seed=1)  # type: ignore[attr-defined]
+        tokens += result.done["tokens_out"]
+        inside += result.done["latency_ms"] / 1000
+    return tokens, time.perf_counter() - started, inside
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--pings", type=int, default=2000)
+    args = parser.parse_args()
+    repo = Path(__file__).resolve().parent.parent
+    models = repo / "models"
+    gguf = fetch("smollm2-135m-instruct", models, progress=lambda _: None)
+    threads = max(1, (os.cpu_count() or 2) // 2)  # llama-cpp-python's default, which the daemon also uses
+    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, verbose=False)
+    with tempfile.TemporaryDirectory() as home:
+        handle = start_daemon(Path(home), models, {"routing": {"mode": "local"}})
+        client = handle.client()
+        try:
+            client.ask("warm up", max_tokens=4)
+            direct(llm, 4)
+            d_tokens = d_time = s_tokens = s_time = s_inside = 0.0
+            for _ in range(args.rounds):
+                t, s = direct(llm, args.max_tokens)
+                d_tokens, d_time = d_tokens + t, d_time + s
+                t, s, inside = through_daemon(client, args.max_tokens)
+                s_tokens, s_time, s_inside = s_tokens + t, s_time + s, s_inside + inside
+            rtts = []
+            for _ in range(args.pings):
+                started = time.perf_counter()
+                client.ping()
+                rtts.append((time.perf_counter() - started) * 1e3)
+        finally:
+            handle.stop()
+    direct_tps, daemon_tps = d_tokens / d_time, s_tokens / s_time
+    q = statistics.quantiles(rtts, n=100)
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+          f"llama.cpp threads {threads}")
+    print("| measure | value |\n|---|---|")
+    print(f"| direct llama-cpp-python | {direct_tps:.1f} tokens/s ({int(d_tokens)} tokens) |")
+    print(f"| through the daemon (ZeroMQ, decision, 2 SQLite commits per turn) | {daemon_tps:.1f} tokens/s "
+          f"({int(s_tokens)} tokens) |")
+    print(f"| ratio daemon / direct | {daemon_tps / direct_tps:.3f} |")
+    print(f"| daemon's own generation time / client-observed time | {s_inside / s_time:.4f} |")
+    print(f"| ping round trip p50 / p99 ({args.pings} pings) | {q[49]:.3f} ms / {q[98]:.3f} ms |")
+
+
+if __name__ == "__main__":
+    main()
