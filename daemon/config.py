@@ -374,11 +374,7 @@ def _with_defaults(config: Config, env: Mapping[str, str]) -> Config:
         or env.get("RUNTIME_DIRECTORY", "").split(":")[0]
         or str(Path(env.get("XDG_RUNTIME_DIR") or f"/tmp/locod-{os.getuid()}") / "locod")
     )
-    models = config.paths.models_dir or (
-        str(Path(state) / "models")
-        if env.get("STATE_DIRECTORY")
-        else str(Path(env.get("XDG_DATA_HOME") or home / ".local/share") / "locod" / "models")
-    )
+    models = config.paths.models_dir or str(Path(env.get("XDG_DATA_HOME") or home / ".local/share") / "locod/models")
     local_models = list(config.local.models)
     if not any(m.name == EMBEDDED_MODEL.name for m in local_models):
         local_models.insert(0, EMBEDDED_MODEL)

@@ -15,7 +15,8 @@ log = logging.getLogger(__name__)
 
 class Notifier:
     def __init__(self, address: str | None = None) -> None:
-        address = os.environ.get("NOTIFY_SOCKET") if address is None else address
+        # Taken out of the environment so that no child process (pip, a helper) speaks for the daemon.
+        address = os.environ.pop("NOTIFY_SOCKET", None) if address is None else address
         self._sock: socket.socket | None = None
         self._address = ""
         if address:

@@ -55,6 +55,7 @@ class Daemon:
         self._config_path = config_path
         self._overrides = dict(overrides or {})
         self.started = time.time()
+        os.umask(0o077)  # the decision log and router state are the user's business alone
         self._locks = [_exclusive_lock(config.state_dir), _exclusive_lock(config.runtime_dir)]
         self.notifier = Notifier()
         self.outbox: zmq.Socket[bytes] | None = None

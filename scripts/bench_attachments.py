@@ -37,8 +37,10 @@ def photo() -> bytes:
 
 def document() -> bytes:
     rng = np.random.default_rng(1)
-    words = ("battery network latency cloud device model answer energy budget policy queue thermal memory "
-             "token session image document relevance upload schedule warranty invoice contract clause").split()
+    words = (
+        "battery network latency cloud device model answer energy budget policy queue thermal memory "
+        "token session image document relevance upload schedule warranty invoice contract clause"
+    ).split()
     pages = []
     for page in range(50):
         paragraphs = [" ".join(rng.choice(words, 60)) + "." for _ in range(5)]
@@ -73,14 +75,22 @@ def main() -> None:
     upload_prepared_s = len(prepared.jpeg) / prior_bps
     med = statistics.median
     print("| measure | value |\n|---|---|")
-    print(f"| 12 MP photo ({len(jpeg) / 1e6:.1f} MB JPEG) -> {prepared.width}x{prepared.height}, "
-          f"{len(prepared.jpeg) / 1e3:.0f} kB | median {med(image_ms):.1f} ms, max {max(image_ms):.1f} ms |")
-    print(f"| upload time saved at the 2 MB/s prior | {upload_original_s - upload_prepared_s:.2f} s "
-          f"({upload_original_s:.2f} s -> {upload_prepared_s:.2f} s) |")
-    print(f"| preparation / TMO's 1-image WiFi cloud latency ({TMO_WIFI_ONE_IMAGE_S} s) | "
-          f"{med(image_ms) / 1e3 / TMO_WIFI_ONE_IMAGE_S:.3f} |")
-    print(f"| 50-page document ({len(text) / 1e3:.0f} kB, {len(chunks)} chunks): chunk + rank | "
-          f"median {med(doc_ms):.2f} ms ({med(doc_ms) * 1e3 / len(chunks):.0f} us per chunk) |")
+    print(
+        f"| 12 MP photo ({len(jpeg) / 1e6:.1f} MB JPEG) -> {prepared.width}x{prepared.height}, "
+        f"{len(prepared.jpeg) / 1e3:.0f} kB | median {med(image_ms):.1f} ms, max {max(image_ms):.1f} ms |"
+    )
+    print(
+        f"| upload time saved at the 2 MB/s prior | {upload_original_s - upload_prepared_s:.2f} s "
+        f"({upload_original_s:.2f} s -> {upload_prepared_s:.2f} s) |"
+    )
+    print(
+        f"| preparation / TMO's 1-image WiFi cloud latency ({TMO_WIFI_ONE_IMAGE_S} s) | "
+        f"{med(image_ms) / 1e3 / TMO_WIFI_ONE_IMAGE_S:.3f} |"
+    )
+    print(
+        f"| 50-page document ({len(text) / 1e3:.0f} kB, {len(chunks)} chunks): chunk + rank | "
+        f"median {med(doc_ms):.2f} ms ({med(doc_ms) * 1e3 / len(chunks):.0f} us per chunk) |"
+    )
 
 
 if __name__ == "__main__":

@@ -35,8 +35,9 @@ PROMPTS = [
 def direct(llm: Llama, max_tokens: int) -> tuple[int, float]:
     tokens, started = 0, time.perf_counter()
     for prompt in PROMPTS:
-        stream = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens,
-                                            temperature=0.0, seed=1, stream=True)
+        stream = llm.create_chat_completion(
+            messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0, seed=1, stream=True
+        )
         for chunk in stream:
             if chunk["choices"][0]["delta"].get("content"):  # type: ignore[index,union-attr]
                 tokens += 1
@@ -85,12 +86,16 @@ def main() -> None:
             handle.stop()
     direct_tps, daemon_tps = d_tokens / d_time, s_tokens / s_time
     q = statistics.quantiles(rtts, n=100)
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-          f"llama.cpp threads {threads}")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+        f"llama.cpp threads {threads}"
+    )
     print("| measure | value |\n|---|---|")
     print(f"| direct llama-cpp-python | {direct_tps:.1f} tokens/s ({int(d_tokens)} tokens) |")
-    print(f"| through the daemon (ZeroMQ, decision, 2 SQLite commits per turn) | {daemon_tps:.1f} tokens/s "
-          f"({int(s_tokens)} tokens) |")
+    print(
+        f"| through the daemon (ZeroMQ, decision, 2 SQLite commits per turn) | {daemon_tps:.1f} tokens/s "
+        f"({int(s_tokens)} tokens) |"
+    )
     print(f"| ratio daemon / direct | {daemon_tps / direct_tps:.3f} |")
     print(f"| daemon's own generation time / client-observed time | {s_inside / s_time:.4f} |")
     print(f"| ping round trip p50 / p99 ({args.pings} pings) | {q[49]:.3f} ms / {q[98]:.3f} ms |")

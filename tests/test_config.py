@@ -37,7 +37,6 @@ def test_systemd_directories_win_over_xdg(tmp_path: Path) -> None:
     env = {"STATE_DIRECTORY": "/var/lib/locod", "RUNTIME_DIRECTORY": "/run/locod", "XDG_STATE_HOME": "/x"}
     config = load_config(write(tmp_path, ""), env=env)
     assert config.state_dir == Path("/var/lib/locod") and config.runtime_dir == Path("/run/locod")
-    assert config.models_dir == Path("/var/lib/locod/models")
 
 
 def test_precedence_file_then_env_then_cli(tmp_path: Path) -> None:

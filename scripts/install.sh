@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Install locod as a systemd service. Idempotent: running it again upgrades locod in place.
+#
+#   sudo scripts/install.sh [--gpu nvidia|jetson]   system service: user `locod`, /opt/locod, /var/lib/locod
+#   scripts/install.sh --user                       user service: ~/.local/share/locod, ~/.local/state/locod
+set -euo pipefail
+umask 022  # the software is world-readable; state directories get 0700 explicitly
+cd "$(dirname "$0")/.."
+mode=system gpu=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --user) mode=user ;;
+    --gpu) gpu="${2:?--gpu needs nvidia or jetson}"; shift ;;
+    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+say() { printf 'locod install: %s\n' "$*" >&2; }
+have_systemd() { [ -d /run/systemd/system ]; }
+
+if [ "$mode" = system ]; then
+  [ "$(id -u)" = 0 ] || { say "the system service needs root (or use --user)"; exit 1; }
+  venv=/opt/locod/venv state=/var/lib/locod unit_dir=/etc/systemd/system
+  if ! id locod >/dev/null 2>&1; then
+    useradd --system --home-dir "$state" --no-create-home --shell /usr/sbin/nologin locod
+    say "created system user locod"
+  fi
+  install -d -m 0700 -o locod -g locod "$state" "$state/models"
+  install -d -m 0755 /etc/locod
+else
+  venv="${XDG_DATA_HOME:-$HOME/.local/share}/locod/venv"
+  state="${XDG_STATE_HOME:-$HOME/.local/state}/locod"
+  unit_dir="${XDG_CONFIG_HOME:-$HOME/.config}/systemd/user"
+  install -d -m 0700 "$state"
+fi
+
+# The system service runs as `locod`: its interpreter must not live in a private home (pyenv under /root).
+python="${PYTHON:-python3}"
+[ "$mode" = system ] && [ -z "${PYTHON:-}" ] && [ -x /usr/bin/python3 ] && python=/usr/bin/python3
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+if [ "$mode" = system ] && ! runuser -u locod -- "$venv/bin/python" -c pass 2>/dev/null; then
+  say "user locod cannot run $(readlink -f "$venv/bin/python"); set PYTHON to a system-wide python3"
+  exit 1
+fi
+"$venv/bin/python" -m pip install --quiet --upgrade pip
+"$venv/bin/python" -m pip install --quiet --upgrade .
+[ "$gpu" = nvidia ] && "$venv/bin/python" -m pip install --quiet 'nvidia-ml-py>=12.535'
+say "installed $("$venv/bin/locod" --help >/dev/null && "$venv/bin/python" -c 'import locod; print("locod", locod.__version__)') into $venv"
+
+if [ "$mode" = system ]; then
+  LOCOD_MODELS_DIR="$state/models" "$venv/bin/locod" models fetch
+  chown -R locod:locod "$state"
+  install -m 0644 systemd/locod.service "$unit_dir/locod.service"
+  if [ -n "$gpu" ]; then
+    install -d "$unit_dir/locod.service.d"
+    install -m 0644 "systemd/gpu-$gpu.conf" "$unit_dir/locod.service.d/gpu.conf"
+  fi
+  if have_systemd; then
+    systemctl daemon-reload
+    systemctl enable --now locod.service
+    systemctl reload-or-restart locod.service
+    say "running: systemctl status locod; logs: journalctl -u locod"
+  else
+    say "systemd is not running here: the unit is installed but not started"
+  fi
+else
+  "$venv/bin/locod" models fetch
+  install -d "$unit_dir"
+  install -m 0644 systemd/user/locod.service "$unit_dir/locod.service"
+  if have_systemd; then
+    systemctl --user daemon-reload
+    systemctl --user enable --now locod.service
+    systemctl --user reload-or-restart locod.service
+    say "running: systemctl --user status locod; logs: journalctl --user -u locod"
+  else
+    say "systemd is not running here: the unit is installed but not started"
+  fi
+fi

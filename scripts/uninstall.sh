@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Remove the locod service installed by scripts/install.sh. The state (decision log, router state, models)
+# and the configuration are kept unless --purge is given.
+#
+#   sudo scripts/uninstall.sh [--purge]      system service
+#   scripts/uninstall.sh --user [--purge]    user service
+set -euo pipefail
+mode=system purge=no
+for arg in "$@"; do
+  case "$arg" in
+    --user) mode=user ;;
+    --purge) purge=yes ;;
+    *) echo "uninstall.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+say() { printf 'locod uninstall: %s\n' "$*" >&2; }
+if [ "$mode" = system ]; then
+  [ "$(id -u)" = 0 ] || { say "the system service needs root (or use --user)"; exit 1; }
+  [ -d /run/systemd/system ] && systemctl disable --now locod.service 2>/dev/null || true
+  rm -rf /etc/systemd/system/locod.service /etc/systemd/system/locod.service.d /opt/locod
+  [ -d /run/systemd/system ] && systemctl daemon-reload
+  if [ "$purge" = yes ]; then
+    rm -rf /var/lib/locod /etc/locod
+    id locod >/dev/null 2>&1 && userdel locod
+    say "removed locod, its state, configuration and user"
+  else
+    say "removed locod; kept /var/lib/locod and /etc/locod (use --purge to remove them)"
+  fi
+else
+  [ -d /run/systemd/system ] && systemctl --user disable --now locod.service 2>/dev/null || true
+  rm -f "${XDG_CONFIG_HOME:-$HOME/.config}/systemd/user/locod.service"
+  rm -rf "${XDG_DATA_HOME:-$HOME/.local/share}/locod/venv"
+  [ -d /run/systemd/system ] && systemctl --user daemon-reload
+  if [ "$purge" = yes ]; then
+    rm -rf "${XDG_STATE_HOME:-$HOME/.local/state}/locod" "${XDG_DATA_HOME:-$HOME/.local/share}/locod" \
+           "${XDG_CONFIG_HOME:-$HOME/.config}/locod"
+    say "removed locod, its state and configuration"
+  else
+    say "removed locod; kept its state and configuration (use --purge to remove them)"
+  fi
+fi
