@@ -18,9 +18,9 @@ import time
 
 import cv2
 import numpy as np
-
 from locod.daemon.attachments import prepare, terms
 from locod.daemon.config import AttachmentsConfig, TelemetryConfig
+
 from locod.protocol import Attachment
 
 TMO_WIFI_ONE_IMAGE_S = 1.9
@@ -37,10 +37,7 @@ def photo() -> bytes:
 
 def document() -> bytes:
     rng = np.random.default_rng(1)
-    words = (
-        "battery network latency cloud device model answer energy budget policy queue thermal memory "
-        "token session image document relevance upload schedule warranty invoice contract clause"
-    ).split()
+    words = ["battery", "network", "latency", "cloud", "device", "model", "answer", "energy", "budget", "policy", "queue", "thermal", "memory", "token", "session", "image", "document", "relevance", "upload", "schedule", "warranty", "invoice", "contract", "clause"]
     pages = []
     for page in range(50):
         paragraphs = [" ".join(rng.choice(words, 60)) + "." for _ in range(5)]

@@ -20,9 +20,9 @@ from pathlib import Path
 from llama_cpp import Llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.conftest import start_daemon  # noqa: E402  (the same real-daemon launcher the tests use)
+from locod.daemon.fetch import fetch
 
-from locod.daemon.fetch import fetch  # noqa: E402
+from tests.conftest import start_daemon
 
 PROMPTS = [
     "Explain how a refrigerator keeps food cold.",
