@@ -37,7 +37,32 @@ def photo() -> bytes:
 
 def document() -> bytes:
     rng = np.random.default_rng(1)
-    words = ["battery", "network", "latency", "cloud", "device", "model", "answer", "energy", "budget", "policy", "queue", "thermal", "memory", "token", "session", "image", "document", "relevance", "upload", "schedule", "warranty", "invoice", "contract", "clause"]
+    words = [
+        "battery",
+        "network",
+        "latency",
+        "cloud",
+        "device",
+        "model",
+        "answer",
+        "energy",
+        "budget",
+        "policy",
+        "queue",
+        "thermal",
+        "memory",
+        "token",
+        "session",
+        "image",
+        "document",
+        "relevance",
+        "upload",
+        "schedule",
+        "warranty",
+        "invoice",
+        "contract",
+        "clause",
+    ]
     pages = []
     for page in range(50):
         paragraphs = [" ".join(rng.choice(words, 60)) + "." for _ in range(5)]

@@ -213,3 +213,13 @@ def test_restart_keeps_records_and_marks_nothing_interrupted(daemon_factory: Any
     assert [r["id"] for r in second.rows()] == [1, 2]
     assert second.client().status()["interrupted_at_start"] == 0
     wait_for(lambda: second.proc.poll() is None, 1)
+
+
+def test_cli_chat_is_one_session(daemon: DaemonHandle) -> None:
+    chat = subprocess.run(locod_command("--config", str(daemon.config_path), "chat", "--session", "cli"),
+                          env=daemon.env, input="Hello there\nWhat did I just say?\n\n", capture_output=True,
+                          text=True, timeout=120)
+    assert chat.returncode == 0, chat.stderr
+    assert "session cli" in chat.stderr
+    rows = daemon.rows()
+    assert [(r["session"], r["turn"]) for r in rows] == [("cli", 0), ("cli", 1)]

@@ -1,0 +1,65 @@
+"""Small pieces with exact behaviour: the fair gate, session expiry and context trimming rules."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from locod.daemon.gate import FairGate
+from locod.daemon.sessions import SessionStore, TurnTrail
+
+
+def test_fair_gate_serves_clients_round_robin() -> None:
+    gate = FairGate()
+    order: list[str] = []
+    release = threading.Event()
+
+    def hold() -> None:
+        with gate.slot("holder"):
+            release.wait(5)
+
+    def turn(client: str, label: str) -> None:
+        with gate.slot(client) as granted:
+            assert granted
+            order.append(label)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    time.sleep(0.05)
+    threads = []
+    # Client A queues three turns before B and C queue one each.
+    for client, label in [("A", "a1"), ("A", "a2"), ("A", "a3"), ("B", "b1"), ("C", "c1")]:
+        t = threading.Thread(target=turn, args=(client, label))
+        t.start()
+        threads.append(t)
+        time.sleep(0.05)
+    release.set()
+    for t in [holder, *threads]:
+        t.join(5)
+    assert order == ["a1", "b1", "c1", "a2", "a3"]
+
+
+def test_fair_gate_gives_up_when_cancelled() -> None:
+    gate = FairGate()
+    cancelled = threading.Event()
+    results: list[bool] = []
+    with gate.slot("first"):
+        t = threading.Thread(target=lambda: results.append(gate.slot("second", cancelled).__enter__()))
+        t.start()
+        time.sleep(0.05)
+        assert gate.waiting == 1
+        cancelled.set()
+        t.join(5)
+    assert results == [False] and gate.waiting == 0
+
+
+def test_sessions_keep_history_and_expire() -> None:
+    store = SessionStore(idle_s=0.2, max_sessions=2)
+    session = store.open("s")
+    store.record(session, [{"role": "user", "content": "hi"}], "hello", TurnTrail("local", (), "chat"))
+    assert store.open("s").messages[-1] == {"role": "assistant", "content": "hello"} and store.open("s").turns == 1
+    time.sleep(0.3)
+    assert store.open("s").turns == 0  # expired, opened afresh
+    store.open("t")
+    store.open("u")  # over max_sessions: the least recently used goes
+    assert len(store) == 2
