@@ -120,21 +120,23 @@ class Readers:
         return delta / 1e6 / (now - prev[2]) if delta >= 0 else None
 
     def ina3221(self) -> float | None:
-        """Jetson board power: the sum of INA3221 rails (hwmon: in*_input mV x curr*_input mA)."""
-        total, found = 0.0, False
+        """Jetson board power from the INA3221 rails (hwmon: in*_input mV x curr*_input mA).
+
+        The input rail (VDD_IN, POM_5V_IN, 5V_IN) already includes the others, so it is used alone when
+        present; otherwise the rails are summed.
+        """
+        rails: dict[str, float] = {}
         for hwmon in sorted(self.sys.glob("bus/i2c/drivers/ina3221*/*/hwmon/hwmon*")):
             for volt_file in sorted(hwmon.glob("in*_input")):
                 channel = volt_file.name[2:-6]
-                if (
-                    _read(hwmon / f"in{channel}_label") in (None, "")
-                    or "sum" in (_read(hwmon / f"in{channel}_label") or "").lower()
-                ):
-                    continue
+                label = _read(hwmon / f"in{channel}_label") or ""
                 mv, ma = _number(volt_file), _number(hwmon / f"curr{channel}_input")
-                if mv is not None and ma is not None:
-                    total += mv * ma / 1e6
-                    found = True
-        return total if found else None
+                if label and mv is not None and ma is not None:
+                    rails[label] = mv * ma / 1e6
+        inputs = [watts for label, watts in rails.items() if label.upper() in ("VDD_IN", "POM_5V_IN", "5V_IN")]
+        if inputs:
+            return sum(inputs)
+        return sum(rails.values()) if rails else None
 
     def cpu(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -180,7 +182,13 @@ class Readers:
         return out
 
     def gpu(self) -> dict[str, Any]:
-        for load_file in (self.sys / "devices/gpu.0/load", self.sys / "devices/platform/gpu.0/load"):
+        jetson = [
+            self.sys / "devices/gpu.0/load",
+            self.sys / "devices/platform/gpu.0/load",
+            *sorted(self.sys.glob("devices/platform/*.ga10b/load")),
+            *sorted(self.sys.glob("devices/platform/*.gv11b/load")),
+        ]
+        for load_file in jetson:
             load = _number(load_file)
             if load is not None:
                 return {"gpu_pct": load / 10.0}  # Jetson reports per mille
@@ -251,6 +259,7 @@ class TelemetrySampler:
         self._rtt: tuple[float, float] | None = None  # (ms, monotonic time measured)
         self._probe_ok: bool | None = None
         self._warned: set[str] = set()
+        self._present: set[str] = set()  # signals seen at least once: losing one is worth a warning
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -310,6 +319,10 @@ class TelemetrySampler:
         if tps and values.get("power_w"):
             values["joules_per_token"] = round(values["power_w"] / tps, 4)
         missing = {name: _why_missing(name) for name in _OPTIONAL if values.get(name) is None}
+        for name in missing:
+            if name in self._present:
+                self._warn_once(name, f"telemetry: {name} stopped being readable; reporting None")
+        self._present.update(name for name in _OPTIONAL if values.get(name) is not None)
         snap = Snapshot(taken=now, missing=missing, **values)
         self._snapshot, self._dict = snap, asdict(snap)
         return snap

@@ -216,9 +216,14 @@ def test_restart_keeps_records_and_marks_nothing_interrupted(daemon_factory: Any
 
 
 def test_cli_chat_is_one_session(daemon: DaemonHandle) -> None:
-    chat = subprocess.run(locod_command("--config", str(daemon.config_path), "chat", "--session", "cli"),
-                          env=daemon.env, input="Hello there\nWhat did I just say?\n\n", capture_output=True,
-                          text=True, timeout=120)
+    chat = subprocess.run(
+        locod_command("--config", str(daemon.config_path), "chat", "--session", "cli"),
+        env=daemon.env,
+        input="Hello there\nWhat did I just say?\n\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert chat.returncode == 0, chat.stderr
     assert "session cli" in chat.stderr
     rows = daemon.rows()
