@@ -31,5 +31,5 @@ def configure_logging(level: str = "INFO") -> None:
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("httpx", "openai", "httpcore"):
+    for noisy in ("httpx", "httpx2", "httpcore", "openai"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -213,6 +213,13 @@ class DecisionLog:
             )
         return _decoded(rows[0])
 
+    def add_cost(self, decision_id: int, usd: float) -> None:
+        """Money spent on a turn after it ended (grading it with the judge)."""
+        with self._writing("adding cost"):
+            self._conn.execute(
+                "UPDATE decisions SET cost_usd = COALESCE(cost_usd, 0) + ? WHERE id = ?", [usd, decision_id]
+            )
+
     def recent(self, limit: int = 20) -> list[dict[str, Any]]:
         rows = self.db.query("SELECT * FROM decisions ORDER BY id DESC LIMIT ?", [limit])
         return [_decoded(row) for row in rows]

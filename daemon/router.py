@@ -7,18 +7,23 @@ attachments to upload, settles the queue after the turn, and takes labels (user 
 from __future__ import annotations
 
 import logging
+import re
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from locod.daemon.attachments import PreparedAttachment
-from locod.daemon.cloud import CloudBackend
+from locod.daemon.backends import Prompt
+from locod.daemon.cloud import CloudBackend, Upload
 from locod.daemon.config import Config
 from locod.daemon.decide import CloudAccess, Decision, fixed_decision, uploadable, withheld_note
 from locod.daemon.records import DecisionLog, local_midnight
 from locod.daemon.telemetry import Snapshot, TelemetrySampler
 from locod.policy.messplus import HASH_DIM, MessPlus, TurnFeatures, vectorize
+
+from locod.errors import CloudError, UnknownDecision
 
 if TYPE_CHECKING:
     from locod.daemon.turn import Turn
@@ -31,6 +36,11 @@ LOCAL_PRIOR, CLOUD_PRIOR = 0.5, 0.85
 MONEY_REF_USD, ENERGY_REF_J, RADIO_W = 0.001, 10.0, 2.0
 EXPECTED_ANSWER_TOKENS = 200
 MIN_RELEVANCE = 0.3
+JUDGE_INSTRUCTIONS = (
+    "You grade answers. Reply with exactly one word: YES if the answer correctly and helpfully answers the "
+    "question, NO otherwise."
+)
+VERDICT = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 
 class Router:
@@ -39,6 +49,7 @@ class Router:
         self.telemetry = telemetry
         self.cloud = cloud
         self._lock = threading.Lock()  # MESS+ state is shared by the turn threads
+        self._judge = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
         self.reload(config)
 
     def reload(self, config: Config) -> None:
@@ -175,14 +186,43 @@ class Router:
 
     # -- learning ------------------------------------------------------------------------------------
 
-    def after_turn(self, decision_id: int, turn: Turn, decision: Decision) -> None:
-        """Settle the queue with the prediction for the model that answered (labels come later)."""
+    def after_turn(self, decision_id: int, turn: Turn, decision: Decision, answer: str) -> None:
+        """Settle the queue with the prediction for the model that answered (labels come later), and have
+        an explored turn graded by the judge when one is configured."""
         s_hat = decision.routing.get("s_hat")
         if not isinstance(s_hat, dict) or decision.model not in s_hat:
             return  # a forced turn: not part of the SLA accounting
         with self._lock:
             self.mess.settle(decision_id, decision.model, float(s_hat[decision.model]))
             self.mess.save()
+        if decision.explored and self.config.routing.judge and self.cloud.available:
+            self._judge.submit(self._grade, decision_id, turn.request.prompt, answer)
+
+    def _grade(self, decision_id: int, question: str, answer: str) -> None:
+        """Ask the cloud model whether the answer satisfies; its verdict is a label with source `judge`."""
+        messages: list[dict[str, object]] = [
+            {"role": "system", "content": JUDGE_INSTRUCTIONS},
+            {"role": "user", "content": f"Question: {question}\n\nAnswer: {answer}\n\nYES or NO?"},
+        ]
+        text = f"{JUDGE_INSTRUCTIONS}{question}{answer}"
+        try:
+            graded = self.cloud.generate(
+                self.config.cloud.default,
+                Prompt(messages, 4, 0.0, 0, lambda _: None),
+                Upload(images=0, bytes=len(text.encode())),
+            )
+        except CloudError as exc:
+            log.info("judge could not grade decision %d: %s", decision_id, exc.message)
+            return
+        self.records.add_cost(decision_id, graded.cost_usd)
+        verdict = VERDICT.search(graded.text)
+        if verdict is None:
+            log.info("judge gave no verdict for decision %d: %r", decision_id, graded.text[:40])
+            return
+        try:
+            self.feedback(decision_id, verdict.group(1).lower() == "yes", source="judge")
+        except UnknownDecision:
+            pass  # the user labelled it first: their label stands
 
     def feedback(self, decision_id: int, satisfied: bool, source: str) -> dict[str, Any]:
         row = self.records.label(decision_id, satisfied, source)
@@ -214,6 +254,7 @@ class Router:
             }
 
     def save(self) -> None:
+        self._judge.shutdown(wait=True)
         with self._lock:
             self.mess.save()
 

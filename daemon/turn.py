@@ -67,7 +67,7 @@ class TurnRunner:
         gate: FairGate,
         decide: Callable[[Turn], Decision],
         snapshot: Callable[[], dict[str, Any]],
-        on_labelable: Callable[[int, Turn, Decision], None],
+        on_finished: Callable[[int, Turn, Decision, str], None],
     ) -> None:
         self.config = config
         self.sessions = sessions
@@ -77,7 +77,7 @@ class TurnRunner:
         self.gate = gate
         self.decide = decide
         self.snapshot = snapshot
-        self.on_finished = on_labelable
+        self.on_finished = on_finished
 
     def run(self, request: ChatRequest, client: bytes, reply: Reply) -> None:
         try:
@@ -250,7 +250,6 @@ class TurnRunner:
             self.sessions.record(
                 turn.session, [turn.request.messages[-1]], g.text, TurnTrail(decision.location, slots, turn.task)
             )
-            self.on_finished(decision_id, turn, decision)
             done: dict[str, Any] = dict(
                 decision=decision_id,
                 session=turn.session.id,
@@ -266,6 +265,7 @@ class TurnRunner:
             if not turn.request.options.stream:
                 done["text"] = g.text
             reply.send("done", **done)
+            self.on_finished(decision_id, turn, decision, g.text)  # learning happens after the reply
         else:
             reply.send(
                 "error",

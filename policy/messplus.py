@@ -243,7 +243,7 @@ class MessPlus:
                     t=int(data["t"]),
                     settled=int(data["settled"]),
                     weights=weights,
-                    labels={n: int(c) for n, c in zip(names, data["labels"])},
+                    labels={n: int(c) for n, c in zip(names, data["labels"]) if c},
                     satisfied_sum=float(data["satisfied_sum"]),
                     pending={
                         int(i): (str(m), float(s))

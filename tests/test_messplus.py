@@ -1,0 +1,161 @@
+"""MESS+: queue arithmetic and the rule on hand-computed cases, SLA convergence on a synthetic stream with
+known probabilities, persistence, and inputs that must not poison the model."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+from locod.policy.messplus import MessPlus, TurnFeatures, vectorize
+
+X = vectorize(TurnFeatures(prompt="hello there", task="chat"))
+
+
+def router(**kwargs: object) -> MessPlus:
+    params: dict[str, object] = {"sla": 0.8, "v": 1.0, "explore_c": 0.0, "q_cap": 50.0}
+    params.update(kwargs)
+    return MessPlus({"local": 0.3, "cloud": 0.9}, **params)  # type: ignore[arg-type]
+
+
+def test_cold_start_predictions_are_the_priors() -> None:
+    s_hat = router().predict(X, ["local", "cloud"])
+    assert s_hat["local"] == pytest.approx(0.3) and s_hat["cloud"] == pytest.approx(0.9)
+
+
+def test_queue_arithmetic_by_hand() -> None:
+    m = router()
+    m.settle(1, "local", 0.5)  # Q = 0 + 0.8 - 0.5
+    assert m.state.q == pytest.approx(0.3)
+    m.settle(2, "cloud", 0.9)  # Q = 0.3 + 0.8 - 0.9
+    assert m.state.q == pytest.approx(0.2)
+    m.label(2, "cloud", X, satisfied=False)  # the label replaces the prediction: Q += 0.9 - 0
+    assert m.state.q == pytest.approx(1.1)
+    m.label(1, "local", X, satisfied=True)  # Q += 0.5 - 1
+    assert m.state.q == pytest.approx(0.6)
+    assert m.attained == pytest.approx(0.5)  # one satisfied, one not
+    m.settle(3, "cloud", 0.0)
+    m.settle(4, "cloud", 1.0)
+    assert m.state.q == pytest.approx(0.6 + 0.8 - 0.0 + 0.8 - 1.0)
+
+
+def test_queue_never_goes_below_zero_or_above_its_cap() -> None:
+    m = router(q_cap=1.0)
+    m.settle(1, "cloud", 1.0)
+    assert m.state.q == 0.0
+    for i in range(10):
+        m.settle(10 + i, "local", 0.0)
+    assert m.state.q == 1.0
+
+
+def test_rule_by_hand() -> None:
+    costs = {"local": 0.1, "cloud": 1.0}
+    m = router()
+    choice = m.choose(X, costs)  # Q = 0: only cost counts
+    assert choice.model == "local" and choice.objective["local"] == pytest.approx(0.1)
+    m.state.q = 10.0  # far behind the SLA: 0.1 + 10*(0.8-0.3) = 5.1 against 1.0 + 10*(0.8-0.9) = 0.0
+    choice = m.choose(X, costs)
+    assert choice.model == "cloud"
+    assert choice.objective == pytest.approx({"local": 5.1, "cloud": 0.0})
+    m.state.q = 1.0  # 0.1 + 0.5 = 0.6 against 1.0 - 0.1 = 0.9
+    assert m.choose(X, costs).model == "local"
+    assert m.choose(X, costs, extra={"local": 0.5}).model == "cloud"  # the policy's term can tip it
+
+
+def test_exploration_probability_decays_as_t_to_the_minus_quarter() -> None:
+    m = router(explore_c=0.5)
+    m.state.t = 16
+    assert m.explore_probability == pytest.approx(0.25)
+    m.state.t = 0
+    assert router(explore_c=2.0).explore_probability == 1.0
+
+
+def test_sla_is_met_at_low_cost_on_a_known_stream() -> None:
+    """Local satisfies easy prompts 90 % and hard ones 20 % of the time; cloud 95 % always. The SLA 0.8 is
+    met over 4,000 turns while most easy turns stay local."""
+    rng = random.Random(7)
+    m = MessPlus({"local": 0.5, "cloud": 0.8}, sla=0.8, v=2.0, explore_c=0.3, q_cap=50.0, rng=random.Random(8))
+    costs = {"local": 0.05, "cloud": 1.0}
+    satisfied, cloud_turns = 0, 0
+    for t in range(4000):
+        hard = rng.random() < 0.5
+        x = vectorize(TurnFeatures(prompt="prove the theorem carefully" if hard else "say hi", task="chat"))
+        choice = m.choose(x, costs)
+        p = 0.95 if choice.model == "cloud" else (0.2 if hard else 0.9)
+        ok = rng.random() < p
+        m.settle(t, choice.model, choice.s_hat[choice.model])
+        m.label(t, choice.model, x, ok)
+        satisfied += ok
+        cloud_turns += choice.model == "cloud"
+    assert satisfied / 4000 >= 0.8 - 0.01
+    assert m.attained == pytest.approx(satisfied / 4000)
+    assert cloud_turns / 4000 < 0.7  # always-cloud would be 1.0
+    assert not m.infeasible
+
+
+def test_infeasible_sla_is_detected_and_q_capped() -> None:
+    m = MessPlus({"a": 0.4, "b": 0.5}, sla=0.99, v=1.0, explore_c=0.0, q_cap=5.0)
+    for t in range(200):
+        choice = m.choose(X, {"a": 0.1, "b": 1.0})
+        m.settle(t, choice.model, choice.s_hat[choice.model])
+        m.label(t, choice.model, X, satisfied=t % 2 == 0)
+    assert m.state.q == 5.0 and m.infeasible
+
+
+def test_state_survives_save_and_load(tmp_path: Path) -> None:
+    path = tmp_path / "messplus.npz"
+    m = router(path=path)
+    for i in range(5):
+        m.settle(i, "local", 0.4)
+    m.label(0, "local", X, satisfied=True)
+    m.choose(X, {"local": 0.1, "cloud": 1.0})
+    m.save()
+    again = router(path=path)
+    assert again.state.q == pytest.approx(m.state.q) and again.state.t == m.state.t == 1
+    assert again.state.pending == m.state.pending and again.state.labels == {"local": 1}
+    assert np.array_equal(again.state.weights["local"], m.state.weights["local"])
+    assert again.attained == pytest.approx(m.attained)
+
+
+@pytest.mark.parametrize("content", [b"not a numpy file", b""])
+def test_corrupt_state_is_set_aside_and_the_prior_used(
+    tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "messplus.npz"
+    path.write_bytes(content)
+    m = router(path=path)
+    assert m.state.q == 0.0 and m.predict(X, ["local"])["local"] == pytest.approx(0.3)
+    assert not path.exists() and len(list(tmp_path.glob("messplus.npz.bad-*"))) == 1
+    assert "is unusable" in caplog.text
+
+
+def test_version_mismatch_is_set_aside(tmp_path: Path) -> None:
+    path = tmp_path / "messplus.npz"
+    np.savez(path, version=np.array(99), dim=np.array(3))
+    assert router(path=path).state.t == 0
+    assert list(tmp_path.glob("messplus.npz.bad-*"))
+
+
+def test_nan_and_inf_features_do_not_poison_the_predictor() -> None:
+    m = router()
+    bad = vectorize(TurnFeatures(prompt="x", task="chat", max_relevance=math.nan, n_attachments=3))
+    worse = vectorize(TurnFeatures(prompt="y", task="chat", max_relevance=math.inf))
+    assert np.all(np.isfinite(bad[1])) and np.all(np.isfinite(worse[1]))
+    for _ in range(50):
+        m.train("local", bad, 1.0)
+        m.train("local", worse, 0.0)
+    assert np.all(np.isfinite(m.state.weights["local"]))
+    assert 0.0 < m.predict(X, ["local"])["local"] < 1.0
+
+
+def test_predictor_learns_which_prompts_the_local_model_handles() -> None:
+    m = router()
+    easy = vectorize(TurnFeatures(prompt="what is two plus two", task="math"))
+    hard = vectorize(TurnFeatures(prompt="derive the fourier transform of a gaussian", task="math"))
+    for _ in range(200):
+        m.train("local", easy, 1.0)
+        m.train("local", hard, 0.0)
+    s_easy, s_hard = m.predict(easy, ["local"])["local"], m.predict(hard, ["local"])["local"]
+    assert s_easy > 0.8 and s_hard < 0.2

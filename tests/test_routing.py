@@ -1,0 +1,146 @@
+"""MESS+ routing in the running daemon: what the record keeps, feedback through the socket and the CLI,
+state across a real restart, a corrupt state file, and the judge."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from locod.errors import UnknownDecision
+
+from .conftest import CloudServer, locod_command, wait_for
+from .faultproxy import FaultProxy
+
+
+@pytest.fixture
+def proxy(cloud_server: CloudServer) -> Iterator[FaultProxy]:
+    p = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()
+    yield p
+    p.stop()
+
+
+def auto_config(base_url: str, **routing: Any) -> dict[str, Any]:
+    return {
+        "routing": {"mode": "auto", "sla": 0.8, "explore_c": 0.0, **routing},
+        "cloud": {
+            "models": [
+                {
+                    "name": "cloud-small",
+                    "base_url": base_url,
+                    "model": "cloud-small",
+                    "usd_per_mtok_in": 1.0,
+                    "usd_per_mtok_out": 2.0,
+                }
+            ]
+        },
+    }
+
+
+def test_auto_turns_record_the_messplus_state(daemon_factory: Any, proxy: FaultProxy) -> None:
+    handle = daemon_factory(auto_config(proxy.base_url))
+    client = handle.client()
+    first = client.ask("Hi", max_tokens=2)
+    assert first.decision["reason"].startswith("MESS+: lowest V*cost + Q*(alpha - s_hat) with Q=0.00")
+    assert first.decision["location"] == "local"  # empty queue: the cheaper model
+    row = handle.rows()[0]
+    assert row["sla"] == 0.8 and row["v"] == 1.0 and row["q"] == 0.0 and row["explored"] == 0
+    s_hat = json.loads(row["s_hat"])
+    assert set(s_hat) == {"smollm2-135m-instruct", "cloud-small"}
+    assert s_hat["smollm2-135m-instruct"] == pytest.approx(0.5) and s_hat["cloud-small"] == pytest.approx(0.85)
+    costs = json.loads(row["costs"])
+    assert costs["cloud-small"] == 1.0 and 0 < costs["smollm2-135m-instruct"] < 1
+    assert json.loads(row["mask"]) == {"smollm2-135m-instruct": True, "cloud-small": True}
+    features = json.loads(row["features"])
+    assert features["task"] == "chat" and features["hashed"]
+    # Each predicted-unsatisfying local turn grows Q by 0.8 - 0.5; soon the cloud's higher s_hat wins.
+    locations = [client.ask(f"Question {i}", max_tokens=2).decision["location"] for i in range(6)]
+    assert "cloud" in locations
+    status = client.status()["routing"]
+    assert status["turns"] == 7 and status["q"] > 0
+
+
+def test_feedback_through_socket_and_cli(daemon_factory: Any, proxy: FaultProxy) -> None:
+    handle = daemon_factory(auto_config(proxy.base_url))
+    client = handle.client()
+    decision = client.ask("Hi", max_tokens=2).done["decision"]
+    q_before = client.status()["routing"]["q"]
+    result = subprocess.run(
+        locod_command("--config", str(handle.config_path), "feedback", str(decision), "good"),
+        env=handle.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and f"decision {decision} labelled good" in result.stdout
+    row = handle.rows()[0]
+    assert row["satisfied"] == 1 and row["label_source"] == "user" and row["labelled"] is not None
+    status = client.status()["routing"]
+    assert status["labels"]["smollm2-135m-instruct"] == 1
+    assert status["q"] == pytest.approx(max(0.0, q_before + 0.5 - 1.0))  # prediction 0.5 replaced by 1
+    with pytest.raises(UnknownDecision) as info:
+        client.feedback(decision, False)
+    assert info.value.code == "already_labelled"
+    again = subprocess.run(
+        locod_command("--config", str(handle.config_path), "feedback", str(decision), "bad"),
+        env=handle.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert again.returncode == 1 and "already labelled" in again.stderr
+
+
+def test_routing_state_survives_a_daemon_restart(daemon_factory: Any, proxy: FaultProxy) -> None:
+    config = auto_config(proxy.base_url)
+    first = daemon_factory(config, name="same")
+    client = first.client()
+    decisions = [client.ask(f"Hello {i}", max_tokens=2).done["decision"] for i in range(3)]
+    client.feedback(decisions[0], True)
+    before = client.status()["routing"]
+    assert first.stop() == 0
+    second = daemon_factory(config, name="same")
+    after = second.client().status()["routing"]
+    for key in ("q", "turns", "attained", "labels", "pending_labels"):
+        assert after[key] == before[key], key
+    second.client().feedback(decisions[1], False)  # a label for a turn settled before the restart
+    assert second.client().status()["routing"]["pending_labels"] == before["pending_labels"] - 1
+
+
+def test_corrupt_state_file_at_start(daemon_factory: Any, tmp_path: Any) -> None:
+    state = tmp_path / "d" / "state"
+    state.mkdir(parents=True)
+    (state / "messplus.npz").write_bytes(b"\x00garbage")
+    handle = daemon_factory()
+    assert handle.client().ask("Hi", max_tokens=2).done["outcome"] == "ok"
+    assert "MESS+ state" in handle.log() and "is unusable" in handle.log()
+    assert list(state.glob("messplus.npz.bad-*"))
+
+
+def test_judge_labels_explored_turns(daemon_factory: Any, proxy: FaultProxy) -> None:
+    handle = daemon_factory(auto_config(proxy.base_url, judge=True, explore_c=10.0))  # every turn explores
+    client = handle.client()
+    ids = [
+        client.ask(q, max_tokens=8, temperature=0.0, seed=1).done["decision"]
+        for q in ("What is 2+2?", "Capital of France?", "Say hi")
+    ]
+
+    def settled() -> bool:
+        rows = {r["id"]: r for r in handle.rows()}
+        log = handle.log()
+        return all(
+            rows[i]["label_source"] == "judge"
+            or f"judge gave no verdict for decision {i}" in log
+            or f"judge could not grade decision {i}" in log
+            for i in ids
+        )
+
+    wait_for(settled, 120, "the judge")
+    judged = [r for r in handle.rows() if r["label_source"] == "judge"]
+    assert judged and all(r["explored"] == 1 for r in judged)
+    assert all(r["cost_usd"] > 0 for r in judged)  # the grading call is paid for by its turn
+    grading = [s for s in proxy.chat_requests() if s.body["messages"][0]["content"].startswith("You grade answers")]
+    assert len(grading) == len(ids)
