@@ -10,6 +10,7 @@ import logging
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,8 +23,20 @@ from locod.daemon.decide import CloudAccess, Decision, fixed_decision, uploadabl
 from locod.daemon.records import DecisionLog, local_midnight
 from locod.daemon.telemetry import Snapshot, TelemetrySampler
 from locod.policy.messplus import HASH_DIM, MessPlus, TurnFeatures, vectorize
+from locod.policy.observation import (
+    ACTION_NAMES,
+    N_ACTIONS,
+    SUBSETS,
+    K,
+    ObsInputs,
+    PastTurn,
+    Slot,
+    action_mask,
+    observe,
+)
+from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
 
-from locod.errors import CloudError, UnknownDecision
+from locod.errors import CloudError, PolicyError, UnknownDecision
 
 if TYPE_CHECKING:
     from locod.daemon.turn import Turn
@@ -32,8 +45,9 @@ log = logging.getLogger(__name__)
 
 # Priors before any label: a small local model satisfies about half the time, a cloud model most of it.
 LOCAL_PRIOR, CLOUD_PRIOR = 0.5, 0.85
-# Cost scales: money against a tenth of a cent, energy against 10 J; an upload's radio draws ~2 W.
-MONEY_REF_USD, ENERGY_REF_J, RADIO_W = 0.001, 10.0, 2.0
+# Cost scales: a tenth of a cent weighs as much as 1 kJ of device energy (about 0.3 Wh, under 1 % of a
+# laptop battery); an upload's radio draws ~2 W.
+MONEY_REF_USD, ENERGY_REF_J, RADIO_W = 0.001, 1000.0, 2.0
 EXPECTED_ANSWER_TOKENS = 200
 MIN_RELEVANCE = 0.3
 JUDGE_INSTRUCTIONS = (
@@ -41,6 +55,29 @@ JUDGE_INSTRUCTIONS = (
     "question, NO otherwise."
 )
 VERDICT = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One thing the turn could do: a model, and for the cloud which attachments go with it."""
+
+    key: str
+    model: str
+    location: str
+    action: int  # index in the policy's action layout (0 local, 1 + subset)
+    send: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class PolicyTerm:
+    extra: dict[str, float]
+    probabilities: dict[str, float]
+    version: str | None
+
+
+def ranked_slots(attachments: list[PreparedAttachment]) -> list[int]:
+    """The K attachments the policy sees, most relevant first (its slots)."""
+    return sorted(range(len(attachments)), key=lambda i: -attachments[i].relevance)[:K]
 
 
 class Router:
@@ -53,8 +90,18 @@ class Router:
         self.reload(config)
 
     def reload(self, config: Config) -> None:
+        """Take a new config: the MESS+ state is re-read with its parameters and the policy reloaded. A
+        policy that fails its checks leaves routing to MESS+ alone, and says so in status and the log."""
         self.config = config
         routing = config.routing
+        path = Path(routing.policy_path) if routing.policy_path else DEFAULT_POLICY
+        try:
+            self.policy: OnnxPolicy | None = OnnxPolicy(path)
+            self.policy_error: str | None = None
+            log.info("routing policy %s loaded from %s", self.policy.version, path)
+        except PolicyError as exc:
+            self.policy, self.policy_error = None, exc.message
+            log.error("%s; routing with MESS+ alone", exc.message)
         priors = {m.name: LOCAL_PRIOR for m in config.local.models}
         priors.update({m.name: CLOUD_PRIOR for m in config.cloud.models})
         with self._lock:
@@ -96,18 +143,23 @@ class Router:
             return self._with_notes(fixed, turn)
         features = self.features(turn)
         x = vectorize(features)
-        costs, mask = self.costs(turn, snapshot, access)
+        slots = ranked_slots(turn.attachments)
+        candidates, mask = self.candidates(turn.attachments, slots, access)
+        costs = self.costs(turn, snapshot, candidates)
         with self._lock:
-            choice = self.mess.choose(x, costs)
+            s_hat = self.mess.predict(x, sorted({c.model for c in candidates.values()}))
+            policy = self._policy_term(turn, snapshot, access, slots, candidates, s_hat)
+            choice = self.mess.choose(x, costs, policy.extra, {k: c.model for k, c in candidates.items()})
             q, attained = self.mess.state.q, self.mess.attained
-        location = "local" if any(m.name == choice.model for m in self.config.local.models) else "cloud"
-        send = self._attachments_for(choice.model, turn.attachments) if location == "cloud" else ()
-        why = (
-            "explored (MESS+ exploration turn)"
-            if choice.explored
-            else (f"MESS+: lowest V*cost + Q*(alpha - s_hat) with Q={q:.2f}, s_hat={choice.s_hat[choice.model]:.2f}")
-        )
-        if access.blocked_by and location == "local":
+        chosen = candidates[choice.key]
+        if choice.explored:
+            why = "explored (MESS+ exploration turn)"
+        else:
+            why = (f"MESS+{' + TMO policy' if policy.version else ''}: lowest V*cost + Q*(alpha - s_hat)"
+                   f"{' - w*log pi' if policy.version else ''} with Q={q:.2f}, s_hat={choice.s_hat[chosen.model]:.2f}")
+        if chosen.location == "cloud":
+            why += f", action {chosen.key.split('|')[-1]}"
+        if access.blocked_by and chosen.location == "local":
             why += f"; cloud masked: {access.blocked_by}"
         routing = {
             "features": {
@@ -121,9 +173,83 @@ class Router:
             "costs": costs,
             "mask": mask,
             "attained": attained,
+            "probabilities": policy.probabilities,
+            "policy_version": policy.version,
         }
-        decision = Decision(location, choice.model, send, why, choice.explored, routing)
+        decision = Decision(chosen.location, chosen.model, chosen.send, why, choice.explored, routing)
         return self._with_notes(decision, turn)
+
+    def candidates(self, attachments: list[PreparedAttachment], slots: list[int],
+                   access: CloudAccess) -> tuple[dict[str, Candidate], dict[str, bool]]:
+        """Every allowed (model, upload) action, and the mask over all of them (for the record).
+
+        With a policy loaded a cloud model is offered with each subset of the top-K slots (TMO's layout);
+        without one, with the relevant uploadable attachments only.
+        """
+        out: dict[str, Candidate] = {}
+        mask: dict[str, bool] = {}
+        local_allowed = not (access.battery_critical and access.blocked_by is None)
+        for local in self.config.local.models:
+            mask[local.name] = local_allowed
+            if local_allowed:
+                out[local.name] = Candidate(local.name, local.name, "local", 0, ())
+        for cloud in self.config.cloud.models:
+            if self.policy is None:
+                key = cloud.name
+                mask[key] = access.blocked_by is None
+                if mask[key]:
+                    send = tuple(i for i in uploadable(attachments, cloud.vision)
+                                 if attachments[i].relevance >= MIN_RELEVANCE)
+                    out[key] = Candidate(key, cloud.name, "cloud", 1, send)
+                continue
+            slot_info = [Slot(attachments[i].relevance, attachments[i].kind == "image", attachments[i].private)
+                         for i in slots]
+            allowed = action_mask(slot_info, cloud_allowed=access.blocked_by is None, vision=cloud.vision)
+            for action in range(1, N_ACTIONS):
+                key = f"{cloud.name}|{ACTION_NAMES[action]}"
+                mask[key] = bool(allowed[action])
+                if mask[key]:
+                    send = tuple(sorted(slots[k] for k in SUBSETS[action - 1]))
+                    out[key] = Candidate(key, cloud.name, "cloud", action, send)
+        if not out:  # everything masked: the default local model still answers
+            default = self.config.local.default
+            out[default] = Candidate(default, default, "local", 0, ())
+        return out, mask
+
+    def _policy_term(self, turn: Turn, snapshot: Snapshot, access: CloudAccess, slots: list[int],
+                     candidates: dict[str, Candidate], s_hat: dict[str, float]) -> PolicyTerm:
+        """-w * log pi(action) per candidate from the ONNX policy; nothing when none is loaded."""
+        if self.policy is None:
+            return PolicyTerm({}, {}, None)
+        local_s = max((v for m, v in s_hat.items() if any(c.model == m and c.location == "local"
+                                                          for c in candidates.values())), default=0.0)
+        cloud_s = max((v for m, v in s_hat.items() if any(c.model == m and c.location == "cloud"
+                                                          for c in candidates.values())), default=0.0)
+        cap = self.config.cloud.daily_cap_usd
+        money_left = 1.0 if cap <= 0 else max(0.0, 1 - access.spent_today_usd / cap)
+        energy_left = (snapshot.battery_pct or 100) / 100 if snapshot.on_ac is False else 1.0
+        inputs = ObsInputs(
+            task=turn.task, prompt_chars=len(turn.request.prompt),
+            slots=[Slot(turn.attachments[i].relevance, turn.attachments[i].kind == "image",
+                        turn.attachments[i].private) for i in slots],
+            history=[PastTurn(t.location, t.slots_sent, t.task) for t in turn.session.trail],
+            battery=None if snapshot.battery_pct is None else snapshot.battery_pct / 100, on_ac=snapshot.on_ac,
+            power_w=snapshot.power_w, cpu_pct=snapshot.cpu_pct, online=snapshot.online, link=snapshot.link,
+            upload_bps=snapshot.upload_bps, rtt_ms=snapshot.rtt_ms, budgets=(1.0, money_left, energy_left),
+            q_norm=self.mess.state.q / max(self.mess.q_cap, 1e-9), s_local=local_s, s_cloud=cloud_s,
+        )
+        mask = np.zeros(N_ACTIONS, dtype=np.float32)
+        for c in candidates.values():
+            mask[c.action] = 1.0
+        try:
+            log_pi = self.policy.log_probs(observe(inputs), mask)
+        except PolicyError as exc:
+            log.error("%s; deciding with MESS+ alone for this turn", exc.message)
+            return PolicyTerm({}, {}, None)
+        weight = self.config.routing.weight_policy
+        extra = {key: -weight * float(log_pi[c.action]) for key, c in candidates.items()}
+        probabilities = {ACTION_NAMES[a]: round(float(np.exp(log_pi[a])), 5) for a in range(N_ACTIONS) if mask[a]}
+        return PolicyTerm(extra, probabilities, self.policy.version)
 
     def _with_notes(self, decision: Decision, turn: Turn) -> Decision:
         note = withheld_note(turn.attachments, decision.send, decision.location)
@@ -151,38 +277,27 @@ class Router:
             prev_cloud=bool(trail) and trail[-1].location == "cloud",
         )
 
-    def costs(self, turn: Turn, snapshot: Snapshot, access: CloudAccess) -> tuple[dict[str, float], dict[str, bool]]:
-        """Normalised cost per allowed model (the most expensive is 1), and the mask over all models."""
+    def costs(self, turn: Turn, snapshot: Snapshot, candidates: dict[str, Candidate]) -> dict[str, float]:
+        """Normalised cost per candidate (the most expensive is 1): money, and device energy (generation
+        locally, the radio for uploads), weighted by routing.weight_money / weight_energy."""
         weights = self.config.routing
         prompt_tokens = len(turn.request.prompt) // 4 + sum(len(m["content"]) // 4 for m in turn.session.messages)
         raw: dict[str, float] = {}
-        mask: dict[str, bool] = {}
-        for local in self.config.local.models:
-            joules = snapshot.joules_per_token or local.joules_per_token
-            allowed = not (access.battery_critical and access.blocked_by is None)
-            mask[local.name] = allowed
-            if allowed:
-                raw[local.name] = weights.weight_energy * joules * EXPECTED_ANSWER_TOKENS / ENERGY_REF_J
-        for cloud in self.config.cloud.models:
-            mask[cloud.name] = access.blocked_by is None
-            if not mask[cloud.name]:
+        for key, c in candidates.items():
+            if c.location == "local":
+                joules = snapshot.joules_per_token or self.config.local_model(c.model).joules_per_token
+                raw[key] = weights.weight_energy * joules * EXPECTED_ANSWER_TOKENS / ENERGY_REF_J
                 continue
-            sent = [turn.attachments[i] for i in self._attachments_for(cloud.name, turn.attachments)]
+            cloud = self.config.cloud_model(c.model)
+            sent = [turn.attachments[i] for i in c.send]
             images = sum(a.kind == "image" for a in sent)
-            usd = (
-                prompt_tokens * cloud.usd_per_mtok_in + EXPECTED_ANSWER_TOKENS * cloud.usd_per_mtok_out
-            ) / 1e6 + images * cloud.usd_per_image
-            upload = prompt_tokens * 4 + sum(len(a.jpeg) for a in sent)
+            usd = (prompt_tokens * cloud.usd_per_mtok_in + EXPECTED_ANSWER_TOKENS * cloud.usd_per_mtok_out) / 1e6 \
+                + images * cloud.usd_per_image
+            upload = prompt_tokens * 4 + sum(len(a.jpeg) + 4 * sum(len(ch.text) for ch in a.chunks[:3]) for a in sent)
             joules = RADIO_W * upload / max(snapshot.upload_bps, 1.0)
-            raw[cloud.name] = weights.weight_money * usd / MONEY_REF_USD + weights.weight_energy * joules / ENERGY_REF_J
-        if not raw:  # everything masked: the default local model still answers
-            raw[self.config.local.default] = 1.0
+            raw[key] = weights.weight_money * usd / MONEY_REF_USD + weights.weight_energy * joules / ENERGY_REF_J
         top = max(raw.values()) or 1.0
-        return {name: value / top for name, value in raw.items()}, mask
-
-    def _attachments_for(self, model: str, attachments: list[PreparedAttachment]) -> tuple[int, ...]:
-        vision = self.config.cloud_model(model).vision
-        return tuple(i for i in uploadable(attachments, vision) if attachments[i].relevance >= MIN_RELEVANCE)
+        return {key: value / top for key, value in raw.items()}
 
     # -- learning ------------------------------------------------------------------------------------
 
@@ -251,6 +366,8 @@ class Router:
                 "labels": dict(state.labels),
                 "infeasible": self.mess.infeasible,
                 "pending_labels": len(state.pending),
+                "policy": self.policy.version if self.policy else None,
+                "policy_error": self.policy_error,
             }
 
     def save(self) -> None:

@@ -294,6 +294,14 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_policy_train(args: argparse.Namespace) -> int:
+    try:
+        from locod.policy.train import main as train_main
+    except ImportError as exc:
+        raise LocodError(f"training needs the train extra (pip install 'locod[train]'): {exc}") from None
+    return train_main(args.train_args)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="locod", description="Local-cloud LLM daemon for edge devices.")
     parser.add_argument(
@@ -360,6 +368,12 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models_fetch)
     p = models.add_parser("list", help="configured models and whether their files are present")
     p.set_defaults(func=cmd_models_list)
+
+    policy = sub.add_parser("policy", help="the TMO routing policy").add_subparsers(required=True, metavar="ACTION")
+    p = policy.add_parser("train", help="train with RC-PPO and export ONNX (see --help of the action)",
+                          add_help=False)
+    p.add_argument("train_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_policy_train)
     return parser
 
 

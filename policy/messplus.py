@@ -90,6 +90,7 @@ class Choice:
     explored: bool
     s_hat: dict[str, float]
     objective: dict[str, float]
+    key: str = ""
 
 
 @dataclass
@@ -138,19 +139,26 @@ class MessPlus:
         return out
 
     def choose(
-        self, x: tuple[np.ndarray, np.ndarray], costs: dict[str, float], extra: dict[str, float] | None = None
+        self,
+        x: tuple[np.ndarray, np.ndarray],
+        costs: dict[str, float],
+        extra: dict[str, float] | None = None,
+        model_of: dict[str, str] | None = None,
     ) -> Choice:
-        """Pick among ``costs``'s models (already masked); ``extra`` adds a per-model term (the policy's)."""
-        models = list(costs)
-        s_hat = self.predict(x, models)
+        """Pick among ``costs``'s keys (already masked): models, or actions such as a model with an upload
+        choice, each answered by ``model_of[key]``; ``extra`` adds a per-key term (the TMO policy's)."""
+        keys = list(costs)
+        model_of = model_of or {k: k for k in keys}
+        s_hat = self.predict(x, sorted(set(model_of.values())))
         self.state.t += 1
         self.max_s_hat_avg = 0.95 * self.max_s_hat_avg + 0.05 * max(s_hat.values())
         objective = {
-            m: self.v * costs[m] + self.state.q * (self.sla - s_hat[m]) + (extra or {}).get(m, 0.0) for m in models
+            k: self.v * costs[k] + self.state.q * (self.sla - s_hat[model_of[k]]) + (extra or {}).get(k, 0.0)
+            for k in keys
         }
-        explore = len(models) > 1 and self.rng.random() < self.explore_probability
-        model = self.rng.choice(models) if explore else min(models, key=objective.__getitem__)
-        return Choice(model, explore, s_hat, objective)
+        explore = len(keys) > 1 and self.rng.random() < self.explore_probability
+        key = self.rng.choice(keys) if explore else min(keys, key=objective.__getitem__)
+        return Choice(model_of[key], explore, s_hat, objective, key)
 
     @property
     def explore_probability(self) -> float:

@@ -1,0 +1,150 @@
+"""Evaluate offloading strategies on held-out OffloadEnv episodes: the same episodes, budgets and seeds for
+every strategy, so their rows compare."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from locod.policy.messplus import MessPlus, TurnFeatures, vectorize
+from locod.policy.observation import CLOUD_ACTIONS_COST, FEATURE_NAMES, N_ACTIONS, SUBSETS, TASKS
+from locod.policy.tmo_env import OffloadEnv, TurnSource
+
+Strategy = Callable[[np.ndarray, np.ndarray, random.Random], int]
+
+
+@dataclass
+class Scores:
+    reward: float
+    quality: float
+    latency_s: float
+    usd: float
+    energy_j: float
+    violations: int  # episodes that overran a budget
+    cloud_share: float
+    uploads: float  # attachments sent per turn
+    turns: int
+    satisfaction: float  # share of turns with quality >= SATISFIED_AT (the SLA's measure)
+
+
+def run(
+    strategy: Strategy, sources: Sequence[tuple[TurnSource, float]], episodes: int = 500, seed: int = 12345
+) -> Scores:
+    env = OffloadEnv(sources, seed=seed)
+    rng = random.Random(seed + 1)
+    totals = np.zeros(7)  # reward, quality, latency, usd, energy, uploads, cloud turns
+    violations = turns = satisfied = 0
+    for _ in range(episodes):
+        obs, info = env.reset()
+        done = overran = False
+        while not done:
+            action = strategy(obs, info["action_mask"], rng)
+            obs, reward, done, _, info = env.step(action)
+            learn = getattr(strategy, "learn", None)
+            if learn is not None:
+                learn(info)
+            satisfied += info["quality"] >= SATISFIED_AT
+            totals += [
+                reward,
+                info["quality"],
+                info["latency"],
+                info["usd"],
+                info["energy"],
+                info["uploads"],
+                action != 0,
+            ]
+            turns += 1
+            overran = overran or info["violation"]
+        violations += overran
+    mean = totals / turns
+    return Scores(
+        reward=mean[0],
+        quality=mean[1],
+        latency_s=mean[2],
+        usd=mean[3],
+        energy_j=mean[4],
+        violations=violations,
+        cloud_share=mean[6],
+        uploads=mean[5],
+        turns=turns,
+        satisfaction=satisfied / turns,
+    )
+
+
+def heuristics() -> dict[str, Strategy]:
+    def local(obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
+        return 0 if mask[0] else int(np.flatnonzero(mask)[0])
+
+    def cloud_text(obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
+        return 1 if mask[1] else local(obs, mask, rng)
+
+    def cloud_all(obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
+        allowed = [a for a in range(1, N_ACTIONS) if mask[a]]
+        return allowed[-1] if allowed else local(obs, mask, rng)
+
+    def uniform(obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
+        return rng.choice([a for a in range(N_ACTIONS) if mask[a]])
+
+    return {"local only": local, "cloud, text only": cloud_text, "cloud, all attachments": cloud_all, "random": uniform}
+
+
+SATISFIED_AT = 0.5  # a simulated answer of quality >= 0.5 (on 0-1) counts as satisfying
+
+
+class Router:
+    """MESS+ over the environment's actions, optionally combined with a policy's log-probabilities:
+    argmin V*cost + Q*(alpha - s_hat) - w*log pi, the rule the daemon runs. Learns online from each step."""
+
+    def __init__(
+        self,
+        sla: float,
+        log_pi: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+        weight: float = 0.5,
+        v: float = 1.0,
+        seed: int = 0,
+    ) -> None:
+        self.mess = MessPlus(
+            {"local": 0.5, "cloud": 0.85}, sla=sla, v=v, explore_c=0.2, q_cap=50.0, rng=random.Random(seed)
+        )
+        self.log_pi, self.weight = log_pi, weight
+        self.t = 0
+        self.last: tuple[object, str] | None = None
+
+    def __call__(self, obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
+        task = TASKS[int(np.argmax([obs[FEATURE_NAMES.index(f"task_{t}")] for t in TASKS]))]
+        relevance = [float(obs[FEATURE_NAMES.index(f"slot{k}_relevance")]) for k in range(3)]
+        x = vectorize(
+            TurnFeatures(
+                prompt=task,
+                task=task,
+                n_attachments=round(float(obs[FEATURE_NAMES.index("attachments")]) * 3),
+                max_relevance=max(relevance),
+                has_image=max(relevance) > 0,
+            )
+        )
+        allowed = [a for a in range(N_ACTIONS) if mask[a]]
+        costs = {str(a): CLOUD_ACTIONS_COST[a] for a in allowed}
+        model_of = {str(a): "local" if a == 0 else "cloud" for a in allowed}
+        extra: dict[str, float] = {}
+        if self.log_pi is None:
+            # MESS+ alone picks the model; the cloud gets the relevant attachments (the daemon's heuristic)
+            relevant = tuple(k for k in range(3) if relevance[k] >= 0.3)
+            heuristic = 1 + SUBSETS.index(relevant) if relevant in SUBSETS else 1
+            keep = [a for a in allowed if a == 0 or a == (heuristic if mask[heuristic] else 1)]
+            costs = {str(a): costs[str(a)] for a in keep if str(a) in costs} or costs
+            model_of = {k: model_of[k] for k in costs}
+        else:
+            log_pi = self.log_pi(obs, mask)
+            extra = {str(a): -self.weight * float(log_pi[a]) for a in allowed}
+        choice = self.mess.choose(x, costs, extra, model_of)
+        self.t += 1
+        self.mess.settle(self.t, choice.model, choice.s_hat[choice.model])
+        self.last = (x, choice.model)
+        return int(choice.key)
+
+    def learn(self, info: dict[str, object]) -> None:
+        if self.last is not None:
+            x, model = self.last
+            self.mess.label(self.t, model, x, float(info["quality"]) >= SATISFIED_AT)  # type: ignore[arg-type]

@@ -1,0 +1,168 @@
+"""The TMO policy's observation and action layout, version 1: one definition for training and the daemon.
+
+Actions (TMO's 1 + 2^K layout, per location): action 0 answers locally; action 1 + i answers in the cloud
+uploading the i-th subset of the K attachment slots, subsets ordered by size, then lexicographically
+(subset 0 = text only). Attachments fill the slots ranked by relevance.
+
+Observation, ``OBS_DIM`` floats, each in [0, 1] unless noted (names in ``FEATURE_NAMES``):
+- history, the last Z turns, oldest first, each: answered locally, answered in the cloud, the K slots
+  sent, task one-hot (all zero for a turn that did not happen);
+- this turn: task one-hot, log prompt length / 10, attachment count / K, and per slot: present,
+  relevance, is an image;
+- device and network: battery fraction (1 when unknown), on AC, power / 50 W, CPU load, online, link
+  one-hot (ethernet, wifi, cellular, none), log10(upload bytes/s) / 8, RTT / 1 s (capped at 1);
+- remaining budgets: latency, money, energy, as fractions of the episode's (day's) budget;
+- MESS+: Q / q_cap, predicted satisfaction of the local and of the cloud model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+LAYOUT_VERSION = 1
+K = 3  # attachment slots
+Z = 3  # dialogue turns of history
+TASKS = ("chat", "code", "math", "rewrite", "recommend", "query")
+LINKS = ("ethernet", "wifi", "cellular", "none")
+
+SUBSETS: tuple[tuple[int, ...], ...] = tuple(
+    subset for size in range(K + 1) for subset in itertools.combinations(range(K), size)
+)
+N_ACTIONS = 1 + len(SUBSETS)
+
+
+def action_name(action: int) -> str:
+    if action == 0:
+        return "local"
+    subset = SUBSETS[action - 1]
+    return "cloud+" + ",".join(str(i) for i in subset) if subset else "cloud"
+
+
+ACTION_NAMES = tuple(action_name(a) for a in range(N_ACTIONS))
+# Relative cost of each action for evaluation routers: TMO's cloud price by upload count, over the largest;
+# local generation costs device energy, priced like the cheapest cloud call.
+CLOUD_ACTIONS_COST = tuple([0.0357] + [(0.00049, 0.0050, 0.0095, 0.0137)[len(s)] / 0.0137 for s in SUBSETS])
+
+
+def _names() -> list[str]:
+    names = []
+    for z in range(Z):
+        names += [
+            f"h{z}_local",
+            f"h{z}_cloud",
+            *(f"h{z}_sent{k}" for k in range(K)),
+            *(f"h{z}_task_{t}" for t in TASKS),
+        ]
+    names += [f"task_{t}" for t in TASKS] + ["log_prompt_chars", "attachments"]
+    for k in range(K):
+        names += [f"slot{k}_present", f"slot{k}_relevance", f"slot{k}_image"]
+    names += ["battery", "on_ac", "power", "cpu", "online", *(f"link_{x}" for x in LINKS), "log_upload_bps", "rtt"]
+    names += ["budget_latency", "budget_money", "budget_energy", "q", "s_local", "s_cloud"]
+    return names
+
+
+FEATURE_NAMES = tuple(_names())
+OBS_DIM = len(FEATURE_NAMES)
+
+
+@dataclass(frozen=True)
+class Slot:
+    relevance: float
+    image: bool
+    private: bool = False
+
+
+@dataclass(frozen=True)
+class PastTurn:
+    location: str
+    sent: tuple[bool, ...]
+    task: str
+
+
+@dataclass(frozen=True)
+class ObsInputs:
+    task: str
+    prompt_chars: int
+    slots: Sequence[Slot] = ()
+    history: Sequence[PastTurn] = ()
+    battery: float | None = None
+    on_ac: bool | None = None
+    power_w: float | None = None
+    cpu_pct: float | None = None
+    online: bool | None = True
+    link: str = "unknown"
+    upload_bps: float = 2e6
+    rtt_ms: float | None = None
+    budgets: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    q_norm: float = 0.0
+    s_local: float = 0.5
+    s_cloud: float = 0.85
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+def _onehot(value: str, options: Sequence[str]) -> list[float]:
+    return [float(value == o) for o in options]
+
+
+def _clip(x: float | None, default: float = 0.0) -> float:
+    if x is None or not math.isfinite(x):
+        return default
+    return min(1.0, max(0.0, x))
+
+
+def observe(inputs: ObsInputs) -> np.ndarray:
+    obs: list[float] = []
+    past = list(inputs.history)[-Z:]
+    for turn in [None] * (Z - len(past)) + past:
+        if turn is None:
+            obs += [0.0] * (2 + K + len(TASKS))
+            continue
+        sent = list(turn.sent[:K]) + [False] * (K - len(turn.sent[:K]))
+        obs += [
+            float(turn.location == "local"),
+            float(turn.location == "cloud"),
+            *map(float, sent),
+            *_onehot(turn.task, TASKS),
+        ]
+    obs += _onehot(inputs.task, TASKS)
+    obs += [_clip(math.log1p(max(0, inputs.prompt_chars)) / 10), _clip(len(inputs.slots) / K)]
+    slots = list(inputs.slots)[:K]
+    for k in range(K):
+        if k < len(slots):
+            obs += [1.0, _clip(slots[k].relevance), float(slots[k].image)]
+        else:
+            obs += [0.0, 0.0, 0.0]
+    obs += [
+        _clip(inputs.battery, 1.0),
+        float(inputs.on_ac is not False),
+        _clip((inputs.power_w or 0) / 50),
+        _clip((inputs.cpu_pct or 0) / 100),
+        float(inputs.online is not False),
+        *_onehot(inputs.link, LINKS),
+        _clip(math.log10(max(inputs.upload_bps, 1.0)) / 8),
+        _clip((inputs.rtt_ms or 0) / 1000),
+    ]
+    obs += [_clip(b) for b in inputs.budgets]
+    obs += [_clip(inputs.q_norm), _clip(inputs.s_local), _clip(inputs.s_cloud)]
+    return np.asarray(obs, dtype=np.float32)
+
+
+def action_mask(
+    slots: Sequence[Slot], cloud_allowed: bool, vision: bool = True, local_allowed: bool = True
+) -> np.ndarray:
+    """Which actions may be taken: no empty, private or (for a text-only cloud model) image slot is sent."""
+    mask = np.zeros(N_ACTIONS, dtype=np.float32)
+    mask[0] = float(local_allowed)
+    if cloud_allowed:
+        present = list(slots)[:K]
+        for i, subset in enumerate(SUBSETS):
+            ok = all(k < len(present) and not present[k].private and (vision or not present[k].image) for k in subset)
+            mask[1 + i] = float(ok)
+    if not mask.any():
+        mask[0] = 1.0  # something must answer: the local model
+    return mask

@@ -1,0 +1,390 @@
+"""TMO's offloading problem as a gymnasium environment, with resource constraints (RC-RL).
+
+An episode is a dialogue of a few turns. Each turn the agent picks an action of policy/observation.py
+(local, or cloud with a subset of the K attachment slots). The reward is TMO's
+
+    r = a * quality + b_assoc * association - b_lat * norm_latency - b_cost * norm_cost
+
+with latency and cost min-max normalised over the turn's allowed actions; a step that overruns a
+remaining budget (latency, money, energy) earns nothing, as in RC-RL, and a penalty of OVERRUN_PENALTY on
+top (zero alone was too weak a signal to learn from in our runs), and counts as a violation.
+Budgets are sampled per episode (normal, uniform, or near the extremes) and their remaining fractions are
+in the observation, so one policy learns to respect budgets it was not trained on.
+
+Turns come from a ``TurnSource``: the ``Simulator`` (TMO's published cloud latency/cost by upload count
+and network kind, a device profile, battery and network that change during the episode), the replay trace
+of docs/routing.md (``TraceSource``), or this device's decision log (``LogSource``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import gymnasium as gym
+import numpy as np
+from locod.policy.observation import (
+    N_ACTIONS,
+    OBS_DIM,
+    SUBSETS,
+    TASKS,
+    K,
+    ObsInputs,
+    PastTurn,
+    Slot,
+    action_mask,
+    observe,
+)
+
+# TMO's published figures (research notes): cloud latency by number of uploaded images k = 0..3.
+CLOUD_LATENCY_S = {"wifi": (0.5, 1.9, 2.0, 2.2), "cellular": (0.5, 16.6, 17.6, 19.6), "ethernet": (0.4, 1.2, 1.3, 1.4)}
+CLOUD_USD = (0.00049, 0.0050, 0.0095, 0.0137)
+RADIO_W = 2.0
+OVERRUN_PENALTY = 0.5
+
+
+@dataclass(frozen=True)
+class Weights:
+    quality: float = 1.0
+    association: float = 1 / 3
+    latency: float = 1 / 3
+    cost: float = 1 / 3
+
+
+@dataclass
+class TurnOutcomes:
+    """What every action would yield on one turn: quality, latency (s), money (USD), energy (J)."""
+
+    inputs: ObsInputs
+    mask: np.ndarray
+    quality: np.ndarray
+    latency: np.ndarray
+    usd: np.ndarray
+    energy: np.ndarray
+    association: np.ndarray
+
+
+class TurnSource(Protocol):
+    def episode(self, rng: random.Random) -> list[TurnOutcomes]: ...
+
+
+def association(slots: Sequence[Slot]) -> np.ndarray:
+    """Per action: the share of this turn's attachment relevance that the action uploads."""
+    total = sum(s.relevance for s in slots) or 1.0
+    out = np.zeros(N_ACTIONS)
+    for i, subset in enumerate(SUBSETS):
+        out[1 + i] = sum(slots[k].relevance for k in subset if k < len(slots)) / total
+    return out
+
+
+@dataclass
+class Simulator:
+    """TMO's synthetic template made to move: network kind and battery change within an episode.
+
+    Latency and money per upload count and network kind are TMO's published figures. Quality follows
+    TMO's template (local N(0.7, 0.3), cloud N(1.0, 0.3) on a 0-2 scale) with one change that makes the
+    modality choice matter: the cloud's answer gains up to +0.6 for uploading the turn's relevant
+    attachments (in proportion to the relevance it uploads), and loses 0.3 when a highly relevant image
+    is withheld. Attachment relevance is U(0, 1) rather than TMO's U(0.1, 0.5).
+    """
+
+    local_latency_s: tuple[float, float] = (0.4, 1.2)  # uniform range of a local answer's time
+    device_w: float = 15.0  # Jetson TX2-class draw while generating (TMO's figure)
+
+    def episode(self, rng: random.Random) -> list[TurnOutcomes]:
+        turns = rng.randint(2, 5)
+        link = rng.choice(["wifi", "wifi", "cellular", "ethernet"])
+        battery = rng.uniform(0.05, 1.0)
+        on_ac = rng.random() < 0.3
+        out = []
+        for _ in range(turns):
+            if rng.random() < 0.15:  # the device moves between networks, sometimes out of reach
+                link = rng.choice(["wifi", "cellular", "none"])
+            n = rng.choice([0, 1, 2, 3, 3])
+            slots = [Slot(rng.random(), image=True, private=rng.random() < 0.1) for _ in range(n)]
+            task = rng.choice(TASKS)
+            online = link != "none"
+            mask = action_mask(slots, cloud_allowed=online)
+            assoc = association(slots)
+            needs_image = any(s.relevance > 0.7 for s in slots)
+            local_s = rng.uniform(*self.local_latency_s)
+            quality = np.zeros(N_ACTIONS)
+            latency = np.zeros(N_ACTIONS)
+            usd = np.zeros(N_ACTIONS)
+            energy = np.zeros(N_ACTIONS)
+            quality[0] = min(2.0, max(0.0, rng.gauss(0.7 - (0.3 if needs_image else 0.0), 0.3))) / 2
+            latency[0], usd[0], energy[0] = local_s, 1e-8, local_s * self.device_w
+            base = rng.gauss(1.0, 0.3)
+            table = CLOUD_LATENCY_S.get(link, CLOUD_LATENCY_S["wifi"])
+            for i, subset in enumerate(SUBSETS):
+                k = len(subset)
+                withheld = needs_image and not any(slots[j].relevance > 0.7 for j in subset if j < n)
+                gain = 0.6 * assoc[1 + i] - (0.3 if withheld else 0.0)
+                quality[1 + i] = min(2.0, max(0.0, base + gain)) / 2
+                latency[1 + i] = table[k] * rng.uniform(0.9, 1.1)
+                usd[1 + i] = CLOUD_USD[k]
+                energy[1 + i] = RADIO_W * latency[1 + i] * 0.3
+            inputs = ObsInputs(
+                task=task,
+                prompt_chars=rng.randint(20, 2000),
+                slots=slots,
+                battery=battery,
+                on_ac=on_ac,
+                power_w=self.device_w if not on_ac else None,
+                online=online,
+                link=link,
+                upload_bps=2e6 if link != "cellular" else 2e5,
+            )
+            out.append(TurnOutcomes(inputs, mask, quality, latency, usd, energy, assoc))
+            battery = max(0.0, battery - (0.0 if on_ac else 0.01))
+        return out
+
+
+@dataclass
+class TraceSource:
+    """Dialogues of the replay trace: text only, labels as quality, the trace's latency, money, energy."""
+
+    path: Path
+    dialogues: list[list[dict[str, Any]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        by_id: dict[str, list[dict[str, Any]]] = {}
+        for line in self.path.read_text().splitlines():
+            row = json.loads(line)
+            by_id.setdefault(row["dialogue"], []).append(row)
+        self.dialogues = list(by_id.values())
+
+    def episode(self, rng: random.Random) -> list[TurnOutcomes]:
+        out = []
+        for row in rng.choice(self.dialogues):
+            local, cloud = row["models"]["smollm2-135m-instruct"], row["models"]["cloud"]
+            mask = action_mask([], cloud_allowed=True)
+            quality = np.zeros(N_ACTIONS)
+            latency = np.zeros(N_ACTIONS)
+            usd = np.zeros(N_ACTIONS)
+            energy = np.zeros(N_ACTIONS)
+            quality[0], latency[0], usd[0], energy[0] = (
+                local["quality"],
+                local["latency_s"],
+                local["usd"],
+                local["energy_j"],
+            )
+            quality[1:], latency[1:], usd[1:], energy[1:] = (
+                cloud["quality"],
+                cloud["latency_s"],
+                cloud["usd"],
+                cloud["energy_j"],
+            )
+            inputs = ObsInputs(task=row["category"], prompt_chars=len(row["prompt"]), link="wifi")
+            out.append(TurnOutcomes(inputs, mask, quality, latency, usd, energy, np.zeros(N_ACTIONS)))
+        return out
+
+
+@dataclass
+class LogSource:
+    """Sessions of this device's decision log. The action taken has its recorded outcome; the location not
+    taken is estimated, as in TMO, by a distance-weighted k-nearest-neighbour average (k = 5) over
+    labelled turns that did go there, by task and prompt length."""
+
+    rows: list[dict[str, Any]]
+    k: int = 5
+    sessions: list[list[dict[str, Any]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        labelled = [r for r in self.rows if r.get("satisfied") is not None and r["outcome"] in ("ok", "fallback")]
+        by_session: dict[str, list[dict[str, Any]]] = {}
+        for row in labelled:
+            by_session.setdefault(row["session"], []).append(row)
+        self.sessions = [sorted(s, key=lambda r: r["turn"]) for s in by_session.values()]
+        self.by_location = {loc: [r for r in labelled if r["backend"] == loc] for loc in ("local", "cloud")}
+        if not self.by_location["local"] or not self.by_location["cloud"]:
+            raise ValueError("the decision log needs labelled turns answered locally and in the cloud")
+
+    def _estimate(self, row: dict[str, Any], location: str) -> tuple[float, float, float, float]:
+        if row["backend"] == location:
+            return _outcome(row)
+
+        def distance(other: dict[str, Any]) -> float:
+            return float(other["task"] != row["task"]) + abs(
+                math.log1p(other["prompt_chars"]) - math.log1p(row["prompt_chars"])
+            )
+
+        near = sorted(self.by_location[location], key=distance)[: self.k]
+        weights = [1.0 / (1e-3 + distance(o)) for o in near]
+        values = np.array([_outcome(o) for o in near])
+        return tuple(float(v) for v in np.average(values, axis=0, weights=weights))  # type: ignore[return-value]
+
+    def episode(self, rng: random.Random) -> list[TurnOutcomes]:
+        out = []
+        for row in rng.choice(self.sessions):
+            offered = row.get("attachments_offered") or []
+            slots = [
+                Slot(float(a.get("relevance", 0.0)), a.get("kind") == "image", bool(a.get("private"))) for a in offered
+            ][:K]
+            mask = action_mask(slots, cloud_allowed=True)
+            local, cloud = self._estimate(row, "local"), self._estimate(row, "cloud")
+            arrays = [np.array([local[i]] + [cloud[i]] * (N_ACTIONS - 1)) for i in range(4)]
+            telemetry = row.get("telemetry") or {}
+            inputs = ObsInputs(
+                task=row["task"] if row["task"] in TASKS else "chat",
+                prompt_chars=row["prompt_chars"],
+                slots=slots,
+                battery=(telemetry.get("battery_pct") or 100) / 100,
+                on_ac=telemetry.get("on_ac"),
+                online=telemetry.get("online"),
+                link=telemetry.get("link", "unknown"),
+            )
+            quality, latency, usd, energy = arrays
+            out.append(TurnOutcomes(inputs, mask, quality, latency, usd, energy, association(slots)))
+        return out
+
+
+def _outcome(row: dict[str, Any]) -> tuple[float, float, float, float]:
+    """(quality, latency s, USD, energy J) of a logged turn."""
+    return (
+        float(row["satisfied"]),
+        (row["latency_total_ms"] or 0) / 1000,
+        row["cost_usd"] or 0.0,
+        row["energy_j"] or 0.0,
+    )
+
+
+@dataclass
+class Budgets:
+    latency_s: float
+    usd: float
+    energy_j: float
+
+
+def sample_budgets(turns: list[TurnOutcomes], rng: random.Random) -> Budgets:
+    """Per-episode budgets between the all-local and the all-full-upload totals: uniform, normal around the
+    middle, or near an extreme (TMO's extreme-aware sampling)."""
+
+    def between(values: list[tuple[float, float]]) -> float:
+        lo = sum(v[0] for v in values)
+        hi = sum(v[1] for v in values)
+        mode = rng.random()
+        if mode < 0.4:
+            u = rng.random()
+        elif mode < 0.7:
+            u = min(1.0, max(0.0, rng.gauss(0.5, 0.15)))
+        else:
+            u = rng.choice([rng.uniform(0.0, 0.15), rng.uniform(0.85, 1.0)])
+        return lo + u * (hi - lo) + 1e-9
+
+    def span(arr_name: str) -> list[tuple[float, float]]:
+        spans = []
+        for t in turns:
+            arr = getattr(t, arr_name)[t.mask > 0]
+            spans.append((float(arr.min()), float(arr.max())))
+        return spans
+
+    return Budgets(between(span("latency")), between(span("usd")), between(span("energy")))
+
+
+class OffloadEnv(gym.Env):
+    """Gymnasium environment over a mix of turn sources; ``info["action_mask"]`` holds the mask."""
+
+    metadata = {"render_modes": []}  # noqa: RUF012  (gymnasium declares it this way)
+
+    def __init__(
+        self, sources: Sequence[tuple[TurnSource, float]], weights: Weights | None = None, seed: int | None = None
+    ) -> None:
+        self.sources = list(sources)
+        self.weights = weights or Weights()
+        self.rng = random.Random(seed)
+        self.observation_space = gym.spaces.Box(0.0, 1.0, shape=(OBS_DIM,), dtype=np.float32)
+        self.action_space = gym.spaces.Discrete(N_ACTIONS)
+        self.turns: list[TurnOutcomes] = []
+        self.index = 0
+        self.budgets = Budgets(1.0, 1.0, 1.0)
+        self.spent = [0.0, 0.0, 0.0]
+        self.history: list[PastTurn] = []
+        self.violations = 0
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        if seed is not None:
+            self.rng = random.Random(seed)
+        source = self.rng.choices([s for s, _ in self.sources], weights=[w for _, w in self.sources])[0]
+        self.turns = source.episode(self.rng)
+        self.budgets = sample_budgets(self.turns, self.rng)
+        if options and "budgets" in options:
+            self.budgets = options["budgets"]
+        self.index, self.spent, self.history, self.violations = 0, [0.0, 0.0, 0.0], [], 0
+        return self._obs(), {"action_mask": self.turns[0].mask.copy()}
+
+    def remaining(self) -> tuple[float, float, float]:
+        b = self.budgets
+        return (
+            max(0.0, 1 - self.spent[0] / b.latency_s),
+            max(0.0, 1 - self.spent[1] / b.usd),
+            max(0.0, 1 - self.spent[2] / b.energy_j),
+        )
+
+    def _obs(self) -> np.ndarray:
+        turn = self.turns[self.index]
+        inputs = ObsInputs(**{**vars(turn.inputs), "history": list(self.history), "budgets": self.remaining()})
+        return observe(inputs)
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        turn = self.turns[self.index]
+        if turn.mask[action] == 0:
+            raise ValueError(f"action {action} is masked on this turn")
+        allowed = turn.mask > 0
+
+        def norm(values: np.ndarray) -> float:
+            lo, hi = values[allowed].min(), values[allowed].max()
+            return float((values[action] - lo) / (hi - lo)) if hi > lo else 0.0
+
+        w = self.weights
+        reward = (
+            w.quality * turn.quality[action]
+            + w.association * turn.association[action]
+            - w.latency * norm(turn.latency)
+            - w.cost * norm(turn.usd)
+        )
+        self.spent[0] += float(turn.latency[action])
+        self.spent[1] += float(turn.usd[action])
+        self.spent[2] += float(turn.energy[action])
+        over = (
+            self.spent[0] > self.budgets.latency_s
+            or self.spent[1] > self.budgets.usd
+            or self.spent[2] > self.budgets.energy_j
+        )
+        if over:  # RC-RL: an overrunning step earns nothing, and a penalty so the lesson is learnt
+            reward = -OVERRUN_PENALTY
+            self.violations += 1
+        sent = tuple(k in SUBSETS[action - 1] for k in range(K)) if action else (False,) * K
+        self.history.append(PastTurn("local" if action == 0 else "cloud", sent, turn.inputs.task))
+        info: dict[str, Any] = {
+            "quality": float(turn.quality[action]),
+            "latency": float(turn.latency[action]),
+            "usd": float(turn.usd[action]),
+            "energy": float(turn.energy[action]),
+            "violation": over,
+            "uploads": len(SUBSETS[action - 1]) if action else 0,
+        }
+        self.index += 1
+        done = self.index >= len(self.turns)
+        obs = np.zeros(OBS_DIM, dtype=np.float32) if done else self._obs()
+        next_mask = np.ones(N_ACTIONS, dtype=np.float32) if done else self.turns[self.index].mask.copy()
+        info["action_mask"] = next_mask
+        return obs, float(reward), done, False, info
+
+
+def default_sources(trace: Path | None) -> list[tuple[TurnSource, float]]:
+    sources: list[tuple[TurnSource, float]] = [(Simulator(), 0.7 if trace else 1.0)]
+    if trace is not None and trace.exists():
+        sources.append((TraceSource(trace), 0.3))
+    return sources
+
+
+def random_valid(mask: np.ndarray, rng: random.Random) -> int:
+    return rng.choice([a for a in range(N_ACTIONS) if mask[a] > 0])

@@ -1,0 +1,258 @@
+"""RC-PPO: train the offloading policy on OffloadEnv and export it to ONNX (needs the `train` extra).
+
+PPO with invalid actions masked out of the softmax, the remaining budgets in the observation and zero
+reward for budget-overrunning steps (tmo_env.py) is the resource-constrained variant of TMO. Training is
+seeded and runs in minutes on two CPU cores. The exported graph takes ``observation`` [batch, OBS_DIM]
+and ``mask`` [batch, N_ACTIONS] (1 = allowed) and returns ``log_probs`` [batch, N_ACTIONS]; the layout
+version, K, Z, feature and action names and the training data's hash travel in its metadata_props.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from locod.policy.observation import ACTION_NAMES, FEATURE_NAMES, LAYOUT_VERSION, N_ACTIONS, OBS_DIM, K, Z
+from locod.policy.tmo_env import OffloadEnv, TurnSource
+from torch import nn
+
+OPSET = 17
+MASKED = -1e9
+
+
+class Policy(nn.Module):
+    def __init__(self, hidden: int = 64) -> None:
+        super().__init__()
+        self.actor = nn.Sequential(
+            nn.Linear(OBS_DIM, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, N_ACTIONS)
+        )
+        self.critic = nn.Sequential(nn.Linear(OBS_DIM, hidden), nn.Tanh(), nn.Linear(hidden, 1))
+
+    def forward(self, observation: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked log-probabilities: the exported graph."""
+        return torch.log_softmax(self.actor(observation) + (1.0 - mask) * MASKED, dim=-1)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200_000
+    rollout: int = 2048
+    epochs: int = 4
+    minibatch: int = 256
+    gamma: float = 0.95
+    lam: float = 0.95
+    clip: float = 0.2
+    lr: float = 3e-4
+    entropy: float = 0.01
+    seed: int = 0
+
+
+def train(
+    sources: Sequence[tuple[TurnSource, float]], config: TrainConfig = TrainConfig(), log: bool = False
+) -> Policy:
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    torch.set_num_threads(2)
+    env = OffloadEnv(sources, seed=config.seed)
+    policy = Policy()
+    optimiser = torch.optim.Adam(policy.parameters(), lr=config.lr)
+    obs, info = env.reset(seed=config.seed)
+    mask = info["action_mask"]
+    done_steps = 0
+    while done_steps < config.steps:
+        batch: dict[str, list[Any]] = {k: [] for k in ("obs", "mask", "action", "logp", "reward", "done", "value")}
+        for _ in range(config.rollout):
+            with torch.no_grad():
+                o, m = torch.as_tensor(obs)[None], torch.as_tensor(mask)[None]
+                logp = policy(o, m)[0]
+                action = int(torch.multinomial(logp.exp(), 1))
+                value = float(policy.critic(o)[0, 0])
+            next_obs, reward, done, _, info = env.step(action)
+            for key, v in (
+                ("obs", obs),
+                ("mask", mask),
+                ("action", action),
+                ("logp", float(logp[action])),
+                ("reward", reward),
+                ("done", done),
+                ("value", value),
+            ):
+                batch[key].append(v)
+            obs, mask = next_obs, info["action_mask"]
+            if done:
+                obs, info = env.reset()
+                mask = info["action_mask"]
+        done_steps += config.rollout
+        _update(policy, optimiser, batch, config)
+        if log:
+            print(f"{done_steps} steps: mean reward {np.mean(batch['reward']):.4f}", flush=True)
+    return policy
+
+
+def _update(policy: Policy, optimiser: torch.optim.Optimizer, batch: dict[str, list[Any]], config: TrainConfig) -> None:
+    rewards, dones, values = (np.array(batch[k], dtype=np.float64) for k in ("reward", "done", "value"))
+    advantages = np.zeros_like(rewards)
+    gae = 0.0
+    for t in reversed(range(len(rewards))):
+        next_value = 0.0 if dones[t] or t == len(rewards) - 1 else values[t + 1]
+        delta = rewards[t] + config.gamma * next_value - values[t]
+        gae = delta + config.gamma * config.lam * (0.0 if dones[t] else gae)
+        advantages[t] = gae
+    returns = advantages + values
+    obs = torch.as_tensor(np.array(batch["obs"]))
+    masks = torch.as_tensor(np.array(batch["mask"]))
+    actions = torch.as_tensor(batch["action"])
+    old_logp = torch.as_tensor(batch["logp"], dtype=torch.float32)
+    adv = torch.as_tensor((advantages - advantages.mean()) / (advantages.std() + 1e-8), dtype=torch.float32)
+    ret = torch.as_tensor(returns, dtype=torch.float32)
+    n = len(rewards)
+    for _ in range(config.epochs):
+        order = torch.randperm(n)
+        for start in range(0, n, config.minibatch):
+            idx = order[start : start + config.minibatch]
+            logp_all = policy(obs[idx], masks[idx])
+            logp = logp_all.gather(1, actions[idx, None])[:, 0]
+            ratio = torch.exp(logp - old_logp[idx])
+            surrogate = torch.min(ratio * adv[idx], torch.clamp(ratio, 1 - config.clip, 1 + config.clip) * adv[idx])
+            probs = logp_all.exp()
+            entropy = -(probs * torch.where(masks[idx] > 0, logp_all, torch.zeros_like(logp_all))).sum(-1)
+            value_loss = (policy.critic(obs[idx])[:, 0] - ret[idx]).pow(2)
+            loss = -surrogate.mean() + 0.5 * value_loss.mean() - config.entropy * entropy.mean()
+            optimiser.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(policy.parameters(), 0.5)
+            optimiser.step()
+
+
+def data_hash(paths: Sequence[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def export(policy: Policy, path: Path, *, version: str, data_sha256: str, config: TrainConfig) -> None:
+    import onnx
+
+    policy.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = (torch.zeros(1, OBS_DIM), torch.ones(1, N_ACTIONS))
+    torch.onnx.export(
+        policy,
+        example,
+        str(path),
+        input_names=["observation", "mask"],
+        output_names=["log_probs"],
+        dynamic_axes={"observation": {0: "batch"}, "mask": {0: "batch"}, "log_probs": {0: "batch"}},
+        opset_version=OPSET,
+        dynamo=False,
+    )
+    model = onnx.load(str(path))
+    meta = {
+        "locod.layout_version": str(LAYOUT_VERSION),
+        "locod.policy_version": version,
+        "locod.k": str(K),
+        "locod.z": str(Z),
+        "locod.obs_dim": str(OBS_DIM),
+        "locod.n_actions": str(N_ACTIONS),
+        "locod.feature_names": json.dumps(FEATURE_NAMES),
+        "locod.action_names": json.dumps(ACTION_NAMES),
+        "locod.normalisation": "features pre-scaled to [0, 1] as documented in locod/policy/observation.py",
+        "locod.training_data_sha256": data_sha256,
+        "locod.train_config": json.dumps(vars(config)),
+    }
+    for key, value in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def parity(policy: Policy, path: Path, n: int = 1000, seed: int = 0) -> float:
+    """Max |torch - onnxruntime| over ``n`` random observations and random non-empty masks."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    obs = rng.random((n, OBS_DIM), dtype=np.float32)
+    mask = (rng.random((n, N_ACTIONS)) < 0.6).astype(np.float32)
+    mask[:, 0] = 1.0
+    with torch.no_grad():
+        expected = policy(torch.as_tensor(obs), torch.as_tensor(mask)).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"observation": obs, "mask": mask})[0]
+    allowed = mask > 0  # masked entries are ~ -1e9 on both sides; compare the probabilities that matter
+    return float(np.abs(expected[allowed] - got[allowed]).max())
+
+
+def seed_everything(seed: int) -> random.Random:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    return random.Random(seed)
+
+
+def load_log_rows(db: Path) -> list[dict[str, Any]]:
+    """Labelled rows of a decision log, JSON columns decoded (read-only; the daemon may be running)."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    conn.row_factory = sqlite3.Row
+    try:
+        rows = [dict(r) for r in conn.execute("SELECT * FROM decisions WHERE satisfied IS NOT NULL")]
+    finally:
+        conn.close()
+    for row in rows:
+        for column in ("attachments_offered", "telemetry"):
+            row[column] = json.loads(row[column] or "null")
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`locod policy train` and scripts/train_policy.py: train, export, check parity, report."""
+    import argparse
+
+    from locod.policy.evaluate import heuristics, run
+    from locod.policy.tmo_env import LogSource, default_sources
+
+    repo = Path(__file__).resolve().parent.parent
+    parser = argparse.ArgumentParser(
+        prog="locod policy train", description="Train the TMO offloading policy (RC-PPO) and export it to ONNX."
+    )
+    parser.add_argument("--out", default=str(repo / "policy/default/policy.onnx"))
+    parser.add_argument(
+        "--trace",
+        default=str(repo / "policy/data/bigbench_trace.jsonl"),
+        help="replay trace mixed into training (docs/routing.md)",
+    )
+    parser.add_argument("--from-db", metavar="LOCOD_DB", help="also train on this device's labelled decision log")
+    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
+    args = parser.parse_args(argv)
+    trace = Path(args.trace)
+    sources = default_sources(trace if trace.exists() else None)
+    inputs = [trace] if trace.exists() else []
+    if args.from_db:
+        sources.append((LogSource(load_log_rows(Path(args.from_db))), 0.5))
+        inputs.append(Path(args.from_db))
+    config = TrainConfig(steps=args.steps, seed=args.seed)
+    policy = train(sources, config, log=True)
+    out = Path(args.out)
+    version = f"rcppo-s{config.seed}-{config.steps // 1000}k-{data_hash(inputs)[:8]}"
+    export(policy, out, version=version, data_sha256=data_hash(inputs), config=config)
+    diff = parity(policy, out)
+    print(f"exported {out} ({out.stat().st_size} bytes), policy version {version}, torch/ONNX max abs diff {diff:.2e}")
+
+    def greedy(obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
+        with torch.no_grad():
+            return int(policy(torch.as_tensor(obs)[None], torch.as_tensor(mask)[None]).argmax())
+
+    for name, strategy in {**heuristics(), "RC-PPO policy": greedy}.items():
+        s = run(strategy, sources, episodes=300)
+        print(f"{name:>24}: reward {s.reward:.4f}, budget violations {s.violations}, cloud share {s.cloud_share:.2f}")
+    return 0 if diff < 1e-5 else 1

@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Per-turn decision cost, with the daemon's own objects: the MESS+ step alone (features, predictor, rule)
+and the full decision (telemetry snapshot, cloud access incl. today's spend from SQLite, candidates and
+masks, costs, the ONNX policy, MESS+), beside the time of one local token in the same run.
+
+    python scripts/bench_decision.py [--turns 3000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from llama_cpp import Llama
+
+from locod.daemon.attachments import DocChunk, PreparedAttachment
+from locod.daemon.cloud import CloudBackend
+from locod.daemon.config import CloudModelConfig, load_config
+from locod.daemon.fetch import fetch
+from locod.daemon.records import DecisionLog
+from locod.daemon.router import Router
+from locod.daemon.sessions import SessionStore, TurnTrail
+from locod.daemon.telemetry import TelemetrySampler
+from locod.daemon.turn import Turn
+from locod.policy.messplus import TurnFeatures, vectorize
+from locod.protocol import ChatRequest
+
+
+class NoLocal:
+    tokens_per_s = 40.0
+
+
+def quantiles(samples: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(samples, n=100)
+    return q[49], q[98]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--turns", type=int, default=3000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as home:
+        config = load_config(env={"LOCOD_STATE_DIR": home}, overrides={"routing.explore_c": "0"})
+        mini = CloudModelConfig(name="mini", base_url="http://127.0.0.1:9/v1", model="m")  # never contacted
+        config = replace(config, cloud=replace(config.cloud, default="mini", models=[mini]))
+        records = DecisionLog(Path(home) / "locod.db")
+        cloud = CloudBackend(config.cloud)
+        telemetry = TelemetrySampler(config, cloud, NoLocal())
+        telemetry.sample()
+        router = Router(config, records, telemetry, cloud)
+        sessions = SessionStore(1800, 100)
+        session = sessions.open("bench")
+        for i in range(3):
+            sessions.record(session, [{"role": "user", "content": f"earlier question {i}"}], "an answer",
+                            TurnTrail("local", (False, False, False), "query"))
+        request = ChatRequest("r", [{"role": "user", "content": "What does the chart in this photo show about "
+                                     "battery life on the train?"}], session="bench")
+        attachments = [
+            PreparedAttachment("image", "chart.jpg", False, 0.9, 400_000, jpeg=b"x" * 150_000, width=1024, height=768),
+            PreparedAttachment("image", "selfie.jpg", True, 0.2, 300_000, jpeg=b"x" * 90_000, width=800, height=600),
+            PreparedAttachment("document", "notes.md", False, 0.6, 20_000,
+                               chunks=(DocChunk(0, "battery notes " * 40, 0.6),)),
+        ]
+        turn = Turn(request, session, b"client", "query", attachments)
+        features = TurnFeatures(prompt=request.prompt, task="query", n_attachments=3, max_relevance=0.9,
+                                has_image=True, position=3)
+        costs = {"smollm2-135m-instruct": 0.01, "mini": 1.0}
+        mess, full = [], []
+        for _ in range(args.turns):
+            started = time.perf_counter()
+            router.mess.choose(vectorize(features), costs)
+            mess.append((time.perf_counter() - started) * 1e6)
+            started = time.perf_counter()
+            router.decide(turn)
+            full.append((time.perf_counter() - started) * 1e6)
+        policy = router.policy.version if router.policy else "none"
+    gguf = fetch("smollm2-135m-instruct", Path(__file__).resolve().parent.parent / "models", progress=lambda _: None)
+    llm = Llama(model_path=str(gguf), n_ctx=512, verbose=False)
+    started = time.perf_counter()
+    out = llm.create_completion("The history of the bicycle", max_tokens=64, temperature=0.0)
+    per_token_us = (time.perf_counter() - started) / out["usage"]["completion_tokens"] * 1e6  # type: ignore[index]
+    m50, m99 = quantiles(mess)
+    f50, f99 = quantiles(full)
+    print(f"policy: {policy}; {args.turns} turns, 2 local + 1 cloud model x 8 upload choices")
+    print("| measure | p50 | p99 |\n|---|---|---|")
+    print(f"| MESS+ step: features + predictor + rule (goal p99 < 100 us) | {m50:.1f} us | {m99:.1f} us |")
+    print(f"| full decision: snapshot, access, masks, costs, ONNX policy, MESS+ (goal p99 < 500 us) | "
+          f"{f50:.1f} us | {f99:.1f} us |")
+    print(f"| one local token (SmolLM2-135M, same run) | {per_token_us:.0f} us | |")
+    print(f"| full decision p99 / one local token | {f99 / per_token_us:.3f} | |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,216 @@
+"""The TMO policy: environment invariants, a short RC-PPO run that beats random, ONNX parity, the
+run-time checks on policy files, and the daemon deciding attachment subsets with it end to end."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from locod.errors import PolicyError
+from locod.policy.evaluate import heuristics, run
+from locod.policy.observation import (
+    ACTION_NAMES,
+    N_ACTIONS,
+    OBS_DIM,
+    SUBSETS,
+    K,
+    ObsInputs,
+    Slot,
+    action_mask,
+    observe,
+)
+from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
+from locod.policy.tmo_env import OVERRUN_PENALTY, Budgets, OffloadEnv, Simulator
+
+from .conftest import CloudServer, DaemonHandle, wait_for
+from .faultproxy import FaultProxy, image_parts
+
+torch = pytest.importorskip("torch")
+from locod.policy.train import Policy, TrainConfig, export, parity, train  # noqa: E402
+
+
+def test_action_layout_is_tmos_one_plus_two_to_the_k() -> None:
+    assert N_ACTIONS == 1 + 2**K
+    assert SUBSETS[0] == () and SUBSETS[-1] == tuple(range(K))
+    assert [len(s) for s in SUBSETS] == sorted(len(s) for s in SUBSETS)  # by size, then lexicographic
+    assert ACTION_NAMES[:3] == ("local", "cloud", "cloud+0")
+
+
+def test_mask_excludes_empty_private_and_unseeable_slots() -> None:
+    slots = [Slot(0.5, image=True), Slot(0.3, image=False, private=True)]
+    mask = action_mask(slots, cloud_allowed=True)
+    allowed = {ACTION_NAMES[a] for a in range(N_ACTIONS) if mask[a]}
+    assert allowed == {"local", "cloud", "cloud+0"}  # slot 1 is private, slot 2 is empty
+    text_only = action_mask(slots, cloud_allowed=True, vision=False)
+    assert {ACTION_NAMES[a] for a in range(N_ACTIONS) if text_only[a]} == {"local", "cloud"}
+    assert action_mask(slots, cloud_allowed=False).tolist() == [1.0] + [0.0] * (N_ACTIONS - 1)
+    assert action_mask([], cloud_allowed=False, local_allowed=False)[0] == 1.0  # something always answers
+
+
+def test_observation_is_bounded_and_sized() -> None:
+    obs = observe(ObsInputs(task="math", prompt_chars=10**9, slots=[Slot(7.0, True)] * 5, battery=-3,
+                            power_w=float("nan"), upload_bps=1e12, rtt_ms=1e9, q_norm=float("inf")))
+    assert obs.shape == (OBS_DIM,) and obs.dtype == np.float32
+    assert np.all((obs >= 0) & (obs <= 1))
+
+
+def test_budget_accounting_and_overrun_reward() -> None:
+    env = OffloadEnv([(Simulator(), 1.0)], seed=3)
+    obs, info = env.reset(seed=3, options={"budgets": Budgets(latency_s=1e9, usd=1e-12, energy_j=1e9)})
+    cloud = next(a for a in range(1, N_ACTIONS) if info["action_mask"][a])
+    _, reward, _, _, step = env.step(cloud)
+    assert step["violation"] and reward == -OVERRUN_PENALTY and env.violations == 1
+    assert env.spent[1] == pytest.approx(step["usd"])
+    assert env.remaining()[1] == 0.0
+    env.reset(seed=3, options={"budgets": Budgets(1e9, 1e9, 1e9)})
+    _, reward, _, _, step = env.step(0)
+    assert not step["violation"] and reward != 0.0
+    with pytest.raises(ValueError, match="masked"):
+        env.reset(seed=4)
+        env.step(int(np.flatnonzero(env.turns[0].mask == 0)[0]) if (env.turns[0].mask == 0).any() else N_ACTIONS)
+
+
+@pytest.fixture(scope="module")
+def short_policy() -> Any:
+    return train([(Simulator(), 1.0)], TrainConfig(steps=12_288, seed=7))
+
+
+def test_short_training_beats_random(short_policy: Any) -> None:
+    def greedy(obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
+        with torch.no_grad():
+            return int(short_policy(torch.as_tensor(obs)[None], torch.as_tensor(mask)[None]).argmax())
+
+    sources = [(Simulator(), 1.0)]
+    trained = run(greedy, sources, episodes=300, seed=99)
+    uniform = run(heuristics()["random"], sources, episodes=300, seed=99)
+    assert trained.reward > uniform.reward + 0.05
+
+
+def test_onnx_export_matches_torch(short_policy: Any, tmp_path: Path) -> None:
+    path = tmp_path / "p.onnx"
+    export(short_policy, path, version="test", data_sha256="0" * 64, config=TrainConfig())
+    assert parity(short_policy, path, n=1000) < 1e-5
+    loaded = OnnxPolicy(path)
+    assert loaded.version == "test" and json.loads(loaded.metadata["locod.action_names"])[0] == "local"
+    mask = np.ones(N_ACTIONS, dtype=np.float32)
+    mask[3:] = 0
+    log_pi = loaded.log_probs(np.zeros(OBS_DIM, dtype=np.float32), mask)
+    assert np.exp(log_pi[:3]).sum() == pytest.approx(1.0, abs=1e-5) and np.all(log_pi[3:] < -1e6)
+
+
+def test_shipped_default_policy_loads_and_is_small() -> None:
+    policy = OnnxPolicy(DEFAULT_POLICY)
+    assert DEFAULT_POLICY.stat().st_size < 1_000_000
+    assert policy.metadata["locod.training_data_sha256"]
+
+
+def test_bad_policy_files_are_named_errors(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError) as info:
+        OnnxPolicy(tmp_path / "missing.onnx")
+    assert info.value.code == "policy_missing"
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"\x08\x01garbage" * 10)
+    with pytest.raises(PolicyError) as info:
+        OnnxPolicy(corrupt)
+    assert info.value.code == "policy_corrupt"
+    import onnx
+
+    model = onnx.load(str(DEFAULT_POLICY))
+    for entry in model.metadata_props:
+        if entry.key == "locod.layout_version":
+            entry.value = "0"
+    onnx.save(model, str(tmp_path / "old.onnx"))
+    with pytest.raises(PolicyError, match="locod.layout_version is '0'") as info:
+        OnnxPolicy(tmp_path / "old.onnx")
+    assert info.value.code == "policy_mismatch"
+
+
+# -- end to end through the daemon -----------------------------------------------------------------
+
+
+@pytest.fixture
+def proxy(cloud_server: CloudServer) -> Iterator[FaultProxy]:
+    p = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()
+    yield p
+    p.stop()
+
+
+def image(width: int, height: int) -> dict[str, Any]:
+    pixels = np.full((height, width, 3), 128, np.uint8)
+    return {"kind": "image", "name": f"view-{width}x{height}.png",
+            "data": base64.b64encode(cv2.imencode(".png", pixels)[1].tobytes()).decode()}
+
+
+def policy_config(base_url: str, **routing: Any) -> dict[str, Any]:
+    return {
+        "routing": {"mode": "auto", "explore_c": 0.0, **routing},
+        "cloud": {"models": [{"name": "cloud-small", "base_url": base_url, "model": "cloud-small",
+                              "usd_per_mtok_in": 0.15, "usd_per_mtok_out": 0.6}]},
+    }
+
+
+def test_daemon_uploads_exactly_the_chosen_subset(daemon_factory: Any, proxy: FaultProxy) -> None:
+    handle = daemon_factory(policy_config(proxy.base_url, explore_c=50.0))  # explore: many different subsets
+    client = handle.client()
+    assert client.status()["routing"]["policy"] == OnnxPolicy(DEFAULT_POLICY).version
+    views = [image(320, 240), image(240, 320), image(200, 200)]
+    for i in range(8):
+        client.ask(f"What do you see in these camera images? ({i})", attachments=views, max_tokens=2)
+    seen = iter(proxy.chat_requests())
+    cloud_rows = 0
+    for row in handle.rows():
+        sent = json.loads(row["attachments_sent"])
+        assert json.loads(row["probabilities"]) and row["policy_version"]
+        if row["location"] != "cloud":
+            assert sent == []
+            continue
+        cloud_rows += 1
+        uploaded = image_parts(next(seen))
+        sizes = []
+        for url in uploaded:
+            pixels = cv2.imdecode(np.frombuffer(base64.b64decode(url.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
+            sizes.append(f"view-{pixels.shape[1]}x{pixels.shape[0]}.png")
+        assert sorted(sizes) == sorted(sent)
+    assert cloud_rows > 0
+
+
+def test_private_attachments_are_never_uploaded(daemon_factory: Any, proxy: FaultProxy) -> None:
+    handle = daemon_factory(policy_config(proxy.base_url, explore_c=50.0))
+    secret = {**image(300, 300), "name": "passport.png", "private": True}
+    for i in range(6):
+        handle.client().ask(f"Look at this image {i}", attachments=[secret, image(100, 80)], max_tokens=2)
+    for request in proxy.chat_requests():
+        for url in image_parts(request):
+            pixels = cv2.imdecode(np.frombuffer(base64.b64decode(url.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
+            assert pixels.shape[:2] == (80, 100)
+    for row in handle.rows():
+        assert "passport.png" not in json.loads(row["attachments_sent"])
+        mask = json.loads(row["mask"])
+        assert mask and not mask.get("cloud-small|cloud+0,1")
+
+
+def test_corrupt_policy_falls_back_to_messplus_and_reload_swaps_it(daemon_factory: Any, proxy: FaultProxy,
+                                                                   tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not onnx at all")
+    handle = daemon_factory(policy_config(proxy.base_url, policy_path=str(bad)))
+    client = handle.client()
+    routing = client.status()["routing"]
+    assert routing["policy"] is None and "is not a loadable ONNX model" in routing["policy_error"]
+    assert "routing with MESS+ alone" in handle.log()
+    result = client.ask("Hello", max_tokens=2)
+    assert result.done["outcome"] == "ok" and "TMO" not in result.decision["reason"]
+    shutil.copy(DEFAULT_POLICY, bad)  # a good policy at the same path, then reload without a restart
+    assert client.reload() == {"reloaded": True}
+    wait_for(lambda: client.status()["routing"]["policy"] is not None, 10, "the policy to load")
+    assert "TMO policy" in client.ask("Hello again", max_tokens=2).decision["reason"]
+    assert handle.rows()[-1]["policy_version"] == OnnxPolicy(DEFAULT_POLICY).version
