@@ -87,6 +87,7 @@ class Router:
         self.cloud = cloud
         self._lock = threading.Lock()  # MESS+ state is shared by the turn threads
         self._judge = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
+        self._save_failed = False  # log a failing save once, not every turn
         self.reload(config)
 
     def reload(self, config: Config) -> None:
@@ -155,8 +156,10 @@ class Router:
         if choice.explored:
             why = "explored (MESS+ exploration turn)"
         else:
-            why = (f"MESS+{' + TMO policy' if policy.version else ''}: lowest V*cost + Q*(alpha - s_hat)"
-                   f"{' - w*log pi' if policy.version else ''} with Q={q:.2f}, s_hat={choice.s_hat[chosen.model]:.2f}")
+            why = (
+                f"MESS+{' + TMO policy' if policy.version else ''}: lowest V*cost + Q*(alpha - s_hat)"
+                f"{' - w*log pi' if policy.version else ''} with Q={q:.2f}, s_hat={choice.s_hat[chosen.model]:.2f}"
+            )
         if chosen.location == "cloud":
             why += f", action {chosen.key.split('|')[-1]}"
         if access.blocked_by and chosen.location == "local":
@@ -179,8 +182,9 @@ class Router:
         decision = Decision(chosen.location, chosen.model, chosen.send, why, choice.explored, routing)
         return self._with_notes(decision, turn)
 
-    def candidates(self, attachments: list[PreparedAttachment], slots: list[int],
-                   access: CloudAccess) -> tuple[dict[str, Candidate], dict[str, bool]]:
+    def candidates(
+        self, attachments: list[PreparedAttachment], slots: list[int], access: CloudAccess
+    ) -> tuple[dict[str, Candidate], dict[str, bool]]:
         """Every allowed (model, upload) action, and the mask over all of them (for the record).
 
         With a policy loaded a cloud model is offered with each subset of the top-K slots (TMO's layout);
@@ -198,12 +202,14 @@ class Router:
                 key = cloud.name
                 mask[key] = access.blocked_by is None
                 if mask[key]:
-                    send = tuple(i for i in uploadable(attachments, cloud.vision)
-                                 if attachments[i].relevance >= MIN_RELEVANCE)
+                    send = tuple(
+                        i for i in uploadable(attachments, cloud.vision) if attachments[i].relevance >= MIN_RELEVANCE
+                    )
                     out[key] = Candidate(key, cloud.name, "cloud", 1, send)
                 continue
-            slot_info = [Slot(attachments[i].relevance, attachments[i].kind == "image", attachments[i].private)
-                         for i in slots]
+            slot_info = [
+                Slot(attachments[i].relevance, attachments[i].kind == "image", attachments[i].private) for i in slots
+            ]
             allowed = action_mask(slot_info, cloud_allowed=access.blocked_by is None, vision=cloud.vision)
             for action in range(1, N_ACTIONS):
                 key = f"{cloud.name}|{ACTION_NAMES[action]}"
@@ -216,27 +222,49 @@ class Router:
             out[default] = Candidate(default, default, "local", 0, ())
         return out, mask
 
-    def _policy_term(self, turn: Turn, snapshot: Snapshot, access: CloudAccess, slots: list[int],
-                     candidates: dict[str, Candidate], s_hat: dict[str, float]) -> PolicyTerm:
+    def _policy_term(
+        self,
+        turn: Turn,
+        snapshot: Snapshot,
+        access: CloudAccess,
+        slots: list[int],
+        candidates: dict[str, Candidate],
+        s_hat: dict[str, float],
+    ) -> PolicyTerm:
         """-w * log pi(action) per candidate from the ONNX policy; nothing when none is loaded."""
         if self.policy is None:
             return PolicyTerm({}, {}, None)
-        local_s = max((v for m, v in s_hat.items() if any(c.model == m and c.location == "local"
-                                                          for c in candidates.values())), default=0.0)
-        cloud_s = max((v for m, v in s_hat.items() if any(c.model == m and c.location == "cloud"
-                                                          for c in candidates.values())), default=0.0)
+        local_s = max(
+            (v for m, v in s_hat.items() if any(c.model == m and c.location == "local" for c in candidates.values())),
+            default=0.0,
+        )
+        cloud_s = max(
+            (v for m, v in s_hat.items() if any(c.model == m and c.location == "cloud" for c in candidates.values())),
+            default=0.0,
+        )
         cap = self.config.cloud.daily_cap_usd
         money_left = 1.0 if cap <= 0 else max(0.0, 1 - access.spent_today_usd / cap)
         energy_left = (snapshot.battery_pct or 100) / 100 if snapshot.on_ac is False else 1.0
         inputs = ObsInputs(
-            task=turn.task, prompt_chars=len(turn.request.prompt),
-            slots=[Slot(turn.attachments[i].relevance, turn.attachments[i].kind == "image",
-                        turn.attachments[i].private) for i in slots],
+            task=turn.task,
+            prompt_chars=len(turn.request.prompt),
+            slots=[
+                Slot(turn.attachments[i].relevance, turn.attachments[i].kind == "image", turn.attachments[i].private)
+                for i in slots
+            ],
             history=[PastTurn(t.location, t.slots_sent, t.task) for t in turn.session.trail],
-            battery=None if snapshot.battery_pct is None else snapshot.battery_pct / 100, on_ac=snapshot.on_ac,
-            power_w=snapshot.power_w, cpu_pct=snapshot.cpu_pct, online=snapshot.online, link=snapshot.link,
-            upload_bps=snapshot.upload_bps, rtt_ms=snapshot.rtt_ms, budgets=(1.0, money_left, energy_left),
-            q_norm=self.mess.state.q / max(self.mess.q_cap, 1e-9), s_local=local_s, s_cloud=cloud_s,
+            battery=None if snapshot.battery_pct is None else snapshot.battery_pct / 100,
+            on_ac=snapshot.on_ac,
+            power_w=snapshot.power_w,
+            cpu_pct=snapshot.cpu_pct,
+            online=snapshot.online,
+            link=snapshot.link,
+            upload_bps=snapshot.upload_bps,
+            rtt_ms=snapshot.rtt_ms,
+            budgets=(1.0, money_left, energy_left),
+            q_norm=self.mess.state.q / max(self.mess.q_cap, 1e-9),
+            s_local=local_s,
+            s_cloud=cloud_s,
         )
         mask = np.zeros(N_ACTIONS, dtype=np.float32)
         for c in candidates.values():
@@ -291,8 +319,9 @@ class Router:
             cloud = self.config.cloud_model(c.model)
             sent = [turn.attachments[i] for i in c.send]
             images = sum(a.kind == "image" for a in sent)
-            usd = (prompt_tokens * cloud.usd_per_mtok_in + EXPECTED_ANSWER_TOKENS * cloud.usd_per_mtok_out) / 1e6 \
-                + images * cloud.usd_per_image
+            usd = (
+                prompt_tokens * cloud.usd_per_mtok_in + EXPECTED_ANSWER_TOKENS * cloud.usd_per_mtok_out
+            ) / 1e6 + images * cloud.usd_per_image
             upload = prompt_tokens * 4 + sum(len(a.jpeg) + 4 * sum(len(ch.text) for ch in a.chunks[:3]) for a in sent)
             joules = RADIO_W * upload / max(snapshot.upload_bps, 1.0)
             raw[key] = weights.weight_money * usd / MONEY_REF_USD + weights.weight_energy * joules / ENERGY_REF_J
@@ -309,7 +338,7 @@ class Router:
             return  # a forced turn: not part of the SLA accounting
         with self._lock:
             self.mess.settle(decision_id, decision.model, float(s_hat[decision.model]))
-            self.mess.save()
+            self._save()
         if decision.explored and self.config.routing.judge and self.cloud.available:
             self._judge.submit(self._grade, decision_id, turn.request.prompt, answer)
 
@@ -347,7 +376,7 @@ class Router:
                 self.mess.label(decision_id, row["model"], _vector_from_record(features), satisfied)
             else:
                 self.mess.state.pending.pop(decision_id, None)
-            self.mess.save()
+            self._save()
             q = self.mess.state.q
         return {"decision": decision_id, "satisfied": satisfied, "source": source, "q": q}
 
@@ -373,7 +402,18 @@ class Router:
     def save(self) -> None:
         self._judge.shutdown(wait=True)
         with self._lock:
+            self._save()
+
+    def _save(self) -> None:
+        """Persist the MESS+ state; a full or read-only disk is logged, never fatal to a turn (the state in
+        memory stays right and is saved again on the next turn)."""
+        try:
             self.mess.save()
+            self._save_failed = False
+        except OSError as exc:
+            if not self._save_failed:
+                log.error("cannot save the MESS+ state to %s: %s (will retry every turn)", self.mess.path, exc)
+            self._save_failed = True
 
 
 def _vector_from_record(features: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -388,9 +388,12 @@ class Daemon:
 
 def _exclusive_lock(directory: Path) -> Any:
     """Hold ``directory/locod.lock`` for the daemon's life: one daemon per state and runtime directory."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(directory, 0o700)
-    handle = (directory / "locod.lock").open("w")
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(directory, 0o700)
+        handle = (directory / "locod.lock").open("w")
+    except OSError as exc:
+        raise StorageError(f"cannot use {directory}: {exc.strerror}", code="state_unwritable") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

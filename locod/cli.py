@@ -370,8 +370,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models_list)
 
     policy = sub.add_parser("policy", help="the TMO routing policy").add_subparsers(required=True, metavar="ACTION")
-    p = policy.add_parser("train", help="train with RC-PPO and export ONNX (see --help of the action)",
-                          add_help=False)
+    p = policy.add_parser("train", help="train with RC-PPO and export ONNX (see --help of the action)", add_help=False)
     p.add_argument("train_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_policy_train)
     return parser

@@ -30,9 +30,13 @@ class Scores:
 
 
 def run(
-    strategy: Strategy, sources: Sequence[tuple[TurnSource, float]], episodes: int = 500, seed: int = 12345
+    strategy: Strategy,
+    sources: Sequence[tuple[TurnSource, float]],
+    episodes: int = 500,
+    seed: int = 12345,
+    budget_range: tuple[float, float] | None = None,
 ) -> Scores:
-    env = OffloadEnv(sources, seed=seed)
+    env = OffloadEnv(sources, seed=seed, budget_range=budget_range)
     rng = random.Random(seed + 1)
     totals = np.zeros(7)  # reward, quality, latency, usd, energy, uploads, cloud turns
     violations = turns = satisfied = 0

@@ -88,22 +88,24 @@ class Simulator:
 
     Latency and money per upload count and network kind are TMO's published figures. Quality follows
     TMO's template (local N(0.7, 0.3), cloud N(1.0, 0.3) on a 0-2 scale) with one change that makes the
-    modality choice matter: the cloud's answer gains up to +0.6 for uploading the turn's relevant
-    attachments (in proportion to the relevance it uploads), and loses 0.3 when a highly relevant image
-    is withheld. Attachment relevance is U(0, 1) rather than TMO's U(0.1, 0.5).
+    modality choice matter: the cloud's answer gains up to +1.0 for uploading the turn's relevant
+    attachments (in proportion to the relevance it uploads), and loses 0.5 when a highly relevant image
+    (relevance > 0.7) is withheld; the local model, which sees no image, loses 0.3 on such turns. Attachment relevance is U(0, 1) rather than TMO's U(0.1, 0.5).
     """
 
     local_latency_s: tuple[float, float] = (0.4, 1.2)  # uniform range of a local answer's time
     device_w: float = 15.0  # Jetson TX2-class draw while generating (TMO's figure)
+    links: tuple[str, ...] = ("wifi", "wifi", "cellular", "ethernet")  # where an episode starts
+    switch_p: float = 0.15  # chance per turn of moving to another network (or out of reach)
 
     def episode(self, rng: random.Random) -> list[TurnOutcomes]:
         turns = rng.randint(2, 5)
-        link = rng.choice(["wifi", "wifi", "cellular", "ethernet"])
+        link = rng.choice(self.links)
         battery = rng.uniform(0.05, 1.0)
         on_ac = rng.random() < 0.3
         out = []
         for _ in range(turns):
-            if rng.random() < 0.15:  # the device moves between networks, sometimes out of reach
+            if rng.random() < self.switch_p:  # the device moves between networks, sometimes out of reach
                 link = rng.choice(["wifi", "cellular", "none"])
             n = rng.choice([0, 1, 2, 3, 3])
             slots = [Slot(rng.random(), image=True, private=rng.random() < 0.1) for _ in range(n)]
@@ -124,7 +126,7 @@ class Simulator:
             for i, subset in enumerate(SUBSETS):
                 k = len(subset)
                 withheld = needs_image and not any(slots[j].relevance > 0.7 for j in subset if j < n)
-                gain = 0.6 * assoc[1 + i] - (0.3 if withheld else 0.0)
+                gain = 1.0 * assoc[1 + i] - (0.5 if withheld else 0.0)
                 quality[1 + i] = min(2.0, max(0.0, base + gain)) / 2
                 latency[1 + i] = table[k] * rng.uniform(0.9, 1.1)
                 usd[1 + i] = CLOUD_USD[k]
@@ -261,15 +263,17 @@ class Budgets:
     energy_j: float
 
 
-def sample_budgets(turns: list[TurnOutcomes], rng: random.Random) -> Budgets:
-    """Per-episode budgets between the all-local and the all-full-upload totals: uniform, normal around the
-    middle, or near an extreme (TMO's extreme-aware sampling)."""
+def sample_budgets(turns: list[TurnOutcomes], rng: random.Random, within: tuple[float, float] | None = None) -> Budgets:
+    """Per-episode budgets between the cheapest and the dearest totals: uniform, normal around the middle,
+    or near an extreme (TMO's extreme-aware sampling); ``within`` fixes the range (for evaluation)."""
 
     def between(values: list[tuple[float, float]]) -> float:
         lo = sum(v[0] for v in values)
         hi = sum(v[1] for v in values)
         mode = rng.random()
-        if mode < 0.4:
+        if within is not None:
+            u = rng.uniform(*within)
+        elif mode < 0.4:
             u = rng.random()
         elif mode < 0.7:
             u = min(1.0, max(0.0, rng.gauss(0.5, 0.15)))
@@ -293,7 +297,11 @@ class OffloadEnv(gym.Env):
     metadata = {"render_modes": []}  # noqa: RUF012  (gymnasium declares it this way)
 
     def __init__(
-        self, sources: Sequence[tuple[TurnSource, float]], weights: Weights | None = None, seed: int | None = None
+        self,
+        sources: Sequence[tuple[TurnSource, float]],
+        weights: Weights | None = None,
+        seed: int | None = None,
+        budget_range: tuple[float, float] | None = None,
     ) -> None:
         self.sources = list(sources)
         self.weights = weights or Weights()
@@ -306,6 +314,7 @@ class OffloadEnv(gym.Env):
         self.spent = [0.0, 0.0, 0.0]
         self.history: list[PastTurn] = []
         self.violations = 0
+        self.budget_range = budget_range
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -314,7 +323,7 @@ class OffloadEnv(gym.Env):
             self.rng = random.Random(seed)
         source = self.rng.choices([s for s, _ in self.sources], weights=[w for _, w in self.sources])[0]
         self.turns = source.episode(self.rng)
-        self.budgets = sample_budgets(self.turns, self.rng)
+        self.budgets = sample_budgets(self.turns, self.rng, self.budget_range)
         if options and "budgets" in options:
             self.budgets = options["budgets"]
         self.index, self.spent, self.history, self.violations = 0, [0.0, 0.0, 0.0], [], 0

@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from llama_cpp import Llama
-
 from locod.daemon.attachments import DocChunk, PreparedAttachment
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import CloudModelConfig, load_config
@@ -27,6 +26,7 @@ from locod.daemon.sessions import SessionStore, TurnTrail
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import Turn
 from locod.policy.messplus import TurnFeatures, vectorize
+
 from locod.protocol import ChatRequest
 
 
@@ -55,19 +55,28 @@ def main() -> None:
         sessions = SessionStore(1800, 100)
         session = sessions.open("bench")
         for i in range(3):
-            sessions.record(session, [{"role": "user", "content": f"earlier question {i}"}], "an answer",
-                            TurnTrail("local", (False, False, False), "query"))
-        request = ChatRequest("r", [{"role": "user", "content": "What does the chart in this photo show about "
-                                     "battery life on the train?"}], session="bench")
+            sessions.record(
+                session,
+                [{"role": "user", "content": f"earlier question {i}"}],
+                "an answer",
+                TurnTrail("local", (False, False, False), "query"),
+            )
+        request = ChatRequest(
+            "r",
+            [{"role": "user", "content": "What does the chart in this photo show about battery life on the train?"}],
+            session="bench",
+        )
         attachments = [
             PreparedAttachment("image", "chart.jpg", False, 0.9, 400_000, jpeg=b"x" * 150_000, width=1024, height=768),
             PreparedAttachment("image", "selfie.jpg", True, 0.2, 300_000, jpeg=b"x" * 90_000, width=800, height=600),
-            PreparedAttachment("document", "notes.md", False, 0.6, 20_000,
-                               chunks=(DocChunk(0, "battery notes " * 40, 0.6),)),
+            PreparedAttachment(
+                "document", "notes.md", False, 0.6, 20_000, chunks=(DocChunk(0, "battery notes " * 40, 0.6),)
+            ),
         ]
         turn = Turn(request, session, b"client", "query", attachments)
-        features = TurnFeatures(prompt=request.prompt, task="query", n_attachments=3, max_relevance=0.9,
-                                has_image=True, position=3)
+        features = TurnFeatures(
+            prompt=request.prompt, task="query", n_attachments=3, max_relevance=0.9, has_image=True, position=3
+        )
         costs = {"smollm2-135m-instruct": 0.01, "mini": 1.0}
         mess, full = [], []
         for _ in range(args.turns):
@@ -88,8 +97,10 @@ def main() -> None:
     print(f"policy: {policy}; {args.turns} turns, 2 local + 1 cloud model x 8 upload choices")
     print("| measure | p50 | p99 |\n|---|---|---|")
     print(f"| MESS+ step: features + predictor + rule (goal p99 < 100 us) | {m50:.1f} us | {m99:.1f} us |")
-    print(f"| full decision: snapshot, access, masks, costs, ONNX policy, MESS+ (goal p99 < 500 us) | "
-          f"{f50:.1f} us | {f99:.1f} us |")
+    print(
+        f"| full decision: snapshot, access, masks, costs, ONNX policy, MESS+ (goal p99 < 500 us) | "
+        f"{f50:.1f} us | {f99:.1f} us |"
+    )
     print(f"| one local token (SmolLM2-135M, same run) | {per_token_us:.0f} us | |")
     print(f"| full decision p99 / one local token | {f99 / per_token_us:.3f} | |")
 

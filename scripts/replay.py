@@ -46,13 +46,20 @@ class Run:
     def summary(self, alpha: float, cloud_usd: float) -> dict[str, float]:
         n = len(self.satisfied)
         sat = sum(self.satisfied) / n
-        return {"satisfaction": sat, "violation": max(0.0, alpha - sat), "cloud_share": sum(self.clouds) / n,
-                "cost_vs_cloud": self.usd / cloud_usd if cloud_usd else 0.0, "energy_j": self.energy_j}
+        return {
+            "satisfaction": sat,
+            "violation": max(0.0, alpha - sat),
+            "cloud_share": sum(self.clouds) / n,
+            "cost_vs_cloud": self.usd / cloud_usd if cloud_usd else 0.0,
+            "energy_j": self.energy_j,
+        }
 
 
 def costs(row: dict) -> dict[str, float]:  # type: ignore[type-arg]
-    raw = {m: WEIGHT_MONEY * v["usd"] / MONEY_REF_USD + WEIGHT_ENERGY * v["energy_j"] / ENERGY_REF_J
-           for m, v in ((LOCAL, row["models"][LOCAL]), (CLOUD, row["models"]["cloud"]))}
+    raw = {
+        m: WEIGHT_MONEY * v["usd"] / MONEY_REF_USD + WEIGHT_ENERGY * v["energy_j"] / ENERGY_REF_J
+        for m, v in ((LOCAL, row["models"][LOCAL]), (CLOUD, row["models"]["cloud"]))
+    }
     top = max(raw.values()) or 1.0
     return {m: c / top for m, c in raw.items()}
 
@@ -81,8 +88,9 @@ def replay(trace: list[dict], name: str, pick: Callable[..., tuple[str, MessPlus
 
 
 def new_messplus(alpha: float, v: float, c: float, seed: int) -> MessPlus:
-    return MessPlus({LOCAL: LOCAL_PRIOR, CLOUD: CLOUD_PRIOR}, sla=alpha, v=v, explore_c=c, q_cap=50.0,
-                    rng=random.Random(seed))
+    return MessPlus(
+        {LOCAL: LOCAL_PRIOR, CLOUD: CLOUD_PRIOR}, sla=alpha, v=v, explore_c=c, q_cap=50.0, rng=random.Random(seed)
+    )
 
 
 def messplus_router(alpha: float, v: float, c: float, seed: int) -> Callable[..., tuple[str, MessPlus]]:
@@ -158,17 +166,22 @@ def main() -> None:
         always_cloud = replay(trace, "always-cloud", lambda row, x, t: (CLOUD, None))
         mess = replay(trace, "MESS+", messplus_router(alpha, args.v, args.explore_c, args.seed))
         share = sum(mess.clouds) / n
-        randomly = replay(trace, "random (same share)",
-                          lambda row, x, t: (CLOUD if rng.random() < share else LOCAL, None))
+        randomly = replay(
+            trace, "random (same share)", lambda row, x, t: (CLOUD if rng.random() < share else LOCAL, None)
+        )
         threshold, routellm = calibrated_threshold(trace, share, args.seed)
         routellm.name = f"threshold {threshold:.2f} (same share)"
         oracle_share = oracle_cloud_share(trace, alpha)
-        print(f"| {alpha} | oracle lower bound (knows every label) | {alpha:.3f} | 0.000 | {oracle_share:.3f} | "
-              f"~{oracle_share:.3f} | - |")
+        print(
+            f"| {alpha} | oracle lower bound (knows every label) | {alpha:.3f} | 0.000 | {oracle_share:.3f} | "
+            f"~{oracle_share:.3f} | - |"
+        )
         for run in (always_local, always_cloud, randomly, routellm, mess):
             s = run.summary(alpha, always_cloud.usd)
-            print(f"| {alpha} | {run.name} | {s['satisfaction']:.3f} | {s['violation']:.3f} | "
-                  f"{s['cloud_share']:.3f} | {s['cost_vs_cloud']:.3f} | {s['energy_j'] / 1e3:.1f} |")
+            print(
+                f"| {alpha} | {run.name} | {s['satisfaction']:.3f} | {s['violation']:.3f} | "
+                f"{s['cloud_share']:.3f} | {s['cost_vs_cloud']:.3f} | {s['energy_j'] / 1e3:.1f} |"
+            )
         top, bottom = axes[0][col], axes[1][col]
         for run in (always_local, always_cloud, randomly, routellm, mess):
             running = [sum(run.satisfied[: i + 1]) / (i + 1) for i in range(n)]

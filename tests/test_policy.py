@@ -14,8 +14,6 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-
-from locod.errors import PolicyError
 from locod.policy.evaluate import heuristics, run
 from locod.policy.observation import (
     ACTION_NAMES,
@@ -31,11 +29,13 @@ from locod.policy.observation import (
 from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
 from locod.policy.tmo_env import OVERRUN_PENALTY, Budgets, OffloadEnv, Simulator
 
-from .conftest import CloudServer, DaemonHandle, wait_for
+from locod.errors import PolicyError
+
+from .conftest import CloudServer, wait_for
 from .faultproxy import FaultProxy, image_parts
 
 torch = pytest.importorskip("torch")
-from locod.policy.train import Policy, TrainConfig, export, parity, train  # noqa: E402
+from locod.policy.train import TrainConfig, export, parity, train  # noqa: E402
 
 
 def test_action_layout_is_tmos_one_plus_two_to_the_k() -> None:
@@ -57,8 +57,18 @@ def test_mask_excludes_empty_private_and_unseeable_slots() -> None:
 
 
 def test_observation_is_bounded_and_sized() -> None:
-    obs = observe(ObsInputs(task="math", prompt_chars=10**9, slots=[Slot(7.0, True)] * 5, battery=-3,
-                            power_w=float("nan"), upload_bps=1e12, rtt_ms=1e9, q_norm=float("inf")))
+    obs = observe(
+        ObsInputs(
+            task="math",
+            prompt_chars=10**9,
+            slots=[Slot(7.0, True)] * 5,
+            battery=-3,
+            power_w=float("nan"),
+            upload_bps=1e12,
+            rtt_ms=1e9,
+            q_norm=float("inf"),
+        )
+    )
     assert obs.shape == (OBS_DIM,) and obs.dtype == np.float32
     assert np.all((obs >= 0) & (obs <= 1))
 
@@ -146,15 +156,27 @@ def proxy(cloud_server: CloudServer) -> Iterator[FaultProxy]:
 
 def image(width: int, height: int) -> dict[str, Any]:
     pixels = np.full((height, width, 3), 128, np.uint8)
-    return {"kind": "image", "name": f"view-{width}x{height}.png",
-            "data": base64.b64encode(cv2.imencode(".png", pixels)[1].tobytes()).decode()}
+    return {
+        "kind": "image",
+        "name": f"view-{width}x{height}.png",
+        "data": base64.b64encode(cv2.imencode(".png", pixels)[1].tobytes()).decode(),
+    }
 
 
 def policy_config(base_url: str, **routing: Any) -> dict[str, Any]:
     return {
         "routing": {"mode": "auto", "explore_c": 0.0, **routing},
-        "cloud": {"models": [{"name": "cloud-small", "base_url": base_url, "model": "cloud-small",
-                              "usd_per_mtok_in": 0.15, "usd_per_mtok_out": 0.6}]},
+        "cloud": {
+            "models": [
+                {
+                    "name": "cloud-small",
+                    "base_url": base_url,
+                    "model": "cloud-small",
+                    "usd_per_mtok_in": 0.15,
+                    "usd_per_mtok_out": 0.6,
+                }
+            ]
+        },
     }
 
 
@@ -198,8 +220,9 @@ def test_private_attachments_are_never_uploaded(daemon_factory: Any, proxy: Faul
         assert mask and not mask.get("cloud-small|cloud+0,1")
 
 
-def test_corrupt_policy_falls_back_to_messplus_and_reload_swaps_it(daemon_factory: Any, proxy: FaultProxy,
-                                                                   tmp_path: Path) -> None:
+def test_corrupt_policy_falls_back_to_messplus_and_reload_swaps_it(
+    daemon_factory: Any, proxy: FaultProxy, tmp_path: Path
+) -> None:
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not onnx at all")
     handle = daemon_factory(policy_config(proxy.base_url, policy_path=str(bad)))

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Evaluate the shipped TMO policy against heuristics and MESS+ on held-out episodes (docs/evaluation.md).
+
+Settings: simulator episodes starting on WiFi, on cellular (both with the usual network changes), with
+tight and with loose budgets, and dialogues of the replay trace. Strategies: local only, cloud text only,
+cloud with every attachment, random, MESS+ only (relevant attachments), the TMO policy alone (its most
+likely allowed action), and MESS+ combined with the policy (the daemon's rule). Same episodes, budgets and
+seeds for every strategy; the training seed differs from the evaluation seeds.
+
+    pip install '.[eval]'
+    python scripts/evaluate_policy.py [--episodes 600] [--out docs/img]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from locod.policy.evaluate import Router, Scores, heuristics, run
+from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
+from locod.policy.tmo_env import Simulator, TraceSource
+
+REPO = Path(__file__).resolve().parent.parent
+SLA = 0.7
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--episodes", type=int, default=600)
+    parser.add_argument("--policy", default=str(DEFAULT_POLICY))
+    parser.add_argument("--trace", default=str(REPO / "policy/data/bigbench_trace.jsonl"))
+    parser.add_argument("--out", default=str(REPO / "docs/img"))
+    args = parser.parse_args()
+    policy = OnnxPolicy(Path(args.policy))
+
+    def policy_only(obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
+        return int(np.argmax(np.where(mask > 0, policy.log_probs(obs, mask), -np.inf)))
+
+    settings = {
+        "WiFi, sampled budgets": ([(Simulator(links=("wifi",)), 1.0)], None),
+        "cellular, sampled budgets": ([(Simulator(links=("cellular",)), 1.0)], None),
+        "mixed networks, tight budgets": ([(Simulator(), 1.0)], (0.0, 0.3)),
+        "mixed networks, loose budgets": ([(Simulator(), 1.0)], (0.7, 1.0)),
+        "replay trace (text only)": ([(TraceSource(Path(args.trace)), 1.0)], None),
+    }
+    results: dict[str, dict[str, Scores]] = {}
+    for setting, (sources, budgets) in settings.items():
+        strategies = {
+            **heuristics(),
+            "MESS+ only": Router(SLA, seed=1),
+            "TMO policy only": policy_only,
+            "MESS+ with TMO policy": Router(SLA, log_pi=policy.log_probs, seed=1),
+        }
+        results[setting] = {
+            name: run(strategy, sources, episodes=args.episodes, seed=2024, budget_range=budgets)
+            for name, strategy in strategies.items()
+        }
+    print(
+        f"policy {policy.version}; {args.episodes} held-out episodes per setting; SLA measure: quality >= 0.5, "
+        f"alpha = {SLA} for the MESS+ rows\n"
+    )
+    for setting, rows in results.items():
+        print(f"### {setting}\n")
+        print(
+            "| strategy | reward | quality | SLA attainment | latency (s) | money ($/turn) | energy (J/turn) "
+            "| episodes over budget | cloud share | attachments sent |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for name, s in rows.items():
+            print(
+                f"| {name} | {s.reward:.3f} | {s.quality:.3f} | {s.satisfaction:.3f} | {s.latency_s:.2f} | "
+                f"{s.usd:.5f} | {s.energy_j:.1f} | {s.violations} | {s.cloud_share:.2f} | {s.uploads:.2f} |"
+            )
+        best = max((s.reward for n, s in rows.items() if n in heuristics()), default=0.0)
+        combined = rows["MESS+ with TMO policy"].reward
+        print(f"\ncombined / best heuristic reward: {combined / best:.3f}\n" if best > 0 else "")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    names = list(next(iter(results.values())))
+    width = 0.8 / len(results)
+    for i, (setting, rows) in enumerate(results.items()):
+        xs = np.arange(len(names)) + i * width
+        axes[0].bar(xs, [rows[n].reward for n in names], width, label=setting)
+        axes[1].bar(xs, [rows[n].violations / args.episodes for n in names], width, label=setting)
+    for ax, title in zip(axes, ("mean reward per turn", "share of episodes over a budget"), strict=True):
+        ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2)
+        ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "evaluation_policy.png", dpi=110)
+    print(f"plot: {out / 'evaluation_policy.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Reliability and security under hostile input, crashes, load, access attempts and disk trouble, against
+the real daemon. The long versions with figures are scripts/stress.py (docs/reliability.md)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from locod.client import Client
+from locod.errors import LocodError, RequestError
+
+from .conftest import DaemonHandle, free_port, start_daemon
+
+LIMIT = 256 * 1024
+
+# -- protocol fuzzing --------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=10), children, max_size=5),
+    max_leaves=30,
+)
+ops = st.sampled_from(["chat", "feedback", "status", "decisions", "ping", "reload", "nope", "", None, 3])
+bad_attachment = st.fixed_dictionaries(
+    {
+        "kind": st.sampled_from(["image", "document", "video", 7]),
+        "name": st.text(max_size=30),
+        "data": st.one_of(st.text(max_size=200), st.binary(max_size=300).map(lambda b: base64.b64encode(b).decode())),
+    }
+)
+hostile_request = st.fixed_dictionaries(
+    {"v": st.sampled_from([1, 1, 1, 2, "1", None]), "id": st.text(min_size=1, max_size=20), "op": ops},
+    optional={
+        "prompt": st.one_of(st.text(max_size=200), json_values, st.just("x" * (LIMIT + 1))),
+        "messages": st.one_of(
+            json_values,
+            st.lists(st.fixed_dictionaries({"role": st.text(max_size=9), "content": json_values}), max_size=3),
+        ),
+        "attachments": st.one_of(json_values, st.lists(bad_attachment, max_size=3)),
+        "options": st.one_of(
+            json_values, st.fixed_dictionaries({"max_tokens": st.integers(-5, 2), "temperature": json_values})
+        ),
+        "decision": json_values,
+        "satisfied": json_values,
+        "limit": json_values,
+        "session": json_values,
+    },
+)
+messages = st.one_of(
+    st.binary(max_size=300),  # random bytes
+    json_values.map(lambda v: json.dumps(v).encode()),
+    hostile_request.map(lambda v: json.dumps(v).encode()),
+    st.integers(100, 3000).map(lambda depth: b"[" * depth + b"]" * depth),  # deep nesting
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[DaemonHandle]:
+    handle = start_daemon(
+        tmp_path_factory.mktemp("fuzz"),
+        models_dir,
+        {"daemon": {"max_message_bytes": LIMIT}, "local": {"max_tokens": 1}},
+    )
+    yield handle
+    handle.stop()
+
+
+def test_ten_thousand_hostile_messages(fuzz_daemon: DaemonHandle) -> None:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(fuzz_daemon.endpoint)
+    process = psutil.Process(fuzz_daemon.proc.pid)
+    counts = {"sent": 0, "errors": 0, "valid": 0}
+    rss: list[int] = []
+
+    def exchange(frame: bytes) -> list[dict[str, Any]]:
+        sock.send(frame)
+        replies = []
+        while True:
+            assert sock.poll(30_000), f"no reply to {frame[:80]!r}"
+            reply = json.loads(sock.recv())
+            replies.append(reply)
+            if reply["type"] in ("error", "result", "done"):
+                return replies
+
+    @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(st.lists(messages, min_size=49, max_size=49))
+    def batch(frames: list[bytes]) -> None:
+        for frame in frames:
+            exchange(frame)
+            counts["sent"] += 1
+        pong = exchange(json.dumps({"v": 1, "id": "valid", "op": "ping"}).encode())  # interleaved valid request
+        assert pong[-1]["type"] == "result" and pong[-1]["data"]["pong"] is True
+        counts["valid"] += 1
+        rss.append(process.memory_info().rss)
+
+    batch()
+    sock.close()
+    assert counts["sent"] + counts["valid"] >= 10_000
+    assert fuzz_daemon.proc.poll() is None
+    ok = Client(fuzz_daemon.endpoint).ask("Hello", max_tokens=2)
+    assert ok.done["outcome"] == "ok"
+    # memory bounded: the second half of the run does not keep growing
+    half = len(rss) // 2
+    assert max(rss[half:]) - max(rss[:half]) < 64 * 2**20, (rss[0], rss[-1])
+    assert fuzz_daemon.rows("PRAGMA integrity_check")[0]["integrity_check"] == "ok"
+
+
+# -- crash consistency -------------------------------------------------------------------------------
+
+
+def test_kill_9_during_turns_loses_no_acknowledged_record(tmp_path: Path, models_dir: Path) -> None:
+    rng = random.Random(20)
+    acknowledged: set[int] = set()
+    home = tmp_path / "crashy"
+    config = {"local": {"max_tokens": 60}, "routing": {"explore_c": 0.0}}
+    for cycle in range(20):
+        handle = start_daemon(home, models_dir, config)
+        done_ids: list[int] = []
+
+        def talk(n: int, handle: DaemonHandle = handle, done_ids: list[int] = done_ids) -> None:
+            try:
+                with Client(handle.endpoint, turn_timeout_s=30) as client:
+                    for i in range(3):
+                        done_ids.append(
+                            client.ask(f"cycle {cycle} client {n} turn {i}", session=f"s{n}").done["decision"]
+                        )
+            except LocodError:
+                pass  # the daemon died under us: expected
+
+        threads = [threading.Thread(target=talk, args=(n,)) for n in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(rng.uniform(0.05, 2.0))
+        handle.proc.send_signal(signal.SIGKILL)
+        handle.proc.wait()
+        for t in threads:
+            t.join(30)
+        acknowledged.update(done_ids)
+    final = start_daemon(home, models_dir, config)
+    try:
+        assert final.rows("PRAGMA integrity_check")[0]["integrity_check"] == "ok"
+        rows = {r["id"]: r for r in final.rows()}
+        assert acknowledged <= set(rows), "a turn whose done frame was received has no record"
+        assert all(rows[i]["outcome"] == "ok" for i in acknowledged)
+        assert not [r for r in rows.values() if r["outcome"] == "pending"]
+        status = Client(final.endpoint).status()
+        assert status["routing"]["turns"] >= len(acknowledged) - 20  # settled state survived (atomic file)
+        assert not list((home / "state").glob("messplus.npz.bad-*")), "a half-written state file was found"
+        assert Client(final.endpoint).ask("after the storm", max_tokens=2).done["outcome"] == "ok"
+    finally:
+        final.stop()
+    assert len(acknowledged) > 0
+
+
+# -- load ----------------------------------------------------------------------------------------------
+
+
+def test_fifty_concurrent_clients_are_all_served_fairly(daemon_factory: Any) -> None:
+    handle = daemon_factory({"local": {"max_tokens": 2}, "routing": {"explore_c": 0.0}})
+    served: dict[int, int] = {}
+    errors: list[BaseException] = []
+
+    def client(n: int) -> None:
+        try:
+            with Client(handle.endpoint, turn_timeout_s=120) as c:
+                for i in range(3):
+                    if n % 5 == 0:
+                        c.status()
+                    if n % 7 == 0:  # a slow reader: takes its frames late
+                        rid = c.send("chat", prompt=f"slow {n}.{i}", options={"max_tokens": 2})
+                        time.sleep(0.3)
+                        frames = list(c.frames(rid, 120_000))
+                        decision = frames[-1]["decision"]
+                    else:
+                        decision = c.ask(f"client {n} turn {i}", max_tokens=2).done["decision"]
+                    if n % 3 == 0:
+                        c.feedback(decision, n % 2 == 0)
+                    served[n] = served.get(n, 0) + 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors, errors[:3]
+    assert served == {n: 3 for n in range(50)}
+    assert len(handle.rows()) == 150
+    assert handle.client().status()["queue"]["in_flight"] == 0
+
+
+# -- access --------------------------------------------------------------------------------------------
+
+
+def test_tcp_endpoint_requires_the_shared_secret(daemon_factory: Any, tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret-token\n")
+    port = free_port()
+    handle = daemon_factory({"daemon": {"tcp": f"tcp://127.0.0.1:{port}", "tcp_secret_file": str(secret)}})
+    with pytest.raises(RequestError) as info:
+        Client(f"tcp://127.0.0.1:{port}").ping()
+    assert info.value.code == "unauthorized"
+    assert Client(f"tcp://127.0.0.1:{port}", secret="s3cret-token").ping()["pong"]
+    assert handle.client().ping()["pong"]  # the ipc socket needs no secret: its file modes guard it
+
+
+def test_tcp_beyond_loopback_without_secret_refuses_to_start(tmp_path: Path, models_dir: Path) -> None:
+    handle = start_daemon(tmp_path, models_dir, {"daemon": {"tcp": f"tcp://0.0.0.0:{free_port()}"}}, wait=False)
+    assert handle.proc.wait(60) == 4
+    assert "beyond loopback: set daemon.tcp_secret_file" in handle.log()
+
+
+def test_paths_outside_the_allow_list_are_refused(daemon_factory: Any, tmp_path: Path) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "notes.md").write_text("The boat is blue.")
+    outside = tmp_path / "outside.md"
+    outside.write_text("secret outside the allow list")
+    (allowed / "link.md").symlink_to(outside)
+    handle = daemon_factory({"paths": {"allow_dirs": [str(allowed)]}})
+    client = handle.client()
+    ok = client.ask(
+        "What colour is the boat?", attachments=[{"kind": "document", "path": str(allowed / "notes.md")}], max_tokens=2
+    )
+    assert ok.done["outcome"] == "ok"
+    for path in (str(allowed / ".." / "outside.md"), str(allowed / "link.md"), "/etc/shadow"):
+        with pytest.raises(RequestError) as info:
+            client.ask("read", attachments=[{"kind": "document", "path": path}], max_tokens=2)
+        assert info.value.code == "path_not_allowed", path
+    assert len(handle.rows()) == 1
+
+
+# -- disk trouble --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_refuses_turns_clearly_and_keeps_serving(tmp_path: Path, models_dir: Path, small_disk: Path) -> None:
+    handle = start_daemon(
+        tmp_path / "d", models_dir, {"log": {"prompts": True}}, extra_env={"LOCOD_STATE_DIR": str(small_disk)}
+    )
+    try:
+        client = handle.client()
+        assert client.ask("before the disk fills", max_tokens=2).done["outcome"] == "ok"
+        filler = small_disk / "filler"
+        with filler.open("wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        refusal = None
+        for i in range(200):  # the WAL's spare pages fill first
+            try:
+                client.ask("word " * 700 + str(i), max_tokens=2)
+            except LocodError as exc:
+                refusal = exc
+                break
+        assert refusal is not None and refusal.code == "storage", refusal
+        assert "full" in refusal.message
+        assert client.ping()["pong"] and client.status()["pid"] == handle.proc.pid  # still serving
+        filler.unlink()
+        assert client.ask("after", max_tokens=2).done["outcome"] == "ok"
+    finally:
+        handle.stop()
+
+
+def test_read_only_state_is_a_clear_start_error(tmp_path: Path, models_dir: Path, small_disk: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    handle = start_daemon(tmp_path / "d", models_dir, {}, extra_env={"LOCOD_STATE_DIR": str(small_disk)}, wait=False)
+    assert handle.proc.wait(60) == 4
+    log = handle.log()
+    assert "Read-only file system" in log or "readonly" in log.lower()
+    assert "Traceback" not in log
