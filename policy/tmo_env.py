@@ -90,7 +90,8 @@ class Simulator:
     TMO's template (local N(0.7, 0.3), cloud N(1.0, 0.3) on a 0-2 scale) with one change that makes the
     modality choice matter: the cloud's answer gains up to +1.0 for uploading the turn's relevant
     attachments (in proportion to the relevance it uploads), and loses 0.5 when a highly relevant image
-    (relevance > 0.7) is withheld; the local model, which sees no image, loses 0.3 on such turns. Attachment relevance is U(0, 1) rather than TMO's U(0.1, 0.5).
+    (relevance > 0.7) is withheld; the local model, which sees no image, loses 0.3 on such turns.
+    Attachment relevance is U(0, 1) rather than TMO's U(0.1, 0.5).
     """
 
     local_latency_s: tuple[float, float] = (0.4, 1.2)  # uniform range of a local answer's time

@@ -167,7 +167,9 @@ def main() -> None:
         mess = replay(trace, "MESS+", messplus_router(alpha, args.v, args.explore_c, args.seed))
         share = sum(mess.clouds) / n
         randomly = replay(
-            trace, "random (same share)", lambda row, x, t: (CLOUD if rng.random() < share else LOCAL, None)
+            trace,
+            "random (same share)",
+            lambda row, x, t, rng=rng, share=share: (CLOUD if rng.random() < share else LOCAL, None),
         )
         threshold, routellm = calibrated_threshold(trace, share, args.seed)
         routellm.name = f"threshold {threshold:.2f} (same share)"

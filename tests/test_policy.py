@@ -75,7 +75,7 @@ def test_observation_is_bounded_and_sized() -> None:
 
 def test_budget_accounting_and_overrun_reward() -> None:
     env = OffloadEnv([(Simulator(), 1.0)], seed=3)
-    obs, info = env.reset(seed=3, options={"budgets": Budgets(latency_s=1e9, usd=1e-12, energy_j=1e9)})
+    _, info = env.reset(seed=3, options={"budgets": Budgets(latency_s=1e9, usd=1e-12, energy_j=1e9)})
     cloud = next(a for a in range(1, N_ACTIONS) if info["action_mask"][a])
     _, reward, _, _, step = env.step(cloud)
     assert step["violation"] and reward == -OVERRUN_PENALTY and env.violations == 1
@@ -139,7 +139,7 @@ def test_bad_policy_files_are_named_errors(tmp_path: Path) -> None:
         if entry.key == "locod.layout_version":
             entry.value = "0"
     onnx.save(model, str(tmp_path / "old.onnx"))
-    with pytest.raises(PolicyError, match="locod.layout_version is '0'") as info:
+    with pytest.raises(PolicyError, match=r"locod\.layout_version is '0'") as info:
         OnnxPolicy(tmp_path / "old.onnx")
     assert info.value.code == "policy_mismatch"
 
