@@ -142,15 +142,15 @@ class Router:
         fixed = fixed_decision(self.config, request.options.force, request.model, turn.attachments, access)
         if fixed is not None:
             return self._with_notes(fixed, turn)
-        features = self.features(turn)
-        x = vectorize(features)
         slots = ranked_slots(turn.attachments)
         candidates, mask = self.candidates(turn.attachments, slots, access)
         costs = self.costs(turn, snapshot, candidates)
+        features = {key: self.features(turn, c) for key, c in candidates.items()}
+        xs = {key: vectorize(f) for key, f in features.items()}
+        model_of = {key: c.model for key, c in candidates.items()}
         with self._lock:
-            s_hat = self.mess.predict(x, sorted({c.model for c in candidates.values()}))
-            policy = self._policy_term(turn, snapshot, access, slots, candidates, s_hat)
-            choice = self.mess.choose(x, costs, policy.extra, {k: c.model for k, c in candidates.items()})
+            policy = self._policy_term(turn, snapshot, access, slots, candidates, xs)
+            choice = self.mess.choose(xs, costs, policy.extra, model_of)
             q, attained = self.mess.state.q, self.mess.attained
         chosen = candidates[choice.key]
         if choice.explored:
@@ -158,15 +158,17 @@ class Router:
         else:
             why = (
                 f"MESS+{' + TMO policy' if policy.version else ''}: lowest V*cost + Q*(alpha - s_hat)"
-                f"{' - w*log pi' if policy.version else ''} with Q={q:.2f}, s_hat={choice.s_hat[chosen.model]:.2f}"
+                f"{' - w*log pi' if policy.version else ''} with Q={q:.2f}, s_hat={choice.s_hat[chosen.key]:.2f}"
             )
         if chosen.location == "cloud":
             why += f", action {chosen.key.split('|')[-1]}"
         if access.blocked_by and chosen.location == "local":
             why += f"; cloud masked: {access.blocked_by}"
+        x = xs[chosen.key]
         routing = {
-            "features": {
-                **{k: v for k, v in vars(features).items() if k != "prompt"},
+            "action": chosen.key,
+            "features": {  # of the chosen action: a later label trains on exactly what was decided on
+                **{k: v for k, v in vars(features[chosen.key]).items() if k != "prompt"},
                 "hashed": {int(i): round(float(v), 5) for i, v in zip(*x) if i < HASH_DIM},
             },
             "q": q,
@@ -229,19 +231,15 @@ class Router:
         access: CloudAccess,
         slots: list[int],
         candidates: dict[str, Candidate],
-        s_hat: dict[str, float],
+        xs: dict[str, tuple[np.ndarray, np.ndarray]],
     ) -> PolicyTerm:
         """-w * log pi(action) per candidate from the ONNX policy; nothing when none is loaded."""
         if self.policy is None:
             return PolicyTerm({}, {}, None)
-        local_s = max(
-            (v for m, v in s_hat.items() if any(c.model == m and c.location == "local" for c in candidates.values())),
-            default=0.0,
-        )
-        cloud_s = max(
-            (v for m, v in s_hat.items() if any(c.model == m and c.location == "cloud" for c in candidates.values())),
-            default=0.0,
-        )
+        best = {"local": 0.0, "cloud": 0.0}  # the best predicted satisfaction at each location
+        for key, c in candidates.items():
+            best[c.location] = max(best[c.location], self.mess.predict(xs[key], [c.model])[c.model])
+        local_s, cloud_s = best["local"], best["cloud"]
         cap = self.config.cloud.daily_cap_usd
         money_left = 1.0 if cap <= 0 else max(0.0, 1 - access.spent_today_usd / cap)
         energy_left = (snapshot.battery_pct or 100) / 100 if snapshot.on_ac is False else 1.0
@@ -292,17 +290,25 @@ class Router:
             decision.routing,
         )
 
-    def features(self, turn: Turn) -> TurnFeatures:
-        relevance = [a.relevance for a in turn.attachments]
+    def features(self, turn: Turn, candidate: Candidate) -> TurnFeatures:
+        """The turn as this candidate would answer it: the local model sees the documents but no image;
+        a cloud model sees what is uploaded. What stays behind shows as ``withheld_relevance``."""
+        if candidate.location == "local":
+            seen = [i for i, a in enumerate(turn.attachments) if a.kind == "document"]
+        else:
+            seen = list(candidate.send)
+        shown = [turn.attachments[i] for i in seen]
+        hidden = [a for i, a in enumerate(turn.attachments) if i not in seen]
         trail = turn.session.trail
         return TurnFeatures(
             prompt=turn.request.prompt,
             task=turn.task,
-            n_attachments=len(turn.attachments),
-            max_relevance=max(relevance, default=0.0),
-            has_image=any(a.kind == "image" for a in turn.attachments),
+            n_attachments=len(shown),
+            max_relevance=max((a.relevance for a in shown), default=0.0),
+            has_image=any(a.kind == "image" for a in shown),
             position=len(trail),
             prev_cloud=bool(trail) and trail[-1].location == "cloud",
+            withheld_relevance=max((a.relevance for a in hidden), default=0.0),
         )
 
     def costs(self, turn: Turn, snapshot: Snapshot, candidates: dict[str, Candidate]) -> dict[str, float]:
@@ -333,11 +339,11 @@ class Router:
     def after_turn(self, decision_id: int, turn: Turn, decision: Decision, answer: str) -> None:
         """Settle the queue with the prediction for the model that answered (labels come later), and have
         an explored turn graded by the judge when one is configured."""
-        s_hat = decision.routing.get("s_hat")
-        if not isinstance(s_hat, dict) or decision.model not in s_hat:
+        s_hat, action = decision.routing.get("s_hat"), decision.routing.get("action")
+        if not isinstance(s_hat, dict) or action not in s_hat:
             return  # a forced turn: not part of the SLA accounting
         with self._lock:
-            self.mess.settle(decision_id, decision.model, float(s_hat[decision.model]))
+            self.mess.settle(decision_id, decision.model, float(s_hat[action]))
             self._save()
         if decision.explored and self.config.routing.judge and self.cloud.available:
             self._judge.submit(self._grade, decision_id, turn.request.prompt, answer)

@@ -271,7 +271,7 @@ class Daemon:
             raise BadRequest("the daemon is shutting down", code="shutting_down", request_id=request.id)
         if len(self._turns) >= self.config.daemon.queue_limit:
             raise Busy(f"{len(self._turns)} turns in flight, at the queue limit; try again shortly")
-        reply = Reply(send=lambda frame_type, **fields: self._post(peer, encode(frame_type, request.id, **fields)))
+        reply = Reply(post=lambda frame_type, **fields: self._post(peer, encode(frame_type, request.id, **fields)))
         self._turns[self.pool.submit(self.runner.run, request, peer, reply)] = (peer, reply)
 
     def _post(self, peer: bytes, frame: bytes) -> None:
@@ -307,14 +307,18 @@ class Daemon:
                 "spent_today_usd": round(self.records.spent_since(local_midnight()), 6),
                 "daily_cap_usd": cfg.cloud.daily_cap_usd,
             },
-            "queue": {"in_flight": len(self._turns), "waiting_for_local": self.gate.waiting},
+            "queue": {"in_flight": self._in_flight(), "waiting_for_local": self.gate.waiting},
             "sessions": len(self.sessions),
-            "turns_served": self.turns_served,
+            "turns_served": self.turns_served + len(self._turns) - self._in_flight(),
             "interrupted_at_start": self.records.interrupted_at_start,
             "telemetry": self.telemetry.snapshot_dict(),
             "routing": self.router.status(),
             "stopping": self.stopping_since is not None,
         }
+
+    def _in_flight(self) -> int:
+        """Turns not answered yet (a turn's learning step may still run after its `done` frame)."""
+        return sum(not reply.answered.is_set() for _, reply in self._turns.values())
 
     def _status_line(self) -> str:
         routing = self.router.status()
@@ -323,7 +327,7 @@ class Daemon:
         return (
             f"model {self.config.local.default}, {net}, mode {routing['mode']}, "
             f"SLA {routing.get('attained', 'n/a')}/{routing['sla']}, Q {routing.get('q', 0):.2f}, "
-            f"{len(self._turns)} in flight"
+            f"{self._in_flight()} in flight"
         )
 
     def _on_signals(self) -> None:

@@ -40,11 +40,18 @@ Send = Callable[..., None]
 
 @dataclass
 class Reply:
-    """Frames for one request; ``cancelled`` is set when the client vanished or the daemon is stopping."""
+    """Frames for one request; ``cancelled`` is set when the client vanished or the daemon is stopping,
+    ``answered`` once the last frame (``done`` or ``error``) has gone out."""
 
-    send: Send  # send(type, **fields)
+    post: Send  # post(type, **fields)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    answered: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "the client disconnected"
+
+    def send(self, frame_type: str, **fields: Any) -> None:
+        self.post(frame_type, **fields)
+        if frame_type in ("done", "error"):
+            self.answered.set()
 
 
 @dataclass(frozen=True)

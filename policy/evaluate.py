@@ -119,34 +119,39 @@ class Router:
     def __call__(self, obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
         task = TASKS[int(np.argmax([obs[FEATURE_NAMES.index(f"task_{t}")] for t in TASKS]))]
         relevance = [float(obs[FEATURE_NAMES.index(f"slot{k}_relevance")]) for k in range(3)]
-        x = vectorize(
-            TurnFeatures(
-                prompt=task,
-                task=task,
-                n_attachments=round(float(obs[FEATURE_NAMES.index("attachments")]) * 3),
-                max_relevance=max(relevance),
-                has_image=max(relevance) > 0,
-            )
-        )
         allowed = [a for a in range(N_ACTIONS) if mask[a]]
+        if self.log_pi is None:
+            # MESS+ alone picks the model; the cloud gets the relevant attachments (the daemon's rule)
+            relevant = tuple(k for k in range(3) if relevance[k] >= 0.3)
+            heuristic = 1 + SUBSETS.index(relevant) if relevant in SUBSETS and mask[1 + SUBSETS.index(relevant)] else 1
+            allowed = [a for a in allowed if a in (0, heuristic)] or allowed
+        xs = {str(a): vectorize(self._features(task, relevance, a)) for a in allowed}
         costs = {str(a): CLOUD_ACTIONS_COST[a] for a in allowed}
         model_of = {str(a): "local" if a == 0 else "cloud" for a in allowed}
         extra: dict[str, float] = {}
-        if self.log_pi is None:
-            # MESS+ alone picks the model; the cloud gets the relevant attachments (the daemon's heuristic)
-            relevant = tuple(k for k in range(3) if relevance[k] >= 0.3)
-            heuristic = 1 + SUBSETS.index(relevant) if relevant in SUBSETS else 1
-            keep = [a for a in allowed if a == 0 or a == (heuristic if mask[heuristic] else 1)]
-            costs = {str(a): costs[str(a)] for a in keep if str(a) in costs} or costs
-            model_of = {k: model_of[k] for k in costs}
-        else:
+        if self.log_pi is not None:
             log_pi = self.log_pi(obs, mask)
             extra = {str(a): -self.weight * float(log_pi[a]) for a in allowed}
-        choice = self.mess.choose(x, costs, extra, model_of)
+        choice = self.mess.choose(xs, costs, extra, model_of)
         self.t += 1
-        self.mess.settle(self.t, choice.model, choice.s_hat[choice.model])
-        self.last = (x, choice.model)
+        self.mess.settle(self.t, choice.model, choice.s_hat[choice.key])
+        self.last = (xs[choice.key], choice.model)
         return int(choice.key)
+
+    @staticmethod
+    def _features(task: str, relevance: list[float], action: int) -> TurnFeatures:
+        """As the daemon does: what this action's model would see, and the best relevance it would not."""
+        sent = SUBSETS[action - 1] if action else ()
+        shown = [relevance[k] for k in sent]
+        hidden = [r for k, r in enumerate(relevance) if k not in sent and r > 0]
+        return TurnFeatures(
+            prompt=task,
+            task=task,
+            n_attachments=len(shown),
+            max_relevance=max(shown, default=0.0),
+            has_image=bool(shown),
+            withheld_relevance=max(hidden, default=0.0),
+        )
 
     def learn(self, info: dict[str, object]) -> None:
         if self.last is not None:

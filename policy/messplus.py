@@ -14,6 +14,7 @@ trained by SGD on each label; a per-model prior is its starting bias. Everything
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -34,6 +35,7 @@ DENSE = (
     "bias",
     "log_chars",
     "n_attachments",
+    "withheld",
     "max_relevance",
     "has_image",
     "position",
@@ -45,7 +47,8 @@ DIM = HASH_DIM + len(DENSE)
 
 @dataclass(frozen=True)
 class TurnFeatures:
-    """What the predictor knows about a turn before answering it."""
+    """What the predictor knows about one way of answering a turn: the prompt, and the attachments that
+    answer would see (``withheld_relevance``: the best relevance among those it would not)."""
 
     prompt: str
     task: str
@@ -54,29 +57,41 @@ class TurnFeatures:
     has_image: bool = False
     position: int = 0
     prev_cloud: bool = False
+    withheld_relevance: float = 0.0
 
 
 def vectorize(f: TurnFeatures) -> tuple[np.ndarray, np.ndarray]:
     """Sparse (indices, values): hashed unigrams and bigrams (L2-normalised), then the dense features."""
-    words = f.prompt.lower().split()[:256]
-    grams = words + [a + " " + b for a, b in zip(words, words[1:])]
-    counts: dict[int, float] = {}
-    for gram in grams:
-        index = zlib.crc32(gram.encode()) % HASH_DIM
-        counts[index] = counts.get(index, 0.0) + 1.0
-    norm = math.sqrt(sum(v * v for v in counts.values())) or 1.0
+    hashed_indices, hashed_values = _hashed(f.prompt)
     dense = [
         1.0,
         math.log1p(len(f.prompt)) / 8.0,
         min(f.n_attachments, 8) / 8.0,
+        min(1.0, max(0.0, _finite(f.withheld_relevance))),
         _finite(f.max_relevance),
         float(f.has_image),
         min(f.position, 20) / 20.0,
         float(f.prev_cloud),
         *(float(f.task == t) for t in TASKS),
     ]
-    indices = np.fromiter([*counts.keys(), *range(HASH_DIM, DIM)], dtype=np.int64)
-    values = np.fromiter([*(v / norm for v in counts.values()), *dense], dtype=np.float64)
+    return np.concatenate([hashed_indices, DENSE_INDICES]), np.concatenate([hashed_values, dense])
+
+
+DENSE_INDICES = np.arange(HASH_DIM, DIM, dtype=np.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def _hashed(prompt: str) -> tuple[np.ndarray, np.ndarray]:
+    """The prompt's hashed n-grams; cached because every candidate action of a turn shares them."""
+    words = prompt.lower().split()[:256]
+    counts: dict[int, float] = {}
+    for gram in words + [a + " " + b for a, b in zip(words, words[1:])]:
+        index = zlib.crc32(gram.encode()) % HASH_DIM
+        counts[index] = counts.get(index, 0.0) + 1.0
+    norm = math.sqrt(sum(v * v for v in counts.values())) or 1.0
+    indices = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+    values = np.fromiter((v / norm for v in counts.values()), dtype=np.float64, count=len(counts))
+    indices.flags.writeable = values.flags.writeable = False
     return indices, values
 
 
@@ -140,21 +155,21 @@ class MessPlus:
 
     def choose(
         self,
-        x: tuple[np.ndarray, np.ndarray],
+        xs: dict[str, tuple[np.ndarray, np.ndarray]],
         costs: dict[str, float],
         extra: dict[str, float] | None = None,
         model_of: dict[str, str] | None = None,
     ) -> Choice:
         """Pick among ``costs``'s keys (already masked): models, or actions such as a model with an upload
-        choice, each answered by ``model_of[key]``; ``extra`` adds a per-key term (the TMO policy's)."""
+        choice, each answered by ``model_of[key]`` and described to the predictor by ``xs[key]``;
+        ``extra`` adds a per-key term (the TMO policy's). ``s_hat`` comes back per key."""
         keys = list(costs)
         model_of = model_of or {k: k for k in keys}
-        s_hat = self.predict(x, sorted(set(model_of.values())))
+        s_hat = {k: self.predict(xs[k], [model_of[k]])[model_of[k]] for k in keys}
         self.state.t += 1
         self.max_s_hat_avg = 0.95 * self.max_s_hat_avg + 0.05 * max(s_hat.values())
         objective = {
-            k: self.v * costs[k] + self.state.q * (self.sla - s_hat[model_of[k]]) + (extra or {}).get(k, 0.0)
-            for k in keys
+            k: self.v * costs[k] + self.state.q * (self.sla - s_hat[k]) + (extra or {}).get(k, 0.0) for k in keys
         }
         explore = len(keys) > 1 and self.rng.random() < self.explore_probability
         key = self.rng.choice(keys) if explore else min(keys, key=objective.__getitem__)

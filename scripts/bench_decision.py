@@ -81,7 +81,8 @@ def main() -> None:
         mess, full = [], []
         for _ in range(args.turns):
             started = time.perf_counter()
-            router.mess.choose(vectorize(features), costs)
+            x = vectorize(features)
+            router.mess.choose({k: x for k in costs}, costs)
             mess.append((time.perf_counter() - started) * 1e6)
             started = time.perf_counter()
             router.decide(turn)

@@ -79,7 +79,8 @@ def main() -> None:
             )
         best = max((s.reward for n, s in rows.items() if n in heuristics()), default=0.0)
         combined = rows["MESS+ with TMO policy"].reward
-        print(f"\ncombined / best heuristic reward: {combined / best:.3f}\n" if best > 0 else "")
+        ratio = f"{combined / best:.3f}" if best > 0 and combined > 0 else "n/a (a reward is not positive)"
+        print(f"\ncombined / best heuristic reward: {ratio}\n")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))

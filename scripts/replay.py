@@ -97,8 +97,9 @@ def messplus_router(alpha: float, v: float, c: float, seed: int) -> Callable[...
     m = new_messplus(alpha, v, c, seed)
 
     def pick(row: dict, x: object, t: int) -> tuple[str, MessPlus]:  # type: ignore[type-arg]
-        choice = m.choose(x, costs(row))  # type: ignore[arg-type]
-        m.settle(t, choice.model, choice.s_hat[choice.model])
+        options = costs(row)
+        choice = m.choose({k: x for k in options}, options)  # type: ignore[misc]
+        m.settle(t, choice.model, choice.s_hat[choice.key])
         return choice.model, m
 
     return pick

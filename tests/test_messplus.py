@@ -14,6 +14,11 @@ from locod.policy.messplus import MessPlus, TurnFeatures, vectorize
 X = vectorize(TurnFeatures(prompt="hello there", task="chat"))
 
 
+def same(x: tuple[np.ndarray, np.ndarray], keys: dict[str, float]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Every option described by the same features."""
+    return {k: x for k in keys}
+
+
 def router(**kwargs: object) -> MessPlus:
     params: dict[str, object] = {"sla": 0.8, "v": 1.0, "explore_c": 0.0, "q_cap": 50.0}
     params.update(kwargs)
@@ -53,15 +58,16 @@ def test_queue_never_goes_below_zero_or_above_its_cap() -> None:
 def test_rule_by_hand() -> None:
     costs = {"local": 0.1, "cloud": 1.0}
     m = router()
-    choice = m.choose(X, costs)  # Q = 0: only cost counts
+    choice = m.choose(same(X, costs), costs)  # Q = 0: only cost counts
     assert choice.model == "local" and choice.objective["local"] == pytest.approx(0.1)
     m.state.q = 10.0  # far behind the SLA: 0.1 + 10*(0.8-0.3) = 5.1 against 1.0 + 10*(0.8-0.9) = 0.0
-    choice = m.choose(X, costs)
+    choice = m.choose(same(X, costs), costs)
     assert choice.model == "cloud"
     assert choice.objective == pytest.approx({"local": 5.1, "cloud": 0.0})
+    assert choice.s_hat == pytest.approx({"local": 0.3, "cloud": 0.9})
     m.state.q = 1.0  # 0.1 + 0.5 = 0.6 against 1.0 - 0.1 = 0.9
-    assert m.choose(X, costs).model == "local"
-    assert m.choose(X, costs, extra={"local": 0.5}).model == "cloud"  # the policy's term can tip it
+    assert m.choose(same(X, costs), costs).model == "local"
+    assert m.choose(same(X, costs), costs, extra={"local": 0.5}).model == "cloud"  # the policy's term can tip it
 
 
 def test_exploration_probability_decays_as_t_to_the_minus_quarter() -> None:
@@ -82,10 +88,10 @@ def test_sla_is_met_at_low_cost_on_a_known_stream() -> None:
     for t in range(4000):
         hard = rng.random() < 0.5
         x = vectorize(TurnFeatures(prompt="prove the theorem carefully" if hard else "say hi", task="chat"))
-        choice = m.choose(x, costs)
+        choice = m.choose(same(x, costs), costs)
         p = 0.95 if choice.model == "cloud" else (0.2 if hard else 0.9)
         ok = rng.random() < p
-        m.settle(t, choice.model, choice.s_hat[choice.model])
+        m.settle(t, choice.model, choice.s_hat[choice.key])
         m.label(t, choice.model, x, ok)
         satisfied += ok
         cloud_turns += choice.model == "cloud"
@@ -98,8 +104,8 @@ def test_sla_is_met_at_low_cost_on_a_known_stream() -> None:
 def test_infeasible_sla_is_detected_and_q_capped() -> None:
     m = MessPlus({"a": 0.4, "b": 0.5}, sla=0.99, v=1.0, explore_c=0.0, q_cap=5.0)
     for t in range(200):
-        choice = m.choose(X, {"a": 0.1, "b": 1.0})
-        m.settle(t, choice.model, choice.s_hat[choice.model])
+        choice = m.choose(same(X, {"a": 0, "b": 0}), {"a": 0.1, "b": 1.0})
+        m.settle(t, choice.model, choice.s_hat[choice.key])
         m.label(t, choice.model, X, satisfied=t % 2 == 0)
     assert m.state.q == 5.0 and m.infeasible
 
@@ -110,7 +116,7 @@ def test_state_survives_save_and_load(tmp_path: Path) -> None:
     for i in range(5):
         m.settle(i, "local", 0.4)
     m.label(0, "local", X, satisfied=True)
-    m.choose(X, {"local": 0.1, "cloud": 1.0})
+    m.choose(same(X, {"local": 0, "cloud": 0}), {"local": 0.1, "cloud": 1.0})
     m.save()
     again = router(path=path)
     assert again.state.q == pytest.approx(m.state.q) and again.state.t == m.state.t == 1
