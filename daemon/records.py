@@ -154,6 +154,7 @@ class DecisionLog:
         self._conn = conn
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.Lock()
+        self._spent: tuple[float, float] | None = None  # (local midnight, USD spent since)
         with self._writing("migrate"):
             self._migrate()
             self.interrupted_at_start = self.db.execute(
@@ -199,6 +200,7 @@ class DecisionLog:
         row["finished"] = time.time()
         with self._writing("completing the record"):
             self.db.table("decisions").update(decision_id, row)
+            self._spend(outcome.cost_usd)
 
     def label(self, decision_id: int, satisfied: bool, source: str) -> dict[str, Any]:
         """Store a satisfaction label once; returns the row as it was before."""
@@ -219,16 +221,28 @@ class DecisionLog:
             self._conn.execute(
                 "UPDATE decisions SET cost_usd = COALESCE(cost_usd, 0) + ? WHERE id = ?", [usd, decision_id]
             )
+            self._spend(usd)
 
     def recent(self, limit: int = 20) -> list[dict[str, Any]]:
         rows = self.db.query("SELECT * FROM decisions ORDER BY id DESC LIMIT ?", [limit])
         return [_decoded(row) for row in rows]
 
-    def spent_since(self, since: float) -> float:
-        row = self._conn.execute(
-            "SELECT COALESCE(SUM(cost_usd), 0) FROM decisions WHERE created >= ?", [since]
-        ).fetchone()
-        return float(row[0])
+    def spent_today(self) -> float:
+        """Money spent since local midnight: read from the table once a day, then kept up to date in
+        memory as costs are recorded (every turn asks, for the daily cap)."""
+        midnight = local_midnight()
+        with self._lock:
+            if self._spent is None or self._spent[0] != midnight:
+                row = self._conn.execute(
+                    "SELECT COALESCE(SUM(cost_usd), 0) FROM decisions WHERE created >= ?", [midnight]
+                ).fetchone()
+                self._spent = (midnight, float(row[0]))
+            return self._spent[1]
+
+    def _spend(self, usd: float) -> None:
+        """Count a recorded cost towards today's total (called with the lock held)."""
+        if self._spent is not None and usd:
+            self._spent = (self._spent[0], self._spent[1] + usd)
 
     def close(self) -> None:
         with self._lock:

@@ -20,7 +20,7 @@ from locod.daemon.backends import Prompt
 from locod.daemon.cloud import CloudBackend, Upload
 from locod.daemon.config import Config
 from locod.daemon.decide import CloudAccess, Decision, fixed_decision, uploadable, withheld_note
-from locod.daemon.records import DecisionLog, local_midnight
+from locod.daemon.records import DecisionLog
 from locod.daemon.telemetry import Snapshot, TelemetrySampler
 from locod.policy.messplus import HASH_DIM, MessPlus, TurnFeatures, vectorize
 from locod.policy.observation import (
@@ -127,7 +127,7 @@ class Router:
             configured=self.cloud.available,
             breaker_open=not self._breaker_allows(),
             online=snapshot.online,
-            spent_today_usd=self.records.spent_since(local_midnight()),
+            spent_today_usd=self.records.spent_today(),
             daily_cap_usd=self.config.cloud.daily_cap_usd,
             battery_critical=critical,
         )
@@ -149,8 +149,9 @@ class Router:
         xs = {key: vectorize(f) for key, f in features.items()}
         model_of = {key: c.model for key, c in candidates.items()}
         with self._lock:
-            policy = self._policy_term(turn, snapshot, access, slots, candidates, xs)
-            choice = self.mess.choose(xs, costs, policy.extra, model_of)
+            s_hat = {key: self.mess.predict(xs[key], [c.model])[c.model] for key, c in candidates.items()}
+            policy = self._policy_term(turn, snapshot, access, slots, candidates, s_hat)
+            choice = self.mess.choose(xs, costs, policy.extra, model_of, s_hat=s_hat)
             q, attained = self.mess.state.q, self.mess.attained
         chosen = candidates[choice.key]
         if choice.explored:
@@ -169,7 +170,7 @@ class Router:
             "action": chosen.key,
             "features": {  # of the chosen action: a later label trains on exactly what was decided on
                 **{k: v for k, v in vars(features[chosen.key]).items() if k != "prompt"},
-                "hashed": {int(i): round(float(v), 5) for i, v in zip(*x) if i < HASH_DIM},
+                "hashed": {i: round(v, 5) for i, v in zip(x[0].tolist(), x[1].tolist()) if i < HASH_DIM},
             },
             "q": q,
             "sla": self.mess.sla,
@@ -231,14 +232,14 @@ class Router:
         access: CloudAccess,
         slots: list[int],
         candidates: dict[str, Candidate],
-        xs: dict[str, tuple[np.ndarray, np.ndarray]],
+        s_hat: dict[str, float],
     ) -> PolicyTerm:
         """-w * log pi(action) per candidate from the ONNX policy; nothing when none is loaded."""
         if self.policy is None:
             return PolicyTerm({}, {}, None)
         best = {"local": 0.0, "cloud": 0.0}  # the best predicted satisfaction at each location
         for key, c in candidates.items():
-            best[c.location] = max(best[c.location], self.mess.predict(xs[key], [c.model])[c.model])
+            best[c.location] = max(best[c.location], s_hat[key])
         local_s, cloud_s = best["local"], best["cloud"]
         cap = self.config.cloud.daily_cap_usd
         money_left = 1.0 if cap <= 0 else max(0.0, 1 - access.spent_today_usd / cap)

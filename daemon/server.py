@@ -31,7 +31,7 @@ from locod.daemon.gate import FairGate
 from locod.daemon.local import LocalBackend, ModelZoo, check_model_file
 from locod.daemon.logs import configure_logging
 from locod.daemon.notify import Notifier
-from locod.daemon.records import DecisionLog, local_midnight
+from locod.daemon.records import DecisionLog
 from locod.daemon.router import Router
 from locod.daemon.sessions import SessionStore
 from locod.daemon.telemetry import TelemetrySampler
@@ -304,7 +304,7 @@ class Daemon:
                 "models": [m.name for m in cfg.cloud.models],
                 "default": cfg.cloud.default,
                 "breaker": self.cloud.breaker.state,
-                "spent_today_usd": round(self.records.spent_since(local_midnight()), 6),
+                "spent_today_usd": round(self.records.spent_today(), 6),
                 "daily_cap_usd": cfg.cloud.daily_cap_usd,
             },
             "queue": {"in_flight": self._in_flight(), "waiting_for_local": self.gate.waiting},

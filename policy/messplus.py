@@ -159,13 +159,16 @@ class MessPlus:
         costs: dict[str, float],
         extra: dict[str, float] | None = None,
         model_of: dict[str, str] | None = None,
+        s_hat: dict[str, float] | None = None,
     ) -> Choice:
         """Pick among ``costs``'s keys (already masked): models, or actions such as a model with an upload
         choice, each answered by ``model_of[key]`` and described to the predictor by ``xs[key]``;
-        ``extra`` adds a per-key term (the TMO policy's). ``s_hat`` comes back per key."""
+        ``extra`` adds a per-key term (the TMO policy's). ``s_hat`` (per key) may be given when the caller
+        already predicted it; it comes back in the Choice either way."""
         keys = list(costs)
         model_of = model_of or {k: k for k in keys}
-        s_hat = {k: self.predict(xs[k], [model_of[k]])[model_of[k]] for k in keys}
+        if s_hat is None:
+            s_hat = {k: self.predict(xs[k], [model_of[k]])[model_of[k]] for k in keys}
         self.state.t += 1
         self.max_s_hat_avg = 0.95 * self.max_s_hat_avg + 0.05 * max(s_hat.values())
         objective = {

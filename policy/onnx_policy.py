@@ -60,16 +60,15 @@ class OnnxPolicy:
                 code="policy_mismatch",
             )
         self.version = meta.get("locod.policy_version", "unversioned")
+        self._outputs = ["log_probs"]
         self.metadata = dict(meta)
 
     def log_probs(self, observation: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        out = self.session.run(
-            None,
-            {
-                "observation": observation.reshape(1, OBS_DIM).astype(np.float32),
-                "mask": mask.reshape(1, N_ACTIONS).astype(np.float32),
-            },
-        )[0]
+        feeds = {
+            "observation": np.asarray(observation, dtype=np.float32).reshape(1, OBS_DIM),
+            "mask": np.asarray(mask, dtype=np.float32).reshape(1, N_ACTIONS),
+        }
+        out = self.session.run(self._outputs, feeds)[0]
         result = np.asarray(out[0], dtype=np.float64)
         if not np.all(np.isfinite(result[mask > 0])):
             raise PolicyError(f"policy {self.version} returned non-finite log-probabilities", code="policy_output")
