@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import openai
 from locod.daemon.backends import Generation, Prompt
@@ -119,7 +120,8 @@ class CloudBackend:
             try:
                 stream = client.chat.completions.create(
                     model=model.model,
-                    messages=prompt.messages,
+                    # Plain dicts in the shape the API documents; the client's TypedDicts vary by release.
+                    messages=cast(Any, prompt.messages),
                     max_tokens=prompt.max_tokens,
                     temperature=prompt.temperature,
                     seed=prompt.seed,

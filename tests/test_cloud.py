@@ -252,3 +252,37 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path, models_dir: Path
     good.client().ask("Hi", max_tokens=2)
     assert proxy.chat_requests()[0].headers["authorization"] == f"Bearer {SECRET}"
     good.stop()
+
+
+def test_combined_faults_every_turn_answered_breaker_engages_and_recovers(
+    daemon_factory: Any, proxy: FaultProxy
+) -> None:
+    """Slow + 5xx + cut streams + garbage, then the network flapping back: every turn still ends with an
+    answer, each failure is recorded as a fallback with its cause, the breaker opens and closes again."""
+    handle = daemon_factory(
+        cloud_config(proxy.base_url, max_retries=0, timeout_s=1.0, breaker_failures=3, breaker_cooldown_s=1.0)
+    )
+    client = handle.client()
+    proxy.faults = [
+        Fault("delay", delay_s=3.0, times=1),
+        Fault("status", status=502, times=1),
+        Fault("cut", cut_after_chunks=2, times=1),
+    ]
+    outcomes = [client.ask(f"turn {i}", max_tokens=6).done["outcome"] for i in range(3)]
+    assert outcomes == ["fallback"] * 3
+    assert client.status()["cloud"]["breaker"] == "open"
+    masked = client.ask("while the breaker is open", max_tokens=2)
+    assert masked.decision["location"] == "local" and "circuit breaker is open" in masked.decision["reason"]
+    import time
+
+    time.sleep(1.2)
+    proxy.faults = [Fault("garbage", times=1)]  # the trial turn fails: open again
+    assert client.ask("trial", max_tokens=4).done["outcome"] == "fallback"
+    time.sleep(1.2)
+    recovered = client.ask("back online", max_tokens=4)  # the next trial succeeds: closed
+    assert recovered.done["outcome"] == "ok" and recovered.done["location"] == "cloud"
+    assert client.status()["cloud"]["breaker"] == "closed"
+    rows = handle.rows()
+    causes = [r["error"] for r in rows if r["outcome"] == "fallback"]
+    assert len(causes) == 4 and all(causes)
+    assert all(r["outcome"] in ("ok", "fallback") for r in rows)

@@ -35,7 +35,7 @@ from .conftest import CloudServer, wait_for
 from .faultproxy import FaultProxy, image_parts
 
 torch = pytest.importorskip("torch")
-from locod.policy.train import TrainConfig, export, parity, train  # noqa: E402
+from locod.policy.train import Policy, TrainConfig, export, parity, train  # noqa: E402
 
 
 def test_action_layout_is_tmos_one_plus_two_to_the_k() -> None:
@@ -237,3 +237,40 @@ def test_corrupt_policy_falls_back_to_messplus_and_reload_swaps_it(
     wait_for(lambda: client.status()["routing"]["policy"] is not None, 10, "the policy to load")
     assert "TMO policy" in client.ask("Hello again", max_tokens=2).decision["reason"]
     assert handle.rows()[-1]["policy_version"] == OnnxPolicy(DEFAULT_POLICY).version
+
+
+def test_training_from_this_devices_decision_log(tmp_path: Path) -> None:
+    """`locod policy train --from-db`: labelled turns of a real decision log become episodes, the action
+    not taken estimated by nearest neighbours."""
+    from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
+    from locod.policy.tmo_env import LogSource
+    from locod.policy.train import load_log_rows
+
+    log = DecisionLog(tmp_path / "locod.db")
+    for i in range(12):
+        location = "local" if i % 2 else "cloud"
+        record = DecisionRecord(
+            session=f"s{i // 3}",
+            turn=i % 3,
+            request_id=str(i),
+            prompt_sha256="0" * 64,
+            prompt_chars=20 + i,
+            prompt=None,
+            task="query",
+            location=location,
+            model=location,
+            reason="test",
+            telemetry={"battery_pct": 80, "on_ac": False, "online": True},
+        )
+        decision = log.begin(record)
+        log.finish(decision, Outcome("ok", location, location, latency_total_ms=300 + i, cost_usd=0.001 * (i % 2 == 0)))
+        log.label(decision, satisfied=(location == "cloud" or i % 4 == 1), source="user")
+    rows = load_log_rows(tmp_path / "locod.db")
+    source = LogSource(rows)
+    episode = source.episode(random.Random(0))
+    assert 1 <= len(episode) <= 3
+    turn = episode[0]
+    assert turn.mask[0] == 1 and turn.mask[1] == 1  # local and cloud text; no attachments
+    assert 0.0 <= turn.quality[0] <= 1.0 and 0.0 <= turn.quality[1] <= 1.0
+    policy = train([(source, 1.0)], TrainConfig(steps=2048, rollout=512, seed=1))
+    assert isinstance(policy, Policy)
