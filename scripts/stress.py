@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import psutil
@@ -25,36 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from locod.daemon.fetch import fetch
 
 from locod.client import Client
-from tests.conftest import free_port, start_daemon
-
-
-def cloud_server(gguf: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(gguf),
-            "--model_alias",
-            "cloud-small",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(f"{url}/models", timeout=1)
-            return proc, url
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit("llama_cpp.server did not start")
+from tests.conftest import start_cloud_server, start_daemon
 
 
 def main() -> None:
@@ -64,7 +33,8 @@ def main() -> None:
     args = parser.parse_args()
     repo = Path(__file__).resolve().parent.parent
     gguf = fetch("smollm2-135m-instruct", repo / "models", progress=lambda _: None)
-    server, url = cloud_server(gguf)
+    server = start_cloud_server(gguf, Path(tempfile.gettempdir()) / "locod-stress-cloud.log")
+    url = server.base_url
     config = {
         "local": {"max_tokens": 4},
         "routing": {"explore_c": 0.0},
@@ -126,7 +96,7 @@ def main() -> None:
         rows = len(handle.rows())
         integrity = handle.rows("PRAGMA integrity_check")[0]["integrity_check"]
         handle.stop()
-    server.terminate()
+    server.proc.terminate()
     q = statistics.quantiles(waits, n=100)
     counts = sorted(per_client.values())
     print(f"{args.clients} clients, {args.turns} turns (1 in 4 cloud), {elapsed:.0f} s, errors: {len(errors)}")

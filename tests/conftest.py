@@ -26,6 +26,8 @@ from locod.daemon.fetch import fetch, manifest
 
 from locod.client import Client
 
+from .faultproxy import FaultProxy
+
 REPO = Path(__file__).resolve().parent.parent
 MODEL_NAME = "smollm2-135m-instruct"
 
@@ -196,31 +198,26 @@ class CloudServer:
     model: str = "cloud-small"
 
 
-@pytest.fixture(scope="session")
-def cloud_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudServer]:
-    """A real OpenAI-compatible server on loopback, serving the embedded GGUF as "cloud-small"."""
+def start_cloud_server(model_path: Path, log_path: Path) -> CloudServer:
+    """`python -m llama_cpp.server` on a free loopback port, serving ``model_path`` as "cloud-small"."""
     port = free_port()
-    log_path = tmp_path_factory.mktemp("cloud") / "server.log"
+    command = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        str(model_path),
+        "--model_alias",
+        "cloud-small",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        "4096",
+    ]
     with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "llama_cpp.server",
-                "--model",
-                str(model_path),
-                "--model_alias",
-                "cloud-small",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--n_ctx",
-                "4096",
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
+        proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}/v1"
 
     def up() -> bool:
@@ -233,6 +230,21 @@ def cloud_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             return False
 
     wait_for(up, 120, "llama_cpp.server")
-    yield CloudServer(proc, base_url)
-    proc.terminate()
-    proc.wait(30)
+    return CloudServer(proc, base_url)
+
+
+@pytest.fixture(scope="session")
+def cloud_server(model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CloudServer]:
+    """A real OpenAI-compatible server on loopback, serving the embedded GGUF as "cloud-small"."""
+    server = start_cloud_server(model_path, tmp_path_factory.mktemp("cloud") / "server.log")
+    yield server
+    server.proc.terminate()
+    server.proc.wait(30)
+
+
+@pytest.fixture
+def proxy(cloud_server: CloudServer) -> Iterator[FaultProxy]:
+    """The fault-injecting, request-recording proxy in front of the cloud server (tests/faultproxy.py)."""
+    p = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()
+    yield p
+    p.stop()

@@ -7,7 +7,6 @@ import base64
 import json
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,17 +16,10 @@ import pytest
 
 from locod.client import attachment
 
-from .conftest import CloudServer, DaemonHandle, free_port, locod_command, start_daemon
+from .conftest import DaemonHandle, free_port, locod_command, start_daemon
 from .faultproxy import Fault, FaultProxy, image_parts
 
 SECRET = "sk-locod-test-7f3a9c1e5b2d4f60"
-
-
-@pytest.fixture
-def proxy(cloud_server: CloudServer) -> Iterator[FaultProxy]:
-    p = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()
-    yield p
-    p.stop()
 
 
 def cloud_config(base_url: str, mode: str = "cloud", **cloud: Any) -> dict[str, Any]:

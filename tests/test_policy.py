@@ -7,7 +7,6 @@ import base64
 import json
 import random
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from locod.policy.tmo_env import OVERRUN_PENALTY, Budgets, OffloadEnv, Simulator
 
 from locod.errors import PolicyError
 
-from .conftest import CloudServer, wait_for
+from .conftest import wait_for
 from .faultproxy import FaultProxy, image_parts
 
 torch = pytest.importorskip("torch")
@@ -145,13 +144,6 @@ def test_bad_policy_files_are_named_errors(tmp_path: Path) -> None:
 
 
 # -- end to end through the daemon -----------------------------------------------------------------
-
-
-@pytest.fixture
-def proxy(cloud_server: CloudServer) -> Iterator[FaultProxy]:
-    p = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()
-    yield p
-    p.stop()
 
 
 def image(width: int, height: int) -> dict[str, Any]:

@@ -5,22 +5,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from locod.errors import UnknownDecision
 
-from .conftest import CloudServer, locod_command, wait_for
+from .conftest import locod_command, wait_for
 from .faultproxy import FaultProxy
-
-
-@pytest.fixture
-def proxy(cloud_server: CloudServer) -> Iterator[FaultProxy]:
-    p = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()
-    yield p
-    p.stop()
 
 
 def auto_config(base_url: str, **routing: Any) -> dict[str, Any]:
