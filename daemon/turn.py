@@ -132,7 +132,7 @@ class TurnRunner:
                 if after_cloud is not None:
                     self._finish(after_cloud[0], turn, decision, None, "cancelled", reply, reply.cancel_reason)
                 return
-            messages = self._local_messages(turn)
+            messages = self._local_messages(turn, decision.model)
             try:
                 local_prompt = self.local.prepare(decision.model, messages, self._max_tokens(turn))
             except LocodError as exc:
@@ -305,10 +305,10 @@ class TurnRunner:
             parts.append(f"Document {doc.name!r} (relevant excerpts):\n{excerpt}")
         return "\n\n".join(parts)
 
-    def _local_messages(self, turn: Turn) -> list[dict[str, str]]:
+    def _local_messages(self, turn: Turn, model: str) -> list[dict[str, str]]:
         """Documents stay on the device, so the local model sees their best chunks (within a third of its
         context); images it cannot see."""
-        n_ctx = self.config.local_model(self.config.local.default).n_ctx
+        n_ctx = self.config.local_model(model).n_ctx
         docs = self._documents_text(turn, list(range(len(turn.attachments))), n_ctx // 3)
         question = turn.request.prompt
         content = f"{docs}\n\n{question}" if docs else question

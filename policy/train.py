@@ -164,7 +164,7 @@ def export(policy: Policy, path: Path, *, version: str, data_sha256: str, config
         "locod.n_actions": str(N_ACTIONS),
         "locod.feature_names": json.dumps(FEATURE_NAMES),
         "locod.action_names": json.dumps(ACTION_NAMES),
-        "locod.normalisation": "features pre-scaled to [0, 1] as documented in locod/policy/observation.py",
+        "locod.normalisation": "features pre-scaled to [0, 1] as documented in locod.policy.observation",
         "locod.training_data_sha256": data_sha256,
         "locod.train_config": json.dumps(vars(config)),
     }

@@ -10,5 +10,5 @@ venv="${LOCOD_VENV:-.venv}"
 "$venv/bin/python" -m pip install --quiet '.[test]'
 "$venv/bin/locod" models fetch --dir models
 "$venv/bin/python" -m ruff check .
-"$venv/bin/python" -m mypy locod daemon policy
+"$venv/bin/python" -m mypy api daemon policy
 "$venv/bin/python" -m pytest "$@"

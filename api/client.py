@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import zmq
-
 from locod.errors import DaemonNotRunning, LocodError, from_frame
 from locod.protocol import request
 
