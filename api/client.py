@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+
 from locod.errors import DaemonNotRunning, LocodError, from_frame
 from locod.protocol import request
 

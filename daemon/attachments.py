@@ -17,8 +17,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from locod.daemon.config import AttachmentsConfig
 
+from locod.daemon.config import AttachmentsConfig
 from locod.errors import AttachmentError
 from locod.protocol import Attachment
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any, cast
 
 import openai
+
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import CloudConfig, CloudModelConfig
-
 from locod.errors import CloudError, ConfigError
 
 log = logging.getLogger(__name__)

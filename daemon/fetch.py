@@ -20,7 +20,6 @@ from importlib import resources
 from pathlib import Path
 
 from locod.daemon.config import tomllib
-
 from locod.errors import FetchError
 
 log = logging.getLogger(__name__)

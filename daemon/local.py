@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from llama_cpp import Llama
+
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import LocalModelConfig
-
 from locod.errors import ModelError, PromptTooLong
 
 log = logging.getLogger(__name__)

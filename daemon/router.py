@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from locod.daemon.attachments import PreparedAttachment
 from locod.daemon.backends import Prompt
 from locod.daemon.cloud import CloudBackend, Upload
@@ -22,6 +23,7 @@ from locod.daemon.config import Config
 from locod.daemon.decide import CloudAccess, Decision, fixed_decision, uploadable, withheld_note
 from locod.daemon.records import DecisionLog
 from locod.daemon.telemetry import Snapshot, TelemetrySampler
+from locod.errors import CloudError, PolicyError, UnknownDecision
 from locod.policy.messplus import HASH_DIM, MessPlus, TurnFeatures, vectorize
 from locod.policy.observation import (
     ACTION_NAMES,
@@ -35,8 +37,6 @@ from locod.policy.observation import (
     observe,
 )
 from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
-
-from locod.errors import CloudError, PolicyError, UnknownDecision
 
 if TYPE_CHECKING:
     from locod.daemon.turn import Turn

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import zmq
+
+from locod import __version__
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config, load_config
 from locod.daemon.gate import FairGate
@@ -36,8 +38,6 @@ from locod.daemon.router import Router
 from locod.daemon.sessions import SessionStore
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import Reply, TurnRunner
-
-from locod import __version__
 from locod.errors import Busy, LocodError, ProtocolError, StorageError
 from locod.protocol import BadRequest, ChatRequest, FeedbackRequest, SimpleRequest, encode, error_frame, parse_request
 

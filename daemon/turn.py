@@ -29,7 +29,6 @@ from locod.daemon.gate import FairGate
 from locod.daemon.local import LocalBackend
 from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
 from locod.daemon.sessions import Session, SessionStore, TurnTrail
-
 from locod.errors import Busy, CloudError, LocodError
 from locod.protocol import ChatRequest
 

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
 from locod.policy.messplus import MessPlus, TurnFeatures, vectorize
 from locod.policy.observation import CLOUD_ACTIONS_COST, FEATURE_NAMES, N_ACTIONS, SUBSETS, TASKS
 from locod.policy.tmo_env import OffloadEnv, TurnSource

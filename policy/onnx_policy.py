@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from locod.policy.observation import LAYOUT_VERSION, N_ACTIONS, OBS_DIM, K, Z
 
 from locod.errors import PolicyError
+from locod.policy.observation import LAYOUT_VERSION, N_ACTIONS, OBS_DIM, K, Z
 
 DEFAULT_POLICY = Path(__file__).resolve().parent / "default" / "policy.onnx"
 

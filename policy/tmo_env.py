@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import gymnasium as gym
 import numpy as np
+
 from locod.policy.observation import (
     N_ACTIONS,
     OBS_DIM,

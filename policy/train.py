@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
 from locod.policy.observation import ACTION_NAMES, FEATURE_NAMES, LAYOUT_VERSION, N_ACTIONS, OBS_DIM, K, Z
 from locod.policy.tmo_env import OffloadEnv, TurnSource
-from torch import nn
 
 OPSET = 17
 MASKED = -1e9

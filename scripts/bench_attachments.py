@@ -18,9 +18,9 @@ import time
 
 import cv2
 import numpy as np
+
 from locod.daemon.attachments import prepare, terms
 from locod.daemon.config import AttachmentsConfig, TelemetryConfig
-
 from locod.protocol import Attachment
 
 TMO_WIFI_ONE_IMAGE_S = 1.9

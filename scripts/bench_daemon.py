@@ -21,7 +21,6 @@ from llama_cpp import Llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from locod.daemon.fetch import fetch
-
 from tests.conftest import start_daemon
 
 PROMPTS = [

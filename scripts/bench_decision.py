@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from llama_cpp import Llama
+
 from locod.daemon.attachments import DocChunk, PreparedAttachment
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import CloudModelConfig, load_config
@@ -26,7 +27,6 @@ from locod.daemon.sessions import SessionStore, TurnTrail
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import Turn
 from locod.policy.messplus import TurnFeatures, vectorize
-
 from locod.protocol import ChatRequest
 
 

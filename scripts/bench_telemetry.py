@@ -15,6 +15,7 @@ import timeit
 from pathlib import Path
 
 from llama_cpp import Llama
+
 from locod.daemon.config import load_config
 from locod.daemon.fetch import fetch
 from locod.daemon.telemetry import TelemetrySampler

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from llama_cpp import Llama
+
 from locod.daemon.fetch import fetch
 
 REPO = Path(__file__).resolve().parent.parent

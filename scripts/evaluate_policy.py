@@ -22,6 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+
 from locod.policy.evaluate import Router, Scores, heuristics, run
 from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
 from locod.policy.tmo_env import Simulator, TraceSource

@@ -24,6 +24,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
 from locod.daemon.features import task_of
 from locod.daemon.router import CLOUD_PRIOR, ENERGY_REF_J, LOCAL_PRIOR, MONEY_REF_USD
 from locod.policy.messplus import MessPlus, TurnFeatures, vectorize

@@ -20,9 +20,8 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from locod.daemon.fetch import fetch
-
 from locod.client import Client
+from locod.daemon.fetch import fetch
 from tests.conftest import start_cloud_server, start_daemon
 
 

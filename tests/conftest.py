@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from locod.daemon.fetch import fetch, manifest
 
 from locod.client import Client
+from locod.daemon.fetch import fetch, manifest
 
 from .faultproxy import FaultProxy
 

@@ -6,8 +6,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from locod.daemon.config import load_config
 
+from locod.daemon.config import load_config
 from locod.errors import ConfigError
 
 from .conftest import locod_command

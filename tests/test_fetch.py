@@ -8,8 +8,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from locod.daemon.fetch import fetch, manifest
 
+from locod.daemon.fetch import fetch, manifest
 from locod.errors import FetchError
 
 from .conftest import MODEL_NAME, locod_command

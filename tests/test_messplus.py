@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from locod.policy.messplus import MessPlus, TurnFeatures, vectorize
 
 X = vectorize(TurnFeatures(prompt="hello there", task="chat"))

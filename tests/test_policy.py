@@ -13,6 +13,8 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+
+from locod.errors import PolicyError
 from locod.policy.evaluate import heuristics, run
 from locod.policy.observation import (
     ACTION_NAMES,
@@ -27,8 +29,6 @@ from locod.policy.observation import (
 )
 from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
 from locod.policy.tmo_env import OVERRUN_PENALTY, Budgets, OffloadEnv, Simulator
-
-from locod.errors import PolicyError
 
 from .conftest import wait_for
 from .faultproxy import FaultProxy, image_parts

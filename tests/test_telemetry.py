@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from locod.daemon.config import load_config
 from locod.daemon.telemetry import Readers, Snapshot, TelemetrySampler
 
