@@ -395,7 +395,3 @@ def default_sources(trace: Path | None) -> list[tuple[TurnSource, float]]:
     if trace is not None and trace.exists():
         sources.append((TraceSource(trace), 0.3))
     return sources
-
-
-def random_valid(mask: np.ndarray, rng: random.Random) -> int:
-    return rng.choice([a for a in range(N_ACTIONS) if mask[a] > 0])

@@ -192,11 +192,6 @@ def parity(policy: Policy, path: Path, n: int = 1000, seed: int = 0) -> float:
     return float(np.abs(expected[allowed] - got[allowed]).max())
 
 
-def seed_everything(seed: int) -> random.Random:
-    torch.manual_seed(seed)
-    np.random.seed(seed)
-    return random.Random(seed)
-
 
 def load_log_rows(db: Path) -> list[dict[str, Any]]:
     """Labelled rows of a decision log, JSON columns decoded (read-only; the daemon may be running)."""
