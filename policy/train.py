@@ -192,7 +192,6 @@ def parity(policy: Policy, path: Path, n: int = 1000, seed: int = 0) -> float:
     return float(np.abs(expected[allowed] - got[allowed]).max())
 
 
-
 def load_log_rows(db: Path) -> list[dict[str, Any]]:
     """Labelled rows of a decision log, JSON columns decoded (read-only; the daemon may be running)."""
     import sqlite3
