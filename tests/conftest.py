@@ -156,6 +156,8 @@ def start_daemon(
     )
     env.update(extra_env or {})
     log_path = home / "daemon.log"
+    # The log is appended to across restarts of one home: only what this start writes tells it is ready.
+    offset = log_path.stat().st_size if log_path.exists() else 0
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(
             locod_command("--config", str(config_path), "serve"), env=env, stdout=log_file, stderr=subprocess.STDOUT
@@ -166,7 +168,7 @@ def start_daemon(
         def ready() -> bool:
             if proc.poll() is not None:
                 raise AssertionError(f"daemon exited with {proc.returncode}:\n{handle.log()}")
-            return "serving on" in handle.log()
+            return "serving on" in handle.log_path.read_bytes()[offset:].decode(errors="replace")
 
         wait_for(ready, 120, "the daemon to serve")
     return handle
