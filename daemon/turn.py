@@ -171,7 +171,17 @@ class TurnRunner:
             generation = self.cloud.generate(decision.model, self._prompt(turn, messages, reply), upload)
         except CloudError as exc:
             log.warning("turn %s: %s; falling back to the local model", turn.request.id, exc.message)
-            local = Decision("local", self.config.local.default, (), f"{decision.reason}; fell back: {exc.message}")
+            default = self.config.local.default
+            # The routing state goes along: the turn still counts for the SLA (with the local model's
+            # prediction) and an explored turn is still graded.
+            local = Decision(
+                "local",
+                default,
+                (),
+                f"{decision.reason}; fell back: {exc.message}",
+                decision.explored,
+                {**decision.routing, "action": default},
+            )
             self._answer_locally(turn, local, decide_ms, reply, after_cloud=(decision_id, exc))
             return
         self._finish(decision_id, turn, decision, generation, "ok", reply, None)

@@ -58,8 +58,8 @@ def test_auto_turns_record_the_messplus_state(daemon_factory: Any, proxy: FaultP
     # By hand: local 0.005 + Q*0.3 against cloud 1 - Q*0.05, so the cloud wins once Q > 2.84, the 11th turn.
     locations = [client.ask(f"Question {i}", max_tokens=2).decision["location"] for i in range(12)]
     assert locations.index("cloud") == 9
-    status = client.status()["routing"]
-    assert status["turns"] == 13 and status["q"] > 0
+    wait_for(lambda: client.status()["routing"]["turns"] == 13, 10, "the last turn to settle")  # after `done`
+    assert client.status()["routing"]["q"] > 0
 
 
 def test_feedback_through_socket_and_cli(daemon_factory: Any, proxy: FaultProxy) -> None:
@@ -98,6 +98,7 @@ def test_routing_state_survives_a_daemon_restart(daemon_factory: Any, proxy: Fau
     first = daemon_factory(config, name="same")
     client = first.client()
     decisions = [client.ask(f"Hello {i}", max_tokens=2).done["decision"] for i in range(3)]
+    wait_for(lambda: client.status()["routing"]["turns"] == 3, 10, "the turns to settle")  # after `done`
     client.feedback(decisions[0], True)
     before = client.status()["routing"]
     assert first.stop() == 0
