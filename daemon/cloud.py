@@ -53,15 +53,13 @@ class CircuitBreaker:
         self.opened_at: float | None = None
         self._lock = threading.Lock()
 
-    def allow(self) -> bool:
-        """Closed: yes. Open: no, until the cooldown passes; then one trial turn goes through (half-open)."""
-        with self._lock:
-            if self.opened_at is None:
-                return True
-            if time.monotonic() - self.opened_at >= self.cooldown_s:
-                self.opened_at = time.monotonic()  # the trial; others wait another cooldown
-                return True
-            return False
+    @property
+    def blocking(self) -> bool:
+        """Open and still cooling down. Once the cooldown has passed the cloud may be chosen again
+        (half-open): the next cloud call's success closes the breaker, its failure reopens it. Reading this
+        changes nothing, so a turn routed locally does not use up the trial."""
+        opened_at = self.opened_at
+        return opened_at is not None and time.monotonic() - opened_at < self.cooldown_s
 
     def success(self) -> None:
         with self._lock:

@@ -125,15 +125,12 @@ class Router:
         )
         return CloudAccess(
             configured=self.cloud.available,
-            breaker_open=not self._breaker_allows(),
+            breaker_open=self.cloud.breaker.blocking,
             online=snapshot.online,
             spent_today_usd=self.records.spent_today(),
             daily_cap_usd=self.config.cloud.daily_cap_usd,
             battery_critical=critical,
         )
-
-    def _breaker_allows(self) -> bool:
-        return self.cloud.breaker.state == "closed" or self.cloud.breaker.allow()
 
     def decide(self, turn: Turn) -> Decision:
         snapshot = self.telemetry.snapshot()
