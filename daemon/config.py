@@ -147,6 +147,9 @@ class TelemetryConfig:
     probe_interval_s: float = field(default=30.0, metadata=_range(1))
     sysfs_root: str = "/sys"
     procfs_root: str = "/proc"
+    # Read a discrete NVIDIA GPU through NVML (the gpu extra). NVML is not under sysfs_root, so trees that
+    # stand for another device turn it off.
+    nvml: bool = True
     # Prior for upload bandwidth before any real upload was measured (bytes/s): a modest WiFi uplink.
     bandwidth_prior_bps: float = field(default=2_000_000.0, metadata=_range(1))
 

@@ -68,13 +68,13 @@ class Readers:
     """Each method reads one family of signals from the configured roots, keeping the state it needs
     between samples (CPU jiffies, RAPL counters). Garbage reads as None."""
 
-    def __init__(self, sysfs: Path, procfs: Path) -> None:
+    def __init__(self, sysfs: Path, procfs: Path, nvml: bool = True) -> None:
         self.sys, self.proc = sysfs, procfs
         self._cpu_prev: tuple[float, float] | None = None
         self._rapl_prev: tuple[float, float, float] | None = None  # energy_uj, max_range, time
         self._throttle_prev: float | None = None
         self._nvml: Any = None
-        self._nvml_tried = False
+        self._nvml_tried = not nvml
 
     def power_supply(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -250,7 +250,7 @@ class _Localish(Protocol):
 class TelemetrySampler:
     def __init__(self, config: Config, cloud: _Cloudish, local: _Localish) -> None:
         self.config = config.telemetry
-        self.readers = Readers(Path(self.config.sysfs_root), Path(self.config.procfs_root))
+        self.readers = Readers(Path(self.config.sysfs_root), Path(self.config.procfs_root), self.config.nvml)
         self.cloud, self.local = cloud, local
         self.probe_target = _probe_target(config)
         self._snapshot = Snapshot()

@@ -6,7 +6,10 @@ from __future__ import annotations
 import logging
 import shutil
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,12 @@ def device(tmp_path: Path, name: str) -> Path:
 def sampler(root: Path, **overrides: str) -> TelemetrySampler:
     config = load_config(
         env={},
-        overrides={"telemetry.sysfs_root": str(root / "sys"), "telemetry.procfs_root": str(root / "proc"), **overrides},
+        overrides={
+            "telemetry.sysfs_root": str(root / "sys"),
+            "telemetry.procfs_root": str(root / "proc"),
+            "telemetry.nvml": "false",  # the trees stand for devices without this machine's GPU, if any
+            **overrides,
+        },
     )
     return TelemetrySampler(config, Quiet(), Quiet())
 
@@ -98,6 +106,29 @@ def test_desktop_without_battery(tmp_path: Path) -> None:
     assert set(snap.missing) >= {"battery_pct", "on_ac", "power_w", "gpu_pct"}
     assert snap.link == "ethernet"  # the docker bridge and the veth are not the uplink
     assert snap.cpu_pct == 25.0 and snap.mem_available_mb == 51200.0
+
+
+def test_h100_server_copied_from_a_real_machine(tmp_path: Path) -> None:
+    """A tree scripts/capture_telemetry.py copied from a real cloud VM with an H100 (its GPU is NVML's)."""
+    snap = two_samples(device(tmp_path, "h100-server"))
+    assert snap.battery_pct is None and snap.power_w is None and snap.cpu_temp_c is None
+    assert snap.link == "ethernet" and snap.online is True  # the down ifb* interfaces are ignored
+    assert snap.cpu_pct == 25.0 and snap.mem_available_mb == pytest.approx(131450564 / 1024, abs=0.1)
+
+
+@pytest.mark.parametrize("name", ["laptop-battery", "jetson-orin"])
+def test_capture_script_copies_what_the_readers_need(tmp_path: Path, name: str) -> None:
+    source = device(tmp_path, name)
+    copy = tmp_path / "copy"
+    script = Path(__file__).parents[1] / "scripts" / "capture_telemetry.py"
+    subprocess.run(
+        [sys.executable, str(script), str(copy), "--sysfs", str(source / "sys"), "--procfs", str(source / "proc")],
+        check=True,
+        capture_output=True,
+    )
+    original, copied = asdict(two_samples(source)), asdict(two_samples(copy))
+    original.pop("taken"), copied.pop("taken")
+    assert copied == original
 
 
 def test_offline_when_no_physical_link_is_up(tmp_path: Path) -> None:
@@ -163,3 +194,39 @@ def test_hanging_probe_marks_offline_and_the_daemon_keeps_serving(daemon_factory
     result = client.ask("Hello", max_tokens=2)
     assert result.decision["location"] == "local" and "the device is offline" in result.decision["reason"]
     assert client.ping()["pong"]
+
+
+def _nvml_devices() -> int:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetCount())
+    except Exception:  # no nvidia-ml-py, no driver or no GPU
+        return 0
+
+
+@pytest.mark.skipif(_nvml_devices() == 0, reason="needs an NVIDIA GPU, its driver and nvidia-ml-py (the gpu extra)")
+def test_nvml_reader_follows_a_real_gpu_under_load(tmp_path: Path) -> None:
+    """The NVML path on a real discrete GPU: utilisation, memory and power read, and they move when a
+    kernel runs. The empty roots leave no Jetson load file, so the reader must take NVML."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch cannot reach the GPU to load it")
+    readers = Readers(tmp_path, tmp_path)
+    idle = readers.gpu()
+    assert 0 <= idle["gpu_pct"] <= 100 and idle["gpu_mem_used_mb"] > 0 and idle["gpu_power_w"] > 0
+
+    block = torch.randn(8192, 8192, device="cuda")  # 256 MiB, plus the product's
+    busy = []
+    for _ in range(10):  # each round keeps the GPU busy for a few hundred ms: NVML averages over ~1/6 s
+        for _ in range(10):
+            block = (block @ block).clamp_(-1, 1)
+        torch.cuda.synchronize()
+        busy.append(readers.gpu())
+    assert max(reading["gpu_pct"] for reading in busy) >= 50
+    assert max(reading["gpu_mem_used_mb"] for reading in busy) >= idle["gpu_mem_used_mb"] + 256
+    assert max(reading["gpu_power_w"] for reading in busy) > idle["gpu_power_w"]
+
+    snap = sampler(tmp_path, **{"telemetry.nvml": "true"}).sample()
+    assert snap.gpu_pct is not None and "gpu_pct" not in snap.missing
