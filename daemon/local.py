@@ -86,6 +86,7 @@ class ModelZoo:
                 n_ctx=model.n_ctx,
                 n_gpu_layers=model.n_gpu_layers,
                 n_threads=self.n_threads,
+                n_threads_batch=self.n_threads,  # prompt processing too: a thread cap must cap both pools
                 chat_format=model.chat_format,
                 verbose=False,
             )

@@ -32,10 +32,11 @@ def main() -> None:
     args = parser.parse_args()
     repo = Path(__file__).resolve().parent.parent
     gguf = fetch("smollm2-135m-instruct", repo / "models", progress=lambda _: None)
-    server = start_cloud_server(gguf, Path(tempfile.gettempdir()) / "locod-stress-cloud.log")
+    # One llama.cpp thread each: two spin-waiting pools sharing a small machine's cores starve each other.
+    server = start_cloud_server(gguf, Path(tempfile.gettempdir()) / "locod-stress-cloud.log", n_threads=1)
     url = server.base_url
     config = {
-        "local": {"max_tokens": 4},
+        "local": {"max_tokens": 4, "n_threads": 1},
         "routing": {"explore_c": 0.0},
         "cloud": {"models": [{"name": "cloud-small", "base_url": url, "model": "cloud-small"}]},
     }
@@ -63,7 +64,7 @@ def main() -> None:
                         rid = c.send(
                             "chat",
                             prompt=f"client {n} turn {index}: say hi",
-                            session=f"c{n}",
+                            session=f"c{n}-{per_client.get(n, 0) // 5}",  # dialogues of five turns
                             options={"force": force, "max_tokens": 4},
                         )
                         frames = c.frames(rid, 600_000)
@@ -89,7 +90,9 @@ def main() -> None:
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):
-            rss.append((args.turns - remaining[0], process.memory_info().rss / 2**20))
+            rss.append((len(waits), process.memory_info().rss / 2**20))
+            if len(rss) % 60 == 0:
+                print(f"{time.perf_counter() - started:.0f} s: {len(waits)} turns, RSS {rss[-1][1]:.0f} MB", flush=True)
             time.sleep(1.0)
         elapsed = time.perf_counter() - started
         rows = len(handle.rows())

@@ -200,8 +200,10 @@ class CloudServer:
     model: str = "cloud-small"
 
 
-def start_cloud_server(model_path: Path, log_path: Path) -> CloudServer:
-    """`python -m llama_cpp.server` on a free loopback port, serving ``model_path`` as "cloud-small"."""
+def start_cloud_server(model_path: Path, log_path: Path, n_threads: int | None = None) -> CloudServer:
+    """`python -m llama_cpp.server` on a free loopback port, serving ``model_path`` as "cloud-small".
+
+    ``n_threads`` caps its llama.cpp thread pools, for load runs that share the cores with the daemon's."""
     port = free_port()
     command = [
         sys.executable,
@@ -218,6 +220,8 @@ def start_cloud_server(model_path: Path, log_path: Path) -> CloudServer:
         "--n_ctx",
         "4096",
     ]
+    if n_threads:
+        command += ["--n_threads", str(n_threads), "--n_threads_batch", str(n_threads)]
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}/v1"
