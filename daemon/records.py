@@ -154,7 +154,7 @@ class DecisionLog:
         self._conn = conn
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.Lock()
-        self._spent: tuple[float, float] | None = None  # (local midnight, USD spent since)
+        self._spent: tuple[float, float, float] | None = None  # (local midnight, next one, USD spent since)
         with self._writing("migrate"):
             self._migrate()
             self.interrupted_at_start = self.db.execute(
@@ -230,19 +230,21 @@ class DecisionLog:
     def spent_today(self) -> float:
         """Money spent since local midnight: read from the table once a day, then kept up to date in
         memory as costs are recorded (every turn asks, for the daily cap)."""
-        midnight = local_midnight()
+        now = time.time()
         with self._lock:
-            if self._spent is None or self._spent[0] != midnight:
+            if self._spent is None or not self._spent[0] <= now < self._spent[1]:
+                midnight = local_midnight(now)
                 row = self._conn.execute(
                     "SELECT COALESCE(SUM(cost_usd), 0) FROM decisions WHERE created >= ?", [midnight]
                 ).fetchone()
-                self._spent = (midnight, float(row[0]))
-            return self._spent[1]
+                # 26 h on from midnight is always the next day, whatever daylight saving does
+                self._spent = (midnight, local_midnight(midnight + 26 * 3600), float(row[0]))
+            return self._spent[2]
 
     def _spend(self, usd: float) -> None:
         """Count a recorded cost towards today's total (called with the lock held)."""
         if self._spent is not None and usd:
-            self._spent = (self._spent[0], self._spent[1] + usd)
+            self._spent = (self._spent[0], self._spent[1], self._spent[2] + usd)
 
     def close(self) -> None:
         with self._lock:

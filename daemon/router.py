@@ -24,7 +24,7 @@ from locod.daemon.decide import CloudAccess, Decision, fixed_decision, uploadabl
 from locod.daemon.records import DecisionLog
 from locod.daemon.telemetry import Snapshot, TelemetrySampler
 from locod.errors import CloudError, PolicyError, UnknownDecision
-from locod.policy.messplus import HASH_DIM, MessPlus, TurnFeatures, vectorize
+from locod.policy.messplus import HASH_DIM, MessPlus, TurnFeatures, hashed_record, vectorize
 from locod.policy.observation import (
     ACTION_NAMES,
     N_ACTIONS,
@@ -146,7 +146,7 @@ class Router:
         xs = {key: vectorize(f) for key, f in features.items()}
         model_of = {key: c.model for key, c in candidates.items()}
         with self._lock:
-            s_hat = {key: self.mess.predict(xs[key], [c.model])[c.model] for key, c in candidates.items()}
+            s_hat = {key: self.mess.satisfaction(xs[key], c.model) for key, c in candidates.items()}
             policy = self._policy_term(turn, snapshot, access, slots, candidates, s_hat)
             choice = self.mess.choose(xs, costs, policy.extra, model_of, s_hat=s_hat)
             q, attained = self.mess.state.q, self.mess.attained
@@ -162,12 +162,11 @@ class Router:
             why += f", action {chosen.key.split('|')[-1]}"
         if access.blocked_by and chosen.location == "local":
             why += f"; cloud masked: {access.blocked_by}"
-        x = xs[chosen.key]
         routing = {
             "action": chosen.key,
             "features": {  # of the chosen action: a later label trains on exactly what was decided on
                 **{k: v for k, v in vars(features[chosen.key]).items() if k != "prompt"},
-                "hashed": {i: round(v, 5) for i, v in zip(x[0].tolist(), x[1].tolist()) if i < HASH_DIM},
+                "hashed": hashed_record(request.prompt),
             },
             "q": q,
             "sla": self.mess.sla,
@@ -272,7 +271,8 @@ class Router:
             return PolicyTerm({}, {}, None)
         weight = self.config.routing.weight_policy
         extra = {key: -weight * float(log_pi[c.action]) for key, c in candidates.items()}
-        probabilities = {ACTION_NAMES[a]: round(float(np.exp(log_pi[a])), 5) for a in range(N_ACTIONS) if mask[a]}
+        pi = np.exp(log_pi).tolist()
+        probabilities = {ACTION_NAMES[a]: round(pi[a], 5) for a in range(N_ACTIONS) if mask[a]}
         return PolicyTerm(extra, probabilities, self.policy.version)
 
     def _with_notes(self, decision: Decision, turn: Turn) -> Decision:
@@ -291,22 +291,26 @@ class Router:
     def features(self, turn: Turn, candidate: Candidate) -> TurnFeatures:
         """The turn as this candidate would answer it: the local model sees the documents but no image;
         a cloud model sees what is uploaded. What stays behind shows as ``withheld_relevance``."""
-        if candidate.location == "local":
-            seen = [i for i, a in enumerate(turn.attachments) if a.kind == "document"]
-        else:
-            seen = list(candidate.send)
-        shown = [turn.attachments[i] for i in seen]
-        hidden = [a for i, a in enumerate(turn.attachments) if i not in seen]
+        local = candidate.location == "local"
+        shown = best_shown = best_hidden = 0.0
+        image = False
+        for i, a in enumerate(turn.attachments):  # one pass: this runs for every candidate of every turn
+            if a.kind == "document" if local else i in candidate.send:
+                shown += 1
+                best_shown = a.relevance if a.relevance > best_shown else best_shown
+                image = image or a.kind == "image"
+            elif a.relevance > best_hidden:
+                best_hidden = a.relevance
         trail = turn.session.trail
         return TurnFeatures(
             prompt=turn.request.prompt,
             task=turn.task,
-            n_attachments=len(shown),
-            max_relevance=max((a.relevance for a in shown), default=0.0),
-            has_image=any(a.kind == "image" for a in shown),
+            n_attachments=int(shown),
+            max_relevance=best_shown,
+            has_image=image,
             position=len(trail),
             prev_cloud=bool(trail) and trail[-1].location == "cloud",
-            withheld_relevance=max((a.relevance for a in hidden), default=0.0),
+            withheld_relevance=best_hidden,
         )
 
     def costs(self, turn: Turn, snapshot: Snapshot, candidates: dict[str, Candidate]) -> dict[str, float]:
@@ -314,6 +318,7 @@ class Router:
         locally, the radio for uploads), weighted by routing.weight_money / weight_energy."""
         weights = self.config.routing
         prompt_tokens = len(turn.request.prompt) // 4 + sum(len(m["content"]) // 4 for m in turn.session.messages)
+        upload_bytes = [len(a.jpeg) + 4 * sum(len(ch.text) for ch in a.chunks[:3]) for a in turn.attachments]
         raw: dict[str, float] = {}
         for key, c in candidates.items():
             if c.location == "local":
@@ -321,12 +326,11 @@ class Router:
                 raw[key] = weights.weight_energy * joules * EXPECTED_ANSWER_TOKENS / ENERGY_REF_J
                 continue
             cloud = self.config.cloud_model(c.model)
-            sent = [turn.attachments[i] for i in c.send]
-            images = sum(a.kind == "image" for a in sent)
+            images = sum(turn.attachments[i].kind == "image" for i in c.send)
             usd = (
                 prompt_tokens * cloud.usd_per_mtok_in + EXPECTED_ANSWER_TOKENS * cloud.usd_per_mtok_out
             ) / 1e6 + images * cloud.usd_per_image
-            upload = prompt_tokens * 4 + sum(len(a.jpeg) + 4 * sum(len(ch.text) for ch in a.chunks[:3]) for a in sent)
+            upload = prompt_tokens * 4 + sum(upload_bytes[i] for i in c.send)
             joules = RADIO_W * upload / max(snapshot.upload_bps, 1.0)
             raw[key] = weights.weight_money * usd / MONEY_REF_USD + weights.weight_energy * joules / ENERGY_REF_J
         top = max(raw.values()) or 1.0

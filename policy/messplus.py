@@ -62,8 +62,8 @@ class TurnFeatures:
 
 def vectorize(f: TurnFeatures) -> tuple[np.ndarray, np.ndarray]:
     """Sparse (indices, values): hashed unigrams and bigrams (L2-normalised), then the dense features."""
-    hashed_indices, hashed_values = _hashed(f.prompt)
-    dense = [
+    indices, hashed_values = _hashed(f.prompt)
+    dense = (
         1.0,
         math.log1p(len(f.prompt)) / 8.0,
         min(f.n_attachments, 8) / 8.0,
@@ -72,9 +72,13 @@ def vectorize(f: TurnFeatures) -> tuple[np.ndarray, np.ndarray]:
         float(f.has_image),
         min(f.position, 20) / 20.0,
         float(f.prev_cloud),
-        *(float(f.task == t) for t in TASKS),
-    ]
-    return np.concatenate([hashed_indices, DENSE_INDICES]), np.concatenate([hashed_values, dense])
+        *_TASK_ONEHOT.get(f.task, _NO_TASK),
+    )
+    return indices, np.concatenate((hashed_values, dense))
+
+
+_TASK_ONEHOT = {t: tuple(float(t == u) for u in TASKS) for t in TASKS}
+_NO_TASK = (0.0,) * len(TASKS)
 
 
 DENSE_INDICES = np.arange(HASH_DIM, DIM, dtype=np.int64)
@@ -82,17 +86,26 @@ DENSE_INDICES = np.arange(HASH_DIM, DIM, dtype=np.int64)
 
 @functools.lru_cache(maxsize=256)
 def _hashed(prompt: str) -> tuple[np.ndarray, np.ndarray]:
-    """The prompt's hashed n-grams; cached because every candidate action of a turn shares them."""
+    """The prompt's hashed n-grams (indices already followed by the dense features'); cached because every
+    candidate action of a turn shares them."""
     words = prompt.lower().split()[:256]
     counts: dict[int, float] = {}
     for gram in words + [a + " " + b for a, b in zip(words, words[1:])]:
         index = zlib.crc32(gram.encode()) % HASH_DIM
         counts[index] = counts.get(index, 0.0) + 1.0
     norm = math.sqrt(sum(v * v for v in counts.values())) or 1.0
-    indices = np.fromiter(counts.keys(), dtype=np.int64, count=len(counts))
+    indices = np.concatenate([np.fromiter(counts.keys(), dtype=np.int64, count=len(counts)), DENSE_INDICES])
     values = np.fromiter((v / norm for v in counts.values()), dtype=np.float64, count=len(counts))
     indices.flags.writeable = values.flags.writeable = False
     return indices, values
+
+
+@functools.lru_cache(maxsize=256)
+def hashed_record(prompt: str) -> dict[int, float]:
+    """The prompt's hashed n-grams as a decision record keeps them (rounded); cached like ``_hashed``, and
+    shared: callers must not change it."""
+    indices, values = _hashed(prompt)
+    return {int(i): round(float(v), 5) for i, v in zip(indices.tolist(), values.tolist())}
 
 
 def _finite(x: float) -> float:
@@ -146,12 +159,13 @@ class MessPlus:
     # -- prediction and the rule ---------------------------------------------------------------------
 
     def predict(self, x: tuple[np.ndarray, np.ndarray], models: list[str]) -> dict[str, float]:
+        return {name: self.satisfaction(x, name) for name in models}
+
+    def satisfaction(self, x: tuple[np.ndarray, np.ndarray], model: str) -> float:
+        """s_hat: the predicted probability that ``model`` satisfies the turn described by ``x``."""
         indices, values = x
-        out = {}
-        for name in models:
-            z = float(self.state.weights[name][indices] @ values)
-            out[name] = 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
-        return out
+        z = float(self.state.weights[model][indices] @ values)
+        return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
 
     def choose(
         self,
@@ -168,7 +182,7 @@ class MessPlus:
         keys = list(costs)
         model_of = model_of or {k: k for k in keys}
         if s_hat is None:
-            s_hat = {k: self.predict(xs[k], [model_of[k]])[model_of[k]] for k in keys}
+            s_hat = {k: self.satisfaction(xs[k], model_of[k]) for k in keys}
         self.state.t += 1
         self.max_s_hat_avg = 0.95 * self.max_s_hat_avg + 0.05 * max(s_hat.values())
         objective = {

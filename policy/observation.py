@@ -17,6 +17,7 @@ Observation, ``OBS_DIM`` floats, each in [0, 1] unless noted (names in ``FEATURE
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -115,54 +116,69 @@ def _clip(x: float | None, default: float = 0.0) -> float:
     return min(1.0, max(0.0, x))
 
 
+@functools.lru_cache(maxsize=1024)
+def _past(turn: PastTurn | None) -> tuple[float, ...]:
+    """One history entry's features; cached, as a session's trail repeats in every later turn's history."""
+    if turn is None:
+        return (0.0,) * (2 + K + len(TASKS))
+    sent = list(turn.sent[:K]) + [False] * (K - len(turn.sent[:K]))
+    return (
+        float(turn.location == "local"),
+        float(turn.location == "cloud"),
+        *map(float, sent),
+        *_onehot(turn.task, TASKS),
+    )
+
+
 def observe(inputs: ObsInputs) -> np.ndarray:
+    """The observation vector. Values are gathered raw and made finite and clipped to [0, 1] in one numpy
+    step at the end (this runs on every turn); only the battery's unknown/garbage default is 1."""
     obs: list[float] = []
     past = list(inputs.history)[-Z:]
     for turn in [None] * (Z - len(past)) + past:
-        if turn is None:
-            obs += [0.0] * (2 + K + len(TASKS))
-            continue
-        sent = list(turn.sent[:K]) + [False] * (K - len(turn.sent[:K]))
-        obs += [
-            float(turn.location == "local"),
-            float(turn.location == "cloud"),
-            *map(float, sent),
-            *_onehot(turn.task, TASKS),
-        ]
+        obs += _past(turn)
     obs += _onehot(inputs.task, TASKS)
-    obs += [_clip(math.log1p(max(0, inputs.prompt_chars)) / 10), _clip(len(inputs.slots) / K)]
+    obs += [math.log1p(max(0, inputs.prompt_chars)) / 10, len(inputs.slots) / K]
     slots = list(inputs.slots)[:K]
     for k in range(K):
         if k < len(slots):
-            obs += [1.0, _clip(slots[k].relevance), float(slots[k].image)]
+            obs += [1.0, slots[k].relevance, float(slots[k].image)]
         else:
             obs += [0.0, 0.0, 0.0]
     obs += [
         _clip(inputs.battery, 1.0),
         float(inputs.on_ac is not False),
-        _clip((inputs.power_w or 0) / 50),
-        _clip((inputs.cpu_pct or 0) / 100),
+        (inputs.power_w or 0) / 50,
+        (inputs.cpu_pct or 0) / 100,
         float(inputs.online is not False),
         *_onehot(inputs.link, LINKS),
-        _clip(math.log10(max(inputs.upload_bps, 1.0)) / 8),
-        _clip((inputs.rtt_ms or 0) / 1000),
+        math.log10(max(inputs.upload_bps, 1.0)) / 8,
+        (inputs.rtt_ms or 0) / 1000,
+        *inputs.budgets,
+        inputs.q_norm,
+        inputs.s_local,
+        inputs.s_cloud,
     ]
-    obs += [_clip(b) for b in inputs.budgets]
-    obs += [_clip(inputs.q_norm), _clip(inputs.s_local), _clip(inputs.s_cloud)]
-    return np.asarray(obs, dtype=np.float32)
+    out = np.asarray(obs, dtype=np.float64)
+    out[~np.isfinite(out)] = 0.0
+    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32)
 
 
 def action_mask(
     slots: Sequence[Slot], cloud_allowed: bool, vision: bool = True, local_allowed: bool = True
 ) -> np.ndarray:
     """Which actions may be taken: no empty, private or (for a text-only cloud model) image slot is sent."""
-    mask = np.zeros(N_ACTIONS, dtype=np.float32)
-    mask[0] = float(local_allowed)
+    allowed = [float(local_allowed)] + [0.0] * len(SUBSETS)
     if cloud_allowed:
         present = list(slots)[:K]
-        for i, subset in enumerate(SUBSETS):
-            ok = all(k < len(present) and not present[k].private and (vision or not present[k].image) for k in subset)
-            mask[1 + i] = float(ok)
-    if not mask.any():
-        mask[0] = 1.0  # something must answer: the local model
-    return mask
+        unsendable = sum(
+            1 << k for k in range(K) if k >= len(present) or present[k].private or (present[k].image and not vision)
+        )
+        for i, bits in enumerate(_SUBSET_BITS):
+            allowed[1 + i] = float(not bits & unsendable)
+    if not any(allowed):
+        allowed[0] = 1.0  # something must answer: the local model
+    return np.array(allowed, dtype=np.float32)
+
+
+_SUBSET_BITS = tuple(sum(1 << k for k in subset) for subset in SUBSETS)

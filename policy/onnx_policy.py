@@ -70,6 +70,6 @@ class OnnxPolicy:
         }
         out = self.session.run(self._outputs, feeds)[0]
         result = np.asarray(out[0], dtype=np.float64)
-        if not np.all(np.isfinite(result[mask > 0])):
+        if not np.isfinite(result[mask > 0]).all():
             raise PolicyError(f"policy {self.version} returned non-finite log-probabilities", code="policy_output")
         return result
