@@ -35,9 +35,9 @@ def run(
     sources: Sequence[tuple[TurnSource, float]],
     episodes: int = 500,
     seed: int = 12345,
-    budget_range: tuple[float, float] | None = None,
+    budget_slack: tuple[float, float] | None = None,
 ) -> Scores:
-    env = OffloadEnv(sources, seed=seed, budget_range=budget_range)
+    env = OffloadEnv(sources, seed=seed, budget_slack=budget_slack)
     rng = random.Random(seed + 1)
     totals = np.zeros(7)  # reward, quality, latency, usd, energy, uploads, cloud turns
     violations = turns = satisfied = 0

@@ -8,8 +8,18 @@ An episode is a dialogue of a few turns. Each turn the agent picks an action of 
 with latency and cost min-max normalised over the turn's allowed actions; a step that overruns a
 remaining budget (latency, money, energy) earns nothing, as in RC-RL, and a penalty of OVERRUN_PENALTY on
 top (zero alone was too weak a signal to learn from in our runs), and counts as a violation.
-Budgets are sampled per episode (normal, uniform, or near the extremes) and their remaining fractions are
-in the observation, so one policy learns to respect budgets it was not trained on.
+
+Budgets are sampled per episode so that they can be met: they are what a plausible sequence of actions
+on this very episode spends (some turns local, some in the cloud, sometimes with the relevant
+attachments), times a slack of at least 1 (tight, typical or loose; TMO's extreme-aware sampling). Budgets
+drawn per resource between the cheapest and dearest totals, as before, were often jointly infeasible:
+money favours local answers and device energy favours the cloud. Their remaining fractions are in the
+observation, so one policy learns to respect budgets it was not trained on.
+
+The action mask is the budget shield the daemon applies too (its daily money cap): an action whose
+*expected* latency, money or energy would overrun what is left is masked, unless nothing would fit, when
+the action overrunning least stays. Expectations are what a device can know before acting (the published
+cloud latency with its +10 % spread, prices, its own generation speed), not the sampled outcome.
 
 Turns come from a ``TurnSource``: the ``Simulator`` (TMO's published cloud latency/cost by upload count
 and network kind, a device profile, battery and network that change during the episode), the replay trace
@@ -59,7 +69,8 @@ class Weights:
 
 @dataclass
 class TurnOutcomes:
-    """What every action would yield on one turn: quality, latency (s), money (USD), energy (J)."""
+    """What every action would yield on one turn: quality, latency (s), money (USD), energy (J); and what
+    a device would expect each to spend before acting (rows latency, USD, J; recorded sources: the outcome)."""
 
     inputs: ObsInputs
     mask: np.ndarray
@@ -68,6 +79,10 @@ class TurnOutcomes:
     usd: np.ndarray
     energy: np.ndarray
     association: np.ndarray
+    expected: np.ndarray | None = None
+
+    def expected_spend(self) -> np.ndarray:
+        return self.expected if self.expected is not None else np.stack([self.latency, self.usd, self.energy])
 
 
 class TurnSource(Protocol):
@@ -133,6 +148,8 @@ class Simulator:
                 latency[1 + i] = table[k] * rng.uniform(0.9, 1.1)
                 usd[1 + i] = CLOUD_USD[k]
                 energy[1 + i] = RADIO_W * latency[1 + i] * 0.3
+            worst = np.array([table[len(s)] * 1.1 for s in SUBSETS])
+            expected = np.stack([np.r_[local_s, worst], usd, np.r_[energy[0], RADIO_W * worst * 0.3]])
             inputs = ObsInputs(
                 task=task,
                 prompt_chars=rng.randint(20, 2000),
@@ -144,7 +161,7 @@ class Simulator:
                 link=link,
                 upload_bps=2e6 if link != "cellular" else 2e5,
             )
-            out.append(TurnOutcomes(inputs, mask, quality, latency, usd, energy, assoc))
+            out.append(TurnOutcomes(inputs, mask, quality, latency, usd, energy, assoc, expected))
             battery = max(0.0, battery - (0.0 if on_ac else 0.01))
         return out
 
@@ -265,32 +282,39 @@ class Budgets:
     energy_j: float
 
 
-def sample_budgets(turns: list[TurnOutcomes], rng: random.Random, within: tuple[float, float] | None = None) -> Budgets:
-    """Per-episode budgets between the cheapest and the dearest totals: uniform, normal around the middle,
-    or near an extreme (TMO's extreme-aware sampling); ``within`` fixes the range (for evaluation)."""
+def sample_budgets(turns: list[TurnOutcomes], rng: random.Random, slack: tuple[float, float] | None = None) -> Budgets:
+    """What a plausible sequence of actions spends on these turns, times a slack >= 1: tight, typical or
+    loose (TMO's extreme-aware sampling); ``slack`` fixes its range (for evaluation).
 
-    def between(values: list[tuple[float, float]]) -> float:
-        lo = sum(v[0] for v in values)
-        hi = sum(v[1] for v in values)
-        mode = rng.random()
-        if within is not None:
-            u = rng.uniform(*within)
-        elif mode < 0.4:
-            u = rng.random()
-        elif mode < 0.7:
-            u = min(1.0, max(0.0, rng.gauss(0.5, 0.15)))
+    The sequence answers a turn locally with a probability drawn per episode (up to one half), else in the
+    cloud, uploading the relevant attachments (relevance >= 0.5) with another (at least one half): a budget
+    that buys decent answers, which a policy must spend well. Budgets can always be met, by that sequence
+    at least, and they differ in which resource is scarce."""
+    p_local, p_upload = rng.uniform(0.0, 0.5), rng.uniform(0.5, 1.0)
+    spent = np.zeros(3)
+    for turn in turns:
+        allowed = [int(a) for a in np.flatnonzero(turn.mask)]
+        relevant = tuple(k for k, s in enumerate(turn.inputs.slots[:K]) if s.relevance >= 0.5)
+        upload = 1 + SUBSETS.index(relevant) if relevant in SUBSETS else 1
+        if 0 in allowed and (rng.random() < p_local or allowed == [0]):
+            action = 0
+        elif upload in allowed and rng.random() < p_upload:
+            action = upload
         else:
-            u = rng.choice([rng.uniform(0.0, 0.15), rng.uniform(0.85, 1.0)])
-        return lo + u * (hi - lo) + 1e-9
-
-    def span(arr_name: str) -> list[tuple[float, float]]:
-        spans = []
-        for t in turns:
-            arr = getattr(t, arr_name)[t.mask > 0]
-            spans.append((float(arr.min()), float(arr.max())))
-        return spans
-
-    return Budgets(between(span("latency")), between(span("usd")), between(span("energy")))
+            action = 1 if 1 in allowed else allowed[0]
+        spent += [turn.latency[action], turn.usd[action], turn.energy[action]]
+    if slack is not None:
+        factor = rng.uniform(*slack)
+    else:
+        mode = rng.random()
+        if mode < 0.4:
+            factor = rng.uniform(1.0, 2.0)
+        elif mode < 0.7:
+            factor = max(1.0, rng.gauss(1.3, 0.15))
+        else:
+            factor = rng.choice([rng.uniform(1.0, 1.05), rng.uniform(2.5, 3.0)])
+    latency, usd, energy = (float(v) * factor + 1e-9 for v in spent)
+    return Budgets(latency, usd, energy)
 
 
 class OffloadEnv(gym.Env):
@@ -303,7 +327,7 @@ class OffloadEnv(gym.Env):
         sources: Sequence[tuple[TurnSource, float]],
         weights: Weights | None = None,
         seed: int | None = None,
-        budget_range: tuple[float, float] | None = None,
+        budget_slack: tuple[float, float] | None = None,
     ) -> None:
         self.sources = list(sources)
         self.weights = weights or Weights()
@@ -316,7 +340,7 @@ class OffloadEnv(gym.Env):
         self.spent = [0.0, 0.0, 0.0]
         self.history: list[PastTurn] = []
         self.violations = 0
-        self.budget_range = budget_range
+        self.budget_slack = budget_slack
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -325,11 +349,25 @@ class OffloadEnv(gym.Env):
             self.rng = random.Random(seed)
         source = self.rng.choices([s for s, _ in self.sources], weights=[w for _, w in self.sources])[0]
         self.turns = source.episode(self.rng)
-        self.budgets = sample_budgets(self.turns, self.rng, self.budget_range)
+        self.budgets = sample_budgets(self.turns, self.rng, self.budget_slack)
         if options and "budgets" in options:
             self.budgets = options["budgets"]
         self.index, self.spent, self.history, self.violations = 0, [0.0, 0.0, 0.0], [], 0
-        return self._obs(), {"action_mask": self.turns[0].mask.copy()}
+        self.mask = self._shielded(self.turns[0])
+        return self._obs(), {"action_mask": self.mask.copy()}
+
+    def _shielded(self, turn: TurnOutcomes) -> np.ndarray:
+        """The turn's mask less the actions expected to overrun a remaining budget; if none would fit, the
+        allowed action that overruns least (something must answer)."""
+        budgets = np.array([self.budgets.latency_s, self.budgets.usd, self.budgets.energy_j])[:, None]
+        after = (np.array(self.spent)[:, None] + turn.expected_spend()) / budgets
+        fits = turn.mask * np.all(after <= 1.0, axis=0)
+        if fits.any():
+            return fits.astype(np.float32)
+        least = np.where(turn.mask > 0, after.max(axis=0), np.inf)
+        only = np.zeros(N_ACTIONS, dtype=np.float32)
+        only[int(np.argmin(least))] = 1.0
+        return only
 
     def remaining(self) -> tuple[float, float, float]:
         b = self.budgets
@@ -346,9 +384,9 @@ class OffloadEnv(gym.Env):
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         turn = self.turns[self.index]
-        if turn.mask[action] == 0:
+        if self.mask[action] == 0:
             raise ValueError(f"action {action} is masked on this turn")
-        allowed = turn.mask > 0
+        allowed = turn.mask > 0  # normalisation spans everything the turn allows, the shield aside
 
         def norm(values: np.ndarray) -> float:
             lo, hi = values[allowed].min(), values[allowed].max()
@@ -385,8 +423,9 @@ class OffloadEnv(gym.Env):
         self.index += 1
         done = self.index >= len(self.turns)
         obs = np.zeros(OBS_DIM, dtype=np.float32) if done else self._obs()
-        next_mask = np.ones(N_ACTIONS, dtype=np.float32) if done else self.turns[self.index].mask.copy()
-        info["action_mask"] = next_mask
+        if not done:
+            self.mask = self._shielded(self.turns[self.index])
+        info["action_mask"] = np.ones(N_ACTIONS, dtype=np.float32) if done else self.mask.copy()
         return obs, float(reward), done, False, info
 
 

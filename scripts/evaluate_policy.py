@@ -46,8 +46,8 @@ def main() -> None:
     settings = {
         "WiFi, sampled budgets": ([(Simulator(links=("wifi",)), 1.0)], None),
         "cellular, sampled budgets": ([(Simulator(links=("cellular",)), 1.0)], None),
-        "mixed networks, tight budgets": ([(Simulator(), 1.0)], (0.0, 0.3)),
-        "mixed networks, loose budgets": ([(Simulator(), 1.0)], (0.7, 1.0)),
+        "mixed networks, tight budgets": ([(Simulator(), 1.0)], (1.0, 1.1)),
+        "mixed networks, loose budgets": ([(Simulator(), 1.0)], (1.5, 2.5)),
         "replay trace (text only)": ([(TraceSource(Path(args.trace)), 1.0)], None),
     }
     results: dict[str, dict[str, Scores]] = {}
@@ -59,7 +59,7 @@ def main() -> None:
             "MESS+ with TMO policy": Router(SLA, log_pi=policy.log_probs, seed=1),
         }
         results[setting] = {
-            name: run(strategy, sources, episodes=args.episodes, seed=2024, budget_range=budgets)
+            name: run(strategy, sources, episodes=args.episodes, seed=2024, budget_slack=budgets)
             for name, strategy in strategies.items()
         }
     print(
