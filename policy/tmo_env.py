@@ -11,10 +11,10 @@ top (zero alone was too weak a signal to learn from in our runs), and counts as 
 
 Budgets are sampled per episode so that they can be met: they are what a plausible sequence of actions
 on this very episode spends (some turns local, some in the cloud, sometimes with the relevant
-attachments), times a slack of at least 1 (tight, typical or loose; TMO's extreme-aware sampling). Budgets
-drawn per resource between the cheapest and dearest totals, as before, were often jointly infeasible:
-money favours local answers and device energy favours the cloud. Their remaining fractions are in the
-observation, so one policy learns to respect budgets it was not trained on.
+attachments), times a slack of at least 1 (tight, typical or loose; TMO's extreme-aware sampling). An
+earlier version drew each budget between the cheapest and dearest totals of its own resource, which was
+often jointly infeasible: money favours local answers and device energy favours the cloud. The remaining
+fractions are in the observation, so one policy learns to respect budgets it was not trained on.
 
 The action mask is the budget shield the daemon applies too (its daily money cap): an action whose
 *expected* latency, money or energy would overrun what is left is masked, unless nothing would fit, when
