@@ -292,8 +292,7 @@ class Router:
         """The turn as this candidate would answer it: the local model sees the documents but no image;
         a cloud model sees what is uploaded. What stays behind shows as ``withheld_relevance``."""
         local = candidate.location == "local"
-        shown = best_shown = best_hidden = 0.0
-        image = False
+        shown, best_shown, best_hidden, image = 0, 0.0, 0.0, False
         for i, a in enumerate(turn.attachments):  # one pass: this runs for every candidate of every turn
             if a.kind == "document" if local else i in candidate.send:
                 shown += 1
@@ -305,7 +304,7 @@ class Router:
         return TurnFeatures(
             prompt=turn.request.prompt,
             task=turn.task,
-            n_attachments=int(shown),
+            n_attachments=shown,
             max_relevance=best_shown,
             has_image=image,
             position=len(trail),

@@ -105,7 +105,7 @@ def hashed_record(prompt: str) -> dict[int, float]:
     """The prompt's hashed n-grams as a decision record keeps them (rounded); cached like ``_hashed``, and
     shared: callers must not change it."""
     indices, values = _hashed(prompt)
-    return {int(i): round(float(v), 5) for i, v in zip(indices.tolist(), values.tolist())}
+    return {i: round(v, 5) for i, v in zip(indices[: len(values)].tolist(), values.tolist())}
 
 
 def _finite(x: float) -> float:
