@@ -33,6 +33,7 @@ from locod.policy.observation import (
     ObsInputs,
     PastTurn,
     Slot,
+    Z,
     action_mask,
     observe,
 )
@@ -78,6 +79,11 @@ class PolicyTerm:
 def ranked_slots(attachments: list[PreparedAttachment]) -> list[int]:
     """The K attachments the policy sees, most relevant first (its slots)."""
     return sorted(range(len(attachments)), key=lambda i: -attachments[i].relevance)[:K]
+
+
+def slot_views(attachments: list[PreparedAttachment], slots: list[int]) -> list[Slot]:
+    """What the policy knows of each slot's attachment: relevance, image or not, private or not."""
+    return [Slot(attachments[i].relevance, attachments[i].kind == "image", attachments[i].private) for i in slots]
 
 
 class Router:
@@ -140,14 +146,15 @@ class Router:
         if fixed is not None:
             return self._with_notes(fixed, turn)
         slots = ranked_slots(turn.attachments)
-        candidates, mask = self.candidates(turn.attachments, slots, access)
+        views = slot_views(turn.attachments, slots)
+        candidates, mask = self.candidates(turn.attachments, slots, views, access)
         costs = self.costs(turn, snapshot, candidates)
         features = {key: self.features(turn, c) for key, c in candidates.items()}
         xs = {key: vectorize(f) for key, f in features.items()}
         model_of = {key: c.model for key, c in candidates.items()}
         with self._lock:
             s_hat = {key: self.mess.satisfaction(xs[key], c.model) for key, c in candidates.items()}
-            policy = self._policy_term(turn, snapshot, access, slots, candidates, s_hat)
+            policy = self._policy_term(turn, snapshot, access, views, candidates, s_hat)
             choice = self.mess.choose(xs, costs, policy.extra, model_of, s_hat=s_hat)
             q, attained = self.mess.state.q, self.mess.attained
         chosen = candidates[choice.key]
@@ -182,7 +189,7 @@ class Router:
         return self._with_notes(decision, turn)
 
     def candidates(
-        self, attachments: list[PreparedAttachment], slots: list[int], access: CloudAccess
+        self, attachments: list[PreparedAttachment], slots: list[int], views: list[Slot], access: CloudAccess
     ) -> tuple[dict[str, Candidate], dict[str, bool]]:
         """Every allowed (model, upload) action, and the mask over all of them (for the record).
 
@@ -206,10 +213,7 @@ class Router:
                     )
                     out[key] = Candidate(key, cloud.name, "cloud", 1, send)
                 continue
-            slot_info = [
-                Slot(attachments[i].relevance, attachments[i].kind == "image", attachments[i].private) for i in slots
-            ]
-            allowed = action_mask(slot_info, cloud_allowed=access.blocked_by is None, vision=cloud.vision)
+            allowed = action_mask(views, cloud_allowed=access.blocked_by is None, vision=cloud.vision)
             for action in range(1, N_ACTIONS):
                 key = f"{cloud.name}|{ACTION_NAMES[action]}"
                 mask[key] = bool(allowed[action])
@@ -226,7 +230,7 @@ class Router:
         turn: Turn,
         snapshot: Snapshot,
         access: CloudAccess,
-        slots: list[int],
+        views: list[Slot],
         candidates: dict[str, Candidate],
         s_hat: dict[str, float],
     ) -> PolicyTerm:
@@ -243,11 +247,8 @@ class Router:
         inputs = ObsInputs(
             task=turn.task,
             prompt_chars=len(turn.request.prompt),
-            slots=[
-                Slot(turn.attachments[i].relevance, turn.attachments[i].kind == "image", turn.attachments[i].private)
-                for i in slots
-            ],
-            history=[PastTurn(t.location, t.slots_sent, t.task) for t in turn.session.trail],
+            slots=views,
+            history=[PastTurn(t.location, t.slots_sent, t.task) for t in turn.session.trail[-Z:]],
             battery=None if snapshot.battery_pct is None else snapshot.battery_pct / 100,
             on_ac=snapshot.on_ac,
             power_w=snapshot.power_w,
