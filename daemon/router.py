@@ -150,12 +150,12 @@ class Router:
         candidates, mask = self.candidates(turn.attachments, slots, views, access)
         costs = self.costs(turn, snapshot, candidates)
         features = {key: self.features(turn, c) for key, c in candidates.items()}
-        xs = {key: vectorize(f) for key, f in features.items()}
         model_of = {key: c.model for key, c in candidates.items()}
         with self._lock:
-            s_hat = {key: self.mess.satisfaction(xs[key], c.model) for key, c in candidates.items()}
+            predicted = self.mess.satisfaction_of_turn(list(features.values()), list(model_of.values()))
+            s_hat = dict(zip(candidates, predicted))
             policy = self._policy_term(turn, snapshot, access, views, candidates, s_hat)
-            choice = self.mess.choose(xs, costs, policy.extra, model_of, s_hat=s_hat)
+            choice = self.mess.choose(costs, s_hat=s_hat, extra=policy.extra, model_of=model_of)
             q, attained = self.mess.state.q, self.mess.attained
         chosen = candidates[choice.key]
         if choice.explored:

@@ -133,7 +133,7 @@ class Router:
         if self.log_pi is not None:
             log_pi = self.log_pi(obs, mask)
             extra = {str(a): -self.weight * float(log_pi[a]) for a in allowed}
-        choice = self.mess.choose(xs, costs, extra, model_of)
+        choice = self.mess.choose(costs, xs=xs, extra=extra, model_of=model_of)
         self.t += 1
         self.mess.settle(self.t, choice.model, choice.s_hat[choice.key])
         self.last = (xs[choice.key], choice.model)

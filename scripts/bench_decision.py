@@ -82,7 +82,7 @@ def main() -> None:
         for _ in range(args.turns):
             started = time.perf_counter()
             x = vectorize(features)
-            router.mess.choose({k: x for k in costs}, costs)
+            router.mess.choose(costs, xs={k: x for k in costs})
             mess.append((time.perf_counter() - started) * 1e6)
             started = time.perf_counter()
             router.decide(turn)

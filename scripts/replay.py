@@ -99,7 +99,7 @@ def messplus_router(alpha: float, v: float, c: float, seed: int) -> Callable[...
 
     def pick(row: dict, x: object, t: int) -> tuple[str, MessPlus]:  # type: ignore[type-arg]
         options = costs(row)
-        choice = m.choose({k: x for k in options}, options)  # type: ignore[misc]
+        choice = m.choose(options, xs={k: x for k in options})  # type: ignore[misc]
         m.settle(t, choice.model, choice.s_hat[choice.key])
         return choice.model, m
 

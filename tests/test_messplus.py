@@ -59,16 +59,16 @@ def test_queue_never_goes_below_zero_or_above_its_cap() -> None:
 def test_rule_by_hand() -> None:
     costs = {"local": 0.1, "cloud": 1.0}
     m = router()
-    choice = m.choose(same(X, costs), costs)  # Q = 0: only cost counts
+    choice = m.choose(costs, xs=same(X, costs))  # Q = 0: only cost counts
     assert choice.model == "local" and choice.objective["local"] == pytest.approx(0.1)
     m.state.q = 10.0  # far behind the SLA: 0.1 + 10*(0.8-0.3) = 5.1 against 1.0 + 10*(0.8-0.9) = 0.0
-    choice = m.choose(same(X, costs), costs)
+    choice = m.choose(costs, xs=same(X, costs))
     assert choice.model == "cloud"
     assert choice.objective == pytest.approx({"local": 5.1, "cloud": 0.0})
     assert choice.s_hat == pytest.approx({"local": 0.3, "cloud": 0.9})
     m.state.q = 1.0  # 0.1 + 0.5 = 0.6 against 1.0 - 0.1 = 0.9
-    assert m.choose(same(X, costs), costs).model == "local"
-    assert m.choose(same(X, costs), costs, extra={"local": 0.5}).model == "cloud"  # the policy's term can tip it
+    assert m.choose(costs, xs=same(X, costs)).model == "local"
+    assert m.choose(costs, xs=same(X, costs), extra={"local": 0.5}).model == "cloud"  # the policy's term can tip it
 
 
 def test_exploration_probability_decays_as_t_to_the_minus_quarter() -> None:
@@ -89,7 +89,7 @@ def test_sla_is_met_at_low_cost_on_a_known_stream() -> None:
     for t in range(4000):
         hard = rng.random() < 0.5
         x = vectorize(TurnFeatures(prompt="prove the theorem carefully" if hard else "say hi", task="chat"))
-        choice = m.choose(same(x, costs), costs)
+        choice = m.choose(costs, xs=same(x, costs))
         p = 0.95 if choice.model == "cloud" else (0.2 if hard else 0.9)
         ok = rng.random() < p
         m.settle(t, choice.model, choice.s_hat[choice.key])
@@ -105,7 +105,7 @@ def test_sla_is_met_at_low_cost_on_a_known_stream() -> None:
 def test_infeasible_sla_is_detected_and_q_capped() -> None:
     m = MessPlus({"a": 0.4, "b": 0.5}, sla=0.99, v=1.0, explore_c=0.0, q_cap=5.0)
     for t in range(200):
-        choice = m.choose(same(X, {"a": 0, "b": 0}), {"a": 0.1, "b": 1.0})
+        choice = m.choose({"a": 0.1, "b": 1.0}, xs=same(X, {"a": 0, "b": 0}))
         m.settle(t, choice.model, choice.s_hat[choice.key])
         m.label(t, choice.model, X, satisfied=t % 2 == 0)
     assert m.state.q == 5.0 and m.infeasible
@@ -117,7 +117,7 @@ def test_state_survives_save_and_load(tmp_path: Path) -> None:
     for i in range(5):
         m.settle(i, "local", 0.4)
     m.label(0, "local", X, satisfied=True)
-    m.choose(same(X, {"local": 0, "cloud": 0}), {"local": 0.1, "cloud": 1.0})
+    m.choose({"local": 0.1, "cloud": 1.0}, xs=same(X, {"local": 0, "cloud": 0}))
     m.save()
     again = router(path=path)
     assert again.state.q == pytest.approx(m.state.q) and again.state.t == m.state.t == 1
@@ -166,3 +166,23 @@ def test_predictor_learns_which_prompts_the_local_model_handles() -> None:
         m.train("local", hard, 0.0)
     s_easy, s_hard = m.predict(easy, ["local"])["local"], m.predict(hard, ["local"])["local"]
     assert s_easy > 0.8 and s_hard < 0.2
+
+
+def test_one_turn_predicted_at_once_equals_each_candidate_alone() -> None:
+    m = router()
+    rng = random.Random(3)
+    prompt = "what does the chart in this photo show about battery life"
+    for _ in range(100):  # train both heads on varied attachments so every weight matters
+        f = TurnFeatures(
+            prompt, "query", rng.randint(0, 3), rng.random(), rng.random() < 0.5, withheld_relevance=rng.random()
+        )
+        m.train(rng.choice(["local", "cloud"]), vectorize(f), float(rng.random() < 0.5))
+    ways = [
+        (TurnFeatures(prompt, "query", withheld_relevance=0.9), "local"),
+        (TurnFeatures(prompt, "query"), "cloud"),
+        (TurnFeatures(prompt, "query", 1, 0.9, True, position=2, prev_cloud=True, withheld_relevance=0.4), "cloud"),
+        (TurnFeatures(prompt, "query", 2, 0.9, True, position=2, withheld_relevance=math.nan), "cloud"),
+    ]
+    at_once = m.satisfaction_of_turn([f for f, _ in ways], [model for _, model in ways])
+    assert at_once == pytest.approx([m.satisfaction(vectorize(f), model) for f, model in ways], abs=1e-12)
+    assert len(set(at_once)) == len(ways)
