@@ -11,7 +11,7 @@ import numpy as np
 
 from locod.policy.messplus import MessPlus, TurnFeatures, vectorize
 from locod.policy.observation import CLOUD_ACTIONS_COST, FEATURE_NAMES, N_ACTIONS, SUBSETS, TASKS
-from locod.policy.tmo_env import OffloadEnv, TurnSource
+from locod.policy.tmo_env import OffloadEnv, TurnSource, normalised
 
 Strategy = Callable[[np.ndarray, np.ndarray, random.Random], int]
 
@@ -35,12 +35,16 @@ def run(
     sources: Sequence[tuple[TurnSource, float]],
     episodes: int = 500,
     seed: int = 12345,
-    budget_slack: tuple[float, float] | None = None,
+    budget_span: tuple[float, float] | None = None,
+    shield: bool = True,
 ) -> Scores:
-    env = OffloadEnv(sources, seed=seed, budget_slack=budget_slack)
+    env = OffloadEnv(sources, seed=seed, budget_span=budget_span, shield=shield)
     rng = random.Random(seed + 1)
     totals = np.zeros(7)  # reward, quality, latency, usd, energy, uploads, cloud turns
     violations = turns = satisfied = 0
+    bind = getattr(strategy, "bind", None)
+    if bind is not None:
+        bind(env)
     for _ in range(episodes):
         obs, info = env.reset()
         done = overran = False
@@ -86,13 +90,35 @@ def heuristics() -> dict[str, Strategy]:
         return 1 if mask[1] else local(obs, mask, rng)
 
     def cloud_all(obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
+        """Every attachment; when the shield allows fewer, the most that fit, the most relevant first."""
         allowed = [a for a in range(1, N_ACTIONS) if mask[a]]
-        return allowed[-1] if allowed else local(obs, mask, rng)
+        return max(allowed, key=lambda a: (len(SUBSETS[a - 1]), -a)) if allowed else local(obs, mask, rng)
 
     def uniform(obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
         return rng.choice([a for a in range(N_ACTIONS) if mask[a]])
 
     return {"local only": local, "cloud, text only": cloud_text, "cloud, all attachments": cloud_all, "random": uniform}
+
+
+class ExpectedRewardOracle:
+    """A yardstick, not something a device could run: it knows the simulator's mean quality of every action
+    and takes the best expected reward of the turn among what the shield allows (one turn ahead only)."""
+
+    def bind(self, env: OffloadEnv) -> None:
+        self.env = env
+
+    def __call__(self, obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
+        turn = self.env.turns[self.env.index]
+        if turn.quality_mean is None:
+            raise ValueError("the oracle needs a turn source that knows its mean quality (the simulator)")
+        allowed, w = turn.mask > 0, self.env.weights
+        value = (
+            w.quality * np.clip(turn.quality_mean, 0.0, 1.0)
+            + w.association * turn.association
+            - w.latency * normalised(turn.expected_spend()[0], allowed)
+            - w.cost * normalised(turn.usd, allowed)
+        )
+        return int(np.argmax(np.where(mask > 0, value, -np.inf)))
 
 
 SATISFIED_AT = 0.5  # a simulated answer of quality >= 0.5 (on 0-1) counts as satisfying

@@ -11,7 +11,9 @@ Observation, ``OBS_DIM`` floats, each in [0, 1] unless noted (names in ``FEATURE
   relevance, is an image;
 - device and network: battery fraction (1 when unknown), on AC, power / 50 W, CPU load, online, link
   one-hot (ethernet, wifi, cellular, none), log10(upload bytes/s) / 8, RTT / 1 s (capped at 1);
-- remaining budgets: latency, money, energy, as fractions of the episode's (day's) budget;
+- remaining budgets: latency, money, energy, as the fraction of each budget left to this turn (in
+  training, what the last turns of the budget window left; in the daemon, the day's money cap and the
+  battery);
 - MESS+: Q / q_cap, predicted satisfaction of the local and of the cloud model.
 """
 

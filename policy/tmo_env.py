@@ -5,21 +5,23 @@ An episode is a dialogue of a few turns. Each turn the agent picks an action of 
 
     r = a * quality + b_assoc * association - b_lat * norm_latency - b_cost * norm_cost
 
-with latency and cost min-max normalised over the turn's allowed actions; a step that overruns a
-remaining budget (latency, money, energy) earns nothing, as in RC-RL, and a penalty of OVERRUN_PENALTY on
-top (zero alone was too weak a signal to learn from in our runs), and counts as a violation.
+with latency and cost min-max normalised over the turn's allowed actions.
 
-Budgets are sampled per episode so that they can be met: they are what a plausible sequence of actions
-on this very episode spends (some turns local, some in the cloud, sometimes with the relevant
-attachments), times a slack of at least 1 (tight, typical or loose; TMO's extreme-aware sampling). An
-earlier version drew each budget between the cheapest and dearest totals of its own resource, which was
-often jointly infeasible: money favours local answers and device energy favours the cloud. The remaining
-fractions are in the observation, so one policy learns to respect budgets it was not trained on.
+Budgets (latency, money, energy) bound what any WINDOW consecutive turns spend, as in TMO's reference
+environment, whose budgets cover its history window of Z turns: a rate, which is what a device has (a
+day's money cap, a battery), rather than a total for a dialogue whose length nobody knows in advance.
+They are sampled per episode between a floor, WINDOW local answers at their dearest, and the dearest
+action's spend WINDOW times (normal, uniform, or near either end: TMO's extreme-aware sampling), so
+which resource is scarce varies. The remaining fractions are in the observation, so one policy learns
+budgets it was not trained on. A step that overruns earns nothing and a penalty of OVERRUN_PENALTY
+(RC-RL's zero alone was too weak a signal to learn from in our runs).
 
-The action mask is the budget shield the daemon applies too (its daily money cap): an action whose
-*expected* latency, money or energy would overrun what is left is masked, unless nothing would fit, when
-the action overrunning least stays. Expectations are what a device can know before acting (the published
-cloud latency with its +10 % spread, prices, its own generation speed), not the sampled outcome.
+The action mask is a shield, the same kind the daemon applies with its daily money cap: an action is
+offered only if, after it, the window still has room for local answers on every turn to come. A local
+answer's spend has a known upper bound (the source's ``local_bound``) and every budget covers WINDOW of
+them, so the local answer always passes, and no strategy that picks from the mask can overrun, whatever
+the later turns bring. This needs every action's *expected* spend (what a device knows before acting:
+the published cloud latency with its +10 % spread, prices, its own generation speed) to bound its outcome.
 
 Turns come from a ``TurnSource``: the ``Simulator`` (TMO's published cloud latency/cost by upload count
 and network kind, a device profile, battery and network that change during the episode), the replay trace
@@ -48,6 +50,7 @@ from locod.policy.observation import (
     ObsInputs,
     PastTurn,
     Slot,
+    Z,
     action_mask,
     observe,
 )
@@ -56,7 +59,9 @@ from locod.policy.observation import (
 CLOUD_LATENCY_S = {"wifi": (0.5, 1.9, 2.0, 2.2), "cellular": (0.5, 16.6, 17.6, 19.6), "ethernet": (0.4, 1.2, 1.3, 1.4)}
 CLOUD_USD = (0.00049, 0.0050, 0.0095, 0.0137)
 RADIO_W = 2.0
+LOCAL_USD = 1e-8  # TMO's local cost per call
 OVERRUN_PENALTY = 0.5
+WINDOW = Z  # turns a budget covers: the policy sees this much history, so it sees what fills the window
 
 
 @dataclass(frozen=True)
@@ -69,8 +74,9 @@ class Weights:
 
 @dataclass
 class TurnOutcomes:
-    """What every action would yield on one turn: quality, latency (s), money (USD), energy (J); and what
-    a device would expect each to spend before acting (rows latency, USD, J; recorded sources: the outcome)."""
+    """What every action would yield on one turn: quality, latency (s), money (USD), energy (J); what a
+    device would expect each to spend before acting (rows latency, USD, J; recorded sources: the outcome);
+    and, from the simulator, each action's mean quality (0-1, before noise and clipping)."""
 
     inputs: ObsInputs
     mask: np.ndarray
@@ -80,6 +86,7 @@ class TurnOutcomes:
     energy: np.ndarray
     association: np.ndarray
     expected: np.ndarray | None = None
+    quality_mean: np.ndarray | None = None  # where the source knows it (the simulator): for the oracle
 
     def expected_spend(self) -> np.ndarray:
         return self.expected if self.expected is not None else np.stack([self.latency, self.usd, self.energy])
@@ -87,6 +94,17 @@ class TurnOutcomes:
 
 class TurnSource(Protocol):
     def episode(self, rng: random.Random) -> list[TurnOutcomes]: ...
+
+    @property
+    def local_bound(self) -> np.ndarray:
+        """The most a local answer spends (latency s, USD, J): the shield's reserve per turn to come."""
+        ...
+
+
+def normalised(values: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Min-max normalised over the allowed actions (TMO's latency and cost terms); all zero if they tie."""
+    lo, hi = values[allowed].min(), values[allowed].max()
+    return (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
 
 
 def association(slots: Sequence[Slot]) -> np.ndarray:
@@ -115,6 +133,11 @@ class Simulator:
     links: tuple[str, ...] = ("wifi", "wifi", "cellular", "ethernet")  # where an episode starts
     switch_p: float = 0.15  # chance per turn of moving to another network (or out of reach)
 
+    @property
+    def local_bound(self) -> np.ndarray:
+        slowest = self.local_latency_s[1]
+        return np.array([slowest, LOCAL_USD, slowest * self.device_w])
+
     def episode(self, rng: random.Random) -> list[TurnOutcomes]:
         turns = rng.randint(2, 5)
         link = rng.choice(self.links)
@@ -126,25 +149,24 @@ class Simulator:
                 link = rng.choice(["wifi", "cellular", "none"])
             n = rng.choice([0, 1, 2, 3, 3])
             slots = [Slot(rng.random(), image=True, private=rng.random() < 0.1) for _ in range(n)]
+            slots.sort(key=lambda s: -s.relevance)  # slots are filled most relevant first, as the daemon does
             task = rng.choice(TASKS)
             online = link != "none"
             mask = action_mask(slots, cloud_allowed=online)
             assoc = association(slots)
-            needs_image = any(s.relevance > 0.7 for s in slots)
             local_s = rng.uniform(*self.local_latency_s)
+            mean = self.quality_mean(slots, assoc)
             quality = np.zeros(N_ACTIONS)
             latency = np.zeros(N_ACTIONS)
             usd = np.zeros(N_ACTIONS)
             energy = np.zeros(N_ACTIONS)
-            quality[0] = min(2.0, max(0.0, rng.gauss(0.7 - (0.3 if needs_image else 0.0), 0.3))) / 2
-            latency[0], usd[0], energy[0] = local_s, 1e-8, local_s * self.device_w
-            base = rng.gauss(1.0, 0.3)
+            quality[0] = min(2.0, max(0.0, rng.gauss(mean[0], 0.3))) / 2
+            latency[0], usd[0], energy[0] = local_s, LOCAL_USD, local_s * self.device_w
+            cloud_noise = rng.gauss(0.0, 0.3)  # one draw: the cloud answers the same prompt whatever is uploaded
             table = CLOUD_LATENCY_S.get(link, CLOUD_LATENCY_S["wifi"])
             for i, subset in enumerate(SUBSETS):
                 k = len(subset)
-                withheld = needs_image and not any(slots[j].relevance > 0.7 for j in subset if j < n)
-                gain = 1.0 * assoc[1 + i] - (0.5 if withheld else 0.0)
-                quality[1 + i] = min(2.0, max(0.0, base + gain)) / 2
+                quality[1 + i] = min(2.0, max(0.0, mean[1 + i] + cloud_noise)) / 2
                 latency[1 + i] = table[k] * rng.uniform(0.9, 1.1)
                 usd[1 + i] = CLOUD_USD[k]
                 energy[1 + i] = RADIO_W * latency[1 + i] * 0.3
@@ -161,9 +183,20 @@ class Simulator:
                 link=link,
                 upload_bps=2e6 if link != "cellular" else 2e5,
             )
-            out.append(TurnOutcomes(inputs, mask, quality, latency, usd, energy, assoc, expected))
+            out.append(TurnOutcomes(inputs, mask, quality, latency, usd, energy, assoc, expected, mean / 2))
             battery = max(0.0, battery - (0.0 if on_ac else 0.01))
         return out
+
+    @staticmethod
+    def quality_mean(slots: Sequence[Slot], assoc: np.ndarray) -> np.ndarray:
+        """Each action's mean answer quality on TMO's 0-2 scale, before the N(0, 0.3) noise and clipping."""
+        needs_image = any(s.relevance > 0.7 for s in slots)
+        mean = np.zeros(N_ACTIONS)
+        mean[0] = 0.7 - (0.3 if needs_image else 0.0)
+        for i, subset in enumerate(SUBSETS):
+            withheld = needs_image and not any(slots[j].relevance > 0.7 for j in subset if j < len(slots))
+            mean[1 + i] = 1.0 + assoc[1 + i] - (0.5 if withheld else 0.0)
+        return mean
 
 
 @dataclass
@@ -172,6 +205,7 @@ class TraceSource:
 
     path: Path
     dialogues: list[list[dict[str, Any]]] = field(default_factory=list)
+    local_bound: np.ndarray = field(default_factory=lambda: np.zeros(3))
 
     def __post_init__(self) -> None:
         by_id: dict[str, list[dict[str, Any]]] = {}
@@ -179,6 +213,8 @@ class TraceSource:
             row = json.loads(line)
             by_id.setdefault(row["dialogue"], []).append(row)
         self.dialogues = list(by_id.values())
+        local = [d["models"]["smollm2-135m-instruct"] for rows in self.dialogues for d in rows]
+        self.local_bound = np.array([max(r[key] for r in local) for key in ("latency_s", "usd", "energy_j")])
 
     def episode(self, rng: random.Random) -> list[TurnOutcomes]:
         out = []
@@ -215,6 +251,7 @@ class LogSource:
     rows: list[dict[str, Any]]
     k: int = 5
     sessions: list[list[dict[str, Any]]] = field(default_factory=list)
+    local_bound: np.ndarray = field(default_factory=lambda: np.zeros(3))
 
     def __post_init__(self) -> None:
         labelled = [r for r in self.rows if r.get("satisfied") is not None and r["outcome"] in ("ok", "fallback")]
@@ -225,6 +262,8 @@ class LogSource:
         self.by_location = {loc: [r for r in labelled if r["backend"] == loc] for loc in ("local", "cloud")}
         if not self.by_location["local"] or not self.by_location["cloud"]:
             raise ValueError("the decision log needs labelled turns answered locally and in the cloud")
+        # estimates for local answers average local rows, so the dearest logged one bounds them all
+        self.local_bound = np.array([_outcome(r)[1:] for r in self.by_location["local"]]).max(axis=0)
 
     def _estimate(self, row: dict[str, Any], location: str) -> tuple[float, float, float, float]:
         if row["backend"] == location:
@@ -277,44 +316,42 @@ def _outcome(row: dict[str, Any]) -> tuple[float, float, float, float]:
 
 @dataclass
 class Budgets:
+    """What any WINDOW consecutive turns may spend."""
+
     latency_s: float
     usd: float
     energy_j: float
 
+    def array(self) -> np.ndarray:
+        return np.array([self.latency_s, self.usd, self.energy_j])
 
-def sample_budgets(turns: list[TurnOutcomes], rng: random.Random, slack: tuple[float, float] | None = None) -> Budgets:
-    """What a plausible sequence of actions spends on these turns, times a slack >= 1: tight, typical or
-    loose (TMO's extreme-aware sampling); ``slack`` fixes its range (for evaluation).
 
-    The sequence answers a turn locally with a probability drawn per episode (up to one half), else in the
-    cloud, uploading the relevant attachments (relevance >= 0.5) with another (at least one half): a budget
-    that buys decent answers, which a policy must spend well. Budgets can always be met, by that sequence
-    at least, and they differ in which resource is scarce."""
-    p_local, p_upload = rng.uniform(0.0, 0.5), rng.uniform(0.5, 1.0)
-    spent = np.zeros(3)
-    for turn in turns:
-        allowed = [int(a) for a in np.flatnonzero(turn.mask)]
-        relevant = tuple(k for k, s in enumerate(turn.inputs.slots[:K]) if s.relevance >= 0.5)
-        upload = 1 + SUBSETS.index(relevant) if relevant in SUBSETS else 1
-        if 0 in allowed and (rng.random() < p_local or allowed == [0]):
-            action = 0
-        elif upload in allowed and rng.random() < p_upload:
-            action = upload
+def sample_budgets(
+    turns: list[TurnOutcomes], local_bound: np.ndarray, rng: random.Random, span: tuple[float, float] | None = None
+) -> Budgets:
+    """Each budget between its floor, WINDOW local answers at their dearest (so local answers always fit),
+    and WINDOW of the episode's dearest action. Where in between: normal around the middle, uniform, or
+    near either end (TMO's extreme-aware mix), drawn per resource; ``span`` fixes the range of that
+    fraction instead (for evaluation: tight budgets near the floor, loose ones near the top)."""
+    floor = WINDOW * local_bound
+    dearest = np.max([turn.expected_spend()[:, turn.mask > 0].max(axis=1) for turn in turns], axis=0)
+    top = np.maximum(floor, WINDOW * dearest)
+    fractions = []
+    for _ in range(3):
+        if span is not None:
+            fraction = rng.uniform(*span)
         else:
-            action = 1 if 1 in allowed else allowed[0]
-        spent += [turn.latency[action], turn.usd[action], turn.energy[action]]
-    if slack is not None:
-        factor = rng.uniform(*slack)
-    else:
-        mode = rng.random()
-        if mode < 0.4:
-            factor = rng.uniform(1.0, 2.0)
-        elif mode < 0.7:
-            factor = max(1.0, rng.gauss(1.3, 0.15))
-        else:
-            factor = rng.choice([rng.uniform(1.0, 1.05), rng.uniform(2.5, 3.0)])
-    latency, usd, energy = (float(v) * factor + 1e-9 for v in spent)
-    return Budgets(latency, usd, energy)
+            mode = rng.random()
+            if mode < 0.5:
+                fraction = rng.gauss(0.5, 1 / 6)
+            elif mode < 0.8:
+                fraction = rng.random()
+            else:  # near an extreme: within about a tenth of the floor or of the top
+                near = rng.expovariate(10.0)
+                fraction = near if rng.random() < 0.5 else 1.0 - near
+        fractions.append(min(1.0, max(0.0, fraction)))
+    latency, usd, energy = np.maximum((floor + np.array(fractions) * (top - floor)) * (1 + 1e-9), 1e-12)
+    return Budgets(float(latency), float(usd), float(energy))
 
 
 class OffloadEnv(gym.Env):
@@ -327,7 +364,8 @@ class OffloadEnv(gym.Env):
         sources: Sequence[tuple[TurnSource, float]],
         weights: Weights | None = None,
         seed: int | None = None,
-        budget_slack: tuple[float, float] | None = None,
+        budget_span: tuple[float, float] | None = None,
+        shield: bool = True,
     ) -> None:
         self.sources = list(sources)
         self.weights = weights or Weights()
@@ -337,10 +375,12 @@ class OffloadEnv(gym.Env):
         self.turns: list[TurnOutcomes] = []
         self.index = 0
         self.budgets = Budgets(1.0, 1.0, 1.0)
-        self.spent = [0.0, 0.0, 0.0]
+        self.local_bound = np.zeros(3)
+        self.recent: list[np.ndarray] = []  # the last WINDOW - 1 turns' spend, oldest first
         self.history: list[PastTurn] = []
         self.violations = 0
-        self.budget_slack = budget_slack
+        self.budget_span = budget_span
+        self.shield = shield  # off: only the turn's own mask (to measure what the shield prevents)
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -349,33 +389,39 @@ class OffloadEnv(gym.Env):
             self.rng = random.Random(seed)
         source = self.rng.choices([s for s, _ in self.sources], weights=[w for _, w in self.sources])[0]
         self.turns = source.episode(self.rng)
-        self.budgets = sample_budgets(self.turns, self.rng, self.budget_slack)
+        self.local_bound = source.local_bound
+        self.budgets = sample_budgets(self.turns, self.local_bound, self.rng, self.budget_span)
         if options and "budgets" in options:
             self.budgets = options["budgets"]
-        self.index, self.spent, self.history, self.violations = 0, [0.0, 0.0, 0.0], [], 0
+        self.index, self.recent, self.history, self.violations = 0, [], [], 0
         self.mask = self._shielded(self.turns[0])
         return self._obs(), {"action_mask": self.mask.copy()}
 
     def _shielded(self, turn: TurnOutcomes) -> np.ndarray:
-        """The turn's mask less the actions expected to overrun a remaining budget; if none would fit, the
-        allowed action that overruns least (something must answer)."""
-        budgets = np.array([self.budgets.latency_s, self.budgets.usd, self.budgets.energy_j])[:, None]
-        after = (np.array(self.spent)[:, None] + turn.expected_spend()) / budgets
-        fits = turn.mask * np.all(after <= 1.0, axis=0)
+        """The turn's mask less every action after which the window could not take local answers on the
+        turns to come: for j = 0 .. WINDOW-1, the last WINDOW-1-j turns, this action and j local answers
+        at their dearest must fit. If nothing does (budgets below the floor), the action overrunning least
+        stays: something must answer."""
+        if not self.shield:
+            return turn.mask
+        budgets = self.budgets.array()[:, None]
+        expected = turn.expected_spend()
+        fits = turn.mask > 0
+        for j in range(WINDOW):
+            past = sum(self.recent[max(0, len(self.recent) - (WINDOW - 1 - j)) :], np.zeros(3))
+            fits = fits & np.all((past + j * self.local_bound)[:, None] + expected <= budgets, axis=0)
         if fits.any():
             return fits.astype(np.float32)
+        after = (sum(self.recent, np.zeros(3))[:, None] + expected) / budgets
         least = np.where(turn.mask > 0, after.max(axis=0), np.inf)
         only = np.zeros(N_ACTIONS, dtype=np.float32)
         only[int(np.argmin(least))] = 1.0
         return only
 
     def remaining(self) -> tuple[float, float, float]:
-        b = self.budgets
-        return (
-            max(0.0, 1 - self.spent[0] / b.latency_s),
-            max(0.0, 1 - self.spent[1] / b.usd),
-            max(0.0, 1 - self.spent[2] / b.energy_j),
-        )
+        """The fraction of each budget the window leaves this turn (what the last WINDOW-1 turns did not)."""
+        left = 1 - sum(self.recent, np.zeros(3)) / self.budgets.array()
+        return tuple(float(v) for v in np.maximum(left, 0.0))  # type: ignore[return-value]
 
     def _obs(self) -> np.ndarray:
         turn = self.turns[self.index]
@@ -387,26 +433,16 @@ class OffloadEnv(gym.Env):
         if self.mask[action] == 0:
             raise ValueError(f"action {action} is masked on this turn")
         allowed = turn.mask > 0  # normalisation spans everything the turn allows, the shield aside
-
-        def norm(values: np.ndarray) -> float:
-            lo, hi = values[allowed].min(), values[allowed].max()
-            return float((values[action] - lo) / (hi - lo)) if hi > lo else 0.0
-
         w = self.weights
         reward = (
             w.quality * turn.quality[action]
             + w.association * turn.association[action]
-            - w.latency * norm(turn.latency)
-            - w.cost * norm(turn.usd)
+            - w.latency * normalised(turn.latency, allowed)[action]
+            - w.cost * normalised(turn.usd, allowed)[action]
         )
-        self.spent[0] += float(turn.latency[action])
-        self.spent[1] += float(turn.usd[action])
-        self.spent[2] += float(turn.energy[action])
-        over = (
-            self.spent[0] > self.budgets.latency_s
-            or self.spent[1] > self.budgets.usd
-            or self.spent[2] > self.budgets.energy_j
-        )
+        spend = np.array([turn.latency[action], turn.usd[action], turn.energy[action]])
+        over = bool(np.any(sum(self.recent, np.zeros(3)) + spend > self.budgets.array()))
+        self.recent = [*self.recent, spend][-(WINDOW - 1) :]
         if over:  # RC-RL: an overrunning step earns nothing, and a penalty so the lesson is learnt
             reward = -OVERRUN_PENALTY
             self.violations += 1

@@ -45,13 +45,14 @@ class Policy(nn.Module):
 class TrainConfig:
     steps: int = 200_000
     rollout: int = 2048
-    epochs: int = 4
+    epochs: int = 10
     minibatch: int = 256
     gamma: float = 0.95
     lam: float = 0.95
     clip: float = 0.2
     lr: float = 3e-4
-    entropy: float = 0.01
+    entropy: float = 0.003
+    hidden: int = 64
     seed: int = 0
 
 
@@ -62,7 +63,7 @@ def train(
     np.random.seed(config.seed)
     torch.set_num_threads(2)
     env = OffloadEnv(sources, seed=config.seed)
-    policy = Policy()
+    policy = Policy(config.hidden)
     optimiser = torch.optim.Adam(policy.parameters(), lr=config.lr)
     obs, info = env.reset(seed=config.seed)
     mask = info["action_mask"]
@@ -238,7 +239,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = TrainConfig(steps=args.steps, seed=args.seed)
     policy = train(sources, config, log=True)
     out = Path(args.out)
-    version = f"rcppo-s{config.seed}-{config.steps // 1000}k-{data_hash(inputs)[:8]}"
+    weights = hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in policy.state_dict().values()))
+    # seed, length and data say how it was made; the weights' hash tells apart policies made by other code
+    version = f"rcppo-s{config.seed}-{config.steps // 1000}k-{data_hash(inputs)[:8]}-{weights.hexdigest()[:6]}"
     export(policy, out, version=version, data_sha256=data_hash(inputs), config=config)
     diff = parity(policy, out)
     print(f"exported {out} ({out.stat().st_size} bytes), policy version {version}, torch/ONNX max abs diff {diff:.2e}")
