@@ -214,9 +214,7 @@ class CloudBackend:
         else:  # the endpoint reported no usage: estimate at 4 characters a token
             tokens_in = sum(len(str(m["content"])) for m in prompt.messages) // 4
             tokens_out = max(chunks, len(text) // 4)
-        cost = (
-            tokens_in * model.usd_per_mtok_in + tokens_out * model.usd_per_mtok_out
-        ) / 1e6 + upload.images * model.usd_per_image
+        cost = model.price(tokens_in, tokens_out, upload.images)
         total = time.perf_counter() - started
         return Generation(
             text=text,

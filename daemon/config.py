@@ -61,6 +61,11 @@ class CloudModelConfig:
     usd_per_image: float = field(default=0.0, metadata=_range(0))
     vision: bool = True
 
+    def price(self, tokens_in: int, tokens_out: int, images: int) -> float:
+        """USD for one call."""
+        tokens = tokens_in * self.usd_per_mtok_in + tokens_out * self.usd_per_mtok_out
+        return tokens / 1e6 + images * self.usd_per_image
+
 
 @dataclass(frozen=True)
 class DaemonConfig:

@@ -147,7 +147,7 @@ class Router:
             return self._with_notes(fixed, turn)
         slots = ranked_slots(turn.attachments)
         views = slot_views(turn.attachments, slots)
-        candidates, mask = self.candidates(turn.attachments, slots, views, access)
+        candidates, mask = self.candidates(turn, slots, views, access)
         costs = self.costs(turn, snapshot, candidates)
         features = {key: self.features(turn, c) for key, c in candidates.items()}
         model_of = {key: c.model for key, c in candidates.items()}
@@ -189,13 +189,16 @@ class Router:
         return self._with_notes(decision, turn)
 
     def candidates(
-        self, attachments: list[PreparedAttachment], slots: list[int], views: list[Slot], access: CloudAccess
+        self, turn: Turn, slots: list[int], views: list[Slot], access: CloudAccess
     ) -> tuple[dict[str, Candidate], dict[str, bool]]:
         """Every allowed (model, upload) action, and the mask over all of them (for the record).
 
         With a policy loaded a cloud model is offered with each subset of the top-K slots (TMO's layout);
-        without one, with the relevant uploadable attachments only.
+        without one, with the relevant uploadable attachments only. The daily cap is a shield, as in
+        training: a cloud action whose price, at the longest answer the turn allows, would take today's
+        spend past the cap is masked before it could be chosen, not after the spend.
         """
+        attachments = turn.attachments
         out: dict[str, Candidate] = {}
         mask: dict[str, bool] = {}
         local_allowed = not (access.battery_critical and access.blocked_by is None)
@@ -220,10 +223,25 @@ class Router:
                 if mask[key]:
                     send = tuple(sorted(slots[k] for k in SUBSETS[action - 1]))
                     out[key] = Candidate(key, cloud.name, "cloud", action, send)
+        for key in self._over_cap(turn, out, access):
+            del out[key]
+            mask[key] = False
         if not out:  # everything masked: the default local model still answers
             default = self.config.local.default
             out[default] = Candidate(default, default, "local", 0, ())
         return out, mask
+
+    def _over_cap(self, turn: Turn, candidates: dict[str, Candidate], access: CloudAccess) -> list[str]:
+        """Cloud actions that could take today's spend past the daily cap (prompt at 4 characters a token,
+        the turn's max_tokens of answer, the images uploaded)."""
+        if access.daily_cap_usd <= 0:
+            return []
+        left = access.daily_cap_usd - access.spent_today_usd
+        answer = turn.request.options.max_tokens or self.config.local.max_tokens
+        tokens_in = _prompt_tokens(turn)
+        cloud = [c for c in candidates.values() if c.location == "cloud"]
+        price = {c.key: self.config.cloud_model(c.model).price(tokens_in, answer, _images(turn, c)) for c in cloud}
+        return [key for key, usd in price.items() if usd > left]
 
     def _policy_term(
         self,
@@ -317,7 +335,7 @@ class Router:
         """Normalised cost per candidate (the most expensive is 1): money, and device energy (generation
         locally, the radio for uploads), weighted by routing.weight_money / weight_energy."""
         weights = self.config.routing
-        prompt_tokens = len(turn.request.prompt) // 4 + sum(len(m["content"]) // 4 for m in turn.session.messages)
+        prompt_tokens = _prompt_tokens(turn)
         upload_bytes = [len(a.jpeg) + 4 * sum(len(ch.text) for ch in a.chunks[:3]) for a in turn.attachments]
         raw: dict[str, float] = {}
         for key, c in candidates.items():
@@ -325,11 +343,7 @@ class Router:
                 joules = snapshot.joules_per_token or self.config.local_model(c.model).joules_per_token
                 raw[key] = weights.weight_energy * joules * EXPECTED_ANSWER_TOKENS / ENERGY_REF_J
                 continue
-            cloud = self.config.cloud_model(c.model)
-            images = sum(turn.attachments[i].kind == "image" for i in c.send)
-            usd = (
-                prompt_tokens * cloud.usd_per_mtok_in + EXPECTED_ANSWER_TOKENS * cloud.usd_per_mtok_out
-            ) / 1e6 + images * cloud.usd_per_image
+            usd = self.config.cloud_model(c.model).price(prompt_tokens, EXPECTED_ANSWER_TOKENS, _images(turn, c))
             upload = prompt_tokens * 4 + sum(upload_bytes[i] for i in c.send)
             joules = RADIO_W * upload / max(snapshot.upload_bps, 1.0)
             raw[key] = weights.weight_money * usd / MONEY_REF_USD + weights.weight_energy * joules / ENERGY_REF_J
@@ -422,6 +436,15 @@ class Router:
             if not self._save_failed:
                 log.error("cannot save the MESS+ state to %s: %s (will retry every turn)", self.mess.path, exc)
             self._save_failed = True
+
+
+def _prompt_tokens(turn: Turn) -> int:
+    """The prompt with its session history, at 4 characters a token (a price estimate, before any call)."""
+    return len(turn.request.prompt) // 4 + sum(len(m["content"]) // 4 for m in turn.session.messages)
+
+
+def _images(turn: Turn, candidate: Candidate) -> int:
+    return sum(turn.attachments[i].kind == "image" for i in candidate.send)
 
 
 def _vector_from_record(features: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:

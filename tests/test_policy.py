@@ -260,6 +260,23 @@ def test_private_attachments_are_never_uploaded(daemon_factory: Any, proxy: Faul
         assert mask and not mask.get("cloud-small|cloud+0,1")
 
 
+def test_daily_cap_masks_uploads_that_could_pass_it(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """The cap as a shield: an image costs $0.01, $0.005 is left today, so no action that uploads one is
+    offered, while text to the cloud (far cheaper) still is."""
+    config = policy_config(proxy.base_url, explore_c=50.0)  # explore: any offered action may be taken
+    config["cloud"]["models"][0]["usd_per_image"] = 0.01
+    config["cloud"]["daily_cap_usd"] = 0.005
+    handle = daemon_factory(config)
+    for i in range(4):
+        handle.client().ask(f"What is in this picture? ({i})", attachments=[image(120, 90)], max_tokens=2)
+    for row in handle.rows():
+        mask = json.loads(row["mask"])
+        assert mask["cloud-small|cloud"] and not mask["cloud-small|cloud+0"]
+        assert json.loads(row["attachments_sent"]) == []
+    assert all(image_parts(request) == [] for request in proxy.chat_requests())
+    assert sum(row["cost_usd"] or 0.0 for row in handle.rows()) < 0.005
+
+
 def test_corrupt_policy_falls_back_to_messplus_and_reload_swaps_it(
     daemon_factory: Any, proxy: FaultProxy, tmp_path: Path
 ) -> None:
