@@ -133,8 +133,8 @@ def _past(turn: PastTurn | None) -> tuple[float, ...]:
 
 
 def observe(inputs: ObsInputs) -> np.ndarray:
-    """The observation vector. Values are gathered raw and made finite and clipped to [0, 1] in one numpy
-    step at the end (this runs on every turn); only the battery's unknown/garbage default is 1."""
+    """The observation vector. Values are gathered raw and clipped to [0, 1] by numpy at the end (this runs
+    on every turn): NaN becomes 0; only the battery's unknown/garbage default is 1."""
     obs: list[float] = []
     past = list(inputs.history)[-Z:]
     for turn in [None] * (Z - len(past)) + past:
@@ -161,9 +161,9 @@ def observe(inputs: ObsInputs) -> np.ndarray:
         inputs.s_local,
         inputs.s_cloud,
     ]
-    out = np.asarray(obs, dtype=np.float64)
-    out[~np.isfinite(out)] = 0.0
-    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32)
+    out = np.array(obs, dtype=np.float32)
+    np.fmax(out, 0.0, out=out)  # fmax/fmin pass over NaN: NaN and -inf become 0, +inf 1
+    return np.fmin(out, 1.0, out=out)
 
 
 def action_mask(

@@ -18,6 +18,7 @@ from locod.errors import PolicyError
 from locod.policy.evaluate import heuristics, run
 from locod.policy.observation import (
     ACTION_NAMES,
+    FEATURE_NAMES,
     N_ACTIONS,
     OBS_DIM,
     SUBSETS,
@@ -72,6 +73,9 @@ def test_observation_is_bounded_and_sized() -> None:
     )
     assert obs.shape == (OBS_DIM,) and obs.dtype == np.float32
     assert np.all((obs >= 0) & (obs <= 1))
+    value = dict(zip(FEATURE_NAMES, obs.tolist(), strict=True))
+    assert value["power"] == 0.0 and value["q"] == 1.0 and value["rtt"] == 1.0  # NaN, +inf, far too large
+    assert value["battery"] == 0.0  # below empty reads as empty (unknown or NaN would read as full)
 
 
 def test_budget_accounting_and_overrun_reward() -> None:
