@@ -169,6 +169,8 @@ class Router:
             why += f", action {chosen.key.split('|')[-1]}"
         if access.blocked_by and chosen.location == "local":
             why += f"; cloud masked: {access.blocked_by}"
+        elif self.cloud.available and not any(c.location == "cloud" for c in candidates.values()):
+            why += f"; cloud masked: no cloud action fits what is left of today's ${access.daily_cap_usd:.2f} cap"
         routing = {
             "action": chosen.key,
             "features": {  # of the chosen action: a later label trains on exactly what was decided on

@@ -42,7 +42,7 @@ def run(
     rng = random.Random(seed + 1)
     totals = np.zeros(7)  # reward, quality, latency, usd, energy, uploads, cloud turns
     violations = turns = satisfied = 0
-    bind = getattr(strategy, "bind", None)
+    bind = getattr(strategy, "bind", None)  # a yardstick that reads the episode itself (the oracle)
     if bind is not None:
         bind(env)
     for _ in range(episodes):

@@ -268,7 +268,7 @@ def test_daily_cap_masks_uploads_that_could_pass_it(daemon_factory: Any, proxy: 
     """The cap as a shield: an image costs $0.01, $0.005 is left today, so no action that uploads one is
     offered, while text to the cloud (far cheaper) still is."""
     config = policy_config(proxy.base_url, explore_c=50.0)  # explore: any offered action may be taken
-    config["cloud"]["models"][0]["usd_per_image"] = 0.01
+    config["cloud"]["models"][0].update(usd_per_image=0.01, usd_per_mtok_out=600.0)  # 2 tokens: $0.0012
     config["cloud"]["daily_cap_usd"] = 0.005
     handle = daemon_factory(config)
     for i in range(4):
@@ -279,6 +279,10 @@ def test_daily_cap_masks_uploads_that_could_pass_it(daemon_factory: Any, proxy: 
         assert json.loads(row["attachments_sent"]) == []
     assert all(image_parts(request) == [] for request in proxy.chat_requests())
     assert sum(row["cost_usd"] or 0.0 for row in handle.rows()) < 0.005
+    broke = handle.client().ask("One more?", max_tokens=20)  # 20 tokens of answer could cost $0.012
+    assert (
+        broke.decision["location"] == "local" and "fits what is left of today's $0.01 cap" in broke.decision["reason"]
+    )
 
 
 def test_corrupt_policy_falls_back_to_messplus_and_reload_swaps_it(
