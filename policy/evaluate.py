@@ -11,7 +11,7 @@ import numpy as np
 
 from locod.policy.messplus import MessPlus, TurnFeatures, vectorize
 from locod.policy.observation import CLOUD_ACTIONS_COST, FEATURE_NAMES, N_ACTIONS, SUBSETS, TASKS
-from locod.policy.tmo_env import OffloadEnv, TurnSource, normalised
+from locod.policy.tmo_env import OffloadEnv, TurnOutcomes, TurnSource, normalised, window_after
 
 Strategy = Callable[[np.ndarray, np.ndarray, random.Random], int]
 
@@ -109,16 +109,48 @@ class ExpectedRewardOracle:
 
     def __call__(self, obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
         turn = self.env.turns[self.env.index]
-        if turn.quality_mean is None:
-            raise ValueError("the oracle needs a turn source that knows its mean quality (the simulator)")
-        allowed, w = turn.mask > 0, self.env.weights
-        value = (
-            w.quality * np.clip(turn.quality_mean, 0.0, 1.0)
-            + w.association * turn.association
-            - w.latency * normalised(turn.expected_spend()[0], allowed)
-            - w.cost * normalised(turn.usd, allowed)
-        )
+        value = mean_reward(self.env, turn, turn.expected_spend()[0])
         return int(np.argmax(np.where(mask > 0, value, -np.inf)))
+
+
+class ClairvoyantPlan:
+    """A higher yardstick: it also knows every turn of the episode ahead, with its outcome but the quality
+    noise, and plays the sequence of shielded actions with the most mean reward (searched exhaustively;
+    dialogues are short). A strategy that sees one turn at a time should not expect to beat it (up to how
+    clipping bends the quality's mean at its ends)."""
+
+    def bind(self, env: OffloadEnv) -> None:
+        self.env = env
+        self.plan: list[int] = []
+
+    def __call__(self, obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
+        if self.env.index == 0:
+            self.plan = self.best_from(0, [])[1]
+        return self.plan[self.env.index]
+
+    def best_from(self, index: int, recent: list[np.ndarray]) -> tuple[float, list[int]]:
+        if index == len(self.env.turns):
+            return 0.0, []
+        turn = self.env.turns[index]
+        value = mean_reward(self.env, turn, turn.latency)
+        options = []
+        for action in np.flatnonzero(self.env.shielded(turn, recent)):
+            later, rest = self.best_from(index + 1, window_after(recent, turn.spend(int(action))))
+            options.append((float(value[action]) + later, [int(action), *rest]))
+        return max(options, key=lambda option: option[0])
+
+
+def mean_reward(env: OffloadEnv, turn: TurnOutcomes, latency: np.ndarray) -> np.ndarray:
+    """Each action's reward with the simulator's mean quality in place of the sampled one."""
+    if turn.quality_mean is None:
+        raise ValueError("this yardstick needs a turn source that knows its mean quality (the simulator)")
+    allowed, w = turn.mask > 0, env.weights
+    return (
+        w.quality * np.clip(turn.quality_mean, 0.0, 1.0)
+        + w.association * turn.association
+        - w.latency * normalised(latency, allowed)
+        - w.cost * normalised(turn.usd, allowed)
+    )
 
 
 SATISFIED_AT = 0.5  # a simulated answer of quality >= 0.5 (on 0-1) counts as satisfying

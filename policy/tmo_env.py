@@ -88,6 +88,10 @@ class TurnOutcomes:
     expected: np.ndarray | None = None
     quality_mean: np.ndarray | None = None  # where the source knows it (the simulator): for the oracle
 
+    def spend(self, action: int) -> np.ndarray:
+        """What ``action`` spends: latency (s), USD, J."""
+        return np.array([self.latency[action], self.usd[action], self.energy[action]])
+
     def expected_spend(self) -> np.ndarray:
         return self.expected if self.expected is not None else np.stack([self.latency, self.usd, self.energy])
 
@@ -99,6 +103,11 @@ class TurnSource(Protocol):
     def local_bound(self) -> np.ndarray:
         """The most a local answer spends (latency s, USD, J): the shield's reserve per turn to come."""
         ...
+
+
+def window_after(recent: list[np.ndarray], spend: np.ndarray) -> list[np.ndarray]:
+    """The spend of the last WINDOW - 1 turns once a turn has spent ``spend``."""
+    return [*recent, spend][-(WINDOW - 1) :]
 
 
 def normalised(values: np.ndarray, allowed: np.ndarray) -> np.ndarray:
@@ -394,25 +403,27 @@ class OffloadEnv(gym.Env):
         if options and "budgets" in options:
             self.budgets = options["budgets"]
         self.index, self.recent, self.history, self.violations = 0, [], [], 0
-        self.mask = self._shielded(self.turns[0])
+        self.mask = self.shielded(self.turns[0])
         return self._obs(), {"action_mask": self.mask.copy()}
 
-    def _shielded(self, turn: TurnOutcomes) -> np.ndarray:
+    def shielded(self, turn: TurnOutcomes, recent: list[np.ndarray] | None = None) -> np.ndarray:
         """The turn's mask less every action after which the window could not take local answers on the
         turns to come: for j = 0 .. WINDOW-1, the last WINDOW-1-j turns, this action and j local answers
         at their dearest must fit. If nothing does (budgets below the floor), the action overrunning least
-        stays: something must answer."""
+        stays: something must answer. ``recent`` stands for the window's past spend (a planner's what-if)."""
         if not self.shield:
             return turn.mask
+        if recent is None:
+            recent = self.recent
         budgets = self.budgets.array()[:, None]
         expected = turn.expected_spend()
         fits = turn.mask > 0
         for j in range(WINDOW):
-            past = sum(self.recent[max(0, len(self.recent) - (WINDOW - 1 - j)) :], np.zeros(3))
+            past = sum(recent[max(0, len(recent) - (WINDOW - 1 - j)) :], np.zeros(3))
             fits = fits & np.all((past + j * self.local_bound)[:, None] + expected <= budgets, axis=0)
         if fits.any():
             return fits.astype(np.float32)
-        after = (sum(self.recent, np.zeros(3))[:, None] + expected) / budgets
+        after = (sum(recent, np.zeros(3))[:, None] + expected) / budgets
         least = np.where(turn.mask > 0, after.max(axis=0), np.inf)
         only = np.zeros(N_ACTIONS, dtype=np.float32)
         only[int(np.argmin(least))] = 1.0
@@ -440,9 +451,9 @@ class OffloadEnv(gym.Env):
             - w.latency * normalised(turn.latency, allowed)[action]
             - w.cost * normalised(turn.usd, allowed)[action]
         )
-        spend = np.array([turn.latency[action], turn.usd[action], turn.energy[action]])
+        spend = turn.spend(action)
         over = bool(np.any(sum(self.recent, np.zeros(3)) + spend > self.budgets.array()))
-        self.recent = [*self.recent, spend][-(WINDOW - 1) :]
+        self.recent = window_after(self.recent, spend)
         if over:  # RC-RL: an overrunning step earns nothing, and a penalty so the lesson is learnt
             reward = -OVERRUN_PENALTY
             self.violations += 1
@@ -460,7 +471,7 @@ class OffloadEnv(gym.Env):
         done = self.index >= len(self.turns)
         obs = np.zeros(OBS_DIM, dtype=np.float32) if done else self._obs()
         if not done:
-            self.mask = self._shielded(self.turns[self.index])
+            self.mask = self.shielded(self.turns[self.index])
         info["action_mask"] = np.ones(N_ACTIONS, dtype=np.float32) if done else self.mask.copy()
         return obs, float(reward), done, False, info
 

@@ -6,8 +6,8 @@ tight and with loose budgets, and dialogues of the replay trace. Strategies: loc
 cloud with every attachment, random, MESS+ only (relevant attachments), the TMO policy alone (its most
 likely allowed action), and MESS+ combined with the policy (the daemon's rule); then two yardsticks: the
 policy without the budget shield (what RC-RL alone keeps to), and, on simulator settings, an oracle that
-knows each action's mean quality. Same episodes, budgets and seeds for every strategy; the training seed
-differs from the evaluation seeds.
+knows each action's mean quality and a plan that also knows every turn ahead. Same episodes, budgets and
+seeds for every strategy; the training seed differs from the evaluation seeds.
 
     pip install '.[eval]'
     python scripts/evaluate_policy.py [--episodes 600] [--out docs/img]
@@ -25,13 +25,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
-from locod.policy.evaluate import ExpectedRewardOracle, Router, Scores, heuristics, run
+from locod.policy.evaluate import ClairvoyantPlan, ExpectedRewardOracle, Router, Scores, heuristics, run
 from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
 from locod.policy.tmo_env import Simulator, TraceSource
 
 REPO = Path(__file__).resolve().parent.parent
 SLA = 0.7
 ORACLE = "oracle: knows mean quality"
+PLAN = "clairvoyant plan: knows the episode ahead"
 
 
 def main() -> None:
@@ -69,9 +70,8 @@ def main() -> None:
             policy_only, sources, episodes=args.episodes, seed=2024, budget_span=budgets, shield=False
         )
         if all(isinstance(source, Simulator) for source, _ in sources):  # it needs the simulator's mean quality
-            results[setting][ORACLE] = run(
-                ExpectedRewardOracle(), sources, episodes=args.episodes, seed=2024, budget_span=budgets
-            )
+            for name, yardstick in ((ORACLE, ExpectedRewardOracle()), (PLAN, ClairvoyantPlan())):
+                results[setting][name] = run(yardstick, sources, episodes=args.episodes, seed=2024, budget_span=budgets)
     print(
         f"policy {policy.version}; {args.episodes} held-out episodes per setting; SLA measure: quality >= 0.5, "
         f"alpha = {SLA} for the MESS+ rows\n"
@@ -90,7 +90,7 @@ def main() -> None:
             )
         best = max((s.reward for n, s in rows.items() if n in heuristics()), default=0.0)
         print()
-        for name in ("MESS+ with TMO policy", "TMO policy only", ORACLE):
+        for name in ("MESS+ with TMO policy", "TMO policy only", ORACLE, PLAN):
             if name in rows and best > 0:
                 print(f"{name} / best heuristic reward: {rows[name].reward / best:.3f}  ")
         print()

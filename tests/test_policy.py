@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from locod.errors import PolicyError
-from locod.policy.evaluate import heuristics, run
+from locod.policy.evaluate import ClairvoyantPlan, heuristics, mean_reward, run
 from locod.policy.observation import (
     ACTION_NAMES,
     FEATURE_NAMES,
@@ -29,7 +29,15 @@ from locod.policy.observation import (
     observe,
 )
 from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
-from locod.policy.tmo_env import OVERRUN_PENALTY, WINDOW, Budgets, OffloadEnv, Simulator, TraceSource
+from locod.policy.tmo_env import (
+    OVERRUN_PENALTY,
+    WINDOW,
+    Budgets,
+    OffloadEnv,
+    Simulator,
+    TraceSource,
+    window_after,
+)
 
 from .conftest import wait_for
 from .faultproxy import FaultProxy, image_parts
@@ -138,6 +146,24 @@ def test_the_shield_keeps_every_strategy_within_budget(span: tuple[float, float]
             action = spendthrift if rng.random() < 0.7 else rng.choice(np.flatnonzero(info["action_mask"]).tolist())
             _, _, done, _, info = env.step(action)
             assert not info["violation"]
+
+
+def test_the_clairvoyant_plan_beats_every_shielded_walk() -> None:
+    """The evaluation's upper yardstick: its plan has at least the mean reward of any sequence of shielded
+    actions (here, random walks through the same episodes)."""
+    env = OffloadEnv([(Simulator(), 1.0)], seed=21)
+    plan, rng = ClairvoyantPlan(), random.Random(1)
+    plan.bind(env)
+    for _ in range(20):
+        env.reset()
+        best, _ = plan.best_from(0, [])
+        for _ in range(30):
+            recent, total = [], 0.0
+            for turn in env.turns:
+                action = rng.choice(np.flatnonzero(env.shielded(turn, recent)).tolist())
+                total += float(mean_reward(env, turn, turn.latency)[action])
+                recent = window_after(recent, turn.spend(action))
+            assert total <= best + 1e-12
 
 
 @pytest.fixture(scope="module")
