@@ -240,7 +240,7 @@ class Router:
             return []
         left = access.daily_cap_usd - access.spent_today_usd
         answer = turn.request.options.max_tokens or self.config.local.max_tokens
-        tokens_in = _prompt_tokens(turn)
+        tokens_in = turn.prompt_tokens
         cloud = [c for c in candidates.values() if c.location == "cloud"]
         price = {c.key: self.config.cloud_model(c.model).price(tokens_in, answer, _images(turn, c)) for c in cloud}
         return [key for key, usd in price.items() if usd > left]
@@ -337,7 +337,7 @@ class Router:
         """Normalised cost per candidate (the most expensive is 1): money, and device energy (generation
         locally, the radio for uploads), weighted by routing.weight_money / weight_energy."""
         weights = self.config.routing
-        prompt_tokens = _prompt_tokens(turn)
+        prompt_tokens = turn.prompt_tokens
         upload_bytes = [len(a.jpeg) + 4 * sum(len(ch.text) for ch in a.chunks[:3]) for a in turn.attachments]
         raw: dict[str, float] = {}
         for key, c in candidates.items():
@@ -438,11 +438,6 @@ class Router:
             if not self._save_failed:
                 log.error("cannot save the MESS+ state to %s: %s (will retry every turn)", self.mess.path, exc)
             self._save_failed = True
-
-
-def _prompt_tokens(turn: Turn) -> int:
-    """The prompt with its session history, at 4 characters a token (a price estimate, before any call)."""
-    return len(turn.request.prompt) // 4 + sum(len(m["content"]) // 4 for m in turn.session.messages)
 
 
 def _images(turn: Turn, candidate: Candidate) -> int:

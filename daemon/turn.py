@@ -11,6 +11,7 @@ Anything rejected before that (bad attachment, prompt longer than the context, s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -60,6 +61,11 @@ class Turn:
     client: bytes
     task: str
     attachments: list[att.PreparedAttachment]
+
+    @functools.cached_property
+    def prompt_tokens(self) -> int:
+        """The prompt with its session history at 4 characters a token: the router's price estimate."""
+        return len(self.request.prompt) // 4 + sum(len(m["content"]) // 4 for m in self.session.messages)
 
 
 class TurnRunner:
