@@ -4,7 +4,7 @@
 Settings: simulator episodes starting on WiFi, on cellular (both with the usual network changes), with
 tight and with loose budgets, and dialogues of the replay trace. Strategies: local only, cloud text only,
 cloud with every attachment, random, MESS+ only (relevant attachments), the TMO policy alone (its most
-likely allowed action), and MESS+ combined with the policy (the daemon's rule); then two yardsticks: the
+likely allowed action), and MESS+ combined with the policy (the daemon's rule); then three yardsticks: the
 policy without the budget shield (what RC-RL alone keeps to), and, on simulator settings, an oracle that
 knows each action's mean quality and a plan that also knows every turn ahead. Same episodes, budgets and
 seeds for every strategy; the training seed differs from the evaluation seeds.
