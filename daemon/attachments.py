@@ -9,6 +9,7 @@ gets a relevance score in [0, 1]: TMO's "association" signal, which the decision
 from __future__ import annotations
 
 import base64
+import functools
 import math
 import re
 import struct
@@ -131,6 +132,12 @@ class PreparedAttachment:
     width: int = 0
     height: int = 0
     chunks: tuple[DocChunk, ...] = ()
+
+    @functools.cached_property
+    def upload_bytes(self) -> int:
+        """About what uploading it sends over the radio: the JPEG in base64, or a document's three best
+        chunks. The router's energy estimate needs no more; cached, as every cloud action of a turn asks."""
+        return len(self.jpeg) * 4 // 3 + sum(len(ch.text) for ch in self.chunks[:3])
 
     def summary(self) -> dict[str, object]:
         """What the decision record keeps of it (never the content)."""

@@ -7,6 +7,7 @@ attachments to upload, settles the queue after the turn, and takes labels (user 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -218,10 +219,10 @@ class Router:
                     )
                     out[key] = Candidate(key, cloud.name, "cloud", 1, send)
                 continue
-            allowed = action_mask(views, cloud_allowed=access.blocked_by is None, vision=cloud.vision)
+            allowed = action_mask(views, cloud_allowed=access.blocked_by is None, vision=cloud.vision).tolist()
             for action in range(1, N_ACTIONS):
                 key = f"{cloud.name}|{ACTION_NAMES[action]}"
-                mask[key] = bool(allowed[action])
+                mask[key] = allowed[action] > 0
                 if mask[key]:
                     send = tuple(sorted(slots[k] for k in SUBSETS[action - 1]))
                     out[key] = Candidate(key, cloud.name, "cloud", action, send)
@@ -282,18 +283,17 @@ class Router:
             s_local=local_s,
             s_cloud=cloud_s,
         )
-        mask = np.zeros(N_ACTIONS, dtype=np.float32)
-        for c in candidates.values():
-            mask[c.action] = 1.0
+        actions = {c.action for c in candidates.values()}
+        mask = np.array([float(a in actions) for a in range(N_ACTIONS)], dtype=np.float32)
         try:
             log_pi = self.policy.log_probs(observe(inputs), mask)
         except PolicyError as exc:
             log.error("%s; deciding with MESS+ alone for this turn", exc.message)
             return PolicyTerm({}, {}, None)
         weight = self.config.routing.weight_policy
-        extra = {key: -weight * float(log_pi[c.action]) for key, c in candidates.items()}
-        pi = np.exp(log_pi).tolist()
-        probabilities = {ACTION_NAMES[a]: round(pi[a], 5) for a in range(N_ACTIONS) if mask[a]}
+        chosen = log_pi.tolist()
+        extra = {key: -weight * chosen[c.action] for key, c in candidates.items()}
+        probabilities = {ACTION_NAMES[a]: round(math.exp(chosen[a]), 5) for a in sorted(actions)}
         return PolicyTerm(extra, probabilities, self.policy.version)
 
     def _with_notes(self, decision: Decision, turn: Turn) -> Decision:
@@ -338,7 +338,6 @@ class Router:
         locally, the radio for uploads), weighted by routing.weight_money / weight_energy."""
         weights = self.config.routing
         prompt_tokens = turn.prompt_tokens
-        upload_bytes = [len(a.jpeg) + 4 * sum(len(ch.text) for ch in a.chunks[:3]) for a in turn.attachments]
         raw: dict[str, float] = {}
         for key, c in candidates.items():
             if c.location == "local":
@@ -346,7 +345,7 @@ class Router:
                 raw[key] = weights.weight_energy * joules * EXPECTED_ANSWER_TOKENS / ENERGY_REF_J
                 continue
             usd = self.config.cloud_model(c.model).price(prompt_tokens, EXPECTED_ANSWER_TOKENS, _images(turn, c))
-            upload = prompt_tokens * 4 + sum(upload_bytes[i] for i in c.send)
+            upload = prompt_tokens * 4 + sum(turn.attachments[i].upload_bytes for i in c.send)
             joules = RADIO_W * upload / max(snapshot.upload_bps, 1.0)
             raw[key] = weights.weight_money * usd / MONEY_REF_USD + weights.weight_energy * joules / ENERGY_REF_J
         top = max(raw.values()) or 1.0

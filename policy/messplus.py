@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import operator
 import os
 import random
 import time
@@ -188,7 +189,7 @@ class MessPlus:
             prompt_part[model] = float(w[hashed] @ values)
             dense_weights[model] = w[HASH_DIM:].tolist()
         return [
-            _sigmoid(prompt_part[m] + sum(x * w for x, w in zip(dense_features(f), dense_weights[m], strict=True)))
+            _sigmoid(prompt_part[m] + sum(map(operator.mul, dense_features(f), dense_weights[m])))
             for f, m in zip(features, models, strict=True)
         ]
 

@@ -194,6 +194,32 @@ def test_onnx_export_matches_torch(short_policy: Any, tmp_path: Path) -> None:
     assert np.exp(log_pi[:3]).sum() == pytest.approx(1.0, abs=1e-5) and np.all(log_pi[3:] < -1e6)
 
 
+def test_log_probs_match_a_fresh_session_run_call_after_call() -> None:
+    """log_probs reuses bound buffers across calls: each call must see its own inputs only."""
+    policy = OnnxPolicy(DEFAULT_POLICY)
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        obs = rng.random(OBS_DIM, dtype=np.float32)
+        mask = (rng.random(N_ACTIONS) < 0.6).astype(np.float32)
+        mask[0] = 1.0
+        fresh = policy.session.run(None, {"observation": obs[None], "mask": mask[None]})[0][0]
+        assert np.array_equal(policy.log_probs(obs, mask), fresh.astype(np.float64))
+
+
+def test_a_policy_that_returns_nan_is_a_named_error(tmp_path: Path) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(DEFAULT_POLICY))
+    first = model.graph.initializer[0]
+    first.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(first), np.nan), first.name))
+    onnx.save(model, str(tmp_path / "nan.onnx"))
+    policy = OnnxPolicy(tmp_path / "nan.onnx")  # the file itself is well-formed
+    with pytest.raises(PolicyError, match="non-finite log-probabilities") as info:
+        policy.log_probs(np.zeros(OBS_DIM, dtype=np.float32), np.ones(N_ACTIONS, dtype=np.float32))
+    assert info.value.code == "policy_output"
+
+
 def test_shipped_default_policy_loads_and_is_small() -> None:
     policy = OnnxPolicy(DEFAULT_POLICY)
     assert DEFAULT_POLICY.stat().st_size < 1_000_000
