@@ -7,7 +7,8 @@ cloud with every attachment, random, MESS+ only (relevant attachments), the TMO 
 likely allowed action), and MESS+ combined with the policy (the daemon's rule); then three yardsticks: the
 policy without the budget shield (what RC-RL alone keeps to), and, on simulator settings, an oracle that
 knows each action's mean quality and a plan that also knows every turn ahead. Same episodes, budgets and
-seeds for every strategy; the training seed differs from the evaluation seeds.
+seeds for every strategy; the training seed differs from the evaluation seeds. Last, the SLA attainment
+of MESS+ alone and combined over several seeds, since their difference is within one seed's noise.
 
     pip install '.[eval]'
     python scripts/evaluate_policy.py [--episodes 600] [--out docs/img]
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--policy", default=str(DEFAULT_POLICY))
     parser.add_argument("--trace", default=str(REPO / "policy/data/bigbench_trace.jsonl"))
     parser.add_argument("--out", default=str(REPO / "docs/img"))
+    parser.add_argument("--sla-seeds", type=int, default=8, help="seeds for the SLA comparison's spread")
     args = parser.parse_args()
     policy = OnnxPolicy(Path(args.policy))
 
@@ -94,6 +96,21 @@ def main() -> None:
             if name in rows and best > 0:
                 print(f"{name} / best heuristic reward: {rows[name].reward / best:.3f}  ")
         print()
+    print(f"### SLA attainment over {args.sla_seeds} seeds (episodes and exploration), {args.episodes} episodes each\n")
+    print("| setting | MESS+ only | MESS+ with TMO policy | difference, mean +- standard error |")
+    print("|---|---|---|---|")
+    for setting, (sources, budgets) in settings.items():
+        alone, combined = [], []
+        for seed in range(1, args.sla_seeds + 1):
+            episodes = dict(episodes=args.episodes, seed=2024 + seed, budget_span=budgets)
+            alone.append(run(Router(SLA, seed=seed), sources, **episodes).satisfaction)
+            combined.append(run(Router(SLA, log_pi=policy.log_probs, seed=seed), sources, **episodes).satisfaction)
+        diff = np.subtract(combined, alone)
+        print(
+            f"| {setting} | {np.mean(alone):.3f} | {np.mean(combined):.3f} | "
+            f"{diff.mean():+.4f} +- {diff.std(ddof=1) / np.sqrt(len(diff)):.4f} |"
+        )
+    print()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
