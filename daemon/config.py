@@ -77,9 +77,7 @@ class DaemonConfig:
     session_idle_s: float = field(default=1800.0, metadata=_range(1))
     max_sessions: int = field(default=1000, metadata=_range(1))
     queue_limit: int = field(default=256, metadata=_range(1))
-    cloud_workers: int = field(default=8, metadata=_range(1, 256))
     shutdown_grace_s: float = field(default=20.0, metadata=_range(0))
-    watchdog_stall_s: float = field(default=30.0, metadata=_range(1))
 
 
 @dataclass(frozen=True)

@@ -29,10 +29,6 @@ class Notifier:
         # Ping at half the interval systemd expects, as sd_watchdog_enabled(3) advises.
         self.watchdog_interval = int(watchdog_usec) / 2e6 if watchdog_usec.isdigit() and mine else None
 
-    @property
-    def enabled(self) -> bool:
-        return self._sock is not None
-
     def send(self, *fields: str) -> None:
         if self._sock is None:
             return

@@ -178,9 +178,6 @@ class DecisionLog:
             step(self.db)
             self._conn.execute(f"PRAGMA user_version = {number}")
 
-    def schema_version(self) -> int:
-        return int(self._conn.execute("PRAGMA user_version").fetchone()[0])
-
     def begin(self, record: DecisionRecord) -> int:
         """Insert the accepted turn as ``pending``; returns its decision id."""
         row: dict[str, Any] = asdict(record)
