@@ -206,15 +206,20 @@ def test_log_probs_match_a_fresh_session_run_call_after_call() -> None:
         assert np.array_equal(policy.log_probs(obs, mask), fresh.astype(np.float64))
 
 
-def test_a_policy_that_returns_nan_is_a_named_error(tmp_path: Path) -> None:
+def nan_policy(folder: Path) -> Path:
+    """The shipped policy with its first weight matrix NaN: a well-formed file that answers garbage."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(DEFAULT_POLICY))
     first = model.graph.initializer[0]
     first.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(first), np.nan), first.name))
-    onnx.save(model, str(tmp_path / "nan.onnx"))
-    policy = OnnxPolicy(tmp_path / "nan.onnx")  # the file itself is well-formed
+    onnx.save(model, str(folder / "nan.onnx"))
+    return folder / "nan.onnx"
+
+
+def test_a_policy_that_returns_nan_is_a_named_error(tmp_path: Path) -> None:
+    policy = OnnxPolicy(nan_policy(tmp_path))  # it passes every check at load time
     with pytest.raises(PolicyError, match="non-finite log-probabilities") as info:
         policy.log_probs(np.zeros(OBS_DIM, dtype=np.float32), np.ones(N_ACTIONS, dtype=np.float32))
     assert info.value.code == "policy_output"
@@ -354,6 +359,16 @@ def test_corrupt_policy_falls_back_to_messplus_and_reload_swaps_it(
     wait_for(lambda: client.status()["routing"]["policy"] is not None, 10, "the policy to load")
     assert "TMO policy" in client.ask("Hello again", max_tokens=2).decision["reason"]
     assert handle.rows()[-1]["policy_version"] == OnnxPolicy(DEFAULT_POLICY).version
+
+
+def test_a_policy_answering_nan_leaves_the_turn_to_messplus(
+    daemon_factory: Any, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    handle = daemon_factory(policy_config(proxy.base_url, policy_path=str(nan_policy(tmp_path))))
+    result = handle.client().ask("Hello", max_tokens=2)
+    assert result.done["outcome"] == "ok" and "TMO" not in result.decision["reason"]
+    assert "non-finite log-probabilities; deciding with MESS+ alone for this turn" in handle.log()
+    assert handle.rows()[-1]["policy_version"] is None
 
 
 def test_training_from_this_devices_decision_log(tmp_path: Path) -> None:
