@@ -92,28 +92,31 @@ class Router:
         self.records = records
         self.telemetry = telemetry
         self.cloud = cloud
-        self._lock = threading.Lock()  # MESS+ state is shared by the turn threads
+        self._lock = threading.Lock()  # MESS+ state, config and policy are shared by the turn threads
         self._judge = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
         self._save_failed = False  # log a failing save once, not every turn
         self.reload(config)
 
     def reload(self, config: Config) -> None:
         """Take a new config: the MESS+ state is re-read with its parameters and the policy reloaded. A
-        policy that fails its checks leaves routing to MESS+ alone, and says so in status and the log."""
-        self.config = config
+        policy that fails its checks leaves routing to MESS+ alone, and says so in status and the log.
+
+        Config, policy and MESS+ state are swapped together under the lock that ``decide`` holds, so a turn
+        deciding during a reload sees either the old three or the new three, never a mix."""
         routing = config.routing
         path = Path(routing.policy_path) if routing.policy_path else DEFAULT_POLICY
+        policy: OnnxPolicy | None = None
+        error: str | None = None
         try:
-            self.policy: OnnxPolicy | None = OnnxPolicy(path)
-            self.policy_error: str | None = None
-            log.info("routing policy %s loaded from %s", self.policy.version, path)
+            policy = OnnxPolicy(path)
+            log.info("routing policy %s loaded from %s", policy.version, path)
         except PolicyError as exc:
-            self.policy, self.policy_error = None, exc.message
+            error = exc.message
             log.error("%s; routing with MESS+ alone", exc.message)
         priors = {m.name: LOCAL_PRIOR for m in config.local.models}
         priors.update({m.name: CLOUD_PRIOR for m in config.cloud.models})
         with self._lock:
-            self.mess = MessPlus(
+            self.mess = MessPlus(  # read under the lock: a turn may be saving the state file
                 priors,
                 sla=routing.sla,
                 v=routing.v,
@@ -121,6 +124,7 @@ class Router:
                 q_cap=routing.q_cap,
                 path=Path(config.paths.state_dir) / "messplus.npz",
             )
+            self.config, self.policy, self.policy_error = config, policy, error
 
     # -- deciding ------------------------------------------------------------------------------------
 
@@ -140,6 +144,10 @@ class Router:
         )
 
     def decide(self, turn: Turn) -> Decision:
+        with self._lock:  # MESS+ state, and config and policy as one generation (see reload)
+            return self._decide(turn)
+
+    def _decide(self, turn: Turn) -> Decision:
         snapshot = self.telemetry.snapshot()
         access = self.access(snapshot)
         request = turn.request
@@ -152,12 +160,11 @@ class Router:
         costs = self.costs(turn, snapshot, candidates)
         features = {key: self.features(turn, c) for key, c in candidates.items()}
         model_of = {key: c.model for key, c in candidates.items()}
-        with self._lock:
-            predicted = self.mess.satisfaction_of_turn(list(features.values()), list(model_of.values()))
-            s_hat = dict(zip(candidates, predicted))
-            policy = self._policy_term(turn, snapshot, access, views, candidates, s_hat)
-            choice = self.mess.choose(costs, s_hat=s_hat, extra=policy.extra, model_of=model_of)
-            q, attained = self.mess.state.q, self.mess.attained
+        predicted = self.mess.satisfaction_of_turn(list(features.values()), list(model_of.values()))
+        s_hat = dict(zip(candidates, predicted))
+        policy = self._policy_term(turn, snapshot, access, views, candidates, s_hat)
+        choice = self.mess.choose(costs, s_hat=s_hat, extra=policy.extra, model_of=model_of)
+        q, attained = self.mess.state.q, self.mess.attained
         chosen = candidates[choice.key]
         if choice.explored:
             why = "explored (MESS+ exploration turn)"

@@ -7,6 +7,7 @@ import base64
 import json
 import random
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -359,6 +360,31 @@ def test_corrupt_policy_falls_back_to_messplus_and_reload_swaps_it(
     wait_for(lambda: client.status()["routing"]["policy"] is not None, 10, "the policy to load")
     assert "TMO policy" in client.ask("Hello again", max_tokens=2).decision["reason"]
     assert handle.rows()[-1]["policy_version"] == OnnxPolicy(DEFAULT_POLICY).version
+
+
+def test_reloads_during_turns_drop_none(daemon_factory: Any, proxy: FaultProxy, tmp_path: Path) -> None:
+    """Config, policy and MESS+ state swap together: turns deciding while the policy file flips between
+    good and corrupt, reloaded each time, are all answered."""
+    path = tmp_path / "flipping.onnx"
+    shutil.copy(DEFAULT_POLICY, path)
+    handle = daemon_factory(policy_config(proxy.base_url, policy_path=str(path)))
+    outcomes: list[str] = []
+
+    def ask_many() -> None:
+        client = handle.client()
+        outcomes.extend(client.ask(f"Quick one {i}", max_tokens=1).done["outcome"] for i in range(30))
+
+    asker = threading.Thread(target=ask_many)
+    asker.start()
+    client = handle.client()
+    while asker.is_alive():
+        path.write_bytes(b"corrupt")
+        assert client.reload() == {"reloaded": True}
+        shutil.copy(DEFAULT_POLICY, path)
+        assert client.reload() == {"reloaded": True}
+    asker.join()
+    assert outcomes == ["ok"] * 30
+    assert {row["outcome"] for row in handle.rows()} == {"ok"}
 
 
 def test_a_policy_answering_nan_leaves_the_turn_to_messplus(
