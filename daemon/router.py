@@ -293,14 +293,13 @@ class Router:
         actions = {c.action for c in candidates.values()}
         mask = np.array([float(a in actions) for a in range(N_ACTIONS)], dtype=np.float32)
         try:
-            log_pi = self.policy.log_probs(observe(inputs), mask)
+            log_pi = self.policy.log_probs(observe(inputs), mask).tolist()
         except PolicyError as exc:
             log.error("%s; deciding with MESS+ alone for this turn", exc.message)
             return PolicyTerm({}, {}, None)
         weight = self.config.routing.weight_policy
-        chosen = log_pi.tolist()
-        extra = {key: -weight * chosen[c.action] for key, c in candidates.items()}
-        probabilities = {ACTION_NAMES[a]: round(math.exp(chosen[a]), 5) for a in sorted(actions)}
+        extra = {key: -weight * log_pi[c.action] for key, c in candidates.items()}
+        probabilities = {ACTION_NAMES[a]: round(math.exp(log_pi[a]), 5) for a in sorted(actions)}
         return PolicyTerm(extra, probabilities, self.policy.version)
 
     def _with_notes(self, decision: Decision, turn: Turn) -> Decision:

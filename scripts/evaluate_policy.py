@@ -102,9 +102,9 @@ def main() -> None:
     for setting, (sources, budgets) in settings.items():
         alone, combined = [], []
         for seed in range(1, args.sla_seeds + 1):
-            episodes = dict(episodes=args.episodes, seed=2024 + seed, budget_span=budgets)
-            alone.append(run(Router(SLA, seed=seed), sources, **episodes).satisfaction)
-            combined.append(run(Router(SLA, log_pi=policy.log_probs, seed=seed), sources, **episodes).satisfaction)
+            same = dict(episodes=args.episodes, seed=2024 + seed, budget_span=budgets)
+            alone.append(run(Router(SLA, seed=seed), sources, **same).satisfaction)
+            combined.append(run(Router(SLA, log_pi=policy.log_probs, seed=seed), sources, **same).satisfaction)
         diff = np.subtract(combined, alone)
         print(
             f"| {setting} | {np.mean(alone):.3f} | {np.mean(combined):.3f} | "
