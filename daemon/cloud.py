@@ -92,26 +92,39 @@ class Upload:
 
 class CloudBackend:
     def __init__(self, config: CloudConfig) -> None:
-        self.config = config
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
-        self._clients: dict[str, openai.OpenAI] = {}
         self.upload_bps: float | None = None  # EWMA of measured upload speed, for telemetry
-        for model in config.models:
-            key = read_api_key(model) or "no-key-configured"
-            self._clients[model.name] = openai.OpenAI(
-                base_url=model.base_url,
-                api_key=key,
-                timeout=config.timeout_s,
-                max_retries=0,
+        self.reconfigure(config)
+
+    def reconfigure(self, config: CloudConfig) -> None:
+        """Take a (new) [cloud] section, at start and on reload. Every model's key is read before anything
+        changes, so a bad key file raises ConfigError and leaves the running models as they were; a turn
+        already talking to the cloud keeps the client it started with."""
+        models = {
+            model.name: (
+                model,
+                openai.OpenAI(
+                    base_url=model.base_url,
+                    api_key=read_api_key(model) or "no-key-configured",
+                    timeout=config.timeout_s,
+                    max_retries=0,
+                ),
             )
+            for model in config.models
+        }
+        self._models = models  # one assignment: a turn looks a model and its client up together
+        self.config = config
+        self.breaker.limit, self.breaker.cooldown_s = config.breaker_failures, config.breaker_cooldown_s
 
     @property
     def available(self) -> bool:
         return bool(self.config.models)
 
     def generate(self, name: str, prompt: Prompt, upload: Upload) -> Generation:
-        model = next(m for m in self.config.models if m.name == name)
-        client = self._clients[name]
+        entry = self._models.get(name)
+        if entry is None:  # a reload removed it after the turn was routed
+            raise CloudError(f"no cloud model named {name!r} is configured any more", code="cloud_unknown_model")
+        model, client = entry
         started = time.perf_counter()
         attempt = 0
         while True:
@@ -236,5 +249,5 @@ class CloudBackend:
         self.upload_bps = rate if self.upload_bps is None else 0.7 * self.upload_bps + 0.3 * rate
 
     def close(self) -> None:
-        for client in self._clients.values():
+        for _, client in self._models.values():
             client.close()

@@ -44,6 +44,9 @@ from locod.protocol import BadRequest, ChatRequest, FeedbackRequest, SimpleReque
 log = logging.getLogger(__name__)
 
 OUTBOX = "inproc://locod-outbox"
+# Config sections a reload cannot apply to a running daemon: bound sockets, open paths, loaded models and
+# the telemetry readers built from them.
+AS_STARTED = ("paths", "daemon", "local", "telemetry")
 IPC, TCP = b"i", b"t"
 
 
@@ -348,18 +351,26 @@ class Daemon:
                 self.stopping_since = time.monotonic()
 
     def reload(self) -> bool:
-        """Re-read the config and the policy; a config that fails validation is rejected, the old one kept."""
+        """Re-read the config and the policy; a config that fails validation is rejected, the old one kept.
+
+        Routing, cloud, attachments and log settings apply at once. Paths, sockets, the local models (the
+        loaded zoo) and telemetry readers stay as started: a change there is logged and waits for a restart.
+        """
         self.notifier.reloading()
         try:
             new = load_config(self._config_path, overrides=self._overrides)
+            self.cloud.reconfigure(new.cloud)  # reads the API keys: the last step that can reject
         except LocodError as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc.message)
             self.notifier.ready(self._status_line())
             return False
-        # Paths, sockets and the model zoo stay as started; what a turn reads is swapped whole.
-        new = dataclasses.replace(new, paths=self.config.paths, daemon=self.config.daemon)
+        kept = [name for name in AS_STARTED if getattr(new, name) != getattr(self.config, name)]
+        if kept:
+            log.warning("reload: [%s] changed and take(s) effect at the next restart", "], [".join(kept))
+        new = dataclasses.replace(new, **{name: getattr(self.config, name) for name in AS_STARTED})
         self.config = new
         self.runner.config = new
+        self.telemetry.retarget(new)
         self.router.reload(new)
         configure_logging(new.log.level)
         log.info("configuration reloaded from %s", new.source)

@@ -264,11 +264,18 @@ class TelemetrySampler:
 
     def start(self) -> None:
         self.sample()
-        self._threads = [threading.Thread(target=self._run, name="telemetry", daemon=True)]
-        if self.probe_target:
-            self._threads.append(threading.Thread(target=self._probe_loop, name="rtt-probe", daemon=True))
+        self._threads = [
+            threading.Thread(target=self._run, name="telemetry", daemon=True),
+            threading.Thread(target=self._probe_loop, name="rtt-probe", daemon=True),
+        ]
         for thread in self._threads:
             thread.start()
+
+    def retarget(self, config: Config) -> None:
+        """After a reload: probe the (possibly new) default cloud endpoint, or none."""
+        if _probe_target(config) != self.probe_target:
+            self.probe_target = _probe_target(config)
+            self._rtt = self._probe_ok = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -328,13 +335,17 @@ class TelemetrySampler:
         return snap
 
     def _probe_loop(self) -> None:
-        """TCP-connect RTT to the cloud endpoint, at a low rate, backing off while it fails."""
-        assert self.probe_target is not None
+        """TCP-connect RTT to the cloud endpoint, at a low rate, backing off while it fails; idle while no
+        cloud model is configured."""
         backoff = self.config.probe_interval_s
         while not self._stop.is_set():
+            target = self.probe_target
+            if target is None:
+                self._stop.wait(self.config.probe_interval_s)
+                continue
             started = time.perf_counter()
             try:
-                with socket.create_connection(self.probe_target, timeout=2.0):
+                with socket.create_connection(target, timeout=2.0):
                     pass
                 self._rtt = ((time.perf_counter() - started) * 1000, time.monotonic())
                 self._probe_ok = True

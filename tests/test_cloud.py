@@ -16,7 +16,7 @@ import pytest
 
 from locod.client import attachment
 
-from .conftest import DaemonHandle, free_port, locod_command, start_daemon
+from .conftest import DaemonHandle, free_port, locod_command, start_daemon, write_config
 from .faultproxy import Fault, FaultProxy, image_parts
 
 SECRET = "sk-locod-test-7f3a9c1e5b2d4f60"
@@ -244,6 +244,36 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path, models_dir: Path
     good.client().ask("Hi", max_tokens=2)
     assert proxy.chat_requests()[0].headers["authorization"] == f"Bearer {SECRET}"
     good.stop()
+
+
+def test_reload_applies_cloud_changes_and_defers_local_ones(
+    tmp_path: Path, daemon_factory: Any, proxy: FaultProxy
+) -> None:
+    """A rotated key and a new cloud model apply on reload; a key file others can read rejects the reload
+    and keeps the running cloud; a [local] change is logged as waiting for a restart."""
+    key = tmp_path / "key"
+    key.write_text("sk-old")
+    os.chmod(key, 0o600)
+    config = cloud_config(proxy.base_url)
+    config["cloud"]["models"][0]["api_key_file"] = str(key)
+    handle = daemon_factory(config)
+    client = handle.client()
+    client.ask("Hi", max_tokens=2)
+    key.write_text("sk-new")
+    second = {**config["cloud"]["models"][0], "name": "cloud-b"}
+    config["cloud"]["models"].append(second)
+    config["local"] = {"max_tokens": 64}
+    write_config(handle.config_path, config)
+    assert client.reload() == {"reloaded": True}
+    result = client.ask("Hi again", max_tokens=2, model="cloud-b")
+    assert result.decision["location"] == "cloud" and result.done["outcome"] == "ok"
+    assert [r.headers["authorization"] for r in proxy.chat_requests()] == ["Bearer sk-old", "Bearer sk-new"]
+    assert "reload: [local] changed and take(s) effect at the next restart" in handle.log()
+    os.chmod(key, 0o644)
+    assert client.reload() == {"reloaded": False}
+    assert "reload rejected" in handle.log() and "is readable by group or others" in handle.log()
+    assert client.ask("Still there?", max_tokens=2, model="cloud-b").done["outcome"] == "ok"
+    assert proxy.chat_requests()[-1].headers["authorization"] == "Bearer sk-new"
 
 
 def test_combined_faults_every_turn_answered_breaker_engages_and_recovers(
