@@ -256,6 +256,7 @@ class TelemetrySampler:
         self._snapshot = Snapshot()
         self._dict: dict[str, Any] = asdict(self._snapshot)
         self._stop = threading.Event()
+        self._retargeted = threading.Event()  # ends the probe's back-off early: a new endpoint is probed now
         self._rtt: tuple[float, float] | None = None  # (ms, monotonic time measured)
         self._probe_ok: bool | None = None
         self._warned: set[str] = set()
@@ -276,9 +277,11 @@ class TelemetrySampler:
         if _probe_target(config) != self.probe_target:
             self.probe_target = _probe_target(config)
             self._rtt = self._probe_ok = None
+            self._retargeted.set()
 
     def stop(self) -> None:
         self._stop.set()
+        self._retargeted.set()
 
     def snapshot(self) -> Snapshot:
         return self._snapshot
@@ -340,20 +343,20 @@ class TelemetrySampler:
         backoff = self.config.probe_interval_s
         while not self._stop.is_set():
             target = self.probe_target
-            if target is None:
-                self._stop.wait(self.config.probe_interval_s)
-                continue
-            started = time.perf_counter()
-            try:
-                with socket.create_connection(target, timeout=2.0):
-                    pass
-                self._rtt = ((time.perf_counter() - started) * 1000, time.monotonic())
-                self._probe_ok = True
+            if target is not None:
+                started = time.perf_counter()
+                try:
+                    with socket.create_connection(target, timeout=2.0):
+                        pass
+                    self._rtt = ((time.perf_counter() - started) * 1000, time.monotonic())
+                    self._probe_ok = True
+                    backoff = self.config.probe_interval_s
+                except OSError:
+                    self._probe_ok = False
+                    backoff = min(backoff * 2, 600.0)
+            if self._retargeted.wait(backoff if target is not None else self.config.probe_interval_s):
+                self._retargeted.clear()
                 backoff = self.config.probe_interval_s
-            except OSError:
-                self._probe_ok = False
-                backoff = min(backoff * 2, 600.0)
-            self._stop.wait(backoff)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

@@ -18,7 +18,7 @@ import pytest
 from locod.daemon.config import load_config
 from locod.daemon.telemetry import Readers, Snapshot, TelemetrySampler
 
-from .conftest import wait_for
+from .conftest import wait_for, write_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "telemetry"
 
@@ -194,6 +194,30 @@ def test_hanging_probe_marks_offline_and_the_daemon_keeps_serving(daemon_factory
     result = client.ask("Hello", max_tokens=2)
     assert result.decision["location"] == "local" and "the device is offline" in result.decision["reason"]
     assert client.ping()["pong"]
+
+
+def test_reload_probes_the_new_cloud_endpoint_at_once(daemon_factory: Any) -> None:
+    """The probe waits a minute between successful probes; a reload that moves the cloud to another endpoint
+    is probed at once, and the old endpoint's RTT is not reported as the new one's."""
+    with socket.socket() as first, socket.socket() as second:
+        for endpoint in (first, second):
+            endpoint.bind(("127.0.0.1", 0))
+            endpoint.listen(8)
+        config = {
+            "telemetry": {"probe_interval_s": 60.0},
+            "cloud": {
+                "models": [{"name": "c", "base_url": f"http://127.0.0.1:{first.getsockname()[1]}/v1", "model": "m"}]
+            },
+        }
+        handle = daemon_factory(config)
+        client = handle.client()
+        wait_for(lambda: client.status()["telemetry"]["rtt_ms"] is not None, 10, "the first endpoint's RTT")
+        config["cloud"]["models"][0]["base_url"] = f"http://127.0.0.1:{second.getsockname()[1]}/v1"
+        write_config(handle.config_path, config)
+        assert client.reload() == {"reloaded": True}
+        second.settimeout(10)
+        second.accept()[0].close()  # the probe connected (a TimeoutError here means it did not come)
+        wait_for(lambda: client.status()["telemetry"]["rtt_ms"] is not None, 10, "the second endpoint's RTT")
 
 
 def _nvml_devices() -> int:
