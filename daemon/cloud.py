@@ -116,10 +116,6 @@ class CloudBackend:
         self.config = config
         self.breaker.limit, self.breaker.cooldown_s = config.breaker_failures, config.breaker_cooldown_s
 
-    @property
-    def available(self) -> bool:
-        return bool(self.config.models)
-
     def generate(self, name: str, prompt: Prompt, upload: Upload) -> Generation:
         entry = self._models.get(name)
         if entry is None:  # a reload removed it after the turn was routed

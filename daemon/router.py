@@ -135,7 +135,7 @@ class Router:
             and snapshot.battery_pct < self.config.routing.battery_critical_pct
         )
         return CloudAccess(
-            configured=self.cloud.available,
+            configured=bool(self.config.cloud.models),
             breaker_open=self.cloud.breaker.blocking,
             online=snapshot.online,
             spent_today_usd=self.records.spent_today(),
@@ -177,7 +177,7 @@ class Router:
             why += f", action {chosen.key.split('|')[-1]}"
         if access.blocked_by and chosen.location == "local":
             why += f"; cloud masked: {access.blocked_by}"
-        elif self.cloud.available and not any(c.location == "cloud" for c in candidates.values()):
+        elif self.config.cloud.models and not any(c.location == "cloud" for c in candidates.values()):
             why += f"; cloud masked: no cloud action fits what is left of today's ${access.daily_cap_usd:.2f} cap"
         routing = {
             "action": chosen.key,
@@ -368,7 +368,7 @@ class Router:
         with self._lock:
             self.mess.settle(decision_id, decision.model, float(s_hat[action]))
             self._save()
-        if decision.explored and self.config.routing.judge and self.cloud.available:
+        if decision.explored and self.config.routing.judge and self.config.cloud.models:
             self._judge.submit(self._grade, decision_id, turn.request.prompt, answer)
 
     def _grade(self, decision_id: int, question: str, answer: str) -> None:
