@@ -63,8 +63,8 @@ class OnnxPolicy:
         self.version = meta.get("locod.policy_version", "unversioned")
         self.metadata = dict(meta)
         # Inputs and output are bound once to buffers of this object, so a call copies two small arrays in
-        # and runs the graph instead of building feeds and converting outputs on every turn (71 -> 16-48 us
-        # measured, docs/benchmarks.md). Not thread-safe; the router calls it under its lock.
+        # and runs the graph instead of building feeds and converting outputs on every turn (about half the
+        # time, docs/benchmarks.md). Not thread-safe; the router calls it under its lock.
         self._observation = np.zeros((1, OBS_DIM), dtype=np.float32)
         self._mask = np.zeros((1, N_ACTIONS), dtype=np.float32)
         self._log_probs = np.zeros((1, N_ACTIONS), dtype=np.float32)
