@@ -10,9 +10,11 @@ import argparse
 import json
 import sys
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from locod.errors import ConfigError, DaemonNotRunning, LocodError, ModelError, StorageError
+from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame, FallbackFrame, Frame
 
 EXIT_CODES: dict[type[LocodError], int] = {ConfigError: 2, ModelError: 3, StorageError: 4, DaemonNotRunning: 5}
 
@@ -90,27 +92,24 @@ def cmd_ask(args: argparse.Namespace) -> int:
         return _stream(frames, args.json, args.verbose)
 
 
-def _stream(frames: Any, as_json: bool, verbose: bool) -> int:
+def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool) -> int:
     for frame in frames:
         if as_json:
-            print(json.dumps(frame))
-        elif frame["type"] == "delta":
-            print(frame["text"], end="", flush=True)
-        elif frame["type"] == "decision" and verbose:
-            sent = ", ".join(frame["attachments_sent"]) or "none"
-            print(
-                f"[{frame['location']}: {frame['model']}; attachments sent: {sent}; {frame['reason']}]", file=sys.stderr
-            )
-        elif frame["type"] == "fallback":
-            print(f"\n[{frame['message']}]", file=sys.stderr)
-        elif frame["type"] == "done":
+            print(json.dumps({"type": frame.type, **vars(frame)}))
+        elif isinstance(frame, DeltaFrame):
+            print(frame.text, end="", flush=True)
+        elif isinstance(frame, DecisionFrame) and verbose:
+            sent = ", ".join(frame.attachments_sent) or "none"
+            print(f"[{frame.location}: {frame.model}; attachments sent: {sent}; {frame.reason}]", file=sys.stderr)
+        elif isinstance(frame, FallbackFrame):
+            print(f"\n[{frame.message}]", file=sys.stderr)
+        elif isinstance(frame, DoneFrame):
             if not as_json:
                 print()
             if verbose:
                 print(
-                    f"[decision {frame['decision']}: {frame['outcome']} via {frame['location']} "
-                    f"{frame['model']}, {frame['tokens_out']} tokens, {frame['latency_ms']:.0f} ms, "
-                    f"${frame['cost_usd']:.5f}]",
+                    f"[decision {frame.decision}: {frame.outcome} via {frame.location} {frame.model}, "
+                    f"{frame.tokens_out} tokens, {frame.latency_ms:.0f} ms, ${frame.cost_usd:.5f}]",
                     file=sys.stderr,
                 )
     return 0
@@ -316,10 +315,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--endpoint", help="daemon endpoint (default: the ipc socket in the runtime dir)")
     parser.add_argument("--secret", help="shared secret for a tcp endpoint")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
-
     p = sub.add_parser("serve", help="run the daemon in the foreground")
     p.set_defaults(func=cmd_serve)
+    _add_turn_commands(sub)
+    _add_daemon_commands(sub)
+    _add_offline_commands(sub)
+    return parser
 
+
+def _add_turn_commands(sub: Any) -> None:
+    """``ask`` and ``chat``."""
     for name, func, text in (
         ("ask", cmd_ask, "ask one question and stream the answer"),
         ("chat", cmd_chat, "interactive multi-turn chat"),
@@ -339,6 +344,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("-v", "--verbose", action="store_true", help="show where and why each turn ran")
         p.set_defaults(func=func)
 
+
+def _add_daemon_commands(sub: Any) -> None:
+    """What asks a running daemon: ``status``, ``decisions``, ``feedback``, ``reload``."""
     p = sub.add_parser("status", help="device, network, routing and queue state")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
@@ -356,6 +364,9 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reload", help="re-read the configuration and the policy")
     p.set_defaults(func=cmd_reload)
 
+
+def _add_offline_commands(sub: Any) -> None:
+    """What works without a daemon: ``config``, ``models``, ``policy``."""
     config = sub.add_parser("config", help="configuration").add_subparsers(required=True, metavar="ACTION")
     p = config.add_parser("show", help="print the effective configuration (no secrets)")
     p.add_argument("--json", action="store_true")
@@ -373,7 +384,6 @@ def _parser() -> argparse.ArgumentParser:
     p = policy.add_parser("train", help="train with RC-PPO and export ONNX (see --help of the action)", add_help=False)
     p.add_argument("train_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_policy_train)
-    return parser
 
 
 if __name__ == "__main__":

@@ -9,8 +9,6 @@ Errors the daemon reports come back as the matching ``locod.errors`` class.
 
 from __future__ import annotations
 
-import base64
-import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,25 +17,55 @@ from typing import Any
 
 import zmq
 
-from locod.errors import DaemonNotRunning, LocodError, from_frame
-from locod.protocol import request
+from locod.errors import DaemonNotRunning, LocodError
+from locod.protocol import (
+    DEFAULT_OPTIONS,
+    LAST_FRAMES,
+    Attachment,
+    ChatOptions,
+    ChatRequest,
+    DecisionFrame,
+    DeltaFrame,
+    DoneFrame,
+    ErrorFrame,
+    FallbackFrame,
+    FeedbackRequest,
+    Frame,
+    Request,
+    ResultFrame,
+    SimpleRequest,
+    decode_frame,
+    encode_request,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 
 
-def attachment(path: str | Path, *, private: bool = False, kind: str | None = None) -> dict[str, Any]:
+def attachment(path: str | Path, *, private: bool = False, kind: str | None = None) -> Attachment:
     """Read a file into a protocol attachment (the daemon never needs to open client paths)."""
     path = Path(path)
     kind = kind or ("image" if path.suffix.lower() in IMAGE_SUFFIXES else "document")
-    return {"kind": kind, "name": path.name, "data": base64.b64encode(path.read_bytes()).decode(), "private": private}
+    return Attachment(kind, path.name, data=path.read_bytes(), private=private)
 
 
 @dataclass
 class TurnResult:
+    """One whole turn: the answer, and the frames that said where it ran and how it ended."""
+
     text: str
-    decision: dict[str, Any]
-    done: dict[str, Any]
-    frames: list[dict[str, Any]] = field(default_factory=list)
+    decision: DecisionFrame
+    done: DoneFrame
+    fallback: FallbackFrame | None = None
+    frames: list[Frame] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, frames: list[Frame]) -> TurnResult:
+        decision = next(f for f in frames if isinstance(f, DecisionFrame))
+        done = frames[-1]
+        assert isinstance(done, DoneFrame)
+        fallback = next((f for f in frames if isinstance(f, FallbackFrame)), None)
+        text = "".join(f.text for f in frames if isinstance(f, DeltaFrame))
+        return cls(text or done.text or "", decision, done, fallback, frames)
 
 
 def default_endpoint() -> str:
@@ -77,16 +105,14 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- raw frames ----------------------------------------------------------------------------------
+    # -- frames --------------------------------------------------------------------------------------
 
-    def send(self, op: str, **fields: Any) -> str:
-        rid = uuid.uuid4().hex[:16]
-        if self.secret is not None:
-            fields["secret"] = self.secret
-        self._sock.send(request(op, rid, **fields))
-        return rid
+    def send(self, request: Request) -> str:
+        """Send without waiting; returns the id its frames carry (read them with ``frames``)."""
+        self._sock.send(encode_request(request))
+        return request.id
 
-    def frames(self, rid: str, timeout_ms: int) -> Iterator[dict[str, Any]]:
+    def frames(self, rid: str, timeout_ms: int) -> Iterator[Frame]:
         """Replies to request ``rid`` until its last frame; raises the reported error on an error frame."""
         while True:
             if not self._sock.poll(timeout_ms, zmq.POLLIN):
@@ -94,19 +120,23 @@ class Client:
                     f"locod daemon is not running at {self.endpoint} (no reply within "
                     f"{timeout_ms / 1000:.0f} s); start it with `locod serve`"
                 )
-            frame = json.loads(self._sock.recv())
-            if frame.get("id") != rid:
+            frame_id, frame = decode_frame(self._sock.recv())
+            if frame_id != rid:
                 continue  # a late reply to an earlier, abandoned request
-            if frame["type"] == "error":
-                raise from_frame(frame.get("kind", "error"), frame.get("code", "error"), frame.get("message", ""))
+            if isinstance(frame, ErrorFrame):
+                raise frame.error()
             yield frame
-            if frame["type"] in ("done", "result"):
+            if frame.type in LAST_FRAMES:
                 return
 
     def call(self, op: str, **fields: Any) -> Any:
-        rid = self.send(op, **fields)
+        if op == "feedback":
+            rid = self.send(FeedbackRequest(new_id(), fields["decision"], fields["satisfied"], self.secret))
+        else:
+            rid = self.send(SimpleRequest(new_id(), op, secret=self.secret, **fields))
         for frame in self.frames(rid, self.timeout_ms):
-            return frame["data"]
+            if isinstance(frame, ResultFrame):
+                return frame.data
         raise LocodError("the daemon closed the reply without a result")
 
     # -- operations ----------------------------------------------------------------------------------
@@ -133,26 +163,32 @@ class Client:
         messages: list[dict[str, str]] | None = None,
         session: str | None = None,
         model: str | None = None,
-        attachments: list[dict[str, Any]] | None = None,
-        **options: Any,
-    ) -> Iterator[dict[str, Any]]:
-        """Stream the frames of one turn: ``decision``, ``delta``..., (``fallback``), ``done``."""
-        fields: dict[str, Any] = {"messages": messages} if messages is not None else {"prompt": prompt}
-        if session is not None:
-            fields["session"] = session
-        if model is not None:
-            fields["model"] = model
-        if attachments:
-            fields["attachments"] = attachments
-        if options:
-            fields["options"] = {k: v for k, v in options.items() if v is not None}
-        rid = self.send("chat", **fields)
+        attachments: list[Attachment] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+        force: str | None = None,
+        stream: bool = True,
+    ) -> Iterator[Frame]:
+        """Stream the frames of one turn: ``decision``, ``delta``..., (``fallback``), ``done``. ``force``
+        is "local" or "cloud"; an option left None takes the daemon's default."""
+        if messages is None:
+            messages = [{"role": "user", "content": prompt or ""}]
+        options = ChatOptions(
+            max_tokens=max_tokens,
+            temperature=DEFAULT_OPTIONS.temperature if temperature is None else temperature,
+            seed=seed,
+            force=force,
+            stream=stream,
+        )
+        request = ChatRequest(new_id(), messages, session, model, attachments or [], options, self.secret)
+        rid = self.send(request)
         yield from self.frames(rid, self.turn_timeout_ms)
 
     def ask(self, prompt: str, **kwargs: Any) -> TurnResult:
         """One whole turn: the answer text with its decision and done frames."""
-        frames = list(self.chat(prompt, **kwargs))
-        text = "".join(f["text"] for f in frames if f["type"] == "delta")
-        decision = next((f for f in frames if f["type"] == "decision"), {})
-        done = frames[-1]
-        return TurnResult(text or done.get("text", ""), decision, done, frames)
+        return TurnResult.of(list(self.chat(prompt, **kwargs)))
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:16]

@@ -3,7 +3,9 @@
 One JSON object per ZeroMQ message. A request carries ``v`` (protocol version), ``id`` (chosen by the
 client, echoed in every reply) and ``op``. Replies carry ``v``, ``id`` and ``type``: ``decision``, ``delta``,
 ``done`` for a chat turn; ``result`` for the other ops; ``error`` (``kind``, ``code``, ``message``) for any.
-Parsing turns bytes into typed requests or raises a ``ProtocolError`` that names what is wrong.
+Both ends use the same dataclasses: the client encodes requests with ``encode_request`` and decodes reply
+frames with ``decode_frame``; the daemon parses requests with ``parse_request`` (a ``ProtocolError`` naming
+what is wrong) and encodes frames with ``encode_frame``. Every frame type is declared once, here.
 """
 
 from __future__ import annotations
@@ -11,10 +13,10 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
 
-from locod.errors import LocodError, ProtocolError
+from locod.errors import LocodError, ProtocolError, from_frame
 
 PROTOCOL_VERSION = 1
 OPS = ("chat", "feedback", "status", "decisions", "ping", "reload")
@@ -232,18 +234,151 @@ def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
     )
 
 
-def encode(frame_type: str, request_id: str | None, **fields: Any) -> bytes:
-    """One reply frame."""
-    return json.dumps(
-        {"v": PROTOCOL_VERSION, "id": request_id, "type": frame_type, **fields}, separators=(",", ":")
-    ).encode()
+# -- the client's side of requests -------------------------------------------------------------------
 
 
-def error_frame(request_id: str | None, error: LocodError) -> bytes:
-    """An error reply: ``kind`` names the class in locod.errors, ``code`` the specific problem."""
-    return encode("error", request_id, kind=type(error).code, code=error.code, message=error.message)
+def encode_request(request: Request) -> bytes:
+    """One request frame: the inverse of ``parse_request``."""
+    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request.id}
+    if isinstance(request, ChatRequest):
+        msg.update(op="chat", messages=request.messages)
+        if request.session is not None:
+            msg["session"] = request.session
+        if request.model is not None:
+            msg["model"] = request.model
+        if request.attachments:
+            msg["attachments"] = [_attachment_wire(a) for a in request.attachments]
+        options = {k: v for k, v in vars(request.options).items() if v != getattr(DEFAULT_OPTIONS, k)}
+        if options:
+            msg["options"] = options
+    elif isinstance(request, FeedbackRequest):
+        msg.update(op="feedback", decision=request.decision, satisfied=request.satisfied)
+    else:
+        msg["op"] = request.op
+        if request.op == "decisions":
+            msg["limit"] = request.limit
+    if request.secret is not None:
+        msg["secret"] = request.secret
+    return json.dumps(msg, separators=(",", ":")).encode()
 
 
-def request(op: str, request_id: str, **fields: Any) -> bytes:
-    """One request frame (the client's side)."""
-    return json.dumps({"v": PROTOCOL_VERSION, "id": request_id, "op": op, **fields}, separators=(",", ":")).encode()
+DEFAULT_OPTIONS = ChatOptions()
+
+
+def _attachment_wire(a: Attachment) -> dict[str, Any]:
+    out: dict[str, Any] = {"kind": a.kind, "name": a.name, "private": a.private}
+    if a.data is not None:
+        out["data"] = base64.b64encode(a.data).decode()
+    else:
+        out["path"] = a.path
+    return out
+
+
+# -- reply frames ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DecisionFrame:
+    """Where the turn runs and why; sent once its record is committed (the turn is then accepted)."""
+
+    type: ClassVar[str] = "decision"
+    decision: int
+    location: str
+    model: str
+    reason: str
+    attachments_sent: list[str]
+    explored: bool
+
+
+@dataclass(frozen=True)
+class DeltaFrame:
+    """A chunk of the answer."""
+
+    type: ClassVar[str] = "delta"
+    text: str
+
+
+@dataclass(frozen=True)
+class FallbackFrame:
+    """The cloud failed and the local model answers instead."""
+
+    type: ClassVar[str] = "fallback"
+    decision: int
+    model: str
+    cause: str
+    message: str
+
+
+@dataclass(frozen=True)
+class DoneFrame:
+    """The turn's end, sent after its record is completed; ``text`` only when not streamed."""
+
+    type: ClassVar[str] = "done"
+    decision: int
+    session: str
+    outcome: str
+    location: str
+    model: str
+    tokens_in: int
+    tokens_out: int
+    cost_usd: float
+    latency_ms: float
+    first_token_ms: float | None
+    text: str | None = field(default=None, metadata={"omit_if_none": True})
+
+
+@dataclass(frozen=True)
+class ErrorFrame:
+    """Any request's failure; ``decision`` when an accepted turn ended so."""
+
+    type: ClassVar[str] = "error"
+    kind: str
+    code: str
+    message: str
+    decision: int | None = field(default=None, metadata={"omit_if_none": True})
+
+    @classmethod
+    def of(cls, error: LocodError, decision: int | None = None) -> ErrorFrame:
+        """``kind`` names the class in locod.errors, ``code`` the specific problem."""
+        return cls(type(error).code, error.code, error.message, decision)
+
+    def error(self) -> LocodError:
+        """The matching ``locod.errors`` instance, as the client raises it."""
+        return from_frame(self.kind, self.code, self.message)
+
+
+@dataclass(frozen=True)
+class ResultFrame:
+    """The answer to any op but ``chat``."""
+
+    type: ClassVar[str] = "result"
+    op: str
+    data: Any
+
+
+Frame = DecisionFrame | DeltaFrame | FallbackFrame | DoneFrame | ErrorFrame | ResultFrame
+FRAME_TYPES: dict[str, type[Frame]] = {
+    cls.type: cls for cls in (DecisionFrame, DeltaFrame, FallbackFrame, DoneFrame, ErrorFrame, ResultFrame)
+}
+LAST_FRAMES = ("done", "error", "result")  # a request's reply ends with one of these
+
+
+def encode_frame(request_id: str | None, frame: Frame) -> bytes:
+    """One reply frame on the wire."""
+    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request_id, "type": frame.type}
+    for f in fields(frame):
+        value = getattr(frame, f.name)
+        if value is not None or not f.metadata.get("omit_if_none"):
+            body[f.name] = value
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode_frame(raw: bytes) -> tuple[str | None, Frame]:
+    """(request id, frame) from a reply frame; a ProtocolError for anything the daemon would not send."""
+    try:
+        body = json.loads(raw)
+        cls = FRAME_TYPES[body["type"]]
+        names = {f.name for f in fields(cls)}
+        return body.get("id"), cls(**{k: v for k, v in body.items() if k in names})
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ProtocolError(f"unreadable reply frame from the daemon: {exc!r}", code="bad_reply") from None

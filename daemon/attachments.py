@@ -21,6 +21,7 @@ import numpy as np
 
 from locod.daemon.config import AttachmentsConfig
 from locod.errors import AttachmentError
+from locod.policy.rule import estimate_tokens
 from locod.protocol import Attachment
 
 WORD = re.compile(r"[a-z0-9]+")
@@ -135,9 +136,10 @@ class PreparedAttachment:
 
     @functools.cached_property
     def upload_bytes(self) -> int:
-        """About what uploading it sends over the radio: the JPEG in base64, or a document's three best
-        chunks. The router's energy estimate needs no more; cached, as every cloud action of a turn asks."""
-        return len(self.jpeg) * 4 // 3 + sum(len(ch.text) for ch in self.chunks[:3])
+        """About what uploading it sends over the radio: the JPEG in base64 (exactly), or a document's three
+        best chunks (the excerpt sent depends on the turn's budget). The decision's energy estimate and the
+        cloud turn's accounting both use it; cached, as every cloud action of a turn asks."""
+        return 4 * ((len(self.jpeg) + 2) // 3) + sum(len(ch.text) for ch in self.chunks[:3])
 
     def summary(self) -> dict[str, object]:
         """What the decision record keeps of it (never the content)."""
@@ -352,7 +354,7 @@ def rank_chunks(pieces: list[str], prompt_terms: set[str]) -> list[DocChunk]:
 
 
 def select_chunks(doc: PreparedAttachment, token_budget: int) -> list[DocChunk]:
-    """The best chunks that fit ``token_budget`` (4 characters a token), back in document order.
+    """The best chunks that fit ``token_budget`` (tokens estimated from characters), back in document order.
 
     Only chunks that share terms with the prompt are sent; when none does ("summarise this"), the
     document's opening chunks are.
@@ -360,7 +362,7 @@ def select_chunks(doc: PreparedAttachment, token_budget: int) -> list[DocChunk]:
     candidates = [c for c in doc.chunks if c.score > 0] or sorted(doc.chunks, key=lambda c: c.index)
     chosen, used = [], 0
     for chunk in candidates:
-        cost = len(chunk.text) // 4 + 1
+        cost = estimate_tokens(len(chunk.text)) + 1
         if used + cost > token_budget:
             continue
         chosen.append(chunk)

@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 OnDelta = Callable[[str], None]
 
 
 @dataclass(frozen=True)
+class Upload:
+    """What a cloud turn sends beyond text, for accounting and the record."""
+
+    images: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class Prompt:
-    """A fully assembled request for one backend: history already merged, attachments already prepared."""
+    """A fully assembled request for one backend: history already merged, attachments already prepared.
+    ``fit`` returns it with the messages trimmed to the model and ``tokens_in`` counted where it can."""
 
     messages: list[dict[str, object]]
     max_tokens: int
@@ -19,6 +30,8 @@ class Prompt:
     seed: int | None
     on_delta: OnDelta
     cancelled: threading.Event = field(default_factory=threading.Event)
+    upload: Upload = Upload(0, 0)
+    tokens_in: int | None = None
 
 
 @dataclass
@@ -33,3 +46,15 @@ class Generation:
     images_sent: int = 0
     bytes_up: int = 0
     cancelled: bool = False
+
+
+class Backend(Protocol):
+    """Where a turn is answered. A turn takes a ``slot`` (the local model's fair gate; the cloud has no
+    queue), has its prompt ``fit`` (which refuses, before the turn is accepted, what cannot be answered),
+    then ``generate``s, streaming through ``prompt.on_delta``."""
+
+    def slot(self, client: Hashable, cancelled: threading.Event) -> AbstractContextManager[bool]: ...
+
+    def fit(self, model: str, prompt: Prompt) -> Prompt: ...
+
+    def generate(self, model: str, prompt: Prompt) -> Generation: ...

@@ -8,12 +8,14 @@ and the cloud is not tried for ``breaker_cooldown_s``: an offline laptop does no
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Hashable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,6 +24,7 @@ import openai
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import CloudConfig, CloudModelConfig
 from locod.errors import CloudError, ConfigError
+from locod.policy.rule import estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +85,6 @@ class CircuitBreaker:
         return "closed" if self.opened_at is None else "open"
 
 
-@dataclass(frozen=True)
-class Upload:
-    """What a cloud turn sends beyond text, for accounting and the record."""
-
-    images: int
-    bytes: int
-
-
 class CloudBackend:
     def __init__(self, config: CloudConfig) -> None:
         self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
@@ -116,7 +111,15 @@ class CloudBackend:
         self.config = config
         self.breaker.limit, self.breaker.cooldown_s = config.breaker_failures, config.breaker_cooldown_s
 
-    def generate(self, name: str, prompt: Prompt, upload: Upload) -> Generation:
+    def slot(self, client: Hashable, cancelled: threading.Event) -> AbstractContextManager[bool]:
+        """Cloud turns run concurrently: no queue to wait in."""
+        return contextlib.nullcontext(True)
+
+    def fit(self, model: str, prompt: Prompt) -> Prompt:
+        """The endpoint judges the prompt's length itself; its refusal is a CloudError like any other."""
+        return prompt
+
+    def generate(self, name: str, prompt: Prompt) -> Generation:
         entry = self._models.get(name)
         if entry is None:  # a reload removed it after the turn was routed
             raise CloudError(f"no cloud model named {name!r} is configured any more", code="cloud_unknown_model")
@@ -155,7 +158,7 @@ class CloudBackend:
             attempt += 1
             log.info("cloud %s: retry %d in %.2f s", name, attempt, delay)
             time.sleep(delay)
-        return self._consume(name, model, stream, prompt, upload, started)
+        return self._consume(name, model, stream, prompt, started)
 
     def _retry_delay(self, exc: openai.APIStatusError, attempt: int) -> float | None:
         if attempt >= self.config.max_retries or not (exc.status_code == 429 or exc.status_code >= 500):
@@ -175,7 +178,6 @@ class CloudBackend:
         model: CloudModelConfig,
         stream: openai.Stream,
         prompt: Prompt,
-        upload: Upload,
         started: float,
     ) -> Generation:
         first: float | None = None
@@ -196,7 +198,7 @@ class CloudBackend:
                 if delta:
                     if first is None:
                         first = time.perf_counter()
-                        self._measure_upload(upload.bytes, first - started)
+                        self._measure_upload(prompt.upload.bytes, first - started)
                     chunks += 1
                     parts.append(delta)
                     prompt.on_delta(delta)
@@ -210,20 +212,11 @@ class CloudBackend:
         finally:
             stream.close()
         if not prompt.cancelled.is_set():
-            if first is None:
-                self.breaker.failure()
-                raise CloudError(f"{name}: the endpoint returned no answer text", code="cloud_invalid_reply")
-            if not finished:  # the connection closed cleanly, but the answer never said it was complete
-                self.breaker.failure()
-                raise CloudError(f"{name}: the answer stream ended without finishing", code="cloud_stream_cut")
+            self._check_complete(name, first is not None, finished)
         self.breaker.success()
         text = "".join(parts)
-        if usage is not None:
-            tokens_in, tokens_out = usage.prompt_tokens, usage.completion_tokens
-        else:  # the endpoint reported no usage: estimate at 4 characters a token
-            tokens_in = sum(len(str(m["content"])) for m in prompt.messages) // 4
-            tokens_out = max(chunks, len(text) // 4)
-        cost = model.price(tokens_in, tokens_out, upload.images)
+        tokens_in, tokens_out = _tokens(usage, prompt, text, chunks)
+        cost = model.price(tokens_in, tokens_out, prompt.upload.images)
         total = time.perf_counter() - started
         return Generation(
             text=text,
@@ -232,10 +225,19 @@ class CloudBackend:
             first_token_ms=None if first is None else (first - started) * 1000,
             total_ms=total * 1000,
             cost_usd=cost,
-            images_sent=upload.images,
-            bytes_up=upload.bytes,
+            images_sent=prompt.upload.images,
+            bytes_up=prompt.upload.bytes,
             cancelled=prompt.cancelled.is_set(),
         )
+
+    def _check_complete(self, name: str, answered: bool, finished: bool) -> None:
+        """A stream that closed cleanly may still have said nothing, or never said its answer was complete."""
+        if not answered:
+            self.breaker.failure()
+            raise CloudError(f"{name}: the endpoint returned no answer text", code="cloud_invalid_reply")
+        if not finished:
+            self.breaker.failure()
+            raise CloudError(f"{name}: the answer stream ended without finishing", code="cloud_stream_cut")
 
     def _measure_upload(self, sent: int, seconds: float) -> None:
         """Passive bandwidth estimate: request bytes over time to first token (an underestimate by design)."""
@@ -247,3 +249,11 @@ class CloudBackend:
     def close(self) -> None:
         for _, client in self._models.values():
             client.close()
+
+
+def _tokens(usage: Any, prompt: Prompt, text: str, chunks: int) -> tuple[int, int]:
+    """(tokens in, tokens out) as the endpoint reported them, or estimated when it reported no usage."""
+    if usage is not None:
+        return usage.prompt_tokens, usage.completion_tokens
+    tokens_in = estimate_tokens(sum(len(str(m["content"])) for m in prompt.messages))
+    return tokens_in, max(chunks, estimate_tokens(len(text)))

@@ -7,17 +7,22 @@ zoo, so loading and generating need no lock of their own.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 import time
 from collections import OrderedDict
+from collections.abc import Hashable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from llama_cpp import Llama
 
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import LocalModelConfig
+from locod.daemon.gate import FairGate
 from locod.errors import ModelError, PromptTooLong
 
 log = logging.getLogger(__name__)
@@ -165,35 +170,34 @@ def fit_to_context(
     return [*system, *kept, dialogue[-1]], fixed + sum(cost(m) for m in kept), answer
 
 
-@dataclass(frozen=True)
-class LocalPrompt:
-    """Messages already trimmed to fit one loaded model."""
-
-    loaded: LoadedModel
-    messages: list[dict[str, str]]
-    tokens_in: int
-    answer_budget: int
-
-
 class LocalBackend:
+    """The local models behind one fair gate: one generation at a time, round-robin across clients."""
+
     def __init__(self, zoo: ModelZoo) -> None:
         self.zoo = zoo
+        self.gate = FairGate()
         self.tokens_per_s: float | None = None  # EWMA of measured generation speed
 
-    def prepare(self, model: str, messages: list[dict[str, str]], max_tokens: int) -> LocalPrompt:
+    def slot(self, client: Hashable, cancelled: threading.Event) -> AbstractContextManager[bool]:
+        return self.gate.slot(client, cancelled)
+
+    def fit(self, model: str, prompt: Prompt) -> Prompt:
         """Load the model and fit the messages to its context; raises before anything is generated."""
         loaded = self.zoo.get(model)
-        fitted, tokens_in, budget = fit_to_context(loaded.llm, messages, max_tokens)
-        return LocalPrompt(loaded, fitted, tokens_in, budget)
+        messages = cast(list[dict[str, str]], prompt.messages)  # local prompts are text only
+        fitted, tokens_in, budget = fit_to_context(loaded.llm, messages, prompt.max_tokens)
+        fitted_messages = cast(list[dict[str, object]], fitted)
+        return dataclasses.replace(prompt, messages=fitted_messages, max_tokens=budget, tokens_in=tokens_in)
 
-    def generate(self, local: LocalPrompt, prompt: Prompt) -> Generation:
+    def generate(self, model: str, prompt: Prompt) -> Generation:
+        loaded = self.zoo.get(model)
         started = time.perf_counter()
         first: float | None = None
         parts: list[str] = []
         tokens_out = 0
-        stream = local.loaded.llm.create_chat_completion(
-            messages=local.messages,  # type: ignore[arg-type]
-            max_tokens=local.answer_budget,
+        stream = loaded.llm.create_chat_completion(
+            messages=cast(Any, prompt.messages),  # plain dicts in the shape llama.cpp documents
+            max_tokens=prompt.max_tokens,
             temperature=prompt.temperature,
             seed=prompt.seed,
             stream=True,
@@ -218,10 +222,10 @@ class LocalBackend:
             self.tokens_per_s = rate if self.tokens_per_s is None else 0.8 * self.tokens_per_s + 0.2 * rate
         return Generation(
             text="".join(parts),
-            tokens_in=local.tokens_in,
+            tokens_in=prompt.tokens_in or 0,
             tokens_out=tokens_out,
             first_token_ms=None if first is None else (first - started) * 1000,
             total_ms=(end - started) * 1000,
-            energy_j=tokens_out * local.loaded.config.joules_per_token,
+            energy_j=tokens_out * loaded.config.joules_per_token,
             cancelled=prompt.cancelled.is_set(),
         )

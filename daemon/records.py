@@ -14,18 +14,19 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
 
+from locod.daemon.decision import NO_ROUTING_COLUMNS, Routing
 from locod.errors import StorageError, UnknownDecision
 
 
 @dataclass
 class DecisionRecord:
-    """What was decided for one turn and why; the columns of ``decisions``."""
+    """What was decided for one turn and why: the columns of ``decisions`` written when it is accepted."""
 
     session: str
     turn: int
@@ -40,17 +41,14 @@ class DecisionRecord:
     attachments_offered: list[dict[str, Any]] = field(default_factory=list)
     attachments_sent: list[str] = field(default_factory=list)
     telemetry: dict[str, Any] = field(default_factory=dict)
-    features: dict[str, Any] = field(default_factory=dict)
-    policy_version: str | None = None
-    q: float | None = None
-    sla: float | None = None
-    v: float | None = None
-    s_hat: dict[str, float] = field(default_factory=dict)
-    costs: dict[str, float] = field(default_factory=dict)
-    probabilities: dict[str, float] = field(default_factory=dict)
-    mask: dict[str, bool] = field(default_factory=dict)
     explored: bool = False
     latency_decide_ms: float = 0.0
+    routing: Routing | None = None  # its columns: Routing.columns()
+
+    def row(self) -> dict[str, Any]:
+        row = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "routing"}
+        row.update(NO_ROUTING_COLUMNS if self.routing is None else self.routing.columns())
+        return row
 
 
 @dataclass
@@ -70,6 +68,33 @@ class Outcome:
     energy_j: float = 0.0
     error: str | None = None
     attachments_sent: list[str] | None = None
+
+
+@dataclass(frozen=True)
+class LabelTarget:
+    """A labelled turn as the learner needs it: who answered, and what the rule weighed (None if it was
+    not routed)."""
+
+    decision_id: int
+    model: str
+    routing: Routing | None
+
+
+@dataclass(frozen=True)
+class LoggedTurn:
+    """A labelled, answered turn as training reads it (``labelled_turns``)."""
+
+    session: str
+    turn: int
+    task: str
+    prompt_chars: int
+    backend: str
+    satisfied: bool
+    latency_total_ms: float
+    cost_usd: float
+    energy_j: float
+    attachments_offered: list[dict[str, Any]]
+    telemetry: dict[str, Any]
 
 
 JSON_COLUMNS = (
@@ -136,7 +161,13 @@ def _migration_1(db: sqlite_utils.Database) -> None:
     db.table("decisions").create_index(["session", "turn"])
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1]
+def _migration_2(db: sqlite_utils.Database) -> None:
+    """The chosen action (a candidate key such as ``gpt-mini|cloud+0``), so a record holds the whole
+    decision; earlier rows keep NULL."""
+    db.table("decisions").add_column("action", str)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
 
 
 class DecisionLog:
@@ -180,7 +211,7 @@ class DecisionLog:
 
     def begin(self, record: DecisionRecord) -> int:
         """Insert the accepted turn as ``pending``; returns its decision id."""
-        row: dict[str, Any] = asdict(record)
+        row = record.row()
         for column in JSON_COLUMNS:
             row[column] = json.dumps(row[column], separators=(",", ":"), default=str)
         row.update(created=time.time(), outcome="pending", explored=int(record.explored))
@@ -199,8 +230,8 @@ class DecisionLog:
             self.db.table("decisions").update(decision_id, row)
             self._spend(outcome.cost_usd)
 
-    def label(self, decision_id: int, satisfied: bool, source: str) -> dict[str, Any]:
-        """Store a satisfaction label once; returns the row as it was before."""
+    def label(self, decision_id: int, satisfied: bool, source: str) -> LabelTarget:
+        """Store a satisfaction label once; returns what the learner trains on."""
         with self._writing("storing the label"):
             rows = list(self.db.query("SELECT * FROM decisions WHERE id = ?", [decision_id]))
             if not rows:
@@ -210,7 +241,8 @@ class DecisionLog:
             self.db.table("decisions").update(
                 decision_id, {"satisfied": int(satisfied), "label_source": source, "labelled": time.time()}
             )
-        return _decoded(rows[0])
+        row = _decoded(rows[0])
+        return LabelTarget(decision_id, row["model"], Routing.from_row(row))
 
     def add_cost(self, decision_id: int, usd: float) -> None:
         """Money spent on a turn after it ended (grading it with the judge)."""
@@ -246,6 +278,37 @@ class DecisionLog:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def labelled_turns(path: Path) -> list[LoggedTurn]:
+    """The labelled, answered turns of a decision log, oldest first (read-only: the daemon may be running)."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            conn.row_factory = sqlite3.Row
+            rows = conn.execute(
+                "SELECT * FROM decisions WHERE satisfied IS NOT NULL AND outcome IN ('ok', 'fallback') ORDER BY id"
+            ).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot read the decision log {path}: {exc}") from None
+    return [
+        LoggedTurn(
+            session=row["session"],
+            turn=row["turn"],
+            task=row["task"],
+            prompt_chars=row["prompt_chars"],
+            backend=row["backend"],
+            satisfied=bool(row["satisfied"]),
+            latency_total_ms=row["latency_total_ms"] or 0.0,
+            cost_usd=row["cost_usd"] or 0.0,
+            energy_j=row["energy_j"] or 0.0,
+            attachments_offered=json.loads(row["attachments_offered"] or "[]"),
+            telemetry=json.loads(row["telemetry"] or "{}"),
+        )
+        for row in rows
+    ]
 
 
 def _decoded(row: dict[str, Any]) -> dict[str, Any]:

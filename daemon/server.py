@@ -29,17 +29,27 @@ import zmq
 from locod import __version__
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config, load_config
-from locod.daemon.gate import FairGate
+from locod.daemon.decider import Decider
+from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend, ModelZoo, check_model_file
 from locod.daemon.logs import configure_logging
 from locod.daemon.notify import Notifier
 from locod.daemon.records import DecisionLog
-from locod.daemon.router import Router
 from locod.daemon.sessions import SessionStore
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import Reply, TurnRunner
 from locod.errors import Busy, LocodError, ProtocolError, StorageError
-from locod.protocol import BadRequest, ChatRequest, FeedbackRequest, SimpleRequest, encode, error_frame, parse_request
+from locod.protocol import (
+    BadRequest,
+    ChatRequest,
+    ErrorFrame,
+    FeedbackRequest,
+    Frame,
+    ResultFrame,
+    SimpleRequest,
+    encode_frame,
+    parse_request,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,19 +79,18 @@ class Daemon:
         self.local = LocalBackend(self.zoo)
         self.cloud = CloudBackend(config.cloud)
         self.sessions = SessionStore(config.daemon.session_idle_s, config.daemon.max_sessions)
-        self.gate = FairGate()
         self.telemetry = TelemetrySampler(config, self.cloud, self.local)
-        self.router = Router(config, self.records, self.telemetry, self.cloud)
+        self.learner = Learner(self.records, self.cloud)
+        self.decider = Decider(config, self.learner, self.records, self.telemetry, self.cloud)
         self.runner = TurnRunner(
             config,
             self.sessions,
             self.local,
             self.cloud,
             self.records,
-            self.gate,
-            self.router.decide,
-            self.telemetry.snapshot_dict,
-            self.router.after_turn,
+            self.decider,
+            self.learner,
+            self.telemetry,
         )
         self.pool = ThreadPoolExecutor(max_workers=config.daemon.queue_limit, thread_name_prefix="turn")
         # Turns in flight and whom they answer; touched only by the loop's thread.
@@ -203,12 +212,12 @@ class Daemon:
             try:
                 self._dispatch(peer, tag, frames[1:])
             except BadRequest as exc:
-                self._send(peer, error_frame(exc.request_id, exc))
+                self._send(peer, encode_frame(exc.request_id, ErrorFrame.of(exc)))
             except LocodError as exc:
-                self._send(peer, error_frame(None, exc))
+                self._send(peer, encode_frame(None, ErrorFrame.of(exc)))
             except Exception:  # a bug in one request's handling must not take the loop down
                 log.exception("request from a client failed")
-                self._send(peer, encode("error", None, kind="error", code="internal", message="internal error"))
+                self._send(peer, encode_frame(None, ErrorFrame("error", "internal", "internal error")))
 
     def _drain_outbox(self) -> None:
         if self.outbox is None:
@@ -250,15 +259,16 @@ class Daemon:
         if isinstance(request, ChatRequest):
             self._start_turn(peer, request)
             return
+        frame: Frame
         try:
-            frame = encode("result", request.id, op=getattr(request, "op", "feedback"), data=self._answer(request))
+            frame = ResultFrame(getattr(request, "op", "feedback"), self._answer(request))
         except LocodError as exc:
-            frame = error_frame(request.id, exc)
-        self._send(peer, frame)
+            frame = ErrorFrame.of(exc)
+        self._send(peer, encode_frame(request.id, frame))
 
     def _answer(self, request: FeedbackRequest | SimpleRequest) -> Any:
         if isinstance(request, FeedbackRequest):
-            return self.router.feedback(request.decision, request.satisfied, source="user")
+            return self.learner.feedback(request.decision, request.satisfied, source="user")
         if request.op == "ping":
             return {"pong": True, "pid": os.getpid(), "version": __version__}
         if request.op == "status":
@@ -274,7 +284,7 @@ class Daemon:
             raise BadRequest("the daemon is shutting down", code="shutting_down", request_id=request.id)
         if len(self._turns) >= self.config.daemon.queue_limit:
             raise Busy(f"{len(self._turns)} turns in flight, at the queue limit; try again shortly")
-        reply = Reply(post=lambda frame_type, **fields: self._post(peer, encode(frame_type, request.id, **fields)))
+        reply = Reply(post=lambda frame: self._post(peer, encode_frame(request.id, frame)))
         self._turns[self.pool.submit(self.runner.run, request, peer, reply)] = (peer, reply)
 
     def _post(self, peer: bytes, frame: bytes) -> None:
@@ -310,12 +320,12 @@ class Daemon:
                 "spent_today_usd": round(self.records.spent_today(), 6),
                 "daily_cap_usd": cfg.cloud.daily_cap_usd,
             },
-            "queue": {"in_flight": self._in_flight(), "waiting_for_local": self.gate.waiting},
+            "queue": {"in_flight": self._in_flight(), "waiting_for_local": self.local.gate.waiting},
             "sessions": len(self.sessions),
             "turns_served": self.turns_served + len(self._turns) - self._in_flight(),
             "interrupted_at_start": self.records.interrupted_at_start,
             "telemetry": self.telemetry.snapshot_dict(),
-            "routing": self.router.status(),
+            "routing": {**self.decider.status(), **self.learner.status()},
             "stopping": self.stopping_since is not None,
         }
 
@@ -324,7 +334,7 @@ class Daemon:
         return sum(not reply.answered.is_set() for _, reply in self._turns.values())
 
     def _status_line(self) -> str:
-        routing = self.router.status()
+        routing = {**self.decider.status(), **self.learner.status()}
         online = self.telemetry.snapshot().online
         net = "online" if online else "offline" if online is False else "network unknown"
         return (
@@ -371,7 +381,7 @@ class Daemon:
         self.config = new
         self.runner.config = new
         self.telemetry.retarget(new)
-        self.router.reload(new)
+        self.decider.reload(new)
         configure_logging(new.log.level)
         log.info("configuration reloaded from %s", new.source)
         self.notifier.ready(self._status_line())
@@ -393,7 +403,7 @@ class Daemon:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self._drain_outbox()
         self.telemetry.stop()
-        self.router.save()
+        self.learner.close()
         self.cloud.close()
         self.zoo.close()
         self.records.close()

@@ -1,16 +1,18 @@
 """One chat turn, start to end, in one direction:
 
-    request -> Turn (session history, attachments checked) -> Decision -> record begun -> backend (streamed)
-            -> record finished -> session updated -> ``done``
+    ChatRequest -> Turn (session history, attachments checked) -> Decision -> backend slot and fit
+        -> record begun -> ``decision`` -> generate (``delta``...) [-> fall back: ``fallback``, local]
+        -> record finished -> session updated -> ``done`` -> learner settles
 
 A turn is *accepted* when its ``decision`` frame is sent, which happens only after its record is committed;
-from then on it ends with a completed record and a ``done`` or ``error`` frame, whatever the backend does.
-Anything rejected before that (bad attachment, prompt longer than the context, storage down) gets an
-``error`` frame and writes nothing.
+from then on it ends with a completed record and a ``done`` or ``error`` frame, whatever happens, a bug
+included. Anything refused before that (bad attachment, prompt longer than the context, storage down) gets
+an ``error`` frame and writes nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -18,24 +20,33 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from locod.daemon import attachments as att
-from locod.daemon.backends import Generation, Prompt
-from locod.daemon.cloud import CloudBackend, Upload
+from locod.daemon import prompts
+from locod.daemon.backends import Backend, Generation, Prompt
+from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config
-from locod.daemon.decide import Decision
-from locod.daemon.features import task_of
-from locod.daemon.gate import FairGate
+from locod.daemon.decider import Decider
+from locod.daemon.decision import Decision
+from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
 from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
 from locod.daemon.sessions import Session, SessionStore, TurnTrail
+from locod.daemon.telemetry import TelemetrySampler
 from locod.errors import Busy, CloudError, LocodError
-from locod.protocol import ChatRequest
+from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
+from locod.policy.tasks import task_of
+from locod.protocol import (
+    ChatRequest,
+    DecisionFrame,
+    DeltaFrame,
+    DoneFrame,
+    ErrorFrame,
+    FallbackFrame,
+    Frame,
+)
 
 log = logging.getLogger(__name__)
-
-Send = Callable[..., None]
 
 
 @dataclass
@@ -43,15 +54,15 @@ class Reply:
     """Frames for one request; ``cancelled`` is set when the client vanished or the daemon is stopping,
     ``answered`` once the last frame (``done`` or ``error``) has gone out."""
 
-    post: Send  # post(type, **fields)
+    post: Callable[[Frame], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     answered: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "the client disconnected"
 
-    def send(self, frame_type: str, **fields: Any) -> None:
-        self.post(frame_type, **fields)
-        if frame_type in ("done", "error"):
-            self.answered.set()
+    def send(self, frame: Frame) -> None:
+        if isinstance(frame, DoneFrame | ErrorFrame):
+            self.answered.set()  # before the frame leaves: a client that reads it may ask for status at once
+        self.post(frame)
 
 
 @dataclass(frozen=True)
@@ -64,8 +75,35 @@ class Turn:
 
     @functools.cached_property
     def prompt_tokens(self) -> int:
-        """The prompt with its session history at 4 characters a token: the router's price estimate."""
-        return len(self.request.prompt) // 4 + sum(len(m["content"]) // 4 for m in self.session.messages)
+        """The prompt with its session history, estimated: the decision's price estimate."""
+        messages = [self.request.prompt, *(m["content"] for m in self.session.messages)]
+        return sum(estimate_tokens(len(text)) for text in messages)
+
+    def upload_bytes(self, send: tuple[int, ...]) -> int:
+        """About what a cloud action uploading ``send`` sends: the text, and each attachment's share."""
+        return self.prompt_tokens * CHARS_PER_TOKEN + sum(self.attachments[i].upload_bytes for i in send)
+
+    def max_tokens(self, config: Config) -> int:
+        return self.request.options.max_tokens or config.local.max_tokens
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How an accepted turn ended: what the record is completed with and the client told."""
+
+    decision: Decision  # after a fallback, the local one
+    generation: Generation
+    outcome: str  # ok | fallback | error | cancelled
+    error: str | None = None
+    kind: str = CloudError.code  # the error frame's kind and code, for an outcome that is not an answer
+    code: str | None = None  # None: the outcome
+
+    @classmethod
+    def failed(cls, decision: Decision, error: LocodError) -> Ending:
+        return cls(decision, EMPTY, "error", error.message, type(error).code, error.code)
+
+
+EMPTY = Generation("", 0, 0, None, 0.0)
 
 
 class TurnRunner:
@@ -76,36 +114,30 @@ class TurnRunner:
         local: LocalBackend,
         cloud: CloudBackend,
         records: DecisionLog,
-        gate: FairGate,
-        decide: Callable[[Turn], Decision],
-        snapshot: Callable[[], dict[str, Any]],
-        on_finished: Callable[[int, Turn, Decision, str], None],
+        decider: Decider,
+        learner: Learner,
+        telemetry: TelemetrySampler,
     ) -> None:
         self.config = config
         self.sessions = sessions
         self.local = local
         self.cloud = cloud
         self.records = records
-        self.gate = gate
-        self.decide = decide
-        self.snapshot = snapshot
-        self.on_finished = on_finished
+        self.decider = decider
+        self.learner = learner
+        self.telemetry = telemetry
 
     def run(self, request: ChatRequest, client: bytes, reply: Reply) -> None:
         try:
             turn = self._assemble(request, client)
             started = time.perf_counter()
-            decision = self.decide(turn)
-            decide_ms = (time.perf_counter() - started) * 1000
-            if decision.location == "local":
-                self._answer_locally(turn, decision, decide_ms, reply)
-            else:
-                self._answer_in_cloud(turn, decision, decide_ms, reply)
+            decision = self.decider.decide(turn)
+            self._answer(turn, decision, (time.perf_counter() - started) * 1000, reply)
         except LocodError as exc:
-            reply.send("error", kind=type(exc).code, code=exc.code, message=exc.message)
+            reply.send(ErrorFrame.of(exc))
         except Exception as exc:  # a bug must cost one turn, never the daemon
             log.exception("turn %s failed", request.id)
-            reply.send("error", kind="error", code="internal", message=f"internal error: {type(exc).__name__}")
+            reply.send(ErrorFrame("error", "internal", f"internal error: {type(exc).__name__}"))
 
     def _assemble(self, request: ChatRequest, client: bytes) -> Turn:
         cfg = self.config.attachments
@@ -121,82 +153,78 @@ class TurnRunner:
         session = self.sessions.open(request.session)
         return Turn(request, session, client, task_of(request.prompt), prepared)
 
-    # -- the two ways a turn is answered -------------------------------------------------------------
+    def _backend(self, location: str) -> Backend:
+        return self.local if location == "local" else self.cloud
 
-    def _answer_locally(
-        self,
-        turn: Turn,
-        decision: Decision,
-        decide_ms: float,
-        reply: Reply,
-        after_cloud: tuple[int, CloudError] | None = None,
-    ) -> None:
-        """Answer with the local model; ``after_cloud`` is (record id, failure) when falling back."""
-        with self.gate.slot(turn.client, reply.cancelled) as granted:
-            if not granted:
-                if after_cloud is not None:
-                    self._finish(after_cloud[0], turn, decision, None, "cancelled", reply, reply.cancel_reason)
+    # -- answering -----------------------------------------------------------------------------------
+
+    def _answer(self, turn: Turn, decision: Decision, decide_ms: float, reply: Reply) -> None:
+        backend = self._backend(decision.location)
+        with backend.slot(turn.client, reply.cancelled) as granted:
+            if not granted:  # the client left, or the daemon is stopping: nothing was accepted
+                reply.send(ErrorFrame(Busy.code, "cancelled", reply.cancel_reason))
                 return
-            messages = self._local_messages(turn, decision.model)
+            prompt = backend.fit(decision.model, self._prompt(turn, decision, reply))  # may refuse: no record
+            decision_id = self._accept(turn, decision, decide_ms, reply)
             try:
-                local_prompt = self.local.prepare(decision.model, messages, self._max_tokens(turn))
+                ending = self._generate(decision_id, turn, decision, backend, prompt, reply)
             except LocodError as exc:
-                if after_cloud is None:
-                    raise  # rejected before acceptance: nothing recorded
-                self._finish(
-                    after_cloud[0],
-                    turn,
-                    decision,
-                    None,
-                    "error",
-                    reply,
-                    f"{after_cloud[1].message}; local fallback failed: {exc.message}",
-                )
-                return
-            if after_cloud is None:
-                decision_id = self._begin(turn, decision, decide_ms, reply)
-            else:
-                decision_id = after_cloud[0]
-                reply.send(
-                    "fallback",
-                    decision=decision_id,
-                    model=decision.model,
-                    cause=after_cloud[1].code,
-                    message=f"the cloud answer failed ({after_cloud[1].message}); answering locally",
-                )
-            generation = self.local.generate(local_prompt, self._prompt(turn, [], reply))
-        outcome = "fallback" if after_cloud else "ok"
-        self._finish(
-            decision_id, turn, decision, generation, outcome, reply, after_cloud[1].message if after_cloud else None
-        )
+                ending = Ending.failed(decision, exc)
+            except Exception as exc:  # accepted turns end with a finished record, a bug included
+                log.exception("turn %s failed after it was accepted", turn.request.id)
+                ending = Ending(decision, EMPTY, "error", f"internal error: {type(exc).__name__}", "error", "internal")
+        self._finish(decision_id, turn, ending, reply)
 
-    def _answer_in_cloud(self, turn: Turn, decision: Decision, decide_ms: float, reply: Reply) -> None:
-        decision_id = self._begin(turn, decision, decide_ms, reply)
-        messages, upload = self._cloud_messages(turn, decision.send)
+    def _generate(
+        self, decision_id: int, turn: Turn, decision: Decision, backend: Backend, prompt: Prompt, reply: Reply
+    ) -> Ending:
         try:
-            generation = self.cloud.generate(decision.model, self._prompt(turn, messages, reply), upload)
+            return self._ended(decision, backend.generate(decision.model, prompt), reply)
         except CloudError as exc:
             log.warning("turn %s: %s; falling back to the local model", turn.request.id, exc.message)
-            default = self.config.local.default
-            # The routing state goes along: the turn still counts for the SLA (with the local model's
-            # prediction) and an explored turn is still graded.
-            local = Decision(
-                "local",
-                default,
-                (),
-                f"{decision.reason}; fell back: {exc.message}",
-                decision.explored,
-                {**decision.routing, "action": default},
-            )
-            self._answer_locally(turn, local, decide_ms, reply, after_cloud=(decision_id, exc))
-            return
-        self._finish(decision_id, turn, decision, generation, "ok", reply, None)
+            return self._fall_back(decision_id, turn, decision, exc, reply)
+
+    def _fall_back(self, decision_id: int, turn: Turn, decision: Decision, failure: CloudError, reply: Reply) -> Ending:
+        """The cloud failed: the default local model answers the same turn, under the same record."""
+        local = decision.fallen_back(self.config.local.default, failure.message)
+        with self.local.slot(turn.client, reply.cancelled) as granted:
+            if not granted:
+                return Ending(local, EMPTY, "cancelled", reply.cancel_reason, Busy.code)
+            try:
+                prompt = self.local.fit(local.model, self._prompt(turn, local, reply))
+            except LocodError as exc:
+                return Ending(local, EMPTY, "error", f"{failure.message}; local fallback failed: {exc.message}")
+            message = f"the cloud answer failed ({failure.message}); answering locally"
+            reply.send(FallbackFrame(decision_id, local.model, failure.code, message))
+            ending = self._ended(local, self.local.generate(local.model, prompt), reply)
+        return (
+            ending if ending.outcome != "ok" else dataclasses.replace(ending, outcome="fallback", error=failure.message)
+        )
+
+    @staticmethod
+    def _ended(decision: Decision, generation: Generation, reply: Reply) -> Ending:
+        if generation.cancelled:
+            return Ending(decision, generation, "cancelled", reply.cancel_reason, Busy.code)
+        return Ending(decision, generation, "ok")
+
+    def _prompt(self, turn: Turn, decision: Decision, reply: Reply) -> Prompt:
+        options = turn.request.options
+        if decision.location == "local":
+            messages = prompts.local_messages(turn, self.config.local_model(decision.model).n_ctx)
+            upload = None
+        else:
+            messages, upload = prompts.cloud_messages(turn, decision.send, self.config.attachments.doc_token_budget)
+        on_delta = (lambda text: reply.send(DeltaFrame(text))) if options.stream else (lambda text: None)
+        prompt = Prompt(
+            messages, turn.max_tokens(self.config), options.temperature, options.seed, on_delta, reply.cancelled
+        )
+        return prompt if upload is None else dataclasses.replace(prompt, upload=upload)
 
     # -- records and frames --------------------------------------------------------------------------
 
-    def _begin(self, turn: Turn, decision: Decision, decide_ms: float, reply: Reply) -> int:
+    def _accept(self, turn: Turn, decision: Decision, decide_ms: float, reply: Reply) -> int:
+        """Begin the turn's record (committed), then tell the client where it runs: it is accepted."""
         prompt = turn.request.prompt
-        routing: dict[str, Any] = decision.routing
         record = DecisionRecord(
             session=turn.session.id,
             turn=turn.session.turns,
@@ -210,49 +238,31 @@ class TurnRunner:
             reason=decision.reason,
             attachments_offered=[a.summary() for a in turn.attachments],
             attachments_sent=[turn.attachments[i].name for i in decision.send],
-            telemetry=self.snapshot(),
+            telemetry=self.telemetry.snapshot_dict(),
             explored=decision.explored,
             latency_decide_ms=decide_ms,
-            features=routing.get("features", {}),
-            policy_version=routing.get("policy_version"),
-            q=routing.get("q"),
-            sla=routing.get("sla"),
-            v=routing.get("v"),
-            s_hat=routing.get("s_hat", {}),
-            costs=routing.get("costs", {}),
-            probabilities=routing.get("probabilities", {}),
-            mask=routing.get("mask", {}),
+            routing=decision.routing,
         )
         decision_id = self.records.begin(record)
         reply.send(
-            "decision",
-            decision=decision_id,
-            location=decision.location,
-            model=decision.model,
-            reason=decision.reason,
-            attachments_sent=record.attachments_sent,
-            explored=decision.explored,
+            DecisionFrame(
+                decision_id,
+                decision.location,
+                decision.model,
+                decision.reason,
+                record.attachments_sent,
+                decision.explored,
+            )
         )
         return decision_id
 
-    def _finish(
-        self,
-        decision_id: int,
-        turn: Turn,
-        decision: Decision,
-        generation: Generation | None,
-        outcome: str,
-        reply: Reply,
-        error: str | None,
-    ) -> None:
-        if generation is not None and generation.cancelled:
-            outcome, error = "cancelled", reply.cancel_reason
-        g = generation or Generation("", 0, 0, None, 0.0)
-        sent = [turn.attachments[i].name for i in decision.send]
+    def _finish(self, decision_id: int, turn: Turn, ending: Ending, reply: Reply) -> None:
+        """Complete the record, then answer: ``done`` (and learn, after the reply) or ``error``."""
+        decision, g = ending.decision, ending.generation
         self.records.finish(
             decision_id,
             Outcome(
-                outcome=outcome,
+                outcome=ending.outcome,
                 backend=decision.location,
                 model=decision.model,
                 tokens_in=g.tokens_in,
@@ -263,81 +273,33 @@ class TurnRunner:
                 latency_total_ms=g.total_ms,
                 cost_usd=g.cost_usd,
                 energy_j=g.energy_j,
-                error=error,
-                attachments_sent=sent,
+                error=ending.error,
+                attachments_sent=[turn.attachments[i].name for i in decision.send],
             ),
         )
-        if outcome in ("ok", "fallback"):
-            slots = tuple(i in decision.send for i in range(len(turn.attachments)))
-            self.sessions.record(
-                turn.session, [turn.request.messages[-1]], g.text, TurnTrail(decision.location, slots, turn.task)
-            )
-            done: dict[str, Any] = dict(
-                decision=decision_id,
-                session=turn.session.id,
-                outcome=outcome,
-                location=decision.location,
-                model=decision.model,
-                tokens_in=g.tokens_in,
-                tokens_out=g.tokens_out,
-                cost_usd=g.cost_usd,
-                latency_ms=round(g.total_ms, 2),
-                first_token_ms=g.first_token_ms,
-            )
-            if not turn.request.options.stream:
-                done["text"] = g.text
-            reply.send("done", **done)
-            self.on_finished(decision_id, turn, decision, g.text)  # learning happens after the reply
-        else:
-            reply.send(
-                "error",
-                kind=Busy.code if outcome == "cancelled" else CloudError.code,
-                code=outcome,
-                message=error or outcome,
-                decision=decision_id,
-            )
+        if ending.outcome not in ("ok", "fallback"):
+            code = ending.code or ending.outcome
+            reply.send(ErrorFrame(ending.kind, code, ending.error or ending.outcome, decision_id))
+            return
+        slots = tuple(i in decision.send for i in range(len(turn.attachments)))
+        trail = TurnTrail(decision.location, slots, turn.task)
+        self.sessions.record(turn.session, [turn.request.messages[-1]], g.text, trail)
+        reply.send(self._done(decision_id, turn, ending))
+        self.learner.settle(decision_id, decision, turn.request.prompt, g.text)  # learning after the reply
 
-    # -- what each backend is sent -------------------------------------------------------------------
-
-    def _max_tokens(self, turn: Turn) -> int:
-        return turn.request.options.max_tokens or self.config.local.max_tokens
-
-    def _prompt(self, turn: Turn, messages: list[dict[str, object]], reply: Reply) -> Prompt:
-        options = turn.request.options
-        on_delta = (lambda text: reply.send("delta", text=text)) if options.stream else (lambda text: None)
-        return Prompt(messages, self._max_tokens(turn), options.temperature, options.seed, on_delta, reply.cancelled)
-
-    def _history(self, turn: Turn) -> list[dict[str, str]]:
-        """The session's earlier messages, then this request's own (all but its last user message)."""
-        return [*turn.session.messages, *turn.request.messages[:-1]]
-
-    def _documents_text(self, turn: Turn, indices: list[int], token_budget: int) -> str:
-        parts = []
-        docs = [turn.attachments[i] for i in indices if turn.attachments[i].kind == "document"]
-        for doc in docs:
-            chunks = att.select_chunks(doc, token_budget // max(1, len(docs)))
-            excerpt = "\n[...]\n".join(c.text for c in chunks)
-            parts.append(f"Document {doc.name!r} (relevant excerpts):\n{excerpt}")
-        return "\n\n".join(parts)
-
-    def _local_messages(self, turn: Turn, model: str) -> list[dict[str, str]]:
-        """Documents stay on the device, so the local model sees their best chunks (within a third of its
-        context); images it cannot see."""
-        n_ctx = self.config.local_model(model).n_ctx
-        docs = self._documents_text(turn, list(range(len(turn.attachments))), n_ctx // 3)
-        question = turn.request.prompt
-        content = f"{docs}\n\n{question}" if docs else question
-        return [*self._history(turn), {"role": "user", "content": content}]
-
-    def _cloud_messages(self, turn: Turn, send: tuple[int, ...]) -> tuple[list[dict[str, object]], Upload]:
-        docs = self._documents_text(turn, list(send), self.config.attachments.doc_token_budget)
-        text = f"{docs}\n\n{turn.request.prompt}" if docs else turn.request.prompt
-        parts: list[dict[str, object]] = [{"type": "text", "text": text}]
-        images = [turn.attachments[i] for i in send if turn.attachments[i].kind == "image"]
-        for image in images:
-            parts.append({"type": "image_url", "image_url": {"url": att.data_url(image.jpeg)}})
-        content: object = parts if images else text
-        history: list[dict[str, object]] = [dict(m) for m in self._history(turn)]
-        messages = [*history, {"role": "user", "content": content}]
-        upload_bytes = len(text.encode()) + sum(len(i.jpeg) * 4 // 3 for i in images)
-        return messages, Upload(images=len(images), bytes=upload_bytes)
+    @staticmethod
+    def _done(decision_id: int, turn: Turn, ending: Ending) -> DoneFrame:
+        decision, g = ending.decision, ending.generation
+        return DoneFrame(
+            decision=decision_id,
+            session=turn.session.id,
+            outcome=ending.outcome,
+            location=decision.location,
+            model=decision.model,
+            tokens_in=g.tokens_in,
+            tokens_out=g.tokens_out,
+            cost_usd=g.cost_usd,
+            latency_ms=round(g.total_ms, 2),
+            first_token_ms=g.first_token_ms,
+            text=None if turn.request.options.stream else g.text,
+        )

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from locod.policy.messplus import MessPlus, TurnFeatures, vectorize
-from locod.policy.observation import CLOUD_ACTIONS_COST, FEATURE_NAMES, N_ACTIONS, SUBSETS, TASKS
-from locod.policy.tmo_env import OffloadEnv, TurnOutcomes, TurnSource, normalised, window_after
+from locod.policy import rule
+from locod.policy.messplus import MessPlus, vectorize
+from locod.policy.observation import FEATURE_NAMES, N_ACTIONS, SUBSETS, K, Slot
+from locod.policy.tasks import TASKS
+from locod.policy.tmo_env import CLOUD_USD, OffloadEnv, TurnOutcomes, TurnSource, normalised, window_after
 
 Strategy = Callable[[np.ndarray, np.ndarray, random.Random], int]
 
@@ -157,8 +159,11 @@ SATISFIED_AT = 0.5  # a simulated answer of quality >= 0.5 (on 0-1) counts as sa
 
 
 class Router:
-    """MESS+ over the environment's actions, optionally combined with a policy's log-probabilities:
-    argmin V*cost + Q*(alpha - s_hat) - w*log pi, the rule the daemon runs. Learns online from each step."""
+    """The rule the daemon runs (locod.policy.rule): MESS+ over the environment's actions, optionally
+    combined with a policy's log-probabilities. Learns online from each step.
+
+    Inputs the environment does not have are left at what a first turn would see: no dialogue position, no
+    previous location, the task's name in place of the prompt's words. Costs are TMO's prices per action."""
 
     def __init__(
         self,
@@ -169,50 +174,46 @@ class Router:
         seed: int = 0,
     ) -> None:
         self.mess = MessPlus(
-            {"local": 0.5, "cloud": 0.85}, sla=sla, v=v, explore_c=0.2, q_cap=50.0, rng=random.Random(seed)
+            rule.priors(["local"], ["cloud"]), sla=sla, v=v, explore_c=0.2, q_cap=50.0, rng=random.Random(seed)
         )
         self.log_pi, self.weight = log_pi, weight
         self.t = 0
-        self.last: tuple[object, str] | None = None
+        self.last: tuple[tuple[np.ndarray, np.ndarray], str] | None = None
 
     def __call__(self, obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
         task = TASKS[int(np.argmax([obs[FEATURE_NAMES.index(f"task_{t}")] for t in TASKS]))]
-        relevance = [float(obs[FEATURE_NAMES.index(f"slot{k}_relevance")]) for k in range(3)]
+        slots = [
+            Slot(
+                float(obs[FEATURE_NAMES.index(f"slot{k}_relevance")]), bool(obs[FEATURE_NAMES.index(f"slot{k}_image")])
+            )
+            for k in range(K)
+            if obs[FEATURE_NAMES.index(f"slot{k}_present")]
+        ]
         allowed = [a for a in range(N_ACTIONS) if mask[a]]
-        if self.log_pi is None:
-            # MESS+ alone picks the model; the cloud gets the relevant attachments (the daemon's rule)
-            relevant = tuple(k for k in range(3) if relevance[k] >= 0.3)
-            heuristic = 1 + SUBSETS.index(relevant) if relevant in SUBSETS and mask[1 + SUBSETS.index(relevant)] else 1
-            allowed = [a for a in allowed if a in (0, heuristic)] or allowed
-        xs = {str(a): vectorize(self._features(task, relevance, a)) for a in allowed}
-        costs = {str(a): CLOUD_ACTIONS_COST[a] for a in allowed}
-        model_of = {str(a): "local" if a == 0 else "cloud" for a in allowed}
-        extra: dict[str, float] = {}
+        if self.log_pi is None:  # MESS+ alone: the local model, or the cloud with the rule's one upload choice
+            relevant = rule.relevant_uploads(slots, range(len(slots)))
+            upload = 1 + SUBSETS.index(relevant)
+            allowed = [a for a in allowed if a in (0, upload if mask[upload] else 1)] or allowed
+        features = {str(a): rule.action_features(task, task, slots, SUBSETS[a - 1] if a else None) for a in allowed}
+        model_of = {key: "local" if key == "0" else "cloud" for key in features}
+        s_hat = dict(zip(features, self.mess.satisfaction_of_turn(list(features.values()), list(model_of.values()))))
+        costs = {str(a): TMO_COST[a] for a in allowed}
+        log_pi = None
         if self.log_pi is not None:
-            log_pi = self.log_pi(obs, mask)
-            extra = {str(a): -self.weight * float(log_pi[a]) for a in allowed}
-        choice = self.mess.choose(costs, xs=xs, extra=extra, model_of=model_of)
+            values = self.log_pi(obs, mask)
+            log_pi = {str(a): float(values[a]) for a in allowed}
+        choice = rule.choose(self.mess, costs, s_hat, model_of, log_pi, self.weight)
         self.t += 1
         self.mess.settle(self.t, choice.model, choice.s_hat[choice.key])
-        self.last = (xs[choice.key], choice.model)
+        self.last = (vectorize(features[choice.key]), choice.model)
         return int(choice.key)
-
-    @staticmethod
-    def _features(task: str, relevance: list[float], action: int) -> TurnFeatures:
-        """As the daemon does: what this action's model would see, and the best relevance it would not."""
-        sent = SUBSETS[action - 1] if action else ()
-        shown = [relevance[k] for k in sent]
-        hidden = [r for k, r in enumerate(relevance) if k not in sent and r > 0]
-        return TurnFeatures(
-            prompt=task,
-            task=task,
-            n_attachments=len(shown),
-            max_relevance=max(shown, default=0.0),
-            has_image=bool(shown),
-            withheld_relevance=max(hidden, default=0.0),
-        )
 
     def learn(self, info: dict[str, object]) -> None:
         if self.last is not None:
             x, model = self.last
             self.mess.label(self.t, model, x, float(info["quality"]) >= SATISFIED_AT)  # type: ignore[arg-type]
+
+
+# Each action's cost for the rule: TMO's cloud price by upload count, over the largest; local generation
+# costs device energy, priced like the cheapest cloud call.
+TMO_COST = (0.0357, *(CLOUD_USD[len(s)] / CLOUD_USD[-1] for s in SUBSETS))

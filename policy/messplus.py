@@ -14,6 +14,7 @@ trained by SGD on each label; a per-model prior is its starting bias. Everything
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -25,14 +26,16 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+from locod.policy.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 HASH_DIM = 4096
-TASKS = ("chat", "code", "math", "rewrite", "recommend", "query")
 DENSE = (
     "bias",
     "log_chars",
@@ -65,14 +68,14 @@ class TurnFeatures:
 def vectorize(f: TurnFeatures) -> tuple[np.ndarray, np.ndarray]:
     """Sparse (indices, values): hashed unigrams and bigrams (L2-normalised), then the dense features."""
     indices, hashed_values = _hashed(f.prompt)
-    return indices, np.concatenate((hashed_values, dense_features(f)))
+    return indices, np.concatenate((hashed_values, dense_features(f, len(f.prompt))))
 
 
-def dense_features(f: TurnFeatures) -> tuple[float, ...]:
+def dense_features(f: TurnFeatures, prompt_chars: int) -> tuple[float, ...]:
     """The predictor's dense features, in DENSE's order."""
     return (
         1.0,
-        math.log1p(len(f.prompt)) / 8.0,
+        math.log1p(prompt_chars) / 8.0,
         min(f.n_attachments, 8) / 8.0,
         min(1.0, max(0.0, _finite(f.withheld_relevance))),
         _finite(f.max_relevance),
@@ -114,6 +117,42 @@ def hashed_record(prompt: str) -> dict[int, float]:
     return {i: round(v, 5) for i, v in zip(indices[: len(values)].tolist(), values.tolist())}
 
 
+@dataclass(frozen=True)
+class RecordedFeatures:
+    """The features a decision was taken on, as its record keeps them (the prompt as its hashed n-grams,
+    since the prompt itself is logged only when configured): a label that comes later trains on exactly
+    what was decided on."""
+
+    turn: TurnFeatures  # with the prompt left out
+    hashed: dict[int, float]
+    prompt_chars: int = 0  # 0 in records older than this field
+
+    @classmethod
+    def of(cls, features: TurnFeatures) -> RecordedFeatures:
+        return cls(dataclasses.replace(features, prompt=""), hashed_record(features.prompt), len(features.prompt))
+
+    def to_json(self) -> dict[str, Any]:
+        fields = {k: v for k, v in vars(self.turn).items() if k != "prompt"}
+        return {**fields, "prompt_chars": self.prompt_chars, "hashed": self.hashed}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> RecordedFeatures | None:
+        """None for a record without features (a forced turn)."""
+        if not data or "hashed" not in data:
+            return None
+        names = [k for k in TurnFeatures.__dataclass_fields__ if k != "prompt" and k in data]
+        turn = TurnFeatures(prompt="", **{k: data[k] for k in names})
+        hashed = {int(i): float(v) for i, v in data["hashed"].items()}
+        return cls(turn, hashed, int(data.get("prompt_chars", 0)))
+
+    def vector(self) -> tuple[np.ndarray, np.ndarray]:
+        """The sparse vector ``vectorize`` gave the original prompt."""
+        dense_values = dense_features(self.turn, self.prompt_chars)
+        indices = np.fromiter([*self.hashed, *DENSE_INDICES.tolist()], dtype=np.int64)
+        values = np.fromiter([*self.hashed.values(), *dense_values], dtype=np.float64)
+        return indices, values
+
+
 def _sigmoid(z: float) -> float:
     return 1.0 / (1.0 + math.exp(-max(-30.0, min(30.0, z))))
 
@@ -127,7 +166,6 @@ class Choice:
     model: str
     explored: bool
     s_hat: dict[str, float]
-    objective: dict[str, float]
     key: str = ""
 
 
@@ -168,9 +206,6 @@ class MessPlus:
 
     # -- prediction and the rule ---------------------------------------------------------------------
 
-    def predict(self, x: tuple[np.ndarray, np.ndarray], models: list[str]) -> dict[str, float]:
-        return {name: self.satisfaction(x, name) for name in models}
-
     def satisfaction(self, x: tuple[np.ndarray, np.ndarray], model: str) -> float:
         """s_hat: the predicted probability that ``model`` satisfies the turn described by ``x``."""
         indices, values = x
@@ -189,7 +224,7 @@ class MessPlus:
             prompt_part[model] = float(w[hashed] @ values)
             dense_weights[model] = w[HASH_DIM:].tolist()
         return [
-            _sigmoid(prompt_part[m] + sum(map(operator.mul, dense_features(f), dense_weights[m])))
+            _sigmoid(prompt_part[m] + sum(map(operator.mul, dense_features(f, len(f.prompt)), dense_weights[m])))
             for f, m in zip(features, models, strict=True)
         ]
 
@@ -218,7 +253,7 @@ class MessPlus:
         }
         explore = len(keys) > 1 and self.rng.random() < self.explore_probability
         key = self.rng.choice(keys) if explore else min(keys, key=objective.__getitem__)
-        return Choice(model_of[key], explore, s_hat, objective, key)
+        return Choice(model_of[key], explore, s_hat, key)
 
     @property
     def explore_probability(self) -> float:

@@ -23,14 +23,15 @@ import functools
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
+
+from locod.policy.tasks import TASKS
 
 LAYOUT_VERSION = 1
 K = 3  # attachment slots
 Z = 3  # dialogue turns of history
-TASKS = ("chat", "code", "math", "rewrite", "recommend", "query")
 LINKS = ("ethernet", "wifi", "cellular", "none")
 
 SUBSETS: tuple[tuple[int, ...], ...] = tuple(
@@ -47,9 +48,6 @@ def action_name(action: int) -> str:
 
 
 ACTION_NAMES = tuple(action_name(a) for a in range(N_ACTIONS))
-# Relative cost of each action for evaluation routers: TMO's cloud price by upload count, over the largest;
-# local generation costs device energy, priced like the cheapest cloud call.
-CLOUD_ACTIONS_COST = tuple([0.0357] + [(0.00049, 0.0050, 0.0095, 0.0137)[len(s)] / 0.0137 for s in SUBSETS])
 
 
 def _names() -> list[str]:
@@ -105,7 +103,6 @@ class ObsInputs:
     q_norm: float = 0.0
     s_local: float = 0.5
     s_cloud: float = 0.85
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 def _onehot(value: str, options: Sequence[str]) -> list[float]:

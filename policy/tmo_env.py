@@ -36,16 +36,18 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import gymnasium as gym
 import numpy as np
+
+if TYPE_CHECKING:
+    from locod.daemon.records import LoggedTurn
 
 from locod.policy.observation import (
     N_ACTIONS,
     OBS_DIM,
     SUBSETS,
-    TASKS,
     K,
     ObsInputs,
     PastTurn,
@@ -54,11 +56,12 @@ from locod.policy.observation import (
     action_mask,
     observe,
 )
+from locod.policy.rule import RADIO_W
+from locod.policy.tasks import TASKS
 
 # TMO's published figures (research notes): cloud latency by number of uploaded images k = 0..3.
 CLOUD_LATENCY_S = {"wifi": (0.5, 1.9, 2.0, 2.2), "cellular": (0.5, 16.6, 17.6, 19.6), "ethernet": (0.4, 1.2, 1.3, 1.4)}
 CLOUD_USD = (0.00049, 0.0050, 0.0095, 0.0137)
-RADIO_W = 2.0
 LOCAL_USD = 1e-8  # TMO's local cost per call
 OVERRUN_PENALTY = 0.5
 WINDOW = Z  # turns a budget covers: the policy sees this much history, so it sees what fills the window
@@ -257,31 +260,28 @@ class LogSource:
     taken is estimated, as in TMO, by a distance-weighted k-nearest-neighbour average (k = 5) over
     labelled turns that did go there, by task and prompt length."""
 
-    rows: list[dict[str, Any]]
+    rows: list[LoggedTurn]
     k: int = 5
-    sessions: list[list[dict[str, Any]]] = field(default_factory=list)
+    sessions: list[list[LoggedTurn]] = field(default_factory=list)
     local_bound: np.ndarray = field(default_factory=lambda: np.zeros(3))
 
     def __post_init__(self) -> None:
-        labelled = [r for r in self.rows if r.get("satisfied") is not None and r["outcome"] in ("ok", "fallback")]
-        by_session: dict[str, list[dict[str, Any]]] = {}
-        for row in labelled:
-            by_session.setdefault(row["session"], []).append(row)
-        self.sessions = [sorted(s, key=lambda r: r["turn"]) for s in by_session.values()]
-        self.by_location = {loc: [r for r in labelled if r["backend"] == loc] for loc in ("local", "cloud")}
+        by_session: dict[str, list[LoggedTurn]] = {}
+        for row in self.rows:
+            by_session.setdefault(row.session, []).append(row)
+        self.sessions = [sorted(s, key=lambda r: r.turn) for s in by_session.values()]
+        self.by_location = {loc: [r for r in self.rows if r.backend == loc] for loc in ("local", "cloud")}
         if not self.by_location["local"] or not self.by_location["cloud"]:
             raise ValueError("the decision log needs labelled turns answered locally and in the cloud")
         # estimates for local answers average local rows, so the dearest logged one bounds them all
         self.local_bound = np.array([_outcome(r)[1:] for r in self.by_location["local"]]).max(axis=0)
 
-    def _estimate(self, row: dict[str, Any], location: str) -> tuple[float, float, float, float]:
-        if row["backend"] == location:
+    def _estimate(self, row: LoggedTurn, location: str) -> tuple[float, float, float, float]:
+        if row.backend == location:
             return _outcome(row)
 
-        def distance(other: dict[str, Any]) -> float:
-            return float(other["task"] != row["task"]) + abs(
-                math.log1p(other["prompt_chars"]) - math.log1p(row["prompt_chars"])
-            )
+        def distance(other: LoggedTurn) -> float:
+            return float(other.task != row.task) + abs(math.log1p(other.prompt_chars) - math.log1p(row.prompt_chars))
 
         near = sorted(self.by_location[location], key=distance)[: self.k]
         weights = [1.0 / (1e-3 + distance(o)) for o in near]
@@ -291,17 +291,17 @@ class LogSource:
     def episode(self, rng: random.Random) -> list[TurnOutcomes]:
         out = []
         for row in rng.choice(self.sessions):
-            offered = row.get("attachments_offered") or []
+            offered = row.attachments_offered
             slots = [
                 Slot(float(a.get("relevance", 0.0)), a.get("kind") == "image", bool(a.get("private"))) for a in offered
             ][:K]
             mask = action_mask(slots, cloud_allowed=True)
             local, cloud = self._estimate(row, "local"), self._estimate(row, "cloud")
             arrays = [np.array([local[i]] + [cloud[i]] * (N_ACTIONS - 1)) for i in range(4)]
-            telemetry = row.get("telemetry") or {}
+            telemetry = row.telemetry
             inputs = ObsInputs(
-                task=row["task"] if row["task"] in TASKS else "chat",
-                prompt_chars=row["prompt_chars"],
+                task=row.task if row.task in TASKS else "chat",
+                prompt_chars=row.prompt_chars,
                 slots=slots,
                 battery=(telemetry.get("battery_pct") or 100) / 100,
                 on_ac=telemetry.get("on_ac"),
@@ -313,14 +313,9 @@ class LogSource:
         return out
 
 
-def _outcome(row: dict[str, Any]) -> tuple[float, float, float, float]:
+def _outcome(row: LoggedTurn) -> tuple[float, float, float, float]:
     """(quality, latency s, USD, energy J) of a logged turn."""
-    return (
-        float(row["satisfied"]),
-        (row["latency_total_ms"] or 0) / 1000,
-        row["cost_usd"] or 0.0,
-        row["energy_j"] or 0.0,
-    )
+    return (float(row.satisfied), row.latency_total_ms / 1000, row.cost_usd, row.energy_j)
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """RC-PPO: train the offloading policy on OffloadEnv and export it to ONNX (needs the `train` extra).
 
-PPO with invalid actions masked out of the softmax, the remaining budgets in the observation and zero
-reward for budget-overrunning steps (tmo_env.py) is the resource-constrained variant of TMO. Training is
+PPO with invalid actions masked out of the softmax, the remaining budgets in the observation and a
+penalty (``-OVERRUN_PENALTY`` in place of the step's reward) for budget-overrunning steps (tmo_env.py) is
+the resource-constrained variant of TMO. Training is
 seeded and runs in minutes on two CPU cores. The exported graph takes ``observation`` [batch, OBS_DIM]
 and ``mask`` [batch, N_ACTIONS] (1 = allowed) and returns ``log_probs`` [batch, N_ACTIONS]; the layout
 version, K, Z, feature and action names and the training data's hash travel in its metadata_props.
@@ -193,26 +194,11 @@ def parity(policy: Policy, path: Path, n: int = 1000, seed: int = 0) -> float:
     return float(np.abs(expected[allowed] - got[allowed]).max())
 
 
-def load_log_rows(db: Path) -> list[dict[str, Any]]:
-    """Labelled rows of a decision log, JSON columns decoded (read-only; the daemon may be running)."""
-    import sqlite3
-
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    conn.row_factory = sqlite3.Row
-    try:
-        rows = [dict(r) for r in conn.execute("SELECT * FROM decisions WHERE satisfied IS NOT NULL")]
-    finally:
-        conn.close()
-    for row in rows:
-        for column in ("attachments_offered", "telemetry"):
-            row[column] = json.loads(row[column] or "null")
-    return rows
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`locod policy train` and scripts/train_policy.py: train, export, check parity, report."""
     import argparse
 
+    from locod.daemon.records import labelled_turns
     from locod.policy.evaluate import heuristics, run
     from locod.policy.tmo_env import LogSource, default_sources
 
@@ -234,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sources = default_sources(trace if trace.exists() else None)
     inputs = [trace] if trace.exists() else []
     if args.from_db:
-        sources.append((LogSource(load_log_rows(Path(args.from_db))), 0.5))
+        sources.append((LogSource(labelled_turns(Path(args.from_db))), 0.5))
         inputs.append(Path(args.from_db))
     config = TrainConfig(steps=args.steps, seed=args.seed)
     policy = train(sources, config, log=True)

@@ -48,8 +48,8 @@ def through_daemon(client: object, max_tokens: int) -> tuple[int, float, float]:
     tokens, inside, started = 0, 0.0, time.perf_counter()
     for prompt in PROMPTS:
         result = client.ask(prompt, max_tokens=max_tokens, temperature=0.0, seed=1)  # type: ignore[attr-defined]
-        tokens += result.done["tokens_out"]
-        inside += result.done["latency_ms"] / 1000
+        tokens += result.done.tokens_out
+        inside += result.done.latency_ms / 1000
     return tokens, time.perf_counter() - started, inside
 
 

@@ -20,9 +20,10 @@ from llama_cpp import Llama
 from locod.daemon.attachments import DocChunk, PreparedAttachment
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import CloudModelConfig, load_config
+from locod.daemon.decider import Decider
 from locod.daemon.fetch import fetch
+from locod.daemon.learner import Learner
 from locod.daemon.records import DecisionLog
-from locod.daemon.router import Router
 from locod.daemon.sessions import SessionStore, TurnTrail
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import Turn
@@ -51,7 +52,8 @@ def main() -> None:
         cloud = CloudBackend(config.cloud)
         telemetry = TelemetrySampler(config, cloud, NoLocal())
         telemetry.sample()
-        router = Router(config, records, telemetry, cloud)
+        learner = Learner(records, cloud)
+        decider = Decider(config, learner, records, telemetry, cloud)
         sessions = SessionStore(1800, 100)
         session = sessions.open("bench")
         for i in range(3):
@@ -82,12 +84,12 @@ def main() -> None:
         for _ in range(args.turns):
             started = time.perf_counter()
             x = vectorize(features)
-            router.mess.choose(costs, xs={k: x for k in costs})
+            learner.mess.choose(costs, xs={k: x for k in costs})
             mess.append((time.perf_counter() - started) * 1e6)
             started = time.perf_counter()
-            router.decide(turn)
+            decider.decide(turn)
             full.append((time.perf_counter() - started) * 1e6)
-        policy = router.policy.version if router.policy else "none"
+        policy = decider.policy.version if decider.policy else "none"
     gguf = fetch("smollm2-135m-instruct", Path(__file__).resolve().parent.parent / "models", progress=lambda _: None)
     llm = Llama(model_path=str(gguf), n_ctx=512, verbose=False)
     started = time.perf_counter()

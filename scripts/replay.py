@@ -25,9 +25,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from locod.daemon.features import task_of
-from locod.daemon.router import CLOUD_PRIOR, ENERGY_REF_J, LOCAL_PRIOR, MONEY_REF_USD
 from locod.policy.messplus import MessPlus, TurnFeatures, vectorize
+from locod.policy.rule import CLOUD_PRIOR, ENERGY_REF_J, LOCAL_PRIOR, MONEY_REF_USD
+from locod.policy.tasks import task_of
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL, CLOUD = "smollm2-135m-instruct", "cloud"
@@ -115,7 +115,7 @@ def threshold_router(threshold: float, seed: int) -> Callable[..., tuple[str, Me
         m.state.t += 1
         if explore:
             return m.rng.choice([LOCAL, CLOUD]), m
-        return (CLOUD if m.predict(x, [LOCAL])[LOCAL] < threshold else LOCAL), m  # type: ignore[arg-type]
+        return (CLOUD if m.satisfaction(x, LOCAL) < threshold else LOCAL), m  # type: ignore[arg-type]
 
     return pick
 

@@ -22,6 +22,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from locod.client import Client
 from locod.daemon.fetch import fetch
+from locod.protocol import DoneFrame
 from tests.conftest import start_cloud_server, start_daemon
 
 
@@ -61,26 +62,26 @@ def main() -> None:
                     try:
                         force = "cloud" if index % 4 == 0 else "local"
                         started = time.perf_counter()
-                        rid = c.send(
-                            "chat",
-                            prompt=f"client {n} turn {index}: say hi",
+                        frames = c.chat(
+                            f"client {n} turn {index}: say hi",
                             session=f"c{n}-{per_client.get(n, 0) // 5}",  # dialogues of five turns
-                            options={"force": force, "max_tokens": 4},
+                            force=force,
+                            max_tokens=4,
                         )
-                        frames = c.frames(rid, 600_000)
                         decision = next(frames)
                         wait = time.perf_counter() - started
                         if n % 10 == 9:
                             time.sleep(0.2)  # a slow reader
                         done = list(frames)[-1]
+                        assert isinstance(done, DoneFrame)
                         if index % 5 == 0:
                             c.status()
                         if index % 7 == 0:
-                            c.feedback(done["decision"], index % 2 == 0)
+                            c.feedback(done.decision, index % 2 == 0)
                         with lock:
                             waits.append(wait)
                             per_client[n] = per_client.get(n, 0) + 1
-                            assert decision["type"] == "decision"
+                            assert decision.type == "decision"
                     except Exception as exc:
                         with lock:
                             errors.append(f"{type(exc).__name__}: {exc}")

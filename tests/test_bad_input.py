@@ -113,7 +113,7 @@ def test_client_disconnecting_mid_stream_cancels_its_turn(small_daemon: DaemonHa
     (row,) = small_daemon.rows()
     assert row["outcome"] == "cancelled" and row["error"] == "the client disconnected"
     assert row["tokens_out"] < 1500
-    assert client.ask("Still there?", max_tokens=3).done["outcome"] == "ok"
+    assert client.ask("Still there?", max_tokens=3).done.outcome == "ok"
 
 
 def test_many_bad_messages_then_a_good_one(small_daemon: DaemonHandle) -> None:
@@ -131,6 +131,6 @@ def test_many_bad_messages_then_a_good_one(small_daemon: DaemonHandle) -> None:
     for frame in garbage * 20:
         assert exchange(sock, frame)["type"] == "error"
     good = small_daemon.client().ask("Hello", max_tokens=3)
-    assert good.done["outcome"] == "ok"
+    assert good.done.outcome == "ok"
     assert len(small_daemon.rows()) == 1
     sock.close()

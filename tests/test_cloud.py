@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from locod.client import attachment
+from locod.protocol import Attachment
 
 from .conftest import DaemonHandle, free_port, locod_command, start_daemon, write_config
 from .faultproxy import Fault, FaultProxy, image_parts
@@ -53,8 +54,8 @@ def cloud_daemon(daemon_factory: Any, proxy: FaultProxy) -> DaemonHandle:
 
 def test_cloud_turn_streams_and_is_accounted(cloud_daemon: DaemonHandle, proxy: FaultProxy) -> None:
     result = cloud_daemon.client().ask("Name a planet.", max_tokens=16, temperature=0.0)
-    assert result.decision["location"] == "cloud" and result.decision["reason"] == "routing.mode is cloud"
-    assert any(f["type"] == "delta" for f in result.frames) and result.text
+    assert result.decision.location == "cloud" and result.decision.reason == "routing.mode is cloud"
+    assert any(f.type == "delta" for f in result.frames) and result.text
     (row,) = cloud_daemon.rows()
     assert row["outcome"] == "ok" and row["backend"] == "cloud" and row["model"] == "cloud-small"
     # usage as the endpoint reported it, priced per million tokens
@@ -82,7 +83,7 @@ def test_session_moving_between_local_and_cloud_keeps_one_history(
     ]
     third = client.ask("And again?", session="mix", force="local", max_tokens=4)
     assert [r["location"] for r in cloud_daemon.rows()] == ["local", "cloud", "local"]
-    assert third.done["tokens_in"] > first.done["tokens_in"]
+    assert third.done.tokens_in > first.done.tokens_in
 
 
 def photo(width: int, height: int) -> bytes:
@@ -101,8 +102,8 @@ def test_images_are_downscaled_reencoded_and_private_ones_stay(
     (tmp_path / "passport.jpg").write_bytes(photo(640, 480))
     files = [attachment(tmp_path / "receipt.jpg"), attachment(tmp_path / "passport.jpg", private=True)]
     result = cloud_daemon.client().ask("What is the total on this receipt photo?", attachments=files, max_tokens=8)
-    assert result.decision["attachments_sent"] == ["receipt.jpg"]
-    assert "private, kept on device: passport.jpg" in result.decision["reason"]
+    assert result.decision.attachments_sent == ["receipt.jpg"]
+    assert "private, kept on device: passport.jpg" in result.decision.reason
     (seen,) = proxy.chat_requests()
     urls = image_parts(seen)
     assert len(urls) == 1 and urls[0].startswith("data:image/jpeg;base64,")
@@ -120,7 +121,7 @@ def test_images_are_downscaled_reencoded_and_private_ones_stay(
 def test_documents_send_only_the_relevant_chunks(cloud_daemon: DaemonHandle, proxy: FaultProxy) -> None:
     filler = "\n\n".join(f"Paragraph {i} talks about gardening, tomatoes and watering schedules." for i in range(60))
     doc = filler + "\n\nThe warranty for the dishwasher expires in March 2031 according to clause 14.\n\n" + filler
-    files = [{"kind": "document", "name": "manual.md", "data": base64.b64encode(doc.encode()).decode()}]
+    files = [Attachment("document", "manual.md", data=doc.encode())]
     cloud_daemon.client().ask("When does the dishwasher warranty expire?", attachments=files, max_tokens=8)
     (seen,) = proxy.chat_requests()
     sent = seen.body["messages"][-1]["content"]
@@ -135,7 +136,7 @@ def test_local_answer_to_an_image_turn_says_the_image_was_withheld(cloud_daemon:
     result = cloud_daemon.client().ask(
         "What is in this picture?", attachments=[attachment(tmp_path / "cat.png")], force="local", max_tokens=4
     )
-    assert "the local model cannot see images, withheld: cat.png" in result.decision["reason"]
+    assert "the local model cannot see images, withheld: cat.png" in result.decision.reason
     assert json.loads(cloud_daemon.rows()[0]["attachments_sent"]) == []
 
 
@@ -154,10 +155,10 @@ def test_cloud_faults_end_in_a_local_answer(
 ) -> None:
     proxy.set(fault)
     result = cloud_daemon.client().ask("Say something nice.", max_tokens=8)
-    kinds = [f["type"] for f in result.frames]
-    fallback = next(f for f in result.frames if f["type"] == "fallback")
-    assert fallback["cause"] == cause and "answering locally" in fallback["message"]
-    assert kinds[-1] == "done" and result.done["outcome"] == "fallback" and result.done["location"] == "local"
+    kinds = [f.type for f in result.frames]
+    fallback = result.fallback
+    assert fallback is not None and fallback.cause == cause and "answering locally" in fallback.message
+    assert kinds[-1] == "done" and result.done.outcome == "fallback" and result.done.location == "local"
     assert "delta" in kinds[kinds.index("fallback") :]  # a real local answer follows
     (row,) = cloud_daemon.rows()
     assert row["outcome"] == "fallback" and row["backend"] == "local" and row["error"]
@@ -166,7 +167,7 @@ def test_cloud_faults_end_in_a_local_answer(
 def test_retryable_faults_are_retried(cloud_daemon: DaemonHandle, proxy: FaultProxy) -> None:
     proxy.faults = [Fault("status", status=503, times=1), Fault("status", status=429, retry_after="0.2", times=1)]
     result = cloud_daemon.client().ask("Hello", max_tokens=4)
-    assert result.done["outcome"] == "ok" and result.done["location"] == "cloud"
+    assert result.done.outcome == "ok" and result.done.location == "cloud"
     assert len(proxy.chat_requests()) == 3
 
 
@@ -175,11 +176,11 @@ def test_connection_refused_falls_back_and_breaker_opens(daemon_factory: Any) ->
     handle = daemon_factory(cloud_config(dead, max_retries=0))
     client = handle.client()
     for _ in range(3):
-        assert client.ask("Hi", max_tokens=2).done["outcome"] == "fallback"
+        assert client.ask("Hi", max_tokens=2).done.outcome == "fallback"
     assert client.status()["cloud"]["breaker"] == "open"
     result = client.ask("Hi", max_tokens=2)
-    assert result.decision["location"] == "local"
-    assert "circuit breaker is open" in result.decision["reason"]
+    assert result.decision.location == "local"
+    assert "circuit breaker is open" in result.decision.reason
     assert [r["outcome"] for r in handle.rows()] == ["fallback", "fallback", "fallback", "ok"]
 
 
@@ -188,22 +189,22 @@ def test_breaker_recovers_after_cooldown(daemon_factory: Any, proxy: FaultProxy)
     handle = daemon_factory(config)
     proxy.set(Fault("status", status=500, times=1))
     client = handle.client()
-    assert client.ask("Hi", max_tokens=2).done["outcome"] == "fallback"
-    assert client.ask("Hi", max_tokens=2).decision["location"] == "local"  # open
+    assert client.ask("Hi", max_tokens=2).done.outcome == "fallback"
+    assert client.ask("Hi", max_tokens=2).decision.location == "local"  # open
     import time
 
     time.sleep(1.2)
-    assert client.ask("Hi", max_tokens=2).decision["location"] == "cloud"  # the trial turn goes through
+    assert client.ask("Hi", max_tokens=2).decision.location == "cloud"  # the trial turn goes through
     assert client.status()["cloud"]["breaker"] == "closed"
 
 
 def test_daily_cap_masks_the_cloud(daemon_factory: Any, proxy: FaultProxy) -> None:
     handle = daemon_factory(cloud_config(proxy.base_url, daily_cap_usd=1e-9))
     client = handle.client()
-    assert client.ask("Hi", max_tokens=2).decision["location"] == "cloud"
+    assert client.ask("Hi", max_tokens=2).decision.location == "cloud"
     capped = client.ask("Hi again", max_tokens=2)
-    assert capped.decision["location"] == "local"
-    assert "reached the cap" in capped.decision["reason"]
+    assert capped.decision.location == "local"
+    assert "reached the cap" in capped.decision.reason
 
 
 def test_api_key_never_reaches_logs_status_errors_or_database(daemon_factory: Any, proxy: FaultProxy) -> None:
@@ -266,13 +267,13 @@ def test_reload_applies_cloud_changes_and_defers_local_ones(
     write_config(handle.config_path, config)
     assert client.reload() == {"reloaded": True}
     result = client.ask("Hi again", max_tokens=2, model="cloud-b")
-    assert result.decision["location"] == "cloud" and result.done["outcome"] == "ok"
+    assert result.decision.location == "cloud" and result.done.outcome == "ok"
     assert [r.headers["authorization"] for r in proxy.chat_requests()] == ["Bearer sk-old", "Bearer sk-new"]
     assert "reload: [local] changed and take(s) effect at the next restart" in handle.log()
     os.chmod(key, 0o644)
     assert client.reload() == {"reloaded": False}
     assert "reload rejected" in handle.log() and "is readable by group or others" in handle.log()
-    assert client.ask("Still there?", max_tokens=2, model="cloud-b").done["outcome"] == "ok"
+    assert client.ask("Still there?", max_tokens=2, model="cloud-b").done.outcome == "ok"
     assert proxy.chat_requests()[-1].headers["authorization"] == "Bearer sk-new"
 
 
@@ -290,19 +291,19 @@ def test_combined_faults_every_turn_answered_breaker_engages_and_recovers(
         Fault("status", status=502, times=1),
         Fault("cut", cut_after_chunks=2, times=1),
     ]
-    outcomes = [client.ask(f"turn {i}", max_tokens=6).done["outcome"] for i in range(3)]
+    outcomes = [client.ask(f"turn {i}", max_tokens=6).done.outcome for i in range(3)]
     assert outcomes == ["fallback"] * 3
     assert client.status()["cloud"]["breaker"] == "open"
     masked = client.ask("while the breaker is open", max_tokens=2)
-    assert masked.decision["location"] == "local" and "circuit breaker is open" in masked.decision["reason"]
+    assert masked.decision.location == "local" and "circuit breaker is open" in masked.decision.reason
     import time
 
     time.sleep(1.2)
     proxy.faults = [Fault("garbage", times=1)]  # the trial turn fails: open again
-    assert client.ask("trial", max_tokens=4).done["outcome"] == "fallback"
+    assert client.ask("trial", max_tokens=4).done.outcome == "fallback"
     time.sleep(1.2)
     recovered = client.ask("back online", max_tokens=4)  # the next trial succeeds: closed
-    assert recovered.done["outcome"] == "ok" and recovered.done["location"] == "cloud"
+    assert recovered.done.outcome == "ok" and recovered.done.location == "cloud"
     assert client.status()["cloud"]["breaker"] == "closed"
     rows = handle.rows()
     causes = [r["error"] for r in rows if r["outcome"] == "fallback"]

@@ -12,6 +12,7 @@ from typing import Any
 import zmq
 
 from locod.client import Client
+from locod.daemon.records import MIGRATIONS
 from locod.errors import DaemonNotRunning
 
 from .conftest import DaemonHandle, locod_command, start_daemon, wait_for
@@ -21,12 +22,12 @@ GREEDY = {"temperature": 0.0, "seed": 1}
 
 def test_ask_streams_decision_deltas_done_and_records_the_turn(daemon: DaemonHandle) -> None:
     result = daemon.client().ask("Name one primary colour.", session="s1", max_tokens=24, **GREEDY)
-    kinds = [f["type"] for f in result.frames]
+    kinds = [f.type for f in result.frames]
     assert kinds[0] == "decision" and kinds[-1] == "done" and "delta" in kinds
     assert result.text.strip()
-    assert result.decision["location"] == "local" and result.decision["model"] == "smollm2-135m-instruct"
+    assert result.decision.location == "local" and result.decision.model == "smollm2-135m-instruct"
     (row,) = daemon.rows()
-    assert row["id"] == result.done["decision"] == result.decision["decision"]
+    assert row["id"] == result.done.decision == result.decision.decision
     assert row["session"] == "s1" and row["turn"] == 0 and row["outcome"] == "ok"
     assert row["location"] == "local" and row["backend"] == "local"
     assert "no cloud model is configured" in row["reason"]
@@ -44,7 +45,7 @@ def test_session_second_turn_sees_the_first(daemon: DaemonHandle) -> None:
     rows = daemon.rows()
     assert [r["turn"] for r in rows] == [0, 1, 0]
     # The second turn's prompt carries the first exchange: more prompt tokens than the same question alone.
-    assert second.done["tokens_in"] > other.done["tokens_in"] + first.done["tokens_out"]
+    assert second.done.tokens_in > other.done.tokens_in + first.done.tokens_out
 
 
 def test_decisions_and_status_ops(daemon: DaemonHandle) -> None:
@@ -61,17 +62,14 @@ def test_decisions_and_status_ops(daemon: DaemonHandle) -> None:
 
 def test_ping_and_status_answered_while_a_generation_runs(daemon: DaemonHandle) -> None:
     slow = daemon.client()
-    rid = slow.send(
-        "chat", prompt="Write a long story about a lighthouse keeper.", options={"max_tokens": 300, "temperature": 0.0}
-    )
-    frames = slow.frames(rid, 60_000)
-    assert next(frames)["type"] == "decision"
-    assert next(frames)["type"] == "delta"  # generating now
+    frames = slow.chat("Write a long story about a lighthouse keeper.", max_tokens=300, temperature=0.0)
+    assert next(frames).type == "decision"
+    assert next(frames).type == "delta"  # generating now
     other = daemon.client()
     assert other.ping()["pong"]
     assert other.status()["queue"]["in_flight"] == 1
     rest = list(frames)
-    assert rest[-1]["type"] == "done"  # the slow turn was still running while the others were answered
+    assert rest[-1].type == "done"  # the slow turn was still running while the others were answered
 
 
 def test_prompts_are_stored_only_when_configured(daemon_factory: Any) -> None:
@@ -97,7 +95,7 @@ def test_zoo_loads_on_demand_and_unloads_least_recently_used(daemon_factory: Any
     client = handle.client()
     assert client.status()["local"]["resident"] == ["smollm2-135m-instruct"]
     result = client.ask("Hi", model="copy-a", max_tokens=2)
-    assert result.decision["model"] == "copy-a" and result.decision["reason"] == "the request named this local model"
+    assert result.decision.model == "copy-a" and result.decision.reason == "the request named this local model"
     assert client.status()["local"]["resident"] == ["copy-a"]
     client.ask("Hi", model="copy-b", max_tokens=2)
     assert client.status()["local"]["resident"] == ["copy-b"]
@@ -109,7 +107,7 @@ def test_socket_directory_and_file_modes(daemon: DaemonHandle) -> None:
     assert stat.S_IMODE(run.stat().st_mode) == 0o700
     assert stat.S_IMODE((run / "locod.sock").stat().st_mode) == 0o600
     assert daemon.rows("PRAGMA journal_mode")[0]["journal_mode"] == "wal"
-    assert daemon.rows("PRAGMA user_version")[0]["user_version"] == 1
+    assert daemon.rows("PRAGMA user_version")[0]["user_version"] == len(MIGRATIONS)
 
 
 def test_second_daemon_on_same_runtime_dir_refuses(daemon: DaemonHandle, models_dir: Path) -> None:

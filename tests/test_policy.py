@@ -4,6 +4,7 @@ run-time checks on policy files, and the daemon deciding attachment subsets with
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import random
 import shutil
@@ -39,6 +40,7 @@ from locod.policy.tmo_env import (
     TraceSource,
     window_after,
 )
+from locod.protocol import Attachment
 
 from .conftest import wait_for
 from .faultproxy import FaultProxy, image_parts
@@ -256,13 +258,9 @@ def test_bad_policy_files_are_named_errors(tmp_path: Path) -> None:
 # -- end to end through the daemon -----------------------------------------------------------------
 
 
-def image(width: int, height: int) -> dict[str, Any]:
+def image(width: int, height: int) -> Attachment:
     pixels = np.full((height, width, 3), 128, np.uint8)
-    return {
-        "kind": "image",
-        "name": f"view-{width}x{height}.png",
-        "data": base64.b64encode(cv2.imencode(".png", pixels)[1].tobytes()).decode(),
-    }
+    return Attachment("image", f"view-{width}x{height}.png", data=cv2.imencode(".png", pixels)[1].tobytes())
 
 
 def policy_config(base_url: str, **routing: Any) -> dict[str, Any]:
@@ -309,7 +307,7 @@ def test_daemon_uploads_exactly_the_chosen_subset(daemon_factory: Any, proxy: Fa
 
 def test_private_attachments_are_never_uploaded(daemon_factory: Any, proxy: FaultProxy) -> None:
     handle = daemon_factory(policy_config(proxy.base_url, explore_c=50.0))
-    secret = {**image(300, 300), "name": "passport.png", "private": True}
+    secret = dataclasses.replace(image(300, 300), name="passport.png", private=True)
     for i in range(6):
         handle.client().ask(f"Look at this image {i}", attachments=[secret, image(100, 80)], max_tokens=2)
     for request in proxy.chat_requests():
@@ -339,9 +337,7 @@ def test_daily_cap_masks_uploads_that_could_pass_it(daemon_factory: Any, proxy: 
     assert all(image_parts(request) == [] for request in proxy.chat_requests())
     assert sum(row["cost_usd"] or 0.0 for row in handle.rows()) < 0.009
     broke = handle.client().ask("One more?", max_tokens=20)  # 20 tokens of answer could cost $0.012
-    assert (
-        broke.decision["location"] == "local" and "fits what is left of today's $0.01 cap" in broke.decision["reason"]
-    )
+    assert broke.decision.location == "local" and "fits what is left of today's $0.01 cap" in broke.decision.reason
 
 
 def test_corrupt_policy_falls_back_to_messplus_and_reload_swaps_it(
@@ -355,11 +351,11 @@ def test_corrupt_policy_falls_back_to_messplus_and_reload_swaps_it(
     assert routing["policy"] is None and "is not a loadable ONNX model" in routing["policy_error"]
     assert "routing with MESS+ alone" in handle.log()
     result = client.ask("Hello", max_tokens=2)
-    assert result.done["outcome"] == "ok" and "TMO" not in result.decision["reason"]
+    assert result.done.outcome == "ok" and "TMO" not in result.decision.reason
     shutil.copy(DEFAULT_POLICY, bad)  # a good policy at the same path, then reload without a restart
     assert client.reload() == {"reloaded": True}
     wait_for(lambda: client.status()["routing"]["policy"] is not None, 10, "the policy to load")
-    assert "TMO policy" in client.ask("Hello again", max_tokens=2).decision["reason"]
+    assert "TMO policy" in client.ask("Hello again", max_tokens=2).decision.reason
     assert handle.rows()[-1]["policy_version"] == OnnxPolicy(DEFAULT_POLICY).version
 
 
@@ -373,7 +369,7 @@ def test_reloads_during_turns_drop_none(daemon_factory: Any, proxy: FaultProxy, 
 
     def ask_many() -> None:
         client = handle.client()
-        outcomes.extend(client.ask(f"Quick one {i}", max_tokens=1).done["outcome"] for i in range(30))
+        outcomes.extend(client.ask(f"Quick one {i}", max_tokens=1).done.outcome for i in range(30))
 
     asker = threading.Thread(target=ask_many)
     asker.start()
@@ -393,7 +389,7 @@ def test_a_policy_answering_nan_leaves_the_turn_to_messplus(
 ) -> None:
     handle = daemon_factory(policy_config(proxy.base_url, policy_path=str(nan_policy(tmp_path))))
     result = handle.client().ask("Hello", max_tokens=2)
-    assert result.done["outcome"] == "ok" and "TMO" not in result.decision["reason"]
+    assert result.done.outcome == "ok" and "TMO" not in result.decision.reason
     assert "non-finite log-probabilities; deciding with MESS+ alone for this turn" in handle.log()
     assert handle.rows()[-1]["policy_version"] is None
 
@@ -401,9 +397,8 @@ def test_a_policy_answering_nan_leaves_the_turn_to_messplus(
 def test_training_from_this_devices_decision_log(tmp_path: Path) -> None:
     """`locod policy train --from-db`: labelled turns of a real decision log become episodes, the action
     not taken estimated by nearest neighbours."""
-    from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
+    from locod.daemon.records import DecisionLog, DecisionRecord, Outcome, labelled_turns
     from locod.policy.tmo_env import LogSource
-    from locod.policy.train import load_log_rows
 
     log = DecisionLog(tmp_path / "locod.db")
     for i in range(12):
@@ -424,8 +419,7 @@ def test_training_from_this_devices_decision_log(tmp_path: Path) -> None:
         decision = log.begin(record)
         log.finish(decision, Outcome("ok", location, location, latency_total_ms=300 + i, cost_usd=0.001 * (i % 2 == 0)))
         log.label(decision, satisfied=(location == "cloud" or i % 4 == 1), source="user")
-    rows = load_log_rows(tmp_path / "locod.db")
-    source = LogSource(rows)
+    source = LogSource(labelled_turns(tmp_path / "locod.db"))
     episode = source.episode(random.Random(0))
     assert 1 <= len(episode) <= 3
     turn = episode[0]

@@ -7,7 +7,27 @@ import json
 
 import pytest
 
-from locod.protocol import BadRequest, ChatRequest, FeedbackRequest, SimpleRequest, parse_request
+from locod.errors import AttachmentError, ProtocolError
+from locod.protocol import (
+    Attachment,
+    BadRequest,
+    ChatOptions,
+    ChatRequest,
+    DecisionFrame,
+    DeltaFrame,
+    DoneFrame,
+    ErrorFrame,
+    FallbackFrame,
+    FeedbackRequest,
+    Frame,
+    Request,
+    ResultFrame,
+    SimpleRequest,
+    decode_frame,
+    encode_frame,
+    encode_request,
+    parse_request,
+)
 
 
 def frame(**fields: object) -> list[bytes]:
@@ -76,3 +96,80 @@ def test_too_large() -> None:
 
 def test_deep_nesting_is_an_error_not_a_crash() -> None:
     assert code_of([b"[" * 100_000 + b"]" * 100_000], max_bytes=1 << 20)[0] in ("invalid_json", "not_object")
+
+
+# -- both ends share the code: every request and frame round-trips ---------------------------------------
+
+FRAMES = [
+    DecisionFrame(7, "cloud", "gpt-mini", "the rule", ["photo.png"], explored=False),
+    DeltaFrame("Hello, "),
+    FallbackFrame(7, "smollm2", "cloud_http", "the cloud answer failed; answering locally"),
+    DoneFrame(7, "s1", "ok", "local", "smollm2", 12, 3, 0.0, 41.5, 9.25),
+    DoneFrame(7, "s1", "fallback", "local", "smollm2", 12, 3, 0.0001, 41.5, None, text="whole answer"),
+    ErrorFrame("bad_attachment", "bad_image", "image 'x.png': not a supported image"),
+    ErrorFrame("busy", "cancelled", "the client disconnected", decision=7),
+    ResultFrame("status", {"pid": 1, "routing": {"q": 0.5}}),
+]
+
+
+@pytest.mark.parametrize("sent", FRAMES, ids=lambda f: f.type)
+def test_every_frame_round_trips(sent: Frame) -> None:
+    rid, received = decode_frame(encode_frame("r1", sent))
+    assert rid == "r1" and received == sent
+
+
+def test_optional_frame_fields_stay_off_the_wire() -> None:
+    """Version 1's wire format: `text` only in a non-streamed `done`, `decision` only in an accepted turn's
+    error."""
+    assert "text" not in json.loads(encode_frame("r", FRAMES[3]))
+    assert json.loads(encode_frame("r", FRAMES[4]))["text"] == "whole answer"
+    assert "decision" not in json.loads(encode_frame("r", FRAMES[5]))
+    assert json.loads(encode_frame("r", FRAMES[0])) == {
+        "v": 1,
+        "id": "r",
+        "type": "decision",
+        "decision": 7,
+        "location": "cloud",
+        "model": "gpt-mini",
+        "reason": "the rule",
+        "attachments_sent": ["photo.png"],
+        "explored": False,
+    }
+
+
+def test_an_error_frame_becomes_the_matching_exception() -> None:
+    _, frame = decode_frame(encode_frame("r", FRAMES[5]))
+    assert isinstance(frame, ErrorFrame)
+    error = frame.error()
+    assert isinstance(error, AttachmentError) and error.code == "bad_image"
+
+
+def test_unreadable_reply_frames_are_a_protocol_error() -> None:
+    for raw in (b"not json", b'{"type": "nonsense"}', b'{"type": "delta"}', b"[]"):
+        with pytest.raises(ProtocolError):
+            decode_frame(raw)
+
+
+REQUESTS = [
+    ChatRequest("c1", [{"role": "user", "content": "hi"}]),
+    ChatRequest(
+        "c2",
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Look"}],
+        session="s",
+        model="gpt-mini",
+        attachments=[
+            Attachment("image", "a.png", data=b"\x89PNG", private=True),
+            Attachment("document", "notes.md", path="/home/u/notes.md"),
+        ],
+        options=ChatOptions(max_tokens=5, temperature=0.0, seed=3, force="cloud", stream=False),
+        secret="s3cret",
+    ),
+    FeedbackRequest("f1", 42, False),
+    SimpleRequest("d1", "decisions", limit=5),
+    SimpleRequest("p1", "ping"),
+]
+
+
+@pytest.mark.parametrize("sent", REQUESTS, ids=lambda r: r.id)
+def test_every_request_round_trips(sent: Request) -> None:
+    assert parse_request([encode_request(sent)], 10_000) == sent

@@ -4,6 +4,7 @@ the real daemon. The long versions with figures are scripts/stress.py (docs/reli
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 import random
 import signal
@@ -20,8 +21,9 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from locod.client import Client
+from locod.client import Client, new_id
 from locod.errors import LocodError, RequestError
+from locod.protocol import Attachment, ChatOptions, ChatRequest, DoneFrame
 
 from .conftest import DaemonHandle, free_port, start_daemon
 
@@ -113,7 +115,7 @@ def test_ten_thousand_hostile_messages(fuzz_daemon: DaemonHandle) -> None:
     assert counts["sent"] + counts["valid"] >= 10_000
     assert fuzz_daemon.proc.poll() is None
     ok = Client(fuzz_daemon.endpoint).ask("Hello", max_tokens=2)
-    assert ok.done["outcome"] == "ok"
+    assert ok.done.outcome == "ok"
     # memory bounded: the second half of the run does not keep growing
     half = len(rss) // 2
     assert max(rss[half:]) - max(rss[:half]) < 64 * 2**20, (rss[0], rss[-1])
@@ -137,7 +139,7 @@ def test_kill_9_during_turns_loses_no_acknowledged_record(tmp_path: Path, models
                 # A short silence limit: once the daemon is killed nobody answers, and the client gives up.
                 with Client(handle.endpoint, turn_timeout_s=2) as client:
                     for i in range(3):
-                        done_ids.append(client.ask(f"client {n} turn {i}", session=f"s{n}").done["decision"])
+                        done_ids.append(client.ask(f"client {n} turn {i}", session=f"s{n}").done.decision)
             except LocodError:
                 pass  # the daemon died under us: expected
 
@@ -160,7 +162,7 @@ def test_kill_9_during_turns_loses_no_acknowledged_record(tmp_path: Path, models
         status = Client(final.endpoint).status()
         assert status["routing"]["turns"] >= len(acknowledged) - 20  # settled state survived (atomic file)
         assert not list((home / "state").glob("messplus.npz.bad-*")), "a half-written state file was found"
-        assert Client(final.endpoint).ask("after the storm", max_tokens=2).done["outcome"] == "ok"
+        assert Client(final.endpoint).ask("after the storm", max_tokens=2).done.outcome == "ok"
     finally:
         final.stop()
     assert len(acknowledged) > 0
@@ -181,12 +183,14 @@ def test_fifty_concurrent_clients_are_all_served_fairly(daemon_factory: Any) -> 
                     if n % 5 == 0:
                         c.status()
                     if n % 7 == 0:  # a slow reader: takes its frames late
-                        rid = c.send("chat", prompt=f"slow {n}.{i}", options={"max_tokens": 2})
+                        request = ChatRequest(new_id(), [{"role": "user", "content": f"slow {n}.{i}"}])
+                        rid = c.send(dataclasses.replace(request, options=ChatOptions(max_tokens=2)))
                         time.sleep(0.3)
                         frames = list(c.frames(rid, 120_000))
-                        decision = frames[-1]["decision"]
+                        assert isinstance(frames[-1], DoneFrame)
+                        decision = frames[-1].decision
                     else:
-                        decision = c.ask(f"client {n} turn {i}", max_tokens=2).done["decision"]
+                        decision = c.ask(f"client {n} turn {i}", max_tokens=2).done.decision
                     if n % 3 == 0:
                         c.feedback(decision, n % 2 == 0)
                     served[n] = served.get(n, 0) + 1
@@ -235,12 +239,14 @@ def test_paths_outside_the_allow_list_are_refused(daemon_factory: Any, tmp_path:
     handle = daemon_factory({"paths": {"allow_dirs": [str(allowed)]}})
     client = handle.client()
     ok = client.ask(
-        "What colour is the boat?", attachments=[{"kind": "document", "path": str(allowed / "notes.md")}], max_tokens=2
+        "What colour is the boat?",
+        attachments=[Attachment("document", "notes.md", path=str(allowed / "notes.md"))],
+        max_tokens=2,
     )
-    assert ok.done["outcome"] == "ok"
+    assert ok.done.outcome == "ok"
     for path in (str(allowed / ".." / "outside.md"), str(allowed / "link.md"), "/etc/shadow"):
         with pytest.raises(RequestError) as info:
-            client.ask("read", attachments=[{"kind": "document", "path": path}], max_tokens=2)
+            client.ask("read", attachments=[Attachment("document", "x", path=path)], max_tokens=2)
         assert info.value.code == "path_not_allowed", path
     assert len(handle.rows()) == 1
 
@@ -264,7 +270,7 @@ def test_full_disk_refuses_turns_clearly_and_keeps_serving(tmp_path: Path, model
     )
     try:
         client = handle.client()
-        assert client.ask("before the disk fills", max_tokens=2).done["outcome"] == "ok"
+        assert client.ask("before the disk fills", max_tokens=2).done.outcome == "ok"
         filler = small_disk / "filler"
         with filler.open("wb") as f:
             try:
@@ -284,7 +290,7 @@ def test_full_disk_refuses_turns_clearly_and_keeps_serving(tmp_path: Path, model
         assert "full" in refusal.message
         assert client.ping()["pong"] and client.status()["pid"] == handle.proc.pid  # still serving
         filler.unlink()
-        assert client.ask("after", max_tokens=2).done["outcome"] == "ok"
+        assert client.ask("after", max_tokens=2).done.outcome == "ok"
     finally:
         handle.stop()
 

@@ -38,8 +38,8 @@ def test_auto_turns_record_the_messplus_state(daemon_factory: Any, proxy: FaultP
     handle = daemon_factory(auto_config(proxy.base_url))
     client = handle.client()
     first = client.ask("Hi", max_tokens=2)
-    assert "lowest V*cost + Q*(alpha - s_hat)" in first.decision["reason"] and "Q=0.00" in first.decision["reason"]
-    assert first.decision["location"] == "local"  # empty queue: the cheaper model
+    assert "lowest V*cost + Q*(alpha - s_hat)" in first.decision.reason and "Q=0.00" in first.decision.reason
+    assert first.decision.location == "local"  # empty queue: the cheaper model
     row = handle.rows()[0]
     assert row["sla"] == 0.8 and row["v"] == 1.0 and row["q"] == 0.0 and row["explored"] == 0
     # One s_hat and cost per allowed action: without attachments the cloud model is offered text only.
@@ -56,7 +56,7 @@ def test_auto_turns_record_the_messplus_state(daemon_factory: Any, proxy: FaultP
     assert features["task"] == "chat" and features["hashed"]
     # Each predicted-unsatisfying local turn grows Q by 0.8 - 0.5; soon the cloud's higher s_hat wins.
     # By hand: local 0.005 + Q*0.3 against cloud 1 - Q*0.05, so the cloud wins once Q > 2.84, the 11th turn.
-    locations = [client.ask(f"Question {i}", max_tokens=2).decision["location"] for i in range(12)]
+    locations = [client.ask(f"Question {i}", max_tokens=2).decision.location for i in range(12)]
     assert locations.index("cloud") == 9
     wait_for(lambda: client.status()["routing"]["turns"] == 13, 10, "the last turn to settle")  # after `done`
     assert client.status()["routing"]["q"] > 0
@@ -65,7 +65,7 @@ def test_auto_turns_record_the_messplus_state(daemon_factory: Any, proxy: FaultP
 def test_feedback_through_socket_and_cli(daemon_factory: Any, proxy: FaultProxy) -> None:
     handle = daemon_factory(auto_config(proxy.base_url))
     client = handle.client()
-    decision = client.ask("Hi", max_tokens=2).done["decision"]
+    decision = client.ask("Hi", max_tokens=2).done.decision
     q_before = client.status()["routing"]["q"]
     result = subprocess.run(
         locod_command("--config", str(handle.config_path), "feedback", str(decision), "good"),
@@ -97,7 +97,7 @@ def test_routing_state_survives_a_daemon_restart(daemon_factory: Any, proxy: Fau
     config = auto_config(proxy.base_url)
     first = daemon_factory(config, name="same")
     client = first.client()
-    decisions = [client.ask(f"Hello {i}", max_tokens=2).done["decision"] for i in range(3)]
+    decisions = [client.ask(f"Hello {i}", max_tokens=2).done.decision for i in range(3)]
     wait_for(lambda: client.status()["routing"]["turns"] == 3, 10, "the turns to settle")  # after `done`
     client.feedback(decisions[0], True)
     before = client.status()["routing"]
@@ -115,7 +115,7 @@ def test_corrupt_state_file_at_start(daemon_factory: Any, tmp_path: Any) -> None
     state.mkdir(parents=True)
     (state / "messplus.npz").write_bytes(b"\x00garbage")
     handle = daemon_factory()
-    assert handle.client().ask("Hi", max_tokens=2).done["outcome"] == "ok"
+    assert handle.client().ask("Hi", max_tokens=2).done.outcome == "ok"
     assert "MESS+ state" in handle.log() and "is unusable" in handle.log()
     assert list(state.glob("messplus.npz.bad-*"))
 
@@ -124,7 +124,7 @@ def test_judge_labels_explored_turns(daemon_factory: Any, proxy: FaultProxy) -> 
     handle = daemon_factory(auto_config(proxy.base_url, judge=True, explore_c=10.0))  # every turn explores
     client = handle.client()
     ids = [
-        client.ask(q, max_tokens=8, temperature=0.0, seed=1).done["decision"]
+        client.ask(q, max_tokens=8, temperature=0.0, seed=1).done.decision
         for q in ("What is 2+2?", "Capital of France?", "Say hi")
     ]
 

@@ -18,6 +18,9 @@ from typing import Any
 
 import pytest
 
+from locod.client import new_id
+from locod.protocol import FeedbackRequest, ResultFrame
+
 from .conftest import REPO, DaemonHandle, wait_for, write_config
 
 
@@ -91,14 +94,14 @@ def test_notify_sequence_ready_status_watchdog_reloading_stopping(daemon_factory
 
 def test_a_stalled_loop_stops_the_watchdog(daemon_factory: Any, notify: NotifyListener) -> None:
     handle = notified_daemon(daemon_factory, notify)
-    decision = handle.client().ask("Hi", max_tokens=2).done["decision"]
+    decision = handle.client().ask("Hi", max_tokens=2).done.decision
     wait_for(lambda: len(notify.watchdog_times()) >= 2, 10, "watchdog pings")
     # Hold the database's write lock: the loop's next `feedback` blocks on it (up to the busy timeout),
     # while the daemon's other threads keep running.
     blocker = sqlite3.connect(handle.db_path, timeout=30)
     blocker.execute("BEGIN EXCLUSIVE")
     client = handle.client(timeout_s=30)
-    rid = client.send("feedback", decision=decision, satisfied=True)
+    rid = client.send(FeedbackRequest(new_id(), decision, True))
     time.sleep(0.5)
     stalled_from = time.monotonic()
     time.sleep(2.0)
@@ -106,7 +109,9 @@ def test_a_stalled_loop_stops_the_watchdog(daemon_factory: Any, notify: NotifyLi
     blocker.rollback()
     blocker.close()
     reply = next(client.frames(rid, 30_000))
-    assert reply["data"]["satisfied"] is True  # the loop came back and finished the request
+    assert (
+        isinstance(reply, ResultFrame) and reply.data["satisfied"] is True
+    )  # the loop came back and finished the request
     assert pings_while_stalled == []
     resumed = time.monotonic()
     wait_for(lambda: any(t > resumed for t in notify.watchdog_times()), 5, "pings to resume")
@@ -115,12 +120,9 @@ def test_a_stalled_loop_stops_the_watchdog(daemon_factory: Any, notify: NotifyLi
 def test_sigterm_mid_generation_commits_the_record_and_exits_zero(daemon_factory: Any) -> None:
     handle = daemon_factory({"daemon": {"shutdown_grace_s": 1.0}})
     client = handle.client()
-    rid = client.send(
-        "chat", prompt="Tell a very long story about mountains.", options={"max_tokens": 1800, "temperature": 0.0}
-    )
-    frames = client.frames(rid, 60_000)
-    assert next(frames)["type"] == "decision"
-    assert next(frames)["type"] == "delta"
+    frames = client.chat("Tell a very long story about mountains.", max_tokens=1800, temperature=0.0)
+    assert next(frames).type == "decision"
+    assert next(frames).type == "delta"
     handle.proc.send_signal(signal.SIGTERM)
     with pytest.raises(Exception) as info:
         for _ in frames:
@@ -137,11 +139,10 @@ def test_sigterm_mid_generation_commits_the_record_and_exits_zero(daemon_factory
 def test_sigterm_lets_a_short_turn_finish(daemon_factory: Any) -> None:
     handle = daemon_factory()
     client = handle.client()
-    rid = client.send("chat", prompt="Say hello.", options={"max_tokens": 40, "temperature": 0.0})
-    frames = client.frames(rid, 60_000)
-    assert next(frames)["type"] == "decision"
+    frames = client.chat("Say hello.", max_tokens=40, temperature=0.0)
+    assert next(frames).type == "decision"
     handle.proc.send_signal(signal.SIGTERM)
-    assert [f["type"] for f in frames][-1] == "done"
+    assert [f.type for f in frames][-1] == "done"
     assert handle.proc.wait(60) == 0
     assert handle.rows()[0]["outcome"] == "ok"
 
@@ -155,7 +156,7 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(daemon_factory: Any) -> N
     wait_for(lambda: "reload rejected" in handle.log(), 10, "the rejection in the log")
     assert "routing.sla must be between 0.0 and 1.0" in handle.log()
     assert client.status()["routing"]["sla"] == 0.7
-    assert client.ask("Still here?", max_tokens=2).done["outcome"] == "ok"
+    assert client.ask("Still here?", max_tokens=2).done.outcome == "ok"
     write_config(handle.config_path, {"routing": {"sla": 0.6}})
     assert client.reload() == {"reloaded": True}
     assert client.status()["routing"]["sla"] == 0.6

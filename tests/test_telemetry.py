@@ -192,7 +192,7 @@ def test_hanging_probe_marks_offline_and_the_daemon_keeps_serving(daemon_factory
     client = handle.client(timeout_s=5)
     wait_for(lambda: client.status()["telemetry"]["online"] is False, 30, "the probe to give up")
     result = client.ask("Hello", max_tokens=2)
-    assert result.decision["location"] == "local" and "the device is offline" in result.decision["reason"]
+    assert result.decision.location == "local" and "the device is offline" in result.decision.reason
     assert client.ping()["pong"]
 
 

@@ -1,4 +1,5 @@
-"""Small pieces with exact behaviour: the fair gate, session expiry and context trimming rules."""
+"""Small pieces with exact behaviour: the fair gate and session expiry (the decision's pure logic, context
+fitting included, is in test_rule.py)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""Cheap facts about a turn that the router and the record use: task category, sizes, relevance.
+"""A turn's task category: one definition for the daemon, the predictor, the policy's observation and the
+replay scripts (the order of ``TASKS`` is part of the observation layout and of MESS+'s features).
 
-Everything here runs on the per-turn path, so it is plain string work measured in microseconds.
+This runs on the per-turn path, so it is plain regular-expression work measured in microseconds.
 """
 
 from __future__ import annotations

@@ -1,0 +1,323 @@
+"""Deciding a turn: masks, then a fixed choice, or the routing rule (locod.policy.rule) over every allowed
+action with MESS+'s predictions and queue and, when one is loaded, the TMO policy's probabilities.
+
+The decider reads the learned state (daemon/learner.py) and never writes it, except for the exploration
+step MESS+ counts in ``choose``; it holds the learner's lock for the whole decision, so a reload, which
+swaps config, policy and MESS+ state together under that lock, is seen entirely or not at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from locod.daemon.attachments import PreparedAttachment
+from locod.daemon.cloud import CloudBackend
+from locod.daemon.config import Config
+from locod.daemon.decision import CloudAccess, Decision, Routing, fixed_decision, uploadable, withheld_note
+from locod.daemon.learner import Learner
+from locod.daemon.records import DecisionLog
+from locod.daemon.telemetry import Snapshot, TelemetrySampler
+from locod.errors import PolicyError
+from locod.policy import rule
+from locod.policy.messplus import RecordedFeatures, TurnFeatures
+from locod.policy.observation import (
+    ACTION_NAMES,
+    N_ACTIONS,
+    SUBSETS,
+    K,
+    ObsInputs,
+    PastTurn,
+    Slot,
+    Z,
+    action_mask,
+    observe,
+)
+from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
+
+if TYPE_CHECKING:
+    from locod.daemon.turn import Turn
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One thing the turn could do: a model, and for the cloud which attachments go with it."""
+
+    key: str
+    model: str
+    location: str
+    action: int  # index in the policy's action layout (0 local, 1 + subset)
+    send: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TurnView:
+    """What the rule reads of a turn, computed once: every attachment as the rule sees it, and the K the
+    policy sees (its slots, most relevant first)."""
+
+    views: list[Slot]
+    slots: list[int]
+
+    @classmethod
+    def of(cls, attachments: list[PreparedAttachment]) -> TurnView:
+        views = [Slot(a.relevance, a.kind == "image", a.private) for a in attachments]
+        slots = sorted(range(len(attachments)), key=lambda i: -attachments[i].relevance)[:K]
+        return cls(views, slots)
+
+    @property
+    def slot_views(self) -> list[Slot]:
+        return [self.views[i] for i in self.slots]
+
+
+class Decider:
+    def __init__(
+        self, config: Config, learner: Learner, records: DecisionLog, telemetry: TelemetrySampler, cloud: CloudBackend
+    ) -> None:
+        self.learner = learner
+        self.records = records
+        self.telemetry = telemetry
+        self.cloud = cloud
+        self.reload(config)
+
+    def reload(self, config: Config) -> None:
+        """Take a new config: the policy reloaded and the MESS+ state re-read with its parameters. A policy
+        that fails its checks leaves routing to MESS+ alone, and says so in status and the log."""
+        path = Path(config.routing.policy_path) if config.routing.policy_path else DEFAULT_POLICY
+        policy: OnnxPolicy | None = None
+        error: str | None = None
+        try:
+            policy = OnnxPolicy(path)
+            log.info("routing policy %s loaded from %s", policy.version, path)
+        except PolicyError as exc:
+            error = exc.message
+            log.error("%s; routing with MESS+ alone", exc.message)
+        with self.learner.lock:
+            self.learner.adopt(config)
+            self.config, self.policy, self.policy_error = config, policy, error
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "mode": self.config.routing.mode,
+            "policy": self.policy.version if self.policy else None,
+            "policy_error": self.policy_error,
+        }
+
+    def access(self, snapshot: Snapshot) -> CloudAccess:
+        critical = (
+            snapshot.battery_pct is not None
+            and snapshot.on_ac is False
+            and snapshot.battery_pct < self.config.routing.battery_critical_pct
+        )
+        return CloudAccess(
+            configured=bool(self.config.cloud.models),
+            breaker_open=self.cloud.breaker.blocking,
+            online=snapshot.online,
+            spent_today_usd=self.records.spent_today(),
+            daily_cap_usd=self.config.cloud.daily_cap_usd,
+            battery_critical=critical,
+        )
+
+    def decide(self, turn: Turn) -> Decision:
+        with self.learner.lock:  # MESS+ state, and config and policy as one generation (see reload)
+            decision = self._decide(turn)
+        return decision.noted(withheld_note(turn.attachments, decision.send, decision.location))
+
+    def _decide(self, turn: Turn) -> Decision:
+        snapshot = self.telemetry.snapshot()
+        access = self.access(snapshot)
+        request = turn.request
+        fixed = fixed_decision(self.config, request.options.force, request.model, turn.attachments, access)
+        if fixed is not None:
+            return fixed
+        view = TurnView.of(turn.attachments)
+        candidates, mask = self.candidates(turn, view, access)
+        mess = self.learner.mess
+        features = {key: self.features(turn, view, c) for key, c in candidates.items()}
+        model_of = {key: c.model for key, c in candidates.items()}
+        s_hat = dict(zip(candidates, mess.satisfaction_of_turn(list(features.values()), list(model_of.values()))))
+        log_pi, probabilities = (
+            self._policy(turn, snapshot, access, view, candidates, s_hat) if self.policy else (None, {})
+        )
+        costs = self.costs(turn, snapshot, candidates)
+        weight = self.config.routing.weight_policy
+        choice = rule.choose(mess, costs, s_hat, model_of, log_pi, weight)
+        chosen = candidates[choice.key]
+        routing = Routing(
+            action=chosen.key,
+            features=RecordedFeatures.of(features[chosen.key]),
+            q=mess.state.q,
+            sla=mess.sla,
+            v=mess.v,
+            s_hat=choice.s_hat,
+            costs=costs,
+            mask=mask,
+            probabilities=probabilities,
+            policy_version=self.policy.version if log_pi and self.policy else None,
+        )
+        reason = self._reason(chosen, choice.explored, routing, access, candidates)
+        return Decision(chosen.location, chosen.model, chosen.send, reason, choice.explored, routing)
+
+    def _reason(
+        self, chosen: Candidate, explored: bool, routing: Routing, access: CloudAccess, candidates: dict[str, Candidate]
+    ) -> str:
+        if explored:
+            why = "explored (MESS+ exploration turn)"
+        else:
+            policy = routing.policy_version is not None
+            why = (
+                f"MESS+{' + TMO policy' if policy else ''}: lowest V*cost + Q*(alpha - s_hat)"
+                f"{' - w*log pi' if policy else ''} with Q={routing.q:.2f}, s_hat={routing.s_hat[chosen.key]:.2f}"
+            )
+        if chosen.location == "cloud":
+            why += f", action {chosen.key.split('|')[-1]}"
+        if access.blocked_by and chosen.location == "local":
+            why += f"; cloud masked: {access.blocked_by}"
+        elif self.config.cloud.models and not any(c.location == "cloud" for c in candidates.values()):
+            why += f"; cloud masked: no cloud action fits what is left of today's ${access.daily_cap_usd:.2f} cap"
+        return why
+
+    def candidates(
+        self, turn: Turn, view: TurnView, access: CloudAccess
+    ) -> tuple[dict[str, Candidate], dict[str, bool]]:
+        """Every allowed (model, upload) action, and the mask over all of them (for the record).
+
+        With a policy loaded a cloud model is offered with each subset of the top-K slots (TMO's layout);
+        without one, with the rule's one upload choice. The daily cap is a shield, as in training: a cloud
+        action whose price, at the longest answer the turn allows, would take today's spend past the cap is
+        masked before it could be chosen, not after the spend.
+        """
+        out: dict[str, Candidate] = {}
+        mask: dict[str, bool] = {}
+        local_allowed = not (access.battery_critical and access.blocked_by is None)
+        for local in self.config.local.models:
+            mask[local.name] = local_allowed
+            if local_allowed:
+                out[local.name] = Candidate(local.name, local.name, "local", 0, ())
+        for cloud in self.config.cloud.models:
+            if self.policy is None:
+                mask[cloud.name] = access.blocked_by is None
+                if mask[cloud.name]:
+                    send = rule.relevant_uploads(view.views, uploadable(turn.attachments, cloud.vision))
+                    out[cloud.name] = Candidate(cloud.name, cloud.name, "cloud", 1, send)
+                continue
+            allowed = action_mask(view.slot_views, cloud_allowed=access.blocked_by is None, vision=cloud.vision)
+            for action in range(1, N_ACTIONS):
+                key = f"{cloud.name}|{ACTION_NAMES[action]}"
+                mask[key] = bool(allowed[action] > 0)
+                if mask[key]:
+                    send = tuple(sorted(view.slots[k] for k in SUBSETS[action - 1]))
+                    out[key] = Candidate(key, cloud.name, "cloud", action, send)
+        for key in self._over_cap(turn, out, access):
+            del out[key]
+            mask[key] = False
+        if not out:  # everything masked: the default local model still answers
+            default = self.config.local.default
+            out[default] = Candidate(default, default, "local", 0, ())
+        return out, mask
+
+    def _over_cap(self, turn: Turn, candidates: dict[str, Candidate], access: CloudAccess) -> list[str]:
+        """Cloud actions that could take today's spend past the daily cap (the prompt as estimated, the
+        turn's max_tokens of answer, the images uploaded)."""
+        if access.daily_cap_usd <= 0:
+            return []
+        left = access.daily_cap_usd - access.spent_today_usd
+        answer = turn.max_tokens(self.config)
+        cloud = [c for c in candidates.values() if c.location == "cloud"]
+        price = {c.key: self._price(turn, c, answer) for c in cloud}
+        return [key for key, usd in price.items() if usd > left]
+
+    def _price(self, turn: Turn, candidate: Candidate, answer_tokens: int) -> float:
+        images = sum(turn.attachments[i].kind == "image" for i in candidate.send)
+        return self.config.cloud_model(candidate.model).price(turn.prompt_tokens, answer_tokens, images)
+
+    def _policy(
+        self,
+        turn: Turn,
+        snapshot: Snapshot,
+        access: CloudAccess,
+        view: TurnView,
+        candidates: dict[str, Candidate],
+        s_hat: dict[str, float],
+    ) -> tuple[dict[str, float] | None, dict[str, float]]:
+        """log pi per candidate from the ONNX policy, and its probabilities by action name for the record;
+        (None, {}) when it fails on this turn."""
+        assert self.policy is not None
+        actions = {c.action for c in candidates.values()}
+        mask = np.array([float(a in actions) for a in range(N_ACTIONS)], dtype=np.float32)
+        observation = observe(self._observation(turn, snapshot, access, view, self._best(candidates, s_hat)))
+        try:
+            log_pi = self.policy.log_probs(observation, mask).tolist()
+        except PolicyError as exc:
+            log.error("%s; deciding with MESS+ alone for this turn", exc.message)
+            return None, {}
+        probabilities = {ACTION_NAMES[a]: round(math.exp(log_pi[a]), 5) for a in sorted(actions)}
+        return {key: log_pi[c.action] for key, c in candidates.items()}, probabilities
+
+    @staticmethod
+    def _best(candidates: dict[str, Candidate], s_hat: dict[str, float]) -> dict[str, float]:
+        """The best predicted satisfaction at each location."""
+        best = {"local": 0.0, "cloud": 0.0}
+        for key, c in candidates.items():
+            best[c.location] = max(best[c.location], s_hat[key])
+        return best
+
+    def _observation(
+        self, turn: Turn, snapshot: Snapshot, access: CloudAccess, view: TurnView, best: dict[str, float]
+    ) -> ObsInputs:
+        """What the policy observes (policy/observation.py's layout)."""
+        cap = self.config.cloud.daily_cap_usd
+        money_left = 1.0 if cap <= 0 else max(0.0, 1 - access.spent_today_usd / cap)
+        energy_left = (snapshot.battery_pct or 100) / 100 if snapshot.on_ac is False else 1.0
+        mess = self.learner.mess
+        return ObsInputs(
+            task=turn.task,
+            prompt_chars=len(turn.request.prompt),
+            slots=view.slot_views,
+            history=[PastTurn(t.location, t.slots_sent, t.task) for t in turn.session.trail[-Z:]],
+            battery=None if snapshot.battery_pct is None else snapshot.battery_pct / 100,
+            on_ac=snapshot.on_ac,
+            power_w=snapshot.power_w,
+            cpu_pct=snapshot.cpu_pct,
+            online=snapshot.online,
+            link=snapshot.link,
+            upload_bps=snapshot.upload_bps,
+            rtt_ms=snapshot.rtt_ms,
+            budgets=(1.0, money_left, energy_left),
+            q_norm=mess.state.q / max(mess.q_cap, 1e-9),
+            s_local=best["local"],
+            s_cloud=best["cloud"],
+        )
+
+    def features(self, turn: Turn, view: TurnView, candidate: Candidate) -> TurnFeatures:
+        trail = turn.session.trail
+        send = None if candidate.location == "local" else candidate.send
+        return rule.action_features(
+            turn.request.prompt,
+            turn.task,
+            view.views,
+            send,
+            position=len(trail),
+            prev_cloud=bool(trail) and trail[-1].location == "cloud",
+        )
+
+    def costs(self, turn: Turn, snapshot: Snapshot, candidates: dict[str, Candidate]) -> dict[str, float]:
+        """Normalised cost per candidate: money, and device energy (generation locally, the radio for
+        uploads), weighted by routing.weight_money / weight_energy."""
+        weights = self.config.routing
+        raw: dict[str, float] = {}
+        for key, c in candidates.items():
+            if c.location == "local":
+                joules = snapshot.joules_per_token or self.config.local_model(c.model).joules_per_token
+                raw[key] = rule.local_cost(joules, weights.weight_energy)
+                continue
+            usd = self._price(turn, c, rule.EXPECTED_ANSWER_TOKENS)
+            upload = turn.upload_bytes(c.send)
+            raw[key] = rule.cloud_cost(usd, upload, snapshot.upload_bps, weights.weight_money, weights.weight_energy)
+        return rule.normalised(raw)

@@ -1,0 +1,138 @@
+"""Learning from turns: the one owner of MESS+ state and of every label source.
+
+After a routed turn is answered its prediction settles the queue; labels come later, from the user
+(``feedback``) or from the judge (a cloud model grading an explored turn), correct the queue and train the
+predictor on the features the decision recorded. The state is saved after each change. The decider reads
+the state under ``lock``; nothing else writes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from locod.daemon.backends import Prompt, Upload
+from locod.daemon.cloud import CloudBackend
+from locod.daemon.config import Config
+from locod.daemon.decision import Decision
+from locod.daemon.records import DecisionLog
+from locod.errors import CloudError, UnknownDecision
+from locod.policy import rule
+from locod.policy.messplus import MessPlus
+
+log = logging.getLogger(__name__)
+
+JUDGE_INSTRUCTIONS = (
+    "You grade answers. Reply with exactly one word: YES if the answer correctly and helpfully answers the "
+    "question, NO otherwise."
+)
+VERDICT = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+
+
+class Learner:
+    def __init__(self, records: DecisionLog, cloud: CloudBackend) -> None:
+        self.records = records
+        self.cloud = cloud
+        self.lock = threading.Lock()  # MESS+ state; the decider holds it for a whole decision
+        self._judge = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
+        self._save_failed = False  # log a failing save once, not every turn
+
+    def adopt(self, config: Config) -> None:
+        """Re-read the MESS+ state with the config's parameters (call with ``lock`` held: the decider swaps
+        its config and policy in the same step)."""
+        routing = config.routing
+        self.config = config
+        self.mess = MessPlus(
+            rule.priors((m.name for m in config.local.models), (m.name for m in config.cloud.models)),
+            sla=routing.sla,
+            v=routing.v,
+            explore_c=routing.explore_c,
+            q_cap=routing.q_cap,
+            path=Path(config.paths.state_dir) / "messplus.npz",
+        )
+
+    def settle(self, decision_id: int, decision: Decision, question: str, answer: str) -> None:
+        """Settle the queue with the prediction for what answered (labels come later), and have an explored
+        turn graded by the judge when one is configured. A turn the rule did not route is not part of the
+        SLA's accounting."""
+        routing = decision.routing
+        if routing is None or routing.s_hat_taken is None:
+            return
+        with self.lock:
+            self.mess.settle(decision_id, decision.model, routing.s_hat_taken)
+            self._save()
+        if decision.explored and self.config.routing.judge and self.config.cloud.models:
+            self._judge.submit(self._grade, decision_id, question, answer)
+
+    def feedback(self, decision_id: int, satisfied: bool, source: str) -> dict[str, Any]:
+        labelled = self.records.label(decision_id, satisfied, source)
+        with self.lock:
+            if labelled.routing is not None:
+                self.mess.label(decision_id, labelled.model, labelled.routing.features.vector(), satisfied)
+            else:
+                self.mess.state.pending.pop(decision_id, None)
+            self._save()
+            q = self.mess.state.q
+        return {"decision": decision_id, "satisfied": satisfied, "source": source, "q": q}
+
+    def _grade(self, decision_id: int, question: str, answer: str) -> None:
+        """Ask the cloud model whether the answer satisfies; its verdict is a label with source `judge`."""
+        messages: list[dict[str, object]] = [
+            {"role": "system", "content": JUDGE_INSTRUCTIONS},
+            {"role": "user", "content": f"Question: {question}\n\nAnswer: {answer}\n\nYES or NO?"},
+        ]
+        text = f"{JUDGE_INSTRUCTIONS}{question}{answer}"
+        try:
+            upload = Upload(images=0, bytes=len(text.encode()))
+            graded = self.cloud.generate(
+                self.config.cloud.default, Prompt(messages, 4, 0.0, 0, lambda _: None, upload=upload)
+            )
+        except CloudError as exc:
+            log.info("judge could not grade decision %d: %s", decision_id, exc.message)
+            return
+        self.records.add_cost(decision_id, graded.cost_usd)
+        verdict = VERDICT.search(graded.text)
+        if verdict is None:
+            log.info("judge gave no verdict for decision %d: %r", decision_id, graded.text[:40])
+            return
+        try:
+            self.feedback(decision_id, verdict.group(1).lower() == "yes", source="judge")
+        except UnknownDecision:
+            pass  # the user labelled it first: their label stands
+
+    def status(self) -> dict[str, Any]:
+        with self.lock:
+            state = self.mess.state
+            attained = self.mess.attained
+            return {
+                "sla": self.mess.sla,
+                "v": self.mess.v,
+                "q": state.q,
+                "turns": state.settled,
+                "attained": None if attained is None else round(attained, 4),
+                "explore_probability": round(self.mess.explore_probability, 4),
+                "labels": dict(state.labels),
+                "infeasible": self.mess.infeasible,
+                "pending_labels": len(state.pending),
+            }
+
+    def close(self) -> None:
+        """Wait for the judge, then save."""
+        self._judge.shutdown(wait=True)
+        with self.lock:
+            self._save()
+
+    def _save(self) -> None:
+        """Persist the MESS+ state; a full or read-only disk is logged, never fatal to a turn (the state in
+        memory stays right and is saved again on the next turn)."""
+        try:
+            self.mess.save()
+            self._save_failed = False
+        except OSError as exc:
+            if not self._save_failed:
+                log.error("cannot save the MESS+ state to %s: %s (will retry every turn)", self.mess.path, exc)
+            self._save_failed = True

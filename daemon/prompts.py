@@ -1,0 +1,56 @@
+"""What each kind of model is sent for a turn: the history, then the question with the documents' most
+relevant excerpts; a cloud model also gets the images the decision uploads.
+
+Documents stay on the device for the local model, so it sees their best chunks (within a third of its
+context); a cloud model sees excerpts of only the documents sent, within ``attachments.doc_token_budget``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from locod.daemon import attachments as att
+from locod.daemon.backends import Upload
+
+if TYPE_CHECKING:
+    from locod.daemon.turn import Turn
+
+
+def history(turn: Turn) -> list[dict[str, str]]:
+    """The session's earlier messages, then this request's own (all but its last user message)."""
+    return [*turn.session.messages, *turn.request.messages[:-1]]
+
+
+def documents_text(turn: Turn, indices: list[int], token_budget: int) -> str:
+    """The chosen documents' best excerpts, the budget shared equally between them."""
+    docs = [turn.attachments[i] for i in indices if turn.attachments[i].kind == "document"]
+    parts = []
+    for doc in docs:
+        chunks = att.select_chunks(doc, token_budget // max(1, len(docs)))
+        excerpt = "\n[...]\n".join(c.text for c in chunks)
+        parts.append(f"Document {doc.name!r} (relevant excerpts):\n{excerpt}")
+    return "\n\n".join(parts)
+
+
+def local_messages(turn: Turn, n_ctx: int) -> list[dict[str, object]]:
+    docs = documents_text(turn, list(range(len(turn.attachments))), n_ctx // 3)
+    question = turn.request.prompt
+    return _asking(turn, f"{docs}\n\n{question}" if docs else question)
+
+
+def cloud_messages(turn: Turn, send: tuple[int, ...], doc_token_budget: int) -> tuple[list[dict[str, object]], Upload]:
+    """The messages in the OpenAI shape (images as data URLs), and what they upload."""
+    docs = documents_text(turn, list(send), doc_token_budget)
+    text = f"{docs}\n\n{turn.request.prompt}" if docs else turn.request.prompt
+    images = [turn.attachments[i] for i in send if turn.attachments[i].kind == "image"]
+    parts: list[dict[str, object]] = [{"type": "text", "text": text}]
+    parts += [{"type": "image_url", "image_url": {"url": att.data_url(image.jpeg)}} for image in images]
+    messages = _asking(turn, parts if images else text)
+    upload_bytes = len(text.encode()) + sum(image.upload_bytes for image in images)
+    return messages, Upload(images=len(images), bytes=upload_bytes)
+
+
+def _asking(turn: Turn, content: object) -> list[dict[str, object]]:
+    """The history, then the question as this model gets it."""
+    messages: list[dict[str, object]] = [dict(m) for m in history(turn)]
+    return [*messages, {"role": "user", "content": content}]

@@ -1,0 +1,112 @@
+"""The routing rule, defined once for the daemon and for every evaluation of it.
+
+Per turn, among the actions the masks left (each answered by one model, a cloud action with a choice of
+attachments to upload), pick
+
+    a* = argmin_a  V * cost(a) + Q * (alpha - s_hat(a)) - w * log pi(a)
+
+where s_hat comes from MESS+'s predictor over the features of what action a's model would see, Q is
+MESS+'s virtual queue, and log pi is the TMO policy's (absent without one). This module holds the rule's
+constants (priors, cost scales, the relevance cut), the per-action features, the upload choice MESS+
+makes without a policy, and the combination itself; daemon/decider.py and policy/evaluate.py both call it,
+so an evaluation measures what the daemon runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from locod.policy.messplus import Choice, MessPlus, TurnFeatures
+from locod.policy.observation import Slot
+
+# Priors before any label: a small local model satisfies about half the time, a cloud model most of it.
+LOCAL_PRIOR, CLOUD_PRIOR = 0.5, 0.85
+# Cost scales: a tenth of a cent weighs as much as 1 kJ of device energy (about 0.3 Wh, under 1 % of a
+# laptop battery); an upload's radio draws ~2 W.
+MONEY_REF_USD, ENERGY_REF_J, RADIO_W = 0.001, 1000.0, 2.0
+# The answer length a decision prices before the answer exists.
+EXPECTED_ANSWER_TOKENS = 200
+# Without a policy the cloud gets the uploadable attachments at least this relevant to the prompt.
+MIN_RELEVANCE = 0.3
+# Every estimate of tokens from text (prices, budgets, chunk sizes) uses this one ratio.
+CHARS_PER_TOKEN = 4
+
+
+def estimate_tokens(chars: int) -> int:
+    """Tokens in ``chars`` characters of text, where no tokenizer is at hand."""
+    return chars // CHARS_PER_TOKEN
+
+
+def priors(local: Iterable[str], cloud: Iterable[str]) -> dict[str, float]:
+    """Every model's probability of satisfying before its first label."""
+    return {**{name: LOCAL_PRIOR for name in local}, **{name: CLOUD_PRIOR for name in cloud}}
+
+
+def action_features(
+    prompt: str,
+    task: str,
+    attachments: Sequence[Slot],
+    send: tuple[int, ...] | None,
+    position: int = 0,
+    prev_cloud: bool = False,
+) -> TurnFeatures:
+    """The turn as one action's model would see it: the local model (``send`` None) sees the documents but no
+    image; a cloud model sees what is uploaded. What stays behind shows as ``withheld_relevance``.
+
+    Predicting per action, not per model, is what lets MESS+ value an upload by the satisfaction it buys
+    (docs/architecture.md)."""
+    shown, best_shown, best_hidden, image = 0, 0.0, 0.0, False
+    for i, a in enumerate(attachments):  # one pass: this runs for every candidate of every turn
+        if (not a.image) if send is None else i in send:
+            shown += 1
+            best_shown = a.relevance if a.relevance > best_shown else best_shown
+            image = image or a.image
+        elif a.relevance > best_hidden:
+            best_hidden = a.relevance
+    return TurnFeatures(
+        prompt=prompt,
+        task=task,
+        n_attachments=shown,
+        max_relevance=best_shown,
+        has_image=image,
+        position=position,
+        prev_cloud=prev_cloud,
+        withheld_relevance=best_hidden,
+    )
+
+
+def relevant_uploads(attachments: Sequence[Slot], uploadable: Iterable[int]) -> tuple[int, ...]:
+    """The one upload choice MESS+ alone is offered: the uploadable attachments relevant to the prompt. It has
+    no term that would prefer one subset over another beyond cost, and its predictor starts knowing nothing."""
+    return tuple(i for i in uploadable if attachments[i].relevance >= MIN_RELEVANCE)
+
+
+def local_cost(joules_per_token: float, weight_energy: float) -> float:
+    """A local answer's raw cost: device energy for the expected answer."""
+    return weight_energy * joules_per_token * EXPECTED_ANSWER_TOKENS / ENERGY_REF_J
+
+
+def cloud_cost(usd: float, upload_bytes: int, upload_bps: float, weight_money: float, weight_energy: float) -> float:
+    """A cloud answer's raw cost: its price, and the radio's energy to upload the request."""
+    joules = RADIO_W * upload_bytes / max(upload_bps, 1.0)
+    return weight_money * usd / MONEY_REF_USD + weight_energy * joules / ENERGY_REF_J
+
+
+def normalised(raw: Mapping[str, float]) -> dict[str, float]:
+    """Costs over the dearest, so V weighs them on one scale whatever the prices."""
+    top = max(raw.values()) or 1.0
+    return {key: value / top for key, value in raw.items()}
+
+
+def choose(
+    mess: MessPlus,
+    costs: Mapping[str, float],
+    s_hat: Mapping[str, float],
+    model_of: Mapping[str, str],
+    log_pi: Mapping[str, float] | None = None,
+    weight: float = 0.0,
+) -> Choice:
+    """The combined rule over the unmasked actions: MESS+'s objective, plus ``-weight * log pi`` per action
+    when a policy gave ``log_pi``. Exploration (MESS+'s p_t) is part of it."""
+    extra = {key: -weight * value for key, value in log_pi.items()} if log_pi else {}
+    return mess.choose(dict(costs), s_hat=dict(s_hat), extra=extra, model_of=dict(model_of))
