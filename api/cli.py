@@ -1,18 +1,20 @@
 """The ``locod`` command: a thin layer over ``locod.client`` (talking to the daemon) and the daemon's entry.
 
-Exit codes: 0 ok, 1 the daemon reported an error, 2 configuration error, 3 model error, 4 storage error,
-5 daemon not running.
+Exit codes: 0 ok, 1 the request failed (the daemon reported an error, or a file to attach cannot be read),
+2 configuration error, 3 model error, 4 storage error, 5 daemon not running. Every error is one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
+from locod import __version__
 from locod.errors import ConfigError, DaemonNotRunning, LocodError, ModelError, StorageError
 from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame, FallbackFrame, Frame
 
@@ -20,14 +22,26 @@ EXIT_CODES: dict[type[LocodError], int] = {ConfigError: 2, ModelError: 3, Storag
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.func is not cmd_policy_train:  # only training passes its own options through
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.train_args = extra
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at exit, so that a reader who left (`| head`) is handled below
+        return code
     except LocodError as exc:
         print(f"locod: {exc.message}", file=sys.stderr)
         return next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1)
+    except OSError as exc:  # a file named on the command line: missing, a directory, unreadable
+        print(f"locod: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `locod ... | head`: the reader left; not an error worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -47,10 +61,21 @@ def _config(args: argparse.Namespace) -> Any:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from locod.client import Client
+    from locod.client import Client, locate
 
-    endpoint = args.endpoint or _config(args).ipc_endpoint
-    return Client(endpoint, secret=args.secret)
+    return Client(args.endpoint or locate(_endpoint(args)), secret=args.secret)
+
+
+def _endpoint(args: argparse.Namespace) -> str:
+    """The daemon's socket from the config; a config file that does not load must not cut a user off from
+    a daemon that runs (perhaps with an older, valid one): then the default place, with a warning."""
+    from locod.daemon.config import default_runtime_dir
+
+    try:
+        return str(_config(args).ipc_endpoint)
+    except ConfigError as exc:
+        print(f"locod: warning: {exc.message}; trying the default socket", file=sys.stderr)
+        return f"ipc://{default_runtime_dir(os.environ)}/locod.sock"
 
 
 def _print_json(data: Any) -> None:
@@ -80,7 +105,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
     files = [attachment(p) for p in args.attach or []] + [attachment(p, private=True) for p in args.private or []]
     with _client(args) as client:
         frames = client.chat(
-            args.prompt,
+            _prompt(args.prompt),
             session=args.session,
             model=args.model,
             attachments=files,
@@ -92,51 +117,88 @@ def cmd_ask(args: argparse.Namespace) -> int:
         return _stream(frames, args.json, args.verbose)
 
 
+def _prompt(given: str | None) -> str:
+    """The prompt as given, or read from standard input for ``-`` or when it is a pipe."""
+    if given is not None and given != "-":
+        return given
+    if given is None and sys.stdin.isatty():
+        raise LocodError('ask needs a prompt: `locod ask "question"`, or `-` to read it from standard input')
+    text = sys.stdin.read().strip()
+    if not text:
+        raise LocodError("the prompt read from standard input is empty")
+    return text
+
+
 def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool) -> int:
+    """Print a turn: the answer on stdout; on stderr whatever the user should know (always: a notice that
+    the answer did not come from where they asked, or without something they gave; a fallback), and with
+    ``verbose`` where and why it ran."""
+    streamed = False
     for frame in frames:
         if as_json:
             print(json.dumps({"type": frame.type, **vars(frame)}))
         elif isinstance(frame, DeltaFrame):
+            streamed = True
             print(frame.text, end="", flush=True)
-        elif isinstance(frame, DecisionFrame) and verbose:
-            sent = ", ".join(frame.attachments_sent) or "none"
-            print(f"[{frame.location}: {frame.model}; attachments sent: {sent}; {frame.reason}]", file=sys.stderr)
+        elif isinstance(frame, DecisionFrame):
+            _say_decision(frame, verbose)
         elif isinstance(frame, FallbackFrame):
-            print(f"\n[{frame.message}]", file=sys.stderr)
+            restart = "; what was shown above is discarded" if streamed else ""
+            print(f"{chr(10) if streamed else ''}[{frame.message}{restart}]", file=sys.stderr)
         elif isinstance(frame, DoneFrame):
-            if not as_json:
-                print()
+            print()
             if verbose:
+                estimate = " (estimated)" if frame.cost_estimated else ""
                 print(
                     f"[decision {frame.decision}: {frame.outcome} via {frame.location} {frame.model}, "
-                    f"{frame.tokens_out} tokens, {frame.latency_ms:.0f} ms, ${frame.cost_usd:.5f}]",
+                    f"{frame.tokens_out} tokens, {frame.latency_ms:.0f} ms, ${frame.cost_usd:.5f}{estimate}]",
                     file=sys.stderr,
                 )
     return 0
 
 
+def _say_decision(frame: DecisionFrame, verbose: bool) -> None:
+    if verbose:
+        sent = ", ".join(frame.attachments_sent) or "none"
+        print(f"[{frame.location}: {frame.model}; attachments sent: {sent}; {frame.reason}]", file=sys.stderr)
+    elif frame.notice:
+        print(f"[{frame.notice}]", file=sys.stderr)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
+    """Multi-turn chat. Ctrl-C stops the answer being written and returns to the prompt (the daemon
+    cancels the turn and records it so); Ctrl-D or an empty line leaves."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
     session = args.session or f"chat-{uuid.uuid4().hex[:8]}"
-    print(f"locod chat, session {session}. Empty line or Ctrl-D to leave.", file=sys.stderr)
-    with _client(args) as client:
+    print(f"locod chat, session {session}. Ctrl-C stops an answer; an empty line or Ctrl-D leaves.", file=sys.stderr)
+    client = _client(args)
+    try:
         while True:
             try:
                 line = input("> ")
             except EOFError:
                 print()
                 return 0
+            except KeyboardInterrupt:
+                print("\n(an empty line or Ctrl-D leaves)", file=sys.stderr)
+                continue
             if not line.strip():
                 return 0
             try:
                 _stream(client.chat(line, session=session, force=args.force), False, args.verbose)
+            except KeyboardInterrupt:
+                print("\n[stopped]", file=sys.stderr)
+                client.close()  # the daemon sees the client gone and cancels the turn
+                client = _client(args)
             except LocodError as exc:
                 if isinstance(exc, DaemonNotRunning):
                     raise
                 print(f"locod: {exc.message}", file=sys.stderr)
+    finally:
+        client.close()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -169,12 +231,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         (
             "device",
             f"battery {battery}, {power}, power {_fmt(t['power_w'], '{:.1f} W')}, "
-            f"CPU {_fmt(t['cpu_pct'], '{:.0f}%')} {_fmt(t['cpu_temp_c'], '{:.0f}°C')}, "
+            f"CPU {_fmt(t['cpu_pct'], '{:.0f}%')} at {_fmt(t['cpu_temp_c'], '{:.0f}°C')}, "
             f"GPU {_fmt(t['gpu_pct'], '{:.0f}%')}, free memory {_fmt(t['mem_available_mb'], '{:.0f} MB')}",
         ),
         (
             "network",
-            f"{net} via {t['link']}, RTT {_fmt(t['rtt_ms'], '{:.0f} ms')}, upload "
+            f"{net} via {t['link']}, cloud endpoint {_reachable(t.get('cloud_reachable'))}, "
+            f"RTT {_fmt(t['rtt_ms'], '{:.0f} ms')}, upload "
             f"{t['upload_bps'] / 1e6:.1f} MB/s{'' if t['upload_measured'] else ' (prior)'}",
         ),
         (
@@ -186,6 +249,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, text in rows:
         print(f"{name:>8}  {text}")
     return 0
+
+
+def _reachable(value: bool | None) -> str:
+    return "not probed yet" if value is None else "reachable" if value else "unreachable"
 
 
 def _fmt(value: Any, pattern: str) -> str:
@@ -200,6 +267,7 @@ def cmd_decisions(args: argparse.Namespace) -> int:
         return 0
     columns = (
         "id",
+        "time",
         "session",
         "turn",
         "task",
@@ -212,13 +280,21 @@ def cmd_decisions(args: argparse.Namespace) -> int:
         "satisfied",
         "reason",
     )
-    table = [[_cell(row.get(c)) for c in columns] for row in reversed(rows)]
+    table = [[_cell(_time(row["created"]) if c == "time" else row.get(c)) for c in columns] for row in reversed(rows)]
     widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
-    widths[-1] = min(widths[-1], 60)
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
-    for row in table:
-        print("  ".join(v[:w].ljust(w) for v, w in zip(row, widths)))
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for row in table:  # the reason comes last and whole: it is the column people read
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
     return 0
+
+
+def _time(created: float) -> str:
+    """Local time of day, with the date when it is not today."""
+    import time
+
+    moment = time.localtime(created)
+    today = time.localtime()[:3] == moment[:3]
+    return time.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M", moment)
 
 
 def _cell(value: Any) -> str:
@@ -240,9 +316,16 @@ def cmd_feedback(args: argparse.Namespace) -> int:
 
 def cmd_reload(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        ok = client.reload()["reloaded"]
-    print("reloaded" if ok else "reload rejected: the configuration is invalid (see the daemon's log)")
-    return 0 if ok else 2
+        result = client.reload()
+    if not result["reloaded"]:
+        print("reload rejected: the configuration is invalid (see the daemon's log)")
+        return 2
+    source = result.get("config")
+    if source == "(defaults)":
+        print("reloaded, but no config file was found: defaults and LOCOD_* variables only")
+    else:
+        print(f"reloaded from {source}")
+    return 0
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
@@ -257,16 +340,21 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     for section, values in data.items():
         scalars = {k: v for k, v in values.items() if not (isinstance(v, list) and v and isinstance(v[0], dict))}
         print(f"\n[{section}]")
-        for key, value in scalars.items():
-            print(f"{key} = {json.dumps(value)}")
+        _print_toml_keys(scalars)
         for key, items in values.items():
             if key in scalars:
                 continue
             for item in items:
                 print(f"\n[[{section}.{key}]]")
-                for k, v in item.items():
-                    print(f"{k} = {json.dumps(v)}")
+                _print_toml_keys(item)
     return 0
+
+
+def _print_toml_keys(values: dict[str, Any]) -> None:
+    """``key = value`` lines that load back as TOML (JSON's strings, numbers, booleans and arrays are
+    TOML's); TOML has no null, so an unset key is a comment."""
+    for key, value in values.items():
+        print(f"# {key} is not set" if value is None else f"{key} = {json.dumps(value)}")
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
@@ -298,7 +386,7 @@ def cmd_policy_train(args: argparse.Namespace) -> int:
         from locod.policy.train import main as train_main
     except ImportError as exc:
         raise LocodError(f"training needs the train extra (pip install 'locod[train]'): {exc}") from None
-    return train_main(args.train_args)
+    return train_main(args.train_args, default_out=_config(args).state_dir / "policy.onnx")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -314,6 +402,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--endpoint", help="daemon endpoint (default: the ipc socket in the runtime dir)")
     parser.add_argument("--secret", help="shared secret for a tcp endpoint")
+    parser.add_argument("--version", action="version", version=f"locod {__version__}")
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
     p = sub.add_parser("serve", help="run the daemon in the foreground")
     p.set_defaults(func=cmd_serve)
@@ -331,7 +420,7 @@ def _add_turn_commands(sub: Any) -> None:
     ):
         p = sub.add_parser(name, help=text)
         if name == "ask":
-            p.add_argument("prompt")
+            p.add_argument("prompt", nargs="?", help="the question; - (or none, with a pipe) reads standard input")
             p.add_argument("--model", help="answer with this configured model")
             p.add_argument("--attach", action="append", metavar="FILE", help="image or document to attach")
             p.add_argument("--private", action="append", metavar="FILE", help="attachment that never leaves the device")
@@ -381,9 +470,10 @@ def _add_offline_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_models_list)
 
     policy = sub.add_parser("policy", help="the TMO routing policy").add_subparsers(required=True, metavar="ACTION")
-    p = policy.add_parser("train", help="train with RC-PPO and export ONNX (see --help of the action)", add_help=False)
-    p.add_argument("train_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=cmd_policy_train)
+    p = policy.add_parser(
+        "train", help="train with RC-PPO and export ONNX (`locod policy train --help` for its options)", add_help=False
+    )
+    p.set_defaults(func=cmd_policy_train)  # its options are the trainer's own: main() passes them through
 
 
 if __name__ == "__main__":

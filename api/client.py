@@ -9,6 +9,8 @@ Errors the daemon reports come back as the matching ``locod.errors`` class.
 
 from __future__ import annotations
 
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -38,14 +40,19 @@ from locod.protocol import (
     encode_request,
 )
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP")
 
 
 def attachment(path: str | Path, *, private: bool = False, kind: str | None = None) -> Attachment:
-    """Read a file into a protocol attachment (the daemon never needs to open client paths)."""
+    """Read a file into a protocol attachment (the daemon never needs to open client paths). An image is
+    known by its first bytes, whatever its name: a GIF the daemon cannot read is then refused as an image
+    it does not support, not as a document that is not text."""
     path = Path(path)
-    kind = kind or ("image" if path.suffix.lower() in IMAGE_SUFFIXES else "document")
-    return Attachment(kind, path.name, data=path.read_bytes(), private=private)
+    data = path.read_bytes()
+    if kind is None:
+        image = data.startswith(IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+        kind = "image" if image else "document"
+    return Attachment(kind, path.name, data=data, private=private)
 
 
 @dataclass
@@ -63,15 +70,53 @@ class TurnResult:
         decision = next(f for f in frames if isinstance(f, DecisionFrame))
         done = frames[-1]
         assert isinstance(done, DoneFrame)
-        fallback = next((f for f in frames if isinstance(f, FallbackFrame)), None)
-        text = "".join(f.text for f in frames if isinstance(f, DeltaFrame))
+        fallbacks = [i for i, f in enumerate(frames) if isinstance(f, FallbackFrame)]
+        fallback = frames[fallbacks[-1]] if fallbacks else None
+        assert fallback is None or isinstance(fallback, FallbackFrame)
+        answer = frames[fallbacks[-1] :] if fallbacks else frames  # a fallback restarts the answer
+        text = "".join(f.text for f in answer if isinstance(f, DeltaFrame))
         return cls(text or done.text or "", decision, done, fallback, frames)
+
+
+SYSTEM_SOCKET = Path("/run/locod/locod.sock")  # the system unit's RuntimeDirectory
+HOW_TO_START = "start it with `locod serve`, `systemctl --user start locod` or `sudo systemctl start locod`"
 
 
 def default_endpoint() -> str:
     from locod.daemon.config import load_config
 
-    return load_config().ipc_endpoint
+    return locate(load_config().ipc_endpoint)
+
+
+def locate(endpoint: str) -> str:
+    """The user's own socket, or else the system daemon's when only that one exists."""
+    if endpoint.startswith("ipc://") and not Path(endpoint[6:]).exists() and SYSTEM_SOCKET.exists():
+        return f"ipc://{SYSTEM_SOCKET}"
+    return endpoint
+
+
+def check_alive(endpoint: str, timeout_s: float = 1.0) -> None:
+    """Raise DaemonNotRunning at once when nothing listens: a missing socket, a stale one left by a stopped
+    daemon (connecting is refused), or a closed tcp port. Costs one connect, well under a millisecond."""
+    address: str | tuple[str, int]
+    if endpoint.startswith("ipc://"):
+        address = endpoint[6:]
+        if not Path(address).exists():
+            raise DaemonNotRunning(f"locod is not running (no socket at {address}); {HOW_TO_START}")
+        family = socket.AF_UNIX
+    elif endpoint.startswith("tcp://"):
+        host, _, port = endpoint[6:].rpartition(":")
+        family, address = (socket.AF_INET6 if ":" in host else socket.AF_INET), (host.strip("[]"), int(port))
+    else:
+        return
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(timeout_s)
+        try:
+            probe.connect(address)
+        except OSError as exc:
+            raise DaemonNotRunning(
+                f"locod is not running at {endpoint} ({exc.strerror or exc}); {HOW_TO_START}"
+            ) from None
 
 
 class Client:
@@ -87,14 +132,10 @@ class Client:
         self.timeout_ms = int(timeout_s * 1000)
         self.turn_timeout_ms = int(turn_timeout_s * 1000)
         self.secret = secret
-        if self.endpoint.startswith("ipc://") and not Path(self.endpoint[6:]).exists():
-            raise self._not_running()
+        check_alive(self.endpoint)
         self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self.endpoint)
-
-    def _not_running(self) -> DaemonNotRunning:
-        return DaemonNotRunning(f"locod daemon is not running at {self.endpoint}; start it with `locod serve`")
 
     def close(self) -> None:
         self._sock.close(linger=0)
@@ -113,13 +154,20 @@ class Client:
         return request.id
 
     def frames(self, rid: str, timeout_ms: int) -> Iterator[Frame]:
-        """Replies to request ``rid`` until its last frame; raises the reported error on an error frame."""
+        """Replies to request ``rid`` until its last frame; raises the reported error on an error frame. While
+        nothing arrives, the daemon is checked for life every second: one that stopped is noticed at once,
+        not after ``timeout_ms``."""
+        deadline = time.monotonic() + timeout_ms / 1000
         while True:
-            if not self._sock.poll(timeout_ms, zmq.POLLIN):
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise DaemonNotRunning(
-                    f"locod daemon is not running at {self.endpoint} (no reply within "
-                    f"{timeout_ms / 1000:.0f} s); start it with `locod serve`"
+                    f"locod did not answer at {self.endpoint} within {timeout_ms / 1000:.0f} s; is it running? "
+                    f"{HOW_TO_START}"
                 )
+            if not self._sock.poll(int(min(left, 1.0) * 1000), zmq.POLLIN):
+                check_alive(self.endpoint)
+                continue
             frame_id, frame = decode_frame(self._sock.recv())
             if frame_id != rid:
                 continue  # a late reply to an earlier, abandoned request
@@ -182,6 +230,7 @@ class Client:
             stream=stream,
         )
         request = ChatRequest(new_id(), messages, session, model, attachments or [], options, self.secret)
+        check_alive(self.endpoint)
         rid = self.send(request)
         yield from self.frames(rid, self.turn_timeout_ms)
 

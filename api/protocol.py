@@ -288,6 +288,7 @@ class DecisionFrame:
     reason: str
     attachments_sent: list[str]
     explored: bool
+    notice: str | None = field(default=None, metadata={"omit_if_none": True})  # said to the user, always
 
 
 @dataclass(frozen=True)
@@ -300,7 +301,8 @@ class DeltaFrame:
 
 @dataclass(frozen=True)
 class FallbackFrame:
-    """The cloud failed and the local model answers instead."""
+    """The cloud failed and the local model answers instead, from the start: a client discards the text
+    of any delta it received before this frame."""
 
     type: ClassVar[str] = "fallback"
     decision: int
@@ -325,6 +327,7 @@ class DoneFrame:
     latency_ms: float
     first_token_ms: float | None
     text: str | None = field(default=None, metadata={"omit_if_none": True})
+    cost_estimated: bool | None = field(default=None, metadata={"omit_if_none": True})  # true: priced from text
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ class Generation:
     first_token_ms: float | None
     total_ms: float
     cost_usd: float = 0.0
+    cost_estimated: bool = False  # the endpoint reported no usage: priced from characters
     energy_j: float = 0.0
     images_sent: int = 0
     bytes_up: int = 0

@@ -2,8 +2,9 @@
 
 Retries happen only before the first token arrives (connection refused, timeout, 429 within
 ``max_retry_after_s``, 5xx): after that a retry could repeat text, so a cut stream is a CloudError and the
-turn falls back to the local model. After ``breaker_failures`` failed turns in a row the breaker opens
-and the cloud is not tried for ``breaker_cooldown_s``: an offline laptop does not pay a timeout per turn.
+turn falls back to the local model. After ``breaker_failures`` failed turns in a row an endpoint's breaker
+opens and it is not tried for ``breaker_cooldown_s``: an offline laptop does not pay a timeout per turn.
+Each endpoint (base URL) has its own breaker: one provider's outage never blocks another's models.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ class CircuitBreaker:
 
 class CloudBackend:
     def __init__(self, config: CloudConfig) -> None:
-        self.breaker = CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s)
+        self.breakers: dict[str, CircuitBreaker] = {}  # by base URL
         self.upload_bps: float | None = None  # EWMA of measured upload speed, for telemetry
         self.reconfigure(config)
 
@@ -107,9 +108,21 @@ class CloudBackend:
             )
             for model in config.models
         }
+        for model in config.models:  # before the models: a model is never seen without its breaker
+            self.breakers.setdefault(model.base_url, CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s))
+        for breaker in self.breakers.values():
+            breaker.limit, breaker.cooldown_s = config.breaker_failures, config.breaker_cooldown_s
         self._models = models  # one assignment: a turn looks a model and its client up together
         self.config = config
-        self.breaker.limit, self.breaker.cooldown_s = config.breaker_failures, config.breaker_cooldown_s
+
+    def open_breakers(self) -> frozenset[str]:
+        """The cloud models whose endpoint's breaker is open (cooling down)."""
+        return frozenset(name for name, (model, _) in self._models.items() if self.breakers[model.base_url].blocking)
+
+    @property
+    def breaker_state(self) -> str:
+        """``open`` while any endpoint's breaker is, else ``closed``."""
+        return "open" if any(b.state == "open" for b in self.breakers.values()) else "closed"
 
     def slot(self, client: Hashable, cancelled: threading.Event) -> AbstractContextManager[bool]:
         """Cloud turns run concurrently: no queue to wait in."""
@@ -124,6 +137,7 @@ class CloudBackend:
         if entry is None:  # a reload removed it after the turn was routed
             raise CloudError(f"no cloud model named {name!r} is configured any more", code="cloud_unknown_model")
         model, client = entry
+        breaker = self.breakers[model.base_url]
         started = time.perf_counter()
         attempt = 0
         while True:
@@ -142,23 +156,23 @@ class CloudBackend:
             except openai.APIStatusError as exc:
                 delay = self._retry_delay(exc, attempt)
                 if delay is None:
-                    self.breaker.failure()
+                    breaker.failure()
                     raise CloudError(f"{name}: HTTP {exc.status_code} from the endpoint", code="cloud_http") from None
             except (openai.APIConnectionError, openai.APITimeoutError) as exc:
                 if attempt >= self.config.max_retries:
-                    self.breaker.failure()
+                    breaker.failure()
                     kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
                     raise CloudError(f"{name}: endpoint {kind}", code="cloud_unreachable") from None
                 delay = min(2.0, 0.25 * 2**attempt)
             except openai.OpenAIError as exc:
-                self.breaker.failure()
+                breaker.failure()
                 raise CloudError(
                     f"{name}: invalid reply from the endpoint: {type(exc).__name__}", code="cloud_invalid_reply"
                 ) from None
             attempt += 1
             log.info("cloud %s: retry %d in %.2f s", name, attempt, delay)
             time.sleep(delay)
-        return self._consume(name, model, stream, prompt, started)
+        return self._consume(name, model, breaker, stream, prompt, started)
 
     def _retry_delay(self, exc: openai.APIStatusError, attempt: int) -> float | None:
         if attempt >= self.config.max_retries or not (exc.status_code == 429 or exc.status_code >= 500):
@@ -176,6 +190,7 @@ class CloudBackend:
         self,
         name: str,
         model: CloudModelConfig,
+        breaker: CircuitBreaker,
         stream: openai.Stream,
         prompt: Prompt,
         started: float,
@@ -203,41 +218,28 @@ class CloudBackend:
                     parts.append(delta)
                     prompt.on_delta(delta)
         except Exception as exc:  # transport (httpx/httpx2), decoding, API errors: the stream is cut
-            self.breaker.failure()
-            text = "".join(parts)
-            raise CloudError(
-                f"{name}: the answer stream broke after {len(text)} characters: {type(exc).__name__}",
-                code="cloud_stream_cut",
+            breaker.failure()
+            partial = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
+            raise StreamCut(
+                f"{name}: the answer stream broke after {len(partial.text)} characters: {type(exc).__name__}", partial
             ) from None
         finally:
             stream.close()
+        generation = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
         if not prompt.cancelled.is_set():
-            self._check_complete(name, first is not None, finished)
-        self.breaker.success()
-        text = "".join(parts)
-        tokens_in, tokens_out = _tokens(usage, prompt, text, chunks)
-        cost = model.price(tokens_in, tokens_out, prompt.upload.images)
-        total = time.perf_counter() - started
-        return Generation(
-            text=text,
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
-            first_token_ms=None if first is None else (first - started) * 1000,
-            total_ms=total * 1000,
-            cost_usd=cost,
-            images_sent=prompt.upload.images,
-            bytes_up=prompt.upload.bytes,
-            cancelled=prompt.cancelled.is_set(),
-        )
+            self._check_complete(name, breaker, generation, finished)
+        breaker.success()
+        return generation
 
-    def _check_complete(self, name: str, answered: bool, finished: bool) -> None:
+    @staticmethod
+    def _check_complete(name: str, breaker: CircuitBreaker, generation: Generation, finished: bool) -> None:
         """A stream that closed cleanly may still have said nothing, or never said its answer was complete."""
-        if not answered:
-            self.breaker.failure()
+        if generation.first_token_ms is None:
+            breaker.failure()
             raise CloudError(f"{name}: the endpoint returned no answer text", code="cloud_invalid_reply")
         if not finished:
-            self.breaker.failure()
-            raise CloudError(f"{name}: the answer stream ended without finishing", code="cloud_stream_cut")
+            breaker.failure()
+            raise StreamCut(f"{name}: the answer stream ended without finishing", generation)
 
     def _measure_upload(self, sent: int, seconds: float) -> None:
         """Passive bandwidth estimate: request bytes over time to first token (an underestimate by design)."""
@@ -251,9 +253,39 @@ class CloudBackend:
             client.close()
 
 
-def _tokens(usage: Any, prompt: Prompt, text: str, chunks: int) -> tuple[int, int]:
-    """(tokens in, tokens out) as the endpoint reported them, or estimated when it reported no usage."""
+class StreamCut(CloudError):
+    """The answer stream broke after it began: ``partial`` is what came, priced (an estimate unless the
+    endpoint reported usage), since real providers bill a cut answer too."""
+
+    def __init__(self, message: str, partial: Generation) -> None:
+        super().__init__(message, code="cloud_stream_cut")
+        self.partial = partial
+
+
+def _generation(
+    model: CloudModelConfig,
+    prompt: Prompt,
+    text: str,
+    usage: Any,
+    chunks: int,
+    first: float | None,
+    started: float,
+) -> Generation:
+    """What a stream produced, priced by the endpoint's usage or, when it reported none, by an estimate."""
     if usage is not None:
-        return usage.prompt_tokens, usage.completion_tokens
-    tokens_in = estimate_tokens(sum(len(str(m["content"])) for m in prompt.messages))
-    return tokens_in, max(chunks, estimate_tokens(len(text)))
+        tokens_in, tokens_out = usage.prompt_tokens, usage.completion_tokens
+    else:
+        tokens_in = estimate_tokens(sum(len(str(m["content"])) for m in prompt.messages))
+        tokens_out = max(chunks, estimate_tokens(len(text)))
+    return Generation(
+        text=text,
+        tokens_in=tokens_in,
+        tokens_out=tokens_out,
+        first_token_ms=None if first is None else (first - started) * 1000,
+        total_ms=(time.perf_counter() - started) * 1000,
+        cost_usd=model.price(tokens_in, tokens_out, prompt.upload.images),
+        cost_estimated=usage is None,
+        images_sent=prompt.upload.images,
+        bytes_up=prompt.upload.bytes,
+        cancelled=prompt.cancelled.is_set(),
+    )

@@ -60,6 +60,7 @@ class CloudModelConfig:
     usd_per_mtok_out: float = field(default=0.60, metadata=_range(0))
     usd_per_image: float = field(default=0.0, metadata=_range(0))
     vision: bool = True
+    context_tokens: int = field(default=0, metadata=_range(0))  # 0: unknown, never masked for length
 
     def price(self, tokens_in: int, tokens_out: int, images: int) -> float:
         """USD for one call."""
@@ -367,6 +368,16 @@ def _value(hint: Any, raw: Any, meta: Mapping[str, Any], source: str, key: str) 
     return raw
 
 
+def default_runtime_dir(env: Mapping[str, str]) -> str:
+    """Where the socket lives when no config says: LOCOD_RUNTIME_DIR, systemd's RuntimeDirectory, then
+    $XDG_RUNTIME_DIR/locod. A client uses it when the config file itself cannot be read."""
+    return (
+        env.get("LOCOD_RUNTIME_DIR")
+        or env.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        or str(Path(env.get("XDG_RUNTIME_DIR") or f"/tmp/locod-{os.getuid()}") / "locod")
+    )
+
+
 def _with_defaults(config: Config, env: Mapping[str, str]) -> Config:
     """Fill in directories (XDG or systemd's) and the embedded model, then check cross-key rules."""
     home = Path.home()
@@ -375,11 +386,7 @@ def _with_defaults(config: Config, env: Mapping[str, str]) -> Config:
         or env.get("STATE_DIRECTORY", "").split(":")[0]
         or str(Path(env.get("XDG_STATE_HOME") or home / ".local/state") / "locod")
     )
-    runtime = (
-        config.paths.runtime_dir
-        or env.get("RUNTIME_DIRECTORY", "").split(":")[0]
-        or str(Path(env.get("XDG_RUNTIME_DIR") or f"/tmp/locod-{os.getuid()}") / "locod")
-    )
+    runtime = config.paths.runtime_dir or default_runtime_dir(env)
     models = config.paths.models_dir or str(Path(env.get("XDG_DATA_HOME") or home / ".local/share") / "locod/models")
     local_models = list(config.local.models)
     if not any(m.name == EMBEDDED_MODEL.name for m in local_models):

@@ -21,9 +21,10 @@ from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config
 from locod.daemon.decision import CloudAccess, Decision, Routing, fixed_decision, uploadable, withheld_note
 from locod.daemon.learner import Learner
+from locod.daemon.local import MIN_ANSWER_TOKENS, TEMPLATE_SLACK_TOKENS
 from locod.daemon.records import DecisionLog
 from locod.daemon.telemetry import Snapshot, TelemetrySampler
-from locod.errors import PolicyError
+from locod.errors import PolicyError, PromptTooLong
 from locod.policy import rule
 from locod.policy.messplus import RecordedFeatures, TurnFeatures
 from locod.policy.observation import (
@@ -39,6 +40,7 @@ from locod.policy.observation import (
     observe,
 )
 from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
+from locod.policy.rule import estimate_tokens
 
 if TYPE_CHECKING:
     from locod.daemon.turn import Turn
@@ -76,6 +78,15 @@ class TurnView:
         return [self.views[i] for i in self.slots]
 
 
+def policy_file(config: Config) -> Path:
+    """routing.policy_path; unset, the one `locod policy train` wrote to the state directory, if any; else
+    the policy shipped with locod."""
+    if config.routing.policy_path:
+        return Path(config.routing.policy_path)
+    trained = config.state_dir / "policy.onnx"
+    return trained if trained.is_file() else DEFAULT_POLICY
+
+
 class Decider:
     def __init__(
         self, config: Config, learner: Learner, records: DecisionLog, telemetry: TelemetrySampler, cloud: CloudBackend
@@ -89,7 +100,7 @@ class Decider:
     def reload(self, config: Config) -> None:
         """Take a new config: the policy reloaded and the MESS+ state re-read with its parameters. A policy
         that fails its checks leaves routing to MESS+ alone, and says so in status and the log."""
-        path = Path(config.routing.policy_path) if config.routing.policy_path else DEFAULT_POLICY
+        path = policy_file(config)
         policy: OnnxPolicy | None = None
         error: str | None = None
         try:
@@ -117,7 +128,7 @@ class Decider:
         )
         return CloudAccess(
             configured=bool(self.config.cloud.models),
-            breaker_open=self.cloud.breaker.blocking,
+            open_breakers=self.cloud.open_breakers(),
             online=snapshot.online,
             spent_today_usd=self.records.spent_today(),
             daily_cap_usd=self.config.cloud.daily_cap_usd,
@@ -127,7 +138,7 @@ class Decider:
     def decide(self, turn: Turn) -> Decision:
         with self.learner.lock:  # MESS+ state, and config and policy as one generation (see reload)
             decision = self._decide(turn)
-        return decision.noted(withheld_note(turn.attachments, decision.send, decision.location))
+        return decision.noted(*withheld_note(turn.attachments, decision.send, decision.location))
 
     def _decide(self, turn: Turn) -> Decision:
         snapshot = self.telemetry.snapshot()
@@ -177,11 +188,18 @@ class Decider:
             )
         if chosen.location == "cloud":
             why += f", action {chosen.key.split('|')[-1]}"
-        if access.blocked_by and chosen.location == "local":
-            why += f"; cloud masked: {access.blocked_by}"
-        elif self.config.cloud.models and not any(c.location == "cloud" for c in candidates.values()):
-            why += f"; cloud masked: no cloud action fits what is left of today's ${access.daily_cap_usd:.2f} cap"
+        if self.config.cloud.models and not any(c.location == "cloud" for c in candidates.values()):
+            blocked = access.blocked_by or next(filter(None, map(access.blocked_for, self._cloud_names())), None)
+            why += f"; cloud masked: {blocked or self._unfit_cloud_reason(access)}"
         return why
+
+    def _cloud_names(self) -> list[str]:
+        return [m.name for m in self.config.cloud.models]
+
+    def _unfit_cloud_reason(self, access: CloudAccess) -> str:
+        if access.daily_cap_usd > 0:
+            return f"no cloud action fits what is left of today's ${access.daily_cap_usd:.2f} cap, or the prompt"
+        return "no cloud model's context holds the prompt"
 
     def candidates(
         self, turn: Turn, view: TurnView, access: CloudAccess
@@ -195,19 +213,21 @@ class Decider:
         """
         out: dict[str, Candidate] = {}
         mask: dict[str, bool] = {}
-        local_allowed = not (access.battery_critical and access.blocked_by is None)
+        fits = self._fits_context(turn)
+        cloud_open = any(access.blocked_for(name) is None and fits[name] for name in self._cloud_names())
         for local in self.config.local.models:
-            mask[local.name] = local_allowed
-            if local_allowed:
+            mask[local.name] = fits[local.name] and not (access.battery_critical and cloud_open)
+            if mask[local.name]:
                 out[local.name] = Candidate(local.name, local.name, "local", 0, ())
         for cloud in self.config.cloud.models:
+            allowed_here = access.blocked_for(cloud.name) is None and fits[cloud.name]
             if self.policy is None:
-                mask[cloud.name] = access.blocked_by is None
+                mask[cloud.name] = allowed_here
                 if mask[cloud.name]:
                     send = rule.relevant_uploads(view.views, uploadable(turn.attachments, cloud.vision))
                     out[cloud.name] = Candidate(cloud.name, cloud.name, "cloud", 1, send)
                 continue
-            allowed = action_mask(view.slot_views, cloud_allowed=access.blocked_by is None, vision=cloud.vision)
+            allowed = action_mask(view.slot_views, cloud_allowed=allowed_here, vision=cloud.vision)
             for action in range(1, N_ACTIONS):
                 key = f"{cloud.name}|{ACTION_NAMES[action]}"
                 mask[key] = bool(allowed[action] > 0)
@@ -217,10 +237,33 @@ class Decider:
         for key in self._over_cap(turn, out, access):
             del out[key]
             mask[key] = False
-        if not out:  # everything masked: the default local model still answers
-            default = self.config.local.default
+        if not out:  # everything masked: a local model that holds the prompt still answers
+            holding = [m.name for m in self.config.local.models if fits[m.name]]
+            if not holding:
+                raise PromptTooLong(self._too_long(turn))
+            default = self.config.local.default if fits[self.config.local.default] else holding[0]
             out[default] = Candidate(default, default, "local", 0, ())
         return out, mask
+
+    def _fits_context(self, turn: Turn) -> dict[str, bool]:
+        """Whether each model's context can hold the turn's question (history can be trimmed, the question
+        cannot) with room for an answer. Local contexts are known; a cloud model's is
+        ``context_tokens`` (0: unknown, assumed to fit). Estimated from characters: the local model's own
+        tokenizer has the last word when the prompt is fitted."""
+        needed = estimate_tokens(len(turn.request.prompt)) + MIN_ANSWER_TOKENS + TEMPLATE_SLACK_TOKENS
+        fits = {m.name: needed <= m.n_ctx for m in self.config.local.models}
+        fits.update({m.name: not m.context_tokens or needed <= m.context_tokens for m in self.config.cloud.models})
+        return fits
+
+    def _too_long(self, turn: Turn) -> str:
+        contexts = [m.n_ctx for m in self.config.local.models] + [
+            m.context_tokens for m in self.config.cloud.models if m.context_tokens
+        ]
+        needed = estimate_tokens(len(turn.request.prompt))
+        return (
+            f"the prompt needs about {needed} tokens; no model that may answer it holds that (the largest "
+            f"configured context is {max(contexts)} tokens)"
+        )
 
     def _over_cap(self, turn: Turn, candidates: dict[str, Candidate], access: CloudAccess) -> list[str]:
         """Cloud actions that could take today's spend past the daily cap (the prompt as estimated, the

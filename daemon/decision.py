@@ -21,25 +21,31 @@ from locod.policy.messplus import RecordedFeatures
 
 @dataclass(frozen=True)
 class CloudAccess:
-    """Why the cloud may or may not be used for this turn."""
+    """Why the cloud may or may not be used for this turn: what blocks every cloud model (the device's link,
+    money), and which endpoints' breakers are open (one endpoint's failures never block another's)."""
 
     configured: bool
-    breaker_open: bool
     online: bool | None
     spent_today_usd: float
     daily_cap_usd: float
     battery_critical: bool = False
+    open_breakers: frozenset[str] = frozenset()  # cloud model names whose endpoint's breaker is open
 
     @property
     def blocked_by(self) -> str | None:
         if not self.configured:
             return "no cloud model is configured"
-        if self.breaker_open:
-            return "the cloud circuit breaker is open after repeated failures"
         if self.online is False:
-            return "the device is offline"
+            return "the device is offline (no network link)"
         if self.daily_cap_usd > 0 and self.spent_today_usd >= self.daily_cap_usd:
             return f"today's cloud spend ${self.spent_today_usd:.4f} reached the cap ${self.daily_cap_usd:.2f}"
+        return None
+
+    def blocked_for(self, model: str) -> str | None:
+        if self.blocked_by:
+            return self.blocked_by
+        if model in self.open_breakers:
+            return f"the circuit breaker of {model}'s endpoint is open after repeated failures"
         return None
 
 
@@ -122,6 +128,7 @@ class Decision:
     reason: str
     explored: bool = False
     routing: Routing | None = None  # None when the client or the config fixed the answer
+    notice: str | None = None  # said to the user: the answer does not come from where they asked
 
     def routing_columns(self) -> dict[str, Any]:
         return NO_ROUTING_COLUMNS if self.routing is None else self.routing.columns()
@@ -133,8 +140,11 @@ class Decision:
         routing = None if self.routing is None else dataclasses.replace(self.routing, action=local_model)
         return Decision("local", local_model, (), f"{self.reason}; fell back: {why}", self.explored, routing)
 
-    def noted(self, note: str) -> Decision:
-        return self if not note else dataclasses.replace(self, reason=f"{self.reason}; {note}")
+    def noted(self, note: str, notice: str | None = None) -> Decision:
+        """With ``note`` added to the reason, and ``notice`` to what the user is told."""
+        notices = " ".join(n for n in (self.notice, notice) if n) or None
+        reason = f"{self.reason}; {note}" if note else self.reason
+        return dataclasses.replace(self, reason=reason, notice=notices)
 
 
 def uploadable(attachments: list[PreparedAttachment], vision: bool) -> list[int]:
@@ -142,38 +152,51 @@ def uploadable(attachments: list[PreparedAttachment], vision: bool) -> list[int]
     return [i for i, a in enumerate(attachments) if not a.private and (vision or a.kind != "image")]
 
 
-def withheld_note(attachments: list[PreparedAttachment], send: tuple[int, ...], location: str) -> str:
-    """The part of a reason that says which attachments stayed behind, and why."""
-    notes = []
+def withheld_note(
+    attachments: list[PreparedAttachment], send: tuple[int, ...], location: str
+) -> tuple[str, str | None]:
+    """The part of a reason that says which attachments stayed behind, and why; and the notice for the
+    user when an image they gave is not seen by the model that answers (private ones stay behind as asked)."""
+    notes, notice = [], None
     images = [a.name for i, a in enumerate(attachments) if a.kind == "image" and i not in send]
     if location == "local" and images:
         notes.append(f"the local model cannot see images, withheld: {', '.join(images)}")
+        notice = f"answered locally by a model that cannot see images; not seen: {', '.join(images)}"
     private = [a.name for a in attachments if a.private]
     if location == "cloud" and private:
         notes.append(f"private, kept on device: {', '.join(private)}")
-    return "; ".join(notes)
+    return "; ".join(notes), notice
 
 
 def fixed_decision(
     config: Config, force: str | None, model: str | None, attachments: list[PreparedAttachment], access: CloudAccess
 ) -> Decision | None:
-    """The decision when the client or the config fixes the location; None when the router should decide."""
+    """The decision when the client or the config fixes the location; None when the router should decide.
+    A cloud that is asked for but blocked is answered locally, and the user is told why."""
     if model is not None:
         if any(m.name == model for m in config.local.models):
             return Decision("local", model, (), "the request named this local model")
-        cloud = config.cloud_model(model)
-        if access.blocked_by:
-            return Decision("local", config.local.default, (), f"the request named {model}, but {access.blocked_by}")
+        named = config.cloud_model(model)
+        blocked = access.blocked_for(model)
+        if blocked:
+            return _instead(config, f"the request named {model}", f"{model} was asked for", blocked)
         return Decision(
-            "cloud", model, tuple(uploadable(attachments, cloud.vision)), "the request named this cloud model"
+            "cloud", model, tuple(uploadable(attachments, named.vision)), "the request named this cloud model"
         )
     where = force or (config.routing.mode if config.routing.mode != "auto" else None)
     origin = "the request forced" if force else "routing.mode is"
     if where == "local":
         return Decision("local", config.local.default, (), f"{origin} local")
     if where == "cloud":
-        if access.blocked_by:
-            return Decision("local", config.local.default, (), f"{origin} cloud, but {access.blocked_by}")
-        cloud = config.cloud_model(config.cloud.default)
+        cloud = config.cloud_model(config.cloud.default) if config.cloud.models else None
+        blocked = access.blocked_for(cloud.name) if cloud else access.blocked_by
+        if blocked or cloud is None:
+            return _instead(config, f"{origin} cloud", "the cloud was asked for", blocked or "")
         return Decision("cloud", cloud.name, tuple(uploadable(attachments, cloud.vision)), f"{origin} cloud")
     return None
+
+
+def _instead(config: Config, origin: str, asked: str, blocked: str) -> Decision:
+    """The local answer to a turn that asked for a blocked cloud."""
+    notice = f"answered locally by {config.local.default}: {asked}, but {blocked}"
+    return Decision("local", config.local.default, (), f"{origin}, but {blocked}", notice=notice)

@@ -65,6 +65,7 @@ class Outcome:
     latency_first_token_ms: float | None = None
     latency_total_ms: float = 0.0
     cost_usd: float = 0.0
+    cost_estimated: bool = False  # priced from characters: the endpoint reported no usage, or the stream broke
     energy_j: float = 0.0
     error: str | None = None
     attachments_sent: list[str] | None = None
@@ -167,7 +168,12 @@ def _migration_2(db: sqlite_utils.Database) -> None:
     db.table("decisions").add_column("action", str)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2]
+def _migration_3(db: sqlite_utils.Database) -> None:
+    """Whether ``cost_usd`` is an estimate; earlier rows keep NULL (unknown)."""
+    db.table("decisions").add_column("cost_estimated", int)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
 
 
 class DecisionLog:

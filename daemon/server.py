@@ -276,7 +276,7 @@ class Daemon:
         if request.op == "decisions":
             return self.records.recent(request.limit)
         if request.op == "reload":
-            return {"reloaded": self.reload()}
+            return {"reloaded": self.reload(), "config": self.config.source}
         raise ProtocolError(f"op {request.op!r} has no handler", code="unknown_op")
 
     def _start_turn(self, peer: bytes, request: ChatRequest) -> None:
@@ -316,7 +316,8 @@ class Daemon:
             "cloud": {
                 "models": [m.name for m in cfg.cloud.models],
                 "default": cfg.cloud.default,
-                "breaker": self.cloud.breaker.state,
+                "breaker": self.cloud.breaker_state,
+                "breakers": {url: b.state for url, b in self.cloud.breakers.items()},
                 "spent_today_usd": round(self.records.spent_today(), 6),
                 "daily_cap_usd": cfg.cloud.daily_cap_usd,
             },
@@ -339,7 +340,7 @@ class Daemon:
         net = "online" if online else "offline" if online is False else "network unknown"
         return (
             f"model {self.config.local.default}, {net}, mode {routing['mode']}, "
-            f"SLA {routing.get('attained', 'n/a')}/{routing['sla']}, Q {routing.get('q', 0):.2f}, "
+            f"SLA {_or_na(routing['attained'])}/{routing['sla']}, Q {routing['q']:.2f}, "
             f"{self._in_flight()} in flight"
         )
 
@@ -408,7 +409,13 @@ class Daemon:
         self.zoo.close()
         self.records.close()
         self.ctx.destroy(linger=0)
+        if IPC in self.sockets:  # ours (the runtime dir's lock says so): a stale file would make clients wait
+            (self.config.runtime_dir / "locod.sock").unlink(missing_ok=True)
         self.notifier.close()
+
+
+def _or_na(value: object) -> object:
+    return "n/a" if value is None else value
 
 
 def _exclusive_lock(directory: Path) -> Any:

@@ -38,7 +38,8 @@ class Snapshot:
     gpu_pct: float | None = None
     gpu_mem_used_mb: float | None = None
     gpu_power_w: float | None = None
-    online: bool | None = None
+    online: bool | None = None  # the device's own link
+    cloud_reachable: bool | None = None  # the last probe of the default cloud endpoint
     link: str = "unknown"  # ethernet | wifi | cellular | none | unknown
     rtt_ms: float | None = None
     rtt_age_s: float | None = None
@@ -316,8 +317,7 @@ class TelemetrySampler:
                 if watts is not None:
                     values.update(power_w=round(watts, 3), power_source=source)
                     break
-        if self._probe_ok is False:
-            values["online"] = False
+        values["cloud_reachable"] = self._probe_ok  # the endpoint, not the device: breakers judge endpoints
         if self._rtt is not None:
             values["rtt_ms"] = round(self._rtt[0], 2)
             values["rtt_age_s"] = round(time.monotonic() - self._rtt[1], 1)

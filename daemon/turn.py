@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from locod.daemon import attachments as att
 from locod.daemon import prompts
 from locod.daemon.backends import Backend, Generation, Prompt
-from locod.daemon.cloud import CloudBackend
+from locod.daemon.cloud import CloudBackend, StreamCut
 from locod.daemon.config import Config
 from locod.daemon.decider import Decider
 from locod.daemon.decision import Decision
@@ -104,6 +104,21 @@ class Ending:
 
 
 EMPTY = Generation("", 0, 0, None, 0.0)
+
+
+def _with_partial(generation: Generation, failure: CloudError) -> Generation:
+    """A local answer after a cut cloud stream also pays for what the cloud streamed before the cut (real
+    providers bill it), at the cut answer's price, an estimate unless the endpoint reported usage."""
+    if not isinstance(failure, StreamCut):
+        return generation
+    partial = failure.partial
+    return dataclasses.replace(
+        generation,
+        cost_usd=generation.cost_usd + partial.cost_usd,
+        cost_estimated=partial.cost_estimated,
+        images_sent=partial.images_sent,
+        bytes_up=partial.bytes_up,
+    )
 
 
 class TurnRunner:
@@ -194,9 +209,9 @@ class TurnRunner:
                 prompt = self.local.fit(local.model, self._prompt(turn, local, reply))
             except LocodError as exc:
                 return Ending(local, EMPTY, "error", f"{failure.message}; local fallback failed: {exc.message}")
-            message = f"the cloud answer failed ({failure.message}); answering locally"
+            message = f"the cloud answer failed ({failure.message}); answering locally, from the start"
             reply.send(FallbackFrame(decision_id, local.model, failure.code, message))
-            ending = self._ended(local, self.local.generate(local.model, prompt), reply)
+            ending = self._ended(local, _with_partial(self.local.generate(local.model, prompt), failure), reply)
         return (
             ending if ending.outcome != "ok" else dataclasses.replace(ending, outcome="fallback", error=failure.message)
         )
@@ -252,6 +267,7 @@ class TurnRunner:
                 decision.reason,
                 record.attachments_sent,
                 decision.explored,
+                decision.notice,
             )
         )
         return decision_id
@@ -272,6 +288,7 @@ class TurnRunner:
                 latency_first_token_ms=g.first_token_ms,
                 latency_total_ms=g.total_ms,
                 cost_usd=g.cost_usd,
+                cost_estimated=g.cost_estimated,
                 energy_j=g.energy_j,
                 error=ending.error,
                 attachments_sent=[turn.attachments[i].name for i in decision.send],
@@ -302,4 +319,5 @@ class TurnRunner:
             latency_ms=round(g.total_ms, 2),
             first_token_ms=g.first_token_ms,
             text=None if turn.request.options.stream else g.text,
+            cost_estimated=g.cost_estimated or None,
         )

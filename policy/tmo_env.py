@@ -272,7 +272,12 @@ class LogSource:
         self.sessions = [sorted(s, key=lambda r: r.turn) for s in by_session.values()]
         self.by_location = {loc: [r for r in self.rows if r.backend == loc] for loc in ("local", "cloud")}
         if not self.by_location["local"] or not self.by_location["cloud"]:
-            raise ValueError("the decision log needs labelled turns answered locally and in the cloud")
+            counts = {loc: len(rows) for loc, rows in self.by_location.items()}
+            raise ValueError(
+                "too few labels to train on: the decision log needs labelled turns answered both locally and in "
+                f"the cloud (it has {counts['local']} local and {counts['cloud']} cloud); label answers with "
+                "`locod feedback ID good|bad`"
+            )
         # estimates for local answers average local rows, so the dearest logged one bounds them all
         self.local_bound = np.array([_outcome(r)[1:] for r in self.by_location["local"]]).max(axis=0)
 

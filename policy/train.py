@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from locod.errors import PolicyError
 from locod.policy.observation import ACTION_NAMES, FEATURE_NAMES, LAYOUT_VERSION, N_ACTIONS, OBS_DIM, K, Z
 from locod.policy.tmo_env import OffloadEnv, TurnSource
 
@@ -194,22 +195,23 @@ def parity(policy: Policy, path: Path, n: int = 1000, seed: int = 0) -> float:
     return float(np.abs(expected[allowed] - got[allowed]).max())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`locod policy train` and scripts/train_policy.py: train, export, check parity, report."""
+def main(argv: Sequence[str] | None = None, default_out: Path | None = None) -> int:
+    """`locod policy train` and scripts/train_policy.py: train, export, check parity, report. The policy is
+    written to ``default_out`` (the state directory's policy.onnx, which the daemon loads when
+    routing.policy_path is unset) unless ``--out`` says otherwise; never over the shipped one by default."""
     import argparse
 
     from locod.daemon.records import labelled_turns
     from locod.policy.evaluate import heuristics, run
     from locod.policy.tmo_env import LogSource, default_sources
 
-    repo = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser(
         prog="locod policy train", description="Train the TMO offloading policy (RC-PPO) and export it to ONNX."
     )
-    parser.add_argument("--out", default=str(repo / "policy/default/policy.onnx"))
+    parser.add_argument("--out", default=str(default_out or "policy.onnx"), help="where to write the ONNX policy")
     parser.add_argument(
         "--trace",
-        default=str(repo / "policy/data/bigbench_trace.jsonl"),
+        default=str(Path(__file__).resolve().parent / "data" / "bigbench_trace.jsonl"),  # shipped in the package
         help="replay trace mixed into training (docs/routing.md)",
     )
     parser.add_argument("--from-db", metavar="LOCOD_DB", help="also train on this device's labelled decision log")
@@ -217,10 +219,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=TrainConfig.seed)
     args = parser.parse_args(argv)
     trace = Path(args.trace)
-    sources = default_sources(trace if trace.exists() else None)
-    inputs = [trace] if trace.exists() else []
+    if not trace.is_file():
+        raise PolicyError(f"--trace {trace}: no such file", code="trace_missing")
+    sources = default_sources(trace)
+    inputs = [trace]
     if args.from_db:
-        sources.append((LogSource(labelled_turns(Path(args.from_db))), 0.5))
+        try:
+            sources.append((LogSource(labelled_turns(Path(args.from_db))), 0.5))
+        except ValueError as exc:
+            raise PolicyError(f"--from-db {args.from_db}: {exc}", code="too_few_labels") from None
         inputs.append(Path(args.from_db))
     config = TrainConfig(steps=args.steps, seed=args.seed)
     policy = train(sources, config, log=True)

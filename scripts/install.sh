@@ -46,7 +46,13 @@ fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet --upgrade .
 [ "$gpu" = nvidia ] && "$venv/bin/python" -m pip install --quiet 'nvidia-ml-py>=12.535'
-say "installed $("$venv/bin/locod" --help >/dev/null && "$venv/bin/python" -c 'import locod; print("locod", locod.__version__)') into $venv"
+say "installed $("$venv/bin/locod" --version) into $venv"
+# Daily use calls `locod` bare: put it on PATH (system: /usr/local/bin; user: ~/.local/bin).
+bin_dir=/usr/local/bin
+[ "$mode" = system ] || bin_dir="$HOME/.local/bin"
+install -d "$bin_dir"
+ln -sfn "$venv/bin/locod" "$bin_dir/locod"
+case ":$PATH:" in *":$bin_dir:"*) ;; *) say "add $bin_dir to PATH to call locod by name" ;; esac
 
 if [ "$mode" = system ]; then
   LOCOD_MODELS_DIR="$state/models" "$venv/bin/locod" models fetch
@@ -58,8 +64,8 @@ if [ "$mode" = system ]; then
   fi
   if have_systemd; then
     systemctl daemon-reload
-    systemctl enable --now locod.service
-    systemctl reload-or-restart locod.service
+    systemctl enable locod.service
+    systemctl restart locod.service  # a restart runs the new code; the unit's ExecReload (SIGHUP) would not
     say "running: systemctl status locod; logs: journalctl -u locod"
   else
     say "systemd is not running here: the unit is installed but not started"
@@ -70,8 +76,8 @@ else
   install -m 0644 systemd/user/locod.service "$unit_dir/locod.service"
   if have_systemd; then
     systemctl --user daemon-reload
-    systemctl --user enable --now locod.service
-    systemctl --user reload-or-restart locod.service
+    systemctl --user enable locod.service
+    systemctl --user restart locod.service  # a restart runs the new code; a reload would not
     say "running: systemctl --user status locod; logs: journalctl --user -u locod"
   else
     say "systemd is not running here: the unit is installed but not started"

@@ -18,6 +18,7 @@ if [ "$mode" = system ]; then
   [ "$(id -u)" = 0 ] || { say "the system service needs root (or use --user)"; exit 1; }
   [ -d /run/systemd/system ] && systemctl disable --now locod.service 2>/dev/null || true
   rm -rf /etc/systemd/system/locod.service /etc/systemd/system/locod.service.d /opt/locod
+  [ "$(readlink /usr/local/bin/locod)" = /opt/locod/venv/bin/locod ] && rm -f /usr/local/bin/locod
   [ -d /run/systemd/system ] && systemctl daemon-reload
   if [ "$purge" = yes ]; then
     rm -rf /var/lib/locod /etc/locod
@@ -30,6 +31,7 @@ else
   [ -d /run/systemd/system ] && systemctl --user disable --now locod.service 2>/dev/null || true
   rm -f "${XDG_CONFIG_HOME:-$HOME/.config}/systemd/user/locod.service"
   rm -rf "${XDG_DATA_HOME:-$HOME/.local/share}/locod/venv"
+  [ -L "$HOME/.local/bin/locod" ] && rm -f "$HOME/.local/bin/locod"
   [ -d /run/systemd/system ] && systemctl --user daemon-reload
   if [ "$purge" = yes ]; then
     rm -rf "${XDG_STATE_HOME:-$HOME/.local/state}/locod" "${XDG_DATA_HOME:-$HOME/.local/share}/locod" \

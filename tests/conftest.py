@@ -120,6 +120,17 @@ class DaemonHandle:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def cli(self, *args: str, stdin: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """The real `locod` command against this daemon, as a user runs it (its config, its environment)."""
+        return subprocess.run(
+            locod_command("--config", str(self.config_path), *args),
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=timeout,
+        )
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         for client in self.clients:
             client.close()
@@ -254,3 +265,37 @@ def proxy(cloud_server: CloudServer) -> Iterator[FaultProxy]:
     p = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()
     yield p
     p.stop()
+
+
+SECRET = "sk-locod-test-7f3a9c1e5b2d4f60"
+
+
+def cloud_config(base_url: str, mode: str = "cloud", **cloud: Any) -> dict[str, Any]:
+    return {
+        "routing": {"mode": mode},
+        "cloud": {
+            "timeout_s": 5.0,
+            "max_retries": 2,
+            "max_retry_after_s": 2.0,
+            "breaker_failures": 3,
+            "breaker_cooldown_s": 600.0,
+            **cloud,
+            "models": [
+                {
+                    "name": "cloud-small",
+                    "base_url": base_url,
+                    "model": "cloud-small",
+                    "usd_per_mtok_in": 1.0,
+                    "usd_per_mtok_out": 2.0,
+                    "usd_per_image": 0.01,
+                }
+            ],
+        },
+    }
+
+
+@pytest.fixture
+def cloud_daemon(daemon_factory: Any, proxy: FaultProxy) -> DaemonHandle:
+    """A daemon whose only cloud model is the loopback server behind the fault proxy, with every turn sent
+    there (routing.mode = cloud)."""
+    return daemon_factory(cloud_config(proxy.base_url), extra_env={"LOCOD_CLOUD_API_KEY": SECRET})  # type: ignore[no-any-return]

@@ -17,39 +17,8 @@ import pytest
 from locod.client import attachment
 from locod.protocol import Attachment
 
-from .conftest import DaemonHandle, free_port, locod_command, start_daemon, write_config
+from .conftest import SECRET, DaemonHandle, cloud_config, free_port, locod_command, start_daemon, write_config
 from .faultproxy import Fault, FaultProxy, image_parts
-
-SECRET = "sk-locod-test-7f3a9c1e5b2d4f60"
-
-
-def cloud_config(base_url: str, mode: str = "cloud", **cloud: Any) -> dict[str, Any]:
-    return {
-        "routing": {"mode": mode},
-        "cloud": {
-            "timeout_s": 5.0,
-            "max_retries": 2,
-            "max_retry_after_s": 2.0,
-            "breaker_failures": 3,
-            "breaker_cooldown_s": 600.0,
-            **cloud,
-            "models": [
-                {
-                    "name": "cloud-small",
-                    "base_url": base_url,
-                    "model": "cloud-small",
-                    "usd_per_mtok_in": 1.0,
-                    "usd_per_mtok_out": 2.0,
-                    "usd_per_image": 0.01,
-                }
-            ],
-        },
-    }
-
-
-@pytest.fixture
-def cloud_daemon(daemon_factory: Any, proxy: FaultProxy) -> DaemonHandle:
-    return daemon_factory(cloud_config(proxy.base_url), extra_env={"LOCOD_CLOUD_API_KEY": SECRET})  # type: ignore[no-any-return]
 
 
 def test_cloud_turn_streams_and_is_accounted(cloud_daemon: DaemonHandle, proxy: FaultProxy) -> None:
@@ -265,13 +234,13 @@ def test_reload_applies_cloud_changes_and_defers_local_ones(
     config["cloud"]["models"].append(second)
     config["local"] = {"max_tokens": 64}
     write_config(handle.config_path, config)
-    assert client.reload() == {"reloaded": True}
+    assert client.reload()["reloaded"] is True
     result = client.ask("Hi again", max_tokens=2, model="cloud-b")
     assert result.decision.location == "cloud" and result.done.outcome == "ok"
     assert [r.headers["authorization"] for r in proxy.chat_requests()] == ["Bearer sk-old", "Bearer sk-new"]
     assert "reload: [local] changed and take(s) effect at the next restart" in handle.log()
     os.chmod(key, 0o644)
-    assert client.reload() == {"reloaded": False}
+    assert client.reload()["reloaded"] is False
     assert "reload rejected" in handle.log() and "is readable by group or others" in handle.log()
     assert client.ask("Still there?", max_tokens=2, model="cloud-b").done.outcome == "ok"
     assert proxy.chat_requests()[-1].headers["authorization"] == "Bearer sk-new"

@@ -353,7 +353,7 @@ def test_corrupt_policy_falls_back_to_messplus_and_reload_swaps_it(
     result = client.ask("Hello", max_tokens=2)
     assert result.done.outcome == "ok" and "TMO" not in result.decision.reason
     shutil.copy(DEFAULT_POLICY, bad)  # a good policy at the same path, then reload without a restart
-    assert client.reload() == {"reloaded": True}
+    assert client.reload()["reloaded"] is True
     wait_for(lambda: client.status()["routing"]["policy"] is not None, 10, "the policy to load")
     assert "TMO policy" in client.ask("Hello again", max_tokens=2).decision.reason
     assert handle.rows()[-1]["policy_version"] == OnnxPolicy(DEFAULT_POLICY).version
@@ -376,9 +376,9 @@ def test_reloads_during_turns_drop_none(daemon_factory: Any, proxy: FaultProxy, 
     client = handle.client()
     while asker.is_alive():
         path.write_bytes(b"corrupt")
-        assert client.reload() == {"reloaded": True}
+        assert client.reload()["reloaded"] is True
         shutil.copy(DEFAULT_POLICY, path)
-        assert client.reload() == {"reloaded": True}
+        assert client.reload()["reloaded"] is True
     asker.join()
     assert outcomes == ["ok"] * 30
     assert {row["outcome"] for row in handle.rows()} == {"ok"}

@@ -11,27 +11,17 @@ import pytest
 
 from locod.errors import UnknownDecision
 
-from .conftest import locod_command, wait_for
+from .conftest import cloud_config, locod_command, wait_for
 from .faultproxy import FaultProxy
 
 
 def auto_config(base_url: str, **routing: Any) -> dict[str, Any]:
-    return {
-        # weight_policy 0: the shipped policy is loaded and recorded, but MESS+'s arithmetic alone decides,
-        # so these tests can follow it by hand (the combined rule is tested in test_policy.py).
-        "routing": {"mode": "auto", "sla": 0.8, "explore_c": 0.0, "weight_policy": 0.0, **routing},
-        "cloud": {
-            "models": [
-                {
-                    "name": "cloud-small",
-                    "base_url": base_url,
-                    "model": "cloud-small",
-                    "usd_per_mtok_in": 1.0,
-                    "usd_per_mtok_out": 2.0,
-                }
-            ]
-        },
-    }
+    """The loopback cloud, routed. weight_policy 0: the shipped policy is loaded and recorded, but MESS+'s
+    arithmetic alone decides, so these tests can follow it by hand (the combined rule is tested in
+    test_policy.py)."""
+    config = cloud_config(base_url, mode="auto", timeout_s=60.0)
+    config["routing"].update({"sla": 0.8, "explore_c": 0.0, "weight_policy": 0.0, **routing})
+    return config
 
 
 def test_auto_turns_record_the_messplus_state(daemon_factory: Any, proxy: FaultProxy) -> None:

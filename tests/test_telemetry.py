@@ -182,7 +182,9 @@ def hanging_endpoint() -> Iterator[int]:
     server.close()
 
 
-def test_hanging_probe_marks_offline_and_the_daemon_keeps_serving(daemon_factory: Any, hanging_endpoint: int) -> None:
+def test_hanging_probe_marks_the_endpoint_not_the_device(daemon_factory: Any, hanging_endpoint: int) -> None:
+    """An endpoint that does not answer the probe is reported unreachable; the device's own link decides
+    whether it is online (a dead endpoint is not 'the device is offline'), and the daemon keeps serving."""
     handle = daemon_factory(
         {
             "telemetry": {"probe_interval_s": 1.0},
@@ -190,9 +192,12 @@ def test_hanging_probe_marks_offline_and_the_daemon_keeps_serving(daemon_factory
         }
     )
     client = handle.client(timeout_s=5)
-    wait_for(lambda: client.status()["telemetry"]["online"] is False, 30, "the probe to give up")
+    wait_for(lambda: client.status()["telemetry"]["cloud_reachable"] is False, 30, "the probe to give up")
+    telemetry = client.status()["telemetry"]
+    assert telemetry["online"] == (telemetry["link"] not in ("none",))  # the link's word, not the probe's
     result = client.ask("Hello", max_tokens=2)
-    assert result.decision.location == "local" and "the device is offline" in result.decision.reason
+    assert result.done.outcome == "ok"
+    assert "offline" not in result.decision.reason or telemetry["online"] is False
     assert client.ping()["pong"]
 
 
@@ -214,7 +219,7 @@ def test_reload_probes_the_new_cloud_endpoint_at_once(daemon_factory: Any) -> No
         wait_for(lambda: client.status()["telemetry"]["rtt_ms"] is not None, 10, "the first endpoint's RTT")
         config["cloud"]["models"][0]["base_url"] = f"http://127.0.0.1:{second.getsockname()[1]}/v1"
         write_config(handle.config_path, config)
-        assert client.reload() == {"reloaded": True}
+        assert client.reload()["reloaded"] is True
         second.settimeout(10)
         second.accept()[0].close()  # the probe connected (a TimeoutError here means it did not come)
         wait_for(lambda: client.status()["telemetry"]["rtt_ms"] is not None, 10, "the second endpoint's RTT")
