@@ -226,7 +226,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         (
             "routing",
             f"mode {r['mode']}, SLA {r['sla']:.2f}, attained {_fmt(r['attained'], '{:.3f}')} over "
-            f"{r['turns']} turns, Q {r['q']:.2f}" + (" (SLA INFEASIBLE)" if r["infeasible"] else ""),
+            f"{r['turns']} turns, Q {r['q']:.2f}, {r['shadow_labels']} shadow labels"
+            + (" (SLA INFEASIBLE)" if r["infeasible"] else ""),
         ),
         (
             "device",
@@ -278,14 +279,24 @@ def cmd_decisions(args: argparse.Namespace) -> int:
         "latency_total_ms",
         "cost_usd",
         "satisfied",
+        "shadow",
         "reason",
     )
-    table = [[_cell(_time(row["created"]) if c == "time" else row.get(c)) for c in columns] for row in reversed(rows)]
+    table = [[_column(row, c) for c in columns] for row in reversed(rows)]
     widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
     for row in table:  # the reason comes last and whole: it is the column people read
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
     return 0
+
+
+def _column(row: dict[str, Any], column: str) -> str:
+    if column == "time":
+        return _time(row["created"])
+    if column == "shadow":  # the local model's background answer to a cloud turn, as graded
+        shadow = row.get("shadow")
+        return "-" if not shadow else "good" if shadow["satisfied"] else "bad"
+    return _cell(row.get(column))
 
 
 def _time(created: float) -> str:

@@ -143,6 +143,8 @@ class RoutingConfig:
     policy_path: str = ""
     battery_critical_pct: float = field(default=10.0, metadata=_range(0.0, 100.0))
     judge: bool = False
+    # Shadow answers (daemon/shadow.py): "ac" only while on mains power (or no battery), "always", "off".
+    shadow: str = field(default="ac", metadata=_choice("off", "ac", "always"))
 
 
 @dataclass(frozen=True)

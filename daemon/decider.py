@@ -338,6 +338,11 @@ class Decider:
             s_cloud=best["cloud"],
         )
 
+    def local_features(self, turn: Turn) -> RecordedFeatures:
+        """The turn as the local model would have seen it: what a shadow answer's label trains."""
+        local = Candidate(self.config.local.default, self.config.local.default, "local", 0, ())
+        return RecordedFeatures.of(self.features(turn, TurnView.of(turn.attachments), local))
+
     def features(self, turn: Turn, view: TurnView, candidate: Candidate) -> TurnFeatures:
         trail = turn.session.trail
         send = None if candidate.location == "local" else candidate.send

@@ -2,7 +2,8 @@
 
 After a routed turn is answered its prediction settles the queue; labels come later, from the user
 (``feedback``) or from the judge (a cloud model grading an explored turn), correct the queue and train the
-predictor on the features the decision recorded. The state is saved after each change. The decider reads
+predictor on the features the decision recorded. Shadow answers (daemon/shadow.py) label the local model on
+cloud-answered turns and train its predictor only. The state is saved after each change. The decider reads
 the state under ``lock``; nothing else writes it.
 """
 
@@ -22,7 +23,7 @@ from locod.daemon.decision import Decision
 from locod.daemon.records import DecisionLog
 from locod.errors import CloudError, UnknownDecision
 from locod.policy import rule
-from locod.policy.messplus import MessPlus
+from locod.policy.messplus import MessPlus, RecordedFeatures
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ class Learner:
         self.lock = threading.Lock()  # MESS+ state; the decider holds it for a whole decision
         self._judge = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
         self._save_failed = False  # log a failing save once, not every turn
+        self.shadow_labels = records.shadow_count()
 
     def adopt(self, config: Config) -> None:
         """Re-read the MESS+ state with the config's parameters (call with ``lock`` held: the decider swaps
@@ -79,8 +81,16 @@ class Learner:
             q = self.mess.state.q
         return {"decision": decision_id, "satisfied": satisfied, "source": source, "q": q}
 
-    def _grade(self, decision_id: int, question: str, answer: str) -> None:
-        """Ask the cloud model whether the answer satisfies; its verdict is a label with source `judge`."""
+    def shadow_label(self, model: str, features: RecordedFeatures, satisfied: bool) -> None:
+        """A graded shadow answer: trains the local model's predictor. The queue is not moved: the turn was
+        answered (and settled) by the cloud."""
+        with self.lock:
+            self.mess.train(model, features.vector(), 1.0 if satisfied else 0.0)
+            self.shadow_labels += 1
+            self._save()
+
+    def judge(self, question: str, answer: str, decision_id: int) -> bool | None:
+        """The cloud model's verdict on an answer (its price added to the turn's cost); None if it gave none."""
         messages: list[dict[str, object]] = [
             {"role": "system", "content": JUDGE_INSTRUCTIONS},
             {"role": "user", "content": f"Question: {question}\n\nAnswer: {answer}\n\nYES or NO?"},
@@ -88,19 +98,25 @@ class Learner:
         text = f"{JUDGE_INSTRUCTIONS}{question}{answer}"
         try:
             upload = Upload(images=0, bytes=len(text.encode()))
-            graded = self.cloud.generate(
-                self.config.cloud.default, Prompt(messages, 4, 0.0, 0, lambda _: None, upload=upload)
-            )
+            prompt = Prompt(messages, 4, 0.0, 0, lambda _: None, upload=upload)
+            graded = self.cloud.generate(self.config.cloud.default, prompt)
         except CloudError as exc:
             log.info("judge could not grade decision %d: %s", decision_id, exc.message)
-            return
+            return None
         self.records.add_cost(decision_id, graded.cost_usd)
         verdict = VERDICT.search(graded.text)
         if verdict is None:
             log.info("judge gave no verdict for decision %d: %r", decision_id, graded.text[:40])
+            return None
+        return verdict.group(1).lower() == "yes"
+
+    def _grade(self, decision_id: int, question: str, answer: str) -> None:
+        """Have the judge grade an explored turn; its verdict is a label with source `judge`."""
+        verdict = self.judge(question, answer, decision_id)
+        if verdict is None:
             return
         try:
-            self.feedback(decision_id, verdict.group(1).lower() == "yes", source="judge")
+            self.feedback(decision_id, verdict, source="judge")
         except UnknownDecision:
             pass  # the user labelled it first: their label stands
 
@@ -118,6 +134,7 @@ class Learner:
                 "labels": dict(state.labels),
                 "infeasible": self.mess.infeasible,
                 "pending_labels": len(state.pending),
+                "shadow_labels": self.shadow_labels,
             }
 
     def close(self) -> None:

@@ -72,6 +72,17 @@ class Outcome:
 
 
 @dataclass(frozen=True)
+class ShadowResult:
+    """The local model's background answer to a cloud-answered turn, graded against the cloud's."""
+
+    model: str
+    satisfied: bool
+    grader: str  # overlap | judge
+    tokens_out: int
+    latency_ms: float
+
+
+@dataclass(frozen=True)
 class LabelTarget:
     """A labelled turn as the learner needs it: who answered, and what the rule weighed (None if it was
     not routed)."""
@@ -107,6 +118,7 @@ JSON_COLUMNS = (
     "costs",
     "probabilities",
     "mask",
+    "shadow",
 )
 
 
@@ -173,7 +185,12 @@ def _migration_3(db: sqlite_utils.Database) -> None:
     db.table("decisions").add_column("cost_estimated", int)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3]
+def _migration_4(db: sqlite_utils.Database) -> None:
+    """The shadow answer to a cloud-answered turn (JSON: model, satisfied, grader, tokens_out, latency_ms)."""
+    db.table("decisions").add_column("shadow", str)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
 
 
 class DecisionLog:
@@ -219,7 +236,8 @@ class DecisionLog:
         """Insert the accepted turn as ``pending``; returns its decision id."""
         row = record.row()
         for column in JSON_COLUMNS:
-            row[column] = json.dumps(row[column], separators=(",", ":"), default=str)
+            if column in row:
+                row[column] = json.dumps(row[column], separators=(",", ":"), default=str)
         row.update(created=time.time(), outcome="pending", explored=int(record.explored))
         with self._writing("recording the turn"):
             decision_id = self.db.table("decisions").insert(row).last_pk
@@ -249,6 +267,14 @@ class DecisionLog:
             )
         row = _decoded(rows[0])
         return LabelTarget(decision_id, row["model"], Routing.from_row(row))
+
+    def shadow(self, decision_id: int, result: ShadowResult) -> None:
+        with self._writing("recording a shadow answer"):
+            self.db.table("decisions").update(decision_id, {"shadow": json.dumps(asdict(result))})
+
+    def shadow_count(self) -> int:
+        with self._lock:
+            return int(self._conn.execute("SELECT COUNT(*) FROM decisions WHERE shadow IS NOT NULL").fetchone()[0])
 
     def add_cost(self, decision_id: int, usd: float) -> None:
         """Money spent on a turn after it ended (grading it with the judge)."""

@@ -36,6 +36,7 @@ from locod.daemon.logs import configure_logging
 from locod.daemon.notify import Notifier
 from locod.daemon.records import DecisionLog
 from locod.daemon.sessions import SessionStore
+from locod.daemon.shadow import ShadowLane
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import Reply, TurnRunner
 from locod.errors import Busy, LocodError, ProtocolError, StorageError
@@ -82,6 +83,7 @@ class Daemon:
         self.telemetry = TelemetrySampler(config, self.cloud, self.local)
         self.learner = Learner(self.records, self.cloud)
         self.decider = Decider(config, self.learner, self.records, self.telemetry, self.cloud)
+        self.shadow = ShadowLane(config, self.local, self.learner, self.records, self.telemetry)
         self.runner = TurnRunner(
             config,
             self.sessions,
@@ -91,6 +93,7 @@ class Daemon:
             self.decider,
             self.learner,
             self.telemetry,
+            self.shadow,
         )
         self.pool = ThreadPoolExecutor(max_workers=config.daemon.queue_limit, thread_name_prefix="turn")
         # Turns in flight and whom they answer; touched only by the loop's thread.
@@ -380,7 +383,7 @@ class Daemon:
             log.warning("reload: [%s] changed and take(s) effect at the next restart", "], [".join(kept))
         new = dataclasses.replace(new, **{name: getattr(self.config, name) for name in AS_STARTED})
         self.config = new
-        self.runner.config = new
+        self.runner.config = self.shadow.config = new
         self.telemetry.retarget(new)
         self.decider.reload(new)
         configure_logging(new.log.level)
@@ -404,6 +407,7 @@ class Daemon:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self._drain_outbox()
         self.telemetry.stop()
+        self.shadow.close()
         self.learner.close()
         self.cloud.close()
         self.zoo.close()

@@ -2,7 +2,7 @@
 
     ChatRequest -> Turn (session history, attachments checked) -> Decision -> backend slot and fit
         -> record begun -> ``decision`` -> generate (``delta``...) [-> fall back: ``fallback``, local]
-        -> record finished -> session updated -> ``done`` -> learner settles
+        -> record finished -> session updated -> ``done`` -> learner settles [-> shadow lane, if cloud]
 
 A turn is *accepted* when its ``decision`` frame is sent, which happens only after its record is committed;
 from then on it ends with a completed record and a ``done`` or ``error`` frame, whatever happens, a bug
@@ -32,6 +32,7 @@ from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
 from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
 from locod.daemon.sessions import Session, SessionStore, TurnTrail
+from locod.daemon.shadow import ShadowJob, ShadowLane
 from locod.daemon.telemetry import TelemetrySampler
 from locod.errors import Busy, CloudError, LocodError
 from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
@@ -132,6 +133,7 @@ class TurnRunner:
         decider: Decider,
         learner: Learner,
         telemetry: TelemetrySampler,
+        shadow: ShadowLane,
     ) -> None:
         self.config = config
         self.sessions = sessions
@@ -141,6 +143,7 @@ class TurnRunner:
         self.decider = decider
         self.learner = learner
         self.telemetry = telemetry
+        self.shadow = shadow
 
     def run(self, request: ChatRequest, client: bytes, reply: Reply) -> None:
         try:
@@ -298,11 +301,30 @@ class TurnRunner:
             code = ending.code or ending.outcome
             reply.send(ErrorFrame(ending.kind, code, ending.error or ending.outcome, decision_id))
             return
+        shadow = self._shadow_job(decision_id, turn, ending) if decision.location == "cloud" else None
         slots = tuple(i in decision.send for i in range(len(turn.attachments)))
         trail = TurnTrail(decision.location, slots, turn.task)
         self.sessions.record(turn.session, [turn.request.messages[-1]], g.text, trail)
         reply.send(self._done(decision_id, turn, ending))
         self.learner.settle(decision_id, decision, turn.request.prompt, g.text)  # learning after the reply
+        if shadow is not None:
+            self.shadow.offer(shadow)
+
+    def _shadow_job(self, decision_id: int, turn: Turn, ending: Ending) -> ShadowJob | None:
+        """The local model's question for a cloud-answered turn, taken before the session records the
+        answer (so the history is what it was), or None when the lane would not run it."""
+        if not self.shadow.affordable():
+            return None
+        model = self.config.local.default
+        return ShadowJob(
+            decision_id=decision_id,
+            model=model,
+            messages=prompts.local_messages(turn, self.config.local_model(model).n_ctx),
+            max_tokens=turn.max_tokens(self.config),
+            question=turn.request.prompt,
+            reference=ending.generation.text,
+            features=self.decider.local_features(turn),
+        )
 
     @staticmethod
     def _done(decision_id: int, turn: Turn, ending: Ending) -> DoneFrame:

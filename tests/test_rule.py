@@ -25,7 +25,7 @@ from locod.policy.messplus import MessPlus, RecordedFeatures, TurnFeatures, vect
 from locod.policy.observation import Slot
 from locod.protocol import Attachment
 
-OPEN = CloudAccess(configured=True, breaker_open=False, online=True, spent_today_usd=0.0, daily_cap_usd=0.0)
+OPEN = CloudAccess(configured=True, online=True, spent_today_usd=0.0, daily_cap_usd=0.0)
 
 
 def prepared(kind: str, relevance: float, private: bool = False) -> att.PreparedAttachment:
@@ -90,10 +90,12 @@ def test_the_evaluation_router_runs_the_daemons_rule() -> None:
 
 def test_cloud_access_names_what_blocks_it() -> None:
     assert OPEN.blocked_by is None
-    capped = CloudAccess(True, False, True, spent_today_usd=1.0, daily_cap_usd=1.0)
+    capped = CloudAccess(True, True, spent_today_usd=1.0, daily_cap_usd=1.0)
     assert "reached the cap" in (capped.blocked_by or "")
-    assert "offline" in (CloudAccess(True, False, False, 0.0, 0.0).blocked_by or "")
-    assert "breaker" in (CloudAccess(True, True, True, 0.0, 0.0).blocked_by or "")
+    assert "offline" in (CloudAccess(True, False, 0.0, 0.0).blocked_by or "")
+    broken = CloudAccess(True, True, 0.0, 0.0, open_breakers=frozenset({"gpt"}))
+    assert broken.blocked_by is None and broken.blocked_for("mini") is None  # one endpoint's breaker
+    assert "breaker of gpt's endpoint" in (broken.blocked_for("gpt") or "")
 
 
 def test_uploadable_never_includes_private_or_unseeable_attachments() -> None:
@@ -108,8 +110,9 @@ def test_fixed_decisions(tmp_path: Path) -> None:
     assert fixed_decision(config, None, None, [], OPEN) is None  # auto: the rule decides
     forced = fixed_decision(config, "local", None, [], OPEN)
     assert forced is not None and (forced.location, forced.model, forced.routing) == ("local", local, None)
-    blocked = fixed_decision(config, "cloud", None, [], CloudAccess(False, False, True, 0.0, 0.0))
+    blocked = fixed_decision(config, "cloud", None, [], CloudAccess(False, True, 0.0, 0.0))
     assert blocked is not None and blocked.location == "local" and "no cloud model" in blocked.reason
+    assert blocked.notice is not None and "the cloud was asked for" in blocked.notice
 
 
 # -- the decision through its record -------------------------------------------------------------------
@@ -155,7 +158,7 @@ def test_record_dataclasses_and_migrated_columns_agree(tmp_path: Path) -> None:
     columns = set(log.db["decisions"].columns_dict)
     written = set(DecisionRecord("s", 0, "r", "", 0, None, "chat", "local", "m", "").row())
     finished = set(Outcome.__dataclass_fields__)
-    kept_by_the_log = {"id", "created", "finished", "outcome", "satisfied", "label_source", "labelled"}
+    kept_by_the_log = {"id", "created", "finished", "outcome", "satisfied", "label_source", "labelled", "shadow"}
     assert columns == written | finished | kept_by_the_log
     assert set(routing().columns()) <= written
     assert log.db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)

@@ -1,0 +1,132 @@
+"""Shadow answers: labels for the local model on exactly the turns where it would otherwise get none.
+
+When a turn is answered in the cloud and the device can afford it (``routing.shadow``: ``ac`` while on
+mains power or without a battery, ``always``, or ``off``), the local model answers the same prompt in the
+background at the lowest priority: it takes the local model only when no client holds or waits for it, and
+stops at its next token when one queues (the job is then dropped, never retried ahead of users). The cloud's
+answer grades it (the judge when ``routing.judge`` is on, else word overlap with the cloud's answer); the
+grade trains the local model's predictor and is recorded in the turn's row (column ``shadow``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from locod.daemon.backends import Prompt
+from locod.daemon.config import Config
+from locod.daemon.learner import Learner
+from locod.daemon.local import LocalBackend
+from locod.daemon.records import DecisionLog, ShadowResult
+from locod.daemon.telemetry import TelemetrySampler
+from locod.errors import LocodError
+from locod.policy.messplus import RecordedFeatures
+
+log = logging.getLogger(__name__)
+
+WORD = re.compile(r"\w+")
+AGREEMENT = 0.5  # word-overlap F1 at which a local answer counts as the cloud's equal
+QUEUE = 16  # jobs waiting; the oldest are dropped first (labels, not answers: losing some costs little)
+
+
+@dataclass(frozen=True)
+class ShadowJob:
+    decision_id: int
+    model: str  # the local model that answers
+    messages: list[dict[str, object]]  # as that model would have been sent them
+    max_tokens: int
+    question: str
+    reference: str  # the cloud's answer
+    features: RecordedFeatures  # of the local action: what the label trains
+
+
+def agreement(answer: str, reference: str) -> float:
+    """Word-overlap F1 of two answers, normalised (case, punctuation): 1 when they say the same words. A
+    short reference (a fact, a number, a choice) contained in the answer counts as agreement."""
+    a, r = WORD.findall(answer.lower()), WORD.findall(reference.lower())
+    if not a or not r:
+        return 0.0
+    if len(r) <= 3 and f" {' '.join(r)} " in f" {' '.join(a)} ":
+        return 1.0
+    common = sum(min(a.count(w), r.count(w)) for w in set(r))
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(a), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+class ShadowLane:
+    def __init__(
+        self, config: Config, local: LocalBackend, learner: Learner, records: DecisionLog, telemetry: TelemetrySampler
+    ) -> None:
+        self.config = config
+        self.local = local
+        self.learner = learner
+        self.records = records
+        self.telemetry = telemetry
+        self._jobs: deque[ShadowJob] = deque(maxlen=QUEUE)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shadow", daemon=True)
+        self._thread.start()
+
+    def affordable(self) -> bool:
+        mode = self.config.routing.shadow
+        return mode == "always" or (mode == "ac" and self.telemetry.snapshot().on_ac is not False)
+
+    def offer(self, job: ShadowJob) -> None:
+        if self.affordable():
+            self._jobs.append(job)
+            self._wake.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            while self._jobs and not self._stop.is_set():
+                job = self._jobs.popleft()
+                try:
+                    self._shadow(job)
+                except Exception:  # a failed shadow costs a label, never the daemon
+                    log.exception("shadow answer for decision %d failed", job.decision_id)
+
+    def _shadow(self, job: ShadowJob) -> None:
+        preempted = threading.Event()
+        while not self._stop.is_set():
+            with self.local.gate.idle_slot(preempted) as granted:
+                if granted:
+                    started = time.perf_counter()
+                    prompt = Prompt(job.messages, job.max_tokens, 0.0, 0, lambda _: None, preempted)
+                    try:
+                        generation = self.local.generate(job.model, self.local.fit(job.model, prompt))
+                    except LocodError as exc:
+                        log.info("no shadow answer for decision %d: %s", job.decision_id, exc.message)
+                        return
+                    break
+            time.sleep(0.2)  # the local model is busy with users: wait for it to be idle
+        else:
+            return
+        if generation.cancelled:
+            return  # a user queued: their turn first; this label is not worth delaying them
+        satisfied, grader = self._grade(job, generation.text)
+        ms = (time.perf_counter() - started) * 1000
+        result = ShadowResult(job.model, satisfied, grader, generation.tokens_out, round(ms, 1))
+        self.records.shadow(job.decision_id, result)
+        self.learner.shadow_label(job.model, job.features, satisfied)
+        log.debug("shadow answer for decision %d: %s by %s", job.decision_id, satisfied, grader)
+
+    def _grade(self, job: ShadowJob, answer: str) -> tuple[bool, str]:
+        if self.config.routing.judge:
+            verdict = self.learner.judge(job.question, answer, job.decision_id)
+            if verdict is not None:
+                return verdict, "judge"
+        return agreement(answer, job.reference) >= AGREEMENT, "overlap"
