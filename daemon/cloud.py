@@ -12,19 +12,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Hashable
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any, cast
 
 import openai
 
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import CloudConfig, CloudModelConfig
-from locod.errors import CloudError, ConfigError
+from locod.daemon.keyfile import read_key_file
+from locod.errors import CloudError
 from locod.policy.rule import estimate_tokens
 
 log = logging.getLogger(__name__)
@@ -37,17 +36,7 @@ def read_api_key(model: CloudModelConfig, env: dict[str, str] | None = None) -> 
         return env[model.api_key_env].strip()
     if not model.api_key_file:
         return None
-    path = Path(model.api_key_file).expanduser()
-    try:
-        mode = path.stat().st_mode
-    except OSError as exc:
-        raise ConfigError(f"cloud model {model.name!r}: api_key_file {path}: {exc.strerror}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(
-            f"cloud model {model.name!r}: api_key_file {path} is readable by group or others "
-            f"(mode {stat.S_IMODE(mode):o}); run `chmod 600 {path}`"
-        )
-    return path.read_text(encoding="utf-8").strip()
+    return read_key_file(model.api_key_file, f"cloud model {model.name!r}: api_key_file")
 
 
 class CircuitBreaker:

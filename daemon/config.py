@@ -82,6 +82,16 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    # The OpenAI-compatible HTTP API (docs/http.md), e.g. "127.0.0.1:8080"; empty: off. Needs locod[http].
+    listen: str = ""
+    # Bearer key every HTTP request must carry; required for an address beyond loopback. Owner-only file.
+    api_key_file: str = ""
+    # Conversations the HTTP API remembers to map a client's whole history onto a daemon session.
+    max_conversations: int = field(default=1000, metadata=_range(1))
+
+
+@dataclass(frozen=True)
 class PathsConfig:
     state_dir: str = ""
     runtime_dir: str = ""
@@ -163,6 +173,7 @@ class TelemetryConfig:
 @dataclass(frozen=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
@@ -214,6 +225,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "LOCOD_LOG_LEVEL": "log.level",
     "LOCOD_LOG_PROMPTS": "log.prompts",
     "LOCOD_TCP": "daemon.tcp",
+    "LOCOD_HTTP": "http.listen",
     "LOCOD_ROUTING": "routing.mode",
     "LOCOD_SLA": "routing.sla",
     "LOCOD_LOCAL_MODEL": "local.default",
@@ -419,6 +431,20 @@ def _check_names(config: Config) -> None:
             raise ConfigError(f"{config.source}: cloud model {model.name!r}: base_url must be http(s)")
     if config.daemon.tcp and not config.daemon.tcp.startswith("tcp://"):
         raise ConfigError(f"{config.source}: daemon.tcp must look like tcp://127.0.0.1:5557")
+    if config.http.listen:
+        split_listen(config.http.listen, config.source)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def split_listen(listen: str, source: str = "(config)") -> tuple[str, int]:
+    """``host:port`` (IPv6 as ``[::1]:port``) of ``http.listen``, checked."""
+    host, _, port = listen.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{source}: http.listen must look like 127.0.0.1:8080, got {listen!r}")
+    return host, int(port)
 
 
 def as_dict(config: Config) -> dict[str, Any]:

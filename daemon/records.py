@@ -122,6 +122,9 @@ JSON_COLUMNS = (
 )
 
 
+LATENCY_COLUMNS = ("latency_decide_ms", "latency_first_token_ms", "latency_total_ms")
+
+
 def _migration_1(db: sqlite_utils.Database) -> None:
     db.table("decisions").create(
         {
@@ -287,6 +290,26 @@ class DecisionLog:
     def recent(self, limit: int = 20) -> list[dict[str, Any]]:
         rows = self.db.query("SELECT * FROM decisions ORDER BY id DESC LIMIT ?", [limit])
         return [_decoded(row) for row in rows]
+
+    def totals(self) -> list[dict[str, Any]]:
+        """Finished turns by where they ended up running and how they ended, with what they used."""
+        sql = (
+            "SELECT COALESCE(backend, location) AS location, outcome, COUNT(*) AS turns, "
+            "TOTAL(tokens_in) AS tokens_in, TOTAL(tokens_out) AS tokens_out, "
+            "TOTAL(cost_usd) AS cost_usd, TOTAL(energy_j) AS energy_j "
+            "FROM decisions WHERE outcome != 'pending' GROUP BY 1, 2"
+        )
+        with self._lock:
+            return [dict(row) for row in self.db.query(sql)]
+
+    def histogram(self, column: str, bounds: tuple[float, ...]) -> tuple[list[int], int, float]:
+        """(cumulative counts at or under each bound, count, sum) of a latency column over finished turns."""
+        assert column in LATENCY_COLUMNS
+        under = ", ".join(f"TOTAL({column} <= {float(b)!r})" for b in bounds)
+        sql = f"SELECT {under}, COUNT({column}), TOTAL({column}) FROM decisions WHERE outcome != 'pending'"
+        with self._lock:
+            *counts, count, total = self._conn.execute(sql).fetchone()
+        return [int(c) for c in counts], int(count), float(total)
 
     def spent_today(self) -> float:
         """Money spent since local midnight: read from the table once a day, then kept up to date in

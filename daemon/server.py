@@ -9,12 +9,14 @@ noticed on send (ROUTER_MANDATORY) and its turns are cancelled.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
 import hmac
 import logging
 import os
+import queue
 import signal
 import socket
 import threading
@@ -55,9 +57,10 @@ from locod.protocol import (
 log = logging.getLogger(__name__)
 
 OUTBOX = "inproc://locod-outbox"
+INBOX = "inproc://locod-inbox"  # wakes the loop for turns handed in by another thread (the HTTP API)
 # Config sections a reload cannot apply to a running daemon: bound sockets, open paths, loaded models and
 # the telemetry readers built from them.
-AS_STARTED = ("paths", "daemon", "local", "telemetry")
+AS_STARTED = ("paths", "daemon", "http", "local", "telemetry")
 IPC, TCP = b"i", b"t"
 
 
@@ -73,6 +76,9 @@ class Daemon:
         self._locks = [_exclusive_lock(config.state_dir), _exclusive_lock(config.runtime_dir)]
         self.notifier = Notifier()
         self.outbox: zmq.Socket[bytes] | None = None
+        self.inbox: zmq.Socket[bytes] | None = None
+        self._handed_in: queue.SimpleQueue[tuple[bytes, ChatRequest, Reply]] = queue.SimpleQueue()
+        self.http: Any = None  # locod.daemon.httpapi.HttpServer when http.listen is set
         self.records = DecisionLog(config.db_path)
         self.zoo = ModelZoo(
             config.local.models, config.models_dir, config.local.memory_budget_mb, config.local.n_threads
@@ -119,6 +125,8 @@ class Daemon:
         self.zoo.get(default.name)  # load once before READY: the first turn should not pay for it
         self.outbox = self.ctx.socket(zmq.PULL)
         self.outbox.bind(OUTBOX)
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox.bind(INBOX)
         self.sockets[IPC] = self._router_socket()
         sock_path = runtime / "locod.sock"
         sock_path.unlink(missing_ok=True)  # a stale socket of a dead daemon; the lock says none is alive
@@ -130,6 +138,11 @@ class Daemon:
         self._tcp_secret = self._read_tcp_secret()
         self.telemetry.start()
         self._install_signals()
+        if cfg.http.listen:
+            from locod.daemon.httpapi import HttpServer  # the optional locod[http] extra
+
+            self.http = HttpServer(self)
+            self.http.start()
         log.info(
             "locod %s serving on %s%s with local model %s",
             __version__,
@@ -180,6 +193,7 @@ class Daemon:
             poller.register(sock, zmq.POLLIN)
         assert self.outbox is not None
         poller.register(self.outbox, zmq.POLLIN)
+        poller.register(self.inbox, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         watchdog_every = self.notifier.watchdog_interval
         last_ping = last_status = 0.0
@@ -192,6 +206,8 @@ class Daemon:
                     self._drain_requests(tag, sock)
             if self.outbox in events:
                 self._drain_outbox()
+            if self.inbox in events:
+                self._admit_handed_in()
             now = time.monotonic()
             if watchdog_every is not None and now - last_ping >= watchdog_every:
                 self.notifier.watchdog()
@@ -282,13 +298,35 @@ class Daemon:
             return {"reloaded": self.reload(), "config": self.config.source}
         raise ProtocolError(f"op {request.op!r} has no handler", code="unknown_op")
 
-    def _start_turn(self, peer: bytes, request: ChatRequest) -> None:
+    def _start_turn(self, peer: bytes, request: ChatRequest, reply: Reply | None = None) -> None:
         if self.stopping_since is not None:
             raise BadRequest("the daemon is shutting down", code="shutting_down", request_id=request.id)
         if len(self._turns) >= self.config.daemon.queue_limit:
             raise Busy(f"{len(self._turns)} turns in flight, at the queue limit; try again shortly")
-        reply = Reply(post=lambda frame: self._post(peer, encode_frame(request.id, frame)))
+        reply = reply or Reply(post=lambda frame: self._post(peer, encode_frame(request.id, frame)))
         self._turns[self.pool.submit(self.runner.run, request, peer, reply)] = (peer, reply)
+
+    def hand_in(self, client: bytes, request: ChatRequest, reply: Reply) -> None:
+        """Start a turn from another thread (the HTTP API): the loop admits it as it does a socket's, under
+        the same queue limit and shutdown, and ``reply`` gets its frames (a refusal as an ``error``)."""
+        self._handed_in.put((client, request, reply))
+        wake = getattr(self._local_out, "wake", None)
+        if wake is None:
+            wake = self._local_out.wake = self.ctx.socket(zmq.PUSH)
+            wake.connect(INBOX)
+        wake.send(b"")
+
+    def _admit_handed_in(self) -> None:
+        assert self.inbox is not None
+        with contextlib.suppress(zmq.Again):
+            for _ in range(1000):
+                self.inbox.recv(zmq.NOBLOCK)
+        while not self._handed_in.empty():
+            client, request, reply = self._handed_in.get_nowait()
+            try:
+                self._start_turn(client, request, reply)
+            except LocodError as exc:
+                reply.send(ErrorFrame.of(exc))
 
     def _post(self, peer: bytes, frame: bytes) -> None:
         """Send from a worker thread: through this thread's own PUSH socket to the loop."""
@@ -404,6 +442,8 @@ class Daemon:
         return True
 
     def close(self) -> None:
+        if self.http is not None:
+            self.http.stop()  # after the turns ended, so their last frames reach the HTTP clients
         self.pool.shutdown(wait=True, cancel_futures=True)
         self._drain_outbox()
         self.telemetry.stop()

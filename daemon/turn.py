@@ -304,7 +304,7 @@ class TurnRunner:
         shadow = self._shadow_job(decision_id, turn, ending) if decision.location == "cloud" else None
         slots = tuple(i in decision.send for i in range(len(turn.attachments)))
         trail = TurnTrail(decision.location, slots, turn.task)
-        self.sessions.record(turn.session, [turn.request.messages[-1]], g.text, trail)
+        self.sessions.record(turn.session, turn.request.messages, g.text, trail)  # all the model saw
         reply.send(self._done(decision_id, turn, ending))
         self.learner.settle(decision_id, decision, turn.request.prompt, g.text)  # learning after the reply
         if shadow is not None:

@@ -1,0 +1,53 @@
+"""Map an OpenAI client's whole conversation onto a daemon session, so its history is stored once.
+
+An OpenAI client sends every earlier message with each turn; the daemon keeps a session's history itself.
+After each answered turn the conversation so far (the request's messages and the answer) is remembered
+under its hash, pointing at the session; the next request whose messages before the last one hash the
+same continues that session, and only the messages the session does not hold yet are sent. A request
+naming its session (``x-locod-session``) continues it the same way. Whenever the session's history is not
+a prefix of what the client sent (expired, restarted, edited), the request carries its own history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+
+from locod.daemon.sessions import SessionStore
+
+Messages = list[dict[str, str]]
+
+
+def key(messages: Messages) -> str:
+    return hashlib.sha256(json.dumps(messages, separators=(",", ":")).encode()).hexdigest()
+
+
+class Conversations:
+    def __init__(self, sessions: SessionStore, limit: int) -> None:
+        self.sessions = sessions
+        self.limit = limit
+        self._known: OrderedDict[str, str] = OrderedDict()  # conversation hash -> session id
+        self._lock = threading.Lock()
+
+    def continuing(self, messages: Messages, named: str | None) -> tuple[str | None, Messages]:
+        """(session id, the messages to send): the named session, else the one this conversation's prefix
+        maps to; the messages it does not hold yet. (None, all of them) for a conversation not seen."""
+        session = named
+        if session is None:
+            with self._lock:
+                session = self._known.get(key(messages[:-1]))
+            if session is None:
+                return None, messages
+        held = self.sessions.history(session)
+        if held and len(held) < len(messages) and messages[: len(held)] == held:
+            return session, messages[len(held) :]
+        return named, messages
+
+    def answered(self, messages: Messages, answer: str, session: str) -> None:
+        """Remember the conversation now including ``answer``, for its next turn."""
+        with self._lock:
+            self._known[key([*messages, {"role": "assistant", "content": answer}])] = session
+            while len(self._known) > self.limit:
+                self._known.popitem(last=False)

@@ -1,0 +1,241 @@
+"""The OpenAI-compatible HTTP API (docs/http.md): a Starlette app that uvicorn serves in a thread of the
+daemon, beside the ZeroMQ loop. Needs the ``locod[http]`` extra.
+
+A chat completion is translated (``openai_wire.py``) into a ``ChatRequest`` and handed to the daemon's loop
+(``Daemon.hand_in``), which admits it as it admits a socket's turn: the same queue limit, shutdown and
+``TurnRunner.run``. The turn's frames come back through its ``Reply`` into this thread's event loop and
+leave as one JSON body or as server-sent events. Nothing here decides where a turn runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sse_starlette import EventSourceResponse
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from locod.daemon import metrics
+from locod.daemon import openai_wire as wire
+from locod.daemon.config import LOOPBACK, split_listen
+from locod.daemon.conversations import Conversations
+from locod.daemon.keyfile import read_key_file
+from locod.daemon.turn import Reply
+from locod.errors import ConfigError
+from locod.protocol import ChatRequest, DecisionFrame, DeltaFrame, DoneFrame, ErrorFrame, FallbackFrame, Frame
+
+if TYPE_CHECKING:
+    from locod.daemon.server import Daemon
+
+log = logging.getLogger(__name__)
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass
+class Exchange:
+    """One chat completion in flight: what was asked, and the frames its turn sends back."""
+
+    completion: wire.Completion
+    frames: asyncio.Queue[Frame]
+    reply: Reply
+    decision: DecisionFrame | None = None
+    fallback: str | None = None
+    id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
+
+    def headers(self) -> dict[str, str]:
+        assert self.decision is not None
+        return {"x-locod-decision": str(self.decision.decision), "x-locod-location": self.decision.location}
+
+    def extension(self, done: DoneFrame | None) -> dict[str, Any]:
+        assert self.decision is not None
+        return wire.extension(self.decision, done, self.fallback)
+
+
+class HttpServer:
+    def __init__(self, daemon: Daemon) -> None:
+        cfg = daemon.config.http
+        host, port = split_listen(cfg.listen)
+        self.key = read_key_file(cfg.api_key_file, "http.api_key_file") if cfg.api_key_file else None
+        if host not in LOOPBACK and self.key is None:
+            raise ConfigError(f"http.listen binds {host}, beyond loopback: set http.api_key_file", code="insecure_http")
+        self.daemon = daemon
+        self.conversations = Conversations(daemon.sessions, cfg.max_conversations)
+        self.registry = metrics.registry(daemon)
+        routes = [
+            Route("/v1/chat/completions", self._guarded(self.chat), methods=["POST"]),
+            Route("/v1/models", self._guarded(self.models), methods=["GET"]),
+            Route("/metrics", self._guarded(self.metrics), methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+        ]
+        config = uvicorn.Config(
+            Starlette(routes=routes), host=host, port=port, log_level="warning", access_log=False, lifespan="off"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+        self.listen = cfg.listen
+
+    def start(self) -> None:
+        """Serve, and return once the port is bound (a ConfigError if it cannot be)."""
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise ConfigError(f"http.listen: cannot serve HTTP on {self.listen} (see the log)", code="http_bind")
+            time.sleep(0.01)
+        log.info("OpenAI-compatible HTTP API on http://%s/v1%s", self.listen, " (bearer key)" if self.key else "")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout=10)
+
+    def model_names(self) -> list[str]:
+        cfg = self.daemon.config
+        return [m.name for m in cfg.local.models] + [m.name for m in cfg.cloud.models]
+
+    # -- the door ------------------------------------------------------------------------------------
+
+    def _guarded(self, handler: Handler) -> Handler:
+        """The bearer key check (constant time), and every HttpError as OpenAI's error body."""
+
+        async def guarded(request: Request) -> Response:
+            try:
+                if self.key is not None:
+                    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+                    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), self.key.encode()):
+                        raise wire.HttpError(401, "a valid 'Authorization: Bearer <key>' is required", "unauthorized")
+                return await handler(request)
+            except wire.HttpError as exc:
+                return JSONResponse(exc.body(), status_code=exc.status)
+
+        return guarded
+
+    async def _body(self, request: Request) -> Any:
+        limit = self.daemon.config.daemon.max_message_bytes
+        if int(request.headers.get("content-length") or 0) > limit:
+            raise wire.HttpError(413, f"the body is over the limit of {limit} bytes", "too_large")
+        raw = bytearray()
+        async for piece in request.stream():
+            raw += piece
+            if len(raw) > limit:
+                raise wire.HttpError(413, f"the body is over the limit of {limit} bytes", "too_large")
+        try:
+            return json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise wire.bad(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+
+    # -- routes --------------------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        if self.daemon.stopping_since is not None:
+            return JSONResponse(wire.HttpError(503, "the daemon is shutting down", "shutting_down").body(), 503)
+        return JSONResponse({"status": "ok"})
+
+    async def models(self, request: Request) -> Response:
+        cfg = self.daemon.config
+        owners = [("auto", "locod")] + [(m.name, "locod-local") for m in cfg.local.models]
+        owners += [(m.name, "locod-cloud") for m in cfg.cloud.models]
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": owner} for name, owner in owners]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def metrics(self, request: Request) -> Response:
+        return Response(await run_in_threadpool(generate_latest, self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def chat(self, request: Request) -> Response:
+        completion = wire.parse_completion(await self._body(request), self.model_names())
+        named = request.headers.get("x-locod-session")
+        if named is not None and not 0 < len(named) <= 200:
+            raise wire.bad("x-locod-session must be 1 to 200 characters", "x-locod-session")
+        session, messages = self.conversations.continuing(completion.messages, named)
+        loop = asyncio.get_running_loop()
+        frames: asyncio.Queue[Frame] = asyncio.Queue()
+
+        def post(frame: Frame) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop is gone: the server stopped
+                loop.call_soon_threadsafe(frames.put_nowait, frame)
+
+        reply = Reply(post=post, cancel_reason="the HTTP client disconnected")
+        exchange = Exchange(completion, frames, reply)
+        chat = ChatRequest(exchange.id, messages, session, completion.model, completion.attachments, completion.options)
+        self.daemon.hand_in(b"h" + (request.client.host if request.client else "").encode(), chat, reply)
+        first = await self._next(exchange, request)
+        if isinstance(first, ErrorFrame):
+            raise wire.error_of(first)
+        assert isinstance(first, DecisionFrame)
+        exchange.decision = first
+        if completion.options.stream:
+            return EventSourceResponse(self._events(exchange), headers=exchange.headers(), ping=15)
+        return JSONResponse(await self._whole(exchange, request), headers=exchange.headers())
+
+    async def _next(self, exchange: Exchange, request: Request) -> Frame:
+        """The turn's next frame; a client that hung up meanwhile cancels the turn."""
+        while True:
+            try:
+                return await asyncio.wait_for(exchange.frames.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    exchange.reply.cancelled.set()
+
+    async def _whole(self, exchange: Exchange, request: Request) -> dict[str, Any]:
+        while True:
+            frame = await self._next(exchange, request)
+            if isinstance(frame, FallbackFrame):
+                exchange.fallback = frame.message
+            elif isinstance(frame, ErrorFrame):
+                raise wire.error_of(frame)
+            elif isinstance(frame, DoneFrame):
+                text = frame.text or ""
+                self._answered(exchange, frame, text)
+                reason = wire.finish_reason(frame, exchange.completion.options, self.daemon.config.local.max_tokens)
+                return wire.completion(exchange.id, text, frame, reason, exchange.extension(frame))
+
+    async def _events(self, exchange: Exchange) -> AsyncIterator[str]:
+        """Server-sent events until ``[DONE]``; leaving early (the client hung up) cancels the turn."""
+        assert exchange.decision is not None
+        model, parts = exchange.decision.model, []
+        try:
+            yield json.dumps(wire.chunk(exchange.id, model, {"role": "assistant", "content": ""}))
+            while True:
+                frame = await exchange.frames.get()
+                if isinstance(frame, DeltaFrame):
+                    parts.append(frame.text)
+                    yield json.dumps(wire.chunk(exchange.id, model, {"content": frame.text}))
+                elif isinstance(frame, FallbackFrame):
+                    exchange.fallback, model = frame.message, frame.model
+                elif isinstance(frame, ErrorFrame):
+                    yield json.dumps(wire.error_of(frame).body())
+                    return
+                elif isinstance(frame, DoneFrame):
+                    for event in self._ending(exchange, frame, "".join(parts)):
+                        yield event
+                    return
+        finally:
+            if not exchange.reply.answered.is_set():
+                exchange.reply.cancelled.set()
+
+    def _ending(self, exchange: Exchange, done: DoneFrame, text: str) -> list[str]:
+        self._answered(exchange, done, text)
+        options = exchange.completion.options
+        reason = wire.finish_reason(done, options, self.daemon.config.local.max_tokens)
+        events = [wire.chunk(exchange.id, done.model, {}, reason, locod=exchange.extension(done))]
+        if exchange.completion.include_usage:
+            events.append({**wire.chunk(exchange.id, done.model, {}), "choices": [], "usage": wire.usage(done)})
+        return [json.dumps(e) for e in events] + ["[DONE]"]
+
+    def _answered(self, exchange: Exchange, done: DoneFrame, text: str) -> None:
+        self.conversations.answered(exchange.completion.messages, text, done.session)

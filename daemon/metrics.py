@@ -1,0 +1,81 @@
+"""``GET /metrics``: the daemon's state in Prometheus' text format, read when scraped.
+
+Turn counts, tokens, money, energy and the latency histograms come from the decision log itself (every
+turn, whichever door it came through, since the log began), so they always agree with ``locod decisions``;
+gauges (SLA attainment, Q, queue, breaker) from the live objects. Nothing is counted twice or kept apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from locod.daemon.server import Daemon
+
+# Seconds: decisions take a few milliseconds, first tokens from tens of milliseconds to seconds.
+DECISION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class DaemonCollector(Collector):
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._turns()
+        yield self._histogram("locod_decision_seconds", "Time to decide where a turn runs.", "latency_decide_ms")
+        yield self._histogram(
+            "locod_first_token_seconds", "Time from acceptance to the first answer token.", "latency_first_token_ms"
+        )
+        yield from self._gauges()
+
+    def _turns(self) -> Iterator[Metric]:
+        turns = CounterMetricFamily("locod_turns", "Finished turns.", labels=["location", "outcome"])
+        tokens = CounterMetricFamily("locod_tokens", "Tokens in prompts and answers.", labels=["location", "direction"])
+        money = CounterMetricFamily("locod_cost_usd", "Money spent (USD).", labels=["location"])
+        energy = CounterMetricFamily("locod_energy_joules", "Energy spent on answers.", labels=["location"])
+        used: dict[str, list[float]] = {}  # per location, summed over outcomes
+        for row in self.daemon.records.totals():
+            turns.add_metric([row["location"], row["outcome"]], row["turns"])
+            sums = used.setdefault(row["location"], [0.0] * 4)
+            for i, name in enumerate(("tokens_in", "tokens_out", "cost_usd", "energy_j")):
+                sums[i] += row[name]
+        for where, (tokens_in, tokens_out, usd, joules) in used.items():
+            tokens.add_metric([where, "in"], tokens_in)
+            tokens.add_metric([where, "out"], tokens_out)
+            money.add_metric([where], usd)
+            energy.add_metric([where], joules)
+        return iter((turns, tokens, money, energy))
+
+    def _histogram(self, name: str, doc: str, column: str) -> Metric:
+        bounds = DECISION_BUCKETS if column == "latency_decide_ms" else FIRST_TOKEN_BUCKETS
+        counts, count, total_ms = self.daemon.records.histogram(column, tuple(b * 1000 for b in bounds))
+        buckets = [(repr(b), c) for b, c in zip(bounds, counts)] + [("+Inf", count)]
+        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total_ms / 1000)
+
+    def _gauges(self) -> Iterator[Metric]:
+        d = self.daemon
+        routing = d.learner.status()
+        values = {
+            "locod_sla_target": ("The SLA: the share of turns that should satisfy.", routing["sla"]),
+            "locod_sla_attainment": ("The share of settled turns that satisfied.", routing["attained"]),
+            "locod_q": ("MESS+'s virtual queue: how far behind the SLA routing is.", routing["q"]),
+            "locod_turns_in_flight": ("Turns admitted and not finished.", len(d._turns)),
+            "locod_local_queue_depth": ("Turns waiting for the local model.", d.local.gate.waiting),
+            "locod_cloud_breaker_open": ("1 while the cloud's circuit breaker is open.", d.cloud.breaker.blocking),
+            "locod_spent_today_usd": ("Money spent since local midnight.", d.records.spent_today()),
+        }
+        for name, (doc, value) in values.items():
+            if value is not None:
+                yield GaugeMetricFamily(name, doc, value=float(value))
+
+
+def registry(daemon: Daemon) -> CollectorRegistry:
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(DaemonCollector(daemon))
+    return reg

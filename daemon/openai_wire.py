@@ -1,0 +1,240 @@
+"""OpenAI's chat-completions shapes, translated to and from locod's own: a request body becomes the parts of
+a ``ChatRequest``, frames become a completion, stream chunks and error bodies (docs/http.md).
+
+Pure data in, data out: the HTTP server (``httpapi.py``) does the I/O, this module the mapping, so every
+rule about what the OpenAI API means in locod's terms is in one place.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from locod.protocol import Attachment, ChatOptions, DecisionFrame, DoneFrame, ErrorFrame
+
+# Keys that change what an answer is and that locod cannot honour: refused rather than silently ignored.
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logprobs", "top_logprobs")
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+class HttpError(Exception):
+    """A request refused before it reaches the daemon, with its HTTP status and OpenAI error fields."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+
+    def body(self) -> dict[str, Any]:
+        kind = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}
+        default = "invalid_request_error" if self.status < 500 else "server_error"
+        error = {"message": self.message, "type": kind.get(self.status, default), "param": self.param}
+        return {"error": {**error, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What a chat-completions body asks, in locod's terms."""
+
+    messages: list[dict[str, str]]
+    attachments: list[Attachment]
+    model: str | None  # None: "auto", the router decides
+    options: ChatOptions
+    include_usage: bool = False
+    requested_model: str = "auto"
+
+
+def bad(message: str, param: str | None = None, code: str = "bad_field") -> HttpError:
+    return HttpError(400, message, code, param)
+
+
+def parse_completion(body: Any, models: list[str]) -> Completion:
+    """A chat-completions body, checked; ``models`` are the configured model names (``auto`` aside)."""
+    if not isinstance(body, dict):
+        raise bad("the body must be a JSON object")
+    for key in UNSUPPORTED:
+        if body.get(key) not in (None, [], False):
+            raise bad(f"{key!r} is not supported by locod", key, "unsupported_parameter")
+    if body.get("stop") not in (None, [], ""):
+        raise bad(
+            "'stop' is not supported by locod (answers end at the model's own end)", "stop", "unsupported_parameter"
+        )
+    if body.get("n", 1) != 1:
+        raise bad("'n' must be 1", "n", "unsupported_parameter")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise bad("'model' is required: 'auto' or a configured model name", "model")
+    if model != "auto" and model not in models:
+        raise HttpError(404, f"the model {model!r} does not exist; see GET /v1/models", "model_not_found", "model")
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise bad("'messages' must be a non-empty list", "messages")
+    messages, attachments = _messages(raw)
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise bad("'stream_options' must be an object", "stream_options")
+    return Completion(
+        messages,
+        attachments,
+        None if model == "auto" else model,
+        _options(body),
+        bool(stream_options.get("include_usage")),
+        model,
+    )
+
+
+def _options(body: dict[str, Any]) -> ChatOptions:
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (not _is_int(max_tokens) or not 1 <= max_tokens <= 1 << 20):
+        raise bad("'max_tokens' must be an integer between 1 and 1048576", "max_tokens")
+    temperature = body.get("temperature")
+    if temperature is not None and (not _is_number(temperature) or not 0 <= temperature <= 2):
+        raise bad("'temperature' must be a number between 0 and 2", "temperature")
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise bad("'seed' must be an integer", "seed")
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise bad("'stream' must be true or false", "stream")
+    return ChatOptions(
+        max_tokens=max_tokens,
+        temperature=0.7 if temperature is None else float(temperature),
+        seed=seed,
+        stream=stream,
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _messages(raw: list[Any]) -> tuple[list[dict[str, str]], list[Attachment]]:
+    """Text messages, and the images of the last one (an earlier message's images are not sent again)."""
+    messages, images = [], []
+    for i, item in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(item, dict) or item.get("role") not in ROLES:
+            raise bad(f"{where} must be an object with a role in {sorted(ROLES)}", where)
+        text, found = _content(item.get("content"), where)
+        messages.append({"role": ROLES[item["role"]], "content": text})
+        images = found
+    if messages[-1]["role"] != "user":
+        raise bad("the last message must be the user's", "messages")
+    if not messages[-1]["content"].strip():
+        raise bad("the last user message has no text", "messages", "empty_prompt")
+    return messages, images
+
+
+def _content(content: Any, where: str) -> tuple[str, list[Attachment]]:
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise bad(f"{where}.content must be a string or a list of parts", where)
+    texts: list[str] = []
+    images: list[Attachment] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "image_url" and isinstance(part.get("image_url"), dict):
+            images.append(_image(part["image_url"].get("url"), f"{where}.content[{j}]", len(images)))
+        else:
+            raise bad(f"{where}.content[{j}] must be a text or image_url part", f"{where}.content[{j}]")
+    return "\n".join(texts), images
+
+
+def _image(url: Any, where: str, index: int) -> Attachment:
+    """A data URL's bytes as an image attachment; a remote URL is refused (the daemon fetches nothing)."""
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise bad(f"{where}: only data: URLs are accepted, locod does not fetch remote images", where, "remote_image")
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        raise bad(f"{where}: the data URL must be base64", where, "bad_image")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad(f"{where}: the data URL is not valid base64", where, "bad_image") from None
+    return Attachment("image", f"image-{index}", data)
+
+
+# -- answers -----------------------------------------------------------------------------------------
+
+
+def status_of(frame: ErrorFrame) -> int:
+    """The HTTP status for a daemon's error frame."""
+    if frame.code in ("too_large", "attachment_too_large"):
+        return 413
+    if frame.code in ("shutting_down", "not_ready"):
+        return 503
+    if frame.kind == "busy" and frame.code != "cancelled":
+        return 429
+    if frame.kind in ("bad_request", "protocol", "bad_attachment", "prompt_too_long"):
+        return 400
+    return 502 if frame.kind == "cloud" else 500
+
+
+def error_of(frame: ErrorFrame) -> HttpError:
+    return HttpError(status_of(frame), frame.message, frame.code)
+
+
+def extension(decision: DecisionFrame, done: DoneFrame | None, fallback: str | None) -> dict[str, Any]:
+    """The ``locod`` object: where the answer ran and why (the SDKs ignore unknown fields)."""
+    out: dict[str, Any] = {
+        "decision": decision.decision,
+        "location": decision.location,
+        "model": decision.model,
+        "reason": decision.reason,
+        "explored": decision.explored,
+        "attachments_sent": decision.attachments_sent,
+    }
+    if fallback is not None:
+        out["fallback"] = fallback
+    if done is not None:
+        out.update(
+            location=done.location,
+            model=done.model,
+            outcome=done.outcome,
+            session=done.session,
+            cost_usd=done.cost_usd,
+            latency_ms=done.latency_ms,
+            first_token_ms=done.first_token_ms,
+        )
+    return out
+
+
+def usage(done: DoneFrame) -> dict[str, int]:
+    return {
+        "prompt_tokens": done.tokens_in,
+        "completion_tokens": done.tokens_out,
+        "total_tokens": done.tokens_in + done.tokens_out,
+    }
+
+
+def finish_reason(done: DoneFrame, options: ChatOptions, default_max: int) -> str:
+    return "length" if done.tokens_out >= (options.max_tokens or default_max) else "stop"
+
+
+def completion(cid: str, text: str, done: DoneFrame, reason: str, locod: dict[str, Any]) -> dict[str, Any]:
+    """The whole answer, as ``POST /v1/chat/completions`` without ``stream``."""
+    return {
+        "id": cid,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": done.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
+        "usage": usage(done),
+        "locod": locod,
+    }
+
+
+def chunk(cid: str, model: str, delta: dict[str, Any], reason: str | None = None, **extra: Any) -> dict[str, Any]:
+    """One server-sent event of a streamed answer."""
+    choices = [{"index": 0, "delta": delta, "finish_reason": reason}]
+    body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+    return {**body, "choices": choices, **extra}
