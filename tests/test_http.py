@@ -1,0 +1,287 @@
+"""The OpenAI-compatible HTTP API, driven by the real `openai` SDK against a real daemon (and, for the cloud,
+the loopback llama_cpp.server behind the recording proxy); /metrics read with prometheus-client's parser."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from locod.daemon.config import load_config
+from locod.daemon.conversations import Conversations
+from locod.daemon.openai_wire import HttpError, parse_completion
+from locod.daemon.sessions import SessionStore, TurnTrail
+from locod.errors import ConfigError
+
+from .conftest import DaemonHandle, free_port, wait_for
+from .faultproxy import FaultProxy, image_parts
+from .test_cloud import SECRET, cloud_config
+
+LOCAL = "smollm2-135m-instruct"
+
+
+def http_daemon(factory: Any, config: dict[str, Any] | None = None, **http: Any) -> tuple[DaemonHandle, str]:
+    port = free_port()
+    config = dict(config or {})
+    config["http"] = {"listen": f"127.0.0.1:{port}", **http}
+    handle = factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    return handle, f"http://127.0.0.1:{port}"
+
+
+def sdk(base: str, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def get(url: str, key: str | None = None) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def samples(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    status, text = get(f"{base}/metrics")
+    assert status == 200
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_whole_and_streamed_answers_continue_one_session(daemon_factory: Any) -> None:
+    handle, base = http_daemon(daemon_factory)
+    client = sdk(base)
+    assert [m.id for m in client.models.list()] == ["auto", LOCAL]
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "Name a colour."}], max_tokens=8, temperature=0.0
+    )
+    first = raw.parse()
+    assert raw.headers["x-locod-location"] == "local" and int(raw.headers["x-locod-decision"]) == 1
+    answer = first.choices[0].message.content
+    assert answer and first.model == LOCAL and 0 < first.usage.completion_tokens <= 8  # type: ignore[union-attr]
+    locod = (first.model_extra or {})["locod"]
+    assert locod["decision"] == 1 and locod["outcome"] == "ok" and locod["reason"]
+
+    conversation = [
+        {"role": "user", "content": "Name a colour."},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "And another one."},
+    ]
+    chunks = list(
+        client.chat.completions.create(
+            model="auto", messages=conversation, max_tokens=8, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0  # type: ignore[union-attr]
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert (chunks[-2].model_extra or {})["locod"]["outcome"] == "ok"
+
+    rows = handle.rows()
+    assert [(r["session"], r["turn"], r["outcome"]) for r in rows] == [(locod["session"], i, "ok") for i in (0, 1)]
+    assert rows[1]["tokens_in"] > rows[0]["tokens_in"]  # the history was in the second prompt
+    metrics = samples(base)
+    assert metrics[("locod_turns_total", (("location", "local"), ("outcome", "ok")))] == 2
+    assert metrics[("locod_decision_seconds_count", ())] == 2
+    assert metrics[("locod_tokens_total", (("direction", "out"), ("location", "local")))] == sum(
+        r["tokens_out"] for r in rows
+    )
+    assert ("locod_sla_target", ()) in metrics and metrics[("locod_local_queue_depth", ())] == 0
+    assert get(f"{base}/health") == (200, '{"status":"ok"}')
+
+
+def png(width: int = 48, height: int = 32) -> bytes:
+    image = np.zeros((height, width, 3), np.uint8)
+    image[:, : width // 2] = (0, 0, 255)
+    ok, encoded = cv2.imencode(".png", image)
+    assert ok
+    return bytes(encoded)
+
+
+def test_forced_cloud_model_gets_the_image_and_the_history_once(daemon_factory: Any, proxy: FaultProxy) -> None:
+    handle, base = http_daemon(daemon_factory, cloud_config(proxy.base_url, mode="auto", timeout_s=60.0))
+    client = sdk(base)
+    assert {m.id for m in client.models.list()} == {"auto", LOCAL, "cloud-small"}
+    first = client.chat.completions.create(
+        model=LOCAL, messages=[{"role": "user", "content": "My cat is called Tom."}], max_tokens=8
+    )
+    answer = first.choices[0].message.content or ""
+    url = "data:image/png;base64," + base64.b64encode(png()).decode()
+    question: list[Any] = [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": url}},
+    ]
+    raw = client.chat.completions.with_raw_response.create(
+        model="cloud-small",
+        messages=[
+            {"role": "user", "content": "My cat is called Tom."},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": question},
+        ],
+        max_tokens=8,
+        stream=True,
+    )
+    assert raw.headers["x-locod-location"] == "cloud"
+    assert "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    (seen,) = proxy.chat_requests()
+    texts = [(m["role"], m["content"]) for m in seen.body["messages"] if isinstance(m["content"], str)]
+    assert texts == [("user", "My cat is called Tom."), ("assistant", answer)]  # held by the session, sent once
+    (image,) = image_parts(seen)
+    assert image.startswith("data:image/jpeg;base64,")
+    rows = handle.rows()
+    assert rows[1]["session"] == rows[0]["session"] and rows[1]["turn"] == 1
+    assert (rows[1]["backend"], rows[1]["outcome"], rows[1]["images_sent"]) == ("cloud", "ok", 1)
+    assert json.loads(rows[1]["attachments_sent"]) == ["image-0"]
+
+
+def test_errors_map_onto_status_codes_and_a_hang_up_cancels_the_turn(daemon_factory: Any) -> None:
+    handle, base = http_daemon(daemon_factory, {"daemon": {"queue_limit": 1, "max_message_bytes": 4096}})
+    client = sdk(base)
+    ask = [{"role": "user", "content": "Hello"}]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="gpt-nope", messages=ask)  # type: ignore[arg-type]
+    assert missing.value.code == "model_not_found"
+    remote = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]
+    for body, code in (
+        ({"messages": remote}, "remote_image"),
+        ({"messages": ask, "stop": ["\n"]}, "unsupported_parameter"),
+        ({"messages": [{"role": "assistant", "content": "hi"}]}, "bad_field"),
+    ):
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(model="auto", **body)  # type: ignore[call-overload]
+        assert bad.value.code == code
+    with pytest.raises(openai.APIStatusError) as large:
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x" * 5000}])
+    assert large.value.status_code == 413
+
+    stream = client.chat.completions.create(model="auto", messages=ask, max_tokens=1000, stream=True)
+    next(iter(stream))  # the turn is accepted and generating: the one slot of the queue is taken
+    with pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model="auto", messages=ask, max_tokens=4)
+    stream.close()  # hang up mid-answer
+    row = wait_for(lambda: [r for r in handle.rows() if r["outcome"] != "pending"], 60, "the turn to end")[0]
+    assert row["outcome"] == "cancelled" and row["error"] == "the HTTP client disconnected"
+    assert row["tokens_out"] < 1000
+
+
+def test_shutdown_finishes_the_stream_then_refuses(daemon_factory: Any) -> None:
+    handle, base = http_daemon(daemon_factory)
+    client = sdk(base)
+    stream = client.chat.completions.create(
+        model="auto", messages=[{"role": "user", "content": "Tell a long story."}], max_tokens=400, stream=True
+    )
+    chunks = iter(stream)
+    next(chunks)
+    handle.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: get(f"{base}/health")[0] == 503, 30, "/health to say the daemon is stopping")
+    with pytest.raises(openai.InternalServerError) as refused:
+        client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+    assert refused.value.status_code == 503 and refused.value.code == "shutting_down"
+    rest = list(chunks)
+    assert (rest[-1].model_extra or {})["locod"]["outcome"] == "ok"
+    assert handle.proc.wait(60) == 0
+    assert [r["outcome"] for r in handle.rows()] == ["ok"]
+
+
+def test_bearer_key_is_required_and_checked(daemon_factory: Any, tmp_path: Path) -> None:
+    key_file = tmp_path / "http.key"
+    key_file.write_text("sk-http-secret-31c4\n")
+    key_file.chmod(0o600)
+    handle, base = http_daemon(daemon_factory, api_key_file=str(key_file))
+    with pytest.raises(openai.AuthenticationError):
+        sdk(base, "sk-wrong").models.list()
+    assert get(f"{base}/metrics")[0] == 401
+    assert [m.id for m in sdk(base, "sk-http-secret-31c4").models.list()] == ["auto", LOCAL]
+    assert get(f"{base}/metrics", "sk-http-secret-31c4")[0] == 200
+    assert "sk-http-secret-31c4" not in handle.log()
+
+
+@pytest.mark.parametrize(
+    ("http", "message"),
+    [
+        ({"listen": "0.0.0.0:{port}"}, "beyond loopback: set http.api_key_file"),
+        ({"listen": "127.0.0.1:{port}", "api_key_file": "{loose}"}, "is readable by group or others"),
+    ],
+)
+def test_unsafe_http_settings_refuse_to_start(
+    daemon_factory: Any, tmp_path: Path, http: dict[str, str], message: str
+) -> None:
+    loose = tmp_path / "loose.key"
+    loose.write_text("k")
+    loose.chmod(0o644)
+    values = {k: v.format(port=free_port(), loose=loose) for k, v in http.items()}
+    handle = daemon_factory({"http": values}, wait=False)
+    assert handle.proc.wait(120) != 0
+    assert message in handle.log()
+
+
+# -- without a daemon --------------------------------------------------------------------------------
+
+
+def test_http_listen_is_validated_and_read_from_the_environment(tmp_path: Path) -> None:
+    env = {"LOCOD_HTTP": "127.0.0.1:8080", "HOME": str(tmp_path)}
+    assert load_config(env=env).http.listen == "127.0.0.1:8080"
+    assert load_config(env={}, overrides={"http.listen": "[::1]:9000"}).http.listen == "[::1]:9000"
+    for bad in ("8080", "localhost:", "127.0.0.1:99999", ":80"):
+        with pytest.raises(ConfigError, match=r"http\.listen must look like 127\.0\.0\.1:8080"):
+            load_config(env={}, overrides={"http.listen": bad})
+
+
+def test_image_parts_become_attachments_and_remote_urls_are_refused() -> None:
+    url = "data:image/png;base64," + base64.b64encode(b"\x89PNG...").decode()
+    parts = [{"type": "text", "text": "look"}, {"type": "image_url", "image_url": {"url": url}}]
+    completion = parse_completion(
+        {
+            "model": "auto",
+            "messages": [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}],
+        },
+        [LOCAL],
+    )
+    assert completion.messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "look"}]
+    assert [(a.kind, a.data) for a in completion.attachments] == [("image", b"\x89PNG...")]
+    assert completion.model is None and completion.options.stream is False
+    with pytest.raises(HttpError) as remote:
+        parse_completion(
+            {
+                "model": LOCAL,
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/y.png"}}]}
+                ],
+            },
+            [LOCAL],
+        )
+    assert (remote.value.status, remote.value.code) == (400, "remote_image")
+    with pytest.raises(HttpError) as unknown:
+        parse_completion({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, [LOCAL])
+    assert (unknown.value.status, unknown.value.body()["error"]["code"]) == (404, "model_not_found")
+
+
+def test_a_conversation_continues_its_session_only_while_the_session_holds_its_prefix() -> None:
+    store = SessionStore(idle_s=60, max_sessions=10)
+    conversations = Conversations(store, limit=10)
+    first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert conversations.continuing(first, None) == (None, first)
+    session = store.open(None)
+    store.record(session, first, "Hello!", TurnTrail("local", (), "chat"))
+    conversations.answered(first, "Hello!", session.id)
+    second = [*first, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    assert conversations.continuing(second, None) == (session.id, [{"role": "user", "content": "Bye"}])
+    edited = [*first, {"role": "assistant", "content": "Hey"}, {"role": "user", "content": "Bye"}]
+    assert conversations.continuing(edited, None) == (None, edited)
+    # a named session the client feeds one message at a time keeps its messages as sent
+    assert conversations.continuing([{"role": "user", "content": "Bye"}], session.id)[1] == [
+        {"role": "user", "content": "Bye"}
+    ]
