@@ -67,12 +67,17 @@ class DaemonCollector(Collector):
             "locod_q": ("MESS+'s virtual queue: how far behind the SLA routing is.", routing["q"]),
             "locod_turns_in_flight": ("Turns admitted and not finished.", len(d._turns)),
             "locod_local_queue_depth": ("Turns waiting for the local model.", d.local.gate.waiting),
-            "locod_cloud_breaker_open": ("1 while the cloud's circuit breaker is open.", d.cloud.breaker.blocking),
             "locod_spent_today_usd": ("Money spent since local midnight.", d.records.spent_today()),
         }
         for name, (doc, value) in values.items():
             if value is not None:
                 yield GaugeMetricFamily(name, doc, value=float(value))
+        breakers = GaugeMetricFamily(
+            "locod_cloud_breaker_open", "1 while a cloud endpoint's circuit breaker is open.", labels=["endpoint"]
+        )
+        for url, breaker in d.cloud.breakers.items():
+            breakers.add_metric([url], float(breaker.blocking))
+        yield breakers
 
 
 def registry(daemon: Daemon) -> CollectorRegistry:

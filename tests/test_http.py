@@ -23,9 +23,8 @@ from locod.daemon.openai_wire import HttpError, parse_completion
 from locod.daemon.sessions import SessionStore, TurnTrail
 from locod.errors import ConfigError
 
-from .conftest import DaemonHandle, free_port, wait_for
+from .conftest import SECRET, DaemonHandle, cloud_config, free_port, wait_for
 from .faultproxy import FaultProxy, image_parts
-from .test_cloud import SECRET, cloud_config
 
 LOCAL = "smollm2-135m-instruct"
 
