@@ -177,10 +177,10 @@ def test_errors_map_onto_status_codes_and_a_hang_up_cancels_the_turn(daemon_fact
 
 
 def test_shutdown_finishes_the_stream_then_refuses(daemon_factory: Any) -> None:
-    handle, base = http_daemon(daemon_factory)
+    handle, base = http_daemon(daemon_factory, {"daemon": {"shutdown_grace_s": 600.0}})  # the turn may finish
     client = sdk(base)
     stream = client.chat.completions.create(
-        model="auto", messages=[{"role": "user", "content": "Tell a long story."}], max_tokens=400, stream=True
+        model="auto", messages=[{"role": "user", "content": "Tell a long story."}], max_tokens=300, stream=True
     )
     chunks = iter(stream)
     next(chunks)
