@@ -170,9 +170,9 @@ def status_of(frame: ErrorFrame) -> int:
     """The HTTP status for a daemon's error frame."""
     if frame.code in ("too_large", "attachment_too_large"):
         return 413
-    if frame.code in ("shutting_down", "not_ready"):
+    if frame.code in ("shutting_down", "cancelled"):  # cancelled before it was accepted: the daemon is stopping
         return 503
-    if frame.kind == "busy" and frame.code != "cancelled":
+    if frame.kind == "busy":
         return 429
     if frame.kind in ("bad_request", "protocol", "bad_attachment", "prompt_too_long"):
         return 400

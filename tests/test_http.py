@@ -19,9 +19,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from locod.daemon.config import load_config
 from locod.daemon.conversations import Conversations
-from locod.daemon.openai_wire import HttpError, parse_completion
+from locod.daemon.openai_wire import HttpError, parse_completion, status_of
 from locod.daemon.sessions import SessionStore, TurnTrail
 from locod.errors import ConfigError
+from locod.protocol import ErrorFrame
 
 from .conftest import SECRET, DaemonHandle, cloud_config, free_port, wait_for
 from .faultproxy import FaultProxy, image_parts
@@ -268,6 +269,22 @@ def test_image_parts_become_attachments_and_remote_urls_are_refused() -> None:
     assert (unknown.value.status, unknown.value.body()["error"]["code"]) == (404, "model_not_found")
 
 
+@pytest.mark.parametrize(
+    ("kind", "code", "status"),
+    [
+        ("bad_attachment", "attachment_too_large", 413),
+        ("prompt_too_long", "prompt_too_long", 400),
+        ("busy", "busy", 429),
+        ("protocol", "shutting_down", 503),
+        ("busy", "cancelled", 503),
+        ("cloud", "cloud_http", 502),
+        ("error", "internal", 500),
+    ],
+)
+def test_daemon_errors_map_onto_http_statuses(kind: str, code: str, status: int) -> None:
+    assert status_of(ErrorFrame(kind, code, "why")) == status
+
+
 def test_a_conversation_continues_its_session_only_while_the_session_holds_its_prefix() -> None:
     store = SessionStore(idle_s=60, max_sessions=10)
     conversations = Conversations(store, limit=10)
@@ -280,7 +297,8 @@ def test_a_conversation_continues_its_session_only_while_the_session_holds_its_p
     assert conversations.continuing(second, None) == (session.id, [{"role": "user", "content": "Bye"}])
     edited = [*first, {"role": "assistant", "content": "Hey"}, {"role": "user", "content": "Bye"}]
     assert conversations.continuing(edited, None) == (None, edited)
-    # a named session the client feeds one message at a time keeps its messages as sent
+    # a named session: what it holds is not sent again; a client feeding it one message at a time is taken as is
+    assert conversations.continuing(second, session.id) == (session.id, [{"role": "user", "content": "Bye"}])
     assert conversations.continuing([{"role": "user", "content": "Bye"}], session.id)[1] == [
         {"role": "user", "content": "Bye"}
     ]
