@@ -59,8 +59,9 @@ class SessionStore:
         """A copy of a live session's messages ([] if there is none); opens nothing."""
         with self._lock:
             session = self._sessions.get(session_id)
-            live = session is not None and time.monotonic() - session.last_used <= self.idle_s
-            return list(session.messages) if live and session is not None else []
+            if session is None or time.monotonic() - session.last_used > self.idle_s:
+                return []
+            return list(session.messages)
 
     def record(self, session: Session, user: list[dict[str, str]], answer: str, trail: TurnTrail) -> None:
         """Append a finished turn: the new user messages and the answer become history."""
