@@ -82,8 +82,14 @@ class HttpServer:
             Route("/metrics", self._guarded(self.metrics), methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
         ]
-        config = uvicorn.Config(
-            Starlette(routes=routes), host=host, port=port, log_level="warning", access_log=False, lifespan="off"
+        config = uvicorn.Config(  # log_config=None: uvicorn's lines go through locod's own logging
+            Starlette(routes=routes),
+            host=host,
+            port=port,
+            log_config=None,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import signal
+import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -226,6 +227,16 @@ def test_unsafe_http_settings_refuse_to_start(
     handle = daemon_factory({"http": values}, wait=False)
     assert handle.proc.wait(120) != 0
     assert message in handle.log()
+
+
+def test_a_port_in_use_stops_the_start(daemon_factory: Any) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        handle = daemon_factory({"http": {"listen": f"127.0.0.1:{port}"}}, wait=False)
+        assert handle.proc.wait(120) != 0
+    assert f"cannot serve HTTP on 127.0.0.1:{port}" in handle.log()
 
 
 # -- without a daemon --------------------------------------------------------------------------------
