@@ -29,6 +29,7 @@ from .conftest import SECRET, DaemonHandle, cloud_config, free_port, wait_for
 from .faultproxy import FaultProxy, image_parts
 
 LOCAL = "smollm2-135m-instruct"
+SYSTEM = {"role": "system", "content": "Be brief."}
 
 
 def http_daemon(factory: Any, config: dict[str, Any] | None = None, **http: Any) -> tuple[DaemonHandle, str]:
@@ -117,7 +118,7 @@ def test_forced_cloud_model_gets_the_image_and_the_history_once(daemon_factory: 
     client = sdk(base)
     assert {m.id for m in client.models.list()} == {"auto", LOCAL, "cloud-small"}
     first = client.chat.completions.create(
-        model=LOCAL, messages=[{"role": "user", "content": "My cat is called Tom."}], max_tokens=8
+        model=LOCAL, messages=[SYSTEM, {"role": "user", "content": "My cat is called Tom."}], max_tokens=8
     )
     answer = first.choices[0].message.content or ""
     url = "data:image/png;base64," + base64.b64encode(png()).decode()
@@ -128,6 +129,7 @@ def test_forced_cloud_model_gets_the_image_and_the_history_once(daemon_factory: 
     raw = client.chat.completions.with_raw_response.create(
         model="cloud-small",
         messages=[
+            SYSTEM,
             {"role": "user", "content": "My cat is called Tom."},
             {"role": "assistant", "content": answer},
             {"role": "user", "content": question},
@@ -139,7 +141,8 @@ def test_forced_cloud_model_gets_the_image_and_the_history_once(daemon_factory: 
     assert "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
     (seen,) = proxy.chat_requests()
     texts = [(m["role"], m["content"]) for m in seen.body["messages"] if isinstance(m["content"], str)]
-    assert texts == [("user", "My cat is called Tom."), ("assistant", answer)]  # held by the session, sent once
+    # the whole first turn, system message included, is held by the session and sent once
+    assert texts == [("system", "Be brief."), ("user", "My cat is called Tom."), ("assistant", answer)]
     (image,) = image_parts(seen)
     assert image.startswith("data:image/jpeg;base64,")
     rows = handle.rows()
