@@ -1,0 +1,326 @@
+"""``locod models pull``: download a GGUF the user names, check it, install it, register it.
+
+SOURCE is an http(s) URL or ``hf://owner/repo/file.gguf`` (resolved against ``local.hub_endpoint``; the hub's
+LFS SHA-256 is checked without the user typing it). Bytes go to ``.<file>.partial`` beside the models; an
+interrupted download resumes from there with an HTTP Range request. Only a file that starts with the GGUF
+magic and matches the expected SHA-256 is renamed into place, so the daemon never sees a half-written model.
+The daemon never calls this module: downloads happen only when the user runs ``pull``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import http.client
+import logging
+import os
+import re
+import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+from urllib.parse import quote, unquote, urlsplit
+
+from locod import __version__
+from locod.daemon import catalog, gguf
+from locod.daemon.config import Config
+from locod.daemon.fetch import Progress
+from locod.daemon.local import resolve_path
+from locod.errors import FetchError
+
+log = logging.getLogger(__name__)
+
+# The context a pulled model is loaded with unless --ctx says otherwise: its trained context, capped, since
+# the KV cache of a 128k-token context alone would not fit most edge devices.
+MAX_DEFAULT_CTX = 4096
+CHUNK = 1 << 20
+TIMEOUT_S = 30.0
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+HEADERS = {"User-Agent": f"locod/{__version__}"}
+
+
+class Meter(Protocol):
+    """What the download reports bytes to: a tqdm bar fits."""
+
+    def update(self, n: int) -> object: ...
+
+    def close(self) -> None: ...
+
+
+# Called once the size is known: (total bytes or None, bytes already on disk) -> a meter.
+MeterFactory = Callable[[int | None, int], Meter]
+
+
+class _Silent:
+    def update(self, n: int) -> object:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def silent(total: int | None, initial: int) -> Meter:
+    return _Silent()
+
+
+def terminal_meter(label: str) -> MeterFactory:
+    """A tqdm bar with size, speed and time left on a terminal; nothing at all when stderr is not one."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        raise FetchError("the progress bar needs tqdm: pip install 'locod[pull]'") from None
+
+    def make(total: int | None, initial: int) -> Meter:
+        return tqdm(
+            total=total, initial=initial, desc=label, unit="B", unit_scale=True, unit_divisor=1024, disable=None
+        )
+
+    return make
+
+
+@dataclass(frozen=True)
+class Source:
+    given: str  # as the user typed it
+    url: str
+    filename: str
+    sha256: str | None  # published by the hub, None where it publishes none
+
+
+def resolve(source: str, hub: str) -> Source:
+    """Turn SOURCE into a download URL; for ``hf://`` ask the hub for the file's published SHA-256."""
+    if source.startswith("hf://"):
+        parts = source[len("hf://") :].split("/")
+        if len(parts) < 3 or not all(parts):
+            raise FetchError(f"{source!r}: expected hf://owner/repo/path/to/file.gguf")
+        url = f"{hub}/{parts[0]}/{parts[1]}/resolve/main/{quote('/'.join(parts[2:]))}"
+        return Source(source, url, parts[-1], _published_sha256(url))
+    if source.startswith(("http://", "https://")):
+        filename = unquote(Path(urlsplit(source).path).name)
+        if not filename:
+            raise FetchError(f"{source!r}: the URL names no file")
+        return Source(source, source, filename, None)
+    raise FetchError(f"{source!r}: expected an http(s) URL or hf://owner/repo/file.gguf")
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None  # urllib then raises the 3xx as an HTTPError, whose headers we want
+
+
+def _published_sha256(url: str) -> str | None:
+    """The hub answers HEAD on ``resolve/`` with a redirect whose ``X-Linked-Etag`` is the LFS SHA-256."""
+    opener = urllib.request.build_opener(_NoRedirect)
+    try:
+        with opener.open(urllib.request.Request(url, method="HEAD", headers=HEADERS), timeout=TIMEOUT_S) as r:
+            headers = r.headers
+    except urllib.error.HTTPError as exc:
+        if not 300 <= exc.code < 400:
+            raise FetchError(f"{url}: the hub answered {exc.code} {exc.reason}") from None
+        headers = exc.headers
+    except (urllib.error.URLError, OSError) as exc:
+        raise FetchError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
+    tag = (headers.get("X-Linked-Etag") or "").removeprefix("W/").strip('"')
+    return tag.lower() if re.fullmatch(r"[0-9a-fA-F]{64}", tag) else None
+
+
+def pull_model(
+    config: Config,
+    source: str,
+    *,
+    name: str | None = None,
+    sha256: str | None = None,
+    n_ctx: int | None = None,
+    meter: MeterFactory = silent,
+    progress: Progress = print,
+) -> catalog.PulledModel:
+    """Download, check, install and register SOURCE as model ``name`` (default: the file's name)."""
+    models_dir = config.models_dir
+    found = resolve(source, config.local.hub_endpoint)
+    name = name or found.filename.removesuffix(".gguf").lower()
+    expected = _expected_sha256(found, sha256)
+    existing = next((m for m in catalog.pulled_models(models_dir) if m.name == name), None)
+    if existing is not None and existing.origin == source and (models_dir / existing.file).is_file():
+        progress(f"{name}: already pulled, at {models_dir / existing.file}")
+        return existing
+    target = _target(config, name, existing)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    partial = models_dir / f".{target.name}.partial"
+    progress(f"{name}: downloading {found.url}")
+    digest = download(found.url, partial, meter)
+    try:
+        info = _verify(partial, digest, expected, source)
+    except FetchError:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, target)
+    context = info.context_length or 0
+    model = catalog.PulledModel(
+        name=name,
+        file=target.name,
+        size=target.stat().st_size,
+        sha256=digest,
+        origin=source,
+        quantisation=info.quantisation,
+        context_length=context,
+        n_ctx=n_ctx or min(context or MAX_DEFAULT_CTX, MAX_DEFAULT_CTX),
+        pulled=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    catalog.register(models_dir, model)
+    progress(f"{name}: installed at {target} ({info.quantisation}, context {model.n_ctx} of {context or '?'})")
+    return model
+
+
+def _expected_sha256(found: Source, given: str | None) -> str | None:
+    if given is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", given):
+        raise FetchError(f"--sha256 expects 64 hex digits, got {given!r}")
+    given = given.lower() if given else None
+    if given and found.sha256 and given != found.sha256:
+        raise FetchError(f"--sha256 {given} differs from the hub's published {found.sha256}; nothing downloaded")
+    return given or found.sha256
+
+
+def _target(config: Config, name: str, existing: catalog.PulledModel | None) -> Path:
+    """Where model ``name`` goes; refuses a name or file that belongs to another model."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise FetchError(f"model name {name!r}: use letters, digits, '.', '_' and '-' (choose one with --name)")
+    if existing is not None:
+        raise FetchError(
+            f"a model named {name!r} is already pulled (from {existing.origin}); "
+            f"`locod models rm {name}` first, or choose another --name"
+        )
+    if any(m.name == name for m in config.cloud.models + config.local.models):
+        raise FetchError(f"{name!r} is already a model in {config.source}; choose another --name")
+    target = config.models_dir / f"{name}.gguf"
+    for model in config.local.models:
+        if resolve_path(model, config.models_dir) == target:
+            raise FetchError(f"{target} is the file of model {model.name!r}; choose another --name")
+    return target
+
+
+def _verify(partial: Path, digest: str, expected: str | None, source: str) -> gguf.GgufInfo:
+    try:
+        info = gguf.describe(partial)
+    except gguf.NotGGUF:
+        raise FetchError(f"{source}: the download is not a GGUF model file; it was removed") from None
+    if expected and digest != expected:
+        raise FetchError(
+            f"{source}: checksum mismatch (got sha256 {digest}, expected {expected}); the download was removed"
+        )
+    return info
+
+
+def download(url: str, partial: Path, meter: MeterFactory = silent) -> str:
+    """Fetch ``url`` into ``partial``, resuming from the bytes already there; returns the whole file's SHA-256.
+
+    Raises FetchError, leaving ``partial`` for the next try, when the connection drops or the disk fills;
+    a body that does not start as a GGUF is refused (and removed) after its first bytes.
+    """
+    have = partial.stat().st_size if partial.exists() else 0
+    response, have = _open(url, have)
+    with response:
+        remaining = response.length  # None without a Content-Length
+        if remaining is not None:
+            _check_space(partial.parent, remaining)
+        digest = _hash_of(partial, have)
+        done = 0
+        bar = meter(None if remaining is None else have + remaining, have)
+        try:
+            with partial.open("r+b" if have else "wb") as out:
+                out.seek(have)
+                out.truncate()
+                while chunk := response.read(CHUNK):
+                    if have + done == 0 and not chunk.startswith(gguf.MAGIC[: len(chunk)]):
+                        partial.unlink()
+                        raise FetchError(f"{url}: the server sent no GGUF file (it starts with {chunk[:16]!r})")
+                    out.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    bar.update(len(chunk))
+                out.flush()
+                os.fsync(out.fileno())
+        except (http.client.HTTPException, OSError) as exc:
+            raise _interrupted(exc, partial, have + done) from None
+        finally:
+            bar.close()
+    if remaining is not None and done < remaining:
+        raise _interrupted(EOFError("the server closed the connection"), partial, have + done)
+    return digest.hexdigest()
+
+
+def _open(url: str, have: int) -> tuple[http.client.HTTPResponse, int]:
+    """GET from byte ``have`` on; returns the response and the offset it really starts at."""
+    headers = {**HEADERS, "Range": f"bytes={have}-"} if have else HEADERS
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # the partial is as long as the file, or longer: start again
+            log.info("%s: the server refused to resume at %d bytes; downloading from the start", url, have)
+            return _open(url, 0)
+        raise FetchError(f"{url}: the server answered {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise FetchError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
+    start = 0
+    if response.status == 206:
+        match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+        start = int(match.group(1)) if match else -1
+    if start != have and start != 0:
+        response.close()
+        return _open(url, 0)
+    return response, start
+
+
+def _check_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise FetchError(
+            f"not enough disk space in {directory}: the download needs {_mb(needed)}, {_mb(free)} is free; "
+            "nothing was downloaded"
+        )
+
+
+def _hash_of(partial: Path, length: int) -> Any:
+    digest = hashlib.sha256()
+    if length:
+        with partial.open("rb") as f:
+            left = length
+            while left and (chunk := f.read(min(CHUNK, left))):
+                digest.update(chunk)
+                left -= len(chunk)
+    return digest
+
+
+def _interrupted(exc: BaseException, partial: Path, written: int) -> FetchError:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FetchError(
+            f"the disk filled up after {_mb(written)}; free some space and run the same command to resume "
+            f"(the part is kept as {partial})"
+        )
+    return FetchError(
+        f"download interrupted after {_mb(written)} ({exc}); run the same command again to resume "
+        f"(the part is kept as {partial})"
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def remove_model(config: Config, name: str) -> Path:
+    """Unregister a pulled model and delete its file (and any partial download); returns the file's path."""
+    pulled = {m.name: m for m in catalog.pulled_models(config.models_dir)}
+    if name not in pulled:
+        configured = any(m.name == name for m in config.local.models)
+        where = f"it is configured in {config.source}; edit that file" if configured else "no such model"
+        raise FetchError(f"{name!r} was not pulled: {where}")
+    if config.local.default == name:
+        raise FetchError(f"{name!r} is local.default in {config.source}; choose another default first")
+    model = catalog.unregister(config.models_dir, name)
+    assert model is not None
+    path = config.models_dir / model.file
+    path.unlink(missing_ok=True)
+    (config.models_dir / f".{model.file}.partial").unlink(missing_ok=True)
+    return path
