@@ -424,6 +424,14 @@ def cmd_models_rm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from locod.report import write_report
+
+    out = write_report(_config(args), since=args.since, out=args.out)
+    print(f"wrote {out}")
+    return 0
+
+
 def cmd_policy_train(args: argparse.Namespace) -> int:
     try:
         from locod.policy.train import main as train_main
@@ -521,6 +529,11 @@ def _add_offline_commands(sub: Any) -> None:
     p = models.add_parser("rm", help="remove a pulled model and its file")
     p.add_argument("name")
     p.set_defaults(func=cmd_models_rm)
+
+    p = sub.add_parser("report", help="charts of what the router did, from the decision log")
+    p.add_argument("--since", default="7d", help="how far back: 12h, 7d, 4w (default 7d)")
+    p.add_argument("--out", default="report.png", help="report.png or report.html (default report.png)")
+    p.set_defaults(func=cmd_report)
 
     policy = sub.add_parser("policy", help="the TMO routing policy").add_subparsers(required=True, metavar="ACTION")
     p = policy.add_parser(
