@@ -15,7 +15,7 @@ import pytest
 from locod.daemon.catalog import pulled_models
 from locod.daemon.config import Config, load_config
 from locod.daemon.pull import pull_model
-from locod.errors import FetchError, LocodError
+from locod.errors import ConfigError, FetchError, LocodError
 
 from .conftest import locod_command, start_daemon, write_config
 from .fileserver import FileServer, Served, gguf_bytes
@@ -196,3 +196,23 @@ def test_a_pulled_model_answers_a_turn_after_reload(
         assert [r["model"] for r in daemon.rows("SELECT model FROM decisions WHERE outcome = 'ok'")] == ["mine"] * 2
     finally:
         daemon.stop()
+
+
+def test_the_hub_endpoint_follows_hf_endpoint_unless_configured(tmp_path: Path) -> None:
+    base = {"LOCOD_MODELS_DIR": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "none")}
+    assert load_config(env=base).local.hub_endpoint == "https://huggingface.co"
+    assert load_config(env={**base, "HF_ENDPOINT": "http://mirror:8080/"}).local.hub_endpoint == "http://mirror:8080"
+    mine = {**base, "HF_ENDPOINT": "http://mirror:8080", "LOCOD_HUB_ENDPOINT": "https://hub.example"}
+    assert load_config(env=mine).local.hub_endpoint == "https://hub.example"
+    with pytest.raises(ConfigError, match=r"local\.hub_endpoint must be an http"):
+        load_config(env={**base, "LOCOD_HUB_ENDPOINT": "ftp://hub"})
+
+
+def test_a_damaged_user_manifest_names_file_and_key(tmp_path: Path) -> None:
+    entry = 'name = "x"\nfile = "x.gguf"\nsize = 1\nsha256 = ""\norigin = ""\nquantisation = ""\ncontext_length = 0\n'
+    (tmp_path / "pulled.toml").write_text(f"[[model]]\n{entry}")
+    with pytest.raises(ConfigError, match=r"pulled\.toml: model\[0\]\.n_ctx is required"):
+        config_for(tmp_path)
+    (tmp_path / "pulled.toml").write_text(f'[[model]]\n{entry}n_ctx = "big"\n')
+    with pytest.raises(ConfigError, match=r"pulled\.toml: model\[0\]\.n_ctx expects an integer"):
+        config_for(tmp_path)
