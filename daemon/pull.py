@@ -142,11 +142,12 @@ def pull_model(
     found = resolve(source, config.local.hub_endpoint)
     name = name or found.filename.removesuffix(".gguf").lower()
     expected = _expected_sha256(found, sha256)
-    existing = next((m for m in catalog.pulled_models(models_dir) if m.name == name), None)
+    pulled = {m.name: m for m in catalog.pulled_models(models_dir)}
+    existing = pulled.get(name)
     if existing is not None and existing.origin == source and (models_dir / existing.file).is_file():
         progress(f"{name}: already pulled, at {models_dir / existing.file}")
         return existing
-    target = _target(config, name, existing)
+    target = _target(config, name, source, pulled)
     models_dir.mkdir(parents=True, exist_ok=True)
     partial = models_dir / f".{target.name}.partial"
     progress(f"{name}: downloading {found.url}")
@@ -183,20 +184,22 @@ def _expected_sha256(found: Source, given: str | None) -> str | None:
     return given or found.sha256
 
 
-def _target(config: Config, name: str, existing: catalog.PulledModel | None) -> Path:
+def _target(config: Config, name: str, source: str, pulled: dict[str, catalog.PulledModel]) -> Path:
     """Where model ``name`` goes; refuses a name or file that belongs to another model."""
     if not NAME_PATTERN.fullmatch(name):
         raise FetchError(f"model name {name!r}: use letters, digits, '.', '_' and '-' (choose one with --name)")
-    if existing is not None:
+    existing = pulled.get(name)
+    if existing is not None and existing.origin != source:
         raise FetchError(
             f"a model named {name!r} is already pulled (from {existing.origin}); "
             f"`locod models rm {name}` first, or choose another --name"
         )
-    if any(m.name == name for m in config.cloud.models + config.local.models):
+    configured = [m for m in config.local.models if m.name not in pulled] + config.cloud.models
+    if any(m.name == name for m in configured):
         raise FetchError(f"{name!r} is already a model in {config.source}; choose another --name")
     target = config.models_dir / f"{name}.gguf"
     for model in config.local.models:
-        if resolve_path(model, config.models_dir) == target:
+        if model.name != name and resolve_path(model, config.models_dir) == target:
             raise FetchError(f"{target} is the file of model {model.name!r}; choose another --name")
     return target
 

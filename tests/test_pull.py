@@ -116,6 +116,23 @@ def test_list_and_rm(tmp_path: Path, server: FileServer) -> None:
     assert gone.returncode == 1 and "'tiny' was not pulled: no such model" in gone.stderr
 
 
+def test_names_belong_to_one_model(tmp_path: Path, server: FileServer) -> None:
+    server.files["a.gguf"] = Served(gguf_bytes(MB))
+    server.files["b.gguf"] = Served(gguf_bytes(MB, file_type=7))
+    config = config_for(tmp_path)
+    pull_model(config, f"{server.url}/files/a.gguf", name="m", progress=quiet)
+    lines: list[str] = []
+    pull_model(config_for(tmp_path), f"{server.url}/files/a.gguf", name="m", progress=lines.append)
+    assert lines == [f"m: already pulled, at {tmp_path / 'm.gguf'}"] and len(server.gets()) == 1
+    with pytest.raises(FetchError, match=r"already pulled .*models rm m"):
+        pull_model(config_for(tmp_path), f"{server.url}/files/b.gguf", name="m", progress=quiet)
+    with pytest.raises(FetchError, match="'smollm2-135m-instruct' is already a model"):
+        pull_model(config_for(tmp_path), f"{server.url}/files/b.gguf", name="smollm2-135m-instruct", progress=quiet)
+    (tmp_path / "m.gguf").unlink()  # the same source again, its file lost: downloaded anew
+    assert pull_model(config_for(tmp_path), f"{server.url}/files/a.gguf", name="m", progress=quiet).name == "m"
+    assert (tmp_path / "m.gguf").is_file() and len(server.gets()) == 2
+
+
 def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("LOCOD_")}
 
