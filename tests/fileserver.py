@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from .faultproxy import serve, shut
+
 
 @dataclass
 class Served:
@@ -49,15 +51,12 @@ class FileServer:
         class Handler(_Handler):
             fs = owner
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server = serve(Handler)
         return self
 
     def stop(self) -> None:
         if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
+            shut(self.server)
 
     def gets(self) -> list[Seen]:
         with self.lock:
