@@ -63,8 +63,9 @@ def render_png(history: History, daily_cap_usd: float, title: str) -> bytes:
     axes[1][0].bar(times, [100 * b.cloud_share for b in history.buckets], width, color="tab:cyan")
     axes[1][0].set(title="cloud share of turns", ylabel="%", ylim=(0, 100))
     _money(axes[1][1], history, daily_cap_usd)
-    axes[2][0].bar(times, [b.energy_j / 3600 for b in history.buckets], width, color="tab:olive")
-    axes[2][0].set(title="energy (local estimate + measured)", ylabel="Wh")
+    scale, unit = _energy_unit(history)
+    axes[2][0].bar(times, [b.energy_j / scale for b in history.buckets], width, color="tab:olive")
+    axes[2][0].set(title="energy", ylabel=unit)
     for location, colour in (("local", "tab:green"), ("cloud", "tab:blue")):
         values = [b.median_first_token(location) for b in history.buckets]
         axes[2][1].plot(times, values, marker="o", ms=3, color=colour, label=location)
@@ -72,8 +73,10 @@ def render_png(history: History, daily_cap_usd: float, title: str) -> bytes:
     axes[2][1].legend(loc="upper left")
     _labels(axes[3][0], history, times, width)
     _summary(axes[3][1], history, daily_cap_usd)
+    ticks = times[:: -(-len(times) // 8)]  # at most 8 labelled buckets
     for ax in [a for row in axes for a in row][:-1]:
         if ax.get_title() != "money per day":
+            ax.set_xticks(ticks)
             ax.tick_params(axis="x", labelrotation=30)
             ax.xaxis.set_major_formatter(_date_format(history))
     buffer = io.BytesIO()
@@ -89,7 +92,7 @@ def _satisfaction(ax: Any, history: History, times: list[dt.datetime], width: fl
     ax.plot(times, attained, color="tab:green", marker="o", ms=3, label="attained so far")
     if history.sla is not None:
         ax.axhline(100 * history.sla, color="tab:red", ls="--", label=f"SLA target {history.sla:.0%}")
-    ax.set(title="satisfaction (bars: labelled turns in the period)", ylabel="%", ylim=(0, 105))
+    ax.set(title="satisfied share of labelled turns: per bucket (bars), so far (line)", ylabel="%", ylim=(0, 105))
     ax.legend(loc="lower left")
 
 
@@ -135,9 +138,14 @@ def summary(history: History, cap: float) -> dict[str, str]:
         "SLA target": "n/a" if history.sla is None else f"{history.sla:.0%}",
         "money": f"${sum(days.values()):.4f}, most in a day ${max(days.values()):.4f}"
         + (f" (cap ${cap:.2f})" if cap else ""),
-        "energy": f"{sum(b.energy_j for b in buckets) / 3600:.2f} Wh",
+        "energy": f"{sum(b.energy_j for b in buckets) / _energy_unit(history)[0]:.2f} {_energy_unit(history)[1]}",
         "labels": ", ".join(f"{k} {v}" for k, v in sorted(labels.items())) or "none",
     }
+
+
+def _energy_unit(history: History) -> tuple[float, str]:
+    """Wh once a bucket reaches one, else joules (a few short turns are a few joules)."""
+    return (3600.0, "Wh") if max(b.energy_j for b in history.buckets) >= 3600 else (1.0, "J")
 
 
 def _mean(values: list[float]) -> float | None:
