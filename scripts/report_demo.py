@@ -56,8 +56,8 @@ def main() -> None:
             client = daemon.client()
             for row in rows:
                 done = client.ask(row["prompt"], session=row["dialogue"], max_tokens=24, seed=1).done
-                answered = LOCAL if done["location"] == "local" else "cloud"
-                client.feedback(done["decision"], bool(row["models"][answered]["satisfied"]))
+                answered = LOCAL if done.location == "local" else "cloud"
+                client.feedback(done.decision, bool(row["models"][answered]["satisfied"]))
                 time.sleep(args.pace)
             minutes = int((time.time() - started) / 60) + 1
             command = locod_command("--config", str(daemon.config_path), "report", "--since", f"{minutes}m")

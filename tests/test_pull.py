@@ -200,7 +200,7 @@ def test_a_pulled_model_answers_a_turn_after_reload(
         assert pull.returncode == 0, pull.stderr
         assert client.reload()["reloaded"] is True
         answer = client.ask("Say hello.", model="mine", max_tokens=8, seed=1)
-        assert answer.done["model"] == "mine" and answer.done["outcome"] == "ok" and answer.text.strip()
+        assert answer.done.model == "mine" and answer.done.outcome == "ok" and answer.text.strip()
 
         listing = _run(daemon.env, "--config", str(daemon.config_path), "models", "list").stdout
         assert any(
@@ -209,7 +209,7 @@ def test_a_pulled_model_answers_a_turn_after_reload(
 
         write_config(daemon.config_path, {"local": {"default": "mine"}})
         assert client.reload()["reloaded"] is True
-        assert client.ask("Say hi.", force="local", max_tokens=8, seed=1).done["model"] == "mine"
+        assert client.ask("Say hi.", force="local", max_tokens=8, seed=1).done.model == "mine"
         assert [r["model"] for r in daemon.rows("SELECT model FROM decisions WHERE outcome = 'ok'")] == ["mine"] * 2
     finally:
         daemon.stop()
