@@ -18,7 +18,7 @@ HOUR = 3600.0
 
 
 def record(location: str) -> DecisionRecord:
-    return DecisionRecord("s", 0, "r", "0" * 64, 5, None, "chat", location, location, "test", q=1.5, sla=0.8)
+    return DecisionRecord("s", 0, "r", "0" * 64, 5, None, "chat", location, location, "test")
 
 
 def fill(db: Path, now: float) -> None:
@@ -39,7 +39,10 @@ def fill(db: Path, now: float) -> None:
         )
         if label:
             log.label(decision, *label)
-        log.db.execute("UPDATE decisions SET created = ? WHERE id = ?", [now - hours * HOUR, decision])
+        # backdated, with the queue and target a routed turn records (routing.columns())
+        log.db.execute(
+            "UPDATE decisions SET created = ?, q = 1.5, sla = 0.8 WHERE id = ?", [now - hours * HOUR, decision]
+        )
     log.close()
 
 
