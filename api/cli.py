@@ -531,7 +531,7 @@ def _add_offline_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_models_rm)
 
     p = sub.add_parser("report", help="charts of what the router did, from the decision log")
-    p.add_argument("--since", default="7d", help="how far back: 12h, 7d, 4w (default 7d)")
+    p.add_argument("--since", default="7d", help="how far back: 30m, 12h, 7d, 4w (default 7d)")
     p.add_argument("--out", default="report.png", help="report.png or report.html (default report.png)")
     p.set_defaults(func=cmd_report)
 
