@@ -14,6 +14,7 @@ import pytest
 
 from locod.daemon.catalog import pulled_models
 from locod.daemon.config import Config, load_config
+from locod.daemon.gguf import GgufInfo, NotGGUF, describe
 from locod.daemon.pull import pull_model
 from locod.errors import ConfigError, FetchError, LocodError
 
@@ -233,3 +234,12 @@ def test_a_damaged_user_manifest_names_file_and_key(tmp_path: Path) -> None:
     (tmp_path / "pulled.toml").write_text(f'[[model]]\n{entry}n_ctx = "big"\n')
     with pytest.raises(ConfigError, match=r"pulled\.toml: model\[0\]\.n_ctx expects an integer"):
         config_for(tmp_path)
+
+
+def test_the_gguf_header_of_the_embedded_model(model_path: Path, tmp_path: Path) -> None:
+    """Read without llama.cpp; a header cut short is NotGGUF, not a crash."""
+    assert describe(model_path) == GgufInfo("llama", 8192, "Q4_1")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(model_path.read_bytes()[:300])
+    with pytest.raises(NotGGUF, match="header is damaged"):
+        describe(cut)
