@@ -379,7 +379,8 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
-    from locod.daemon.pull import pull_model, terminal_meter
+    from locod.daemon.download import terminal_meter
+    from locod.daemon.pull import pull_model
 
     config = _config(args)
     meter = terminal_meter(args.name or args.source.rsplit("/", 1)[-1])
