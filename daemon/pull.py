@@ -29,6 +29,7 @@ from locod.errors import FetchError
 # The context a pulled model is loaded with unless --ctx says otherwise: its trained context, capped, since
 # the KV cache of a 128k-token context alone would not fit most edge devices.
 MAX_DEFAULT_CTX = 4096
+MIN_CTX, MAX_CTX = 128, 1 << 20  # local.models' n_ctx range
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -89,6 +90,8 @@ def pull_model(
 ) -> catalog.PulledModel:
     """Download, check, install and register SOURCE as model ``name`` (default: the file's name)."""
     models_dir = config.models_dir
+    if n_ctx is not None and not MIN_CTX <= n_ctx <= MAX_CTX:
+        raise FetchError(f"--ctx must be between {MIN_CTX} and {MAX_CTX}, got {n_ctx}")
     found = resolve(source, config.local.hub_endpoint)
     name = name or found.filename.removesuffix(".gguf").lower()
     expected = _expected_sha256(found, sha256)

@@ -83,6 +83,15 @@ def test_a_given_sha256_that_contradicts_the_hub_downloads_nothing(tmp_path: Pat
     assert server.gets() == [] and list(tmp_path.iterdir()) == []
 
 
+def test_ctx_out_of_range_downloads_nothing(tmp_path: Path, server: FileServer) -> None:
+    server.files["m.gguf"] = Served(gguf_bytes(MB))
+    with pytest.raises(FetchError, match="--ctx must be between 128 and 1048576, got 64"):
+        pull_model(config_for(tmp_path), f"{server.url}/files/m.gguf", n_ctx=64, progress=quiet)
+    assert server.gets() == [] and list(tmp_path.iterdir()) == []
+    model = pull_model(config_for(tmp_path), f"{server.url}/files/m.gguf", n_ctx=8192, progress=quiet)
+    assert config_for(tmp_path).local_model(model.name).n_ctx == 8192
+
+
 def test_a_wrong_given_sha256_removes_the_download(tmp_path: Path, server: FileServer) -> None:
     server.files["m.gguf"] = Served(gguf_bytes(MB))
     with pytest.raises(FetchError, match="checksum mismatch"):
