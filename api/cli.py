@@ -378,17 +378,58 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models_list(args: argparse.Namespace) -> int:
-    from locod.daemon.local import resolve_path
+def cmd_models_pull(args: argparse.Namespace) -> int:
+    from locod.daemon.download import terminal_meter
+    from locod.daemon.pull import pull_model
 
     config = _config(args)
-    for model in config.local.models:
-        path = resolve_path(model, config.models_dir)
-        state = "ok" if path.is_file() else "missing"
-        default = " (default)" if model.name == config.local.default else ""
-        print(f"local  {model.name}{default}  {path}  [{state}]")
+    meter = terminal_meter(args.name or args.source.rsplit("/", 1)[-1])
+    model = pull_model(
+        config, args.source, name=args.name, sha256=args.sha256, n_ctx=args.ctx, meter=meter, progress=_say
+    )
+    _say(f"use it with --model {model.name}, or set local.default = {json.dumps(model.name)} and `locod reload`")
+    return 0
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    from locod.daemon.catalog import model_rows, table
+
+    config = _config(args)
+    rows = model_rows(config, _resident(args))
+    if args.json:
+        _print_json([row.as_dict() for row in rows])
+        return 0
+    print("\n".join(table(rows)))
     for cloud in config.cloud.models:
-        print(f"cloud  {cloud.name}  {cloud.model} at {cloud.base_url}")
+        print(f"cloud: {cloud.name}, {cloud.model} at {cloud.base_url}")
+    return 0
+
+
+def _resident(args: argparse.Namespace) -> list[str] | None:
+    """The daemon's loaded models, None when it is not running."""
+    try:
+        with _client(args) as client:
+            return list(client.status()["local"]["resident"])
+    except DaemonNotRunning:
+        return None
+
+
+def cmd_models_rm(args: argparse.Namespace) -> int:
+    from locod.daemon.pull import remove_model
+
+    print(f"removed {args.name} ({remove_model(_config(args), args.name)})")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from locod.report import write_report
+
+    out = write_report(_config(args), since=args.since, out=args.out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -477,8 +518,23 @@ def _add_offline_commands(sub: Any) -> None:
     p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     p.add_argument("--dir", help="models directory (default: paths.models_dir)")
     p.set_defaults(func=cmd_models_fetch)
-    p = models.add_parser("list", help="configured models and whether their files are present")
+    p = models.add_parser("pull", help="download a GGUF (URL or hf://owner/repo/file.gguf) and register it")
+    p.add_argument("source")
+    p.add_argument("--name", help="the model's name (default: the file's name)")
+    p.add_argument("--sha256", help="expected SHA-256 (the hub's published one is checked anyway)")
+    p.add_argument("--ctx", type=int, help="context size to load it with (default: its trained context, at most 4096)")
+    p.set_defaults(func=cmd_models_pull)
+    p = models.add_parser("list", help="local models: size, quantisation, context, loaded, path")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models_list)
+    p = models.add_parser("rm", help="remove a pulled model and its file")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_models_rm)
+
+    p = sub.add_parser("report", help="charts of what the router did, from the decision log")
+    p.add_argument("--since", default="7d", help="how far back: 30m, 12h, 7d, 4w (default 7d)")
+    p.add_argument("--out", default="report.png", help="report.png or report.html (default report.png)")
+    p.set_defaults(func=cmd_report)
 
     policy = sub.add_parser("policy", help="the TMO routing policy").add_subparsers(required=True, metavar="ACTION")
     p = policy.add_parser(

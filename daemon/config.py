@@ -114,6 +114,8 @@ class LocalConfig:
     n_threads: int = field(default=0, metadata=_range(0, 1024))
     max_tokens: int = field(default=256, metadata=_range(1, 1 << 20))
     models: list[LocalModelConfig] = field(default_factory=list)
+    # Where `locod models pull hf://...` downloads from; empty: $HF_ENDPOINT, else the Hugging Face hub.
+    hub_endpoint: str = ""
 
 
 @dataclass(frozen=True)
@@ -232,6 +234,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "LOCOD_CLOUD_MODEL": "cloud.default",
     "LOCOD_DAILY_CAP_USD": "cloud.daily_cap_usd",
     "LOCOD_POLICY": "routing.policy_path",
+    "LOCOD_HUB_ENDPOINT": "local.hub_endpoint",
 }
 
 EMBEDDED_MODEL = LocalModelConfig(name="smollm2-135m-instruct", path="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -277,7 +280,7 @@ def load_config(
             _set_text(table, key, env[var], f"${var}")
     for key, text in (overrides or {}).items():
         _set_text(table, key, text, f"override {key}")
-    config = _build(Config, table, source, "")
+    config = build_table(Config, table, source, "")
     return _with_defaults(dataclasses.replace(config, source=source), env)
 
 
@@ -336,7 +339,8 @@ def _type_name(hint: Any) -> str:
     return names.get(base, str(base))
 
 
-def _build(cls: Any, table: Any, source: str, where: str) -> Any:
+def build_table(cls: Any, table: Any, source: str, where: str) -> Any:
+    """Check a TOML table against the schema dataclass ``cls`` (keys, types, ranges) and build it."""
     if not isinstance(table, dict):
         raise ConfigError(f"{source}: [{where or 'top level'}] must be a table, got {type(table).__name__}")
     hints = typing.get_type_hints(cls)
@@ -361,7 +365,7 @@ def _value(hint: Any, raw: Any, meta: Mapping[str, Any], source: str, key: str) 
     if optional and raw == "":
         return None
     if dataclasses.is_dataclass(base):
-        return _build(base, raw, source, key + ".")
+        return build_table(base, raw, source, key + ".")
     if typing.get_origin(base) is list:
         (item,) = typing.get_args(base)
         if not isinstance(raw, list):
@@ -405,15 +409,25 @@ def _with_defaults(config: Config, env: Mapping[str, str]) -> Config:
     local_models = list(config.local.models)
     if not any(m.name == EMBEDDED_MODEL.name for m in local_models):
         local_models.insert(0, EMBEDDED_MODEL)
+    local_models += [m for m in _pulled(Path(models)) if not any(c.name == m.name for c in local_models)]
+    hub = config.local.hub_endpoint or env.get("HF_ENDPOINT") or "https://huggingface.co"
     cloud_default = config.cloud.default or (config.cloud.models[0].name if config.cloud.models else "")
     config = dataclasses.replace(
         config,
         paths=dataclasses.replace(config.paths, state_dir=state, runtime_dir=runtime, models_dir=models),
-        local=dataclasses.replace(config.local, models=local_models),
+        local=dataclasses.replace(config.local, models=local_models, hub_endpoint=hub.rstrip("/")),
         cloud=dataclasses.replace(config.cloud, default=cloud_default),
     )
     _check_names(config)
     return config
+
+
+def _pulled(models_dir: Path) -> list[LocalModelConfig]:
+    """The models ``locod models pull`` registered; the catalog checks its entries with this module's rules,
+    so it is imported here rather than at the top."""
+    from locod.daemon.catalog import pulled_models
+
+    return [m.as_local() for m in pulled_models(models_dir)]
 
 
 def _check_names(config: Config) -> None:
@@ -429,6 +443,10 @@ def _check_names(config: Config) -> None:
     for model in config.cloud.models:
         if not model.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{config.source}: cloud model {model.name!r}: base_url must be http(s)")
+    if not config.local.hub_endpoint.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"{config.source}: local.hub_endpoint must be an http(s) URL, got {config.local.hub_endpoint!r}"
+        )
     if config.daemon.tcp and not config.daemon.tcp.startswith("tcp://"):
         raise ConfigError(f"{config.source}: daemon.tcp must look like tcp://127.0.0.1:5557")
     if config.http.listen:

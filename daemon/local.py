@@ -21,13 +21,13 @@ from typing import Any, cast
 from llama_cpp import Llama
 
 from locod.daemon.backends import Generation, Prompt
-from locod.daemon.config import LocalModelConfig
+from locod.daemon.config import LocalConfig, LocalModelConfig
 from locod.daemon.gate import FairGate
+from locod.daemon.gguf import is_gguf
 from locod.errors import ModelError, PromptTooLong
 
 log = logging.getLogger(__name__)
 
-GGUF_MAGIC = b"GGUF"
 # Tokens the chat template adds around each message (role markers), and room it may add for a system prompt.
 PER_MESSAGE_TOKENS = 6
 TEMPLATE_SLACK_TOKENS = 32
@@ -45,12 +45,11 @@ def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
     if not path.is_file():
         raise ModelError(
             f"model {model.name!r}: file {path} not found; run `locod models fetch` for the "
-            "embedded model, or fix its path in the config",
+            "embedded model, `locod models pull` for your own, or fix its path in the config",
             code="model_missing",
         )
-    with path.open("rb") as f:
-        if f.read(4) != GGUF_MAGIC:
-            raise ModelError(f"model {model.name!r}: {path} is not a GGUF file", code="model_corrupt")
+    if not is_gguf(path):
+        raise ModelError(f"model {model.name!r}: {path} is not a GGUF file", code="model_corrupt")
     return path
 
 
@@ -70,12 +69,23 @@ class ModelZoo:
         self.n_threads = n_threads or None
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
 
+    def reconfigure(self, local: LocalConfig) -> None:
+        """Take the models of a reloaded config. Called from another thread than the worker, so it only
+        swaps the table; the worker unloads what was removed or changed at its next ``get``."""
+        self.models = {m.name: m for m in local.models}
+        self.budget_mb = local.memory_budget_mb
+        self.n_threads = local.n_threads or None
+
     def get(self, name: str) -> LoadedModel:
-        if name not in self.models:
-            raise ModelError(f"no local model named {name!r}; configured: {sorted(self.models)}", code="unknown_model")
+        models = self.models
+        if name not in models:
+            raise ModelError(f"no local model named {name!r}; configured: {sorted(models)}", code="unknown_model")
+        for stale in [n for n, m in self._loaded.items() if models.get(n) != m.config]:
+            self._loaded.pop(stale).llm.close()
+            log.info("unloaded local model %s: the reloaded config removed or changed it", stale)
         loaded = self._loaded.get(name)
         if loaded is None:
-            loaded = self._load(self.models[name])
+            loaded = self._load(models[name])
         self._loaded.move_to_end(name)
         loaded.last_used = time.monotonic()
         return loaded

@@ -58,9 +58,9 @@ log = logging.getLogger(__name__)
 
 OUTBOX = "inproc://locod-outbox"
 INBOX = "inproc://locod-inbox"  # wakes the loop for turns handed in by another thread (the HTTP API)
-# Config sections a reload cannot apply to a running daemon: bound sockets, open paths, loaded models and
-# the telemetry readers built from them.
-AS_STARTED = ("paths", "daemon", "http", "local", "telemetry")
+# Config sections a reload cannot apply to a running daemon: bound sockets, open paths and the telemetry
+# readers built from them. Local models do apply: the zoo loads the new table's models on demand.
+AS_STARTED = ("paths", "daemon", "http", "telemetry")
 IPC, TCP = b"i", b"t"
 
 
@@ -405,12 +405,14 @@ class Daemon:
     def reload(self) -> bool:
         """Re-read the config and the policy; a config that fails validation is rejected, the old one kept.
 
-        Routing, cloud, attachments and log settings apply at once. Paths, sockets, the local models (the
-        loaded zoo) and telemetry readers stay as started: a change there is logged and waits for a restart.
+        Routing, cloud, attachments, log settings and local models (a pulled model, a new default) apply at
+        once. Paths, sockets and telemetry readers stay as started: a change there is logged and waits for a
+        restart.
         """
         self.notifier.reloading()
         try:
             new = load_config(self._config_path, overrides=self._overrides)
+            check_model_file(new.local_model(new.local.default), self.config.models_dir)
             self.cloud.reconfigure(new.cloud)  # reads the API keys: the last step that can reject
         except LocodError as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc.message)
@@ -421,6 +423,7 @@ class Daemon:
             log.warning("reload: [%s] changed and take(s) effect at the next restart", "], [".join(kept))
         new = dataclasses.replace(new, **{name: getattr(self.config, name) for name in AS_STARTED})
         self.config = new
+        self.zoo.reconfigure(new.local)
         self.runner.config = self.shadow.config = new
         self.telemetry.retarget(new)
         self.decider.reload(new)

@@ -216,11 +216,11 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path, models_dir: Path
     good.stop()
 
 
-def test_reload_applies_cloud_changes_and_defers_local_ones(
+def test_reload_applies_cloud_changes_and_defers_daemon_ones(
     tmp_path: Path, daemon_factory: Any, proxy: FaultProxy
 ) -> None:
     """A rotated key and a new cloud model apply on reload; a key file others can read rejects the reload
-    and keeps the running cloud; a [local] change is logged as waiting for a restart."""
+    and keeps the running cloud; a [daemon] change is logged as waiting for a restart."""
     key = tmp_path / "key"
     key.write_text("sk-old")
     os.chmod(key, 0o600)
@@ -232,13 +232,13 @@ def test_reload_applies_cloud_changes_and_defers_local_ones(
     key.write_text("sk-new")
     second = {**config["cloud"]["models"][0], "name": "cloud-b"}
     config["cloud"]["models"].append(second)
-    config["local"] = {"max_tokens": 64}
+    config["daemon"] = {"queue_limit": 64}
     write_config(handle.config_path, config)
     assert client.reload()["reloaded"] is True
     result = client.ask("Hi again", max_tokens=2, model="cloud-b")
     assert result.decision.location == "cloud" and result.done.outcome == "ok"
     assert [r.headers["authorization"] for r in proxy.chat_requests()] == ["Bearer sk-old", "Bearer sk-new"]
-    assert "reload: [local] changed and take(s) effect at the next restart" in handle.log()
+    assert "reload: [daemon] changed and take(s) effect at the next restart" in handle.log()
     os.chmod(key, 0o644)
     assert client.reload()["reloaded"] is False
     assert "reload rejected" in handle.log() and "is readable by group or others" in handle.log()

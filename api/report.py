@@ -1,0 +1,170 @@
+"""``locod report``: one picture of what the router did, drawn from the decision log with matplotlib.
+
+Panels: satisfaction against the SLA target, the MESS+ queue Q, the cloud share, money per day against the
+daily cap, energy, local and cloud first-token time, and the satisfaction labels collected by source.
+matplotlib is the ``report`` extra; without it the command says how to install it.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import io
+from pathlib import Path
+from typing import Any
+
+from locod.daemon.config import Config
+from locod.daemon.history import History, daily_cost, parse_since, read_history
+from locod.errors import LocodError, RequestError
+
+SUFFIXES = (".png", ".html")
+LABEL_COLOURS = {"user": "tab:blue", "judge": "tab:purple", "explore": "tab:orange", "shadow": "tab:green"}
+
+
+def write_report(config: Config, since: str = "7d", out: str | Path = "report.png") -> Path:
+    """Draw the report of the last ``since`` (12h, 7d, 4w) into ``out`` (.png, or .html with the picture inside)."""
+    out = Path(out)
+    if out.suffix.lower() not in SUFFIXES:
+        raise RequestError(f"--out must end in .png or .html, got {out.name!r}")
+    history = read_history(config.db_path, parse_since(since))
+    if not history.turns:
+        raise LocodError(f"no turns in the decision log {config.db_path} in the last {since}: nothing to draw")
+    png = render_png(history, config.cloud.daily_cap_usd, title=f"locod: the last {since}")
+    if out.suffix.lower() == ".png":
+        out.write_bytes(png)
+    else:
+        out.write_text(_html(history, png, since, config.cloud.daily_cap_usd), encoding="utf-8")
+    return out
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError:
+        raise LocodError(
+            "locod report draws with matplotlib, which is not installed: pip install 'locod[report]'"
+        ) from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def render_png(history: History, daily_cap_usd: float, title: str) -> bytes:
+    plt = _pyplot()
+    fig, axes = plt.subplots(4, 2, figsize=(12, 13), constrained_layout=True)
+    fig.suptitle(f"{title}: {history.turns} turns", fontsize=14)
+    times = [dt.datetime.fromtimestamp(b.start) for b in history.buckets]
+    width = history.bucket_s / 86400 * 0.8  # bar width in days, matplotlib's date unit
+    _satisfaction(axes[0][0], history, times, width)
+    axes[0][1].plot(times, [_mean(b.q) for b in history.buckets], marker="o", ms=3, color="tab:red")
+    axes[0][1].set(title="MESS+ queue Q (mean per turn; grows while the SLA is behind)", ylabel="Q")
+    axes[1][0].bar(times, [100 * b.cloud_share for b in history.buckets], width, color="tab:cyan")
+    axes[1][0].set(title="cloud share of turns", ylabel="%", ylim=(0, 100))
+    _money(axes[1][1], history, daily_cap_usd)
+    scale, unit = _energy_unit(history)
+    axes[2][0].bar(times, [b.energy_j / scale for b in history.buckets], width, color="tab:olive")
+    axes[2][0].set(title="energy", ylabel=unit)
+    for location, colour in (("local", "tab:green"), ("cloud", "tab:blue")):
+        values = [b.median_first_token(location) for b in history.buckets]
+        axes[2][1].plot(times, values, marker="o", ms=3, color=colour, label=location)
+    axes[2][1].set(title="first-token time (median)", ylabel="ms")
+    axes[2][1].legend(loc="upper left")
+    _labels(axes[3][0], history, times, width)
+    _summary(axes[3][1], history, daily_cap_usd)
+    ticks = times[:: -(-len(times) // 8)]  # at most 8 labelled buckets
+    for ax in [a for row in axes for a in row][:-1]:
+        if ax.get_title() != "money per day":
+            ax.set_xticks(ticks)
+            ax.tick_params(axis="x", labelrotation=30)
+            ax.xaxis.set_major_formatter(_date_format(history))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _satisfaction(ax: Any, history: History, times: list[dt.datetime], width: float) -> None:
+    rates = [b.satisfaction for b in history.buckets]
+    ax.bar(times, [100 * r if r is not None else 0 for r in rates], width, color="tab:green", alpha=0.35)
+    attained = [None if a is None else 100 * a for a in history.attained()]
+    ax.plot(times, attained, color="tab:green", marker="o", ms=3, label="attained so far")
+    if history.sla is not None:
+        ax.axhline(100 * history.sla, color="tab:red", ls="--", label=f"SLA target {history.sla:.0%}")
+    ax.set(title="satisfied share of labelled turns: per bucket (bars), so far (line)", ylabel="%", ylim=(0, 105))
+    ax.legend(loc="lower left")
+
+
+def _money(ax: Any, history: History, cap: float) -> None:
+    days = daily_cost(history)
+    ax.bar([d[5:] for d in days], list(days.values()), color="tab:brown")
+    if cap:
+        ax.axhline(cap, color="tab:red", ls="--", label=f"daily cap ${cap:.2f}")
+        ax.legend(loc="upper left")
+    ax.set(title="money per day", ylabel="USD")
+
+
+def _labels(ax: Any, history: History, times: list[dt.datetime], width: float) -> None:
+    sources = sorted({s for b in history.buckets for s in b.labels})
+    bottom = [0] * len(times)
+    for source in sources:
+        counts = [b.labels.get(source, 0) for b in history.buckets]
+        ax.bar(times, counts, width, bottom=bottom, label=source, color=LABEL_COLOURS.get(source))
+        bottom = [x + y for x, y in zip(bottom, counts)]
+    ax.set(title="satisfaction labels collected", ylabel="labels")
+    if sources:
+        ax.legend(loc="upper left")
+
+
+def _summary(ax: Any, history: History, cap: float) -> None:
+    ax.axis("off")
+    ax.text(0.0, 1.0, "\n".join(f"{k}: {v}" for k, v in summary(history, cap).items()), va="top", family="monospace")
+
+
+def summary(history: History, cap: float) -> dict[str, str]:
+    """The period's totals, as shown beside the charts."""
+    buckets = history.buckets
+    turns, cloud = history.turns, sum(b.cloud for b in buckets)
+    labelled, satisfied = sum(b.labelled for b in buckets), sum(b.satisfied for b in buckets)
+    days = daily_cost(history)
+    labels: dict[str, int] = {}
+    for b in buckets:
+        for source, n in b.labels.items():
+            labels[source] = labels.get(source, 0) + n
+    return {
+        "turns": f"{turns} ({cloud} cloud, {cloud / turns:.0%})",
+        "satisfaction": f"{satisfied}/{labelled} labelled" + (f" = {satisfied / labelled:.1%}" if labelled else ""),
+        "SLA target": "n/a" if history.sla is None else f"{history.sla:.0%}",
+        "money": f"${sum(days.values()):.4f}, most in a day ${max(days.values()):.4f}"
+        + (f" (cap ${cap:.2f})" if cap else ""),
+        "energy": f"{sum(b.energy_j for b in buckets) / _energy_unit(history)[0]:.2f} {_energy_unit(history)[1]}",
+        "labels": ", ".join(f"{k} {v}" for k, v in sorted(labels.items())) or "none",
+    }
+
+
+def _energy_unit(history: History) -> tuple[float, str]:
+    """Wh once a bucket reaches one, else joules (a few short turns are a few joules)."""
+    return (3600.0, "Wh") if max(b.energy_j for b in history.buckets) >= 3600 else (1.0, "J")
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _date_format(history: History) -> Any:
+    from matplotlib.dates import DateFormatter
+
+    return DateFormatter("%H:%M" if history.bucket_s < 86400 else "%m-%d")
+
+
+def _html(history: History, png: bytes, since: str, cap: float) -> str:
+    rows = "".join(
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary(history, cap).items()
+    )
+    picture = base64.b64encode(png).decode()
+    return (
+        f"<!doctype html><meta charset='utf-8'><title>locod report: the last {html.escape(since)}</title>"
+        f"<h1>locod: the last {html.escape(since)}</h1><table>{rows}</table>"
+        f"<img alt='locod routing report' src='data:image/png;base64,{picture}'>\n"
+    )

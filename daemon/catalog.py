@@ -1,0 +1,138 @@
+"""The user's own models: ``pulled.toml`` in the models directory, written by ``locod models pull``.
+
+The config loader adds each entry to ``local.models`` (a model of the same name in the config file wins),
+so a pulled model can be ``local.default`` or a request's model as soon as the daemon (re)loads its config.
+The daemon only reads this file; only the ``locod models pull`` and ``rm`` commands write it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from locod.daemon.config import Config, LocalModelConfig, build_table, tomllib
+from locod.daemon.gguf import NotGGUF, describe
+from locod.errors import ConfigError
+
+MANIFEST = "pulled.toml"
+
+
+@dataclass(frozen=True)
+class PulledModel:
+    name: str
+    file: str  # relative to the models directory
+    size: int
+    sha256: str
+    origin: str  # what was given to `locod models pull`: a URL or hf://repo/file
+    quantisation: str
+    context_length: int  # the context the model was trained for, from its GGUF header (0: not stated)
+    n_ctx: int = field(metadata={"min": 128, "max": 1 << 20})  # the context the daemon loads it with
+    pulled: str = ""  # ISO time
+
+    def as_local(self) -> LocalModelConfig:
+        return LocalModelConfig(name=self.name, path=self.file, n_ctx=self.n_ctx)
+
+
+def manifest_path(models_dir: Path) -> Path:
+    return models_dir / MANIFEST
+
+
+def pulled_models(models_dir: Path) -> list[PulledModel]:
+    """The entries of the user manifest, checked like the config file; [] when nothing was pulled."""
+    path = manifest_path(models_dir)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    entries = table.get("model", [])
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: model must be an array of tables ([[model]])")
+    return [build_table(PulledModel, item, str(path), f"model[{i}].") for i, item in enumerate(entries)]
+
+
+def save(models_dir: Path, models: list[PulledModel]) -> None:
+    """Rewrite the manifest atomically: a reader sees the old file or the new one, never half of it."""
+    path = manifest_path(models_dir)
+    lines = ["# Models added with `locod models pull`; `locod models rm NAME` removes one. Written by locod."]
+    for model in models:
+        lines.append("\n[[model]]")
+        # JSON strings and integers are valid TOML values
+        lines.extend(f"{key} = {json.dumps(value)}" for key, value in dataclasses.asdict(model).items())
+    partial = path.with_name(f".{MANIFEST}.partial")
+    partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+
+
+def register(models_dir: Path, model: PulledModel) -> None:
+    """Add ``model``, replacing an entry of the same name."""
+    kept = [m for m in pulled_models(models_dir) if m.name != model.name]
+    save(models_dir, [*kept, model])
+
+
+def unregister(models_dir: Path, name: str) -> PulledModel | None:
+    """Drop the entry called ``name``; returns it, or None when there was none."""
+    models = pulled_models(models_dir)
+    found = next((m for m in models if m.name == name), None)
+    if found is not None:
+        save(models_dir, [m for m in models if m.name != name])
+    return found
+
+
+@dataclass(frozen=True)
+class ModelRow:
+    """One line of ``locod models list``: what the config names and what the file says about itself."""
+
+    name: str
+    path: Path
+    size: int | None  # None: the file is missing
+    quantisation: str
+    n_ctx: int
+    context_length: int | None
+    default: bool
+    loaded: bool | None  # None: the daemon is not running
+
+    def as_dict(self) -> dict[str, object]:
+        return {**dataclasses.asdict(self), "path": str(self.path)}
+
+    def cells(self) -> tuple[str, ...]:
+        size = "missing" if self.size is None else f"{self.size / 2**20:.0f} MiB"
+        trained = f" of {self.context_length}" if self.context_length else ""
+        loaded = "-" if self.loaded is None else "yes" if self.loaded else "no"
+        name = self.name + (" (default)" if self.default else "")
+        return name, size, self.quantisation, f"{self.n_ctx}{trained}", loaded, str(self.path)
+
+
+def model_rows(config: Config, resident: list[str] | None) -> list[ModelRow]:
+    """Every local model of ``config`` (pulled ones included), described from its GGUF header."""
+    from locod.daemon.local import resolve_path  # imports llama.cpp: too slow for every config load
+
+    rows = []
+    for model in config.local.models:
+        path = resolve_path(model, config.models_dir)
+        size, quant, trained = None, "-", None
+        if path.is_file():
+            size = path.stat().st_size
+            try:
+                info = describe(path)
+                quant, trained = info.quantisation, info.context_length
+            except NotGGUF:
+                quant = "not a GGUF"
+        loaded = None if resident is None else model.name in resident
+        rows.append(
+            ModelRow(model.name, path, size, quant, model.n_ctx, trained, model.name == config.local.default, loaded)
+        )
+    return rows
+
+
+def table(rows: list[ModelRow]) -> list[str]:
+    """Rows as aligned text columns under a header."""
+    cells = [("name", "size", "quant", "context", "loaded", "path"), *(row.cells() for row in rows)]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]

@@ -1,0 +1,170 @@
+"""A resumable HTTP download into a partial file, for ``locod models pull``.
+
+Bytes are appended to the partial file; a later call resumes from its length with a Range request (a
+server that ignores the range, or answers another one, gets a fresh start). Free space is checked against
+the announced length before a byte is written. A dropped connection or a full disk raises FetchError and
+keeps the partial file for the next try; a body that does not start as a GGUF is refused after its first
+bytes and removed.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import http.client
+import logging
+import os
+import re
+import shutil
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from locod import __version__
+from locod.daemon import gguf
+from locod.errors import FetchError
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+TIMEOUT_S = 30.0
+HEADERS = {"User-Agent": f"locod/{__version__}"}
+
+
+class Meter(Protocol):
+    """What the download reports bytes to: a tqdm bar fits."""
+
+    def update(self, n: int) -> object: ...
+
+    def close(self) -> None: ...
+
+
+# Called once the size is known: (total bytes or None, bytes already on disk) -> a meter.
+MeterFactory = Callable[[int | None, int], Meter]
+
+
+class _Silent:
+    def update(self, n: int) -> object:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def silent(total: int | None, initial: int) -> Meter:
+    return _Silent()
+
+
+def terminal_meter(label: str) -> MeterFactory:
+    """A tqdm bar with size, speed and time left on a terminal; nothing at all when stderr is not one."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        raise FetchError("the progress bar needs tqdm: pip install 'locod[pull]'") from None
+
+    def make(total: int | None, initial: int) -> Meter:
+        return tqdm(
+            total=total, initial=initial, desc=label, unit="B", unit_scale=True, unit_divisor=1024, disable=None
+        )
+
+    return make
+
+
+def download(url: str, partial: Path, meter: MeterFactory = silent) -> str:
+    """Fetch ``url`` into ``partial``, resuming from the bytes already there; returns the whole file's SHA-256.
+
+    Raises FetchError, leaving ``partial`` for the next try, when the connection drops or the disk fills;
+    a body that does not start as a GGUF is refused (and removed) after its first bytes.
+    """
+    have = partial.stat().st_size if partial.exists() else 0
+    response, have = _open(url, have)
+    with response:
+        remaining = response.length  # None without a Content-Length
+        if remaining is not None:
+            _check_space(partial.parent, remaining)
+        digest = _hash_of(partial, have)
+        done = 0
+        bar = meter(None if remaining is None else have + remaining, have)
+        try:
+            with partial.open("r+b" if have else "wb") as out:
+                out.seek(have)
+                out.truncate()
+                while chunk := response.read(CHUNK):
+                    if have + done == 0 and not chunk.startswith(gguf.MAGIC[: len(chunk)]):
+                        partial.unlink()
+                        raise FetchError(f"{url}: the server sent no GGUF file (it starts with {chunk[:16]!r})")
+                    out.write(chunk)
+                    digest.update(chunk)
+                    done += len(chunk)
+                    bar.update(len(chunk))
+                out.flush()
+                os.fsync(out.fileno())
+        except (http.client.HTTPException, OSError) as exc:
+            raise _interrupted(exc, partial, have + done) from None
+        finally:
+            bar.close()
+    if remaining is not None and done < remaining:
+        raise _interrupted(EOFError("the server closed the connection"), partial, have + done)
+    return digest.hexdigest()
+
+
+def _open(url: str, have: int) -> tuple[http.client.HTTPResponse, int]:
+    """GET from byte ``have`` on; returns the response and the offset it really starts at."""
+    headers = {**HEADERS, "Range": f"bytes={have}-"} if have else HEADERS
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as exc:
+        if exc.code == 416 and have:  # the partial is as long as the file, or longer: start again
+            log.info("%s: the server refused to resume at %d bytes; downloading from the start", url, have)
+            return _open(url, 0)
+        raise FetchError(f"{url}: the server answered {exc.code} {exc.reason}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise FetchError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
+    start = 0
+    if response.status == 206:
+        match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
+        start = int(match.group(1)) if match else -1
+    if start not in (have, 0):  # not where we asked: start over, once
+        response.close()
+        if not have:
+            raise FetchError(f"{url}: the server answered with a part of the file (from byte {start}) unasked")
+        return _open(url, 0)
+    return response, start
+
+
+def _check_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise FetchError(
+            f"not enough disk space in {directory}: the download needs {_mb(needed)}, {_mb(free)} is free; "
+            "nothing was downloaded"
+        )
+
+
+def _hash_of(partial: Path, length: int) -> Any:
+    digest = hashlib.sha256()
+    if length:
+        with partial.open("rb") as f:
+            left = length
+            while left and (chunk := f.read(min(CHUNK, left))):
+                digest.update(chunk)
+                left -= len(chunk)
+    return digest
+
+
+def _interrupted(exc: BaseException, partial: Path, written: int) -> FetchError:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return FetchError(
+            f"the disk filled up after {_mb(written)}; free some space and run the same command to resume "
+            f"(the part is kept as {partial})"
+        )
+    return FetchError(
+        f"download interrupted after {_mb(written)} ({exc}); run the same command again to resume "
+        f"(the part is kept as {partial})"
+    )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

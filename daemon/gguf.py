@@ -1,0 +1,110 @@
+"""What a GGUF file says about itself (architecture, trained context, quantisation), read from its header.
+
+Reading the header takes milliseconds and no memory for the weights, so ``locod models pull`` and
+``locod models list`` can describe a model without loading it into llama.cpp.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+MAGIC = b"GGUF"
+# Value types of the GGUF key-value section: struct format of the fixed-size ones.
+_FIXED = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+MAX_STRING = 16 << 20  # chat templates are kilobytes; more means a damaged header, not a bigger buffer
+# llama.cpp's llama_ftype (general.file_type): how most of the weights are quantised.
+FILE_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+    12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K",
+    19: "IQ2_XXS", 20: "IQ2_XS", 21: "Q2_K_S", 22: "IQ3_XS", 23: "IQ3_XXS", 24: "IQ1_S", 25: "IQ4_NL",
+    26: "IQ3_S", 27: "IQ3_M", 28: "IQ2_S", 29: "IQ2_M", 30: "IQ4_XS", 31: "IQ1_M", 32: "BF16", 36: "TQ1_0",
+    37: "TQ2_0",
+}  # fmt: skip
+
+
+class NotGGUF(ValueError):
+    """The file is not a GGUF model (or its header is cut short)."""
+
+
+@dataclass(frozen=True)
+class GgufInfo:
+    architecture: str
+    context_length: int | None  # the context the model was trained for
+    quantisation: str
+
+
+def is_gguf(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == MAGIC
+
+
+def describe(path: Path) -> GgufInfo:
+    """Architecture, trained context and quantisation of the GGUF at ``path``; raises NotGGUF."""
+    meta = read_metadata(path)
+    arch = str(meta.get("general.architecture", "unknown"))
+    context = meta.get(f"{arch}.context_length")
+    file_type = meta.get("general.file_type")
+    quant = FILE_TYPES.get(file_type, f"type {file_type}") if isinstance(file_type, int) else "unknown"
+    return GgufInfo(arch, int(context) if isinstance(context, int) else None, quant)
+
+
+def read_metadata(path: Path) -> dict[str, Any]:
+    """The header's scalar and string values by key; arrays (the tokenizer's vocabulary) are skipped."""
+    with path.open("rb") as f:
+        if f.read(4) != MAGIC:
+            raise NotGGUF(f"{path} is not a GGUF file")
+        try:
+            version, _tensors, count = struct.unpack("<IQQ", _exact(f, 20))
+            if version < 2:
+                raise NotGGUF(f"{path}: GGUF version {version} is too old (llama.cpp reads 2 and later)")
+            meta: dict[str, Any] = {}
+            for _ in range(count):
+                key = _string(f)
+                kind = _unpack(f, "<I")
+                value = _value(f, kind)
+                if value is not _SKIPPED:
+                    meta[key] = value
+            return meta
+        except (struct.error, UnicodeDecodeError, EOFError) as exc:
+            raise NotGGUF(f"{path}: the GGUF header is damaged ({exc})") from None
+
+
+_SKIPPED = object()
+
+
+def _value(f: IO[bytes], kind: int) -> Any:
+    if kind in _FIXED:
+        return _unpack(f, _FIXED[kind])
+    if kind == _STRING:
+        return _string(f)
+    if kind == _ARRAY:
+        item, count = struct.unpack("<IQ", _exact(f, 12))
+        if item in _FIXED:
+            f.seek(struct.calcsize(_FIXED[item]) * count, 1)
+        else:
+            for _ in range(count):
+                _value(f, item)
+        return _SKIPPED
+    raise NotGGUF(f"unknown GGUF value type {kind}")
+
+
+def _string(f: IO[bytes]) -> str:
+    size = _unpack(f, "<Q")
+    if size > MAX_STRING:
+        raise NotGGUF(f"a header string claims {size} bytes")
+    return _exact(f, size).decode("utf-8")
+
+
+def _unpack(f: IO[bytes], fmt: str) -> Any:
+    return struct.unpack(fmt, _exact(f, struct.calcsize(fmt)))[0]
+
+
+def _exact(f: IO[bytes], n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise EOFError(f"header ends after {f.tell()} bytes")
+    return data

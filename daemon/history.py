@@ -1,0 +1,128 @@
+"""What the router did over a period, as time series read from the decision log (for ``locod report``).
+
+The log is opened read-only, so a report can be drawn while the daemon runs (WAL lets both proceed).
+Turns are grouped into buckets: the smallest of a minute, 5 or 15 minutes, an hour or a day that keeps a
+period within 48 buckets (a week is drawn by day, two days by hour).
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from locod.daemon.records import local_midnight
+from locod.errors import RequestError, StorageError
+
+UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+BUCKETS_S = (60, 300, 900, 3600, 86400)
+MAX_BUCKETS = 48
+COLUMNS = "created, location, outcome, satisfied, label_source, q, sla, cost_usd, energy_j, latency_first_token_ms"
+
+
+def parse_since(text: str) -> float:
+    """``30m``, ``12h``, ``7d``, ``4w`` -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*", text)
+    if not match or float(match.group(1)) <= 0:
+        raise RequestError(f"--since expects a period like 30m, 12h, 7d or 4w, got {text!r}")
+    return float(match.group(1)) * UNITS[match.group(2)]
+
+
+@dataclass
+class Bucket:
+    start: float
+    turns: int = 0
+    cloud: int = 0
+    labelled: int = 0
+    satisfied: int = 0
+    cost_usd: float = 0.0
+    energy_j: float = 0.0
+    q: list[float] = field(default_factory=list)
+    first_token_ms: dict[str, list[float]] = field(default_factory=lambda: {"local": [], "cloud": []})
+    labels: dict[str, int] = field(default_factory=dict)  # label source -> count
+
+    @property
+    def cloud_share(self) -> float:
+        return self.cloud / self.turns if self.turns else 0.0
+
+    @property
+    def satisfaction(self) -> float | None:
+        return self.satisfied / self.labelled if self.labelled else None
+
+    def median_first_token(self, location: str) -> float | None:
+        values = self.first_token_ms[location]
+        return statistics.median(values) if values else None
+
+
+@dataclass
+class History:
+    since: float
+    until: float
+    bucket_s: float
+    sla: float | None  # the target the newest turn was routed under
+    buckets: list[Bucket]
+
+    @property
+    def turns(self) -> int:
+        return sum(b.turns for b in self.buckets)
+
+    def attained(self) -> list[float | None]:
+        """Satisfaction attained so far at the end of each bucket (labelled turns only), as MESS+ counts it."""
+        out: list[float | None] = []
+        labelled = satisfied = 0
+        for b in self.buckets:
+            labelled, satisfied = labelled + b.labelled, satisfied + b.satisfied
+            out.append(satisfied / labelled if labelled else None)
+        return out
+
+
+def read_history(db_path: Path, period_s: float, now: float | None = None) -> History:
+    """The turns of the last ``period_s`` seconds in the decision log at ``db_path``, bucketed."""
+    until = time.time() if now is None else now
+    since = until - period_s
+    bucket_s = float(next((b for b in BUCKETS_S if period_s / b <= MAX_BUCKETS), BUCKETS_S[-1]))
+    start = since - since % bucket_s if bucket_s < 86400 else local_midnight(since)
+    buckets = [Bucket(start + i * bucket_s) for i in range(int((until - start) // bucket_s) + 1)]
+    if not db_path.is_file():
+        raise StorageError(f"no decision log at {db_path}: the daemon has not answered a turn yet")
+    try:
+        with sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True) as conn:
+            conn.row_factory = sqlite3.Row
+            rows = conn.execute(
+                f"SELECT {COLUMNS} FROM decisions WHERE created >= ? AND created <= ? ORDER BY created",
+                [since, until],
+            ).fetchall()
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot read the decision log {db_path}: {exc}") from None
+    for row in rows:
+        _add(buckets[min(int((row["created"] - start) // bucket_s), len(buckets) - 1)], row)
+    sla = rows[-1]["sla"] if rows else None
+    return History(since, until, bucket_s, sla, buckets)
+
+
+def _add(bucket: Bucket, row: sqlite3.Row) -> None:
+    bucket.turns += 1
+    bucket.cloud += row["location"] == "cloud"
+    bucket.cost_usd += row["cost_usd"] or 0.0
+    bucket.energy_j += row["energy_j"] or 0.0
+    if row["q"] is not None:
+        bucket.q.append(row["q"])
+    if row["latency_first_token_ms"] is not None and row["location"] in bucket.first_token_ms:
+        bucket.first_token_ms[row["location"]].append(row["latency_first_token_ms"])
+    if row["satisfied"] is not None:
+        bucket.labelled += 1
+        bucket.satisfied += row["satisfied"]
+        source = row["label_source"] or "unknown"
+        bucket.labels[source] = bucket.labels.get(source, 0) + 1
+
+
+def daily_cost(history: History) -> dict[str, float]:
+    """USD spent per local calendar day (the daily cap's day), whatever the bucket size."""
+    out: dict[str, float] = {}
+    for b in history.buckets:
+        day = time.strftime("%Y-%m-%d", time.localtime(b.start))
+        out[day] = out.get(day, 0.0) + b.cost_usd
+    return out
