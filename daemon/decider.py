@@ -188,7 +188,7 @@ class Decider:
             )
         if chosen.location == "cloud":
             why += f", action {chosen.key.split('|')[-1]}"
-        if self.config.cloud.models and not any(c.location == "cloud" for c in candidates.values()):
+        if chosen.location == "local" and not any(c.location == "cloud" for c in candidates.values()):
             blocked = access.blocked_by or next(filter(None, map(access.blocked_for, self._cloud_names())), None)
             why += f"; cloud masked: {blocked or self._unfit_cloud_reason(access)}"
         return why

@@ -139,7 +139,7 @@ def test_cli_ask_status_decisions(daemon: DaemonHandle) -> None:
     status = subprocess.run([*base, "status"], env=env, capture_output=True, text=True, timeout=60)
     assert "routing  mode auto" in status.stdout and "local  smollm2-135m-instruct" in status.stdout
     table = subprocess.run([*base, "decisions"], env=env, capture_output=True, text=True, timeout=60)
-    assert table.stdout.splitlines()[0].split()[:3] == ["id", "session", "turn"]
+    assert table.stdout.splitlines()[0].split()[:4] == ["id", "time", "session", "turn"]
     assert table.stdout.splitlines()[1].startswith("1 ")
 
 
@@ -148,7 +148,8 @@ def test_missing_daemon_is_a_clear_message(tmp_path: Path) -> None:
     result = subprocess.run(locod_command("ask", "hello"), env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 5
     assert result.stderr.strip() == (
-        f"locod: locod daemon is not running at ipc://{tmp_path}/nothing/locod.sock; start it with `locod serve`"
+        f"locod: locod is not running (no socket at {tmp_path}/nothing/locod.sock); start it with `locod serve`, "
+        "`systemctl --user start locod` or `sudo systemctl start locod`"
     )
 
 
