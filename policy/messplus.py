@@ -317,8 +317,9 @@ class MessPlus:
 
     @property
     def current_price(self) -> float:
-        """What one unit of satisfaction is worth in cost now: Z / V plus the feed-forward price."""
-        return (self.state.z / self.v if self.v else 0.0) + self.state.price.price(self.sla)
+        """What one unit of satisfaction is worth in cost now: Z / V plus the feed-forward price, never below 0
+        (a banked surplus may make satisfaction free, never unwanted)."""
+        return max(0.0, (self.state.z / self.v if self.v else 0.0) + self.state.price.price(self.sla))
 
     def _shift_queue(self, step: float) -> None:
         self.state.q = min(self.q_cap, max(0.0, self.state.q + step))
