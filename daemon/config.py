@@ -146,7 +146,7 @@ class RoutingConfig:
     # "auto": the policy decides; "local"/"cloud": every turn goes there unless the request forces otherwise.
     mode: str = field(default="auto", metadata=_choice("auto", "local", "cloud"))
     sla: float = field(default=0.8, metadata=_range(0.0, 1.0))
-    v: float = field(default=1.0, metadata=_range(0.0))
+    v: float = field(default=20.0, metadata=_range(0.0))
     explore_c: float = field(default=0.2, metadata=_range(0.0))
     q_cap: float = field(default=50.0, metadata=_range(0.0))
     weight_money: float = field(default=1.0, metadata=_range(0.0))

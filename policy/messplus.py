@@ -1,12 +1,16 @@
 """MESS+ (Woisetschläger et al., NeurIPS 2025): keep a satisfaction SLA at minimum cost, learning online.
 
 Per turn, for every candidate model m, a predictor gives s_hat_m (probability the answer satisfies) and a
-cost model gives cost_m in [0, 1]. With the virtual queue Q the rule picks
+cost model gives cost_m in [0, 1]. With the feed-forward price mu (policy/price.py: the price of
+satisfaction at which the recent turns' predictions reach alpha) and the signed queue Z the rule picks
 
-    m* = argmin_m  V * cost_m + Q * (alpha - s_hat_m)        (+ the TMO policy's term, see router)
+    m* = argmin_m  V * (cost_m + extra_m) + (Z + V * mu) * (alpha - s_hat_m)     (extra: the TMO policy's term)
 
-and the queue moves by Q <- clip(Q + alpha - s, 0, q_cap), where s is the label when one exists and the
-prediction until it arrives (corrected by the difference when it does: labels may be late or never come).
+and both queues move by s, the label when one exists and the prediction until it arrives (corrected by the
+difference when it does: labels may be late or never come): Z <- clip(Z + alpha - s, -q_cap, q_cap), and
+the paper's Q <- clip(Q + alpha - s, 0, q_cap), which is reported and observed by the TMO policy. mu already
+prices the SLA, so Z only corrects the predictor's bias, in both directions: a surplus banked below 0 lowers
+the price, where Q, clipped at 0, could only ever raise it.
 With probability min(1, c / t^(1/4)) a turn explores a random candidate so that every model keeps getting
 labels. The predictor is one logistic head per model over hashed word n-grams plus a few dense features,
 trained by SGD on each label; a per-model prior is its starting bias. Everything persists atomically.
@@ -30,7 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from locod.policy.confidence import ConfidenceHead
+from locod.policy.price import SlaPrice
 from locod.policy.tasks import TASKS
+from locod.policy.warmstart import Prior
 
 log = logging.getLogger(__name__)
 
@@ -167,17 +174,21 @@ class Choice:
     explored: bool
     s_hat: dict[str, float]
     key: str = ""
+    price: float = 0.0  # Z / V + mu: what one unit of satisfaction was worth in cost on this turn
 
 
 @dataclass
 class MessPlusState:
     q: float = 0.0
+    z: float = 0.0  # the signed queue the rule uses (Q without its floor at 0)
     t: int = 0
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)  # labels seen per model
     settled: int = 0  # answered turns
     satisfied_sum: float = 0.0  # sum of s over answered turns (labels where known, predictions otherwise)
     pending: dict[int, tuple[str, float]] = field(default_factory=dict)  # decision -> (model, s used)
+    price: SlaPrice = field(default_factory=SlaPrice)  # recent turns' predictions, for the feed-forward price
+    confidence: dict[str, ConfidenceHead] = field(default_factory=dict)  # per local model that has answered
 
 
 class MessPlus:
@@ -239,7 +250,8 @@ class MessPlus:
     ) -> Choice:
         """Pick among ``costs``'s keys (already masked): models, or actions such as a model with an upload
         choice, each answered by ``model_of[key]``, with ``s_hat`` per key, or ``xs`` per key to predict
-        it from; ``extra`` adds a per-key term (the TMO policy's). s_hat comes back in the Choice."""
+        it from; ``extra`` adds a per-key term in cost units (the TMO policy's), weighed by V as the cost is.
+        s_hat comes back in the Choice."""
         keys = list(costs)
         model_of = model_of or {k: k for k in keys}
         if s_hat is None:
@@ -248,12 +260,13 @@ class MessPlus:
             s_hat = {k: self.satisfaction(xs[k], model_of[k]) for k in keys}
         self.state.t += 1
         self.max_s_hat_avg = 0.95 * self.max_s_hat_avg + 0.05 * max(s_hat.values())
-        objective = {
-            k: self.v * costs[k] + self.state.q * (self.sla - s_hat[k]) + (extra or {}).get(k, 0.0) for k in keys
-        }
+        self.state.price.add([(costs[k], s_hat[k]) for k in keys])
+        price = self.current_price
+        q = self.v * price
+        objective = {k: self.v * (costs[k] + (extra or {}).get(k, 0.0)) + q * (self.sla - s_hat[k]) for k in keys}
         explore = len(keys) > 1 and self.rng.random() < self.explore_probability
         key = self.rng.choice(keys) if explore else min(keys, key=objective.__getitem__)
-        return Choice(model_of[key], explore, s_hat, key)
+        return Choice(model_of[key], explore, s_hat, key, price)
 
     @property
     def explore_probability(self) -> float:
@@ -288,8 +301,29 @@ class MessPlus:
         w[indices] -= rate * ((p - y) * values + 1e-4 * w[indices])
         self.state.labels[model] = seen + 1
 
+    def warm_start(self, model: str, prior: Prior | None) -> bool:
+        """Start ``model``'s heads from a shipped prior (warmstart.load_prior) unless it has learned already."""
+        if prior is None or self.state.labels.get(model, 0) or prior.weights.shape != (DIM,):
+            return False
+        self.state.weights[model] = prior.weights.astype(np.float64).copy()
+        self.state.confidence[model] = ConfidenceHead(prior.confidence)
+        log.info("MESS+ predictor for %s starts from the prior fitted on %s", model, prior.source)
+        return True
+
+    def confidence_head(self, model: str) -> ConfidenceHead:
+        """s_hat of a local model that has answered (its prompt-only s_hat corrected by the answer's
+        confidence), trained on every label of an answer whose confidence is known (kept, escalated, shadow)."""
+        return self.state.confidence.setdefault(model, ConfidenceHead())
+
+    @property
+    def current_price(self) -> float:
+        """What one unit of satisfaction is worth in cost now: Z / V plus the feed-forward price, never below 0
+        (a banked surplus may make satisfaction free, never unwanted)."""
+        return max(0.0, (self.state.z / self.v if self.v else 0.0) + self.state.price.price(self.sla))
+
     def _shift_queue(self, step: float) -> None:
         self.state.q = min(self.q_cap, max(0.0, self.state.q + step))
+        self.state.z = min(self.q_cap, max(-self.q_cap, self.state.z + step))
 
     # -- reporting -----------------------------------------------------------------------------------
 
@@ -315,6 +349,7 @@ class MessPlus:
                 version=np.array(STATE_VERSION),
                 dim=np.array(DIM),
                 q=np.array(self.state.q),
+                z=np.array(self.state.z),
                 t=np.array(self.state.t),
                 settled=np.array(self.state.settled),
                 satisfied_sum=np.array(self.state.satisfied_sum),
@@ -324,6 +359,10 @@ class MessPlus:
                 pending_ids=np.array(list(self.state.pending), dtype=np.int64),
                 pending_models=np.array([m for m, _ in self.state.pending.values()], dtype=str),
                 pending_s=np.array([s for _, s in self.state.pending.values()], dtype=np.float64),
+                **dict(zip(("price_bases", "price_steps"), self.state.price.arrays())),
+                conf_names=np.array(sorted(self.state.confidence), dtype=str),
+                conf_weights=np.array([self.state.confidence[n].weights for n in sorted(self.state.confidence)]),
+                conf_seen=np.array([self.state.confidence[n].seen for n in sorted(self.state.confidence)]),
             )
             f.flush()
             os.fsync(f.fileno())
@@ -353,6 +392,12 @@ class MessPlus:
                         for i, m, s in zip(data["pending_ids"], data["pending_models"], data["pending_s"])
                     },
                 )
+                if "price_bases" in data:  # absent from files written before the feed-forward price
+                    state.z = float(data["z"])
+                    state.price.restore(data["price_bases"], data["price_steps"])
+                    for name, w, seen in zip(data["conf_names"], data["conf_weights"], data["conf_seen"]):
+                        state.confidence[str(name)] = ConfidenceHead(w)
+                        state.confidence[str(name)].seen = int(seen)
         except Exception as exc:  # corrupt, truncated, foreign: never let it poison routing
             aside = self.path.with_name(f"{self.path.name}.bad-{int(time.time())}")
             os.replace(self.path, aside)
@@ -362,6 +407,8 @@ class MessPlus:
             return MessPlusState()
         if not (math.isfinite(state.q) and state.q >= 0):
             state.q = 0.0
+        if not math.isfinite(state.z):
+            state.z = 0.0
         return state
 
 

@@ -2,11 +2,19 @@
 """Build the routing replay trace (docs/routing.md) from BIG-bench tasks with gold answers.
 
 Every local label comes from really running the embedded model (greedy) on the prompt and grading its
-answer against the gold targets. No cloud endpoint is reachable here, so the cloud label is simulated at
-a stated accuracy per task (CLOUD_ACCURACY, seeded), and the metadata file says so. Latency, money and
-energy follow the stated cost model below.
+answer against the gold targets; the trace keeps the answer's per-token log-probabilities (`tokens`,
+`logprobs`) and the GGUF's SHA-256, so a replay can judge the model's confidence in its own answer. No
+cloud endpoint is reachable here, so the cloud label is simulated at a stated accuracy per task
+(CLOUD_ACCURACY, seeded), and the metadata file says so. Latency, money and energy follow the stated cost
+model below.
 
     python scripts/build_trace.py [--out policy/data/bigbench_trace.jsonl] [--limit N]
+    python scripts/build_trace.py --rerun-local policy/data/bigbench_trace.jsonl [--threads 1]
+
+--rerun-local keeps a trace's prompts and cloud labels and runs the local model again (a new GGUF or
+llama.cpp, or log-probs added to an older trace). On a machine shared with other work, run with
+OMP_WAIT_POLICY=PASSIVE: llama.cpp's OpenMP threads otherwise spin while waiting for a core, ten times
+the CPU time per answer here.
 
 Inputs: the `bigbench==1.0.0` sdist from PyPI (downloaded with pip, never installed; task JSON files read
 straight out of the tarball) and the embedded GGUF (models/manifest.toml).
@@ -26,11 +34,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 from llama_cpp import Llama
 
 from locod.daemon.fetch import fetch
 
 REPO = Path(__file__).resolve().parent.parent
+LOCAL_NAME = "smollm2-135m-instruct"
 SEED = 20251125
 # task -> (path inside the sdist, examples to take, prompt template, max answer tokens)
 TASKS = {
@@ -97,6 +107,51 @@ def correct(task: str, answer: str, targets: list[str]) -> bool:
     return any(f" {normalise(t)} " in said for t in targets if normalise(t))
 
 
+def answer(llm: Llama, prompt: str, max_tokens: int) -> tuple[str, dict[str, object], float, int, int]:
+    """The local model's greedy answer, its trace fields (tokens and their log-probabilities), the wall time
+    and the prompt and answer token counts."""
+    t0 = time.perf_counter()
+    reply = llm.create_chat_completion(
+        messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0, seed=SEED
+    )
+    local_s = time.perf_counter() - t0
+    text = str(reply["choices"][0]["message"]["content"] or "")  # type: ignore[index]
+    usage = reply["usage"]  # type: ignore[index]
+    n_prompt, n_answer = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
+    tokens, logprobs = greedy_logprobs(llm, n_prompt, n_answer)
+    fields = {"answer": text[:200], "tokens": tokens, "logprobs": logprobs}
+    return text, fields, local_s, n_prompt, max(n_answer, 1)
+
+
+def greedy_logprobs(llm: Llama, n_prompt: int, n_answer: int) -> tuple[list[str], list[float]]:
+    """Each answer token and its log-probability, from the logits the model kept (logits_all): greedy
+    decoding chose the most likely token at every step, so the token is the row's argmax. The same figures
+    llama-cpp-python returns with logprobs=True, without its Python sort of the vocabulary per token."""
+    rows = np.asarray(llm.scores[n_prompt - 1 : n_prompt - 1 + n_answer], dtype=np.float64)
+    top = rows.max(axis=1)
+    logprobs = -np.log(np.exp(rows - top[:, None]).sum(axis=1))
+    ids = rows.argmax(axis=1).tolist()
+    tokens = [llm.detokenize([i]).decode("utf-8", errors="ignore") for i in ids]
+    return tokens, [round(float(lp), 4) for lp in logprobs]
+
+
+def local_fields(  # type: ignore[no-untyped-def]
+    task: str, targets: list[str], text: str, fields: dict[str, object], local_s: float, sha: str, max_tokens: int
+):
+    """The trace's fields for the local model's answer: the label, costs, tokens and log-probs."""
+    ok = correct(task, text, targets)
+    return {
+        "satisfied": int(ok),
+        "quality": float(ok),
+        "latency_s": round(local_s, 4),
+        "usd": 0.0,
+        "energy_j": round(local_s * LOCAL_WATTS, 3),
+        **fields,
+        "max_tokens": max_tokens,
+        "gguf_sha256": sha,
+    }
+
+
 def sdist_tasks(cache: Path) -> tarfile.TarFile:
     archives = list(cache.glob("bigbench-1.0.0.tar.gz"))
     if not archives:
@@ -130,12 +185,27 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "policy/data/bigbench_trace.jsonl"))
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "locod-bigbench"))
     parser.add_argument("--limit", type=int, default=0, help="cap examples per task (for a quick run)")
+    parser.add_argument("--rerun-local", metavar="TRACE", help="rerun the local model over TRACE's prompts")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    gguf = fetch("smollm2-135m-instruct", REPO / "models", progress=lambda _: None)
+    sha, size = hashlib.sha256(gguf.read_bytes()).hexdigest(), gguf.stat().st_size
+    llm = Llama(
+        model_path=str(gguf),
+        n_ctx=512,
+        n_threads=args.threads,
+        n_threads_batch=args.threads,
+        logits_all=True,
+        verbose=False,
+    )
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.rerun_local:
+        rerun_local(llm, (sha, size), Path(args.rerun_local), out)
+        return
     rng = random.Random(SEED)
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    gguf = fetch("smollm2-135m-instruct", REPO / "models", progress=lambda _: None)
-    llm = Llama(model_path=str(gguf), n_ctx=512, n_threads=2, verbose=False)
     turns = []
     with sdist_tasks(cache) as archive:
         for task, (path, count, template, max_tokens) in TASKS.items():
@@ -146,24 +216,15 @@ def main() -> None:
                 targets = [str(t) for t in (target if isinstance(target, list) else [target])]
                 turns.append((task, template.format(input=example["input"]), targets, max_tokens))
     rng.shuffle(turns)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     accuracy: dict[str, list[int]] = {t: [] for t in TASKS}
     dialogue, position, length = 0, 0, rng.randint(2, 5)
     started = time.time()
     with out.open("w") as f:
         for n, (task, prompt, targets, max_tokens) in enumerate(turns):
-            t0 = time.perf_counter()
-            reply = llm.create_chat_completion(
-                messages=[{"role": "user", "content": prompt}], max_tokens=max_tokens, temperature=0.0, seed=SEED
-            )
-            local_s = time.perf_counter() - t0
-            answer = str(reply["choices"][0]["message"]["content"] or "")  # type: ignore[index]
-            usage = reply["usage"]  # type: ignore[index]
-            local_ok = correct(task, answer, targets)
-            accuracy[task].append(int(local_ok))
+            text, fields, local_s, tokens_in, tokens_out = answer(llm, prompt, max_tokens)
+            local = local_fields(task, targets, text, fields, local_s, sha, max_tokens)
+            accuracy[task].append(local["satisfied"])
             cloud_ok = rng.random() < CLOUD_ACCURACY[task]
-            tokens_in, tokens_out = usage["prompt_tokens"], max(usage["completion_tokens"], 1)
             row = {
                 "dialogue": f"d{dialogue:04d}",
                 "turn": position,
@@ -173,14 +234,7 @@ def main() -> None:
                 "gold": targets,
                 "attachments": [],
                 "models": {
-                    "smollm2-135m-instruct": {
-                        "satisfied": int(local_ok),
-                        "quality": float(local_ok),
-                        "latency_s": round(local_s, 4),
-                        "usd": 0.0,
-                        "energy_j": round(local_s * LOCAL_WATTS, 3),
-                        "answer": answer[:200],
-                    },
+                    LOCAL_NAME: local,
                     "cloud": {
                         "satisfied": int(cloud_ok),
                         "quality": float(cloud_ok),
@@ -194,14 +248,48 @@ def main() -> None:
             position += 1
             if position == length:
                 dialogue, position, length = dialogue + 1, 0, rng.randint(2, 5)
-            if n % 100 == 0:
-                print(f"{n}/{len(turns)} turns, {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+            progress(n, len(turns), started)
+    write_meta(out, len(turns), accuracy, (sha, size))
+
+
+def rerun_local(llm: Llama, gguf: tuple[str, int], source: Path, out: Path) -> None:
+    """Run the local model again over a trace's prompts, keeping everything else (the cloud labels too).
+    Where the answer is the one the trace holds, so is its wall time: the same computation, timed when the
+    trace was built, on a machine this rerun may share."""
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    accuracy: dict[str, list[int]] = {t: [] for t in TASKS}
+    changed, started = 0, time.time()
+    for n, row in enumerate(rows):
+        max_tokens = TASKS[row["task"]][3]
+        text, fields, local_s, _, _ = answer(llm, row["prompt"], max_tokens)
+        old = row["models"][LOCAL_NAME]
+        local = local_fields(row["task"], row["gold"], text, fields, local_s, gguf[0], max_tokens)
+        if fields["answer"] == old["answer"]:
+            local["latency_s"], local["energy_j"] = old["latency_s"], old["energy_j"]
+        else:
+            changed += 1
+        row["models"][LOCAL_NAME] = local
+        accuracy[row["task"]].append(local["satisfied"])
+        progress(n, len(rows), started)
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    print(f"{changed} local answers differ from {source.name}'s", file=sys.stderr)
+    write_meta(out, len(rows), accuracy, gguf)
+
+
+def progress(n: int, total: int, started: float) -> None:
+    if n % 100 == 0:
+        print(f"{n}/{total} turns, {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+def write_meta(out: Path, turns: int, accuracy: dict[str, list[int]], gguf: tuple[str, int]) -> None:
     meta = {
         "format": "locod replay trace v1 (docs/routing.md)",
         "source": "bigbench==1.0.0 sdist from PyPI",
         "seed": SEED,
-        "turns": len(turns),
-        "local_model": "smollm2-135m-instruct (Q4_1, greedy, really run)",
+        "turns": turns,
+        "local_model": "smollm2-135m-instruct (Q4_1, greedy, really run; per-token log-probs kept)",
+        "local_gguf_sha256": {LOCAL_NAME: gguf[0]},
+        "local_gguf_size": {LOCAL_NAME: gguf[1]},
         "local_accuracy": {t: round(sum(v) / len(v), 4) for t, v in accuracy.items() if v},
         "cloud_label": "simulated, not measured: Bernoulli per turn at the stated accuracy per task",
         "cloud_accuracy": CLOUD_ACCURACY,

@@ -1,14 +1,24 @@
 #!/usr/bin/env python3
-"""Replay routers over a trace (docs/routing.md) in streaming order, labels revealed only after each
-decision and only for the model that answered, and report satisfaction, SLA violation, cloud share and
-cost for each SLA target, with plots.
+"""Replay routers over a trace (docs/routing.md) in streaming order, each label revealed only after its
+decision and only for the answers that were given, and report satisfaction, SLA violation, cloud share, how
+much of the distance from random routing to the label oracle each router captures, cost and latency.
 
-Routers: always-local, always-cloud, random at MESS+'s cloud share, a RouteLLM-style threshold on the
-same online predictor calibrated to MESS+'s cloud share, and MESS+ (locod.policy.messplus, the code the
-daemon runs, with the daemon's priors and cost weights).
+Beside the routers: "random needs", the cloud share at which random routing reaches alpha in expectation,
+(alpha - local) / (cloud - local), and the label oracle's share (it knows every label in advance).
+Routers, all on MESS+'s own predictor (locod.policy.messplus, the code the daemon runs):
+- MESS+ as the paper has it (Q alone prices satisfaction), V = 1: the daemon's rule before issue #18;
+- the price rule (feed-forward price + signed queue, V = --v), from a cold start;
+- the same with shadow labels: on every cloud-routed turn the local model also answers and the cloud's
+  answer grades it (simulated grader: it errs where the cloud's own answer is wrong, and at the stated
+  --grader-error rate besides);
+- the same from the warm-start prior (fitted on the other part of the trace: --split);
+- answer locally, escalate if unsure: the local model answers, its s_hat is corrected by the answer's
+  confidence (policy/confidence.py), and the price rule keeps the answer or sends the turn to the cloud; a
+  turn goes to the cloud at once only when even a fully confident answer would be escalated. An escalated
+  turn costs the local answer and the cloud call, and waits for both.
 
     pip install '.[eval]'
-    python scripts/replay.py [--trace policy/data/bigbench_trace.jsonl] [--out docs/img] [--seed 1]
+    python scripts/replay.py [--trace policy/data/bigbench_trace.jsonl] [--split none|half|task] [--seed 1]
 """
 
 from __future__ import annotations
@@ -24,15 +34,19 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import numpy as np
+from fit_prior import LOCAL, answer_features, fit
 
 from locod.policy.messplus import MessPlus, TurnFeatures, vectorize
 from locod.policy.rule import CLOUD_PRIOR, ENERGY_REF_J, LOCAL_PRIOR, MONEY_REF_USD
 from locod.policy.tasks import task_of
+from locod.policy.warmstart import Prior
 
 REPO = Path(__file__).resolve().parent.parent
-LOCAL, CLOUD = "smollm2-135m-instruct", "cloud"
+CLOUD = "cloud"
 ALPHAS = (0.5, 0.6, 0.7, 0.8)
 WEIGHT_MONEY, WEIGHT_ENERGY = 1.0, 0.2  # routing.weight_money / weight_energy defaults
+TASK_SPLIT = ({"add_1digit", "mul_2digit", "plural", "negation"}, {"add_2digit", "wikidata", "past_tense"})
 
 
 @dataclass
@@ -42,166 +56,277 @@ class Run:
     clouds: list[int] = field(default_factory=list)
     usd: float = 0.0
     energy_j: float = 0.0
+    latency_s: float = 0.0
+    escalated: int = 0
+    shadows: int = 0
+    shadow_errors: int = 0
     q: list[float] = field(default_factory=list)
 
-    def summary(self, alpha: float, cloud_usd: float) -> dict[str, float]:
-        n = len(self.satisfied)
-        sat = sum(self.satisfied) / n
-        return {
-            "satisfaction": sat,
-            "violation": max(0.0, alpha - sat),
-            "cloud_share": sum(self.clouds) / n,
-            "cost_vs_cloud": self.usd / cloud_usd if cloud_usd else 0.0,
-            "energy_j": self.energy_j,
-        }
+    def add(self, row: dict, models: list[str], satisfied: int) -> None:  # type: ignore[type-arg]
+        """A turn answered by ``models`` in turn (the last answer counts; all of them cost)."""
+        self.satisfied.append(satisfied)
+        self.clouds.append(int(CLOUD in models))
+        for m in models:
+            self.usd += row["models"][m]["usd"]
+            self.energy_j += row["models"][m]["energy_j"]
+            self.latency_s += row["models"][m]["latency_s"]
+        self.escalated += len(models) > 1
+
+
+@dataclass(frozen=True)
+class Turn:
+    row: dict  # type: ignore[type-arg]
+    x: tuple[np.ndarray, np.ndarray]
+    costs: dict[str, float]
+    conf: tuple[float, ...] | None
 
 
 def costs(row: dict) -> dict[str, float]:  # type: ignore[type-arg]
     raw = {
-        m: WEIGHT_MONEY * v["usd"] / MONEY_REF_USD + WEIGHT_ENERGY * v["energy_j"] / ENERGY_REF_J
-        for m, v in ((LOCAL, row["models"][LOCAL]), (CLOUD, row["models"]["cloud"]))
+        m: WEIGHT_MONEY * row["models"][m]["usd"] / MONEY_REF_USD
+        + WEIGHT_ENERGY * row["models"][m]["energy_j"] / ENERGY_REF_J
+        for m in (LOCAL, CLOUD)
     }
     top = max(raw.values()) or 1.0
     return {m: c / top for m, c in raw.items()}
 
 
-def features(row: dict, prev_cloud: bool) -> TurnFeatures:  # type: ignore[type-arg]
-    return TurnFeatures(prompt=row["prompt"], task=task_of(row["prompt"]), position=row["turn"], prev_cloud=prev_cloud)
+def turns(trace: list[dict]) -> list[Turn]:  # type: ignore[type-arg]
+    """The trace as the routers see it (prev_cloud left out: it depends on the router, and no decision here
+    would differ by it before the predictor has learned its weight)."""
+    return [
+        Turn(
+            row,
+            vectorize(TurnFeatures(prompt=row["prompt"], task=task_of(row["prompt"]), position=row["turn"])),
+            costs(row),
+            answer_features(row),
+        )
+        for row in trace
+    ]
 
 
-def replay(trace: list[dict], name: str, pick: Callable[..., tuple[str, MessPlus | None]]) -> Run:  # type: ignore[type-arg]
-    """``pick(row, x, t)`` returns the model and the MessPlus whose predictor learns from the label."""
-    run = Run(name)
-    prev_cloud = False
-    for t, row in enumerate(trace):
-        x = vectorize(features(row, prev_cloud if row["turn"] else False))
-        model, learner = pick(row, x, t)
-        outcome = row["models"][LOCAL if model == LOCAL else "cloud"]
-        run.satisfied.append(outcome["satisfied"])
-        run.clouds.append(int(model != LOCAL))
-        run.usd += outcome["usd"]
-        run.energy_j += outcome["energy_j"]
-        if learner is not None:
-            learner.label(t, model, x, bool(outcome["satisfied"]))
-            run.q.append(learner.state.q)
-        prev_cloud = model != LOCAL
+def new_messplus(alpha: float, v: float, c: float, seed: int, prior: Prior | None = None) -> MessPlus:
+    m = MessPlus(
+        {LOCAL: LOCAL_PRIOR, CLOUD: CLOUD_PRIOR}, sla=alpha, v=v, explore_c=c, q_cap=50.0, rng=random.Random(seed)
+    )
+    m.warm_start(LOCAL, prior)
+    return m
+
+
+@dataclass
+class Grader:
+    """Grades a shadow answer (the local model's, on a turn the cloud answered) against the cloud's: it
+    errs where the cloud's own answer is wrong (a right local answer then looks wrong), and besides, at
+    the stated ``error`` rate, either way (a normalised match or a judge is not perfect)."""
+
+    error: float
+    rng: random.Random
+
+    def __call__(self, row: dict) -> int:  # type: ignore[type-arg]
+        label = int(row["models"][LOCAL]["satisfied"] and row["models"][CLOUD]["satisfied"])
+        return 1 - label if self.rng.random() < self.error else label
+
+
+def learn_local(m: MessPlus, run: Run, t: Turn, s_prompt: float, label: int, shadow: bool) -> None:
+    """A label for the local model's answer: its confidence head learns from it where log-probs exist, and a
+    shadow label (the turn was answered in the cloud, whose head MessPlus.label trained) trains its prompt
+    head too."""
+    if shadow:
+        m.train(LOCAL, t.x, float(label))
+        run.shadows += 1
+        run.shadow_errors += label != t.row["models"][LOCAL]["satisfied"]
+    if t.conf is not None:
+        m.confidence_head(LOCAL).train(s_prompt, t.conf, bool(label))
+
+
+def paper_rule(trace: list[Turn], alpha: float, v: float, c: float, seed: int) -> Run:
+    """MESS+ as the paper has it: argmin V * cost + Q * (alpha - s_hat), Q clipped at 0."""
+    m, run, q = new_messplus(alpha, v, c, seed), Run(f"MESS+ paper rule, V = {v:g} (before)"), 0.0
+    for t in trace:
+        s = {k: m.satisfaction(t.x, k) for k in (LOCAL, CLOUD)}
+        model = min(s, key=lambda k: v * t.costs[k] + q * (alpha - s[k]))
+        if m.rng.random() < m.explore_probability:
+            model = m.rng.choice([LOCAL, CLOUD])
+        m.state.t += 1
+        label = t.row["models"][model]["satisfied"]
+        m.train(model, t.x, float(label))
+        q = min(50.0, max(0.0, q + alpha - label))
+        run.add(t.row, [model], label)
+        run.q.append(q)
     return run
 
 
-def new_messplus(alpha: float, v: float, c: float, seed: int) -> MessPlus:
-    return MessPlus(
-        {LOCAL: LOCAL_PRIOR, CLOUD: CLOUD_PRIOR}, sla=alpha, v=v, explore_c=c, q_cap=50.0, rng=random.Random(seed)
-    )
+def price_rule(trace: list[Turn], m: MessPlus, name: str, grade: Grader | None) -> Run:
+    """The daemon's rule: choose, settle by the prediction, correct by the label; shadows grade the local
+    model on cloud-routed turns."""
+    run = Run(name)
+    for i, t in enumerate(trace):
+        choice = m.choose(t.costs, xs={LOCAL: t.x, CLOUD: t.x})
+        m.settle(i, choice.model, choice.s_hat[choice.key])
+        label = t.row["models"][choice.model]["satisfied"]
+        m.label(i, choice.model, t.x, bool(label))
+        if choice.model == LOCAL:
+            learn_local(m, run, t, choice.s_hat[LOCAL], label, False)
+        elif grade is not None:
+            learn_local(m, run, t, choice.s_hat[LOCAL], grade(t.row), True)
+        run.add(t.row, [choice.model], label)
+        run.q.append(m.state.z)
+    return run
 
 
-def messplus_router(alpha: float, v: float, c: float, seed: int) -> Callable[..., tuple[str, MessPlus]]:
-    m = new_messplus(alpha, v, c, seed)
-
-    def pick(row: dict, x: object, t: int) -> tuple[str, MessPlus]:  # type: ignore[type-arg]
-        options = costs(row)
-        choice = m.choose(options, xs={k: x for k in options})  # type: ignore[misc]
-        m.settle(t, choice.model, choice.s_hat[choice.key])
-        return choice.model, m
-
-    return pick
-
-
-def threshold_router(threshold: float, seed: int) -> Callable[..., tuple[str, MessPlus]]:
-    """RouteLLM's rule on MESS+'s predictor: cloud when the local model's predicted satisfaction is low."""
-    m = new_messplus(0.0, 0.0, 0.2, seed)  # same predictor and the same exploration to collect labels
-
-    def pick(row: dict, x: object, t: int) -> tuple[str, MessPlus]:  # type: ignore[type-arg]
-        explore = m.rng.random() < m.explore_probability
-        m.state.t += 1
-        if explore:
-            return m.rng.choice([LOCAL, CLOUD]), m
-        return (CLOUD if m.satisfaction(x, LOCAL) < threshold else LOCAL), m  # type: ignore[arg-type]
-
-    return pick
-
-
-def calibrated_threshold(trace: list[dict], share: float, seed: int) -> tuple[float, Run]:  # type: ignore[type-arg]
-    lo, hi = 0.0, 1.0
-    best = replay(trace, "threshold", threshold_router(0.5, seed))
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        run = replay(trace, "threshold", threshold_router(mid, seed))
-        best = run
-        got = sum(run.clouds) / len(run.clouds)
-        if abs(got - share) < 0.005:
-            break
-        lo, hi = (mid, hi) if got < share else (lo, mid)
-    return mid, best
+def escalating(trace: list[Turn], m: MessPlus, name: str, grade: Grader) -> Run:
+    """Answer locally, escalate if unsure (with shadows on the turns sent to the cloud at once)."""
+    run = Run(name)
+    for i, t in enumerate(trace):
+        s_prompt, s_cloud = m.satisfaction(t.x, LOCAL), m.satisfaction(t.x, CLOUD)
+        head = m.confidence_head(LOCAL)
+        hopeless = t.costs[CLOUD] < m.current_price * (s_cloud - head.best(s_prompt))
+        if t.conf is None or hopeless:
+            choice = m.choose(t.costs, s_hat={LOCAL: s_prompt, CLOUD: s_cloud})
+            tried = [choice.model]
+        else:  # the local answer is paid for: keep it, or pay for the cloud as well
+            s_hat = {LOCAL: head.predict(s_prompt, t.conf), CLOUD: s_cloud}
+            choice = m.choose({LOCAL: 0.0, CLOUD: t.costs[CLOUD]}, s_hat=s_hat)
+            tried = [LOCAL] if choice.model == LOCAL else [LOCAL, CLOUD]
+        m.settle(i, choice.model, choice.s_hat[choice.key])
+        label = t.row["models"][choice.model]["satisfied"]
+        m.label(i, choice.model, t.x, bool(label))
+        if choice.model == LOCAL:
+            learn_local(m, run, t, s_prompt, label, False)
+        elif t.conf is not None:  # escalated, or a shadow answer of a turn sent to the cloud at once
+            learn_local(m, run, t, s_prompt, grade(t.row), True)
+        run.add(t.row, tried, label)
+        run.q.append(m.state.z)
+    return run
 
 
-def oracle_cloud_share(trace: list[dict], alpha: float) -> float:  # type: ignore[type-arg]
+def oracle_cloud_share(trace: list[Turn], alpha: float) -> float:
     """The least cloud share that reaches ``alpha`` knowing every label in advance: local wherever the
     local model satisfies, cloud only where it does not and the cloud does, and only as often as needed."""
     n = len(trace)
-    free = sum(r["models"][LOCAL]["satisfied"] for r in trace)
-    rescuable = sum(1 for r in trace if not r["models"][LOCAL]["satisfied"] and r["models"]["cloud"]["satisfied"])
+    free = sum(t.row["models"][LOCAL]["satisfied"] for t in trace)
+    rescuable = sum(1 for t in trace if not t.row["models"][LOCAL]["satisfied"] and t.row["models"][CLOUD]["satisfied"])
     needed = max(0.0, alpha * n - free)
     return needed / n if needed <= rescuable else float("nan")
+
+
+def accuracy(trace: list[Turn], model: str) -> float:
+    return sum(t.row["models"][model]["satisfied"] for t in trace) / len(trace)
+
+
+def routers(trace: list[Turn], alpha: float, args: argparse.Namespace, prior: Prior | None) -> list[Callable[[], Run]]:
+    def mess(p: Prior | None = None) -> MessPlus:
+        return new_messplus(alpha, args.v, args.explore_c, args.seed, p)
+
+    def grader() -> Grader:
+        return Grader(args.grader_error, random.Random(args.seed + 1))
+
+    v = f"V = {args.v:g}"
+    out = [
+        lambda: paper_rule(trace, alpha, 1.0, args.explore_c, args.seed),
+        lambda: price_rule(trace, mess(), f"price rule, {v}, cold", None),
+        lambda: price_rule(trace, mess(), f"price rule + shadows, {v}, cold", grader()),
+    ]
+    if prior is not None:
+        out.append(lambda: price_rule(trace, mess(prior), f"price rule + shadows + prior, {v}", grader()))
+    if trace[0].conf is not None:
+        name = f"escalate if unsure{' + prior' if prior else ''}, {v}"
+        out.append(lambda: escalating(trace, mess(prior), name, grader()))
+    return out
+
+
+def folds(trace: list[dict], split: str) -> list[tuple[str, list[dict], list[dict]]]:  # type: ignore[type-arg]
+    """(name, turns the prior is fitted on, turns replayed): the whole trace cold, or each part with the
+    prior fitted on the other part."""
+    if split == "none":
+        return [("whole trace", [], trace)]
+    if split == "half":
+        a, b = trace[: len(trace) // 2], trace[len(trace) // 2 :]
+        return [("second half, prior from the first", a, b), ("first half, prior from the second", b, a)]
+    parts = [[r for r in trace if r["task"] in tasks] for tasks in TASK_SPLIT]
+    names = [", ".join(sorted(tasks)) for tasks in TASK_SPLIT]
+    return [
+        (f"tasks {names[1]}, prior from {names[0]}", parts[0], parts[1]),
+        (f"tasks {names[0]}, prior from {names[1]}", parts[1], parts[0]),
+    ]
+
+
+def table(name: str, trace: list[Turn], prior: Prior | None, args: argparse.Namespace) -> dict[float, list[Run]]:
+    local, cloud = accuracy(trace, LOCAL), accuracy(trace, CLOUD)
+    print(f"\n### {name}: {len(trace)} turns; always-local {local:.3f}, always-cloud {cloud:.3f}\n")
+    print(
+        "| alpha | router | satisfaction | SLA violation | cloud share | capture | escalated | cost vs cloud |", end=""
+    )
+    print(" latency (s) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    cloud_usd = sum(t.row["models"][CLOUD]["usd"] for t in trace)
+    runs: dict[float, list[Run]] = {}
+    for alpha in args.alphas:
+        random_needs, oracle = (alpha - local) / (cloud - local), oracle_cloud_share(trace, alpha)
+        print(f"| {alpha} | random needs | {alpha:.3f} | 0.000 | {random_needs:.3f} | 0.00 | - | - | - |")
+        print(f"| {alpha} | label oracle | {alpha:.3f} | 0.000 | {oracle:.3f} | 1.00 | - | - | - |")
+        runs[alpha] = [make() for make in routers(trace, alpha, args, prior)]
+        for run in runs[alpha]:
+            n = len(run.satisfied)
+            sat, share = sum(run.satisfied) / n, sum(run.clouds) / n
+            capture = (random_needs - share) / (random_needs - oracle)
+            flag = "" if sat >= alpha - 0.005 else " (SLA missed)"
+            print(
+                f"| {alpha} | {run.name} | {sat:.3f} | {max(0.0, alpha - sat):.3f} | {share:.3f} | "
+                f"{capture:.2f}{flag} | "
+                f"{run.escalated / n:.3f} | {run.usd / cloud_usd:.3f} | {run.latency_s / n:.3f} |"
+            )
+        shadow = [r for r in runs[alpha] if r.shadows]
+        for r in shadow[-1:]:
+            print(
+                f"| {alpha} | ({r.shadows} shadow labels in the last run, {r.shadow_errors} of them wrong)",
+                end="",
+            )
+            print(" |||||||")
+    return runs
+
+
+def plot(runs: dict[float, list[Run]], out: Path) -> None:
+    fig, axes = plt.subplots(2, len(runs), figsize=(4 * len(runs), 6.5), sharex=True)
+    for col, (alpha, rs) in enumerate(runs.items()):
+        top, bottom = axes[0][col], axes[1][col]
+        for run in rs:
+            n = np.arange(1, len(run.satisfied) + 1)
+            top.plot(np.cumsum(run.satisfied) / n, label=run.name, linewidth=0.9)
+            bottom.plot(run.q, linewidth=0.9)
+        top.axhline(alpha, color="black", linestyle="--", linewidth=0.8)
+        top.set_title(f"alpha = {alpha}")
+        top.set_ylim(0, 1)
+        bottom.set_xlabel("turn")
+        if col == 0:
+            top.set_ylabel("time-average satisfaction")
+            bottom.set_ylabel("queue (Q before, Z after)")
+    axes[0][0].legend(fontsize=6, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / "replay_messplus.png", dpi=110)
+    print(f"\nplot: {out / 'replay_messplus.png'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default=str(REPO / "policy/data/bigbench_trace.jsonl"))
     parser.add_argument("--out", default=str(REPO / "docs/img"))
-    parser.add_argument("--v", type=float, default=1.0)
+    parser.add_argument("--split", choices=("none", "half", "task"), default="half")
+    parser.add_argument("--v", type=float, default=20.0)
     parser.add_argument("--explore-c", type=float, default=0.2)
+    parser.add_argument("--alphas", type=float, nargs="+", default=ALPHAS)
+    parser.add_argument("--grader-error", type=float, default=0.05, help="shadow grader's error rate")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
     trace = [json.loads(line) for line in Path(args.trace).read_text().splitlines()]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    n = len(trace)
-    local_acc = sum(r["models"][LOCAL]["satisfied"] for r in trace) / n
-    cloud_acc = sum(r["models"]["cloud"]["satisfied"] for r in trace) / n
-    print(f"trace: {n} turns; always-local satisfaction {local_acc:.3f}, always-cloud {cloud_acc:.3f}\n")
-    print("| alpha | router | satisfaction | SLA violation | cloud share | cost vs always-cloud | energy (kJ) |")
-    print("|---|---|---|---|---|---|---|")
-    fig, axes = plt.subplots(2, len(ALPHAS), figsize=(4 * len(ALPHAS), 6.5), sharex=True)
-    for col, alpha in enumerate(ALPHAS):
-        rng = random.Random(args.seed)
-        always_local = replay(trace, "always-local", lambda row, x, t: (LOCAL, None))
-        always_cloud = replay(trace, "always-cloud", lambda row, x, t: (CLOUD, None))
-        mess = replay(trace, "MESS+", messplus_router(alpha, args.v, args.explore_c, args.seed))
-        share = sum(mess.clouds) / n
-        randomly = replay(
-            trace,
-            "random (same share)",
-            lambda row, x, t, rng=rng, share=share: (CLOUD if rng.random() < share else LOCAL, None),
-        )
-        threshold, routellm = calibrated_threshold(trace, share, args.seed)
-        routellm.name = f"threshold {threshold:.2f} (same share)"
-        oracle_share = oracle_cloud_share(trace, alpha)
-        print(
-            f"| {alpha} | oracle lower bound (knows every label) | {alpha:.3f} | 0.000 | {oracle_share:.3f} | "
-            f"~{oracle_share:.3f} | - |"
-        )
-        for run in (always_local, always_cloud, randomly, routellm, mess):
-            s = run.summary(alpha, always_cloud.usd)
-            print(
-                f"| {alpha} | {run.name} | {s['satisfaction']:.3f} | {s['violation']:.3f} | "
-                f"{s['cloud_share']:.3f} | {s['cost_vs_cloud']:.3f} | {s['energy_j'] / 1e3:.1f} |"
-            )
-        top, bottom = axes[0][col], axes[1][col]
-        for run in (always_local, always_cloud, randomly, routellm, mess):
-            running = [sum(run.satisfied[: i + 1]) / (i + 1) for i in range(n)]
-            top.plot(running, label=run.name, linewidth=1.6 if run is mess else 0.9)
-        top.axhline(alpha, color="black", linestyle="--", linewidth=0.8)
-        top.set_title(f"alpha = {alpha}")
-        top.set_ylim(0, 1)
-        bottom.plot(mess.q, color="tab:purple")
-        bottom.set_xlabel("turn")
-        if col == 0:
-            top.set_ylabel("time-average satisfaction")
-            bottom.set_ylabel("MESS+ queue Q")
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out / "replay_messplus.png", dpi=110)
-    print(f"\nplot: {out / 'replay_messplus.png'}")
+    if "logprobs" not in trace[0]["models"][LOCAL]:
+        print("this trace has no log-probs: the routers do without the local answer's confidence")
+    for i, (name, fit_on, replayed) in enumerate(folds(trace, args.split)):
+        prior = fit(fit_on, "", 0, name) if fit_on else None
+        runs = table(name, turns(replayed), prior, args)
+        if i == 0 and args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            plot(runs, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -58,19 +58,21 @@ def test_queue_never_goes_below_zero_or_above_its_cap() -> None:
 
 
 def test_rule_by_hand() -> None:
+    """objective = V * (cost + extra) + (Z + V * price) * (alpha - s_hat), price from the window of predictions."""
     costs = {"local": 0.1, "cloud": 1.0}
-    m = router()
-    choice = m.choose(costs, xs=same(X, costs))  # Q = 0: only cost counts
-    assert choice.model == "local"
-    m.state.q = 10.0  # far behind the SLA: 0.1 + 10*(0.8-0.3) = 5.1 against 1.0 + 10*(0.8-0.9) = 0.0
+    m = router(sla=0.25)  # local's 0.3 alone meets the SLA: price 0, only cost counts
     choice = m.choose(costs, xs=same(X, costs))
-    assert choice.model == "cloud"
-    assert m.choose(costs, xs=same(X, costs), extra={"cloud": 5.0}).model == "cloud"  # 5.0 < 5.1: still cloud
-    assert m.choose(costs, xs=same(X, costs), extra={"cloud": 5.2}).model == "local"  # 5.2 > 5.1: local
+    assert choice.model == "local" and choice.price == 0.0
+    m = router()  # SLA 0.8: the window's one turn needs the cloud at the price (1.0 - 0.1) / (0.9 - 0.3) = 1.5
+    m.state.z = 10.0  # far behind the SLA: 0.1 + 11.5 * (0.8 - 0.3) = 5.85 against 1.0 + 11.5 * (0.8 - 0.9)
+    choice = m.choose(costs, xs=same(X, costs))
+    assert choice.model == "cloud" and choice.price == pytest.approx(11.5)
     assert choice.s_hat == pytest.approx({"local": 0.3, "cloud": 0.9})
-    m.state.q = 1.0  # 0.1 + 0.5 = 0.6 against 1.0 - 0.1 = 0.9
+    assert m.choose(costs, xs=same(X, costs), extra={"cloud": 5.9}).model == "cloud"  # -0.15 + 5.9 < 5.85
+    assert m.choose(costs, xs=same(X, costs), extra={"cloud": 6.1}).model == "local"  # -0.15 + 6.1 > 5.85
+    m.state.z = -1.0  # a banked surplus lowers the price to 0.5: 0.1 + 0.25 = 0.35 against 1.0 - 0.05 = 0.95
     assert m.choose(costs, xs=same(X, costs)).model == "local"
-    assert m.choose(costs, xs=same(X, costs), extra={"local": 0.5}).model == "cloud"  # the policy's term can tip it
+    assert m.choose(costs, xs=same(X, costs), extra={"local": 0.7}).model == "cloud"  # the policy's term can tip it
 
 
 def test_exploration_probability_decays_as_t_to_the_minus_quarter() -> None:

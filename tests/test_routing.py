@@ -25,13 +25,12 @@ def auto_config(base_url: str, **routing: Any) -> dict[str, Any]:
 
 
 def test_auto_turns_record_the_messplus_state(daemon_factory: Any, proxy: FaultProxy) -> None:
-    handle = daemon_factory(auto_config(proxy.base_url))
+    handle = daemon_factory(auto_config(proxy.base_url, shadow="off"))  # no labels: the predictions stand
     client = handle.client()
     first = client.ask("Hi", max_tokens=2)
     assert "lowest V*cost + Q*(alpha - s_hat)" in first.decision.reason and "Q=0.00" in first.decision.reason
-    assert first.decision.location == "local"  # empty queue: the cheaper model
     row = handle.rows()[0]
-    assert row["sla"] == 0.8 and row["v"] == 1.0 and row["q"] == 0.0 and row["explored"] == 0
+    assert row["sla"] == 0.8 and row["v"] == 20.0 and row["q"] == 0.0 and row["explored"] == 0
     # One s_hat and cost per allowed action: without attachments the cloud model is offered text only.
     s_hat = json.loads(row["s_hat"])
     assert set(s_hat) == {"smollm2-135m-instruct", "cloud-small|cloud"}
@@ -44,12 +43,13 @@ def test_auto_turns_record_the_messplus_state(daemon_factory: Any, proxy: FaultP
     assert set(json.loads(row["probabilities"])) == {"local", "cloud"} and row["policy_version"]
     features = json.loads(row["features"])
     assert features["task"] == "chat" and features["hashed"]
-    # Each predicted-unsatisfying local turn grows Q by 0.8 - 0.5; soon the cloud's higher s_hat wins.
-    # By hand: local 0.005 + Q*0.3 against cloud 1 - Q*0.05, so the cloud wins once Q > 2.84, the 11th turn.
+    # The price rule (docs/routing.md): predicted 0.5 locally and 0.85 in the cloud, alpha 0.8 needs the
+    # cloud on (0.8 - 0.5) / (0.85 - 0.5) = 6 turns in 7, and the signed queue keeps the mix there (the
+    # paper's rule with V = 1 stayed local for the first 10 turns while Q built up).
     locations = [client.ask(f"Question {i}", max_tokens=2).decision.location for i in range(12)]
-    assert locations.index("cloud") == 9
+    assert 9 <= locations.count("cloud") <= 11
     wait_for(lambda: client.status()["routing"]["turns"] == 13, 10, "the last turn to settle")  # after `done`
-    assert client.status()["routing"]["q"] > 0
+    assert client.status()["routing"]["q"] < 1.0  # kept from the first turn: the paper's Q built up to ~3 here
 
 
 def test_feedback_through_socket_and_cli(daemon_factory: Any, proxy: FaultProxy) -> None:

@@ -58,10 +58,12 @@ def test_combined_rule_by_hand() -> None:
         {"local": 0.5, "cloud": 0.85},
         {"local": "local", "cloud": "cloud"},
     )
-    assert rule.choose(mess, costs, s_hat, model_of).key == "local"  # Q = 0: cost decides
-    mess.state.q = 4.0  # 0.1 + 4 * 0.3 = 1.3 against 1.0 - 4 * 0.05 = 0.8
+    # the price of satisfaction: Z / V plus mu = (1.0 - 0.1) / (0.85 - 0.5) = 2.57, which the window needs
+    mess.state.z = -5.0  # a banked surplus: price max(0, -5 + 2.57) = 0, cost decides
+    assert rule.choose(mess, costs, s_hat, model_of).key == "local"
+    mess.state.z = 2.0  # price 4.57: 0.1 + 4.57 * 0.3 = 1.47 against 1.0 - 4.57 * 0.05 = 0.77
     assert rule.choose(mess, costs, s_hat, model_of).key == "cloud"
-    # a policy sure of the local answer tips it back: -w log pi adds 0.5 * 2.3 to the cloud's 0.8
+    # a policy sure of the local answer tips it back: -w log pi adds 0.5 * 2.3 to the cloud's 0.77
     log_pi = {"local": np.log(0.9), "cloud": np.log(0.1)}
     assert rule.choose(mess, costs, s_hat, model_of, log_pi, weight=0.5).key == "local"
 

@@ -1,0 +1,34 @@
+"""Load-aware routing: a turn answered locally waits for the turns ahead of it in the local queue.
+
+The local model answers one turn at a time, so a local action's latency is its own answer plus the expected
+wait, turns ahead x the recent turn time. That wait is a cost like money and energy: added to the local
+actions' raw cost before MESS+ normalises the costs, so with a long queue turns go to the cloud wherever the
+SLA's price allows (docs/routing.md). The recent turn time is an EWMA of measured local turns, so the wait
+follows the device as it is now (a throttled laptop, a model swapped for a larger one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WAIT_REF_S = 10.0  # ten seconds of waiting weigh as much as router.MONEY_REF_USD (a tenth of a cent)
+
+
+@dataclass
+class TurnTime:
+    """EWMA of the local model's wall time per turn."""
+
+    seconds: float = 1.0
+    weight: float = 0.2
+
+    def observe(self, seconds: float) -> None:
+        if seconds >= 0.0:
+            self.seconds += self.weight * (seconds - self.seconds)
+
+    def expected_wait_s(self, turns_ahead: int) -> float:
+        return max(0, turns_ahead) * self.seconds
+
+
+def wait_cost(wait_s: float, weight: float = 1.0) -> float:
+    """The raw cost of waiting ``wait_s`` seconds, on the scale of the router's money and energy terms."""
+    return weight * max(0.0, wait_s) / WAIT_REF_S

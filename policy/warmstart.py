@@ -1,0 +1,97 @@
+"""Predictor priors shipped for known local models, so that a fresh install routes well from its first turn.
+
+A prior is fitted offline on a replay trace where the model really answered every prompt (scripts/fit_prior.py)
+and kept in policy/priors/<GGUF SHA-256>.npz: the weights of MESS+'s head for that model (hashed n-grams and
+dense features, messplus.DIM) and of its ConfidenceHead. A model without a prior starts from the task priors
+and learns, as before. The GGUF is hashed only when a prior of exactly its size exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from locod.policy.confidence import identity
+
+log = logging.getLogger(__name__)
+
+PRIORS = Path(__file__).resolve().parent / "priors"
+
+
+@dataclass(frozen=True)
+class Prior:
+    sha256: str
+    gguf_size: int
+    weights: np.ndarray  # MESS+'s head, messplus.DIM
+    confidence: np.ndarray  # ConfidenceHead's weights
+    source: str  # the trace and split it was fitted on
+
+
+def save_prior(prior: Prior, folder: Path = PRIORS) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{prior.sha256}.npz"
+    with path.open("wb") as f:
+        np.savez_compressed(
+            f,
+            sha256=np.array(prior.sha256),
+            gguf_size=np.array(prior.gguf_size),
+            weights=prior.weights.astype(np.float32),
+            confidence=prior.confidence.astype(np.float32),
+            source=np.array(prior.source),
+        )
+    return path
+
+
+def read_prior(path: Path) -> Prior:
+    with np.load(path, allow_pickle=False) as data:
+        return Prior(
+            str(data["sha256"]),
+            int(data["gguf_size"]),
+            data["weights"].astype(np.float64),
+            data["confidence"].astype(np.float64),
+            str(data["source"]),
+        )
+
+
+def load_prior(gguf: Path, folder: Path = PRIORS, dim: int | None = None) -> Prior | None:
+    """The prior shipped for this GGUF file, or None (no prior of its size and hash, or an unusable one)."""
+    try:
+        size = gguf.stat().st_size
+        candidates = [read_prior(p) for p in sorted(folder.glob("*.npz"))]
+    except (OSError, ValueError, KeyError) as exc:
+        log.warning("no predictor prior for %s: %s", gguf, exc)
+        return None
+    sized = [p for p in candidates if p.gguf_size == size]
+    if not sized:
+        return None
+    sha = file_sha256(gguf)
+    for prior in sized:
+        shapes = (dim is None or prior.weights.shape == (dim,)) and prior.confidence.shape == identity().shape
+        if prior.sha256 == sha and shapes and np.all(np.isfinite(prior.weights)):
+            return prior
+    return None
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, start: np.ndarray, l2: float = 1e-3, steps: int = 400) -> np.ndarray:
+    """Weights minimising the mean log-loss + l2 / 2 * |w - start|^2 (full-batch Adam): pulled towards
+    ``start`` (the cold prior), so what few examples say about a feature does not run away with it."""
+    w, m, v = start.astype(np.float64).copy(), np.zeros_like(start), np.zeros_like(start)
+    for step in range(1, steps + 1):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30, 30)))
+        grad = x.T @ (p - y) / len(y) + l2 * (w - start)
+        m = 0.9 * m + 0.1 * grad
+        v = 0.999 * v + 0.001 * grad * grad
+        w -= 0.05 * (m / (1 - 0.9**step)) / (np.sqrt(v / (1 - 0.999**step)) + 1e-8)
+    return w

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Fit the warm-start predictor prior of the embedded model on the replay trace (docs/routing.md) and ship it
+as policy/priors/<GGUF SHA-256>.npz (locod.policy.warmstart).
+
+The MESS+ head is a logistic regression on the features the daemon computes for a turn (hashed n-grams and
+dense features), fitted to the local model's real labels; the ConfidenceHead is fitted on the answers'
+log-prob features with the prompt-only s_hat predicted out of fold (2 folds), as the daemon will see it: from
+a head that has not seen that turn.
+
+    python scripts/fit_prior.py [--trace policy/data/bigbench_trace.jsonl] [--out policy/priors]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from locod.policy import confidence
+from locod.policy.messplus import DIM, TurnFeatures, _prior_weights, vectorize
+from locod.policy.rule import LOCAL_PRIOR
+from locod.policy.tasks import task_of
+from locod.policy.warmstart import PRIORS, Prior, fit_logistic, save_prior
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL = "smollm2-135m-instruct"
+DEFAULT_MAX_TOKENS = 24
+
+
+def answer_features(row: dict) -> tuple[float, ...] | None:  # type: ignore[type-arg]
+    """The confidence features of the local model's answer, or None for a trace without log-probs."""
+    local = row["models"][LOCAL]
+    if "logprobs" not in local:
+        return None
+    answer = confidence.Answer(row["prompt"], local["tokens"], local["logprobs"])
+    return confidence.features(answer, int(local.get("max_tokens", DEFAULT_MAX_TOKENS)))
+
+
+def prompt_matrix(rows: list[dict]) -> np.ndarray:  # type: ignore[type-arg]
+    x = np.zeros((len(rows), DIM))
+    for i, row in enumerate(rows):
+        indices, values = vectorize(
+            TurnFeatures(prompt=row["prompt"], task=task_of(row["prompt"]), position=row["turn"])
+        )
+        x[i, indices] = values
+    return x
+
+
+def fit(rows: list[dict], sha256: str, gguf_size: int, source: str) -> Prior:  # type: ignore[type-arg]
+    x = prompt_matrix(rows)
+    y = np.array([row["models"][LOCAL]["satisfied"] for row in rows], dtype=np.float64)
+    start = _prior_weights(LOCAL_PRIOR)
+    weights = fit_logistic(x, y, start)
+    conf = [answer_features(row) for row in rows]
+    head = confidence.identity()
+    if all(c is not None for c in conf):
+        out_of_fold = np.zeros(len(rows))
+        folds = np.arange(len(rows)) % 2
+        for k in (0, 1):
+            w = fit_logistic(x[folds != k], y[folds != k], start)
+            out_of_fold[folds == k] = 1.0 / (1.0 + np.exp(-(x[folds == k] @ w)))
+        h = confidence.ConfidenceHead()
+        z = np.array([h.inputs(s, c) for s, c in zip(out_of_fold, conf)])  # type: ignore[arg-type]
+        head = fit_logistic(z, y, confidence.identity())
+    return Prior(sha256, gguf_size, weights, head, source)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trace", default=str(REPO / "policy/data/bigbench_trace.jsonl"))
+    parser.add_argument("--out", default=str(PRIORS))
+    args = parser.parse_args()
+    trace = Path(args.trace)
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    meta = json.loads(trace.with_suffix(".meta.json").read_text())
+    sha = meta["local_gguf_sha256"][LOCAL]
+    size = int(meta["local_gguf_size"][LOCAL])
+    prior = fit(rows, sha, size, f"{trace.name} (sha256 {meta['sha256'][:12]}, {len(rows)} turns)")
+    print(save_prior(prior, Path(args.out)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""Issue #18: the price rule follows the predictor's ranking while keeping the SLA, the local answer's
+confidence, the warm-start prior, and the local queue's wait as a cost."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from locod.policy import confidence
+from locod.policy.load import WAIT_REF_S, TurnTime, wait_cost
+from locod.policy.messplus import DIM, MessPlus, TurnFeatures, vectorize
+from locod.policy.price import SlaPrice, breakpoints
+from locod.policy.warmstart import Prior, file_sha256, fit_logistic, load_prior, save_prior
+
+COSTS = {"local": 0.05, "cloud": 1.0}
+
+
+def test_breakpoints_walk_the_upper_hull() -> None:
+    # (cost, s): the cheapest first, then up the hull; (0.6, 0.5) lies below the hull and is never chosen
+    base, steps = breakpoints([(0.0, 0.2), (0.6, 0.5), (0.5, 0.7), (1.0, 0.9)])
+    assert base == 0.2
+    assert [pytest.approx(step) for step in steps] == [(1.0, 0.5), (2.5, 0.2)]
+
+
+def test_price_is_the_least_that_reaches_alpha_by_the_predictions() -> None:
+    window = SlaPrice(window=4)
+    for s_local in (0.1, 0.3, 0.5, 0.7, 0.9):  # the first turn falls out of the window
+        window.add([(0.0, s_local), (1.0, 1.0)])
+    # base 0.3 + 0.5 + 0.7 + 0.9 = 2.4; alpha 0.75 needs 0.6 more: the cloud on the 0.3 turn (gain 0.7, price 1/0.7)
+    assert window.price(0.75) == pytest.approx(1 / 0.7)
+    assert window.price(0.6) == 0.0
+    assert window.price(0.85) == pytest.approx(1 / 0.5)  # and the 0.5 turn too
+    again = SlaPrice(window=4)
+    again.restore(*window.arrays())
+    assert again.price(0.85) == window.price(0.85) and again.base_sum == pytest.approx(window.base_sum)
+
+
+def stream(m: MessPlus, turns: int, seed: int) -> tuple[float, float, float]:
+    """Turns of three difficulties the predictor is told exactly (s_hat is the truth); returns satisfaction,
+    cloud share, and the share of cloud turns spent on the hardest third."""
+    rng = random.Random(seed)
+    satisfied = clouds = hardest = 0
+    for t in range(turns):
+        p_local = rng.choice((0.1, 0.5, 0.9))
+        choice = m.choose(COSTS, s_hat={"local": p_local, "cloud": 0.95})
+        ok = rng.random() < (0.95 if choice.model == "cloud" else p_local)
+        m.settle(t, choice.model, choice.s_hat[choice.key])
+        m.label(t, choice.model, vectorize(TurnFeatures("x", "chat")), ok)
+        satisfied += ok
+        clouds += choice.model == "cloud"
+        hardest += choice.model == "cloud" and p_local == 0.1
+    return satisfied / turns, clouds / turns, hardest / max(clouds, 1)
+
+
+def test_price_rule_follows_the_ranking_and_keeps_the_sla() -> None:
+    """alpha 0.6 is reached by sending the hardest third (0.1 -> 0.95) to the cloud: local 0.5 on average,
+    +0.28. At V = 50 the paper's rule needs Q to build up to 50 / 0.85 first, routing everything locally and
+    missing the SLA; with the feed-forward price it sends mostly the hardest turns and meets it."""
+    m = MessPlus({"local": 0.5, "cloud": 0.9}, sla=0.6, v=50.0, explore_c=0.0, q_cap=50.0, rng=random.Random(1))
+    satisfaction, share, hardest = stream(m, 1500, seed=2)
+    assert satisfaction >= 0.6 - 0.01
+    assert share < 0.45 and hardest > 0.9  # random routing would need (0.6 - 0.5) / 0.45 = 0.22 ... of every kind
+
+
+def test_signed_queue_banks_a_surplus_and_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "messplus.npz"
+    m = MessPlus({"local": 0.5, "cloud": 0.9}, sla=0.5, v=10.0, explore_c=0.0, q_cap=50.0, path=path)
+    for t in range(4):
+        m.choose(COSTS, s_hat={"local": 0.5, "cloud": 0.9})
+        m.settle(t, "cloud", 0.9)
+    assert m.state.q == 0.0 and m.state.z == pytest.approx(-1.6)  # Q floors at 0, Z keeps the surplus
+    m.save()
+    again = MessPlus({"local": 0.5, "cloud": 0.9}, sla=0.5, v=10.0, explore_c=0.0, q_cap=50.0, path=path)
+    assert again.state.z == pytest.approx(-1.6) and again.current_price == pytest.approx(m.current_price)
+
+
+def test_state_written_before_the_price_still_loads(tmp_path: Path) -> None:
+    path = tmp_path / "messplus.npz"
+    m = MessPlus({"local": 0.5}, sla=0.5, v=1.0, explore_c=0.0, q_cap=50.0, path=path)
+    m.state.q = 2.0
+    m.save()
+    with np.load(path) as data:
+        old = {k: data[k] for k in data.files if not k.startswith(("price_", "conf_")) and k != "z"}
+    np.savez(path, **old)
+    again = MessPlus({"local": 0.5}, sla=0.5, v=1.0, explore_c=0.0, q_cap=50.0, path=path)
+    assert again.state.q == 2.0 and again.state.z == 0.0 and len(again.state.price.turns) == 0
+
+
+def answer(logprobs: list[float], tokens: list[str] | None = None) -> confidence.Answer:
+    return confidence.Answer("What is the plural of the word mouse?", tokens or ["w"] * len(logprobs), logprobs)
+
+
+def test_content_tokens_leave_out_what_repeats_the_prompt() -> None:
+    a = answer([-0.01, -0.01, -0.01, -2.0, -0.1], ["The", " plural", " of", " mice", "."])
+    assert confidence.content_logprobs(a) == [-2.0]
+    assert confidence.content_logprobs(a, budget=3) == []
+    f = confidence.features(a, max_tokens=10)
+    assert f[2] == pytest.approx(-2.0 / 5) and f[0] == pytest.approx(-2.13 / 5 / 5)
+
+
+def test_confidence_head_starts_as_the_identity_and_learns_that_doubt_means_wrong() -> None:
+    head = confidence.ConfidenceHead()
+    sure, unsure = confidence.features(answer([-0.05] * 4), 8), confidence.features(answer([-2.5] * 4), 8)
+    assert head.predict(0.4, sure) == pytest.approx(0.4) == head.predict(0.4, unsure)
+    rng = random.Random(0)
+    for _ in range(400):
+        head.train(0.4, sure, rng.random() < 0.8)
+        head.train(0.4, unsure, rng.random() < 0.1)
+    assert head.predict(0.4, sure) > 0.65 and head.predict(0.4, unsure) < 0.2
+    assert head.best(0.4) >= head.predict(0.4, sure)
+
+
+def test_prior_is_found_by_the_ggufs_hash_and_started_from_once(tmp_path: Path) -> None:
+    gguf, other = tmp_path / "model.gguf", tmp_path / "other.gguf"
+    gguf.write_bytes(b"weights" * 100)
+    other.write_bytes(b"WEIGHTS" * 100)  # same size, another hash
+    weights = np.zeros(DIM)
+    weights[7] = 3.0
+    prior = Prior(file_sha256(gguf), gguf.stat().st_size, weights, confidence.identity(), "test trace")
+    save_prior(prior, tmp_path / "priors")
+    assert load_prior(other, tmp_path / "priors") is None
+    loaded = load_prior(gguf, tmp_path / "priors")
+    assert loaded is not None and loaded.source == "test trace" and loaded.weights[7] == 3.0
+    m = MessPlus({"local": 0.5}, sla=0.5, v=1.0, explore_c=0.0, q_cap=50.0)
+    assert m.warm_start("local", loaded) and m.state.weights["local"][7] == 3.0
+    m.train("local", vectorize(TurnFeatures("x", "chat")), 1.0)
+    assert not m.warm_start("local", loaded)  # a model that has learned keeps what it learned
+    assert not m.warm_start("local", None)
+
+
+def test_fitted_prior_separates_what_the_model_gets_right() -> None:
+    rng = np.random.default_rng(0)
+    x = np.concatenate((rng.normal(size=(400, 3)), np.ones((400, 1))), axis=1)
+    y = (x[:, 0] + 0.3 * rng.normal(size=400) > 0).astype(float)
+    w = fit_logistic(x, y, np.zeros(4))
+    assert w[0] > 1.0 and abs(w[1]) < 0.5
+
+
+def test_a_long_local_queue_sends_turns_to_the_cloud() -> None:
+    times = TurnTime(seconds=2.0)
+    times.observe(4.0)
+    assert times.seconds == pytest.approx(2.4)
+    assert wait_cost(times.expected_wait_s(0)) == 0.0
+    raw_cloud, raw_local = 1.0, 0.05
+    m = MessPlus({"local": 0.6, "cloud": 0.9}, sla=0.5, v=1.0, explore_c=0.0, q_cap=50.0)
+    for ahead in (0, 10):
+        raw = {"local": raw_local + wait_cost(times.expected_wait_s(ahead)), "cloud": raw_cloud}
+        top = max(raw.values())
+        choice = m.choose({k: v / top for k, v in raw.items()}, s_hat={"local": 0.6, "cloud": 0.9})
+        assert choice.model == ("local" if ahead == 0 else "cloud")
+    assert wait_cost(WAIT_REF_S) == 1.0
+
+
+TRACE = Path(__file__).resolve().parent.parent / "policy/data/bigbench_trace.jsonl"
+
+
+@pytest.mark.parametrize("logprobs", [True, False])
+def test_replay_runs_with_and_without_the_answers_log_probs(tmp_path: Path, logprobs: bool) -> None:
+    """A trace without log-probs (the format before issue #18) still replays; with them, the escalating
+    router runs too. Both beside random routing and the label oracle."""
+    pytest.importorskip("matplotlib")
+    rows = [json.loads(line) for line in TRACE.read_text().splitlines()[:80]]
+    assert all("logprobs" in r["models"]["smollm2-135m-instruct"] for r in rows)
+    if not logprobs:
+        for r in rows:
+            for key in ("tokens", "logprobs", "max_tokens", "gguf_sha256"):
+                del r["models"]["smollm2-135m-instruct"][key]
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    script = Path(__file__).resolve().parent.parent / "scripts/replay.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--trace", str(trace), "--split", "half", "--alphas", "0.5", "--out", ""],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    assert "| random needs |" in out and "| label oracle |" in out and "price rule + shadows + prior" in out
+    assert ("escalate if unsure" in out) == logprobs
+    assert ("no log-probs" in out) != logprobs
