@@ -21,11 +21,12 @@ from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config
 from locod.daemon.decision import CloudAccess, Decision, Routing, fixed_decision, uploadable, withheld_note
 from locod.daemon.learner import Learner
-from locod.daemon.local import MIN_ANSWER_TOKENS, TEMPLATE_SLACK_TOKENS
+from locod.daemon.local import MIN_ANSWER_TOKENS, TEMPLATE_SLACK_TOKENS, LocalBackend
 from locod.daemon.records import DecisionLog
 from locod.daemon.telemetry import Snapshot, TelemetrySampler
 from locod.errors import PolicyError, PromptTooLong
 from locod.policy import rule
+from locod.policy.load import wait_cost
 from locod.policy.messplus import RecordedFeatures, TurnFeatures
 from locod.policy.observation import (
     ACTION_NAMES,
@@ -89,11 +90,18 @@ def policy_file(config: Config) -> Path:
 
 class Decider:
     def __init__(
-        self, config: Config, learner: Learner, records: DecisionLog, telemetry: TelemetrySampler, cloud: CloudBackend
+        self,
+        config: Config,
+        learner: Learner,
+        records: DecisionLog,
+        telemetry: TelemetrySampler,
+        local: LocalBackend,
+        cloud: CloudBackend,
     ) -> None:
         self.learner = learner
         self.records = records
         self.telemetry = telemetry
+        self.local = local
         self.cloud = cloud
         self.reload(config)
 
@@ -109,8 +117,9 @@ class Decider:
         except PolicyError as exc:
             error = exc.message
             log.error("%s; routing with MESS+ alone", exc.message)
+        priors = self.learner.priors(config)
         with self.learner.lock:
-            self.learner.adopt(config)
+            self.learner.adopt(config, priors)
             self.config, self.policy, self.policy_error = config, policy, error
 
     def status(self) -> dict[str, Any]:
@@ -183,7 +192,7 @@ class Decider:
         else:
             policy = routing.policy_version is not None
             why = (
-                f"MESS+{' + TMO policy' if policy else ''}: lowest V*cost + Q*(alpha - s_hat)"
+                f"MESS+{' + TMO policy' if policy else ''}: lowest V*cost + (Z + V*mu)*(alpha - s_hat)"
                 f"{' - w*log pi' if policy else ''} with Q={routing.q:.2f}, s_hat={routing.s_hat[chosen.key]:.2f}"
             )
         if chosen.location == "cloud":
@@ -356,14 +365,16 @@ class Decider:
         )
 
     def costs(self, turn: Turn, snapshot: Snapshot, candidates: dict[str, Candidate]) -> dict[str, float]:
-        """Normalised cost per candidate: money, and device energy (generation locally, the radio for
-        uploads), weighted by routing.weight_money / weight_energy."""
+        """Normalised cost per candidate: money, device energy (generation locally, the radio for uploads),
+        weighted by routing.weight_money / weight_energy, and for a local answer the wait behind the local
+        queue: with a long queue, turns go to the cloud where the SLA's price allows."""
         weights = self.config.routing
+        wait = wait_cost(self.local.expected_wait_s())  # the turns ahead in the local queue (policy/load.py)
         raw: dict[str, float] = {}
         for key, c in candidates.items():
             if c.location == "local":
                 joules = snapshot.joules_per_token or self.config.local_model(c.model).joules_per_token
-                raw[key] = rule.local_cost(joules, weights.weight_energy)
+                raw[key] = rule.local_cost(joules, weights.weight_energy) + wait
                 continue
             usd = self._price(turn, c, rule.EXPECTED_ANSWER_TOKENS)
             upload = turn.upload_bytes(c.send)

@@ -77,6 +77,10 @@ class FairGate:
             del self._waiting[client]
 
     @property
+    def busy(self) -> bool:
+        return self._busy
+
+    @property
     def waiting(self) -> int:
         with self._cond:
             return sum(len(q) for q in self._waiting.values())

@@ -20,10 +20,12 @@ from locod.daemon.backends import Prompt, Upload
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config
 from locod.daemon.decision import Decision
+from locod.daemon.local import resolve_path
 from locod.daemon.records import DecisionLog
 from locod.errors import CloudError, UnknownDecision
 from locod.policy import rule
 from locod.policy.messplus import MessPlus, RecordedFeatures
+from locod.policy.warmstart import Prior, load_prior
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,17 @@ class Learner:
         self._save_failed = False  # log a failing save once, not every turn
         self.shadow_labels = records.shadow_count()
 
-    def adopt(self, config: Config) -> None:
-        """Re-read the MESS+ state with the config's parameters (call with ``lock`` held: the decider swaps
-        its config and policy in the same step)."""
+    @staticmethod
+    def priors(config: Config) -> dict[str, Prior]:
+        """The shipped predictor priors of the configured local models' GGUFs (policy/warmstart.py): a
+        fresh install routes well from its first turn. Read before taking the lock: it hashes the files."""
+        found = {m.name: load_prior(resolve_path(m, config.models_dir)) for m in config.local.models}
+        return {name: prior for name, prior in found.items() if prior is not None}
+
+    def adopt(self, config: Config, priors: dict[str, Prior]) -> None:
+        """Re-read the MESS+ state with the config's parameters, a local model that has no labels yet
+        starting from its prior (call with ``lock`` held: the decider swaps its config and policy in the
+        same step)."""
         routing = config.routing
         self.config = config
         self.mess = MessPlus(
@@ -56,6 +66,8 @@ class Learner:
             q_cap=routing.q_cap,
             path=Path(config.paths.state_dir) / "messplus.npz",
         )
+        for name, prior in priors.items():
+            self.mess.warm_start(name, prior)
 
     def settle(self, decision_id: int, decision: Decision, question: str, answer: str) -> None:
         """Settle the queue with the prediction for what answered (labels come later), and have an explored

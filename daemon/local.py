@@ -25,6 +25,7 @@ from locod.daemon.config import LocalConfig, LocalModelConfig
 from locod.daemon.gate import FairGate
 from locod.daemon.gguf import is_gguf
 from locod.errors import ModelError, PromptTooLong
+from locod.policy.load import TurnTime
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +188,15 @@ class LocalBackend:
         self.zoo = zoo
         self.gate = FairGate()
         self.tokens_per_s: float | None = None  # EWMA of measured generation speed
+        self.turn_time = TurnTime()  # EWMA of a local turn's wall time: what each turn ahead makes one wait
 
     def slot(self, client: Hashable, cancelled: threading.Event) -> AbstractContextManager[bool]:
         return self.gate.slot(client, cancelled)
+
+    def expected_wait_s(self) -> float:
+        """How long a turn queued now would wait for the local model: the turns ahead of it (waiting, and the
+        one generating) at the recent turn time."""
+        return self.turn_time.expected_wait_s(self.gate.waiting + self.gate.busy)
 
     def fit(self, model: str, prompt: Prompt) -> Prompt:
         """Load the model and fit the messages to its context; raises before anything is generated."""
@@ -230,6 +237,8 @@ class LocalBackend:
         if first is not None and tokens_out > 1 and end > first:
             rate = (tokens_out - 1) / (end - first)
             self.tokens_per_s = rate if self.tokens_per_s is None else 0.8 * self.tokens_per_s + 0.2 * rate
+        if not prompt.cancelled.is_set():
+            self.turn_time.observe(end - started)
         return Generation(
             text="".join(parts),
             tokens_in=prompt.tokens_in or 0,

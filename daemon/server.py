@@ -88,7 +88,7 @@ class Daemon:
         self.sessions = SessionStore(config.daemon.session_idle_s, config.daemon.max_sessions)
         self.telemetry = TelemetrySampler(config, self.cloud, self.local)
         self.learner = Learner(self.records, self.cloud)
-        self.decider = Decider(config, self.learner, self.records, self.telemetry, self.cloud)
+        self.decider = Decider(config, self.learner, self.records, self.telemetry, self.local, self.cloud)
         self.shadow = ShadowLane(config, self.local, self.learner, self.records, self.telemetry)
         self.runner = TurnRunner(
             config,

@@ -343,6 +343,7 @@ class MessPlus:
             return
         tmp = self.path.with_suffix(".tmp")
         names = sorted(self.state.weights)
+        price_bases, price_steps = self.state.price.arrays()
         with tmp.open("wb") as f:
             np.savez(
                 f,
@@ -359,7 +360,8 @@ class MessPlus:
                 pending_ids=np.array(list(self.state.pending), dtype=np.int64),
                 pending_models=np.array([m for m, _ in self.state.pending.values()], dtype=str),
                 pending_s=np.array([s for _, s in self.state.pending.values()], dtype=np.float64),
-                **dict(zip(("price_bases", "price_steps"), self.state.price.arrays())),
+                price_bases=price_bases,
+                price_steps=price_steps,
                 conf_names=np.array(sorted(self.state.confidence), dtype=str),
                 conf_weights=np.array([self.state.confidence[n].weights for n in sorted(self.state.confidence)]),
                 conf_seen=np.array([self.state.confidence[n].seen for n in sorted(self.state.confidence)]),

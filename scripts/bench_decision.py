@@ -32,7 +32,12 @@ from locod.protocol import ChatRequest
 
 
 class NoLocal:
+    """What the decision reads of the local backend, without a model loaded."""
+
     tokens_per_s = 40.0
+
+    def expected_wait_s(self) -> float:
+        return 0.0
 
 
 def quantiles(samples: list[float]) -> tuple[float, float]:
@@ -53,7 +58,7 @@ def main() -> None:
         telemetry = TelemetrySampler(config, cloud, NoLocal())
         telemetry.sample()
         learner = Learner(records, cloud)
-        decider = Decider(config, learner, records, telemetry, cloud)
+        decider = Decider(config, learner, records, telemetry, NoLocal(), cloud)  # type: ignore[arg-type]
         sessions = SessionStore(1800, 100)
         session = sessions.open("bench")
         for i in range(3):
