@@ -149,7 +149,7 @@ def test_connection_refused_falls_back_and_breaker_opens(daemon_factory: Any) ->
     assert client.status()["cloud"]["breaker"] == "open"
     result = client.ask("Hi", max_tokens=2)
     assert result.decision.location == "local"
-    assert "circuit breaker is open" in result.decision.reason
+    assert "circuit breaker of cloud-small's endpoint is open" in result.decision.reason
     assert [r["outcome"] for r in handle.rows()] == ["fallback", "fallback", "fallback", "ok"]
 
 
@@ -264,7 +264,7 @@ def test_combined_faults_every_turn_answered_breaker_engages_and_recovers(
     assert outcomes == ["fallback"] * 3
     assert client.status()["cloud"]["breaker"] == "open"
     masked = client.ask("while the breaker is open", max_tokens=2)
-    assert masked.decision.location == "local" and "circuit breaker is open" in masked.decision.reason
+    assert masked.decision.location == "local" and "endpoint is open" in masked.decision.reason
     import time
 
     time.sleep(1.2)
