@@ -154,7 +154,7 @@ def test_connection_refused_falls_back_and_breaker_opens(daemon_factory: Any) ->
 
 
 def test_breaker_recovers_after_cooldown(daemon_factory: Any, proxy: FaultProxy) -> None:
-    config = cloud_config(proxy.base_url, max_retries=0, breaker_failures=1, breaker_cooldown_s=1.0)
+    config = cloud_config(proxy.base_url, max_retries=0, breaker_failures=1, breaker_cooldown_s=5.0)
     handle = daemon_factory(config)
     proxy.set(Fault("status", status=500, times=1))
     client = handle.client()
@@ -162,7 +162,7 @@ def test_breaker_recovers_after_cooldown(daemon_factory: Any, proxy: FaultProxy)
     assert client.ask("Hi", max_tokens=2).decision.location == "local"  # open
     import time
 
-    time.sleep(1.2)
+    time.sleep(5.2)  # the cooldown: long enough that a slow fallback answer does not outlast it
     assert client.ask("Hi", max_tokens=2).decision.location == "cloud"  # the trial turn goes through
     assert client.status()["cloud"]["breaker"] == "closed"
 
@@ -252,7 +252,7 @@ def test_combined_faults_every_turn_answered_breaker_engages_and_recovers(
     """Slow + 5xx + cut streams + garbage, then the network flapping back: every turn still ends with an
     answer, each failure is recorded as a fallback with its cause, the breaker opens and closes again."""
     handle = daemon_factory(
-        cloud_config(proxy.base_url, max_retries=0, timeout_s=1.0, breaker_failures=3, breaker_cooldown_s=1.0)
+        cloud_config(proxy.base_url, max_retries=0, timeout_s=1.0, breaker_failures=3, breaker_cooldown_s=5.0)
     )
     client = handle.client()
     proxy.faults = [
@@ -267,10 +267,10 @@ def test_combined_faults_every_turn_answered_breaker_engages_and_recovers(
     assert masked.decision.location == "local" and "endpoint is open" in masked.decision.reason
     import time
 
-    time.sleep(1.2)
+    time.sleep(5.2)  # the cooldown: long enough that a slow fallback answer does not outlast it
     proxy.faults = [Fault("garbage", times=1)]  # the trial turn fails: open again
     assert client.ask("trial", max_tokens=4).done.outcome == "fallback"
-    time.sleep(1.2)
+    time.sleep(5.2)  # the cooldown: long enough that a slow fallback answer does not outlast it
     recovered = client.ask("back online", max_tokens=4)  # the next trial succeeds: closed
     assert recovered.done.outcome == "ok" and recovered.done.location == "cloud"
     assert client.status()["cloud"]["breaker"] == "closed"
