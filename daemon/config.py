@@ -8,6 +8,7 @@ docs/configuration.md documents each key; ``locod config show`` prints the effec
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import types
@@ -78,6 +79,10 @@ class DaemonConfig:
     session_idle_s: float = field(default=1800.0, metadata=_range(1))
     max_sessions: int = field(default=1000, metadata=_range(1))
     queue_limit: int = field(default=256, metadata=_range(1))
+    # One client's turns in flight: no client can hold every worker (of queue_limit) by itself.
+    max_turns_per_client: int = field(default=32, metadata=_range(1))
+    # Replies waiting for one client that reads slowly; past this it is dropped and its turns cancelled.
+    max_queued_bytes: int = field(default=16 << 20, metadata=_range(1 << 16, 1 << 34))
     shutdown_grace_s: float = field(default=20.0, metadata=_range(0))
 
 
@@ -122,6 +127,11 @@ class LocalConfig:
 class CloudConfig:
     default: str = ""
     timeout_s: float = field(default=30.0, metadata=_range(0.1))
+    # A cloud call's whole life (retries, waiting and streaming), however the server trickles its bytes.
+    deadline_s: float = field(default=300.0, metadata=_range(1.0))
+    # Bytes one answer's response may take, and one event (line) of it.
+    max_answer_bytes: int = field(default=16 << 20, metadata=_range(4096))
+    max_event_bytes: int = field(default=1 << 20, metadata=_range(1024))
     max_retries: int = field(default=2, metadata=_range(0, 10))
     max_retry_after_s: float = field(default=10.0, metadata=_range(0))
     daily_cap_usd: float = field(default=0.0, metadata=_range(0))
@@ -273,8 +283,10 @@ def load_config(
             raise ConfigError(f"{file}: no such config file") from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{file}: cannot read: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{file}: not valid TOML: {exc}") from None
+        except ValueError as exc:  # TOMLDecodeError, or an integer of over 4,300 digits
+            raise ConfigError(f"{file}: not valid TOML: {_one_line(exc)}") from None
+        except RecursionError:
+            raise ConfigError(f"{file}: not valid TOML: nested too deeply") from None
     for var, key in ENV_OVERRIDES.items():
         if env.get(var, "") != "":
             _set_text(table, key, env[var], f"${var}")
@@ -376,6 +388,8 @@ def _value(hint: Any, raw: Any, meta: Mapping[str, Any], source: str, key: str) 
         raw, ok = float(raw), True
     if not ok:
         raise ConfigError(f"{source}: {key} expects {_type_name(hint)}, got {type(raw).__name__} {raw!r}")
+    if base is float and not math.isfinite(raw):
+        raise ConfigError(f"{source}: {key} must be a finite number, got {raw!r}")
     lo, hi = meta.get("min"), meta.get("max")
     if (lo is not None and raw < lo) or (hi is not None and raw > hi):
         bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
@@ -394,6 +408,10 @@ def default_runtime_dir(env: Mapping[str, str]) -> str:
         or env.get("RUNTIME_DIRECTORY", "").split(":")[0]
         or str(Path(env.get("XDG_RUNTIME_DIR") or f"/tmp/locod-{os.getuid()}") / "locod")
     )
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 def _with_defaults(config: Config, env: Mapping[str, str]) -> Config:

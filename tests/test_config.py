@@ -101,3 +101,40 @@ def test_documented_example_config_is_valid() -> None:
     config = load_config(example, env={})
     assert config.cloud.default == "mini"
     assert [m.name for m in config.local.models] == ["smollm2-135m-instruct", "llama-3.2-3b"]
+
+
+@pytest.mark.parametrize(
+    ("key", "literal"),
+    [
+        ("routing.sla", "nan"),
+        ("cloud.timeout_s", "nan"),
+        ("daemon.shutdown_grace_s", "inf"),
+        ("cloud.daily_cap_usd", "+inf"),
+        ("routing.weight_policy", "-nan"),
+        ("telemetry.bandwidth_prior_bps", "inf"),
+    ],
+)
+def test_non_finite_numbers_are_refused_naming_the_key(tmp_path: Path, key: str, literal: str) -> None:
+    section, name = key.split(".")
+    with pytest.raises(ConfigError, match=rf"{key} must be a finite number"):
+        load_config(write(tmp_path, f"[{section}]\n{name} = {literal}\n"), env={})
+    with pytest.raises(ConfigError, match=rf"{key} must be a finite number"):  # and as an override
+        load_config(write(tmp_path, ""), env={}, overrides={key: literal})
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "x = " + "[" * 5000 + "]" * 5000 + "\n",  # nested deeper than the parser's recursion
+        "x = " + "{a = " * 5000 + "1" + "}" * 5000 + "\n",
+        "x = " + "7" * 5000 + "\n",  # an integer over Python's 4,300-digit conversion limit
+    ],
+)
+def test_any_parse_failure_is_one_line_without_traceback(tmp_path: Path, text: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert "not valid TOML" in info.value.message and "\n" not in info.value.message
+    result = subprocess.run(locod_command("--config", str(path), "config", "show"), capture_output=True, text=True)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
