@@ -378,6 +378,7 @@ class MessPlus:
             with np.load(self.path, allow_pickle=False) as data:
                 if int(data["version"]) != STATE_VERSION or int(data["dim"]) != DIM:
                     raise ValueError(f"version {int(data['version'])}, dim {int(data['dim'])}")
+                _check_shapes(data)
                 names = [str(n) for n in data["names"]]
                 weights = {n: data["weights"][i].astype(np.float64) for i, n in enumerate(names)}
                 if any(not np.all(np.isfinite(w)) for w in weights.values()):
@@ -412,6 +413,28 @@ class MessPlus:
         if not math.isfinite(state.z):
             state.z = 0.0
         return state
+
+
+def _check_shapes(data: np.lib.npyio.NpzFile) -> None:
+    """A file can be a valid zip of the right version and still hold arrays of the wrong shape, which would
+    fail every routed turn with an IndexError; check each array against what ``save`` writes."""
+    n = len(data["names"]) if data["names"].ndim == 1 else -1
+    pending = len(data["pending_ids"]) if data["pending_ids"].ndim == 1 else -1
+    expected = {
+        "q": (),
+        "t": (),
+        "settled": (),
+        "satisfied_sum": (),
+        "names": (n,),
+        "weights": (n, DIM),
+        "labels": (n,),
+        "pending_ids": (pending,),
+        "pending_models": (pending,),
+        "pending_s": (pending,),
+    }
+    for key, shape in expected.items():
+        if data[key].shape != shape:
+            raise ValueError(f"{key} has shape {data[key].shape}, expected {shape}")
 
 
 def _prior_weights(prior: float) -> np.ndarray:

@@ -190,3 +190,27 @@ def test_one_turn_predicted_at_once_equals_each_candidate_alone() -> None:
     at_once = m.satisfaction_of_turn([f for f, _ in ways], [model for _, model in ways])
     assert at_once == pytest.approx([m.satisfaction(vectorize(f), model) for f, model in ways], abs=1e-12)
     assert len(set(at_once)) == len(ways)
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        {"weights": np.zeros((2, 10))},  # a valid zip of the right version, weights of the wrong width
+        {"weights": np.zeros(7)},
+        {"names": np.array([["local"]])},
+        {"labels": np.zeros(5, dtype=np.int64)},
+        {"pending_s": np.zeros(3)},
+    ],
+)
+def test_wrongly_shaped_state_is_set_aside_on_load(tmp_path: Path, broken: dict[str, np.ndarray]) -> None:
+    path = tmp_path / "messplus.npz"
+    m = router(path=path)
+    m.settle(1, "local", 0.4)
+    m.save()
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    np.savez(path, **{**arrays, **broken})
+    again = router(path=path)
+    assert again.state.settled == 0 and list(tmp_path.glob("messplus.npz.bad-*"))
+    choice = again.choose({"local": 0.1, "cloud": 1.0}, xs=same(X, {"local": 0, "cloud": 0}))  # routes again
+    assert choice.model in ("local", "cloud")
