@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 from locod.daemon.config import AttachmentsConfig
+from locod.daemon.safe_open import read_allowed
 from locod.errors import AttachmentError
 from locod.policy.rule import estimate_tokens
 from locod.protocol import Attachment
@@ -162,23 +163,12 @@ def terms(text: str) -> set[str]:
 
 
 def load_bytes(attachment: Attachment, allow_dirs: list[str], max_bytes: int) -> bytes:
-    """The attachment's bytes; a path is opened only if it resolves (symlinks too) under an allowed dir."""
+    """The attachment's bytes; a path is read only as a regular file under an allowed dir (safe_open)."""
     if attachment.data is not None:
         data = attachment.data
     else:
         assert attachment.path is not None
-        resolved = Path(attachment.path).resolve()
-        allowed = [Path(d).resolve() for d in allow_dirs]
-        if not any(resolved.is_relative_to(d) for d in allowed):
-            raise AttachmentError(
-                f"attachment {attachment.name!r}: path is outside the allowed directories; send the bytes instead",
-                code="path_not_allowed",
-            )
-        try:
-            with resolved.open("rb") as f:
-                data = f.read(max_bytes + 1)
-        except OSError as exc:
-            raise AttachmentError(f"attachment {attachment.name!r}: cannot read: {exc.strerror}") from None
+        data = read_allowed(attachment.path, allow_dirs, max_bytes, attachment.name)
     if len(data) > max_bytes:
         raise AttachmentError(
             f"attachment {attachment.name!r} is over the {max_bytes}-byte limit", code="attachment_too_large"
