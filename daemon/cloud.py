@@ -1,10 +1,14 @@
 """Cloud answers through any OpenAI-compatible endpoint, with retries, a circuit breaker and cost accounting.
 
-Retries happen only before the first token arrives (connection refused, timeout, 429 within
-``max_retry_after_s``, 5xx): after that a retry could repeat text, so a cut stream is a CloudError and the
-turn falls back to the local model. After ``breaker_failures`` failed turns in a row an endpoint's breaker
-opens and it is not tried for ``breaker_cooldown_s``: an offline laptop does not pay a timeout per turn.
-Each endpoint (base URL) has its own breaker: one provider's outage never blocks another's models.
+Every call is bounded (``bounded_http``): a total deadline per turn, bytes per answer and per event, and
+no more deltas than ``max_tokens`` whatever the server sends. Retries happen only before the first token
+arrives (connection refused, timeout, 429 within ``max_retry_after_s``, 5xx): after that a retry could
+repeat text, so a cut stream is a CloudError and the turn falls back to the local model. After
+``breaker_failures`` failed turns in a row an endpoint's breaker opens and it is not tried for
+``breaker_cooldown_s``: an offline laptop does not pay a timeout per turn. Each endpoint (base URL) has
+its own breaker: one provider's outage never blocks another's models. A 4xx that the request caused
+(400, 413, 422: an oversized or malformed request) is that request's failure, not the endpoint's, and
+leaves the breaker alone: one client cannot switch the cloud off.
 """
 
 from __future__ import annotations
@@ -21,12 +25,16 @@ from typing import Any, cast
 import openai
 
 from locod.daemon.backends import Generation, Prompt
+from locod.daemon.bounded_http import BoundedTransport, Limits, OverBound, limits
 from locod.daemon.config import CloudConfig, CloudModelConfig
 from locod.daemon.keyfile import read_key_file
 from locod.errors import CloudError
 from locod.policy.rule import estimate_tokens
 
 log = logging.getLogger(__name__)
+
+# 4xx statuses that speak of the endpoint, its key or its load rather than of one request.
+ENDPOINT_4XX = frozenset({401, 403, 404, 408, 429})
 
 
 def read_api_key(model: CloudModelConfig, env: dict[str, str] | None = None) -> str | None:
@@ -93,6 +101,7 @@ class CloudBackend:
                     api_key=read_api_key(model) or "no-key-configured",
                     timeout=config.timeout_s,
                     max_retries=0,
+                    http_client=openai.DefaultHttpx2Client(transport=BoundedTransport()),
                 ),
             )
             for model in config.models
@@ -127,11 +136,30 @@ class CloudBackend:
             raise CloudError(f"no cloud model named {name!r} is configured any more", code="cloud_unknown_model")
         model, client = entry
         breaker = self.breakers[model.base_url]
+        cfg = self.config
         started = time.perf_counter()
+        bounds = Limits(time.monotonic() + cfg.deadline_s, cfg.max_answer_bytes, cfg.max_event_bytes)
+        with limits(bounds):
+            try:
+                stream = self._open(name, model, client, breaker, prompt, bounds)
+            except OverBound as exc:  # an error body over the bounds, or the deadline before any answer
+                breaker.failure()
+                raise CloudError(f"{name}: {exc}", code=exc.code) from None
+            return self._consume(name, model, breaker, stream, prompt, started)
+
+    def _open(
+        self,
+        name: str,
+        model: CloudModelConfig,
+        client: openai.OpenAI,
+        breaker: CircuitBreaker,
+        prompt: Prompt,
+        bounds: Limits,
+    ) -> openai.Stream:
         attempt = 0
         while True:
             try:
-                stream = client.chat.completions.create(
+                return client.chat.completions.create(
                     model=model.model,
                     # Plain dicts in the shape the API documents; the client's TypedDicts vary by release.
                     messages=cast(Any, prompt.messages),
@@ -141,13 +169,15 @@ class CloudBackend:
                     stream=True,
                     stream_options={"include_usage": True},
                 )
-                break
             except openai.APIStatusError as exc:
                 delay = self._retry_delay(exc, attempt)
                 if delay is None:
-                    breaker.failure()
+                    if exc.status_code >= 500 or exc.status_code in ENDPOINT_4XX:
+                        breaker.failure()
                     raise CloudError(f"{name}: HTTP {exc.status_code} from the endpoint", code="cloud_http") from None
             except (openai.APIConnectionError, openai.APITimeoutError) as exc:
+                if isinstance(exc.__cause__, OverBound):
+                    raise exc.__cause__ from None
                 if attempt >= self.config.max_retries:
                     breaker.failure()
                     kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
@@ -158,10 +188,12 @@ class CloudBackend:
                 raise CloudError(
                     f"{name}: invalid reply from the endpoint: {type(exc).__name__}", code="cloud_invalid_reply"
                 ) from None
+            if delay >= bounds.left():
+                breaker.failure()
+                raise CloudError(f"{name}: no answer within the turn's deadline", code="cloud_deadline")
             attempt += 1
             log.info("cloud %s: retry %d in %.2f s", name, attempt, delay)
             time.sleep(delay)
-        return self._consume(name, model, breaker, stream, prompt, started)
 
     def _retry_delay(self, exc: openai.APIStatusError, attempt: int) -> float | None:
         if attempt >= self.config.max_retries or not (exc.status_code == 429 or exc.status_code >= 500):
@@ -199,6 +231,9 @@ class CloudBackend:
                     continue
                 finished = finished or chunk.choices[0].finish_reason is not None
                 delta = chunk.choices[0].delta.content
+                if delta and chunks >= prompt.max_tokens:  # more than was asked for: the answer is complete
+                    finished = True
+                    break
                 if delta:
                     if first is None:
                         first = time.perf_counter()
@@ -206,6 +241,10 @@ class CloudBackend:
                     chunks += 1
                     parts.append(delta)
                     prompt.on_delta(delta)
+        except OverBound as exc:  # past the turn's deadline or byte bounds: cut here, billed so far
+            breaker.failure()
+            partial = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
+            raise StreamCut(f"{name}: {exc}", partial, code=exc.code) from None
         except Exception as exc:  # transport (httpx/httpx2), decoding, API errors: the stream is cut
             breaker.failure()
             partial = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
@@ -246,8 +285,8 @@ class StreamCut(CloudError):
     """The answer stream broke after it began: ``partial`` is what came, priced (an estimate unless the
     endpoint reported usage), since real providers bill a cut answer too."""
 
-    def __init__(self, message: str, partial: Generation) -> None:
-        super().__init__(message, code="cloud_stream_cut")
+    def __init__(self, message: str, partial: Generation, code: str = "cloud_stream_cut") -> None:
+        super().__init__(message, code=code)
         self.partial = partial
 
 

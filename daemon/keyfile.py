@@ -20,4 +20,12 @@ def read_key_file(name: str, what: str) -> str:
         raise ConfigError(
             f"{what} {path} is readable by group or others (mode {stat.S_IMODE(mode):o}); run `chmod 600 {path}`"
         )
-    return path.read_text(encoding="utf-8").strip()
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what} {path} is not UTF-8 text") from None
+    if not text:  # a blank secret would make "no secret" the secret
+        raise ConfigError(f"{what} {path} is empty (or only whitespace)")
+    return text

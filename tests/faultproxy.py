@@ -1,7 +1,10 @@
 """A fault-injecting HTTP proxy on loopback, in front of the real OpenAI-compatible test server.
 
 It records every request it sees (path, headers, JSON body) and, per request, can delay it, answer with
-an HTTP error (optionally with Retry-After), cut the streamed answer after a few chunks, or answer garbage.
+an HTTP error (optionally with Retry-After), cut the streamed answer after a few chunks, or answer garbage;
+or, without asking upstream, answer a hostile stream: one byte at a time (``trickle``), deltas without end
+(``endless``), one event of ``size`` bytes (``huge_event``) or ``size`` bytes without a newline
+(``no_newline``). Hostile streams stop when the daemon hangs up, or after ``size`` bytes / 10 minutes.
 The upstream server runs a text-only model, so image parts are recorded, then replaced by a text marker
 before forwarding.
 """
@@ -12,6 +15,7 @@ import http.client
 import json
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -22,11 +26,12 @@ from urllib.parse import urlsplit
 class Fault:
     """What to do to the next ``times`` requests (None: every request)."""
 
-    kind: str = "pass"  # pass | status | delay | cut | garbage
+    kind: str = "pass"  # pass | status | delay | cut | garbage | trickle | endless | huge_event | no_newline
     status: int = 500
     retry_after: str | None = None
     delay_s: float = 0.0
     cut_after_chunks: int = 3
+    size: int = 1 << 20  # bytes of a huge_event or no_newline answer
     times: int | None = None
 
 
@@ -103,6 +108,19 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(payload)
                     return
+                if fault.kind in HOSTILE_STREAMS:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.end_headers()
+                    try:
+                        for piece in HOSTILE_STREAMS[fault.kind](fault):
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                            self.wfile.flush()
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass  # the daemon gave up on it: what the test wants
+                    self.close_connection = True
+                    return
                 if fault.kind == "garbage":
                     payload = b"data: {this is not json\n\ndata: \x00\x01\x02\n\n"
                     self.send_response(200)
@@ -171,6 +189,54 @@ def serve(handler: type[BaseHTTPRequestHandler]) -> ThreadingHTTPServer:
 def shut(server: ThreadingHTTPServer) -> None:
     server.shutdown()
     server.server_close()
+
+
+def _event(text: str, finish: str | None = None) -> bytes:
+    chunk = {
+        "id": "hostile",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": "cloud-small",
+        "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}],
+    }
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+def _trickle(fault: Fault) -> Iterator[bytes]:
+    """A valid answer, one byte per ``delay_s`` (never finishing within any sane deadline)."""
+    deadline = time.monotonic() + 600
+    for byte in _event("slow ") * 1000 + _event("", "stop") + b"data: [DONE]\n\n":
+        if time.monotonic() > deadline:
+            return
+        yield bytes([byte])
+        time.sleep(fault.delay_s or 0.2)
+
+
+def _endless(fault: Fault) -> Iterator[bytes]:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        yield _event("more ")
+
+
+def _huge_event(fault: Fault) -> Iterator[bytes]:
+    yield _event("x" * fault.size)
+    yield _event("", "stop") + b"data: [DONE]\n\n"
+
+
+def _no_newline(fault: Fault) -> Iterator[bytes]:
+    sent = 0
+    block = b"data: " + b"y" * 65536
+    while sent < fault.size:
+        yield block
+        sent += len(block)
+
+
+HOSTILE_STREAMS: dict[str, Callable[[Fault], Iterator[bytes]]] = {
+    "trickle": _trickle,
+    "endless": _endless,
+    "huge_event": _huge_event,
+    "no_newline": _no_newline,
+}
 
 
 def _text_only(body: dict[str, Any]) -> dict[str, Any]:
