@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -23,6 +24,10 @@ OPS = ("chat", "feedback", "status", "decisions", "ping", "reload")
 ROLES = ("system", "user", "assistant")
 FORCE = ("local", "cloud")
 ATTACHMENT_KINDS = ("image", "document")
+# JSON escapes of a UTF-16 surrogate: only a message holding one needs the walk for lone surrogates.
+LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+SURROGATE = re.compile("[\ud800-\udfff]")
+INT64 = range(-(2**63), 2**63)
 
 
 @dataclass(frozen=True)
@@ -98,8 +103,14 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
         )
     try:
         msg = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # ValueError: also an integer of over 4,300 digits
         raise BadRequest(f"message is not valid JSON: {exc}", code="invalid_json", request_id=None) from None
+    if LONE_SURROGATE_ESCAPE.search(raw) and _holds_lone_surrogate(msg):
+        raise BadRequest(
+            "message holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text",
+            code="bad_request",
+            request_id=msg.get("id") if isinstance(msg, dict) and isinstance(msg.get("id"), str) else None,
+        )
     if not isinstance(msg, dict):
         raise BadRequest(f"message must be a JSON object, got {type(msg).__name__}", code="not_object", request_id=None)
     rid = msg.get("id")
@@ -131,6 +142,23 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
     return SimpleRequest(rid, op, limit, secret)
 
 
+def _holds_lone_surrogate(value: Any) -> bool:
+    """Whether any string (key or value) in a parsed message holds a surrogate that no pair completed:
+    such a string cannot be encoded, so it would fail later, in a backend, as an internal error."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 class _Fields:
     """Typed field access that turns every mismatch into a BadRequest naming the field."""
 
@@ -156,6 +184,8 @@ class _Fields:
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise self.bad(name, f"must be {kind.__name__}, got {type(value).__name__}")
+        if kind is int and value not in INT64:
+            raise self.bad(name, "is out of range (a signed 64-bit integer)")
         return value
 
 

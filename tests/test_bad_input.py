@@ -59,6 +59,26 @@ def msg(**fields: Any) -> bytes:
             (msg(op="chat", prompt="read", attachments=[{"kind": "document", "path": "/etc/passwd"}]),),
             "path_not_allowed",
         ),
+        # Issue #17: these used to end as `internal` (or worse, accepted and left pending).
+        (
+            (
+                msg(
+                    op="chat",
+                    messages=[{"role": "user", "content": "a \ud800"}, {"role": "user", "content": "hi"}],
+                    options={"force": "cloud"},
+                ),
+            ),
+            "bad_request",
+        ),
+        ((msg(op="chat", prompt="hi", session="s\udc00"),), "bad_request"),
+        ((msg(op="ping", **{"\udfff": 1}),), "bad_request"),
+        (
+            (b'{"v": 1, "id": "t", "op": "feedback", "decision": ' + b"9" * 5000 + b', "satisfied": true}',),
+            "invalid_json",
+        ),
+        ((msg(op="feedback", decision=2**70, satisfied=True),), "bad_field"),
+        ((msg(op="chat", prompt="hi", options={"seed": -(2**70)}),), "bad_field"),
+        ((msg(op="chat", prompt="read", attachments=[{"kind": "document", "path": "/tmp/a\x00b"}]),), "bad_path"),
     ],
 )
 def test_bad_request_gets_a_named_error_and_nothing_is_written(
