@@ -168,7 +168,7 @@ class TurnRunner:
             att.prepare(a, att.load_bytes(a, self.config.paths.allow_dirs, cfg.max_bytes), prompt_terms, cfg)
             for a in request.attachments
         ]
-        session = self.sessions.open(request.session)
+        session = self.sessions.open(request.session, client)
         return Turn(request, session, client, task_of(request.prompt), prepared)
 
     def _backend(self, location: str) -> Backend:

@@ -64,3 +64,16 @@ def test_sessions_keep_history_and_expire() -> None:
     store.open("t")
     store.open("u")  # over max_sessions: the least recently used goes
     assert len(store) == 2
+
+
+def test_sessionless_turns_take_no_slot_and_eviction_is_fair_per_client() -> None:
+    store = SessionStore(idle_s=600, max_sessions=10)
+    victim = store.open("victim-dialogue", client="victim")
+    store.record(victim, [{"role": "user", "content": "remember 42"}], "ok", TurnTrail("local", (), "chat"))
+    for _ in range(1100):  # one-off turns without a session id
+        store.open(None, client="flooder")
+    assert len(store) == 1
+    for i in range(1100):  # one-off turns, each naming a fresh session
+        store.open(f"flood-{i}", client="flooder")
+    assert len(store) == 10
+    assert store.open("victim-dialogue", client="victim").messages[0]["content"] == "remember 42"
