@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Hashable
 from contextlib import AbstractContextManager
@@ -149,6 +150,16 @@ def _kv_cache_mb(llm: Llama) -> float:
     return 2 * layers * llm.n_ctx() * kv_heads * (width // heads) * 2 / 2**20
 
 
+_longest: weakref.WeakKeyDictionary[Llama, int] = weakref.WeakKeyDictionary()
+
+
+def longest_token_bytes(llm: Llama) -> int:
+    """The most bytes one token of the model's vocabulary stands for (read once per loaded model)."""
+    if llm not in _longest:
+        _longest[llm] = max(len(llm.detokenize([i], special=True)) for i in range(llm.n_vocab())) or 1
+    return _longest[llm]
+
+
 def fit_to_context(
     llm: Llama, messages: list[dict[str, str]], max_tokens: int
 ) -> tuple[list[dict[str, str]], int, int]:
@@ -159,12 +170,23 @@ def fit_to_context(
     starts at a user message. A newest message that leaves no room for ``MIN_ANSWER_TOKENS`` is an error.
     """
     n_ctx = llm.n_ctx()
+    # Tokenising costs about a second per megabyte: text longer than the context could hold at the longest
+    # token the vocabulary has is refused (or dropped from history) by its size alone, unread.
+    most_bytes = n_ctx * longest_token_bytes(llm)
 
     def cost(message: dict[str, str]) -> int:
-        return len(llm.tokenize(message["content"].encode(), add_bos=False, special=False)) + PER_MESSAGE_TOKENS
+        data = message["content"].encode()
+        if len(data) > most_bytes:
+            return n_ctx + 1
+        return len(llm.tokenize(data, add_bos=False, special=False)) + PER_MESSAGE_TOKENS
 
     system = [m for m in messages if m["role"] == "system"]
     dialogue = [m for m in messages if m["role"] != "system"]
+    size = len(dialogue[-1]["content"].encode())
+    if size > most_bytes:
+        raise PromptTooLong(
+            f"the prompt is {size} bytes; the model's {n_ctx}-token context holds at most {most_bytes} bytes of it"
+        )
     fixed = TEMPLATE_SLACK_TOKENS + sum(cost(m) for m in system) + cost(dialogue[-1])
     if fixed + MIN_ANSWER_TOKENS > n_ctx:
         raise PromptTooLong(f"the prompt needs about {fixed} tokens; the model's context is {n_ctx} tokens")
