@@ -9,6 +9,7 @@ Errors the daemon reports come back as the matching ``locod.errors`` class.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 import uuid
@@ -19,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from locod.errors import DaemonNotRunning, LocodError
+from locod.errors import DaemonNotRunning, LocodError, UnsafeSocket
 from locod.protocol import (
     DEFAULT_OPTIONS,
     LAST_FRAMES,
@@ -119,6 +120,21 @@ def check_alive(endpoint: str, timeout_s: float = 1.0) -> None:
             ) from None
 
 
+def check_owner(socket_path: Path) -> None:
+    """Send nothing to a socket (or its directory) another user owns or can replace: whoever created
+    /tmp/locod-$UID first would otherwise receive this user's prompts and attachments. The system unit's
+    socket is trusted as it is: systemd makes its directory under root's /run."""
+    if socket_path == SYSTEM_SOCKET:
+        return
+    for path in (socket_path, socket_path.parent):
+        info = path.stat()
+        if info.st_uid not in (os.getuid(), 0) or (path != socket_path and info.st_mode & 0o022):
+            raise UnsafeSocket(
+                f"{path} belongs to uid {info.st_uid} (mode {info.st_mode & 0o7777:o}), not to this user: "
+                "refusing to send anything to the socket there"
+            )
+
+
 class Client:
     def __init__(
         self,
@@ -133,6 +149,8 @@ class Client:
         self.turn_timeout_ms = int(turn_timeout_s * 1000)
         self.secret = secret
         check_alive(self.endpoint)
+        if self.endpoint.startswith("ipc://"):
+            check_owner(Path(self.endpoint[6:]))
         self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self.endpoint)

@@ -16,7 +16,8 @@ matching class again, so a caller can catch ``ModelError`` whether it ran in-pro
     ├── FetchError              a model could not be downloaded or failed its checksum
     ├── StorageError            the decision log cannot be written
     ├── Busy                    the daemon is shutting down or over its queue limit
-    └── DaemonNotRunning        (client side) nothing answers at the endpoint
+    ├── DaemonNotRunning        (client side) nothing answers at the endpoint
+    └── UnsafeSocket            (client side) the socket belongs to another user: nothing is sent
 """
 
 from __future__ import annotations
@@ -84,6 +85,10 @@ class DaemonNotRunning(LocodError):
     code = "not_running"
 
 
+class UnsafeSocket(LocodError):
+    code = "unsafe_socket"
+
+
 _BY_CODE: dict[str, type[LocodError]] = {
     cls.code: cls
     for cls in (
@@ -101,6 +106,7 @@ _BY_CODE: dict[str, type[LocodError]] = {
         StorageError,
         Busy,
         DaemonNotRunning,
+        UnsafeSocket,
     )
 }
 

@@ -76,6 +76,9 @@ class DaemonConfig:
     # Shared secret required from tcp clients (ignored on the ipc socket, which is protected by file modes).
     tcp_secret_file: str = ""
     max_message_bytes: int = field(default=32 << 20, metadata=_range(1024, 1 << 30))
+    # Characters of a chat's messages together: past this it is refused before any work on its text (task
+    # rules, relevance, features and tokenising cost about a second per megabyte, holding the GIL).
+    max_prompt_chars: int = field(default=1_000_000, metadata=_range(1))
     session_idle_s: float = field(default=1800.0, metadata=_range(1))
     max_sessions: int = field(default=1000, metadata=_range(1))
     queue_limit: int = field(default=256, metadata=_range(1))

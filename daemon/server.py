@@ -29,19 +29,22 @@ from typing import Any
 import zmq
 
 from locod import __version__
+from locod.daemon.backlog import PIPE_MESSAGES, Backlog
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config, load_config
 from locod.daemon.decider import Decider
+from locod.daemon.keyfile import read_key_file
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend, ModelZoo, check_model_file
 from locod.daemon.logs import configure_logging
 from locod.daemon.notify import Notifier
+from locod.daemon.ownership import make_private_dir
 from locod.daemon.records import DecisionLog
 from locod.daemon.sessions import SessionStore
 from locod.daemon.shadow import ShadowLane
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import Reply, TurnRunner
-from locod.errors import Busy, LocodError, ProtocolError, StorageError
+from locod.errors import Busy, LocodError, PromptTooLong, ProtocolError, StorageError
 from locod.protocol import (
     BadRequest,
     ChatRequest,
@@ -104,6 +107,7 @@ class Daemon:
         self.pool = ThreadPoolExecutor(max_workers=config.daemon.queue_limit, thread_name_prefix="turn")
         # Turns in flight and whom they answer; touched only by the loop's thread.
         self._turns: dict[Future[None], tuple[bytes, Reply]] = {}
+        self.backlog = Backlog(config.daemon.max_queued_bytes)
         self.ctx = zmq.Context()
         self._local_out = threading.local()
         self.sockets: dict[bytes, zmq.Socket[bytes]] = {}
@@ -115,6 +119,7 @@ class Daemon:
     def start(self) -> None:
         cfg = self.config
         runtime = cfg.runtime_dir
+        self._tcp_secret = self._read_tcp_secret()
         if self.records.interrupted_at_start:
             log.warning(
                 "%d turns were interrupted by the previous daemon's stop; marked 'interrupted'",
@@ -135,7 +140,6 @@ class Daemon:
         if cfg.daemon.tcp:
             self.sockets[TCP] = self._router_socket()
             self.sockets[TCP].bind(cfg.daemon.tcp)
-        self._tcp_secret = self._read_tcp_secret()
         self.telemetry.start()
         self._install_signals()
         if cfg.http.listen:
@@ -159,7 +163,7 @@ class Daemon:
         # Hard ceiling: a frame far over the configured limit is dropped by ZeroMQ before it is buffered.
         # Frames between the limit and this ceiling get a `too_large` error reply.
         sock.setsockopt(zmq.MAXMSGSIZE, 2 * self.config.daemon.max_message_bytes + 4096)
-        sock.setsockopt(zmq.SNDHWM, 100_000)
+        sock.setsockopt(zmq.SNDHWM, PIPE_MESSAGES)  # beyond this, frames wait in the byte-bounded backlog
         sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
         return sock
@@ -175,7 +179,7 @@ class Daemon:
                     f"daemon.tcp binds {host}, beyond loopback: set daemon.tcp_secret_file", code="insecure_tcp"
                 )
             return None
-        return Path(path).read_text(encoding="utf-8").strip()
+        return read_key_file(path, "daemon.tcp_secret_file")
 
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = socket.socketpair()
@@ -198,7 +202,7 @@ class Daemon:
         watchdog_every = self.notifier.watchdog_interval
         last_ping = last_status = 0.0
         while True:
-            events = dict(poller.poll(timeout=250))
+            events = dict(poller.poll(timeout=10 if self.backlog else 250))
             if self._wake_r.fileno() in events:
                 self._on_signals()
             for tag, sock in self.sockets.items():
@@ -208,6 +212,7 @@ class Daemon:
                 self._drain_outbox()
             if self.inbox in events:
                 self._admit_handed_in()
+            self._flush_backlog()
             now = time.monotonic()
             if watchdog_every is not None and now - last_ping >= watchdog_every:
                 self.notifier.watchdog()
@@ -249,17 +254,37 @@ class Daemon:
             self._send(peer, frame)
 
     def _send(self, peer: bytes, frame: bytes) -> None:
+        """Send now, or queue behind the peer's waiting frames; a peer past its byte bound is dropped."""
+        if (peer in self.backlog or not self._try_send(peer, frame)) and not self.backlog.add(peer, frame):
+            log.warning("a client is not reading its replies (over %d bytes waiting): dropped", self.backlog.limit)
+            self._cancel_turns_of(peer)
+
+    def _try_send(self, peer: bytes, frame: bytes) -> bool:
+        """False if the peer's pipe is full; a frame for a vanished peer counts as sent (and is dropped)."""
         sock = self.sockets.get(peer[:1])
         if sock is None:
-            return
+            return True
         try:
             sock.send_multipart([peer[1:], frame], zmq.NOBLOCK)
         except zmq.ZMQError as exc:
-            if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+            if exc.errno == errno.EAGAIN:
+                return False
+            if exc.errno != errno.EHOSTUNREACH:
                 raise
-            for owner, reply in self._turns.values():  # gone, or too slow to keep up: stop its turns
-                if owner == peer:
-                    reply.cancelled.set()
+            self.backlog.discard(peer)
+            self._cancel_turns_of(peer)
+        return True
+
+    def _flush_backlog(self) -> None:
+        for peer in self.backlog.peers():
+            while (frame := self.backlog.first(peer)) is not None and self._try_send(peer, frame):
+                if peer in self.backlog:  # not discarded because the peer vanished
+                    self.backlog.pop(peer)
+
+    def _cancel_turns_of(self, peer: bytes) -> None:
+        for owner, reply in self._turns.values():
+            if owner == peer:
+                reply.cancelled.set()
 
     # -- requests ------------------------------------------------------------------------------------
 
@@ -276,7 +301,10 @@ class Daemon:
                 request_id=request.id,
             )
         if isinstance(request, ChatRequest):
-            self._start_turn(peer, request)
+            try:
+                self._start_turn(peer, request)
+            except LocodError as exc:  # busy, too long: the reply must carry the id the client waits on
+                self._send(peer, encode_frame(request.id, ErrorFrame.of(exc)))
             return
         frame: Frame
         try:
@@ -303,6 +331,15 @@ class Daemon:
             raise BadRequest("the daemon is shutting down", code="shutting_down", request_id=request.id)
         if len(self._turns) >= self.config.daemon.queue_limit:
             raise Busy(f"{len(self._turns)} turns in flight, at the queue limit; try again shortly")
+        chars = sum(len(m["content"]) for m in request.messages)
+        if chars > self.config.daemon.max_prompt_chars:  # refused by size, before any work on the text
+            raise PromptTooLong(
+                f"the request's messages hold {chars} characters, over daemon.max_prompt_chars "
+                f"({self.config.daemon.max_prompt_chars})"
+            )
+        own = sum(owner == peer for owner, _ in self._turns.values())
+        if own >= self.config.daemon.max_turns_per_client:
+            raise Busy(f"this client has {own} turns in flight, at its limit; try again when one is answered")
         reply = reply or Reply(post=lambda frame: self._post(peer, encode_frame(request.id, frame)))
         self._turns[self.pool.submit(self.runner.run, request, peer, reply)] = (peer, reply)
 
@@ -362,7 +399,11 @@ class Daemon:
                 "spent_today_usd": round(self.records.spent_today(), 6),
                 "daily_cap_usd": cfg.cloud.daily_cap_usd,
             },
-            "queue": {"in_flight": self._in_flight(), "waiting_for_local": self.local.gate.waiting},
+            "queue": {
+                "in_flight": self._in_flight(),
+                "waiting_for_local": self.local.gate.waiting,
+                "backlog_bytes": self.backlog.queued_bytes(),
+            },
             "sessions": len(self.sessions),
             "turns_served": self.turns_served + len(self._turns) - self._in_flight(),
             "interrupted_at_start": self.records.interrupted_at_start,
@@ -467,9 +508,8 @@ def _or_na(value: object) -> object:
 
 def _exclusive_lock(directory: Path) -> Any:
     """Hold ``directory/locod.lock`` for the daemon's life: one daemon per state and runtime directory."""
+    make_private_dir(directory)
     try:
-        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(directory, 0o700)
         handle = (directory / "locod.lock").open("w")
     except OSError as exc:
         raise StorageError(f"cannot use {directory}: {exc.strerror}", code="state_unwritable") from None

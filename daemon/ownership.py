@@ -1,0 +1,50 @@
+"""The daemon's own directories must be its own: nobody else may own them or write into them.
+
+Without ``XDG_RUNTIME_DIR`` the socket lives under ``/tmp/locod-$UID/``, a name any local user can create
+first; a daemon that served there would hand the squatter its clients' prompts. So a directory is
+refused unless the daemon's user owns it and nobody else can write to it, and its parent too (a parent
+may also be root's, and world-writable only if sticky, as /tmp is).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from locod.errors import StorageError
+
+OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
+
+
+def make_private_dir(directory: Path) -> None:
+    """Create ``directory`` (0700) if needed and check it and its parent; StorageError if unsafe."""
+    uid = os.geteuid()
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _check_parent(directory.parent, os.stat(directory.parent), uid)
+        directory.mkdir(exist_ok=True, mode=0o700)
+        info = os.lstat(directory)
+    except OSError as exc:
+        raise StorageError(f"cannot use {directory}: {exc.strerror}", code="state_unwritable") from None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
+        raise _unsafe(directory, "is not a directory owned by this user", info)
+    try:
+        os.chmod(directory, 0o700)
+    except OSError as exc:
+        raise StorageError(f"cannot use {directory}: {exc.strerror}", code="state_unwritable") from None
+
+
+def _check_parent(parent: Path, info: os.stat_result, uid: int) -> None:
+    if info.st_uid not in (uid, 0):
+        raise _unsafe(parent, "is owned by another user", info)
+    if info.st_mode & OTHERS_WRITE and not (info.st_uid == 0 and info.st_mode & stat.S_ISVTX):
+        raise _unsafe(parent, "is writable by others", info)
+
+
+def _unsafe(path: Path, why: str, info: os.stat_result) -> StorageError:
+    return StorageError(
+        f"refusing {path}: it {why} (owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):o}); "
+        "another user could read or replace what the daemon keeps there",
+        code="unsafe_directory",
+    )
