@@ -4,11 +4,9 @@ streams, oversized prompts, and values that used to end as `internal`."""
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +21,7 @@ from locod.errors import PromptTooLong, RequestError, UnsafeSocket
 
 from .conftest import DaemonHandle, start_daemon
 from .faultproxy import Fault, FaultProxy
+from .hostile import outcomes, swapping
 from .test_cloud import cloud_config
 
 NOBODY = 65534  # another user: the daemon and the tests run as root here
@@ -87,45 +86,15 @@ def test_one_client_cannot_hold_every_worker(daemon_factory: Any, allowed: Path)
     sock.close()
 
 
-def _renameat2_exchange() -> Any:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if not hasattr(libc, "renameat2"):
-        pytest.skip("no renameat2 in this libc")
-    fn = libc.renameat2
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return fn
-
-
 def test_symlink_swapped_in_during_the_check_never_reads_outside(daemon_factory: Any, allowed: Path) -> None:
     """One thread swaps an allowed file with a symlink to a file outside (renameat2 RENAME_EXCHANGE) as
     fast as it can, while turns name the allowed file: the outside file's bytes never reach a turn."""
-    exchange = _renameat2_exchange()
     (allowed / "swap").symlink_to(allowed.parent / "outside.md")
     handle = daemon_factory({"paths": {"allow_dirs": [str(allowed)]}, "local": {"max_tokens": 1}})
-    stop, swaps = threading.Event(), [0]
-
-    def swapper() -> None:
-        a, b = str(allowed / "notes.md").encode(), str(allowed / "swap").encode()
-        deadline = time.monotonic() + 300
-        while not stop.is_set() and time.monotonic() < deadline:
-            if exchange(-100, a, -100, b, 2) == 0:  # AT_FDCWD, RENAME_EXCHANGE
-                swaps[0] += 1
-
-    thread = threading.Thread(target=swapper)
-    thread.start()
-    outcomes: dict[str, int] = {}
-    try:
-        client = handle.client()
-        for _ in range(120):
-            try:
-                client.ask("boat?", attachments=[{"kind": "document", "path": str(allowed / "notes.md")}])
-                outcomes["ok"] = outcomes.get("ok", 0) + 1
-            except RequestError as exc:
-                outcomes[exc.code] = outcomes.get(exc.code, 0) + 1
-    finally:
-        stop.set()
-        thread.join(30)
-    assert swaps[0] > 100 and set(outcomes) <= {"ok", "path_not_allowed"}, (swaps, outcomes)
+    document = [{"kind": "document", "path": str(allowed / "notes.md")}]
+    with swapping(allowed / "notes.md", allowed / "swap", max_s=300) as swaps:
+        counts = outcomes(handle.client(), 120, "boat?", attachments=document)
+    assert swaps[0] > 100 and set(counts) <= {"ok", "path_not_allowed"}, (swaps, counts)
     sizes = {a["bytes"] for row in handle.rows() for a in json.loads(row["attachments_offered"])}
     assert sizes <= {len("The boat is blue.")}, sizes  # never the outside file's
 
