@@ -4,7 +4,7 @@
 Each attack runs at the size the issue reported, bounded in count and time, and prints what the daemon
 did: its resident memory, how long the attack held a turn, what a bystander client saw meanwhile.
 
-    python scripts/attacks.py
+    python scripts/attacks.py [non_reading_client huge_prompt fifos symlink_race cloud_streams]
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -78,35 +78,41 @@ def non_reading_client(home: Path) -> None:
         handle.stop()
 
 
+BYSTANDER = """
+import statistics, sys, time
+from locod.client import Client
+with Client(sys.argv[1]) as c:
+    took = []
+    for _ in range(8):
+        t = time.perf_counter()
+        c.ask("Hi", max_tokens=1)
+        took.append(time.perf_counter() - t)
+print(f"median {statistics.median(took):.2f} s, worst {max(took):.2f} s")
+"""
+
+
 def huge_prompt(home: Path) -> None:
+    """A 30 MB forced-local prompt, while a bystander (another process) asks short local turns."""
     handle = start_daemon(home, REPO / "models", {"daemon": {"max_message_bytes": 40 * MB}})
     try:
-        bystander: list[float] = []
-
-        def other() -> None:
-            with Client(handle.endpoint) as c:
-                for _ in range(5):
-                    t = time.perf_counter()
-                    c.ask("Hi", max_tokens=1)
-                    bystander.append(time.perf_counter() - t)
-
+        bystander = [sys.executable, "-c", BYSTANDER, handle.endpoint]
+        alone = subprocess.run(bystander, capture_output=True, text=True, check=True).stdout.strip()
         with Client(handle.endpoint) as c:
-            c.ask("warm", max_tokens=1)
-            thread = threading.Thread(target=other)
+            during = subprocess.Popen(bystander, stdout=subprocess.PIPE, text=True)
             started = time.perf_counter()
-            thread.start()
             try:
                 c.ask("word " * (6 * MB), force="local", max_tokens=2)
                 code = "answered"
             except LocodError as exc:
                 code = exc.code
             refused = time.perf_counter() - started
-            thread.join(120)
+            out, _ = during.communicate(timeout=300)
         report(
             "30 MB forced-local prompt",
             code=code,
             refused_in_s=round(refused, 2),
-            bystander_max_s=round(max(bystander), 2),
+            bystander_alone=alone,
+            during_attack=out.strip(),
         )
     finally:
         handle.stop()
@@ -195,7 +201,9 @@ def cloud_streams(home: Path) -> None:
 
 
 def main() -> None:
-    for attack in (non_reading_client, huge_prompt, fifos, symlink_race, cloud_streams):
+    attacks = (non_reading_client, huge_prompt, fifos, symlink_race, cloud_streams)
+    chosen = [a for a in attacks if a.__name__ in sys.argv[1:]] or attacks
+    for attack in chosen:
         with tempfile.TemporaryDirectory() as home:
             attack(Path(home) / "d")
 

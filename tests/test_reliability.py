@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import random
 import signal
 import subprocess
@@ -26,8 +27,12 @@ from locod.errors import LocodError, RequestError
 from locod.protocol import Attachment, ChatOptions, ChatRequest, DoneFrame
 
 from .conftest import DaemonHandle, free_port, start_daemon
+from .faultproxy import Fault, FaultProxy
+from .hostile import swapping
+from .test_cloud import cloud_config
 
 LIMIT = 256 * 1024
+NOBODY = 65534  # another user's uid (the tests run as root)
 
 # -- protocol fuzzing --------------------------------------------------------------------------------
 
@@ -62,32 +67,112 @@ hostile_request = st.fixed_dictionaries(
         "session": json_values,
     },
 )
-messages = st.one_of(
+classic = st.one_of(
     st.binary(max_size=300),  # random bytes
     json_values.map(lambda v: json.dumps(v).encode()),
     hostile_request.map(lambda v: json.dumps(v).encode()),
     st.integers(100, 3000).map(lambda depth: b"[" * depth + b"]" * depth),  # deep nesting
 )
+# Issue #17's classes. @HOME@ is the fuzz home: a FIFO, a directory, a symlink out, a file
+# that a thread keeps swapping with a symlink out (renameat2), a file in another user's directory, and
+# paths that are not paths. Chats forced to a cloud that trickles, never ends or floods (the fault is
+# drawn per batch). Values that used to end as `internal`.
+HOSTILE_PATHS = [f"@HOME@/{p}" for p in ("pipe", "sub", "link.md", "swapped.md", "notes.md", "a\x00b")]
+HOSTILE_PATHS += ["@HOME@/../others/theirs.md", "@HOME@/others-link/theirs.md", "/dev/zero", "/proc/self/fd/0"]
+path_chat = st.fixed_dictionaries(
+    {
+        "v": st.just(1),
+        "id": st.text(min_size=1, max_size=8),
+        "op": st.just("chat"),
+        "prompt": st.text(min_size=1, max_size=40),
+        "attachments": st.lists(
+            st.fixed_dictionaries({"kind": st.just("document"), "path": st.sampled_from(HOSTILE_PATHS)}),
+            min_size=1,
+            max_size=2,
+        ),
+    }
+)
+cloud_chat = st.fixed_dictionaries(
+    {
+        "v": st.just(1),
+        "id": st.text(min_size=1, max_size=8),
+        "op": st.just("chat"),
+        "prompt": st.text(min_size=1, max_size=40),
+        "options": st.fixed_dictionaries({"force": st.just("cloud"), "max_tokens": st.integers(1, 5)}),
+    }
+)
+odd_values = st.one_of(
+    st.builds(lambda t: {"v": 1, "id": "s", "op": "chat", "prompt": t + "\ud800"}, st.text(max_size=20)),
+    st.builds(lambda t: {"v": 1, "id": "s", "op": "ping", "x": ["\udc00" + t]}, st.text(max_size=20)),
+    st.integers(2**63, 2**80).map(lambda n: {"v": 1, "id": "f", "op": "feedback", "decision": n, "satisfied": True}),
+    st.integers(2**63, 2**80).map(lambda n: {"v": 1, "id": "c", "op": "chat", "prompt": "x", "options": {"seed": -n}}),
+)
+huge_integer = st.integers(4400, 6000).map(lambda n: b'{"v": 1, "id": "i", "op": "ping", "n": ' + b"7" * n + b"}")
+rare = st.one_of(
+    path_chat.map(lambda v: json.dumps(v).encode()),
+    odd_values.map(lambda v: json.dumps(v).encode()),
+    huge_integer,
+)
+# One message in ten is of the new classes, one in a hundred a hostile cloud turn (each costs a deadline).
+CLASSES = {"classic": classic, "rare": rare, "cloud": cloud_chat.map(lambda v: json.dumps(v).encode())}
+messages = st.sampled_from(["classic"] * 90 + ["rare"] * 9 + ["cloud"]).flatmap(CLASSES.__getitem__)
+CLOUD_FAULTS = [
+    Fault("trickle", delay_s=0.2),
+    Fault("endless"),
+    Fault("huge_event", size=2 << 20),
+    Fault("no_newline", size=64 << 20),
+    Fault("status", status=400),
+    Fault("status", status=503),
+]
+OUTSIDE = "outside the allow list " * 40
+
+
+def _hostile_home(home: Path) -> None:
+    allowed = home / "allowed"
+    (allowed / "sub").mkdir(parents=True)
+    (allowed / "notes.md").write_text("The boat is blue.")
+    (allowed / "swapped.md").write_text("Swap me.")
+    os.mkfifo(allowed / "pipe")
+    (home / "outside.md").write_text(OUTSIDE)
+    (allowed / "link.md").symlink_to(home / "outside.md")
+    (allowed / "swap-link").symlink_to(home / "outside.md")
+    others = home / "others"
+    others.mkdir()
+    (others / "theirs.md").write_text("another user's notes")
+    os.chown(others, NOBODY, NOBODY)
+    (allowed / "others-link").symlink_to(others)
 
 
 @pytest.fixture(scope="module")
-def fuzz_daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[DaemonHandle]:
-    handle = start_daemon(
-        tmp_path_factory.mktemp("fuzz"),
-        models_dir,
-        {"daemon": {"max_message_bytes": LIMIT}, "local": {"max_tokens": 1}},
+def fuzz_daemon(
+    tmp_path_factory: pytest.TempPathFactory, models_dir: Path
+) -> Iterator[tuple[DaemonHandle, FaultProxy]]:
+    home = tmp_path_factory.mktemp("fuzz")
+    _hostile_home(home)
+    cloud = FaultProxy("http://127.0.0.1:9").start()  # hostile streams only: nothing behind it
+    config = cloud_config(cloud.base_url, mode="local", max_retries=0, breaker_failures=1000)
+    config["cloud"].update(timeout_s=1.0, deadline_s=1.0, max_answer_bytes=1 << 20, max_event_bytes=64 << 10)
+    config.update(
+        daemon={"max_message_bytes": LIMIT, "max_queued_bytes": 1 << 20},
+        local={"max_tokens": 1},
+        paths={"allow_dirs": [str(home / "allowed")]},
     )
-    yield handle
+    handle = start_daemon(home / "d", models_dir, config)
+    yield handle, cloud
     handle.stop()
+    cloud.stop()
 
 
-def test_ten_thousand_hostile_messages(fuzz_daemon: DaemonHandle) -> None:
+def test_ten_thousand_hostile_messages(fuzz_daemon: tuple[DaemonHandle, FaultProxy]) -> None:
+    fuzz_daemon, cloud = fuzz_daemon
+    home = fuzz_daemon.home.parent
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(fuzz_daemon.endpoint)
     process = psutil.Process(fuzz_daemon.proc.pid)
     counts = {"sent": 0, "errors": 0, "valid": 0}
     rss: list[int] = []
+    silent: list[zmq.Socket[bytes]] = []  # clients that send and never read
 
     def exchange(frame: bytes) -> list[dict[str, Any]]:
         sock.send(frame)
@@ -100,18 +185,32 @@ def test_ten_thousand_hostile_messages(fuzz_daemon: DaemonHandle) -> None:
                 return replies
 
     @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-    @given(st.lists(messages, min_size=49, max_size=49))
-    def batch(frames: list[bytes]) -> None:
+    @given(st.lists(messages, min_size=49, max_size=49), st.sampled_from(CLOUD_FAULTS))
+    def batch(frames: list[bytes], fault: Fault) -> None:
+        cloud.set(dataclasses.replace(fault))
+        mute = zmq.Context.instance().socket(zmq.DEALER)
+        mute.setsockopt(zmq.LINGER, 0)
+        mute.setsockopt(zmq.RCVHWM, 1)
+        mute.connect(fuzz_daemon.endpoint)
+        for i in range(5):
+            mute.send(json.dumps({"v": 1, "id": f"m{i}", "op": "decisions", "limit": 1000}).encode())
+        silent.append(mute)
+        if len(silent) > 10:
+            silent.pop(0).close()
         for frame in frames:
-            exchange(frame)
+            exchange(frame.replace(b"@HOME@", str(home / "allowed").encode()))
             counts["sent"] += 1
         pong = exchange(json.dumps({"v": 1, "id": "valid", "op": "ping"}).encode())  # interleaved valid request
         assert pong[-1]["type"] == "result" and pong[-1]["data"]["pong"] is True
         counts["valid"] += 1
         rss.append(process.memory_info().rss)
 
-    batch()
+    with swapping(home / "allowed" / "swapped.md", home / "allowed" / "swap-link") as swaps:
+        batch()
     sock.close()
+    for mute in silent:
+        mute.close()
+    assert swaps[0] > 0
     assert counts["sent"] + counts["valid"] >= 10_000
     assert fuzz_daemon.proc.poll() is None
     ok = Client(fuzz_daemon.endpoint).ask("Hello", max_tokens=2)
@@ -120,6 +219,10 @@ def test_ten_thousand_hostile_messages(fuzz_daemon: DaemonHandle) -> None:
     half = len(rss) // 2
     assert max(rss[half:]) - max(rss[:half]) < 64 * 2**20, (rss[0], rss[-1])
     assert fuzz_daemon.rows("PRAGMA integrity_check")[0]["integrity_check"] == "ok"
+    rows = fuzz_daemon.rows()
+    offered = [a for row in rows for a in json.loads(row["attachments_offered"])]
+    assert offered and len(OUTSIDE) not in {a["bytes"] for a in offered}  # nothing outside was ever read
+    assert not [r for r in rows if r["outcome"] == "pending"]
 
 
 # -- crash consistency -------------------------------------------------------------------------------
@@ -214,6 +317,7 @@ def test_fifty_concurrent_clients_are_all_served_fairly(daemon_factory: Any) -> 
 def test_tcp_endpoint_requires_the_shared_secret(daemon_factory: Any, tmp_path: Path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("s3cret-token\n")
+    os.chmod(secret, 0o600)
     port = free_port()
     handle = daemon_factory({"daemon": {"tcp": f"tcp://127.0.0.1:{port}", "tcp_secret_file": str(secret)}})
     with pytest.raises(RequestError) as info:
@@ -221,6 +325,26 @@ def test_tcp_endpoint_requires_the_shared_secret(daemon_factory: Any, tmp_path: 
     assert info.value.code == "unauthorized"
     assert Client(f"tcp://127.0.0.1:{port}", secret="s3cret-token").ping()["pong"]
     assert handle.client().ping()["pong"]  # the ipc socket needs no secret: its file modes guard it
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "message"),
+    [("  \n\t\n", 0o600, "is empty (or only whitespace)"), ("s3cret-token\n", 0o644, "readable by group or others")],
+)
+def test_tcp_secret_file_follows_the_key_file_rules(
+    tmp_path: Path, models_dir: Path, text: str, mode: int, message: str
+) -> None:
+    """A blank secret would let requests without one through; a 0644 one has leaked already."""
+    secret = tmp_path / "secret"
+    secret.write_text(text)
+    os.chmod(secret, mode)
+    config = {"daemon": {"tcp": f"tcp://127.0.0.1:{free_port()}", "tcp_secret_file": str(secret)}}
+    handle = start_daemon(tmp_path / "d", models_dir, config, wait=False)
+    try:
+        assert handle.proc.wait(60) == 2
+    finally:
+        handle.stop()
+    assert f"daemon.tcp_secret_file {secret}" in handle.log() and message in handle.log()
 
 
 def test_tcp_beyond_loopback_without_secret_refuses_to_start(tmp_path: Path, models_dir: Path) -> None:
