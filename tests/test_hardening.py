@@ -129,11 +129,11 @@ def test_client_sends_nothing_to_a_socket_another_user_owns(tmp_path: Path) -> N
     try:
         os.chown(run / "locod.sock", NOBODY, NOBODY)
         with pytest.raises(UnsafeSocket):
-            Client(f"ipc://{run / 'locod.sock'}", timeout_s=1).ask("my private prompt")
+            Client(f"ipc://{run / 'locod.sock'}", timeout_s=1, turn_timeout_s=2).ask("my private prompt")
         os.chown(run / "locod.sock", 0, 0)
         os.chown(run, NOBODY, NOBODY)
         with pytest.raises(UnsafeSocket):
-            Client(f"ipc://{run / 'locod.sock'}", timeout_s=1).ask("my private prompt")
+            Client(f"ipc://{run / 'locod.sock'}", timeout_s=1, turn_timeout_s=2).ask("my private prompt")
         assert not squatter.poll(500), "the squatter received a request"
     finally:
         squatter.close()
