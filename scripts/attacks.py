@@ -25,6 +25,7 @@ import zmq
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from locod.client import Client
 from locod.errors import LocodError
+from locod.protocol import Attachment, DeltaFrame
 from tests.conftest import DaemonHandle, start_daemon
 from tests.faultproxy import Fault, FaultProxy
 from tests.hostile import outcomes, swapping
@@ -138,7 +139,7 @@ def fifos(home: Path) -> None:
             break
         frame = json.loads(sock.recv())
         codes[frame.get("code", frame["type"])] = codes.get(frame.get("code", frame["type"]), 0) + 1
-    served = handle.client().ask("Hi", max_tokens=1).done["outcome"]
+    served = handle.client().ask("Hi", max_tokens=1).done.outcome
     sock.close()
     started = time.perf_counter()
     code = handle.stop()
@@ -159,7 +160,7 @@ def symlink_race(home: Path) -> None:
     (home / "outside.md").write_text(secret)
     (allowed / "swap").symlink_to(home / "outside.md")
     handle = start_daemon(home, REPO / "models", {"paths": {"allow_dirs": [str(allowed)]}, "local": {"max_tokens": 1}})
-    document = [{"kind": "document", "path": str(allowed / "notes.md")}]
+    document = [Attachment("document", "doc", path=str(allowed / "notes.md"))]
     with swapping(allowed / "notes.md", allowed / "swap") as swaps, Client(handle.endpoint) as c:
         counts = outcomes(c, 300, "boat?", attachments=document)
     leaked = sum(a["bytes"] == len(secret) for row in handle.rows() for a in json.loads(row["attachments_offered"]))
@@ -184,15 +185,15 @@ def cloud_streams(home: Path) -> None:
             before = rss(handle)
             started = time.perf_counter()
             result = handle.client(turn_timeout_s=900).ask("Say something.", max_tokens=max_tokens)
-            fallback = next((f["cause"] for f in result.frames if f["type"] == "fallback"), None)
-            deltas = [f for f in result.frames if f["type"] == "delta"]
+            fallback = result.fallback.cause if result.fallback else None
+            deltas = [f for f in result.frames if isinstance(f, DeltaFrame)]
             report(
                 f"cloud {fault.kind}",
                 turn_s=round(time.perf_counter() - started, 1),
-                outcome=result.done["outcome"],
+                outcome=result.done.outcome,
                 cause=fallback,
                 deltas=len(deltas),
-                largest_delta=max((len(f["text"]) for f in deltas), default=0),
+                largest_delta=max((len(f.text) for f in deltas), default=0),
                 rss_growth_MB=round(rss(handle) - before),
             )
     finally:

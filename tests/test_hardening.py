@@ -18,6 +18,7 @@ import zmq
 
 from locod.client import Client
 from locod.errors import PromptTooLong, RequestError, UnsafeSocket
+from locod.protocol import Attachment, DeltaFrame
 
 from .conftest import DaemonHandle, start_daemon
 from .faultproxy import Fault, FaultProxy
@@ -60,9 +61,11 @@ def test_fifo_and_other_non_regular_files_are_refused_without_blocking(daemon_fa
     client = handle.client(turn_timeout_s=30)  # the old daemon blocked in open() for good
     for name, code in (("pipe", "bad_path"), ("sub", "bad_path"), ("zero", "path_not_allowed")):
         with pytest.raises(RequestError) as info:
-            client.ask("read", attachments=[{"kind": "document", "path": str(allowed / name)}])
+            client.ask("read", attachments=[Attachment("document", "doc", path=str(allowed / name))])
         assert info.value.code == code, name
-    assert client.ask("read", attachments=[{"kind": "document", "path": str(allowed / "notes.md")}]).text is not None
+    assert (
+        client.ask("read", attachments=[Attachment("document", "doc", path=str(allowed / "notes.md"))]).text is not None
+    )
     assert handle.stop() == 0  # SIGTERM stops it: no worker is stuck
 
 
@@ -82,7 +85,7 @@ def test_one_client_cannot_hold_every_worker(daemon_factory: Any, allowed: Path)
         if refused == 4:
             break
     assert refused == 4
-    assert handle.client().ask("Hi", max_tokens=2).done["outcome"] == "ok"  # another client is served
+    assert handle.client().ask("Hi", max_tokens=2).done.outcome == "ok"  # another client is served
     sock.close()
 
 
@@ -91,7 +94,7 @@ def test_symlink_swapped_in_during_the_check_never_reads_outside(daemon_factory:
     fast as it can, while turns name the allowed file: the outside file's bytes never reach a turn."""
     (allowed / "swap").symlink_to(allowed.parent / "outside.md")
     handle = daemon_factory({"paths": {"allow_dirs": [str(allowed)]}, "local": {"max_tokens": 1}})
-    document = [{"kind": "document", "path": str(allowed / "notes.md")}]
+    document = [Attachment("document", "doc", path=str(allowed / "notes.md"))]
     with swapping(allowed / "notes.md", allowed / "swap", max_s=300) as swaps:
         counts = outcomes(handle.client(), 120, "boat?", attachments=document)
     assert swaps[0] > 100 and set(counts) <= {"ok", "path_not_allowed"}, (swaps, counts)
@@ -191,10 +194,10 @@ def test_request_caused_4xx_does_not_open_the_breaker(daemon_factory: Any, proxy
     for status in (400, 413, 422):
         proxy.set(Fault("status", status=status, times=1))
         result = client.ask("an oversized prompt", max_tokens=2)
-        assert result.done["outcome"] == "fallback"
+        assert result.done.outcome == "fallback"
         assert client.status()["cloud"]["breaker"] == "closed", status
     proxy.set(Fault("status", status=500, times=1))  # the endpoint's own failure still counts
-    assert client.ask("Hi", max_tokens=2).done["outcome"] == "fallback"
+    assert client.ask("Hi", max_tokens=2).done.outcome == "fallback"
     assert client.status()["cloud"]["breaker"] == "open"
 
 
@@ -225,9 +228,8 @@ def test_hostile_cloud_streams_are_cut_at_their_bounds(
     process = psutil.Process(handle.proc.pid)
     before = process.memory_info().rss
     result = handle.client(turn_timeout_s=120).ask("Say something.", max_tokens=4)
-    fallback = next(f for f in result.frames if f["type"] == "fallback")
-    assert fallback["cause"] == cause and result.done["outcome"] == "fallback"
-    assert all(len(f.get("text", "")) <= HOSTILE["max_event_bytes"] for f in result.frames)
+    assert result.fallback is not None and result.fallback.cause == cause and result.done.outcome == "fallback"
+    assert all(len(f.text) <= HOSTILE["max_event_bytes"] for f in result.frames if isinstance(f, DeltaFrame))
     assert process.memory_info().rss - before < 128 << 20
 
 
@@ -235,8 +237,8 @@ def test_endless_stream_stops_at_max_tokens(daemon_factory: Any, hostile_cloud: 
     handle = daemon_factory(cloud_config(hostile_cloud.base_url, max_retries=0, **HOSTILE))
     hostile_cloud.set(Fault("endless"))
     result = handle.client(turn_timeout_s=120).ask("Count.", max_tokens=5)
-    assert result.done["outcome"] == "ok" and result.done["location"] == "cloud"
-    assert len([f for f in result.frames if f["type"] == "delta"]) == 5
+    assert result.done.outcome == "ok" and result.done.location == "cloud"
+    assert len([f for f in result.frames if isinstance(f, DeltaFrame)]) == 5
 
 
 # -- oversized prompts and values that used to be `internal` -----------------------------------------
