@@ -13,11 +13,16 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import uuid
 from collections import OrderedDict
 
 from locod.daemon.sessions import SessionStore
 
 Messages = list[dict[str, str]]
+
+
+def fresh_session() -> str:
+    return "http-" + uuid.uuid4().hex[:12]
 
 
 def key(messages: Messages) -> str:
@@ -33,17 +38,18 @@ class Conversations:
 
     def continuing(self, messages: Messages, named: str | None) -> tuple[str | None, Messages]:
         """(session id, the messages to send): the named session, else the one this conversation's prefix
-        maps to; the messages it does not hold yet. (None, all of them) for a conversation not seen."""
+        maps to; the messages it does not hold yet. A conversation not seen gets a session of its own, with
+        all of its messages (a turn without a session keeps no history in the daemon)."""
         session = named
         if session is None:
             with self._lock:
                 session = self._known.get(key(messages[:-1]))
             if session is None:
-                return None, messages
+                return fresh_session(), messages
         held = self.sessions.history(session)
         if held and len(held) < len(messages) and messages[: len(held)] == held:
             return session, messages[len(held) :]
-        return named, messages
+        return named or fresh_session(), messages
 
     def answered(self, messages: Messages, answer: str, session: str) -> None:
         """Remember the conversation now including ``answer``, for its next turn."""

@@ -303,14 +303,16 @@ def test_a_conversation_continues_its_session_only_while_the_session_holds_its_p
     store = SessionStore(idle_s=60, max_sessions=10)
     conversations = Conversations(store, limit=10)
     first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    assert conversations.continuing(first, None) == (None, first)
-    session = store.open(None)
+    fresh, sent = conversations.continuing(first, None)
+    assert fresh and fresh.startswith("http-") and sent == first  # its own session: one-off turns keep none
+    session = store.open(fresh)
     store.record(session, first, "Hello!", TurnTrail("local", (), "chat"))
     conversations.answered(first, "Hello!", session.id)
     second = [*first, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
     assert conversations.continuing(second, None) == (session.id, [{"role": "user", "content": "Bye"}])
     edited = [*first, {"role": "assistant", "content": "Hey"}, {"role": "user", "content": "Bye"}]
-    assert conversations.continuing(edited, None) == (None, edited)
+    fresh, sent = conversations.continuing(edited, None)
+    assert fresh and fresh.startswith("http-") and fresh != session.id and sent == edited
     # a named session: what it holds is not sent again; a client feeding it one message at a time is taken as is
     assert conversations.continuing(second, session.id) == (session.id, [{"role": "user", "content": "Bye"}])
     assert conversations.continuing([{"role": "user", "content": "Bye"}], session.id)[1] == [
