@@ -1,14 +1,16 @@
 """Local answers through llama.cpp: a zoo of GGUF models, loaded on demand and kept within a memory budget.
 
 Like Ollama's keep-alive, a model stays resident after use; when loading another would exceed the budget,
-the least recently used models are unloaded first. Only the local worker (behind the FairGate) touches the
-zoo, so loading and generating need no lock of their own.
+kept dialogue states (daemon/kvcache.py) are evicted first, then the least recently used models are
+unloaded: models and dialogue states share the one budget. Only the local worker (behind the FairGate)
+touches the zoo, so loading and generating need no lock of their own.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -18,12 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import llama_cpp
 from llama_cpp import Llama
 
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import LocalConfig, LocalModelConfig
 from locod.daemon.gate import FairGate
 from locod.daemon.gguf import is_gguf
+from locod.daemon.kvcache import DialogueCache
+from locod.daemon.kvpark import DiskPark
 from locod.errors import ModelError, PromptTooLong
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,8 @@ log = logging.getLogger(__name__)
 PER_MESSAGE_TOKENS = 6
 TEMPLATE_SLACK_TOKENS = 32
 MIN_ANSWER_TOKENS = 16
+# local.cache_mb = -1: keep this many full-context dialogue states, within a quarter of the free memory.
+AUTO_CACHE_DIALOGUES = 8
 
 
 def resolve_path(model: LocalModelConfig, models_dir: Path) -> Path:
@@ -62,12 +69,24 @@ class LoadedModel:
 
 
 class ModelZoo:
-    def __init__(self, models: list[LocalModelConfig], models_dir: Path, budget_mb: int, n_threads: int) -> None:
+    def __init__(
+        self,
+        models: list[LocalModelConfig],
+        models_dir: Path,
+        budget_mb: int,
+        n_threads: int,
+        cache_mb: int = -1,
+        park: DiskPark | None = None,
+    ) -> None:
+        """``cache_mb``: dialogue states kept in memory (-1: sized from the first model loaded and the free
+        memory; 0: none); ``park``: where evicted states go, if anywhere."""
         self.models = {m.name: m for m in models}
         self.models_dir = models_dir
         self.budget_mb = budget_mb
         self.n_threads = n_threads or None
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._cache_auto = cache_mb < 0
+        self.cache = DialogueCache(max(cache_mb, 0), self._room_mb, park, self.identity)
 
     def reconfigure(self, local: LocalConfig) -> None:
         """Take the models of a reloaded config. Called from another thread than the worker, so it only
@@ -75,6 +94,8 @@ class ModelZoo:
         self.models = {m.name: m for m in local.models}
         self.budget_mb = local.memory_budget_mb
         self.n_threads = local.n_threads or None
+        if local.cache_mb >= 0:  # -1 keeps the size chosen at the first load
+            self.cache.limit_mb = local.cache_mb
 
     def get(self, name: str) -> LoadedModel:
         models = self.models
@@ -82,6 +103,7 @@ class ModelZoo:
             raise ModelError(f"no local model named {name!r}; configured: {sorted(models)}", code="unknown_model")
         for stale in [n for n, m in self._loaded.items() if models.get(n) != m.config]:
             self._loaded.pop(stale).llm.close()
+            self.cache.drop_model(stale)  # states of another file or context are no use, and unsafe
             log.info("unloaded local model %s: the reloaded config removed or changed it", stale)
         loaded = self._loaded.get(name)
         if loaded is None:
@@ -89,6 +111,18 @@ class ModelZoo:
         self._loaded.move_to_end(name)
         loaded.last_used = time.monotonic()
         return loaded
+
+    def identity(self, name: str) -> str:
+        """What a parked dialogue state of this model must match: the file, the context, the llama.cpp build
+        ("" for a model no longer configured: its states are not parked)."""
+        model = self.models.get(name)
+        if model is None:
+            return ""
+        try:
+            size = resolve_path(model, self.models_dir).stat().st_size
+        except OSError:
+            size = -1
+        return f"{name}:{size}:{model.n_ctx}:{llama_cpp.__version__}"
 
     def _load(self, model: LocalModelConfig) -> LoadedModel:
         path = check_model_file(model, self.models_dir)
@@ -109,19 +143,36 @@ class ModelZoo:
             raise ModelError(
                 f"model {model.name!r}: llama.cpp could not load {path}: {exc}", code="model_corrupt"
             ) from None
-        loaded = LoadedModel(model, llm, estimate + _kv_cache_mb(llm), time.monotonic())
+        kv_mb = _kv_cache_mb(llm)
+        loaded = LoadedModel(model, llm, estimate + kv_mb, time.monotonic())
         self._loaded[model.name] = loaded
+        if self._cache_auto:
+            self._cache_auto = False
+            self.cache.limit_mb = auto_cache_mb(kv_mb)
         log.info(
-            "loaded local model %s (%.0f MB resident estimate) in %.1f s",
+            "loaded local model %s (%.0f MB resident estimate) in %.1f s; dialogue cache %.0f MB",
             model.name,
             loaded.footprint_mb,
             time.perf_counter() - started,
+            self.cache.limit_mb,
         )
         return loaded
 
+    def _models_mb(self) -> float:
+        return sum(m.footprint_mb for m in self._loaded.values())
+
+    def _room_mb(self) -> float:
+        return self.budget_mb - self._models_mb()
+
     def _make_room(self, needed_mb: float) -> None:
-        while self._loaded and sum(m.footprint_mb for m in self._loaded.values()) + needed_mb > self.budget_mb:
+        """Kept dialogue states go first (they are cheap to rebuild), then least recently used models."""
+        while self._models_mb() + self.cache.mb + needed_mb > self.budget_mb:
+            if self.cache.evict_oldest():
+                continue
+            if not self._loaded:
+                return
             name, old = self._loaded.popitem(last=False)
+            self.cache.forget_live(name, old.llm, park=False)
             old.llm.close()
             log.info("unloaded local model %s to stay within %d MB", name, self.budget_mb)
 
@@ -129,9 +180,21 @@ class ModelZoo:
         return list(self._loaded)
 
     def close(self) -> None:
-        for loaded in self._loaded.values():
+        """Unload everything; with a disk park, the dialogues' states are parked first."""
+        for name, loaded in self._loaded.items():
+            self.cache.forget_live(name, loaded.llm, park=True)
             loaded.llm.close()
         self._loaded.clear()
+        self.cache.park_all()
+
+
+def auto_cache_mb(kv_full_mb: float) -> float:
+    """The default dialogue cache: AUTO_CACHE_DIALOGUES full-context states, within a quarter of free memory."""
+    try:
+        free_mb = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (ValueError, OSError):
+        free_mb = float("inf")
+    return min(AUTO_CACHE_DIALOGUES * kv_full_mb, free_mb / 4)
 
 
 def _kv_cache_mb(llm: Llama) -> float:
@@ -205,6 +268,7 @@ class LocalBackend:
         first: float | None = None
         parts: list[str] = []
         tokens_out = 0
+        self.zoo.cache.begin_turn(model, loaded.llm, prompt.session)
         stream = loaded.llm.create_chat_completion(
             messages=cast(Any, prompt.messages),  # plain dicts in the shape llama.cpp documents
             max_tokens=prompt.max_tokens,
