@@ -8,14 +8,16 @@ touches the zoo, so loading and generating need no lock of their own.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Hashable
-from contextlib import AbstractContextManager
+from collections.abc import Generator, Hashable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 PER_MESSAGE_TOKENS = 6
 TEMPLATE_SLACK_TOKENS = 32
 MIN_ANSWER_TOKENS = 16
+# A stream being read, its first chunk, and when reading began.
+Opened = tuple[Generator[Any, None, None], list[Any], float]
 # local.cache_mb = -1: keep this many full-context dialogue states, within a quarter of the free memory.
 AUTO_CACHE_DIALOGUES = 8
 
@@ -250,37 +254,47 @@ class LocalBackend:
         self.zoo = zoo
         self.gate = FairGate()
         self.tokens_per_s: float | None = None  # EWMA of measured generation speed
+        # Reads a fitted prompt while the turn's own thread commits its record; one at a time (the gate).
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-prompt")
+        self._reading: tuple[Prompt, Future[Opened]] | None = None
 
-    def slot(self, client: Hashable, cancelled: threading.Event) -> AbstractContextManager[bool]:
-        return self.gate.slot(client, cancelled)
+    @contextlib.contextmanager
+    def slot(self, client: Hashable, cancelled: threading.Event) -> Iterator[bool]:
+        with self.gate.slot(client, cancelled) as granted:
+            try:
+                yield granted
+            finally:
+                self._drop_reading()  # a prompt read but never generated: the next turn needs the model idle
 
     def fit(self, model: str, prompt: Prompt) -> Prompt:
-        """Load the model and fit the messages to its context; raises before anything is generated."""
+        """Load the model and fit the messages to its context (raises before anything is generated), then
+        start reading the prompt: llama.cpp evaluates it while the turn commits its record."""
         loaded = self.zoo.get(model)
         messages = cast(list[dict[str, str]], prompt.messages)  # local prompts are text only
         fitted, tokens_in, budget = fit_to_context(loaded.llm, messages, prompt.max_tokens)
         fitted_messages = cast(list[dict[str, object]], fitted)
-        return dataclasses.replace(prompt, messages=fitted_messages, max_tokens=budget, tokens_in=tokens_in)
+        ready = dataclasses.replace(prompt, messages=fitted_messages, max_tokens=budget, tokens_in=tokens_in)
+        self._drop_reading()
+        self._reading = (ready, self._reader.submit(self._open, model, loaded, ready))
+        return ready
 
     def generate(self, model: str, prompt: Prompt) -> Generation:
+        """Stream the answer; nothing is passed on before this call, so a turn's record is committed first."""
         loaded = self.zoo.get(model)
-        started = time.perf_counter()
+        if self._reading is not None and self._reading[0] is prompt:
+            reading, self._reading = self._reading, None
+            stream, head, started = reading[1].result()
+        else:
+            self._drop_reading()
+            stream, head, started = self._open(model, loaded, prompt)
         first: float | None = None
         parts: list[str] = []
         tokens_out = 0
-        self.zoo.cache.begin_turn(model, loaded.llm, prompt.session)
-        stream = loaded.llm.create_chat_completion(
-            messages=cast(Any, prompt.messages),  # plain dicts in the shape llama.cpp documents
-            max_tokens=prompt.max_tokens,
-            temperature=prompt.temperature,
-            seed=prompt.seed,
-            stream=True,
-        )
         try:
-            for chunk in stream:
+            for chunk in itertools.chain(head, stream):
                 if prompt.cancelled.is_set():
                     break
-                delta = chunk["choices"][0]["delta"].get("content")  # type: ignore[index, union-attr]
+                delta = chunk["choices"][0]["delta"].get("content")
                 if not delta:
                     continue
                 if first is None:
@@ -289,7 +303,7 @@ class LocalBackend:
                 parts.append(str(delta))
                 prompt.on_delta(str(delta))
         finally:
-            stream.close()  # type: ignore[union-attr]
+            stream.close()
         end = time.perf_counter()
         if first is not None and tokens_out > 1 and end > first:
             rate = (tokens_out - 1) / (end - first)
@@ -303,3 +317,23 @@ class LocalBackend:
             energy_j=tokens_out * loaded.config.joules_per_token,
             cancelled=prompt.cancelled.is_set(),
         )
+
+    def _open(self, model: str, loaded: LoadedModel, prompt: Prompt) -> Opened:
+        """Give the context this dialogue's state and read the stream's first chunk: by then llama.cpp has
+        evaluated the prompt and sampled the first token."""
+        started = time.perf_counter()
+        self.zoo.cache.begin_turn(model, loaded.llm, prompt.session)
+        stream: Generator[Any, None, None] = loaded.llm.create_chat_completion(  # type: ignore[assignment]
+            messages=cast(Any, prompt.messages),  # plain dicts in the shape llama.cpp documents
+            max_tokens=prompt.max_tokens,
+            temperature=prompt.temperature,
+            seed=prompt.seed,
+            stream=True,
+        )
+        return stream, list(itertools.islice(stream, 1)), started
+
+    def _drop_reading(self) -> None:
+        reading, self._reading = self._reading, None
+        if reading is not None:
+            with contextlib.suppress(Exception):  # a failed read has nothing to close
+                reading[1].result()[0].close()
