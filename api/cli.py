@@ -216,7 +216,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         (
             "local",
             f"{loc['default']} (resident: {', '.join(loc['resident']) or 'none'}; "
-            f"{_fmt(loc['tokens_per_s'], '{:.1f} tok/s')})",
+            f"{_fmt(loc['tokens_per_s'], '{:.1f} tok/s')}); dialogue cache {loc['cache']['dialogues']} kept, "
+            f"{loc['cache']['mb']:.0f}/{loc['cache']['limit_mb']:.0f} MB, "
+            f"{loc['cache']['hits']} hits, {loc['cache']['misses']} misses",
         ),
         (
             "cloud",

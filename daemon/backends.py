@@ -32,6 +32,7 @@ class Prompt:
     cancelled: threading.Event = field(default_factory=threading.Event)
     upload: Upload = Upload(0, 0)
     tokens_in: int | None = None
+    session: str | None = None  # the dialogue, whose kept state a local model starts from
 
 
 @dataclass

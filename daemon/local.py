@@ -1,30 +1,37 @@
 """Local answers through llama.cpp: a zoo of GGUF models, loaded on demand and kept within a memory budget.
 
 Like Ollama's keep-alive, a model stays resident after use; when loading another would exceed the budget,
-the least recently used models are unloaded first. Only the local worker (behind the FairGate) touches the
-zoo, so loading and generating need no lock of their own.
+kept dialogue states (daemon/kvcache.py) are evicted first, then the least recently used models are
+unloaded: models and dialogue states share the one budget. Only the local worker (behind the FairGate)
+touches the zoo, so loading and generating need no lock of their own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import logging
+import os
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Hashable
-from contextlib import AbstractContextManager
+from collections.abc import Generator, Hashable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import llama_cpp
 from llama_cpp import Llama
 
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import LocalConfig, LocalModelConfig
 from locod.daemon.gate import FairGate
 from locod.daemon.gguf import is_gguf
+from locod.daemon.kvcache import DialogueCache
+from locod.daemon.kvpark import DiskPark
 from locod.errors import ModelError, PromptTooLong
 from locod.policy.load import TurnTime
 
@@ -34,6 +41,10 @@ log = logging.getLogger(__name__)
 PER_MESSAGE_TOKENS = 6
 TEMPLATE_SLACK_TOKENS = 32
 MIN_ANSWER_TOKENS = 16
+# A stream being read, its first chunk, and when reading began.
+Opened = tuple[Generator[Any, None, None], list[Any], float]
+# local.cache_mb = -1: keep this many full-context dialogue states, within a quarter of the free memory.
+AUTO_CACHE_DIALOGUES = 8
 
 
 def resolve_path(model: LocalModelConfig, models_dir: Path) -> Path:
@@ -64,12 +75,24 @@ class LoadedModel:
 
 
 class ModelZoo:
-    def __init__(self, models: list[LocalModelConfig], models_dir: Path, budget_mb: int, n_threads: int) -> None:
+    def __init__(
+        self,
+        models: list[LocalModelConfig],
+        models_dir: Path,
+        budget_mb: int,
+        n_threads: int,
+        cache_mb: int = -1,
+        park: DiskPark | None = None,
+    ) -> None:
+        """``cache_mb``: dialogue states kept in memory (-1: sized from the first model loaded and the free
+        memory; 0: none); ``park``: where evicted states go, if anywhere."""
         self.models = {m.name: m for m in models}
         self.models_dir = models_dir
         self.budget_mb = budget_mb
         self.n_threads = n_threads or None
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._cache_auto = cache_mb < 0
+        self.cache = DialogueCache(max(cache_mb, 0), self._room_mb, park, self.identity)
 
     def reconfigure(self, local: LocalConfig) -> None:
         """Take the models of a reloaded config. Called from another thread than the worker, so it only
@@ -77,6 +100,8 @@ class ModelZoo:
         self.models = {m.name: m for m in local.models}
         self.budget_mb = local.memory_budget_mb
         self.n_threads = local.n_threads or None
+        if local.cache_mb >= 0:  # -1 keeps the size chosen at the first load
+            self.cache.limit_mb = local.cache_mb
 
     def get(self, name: str) -> LoadedModel:
         models = self.models
@@ -84,6 +109,7 @@ class ModelZoo:
             raise ModelError(f"no local model named {name!r}; configured: {sorted(models)}", code="unknown_model")
         for stale in [n for n, m in self._loaded.items() if models.get(n) != m.config]:
             self._loaded.pop(stale).llm.close()
+            self.cache.drop_model(stale)  # states of another file or context are no use, and unsafe
             log.info("unloaded local model %s: the reloaded config removed or changed it", stale)
         loaded = self._loaded.get(name)
         if loaded is None:
@@ -91,6 +117,18 @@ class ModelZoo:
         self._loaded.move_to_end(name)
         loaded.last_used = time.monotonic()
         return loaded
+
+    def identity(self, name: str) -> str:
+        """What a parked dialogue state of this model must match: the file, the context, the llama.cpp build
+        ("" for a model no longer configured: its states are not parked)."""
+        model = self.models.get(name)
+        if model is None:
+            return ""
+        try:
+            size = resolve_path(model, self.models_dir).stat().st_size
+        except OSError:
+            size = -1
+        return f"{name}:{size}:{model.n_ctx}:{llama_cpp.__version__}"
 
     def _load(self, model: LocalModelConfig) -> LoadedModel:
         path = check_model_file(model, self.models_dir)
@@ -111,19 +149,36 @@ class ModelZoo:
             raise ModelError(
                 f"model {model.name!r}: llama.cpp could not load {path}: {exc}", code="model_corrupt"
             ) from None
-        loaded = LoadedModel(model, llm, estimate + _kv_cache_mb(llm), time.monotonic())
+        kv_mb = _kv_cache_mb(llm)
+        loaded = LoadedModel(model, llm, estimate + kv_mb, time.monotonic())
         self._loaded[model.name] = loaded
+        if self._cache_auto:
+            self._cache_auto = False
+            self.cache.limit_mb = auto_cache_mb(kv_mb)
         log.info(
-            "loaded local model %s (%.0f MB resident estimate) in %.1f s",
+            "loaded local model %s (%.0f MB resident estimate) in %.1f s; dialogue cache %.0f MB",
             model.name,
             loaded.footprint_mb,
             time.perf_counter() - started,
+            self.cache.limit_mb,
         )
         return loaded
 
+    def _models_mb(self) -> float:
+        return sum(m.footprint_mb for m in self._loaded.values())
+
+    def _room_mb(self) -> float:
+        return self.budget_mb - self._models_mb()
+
     def _make_room(self, needed_mb: float) -> None:
-        while self._loaded and sum(m.footprint_mb for m in self._loaded.values()) + needed_mb > self.budget_mb:
+        """Kept dialogue states go first (they are cheap to rebuild), then least recently used models."""
+        while self._models_mb() + self.cache.mb + needed_mb > self.budget_mb:
+            if self.cache.evict_oldest():
+                continue
+            if not self._loaded:
+                return
             name, old = self._loaded.popitem(last=False)
+            self.cache.forget_live(name, old.llm, park=False)
             old.llm.close()
             log.info("unloaded local model %s to stay within %d MB", name, self.budget_mb)
 
@@ -131,9 +186,21 @@ class ModelZoo:
         return list(self._loaded)
 
     def close(self) -> None:
-        for loaded in self._loaded.values():
+        """Unload everything; with a disk park, the dialogues' states are parked first."""
+        for name, loaded in self._loaded.items():
+            self.cache.forget_live(name, loaded.llm, park=True)
             loaded.llm.close()
         self._loaded.clear()
+        self.cache.park_all()
+
+
+def auto_cache_mb(kv_full_mb: float) -> float:
+    """The default dialogue cache: AUTO_CACHE_DIALOGUES full-context states, within a quarter of free memory."""
+    try:
+        free_mb = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (ValueError, OSError):
+        free_mb = float("inf")
+    return min(AUTO_CACHE_DIALOGUES * kv_full_mb, free_mb / 4)
 
 
 def _kv_cache_mb(llm: Llama) -> float:
@@ -211,9 +278,17 @@ class LocalBackend:
         self.gate = FairGate()
         self.tokens_per_s: float | None = None  # EWMA of measured generation speed
         self.turn_time = TurnTime()  # EWMA of a local turn's wall time: what each turn ahead makes one wait
+        # Reads a fitted prompt while the turn's own thread commits its record; one at a time (the gate).
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-prompt")
+        self._reading: tuple[Prompt, Future[Opened]] | None = None
 
-    def slot(self, client: Hashable, cancelled: threading.Event) -> AbstractContextManager[bool]:
-        return self.gate.slot(client, cancelled)
+    @contextlib.contextmanager
+    def slot(self, client: Hashable, cancelled: threading.Event) -> Iterator[bool]:
+        with self.gate.slot(client, cancelled) as granted:
+            try:
+                yield granted
+            finally:
+                self._drop_reading()  # a prompt read but never generated: the next turn needs the model idle
 
     def expected_wait_s(self) -> float:
         """How long a turn queued now would wait for the local model: the turns ahead of it (waiting, and the
@@ -221,31 +296,34 @@ class LocalBackend:
         return self.turn_time.expected_wait_s(self.gate.waiting + self.gate.busy)
 
     def fit(self, model: str, prompt: Prompt) -> Prompt:
-        """Load the model and fit the messages to its context; raises before anything is generated."""
+        """Load the model and fit the messages to its context (raises before anything is generated), then
+        start reading the prompt: llama.cpp evaluates it while the turn commits its record."""
         loaded = self.zoo.get(model)
         messages = cast(list[dict[str, str]], prompt.messages)  # local prompts are text only
         fitted, tokens_in, budget = fit_to_context(loaded.llm, messages, prompt.max_tokens)
         fitted_messages = cast(list[dict[str, object]], fitted)
-        return dataclasses.replace(prompt, messages=fitted_messages, max_tokens=budget, tokens_in=tokens_in)
+        ready = dataclasses.replace(prompt, messages=fitted_messages, max_tokens=budget, tokens_in=tokens_in)
+        self._drop_reading()
+        self._reading = (ready, self._reader.submit(self._open, model, loaded, ready))
+        return ready
 
     def generate(self, model: str, prompt: Prompt) -> Generation:
+        """Stream the answer; nothing is passed on before this call, so a turn's record is committed first."""
         loaded = self.zoo.get(model)
-        started = time.perf_counter()
+        if self._reading is not None and self._reading[0] is prompt:
+            reading, self._reading = self._reading, None
+            stream, head, started = reading[1].result()
+        else:
+            self._drop_reading()
+            stream, head, started = self._open(model, loaded, prompt)
         first: float | None = None
         parts: list[str] = []
         tokens_out = 0
-        stream = loaded.llm.create_chat_completion(
-            messages=cast(Any, prompt.messages),  # plain dicts in the shape llama.cpp documents
-            max_tokens=prompt.max_tokens,
-            temperature=prompt.temperature,
-            seed=prompt.seed,
-            stream=True,
-        )
         try:
-            for chunk in stream:
+            for chunk in itertools.chain(head, stream):
                 if prompt.cancelled.is_set():
                     break
-                delta = chunk["choices"][0]["delta"].get("content")  # type: ignore[index, union-attr]
+                delta = chunk["choices"][0]["delta"].get("content")
                 if not delta:
                     continue
                 if first is None:
@@ -254,7 +332,7 @@ class LocalBackend:
                 parts.append(str(delta))
                 prompt.on_delta(str(delta))
         finally:
-            stream.close()  # type: ignore[union-attr]
+            stream.close()
         end = time.perf_counter()
         if first is not None and tokens_out > 1 and end > first:
             rate = (tokens_out - 1) / (end - first)
@@ -270,3 +348,23 @@ class LocalBackend:
             energy_j=tokens_out * loaded.config.joules_per_token,
             cancelled=prompt.cancelled.is_set(),
         )
+
+    def _open(self, model: str, loaded: LoadedModel, prompt: Prompt) -> Opened:
+        """Give the context this dialogue's state and read the stream's first chunk: by then llama.cpp has
+        evaluated the prompt and sampled the first token."""
+        started = time.perf_counter()
+        self.zoo.cache.begin_turn(model, loaded.llm, prompt.session)
+        stream: Generator[Any, None, None] = loaded.llm.create_chat_completion(  # type: ignore[assignment]
+            messages=cast(Any, prompt.messages),  # plain dicts in the shape llama.cpp documents
+            max_tokens=prompt.max_tokens,
+            temperature=prompt.temperature,
+            seed=prompt.seed,
+            stream=True,
+        )
+        return stream, list(itertools.islice(stream, 1)), started
+
+    def _drop_reading(self) -> None:
+        reading, self._reading = self._reading, None
+        if reading is not None:
+            with contextlib.suppress(Exception):  # a failed read has nothing to close
+                reading[1].result()[0].close()

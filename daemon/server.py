@@ -34,6 +34,7 @@ from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config, load_config
 from locod.daemon.decider import Decider
 from locod.daemon.keyfile import read_key_file
+from locod.daemon.kvpark import DiskPark
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend, ModelZoo, check_model_file
 from locod.daemon.logs import configure_logging
@@ -83,8 +84,18 @@ class Daemon:
         self._handed_in: queue.SimpleQueue[tuple[bytes, ChatRequest, Reply]] = queue.SimpleQueue()
         self.http: Any = None  # locod.daemon.httpapi.HttpServer when http.listen is set
         self.records = DecisionLog(config.db_path)
+        park = (
+            DiskPark(config.state_dir / "kvcache", config.local.cache_disk_mb << 20)
+            if config.local.cache_disk_mb
+            else None
+        )
         self.zoo = ModelZoo(
-            config.local.models, config.models_dir, config.local.memory_budget_mb, config.local.n_threads
+            config.local.models,
+            config.models_dir,
+            config.local.memory_budget_mb,
+            config.local.n_threads,
+            config.local.cache_mb,
+            park,
         )
         self.local = LocalBackend(self.zoo)
         self.cloud = CloudBackend(config.cloud)
@@ -390,6 +401,7 @@ class Daemon:
                 "models": [m.name for m in cfg.local.models],
                 "resident": self.zoo.resident(),
                 "tokens_per_s": self.local.tokens_per_s,
+                "cache": self.zoo.cache.status(),
             },
             "cloud": {
                 "models": [m.name for m in cfg.cloud.models],

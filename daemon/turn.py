@@ -234,7 +234,13 @@ class TurnRunner:
             messages, upload = prompts.cloud_messages(turn, decision.send, self.config.attachments.doc_token_budget)
         on_delta = (lambda text: reply.send(DeltaFrame(text))) if options.stream else (lambda text: None)
         prompt = Prompt(
-            messages, turn.max_tokens(self.config), options.temperature, options.seed, on_delta, reply.cancelled
+            messages,
+            turn.max_tokens(self.config),
+            options.temperature,
+            options.seed,
+            on_delta,
+            reply.cancelled,
+            session=turn.session.id,  # the local model starts from this dialogue's kept state
         )
         return prompt if upload is None else dataclasses.replace(prompt, upload=upload)
 

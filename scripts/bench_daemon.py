@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """How much the daemon costs on top of llama.cpp: tokens/s through the daemon vs. llama-cpp-python called
-directly on the same prompts (greedy, same model and settings), in alternating rounds of one run, and the
-`ping` round trip over ZeroMQ.
+directly on the same prompts (greedy, same model and settings), in alternating rounds of one run; the time
+to the first token of one short prompt (8 tokens, read to the end before the next call), daemon vs. direct,
+in alternating rounds; and the `ping` round trip over ZeroMQ.
 
-    python scripts/bench_daemon.py [--rounds 3] [--max-tokens 128] [--pings 2000]
+    python scripts/bench_daemon.py [--rounds 3] [--max-tokens 128] [--first-rounds 12] [--pings 2000]
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from llama_cpp import Llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from locod.daemon.fetch import fetch
+from locod.protocol import DeltaFrame
 from tests.conftest import start_daemon
 
 PROMPTS = [
@@ -53,10 +55,33 @@ def through_daemon(client: object, max_tokens: int) -> tuple[int, float, float]:
     return tokens, time.perf_counter() - started, inside
 
 
+FIRST_PROMPT = "Name one primary colour."
+
+
+def first_direct(llm: Llama) -> float:
+    """ms from the call to its first content chunk; the answer is read to its end."""
+    started, first = time.perf_counter(), None
+    messages = [{"role": "user", "content": FIRST_PROMPT}]
+    for chunk in llm.create_chat_completion(messages=messages, max_tokens=8, temperature=0.0, seed=1, stream=True):  # type: ignore[arg-type]
+        if first is None and chunk["choices"][0]["delta"].get("content"):  # type: ignore[index,union-attr]
+            first = time.perf_counter()
+    return ((first or time.perf_counter()) - started) * 1000
+
+
+def first_daemon(client: object) -> float:
+    """ms from the request to its first `delta` frame; the answer is read to its `done`."""
+    started, first = time.perf_counter(), None
+    for frame in client.chat(FIRST_PROMPT, max_tokens=8, temperature=0.0, seed=1):  # type: ignore[attr-defined]
+        if first is None and isinstance(frame, DeltaFrame):
+            first = time.perf_counter()
+    return ((first or time.perf_counter()) - started) * 1000
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--first-rounds", type=int, default=12)
     parser.add_argument("--pings", type=int, default=2000)
     args = parser.parse_args()
     repo = Path(__file__).resolve().parent.parent
@@ -76,6 +101,10 @@ def main() -> None:
                 d_tokens, d_time = d_tokens + t, d_time + s
                 t, s, inside = through_daemon(client, args.max_tokens)
                 s_tokens, s_time, s_inside = s_tokens + t, s_time + s, s_inside + inside
+            firsts: dict[str, list[float]] = {"direct": [], "daemon": []}
+            for _ in range(args.first_rounds):
+                firsts["direct"].append(first_direct(llm))
+                firsts["daemon"].append(first_daemon(client))
             rtts = []
             for _ in range(args.pings):
                 started = time.perf_counter()
@@ -97,6 +126,12 @@ def main() -> None:
     )
     print(f"| ratio daemon / direct | {daemon_tps / direct_tps:.3f} |")
     print(f"| daemon's own generation time / client-observed time | {s_inside / s_time:.4f} |")
+    first_d, first_s = statistics.median(firsts["direct"]), statistics.median(firsts["daemon"])
+    print(
+        f"| first token, direct / through the daemon (median of {args.first_rounds}) | "
+        f"{first_d:.1f} ms / {first_s:.1f} ms |"
+    )
+    print(f"| ratio daemon / direct, first token (goal <= 1.1) | {first_s / first_d:.3f} |")
     print(f"| ping round trip p50 / p99 ({args.pings} pings) | {q[49]:.3f} ms / {q[98]:.3f} ms |")
 
 

@@ -1,0 +1,136 @@
+"""Dialogue KV states parked on disk, so a restart or an evicted dialogue resumes without re-reading it.
+
+One file per (model, session) under ``<state_dir>/kvcache``, named by a hash (session ids are client
+text). A file carries a checksum and the identity of the model that made it; a file that fails either
+check is deleted with one log line and the turn simply reads its prompt. The folder is kept under its
+byte limit by deleting the least recently written files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"LOCODKV1"
+HEADER = struct.Struct("<8sI")  # magic, length of the JSON header that follows
+
+
+@dataclass
+class SavedState:
+    """One dialogue's KV state: the tokens it holds and llama.cpp's serialised sequence."""
+
+    tokens: np.ndarray  # intc
+    data: np.ndarray  # uint8
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.tokens.nbytes
+
+
+class DiskPark:
+    def __init__(self, directory: Path, limit_bytes: int) -> None:
+        self.directory = directory
+        self.limit_bytes = limit_bytes
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _path(self, model: str, session: str) -> Path:
+        return self.directory / (hashlib.sha256(f"{model}\0{session}".encode()).hexdigest()[:32] + ".kv")
+
+    def put(self, model: str, session: str, identity: str, state: SavedState) -> None:
+        """Write atomically (temp file, rename), then trim the folder to its limit."""
+        if state.nbytes > self.limit_bytes:
+            return
+        tokens = state.tokens.astype("<i4").tobytes()
+        digest = hashlib.sha256(tokens)
+        digest.update(state.data.data)
+        meta = json.dumps(
+            {"identity": identity, "tokens": len(state.tokens), "data": state.data.size, "sha256": digest.hexdigest()}
+        ).encode()
+        path = self._path(model, session)
+        tmp = path.with_suffix(".tmp")
+        try:
+            with tmp.open("wb") as f:
+                f.write(HEADER.pack(MAGIC, len(meta)))
+                f.write(meta)
+                f.write(tokens)
+                f.write(state.data.data)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("could not park a dialogue's KV state in %s: %s", self.directory, exc.strerror)
+            tmp.unlink(missing_ok=True)
+            return
+        self._trim()
+
+    def take(self, model: str, session: str, identity: str) -> SavedState | None:
+        """The parked state (its file removed: the live context holds it from now on), or None."""
+        path = self._path(model, session)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            log.warning("ignoring parked KV state %s: %s", path.name, exc.strerror)
+            return None
+        path.unlink(missing_ok=True)
+        state = _decode(raw, identity)
+        if isinstance(state, str):
+            log.warning("ignoring parked KV state %s: %s", path.name, state)
+            return None
+        return state
+
+    def usage(self) -> tuple[int, int]:
+        """(files, bytes) parked now."""
+        files = self._files()
+        return len(files), sum(size for _, size, _ in files)
+
+    def _files(self) -> list[tuple[Path, int, float]]:
+        found = []
+        for path in self.directory.glob("*.kv"):
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                continue
+            found.append((path, st.st_size, st.st_mtime))
+        return found
+
+    def _trim(self) -> None:
+        files = sorted(self._files(), key=lambda f: f[2])
+        total = sum(size for _, size, _ in files)
+        for path, size, _ in files:
+            if total <= self.limit_bytes:
+                break
+            path.unlink(missing_ok=True)
+            total -= size
+
+
+def _decode(raw: bytes, identity: str) -> SavedState | str:
+    """The state in a parked file, or why it cannot be used."""
+    if len(raw) < HEADER.size:
+        return "truncated"
+    magic, meta_len = HEADER.unpack_from(raw)
+    if magic != MAGIC:
+        return "not a locod KV file"
+    try:
+        meta = json.loads(raw[HEADER.size : HEADER.size + meta_len])
+        n_tokens, n_data, expected = int(meta["tokens"]), int(meta["data"]), str(meta["sha256"])
+    except (ValueError, KeyError, TypeError):
+        return "unreadable header"
+    if meta.get("identity") != identity:
+        return "made by another model or llama.cpp build"
+    start = HEADER.size + meta_len
+    if len(raw) != start + 4 * n_tokens + n_data:
+        return "truncated"
+    digest = hashlib.sha256(raw[start:])
+    if digest.hexdigest() != expected:
+        return "checksum mismatch"
+    tokens = np.frombuffer(raw, dtype="<i4", count=n_tokens, offset=start).astype(np.intc)
+    return SavedState(tokens, np.frombuffer(raw, dtype=np.uint8, offset=start + 4 * n_tokens))
