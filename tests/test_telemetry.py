@@ -195,8 +195,8 @@ def test_hanging_probe_marks_the_endpoint_not_the_device(daemon_factory: Any, ha
     wait_for(lambda: client.status()["telemetry"]["cloud_reachable"] is False, 30, "the probe to give up")
     telemetry = client.status()["telemetry"]
     assert telemetry["online"] == (telemetry["link"] not in ("none",))  # the link's word, not the probe's
-    result = client.ask("Hello", max_tokens=2)
-    assert result.done.outcome == "ok"
+    result = client.ask("Hello", max_tokens=2)  # the cloud may be tried (and time out): it is not masked
+    assert result.done.outcome in ("ok", "fallback") and result.done.location == "local"
     assert "offline" not in result.decision.reason or telemetry["online"] is False
     assert client.ping()["pong"]
 
