@@ -224,7 +224,7 @@ def test_reload_applies_cloud_changes_and_defers_daemon_ones(
     key = tmp_path / "key"
     key.write_text("sk-old")
     os.chmod(key, 0o600)
-    config = cloud_config(proxy.base_url)
+    config = cloud_config(proxy.base_url, timeout_s=30.0)  # the shared loopback server may still be busy
     config["cloud"]["models"][0]["api_key_file"] = str(key)
     handle = daemon_factory(config)
     client = handle.client()
