@@ -146,7 +146,7 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool) -> int:
             restart = "; what was shown above is discarded" if streamed else ""
             print(f"{chr(10) if streamed else ''}[{frame.message}{restart}]", file=sys.stderr)
         elif isinstance(frame, DoneFrame):
-            print()
+            print(flush=True)  # before any stderr line, also when stdout is a pipe
             if verbose:
                 estimate = " (estimated)" if frame.cost_estimated else ""
                 print(
