@@ -8,6 +8,7 @@ and learns, as before. The GGUF is hashed only when a prior of exactly its size 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -68,12 +69,20 @@ def load_prior(gguf: Path, folder: Path = PRIORS, dim: int | None = None) -> Pri
     sized = [p for p in candidates if p.gguf_size == size]
     if not sized:
         return None
-    sha = file_sha256(gguf)
+    stat = gguf.stat()
+    sha = _sha256_of_version(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
     for prior in sized:
         shapes = (dim is None or prior.weights.shape == (dim,)) and prior.confidence.shape == identity().shape
         if prior.sha256 == sha and shapes and np.all(np.isfinite(prior.weights)):
             return prior
     return None
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of_version(path: str, size: int, mtime_ns: int) -> str:
+    """A model file's hash, once per version of the file: every daemon reload looks its prior up again, and
+    hashing a 100 MB-8 GB GGUF each time would stall the reload for seconds."""
+    return file_sha256(Path(path))
 
 
 def file_sha256(path: Path) -> str:
