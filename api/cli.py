@@ -16,7 +16,7 @@ from typing import Any
 
 from locod import __version__
 from locod.errors import ConfigError, DaemonNotRunning, LocodError, ModelError, StorageError
-from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame, FallbackFrame, Frame
+from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame, EscalatedFrame, FallbackFrame, Frame
 
 EXIT_CODES: dict[type[LocodError], int] = {ConfigError: 2, ModelError: 3, StorageError: 4, DaemonNotRunning: 5}
 
@@ -142,7 +142,7 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool) -> int:
             print(frame.text, end="", flush=True)
         elif isinstance(frame, DecisionFrame):
             _say_decision(frame, verbose)
-        elif isinstance(frame, FallbackFrame):
+        elif isinstance(frame, FallbackFrame | EscalatedFrame):
             restart = "; what was shown above is discarded" if streamed else ""
             print(f"{chr(10) if streamed else ''}[{frame.message}{restart}]", file=sys.stderr)
         elif isinstance(frame, DoneFrame):

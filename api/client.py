@@ -31,6 +31,7 @@ from locod.protocol import (
     DeltaFrame,
     DoneFrame,
     ErrorFrame,
+    EscalatedFrame,
     FallbackFrame,
     FeedbackRequest,
     Frame,
@@ -65,18 +66,19 @@ class TurnResult:
     done: DoneFrame
     fallback: FallbackFrame | None = None
     frames: list[Frame] = field(default_factory=list)
+    escalated: EscalatedFrame | None = None
 
     @classmethod
     def of(cls, frames: list[Frame]) -> TurnResult:
         decision = next(f for f in frames if isinstance(f, DecisionFrame))
         done = frames[-1]
         assert isinstance(done, DoneFrame)
-        fallbacks = [i for i, f in enumerate(frames) if isinstance(f, FallbackFrame)]
-        fallback = frames[fallbacks[-1]] if fallbacks else None
-        assert fallback is None or isinstance(fallback, FallbackFrame)
-        answer = frames[fallbacks[-1] :] if fallbacks else frames  # a fallback restarts the answer
+        fallback = next((f for f in reversed(frames) if isinstance(f, FallbackFrame)), None)
+        escalated = next((f for f in frames if isinstance(f, EscalatedFrame)), None)
+        restarts = [i for i, f in enumerate(frames) if isinstance(f, FallbackFrame | EscalatedFrame)]
+        answer = frames[restarts[-1] :] if restarts else frames  # either frame restarts the answer
         text = "".join(f.text for f in answer if isinstance(f, DeltaFrame))
-        return cls(text or done.text or "", decision, done, fallback, frames)
+        return cls(text or done.text or "", decision, done, fallback, frames, escalated)
 
 
 SYSTEM_SOCKET = Path("/run/locod/locod.sock")  # the system unit's RuntimeDirectory
@@ -236,7 +238,8 @@ class Client:
         force: str | None = None,
         stream: bool = True,
     ) -> Iterator[Frame]:
-        """Stream the frames of one turn: ``decision``, ``delta``..., (``fallback``), ``done``. ``force``
+        """Stream the frames of one turn: ``decision``, ``delta``..., (``fallback`` or ``escalated``, then
+        ``delta``... again), ``done``. ``force``
         is "local" or "cloud"; an option left None takes the daemon's default."""
         if messages is None:
             messages = [{"role": "user", "content": prompt or ""}]

@@ -2,7 +2,8 @@
 
 One JSON object per ZeroMQ message. A request carries ``v`` (protocol version), ``id`` (chosen by the
 client, echoed in every reply) and ``op``. Replies carry ``v``, ``id`` and ``type``: ``decision``, ``delta``,
-``done`` for a chat turn; ``result`` for the other ops; ``error`` (``kind``, ``code``, ``message``) for any.
+``done`` for a chat turn (with ``fallback`` or ``escalated`` between, when the answer changes hands);
+``result`` for the other ops; ``error`` (``kind``, ``code``, ``message``) for any.
 Both ends use the same dataclasses: the client encodes requests with ``encode_request`` and decodes reply
 frames with ``decode_frame``; the daemon parses requests with ``parse_request`` (a ``ProtocolError`` naming
 what is wrong) and encodes frames with ``encode_frame``. Every frame type is declared once, here.
@@ -342,6 +343,19 @@ class FallbackFrame:
 
 
 @dataclass(frozen=True)
+class EscalatedFrame:
+    """The local model answered, was not sure enough of its answer, and the cloud answers instead, from the
+    start. No text of the local answer was sent: a turn that may escalate holds its answer back until it is
+    judged. ``confidence``: the local answer's predicted satisfaction, after its confidence was read."""
+
+    type: ClassVar[str] = "escalated"
+    decision: int
+    model: str
+    confidence: float
+    message: str
+
+
+@dataclass(frozen=True)
 class DoneFrame:
     """The turn's end, sent after its record is completed; ``text`` only when not streamed."""
 
@@ -389,9 +403,10 @@ class ResultFrame:
     data: Any
 
 
-Frame = DecisionFrame | DeltaFrame | FallbackFrame | DoneFrame | ErrorFrame | ResultFrame
+Frame = DecisionFrame | DeltaFrame | FallbackFrame | EscalatedFrame | DoneFrame | ErrorFrame | ResultFrame
 FRAME_TYPES: dict[str, type[Frame]] = {
-    cls.type: cls for cls in (DecisionFrame, DeltaFrame, FallbackFrame, DoneFrame, ErrorFrame, ResultFrame)
+    cls.type: cls
+    for cls in (DecisionFrame, DeltaFrame, FallbackFrame, EscalatedFrame, DoneFrame, ErrorFrame, ResultFrame)
 }
 LAST_FRAMES = ("done", "error", "result")  # a request's reply ends with one of these
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -20,6 +20,16 @@ class Upload:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """Answer locally, escalate if unsure: the local answer is held back until its first ``tokens`` tokens
+    (all of it, if shorter) are judged by ``keep`` (their text and log-probs), then passed on, or dropped and
+    the turn escalated. A client never sees text of an answer that is dropped."""
+
+    tokens: int
+    keep: Callable[[Sequence[str], Sequence[float]], bool]
+
+
+@dataclass(frozen=True)
 class Prompt:
     """A fully assembled request for one backend: history already merged, attachments already prepared.
     ``fit`` returns it with the messages trimmed to the model and ``tokens_in`` counted where it can."""
@@ -33,6 +43,8 @@ class Prompt:
     upload: Upload = Upload(0, 0)
     tokens_in: int | None = None
     session: str | None = None  # the dialogue, whose kept state a local model starts from
+    logprobs: bool = False  # a local model reports its answer's tokens and their log-probs
+    checkpoint: Checkpoint | None = None  # local only: hold the answer back until it is judged
 
 
 @dataclass
@@ -48,6 +60,9 @@ class Generation:
     images_sent: int = 0
     bytes_up: int = 0
     cancelled: bool = False
+    escalated: bool = False  # the checkpoint dropped the answer: the turn goes to the cloud
+    tokens: tuple[str, ...] = ()  # with ``Prompt.logprobs`` or a checkpoint: the answer's tokens,
+    logprobs: tuple[float, ...] = ()  # and each one's log-probability
 
 
 class Backend(Protocol):

@@ -175,6 +175,10 @@ class RoutingConfig:
     judge: bool = False
     # Shadow answers (daemon/shadow.py): "ac" only while on mains power (or no battery), "always", "off".
     shadow: str = field(default="ac", metadata=_choice("off", "ac", "always"))
+    # Answer locally, escalate if unsure: the local model answers first and its answer is judged by its own
+    # confidence over its first escalate_tokens tokens (held back until then) before anything is shown.
+    escalate: bool = True
+    escalate_tokens: int = field(default=32, metadata=_range(1, 4096))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,15 @@ import numpy as np
 from locod.daemon.attachments import PreparedAttachment
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config
-from locod.daemon.decision import CloudAccess, Decision, Routing, fixed_decision, uploadable, withheld_note
+from locod.daemon.decision import (
+    CloudAccess,
+    Decision,
+    Escalation,
+    Routing,
+    fixed_decision,
+    uploadable,
+    withheld_note,
+)
 from locod.daemon.learner import Learner
 from locod.daemon.local import MIN_ANSWER_TOKENS, TEMPLATE_SLACK_TOKENS, LocalBackend
 from locod.daemon.records import DecisionLog
@@ -168,7 +176,9 @@ class Decider:
         costs = self.costs(turn, snapshot, candidates)
         weight = self.config.routing.weight_policy
         choice = rule.choose(mess, costs, s_hat, model_of, log_pi, weight)
-        chosen = candidates[choice.key]
+        chosen, plan = candidates[choice.key], None
+        if not choice.explored:
+            chosen, plan = self._escalation(candidates, chosen, choice.price, costs, s_hat, log_pi, features)
         routing = Routing(
             action=chosen.key,
             features=RecordedFeatures.of(features[chosen.key]),
@@ -182,7 +192,45 @@ class Decider:
             policy_version=self.policy.version if log_pi and self.policy else None,
         )
         reason = self._reason(chosen, choice.explored, routing, access, candidates)
-        return Decision(chosen.location, chosen.model, chosen.send, reason, choice.explored, routing)
+        if plan is not None:
+            reason += f"; answers locally first, escalates to {plan.model} if unsure"
+        return Decision(chosen.location, chosen.model, chosen.send, reason, choice.explored, routing, escalation=plan)
+
+    def _escalation(
+        self,
+        candidates: dict[str, Candidate],
+        chosen: Candidate,
+        price: float,
+        costs: dict[str, float],
+        s_hat: dict[str, float],
+        log_pi: dict[str, float] | None,
+        features: dict[str, TurnFeatures],
+    ) -> tuple[Candidate, Escalation | None]:
+        """Answer locally, escalate if unsure (routing.escalate): the local model answers first, and the cloud
+        action the rule ranks best is where an unsure answer goes; unless even the most confident answer
+        its confidence head can describe would be escalated (then the turn goes as the rule chose)."""
+        local = [c for c in candidates.values() if c.location == "local"]
+        cloud = [c for c in candidates.values() if c.location == "cloud"]
+        if not (self.config.routing.escalate and local and cloud):
+            return chosen, None
+        weight = self.config.routing.weight_policy
+
+        def extra(key: str) -> float:
+            return -weight * log_pi[key] if log_pi else 0.0
+
+        target = min(cloud, key=lambda c: costs[c.key] + extra(c.key) - price * s_hat[c.key])
+        first = chosen if chosen.location == "local" else max(local, key=lambda c: s_hat[c.key])
+        margin = costs[target.key] + extra(target.key) - extra(first.key)
+        best = self.learner.mess.confidence_head(first.model).best(s_hat[first.key])
+        if rule.escalates(margin, price, s_hat[target.key], best):
+            return chosen, None
+        tokens = self.config.routing.escalate_tokens
+        s_cloud, s_prompt = s_hat[target.key], s_hat[first.key]
+        cloud_features = RecordedFeatures.of(features[target.key])
+        plan = Escalation(
+            target.key, target.model, target.send, margin, price, s_cloud, s_prompt, tokens, cloud_features
+        )
+        return first, plan
 
     def _reason(
         self, chosen: Candidate, explored: bool, routing: Routing, access: CloudAccess, candidates: dict[str, Candidate]

@@ -16,6 +16,7 @@ from typing import Any
 
 from locod.daemon.attachments import PreparedAttachment
 from locod.daemon.config import Config
+from locod.policy import rule
 from locod.policy.messplus import RecordedFeatures
 
 
@@ -121,6 +122,25 @@ NO_ROUTING_COLUMNS: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
+class Escalation:
+    """Answer locally, escalate if unsure: the cloud action an unsure local answer gives way to, and what
+    the judgement weighs (``policy.rule.escalates`` with the answered s_hat)."""
+
+    key: str  # the cloud candidate
+    model: str
+    send: tuple[int, ...]
+    margin: float  # the cloud's cost beyond keeping the local answer, policy terms included (cost units)
+    price: float  # what one unit of satisfaction is worth in cost on this turn
+    s_cloud: float
+    s_prompt: float  # the local model's s_hat before it answered, which its answer's confidence corrects
+    tokens: int  # the answer is judged over its first tokens (held back until then)
+    features: RecordedFeatures  # of the cloud action: what a label of the escalated turn trains
+
+    def keeps(self, s_answered: float) -> bool:
+        return not rule.escalates(self.margin, self.price, self.s_cloud, s_answered)
+
+
+@dataclass(frozen=True)
 class Decision:
     location: str  # "local" | "cloud"
     model: str
@@ -129,6 +149,7 @@ class Decision:
     explored: bool = False
     routing: Routing | None = None  # None when the client or the config fixed the answer
     notice: str | None = None  # said to the user: the answer does not come from where they asked
+    escalation: Escalation | None = None  # local first; where an unsure answer goes
 
     def routing_columns(self) -> dict[str, Any]:
         return NO_ROUTING_COLUMNS if self.routing is None else self.routing.columns()
@@ -139,6 +160,21 @@ class Decision:
         graded."""
         routing = None if self.routing is None else dataclasses.replace(self.routing, action=local_model)
         return Decision("local", local_model, (), f"{self.reason}; fell back: {why}", self.explored, routing)
+
+    def answered(self, s_answered: float) -> Decision:
+        """A local answer that was judged and kept: the queue settles with the s_hat its confidence gave."""
+        if self.routing is None:
+            return self
+        s_hat = {**self.routing.s_hat, self.routing.action: s_answered}
+        return dataclasses.replace(self, routing=dataclasses.replace(self.routing, s_hat=s_hat))
+
+    def escalated(self, why: str) -> Decision:
+        """The same turn sent to the cloud after its local answer was judged unsure."""
+        assert self.escalation is not None
+        plan = self.escalation
+        routing = self.routing and dataclasses.replace(self.routing, action=plan.key, features=plan.features)
+        reason = f"{self.reason}; escalated: {why}"
+        return Decision("cloud", plan.model, plan.send, reason, self.explored, routing)
 
     def noted(self, note: str, notice: str | None = None) -> Decision:
         """With ``note`` added to the reason, and ``notice`` to what the user is told."""

@@ -37,7 +37,16 @@ from locod.daemon.conversations import Conversations
 from locod.daemon.keyfile import read_key_file
 from locod.daemon.turn import Reply
 from locod.errors import ConfigError
-from locod.protocol import ChatRequest, DecisionFrame, DeltaFrame, DoneFrame, ErrorFrame, FallbackFrame, Frame
+from locod.protocol import (
+    ChatRequest,
+    DecisionFrame,
+    DeltaFrame,
+    DoneFrame,
+    ErrorFrame,
+    EscalatedFrame,
+    FallbackFrame,
+    Frame,
+)
 
 if TYPE_CHECKING:
     from locod.daemon.server import Daemon
@@ -55,6 +64,7 @@ class Exchange:
     reply: Reply
     decision: DecisionFrame | None = None
     fallback: str | None = None
+    escalated: str | None = None
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
 
     def headers(self) -> dict[str, str]:
@@ -63,7 +73,7 @@ class Exchange:
 
     def extension(self, done: DoneFrame | None) -> dict[str, Any]:
         assert self.decision is not None
-        return wire.extension(self.decision, done, self.fallback)
+        return wire.extension(self.decision, done, self.fallback, self.escalated)
 
 
 class HttpServer:
@@ -202,6 +212,8 @@ class HttpServer:
             frame = await self._next(exchange, request)
             if isinstance(frame, FallbackFrame):
                 exchange.fallback = frame.message
+            elif isinstance(frame, EscalatedFrame):
+                exchange.escalated = frame.message
             elif isinstance(frame, ErrorFrame):
                 raise wire.error_of(frame)
             elif isinstance(frame, DoneFrame):
@@ -223,6 +235,8 @@ class HttpServer:
                     yield json.dumps(wire.chunk(exchange.id, model, {"content": frame.text}))
                 elif isinstance(frame, FallbackFrame):
                     exchange.fallback, model = frame.message, frame.model
+                elif isinstance(frame, EscalatedFrame):  # no local text was sent: the cloud's answer follows
+                    exchange.escalated, model = frame.message, frame.model
                 elif isinstance(frame, ErrorFrame):
                     yield json.dumps(wire.error_of(frame).body())
                     return

@@ -3,8 +3,9 @@
 After a routed turn is answered its prediction settles the queue; labels come later, from the user
 (``feedback``) or from the judge (a cloud model grading an explored turn), correct the queue and train the
 predictor on the features the decision recorded. Shadow answers (daemon/shadow.py) label the local model on
-cloud-answered turns and train its predictor only. The state is saved after each change. The decider reads
-the state under ``lock``; nothing else writes it.
+cloud-answered turns, and an answer that escalated is graded against the cloud's: both train the local
+model's predictor (and its confidence head, where the answer's log-probs were read) but never the queue.
+The state is saved after each change. The decider reads the state under ``lock``; nothing else writes it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config
 from locod.daemon.decision import Decision
 from locod.daemon.local import resolve_path
-from locod.daemon.records import DecisionLog
+from locod.daemon.records import DecisionLog, JudgedAnswer
 from locod.errors import CloudError, UnknownDecision
 from locod.policy import rule
 from locod.policy.messplus import MessPlus, RecordedFeatures
@@ -87,19 +88,35 @@ class Learner:
         with self.lock:
             if labelled.routing is not None:
                 self.mess.label(decision_id, labelled.model, labelled.routing.features.vector(), satisfied)
+                judged = labelled.confidence
+                if judged is not None and judged.kept and judged.model == labelled.model:
+                    self._train_confidence(judged, satisfied)
             else:
                 self.mess.state.pending.pop(decision_id, None)
             self._save()
             q = self.mess.state.q
         return {"decision": decision_id, "satisfied": satisfied, "source": source, "q": q}
 
-    def shadow_label(self, model: str, features: RecordedFeatures, satisfied: bool) -> None:
-        """A graded shadow answer: trains the local model's predictor. The queue is not moved: the turn was
-        answered (and settled) by the cloud."""
+    def answered(self, model: str, s_prompt: float, features: tuple[float, ...]) -> float:
+        """The local model's s_hat once it has answered: its prompt-only s_hat corrected by its confidence."""
+        with self.lock:
+            return self.mess.confidence_head(model).predict(s_prompt, features)
+
+    def local_label(
+        self, model: str, features: RecordedFeatures, satisfied: bool, judged: JudgedAnswer | None, shadow: bool
+    ) -> None:
+        """A label for a local answer the user never saw (a shadow answer, or one that escalated), graded
+        against the cloud's: trains the local model's predictor and, where the answer's confidence was
+        read, its confidence head. The queue is not moved: the cloud's answer is what the turn settled with."""
         with self.lock:
             self.mess.train(model, features.vector(), 1.0 if satisfied else 0.0)
-            self.shadow_labels += 1
+            if judged is not None:
+                self._train_confidence(judged, satisfied)
+            self.shadow_labels += shadow
             self._save()
+
+    def _train_confidence(self, judged: JudgedAnswer, satisfied: bool) -> None:
+        self.mess.confidence_head(judged.model).train(judged.s_prompt, judged.features, satisfied)
 
     def judge(self, question: str, answer: str, decision_id: int) -> bool | None:
         """The cloud model's verdict on an answer (its price added to the turn's cost); None if it gave none."""

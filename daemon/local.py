@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import llama_cpp
-from llama_cpp import Llama
+from llama_cpp import Llama, LogitsProcessorList
 
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import LocalConfig, LocalModelConfig
@@ -32,6 +32,7 @@ from locod.daemon.gate import FairGate
 from locod.daemon.gguf import is_gguf
 from locod.daemon.kvcache import DialogueCache
 from locod.daemon.kvpark import DiskPark
+from locod.daemon.logprobs import TokenLogprobs
 from locod.errors import ModelError, PromptTooLong
 from locod.policy.load import TurnTime
 
@@ -41,8 +42,6 @@ log = logging.getLogger(__name__)
 PER_MESSAGE_TOKENS = 6
 TEMPLATE_SLACK_TOKENS = 32
 MIN_ANSWER_TOKENS = 16
-# A stream being read, its first chunk, and when reading began.
-Opened = tuple[Generator[Any, None, None], list[Any], float]
 # local.cache_mb = -1: keep this many full-context dialogue states, within a quarter of the free memory.
 AUTO_CACHE_DIALOGUES = 8
 
@@ -64,6 +63,66 @@ def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
     if not is_gguf(path):
         raise ModelError(f"model {model.name!r}: {path} is not a GGUF file", code="model_corrupt")
     return path
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A stream being read: its first chunk, when reading began, and its tokens' log-probs if asked for."""
+
+    stream: Generator[Any, None, None]
+    head: list[Any]
+    started: float
+    logprobs: TokenLogprobs | None
+
+
+class AnswerStream:
+    """A local answer's text as it streams: passed on at once, or, with a checkpoint, held back until the
+    checkpoint has judged it (at its token count, or at the end of a shorter answer)."""
+
+    def __init__(self, prompt: Prompt, llm: Llama, logprobs: TokenLogprobs | None) -> None:
+        self.prompt, self.llm, self.logprobs = prompt, llm, logprobs
+        self.parts: list[str] = []
+        self.first: float | None = None  # the model's first token
+        self.shown: float | None = None  # the first text passed on
+        self.held = prompt.checkpoint is not None
+        self.escalated = False
+
+    def add(self, delta: str) -> bool:
+        """Take one token's text; False when the checkpoint escalated the turn."""
+        self.first = self.first or time.perf_counter()
+        self.parts.append(delta)
+        checkpoint = self.prompt.checkpoint
+        if not self.held:
+            self._show(delta)
+        elif checkpoint is not None and len(self.parts) >= checkpoint.tokens:
+            return self._judge()
+        return True
+
+    def end(self) -> None:
+        """The answer is complete: one shorter than the checkpoint is judged now."""
+        if self.held:
+            self._judge()
+
+    def scored(self) -> tuple[tuple[str, ...], tuple[float, ...]]:
+        """The answer's tokens and their log-probs so far, when they are read (else empty)."""
+        if self.logprobs is None:
+            return (), ()
+        read = self.logprobs.tokens()
+        pieces = tuple(self.llm.detokenize([t]).decode("utf-8", errors="ignore") for t, _ in read)
+        return pieces, tuple(lp for _, lp in read)
+
+    def _judge(self) -> bool:
+        assert self.prompt.checkpoint is not None
+        self.held = False
+        if self.prompt.checkpoint.keep(*self.scored()):
+            self._show("".join(self.parts))
+            return True
+        self.escalated = True
+        return False
+
+    def _show(self, text: str) -> None:
+        self.shown = self.shown or time.perf_counter()
+        self.prompt.on_delta(text)
 
 
 @dataclass
@@ -312,59 +371,65 @@ class LocalBackend:
         loaded = self.zoo.get(model)
         if self._reading is not None and self._reading[0] is prompt:
             reading, self._reading = self._reading, None
-            stream, head, started = reading[1].result()
+            opened = reading[1].result()
         else:
             self._drop_reading()
-            stream, head, started = self._open(model, loaded, prompt)
-        first: float | None = None
-        parts: list[str] = []
-        tokens_out = 0
+            opened = self._open(model, loaded, prompt)
+        answer = AnswerStream(prompt, loaded.llm, opened.logprobs)
         try:
-            for chunk in itertools.chain(head, stream):
+            for chunk in itertools.chain(opened.head, opened.stream):
                 if prompt.cancelled.is_set():
                     break
                 delta = chunk["choices"][0]["delta"].get("content")
-                if not delta:
-                    continue
-                if first is None:
-                    first = time.perf_counter()
-                tokens_out += 1
-                parts.append(str(delta))
-                prompt.on_delta(str(delta))
+                if delta and not answer.add(str(delta)):
+                    break  # the checkpoint escalated the turn: no more of this answer is wanted
+            else:
+                answer.end()
         finally:
-            stream.close()
+            opened.stream.close()
         end = time.perf_counter()
+        self._observe(answer, opened.started, end, prompt.cancelled.is_set())
+        tokens, logprobs = answer.scored()
+        return Generation(
+            text="".join(answer.parts),
+            tokens_in=prompt.tokens_in or 0,
+            tokens_out=len(answer.parts),
+            first_token_ms=None if answer.shown is None else (answer.shown - opened.started) * 1000,
+            total_ms=(end - opened.started) * 1000,
+            energy_j=len(answer.parts) * loaded.config.joules_per_token,
+            cancelled=prompt.cancelled.is_set(),
+            escalated=answer.escalated,
+            tokens=tokens,
+            logprobs=logprobs,
+        )
+
+    def _observe(self, answer: AnswerStream, started: float, end: float, cancelled: bool) -> None:
+        """Keep the generation speed and the turn time that the queue's expected wait is made of."""
+        first, tokens_out = answer.first, len(answer.parts)
         if first is not None and tokens_out > 1 and end > first:
             rate = (tokens_out - 1) / (end - first)
             self.tokens_per_s = rate if self.tokens_per_s is None else 0.8 * self.tokens_per_s + 0.2 * rate
-        if not prompt.cancelled.is_set():
+        if not cancelled:
             self.turn_time.observe(end - started)
-        return Generation(
-            text="".join(parts),
-            tokens_in=prompt.tokens_in or 0,
-            tokens_out=tokens_out,
-            first_token_ms=None if first is None else (first - started) * 1000,
-            total_ms=(end - started) * 1000,
-            energy_j=tokens_out * loaded.config.joules_per_token,
-            cancelled=prompt.cancelled.is_set(),
-        )
 
     def _open(self, model: str, loaded: LoadedModel, prompt: Prompt) -> Opened:
         """Give the context this dialogue's state and read the stream's first chunk: by then llama.cpp has
         evaluated the prompt and sampled the first token."""
         started = time.perf_counter()
         self.zoo.cache.begin_turn(model, loaded.llm, prompt.session)
+        logprobs = TokenLogprobs(loaded.llm) if prompt.logprobs or prompt.checkpoint else None
         stream: Generator[Any, None, None] = loaded.llm.create_chat_completion(  # type: ignore[assignment]
             messages=cast(Any, prompt.messages),  # plain dicts in the shape llama.cpp documents
             max_tokens=prompt.max_tokens,
             temperature=prompt.temperature,
             seed=prompt.seed,
             stream=True,
+            logits_processor=None if logprobs is None else LogitsProcessorList([logprobs]),
         )
-        return stream, list(itertools.islice(stream, 1)), started
+        return Opened(stream, list(itertools.islice(stream, 1)), started, logprobs)
 
     def _drop_reading(self) -> None:
         reading, self._reading = self._reading, None
         if reading is not None:
             with contextlib.suppress(Exception):  # a failed read has nothing to close
-                reading[1].result()[0].close()
+                reading[1].result().stream.close()

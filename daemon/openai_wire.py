@@ -183,7 +183,9 @@ def error_of(frame: ErrorFrame) -> HttpError:
     return HttpError(status_of(frame), frame.message, frame.code)
 
 
-def extension(decision: DecisionFrame, done: DoneFrame | None, fallback: str | None) -> dict[str, Any]:
+def extension(
+    decision: DecisionFrame, done: DoneFrame | None, fallback: str | None, escalated: str | None
+) -> dict[str, Any]:
     """The ``locod`` object: where the answer ran and why (the SDKs ignore unknown fields)."""
     out: dict[str, Any] = {
         "decision": decision.decision,
@@ -195,6 +197,8 @@ def extension(decision: DecisionFrame, done: DoneFrame | None, fallback: str | N
     }
     if fallback is not None:
         out["fallback"] = fallback
+    if escalated is not None:
+        out["escalated"] = escalated
     if done is not None:
         out.update(
             location=done.location,

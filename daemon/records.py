@@ -51,11 +51,30 @@ class DecisionRecord:
         return row
 
 
+@dataclass(frozen=True)
+class JudgedAnswer:
+    """A local answer whose confidence was read (column ``confidence``): what its label trains the model's
+    confidence head on (policy/confidence.py), and whether it was kept or the turn escalated."""
+
+    model: str
+    features: tuple[float, ...]  # policy.confidence.FEATURES over the judged tokens
+    s_prompt: float  # the model's s_hat before it answered
+    s_answered: float  # after its confidence was read
+    kept: bool
+    label: bool | None = None  # an escalated answer, graded against the cloud's (word overlap)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> JudgedAnswer | None:
+        if not data:
+            return None
+        return cls(**{**data, "features": tuple(data["features"])})
+
+
 @dataclass
 class Outcome:
     """How the turn ended; filled in before the ``done`` frame."""
 
-    outcome: str  # ok | fallback | error | cancelled
+    outcome: str  # ok | fallback | escalated | error | cancelled
     backend: str
     model: str
     tokens_in: int = 0
@@ -69,6 +88,7 @@ class Outcome:
     energy_j: float = 0.0
     error: str | None = None
     attachments_sent: list[str] | None = None
+    confidence: JudgedAnswer | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +110,7 @@ class LabelTarget:
     decision_id: int
     model: str
     routing: Routing | None
+    confidence: JudgedAnswer | None = None  # the local answer that was labelled, where its confidence was read
 
 
 @dataclass(frozen=True)
@@ -119,6 +140,7 @@ JSON_COLUMNS = (
     "probabilities",
     "mask",
     "shadow",
+    "confidence",
 )
 
 
@@ -193,7 +215,18 @@ def _migration_4(db: sqlite_utils.Database) -> None:
     db.table("decisions").add_column("shadow", str)
 
 
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migration_1, _migration_2, _migration_3, _migration_4]
+def _migration_5(db: sqlite_utils.Database) -> None:
+    """The local answer's confidence where it was read (JSON: JudgedAnswer)."""
+    db.table("decisions").add_column("confidence", str)
+
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
+    _migration_1,
+    _migration_2,
+    _migration_3,
+    _migration_4,
+    _migration_5,
+]
 
 
 class DecisionLog:
@@ -252,6 +285,8 @@ class DecisionLog:
         sent = row.pop("attachments_sent")
         if sent is not None:
             row["attachments_sent"] = json.dumps(sent)
+        if row["confidence"] is not None:
+            row["confidence"] = json.dumps(row["confidence"], separators=(",", ":"))
         row["finished"] = time.time()
         with self._writing("completing the record"):
             self.db.table("decisions").update(decision_id, row)
@@ -269,7 +304,8 @@ class DecisionLog:
                 decision_id, {"satisfied": int(satisfied), "label_source": source, "labelled": time.time()}
             )
         row = _decoded(rows[0])
-        return LabelTarget(decision_id, row["model"], Routing.from_row(row))
+        judged = JudgedAnswer.from_json(row.get("confidence"))
+        return LabelTarget(decision_id, row["model"], Routing.from_row(row), judged)
 
     def shadow(self, decision_id: int, result: ShadowResult) -> None:
         with self._writing("recording a shadow answer"):

@@ -5,7 +5,8 @@ mains power or without a battery, ``always``, or ``off``), the local model answe
 background at the lowest priority: it takes the local model only when no client holds or waits for it, and
 stops at its next token when one queues (the job is then dropped, never retried ahead of users). The cloud's
 answer grades it (the judge when ``routing.judge`` is on, else word overlap with the cloud's answer); the
-grade trains the local model's predictor and is recorded in the turn's row (column ``shadow``).
+grade trains the local model's predictor (and its confidence head, from the answer's log-probs) and is
+recorded in the turn's row (column ``shadow``).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from locod.daemon.backends import Prompt
+from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import Config
+from locod.daemon.escalation import judge_answer
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
-from locod.daemon.records import DecisionLog, ShadowResult
+from locod.daemon.records import DecisionLog, JudgedAnswer, ShadowResult
 from locod.daemon.telemetry import TelemetrySampler
 from locod.errors import LocodError
 from locod.policy.messplus import RecordedFeatures
@@ -42,6 +44,7 @@ class ShadowJob:
     question: str
     reference: str  # the cloud's answer
     features: RecordedFeatures  # of the local action: what the label trains
+    s_prompt: float | None = None  # the local model's s_hat on the turn: with it, the confidence head trains too
 
 
 def agreement(answer: str, reference: str) -> float:
@@ -105,7 +108,7 @@ class ShadowLane:
             with self.local.gate.idle_slot(preempted) as granted:
                 if granted:
                     started = time.perf_counter()
-                    prompt = Prompt(job.messages, job.max_tokens, 0.0, 0, lambda _: None, preempted)
+                    prompt = Prompt(job.messages, job.max_tokens, 0.0, 0, lambda _: None, preempted, logprobs=True)
                     try:
                         generation = self.local.generate(job.model, self.local.fit(job.model, prompt))
                     except LocodError as exc:
@@ -121,8 +124,17 @@ class ShadowLane:
         ms = (time.perf_counter() - started) * 1000
         result = ShadowResult(job.model, satisfied, grader, generation.tokens_out, round(ms, 1))
         self.records.shadow(job.decision_id, result)
-        self.learner.shadow_label(job.model, job.features, satisfied)
+        self.learner.local_label(job.model, job.features, satisfied, self._judged(job, generation), shadow=True)
         log.debug("shadow answer for decision %d: %s by %s", job.decision_id, satisfied, grader)
+
+    def _judged(self, job: ShadowJob, generation: Generation) -> JudgedAnswer | None:
+        """The shadow answer's confidence, read as a turn's checkpoint reads it: what its label trains."""
+        if job.s_prompt is None or not generation.logprobs:
+            return None
+        budget = self.config.routing.escalate_tokens
+        answer = (generation.tokens, generation.logprobs)
+        features, s_answered = judge_answer(self.learner, job.model, job.question, job.s_prompt, answer, budget)
+        return JudgedAnswer(job.model, features, job.s_prompt, s_answered, kept=False)
 
     def _grade(self, job: ShadowJob, answer: str) -> tuple[bool, str]:
         if self.config.routing.judge:

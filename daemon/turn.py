@@ -2,7 +2,8 @@
 
     ChatRequest -> Turn (session history, attachments checked) -> Decision -> backend slot and fit
         -> record begun -> ``decision`` -> generate (``delta``...) [-> fall back: ``fallback``, local]
-        -> record finished -> session updated -> ``done`` -> learner settles [-> shadow lane, if cloud]
+        [-> a local answer judged unsure: ``escalated``, cloud (``delta``...)] -> record finished
+        -> session updated -> ``done`` -> learner settles [-> shadow lane, if cloud]
 
 A turn is *accepted* when its ``decision`` frame is sent, which happens only after its record is committed;
 from then on it ends with a completed record and a ``done`` or ``error`` frame, whatever happens, a bug
@@ -28,11 +29,12 @@ from locod.daemon.cloud import CloudBackend, StreamCut
 from locod.daemon.config import Config
 from locod.daemon.decider import Decider
 from locod.daemon.decision import Decision
+from locod.daemon.escalation import AnswerJudge
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
-from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
+from locod.daemon.records import DecisionLog, DecisionRecord, JudgedAnswer, Outcome
 from locod.daemon.sessions import Session, SessionStore, TurnTrail
-from locod.daemon.shadow import ShadowJob, ShadowLane
+from locod.daemon.shadow import AGREEMENT, ShadowJob, ShadowLane, agreement
 from locod.daemon.telemetry import TelemetrySampler
 from locod.errors import Busy, CloudError, LocodError
 from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
@@ -43,6 +45,7 @@ from locod.protocol import (
     DeltaFrame,
     DoneFrame,
     ErrorFrame,
+    EscalatedFrame,
     FallbackFrame,
     Frame,
 )
@@ -98,6 +101,7 @@ class Ending:
     error: str | None = None
     kind: str = CloudError.code  # the error frame's kind and code, for an outcome that is not an answer
     code: str | None = None  # None: the outcome
+    judged: JudgedAnswer | None = None  # the local answer's confidence, where it was read
 
     @classmethod
     def failed(cls, decision: Decision, error: LocodError) -> Ending:
@@ -178,11 +182,12 @@ class TurnRunner:
 
     def _answer(self, turn: Turn, decision: Decision, decide_ms: float, reply: Reply) -> None:
         backend = self._backend(decision.location)
+        judge = AnswerJudge.of(decision, turn.request.prompt, self.learner)  # a turn that may escalate
         with backend.slot(turn.client, reply.cancelled) as granted:
             if not granted:  # the client left, or the daemon is stopping: nothing was accepted
                 reply.send(ErrorFrame(Busy.code, "cancelled", reply.cancel_reason))
                 return
-            prompt = backend.fit(decision.model, self._prompt(turn, decision, reply))  # may refuse: no record
+            prompt = backend.fit(decision.model, self._prompt(turn, decision, reply, judge))  # may refuse
             decision_id = self._accept(turn, decision, decide_ms, reply)
             try:
                 ending = self._generate(decision_id, turn, decision, backend, prompt, reply)
@@ -191,7 +196,39 @@ class TurnRunner:
             except Exception as exc:  # accepted turns end with a finished record, a bug included
                 log.exception("turn %s failed after it was accepted", turn.request.id)
                 ending = Ending(decision, EMPTY, "error", f"internal error: {type(exc).__name__}", "error", "internal")
+        if judge is not None and judge.judged is not None:
+            ending = self._judged(decision_id, turn, ending, judge, reply)  # the local model is free again
         self._finish(decision_id, turn, ending, reply)
+
+    def _judged(self, decision_id: int, turn: Turn, ending: Ending, judge: AnswerJudge, reply: Reply) -> Ending:
+        """A local answer whose checkpoint ran: kept (the queue settles with its corrected s_hat), or dropped
+        and the turn escalated to the cloud, which answers it from the start."""
+        judged = judge.judged
+        assert judged is not None
+        if not ending.generation.escalated:
+            return dataclasses.replace(ending, decision=ending.decision.answered(judged.s_answered), judged=judged)
+        local = ending.generation
+        decision = ending.decision.escalated(judge.why())
+        reply.send(EscalatedFrame(decision_id, decision.model, judged.s_answered, judge.why()))
+        try:
+            prompt = self.cloud.fit(decision.model, self._prompt(turn, decision, reply, None))
+            ending = self._generate(decision_id, turn, decision, self.cloud, prompt, reply)
+        except LocodError as exc:
+            ending = Ending.failed(decision, exc)
+        if ending.outcome == "ok":
+            ending = dataclasses.replace(ending, outcome="escalated")
+            right = agreement(local.text, ending.generation.text) >= AGREEMENT
+            judged = dataclasses.replace(judged, label=right)
+            self.learner.local_label(judged.model, self.decider.local_features(turn), right, judged, shadow=False)
+        both = dataclasses.replace(
+            ending.generation,
+            total_ms=ending.generation.total_ms + local.total_ms,  # the user waited for both
+            first_token_ms=None
+            if ending.generation.first_token_ms is None
+            else ending.generation.first_token_ms + local.total_ms,
+            energy_j=ending.generation.energy_j + local.energy_j,
+        )
+        return dataclasses.replace(ending, generation=both, judged=judged)
 
     def _generate(
         self, decision_id: int, turn: Turn, decision: Decision, backend: Backend, prompt: Prompt, reply: Reply
@@ -209,7 +246,7 @@ class TurnRunner:
             if not granted:
                 return Ending(local, EMPTY, "cancelled", reply.cancel_reason, Busy.code)
             try:
-                prompt = self.local.fit(local.model, self._prompt(turn, local, reply))
+                prompt = self.local.fit(local.model, self._prompt(turn, local, reply, None))
             except LocodError as exc:
                 return Ending(local, EMPTY, "error", f"{failure.message}; local fallback failed: {exc.message}")
             message = f"the cloud answer failed ({failure.message}); answering locally, from the start"
@@ -225,7 +262,7 @@ class TurnRunner:
             return Ending(decision, generation, "cancelled", reply.cancel_reason, Busy.code)
         return Ending(decision, generation, "ok")
 
-    def _prompt(self, turn: Turn, decision: Decision, reply: Reply) -> Prompt:
+    def _prompt(self, turn: Turn, decision: Decision, reply: Reply, judge: AnswerJudge | None) -> Prompt:
         options = turn.request.options
         if decision.location == "local":
             messages = prompts.local_messages(turn, self.config.local_model(decision.model).n_ctx)
@@ -242,6 +279,8 @@ class TurnRunner:
             reply.cancelled,
             session=turn.session.id,  # the local model starts from this dialogue's kept state
         )
+        if judge is not None:
+            prompt = dataclasses.replace(prompt, checkpoint=judge.checkpoint())
         return prompt if upload is None else dataclasses.replace(prompt, upload=upload)
 
     # -- records and frames --------------------------------------------------------------------------
@@ -301,13 +340,15 @@ class TurnRunner:
                 energy_j=g.energy_j,
                 error=ending.error,
                 attachments_sent=[turn.attachments[i].name for i in decision.send],
+                confidence=ending.judged,
             ),
         )
-        if ending.outcome not in ("ok", "fallback"):
+        if ending.outcome not in ("ok", "fallback", "escalated"):
             code = ending.code or ending.outcome
             reply.send(ErrorFrame(ending.kind, code, ending.error or ending.outcome, decision_id))
             return
-        shadow = self._shadow_job(decision_id, turn, ending) if decision.location == "cloud" else None
+        routed_to_cloud = decision.location == "cloud" and ending.outcome != "escalated"  # escalated: graded already
+        shadow = self._shadow_job(decision_id, turn, ending) if routed_to_cloud else None
         slots = tuple(i in decision.send for i in range(len(turn.attachments)))
         trail = TurnTrail(decision.location, slots, turn.task)
         self.sessions.record(turn.session, turn.request.messages, g.text, trail)  # all the model saw
@@ -330,6 +371,7 @@ class TurnRunner:
             question=turn.request.prompt,
             reference=ending.generation.text,
             features=self.decider.local_features(turn),
+            s_prompt=routing.s_hat.get(model) if (routing := ending.decision.routing) else None,
         )
 
     @staticmethod

@@ -110,3 +110,11 @@ def choose(
     when a policy gave ``log_pi``. Exploration (MESS+'s p_t) is part of it."""
     extra = {key: -weight * value for key, value in log_pi.items()} if log_pi else {}
     return mess.choose(dict(costs), s_hat=dict(s_hat), extra=extra, model_of=dict(model_of))
+
+
+def escalates(margin: float, price: float, s_cloud: float, s_local: float) -> bool:
+    """Whether a turn the local model has answered (its answer's cost already spent) goes to the cloud as
+    well: the same objective with the local cost at 0, so the cloud wins when what it costs beyond keeping
+    the answer (``margin``: its cost and the policy's terms) is less than the satisfaction it adds at the
+    SLA's current price. A high queue raises the price: more answers escalate."""
+    return margin < price * (s_cloud - s_local)

@@ -380,8 +380,9 @@ def test_reloads_during_turns_drop_none(daemon_factory: Any, proxy: FaultProxy, 
         shutil.copy(DEFAULT_POLICY, path)
         assert client.reload()["reloaded"] is True
     asker.join()
-    assert outcomes == ["ok"] * 30
-    assert {row["outcome"] for row in handle.rows()} == {"ok"}
+    answered = {"ok", "escalated"}  # escalated: the local answer was unsure and the cloud answered
+    assert len(outcomes) == 30 and set(outcomes) <= answered
+    assert {row["outcome"] for row in handle.rows()} <= answered
 
 
 def test_a_policy_answering_nan_leaves_the_turn_to_messplus(

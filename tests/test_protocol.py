@@ -17,6 +17,7 @@ from locod.protocol import (
     DeltaFrame,
     DoneFrame,
     ErrorFrame,
+    EscalatedFrame,
     FallbackFrame,
     FeedbackRequest,
     Frame,
@@ -109,6 +110,7 @@ FRAMES = [
     ErrorFrame("bad_attachment", "bad_image", "image 'x.png': not a supported image"),
     ErrorFrame("busy", "cancelled", "the client disconnected", decision=7),
     ResultFrame("status", {"pid": 1, "routing": {"q": 0.5}}),
+    EscalatedFrame(7, "gpt-mini", 0.31, "the local answer was not sure enough; gpt-mini answers instead"),
 ]
 
 

@@ -20,8 +20,10 @@ def auto_config(base_url: str, **routing: Any) -> dict[str, Any]:
     arithmetic alone decides, so these tests can follow it by hand (the combined rule is tested in
     test_policy.py)."""
     config = cloud_config(base_url, mode="auto", timeout_s=60.0)
-    # shadow off: labels come only from where a test puts them (shadow answers have their own tests)
-    config["routing"].update({"sla": 0.8, "explore_c": 0.0, "weight_policy": 0.0, "shadow": "off", **routing})
+    # shadow off: labels come only from where a test puts them; escalation off: the decision is where the turn
+    # is answered (shadow answers and escalation have their own tests)
+    rules = {"sla": 0.8, "explore_c": 0.0, "weight_policy": 0.0, "shadow": "off", "escalate": False}
+    config["routing"].update({**rules, **routing})
     return config
 
 

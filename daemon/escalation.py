@@ -1,0 +1,68 @@
+"""Answer locally, escalate if unsure: reading the local answer's confidence, for the turn and the shadows.
+
+The decider plans it (``Decision.escalation``: the cloud action an unsure answer gives way to, and the
+price it is weighed at); the local backend holds the answer back until its first tokens are in
+(``Checkpoint``); ``AnswerJudge.keep`` then reads their log-probs into the confidence features, has the
+learner correct the local model's s_hat with them, and applies the rule (``policy.rule.escalates``). The
+features are taken over the first ``routing.escalate_tokens`` tokens and scaled to that many, as the trace's
+short answers were when the confidence head and its prior were fitted (docs/routing.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from locod.daemon.backends import Checkpoint
+from locod.daemon.decision import Decision, Escalation
+from locod.daemon.learner import Learner
+from locod.daemon.records import JudgedAnswer
+from locod.policy import confidence
+
+
+def judge_answer(
+    learner: Learner,
+    model: str,
+    question: str,
+    s_prompt: float,
+    answer: tuple[Sequence[str], Sequence[float]],
+    budget: int,
+) -> tuple[tuple[float, ...], float]:
+    """The confidence features of a local answer (its tokens and their log-probs) over its first ``budget``
+    tokens, and the model's s_hat corrected by them."""
+    tokens, logprobs = answer
+    features = confidence.features(confidence.Answer(question, tokens, logprobs), budget, budget)
+    return features, learner.answered(model, s_prompt, features)
+
+
+class AnswerJudge:
+    """The checkpoint of one turn that may escalate, and its verdict once it has run."""
+
+    def __init__(self, plan: Escalation, model: str, question: str, learner: Learner) -> None:
+        self.plan, self.model, self.question, self.learner = plan, model, question, learner
+        self.judged: JudgedAnswer | None = None
+
+    @classmethod
+    def of(cls, decision: Decision, question: str, learner: Learner) -> AnswerJudge | None:
+        plan = decision.escalation
+        return None if plan is None else cls(plan, decision.model, question, learner)
+
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.plan.tokens, self.keep)
+
+    def keep(self, tokens: Sequence[str], logprobs: Sequence[float]) -> bool:
+        plan = self.plan
+        features, s_answered = judge_answer(
+            self.learner, self.model, self.question, plan.s_prompt, (tokens, logprobs), plan.tokens
+        )
+        kept = plan.keeps(s_answered)
+        self.judged = JudgedAnswer(self.model, features, plan.s_prompt, round(s_answered, 5), kept)
+        return kept
+
+    def why(self) -> str:
+        """The escalation, in words (the escalated frame's message and the record's reason)."""
+        assert self.judged is not None
+        plan = self.plan
+        return (
+            f"the local answer was not sure enough (s_hat {self.judged.s_answered:.2f} after reading its "
+            f"confidence, {plan.model} {plan.s_cloud:.2f}); {plan.model} answers instead, from the start"
+        )

@@ -1,0 +1,124 @@
+"""Answer locally, escalate if unsure (issue #18): the local model's answer is held back until its first
+tokens are judged by its own confidence, then shown, or dropped and the turn sent to the cloud; the client
+never sees text of a dropped answer. Real model, real loopback cloud, real log-probs from llama.cpp."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from llama_cpp import Llama, LogitsProcessorList
+
+from locod.daemon.logprobs import TokenLogprobs
+from locod.policy import rule
+from locod.policy.confidence import FEATURES, ConfidenceHead
+from locod.policy.messplus import MessPlus
+from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame, EscalatedFrame
+
+from .conftest import cloud_config
+from .faultproxy import FaultProxy
+
+LOCAL, CLOUD = "smollm2-135m-instruct", "cloud-small"
+QUESTION = [{"role": "user", "content": "What is the plural of mouse?"}]
+
+
+def test_token_logprobs_equal_what_llama_cpp_reports_with_logits_all(model_path: Path) -> None:
+    llm = Llama(str(model_path), n_ctx=256, logits_all=True, verbose=False)
+    reported = llm.create_chat_completion(
+        messages=QUESTION, max_tokens=12, temperature=0.0, logprobs=True, top_logprobs=1
+    )
+    expected = [(t["token"], t["logprob"]) for t in reported["choices"][0]["logprobs"]["content"]]  # type: ignore[index]
+    read = TokenLogprobs(llm)
+    chunks = llm.create_chat_completion(
+        messages=QUESTION, max_tokens=12, temperature=0.0, stream=True, logits_processor=LogitsProcessorList([read])
+    )
+    assert sum(1 for _ in chunks) > 3
+    got = [(llm.detokenize([token]).decode(), lp) for token, lp in read.tokens()]
+    assert [t for t, _ in got] == [t for t, _ in expected]
+    assert np.allclose([lp for _, lp in got], [lp for _, lp in expected], atol=1e-3)
+
+
+def test_a_local_answer_escalates_when_the_cloud_adds_more_satisfaction_than_it_costs() -> None:
+    assert rule.escalates(margin=0.5, price=2.0, s_cloud=0.9, s_local=0.2)  # 0.5 < 2 * 0.7
+    assert not rule.escalates(margin=0.5, price=2.0, s_cloud=0.9, s_local=0.8)  # 0.5 > 2 * 0.1
+    assert not rule.escalates(margin=0.5, price=0.0, s_cloud=0.9, s_local=0.0)  # satisfaction is free: keep
+
+
+def _head(min_weight: float, bias: float) -> ConfidenceHead:
+    """A confidence head that ignores the prompt (a = 0) and reads only the answer's least likely token."""
+    weights = np.zeros(len(FEATURES) + 2)
+    weights[1 + FEATURES.index("min")] = min_weight
+    weights[-1] = bias
+    return ConfidenceHead(weights)
+
+
+def _daemon(daemon_factory: Any, tmp_path: Path, proxy: FaultProxy, head: ConfidenceHead, name: str) -> Any:
+    """A daemon that routes (no exploration, no policy term, a demanding SLA, so the cloud is worth its
+    cost to an unsure answer), whose local model's confidence head is ``head`` (it has a label, so the
+    shipped prior does not replace it)."""
+    config = cloud_config(proxy.base_url, mode="auto", timeout_s=60.0)
+    config["routing"].update(sla=0.99, explore_c=0.0, weight_policy=0.0, shadow="off", escalate_tokens=6)
+    mess = MessPlus(
+        rule.priors([LOCAL], [CLOUD]), sla=0.99, v=20.0, explore_c=0.0, q_cap=50.0,
+        path=tmp_path / name / "state" / "messplus.npz",
+    )  # fmt: skip
+    mess.state.confidence[LOCAL] = head
+    mess.state.labels[LOCAL] = 1
+    mess.path.parent.mkdir(parents=True)  # type: ignore[union-attr]
+    mess.save()
+    return daemon_factory(config, name=name)
+
+
+def test_an_unsure_local_answer_is_never_shown_and_the_cloud_answers(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    # Sure only if no token of the answer had a log-prob below -0.01: no real answer is that sure,
+    # yet the most confident answer the head can describe is, so the turn tries the local model first.
+    handle = _daemon(daemon_factory, tmp_path, proxy, _head(min_weight=1000.0, bias=10.0), "unsure")
+    frames = list(handle.client().chat("What is the plural of mouse?", max_tokens=24, temperature=0.0))
+    decision, escalated = frames[0], next(f for f in frames if isinstance(f, EscalatedFrame))
+    assert isinstance(decision, DecisionFrame) and decision.location == "local" and "escalates to" in decision.reason
+    assert not any(isinstance(f, DeltaFrame) for f in frames[: frames.index(escalated)])  # nothing local shown
+    assert escalated.model == CLOUD and escalated.confidence < 0.5 and "not sure enough" in escalated.message
+    done = frames[-1]
+    assert isinstance(done, DoneFrame) and done.outcome == "escalated" and done.location == "cloud"
+    assert any(isinstance(f, DeltaFrame) and f.text for f in frames[frames.index(escalated) :])
+
+    row = handle.rows()[0]
+    assert (row["outcome"], row["location"], row["backend"], row["model"]) == ("escalated", "local", "cloud", CLOUD)
+    judged = json.loads(row["confidence"])
+    assert judged["model"] == LOCAL and judged["kept"] is False and isinstance(judged["label"], bool)
+    assert len(judged["features"]) == len(FEATURES) and judged["s_answered"] < 0.5
+    assert row["energy_j"] > 0 and row["cost_usd"] > 0  # the local answer's energy and the cloud's price
+    routing = handle.client().status()["routing"]
+    assert routing["labels"][LOCAL] == 2  # the local answer, graded against the cloud's, labelled the model
+
+
+def test_a_sure_local_answer_is_shown_whole_and_its_label_trains_the_confidence_head(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    handle = _daemon(daemon_factory, tmp_path, proxy, _head(min_weight=0.0, bias=10.0), "sure")
+    client = handle.client()
+    forced = client.ask("What is the plural of mouse?", max_tokens=24, temperature=0.0, force="local")
+    result = client.ask("What is the plural of mouse?", max_tokens=24, temperature=0.0)
+    assert result.escalated is None and result.done.outcome == "ok" and result.done.location == "local"
+    assert "escalates to" in result.decision.reason
+    assert result.text == forced.text  # held back, then shown: the same answer as an unjudged one
+
+    row = next(r for r in handle.rows() if r["id"] == result.done.decision)
+    judged = json.loads(row["confidence"])
+    assert judged["kept"] is True and judged["s_answered"] > 0.9 and judged["label"] is None
+    client.feedback(result.done.decision, False)
+    state = np.load(tmp_path / "sure" / "state" / "messplus.npz")
+    seen = dict(zip(state["conf_names"].tolist(), state["conf_seen"].tolist()))
+    assert seen[LOCAL] == 1  # the user's label trained the head on this answer's confidence
+
+
+def test_escalation_can_be_switched_off(daemon_factory: Any, proxy: FaultProxy) -> None:
+    config = cloud_config(proxy.base_url, mode="auto", timeout_s=60.0)
+    config["routing"].update(explore_c=0.0, shadow="off", escalate=False)
+    handle = daemon_factory(config)
+    result = handle.client().ask("Hello", max_tokens=4)
+    assert "escalates" not in result.decision.reason and handle.rows()[0]["confidence"] is None
