@@ -174,63 +174,69 @@ class Decider:
             self._policy(turn, snapshot, access, view, candidates, s_hat) if self.policy else (None, {})
         )
         costs = self.costs(turn, snapshot, candidates)
-        weight = self.config.routing.weight_policy
-        choice = rule.choose(mess, costs, s_hat, model_of, log_pi, weight)
-        chosen, plan = candidates[choice.key], None
-        if not choice.explored:
-            chosen, plan = self._escalation(candidates, chosen, choice.price, costs, s_hat, log_pi, features)
+        plan = self._escalation(candidates, costs, s_hat, log_pi, features)
+        if plan is None:
+            choice = rule.choose(mess, costs, s_hat, model_of, log_pi, self.config.routing.weight_policy)
+            chosen, explored = candidates[choice.key], choice.explored
+        else:  # the rule chooses at the answer's checkpoint (Learner.checkpoint)
+            chosen, explored = candidates[plan.local_key], False
         routing = Routing(
             action=chosen.key,
             features=RecordedFeatures.of(features[chosen.key]),
             q=mess.state.q,
             sla=mess.sla,
             v=mess.v,
-            s_hat=choice.s_hat,
+            s_hat=s_hat,
             costs=costs,
             mask=mask,
             probabilities=probabilities,
             policy_version=self.policy.version if log_pi and self.policy else None,
         )
-        reason = self._reason(chosen, choice.explored, routing, access, candidates)
+        reason = self._reason(chosen, explored, routing, access, candidates)
         if plan is not None:
             reason += f"; answers locally first, escalates to {plan.model} if unsure"
-        return Decision(chosen.location, chosen.model, chosen.send, reason, choice.explored, routing, escalation=plan)
+        return Decision(chosen.location, chosen.model, chosen.send, reason, explored, routing, escalation=plan)
 
     def _escalation(
         self,
         candidates: dict[str, Candidate],
-        chosen: Candidate,
-        price: float,
         costs: dict[str, float],
         s_hat: dict[str, float],
         log_pi: dict[str, float] | None,
         features: dict[str, TurnFeatures],
-    ) -> tuple[Candidate, Escalation | None]:
-        """Answer locally, escalate if unsure (routing.escalate): the local model answers first, and the cloud
-        action the rule ranks best is where an unsure answer goes; unless even the most confident answer
-        its confidence head can describe would be escalated (then the turn goes as the rule chose)."""
+    ) -> Escalation | None:
+        """Answer locally, escalate if unsure (routing.escalate): the best local action answers first and the
+        best cloud action is where an unsure answer goes (both by the rule's objective at the current
+        price); None when the rule should route the turn at once: no local or no cloud action, or even the
+        most confident answer the local model's confidence head can describe would be escalated."""
         local = [c for c in candidates.values() if c.location == "local"]
         cloud = [c for c in candidates.values() if c.location == "cloud"]
         if not (self.config.routing.escalate and local and cloud):
-            return chosen, None
-        weight = self.config.routing.weight_policy
+            return None
+        weight, price = self.config.routing.weight_policy, self.learner.mess.current_price
 
         def extra(key: str) -> float:
             return -weight * log_pi[key] if log_pi else 0.0
 
-        target = min(cloud, key=lambda c: costs[c.key] + extra(c.key) - price * s_hat[c.key])
-        first = chosen if chosen.location == "local" else max(local, key=lambda c: s_hat[c.key])
-        margin = costs[target.key] + extra(target.key) - extra(first.key)
-        best = self.learner.mess.confidence_head(first.model).best(s_hat[first.key])
-        if rule.escalates(margin, price, s_hat[target.key], best):
-            return chosen, None
-        tokens = self.config.routing.escalate_tokens
+        def objective(c: Candidate) -> float:
+            return costs[c.key] + extra(c.key) - price * s_hat[c.key]
+
+        target, first = min(cloud, key=objective), min(local, key=objective)
+        margin = costs[target.key] + extra(target.key) - extra(first.key)  # the local answer's cost is spent
         s_cloud, s_prompt = s_hat[target.key], s_hat[first.key]
-        cloud_features = RecordedFeatures.of(features[target.key])
-        plan = Escalation(
-            target.key, target.model, target.send, margin, price, s_cloud, s_prompt, tokens, cloud_features
+        if rule.escalates(margin, price, s_cloud, self.learner.mess.confidence_head(first.model).best(s_prompt)):
+            return None
+        return Escalation(
+            first.key,
+            target.key,
+            target.model,
+            target.send,
+            margin,
+            s_cloud,
+            s_prompt,
+            self.config.routing.escalate_tokens,
+            RecordedFeatures.of(features[target.key]),
         )
-        return first, plan
 
     def _reason(
         self, chosen: Candidate, explored: bool, routing: Routing, access: CloudAccess, candidates: dict[str, Candidate]

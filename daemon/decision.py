@@ -16,7 +16,6 @@ from typing import Any
 
 from locod.daemon.attachments import PreparedAttachment
 from locod.daemon.config import Config
-from locod.policy import rule
 from locod.policy.messplus import RecordedFeatures
 
 
@@ -123,21 +122,18 @@ NO_ROUTING_COLUMNS: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class Escalation:
-    """Answer locally, escalate if unsure: the cloud action an unsure local answer gives way to, and what
-    the judgement weighs (``policy.rule.escalates`` with the answered s_hat)."""
+    """Answer locally, escalate if unsure: the local action that answers first, the cloud action an unsure
+    answer gives way to, and what the rule weighs at the answer's checkpoint (``Learner.checkpoint``)."""
 
-    key: str  # the cloud candidate
+    local_key: str
+    key: str  # the cloud action
     model: str
     send: tuple[int, ...]
     margin: float  # the cloud's cost beyond keeping the local answer, policy terms included (cost units)
-    price: float  # what one unit of satisfaction is worth in cost on this turn
     s_cloud: float
     s_prompt: float  # the local model's s_hat before it answered, which its answer's confidence corrects
     tokens: int  # the answer is judged over its first tokens (held back until then)
     features: RecordedFeatures  # of the cloud action: what a label of the escalated turn trains
-
-    def keeps(self, s_answered: float) -> bool:
-        return not rule.escalates(self.margin, self.price, self.s_cloud, s_answered)
 
 
 @dataclass(frozen=True)

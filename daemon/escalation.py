@@ -1,9 +1,9 @@
 """Answer locally, escalate if unsure: reading the local answer's confidence, for the turn and the shadows.
 
 The decider plans it (``Decision.escalation``: the cloud action an unsure answer gives way to, and the
-price it is weighed at); the local backend holds the answer back until its first tokens are in
-(``Checkpoint``); ``AnswerJudge.keep`` then reads their log-probs into the confidence features, has the
-learner correct the local model's s_hat with them, and applies the rule (``policy.rule.escalates``). The
+the numbers it is weighed by); the local backend holds the answer back until its first tokens are in
+(``Checkpoint``); ``AnswerJudge.keep`` then reads their log-probs into the confidence features, and the
+learner corrects the local model's s_hat with them and has the rule choose (``Learner.checkpoint``). The
 features are taken over the first ``routing.escalate_tokens`` tokens and scaled to that many, as the trace's
 short answers were when the confidence head and its prior were fitted (docs/routing.md).
 """
@@ -19,19 +19,11 @@ from locod.daemon.records import JudgedAnswer
 from locod.policy import confidence
 
 
-def judge_answer(
-    learner: Learner,
-    model: str,
-    question: str,
-    s_prompt: float,
-    answer: tuple[Sequence[str], Sequence[float]],
-    budget: int,
-) -> tuple[tuple[float, ...], float]:
+def answer_features(question: str, answer: tuple[Sequence[str], Sequence[float]], budget: int) -> tuple[float, ...]:
     """The confidence features of a local answer (its tokens and their log-probs) over its first ``budget``
-    tokens, and the model's s_hat corrected by them."""
+    tokens, scaled to that many."""
     tokens, logprobs = answer
-    features = confidence.features(confidence.Answer(question, tokens, logprobs), budget, budget)
-    return features, learner.answered(model, s_prompt, features)
+    return confidence.features(confidence.Answer(question, tokens, logprobs), budget, budget)
 
 
 class AnswerJudge:
@@ -51,10 +43,8 @@ class AnswerJudge:
 
     def keep(self, tokens: Sequence[str], logprobs: Sequence[float]) -> bool:
         plan = self.plan
-        features, s_answered = judge_answer(
-            self.learner, self.model, self.question, plan.s_prompt, (tokens, logprobs), plan.tokens
-        )
-        kept = plan.keeps(s_answered)
+        features = answer_features(self.question, (tokens, logprobs), plan.tokens)
+        kept, s_answered = self.learner.checkpoint(plan, self.model, features)
         self.judged = JudgedAnswer(self.model, features, plan.s_prompt, round(s_answered, 5), kept)
         return kept
 

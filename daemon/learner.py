@@ -20,7 +20,7 @@ from typing import Any
 from locod.daemon.backends import Prompt, Upload
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config
-from locod.daemon.decision import Decision
+from locod.daemon.decision import Decision, Escalation
 from locod.daemon.local import resolve_path
 from locod.daemon.records import DecisionLog, JudgedAnswer
 from locod.errors import CloudError, UnknownDecision
@@ -96,6 +96,19 @@ class Learner:
             self._save()
             q = self.mess.state.q
         return {"decision": decision_id, "satisfied": satisfied, "source": source, "q": q}
+
+    def checkpoint(self, plan: Escalation, model: str, features: tuple[float, ...]) -> tuple[bool, float]:
+        """At a local answer's checkpoint: whether to keep it, and its s_hat corrected by its confidence. The
+        rule chooses now, between the answer (its cost spent) and the cloud action, exploration included;
+        the price it sets from this choice sees the prediction the turn is settled with."""
+        with self.lock:
+            s_answered = self.mess.confidence_head(model).predict(plan.s_prompt, features)
+            choice = self.mess.choose(
+                {plan.local_key: 0.0, plan.key: plan.margin},
+                s_hat={plan.local_key: s_answered, plan.key: plan.s_cloud},
+                model_of={plan.local_key: model, plan.key: plan.model},
+            )
+        return choice.key == plan.local_key, s_answered
 
     def answered(self, model: str, s_prompt: float, features: tuple[float, ...]) -> float:
         """The local model's s_hat once it has answered: its prompt-only s_hat corrected by its confidence."""

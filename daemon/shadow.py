@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import Config
-from locod.daemon.escalation import judge_answer
+from locod.daemon.escalation import answer_features
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
 from locod.daemon.records import DecisionLog, JudgedAnswer, ShadowResult
@@ -132,8 +132,8 @@ class ShadowLane:
         if job.s_prompt is None or not generation.logprobs:
             return None
         budget = self.config.routing.escalate_tokens
-        answer = (generation.tokens, generation.logprobs)
-        features, s_answered = judge_answer(self.learner, job.model, job.question, job.s_prompt, answer, budget)
+        features = answer_features(job.question, (generation.tokens, generation.logprobs), budget)
+        s_answered = self.learner.answered(job.model, job.s_prompt, features)
         return JudgedAnswer(job.model, features, job.s_prompt, s_answered, kept=False)
 
     def _grade(self, job: ShadowJob, answer: str) -> tuple[bool, str]:

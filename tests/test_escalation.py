@@ -55,9 +55,9 @@ def _head(min_weight: float, bias: float) -> ConfidenceHead:
 
 
 def _daemon(daemon_factory: Any, tmp_path: Path, proxy: FaultProxy, head: ConfidenceHead, name: str) -> Any:
-    """A daemon that routes (no exploration, no policy term, a demanding SLA, so the cloud is worth its
-    cost to an unsure answer), whose local model's confidence head is ``head`` (it has a label, so the
-    shipped prior does not replace it)."""
+    """A daemon that routes (no exploration, no policy term, a demanding SLA and a queue behind it, so the
+    cloud is worth its cost to an unsure answer), whose local model's confidence head is ``head`` (it has a
+    label, so the shipped prior does not replace it)."""
     config = cloud_config(proxy.base_url, mode="auto", timeout_s=60.0)
     config["routing"].update(sla=0.99, explore_c=0.0, weight_policy=0.0, shadow="off", escalate_tokens=6)
     mess = MessPlus(
@@ -66,6 +66,7 @@ def _daemon(daemon_factory: Any, tmp_path: Path, proxy: FaultProxy, head: Confid
     )  # fmt: skip
     mess.state.confidence[LOCAL] = head
     mess.state.labels[LOCAL] = 1
+    mess.state.q = mess.state.z = 20.0  # satisfaction is behind the SLA: it is worth Z / V = 1 cost unit
     mess.path.parent.mkdir(parents=True)  # type: ignore[union-attr]
     mess.save()
     return daemon_factory(config, name=name)
