@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""Per-turn decision cost, with the daemon's own objects: the MESS+ step alone (features, predictor, rule)
-and the full decision (telemetry snapshot, cloud access incl. today's spend from SQLite, candidates and
-masks, costs, the ONNX policy, MESS+), beside the time of one local token in the same run.
+"""Per-turn decision cost, with the daemon's own objects: the MESS+ step alone (features, predictor, rule),
+the full decision (telemetry snapshot, cloud access incl. today's spend from SQLite, candidates and masks,
+costs, the ONNX policy, MESS+), and, for a turn that may escalate, the checkpoint's judgement of a 32-token
+answer (confidence features, corrected s_hat, the rule); beside the time of one local token in the same
+run, and what reading each token's log-prob adds to generation (tokens/s with the reader / without).
 
     python scripts/bench_decision.py [--turns 3000]
 """
@@ -15,19 +17,22 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from llama_cpp import Llama
+from llama_cpp import Llama, LogitsProcessorList
 
 from locod.daemon.attachments import DocChunk, PreparedAttachment
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import CloudModelConfig, load_config
 from locod.daemon.decider import Decider
+from locod.daemon.decision import Escalation
+from locod.daemon.escalation import answer_features
 from locod.daemon.fetch import fetch
 from locod.daemon.learner import Learner
+from locod.daemon.logprobs import TokenLogprobs
 from locod.daemon.records import DecisionLog
 from locod.daemon.sessions import SessionStore, TurnTrail
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import Turn
-from locod.policy.messplus import TurnFeatures, vectorize
+from locod.policy.messplus import RecordedFeatures, TurnFeatures, vectorize
 from locod.protocol import ChatRequest
 
 
@@ -43,6 +48,28 @@ class NoLocal:
 def quantiles(samples: list[float]) -> tuple[float, float]:
     q = statistics.quantiles(samples, n=100)
     return q[49], q[98]
+
+
+# A 32-token answer as the checkpoint sees it (its pieces and their log-probs).
+ANSWER = (
+    tuple(f" word{i % 7}" for i in range(32)),
+    tuple(-0.05 * (i % 5) - 0.8 * (i % 11 == 0) for i in range(32)),
+)
+
+
+def token_times(llm: Llama, rounds: int = 3) -> tuple[float, float]:
+    """Median microseconds per generated token without and with the log-prob reader, alternating rounds."""
+    plain, read = [], []
+    for _ in range(rounds):
+        for samples, processors in ((plain, None), (read, LogitsProcessorList([TokenLogprobs(llm)]))):
+            llm.reset()
+            started = time.perf_counter()
+            out = llm.create_completion(
+                "The history of the bicycle", max_tokens=64, temperature=0.0, logits_processor=processors
+            )
+            tokens = out["usage"]["completion_tokens"]  # type: ignore[index]
+            samples.append((time.perf_counter() - started) / tokens * 1e6)
+    return statistics.median(plain), statistics.median(read)
 
 
 def main() -> None:
@@ -85,7 +112,9 @@ def main() -> None:
             prompt=request.prompt, task="query", n_attachments=3, max_relevance=0.9, has_image=True, position=3
         )
         costs = {"smollm2-135m-instruct": 0.01, "mini": 1.0}
-        mess, full = [], []
+        local = config.local.default
+        plan = Escalation(local, "mini|cloud", "mini", (), 0.9, 0.85, 0.5, 32, RecordedFeatures.of(features))
+        mess, full, judged = [], [], []
         for _ in range(args.turns):
             started = time.perf_counter()
             x = vectorize(features)
@@ -94,14 +123,16 @@ def main() -> None:
             started = time.perf_counter()
             decider.decide(turn)
             full.append((time.perf_counter() - started) * 1e6)
+            started = time.perf_counter()
+            learner.checkpoint(plan, local, answer_features(request.prompt, ANSWER, plan.tokens))
+            judged.append((time.perf_counter() - started) * 1e6)
         policy = decider.policy.version if decider.policy else "none"
     gguf = fetch("smollm2-135m-instruct", Path(__file__).resolve().parent.parent / "models", progress=lambda _: None)
     llm = Llama(model_path=str(gguf), n_ctx=512, verbose=False)
-    started = time.perf_counter()
-    out = llm.create_completion("The history of the bicycle", max_tokens=64, temperature=0.0)
-    per_token_us = (time.perf_counter() - started) / out["usage"]["completion_tokens"] * 1e6  # type: ignore[index]
+    per_token_us, with_reader = token_times(llm)
     m50, m99 = quantiles(mess)
     f50, f99 = quantiles(full)
+    j50, j99 = quantiles(judged)
     print(f"policy: {policy}; {args.turns} turns, 2 local + 1 cloud model x 8 upload choices")
     print("| measure | p50 | p99 |\n|---|---|---|")
     print(f"| MESS+ step: features + predictor + rule (goal p99 < 100 us) | {m50:.1f} us | {m99:.1f} us |")
@@ -109,7 +140,9 @@ def main() -> None:
         f"| full decision: snapshot, access, masks, costs, ONNX policy, MESS+ (goal p99 < 500 us) | "
         f"{f50:.1f} us | {f99:.1f} us |"
     )
+    print(f"| checkpoint of a 32-token answer: features + corrected s_hat + rule | {j50:.1f} us | {j99:.1f} us |")
     print(f"| one local token (SmolLM2-135M, same run) | {per_token_us:.0f} us | |")
+    print(f"| one local token, reading its log-prob (same run) | {with_reader:.0f} us | |")
     print(f"| full decision p99 / one local token | {f99 / per_token_us:.3f} | |")
 
 
