@@ -351,7 +351,7 @@ def test_corrupt_policy_falls_back_to_messplus_and_reload_swaps_it(
     assert routing["policy"] is None and "is not a loadable ONNX model" in routing["policy_error"]
     assert "routing with MESS+ alone" in handle.log()
     result = client.ask("Hello", max_tokens=2)
-    assert result.done.outcome == "ok" and "TMO" not in result.decision.reason
+    assert result.done.outcome in ("ok", "escalated") and "TMO" not in result.decision.reason
     shutil.copy(DEFAULT_POLICY, bad)  # a good policy at the same path, then reload without a restart
     assert client.reload()["reloaded"] is True
     wait_for(lambda: client.status()["routing"]["policy"] is not None, 10, "the policy to load")
@@ -390,7 +390,7 @@ def test_a_policy_answering_nan_leaves_the_turn_to_messplus(
 ) -> None:
     handle = daemon_factory(policy_config(proxy.base_url, policy_path=str(nan_policy(tmp_path))))
     result = handle.client().ask("Hello", max_tokens=2)
-    assert result.done.outcome == "ok" and "TMO" not in result.decision.reason
+    assert result.done.outcome in ("ok", "escalated") and "TMO" not in result.decision.reason
     assert "non-finite log-probabilities; deciding with MESS+ alone for this turn" in handle.log()
     assert handle.rows()[-1]["policy_version"] is None
 
