@@ -21,6 +21,7 @@ from pathlib import Path
 
 from locod.daemon.config import tomllib
 from locod.errors import FetchError
+from locod.policy.warmstart import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +48,10 @@ def manifest() -> dict[str, ManifestEntry]:
     return entries
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def is_installed(entry: ManifestEntry, models_dir: Path) -> bool:
     """True when the file is in place with the right size and hash (the hash of ~100 MB costs ~0.2 s)."""
     path = models_dir / entry.file
-    return path.is_file() and path.stat().st_size == entry.size and sha256_of(path) == entry.sha256
+    return path.is_file() and path.stat().st_size == entry.size and file_sha256(path) == entry.sha256
 
 
 def fetch(

@@ -20,7 +20,11 @@ from locod.errors import RequestError, StorageError
 UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 BUCKETS_S = (60, 300, 900, 3600, 86400)
 MAX_BUCKETS = 48
-COLUMNS = "created, location, outcome, satisfied, label_source, q, sla, cost_usd, energy_j, latency_first_token_ms"
+# Where each turn was answered (after a fallback or an escalation, not where it was first sent).
+COLUMNS = (
+    "created, COALESCE(backend, location) AS location, outcome, satisfied, label_source, q, sla, cost_usd, "
+    "energy_j, latency_first_token_ms"
+)
 
 
 def parse_since(text: str) -> float:

@@ -26,7 +26,7 @@ from locod.client import Client, new_id
 from locod.errors import LocodError, RequestError
 from locod.protocol import Attachment, ChatOptions, ChatRequest, DoneFrame
 
-from .conftest import DaemonHandle, free_port, start_daemon
+from .conftest import DaemonHandle, free_port, start_daemon, wait_for
 from .faultproxy import Fault, FaultProxy
 from .hostile import swapping
 from .test_cloud import cloud_config
@@ -233,7 +233,7 @@ def test_kill_9_during_turns_loses_no_acknowledged_record(tmp_path: Path, models
     acknowledged: set[int] = set()
     home = tmp_path / "crashy"
     config = {"local": {"max_tokens": 30}, "routing": {"explore_c": 0.0}}
-    for _ in range(20):  # kill -9 cycles
+    for cycle in range(20):  # kill -9 cycles
         handle = start_daemon(home, models_dir, config)
         done_ids: list[int] = []
 
@@ -249,6 +249,8 @@ def test_kill_9_during_turns_loses_no_acknowledged_record(tmp_path: Path, models
         threads = [threading.Thread(target=talk, args=(n,)) for n in range(3)]
         for t in threads:
             t.start()
+        if cycle % 4 == 0:  # some kills come after a turn has ended, however slow the machine
+            wait_for(lambda done_ids=done_ids: done_ids, 120, "a turn to end before the kill")
         time.sleep(rng.uniform(0.05, 1.5))
         handle.proc.send_signal(signal.SIGKILL)
         handle.proc.wait()
