@@ -395,6 +395,7 @@ class Decider:
             link=snapshot.link,
             upload_bps=snapshot.upload_bps,
             rtt_ms=snapshot.rtt_ms,
+            local_wait_s=self.local.expected_wait_s(),  # the turns ahead in the local queue (policy/load.py)
             budgets=(1.0, money_left, energy_left),
             q_norm=mess.state.q / max(mess.q_cap, 1e-9),
             s_local=best["local"],

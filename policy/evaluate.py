@@ -3,6 +3,7 @@ every strategy, so their rows compare."""
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -10,10 +11,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from locod.policy import rule
+from locod.policy.load import wait_cost
 from locod.policy.messplus import MessPlus, vectorize
-from locod.policy.observation import FEATURE_NAMES, N_ACTIONS, SUBSETS, K, Slot
+from locod.policy.observation import FEATURE_NAMES, N_ACTIONS, SUBSETS, WAIT_CAP_S, K, Slot
 from locod.policy.tasks import TASKS
-from locod.policy.tmo_env import CLOUD_USD, OffloadEnv, TurnOutcomes, TurnSource, normalised, window_after
+from locod.policy.tmo_env import (
+    CLOUD_USD,
+    OffloadEnv,
+    TurnOutcomes,
+    TurnSource,
+    normalised,
+    waited,
+    window_after,
+)
 
 Strategy = Callable[[np.ndarray, np.ndarray, random.Random], int]
 
@@ -39,8 +49,9 @@ def run(
     seed: int = 12345,
     budget_span: tuple[float, float] | None = None,
     shield: bool = True,
+    load_p: float = 0.0,
 ) -> Scores:
-    env = OffloadEnv(sources, seed=seed, budget_span=budget_span, shield=shield)
+    env = OffloadEnv(sources, seed=seed, budget_span=budget_span, shield=shield, load_p=load_p)
     rng = random.Random(seed + 1)
     totals = np.zeros(7)  # reward, quality, latency, usd, energy, uploads, cloud turns
     violations = turns = satisfied = 0
@@ -111,7 +122,7 @@ class ExpectedRewardOracle:
 
     def __call__(self, obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
         turn = self.env.turns[self.env.index]
-        value = mean_reward(self.env, turn, turn.expected_spend()[0])
+        value = mean_reward(self.env, turn, waited(turn.expected_spend()[0], self.env.wait_s()))
         return int(np.argmax(np.where(mask > 0, value, -np.inf)))
 
 
@@ -127,17 +138,20 @@ class ClairvoyantPlan:
 
     def __call__(self, obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
         if self.env.index == 0:
-            self.plan = self.best_from(0, [])[1]
+            self.plan = self.best_from(0, [], self.env.ahead)[1]
         return self.plan[self.env.index]
 
-    def best_from(self, index: int, recent: list[np.ndarray]) -> tuple[float, list[int]]:
+    def best_from(self, index: int, recent: list[np.ndarray], ahead: float) -> tuple[float, list[int]]:
+        """The best plan from turn ``index`` on, with the window's ``recent`` spend and ``ahead`` turns queued."""
         if index == len(self.env.turns):
             return 0.0, []
-        turn = self.env.turns[index]
-        value = mean_reward(self.env, turn, turn.latency)
+        turn, queue = self.env.turns[index], self.env.queue
+        value = mean_reward(self.env, turn, waited(turn.latency, queue.wait_s(ahead)))
         options = []
         for action in np.flatnonzero(self.env.shielded(turn, recent)):
-            later, rest = self.best_from(index + 1, window_after(recent, turn.spend(int(action))))
+            later, rest = self.best_from(
+                index + 1, window_after(recent, turn.spend(int(action))), queue.after(ahead, index, action == 0)
+            )
             options.append((float(value[action]) + later, [int(action), *rest]))
         return max(options, key=lambda option: option[0])
 
@@ -160,10 +174,11 @@ SATISFIED_AT = 0.5  # a simulated answer of quality >= 0.5 (on 0-1) counts as sa
 
 class Router:
     """The rule the daemon runs (locod.policy.rule): MESS+ over the environment's actions, optionally
-    combined with a policy's log-probabilities. Learns online from each step.
+        combined with a policy's log-probabilities. Learns online from each step.
 
-    Inputs the environment does not have are left at what a first turn would see: no dialogue position, no
-    previous location, the task's name in place of the prompt's words. Costs are TMO's prices per action."""
+        Inputs the environment does not have are left at what a first turn would see: no dialogue position, no
+        previous location, the task's name in place of the prompt's words. Costs are TMO's prices per action,
+    and for a local answer the wait behind the local queue (policy/load.py), as in the daemon."""
 
     def __init__(
         self,
@@ -198,6 +213,8 @@ class Router:
         model_of = {key: "local" if key == "0" else "cloud" for key in features}
         s_hat = dict(zip(features, self.mess.satisfaction_of_turn(list(features.values()), list(model_of.values()))))
         costs = {str(a): TMO_COST[a] for a in allowed}
+        if "0" in costs:  # as the daemon charges it: the local queue's wait, read back from the observation
+            costs["0"] += wait_cost(math.expm1(float(obs[_WAIT]) * math.log1p(WAIT_CAP_S)))
         log_pi = None
         if self.log_pi is not None:
             values = self.log_pi(obs, mask)
@@ -217,3 +234,4 @@ class Router:
 # Each action's cost for the rule: TMO's cloud price by upload count, over the largest; local generation
 # costs device energy, priced like the cheapest cloud call.
 TMO_COST = (0.0357, *(CLOUD_USD[len(s)] / CLOUD_USD[-1] for s in SUBSETS))
+_WAIT = FEATURE_NAMES.index("local_wait")

@@ -1,4 +1,4 @@
-"""The TMO policy's observation and action layout, version 1: one definition for training and the daemon.
+"""The TMO policy's observation and action layout, version 2: one definition for training and the daemon.
 
 Actions (TMO's 1 + 2^K layout, per location): action 0 answers locally; action 1 + i answers in the cloud
 uploading the i-th subset of the K attachment slots, subsets ordered by size, then lexicographically
@@ -11,6 +11,8 @@ Observation, ``OBS_DIM`` floats, each in [0, 1] unless noted (names in ``FEATURE
   relevance, is an image;
 - device and network: battery fraction (1 when unknown), on AC, power / 50 W, CPU load, online, link
   one-hot (ethernet, wifi, cellular, none), log10(upload bytes/s) / 8, RTT / 1 s (capped at 1);
+- the local queue (version 2): the expected wait for the local model, turns ahead x recent turn time
+  (policy/load.py), as log1p(seconds) / log1p(60), capped at 1;
 - remaining budgets: latency, money, energy, as the fraction of each budget left to this turn (in
   training, what the last turns of the budget window left; in the daemon, the day's money cap and the
   battery);
@@ -29,7 +31,9 @@ import numpy as np
 
 from locod.policy.tasks import TASKS
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
+ADDED_IN = {2: ("local_wait",)}  # features each layout version added: a policy of an older one runs without
+WAIT_CAP_S = 60.0  # the local wait feature is 1 from a minute's wait on
 K = 3  # attachment slots
 Z = 3  # dialogue turns of history
 LINKS = ("ethernet", "wifi", "cellular", "none")
@@ -63,12 +67,19 @@ def _names() -> list[str]:
     for k in range(K):
         names += [f"slot{k}_present", f"slot{k}_relevance", f"slot{k}_image"]
     names += ["battery", "on_ac", "power", "cpu", "online", *(f"link_{x}" for x in LINKS), "log_upload_bps", "rtt"]
+    names += ["local_wait"]
     names += ["budget_latency", "budget_money", "budget_energy", "q", "s_local", "s_cloud"]
     return names
 
 
 FEATURE_NAMES = tuple(_names())
 OBS_DIM = len(FEATURE_NAMES)
+
+
+def layout_features(version: int) -> tuple[str, ...]:
+    """The features of an older layout ``version``, in order: this layout's, less those added since."""
+    added = {name for v, names in ADDED_IN.items() if v > version for name in names}
+    return tuple(name for name in FEATURE_NAMES if name not in added)
 
 
 @dataclass(frozen=True)
@@ -99,10 +110,14 @@ class ObsInputs:
     link: str = "unknown"
     upload_bps: float = 2e6
     rtt_ms: float | None = None
+    local_wait_s: float = 0.0
     budgets: tuple[float, float, float] = (1.0, 1.0, 1.0)
     q_norm: float = 0.0
     s_local: float = 0.5
     s_cloud: float = 0.85
+
+
+_LOG_WAIT_CAP = math.log1p(WAIT_CAP_S)
 
 
 def _onehot(value: str, options: Sequence[str]) -> list[float]:
@@ -153,6 +168,7 @@ def observe(inputs: ObsInputs) -> np.ndarray:
         *_onehot(inputs.link, LINKS),
         math.log10(max(inputs.upload_bps, 1.0)) / 8,
         (inputs.rtt_ms or 0) / 1000,
+        math.log1p(max(0.0, inputs.local_wait_s)) / _LOG_WAIT_CAP,
         *inputs.budgets,
         inputs.q_norm,
         inputs.s_local,

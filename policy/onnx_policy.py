@@ -3,10 +3,16 @@
 Everything about the file is checked before it is used: it loads, its metadata names the layout version,
 K, Z and sizes this daemon builds, and its inputs and outputs have the expected names and shapes. Any
 mismatch is a PolicyError naming the file and the problem; the router then decides with MESS+ alone.
+
+A policy of an older layout (one a user trained before the layout grew) still runs, on the features its
+layout had: it loads with one warning that it does not see what was added (the local queue's wait for
+version 1), and `locod policy train` makes one that does.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from pathlib import Path
 
@@ -14,7 +20,9 @@ import numpy as np
 import onnxruntime as ort
 
 from locod.errors import PolicyError
-from locod.policy.observation import LAYOUT_VERSION, N_ACTIONS, OBS_DIM, K, Z
+from locod.policy.observation import FEATURE_NAMES, LAYOUT_VERSION, N_ACTIONS, OBS_DIM, K, Z, layout_features
+
+log = logging.getLogger(__name__)
 
 DEFAULT_POLICY = Path(__file__).resolve().parent / "default" / "policy.onnx"
 
@@ -34,11 +42,15 @@ class OnnxPolicy:
                 f"policy file {path} is not a loadable ONNX model: {exc}", code="policy_corrupt"
             ) from None
         meta = self.session.get_modelmeta().custom_metadata_map
+        self.columns = self._older_layout(meta)  # the columns of this layout's observation it reads; None: all
+        layout, obs_dim = (
+            (LAYOUT_VERSION, OBS_DIM) if self.columns is None else (meta["locod.layout_version"], len(self.columns))
+        )
         expected = {
-            "locod.layout_version": str(LAYOUT_VERSION),
+            "locod.layout_version": str(layout),
             "locod.k": str(K),
             "locod.z": str(Z),
-            "locod.obs_dim": str(OBS_DIM),
+            "locod.obs_dim": str(obs_dim),
             "locod.n_actions": str(N_ACTIONS),
         }
         for key, want in expected.items():
@@ -51,13 +63,13 @@ class OnnxPolicy:
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
         if (
             set(inputs) != {"observation", "mask"}
-            or inputs["observation"][-1] != OBS_DIM
+            or inputs["observation"][-1] != obs_dim
             or inputs["mask"][-1] != N_ACTIONS
             or outputs.get("log_probs", [None])[-1] != N_ACTIONS
         ):
             raise PolicyError(
                 f"policy file {path}: inputs {inputs} and outputs {outputs} do not match "
-                f"observation[{OBS_DIM}], mask[{N_ACTIONS}] -> log_probs[{N_ACTIONS}]",
+                f"observation[{obs_dim}], mask[{N_ACTIONS}] -> log_probs[{N_ACTIONS}]",
                 code="policy_mismatch",
             )
         self.version = meta.get("locod.policy_version", "unversioned")
@@ -65,7 +77,7 @@ class OnnxPolicy:
         # Inputs and output are bound once to buffers of this object, so a call copies two small arrays in
         # and runs the graph instead of building feeds and converting outputs on every turn (about half the
         # time, docs/benchmarks.md). Not thread-safe; the router calls it under its lock.
-        self._observation = np.zeros((1, OBS_DIM), dtype=np.float32)
+        self._observation = np.zeros((1, obs_dim), dtype=np.float32)
         self._mask = np.zeros((1, N_ACTIONS), dtype=np.float32)
         self._log_probs = np.zeros((1, N_ACTIONS), dtype=np.float32)
         self._binding = self.session.io_binding()
@@ -73,9 +85,32 @@ class OnnxPolicy:
         self._binding.bind_cpu_input("mask", self._mask)
         self._binding.bind_output("log_probs", "cpu", 0, np.float32, [1, N_ACTIONS], self._log_probs.ctypes.data)
 
+    def _older_layout(self, meta: dict[str, str]) -> np.ndarray | None:
+        """For a file of an older layout whose feature names are that layout's, the columns of this layout's
+        observation it reads (and one warning); None otherwise (the checks that follow judge the file)."""
+        version = meta.get("locod.layout_version", "")
+        if not version.isdigit() or not 1 <= int(version) < LAYOUT_VERSION:
+            return None
+        names = layout_features(int(version))
+        try:
+            if tuple(json.loads(meta.get("locod.feature_names", "null")) or ()) != names:
+                return None
+        except ValueError:
+            return None
+        missing = [name for name in FEATURE_NAMES if name not in names]
+        log.warning(
+            "policy file %s has observation layout %s (this daemon's is %d): it runs without %s; "
+            "`locod policy train` makes one that sees them",
+            self.path,
+            version,
+            LAYOUT_VERSION,
+            ", ".join(missing),
+        )
+        return np.array([FEATURE_NAMES.index(name) for name in names], dtype=np.intp)
+
     def log_probs(self, observation: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """log pi(action | observation) for every action; masked ones are very negative."""
-        self._observation[0] = observation
+        self._observation[0] = observation if self.columns is None else observation[self.columns]
         self._mask[0] = mask
         self.session.run_with_iobinding(self._binding)
         result = self._log_probs[0].astype(np.float64)

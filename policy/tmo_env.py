@@ -23,6 +23,14 @@ them, so the local answer always passes, and no strategy that picks from the mas
 the later turns bring. This needs every action's *expected* spend (what a device knows before acting:
 the published cloud latency with its +10 % spread, prices, its own generation speed) to bound its outcome.
 
+The local model answers one turn at a time, and other clients' turns may be queued for it: a
+``LocalQueue``, drawn per episode (under load in a share ``load_p`` of episodes, idle otherwise), makes
+a local answer wait turns ahead x turn time, what the daemon estimates (policy/load.py). The observation
+shows that wait; the reward charges it in the latency term (a local answer's latency is its wait plus its
+own time), so a long queue favours the cloud where the budgets allow. The wait does not count against the
+latency budget, which bounds the device's own work: the shield's guarantee needs a local answer's spend to
+have a known bound, and a queue's wait has none.
+
 Turns come from a ``TurnSource``: the ``Simulator`` (TMO's published cloud latency/cost by upload count
 and network kind, a device profile, battery and network that change during the episode), the replay trace
 of docs/routing.md (``TraceSource``), or this device's decision log (``LogSource``).
@@ -106,6 +114,48 @@ class TurnSource(Protocol):
     def local_bound(self) -> np.ndarray:
         """The most a local answer spends (latency s, USD, J): the shield's reserve per turn to come."""
         ...
+
+
+@dataclass(frozen=True)
+class LocalQueue:
+    """Other clients' turns ahead on the local model during an episode. Under load, the episode's turns stand
+    for the device's stream in a burst of clients: the model finishes ``drained[t]`` turns between turn t
+    and the next, other clients add ``arrivals[t]``, and a turn answered locally is one more turn ahead of
+    the next, so the wait grows with local answers. Idle (the default): nothing is ever ahead."""
+
+    turn_s: float = 1.0  # the local model's time per queued turn
+    ahead: float = 0.0  # turns ahead of the episode's first turn
+    arrivals: tuple[int, ...] = ()
+    drained: tuple[float, ...] = ()
+
+    def wait_s(self, ahead: float) -> float:
+        return ahead * self.turn_s
+
+    def after(self, ahead: float, index: int, local: bool) -> float:
+        """The turns ahead of turn ``index + 1``, given those ahead of turn ``index`` and where it went."""
+        if index >= len(self.drained):
+            return 0.0
+        return max(0.0, ahead + local - self.drained[index]) + self.arrivals[index]
+
+    @classmethod
+    def under_load(cls, rng: random.Random, turns: int) -> LocalQueue:
+        """A burst: up to 12 turns ahead at the start, 1-6 more arriving before a third of the turns, turns
+        0.2-1.5 of a local turn apart, and a local turn of 0.5-4 s (waits from none to minutes)."""
+        arrivals = tuple(rng.randint(1, 6) if rng.random() < 0.3 else 0 for _ in range(turns))
+        drained = tuple(rng.uniform(0.2, 1.5) for _ in range(turns))
+        return cls(rng.uniform(0.5, 4.0), float(rng.randint(0, 12)), arrivals, drained)
+
+
+def waited(latency: np.ndarray, wait_s: float) -> np.ndarray:
+    """Each action's latency as the user sees it: a local answer (action 0) first waits for the queue."""
+    out = latency.copy()
+    out[0] += wait_s
+    return out
+
+
+def upload_bps(link: str) -> float:
+    """The upload speed a simulated device observes on ``link``."""
+    return 2e5 if link == "cellular" else 2e6
 
 
 def window_after(recent: list[np.ndarray], spend: np.ndarray) -> list[np.ndarray]:
@@ -193,7 +243,7 @@ class Simulator:
                 power_w=self.device_w if not on_ac else None,
                 online=online,
                 link=link,
-                upload_bps=2e6 if link != "cellular" else 2e5,
+                upload_bps=upload_bps(link),
             )
             out.append(TurnOutcomes(inputs, mask, quality, latency, usd, energy, assoc, expected, mean / 2))
             battery = max(0.0, battery - (0.0 if on_ac else 0.01))
@@ -230,6 +280,9 @@ class TraceSource:
 
     def episode(self, rng: random.Random) -> list[TurnOutcomes]:
         out = []
+        # The network is drawn as the simulator's episodes start: a constant one told the policy which source
+        # a turn came from, and it then judged every turn on another network by the simulator's lesson.
+        link = rng.choice(Simulator.links)
         for row in rng.choice(self.dialogues):
             local, cloud = row["models"]["smollm2-135m-instruct"], row["models"]["cloud"]
             mask = action_mask([], cloud_allowed=True)
@@ -249,7 +302,9 @@ class TraceSource:
                 cloud["usd"],
                 cloud["energy_j"],
             )
-            inputs = ObsInputs(task=row["category"], prompt_chars=len(row["prompt"]), link="wifi")
+            inputs = ObsInputs(
+                task=row["category"], prompt_chars=len(row["prompt"]), link=link, upload_bps=upload_bps(link)
+            )
             out.append(TurnOutcomes(inputs, mask, quality, latency, usd, energy, np.zeros(N_ACTIONS)))
         return out
 
@@ -375,6 +430,7 @@ class OffloadEnv(gym.Env):
         seed: int | None = None,
         budget_span: tuple[float, float] | None = None,
         shield: bool = True,
+        load_p: float = 0.0,
     ) -> None:
         self.sources = list(sources)
         self.weights = weights or Weights()
@@ -390,6 +446,9 @@ class OffloadEnv(gym.Env):
         self.violations = 0
         self.budget_span = budget_span
         self.shield = shield  # off: only the turn's own mask (to measure what the shield prevents)
+        self.load_p = load_p  # the share of episodes whose local queue is under load
+        self.queue = LocalQueue()
+        self.ahead = 0.0  # turns ahead of this turn in the local queue
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
@@ -402,6 +461,9 @@ class OffloadEnv(gym.Env):
         self.budgets = sample_budgets(self.turns, self.local_bound, self.rng, self.budget_span)
         if options and "budgets" in options:
             self.budgets = options["budgets"]
+        loaded = self.load_p > 0 and self.rng.random() < self.load_p  # no draw without load: seeds stay comparable
+        self.queue = LocalQueue.under_load(self.rng, len(self.turns)) if loaded else LocalQueue()
+        self.ahead = self.queue.ahead
         self.index, self.recent, self.history, self.violations = 0, [], [], 0
         self.mask = self.shielded(self.turns[0])
         return self._obs(), {"action_mask": self.mask.copy()}
@@ -436,8 +498,19 @@ class OffloadEnv(gym.Env):
 
     def _obs(self) -> np.ndarray:
         turn = self.turns[self.index]
-        inputs = ObsInputs(**{**vars(turn.inputs), "history": list(self.history), "budgets": self.remaining()})
+        inputs = ObsInputs(
+            **{
+                **vars(turn.inputs),
+                "history": list(self.history),
+                "budgets": self.remaining(),
+                "local_wait_s": self.wait_s(),
+            }
+        )
         return observe(inputs)
+
+    def wait_s(self) -> float:
+        """This turn's expected wait for the local model."""
+        return self.queue.wait_s(self.ahead)
 
     def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         turn = self.turns[self.index]
@@ -445,10 +518,12 @@ class OffloadEnv(gym.Env):
             raise ValueError(f"action {action} is masked on this turn")
         allowed = turn.mask > 0  # normalisation spans everything the turn allows, the shield aside
         w = self.weights
+        wait = self.wait_s()
+        latency = waited(turn.latency, wait)
         reward = (
             w.quality * turn.quality[action]
             + w.association * turn.association[action]
-            - w.latency * normalised(turn.latency, allowed)[action]
+            - w.latency * normalised(latency, allowed)[action]
             - w.cost * normalised(turn.usd, allowed)[action]
         )
         spend = turn.spend(action)
@@ -461,12 +536,14 @@ class OffloadEnv(gym.Env):
         self.history.append(PastTurn("local" if action == 0 else "cloud", sent, turn.inputs.task))
         info: dict[str, Any] = {
             "quality": float(turn.quality[action]),
-            "latency": float(turn.latency[action]),
+            "latency": float(latency[action]),
+            "wait": wait if action == 0 else 0.0,
             "usd": float(turn.usd[action]),
             "energy": float(turn.energy[action]),
             "violation": over,
             "uploads": len(SUBSETS[action - 1]) if action else 0,
         }
+        self.ahead = self.queue.after(self.ahead, self.index, action == 0)
         self.index += 1
         done = self.index >= len(self.turns)
         obs = np.zeros(OBS_DIM, dtype=np.float32) if done else self._obs()

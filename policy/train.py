@@ -56,6 +56,7 @@ class TrainConfig:
     entropy: float = 0.003
     hidden: int = 64
     seed: int = 0
+    load_p: float = 0.5  # episodes whose local queue is under load (tmo_env.LocalQueue)
 
 
 def train(
@@ -64,7 +65,7 @@ def train(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     torch.set_num_threads(2)
-    env = OffloadEnv(sources, seed=config.seed)
+    env = OffloadEnv(sources, seed=config.seed, load_p=config.load_p)
     policy = Policy(config.hidden)
     optimiser = torch.optim.Adam(policy.parameters(), lr=config.lr)
     obs, info = env.reset(seed=config.seed)
@@ -244,6 +245,6 @@ def main(argv: Sequence[str] | None = None, default_out: Path | None = None) -> 
             return int(policy(torch.as_tensor(obs)[None], torch.as_tensor(mask)[None]).argmax())
 
     for name, strategy in {**heuristics(), "RC-PPO policy": greedy}.items():
-        s = run(strategy, sources, episodes=300)
+        s = run(strategy, sources, episodes=300, load_p=config.load_p)
         print(f"{name:>24}: reward {s.reward:.4f}, budget violations {s.violations}, cloud share {s.cloud_share:.2f}")
     return 0 if diff < 1e-5 else 1

@@ -2,14 +2,15 @@
 """Evaluate the shipped TMO policy against heuristics and MESS+ on held-out episodes (docs/evaluation.md).
 
 Settings: simulator episodes starting on WiFi, on cellular (both with the usual network changes), with
-tight and with loose budgets, and dialogues of the replay trace. Strategies: local only, cloud text only,
-cloud with every attachment, random, MESS+ only (relevant attachments), the TMO policy alone (its most
-likely allowed action), and MESS+ combined with the policy (the daemon's rule); then three yardsticks: the
-policy without the budget shield (what RC-RL alone keeps to), and, on simulator settings, an oracle that
-knows each action's mean quality and a plan that also knows every turn ahead. Same episodes, budgets and
-seeds for every strategy; the training seed differs from the evaluation seeds. Last, MESS+ alone and
-combined over several seeds, at the tables' alpha = 0.7 (which no rule reaches in these settings) and at
-lower SLA targets.
+tight and with loose budgets, and dialogues of the replay trace, all with an idle local queue; then WiFi
+and the trace with the local queue under load in every episode (tmo_env.LocalQueue). Strategies: local
+only, cloud text only, cloud with every attachment, random, MESS+ only (relevant attachments), the TMO
+policy alone (its most likely allowed action), and MESS+ combined with the policy (the daemon's rule);
+then three yardsticks: the policy without the budget shield (what RC-RL alone keeps to), and, on
+simulator settings, an oracle that knows each action's mean quality and a plan that also knows every
+turn ahead. Same episodes, budgets and seeds for every strategy; the training seed differs from the
+evaluation seeds. Last, MESS+ alone and combined over several seeds, at the tables' alpha = 0.7 (which
+no rule reaches in these settings) and at lower SLA targets.
 
     pip install '.[eval]'
     python scripts/evaluate_policy.py [--episodes 600] [--out docs/img]
@@ -34,7 +35,8 @@ from locod.policy.tmo_env import Simulator, TraceSource, TurnSource
 REPO = Path(__file__).resolve().parent.parent
 SLA = 0.7
 SLA_TARGETS = (0.3, 0.5, 0.7)
-Setting = tuple[list[tuple[TurnSource, float]], tuple[float, float] | None]  # episode sources, budget span
+# episode sources, budget span, share of episodes whose local queue is under load
+Setting = tuple[list[tuple[TurnSource, float]], tuple[float, float] | None, float]
 ORACLE = "oracle: knows mean quality"
 PLAN = "clairvoyant plan: knows the episode ahead"
 
@@ -53,14 +55,16 @@ def main() -> None:
         return int(np.argmax(np.where(mask > 0, policy.log_probs(obs, mask), -np.inf)))
 
     settings: dict[str, Setting] = {
-        "WiFi, sampled budgets": ([(Simulator(links=("wifi",)), 1.0)], None),
-        "cellular, sampled budgets": ([(Simulator(links=("cellular",)), 1.0)], None),
-        "mixed networks, tight budgets": ([(Simulator(), 1.0)], (0.0, 0.1)),
-        "mixed networks, loose budgets": ([(Simulator(), 1.0)], (0.5, 1.0)),
-        "replay trace (text only)": ([(TraceSource(Path(args.trace)), 1.0)], None),
+        "WiFi, sampled budgets": ([(Simulator(links=("wifi",)), 1.0)], None, 0.0),
+        "cellular, sampled budgets": ([(Simulator(links=("cellular",)), 1.0)], None, 0.0),
+        "mixed networks, tight budgets": ([(Simulator(), 1.0)], (0.0, 0.1), 0.0),
+        "mixed networks, loose budgets": ([(Simulator(), 1.0)], (0.5, 1.0), 0.0),
+        "replay trace (text only)": ([(TraceSource(Path(args.trace)), 1.0)], None, 0.0),
+        "WiFi, local queue under load": ([(Simulator(links=("wifi",)), 1.0)], None, 1.0),
+        "replay trace, local queue under load": ([(TraceSource(Path(args.trace)), 1.0)], None, 1.0),
     }
     results: dict[str, dict[str, Scores]] = {}
-    for setting, (sources, budgets) in settings.items():
+    for setting, (sources, budgets, load) in settings.items():
         strategies = {
             **heuristics(),
             "MESS+ only": Router(SLA, seed=1),
@@ -68,15 +72,17 @@ def main() -> None:
             "MESS+ with TMO policy": Router(SLA, log_pi=policy.log_probs, seed=1),
         }
         results[setting] = {
-            name: run(strategy, sources, episodes=args.episodes, seed=2024, budget_span=budgets)
+            name: run(strategy, sources, episodes=args.episodes, seed=2024, budget_span=budgets, load_p=load)
             for name, strategy in strategies.items()
         }
         results[setting]["TMO policy, no shield"] = run(
-            policy_only, sources, episodes=args.episodes, seed=2024, budget_span=budgets, shield=False
+            policy_only, sources, episodes=args.episodes, seed=2024, budget_span=budgets, shield=False, load_p=load
         )
         if all(isinstance(source, Simulator) for source, _ in sources):  # it needs the simulator's mean quality
             for name, yardstick in ((ORACLE, ExpectedRewardOracle()), (PLAN, ClairvoyantPlan())):
-                results[setting][name] = run(yardstick, sources, episodes=args.episodes, seed=2024, budget_span=budgets)
+                results[setting][name] = run(
+                    yardstick, sources, episodes=args.episodes, seed=2024, budget_span=budgets, load_p=load
+                )
     print(
         f"policy {policy.version}; {args.episodes} held-out episodes per setting; SLA measure: quality >= 0.5, "
         f"alpha = {SLA} for the MESS+ rows\n"
@@ -130,10 +136,10 @@ def sla_targets(settings: dict[str, Setting], policy: OnnxPolicy, episodes: int,
         "| MESS+ with TMO policy: same | attainment, combined minus MESS+ (mean +- standard error) |"
     )
     print("|---|---|---|---|---|")
-    for setting, (sources, budgets) in settings.items():
+    for setting, (sources, budgets, load) in settings.items():
         rows: dict[float, list[tuple[float, float, float, float]]] = {alpha: [] for alpha in SLA_TARGETS}
         for seed in range(1, seeds + 1):
-            same = dict(episodes=episodes, seed=2024 + seed, budget_span=budgets)
+            same = dict(episodes=episodes, seed=2024 + seed, budget_span=budgets, load_p=load)
             best = max(run(h, sources, **same).reward for h in heuristics().values())
             for alpha in SLA_TARGETS:
                 alone = run(Router(alpha, seed=seed), sources, **same)

@@ -38,6 +38,7 @@ from locod.policy.tmo_env import (
     OffloadEnv,
     Simulator,
     TraceSource,
+    waited,
     window_after,
 )
 from locod.protocol import Attachment
@@ -46,6 +47,7 @@ from .conftest import wait_for
 from .faultproxy import FaultProxy, image_parts
 
 TRACE = Path(__file__).resolve().parent.parent / "policy/data/bigbench_trace.jsonl"
+POLICY_V1 = Path(__file__).resolve().parent / "fixtures/policy_v1.onnx"  # the policy shipped with layout 1
 
 torch = pytest.importorskip("torch")
 from locod.policy.train import Policy, TrainConfig, export, parity, train  # noqa: E402
@@ -87,6 +89,72 @@ def test_observation_is_bounded_and_sized() -> None:
     value = dict(zip(FEATURE_NAMES, obs.tolist(), strict=True))
     assert value["power"] == 0.0 and value["q"] == 1.0 and value["rtt"] == 1.0  # NaN, +inf, far too large
     assert value["battery"] == 0.0  # below empty reads as empty (unknown or NaN would read as full)
+
+
+def test_the_local_wait_is_a_bounded_feature() -> None:
+    def wait_feature(seconds: float) -> float:
+        return float(
+            observe(ObsInputs(task="chat", prompt_chars=40, local_wait_s=seconds))[FEATURE_NAMES.index("local_wait")]
+        )
+
+    values = [wait_feature(s) for s in (0.0, 1.0, 10.0, 59.0, 60.0, 3600.0)]
+    assert values[0] == 0.0 and values == sorted(values) and len(set(values[:4])) == 4
+    assert values[4] == pytest.approx(1.0) and values[5] == 1.0  # a minute or more reads as full
+    assert wait_feature(float("nan")) == 0.0 and wait_feature(-5.0) == 0.0
+
+
+def test_a_long_local_queue_lowers_the_shipped_policys_local_probability() -> None:
+    """The shipped policy was trained with a local queue (tmo_env.LocalQueue): on the same turns, a long
+    wait moves probability from the local answer to the cloud."""
+    policy = OnnxPolicy(DEFAULT_POLICY)
+    env = OffloadEnv([(Simulator(), 0.7), (TraceSource(TRACE), 0.3)], seed=31)
+    idle, queued = [], []
+    for _ in range(40):
+        obs, info = env.reset()
+        mask = info["action_mask"]
+        if not mask[0] or not mask[1:].any():
+            continue  # no choice between local and cloud on this turn
+        assert obs[FEATURE_NAMES.index("local_wait")] == 0.0  # no load drawn: the environment's default
+        long_wait = obs.copy()
+        long_wait[FEATURE_NAMES.index("local_wait")] = observe(
+            ObsInputs(task="chat", prompt_chars=1, local_wait_s=30.0)
+        )[FEATURE_NAMES.index("local_wait")]
+        idle.append(np.exp(policy.log_probs(obs, mask)[0]))
+        queued.append(np.exp(policy.log_probs(long_wait, mask)[0]))
+    assert len(idle) >= 20
+    falls = [q < i for i, q in zip(idle, queued, strict=True)]
+    assert sum(falls) >= 0.9 * len(falls), (idle, queued)
+    assert np.mean(queued) < 0.5 * np.mean(idle), (np.mean(idle), np.mean(queued))
+
+
+def test_the_environment_charges_the_local_queues_wait() -> None:
+    """Under load a local answer waits turns ahead x turn time, which the observation shows and the reward's
+    latency term charges; each local answer is one more turn ahead of the next; the budgets do not count it."""
+    env = OffloadEnv([(Simulator(links=("wifi",)), 1.0)], seed=6, load_p=1.0)
+    for _ in range(50):
+        obs, _ = env.reset()
+        if env.queue.ahead >= 3 and len(env.turns) >= 2:
+            break
+    else:
+        pytest.fail("no episode with a queue in 50 draws")
+    wait = env.wait_s()
+    assert wait == pytest.approx(env.queue.ahead * env.queue.turn_s) and wait > 0
+    assert obs[FEATURE_NAMES.index("local_wait")] > 0
+    turn, ahead = env.turns[0], env.ahead
+    _, _, _, _, step = env.step(0)
+    assert step["wait"] == wait and step["latency"] == pytest.approx(turn.latency[0] + wait)
+    assert env.recent[-1][0] == pytest.approx(turn.latency[0])  # the budget counts the device's own time
+    assert env.ahead == pytest.approx(max(0.0, ahead + 1 - env.queue.drained[0]) + env.queue.arrivals[0])
+    assert env.queue.after(ahead, 0, local=True) - env.queue.after(ahead, 0, local=False) > 0
+
+
+def test_trace_turns_are_observed_on_the_simulators_networks() -> None:
+    """A network seen only on simulated turns told the shipped policy a turn was simulated (the cloud always
+    wins there): on ethernet it gave the local answer 0.1 % where WiFi gave 50 % (docs/evaluation.md)."""
+    rng = random.Random(2)
+    trace = TraceSource(TRACE)
+    links = {turn.inputs.link for _ in range(200) for turn in trace.episode(rng)}
+    assert links == set(Simulator.links)
 
 
 def test_budget_accounting_and_overrun_reward() -> None:
@@ -153,19 +221,20 @@ def test_the_shield_keeps_every_strategy_within_budget(span: tuple[float, float]
 
 def test_the_clairvoyant_plan_beats_every_shielded_walk() -> None:
     """The evaluation's upper yardstick: its plan has at least the mean reward of any sequence of shielded
-    actions (here, random walks through the same episodes)."""
-    env = OffloadEnv([(Simulator(), 1.0)], seed=21)
+    actions (here, random walks through the same episodes), the local queue's wait included."""
+    env = OffloadEnv([(Simulator(), 1.0)], seed=21, load_p=0.5)
     plan, rng = ClairvoyantPlan(), random.Random(1)
     plan.bind(env)
     for _ in range(20):
         env.reset()
-        best, _ = plan.best_from(0, [])
+        best, _ = plan.best_from(0, [], env.ahead)
         for _ in range(30):
-            recent, total = [], 0.0
-            for turn in env.turns:
+            recent, total, ahead = [], 0.0, env.ahead
+            for index, turn in enumerate(env.turns):
                 action = rng.choice(np.flatnonzero(env.shielded(turn, recent)).tolist())
-                total += float(mean_reward(env, turn, turn.latency)[action])
+                total += float(mean_reward(env, turn, waited(turn.latency, env.queue.wait_s(ahead)))[action])
                 recent = window_after(recent, turn.spend(action))
+                ahead = env.queue.after(ahead, index, action == 0)
             assert total <= best + 1e-12
 
 
@@ -252,6 +321,35 @@ def test_bad_policy_files_are_named_errors(tmp_path: Path) -> None:
     onnx.save(model, str(tmp_path / "old.onnx"))
     with pytest.raises(PolicyError, match=r"locod\.layout_version is '0'") as info:
         OnnxPolicy(tmp_path / "old.onnx")
+    assert info.value.code == "policy_mismatch"
+
+
+def test_a_policy_of_layout_v1_runs_on_the_features_it_was_trained_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user's policy trained before the local wait was observed still loads: one warning, and it sees this
+    layout's observation less the local wait, exactly as it saw v1's."""
+    with caplog.at_level("WARNING", logger="locod.policy.onnx_policy"):
+        policy = OnnxPolicy(POLICY_V1)
+    assert policy.metadata["locod.layout_version"] == "1"
+    (record,) = caplog.records
+    assert "observation layout 1 (this daemon's is 2): it runs without local_wait" in record.getMessage()
+    rng = np.random.default_rng(4)
+    wait = FEATURE_NAMES.index("local_wait")
+    for _ in range(20):
+        obs = rng.random(OBS_DIM, dtype=np.float32)
+        mask = np.ones(N_ACTIONS, dtype=np.float32)
+        fresh = policy.session.run(None, {"observation": np.delete(obs, wait)[None], "mask": mask[None]})[0][0]
+        np.testing.assert_allclose(policy.log_probs(obs, mask), fresh, rtol=1e-6)
+    import onnx
+
+    model = onnx.load(str(POLICY_V1))  # layout 1, but features that are not v1's: refused as before
+    for entry in model.metadata_props:
+        if entry.key == "locod.feature_names":
+            entry.value = json.dumps(list(reversed(json.loads(entry.value))))
+    onnx.save(model, str(tmp_path / "v1-other.onnx"))
+    with pytest.raises(PolicyError, match=r"locod\.layout_version is '1', this daemon needs '2'") as info:
+        OnnxPolicy(tmp_path / "v1-other.onnx")
     assert info.value.code == "policy_mismatch"
 
 
@@ -357,6 +455,45 @@ def test_corrupt_policy_falls_back_to_messplus_and_reload_swaps_it(
     wait_for(lambda: client.status()["routing"]["policy"] is not None, 10, "the policy to load")
     assert "TMO policy" in client.ask("Hello again", max_tokens=2).decision.reason
     assert handle.rows()[-1]["policy_version"] == OnnxPolicy(DEFAULT_POLICY).version
+
+
+def test_the_daemon_shows_the_policy_its_local_queue(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """With turns queued for the local model, the policy observes the wait and gives the local answer less
+    probability than on the idle daemon."""
+    handle = daemon_factory(policy_config(proxy.base_url))
+    client = handle.client()
+    question = "What is the capital of France?"
+
+    def p_local(session: str) -> float:  # a session of its own: the same observation but for the queue (and Q)
+        client.ask(question, session=session, max_tokens=2)
+        return float(json.loads(handle.rows()[-1]["probabilities"])["local"])
+
+    idle = p_local("idle")
+    flooders = [
+        threading.Thread(
+            target=lambda i=i: handle.client(turn_timeout_s=300).ask(
+                f"Write a long story about a dragon named {i}.", force="local", max_tokens=256
+            ),
+            daemon=True,
+        )
+        for i in range(6)
+    ]
+    for thread in flooders:
+        thread.start()
+    wait_for(lambda: client.status()["queue"]["waiting_for_local"] >= 4, 60, "turns queued for the local model")
+    queued = p_local("queued")
+    for thread in flooders:
+        thread.join(300)
+    assert queued < 0.75 * idle, (idle, queued)  # at least 4 turns ahead: 0.5-0.6 x with the shipped policy
+
+
+def test_the_daemon_runs_a_layout_v1_policy(daemon_factory: Any, proxy: FaultProxy) -> None:
+    handle = daemon_factory(policy_config(proxy.base_url, policy_path=str(POLICY_V1)))
+    client = handle.client()
+    routing = client.status()["routing"]
+    assert routing["policy"] == OnnxPolicy(POLICY_V1).version and routing["policy_error"] is None
+    assert "observation layout 1 (this daemon's is 2): it runs without local_wait" in handle.log()
+    assert "TMO policy" in client.ask("Hello", max_tokens=2).decision.reason
 
 
 def test_reloads_during_turns_drop_none(daemon_factory: Any, proxy: FaultProxy, tmp_path: Path) -> None:
