@@ -213,16 +213,14 @@ class Decider:
         cloud = [c for c in candidates.values() if c.location == "cloud"]
         if not (self.config.routing.escalate and local and cloud):
             return None
-        weight, price = self.config.routing.weight_policy, self.learner.mess.current_price
-
-        def extra(key: str) -> float:
-            return -weight * log_pi[key] if log_pi else 0.0
+        price = self.learner.mess.current_price
+        extra = rule.policy_terms(log_pi, self.config.routing.weight_policy)
 
         def objective(c: Candidate) -> float:
-            return costs[c.key] + extra(c.key) - price * s_hat[c.key]
+            return costs[c.key] + extra.get(c.key, 0.0) - price * s_hat[c.key]
 
         target, first = min(cloud, key=objective), min(local, key=objective)
-        margin = costs[target.key] + extra(target.key) - extra(first.key)  # the local answer's cost is spent
+        margin = costs[target.key] + extra.get(target.key, 0.0) - extra.get(first.key, 0.0)  # local cost spent
         s_cloud, s_prompt = s_hat[target.key], s_hat[first.key]
         if rule.escalates(margin, price, s_cloud, self.learner.mess.confidence_head(first.model).best(s_prompt)):
             return None
@@ -247,7 +245,8 @@ class Decider:
             policy = routing.policy_version is not None
             why = (
                 f"MESS+{' + TMO policy' if policy else ''}: lowest V*cost + (Z + V*mu)*(alpha - s_hat)"
-                f"{' - w*log pi' if policy else ''} with Q={routing.q:.2f}, s_hat={routing.s_hat[chosen.key]:.2f}"
+                f"{' + w*log(pi_best/pi)' if policy else ''} with Q={routing.q:.2f}, "
+                f"s_hat={routing.s_hat[chosen.key]:.2f}"
             )
         if chosen.location == "cloud":
             why += f", action {chosen.key.split('|')[-1]}"

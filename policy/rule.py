@@ -3,7 +3,7 @@
 Per turn, among the actions the masks left (each answered by one model, a cloud action with a choice of
 attachments to upload), pick
 
-    a* = argmin_a  V * cost(a) + Q * (alpha - s_hat(a)) - w * log pi(a)
+    a* = argmin_a  V * (cost(a) + w * min(log(pi_best / pi(a)), ln 4)) + Q * (alpha - s_hat(a))
 
 where s_hat comes from MESS+'s predictor over the features of what action a's model would see, Q is
 MESS+'s virtual queue, and log pi is the TMO policy's (absent without one). This module holds the rule's
@@ -14,6 +14,7 @@ so an evaluation measures what the daemon runs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 from locod.policy.messplus import Choice, MessPlus, TurnFeatures
@@ -30,6 +31,8 @@ EXPECTED_ANSWER_TOKENS = 200
 MIN_RELEVANCE = 0.3
 # Every estimate of tokens from text (prices, budgets, chunk sizes) uses this one ratio.
 CHARS_PER_TOKEN = 4
+# The TMO policy's term counts an action's log-probability below the policy's favourite down to 1/4 of it.
+POLICY_LOG_RATIO_CAP = math.log(4.0)
 
 
 def estimate_tokens(chars: int) -> int:
@@ -98,6 +101,19 @@ def normalised(raw: Mapping[str, float]) -> dict[str, float]:
     return {key: value / top for key, value in raw.items()}
 
 
+def policy_terms(log_pi: Mapping[str, float] | None, weight: float) -> dict[str, float]:
+    """Each action's policy term in cost units: ``weight * log(pi_best / pi(a))``, capped at
+    ``weight * POLICY_LOG_RATIO_CAP``. A policy trained in simulation saturates (well under 1 % for whatever
+    its environment never rewarded); uncapped, its term outweighed MESS+'s price of satisfaction on every
+    turn, overshooting the SLA at twice MESS+'s spend (docs/evaluation.md). Capped, a sure policy adds at
+    most weight * ln 4 (0.69 at the default weight) to an action it all but rules out, about two thirds of
+    the dearest action's cost: it settles close calls and picks uploads; MESS+'s price settles the rest."""
+    if not log_pi:
+        return {}
+    best = max(log_pi.values())
+    return {key: weight * min(best - value, POLICY_LOG_RATIO_CAP) for key, value in log_pi.items()}
+
+
 def choose(
     mess: MessPlus,
     costs: Mapping[str, float],
@@ -106,9 +122,9 @@ def choose(
     log_pi: Mapping[str, float] | None = None,
     weight: float = 0.0,
 ) -> Choice:
-    """The combined rule over the unmasked actions: MESS+'s objective, plus ``-weight * log pi`` per action
-    when a policy gave ``log_pi``. Exploration (MESS+'s p_t) is part of it."""
-    extra = {key: -weight * value for key, value in log_pi.items()} if log_pi else {}
+    """The combined rule over the unmasked actions: MESS+'s objective, plus each action's policy term
+    (``policy_terms``) when a policy gave ``log_pi``. Exploration (MESS+'s p_t) is part of it."""
+    extra = policy_terms(log_pi, weight)
     return mess.choose(dict(costs), s_hat=dict(s_hat), extra=extra, model_of=dict(model_of))
 
 

@@ -8,7 +8,9 @@ go through the daemon at a steady pace; after each, the trace's label for the mo
 as user feedback (a stand-in for a person clicking good/bad). Then `locod report` draws the decision log.
 
     pip install '.[test,report]'
-    python scripts/report_demo.py [--turns 60] [--pace 3] [--sla 0.7] [--out docs/img/report.png]
+    python scripts/report_demo.py [--turns 60] [--pace 3] [--sla 0.7] [--weight-policy 0] [--out docs/img/report.png]
+
+It ends by printing where the turns were answered, the satisfied share and the spend.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=60)
     parser.add_argument("--pace", type=float, default=3.0, help="seconds between turns")
     parser.add_argument("--sla", type=float, default=0.7)
+    parser.add_argument("--weight-policy", type=float, default=0.0, help="routing.weight_policy (0: MESS+ alone)")
     parser.add_argument("--out", default=str(REPO / "docs" / "img" / "report.png"))
     args = parser.parse_args()
     models = REPO / "models"
@@ -46,9 +49,8 @@ def main() -> None:
         config = {
             "local": {"n_threads": 1, "max_tokens": 16},
             "cloud": {"daily_cap_usd": 0.25, "models": [cloud_model]},
-            # MESS+ alone: with the shipped TMO policy every turn of this trace goes to the cloud, and the
-            # picture would show nothing of the queue at work.
-            "routing": {"sla": args.sla, "weight_policy": 0.0},
+            # The picture is of MESS+ alone (--weight-policy 0), so that it shows the queue at work.
+            "routing": {"sla": args.sla, "weight_policy": args.weight_policy},
         }
         daemon = start_daemon(Path(home) / "d", models, config)
         started = time.time()
@@ -62,10 +64,22 @@ def main() -> None:
             minutes = int((time.time() - started) / 60) + 1
             command = locod_command("--config", str(daemon.config_path), "report", "--since", f"{minutes}m")
             subprocess.run([*command, "--out", str(Path(args.out).resolve())], env=daemon.env, check=True)
+            summarise(daemon.rows())
         finally:
             daemon.stop()
             cloud.proc.terminate()
             cloud.proc.wait(30)
+
+
+def summarise(rows: list[dict[str, object]]) -> None:
+    where: dict[str, int] = {}
+    for row in rows:
+        key = f"{row['backend']} ({row['outcome']})"
+        where[key] = where.get(key, 0) + 1
+    satisfied = sum(bool(row["satisfied"]) for row in rows) / max(len(rows), 1)
+    spent = sum(float(row["cost_usd"] or 0.0) for row in rows)  # type: ignore[arg-type]
+    answered = ", ".join(f"{n} {key}" for key, n in sorted(where.items()))
+    print(f"{len(rows)} turns: {answered}; satisfied {satisfied:.2f}; spent ${spent:.3f}")
 
 
 if __name__ == "__main__":
