@@ -5,7 +5,7 @@ llama-cpp-python returns per-token log-probs only when the context keeps every p
 slower prompts). The sampler sees the last position's logits anyway: a logits processor placed first in
 its chain reads them (it changes nothing), and the token chosen from them is the one evaluated next. So a
 token's log-prob is known one step later; the last token's, never evaluated, is taken as the most likely
-token's, which is exact for greedy decoding. About 2 % of a token's time on the embedded model.
+token's, which is exact for greedy decoding. 0.1-2 % of a token's time on the embedded model (docs/benchmarks.md).
 """
 
 from __future__ import annotations
