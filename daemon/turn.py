@@ -126,6 +126,18 @@ def _with_partial(generation: Generation, failure: CloudError) -> Generation:
     )
 
 
+def _after(local: Generation, answer: Generation) -> Generation:
+    """The answer to an escalated turn, timed and charged from the start of the local attempt: the user
+    waited for both, and the device spent the local answer's energy."""
+    first = None if answer.first_token_ms is None else answer.first_token_ms + local.total_ms
+    return dataclasses.replace(
+        answer,
+        total_ms=answer.total_ms + local.total_ms,
+        first_token_ms=first,
+        energy_j=answer.energy_j + local.energy_j,
+    )
+
+
 class TurnRunner:
     def __init__(
         self,
@@ -220,15 +232,7 @@ class TurnRunner:
             right = agreement(local.text, ending.generation.text) >= AGREEMENT
             judged = dataclasses.replace(judged, label=right)
             self.learner.local_label(judged.model, self.decider.local_features(turn), right, judged, shadow=False)
-        both = dataclasses.replace(
-            ending.generation,
-            total_ms=ending.generation.total_ms + local.total_ms,  # the user waited for both
-            first_token_ms=None
-            if ending.generation.first_token_ms is None
-            else ending.generation.first_token_ms + local.total_ms,
-            energy_j=ending.generation.energy_j + local.energy_j,
-        )
-        return dataclasses.replace(ending, generation=both, judged=judged)
+        return dataclasses.replace(ending, generation=_after(local, ending.generation), judged=judged)
 
     def _generate(
         self, decision_id: int, turn: Turn, decision: Decision, backend: Backend, prompt: Prompt, reply: Reply
