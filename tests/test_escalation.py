@@ -18,7 +18,7 @@ from locod.policy.messplus import MessPlus
 from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame, EscalatedFrame
 
 from .conftest import cloud_config
-from .faultproxy import FaultProxy
+from .faultproxy import Fault, FaultProxy
 
 LOCAL, CLOUD = "smollm2-135m-instruct", "cloud-small"
 QUESTION = [{"role": "user", "content": "What is the plural of mouse?"}]
@@ -123,3 +123,18 @@ def test_escalation_can_be_switched_off(daemon_factory: Any, proxy: FaultProxy) 
     handle = daemon_factory(config)
     result = handle.client().ask("Hello", max_tokens=4)
     assert "escalates" not in result.decision.reason and handle.rows()[0]["confidence"] is None
+
+
+def test_a_cloud_that_fails_after_an_escalation_hands_the_turn_back_to_the_local_model(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    handle = _daemon(daemon_factory, tmp_path, proxy, _head(min_weight=1000.0, bias=10.0), "failing")
+    proxy.set(Fault("status", status=500))
+    frames = list(handle.client().chat("What is the plural of mouse?", max_tokens=24, temperature=0.0))
+    kinds = [f.type for f in frames]
+    assert kinds.index("escalated") < kinds.index("fallback") < kinds.index("delta")  # no text before either
+    done = frames[-1]
+    assert isinstance(done, DoneFrame) and done.outcome == "fallback" and done.location == "local"
+    row = handle.rows()[0]
+    assert row["outcome"] == "fallback" and row["backend"] == "local"
+    assert json.loads(row["confidence"])["kept"] is False
