@@ -228,8 +228,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         (
             "routing",
             f"mode {r['mode']}, SLA {r['sla']:.2f}, attained {_fmt(r['attained'], '{:.3f}')} over "
-            f"{r['turns']} turns, Q {r['q']:.2f}, {r['shadow_labels']} shadow labels"
-            + (" (SLA INFEASIBLE)" if r["infeasible"] else ""),
+            f"{r['turns']} turns, Q {r['q']:.2f}, {r['shadow_labels']} shadow and "
+            f"{r['escalated_labels']} escalation labels" + (" (SLA INFEASIBLE)" if r["infeasible"] else ""),
         ),
         (
             "device",

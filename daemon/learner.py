@@ -44,7 +44,7 @@ class Learner:
         self.lock = threading.Lock()  # MESS+ state; the decider holds it for a whole decision
         self._judge = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
         self._save_failed = False  # log a failing save once, not every turn
-        self.shadow_labels = records.shadow_count()
+        self.shadow_labels, self.escalated_labels = records.local_labels()
 
     @staticmethod
     def priors(config: Config) -> dict[str, Prior]:
@@ -126,6 +126,7 @@ class Learner:
             if judged is not None:
                 self._train_confidence(judged, satisfied)
             self.shadow_labels += shadow
+            self.escalated_labels += not shadow
             self._save()
 
     def _train_confidence(self, judged: JudgedAnswer, satisfied: bool) -> None:
@@ -177,6 +178,7 @@ class Learner:
                 "infeasible": self.mess.infeasible,
                 "pending_labels": len(state.pending),
                 "shadow_labels": self.shadow_labels,
+                "escalated_labels": self.escalated_labels,
             }
 
     def close(self) -> None:

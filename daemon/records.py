@@ -311,9 +311,15 @@ class DecisionLog:
         with self._writing("recording a shadow answer"):
             self.db.table("decisions").update(decision_id, {"shadow": json.dumps(asdict(result))})
 
-    def shadow_count(self) -> int:
+    def local_labels(self) -> tuple[int, int]:
+        """Labels the local model got without the user: (shadow answers, escalated answers), as recorded."""
+        sql = (
+            "SELECT COUNT(shadow), COUNT(CASE WHEN outcome = 'escalated' AND confidence IS NOT NULL THEN 1 END) "
+            "FROM decisions"
+        )
         with self._lock:
-            return int(self._conn.execute("SELECT COUNT(*) FROM decisions WHERE shadow IS NOT NULL").fetchone()[0])
+            shadows, escalated = self._conn.execute(sql).fetchone()
+        return int(shadows), int(escalated)
 
     def add_cost(self, decision_id: int, usd: float) -> None:
         """Money spent on a turn after it ended (grading it with the judge)."""
