@@ -19,12 +19,13 @@ import os
 import queue
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -45,7 +46,7 @@ from locod.daemon.sessions import SessionStore
 from locod.daemon.shadow import ShadowLane
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import Reply, TurnRunner
-from locod.errors import Busy, LocodError, PromptTooLong, ProtocolError, StorageError
+from locod.errors import Busy, ConfigError, LocodError, PromptTooLong, ProtocolError, StorageError
 from locod.protocol import (
     BadRequest,
     ChatRequest,
@@ -57,6 +58,9 @@ from locod.protocol import (
     encode_frame,
     parse_request,
 )
+
+if TYPE_CHECKING:
+    from locod.daemon.httpapi import HttpServer
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +86,7 @@ class Daemon:
         self.outbox: zmq.Socket[bytes] | None = None
         self.inbox: zmq.Socket[bytes] | None = None
         self._handed_in: queue.SimpleQueue[tuple[bytes, ChatRequest, Reply]] = queue.SimpleQueue()
-        self.http: Any = None  # locod.daemon.httpapi.HttpServer when http.listen is set
+        self.http: HttpServer | None = None  # when http.listen is set
         self.records = DecisionLog(config.db_path)
         park = (
             DiskPark(config.state_dir / "kvcache", config.local.cache_disk_mb << 20)
@@ -154,9 +158,7 @@ class Daemon:
         self.telemetry.start()
         self._install_signals()
         if cfg.http.listen:
-            from locod.daemon.httpapi import HttpServer  # the optional locod[http] extra
-
-            self.http = HttpServer(self)
+            self.http = _http_server(self)
             self.http.start()
         log.info(
             "locod %s serving on %s%s with local model %s",
@@ -533,3 +535,15 @@ def _exclusive_lock(directory: Path) -> Any:
             f"another locod daemon is already running with {directory}", code="already_running"
         ) from None
     return handle
+
+
+def _http_server(daemon: Daemon) -> HttpServer:
+    """The HTTP door, from the optional ``locod[http]`` extra: without it, one line that says how to add it."""
+    try:
+        from locod.daemon.httpapi import HttpServer
+    except ImportError as exc:
+        raise ConfigError(
+            f"http.listen is {daemon.config.http.listen!r}, but the HTTP API needs the http extra ({exc.name} is "
+            f"missing): {sys.executable} -m pip install 'locod[http]', or unset http.listen"
+        ) from None
+    return HttpServer(daemon)

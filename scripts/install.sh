@@ -44,7 +44,7 @@ if [ "$mode" = system ] && ! runuser -u locod -- "$venv/bin/python" -c pass 2>/d
   exit 1
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet --upgrade .
+"$venv/bin/python" -m pip install --quiet --upgrade '.[http]'  # the service may open the HTTP API (http.listen)
 [ "$gpu" = nvidia ] && "$venv/bin/python" -m pip install --quiet 'nvidia-ml-py>=12.535'
 say "installed $("$venv/bin/locod" --version) into $venv"
 # Daily use calls `locod` bare: put it on PATH (system: /usr/local/bin; user: ~/.local/bin).

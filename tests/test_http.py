@@ -318,3 +318,17 @@ def test_a_conversation_continues_its_session_only_while_the_session_holds_its_p
     assert conversations.continuing([{"role": "user", "content": "Bye"}], session.id)[1] == [
         {"role": "user", "content": "Bye"}
     ]
+
+
+def test_http_listen_without_the_http_extra_is_one_clear_error(daemon_factory: Any, tmp_path: Path) -> None:
+    """A daemon installed without `locod[http]` (install.sh's core install did not have it) that is asked to
+    listen says which extra to install, instead of a traceback."""
+    absent = tmp_path / "absent" / "starlette"  # shadows the installed package, as if it were missing
+    absent.mkdir(parents=True)
+    (absent / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'starlette'\", name='starlette')\n")
+    config = {"http": {"listen": f"127.0.0.1:{free_port()}"}}
+    handle = daemon_factory(config, wait=False, extra_env={"PYTHONPATH": str(absent.parent)})
+    assert handle.proc.wait(120) != 0
+    log = handle.log()
+    assert "needs the http extra (starlette is missing)" in log and "pip install 'locod[http]'" in log
+    assert "Traceback" not in log
