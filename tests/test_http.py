@@ -325,7 +325,8 @@ def test_http_listen_without_the_http_extra_is_one_clear_error(daemon_factory: A
     listen says which extra to install, instead of a traceback."""
     absent = tmp_path / "absent" / "starlette"  # shadows the installed package, as if it were missing
     absent.mkdir(parents=True)
-    (absent / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'starlette'\", name='starlette')\n")
+    missing = "raise ModuleNotFoundError(\"No module named 'starlette'\", name='starlette')\n"
+    (absent / "__init__.py").write_text(missing)
     config = {"http": {"listen": f"127.0.0.1:{free_port()}"}}
     handle = daemon_factory(config, wait=False, extra_env={"PYTHONPATH": str(absent.parent)})
     assert handle.proc.wait(120) != 0
