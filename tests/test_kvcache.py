@@ -159,3 +159,14 @@ def test_status_reports_the_dialogue_cache(daemon: DaemonHandle) -> None:
     cache = client.status()["local"]["cache"]
     assert cache["hits"] == 1 and cache["misses"] == 2 and cache["dialogues"] == 1
     assert 0 < cache["mb"] <= cache["limit_mb"]
+
+
+def test_a_one_off_turn_keeps_no_state(daemon: DaemonHandle) -> None:
+    """A turn without a session cannot come back: its state is not kept, so it evicts no dialogue's."""
+    client = daemon.client()
+    client.ask("Say hello.", session="s1", max_tokens=4, temperature=0.0, seed=1)
+    for _ in range(2):
+        client.ask("Say goodbye.", max_tokens=4, temperature=0.0, seed=1)
+    client.ask("Say hello again.", session="s1", max_tokens=4, temperature=0.0, seed=1)
+    cache = client.status()["local"]["cache"]
+    assert cache["hits"] == 1 and cache["misses"] == 1 and cache["dialogues"] == 0
