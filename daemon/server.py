@@ -2,8 +2,9 @@
 
 One thread owns the sockets and never blocks on work: it parses requests, answers the cheap ops
 (``ping``, ``status``, ``decisions``, ``feedback``, ``reload``) itself and hands chat turns to a thread pool.
-Worker threads send their frames through an inproc PUSH/PULL pair back to this thread, which forwards them
-to the client's ROUTER socket (ZeroMQ sockets are not thread-safe). A client that vanishes mid-stream is
+Worker threads queue their frames for this thread, which forwards them to the client's ROUTER socket
+(ZeroMQ sockets are not thread-safe), and wake it through an inproc PUSH/PULL pair: one queue, so a turn's
+frames keep their order whichever of its threads sent them. A client that vanishes mid-stream is
 noticed on send (ROUTER_MANDATORY) and its turns are cancelled.
 """
 
@@ -86,6 +87,7 @@ class Daemon:
         self.outbox: zmq.Socket[bytes] | None = None
         self.inbox: zmq.Socket[bytes] | None = None
         self._handed_in: queue.SimpleQueue[tuple[bytes, ChatRequest, Reply]] = queue.SimpleQueue()
+        self._outgoing: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()  # (peer, frame)
         self.http: HttpServer | None = None  # when http.listen is set
         self.records = DecisionLog(config.db_path)
         park = (
@@ -261,10 +263,10 @@ class Daemon:
             return
         for _ in range(1000):
             try:
-                peer, frame = self.outbox.recv_multipart(zmq.NOBLOCK)
+                self.outbox.recv(zmq.NOBLOCK)  # one wake per queued frame, sent after the frame was queued
             except zmq.Again:
                 return
-            self._send(peer, frame)
+            self._send(*self._outgoing.get_nowait())
 
     def _send(self, peer: bytes, frame: bytes) -> None:
         """Send now, or queue behind the peer's waiting frames; a peer past its byte bound is dropped."""
@@ -379,13 +381,17 @@ class Daemon:
                 reply.send(ErrorFrame.of(exc))
 
     def _post(self, peer: bytes, frame: bytes) -> None:
-        """Send from a worker thread: through this thread's own PUSH socket to the loop."""
+        """Send from a worker thread: queue the frame, then wake the loop through this thread's PUSH socket."""
         push = getattr(self._local_out, "push", None)
         if push is None:
             push = self._local_out.push = self.ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 1000)
             push.connect(OUTBOX)
-        push.send_multipart([peer, frame])
+        self._outgoing.put((peer, frame))
+        push.send(b"")
+        # The loop should forward the frame before this thread computes the next token: on a busy CPU the
+        # scheduler lets a running thread finish its slice (milliseconds) before the thread it woke runs.
+        os.sched_yield()
 
     # -- status, reload, stop ------------------------------------------------------------------------
 
