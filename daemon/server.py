@@ -23,7 +23,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,6 +51,7 @@ from locod.errors import Busy, ConfigError, LocodError, PromptTooLong, ProtocolE
 from locod.protocol import (
     BadRequest,
     ChatRequest,
+    DeltaFrame,
     ErrorFrame,
     FeedbackRequest,
     Frame,
@@ -355,7 +356,7 @@ class Daemon:
         own = sum(owner == peer for owner, _ in self._turns.values())
         if own >= self.config.daemon.max_turns_per_client:
             raise Busy(f"this client has {own} turns in flight, at its limit; try again when one is answered")
-        reply = reply or Reply(post=lambda frame: self._post(peer, encode_frame(request.id, frame)))
+        reply = reply or Reply(post=self._poster(peer, request.id))
         self._turns[self.pool.submit(self.runner.run, request, peer, reply)] = (peer, reply)
 
     def hand_in(self, client: bytes, request: ChatRequest, reply: Reply) -> None:
@@ -380,6 +381,23 @@ class Daemon:
             except LocodError as exc:
                 reply.send(ErrorFrame.of(exc))
 
+    def _poster(self, peer: bytes, request_id: str) -> Callable[[Frame], None]:
+        """How a turn's worker threads send its frames. The ones a client waits on (all but the second and
+        later deltas of a run) are followed by a yield of the CPU: on a busy machine the scheduler lets a
+        running thread finish its time slice (milliseconds) before the thread it woke gets to run. Later
+        deltas do not yield, which would hand each token's slice to whatever else the machine runs."""
+        streaming = False
+
+        def post(frame: Frame) -> None:
+            nonlocal streaming
+            delta = isinstance(frame, DeltaFrame)
+            self._post(peer, encode_frame(request_id, frame))
+            if not (delta and streaming):
+                os.sched_yield()
+            streaming = delta
+
+        return post
+
     def _post(self, peer: bytes, frame: bytes) -> None:
         """Send from a worker thread: queue the frame, then wake the loop through this thread's PUSH socket."""
         push = getattr(self._local_out, "push", None)
@@ -389,9 +407,6 @@ class Daemon:
             push.connect(OUTBOX)
         self._outgoing.put((peer, frame))
         push.send(b"")
-        # The loop should forward the frame before this thread computes the next token: on a busy CPU the
-        # scheduler lets a running thread finish its slice (milliseconds) before the thread it woke runs.
-        os.sched_yield()
 
     # -- status, reload, stop ------------------------------------------------------------------------
 
