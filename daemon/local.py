@@ -360,7 +360,8 @@ class LocalBackend:
             try:
                 yield granted
             finally:
-                self._drop_reading()  # a prompt read but never generated: the next turn needs the model idle
+                if granted:  # a turn that never got the gate must not touch the holder's reading
+                    self._drop_reading()  # a prompt read but never generated: the next turn needs the model idle
 
     def expected_wait_s(self) -> float:
         """How long a turn queued now would wait for the local model: the turns ahead of it (waiting, and the
