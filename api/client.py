@@ -98,9 +98,10 @@ def locate(endpoint: str) -> str:
     return endpoint
 
 
-def check_alive(endpoint: str, timeout_s: float = 1.0) -> None:
+def check_alive(endpoint: str, timeout_s: float = 1.0, *, connect: bool = True) -> None:
     """Raise DaemonNotRunning at once when nothing listens: a missing socket, a stale one left by a stopped
-    daemon (connecting is refused), or a closed tcp port. Costs one connect, well under a millisecond."""
+    daemon (connecting is refused), or a closed tcp port. Costs one connect, well under a millisecond, but
+    it wakes the daemon's I/O thread too; ``connect=False`` checks only that the socket file exists."""
     address: str | tuple[str, int]
     if endpoint.startswith("ipc://"):
         address = endpoint[6:]
@@ -111,6 +112,8 @@ def check_alive(endpoint: str, timeout_s: float = 1.0) -> None:
         host, _, port = endpoint[6:].rpartition(":")
         family, address = (socket.AF_INET6 if ":" in host else socket.AF_INET), (host.strip("[]"), int(port))
     else:
+        return
+    if not connect:
         return
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.settimeout(timeout_s)
@@ -251,7 +254,9 @@ class Client:
             stream=stream,
         )
         request = ChatRequest(new_id(), messages, session, model, attachments or [], options, self.secret)
-        check_alive(self.endpoint)
+        # No connect per turn (it sits in the first token's path): a daemon that stopped cleanly took its
+        # socket file along; a killed one is noticed by `frames` after a second of silence.
+        check_alive(self.endpoint, connect=False)
         rid = self.send(request)
         yield from self.frames(rid, self.turn_timeout_ms)
 

@@ -19,7 +19,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Generator, Hashable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,6 +44,8 @@ TEMPLATE_SLACK_TOKENS = 32
 MIN_ANSWER_TOKENS = 16
 # local.cache_mb = -1: keep this many full-context dialogue states, within a quarter of the free memory.
 AUTO_CACHE_DIALOGUES = 8
+# How long fit lets the reading thread go first; a bound, so a starved thread cannot hold up the turn.
+READER_HEAD_START_S = 0.05
 
 
 def resolve_path(model: LocalModelConfig, models_dir: Path) -> Path:
@@ -73,6 +75,16 @@ class Opened:
     head: list[Any]
     started: float
     logprobs: TokenLogprobs | None
+
+
+@dataclass
+class Reading:
+    """A fitted prompt the answering thread reads ahead, before its turn is accepted."""
+
+    prompt: Prompt
+    started: threading.Event = field(default_factory=threading.Event)  # the answering thread has begun
+    go: threading.Event = field(default_factory=threading.Event)  # set by generate (accepted) or by a drop
+    dropped: bool = False
 
 
 class AnswerStream:
@@ -337,9 +349,10 @@ class LocalBackend:
         self.gate = FairGate()
         self.tokens_per_s: float | None = None  # EWMA of measured generation speed
         self.turn_time = TurnTime()  # EWMA of a local turn's wall time: what each turn ahead makes one wait
-        # Reads a fitted prompt while the turn's own thread commits its record; one at a time (the gate).
-        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-prompt")
-        self._reading: tuple[Prompt, Future[Opened]] | None = None
+        # Reads a fitted prompt while the turn's own thread commits its record, then answers it: the first
+        # token leaves from the thread that computed it. One at a time (the gate).
+        self._answering = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-answer")
+        self._reading: tuple[Reading, Future[Generation | None]] | None = None
 
     @contextlib.contextmanager
     def slot(self, client: Hashable, cancelled: threading.Event) -> Iterator[bool]:
@@ -347,7 +360,8 @@ class LocalBackend:
             try:
                 yield granted
             finally:
-                self._drop_reading()  # a prompt read but never generated: the next turn needs the model idle
+                if granted:  # a turn that never got the gate must not touch the holder's reading
+                    self._drop_reading()  # a prompt read but never generated: the next turn needs the model idle
 
     def expected_wait_s(self) -> float:
         """How long a turn queued now would wait for the local model: the turns ahead of it (waiting, and the
@@ -363,18 +377,37 @@ class LocalBackend:
         fitted_messages = cast(list[dict[str, object]], fitted)
         ready = dataclasses.replace(prompt, messages=fitted_messages, max_tokens=budget, tokens_in=tokens_in)
         self._drop_reading()
-        self._reading = (ready, self._reader.submit(self._open, model, loaded, ready))
+        reading = Reading(ready)
+        self._reading = (reading, self._answering.submit(self._read_ahead, model, loaded, reading))
+        # The prompt's reading is the first token's path, the commit (an fsync) usually the shorter: the
+        # reader takes the interpreter first, this thread builds and commits the record while llama.cpp runs.
+        reading.started.wait(READER_HEAD_START_S)
         return ready
 
     def generate(self, model: str, prompt: Prompt) -> Generation:
         """Stream the answer; nothing is passed on before this call, so a turn's record is committed first."""
+        reading = self._reading
+        if reading is not None and reading[0].prompt is prompt:
+            self._reading = None
+            reading[0].go.set()
+            answer = reading[1].result()
+            assert answer is not None  # only a dropped reading has none
+            return answer
+        self._drop_reading()
         loaded = self.zoo.get(model)
-        if self._reading is not None and self._reading[0] is prompt:
-            reading, self._reading = self._reading, None
-            opened = reading[1].result()
-        else:
-            self._drop_reading()
-            opened = self._open(model, loaded, prompt)
+        return self._answer(loaded, prompt, self._open(model, loaded, prompt))
+
+    def _read_ahead(self, model: str, loaded: LoadedModel, reading: Reading) -> Generation | None:
+        """Read the prompt, wait until the turn is accepted, then answer it from this thread."""
+        reading.started.set()
+        opened = self._open(model, loaded, reading.prompt)
+        reading.go.wait()
+        if reading.dropped:
+            opened.stream.close()
+            return None
+        return self._answer(loaded, reading.prompt, opened)
+
+    def _answer(self, loaded: LoadedModel, prompt: Prompt, opened: Opened) -> Generation:
         answer = AnswerStream(prompt, loaded.llm, opened.logprobs)
         try:
             for chunk in itertools.chain(opened.head, opened.stream):
@@ -429,7 +462,11 @@ class LocalBackend:
         return Opened(stream, list(itertools.islice(stream, 1)), started, logprobs)
 
     def _drop_reading(self) -> None:
+        """A prompt read but never generated: wait for its thread, so the next turn finds the model idle."""
         reading, self._reading = self._reading, None
-        if reading is not None:
-            with contextlib.suppress(Exception):  # a failed read has nothing to close
-                reading[1].result().stream.close()
+        if reading is None:
+            return
+        reading[0].dropped = True
+        reading[0].go.set()
+        with contextlib.suppress(Exception):  # a failed read is over too
+            reading[1].result()

@@ -2,8 +2,9 @@
 
 One thread owns the sockets and never blocks on work: it parses requests, answers the cheap ops
 (``ping``, ``status``, ``decisions``, ``feedback``, ``reload``) itself and hands chat turns to a thread pool.
-Worker threads send their frames through an inproc PUSH/PULL pair back to this thread, which forwards them
-to the client's ROUTER socket (ZeroMQ sockets are not thread-safe). A client that vanishes mid-stream is
+Worker threads queue their frames for this thread, which forwards them to the client's ROUTER socket
+(ZeroMQ sockets are not thread-safe), and wake it through an inproc PUSH/PULL pair: one queue, so a turn's
+frames keep their order whichever of its threads sent them. A client that vanishes mid-stream is
 noticed on send (ROUTER_MANDATORY) and its turns are cancelled.
 """
 
@@ -22,7 +23,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,7 @@ from locod.errors import Busy, ConfigError, LocodError, PromptTooLong, ProtocolE
 from locod.protocol import (
     BadRequest,
     ChatRequest,
+    DeltaFrame,
     ErrorFrame,
     FeedbackRequest,
     Frame,
@@ -86,6 +88,7 @@ class Daemon:
         self.outbox: zmq.Socket[bytes] | None = None
         self.inbox: zmq.Socket[bytes] | None = None
         self._handed_in: queue.SimpleQueue[tuple[bytes, ChatRequest, Reply]] = queue.SimpleQueue()
+        self._outgoing: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()  # (peer, frame)
         self.http: HttpServer | None = None  # when http.listen is set
         self.records = DecisionLog(config.db_path)
         park = (
@@ -261,10 +264,10 @@ class Daemon:
             return
         for _ in range(1000):
             try:
-                peer, frame = self.outbox.recv_multipart(zmq.NOBLOCK)
+                self.outbox.recv(zmq.NOBLOCK)  # one wake per queued frame, sent after the frame was queued
             except zmq.Again:
                 return
-            self._send(peer, frame)
+            self._send(*self._outgoing.get_nowait())
 
     def _send(self, peer: bytes, frame: bytes) -> None:
         """Send now, or queue behind the peer's waiting frames; a peer past its byte bound is dropped."""
@@ -353,7 +356,7 @@ class Daemon:
         own = sum(owner == peer for owner, _ in self._turns.values())
         if own >= self.config.daemon.max_turns_per_client:
             raise Busy(f"this client has {own} turns in flight, at its limit; try again when one is answered")
-        reply = reply or Reply(post=lambda frame: self._post(peer, encode_frame(request.id, frame)))
+        reply = reply or Reply(post=self._poster(peer, request.id))
         self._turns[self.pool.submit(self.runner.run, request, peer, reply)] = (peer, reply)
 
     def hand_in(self, client: bytes, request: ChatRequest, reply: Reply) -> None:
@@ -378,14 +381,32 @@ class Daemon:
             except LocodError as exc:
                 reply.send(ErrorFrame.of(exc))
 
+    def _poster(self, peer: bytes, request_id: str) -> Callable[[Frame], None]:
+        """How a turn's worker threads send its frames. The ones a client waits on (all but the second and
+        later deltas of a run) are followed by a yield of the CPU: on a busy machine the scheduler lets a
+        running thread finish its time slice (milliseconds) before the thread it woke gets to run. Later
+        deltas do not yield, which would hand each token's slice to whatever else the machine runs."""
+        streaming = False
+
+        def post(frame: Frame) -> None:
+            nonlocal streaming
+            delta = isinstance(frame, DeltaFrame)
+            self._post(peer, encode_frame(request_id, frame))
+            if not (delta and streaming):
+                os.sched_yield()
+            streaming = delta
+
+        return post
+
     def _post(self, peer: bytes, frame: bytes) -> None:
-        """Send from a worker thread: through this thread's own PUSH socket to the loop."""
+        """Send from a worker thread: queue the frame, then wake the loop through this thread's PUSH socket."""
         push = getattr(self._local_out, "push", None)
         if push is None:
             push = self._local_out.push = self.ctx.socket(zmq.PUSH)
             push.setsockopt(zmq.LINGER, 1000)
             push.connect(OUTBOX)
-        push.send_multipart([peer, frame])
+        self._outgoing.put((peer, frame))
+        push.send(b"")
 
     # -- status, reload, stop ------------------------------------------------------------------------
 

@@ -281,7 +281,8 @@ class TurnRunner:
             options.seed,
             on_delta,
             reply.cancelled,
-            session=turn.session.id,  # the local model starts from this dialogue's kept state
+            # the local model starts from this dialogue's kept state; a one-off turn's is never kept
+            session=turn.session.id if turn.request.session is not None else None,
         )
         if judge is not None:
             prompt = dataclasses.replace(prompt, checkpoint=judge.checkpoint())

@@ -4,7 +4,10 @@ directly on the same prompts (greedy, same model and settings), in alternating r
 to the first token of one short prompt (8 tokens, read to the end before the next call), daemon vs. direct,
 in alternating rounds; and the `ping` round trip over ZeroMQ.
 
-    python scripts/bench_daemon.py [--rounds 3] [--max-tokens 128] [--first-rounds 12] [--pings 2000]
+    python scripts/bench_daemon.py [--rounds 3] [--max-tokens 128] [--first-rounds 30] [--pings 2000]
+
+The machine's load average is printed before and after: on a shared machine, compare only runs under
+similar load, and the ratios within one run.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--first-rounds", type=int, default=12)
+    parser.add_argument("--first-rounds", type=int, default=30)
     parser.add_argument("--pings", type=int, default=2000)
     args = parser.parse_args()
     repo = Path(__file__).resolve().parent.parent
@@ -89,6 +92,7 @@ def main() -> None:
     gguf = fetch("smollm2-135m-instruct", models, progress=lambda _: None)
     threads = max(1, (os.cpu_count() or 2) // 2)  # llama-cpp-python's default, which the daemon also uses
     llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, verbose=False)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as home:
         handle = start_daemon(Path(home), models, {"routing": {"mode": "local"}})
         client = handle.client()
@@ -116,7 +120,8 @@ def main() -> None:
     q = statistics.quantiles(rtts, n=100)
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"llama.cpp threads {threads}"
+        f"llama.cpp threads {threads}; load average (1, 5, 15 min) before {_load(load_before)}, "
+        f"after {_load(os.getloadavg())}"
     )
     print("| measure | value |\n|---|---|")
     print(f"| direct llama-cpp-python | {direct_tps:.1f} tokens/s ({int(d_tokens)} tokens) |")
@@ -133,6 +138,10 @@ def main() -> None:
     )
     print(f"| ratio daemon / direct, first token (goal <= 1.1) | {first_s / first_d:.3f} |")
     print(f"| ping round trip p50 / p99 ({args.pings} pings) | {q[49]:.3f} ms / {q[98]:.3f} ms |")
+
+
+def _load(averages: tuple[float, float, float]) -> str:
+    return " ".join(f"{a:.2f}" for a in averages)
 
 
 if __name__ == "__main__":

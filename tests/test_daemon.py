@@ -14,6 +14,7 @@ import zmq
 from locod.client import Client
 from locod.daemon.records import MIGRATIONS
 from locod.errors import DaemonNotRunning
+from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame
 
 from .conftest import DaemonHandle, locod_command, start_daemon, wait_for
 
@@ -35,6 +36,22 @@ def test_ask_streams_decision_deltas_done_and_records_the_turn(daemon: DaemonHan
     assert row["latency_total_ms"] > 0 and row["finished"] >= row["created"]
     assert row["prompt"] is None and len(row["prompt_sha256"]) == 64 and row["prompt_chars"] == 24
     assert '"cpu_pct"' in row["telemetry"]
+
+
+def test_a_turn_is_committed_before_its_decision_frame_and_its_frames_keep_their_order(daemon: DaemonHandle) -> None:
+    """The prompt is read and answered on another thread than the one that commits the record and sends
+    ``decision`` and ``done``: still, the record exists when ``decision`` arrives, every token's ``delta``
+    comes after it and before ``done``."""
+    client = daemon.client()
+    for n in range(4):
+        frames = client.chat(f"Count from one to {n + 5}.", max_tokens=24, **GREEDY)
+        decision = next(frames)
+        assert isinstance(decision, DecisionFrame)
+        assert daemon.rows("SELECT id FROM decisions WHERE id = ?", (decision.decision,))
+        rest = list(frames)
+        done = rest[-1]
+        assert isinstance(done, DoneFrame) and all(isinstance(f, DeltaFrame) for f in rest[:-1])
+        assert len(rest) - 1 == done.tokens_out > 0
 
 
 def test_session_second_turn_sees_the_first(daemon: DaemonHandle) -> None:

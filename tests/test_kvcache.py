@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -159,3 +161,39 @@ def test_status_reports_the_dialogue_cache(daemon: DaemonHandle) -> None:
     cache = client.status()["local"]["cache"]
     assert cache["hits"] == 1 and cache["misses"] == 2 and cache["dialogues"] == 1
     assert 0 < cache["mb"] <= cache["limit_mb"]
+
+
+def test_a_one_off_turn_keeps_no_state(daemon: DaemonHandle) -> None:
+    """A turn without a session cannot come back: its state is not kept, so it evicts no dialogue's."""
+    client = daemon.client()
+    client.ask("Say hello.", session="s1", max_tokens=4, temperature=0.0, seed=1)
+    for _ in range(2):
+        client.ask("Say goodbye.", max_tokens=4, temperature=0.0, seed=1)
+    client.ask("Say hello again.", session="s1", max_tokens=4, temperature=0.0, seed=1)
+    cache = client.status()["local"]["cache"]
+    assert cache["hits"] == 1 and cache["misses"] == 1 and cache["dialogues"] == 0
+
+
+def test_a_turn_cancelled_while_waiting_leaves_the_holders_answer_alone(zoos: Any) -> None:
+    """A queued turn whose client leaves gives up its place without the gate: the turn holding the model,
+    whose prompt is being read ahead, still gets exactly its own answer (never two readers on one context)."""
+    messages = [{"role": "user", "content": LONG + "Tell me a fact about cats."}]
+    other = zoos(0)
+    alone = other.generate(MODEL, other.fit(MODEL, Prompt(list(messages), 12, 0.0, 1, lambda _: None))).text
+    backend = zoos(0)  # a fresh context: the whole prompt is read, which takes a while
+    gone = threading.Event()
+    gone.set()
+    with backend.slot("holder", threading.Event()) as granted:
+        assert granted
+        prompt = backend.fit(MODEL, Prompt(list(messages), 12, 0.0, 1, lambda _: None))
+
+        def leave() -> None:
+            with backend.slot("leaver", gone) as waited:
+                assert not waited
+
+        leaver = threading.Thread(target=leave)
+        leaver.start()
+        time.sleep(0.02)  # it has given up its place, while the holder's prompt is still being read
+        answer = backend.generate(MODEL, prompt).text
+        leaver.join(10)
+    assert answer == alone
