@@ -330,7 +330,11 @@ class DecisionLog:
             self._spend(usd)
 
     def recent(self, limit: int = 20) -> list[dict[str, Any]]:
-        rows = self.db.query("SELECT * FROM decisions ORDER BY id DESC LIMIT ?", [limit])
+        """The newest records. Under the lock like every use of the shared connection: sqlite-utils reads in
+        a savepoint, and a writer's COMMIT on another thread in between released it (the `decisions` op
+        failed, and the writer's turn record could be left pending)."""
+        with self._lock:
+            rows = list(self.db.query("SELECT * FROM decisions ORDER BY id DESC LIMIT ?", [limit]))
         return [_decoded(row) for row in rows]
 
     def totals(self) -> list[dict[str, Any]]:

@@ -5,6 +5,7 @@ same pieces end to end; these pin down their exact behaviour so a change to one 
 from __future__ import annotations
 
 import random
+import threading
 import time
 from pathlib import Path
 
@@ -160,6 +161,34 @@ def test_a_decision_round_trips_through_its_record(tmp_path: Path) -> None:
     log.finish(decision_id, Outcome("ok", "cloud", "gpt"))
     target = log.label(decision_id, True, "user")
     assert target.model == "gpt" and target.routing == decision.routing
+
+
+def test_reads_beside_writes_on_the_shared_connection_lose_nothing(tmp_path: Path) -> None:
+    """The loop answers `decisions` while worker threads write turns on the same connection: a read must
+    not release a writer's transaction (it did: `recent` read outside the lock)."""
+    log = DecisionLog(tmp_path / "locod.db")
+    failures: list[Exception] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                log.recent(1000)
+            except Exception as exc:  # any failure is what this test looks for
+                failures.append(exc)
+                return
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(300):
+            decision_id = log.begin(DecisionRecord("s", i, "r", "", 0, None, "chat", "local", "m", ""))
+            log.finish(decision_id, Outcome("ok", "local", "m"))
+    finally:
+        done.set()
+        reader.join(10)
+    assert not failures
+    assert [row["outcome"] for row in log.recent(1000)] == ["ok"] * 300
 
 
 def test_record_dataclasses_and_migrated_columns_agree(tmp_path: Path) -> None:
