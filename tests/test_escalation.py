@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import openai
 from llama_cpp import Llama, LogitsProcessorList
 
 from locod.daemon.logprobs import TokenLogprobs
@@ -17,7 +18,7 @@ from locod.policy.confidence import FEATURES, ConfidenceHead
 from locod.policy.messplus import MessPlus
 from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame, EscalatedFrame
 
-from .conftest import cloud_config
+from .conftest import cloud_config, free_port
 from .faultproxy import Fault, FaultProxy
 
 LOCAL, CLOUD = "smollm2-135m-instruct", "cloud-small"
@@ -54,12 +55,15 @@ def _head(min_weight: float, bias: float) -> ConfidenceHead:
     return ConfidenceHead(weights)
 
 
-def _daemon(daemon_factory: Any, tmp_path: Path, proxy: FaultProxy, head: ConfidenceHead, name: str) -> Any:
+def _daemon(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy, head: ConfidenceHead, name: str, **sections: Any
+) -> Any:
     """A daemon that routes (no exploration, no policy term, a demanding SLA and a queue behind it, so the
     cloud is worth its cost to an unsure answer), whose local model's confidence head is ``head`` (it has a
     label, so the shipped prior does not replace it)."""
     config = cloud_config(proxy.base_url, mode="auto", timeout_s=60.0)
     config["routing"].update(sla=0.99, explore_c=0.0, weight_policy=0.0, shadow="off", escalate_tokens=6)
+    config.update(sections)
     mess = MessPlus(
         rule.priors([LOCAL], [CLOUD]), sla=0.99, v=20.0, explore_c=0.0, q_cap=50.0,
         path=tmp_path / name / "state" / "messplus.npz",
@@ -139,3 +143,19 @@ def test_a_cloud_that_fails_after_an_escalation_hands_the_turn_back_to_the_local
     row = handle.rows()[0]
     assert row["outcome"] == "fallback" and row["backend"] == "local"
     assert json.loads(row["confidence"])["kept"] is False
+
+
+def test_the_http_door_names_an_escalation_and_streams_only_the_clouds_answer(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    port = free_port()
+    head = _head(min_weight=1000.0, bias=10.0)
+    _daemon(daemon_factory, tmp_path, proxy, head, "http", http={"listen": f"127.0.0.1:{port}"})
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+    ask: Any = {"model": "auto", "messages": QUESTION, "max_tokens": 24, "temperature": 0.0}
+    whole = client.chat.completions.create(**ask)
+    locod = (whole.model_extra or {})["locod"]
+    assert locod["outcome"] == "escalated" and "not sure enough" in locod["escalated"] and whole.model == CLOUD
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # the cloud's answer
+    assert (chunks[-1].model_extra or {})["locod"]["outcome"] == "escalated"
