@@ -61,7 +61,7 @@ class Generation:
     bytes_up: int = 0
     cancelled: bool = False
     escalated: bool = False  # the checkpoint dropped the answer: the turn goes to the cloud
-    tokens: tuple[str, ...] = ()  # with ``Prompt.logprobs`` or a checkpoint: the answer's tokens,
+    tokens: tuple[str, ...] = ()  # with ``Prompt.logprobs``: the answer's tokens,
     logprobs: tuple[float, ...] = ()  # and each one's log-probability
 
 

@@ -126,7 +126,10 @@ class AnswerStream:
     def _judge(self) -> bool:
         assert self.prompt.checkpoint is not None
         self.held = False
-        if self.prompt.checkpoint.keep(*self.scored()):
+        kept = self.prompt.checkpoint.keep(*self.scored())
+        if self.logprobs is not None and not self.prompt.logprobs:
+            self.logprobs.stop()  # judged: the rest of the answer is read by nobody
+        if kept:
             self._show("".join(self.parts))
             return True
         self.escalated = True
@@ -422,7 +425,7 @@ class LocalBackend:
             opened.stream.close()
         end = time.perf_counter()
         self._observe(answer, opened.started, end, prompt.cancelled.is_set())
-        tokens, logprobs = answer.scored()
+        tokens, logprobs = answer.scored() if prompt.logprobs else ((), ())  # a checkpoint read its own
         return Generation(
             text="".join(answer.parts),
             tokens_in=prompt.tokens_in or 0,

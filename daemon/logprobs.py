@@ -24,8 +24,15 @@ class TokenLogprobs:
         self._eos = llm.token_eos()
         self._steps: list[tuple[int, float]] = []
         self._last: tuple[npt.NDArray[np.float32], float] | None = None
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Read no more: the rest of the answer's tokens are sampled as if no processor were there."""
+        self._stopped = True
 
     def __call__(self, input_ids: npt.NDArray[np.intc], logits: npt.NDArray[np.single]) -> npt.NDArray[np.single]:
+        if self._stopped:
+            return logits
         if self._last is not None:  # the token sampled from the previous logits has just been evaluated
             previous, norm = self._last
             token = int(input_ids[-1])
