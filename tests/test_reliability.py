@@ -203,6 +203,12 @@ def test_ten_thousand_hostile_messages(fuzz_daemon: tuple[DaemonHandle, FaultPro
         pong = exchange(json.dumps({"v": 1, "id": "valid", "op": "ping"}).encode())  # interleaved valid request
         assert pong[-1]["type"] == "result" and pong[-1]["data"]["pong"] is True
         counts["valid"] += 1
+        if counts["valid"] % 20 == 1:  # a valid attachment now and then: the drawn ones may all be hostile
+            notes = {"kind": "document", "path": str(home / "allowed" / "notes.md")}
+            read = exchange(
+                json.dumps({"v": 1, "id": "doc", "op": "chat", "prompt": "Colour?", "attachments": [notes]}).encode()
+            )
+            assert read[-1]["type"] == "done"
         rss.append(process.memory_info().rss)
 
     with swapping(home / "allowed" / "swapped.md", home / "allowed" / "swap-link") as swaps:
