@@ -222,7 +222,8 @@ class Decider:
         target, first = min(cloud, key=objective), min(local, key=objective)
         margin = costs[target.key] + extra.get(target.key, 0.0) - extra.get(first.key, 0.0)  # local cost spent
         s_cloud, s_prompt = s_hat[target.key], s_hat[first.key]
-        if rule.escalates(margin, price, s_cloud, self.learner.mess.confidence_head(first.model).best(s_prompt)):
+        best = self.learner.mess.confidence_head(first.model).best(s_prompt, features[first.key].task)
+        if rule.escalates(margin, price, s_cloud, best):
             return None
         return Escalation(
             first.key,

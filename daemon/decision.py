@@ -157,20 +157,22 @@ class Decision:
         routing = None if self.routing is None else dataclasses.replace(self.routing, action=local_model)
         return Decision("local", local_model, (), f"{self.reason}; fell back: {why}", self.explored, routing)
 
-    def answered(self, s_answered: float) -> Decision:
-        """A local answer that was judged and kept: the queue settles with the s_hat its confidence gave."""
+    def answered(self, s_answered: float, explored: bool) -> Decision:
+        """A local answer that was judged and kept (``explored``: by an exploration turn at its checkpoint):
+        the queue settles with the s_hat its confidence gave."""
         if self.routing is None:
             return self
         s_hat = {**self.routing.s_hat, self.routing.action: s_answered}
-        return dataclasses.replace(self, routing=dataclasses.replace(self.routing, s_hat=s_hat))
+        routing = dataclasses.replace(self.routing, s_hat=s_hat)
+        return dataclasses.replace(self, routing=routing, explored=self.explored or explored)
 
-    def escalated(self, why: str) -> Decision:
-        """The same turn sent to the cloud after its local answer was judged unsure."""
+    def escalated(self, why: str, explored: bool) -> Decision:
+        """The same turn sent to the cloud after its local answer was judged (unsure, or ``explored``)."""
         assert self.escalation is not None
         plan = self.escalation
         routing = self.routing and dataclasses.replace(self.routing, action=plan.key, features=plan.features)
         reason = f"{self.reason}; escalated: {why}"
-        return Decision("cloud", plan.model, plan.send, reason, self.explored, routing)
+        return Decision("cloud", plan.model, plan.send, reason, self.explored or explored, routing)
 
     def noted(self, note: str, notice: str | None = None) -> Decision:
         """With ``note`` added to the reason, and ``notice`` to what the user is told."""

@@ -44,14 +44,15 @@ class AnswerJudge:
     def keep(self, tokens: Sequence[str], logprobs: Sequence[float]) -> bool:
         plan = self.plan
         features = answer_features(self.question, (tokens, logprobs), plan.tokens)
-        kept, s_answered = self.learner.checkpoint(plan, self.model, features)
-        self.judged = JudgedAnswer(self.model, features, plan.s_prompt, round(s_answered, 5), kept)
-        return kept
+        self.judged = self.learner.checkpoint(plan, self.model, features)
+        return self.judged.kept
 
     def why(self) -> str:
         """The escalation, in words (the escalated frame's message and the record's reason)."""
         assert self.judged is not None
         plan = self.plan
+        if self.judged.explored:
+            return f"explored (MESS+ exploration turn at the answer's checkpoint); {plan.model} answers, from the start"
         return (
             f"the local answer was not sure enough (s_hat {self.judged.s_answered:.2f} after reading its "
             f"confidence, {plan.model} {plan.s_cloud:.2f}); {plan.model} answers instead, from the start"

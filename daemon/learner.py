@@ -97,23 +97,25 @@ class Learner:
             q = self.mess.state.q
         return {"decision": decision_id, "satisfied": satisfied, "source": source, "q": q}
 
-    def checkpoint(self, plan: Escalation, model: str, features: tuple[float, ...]) -> tuple[bool, float]:
+    def checkpoint(self, plan: Escalation, model: str, features: tuple[float, ...]) -> JudgedAnswer:
         """At a local answer's checkpoint: whether to keep it, and its s_hat corrected by its confidence. The
         rule chooses now, between the answer (its cost spent) and the cloud action, exploration included;
         the price it sets from this choice sees the prediction the turn is settled with."""
+        task = plan.features.turn.task
         with self.lock:
-            s_answered = self.mess.confidence_head(model).predict(plan.s_prompt, features)
+            s_answered = self.mess.confidence_head(model).predict(plan.s_prompt, features, task)
             choice = self.mess.choose(
                 {plan.local_key: 0.0, plan.key: plan.margin},
                 s_hat={plan.local_key: s_answered, plan.key: plan.s_cloud},
                 model_of={plan.local_key: model, plan.key: plan.model},
             )
-        return choice.key == plan.local_key, s_answered
+        kept, s_rounded = choice.key == plan.local_key, round(s_answered, 5)
+        return JudgedAnswer(model, features, plan.s_prompt, s_rounded, kept, task=task, explored=choice.explored)
 
-    def answered(self, model: str, s_prompt: float, features: tuple[float, ...]) -> float:
+    def answered(self, model: str, s_prompt: float, features: tuple[float, ...], task: str) -> float:
         """The local model's s_hat once it has answered: its prompt-only s_hat corrected by its confidence."""
         with self.lock:
-            return self.mess.confidence_head(model).predict(s_prompt, features)
+            return self.mess.confidence_head(model).predict(s_prompt, features, task)
 
     def local_label(
         self, model: str, features: RecordedFeatures, satisfied: bool, judged: JudgedAnswer | None, shadow: bool
@@ -130,7 +132,7 @@ class Learner:
             self._save()
 
     def _train_confidence(self, judged: JudgedAnswer, satisfied: bool) -> None:
-        self.mess.confidence_head(judged.model).train(judged.s_prompt, judged.features, satisfied)
+        self.mess.confidence_head(judged.model).train(judged.s_prompt, judged.features, judged.task, satisfied)
 
     def judge(self, question: str, answer: str, decision_id: int) -> bool | None:
         """The cloud model's verdict on an answer (its price added to the turn's cost); None if it gave none."""

@@ -62,6 +62,8 @@ class JudgedAnswer:
     s_answered: float  # after its confidence was read
     kept: bool
     label: bool | None = None  # an escalated answer, graded against the cloud's (word overlap)
+    task: str = ""  # the turn's task category: the head corrects its reading per task ("" in older records)
+    explored: bool = False  # the checkpoint's choice was an exploration turn
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None) -> JudgedAnswer | None:
@@ -287,6 +289,8 @@ class DecisionLog:
             row["attachments_sent"] = json.dumps(sent)
         if row["confidence"] is not None:
             row["confidence"] = json.dumps(row["confidence"], separators=(",", ":"))
+            if outcome.confidence and outcome.confidence.explored:  # the checkpoint's choice explored
+                row["explored"] = 1
         row["finished"] = time.time()
         with self._writing("completing the record"):
             self.db.table("decisions").update(decision_id, row)

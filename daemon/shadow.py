@@ -133,8 +133,9 @@ class ShadowLane:
             return None
         budget = self.config.routing.escalate_tokens
         features = answer_features(job.question, (generation.tokens, generation.logprobs), budget)
-        s_answered = self.learner.answered(job.model, job.s_prompt, features)
-        return JudgedAnswer(job.model, features, job.s_prompt, s_answered, kept=False)
+        task = job.features.turn.task
+        s_answered = self.learner.answered(job.model, job.s_prompt, features, task)
+        return JudgedAnswer(job.model, features, job.s_prompt, s_answered, kept=False, task=task)
 
     def _grade(self, job: ShadowJob, answer: str) -> tuple[bool, str]:
         if self.config.routing.judge:

@@ -218,9 +218,10 @@ class TurnRunner:
         judged = judge.judged
         assert judged is not None
         if not ending.generation.escalated:
-            return dataclasses.replace(ending, decision=ending.decision.answered(judged.s_answered), judged=judged)
+            decision = ending.decision.answered(judged.s_answered, judged.explored)
+            return dataclasses.replace(ending, decision=decision, judged=judged)
         local = ending.generation
-        decision = ending.decision.escalated(judge.why())
+        decision = ending.decision.escalated(judge.why(), judged.explored)
         reply.send(EscalatedFrame(decision_id, decision.model, judged.s_answered, judge.why()))
         try:
             prompt = self.cloud.fit(decision.model, self._prompt(turn, decision, reply, None))

@@ -7,8 +7,10 @@ predict its label; its first few tokens alone do not (the model opens with boile
 whole answer and over its *content* tokens: those that carry a word the prompt does not contain.
 
 ``ConfidenceHead`` turns them into the local model's s_hat once it has answered: a logistic correction of
-the prompt-only prediction, s = sigmoid(a * logit(s_prompt) + w . features + b), starting as the identity
-(a = 1, w = b = 0) and learned online from the local model's labels.
+the prompt-only prediction, s = sigmoid(a * logit(s_prompt) + (w + w_task) . features + b), starting as the
+identity (a = 1, all w = b = 0) and learned online from the local model's labels. ``w_task`` is a correction
+per task category (policy/tasks.py): how sure the model sounds means different things on arithmetic and on
+trivia (measured: docs/routing.md), and a head without it must settle for one slope across them all.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from locod.policy.tasks import TASKS
 
 FEATURES = ("mean", "min", "content_mean", "content_min", "unsure_share", "length")
 FLOOR = -10.0  # a log-probability below this says no more than this does
@@ -76,35 +80,61 @@ def _sigmoid(z: float) -> float:
 
 class ConfidenceHead:
     """s_hat of a local model that has answered: the prompt-only s_hat corrected by the answer's confidence.
-    Weights: [a, w_1 .. w_k, b]."""
+    Weights: [a, w_1 .. w_k, b, then w_task_1 .. w_task_k for each of TASKS]. Weights saved before the
+    per-task terms existed (the first k + 2) load with those terms at 0."""
 
     def __init__(self, weights: np.ndarray | None = None, learning_rate: float = 0.2) -> None:
-        self.weights = identity() if weights is None else np.asarray(weights, dtype=np.float64).copy()
+        self.weights = identity()
+        if weights is not None:
+            given = np.asarray(weights, dtype=np.float64)
+            self.weights[: len(given)] = given[: len(self.weights)]
         self.learning_rate = learning_rate
         self.seen = 0
 
-    def inputs(self, s_prompt: float, conf: Sequence[float]) -> np.ndarray:
-        return np.array((_logit(s_prompt), *conf, 1.0))
+    def inputs(self, s_prompt: float, conf: Sequence[float], task: str) -> np.ndarray:
+        x = np.zeros(len(self.weights))
+        x[: _K + 2] = (_logit(s_prompt), *conf, 1.0)
+        if task in _CROSS:
+            x[_CROSS[task]] = conf
+        return x
 
-    def predict(self, s_prompt: float, conf: Sequence[float]) -> float:
-        w = self.weights.tolist()
-        return _sigmoid(w[0] * _logit(s_prompt) + sum(map(operator.mul, w[1:-1], conf)) + w[-1])
+    def predict(self, s_prompt: float, conf: Sequence[float], task: str) -> float:
+        w = self._slopes(task)
+        return _sigmoid(self.weights[0] * _logit(s_prompt) + sum(map(operator.mul, w, conf)) + self.weights[_K + 1])
 
-    def best(self, s_prompt: float) -> float:
+    def best(self, s_prompt: float, task: str) -> float:
         """s_hat of the most confident answer the features can describe: where, had the model answered with
         it, the turn would still go to the cloud, the model need not answer at all."""
-        w = self.weights[1:-1].tolist()
-        return self.predict(s_prompt, [hi if wi > 0 else lo for wi, lo, hi in zip(w, _LOW, _HIGH)])
+        w = self._slopes(task)
+        return self.predict(s_prompt, [hi if wi > 0 else lo for wi, lo, hi in zip(w, _LOW, _HIGH)], task)
 
-    def train(self, s_prompt: float, conf: Sequence[float], satisfied: bool) -> None:
-        x = self.inputs(s_prompt, conf)
+    def train(self, s_prompt: float, conf: Sequence[float], task: str, satisfied: bool) -> None:
+        x = self.inputs(s_prompt, conf, task)
         p = _sigmoid(float(self.weights @ x))
         rate = self.learning_rate / math.sqrt(1.0 + self.seen / 50.0)
         self.weights -= rate * ((p - float(satisfied)) * x + 1e-4 * self.weights)
         self.seen += 1
 
+    def _slopes(self, task: str) -> list[float]:
+        """Each feature's weight on a turn of ``task``: the shared one plus the task's correction. Plain
+        Python: this runs at every checkpoint, on 6 numbers."""
+        shared = self.weights[1 : _K + 1].tolist()
+        if task not in _CROSS:
+            return shared
+        return [a + b for a, b in zip(shared, self.weights[_CROSS[task]].tolist())]
+
+
+_K = len(FEATURES)
+# Where each task's corrections sit in the weights.
+_CROSS = {task: slice(_K + 2 + i * _K, _K + 2 + (i + 1) * _K) for i, task in enumerate(TASKS)}
+
 
 def identity() -> np.ndarray:
-    w = np.zeros(len(FEATURES) + 2)
+    w = np.zeros(_K + 2 + _K * len(TASKS))
     w[0] = 1.0
     return w
+
+
+def loadable(weights: np.ndarray) -> bool:
+    """Weights a head can start from: this layout's, or the one before the per-task terms."""
+    return weights.ndim == 1 and len(weights) in (_K + 2, len(identity())) and bool(np.all(np.isfinite(weights)))

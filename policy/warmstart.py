@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from locod.policy.confidence import identity
+from locod.policy.confidence import loadable
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def load_prior(gguf: Path, folder: Path = PRIORS, dim: int | None = None) -> Pri
     stat = gguf.stat()
     sha = _sha256_of_version(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
     for prior in sized:
-        shapes = (dim is None or prior.weights.shape == (dim,)) and prior.confidence.shape == identity().shape
+        shapes = (dim is None or prior.weights.shape == (dim,)) and loadable(prior.confidence)
         if prior.sha256 == sha and shapes and np.all(np.isfinite(prior.weights)):
             return prior
     return None

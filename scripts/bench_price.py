@@ -85,7 +85,7 @@ def main() -> None:
         [-rng.expovariate(2.0) for _ in range(24)],
     )
     head = confidence.ConfidenceHead()
-    conf_us = per_call_us(lambda: head.predict(0.4, confidence.features(answer, 24)))
+    conf_us = per_call_us(lambda: head.predict(0.4, confidence.features(answer, 24), "query"))
     print(f"| answer confidence (features + head), 24 tokens | - | {conf_us:.1f} | - |")
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from fit_prior import LOCAL, answer_features, fit, prompt_matrix
 
 from locod.policy import confidence
+from locod.policy.tasks import task_of
 
 REPO = Path(__file__).resolve().parent.parent
 BUDGETS = (4, 8, 16, None)
@@ -70,7 +71,9 @@ def main() -> None:
     x = prompt_matrix(test)
     s_prompt = 1.0 / (1.0 + np.exp(-(x @ prior.weights)))
     head = confidence.ConfidenceHead(prior.confidence)
-    s_answer = np.array([head.predict(s, answer_features(r)) for s, r in zip(s_prompt, test)])  # type: ignore[arg-type]
+    s_answer = np.array(
+        [head.predict(s, answer_features(r), task_of(r["prompt"])) for s, r in zip(s_prompt, test)]  # type: ignore[arg-type]
+    )
     yt, tt = y[half:], tasks[half:]
     print("\n| predictor (fitted on the first half, measured on the second) | AUC | AUC within tasks |\n|---|---|---|")
     print(

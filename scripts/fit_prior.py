@@ -62,7 +62,8 @@ def fit(rows: list[dict], sha256: str, gguf_size: int, source: str) -> Prior:  #
             w = fit_logistic(x[folds != k], y[folds != k], start)
             out_of_fold[folds == k] = 1.0 / (1.0 + np.exp(-(x[folds == k] @ w)))
         h = confidence.ConfidenceHead()
-        z = np.array([h.inputs(s, c) for s, c in zip(out_of_fold, conf)])  # type: ignore[arg-type]
+        tasks = [task_of(row["prompt"]) for row in rows]
+        z = np.array([h.inputs(s, c, t) for s, c, t in zip(out_of_fold, conf, tasks)])  # type: ignore[arg-type]
         head = fit_logistic(z, y, confidence.identity())
     return Prior(sha256, gguf_size, weights, head, source)
 

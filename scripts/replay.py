@@ -79,6 +79,7 @@ class Turn:
     x: tuple[np.ndarray, np.ndarray]
     costs: dict[str, float]
     conf: tuple[float, ...] | None
+    task: str
 
 
 def costs(row: dict) -> dict[str, float]:  # type: ignore[type-arg]
@@ -100,6 +101,7 @@ def turns(trace: list[dict]) -> list[Turn]:  # type: ignore[type-arg]
             vectorize(TurnFeatures(prompt=row["prompt"], task=task_of(row["prompt"]), position=row["turn"])),
             costs(row),
             answer_features(row),
+            task_of(row["prompt"]),
         )
         for row in trace
     ]
@@ -136,7 +138,7 @@ def learn_local(m: MessPlus, run: Run, t: Turn, s_prompt: float, label: int, sha
         run.shadows += 1
         run.shadow_errors += label != t.row["models"][LOCAL]["satisfied"]
     if t.conf is not None:
-        m.confidence_head(LOCAL).train(s_prompt, t.conf, bool(label))
+        m.confidence_head(LOCAL).train(s_prompt, t.conf, t.task, bool(label))
 
 
 def paper_rule(trace: list[Turn], alpha: float, v: float, c: float, seed: int) -> Run:
@@ -180,12 +182,12 @@ def escalating(trace: list[Turn], m: MessPlus, name: str, grade: Grader) -> Run:
     for i, t in enumerate(trace):
         s_prompt, s_cloud = m.satisfaction(t.x, LOCAL), m.satisfaction(t.x, CLOUD)
         head = m.confidence_head(LOCAL)
-        hopeless = t.costs[CLOUD] < m.current_price * (s_cloud - head.best(s_prompt))
+        hopeless = t.costs[CLOUD] < m.current_price * (s_cloud - head.best(s_prompt, t.task))
         if t.conf is None or hopeless:
             choice = m.choose(t.costs, s_hat={LOCAL: s_prompt, CLOUD: s_cloud})
             tried = [choice.model]
         else:  # the local answer is paid for: keep it, or pay for the cloud as well
-            s_hat = {LOCAL: head.predict(s_prompt, t.conf), CLOUD: s_cloud}
+            s_hat = {LOCAL: head.predict(s_prompt, t.conf, t.task), CLOUD: s_cloud}
             choice = m.choose({LOCAL: 0.0, CLOUD: t.costs[CLOUD]}, s_hat=s_hat)
             tried = [LOCAL] if choice.model == LOCAL else [LOCAL, CLOUD]
         m.settle(i, choice.model, choice.s_hat[choice.key])

@@ -18,7 +18,7 @@ from locod.policy.confidence import FEATURES, ConfidenceHead
 from locod.policy.messplus import MessPlus
 from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame, EscalatedFrame
 
-from .conftest import cloud_config, free_port
+from .conftest import cloud_config, free_port, wait_for
 from .faultproxy import Fault, FaultProxy
 
 LOCAL, CLOUD = "smollm2-135m-instruct", "cloud-small"
@@ -56,13 +56,20 @@ def _head(min_weight: float, bias: float) -> ConfidenceHead:
 
 
 def _daemon(
-    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy, head: ConfidenceHead, name: str, **sections: Any
+    daemon_factory: Any,
+    tmp_path: Path,
+    proxy: FaultProxy,
+    head: ConfidenceHead,
+    name: str,
+    routing: dict[str, Any] | None = None,
+    **sections: Any,
 ) -> Any:
     """A daemon that routes (no exploration, no policy term, a demanding SLA and a queue behind it, so the
-    cloud is worth its cost to an unsure answer), whose local model's confidence head is ``head`` (it has a
-    label, so the shipped prior does not replace it)."""
+    cloud is worth its cost to an unsure answer; ``routing`` changes that), whose local model's confidence
+    head is ``head`` (it has a label, so the shipped prior does not replace it)."""
     config = cloud_config(proxy.base_url, mode="auto", timeout_s=60.0)
     config["routing"].update(sla=0.99, explore_c=0.0, weight_policy=0.0, shadow="off", escalate_tokens=6)
+    config["routing"].update(routing or {})
     config.update(sections)
     mess = MessPlus(
         rule.priors([LOCAL], [CLOUD]), sla=0.99, v=20.0, explore_c=0.0, q_cap=50.0,
@@ -120,6 +127,24 @@ def test_a_sure_local_answer_is_shown_whole_and_its_label_trains_the_confidence_
     state = np.load(tmp_path / "sure" / "state" / "messplus.npz")
     seen = dict(zip(state["conf_names"].tolist(), state["conf_seen"].tolist()))
     assert seen[LOCAL] == 1  # the user's label trained the head on this answer's confidence
+
+
+def test_an_exploration_at_the_checkpoint_is_recorded_and_graded_by_the_judge(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    """With escalation the rule chooses at the answer's checkpoint, so that is where a turn explores: the
+    record says so and the judge grades the turn, as it grades any explored turn."""
+    head = _head(min_weight=0.0, bias=10.0)
+    handle = _daemon(daemon_factory, tmp_path, proxy, head, "explores", routing={"explore_c": 10.0, "judge": True})
+    result = handle.client().ask("What is the plural of mouse?", max_tokens=24, temperature=0.0)
+    assert not result.decision.explored and "escalates to" in result.decision.reason  # planned, not yet chosen
+    row = handle.rows()[0]
+    assert row["explored"] == 1 and json.loads(row["confidence"])["explored"] is True
+
+    def graded() -> bool:
+        return any(s.body["messages"][0]["content"].startswith("You grade answers") for s in proxy.chat_requests())
+
+    wait_for(graded, 60, "the judge's grading call")
 
 
 def test_escalation_can_be_switched_off(daemon_factory: Any, proxy: FaultProxy) -> None:

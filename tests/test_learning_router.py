@@ -4,6 +4,7 @@ confidence, the warm-start prior, and the local queue's wait as a cost."""
 from __future__ import annotations
 
 import json
+import math
 import random
 import subprocess
 import sys
@@ -107,13 +108,33 @@ def test_content_tokens_leave_out_what_repeats_the_prompt() -> None:
 def test_confidence_head_starts_as_the_identity_and_learns_that_doubt_means_wrong() -> None:
     head = confidence.ConfidenceHead()
     sure, unsure = confidence.features(answer([-0.05] * 4), 8), confidence.features(answer([-2.5] * 4), 8)
-    assert head.predict(0.4, sure) == pytest.approx(0.4) == head.predict(0.4, unsure)
+    assert head.predict(0.4, sure, "math") == pytest.approx(0.4) == head.predict(0.4, unsure, "math")
     rng = random.Random(0)
     for _ in range(400):
-        head.train(0.4, sure, rng.random() < 0.8)
-        head.train(0.4, unsure, rng.random() < 0.1)
-    assert head.predict(0.4, sure) > 0.65 and head.predict(0.4, unsure) < 0.2
-    assert head.best(0.4) >= head.predict(0.4, sure)
+        head.train(0.4, sure, "math", rng.random() < 0.8)
+        head.train(0.4, unsure, "math", rng.random() < 0.1)
+    assert head.predict(0.4, sure, "math") > 0.65 and head.predict(0.4, unsure, "math") < 0.2
+    assert head.best(0.4, "math") >= head.predict(0.4, sure, "math")
+
+
+def test_confidence_head_reads_confidence_per_task_and_loads_weights_saved_before_that() -> None:
+    """The same sure-sounding answer is usually right on one task and usually wrong on another (a small model
+    states wrong trivia confidently): the per-task terms learn that, where one shared slope could not."""
+    head = confidence.ConfidenceHead()
+    sure, unsure = confidence.features(answer([-0.05] * 4), 8), confidence.features(answer([-2.5] * 4), 8)
+    rng = random.Random(1)
+    for _ in range(600):
+        head.train(0.4, sure, "math", rng.random() < 0.9)
+        head.train(0.4, unsure, "math", rng.random() < 0.1)
+        head.train(0.4, sure, "chat", rng.random() < 0.2)
+        head.train(0.4, unsure, "chat", rng.random() < 0.2)
+    assert head.predict(0.4, sure, "math") > 0.7 and head.predict(0.4, sure, "chat") < 0.35
+    assert head.best(0.4, "chat") < head.best(0.4, "math")
+    before = np.zeros(len(confidence.FEATURES) + 2)  # [a, w, b]: a head saved before the per-task terms
+    before[-1] = 2.0
+    assert confidence.loadable(before) and not confidence.loadable(np.zeros(5))
+    old = confidence.ConfidenceHead(before)
+    assert old.predict(0.4, sure, "math") == pytest.approx(1 / (1 + math.exp(-2.0)))
 
 
 def test_prior_is_found_by_the_ggufs_hash_and_started_from_once(tmp_path: Path) -> None:
