@@ -61,6 +61,7 @@ class Generation:
     bytes_up: int = 0
     cancelled: bool = False
     escalated: bool = False  # the checkpoint dropped the answer: the turn goes to the cloud
+    cut: bool = False  # stopped before the model ended it (cancelled, or dropped at its checkpoint)
     tokens: tuple[str, ...] = ()  # with ``Prompt.logprobs``: the answer's tokens,
     logprobs: tuple[float, ...] = ()  # and each one's log-probability
 

@@ -411,7 +411,7 @@ class LocalBackend:
         return self._answer(loaded, reading.prompt, opened)
 
     def _answer(self, loaded: LoadedModel, prompt: Prompt, opened: Opened) -> Generation:
-        answer = AnswerStream(prompt, loaded.llm, opened.logprobs)
+        answer, cut = AnswerStream(prompt, loaded.llm, opened.logprobs), True
         try:
             for chunk in itertools.chain(opened.head, opened.stream):
                 if prompt.cancelled.is_set():
@@ -421,6 +421,7 @@ class LocalBackend:
                     break  # the checkpoint escalated the turn: no more of this answer is wanted
             else:
                 answer.end()
+                cut = False
         finally:
             opened.stream.close()
         end = time.perf_counter()
@@ -435,6 +436,7 @@ class LocalBackend:
             energy_j=len(answer.parts) * loaded.config.joules_per_token,
             cancelled=prompt.cancelled.is_set(),
             escalated=answer.escalated,
+            cut=cut,
             tokens=tokens,
             logprobs=logprobs,
         )

@@ -223,9 +223,10 @@ class TurnRunner:
         local = ending.generation
         decision = ending.decision.escalated(judge.why(), judged.explored)
         reply.send(EscalatedFrame(decision_id, decision.model, judged.s_answered, judge.why()))
+        held = None if local.cut else (judged.model, local)  # a whole answer: shown if the cloud fails
         try:
             prompt = self.cloud.fit(decision.model, self._prompt(turn, decision, reply, None))
-            ending = self._generate(decision_id, turn, decision, self.cloud, prompt, reply)
+            ending = self._generate(decision_id, turn, decision, self.cloud, prompt, reply, held)
         except LocodError as exc:
             ending = Ending.failed(decision, exc)
         if ending.outcome == "ok":
@@ -236,13 +237,46 @@ class TurnRunner:
         return dataclasses.replace(ending, generation=_after(local, ending.generation), judged=judged)
 
     def _generate(
-        self, decision_id: int, turn: Turn, decision: Decision, backend: Backend, prompt: Prompt, reply: Reply
+        self,
+        decision_id: int,
+        turn: Turn,
+        decision: Decision,
+        backend: Backend,
+        prompt: Prompt,
+        reply: Reply,
+        held: tuple[str, Generation] | None = None,
     ) -> Ending:
+        """``held``: a whole local answer that an escalation dropped, and its model, for if the cloud fails."""
+        started = time.perf_counter()
         try:
             return self._ended(decision, backend.generate(decision.model, prompt), reply)
         except CloudError as exc:
             log.warning("turn %s: %s; falling back to the local model", turn.request.id, exc.message)
-            return self._fall_back(decision_id, turn, decision, exc, reply)
+            if held is None:
+                return self._fall_back(decision_id, turn, decision, exc, reply)
+            waited_ms = (time.perf_counter() - started) * 1000
+            return self._show_held(decision_id, turn, decision, exc, reply, held, waited_ms)
+
+    @staticmethod
+    def _show_held(
+        decision_id: int,
+        turn: Turn,
+        decision: Decision,
+        failure: CloudError,
+        reply: Reply,
+        held: tuple[str, Generation],
+        waited_ms: float,
+    ) -> Ending:
+        """The cloud failed after an escalation that dropped a whole local answer: that answer, unsure as it
+        was, is shown rather than made again (the local attempt's time and energy are added by ``_after``)."""
+        model, answer = held
+        local = decision.fallen_back(model, failure.message)
+        message = f"the cloud answer failed ({failure.message}); showing the local answer it was to replace"
+        reply.send(FallbackFrame(decision_id, model, failure.code, message))
+        if turn.request.options.stream:
+            reply.send(DeltaFrame(answer.text))
+        shown = Generation(answer.text, answer.tokens_in, answer.tokens_out, waited_ms, waited_ms)
+        return Ending(local, _with_partial(shown, failure), "fallback", failure.message)
 
     def _fall_back(self, decision_id: int, turn: Turn, decision: Decision, failure: CloudError, reply: Reply) -> Ending:
         """The cloud failed: the default local model answers the same turn, under the same record."""

@@ -16,7 +16,7 @@ from locod.daemon.logprobs import TokenLogprobs
 from locod.policy import rule
 from locod.policy.confidence import FEATURES, ConfidenceHead
 from locod.policy.messplus import MessPlus
-from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame, EscalatedFrame
+from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame, EscalatedFrame, FallbackFrame
 
 from .conftest import cloud_config, free_port, wait_for
 from .faultproxy import Fault, FaultProxy
@@ -168,6 +168,27 @@ def test_a_cloud_that_fails_after_an_escalation_hands_the_turn_back_to_the_local
     row = handle.rows()[0]
     assert row["outcome"] == "fallback" and row["backend"] == "local"
     assert json.loads(row["confidence"])["kept"] is False
+    assert "from the start" in next(f for f in frames if isinstance(f, FallbackFrame)).message  # cut: made again
+
+
+def test_a_whole_local_answer_is_shown_when_the_cloud_fails_after_its_escalation(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    """Judged at its end (shorter than the checkpoint), the dropped answer is whole: when the cloud then
+    fails, that answer is shown instead of being made again."""
+    head = _head(min_weight=1000.0, bias=10.0)
+    handle = _daemon(daemon_factory, tmp_path, proxy, head, "held", routing={"escalate_tokens": 64})
+    client = handle.client()
+    forced = client.ask("What is the plural of mouse?", max_tokens=24, temperature=0.0, force="local")
+    proxy.set(Fault("status", status=500))
+    frames = list(client.chat("What is the plural of mouse?", max_tokens=24, temperature=0.0))
+    kinds = [f.type for f in frames]
+    assert kinds.index("escalated") < kinds.index("fallback") < kinds.index("delta")
+    fallback = next(f for f in frames if isinstance(f, FallbackFrame))
+    assert "showing the local answer it was to replace" in fallback.message
+    assert "".join(f.text for f in frames if isinstance(f, DeltaFrame)) == forced.text
+    row = next(r for r in handle.rows() if r["id"] == fallback.decision)
+    assert (row["outcome"], row["backend"], row["tokens_out"]) == ("fallback", "local", forced.done.tokens_out)
 
 
 def test_the_http_door_names_an_escalation_and_streams_only_the_clouds_answer(
