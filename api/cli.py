@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.func is not cmd_policy_train:  # only training passes its own options through
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.train_args = extra
+    args.set = (args.set or []) + getattr(args, "set_after", [])
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, not at exit, so that a reader who left (`| head`) is handled below
@@ -34,14 +36,16 @@ def main(argv: list[str] | None = None) -> int:
     except LocodError as exc:
         print(f"locod: {exc.message}", file=sys.stderr)
         return next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1)
+    except BrokenPipeError:  # `locod ... | head`: the reader left. Before OSError, whose subclass it is.
+        # Quiet, with the status of a command that SIGPIPE ended; stdout goes to /dev/null so that the
+        # interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as exc:  # a file named on the command line: missing, a directory, unreadable
         print(f"locod: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `locod ... | head`: the reader left; not an error worth a traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -436,34 +440,66 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_train(args: argparse.Namespace) -> int:
-    try:
-        from locod.policy.train import main as train_main
-    except ImportError as exc:
-        raise LocodError(f"training needs the train extra (pip install 'locod[train]'): {exc}") from None
+    from locod.policy.train_cli import main as train_main
+
     return train_main(args.train_args, default_out=_config(args).state_dir / "policy.onnx")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="locod", description="Local-cloud LLM daemon for edge devices.")
-    parser.add_argument(
-        "--config", help="config file (default: $LOCOD_CONFIG, ~/.config/locod/config.toml, /etc/locod/config.toml)"
+    parser = argparse.ArgumentParser(
+        prog="locod", description="Local-cloud LLM daemon for edge devices.", parents=[_global_options(None)]
     )
-    parser.add_argument(
-        "--set",
-        action="append",
-        metavar="SECTION.KEY=VALUE",
-        help="override one config key (after the file and LOCOD_* variables)",
-    )
-    parser.add_argument("--endpoint", help="daemon endpoint (default: the ipc socket in the runtime dir)")
-    parser.add_argument("--secret", help="shared secret for a tcp endpoint")
     parser.add_argument("--version", action="version", version=f"locod {__version__}")
-    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    sub = _Subcommands(parser.add_subparsers(required=True, metavar="COMMAND"))
     p = sub.add_parser("serve", help="run the daemon in the foreground")
     p.set_defaults(func=cmd_serve)
     _add_turn_commands(sub)
     _add_daemon_commands(sub)
     _add_offline_commands(sub)
     return parser
+
+
+def _global_options(default: Any) -> argparse.ArgumentParser:
+    """--config, --set, --endpoint and --secret: taken before the command and after it (``locod serve --set
+    ...``). The copies after it default to ``argparse.SUPPRESS`` so that they leave what was given before the
+    command alone; ``--set`` after it goes to ``set_after`` and adds to the ones before (main joins them)."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("global options (before or after the command)")
+    group.add_argument(
+        "--config",
+        default=default,
+        help="config file (default: $LOCOD_CONFIG, ~/.config/locod/config.toml, /etc/locod/config.toml)",
+    )
+    group.add_argument(
+        "--set",
+        action="append",
+        dest="set" if default is None else "set_after",
+        default=default,
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key (after the file and LOCOD_* variables); repeatable",
+    )
+    group.add_argument(
+        "--endpoint", default=default, help="daemon endpoint (default: the ipc socket in the runtime directory)"
+    )
+    group.add_argument("--secret", default=default, help="shared secret for a tcp endpoint")
+    return options
+
+
+class _Subcommands:
+    """``add_subparsers()``'s action, giving every command (and every action of ``config``, ``models`` and
+    ``policy``) the global options."""
+
+    def __init__(self, action: Any) -> None:
+        self.action = action
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, parents=[_AFTER], **kwargs)  # type: ignore[no-any-return]
+
+    def nested(self, name: str, help: str) -> _Subcommands:
+        return _Subcommands(self.action.add_parser(name, help=help).add_subparsers(required=True, metavar="ACTION"))
+
+
+_AFTER = _global_options(argparse.SUPPRESS)
 
 
 def _add_turn_commands(sub: Any) -> None:
@@ -510,12 +546,12 @@ def _add_daemon_commands(sub: Any) -> None:
 
 def _add_offline_commands(sub: Any) -> None:
     """What works without a daemon: ``config``, ``models``, ``policy``."""
-    config = sub.add_parser("config", help="configuration").add_subparsers(required=True, metavar="ACTION")
+    config = sub.nested("config", help="configuration")
     p = config.add_parser("show", help="print the effective configuration (no secrets)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_config_show)
 
-    models = sub.add_parser("models", help="local models").add_subparsers(required=True, metavar="ACTION")
+    models = sub.nested("models", help="local models")
     p = models.add_parser("fetch", help="download and verify a model of the manifest")
     p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     p.add_argument("--dir", help="models directory (default: paths.models_dir)")
@@ -538,7 +574,7 @@ def _add_offline_commands(sub: Any) -> None:
     p.add_argument("--out", default="report.png", help="report.png or report.html (default report.png)")
     p.set_defaults(func=cmd_report)
 
-    policy = sub.add_parser("policy", help="the TMO routing policy").add_subparsers(required=True, metavar="ACTION")
+    policy = sub.nested("policy", help="the TMO routing policy")
     p = policy.add_parser(
         "train", help="train with RC-PPO and export ONNX (`locod policy train --help` for its options)", add_help=False
     )
