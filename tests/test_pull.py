@@ -252,3 +252,11 @@ def test_the_gguf_header_of_the_embedded_model(model_path: Path, tmp_path: Path)
     cut.write_bytes(model_path.read_bytes()[:300])
     with pytest.raises(NotGGUF, match="header is damaged"):
         describe(cut)
+
+
+def test_rm_of_the_built_in_model_says_what_it_is(tmp_path: Path) -> None:
+    from locod.daemon.pull import remove_model
+
+    with pytest.raises(FetchError, match="built-in default model") as info:
+        remove_model(config_for(tmp_path), "smollm2-135m-instruct")
+    assert "(defaults)" not in info.value.message
