@@ -64,13 +64,13 @@ def _config(args: argparse.Namespace) -> Any:
     return load_config(args.config, overrides=_overrides(args))
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace, warn: bool = True) -> Any:
     from locod.client import Client, locate
 
-    return Client(args.endpoint or locate(_endpoint(args)), secret=args.secret)
+    return Client(args.endpoint or locate(_endpoint(args, warn)), secret=args.secret)
 
 
-def _endpoint(args: argparse.Namespace) -> str:
+def _endpoint(args: argparse.Namespace, warn: bool = True) -> str:
     """The daemon's socket from the config; a config file that does not load must not cut a user off from
     a daemon that runs (perhaps with an older, valid one): then the default place, with a warning."""
     from locod.daemon.config import default_runtime_dir
@@ -78,7 +78,8 @@ def _endpoint(args: argparse.Namespace) -> str:
     try:
         return str(_config(args).ipc_endpoint)
     except ConfigError as exc:
-        print(f"locod: warning: {exc.message}; trying the default socket", file=sys.stderr)
+        if warn:
+            print(f"locod: warning: {exc.message}; trying the default socket", file=sys.stderr)
         return f"ipc://{default_runtime_dir(os.environ)}/locod.sock"
 
 
@@ -253,8 +254,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"for the local model; {status['sessions']} sessions",
         ),
     ]
+    if status.get("http"):  # an older daemon's status has no such field
+        rows.insert(1, ("http", f"OpenAI-compatible API at {status['http']}"))
     for name, text in rows:
         print(f"{name:>8}  {text}")
+    for name, env in c.get("no_api_key", {}).items():
+        print(f"warning: cloud model {name} has no API key: set ${env} (and restart) or its api_key_file (and reload)")
     return 0
 
 
@@ -346,14 +351,20 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    from locod.daemon.config import as_dict
+    """The running daemon's configuration, as it runs; with ``--new`` or ``--set`` (or no daemon running),
+    the one a daemon started now would run with."""
+    data, header = _running_config(args) if not (args.new or args.set) else (None, "")
+    if data is None:
+        from locod.daemon.config import as_dict
 
-    config = _config(args)
-    data = as_dict(config)
+        data = as_dict(_config(args))
+        whence = "no daemon is running: " if not header and not (args.new or args.set) else ""
+        header = f"# {whence}what `locod serve` would start with now: {_sources(data['source'])}"
     if args.json:
         _print_json(data)
         return 0
-    print(f"# effective configuration (from {data.pop('source')}, then LOCOD_* and --set overrides)")
+    print(header)
+    data.pop("source")
     for section, values in data.items():
         scalars = {k: v for k, v in values.items() if not (isinstance(v, list) and v and isinstance(v[0], dict))}
         print(f"\n[{section}]")
@@ -365,6 +376,27 @@ def cmd_config_show(args: argparse.Namespace) -> int:
                 print(f"\n[[{section}.{key}]]")
                 _print_toml_keys(item)
     return 0
+
+
+def _running_config(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
+    """The running daemon's configuration and a header naming it; (None, "") when none runs. Whether the
+    config file loads is not its business (the daemon runs what it read): without a daemon, it is said."""
+    try:
+        with _client(args, warn=False) as client:
+            reply = client.config()
+    except DaemonNotRunning:
+        return None, ""
+    data = reply["config"]
+    header = (
+        f"# the running daemon's configuration (pid {reply['pid']}): {_sources(data['source'])} as it was "
+        "started or last reloaded;\n# `locod config show --new` shows what a daemon started now would use"
+    )
+    return data, header
+
+
+def _sources(source: str) -> str:
+    start = "built-in defaults (no config file found)" if source == "(defaults)" else source
+    return f"{start}, then LOCOD_* variables and --set overrides"
 
 
 def _print_toml_keys(values: dict[str, Any]) -> None:
@@ -405,23 +437,33 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     from locod.daemon.catalog import model_rows, table
 
     config = _config(args)
-    rows = model_rows(config, _resident(args))
+    running = _running_models(args)
+    rows = model_rows(config, None if running is None else running["resident"])
     if args.json:
         _print_json([row.as_dict() for row in rows])
         return 0
     print("\n".join(table(rows)))
     for cloud in config.cloud.models:
         print(f"cloud: {cloud.name}, {cloud.model} at {cloud.base_url}")
+    if running is None:
+        print("(no daemon is running: nothing is loaded)")
+        return 0
+    names = [m.name for m in config.local.models] + [m.name for m in config.cloud.models]
+    unknown = [name for name in names if name not in running["models"]]
+    if unknown:
+        print(f"not known to the running daemon until `locod reload`: {', '.join(unknown)}")
     return 0
 
 
-def _resident(args: argparse.Namespace) -> list[str] | None:
-    """The daemon's loaded models, None when it is not running."""
+def _running_models(args: argparse.Namespace) -> dict[str, list[str]] | None:
+    """The running daemon's models: ``resident`` (loaded) and ``models`` (local and cloud, configured when it
+    started or last reloaded); None when it is not running."""
     try:
         with _client(args) as client:
-            return list(client.status()["local"]["resident"])
+            status = client.status()
     except DaemonNotRunning:
         return None
+    return {"resident": status["local"]["resident"], "models": status["local"]["models"] + status["cloud"]["models"]}
 
 
 def cmd_models_rm(args: argparse.Namespace) -> int:
@@ -547,8 +589,9 @@ def _add_daemon_commands(sub: Any) -> None:
 def _add_offline_commands(sub: Any) -> None:
     """What works without a daemon: ``config``, ``models``, ``policy``."""
     config = sub.nested("config", help="configuration")
-    p = config.add_parser("show", help="print the effective configuration (no secrets)")
+    p = config.add_parser("show", help="print the running daemon's effective configuration (no secrets)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--new", action="store_true", help="what a daemon started now would use, not the running one's")
     p.set_defaults(func=cmd_config_show)
 
     models = sub.nested("models", help="local models")

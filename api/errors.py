@@ -8,6 +8,7 @@ matching class again, so a caller can catch ``ModelError`` whether it ran in-pro
     │   ├── ProtocolError         not a valid message: bytes, JSON, frames, version, size
     │   ├── AttachmentError       an attachment is unreadable, too large, or not allowed
     │   ├── PromptTooLong         the prompt alone does not fit the model's context
+    │   ├── UnknownModel          the request names a model the daemon does not have
     │   └── UnknownDecision       feedback names a decision that does not exist or is already labelled
     ├── ModelError              a local model is missing, corrupt, or cannot be loaded
     ├── CloudError              the cloud endpoint failed (usually answered by falling back to local)
@@ -47,6 +48,10 @@ class AttachmentError(RequestError):
 
 class PromptTooLong(RequestError):
     code = "prompt_too_long"
+
+
+class UnknownModel(RequestError):
+    code = "unknown_model"
 
 
 class UnknownDecision(RequestError):
@@ -97,6 +102,7 @@ _BY_CODE: dict[str, type[LocodError]] = {
         ProtocolError,
         AttachmentError,
         PromptTooLong,
+        UnknownModel,
         UnknownDecision,
         ModelError,
         CloudError,

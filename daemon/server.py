@@ -33,7 +33,7 @@ import zmq
 from locod import __version__
 from locod.daemon.backlog import PIPE_MESSAGES, Backlog
 from locod.daemon.cloud import CloudBackend
-from locod.daemon.config import Config, load_config
+from locod.daemon.config import Config, as_dict, load_config
 from locod.daemon.decider import Decider
 from locod.daemon.keyfile import read_key_file
 from locod.daemon.kvpark import DiskPark
@@ -340,6 +340,8 @@ class Daemon:
             return self.records.recent(request.limit)
         if request.op == "reload":
             return {"reloaded": self.reload(), "config": self.config.source}
+        if request.op == "config":
+            return {"pid": os.getpid(), "config": as_dict(self.config)}
         raise ProtocolError(f"op {request.op!r} has no handler", code="unknown_op")
 
     def _start_turn(self, peer: bytes, request: ChatRequest, reply: Reply | None = None) -> None:
@@ -418,6 +420,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.started, 1),
             "endpoints": [cfg.ipc_endpoint, *([cfg.daemon.tcp] if cfg.daemon.tcp else [])],
             "config": cfg.source,
+            "http": f"http://{self.http.listen}/v1" if self.http is not None else None,
             "db": str(cfg.db_path),
             "local": {
                 "default": cfg.local.default,
@@ -433,6 +436,7 @@ class Daemon:
                 "breakers": {url: b.state for url, b in self.cloud.breakers.items()},
                 "spent_today_usd": round(self.records.spent_today(), 6),
                 "daily_cap_usd": cfg.cloud.daily_cap_usd,
+                "no_api_key": self.cloud.keyless,
             },
             "queue": {
                 "in_flight": self._in_flight(),

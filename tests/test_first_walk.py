@@ -9,8 +9,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
-from .conftest import locod_command
+from .conftest import SECRET, cloud_config, free_port, locod_command
+from .faultproxy import Fault, FaultProxy
 
 
 def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
@@ -63,3 +65,54 @@ def test_policy_train_help_needs_no_torch(tmp_path: Path) -> None:
     trained = train("--steps", "8")
     assert trained.returncode == 1 and "needs the train extra" in trained.stderr, trained.stderr
     assert "pip install '.[train]'" in trained.stderr
+
+
+def test_what_the_running_daemon_has_is_what_the_user_is_shown(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """A daemon with the HTTP door on and a cloud model without a key; then the config file gains a local
+    model and a new SLA that the daemon has not read yet."""
+    port = free_port()
+    handle = daemon_factory(cloud_config(proxy.base_url, mode="auto"), extra_env={"LOCOD_HTTP": f"127.0.0.1:{port}"})
+    assert "cloud model 'cloud-small' has no API key: set $LOCOD_CLOUD_API_KEY" in handle.log()
+    status = handle.cli("status")
+    assert f"OpenAI-compatible API at http://127.0.0.1:{port}/v1" in status.stdout
+    assert "cloud model cloud-small has no API key: set $LOCOD_CLOUD_API_KEY" in status.stdout
+
+    with handle.config_path.open("a") as config:
+        config.write('[[local.models]]\nname = "mine"\npath = "SmolLM2-135M-Instruct.Q4_1.gguf"\n')
+    handle.config_path.write_text(handle.config_path.read_text().replace('mode = "auto"', 'mode = "auto"\nsla = 0.5'))
+    running = handle.cli("config", "show")
+    assert "the running daemon's configuration (pid" in running.stdout and "sla = 0.8" in running.stdout
+    assert f'listen = "127.0.0.1:{port}"' in running.stdout
+    new = handle.cli("config", "show", "--new")
+    assert "what `locod serve` would start with now" in new.stdout and "sla = 0.5" in new.stdout
+    listed = handle.cli("models", "list").stdout
+    assert "not known to the running daemon until `locod reload`: mine" in listed
+
+    unknown = handle.cli("ask", "Hi", "--model", "ghost")
+    assert unknown.returncode == 1 and "Traceback" not in unknown.stderr
+    assert "no model named 'ghost'; local models: ['smollm2-135m-instruct'], cloud models: ['cloud-small']" in (
+        unknown.stderr
+    )
+    assert "reload" not in unknown.stderr
+    added = handle.cli("ask", "Hi", "--model", "mine")
+    assert "'mine' was added after the daemon last read its configuration: run `locod reload`" in added.stderr
+    assert handle.cli("reload").returncode == 0
+    assert handle.cli("ask", "Hi", "--model", "mine", "--max-tokens", "2").returncode == 0
+
+
+def test_a_refused_key_says_where_the_key_comes_from(daemon_factory: Any, proxy: FaultProxy) -> None:
+    handle = daemon_factory(cloud_config(proxy.base_url), extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    assert "no API key" not in handle.log()
+    proxy.set(Fault("status", status=401, times=1))
+    refused = handle.cli("ask", "Hi", "--max-tokens", "2")
+    assert refused.returncode == 0  # answered locally instead
+    assert "HTTP 401 from the endpoint: check the API key ($LOCOD_CLOUD_API_KEY or api_key_file)" in refused.stderr
+    assert SECRET not in handle.log() and SECRET not in json.dumps(handle.rows())
+
+
+def test_config_show_names_where_the_values_came_from(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "XDG_CONFIG_HOME": str(tmp_path / "none"), "LOCOD_RUNTIME_DIR": str(tmp_path)}
+    shown = subprocess.run(locod_command("config", "show"), capture_output=True, text=True, env=env).stdout
+    header = shown.splitlines()[0]
+    assert "no daemon is running" in header and "built-in defaults (no config file found)" in header, header
+    assert "(defaults)" not in header
