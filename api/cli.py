@@ -421,7 +421,7 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     from locod.daemon.pull import pull_model
 
     config = _config(args)
-    meter = terminal_meter(args.name or args.source.rsplit("/", 1)[-1])
+    meter = terminal_meter(args.name or args.source.rsplit("/", 1)[-1], _say)
     model = pull_model(
         config, args.source, name=args.name, sha256=args.sha256, n_ctx=args.ctx, meter=meter, progress=_say
     )
