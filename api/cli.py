@@ -13,6 +13,7 @@ import signal
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from locod import __version__
@@ -139,7 +140,7 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool) -> int:
     the answer did not come from where they asked, or without something they gave; a fallback), and with
     ``verbose`` where and why it ran."""
     streamed = False
-    for frame in frames:
+    for frame in _cut_off(frames):
         if as_json:
             print(json.dumps({"type": frame.type, **vars(frame)}))
         elif isinstance(frame, DeltaFrame):
@@ -160,6 +161,22 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool) -> int:
                     file=sys.stderr,
                 )
     return 0
+
+
+def _cut_off(frames: Iterator[Frame]) -> Iterator[Frame]:
+    """The turn's frames; a daemon gone after the turn began is said as an answer cut off (on a line of its
+    own), not as a daemon that was never there."""
+    started = shown = False
+    try:
+        for frame in frames:
+            started, shown = True, shown or isinstance(frame, DeltaFrame)
+            yield frame
+    except DaemonNotRunning as exc:
+        if not started:
+            raise
+        if shown:
+            print(flush=True)
+        raise DaemonNotRunning(f"the answer was cut off: the daemon stopped during the turn ({exc.message})") from None
 
 
 def _say_decision(frame: DecisionFrame, verbose: bool) -> None:
@@ -350,6 +367,41 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stop(args: argparse.Namespace) -> int:
+    """SIGTERM to the daemon's pid (from its own ping): it refuses new turns, lets those in flight finish
+    (within daemon.shutdown_grace_s), then exits; this waits for that, up to ``--timeout`` seconds."""
+    import time
+
+    with _client(args) as client:
+        pid = int(client.ping()["pid"])
+    try:  # a daemon in another pid namespace (a container) reports a pid that here is someone else's
+        if b"locod" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            raise ProcessLookupError
+        os.kill(pid, signal.SIGTERM)
+    except PermissionError:
+        raise LocodError(
+            f"locod (pid {pid}) is another user's: for the system service, sudo systemctl stop locod"
+        ) from None
+    except (FileNotFoundError, ProcessLookupError):
+        raise LocodError(f"process {pid} here is not that locod: stop it where it runs") from None
+    print(f"stopping locod (pid {pid}): turns in flight finish first", file=sys.stderr)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        if _exited(pid):
+            print("stopped", file=sys.stderr)
+            return 0
+        time.sleep(0.1)
+    raise LocodError(f"locod (pid {pid}) is still stopping after {args.timeout:.0f} s; see its log")
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie its parent has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
 def cmd_config_show(args: argparse.Namespace) -> int:
     """The running daemon's configuration, as it runs; with ``--new`` or ``--set`` (or no daemon running),
     the one a daemon started now would run with."""
@@ -407,8 +459,6 @@ def _print_toml_keys(values: dict[str, Any]) -> None:
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from locod.daemon.fetch import fetch
 
     directory = Path(args.dir) if args.dir else _config(args).models_dir
@@ -584,6 +634,10 @@ def _add_daemon_commands(sub: Any) -> None:
 
     p = sub.add_parser("reload", help="re-read the configuration and the policy")
     p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("stop", help="stop the daemon (as SIGTERM: turns in flight finish first)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it to exit (default 60)")
+    p.set_defaults(func=cmd_stop)
 
 
 def _add_offline_commands(sub: Any) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,39 @@ def test_config_show_names_where_the_values_came_from(tmp_path: Path) -> None:
     header = shown.splitlines()[0]
     assert "no daemon is running" in header and "built-in defaults (no config file found)" in header, header
     assert "(defaults)" not in header
+
+
+def test_locod_stop_lets_the_turn_in_flight_finish(daemon_factory: Any) -> None:
+    handle = daemon_factory({"local": {"max_tokens": 300}, "routing": {"mode": "local"}})
+    ask = subprocess.Popen(
+        locod_command("--config", str(handle.config_path), "ask", "Tell a story about mountains.", "--seed", "1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=handle.env,
+    )
+    assert ask.stdout is not None and ask.stdout.read(1)  # the answer is being written
+    stopped = handle.cli("stop", timeout=120)
+    assert stopped.returncode == 0 and "stopped" in stopped.stderr, stopped.stderr
+    assert handle.proc.wait(30) == 0
+    _, err = ask.communicate(timeout=60)
+    assert ask.returncode == 0, err  # SIGTERM's semantics: the turn in flight finished
+    assert [r["outcome"] for r in handle.rows()] == ["ok"]
+    assert handle.cli("status").returncode == 5
+
+
+def test_a_daemon_killed_mid_answer_is_said_as_an_answer_cut_off(daemon_factory: Any) -> None:
+    handle = daemon_factory({"local": {"max_tokens": 1500}, "routing": {"mode": "local"}})
+    ask = subprocess.Popen(
+        locod_command("--config", str(handle.config_path), "ask", "Tell a very long story about mountains."),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=handle.env,
+    )
+    assert ask.stdout is not None and ask.stdout.read(20)  # the answer is being written
+    handle.stop(signal.SIGKILL)
+    out, err = ask.communicate(timeout=60)
+    assert ask.returncode == 5 and out.endswith("\n"), (out, err)
+    assert err.startswith("locod: the answer was cut off: the daemon stopped during the turn"), err
+    assert len(err.strip().splitlines()) == 1
