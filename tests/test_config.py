@@ -107,7 +107,6 @@ def test_an_unknown_locod_variable_is_warned_of_once(tmp_path: Path, caplog: pyt
     assert "LOCOD_VENV" not in warnings[0]  # the scripts' own variables are not news
 
 
-
 def test_config_show_prints_effective_values_without_secrets(tmp_path: Path) -> None:
     path = write(tmp_path, '[[cloud.models]]\nname = "c"\nbase_url = "http://127.0.0.1:9/v1"\nmodel = "m"\n')
     env = {"LOCOD_CLOUD_API_KEY": "sk-test-secret-123", "LOCOD_SLA": "0.65", "PATH": "/usr/bin:/bin"}
