@@ -9,10 +9,11 @@ import os
 import signal
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
-from .conftest import SECRET, cloud_config, free_port, locod_command
+from .conftest import REPO, SECRET, cloud_config, free_port, locod_command
 from .faultproxy import Fault, FaultProxy
 
 
@@ -153,3 +154,25 @@ def test_a_daemon_killed_mid_answer_is_said_as_an_answer_cut_off(daemon_factory:
     assert ask.returncode == 5 and out.endswith("\n"), (out, err)
     assert err.startswith("locod: the answer was cut off: the daemon stopped during the turn"), err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_the_wheel_builds_without_warnings_and_holds_the_runtime_data(tmp_path: Path) -> None:
+    """`pip install .` printed ~80 lines of "Package 'locod.policy.data' is absent from the packages
+    configuration"; the wheel must still carry the data the code reads at run time."""
+    pip = [sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation"]
+    built = subprocess.run(
+        [*pip, str(REPO), "-w", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PIP_NO_INPUT": "1"},
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    assert "absent from the" not in built.stdout + built.stderr
+    (wheel,) = tmp_path.glob("locod-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for data in ("policy/data/bigbench_trace.jsonl", "policy/default/policy.onnx", "models/manifest.toml"):
+        assert f"locod/{data}" in names
+    assert any(n.startswith("locod/policy/priors/") and n.endswith(".npz") for n in names)
+    assert not any(n.endswith(".gguf") for n in names)
