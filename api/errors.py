@@ -23,6 +23,8 @@ matching class again, so a caller can catch ``ModelError`` whether it ran in-pro
 
 from __future__ import annotations
 
+import sys
+
 
 class LocodError(Exception):
     code = "error"
@@ -115,6 +117,12 @@ _BY_CODE: dict[str, type[LocodError]] = {
         UnsafeSocket,
     )
 }
+
+
+def install_hint(extra: str) -> str:
+    """How to add an optional extra (pyproject.toml) to the environment this locod runs in: pip from that
+    environment, in the checkout it was installed from (scripts/quickstart.sh, scripts/install.sh)."""
+    return f"{sys.executable} -m pip install '.[{extra}]' in the locod checkout"
 
 
 def from_frame(kind: str, code: str, message: str) -> LocodError:

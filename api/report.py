@@ -16,7 +16,7 @@ from typing import Any
 
 from locod.daemon.config import Config
 from locod.daemon.history import History, daily_cost, parse_since, read_history
-from locod.errors import LocodError, RequestError
+from locod.errors import LocodError, RequestError, install_hint
 
 SUFFIXES = (".png", ".html")
 MAX_TICKS = 8  # labelled buckets (or days) per axis
@@ -44,7 +44,7 @@ def _pyplot() -> Any:
         import matplotlib
     except ImportError:
         raise LocodError(
-            "locod report draws with matplotlib, which is not installed: pip install 'locod[report]'"
+            f"locod report draws with matplotlib, which is not installed: {install_hint('report')}"
         ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

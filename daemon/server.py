@@ -20,7 +20,6 @@ import os
 import queue
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -47,7 +46,7 @@ from locod.daemon.sessions import SessionStore
 from locod.daemon.shadow import ShadowLane
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import Reply, TurnRunner
-from locod.errors import Busy, ConfigError, LocodError, PromptTooLong, ProtocolError, StorageError
+from locod.errors import Busy, ConfigError, LocodError, PromptTooLong, ProtocolError, StorageError, install_hint
 from locod.protocol import (
     BadRequest,
     ChatRequest,
@@ -569,6 +568,6 @@ def _http_server(daemon: Daemon) -> HttpServer:
     except ImportError as exc:
         raise ConfigError(
             f"http.listen is {daemon.config.http.listen!r}, but the HTTP API needs the http extra ({exc.name} is "
-            f"missing): {sys.executable} -m pip install 'locod[http]', or unset http.listen"
+            f"missing): {install_hint('http')}, or unset http.listen"
         ) from None
     return HttpServer(daemon)

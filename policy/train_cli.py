@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from locod.errors import LocodError
+from locod.errors import LocodError, install_hint
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,6 @@ def main(argv: Sequence[str] | None = None, default_out: Path | None = None) -> 
     try:
         from locod.policy.train import train_and_report
     except ImportError as exc:
-        raise LocodError(f"training needs the train extra (.venv/bin/pip install '.[train]'): {exc}") from None
+        raise LocodError(f"training needs the train extra ({exc}): {install_hint('train')}") from None
     config = TrainConfig(steps=args.steps, seed=args.seed)
     return train_and_report(Path(args.trace), Path(args.from_db) if args.from_db else None, Path(args.out), config)

@@ -331,7 +331,7 @@ def test_http_listen_without_the_http_extra_is_one_clear_error(daemon_factory: A
     handle = daemon_factory(config, wait=False, extra_env={"PYTHONPATH": str(absent.parent)})
     assert handle.proc.wait(120) != 0
     log = handle.log()
-    assert "needs the http extra (starlette is missing)" in log and "pip install 'locod[http]'" in log
+    assert "needs the http extra (starlette is missing)" in log and "pip install '.[http]' in the locod checkout" in log
     assert "Traceback" not in log
 
 
