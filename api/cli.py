@@ -585,7 +585,7 @@ class _Subcommands:
         self.action = action
 
     def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return self.action.add_parser(name, parents=[_AFTER], **kwargs)  # type: ignore[no-any-return]
+        return self.action.add_parser(name, parents=[_AFTER], **kwargs)
 
     def nested(self, name: str, help: str) -> _Subcommands:
         return _Subcommands(self.action.add_parser(name, help=help).add_subparsers(required=True, metavar="ACTION"))
