@@ -121,9 +121,10 @@ class CloudBackend:
             breaker.limit, breaker.cooldown_s = config.breaker_failures, config.breaker_cooldown_s
         self._models = models  # one assignment: a turn looks a model and its client up together
         self.config = config
+        said = getattr(self, "keyless", {})  # a reload repeats no warning
         self.keyless = {model.name: model.api_key_env for model in config.models if not keys[model.name]}
         for model in config.models:
-            if not keys[model.name]:
+            if not keys[model.name] and model.name not in said:
                 log.warning(
                     "cloud model %r has no API key: set $%s, or api_key_file in its [[cloud.models]] entry",
                     model.name,

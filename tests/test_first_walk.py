@@ -99,6 +99,7 @@ def test_what_the_running_daemon_has_is_what_the_user_is_shown(daemon_factory: A
     added = handle.cli("ask", "Hi", "--model", "mine")
     assert "'mine' was added after the daemon last read its configuration: run `locod reload`" in added.stderr
     assert handle.cli("reload").returncode == 0
+    assert handle.log().count("has no API key") == 1  # said at start, not again at each reload
     assert handle.cli("ask", "Hi", "--model", "mine", "--max-tokens", "2").returncode == 0
 
 
