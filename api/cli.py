@@ -405,12 +405,13 @@ def _exited(pid: int) -> bool:
 def cmd_config_show(args: argparse.Namespace) -> int:
     """The running daemon's configuration, as it runs; with ``--new`` or ``--set`` (or no daemon running),
     the one a daemon started now would run with."""
-    data, header = _running_config(args) if not (args.new or args.set) else (None, "")
+    new = bool(args.new or args.set)
+    data, header = _running_config(args) if not new else (None, "")
     if data is None:
         from locod.daemon.config import as_dict
 
         data = as_dict(_config(args))
-        whence = "no daemon is running: " if not header and not (args.new or args.set) else ""
+        whence = "" if new else "no daemon is running: "
         header = f"# {whence}what `locod serve` would start with now: {_sources(data['source'])}"
     if args.json:
         _print_json(data)
