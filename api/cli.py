@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 from locod import __version__
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and args.func is not cmd_policy_train:  # only training passes its own options through
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.train_args = extra
+    args.set = (args.set or []) + getattr(args, "set_after", [])
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, not at exit, so that a reader who left (`| head`) is handled below
@@ -34,14 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     except LocodError as exc:
         print(f"locod: {exc.message}", file=sys.stderr)
         return next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1)
+    except BrokenPipeError:  # `locod ... | head`: the reader left. Before OSError, whose subclass it is.
+        # Quiet, with the status of a command that SIGPIPE ended; stdout goes to /dev/null so that the
+        # interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except OSError as exc:  # a file named on the command line: missing, a directory, unreadable
         print(f"locod: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `locod ... | head`: the reader left; not an error worth a traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -60,13 +65,13 @@ def _config(args: argparse.Namespace) -> Any:
     return load_config(args.config, overrides=_overrides(args))
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace, warn: bool = True) -> Any:
     from locod.client import Client, locate
 
-    return Client(args.endpoint or locate(_endpoint(args)), secret=args.secret)
+    return Client(args.endpoint or locate(_endpoint(args, warn)), secret=args.secret)
 
 
-def _endpoint(args: argparse.Namespace) -> str:
+def _endpoint(args: argparse.Namespace, warn: bool = True) -> str:
     """The daemon's socket from the config; a config file that does not load must not cut a user off from
     a daemon that runs (perhaps with an older, valid one): then the default place, with a warning."""
     from locod.daemon.config import default_runtime_dir
@@ -74,7 +79,8 @@ def _endpoint(args: argparse.Namespace) -> str:
     try:
         return str(_config(args).ipc_endpoint)
     except ConfigError as exc:
-        print(f"locod: warning: {exc.message}; trying the default socket", file=sys.stderr)
+        if warn:
+            print(f"locod: warning: {exc.message}; trying the default socket", file=sys.stderr)
         return f"ipc://{default_runtime_dir(os.environ)}/locod.sock"
 
 
@@ -134,7 +140,7 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool) -> int:
     the answer did not come from where they asked, or without something they gave; a fallback), and with
     ``verbose`` where and why it ran."""
     streamed = False
-    for frame in frames:
+    for frame in _cut_off(frames):
         if as_json:
             print(json.dumps({"type": frame.type, **vars(frame)}))
         elif isinstance(frame, DeltaFrame):
@@ -155,6 +161,22 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool) -> int:
                     file=sys.stderr,
                 )
     return 0
+
+
+def _cut_off(frames: Iterator[Frame]) -> Iterator[Frame]:
+    """The turn's frames; a daemon gone after the turn began is said as an answer cut off (on a line of its
+    own), not as a daemon that was never there."""
+    started = shown = False
+    try:
+        for frame in frames:
+            started, shown = True, shown or isinstance(frame, DeltaFrame)
+            yield frame
+    except DaemonNotRunning as exc:
+        if not started:
+            raise
+        if shown:
+            print(flush=True)
+        raise DaemonNotRunning(f"the answer was cut off: the daemon stopped during the turn ({exc.message})") from None
 
 
 def _say_decision(frame: DecisionFrame, verbose: bool) -> None:
@@ -249,8 +271,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"for the local model; {status['sessions']} sessions",
         ),
     ]
+    if status.get("http"):  # an older daemon's status has no such field
+        rows.insert(1, ("http", f"OpenAI-compatible API at {status['http']}"))
     for name, text in rows:
         print(f"{name:>8}  {text}")
+    for name, env in c.get("no_api_key", {}).items():
+        print(f"warning: cloud model {name} has no API key: set ${env} (and restart) or its api_key_file (and reload)")
     return 0
 
 
@@ -341,15 +367,57 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_config_show(args: argparse.Namespace) -> int:
-    from locod.daemon.config import as_dict
+def cmd_stop(args: argparse.Namespace) -> int:
+    """SIGTERM to the daemon's pid (from its own ping): it refuses new turns, lets those in flight finish
+    (within daemon.shutdown_grace_s), then exits; this waits for that, up to ``--timeout`` seconds."""
+    import time
 
-    config = _config(args)
-    data = as_dict(config)
+    with _client(args) as client:
+        pid = int(client.ping()["pid"])
+    try:  # a daemon in another pid namespace (a container) reports a pid that here is someone else's
+        if b"locod" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            raise ProcessLookupError
+        os.kill(pid, signal.SIGTERM)
+    except PermissionError:
+        raise LocodError(
+            f"locod (pid {pid}) is another user's: for the system service, sudo systemctl stop locod"
+        ) from None
+    except (FileNotFoundError, ProcessLookupError):
+        raise LocodError(f"process {pid} here is not that locod: stop it where it runs") from None
+    print(f"stopping locod (pid {pid}): turns in flight finish first", file=sys.stderr)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        if _exited(pid):
+            print("stopped", file=sys.stderr)
+            return 0
+        time.sleep(0.1)
+    raise LocodError(f"locod (pid {pid}) is still stopping after {args.timeout:.0f} s; see its log")
+
+
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie its parent has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    """The running daemon's configuration, as it runs; with ``--new`` or ``--set`` (or no daemon running),
+    the one a daemon started now would run with."""
+    new = bool(args.new or args.set)
+    data, header = _running_config(args) if not new else (None, "")
+    if data is None:
+        from locod.daemon.config import as_dict
+
+        data = as_dict(_config(args))
+        whence = "" if new else "no daemon is running: "
+        header = f"# {whence}what `locod serve` would start with now: {_sources(data['source'])}"
     if args.json:
         _print_json(data)
         return 0
-    print(f"# effective configuration (from {data.pop('source')}, then LOCOD_* and --set overrides)")
+    print(header)
+    data.pop("source")
     for section, values in data.items():
         scalars = {k: v for k, v in values.items() if not (isinstance(v, list) and v and isinstance(v[0], dict))}
         print(f"\n[{section}]")
@@ -363,6 +431,27 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _running_config(args: argparse.Namespace) -> tuple[dict[str, Any] | None, str]:
+    """The running daemon's configuration and a header naming it; (None, "") when none runs. Whether the
+    config file loads is not its business (the daemon runs what it read): without a daemon, it is said."""
+    try:
+        with _client(args, warn=False) as client:
+            reply = client.config()
+    except DaemonNotRunning:
+        return None, ""
+    data = reply["config"]
+    header = (
+        f"# the running daemon's configuration (pid {reply['pid']}): {_sources(data['source'])} as it was "
+        "started or last reloaded;\n# `locod config show --new` shows what a daemon started now would use"
+    )
+    return data, header
+
+
+def _sources(source: str) -> str:
+    start = "built-in defaults (no config file found)" if source == "(defaults)" else source
+    return f"{start}, then LOCOD_* variables and --set overrides"
+
+
 def _print_toml_keys(values: dict[str, Any]) -> None:
     """``key = value`` lines that load back as TOML (JSON's strings, numbers, booleans and arrays are
     TOML's); TOML has no null, so an unset key is a comment."""
@@ -371,8 +460,6 @@ def _print_toml_keys(values: dict[str, Any]) -> None:
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from locod.daemon.fetch import fetch
 
     directory = Path(args.dir) if args.dir else _config(args).models_dir
@@ -385,7 +472,7 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     from locod.daemon.pull import pull_model
 
     config = _config(args)
-    meter = terminal_meter(args.name or args.source.rsplit("/", 1)[-1])
+    meter = terminal_meter(args.name or args.source.rsplit("/", 1)[-1], _say)
     model = pull_model(
         config, args.source, name=args.name, sha256=args.sha256, n_ctx=args.ctx, meter=meter, progress=_say
     )
@@ -401,23 +488,33 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     from locod.daemon.catalog import model_rows, table
 
     config = _config(args)
-    rows = model_rows(config, _resident(args))
+    running = _running_models(args)
+    rows = model_rows(config, None if running is None else running["resident"])
     if args.json:
         _print_json([row.as_dict() for row in rows])
         return 0
     print("\n".join(table(rows)))
     for cloud in config.cloud.models:
         print(f"cloud: {cloud.name}, {cloud.model} at {cloud.base_url}")
+    if running is None:
+        print("(no daemon is running: nothing is loaded)")
+        return 0
+    names = [m.name for m in config.local.models] + [m.name for m in config.cloud.models]
+    unknown = [name for name in names if name not in running["models"]]
+    if unknown:
+        print(f"not known to the running daemon until `locod reload`: {', '.join(unknown)}")
     return 0
 
 
-def _resident(args: argparse.Namespace) -> list[str] | None:
-    """The daemon's loaded models, None when it is not running."""
+def _running_models(args: argparse.Namespace) -> dict[str, list[str]] | None:
+    """The running daemon's models: ``resident`` (loaded) and ``models`` (local and cloud, configured when it
+    started or last reloaded); None when it is not running."""
     try:
         with _client(args) as client:
-            return list(client.status()["local"]["resident"])
+            status = client.status()
     except DaemonNotRunning:
         return None
+    return {"resident": status["local"]["resident"], "models": status["local"]["models"] + status["cloud"]["models"]}
 
 
 def cmd_models_rm(args: argparse.Namespace) -> int:
@@ -436,34 +533,66 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_policy_train(args: argparse.Namespace) -> int:
-    try:
-        from locod.policy.train import main as train_main
-    except ImportError as exc:
-        raise LocodError(f"training needs the train extra (pip install 'locod[train]'): {exc}") from None
+    from locod.policy.train_cli import main as train_main
+
     return train_main(args.train_args, default_out=_config(args).state_dir / "policy.onnx")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="locod", description="Local-cloud LLM daemon for edge devices.")
-    parser.add_argument(
-        "--config", help="config file (default: $LOCOD_CONFIG, ~/.config/locod/config.toml, /etc/locod/config.toml)"
+    parser = argparse.ArgumentParser(
+        prog="locod", description="Local-cloud LLM daemon for edge devices.", parents=[_global_options(None)]
     )
-    parser.add_argument(
-        "--set",
-        action="append",
-        metavar="SECTION.KEY=VALUE",
-        help="override one config key (after the file and LOCOD_* variables)",
-    )
-    parser.add_argument("--endpoint", help="daemon endpoint (default: the ipc socket in the runtime dir)")
-    parser.add_argument("--secret", help="shared secret for a tcp endpoint")
     parser.add_argument("--version", action="version", version=f"locod {__version__}")
-    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+    sub = _Subcommands(parser.add_subparsers(required=True, metavar="COMMAND"))
     p = sub.add_parser("serve", help="run the daemon in the foreground")
     p.set_defaults(func=cmd_serve)
     _add_turn_commands(sub)
     _add_daemon_commands(sub)
     _add_offline_commands(sub)
     return parser
+
+
+def _global_options(default: Any) -> argparse.ArgumentParser:
+    """--config, --set, --endpoint and --secret: taken before the command and after it (``locod serve --set
+    ...``). The copies after it default to ``argparse.SUPPRESS`` so that they leave what was given before the
+    command alone; ``--set`` after it goes to ``set_after`` and adds to the ones before (main joins them)."""
+    options = argparse.ArgumentParser(add_help=False)
+    group = options.add_argument_group("global options (before or after the command)")
+    group.add_argument(
+        "--config",
+        default=default,
+        help="config file (default: $LOCOD_CONFIG, ~/.config/locod/config.toml, /etc/locod/config.toml)",
+    )
+    group.add_argument(
+        "--set",
+        action="append",
+        dest="set" if default is None else "set_after",
+        default=default,
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key (after the file and LOCOD_* variables); repeatable",
+    )
+    group.add_argument(
+        "--endpoint", default=default, help="daemon endpoint (default: the ipc socket in the runtime directory)"
+    )
+    group.add_argument("--secret", default=default, help="shared secret for a tcp endpoint")
+    return options
+
+
+class _Subcommands:
+    """``add_subparsers()``'s action, giving every command (and every action of ``config``, ``models`` and
+    ``policy``) the global options."""
+
+    def __init__(self, action: Any) -> None:
+        self.action = action
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return self.action.add_parser(name, parents=[_AFTER], **kwargs)
+
+    def nested(self, name: str, help: str) -> _Subcommands:
+        return _Subcommands(self.action.add_parser(name, help=help).add_subparsers(required=True, metavar="ACTION"))
+
+
+_AFTER = _global_options(argparse.SUPPRESS)
 
 
 def _add_turn_commands(sub: Any) -> None:
@@ -507,15 +636,20 @@ def _add_daemon_commands(sub: Any) -> None:
     p = sub.add_parser("reload", help="re-read the configuration and the policy")
     p.set_defaults(func=cmd_reload)
 
+    p = sub.add_parser("stop", help="stop the daemon (as SIGTERM: turns in flight finish first)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it to exit (default 60)")
+    p.set_defaults(func=cmd_stop)
+
 
 def _add_offline_commands(sub: Any) -> None:
     """What works without a daemon: ``config``, ``models``, ``policy``."""
-    config = sub.add_parser("config", help="configuration").add_subparsers(required=True, metavar="ACTION")
-    p = config.add_parser("show", help="print the effective configuration (no secrets)")
+    config = sub.nested("config", help="configuration")
+    p = config.add_parser("show", help="print the running daemon's effective configuration (no secrets)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--new", action="store_true", help="what a daemon started now would use, not the running one's")
     p.set_defaults(func=cmd_config_show)
 
-    models = sub.add_parser("models", help="local models").add_subparsers(required=True, metavar="ACTION")
+    models = sub.nested("models", help="local models")
     p = models.add_parser("fetch", help="download and verify a model of the manifest")
     p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
     p.add_argument("--dir", help="models directory (default: paths.models_dir)")
@@ -538,7 +672,7 @@ def _add_offline_commands(sub: Any) -> None:
     p.add_argument("--out", default="report.png", help="report.png or report.html (default report.png)")
     p.set_defaults(func=cmd_report)
 
-    policy = sub.add_parser("policy", help="the TMO routing policy").add_subparsers(required=True, metavar="ACTION")
+    policy = sub.nested("policy", help="the TMO routing policy")
     p = policy.add_parser(
         "train", help="train with RC-PPO and export ONNX (`locod policy train --help` for its options)", add_help=False
     )

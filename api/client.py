@@ -227,6 +227,10 @@ class Client:
     def reload(self) -> dict[str, Any]:
         return dict(self.call("reload"))
 
+    def config(self) -> dict[str, Any]:
+        """The running daemon's effective configuration (``{pid, config}``); it holds no secrets."""
+        return dict(self.call("config"))
+
     def chat(
         self,
         prompt: str | None = None,

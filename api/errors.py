@@ -8,6 +8,7 @@ matching class again, so a caller can catch ``ModelError`` whether it ran in-pro
     │   ├── ProtocolError         not a valid message: bytes, JSON, frames, version, size
     │   ├── AttachmentError       an attachment is unreadable, too large, or not allowed
     │   ├── PromptTooLong         the prompt alone does not fit the model's context
+    │   ├── UnknownModel          the request names a model the daemon does not have
     │   └── UnknownDecision       feedback names a decision that does not exist or is already labelled
     ├── ModelError              a local model is missing, corrupt, or cannot be loaded
     ├── CloudError              the cloud endpoint failed (usually answered by falling back to local)
@@ -21,6 +22,8 @@ matching class again, so a caller can catch ``ModelError`` whether it ran in-pro
 """
 
 from __future__ import annotations
+
+import sys
 
 
 class LocodError(Exception):
@@ -47,6 +50,10 @@ class AttachmentError(RequestError):
 
 class PromptTooLong(RequestError):
     code = "prompt_too_long"
+
+
+class UnknownModel(RequestError):
+    code = "unknown_model"
 
 
 class UnknownDecision(RequestError):
@@ -97,6 +104,7 @@ _BY_CODE: dict[str, type[LocodError]] = {
         ProtocolError,
         AttachmentError,
         PromptTooLong,
+        UnknownModel,
         UnknownDecision,
         ModelError,
         CloudError,
@@ -109,6 +117,12 @@ _BY_CODE: dict[str, type[LocodError]] = {
         UnsafeSocket,
     )
 }
+
+
+def install_hint(extra: str) -> str:
+    """How to add an optional extra (pyproject.toml) to the environment this locod runs in: pip from that
+    environment, in the checkout it was installed from (scripts/quickstart.sh, scripts/install.sh)."""
+    return f"{sys.executable} -m pip install '.[{extra}]' in the locod checkout"
 
 
 def from_frame(kind: str, code: str, message: str) -> LocodError:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from locod.errors import LocodError, ProtocolError, from_frame
 
 PROTOCOL_VERSION = 1
-OPS = ("chat", "feedback", "status", "decisions", "ping", "reload")
+OPS = ("chat", "feedback", "status", "decisions", "ping", "reload", "config")
 ROLES = ("system", "user", "assistant")
 FORCE = ("local", "cloud")
 ATTACHMENT_KINDS = ("image", "document")
@@ -75,7 +75,7 @@ class FeedbackRequest:
 
 @dataclass(frozen=True)
 class SimpleRequest:
-    """``status``, ``ping``, ``reload`` and ``decisions`` (with ``limit``)."""
+    """``status``, ``ping``, ``reload``, ``config`` and ``decisions`` (with ``limit``)."""
 
     id: str
     op: str

@@ -16,9 +16,10 @@ from typing import Any
 
 from locod.daemon.config import Config
 from locod.daemon.history import History, daily_cost, parse_since, read_history
-from locod.errors import LocodError, RequestError
+from locod.errors import LocodError, RequestError, install_hint
 
 SUFFIXES = (".png", ".html")
+MAX_TICKS = 8  # labelled buckets (or days) per axis
 LABEL_COLOURS = {"user": "tab:blue", "judge": "tab:purple", "explore": "tab:orange", "shadow": "tab:green"}
 
 
@@ -43,7 +44,7 @@ def _pyplot() -> Any:
         import matplotlib
     except ImportError:
         raise LocodError(
-            "locod report draws with matplotlib, which is not installed: pip install 'locod[report]'"
+            f"locod report draws with matplotlib, which is not installed: {install_hint('report')}"
         ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -52,6 +53,16 @@ def _pyplot() -> Any:
 
 
 def render_png(history: History, daily_cap_usd: float, title: str) -> bytes:
+    plt = _pyplot()
+    fig = figure(history, daily_cap_usd, title)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=80)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def figure(history: History, daily_cap_usd: float, title: str) -> Any:
+    """The report's matplotlib figure: eight panels, the last one the period's totals as text."""
     plt = _pyplot()
     fig, axes = plt.subplots(4, 2, figsize=(12, 13), constrained_layout=True)
     fig.suptitle(f"{title}: {history.turns} turns", fontsize=14)
@@ -73,16 +84,13 @@ def render_png(history: History, daily_cap_usd: float, title: str) -> bytes:
     axes[2][1].legend(loc="upper left")
     _labels(axes[3][0], history, times, width)
     _summary(axes[3][1], history, daily_cap_usd)
-    ticks = times[:: -(-len(times) // 8)]  # at most 8 labelled buckets
+    ticks = times[:: -(-len(times) // MAX_TICKS)]
     for ax in [a for row in axes for a in row][:-1]:
         if ax.get_title() != "money per day":
             ax.set_xticks(ticks)
             ax.tick_params(axis="x", labelrotation=30)
             ax.xaxis.set_major_formatter(_date_format(history))
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=80)
-    plt.close(fig)
-    return buffer.getvalue()
+    return fig
 
 
 def _satisfaction(ax: Any, history: History, times: list[dt.datetime], width: float) -> None:
@@ -98,7 +106,9 @@ def _satisfaction(ax: Any, history: History, times: list[dt.datetime], width: fl
 
 def _money(ax: Any, history: History, cap: float) -> None:
     days = daily_cost(history)
-    ax.bar([d[5:] for d in days], list(days.values()), color="tab:brown")
+    ax.bar(range(len(days)), list(days.values()), color="tab:brown")
+    step = -(-len(days) // MAX_TICKS)  # one label a bar would overlap past a week or so
+    ax.set_xticks(range(0, len(days), step), [d[5:] for d in list(days)[::step]], rotation=30)
     if cap:
         ax.axhline(cap, color="tab:red", ls="--", label=f"daily cap ${cap:.2f}")
         ax.legend(loc="upper left")
@@ -119,7 +129,8 @@ def _labels(ax: Any, history: History, times: list[dt.datetime], width: float) -
 
 def _summary(ax: Any, history: History, cap: float) -> None:
     ax.axis("off")
-    ax.text(0.0, 1.0, "\n".join(f"{k}: {v}" for k, v in summary(history, cap).items()), va="top", family="monospace")
+    text = "\n".join(f"{k}: {v}" for k, v in summary(history, cap).items())
+    ax.text(0.0, 1.0, text, va="top", family="monospace", parse_math=False)  # "$0.01 ... $0.02" is not TeX
 
 
 def summary(history: History, cap: float) -> dict[str, str]:

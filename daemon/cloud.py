@@ -47,6 +47,13 @@ def read_api_key(model: CloudModelConfig, env: dict[str, str] | None = None) -> 
     return read_key_file(model.api_key_file, f"cloud model {model.name!r}: api_key_file")
 
 
+def _hint(model: CloudModelConfig, exc: openai.APIStatusError) -> str:
+    """What to do about a refusal of the key (401, 403)."""
+    if exc.status_code in (401, 403):
+        return f": check the API key (${model.api_key_env} or api_key_file)"
+    return ""
+
+
 class CircuitBreaker:
     def __init__(self, failures: int, cooldown_s: float) -> None:
         self.limit, self.cooldown_s = failures, cooldown_s
@@ -92,13 +99,15 @@ class CloudBackend:
     def reconfigure(self, config: CloudConfig) -> None:
         """Take a (new) [cloud] section, at start and on reload. Every model's key is read before anything
         changes, so a bad key file raises ConfigError and leaves the running models as they were; a turn
-        already talking to the cloud keeps the client it started with."""
+        already talking to the cloud keeps the client it started with. A model without a key is said once
+        in the log (never a key itself) and in ``keyless`` for `locod status`: most endpoints refuse it."""
+        keys = {model.name: read_api_key(model) for model in config.models}
         models = {
             model.name: (
                 model,
                 openai.OpenAI(
                     base_url=model.base_url,
-                    api_key=read_api_key(model) or "no-key-configured",
+                    api_key=keys[model.name] or "no-key-configured",
                     timeout=config.timeout_s,
                     max_retries=0,
                     http_client=openai.DefaultHttpx2Client(transport=BoundedTransport()),
@@ -112,6 +121,15 @@ class CloudBackend:
             breaker.limit, breaker.cooldown_s = config.breaker_failures, config.breaker_cooldown_s
         self._models = models  # one assignment: a turn looks a model and its client up together
         self.config = config
+        said = getattr(self, "keyless", {})  # a reload repeats no warning
+        self.keyless = {model.name: model.api_key_env for model in config.models if not keys[model.name]}
+        for model in config.models:
+            if not keys[model.name] and model.name not in said:
+                log.warning(
+                    "cloud model %r has no API key: set $%s, or api_key_file in its [[cloud.models]] entry",
+                    model.name,
+                    model.api_key_env,
+                )
 
     def open_breakers(self) -> frozenset[str]:
         """The cloud models whose endpoint's breaker is open (cooling down)."""
@@ -174,7 +192,9 @@ class CloudBackend:
                 if delay is None:
                     if exc.status_code >= 500 or exc.status_code in ENDPOINT_4XX:
                         breaker.failure()
-                    raise CloudError(f"{name}: HTTP {exc.status_code} from the endpoint", code="cloud_http") from None
+                    raise CloudError(
+                        f"{name}: HTTP {exc.status_code} from the endpoint{_hint(model, exc)}", code="cloud_http"
+                    ) from None
             except (openai.APIConnectionError, openai.APITimeoutError) as exc:
                 if isinstance(exc.__cause__, OverBound):
                     raise exc.__cause__ from None

@@ -8,6 +8,7 @@ docs/configuration.md documents each key; ``locod config show`` prints the effec
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import sys
@@ -299,17 +300,21 @@ def load_config(
             raise ConfigError(f"{file}: not valid TOML: {_one_line(exc)}") from None
         except RecursionError:
             raise ConfigError(f"{file}: not valid TOML: nested too deeply") from None
+    origins: dict[str, str] = {}  # key -> where its value came from, when not the file
     for var, key in ENV_OVERRIDES.items():
         if env.get(var, "") != "":
-            _set_text(table, key, env[var], f"${var}")
+            origins[key] = _set_text(table, key, env[var], f"${var}")
     for key, text in (overrides or {}).items():
-        _set_text(table, key, text, f"override {key}")
+        origins[key] = _set_text(table, key, text, f"override {key}")
     config = build_table(Config, table, source, "")
-    return _with_defaults(dataclasses.replace(config, source=source), env)
+    config = _with_defaults(dataclasses.replace(config, source=source), env, origins)
+    _warn_unknown_variables(env, config)
+    return config
 
 
-def _set_text(table: dict[str, Any], dotted: str, text: str, origin: str) -> None:
-    """Put an override given as text into the raw table, converted by the schema's type for that key."""
+def _set_text(table: dict[str, Any], dotted: str, text: str, origin: str) -> str:
+    """Put an override given as text into the raw table, converted by the schema's type for that key and
+    checked against its range or choices here, so that an error names ``origin`` (returned)."""
     *sections, key = dotted.split(".")
     cls: Any = Config
     node = table
@@ -322,7 +327,9 @@ def _set_text(table: dict[str, Any], dotted: str, text: str, origin: str) -> Non
     hints = typing.get_type_hints(cls)
     if key not in hints:
         raise ConfigError(f"{origin}: unknown key {dotted!r}")
-    node[key] = _parse_text(hints[key], text, origin, dotted)
+    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == key)
+    node[key] = _value(hints[key], _parse_text(hints[key], text, origin, dotted), meta, origin, dotted)
+    return origin
 
 
 def _parse_text(hint: Any, text: str, origin: str, key: str) -> Any:
@@ -356,7 +363,8 @@ def _type_name(hint: Any) -> str:
     base = _strip_optional(hint)
     if typing.get_origin(base) is list:
         (item,) = typing.get_args(base)
-        return f"a list of {_type_name(item)}"
+        plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
+        return f"a list of {'tables' if dataclasses.is_dataclass(item) else plural.get(item, str(item))}"
     if dataclasses.is_dataclass(base):
         return "a table"
     names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
@@ -426,7 +434,7 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
-def _with_defaults(config: Config, env: Mapping[str, str]) -> Config:
+def _with_defaults(config: Config, env: Mapping[str, str], origins: Mapping[str, str]) -> Config:
     """Fill in directories (XDG or systemd's) and the embedded model, then check cross-key rules."""
     home = Path.home()
     state = (
@@ -448,8 +456,27 @@ def _with_defaults(config: Config, env: Mapping[str, str]) -> Config:
         local=dataclasses.replace(config.local, models=local_models, hub_endpoint=hub.rstrip("/")),
         cloud=dataclasses.replace(config.cloud, default=cloud_default),
     )
-    _check_names(config)
+    _check_names(config, origins)
     return config
+
+
+# LOCOD_* variables read elsewhere: the config file's place and the default key; then those of the scripts
+# and tests (scripts/test.sh's venv, tests/conftest.py's models), accepted but not offered.
+OTHER_VARIABLES = ("LOCOD_CONFIG", "LOCOD_CLOUD_API_KEY")
+TOOLING_VARIABLES = ("LOCOD_VENV", "LOCOD_TEST_MODELS_DIR")
+_warned: set[str] = set()
+
+
+def _warn_unknown_variables(env: Mapping[str, str], config: Config) -> None:
+    """One warning per process for a ``LOCOD_*`` variable nothing reads (``LOCOD_SLAA``): a misspelt
+    override is otherwise silently ignored."""
+    known = {*ENV_OVERRIDES, *OTHER_VARIABLES, *(m.api_key_env for m in config.cloud.models)}
+    unknown = sorted(v for v in env if v.startswith("LOCOD_") and v not in {*known, *TOOLING_VARIABLES, *_warned})
+    if unknown:
+        _warned.update(unknown)
+        logging.getLogger(__name__).warning(
+            "ignoring unknown environment variable(s) %s; known: %s", ", ".join(unknown), ", ".join(sorted(known))
+        )
 
 
 def _pulled(models_dir: Path) -> list[LocalModelConfig]:
@@ -460,16 +487,22 @@ def _pulled(models_dir: Path) -> list[LocalModelConfig]:
     return [m.as_local() for m in pulled_models(models_dir)]
 
 
-def _check_names(config: Config) -> None:
+def _check_names(config: Config, origins: Mapping[str, str]) -> None:
     local_names = [m.name for m in config.local.models]
     cloud_names = [m.name for m in config.cloud.models]
     everything = local_names + cloud_names
     duplicated = {n for n in everything if everything.count(n) > 1}
     if duplicated:
         raise ConfigError(f"{config.source}: model names must be unique, repeated: {sorted(duplicated)}")
-    config.local_model(config.local.default)
-    if config.cloud.default:
-        config.cloud_model(config.cloud.default)
+    for key, default, names, kind in (
+        ("local.default", config.local.default, local_names, "local"),
+        ("cloud.default", config.cloud.default, cloud_names, "cloud"),
+    ):
+        if default and default not in names:
+            raise ConfigError(
+                f"{origins.get(key, config.source)}: {key} is {default!r}, which names no {kind} model "
+                f"({kind} models: {names})"
+            )
     for model in config.cloud.models:
         if not model.base_url.startswith(("http://", "https://")):
             raise ConfigError(f"{config.source}: cloud model {model.name!r}: base_url must be http(s)")

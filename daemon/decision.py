@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from locod.daemon.attachments import PreparedAttachment
-from locod.daemon.config import Config
+from locod.daemon.config import Config, load_config
+from locod.errors import ConfigError, UnknownModel
 from locod.policy.messplus import RecordedFeatures
 
 
@@ -210,7 +211,9 @@ def fixed_decision(
     if model is not None:
         if any(m.name == model for m in config.local.models):
             return Decision("local", model, (), "the request named this local model")
-        named = config.cloud_model(model)
+        named = next((m for m in config.cloud.models if m.name == model), None)
+        if named is None:
+            raise unknown_model(config, model)
         blocked = access.blocked_for(model)
         if blocked:
             return _instead(config, f"the request named {model}", f"{model} was asked for", blocked)
@@ -228,6 +231,20 @@ def fixed_decision(
             return _instead(config, f"{origin} cloud", "the cloud was asked for", blocked or "")
         return Decision("cloud", cloud.name, tuple(uploadable(attachments, cloud.vision)), f"{origin} cloud")
     return None
+
+
+def unknown_model(config: Config, name: str) -> UnknownModel:
+    """The error for a request naming no model of ``config``: the models there are, and `locod reload` when
+    the config file or the models directory has it now (added, or pulled, after this daemon last read them)."""
+    local, cloud = [m.name for m in config.local.models], [m.name for m in config.cloud.models]
+    message = f"no model named {name!r}; local models: {local}, cloud models: {cloud}"
+    try:
+        now = load_config(None if config.source == "(defaults)" else config.source)
+    except ConfigError:
+        return UnknownModel(message)
+    if name in {m.name for m in now.local.models} | {m.name for m in now.cloud.models}:
+        message += f"; {name!r} was added after the daemon last read its configuration: run `locod reload`"
+    return UnknownModel(message)
 
 
 def _instead(config: Config, origin: str, asked: str, blocked: str) -> Decision:

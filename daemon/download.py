@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -57,17 +58,39 @@ def silent(total: int | None, initial: int) -> Meter:
     return _Silent()
 
 
-def terminal_meter(label: str) -> MeterFactory:
-    """A tqdm bar with size, speed and time left on a terminal; nothing at all when stderr is not one."""
+class _Lines:
+    """Progress as a plain line every tenth of the file (or every 100 MiB of one of unknown size): what a
+    terminal gets without tqdm."""
+
+    def __init__(self, label: str, total: int | None, initial: int, say: Callable[[str], None]) -> None:
+        self.label, self.total, self.have, self.say = label, total, initial, say
+        self.step = max(total // 10, CHUNK) if total else 100 * CHUNK
+        self.next = initial + self.step
+
+    def update(self, n: int) -> object:
+        self.have += n
+        if self.have >= self.next:
+            self.next = self.have + self.step
+            of = f" of {_mb(self.total)} ({100 * self.have // self.total}%)" if self.total else ""
+            self.say(f"{self.label}: {_mb(self.have)}{of}")
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def terminal_meter(label: str, say: Callable[[str], None]) -> MeterFactory:
+    """On a terminal, a tqdm bar with size, speed and time left, or without tqdm (the pull extra) plain
+    progress lines through ``say``; nothing at all when stderr is not a terminal. The bar is never needed."""
+    if not sys.stderr.isatty():
+        return silent
     try:
         from tqdm import tqdm
     except ImportError:
-        raise FetchError("the progress bar needs tqdm: pip install 'locod[pull]'") from None
+        return lambda total, initial: _Lines(label, total, initial, say)
 
     def make(total: int | None, initial: int) -> Meter:
-        return tqdm(
-            total=total, initial=initial, desc=label, unit="B", unit_scale=True, unit_divisor=1024, disable=None
-        )
+        return tqdm(total=total, initial=initial, desc=label, unit="B", unit_scale=True, unit_divisor=1024)
 
     return make
 

@@ -195,6 +195,8 @@ def extension(
         "explored": decision.explored,
         "attachments_sent": decision.attachments_sent,
     }
+    if decision.notice:  # what the socket's decision frame says too: an image the model could not see, ...
+        out["notice"] = decision.notice
     if fallback is not None:
         out["fallback"] = fallback
     if escalated is not None:

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from locod.daemon import catalog, gguf
-from locod.daemon.config import Config
+from locod.daemon.config import EMBEDDED_MODEL, Config
 from locod.daemon.download import HEADERS, TIMEOUT_S, MeterFactory, download, silent
 from locod.daemon.fetch import Progress
 from locod.daemon.local import resolve_path
@@ -174,7 +174,11 @@ def remove_model(config: Config, name: str) -> Path:
     pulled = {m.name: m for m in catalog.pulled_models(config.models_dir)}
     if name not in pulled:
         configured = any(m.name == name for m in config.local.models)
-        where = f"it is configured in {config.source}; edit that file" if configured else "no such model"
+        where = "no such model"
+        if name == EMBEDDED_MODEL.name:
+            where = "it is locod's built-in default model, which `locod models rm` keeps"
+        elif configured:
+            where = f"it is configured in {config.source}; remove it from that file"
         raise FetchError(f"{name!r} was not pulled: {where}")
     if config.local.default == name:
         raise FetchError(f"{name!r} is local.default in {config.source}; choose another default first")

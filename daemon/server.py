@@ -20,7 +20,6 @@ import os
 import queue
 import signal
 import socket
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -33,7 +32,7 @@ import zmq
 from locod import __version__
 from locod.daemon.backlog import PIPE_MESSAGES, Backlog
 from locod.daemon.cloud import CloudBackend
-from locod.daemon.config import Config, load_config
+from locod.daemon.config import Config, as_dict, load_config
 from locod.daemon.decider import Decider
 from locod.daemon.keyfile import read_key_file
 from locod.daemon.kvpark import DiskPark
@@ -47,7 +46,7 @@ from locod.daemon.sessions import SessionStore
 from locod.daemon.shadow import ShadowLane
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import Reply, TurnRunner
-from locod.errors import Busy, ConfigError, LocodError, PromptTooLong, ProtocolError, StorageError
+from locod.errors import Busy, ConfigError, LocodError, PromptTooLong, ProtocolError, StorageError, install_hint
 from locod.protocol import (
     BadRequest,
     ChatRequest,
@@ -340,6 +339,8 @@ class Daemon:
             return self.records.recent(request.limit)
         if request.op == "reload":
             return {"reloaded": self.reload(), "config": self.config.source}
+        if request.op == "config":
+            return {"pid": os.getpid(), "config": as_dict(self.config)}
         raise ProtocolError(f"op {request.op!r} has no handler", code="unknown_op")
 
     def _start_turn(self, peer: bytes, request: ChatRequest, reply: Reply | None = None) -> None:
@@ -418,6 +419,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.started, 1),
             "endpoints": [cfg.ipc_endpoint, *([cfg.daemon.tcp] if cfg.daemon.tcp else [])],
             "config": cfg.source,
+            "http": f"http://{self.http.listen}/v1" if self.http is not None else None,
             "db": str(cfg.db_path),
             "local": {
                 "default": cfg.local.default,
@@ -433,6 +435,7 @@ class Daemon:
                 "breakers": {url: b.state for url, b in self.cloud.breakers.items()},
                 "spent_today_usd": round(self.records.spent_today(), 6),
                 "daily_cap_usd": cfg.cloud.daily_cap_usd,
+                "no_api_key": self.cloud.keyless,
             },
             "queue": {
                 "in_flight": self._in_flight(),
@@ -565,6 +568,6 @@ def _http_server(daemon: Daemon) -> HttpServer:
     except ImportError as exc:
         raise ConfigError(
             f"http.listen is {daemon.config.http.listen!r}, but the HTTP API needs the http extra ({exc.name} is "
-            f"missing): {sys.executable} -m pip install 'locod[http]', or unset http.listen"
+            f"missing): {install_hint('http')}, or unset http.listen"
         ) from None
     return HttpServer(daemon)

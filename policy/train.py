@@ -14,7 +14,6 @@ import hashlib
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from torch import nn
 from locod.errors import PolicyError
 from locod.policy.observation import ACTION_NAMES, FEATURE_NAMES, LAYOUT_VERSION, N_ACTIONS, OBS_DIM, K, Z
 from locod.policy.tmo_env import OffloadEnv, TurnSource
+from locod.policy.train_cli import TrainConfig
 
 OPSET = 17
 MASKED = -1e9
@@ -43,24 +43,11 @@ class Policy(nn.Module):
         return torch.log_softmax(self.actor(observation) + (1.0 - mask) * MASKED, dim=-1)
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 200_000
-    rollout: int = 2048
-    epochs: int = 10
-    minibatch: int = 256
-    gamma: float = 0.95
-    lam: float = 0.95
-    clip: float = 0.2
-    lr: float = 3e-4
-    entropy: float = 0.003
-    hidden: int = 64
-    seed: int = 0
-    load_p: float = 0.5  # episodes whose local queue is under load (tmo_env.LocalQueue)
+DEFAULT_CONFIG = TrainConfig()
 
 
 def train(
-    sources: Sequence[tuple[TurnSource, float]], config: TrainConfig = TrainConfig(), log: bool = False
+    sources: Sequence[tuple[TurnSource, float]], config: TrainConfig = DEFAULT_CONFIG, log: bool = False
 ) -> Policy:
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
@@ -196,43 +183,24 @@ def parity(policy: Policy, path: Path, n: int = 1000, seed: int = 0) -> float:
     return float(np.abs(expected[allowed] - got[allowed]).max())
 
 
-def main(argv: Sequence[str] | None = None, default_out: Path | None = None) -> int:
-    """`locod policy train` and scripts/train_policy.py: train, export, check parity, report. The policy is
-    written to ``default_out`` (the state directory's policy.onnx, which the daemon loads when
-    routing.policy_path is unset) unless ``--out`` says otherwise; never over the shipped one by default."""
-    import argparse
-
+def train_and_report(trace: Path, from_db: Path | None, out: Path, config: TrainConfig) -> int:
+    """Train on ``trace`` (and ``from_db``'s labelled turns), export to ``out``, check parity, and compare
+    the policy with the heuristics; 0 when the ONNX graph matches torch."""
     from locod.daemon.records import labelled_turns
     from locod.policy.evaluate import heuristics, run
     from locod.policy.tmo_env import LogSource, default_sources
 
-    parser = argparse.ArgumentParser(
-        prog="locod policy train", description="Train the TMO offloading policy (RC-PPO) and export it to ONNX."
-    )
-    parser.add_argument("--out", default=str(default_out or "policy.onnx"), help="where to write the ONNX policy")
-    parser.add_argument(
-        "--trace",
-        default=str(Path(__file__).resolve().parent / "data" / "bigbench_trace.jsonl"),  # shipped in the package
-        help="replay trace mixed into training (docs/routing.md)",
-    )
-    parser.add_argument("--from-db", metavar="LOCOD_DB", help="also train on this device's labelled decision log")
-    parser.add_argument("--steps", type=int, default=TrainConfig.steps)
-    parser.add_argument("--seed", type=int, default=TrainConfig.seed)
-    args = parser.parse_args(argv)
-    trace = Path(args.trace)
     if not trace.is_file():
         raise PolicyError(f"--trace {trace}: no such file", code="trace_missing")
     sources = default_sources(trace)
     inputs = [trace]
-    if args.from_db:
+    if from_db:
         try:
-            sources.append((LogSource(labelled_turns(Path(args.from_db))), 0.5))
+            sources.append((LogSource(labelled_turns(from_db)), 0.5))
         except ValueError as exc:
-            raise PolicyError(f"--from-db {args.from_db}: {exc}", code="too_few_labels") from None
-        inputs.append(Path(args.from_db))
-    config = TrainConfig(steps=args.steps, seed=args.seed)
+            raise PolicyError(f"--from-db {from_db}: {exc}", code="too_few_labels") from None
+        inputs.append(from_db)
     policy = train(sources, config, log=True)
-    out = Path(args.out)
     weights = hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in policy.state_dict().values()))
     # seed, length and data say how it was made; the weights' hash tells apart policies made by other code
     version = f"rcppo-s{config.seed}-{config.steps // 1000}k-{data_hash(inputs)[:8]}-{weights.hexdigest()[:6]}"

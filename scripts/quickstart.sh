@@ -15,4 +15,4 @@ if ! .venv/bin/locod status >/dev/null 2>&1; then
   for _ in $(seq 1 120); do .venv/bin/locod status >/dev/null 2>&1 && break; sleep 0.5; done
 fi
 .venv/bin/locod ask -v "In one sentence, what is a daemon in computing?"
-echo "Try: .venv/bin/locod chat    .venv/bin/locod status    .venv/bin/locod decisions" >&2
+echo "Try: .venv/bin/locod chat    .venv/bin/locod status    .venv/bin/locod decisions    (.venv/bin/locod stop stops it)" >&2

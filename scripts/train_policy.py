@@ -8,7 +8,7 @@ export policy/default/policy.onnx and check it against torch. Same as `locod pol
 
 import sys
 
-from locod.policy.train import main
+from locod.policy.train_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

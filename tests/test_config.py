@@ -62,7 +62,8 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ("[log]\nprompts = 1\n", "log.prompts expects true or false"),
         ('[[local.models]]\nname = "x"\n', "local.models[0].path is required"),
         ('[[cloud.models]]\nname = "c"\nbase_url = "ftp://x"\nmodel = "m"\n', "base_url must be http(s)"),
-        ('[local]\ndefault = "ghost"\n', "no local model named 'ghost'"),
+        ('[local]\ndefault = "ghost"\n', "local.default is 'ghost', which names no local model"),
+        ('[paths]\nallow_dirs = "/tmp"\n', "paths.allow_dirs expects a list of strings, got str"),
         ("this is = = not toml", "not valid TOML"),
     ],
 )
@@ -71,12 +72,39 @@ def test_errors_name_file_key_and_type(tmp_path: Path, text: str, message: str) 
     with pytest.raises(ConfigError) as info:
         load_config(path, env={})
     assert message in info.value.message
-    assert str(path) in info.value.message or "ghost" in message
+    assert info.value.message.startswith(f"{path}: ")
 
 
 def test_bad_env_override_names_the_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"\$LOCOD_SLA: routing.sla expects a number"):
         load_config(write(tmp_path, ""), env={"LOCOD_SLA": "high"})
+
+
+@pytest.mark.parametrize(
+    ("env", "overrides", "message"),
+    [
+        ({"LOCOD_SLA": "2"}, {}, "$LOCOD_SLA: routing.sla must be between 0.0 and 1.0, got 2.0"),
+        ({}, {"routing.sla": "2"}, "override routing.sla: routing.sla must be between 0.0 and 1.0, got 2.0"),
+        ({"LOCOD_ROUTING": "maybe"}, {}, "$LOCOD_ROUTING: routing.mode must be one of auto, local, cloud"),
+        ({"LOCOD_LOCAL_MODEL": "ghost"}, {}, "$LOCOD_LOCAL_MODEL: local.default is 'ghost', which names no local"),
+        ({}, {"cloud.default": "ghost"}, "override cloud.default: cloud.default is 'ghost', which names no cloud"),
+    ],
+)
+def test_out_of_range_overrides_name_their_source_not_the_file(
+    tmp_path: Path, env: dict[str, str], overrides: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, ""), env=env, overrides=overrides)
+    assert info.value.message.startswith(message), info.value.message
+
+
+def test_an_unknown_locod_variable_is_warned_of_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    env = {"LOCOD_SLAA": "0.9", "LOCOD_VENV": ".venv"}
+    load_config(write(tmp_path, ""), env=env)
+    load_config(write(tmp_path, ""), env=env)
+    warnings = [r.getMessage() for r in caplog.records if "LOCOD_" in r.getMessage()]
+    assert len(warnings) == 1 and "LOCOD_SLAA" in warnings[0] and "LOCOD_SLA," in warnings[0], warnings
+    assert "LOCOD_VENV" not in warnings[0]  # the scripts' own variables are not news
 
 
 def test_config_show_prints_effective_values_without_secrets(tmp_path: Path) -> None:

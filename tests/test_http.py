@@ -331,5 +331,21 @@ def test_http_listen_without_the_http_extra_is_one_clear_error(daemon_factory: A
     handle = daemon_factory(config, wait=False, extra_env={"PYTHONPATH": str(absent.parent)})
     assert handle.proc.wait(120) != 0
     log = handle.log()
-    assert "needs the http extra (starlette is missing)" in log and "pip install 'locod[http]'" in log
+    assert "needs the http extra (starlette is missing)" in log and "pip install '.[http]' in the locod checkout" in log
     assert "Traceback" not in log
+
+
+def test_an_image_the_model_could_not_see_is_flagged(daemon_factory: Any) -> None:
+    """The socket API's decision frame says so in `notice`; the HTTP reply in `locod.notice`, whole or
+    streamed."""
+    _, base = http_daemon(daemon_factory)
+    url = "data:image/png;base64," + base64.b64encode(png()).decode()
+    question: list[Any] = [{"type": "text", "text": "What is here?"}, {"type": "image_url", "image_url": {"url": url}}]
+    messages: Any = [{"role": "user", "content": question}]
+    whole = sdk(base).chat.completions.create(model=LOCAL, messages=messages, max_tokens=4)
+    assert "cannot see images; not seen:" in (whole.model_extra or {})["locod"]["notice"]
+    chunks = list(sdk(base).chat.completions.create(model=LOCAL, messages=messages, max_tokens=4, stream=True))
+    (last,) = [c for c in chunks if (c.model_extra or {}).get("locod")]
+    assert "cannot see images" in last.model_extra["locod"]["notice"]  # type: ignore[index]
+    plain = sdk(base).chat.completions.create(model=LOCAL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert "notice" not in (plain.model_extra or {})["locod"]

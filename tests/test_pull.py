@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pty
+import select
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -252,3 +255,45 @@ def test_the_gguf_header_of_the_embedded_model(model_path: Path, tmp_path: Path)
     cut.write_bytes(model_path.read_bytes()[:300])
     with pytest.raises(NotGGUF, match="header is damaged"):
         describe(cut)
+
+
+def test_rm_of_the_built_in_model_says_what_it_is(tmp_path: Path) -> None:
+    from locod.daemon.pull import remove_model
+
+    with pytest.raises(FetchError, match="built-in default model") as info:
+        remove_model(config_for(tmp_path), "smollm2-135m-instruct")
+    assert "(defaults)" not in info.value.message
+
+
+def _pull_without_tqdm(env: dict[str, str], url: str, stderr: int) -> subprocess.Popen[bytes]:
+    """`locod models pull` on an install without tqdm: its import made to fail the standard way (a None
+    entry in sys.modules), as on a quickstart install without the pull extra."""
+    blocked = "import sys; sys.modules['tqdm'] = None; from locod.cli import main; sys.exit(main(sys.argv[1:]))"
+    command = [sys.executable, "-c", blocked, "models", "pull", url]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=env)
+
+
+def test_a_missing_progress_bar_never_stops_a_pull(tmp_path: Path, server: FileServer) -> None:
+    server.files["a.gguf"] = Served(gguf_bytes(3 * MB))
+    server.files["b.gguf"] = Served(gguf_bytes(3 * MB))
+    env = {**_clean_env(), "LOCOD_MODELS_DIR": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "none")}
+    piped = _pull_without_tqdm(env, f"{server.url}/files/a.gguf", subprocess.PIPE)
+    _, err = piped.communicate(timeout=120)
+    assert piped.returncode == 0 and b"MiB of" not in err, err  # off a terminal: no progress lines
+    # on a terminal (a real pseudo-terminal): plain progress lines instead of the bar
+    main, sub = pty.openpty()
+    on_tty = _pull_without_tqdm(env, f"{server.url}/files/b.gguf", sub)
+    os.close(sub)
+    seen = b""
+    for _ in range(1000):  # until the pull closes its end of the terminal
+        try:
+            chunk = os.read(main, 4096) if select.select([main], [], [], 60)[0] else b""
+        except OSError:  # EIO: the other end is closed
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(main)
+    assert on_tty.wait(120) == 0, seen
+    assert b"MiB of 3.0 MiB (" in seen and b"Traceback" not in seen, seen
+    assert {m.name for m in pulled_models(tmp_path)} == {"a", "b"}

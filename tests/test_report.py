@@ -92,7 +92,7 @@ def test_report_without_matplotlib_says_how_to_install_it(tmp_path: Path) -> Non
     hide = "import sys; sys.modules['matplotlib'] = None; from locod.cli import main; sys.exit(main())"
     result = _locod(tmp_path, "report", python=[sys.executable, "-c", hide])
     assert result.returncode == 1
-    assert "matplotlib, which is not installed: pip install 'locod[report]'" in result.stderr
+    assert "matplotlib, which is not installed: " in result.stderr and "pip install '.[report]'" in result.stderr
     assert not (tmp_path / "report.png").exists()
 
 
@@ -100,3 +100,24 @@ def test_report_of_an_empty_period(tmp_path: Path) -> None:
     fill(tmp_path / "locod.db", time.time() - 40 * 86400)
     result = _locod(tmp_path, "report", "--since", "7d")
     assert result.returncode == 1 and "no turns in the decision log" in result.stderr
+
+
+def test_money_reads_as_money_and_day_labels_do_not_overlap(tmp_path: Path) -> None:
+    """Without a cap the summary holds two dollar signs, which matplotlib would read as TeX between them;
+    four weeks of day bars would label every day, each over the next."""
+    import matplotlib.pyplot as plt
+
+    from locod.report import figure
+
+    now = time.time()
+    fill(tmp_path / "locod.db", now)
+    fig = figure(read_history(tmp_path / "locod.db", parse_since("4w"), now=now), 0.0, "t")
+    try:
+        fig.canvas.draw()
+        money = next(ax for ax in fig.axes if ax.get_title() == "money per day")
+        boxes = [label.get_window_extent() for label in money.get_xticklabels() if label.get_text()]
+        assert len(boxes) > 1 and all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:]))  # apart, left to right
+        (summary,) = fig.axes[-1].texts
+        assert "most in a day $" in summary.get_text() and summary.get_parse_math() is False
+    finally:
+        plt.close(fig)

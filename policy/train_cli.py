@@ -1,0 +1,56 @@
+"""`locod policy train`'s options and entry: parsed (and ``--help`` shown) without PyTorch, which is
+imported only when training really starts (the `train` extra)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from locod.errors import LocodError, install_hint
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200_000
+    rollout: int = 2048
+    epochs: int = 10
+    minibatch: int = 256
+    gamma: float = 0.95
+    lam: float = 0.95
+    clip: float = 0.2
+    lr: float = 3e-4
+    entropy: float = 0.003
+    hidden: int = 64
+    seed: int = 0
+    load_p: float = 0.5  # episodes whose local queue is under load (tmo_env.LocalQueue)
+
+
+def parser(default_out: Path | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="locod policy train", description="Train the TMO offloading policy (RC-PPO) and export it to ONNX."
+    )
+    p.add_argument("--out", default=str(default_out or "policy.onnx"), help="where to write the ONNX policy")
+    p.add_argument(
+        "--trace",
+        default=str(Path(__file__).resolve().parent / "data" / "bigbench_trace.jsonl"),  # shipped in the package
+        help="replay trace mixed into training (docs/routing.md)",
+    )
+    p.add_argument("--from-db", metavar="LOCOD_DB", help="also train on this device's labelled decision log")
+    p.add_argument("--steps", type=int, default=TrainConfig.steps)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, default_out: Path | None = None) -> int:
+    """`locod policy train` and scripts/train_policy.py: train, export, check parity, report. The policy is
+    written to ``default_out`` (the state directory's policy.onnx, which the daemon loads when
+    routing.policy_path is unset) unless ``--out`` says otherwise; never over the shipped one by default."""
+    args = parser(default_out).parse_args(argv)
+    try:
+        from locod.policy.train import train_and_report
+    except ImportError as exc:
+        raise LocodError(f"training needs the train extra ({exc}): {install_hint('train')}") from None
+    config = TrainConfig(steps=args.steps, seed=args.seed)
+    return train_and_report(Path(args.trace), Path(args.from_db) if args.from_db else None, Path(args.out), config)
