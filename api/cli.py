@@ -251,7 +251,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "routing",
             f"mode {r['mode']}, SLA {r['sla']:.2f}, attained {_fmt(r['attained'], '{:.3f}')} over "
             f"{r['turns']} turns, Q {r['q']:.2f}, {r['shadow_labels']} shadow and "
-            f"{r['escalated_labels']} escalation labels" + (" (SLA INFEASIBLE)" if r["infeasible"] else ""),
+            f"{r['escalated_labels']} escalation labels" + _out_of_reach(r, c),
         ),
         (
             "device",
@@ -286,6 +286,14 @@ def _reachable(value: bool | None) -> str:
 
 def _fmt(value: Any, pattern: str) -> str:
     return "n/a" if value is None else pattern.format(value)
+
+
+def _out_of_reach(routing: dict[str, Any], cloud: dict[str, Any]) -> str:
+    """Why the attained satisfaction stays below the SLA, when no model on offer is predicted to reach it."""
+    if not routing["infeasible"]:
+        return ""
+    remedy = "lower routing.sla" if cloud["models"] else "configure a cloud model or lower routing.sla"
+    return f"; SLA out of reach: no model on offer is predicted to reach it ({remedy})"
 
 
 def cmd_decisions(args: argparse.Namespace) -> int:

@@ -42,6 +42,7 @@ from locod.policy.warmstart import Prior
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+INFEASIBLE_AFTER = 20  # turns settled before an SLA out of reach is reported
 HASH_DIM = 4096
 DENSE = (
     "bias",
@@ -333,8 +334,10 @@ class MessPlus:
 
     @property
     def infeasible(self) -> bool:
-        """Q pinned at its cap while even the best model is predicted below the SLA."""
-        return self.state.q >= 0.9 * self.q_cap and self.max_s_hat_avg < self.sla
+        """Behind the SLA after the first turns while even the best action on offer is predicted below it:
+        no mix of those actions reaches it (with no cloud model, a small local model rarely can). Said
+        from the twentieth turn on, not only once Q has grown to its cap."""
+        return self.state.settled >= INFEASIBLE_AFTER and self.state.q > 0 and self.max_s_hat_avg < self.sla
 
     # -- persistence ---------------------------------------------------------------------------------
 

@@ -177,3 +177,15 @@ def test_the_wheel_builds_without_warnings_and_holds_the_runtime_data(tmp_path: 
         assert f"locod/{data}" in names
     assert any(n.startswith("locod/policy/priors/") and n.endswith(".npz") for n in names)
     assert not any(n.endswith(".gguf") for n in names)
+
+
+def test_an_sla_the_local_model_alone_cannot_reach_is_said_with_what_to_do(daemon_factory: Any) -> None:
+    """No cloud model and the default SLA: the attained share sits far below the target, and status says
+    why and what to change from the twentieth turn on, not only once Q has grown to its cap."""
+    handle = daemon_factory({"routing": {"sla": 0.8, "explore_c": 0.0}})
+    client = handle.client()
+    for i in range(20):
+        client.ask(f"Say the number {i}.", max_tokens=2)
+    status = handle.cli("status").stdout
+    assert "SLA out of reach" in status and "configure a cloud model or lower routing.sla" in status, status
+    assert client.status()["routing"]["q"] < 25  # far from its cap (50)

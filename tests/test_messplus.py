@@ -115,6 +115,17 @@ def test_infeasible_sla_is_detected_and_q_capped() -> None:
     assert m.state.q == 5.0 and m.infeasible
 
 
+def test_an_sla_no_model_on_offer_reaches_is_reported_early() -> None:
+    """A small local model alone (no cloud) against a high SLA: said after the first turns, while Q is far
+    from its cap."""
+    m = MessPlus({"local": 0.3}, sla=0.8, v=20.0, explore_c=0.0, q_cap=50.0)
+    for t in range(25):
+        choice = m.choose({"local": 0.0}, xs={"local": X})
+        m.settle(t, choice.model, choice.s_hat[choice.key])
+        assert m.infeasible == (t + 1 >= 20), t
+    assert m.state.q < 0.5 * m.q_cap
+
+
 def test_state_survives_save_and_load(tmp_path: Path) -> None:
     path = tmp_path / "messplus.npz"
     m = router(path=path)
