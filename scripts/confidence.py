@@ -6,7 +6,7 @@ For each statistic of policy/confidence.py, over the first k tokens of the answe
 over its content tokens: the AUC against the local label over the whole trace and within each task (the
 mean of the per-task AUCs, weighted by turns: whether it ranks answers of the same task, which the task
 alone cannot), and the AUC of the prompt-only predictor and of the ConfidenceHead over both (both fitted
-on one half, measured on the other).
+on one half, measured on the other); then the ceiling those signals put on any router's capture.
 
     python scripts/confidence.py [--trace policy/data/bigbench_trace.jsonl]
 """
@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-from fit_prior import LOCAL, answer_features, fit, prompt_matrix
+from fit_prior import LOCAL, TASK_SPLIT, answer_features, fit, prompt_matrix
 
 from locod.policy import confidence
 from locod.policy.tasks import task_of
@@ -66,14 +66,7 @@ def main() -> None:
             score = sign * feats[:, i]
             print(f"| {name} | {budget or 'all'} | {auc(score, y):.3f} | {within_task(score, y, tasks):.3f} |")
     half = len(rows) // 2
-    prior = fit(rows[:half], "", 0, "first half")
-    test = rows[half:]
-    x = prompt_matrix(test)
-    s_prompt = 1.0 / (1.0 + np.exp(-(x @ prior.weights)))
-    head = confidence.ConfidenceHead(prior.confidence)
-    s_answer = np.array(
-        [head.predict(s, answer_features(r), task_of(r["prompt"])) for s, r in zip(s_prompt, test)]  # type: ignore[arg-type]
-    )
+    s_prompt, s_answer = predict(rows[:half], rows[half:])
     yt, tt = y[half:], tasks[half:]
     print("\n| predictor (fitted on the first half, measured on the second) | AUC | AUC within tasks |\n|---|---|---|")
     print(
@@ -81,6 +74,46 @@ def main() -> None:
     )
     both = f"{auc(s_answer, yt):.3f} | {within_task(s_answer, yt, tt):.3f}"
     print(f"| prompt + answer confidence (ConfidenceHead) | {both} |")
+    print_ceiling(rows)
+
+
+def predict(fit_on: list[dict], rows: list[dict]) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[type-arg]
+    """The local model's s_hat on ``rows`` from heads fitted on ``fit_on``: from the prompt alone, and
+    corrected by the answer's confidence."""
+    prior = fit(fit_on, "", 0, "")
+    s_prompt = 1.0 / (1.0 + np.exp(-(prompt_matrix(rows) @ prior.weights)))
+    head = confidence.ConfidenceHead(prior.confidence)
+    conf = [answer_features(r) for r in rows]
+    s_answer = [head.predict(s, c, task_of(r["prompt"])) for s, c, r in zip(s_prompt, conf, rows)]  # type: ignore[arg-type]
+    return s_prompt, np.array(s_answer)
+
+
+def print_ceiling(rows: list[dict]) -> None:  # type: ignore[type-arg]
+    """The most any rule can capture with these signals: turns sent to the cloud in the order of the s_hat
+    above (fitted on the other half of the part, in 2 interleaved folds), as many as reach alpha knowing
+    every label. A router that learns online, without hindsight, stays below it."""
+    groups = {", ".join(sorted(tasks)): [r for r in rows if r["task"] in tasks] for tasks in TASK_SPLIT}
+    parts = {"whole trace": rows, **groups}
+    print("\n| part | AUC of s_hat | ceiling of capture at alpha 0.5 | 0.6 | 0.7 |\n|---|---|---|---|---|")
+    for name, part in parts.items():
+        folds = np.arange(len(part)) % 2
+        score = np.zeros(len(part))
+        for k in (0, 1):
+            fit_on = [r for r, f in zip(part, folds) if f != k]
+            score[folds == k] = predict(fit_on, [r for r, f in zip(part, folds) if f == k])[1]
+        y_local, y_cloud = (np.array([r["models"][m]["satisfied"] for r in part]) for m in (LOCAL, "cloud"))
+        captures = [f"{capture(score, y_local, y_cloud, alpha):.2f}" for alpha in (0.5, 0.6, 0.7)]
+        print(f"| {name} | {auc(score, y_local):.3f} | {' | '.join(captures)} |")
+
+
+def capture(score: np.ndarray, y_local: np.ndarray, y_cloud: np.ndarray, alpha: float) -> float:
+    """(random needs - share) / (random needs - label oracle's share), the share being the fewest turns that
+    reach alpha sent to the cloud least-likely-right first."""
+    n, local, cloud = len(score), y_local.mean(), y_cloud.mean()
+    reached = y_local.sum() + np.cumsum((y_cloud - y_local)[np.argsort(score, kind="stable")])
+    share = (int(np.argmax(reached >= alpha * n)) + 1) / n
+    random_needs, oracle = (alpha - local) / (cloud - local), max(0.0, alpha - local)
+    return (random_needs - share) / (random_needs - oracle)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,8 @@ from locod.policy.warmstart import PRIORS, Prior, fit_logistic, save_prior
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = "smollm2-135m-instruct"
 DEFAULT_MAX_TOKENS = 24
+# The trace's tasks in two groups, for measuring on tasks a prior has not seen (replay.py --split task).
+TASK_SPLIT = ({"add_1digit", "mul_2digit", "plural", "negation"}, {"add_2digit", "wikidata", "past_tense"})
 
 
 def answer_features(row: dict) -> tuple[float, ...] | None:  # type: ignore[type-arg]

@@ -35,7 +35,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from fit_prior import LOCAL, answer_features, fit
+from fit_prior import LOCAL, TASK_SPLIT, answer_features, fit
 
 from locod.policy.messplus import MessPlus, TurnFeatures, vectorize
 from locod.policy.rule import CLOUD_PRIOR, ENERGY_REF_J, LOCAL_PRIOR, MONEY_REF_USD
@@ -46,7 +46,6 @@ REPO = Path(__file__).resolve().parent.parent
 CLOUD = "cloud"
 ALPHAS = (0.5, 0.6, 0.7, 0.8)
 WEIGHT_MONEY, WEIGHT_ENERGY = 1.0, 0.2  # routing.weight_money / weight_energy defaults
-TASK_SPLIT = ({"add_1digit", "mul_2digit", "plural", "negation"}, {"add_2digit", "wikidata", "past_tense"})
 
 
 @dataclass
