@@ -243,12 +243,13 @@ class Decider:
         if explored:
             why = "explored (MESS+ exploration turn)"
         else:
-            policy = routing.policy_version is not None
-            why = (
-                f"MESS+{' + TMO policy' if policy else ''}: lowest V*cost + (Z + V*mu)*(alpha - s_hat)"
-                f"{' + w*log(pi_best/pi)' if policy else ''} with Q={routing.q:.2f}, "
-                f"s_hat={routing.s_hat[chosen.key]:.2f}"
-            )
+            policy = " with the TMO policy" if routing.policy_version is not None else ""
+            why = f"MESS+{policy}: the best trade of predicted satisfaction for cost ({_trade(chosen.key, routing)}"
+            rivals = [c.key for c in candidates.values() if c.location != chosen.location]
+            if rivals:
+                rival = max(rivals, key=routing.s_hat.__getitem__)
+                why += f"; {rival.split('|')[0]}: {_trade(rival, routing)}"
+            why += f"; SLA {routing.sla:.2f}, Q {routing.q:.2f})"
         if chosen.location == "cloud":
             why += f", action {chosen.key.split('|')[-1]}"
         if chosen.location == "local" and not any(c.location == "cloud" for c in candidates.values()):
@@ -435,3 +436,8 @@ class Decider:
             upload = turn.upload_bytes(c.send)
             raw[key] = rule.cloud_cost(usd, upload, snapshot.upload_bps, weights.weight_money, weights.weight_energy)
         return rule.normalised(raw)
+
+
+def _trade(key: str, routing: Routing) -> str:
+    """An action's predicted satisfaction and cost, as a decision's reason shows them."""
+    return f"s_hat {routing.s_hat[key]:.2f} at cost {routing.costs[key]:.2f}"
