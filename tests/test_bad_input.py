@@ -50,7 +50,7 @@ def msg(**fields: Any) -> bytes:
         ((msg(op="ping"), b"second frame"), "extra_frames"),
         ((msg(op="chat", prompt="x" * (LIMIT + 10)),), "too_large"),
         ((msg(op="feedback", decision=999, satisfied=True),), "unknown_decision"),
-        ((msg(op="chat", prompt="hi", model="no-such-model"),), "config"),
+        ((msg(op="chat", prompt="hi", model="no-such-model"),), "unknown_model"),
         (
             (msg(op="chat", prompt="look", attachments=[{"kind": "image", "name": "x.png", "data": "aGVsbG8="}]),),
             "bad_image",

@@ -245,8 +245,9 @@ def test_kill_9_during_turns_loses_no_acknowledged_record(tmp_path: Path, models
 
         def talk(n: int, handle: DaemonHandle = handle, done_ids: list[int] = done_ids) -> None:
             try:
-                # A short silence limit: once the daemon is killed nobody answers, and the client gives up.
-                with Client(handle.endpoint, turn_timeout_s=2) as client:
+                # The client notices the kill by its liveness check (a second of silence, then a refused
+                # connect); no short silence limit, which a turn waiting its turn on a slow machine can hit.
+                with Client(handle.endpoint, turn_timeout_s=120) as client:
                     for i in range(3):
                         done_ids.append(client.ask(f"client {n} turn {i}", session=f"s{n}").done.decision)
             except LocodError:
