@@ -60,7 +60,7 @@ class JudgedAnswer:
     features: tuple[float, ...]  # policy.confidence.FEATURES over the judged tokens
     s_prompt: float  # the model's s_hat before it answered
     s_answered: float  # after its confidence was read
-    kept: bool
+    kept: bool  # the user got this answer: kept at the checkpoint, or shown when the cloud failed after it
     label: bool | None = None  # an escalated answer, graded against the cloud's (word overlap)
     task: str = ""  # the turn's task category: the head corrects its reading per task ("" in older records)
     explored: bool = False  # the checkpoint's choice was an exploration turn

@@ -223,7 +223,7 @@ class TurnRunner:
         local = ending.generation
         decision = ending.decision.escalated(judge.why(), judged.explored)
         reply.send(EscalatedFrame(decision_id, decision.model, judged.s_answered, judge.why()))
-        held = None if local.cut else (judged.model, local)  # a whole answer: shown if the cloud fails
+        held = None if local.cut else (judged, local)  # a whole answer: shown if the cloud fails
         try:
             prompt = self.cloud.fit(decision.model, self._prompt(turn, decision, reply, None))
             ending = self._generate(decision_id, turn, decision, self.cloud, prompt, reply, held)
@@ -234,6 +234,7 @@ class TurnRunner:
             right = agreement(local.text, ending.generation.text) >= AGREEMENT
             judged = dataclasses.replace(judged, label=right)
             self.learner.local_label(judged.model, self.decider.local_features(turn), right, judged, shadow=False)
+        judged = ending.judged or judged  # shown after all, if the cloud failed
         return dataclasses.replace(ending, generation=_after(local, ending.generation), judged=judged)
 
     def _generate(
@@ -244,9 +245,9 @@ class TurnRunner:
         backend: Backend,
         prompt: Prompt,
         reply: Reply,
-        held: tuple[str, Generation] | None = None,
+        held: tuple[JudgedAnswer, Generation] | None = None,
     ) -> Ending:
-        """``held``: a whole local answer that an escalation dropped, and its model, for if the cloud fails."""
+        """``held``: a whole local answer that an escalation dropped, and its judgement, for if the cloud fails."""
         started = time.perf_counter()
         try:
             return self._ended(decision, backend.generate(decision.model, prompt), reply)
@@ -264,19 +265,21 @@ class TurnRunner:
         decision: Decision,
         failure: CloudError,
         reply: Reply,
-        held: tuple[str, Generation],
+        held: tuple[JudgedAnswer, Generation],
         waited_ms: float,
     ) -> Ending:
         """The cloud failed after an escalation that dropped a whole local answer: that answer, unsure as it
-        was, is shown rather than made again (the local attempt's time and energy are added by ``_after``)."""
-        model, answer = held
-        local = decision.fallen_back(model, failure.message)
+        was, is shown rather than made again (the local attempt's time and energy are added by ``_after``).
+        It settles with the s_hat its confidence gave, and a label for it trains the confidence head."""
+        judged, answer = held
+        local = decision.fallen_back(judged.model, failure.message).answered(judged.s_answered, False)
         message = f"the cloud answer failed ({failure.message}); showing the local answer it was to replace"
-        reply.send(FallbackFrame(decision_id, model, failure.code, message))
+        reply.send(FallbackFrame(decision_id, judged.model, failure.code, message))
         if turn.request.options.stream:
             reply.send(DeltaFrame(answer.text))
         shown = Generation(answer.text, answer.tokens_in, answer.tokens_out, waited_ms, waited_ms)
-        return Ending(local, _with_partial(shown, failure), "fallback", failure.message)
+        kept = dataclasses.replace(judged, kept=True)
+        return Ending(local, _with_partial(shown, failure), "fallback", failure.message, judged=kept)
 
     def _fall_back(self, decision_id: int, turn: Turn, decision: Decision, failure: CloudError, reply: Reply) -> Ending:
         """The cloud failed: the default local model answers the same turn, under the same record."""

@@ -189,6 +189,10 @@ def test_a_whole_local_answer_is_shown_when_the_cloud_fails_after_its_escalation
     assert "".join(f.text for f in frames if isinstance(f, DeltaFrame)) == forced.text
     row = next(r for r in handle.rows() if r["id"] == fallback.decision)
     assert (row["outcome"], row["backend"], row["tokens_out"]) == ("fallback", "local", forced.done.tokens_out)
+    assert json.loads(row["confidence"])["kept"] is True  # the user got it: their label is about it
+    client.feedback(fallback.decision, True)
+    state = np.load(tmp_path / "held" / "state" / "messplus.npz")
+    assert dict(zip(state["conf_names"].tolist(), state["conf_seen"].tolist()))[LOCAL] == 1
 
 
 def test_the_http_door_names_an_escalation_and_streams_only_the_clouds_answer(
