@@ -380,18 +380,21 @@ def cmd_stop(args: argparse.Namespace) -> int:
     (within daemon.shutdown_grace_s), then exits; this waits for that, up to ``--timeout`` seconds."""
     import time
 
+    from locod.client import listener_pid
+
     with _client(args) as client:
-        pid = int(client.ping()["pid"])
-    try:  # a daemon in another pid namespace (a container) reports a pid that here is someone else's
-        if b"locod" not in Path(f"/proc/{pid}/cmdline").read_bytes():
-            raise ProcessLookupError
+        endpoint = client.endpoint
+    if not endpoint.startswith("ipc://"):
+        raise LocodError(f"locod stop works on this machine's ipc socket, not {endpoint}: stop it where it runs")
+    pid = listener_pid(endpoint[len("ipc://") :])
+    try:
         os.kill(pid, signal.SIGTERM)
     except PermissionError:
         raise LocodError(
             f"locod (pid {pid}) is another user's: for the system service, sudo systemctl stop locod"
         ) from None
-    except (FileNotFoundError, ProcessLookupError):
-        raise LocodError(f"process {pid} here is not that locod: stop it where it runs") from None
+    except ProcessLookupError:
+        raise LocodError(f"locod (pid {pid}) is already gone") from None
     print(f"stopping locod (pid {pid}): turns in flight finish first", file=sys.stderr)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
@@ -411,15 +414,19 @@ def _exited(pid: int) -> bool:
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    """The running daemon's configuration, as it runs; with ``--new`` or ``--set`` (or no daemon running),
-    the one a daemon started now would run with."""
+    """The running daemon's configuration, as it runs; with ``--new`` or ``--set`` (or no daemon running, one
+    too old to say, or ``--config`` naming another file than the daemon's: checking a file before a
+    restart), the one a daemon started now would run with."""
     new = bool(args.new or args.set)
     data, header = _running_config(args) if not new else (None, "")
+    if data is not None and args.config and not _same_file(args.config, str(data["source"])):
+        header = f"the running daemon reads {data['source']}, not this file; "
+        data = None
     if data is None:
         from locod.daemon.config import as_dict
 
         data = as_dict(_config(args))
-        whence = "" if new else "no daemon is running: "
+        whence = "" if new else (header or "no daemon is running: ")
         header = f"# {whence}what `locod serve` would start with now: {_sources(data['source'])}"
     if args.json:
         _print_json(data)
@@ -447,12 +454,20 @@ def _running_config(args: argparse.Namespace) -> tuple[dict[str, Any] | None, st
             reply = client.config()
     except DaemonNotRunning:
         return None, ""
+    except LocodError as exc:
+        if exc.code != "unknown_op":
+            raise
+        return None, "the running daemon is older than this locod and cannot say (restart it); "
     data = reply["config"]
     header = (
         f"# the running daemon's configuration (pid {reply['pid']}): {_sources(data['source'])} as it was "
         "started or last reloaded;\n# `locod config show --new` shows what a daemon started now would use"
     )
     return data, header
+
+
+def _same_file(path: str, source: str) -> bool:
+    return source != "(defaults)" and Path(path).resolve() == Path(source).resolve()
 
 
 def _sources(source: str) -> str:

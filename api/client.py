@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
 import uuid
 from collections.abc import Iterator
@@ -125,6 +126,25 @@ def check_alive(endpoint: str, timeout_s: float = 1.0, *, connect: bool = True) 
             ) from None
 
 
+def listener_pid(socket_path: str) -> int:
+    """The pid of the process listening on an ipc socket, from the kernel (SO_PEERCRED), never from what
+    the daemon says: a pid reported across a pid namespace (a socket shared from a container) is someone
+    else's here, and the kernel gives 0 for a process this namespace cannot see."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(socket_path)
+        except OSError as exc:
+            raise DaemonNotRunning(
+                f"locod is not running at {socket_path} ({exc.strerror or exc}); {HOW_TO_START}"
+            ) from None
+        credentials = probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid = struct.unpack("3i", credentials)[0]
+    if pid <= 0:
+        raise DaemonNotRunning(f"the locod at {socket_path} runs in a process this system cannot see: stop it there")
+    return pid
+
+
 def check_owner(socket_path: Path) -> None:
     """Send nothing to a socket (or its directory) another user owns or can replace: whoever created
     /tmp/locod-$UID first would otherwise receive this user's prompts and attachments. The system unit's
@@ -177,7 +197,8 @@ class Client:
         return request.id
 
     def frames(self, rid: str, timeout_ms: int) -> Iterator[Frame]:
-        """Replies to request ``rid`` until its last frame; raises the reported error on an error frame. While
+        """Replies to request ``rid`` until its last frame; raises the reported error on an error frame.
+        ``timeout_ms`` limits the silence, not the turn: a long answer on a slow device streams on. While
         nothing arrives, the daemon is checked for life every second: one that stopped is noticed at once,
         not after ``timeout_ms``."""
         deadline = time.monotonic() + timeout_ms / 1000
@@ -185,7 +206,7 @@ class Client:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise DaemonNotRunning(
-                    f"locod did not answer at {self.endpoint} within {timeout_ms / 1000:.0f} s; is it running? "
+                    f"nothing from locod at {self.endpoint} for {timeout_ms / 1000:.0f} s; is it running? "
                     f"{HOW_TO_START}"
                 )
             if not self._sock.poll(int(min(left, 1.0) * 1000), zmq.POLLIN):
@@ -199,6 +220,7 @@ class Client:
             yield frame
             if frame.type in LAST_FRAMES:
                 return
+            deadline = time.monotonic() + timeout_ms / 1000
 
     def call(self, op: str, **fields: Any) -> Any:
         if op == "feedback":

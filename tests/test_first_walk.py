@@ -87,6 +87,18 @@ def test_what_the_running_daemon_has_is_what_the_user_is_shown(daemon_factory: A
     assert f'listen = "127.0.0.1:{port}"' in running.stdout
     new = handle.cli("config", "show", "--new")
     assert "what `locod serve` would start with now" in new.stdout and "sla = 0.5" in new.stdout
+    other = handle.config_path.with_name("other.toml")
+    other.write_text("[routing]\nsla = 0.3\n")
+    checked = subprocess.run(
+        locod_command("--config", str(other), "config", "show"), capture_output=True, text=True, env=handle.env
+    )
+    assert "the running daemon reads" in checked.stdout and "not this file" in checked.stdout, checked.stdout
+    assert "sla = 0.3" in checked.stdout  # the file named, checked before a restart
+    other.write_text("[routing]\nsla = 3\n")
+    broken = subprocess.run(
+        locod_command("--config", str(other), "config", "show"), capture_output=True, text=True, env=handle.env
+    )
+    assert broken.returncode != 0 and "routing.sla" in broken.stderr  # said, not hidden behind the daemon's
     listed = handle.cli("models", "list").stdout
     assert "not known to the running daemon until `locod reload`: mine" in listed
 
@@ -189,3 +201,14 @@ def test_an_sla_the_local_model_alone_cannot_reach_is_said_with_what_to_do(daemo
     status = handle.cli("status").stdout
     assert "SLA out of reach" in status and "configure a cloud model or lower routing.sla" in status, status
     assert client.status()["routing"]["q"] < 25  # far from its cap (50)
+
+
+def test_a_long_answer_streams_past_the_clients_silence_limit(daemon_factory: Any) -> None:
+    """The client's turn limit bounds silence, not the turn: an answer that streams for longer than it on a
+    slow device is read to its end, not reported as a daemon that stopped."""
+    handle = daemon_factory({"local": {"max_tokens": 400}, "routing": {"mode": "local"}})
+    handle.client().ask("Hi", max_tokens=2)  # the model is loaded: no silence before the first frame
+    with handle.client(turn_timeout_s=1.0) as client:
+        result = client.ask("Tell a long story about a lighthouse keeper.", temperature=0.0, seed=1)
+    assert result.done.outcome == "ok"
+    assert result.done.latency_ms > 1000, "the answer must outlast the limit for this test to mean anything"
