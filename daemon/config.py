@@ -498,7 +498,7 @@ def _check_names(config: Config, origins: Mapping[str, str]) -> None:
         ("local.default", config.local.default, local_names, "local"),
         ("cloud.default", config.cloud.default, cloud_names, "cloud"),
     ):
-        if default and default not in names:
+        if (default or kind == "local") and default not in names:  # an empty cloud.default: the first one
             raise ConfigError(
                 f"{origins.get(key, config.source)}: {key} is {default!r}, which names no {kind} model "
                 f"({kind} models: {names})"

@@ -174,6 +174,8 @@ def status_of(frame: ErrorFrame) -> int:
         return 503
     if frame.kind == "busy":
         return 429
+    if frame.kind in ("unknown_model", "unknown_decision"):
+        return 404
     if frame.kind in ("bad_request", "protocol", "bad_attachment", "prompt_too_long"):
         return 400
     return 502 if frame.kind == "cloud" else 500

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from locod.policy.confidence import ConfidenceHead
+from locod.policy.confidence import ConfidenceHead, loadable
 from locod.policy.price import SlaPrice
 from locod.policy.tasks import TASKS
 from locod.policy.warmstart import Prior
@@ -402,6 +402,8 @@ class MessPlus:
                     state.z = float(data["z"])
                     state.price.restore(data["price_bases"], data["price_steps"])
                     for name, w, seen in zip(data["conf_names"], data["conf_weights"], data["conf_seen"]):
+                        if not loadable(w):
+                            raise ValueError(f"confidence head of {name} has {w.shape} weights")
                         state.confidence[str(name)] = ConfidenceHead(w)
                         state.confidence[str(name)].seen = int(seen)
         except Exception as exc:  # corrupt, truncated, foreign: never let it poison routing

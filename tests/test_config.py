@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from locod.daemon import config as config_module
 from locod.daemon.config import load_config
 from locod.errors import ConfigError
 
@@ -63,6 +64,7 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ('[[local.models]]\nname = "x"\n', "local.models[0].path is required"),
         ('[[cloud.models]]\nname = "c"\nbase_url = "ftp://x"\nmodel = "m"\n', "base_url must be http(s)"),
         ('[local]\ndefault = "ghost"\n', "local.default is 'ghost', which names no local model"),
+        ('[local]\ndefault = ""\n', "local.default is '', which names no local model"),
         ('[paths]\nallow_dirs = "/tmp"\n', "paths.allow_dirs expects a list of strings, got str"),
         ("this is = = not toml", "not valid TOML"),
     ],
@@ -98,7 +100,10 @@ def test_out_of_range_overrides_name_their_source_not_the_file(
     assert info.value.message.startswith(message), info.value.message
 
 
-def test_an_unknown_locod_variable_is_warned_of_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_an_unknown_locod_variable_is_warned_of_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(config_module, "_warned", set())  # once per process: start this one afresh
     env = {"LOCOD_SLAA": "0.9", "LOCOD_VENV": ".venv"}
     load_config(write(tmp_path, ""), env=env)
     load_config(write(tmp_path, ""), env=env)

@@ -292,6 +292,7 @@ def test_image_parts_become_attachments_and_remote_urls_are_refused() -> None:
         ("protocol", "shutting_down", 503),
         ("busy", "cancelled", 503),
         ("cloud", "cloud_http", 502),
+        ("unknown_model", "unknown_model", 404),  # a model a reload removed after the door's own check
         ("error", "internal", 500),
     ],
 )

@@ -93,6 +93,28 @@ def test_state_written_before_the_price_still_loads(tmp_path: Path) -> None:
     assert again.state.q == 2.0 and again.state.z == 0.0 and len(again.state.price.turns) == 0
 
 
+def test_state_with_a_head_of_the_layout_before_per_task_terms_loads_and_a_foreign_one_is_set_aside(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "messplus.npz"
+    m = MessPlus({"local": 0.5}, sla=0.5, v=1.0, explore_c=0.0, q_cap=50.0, path=path)
+    m.confidence_head("local").weights[-1] = 0.7  # a per-task term
+    m.state.q = 2.0
+    m.save()
+
+    def rewrite(conf_weights: np.ndarray) -> MessPlus:
+        with np.load(path) as data:
+            arrays = {k: data[k] for k in data.files}
+        np.savez(path, **{**arrays, "conf_weights": conf_weights})
+        return MessPlus({"local": 0.5}, sla=0.5, v=1.0, explore_c=0.0, q_cap=50.0, path=path)
+
+    before = rewrite(np.array([[1.0, *([0.0] * len(confidence.FEATURES)), 0.3]]))  # [a, w, b]: 8 weights
+    assert before.state.q == 2.0 and before.confidence_head("local").weights[len(confidence.FEATURES) + 1] == 0.3
+    before.save()
+    foreign = rewrite(np.zeros((1, 5)))
+    assert foreign.state.q == 0.0 and list(tmp_path.glob("messplus.npz.bad-*"))
+
+
 def answer(logprobs: list[float], tokens: list[str] | None = None) -> confidence.Answer:
     return confidence.Answer("What is the plural of the word mouse?", tokens or ["w"] * len(logprobs), logprobs)
 
