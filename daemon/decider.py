@@ -192,9 +192,9 @@ class Decider:
             probabilities=probabilities,
             policy_version=self.policy.version if log_pi and self.policy else None,
         )
-        reason = self._reason(chosen, explored, routing, access, candidates)
+        reason = self._reason(chosen, explored, routing, access, candidates, plan is not None)
         if plan is not None:
-            reason += f"; answers locally first, escalates to {plan.model} if unsure"
+            reason += f"; escalates to {plan.model} if unsure"
         return Decision(chosen.location, chosen.model, chosen.send, reason, explored, routing, escalation=plan)
 
     def _escalation(
@@ -238,13 +238,22 @@ class Decider:
         )
 
     def _reason(
-        self, chosen: Candidate, explored: bool, routing: Routing, access: CloudAccess, candidates: dict[str, Candidate]
+        self,
+        chosen: Candidate,
+        explored: bool,
+        routing: Routing,
+        access: CloudAccess,
+        candidates: dict[str, Candidate],
+        planned: bool,
     ) -> str:
+        """Why, in words, with the numbers it was decided on; ``planned``: the rule chooses at the answer's
+        checkpoint (answer locally, escalate if unsure)."""
         if explored:
             why = "explored (MESS+ exploration turn)"
         else:
             policy = " with the TMO policy" if routing.policy_version is not None else ""
-            why = f"MESS+{policy}: the best trade of predicted satisfaction for cost ({_trade(chosen.key, routing)}"
+            choice = "answers locally first" if planned else "the best trade of predicted satisfaction for cost"
+            why = f"MESS+{policy}: {choice} ({_trade(chosen.key, routing)}"
             rivals = [c.key for c in candidates.values() if c.location != chosen.location]
             if rivals:
                 rival = max(rivals, key=routing.s_hat.__getitem__)
