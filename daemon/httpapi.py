@@ -235,6 +235,9 @@ class HttpServer:
                     yield json.dumps(wire.chunk(exchange.id, model, {"content": frame.text}))
                 elif isinstance(frame, FallbackFrame):
                     exchange.fallback, model = frame.message, frame.model
+                    if parts:  # the cloud's text went out and cannot be taken back: say where it breaks off
+                        parts.append(wire.BROKE_OFF)  # all the client got: what its next request repeats
+                        yield json.dumps(wire.chunk(exchange.id, model, {"content": wire.BROKE_OFF}))
                 elif isinstance(frame, EscalatedFrame):  # no local text was sent: the cloud's answer follows
                     exchange.escalated, model = frame.message, frame.model
                 elif isinstance(frame, ErrorFrame):

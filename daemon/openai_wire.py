@@ -166,6 +166,11 @@ def _image(url: Any, where: str, index: int) -> Attachment:
 # -- answers -----------------------------------------------------------------------------------------
 
 
+# Streamed after the cloud's partial text when its stream broke and the local model answers instead: an
+# OpenAI client cannot discard text it was sent (the socket's clients do, on the ``fallback`` frame).
+BROKE_OFF = "\n\n[the cloud's answer broke off here; the local model answers instead]\n\n"
+
+
 def status_of(frame: ErrorFrame) -> int:
     """The HTTP status for a daemon's error frame."""
     if frame.code in ("too_large", "attachment_too_large"):

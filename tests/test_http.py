@@ -26,7 +26,7 @@ from locod.errors import ConfigError
 from locod.protocol import ErrorFrame
 
 from .conftest import SECRET, DaemonHandle, cloud_config, free_port, wait_for
-from .faultproxy import FaultProxy, image_parts
+from .faultproxy import Fault, FaultProxy, image_parts
 
 LOCAL = "smollm2-135m-instruct"
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -350,3 +350,23 @@ def test_an_image_the_model_could_not_see_is_flagged(daemon_factory: Any) -> Non
     assert "cannot see images" in last.model_extra["locod"]["notice"]  # type: ignore[index]
     plain = sdk(base).chat.completions.create(model=LOCAL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     assert "notice" not in (plain.model_extra or {})["locod"]
+
+
+def test_a_cloud_stream_that_breaks_is_marked_where_it_broke(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """An OpenAI client cannot discard the cloud's text it was already sent: the stream says where it broke
+    off before the local answer follows."""
+    handle, base = http_daemon(daemon_factory, cloud_config(proxy.base_url, mode="auto", timeout_s=60.0))
+    proxy.set(Fault("cut", cut_after_chunks=3, times=1))
+    chunks = list(
+        sdk(base).chat.completions.create(
+            model="cloud-small",
+            messages=[{"role": "user", "content": "Tell me about the sea."}],
+            max_tokens=16,
+            stream=True,
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    cloud_part, marker, local_part = text.partition("[the cloud's answer broke off here; the local model answers")
+    assert cloud_part.strip() and marker and local_part.strip(), text
+    assert (chunks[-1].model_extra or {})["locod"]["outcome"] == "fallback"
+    assert handle.rows()[0]["outcome"] == "fallback"
