@@ -376,17 +376,24 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    """SIGTERM to the daemon's pid (from its own ping): it refuses new turns, lets those in flight finish
-    (within daemon.shutdown_grace_s), then exits; this waits for that, up to ``--timeout`` seconds."""
+    """SIGTERM to the daemon: it refuses new turns, lets those in flight finish (within
+    daemon.shutdown_grace_s), then exits; this waits for that, up to ``--timeout`` seconds. Only a process
+    that answers locod's ping with the pid the kernel names as the socket's listener is signalled."""
     import time
 
     from locod.client import listener_pid
 
+    if not args.endpoint:
+        _config(args)  # a config that does not load names no socket: never fall back to another daemon's
     with _client(args) as client:
         endpoint = client.endpoint
-    if not endpoint.startswith("ipc://"):
-        raise LocodError(f"locod stop works on this machine's ipc socket, not {endpoint}: stop it where it runs")
-    pid = listener_pid(endpoint[len("ipc://") :])
+        reported = int(client.ping()["pid"])  # something that is not locod does not answer
+    path = endpoint[len("ipc://") :]
+    if not endpoint.startswith("ipc://") or Path(path).is_symlink():
+        raise LocodError(f"locod stop signals only a daemon on a socket file of this machine, not {endpoint}")
+    pid = listener_pid(path)
+    if pid != reported:
+        raise LocodError(f"the locod at {endpoint} runs in another pid namespace (a container?): stop it there")
     try:
         os.kill(pid, signal.SIGTERM)
     except PermissionError:

@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from .conftest import REPO, SECRET, cloud_config, free_port, locod_command
+from .conftest import REPO, SECRET, cloud_config, free_port, locod_command, wait_for
 from .faultproxy import Fault, FaultProxy
 
 
@@ -212,3 +212,23 @@ def test_a_long_answer_streams_past_the_clients_silence_limit(daemon_factory: An
         result = client.ask("Tell a long story about a lighthouse keeper.", temperature=0.0, seed=1)
     assert result.done.outcome == "ok"
     assert result.done.latency_ms > 1000, "the answer must outlast the limit for this test to mean anything"
+
+
+def test_locod_stop_signals_nothing_but_a_locod_that_answers(tmp_path: Path) -> None:
+    """A socket another program listens on (named directly, or through a symlink where locod's socket would
+    be) is not a daemon to stop: nothing that does not answer locod's ping is signalled."""
+    path = tmp_path / "other.sock"
+    listen = f"import socket, time; s = socket.socket(socket.AF_UNIX); s.bind({str(path)!r}); s.listen()"
+    decoy = subprocess.Popen([sys.executable, "-c", listen + "; time.sleep(120)"])
+    try:
+        wait_for(path.exists, 30, "the decoy's socket")
+        env = clean_env(tmp_path)
+        named = locod(env, "stop", "--endpoint", f"ipc://{path}")
+        assert named.returncode != 0 and decoy.poll() is None, named.stderr
+        (tmp_path / "run").mkdir(mode=0o700)
+        (tmp_path / "run" / "locod.sock").symlink_to(path)
+        linked = locod(env, "stop")
+        assert linked.returncode != 0 and decoy.poll() is None, linked.stderr
+    finally:
+        decoy.kill()
+        decoy.wait()
