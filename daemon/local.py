@@ -8,18 +8,16 @@ touches the zoo, so loading and generating need no lock of their own.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import itertools
 import logging
 import os
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Generator, Hashable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Generator, Hashable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -44,8 +42,6 @@ TEMPLATE_SLACK_TOKENS = 32
 MIN_ANSWER_TOKENS = 16
 # local.cache_mb = -1: keep this many full-context dialogue states, within a quarter of the free memory.
 AUTO_CACHE_DIALOGUES = 8
-# How long fit lets the reading thread go first; a bound, so a starved thread cannot hold up the turn.
-READER_HEAD_START_S = 0.05
 
 
 def resolve_path(model: LocalModelConfig, models_dir: Path) -> Path:
@@ -69,22 +65,11 @@ def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class Opened:
-    """A stream being read: its first chunk, when reading began, and its tokens' log-probs if asked for."""
+    """A stream to read: when reading began, and its tokens' log-probs if asked for."""
 
     stream: Generator[Any, None, None]
-    head: list[Any]
     started: float
     logprobs: TokenLogprobs | None
-
-
-@dataclass
-class Reading:
-    """A fitted prompt the answering thread reads ahead, before its turn is accepted."""
-
-    prompt: Prompt
-    started: threading.Event = field(default_factory=threading.Event)  # the answering thread has begun
-    go: threading.Event = field(default_factory=threading.Event)  # set by generate (accepted) or by a drop
-    dropped: bool = False
 
 
 class AnswerStream:
@@ -352,19 +337,9 @@ class LocalBackend:
         self.gate = FairGate()
         self.tokens_per_s: float | None = None  # EWMA of measured generation speed
         self.turn_time = TurnTime()  # EWMA of a local turn's wall time: what each turn ahead makes one wait
-        # Reads a fitted prompt while the turn's own thread commits its record, then answers it: the first
-        # token leaves from the thread that computed it. One at a time (the gate).
-        self._answering = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-answer")
-        self._reading: tuple[Reading, Future[Generation | None]] | None = None
 
-    @contextlib.contextmanager
-    def slot(self, client: Hashable, cancelled: threading.Event) -> Iterator[bool]:
-        with self.gate.slot(client, cancelled) as granted:
-            try:
-                yield granted
-            finally:
-                if granted:  # a turn that never got the gate must not touch the holder's reading
-                    self._drop_reading()  # a prompt read but never generated: the next turn needs the model idle
+    def slot(self, client: Hashable, cancelled: threading.Event) -> AbstractContextManager[bool]:
+        return self.gate.slot(client, cancelled)
 
     def expected_wait_s(self) -> float:
         """How long a turn queued now would wait for the local model: the turns ahead of it (waiting, and the
@@ -372,48 +347,22 @@ class LocalBackend:
         return self.turn_time.expected_wait_s(self.gate.waiting + self.gate.busy)
 
     def fit(self, model: str, prompt: Prompt) -> Prompt:
-        """Load the model and fit the messages to its context (raises before anything is generated), then
-        start reading the prompt: llama.cpp evaluates it while the turn commits its record."""
+        """Load the model and fit the messages to its context; raises before anything is generated."""
         loaded = self.zoo.get(model)
         messages = cast(list[dict[str, str]], prompt.messages)  # local prompts are text only
         fitted, tokens_in, budget = fit_to_context(loaded.llm, messages, prompt.max_tokens)
         fitted_messages = cast(list[dict[str, object]], fitted)
-        ready = dataclasses.replace(prompt, messages=fitted_messages, max_tokens=budget, tokens_in=tokens_in)
-        self._drop_reading()
-        reading = Reading(ready)
-        self._reading = (reading, self._answering.submit(self._read_ahead, model, loaded, reading))
-        # The prompt's reading is the first token's path, the commit (an fsync) usually the shorter: the
-        # reader takes the interpreter first, this thread builds and commits the record while llama.cpp runs.
-        reading.started.wait(READER_HEAD_START_S)
-        return ready
+        return dataclasses.replace(prompt, messages=fitted_messages, max_tokens=budget, tokens_in=tokens_in)
 
     def generate(self, model: str, prompt: Prompt) -> Generation:
-        """Stream the answer; nothing is passed on before this call, so a turn's record is committed first."""
-        reading = self._reading
-        if reading is not None and reading[0].prompt is prompt:
-            self._reading = None
-            reading[0].go.set()
-            answer = reading[1].result()
-            assert answer is not None  # only a dropped reading has none
-            return answer
-        self._drop_reading()
+        """Read the prompt and stream the answer from this thread, the one the first token leaves from."""
         loaded = self.zoo.get(model)
         return self._answer(loaded, prompt, self._open(model, loaded, prompt))
-
-    def _read_ahead(self, model: str, loaded: LoadedModel, reading: Reading) -> Generation | None:
-        """Read the prompt, wait until the turn is accepted, then answer it from this thread."""
-        reading.started.set()
-        opened = self._open(model, loaded, reading.prompt)
-        reading.go.wait()
-        if reading.dropped:
-            opened.stream.close()
-            return None
-        return self._answer(loaded, reading.prompt, opened)
 
     def _answer(self, loaded: LoadedModel, prompt: Prompt, opened: Opened) -> Generation:
         answer, cut = AnswerStream(prompt, loaded.llm, opened.logprobs), True
         try:
-            for chunk in itertools.chain(opened.head, opened.stream):
+            for chunk in opened.stream:
                 if prompt.cancelled.is_set():
                     break
                 delta = chunk["choices"][0]["delta"].get("content")
@@ -451,8 +400,8 @@ class LocalBackend:
             self.turn_time.observe(end - started)
 
     def _open(self, model: str, loaded: LoadedModel, prompt: Prompt) -> Opened:
-        """Give the context this dialogue's state and read the stream's first chunk: by then llama.cpp has
-        evaluated the prompt and sampled the first token."""
+        """Give the context this dialogue's state and open the answer's stream (llama.cpp reads the prompt
+        when its first chunk is asked for)."""
         started = time.perf_counter()
         self.zoo.cache.begin_turn(model, loaded.llm, prompt.session)
         logprobs = TokenLogprobs(loaded.llm) if prompt.logprobs or prompt.checkpoint else None
@@ -464,14 +413,4 @@ class LocalBackend:
             stream=True,
             logits_processor=None if logprobs is None else LogitsProcessorList([logprobs]),
         )
-        return Opened(stream, list(itertools.islice(stream, 1)), started, logprobs)
-
-    def _drop_reading(self) -> None:
-        """A prompt read but never generated: wait for its thread, so the next turn finds the model idle."""
-        reading, self._reading = self._reading, None
-        if reading is None:
-            return
-        reading[0].dropped = True
-        reading[0].go.set()
-        with contextlib.suppress(Exception):  # a failed read is over too
-            reading[1].result()
+        return Opened(stream, started, logprobs)
