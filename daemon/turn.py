@@ -8,7 +8,8 @@
 A turn is *accepted* when its ``decision`` frame is sent, which happens only after its record is committed;
 from then on it ends with a completed record and a ``done`` or ``error`` frame, whatever happens, a bug
 included. Anything refused before that (bad attachment, prompt longer than the context, storage down) gets
-an ``error`` frame and writes nothing.
+an ``error`` frame and writes nothing. A local turn's record is begun beside the reading of its prompt, and
+its answer's first text waits for it (``Acceptance``).
 """
 
 from __future__ import annotations
