@@ -8,18 +8,16 @@ touches the zoo, so loading and generating need no lock of their own.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import itertools
 import logging
 import os
 import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Generator, Hashable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Generator, Hashable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -42,10 +40,11 @@ log = logging.getLogger(__name__)
 PER_MESSAGE_TOKENS = 6
 TEMPLATE_SLACK_TOKENS = 32
 MIN_ANSWER_TOKENS = 16
+# Vocabularies (GGUF ``tokenizer.ggml.model``) where every token of plain text stands for at least one of its
+# bytes, but for the one space SentencePiece ("llama") may put in front: a text has at most bytes + 1 tokens.
+BYTE_BOUNDED_VOCABS = ("gpt2", "llama")
 # local.cache_mb = -1: keep this many full-context dialogue states, within a quarter of the free memory.
 AUTO_CACHE_DIALOGUES = 8
-# How long fit lets the reading thread go first; a bound, so a starved thread cannot hold up the turn.
-READER_HEAD_START_S = 0.05
 
 
 def resolve_path(model: LocalModelConfig, models_dir: Path) -> Path:
@@ -69,22 +68,11 @@ def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
 
 @dataclass(frozen=True)
 class Opened:
-    """A stream being read: its first chunk, when reading began, and its tokens' log-probs if asked for."""
+    """A stream to read: when reading began, and its tokens' log-probs if asked for."""
 
     stream: Generator[Any, None, None]
-    head: list[Any]
     started: float
     logprobs: TokenLogprobs | None
-
-
-@dataclass
-class Reading:
-    """A fitted prompt the answering thread reads ahead, before its turn is accepted."""
-
-    prompt: Prompt
-    started: threading.Event = field(default_factory=threading.Event)  # the answering thread has begun
-    go: threading.Event = field(default_factory=threading.Event)  # set by generate (accepted) or by a drop
-    dropped: bool = False
 
 
 class AnswerStream:
@@ -303,6 +291,17 @@ def longest_token_bytes(llm: Llama) -> int:
 
 def fit_to_context(
     llm: Llama, messages: list[dict[str, str]], max_tokens: int
+) -> tuple[list[dict[str, str]], int | None, int]:
+    """``trim_to_context``, but messages that fit by their size alone are not tokenised (about a second per
+    megabyte, in the first token's path): they are kept whole, their prompt tokens None (``prompt_tokens``
+    counts them once the answer is out)."""
+    if fits_by_size(llm, messages, max_tokens):
+        return _from_a_user(*_split(messages)), None, max_tokens
+    return trim_to_context(llm, messages, max_tokens)
+
+
+def trim_to_context(
+    llm: Llama, messages: list[dict[str, str]], max_tokens: int
 ) -> tuple[list[dict[str, str]], int, int]:
     """Trim history to the context window; returns (messages, prompt tokens, answer budget).
 
@@ -310,38 +309,69 @@ def fit_to_context(
     ``max_tokens``; older messages are dropped oldest first until the rest fits, and kept history
     starts at a user message. A newest message that leaves no room for ``MIN_ANSWER_TOKENS`` is an error.
     """
+    system, history, last = _split(messages)
     n_ctx = llm.n_ctx()
     # Tokenising costs about a second per megabyte: text longer than the context could hold at the longest
     # token the vocabulary has is refused (or dropped from history) by its size alone, unread.
     most_bytes = n_ctx * longest_token_bytes(llm)
 
     def cost(message: dict[str, str]) -> int:
-        data = message["content"].encode()
-        if len(data) > most_bytes:
-            return n_ctx + 1
-        return len(llm.tokenize(data, add_bos=False, special=False)) + PER_MESSAGE_TOKENS
+        return n_ctx + 1 if len(message["content"].encode()) > most_bytes else _message_tokens(llm, message)
 
-    system = [m for m in messages if m["role"] == "system"]
-    dialogue = [m for m in messages if m["role"] != "system"]
-    size = len(dialogue[-1]["content"].encode())
+    size = len(last["content"].encode())
     if size > most_bytes:
         raise PromptTooLong(
             f"the prompt is {size} bytes; the model's {n_ctx}-token context holds at most {most_bytes} bytes of it"
         )
-    fixed = TEMPLATE_SLACK_TOKENS + sum(cost(m) for m in system) + cost(dialogue[-1])
+    fixed = TEMPLATE_SLACK_TOKENS + sum(cost(m) for m in system) + cost(last)
     if fixed + MIN_ANSWER_TOKENS > n_ctx:
         raise PromptTooLong(f"the prompt needs about {fixed} tokens; the model's context is {n_ctx} tokens")
     answer = min(max_tokens, n_ctx - fixed)
     room = n_ctx - fixed - answer
     kept: list[dict[str, str]] = []
-    for message in reversed(dialogue[:-1]):
+    for message in reversed(history):
         room -= cost(message)
         if room < 0:
             break
         kept.insert(0, message)
-    while kept and kept[0]["role"] != "user":
-        kept.pop(0)
-    return [*system, *kept, dialogue[-1]], fixed + sum(cost(m) for m in kept), answer
+    fitted = _from_a_user(system, kept, last)
+    return fitted, fixed + sum(cost(m) for m in fitted[len(system) : -1]), answer
+
+
+def fits_by_size(llm: Llama, messages: list[dict[str, str]], max_tokens: int) -> bool:
+    """Whether the messages and the whole answer budget fit the context counting each byte as a token (the
+    most a text can have in a vocabulary of ``BYTE_BOUNDED_VOCABS``): then tokenising would trim nothing."""
+    if llm.metadata.get("tokenizer.ggml.model") not in BYTE_BOUNDED_VOCABS:
+        return False
+    most = TEMPLATE_SLACK_TOKENS + sum(len(m["content"].encode()) + 1 + PER_MESSAGE_TOKENS for m in messages)
+    return most + max(max_tokens, MIN_ANSWER_TOKENS) <= llm.n_ctx()
+
+
+def prompt_tokens(llm: Llama, prompt: Prompt) -> int:
+    """A fitted prompt's tokens: as ``fit_to_context`` counted them, or, where their size alone said they fit,
+    counted now the same way (content tokens, the template's allowance)."""
+    if prompt.tokens_in is not None:
+        return prompt.tokens_in
+    messages = cast(list[dict[str, str]], prompt.messages)
+    return TEMPLATE_SLACK_TOKENS + sum(_message_tokens(llm, m) for m in messages)
+
+
+def _message_tokens(llm: Llama, message: dict[str, str]) -> int:
+    return len(llm.tokenize(message["content"].encode(), add_bos=False, special=False)) + PER_MESSAGE_TOKENS
+
+
+def _split(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], list[dict[str, str]], dict[str, str]]:
+    """(system messages, the dialogue's history, its newest message)."""
+    dialogue = [m for m in messages if m["role"] != "system"]
+    return [m for m in messages if m["role"] == "system"], dialogue[:-1], dialogue[-1]
+
+
+def _from_a_user(
+    system: list[dict[str, str]], history: list[dict[str, str]], last: dict[str, str]
+) -> list[dict[str, str]]:
+    """The system messages, the history from its first user message on, the newest message."""
+    first = next((i for i, m in enumerate(history) if m["role"] == "user"), len(history))
+    return [*system, *history[first:], last]
 
 
 class LocalBackend:
@@ -352,19 +382,9 @@ class LocalBackend:
         self.gate = FairGate()
         self.tokens_per_s: float | None = None  # EWMA of measured generation speed
         self.turn_time = TurnTime()  # EWMA of a local turn's wall time: what each turn ahead makes one wait
-        # Reads a fitted prompt while the turn's own thread commits its record, then answers it: the first
-        # token leaves from the thread that computed it. One at a time (the gate).
-        self._answering = ThreadPoolExecutor(max_workers=1, thread_name_prefix="local-answer")
-        self._reading: tuple[Reading, Future[Generation | None]] | None = None
 
-    @contextlib.contextmanager
-    def slot(self, client: Hashable, cancelled: threading.Event) -> Iterator[bool]:
-        with self.gate.slot(client, cancelled) as granted:
-            try:
-                yield granted
-            finally:
-                if granted:  # a turn that never got the gate must not touch the holder's reading
-                    self._drop_reading()  # a prompt read but never generated: the next turn needs the model idle
+    def slot(self, client: Hashable, cancelled: threading.Event) -> AbstractContextManager[bool]:
+        return self.gate.slot(client, cancelled)
 
     def expected_wait_s(self) -> float:
         """How long a turn queued now would wait for the local model: the turns ahead of it (waiting, and the
@@ -372,48 +392,22 @@ class LocalBackend:
         return self.turn_time.expected_wait_s(self.gate.waiting + self.gate.busy)
 
     def fit(self, model: str, prompt: Prompt) -> Prompt:
-        """Load the model and fit the messages to its context (raises before anything is generated), then
-        start reading the prompt: llama.cpp evaluates it while the turn commits its record."""
+        """Load the model and fit the messages to its context; raises before anything is generated."""
         loaded = self.zoo.get(model)
         messages = cast(list[dict[str, str]], prompt.messages)  # local prompts are text only
         fitted, tokens_in, budget = fit_to_context(loaded.llm, messages, prompt.max_tokens)
         fitted_messages = cast(list[dict[str, object]], fitted)
-        ready = dataclasses.replace(prompt, messages=fitted_messages, max_tokens=budget, tokens_in=tokens_in)
-        self._drop_reading()
-        reading = Reading(ready)
-        self._reading = (reading, self._answering.submit(self._read_ahead, model, loaded, reading))
-        # The prompt's reading is the first token's path, the commit (an fsync) usually the shorter: the
-        # reader takes the interpreter first, this thread builds and commits the record while llama.cpp runs.
-        reading.started.wait(READER_HEAD_START_S)
-        return ready
+        return dataclasses.replace(prompt, messages=fitted_messages, max_tokens=budget, tokens_in=tokens_in)
 
     def generate(self, model: str, prompt: Prompt) -> Generation:
-        """Stream the answer; nothing is passed on before this call, so a turn's record is committed first."""
-        reading = self._reading
-        if reading is not None and reading[0].prompt is prompt:
-            self._reading = None
-            reading[0].go.set()
-            answer = reading[1].result()
-            assert answer is not None  # only a dropped reading has none
-            return answer
-        self._drop_reading()
+        """Read the prompt and stream the answer from this thread, the one the first token leaves from."""
         loaded = self.zoo.get(model)
         return self._answer(loaded, prompt, self._open(model, loaded, prompt))
-
-    def _read_ahead(self, model: str, loaded: LoadedModel, reading: Reading) -> Generation | None:
-        """Read the prompt, wait until the turn is accepted, then answer it from this thread."""
-        reading.started.set()
-        opened = self._open(model, loaded, reading.prompt)
-        reading.go.wait()
-        if reading.dropped:
-            opened.stream.close()
-            return None
-        return self._answer(loaded, reading.prompt, opened)
 
     def _answer(self, loaded: LoadedModel, prompt: Prompt, opened: Opened) -> Generation:
         answer, cut = AnswerStream(prompt, loaded.llm, opened.logprobs), True
         try:
-            for chunk in itertools.chain(opened.head, opened.stream):
+            for chunk in opened.stream:
                 if prompt.cancelled.is_set():
                     break
                 delta = chunk["choices"][0]["delta"].get("content")
@@ -429,7 +423,7 @@ class LocalBackend:
         tokens, logprobs = answer.scored() if prompt.logprobs else ((), ())  # a checkpoint read its own
         return Generation(
             text="".join(answer.parts),
-            tokens_in=prompt.tokens_in or 0,
+            tokens_in=prompt_tokens(loaded.llm, prompt),
             tokens_out=len(answer.parts),
             first_token_ms=None if answer.shown is None else (answer.shown - opened.started) * 1000,
             total_ms=(end - opened.started) * 1000,
@@ -451,8 +445,8 @@ class LocalBackend:
             self.turn_time.observe(end - started)
 
     def _open(self, model: str, loaded: LoadedModel, prompt: Prompt) -> Opened:
-        """Give the context this dialogue's state and read the stream's first chunk: by then llama.cpp has
-        evaluated the prompt and sampled the first token."""
+        """Give the context this dialogue's state and open the answer's stream (llama.cpp reads the prompt
+        when its first chunk is asked for)."""
         started = time.perf_counter()
         self.zoo.cache.begin_turn(model, loaded.llm, prompt.session)
         logprobs = TokenLogprobs(loaded.llm) if prompt.logprobs or prompt.checkpoint else None
@@ -464,14 +458,4 @@ class LocalBackend:
             stream=True,
             logits_processor=None if logprobs is None else LogitsProcessorList([logprobs]),
         )
-        return Opened(stream, list(itertools.islice(stream, 1)), started, logprobs)
-
-    def _drop_reading(self) -> None:
-        """A prompt read but never generated: wait for its thread, so the next turn finds the model idle."""
-        reading, self._reading = self._reading, None
-        if reading is None:
-            return
-        reading[0].dropped = True
-        reading[0].go.set()
-        with contextlib.suppress(Exception):  # a failed read is over too
-            reading[1].result()
+        return Opened(stream, started, logprobs)

@@ -8,7 +8,8 @@
 A turn is *accepted* when its ``decision`` frame is sent, which happens only after its record is committed;
 from then on it ends with a completed record and a ``done`` or ``error`` frame, whatever happens, a bug
 included. Anything refused before that (bad attachment, prompt longer than the context, storage down) gets
-an ``error`` frame and writes nothing.
+an ``error`` frame and writes nothing. A local turn's record is begun beside the reading of its prompt, and
+its answer's first text waits for it (``Acceptance``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from locod.daemon import attachments as att
@@ -111,6 +113,36 @@ class Ending:
 EMPTY = Generation("", 0, 0, None, 0.0)
 
 
+class Acceptance:
+    """A turn's record being begun: committed, then the ``decision`` frame sent. No text of the answer
+    leaves before it (``gate``), so accepted still means committed while the record commits beside the
+    prompt's reading."""
+
+    def __init__(self, begun: Future[int]) -> None:
+        self.begun = begun
+
+    @classmethod
+    def of(cls, decision_id: int) -> Acceptance:
+        """A record already begun."""
+        begun: Future[int] = Future()
+        begun.set_result(decision_id)
+        return cls(begun)
+
+    def decision_id(self) -> int:
+        """The record's id, once committed; raises what refused the turn if it could not be begun."""
+        return self.begun.result()
+
+    def gate(self, prompt: Prompt) -> Prompt:
+        """The prompt whose answer's text waits for the commit."""
+        pass_on = prompt.on_delta
+
+        def on_delta(text: str) -> None:
+            self.begun.result()
+            pass_on(text)
+
+        return dataclasses.replace(prompt, on_delta=on_delta)
+
+
 def _with_partial(generation: Generation, failure: CloudError) -> Generation:
     """A local answer after a cut cloud stream also pays for what the cloud streamed before the cut (real
     providers bill it), at the cut answer's price, an estimate unless the endpoint reported usage."""
@@ -160,6 +192,9 @@ class TurnRunner:
         self.learner = learner
         self.telemetry = telemetry
         self.shadow = shadow
+        # Commits a local turn's record while the turn's own thread reads its prompt; local turns take the
+        # gate one at a time, so one thread serves them.
+        self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="record")
 
     def run(self, request: ChatRequest, client: bytes, reply: Reply) -> None:
         try:
@@ -200,17 +235,33 @@ class TurnRunner:
                 reply.send(ErrorFrame(Busy.code, "cancelled", reply.cancel_reason))
                 return
             prompt = backend.fit(decision.model, self._prompt(turn, decision, reply, judge))  # may refuse
-            decision_id = self._accept(turn, decision, decide_ms, reply)
-            try:
-                ending = self._generate(decision_id, turn, decision, backend, prompt, reply)
-            except LocodError as exc:
-                ending = Ending.failed(decision, exc)
-            except Exception as exc:  # accepted turns end with a finished record, a bug included
-                log.exception("turn %s failed after it was accepted", turn.request.id)
-                ending = Ending(decision, EMPTY, "error", f"internal error: {type(exc).__name__}", "error", "internal")
+            accepted = self._begin(turn, decision, decide_ms, reply)
+            ending = self._answered(accepted, turn, decision, backend, accepted.gate(prompt), reply)
+            decision_id = accepted.decision_id()
         if judge is not None and judge.judged is not None:
             ending = self._judged(decision_id, turn, ending, judge, reply)  # the local model is free again
         self._finish(decision_id, turn, ending, reply)
+
+    def _begin(self, turn: Turn, decision: Decision, decide_ms: float, reply: Reply) -> Acceptance:
+        """Begin the turn's record. A local turn's is committed by the recorder thread while this one reads
+        the prompt (the fsync leaves the first token's path); a cloud turn's first, before anything is
+        sent (and paid for)."""
+        if decision.location == "local":
+            return Acceptance(self._recorder.submit(self._accept, turn, decision, decide_ms, reply))
+        return Acceptance.of(self._accept(turn, decision, decide_ms, reply))
+
+    def _answered(
+        self, accepted: Acceptance, turn: Turn, decision: Decision, backend: Backend, prompt: Prompt, reply: Reply
+    ) -> Ending:
+        """Generate; once the turn is accepted it ends with an ``Ending`` whatever happens, a bug included."""
+        try:
+            return self._generate(accepted, turn, decision, backend, prompt, reply)
+        except Exception as exc:
+            accepted.decision_id()  # no record begun: what stopped it refuses the turn (raised from here)
+            if isinstance(exc, LocodError):
+                return Ending.failed(decision, exc)
+            log.exception("turn %s failed after it was accepted", turn.request.id)
+            return Ending(decision, EMPTY, "error", f"internal error: {type(exc).__name__}", "error", "internal")
 
     def _judged(self, decision_id: int, turn: Turn, ending: Ending, judge: AnswerJudge, reply: Reply) -> Ending:
         """A local answer whose checkpoint ran: kept (the queue settles with its corrected s_hat), or dropped
@@ -226,7 +277,7 @@ class TurnRunner:
         held = None if local.cut else (judged, local)  # a whole answer: shown if the cloud fails
         try:
             prompt = self.cloud.fit(decision.model, self._prompt(turn, decision, reply, None))
-            ending = self._generate(decision_id, turn, decision, self.cloud, prompt, reply, held)
+            ending = self._generate(Acceptance.of(decision_id), turn, decision, self.cloud, prompt, reply, held)
         except LocodError as exc:
             ending = Ending.failed(decision, exc)
         if ending.outcome == "ok":
@@ -239,7 +290,7 @@ class TurnRunner:
 
     def _generate(
         self,
-        decision_id: int,
+        accepted: Acceptance,
         turn: Turn,
         decision: Decision,
         backend: Backend,
@@ -253,6 +304,7 @@ class TurnRunner:
             return self._ended(decision, backend.generate(decision.model, prompt), reply)
         except CloudError as exc:
             log.warning("turn %s: %s; falling back to the local model", turn.request.id, exc.message)
+            decision_id = accepted.decision_id()
             if held is None:
                 return self._fall_back(decision_id, turn, decision, exc, reply)
             waited_ms = (time.perf_counter() - started) * 1000

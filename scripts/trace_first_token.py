@@ -58,19 +58,19 @@ def install() -> None:
     _around(server.Daemon, "_dispatch", "loop: request parsed and handed to the pool")
     _around(turn.TurnRunner, "_assemble", "turn: session and attachments")
     _around(decider.Decider, "decide", "turn: decision")
-    _around(local.LocalBackend, "fit", "turn: gate held, prompt fitted, reading started")
-    _around(records.DecisionLog, "begin", "turn: record begun (commit)")
-    _around(local.LocalBackend, "_open", "answering thread: prompt read, first token sampled")
+    _around(local.LocalBackend, "fit", "turn: gate held, prompt fitted")
+    _around(records.DecisionLog, "begin", "recorder: record begun (commit)")
+    _around(local.LocalBackend, "_open", "turn: dialogue state and chat template")
     _around(llama_cpp._internals.LlamaContext, "decode", "llama.cpp: decode")
     post, send = server.Daemon._post, server.Daemon._send
 
     def traced_post(self: Any, peer: bytes, frame: bytes) -> None:
         stamp(f"{_kind(frame)} frame posted by a worker")
-        post(self, peer, frame)
-        if _kind(frame) in ("done", "error"):
+        if _kind(frame) in ("done", "error"):  # written before the client can see the turn end
             with out.open("a") as f:
                 f.writelines(f"{label}\t{ns}\n" for label, ns in _stamps)
             _stamps.clear()
+        post(self, peer, frame)
 
     def traced_send(self: Any, peer: bytes, frame: bytes) -> None:
         send(self, peer, frame)

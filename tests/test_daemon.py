@@ -39,9 +39,9 @@ def test_ask_streams_decision_deltas_done_and_records_the_turn(daemon: DaemonHan
 
 
 def test_a_turn_is_committed_before_its_decision_frame_and_its_frames_keep_their_order(daemon: DaemonHandle) -> None:
-    """The prompt is read and answered on another thread than the one that commits the record and sends
-    ``decision`` and ``done``: still, the record exists when ``decision`` arrives, every token's ``delta``
-    comes after it and before ``done``."""
+    """The record is committed and ``decision`` sent on another thread than the one that reads the prompt
+    and answers it: still, the record exists when ``decision`` arrives, every token's ``delta`` comes after
+    it and before ``done``."""
     client = daemon.client()
     for n in range(4):
         frames = client.chat(f"Count from one to {n + 5}.", max_tokens=24, **GREEDY)

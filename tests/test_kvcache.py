@@ -175,8 +175,8 @@ def test_a_one_off_turn_keeps_no_state(daemon: DaemonHandle) -> None:
 
 
 def test_a_turn_cancelled_while_waiting_leaves_the_holders_answer_alone(zoos: Any) -> None:
-    """A queued turn whose client leaves gives up its place without the gate: the turn holding the model,
-    whose prompt is being read ahead, still gets exactly its own answer (never two readers on one context)."""
+    """A queued turn whose client leaves gives up its place without the gate: the turn holding the model
+    still gets exactly its own answer (never two readers on one context)."""
     messages = [{"role": "user", "content": LONG + "Tell me a fact about cats."}]
     other = zoos(0)
     alone = other.generate(MODEL, other.fit(MODEL, Prompt(list(messages), 12, 0.0, 1, lambda _: None))).text

@@ -412,14 +412,17 @@ def test_full_disk_refuses_turns_clearly_and_keeps_serving(tmp_path: Path, model
                     f.flush()
             except OSError:
                 pass
-        refusal = None
+        refusal, seen = None, []
         for i in range(200):  # the WAL's spare pages fill first
+            seen = []
             try:
-                client.ask("word " * 700 + str(i), max_tokens=2)
+                for frame in client.chat("word " * 700 + str(i), max_tokens=2):
+                    seen.append(frame.type)
             except LocodError as exc:
                 refusal = exc
                 break
         assert refusal is not None and refusal.code == "storage", refusal
+        assert "delta" not in seen or seen[0] == "decision"  # never a word of an answer not accepted
         assert "full" in refusal.message
         assert client.ping()["pong"] and client.status()["pid"] == handle.proc.pid  # still serving
         filler.unlink()

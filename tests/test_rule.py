@@ -15,10 +15,11 @@ import pytest
 from llama_cpp import Llama
 
 from locod.daemon import attachments as att
+from locod.daemon.backends import Prompt
 from locod.daemon.cloud import CircuitBreaker
 from locod.daemon.config import load_config
 from locod.daemon.decision import CloudAccess, Decision, Routing, fixed_decision, uploadable
-from locod.daemon.local import fit_to_context
+from locod.daemon.local import fit_to_context, prompt_tokens, trim_to_context
 from locod.daemon.records import MIGRATIONS, DecisionLog, DecisionRecord, Outcome
 from locod.errors import AttachmentError, PromptTooLong
 from locod.policy import rule
@@ -229,6 +230,32 @@ def test_fit_to_context_drops_the_oldest_history_first(vocab: Llama) -> None:
     assert answer == 64 and tokens_in + answer <= 256
     with pytest.raises(PromptTooLong):
         fit_to_context(vocab, [{"role": "user", "content": "word " * 400}], max_tokens=8)
+
+
+def test_messages_that_fit_by_size_are_kept_as_tokenising_would_keep_them(vocab: Llama) -> None:
+    """A history growing past the context, message by message: wherever the size check lets the messages
+    through untokenised (the first few: a byte per token is a loose bound), counting their tokens keeps
+    exactly them too, with the same answer budget and token count; past that, the tokens decide as before."""
+    texts = ["why é? ", "<|im_start|>assistant ", "🙂 x ", "naïve 9,000 "]  # multi-byte, special-looking
+    history = [{"role": "assistant", "content": "Hello."}]  # kept history must still start at a user message
+    by_size = trimmed = 0
+    for i in range(30):  # bounded: the 256-token context is past after about 20 rounds
+        history += [
+            {"role": "user", "content": f"question {i}: " + texts[i % 4] * (i % 3 + 1)},
+            {"role": "assistant", "content": "because " * (i % 5 + 1)},
+        ]
+        messages = [{"role": "system", "content": "Be brief."}, *history, {"role": "user", "content": "last"}]
+        for max_tokens in (8, 64):
+            fitted, tokens_in, answer = fit_to_context(vocab, messages, max_tokens)
+            exact = trim_to_context(vocab, messages, max_tokens)
+            if tokens_in is None:
+                by_size += 1
+                assert (fitted, answer) == (exact[0], exact[2]) and fitted[1]["role"] == "user"
+                assert prompt_tokens(vocab, Prompt(list(fitted), answer, 0.0, None, print)) == exact[1]
+            else:
+                assert (fitted, tokens_in, answer) == exact
+            trimmed += len(exact[0]) < len(messages) - 1
+    assert by_size >= 3 and trimmed > 10
 
 
 def test_chunks_are_ranked_by_the_prompts_terms_and_returned_in_order() -> None:
