@@ -109,6 +109,10 @@ class Ending:
     def failed(cls, decision: Decision, error: LocodError) -> Ending:
         return cls(decision, EMPTY, "error", error.message, type(error).code, error.code)
 
+    @classmethod
+    def internal(cls, decision: Decision, bug: Exception) -> Ending:
+        return cls(decision, EMPTY, "error", f"internal error: {type(bug).__name__}", "error", "internal")
+
 
 EMPTY = Generation("", 0, 0, None, 0.0)
 
@@ -238,8 +242,12 @@ class TurnRunner:
             accepted = self._begin(turn, decision, decide_ms, reply)
             ending = self._answered(accepted, turn, decision, backend, accepted.gate(prompt), reply)
             decision_id = accepted.decision_id()
-        if judge is not None and judge.judged is not None:
-            ending = self._judged(decision_id, turn, ending, judge, reply)  # the local model is free again
+        if judge is not None and judge.judged is not None:  # the local model is free again
+            try:
+                ending = self._judged(decision_id, turn, ending, judge, reply)
+            except Exception as exc:  # accepted turns end with a finished record, a bug included
+                log.exception("turn %s failed after its local answer was judged", turn.request.id)
+                ending = Ending.internal(ending.decision, exc)
         self._finish(decision_id, turn, ending, reply)
 
     def _begin(self, turn: Turn, decision: Decision, decide_ms: float, reply: Reply) -> Acceptance:
@@ -261,7 +269,7 @@ class TurnRunner:
             if isinstance(exc, LocodError):
                 return Ending.failed(decision, exc)
             log.exception("turn %s failed after it was accepted", turn.request.id)
-            return Ending(decision, EMPTY, "error", f"internal error: {type(exc).__name__}", "error", "internal")
+            return Ending.internal(decision, exc)
 
     def _judged(self, decision_id: int, turn: Turn, ending: Ending, judge: AnswerJudge, reply: Reply) -> Ending:
         """A local answer whose checkpoint ran: kept (the queue settles with its corrected s_hat), or dropped
