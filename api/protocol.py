@@ -103,12 +103,12 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
             f"message of {len(raw)} bytes is over the limit of {max_bytes}", code="too_large", request_id=None
         )
     try:
-        msg = json.loads(raw)
+        msg = read_json(raw)
     except (ValueError, RecursionError) as exc:  # ValueError: also an integer of over 4,300 digits
         raise BadRequest(f"message is not valid JSON: {exc}", code="invalid_json", request_id=None) from None
-    if LONE_SURROGATE_ESCAPE.search(raw) and _holds_lone_surrogate(msg):
+    if holds_lone_surrogate(raw, msg):
         raise BadRequest(
-            "message holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text",
+            f"message {NOT_TEXT}",
             code="bad_request",
             request_id=msg.get("id") if isinstance(msg, dict) and isinstance(msg.get("id"), str) else None,
         )
@@ -121,7 +121,7 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
         )
     reader = _Fields(msg, rid)
     version = msg.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:  # not true, not 1.0
         raise BadRequest(
             f"unsupported protocol version {version!r}; this daemon speaks v{PROTOCOL_VERSION}",
             code="unsupported_version",
@@ -143,9 +143,33 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
     return SimpleRequest(rid, op, limit, secret)
 
 
-def _holds_lone_surrogate(value: Any) -> bool:
+NOT_TEXT = "holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text"
+
+
+def read_json(raw: bytes | bytearray) -> Any:
+    """JSON as both doors take it: UTF-8 (not UTF-16 or 32, no byte-order mark) and no key twice in an
+    object: which of two would win is the parser's choice, and {"op": "ping", "op": "reload"} must not
+    reload. Raises ValueError naming the problem."""
+    text = bytes(raw).decode("utf-8")  # UnicodeDecodeError is a ValueError
+    if text.startswith("\ufeff"):
+        raise ValueError("it starts with a byte-order mark")
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        repeated = sorted({k for k, _ in pairs if sum(1 for j, _ in pairs if j == k) > 1})
+        raise ValueError(f"key {repeated[0]!r} appears twice in one object")
+    return out
+
+
+def holds_lone_surrogate(raw: bytes | bytearray, value: Any) -> bool:
     """Whether any string (key or value) in a parsed message holds a surrogate that no pair completed:
-    such a string cannot be encoded, so it would fail later, in a backend, as an internal error."""
+    such a string cannot be encoded, so it would fail later, in a backend, as an internal error. Walks the
+    value only when the raw text has a surrogate escape at all."""
+    if not LONE_SURROGATE_ESCAPE.search(raw):
+        return False
     stack = [value]
     while stack:
         item = stack.pop()

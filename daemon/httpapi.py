@@ -38,6 +38,7 @@ from locod.daemon.keyfile import read_key_file
 from locod.daemon.turn import Reply
 from locod.errors import ConfigError
 from locod.protocol import (
+    NOT_TEXT,
     ChatRequest,
     DecisionFrame,
     DeltaFrame,
@@ -46,6 +47,8 @@ from locod.protocol import (
     EscalatedFrame,
     FallbackFrame,
     Frame,
+    holds_lone_surrogate,
+    read_json,
 )
 
 if TYPE_CHECKING:
@@ -151,9 +154,12 @@ class HttpServer:
             if len(raw) > limit:
                 raise wire.HttpError(413, f"the body is over the limit of {limit} bytes", "too_large")
         try:
-            return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            body = read_json(raw)
+        except (ValueError, RecursionError) as exc:
             raise wire.bad(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        if holds_lone_surrogate(raw, body):
+            raise wire.bad(f"the body {NOT_TEXT}", code="bad_request")
+        return body
 
     # -- routes --------------------------------------------------------------------------------------
 

@@ -370,3 +370,19 @@ def test_a_cloud_stream_that_breaks_is_marked_where_it_broke(daemon_factory: Any
     assert cloud_part.strip() and marker and local_part.strip(), text
     assert (chunks[-1].model_extra or {})["locod"]["outcome"] == "fallback"
     assert handle.rows()[0]["outcome"] == "fallback"
+
+
+def test_a_body_that_is_not_text_is_a_400_not_a_crash(daemon_factory: Any) -> None:
+    handle, base = http_daemon(daemon_factory)
+    bodies = [
+        b'{"model": "auto", "messages": [{"role": "user", "content": "\\ud800"}]}',  # a lone surrogate
+        b'{"model": "auto", "model": "x", "messages": []}',  # a key twice
+    ]
+    for body in bodies:
+        request = urllib.request.Request(f"{base}/v1/chat/completions", data=body, method="POST")
+        request.add_header("content-type", "application/json")
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=60)
+        assert info.value.code == 400, body
+    assert handle.rows() == []
+    assert "Traceback" not in handle.log()

@@ -85,6 +85,11 @@ def test_other_ops() -> None:
         (frame(op="feedback", decision="3", satisfied=True), "bad_field", "r1"),
         (frame(op="feedback", decision=3, satisfied="yes"), "bad_field", "r1"),
         (frame(op="ping") + [b"extra"], "extra_frames", None),
+        ([b'{"v": 1, "id": "r1", "op": "ping", "op": "reload"}'], "invalid_json", None),  # which op? neither
+        ([json.dumps({"v": True, "id": "r1", "op": "ping"}).encode()], "unsupported_version", "r1"),
+        ([json.dumps({"v": 1.0, "id": "r1", "op": "ping"}).encode()], "unsupported_version", "r1"),
+        ([json.dumps({"v": 1, "id": "r1", "op": "ping"}).encode("utf-16")], "invalid_json", None),
+        ([b"\xef\xbb\xbf" + json.dumps({"v": 1, "id": "r1", "op": "ping"}).encode()], "invalid_json", None),
     ],
 )
 def test_malformed(frames: list[bytes], code: str, rid: str | None) -> None:
