@@ -84,12 +84,22 @@ class History:
 
 
 def read_history(db_path: Path, period_s: float, now: float | None = None) -> History:
-    """The turns of the last ``period_s`` seconds in the decision log at ``db_path``, bucketed."""
+    """The turns of the last ``period_s`` seconds in the decision log at ``db_path``, bucketed. The period
+    starts no earlier than its first turn: ``--since 5200w`` costs what the log holds, not a century of
+    empty buckets."""
     until = time.time() if now is None else now
-    since = until - period_s
-    bucket_s = float(next((b for b in BUCKETS_S if period_s / b <= MAX_BUCKETS), BUCKETS_S[-1]))
+    rows = _rows(db_path, until - period_s, until)
+    since = max(until - period_s, rows[0]["created"] if rows else until)
+    bucket_s = float(next((b for b in BUCKETS_S if (until - since) / b <= MAX_BUCKETS), BUCKETS_S[-1]))
     start = since - since % bucket_s if bucket_s < 86400 else local_midnight(since)
     buckets = [Bucket(start + i * bucket_s) for i in range(int((until - start) // bucket_s) + 1)]
+    for row in rows:
+        _add(buckets[min(int((row["created"] - start) // bucket_s), len(buckets) - 1)], row)
+    sla = rows[-1]["sla"] if rows else None
+    return History(since, until, bucket_s, sla, buckets)
+
+
+def _rows(db_path: Path, since: float, until: float) -> list[sqlite3.Row]:
     if not db_path.is_file():
         raise StorageError(f"no decision log at {db_path}: the daemon has not answered a turn yet")
     try:
@@ -101,10 +111,7 @@ def read_history(db_path: Path, period_s: float, now: float | None = None) -> Hi
             ).fetchall()
     except sqlite3.Error as exc:
         raise StorageError(f"cannot read the decision log {db_path}: {exc}") from None
-    for row in rows:
-        _add(buckets[min(int((row["created"] - start) // bucket_s), len(buckets) - 1)], row)
-    sla = rows[-1]["sla"] if rows else None
-    return History(since, until, bucket_s, sla, buckets)
+    return rows
 
 
 def _add(bucket: Bucket, row: sqlite3.Row) -> None:

@@ -59,6 +59,9 @@ def test_history_buckets_the_period(tmp_path: Path) -> None:
     assert sum(daily_cost(history).values()) == pytest.approx(0.005)
     assert sum(b.energy_j for b in history.buckets) == 12.0
     assert read_history(tmp_path / "locod.db", parse_since("2d"), now=now).bucket_s == HOUR
+    # a century asked for: the period starts at its first turn (30 h ago), so it costs what the log holds
+    century = read_history(tmp_path / "locod.db", parse_since("5200w"), now=now)
+    assert century.turns == 6 and century.bucket_s == HOUR and len(century.buckets) <= 48
 
 
 def test_since_and_missing_log_are_clear_errors(tmp_path: Path) -> None:
