@@ -406,6 +406,7 @@ class MessPlus:
                             raise ValueError(f"confidence head of {name} has {w.shape} weights")
                         state.confidence[str(name)] = ConfidenceHead(w)
                         state.confidence[str(name)].seen = int(seen)
+                _check_values(state)
         except Exception as exc:  # corrupt, truncated, foreign: never let it poison routing
             aside = self.path.with_name(f"{self.path.name}.bad-{int(time.time())}")
             os.replace(self.path, aside)
@@ -440,6 +441,22 @@ def _check_shapes(data: np.lib.npyio.NpzFile) -> None:
     for key, shape in expected.items():
         if data[key].shape != shape:
             raise ValueError(f"{key} has shape {data[key].shape}, expected {shape}")
+
+
+WEIGHT_LIMIT = 1e4  # far beyond what regularised SGD on [-1, 1] features reaches
+
+
+def _check_values(state: MessPlusState) -> None:
+    """Values no daemon writes: a file holding them was damaged or made by hand, and would be reported as
+    nonsense (an attained share of -1e300) or route on saturated predictions."""
+    if state.t < 0 or state.settled < 0 or any(c < 0 for c in state.labels.values()):
+        raise ValueError("a negative count")
+    if not (math.isfinite(state.satisfied_sum) and -1e-6 <= state.satisfied_sum <= state.settled + 1e-6):
+        raise ValueError(f"satisfied_sum {state.satisfied_sum} is not within [0, settled = {state.settled}]")
+    heads = [(f"confidence head of {n}", h.weights, h.seen) for n, h in state.confidence.items()]
+    for what, weights, seen in [*heads, *((f"weights of {n}", w, 0) for n, w in state.weights.items())]:
+        if seen < 0 or not float(np.abs(weights).max(initial=0.0)) < WEIGHT_LIMIT:
+            raise ValueError(f"{what}: a weight beyond {WEIGHT_LIMIT:g} or a negative count")
 
 
 def _prior_weights(prior: float) -> np.ndarray:

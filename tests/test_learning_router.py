@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -113,6 +114,28 @@ def test_state_with_a_head_of_the_layout_before_per_task_terms_loads_and_a_forei
     before.save()
     foreign = rewrite(np.zeros((1, 5)))
     assert foreign.state.q == 0.0 and list(tmp_path.glob("messplus.npz.bad-*"))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        {"t": -5},
+        {"settled": 10, "satisfied_sum": -1e300},
+        {"conf_weights": np.full((1, 8), 1e308)},
+        {"conf_seen": [-3]},
+    ],
+)
+def test_state_holding_values_no_daemon_writes_is_set_aside(tmp_path: Path, damage: dict[str, Any]) -> None:
+    path = tmp_path / "messplus.npz"
+    m = MessPlus({"local": 0.5}, sla=0.5, v=1.0, explore_c=0.0, q_cap=50.0, path=path)
+    m.confidence_head("local")
+    m.state.q = 2.0
+    m.save()
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    np.savez(path, **{**arrays, **{k: np.array(v) for k, v in damage.items()}})
+    again = MessPlus({"local": 0.5}, sla=0.5, v=1.0, explore_c=0.0, q_cap=50.0, path=path)
+    assert again.state.q == 0.0 and again.attained is None and list(tmp_path.glob("messplus.npz.bad-*"))
 
 
 def answer(logprobs: list[float], tokens: list[str] | None = None) -> confidence.Answer:
