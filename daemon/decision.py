@@ -237,13 +237,14 @@ def unknown_model(config: Config, name: str) -> UnknownModel:
     """The error for a request naming no model of ``config``: the models there are, and `locod reload` when
     the config file or the models directory has it now (added, or pulled, after this daemon last read them)."""
     local, cloud = [m.name for m in config.local.models], [m.name for m in config.cloud.models]
-    message = f"no model named {name!r}; local models: {local}, cloud models: {cloud}"
+    shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"  # not echoed whole
+    message = f"no model named {shown}; local models: {local}, cloud models: {cloud}"
     try:
         now = load_config(None if config.source == "(defaults)" else config.source)
     except ConfigError:
         return UnknownModel(message)
     if name in {m.name for m in now.local.models} | {m.name for m in now.cloud.models}:
-        message += f"; {name!r} was added after the daemon last read its configuration: run `locod reload`"
+        message += f"; {shown} was added after the daemon last read its configuration: run `locod reload`"
     return UnknownModel(message)
 
 

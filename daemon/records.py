@@ -249,9 +249,10 @@ class DecisionLog:
         self._spent: tuple[float, float, float] | None = None  # (local midnight, next one, USD spent since)
         with self._writing("migrate"):
             self._migrate()
-            self.interrupted_at_start = self.db.execute(
-                "UPDATE decisions SET outcome = 'interrupted', error = 'daemon stopped during the turn' "
-                "WHERE outcome = 'pending'"
+            self.interrupted_at_start = self.db.execute(  # finished: when this start found it so
+                "UPDATE decisions SET outcome = 'interrupted', error = 'daemon stopped during the turn', "
+                "finished = ? WHERE outcome = 'pending'",
+                [time.time()],
             ).rowcount
 
     @contextmanager

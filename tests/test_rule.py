@@ -164,6 +164,16 @@ def test_a_decision_round_trips_through_its_record(tmp_path: Path) -> None:
     assert target.model == "gpt" and target.routing == decision.routing
 
 
+def test_a_turn_a_stopped_daemon_left_pending_is_finished_as_interrupted(tmp_path: Path) -> None:
+    log = DecisionLog(tmp_path / "locod.db")
+    decision_id = log.begin(DecisionRecord("s", 0, "r", "", 0, None, "chat", "local", "m", ""))
+    log.close()  # the daemon died before completing it
+    again = DecisionLog(tmp_path / "locod.db")
+    (row,) = again.recent(10)
+    assert again.interrupted_at_start == 1 and row["id"] == decision_id
+    assert row["outcome"] == "interrupted" and row["finished"] is not None and row["finished"] >= row["created"]
+
+
 def test_reads_beside_writes_on_the_shared_connection_lose_nothing(tmp_path: Path) -> None:
     """The loop answers `decisions` while worker threads write turns on the same connection: a read must
     not release a writer's transaction (it did: `recent` read outside the lock)."""
