@@ -43,6 +43,7 @@ class DecisionRecord:
     telemetry: dict[str, Any] = field(default_factory=dict)
     explored: bool = False
     latency_decide_ms: float = 0.0
+    latency_queue_ms: float = 0.0  # waiting behind other turns for the local model, before it was accepted
     routing: Routing | None = None  # its columns: Routing.columns()
 
     def row(self) -> dict[str, Any]:
@@ -222,12 +223,19 @@ def _migration_5(db: sqlite_utils.Database) -> None:
     db.table("decisions").add_column("confidence", str)
 
 
+def _migration_6(db: sqlite_utils.Database) -> None:
+    """How long the turn waited behind others for the local model before it was accepted (its latencies
+    count from then); earlier rows keep NULL."""
+    db.table("decisions").add_column("latency_queue_ms", float)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
     _migration_3,
     _migration_4,
     _migration_5,
+    _migration_6,
 ]
 
 

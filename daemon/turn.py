@@ -234,12 +234,14 @@ class TurnRunner:
     def _answer(self, turn: Turn, decision: Decision, decide_ms: float, reply: Reply) -> None:
         backend = self._backend(decision.location)
         judge = AnswerJudge.of(decision, turn.request.prompt, self.learner)  # a turn that may escalate
+        waiting = time.perf_counter()
         with backend.slot(turn.client, reply.cancelled) as granted:
             if not granted:  # the client left, or the daemon is stopping: nothing was accepted
                 reply.send(ErrorFrame(Busy.code, "cancelled", reply.cancel_reason))
                 return
+            queue_ms = (time.perf_counter() - waiting) * 1000  # behind other turns for the local model
             prompt = backend.fit(decision.model, self._prompt(turn, decision, reply, judge))  # may refuse
-            accepted = self._begin(turn, decision, decide_ms, reply)
+            accepted = self._begin(turn, decision, (decide_ms, queue_ms), reply)
             ending = self._answered(accepted, turn, decision, backend, accepted.gate(prompt), reply)
             decision_id = accepted.decision_id()
         if judge is not None and judge.judged is not None:  # the local model is free again
@@ -250,13 +252,13 @@ class TurnRunner:
                 ending = Ending.internal(ending.decision, exc)
         self._finish(decision_id, turn, ending, reply)
 
-    def _begin(self, turn: Turn, decision: Decision, decide_ms: float, reply: Reply) -> Acceptance:
+    def _begin(self, turn: Turn, decision: Decision, waited_ms: tuple[float, float], reply: Reply) -> Acceptance:
         """Begin the turn's record. A local turn's is committed by the recorder thread while this one reads
         the prompt (the fsync leaves the first token's path); a cloud turn's first, before anything is
         sent (and paid for)."""
         if decision.location == "local":
-            return Acceptance(self._recorder.submit(self._accept, turn, decision, decide_ms, reply))
-        return Acceptance.of(self._accept(turn, decision, decide_ms, reply))
+            return Acceptance(self._recorder.submit(self._accept, turn, decision, waited_ms, reply))
+        return Acceptance.of(self._accept(turn, decision, waited_ms, reply))
 
     def _answered(
         self, accepted: Acceptance, turn: Turn, decision: Decision, backend: Backend, prompt: Prompt, reply: Reply
@@ -388,9 +390,10 @@ class TurnRunner:
 
     # -- records and frames --------------------------------------------------------------------------
 
-    def _accept(self, turn: Turn, decision: Decision, decide_ms: float, reply: Reply) -> int:
-        """Begin the turn's record (committed), then tell the client where it runs: it is accepted."""
-        prompt = turn.request.prompt
+    def _accept(self, turn: Turn, decision: Decision, waited_ms: tuple[float, float], reply: Reply) -> int:
+        """Begin the turn's record (committed), then tell the client where it runs: it is accepted.
+        ``waited_ms``: deciding, then waiting behind other turns for the model."""
+        prompt, (decide_ms, queue_ms) = turn.request.prompt, waited_ms
         record = DecisionRecord(
             session=turn.session.id,
             turn=turn.session.turns,
@@ -407,6 +410,7 @@ class TurnRunner:
             telemetry=self.telemetry.snapshot_dict(),
             explored=decision.explored,
             latency_decide_ms=decide_ms,
+            latency_queue_ms=round(queue_ms, 3),
             routing=decision.routing,
         )
         decision_id = self.records.begin(record)

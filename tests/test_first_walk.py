@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -232,3 +233,28 @@ def test_locod_stop_signals_nothing_but_a_locod_that_answers(tmp_path: Path) -> 
     finally:
         decoy.kill()
         decoy.wait()
+
+
+def test_a_turn_that_waited_for_the_local_model_says_how_long_in_its_record(daemon_factory: Any) -> None:
+    """A second client behind a long answer waited seconds that its record's latencies (counted from its
+    acceptance) do not show: the wait is recorded beside them."""
+    handle = daemon_factory({"local": {"max_tokens": 200}, "routing": {"mode": "local"}})
+    handle.client().ask("Hi", max_tokens=2)  # the model is loaded
+    started = threading.Event()
+    first: list[Any] = []
+
+    def long_answer() -> None:
+        with handle.client() as client:
+            for frame in client.chat("Tell a long story about a lighthouse keeper.", temperature=0.0, seed=1):
+                started.set()
+                first.append(frame)
+
+    talker = threading.Thread(target=long_answer)
+    talker.start()
+    assert started.wait(60)
+    behind = handle.client().ask("Say hi.", max_tokens=2)
+    talker.join(120)
+    rows = {r["id"]: r for r in handle.rows()}
+    long_row, short_row = rows[first[-1].decision], rows[behind.done.decision]
+    assert short_row["latency_queue_ms"] >= long_row["latency_total_ms"] / 2  # it waited out most of the answer
+    assert long_row["latency_queue_ms"] < short_row["latency_queue_ms"]
