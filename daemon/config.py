@@ -513,7 +513,12 @@ def _check_names(config: Config, origins: Mapping[str, str]) -> None:
     if config.daemon.tcp and not config.daemon.tcp.startswith("tcp://"):
         raise ConfigError(f"{config.source}: daemon.tcp must look like tcp://127.0.0.1:5557")
     if config.http.listen:
-        split_listen(config.http.listen, config.source)
+        source = origins.get("http.listen", config.source)
+        host, _ = split_listen(config.http.listen, source)
+        if host not in LOOPBACK and not config.http.api_key_file:  # refused before a model is loaded
+            raise ConfigError(
+                f"{source}: http.listen binds {host}, beyond loopback: set http.api_key_file", code="insecure_http"
+            )
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

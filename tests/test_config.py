@@ -65,6 +65,7 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ('[[cloud.models]]\nname = "c"\nbase_url = "ftp://x"\nmodel = "m"\n', "base_url must be http(s)"),
         ('[local]\ndefault = "ghost"\n', "local.default is 'ghost', which names no local model"),
         ('[local]\ndefault = ""\n', "local.default is '', which names no local model"),
+        ('[http]\nlisten = "0.0.0.0:8080"\n', "http.listen binds 0.0.0.0, beyond loopback: set http.api_key_file"),
         ('[paths]\nallow_dirs = "/tmp"\n', "paths.allow_dirs expects a list of strings, got str"),
         ("this is = = not toml", "not valid TOML"),
     ],
