@@ -207,19 +207,14 @@ def fixed_decision(
     config: Config, force: str | None, model: str | None, attachments: list[PreparedAttachment], access: CloudAccess
 ) -> Decision | None:
     """The decision when the client or the config fixes the location; None when the router should decide.
-    A cloud that is asked for but blocked is answered locally, and the user is told why."""
+    A cloud that is asked for but blocked is answered locally, and the user is told why; so is a forced
+    location that the named model contradicts (the model wins)."""
     if model is not None:
-        if any(m.name == model for m in config.local.models):
-            return Decision("local", model, (), "the request named this local model")
-        named = next((m for m in config.cloud.models if m.name == model), None)
-        if named is None:
-            raise unknown_model(config, model)
-        blocked = access.blocked_for(model)
-        if blocked:
-            return _instead(config, f"the request named {model}", f"{model} was asked for", blocked)
-        return Decision(
-            "cloud", model, tuple(uploadable(attachments, named.vision)), "the request named this cloud model"
-        )
+        decision = _named(config, model, attachments, access)
+        if force is None or force == decision.location or decision.notice:  # a notice: the cloud was blocked
+            return decision
+        why = f"force {force} was ignored: the request named {model}, which answers {decision.location}"
+        return decision.noted(why, notice=why)
     where = force or (config.routing.mode if config.routing.mode != "auto" else None)
     origin = "the request forced" if force else "routing.mode is"
     if where == "local":
@@ -231,6 +226,19 @@ def fixed_decision(
             return _instead(config, f"{origin} cloud", "the cloud was asked for", blocked or "")
         return Decision("cloud", cloud.name, tuple(uploadable(attachments, cloud.vision)), f"{origin} cloud")
     return None
+
+
+def _named(config: Config, model: str, attachments: list[PreparedAttachment], access: CloudAccess) -> Decision:
+    """The decision for a request that names its model."""
+    if any(m.name == model for m in config.local.models):
+        return Decision("local", model, (), "the request named this local model")
+    named = next((m for m in config.cloud.models if m.name == model), None)
+    if named is None:
+        raise unknown_model(config, model)
+    blocked = access.blocked_for(model)
+    if blocked:
+        return _instead(config, f"the request named {model}", f"{model} was asked for", blocked)
+    return Decision("cloud", model, tuple(uploadable(attachments, named.vision)), "the request named this cloud model")
 
 
 def unknown_model(config: Config, name: str) -> UnknownModel:

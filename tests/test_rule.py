@@ -124,6 +124,10 @@ def test_fixed_decisions(tmp_path: Path) -> None:
     blocked = fixed_decision(config, "cloud", None, [], CloudAccess(False, True, 0.0, 0.0))
     assert blocked is not None and blocked.location == "local" and "no cloud model" in blocked.reason
     assert blocked.notice is not None and "the cloud was asked for" in blocked.notice
+    contradicted = fixed_decision(config, "cloud", local, [], OPEN)  # the named model wins, and says so
+    assert contradicted is not None and (contradicted.location, contradicted.model) == ("local", local)
+    assert contradicted.notice == f"force cloud was ignored: the request named {local}, which answers local"
+    assert fixed_decision(config, "local", local, [], OPEN).notice is None  # type: ignore[union-attr]
 
 
 # -- the decision through its record -------------------------------------------------------------------
