@@ -27,6 +27,8 @@ def make_private_dir(directory: Path) -> None:
         info = os.lstat(directory)
     except OSError as exc:
         raise StorageError(f"cannot use {directory}: {exc.strerror}", code="state_unwritable") from None
+    if stat.S_ISLNK(info.st_mode):  # whoever can change where it points owns what is kept there
+        raise _unsafe(directory, f"is a symlink (to {os.readlink(directory)}), not a directory", info)
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
         raise _unsafe(directory, "is not a directory owned by this user", info)
     try:

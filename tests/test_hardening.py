@@ -17,7 +17,8 @@ import pytest
 import zmq
 
 from locod.client import Client
-from locod.errors import PromptTooLong, RequestError, UnsafeSocket
+from locod.daemon.ownership import make_private_dir
+from locod.errors import PromptTooLong, RequestError, StorageError, UnsafeSocket
 from locod.protocol import Attachment, DeltaFrame
 
 from .conftest import DaemonHandle, start_daemon
@@ -259,3 +260,10 @@ def test_oversized_prompt_is_refused_by_size_unread(
         handle.client().ask(prompt, force=force, max_tokens=2)
     assert message in info.value.message
     assert handle.rows() == []
+
+
+def test_a_symlinked_runtime_directory_is_refused_as_a_symlink(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    (tmp_path / "run").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(StorageError, match=r"it is a symlink \(to .*elsewhere\), not a directory"):
+        make_private_dir(tmp_path / "run")
