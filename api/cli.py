@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.train_args = extra
     args.set = (args.set or []) + getattr(args, "set_after", [])
+    _say_what_set_cannot_do(args)
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # here, not at exit, so that a reader who left (`| head`) is handled below
@@ -89,6 +90,20 @@ def _print_json(data: Any) -> None:
 
 
 # -- commands -----------------------------------------------------------------------------------------
+
+
+def _say_what_set_cannot_do(args: argparse.Namespace) -> None:
+    """A command that asks the running daemon reads from the configuration only where the daemon is
+    (paths, its socket): any other ``--set`` changes nothing, which must not pass silently."""
+    if args.func not in (cmd_ask, cmd_chat, cmd_status, cmd_decisions, cmd_feedback, cmd_reload, cmd_stop):
+        return
+    ignored = [s.split("=", 1)[0] for s in args.set if not s.startswith(("paths.", "daemon."))]
+    if ignored:
+        print(
+            f"warning: --set {', '.join(ignored)} does not change the running daemon, which keeps its own "
+            "configuration: edit the config file and `locod reload`, or start it with `locod serve --set ...`",
+            file=sys.stderr,
+        )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -182,7 +197,7 @@ def _cut_off(frames: Iterator[Frame]) -> Iterator[Frame]:
 def _say_decision(frame: DecisionFrame, verbose: bool) -> None:
     if verbose:
         sent = ", ".join(frame.attachments_sent) or "none"
-        print(f"[{frame.location}: {frame.model}; attachments sent: {sent}; {frame.reason}]", file=sys.stderr)
+        print(f"[{frame.location}: {frame.model}; uploaded to the cloud: {sent}; {frame.reason}]", file=sys.stderr)
     elif frame.notice:
         print(f"[{frame.notice}]", file=sys.stderr)
 
@@ -249,7 +264,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         ),
         (
             "routing",
-            f"mode {r['mode']}, SLA {r['sla']:.2f}, attained {_fmt(r['attained'], '{:.3f}')} over "
+            f"mode {r['mode']}, SLA {r['sla']:.2f}, attained {_fmt(r['attained'], '{:.3f}')} (labels where "
+            "given, predictions otherwise) over "
             f"{r['turns']} turns, Q {r['q']:.2f}, {r['shadow_labels']} shadow and "
             f"{r['escalated_labels']} escalation labels" + _out_of_reach(r, c),
         ),

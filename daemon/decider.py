@@ -252,9 +252,15 @@ class Decider:
             why = "explored (MESS+ exploration turn)"
         else:
             policy = " with the TMO policy" if routing.policy_version is not None else ""
-            choice = "answers locally first" if planned else "the best trade of predicted satisfaction for cost"
-            why = f"MESS+{policy}: {choice} ({_trade(chosen.key, routing)}"
             rivals = [c.key for c in candidates.values() if c.location != chosen.location]
+            choice = (
+                "answers locally first"
+                if planned
+                else "the best trade of predicted satisfaction for cost"
+                if rivals
+                else "the only place on offer"
+            )
+            why = f"MESS+{policy}: {choice} ({_trade(chosen.key, routing)}"
             if rivals:
                 rival = max(rivals, key=routing.s_hat.__getitem__)
                 why += f"; {rival.split('|')[0]}: {_trade(rival, routing)}"

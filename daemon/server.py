@@ -538,6 +538,7 @@ class Daemon:
         if IPC in self.sockets:  # ours (the runtime dir's lock says so): a stale file would make clients wait
             (self.config.runtime_dir / "locod.sock").unlink(missing_ok=True)
         self.notifier.close()
+        log.info("stopped after %d turns", self.turns_served)  # a log that ends here was not a crash
 
 
 def _or_na(value: object) -> object:

@@ -147,6 +147,7 @@ def test_locod_stop_lets_the_turn_in_flight_finish(daemon_factory: Any) -> None:
     stopped = handle.cli("stop", timeout=120)
     assert stopped.returncode == 0 and "stopped" in stopped.stderr, stopped.stderr
     assert handle.proc.wait(30) == 0
+    assert "stopped after" in handle.log()  # a log that ends so was not a crash
     _, err = ask.communicate(timeout=60)
     assert ask.returncode == 0, err  # SIGTERM's semantics: the turn in flight finished
     assert [r["outcome"] for r in handle.rows()] == ["ok"]
@@ -197,10 +198,12 @@ def test_an_sla_the_local_model_alone_cannot_reach_is_said_with_what_to_do(daemo
     why and what to change from the twentieth turn on, not only once Q has grown to its cap."""
     handle = daemon_factory({"routing": {"sla": 0.8, "explore_c": 0.0}})
     client = handle.client()
-    for i in range(20):
-        client.ask(f"Say the number {i}.", max_tokens=2)
-    status = handle.cli("status").stdout
+    reasons = [client.ask(f"Say the number {i}.", max_tokens=2).decision.reason for i in range(20)]
+    assert all("the only place on offer" in r and "no cloud model is configured" in r for r in reasons)
+    shown = handle.cli("status", "--set", "routing.sla=0.5")
+    status = shown.stdout
     assert "SLA out of reach" in status and "configure a cloud model or lower routing.sla" in status, status
+    assert "--set routing.sla does not change the running daemon" in shown.stderr  # not silently ignored
     assert client.status()["routing"]["q"] < 25  # far from its cap (50)
 
 
