@@ -313,8 +313,15 @@ def _out_of_reach(routing: dict[str, Any], cloud: dict[str, Any]) -> str:
 
 
 def cmd_decisions(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        rows = client.decisions(args.limit)
+    try:
+        with _client(args) as client:
+            rows = client.decisions(args.limit)
+    except DaemonNotRunning:  # the log is a file: what happened can be read with the daemon stopped
+        from locod.daemon.records import read_recent
+
+        db_path = _config(args).db_path
+        rows = read_recent(db_path, args.limit)
+        print(f"(locod is not running: read from {db_path})", file=sys.stderr)
     if args.json:
         _print_json(rows)
         return 0
@@ -381,13 +388,16 @@ def cmd_reload(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.reload()
     if not result["reloaded"]:
-        print("reload rejected: the configuration is invalid (see the daemon's log)")
+        why = result.get("error") or "the configuration is invalid (see the daemon's log)"  # an older daemon
+        print(f"reload rejected, the running configuration kept: {why}")
         return 2
     source = result.get("config")
     if source == "(defaults)":
         print("reloaded, but no config file was found: defaults and LOCOD_* variables only")
     else:
         print(f"reloaded from {source}")
+    if result.get("restart_needed"):
+        print(f"changed in [{'], ['.join(result['restart_needed'])}]: takes effect when the daemon restarts")
     return 0
 
 

@@ -13,7 +13,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -423,6 +423,19 @@ def labelled_turns(path: Path) -> list[LoggedTurn]:
         )
         for row in rows
     ]
+
+
+def read_recent(path: Path, limit: int) -> list[dict[str, Any]]:
+    """The newest records, read-only and without a daemon: `locod decisions` while it is stopped."""
+    if not path.is_file():
+        raise StorageError(f"no decision log at {path}: the daemon has not answered a turn yet")
+    try:
+        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
+            conn.row_factory = sqlite3.Row
+            rows = conn.execute("SELECT * FROM decisions ORDER BY id DESC LIMIT ?", [limit]).fetchall()
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot read the decision log {path}: {exc}") from None
+    return [_decoded(dict(row)) for row in rows]
 
 
 def _decoded(row: dict[str, Any]) -> dict[str, Any]:

@@ -338,7 +338,7 @@ class Daemon:
         if request.op == "decisions":
             return self.records.recent(request.limit)
         if request.op == "reload":
-            return {"reloaded": self.reload(), "config": self.config.source}
+            return {**self.reload(), "config": self.config.source}
         if request.op == "config":
             return {"pid": os.getpid(), "config": as_dict(self.config)}
         raise ProtocolError(f"op {request.op!r} has no handler", code="unknown_op")
@@ -481,8 +481,9 @@ class Daemon:
                 self.notifier.stopping()
                 self.stopping_since = time.monotonic()
 
-    def reload(self) -> bool:
+    def reload(self) -> dict[str, Any]:
         """Re-read the config and the policy; a config that fails validation is rejected, the old one kept.
+        Returns whether it reloaded, why not, and the sections whose change waits for a restart.
 
         Routing, cloud, attachments, log settings and local models (a pulled model, a new default) apply at
         once. Paths, sockets and telemetry readers stay as started: a change there is logged and waits for a
@@ -496,7 +497,7 @@ class Daemon:
         except LocodError as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc.message)
             self.notifier.ready(self._status_line())
-            return False
+            return {"reloaded": False, "error": exc.message, "restart_needed": []}
         kept = [name for name in AS_STARTED if getattr(new, name) != getattr(self.config, name)]
         if kept:
             log.warning("reload: [%s] changed and take(s) effect at the next restart", "], [".join(kept))
@@ -509,7 +510,7 @@ class Daemon:
         configure_logging(new.log.level)
         log.info("configuration reloaded from %s", new.source)
         self.notifier.ready(self._status_line())
-        return True
+        return {"reloaded": True, "error": None, "restart_needed": kept}
 
     def _stop_step(self, now: float) -> bool:
         """Called each loop pass while stopping; True once everything is finished and flushed."""

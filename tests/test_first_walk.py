@@ -152,6 +152,9 @@ def test_locod_stop_lets_the_turn_in_flight_finish(daemon_factory: Any) -> None:
     assert ask.returncode == 0, err  # SIGTERM's semantics: the turn in flight finished
     assert [r["outcome"] for r in handle.rows()] == ["ok"]
     assert handle.cli("status").returncode == 5
+    logged = handle.cli("decisions", "--json")  # the log is a file: readable with the daemon stopped
+    assert logged.returncode == 0 and "locod is not running: read from" in logged.stderr, logged.stderr
+    assert [r["outcome"] for r in json.loads(logged.stdout)] == ["ok"]
 
 
 def test_a_daemon_killed_mid_answer_is_said_as_an_answer_cut_off(daemon_factory: Any) -> None:
