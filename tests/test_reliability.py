@@ -256,11 +256,13 @@ def test_kill_9_during_turns_loses_no_acknowledged_record(tmp_path: Path, models
         threads = [threading.Thread(target=talk, args=(n,)) for n in range(3)]
         for t in threads:
             t.start()
-        if cycle % 4 == 0:  # some kills come after a turn has ended, however slow the machine
-            wait_for(lambda done_ids=done_ids: done_ids, 120, "a turn to end before the kill")
-        time.sleep(rng.uniform(0.05, 1.5))
-        handle.proc.send_signal(signal.SIGKILL)
-        handle.proc.wait()
+        try:
+            if cycle % 4 == 0:  # some kills come after a turn has ended, however slow the machine
+                wait_for(lambda done_ids=done_ids: done_ids, 120, "a turn to end before the kill")
+            time.sleep(rng.uniform(0.05, 1.5))
+        finally:  # killed whatever happens: a failed wait must not leave this cycle's daemon running
+            handle.proc.send_signal(signal.SIGKILL)
+            handle.proc.wait()
         for t in threads:
             t.join(30)
         acknowledged.update(done_ids)
