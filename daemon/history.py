@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from locod.daemon.records import local_midnight
-from locod.errors import RequestError, StorageError
+from locod.daemon.records import local_midnight, read_rows
+from locod.errors import RequestError
 
 UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 BUCKETS_S = (60, 300, 900, 3600, 86400)
@@ -88,7 +88,8 @@ def read_history(db_path: Path, period_s: float, now: float | None = None) -> Hi
     starts no earlier than its first turn: ``--since 5200w`` costs what the log holds, not a century of
     empty buckets."""
     until = time.time() if now is None else now
-    rows = _rows(db_path, until - period_s, until)
+    sql = f"SELECT {COLUMNS} FROM decisions WHERE created >= ? AND created <= ? ORDER BY created"
+    rows = read_rows(db_path, sql, [until - period_s, until])
     since = max(until - period_s, rows[0]["created"] if rows else until)
     bucket_s = float(next((b for b in BUCKETS_S if (until - since) / b <= MAX_BUCKETS), BUCKETS_S[-1]))
     start = since - since % bucket_s if bucket_s < 86400 else local_midnight(since)
@@ -97,21 +98,6 @@ def read_history(db_path: Path, period_s: float, now: float | None = None) -> Hi
         _add(buckets[min(int((row["created"] - start) // bucket_s), len(buckets) - 1)], row)
     sla = rows[-1]["sla"] if rows else None
     return History(since, until, bucket_s, sla, buckets)
-
-
-def _rows(db_path: Path, since: float, until: float) -> list[sqlite3.Row]:
-    if not db_path.is_file():
-        raise StorageError(f"no decision log at {db_path}: the daemon has not answered a turn yet")
-    try:
-        with sqlite3.connect(f"{db_path.as_uri()}?mode=ro", uri=True) as conn:
-            conn.row_factory = sqlite3.Row
-            rows = conn.execute(
-                f"SELECT {COLUMNS} FROM decisions WHERE created >= ? AND created <= ? ORDER BY created",
-                [since, until],
-            ).fetchall()
-    except sqlite3.Error as exc:
-        raise StorageError(f"cannot read the decision log {db_path}: {exc}") from None
-    return rows
 
 
 def _add(bucket: Bucket, row: sqlite3.Row) -> None:

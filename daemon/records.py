@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -394,19 +394,23 @@ class DecisionLog:
             self._conn.close()
 
 
-def labelled_turns(path: Path) -> list[LoggedTurn]:
-    """The labelled, answered turns of a decision log, oldest first (read-only: the daemon may be running)."""
+def read_rows(path: Path, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+    """Rows of the decision log at ``path``, read-only: the daemon may be running, or stopped."""
+    if not path.is_file():
+        raise StorageError(f"no decision log at {path}: the daemon has not answered a turn yet")
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
+        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
             conn.row_factory = sqlite3.Row
-            rows = conn.execute(
-                "SELECT * FROM decisions WHERE satisfied IS NOT NULL AND outcome IN ('ok', 'fallback') ORDER BY id"
-            ).fetchall()
-        finally:
-            conn.close()
+            return conn.execute(sql, params).fetchall()
     except sqlite3.Error as exc:
         raise StorageError(f"cannot read the decision log {path}: {exc}") from None
+
+
+def labelled_turns(path: Path) -> list[LoggedTurn]:
+    """The labelled, answered turns of a decision log, oldest first."""
+    rows = read_rows(
+        path, "SELECT * FROM decisions WHERE satisfied IS NOT NULL AND outcome IN ('ok', 'fallback') ORDER BY id"
+    )
     return [
         LoggedTurn(
             session=row["session"],
@@ -426,15 +430,8 @@ def labelled_turns(path: Path) -> list[LoggedTurn]:
 
 
 def read_recent(path: Path, limit: int) -> list[dict[str, Any]]:
-    """The newest records, read-only and without a daemon: `locod decisions` while it is stopped."""
-    if not path.is_file():
-        raise StorageError(f"no decision log at {path}: the daemon has not answered a turn yet")
-    try:
-        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
-            conn.row_factory = sqlite3.Row
-            rows = conn.execute("SELECT * FROM decisions ORDER BY id DESC LIMIT ?", [limit]).fetchall()
-    except sqlite3.Error as exc:
-        raise StorageError(f"cannot read the decision log {path}: {exc}") from None
+    """The newest records, without a daemon: `locod decisions` while it is stopped."""
+    rows = read_rows(path, "SELECT * FROM decisions ORDER BY id DESC LIMIT ?", [limit])
     return [_decoded(dict(row)) for row in rows]
 
 
