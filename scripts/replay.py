@@ -4,21 +4,25 @@ decision and only for the answers that were given, and report satisfaction, SLA 
 much of the distance from random routing to the label oracle each router captures, cost and latency.
 
 Beside the routers: "random needs", the cloud share at which random routing reaches alpha in expectation,
-(alpha - local) / (cloud - local), and the label oracle's share (it knows every label in advance).
+(alpha - local) / (cloud - local), the label oracle's share (it knows every label in advance), and the task
+oracle's (it knows each task's accuracy, no single label: what knowing the task alone allows).
 Routers, all on MESS+'s own predictor (locod.policy.messplus, the code the daemon runs):
 - MESS+ as the paper has it (Q alone prices satisfaction), V = 1: the daemon's rule before issue #18;
 - the price rule (feed-forward price + signed queue, V = --v), from a cold start;
 - the same with shadow labels: on every cloud-routed turn the local model also answers and the cloud's
   answer grades it (simulated grader: it errs where the cloud's own answer is wrong, and at the stated
   --grader-error rate besides);
-- the same from the warm-start prior (fitted on the other part of the trace: --split);
+- the same from a warm-start prior: fitted on the other part of the trace (--split half or task: the
+  trace's halves, or two groups of its tasks), or the one this project ships for the trace's local GGUF
+  (--split shipped: how a fresh install starts; honest only on a trace it was not fitted on, such as
+  policy/data/bigbench_unseen_trace.jsonl);
 - answer locally, escalate if unsure: the local model answers, its s_hat is corrected by the answer's
   confidence (policy/confidence.py), and the price rule keeps the answer or sends the turn to the cloud; a
   turn goes to the cloud at once only when even a fully confident answer would be escalated. An escalated
   turn costs the local answer and the cloud call, and waits for both.
 
     pip install '.[eval]'
-    python scripts/replay.py [--trace policy/data/bigbench_trace.jsonl] [--split none|half|task] [--seed 1]
+    python scripts/replay.py [--trace policy/data/bigbench_trace.jsonl] [--split none|shipped|half|task] [--seed 1]
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from fit_prior import LOCAL, TASK_SPLIT, answer_features, fit
 from locod.policy.messplus import MessPlus, TurnFeatures, vectorize
 from locod.policy.rule import CLOUD_PRIOR, ENERGY_REF_J, LOCAL_PRIOR, MONEY_REF_USD
 from locod.policy.tasks import task_of
-from locod.policy.warmstart import Prior
+from locod.policy.warmstart import PRIORS, Prior, read_prior
 
 REPO = Path(__file__).resolve().parent.parent
 CLOUD = "cloud"
@@ -211,6 +215,23 @@ def oracle_cloud_share(trace: list[Turn], alpha: float) -> float:
     return needed / n if needed <= rescuable else float("nan")
 
 
+def task_oracle_cloud_share(trace: list[Turn], alpha: float) -> float:
+    """The least cloud share that reaches ``alpha`` knowing each task's true accuracy for both models but no
+    single label (the issue's "knows each task's accuracy"): whole tasks go to the cloud in the order of
+    what the cloud adds, the last one in part."""
+    tasks: dict[str, list[Turn]] = {}
+    for t in trace:
+        tasks.setdefault(t.row["task"], []).append(t)
+    gains = sorted(((accuracy(ts, CLOUD) - accuracy(ts, LOCAL), len(ts)) for ts in tasks.values()), reverse=True)
+    needed, sent = alpha * len(trace) - accuracy(trace, LOCAL) * len(trace), 0.0
+    for gain, n in gains:
+        if needed <= 0 or gain <= 0:
+            break
+        part = min(n, needed / gain)
+        sent, needed = sent + part, needed - part * gain
+    return sent / len(trace) if needed <= 1e-9 else float("nan")
+
+
 def accuracy(trace: list[Turn], model: str) -> float:
     return sum(t.row["models"][model]["satisfied"] for t in trace) / len(trace)
 
@@ -236,20 +257,38 @@ def routers(trace: list[Turn], alpha: float, args: argparse.Namespace, prior: Pr
     return out
 
 
-def folds(trace: list[dict], split: str) -> list[tuple[str, list[dict], list[dict]]]:  # type: ignore[type-arg]
-    """(name, turns the prior is fitted on, turns replayed): the whole trace cold, or each part with the
-    prior fitted on the other part."""
+def folds(trace: list[dict], split: str) -> list[tuple[str, Prior | None, list[dict]]]:  # type: ignore[type-arg]
+    """(name, prior, turns replayed): the whole trace cold, or with the prior shipped for its local GGUF
+    (a fresh install's start), or each part with the prior fitted on the other part."""
     if split == "none":
-        return [("whole trace", [], trace)]
+        return [("whole trace, cold", None, trace)]
+    if split == "shipped":
+        return [shipped(trace)]
     if split == "half":
         a, b = trace[: len(trace) // 2], trace[len(trace) // 2 :]
-        return [("second half, prior from the first", a, b), ("first half, prior from the second", b, a)]
-    parts = [[r for r in trace if r["task"] in tasks] for tasks in TASK_SPLIT]
-    names = [", ".join(sorted(tasks)) for tasks in TASK_SPLIT]
+        return [
+            ("second half, prior from the first", fit(a, "", 0, "first half"), b),
+            ("first half, prior from the second", fit(b, "", 0, "second half"), a),
+        ]
+    tasks = sorted({r["task"] for r in trace})
+    groups = TASK_SPLIT if set(tasks) == set().union(*TASK_SPLIT) else (set(tasks[0::2]), set(tasks[1::2]))
+    parts = [[r for r in trace if r["task"] in group] for group in groups]
+    names = [", ".join(sorted(group)) for group in groups]
     return [
-        (f"tasks {names[1]}, prior from {names[0]}", parts[0], parts[1]),
-        (f"tasks {names[0]}, prior from {names[1]}", parts[1], parts[0]),
+        (f"tasks {names[1]}, prior from {names[0]}", fit(parts[0], "", 0, names[0]), parts[1]),
+        (f"tasks {names[0]}, prior from {names[1]}", fit(parts[1], "", 0, names[1]), parts[0]),
     ]
+
+
+def shipped(trace: list[dict]) -> tuple[str, Prior, list[dict]]:  # type: ignore[type-arg]
+    """The whole trace from the prior shipped for the GGUF that answered it (policy/priors)."""
+    sha = trace[0]["models"][LOCAL].get("gguf_sha256", "")
+    path = PRIORS / f"{sha}.npz"
+    if not sha or not path.exists():
+        raise SystemExit(f"no prior is shipped for this trace's local GGUF (sha256 {sha or 'not in the trace'})")
+    prior = read_prior(path)
+    name = f"whole trace, shipped prior ({prior.source})"
+    return name, prior, trace
 
 
 def table(name: str, trace: list[Turn], prior: Prior | None, args: argparse.Namespace) -> dict[float, list[Run]]:
@@ -266,6 +305,9 @@ def table(name: str, trace: list[Turn], prior: Prior | None, args: argparse.Name
         random_needs, oracle = (alpha - local) / (cloud - local), oracle_cloud_share(trace, alpha)
         print(f"| {alpha} | random needs | {alpha:.3f} | 0.000 | {random_needs:.3f} | 0.00 | - | - | - |")
         print(f"| {alpha} | label oracle | {alpha:.3f} | 0.000 | {oracle:.3f} | 1.00 | - | - | - |")
+        by_task = task_oracle_cloud_share(trace, alpha)
+        capture = (random_needs - by_task) / (random_needs - oracle)
+        print(f"| {alpha} | task oracle | {alpha:.3f} | 0.000 | {by_task:.3f} | {capture:.2f} | - | - | - |")
         runs[alpha] = [make() for make in routers(trace, alpha, args, prior)]
         for run in runs[alpha]:
             n = len(run.satisfied)
@@ -312,7 +354,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default=str(REPO / "policy/data/bigbench_trace.jsonl"))
     parser.add_argument("--out", default=str(REPO / "docs/img"))
-    parser.add_argument("--split", choices=("none", "half", "task"), default="half")
+    parser.add_argument("--split", choices=("none", "shipped", "half", "task"), default="half")
     parser.add_argument("--v", type=float, default=20.0)
     parser.add_argument("--explore-c", type=float, default=0.2)
     parser.add_argument("--alphas", type=float, nargs="+", default=ALPHAS)
@@ -322,8 +364,7 @@ def main() -> None:
     trace = [json.loads(line) for line in Path(args.trace).read_text().splitlines()]
     if "logprobs" not in trace[0]["models"][LOCAL]:
         print("this trace has no log-probs: the routers do without the local answer's confidence")
-    for i, (name, fit_on, replayed) in enumerate(folds(trace, args.split)):
-        prior = fit(fit_on, "", 0, name) if fit_on else None
+    for i, (name, prior, replayed) in enumerate(folds(trace, args.split)):
         runs = table(name, turns(replayed), prior, args)
         if i == 0 and args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)

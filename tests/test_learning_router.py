@@ -250,3 +250,49 @@ def test_replay_runs_with_and_without_the_answers_log_probs(tmp_path: Path, logp
     assert "| random needs |" in out and "| label oracle |" in out and "price rule + shadows + prior" in out
     assert ("escalate if unsure" in out) == logprobs
     assert ("no log-probs" in out) != logprobs
+
+
+def run_replay(trace: Path, *args: str) -> str:
+    script = Path(__file__).resolve().parent.parent / "scripts/replay.py"
+    command = [sys.executable, str(script), "--trace", str(trace), "--out", "", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=True).stdout
+
+
+def test_replay_prints_what_knowing_each_tasks_accuracy_allows(tmp_path: Path) -> None:
+    """Task A the local model always gets right, task B never, and the cloud gets B right half the time: to
+    reach 0.75 over 20 turns the label oracle rescues the 5 turns of B the cloud gets right (share 0.25);
+    knowing only B's accuracies, 5 satisfied turns more take all 10 of B to the cloud (0.5); at random,
+    every turn (1.0)."""
+    pytest.importorskip("matplotlib")
+    rows = [
+        {
+            "dialogue": f"d{i}",
+            "turn": 0,
+            "task": task,
+            "prompt": f"question {i} of task {task}",
+            "models": {
+                "smollm2-135m-instruct": {"satisfied": int(task == "A"), "usd": 0.0, "energy_j": 5.0, "latency_s": 1},
+                "cloud": {"satisfied": int(task == "A" or i % 4 == 1), "usd": 1e-4, "energy_j": 0.2, "latency_s": 1},
+            },
+        }
+        for i, task in enumerate("AB" * 10)
+    ]
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = run_replay(trace, "--split", "none", "--alphas", "0.75")
+    assert "| 0.75 | random needs | 0.750 | 0.000 | 1.000 | 0.00 |" in out
+    assert "| 0.75 | label oracle | 0.750 | 0.000 | 0.250 | 1.00 |" in out
+    assert "| 0.75 | task oracle | 0.750 | 0.000 | 0.500 | 0.67 |" in out
+
+
+def test_unseen_trace_replays_from_the_shipped_prior_and_by_its_own_tasks(tmp_path: Path) -> None:
+    """policy/data/bigbench_unseen_trace.jsonl holds tasks the shipped prior was not fitted on: it replays
+    from that prior (a fresh install's start), and --split task splits its own tasks in two."""
+    pytest.importorskip("matplotlib")
+    unseen = TRACE.with_name("bigbench_unseen_trace.jsonl")
+    trace = tmp_path / "unseen.jsonl"
+    trace.write_text("".join(unseen.read_text().splitlines(keepends=True)[:140]))
+    shipped = run_replay(trace, "--split", "shipped", "--alphas", "0.6")
+    assert "shipped prior (bigbench_trace.jsonl" in shipped and "escalate if unsure + prior" in shipped
+    tasks = run_replay(trace, "--split", "task", "--alphas", "0.6")
+    assert tasks.count("### tasks ") == 2 and "| task oracle |" in tasks
