@@ -4,13 +4,15 @@ Per turn, for every candidate model m, a predictor gives s_hat_m (probability th
 cost model gives cost_m in [0, 1]. With the feed-forward price mu (policy/price.py: the price of
 satisfaction at which the recent turns' predictions reach alpha) and the signed queue Z the rule picks
 
-    m* = argmin_m  V * (cost_m + extra_m) + (Z + V * mu) * (alpha - s_hat_m)     (extra: the TMO policy's term)
+    m* = argmin_m  V * (cost_m + extra_m) + (Z' + V * mu) * (alpha - s_hat_m)    (extra: the TMO policy's term)
+    Z' = CATCH_UP * Z behind the SLA (Z > 0), Z ahead of it
 
 and both queues move by s, the label when one exists and the prediction until it arrives (corrected by the
 difference when it does: labels may be late or never come): Z <- clip(Z + alpha - s, -q_cap, q_cap), and
 the paper's Q <- clip(Q + alpha - s, 0, q_cap), which is reported and observed by the TMO policy. mu already
 prices the SLA, so Z only corrects the predictor's bias, in both directions: a surplus banked below 0 lowers
-the price, where Q, clipped at 0, could only ever raise it.
+the price, where Q, clipped at 0, could only ever raise it; a deficit raises it four times as fast, so that a
+late run of bad answers does not leave the SLA missed (measured: docs/routing.md).
 With probability min(1, c / t^(1/4)) a turn explores a random candidate so that every model keeps getting
 labels. The predictor is one logistic head per model over hashed word n-grams plus a few dense features,
 trained by SGD on each label; a per-model prior is its starting bias. Everything persists atomically.
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 INFEASIBLE_AFTER = 20  # turns settled before an SLA out of reach is reported
+CATCH_UP = 4.0  # how much more a deficit of Z moves the price than a surplus does (current_price)
 HASH_DIM = 4096
 DENSE = (
     "bias",
@@ -175,7 +178,7 @@ class Choice:
     explored: bool
     s_hat: dict[str, float]
     key: str = ""
-    price: float = 0.0  # Z / V + mu: what one unit of satisfaction was worth in cost on this turn
+    price: float = 0.0  # what one unit of satisfaction was worth in cost on this turn (current_price)
 
 
 @dataclass
@@ -318,9 +321,12 @@ class MessPlus:
 
     @property
     def current_price(self) -> float:
-        """What one unit of satisfaction is worth in cost now: Z / V plus the feed-forward price, never below 0
-        (a banked surplus may make satisfaction free, never unwanted)."""
-        return max(0.0, (self.state.z / self.v if self.v else 0.0) + self.state.price.price(self.sla))
+        """What one unit of satisfaction is worth in cost now: the feed-forward price plus Z / V, never below
+        0 (a banked surplus may make satisfaction free, never unwanted). A deficit (Z > 0) counts CATCH_UP
+        times: the SLA is a promise about the turns so far, so a run of bad answers must be made up within
+        dozens of turns, not hundreds, while a surplus is only money and is spent slowly."""
+        z = self.state.z * (CATCH_UP if self.state.z > 0 else 1.0)
+        return max(0.0, (z / self.v if self.v else 0.0) + self.state.price.price(self.sla))
 
     def _shift_queue(self, step: float) -> None:
         self.state.q = min(self.q_cap, max(0.0, self.state.q + step))

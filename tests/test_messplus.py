@@ -58,13 +58,14 @@ def test_queue_never_goes_below_zero_or_above_its_cap() -> None:
 
 
 def test_rule_by_hand() -> None:
-    """objective = V * (cost + extra) + (Z + V * price) * (alpha - s_hat), price from the window of predictions."""
+    """objective = V * (cost + extra) + (Z' + V * price) * (alpha - s_hat), price from the window of predictions,
+    Z' = CATCH_UP * Z behind the SLA and Z ahead of it."""
     costs = {"local": 0.1, "cloud": 1.0}
     m = router(sla=0.25)  # local's 0.3 alone meets the SLA: price 0, only cost counts
     choice = m.choose(costs, xs=same(X, costs))
     assert choice.model == "local" and choice.price == 0.0
     m = router()  # SLA 0.8: the window's one turn needs the cloud at the price (1.0 - 0.1) / (0.9 - 0.3) = 1.5
-    m.state.z = 10.0  # far behind the SLA: 0.1 + 11.5 * (0.8 - 0.3) = 5.85 against 1.0 + 11.5 * (0.8 - 0.9)
+    m.state.z = 2.5  # far behind the SLA, counted 4 times: 0.1 + 11.5 * (0.8 - 0.3) = 5.85 against 1.0 + 11.5 * -0.1
     choice = m.choose(costs, xs=same(X, costs))
     assert choice.model == "cloud" and choice.price == pytest.approx(11.5)
     assert choice.s_hat == pytest.approx({"local": 0.3, "cloud": 0.9})

@@ -60,18 +60,19 @@ def test_combined_rule_by_hand() -> None:
         {"local": 0.5, "cloud": 0.85},
         {"local": "local", "cloud": "cloud"},
     )
-    # the price of satisfaction: Z / V plus mu = (1.0 - 0.1) / (0.85 - 0.5) = 2.57, which the window needs
+    # the price of satisfaction: mu = (1.0 - 0.1) / (0.85 - 0.5) = 2.57, which the window needs, plus Z / V
+    # (a deficit, Z > 0, counted CATCH_UP = 4 times)
     mess.state.z = -5.0  # a banked surplus: price max(0, -5 + 2.57) = 0, cost decides
     assert rule.choose(mess, costs, s_hat, model_of).key == "local"
-    mess.state.z = 2.0  # price 4.57: 0.1 + 4.57 * 0.3 = 1.47 against 1.0 - 4.57 * 0.05 = 0.77
+    mess.state.z = 0.5  # price 4.57: 0.1 + 4.57 * 0.3 = 1.47 against 1.0 - 4.57 * 0.05 = 0.77
     assert rule.choose(mess, costs, s_hat, model_of).key == "cloud"
     # a policy sure of the local answer settles a close call: price 4.07 gives local 0.1 + 4.07 * 0.3 = 1.32
     # against the cloud's 1.0 - 4.07 * 0.05 = 0.80, plus w * ln(0.9 / 0.1) capped at w * ln 4: 0.69
-    mess.state.z = 1.5
+    mess.state.z = 0.375
     log_pi = {"local": np.log(0.9), "cloud": np.log(0.1)}
     assert rule.choose(mess, costs, s_hat, model_of, log_pi, weight=0.5).key == "local"
     # however sure, it cannot outweigh a large price of satisfaction: at 7.57, local 2.37 against 0.62 + 0.69
-    mess.state.z = 5.0
+    mess.state.z = 1.25
     log_pi = {"local": 0.0, "cloud": np.log(1e-6)}
     assert rule.policy_terms(log_pi, 0.5) == pytest.approx({"local": 0.0, "cloud": 0.5 * np.log(4.0)})
     assert rule.choose(mess, costs, s_hat, model_of, log_pi, weight=0.5).key == "cloud"
