@@ -27,8 +27,17 @@ from locod.policy.warmstart import PRIORS, Prior, fit_logistic, save_prior
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = "smollm2-135m-instruct"
 DEFAULT_MAX_TOKENS = 24
-# The trace's tasks in two groups, for measuring on tasks a prior has not seen (replay.py --split task).
+# The shipped trace's tasks in two groups, for measuring on tasks a prior has not seen (task_groups).
 TASK_SPLIT = ({"add_1digit", "mul_2digit", "plural", "negation"}, {"add_2digit", "wikidata", "past_tense"})
+
+
+def task_groups(rows: list[dict]) -> tuple[set[str], set[str]]:  # type: ignore[type-arg]
+    """A trace's tasks in two groups (replay.py --split task, confidence.py's reference): the shipped
+    trace's TASK_SPLIT, or any other trace's tasks taken alternately in the order of their names."""
+    tasks = sorted({r["task"] for r in rows})
+    if set(tasks) == TASK_SPLIT[0] | TASK_SPLIT[1]:
+        return TASK_SPLIT
+    return set(tasks[0::2]), set(tasks[1::2])
 
 
 def answer_features(row: dict) -> tuple[float, ...] | None:  # type: ignore[type-arg]

@@ -39,7 +39,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from fit_prior import LOCAL, TASK_SPLIT, answer_features, fit
+from fit_prior import LOCAL, answer_features, fit, task_groups
 
 from locod.policy.messplus import MessPlus, TurnFeatures, vectorize
 from locod.policy.rule import CLOUD_PRIOR, ENERGY_REF_J, LOCAL_PRIOR, MONEY_REF_USD
@@ -270,8 +270,7 @@ def folds(trace: list[dict], split: str) -> list[tuple[str, Prior | None, list[d
             ("second half, prior from the first", fit(a, "", 0, "first half"), b),
             ("first half, prior from the second", fit(b, "", 0, "second half"), a),
         ]
-    tasks = sorted({r["task"] for r in trace})
-    groups = TASK_SPLIT if set(tasks) == set().union(*TASK_SPLIT) else (set(tasks[0::2]), set(tasks[1::2]))
+    groups = task_groups(trace)
     parts = [[r for r in trace if r["task"] in group] for group in groups]
     names = [", ".join(sorted(group)) for group in groups]
     return [
