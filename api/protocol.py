@@ -28,6 +28,9 @@ ATTACHMENT_KINDS = ("image", "document")
 # JSON escapes of a UTF-16 surrogate: only a message holding one needs the walk for lone surrogates.
 LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 SURROGATE = re.compile("[\ud800-\udfff]")
+# The id of a frame too large to parse, read from its head where encode_request writes it ({"v":1,"id":...},
+# or id first): without it the error reply carries no id, and the client waiting on one never hears why.
+HEAD_ID = re.compile(rb'\s*\{\s*(?:"v"\s*:\s*\d+\s*,\s*)?"id"\s*:\s*"([A-Za-z0-9_.:-]{1,200})"')
 INT64 = range(-(2**63), 2**63)
 
 
@@ -99,8 +102,11 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
         raise BadRequest(f"expected one frame per message, got {len(frames)}", code="extra_frames", request_id=None)
     raw = frames[0]
     if len(raw) > max_bytes:
+        head = HEAD_ID.match(raw, 0, 512)
         raise BadRequest(
-            f"message of {len(raw)} bytes is over the limit of {max_bytes}", code="too_large", request_id=None
+            f"message of {len(raw)} bytes is over the daemon's limit of {max_bytes} (daemon.max_message_bytes)",
+            code="too_large",
+            request_id=head.group(1).decode() if head else None,
         )
     try:
         msg = read_json(raw)

@@ -100,6 +100,15 @@ def test_too_large() -> None:
     assert code_of(frame(op="chat", prompt="x" * 2000), max_bytes=1000)[0] == "too_large"
 
 
+def test_too_large_keeps_the_id_read_from_the_head() -> None:
+    """The frame is not parsed, but its id is read where encode_request writes it: the client waiting on
+    that id hears why instead of waiting out its timeout."""
+    big = ChatRequest("a1b2", [{"role": "user", "content": "x" * 2000}], None, None, [], ChatOptions(), None)
+    assert code_of([encode_request(big)], max_bytes=1000) == ("too_large", "a1b2")
+    assert code_of([b'{"id": "first", "v": 1, "op": "ping", "pad": "' + b"x" * 2000 + b'"}'], 1000)[1] == "first"
+    assert code_of([b'{"op": "ping", "id": "late", "pad": "' + b"x" * 2000 + b'"}'], 1000)[1] is None
+
+
 def test_deep_nesting_is_an_error_not_a_crash() -> None:
     assert code_of([b"[" * 100_000 + b"]" * 100_000], max_bytes=1 << 20)[0] in ("invalid_json", "not_object")
 
