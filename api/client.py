@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 
 from locod.errors import DaemonNotRunning, LocodError, UnsafeSocket
+from locod.limits import ALWAYS_READ_BYTES, check_request_size
 from locod.protocol import (
     DEFAULT_OPTIONS,
     LAST_FRAMES,
@@ -179,6 +180,7 @@ class Client:
         self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self.endpoint)
+        self._daemon_config: dict[str, Any] | None = None  # fetched for the first request that could be dropped
 
     def close(self) -> None:
         self._sock.close(linger=0)
@@ -192,8 +194,14 @@ class Client:
     # -- frames --------------------------------------------------------------------------------------
 
     def send(self, request: Request) -> str:
-        """Send without waiting; returns the id its frames carry (read them with ``frames``)."""
-        self._sock.send(encode_request(request))
+        """Send without waiting; returns the id its frames carry (read them with ``frames``). A chat request
+        large enough that the daemon might drop it unanswered is first checked against the daemon's limits."""
+        raw = encode_request(request)
+        if isinstance(request, ChatRequest) and len(raw) > ALWAYS_READ_BYTES:
+            if self._daemon_config is None:
+                self._daemon_config = dict(self.config()["config"])
+            check_request_size(len(raw), request.attachments, self._daemon_config)
+        self._sock.send(raw)
         return request.id
 
     def frames(self, rid: str, timeout_ms: int) -> Iterator[Frame]:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
+
+from locod.client import attachment
+from locod.errors import AttachmentError
 
 from .conftest import DaemonHandle
 
@@ -109,6 +113,41 @@ def test_frame_far_over_the_limit_is_dropped_by_zeromq_and_the_daemon_lives(smal
     other = raw_socket(small_daemon)
     assert exchange(other, msg(op="ping"))["data"]["pong"]
     other.close()
+
+
+def test_frame_over_the_limit_is_answered_with_its_id(small_daemon: DaemonHandle) -> None:
+    sock = raw_socket(small_daemon)
+    reply = exchange(sock, msg(op="chat", prompt="x" * (LIMIT + 10)))
+    assert (reply["id"], reply["code"]) == ("t", "too_large")
+    assert "daemon.max_message_bytes" in reply["message"]
+    sock.close()
+
+
+@pytest.mark.parametrize("size", [LIMIT, 4 * LIMIT])  # answered by the daemon / dropped by ZeroMQ unread
+def test_attachment_too_large_for_a_message_is_refused_at_once_by_the_cli(
+    small_daemon: DaemonHandle, tmp_path: Path, size: int
+) -> None:
+    """Walk finding: a 30 MB attachment (40 MB base64) left `locod ask` silent for 600 s, then asking
+    whether the daemon runs. Now the client names the size and the key before it sends."""
+    big = tmp_path / "video.bin"
+    big.write_bytes(b"\x00" * size)
+    started = time.monotonic()
+    done = small_daemon.cli("ask", "what is this?", "--attach", str(big), timeout=60)
+    assert time.monotonic() - started < 30
+    assert done.returncode == 1, done.stderr
+    assert "'video.bin'" in done.stderr and f"limit of {LIMIT} (daemon.max_message_bytes)" in done.stderr
+    assert "is it running" not in done.stderr
+    assert small_daemon.rows() == []
+    assert small_daemon.client().ping()["pong"]
+
+
+def test_attachment_over_attachments_max_bytes_is_refused_by_the_client(daemon_factory: Any, tmp_path: Path) -> None:
+    handle = daemon_factory({"daemon": {"max_message_bytes": LIMIT}, "attachments": {"max_bytes": 8192}})
+    notes = tmp_path / "notes.md"
+    notes.write_text("word " * 4000)
+    with pytest.raises(AttachmentError, match=r"'notes.md' is 20000 bytes, .* limit of 8192 \(attachments.max_bytes\)"):
+        handle.client().ask("summarise", attachments=[attachment(notes)])
+    assert handle.rows() == []
 
 
 def test_client_disconnecting_mid_stream_cancels_its_turn(small_daemon: DaemonHandle) -> None:
