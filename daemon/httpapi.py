@@ -145,13 +145,14 @@ class HttpServer:
 
     async def _body(self, request: Request) -> Any:
         limit = self.daemon.config.daemon.max_message_bytes
+        over = f"the body is over the limit of {limit} bytes (daemon.max_message_bytes)"
         if int(request.headers.get("content-length") or 0) > limit:
-            raise wire.HttpError(413, f"the body is over the limit of {limit} bytes", "too_large")
+            raise wire.HttpError(413, over, "too_large")
         raw = bytearray()
         async for piece in request.stream():
             raw += piece
             if len(raw) > limit:
-                raise wire.HttpError(413, f"the body is over the limit of {limit} bytes", "too_large")
+                raise wire.HttpError(413, over, "too_large")
         try:
             body = read_json(raw)
         except (ValueError, RecursionError) as exc:

@@ -170,6 +170,7 @@ def test_errors_map_onto_status_codes_and_a_hang_up_cancels_the_turn(daemon_fact
     with pytest.raises(openai.APIStatusError) as large:
         client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "x" * 5000}])
     assert large.value.status_code == 413
+    assert "limit of 4096 bytes (daemon.max_message_bytes)" in large.value.message  # the key to raise
 
     stream = client.chat.completions.create(model="auto", messages=ask, max_tokens=1000, stream=True)
     next(iter(stream))  # the turn is accepted and generating: the one slot of the queue is taken
