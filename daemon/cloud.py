@@ -22,9 +22,10 @@ from collections.abc import Hashable
 from contextlib import AbstractContextManager
 from typing import Any, cast
 
+import httpx2
 import openai
 
-from locod.daemon.backends import Generation, Prompt
+from locod.daemon.backends import Generation, Prompt, Upload
 from locod.daemon.bounded_http import BoundedTransport, Limits, OverBound, limits
 from locod.daemon.config import CloudConfig, CloudModelConfig
 from locod.daemon.keyfile import read_key_file
@@ -33,6 +34,8 @@ from locod.policy.rule import estimate_tokens
 
 log = logging.getLogger(__name__)
 
+# Transport failures before the request was written: nothing of it left the device.
+NOT_CONNECTED = (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout)
 # 4xx statuses that speak of the endpoint, its key or its load rather than of one request.
 ENDPOINT_4XX = frozenset({401, 403, 404, 408, 429})
 
@@ -175,6 +178,11 @@ class CloudBackend:
         bounds: Limits,
     ) -> openai.Stream:
         attempt = 0
+        sent = False  # an attempt got past connecting: the request, uploads included, may have been read
+
+        def failed(message: str, code: str) -> CloudError:
+            return Received(message, prompt.upload, code) if sent else CloudError(message, code=code)
+
         while True:
             try:
                 return client.chat.completions.create(
@@ -188,29 +196,31 @@ class CloudBackend:
                     stream_options={"include_usage": True},
                 )
             except openai.APIStatusError as exc:
+                sent = True
                 delay = self._retry_delay(exc, attempt)
                 if delay is None:
                     if exc.status_code >= 500 or exc.status_code in ENDPOINT_4XX:
                         breaker.failure()
-                    raise CloudError(
-                        f"{name}: HTTP {exc.status_code} from the endpoint{_hint(model, exc)}", code="cloud_http"
-                    ) from None
+                    message = f"{name}: HTTP {exc.status_code} from the endpoint{_hint(model, exc)}"
+                    raise failed(message, "cloud_http") from None
             except (openai.APIConnectionError, openai.APITimeoutError) as exc:
                 if isinstance(exc.__cause__, OverBound):
                     raise exc.__cause__ from None
+                sent = sent or not isinstance(exc.__cause__, NOT_CONNECTED)
                 if attempt >= self.config.max_retries:
                     breaker.failure()
                     kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
-                    raise CloudError(f"{name}: endpoint {kind}", code="cloud_unreachable") from None
+                    raise failed(f"{name}: endpoint {kind}", "cloud_unreachable") from None
                 delay = min(2.0, 0.25 * 2**attempt)
             except openai.OpenAIError as exc:
                 breaker.failure()
-                raise CloudError(
-                    f"{name}: invalid reply from the endpoint: {type(exc).__name__}", code="cloud_invalid_reply"
+                sent = True
+                raise failed(
+                    f"{name}: invalid reply from the endpoint: {type(exc).__name__}", "cloud_invalid_reply"
                 ) from None
             if delay >= bounds.left():
                 breaker.failure()
-                raise CloudError(f"{name}: no answer within the turn's deadline", code="cloud_deadline")
+                raise failed(f"{name}: no answer within the turn's deadline", "cloud_deadline")
             attempt += 1
             log.info("cloud %s: retry %d in %.2f s", name, attempt, delay)
             time.sleep(delay)
@@ -284,7 +294,8 @@ class CloudBackend:
         """A stream that closed cleanly may still have said nothing, or never said its answer was complete."""
         if generation.first_token_ms is None:
             breaker.failure()
-            raise CloudError(f"{name}: the endpoint returned no answer text", code="cloud_invalid_reply")
+            upload = Upload(generation.images_sent, generation.bytes_up)
+            raise Received(f"{name}: the endpoint returned no answer text", upload, code="cloud_invalid_reply")
         if not finished:
             breaker.failure()
             raise StreamCut(f"{name}: the answer stream ended without finishing", generation)
@@ -301,12 +312,22 @@ class CloudBackend:
             client.close()
 
 
-class StreamCut(CloudError):
+class Received(CloudError):
+    """The endpoint answered the request, with an error status or without text: the request and what it
+    uploaded (``upload``) left the device, and the record says so, though nothing is billed. A failure with
+    no answer at all (refused, unreachable, timed out) is a plain CloudError: nothing is known to have gone."""
+
+    def __init__(self, message: str, upload: Upload, code: str) -> None:
+        super().__init__(message, code=code)
+        self.upload = upload
+
+
+class StreamCut(Received):
     """The answer stream broke after it began: ``partial`` is what came, priced (an estimate unless the
     endpoint reported usage), since real providers bill a cut answer too."""
 
     def __init__(self, message: str, partial: Generation, code: str = "cloud_stream_cut") -> None:
-        super().__init__(message, code=code)
+        super().__init__(message, Upload(partial.images_sent, partial.bytes_up), code)
         self.partial = partial
 
 

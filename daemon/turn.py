@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from locod.daemon import attachments as att
 from locod.daemon import prompts
 from locod.daemon.backends import Backend, Generation, Prompt
-from locod.daemon.cloud import CloudBackend, StreamCut
+from locod.daemon.cloud import CloudBackend, Received, StreamCut
 from locod.daemon.config import Config
 from locod.daemon.decider import Decider
 from locod.daemon.decision import Decision
@@ -104,6 +104,7 @@ class Ending:
     kind: str = CloudError.code  # the error frame's kind and code, for an outcome that is not an answer
     code: str | None = None  # None: the outcome
     judged: JudgedAnswer | None = None  # the local answer's confidence, where it was read
+    uploaded: tuple[int, ...] = ()  # attachments a cloud attempt sent before the turn fell back
 
     @classmethod
     def failed(cls, decision: Decision, error: LocodError) -> Ending:
@@ -148,18 +149,27 @@ class Acceptance:
 
 
 def _with_partial(generation: Generation, failure: CloudError) -> Generation:
-    """A local answer after a cut cloud stream also pays for what the cloud streamed before the cut (real
-    providers bill it), at the cut answer's price, an estimate unless the endpoint reported usage."""
-    if not isinstance(failure, StreamCut):
+    """A local answer after a cloud attempt the endpoint received counts what that attempt uploaded; after a
+    cut stream it also pays for what the cloud streamed before the cut (real providers bill it), at the cut
+    answer's price, an estimate unless the endpoint reported usage."""
+    if not isinstance(failure, Received):
         return generation
+    sent = dataclasses.replace(generation, images_sent=failure.upload.images, bytes_up=failure.upload.bytes)
+    if not isinstance(failure, StreamCut):
+        return sent
     partial = failure.partial
     return dataclasses.replace(
-        generation,
-        cost_usd=generation.cost_usd + partial.cost_usd,
-        cost_estimated=partial.cost_estimated,
-        images_sent=partial.images_sent,
-        bytes_up=partial.bytes_up,
+        sent, cost_usd=generation.cost_usd + partial.cost_usd, cost_estimated=partial.cost_estimated
     )
+
+
+def _uploaded(turn: Turn, decision: Decision, failure: CloudError) -> tuple[tuple[int, ...], str]:
+    """The attachments a failed cloud attempt sent, and the words that tell the user (empty: none): the
+    record's ``attachments_sent`` must not say nothing left the device when the endpoint received them."""
+    if not isinstance(failure, Received) or not decision.send:
+        return (), ""
+    names = ", ".join(turn.attachments[i].name for i in decision.send)
+    return decision.send, f"; {decision.model} had received {names}"
 
 
 def _after(local: Generation, answer: Generation) -> Generation:
@@ -335,27 +345,31 @@ class TurnRunner:
         It settles with the s_hat its confidence gave, and a label for it trains the confidence head."""
         judged, answer = held
         local = decision.fallen_back(judged.model, failure.message).answered(judged.s_answered, False)
-        message = f"the cloud answer failed ({failure.message}); showing the local answer it was to replace"
+        uploaded, told = _uploaded(turn, decision, failure)
+        message = f"the cloud answer failed ({failure.message}{told}); showing the local answer it was to replace"
         reply.send(FallbackFrame(decision_id, judged.model, failure.code, message))
         if turn.request.options.stream:
             reply.send(DeltaFrame(answer.text))
         shown = Generation(answer.text, answer.tokens_in, answer.tokens_out, waited_ms, waited_ms)
         kept = dataclasses.replace(judged, kept=True)
-        return Ending(local, _with_partial(shown, failure), "fallback", failure.message, judged=kept)
+        return Ending(local, _with_partial(shown, failure), "fallback", failure.message, judged=kept, uploaded=uploaded)
 
     def _fall_back(self, decision_id: int, turn: Turn, decision: Decision, failure: CloudError, reply: Reply) -> Ending:
         """The cloud failed: the default local model answers the same turn, under the same record."""
         local = decision.fallen_back(self.config.local.default, failure.message)
+        uploaded, told = _uploaded(turn, decision, failure)
         with self.local.slot(turn.client, reply.cancelled) as granted:
             if not granted:
-                return Ending(local, EMPTY, "cancelled", reply.cancel_reason, Busy.code)
+                return Ending(local, EMPTY, "cancelled", reply.cancel_reason, Busy.code, uploaded=uploaded)
             try:
                 prompt = self.local.fit(local.model, self._prompt(turn, local, reply, None))
             except LocodError as exc:
-                return Ending(local, EMPTY, "error", f"{failure.message}; local fallback failed: {exc.message}")
-            message = f"the cloud answer failed ({failure.message}); answering locally, from the start"
+                error = f"{failure.message}; local fallback failed: {exc.message}"
+                return Ending(local, _with_partial(EMPTY, failure), "error", error, uploaded=uploaded)
+            message = f"the cloud answer failed ({failure.message}{told}); answering locally, from the start"
             reply.send(FallbackFrame(decision_id, local.model, failure.code, message))
             ending = self._ended(local, _with_partial(self.local.generate(local.model, prompt), failure), reply)
+        ending = dataclasses.replace(ending, uploaded=uploaded)
         return (
             ending if ending.outcome != "ok" else dataclasses.replace(ending, outcome="fallback", error=failure.message)
         )
@@ -446,7 +460,7 @@ class TurnRunner:
                 cost_estimated=g.cost_estimated,
                 energy_j=g.energy_j,
                 error=ending.error,
-                attachments_sent=[turn.attachments[i].name for i in decision.send],
+                attachments_sent=[turn.attachments[i].name for i in sorted({*decision.send, *ending.uploaded})],
                 confidence=ending.judged,
             ),
         )

@@ -133,6 +133,45 @@ def test_cloud_faults_end_in_a_local_answer(
     assert row["outcome"] == "fallback" and row["backend"] == "local" and row["error"]
 
 
+@pytest.mark.parametrize(
+    "fault",
+    [
+        Fault("status", status=500),  # the endpoint read the request, then failed
+        Fault("garbage"),  # the stream broke before any text
+        Fault("delay", delay_s=8.0, times=3),  # read, then no answer within timeout_s
+    ],
+)
+def test_a_fallback_records_the_attachments_the_failed_cloud_attempt_sent(
+    cloud_daemon: DaemonHandle, proxy: FaultProxy, tmp_path: Path, fault: Fault
+) -> None:
+    """Walk finding: an image turn whose cloud call failed was recorded with attachments_sent [] and
+    images_sent 0, and the user told nothing, although the endpoint had received the image."""
+    (tmp_path / "receipt.jpg").write_bytes(photo(640, 480))
+    proxy.set(fault)
+    result = cloud_daemon.client().ask("Total?", attachments=[attachment(tmp_path / "receipt.jpg")], max_tokens=4)
+    assert result.done.outcome == "fallback" and result.fallback is not None
+    assert image_parts(proxy.chat_requests()[0])  # the image did go out
+    assert "cloud-small had received receipt.jpg" in result.fallback.message
+    (row,) = cloud_daemon.rows()
+    assert (json.loads(row["attachments_sent"]), row["images_sent"]) == (["receipt.jpg"], 1) and row["bytes_up"] > 0
+    assert row["cost_usd"] == 0 or fault.kind == "garbage"  # a refused or unanswered request is not billed
+
+
+def test_a_refused_connection_records_nothing_sent(daemon_factory: Any, tmp_path: Path) -> None:
+    (tmp_path / "receipt.jpg").write_bytes(photo(640, 480))
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens here: the request is never written
+    handle = daemon_factory(cloud_config(dead, max_retries=0), extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    result = handle.client().ask("Total?", attachments=[attachment(tmp_path / "receipt.jpg")], max_tokens=4)
+    assert result.fallback is not None and "had received" not in result.fallback.message
+    (row,) = handle.rows()
+    assert (row["outcome"], json.loads(row["attachments_sent"]), row["images_sent"], row["bytes_up"]) == (
+        "fallback",
+        [],
+        0,
+        0,
+    )
+
+
 def test_retryable_faults_are_retried(cloud_daemon: DaemonHandle, proxy: FaultProxy) -> None:
     proxy.faults = [Fault("status", status=503, times=1), Fault("status", status=429, retry_after="0.2", times=1)]
     result = cloud_daemon.client().ask("Hello", max_tokens=4)
