@@ -321,15 +321,20 @@ def _set_text(table: dict[str, Any], dotted: str, text: str, origin: str) -> str
     for section in sections:
         hints = typing.get_type_hints(cls)
         if section not in hints or not dataclasses.is_dataclass(hints[section]):
-            raise ConfigError(f"{origin}: unknown section {section!r}")
+            raise ConfigError(f"{origin}: unknown section {section!r} (known here: {_known(cls)})")
         cls = hints[section]
         node = node.setdefault(section, {})
     hints = typing.get_type_hints(cls)
     if key not in hints:
-        raise ConfigError(f"{origin}: unknown key {dotted!r}")
+        raise ConfigError(f"{origin}: unknown key {dotted!r} (known here: {_known(cls)})")
     meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == key)
     node[key] = _value(hints[key], _parse_text(hints[key], text, origin, dotted), meta, origin, dotted)
     return origin
+
+
+def _known(cls: Any) -> str:
+    """The names an override may use at this level, as a file's unknown key lists them."""
+    return ", ".join(sorted(f.name for f in dataclasses.fields(cls) if f.name != "source"))
 
 
 def _parse_text(hint: Any, text: str, origin: str, key: str) -> Any:

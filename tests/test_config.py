@@ -91,6 +91,9 @@ def test_bad_env_override_names_the_variable(tmp_path: Path) -> None:
         ({"LOCOD_ROUTING": "maybe"}, {}, "$LOCOD_ROUTING: routing.mode must be one of auto, local, cloud"),
         ({"LOCOD_LOCAL_MODEL": "ghost"}, {}, "$LOCOD_LOCAL_MODEL: local.default is 'ghost', which names no local"),
         ({}, {"cloud.default": "ghost"}, "override cloud.default: cloud.default is 'ghost', which names no cloud"),
+        # a typo lists what was meant, as the same typo in the file does
+        ({}, {"routing.sal": "0.9"}, "override routing.sal: unknown key 'routing.sal' (known here: battery_crit"),
+        ({}, {"routin.sla": "0.9"}, "override routin.sla: unknown section 'routin' (known here: attachments, cloud"),
     ],
 )
 def test_out_of_range_overrides_name_their_source_not_the_file(
