@@ -311,8 +311,11 @@ class DecisionLog:
             rows = list(self.db.query("SELECT * FROM decisions WHERE id = ?", [decision_id]))
             if not rows:
                 raise UnknownDecision(f"no decision with id {decision_id}")
-            if rows[0]["satisfied"] is not None:
-                raise UnknownDecision(f"decision {decision_id} is already labelled", code="already_labelled")
+            if rows[0]["satisfied"] is not None:  # the label has trained the router: which one stands, and by whom
+                given = f"{'good' if rows[0]['satisfied'] else 'bad'} (by {rows[0]['label_source']})"
+                raise UnknownDecision(
+                    f"decision {decision_id} is already labelled {given}; a label is final", code="already_labelled"
+                )
             self.db.table("decisions").update(
                 decision_id, {"satisfied": int(satisfied), "label_source": source, "labelled": time.time()}
             )

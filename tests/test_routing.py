@@ -89,7 +89,7 @@ def test_feedback_through_socket_and_cli(daemon_factory: Any, proxy: FaultProxy)
         text=True,
         timeout=60,
     )
-    assert again.returncode == 1 and "already labelled" in again.stderr
+    assert again.returncode == 1 and "already labelled good (by user); a label is final" in again.stderr
 
 
 def test_routing_state_survives_a_daemon_restart(daemon_factory: Any, proxy: FaultProxy) -> None:
