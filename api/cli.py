@@ -210,8 +210,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     session = args.session or f"chat-{uuid.uuid4().hex[:8]}"
+    client = _client(args)  # a stopped daemon is said before the user types a first question
     print(f"locod chat, session {session}. Ctrl-C stops an answer; an empty line or Ctrl-D leaves.", file=sys.stderr)
-    client = _client(args)
     try:
         while True:
             try:

@@ -264,3 +264,12 @@ def test_a_turn_that_waited_for_the_local_model_says_how_long_in_its_record(daem
     long_row, short_row = rows[first[-1].decision], rows[behind.done.decision]
     assert short_row["latency_queue_ms"] >= long_row["latency_total_ms"] / 2  # it waited out most of the answer
     assert long_row["latency_queue_ms"] < short_row["latency_queue_ms"]
+
+
+def test_chat_says_the_daemon_is_stopped_before_its_banner(tmp_path: Path) -> None:
+    """Walk finding: `locod chat` greeted the user and only said the daemon was not running after a question."""
+    chat = subprocess.run(
+        locod_command("chat"), input="hi\n", capture_output=True, text=True, env=clean_env(tmp_path), timeout=60
+    )
+    assert chat.returncode == 5 and "locod is not running" in chat.stderr
+    assert "locod chat, session" not in chat.stderr
