@@ -273,3 +273,13 @@ def test_chat_says_the_daemon_is_stopped_before_its_banner(tmp_path: Path) -> No
     )
     assert chat.returncode == 5 and "locod is not running" in chat.stderr
     assert "locod chat, session" not in chat.stderr
+
+
+def test_decisions_print_costs_as_dollars(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """Walk finding: a cloud turn's cost showed as 4.125e-05 in `locod decisions`, $0.00004 in `ask -v`."""
+    handle = daemon_factory(cloud_config(proxy.base_url), extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    assert handle.cli("ask", "Hi", "--max-tokens", "4").returncode == 0
+    (row,) = handle.rows()
+    assert 0 < row["cost_usd"] < 1e-3
+    listed = handle.cli("decisions").stdout
+    assert f" {row['cost_usd']:.5f} " in listed and "e-0" not in listed, listed
