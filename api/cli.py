@@ -665,9 +665,9 @@ def _add_turn_commands(sub: Any) -> None:
             p.add_argument("--model", help="answer with this configured model")
             p.add_argument("--attach", action="append", metavar="FILE", help="image or document to attach")
             p.add_argument("--private", action="append", metavar="FILE", help="attachment that never leaves the device")
-            p.add_argument("--max-tokens", type=int)
-            p.add_argument("--temperature", type=float)
-            p.add_argument("--seed", type=int)
+            p.add_argument("--max-tokens", type=int, help="answer length limit (default: local.max_tokens)")
+            p.add_argument("--temperature", type=float, help="sampling temperature, 0-2")
+            p.add_argument("--seed", type=int, help="sampling seed, for a repeatable local answer")
             p.add_argument("--json", action="store_true", help="print every frame as JSON")
         p.add_argument("--session", help="session id (keeps the dialogue history)")
         p.add_argument("--force", choices=("local", "cloud"), help="skip routing")
@@ -678,17 +678,17 @@ def _add_turn_commands(sub: Any) -> None:
 def _add_daemon_commands(sub: Any) -> None:
     """What asks a running daemon: ``status``, ``decisions``, ``feedback``, ``reload``."""
     p = sub.add_parser("status", help="device, network, routing and queue state")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="the whole status as JSON")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("decisions", help="recent decision records")
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--limit", type=int, default=20, help="how many of the newest (default 20)")
+    p.add_argument("--json", action="store_true", help="whole records as JSON, one array")
     p.set_defaults(func=cmd_decisions)
 
     p = sub.add_parser("feedback", help="label a decision's answer good or bad (trains the router)")
-    p.add_argument("decision", type=int)
-    p.add_argument("label", choices=("good", "bad"))
+    p.add_argument("decision", type=int, help="the decision id (`locod ask -v` and `locod decisions` show it)")
+    p.add_argument("label", choices=("good", "bad"), help="whether the answer was good; a label is final")
     p.set_defaults(func=cmd_feedback)
 
     p = sub.add_parser("reload", help="re-read the configuration and the policy")
@@ -703,7 +703,7 @@ def _add_offline_commands(sub: Any) -> None:
     """What works without a daemon: ``config``, ``models``, ``policy``."""
     config = sub.nested("config", help="configuration")
     p = config.add_parser("show", help="print the running daemon's effective configuration (no secrets)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="JSON instead of TOML")
     p.add_argument("--new", action="store_true", help="what a daemon started now would use, not the running one's")
     p.set_defaults(func=cmd_config_show)
 
