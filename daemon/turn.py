@@ -293,7 +293,10 @@ class TurnRunner:
             return dataclasses.replace(ending, decision=decision, judged=judged)
         local = ending.generation
         decision = ending.decision.escalated(judge.why(), judged.explored)
-        reply.send(EscalatedFrame(decision_id, decision.model, judged.s_answered, judge.why()))
+        # the decision frame said what a local answer uploads (nothing): say what the cloud's will
+        sent = ", ".join(turn.attachments[i].name for i in decision.send)
+        told = f"{judge.why()}; {decision.model} receives {sent}" if sent else judge.why()
+        reply.send(EscalatedFrame(decision_id, decision.model, judged.s_answered, told))
         held = None if local.cut else (judged, local)  # a whole answer: shown if the cloud fails
         try:
             prompt = self.cloud.fit(decision.model, self._prompt(turn, decision, reply, None))

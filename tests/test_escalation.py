@@ -16,7 +16,7 @@ from locod.daemon.logprobs import TokenLogprobs
 from locod.policy import rule
 from locod.policy.confidence import FEATURES, ConfidenceHead
 from locod.policy.messplus import MessPlus
-from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame, EscalatedFrame, FallbackFrame
+from locod.protocol import Attachment, DecisionFrame, DeltaFrame, DoneFrame, EscalatedFrame, FallbackFrame
 
 from .conftest import cloud_config, free_port, wait_for
 from .faultproxy import Fault, FaultProxy
@@ -193,6 +193,30 @@ def test_a_whole_local_answer_is_shown_when_the_cloud_fails_after_its_escalation
     client.feedback(fallback.decision, True)
     state = np.load(tmp_path / "held" / "state" / "messplus.npz")
     assert dict(zip(state["conf_names"].tolist(), state["conf_seen"].tolist()))[LOCAL] == 1
+
+
+def test_an_escalation_says_what_the_cloud_receives_and_a_failure_after_it_records_it(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    """Walk finding: `-v` said "uploaded to the cloud: none" for a turn answered locally first, then the
+    escalation uploaded the attachment without a word, and when the cloud failed the record said nothing
+    had been sent."""
+    # at the default weight the shipped policy escalates with the relevant document (0: MESS+ alone sends none)
+    head = _head(min_weight=1000.0, bias=10.0)
+    handle = _daemon(daemon_factory, tmp_path, proxy, head, "told", routing={"weight_policy": 0.5})
+    notes = Attachment("document", "notes.md", data=b"Irregular plurals: mouse, mice; goose, geese.\n")
+    proxy.set(Fault("status", status=500))
+    turn = handle.client().chat("What is the plural of mouse?", attachments=[notes], max_tokens=24, temperature=0.0)
+    frames = list(turn)
+    decision = frames[0]
+    assert isinstance(decision, DecisionFrame) and decision.attachments_sent == []  # a local answer first
+    escalated = next(f for f in frames if isinstance(f, EscalatedFrame))
+    assert escalated.message.endswith(f"; {CLOUD} receives notes.md"), escalated.message
+    assert "notes.md" in proxy.chat_requests()[0].body["messages"][-1]["content"]  # it did
+    fallback = next(f for f in frames if isinstance(f, FallbackFrame))
+    assert f"{CLOUD} had received notes.md" in fallback.message
+    (row,) = handle.rows()
+    assert row["outcome"] == "fallback" and json.loads(row["attachments_sent"]) == ["notes.md"]
 
 
 def test_the_http_door_names_an_escalation_and_streams_only_the_clouds_answer(
