@@ -247,6 +247,12 @@ def start_cloud_server(model_path: Path, log_path: Path, n_threads: int | None =
             return False
 
     wait_for(up, 120, "llama_cpp.server")
+    # One answer first, so that the first test's turn does not pay the server's first evaluation (its
+    # buffers, the weights paged in) within the tests' 5 s cloud timeout on a busy machine.
+    warm = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}).encode()
+    request = urllib.request.Request(f"{base_url}/chat/completions", warm, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        response.read()
     return CloudServer(proc, base_url)
 
 
