@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -193,15 +194,20 @@ def test_connection_refused_falls_back_and_breaker_opens(daemon_factory: Any) ->
 
 
 def test_breaker_recovers_after_cooldown(daemon_factory: Any, proxy: FaultProxy) -> None:
-    config = cloud_config(proxy.base_url, max_retries=0, breaker_failures=1, breaker_cooldown_s=5.0)
+    """Open for the cooldown, then a trial turn closes it. The cooldown is long while the test checks that
+    the breaker is open (on a busy machine a fallback answer took longer than a 5 s cooldown), then a reload
+    shortens it: the running breaker takes the new cooldown, so it has passed."""
+    config = cloud_config(proxy.base_url, max_retries=0, breaker_failures=1, breaker_cooldown_s=600.0)
     handle = daemon_factory(config)
     proxy.set(Fault("status", status=500, times=1))
     client = handle.client()
     assert client.ask("Hi", max_tokens=2).done.outcome == "fallback"
     assert client.ask("Hi", max_tokens=2).decision.location == "local"  # open
-    import time
-
-    time.sleep(5.2)  # the cooldown: long enough that a slow fallback answer does not outlast it
+    assert client.status()["cloud"]["breaker"] == "open"
+    config["cloud"]["breaker_cooldown_s"] = 0.1
+    write_config(handle.config_path, config)
+    assert client.reload()["reloaded"] is True
+    time.sleep(0.2)
     assert client.ask("Hi", max_tokens=2).decision.location == "cloud"  # the trial turn goes through
     assert client.status()["cloud"]["breaker"] == "closed"
 
@@ -305,8 +311,6 @@ def test_combined_faults_every_turn_answered_breaker_engages_and_recovers(
     assert client.status()["cloud"]["breaker"] == "open"
     masked = client.ask("while the breaker is open", max_tokens=2)
     assert masked.decision.location == "local" and "endpoint is open" in masked.decision.reason
-    import time
-
     time.sleep(5.2)  # the cooldown: long enough that a slow fallback answer does not outlast it
     proxy.faults = [Fault("garbage", times=1)]  # the trial turn fails: open again
     assert client.ask("trial", max_tokens=4).done.outcome == "fallback"
