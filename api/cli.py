@@ -19,6 +19,7 @@ from typing import Any
 from locod import __version__
 from locod.errors import ConfigError, DaemonNotRunning, LocodError, ModelError, StorageError
 from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame, EscalatedFrame, FallbackFrame, Frame
+from locod.terminal import for_stream, shown
 
 EXIT_CODES: dict[type[LocodError], int] = {ConfigError: 2, ModelError: 3, StorageError: 4, DaemonNotRunning: 5}
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit, so that a reader who left (`| head`) is handled below
         return code
     except LocodError as exc:
-        print(f"locod: {exc.message}", file=sys.stderr)
+        print(for_stream(f"locod: {exc.message}", sys.stderr), file=sys.stderr)
         return next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1)
     except BrokenPipeError:  # `locod ... | head`: the reader left. Before OSError, whose subclass it is.
         # Quiet, with the status of a command that SIGPIPE ended; stdout goes to /dev/null so that the
@@ -69,7 +70,19 @@ def _config(args: argparse.Namespace) -> Any:
 def _client(args: argparse.Namespace, warn: bool = True) -> Any:
     from locod.client import Client, locate
 
-    return Client(args.endpoint or locate(_endpoint(args, warn)), secret=args.secret)
+    return Client(args.endpoint or locate(_endpoint(args, warn)), secret=_secret(args))
+
+
+def _secret(args: argparse.Namespace) -> str | None:
+    """The tcp endpoint's secret: from ``--secret-file`` (owner-only, as the daemon's own), else ``--secret``
+    (which every user of the machine can read in the process list), else ``$LOCOD_SECRET``."""
+    if args.secret_file and args.secret:
+        raise ConfigError("give the tcp secret once: --secret-file or --secret, not both")
+    if args.secret_file:
+        from locod.daemon.keyfile import read_key_file
+
+        return read_key_file(args.secret_file, "--secret-file")
+    return args.secret or os.environ.get("LOCOD_SECRET") or None
 
 
 def _endpoint(args: argparse.Namespace, warn: bool = True) -> str:
@@ -160,12 +173,12 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool) -> int:
             print(json.dumps({"type": frame.type, **vars(frame)}))
         elif isinstance(frame, DeltaFrame):
             streamed = True
-            print(frame.text, end="", flush=True)
+            print(for_stream(frame.text, sys.stdout), end="", flush=True)
         elif isinstance(frame, DecisionFrame):
             _say_decision(frame, verbose)
         elif isinstance(frame, FallbackFrame | EscalatedFrame):
             restart = "; what was shown above is discarded" if streamed else ""
-            print(f"{chr(10) if streamed else ''}[{frame.message}{restart}]", file=sys.stderr)
+            print(f"{chr(10) if streamed else ''}[{for_stream(frame.message, sys.stderr)}{restart}]", file=sys.stderr)
         elif isinstance(frame, DoneFrame):
             print(flush=True)  # before any stderr line, also when stdout is a pipe
             if verbose:
@@ -197,9 +210,10 @@ def _cut_off(frames: Iterator[Frame]) -> Iterator[Frame]:
 def _say_decision(frame: DecisionFrame, verbose: bool) -> None:
     if verbose:
         sent = ", ".join(frame.attachments_sent) or "none"
-        print(f"[{frame.location}: {frame.model}; uploaded to the cloud: {sent}; {frame.reason}]", file=sys.stderr)
+        line = f"[{frame.location}: {frame.model}; uploaded to the cloud: {sent}; {frame.reason}]"
+        print(for_stream(line, sys.stderr), file=sys.stderr)
     elif frame.notice:
-        print(f"[{frame.notice}]", file=sys.stderr)
+        print(for_stream(f"[{frame.notice}]", sys.stderr), file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -233,7 +247,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             except LocodError as exc:
                 if isinstance(exc, DaemonNotRunning):
                     raise
-                print(f"locod: {exc.message}", file=sys.stderr)
+                print(for_stream(f"locod: {exc.message}", sys.stderr), file=sys.stderr)
     finally:
         client.close()
 
@@ -374,7 +388,7 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    return shown(str(value), layout=False)  # a client's session id: no escape sequence, one line per row
 
 
 def cmd_feedback(args: argparse.Namespace) -> int:
@@ -632,7 +646,18 @@ def _global_options(default: Any) -> argparse.ArgumentParser:
     group.add_argument(
         "--endpoint", default=default, help="daemon endpoint (default: the ipc socket in the runtime directory)"
     )
-    group.add_argument("--secret", default=default, help="shared secret for a tcp endpoint")
+    group.add_argument(
+        "--secret",
+        default=default,
+        help="shared secret for a tcp endpoint (other users can read it in the process list: prefer --secret-file "
+        "or $LOCOD_SECRET)",
+    )
+    group.add_argument(
+        "--secret-file",
+        default=default,
+        metavar="FILE",
+        help="file holding the tcp endpoint's shared secret, readable by its owner only (chmod 600)",
+    )
     return options
 
 

@@ -465,9 +465,10 @@ def _with_defaults(config: Config, env: Mapping[str, str], origins: Mapping[str,
     return config
 
 
-# LOCOD_* variables read elsewhere: the config file's place and the default key; then those of the scripts
-# and tests (scripts/test.sh's venv, tests/conftest.py's models), accepted but not offered.
-OTHER_VARIABLES = ("LOCOD_CONFIG", "LOCOD_CLOUD_API_KEY")
+# LOCOD_* variables read elsewhere: the config file's place, the default key and the client's tcp secret;
+# then those of the scripts and tests (scripts/test.sh's venv, tests/conftest.py's models), accepted but
+# not offered.
+OTHER_VARIABLES = ("LOCOD_CONFIG", "LOCOD_CLOUD_API_KEY", "LOCOD_SECRET")
 TOOLING_VARIABLES = ("LOCOD_VENV", "LOCOD_TEST_MODELS_DIR")
 _warned: set[str] = set()
 
