@@ -32,6 +32,12 @@ SURROGATE = re.compile("[\ud800-\udfff]")
 # or id first): without it the error reply carries no id, and the client waiting on one never hears why.
 HEAD_ID = re.compile(rb'\s*\{\s*(?:"v"\s*:\s*\d+\s*,\s*)?"id"\s*:\s*"([A-Za-z0-9_.:-]{1,200})"')
 INT64 = range(-(2**63), 2**63)
+# Chat options as both doors take them (the socket's `options`, the HTTP body's fields): one rule each.
+OPTION_RULES: dict[str, tuple[type, float, float, str]] = {
+    "max_tokens": (int, 1, 1 << 20, "an integer between 1 and 1048576"),
+    "temperature": (float, 0.0, 2.0, "a number between 0 and 2"),
+    "seed": (int, -(2**63), 2**63 - 1, "an integer that fits 64 bits (signed)"),
+}
 
 
 @dataclass(frozen=True)
@@ -147,6 +153,33 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
     if not 1 <= limit <= 1000:
         raise reader.bad("limit", "must be between 1 and 1000")
     return SimpleRequest(rid, op, limit, secret)
+
+
+_OPENING = re.compile(r"\s*\{")
+_LEADING_KEY = re.compile(r'\s*"(secret|id)"\s*:\s*(?=")')
+_COMMA = re.compile(r"\s*,")
+
+
+def leading_fields(raw: bytes, within: int = 4096) -> dict[str, str]:
+    """``secret`` and ``id`` when a message begins with them (as ``encode_request`` writes it), read from
+    its first ``within`` bytes alone: a tcp endpoint checks the secret before it parses the rest, so a
+    client without it cannot make the daemon decode megabytes of JSON and base64 (docs/protocol.md)."""
+    text = raw[:within].decode("utf-8", "replace")
+    opening = _OPENING.match(text)
+    if opening is None:
+        return {}
+    out: dict[str, str] = {}
+    pos, decoder = opening.end(), json.JSONDecoder()
+    while (key := _LEADING_KEY.match(text, pos)) is not None and key.group(1) not in out:
+        try:
+            out[key.group(1)], pos = decoder.raw_decode(text, key.end())
+        except ValueError:  # cut off by `within`: not a leading field this check can read
+            break
+        comma = _COMMA.match(text, pos)
+        if comma is None:
+            break
+        pos = comma.end()
+    return out
 
 
 NOT_TEXT = "holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text"
@@ -272,24 +305,33 @@ def _parse_attachment(reader: _Fields, index: int, raw: Any) -> Attachment:
     return Attachment(kind, name[:200], data, path, private)
 
 
+def option_problem(name: str, value: Any) -> str | None:
+    """Why a chat option's value is refused (None: it is fine), by the one rule both doors apply: numbers
+    that are not booleans, integers where an integer is meant, within range (NaN is in no range)."""
+    kind, lo, hi, what = OPTION_RULES[name]
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or (kind is int and not isinstance(value, int)) or not lo <= value <= hi:
+        return f"must be {what}, got {value!r:.40}"
+    return None
+
+
 def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
     unknown = set(raw) - {"max_tokens", "temperature", "seed", "force", "stream"}
     if unknown:
         raise reader.bad("options", f"has unknown keys {sorted(unknown)}")
-    max_tokens = reader.optional("max_tokens", int, raw)
-    if max_tokens is not None and not 1 <= max_tokens <= 1 << 20:
-        raise reader.bad("options.max_tokens", "must be between 1 and 1048576")
-    temperature = reader.optional("temperature", float, raw)
-    if temperature is not None and not 0.0 <= temperature <= 5.0:
-        raise reader.bad("options.temperature", "must be between 0 and 5")
+    for name in OPTION_RULES:
+        problem = None if raw.get(name) is None else option_problem(name, raw[name])
+        if problem:
+            raise reader.bad(f"options.{name}", problem)
+    max_tokens, temperature = raw.get("max_tokens"), raw.get("temperature")
     force = reader.optional("force", str, raw)
     if force is not None and force not in FORCE:
         raise reader.bad("options.force", f"must be one of {FORCE}")
     stream = reader.optional("stream", bool, raw)
     return ChatOptions(
         max_tokens=max_tokens,
-        temperature=0.7 if temperature is None else temperature,
-        seed=reader.optional("seed", int, raw),
+        temperature=0.7 if temperature is None else float(temperature),
+        seed=raw.get("seed"),
         force=force,
         stream=True if stream is None else stream,
     )
@@ -300,7 +342,9 @@ def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
 
 def encode_request(request: Request) -> bytes:
     """One request frame: the inverse of ``parse_request``."""
-    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "id": request.id}
+    # The secret and the id first: a tcp endpoint reads them before it parses the rest (leading_fields).
+    msg: dict[str, Any] = {} if request.secret is None else {"secret": request.secret}
+    msg.update(id=request.id, v=PROTOCOL_VERSION)
     if isinstance(request, ChatRequest):
         msg.update(op="chat", messages=request.messages)
         if request.session is not None:
@@ -318,8 +362,6 @@ def encode_request(request: Request) -> bytes:
         msg["op"] = request.op
         if request.op == "decisions":
             msg["limit"] = request.limit
-    if request.secret is not None:
-        msg["secret"] = request.secret
     return json.dumps(msg, separators=(",", ":")).encode()
 
 

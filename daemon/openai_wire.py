@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from locod.protocol import Attachment, ChatOptions, DecisionFrame, DoneFrame, ErrorFrame
+from locod.protocol import OPTION_RULES, Attachment, ChatOptions, DecisionFrame, DoneFrame, ErrorFrame, option_problem
 
 # Keys that change what an answer is and that locod cannot honour: refused rather than silently ignored.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logprobs", "top_logprobs")
@@ -61,8 +61,9 @@ def parse_completion(body: Any, models: list[str]) -> Completion:
         raise bad(
             "'stop' is not supported by locod (answers end at the model's own end)", "stop", "unsupported_parameter"
         )
-    if body.get("n", 1) != 1:
-        raise bad("'n' must be 1", "n", "unsupported_parameter")
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n != 1):  # not true, not 1.0: what the socket would refuse
+        raise bad(f"'n' must be 1, got {n!r:.40}", "n", "unsupported_parameter")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("'model' is required: 'auto' or a configured model name", "model")
@@ -86,16 +87,17 @@ def parse_completion(body: Any, models: list[str]) -> Completion:
 
 
 def _options(body: dict[str, Any]) -> ChatOptions:
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is not None and (not _is_int(max_tokens) or not 1 <= max_tokens <= 1 << 20):
-        raise bad("'max_tokens' must be an integer between 1 and 1048576", "max_tokens")
-    temperature = body.get("temperature")
-    if temperature is not None and (not _is_number(temperature) or not 0 <= temperature <= 2):
-        raise bad("'temperature' must be a number between 0 and 2", "temperature")
-    seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise bad("'seed' must be an integer", "seed")
-    stream = body.get("stream") or False
+    given = {
+        "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
+        "temperature": body.get("temperature"),
+        "seed": body.get("seed"),
+    }
+    for name in OPTION_RULES:  # the socket's rules (locod.protocol), so both doors take the same values
+        problem = None if given[name] is None else option_problem(name, given[name])
+        if problem:
+            raise bad(f"{name!r} {problem}", name)
+    max_tokens, temperature, seed = given["max_tokens"], given["temperature"], given["seed"]
+    stream = False if body.get("stream") is None else body["stream"]
     if not isinstance(stream, bool):
         raise bad("'stream' must be true or false", "stream")
     return ChatOptions(
@@ -108,10 +110,6 @@ def _options(body: dict[str, Any]) -> ChatOptions:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _messages(raw: list[Any]) -> tuple[list[dict[str, str]], list[Attachment]]:

@@ -57,6 +57,7 @@ from locod.protocol import (
     ResultFrame,
     SimpleRequest,
     encode_frame,
+    leading_fields,
     parse_request,
 )
 
@@ -71,6 +72,8 @@ INBOX = "inproc://locod-inbox"  # wakes the loop for turns handed in by another 
 # readers built from them. Local models do apply: the zoo loads the new table's models on demand.
 AS_STARTED = ("paths", "daemon", "http", "telemetry")
 IPC, TCP = b"i", b"t"
+# A tcp message that does not begin with its secret is parsed (then checked) only up to this size.
+UNAUTHENTICATED_BYTES = 64 << 10
 
 
 class Daemon:
@@ -248,6 +251,9 @@ class Daemon:
             except zmq.Again:
                 return
             peer = tag + frames[0]
+            if len(frames) > 2 and frames[1] == b"":  # a REQ socket's envelope: it reads replies behind one
+                self._refuse_req_socket(sock, frames[0])
+                continue
             try:
                 self._dispatch(peer, tag, frames[1:])
             except BadRequest as exc:
@@ -257,6 +263,18 @@ class Daemon:
             except Exception:  # a bug in one request's handling must not take the loop down
                 log.exception("request from a client failed")
                 self._send(peer, encode_frame(None, ErrorFrame("error", "internal", "internal error")))
+
+    @staticmethod
+    def _refuse_req_socket(sock: zmq.Socket[bytes], identity: bytes) -> None:
+        """Say why to a REQ socket in the envelope it reads: a turn's several replies need a DEALER."""
+        error = ErrorFrame(
+            "protocol",
+            "extra_frames",
+            "this looks like a ZeroMQ REQ socket (an empty frame before the message): use a DEALER socket, "
+            "which can receive a turn's several replies, and send one frame per message",
+        )
+        with contextlib.suppress(zmq.ZMQError):
+            sock.send_multipart([identity, b"", encode_frame(None, error)], zmq.NOBLOCK)
 
     def _drain_outbox(self) -> None:
         if self.outbox is None:
@@ -304,6 +322,8 @@ class Daemon:
     # -- requests ------------------------------------------------------------------------------------
 
     def _dispatch(self, peer: bytes, tag: bytes, frames: list[bytes]) -> None:
+        if tag == TCP and self._tcp_secret is not None:
+            self._check_secret_first(frames)
         request = parse_request(frames, self.config.daemon.max_message_bytes)
         if (
             tag == TCP
@@ -327,6 +347,25 @@ class Daemon:
         except LocodError as exc:
             frame = ErrorFrame.of(exc)
         self._send(peer, encode_frame(request.id, frame))
+
+    def _check_secret_first(self, frames: list[bytes]) -> None:
+        """The tcp secret, checked before the message is parsed: a message that begins with it (as locod's
+        client writes it) is checked at the cost of reading its first bytes; one that does not is parsed
+        (and checked after) only when it is small. So a client without the secret costs the loop next to
+        nothing, however large what it sends."""
+        assert self._tcp_secret is not None
+        raw = frames[0] if len(frames) == 1 else b""
+        head = leading_fields(raw)
+        given = head.get("secret")
+        if given is None and len(raw) <= UNAUTHENTICATED_BYTES:
+            return
+        if given is None or not hmac.compare_digest(given.encode(errors="surrogatepass"), self._tcp_secret.encode()):
+            raise BadRequest(
+                "this tcp endpoint needs the shared secret in field 'secret' (first in the message when it is "
+                f"over {UNAUTHENTICATED_BYTES} bytes)",
+                code="unauthorized",
+                request_id=head.get("id"),
+            )
 
     def _answer(self, request: FeedbackRequest | SimpleRequest) -> Any:
         if isinstance(request, FeedbackRequest):

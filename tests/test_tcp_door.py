@@ -1,0 +1,102 @@
+"""The tcp endpoint's shared secret: checked before a message is parsed (a client without it cannot make
+the loop decode megabytes), and given to the CLI by a file or the environment rather than argv."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from locod.client import Client, attachment
+from locod.protocol import SimpleRequest, encode_request, leading_fields
+
+from .conftest import DaemonHandle, free_port, locod_command
+
+SECRET = "s3cret-token"
+
+
+def tcp_daemon(factory: Any, tmp_path: Path) -> tuple[DaemonHandle, str, Path]:
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET + "\n")
+    os.chmod(secret, 0o600)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    return factory({"daemon": {"tcp": endpoint, "tcp_secret_file": str(secret)}}), endpoint, secret
+
+
+def send_raw(endpoint: str, raw: bytes) -> dict[str, Any]:
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        sock.send(raw)
+        assert sock.poll(60_000), "no reply"
+        reply: dict[str, Any] = json.loads(sock.recv())
+        sock.close()
+        return reply
+    finally:
+        ctx.term()
+
+
+def test_a_large_message_without_the_secret_is_refused_unparsed(daemon_factory: Any, tmp_path: Path) -> None:
+    """8 MB that is not even JSON past its first bytes: refused as unauthorized (it was never parsed, or it
+    would be `invalid_json`), with the id it began with; the same without a secret but small is parsed
+    first, as ever. A client with the secret sends it first and is served, attachments and all."""
+    handle, endpoint, _ = tcp_daemon(daemon_factory, tmp_path)
+    junk = b'{"id":"big","v":1,"op":"chat","prompt":"' + b"A" * (8 << 20) + b"\x00 not json"
+    reply = send_raw(endpoint, junk)
+    assert (reply["type"], reply["code"], reply["id"]) == ("error", "unauthorized", "big")
+    assert "first in the message" in reply["message"]
+    wrong = send_raw(endpoint, b'{"secret":"guess","id":"w","v":1,"op":"chat","prompt":"' + b"A" * (1 << 20) + b'"}')
+    assert (wrong["code"], wrong["id"]) == ("unauthorized", "w")
+    small = send_raw(endpoint, b'{"id":"s","v":1,"op":"ping","x":')  # small: parsed, so its real fault is named
+    assert small["code"] == "invalid_json"
+    late = json.dumps({"v": 1, "id": "old", "op": "ping", "secret": SECRET}).encode()  # an older client's order
+    assert send_raw(endpoint, late)["type"] == "result"
+    document = tmp_path / "notes.md"
+    document.write_text("The boat is blue. " * 20_000)  # 360 kB: over the unauthenticated size
+    with Client(endpoint, secret=SECRET) as client:
+        result = client.ask("What colour is the boat?", attachments=[attachment(document)], max_tokens=2)
+    assert result.done.outcome == "ok"
+    assert handle.client().ping()["pong"]
+    assert [r["outcome"] for r in handle.rows()] == ["ok"]
+
+
+def test_leading_fields_are_read_only_from_the_front() -> None:
+    assert leading_fields(b' { "secret" : "a\\"b" , "id":"x","v":1}') == {"secret": 'a"b', "id": "x"}
+    assert leading_fields(b'{"v":1,"secret":"s"}') == {}  # not first: the whole message must be parsed
+    assert leading_fields(b'{"secret":"' + b"s" * 5000 + b'"}') == {}  # cut off: not readable from the front
+    assert leading_fields(b'{"secret":1}') == {}
+    assert leading_fields(base64.b64encode(b"junk")) == {}
+
+
+def test_the_cli_takes_the_secret_from_a_file_or_the_environment(daemon_factory: Any, tmp_path: Path) -> None:
+    """Never only argv, which every user can read in /proc/<pid>/cmdline; the file follows the daemon's
+    key-file rule."""
+    handle, endpoint, secret = tcp_daemon(daemon_factory, tmp_path)
+    env = {k: v for k, v in handle.env.items() if k != "LOCOD_SECRET"}
+
+    def status(*args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        command = locod_command("--endpoint", endpoint, *args, "status", "--json")
+        return subprocess.run(command, capture_output=True, text=True, env={**env, **extra}, timeout=120)
+
+    assert status("--secret-file", str(secret)).returncode == 0
+    assert status(LOCOD_SECRET=SECRET).returncode == 0
+    refused = status()
+    assert refused.returncode == 1 and "needs the shared secret" in refused.stderr
+    os.chmod(secret, 0o644)
+    loose = status("--secret-file", str(secret))
+    assert loose.returncode == 2 and "readable by group or others" in loose.stderr
+    both = status("--secret-file", str(secret), "--secret", SECRET)
+    assert both.returncode == 2 and "not both" in both.stderr
+
+
+def test_the_client_writes_the_secret_and_id_first() -> None:
+    raw = encode_request(SimpleRequest("r1", "ping", secret=SECRET))
+    assert raw.startswith(b'{"secret":"s3cret-token","id":"r1",')
+    assert leading_fields(raw) == {"secret": SECRET, "id": "r1"}
