@@ -98,6 +98,11 @@ class HttpConfig:
     api_key_file: str = ""
     # Conversations the HTTP API remembers to map a client's whole history onto a daemon session.
     max_conversations: int = field(default=1000, metadata=_range(1))
+    # Connections open at once: each holds a descriptor before its key is read (never over half the
+    # process's open-file limit, see fdlimit.py); more are answered 503 and closed.
+    max_connections: int = field(default=128, metadata=_range(1, 1 << 20))
+    # Seconds a client has to send a whole request, headers and body: a slow one is closed.
+    request_timeout_s: float = field(default=30.0, metadata=_range(0.1, 3600))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -34,6 +34,9 @@ from locod.daemon import metrics
 from locod.daemon import openai_wire as wire
 from locod.daemon.config import split_listen
 from locod.daemon.conversations import Conversations
+from locod.daemon.fdlimit import http_share, raise_soft_limit
+from locod.daemon.httpconn import Limits, loop_errors, protocol
+from locod.daemon.httporigin import Gate
 from locod.daemon.keyfile import read_key_file
 from locod.daemon.turn import Reply
 from locod.errors import ConfigError
@@ -88,23 +91,27 @@ class HttpServer:
         self.daemon = daemon
         self.conversations = Conversations(daemon.sessions, cfg.max_conversations)
         self.registry = metrics.registry(daemon)
+        self.gate = Gate(host)
+        self.limits = Limits(http_share(cfg.max_connections, raise_soft_limit()), cfg.request_timeout_s)
         routes = [
             Route("/v1/chat/completions", self._guarded(self.chat), methods=["POST"]),
             Route("/v1/models", self._guarded(self.models), methods=["GET"]),
             Route("/metrics", self._guarded(self.metrics), methods=["GET"]),
-            Route("/health", self.health, methods=["GET"]),
+            Route("/health", self._guarded(self.health, keyed=False), methods=["GET"]),
         ]
         config = uvicorn.Config(  # log_config=None: uvicorn's lines go through locod's own logging
             Starlette(routes=routes),
             host=host,
             port=port,
+            http=protocol(self.limits),  # bounded connections, timed requests (httpconn.py)
+            backlog=self.limits.accept_batch(),
             log_config=None,
             log_level="warning",
             access_log=False,
             lifespan="off",
         )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, name="http", daemon=True)
+        self.thread = threading.Thread(target=self._serve, name="http", daemon=True)
         self.listen = cfg.listen
 
     def start(self) -> None:
@@ -117,6 +124,13 @@ class HttpServer:
             time.sleep(0.01)
         log.info("OpenAI-compatible HTTP API on http://%s/v1%s", self.listen, " (bearer key)" if self.key else "")
 
+    def _serve(self) -> None:
+        async def serve() -> None:
+            asyncio.get_running_loop().set_exception_handler(loop_errors(self.limits.throttle))
+            await self.server.serve()
+
+        asyncio.run(serve())
+
     def stop(self) -> None:
         self.server.should_exit = True
         if self.thread.is_alive():
@@ -128,12 +142,14 @@ class HttpServer:
 
     # -- the door ------------------------------------------------------------------------------------
 
-    def _guarded(self, handler: Handler) -> Handler:
-        """The bearer key check (constant time), and every HttpError as OpenAI's error body."""
+    def _guarded(self, handler: Handler, keyed: bool = True) -> Handler:
+        """Who may ask (the Host, Origin and Content-Type a web page cannot fake, httporigin.py; the bearer
+        key, in constant time), and every HttpError as OpenAI's error body."""
 
         async def guarded(request: Request) -> Response:
             try:
-                if self.key is not None:
+                self.gate.check(request.method, request.headers)
+                if keyed and self.key is not None:
                     scheme, _, given = request.headers.get("authorization", "").partition(" ")
                     if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), self.key.encode()):
                         raise wire.HttpError(401, "a valid 'Authorization: Bearer <key>' is required", "unauthorized")
@@ -149,10 +165,13 @@ class HttpServer:
         if int(request.headers.get("content-length") or 0) > limit:
             raise wire.HttpError(413, over, "too_large")
         raw = bytearray()
-        async for piece in request.stream():
-            raw += piece
-            if len(raw) > limit:
-                raise wire.HttpError(413, over, "too_large")
+        try:
+            async for piece in request.stream():
+                raw += piece
+                if len(raw) > limit:
+                    raise wire.HttpError(413, over, "too_large")
+        except ClientDisconnect:  # it hung up, or sent too slowly and was closed (http.request_timeout_s)
+            raise wire.HttpError(400, "the client left before its body was complete", "client_gone") from None
         try:
             body = read_json(raw)
         except (ValueError, RecursionError) as exc:
@@ -194,7 +213,7 @@ class HttpServer:
         reply = Reply(post=post, cancel_reason="the HTTP client disconnected")
         exchange = Exchange(completion, frames, reply)
         chat = ChatRequest(exchange.id, messages, session, completion.model, completion.attachments, completion.options)
-        self.daemon.hand_in(b"h" + (request.client.host if request.client else "").encode(), chat, reply)
+        self.daemon.hand_in(_client_key(request), chat, reply)
         first = await self._next(exchange, request)
         if isinstance(first, ErrorFrame):
             raise wire.error_of(first)
@@ -268,3 +287,10 @@ class HttpServer:
 
     def _answered(self, exchange: Exchange, done: DoneFrame, text: str) -> None:
         self.conversations.answered(exchange.completion.messages, text, done.session)
+
+
+def _client_key(request: Request) -> bytes:
+    """Who a turn is for, in ``daemon.max_turns_per_client``: one HTTP connection, as one socket connection
+    is, not one host: every local tool (or everything behind one proxy) shares 127.0.0.1."""
+    client = request.client
+    return b"h" + (f"{client.host}:{client.port}" if client else "").encode()

@@ -34,6 +34,7 @@ from locod.daemon.backlog import PIPE_MESSAGES, Backlog
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config, as_dict, load_config
 from locod.daemon.decider import Decider
+from locod.daemon.fdlimit import raise_soft_limit
 from locod.daemon.keyfile import read_key_file
 from locod.daemon.kvpark import DiskPark
 from locod.daemon.learner import Learner
@@ -140,6 +141,7 @@ class Daemon:
         cfg = self.config
         runtime = cfg.runtime_dir
         self._tcp_secret = self._read_tcp_secret()
+        raise_soft_limit()  # libzmq aborts when its ipc listener finds no descriptor (fdlimit.py)
         if self.records.interrupted_at_start:
             log.warning(
                 "%d turns were interrupted by the previous daemon's stop; marked 'interrupted'",
@@ -395,7 +397,10 @@ class Daemon:
             )
         own = sum(owner == peer for owner, _ in self._turns.values())
         if own >= self.config.daemon.max_turns_per_client:
-            raise Busy(f"this client has {own} turns in flight, at its limit; try again when one is answered")
+            raise Busy(
+                f"this client (connection) has {own} turns in flight, at daemon.max_turns_per_client; try "
+                "again when one is answered"
+            )
         reply = reply or Reply(post=self._poster(peer, request.id))
         self._turns[self.pool.submit(self.runner.run, request, peer, reply)] = (peer, reply)
 

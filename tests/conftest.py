@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import socket
 import sqlite3
@@ -155,7 +156,9 @@ def start_daemon(
     config: dict[str, Any] | None = None,
     extra_env: dict[str, str] | None = None,
     wait: bool = True,
+    fd_limit: int | None = None,
 ) -> DaemonHandle:
+    """``fd_limit``: the daemon's open-file limit, soft and hard (it cannot raise it then)."""
     home.mkdir(parents=True, exist_ok=True)
     config_path = write_config(home / "config.toml", config or {})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCOD_", "NOTIFY_SOCKET", "WATCHDOG_"))}
@@ -171,7 +174,13 @@ def start_daemon(
     offset = log_path.stat().st_size if log_path.exists() else 0
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(
-            locod_command("--config", str(config_path), "serve"), env=env, stdout=log_file, stderr=subprocess.STDOUT
+            locod_command("--config", str(config_path), "serve"),
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=None
+            if fd_limit is None
+            else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit,) * 2),
         )
     handle = DaemonHandle(proc, home, config_path, log_path, env, f"ipc://{home / 'run' / 'locod.sock'}")
     if wait:

@@ -1,0 +1,161 @@
+"""What one HTTP client can hold of the daemon before it has sent a whole request (docs/http.md).
+
+A connection costs a file descriptor from the moment it is accepted, and the bearer key is only read once
+its request is complete, so a client without the key could hold every descriptor of the process: the
+HTTP port then dies, and libzmq aborts the whole daemon on the next ipc connection it cannot accept. Here
+the HTTP door is bounded: at most ``http.max_connections`` at once (more are answered 503 and closed at
+once), each request must arrive, headers and body, within ``http.request_timeout_s``, and the event
+loop's errors (``accept`` out of descriptors) are logged once per interval, not once per retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+log = logging.getLogger(__name__)
+
+REPORT_EVERY_S = 60.0
+OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class Throttle:
+    """At most one log line per kind of event and interval; the next one says how many were not logged."""
+
+    def __init__(self, every_s: float = REPORT_EVERY_S) -> None:
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def due(self, kind: str) -> int | None:
+        """None while this kind was logged within the interval; else how many were skipped since."""
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.every_s) < self.every_s:
+            self._quiet[kind] = self._quiet.get(kind, 0) + 1
+            return None
+        self._last[kind] = now
+        return self._quiet.pop(kind, 0)
+
+
+def _since(skipped: int) -> str:
+    return f" ({skipped} more since the last such line)" if skipped else ""
+
+
+@dataclass
+class Limits:
+    """The HTTP door's bounds, and the connections it holds now (touched by the event loop's thread only)."""
+
+    max_connections: int
+    request_timeout_s: float
+    open: int = 0
+    throttle: Throttle = field(default_factory=Throttle)
+
+    def accept_batch(self) -> int:
+        """The listen backlog, which is also how many connections asyncio accepts at one go, before any of
+        them is counted here: kept small, so that a burst cannot overshoot the limit by much."""
+        return max(8, min(128, self.max_connections // 8))
+
+    def refusal(self) -> bytes:
+        message = (
+            f"the HTTP API has {self.max_connections} connections open, at http.max_connections; try again shortly"
+        )
+        body = json.dumps(
+            {"error": {"message": message, "type": "server_error", "param": None, "code": "busy"}}
+        ).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            f"retry-after: 1\r\ncontent-length: {len(body)}\r\n\r\n"
+        )
+        return head.encode() + body
+
+
+def protocol(limits: Limits) -> type[asyncio.Protocol]:
+    """uvicorn's h11 protocol, counting its connections and timing how long a request takes to arrive."""
+
+    class Bounded(H11Protocol):
+        refused = False
+        deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            if limits.open >= limits.max_connections:
+                self.refused = True
+                transport.write(limits.refusal())
+                transport.close()  # its descriptor is free again at once
+                skipped = limits.throttle.due("full")
+                if skipped is not None:
+                    log.warning(
+                        "HTTP: %d connections open, at http.max_connections: refusing more%s",
+                        limits.open,
+                        _since(skipped),
+                    )
+                return
+            limits.open += 1
+            super().connection_made(transport)
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.refused:
+                return
+            limits.open -= 1
+            self._disarm()
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self.refused:
+                return
+            if self.deadline is None and self.conn.their_state is h11.IDLE:  # a next request on keep-alive
+                self._arm()
+            super().data_received(data)
+            if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):  # all of it came (or it failed)
+                self._disarm()
+
+        def _arm(self) -> None:
+            self.deadline = self.loop.call_later(limits.request_timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
+
+        def _too_slow(self) -> None:
+            self.deadline = None
+            if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY) or self.transport.is_closing():
+                return
+            skipped = limits.throttle.due("slow")
+            if skipped is not None:
+                log.warning(
+                    "HTTP: a client did not send its whole request within http.request_timeout_s (%.0f s): closed%s",
+                    limits.request_timeout_s,
+                    _since(skipped),
+                )
+            self.transport.close()
+
+    return Bounded
+
+
+def loop_errors(throttle: Throttle) -> Any:
+    """An event-loop exception handler: running out of descriptors (or memory) for ``accept`` is said once
+    per interval; asyncio itself would log a traceback for every retry, thousands a second."""
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES:
+            skipped = throttle.due("accept")
+            if skipped is not None:
+                log.error(
+                    "HTTP: cannot accept connections: %s; new connections wait until descriptors are free%s",
+                    exc.strerror,
+                    _since(skipped),
+                )
+            return
+        loop.default_exception_handler(context)
+
+    return handler
