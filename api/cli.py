@@ -414,6 +414,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(f"reloaded from {source}")
     if result.get("restart_needed"):
         print(f"changed in [{'], ['.join(result['restart_needed'])}]: takes effect when the daemon restarts")
+    if result.get("policy_error"):  # the configuration applied, but the routing policy it names was refused
+        print(f"locod: the routing policy was refused: {result['policy_error']}", file=sys.stderr)
+        return 1
     return 0
 
 

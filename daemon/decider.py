@@ -113,22 +113,27 @@ class Decider:
         self.cloud = cloud
         self.reload(config)
 
-    def reload(self, config: Config) -> None:
+    def reload(self, config: Config) -> str | None:
         """Take a new config: the policy reloaded and the MESS+ state re-read with its parameters. A policy
-        that fails its checks leaves routing to MESS+ alone, and says so in status and the log."""
+        that fails its checks is refused: at start routing is left to MESS+ alone, on a reload the policy
+        loaded before (if any) stays; either way status, the log and the returned message say so."""
         path = policy_file(config)
+        previous: OnnxPolicy | None = getattr(self, "policy", None)
         policy: OnnxPolicy | None = None
         error: str | None = None
         try:
             policy = OnnxPolicy(path)
             log.info("routing policy %s loaded from %s", policy.version, path)
         except PolicyError as exc:
-            error = exc.message
-            log.error("%s; routing with MESS+ alone", exc.message)
+            policy = previous
+            kept = f"keeping policy {previous.version} from {previous.path}" if previous else "routing with MESS+ alone"
+            error = f"{exc.message}; {kept}"
+            log.error("%s", error)
         priors = self.learner.priors(config)
         with self.learner.lock:
             self.learner.adopt(config, priors)
             self.config, self.policy, self.policy_error = config, policy, error
+        return error
 
     def status(self) -> dict[str, Any]:
         return {

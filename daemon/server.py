@@ -550,11 +550,11 @@ class Daemon:
         self.zoo.reconfigure(new.local)
         self.runner.config = self.shadow.config = new
         self.telemetry.retarget(new)
-        self.decider.reload(new)
+        policy_error = self.decider.reload(new)
         configure_logging(new.log.level)
         log.info("configuration reloaded from %s", new.source)
         self.notifier.ready(self._status_line())
-        return {"reloaded": True, "error": None, "restart_needed": kept}
+        return {"reloaded": True, "error": None, "restart_needed": kept, "policy_error": policy_error}
 
     def _stop_step(self, now: float) -> bool:
         """Called each loop pass while stopping; True once everything is finished and flushed."""

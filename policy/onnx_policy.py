@@ -1,8 +1,11 @@
 """The TMO policy at run time: an ONNX file checked against the observation layout, run by onnxruntime.
 
-Everything about the file is checked before it is used: it loads, its metadata names the layout version,
-K, Z and sizes this daemon builds, and its inputs and outputs have the expected names and shapes. Any
-mismatch is a PolicyError naming the file and the problem; the router then decides with MESS+ alone.
+Everything about the file is checked before it is used: it is a regular file, it loads, its metadata names
+the layout version, K, Z and sizes this daemon builds, its inputs and outputs have the expected names and
+declared shapes, and it runs: the graph is run on probe observations and what it computes must have the
+shape [1, N_ACTIONS] and be finite (a graph may declare one shape and compute another). Any mismatch is a
+PolicyError naming the file and the problem; the router then decides with MESS+ alone. A failure at run time
+all the same (onnxruntime raises its own RuntimeErrors) is a PolicyError too: that turn is decided by MESS+.
 
 A policy of an older layout (one a user trained before the layout grew) still runs, on the features its
 layout had: it loads with one warning that it does not see what was added (the local queue's wait for
@@ -19,24 +22,30 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from locod.daemon.regular_file import read_regular
 from locod.errors import PolicyError
 from locod.policy.observation import FEATURE_NAMES, LAYOUT_VERSION, N_ACTIONS, OBS_DIM, K, Z, layout_features
 
 log = logging.getLogger(__name__)
 
 DEFAULT_POLICY = Path(__file__).resolve().parent / "default" / "policy.onnx"
+MAX_POLICY_BYTES = 64 << 20  # the shipped policy is ~100 kB; a bigger file is not one `locod policy train` wrote
 
 
 class OnnxPolicy:
     def __init__(self, path: Path) -> None:
         self.path = path
-        if not path.is_file():
-            raise PolicyError(f"policy file {path} not found", code="policy_missing")
+        try:
+            model = read_regular(path, MAX_POLICY_BYTES)  # never a FIFO that would hold the loop in open()
+        except FileNotFoundError:
+            raise PolicyError(f"policy file {path} not found", code="policy_missing") from None
+        except OSError as exc:
+            raise PolicyError(f"policy file {path}: {exc.strerror or exc}", code="policy_corrupt") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1  # a 10 us graph: threads would cost more than they save
         options.inter_op_num_threads = 1
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own exception types for every kind of bad file
             raise PolicyError(
                 f"policy file {path} is not a loadable ONNX model: {exc}", code="policy_corrupt"
@@ -84,6 +93,34 @@ class OnnxPolicy:
         self._binding.bind_cpu_input("observation", self._observation)
         self._binding.bind_cpu_input("mask", self._mask)
         self._binding.bind_output("log_probs", "cpu", 0, np.float32, [1, N_ACTIONS], self._log_probs.ctypes.data)
+        self._probe(obs_dim)
+
+    def _probe(self, obs_dim: int) -> None:
+        """Run the graph on valid observations (every action allowed, and the local one alone): what it
+        computes must be [1, N_ACTIONS] and finite where allowed, or the file is refused now rather than
+        failing every turn."""
+        local_only = np.zeros((1, N_ACTIONS), dtype=np.float32)
+        local_only[0, 0] = 1.0
+        for fill, mask in ((0.0, np.ones((1, N_ACTIONS), dtype=np.float32)), (0.5, local_only)):
+            observation = np.full((1, obs_dim), fill, dtype=np.float32)
+            try:
+                (out,) = self.session.run(["log_probs"], {"observation": observation, "mask": mask})
+            except Exception as exc:  # onnxruntime's own errors: a shape it cannot compute, a bad node
+                raise PolicyError(
+                    f"policy file {self.path} fails on a valid observation: {_first_line(exc)}", code="policy_output"
+                ) from None
+            shape = getattr(out, "shape", None)
+            if shape != (1, N_ACTIONS):
+                raise PolicyError(
+                    f"policy file {self.path} computes log_probs of shape {list(shape or [])} for one "
+                    f"observation, not [1, {N_ACTIONS}]",
+                    code="policy_mismatch",
+                )
+            if not np.isfinite(np.asarray(out, dtype=np.float64)[mask.astype(bool)]).all():
+                raise PolicyError(
+                    f"policy file {self.path} returns non-finite log-probabilities on a valid observation",
+                    code="policy_output",
+                )
 
     def _older_layout(self, meta: dict[str, str]) -> np.ndarray | None:
         """For a file of an older layout whose feature names are that layout's, the columns of this layout's
@@ -112,8 +149,17 @@ class OnnxPolicy:
         """log pi(action | observation) for every action; masked ones are very negative."""
         self._observation[0] = observation if self.columns is None else observation[self.columns]
         self._mask[0] = mask
-        self.session.run_with_iobinding(self._binding)
+        try:
+            self.session.run_with_iobinding(self._binding)
+        except Exception as exc:  # a graph whose computed shape depends on the input, or any onnxruntime error
+            raise PolicyError(f"policy {self.version} failed: {_first_line(exc)}", code="policy_output") from None
         result = self._log_probs[0].astype(np.float64)
         if not all(math.isfinite(v) for v, allowed in zip(result.tolist(), self._mask[0].tolist()) if allowed):
             raise PolicyError(f"policy {self.version} returned non-finite log-probabilities", code="policy_output")
         return result
+
+
+def _first_line(exc: Exception) -> str:
+    """onnxruntime's messages run over several lines and repeat the node: the first line, bounded, for a log line."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:300]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+import os
 import random
 import shutil
 import threading
@@ -290,11 +291,71 @@ def nan_policy(folder: Path) -> Path:
     return folder / "nan.onnx"
 
 
-def test_a_policy_that_returns_nan_is_a_named_error(tmp_path: Path) -> None:
-    policy = OnnxPolicy(nan_policy(tmp_path))  # it passes every check at load time
-    with pytest.raises(PolicyError, match="non-finite log-probabilities") as info:
-        policy.log_probs(np.zeros(OBS_DIM, dtype=np.float32), np.ones(N_ACTIONS, dtype=np.float32))
+def test_a_policy_that_returns_nan_is_refused_when_it_loads(tmp_path: Path) -> None:
+    path = nan_policy(tmp_path)  # well-formed, declared shapes right: only running it shows the garbage
+    with pytest.raises(PolicyError, match="non-finite log-probabilities on a valid observation") as info:
+        OnnxPolicy(path)
+    assert info.value.code == "policy_output" and str(path) in info.value.message
+
+
+def shape_shifting_policy(path: Path, reps_from: str) -> Path:
+    """A policy with the shipped metadata whose inputs and output declare the right shapes, but whose graph
+    computes ``Tile(mask, [1, reps])``: reps = 100000 x max(mask) (``mask``: wrong for every observation),
+    or 1 + floor(max(observation)) (``observation``: right for the load-time probes, whose features are
+    below 1, wrong for a real turn's, whose one-hot features are 1)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    source = onnx.load(str(DEFAULT_POLICY))
+    declared = [
+        helper.make_tensor_value_info("observation", TensorProto.FLOAT, ["batch", OBS_DIM]),
+        helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["batch", N_ACTIONS]),
+    ]
+    output = helper.make_tensor_value_info("log_probs", TensorProto.FLOAT, ["batch", N_ACTIONS])
+    constants = [
+        helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("axis0", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("factor", TensorProto.FLOAT, [], [100000.0 if reps_from == "mask" else 1.0]),
+        helper.make_tensor("offset", TensorProto.FLOAT, [], [0.0 if reps_from == "mask" else 1.0]),
+    ]
+    nodes = [
+        helper.make_node("ReduceMax", [reps_from], ["top"], keepdims=0),
+        helper.make_node("Floor", ["top"], ["whole"]),
+        helper.make_node("Mul", ["whole", "factor"], ["scaled"]),
+        helper.make_node("Add", ["scaled", "offset"], ["count"]),
+        helper.make_node("Cast", ["count"], ["count_i"], to=TensorProto.INT64),
+        helper.make_node("Unsqueeze", ["count_i", "axis0"], ["count_1"]),
+        helper.make_node("Concat", ["one", "count_1"], ["reps"], axis=0),
+        helper.make_node("Tile", ["mask", "reps"], ["log_probs"]),
+    ]
+    graph = helper.make_graph(nodes, "shape-shifter", declared, [output], constants)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = source.ir_version
+    model.metadata_props.extend(source.metadata_props)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_policy_computing_another_shape_than_it_declares_is_refused_when_it_loads(tmp_path: Path) -> None:
+    path = shape_shifting_policy(tmp_path / "tile.onnx", "mask")
+    with pytest.raises(PolicyError, match=r"computes log_probs of shape \[1, 900000\]") as info:
+        OnnxPolicy(path)
+    assert str(path) in info.value.message
+
+
+def test_a_policy_failing_at_run_time_is_a_policy_error_not_a_crash(tmp_path: Path) -> None:
+    policy = OnnxPolicy(shape_shifting_policy(tmp_path / "late.onnx", "observation"))  # passes the probes
+    with pytest.raises(PolicyError, match="failed") as info:
+        policy.log_probs(np.ones(OBS_DIM, dtype=np.float32), np.ones(N_ACTIONS, dtype=np.float32))
     assert info.value.code == "policy_output"
+
+
+def test_a_policy_file_that_is_a_fifo_is_refused_without_waiting(tmp_path: Path) -> None:
+    fifo = tmp_path / "policy.onnx"
+    os.mkfifo(fifo)  # nobody ever writes to it: opening it blocking would wait forever
+    with pytest.raises(PolicyError, match="not a regular file") as info:
+        OnnxPolicy(fifo)
+    assert str(fifo) in info.value.message
 
 
 def test_shipped_default_policy_loads_and_is_small() -> None:
@@ -522,14 +583,49 @@ def test_reloads_during_turns_drop_none(daemon_factory: Any, proxy: FaultProxy, 
     assert {row["outcome"] for row in handle.rows()} <= answered
 
 
-def test_a_policy_answering_nan_leaves_the_turn_to_messplus(
+def test_a_policy_failing_at_run_time_leaves_the_turn_to_messplus(
     daemon_factory: Any, proxy: FaultProxy, tmp_path: Path
 ) -> None:
+    path = shape_shifting_policy(tmp_path / "late.onnx", "observation")
+    handle = daemon_factory(policy_config(proxy.base_url, policy_path=str(path)))
+    client = handle.client()
+    assert client.status()["routing"]["policy_error"] is None  # it passed its checks at load
+    for i in range(2):
+        result = client.ask(f"Hello {i}", max_tokens=2)
+        assert result.done.outcome in ("ok", "escalated") and "TMO" not in result.decision.reason
+    log = handle.log()
+    assert log.count("deciding with MESS+ alone for this turn") == 2  # one line per turn, no traceback
+    assert "Traceback" not in log and "internal error" not in log
+    assert [row["policy_version"] for row in handle.rows()] == [None, None]
+
+
+def test_reload_refuses_a_policy_that_fails_its_run_and_keeps_the_one_it_had(
+    daemon_factory: Any, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    path = tmp_path / "policy.onnx"
+    shutil.copy(DEFAULT_POLICY, path)
+    handle = daemon_factory(policy_config(proxy.base_url, policy_path=str(path)))
+    client = handle.client()
+    version = client.status()["routing"]["policy"]
+    shape_shifting_policy(path, "mask")
+    result = client.reload()
+    assert result["reloaded"] is True  # the configuration applied; the policy it names did not
+    assert str(path) in result["policy_error"] and "computes log_probs of shape [1, 900000]" in result["policy_error"]
+    assert f"keeping policy {version}" in result["policy_error"]
+    routing = client.status()["routing"]
+    assert routing["policy"] == version and routing["policy_error"] == result["policy_error"]
+    assert "TMO policy" in client.ask("Hello", max_tokens=2).decision.reason  # the kept policy routes
+    cli = handle.cli("reload")
+    assert cli.returncode == 1 and "the routing policy was refused" in cli.stderr and str(path) in cli.stderr
+
+
+def test_a_policy_answering_nan_is_refused_at_start(daemon_factory: Any, proxy: FaultProxy, tmp_path: Path) -> None:
     handle = daemon_factory(policy_config(proxy.base_url, policy_path=str(nan_policy(tmp_path))))
+    routing = handle.client().status()["routing"]
+    assert routing["policy"] is None and "non-finite" in routing["policy_error"]
+    assert "routing with MESS+ alone" in routing["policy_error"]
     result = handle.client().ask("Hello", max_tokens=2)
     assert result.done.outcome in ("ok", "escalated") and "TMO" not in result.decision.reason
-    assert "non-finite log-probabilities; deciding with MESS+ alone for this turn" in handle.log()
-    assert handle.rows()[-1]["policy_version"] is None
 
 
 def test_training_from_this_devices_decision_log(tmp_path: Path) -> None:

@@ -1,0 +1,41 @@
+"""Reading a file the daemon itself is configured with (config, key files, the policy) without being wedged.
+
+``open()`` on a FIFO blocks until a writer comes, and the daemon reads these files on its serving loop
+(at start, on reload and SIGHUP): one FIFO named as a key file would stop every socket request. So the
+file is opened non-blocking, what was opened is checked (``fstat``: a regular file), and at most
+``max_bytes`` are read. Errors are OSErrors whose ``strerror`` says the problem, so a caller's existing
+``except OSError`` names it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def read_regular(path: str | Path, max_bytes: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file (symlinks to one are followed) of at most ``max_bytes``."""
+    fd = os.open(path, FLAGS)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device, socket or directory)", str(path))
+        if info.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"over {max_bytes} bytes ({info.st_size}): not a file of this kind", str(path))
+        os.set_blocking(fd, True)
+        chunks, size = [], 0
+        while size <= max_bytes:  # to the bound, not to st_size: the file may grow meanwhile
+            chunk = os.read(fd, min(1 << 20, max_bytes + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > max_bytes:
+            raise OSError(errno.EFBIG, f"over {max_bytes} bytes: not a file of this kind", str(path))
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
