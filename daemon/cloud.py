@@ -9,28 +9,36 @@ repeat text, so a cut stream is a CloudError and the turn falls back to the loca
 its own breaker: one provider's outage never blocks another's models. A 4xx that the request caused
 (400, 413, 422: an oversized or malformed request) is that request's failure, not the endpoint's, and
 leaves the breaker alone: one client cannot switch the cloud off.
+
+What the endpoint sends is not trusted: redirects are not followed (a 3xx would re-send the prompt to the
+host its Location names), a ``Retry-After`` of any form is clamped to [0, ``max_retry_after_s``], a delta
+whose content is not text ends the stream as an invalid reply, its ``usage`` is checked before it is
+priced (cloud_usage), and any other exception inside a call is a CloudError: the turn falls back.
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import logging
+import math
 import os
 import threading
 import time
 from collections.abc import Hashable
 from contextlib import AbstractContextManager
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import httpx2
 import openai
 
 from locod.daemon.backends import Generation, Prompt, Upload
 from locod.daemon.bounded_http import BoundedTransport, Limits, OverBound, limits
+from locod.daemon.cloud_usage import counted
 from locod.daemon.config import CloudConfig, CloudModelConfig
 from locod.daemon.keyfile import read_key_file
 from locod.errors import CloudError
-from locod.policy.rule import estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +121,8 @@ class CloudBackend:
                     api_key=keys[model.name] or "no-key-configured",
                     timeout=config.timeout_s,
                     max_retries=0,
-                    http_client=openai.DefaultHttpx2Client(transport=BoundedTransport()),
+                    # Never follow a redirect: the prompt would be re-sent to whatever host it names.
+                    http_client=openai.DefaultHttpx2Client(transport=BoundedTransport(), follow_redirects=False),
                 ),
             )
             for model in config.models
@@ -166,6 +175,14 @@ class CloudBackend:
             except OverBound as exc:  # an error body over the bounds, or the deadline before any answer
                 breaker.failure()
                 raise CloudError(f"{name}: {exc}", code=exc.code) from None
+            except CloudError:
+                raise
+            except Exception as exc:  # whatever else a reply made the client raise: a failed call, not a crash
+                breaker.failure()
+                log.warning("cloud %s: the call failed unexpectedly", name, exc_info=True)
+                raise CloudError(
+                    f"{name}: invalid reply from the endpoint: {type(exc).__name__}", code="cloud_invalid_reply"
+                ) from None
             return self._consume(name, model, breaker, stream, prompt, started)
 
     def _open(
@@ -197,6 +214,9 @@ class CloudBackend:
                 )
             except openai.APIStatusError as exc:
                 sent = True
+                if 300 <= exc.status_code < 400:
+                    breaker.failure()
+                    raise failed(f"{name}: {_redirect(exc)}", "cloud_redirect") from None
                 delay = self._retry_delay(exc, attempt)
                 if delay is None:
                     if exc.status_code >= 500 or exc.status_code in ENDPOINT_4XX:
@@ -229,11 +249,7 @@ class CloudBackend:
         if attempt >= self.config.max_retries or not (exc.status_code == 429 or exc.status_code >= 500):
             return None
         if exc.status_code == 429:
-            header = exc.response.headers.get("retry-after", "1")
-            try:
-                wait = float(header)
-            except ValueError:
-                wait = 1.0
+            wait = retry_after_s(exc.response.headers.get("retry-after"))
             return wait if wait <= self.config.max_retry_after_s else None
         return min(2.0, 0.25 * 2**attempt)
 
@@ -261,6 +277,8 @@ class CloudBackend:
                     continue
                 finished = finished or chunk.choices[0].finish_reason is not None
                 delta = chunk.choices[0].delta.content
+                if delta is not None and not isinstance(delta, str):  # checked before any of it is passed on
+                    raise InvalidChunk(f"a delta's content is {type(delta).__name__}, not text")
                 if delta and chunks >= prompt.max_tokens:  # more than was asked for: the answer is complete
                     finished = True
                     break
@@ -275,6 +293,11 @@ class CloudBackend:
             breaker.failure()
             partial = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
             raise StreamCut(f"{name}: {exc}", partial, code=exc.code) from None
+        except InvalidChunk as exc:  # the endpoint broke the protocol: an invalid reply, answered locally
+            breaker.failure()
+            partial = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
+            why = f"{name}: invalid reply from the endpoint: {exc}"
+            raise StreamCut(why, partial, code="cloud_invalid_reply") from None
         except Exception as exc:  # transport (httpx/httpx2), decoding, API errors: the stream is cut
             breaker.failure()
             partial = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
@@ -312,6 +335,43 @@ class CloudBackend:
             client.close()
 
 
+class InvalidChunk(Exception):
+    """A streamed chunk that breaks the protocol (raised inside ``_consume``, never outside)."""
+
+
+def retry_after_s(header: str | None) -> float:
+    """Seconds a ``Retry-After`` asks for: delta-seconds or an HTTP date; 1 s when absent or unreadable,
+    and never negative or infinite (``time.sleep`` raises on both)."""
+    if header is None:
+        return 1.0
+    try:
+        wait = float(header)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(header)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return 1.0
+        if when.tzinfo is None:
+            return 1.0
+        wait = when.timestamp() - time.time()
+    if math.isnan(wait):
+        return 1.0
+    return min(max(wait, 0.0), 1e9)  # inf -> 1e9 s: over any max_retry_after_s, so not retried
+
+
+def _redirect(exc: openai.APIStatusError) -> str:
+    """A 3xx, named with the host it pointed to (the request was not re-sent there)."""
+    location = exc.response.headers.get("location", "")
+    try:
+        host = urlsplit(location).netloc or "the same host"
+    except ValueError:
+        host = "an unreadable Location"
+    return (
+        f"HTTP {exc.status_code} from the endpoint, a redirect to {host[:200]} that was not followed "
+        "(set base_url to the endpoint itself)"
+    )
+
+
 class Received(CloudError):
     """The endpoint answered the request, with an error status or without text: the request and what it
     uploaded (``upload``) left the device, and the record says so, though nothing is billed. A failure with
@@ -340,12 +400,8 @@ def _generation(
     first: float | None,
     started: float,
 ) -> Generation:
-    """What a stream produced, priced by the endpoint's usage or, when it reported none, by an estimate."""
-    if usage is not None:
-        tokens_in, tokens_out = usage.prompt_tokens, usage.completion_tokens
-    else:
-        tokens_in = estimate_tokens(sum(len(str(m["content"])) for m in prompt.messages))
-        tokens_out = max(chunks, estimate_tokens(len(text)))
+    """What a stream produced, priced by the endpoint's usage when it is believable, else by an estimate."""
+    tokens_in, tokens_out, estimated = counted(model.name, usage, prompt, text, chunks)
     return Generation(
         text=text,
         tokens_in=tokens_in,
@@ -353,7 +409,7 @@ def _generation(
         first_token_ms=None if first is None else (first - started) * 1000,
         total_ms=(time.perf_counter() - started) * 1000,
         cost_usd=model.price(tokens_in, tokens_out, prompt.upload.images),
-        cost_estimated=usage is None,
+        cost_estimated=estimated,
         images_sent=prompt.upload.images,
         bytes_up=prompt.upload.bytes,
         cancelled=prompt.cancelled.is_set(),

@@ -3,10 +3,11 @@
 It records every request it sees (path, headers, JSON body) and, per request, can delay it, answer with
 an HTTP error (optionally with Retry-After), cut the streamed answer after a few chunks, or answer garbage;
 or, without asking upstream, answer a hostile stream: one byte at a time (``trickle``), deltas without end
-(``endless``), one event of ``size`` bytes (``huge_event``) or ``size`` bytes without a newline
-(``no_newline``). Hostile streams stop when the daemon hangs up, or after ``size`` bytes / 10 minutes.
-The upstream server runs a text-only model, so image parts are recorded, then replaced by a text marker
-before forwarding.
+(``endless``), one event of ``size`` bytes (``huge_event``), ``size`` bytes without a newline
+(``no_newline``) or a delta whose content is a list (``bad_delta``); redirect (``redirect``: ``status``
+with ``location``); or relay the real answer with its ``usage`` replaced (``usage``). Hostile streams
+stop when the daemon hangs up, or after ``size`` bytes / 10 minutes. The upstream server runs a
+text-only model, so image parts are recorded, then replaced by a text marker before forwarding.
 """
 
 from __future__ import annotations
@@ -26,13 +27,16 @@ from urllib.parse import urlsplit
 class Fault:
     """What to do to the next ``times`` requests (None: every request)."""
 
-    kind: str = "pass"  # pass | status | delay | cut | garbage | trickle | endless | huge_event | no_newline
+    # pass | status | delay | cut | garbage | trickle | endless | huge_event | no_newline | bad_delta | redirect | usage
+    kind: str = "pass"
     status: int = 500
     retry_after: str | None = None
     delay_s: float = 0.0
     cut_after_chunks: int = 3
     size: int = 1 << 20  # bytes of a huge_event or no_newline answer
     times: int | None = None
+    location: str = ""  # where a redirect points
+    usage: Any = None  # what a ``usage`` fault puts in the stream's usage chunk
 
 
 @dataclass
@@ -98,6 +102,12 @@ class FaultProxy:
                 fault = proxy.next_fault()
                 if fault.kind == "delay":
                     time.sleep(fault.delay_s)
+                if fault.kind == "redirect":
+                    self.send_response(fault.status)
+                    self.send_header("Location", fault.location)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if fault.kind == "status":
                     payload = json.dumps({"error": {"message": "injected", "type": "server_error"}}).encode()
                     self.send_response(fault.status)
@@ -158,7 +168,14 @@ class FaultProxy:
 
             def _relay_stream(self, response: http.client.HTTPResponse, fault: Fault | None) -> None:
                 chunks = 0
+                usage_sent = False
                 while line := response.readline():
+                    if fault is not None and fault.kind == "usage" and line.startswith(b"data:"):
+                        line, replaced = _with_usage(line, fault.usage)
+                        if line.startswith(b"data: [DONE]") and not usage_sent:
+                            extra = _usage_event(fault.usage)
+                            self.wfile.write(b"%x\r\n%s\r\n" % (len(extra), extra))
+                        usage_sent = usage_sent or replaced
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
                     self.wfile.flush()
                     if line.startswith(b"data:"):
@@ -231,7 +248,30 @@ def _no_newline(fault: Fault) -> Iterator[bytes]:
         sent += len(block)
 
 
+def _bad_delta(fault: Fault) -> Iterator[bytes]:
+    chunk = {"id": "hostile", "object": "chat.completion.chunk", "created": 0, "model": "cloud-small"}
+    yield b"data: " + json.dumps({**chunk, "choices": [{"index": 0, "delta": {"content": ["a", "b"]}}]}).encode()
+    yield b"\n\n" + _event("", "stop") + b"data: [DONE]\n\n"
+
+
+def _with_usage(line: bytes, usage: Any) -> tuple[bytes, bool]:
+    """An SSE data line with its non-null ``usage`` replaced, and whether there was one."""
+    try:
+        event = json.loads(line[5:])
+    except ValueError:
+        return line, False
+    if not isinstance(event, dict) or event.get("usage") is None:
+        return line, False
+    return b"data: " + json.dumps({**event, "usage": usage}).encode() + b"\n", True
+
+
+def _usage_event(usage: Any) -> bytes:
+    chunk = {"id": "usage", "object": "chat.completion.chunk", "created": 0, "model": "cloud-small", "choices": []}
+    return b"data: " + json.dumps({**chunk, "usage": usage}).encode() + b"\n\n"
+
+
 HOSTILE_STREAMS: dict[str, Callable[[Fault], Iterator[bytes]]] = {
+    "bad_delta": _bad_delta,
     "trickle": _trickle,
     "endless": _endless,
     "huge_event": _huge_event,

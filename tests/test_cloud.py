@@ -322,3 +322,98 @@ def test_combined_faults_every_turn_answered_breaker_engages_and_recovers(
     causes = [r["error"] for r in rows if r["outcome"] == "fallback"]
     assert len(causes) == 4 and all(causes)
     assert all(r["outcome"] in ("ok", "fallback") for r in rows)
+
+
+# -- replies that break the protocol: usage, Retry-After, deltas, redirects ----------------------------
+
+
+@pytest.fixture
+def patient_cloud(daemon_factory: Any, proxy: FaultProxy) -> DaemonHandle:
+    """cloud_daemon with a 30 s timeout (a loaded test machine's first token can take over 5 s) and a
+    breaker that does not open within one test: these tests count requests and read each turn's cause."""
+    config = cloud_config(proxy.base_url, timeout_s=30.0, breaker_failures=100)
+    return daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    "usage",
+    [
+        {"prompt_tokens": "x", "completion_tokens": 1, "total_tokens": 1},
+        {"prompt_tokens": None, "completion_tokens": None, "total_tokens": None},
+        {"prompt_tokens": -100000000, "completion_tokens": 1, "total_tokens": 1},
+        {"prompt_tokens": 1, "completion_tokens": 1e308, "total_tokens": 1},
+        {"prompt_tokens": 1, "completion_tokens": float("inf"), "total_tokens": 1},
+        {"prompt_tokens": True, "completion_tokens": [2], "total_tokens": 1},
+    ],
+)
+def test_unbelievable_usage_is_estimated_never_a_failed_turn_or_a_negative_cost(
+    patient_cloud: DaemonHandle, proxy: FaultProxy, usage: dict[str, Any]
+) -> None:
+    cloud_daemon = patient_cloud
+    proxy.set(Fault("usage", usage=usage))
+    client = cloud_daemon.client()
+    for prompt in ("Name a planet.", "Name a colour."):
+        result = client.ask(prompt, max_tokens=8, temperature=0.0)
+        assert result.done.outcome == "ok" and result.done.location == "cloud"
+        assert result.done.cost_estimated is True
+    rows = cloud_daemon.rows()
+    for row in rows:
+        assert row["cost_estimated"] == 1 and 0 < row["cost_usd"] < 0.001
+        assert 0 < row["tokens_in"] < 1000 and 0 < row["tokens_out"] <= 8
+    spent = client.status()["cloud"]["spent_today_usd"]
+    assert spent == pytest.approx(sum(row["cost_usd"] for row in rows), abs=1e-6)
+    log = cloud_daemon.log()
+    assert log.count("reported usage that cannot be right") == 1 and "Traceback" not in log
+
+
+def test_any_retry_after_is_clamped_or_ignored(patient_cloud: DaemonHandle, proxy: FaultProxy) -> None:
+    """Each form of Retry-After on a 429: the turn falls back, retried (wait clamped to 0..1 s) or not
+    (a wait over max_retry_after_s), never an internal error."""
+    handle = patient_cloud
+    client = handle.client()
+    headers = {
+        "-5": 3,  # 3 requests: the call and its 2 retries (cloud.max_retries), none waiting
+        "-inf": 3,
+        "nan": 3,
+        "soon, please": 3,
+        "Wed, 21 Oct 2015 07:28:00 GMT": 3,  # a date past: no wait
+        "inf": 1,  # over max_retry_after_s: not retried
+        "1e400": 1,
+        "Fri, 01 Jan 9999 00:00:00 GMT": 1,
+    }
+    for header, requests in headers.items():
+        proxy.seen.clear()
+        proxy.set(Fault("status", status=429, retry_after=header))
+        result = client.ask("Say something nice.", max_tokens=4)
+        assert result.fallback is not None and result.fallback.cause == "cloud_http", header
+        assert result.done.outcome == "fallback" and result.done.location == "local", header
+        assert len(proxy.chat_requests()) == requests, header
+    assert "Traceback" not in handle.log() and "internal" not in handle.log()
+
+
+def test_a_delta_that_is_not_text_is_an_invalid_reply_and_none_of_it_reaches_the_client(
+    patient_cloud: DaemonHandle, proxy: FaultProxy
+) -> None:
+    proxy.set(Fault("bad_delta"))
+    result = patient_cloud.client().ask("Say something nice.", max_tokens=8)
+    assert result.fallback is not None and result.fallback.cause == "cloud_invalid_reply"
+    assert "a delta's content is list, not text" in result.fallback.message
+    kinds = [f.type for f in result.frames]
+    assert "delta" not in kinds[: kinds.index("fallback")]  # nothing of the list was passed on
+    assert all(isinstance(f.text, str) for f in result.frames if f.type == "delta")
+    assert result.done.outcome == "fallback" and result.done.location == "local"
+
+
+def test_a_redirect_is_not_followed_and_names_where_it_pointed(
+    patient_cloud: DaemonHandle, proxy: FaultProxy, cloud_server: Any
+) -> None:
+    elsewhere = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()  # records anything sent to it
+    try:
+        target = elsewhere.base_url.rsplit("/v1", 1)[0]
+        proxy.set(Fault("redirect", status=307, location=f"{target}/v1/chat/completions"))
+        result = patient_cloud.client().ask("hello there", max_tokens=4)
+        assert result.fallback is not None and result.fallback.cause == "cloud_redirect"
+        assert target.removeprefix("http://") in result.fallback.message and "not followed" in result.fallback.message
+        assert result.done.outcome == "fallback" and elsewhere.seen == []
+    finally:
+        elsewhere.stop()

@@ -1,0 +1,68 @@
+"""The token counts a cloud answer is priced by: the endpoint's ``usage`` when it is believable, else an estimate.
+
+The OpenAI client does not validate ``usage``: a broken or hostile endpoint (or a proxy) can send null,
+strings, lists, negative numbers, 1e308 or inf. Priced as they come, these fail the turn (TypeError), give a
+negative cost that lifts the daily cap, or an infinite spend that masks the cloud for the day. So a count is
+taken only when it is an integer (not a bool), non-negative and within what the request could have cost: an
+input of at most one token per byte sent plus a template's overhead, an output of at most twice
+``max_tokens`` (providers stop at ``max_tokens``; the slack is for counting differences). Otherwise both
+counts are estimated from characters, as for an endpoint that reports no usage, and one warning per model
+is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from locod.daemon.backends import Prompt
+from locod.policy.rule import estimate_tokens
+
+log = logging.getLogger(__name__)
+
+OVERHEAD_TOKENS = 4096  # chat template, tool and system tokens a provider adds to what was sent
+_warned: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def counted(model: str, usage: Any, prompt: Prompt, text: str, chunks: int) -> tuple[int, int, bool]:
+    """(tokens_in, tokens_out, estimated) for an answer ``text`` of ``chunks`` deltas."""
+    if usage is not None:
+        tokens_in = getattr(usage, "prompt_tokens", None)
+        tokens_out = getattr(usage, "completion_tokens", None)
+        sent = max(prompt.upload.bytes, sum(len(str(m.get("content", ""))) * 4 for m in prompt.messages))
+        problem = _problem("prompt_tokens", tokens_in, sent + OVERHEAD_TOKENS) or _problem(
+            "completion_tokens", tokens_out, 2 * prompt.max_tokens + 64
+        )
+        if problem is None:
+            return int(tokens_in), int(tokens_out), False  # type: ignore[arg-type]
+        _warn_once(model, problem)
+    tokens_in = estimate_tokens(sum(len(str(m.get("content", ""))) for m in prompt.messages))
+    return tokens_in, max(chunks, estimate_tokens(len(text))), True
+
+
+def _problem(field: str, value: Any, bound: int) -> str | None:
+    if type(value) is not int:  # a bool is an int to Python, not a count
+        return f"usage.{field} is {_shown(value)}, not an integer"
+    if not 0 <= value <= bound:
+        return f"usage.{field} is {_shown(value)}, outside 0..{bound} for this request"
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _warn_once(model: str, problem: str) -> None:
+    with _warned_lock:
+        if model in _warned:
+            return
+        _warned.add(model)
+    log.warning(
+        "cloud model %s reported usage that cannot be right (%s): its answers are priced from their text "
+        "instead (said once per model)",
+        model,
+        problem,
+    )
