@@ -13,8 +13,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from locod.daemon.config import Config, LocalModelConfig, build_table, tomllib
+from locod.daemon.config import MAX_CONFIG_BYTES, Config, LocalModelConfig, build_table, tomllib
 from locod.daemon.gguf import NotGGUF, describe
+from locod.daemon.regular_file import read_regular
 from locod.errors import ConfigError
 
 MANIFEST = "pulled.toml"
@@ -44,10 +45,12 @@ def pulled_models(models_dir: Path) -> list[PulledModel]:
     """The entries of the user manifest, checked like the config file; [] when nothing was pulled."""
     path = manifest_path(models_dir)
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
+        table = tomllib.loads(read_regular(path, MAX_CONFIG_BYTES).decode("utf-8"))  # read at every reload
     except FileNotFoundError:
         return []
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from locod.daemon.regular_file import read_regular
 from locod.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -265,6 +266,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "LOCOD_HUB_ENDPOINT": "local.hub_endpoint",
 }
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; read on the serving loop at reload, so never unbounded
 EMBEDDED_MODEL = LocalModelConfig(name="smollm2-135m-instruct", path="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -296,10 +298,12 @@ def load_config(
     if file is not None:
         source = str(file)
         try:
-            table = tomllib.loads(file.read_text(encoding="utf-8"))
+            table = tomllib.loads(read_regular(file, MAX_CONFIG_BYTES).decode("utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{file}: no such config file") from None
-        except (OSError, UnicodeDecodeError) as exc:
+        except OSError as exc:
+            raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
             raise ConfigError(f"{file}: cannot read: {exc}") from None
         except ValueError as exc:  # TOMLDecodeError, or an integer of over 4,300 digits
             raise ConfigError(f"{file}: not valid TOML: {_one_line(exc)}") from None

@@ -1,16 +1,21 @@
-"""Secrets kept in files: read only when the file is the owner's alone, so a key never sits world-readable."""
+"""Secrets kept in files: read only when the file is the owner's alone, so a key never sits world-readable,
+and only when it is a regular file of a key's size (``regular_file``): a FIFO must not hold the serving loop.
+"""
 
 from __future__ import annotations
 
 import stat
 from pathlib import Path
 
+from locod.daemon.regular_file import read_regular
 from locod.errors import ConfigError
+
+MAX_KEY_BYTES = 64 * 1024  # keys and secrets are tens of bytes; a token file with a certificate chain, a few kB
 
 
 def read_key_file(name: str, what: str) -> str:
-    """The stripped contents of ``name``; a ConfigError naming ``what`` if it is missing, empty or readable
-    by group or others."""
+    """The stripped contents of ``name``; a ConfigError naming ``what`` if it is missing, empty, not a
+    regular file, over MAX_KEY_BYTES or readable by group or others."""
     path = Path(name).expanduser()
     try:
         mode = path.stat().st_mode
@@ -21,7 +26,7 @@ def read_key_file(name: str, what: str) -> str:
             f"{what} {path} is readable by group or others (mode {stat.S_IMODE(mode):o}); run `chmod 600 {path}`"
         )
     try:
-        text = path.read_text(encoding="utf-8").strip()
+        text = read_regular(path, MAX_KEY_BYTES).decode("utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"{what} {path}: {exc.strerror}") from None
     except UnicodeDecodeError:

@@ -261,6 +261,35 @@ def test_key_file_readable_by_others_is_refused(tmp_path: Path, models_dir: Path
     good.stop()
 
 
+def test_a_key_file_that_is_not_a_regular_file_is_refused_without_reading_it(
+    tmp_path: Path, daemon_factory: Any, models_dir: Path, proxy: FaultProxy
+) -> None:
+    """A FIFO as key file: opening it would wait for a writer, on the serving loop. The reload is rejected
+    at once with the reason and the daemon keeps serving; a start with it stops with the same reason."""
+    key = tmp_path / "key"
+    key.write_text(SECRET)
+    os.chmod(key, 0o600)
+    config = cloud_config(proxy.base_url)
+    config["cloud"]["models"][0]["api_key_file"] = str(key)
+    handle = daemon_factory(config)
+    client = handle.client()
+    key.unlink()
+    os.mkfifo(key, 0o600)  # nobody ever writes to it
+    result = client.reload()
+    assert result["reloaded"] is False and "not a regular file" in result["error"] and str(key) in result["error"]
+    assert client.ping()["pong"]
+    cli = handle.cli("reload", timeout=30)
+    assert cli.returncode == 2 and "not a regular file" in cli.stdout
+    fresh = start_daemon(tmp_path / "d2", models_dir, config, wait=False)
+    assert fresh.proc.wait(60) == 2
+    assert "not a regular file" in fresh.log() and "Traceback" not in fresh.log()
+    key.unlink()
+    key.write_bytes(b"k" * (64 * 1024 + 1))  # a key file of a key's size, not a disk image
+    os.chmod(key, 0o600)
+    result = client.reload()
+    assert result["reloaded"] is False and "over 65536 bytes" in result["error"]
+
+
 def test_reload_applies_cloud_changes_and_defers_daemon_ones(
     tmp_path: Path, daemon_factory: Any, proxy: FaultProxy
 ) -> None:

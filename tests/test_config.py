@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -175,3 +176,13 @@ def test_any_parse_failure_is_one_line_without_traceback(tmp_path: Path, text: s
     result = subprocess.run(locod_command("--config", str(path), "config", "show"), capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_config_file_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path: Path) -> None:
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)  # opening it blocking would wait for a writer forever
+    with pytest.raises(ConfigError, match="not a regular file") as info:
+        load_config(fifo, env={})
+    assert str(fifo) in info.value.message
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path, env={})  # a directory
