@@ -2,13 +2,17 @@
 
 A row is inserted (outcome ``pending``) when a turn is accepted and completed before its ``done`` frame is
 sent, both committed durably (WAL, ``synchronous=FULL``). A row still ``pending`` at start-up belongs to a
-daemon that died mid-turn and is marked ``interrupted``: accepted turns are never silently lost.
+daemon that died mid-turn and is marked ``interrupted``: accepted turns are never silently lost. A
+completion that cannot be written (the disk is full) is kept in memory (bounded) and written with the
+next write that succeeds, or when the log closes: the turn's client is told its record is not committed
+yet, and the record is not left for the next start to call "daemon stopped during the turn".
 Schema changes are numbered migrations recorded in ``PRAGMA user_version``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -22,6 +26,10 @@ import sqlite_utils
 
 from locod.daemon.decision import NO_ROUTING_COLUMNS, Routing
 from locod.errors import StorageError, UnknownDecision
+
+log = logging.getLogger(__name__)
+
+MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
 
 
 @dataclass
@@ -255,6 +263,7 @@ class DecisionLog:
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.Lock()
         self._spent: tuple[float, float, float] | None = None  # (local midnight, next one, USD spent since)
+        self._unwritten: dict[int, dict[str, Any]] = {}  # decision -> its completion, not on disk yet
         with self._writing("migrate"):
             self._migrate()
             self.interrupted_at_start = self.db.execute(  # finished: when this start found it so
@@ -281,6 +290,7 @@ class DecisionLog:
 
     def begin(self, record: DecisionRecord) -> int:
         """Insert the accepted turn as ``pending``; returns its decision id."""
+        self.write_unwritten()
         row = record.row()
         for column in JSON_COLUMNS:
             if column in row:
@@ -301,12 +311,49 @@ class DecisionLog:
             if outcome.confidence and outcome.confidence.explored:  # the checkpoint's choice explored
                 row["explored"] = 1
         row["finished"] = time.time()
-        with self._writing("completing the record"):
-            self.db.table("decisions").update(decision_id, row)
-            self._spend(outcome.cost_usd)
+        self.write_unwritten()
+        try:
+            with self._writing("completing the record"):
+                self.db.table("decisions").update(decision_id, row)
+        except StorageError as exc:
+            self._keep_unwritten(decision_id, row)
+            raise StorageError(
+                f"{exc.message}; the answer was given but its record is not committed yet: it is kept and "
+                "written as soon as the decision log can be written again",
+                code="record_not_committed",
+            ) from None
+        finally:
+            with self._lock:  # spent either way: the daily cap counts it now
+                self._spend(outcome.cost_usd)
+
+    def _keep_unwritten(self, decision_id: int, row: dict[str, Any]) -> None:
+        with self._lock:
+            self._unwritten[decision_id] = row
+            if len(self._unwritten) > MAX_UNWRITTEN:
+                lost = next(iter(self._unwritten))
+                del self._unwritten[lost]
+                log.error("decision %d: its completion could not be written and is given up (too many held)", lost)
+
+    def write_unwritten(self) -> None:
+        """Write the completions a full disk held back; they stay held if it is still full."""
+        if not self._unwritten:
+            return
+        with self._lock:
+            held = dict(self._unwritten)
+        try:
+            with self._writing("completing held-back records"):
+                for decision_id, row in held.items():
+                    self.db.table("decisions").update(decision_id, row)
+        except StorageError:
+            return
+        with self._lock:
+            for decision_id in held:
+                self._unwritten.pop(decision_id, None)
+        log.info("decision log writable again: completed %d held-back record(s) %s", len(held), sorted(held))
 
     def label(self, decision_id: int, satisfied: bool, source: str) -> LabelTarget:
         """Store a satisfaction label once; returns what the learner trains on."""
+        self.write_unwritten()
         with self._writing("storing the label"):
             rows = list(self.db.query("SELECT * FROM decisions WHERE id = ?", [decision_id]))
             if not rows:
@@ -393,6 +440,15 @@ class DecisionLog:
             self._spent = (self._spent[0], self._spent[1], self._spent[2] + usd)
 
     def close(self) -> None:
+        self.write_unwritten()
+        if self._unwritten:
+            log.error(
+                "decision log %s: %d completed turn(s) could not be written (%s); the next start marks them "
+                "interrupted",
+                self.path,
+                len(self._unwritten),
+                sorted(self._unwritten),
+            )
         with self._lock:
             self._conn.close()
 

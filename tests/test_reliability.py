@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -431,6 +432,63 @@ def test_full_disk_refuses_turns_clearly_and_keeps_serving(tmp_path: Path, model
         assert client.ask("after", max_tokens=2).done.outcome == "ok"
     finally:
         handle.stop()
+
+
+def test_a_record_the_full_disk_held_back_is_completed_once_it_can_be_written(
+    tmp_path: Path, models_dir: Path, small_disk: Path
+) -> None:
+    """Disk full between a turn's decision and its end: the client is told its record is not committed
+    yet; once space is back the next write completes it (not left pending, not called interrupted)."""
+    handle = start_daemon(tmp_path / "d", models_dir, {}, extra_env={"LOCOD_STATE_DIR": str(small_disk)})
+    filler = small_disk / "filler"
+    try:
+        client = handle.client()
+        assert client.ask("before the disk fills", max_tokens=2).done.outcome == "ok"
+        held: LocodError | None = None
+        for i in range(20):  # a completion written into the WAL's spare room succeeds: try again
+            frames = client.chat(f"Write a long essay about the ocean, part {i}.", max_tokens=24)
+            try:
+                for frame in frames:
+                    if frame.type == "decision":
+                        _fill(filler)
+            except LocodError as exc:
+                held = exc
+                break
+            filler.unlink()
+        assert held is not None and held.code == "record_not_committed", held
+        assert "the answer was given but its record is not committed yet" in held.message
+        pending = [row for row in _rows(small_disk) if row["outcome"] == "pending"]
+        assert len(pending) == 1
+        filler.unlink()
+        assert client.ask("after", max_tokens=2).done.outcome == "ok"  # its write completes the held one
+        row = next(r for r in _rows(small_disk) if r["id"] == pending[0]["id"])
+        assert row["outcome"] == "ok" and row["tokens_out"] > 0 and row["error"] is None
+        assert "completed 1 held-back record(s)" in handle.log()
+    finally:
+        filler.unlink(missing_ok=True)
+        handle.stop()
+    restarted = start_daemon(tmp_path / "d", models_dir, {}, extra_env={"LOCOD_STATE_DIR": str(small_disk)})
+    restarted.stop()
+    assert not [row for row in _rows(small_disk) if row["outcome"] in ("pending", "interrupted")]
+
+
+def _fill(path: Path) -> None:
+    with path.open("ab") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+
+
+def _rows(state_dir: Path) -> list[dict[str, Any]]:
+    conn = sqlite3.connect(state_dir / "locod.db")
+    conn.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in conn.execute("SELECT * FROM decisions ORDER BY id")]
+    finally:
+        conn.close()
 
 
 def test_read_only_state_is_a_clear_start_error(tmp_path: Path, models_dir: Path, small_disk: Path) -> None:
