@@ -22,7 +22,7 @@ from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config
 from locod.daemon.decision import Decision, Escalation
 from locod.daemon.local import resolve_path
-from locod.daemon.records import DecisionLog, JudgedAnswer
+from locod.daemon.records import DecisionLog, JudgedAnswer, LabelTarget
 from locod.errors import CloudError, UnknownDecision
 from locod.policy import rule
 from locod.policy.messplus import MessPlus, RecordedFeatures
@@ -34,6 +34,7 @@ JUDGE_INSTRUCTIONS = (
     "You grade answers. Reply with exactly one word: YES if the answer correctly and helpfully answers the "
     "question, NO otherwise."
 )
+MAX_EARLY = 1000  # labels held for turns not settled yet
 VERDICT = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 
 
@@ -44,6 +45,9 @@ class Learner:
         self.lock = threading.Lock()  # MESS+ state; the decider holds it for a whole decision
         self._judge = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
         self._save_failed = False  # log a failing save once, not every turn
+        # Labels that came between a turn's done frame and its settling (learning runs after the reply):
+        # applied when it settles, so that the label, not the prediction, moves the queue.
+        self._early: dict[int, tuple[LabelTarget, bool]] = {}
         self.shadow_labels, self.escalated_labels = records.local_labels()
 
     @staticmethod
@@ -79,23 +83,36 @@ class Learner:
             return
         with self.lock:
             self.mess.settle(decision_id, decision.model, routing.s_hat_taken)
+            early = self._early.pop(decision_id, None)
+            if early is not None:
+                self._apply_label(decision_id, *early)
             self._save()
         if decision.explored and self.config.routing.judge and self.config.cloud.models:
             self._judge.submit(self._grade, decision_id, question, answer)
 
     def feedback(self, decision_id: int, satisfied: bool, source: str) -> dict[str, Any]:
-        labelled = self.records.label(decision_id, satisfied, source)
+        labelled = self.records.label(decision_id, satisfied, source)  # refuses a turn still running
         with self.lock:
-            if labelled.routing is not None:
-                self.mess.label(decision_id, labelled.model, labelled.routing.features.vector(), satisfied)
-                judged = labelled.confidence
-                if judged is not None and judged.kept and judged.model == labelled.model:
-                    self._train_confidence(judged, satisfied)
+            routing = labelled.routing
+            if routing is not None and routing.s_hat_taken is not None and decision_id not in self.mess.state.pending:
+                self._early[decision_id] = (labelled, satisfied)  # answered, not settled yet: at its settling
+                while len(self._early) > MAX_EARLY:  # a turn whose settling never came (the daemon died)
+                    del self._early[next(iter(self._early))]
             else:
-                self.mess.state.pending.pop(decision_id, None)
+                self._apply_label(decision_id, labelled, satisfied)
             self._save()
             q = self.mess.state.q
         return {"decision": decision_id, "satisfied": satisfied, "source": source, "q": q}
+
+    def _apply_label(self, decision_id: int, labelled: LabelTarget, satisfied: bool) -> None:
+        """Train on a label and let it correct the queue (called with the lock held)."""
+        if labelled.routing is not None:
+            self.mess.label(decision_id, labelled.model, labelled.routing.features.vector(), satisfied)
+            judged = labelled.confidence
+            if judged is not None and judged.kept and judged.model == labelled.model:
+                self._train_confidence(judged, satisfied)
+        else:
+            self.mess.state.pending.pop(decision_id, None)
 
     def checkpoint(self, plan: Escalation, model: str, features: tuple[float, ...]) -> JudgedAnswer:
         """At a local answer's checkpoint: whether to keep it, and its s_hat corrected by its confidence. The

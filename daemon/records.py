@@ -29,6 +29,7 @@ from locod.errors import StorageError, UnknownDecision
 
 log = logging.getLogger(__name__)
 
+NO_ANSWER = ("error", "interrupted")  # outcomes whose turn answered nothing that a label could grade
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
 
 
@@ -362,6 +363,15 @@ class DecisionLog:
                 given = f"{'good' if rows[0]['satisfied'] else 'bad'} (by {rows[0]['label_source']})"
                 raise UnknownDecision(
                     f"decision {decision_id} is already labelled {given}; a label is final", code="already_labelled"
+                )
+            if rows[0]["outcome"] == "pending" or decision_id in self._unwritten:
+                raise UnknownDecision(
+                    f"decision {decision_id} is still running; label it once it has answered", code="not_finished"
+                )
+            if rows[0]["outcome"] in NO_ANSWER:
+                raise UnknownDecision(
+                    f"decision {decision_id} ended without an answer ({rows[0]['outcome']}): there is nothing to label",
+                    code="not_answered",
                 )
             self.db.table("decisions").update(
                 decision_id, {"satisfied": int(satisfied), "label_source": source, "labelled": time.time()}

@@ -92,6 +92,28 @@ def test_feedback_through_socket_and_cli(daemon_factory: Any, proxy: FaultProxy)
     assert again.returncode == 1 and "already labelled good (by user); a label is final" in again.stderr
 
 
+def test_a_label_for_a_turn_still_running_is_refused_and_one_right_after_done_still_moves_the_queue(
+    daemon_factory: Any, proxy: FaultProxy
+) -> None:
+    handle = daemon_factory(auto_config(proxy.base_url))
+    client, labeller = handle.client(), handle.client()
+    client.ask("Hi", max_tokens=2)
+    wait_for(lambda: client.status()["routing"]["turns"] == 1, 10, "the turn to settle")
+    before = client.status()["routing"]["pending_labels"]
+    frames = client.chat("Tell me about the history of Rome in detail.", max_tokens=24)
+    decision = next(frames)
+    assert decision.type == "decision"
+    with pytest.raises(UnknownDecision, match="is still running; label it once it has answered") as info:
+        labeller.feedback(decision.decision, True)
+    assert info.value.code == "not_finished"
+    frames_left = list(frames)
+    assert frames_left[-1].type == "done"
+    labeller.feedback(decision.decision, True)  # at once after done: before or after the turn settles
+    wait_for(lambda: client.status()["routing"]["turns"] == 2, 10, "the turn to settle")
+    routing = client.status()["routing"]
+    assert routing["pending_labels"] == before and sum(routing["labels"].values()) == 1  # nothing stale left
+
+
 def test_routing_state_survives_a_daemon_restart(daemon_factory: Any, proxy: FaultProxy) -> None:
     config = auto_config(proxy.base_url)
     first = daemon_factory(config, name="same")

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
+
+import pytest
 
 from locod.daemon.gate import FairGate
 from locod.daemon.sessions import SessionStore, TurnTrail
@@ -77,3 +80,30 @@ def test_sessionless_turns_take_no_slot_and_eviction_is_fair_per_client() -> Non
         store.open(f"flood-{i}", client="flooder")
     assert len(store) == 10
     assert store.open("victim-dialogue", client="victim").messages[0]["content"] == "remember 42"
+
+
+def test_labels_need_a_turn_that_answered(tmp_path: Path) -> None:
+    """A label grades an answer: a turn still running, failed or cut off by a stop has none to grade."""
+    from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
+    from locod.errors import UnknownDecision
+
+    log = DecisionLog(tmp_path / "locod.db")
+
+    def record() -> int:
+        return log.begin(DecisionRecord("s", 0, "r", "0" * 64, 5, None, "chat", "local", "m", "test"))
+
+    running, failed, stopped = record(), record(), record()
+    log.finish(failed, Outcome("error", "local", "m", error="internal error: RuntimeError"))
+    with pytest.raises(UnknownDecision, match="still running") as info:
+        log.label(running, True, "user")
+    assert info.value.code == "not_finished"
+    with pytest.raises(UnknownDecision, match="ended without an answer") as info:
+        log.label(failed, True, "user")
+    assert info.value.code == "not_answered"
+    log.close()
+    log = DecisionLog(tmp_path / "locod.db")  # the next start marks the running ones interrupted
+    with pytest.raises(UnknownDecision, match=r"ended without an answer \(interrupted\)"):
+        log.label(stopped, False, "user")
+    log.finish(record(), Outcome("ok", "local", "m"))
+    assert log.label(4, True, "user").decision_id == 4
+    log.close()
