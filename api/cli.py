@@ -86,16 +86,32 @@ def _secret(args: argparse.Namespace) -> str | None:
 
 
 def _endpoint(args: argparse.Namespace, warn: bool = True) -> str:
-    """The daemon's socket from the config; a config file that does not load must not cut a user off from
-    a daemon that runs (perhaps with an older, valid one): then the default place, with a warning."""
-    from locod.daemon.config import default_runtime_dir
+    """The daemon's socket from the config. A config file that does not load must not cut a user off from
+    a daemon that runs (perhaps with an older, valid one), nor be reported as "not running": then the
+    socket its ``paths.runtime_dir`` names (read on its own) or the default one, if a daemon answers there;
+    else the config's error, which is what the user has to fix."""
+    from locod.client import check_alive, locate
+    from locod.daemon.config import find_config_file, runtime_dir_leniently
 
     try:
         return str(_config(args).ipc_endpoint)
     except ConfigError as exc:
-        if warn:
-            print(f"locod: warning: {exc.message}; trying the default socket", file=sys.stderr)
-        return f"ipc://{default_runtime_dir(os.environ)}/locod.sock"
+        problem = exc
+    try:
+        path = Path(args.config) if args.config else find_config_file(os.environ)
+    except ConfigError:
+        path = None
+    endpoint = locate(f"ipc://{runtime_dir_leniently(path, os.environ, _overrides(args))}/locod.sock")
+    try:
+        check_alive(endpoint)
+    except DaemonNotRunning:
+        raise ConfigError(
+            f"{problem.message}; no daemon answers at {endpoint[6:]}, where the socket would be: fix the config "
+            "file, or pass --endpoint"
+        ) from None
+    if warn:
+        print(f"locod: warning: {problem.message}; using the daemon at {endpoint[6:]}", file=sys.stderr)
+    return endpoint
 
 
 def _print_json(data: Any) -> None:

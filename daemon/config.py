@@ -444,6 +444,37 @@ def default_runtime_dir(env: Mapping[str, str]) -> str:
     )
 
 
+def runtime_dir_leniently(path: Path | None, env: Mapping[str, str], overrides: Mapping[str, str]) -> str:
+    """Where the socket is, for a client whose config file does not load (a syntax error elsewhere in it,
+    a value out of range): ``paths.runtime_dir`` from an override, $LOCOD_RUNTIME_DIR, or that one line of
+    the file read on its own; else the default place."""
+    if overrides.get("paths.runtime_dir"):
+        return overrides["paths.runtime_dir"]
+    if env.get("LOCOD_RUNTIME_DIR") or path is None:
+        return default_runtime_dir(env)
+    try:
+        text = read_regular(path, MAX_CONFIG_BYTES).decode("utf-8", "replace")
+    except OSError:
+        return default_runtime_dir(env)
+    section = ""
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("[") and not line.startswith("[["):
+            section = line[1 : line.find("]")].strip() if "]" in line else ""
+            continue
+        key = line.split("=", 1)[0].strip() if "=" in line else ""
+        if (section, key) in (("paths", "runtime_dir"), ("", "paths.runtime_dir")):
+            try:
+                table = tomllib.loads(line)
+            except ValueError:
+                break
+            value = table.get("runtime_dir") or table.get("paths", {}).get("runtime_dir")
+            if isinstance(value, str) and value:
+                return value
+            break
+    return default_runtime_dir(env)
+
+
 def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 

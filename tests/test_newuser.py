@@ -189,6 +189,41 @@ def test_a_broken_config_file_does_not_cut_the_user_off(daemon: DaemonHandle) ->
     assert "warning" in result.stderr and "locod" in result.stdout
 
 
+def test_a_config_file_that_does_not_load_is_named_not_called_a_stopped_daemon(
+    daemon: DaemonHandle, tmp_path: Path
+) -> None:
+    """The config names the socket's place and then breaks: the client finds the daemon by that one line
+    (reload then says why it rejects the file); where no daemon answers, the error is the config's."""
+    runtime = daemon.env["LOCOD_RUNTIME_DIR"]
+    broken = daemon.config_path.read_text() + f'\n[paths]\nruntime_dir = "{runtime}"\n\nthis is = = not toml [[\n'
+    daemon.config_path.write_text(broken)
+    env = {k: v for k, v in daemon.env.items() if k != "LOCOD_RUNTIME_DIR"}  # only the file says where
+
+    def cli(*args: str, config: Path = daemon.config_path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            locod_command("--config", str(config), *args), capture_output=True, text=True, env=env, timeout=60
+        )
+
+    reload = cli("reload")
+    assert reload.returncode == 2 and "reload rejected" in reload.stdout and "not valid TOML" in reload.stdout
+    assert "line" in reload.stdout and "not running" not in reload.stdout + reload.stderr
+    status = cli("status")
+    assert status.returncode == 0 and "not valid TOML" in status.stderr and "using the daemon at" in status.stderr
+    elsewhere = tmp_path / "elsewhere.toml"
+    elsewhere.write_text(f'[paths]\nruntime_dir = "{tmp_path / "nobody"}"\n[routing]\nsla = 1.5\n')
+    for command in ("status", "reload", "stop"):
+        result = cli(command, config=elsewhere)
+        assert result.returncode == 2, result.stderr
+        assert str(elsewhere) in result.stderr and "routing.sla" in result.stderr
+        assert "not running" not in result.stderr
+        assert command == "stop" or "no daemon answers" in result.stderr
+    stop = cli("stop")  # stop signals only the daemon a config that loads names: it says why it does not
+    assert stop.returncode == 2 and "not valid TOML" in stop.stderr and daemon.proc.poll() is None
+    stop = cli("--endpoint", daemon.endpoint, "stop")
+    assert stop.returncode == 0, stop.stderr
+    assert daemon.proc.wait(60) == 0
+
+
 @pytest.mark.skipif(Path("/run/locod").exists() or not os.access("/run", os.W_OK), reason="needs a free /run/locod")
 def test_without_a_socket_of_their_own_clients_use_the_system_daemons(daemon_factory: Any, tmp_path: Path) -> None:
     """The system unit's socket is /run/locod/locod.sock; a user's `locod status` finds it."""
