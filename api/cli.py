@@ -559,13 +559,21 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
-    from locod.daemon.download import terminal_meter
-    from locod.daemon.pull import pull_model
+    from locod.daemon.download import DEFAULT_MAX_BYTES, terminal_meter
+    from locod.daemon.pull import parse_size, pull_model
 
     config = _config(args)
+    max_bytes = parse_size(args.max_size) if args.max_size else DEFAULT_MAX_BYTES
     meter = terminal_meter(args.name or args.source.rsplit("/", 1)[-1], _say)
     model = pull_model(
-        config, args.source, name=args.name, sha256=args.sha256, n_ctx=args.ctx, meter=meter, progress=_say
+        config,
+        args.source,
+        name=args.name,
+        sha256=args.sha256,
+        n_ctx=args.ctx,
+        meter=meter,
+        progress=_say,
+        max_bytes=max_bytes,
     )
     _say(f"use it with --model {model.name}, or set local.default = {json.dumps(model.name)} and `locod reload`")
     return 0
@@ -761,6 +769,7 @@ def _add_offline_commands(sub: Any) -> None:
     p.add_argument("--name", help="the model's name (default: the file's name)")
     p.add_argument("--sha256", help="expected SHA-256 (the hub's published one is checked anyway)")
     p.add_argument("--ctx", type=int, help="context size to load it with (default: its trained context, at most 4096)")
+    p.add_argument("--max-size", help="the largest file to accept, e.g. 80G (default 64G): a download stops there")
     p.set_defaults(func=cmd_models_pull)
     p = models.add_parser("list", help="local models: size, quantisation, context, loaded, path")
     p.add_argument("--json", action="store_true")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from locod.daemon.config import MAX_CONFIG_BYTES, Config, LocalModelConfig, build_table, tomllib
-from locod.daemon.gguf import NotGGUF, describe
+from locod.daemon.gguf import NotGGUF, describe, is_gguf
 from locod.daemon.regular_file import read_regular
 from locod.errors import ConfigError
 
@@ -126,7 +126,7 @@ def model_rows(config: Config, resident: list[str] | None) -> list[ModelRow]:
                 info = describe(path)
                 quant, trained = info.quantisation, info.context_length
             except NotGGUF:
-                quant = "not a GGUF"
+                quant = "damaged GGUF" if is_gguf(path) else "not a GGUF"
         loaded = None if resident is None else model.name in resident
         rows.append(
             ModelRow(model.name, path, size, quant, model.n_ctx, trained, model.name == config.local.default, loaded)

@@ -2,9 +2,11 @@
 
 Bytes are appended to the partial file; a later call resumes from its length with a Range request (a
 server that ignores the range, or answers another one, gets a fresh start). Free space is checked against
-the announced length before a byte is written. A dropped connection or a full disk raises FetchError and
-keeps the partial file for the next try; a body that does not start as a GGUF is refused after its first
-bytes and removed.
+the announced length before a byte is written, and no download grows past ``max_bytes`` (a server that
+sends no Content-Length could otherwise stream until the disk is full). A dropped connection raises
+FetchError and keeps the partial file for the next try; a full disk or a body over ``max_bytes`` raises it
+and removes the part (kept, it would leave the disk full, and the daemon sharing it refuses every turn);
+a body that does not start as a GGUF is refused after its first bytes and removed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 TIMEOUT_S = 30.0
 HEADERS = {"User-Agent": f"locod/{__version__}"}
+DEFAULT_MAX_BYTES = 64 << 30  # a hub stores one GGUF file in at most 50 GB; `models pull --max-size` raises it
 
 
 class Meter(Protocol):
@@ -95,17 +98,21 @@ def terminal_meter(label: str, say: Callable[[str], None]) -> MeterFactory:
     return make
 
 
-def download(url: str, partial: Path, meter: MeterFactory = silent) -> str:
+def download(url: str, partial: Path, meter: MeterFactory = silent, max_bytes: int = DEFAULT_MAX_BYTES) -> str:
     """Fetch ``url`` into ``partial``, resuming from the bytes already there; returns the whole file's SHA-256.
 
-    Raises FetchError, leaving ``partial`` for the next try, when the connection drops or the disk fills;
-    a body that does not start as a GGUF is refused (and removed) after its first bytes.
+    Raises FetchError, leaving ``partial`` for the next try, when the connection drops; removing it when
+    the disk fills or the file would pass ``max_bytes``; a body that does not start as a GGUF is refused
+    (and removed) after its first bytes.
     """
     have = partial.stat().st_size if partial.exists() else 0
     response, have = _open(url, have)
     with response:
         remaining = response.length  # None without a Content-Length
         if remaining is not None:
+            if have + remaining > max_bytes:
+                partial.unlink(missing_ok=True)
+                raise FetchError(f"{url}: the file is {_mb(have + remaining)}, over {_too_large(max_bytes)}")
             _check_space(partial.parent, remaining)
         digest = _hash_of(partial, have)
         done = 0
@@ -118,6 +125,13 @@ def download(url: str, partial: Path, meter: MeterFactory = silent) -> str:
                     if have + done == 0 and not chunk.startswith(gguf.MAGIC[: len(chunk)]):
                         partial.unlink()
                         raise FetchError(f"{url}: the server sent no GGUF file (it starts with {chunk[:16]!r})")
+                    if have + done + len(chunk) > max_bytes:
+                        out.close()
+                        partial.unlink()
+                        raise FetchError(
+                            f"{url}: the download passed {_too_large(max_bytes)} without its end (the server "
+                            "announced no size); the part was removed"
+                        )
                     out.write(chunk)
                     digest.update(chunk)
                     done += len(chunk)
@@ -177,11 +191,16 @@ def _hash_of(partial: Path, length: int) -> Any:
     return digest
 
 
+def _too_large(max_bytes: int) -> str:
+    return f"the {_mb(max_bytes)} a model may take (--max-size raises it)"
+
+
 def _interrupted(exc: BaseException, partial: Path, written: int) -> FetchError:
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        partial.unlink(missing_ok=True)  # kept, it would leave the disk full
         return FetchError(
-            f"the disk filled up after {_mb(written)}; free some space and run the same command to resume "
-            f"(the part is kept as {partial})"
+            f"the disk filled up after {_mb(written)}; the part was removed: free some space and run the "
+            "same command again"
         )
     return FetchError(
         f"download interrupted after {_mb(written)} ({exc}); run the same command again to resume "

@@ -1,11 +1,15 @@
 """What a GGUF file says about itself (architecture, trained context, quantisation), read from its header.
 
 Reading the header takes milliseconds and no memory for the weights, so ``locod models pull`` and
-``locod models list`` can describe a model without loading it into llama.cpp.
+``locod models list`` can describe a model without loading it into llama.cpp. The header comes from any
+server a user pulls from, so it is read within bounds: arrays no longer than the file, nesting at most
+MAX_DEPTH deep, strings at most MAX_STRING, the whole header at most MAX_HEADER bytes; anything else that
+goes wrong while parsing is NotGGUF too, naming the file.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +20,8 @@ MAGIC = b"GGUF"
 _FIXED = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 MAX_STRING = 16 << 20  # chat templates are kilobytes; more means a damaged header, not a bigger buffer
+MAX_HEADER = 256 << 20  # the largest vocabularies (256k tokens and their merges) take tens of MB
+MAX_DEPTH = 4  # arrays of arrays occur (merges as pairs); deeper is no GGUF llama.cpp writes
 # llama.cpp's llama_ftype (general.file_type): how most of the weights are quantised.
 FILE_TYPES = {
     0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
@@ -60,34 +66,46 @@ def read_metadata(path: Path) -> dict[str, Any]:
         try:
             version, _tensors, count = struct.unpack("<IQQ", _exact(f, 20))
             if version < 2:
-                raise NotGGUF(f"{path}: GGUF version {version} is too old (llama.cpp reads 2 and later)")
+                raise NotGGUF(f"GGUF version {version} is too old (llama.cpp reads 2 and later)")
+            end = min(os.fstat(f.fileno()).st_size, MAX_HEADER)
             meta: dict[str, Any] = {}
             for _ in range(count):
                 key = _string(f)
                 kind = _unpack(f, "<I")
-                value = _value(f, kind)
+                value = _value(f, kind, end, 0)
                 if value is not _SKIPPED:
                     meta[key] = value
+                if f.tell() > end:
+                    raise NotGGUF(f"the header runs past {end} bytes")
             return meta
-        except (struct.error, UnicodeDecodeError, EOFError) as exc:
+        except NotGGUF as exc:
             raise NotGGUF(f"{path}: the GGUF header is damaged ({exc})") from None
+        except Exception as exc:  # struct, UTF-8, EOF, seek overflow...: whatever the bytes make the parser do
+            raise NotGGUF(f"{path}: the GGUF header is damaged ({type(exc).__name__}: {exc})") from None
 
 
 _SKIPPED = object()
 
 
-def _value(f: IO[bytes], kind: int) -> Any:
+def _value(f: IO[bytes], kind: int, end: int, depth: int) -> Any:
     if kind in _FIXED:
         return _unpack(f, _FIXED[kind])
     if kind == _STRING:
         return _string(f)
     if kind == _ARRAY:
+        if depth >= MAX_DEPTH:
+            raise NotGGUF(f"arrays nested more than {MAX_DEPTH} deep")
         item, count = struct.unpack("<IQ", _exact(f, 12))
+        smallest = struct.calcsize(_FIXED[item]) if item in _FIXED else 8  # a string is at least its length
+        if count * smallest > end - f.tell():
+            raise NotGGUF(f"an array of {count} items runs past the header's end")
         if item in _FIXED:
-            f.seek(struct.calcsize(_FIXED[item]) * count, 1)
+            f.seek(smallest * count, 1)
         else:
             for _ in range(count):
-                _value(f, item)
+                _value(f, item, end, depth + 1)
+                if f.tell() > end:
+                    raise NotGGUF(f"the header runs past {end} bytes")
         return _SKIPPED
     raise NotGGUF(f"unknown GGUF value type {kind}")
 

@@ -21,7 +21,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from locod.daemon import catalog, gguf
 from locod.daemon.config import EMBEDDED_MODEL, Config
-from locod.daemon.download import HEADERS, TIMEOUT_S, MeterFactory, download, silent
+from locod.daemon.download import DEFAULT_MAX_BYTES, HEADERS, TIMEOUT_S, MeterFactory, download, silent
 from locod.daemon.fetch import Progress
 from locod.daemon.local import resolve_path
 from locod.errors import FetchError
@@ -87,6 +87,7 @@ def pull_model(
     n_ctx: int | None = None,
     meter: MeterFactory = silent,
     progress: Progress = print,
+    max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> catalog.PulledModel:
     """Download, check, install and register SOURCE as model ``name`` (default: the file's name)."""
     models_dir = config.models_dir
@@ -104,7 +105,7 @@ def pull_model(
     models_dir.mkdir(parents=True, exist_ok=True)
     partial = models_dir / f".{target.name}.partial"
     progress(f"{name}: downloading {found.url}")
-    digest = download(found.url, partial, meter)
+    digest = download(found.url, partial, meter, max_bytes)
     try:
         info = _verify(partial, digest, expected, source)
     except FetchError:
@@ -126,6 +127,17 @@ def pull_model(
     catalog.register(models_dir, model)
     progress(f"{name}: installed at {target} ({info.quantisation}, context {model.n_ctx} of {context or '?'})")
     return model
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size the user typed: a number with an optional K, M, G or T (binary units), e.g. ``80G``."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if not match:
+        raise FetchError(f"--max-size expects a size such as 8G or 500M, got {text!r}")
+    size = int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
+    if size <= 0:
+        raise FetchError(f"--max-size must be more than 0, got {text!r}")
+    return size
 
 
 def _expected_sha256(found: Source, given: str | None) -> str | None:

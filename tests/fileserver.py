@@ -3,7 +3,8 @@
 ``/files/NAME`` serves a file (GET and HEAD, ``Range: bytes=N-`` answered 206). ``/OWNER/REPO/resolve/main/
 NAME`` answers like the Hugging Face hub: a 302 to ``/files/NAME`` whose ``X-Linked-Etag`` is the file's
 SHA-256 (or whatever ``published`` says). Each served file can be cut once after some bytes (the headers
-still promise the whole length), sent without a Content-Length, or claim a larger size than it has.
+still promise the whole length), sent without a Content-Length, claim a larger size than it has, or go on
+with zeros after its data until the client hangs up (``endless``, without a Content-Length).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class Served:
     no_length: bool = False  # no Content-Length: the body ends when the connection closes
     claimed_size: int | None = None  # the Content-Length to announce instead of the real one
     published: str | None = None  # the hub's X-Linked-Etag; None: the real SHA-256
+    endless: bool = False  # after ``data``, zeros until the client hangs up (or 1 GiB), no Content-Length
 
 
 @dataclass
@@ -101,7 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(206 if start else 200)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
-        if not served.no_length:
+        if not (served.no_length or served.endless):
             self.send_header("Content-Length", str(size - start))
         self.send_header("Accept-Ranges", "bytes")
         self.end_headers()
@@ -113,6 +115,8 @@ class _Handler(BaseHTTPRequestHandler):
                 data, served.cut_after = data[: served.cut_after], None
         try:
             self.wfile.write(data)
+            for _ in range(1024 if served.endless else 0):
+                self.wfile.write(b"\0" * (1 << 20))
         except (BrokenPipeError, ConnectionResetError):
             pass
         self.close_connection = True

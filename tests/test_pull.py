@@ -8,10 +8,12 @@ import os
 import pty
 import select
 import shutil
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -183,12 +185,67 @@ def test_disk_space_is_checked_before_downloading(tmp_path: Path, server: FileSe
     assert result.stdout.split() == ["entries:"]  # nothing written
 
 
-def test_a_disk_filling_up_keeps_the_part(tmp_path: Path, server: FileServer, tmpfs_env: dict) -> None:
-    server.files["big.gguf"] = Served(gguf_bytes(3 * MB), no_length=True)  # no size: no pre-check possible
+def test_a_disk_filling_up_removes_the_part(tmp_path: Path, server: FileServer, tmpfs_env: dict) -> None:
+    """Kept, the part would leave the disk full (and a daemon sharing it refusing every turn)."""
+    server.files["big.gguf"] = Served(gguf_bytes(64 * 1024), endless=True)  # no size: no pre-check possible
     result = _in_small_tmpfs(tmp_path / "models", tmpfs_env, "models", "pull", f"{server.url}/files/big.gguf")
     assert result.returncode == 1, result.stderr
-    assert "the disk filled up after" in result.stderr and "resume" in result.stderr
-    assert result.stdout.split() == ["entries:", ".big.gguf.partial"]
+    assert "the disk filled up after" in result.stderr and "the part was removed" in result.stderr
+    assert result.stdout.split() == ["entries:"]
+
+
+def test_a_download_without_a_size_stops_at_max_size(tmp_path: Path, server: FileServer) -> None:
+    server.files["x.gguf"] = Served(gguf_bytes(64 * 1024), endless=True)
+    env = {**_clean_env(), "LOCOD_MODELS_DIR": str(tmp_path / "models"), "XDG_CONFIG_HOME": str(tmp_path)}
+    result = _run(env, "models", "pull", f"{server.url}/files/x.gguf", "--max-size", "3M")
+    assert result.returncode == 1, result.stderr
+    assert "passed the 3.0 MiB a model may take (--max-size raises it)" in result.stderr
+    assert "the part was removed" in result.stderr and "Traceback" not in result.stderr
+    assert os.listdir(tmp_path / "models") == []
+    server.files["big.gguf"] = Served(gguf_bytes(4 * MB))  # announced: refused before a byte is written
+    result = _run(env, "models", "pull", f"{server.url}/files/big.gguf", "--max-size", "3M")
+    assert result.returncode == 1 and "the file is 4.0 MiB, over the 3.0 MiB" in result.stderr
+    assert os.listdir(tmp_path / "models") == []
+    result = _run(env, "models", "pull", f"{server.url}/files/big.gguf", "--max-size", "lots")
+    assert result.returncode == 1 and "--max-size expects a size such as 8G" in result.stderr
+
+
+def _damaged_headers() -> dict[str, bytes]:
+    """GGUF headers a hostile server could send: an array of 2^62 uint64 (seeking past any offset), arrays
+    nested 5,000 deep (recursion), an array of 2^40 strings (a loop through the whole file)."""
+    start = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"x" + struct.pack("<I", 9)
+    return {
+        "seek.gguf": start + struct.pack("<IQ", 10, 2**62) + b"\0" * 64,
+        "deep.gguf": start + struct.pack("<IQ", 9, 1) * 5000 + struct.pack("<IQ", 4, 0) + b"\0" * 64,
+        "strings.gguf": start + struct.pack("<IQ", 8, 2**40) + b"\0" * 4096,
+    }
+
+
+def test_damaged_gguf_headers_are_named_errors_listed_as_damaged(tmp_path: Path) -> None:
+    config: dict[str, Any] = {"local": {"models": []}}
+    for name, data in _damaged_headers().items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(NotGGUF, match="the GGUF header is damaged") as info:
+            describe(path)
+        assert str(path) in str(info.value)
+        config["local"]["models"].append({"name": name.removesuffix(".gguf"), "path": str(path)})
+    write_config(tmp_path / "config.toml", config)
+    env = {**_clean_env(), "LOCOD_MODELS_DIR": str(tmp_path / "models")}
+    listed = _run(env, "--config", str(tmp_path / "config.toml"), "models", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.count("damaged GGUF") == 3 and "Traceback" not in listed.stderr
+
+
+def test_a_pulled_file_with_a_damaged_header_is_refused_and_removed(tmp_path: Path, server: FileServer) -> None:
+    env = {**_clean_env(), "LOCOD_MODELS_DIR": str(tmp_path / "models"), "XDG_CONFIG_HOME": str(tmp_path)}
+    for name, data in _damaged_headers().items():
+        server.files[name] = Served(data)
+        result = _run(env, "models", "pull", f"{server.url}/files/{name}")
+        assert result.returncode == 1, result.stderr
+        assert "the download is not a GGUF model file; it was removed" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+        assert os.listdir(tmp_path / "models") == []
 
 
 # -- a pulled model answers ---------------------------------------------------------------------------
