@@ -152,8 +152,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     from locod.client import attachment
 
-    files = [attachment(p) for p in args.attach or []] + [attachment(p, private=True) for p in args.private or []]
     with _client(args) as client:
+        named = [(p, False) for p in args.attach or []] + [(p, True) for p in args.private or []]
+        limit = client.daemon_config()["attachments"]["max_bytes"] if named else 0  # checked before reading
+        files = [attachment(p, private=private, max_bytes=limit) for p, private in named]
         frames = client.chat(
             _prompt(args.prompt),
             session=args.session,

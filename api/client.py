@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import socket
+import stat
 import struct
 import time
 import uuid
@@ -21,7 +22,7 @@ from typing import Any
 
 import zmq
 
-from locod.errors import DaemonNotRunning, LocodError, UnsafeSocket
+from locod.errors import AttachmentError, DaemonNotRunning, LocodError, UnsafeSocket
 from locod.limits import ALWAYS_READ_BYTES, check_request_size
 from locod.protocol import (
     DEFAULT_OPTIONS,
@@ -45,18 +46,46 @@ from locod.protocol import (
 )
 
 IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP")
+MAX_ATTACHMENT_BYTES = 20 << 20  # the daemon's attachments.max_bytes, by default
 
 
-def attachment(path: str | Path, *, private: bool = False, kind: str | None = None) -> Attachment:
+def attachment(
+    path: str | Path, *, private: bool = False, kind: str | None = None, max_bytes: int = MAX_ATTACHMENT_BYTES
+) -> Attachment:
     """Read a file into a protocol attachment (the daemon never needs to open client paths). An image is
     known by its first bytes, whatever its name: a GIF the daemon cannot read is then refused as an image
-    it does not support, not as a document that is not text."""
+    it does not support, not as a document that is not text. The file is checked before it is read: a
+    regular file (a FIFO would hang, ``/dev/zero`` never end) of at most ``max_bytes`` (the daemon's
+    ``attachments.max_bytes``: it would refuse more), and no more than that is read."""
     path = Path(path)
-    data = path.read_bytes()
+    data = read_file(path, max_bytes)
     if kind is None:
         image = data.startswith(IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
         kind = "image" if image else "document"
     return Attachment(kind, path.name, data=data, private=private)
+
+
+def read_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path`` if it is a regular file of at most ``max_bytes``; opened without blocking, so a
+    FIFO is refused rather than waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise AttachmentError(
+                f"{path}: not a regular file (a FIFO, device or directory cannot be attached)", code="bad_path"
+            )
+        if info.st_size > max_bytes:
+            raise AttachmentError(
+                f"{path}: {info.st_size} bytes, over the {max_bytes}-byte attachment limit", code="attachment_too_large"
+            )
+        with os.fdopen(os.dup(fd), "rb") as file:
+            data = file.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:  # it grew since fstat
+        raise AttachmentError(f"{path}: over the {max_bytes}-byte attachment limit", code="attachment_too_large")
+    return data
 
 
 @dataclass
@@ -198,9 +227,7 @@ class Client:
         large enough that the daemon might drop it unanswered is first checked against the daemon's limits."""
         raw = encode_request(request)
         if isinstance(request, ChatRequest) and len(raw) > ALWAYS_READ_BYTES:
-            if self._daemon_config is None:
-                self._daemon_config = dict(self.config()["config"])
-            check_request_size(len(raw), request.attachments, self._daemon_config)
+            check_request_size(len(raw), request.attachments, self.daemon_config())
         self._sock.send(raw)
         return request.id
 
@@ -256,6 +283,13 @@ class Client:
 
     def reload(self) -> dict[str, Any]:
         return dict(self.call("reload"))
+
+    def daemon_config(self) -> dict[str, Any]:
+        """The running daemon's configuration, fetched once: what requests and files to attach are checked
+        against before they are sent or read."""
+        if self._daemon_config is None:
+            self._daemon_config = dict(self.config()["config"])
+        return self._daemon_config
 
     def config(self) -> dict[str, Any]:
         """The running daemon's effective configuration (``{pid, config}``); it holds no secrets."""
