@@ -1,9 +1,12 @@
 """Attachments of a turn: checked, made ready to upload, and scored for relevance to the prompt.
 
-Images are sniffed (format, dimensions, completeness) from their header before a pixel is decoded, then
-decoded with OpenCV, downscaled to a longest side and re-encoded as JPEG under a byte budget. Documents
-(UTF-8 text or Markdown) are split into chunks ranked by term overlap with the prompt. Every attachment
-gets a relevance score in [0, 1]: TMO's "association" signal, which the decision uses.
+Images are sniffed (format, dimensions, completeness) from their header before a pixel is decoded (a
+JPEG's markers walked as libjpeg walks them, so the size checked is the size decoded), then decoded with
+OpenCV within one memory budget shared by all turns (daemon/decode_budget.py), checked to be the size the
+header said, downscaled to a longest side and re-encoded as JPEG under a byte budget. Documents (UTF-8 text
+or Markdown) are split into chunks ranked by term overlap with the prompt, a bounded number of term
+searches per document. Every attachment gets a relevance score in [0, 1]: TMO's "association" signal,
+which the decision uses.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import functools
 import math
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,12 +24,19 @@ import cv2
 import numpy as np
 
 from locod.daemon.config import AttachmentsConfig
+from locod.daemon.decode_budget import DecodeBudget
 from locod.daemon.safe_open import read_allowed
-from locod.errors import AttachmentError
+from locod.errors import AttachmentError, Busy
 from locod.policy.rule import estimate_tokens
 from locod.protocol import Attachment
 
 WORD = re.compile(r"[a-z0-9]+")
+# Term searches (prompt term x chunk) a document's ranking may make: a long prompt against a long document
+# uses its longest terms only, so ranking stays within milliseconds to a second whatever the sizes.
+RANK_SEARCHES = 200_000
+DECODE_BYTES_PER_PIXEL = 6  # OpenCV's peak while decoding to BGR, measured for PNG, BMP and JPEG
+COEFFICIENT_BYTES = 2  # a progressive JPEG's decoder keeps every DCT coefficient, whatever the output scale
+DECODES = DecodeBudget()  # every turn's image decodes share it
 # Words that carry no topic: left out of relevance scoring.
 STOPWORDS = frozenset(
     [
@@ -179,11 +190,22 @@ def load_bytes(attachment: Attachment, allow_dirs: list[str], max_bytes: int) ->
 
 
 def prepare(
-    attachment: Attachment, data: bytes, prompt_terms: set[str], config: AttachmentsConfig
+    attachment: Attachment,
+    data: bytes,
+    prompt_terms: set[str],
+    config: AttachmentsConfig,
+    cancelled: threading.Event | None = None,
 ) -> PreparedAttachment:
+    """The attachment checked and made ready; ``cancelled`` (the client left, the daemon is stopping) stops
+    the work between steps."""
     if attachment.kind == "image":
-        return _prepare_image(attachment, data, prompt_terms, config)
-    return _prepare_document(attachment, data, prompt_terms, config)
+        return _prepare_image(attachment, data, prompt_terms, config, cancelled)
+    return _prepare_document(attachment, data, prompt_terms, config, cancelled)
+
+
+def check_cancelled(cancelled: threading.Event | None) -> None:
+    if cancelled is not None and cancelled.is_set():
+        raise Busy("the turn was cancelled while its attachments were prepared", code="cancelled")
 
 
 def image_size(data: bytes) -> tuple[str, int, int]:
@@ -196,7 +218,8 @@ def image_size(data: bytes) -> tuple[str, int, int]:
     if data.startswith(b"\xff\xd8"):
         if b"\xff\xd9" not in data[-64:]:
             raise AttachmentError("JPEG is truncated (no end-of-image marker)", code="bad_image")
-        return ("jpeg", *_jpeg_size(data))
+        width, height, _ = jpeg_frame(data)
+        return "jpeg", width, height
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
         chunk = data[12:16]
         if chunk == b"VP8X":
@@ -213,25 +236,55 @@ def image_size(data: bytes) -> tuple[str, int, int]:
     raise AttachmentError("not a supported image (PNG, JPEG, WebP or BMP)", code="bad_image")
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    i = 2
-    while i + 9 < len(data):
-        if data[i] != 0xFF:
+SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC9, 0xCA))  # the frames libjpeg decodes (the rest it refuses)
+PROGRESSIVE = frozenset((0xC2, 0xCA))
+STANDALONE = frozenset((0x01, *range(0xD0, 0xD8)))  # TEM, RST0-7: no length
+
+
+def jpeg_frame(data: bytes) -> tuple[int, int, int]:
+    """(width, height, bytes per pixel the decoder keeps beside its output: 0, or a progressive frame's
+    coefficients) of the frame libjpeg decodes. Markers are found as libjpeg's ``next_marker`` finds them:
+    bytes before a 0xFF are skipped, 0xFF fill bytes too, and ``FF 00`` is no marker; so a header crafted to
+    show a small frame to a looser reader cannot hide the large one the decoder uses."""
+    i, n = 2, len(data)
+    while True:
+        while i < n and data[i] != 0xFF:
             i += 1
+        while i < n and data[i] == 0xFF:
+            i += 1
+        if i >= n:
+            break
+        marker, i = data[i], i + 1
+        if marker == 0x00 or marker in STANDALONE:
             continue
-        marker = data[i + 1]
-        if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
-            height, width = struct.unpack(">HH", data[i + 5 : i + 9])
-            return width, height
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7 or marker == 0xFF:
-            i += 1 if marker == 0xFF else 2
-            continue
-        i += 2 + struct.unpack(">H", data[i + 2 : i + 4])[0]
+        if marker in (0xD8, 0xD9, 0xDA):  # a second SOI, or EOI or SOS before any frame: libjpeg refuses it
+            break
+        if i + 2 > n or (length := struct.unpack(">H", data[i : i + 2])[0]) < 2:
+            break
+        if marker in SOF_MARKERS:
+            if length < 8 or i + 8 > n:
+                break
+            height, width = struct.unpack(">HH", data[i + 3 : i + 7])
+            kept = COEFFICIENT_BYTES * data[i + 7] if marker in PROGRESSIVE else 0
+            return width, height, kept
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xCC):
+            raise AttachmentError("JPEG frame type is not supported (lossless, hierarchical)", code="bad_image")
+        i += length
     raise AttachmentError("JPEG has no frame header", code="bad_image")
 
 
+def decode_bytes(fmt: str, data: bytes, width: int, height: int, factor: int) -> int:
+    """About the memory decoding takes at 1/``factor`` scale (JPEG only), at its peak."""
+    out = math.ceil(width / factor) * math.ceil(height / factor) * DECODE_BYTES_PER_PIXEL
+    return out + (width * height * jpeg_frame(data)[2] if fmt == "jpeg" else 0)
+
+
 def _prepare_image(
-    attachment: Attachment, data: bytes, prompt_terms: set[str], config: AttachmentsConfig
+    attachment: Attachment,
+    data: bytes,
+    prompt_terms: set[str],
+    config: AttachmentsConfig,
+    cancelled: threading.Event | None,
 ) -> PreparedAttachment:
     where = f"image {attachment.name!r}"
     try:
@@ -245,20 +298,35 @@ def _prepare_image(
         )
     longest = max(width, height)
     # JPEG can decode at 1/2, 1/4, 1/8 scale directly: far cheaper than decoding 12 MP then shrinking.
-    flag = cv2.IMREAD_COLOR
+    flag, factor = cv2.IMREAD_COLOR, 1
     if fmt == "jpeg":
-        for factor, reduced in (
+        for scale, reduced in (
             (8, cv2.IMREAD_REDUCED_COLOR_8),
             (4, cv2.IMREAD_REDUCED_COLOR_4),
             (2, cv2.IMREAD_REDUCED_COLOR_2),
         ):
-            if longest // factor >= config.image_max_side:
-                flag = reduced
+            if longest // scale >= config.image_max_side:
+                flag, factor = reduced, scale
                 break
-    pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+    needed, budget = decode_bytes(fmt, data, width, height, factor), config.decode_mb << 20
+    if needed > budget:
+        raise AttachmentError(
+            f"{where}: decoding its {width}x{height} pixels takes about {needed >> 20} MB, more than "
+            f"attachments.decode_mb ({config.decode_mb} MB)",
+            code="bad_image",
+        )
+    with DECODES.hold(needed, budget, cancelled):
+        check_cancelled(cancelled)
+        pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
     if pixels is None:
         raise AttachmentError(f"{where}: OpenCV could not decode it ({fmt})", code="bad_image")
     h, w = pixels.shape[:2]
+    expected = (math.ceil(width / factor), math.ceil(height / factor))
+    if (w, h) not in (expected, expected[::-1]):  # the decoder read another frame (EXIF may turn it a quarter)
+        raise AttachmentError(
+            f"{where}: decodes to {w * factor}x{h * factor} pixels, not the {width}x{height} its header says",
+            code="bad_image",
+        )
     scale = config.image_max_side / max(h, w)
     if scale < 1:
         pixels = cv2.resize(pixels, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
@@ -286,7 +354,11 @@ def _encode_under(pixels: np.ndarray, budget: int, where: str) -> bytes:
 
 
 def _prepare_document(
-    attachment: Attachment, data: bytes, prompt_terms: set[str], config: AttachmentsConfig
+    attachment: Attachment,
+    data: bytes,
+    prompt_terms: set[str],
+    config: AttachmentsConfig,
+    cancelled: threading.Event | None,
 ) -> PreparedAttachment:
     try:
         text = data.decode("utf-8")
@@ -297,7 +369,8 @@ def _prepare_document(
     if "\x00" in text:
         raise AttachmentError(f"document {attachment.name!r} holds binary data", code="bad_document")
     pieces = chunk_text(text, config.doc_chunk_chars)
-    chunks = rank_chunks(pieces, prompt_terms)
+    check_cancelled(cancelled)
+    chunks = rank_chunks(pieces, prompt_terms, cancelled=cancelled)
     relevance = chunks[0].score if chunks else 0.0
     return PreparedAttachment(
         "document", attachment.name, attachment.private, relevance, len(data), chunks=tuple(chunks)
@@ -309,14 +382,15 @@ def data_url(jpeg: bytes) -> str:
 
 
 def chunk_text(text: str, size: int) -> list[str]:
-    """Paragraph-aligned chunks of about ``size`` characters (a long paragraph is cut at ``size``)."""
+    """Paragraph-aligned chunks of about ``size`` characters (a long paragraph is cut at ``size``, by index:
+    re-slicing the rest each time would copy a one-paragraph document quadratically)."""
     chunks: list[str] = []
     current = ""
     for paragraph in re.split(r"\n\s*\n", text):
         paragraph = paragraph.strip()
-        while len(paragraph) > size:
-            chunks.append(paragraph[:size])
-            paragraph = paragraph[size:]
+        cut = max(0, (len(paragraph) - 1) // size) * size  # leaves the last 1 to ``size`` characters
+        chunks.extend(paragraph[i : i + size] for i in range(0, cut, size))
+        paragraph = paragraph[cut:]
         if current and len(current) + len(paragraph) + 2 > size:
             chunks.append(current)
             current = ""
@@ -326,18 +400,40 @@ def chunk_text(text: str, size: int) -> list[str]:
     return chunks
 
 
-def rank_chunks(pieces: list[str], prompt_terms: set[str]) -> list[DocChunk]:
+def ranking_terms(prompt_terms: set[str], chunks: int, searches: int = RANK_SEARCHES) -> list[str]:
+    """The prompt terms a document of ``chunks`` chunks is ranked by: all of them while terms x chunks stays
+    within ``searches``, else the longest (the most specific), at least one."""
+    keep = max(1, searches // max(1, chunks))
+    return sorted(prompt_terms, key=lambda t: (-len(t), t))[:keep]
+
+
+def rank_chunks(
+    pieces: list[str],
+    prompt_terms: set[str],
+    searches: int = RANK_SEARCHES,
+    cancelled: threading.Event | None = None,
+) -> list[DocChunk]:
     """Chunks best first; a chunk's score is the IDF-weighted share of prompt terms it contains.
 
     Terms are matched as substrings of the lower-cased chunk ("clause" finds "clauses"): a few C-level
     searches per chunk instead of tokenising the whole document, which keeps a 50-page document in the
-    low milliseconds.
+    low milliseconds. At most ``searches`` term searches in all (``ranking_terms``), decided before any is
+    made, and ``cancelled`` is checked between chunks.
     """
     if not pieces:
         return []
-    chunk_terms = [{t for t in prompt_terms if t in piece.lower()} for piece in pieces]
+    used = ranking_terms(prompt_terms, len(pieces), searches)
+    chunk_terms = []
+    for piece in pieces:
+        check_cancelled(cancelled)
+        lowered = piece.lower()
+        chunk_terms.append({t for t in used if t in lowered})
     n = len(pieces)
-    weight = {t: math.log(1 + n / (1 + sum(t in ct for ct in chunk_terms))) + 0.1 for t in prompt_terms}
+    counts = {t: 0 for t in used}
+    for ct in chunk_terms:
+        for t in ct:
+            counts[t] += 1
+    weight = {t: math.log(1 + n / (1 + counts[t])) + 0.1 for t in used}
     total = sum(weight.values()) or 1.0
     scored = [DocChunk(i, p, sum(weight[t] for t in ct) / total) for i, (p, ct) in enumerate(zip(pieces, chunk_terms))]
     return sorted(scored, key=lambda c: (-c.score, c.index))

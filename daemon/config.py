@@ -162,6 +162,8 @@ class AttachmentsConfig:
     image_max_side: int = field(default=1024, metadata=_range(32, 16384))
     image_max_pixels: int = field(default=100_000_000, metadata=_range(1))
     image_jpeg_bytes: int = field(default=300_000, metadata=_range(1000))
+    # Memory every turn's image decodes share (a small file can decode to hundreds of MB); larger ones are refused.
+    decode_mb: int = field(default=1024, metadata=_range(16))
     doc_chunk_chars: int = field(default=1200, metadata=_range(100))
     doc_token_budget: int = field(default=1500, metadata=_range(0))
 

@@ -297,7 +297,7 @@ class Decider:
         """
         out: dict[str, Candidate] = {}
         mask: dict[str, bool] = {}
-        fits = self._fits_context(turn)
+        fits = self._fits_context(turn.request.prompt)
         cloud_open = any(access.blocked_for(name) is None and fits[name] for name in self._cloud_names())
         for local in self.config.local.models:
             mask[local.name] = fits[local.name] and not (access.battery_critical and cloud_open)
@@ -324,26 +324,31 @@ class Decider:
         if not out:  # everything masked: a local model that holds the prompt still answers
             holding = [m.name for m in self.config.local.models if fits[m.name]]
             if not holding:
-                raise PromptTooLong(self._too_long(turn))
+                raise PromptTooLong(self._too_long(turn.request.prompt))
             default = self.config.local.default if fits[self.config.local.default] else holding[0]
             out[default] = Candidate(default, default, "local", 0, ())
         return out, mask
 
-    def _fits_context(self, turn: Turn) -> dict[str, bool]:
+    def refuse_unfit(self, prompt: str) -> None:
+        """Refuse a prompt that no model could hold, before any work on the turn's attachments."""
+        if not any(self._fits_context(prompt).values()):
+            raise PromptTooLong(self._too_long(prompt))
+
+    def _fits_context(self, prompt: str) -> dict[str, bool]:
         """Whether each model's context can hold the turn's question (history can be trimmed, the question
         cannot) with room for an answer. Local contexts are known; a cloud model's is
         ``context_tokens`` (0: unknown, assumed to fit). Estimated from characters: the local model's own
         tokenizer has the last word when the prompt is fitted."""
-        needed = estimate_tokens(len(turn.request.prompt)) + MIN_ANSWER_TOKENS + TEMPLATE_SLACK_TOKENS
+        needed = estimate_tokens(len(prompt)) + MIN_ANSWER_TOKENS + TEMPLATE_SLACK_TOKENS
         fits = {m.name: needed <= m.n_ctx for m in self.config.local.models}
         fits.update({m.name: not m.context_tokens or needed <= m.context_tokens for m in self.config.cloud.models})
         return fits
 
-    def _too_long(self, turn: Turn) -> str:
+    def _too_long(self, prompt: str) -> str:
         contexts = [m.n_ctx for m in self.config.local.models] + [
             m.context_tokens for m in self.config.cloud.models if m.context_tokens
         ]
-        needed = estimate_tokens(len(turn.request.prompt))
+        needed = estimate_tokens(len(prompt))
         return (
             f"the prompt needs about {needed} tokens; no model that may answer it holds that (the largest "
             f"configured context is {max(contexts)} tokens)"

@@ -212,7 +212,7 @@ class TurnRunner:
 
     def run(self, request: ChatRequest, client: bytes, reply: Reply) -> None:
         try:
-            turn = self._assemble(request, client)
+            turn = self._assemble(request, client, reply.cancelled)
             started = time.perf_counter()
             decision = self.decider.decide(turn)
             self._answer(turn, decision, (time.perf_counter() - started) * 1000, reply)
@@ -222,17 +222,22 @@ class TurnRunner:
             log.exception("turn %s failed", request.id)
             reply.send(ErrorFrame("error", "internal", f"internal error: {type(exc).__name__}"))
 
-    def _assemble(self, request: ChatRequest, client: bytes) -> Turn:
+    def _assemble(self, request: ChatRequest, client: bytes, cancelled: threading.Event) -> Turn:
+        """The turn with its attachments prepared; a prompt no model could hold is refused first, and a
+        cancelled turn stops between attachments (and between a document's chunks)."""
         cfg = self.config.attachments
         if len(request.attachments) > cfg.max_count:
             raise att.AttachmentError(
                 f"{len(request.attachments)} attachments, at most {cfg.max_count} allowed", code="too_many_attachments"
             )
+        if request.attachments:
+            self.decider.refuse_unfit(request.prompt)
         prompt_terms = att.terms(request.prompt)
-        prepared = [
-            att.prepare(a, att.load_bytes(a, self.config.paths.allow_dirs, cfg.max_bytes), prompt_terms, cfg)
-            for a in request.attachments
-        ]
+        prepared = []
+        for a in request.attachments:
+            att.check_cancelled(cancelled)
+            data = att.load_bytes(a, self.config.paths.allow_dirs, cfg.max_bytes)
+            prepared.append(att.prepare(a, data, prompt_terms, cfg, cancelled))
         session = self.sessions.open(request.session, client)
         return Turn(request, session, client, task_of(request.prompt), prepared)
 
