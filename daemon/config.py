@@ -82,6 +82,8 @@ class DaemonConfig:
     # rules, relevance, features and tokenising cost about a second per megabyte, holding the GIL).
     max_prompt_chars: int = field(default=1_000_000, metadata=_range(1))
     session_idle_s: float = field(default=1800.0, metadata=_range(1))
+    # Characters of history a session keeps (oldest dropped first): bounds its memory and a cloud turn's upload.
+    max_history_chars: int = field(default=100_000, metadata=_range(1))
     max_sessions: int = field(default=1000, metadata=_range(1))
     queue_limit: int = field(default=256, metadata=_range(1))
     # One client's turns in flight: no client can hold every worker (of queue_limit) by itself.

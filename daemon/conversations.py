@@ -5,7 +5,9 @@ After each answered turn the conversation so far (the request's messages and the
 under its hash, pointing at the session; the next request whose messages before the last one hash the
 same continues that session, and only the messages the session does not hold yet are sent. A request
 naming its session (``x-locod-session``) continues it the same way. Whenever the session's history is not
-a prefix of what the client sent (expired, restarted, edited), the request carries its own history.
+a prefix of what the client sent (expired, restarted, edited), the request carries its own history. A
+session trimmed to ``daemon.max_history_chars`` still continues: its history is compared with the part of
+the conversation it holds.
 """
 
 from __future__ import annotations
@@ -46,9 +48,10 @@ class Conversations:
                 session = self._known.get(key(messages[:-1]))
             if session is None:
                 return fresh_session(), messages
-        held = self.sessions.history(session)
-        if held and len(held) < len(messages) and messages[: len(held)] == held:
-            return session, messages[len(held) :]
+        start, held = self.sessions.held(session)  # a trimmed history holds the conversation from ``start``
+        end = start + len(held)
+        if held and end < len(messages) and messages[start:end] == held:
+            return session, messages[end:]
         return named or fresh_session(), messages
 
     def answered(self, messages: Messages, answer: str, session: str) -> None:

@@ -109,7 +109,8 @@ class Daemon:
         )
         self.local = LocalBackend(self.zoo)
         self.cloud = CloudBackend(config.cloud)
-        self.sessions = SessionStore(config.daemon.session_idle_s, config.daemon.max_sessions)
+        daemon_cfg = config.daemon
+        self.sessions = SessionStore(daemon_cfg.session_idle_s, daemon_cfg.max_sessions, daemon_cfg.max_history_chars)
         self.telemetry = TelemetrySampler(config, self.cloud, self.local)
         self.learner = Learner(self.records, self.cloud)
         self.decider = Decider(config, self.learner, self.records, self.telemetry, self.local, self.cloud)

@@ -6,6 +6,11 @@ keep, so one-off turns take no slot. The store holds at most ``max_sessions``; w
 (connection) holding the most sessions gives up its least recently used one, so a client that opens
 sessions by the thousand evicts its own, not another's. The per-turn trail (where each turn ran, which
 attachment slots went to the cloud) is what the routing policy sees as dialogue history.
+
+A session's history is bounded (``daemon.max_history_chars``): past it the oldest messages are dropped, so
+neither memory nor what a cloud turn uploads grows with the dialogue. An answer made from private material
+(a private attachment, or history holding such an answer) is marked: the local model sees it, a cloud model
+gets ``WITHHELD`` in its place (``Session.shareable``).
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections import Counter
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+WITHHELD = "[answer left out: it was made from a private attachment, which stays on the device]"
+
 
 @dataclass(frozen=True)
 class TurnTrail:
@@ -25,23 +32,44 @@ class TurnTrail:
     task: str
 
 
+Message = dict[str, str]
+
+
 @dataclass
 class Session:
     id: str
-    messages: list[dict[str, str]] = field(default_factory=list)
     trail: list[TurnTrail] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
     client: Hashable = None  # the client that used it last: eviction is fair across clients
+    dropped: int = 0  # messages trimmed off the front: where the history starts in the whole dialogue
+    # The history, and per message whether it was made from private material: one tuple, replaced whole by
+    # ``SessionStore.record``, so a turn reading it on another thread never pairs a message with another's mark.
+    log: tuple[tuple[Message, ...], tuple[bool, ...]] = ((), ())
+
+    @property
+    def messages(self) -> list[Message]:
+        return list(self.log[0])
 
     @property
     def turns(self) -> int:
         return len(self.trail)
 
+    @property
+    def withheld(self) -> int:
+        """How many messages of the history a cloud model is not sent (made from private material)."""
+        return sum(self.log[1])
+
+    def shareable(self) -> list[Message]:
+        """The history as a cloud model may see it: each answer made from private material replaced."""
+        messages, private = self.log
+        return [{"role": m["role"], "content": WITHHELD} if p else m for m, p in zip(messages, private)]
+
 
 class SessionStore:
-    def __init__(self, idle_s: float, max_sessions: int) -> None:
+    def __init__(self, idle_s: float, max_sessions: int, max_chars: int = 100_000) -> None:
         self.idle_s = idle_s
         self.max_sessions = max_sessions
+        self.max_chars = max_chars
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
 
@@ -67,19 +95,29 @@ class SessionStore:
         oldest = min((s for s in self._sessions.values() if held[s.client] == most), key=lambda s: s.last_used)
         del self._sessions[oldest.id]
 
-    def history(self, session_id: str) -> list[dict[str, str]]:
+    def history(self, session_id: str) -> list[Message]:
         """A copy of a live session's messages ([] if there is none); opens nothing."""
+        return self.held(session_id)[1]
+
+    def held(self, session_id: str) -> tuple[int, list[Message]]:
+        """(messages trimmed off the front, a copy of the rest) of a live session; (0, []) if there is none."""
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None or time.monotonic() - session.last_used > self.idle_s:
-                return []
-            return list(session.messages)
+                return 0, []
+            return session.dropped, session.messages
 
-    def record(self, session: Session, user: list[dict[str, str]], answer: str, trail: TurnTrail) -> None:
-        """Append a finished turn: the new user messages and the answer become history."""
+    def record(
+        self, session: Session, user: list[Message], answer: str, trail: TurnTrail, private: bool = False
+    ) -> None:
+        """Append a finished turn: the new user messages and the answer become history (``private``: the
+        answer was made from private material), then trim the history to ``max_chars``."""
         with self._lock:
-            session.messages.extend(user)
-            session.messages.append({"role": "assistant", "content": answer})
+            messages = [*session.log[0], *user, {"role": "assistant", "content": answer}]
+            marks = [*session.log[1], *[False] * len(user), private]
+            drop = overflow(messages, self.max_chars)
+            session.log = (tuple(messages[drop:]), tuple(marks[drop:]))
+            session.dropped += drop
             session.trail.append(trail)
             session.last_used = time.monotonic()
 
@@ -91,3 +129,16 @@ class SessionStore:
         with self._lock:
             self._expire(time.monotonic())
             return len(self._sessions)
+
+
+def overflow(messages: list[Message], max_chars: int) -> int:
+    """How many messages to drop from the front so the rest holds at most ``max_chars`` characters and
+    starts at a user message: the oldest go first, as when a prompt is fitted to a context."""
+    total = sum(len(m["content"]) for m in messages)
+    drop = 0
+    while drop < len(messages) and (total > max_chars or messages[drop]["role"] != "user"):
+        if total <= max_chars and drop == 0 and messages[0]["role"] == "system":
+            break  # within the bound, a leading system prompt stays
+        total -= len(messages[drop]["content"])
+        drop += 1
+    return drop
