@@ -36,6 +36,7 @@ JUDGE_INSTRUCTIONS = (
 )
 MAX_EARLY = 1000  # labels held for turns not settled yet
 VERDICT = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
+PRIVATE_UNJUDGED = "its answer was made from private material (a private attachment, or history made from one)"
 
 
 class Learner:
@@ -74,10 +75,11 @@ class Learner:
         for name, prior in priors.items():
             self.mess.warm_start(name, prior)
 
-    def settle(self, decision_id: int, decision: Decision, question: str, answer: str) -> None:
+    def settle(self, decision_id: int, decision: Decision, question: str, answer: str, private: bool = False) -> None:
         """Settle the queue with the prediction for what answered (labels come later), and have an explored
-        turn graded by the judge when one is configured. A turn the rule did not route is not part of the
-        SLA's accounting."""
+        turn graded by the judge when one is configured; never an answer made from private material
+        (``private``), which the judge, a cloud model, must not see. A turn the rule did not route is not
+        part of the SLA's accounting."""
         routing = decision.routing
         if routing is None or routing.s_hat_taken is None:
             return
@@ -88,6 +90,9 @@ class Learner:
                 self._apply_label(decision_id, *early)
             self._save()
         if decision.explored and self.config.routing.judge and self.config.cloud.models:
+            if private:
+                log.info("decision %d is not sent to the judge: %s", decision_id, PRIVATE_UNJUDGED)
+                return
             self._judge.submit(self._grade, decision_id, question, answer)
 
     def feedback(self, decision_id: int, satisfied: bool, source: str) -> dict[str, Any]:

@@ -3,6 +3,8 @@ relevant excerpts; a cloud model also gets the images the decision uploads.
 
 Documents stay on the device for the local model, so it sees their best chunks (within a third of its
 context); a cloud model sees excerpts of only the documents sent, within ``attachments.doc_token_budget``.
+Private material never reaches a cloud model: not its attachments, nor the session's earlier answers made
+from them (``Session.shareable`` puts a placeholder in their place, and ``withheld_history`` says so).
 """
 
 from __future__ import annotations
@@ -16,9 +18,20 @@ if TYPE_CHECKING:
     from locod.daemon.turn import Turn
 
 
-def history(turn: Turn) -> list[dict[str, str]]:
-    """The session's earlier messages, then this request's own (all but its last user message)."""
-    return [*turn.session.messages, *turn.request.messages[:-1]]
+def history(turn: Turn, cloud: bool = False) -> list[dict[str, str]]:
+    """The session's earlier messages (for a cloud model, without those made from private material), then
+    this request's own (all but its last user message)."""
+    held = turn.session.shareable() if cloud else turn.session.messages
+    return [*held, *turn.request.messages[:-1]]
+
+
+def withheld_history(turn: Turn) -> str | None:
+    """What a cloud model answering this turn is not sent of the session's history, in words (None: nothing)."""
+    count = turn.session.withheld
+    if not count:
+        return None
+    answers = "answer" if count == 1 else "answers"
+    return f"{count} earlier {answers} of this session made from private attachments left out of what the cloud is sent"
 
 
 def documents_text(turn: Turn, indices: list[int], token_budget: int) -> str:
@@ -45,12 +58,12 @@ def cloud_messages(turn: Turn, send: tuple[int, ...], doc_token_budget: int) -> 
     images = [turn.attachments[i] for i in send if turn.attachments[i].kind == "image"]
     parts: list[dict[str, object]] = [{"type": "text", "text": text}]
     parts += [{"type": "image_url", "image_url": {"url": att.data_url(image.jpeg)}} for image in images]
-    messages = _asking(turn, parts if images else text)
+    messages = _asking(turn, parts if images else text, cloud=True)
     upload_bytes = len(text.encode()) + sum(image.upload_bytes for image in images)
     return messages, Upload(images=len(images), bytes=upload_bytes)
 
 
-def _asking(turn: Turn, content: object) -> list[dict[str, object]]:
+def _asking(turn: Turn, content: object, cloud: bool = False) -> list[dict[str, object]]:
     """The history, then the question as this model gets it."""
-    messages: list[dict[str, object]] = [dict(m) for m in history(turn)]
+    messages: list[dict[str, object]] = [dict(m) for m in history(turn, cloud)]
     return [*messages, {"role": "user", "content": content}]

@@ -4,7 +4,8 @@ When a turn is answered in the cloud and the device can afford it (``routing.sha
 mains power or without a battery, ``always``, or ``off``), the local model answers the same prompt in the
 background at the lowest priority: it takes the local model only when no client holds or waits for it, and
 stops at its next token when one queues (the job is then dropped, never retried ahead of users). The cloud's
-answer grades it (the judge when ``routing.judge`` is on, else word overlap with the cloud's answer); the
+answer grades it (the judge when ``routing.judge`` is on, else word overlap with the cloud's answer; always
+overlap for an answer made from private material, which must not reach the judge, a cloud model); the
 grade trains the local model's predictor (and its confidence head, from the answer's log-probs) and is
 recorded in the turn's row (column ``shadow``).
 """
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import Config
 from locod.daemon.escalation import answer_features
-from locod.daemon.learner import Learner
+from locod.daemon.learner import PRIVATE_UNJUDGED, Learner
 from locod.daemon.local import LocalBackend
 from locod.daemon.records import DecisionLog, JudgedAnswer, ShadowResult
 from locod.daemon.telemetry import TelemetrySampler
@@ -45,6 +46,7 @@ class ShadowJob:
     reference: str  # the cloud's answer
     features: RecordedFeatures  # of the local action: what the label trains
     s_prompt: float | None = None  # the local model's s_hat on the turn: with it, the confidence head trains too
+    private: bool = False  # the local answer is made from private material: never sent to the judge
 
 
 def agreement(answer: str, reference: str) -> float:
@@ -138,7 +140,10 @@ class ShadowLane:
         return JudgedAnswer(job.model, features, job.s_prompt, s_answered, kept=False, task=task)
 
     def _grade(self, job: ShadowJob, answer: str) -> tuple[bool, str]:
-        if self.config.routing.judge:
+        """Graded by the judge when it is on (never an answer made from private material), else by overlap."""
+        if self.config.routing.judge and job.private:
+            log.debug("shadow answer for decision %d graded by overlap: %s", job.decision_id, PRIVATE_UNJUDGED)
+        elif self.config.routing.judge:
             verdict = self.learner.judge(job.question, answer, job.decision_id)
             if verdict is not None:
                 return verdict, "judge"

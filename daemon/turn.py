@@ -85,6 +85,12 @@ class Turn:
         messages = [self.request.prompt, *(m["content"] for m in self.session.messages)]
         return sum(estimate_tokens(len(text)) for text in messages)
 
+    @property
+    def private_material(self) -> bool:
+        """Whether a local answer to this turn is made from private material: a private attachment, or
+        history holding an answer made from one. Such an answer never reaches a cloud model (nor the judge)."""
+        return any(a.private for a in self.attachments) or self.session.withheld > 0
+
     def upload_bytes(self, send: tuple[int, ...]) -> int:
         """About what a cloud action uploading ``send`` sends: the text, and each attachment's share."""
         return self.prompt_tokens * CHARS_PER_TOKEN + sum(self.attachments[i].upload_bytes for i in send)
@@ -215,6 +221,9 @@ class TurnRunner:
             turn = self._assemble(request, client, reply.cancelled)
             started = time.perf_counter()
             decision = self.decider.decide(turn)
+            withheld = prompts.withheld_history(turn)
+            if withheld and decision.location == "cloud":
+                decision = decision.noted(withheld, notice=withheld)
             self._answer(turn, decision, (time.perf_counter() - started) * 1000, reply)
         except LocodError as exc:
             reply.send(ErrorFrame.of(exc))
@@ -297,10 +306,11 @@ class TurnRunner:
             decision = ending.decision.answered(judged.s_answered, judged.explored)
             return dataclasses.replace(ending, decision=decision, judged=judged)
         local = ending.generation
-        decision = ending.decision.escalated(judge.why(), judged.explored)
+        why = "; ".join(filter(None, (judge.why(), prompts.withheld_history(turn))))
+        decision = ending.decision.escalated(why, judged.explored)
         # the decision frame said what a local answer uploads (nothing): say what the cloud's will
         sent = ", ".join(turn.attachments[i].name for i in decision.send)
-        told = f"{judge.why()}; {decision.model} receives {sent}" if sent else judge.why()
+        told = f"{why}; {decision.model} receives {sent}" if sent else why
         reply.send(EscalatedFrame(decision_id, decision.model, judged.s_answered, told))
         held = None if local.cut else (judged, local)  # a whole answer: shown if the cloud fails
         try:
@@ -480,9 +490,10 @@ class TurnRunner:
         shadow = self._shadow_job(decision_id, turn, ending) if routed_to_cloud else None
         slots = tuple(i in decision.send for i in range(len(turn.attachments)))
         trail = TurnTrail(decision.location, slots, turn.task)
-        self.sessions.record(turn.session, turn.request.messages, g.text, trail)  # all the model saw
+        private = decision.location == "local" and turn.private_material  # the cloud never saw private material
+        self.sessions.record(turn.session, turn.request.messages, g.text, trail, private)  # all the model saw
         reply.send(self._done(decision_id, turn, ending))
-        self.learner.settle(decision_id, decision, turn.request.prompt, g.text)  # learning after the reply
+        self.learner.settle(decision_id, decision, turn.request.prompt, g.text, private)  # learning after the reply
         if shadow is not None:
             self.shadow.offer(shadow)
 
@@ -501,6 +512,7 @@ class TurnRunner:
             reference=ending.generation.text,
             features=self.decider.local_features(turn),
             s_prompt=routing.s_hat.get(model) if (routing := ending.decision.routing) else None,
+            private=turn.private_material,
         )
 
     @staticmethod
