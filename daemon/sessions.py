@@ -44,11 +44,11 @@ class Session:
     dropped: int = 0  # messages trimmed off the front: where the history starts in the whole dialogue
     # The history, and per message whether it was made from private material: one tuple, replaced whole by
     # ``SessionStore.record``, so a turn reading it on another thread never pairs a message with another's mark.
-    log: tuple[tuple[Message, ...], tuple[bool, ...]] = ((), ())
+    dialogue: tuple[tuple[Message, ...], tuple[bool, ...]] = ((), ())
 
     @property
     def messages(self) -> list[Message]:
-        return list(self.log[0])
+        return list(self.dialogue[0])
 
     @property
     def turns(self) -> int:
@@ -57,11 +57,11 @@ class Session:
     @property
     def withheld(self) -> int:
         """How many messages of the history a cloud model is not sent (made from private material)."""
-        return sum(self.log[1])
+        return sum(self.dialogue[1])
 
     def shareable(self) -> list[Message]:
         """The history as a cloud model may see it: each answer made from private material replaced."""
-        messages, private = self.log
+        messages, private = self.dialogue
         return [{"role": m["role"], "content": WITHHELD} if p else m for m, p in zip(messages, private)]
 
 
@@ -113,10 +113,10 @@ class SessionStore:
         """Append a finished turn: the new user messages and the answer become history (``private``: the
         answer was made from private material), then trim the history to ``max_chars``."""
         with self._lock:
-            messages = [*session.log[0], *user, {"role": "assistant", "content": answer}]
-            marks = [*session.log[1], *[False] * len(user), private]
+            messages = [*session.dialogue[0], *user, {"role": "assistant", "content": answer}]
+            marks = [*session.dialogue[1], *[False] * len(user), private]
             drop = overflow(messages, self.max_chars)
-            session.log = (tuple(messages[drop:]), tuple(marks[drop:]))
+            session.dialogue = (tuple(messages[drop:]), tuple(marks[drop:]))
             session.dropped += drop
             session.trail.append(trail)
             session.last_used = time.monotonic()
