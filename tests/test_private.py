@@ -63,28 +63,31 @@ def test_the_judge_never_grades_answers_made_from_private_attachments(daemon_fac
     client = handle.client()
     notes = Attachment("document", "notes.md", data=b"The launch code word is PELICAN-7731.", private=True)
     turns = {}
-    for i in range(10):
+    for i in range(10):  # until an explored turn is answered locally
         result = client.ask(
             f"What is the launch code word in the notes? ({i})", attachments=[notes], max_tokens=12, temperature=0.0
         )
         turns[result.done.decision] = result
-        where = {r.done.location for r in turns.values()}  # a cloud turn that fell back was answered locally
-        if i >= 3 and where == {"local", "cloud"}:
+        if result.done.location == "local":  # a cloud turn that fell back was answered locally too
             break
-    local = [i for i, r in turns.items() if r.done.location == "local"]
-    cloud = [i for i, r in turns.items() if r.done.location == "cloud"]
-    assert local and cloud, "exploration took one location only"
+    local = [i for i, r in turns.items() if r.done.location == "local"]  # explored: the judge would grade them
+    for i in range(3):  # then one cloud answer with nothing queued behind it: its shadow answer is not preempted
+        last = client.ask(f"And the code word? ({i})", attachments=[notes], force="cloud", max_tokens=12)
+        turns[last.done.decision] = last
+        if last.done.location == "cloud":
+            break
+    assert local and last.done.location == "cloud", "no local answer, or no cloud answer"
 
     def settled() -> bool:
-        rows = {r["id"]: r for r in handle.rows()}
         log = handle.log()
-        return all(
-            f"decision {i} is not sent to the judge: its answer was made from private" in log for i in local
-        ) and all(rows[i]["shadow"] for i in cloud)
+        shadowed = handle.rows("SELECT shadow FROM decisions WHERE id = ?", (last.done.decision,))[0]["shadow"]
+        reasons = all(f"decision {i} is not sent to the judge: its answer was made from private" in log for i in local)
+        return reasons and shadowed is not None
 
-    wait_for(settled, 180, "every local turn's reason and every cloud turn's shadow answer")
+    wait_for(settled, 180, "every local turn's reason and the last cloud turn's shadow answer")
     rows = {r["id"]: r for r in handle.rows()}
-    assert all(json.loads(rows[i]["shadow"])["grader"] == "overlap" for i in cloud)  # not the judge
+    shadows = [json.loads(r["shadow"]) for r in rows.values() if r["shadow"]]  # some a queued user preempted
+    assert shadows and all(s["grader"] == "overlap" for s in shadows)  # never the judge
     assert all(rows[i]["label_source"] != "judge" for i in local)
     bodies = [json.dumps(seen.body) for seen in proxy.chat_requests()]
     assert not any("PELICAN" in body for body in bodies)
