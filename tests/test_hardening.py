@@ -81,7 +81,7 @@ def test_one_client_cannot_hold_every_worker(daemon_factory: Any, allowed: Path)
             break
         frame = json.loads(sock.recv())
         if frame["type"] == "error":
-            assert frame["code"] == "busy" and "this client has 2 turns in flight" in frame["message"]
+            assert frame["code"] == "busy" and "has 2 turns in flight, at daemon.max_turns" in frame["message"]
             refused += 1
         if refused == 4:
             break

@@ -139,7 +139,7 @@ def test_policy_train_takes_its_options_and_writes_to_the_state_dir(daemon_facto
 
 def test_file_problems_are_one_line_errors(daemon: DaemonHandle, tmp_path: Path) -> None:
     one_line_error(daemon.cli("ask", "hi", "--attach", str(tmp_path / "nope.jpg")), 1, "nope.jpg")
-    one_line_error(daemon.cli("ask", "hi", "--attach", str(tmp_path)), 1, "Is a directory")
+    one_line_error(daemon.cli("ask", "hi", "--attach", str(tmp_path)), 1, "not a regular file")
     gif = tmp_path / "anim.gif"
     gif.write_bytes(b"GIF89a" + b"\x00" * 64)
     one_line_error(daemon.cli("ask", "hi", "--attach", str(gif)), 1, "not a supported image")
