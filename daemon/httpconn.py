@@ -35,18 +35,16 @@ class Throttle:
         self._last: dict[str, float] = {}
         self._quiet: dict[str, int] = {}
 
-    def due(self, kind: str) -> int | None:
-        """None while this kind was logged within the interval; else how many were skipped since."""
+    def say(self, kind: str, level: int, message: str, *args: object) -> None:
+        """Log ``message`` unless this kind was logged within the interval; a line after a quiet spell says
+        how many it stood for."""
         now = time.monotonic()
         if now - self._last.get(kind, -self.every_s) < self.every_s:
             self._quiet[kind] = self._quiet.get(kind, 0) + 1
-            return None
+            return
         self._last[kind] = now
-        return self._quiet.pop(kind, 0)
-
-
-def _since(skipped: int) -> str:
-    return f" ({skipped} more since the last such line)" if skipped else ""
+        skipped = self._quiet.pop(kind, 0)
+        log.log(level, message + "%s", *args, f" ({skipped} more since the last such line)" if skipped else "")
 
 
 @dataclass
@@ -89,13 +87,12 @@ def protocol(limits: Limits) -> type[asyncio.Protocol]:
                 self.refused = True
                 transport.write(limits.refusal())
                 transport.close()  # its descriptor is free again at once
-                skipped = limits.throttle.due("full")
-                if skipped is not None:
-                    log.warning(
-                        "HTTP: %d connections open, at http.max_connections: refusing more%s",
-                        limits.open,
-                        _since(skipped),
-                    )
+                limits.throttle.say(
+                    "full",
+                    logging.WARNING,
+                    "HTTP: %d connections open, at http.max_connections: refusing more",
+                    limits.open,
+                )
                 return
             limits.open += 1
             super().connection_made(transport)
@@ -129,13 +126,12 @@ def protocol(limits: Limits) -> type[asyncio.Protocol]:
             self.deadline = None
             if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY) or self.transport.is_closing():
                 return
-            skipped = limits.throttle.due("slow")
-            if skipped is not None:
-                log.warning(
-                    "HTTP: a client did not send its whole request within http.request_timeout_s (%.0f s): closed%s",
-                    limits.request_timeout_s,
-                    _since(skipped),
-                )
+            limits.throttle.say(
+                "slow",
+                logging.WARNING,
+                "HTTP: a client did not send its whole request within http.request_timeout_s (%.0f s): closed",
+                limits.request_timeout_s,
+            )
             self.transport.close()
 
     return Bounded
@@ -148,13 +144,12 @@ def loop_errors(throttle: Throttle) -> Any:
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         exc = context.get("exception")
         if isinstance(exc, OSError) and exc.errno in OUT_OF_RESOURCES:
-            skipped = throttle.due("accept")
-            if skipped is not None:
-                log.error(
-                    "HTTP: cannot accept connections: %s; new connections wait until descriptors are free%s",
-                    exc.strerror,
-                    _since(skipped),
-                )
+            throttle.say(
+                "accept",
+                logging.ERROR,
+                "HTTP: cannot accept connections: %s; new connections wait until descriptors are free",
+                exc.strerror,
+            )
             return
         loop.default_exception_handler(context)
 

@@ -32,24 +32,27 @@ DEFAULT_POLICY = Path(__file__).resolve().parent / "default" / "policy.onnx"
 MAX_POLICY_BYTES = 64 << 20  # the shipped policy is ~100 kB; a bigger file is not one `locod policy train` wrote
 
 
+def _session(path: Path) -> ort.InferenceSession:
+    """The policy file as an onnxruntime session, or a PolicyError that names what is wrong with it."""
+    try:
+        model = read_regular(path, MAX_POLICY_BYTES)  # never a FIFO that would hold the loop in open()
+    except FileNotFoundError:
+        raise PolicyError(f"policy file {path} not found", code="policy_missing") from None
+    except OSError as exc:
+        raise PolicyError(f"policy file {path}: {exc.strerror or exc}", code="policy_corrupt") from None
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # a 10 us graph: threads would cost more than they save
+    options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types for every kind of bad file
+        raise PolicyError(f"policy file {path} is not a loadable ONNX model: {exc}", code="policy_corrupt") from None
+
+
 class OnnxPolicy:
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            model = read_regular(path, MAX_POLICY_BYTES)  # never a FIFO that would hold the loop in open()
-        except FileNotFoundError:
-            raise PolicyError(f"policy file {path} not found", code="policy_missing") from None
-        except OSError as exc:
-            raise PolicyError(f"policy file {path}: {exc.strerror or exc}", code="policy_corrupt") from None
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = 1  # a 10 us graph: threads would cost more than they save
-        options.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own exception types for every kind of bad file
-            raise PolicyError(
-                f"policy file {path} is not a loadable ONNX model: {exc}", code="policy_corrupt"
-            ) from None
+        self.session = _session(path)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.columns = self._older_layout(meta)  # the columns of this layout's observation it reads; None: all
         layout, obs_dim = (
