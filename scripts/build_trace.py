@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Build the routing replay trace (docs/routing.md) from BIG-bench tasks with gold answers.
+"""Build a routing replay trace (docs/routing.md) from BIG-bench tasks, or your own questions, with gold answers.
 
-Every local label comes from really running the embedded model (greedy) on the prompt and grading its
+Every local label comes from really running a local model (the embedded one, or any GGUF with --model;
+greedy) on the prompt and grading its
 answer against the gold targets; the trace keeps the answer's per-token log-probabilities (`tokens`,
 `logprobs`) and the GGUF's SHA-256, so a replay can judge the model's confidence in its own answer. No
 cloud endpoint is reachable here, so the cloud label is simulated at a stated accuracy per task
@@ -10,6 +11,14 @@ cost model below.
 
     python scripts/build_trace.py [--tasks bigbench|unseen] [--out TRACE] [--limit N]
     python scripts/build_trace.py --rerun-local policy/data/bigbench_trace.jsonl [--threads 1]
+    python scripts/build_trace.py --questions mine.jsonl --model ~/models/llama-3.2-3b.Q4_K_M.gguf --out t.jsonl
+
+--questions reads your own question set instead of BIG-bench, one JSON object a line:
+`{"task": "...", "prompt": "...", "gold": ["accepted answer", ...]}`, optionally with `"numeric": true`
+(graded by the last number the answer states), `"max_tokens"` (default 32) and `"cloud_accuracy"` (the
+simulated cloud model's accuracy on that task, default 0.9; a task takes its first line's values).
+--model answers with any GGUF; the trace then holds that model's labels under --name (default: the file's
+name), and scripts/replay.py and scripts/fit_prior.py read whichever one local model a trace holds.
 
 --rerun-local keeps a trace's prompts and cloud labels and runs the local model again (a new GGUF or
 llama.cpp, or log-probs added to an older trace). On a machine shared with other work, run with
@@ -20,7 +29,8 @@ the CPU time per answer here.
 other tasks that neither the prior nor any tuning has seen (policy/data/bigbench_unseen_trace.jsonl).
 
 Inputs: the `bigbench==1.0.0` sdist from PyPI (downloaded by its index URL and SHA-256, never installed;
-task JSON files read straight out of the tarball) and the embedded GGUF (models/manifest.toml).
+task JSON files read straight out of the tarball), or --questions; the embedded GGUF (models/manifest.toml)
+or --model.
 """
 
 from __future__ import annotations
@@ -42,9 +52,10 @@ import numpy as np
 from llama_cpp import Llama
 
 from locod.daemon.fetch import fetch
+from locod.policy.tasks import task_of
 
 REPO = Path(__file__).resolve().parent.parent
-LOCAL_NAME = "smollm2-135m-instruct"
+EMBEDDED = "smollm2-135m-instruct"
 SEED = 20251125
 # pip cannot download this sdist any more (its metadata names a file:// dependency, which pip refuses).
 SDIST_URL = (
@@ -56,9 +67,10 @@ SDIST_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2
 
 @dataclass(frozen=True)
 class Task:
-    """One BIG-bench task as the trace asks it: where its examples are in the sdist, how many to take,
-    the prompt around each input, the answer's token limit, locod's category of it, and the simulated
-    cloud model's accuracy on it (stated, not measured: a strong hosted model on these short tasks)."""
+    """One task as the trace asks it: where its examples are (a BIG-bench task in the sdist, or a question
+    file's task), how many to take (BIG-bench's), the prompt around each input, the answer's token limit,
+    locod's category of it, and the simulated cloud model's accuracy on it (stated, not measured: a strong
+    hosted model on these short tasks)."""
 
     path: str
     count: int
@@ -244,62 +256,53 @@ def examples(archive: tarfile.TarFile, path: str) -> list[dict[str, object]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", choices=sorted(TASK_SETS), default="bigbench")
+    parser.add_argument("--questions", metavar="JSONL", help="your own question set instead of BIG-bench's tasks")
+    parser.add_argument("--model", metavar="GGUF", help="the local model (default: the embedded one)")
+    parser.add_argument("--name", help="the local model's name in the trace (default: the GGUF file's name)")
     parser.add_argument("--out", help="default: policy/data/bigbench_trace.jsonl, or bigbench_unseen_trace.jsonl")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "locod-bigbench"))
     parser.add_argument("--limit", type=int, default=0, help="cap examples per task (for a quick run)")
     parser.add_argument("--rerun-local", metavar="TRACE", help="rerun the local model over TRACE's prompts")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    gguf = fetch("smollm2-135m-instruct", REPO / "models", progress=lambda _: None)
-    sha, size = hashlib.sha256(gguf.read_bytes()).hexdigest(), gguf.stat().st_size
-    llm = Llama(
-        model_path=str(gguf),
-        n_ctx=512,
-        n_threads=args.threads,
-        n_threads_batch=args.threads,
-        logits_all=True,
-        verbose=False,
-    )
-    tasks = TASK_SETS[args.tasks]
+    if args.questions and not args.out:
+        parser.error("--questions needs --out (the shipped traces are BIG-bench's)")
+    rng = random.Random(SEED)
+    if args.questions:
+        questions = Path(args.questions)
+        tasks, turns = read_questions(questions, args.limit, rng)
+        source = f"{questions.name} (sha256 {hashlib.sha256(questions.read_bytes()).hexdigest()[:12]})"
+    else:
+        tasks = TASK_SETS[args.tasks]
+        turns = [] if args.rerun_local else bigbench_turns(tasks, Path(args.cache), args.limit, rng)
+        source = "bigbench==1.0.0 sdist from PyPI"
+    model = LocalModel.open(args.model, args.name, args.threads)
     name = "bigbench_trace.jsonl" if args.tasks == "bigbench" else f"bigbench_{args.tasks}_trace.jsonl"
     out = Path(args.out or REPO / "policy/data" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.rerun_local:
-        rerun_local(llm, (sha, size), tasks, Path(args.rerun_local), out)
+        rerun_local(model, tasks, Path(args.rerun_local), out, source)
         return
-    rng = random.Random(SEED)
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
-    turns = []
-    with sdist_tasks(cache) as archive:
-        for name, task in tasks.items():
-            pool = examples(archive, task.path)
-            chosen = rng.sample(pool, min(args.limit or task.count, task.count, len(pool)))
-            for example in chosen:
-                target = example["target"]
-                targets = [str(t) for t in (target if isinstance(target, list) else [target])]
-                turns.append((name, task.template.format(input=example["input"]), targets))
-    rng.shuffle(turns)
     accuracy: dict[str, list[int]] = {t: [] for t in tasks}
     dialogue, position, length = 0, 0, rng.randint(2, 5)
     started = time.time()
     with out.open("w") as f:
-        for n, (name, prompt, targets) in enumerate(turns):
-            task = tasks[name]
-            text, fields, local_s, tokens_in, tokens_out = answer(llm, prompt, task.max_tokens)
-            local = local_fields(task, targets, text, fields, local_s, sha, task.max_tokens)
-            accuracy[name].append(local["satisfied"])
+        for n, (task_name, prompt, targets) in enumerate(turns):
+            task = tasks[task_name]
+            text, fields, local_s, tokens_in, tokens_out = answer(model.llm, prompt, task.max_tokens)
+            local = local_fields(task, targets, text, fields, local_s, model.sha256, task.max_tokens)
+            accuracy[task_name].append(local["satisfied"])
             cloud_ok = rng.random() < task.cloud_accuracy
             row = {
                 "dialogue": f"d{dialogue:04d}",
                 "turn": position,
-                "task": name,
+                "task": task_name,
                 "category": task.category,
                 "prompt": prompt,
                 "gold": targets,
                 "attachments": [],
                 "models": {
-                    LOCAL_NAME: local,
+                    model.name: local,
                     "cloud": {
                         "satisfied": int(cloud_ok),
                         "quality": float(cloud_ok),
@@ -314,10 +317,100 @@ def main() -> None:
             if position == length:
                 dialogue, position, length = dialogue + 1, 0, rng.randint(2, 5)
             progress(n, len(turns), started)
-    write_meta(out, tasks, accuracy, (sha, size))
+    write_meta(out, tasks, accuracy, model, source)
 
 
-def rerun_local(llm: Llama, gguf: tuple[str, int], tasks: dict[str, Task], source: Path, out: Path) -> None:
+@dataclass
+class LocalModel:
+    """The GGUF that answers: its name in the trace, its SHA-256 and size (the shipped prior's key), and
+    llama.cpp with every position's logits kept (the answer's log-probs)."""
+
+    name: str
+    sha256: str
+    size: int
+    llm: Llama
+
+    @classmethod
+    def open(cls, path: str | None, name: str | None, threads: int) -> LocalModel:
+        if path is None:
+            gguf, default_name = fetch(EMBEDDED, REPO / "models", progress=lambda _: None), EMBEDDED
+        else:
+            gguf = Path(path).expanduser()
+            default_name = gguf.name.removesuffix(".gguf").lower()
+        digest = hashlib.sha256()
+        with gguf.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        llm = Llama(
+            model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False
+        )
+        return cls(name or default_name, digest.hexdigest(), gguf.stat().st_size, llm)
+
+
+Turns = list[tuple[str, str, list[str]]]  # (task, prompt, accepted answers)
+
+
+def bigbench_turns(tasks: dict[str, Task], cache: Path, limit: int, rng: random.Random) -> Turns:
+    """(task, prompt, accepted answers) for each chosen example of the tasks, shuffled."""
+    cache.mkdir(parents=True, exist_ok=True)
+    turns = []
+    with sdist_tasks(cache) as archive:
+        for name, task in tasks.items():
+            pool = examples(archive, task.path)
+            chosen = rng.sample(pool, min(limit or task.count, task.count, len(pool)))
+            for example in chosen:
+                target = example["target"]
+                targets = [str(t) for t in (target if isinstance(target, list) else [target])]
+                turns.append((name, task.template.format(input=example["input"]), targets))
+    rng.shuffle(turns)
+    return turns
+
+
+def read_questions(path: Path, limit: int, rng: random.Random) -> tuple[dict[str, Task], Turns]:
+    """Tasks and (task, prompt, accepted answers) from a question file (see the module's docstring), each
+    line checked; the turns are shuffled as BIG-bench's are."""
+    tasks: dict[str, Task] = {}
+    turns = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            q = json.loads(line)
+            name, prompt, gold = str(q["task"]), q["prompt"], q["gold"]
+            targets = [str(g) for g in (gold if isinstance(gold, list) else [gold])]
+            if not isinstance(prompt, str) or not prompt.strip() or not targets:
+                raise ValueError("an empty prompt or no gold answer")
+            task = Task(
+                f"{path.name}:{name}",
+                0,
+                "{input}",
+                int(q.get("max_tokens", 32)),
+                task_of(prompt),
+                float(q.get("cloud_accuracy", 0.9)),
+                numeric=bool(q.get("numeric", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+            sys.exit(f'{path}:{number}: {what}; expected {{"task": ..., "prompt": ..., "gold": [...]}}')
+        if not 0.0 <= task.cloud_accuracy <= 1.0 or task.max_tokens < 1:
+            sys.exit(f"{path}:{number}: cloud_accuracy must be within 0-1 and max_tokens at least 1")
+        tasks.setdefault(name, task)
+        turns.append((name, prompt, targets))
+    if not turns:
+        sys.exit(f"{path}: no questions")
+    rng.shuffle(turns)
+    if limit:  # the first `limit` of each task, as the shuffle left them
+        taken: dict[str, int] = {}
+        kept = []
+        for turn in turns:
+            if taken.get(turn[0], 0) < limit:
+                taken[turn[0]] = taken.get(turn[0], 0) + 1
+                kept.append(turn)
+        turns = kept
+    return tasks, turns
+
+
+def rerun_local(model: LocalModel, tasks: dict[str, Task], source: Path, out: Path, origin: str) -> None:
     """Run the local model again over a trace's prompts, keeping everything else (the cloud labels too).
     Where the answer is the one the trace holds, so is its wall time: the same computation, timed when the
     trace was built, on a machine this rerun may share."""
@@ -326,19 +419,20 @@ def rerun_local(llm: Llama, gguf: tuple[str, int], tasks: dict[str, Task], sourc
     changed, started = 0, time.time()
     for n, row in enumerate(rows):
         task = tasks[row["task"]]
-        text, fields, local_s, _, _ = answer(llm, row["prompt"], task.max_tokens)
-        old = row["models"][LOCAL_NAME]
-        local = local_fields(task, row["gold"], text, fields, local_s, gguf[0], task.max_tokens)
+        text, fields, local_s, _, _ = answer(model.llm, row["prompt"], task.max_tokens)
+        (old_name,) = [m for m in row["models"] if m != "cloud"]
+        old = row["models"].pop(old_name)
+        local = local_fields(task, row["gold"], text, fields, local_s, model.sha256, task.max_tokens)
         if fields["answer"] == old["answer"]:
             local["latency_s"], local["energy_j"] = old["latency_s"], old["energy_j"]
         else:
             changed += 1
-        row["models"][LOCAL_NAME] = local
+        row["models"] = {model.name: local, **row["models"]}
         accuracy[row["task"]].append(local["satisfied"])
         progress(n, len(rows), started)
     out.write_text("".join(json.dumps(row) + "\n" for row in rows))
     print(f"{changed} local answers differ from {source.name}'s", file=sys.stderr)
-    write_meta(out, tasks, accuracy, gguf)
+    write_meta(out, tasks, accuracy, model, origin)
 
 
 def progress(n: int, total: int, started: float) -> None:
@@ -346,16 +440,18 @@ def progress(n: int, total: int, started: float) -> None:
         print(f"{n}/{total} turns, {time.time() - started:.0f} s", file=sys.stderr, flush=True)
 
 
-def write_meta(out: Path, tasks: dict[str, Task], accuracy: dict[str, list[int]], gguf: tuple[str, int]) -> None:
+def write_meta(
+    out: Path, tasks: dict[str, Task], accuracy: dict[str, list[int]], model: LocalModel, source: str
+) -> None:
     meta = {
         "format": "locod replay trace v1 (docs/routing.md)",
-        "source": "bigbench==1.0.0 sdist from PyPI",
+        "source": source,
         "tasks": {name: task.path for name, task in tasks.items()},
         "seed": SEED,
         "turns": sum(len(v) for v in accuracy.values()),
-        "local_model": "smollm2-135m-instruct (Q4_1, greedy, really run; per-token log-probs kept)",
-        "local_gguf_sha256": {LOCAL_NAME: gguf[0]},
-        "local_gguf_size": {LOCAL_NAME: gguf[1]},
+        "local_model": f"{model.name} (greedy, really run; per-token log-probs kept)",
+        "local_gguf_sha256": {model.name: model.sha256},
+        "local_gguf_size": {model.name: model.size},
         "local_accuracy": {t: round(sum(v) / len(v), 4) for t, v in accuracy.items() if v},
         "cloud_label": "simulated, not measured: Bernoulli per turn at the stated accuracy per task",
         "cloud_accuracy": {name: task.cloud_accuracy for name, task in tasks.items()},

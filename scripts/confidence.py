@@ -14,11 +14,10 @@ on one half, measured on the other); then what those signals let a rule capture 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
-from fit_prior import LOCAL, answer_features, fit, prompt_matrix, task_groups
+from fit_prior import LOCAL, answer_features, fit, prompt_matrix, read_trace, task_groups
 
 from locod.policy import confidence
 from locod.policy.tasks import task_of
@@ -46,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default=str(REPO / "policy/data/bigbench_trace.jsonl"))
     args = parser.parse_args()
-    rows = [json.loads(line) for line in Path(args.trace).read_text().splitlines()]
+    rows = read_trace(Path(args.trace))
     y = np.array([r["models"][LOCAL]["satisfied"] for r in rows])
     tasks = np.array([r["task"] for r in rows])
     print("| statistic | tokens | AUC, whole trace | AUC within tasks |\n|---|---|---|---|")

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Fit the warm-start predictor prior of the embedded model on the replay trace (docs/routing.md) and ship it
-as policy/priors/<GGUF SHA-256>.npz (locod.policy.warmstart).
+"""Fit the warm-start predictor prior of a trace's local model on that replay trace (docs/routing.md) and
+write it as policy/priors/<GGUF SHA-256>.npz (locod.policy.warmstart): shipped for the embedded model; for
+another GGUF, a trace built with `build_trace.py --model` gives the daemon a prior for it the same way.
 
 The MESS+ head is a logistic regression on the features the daemon computes for a turn (hashed n-grams and
 dense features), fitted to the local model's real labels; the ConfidenceHead is fitted on the answers'
@@ -25,10 +26,23 @@ from locod.policy.tasks import task_of
 from locod.policy.warmstart import PRIORS, Prior, fit_logistic, save_prior
 
 REPO = Path(__file__).resolve().parent.parent
-LOCAL = "smollm2-135m-instruct"
+LOCAL = "local"  # the trace's one local model, whatever its name there (read_trace)
 DEFAULT_MAX_TOKENS = 24
 # The shipped trace's tasks in two groups, for measuring on tasks a prior has not seen (task_groups).
 TASK_SPLIT = ({"add_1digit", "mul_2digit", "plural", "negation"}, {"add_2digit", "wikidata", "past_tense"})
+
+
+def read_trace(path: Path) -> list[dict]:  # type: ignore[type-arg]
+    """A trace's rows with its one local model's fields under LOCAL: a trace holds whichever GGUF answered
+    it, under that model's name."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    names = {name for row in rows for name in row["models"] if name != "cloud"}
+    if len(names) != 1:
+        raise SystemExit(f"{path}: expected one local model beside 'cloud', found {sorted(names) or 'none'}")
+    (name,) = names
+    for row in rows:
+        row["models"][LOCAL] = row["models"].pop(name)
+    return rows
 
 
 def task_groups(rows: list[dict]) -> tuple[set[str], set[str]]:  # type: ignore[type-arg]
@@ -85,11 +99,11 @@ def main() -> None:
     parser.add_argument("--out", default=str(PRIORS))
     args = parser.parse_args()
     trace = Path(args.trace)
-    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    rows = read_trace(trace)
     meta = json.loads(trace.with_suffix(".meta.json").read_text())
-    sha = meta["local_gguf_sha256"][LOCAL]
-    size = int(meta["local_gguf_size"][LOCAL])
-    prior = fit(rows, sha, size, f"{trace.name} (sha256 {meta['sha256'][:12]}, {len(rows)} turns)")
+    sha = rows[0]["models"][LOCAL]["gguf_sha256"]
+    (size,) = meta["local_gguf_size"].values()
+    prior = fit(rows, sha, int(size), f"{trace.name} (sha256 {meta['sha256'][:12]}, {len(rows)} turns)")
     print(save_prior(prior, Path(args.out)))
 
 

@@ -28,7 +28,6 @@ Routers, all on MESS+'s own predictor (locod.policy.messplus, the code the daemo
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
-from fit_prior import LOCAL, answer_features, fit, task_groups
+from fit_prior import LOCAL, answer_features, fit, read_trace, task_groups
 
 from locod.policy.messplus import MessPlus, TurnFeatures, vectorize
 from locod.policy.rule import CLOUD_PRIOR, ENERGY_REF_J, LOCAL_PRIOR, MONEY_REF_USD
@@ -205,6 +204,21 @@ def escalating(trace: list[Turn], m: MessPlus, name: str, grade: Grader) -> Run:
     return run
 
 
+def random_needs(alpha: float, local: float, cloud: float) -> float:
+    """The cloud share at which routing at random reaches ``alpha`` in expectation: none where the local
+    model alone does, NaN where not even always-cloud does."""
+    if alpha <= local:
+        return 0.0
+    return (alpha - local) / (cloud - local) if cloud >= alpha else float("nan")
+
+
+def capture(needs: float, oracle: float, share: float) -> str:
+    """How much of the distance from random routing to the label oracle a cloud share covers; "-" where
+    there is no distance (the local model alone reaches alpha) or no oracle (alpha is out of reach)."""
+    gap = needs - oracle
+    return f"{(needs - share) / gap:.2f}" if gap > 1e-9 else "-"
+
+
 def oracle_cloud_share(trace: list[Turn], alpha: float) -> float:
     """The least cloud share that reaches ``alpha`` knowing every label in advance: local wherever the
     local model satisfies, cloud only where it does not and the cloud does, and only as often as needed."""
@@ -284,7 +298,10 @@ def shipped(trace: list[dict]) -> tuple[str, Prior, list[dict]]:  # type: ignore
     sha = trace[0]["models"][LOCAL].get("gguf_sha256", "")
     path = PRIORS / f"{sha}.npz"
     if not sha or not path.exists():
-        raise SystemExit(f"no prior is shipped for this trace's local GGUF (sha256 {sha or 'not in the trace'})")
+        raise SystemExit(
+            f"no prior is shipped for this trace's local GGUF (sha256 {sha or 'not in the trace'}): --split none "
+            "replays it as a fresh install starts with that model; scripts/fit_prior.py fits one"
+        )
     prior = read_prior(path)
     name = f"whole trace, shipped prior ({prior.source})"
     return name, prior, trace
@@ -301,21 +318,19 @@ def table(name: str, trace: list[Turn], prior: Prior | None, args: argparse.Name
     cloud_usd = sum(t.row["models"][CLOUD]["usd"] for t in trace)
     runs: dict[float, list[Run]] = {}
     for alpha in args.alphas:
-        random_needs, oracle = (alpha - local) / (cloud - local), oracle_cloud_share(trace, alpha)
-        print(f"| {alpha} | random needs | {alpha:.3f} | 0.000 | {random_needs:.3f} | 0.00 | - | - | - |")
-        print(f"| {alpha} | label oracle | {alpha:.3f} | 0.000 | {oracle:.3f} | 1.00 | - | - | - |")
+        needs, oracle = random_needs(alpha, local, cloud), oracle_cloud_share(trace, alpha)
         by_task = task_oracle_cloud_share(trace, alpha)
-        capture = (random_needs - by_task) / (random_needs - oracle)
-        print(f"| {alpha} | task oracle | {alpha:.3f} | 0.000 | {by_task:.3f} | {capture:.2f} | - | - | - |")
+        for name, share in (("random needs", needs), ("label oracle", oracle), ("task oracle", by_task)):
+            covered = capture(needs, oracle, share)
+            print(f"| {alpha} | {name} | {alpha:.3f} | 0.000 | {share:.3f} | {covered} | - | - | - |")
         runs[alpha] = [make() for make in routers(trace, alpha, args, prior)]
         for run in runs[alpha]:
             n = len(run.satisfied)
             sat, share = sum(run.satisfied) / n, sum(run.clouds) / n
-            capture = (random_needs - share) / (random_needs - oracle)
             flag = "" if sat >= alpha - 0.005 else " (SLA missed)"
             print(
                 f"| {alpha} | {run.name} | {sat:.3f} | {max(0.0, alpha - sat):.3f} | {share:.3f} | "
-                f"{capture:.2f}{flag} | "
+                f"{capture(needs, oracle, share)}{flag} | "
                 f"{run.escalated / n:.3f} | {run.usd / cloud_usd:.3f} | {run.latency_s / n:.3f} |"
             )
         shadow = [r for r in runs[alpha] if r.shadows]
@@ -360,7 +375,7 @@ def main() -> None:
     parser.add_argument("--grader-error", type=float, default=0.05, help="shadow grader's error rate")
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
-    trace = [json.loads(line) for line in Path(args.trace).read_text().splitlines()]
+    trace = read_trace(Path(args.trace))
     if "logprobs" not in trace[0]["models"][LOCAL]:
         print("this trace has no log-probs: the routers do without the local answer's confidence")
     for i, (name, prior, replayed) in enumerate(folds(trace, args.split)):

@@ -296,3 +296,48 @@ def test_unseen_trace_replays_from_the_shipped_prior_and_by_its_own_tasks(tmp_pa
     assert "shipped prior (bigbench_trace.jsonl" in shipped and "escalate if unsure + prior" in shipped
     tasks = run_replay(trace, "--split", "task", "--alphas", "0.6")
     assert tasks.count("### tasks ") == 2 and "| task oracle |" in tasks
+
+
+QUESTIONS = [
+    {"task": "capitals", "prompt": "What is the capital of France? Answer with one word.", "gold": ["Paris"]},
+    {"task": "capitals", "prompt": "What is the capital of Italy? Answer with one word.", "gold": "Rome"},
+    {"task": "sums", "prompt": "What is 2 plus 2? Answer with the number only.", "gold": ["4"], "numeric": True},
+    {"task": "sums", "prompt": "What is 30 plus 12? Answer with the number only.", "gold": ["42"], "numeric": True},
+]
+
+
+def build_trace(*args: str) -> subprocess.CompletedProcess[str]:
+    script = Path(__file__).resolve().parent.parent / "scripts/build_trace.py"
+    command = [sys.executable, str(script), "--threads", "1", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def test_a_trace_of_your_own_questions_and_gguf_replays(tmp_path: Path, model_path: Path) -> None:
+    """Routing is reported for the model at hand: build_trace.py answers a question file with any GGUF (here
+    the embedded one under another file name, with a space in it), keeps that model's name, and replay.py
+    reads whichever one local model a trace holds; its SHA-256 picks the shipped prior."""
+    pytest.importorskip("matplotlib")
+    gguf = tmp_path / "My Model.Q4_1.gguf"
+    gguf.symlink_to(model_path)
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    trace = tmp_path / "mine.jsonl"
+    done = build_trace("--questions", str(questions), "--model", str(gguf), "--out", str(trace))
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert sorted(r["prompt"] for r in rows) == sorted(q["prompt"] for q in QUESTIONS)
+    assert all(set(r["models"]) == {"my model.q4_1", "cloud"} for r in rows)
+    local = rows[0]["models"]["my model.q4_1"]
+    assert local["gguf_sha256"] == file_sha256(model_path) and len(local["tokens"]) == len(local["logprobs"]) > 0
+    meta = json.loads(trace.with_suffix(".meta.json").read_text())
+    assert meta["source"].startswith("questions.jsonl") and set(meta["local_accuracy"]) == {"capitals", "sums"}
+    out = run_replay(trace, "--split", "shipped", "--alphas", "0.6")
+    assert "shipped prior" in out and "escalate if unsure + prior" in out
+
+
+def test_a_bad_question_line_is_named(tmp_path: Path, model_path: Path) -> None:
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text(json.dumps(QUESTIONS[0]) + "\n" + json.dumps({"task": "x", "prompt": "hi"}) + "\n")
+    done = build_trace("--questions", str(questions), "--out", str(tmp_path / "t.jsonl"))
+    assert done.returncode != 0
+    assert f"{questions}:2: missing 'gold'" in done.stderr
