@@ -173,10 +173,8 @@ def status_of(frame: ErrorFrame) -> int:
     """The HTTP status for a daemon's error frame."""
     if frame.code in ("too_large", "attachment_too_large"):
         return 413
-    if frame.code in ("shutting_down", "cancelled"):  # cancelled before it was accepted: the daemon is stopping
-        return 503
-    if frame.kind == "busy":
-        return 429
+    if frame.kind == "busy":  # stopping (or cancelled by the stop before it was accepted), or at a queue limit
+        return 503 if frame.code in ("shutting_down", "cancelled") else 429
     if frame.kind in ("unknown_model", "unknown_decision"):
         return 404
     if frame.kind in ("bad_request", "protocol", "bad_attachment", "prompt_too_long"):

@@ -29,6 +29,7 @@ from locod.errors import StorageError, UnknownDecision
 
 log = logging.getLogger(__name__)
 
+ANSWERED = ("ok", "fallback", "escalated")  # outcomes of a turn that was answered (escalated: by the cloud)
 NO_ANSWER = ("error", "interrupted")  # outcomes whose turn answered nothing that a label could grade
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
 
@@ -476,9 +477,11 @@ def read_rows(path: Path, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.
 
 
 def labelled_turns(path: Path) -> list[LoggedTurn]:
-    """The labelled, answered turns of a decision log, oldest first."""
+    """The labelled, answered turns of a decision log, oldest first (an escalated turn as the cloud answer it
+    ended in, its latency and energy including the local attempt: what taking that way cost)."""
+    answered = ", ".join(f"'{outcome}'" for outcome in ANSWERED)
     rows = read_rows(
-        path, "SELECT * FROM decisions WHERE satisfied IS NOT NULL AND outcome IN ('ok', 'fallback') ORDER BY id"
+        path, f"SELECT * FROM decisions WHERE satisfied IS NOT NULL AND outcome IN ({answered}) ORDER BY id"
     )
     return [
         LoggedTurn(

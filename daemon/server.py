@@ -387,7 +387,7 @@ class Daemon:
 
     def _start_turn(self, peer: bytes, request: ChatRequest, reply: Reply | None = None) -> None:
         if self.stopping_since is not None:
-            raise BadRequest("the daemon is shutting down", code="shutting_down", request_id=request.id)
+            raise Busy("the daemon is shutting down", code="shutting_down")
         if len(self._turns) >= self.config.daemon.queue_limit:
             raise Busy(f"{len(self._turns)} turns in flight, at the queue limit; try again shortly")
         chars = sum(len(m["content"]) for m in request.messages)

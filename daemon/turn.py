@@ -34,7 +34,7 @@ from locod.daemon.decision import Decision
 from locod.daemon.escalation import AnswerJudge
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
-from locod.daemon.records import DecisionLog, DecisionRecord, JudgedAnswer, Outcome
+from locod.daemon.records import ANSWERED, DecisionLog, DecisionRecord, JudgedAnswer, Outcome
 from locod.daemon.sessions import Session, SessionStore, TurnTrail
 from locod.daemon.shadow import AGREEMENT, ShadowJob, ShadowLane, agreement
 from locod.daemon.telemetry import TelemetrySampler
@@ -105,9 +105,9 @@ class Ending:
 
     decision: Decision  # after a fallback, the local one
     generation: Generation
-    outcome: str  # ok | fallback | error | cancelled
+    outcome: str  # ok | fallback | escalated | error | cancelled
     error: str | None = None
-    kind: str = CloudError.code  # the error frame's kind and code, for an outcome that is not an answer
+    kind: str = "error"  # the error frame's kind and code, for an outcome that is not an answer
     code: str | None = None  # None: the outcome
     judged: JudgedAnswer | None = None  # the local answer's confidence, where it was read
     uploaded: tuple[int, ...] = ()  # attachments a cloud attempt sent before the turn fell back
@@ -383,7 +383,8 @@ class TurnRunner:
                 prompt = self.local.fit(local.model, self._prompt(turn, local, reply, None))
             except LocodError as exc:
                 error = f"{failure.message}; local fallback failed: {exc.message}"
-                return Ending(local, _with_partial(EMPTY, failure), "error", error, uploaded=uploaded)
+                failed = _with_partial(EMPTY, failure)  # reported under the cloud's code: it failed first
+                return Ending(local, failed, "error", error, CloudError.code, failure.code, uploaded=uploaded)
             message = f"the cloud answer failed ({failure.message}{told}); answering locally, from the start"
             reply.send(FallbackFrame(decision_id, local.model, failure.code, message))
             ending = self._ended(local, _with_partial(self.local.generate(local.model, prompt), failure), reply)
@@ -482,7 +483,7 @@ class TurnRunner:
                 confidence=ending.judged,
             ),
         )
-        if ending.outcome not in ("ok", "fallback", "escalated"):
+        if ending.outcome not in ANSWERED:
             code = ending.code or ending.outcome
             reply.send(ErrorFrame(ending.kind, code, ending.error or ending.outcome, decision_id))
             return

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from locod.client import attachment
+from locod.errors import CloudError
 from locod.protocol import Attachment
 
 from .conftest import SECRET, DaemonHandle, cloud_config, free_port, locod_command, start_daemon, write_config
@@ -446,3 +447,20 @@ def test_a_redirect_is_not_followed_and_names_where_it_pointed(
         assert result.done.outcome == "fallback" and elsewhere.seen == []
     finally:
         elsewhere.stop()
+
+
+def test_when_the_cloud_and_then_the_fallback_fail_the_error_names_the_clouds_code(daemon_factory: Any) -> None:
+    """A prompt too long for the local context goes to the cloud; with the cloud down, the fallback cannot
+    fit it either: the error frame carries the cloud's kind and code (what failed first), the message both."""
+    dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens here
+    config = cloud_config(dead, mode="auto", max_retries=0)
+    config["local"] = {
+        "models": [{"name": "smollm2-135m-instruct", "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "n_ctx": 256}]
+    }
+    handle = daemon_factory(config)
+    long_prompt = "Here is a list: " + "apple " * 300 + "\nWhat fruit is in the list?"
+    with pytest.raises(CloudError) as info:
+        handle.client().ask(long_prompt, max_tokens=4)
+    assert info.value.code == "cloud_unreachable" and "local fallback failed" in info.value.message
+    (row,) = handle.rows()
+    assert row["outcome"] == "error" and "local fallback failed" in row["error"]

@@ -290,7 +290,7 @@ def test_image_parts_become_attachments_and_remote_urls_are_refused() -> None:
         ("bad_attachment", "attachment_too_large", 413),
         ("prompt_too_long", "prompt_too_long", 400),
         ("busy", "busy", 429),
-        ("protocol", "shutting_down", 503),
+        ("busy", "shutting_down", 503),
         ("busy", "cancelled", 503),
         ("cloud", "cloud_http", 502),
         ("unknown_model", "unknown_model", 404),  # a model a reload removed after the door's own check

@@ -651,9 +651,14 @@ def test_training_from_this_devices_decision_log(tmp_path: Path) -> None:
             telemetry={"battery_pct": 80, "on_ac": False, "online": True},
         )
         decision = log.begin(record)
-        log.finish(decision, Outcome("ok", location, location, latency_total_ms=300 + i, cost_usd=0.001 * (i % 2 == 0)))
+        outcome = "escalated" if i == 10 else "ok"  # answered by the cloud after the local answer was unsure
+        log.finish(
+            decision, Outcome(outcome, location, location, latency_total_ms=300 + i, cost_usd=0.001 * (i % 2 == 0))
+        )
         log.label(decision, satisfied=(location == "cloud" or i % 4 == 1), source="user")
-    source = LogSource(labelled_turns(tmp_path / "locod.db"))
+    turns = labelled_turns(tmp_path / "locod.db")
+    assert len(turns) == 12  # the escalated turn too
+    source = LogSource(turns)
     episode = source.episode(random.Random(0))
     assert 1 <= len(episode) <= 3
     turn = episode[0]
