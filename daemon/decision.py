@@ -148,9 +148,6 @@ class Decision:
     notice: str | None = None  # said to the user: the answer does not come from where they asked
     escalation: Escalation | None = None  # local first; where an unsure answer goes
 
-    def routing_columns(self) -> dict[str, Any]:
-        return NO_ROUTING_COLUMNS if self.routing is None else self.routing.columns()
-
     def fallen_back(self, local_model: str, why: str) -> Decision:
         """The same turn answered by the local model after the cloud failed. The routing state goes along:
         the turn still counts for the SLA (with the local model's prediction) and an explored turn is still

@@ -95,10 +95,6 @@ class SessionStore:
         oldest = min((s for s in self._sessions.values() if held[s.client] == most), key=lambda s: s.last_used)
         del self._sessions[oldest.id]
 
-    def history(self, session_id: str) -> list[Message]:
-        """A copy of a live session's messages ([] if there is none); opens nothing."""
-        return self.held(session_id)[1]
-
     def held(self, session_id: str) -> tuple[int, list[Message]]:
         """(messages trimmed off the front, a copy of the rest) of a live session; (0, []) if there is none."""
         with self._lock:

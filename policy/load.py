@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-WAIT_REF_S = 10.0  # ten seconds of waiting weigh as much as router.MONEY_REF_USD (a tenth of a cent)
+WAIT_REF_S = 10.0  # ten seconds of waiting weigh as much as rule.MONEY_REF_USD (a tenth of a cent)
 
 
 @dataclass
@@ -29,6 +29,6 @@ class TurnTime:
         return max(0, turns_ahead) * self.seconds
 
 
-def wait_cost(wait_s: float, weight: float = 1.0) -> float:
+def wait_cost(wait_s: float) -> float:
     """The raw cost of waiting ``wait_s`` seconds, on the scale of the router's money and energy terms."""
-    return weight * max(0.0, wait_s) / WAIT_REF_S
+    return max(0.0, wait_s) / WAIT_REF_S
