@@ -15,6 +15,7 @@ from pathlib import Path
 
 from locod.daemon.config import MAX_CONFIG_BYTES, Config, LocalModelConfig, build_table, tomllib
 from locod.daemon.gguf import NotGGUF, describe, is_gguf
+from locod.daemon.modelfile import resolve_path
 from locod.daemon.regular_file import read_regular
 from locod.errors import ConfigError
 
@@ -114,8 +115,6 @@ class ModelRow:
 
 def model_rows(config: Config, resident: list[str] | None) -> list[ModelRow]:
     """Every local model of ``config`` (pulled ones included), described from its GGUF header."""
-    from locod.daemon.local import resolve_path  # imports llama.cpp: too slow for every config load
-
     rows = []
     for model in config.local.models:
         path = resolve_path(model, config.models_dir)

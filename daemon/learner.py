@@ -21,7 +21,7 @@ from locod.daemon.backends import Prompt, Upload
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config
 from locod.daemon.decision import Decision, Escalation
-from locod.daemon.local import resolve_path
+from locod.daemon.modelfile import resolve_path
 from locod.daemon.records import DecisionLog, JudgedAnswer, LabelTarget
 from locod.errors import CloudError, UnknownDecision
 from locod.policy import rule

@@ -27,10 +27,10 @@ from llama_cpp import Llama, LogitsProcessorList
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import LocalConfig, LocalModelConfig
 from locod.daemon.gate import FairGate
-from locod.daemon.gguf import is_gguf
 from locod.daemon.kvcache import DialogueCache
 from locod.daemon.kvpark import DiskPark
 from locod.daemon.logprobs import TokenLogprobs
+from locod.daemon.modelfile import check_model_file, resolve_path
 from locod.errors import ModelError, PromptTooLong
 from locod.policy.load import TurnTime
 
@@ -45,25 +45,6 @@ MIN_ANSWER_TOKENS = 16
 BYTE_BOUNDED_VOCABS = ("gpt2", "llama")
 # local.cache_mb = -1: keep this many full-context dialogue states, within a quarter of the free memory.
 AUTO_CACHE_DIALOGUES = 8
-
-
-def resolve_path(model: LocalModelConfig, models_dir: Path) -> Path:
-    path = Path(model.path).expanduser()
-    return path if path.is_absolute() else models_dir / path
-
-
-def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
-    """Fail early, and by name, on a missing or non-GGUF file: a traceback from llama.cpp helps nobody."""
-    path = resolve_path(model, models_dir)
-    if not path.is_file():
-        raise ModelError(
-            f"model {model.name!r}: file {path} not found; run `locod models fetch` for the "
-            "embedded model, `locod models pull` for your own, or fix its path in the config",
-            code="model_missing",
-        )
-    if not is_gguf(path):
-        raise ModelError(f"model {model.name!r}: {path} is not a GGUF file", code="model_corrupt")
-    return path
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from locod.daemon import catalog, gguf
 from locod.daemon.config import EMBEDDED_MODEL, Config
 from locod.daemon.download import DEFAULT_MAX_BYTES, HEADERS, TIMEOUT_S, MeterFactory, download, silent
 from locod.daemon.fetch import Progress
-from locod.daemon.local import resolve_path
+from locod.daemon.modelfile import resolve_path
 from locod.errors import FetchError
 
 # The context a pulled model is loaded with unless --ctx says otherwise: its trained context, capped, since

@@ -1,7 +1,8 @@
 """The daemon: ZeroMQ sockets, the serving loop, and the lifecycle (start, reload, stop).
 
 One thread owns the sockets and never blocks on work: it parses requests, answers the cheap ops
-(``ping``, ``status``, ``decisions``, ``feedback``, ``reload``, ``config``) itself and hands chat turns to a thread pool.
+(``ping``, ``status``, ``decisions``, ``feedback``, ``reload``, ``config``) itself and hands chat turns to a
+thread pool.
 Worker threads queue their frames for this thread, which forwards them to the client's ROUTER socket
 (ZeroMQ sockets are not thread-safe), and wake it through an inproc PUSH/PULL pair: one queue, so a turn's
 frames keep their order whichever of its threads sent them. A client that vanishes mid-stream is
@@ -38,8 +39,9 @@ from locod.daemon.fdlimit import raise_soft_limit
 from locod.daemon.keyfile import read_key_file
 from locod.daemon.kvpark import DiskPark
 from locod.daemon.learner import Learner
-from locod.daemon.local import LocalBackend, ModelZoo, check_model_file
+from locod.daemon.local import LocalBackend, ModelZoo
 from locod.daemon.logs import configure_logging
+from locod.daemon.modelfile import check_model_file
 from locod.daemon.notify import Notifier
 from locod.daemon.ownership import make_private_dir
 from locod.daemon.records import DecisionLog
