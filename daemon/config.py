@@ -560,8 +560,16 @@ def _check_names(config: Config, origins: Mapping[str, str]) -> None:
         raise ConfigError(
             f"{config.source}: local.hub_endpoint must be an http(s) URL, got {config.local.hub_endpoint!r}"
         )
-    if config.daemon.tcp and not config.daemon.tcp.startswith("tcp://"):
-        raise ConfigError(f"{config.source}: daemon.tcp must look like tcp://127.0.0.1:5557")
+    if config.daemon.tcp:
+        source = origins.get("daemon.tcp", config.source)
+        host = config.daemon.tcp.removeprefix("tcp://").rpartition(":")[0]
+        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        if not config.daemon.tcp.startswith("tcp://") or not host:
+            raise ConfigError(f"{source}: daemon.tcp must look like tcp://127.0.0.1:5557")
+        if host not in LOOPBACK and not config.daemon.tcp_secret_file:  # refused before a model is loaded
+            raise ConfigError(
+                f"{source}: daemon.tcp binds {host}, beyond loopback: set daemon.tcp_secret_file", code="insecure_tcp"
+            )
     if config.http.listen:
         source = origins.get("http.listen", config.source)
         host, _ = split_listen(config.http.listen, source)

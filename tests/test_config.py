@@ -67,6 +67,11 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ('[local]\ndefault = "ghost"\n', "local.default is 'ghost', which names no local model"),
         ('[local]\ndefault = ""\n', "local.default is '', which names no local model"),
         ('[http]\nlisten = "0.0.0.0:8080"\n', "http.listen binds 0.0.0.0, beyond loopback: set http.api_key_file"),
+        (
+            '[daemon]\ntcp = "tcp://0.0.0.0:5557"\n',
+            "daemon.tcp binds 0.0.0.0, beyond loopback: set daemon.tcp_secret_file",
+        ),
+        ('[daemon]\ntcp = "localhost"\n', "daemon.tcp must look like tcp://127.0.0.1:5557"),
         ('[paths]\nallow_dirs = "/tmp"\n', "paths.allow_dirs expects a list of strings, got str"),
         ("this is = = not toml", "not valid TOML"),
     ],
