@@ -3,7 +3,8 @@ action with MESS+'s predictions and queue and, when one is loaded, the TMO polic
 
 The decider reads the learned state (daemon/learner.py) and never writes it, except for the exploration
 step MESS+ counts in ``choose``; it holds the learner's lock for the whole decision, so a reload, which
-swaps config, policy and MESS+ state together under that lock, is seen entirely or not at all.
+swaps config, policy and MESS+ state together under that lock (``reload`` has the learner re-read its
+state there), is seen entirely or not at all.
 """
 
 from __future__ import annotations
@@ -96,6 +97,21 @@ def policy_file(config: Config) -> Path:
     return trained if trained.is_file() else DEFAULT_POLICY
 
 
+def _load_policy(config: Config, previous: OnnxPolicy | None) -> tuple[OnnxPolicy | None, str | None]:
+    """The config's policy, or, when it fails its checks, the one loaded before (at start: none, routing
+    with MESS+ alone), with the error that says which."""
+    path = policy_file(config)
+    try:
+        policy = OnnxPolicy(path)
+    except PolicyError as exc:
+        kept = f"keeping policy {previous.version} from {previous.path}" if previous else "routing with MESS+ alone"
+        error = f"{exc.message}; {kept}"
+        log.error("%s", error)
+        return previous, error
+    log.info("routing policy %s loaded from %s", policy.version, path)
+    return policy, None
+
+
 class Decider:
     def __init__(
         self,
@@ -111,24 +127,14 @@ class Decider:
         self.telemetry = telemetry
         self.local = local
         self.cloud = cloud
-        self.reload(config)
+        self.config = config
+        self.policy, self.policy_error = _load_policy(config, previous=None)
 
     def reload(self, config: Config) -> str | None:
-        """Take a new config: the policy reloaded and the MESS+ state re-read with its parameters. A policy
-        that fails its checks is refused: at start routing is left to MESS+ alone, on a reload the policy
-        loaded before (if any) stays; either way status, the log and the returned message say so."""
-        path = policy_file(config)
-        previous: OnnxPolicy | None = getattr(self, "policy", None)
-        policy: OnnxPolicy | None = None
-        error: str | None = None
-        try:
-            policy = OnnxPolicy(path)
-            log.info("routing policy %s loaded from %s", policy.version, path)
-        except PolicyError as exc:
-            policy = previous
-            kept = f"keeping policy {previous.version} from {previous.path}" if previous else "routing with MESS+ alone"
-            error = f"{exc.message}; {kept}"
-            log.error("%s", error)
+        """Take a new config: the policy reloaded and the MESS+ state re-read with its parameters, both
+        swapped under the learner's lock. A policy that fails its checks is refused and the one loaded
+        before (if any) stays; status, the log and the returned message say so."""
+        policy, error = _load_policy(config, previous=self.policy)
         priors = self.learner.priors(config)
         with self.learner.lock:
             self.learner.adopt(config, priors)

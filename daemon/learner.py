@@ -40,7 +40,7 @@ PRIVATE_UNJUDGED = "its answer was made from private material (a private attachm
 
 
 class Learner:
-    def __init__(self, records: DecisionLog, cloud: CloudBackend) -> None:
+    def __init__(self, config: Config, records: DecisionLog, cloud: CloudBackend) -> None:
         self.records = records
         self.cloud = cloud
         self.lock = threading.Lock()  # MESS+ state; the decider holds it for a whole decision
@@ -50,6 +50,7 @@ class Learner:
         # applied when it settles, so that the label, not the prediction, moves the queue.
         self._early: dict[int, tuple[LabelTarget, bool]] = {}
         self.shadow_labels, self.escalated_labels = records.local_labels()
+        self.adopt(config, self.priors(config))
 
     @staticmethod
     def priors(config: Config) -> dict[str, Prior]:
@@ -60,8 +61,8 @@ class Learner:
 
     def adopt(self, config: Config, priors: dict[str, Prior]) -> None:
         """Re-read the MESS+ state with the config's parameters, a local model that has no labels yet
-        starting from its prior (call with ``lock`` held: the decider swaps its config and policy in the
-        same step)."""
+        starting from its prior. On a reload, call with ``lock`` held: the decider swaps its config and
+        policy in the same step (Decider.reload)."""
         routing = config.routing
         self.config = config
         self.mess = MessPlus(

@@ -114,7 +114,7 @@ class Daemon:
         daemon_cfg = config.daemon
         self.sessions = SessionStore(daemon_cfg.session_idle_s, daemon_cfg.max_sessions, daemon_cfg.max_history_chars)
         self.telemetry = TelemetrySampler(config, self.cloud, self.local)
-        self.learner = Learner(self.records, self.cloud)
+        self.learner = Learner(config, self.records, self.cloud)
         self.decider = Decider(config, self.learner, self.records, self.telemetry, self.local, self.cloud)
         self.shadow = ShadowLane(config, self.local, self.learner, self.records, self.telemetry)
         self.runner = TurnRunner(

@@ -84,7 +84,7 @@ def main() -> None:
         cloud = CloudBackend(config.cloud)
         telemetry = TelemetrySampler(config, cloud, NoLocal())
         telemetry.sample()
-        learner = Learner(records, cloud)
+        learner = Learner(config, records, cloud)
         decider = Decider(config, learner, records, telemetry, NoLocal(), cloud)  # type: ignore[arg-type]
         sessions = SessionStore(1800, 100)
         session = sessions.open("bench")
