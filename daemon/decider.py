@@ -31,6 +31,7 @@ from locod.daemon.decision import (
 )
 from locod.daemon.learner import Learner
 from locod.daemon.local import MIN_ANSWER_TOKENS, TEMPLATE_SLACK_TOKENS, LocalBackend
+from locod.daemon.logs import Throttle
 from locod.daemon.records import DecisionLog
 from locod.daemon.telemetry import Snapshot, TelemetrySampler
 from locod.errors import PolicyError, PromptTooLong
@@ -129,6 +130,7 @@ class Decider:
         self.cloud = cloud
         self.config = config
         self.policy, self.policy_error = _load_policy(config, previous=None)
+        self._policy_failures = Throttle(log)
 
     def reload(self, config: Config) -> str | None:
         """Take a new config: the policy reloaded and the MESS+ state re-read with its parameters, both
@@ -392,8 +394,8 @@ class Decider:
         observation = observe(self._observation(turn, snapshot, access, view, self._best(candidates, s_hat)))
         try:
             log_pi = self.policy.log_probs(observation, mask).tolist()
-        except PolicyError as exc:
-            log.error("%s; deciding with MESS+ alone for this turn", exc.message)
+        except PolicyError as exc:  # the record shows no policy version; the log says why, once a minute
+            self._policy_failures.say("policy", logging.ERROR, "%s; deciding with MESS+ alone", exc.message)
             return None, {}
         probabilities = {ACTION_NAMES[a]: round(math.exp(log_pi[a]), 5) for a in sorted(actions)}
         return {key: log_pi[c.action] for key, c in candidates.items()}, probabilities

@@ -14,37 +14,17 @@ import asyncio
 import errno
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from locod.daemon.logs import Throttle
+
 log = logging.getLogger(__name__)
 
-REPORT_EVERY_S = 60.0
 OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
-
-
-class Throttle:
-    """At most one log line per kind of event and interval; the next one says how many were not logged."""
-
-    def __init__(self, every_s: float = REPORT_EVERY_S) -> None:
-        self.every_s = every_s
-        self._last: dict[str, float] = {}
-        self._quiet: dict[str, int] = {}
-
-    def say(self, kind: str, level: int, message: str, *args: object) -> None:
-        """Log ``message`` unless this kind was logged within the interval; a line after a quiet spell says
-        how many it stood for."""
-        now = time.monotonic()
-        if now - self._last.get(kind, -self.every_s) < self.every_s:
-            self._quiet[kind] = self._quiet.get(kind, 0) + 1
-            return
-        self._last[kind] = now
-        skipped = self._quiet.pop(kind, 0)
-        log.log(level, message + "%s", *args, f" ({skipped} more since the last such line)" if skipped else "")
 
 
 @dataclass
@@ -54,7 +34,7 @@ class Limits:
     max_connections: int
     request_timeout_s: float
     open: int = 0
-    throttle: Throttle = field(default_factory=Throttle)
+    throttle: Throttle = field(default_factory=lambda: Throttle(log))
 
     def accept_batch(self) -> int:
         """The listen backlog, which is also how many connections asyncio accepts at one go, before any of

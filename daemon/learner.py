@@ -174,7 +174,11 @@ class Learner:
         self.records.add_cost(decision_id, graded.cost_usd)
         verdict = VERDICT.search(graded.text)
         if verdict is None:
-            log.info("judge gave no verdict for decision %d: %r", decision_id, graded.text[:40])
+            log.info(
+                "judge gave no verdict for decision %d (%d characters, neither yes nor no)",
+                decision_id,
+                len(graded.text),
+            )
             return None
         return verdict.group(1).lower() == "yes"
 

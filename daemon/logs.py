@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
+REPORT_EVERY_S = 60.0  # a Throttle's default interval
 SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
@@ -18,6 +20,28 @@ class JournalFormatter(logging.Formatter):
         priority = SYSLOG_PRIORITY.get(record.levelno, 6)
         text = super().format(record).replace("\n", " | ")  # one line per event
         return f"<{priority}>{text}"
+
+
+class Throttle:
+    """At most one line per kind of event and interval into ``logger``: for what can happen on every request
+    or turn (a failing policy, a flood of refused connections); the next line says how many were not logged."""
+
+    def __init__(self, logger: logging.Logger, every_s: float = REPORT_EVERY_S) -> None:
+        self.logger = logger
+        self.every_s = every_s
+        self._last: dict[str, float] = {}
+        self._quiet: dict[str, int] = {}
+
+    def say(self, kind: str, level: int, message: str, *args: object) -> None:
+        """Log ``message`` unless this kind was logged within the interval; a line after a quiet spell says
+        how many it stood for."""
+        now = time.monotonic()
+        if now - self._last.get(kind, -self.every_s) < self.every_s:
+            self._quiet[kind] = self._quiet.get(kind, 0) + 1
+            return
+        self._last[kind] = now
+        skipped = self._quiet.pop(kind, 0)
+        self.logger.log(level, message + "%s", *args, f" ({skipped} more since the last such line)" if skipped else "")
 
 
 def configure_logging(level: str = "INFO") -> None:

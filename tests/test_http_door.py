@@ -168,7 +168,8 @@ def test_each_http_connection_has_its_own_turn_budget(daemon_factory: Any) -> No
 
 SERVER_OUT_OF_FDS = """
 import asyncio, logging, resource, sys
-from locod.daemon.httpconn import Throttle, loop_errors
+from locod.daemon.httpconn import loop_errors
+from locod.daemon.logs import Throttle
 logging.basicConfig(stream=sys.stderr, level=logging.INFO)
 resource.setrlimit(resource.RLIMIT_NOFILE, (48, 48))
 held = []
@@ -179,7 +180,7 @@ class Hold(asyncio.Protocol):
 
 async def main():
     loop = asyncio.get_running_loop()
-    loop.set_exception_handler(loop_errors(Throttle(60)))
+    loop.set_exception_handler(loop_errors(Throttle(logging.getLogger('locod.daemon.httpconn'), 60)))
     server = await loop.create_server(Hold, "127.0.0.1", 0)
     print(server.sockets[0].getsockname()[1], flush=True)
     await asyncio.sleep(float(sys.argv[1]))
