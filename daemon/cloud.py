@@ -46,6 +46,14 @@ log = logging.getLogger(__name__)
 NOT_CONNECTED = (httpx2.ConnectError, httpx2.ConnectTimeout, httpx2.PoolTimeout)
 # 4xx statuses that speak of the endpoint, its key or its load rather than of one request.
 ENDPOINT_4XX = frozenset({401, 403, 404, 408, 429})
+# A passive upload-bandwidth sample needs a request this large (smaller ones measure latency), and each
+# sample moves the estimate by this share.
+BANDWIDTH_SAMPLE_BYTES, BANDWIDTH_WEIGHT = 50_000, 0.3
+
+
+def backoff_s(attempt: int) -> float:
+    """The wait before retry ``attempt + 1``: 0.25 s, doubling, at most 2 s."""
+    return min(2.0, 0.25 * 2**attempt)
 
 
 def read_api_key(model: CloudModelConfig, env: dict[str, str] | None = None) -> str | None:
@@ -231,7 +239,7 @@ class CloudBackend:
                     breaker.failure()
                     kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
                     raise failed(f"{name}: endpoint {kind}", "cloud_unreachable") from None
-                delay = min(2.0, 0.25 * 2**attempt)
+                delay = backoff_s(attempt)
             except openai.OpenAIError as exc:
                 breaker.failure()
                 sent = True
@@ -251,7 +259,7 @@ class CloudBackend:
         if exc.status_code == 429:
             wait = retry_after_s(exc.response.headers.get("retry-after"))
             return wait if wait <= self.config.max_retry_after_s else None
-        return min(2.0, 0.25 * 2**attempt)
+        return backoff_s(attempt)
 
     def _consume(
         self,
@@ -325,10 +333,11 @@ class CloudBackend:
 
     def _measure_upload(self, sent: int, seconds: float) -> None:
         """Passive bandwidth estimate: request bytes over time to first token (an underestimate by design)."""
-        if sent < 50_000 or seconds <= 0:
-            return  # small requests measure latency, not bandwidth
+        if sent < BANDWIDTH_SAMPLE_BYTES or seconds <= 0:
+            return
         rate = sent / seconds
-        self.upload_bps = rate if self.upload_bps is None else 0.7 * self.upload_bps + 0.3 * rate
+        previous = rate if self.upload_bps is None else self.upload_bps
+        self.upload_bps = previous + BANDWIDTH_WEIGHT * (rate - previous)
 
     def close(self) -> None:
         for _, client in self._models.values():
