@@ -198,7 +198,8 @@ def test_breaker_recovers_after_cooldown(daemon_factory: Any, proxy: FaultProxy)
     """Open for the cooldown, then a trial turn closes it. The cooldown is long while the test checks that
     the breaker is open (on a busy machine a fallback answer took longer than a 5 s cooldown), then a reload
     shortens it: the running breaker takes the new cooldown, so it has passed."""
-    config = cloud_config(proxy.base_url, max_retries=0, breaker_failures=1, breaker_cooldown_s=600.0)
+    # timeout_s 60: on a loaded machine the loopback cloud's trial answer may take longer than the usual 5 s
+    config = cloud_config(proxy.base_url, max_retries=0, breaker_failures=1, breaker_cooldown_s=600.0, timeout_s=60.0)
     handle = daemon_factory(config)
     proxy.set(Fault("status", status=500, times=1))
     client = handle.client()
@@ -209,7 +210,8 @@ def test_breaker_recovers_after_cooldown(daemon_factory: Any, proxy: FaultProxy)
     write_config(handle.config_path, config)
     assert client.reload()["reloaded"] is True
     time.sleep(0.2)
-    assert client.ask("Hi", max_tokens=2).decision.location == "cloud"  # the trial turn goes through
+    trial = client.ask("Hi", max_tokens=2)
+    assert (trial.decision.location, trial.done.outcome) == ("cloud", "ok")  # the trial turn goes through
     assert client.status()["cloud"]["breaker"] == "closed"
 
 
