@@ -18,7 +18,15 @@ from typing import Any
 
 from locod import __version__
 from locod.errors import ConfigError, DaemonNotRunning, LocodError, ModelError, StorageError
-from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame, EscalatedFrame, FallbackFrame, Frame
+from locod.protocol import (
+    NO_CONFIG_FILE,
+    DecisionFrame,
+    DeltaFrame,
+    DoneFrame,
+    EscalatedFrame,
+    FallbackFrame,
+    Frame,
+)
 from locod.terminal import for_stream, shown
 
 EXIT_CODES: dict[type[LocodError], int] = {ConfigError: 2, ModelError: 3, StorageError: 4, DaemonNotRunning: 5}
@@ -426,7 +434,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(f"reload rejected, the running configuration kept: {why}")
         return 2
     source = result.get("config")
-    if source == "(defaults)":
+    if source == NO_CONFIG_FILE:
         print("reloaded, but no config file was found: defaults and LOCOD_* variables only")
     else:
         print(f"reloaded from {source}")
@@ -537,11 +545,11 @@ def _running_config(args: argparse.Namespace) -> tuple[dict[str, Any] | None, st
 
 
 def _same_file(path: str, source: str) -> bool:
-    return source != "(defaults)" and Path(path).resolve() == Path(source).resolve()
+    return source != NO_CONFIG_FILE and Path(path).resolve() == Path(source).resolve()
 
 
 def _sources(source: str) -> str:
-    start = "built-in defaults (no config file found)" if source == "(defaults)" else source
+    start = "built-in defaults (no config file found)" if source == NO_CONFIG_FILE else source
     return f"{start}, then LOCOD_* variables and --set overrides"
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from locod.daemon.regular_file import read_regular
 from locod.errors import ConfigError
+from locod.protocol import NO_CONFIG_FILE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -217,7 +218,7 @@ class Config:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     # Where the values came from, for `locod config show` and error messages.
-    source: str = field(default="(defaults)", compare=False)
+    source: str = field(default=NO_CONFIG_FILE, compare=False)
 
     @property
     def state_dir(self) -> Path:
@@ -298,7 +299,7 @@ def load_config(
     env = os.environ if env is None else env
     file = Path(path) if path is not None else find_config_file(env)
     table: dict[str, Any] = {}
-    source = "(defaults)"
+    source = NO_CONFIG_FILE
     if file is not None:
         source = str(file)
         try:

@@ -18,6 +18,7 @@ from locod.daemon.attachments import PreparedAttachment
 from locod.daemon.config import Config, load_config
 from locod.errors import ConfigError, UnknownModel
 from locod.policy.messplus import RecordedFeatures
+from locod.protocol import NO_CONFIG_FILE
 
 
 @dataclass(frozen=True)
@@ -245,7 +246,7 @@ def unknown_model(config: Config, name: str) -> UnknownModel:
     shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"  # not echoed whole
     message = f"no model named {shown}; local models: {local}, cloud models: {cloud}"
     try:
-        now = load_config(None if config.source == "(defaults)" else config.source)
+        now = load_config(None if config.source == NO_CONFIG_FILE else config.source)
     except ConfigError:
         return UnknownModel(message)
     if name in {m.name for m in now.local.models} | {m.name for m in now.cloud.models}:
