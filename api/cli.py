@@ -561,10 +561,11 @@ def _print_toml_keys(values: dict[str, Any]) -> None:
 
 
 def cmd_models_fetch(args: argparse.Namespace) -> int:
+    from locod.daemon.config import EMBEDDED_MODEL
     from locod.daemon.fetch import fetch
 
     directory = Path(args.dir) if args.dir else _config(args).models_dir
-    fetch(args.name, directory, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    fetch(args.name or EMBEDDED_MODEL.name, directory, progress=lambda line: print(line, file=sys.stderr, flush=True))
     return 0
 
 
@@ -771,7 +772,7 @@ def _add_offline_commands(sub: Any) -> None:
 
     models = sub.nested("models", help="local models")
     p = models.add_parser("fetch", help="download and verify a model of the manifest")
-    p.add_argument("name", nargs="?", default="smollm2-135m-instruct")
+    p.add_argument("name", nargs="?", help="a model of models/manifest.toml (default: the embedded one)")
     p.add_argument("--dir", help="models directory (default: paths.models_dir)")
     p.set_defaults(func=cmd_models_fetch)
     p = models.add_parser("pull", help="download a GGUF (URL or hf://owner/repo/file.gguf) and register it")

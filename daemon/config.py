@@ -125,9 +125,13 @@ class LogConfig:
     prompts: bool = False
 
 
+# The model shipped with locod (models/manifest.toml): the default local model.
+EMBEDDED_MODEL = LocalModelConfig(name="smollm2-135m-instruct", path="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
 @dataclass(frozen=True)
 class LocalConfig:
-    default: str = "smollm2-135m-instruct"
+    default: str = EMBEDDED_MODEL.name
     memory_budget_mb: int = field(default=4096, metadata=_range(64))
     n_threads: int = field(default=0, metadata=_range(0, 1024))
     max_tokens: int = field(default=256, metadata=_range(1, 1 << 20))
@@ -272,7 +276,6 @@ ENV_OVERRIDES: dict[str, str] = {
 }
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; read on the serving loop at reload, so never unbounded
-EMBEDDED_MODEL = LocalModelConfig(name="smollm2-135m-instruct", path="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def find_config_file(env: Mapping[str, str]) -> Path | None:
