@@ -65,7 +65,7 @@ class DaemonCollector(Collector):
             "locod_sla_target": ("The SLA: the share of turns that should satisfy.", routing["sla"]),
             "locod_sla_attainment": ("The share of settled turns that satisfied.", routing["attained"]),
             "locod_q": ("MESS+'s virtual queue: how far behind the SLA routing is.", routing["q"]),
-            "locod_turns_in_flight": ("Turns admitted and not finished.", len(d._turns)),
+            "locod_turns_in_flight": ("Turns admitted and not answered yet.", d.in_flight()),
             "locod_local_queue_depth": ("Turns waiting for the local model.", d.local.gate.waiting),
             "locod_spent_today_usd": ("Money spent since local midnight.", d.records.spent_today()),
         }

@@ -129,7 +129,7 @@ class Daemon:
             self.shadow,
         )
         self.pool = ThreadPoolExecutor(max_workers=config.daemon.queue_limit, thread_name_prefix="turn")
-        # Turns in flight and whom they answer; touched only by the loop's thread.
+        # Turns in flight and whom they answer; changed only by the loop's thread (in_flight() reads a copy).
         self._turns: dict[Future[None], tuple[bytes, Reply]] = {}
         self.backlog = Backlog(config.daemon.max_queued_bytes)
         self.ctx = zmq.Context()
@@ -477,21 +477,22 @@ class Daemon:
                 "no_api_key": self.cloud.keyless,
             },
             "queue": {
-                "in_flight": self._in_flight(),
+                "in_flight": self.in_flight(),
                 "waiting_for_local": self.local.gate.waiting,
                 "backlog_bytes": self.backlog.queued_bytes(),
             },
             "sessions": len(self.sessions),
-            "turns_served": self.turns_served + len(self._turns) - self._in_flight(),
+            "turns_served": self.turns_served + len(self._turns) - self.in_flight(),
             "interrupted_at_start": self.records.interrupted_at_start,
             "telemetry": self.telemetry.snapshot_dict(),
             "routing": {**self.decider.status(), **self.learner.status()},
             "stopping": self.stopping_since is not None,
         }
 
-    def _in_flight(self) -> int:
-        """Turns not answered yet (a turn's learning step may still run after its `done` frame)."""
-        return sum(not reply.answered.is_set() for _, reply in self._turns.values())
+    def in_flight(self) -> int:
+        """Turns not answered yet (a turn's learning step may still run after its `done` frame). Read from a
+        copy of the turns taken in one step, so the metrics' thread may ask too."""
+        return sum(not reply.answered.is_set() for _, reply in list(self._turns.values()))
 
     def _status_line(self) -> str:
         routing = {**self.decider.status(), **self.learner.status()}
@@ -500,7 +501,7 @@ class Daemon:
         return (
             f"model {self.config.local.default}, {net}, mode {routing['mode']}, "
             f"SLA {_or_na(routing['attained'])}/{routing['sla']}, Q {routing['q']:.2f}, "
-            f"{self._in_flight()} in flight"
+            f"{self.in_flight()} in flight"
         )
 
     def _on_signals(self) -> None:

@@ -102,6 +102,7 @@ def test_whole_and_streamed_answers_continue_one_session(daemon_factory: Any) ->
         r["tokens_out"] for r in rows
     )
     assert ("locod_sla_target", ()) in metrics and metrics[("locod_local_queue_depth", ())] == 0
+    assert metrics[("locod_turns_in_flight", ())] == 0  # both answered, as status counts them
     assert get(f"{base}/health") == (200, '{"status":"ok"}')
 
 
