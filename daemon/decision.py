@@ -11,10 +11,13 @@ to a model that cannot see them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from locod.daemon.attachments import PreparedAttachment
+from locod.daemon.catalog import manifest_path
 from locod.daemon.config import Config, load_config
 from locod.errors import ConfigError, UnknownModel
 from locod.policy.messplus import RecordedFeatures
@@ -245,13 +248,30 @@ def unknown_model(config: Config, name: str) -> UnknownModel:
     local, cloud = [m.name for m in config.local.models], [m.name for m in config.cloud.models]
     shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"  # not echoed whole
     message = f"no model named {shown}; local models: {local}, cloud models: {cloud}"
-    try:
-        now = load_config(None if config.source == NO_CONFIG_FILE else config.source)
-    except ConfigError:
-        return UnknownModel(message)
-    if name in {m.name for m in now.local.models} | {m.name for m in now.cloud.models}:
+    source = None if config.source == NO_CONFIG_FILE else config.source
+    files = (Path(source) if source else None, manifest_path(config.models_dir))
+    if name in _names_on_disk(source, tuple(_stamp(f) for f in files)):
         message += f"; {shown} was added after the daemon last read its configuration: run `locod reload`"
     return UnknownModel(message)
+
+
+@functools.lru_cache(maxsize=4)
+def _names_on_disk(source: str | None, stamps: tuple[tuple[int, int] | None, ...]) -> frozenset[str]:
+    """The model names the configuration would hold if read now; read again only when the config file or the
+    pulled models' manifest changed (``stamps``), so a client naming unknown models costs no file reads."""
+    try:
+        now = load_config(source)
+    except ConfigError:
+        return frozenset()
+    return frozenset([m.name for m in now.local.models] + [m.name for m in now.cloud.models])
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    try:
+        info = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return None if info is None else (info.st_mtime_ns, info.st_size)
 
 
 def _instead(config: Config, origin: str, asked: str, blocked: str) -> Decision:
