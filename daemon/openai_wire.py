@@ -13,6 +13,16 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from locod.errors import (
+    AttachmentError,
+    Busy,
+    CloudError,
+    PromptTooLong,
+    ProtocolError,
+    RequestError,
+    UnknownDecision,
+    UnknownModel,
+)
 from locod.protocol import OPTION_RULES, Attachment, ChatOptions, DecisionFrame, DoneFrame, ErrorFrame, option_problem
 
 # Keys that change what an answer is and that locod cannot honour: refused rather than silently ignored.
@@ -173,13 +183,13 @@ def status_of(frame: ErrorFrame) -> int:
     """The HTTP status for a daemon's error frame."""
     if frame.code in ("too_large", "attachment_too_large"):
         return 413
-    if frame.kind == "busy":  # stopping (or cancelled by the stop before it was accepted), or at a queue limit
+    if frame.kind == Busy.code:  # stopping (or cancelled by the stop before it was accepted), or at a queue limit
         return 503 if frame.code in ("shutting_down", "cancelled") else 429
-    if frame.kind in ("unknown_model", "unknown_decision"):
+    if frame.kind in (UnknownModel.code, UnknownDecision.code):
         return 404
-    if frame.kind in ("bad_request", "protocol", "bad_attachment", "prompt_too_long"):
+    if frame.kind in (RequestError.code, ProtocolError.code, AttachmentError.code, PromptTooLong.code):
         return 400
-    return 502 if frame.kind == "cloud" else 500
+    return 502 if frame.kind == CloudError.code else 500
 
 
 def error_of(frame: ErrorFrame) -> HttpError:

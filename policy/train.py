@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,11 @@ DEFAULT_CONFIG = TrainConfig()
 
 
 def train(
-    sources: Sequence[tuple[TurnSource, float]], config: TrainConfig = DEFAULT_CONFIG, log: bool = False
+    sources: Sequence[tuple[TurnSource, float]],
+    config: TrainConfig = DEFAULT_CONFIG,
+    progress: Callable[[str], None] | None = None,
 ) -> Policy:
+    """RC-PPO on episodes drawn from ``sources`` (weighted); ``progress`` hears a line per rollout."""
     torch.manual_seed(config.seed)
     np.random.seed(config.seed)
     torch.set_num_threads(2)
@@ -83,8 +86,8 @@ def train(
                 mask = info["action_mask"]
         done_steps += config.rollout
         _update(policy, optimiser, batch, config)
-        if log:
-            print(f"{done_steps} steps: mean reward {np.mean(batch['reward']):.4f}", flush=True)
+        if progress is not None:
+            progress(f"{done_steps} steps: mean reward {np.mean(batch['reward']):.4f}")
     return policy
 
 
@@ -200,7 +203,7 @@ def train_and_report(trace: Path, from_db: Path | None, out: Path, config: Train
         except ValueError as exc:
             raise PolicyError(f"--from-db {from_db}: {exc}", code="too_few_labels") from None
         inputs.append(from_db)
-    policy = train(sources, config, log=True)
+    policy = train(sources, config, progress=lambda line: print(line, flush=True))
     weights = hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in policy.state_dict().values()))
     # seed, length and data say how it was made; the weights' hash tells apart policies made by other code
     version = f"rcppo-s{config.seed}-{config.steps // 1000}k-{data_hash(inputs)[:8]}-{weights.hexdigest()[:6]}"
