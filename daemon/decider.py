@@ -29,8 +29,9 @@ from locod.daemon.decision import (
     uploadable,
     withheld_note,
 )
+from locod.daemon.fitting import MIN_ANSWER_TOKENS, TEMPLATE_SLACK_TOKENS
 from locod.daemon.learner import Learner
-from locod.daemon.local import MIN_ANSWER_TOKENS, TEMPLATE_SLACK_TOKENS, LocalBackend
+from locod.daemon.local import LocalBackend
 from locod.daemon.logs import Throttle
 from locod.daemon.records import DecisionLog
 from locod.daemon.telemetry import Snapshot, TelemetrySampler

@@ -19,7 +19,7 @@ from locod.daemon.backends import Prompt
 from locod.daemon.cloud import CircuitBreaker
 from locod.daemon.config import load_config
 from locod.daemon.decision import CloudAccess, Decision, Routing, fixed_decision, uploadable
-from locod.daemon.local import fit_to_context, prompt_tokens, trim_to_context
+from locod.daemon.fitting import fit_to_context, prompt_tokens, trim_to_context
 from locod.daemon.records import MIGRATIONS, DecisionLog, DecisionRecord, Outcome
 from locod.errors import AttachmentError, PromptTooLong
 from locod.policy import rule
