@@ -81,6 +81,7 @@ class FeedbackRequest:
     decision: int
     satisfied: bool
     secret: str | None = None
+    op: ClassVar[str] = "feedback"
 
 
 @dataclass(frozen=True)
@@ -358,7 +359,7 @@ def encode_request(request: Request) -> bytes:
         if options:
             msg["options"] = options
     elif isinstance(request, FeedbackRequest):
-        msg.update(op="feedback", decision=request.decision, satisfied=request.satisfied)
+        msg.update(op=request.op, decision=request.decision, satisfied=request.satisfied)
     else:
         msg["op"] = request.op
         if request.op == "decisions":

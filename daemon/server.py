@@ -340,7 +340,7 @@ class Daemon:
             return
         frame: Frame
         try:
-            frame = ResultFrame(getattr(request, "op", "feedback"), self._answer(request))
+            frame = ResultFrame(request.op, self._answer(request))
         except LocodError as exc:
             frame = ErrorFrame.of(exc)
         self._send(peer, encode_frame(request.id, frame))
