@@ -537,7 +537,7 @@ class Daemon:
         except LocodError as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc.message)
             self.notifier.ready(self._status_line())
-            return {"reloaded": False, "error": exc.message, "restart_needed": []}
+            return {"reloaded": False, "error": exc.message, "restart_needed": [], "policy_error": None}
         kept = [name for name in AS_STARTED if getattr(new, name) != getattr(self.config, name)]
         if kept:
             log.warning("reload: [%s] changed and take(s) effect at the next restart", "], [".join(kept))
