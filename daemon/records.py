@@ -26,6 +26,9 @@ import sqlite_utils
 
 from locod.daemon.decision import NO_ROUTING_COLUMNS, Routing
 from locod.errors import StorageError, UnknownDecision
+from locod.policy.logged import LoggedTurn
+from locod.policy.observation import ObsInputs, Slot
+from locod.policy.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -124,23 +127,6 @@ class LabelTarget:
     model: str
     routing: Routing | None
     confidence: JudgedAnswer | None = None  # the local answer that was labelled, where its confidence was read
-
-
-@dataclass(frozen=True)
-class LoggedTurn:
-    """A labelled, answered turn as training reads it (``labelled_turns``)."""
-
-    session: str
-    turn: int
-    task: str
-    prompt_chars: int
-    backend: str
-    satisfied: bool
-    latency_total_ms: float
-    cost_usd: float
-    energy_j: float
-    attachments_offered: list[dict[str, Any]]
-    telemetry: dict[str, Any]
 
 
 JSON_COLUMNS = (
@@ -487,18 +473,32 @@ def labelled_turns(path: Path) -> list[LoggedTurn]:
         LoggedTurn(
             session=row["session"],
             turn=row["turn"],
-            task=row["task"],
-            prompt_chars=row["prompt_chars"],
             backend=row["backend"],
             satisfied=bool(row["satisfied"]),
             latency_total_ms=row["latency_total_ms"] or 0.0,
             cost_usd=row["cost_usd"] or 0.0,
             energy_j=row["energy_j"] or 0.0,
-            attachments_offered=json.loads(row["attachments_offered"] or "[]"),
-            telemetry=json.loads(row["telemetry"] or "{}"),
+            observed=_observed(row),
         )
         for row in rows
     ]
+
+
+def _observed(row: sqlite3.Row) -> ObsInputs:
+    """What the policy would have observed for a logged turn, from its record's columns (the attachments'
+    summaries and the telemetry snapshot, as the turn wrote them)."""
+    offered = json.loads(row["attachments_offered"] or "[]")
+    telemetry = json.loads(row["telemetry"] or "{}")
+    battery = telemetry.get("battery_pct")
+    return ObsInputs(
+        task=row["task"] if row["task"] in TASKS else "chat",
+        prompt_chars=row["prompt_chars"],
+        slots=[Slot(float(a.get("relevance", 0.0)), a.get("kind") == "image", bool(a.get("private"))) for a in offered],
+        battery=(100 if battery is None else battery) / 100,
+        on_ac=telemetry.get("on_ac"),
+        online=telemetry.get("online"),
+        link=telemetry.get("link", "unknown"),
+    )
 
 
 def read_recent(path: Path, limit: int) -> list[dict[str, Any]]:

@@ -38,20 +38,19 @@ of docs/routing.md (``TraceSource``), or this device's decision log (``LogSource
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import gymnasium as gym
 import numpy as np
 
-if TYPE_CHECKING:
-    from locod.daemon.records import LoggedTurn
-
+from locod.policy.logged import LoggedTurn
 from locod.policy.observation import (
     N_ACTIONS,
     OBS_DIM,
@@ -341,7 +340,8 @@ class LogSource:
             return _outcome(row)
 
         def distance(other: LoggedTurn) -> float:
-            return float(other.task != row.task) + abs(math.log1p(other.prompt_chars) - math.log1p(row.prompt_chars))
+            a, b = other.observed, row.observed
+            return float(a.task != b.task) + abs(math.log1p(a.prompt_chars) - math.log1p(b.prompt_chars))
 
         near = sorted(self.by_location[location], key=distance)[: self.k]
         weights = [1.0 / (1e-3 + distance(o)) for o in near]
@@ -351,23 +351,11 @@ class LogSource:
     def episode(self, rng: random.Random) -> list[TurnOutcomes]:
         out = []
         for row in rng.choice(self.sessions):
-            offered = row.attachments_offered
-            slots = [
-                Slot(float(a.get("relevance", 0.0)), a.get("kind") == "image", bool(a.get("private"))) for a in offered
-            ][:K]
+            slots = list(row.observed.slots)[:K]
             mask = action_mask(slots, cloud_allowed=True)
             local, cloud = self._estimate(row, "local"), self._estimate(row, "cloud")
             arrays = [np.array([local[i]] + [cloud[i]] * (N_ACTIONS - 1)) for i in range(4)]
-            telemetry = row.telemetry
-            inputs = ObsInputs(
-                task=row.task if row.task in TASKS else "chat",
-                prompt_chars=row.prompt_chars,
-                slots=slots,
-                battery=(telemetry.get("battery_pct") or 100) / 100,
-                on_ac=telemetry.get("on_ac"),
-                online=telemetry.get("online"),
-                link=telemetry.get("link", "unknown"),
-            )
+            inputs = dataclasses.replace(row.observed, slots=slots)
             quality, latency, usd, energy = arrays
             out.append(TurnOutcomes(inputs, mask, quality, latency, usd, energy, association(slots)))
         return out
