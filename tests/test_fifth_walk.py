@@ -7,6 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import openai
+import pytest
+
 from .conftest import cloud_config, free_port
 from .faultproxy import Fault, FaultProxy
 
@@ -46,3 +49,23 @@ def test_a_reload_that_fixes_the_key_is_tried_by_the_next_turn(
     assert f"HTTP 404 from the endpoint: {hint}" in wrong.stderr, wrong.stderr
     down = handle.cli("ask", "Hi", "--max-tokens", "2", "--model", "gone")
     assert f"gone: endpoint {dead} unreachable" in down.stderr, down.stderr
+
+
+def test_an_editor_plugins_first_calls_through_the_openai_client(daemon_factory: Any) -> None:
+    port = free_port()
+    daemon_factory(extra_env={"LOCOD_HTTP": f"127.0.0.1:{port}"})
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    assert client.models.retrieve("smollm2-135m-instruct").owned_by == "locod-local"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-4o")
+    assert "the model 'gpt-4o' does not exist" in missing.value.message
+    no_v1 = openai.OpenAI(base_url=f"http://127.0.0.1:{port}", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as slipped:  # the usual first slip: base_url without /v1
+        no_v1.chat.completions.create(model="auto", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert "locod serves no POST /chat/completions" in slipped.value.message
+    assert "base_url ends in /v1" in slipped.value.message and slipped.value.code == "not_found"
+    answer = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert answer.choices[0].message.content
+    with pytest.raises(openai.APIStatusError) as method:
+        client.get("/chat/completions", cast_to=object)
+    assert method.value.status_code == 405 and method.value.code == "method_not_allowed"
