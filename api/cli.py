@@ -28,6 +28,7 @@ from locod.protocol import (
     Frame,
 )
 from locod.terminal import for_stream, shown
+from locod.words import counted
 
 EXIT_CODES: dict[type[LocodError], int] = {ConfigError: 2, ModelError: 3, StorageError: 4, DaemonNotRunning: 5}
 
@@ -211,7 +212,8 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool) -> int:
                 estimate = " (estimated)" if frame.cost_estimated else ""
                 print(
                     f"[decision {frame.decision}: {frame.outcome} via {frame.location} {frame.model}, "
-                    f"{frame.tokens_out} tokens, {frame.latency_ms:.0f} ms, ${frame.cost_usd:.5f}{estimate}]",
+                    f"{counted(frame.tokens_out, 'token')}, {frame.latency_ms:.0f} ms, "
+                    f"${frame.cost_usd:.5f}{estimate}]",
                     file=sys.stderr,
                 )
     return 0
@@ -295,7 +297,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{loc['default']} (resident: {', '.join(loc['resident']) or 'none'}; "
             f"{_fmt(loc['tokens_per_s'], '{:.1f} tok/s')}); dialogue cache {loc['cache']['dialogues']} kept, "
             f"{loc['cache']['mb']:.0f}/{loc['cache']['limit_mb']:.0f} MB, "
-            f"{loc['cache']['hits']} hits, {loc['cache']['misses']} misses",
+            f"{counted(loc['cache']['hits'], 'hit')}, {counted(loc['cache']['misses'], 'miss', 'misses')}",
         ),
         (
             "cloud",
@@ -305,9 +307,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         (
             "routing",
             f"mode {r['mode']}, SLA {r['sla']:.2f}, attained {_fmt(r['attained'], '{:.3f}')} (labels where "
-            "given, predictions otherwise) over "
-            f"{r['turns']} turns, Q {r['q']:.2f}, {r['shadow_labels']} shadow and "
-            f"{r['escalated_labels']} escalation labels" + _out_of_reach(r, c),
+            f"given, predictions otherwise) over {counted(r['turns'], 'turn')}, Q {r['q']:.2f}, "
+            f"{counted(r['shadow_labels'], 'shadow label')} and {counted(r['escalated_labels'], 'escalation label')}"
+            + _out_of_reach(r, c),
         ),
         (
             "device",
@@ -324,7 +326,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         (
             "queue",
             f"{status['queue']['in_flight']} in flight, {status['queue']['waiting_for_local']} waiting "
-            f"for the local model; {status['sessions']} sessions",
+            f"for the local model; {counted(status['sessions'], 'session')}",
         ),
     ]
     if status.get("http"):  # an older daemon's status has no such field
