@@ -338,6 +338,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say_which_variables_stay_here(running: dict[str, Any]) -> None:
+    """A reload re-reads the config file in the daemon's environment, not the caller's: a ``LOCOD_*``
+    override exported in this shell (``LOCOD_HTTP``) reaches a daemon only when it starts. Said once, in one
+    line, for just the variables whose value the running daemon does not have."""
+    from locod.daemon.config import ENV_OVERRIDES, parsed_override
+
+    differing = []
+    for var, key in ENV_OVERRIDES.items():
+        text = os.environ.get(var, "")
+        section, _, name = key.partition(".")
+        if not text or section not in running or name not in running[section]:
+            continue
+        try:
+            value = parsed_override(key, text, f"${var}")
+        except ConfigError:
+            value = text  # not a value the daemon could have either
+        if value != running[section][name]:
+            differing.append(f"${var}")
+    if differing:
+        print(
+            f"note: {', '.join(differing)} in this shell {'is' if len(differing) == 1 else 'are'} not what the "
+            "running daemon has: a reload reads the config file, and a daemon keeps the environment it was "
+            "started with; put the value in the config file, or restart the daemon with it",
+            file=sys.stderr,
+        )
+
+
 def _reachable(value: bool | None) -> str:
     return "not probed yet" if value is None else "reachable" if value else "unreachable"
 
@@ -431,6 +458,7 @@ def cmd_feedback(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.reload()
+        running = client.daemon_config() if result["reloaded"] else {}
     if not result["reloaded"]:
         why = result.get("error") or "the configuration is invalid (see the daemon's log)"  # an older daemon
         print(f"reload rejected, the running configuration kept: {why}")
@@ -442,6 +470,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(f"reloaded from {source}")
     if result.get("restart_needed"):
         print(f"changed in [{'], ['.join(result['restart_needed'])}]: takes effect when the daemon restarts")
+    _say_which_variables_stay_here(running)
     if result.get("policy_error"):  # the configuration applied, but the routing policy it names was refused
         print(f"locod: the routing policy was refused: {result['policy_error']}", file=sys.stderr)
         return 1
@@ -673,7 +702,8 @@ def _global_options(default: Any) -> argparse.ArgumentParser:
     group.add_argument(
         "--config",
         default=default,
-        help="config file (default: $LOCOD_CONFIG, ~/.config/locod/config.toml, /etc/locod/config.toml)",
+        help="config file (default: $LOCOD_CONFIG, $XDG_CONFIG_HOME/locod/config.toml (~/.config/locod/config.toml), "
+        "/etc/locod/config.toml)",
     )
     group.add_argument(
         "--set",

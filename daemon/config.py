@@ -349,6 +349,15 @@ def _set_text(table: dict[str, Any], dotted: str, text: str, origin: str) -> str
     return origin
 
 
+def parsed_override(dotted: str, text: str, origin: str) -> Any:
+    """The value ``text`` stands for at ``dotted`` (``LOCOD_SLA=0.9`` -> 0.9), checked as an override is."""
+    table: dict[str, Any] = {}
+    _set_text(table, dotted, text, origin)
+    for part in dotted.split("."):
+        table = table[part]
+    return table
+
+
 def _known(cls: Any) -> str:
     """The names an override may use at this level, as a file's unknown key lists them."""
     return ", ".join(sorted(f.name for f in dataclasses.fields(cls) if f.name != "source"))
