@@ -418,6 +418,17 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit(text: str) -> int:
+    """``decisions --limit``: the range the daemon takes, checked before asking it (or the file)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number, got {text!r}") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 1000, got {value}")
+    return value
+
+
 def _column(row: dict[str, Any], column: str) -> str:
     if column == "time":
         return _time(row["created"])
@@ -777,7 +788,7 @@ def _add_daemon_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("decisions", help="recent decision records")
-    p.add_argument("--limit", type=int, default=20, help="how many of the newest (default 20)")
+    p.add_argument("--limit", type=_limit, default=20, help="how many of the newest, 1-1000 (default 20)")
     p.add_argument("--json", action="store_true", help="whole records as JSON, one array")
     p.set_defaults(func=cmd_decisions)
 
