@@ -679,7 +679,7 @@ def cmd_models_rm(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from locod.report import write_report
 
-    out = write_report(_config(args), since=args.since, out=args.out)
+    out = write_report(_as_running(args), since=args.since, out=args.out)
     print(f"wrote {out}")
     return 0
 
@@ -687,7 +687,26 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_policy_train(args: argparse.Namespace) -> int:
     from locod.policy.train_cli import main as train_main
 
-    return train_main(args.train_args, default_out=_config(args).state_dir / "policy.onnx")
+    return train_main(args.train_args, default_out=_as_running(args).state_dir / "policy.onnx")
+
+
+def _as_running(args: argparse.Namespace) -> Any:
+    """The configuration, with the state directory (and daily cap) of the daemon that runs, if one does:
+    a service's differs from a shell's (systemd's $STATE_DIRECTORY, /var/lib/locod), and `locod report` must
+    read the log it writes, `locod policy train` write the policy where it loads it."""
+    import dataclasses
+
+    config = _config(args)
+    try:
+        with _client(args, warn=False) as client:
+            running = client.daemon_config()
+    except DaemonNotRunning:
+        return config
+    return dataclasses.replace(
+        config,
+        paths=dataclasses.replace(config.paths, state_dir=running["paths"]["state_dir"]),
+        cloud=dataclasses.replace(config.cloud, daily_cap_usd=running["cloud"]["daily_cap_usd"]),
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

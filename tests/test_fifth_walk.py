@@ -4,13 +4,16 @@ the real CLI, a real daemon, the real llama_cpp.server behind the fault proxy an
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from .conftest import cloud_config, free_port
+from .conftest import REPO, cloud_config, free_port, locod_command
 from .faultproxy import Fault, FaultProxy
 
 
@@ -69,3 +72,61 @@ def test_an_editor_plugins_first_calls_through_the_openai_client(daemon_factory:
     with pytest.raises(openai.APIStatusError) as method:
         client.get("/chat/completions", cast_to=object)
     assert method.value.status_code == 405 and method.value.code == "method_not_allowed"
+
+
+def test_the_cli_as_a_new_user_meets_it(daemon_factory: Any, tmp_path: Path) -> None:
+    handle = daemon_factory()
+    assert handle.cli("ask", "Hi", "--max-tokens", "2").returncode == 0
+    status = handle.cli("status").stdout
+    assert "over 1 turn," in status and "0 shadow labels and 0 escalation labels" in status, status
+    assert "1 sessions" not in status and "1 misses" not in status
+
+    # The shell's LOCOD_HTTP is not the daemon's; its LOCOD_ROUTING is the same: only the one is named.
+    env = {**handle.env, "LOCOD_HTTP": "127.0.0.1:8080", "LOCOD_ROUTING": "auto"}
+    reloaded = subprocess.run(
+        locod_command("--config", str(handle.config_path), "reload"), capture_output=True, text=True, env=env
+    )
+    assert reloaded.returncode == 0, reloaded.stderr
+    assert "note: $LOCOD_HTTP in this shell is not what the running daemon has" in reloaded.stderr
+    assert "LOCOD_ROUTING" not in reloaded.stderr and reloaded.stderr.count("\n") == 1
+    assert "note:" not in handle.cli("reload").stderr  # nothing exported: nothing said
+
+    for limit in ("0", "-1", "1001"):
+        refused = handle.cli("decisions", "--limit", limit)
+        assert refused.returncode == 2 and "must be between 1 and 1000" in refused.stderr, refused.stderr
+    with handle.client() as raw, pytest.raises(Exception, match="limit"):
+        raw.decisions(0)  # over the socket too: 0 is refused, not read as the default
+
+    # `locod report` from a shell whose own state directory is elsewhere (a service's $STATE_DIRECTORY, a
+    # systemd user unit's): it draws the running daemon's log.
+    shell = {k: v for k, v in handle.env.items() if k != "LOCOD_STATE_DIR"}
+    shell.update(HOME=str(tmp_path / "home"), XDG_STATE_HOME=str(tmp_path / "elsewhere"))
+    out = tmp_path / "report.html"
+    drawn = subprocess.run(
+        locod_command("--config", str(handle.config_path), "report", "--out", str(out)),
+        capture_output=True,
+        text=True,
+        env=shell,
+        cwd=tmp_path,
+    )
+    assert drawn.returncode == 0, drawn.stderr
+    assert out.stat().st_size > 0 and not (tmp_path / "elsewhere" / "locod").exists()
+
+
+def test_help_names_xdg_config_home_and_the_user_unit_keeps_state_where_the_cli_reads(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCOD_")}
+    helped = subprocess.run(locod_command("--help"), capture_output=True, text=True, env=env).stdout
+    assert "$XDG_CONFIG_HOME/locod/config.toml" in " ".join(helped.split())
+    # Before systemd 254 a user unit's StateDirectory= is under $XDG_CONFIG_HOME: the daemon would keep its
+    # log in ~/.config/locod while `locod report` and `decisions` read ~/.local/state/locod.
+    unit = (REPO / "systemd/user/locod.service").read_text()
+    assert not [line for line in unit.splitlines() if line.startswith("StateDirectory")]
+    rows = json.loads(
+        subprocess.run(
+            locod_command("config", "show", "--json"),
+            capture_output=True,
+            text=True,
+            env={**env, "HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path / "c")},
+        ).stdout
+    )
+    assert rows["paths"]["state_dir"] == str(tmp_path / ".local/state/locod")
