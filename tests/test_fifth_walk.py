@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -130,3 +131,26 @@ def test_help_names_xdg_config_home_and_the_user_unit_keeps_state_where_the_cli_
         ).stdout
     )
     assert rows["paths"]["state_dir"] == str(tmp_path / ".local/state/locod")
+
+
+def test_a_second_gguf_under_a_path_with_spaces_and_a_tilde(
+    daemon_factory: Any, model_path: Path, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    (home / "my models").mkdir(parents=True)
+    try:
+        os.link(model_path, home / "my models" / "Other Model.gguf")
+    except OSError:  # another filesystem
+        shutil.copyfile(model_path, home / "my models" / "Other Model.gguf")
+    config = {"local": {"default": "other", "models": [{"name": "other", "path": "~/my models/Other Model.gguf"}]}}
+    handle = daemon_factory(config, extra_env={"HOME": str(home)})
+    asked = handle.cli("ask", "Hi", "--model", "other", "--max-tokens", "2")
+    assert asked.returncode == 0, asked.stderr
+    assert handle.rows()[-1]["model"] == "other"
+    listed = json.loads(handle.cli("models", "list", "--json").stdout)
+    other = next(m for m in listed if m["name"] == "other")
+    assert other["path"] == str(home / "my models" / "Other Model.gguf") and other["default"] and other["loaded"]
+
+    pulled = handle.cli("models", "pull", "~/my models/Other Model.gguf")  # a file on disk is not downloaded
+    assert pulled.returncode != 0 and "a GGUF already on disk needs no pull" in pulled.stderr, pulled.stderr
+    assert "[[local.models]]" in pulled.stderr
