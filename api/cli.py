@@ -338,13 +338,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _say_which_variables_stay_here(running: dict[str, Any]) -> None:
+def _say_which_variables_stay_here(running: dict[str, Any], keyless: dict[str, str]) -> None:
     """A reload re-reads the config file in the daemon's environment, not the caller's: a ``LOCOD_*``
-    override exported in this shell (``LOCOD_HTTP``) reaches a daemon only when it starts. Said once, in one
-    line, for just the variables whose value the running daemon does not have."""
+    override exported in this shell (``LOCOD_HTTP``), or a cloud key (``LOCOD_CLOUD_API_KEY``), reaches a
+    daemon only when it starts. Said once, in one line, for just the variables whose value the running
+    daemon does not have (a key's value is never compared: only whether the daemon has one)."""
     from locod.daemon.config import ENV_OVERRIDES, parsed_override
 
-    differing = []
+    differing = sorted({f"${var}" for var in keyless.values() if os.environ.get(var)})
     for var, key in ENV_OVERRIDES.items():
         text = os.environ.get(var, "")
         section, _, name = key.partition(".")
@@ -360,7 +361,7 @@ def _say_which_variables_stay_here(running: dict[str, Any]) -> None:
         print(
             f"note: {', '.join(differing)} in this shell {'is' if len(differing) == 1 else 'are'} not what the "
             "running daemon has: a reload reads the config file, and a daemon keeps the environment it was "
-            "started with; put the value in the config file, or restart the daemon with it",
+            "started with; put the value in the config file (a key: in an api_key_file), or restart the daemon with it",
             file=sys.stderr,
         )
 
@@ -470,6 +471,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.reload()
         running = client.daemon_config() if result["reloaded"] else {}
+        keyless = client.status()["cloud"].get("no_api_key", {}) if result["reloaded"] else {}
     if not result["reloaded"]:
         why = result.get("error") or "the configuration is invalid (see the daemon's log)"  # an older daemon
         print(f"reload rejected, the running configuration kept: {why}")
@@ -481,7 +483,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(f"reloaded from {source}")
     if result.get("restart_needed"):
         print(f"changed in [{'], ['.join(result['restart_needed'])}]: takes effect when the daemon restarts")
-    _say_which_variables_stay_here(running)
+    _say_which_variables_stay_here(running, keyless)
     if result.get("policy_error"):  # the configuration applied, but the routing policy it names was refused
         print(f"locod: the routing policy was refused: {result['policy_error']}", file=sys.stderr)
         return 1

@@ -14,7 +14,7 @@ from typing import Any
 import openai
 import pytest
 
-from .conftest import REPO, cloud_config, free_port, locod_command
+from .conftest import REPO, cloud_config, free_port, locod_command, write_config
 from .faultproxy import Fault, FaultProxy
 
 
@@ -91,6 +91,14 @@ def test_the_cli_as_a_new_user_meets_it(daemon_factory: Any, tmp_path: Path) -> 
     assert "note: $LOCOD_HTTP in this shell is not what the running daemon has" in reloaded.stderr
     assert "LOCOD_ROUTING" not in reloaded.stderr and reloaded.stderr.count("\n") == 1
     assert "note:" not in handle.cli("reload").stderr  # nothing exported: nothing said
+    # A cloud model added to the config, its key exported in the shell after the daemon started.
+    write_config(handle.config_path, {"cloud": cloud_config("http://127.0.0.1:9/v1", mode="auto")["cloud"]})
+    keyed = {**handle.env, "LOCOD_CLOUD_API_KEY": "sk-only-in-this-shell"}
+    reloaded = subprocess.run(
+        locod_command("--config", str(handle.config_path), "reload"), capture_output=True, text=True, env=keyed
+    )
+    assert "note: $LOCOD_CLOUD_API_KEY in this shell is not what the running daemon has" in reloaded.stderr
+    assert "sk-only-in-this-shell" not in reloaded.stderr + reloaded.stdout
 
     for limit in ("0", "-1", "1001"):
         refused = handle.cli("decisions", "--limit", limit)
