@@ -81,6 +81,10 @@ def test_the_cli_as_a_new_user_meets_it(daemon_factory: Any, tmp_path: Path) -> 
     status = handle.cli("status").stdout
     assert "over 1 turn," in status and "0 shadow labels and 0 escalation labels" in status, status
     assert "1 sessions" not in status and "1 misses" not in status
+    documented = (REPO / "docs/protocol.md").read_text()
+    whole = json.loads(handle.cli("status", "--json").stdout)
+    named = [k for k in _field_names(whole) if f"`{k}`" not in documented]
+    assert not named, f"status fields docs/protocol.md does not name: {named}"
 
     # The shell's LOCOD_HTTP is not the daemon's; its LOCOD_ROUTING is the same: only the one is named.
     env = {**handle.env, "LOCOD_HTTP": "127.0.0.1:8080", "LOCOD_ROUTING": "auto"}
@@ -162,3 +166,14 @@ def test_a_second_gguf_under_a_path_with_spaces_and_a_tilde(
     pulled = handle.cli("models", "pull", "~/my models/Other Model.gguf")  # a file on disk is not downloaded
     assert pulled.returncode != 0 and "a GGUF already on disk needs no pull" in pulled.stderr, pulled.stderr
     assert "[[local.models]]" in pulled.stderr
+
+
+def _field_names(status: dict[str, Any], where: str = "") -> list[str]:
+    """Every key of ``status``, nested ones too, but not the keys of its maps (model names, URLs, signals)."""
+    maps = ("telemetry.missing.", "cloud.breakers.", "cloud.no_api_key.", "routing.labels.")
+    out = []
+    for key, value in status.items():
+        out.append(key)
+        if isinstance(value, dict) and f"{where}{key}." not in maps:
+            out += _field_names(value, f"{where}{key}.")
+    return out
