@@ -177,3 +177,33 @@ def _field_names(status: dict[str, Any], where: str = "") -> list[str]:
         if isinstance(value, dict) and f"{where}{key}." not in maps:
             out += _field_names(value, f"{where}{key}.")
     return out
+
+
+def test_the_user_install_names_the_venv_it_made_under_xdg_data_home(tmp_path: Path) -> None:
+    """scripts/install.sh --user puts the venv in $XDG_DATA_HOME/locod/venv; the unit named
+    ~/.local/share/locod/venv whatever that was. The venv's python and locod are stand-ins here (the
+    script's pip and fetch steps are the real ones' calls, answered at once), so the script itself runs."""
+    home, data = tmp_path / "home", tmp_path / "data dir"
+    venv = data / "locod" / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for name, body in (("python", "exit 0"), ("locod", 'echo "locod 0.1.0"')):
+        (venv / "bin" / name).write_text(f"#!/bin/sh\n{body}\n")
+        (venv / "bin" / name).chmod(0o755)
+    env = {"HOME": str(home), "XDG_DATA_HOME": str(data), "PATH": "/usr/bin:/bin"}
+    env["XDG_CONFIG_HOME"] = str(home / ".config")
+    installed = subprocess.run(
+        ["bash", str(REPO / "scripts/install.sh"), "--user"], capture_output=True, text=True, env=env
+    )
+    assert installed.returncode == 0, installed.stderr
+    unit = home / ".config/systemd/user/locod.service"
+    assert f'ExecStart="{venv}/bin/locod" serve' in unit.read_text()
+    if shutil.which("systemd-analyze"):
+        runtime = tmp_path / "xdg"
+        runtime.mkdir(mode=0o700)
+        verified = subprocess.run(
+            ["systemd-analyze", "--user", "verify", str(unit)],
+            capture_output=True,
+            text=True,
+            env={**env, "XDG_RUNTIME_DIR": str(runtime)},
+        )
+        assert verified.returncode == 0, verified.stderr
