@@ -130,6 +130,8 @@ def test_help_names_xdg_config_home_and_the_user_unit_keeps_state_where_the_cli_
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCOD_")}
     helped = subprocess.run(locod_command("--help"), capture_output=True, text=True, env=env).stdout
     assert "$XDG_CONFIG_HOME/locod/config.toml" in " ".join(helped.split())
+    trained = subprocess.run(locod_command("policy", "train", "--help"), capture_output=True, text=True, env=env)
+    assert "--from-db LOCOD.DB" in trained.stdout and "LOCOD_DB" not in trained.stdout  # a file, not a variable
     # Before systemd 254 a user unit's StateDirectory= is under $XDG_CONFIG_HOME: the daemon would keep its
     # log in ~/.config/locod while `locod report` and `decisions` read ~/.local/state/locod.
     unit = (REPO / "systemd/user/locod.service").read_text()
