@@ -70,6 +70,19 @@ def test_an_editor_plugins_first_calls_through_the_openai_client(daemon_factory:
     assert "base_url ends in /v1" in slipped.value.message and slipped.value.code == "not_found"
     answer = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     assert answer.choices[0].message.content
+    spelled_out = client.chat.completions.create(  # the defaults, as some plugins send them
+        model="auto",
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        response_format={"type": "text"},
+        tool_choice="none",
+    )
+    assert spelled_out.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as json_mode:
+        client.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": "Hi"}], response_format={"type": "json_object"}
+        )
+    assert json_mode.value.code == "unsupported_parameter"
     with pytest.raises(openai.APIStatusError) as method:
         client.get("/chat/completions", cast_to=object)
     assert method.value.status_code == 405 and method.value.code == "method_not_allowed"
