@@ -222,3 +222,32 @@ def test_the_user_install_names_the_venv_it_made_under_xdg_data_home(tmp_path: P
             env={**env, "XDG_RUNTIME_DIR": str(runtime)},
         )
         assert verified.returncode == 0, verified.stderr
+
+
+def test_a_second_model_whose_file_is_missing_is_left_out_of_routing(
+    daemon_factory: Any, model_path: Path, tmp_path: Path
+) -> None:
+    """A typo in a second model's path made every auto turn routed to it fail (5 of 12 in the walk, with
+    exploration). It is masked instead, said once in the log, and offered again once its file is there."""
+    later = tmp_path / "later.gguf"
+    config = {
+        "routing": {"explore_c": 100.0},  # every turn explores: a model on offer would be picked
+        "local": {"models": [{"name": "typo", "path": str(later)}]},
+    }
+    handle = daemon_factory(config)
+    for i in range(6):
+        asked = handle.cli("ask", f"Hi {i}", "--max-tokens", "2")
+        assert asked.returncode == 0, asked.stderr
+    rows = handle.rows()
+    assert all(r["outcome"] == "ok" and r["model"] == "smollm2-135m-instruct" for r in rows)
+    assert all(json.loads(r["mask"])["typo"] is False for r in rows)
+    assert handle.log().count("local model 'typo' is left out of routing") == 1
+    missing = handle.cli("ask", "Hi", "--model", "typo", "--max-tokens", "2")  # named: refused by name
+    assert missing.returncode == 3 and f"file {later} not found" in missing.stderr, missing.stderr
+
+    try:
+        os.link(model_path, later)
+    except OSError:
+        shutil.copyfile(model_path, later)
+    assert handle.cli("ask", "Hi again", "--max-tokens", "2").returncode == 0
+    assert json.loads(handle.rows()[-1]["mask"])["typo"] is True  # its file is there: on offer again
