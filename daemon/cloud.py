@@ -89,7 +89,9 @@ def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str) -> s
 def _where(model: CloudModelConfig) -> str:
     """The endpoint as the user configured it, without any user:password it may carry."""
     parts = urlsplit(model.base_url)
-    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}{parts.path}"
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # IPv6, as it was written
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
 class CircuitBreaker:

@@ -251,3 +251,11 @@ def test_a_second_model_whose_file_is_missing_is_left_out_of_routing(
         shutil.copyfile(model_path, later)
     assert handle.cli("ask", "Hi again", "--max-tokens", "2").returncode == 0
     assert json.loads(handle.rows()[-1]["mask"])["typo"] is True  # its file is there: on offer again
+
+
+def test_an_unreachable_endpoint_is_named_without_the_credentials_its_url_may_carry() -> None:
+    from locod.daemon.cloud import _where
+    from locod.daemon.config import CloudModelConfig
+
+    named = _where(CloudModelConfig(name="a", base_url="http://user:sk-secret@[::1]:8080/v1", model="m"))
+    assert named == "http://[::1]:8080/v1"
