@@ -576,6 +576,9 @@ def _running_config(args: argparse.Namespace) -> tuple[dict[str, Any] | None, st
             reply = client.config()
     except DaemonNotRunning:
         return None, ""
+    except ConfigError:
+        _config(args)  # a file that does not load and no daemon: its error alone is what `config show` says
+        raise
     except LocodError as exc:
         if exc.code != "unknown_op":
             raise

@@ -259,3 +259,15 @@ def test_an_unreachable_endpoint_is_named_without_the_credentials_its_url_may_ca
 
     named = _where(CloudModelConfig(name="a", base_url="http://user:sk-secret@[::1]:8080/v1", model="m"))
     assert named == "http://[::1]:8080/v1"
+
+
+def test_config_show_of_a_file_that_does_not_load_says_only_what_is_wrong_with_it(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[routing]\nsla = 3\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCOD_")}
+    env.update(HOME=str(tmp_path), LOCOD_RUNTIME_DIR=str(tmp_path / "run"))  # no daemon there
+    shown = subprocess.run(
+        locod_command("--config", str(config), "config", "show"), capture_output=True, text=True, env=env
+    )
+    assert shown.returncode == 2
+    assert shown.stderr == f"locod: {config}: routing.sla must be between 0.0 and 1.0, got 3\n"  # as written
