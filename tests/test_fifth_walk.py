@@ -46,6 +46,7 @@ def test_a_reload_that_fixes_the_key_is_tried_by_the_next_turn(
     tried = handle.cli("ask", "Hi", "--max-tokens", "2")
     assert tried.returncode == 0 and "failed" not in tried.stderr and "breaker" not in tried.stderr, tried.stderr
     assert len(proxy.seen) == 4 and handle.rows()[-1]["backend"] == "cloud"
+    assert handle.rows()[-1]["tokens_in"] > 0  # "Hi" is a prompt of some tokens, counted or estimated
 
     proxy.set(Fault("status", status=404, times=1))
     wrong = handle.cli("ask", "Hi", "--max-tokens", "2")
