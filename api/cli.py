@@ -28,6 +28,7 @@ from locod.protocol import (
     Frame,
 )
 from locod.terminal import for_stream, shown
+from locod.words import counted
 
 EXIT_CODES: dict[type[LocodError], int] = {ConfigError: 2, ModelError: 3, StorageError: 4, DaemonNotRunning: 5}
 
@@ -211,7 +212,8 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool) -> int:
                 estimate = " (estimated)" if frame.cost_estimated else ""
                 print(
                     f"[decision {frame.decision}: {frame.outcome} via {frame.location} {frame.model}, "
-                    f"{frame.tokens_out} tokens, {frame.latency_ms:.0f} ms, ${frame.cost_usd:.5f}{estimate}]",
+                    f"{counted(frame.tokens_out, 'token')}, {frame.latency_ms:.0f} ms, "
+                    f"${frame.cost_usd:.5f}{estimate}]",
                     file=sys.stderr,
                 )
     return 0
@@ -295,7 +297,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{loc['default']} (resident: {', '.join(loc['resident']) or 'none'}; "
             f"{_fmt(loc['tokens_per_s'], '{:.1f} tok/s')}); dialogue cache {loc['cache']['dialogues']} kept, "
             f"{loc['cache']['mb']:.0f}/{loc['cache']['limit_mb']:.0f} MB, "
-            f"{loc['cache']['hits']} hits, {loc['cache']['misses']} misses",
+            f"{counted(loc['cache']['hits'], 'hit')}, {counted(loc['cache']['misses'], 'miss', 'misses')}",
         ),
         (
             "cloud",
@@ -305,9 +307,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         (
             "routing",
             f"mode {r['mode']}, SLA {r['sla']:.2f}, attained {_fmt(r['attained'], '{:.3f}')} (labels where "
-            "given, predictions otherwise) over "
-            f"{r['turns']} turns, Q {r['q']:.2f}, {r['shadow_labels']} shadow and "
-            f"{r['escalated_labels']} escalation labels" + _out_of_reach(r, c),
+            f"given, predictions otherwise) over {counted(r['turns'], 'turn')}, Q {r['q']:.2f}, "
+            f"{counted(r['shadow_labels'], 'shadow label')} and {counted(r['escalated_labels'], 'escalation label')}"
+            + _out_of_reach(r, c),
         ),
         (
             "device",
@@ -324,7 +326,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         (
             "queue",
             f"{status['queue']['in_flight']} in flight, {status['queue']['waiting_for_local']} waiting "
-            f"for the local model; {status['sessions']} sessions",
+            f"for the local model; {counted(status['sessions'], 'session')}",
         ),
     ]
     if status.get("http"):  # an older daemon's status has no such field
@@ -334,6 +336,34 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, env in c.get("no_api_key", {}).items():
         print(f"warning: cloud model {name} has no API key: set ${env} (and restart) or its api_key_file (and reload)")
     return 0
+
+
+def _say_which_variables_stay_here(running: dict[str, Any], keyless: dict[str, str]) -> None:
+    """A reload re-reads the config file in the daemon's environment, not the caller's: a ``LOCOD_*``
+    override exported in this shell (``LOCOD_HTTP``), or a cloud key (``LOCOD_CLOUD_API_KEY``), reaches a
+    daemon only when it starts. Said once, in one line, for just the variables whose value the running
+    daemon does not have (a key's value is never compared: only whether the daemon has one)."""
+    from locod.daemon.config import ENV_OVERRIDES, parsed_override
+
+    differing = sorted({f"${var}" for var in keyless.values() if os.environ.get(var)})
+    for var, key in ENV_OVERRIDES.items():
+        text = os.environ.get(var, "")
+        section, _, name = key.partition(".")
+        if not text or section not in running or name not in running[section]:
+            continue
+        try:
+            value = parsed_override(key, text, f"${var}")
+        except ConfigError:
+            value = text  # not a value the daemon could have either
+        if value != running[section][name]:
+            differing.append(f"${var}")
+    if differing:
+        print(
+            f"note: {', '.join(differing)} in this shell {'is' if len(differing) == 1 else 'are'} not what the "
+            "running daemon has: a reload reads the config file, and a daemon keeps the environment it was "
+            "started with; put the value in the config file (a key: in an api_key_file), or restart the daemon with it",
+            file=sys.stderr,
+        )
 
 
 def _reachable(value: bool | None) -> str:
@@ -389,6 +419,17 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _limit(text: str) -> int:
+    """``decisions --limit``: the range the daemon takes, checked before asking it (or the file)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a whole number, got {text!r}") from None
+    if not 1 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 1000, got {value}")
+    return value
+
+
 def _column(row: dict[str, Any], column: str) -> str:
     if column == "time":
         return _time(row["created"])
@@ -429,6 +470,8 @@ def cmd_feedback(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.reload()
+        running = client.daemon_config() if result["reloaded"] else {}
+        keyless = client.status()["cloud"].get("no_api_key", {}) if result["reloaded"] else {}
     if not result["reloaded"]:
         why = result.get("error") or "the configuration is invalid (see the daemon's log)"  # an older daemon
         print(f"reload rejected, the running configuration kept: {why}")
@@ -440,6 +483,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(f"reloaded from {source}")
     if result.get("restart_needed"):
         print(f"changed in [{'], ['.join(result['restart_needed'])}]: takes effect when the daemon restarts")
+    _say_which_variables_stay_here(running, keyless)
     if result.get("policy_error"):  # the configuration applied, but the routing policy it names was refused
         print(f"locod: the routing policy was refused: {result['policy_error']}", file=sys.stderr)
         return 1
@@ -532,6 +576,9 @@ def _running_config(args: argparse.Namespace) -> tuple[dict[str, Any] | None, st
             reply = client.config()
     except DaemonNotRunning:
         return None, ""
+    except ConfigError:
+        _config(args)  # a file that does not load and no daemon: its error alone is what `config show` says
+        raise
     except LocodError as exc:
         if exc.code != "unknown_op":
             raise
@@ -637,7 +684,7 @@ def cmd_models_rm(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from locod.report import write_report
 
-    out = write_report(_config(args), since=args.since, out=args.out)
+    out = write_report(_as_running(args), since=args.since, out=args.out)
     print(f"wrote {out}")
     return 0
 
@@ -645,7 +692,26 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_policy_train(args: argparse.Namespace) -> int:
     from locod.policy.train_cli import main as train_main
 
-    return train_main(args.train_args, default_out=_config(args).state_dir / "policy.onnx")
+    return train_main(args.train_args, default_out=_as_running(args).state_dir / "policy.onnx")
+
+
+def _as_running(args: argparse.Namespace) -> Any:
+    """The configuration, with the state directory (and daily cap) of the daemon that runs, if one does:
+    a service's differs from a shell's (systemd's $STATE_DIRECTORY, /var/lib/locod), and `locod report` must
+    read the log it writes, `locod policy train` write the policy where it loads it."""
+    import dataclasses
+
+    config = _config(args)
+    try:
+        with _client(args, warn=False) as client:
+            running = client.daemon_config()
+    except DaemonNotRunning:
+        return config
+    return dataclasses.replace(
+        config,
+        paths=dataclasses.replace(config.paths, state_dir=running["paths"]["state_dir"]),
+        cloud=dataclasses.replace(config.cloud, daily_cap_usd=running["cloud"]["daily_cap_usd"]),
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -671,7 +737,8 @@ def _global_options(default: Any) -> argparse.ArgumentParser:
     group.add_argument(
         "--config",
         default=default,
-        help="config file (default: $LOCOD_CONFIG, ~/.config/locod/config.toml, /etc/locod/config.toml)",
+        help="config file (default: $LOCOD_CONFIG, $XDG_CONFIG_HOME/locod/config.toml (~/.config/locod/config.toml), "
+        "/etc/locod/config.toml)",
     )
     group.add_argument(
         "--set",
@@ -745,7 +812,7 @@ def _add_daemon_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("decisions", help="recent decision records")
-    p.add_argument("--limit", type=int, default=20, help="how many of the newest (default 20)")
+    p.add_argument("--limit", type=_limit, default=20, help="how many of the newest, 1-1000 (default 20)")
     p.add_argument("--json", action="store_true", help="whole records as JSON, one array")
     p.set_defaults(func=cmd_decisions)
 

@@ -151,7 +151,8 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
         decision = reader.required("decision", int)
         satisfied = reader.required("satisfied", bool)
         return FeedbackRequest(rid, decision, satisfied, secret)
-    limit = reader.optional("limit", int) or 20
+    limit = reader.optional("limit", int)
+    limit = 20 if limit is None else limit  # a 0 is refused below, not taken for the default
     if not 1 <= limit <= 1000:
         raise reader.bad("limit", "must be between 1 and 1000")
     return SimpleRequest(rid, op, limit, secret)

@@ -17,6 +17,7 @@ from typing import Any
 from locod.daemon.config import Config
 from locod.daemon.history import History, daily_cost, parse_since, read_history
 from locod.errors import LocodError, RequestError, install_hint
+from locod.words import counted
 
 SUFFIXES = (".png", ".html")
 MAX_TICKS = 8  # labelled buckets (or days) per axis
@@ -65,7 +66,7 @@ def figure(history: History, daily_cap_usd: float, title: str) -> Any:
     """The report's matplotlib figure: eight panels, the last one the period's totals as text."""
     plt = _pyplot()
     fig, axes = plt.subplots(4, 2, figsize=(12, 13), constrained_layout=True)
-    fig.suptitle(f"{title}: {history.turns} turns", fontsize=14)
+    fig.suptitle(f"{title}: {counted(history.turns, 'turn')}", fontsize=14)
     times = [dt.datetime.fromtimestamp(b.start) for b in history.buckets]
     width = history.bucket_s / 86400 * 0.8  # bar width in days, matplotlib's date unit
     _satisfaction(axes[0][0], history, times, width)

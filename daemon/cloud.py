@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Hashable
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -66,11 +67,31 @@ def read_api_key(model: CloudModelConfig, env: dict[str, str] | None = None) -> 
     return read_key_file(model.api_key_file, f"cloud model {model.name!r}: api_key_file")
 
 
-def _hint(model: CloudModelConfig, exc: openai.APIStatusError) -> str:
-    """What to do about a refusal of the key (401, 403)."""
+def key_source(model: CloudModelConfig, env: dict[str, str] | None = None) -> str:
+    """Where ``read_api_key`` takes the model's key from, in words (never the key)."""
+    env = dict(os.environ) if env is None else env
+    if env.get(model.api_key_env):
+        return f"${model.api_key_env}"
+    if model.api_key_file:
+        return f"api_key_file {Path(model.api_key_file).expanduser()}"
+    return f"nowhere: neither ${model.api_key_env} nor api_key_file is set"
+
+
+def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str) -> str:
+    """What to do about a refusal of the key (401, 403) or of the model id (404), naming what was used."""
     if exc.status_code in (401, 403):
-        return f": check the API key (${model.api_key_env} or api_key_file)"
+        return f": check the API key, which the daemon takes from {source}"
+    if exc.status_code == 404:
+        return f": check model = {model.model!r}, the endpoint's model id, and base_url = {_where(model)!r}"
     return ""
+
+
+def _where(model: CloudModelConfig) -> str:
+    """The endpoint as the user configured it, without any user:password it may carry."""
+    parts = urlsplit(model.base_url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # IPv6, as it was written
+    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
 
 
 class CircuitBreaker:
@@ -103,6 +124,14 @@ class CircuitBreaker:
                         self.cooldown_s,
                     )
                 self.opened_at = time.monotonic()
+
+    def allow_trial(self) -> None:
+        """End an open breaker's cooldown now: the next call is tried, and its failure alone opens the
+        breaker again. A reload does this, since it is how a rotated key or a fixed base_url arrives: the
+        user's next turn must not wait out a cooldown that the old settings earned."""
+        with self._lock:
+            if self.opened_at is not None:
+                self.consecutive, self.opened_at = self.limit - 1, None
 
     @property
     def state(self) -> str:
@@ -139,7 +168,9 @@ class CloudBackend:
             self.breakers.setdefault(model.base_url, CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s))
         for breaker in self.breakers.values():
             breaker.limit, breaker.cooldown_s = config.breaker_failures, config.breaker_cooldown_s
+            breaker.allow_trial()  # a reload is how a key or endpoint is fixed: the next turn tries it
         self._models = models  # one assignment: a turn looks a model and its client up together
+        self._key_sources = {model.name: key_source(model) for model in config.models}
         self.config = config
         said = getattr(self, "keyless", {})  # a reload repeats no warning
         self.keyless = {model.name: model.api_key_env for model in config.models if not keys[model.name]}
@@ -229,7 +260,8 @@ class CloudBackend:
                 if delay is None:
                     if exc.status_code >= 500 or exc.status_code in ENDPOINT_4XX:
                         breaker.failure()
-                    message = f"{name}: HTTP {exc.status_code} from the endpoint{_hint(model, exc)}"
+                    hint = _hint(model, exc, self._key_sources.get(name, ""))
+                    message = f"{name}: HTTP {exc.status_code} from the endpoint{hint}"
                     raise failed(message, "cloud_http") from None
             except (openai.APIConnectionError, openai.APITimeoutError) as exc:
                 if isinstance(exc.__cause__, OverBound):
@@ -238,7 +270,7 @@ class CloudBackend:
                 if attempt >= self.config.max_retries:
                     breaker.failure()
                     kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
-                    raise failed(f"{name}: endpoint {kind}", "cloud_unreachable") from None
+                    raise failed(f"{name}: endpoint {_where(model)} {kind}", "cloud_unreachable") from None
                 delay = backoff_s(attempt)
             except openai.OpenAIError as exc:
                 breaker.failure()

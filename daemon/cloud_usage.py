@@ -7,7 +7,8 @@ taken only when it is an integer (not a bool), non-negative and within what the 
 input of at most one token per byte sent plus a template's overhead, an output of at most twice
 ``max_tokens`` (providers stop at ``max_tokens``; the slack is for counting differences). Otherwise both
 counts are estimated from characters, as for an endpoint that reports no usage, and one warning per model
-is logged.
+is logged. An estimated input counts each message's text at four characters a token, rounded up, plus the
+few tokens its role and separators take: a one-word question is not a prompt of 0 tokens.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import threading
 from typing import Any
 
 from locod.daemon.backends import Prompt
-from locod.policy.rule import estimate_tokens
+from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
 
 log = logging.getLogger(__name__)
 
 OVERHEAD_TOKENS = 4096  # chat template, tool and system tokens a provider adds to what was sent
+PER_MESSAGE_TOKENS = 3  # a message's role and separators, as OpenAI's chat format counts them
 _warned: set[str] = set()
 _warned_lock = threading.Lock()
 
@@ -38,7 +40,7 @@ def counted(model: str, usage: Any, prompt: Prompt, text: str, chunks: int) -> t
         if problem is None:
             return int(tokens_in), int(tokens_out), False  # type: ignore[arg-type]
         _warn_once(model, problem)
-    tokens_in = estimate_tokens(sum(len(str(m.get("content", ""))) for m in prompt.messages))
+    tokens_in = sum(-(-len(str(m.get("content", ""))) // CHARS_PER_TOKEN) + PER_MESSAGE_TOKENS for m in prompt.messages)
     return tokens_in, max(chunks, estimate_tokens(len(text))), True
 
 

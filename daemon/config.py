@@ -349,6 +349,15 @@ def _set_text(table: dict[str, Any], dotted: str, text: str, origin: str) -> str
     return origin
 
 
+def parsed_override(dotted: str, text: str, origin: str) -> Any:
+    """The value ``text`` stands for at ``dotted`` (``LOCOD_SLA=0.9`` -> 0.9), checked as an override is."""
+    table: dict[str, Any] = {}
+    _set_text(table, dotted, text, origin)
+    for part in dotted.split("."):
+        table = table[part]
+    return table
+
+
 def _known(cls: Any) -> str:
     """The names an override may use at this level, as a file's unknown key lists them."""
     return ", ".join(sorted(f.name for f in dataclasses.fields(cls) if f.name != "source"))
@@ -425,6 +434,7 @@ def _value(hint: Any, raw: Any, meta: Mapping[str, Any], source: str, key: str) 
         if not isinstance(raw, list):
             raise ConfigError(f"{source}: {key} expects {_type_name(base)}, got {type(raw).__name__}")
         return [_value(item, element, {}, source, f"{key}[{i}]") for i, element in enumerate(raw)]
+    given = raw  # as written: `sla = 3` is reported as 3, not 3.0
     ok = isinstance(raw, base) and not (base is int and isinstance(raw, bool))
     if base is float and isinstance(raw, int) and not isinstance(raw, bool):
         raw, ok = float(raw), True
@@ -435,7 +445,7 @@ def _value(hint: Any, raw: Any, meta: Mapping[str, Any], source: str, key: str) 
     lo, hi = meta.get("min"), meta.get("max")
     if (lo is not None and raw < lo) or (hi is not None and raw > hi):
         bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-        raise ConfigError(f"{source}: {key} must be {bounds}, got {raw!r}")
+        raise ConfigError(f"{source}: {key} must be {bounds}, got {given!r}")
     choices = meta.get("choices")
     if choices and raw not in choices:
         raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, got {raw!r}")

@@ -33,6 +33,7 @@ from locod.daemon.fitting import MIN_ANSWER_TOKENS, TEMPLATE_SLACK_TOKENS
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
 from locod.daemon.logs import Throttle
+from locod.daemon.modelfile import ModelFiles
 from locod.daemon.records import DecisionLog
 from locod.daemon.telemetry import Snapshot, TelemetrySampler
 from locod.errors import PolicyError, PromptTooLong
@@ -126,6 +127,7 @@ class Decider:
     ) -> None:
         self.learner = learner
         self.records = records
+        self.model_files = ModelFiles()
         self.telemetry = telemetry
         self.local = local
         self.cloud = cloud
@@ -308,8 +310,11 @@ class Decider:
         mask: dict[str, bool] = {}
         fits = self._fits_context(turn.request.prompt)
         cloud_open = any(access.blocked_for(name) is None and fits[name] for name in self._cloud_names())
+        loadable = self._loadable()
         for local in self.config.local.models:
-            mask[local.name] = fits[local.name] and not (access.battery_critical and cloud_open)
+            mask[local.name] = (
+                loadable[local.name] and fits[local.name] and not (access.battery_critical and cloud_open)
+            )
             if mask[local.name]:
                 out[local.name] = Candidate(local.name, local.name, "local", 0, ())
         for cloud in self.config.cloud.models:
@@ -331,12 +336,21 @@ class Decider:
             del out[key]
             mask[key] = False
         if not out:  # everything masked: a local model that holds the prompt still answers
-            holding = [m.name for m in self.config.local.models if fits[m.name]]
+            holding = [m.name for m in self.config.local.models if fits[m.name] and loadable[m.name]]
             if not holding:
                 raise PromptTooLong(self._too_long(turn.request.prompt))
             default = self.config.local.default if fits[self.config.local.default] else holding[0]
             out[default] = Candidate(default, default, "local", 0, ())
         return out, mask
+
+    def _loadable(self) -> dict[str, bool]:
+        """Local models whose file can be loaded. The default's was checked at start and at each reload, and
+        stays on offer: were it gone, its turns fail by name (``model_missing``) rather than vanish."""
+        default, models_dir = self.config.local.default, self.config.models_dir
+        return {
+            m.name: m.name == default or self.model_files.problem(m, models_dir) is None
+            for m in self.config.local.models
+        }
 
     def refuse_unfit(self, prompt: str) -> None:
         """Refuse a prompt that no model could hold, before any work on the turn's attachments."""

@@ -96,11 +96,12 @@ class HttpServer:
         routes = [
             Route("/v1/chat/completions", self._guarded(self.chat), methods=["POST"]),
             Route("/v1/models", self._guarded(self.models), methods=["GET"]),
+            Route("/v1/models/{model:path}", self._guarded(self.model), methods=["GET"]),
             Route("/metrics", self._guarded(self.metrics), methods=["GET"]),
             Route("/health", self._guarded(self.health, keyed=False), methods=["GET"]),
         ]
         config = uvicorn.Config(  # log_config=None: uvicorn's lines go through locod's own logging
-            Starlette(routes=routes),
+            Starlette(routes=routes, exception_handlers={404: self.no_route, 405: self.no_route}),
             host=host,
             port=port,
             http=protocol(self.limits),  # bounded connections, timed requests (httpconn.py)
@@ -187,12 +188,35 @@ class HttpServer:
             return JSONResponse(wire.HttpError(503, "the daemon is shutting down", "shutting_down").body(), 503)
         return JSONResponse({"status": "ok"})
 
-    async def models(self, request: Request) -> Response:
+    def _model_list(self) -> list[dict[str, Any]]:
         cfg = self.daemon.config
         owners = [("auto", "locod")] + [(m.name, "locod-local") for m in cfg.local.models]
         owners += [(m.name, "locod-cloud") for m in cfg.cloud.models]
-        data = [{"id": name, "object": "model", "created": 0, "owned_by": owner} for name, owner in owners]
-        return JSONResponse({"object": "list", "data": data})
+        return [{"id": name, "object": "model", "created": 0, "owned_by": owner} for name, owner in owners]
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": self._model_list()})
+
+    async def model(self, request: Request) -> Response:
+        """``GET /v1/models/{id}``: what the SDKs' ``models.retrieve`` and editor plugins ask first."""
+        name = request.path_params["model"]
+        found = next((m for m in self._model_list() if m["id"] == name), None)
+        if found is None:
+            raise wire.HttpError(404, f"the model {name!r} does not exist; see GET /v1/models", "model_not_found")
+        return JSONResponse(found)
+
+    async def no_route(self, request: Request, exc: Exception) -> Response:
+        """A path or method this API does not serve, in OpenAI's error shape (an SDK shows its message), saying
+        what is served: the usual slip is a base_url without ``/v1``."""
+        status = getattr(exc, "status_code", 404)
+        served = "POST /v1/chat/completions, GET /v1/models, GET /metrics, GET /health"
+        error = wire.HttpError(
+            status,
+            f"locod serves no {request.method} {request.url.path[:200]}: it serves {served} "
+            "(an OpenAI client's base_url ends in /v1)",
+            "not_found" if status == 404 else "method_not_allowed",
+        )
+        return JSONResponse(error.body(), status_code=status, headers=getattr(exc, "headers", None))
 
     async def metrics(self, request: Request) -> Response:
         return Response(await run_in_threadpool(generate_latest, self.registry), media_type=CONTENT_TYPE_LATEST)

@@ -6,11 +6,16 @@ and `locod models pull` need the path without paying for that import.
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 from pathlib import Path
 
 from locod.daemon.config import LocalModelConfig
 from locod.daemon.gguf import is_gguf
 from locod.errors import ModelError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_path(model: LocalModelConfig, models_dir: Path) -> Path:
@@ -31,3 +36,39 @@ def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
     if not is_gguf(path):
         raise ModelError(f"model {model.name!r}: {path} is not a GGUF file", code="model_corrupt")
     return path
+
+
+class ModelFiles:
+    """Which configured local models have a file llama.cpp could load, asked by the router at each turn:
+    a model whose file is missing or not a GGUF (a typo in a second model's path, a file deleted by hand)
+    is left out of routing rather than failing the turns routed to it. A file is looked at again only when
+    its size or modification time changed (one stat per model per turn), and each problem is logged once."""
+
+    def __init__(self) -> None:
+        self._seen: dict[Path, tuple[tuple[int, int] | None, str | None]] = {}
+        self._said: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+
+    def problem(self, model: LocalModelConfig, models_dir: Path) -> str | None:
+        """Why ``model`` cannot be loaded (the message ``check_model_file`` would raise), or None."""
+        path = resolve_path(model, models_dir)
+        try:
+            info = os.stat(path)
+            signature: tuple[int, int] | None = (info.st_size, info.st_mtime_ns)
+        except OSError:
+            signature = None
+        with self._lock:
+            seen = self._seen.get(path)
+        if seen is not None and seen[0] == signature and signature is not None:
+            return seen[1]
+        try:
+            check_model_file(model, models_dir)
+            problem = None
+        except ModelError as exc:
+            problem = exc.message
+        with self._lock:
+            self._seen[path] = (signature, problem)
+            if problem is not None and (model.name, problem) not in self._said:
+                self._said.add((model.name, problem))
+                log.warning("local model %r is left out of routing: %s", model.name, problem)
+        return problem

@@ -27,6 +27,12 @@ from locod.protocol import OPTION_RULES, Attachment, ChatOptions, DecisionFrame,
 
 # Keys that change what an answer is and that locod cannot honour: refused rather than silently ignored.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logprobs", "top_logprobs")
+# Values of those that ask for what every answer is anyway (clients and plugins send them spelled out).
+AS_DEFAULT: dict[str, tuple[Any, ...]] = {
+    "response_format": ({"type": "text"},),
+    "tool_choice": ("none",),
+    "function_call": ("none",),
+}
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -65,7 +71,7 @@ def parse_completion(body: Any, models: list[str]) -> Completion:
     if not isinstance(body, dict):
         raise bad("the body must be a JSON object")
     for key in UNSUPPORTED:
-        if body.get(key) not in (None, [], False):
+        if body.get(key) not in (None, [], False, *AS_DEFAULT.get(key, ())):
             raise bad(f"{key!r} is not supported by locod", key, "unsupported_parameter")
     if body.get("stop") not in (None, [], ""):
         raise bad(

@@ -54,6 +54,12 @@ def resolve(source: str, hub: str) -> Source:
         if not filename:
             raise FetchError(f"{source!r}: the URL names no file")
         return Source(source, source, filename, None)
+    if source.startswith(("file://", "/", "~", ".")) or source.lower().endswith(".gguf"):  # a file on disk
+        raise FetchError(
+            f"{source!r}: pull downloads (an http(s) URL or hf://owner/repo/file.gguf); a GGUF already on disk "
+            'needs no pull: name it in the config, [[local.models]] name = "...", path = "/its/path.gguf" '
+            "(docs/configuration.md), then `locod reload`"
+        )
     raise FetchError(f"{source!r}: expected an http(s) URL or hf://owner/repo/file.gguf")
 
 

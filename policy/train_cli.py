@@ -37,7 +37,9 @@ def parser(default_out: Path | None = None) -> argparse.ArgumentParser:
         default=str(Path(__file__).resolve().parent / "data" / "bigbench_trace.jsonl"),  # shipped in the package
         help="replay trace mixed into training (docs/routing.md)",
     )
-    p.add_argument("--from-db", metavar="LOCOD_DB", help="also train on this device's labelled decision log")
+    p.add_argument(
+        "--from-db", metavar="LOCOD.DB", help="also train on this device's labelled decision log (its locod.db)"
+    )
     p.add_argument("--steps", type=int, default=TrainConfig.steps)
     p.add_argument("--seed", type=int, default=TrainConfig.seed)
     return p

@@ -73,7 +73,14 @@ if [ "$mode" = system ]; then
 else
   "$venv/bin/locod" models fetch
   install -d "$unit_dir"
-  install -m 0644 systemd/user/locod.service "$unit_dir/locod.service"
+  # The unit names ~/.local/share/locod/venv; with $XDG_DATA_HOME set the venv is elsewhere: name the one
+  # installed (quoted, '%' doubled for systemd's specifiers; '\', '&' and '|' escaped for sed).
+  start="$venv/bin/locod"
+  start="${start//%/%%}" && start="${start//\\/\\\\}" && start="${start//&/\\&}" && start="${start//|/\\|}"
+  sed "s|^ExecStart=%h/.local/share/locod/venv/bin/locod |ExecStart=\"$start\" |" systemd/user/locod.service \
+    >"$unit_dir/locod.service.new"
+  chmod 0644 "$unit_dir/locod.service.new"
+  mv -f "$unit_dir/locod.service.new" "$unit_dir/locod.service"
   if have_systemd; then
     systemctl --user daemon-reload
     systemctl --user enable locod.service

@@ -197,7 +197,8 @@ def test_connection_refused_falls_back_and_breaker_opens(daemon_factory: Any) ->
 def test_breaker_recovers_after_cooldown(daemon_factory: Any, proxy: FaultProxy) -> None:
     """Open for the cooldown, then a trial turn closes it. The cooldown is long while the test checks that
     the breaker is open (on a busy machine a fallback answer took longer than a 5 s cooldown), then a reload
-    shortens it: the running breaker takes the new cooldown, so it has passed."""
+    ends it, as it ends any cooldown (a reload is how a fixed key or endpoint arrives); the cooldown running
+    out by itself is test_rule's."""
     # timeout_s 60: on a loaded machine the loopback cloud's trial answer may take longer than the usual 5 s
     config = cloud_config(proxy.base_url, max_retries=0, breaker_failures=1, breaker_cooldown_s=600.0, timeout_s=60.0)
     handle = daemon_factory(config)

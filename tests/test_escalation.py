@@ -106,7 +106,7 @@ def test_an_unsure_local_answer_is_never_shown_and_the_cloud_answers(
     assert row["energy_j"] > 0 and row["cost_usd"] > 0  # the local answer's energy and the cloud's price
     routing = handle.client().status()["routing"]
     assert routing["labels"][LOCAL] == 2  # the local answer, graded against the cloud's, labelled the model
-    assert routing["escalated_labels"] == 1 and "1 escalation labels" in handle.cli("status").stdout
+    assert routing["escalated_labels"] == 1 and "1 escalation label" in handle.cli("status").stdout
 
 
 def test_a_sure_local_answer_is_shown_whole_and_its_label_trains_the_confidence_head(

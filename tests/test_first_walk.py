@@ -124,7 +124,10 @@ def test_a_refused_key_says_where_the_key_comes_from(daemon_factory: Any, proxy:
     proxy.set(Fault("status", status=401, times=1))
     refused = handle.cli("ask", "Hi", "--max-tokens", "2")
     assert refused.returncode == 0  # answered locally instead
-    assert "HTTP 401 from the endpoint: check the API key ($LOCOD_CLOUD_API_KEY or api_key_file)" in refused.stderr
+    assert (
+        "HTTP 401 from the endpoint: check the API key, which the daemon takes from $LOCOD_CLOUD_API_KEY"
+        in refused.stderr
+    )
     assert SECRET not in handle.log() and SECRET not in json.dumps(handle.rows())
 
 

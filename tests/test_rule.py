@@ -305,3 +305,19 @@ def test_circuit_breaker_opens_after_the_limit_and_half_opens_after_the_cooldown
     assert not breaker.blocking  # half-open: the next call may try
     breaker.success()
     assert breaker.state == "closed"
+
+
+def test_a_reload_ends_an_open_breakers_cooldown_and_one_failure_reopens_it() -> None:
+    breaker = CircuitBreaker(failures=3, cooldown_s=600)
+    for _ in range(3):
+        breaker.failure()
+    assert breaker.blocking
+    breaker.allow_trial()
+    assert not breaker.blocking and breaker.state == "closed"
+    breaker.failure()  # the trial failed: open again at once, not after three more
+    assert breaker.blocking
+    closed = CircuitBreaker(failures=3, cooldown_s=600)
+    closed.failure()
+    closed.allow_trial()  # a closed breaker's count is left alone
+    closed.failure()
+    assert not closed.blocking
