@@ -35,7 +35,7 @@ from locod.daemon.escalation import AnswerJudge
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
 from locod.daemon.records import ANSWERED, DecisionLog, DecisionRecord, JudgedAnswer, Outcome
-from locod.daemon.sessions import Session, SessionStore, TurnTrail
+from locod.daemon.sessions import Session, SessionStore, TurnTrail, door_of
 from locod.daemon.shadow import AGREEMENT, ShadowJob, ShadowLane, agreement
 from locod.daemon.telemetry import TelemetrySampler
 from locod.errors import Busy, CloudError, LocodError
@@ -247,7 +247,7 @@ class TurnRunner:
             att.check_cancelled(cancelled)
             data = att.load_bytes(a, self.config.paths.allow_dirs, cfg.max_bytes)
             prepared.append(att.prepare(a, data, prompt_terms, cfg, cancelled))
-        session = self.sessions.open(request.session, client)
+        session = self.sessions.open(request.session, door_of(client))  # each door its own namespace
         return Turn(request, session, client, task_of(request.prompt), prepared)
 
     def _backend(self, location: str) -> Backend:
@@ -415,7 +415,7 @@ class TurnRunner:
             on_delta,
             reply.cancelled,
             # the local model starts from this dialogue's kept state; a one-off turn's is never kept
-            session=turn.session.id if turn.request.session is not None else None,
+            session=turn.session.key if turn.request.session is not None else None,
         )
         if judge is not None:
             prompt = dataclasses.replace(prompt, checkpoint=judge.checkpoint())

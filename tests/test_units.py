@@ -69,17 +69,21 @@ def test_sessions_keep_history_and_expire() -> None:
     assert len(store) == 2
 
 
-def test_sessionless_turns_take_no_slot_and_eviction_is_fair_per_client() -> None:
+def test_sessionless_turns_take_no_slot_and_eviction_is_fair_per_door() -> None:
     store = SessionStore(idle_s=600, max_sessions=10)
-    victim = store.open("victim-dialogue", client="victim")
+    victim = store.open("victim-dialogue", owner="ipc")
     store.record(victim, [{"role": "user", "content": "remember 42"}], "ok", TurnTrail("local", (), "chat"))
     for _ in range(1100):  # one-off turns without a session id
-        store.open(None, client="flooder")
+        store.open(None, owner="http")
     assert len(store) == 1
-    for i in range(1100):  # one-off turns, each naming a fresh session
-        store.open(f"flood-{i}", client="flooder")
+    for i in range(1100):  # one-off turns, each naming a fresh session (each from a connection of its own)
+        store.open(f"flood-{i}", owner="http")
     assert len(store) == 10
-    assert store.open("victim-dialogue", client="victim").messages[0]["content"] == "remember 42"
+    assert store.open("victim-dialogue", owner="ipc").messages[0]["content"] == "remember 42"
+    # the same id at another door is another dialogue: neither read nor continued from there
+    assert store.open("victim-dialogue", owner="http").messages == []
+    assert store.held("victim-dialogue", "tcp") == (0, []) and store.held("victim-dialogue", "ipc")[1]
+    assert store.open("victim-dialogue", owner="http").key != victim.key  # nor its KV state
 
 
 def test_labels_need_a_turn_that_answered(tmp_path: Path) -> None:
