@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 ANSWERED = ("ok", "fallback", "escalated")  # outcomes of a turn that was answered (escalated: by the cloud)
 NO_ANSWER = ("error", "interrupted")  # outcomes whose turn answered nothing that a label could grade
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
+BUSY_WAIT_S = 10.0  # how long a write waits for another process's lock on the file (a turn's record)
+LABEL_WAIT_S = 3.0  # a label's: its client waits for the answer, and gives up after 10 s
 
 
 @dataclass
@@ -256,14 +258,15 @@ class DecisionLog:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
+            conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_WAIT_S)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open the decision log {path}: {exc}") from None
         self._conn = conn
         self.db = sqlite_utils.Database(conn)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the writer connection: held while a write waits for SQLite's lock
+        self._spent_lock = threading.Lock()
         self._spent: tuple[float, float, float] | None = None  # (local midnight, next one, USD spent since)
         self._unwritten: dict[int, dict[str, Any]] = {}  # decision -> its completion, not on disk yet
         with self._writing("migrate"):
@@ -273,16 +276,46 @@ class DecisionLog:
                 "finished = ? WHERE outcome = 'pending'",
                 [time.time()],
             ).rowcount
+        # Reads (status, the `decisions` op, /metrics) use a connection of their own: in WAL mode a reader
+        # never waits for a writer, so a write waiting on another process's lock (a sqlite3 shell left in a
+        # transaction) does not stall the serving loop, which answers status and decisions itself.
+        try:
+            reader = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the decision log {path} for reading: {exc}") from None
+        reader.row_factory = sqlite3.Row
+        self._reader = reader
+        self._read_lock = threading.Lock()
 
     @contextmanager
-    def _writing(self, what: str) -> Iterator[None]:
-        with self._lock:
+    def _reading(self, what: str) -> Iterator[sqlite3.Connection]:
+        with self._read_lock:
             try:
-                with self._conn:  # BEGIN ... COMMIT, or ROLLBACK on error
-                    self._conn.execute("BEGIN IMMEDIATE")
-                    yield
+                yield self._reader
             except sqlite3.Error as exc:
                 raise StorageError(f"decision log {self.path}: {what} failed: {exc}") from None
+
+    @contextmanager
+    def _writing(self, what: str, wait_s: float = BUSY_WAIT_S) -> Iterator[None]:
+        """One write transaction; ``wait_s``: how long to wait for a lock another process holds (and, when
+        shorter than a turn's wait, for this process's writer, which may be waiting for that lock itself)."""
+        if not self._lock.acquire(timeout=-1 if wait_s == BUSY_WAIT_S else wait_s):
+            raise _write_failed(self.path, what, sqlite3.OperationalError("database is locked"))
+        try:
+            try:
+                if wait_s != BUSY_WAIT_S:
+                    self._conn.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
+                try:
+                    with self._conn:  # BEGIN ... COMMIT, or ROLLBACK on error
+                        self._conn.execute("BEGIN IMMEDIATE")
+                        yield
+                finally:
+                    if wait_s != BUSY_WAIT_S:
+                        self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT_S * 1000)}")
+            except sqlite3.Error as exc:
+                raise _write_failed(self.path, what, exc) from None
+        finally:
+            self._lock.release()
 
     def _migrate(self) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
@@ -325,8 +358,7 @@ class DecisionLog:
                 code="record_not_committed",
             ) from None
         finally:
-            with self._lock:  # spent either way: the daily cap counts it now
-                self._spend(outcome.cost_usd)
+            self._spend(outcome.cost_usd)  # spent either way: the daily cap counts it now
 
     def _keep_unwritten(self, decision_id: int, row: dict[str, Any]) -> None:
         with self._lock:
@@ -356,7 +388,7 @@ class DecisionLog:
     def label(self, decision_id: int, satisfied: bool, source: str) -> LabelTarget:
         """Store a satisfaction label once; returns what the learner trains on."""
         self.write_unwritten()
-        with self._writing("storing the label"):
+        with self._writing("storing the label", LABEL_WAIT_S):
             rows = list(self.db.query("SELECT * FROM decisions WHERE id = ?", [decision_id]))
             if not rows:
                 raise UnknownDecision(f"no decision with id {decision_id}")
@@ -391,8 +423,8 @@ class DecisionLog:
             "SELECT COUNT(shadow), COUNT(CASE WHEN outcome = 'escalated' AND confidence IS NOT NULL THEN 1 END) "
             "FROM decisions"
         )
-        with self._lock:
-            shadows, escalated = self._conn.execute(sql).fetchone()
+        with self._reading("counting local labels") as conn:
+            shadows, escalated = conn.execute(sql).fetchone()
         return int(shadows), int(escalated)
 
     def add_cost(self, decision_id: int, usd: float) -> None:
@@ -404,11 +436,11 @@ class DecisionLog:
             self._spend(usd)
 
     def recent(self, limit: int = 20) -> list[dict[str, Any]]:
-        """The newest records. Under the lock like every use of the shared connection: sqlite-utils reads in
-        a savepoint, and a writer's COMMIT on another thread in between released it (the `decisions` op
-        failed, and the writer's turn record could be left pending)."""
-        with self._lock:
-            rows = list(self.db.query("SELECT * FROM decisions ORDER BY id DESC LIMIT ?", [limit]))
+        """The newest records, read on the reading connection (never the writer's: a writer's COMMIT on
+        another thread inside a read's savepoint released it, and a write waiting for SQLite's lock would
+        hold the read)."""
+        with self._reading("reading recent records") as conn:
+            rows = [dict(row) for row in conn.execute("SELECT * FROM decisions ORDER BY id DESC LIMIT ?", [limit])]
         return [_decoded(row) for row in rows]
 
     def totals(self) -> list[dict[str, Any]]:
@@ -419,36 +451,38 @@ class DecisionLog:
             "TOTAL(cost_usd) AS cost_usd, TOTAL(energy_j) AS energy_j "
             "FROM decisions WHERE outcome != 'pending' GROUP BY 1, 2"
         )
-        with self._lock:
-            return [dict(row) for row in self.db.query(sql)]
+        with self._reading("reading totals") as conn:
+            return [dict(row) for row in conn.execute(sql)]
 
     def histogram(self, column: str, bounds: tuple[float, ...]) -> tuple[list[int], int, float]:
         """(cumulative counts at or under each bound, count, sum) of a latency column over finished turns."""
         assert column in LATENCY_COLUMNS
         under = ", ".join(f"TOTAL({column} <= {float(b)!r})" for b in bounds)
         sql = f"SELECT {under}, COUNT({column}), TOTAL({column}) FROM decisions WHERE outcome != 'pending'"
-        with self._lock:
-            *counts, count, total = self._conn.execute(sql).fetchone()
+        with self._reading("reading latencies") as conn:
+            *counts, count, total = conn.execute(sql).fetchone()
         return [int(c) for c in counts], int(count), float(total)
 
     def spent_today(self) -> float:
         """Money spent since local midnight: read from the table once a day, then kept up to date in
         memory as costs are recorded (every turn asks, for the daily cap)."""
         now = time.time()
-        with self._lock:
+        with self._spent_lock:
             if self._spent is None or not self._spent[0] <= now < self._spent[1]:
                 midnight = local_midnight(now)
-                row = self._conn.execute(
-                    "SELECT COALESCE(SUM(cost_usd), 0) FROM decisions WHERE created >= ?", [midnight]
-                ).fetchone()
+                with self._reading("summing today's spending") as conn:
+                    row = conn.execute(
+                        "SELECT COALESCE(SUM(cost_usd), 0) FROM decisions WHERE created >= ?", [midnight]
+                    ).fetchone()
                 # 26 h on from midnight is always the next day, whatever daylight saving does
                 self._spent = (midnight, local_midnight(midnight + 26 * 3600), float(row[0]))
             return self._spent[2]
 
     def _spend(self, usd: float) -> None:
-        """Count a recorded cost towards today's total (called with the lock held)."""
-        if self._spent is not None and usd:
-            self._spent = (self._spent[0], self._spent[1], self._spent[2] + usd)
+        """Count a recorded cost towards today's total."""
+        with self._spent_lock:
+            if self._spent is not None and usd:
+                self._spent = (self._spent[0], self._spent[1], self._spent[2] + usd)
 
     def close(self) -> None:
         self.write_unwritten()
@@ -462,6 +496,19 @@ class DecisionLog:
             )
         with self._lock:
             self._conn.close()
+        with self._read_lock:
+            self._reader.close()
+
+
+def _write_failed(path: Path, what: str, exc: sqlite3.Error) -> StorageError:
+    """The error a failed write raises: one that says so when another process holds the database's lock."""
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        return StorageError(
+            f"decision log {path}: {what} failed: another process holds a write lock on it (a sqlite3 shell "
+            "left in a transaction?); nothing was written, try again once it lets go",
+            code="db_locked",
+        )
+    return StorageError(f"decision log {path}: {what} failed: {exc}")
 
 
 def read_rows(path: Path, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:

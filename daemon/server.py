@@ -77,6 +77,8 @@ AS_STARTED = ("paths", "daemon", "http", "telemetry")
 IPC, TCP = b"i", b"t"
 # A tcp message that does not begin with its secret is parsed (then checked) only up to this size.
 UNAUTHENTICATED_BYTES = 64 << 10
+# Labels waiting for the feedback thread; past this a `feedback` is answered busy (a flood is not queued).
+FEEDBACK_QUEUE = 64
 
 
 class Daemon:
@@ -129,6 +131,10 @@ class Daemon:
             self.shadow,
         )
         self.pool = ThreadPoolExecutor(max_workers=config.daemon.queue_limit, thread_name_prefix="turn")
+        # Labels are written off the loop: a write can wait on SQLite's lock (another process holding it)
+        # for the busy timeout, and the loop answers every other client meanwhile.
+        self._feedback = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback")
+        self._feedback_room = threading.BoundedSemaphore(FEEDBACK_QUEUE)
         # Turns in flight and whom they answer; changed only by the loop's thread (in_flight() reads a copy).
         self._turns: dict[Future[None], tuple[bytes, Reply]] = {}
         self.backlog = Backlog(config.daemon.max_queued_bytes)
@@ -338,6 +344,9 @@ class Daemon:
             except LocodError as exc:  # busy, too long: the reply must carry the id the client waits on
                 self._send(peer, encode_frame(request.id, ErrorFrame.of(exc)))
             return
+        if isinstance(request, FeedbackRequest):
+            self._label(peer, request)
+            return
         frame: Frame
         try:
             frame = ResultFrame(request.op, self._answer(request))
@@ -364,9 +373,29 @@ class Daemon:
                 request_id=head.get("id"),
             )
 
-    def _answer(self, request: FeedbackRequest | SimpleRequest) -> Any:
-        if isinstance(request, FeedbackRequest):
-            return self.learner.feedback(request.decision, request.satisfied, source="user")
+    def _label(self, peer: bytes, request: FeedbackRequest) -> None:
+        """Hand a label to the feedback thread, which answers it; refused busy when many are waiting."""
+        if not self._feedback_room.acquire(blocking=False):
+            error = Busy(f"{FEEDBACK_QUEUE} labels are waiting to be written; try again shortly")
+            self._send(peer, encode_frame(request.id, ErrorFrame.of(error)))
+            return
+
+        def write() -> None:
+            frame: Frame
+            try:
+                frame = ResultFrame("feedback", self.learner.feedback(request.decision, request.satisfied, "user"))
+            except LocodError as exc:
+                frame = ErrorFrame.of(exc)
+            except Exception:  # a bug costs this label, never the thread's next ones
+                log.exception("feedback for decision %d failed", request.decision)
+                frame = ErrorFrame("error", "internal", "internal error")
+            finally:
+                self._feedback_room.release()
+            self._post(peer, encode_frame(request.id, frame))
+
+        self._feedback.submit(write)
+
+    def _answer(self, request: SimpleRequest) -> Any:
         if request.op == "ping":
             return {"pong": True, "pid": os.getpid(), "version": __version__}
         if request.op == "status":
@@ -568,6 +597,7 @@ class Daemon:
         if self.http is not None:
             self.http.stop()  # after the turns ended, so their last frames reach the HTTP clients
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self._feedback.shutdown(wait=True)  # labels sent before the stop are written and answered
         self._drain_outbox()
         self.telemetry.stop()
         self.shadow.close()
