@@ -413,6 +413,15 @@ class DecisionLog:
         judged = JudgedAnswer.from_json(row.get("confidence"))
         return LabelTarget(decision_id, row["model"], Routing.from_row(row), judged)
 
+    def judged(self, decision_id: int, judged: JudgedAnswer) -> None:
+        """Keep a local answer's confidence before its turn goes on to the cloud (an escalation): a daemon
+        killed meanwhile leaves the turn ``interrupted`` with the confidence it was escalated on."""
+        row: dict[str, Any] = {"confidence": json.dumps(asdict(judged), separators=(",", ":"))}
+        if judged.explored:
+            row["explored"] = 1
+        with self._writing("keeping the local answer's confidence"):
+            self.db.table("decisions").update(decision_id, row)
+
     def shadow(self, decision_id: int, result: ShadowResult) -> None:
         with self._writing("recording a shadow answer"):
             self.db.table("decisions").update(decision_id, {"shadow": json.dumps(asdict(result))})

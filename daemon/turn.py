@@ -38,7 +38,7 @@ from locod.daemon.records import ANSWERED, DecisionLog, DecisionRecord, JudgedAn
 from locod.daemon.sessions import Session, SessionStore, TurnTrail, door_of
 from locod.daemon.shadow import AGREEMENT, ShadowJob, ShadowLane, agreement
 from locod.daemon.telemetry import TelemetrySampler
-from locod.errors import Busy, CloudError, LocodError
+from locod.errors import Busy, CloudError, LocodError, StorageError
 from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
 from locod.policy.tasks import task_of
 from locod.protocol import (
@@ -311,6 +311,10 @@ class TurnRunner:
         # the decision frame said what a local answer uploads (nothing): say what the cloud's will
         sent = ", ".join(turn.attachments[i].name for i in decision.send)
         told = f"{why}; {decision.model} receives {sent}" if sent else why
+        try:  # kept now: the cloud phase may be cut by a kill, and the completion with it
+            self.records.judged(decision_id, judged)
+        except StorageError as exc:  # the completion writes it (or holds it for a full disk) all the same
+            log.warning("turn %s: %s", turn.request.id, exc.message)
         reply.send(EscalatedFrame(decision_id, decision.model, judged.s_answered, told))
         held = None if local.cut else (judged, local)  # a whole answer: shown if the cloud fails
         try:
