@@ -47,6 +47,7 @@ from locod.daemon.ownership import make_private_dir
 from locod.daemon.records import DecisionLog
 from locod.daemon.sessions import SessionStore
 from locod.daemon.shadow import ShadowLane
+from locod.daemon.tcpguard import HANDSHAKE_S, TcpGuard, tcp_share
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import Reply, TurnRunner
 from locod.errors import Busy, ConfigError, LocodError, PromptTooLong, ProtocolError, StorageError, install_hint
@@ -141,6 +142,7 @@ class Daemon:
         self.ctx = zmq.Context()
         self._local_out = threading.local()
         self.sockets: dict[bytes, zmq.Socket[bytes]] = {}
+        self.tcp_guard: TcpGuard | None = None  # with daemon.tcp: its connections, bounded
         self.stopping_since: float | None = None
         self.turns_served = 0
 
@@ -150,7 +152,7 @@ class Daemon:
         cfg = self.config
         runtime = cfg.runtime_dir
         self._tcp_secret = self._read_tcp_secret()
-        raise_soft_limit()  # libzmq aborts when its ipc listener finds no descriptor (fdlimit.py)
+        fd_limit = raise_soft_limit()  # libzmq aborts when its ipc listener finds no descriptor (fdlimit.py)
         if self.records.interrupted_at_start:
             log.warning(
                 "%d turns were interrupted by the previous daemon's stop; marked 'interrupted'",
@@ -170,7 +172,10 @@ class Daemon:
         os.chmod(sock_path, 0o600)
         if cfg.daemon.tcp:
             self.sockets[TCP] = self._router_socket()
+            self.sockets[TCP].setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)
             self.sockets[TCP].bind(cfg.daemon.tcp)
+            share = tcp_share(cfg.daemon.max_tcp_connections, fd_limit)
+            self.tcp_guard = TcpGuard(self.sockets[TCP], share, cfg.daemon.max_tcp_per_host)
         self.telemetry.start()
         self._install_signals()
         if cfg.http.listen:
@@ -220,12 +225,16 @@ class Daemon:
         poller.register(self.outbox, zmq.POLLIN)
         poller.register(self.inbox, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        if self.tcp_guard is not None:
+            poller.register(self.tcp_guard.monitor, zmq.POLLIN)
         watchdog_every = self.notifier.watchdog_interval
         last_ping = last_status = 0.0
         while True:
             events = dict(poller.poll(timeout=10 if self.backlog else 250))
             if self._wake_r.fileno() in events:
                 self._on_signals()
+            if self.tcp_guard is not None and self.tcp_guard.monitor in events:
+                self.tcp_guard.drain()  # before the requests: a connection over the bounds is shut first
             for tag, sock in self.sockets.items():
                 if sock in events:
                     self._drain_requests(tag, sock)
@@ -510,6 +519,9 @@ class Daemon:
                 "waiting_for_local": self.local.gate.waiting,
                 "backlog_bytes": self.backlog.queued_bytes(),
             },
+            "tcp": None
+            if self.tcp_guard is None
+            else {"open": self.tcp_guard.open, "refused": self.tcp_guard.refused, "max": self.tcp_guard.max_total},
             "sessions": len(self.sessions),
             "turns_served": self.turns_served + len(self._turns) - self.in_flight(),
             "interrupted_at_start": self.records.interrupted_at_start,
@@ -605,6 +617,8 @@ class Daemon:
         self.cloud.close()
         self.zoo.close()
         self.records.close()
+        if self.tcp_guard is not None:
+            self.tcp_guard.close()
         self.ctx.destroy(linger=0)
         if IPC in self.sockets:  # ours (the runtime dir's lock says so): a stale file would make clients wait
             (self.config.runtime_dir / "locod.sock").unlink(missing_ok=True)
