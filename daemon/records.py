@@ -503,10 +503,10 @@ class DecisionLog:
                 len(self._unwritten),
                 sorted(self._unwritten),
             )
+        with self._read_lock:  # first: the writer's close, the last connection's, checkpoints the WAL away
+            self._reader.close()
         with self._lock:
             self._conn.close()
-        with self._read_lock:
-            self._reader.close()
 
 
 def _write_failed(path: Path, what: str, exc: sqlite3.Error) -> StorageError:
