@@ -50,6 +50,7 @@ from locod.protocol import (
     EscalatedFrame,
     FallbackFrame,
     Frame,
+    QueuedFrame,
 )
 
 log = logging.getLogger(__name__)
@@ -259,7 +260,8 @@ class TurnRunner:
         backend = self._backend(decision.location)
         judge = AnswerJudge.of(decision, turn.request.prompt, self.learner)  # a turn that may escalate
         waiting = time.perf_counter()
-        with backend.slot(turn.client, reply.cancelled) as granted:
+        on_wait = (lambda ahead: reply.send(QueuedFrame(ahead))) if turn.request.options.queued else None
+        with backend.slot(turn.client, reply.cancelled, on_wait) as granted:
             if not granted:  # the client left, or the daemon is stopping: nothing was accepted
                 reply.send(ErrorFrame(Busy.code, "cancelled", reply.cancel_reason))
                 return
