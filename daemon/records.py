@@ -11,6 +11,7 @@ Schema changes are numbered migrations recorded in ``PRAGMA user_version``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sqlite3
@@ -104,6 +105,7 @@ class Outcome:
     error: str | None = None
     attachments_sent: list[str] | None = None
     confidence: JudgedAnswer | None = None
+    private_answer: str | None = None  # SHA-256 of an answer made from private material, to know it again
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,13 @@ def _migration_6(db: sqlite_utils.Database) -> None:
     db.table("decisions").add_column("latency_queue_ms", float)
 
 
+def _migration_7(db: sqlite_utils.Database) -> None:
+    """The SHA-256 of an answer made from private material: a client that sends it back as its own history
+    (an OpenAI client resends the whole conversation) does not get it sent to a cloud model."""
+    db.table("decisions").add_column("private_answer", str)
+    db.table("decisions").create_index(["private_answer"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -248,6 +257,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_4,
     _migration_5,
     _migration_6,
+    _migration_7,
 ]
 
 
@@ -422,6 +432,18 @@ class DecisionLog:
         with self._writing("keeping the local answer's confidence"):
             self.db.table("decisions").update(decision_id, row)
 
+    def private_answers(self, digests: Sequence[str]) -> set[str]:
+        """Which of these answer digests (``answer_digest``) are of answers made from private material."""
+        found: set[str] = set()
+        unique = sorted(set(digests))
+        with self._reading("looking up private answers") as conn:
+            for start in range(0, len(unique), 500):  # within SQLite's bound on a statement's parameters
+                chunk = unique[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                sql = f"SELECT DISTINCT private_answer FROM decisions WHERE private_answer IN ({marks})"
+                found.update(row[0] for row in conn.execute(sql, chunk))
+        return found
+
     def shadow(self, decision_id: int, result: ShadowResult) -> None:
         with self._writing("recording a shadow answer"):
             self.db.table("decisions").update(decision_id, {"shadow": json.dumps(asdict(result))})
@@ -568,6 +590,11 @@ def _decoded(row: dict[str, Any]) -> dict[str, Any]:
         if isinstance(row.get(column), str):
             row[column] = json.loads(row[column])
     return row
+
+
+def answer_digest(text: str) -> str:
+    """What an answer is known by again (column ``private_answer``): its text's SHA-256."""
+    return hashlib.sha256(text.encode(errors="surrogatepass")).hexdigest()
 
 
 def local_midnight(now: float | None = None) -> float:

@@ -125,13 +125,20 @@ class SessionStore:
             return session.dropped, session.messages
 
     def record(
-        self, session: Session, user: list[Message], answer: str, trail: TurnTrail, private: bool = False
+        self,
+        session: Session,
+        user: list[Message],
+        answer: str,
+        trail: TurnTrail,
+        private: bool = False,
+        sent_private: frozenset[int] = frozenset(),
     ) -> None:
         """Append a finished turn: the new user messages and the answer become history (``private``: the
-        answer was made from private material), then trim the history to ``max_chars``."""
+        answer was made from private material; ``sent_private``: which of ``user`` are such answers, sent
+        back by the client), then trim the history to ``max_chars``."""
         with self._lock:
             messages = [*session.dialogue[0], *user, {"role": "assistant", "content": answer}]
-            marks = [*session.dialogue[1], *[False] * len(user), private]
+            marks = [*session.dialogue[1], *(i in sent_private for i in range(len(user))), private]
             drop = overflow(messages, self.max_chars)
             session.dialogue = (tuple(messages[drop:]), tuple(marks[drop:]))
             session.dropped += drop

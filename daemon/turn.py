@@ -34,7 +34,7 @@ from locod.daemon.decision import Decision
 from locod.daemon.escalation import AnswerJudge
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
-from locod.daemon.records import ANSWERED, DecisionLog, DecisionRecord, JudgedAnswer, Outcome
+from locod.daemon.records import ANSWERED, DecisionLog, DecisionRecord, JudgedAnswer, Outcome, answer_digest
 from locod.daemon.sessions import Session, SessionStore, TurnTrail, door_of
 from locod.daemon.shadow import AGREEMENT, ShadowJob, ShadowLane, agreement
 from locod.daemon.telemetry import TelemetrySampler
@@ -79,6 +79,9 @@ class Turn:
     client: bytes
     task: str
     attachments: list[att.PreparedAttachment]
+    # Indices into the request's messages of the client's history that are this daemon's own answers made
+    # from private material (known by their digest in the decision log): withheld from a cloud model.
+    sent_private: frozenset[int] = frozenset()
 
     @functools.cached_property
     def prompt_tokens(self) -> int:
@@ -90,7 +93,7 @@ class Turn:
     def private_material(self) -> bool:
         """Whether a local answer to this turn is made from private material: a private attachment, or
         history holding an answer made from one. Such an answer never reaches a cloud model (nor the judge)."""
-        return any(a.private for a in self.attachments) or self.session.withheld > 0
+        return any(a.private for a in self.attachments) or self.session.withheld > 0 or bool(self.sent_private)
 
     def upload_bytes(self, send: tuple[int, ...]) -> int:
         """About what a cloud action uploading ``send`` sends: the text, and each attachment's share."""
@@ -249,7 +252,15 @@ class TurnRunner:
             data = att.load_bytes(a, self.config.paths.allow_dirs, cfg.max_bytes)
             prepared.append(att.prepare(a, data, prompt_terms, cfg, cancelled))
         session = self.sessions.open(request.session, door_of(client))  # each door its own namespace
-        return Turn(request, session, client, task_of(request.prompt), prepared)
+        return Turn(request, session, client, task_of(request.prompt), prepared, self._sent_private(request))
+
+    def _sent_private(self, request: ChatRequest) -> frozenset[int]:
+        """Which messages of the client's own history are answers this daemon made from private material."""
+        answers = {
+            i: answer_digest(m["content"]) for i, m in enumerate(request.messages[:-1]) if m["role"] == "assistant"
+        }
+        known = self.records.private_answers(list(answers.values()))
+        return frozenset(i for i, digest in answers.items() if digest in known)
 
     def _backend(self, location: str) -> Backend:
         return self.local if location == "local" else self.cloud
@@ -469,6 +480,7 @@ class TurnRunner:
     def _finish(self, decision_id: int, turn: Turn, ending: Ending, reply: Reply) -> None:
         """Complete the record, then answer: ``done`` (and learn, after the reply) or ``error``."""
         decision, g = ending.decision, ending.generation
+        private = decision.location == "local" and turn.private_material  # the cloud never saw private material
         self.records.finish(
             decision_id,
             Outcome(
@@ -487,6 +499,7 @@ class TurnRunner:
                 error=ending.error,
                 attachments_sent=[turn.attachments[i].name for i in sorted({*decision.send, *ending.uploaded})],
                 confidence=ending.judged,
+                private_answer=answer_digest(g.text) if private and g.text else None,
             ),
         )
         if ending.outcome not in ANSWERED:
@@ -497,8 +510,7 @@ class TurnRunner:
         shadow = self._shadow_job(decision_id, turn, ending) if routed_to_cloud else None
         slots = tuple(i in decision.send for i in range(len(turn.attachments)))
         trail = TurnTrail(decision.location, slots, turn.task)
-        private = decision.location == "local" and turn.private_material  # the cloud never saw private material
-        self.sessions.record(turn.session, turn.request.messages, g.text, trail, private)  # all the model saw
+        self.sessions.record(turn.session, turn.request.messages, g.text, trail, private, turn.sent_private)
         reply.send(self._done(decision_id, turn, ending))
         self.learner.settle(decision_id, decision, turn.request.prompt, g.text, private)  # learning after the reply
         if shadow is not None:
