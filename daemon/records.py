@@ -34,6 +34,7 @@ ANSWERED = ("ok", "fallback", "escalated")  # outcomes of a turn that was answer
 NO_ANSWER = ("error", "interrupted")  # outcomes whose turn answered nothing that a label could grade
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
 BUSY_WAIT_S = 10.0  # how long a write waits for another process's lock on the file (a turn's record)
+PROMPT_SHOWN = 2000  # characters of a logged prompt the `decisions` op returns
 LABEL_WAIT_S = 3.0  # a label's: its client waits for the answer, and gives up after 10 s
 
 
@@ -471,7 +472,12 @@ class DecisionLog:
         another thread inside a read's savepoint released it, and a write waiting for SQLite's lock would
         hold the read)."""
         with self._reading("reading recent records") as conn:
-            rows = [dict(row) for row in conn.execute("SELECT * FROM decisions ORDER BY id DESC LIMIT ?", [limit])]
+            columns = [row[1] for row in conn.execute("PRAGMA table_info(decisions)")]
+            # a logged prompt's head only (``prompt_chars`` says how long it was): a reply of a thousand
+            # megabyte prompts would hold the loop and the memory
+            shown = ", ".join(f"substr({c}, 1, {PROMPT_SHOWN}) AS {c}" if c == "prompt" else c for c in columns)
+            sql = f"SELECT {shown} FROM decisions ORDER BY id DESC LIMIT ?"
+            rows = [dict(row) for row in conn.execute(sql, [limit])]
         return [_decoded(row) for row in rows]
 
     def totals(self) -> list[dict[str, Any]]:

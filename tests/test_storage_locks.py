@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
 
+from locod.daemon.records import PROMPT_SHOWN, DecisionLog, DecisionRecord, Outcome
 from locod.errors import LocodError, StorageError
 
-from .conftest import DaemonHandle, wait_for
+from .conftest import DaemonHandle, start_daemon, wait_for
 
 
 def test_a_write_lock_held_by_another_process_is_named_and_stalls_no_one(daemon: DaemonHandle) -> None:
@@ -75,3 +77,22 @@ def test_a_feedback_flood_is_bounded_and_answered(daemon: DaemonHandle) -> None:
     codes = {r.get("code") for r in replies if r["type"] == "error"}
     assert len(labelled) == 1 and codes <= {"already_labelled", "busy"}
     assert client.ping()["pong"]
+
+
+def test_the_decisions_op_returns_a_logged_prompts_head_only(tmp_path: Path, models_dir: Path) -> None:
+    """With log.prompts a record may hold a prompt of a megabyte: a `decisions` reply of a thousand of them
+    was built whole on the serving loop. The op returns each prompt's head; the log keeps it whole."""
+    state = tmp_path / "d" / "state"
+    state.mkdir(parents=True, mode=0o700)
+    log = DecisionLog(state / "locod.db")
+    prompt = "tell me " * 50_000
+    decision = log.begin(DecisionRecord("s", 0, "r", "0" * 64, len(prompt), prompt, "chat", "local", "m", "test"))
+    log.finish(decision, Outcome("error", "local", "m", error="test"))
+    log.close()
+    handle = start_daemon(tmp_path / "d", models_dir, {"log": {"prompts": True}})
+    try:
+        (row,) = handle.client().decisions(10)
+        assert row["prompt"] == prompt[:PROMPT_SHOWN] and row["prompt_chars"] == len(prompt)
+        assert handle.rows()[0]["prompt"] == prompt
+    finally:
+        handle.stop()
