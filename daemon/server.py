@@ -78,6 +78,10 @@ AS_STARTED = ("paths", "daemon", "http", "telemetry")
 IPC, TCP = b"i", b"t"
 # A tcp message that does not begin with its secret is parsed (then checked) only up to this size.
 UNAUTHENTICATED_BYTES = 64 << 10
+# What a tcp endpoint without a secret serves: any local user can reach it, not only the daemon's owner,
+# so not the owner's records (`decisions`) nor what changes the daemon (`feedback`, `reload`). `config`
+# holds no secret, and the client reads its limits from it before sending a large chat.
+OPEN_TCP_OPS = ("chat", "ping", "status", "config")
 # Labels waiting for the feedback thread; past this a `feedback` is answered busy (a flood is not queued).
 FEEDBACK_QUEUE = 64
 
@@ -344,6 +348,14 @@ class Daemon:
         ):
             raise BadRequest(
                 "this tcp endpoint needs the shared secret in field 'secret'",
+                code="unauthorized",
+                request_id=request.id,
+            )
+        op = "chat" if isinstance(request, ChatRequest) else getattr(request, "op", "feedback")
+        if tag == TCP and self._tcp_secret is None and op not in OPEN_TCP_OPS:
+            raise BadRequest(
+                f"op {op!r} is not served on a tcp endpoint without a secret (any local user can reach it): "
+                "use the ipc socket, or set daemon.tcp_secret_file",
                 code="unauthorized",
                 request_id=request.id,
             )

@@ -128,3 +128,23 @@ def test_a_flood_of_tcp_connections_is_bounded_and_the_others_are_served(daemon_
     wait_for(lambda: client.status()["tcp"]["open"] == 0, 30, "the flood's connections to be let go")
     with Client(f"tcp://127.0.0.1:{port}") as remote:  # room again for a client that speaks
         assert remote.ping()["pong"]
+
+
+def test_a_tcp_endpoint_without_a_secret_serves_turns_not_the_owners_records(daemon_factory: Any) -> None:
+    """Any local user can reach a loopback tcp endpoint that has no secret: it answers chats, ping, status
+    and config, but the owner's records, labels and reloads stay on the ipc socket."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    handle = daemon_factory({"daemon": {"tcp": endpoint}, "log": {"prompts": True}})
+    owner = handle.client()
+    decision = owner.ask("My PIN is 4921.", max_tokens=2).done.decision
+    for op, fields in (("decisions", {"limit": 5}), ("feedback", {"decision": decision, "satisfied": False})):
+        reply = send_raw(endpoint, json.dumps({"v": 1, "id": op, "op": op, **fields}).encode())
+        assert (reply["type"], reply["code"], reply["id"]) == ("error", "unauthorized", op)
+        assert "daemon.tcp_secret_file" in reply["message"] and "4921" not in json.dumps(reply)
+    reply = send_raw(endpoint, json.dumps({"v": 1, "id": "r", "op": "reload"}).encode())
+    assert reply["code"] == "unauthorized"
+    with Client(endpoint) as remote:
+        assert remote.ask("Say hi.", max_tokens=2).done is not None and remote.ping()["pong"]
+        assert remote.status()["pid"] == handle.proc.pid
+    assert owner.feedback(decision, True)["satisfied"] is True  # the owner, on the ipc socket
+    assert owner.decisions(5)[-1]["prompt"] == "My PIN is 4921."
