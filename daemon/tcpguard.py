@@ -78,9 +78,14 @@ class TcpGuard:
     def _accepted(self, fd: int) -> None:
         self._gone(fd)  # a descriptor number reused before its DISCONNECTED was read
         try:
-            conn = socket.socket(fileno=os.dup(fd))
+            copy = os.dup(fd)
         except OSError:
             return  # closed already
+        try:
+            conn = socket.socket(fileno=copy)
+        except OSError:  # the number names something else now, not a socket
+            os.close(copy)
+            return
         with conn:
             try:
                 if conn.type != socket.SOCK_STREAM or conn.getsockname()[1] != self._port:
