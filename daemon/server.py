@@ -351,7 +351,7 @@ class Daemon:
                 code="unauthorized",
                 request_id=request.id,
             )
-        op = "chat" if isinstance(request, ChatRequest) else getattr(request, "op", "feedback")
+        op = "chat" if isinstance(request, ChatRequest) else request.op
         if tag == TCP and self._tcp_secret is None and op not in OPEN_TCP_OPS:
             raise BadRequest(
                 f"op {op!r} is not served on a tcp endpoint without a secret (any local user can reach it): "
