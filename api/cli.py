@@ -26,6 +26,7 @@ from locod.protocol import (
     EscalatedFrame,
     FallbackFrame,
     Frame,
+    QueuedFrame,
 )
 from locod.terminal import for_stream, shown
 from locod.words import counted
@@ -174,6 +175,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             temperature=args.temperature,
             seed=args.seed,
+            queued=True,
         )
         return _stream(frames, args.json, args.verbose)
 
@@ -201,6 +203,9 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool) -> int:
         elif isinstance(frame, DeltaFrame):
             streamed = True
             print(for_stream(frame.text, sys.stdout), end="", flush=True)
+        elif isinstance(frame, QueuedFrame):
+            if verbose:
+                print(f"[waiting for the local model: {frame.ahead} turn(s) ahead]", file=sys.stderr)
         elif isinstance(frame, DecisionFrame):
             _say_decision(frame, verbose)
         elif isinstance(frame, FallbackFrame | EscalatedFrame):
@@ -267,7 +272,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if not line.strip():
                 return 0
             try:
-                _stream(client.chat(line, session=session, force=args.force), False, args.verbose)
+                _stream(client.chat(line, session=session, force=args.force, queued=True), False, args.verbose)
             except KeyboardInterrupt:
                 print("\n[stopped]", file=sys.stderr)
                 client.close()  # the daemon sees the client gone and cancels the turn

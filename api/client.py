@@ -308,10 +308,12 @@ class Client:
         seed: int | None = None,
         force: str | None = None,
         stream: bool = True,
+        queued: bool = False,
     ) -> Iterator[Frame]:
         """Stream the frames of one turn: ``decision``, ``delta``..., (``fallback`` or ``escalated``, then
         ``delta``... again), ``done``. ``force``
-        is "local" or "cloud"; an option left None takes the daemon's default."""
+        is "local" or "cloud"; an option left None takes the daemon's default. ``queued``: ``queued`` frames
+        first while the turn waits for the local model (each restarts the silence timeout)."""
         if messages is None:
             messages = [{"role": "user", "content": prompt or ""}]
         options = ChatOptions(
@@ -320,6 +322,7 @@ class Client:
             seed=seed,
             force=force,
             stream=stream,
+            queued=queued,
         )
         request = ChatRequest(new_id(), messages, session, model, attachments or [], options, self.secret)
         # No connect per turn (it sits in the first token's path): a daemon that stopped cleanly took its

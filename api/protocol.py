@@ -57,6 +57,7 @@ class ChatOptions:
     seed: int | None = None
     force: str | None = None
     stream: bool = True
+    queued: bool = False  # send ``queued`` frames while the turn waits for the local model (opt-in: new frames)
 
 
 @dataclass(frozen=True)
@@ -319,7 +320,7 @@ def option_problem(name: str, value: Any) -> str | None:
 
 
 def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
-    unknown = set(raw) - {"max_tokens", "temperature", "seed", "force", "stream"}
+    unknown = set(raw) - {"max_tokens", "temperature", "seed", "force", "stream", "queued"}
     if unknown:
         raise reader.bad("options", f"has unknown keys {sorted(unknown)}")
     for name in OPTION_RULES:
@@ -331,12 +332,14 @@ def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
     if force is not None and force not in FORCE:
         raise reader.bad("options.force", f"must be one of {FORCE}")
     stream = reader.optional("stream", bool, raw)
+    queued = reader.optional("queued", bool, raw)
     return ChatOptions(
         max_tokens=max_tokens,
         temperature=0.7 if temperature is None else float(temperature),
         seed=raw.get("seed"),
         force=force,
         stream=True if stream is None else stream,
+        queued=bool(queued),
     )
 
 
@@ -431,6 +434,16 @@ class EscalatedFrame:
 
 
 @dataclass(frozen=True)
+class QueuedFrame:
+    """The turn waits for the local model (another turn has it): ``ahead`` turns go first. Sent, to a
+    request that asked (``options.queued``), when it starts waiting, each time the queue moves, and every
+    ``QUEUED_EVERY_S`` seconds while it waits; never after the ``decision`` frame."""
+
+    type: ClassVar[str] = "queued"
+    ahead: int
+
+
+@dataclass(frozen=True)
 class DoneFrame:
     """The turn's end, sent after its record is completed; ``text`` only when not streamed."""
 
@@ -478,10 +491,19 @@ class ResultFrame:
     data: Any
 
 
-Frame = DecisionFrame | DeltaFrame | FallbackFrame | EscalatedFrame | DoneFrame | ErrorFrame | ResultFrame
+Frame = QueuedFrame | DecisionFrame | DeltaFrame | FallbackFrame | EscalatedFrame | DoneFrame | ErrorFrame | ResultFrame
 FRAME_TYPES: dict[str, type[Frame]] = {
     cls.type: cls
-    for cls in (DecisionFrame, DeltaFrame, FallbackFrame, EscalatedFrame, DoneFrame, ErrorFrame, ResultFrame)
+    for cls in (
+        QueuedFrame,
+        DecisionFrame,
+        DeltaFrame,
+        FallbackFrame,
+        EscalatedFrame,
+        DoneFrame,
+        ErrorFrame,
+        ResultFrame,
+    )
 }
 LAST_FRAMES = ("done", "error", "result")  # a request's reply ends with one of these
 

@@ -71,7 +71,9 @@ class Backend(Protocol):
     queue), has its prompt ``fit`` (which refuses, before the turn is accepted, what cannot be answered),
     then ``generate``s, streaming through ``prompt.on_delta``."""
 
-    def slot(self, client: Hashable, cancelled: threading.Event) -> AbstractContextManager[bool]: ...
+    def slot(
+        self, client: Hashable, cancelled: threading.Event, on_wait: Callable[[int], None] | None = None
+    ) -> AbstractContextManager[bool]: ...
 
     def fit(self, model: str, prompt: Prompt) -> Prompt: ...
 

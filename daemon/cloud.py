@@ -25,7 +25,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, cast
@@ -191,7 +191,9 @@ class CloudBackend:
         """``open`` while any endpoint's breaker is, else ``closed``."""
         return "open" if any(b.state == "open" for b in self.breakers.values()) else "closed"
 
-    def slot(self, client: Hashable, cancelled: threading.Event) -> AbstractContextManager[bool]:
+    def slot(
+        self, client: Hashable, cancelled: threading.Event, on_wait: Callable[[int], None] | None = None
+    ) -> AbstractContextManager[bool]:
         """Cloud turns run concurrently: no queue to wait in."""
         return contextlib.nullcontext(True)
 

@@ -78,6 +78,10 @@ class DaemonConfig:
     tcp: str = ""
     # Shared secret required from tcp clients (ignored on the ipc socket, which is protected by file modes).
     tcp_secret_file: str = ""
+    # Connections the tcp endpoint holds at once (never over a quarter of the open-file limit), and from one
+    # peer address: each holds a descriptor before its secret is read (tcpguard.py); more are closed at once.
+    max_tcp_connections: int = field(default=64, metadata=_range(1, 1 << 20))
+    max_tcp_per_host: int = field(default=16, metadata=_range(1, 1 << 20))
     max_message_bytes: int = field(default=32 << 20, metadata=_range(1024, 1 << 30))
     # Characters of a chat's messages together: past this it is refused before any work on its text (task
     # rules, relevance, features and tokenising cost about a second per megabyte, holding the GIL).

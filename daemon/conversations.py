@@ -32,9 +32,10 @@ def key(messages: Messages) -> str:
 
 
 class Conversations:
-    def __init__(self, sessions: SessionStore, limit: int) -> None:
+    def __init__(self, sessions: SessionStore, limit: int, owner: str = "http") -> None:
         self.sessions = sessions
         self.limit = limit
+        self.owner = owner  # the door whose sessions these conversations continue (sessions.py)
         self._known: OrderedDict[str, str] = OrderedDict()  # conversation hash -> session id
         self._lock = threading.Lock()
 
@@ -48,7 +49,7 @@ class Conversations:
                 session = self._known.get(key(messages[:-1]))
             if session is None:
                 return fresh_session(), messages
-        start, held = self.sessions.held(session)  # a trimmed history holds the conversation from ``start``
+        start, held = self.sessions.held(session, self.owner)  # a trimmed history holds the conversation from ``start``
         end = start + len(held)
         if held and end < len(messages) and messages[start:end] == held:
             return session, messages[end:]

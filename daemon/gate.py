@@ -8,9 +8,12 @@ is told to stop the moment a client queues, so it never delays a user's turn by 
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict, deque
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
+
+NOTE_EVERY_S = 30.0  # a waiting turn is told again at least this often: its client's silence timer restarts
 
 
 class FairGate:
@@ -21,10 +24,18 @@ class FairGate:
         self._preempt: threading.Event | None = None  # set when a client queues behind background work
 
     @contextmanager
-    def slot(self, client: Hashable, cancelled: threading.Event | None = None) -> Iterator[bool]:
-        """Wait for this client's turn; yields False (without the gate) if ``cancelled`` is set meanwhile."""
+    def slot(
+        self,
+        client: Hashable,
+        cancelled: threading.Event | None = None,
+        on_wait: Callable[[int], None] | None = None,
+    ) -> Iterator[bool]:
+        """Wait for this client's turn; yields False (without the gate) if ``cancelled`` is set meanwhile.
+        ``on_wait(ahead)`` is called (without the gate's lock) when the turn has to wait, each time the
+        turns ahead of it change, and every ``NOTE_EVERY_S`` while that stays so."""
         ticket = object()
         granted = False
+        told: tuple[int, float] | None = None  # (turns ahead, when) last told
         with self._cond:
             self._waiting.setdefault(client, deque()).append(ticket)
             if self._preempt is not None:
@@ -33,6 +44,16 @@ class FairGate:
                 while self._busy or self._head() is not ticket:
                     if cancelled is not None and cancelled.is_set():
                         break
+                    if on_wait is not None:
+                        ahead, now = self._ahead(client, ticket), time.monotonic()
+                        if told is None or told[0] != ahead or now - told[1] >= NOTE_EVERY_S:
+                            told = (ahead, now)
+                            self._cond.release()  # the ticket stays queued; the loop looks again after
+                            try:
+                                on_wait(ahead)
+                            finally:
+                                self._cond.acquire()
+                            continue
                     self._cond.wait(timeout=0.25)
                 else:
                     granted = self._busy = True
@@ -64,6 +85,18 @@ class FairGate:
                 with self._cond:
                     self._busy, self._preempt = False, None
                     self._cond.notify_all()
+
+    def _ahead(self, client: Hashable, ticket: object) -> int:
+        """Turns that get the gate before ``ticket``: the one holding it, then round-robin the waiting ones,
+        one of each client per round in the order clients are queued; ``ticket`` goes in round ``rounds``."""
+        rounds = self._waiting[client].index(ticket)
+        ahead, before = int(self._busy), True
+        for other, queue in self._waiting.items():
+            if other == client:
+                ahead, before = ahead + rounds, False
+            else:  # a client before this one has a turn in our round too; one after, only in earlier rounds
+                ahead += min(len(queue), rounds + 1 if before else rounds)
+        return ahead
 
     def _head(self) -> object | None:
         for queue in self._waiting.values():

@@ -2,12 +2,17 @@
 
 One file per (model, session) under ``<state_dir>/kvcache``, named by a hash (session ids are client
 text). A file carries a checksum and the identity of the model that made it; a file that fails either
-check is deleted with one log line and the turn simply reads its prompt. The folder is kept under its
+check is deleted with one log line and the turn simply reads its prompt. A file is read only if it is a
+regular file, not a symlink, no larger than the park's limit (nothing larger is ever written): a FIFO
+there would otherwise hold the turn, and with it the local model, for good; ``/dev/zero`` or a huge file
+would fill the memory. The folder is kept under its
 byte limit by deleting the least recently written files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -17,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from locod.daemon.regular_file import read_regular
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +81,14 @@ class DiskPark:
         """The parked state (its file removed: the live context holds it from now on), or None."""
         path = self._path(model, session)
         try:
-            raw = path.read_bytes()
+            raw = read_regular(path, self.limit_bytes, follow=False)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.warning("ignoring parked KV state %s: %s", path.name, exc.strerror)
+            why = "a symlink" if exc.errno == errno.ELOOP else exc.strerror
+            log.warning("ignoring parked KV state %s: %s; removed", path.name, why)
+            with contextlib.suppress(OSError):  # a directory stays: it is not ours to remove
+                path.unlink(missing_ok=True)
             return None
         path.unlink(missing_ok=True)
         state = _decode(raw, identity)

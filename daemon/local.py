@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Generator, Hashable
+from collections.abc import Callable, Generator, Hashable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -262,8 +262,10 @@ class LocalBackend:
         self.tokens_per_s: float | None = None  # EWMA of measured generation speed
         self.turn_time = TurnTime()  # EWMA of a local turn's wall time: what each turn ahead makes one wait
 
-    def slot(self, client: Hashable, cancelled: threading.Event) -> AbstractContextManager[bool]:
-        return self.gate.slot(client, cancelled)
+    def slot(
+        self, client: Hashable, cancelled: threading.Event, on_wait: Callable[[int], None] | None = None
+    ) -> AbstractContextManager[bool]:
+        return self.gate.slot(client, cancelled, on_wait)
 
     def expected_wait_s(self) -> float:
         """How long a turn queued now would wait for the local model: the turns ahead of it (waiting, and the

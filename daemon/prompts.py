@@ -3,8 +3,9 @@ relevant excerpts; a cloud model also gets the images the decision uploads.
 
 Documents stay on the device for the local model, so it sees their best chunks (within a third of its
 context); a cloud model sees excerpts of only the documents sent, within ``attachments.doc_token_budget``.
-Private material never reaches a cloud model: not its attachments, nor the session's earlier answers made
-from them (``Session.shareable`` puts a placeholder in their place, and ``withheld_history`` says so).
+Private material never reaches a cloud model: not its attachments, nor the earlier answers made from them,
+the session's (``Session.shareable`` puts a placeholder in their place) or those a client sends back as its
+own history (``Turn.sent_private``); ``withheld_history`` says so.
 """
 
 from __future__ import annotations
@@ -13,25 +14,33 @@ from typing import TYPE_CHECKING
 
 from locod.daemon import attachments as att
 from locod.daemon.backends import Upload
+from locod.daemon.sessions import WITHHELD
 
 if TYPE_CHECKING:
     from locod.daemon.turn import Turn
 
 
 def history(turn: Turn, cloud: bool = False) -> list[dict[str, str]]:
-    """The session's earlier messages (for a cloud model, without those made from private material), then
-    this request's own (all but its last user message)."""
-    held = turn.session.shareable() if cloud else turn.session.messages
-    return [*held, *turn.request.messages[:-1]]
+    """The session's earlier messages, then this request's own (all but its last user message); for a
+    cloud model, without the answers made from private material (the session's, and the client's own
+    history's that this daemon made so)."""
+    if not cloud:
+        return [*turn.session.messages, *turn.request.messages[:-1]]
+    sent = [
+        {"role": m["role"], "content": WITHHELD} if i in turn.sent_private else m
+        for i, m in enumerate(turn.request.messages[:-1])
+    ]
+    return [*turn.session.shareable(), *sent]
 
 
 def withheld_history(turn: Turn) -> str | None:
-    """What a cloud model answering this turn is not sent of the session's history, in words (None: nothing)."""
-    count = turn.session.withheld
+    """What a cloud model answering this turn is not sent of the history, in words (None: nothing)."""
+    count = turn.session.withheld + len(turn.sent_private)
     if not count:
         return None
     answers = "answer" if count == 1 else "answers"
-    return f"{count} earlier {answers} of this session made from private attachments left out of what the cloud is sent"
+    of = "" if turn.sent_private else " of this session"
+    return f"{count} earlier {answers}{of} made from private attachments left out of what the cloud is sent"
 
 
 def documents_text(turn: Turn, indices: list[int], token_budget: int) -> str:

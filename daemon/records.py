@@ -11,6 +11,7 @@ Schema changes are numbered migrations recorded in ``PRAGMA user_version``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sqlite3
@@ -35,6 +36,9 @@ log = logging.getLogger(__name__)
 ANSWERED = ("ok", "fallback", "escalated")  # outcomes of a turn that was answered (escalated: by the cloud)
 NO_ANSWER = ("error", "interrupted")  # outcomes whose turn answered nothing that a label could grade
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
+BUSY_WAIT_S = 10.0  # how long a write waits for another process's lock on the file (a turn's record)
+PROMPT_SHOWN = 2000  # characters of a logged prompt the `decisions` op returns
+LABEL_WAIT_S = 3.0  # a label's: its client waits for the answer, and gives up after 10 s
 
 
 @dataclass
@@ -105,6 +109,7 @@ class Outcome:
     error: str | None = None
     attachments_sent: list[str] | None = None
     confidence: JudgedAnswer | None = None
+    private_answer: str | None = None  # SHA-256 of an answer made from private material, to know it again
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,13 @@ def _migration_6(db: sqlite_utils.Database) -> None:
     db.table("decisions").add_column("latency_queue_ms", float)
 
 
+def _migration_7(db: sqlite_utils.Database) -> None:
+    """The SHA-256 of an answer made from private material: a client that sends it back as its own history
+    (an OpenAI client resends the whole conversation) does not get it sent to a cloud model."""
+    db.table("decisions").add_column("private_answer", str)
+    db.table("decisions").create_index(["private_answer"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -232,6 +244,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_4,
     _migration_5,
     _migration_6,
+    _migration_7,
 ]
 
 
@@ -242,14 +255,15 @@ class DecisionLog:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=10)
+            conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_WAIT_S)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open the decision log {path}: {exc}") from None
         self._conn = conn
         self.db = sqlite_utils.Database(conn)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the writer connection: held while a write waits for SQLite's lock
+        self._spent_lock = threading.Lock()
         self._spent: tuple[float, float, float] | None = None  # (local midnight, next one, USD spent since)
         self._unwritten: dict[int, dict[str, Any]] = {}  # decision -> its completion, not on disk yet
         with self._writing("migrate"):
@@ -259,16 +273,46 @@ class DecisionLog:
                 "finished = ? WHERE outcome = 'pending'",
                 [time.time()],
             ).rowcount
+        # Reads (status, the `decisions` op, /metrics) use a connection of their own: in WAL mode a reader
+        # never waits for a writer, so a write waiting on another process's lock (a sqlite3 shell left in a
+        # transaction) does not stall the serving loop, which answers status and decisions itself.
+        try:
+            reader = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open the decision log {path} for reading: {exc}") from None
+        reader.row_factory = sqlite3.Row
+        self._reader = reader
+        self._read_lock = threading.Lock()
 
     @contextmanager
-    def _writing(self, what: str) -> Iterator[None]:
-        with self._lock:
+    def _reading(self, what: str) -> Iterator[sqlite3.Connection]:
+        with self._read_lock:
             try:
-                with self._conn:  # BEGIN ... COMMIT, or ROLLBACK on error
-                    self._conn.execute("BEGIN IMMEDIATE")
-                    yield
+                yield self._reader
             except sqlite3.Error as exc:
                 raise StorageError(f"decision log {self.path}: {what} failed: {exc}") from None
+
+    @contextmanager
+    def _writing(self, what: str, wait_s: float = BUSY_WAIT_S) -> Iterator[None]:
+        """One write transaction; ``wait_s``: how long to wait for a lock another process holds (and, when
+        shorter than a turn's wait, for this process's writer, which may be waiting for that lock itself)."""
+        if not self._lock.acquire(timeout=-1 if wait_s == BUSY_WAIT_S else wait_s):
+            raise _write_failed(self.path, what, sqlite3.OperationalError("database is locked"))
+        try:
+            try:
+                if wait_s != BUSY_WAIT_S:
+                    self._conn.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
+                try:
+                    with self._conn:  # BEGIN ... COMMIT, or ROLLBACK on error
+                        self._conn.execute("BEGIN IMMEDIATE")
+                        yield
+                finally:
+                    if wait_s != BUSY_WAIT_S:
+                        self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT_S * 1000)}")
+            except sqlite3.Error as exc:
+                raise _write_failed(self.path, what, exc) from None
+        finally:
+            self._lock.release()
 
     def _migrate(self) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
@@ -311,8 +355,7 @@ class DecisionLog:
                 code="record_not_committed",
             ) from None
         finally:
-            with self._lock:  # spent either way: the daily cap counts it now
-                self._spend(outcome.cost_usd)
+            self._spend(outcome.cost_usd)  # spent either way: the daily cap counts it now
 
     def _keep_unwritten(self, decision_id: int, row: dict[str, Any]) -> None:
         with self._lock:
@@ -342,7 +385,7 @@ class DecisionLog:
     def label(self, decision_id: int, satisfied: bool, source: str) -> LabelTarget:
         """Store a satisfaction label once; returns what the learner trains on."""
         self.write_unwritten()
-        with self._writing("storing the label"):
+        with self._writing("storing the label", LABEL_WAIT_S):
             rows = list(self.db.query("SELECT * FROM decisions WHERE id = ?", [decision_id]))
             if not rows:
                 raise UnknownDecision(f"no decision with id {decision_id}")
@@ -367,6 +410,27 @@ class DecisionLog:
         judged = JudgedAnswer.from_json(row.get("confidence"))
         return LabelTarget(decision_id, row["model"], Routing.from_row(row), judged)
 
+    def judged(self, decision_id: int, judged: JudgedAnswer) -> None:
+        """Keep a local answer's confidence before its turn goes on to the cloud (an escalation): a daemon
+        killed meanwhile leaves the turn ``interrupted`` with the confidence it was escalated on."""
+        row: dict[str, Any] = {"confidence": json.dumps(asdict(judged), separators=(",", ":"))}
+        if judged.explored:
+            row["explored"] = 1
+        with self._writing("keeping the local answer's confidence"):
+            self.db.table("decisions").update(decision_id, row)
+
+    def private_answers(self, digests: Sequence[str]) -> set[str]:
+        """Which of these answer digests (``answer_digest``) are of answers made from private material."""
+        found: set[str] = set()
+        unique = sorted(set(digests))
+        with self._reading("looking up private answers") as conn:
+            for start in range(0, len(unique), 500):  # within SQLite's bound on a statement's parameters
+                chunk = unique[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                sql = f"SELECT DISTINCT private_answer FROM decisions WHERE private_answer IN ({marks})"
+                found.update(row[0] for row in conn.execute(sql, chunk))
+        return found
+
     def shadow(self, decision_id: int, result: ShadowResult) -> None:
         with self._writing("recording a shadow answer"):
             self.db.table("decisions").update(decision_id, {"shadow": json.dumps(asdict(result))})
@@ -377,8 +441,8 @@ class DecisionLog:
             "SELECT COUNT(shadow), COUNT(CASE WHEN outcome = 'escalated' AND confidence IS NOT NULL THEN 1 END) "
             "FROM decisions"
         )
-        with self._lock:
-            shadows, escalated = self._conn.execute(sql).fetchone()
+        with self._reading("counting local labels") as conn:
+            shadows, escalated = conn.execute(sql).fetchone()
         return int(shadows), int(escalated)
 
     def add_cost(self, decision_id: int, usd: float) -> None:
@@ -390,11 +454,16 @@ class DecisionLog:
             self._spend(usd)
 
     def recent(self, limit: int = 20) -> list[dict[str, Any]]:
-        """The newest records. Under the lock like every use of the shared connection: sqlite-utils reads in
-        a savepoint, and a writer's COMMIT on another thread in between released it (the `decisions` op
-        failed, and the writer's turn record could be left pending)."""
-        with self._lock:
-            rows = list(self.db.query("SELECT * FROM decisions ORDER BY id DESC LIMIT ?", [limit]))
+        """The newest records, read on the reading connection (never the writer's: a writer's COMMIT on
+        another thread inside a read's savepoint released it, and a write waiting for SQLite's lock would
+        hold the read)."""
+        with self._reading("reading recent records") as conn:
+            columns = [row[1] for row in conn.execute("PRAGMA table_info(decisions)")]
+            # a logged prompt's head only (``prompt_chars`` says how long it was): a reply of a thousand
+            # megabyte prompts would hold the loop and the memory
+            shown = ", ".join(f"substr({c}, 1, {PROMPT_SHOWN}) AS {c}" if c == "prompt" else c for c in columns)
+            sql = f"SELECT {shown} FROM decisions ORDER BY id DESC LIMIT ?"
+            rows = [dict(row) for row in conn.execute(sql, [limit])]
         return [_decoded(row) for row in rows]
 
     def totals(self) -> list[dict[str, Any]]:
@@ -405,36 +474,38 @@ class DecisionLog:
             "TOTAL(cost_usd) AS cost_usd, TOTAL(energy_j) AS energy_j "
             "FROM decisions WHERE outcome != 'pending' GROUP BY 1, 2"
         )
-        with self._lock:
-            return [dict(row) for row in self.db.query(sql)]
+        with self._reading("reading totals") as conn:
+            return [dict(row) for row in conn.execute(sql)]
 
     def histogram(self, column: str, bounds: tuple[float, ...]) -> tuple[list[int], int, float]:
         """(cumulative counts at or under each bound, count, sum) of a latency column over finished turns."""
         assert column in LATENCY_COLUMNS
         under = ", ".join(f"TOTAL({column} <= {float(b)!r})" for b in bounds)
         sql = f"SELECT {under}, COUNT({column}), TOTAL({column}) FROM decisions WHERE outcome != 'pending'"
-        with self._lock:
-            *counts, count, total = self._conn.execute(sql).fetchone()
+        with self._reading("reading latencies") as conn:
+            *counts, count, total = conn.execute(sql).fetchone()
         return [int(c) for c in counts], int(count), float(total)
 
     def spent_today(self) -> float:
         """Money spent since local midnight: read from the table once a day, then kept up to date in
         memory as costs are recorded (every turn asks, for the daily cap)."""
         now = time.time()
-        with self._lock:
+        with self._spent_lock:
             if self._spent is None or not self._spent[0] <= now < self._spent[1]:
                 midnight = local_midnight(now)
-                row = self._conn.execute(
-                    "SELECT COALESCE(SUM(cost_usd), 0) FROM decisions WHERE created >= ?", [midnight]
-                ).fetchone()
+                with self._reading("summing today's spending") as conn:
+                    row = conn.execute(
+                        "SELECT COALESCE(SUM(cost_usd), 0) FROM decisions WHERE created >= ?", [midnight]
+                    ).fetchone()
                 # 26 h on from midnight is always the next day, whatever daylight saving does
                 self._spent = (midnight, local_midnight(midnight + 26 * 3600), float(row[0]))
             return self._spent[2]
 
     def _spend(self, usd: float) -> None:
-        """Count a recorded cost towards today's total (called with the lock held)."""
-        if self._spent is not None and usd:
-            self._spent = (self._spent[0], self._spent[1], self._spent[2] + usd)
+        """Count a recorded cost towards today's total."""
+        with self._spent_lock:
+            if self._spent is not None and usd:
+                self._spent = (self._spent[0], self._spent[1], self._spent[2] + usd)
 
     def close(self) -> None:
         self.write_unwritten()
@@ -446,8 +517,21 @@ class DecisionLog:
                 len(self._unwritten),
                 sorted(self._unwritten),
             )
+        with self._read_lock:  # first: the writer's close, the last connection's, checkpoints the WAL away
+            self._reader.close()
         with self._lock:
             self._conn.close()
+
+
+def _write_failed(path: Path, what: str, exc: sqlite3.Error) -> StorageError:
+    """The error a failed write raises: one that says so when another process holds the database's lock."""
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        return StorageError(
+            f"decision log {path}: {what} failed: another process holds a write lock on it (a sqlite3 shell "
+            "left in a transaction?); nothing was written, try again once it lets go",
+            code="db_locked",
+        )
+    return StorageError(f"decision log {path}: {what} failed: {exc}")
 
 
 def read_rows(path: Path, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
@@ -512,6 +596,11 @@ def _decoded(row: dict[str, Any]) -> dict[str, Any]:
         if isinstance(row.get(column), str):
             row[column] = json.loads(row[column])
     return row
+
+
+def answer_digest(text: str) -> str:
+    """What an answer is known by again (column ``private_answer``): its text's SHA-256."""
+    return hashlib.sha256(text.encode(errors="surrogatepass")).hexdigest()
 
 
 def local_midnight(now: float | None = None) -> float:

@@ -17,9 +17,10 @@ from pathlib import Path
 FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
-def read_regular(path: str | Path, max_bytes: int) -> bytes:
-    """The bytes of ``path`` if it is a regular file (symlinks to one are followed) of at most ``max_bytes``."""
-    fd = os.open(path, FLAGS)
+def read_regular(path: str | Path, max_bytes: int, follow: bool = True) -> bytes:
+    """The bytes of ``path`` if it is a regular file (symlinks to one are followed unless ``follow`` is
+    False: then a symlink is refused, ``ELOOP``) of at most ``max_bytes``."""
+    fd = os.open(path, FLAGS if follow else FLAGS | os.O_NOFOLLOW)
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

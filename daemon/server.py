@@ -47,6 +47,7 @@ from locod.daemon.ownership import make_private_dir
 from locod.daemon.records import DecisionLog
 from locod.daemon.sessions import SessionStore
 from locod.daemon.shadow import ShadowLane
+from locod.daemon.tcpguard import HANDSHAKE_S, TcpGuard, tcp_share
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import Reply, TurnRunner
 from locod.errors import Busy, ConfigError, LocodError, PromptTooLong, ProtocolError, StorageError, install_hint
@@ -77,6 +78,12 @@ AS_STARTED = ("paths", "daemon", "http", "telemetry")
 IPC, TCP = b"i", b"t"
 # A tcp message that does not begin with its secret is parsed (then checked) only up to this size.
 UNAUTHENTICATED_BYTES = 64 << 10
+# What a tcp endpoint without a secret serves: any local user can reach it, not only the daemon's owner,
+# so not the owner's records (`decisions`) nor what changes the daemon (`feedback`, `reload`). `config`
+# holds no secret, and the client reads its limits from it before sending a large chat.
+OPEN_TCP_OPS = ("chat", "ping", "status", "config")
+# Labels waiting for the feedback thread; past this a `feedback` is answered busy (a flood is not queued).
+FEEDBACK_QUEUE = 64
 
 
 class Daemon:
@@ -129,12 +136,17 @@ class Daemon:
             self.shadow,
         )
         self.pool = ThreadPoolExecutor(max_workers=config.daemon.queue_limit, thread_name_prefix="turn")
+        # Labels are written off the loop: a write can wait on SQLite's lock (another process holding it)
+        # for the busy timeout, and the loop answers every other client meanwhile.
+        self._feedback = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback")
+        self._feedback_room = threading.BoundedSemaphore(FEEDBACK_QUEUE)
         # Turns in flight and whom they answer; changed only by the loop's thread (in_flight() reads a copy).
         self._turns: dict[Future[None], tuple[bytes, Reply]] = {}
         self.backlog = Backlog(config.daemon.max_queued_bytes)
         self.ctx = zmq.Context()
         self._local_out = threading.local()
         self.sockets: dict[bytes, zmq.Socket[bytes]] = {}
+        self.tcp_guard: TcpGuard | None = None  # with daemon.tcp: its connections, bounded
         self.stopping_since: float | None = None
         self.turns_served = 0
 
@@ -144,7 +156,7 @@ class Daemon:
         cfg = self.config
         runtime = cfg.runtime_dir
         self._tcp_secret = self._read_tcp_secret()
-        raise_soft_limit()  # libzmq aborts when its ipc listener finds no descriptor (fdlimit.py)
+        fd_limit = raise_soft_limit()  # libzmq aborts when its ipc listener finds no descriptor (fdlimit.py)
         if self.records.interrupted_at_start:
             log.warning(
                 "%d turns were interrupted by the previous daemon's stop; marked 'interrupted'",
@@ -164,7 +176,10 @@ class Daemon:
         os.chmod(sock_path, 0o600)
         if cfg.daemon.tcp:
             self.sockets[TCP] = self._router_socket()
+            self.sockets[TCP].setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)
             self.sockets[TCP].bind(cfg.daemon.tcp)
+            share = tcp_share(cfg.daemon.max_tcp_connections, fd_limit)
+            self.tcp_guard = TcpGuard(self.sockets[TCP], share, cfg.daemon.max_tcp_per_host)
         self.telemetry.start()
         self._install_signals()
         if cfg.http.listen:
@@ -214,12 +229,16 @@ class Daemon:
         poller.register(self.outbox, zmq.POLLIN)
         poller.register(self.inbox, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        if self.tcp_guard is not None:
+            poller.register(self.tcp_guard.monitor, zmq.POLLIN)
         watchdog_every = self.notifier.watchdog_interval
         last_ping = last_status = 0.0
         while True:
             events = dict(poller.poll(timeout=10 if self.backlog else 250))
             if self._wake_r.fileno() in events:
                 self._on_signals()
+            if self.tcp_guard is not None and self.tcp_guard.monitor in events:
+                self.tcp_guard.drain()  # before the requests: a connection over the bounds is shut first
             for tag, sock in self.sockets.items():
                 if sock in events:
                     self._drain_requests(tag, sock)
@@ -332,11 +351,22 @@ class Daemon:
                 code="unauthorized",
                 request_id=request.id,
             )
+        op = "chat" if isinstance(request, ChatRequest) else request.op
+        if tag == TCP and self._tcp_secret is None and op not in OPEN_TCP_OPS:
+            raise BadRequest(
+                f"op {op!r} is not served on a tcp endpoint without a secret (any local user can reach it): "
+                "use the ipc socket, or set daemon.tcp_secret_file",
+                code="unauthorized",
+                request_id=request.id,
+            )
         if isinstance(request, ChatRequest):
             try:
                 self._start_turn(peer, request)
             except LocodError as exc:  # busy, too long: the reply must carry the id the client waits on
                 self._send(peer, encode_frame(request.id, ErrorFrame.of(exc)))
+            return
+        if isinstance(request, FeedbackRequest):
+            self._label(peer, request)
             return
         frame: Frame
         try:
@@ -364,9 +394,29 @@ class Daemon:
                 request_id=head.get("id"),
             )
 
-    def _answer(self, request: FeedbackRequest | SimpleRequest) -> Any:
-        if isinstance(request, FeedbackRequest):
-            return self.learner.feedback(request.decision, request.satisfied, source="user")
+    def _label(self, peer: bytes, request: FeedbackRequest) -> None:
+        """Hand a label to the feedback thread, which answers it; refused busy when many are waiting."""
+        if not self._feedback_room.acquire(blocking=False):
+            error = Busy(f"{FEEDBACK_QUEUE} labels are waiting to be written; try again shortly")
+            self._send(peer, encode_frame(request.id, ErrorFrame.of(error)))
+            return
+
+        def write() -> None:
+            frame: Frame
+            try:
+                frame = ResultFrame("feedback", self.learner.feedback(request.decision, request.satisfied, "user"))
+            except LocodError as exc:
+                frame = ErrorFrame.of(exc)
+            except Exception:  # a bug costs this label, never the thread's next ones
+                log.exception("feedback for decision %d failed", request.decision)
+                frame = ErrorFrame("error", "internal", "internal error")
+            finally:
+                self._feedback_room.release()
+            self._post(peer, encode_frame(request.id, frame))
+
+        self._feedback.submit(write)
+
+    def _answer(self, request: SimpleRequest) -> Any:
         if request.op == "ping":
             return {"pong": True, "pid": os.getpid(), "version": __version__}
         if request.op == "status":
@@ -481,6 +531,9 @@ class Daemon:
                 "waiting_for_local": self.local.gate.waiting,
                 "backlog_bytes": self.backlog.queued_bytes(),
             },
+            "tcp": None
+            if self.tcp_guard is None
+            else {"open": self.tcp_guard.open, "refused": self.tcp_guard.refused, "max": self.tcp_guard.max_total},
             "sessions": len(self.sessions),
             "turns_served": self.turns_served + len(self._turns) - self.in_flight(),
             "interrupted_at_start": self.records.interrupted_at_start,
@@ -568,6 +621,7 @@ class Daemon:
         if self.http is not None:
             self.http.stop()  # after the turns ended, so their last frames reach the HTTP clients
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self._feedback.shutdown(wait=True)  # labels sent before the stop are written and answered
         self._drain_outbox()
         self.telemetry.stop()
         self.shadow.close()
@@ -575,6 +629,8 @@ class Daemon:
         self.cloud.close()
         self.zoo.close()
         self.records.close()
+        if self.tcp_guard is not None:
+            self.tcp_guard.close()
         self.ctx.destroy(linger=0)
         if IPC in self.sockets:  # ours (the runtime dir's lock says so): a stale file would make clients wait
             (self.config.runtime_dir / "locod.sock").unlink(missing_ok=True)

@@ -2,10 +2,17 @@
 
 History lives in memory only: a restarted daemon starts every session afresh (a chat naming an unknown
 session simply opens it). A turn without a session id gets a session of its own that the store does not
-keep, so one-off turns take no slot. The store holds at most ``max_sessions``; when it is full, the client
-(connection) holding the most sessions gives up its least recently used one, so a client that opens
-sessions by the thousand evicts its own, not another's. The per-turn trail (where each turn ran, which
+keep, so one-off turns take no slot. The per-turn trail (where each turn ran, which
 attachment slots went to the cloud) is what the routing policy sees as dialogue history.
+
+Sessions are namespaced by **door**, the owner: a session id names a dialogue of the ipc socket's user, of
+the tcp endpoint's or of the HTTP API's, and the same id at another door is another dialogue. Each door
+has one kind of peer: the ipc socket (0600 in a 0700 directory) admits the daemon's own user only, the tcp
+endpoint whoever holds its secret (any local process on loopback without one), the HTTP API whoever holds
+its key (any local process on loopback without one). So a peer of one door can neither continue, read
+through the model, nor evict another door's dialogues. The store holds at most ``max_sessions``; when it
+is full, the door holding the most sessions gives up its least recently used one, so a flood through one
+door (however many connections it opens, one session each) evicts its own dialogues, not another door's.
 
 A session's history is bounded (``daemon.max_history_chars``): past it the oldest messages are dropped, so
 neither memory nor what a cloud turn uploads grows with the dialogue. An answer made from private material
@@ -19,8 +26,15 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Hashable
 from dataclasses import dataclass, field
+
+DOORS = {b"i": "ipc", b"t": "tcp", b"h": "http"}  # a client key's first byte: the door it came through
+
+
+def door_of(client: bytes) -> str:
+    """The door (the owner of its sessions) a client key came through: ``ipc``, ``tcp`` or ``http``."""
+    return DOORS.get(client[:1], "other")
+
 
 WITHHELD = "[answer left out: it was made from a private attachment, which stays on the device]"
 
@@ -40,11 +54,16 @@ class Session:
     id: str
     trail: list[TurnTrail] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
-    client: Hashable = None  # the client that used it last: eviction is fair across clients
+    owner: str = ""  # the door it belongs to (``door_of``): its namespace, and whose budget it counts in
     dropped: int = 0  # messages trimmed off the front: where the history starts in the whole dialogue
     # The history, and per message whether it was made from private material: one tuple, replaced whole by
     # ``SessionStore.record``, so a turn reading it on another thread never pairs a message with another's mark.
     dialogue: tuple[tuple[Message, ...], tuple[bool, ...]] = ((), ())
+
+    @property
+    def key(self) -> str:
+        """Unique across doors: what the dialogue cache keeps this session's KV state under."""
+        return f"{self.owner}:{self.id}"
 
     @property
     def messages(self) -> list[Message]:
@@ -70,47 +89,56 @@ class SessionStore:
         self.idle_s = idle_s
         self.max_sessions = max_sessions
         self.max_chars = max_chars
-        self._sessions: dict[str, Session] = {}
+        self._sessions: dict[tuple[str, str], Session] = {}  # (owner, id) -> session
         self._lock = threading.Lock()
 
-    def open(self, session_id: str | None, client: Hashable = None) -> Session:
-        """The live session with this id (a new one if unknown or expired); for None a fresh one, unkept."""
+    def open(self, session_id: str | None, owner: str = "") -> Session:
+        """``owner``'s live session with this id (a new one if unknown or expired); for None a fresh one,
+        unkept."""
         now = time.monotonic()
         if session_id is None:
-            return Session("anon-" + uuid.uuid4().hex[:12], client=client)
+            return Session("anon-" + uuid.uuid4().hex[:12], owner=owner)
         with self._lock:
             self._expire(now)
-            session = self._sessions.get(session_id)
+            session = self._sessions.get((owner, session_id))
             if session is None:
                 if len(self._sessions) >= self.max_sessions:
                     self._evict()
-                session = self._sessions[session_id] = Session(session_id)
-            session.last_used, session.client = now, client
+                session = self._sessions[owner, session_id] = Session(session_id, owner=owner)
+            session.last_used = now
             return session
 
     def _evict(self) -> None:
-        """Drop the least recently used session of the client that holds the most."""
-        held = Counter(s.client for s in self._sessions.values())
+        """Drop the least recently used session of the owner (door) that holds the most."""
+        held = Counter(s.owner for s in self._sessions.values())
         most = max(held.values())
-        oldest = min((s for s in self._sessions.values() if held[s.client] == most), key=lambda s: s.last_used)
-        del self._sessions[oldest.id]
+        oldest = min((s for s in self._sessions.values() if held[s.owner] == most), key=lambda s: s.last_used)
+        del self._sessions[oldest.owner, oldest.id]
 
-    def held(self, session_id: str) -> tuple[int, list[Message]]:
-        """(messages trimmed off the front, a copy of the rest) of a live session; (0, []) if there is none."""
+    def held(self, session_id: str, owner: str = "") -> tuple[int, list[Message]]:
+        """(messages trimmed off the front, a copy of the rest) of ``owner``'s live session; (0, []) if there
+        is none."""
         with self._lock:
-            session = self._sessions.get(session_id)
+            session = self._sessions.get((owner, session_id))
             if session is None or time.monotonic() - session.last_used > self.idle_s:
                 return 0, []
             return session.dropped, session.messages
 
     def record(
-        self, session: Session, user: list[Message], answer: str, trail: TurnTrail, private: bool = False
+        self,
+        session: Session,
+        user: list[Message],
+        answer: str,
+        trail: TurnTrail,
+        private: bool = False,
+        sent_private: frozenset[int] = frozenset(),
     ) -> None:
         """Append a finished turn: the new user messages and the answer become history (``private``: the
-        answer was made from private material), then trim the history to ``max_chars``."""
+        answer was made from private material; ``sent_private``: which of ``user`` are such answers, sent
+        back by the client), then trim the history to ``max_chars``."""
         with self._lock:
             messages = [*session.dialogue[0], *user, {"role": "assistant", "content": answer}]
-            marks = [*session.dialogue[1], *[False] * len(user), private]
+            marks = [*session.dialogue[1], *(i in sent_private for i in range(len(user))), private]
             drop = overflow(messages, self.max_chars)
             session.dialogue = (tuple(messages[drop:]), tuple(marks[drop:]))
             session.dropped += drop
@@ -118,8 +146,8 @@ class SessionStore:
             session.last_used = time.monotonic()
 
     def _expire(self, now: float) -> None:
-        for sid in [s.id for s in self._sessions.values() if now - s.last_used > self.idle_s]:
-            del self._sessions[sid]
+        for key in [k for k, s in self._sessions.items() if now - s.last_used > self.idle_s]:
+            del self._sessions[key]
 
     def __len__(self) -> int:
         with self._lock:

@@ -34,11 +34,11 @@ from locod.daemon.decision import Decision
 from locod.daemon.escalation import AnswerJudge
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
-from locod.daemon.records import ANSWERED, DecisionLog, DecisionRecord, JudgedAnswer, Outcome
-from locod.daemon.sessions import Session, SessionStore, TurnTrail
+from locod.daemon.records import ANSWERED, DecisionLog, DecisionRecord, JudgedAnswer, Outcome, answer_digest
+from locod.daemon.sessions import Session, SessionStore, TurnTrail, door_of
 from locod.daemon.shadow import AGREEMENT, ShadowJob, ShadowLane, agreement
 from locod.daemon.telemetry import TelemetrySampler
-from locod.errors import Busy, CloudError, LocodError
+from locod.errors import Busy, CloudError, LocodError, StorageError
 from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
 from locod.policy.tasks import task_of
 from locod.protocol import (
@@ -50,6 +50,7 @@ from locod.protocol import (
     EscalatedFrame,
     FallbackFrame,
     Frame,
+    QueuedFrame,
 )
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,9 @@ class Turn:
     client: bytes
     task: str
     attachments: list[att.PreparedAttachment]
+    # Indices into the request's messages of the client's history that are this daemon's own answers made
+    # from private material (known by their digest in the decision log): withheld from a cloud model.
+    sent_private: frozenset[int] = frozenset()
 
     @functools.cached_property
     def prompt_tokens(self) -> int:
@@ -89,7 +93,7 @@ class Turn:
     def private_material(self) -> bool:
         """Whether a local answer to this turn is made from private material: a private attachment, or
         history holding an answer made from one. Such an answer never reaches a cloud model (nor the judge)."""
-        return any(a.private for a in self.attachments) or self.session.withheld > 0
+        return any(a.private for a in self.attachments) or self.session.withheld > 0 or bool(self.sent_private)
 
     def upload_bytes(self, send: tuple[int, ...]) -> int:
         """About what a cloud action uploading ``send`` sends: the text, and each attachment's share."""
@@ -247,8 +251,16 @@ class TurnRunner:
             att.check_cancelled(cancelled)
             data = att.load_bytes(a, self.config.paths.allow_dirs, cfg.max_bytes)
             prepared.append(att.prepare(a, data, prompt_terms, cfg, cancelled))
-        session = self.sessions.open(request.session, client)
-        return Turn(request, session, client, task_of(request.prompt), prepared)
+        session = self.sessions.open(request.session, door_of(client))  # each door its own namespace
+        return Turn(request, session, client, task_of(request.prompt), prepared, self._sent_private(request))
+
+    def _sent_private(self, request: ChatRequest) -> frozenset[int]:
+        """Which messages of the client's own history are answers this daemon made from private material."""
+        answers = {
+            i: answer_digest(m["content"]) for i, m in enumerate(request.messages[:-1]) if m["role"] == "assistant"
+        }
+        known = self.records.private_answers(list(answers.values()))
+        return frozenset(i for i, digest in answers.items() if digest in known)
 
     def _backend(self, location: str) -> Backend:
         return self.local if location == "local" else self.cloud
@@ -259,7 +271,8 @@ class TurnRunner:
         backend = self._backend(decision.location)
         judge = AnswerJudge.of(decision, turn.request.prompt, self.learner)  # a turn that may escalate
         waiting = time.perf_counter()
-        with backend.slot(turn.client, reply.cancelled) as granted:
+        on_wait = (lambda ahead: reply.send(QueuedFrame(ahead))) if turn.request.options.queued else None
+        with backend.slot(turn.client, reply.cancelled, on_wait) as granted:
             if not granted:  # the client left, or the daemon is stopping: nothing was accepted
                 reply.send(ErrorFrame(Busy.code, "cancelled", reply.cancel_reason))
                 return
@@ -311,6 +324,10 @@ class TurnRunner:
         # the decision frame said what a local answer uploads (nothing): say what the cloud's will
         sent = ", ".join(turn.attachments[i].name for i in decision.send)
         told = f"{why}; {decision.model} receives {sent}" if sent else why
+        try:  # kept now: the cloud phase may be cut by a kill, and the completion with it
+            self.records.judged(decision_id, judged)
+        except StorageError as exc:  # the completion writes it (or holds it for a full disk) all the same
+            log.warning("turn %s: %s", turn.request.id, exc.message)
         reply.send(EscalatedFrame(decision_id, decision.model, judged.s_answered, told))
         held = None if local.cut else (judged, local)  # a whole answer: shown if the cloud fails
         try:
@@ -415,7 +432,7 @@ class TurnRunner:
             on_delta,
             reply.cancelled,
             # the local model starts from this dialogue's kept state; a one-off turn's is never kept
-            session=turn.session.id if turn.request.session is not None else None,
+            session=turn.session.key if turn.request.session is not None else None,
         )
         if judge is not None:
             prompt = dataclasses.replace(prompt, checkpoint=judge.checkpoint())
@@ -463,6 +480,7 @@ class TurnRunner:
     def _finish(self, decision_id: int, turn: Turn, ending: Ending, reply: Reply) -> None:
         """Complete the record, then answer: ``done`` (and learn, after the reply) or ``error``."""
         decision, g = ending.decision, ending.generation
+        private = decision.location == "local" and turn.private_material  # the cloud never saw private material
         self.records.finish(
             decision_id,
             Outcome(
@@ -481,6 +499,7 @@ class TurnRunner:
                 error=ending.error,
                 attachments_sent=[turn.attachments[i].name for i in sorted({*decision.send, *ending.uploaded})],
                 confidence=ending.judged,
+                private_answer=answer_digest(g.text) if private and g.text else None,
             ),
         )
         if ending.outcome not in ANSWERED:
@@ -491,8 +510,7 @@ class TurnRunner:
         shadow = self._shadow_job(decision_id, turn, ending) if routed_to_cloud else None
         slots = tuple(i in decision.send for i in range(len(turn.attachments)))
         trail = TurnTrail(decision.location, slots, turn.task)
-        private = decision.location == "local" and turn.private_material  # the cloud never saw private material
-        self.sessions.record(turn.session, turn.request.messages, g.text, trail, private)  # all the model saw
+        self.sessions.record(turn.session, turn.request.messages, g.text, trail, private, turn.sent_private)
         reply.send(self._done(decision_id, turn, ending))
         self.learner.settle(decision_id, decision, turn.request.prompt, g.text, private)  # learning after the reply
         if shadow is not None:

@@ -159,10 +159,10 @@ def test_a_trimmed_session_still_continues_its_http_conversation() -> None:
             assert sid == session_id and new == conversation[-1:]  # only what the session does not hold
         session_id = sid
         assert sid is not None
-        store.record(store.open(sid), new, f"answer {i} " + "a" * 60, TRAIL)
+        store.record(store.open(sid, "http"), new, f"answer {i} " + "a" * 60, TRAIL)
         conversation.append({"role": "assistant", "content": f"answer {i} " + "a" * 60})
         conversations.answered(conversation[:-1], conversation[-1]["content"], sid)
-    assert store.open(session_id).dropped > 0
+    assert store.open(session_id, "http").dropped > 0
 
 
 def test_the_client_checks_a_file_before_reading_it(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ import os
 import shutil
 import stat
 import subprocess
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import zmq
 from locod.client import Client
 from locod.daemon.records import MIGRATIONS
 from locod.errors import DaemonNotRunning
-from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame
+from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame, QueuedFrame
 
 from .conftest import DaemonHandle, locod_command, start_daemon, wait_for
 
@@ -87,6 +88,32 @@ def test_ping_and_status_answered_while_a_generation_runs(daemon: DaemonHandle) 
     assert other.status()["queue"]["in_flight"] == 1
     rest = list(frames)
     assert rest[-1].type == "done"  # the slow turn was still running while the others were answered
+
+
+def test_a_turn_waiting_for_the_local_model_is_told_when_it_asked(daemon: DaemonHandle) -> None:
+    """A client that asked (options.queued) hears, before its decision, how many turns go first, and again
+    as the queue moves; one that did not ask gets the frames it always got."""
+    slow = daemon.client()
+    frames = slow.chat("Write a long story about a lighthouse keeper.", max_tokens=300, temperature=0.0)
+    assert next(frames).type == "decision"
+    assert next(frames).type == "delta"  # the local model is busy now
+    second = daemon.client().chat("Say hi.", max_tokens=2, queued=True)
+    assert next(second) == QueuedFrame(1)
+    third = daemon.client().chat("Say hello.", max_tokens=2, queued=True)
+    assert next(third) == QueuedFrame(2)
+    plain: list[Any] = []
+    waiting = threading.Thread(target=lambda: plain.extend(daemon.client().chat("Say hey.", max_tokens=2)))
+    waiting.start()
+    status = daemon.client()
+    wait_for(lambda: status.status()["queue"]["waiting_for_local"] == 3, 30, "the plain turn to queue")
+    list(frames)  # the slow turn ends: the second takes the model, the third moves up
+    after = list(second)
+    assert after[0].type == "decision" and after[-1].type == "done"
+    rest = list(third)
+    assert rest[0] == QueuedFrame(1) and [f.type for f in rest][1:2] == ["decision"]
+    waiting.join(60)
+    assert plain[0].type == "decision" and not any(isinstance(f, QueuedFrame) for f in plain)
+    assert len(daemon.rows()) == 4  # waiting recorded nothing: each record begins when its turn is accepted
 
 
 def test_prompts_are_stored_only_when_configured(daemon_factory: Any) -> None:

@@ -233,3 +233,25 @@ def test_the_http_door_names_an_escalation_and_streams_only_the_clouds_answer(
     chunks = list(client.chat.completions.create(**ask, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # the cloud's answer
     assert (chunks[-1].model_extra or {})["locod"]["outcome"] == "escalated"
+
+
+def test_a_daemon_killed_in_an_escalations_cloud_phase_keeps_the_local_answers_confidence(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    """The local answer was judged (its confidence is what a label of the escalation trains the head on):
+    a kill -9 while the cloud answers must not lose it with the turn's completion."""
+    from locod.daemon.records import DecisionLog
+
+    handle = _daemon(daemon_factory, tmp_path, proxy, _head(min_weight=1000.0, bias=10.0), "killed")
+    proxy.set(Fault("delay", delay_s=120.0))  # the cloud never answers in time
+    for frame in handle.client().chat("What is the plural of mouse?", max_tokens=24, temperature=0.0):
+        if isinstance(frame, EscalatedFrame):
+            break
+    handle.proc.kill()
+    handle.proc.wait(30)
+    log = DecisionLog(handle.db_path)  # what the next start does to the turn
+    log.close()
+    (row,) = handle.rows()
+    assert row["outcome"] == "interrupted" and log.interrupted_at_start == 1
+    judged = json.loads(row["confidence"])
+    assert judged["model"] == LOCAL and judged["kept"] is False and judged["s_answered"] == frame.confidence

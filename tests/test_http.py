@@ -308,7 +308,7 @@ def test_a_conversation_continues_its_session_only_while_the_session_holds_its_p
     first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     fresh, sent = conversations.continuing(first, None)
     assert fresh and fresh.startswith("http-") and sent == first  # its own session: one-off turns keep none
-    session = store.open(fresh)
+    session = store.open(fresh, "http")
     store.record(session, first, "Hello!", TurnTrail("local", (), "chat"))
     conversations.answered(first, "Hello!", session.id)
     second = [*first, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]

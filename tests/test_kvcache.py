@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -152,6 +153,32 @@ def test_a_truncated_or_foreign_parked_file_is_ignored(models_dir: Path, tmp_pat
         path.write_bytes(content)
         assert park.take(MODEL, "A", "identity") is None
         assert not path.exists()
+
+
+def test_a_parked_file_is_read_only_when_regular_and_within_the_limit(models_dir: Path, tmp_path: Path) -> None:
+    """A FIFO would hold the turn (and the local model) for good, /dev/zero or a huge file fill the memory,
+    a symlink read what it points at: each is refused unread and removed."""
+    park = DiskPark(tmp_path / "kv", 1 << 20)
+    path = park._path(MODEL, "A")
+    target = tmp_path / "elsewhere.kv"
+    target.write_bytes(b"LOCODKV1")
+    for make in (os.mkfifo, lambda p: p.symlink_to("/dev/zero"), lambda p: p.symlink_to(target)):
+        make(path)
+        assert park.take(MODEL, "A", "identity") is None
+        assert not path.is_symlink() and not path.exists()
+    with path.open("wb") as f:
+        f.truncate(4 << 30)  # sparse: 4 GiB that would be read whole
+    assert park.take(MODEL, "A", "identity") is None and not path.exists()
+    assert target.exists()
+
+
+def test_a_fifo_parked_under_a_session_does_not_wedge_the_local_model(daemon_factory: Any) -> None:
+    daemon = daemon_factory({"local": {"cache_disk_mb": 64}})
+    park = DiskPark(daemon.home / "state" / "kvcache", 64 << 20)
+    os.mkfifo(park._path(MODEL, "ipc:s1"))  # where the ipc door's session s1 would be parked
+    done = daemon.client().ask("Say hello.", session="s1", max_tokens=2).done
+    assert done is not None and done.outcome == "ok"
+    assert "ignoring parked KV state" in daemon.log() and "not a regular file" in daemon.log()
 
 
 def test_status_reports_the_dialogue_cache(daemon: DaemonHandle) -> None:

@@ -131,3 +131,31 @@ def test_ask_refuses_a_file_it_should_not_read(daemon: DaemonHandle, tmp_path: P
         done = daemon.cli("ask", "describe", "--attach", str(path), timeout=30)  # no hang, no MemoryError
         assert done.returncode == 1 and message in done.stderr and "Traceback" not in done.stderr
     assert daemon.rows() == []
+
+
+def test_a_private_answer_a_client_sends_back_as_history_is_still_withheld(
+    daemon_factory: Any, proxy: FaultProxy
+) -> None:
+    """An OpenAI client resends the whole conversation; once its session is gone (expired, or the daemon
+    restarted) the daemon's own answer made from a private attachment comes back as the client's history.
+    The daemon knows its own answers by their hash, kept in the decision log: the cloud is still not sent it."""
+    config = cloud_config(proxy.base_url, timeout_s=60.0)
+    handle = daemon_factory(config, extra_env=KEY)
+    question = "What is the vault code? Quote the memo."
+    first = handle.client().ask(question, attachments=[MEMO], force="local", max_tokens=16, temperature=0.0, seed=1)
+    assert first.text.strip()
+    handle.stop()
+    handle = daemon_factory(config, extra_env=KEY)  # the same state directory: sessions gone, the log kept
+    conversation = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "Thanks. Now say hello."},
+    ]
+    cloud = handle.client().ask(None, messages=conversation, force="cloud", max_tokens=8)  # type: ignore[arg-type]
+    assert cloud.decision.location == "cloud"
+    note = "1 earlier answer made from private attachments left out of what the cloud is sent"
+    assert cloud.decision.notice == note
+    sent = proxy.chat_requests()[-1].body["messages"]
+    assert sent[1] == {"role": "assistant", "content": WITHHELD} and first.text not in json.dumps(sent)
+    again = handle.client().ask(None, messages=conversation, force="local", max_tokens=8)  # type: ignore[arg-type]
+    assert again.decision.notice is None  # the local model sees it, as ever

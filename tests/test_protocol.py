@@ -21,6 +21,7 @@ from locod.protocol import (
     FallbackFrame,
     FeedbackRequest,
     Frame,
+    QueuedFrame,
     Request,
     ResultFrame,
     SimpleRequest,
@@ -125,6 +126,7 @@ FRAMES = [
     ErrorFrame("busy", "cancelled", "the client disconnected", decision=7),
     ResultFrame("status", {"pid": 1, "routing": {"q": 0.5}}),
     EscalatedFrame(7, "gpt-mini", 0.31, "the local answer was not sure enough; gpt-mini answers instead"),
+    QueuedFrame(2),
 ]
 
 
@@ -177,7 +179,7 @@ REQUESTS = [
             Attachment("image", "a.png", data=b"\x89PNG", private=True),
             Attachment("document", "notes.md", path="/home/u/notes.md"),
         ],
-        options=ChatOptions(max_tokens=5, temperature=0.0, seed=3, force="cloud", stream=False),
+        options=ChatOptions(max_tokens=5, temperature=0.0, seed=3, force="cloud", stream=False, queued=True),
         secret="s3cret",
     ),
     FeedbackRequest("f1", 42, False),

@@ -6,16 +6,18 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import psutil
 import zmq
 
 from locod.client import Client, attachment
 from locod.protocol import SimpleRequest, encode_request, leading_fields
 
-from .conftest import DaemonHandle, free_port, locod_command
+from .conftest import DaemonHandle, free_port, locod_command, wait_for
 
 SECRET = "s3cret-token"
 
@@ -100,3 +102,49 @@ def test_the_client_writes_the_secret_and_id_first() -> None:
     raw = encode_request(SimpleRequest("r1", "ping", secret=SECRET))
     assert raw.startswith(b'{"secret":"s3cret-token","id":"r1",')
     assert leading_fields(raw) == {"secret": SECRET, "id": "r1"}
+
+
+def test_a_flood_of_tcp_connections_is_bounded_and_the_others_are_served(daemon_factory: Any) -> None:
+    """Plain TCP connections need no secret and hold a descriptor each until ZMTP times them out: past
+    daemon.max_tcp_per_host from one address they are shut at once, and the ipc user never notices."""
+    port = free_port()
+    handle = daemon_factory({"daemon": {"tcp": f"tcp://127.0.0.1:{port}", "max_tcp_per_host": 4}})
+    client = handle.client()
+    flood = [socket.create_connection(("127.0.0.1", port)) for _ in range(40)]
+    try:
+        wait_for(lambda: client.status()["tcp"]["refused"] >= 36, 30, "the flood to be refused")
+        assert client.status()["tcp"]["open"] == 4
+
+        def held() -> int:  # connections the daemon's process holds on the endpoint
+            conns = psutil.Process(handle.proc.pid).net_connections(kind="tcp")
+            return sum(c.laddr.port == port and c.status == psutil.CONN_ESTABLISHED for c in conns)
+
+        wait_for(lambda: held() == 4, 30, "the refused connections to be closed")  # shut, not left waiting
+        assert client.ask("Say hi.", max_tokens=2).done is not None  # the ipc user is served throughout
+        assert "refused a connection from 127.0.0.1" in handle.log() and "max_tcp_per_host" in handle.log()
+    finally:
+        for s in flood:
+            s.close()
+    wait_for(lambda: client.status()["tcp"]["open"] == 0, 30, "the flood's connections to be let go")
+    with Client(f"tcp://127.0.0.1:{port}") as remote:  # room again for a client that speaks
+        assert remote.ping()["pong"]
+
+
+def test_a_tcp_endpoint_without_a_secret_serves_turns_not_the_owners_records(daemon_factory: Any) -> None:
+    """Any local user can reach a loopback tcp endpoint that has no secret: it answers chats, ping, status
+    and config, but the owner's records, labels and reloads stay on the ipc socket."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    handle = daemon_factory({"daemon": {"tcp": endpoint}, "log": {"prompts": True}})
+    owner = handle.client()
+    decision = owner.ask("My PIN is 4921.", max_tokens=2).done.decision
+    for op, fields in (("decisions", {"limit": 5}), ("feedback", {"decision": decision, "satisfied": False})):
+        reply = send_raw(endpoint, json.dumps({"v": 1, "id": op, "op": op, **fields}).encode())
+        assert (reply["type"], reply["code"], reply["id"]) == ("error", "unauthorized", op)
+        assert "daemon.tcp_secret_file" in reply["message"] and "4921" not in json.dumps(reply)
+    reply = send_raw(endpoint, json.dumps({"v": 1, "id": "r", "op": "reload"}).encode())
+    assert reply["code"] == "unauthorized"
+    with Client(endpoint) as remote:
+        assert remote.ask("Say hi.", max_tokens=2).done is not None and remote.ping()["pong"]
+        assert remote.status()["pid"] == handle.proc.pid
+    assert owner.feedback(decision, True)["satisfied"] is True  # the owner, on the ipc socket
+    assert owner.decisions(5)[-1]["prompt"] == "My PIN is 4921."

@@ -12,6 +12,8 @@ import pytest
 from locod.daemon.gate import FairGate
 from locod.daemon.sessions import SessionStore, TurnTrail
 
+from .conftest import wait_for
+
 
 def test_fair_gate_serves_clients_round_robin() -> None:
     gate = FairGate()
@@ -43,6 +45,39 @@ def test_fair_gate_serves_clients_round_robin() -> None:
     assert order == ["a1", "b1", "c1", "a2", "a3"]
 
 
+def test_a_waiting_turn_is_told_how_many_go_first_as_the_queue_moves() -> None:
+    gate = FairGate()
+    told: dict[str, list[int]] = {}
+    release = threading.Event()
+    holding = threading.Event()
+
+    def hold() -> None:
+        with gate.slot("holder"):
+            holding.set()
+            release.wait(10)
+
+    def turn(client: str, label: str) -> None:
+        with gate.slot(client, on_wait=lambda ahead: told.setdefault(label, []).append(ahead)) as granted:
+            assert granted
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(5)
+    threads = []
+    for client, label in [("A", "a1"), ("A", "a2"), ("A", "a3"), ("B", "b1"), ("C", "c1")]:
+        t = threading.Thread(target=turn, args=(client, label))
+        t.start()
+        threads.append(t)
+        wait_for(lambda label=label: label in told, 5, f"{label} to be told")
+    # round-robin, as served: a1, b1, c1, a2, a3 behind the holder; a2 was told 2 when it queued, then 4
+    expected = {"a1": 1, "b1": 2, "c1": 3, "a2": 4, "a3": 5}
+    wait_for(lambda: {k: v[-1] for k, v in told.items()} == expected, 5, "the positions to settle")
+    assert told["a2"][0] == 2
+    release.set()
+    for t in [holder, *threads]:
+        t.join(5)
+
+
 def test_fair_gate_gives_up_when_cancelled() -> None:
     gate = FairGate()
     cancelled = threading.Event()
@@ -69,17 +104,21 @@ def test_sessions_keep_history_and_expire() -> None:
     assert len(store) == 2
 
 
-def test_sessionless_turns_take_no_slot_and_eviction_is_fair_per_client() -> None:
+def test_sessionless_turns_take_no_slot_and_eviction_is_fair_per_door() -> None:
     store = SessionStore(idle_s=600, max_sessions=10)
-    victim = store.open("victim-dialogue", client="victim")
+    victim = store.open("victim-dialogue", owner="ipc")
     store.record(victim, [{"role": "user", "content": "remember 42"}], "ok", TurnTrail("local", (), "chat"))
     for _ in range(1100):  # one-off turns without a session id
-        store.open(None, client="flooder")
+        store.open(None, owner="http")
     assert len(store) == 1
-    for i in range(1100):  # one-off turns, each naming a fresh session
-        store.open(f"flood-{i}", client="flooder")
+    for i in range(1100):  # one-off turns, each naming a fresh session (each from a connection of its own)
+        store.open(f"flood-{i}", owner="http")
     assert len(store) == 10
-    assert store.open("victim-dialogue", client="victim").messages[0]["content"] == "remember 42"
+    assert store.open("victim-dialogue", owner="ipc").messages[0]["content"] == "remember 42"
+    # the same id at another door is another dialogue: neither read nor continued from there
+    assert store.open("victim-dialogue", owner="http").messages == []
+    assert store.held("victim-dialogue", "tcp") == (0, []) and store.held("victim-dialogue", "ipc")[1]
+    assert store.open("victim-dialogue", owner="http").key != victim.key  # nor its KV state
 
 
 def test_labels_need_a_turn_that_answered(tmp_path: Path) -> None:
