@@ -38,7 +38,7 @@ from locod.daemon.fdlimit import http_share, raise_soft_limit
 from locod.daemon.httpconn import Limits, loop_errors, protocol
 from locod.daemon.httporigin import Gate
 from locod.daemon.keyfile import read_key_file
-from locod.daemon.turn import Reply
+from locod.daemon.reply import Reply
 from locod.errors import ConfigError
 from locod.protocol import (
     NOT_TEXT,

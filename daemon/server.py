@@ -45,11 +45,12 @@ from locod.daemon.modelfile import check_model_file
 from locod.daemon.notify import Notifier
 from locod.daemon.ownership import make_private_dir
 from locod.daemon.records import DecisionLog
+from locod.daemon.reply import Reply
 from locod.daemon.sessions import SessionStore
 from locod.daemon.shadow import ShadowLane
 from locod.daemon.tcpguard import HANDSHAKE_S, TcpGuard, tcp_share
 from locod.daemon.telemetry import TelemetrySampler
-from locod.daemon.turn import Reply, TurnRunner
+from locod.daemon.turn import TurnRunner
 from locod.errors import Busy, ConfigError, LocodError, PromptTooLong, ProtocolError, StorageError, install_hint
 from locod.protocol import (
     BadRequest,

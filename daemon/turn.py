@@ -20,9 +20,8 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from locod.daemon import attachments as att
 from locod.daemon import prompts
@@ -35,6 +34,7 @@ from locod.daemon.escalation import AnswerJudge
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
 from locod.daemon.records import ANSWERED, DecisionLog, DecisionRecord, JudgedAnswer, Outcome, answer_digest
+from locod.daemon.reply import Reply
 from locod.daemon.sessions import Session, SessionStore, TurnTrail, door_of
 from locod.daemon.shadow import AGREEMENT, ShadowJob, ShadowLane, agreement
 from locod.daemon.telemetry import TelemetrySampler
@@ -49,27 +49,10 @@ from locod.protocol import (
     ErrorFrame,
     EscalatedFrame,
     FallbackFrame,
-    Frame,
     QueuedFrame,
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Reply:
-    """Frames for one request; ``cancelled`` is set when the client vanished or the daemon is stopping,
-    ``answered`` once the last frame (``done`` or ``error``) has gone out."""
-
-    post: Callable[[Frame], None]
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    answered: threading.Event = field(default_factory=threading.Event)
-    cancel_reason: str = "the client disconnected"
-
-    def send(self, frame: Frame) -> None:
-        if isinstance(frame, DoneFrame | ErrorFrame):
-            self.answered.set()  # before the frame leaves: a client that reads it may ask for status at once
-        self.post(frame)
 
 
 @dataclass(frozen=True)
