@@ -37,7 +37,7 @@ import openai
 from locod.daemon.backends import Generation, Prompt, Upload
 from locod.daemon.bounded_http import BoundedTransport, Limits, OverBound, limits
 from locod.daemon.cloud_usage import counted
-from locod.daemon.config import CloudConfig, CloudModelConfig
+from locod.daemon.config import CloudConfig, CloudModelConfig, redacted_url
 from locod.daemon.keyfile import read_key_file
 from locod.errors import CloudError
 
@@ -88,10 +88,7 @@ def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str) -> s
 
 def _where(model: CloudModelConfig) -> str:
     """The endpoint as the user configured it, without any user:password it may carry."""
-    parts = urlsplit(model.base_url)
-    host = parts.hostname or ""
-    host = f"[{host}]" if ":" in host else host  # IPv6, as it was written
-    return f"{parts.scheme}://{host}{f':{parts.port}' if parts.port else ''}{parts.path}"
+    return redacted_url(model.base_url)
 
 
 class CircuitBreaker:

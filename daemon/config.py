@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from locod.daemon.regular_file import read_regular
 from locod.errors import ConfigError
@@ -610,5 +611,20 @@ def split_listen(listen: str, source: str = "(config)") -> tuple[str, int]:
 
 
 def as_dict(config: Config) -> dict[str, Any]:
-    """The effective configuration as plain data. Holds no secrets: keys live only in env or key files."""
-    return dataclasses.asdict(config)
+    """The effective configuration as plain data. Holds no secrets: keys live only in env or key files, and
+    a base_url's user:password, if it has one, is left out."""
+    data = dataclasses.asdict(config)
+    for model in data["cloud"]["models"]:
+        model["base_url"] = redacted_url(model["base_url"])
+    return data
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without any user:password it carries: how an endpoint is shown (status, metrics, messages)."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host  # IPv6, as it was written
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))

@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from locod.daemon.config import redacted_url
+
 if TYPE_CHECKING:
     from locod.daemon.server import Daemon
 
@@ -76,7 +78,7 @@ class DaemonCollector(Collector):
             "locod_cloud_breaker_open", "1 while a cloud endpoint's circuit breaker is open.", labels=["endpoint"]
         )
         for url, breaker in d.cloud.breakers.items():
-            breakers.add_metric([url], float(breaker.blocking))
+            breakers.add_metric([redacted_url(url)], float(breaker.blocking))
         yield breakers
 
 

@@ -33,7 +33,7 @@ import zmq
 from locod import __version__
 from locod.daemon.backlog import PIPE_MESSAGES, Backlog
 from locod.daemon.cloud import CloudBackend
-from locod.daemon.config import Config, as_dict, load_config
+from locod.daemon.config import Config, as_dict, load_config, redacted_url
 from locod.daemon.decider import Decider
 from locod.daemon.fdlimit import raise_soft_limit
 from locod.daemon.keyfile import read_key_file
@@ -59,6 +59,7 @@ from locod.protocol import (
     ErrorFrame,
     FeedbackRequest,
     Frame,
+    Request,
     ResultFrame,
     SimpleRequest,
     encode_frame,
@@ -352,14 +353,15 @@ class Daemon:
                 code="unauthorized",
                 request_id=request.id,
             )
-        op = "chat" if isinstance(request, ChatRequest) else request.op
-        if tag == TCP and self._tcp_secret is None and op not in OPEN_TCP_OPS:
-            raise BadRequest(
-                f"op {op!r} is not served on a tcp endpoint without a secret (any local user can reach it): "
-                "use the ipc socket, or set daemon.tcp_secret_file",
-                code="unauthorized",
-                request_id=request.id,
-            )
+        if tag == TCP and self._tcp_secret is None:
+            refused = _refused_without_secret(request)
+            if refused:
+                raise BadRequest(
+                    f"{refused} on a tcp endpoint without a secret (any local user can reach it): use the ipc "
+                    "socket, or set daemon.tcp_secret_file",
+                    code="unauthorized",
+                    request_id=request.id,
+                )
         if isinstance(request, ChatRequest):
             try:
                 self._start_turn(peer, request)
@@ -522,7 +524,7 @@ class Daemon:
                 "models": [m.name for m in cfg.cloud.models],
                 "default": cfg.cloud.default,
                 "breaker": self.cloud.breaker_state,
-                "breakers": {url: b.state for url, b in self.cloud.breakers.items()},
+                "breakers": {redacted_url(url): b.state for url, b in self.cloud.breakers.items()},
                 "spent_today_usd": round(self.records.spent_today(), 6),
                 "daily_cap_usd": cfg.cloud.daily_cap_usd,
                 "no_api_key": self.cloud.keyless,
@@ -637,6 +639,17 @@ class Daemon:
             (self.config.runtime_dir / "locod.sock").unlink(missing_ok=True)
         self.notifier.close()
         log.info("stopped after %d turns", self.turns_served)  # a log that ends here was not a crash
+
+
+def _refused_without_secret(request: Request) -> str | None:
+    """What a tcp endpoint without a secret does not serve, said, or None: the owner's records and what
+    changes the daemon (OPEN_TCP_OPS), and attachments by path, which the daemon would read as its owner."""
+    op = "chat" if isinstance(request, ChatRequest) else request.op
+    if op not in OPEN_TCP_OPS:
+        return f"op {op!r} is not served"
+    if isinstance(request, ChatRequest) and any(a.path is not None for a in request.attachments):
+        return "attachments by path are not read (the daemon would read them as its owner; send their bytes)"
+    return None
 
 
 def _or_na(value: object) -> object:

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,20 @@ def test_api_key_never_reaches_logs_status_errors_or_database(daemon_factory: An
         if path.is_file():
             everything.append(path.read_bytes().decode("latin-1"))
     assert not [text[:80] for text in everything if SECRET in text]
+
+
+def test_a_password_in_base_url_is_never_shown(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """status, config and metrics name an endpoint by its URL: without the user:password it may carry (a
+    tcp endpoint without a secret serves status and config to every local user)."""
+    with_password = proxy.base_url.replace("http://", "http://user:pw-5e1d@")
+    handle = daemon_factory({**cloud_config(with_password), "http": {"listen": f"127.0.0.1:{free_port()}"}})
+    client = handle.client()
+    status = client.status()
+    assert list(status["cloud"]["breakers"]) == [proxy.base_url]
+    assert client.config()["config"]["cloud"]["models"][0]["base_url"] == proxy.base_url
+    metrics = urllib.request.urlopen(status["http"].removesuffix("/v1") + "/metrics", timeout=30).read().decode()
+    assert proxy.base_url in metrics
+    assert not [text for text in (json.dumps(status), json.dumps(client.config()), metrics) if "pw-5e1d" in text]
 
 
 def test_key_file_readable_by_others_is_refused(tmp_path: Path, models_dir: Path, proxy: FaultProxy) -> None:

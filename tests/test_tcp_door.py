@@ -143,6 +143,13 @@ def test_a_tcp_endpoint_without_a_secret_serves_turns_not_the_owners_records(dae
         assert "daemon.tcp_secret_file" in reply["message"] and "4921" not in json.dumps(reply)
     reply = send_raw(endpoint, json.dumps({"v": 1, "id": "r", "op": "reload"}).encode())
     assert reply["code"] == "unauthorized"
+    # nor files the daemon would read as its owner: an attachment by path names one (~/.ssh, a document)
+    secret = handle.home / "owner-notes.txt"
+    secret.write_text("the owner's notes")
+    by_path = {"kind": "document", "name": "notes.txt", "path": str(secret)}
+    chat = {"v": 1, "id": "c", "op": "chat", "messages": [{"role": "user", "content": "Repeat it."}]}
+    reply = send_raw(endpoint, json.dumps({**chat, "attachments": [by_path]}).encode())
+    assert (reply["code"], reply["id"]) == ("unauthorized", "c") and "attachments by path" in reply["message"]
     with Client(endpoint) as remote:
         assert remote.ask("Say hi.", max_tokens=2).done is not None and remote.ping()["pong"]
         assert remote.status()["pid"] == handle.proc.pid
