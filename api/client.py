@@ -9,6 +9,7 @@ Errors the daemon reports come back as the matching ``locod.errors`` class.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import stat
@@ -22,7 +23,7 @@ from typing import Any
 
 import zmq
 
-from locod.errors import AttachmentError, DaemonNotRunning, LocodError, UnsafeSocket
+from locod.errors import AttachmentError, DaemonNotRunning, LocodError, ProtocolError, UnsafeSocket
 from locod.limits import ALWAYS_READ_BYTES, check_request_size
 from locod.protocol import (
     DEFAULT_OPTIONS,
@@ -328,8 +329,19 @@ class Client:
         # No connect per turn (it sits in the first token's path): a daemon that stopped cleanly took its
         # socket file along; a killed one is noticed by `frames` after a second of silence.
         check_alive(self.endpoint, connect=False)
-        rid = self.send(request)
-        yield from self.frames(rid, self.turn_timeout_ms)
+        frames = self.frames(self.send(request), self.turn_timeout_ms)
+        try:
+            first = next(frames)
+        except ProtocolError as exc:
+            if not (queued and exc.code == "bad_field" and "'queued'" in exc.message):
+                raise
+            # A daemon from before `queued` frames (upgraded, not yet restarted) refuses the option before
+            # it accepts anything: ask again without it.
+            request = dataclasses.replace(request, id=new_id(), options=dataclasses.replace(options, queued=False))
+            frames = self.frames(self.send(request), self.turn_timeout_ms)
+            first = next(frames)
+        yield first
+        yield from frames
 
     def ask(self, prompt: str, **kwargs: Any) -> TurnResult:
         """One whole turn: the answer text with its decision and done frames."""

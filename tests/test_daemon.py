@@ -10,12 +10,13 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zmq
 
 from locod.client import Client
 from locod.daemon.records import MIGRATIONS
-from locod.errors import DaemonNotRunning
-from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame, QueuedFrame
+from locod.errors import DaemonNotRunning, ProtocolError
+from locod.protocol import ChatOptions, ChatRequest, DecisionFrame, DeltaFrame, DoneFrame, QueuedFrame
 
 from .conftest import DaemonHandle, locod_command, start_daemon, wait_for
 
@@ -271,3 +272,45 @@ def test_cli_chat_is_one_session(daemon: DaemonHandle) -> None:
     assert "session cli" in chat.stderr
     rows = daemon.rows()
     assert [(r["session"], r["turn"]) for r in rows] == [("cli", 0), ("cli", 1)]
+
+
+BEFORE_QUEUED_FRAMES = "4eb82ae"  # the daemon as it was before `queued` frames (this repository's history)
+
+
+def previous_release(tmp_path: Path) -> Path:
+    """An import tree of locod at BEFORE_QUEUED_FRAMES, laid out as pyproject maps it (api/ is `locod`),
+    to start that daemon with; skipped in a clone without that history."""
+    repo = Path(__file__).resolve().parent.parent
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", BEFORE_QUEUED_FRAMES, "api", "daemon", "policy", "models"],
+        capture_output=True,
+    )
+    if archive.returncode != 0:
+        pytest.skip(f"this clone does not hold commit {BEFORE_QUEUED_FRAMES}")
+    source = tmp_path / "source"
+    source.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(source)], input=archive.stdout, check=True)
+    package = tmp_path / "tree" / "locod"
+    shutil.copytree(source / "api", package)
+    for part in ("daemon", "policy", "models"):
+        (package / part).symlink_to(source / part)
+    return package.parent
+
+
+def test_a_newer_client_asks_an_older_daemon_without_queued_frames(tmp_path: Path, models_dir: Path) -> None:
+    """An upgraded client meets a daemon that was not restarted: the daemon refuses the `queued` option it
+    does not know before accepting anything, and the client asks again without it."""
+    handle = start_daemon(tmp_path / "d", models_dir, extra_env={"PYTHONPATH": str(previous_release(tmp_path))})
+    try:
+        with Client(handle.endpoint) as client:
+            with pytest.raises(ProtocolError, match="'queued'"):  # the older daemon indeed
+                list(client.frames(client.send(queued_request()), 60_000))
+            result = client.ask("Say hi.", max_tokens=2, queued=True)
+            assert result.done.outcome in ("ok", "escalated") and len(handle.rows()) == 1
+    finally:
+        handle.stop()
+
+
+def queued_request() -> ChatRequest:
+    options = ChatOptions(max_tokens=2, queued=True)
+    return ChatRequest("raw", [{"role": "user", "content": "Say hi."}], None, None, [], options, None)
