@@ -10,7 +10,8 @@ the tcp endpoint's or of the HTTP API's, and the same id at another door is anot
 has one kind of peer: the ipc socket (0600 in a 0700 directory) admits the daemon's own user only, the tcp
 endpoint whoever holds its secret (any local process on loopback without one), the HTTP API whoever holds
 its key (any local process on loopback without one). So a peer of one door can neither continue, read
-through the model, nor evict another door's dialogues. The store holds at most ``max_sessions``; when it
+through the model, nor evict another door's dialogues; within a door without authentication, every local
+user is that door's peer (docs/protocol.md says so). The store holds at most ``max_sessions``; when it
 is full, the door holding the most sessions gives up its least recently used one, so a flood through one
 door (however many connections it opens, one session each) evicts its own dialogues, not another door's.
 
