@@ -13,7 +13,7 @@ its key (any local process on loopback without one). So a peer of one door can n
 through the model, nor evict another door's dialogues; within a door without authentication, every local
 user is that door's peer (docs/protocol.md says so). The store holds at most ``max_sessions``; when it
 is full, the door holding the most sessions gives up its least recently used one, so a flood through one
-door (however many connections it opens, one session each) evicts its own dialogues, not another door's.
+door (however many connections it opens, one session each) leaves another door at least half the store.
 
 A session's history is bounded (``daemon.max_history_chars``): past it the oldest messages are dropped, so
 neither memory nor what a cloud turn uploads grows with the dialogue. An answer made from private material
