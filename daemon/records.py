@@ -420,9 +420,11 @@ class DecisionLog:
             self.db.table("decisions").update(decision_id, row)
 
     def private_answers(self, digests: Sequence[str]) -> set[str]:
-        """Which of these answer digests (``answer_digest``) are of answers made from private material."""
-        found: set[str] = set()
+        """Which of these answer digests (``answer_digest``) are of answers made from private material: in the
+        log, or in completions a full disk still holds back."""
         unique = sorted(set(digests))
+        with self._lock:
+            found = {row["private_answer"] for row in self._unwritten.values() if row.get("private_answer") in unique}
         with self._reading("looking up private answers") as conn:
             for start in range(0, len(unique), 500):  # within SQLite's bound on a statement's parameters
                 chunk = unique[start : start + 500]

@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from locod.client import Client, new_id
-from locod.errors import LocodError, RequestError
+from locod.daemon.records import DecisionLog, DecisionRecord, Outcome, answer_digest
+from locod.errors import LocodError, RequestError, StorageError
 from locod.protocol import Attachment, ChatOptions, ChatRequest, DoneFrame
 
 from .conftest import DaemonHandle, free_port, start_daemon, wait_for
@@ -470,6 +471,27 @@ def test_a_record_the_full_disk_held_back_is_completed_once_it_can_be_written(
     restarted = start_daemon(tmp_path / "d", models_dir, {}, extra_env={"LOCOD_STATE_DIR": str(small_disk)})
     restarted.stop()
     assert not [row for row in _rows(small_disk) if row["outcome"] in ("pending", "interrupted")]
+
+
+def test_an_answer_made_from_private_material_is_known_while_its_record_is_held_back(small_disk: Path) -> None:
+    """The digest that keeps a private answer from the cloud when a client sends it back is found while a
+    full disk still holds its record's completion in memory, not only once it is written."""
+    log = DecisionLog(small_disk / "locod.db")
+    record = DecisionRecord("s", 0, "r", "0" * 64, 5, None, "chat", "local", "m", "test")
+    decision = log.begin(record)
+    digest = answer_digest("The vault code is ZX-4471-QQ.")
+    filler = small_disk / "filler"
+    try:
+        _fill(filler)
+        with pytest.raises(StorageError) as info:
+            log.finish(decision, Outcome("ok", "local", "m", private_answer=digest))
+        assert info.value.code == "record_not_committed"
+        assert log.private_answers([digest, answer_digest("something else")]) == {digest}
+    finally:
+        filler.unlink(missing_ok=True)
+    log.write_unwritten()
+    assert log.private_answers([digest]) == {digest}  # from the log itself now
+    log.close()
 
 
 def _fill(path: Path) -> None:
