@@ -24,6 +24,7 @@ PROTOCOL_VERSION = 1
 OPS = ("chat", "feedback", "status", "decisions", "ping", "reload", "config")
 ROLES = ("system", "user", "assistant")
 FORCE = ("local", "cloud")
+QUEUED_EVERY_S = 30.0  # a turn waiting for the local model is told again at least this often (``queued``)
 NO_CONFIG_FILE = "(defaults)"  # the source a daemon reports (reload, config show) when it read no config file
 ATTACHMENT_KINDS = ("image", "document")
 # JSON escapes of a UTF-16 surrogate: only a message holding one needs the walk for lone surrogates.

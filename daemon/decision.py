@@ -19,6 +19,7 @@ from typing import Any
 from locod.daemon.attachments import PreparedAttachment
 from locod.daemon.catalog import manifest_path
 from locod.daemon.config import Config, load_config
+from locod.daemon.regular_file import file_stamp
 from locod.errors import ConfigError, UnknownModel
 from locod.policy.messplus import RecordedFeatures
 from locod.protocol import NO_CONFIG_FILE
@@ -250,7 +251,7 @@ def unknown_model(config: Config, name: str) -> UnknownModel:
     message = f"no model named {shown}; local models: {local}, cloud models: {cloud}"
     source = None if config.source == NO_CONFIG_FILE else config.source
     files = (Path(source) if source else None, manifest_path(config.models_dir))
-    if name in _names_on_disk(source, tuple(_stamp(f) for f in files)):
+    if name in _names_on_disk(source, tuple(file_stamp(f) for f in files)):
         message += f"; {shown} was added after the daemon last read its configuration: run `locod reload`"
     return UnknownModel(message)
 
@@ -264,14 +265,6 @@ def _names_on_disk(source: str | None, stamps: tuple[tuple[int, int] | None, ...
     except ConfigError:
         return frozenset()
     return frozenset([m.name for m in now.local.models] + [m.name for m in now.cloud.models])
-
-
-def _stamp(path: Path | None) -> tuple[int, int] | None:
-    try:
-        info = path.stat() if path is not None else None
-    except OSError:
-        return None
-    return None if info is None else (info.st_mtime_ns, info.st_size)
 
 
 def _instead(config: Config, origin: str, asked: str, blocked: str) -> Decision:

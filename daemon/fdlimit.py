@@ -2,8 +2,9 @@
 
 libzmq aborts the process when its ipc listener cannot accept for want of a descriptor, so running out is
 a crash, not a refused connection. The soft ``RLIMIT_NOFILE`` (often 1024) is raised to the hard one at
-start, and the HTTP door, the one place clients without a key can open descriptors in numbers, may hold
-at most half of them: the other half stays for the ZeroMQ sockets, SQLite, models and attachments.
+start. The doors where clients without a key can open descriptors in numbers each get a share of them,
+the HTTP API at most half and the tcp endpoint a quarter: the rest stays for the ipc socket, SQLite, models
+and attachments.
 """
 
 from __future__ import annotations
@@ -29,14 +30,19 @@ def raise_soft_limit() -> int:
     return CEILING if soft == resource.RLIM_INFINITY else soft
 
 
-def http_share(requested: int, soft_limit: int) -> int:
-    """How many HTTP connections may be open at once: as configured, but never over half the limit."""
-    share = max(1, min(requested, soft_limit // 2))
+HTTP_SHARE, TCP_SHARE = 0.5, 0.25  # of the open-file limit, at most, for each door's connections
+
+
+def door_share(key: str, requested: int, soft_limit: int, fraction: float) -> int:
+    """How many connections a door may hold at once: ``key``'s configured number, but never over its
+    ``fraction`` of the open-file limit, so the ipc socket and the daemon's own files always find one."""
+    share = max(1, min(requested, int(soft_limit * fraction)))
     if share < requested:
         log.warning(
-            "http.max_connections is %d, over half the open-file limit (%d): using %d, so that the ZeroMQ "
-            "sockets always find a descriptor",
+            "%s is %d, over %d%% of the open-file limit (%d): using %d",
+            key,
             requested,
+            fraction * 100,
             soft_limit,
             share,
         )

@@ -13,7 +13,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 
-NOTE_EVERY_S = 30.0  # a waiting turn is told again at least this often: its client's silence timer restarts
+from locod.protocol import QUEUED_EVERY_S
 
 
 class FairGate:
@@ -32,7 +32,8 @@ class FairGate:
     ) -> Iterator[bool]:
         """Wait for this client's turn; yields False (without the gate) if ``cancelled`` is set meanwhile.
         ``on_wait(ahead)`` is called (without the gate's lock) when the turn has to wait, each time the
-        turns ahead of it change, and every ``NOTE_EVERY_S`` while that stays so."""
+        turns ahead of it change, and every ``QUEUED_EVERY_S`` while that stays so (its client's silence
+        timer restarts)."""
         ticket = object()
         granted = False
         told: tuple[int, float] | None = None  # (turns ahead, when) last told
@@ -46,7 +47,7 @@ class FairGate:
                         break
                     if on_wait is not None:
                         ahead, now = self._ahead(client, ticket), time.monotonic()
-                        if told is None or told[0] != ahead or now - told[1] >= NOTE_EVERY_S:
+                        if told is None or told[0] != ahead or now - told[1] >= QUEUED_EVERY_S:
                             told = (ahead, now)
                             self._cond.release()  # the ticket stays queued; the loop looks again after
                             try:

@@ -34,7 +34,7 @@ from locod.daemon import metrics
 from locod.daemon import openai_wire as wire
 from locod.daemon.config import split_listen
 from locod.daemon.conversations import Conversations
-from locod.daemon.fdlimit import http_share, raise_soft_limit
+from locod.daemon.fdlimit import HTTP_SHARE, door_share, raise_soft_limit
 from locod.daemon.httpconn import Limits, loop_errors, protocol
 from locod.daemon.httporigin import Gate
 from locod.daemon.keyfile import read_key_file
@@ -92,7 +92,8 @@ class HttpServer:
         self.conversations = Conversations(daemon.sessions, cfg.max_conversations)
         self.registry = metrics.registry(daemon)
         self.gate = Gate(host)
-        self.limits = Limits(http_share(cfg.max_connections, raise_soft_limit()), cfg.request_timeout_s)
+        connections = door_share("http.max_connections", cfg.max_connections, raise_soft_limit(), HTTP_SHARE)
+        self.limits = Limits(connections, cfg.request_timeout_s)
         routes = [
             Route("/v1/chat/completions", self._guarded(self.chat), methods=["POST"]),
             Route("/v1/models", self._guarded(self.models), methods=["GET"]),

@@ -7,12 +7,12 @@ and `locod models pull` need the path without paying for that import.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from pathlib import Path
 
 from locod.daemon.config import LocalModelConfig
 from locod.daemon.gguf import is_gguf
+from locod.daemon.regular_file import file_stamp
 from locod.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,7 @@ class ModelFiles:
     def problem(self, model: LocalModelConfig, models_dir: Path) -> str | None:
         """Why ``model`` cannot be loaded (the message ``check_model_file`` would raise), or None."""
         path = resolve_path(model, models_dir)
-        try:
-            info = os.stat(path)
-            signature: tuple[int, int] | None = (info.st_size, info.st_mtime_ns)
-        except OSError:
-            signature = None
+        signature = file_stamp(path)
         with self._lock:
             seen = self._seen.get(path)
         if seen is not None and seen[0] == signature and signature is not None:

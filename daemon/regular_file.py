@@ -40,3 +40,15 @@ def read_regular(path: str | Path, max_bytes: int, follow: bool = True) -> bytes
         return b"".join(chunks)
     finally:
         os.close(fd)
+
+
+def file_stamp(path: Path | None) -> tuple[int, int] | None:
+    """(size, modification time in ns) of ``path``, or None where there is none: what tells a file changed
+    since it was last read (a cache of what it says is kept until the stamp moves)."""
+    if path is None:
+        return None
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_size, info.st_mtime_ns

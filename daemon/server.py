@@ -35,7 +35,7 @@ from locod.daemon.backlog import PIPE_MESSAGES, Backlog
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config, as_dict, load_config, redacted_url
 from locod.daemon.decider import Decider
-from locod.daemon.fdlimit import raise_soft_limit
+from locod.daemon.fdlimit import TCP_SHARE, door_share, raise_soft_limit
 from locod.daemon.keyfile import read_key_file
 from locod.daemon.kvpark import DiskPark
 from locod.daemon.learner import Learner
@@ -48,7 +48,7 @@ from locod.daemon.records import DecisionLog
 from locod.daemon.reply import Reply
 from locod.daemon.sessions import SessionStore
 from locod.daemon.shadow import ShadowLane
-from locod.daemon.tcpguard import HANDSHAKE_S, TcpGuard, tcp_share
+from locod.daemon.tcpguard import HANDSHAKE_S, TcpGuard
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import TurnRunner
 from locod.errors import Busy, ConfigError, LocodError, PromptTooLong, ProtocolError, StorageError, install_hint
@@ -180,7 +180,7 @@ class Daemon:
             self.sockets[TCP] = self._router_socket()
             self.sockets[TCP].setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)
             self.sockets[TCP].bind(cfg.daemon.tcp)
-            share = tcp_share(cfg.daemon.max_tcp_connections, fd_limit)
+            share = door_share("daemon.max_tcp_connections", cfg.daemon.max_tcp_connections, fd_limit, TCP_SHARE)
             self.tcp_guard = TcpGuard(self.sockets[TCP], share, cfg.daemon.max_tcp_per_host)
         self.telemetry.start()
         self._install_signals()

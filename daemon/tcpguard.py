@@ -32,20 +32,6 @@ HANDSHAKE_S = 10  # a tcp connection has this long to complete its ZMTP greeting
 EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 
 
-def tcp_share(requested: int, soft_limit: int) -> int:
-    """How many tcp connections may be open at once: as configured, never over a quarter of the limit
-    (the HTTP door may hold half)."""
-    share = max(1, min(requested, soft_limit // 4))
-    if share < requested:
-        log.warning(
-            "daemon.max_tcp_connections is %d, over a quarter of the open-file limit (%d): using %d",
-            requested,
-            soft_limit,
-            share,
-        )
-    return share
-
-
 class TcpGuard:
     def __init__(self, sock: zmq.Socket[bytes], max_total: int, max_per_host: int) -> None:
         self.max_total = max_total

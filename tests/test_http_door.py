@@ -61,7 +61,7 @@ def test_half_finished_connections_cannot_take_the_daemons_descriptors(daemon_fa
     handle, port = http_daemon(
         daemon_factory, {"http": {"max_connections": 5000, "request_timeout_s": 5.0}}, fd_limit=300
     )
-    assert "http.max_connections is 5000, over half the open-file limit (300): using 150" in handle.log()
+    assert "http.max_connections is 5000, over 50% of the open-file limit (300): using 150" in handle.log()
     held = []
     try:
         for _ in range(400):
