@@ -295,13 +295,16 @@ class DecisionLog:
     @contextmanager
     def _writing(self, what: str, wait_s: float = BUSY_WAIT_S) -> Iterator[None]:
         """One write transaction; ``wait_s``: how long to wait for a lock another process holds (and, when
-        shorter than a turn's wait, for this process's writer, which may be waiting for that lock itself)."""
+        shorter than a turn's wait, for this process's writer, which may be waiting for that lock itself):
+        one deadline for both waits."""
+        deadline = time.monotonic() + wait_s
         if not self._lock.acquire(timeout=-1 if wait_s == BUSY_WAIT_S else wait_s):
             raise _write_failed(self.path, what, sqlite3.OperationalError("database is locked"))
         try:
             try:
                 if wait_s != BUSY_WAIT_S:
-                    self._conn.execute(f"PRAGMA busy_timeout = {int(wait_s * 1000)}")
+                    left_ms = max(1, int((deadline - time.monotonic()) * 1000))
+                    self._conn.execute(f"PRAGMA busy_timeout = {left_ms}")
                 try:
                     with self._conn:  # BEGIN ... COMMIT, or ROLLBACK on error
                         self._conn.execute("BEGIN IMMEDIATE")

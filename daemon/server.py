@@ -44,7 +44,7 @@ from locod.daemon.logs import configure_logging
 from locod.daemon.modelfile import check_model_file
 from locod.daemon.notify import Notifier
 from locod.daemon.ownership import make_private_dir
-from locod.daemon.records import DecisionLog
+from locod.daemon.records import LABEL_WAIT_S, DecisionLog
 from locod.daemon.reply import Reply
 from locod.daemon.sessions import SessionStore
 from locod.daemon.shadow import ShadowLane
@@ -404,9 +404,17 @@ class Daemon:
             self._send(peer, encode_frame(request.id, ErrorFrame.of(error)))
             return
 
+        queued_at = time.monotonic()
+
         def write() -> None:
             frame: Frame
             try:
+                if time.monotonic() - queued_at > LABEL_WAIT_S:  # the labels before it waited out a lock
+                    raise StorageError(
+                        "the labels before this one found the decision log locked by another process; nothing "
+                        "was written, try again once it lets go",
+                        code="db_locked",
+                    )
                 frame = ResultFrame("feedback", self.learner.feedback(request.decision, request.satisfied, "user"))
             except LocodError as exc:
                 frame = ErrorFrame.of(exc)

@@ -79,6 +79,36 @@ def test_a_feedback_flood_is_bounded_and_answered(daemon: DaemonHandle) -> None:
     assert client.ping()["pong"]
 
 
+def test_labels_queued_behind_a_locked_log_are_answered_without_each_waiting_out_the_lock(
+    daemon: DaemonHandle,
+) -> None:
+    """One label waits for the lock (a bounded time) and is refused; those that queued behind it meanwhile
+    are refused at once, so none is answered after its client gave up."""
+    client = daemon.client()
+    done = client.ask("Say hi.", max_tokens=2).done
+    assert done is not None
+    holder = sqlite3.connect(daemon.db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.endpoint)
+    try:
+        for i in range(6):
+            label = {"v": 1, "id": f"f{i}", "op": "feedback", "decision": done.decision, "satisfied": True}
+            sock.send(json.dumps(label).encode())
+        replies = []
+        for _ in range(6):
+            assert sock.poll(30_000), f"{len(replies)} of 6 answered"
+            replies.append(json.loads(sock.recv()))
+    finally:
+        sock.close()
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert {r["code"] for r in replies} == {"db_locked"}
+    assert any("the labels before this one" in r["message"] for r in replies)
+    assert client.feedback(done.decision, True)["satisfied"] is True  # once it lets go
+
+
 def test_the_decisions_op_returns_a_logged_prompts_head_only(tmp_path: Path, models_dir: Path) -> None:
     """With log.prompts a record may hold a prompt of a megabyte: a `decisions` reply of a thousand of them
     was built whole on the serving loop. The op returns each prompt's head; the log keeps it whole."""
