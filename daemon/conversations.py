@@ -18,7 +18,7 @@ import threading
 import uuid
 from collections import OrderedDict
 
-from locod.daemon.sessions import SessionStore
+from locod.daemon.sessions import DOORS, HTTP, SessionStore
 
 Messages = list[dict[str, str]]
 
@@ -32,7 +32,7 @@ def key(messages: Messages) -> str:
 
 
 class Conversations:
-    def __init__(self, sessions: SessionStore, limit: int, owner: str = "http") -> None:
+    def __init__(self, sessions: SessionStore, limit: int, owner: str = DOORS[HTTP]) -> None:
         self.sessions = sessions
         self.limit = limit
         self.owner = owner  # the door whose sessions these conversations continue (sessions.py)

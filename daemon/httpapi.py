@@ -39,6 +39,7 @@ from locod.daemon.httpconn import Limits, loop_errors, protocol
 from locod.daemon.httporigin import Gate
 from locod.daemon.keyfile import read_key_file
 from locod.daemon.reply import Reply
+from locod.daemon.sessions import HTTP
 from locod.errors import ConfigError
 from locod.protocol import (
     NOT_TEXT,
@@ -318,4 +319,4 @@ def _client_key(request: Request) -> bytes:
     """Who a turn is for, in ``daemon.max_turns_per_client``: one HTTP connection, as one socket connection
     is, not one host: every local tool (or everything behind one proxy) shares 127.0.0.1."""
     client = request.client
-    return b"h" + (f"{client.host}:{client.port}" if client else "").encode()
+    return HTTP + (f"{client.host}:{client.port}" if client else "").encode()

@@ -46,7 +46,7 @@ from locod.daemon.notify import Notifier
 from locod.daemon.ownership import make_private_dir
 from locod.daemon.records import LABEL_WAIT_S, DecisionLog
 from locod.daemon.reply import Reply
-from locod.daemon.sessions import SessionStore
+from locod.daemon.sessions import IPC, TCP, SessionStore
 from locod.daemon.shadow import ShadowLane
 from locod.daemon.tcpguard import HANDSHAKE_S, TcpGuard
 from locod.daemon.telemetry import TelemetrySampler
@@ -77,7 +77,6 @@ INBOX = "inproc://locod-inbox"  # wakes the loop for turns handed in by another 
 # Config sections a reload cannot apply to a running daemon: bound sockets, open paths and the telemetry
 # readers built from them. Local models do apply: the zoo loads the new table's models on demand.
 AS_STARTED = ("paths", "daemon", "http", "telemetry")
-IPC, TCP = b"i", b"t"
 # A tcp message that does not begin with its secret is parsed (then checked) only up to this size.
 UNAUTHENTICATED_BYTES = 64 << 10
 # What a tcp endpoint without a secret serves: any local user can reach it, not only the daemon's owner,

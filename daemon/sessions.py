@@ -29,7 +29,10 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 
-DOORS = {b"i": "ipc", b"t": "tcp", b"h": "http"}  # a client key's first byte: the door it came through
+# A client key's first byte: the door it came through. The serving loop and the HTTP API tag their clients
+# with these, so the per-client limits and the sessions' namespaces agree on who is who.
+IPC, TCP, HTTP = b"i", b"t", b"h"
+DOORS = {IPC: "ipc", TCP: "tcp", HTTP: "http"}
 
 
 def door_of(client: bytes) -> str:
@@ -93,7 +96,7 @@ class SessionStore:
         self._sessions: dict[tuple[str, str], Session] = {}  # (owner, id) -> session
         self._lock = threading.Lock()
 
-    def open(self, session_id: str | None, owner: str = "") -> Session:
+    def open(self, session_id: str | None, owner: str) -> Session:
         """``owner``'s live session with this id (a new one if unknown or expired); for None a fresh one,
         unkept."""
         now = time.monotonic()
@@ -116,7 +119,7 @@ class SessionStore:
         oldest = min((s for s in self._sessions.values() if held[s.owner] == most), key=lambda s: s.last_used)
         del self._sessions[oldest.owner, oldest.id]
 
-    def held(self, session_id: str, owner: str = "") -> tuple[int, list[Message]]:
+    def held(self, session_id: str, owner: str) -> tuple[int, list[Message]]:
         """(messages trimmed off the front, a copy of the rest) of ``owner``'s live session; (0, []) if there
         is none."""
         with self._lock:

@@ -87,7 +87,7 @@ def main() -> None:
         learner = Learner(config, records, cloud)
         decider = Decider(config, learner, records, telemetry, NoLocal(), cloud)  # type: ignore[arg-type]
         sessions = SessionStore(1800, 100)
-        session = sessions.open("bench")
+        session = sessions.open("bench", "ipc")
         for i in range(3):
             sessions.record(
                 session,

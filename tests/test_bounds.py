@@ -129,7 +129,7 @@ def test_ranking_work_is_capped_before_it_starts() -> None:
 
 def test_session_history_is_bounded_and_keeps_private_marks() -> None:
     store = SessionStore(idle_s=600, max_sessions=10, max_chars=1000)
-    session = store.open("s")
+    session = store.open("s", "ipc")
     store.record(session, [{"role": "system", "content": "be brief"}, {"role": "user", "content": "q0"}], "a0", TRAIL)
     store.record(session, [{"role": "user", "content": "secret?"}], "the code is 42", TRAIL, private=True)
     assert session.withheld == 1 and len(session.messages) == 5  # within the bound: the system prompt stays

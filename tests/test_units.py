@@ -94,13 +94,14 @@ def test_fair_gate_gives_up_when_cancelled() -> None:
 
 def test_sessions_keep_history_and_expire() -> None:
     store = SessionStore(idle_s=0.2, max_sessions=2)
-    session = store.open("s")
+    session = store.open("s", "ipc")
     store.record(session, [{"role": "user", "content": "hi"}], "hello", TurnTrail("local", (), "chat"))
-    assert store.open("s").messages[-1] == {"role": "assistant", "content": "hello"} and store.open("s").turns == 1
+    assert store.open("s", "ipc").messages[-1] == {"role": "assistant", "content": "hello"}
+    assert store.open("s", "ipc").turns == 1
     time.sleep(0.3)
-    assert store.open("s").turns == 0  # expired, opened afresh
-    store.open("t")
-    store.open("u")  # over max_sessions: the least recently used goes
+    assert store.open("s", "ipc").turns == 0  # expired, opened afresh
+    store.open("t", "ipc")
+    store.open("u", "ipc")  # over max_sessions: the least recently used goes
     assert len(store) == 2
 
 
