@@ -168,10 +168,11 @@ class Decider:
             battery_critical=critical,
         )
 
-    def decide(self, turn: Turn) -> Decision:
+    def decide(self, turn: Turn) -> tuple[Decision, Config]:
+        """The turn's decision, and the configuration it was made under (the turn runs under it)."""
         with self.learner.lock:  # MESS+ state, and config and policy as one generation (see reload)
-            decision = self._decide(turn)
-        return decision.noted(*withheld_note(turn.attachments, decision.send, decision.location))
+            decision, config = self._decide(turn), self.config
+        return decision.noted(*withheld_note(turn.attachments, decision.send, decision.location)), config
 
     def _decide(self, turn: Turn) -> Decision:
         snapshot = self.telemetry.snapshot()
@@ -383,7 +384,7 @@ class Decider:
         if access.daily_cap_usd <= 0:
             return []
         left = access.daily_cap_usd - access.spent_today_usd
-        answer = turn.max_tokens(self.config)
+        answer = turn.max_tokens()
         cloud = [c for c in candidates.values() if c.location == "cloud"]
         price = {c.key: self._price(turn, c, answer) for c in cloud}
         return [key for key, usd in price.items() if usd > left]

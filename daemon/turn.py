@@ -62,6 +62,9 @@ class Turn:
     client: bytes
     task: str
     attachments: list[att.PreparedAttachment]
+    # The configuration the turn runs under from its decision on: the decider's, read with the decision,
+    # so a reload meanwhile cannot remove the model it chose (``TurnRunner.run``).
+    config: Config
     # Indices into the request's messages of the client's history that are this daemon's own answers made
     # from private material (known by their digest in the decision log): withheld from a cloud model.
     sent_private: frozenset[int] = frozenset()
@@ -82,8 +85,8 @@ class Turn:
         """About what a cloud action uploading ``send`` sends: the text, and each attachment's share."""
         return self.prompt_tokens * CHARS_PER_TOKEN + sum(self.attachments[i].upload_bytes for i in send)
 
-    def max_tokens(self, config: Config) -> int:
-        return self.request.options.max_tokens or config.local.max_tokens
+    def max_tokens(self) -> int:
+        return self.request.options.max_tokens or self.config.local.max_tokens
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,8 @@ class TurnRunner:
         try:
             turn = self._assemble(request, client, reply.cancelled)
             started = time.perf_counter()
-            decision = self.decider.decide(turn)
+            decision, config = self.decider.decide(turn)
+            turn = dataclasses.replace(turn, config=config)
             withheld = prompts.withheld_history(turn)
             if withheld and decision.location == "cloud":
                 decision = decision.noted(withheld, notice=withheld)
@@ -235,7 +239,9 @@ class TurnRunner:
             data = att.load_bytes(a, self.config.paths.allow_dirs, cfg.max_bytes)
             prepared.append(att.prepare(a, data, prompt_terms, cfg, cancelled))
         session = self.sessions.open(request.session, door_of(client))  # each door its own namespace
-        return Turn(request, session, client, task_of(request.prompt), prepared, self._sent_private(request))
+        return Turn(
+            request, session, client, task_of(request.prompt), prepared, self.config, self._sent_private(request)
+        )
 
     def _sent_private(self, request: ChatRequest) -> frozenset[int]:
         """Which messages of the client's own history are answers this daemon made from private material."""
@@ -374,7 +380,7 @@ class TurnRunner:
 
     def _fall_back(self, decision_id: int, turn: Turn, decision: Decision, failure: CloudError, reply: Reply) -> Ending:
         """The cloud failed: the default local model answers the same turn, under the same record."""
-        local = decision.fallen_back(self.config.local.default, failure.message)
+        local = decision.fallen_back(turn.config.local.default, failure.message)
         uploaded, told = _uploaded(turn, decision, failure)
         with self.local.slot(turn.client, reply.cancelled) as granted:
             if not granted:
@@ -402,14 +408,14 @@ class TurnRunner:
     def _prompt(self, turn: Turn, decision: Decision, reply: Reply, judge: AnswerJudge | None) -> Prompt:
         options = turn.request.options
         if decision.location == "local":
-            messages = prompts.local_messages(turn, self.config.local_model(decision.model).n_ctx)
+            messages = prompts.local_messages(turn, turn.config.local_model(decision.model).n_ctx)
             upload = None
         else:
-            messages, upload = prompts.cloud_messages(turn, decision.send, self.config.attachments.doc_token_budget)
+            messages, upload = prompts.cloud_messages(turn, decision.send, turn.config.attachments.doc_token_budget)
         on_delta = (lambda text: reply.send(DeltaFrame(text))) if options.stream else (lambda text: None)
         prompt = Prompt(
             messages,
-            turn.max_tokens(self.config),
+            turn.max_tokens(),
             options.temperature,
             options.seed,
             on_delta,
@@ -433,7 +439,7 @@ class TurnRunner:
             request_id=turn.request.id,
             prompt_sha256=hashlib.sha256(prompt.encode()).hexdigest(),
             prompt_chars=len(prompt),
-            prompt=prompt if self.config.log.prompts else None,
+            prompt=prompt if turn.config.log.prompts else None,
             task=turn.task,
             location=decision.location,
             model=decision.model,
@@ -504,12 +510,12 @@ class TurnRunner:
         answer (so the history is what it was), or None when the lane would not run it."""
         if not self.shadow.affordable():
             return None
-        model = self.config.local.default
+        model = turn.config.local.default
         return ShadowJob(
             decision_id=decision_id,
             model=model,
-            messages=prompts.local_messages(turn, self.config.local_model(model).n_ctx),
-            max_tokens=turn.max_tokens(self.config),
+            messages=prompts.local_messages(turn, turn.config.local_model(model).n_ctx),
+            max_tokens=turn.max_tokens(),
             question=turn.request.prompt,
             reference=ending.generation.text,
             features=self.decider.local_features(turn),

@@ -107,7 +107,7 @@ def main() -> None:
                 "document", "notes.md", False, 0.6, 20_000, chunks=(DocChunk(0, "battery notes " * 40, 0.6),)
             ),
         ]
-        turn = Turn(request, session, b"client", "query", attachments)
+        turn = Turn(request, session, b"client", "query", attachments, config)
         features = TurnFeatures(
             prompt=request.prompt, task="query", n_attachments=3, max_relevance=0.9, has_image=True, position=3
         )
