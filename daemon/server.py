@@ -104,19 +104,7 @@ class Daemon:
         self._outgoing: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()  # (peer, frame)
         self.http: HttpServer | None = None  # when http.listen is set
         self.records = DecisionLog(config.db_path)
-        park = (
-            DiskPark(config.state_dir / "kvcache", config.local.cache_disk_mb << 20)
-            if config.local.cache_disk_mb
-            else None
-        )
-        self.zoo = ModelZoo(
-            config.local.models,
-            config.models_dir,
-            config.local.memory_budget_mb,
-            config.local.n_threads,
-            config.local.cache_mb,
-            park,
-        )
+        self.zoo = _model_zoo(config)
         self.local = LocalBackend(self.zoo)
         self.cloud = CloudBackend(config.cloud)
         daemon_cfg = config.daemon
@@ -646,6 +634,13 @@ class Daemon:
             (self.config.runtime_dir / "locod.sock").unlink(missing_ok=True)
         self.notifier.close()
         log.info("stopped after %d turns", self.turns_served)  # a log that ends here was not a crash
+
+
+def _model_zoo(config: Config) -> ModelZoo:
+    """The local models and the dialogue states kept for them (parked on disk with local.cache_disk_mb)."""
+    local = config.local
+    park = DiskPark(config.state_dir / "kvcache", local.cache_disk_mb << 20) if local.cache_disk_mb else None
+    return ModelZoo(local.models, config.models_dir, local.memory_budget_mb, local.n_threads, local.cache_mb, park)
 
 
 def _refused_without_secret(request: Request) -> str | None:

@@ -409,13 +409,7 @@ def test_full_disk_refuses_turns_clearly_and_keeps_serving(tmp_path: Path, model
         client = handle.client()
         assert client.ask("before the disk fills", max_tokens=2).done.outcome == "ok"
         filler = small_disk / "filler"
-        with filler.open("wb") as f:
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        _fill(filler)
         refusal, seen = None, []
         for i in range(200):  # the WAL's spare pages fill first
             seen = []
