@@ -273,6 +273,12 @@ class DecisionLog:
                 "finished = ? WHERE outcome = 'pending'",
                 [time.time()],
             ).rowcount
+        # the `decisions` op's query: a logged prompt's head only (``prompt_chars`` says how long it was), as a
+        # reply of a thousand megabyte prompts would hold the loop and the memory
+        shown = (
+            f"substr({c}, 1, {PROMPT_SHOWN}) AS {c}" if c == "prompt" else c for c in self.db["decisions"].columns_dict
+        )
+        self._recent_sql = f"SELECT {', '.join(shown)} FROM decisions ORDER BY id DESC LIMIT ?"
         # Reads (status, the `decisions` op, /metrics) use a connection of their own: in WAL mode a reader
         # never waits for a writer, so a write waiting on another process's lock (a sqlite3 shell left in a
         # transaction) does not stall the serving loop, which answers status and decisions itself.
@@ -293,16 +299,16 @@ class DecisionLog:
                 raise StorageError(f"decision log {self.path}: {what} failed: {exc}") from None
 
     @contextmanager
-    def _writing(self, what: str, wait_s: float = BUSY_WAIT_S) -> Iterator[None]:
-        """One write transaction; ``wait_s``: how long to wait for a lock another process holds (and, when
-        shorter than a turn's wait, for this process's writer, which may be waiting for that lock itself):
-        one deadline for both waits."""
-        deadline = time.monotonic() + wait_s
-        if not self._lock.acquire(timeout=-1 if wait_s == BUSY_WAIT_S else wait_s):
+    def _writing(self, what: str, wait_s: float | None = None) -> Iterator[None]:
+        """One write transaction. A turn's writes (``wait_s`` None) wait their turn for this process's writer
+        and up to ``BUSY_WAIT_S`` for a lock another process holds; a shorter ``wait_s`` is one deadline for
+        both waits (the writer may itself be waiting for that lock)."""
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        if not self._lock.acquire(timeout=-1 if wait_s is None else wait_s):
             raise _write_failed(self.path, what, sqlite3.OperationalError("database is locked"))
         try:
             try:
-                if wait_s != BUSY_WAIT_S:
+                if deadline is not None:
                     left_ms = max(1, int((deadline - time.monotonic()) * 1000))
                     self._conn.execute(f"PRAGMA busy_timeout = {left_ms}")
                 try:
@@ -310,7 +316,7 @@ class DecisionLog:
                         self._conn.execute("BEGIN IMMEDIATE")
                         yield
                 finally:
-                    if wait_s != BUSY_WAIT_S:
+                    if deadline is not None:
                         self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT_S * 1000)}")
             except sqlite3.Error as exc:
                 raise _write_failed(self.path, what, exc) from None
@@ -463,12 +469,7 @@ class DecisionLog:
         another thread inside a read's savepoint released it, and a write waiting for SQLite's lock would
         hold the read)."""
         with self._reading("reading recent records") as conn:
-            columns = [row[1] for row in conn.execute("PRAGMA table_info(decisions)")]
-            # a logged prompt's head only (``prompt_chars`` says how long it was): a reply of a thousand
-            # megabyte prompts would hold the loop and the memory
-            shown = ", ".join(f"substr({c}, 1, {PROMPT_SHOWN}) AS {c}" if c == "prompt" else c for c in columns)
-            sql = f"SELECT {shown} FROM decisions ORDER BY id DESC LIMIT ?"
-            rows = [dict(row) for row in conn.execute(sql, [limit])]
+            rows = [dict(row) for row in conn.execute(self._recent_sql, [limit])]
         return [_decoded(row) for row in rows]
 
     def totals(self) -> list[dict[str, Any]]:
