@@ -310,11 +310,13 @@ class Client:
         force: str | None = None,
         stream: bool = True,
         queued: bool = False,
+        stop: list[str] | None = None,
     ) -> Iterator[Frame]:
         """Stream the frames of one turn: ``decision``, ``delta``..., (``fallback`` or ``escalated``, then
         ``delta``... again), ``done``. ``force``
         is "local" or "cloud"; an option left None takes the daemon's default. ``queued``: ``queued`` frames
-        first while the turn waits for the local model (each restarts the silence timeout)."""
+        first while the turn waits for the local model (each restarts the silence timeout). ``stop``: up to 4
+        sequences; the answer ends before the first of them."""
         if messages is None:
             messages = [{"role": "user", "content": prompt or ""}]
         options = ChatOptions(
@@ -324,6 +326,7 @@ class Client:
             force=force,
             stream=stream,
             queued=queued,
+            stop=tuple(stop or ()),
         )
         request = ChatRequest(new_id(), messages, session, model, attachments or [], options, self.secret)
         # No connect per turn (it sits in the first token's path): a daemon that stopped cleanly took its

@@ -40,6 +40,8 @@ OPTION_RULES: dict[str, tuple[type, float, float, str]] = {
     "temperature": (float, 0.0, 2.0, "a number between 0 and 2"),
     "seed": (int, -(2**63), 2**63 - 1, "an integer that fits 64 bits (signed)"),
 }
+# Stop sequences: as many as OpenAI's API takes, each bounded (every generated token is checked against them).
+MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 4, 200
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class ChatOptions:
     force: str | None = None
     stream: bool = True
     queued: bool = False  # send ``queued`` frames while the turn waits for the local model (opt-in: new frames)
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these (not included)
 
 
 @dataclass(frozen=True)
@@ -320,8 +323,17 @@ def option_problem(name: str, value: Any) -> str | None:
     return None
 
 
+def stop_problem(value: Any) -> str | None:
+    """Why stop sequences are refused (None: they are fine): a list of non-empty strings, both doors' rule."""
+    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
+        return f"must be a list of non-empty strings, got {value!r:.40}"
+    if len(value) > MAX_STOP_SEQUENCES or any(len(s) > MAX_STOP_CHARS for s in value):
+        return f"takes at most {MAX_STOP_SEQUENCES} sequences of at most {MAX_STOP_CHARS} characters each"
+    return None
+
+
 def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
-    unknown = set(raw) - {"max_tokens", "temperature", "seed", "force", "stream", "queued"}
+    unknown = set(raw) - {"max_tokens", "temperature", "seed", "force", "stream", "queued", "stop"}
     if unknown:
         raise reader.bad("options", f"has unknown keys {sorted(unknown)}")
     for name in OPTION_RULES:
@@ -334,6 +346,10 @@ def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
         raise reader.bad("options.force", f"must be one of {FORCE}")
     stream = reader.optional("stream", bool, raw)
     queued = reader.optional("queued", bool, raw)
+    stop = raw.get("stop", [])
+    problem = stop_problem(stop)
+    if problem:
+        raise reader.bad("options.stop", problem)
     return ChatOptions(
         max_tokens=max_tokens,
         temperature=0.7 if temperature is None else float(temperature),
@@ -341,6 +357,7 @@ def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
         force=force,
         stream=True if stream is None else stream,
         queued=bool(queued),
+        stop=tuple(stop),
     )
 
 
@@ -361,6 +378,8 @@ def encode_request(request: Request) -> bytes:
         if request.attachments:
             msg["attachments"] = [_attachment_wire(a) for a in request.attachments]
         options = {k: v for k, v in vars(request.options).items() if v != getattr(DEFAULT_OPTIONS, k)}
+        if "stop" in options:
+            options["stop"] = list(options["stop"])
         if options:
             msg["options"] = options
     elif isinstance(request, FeedbackRequest):

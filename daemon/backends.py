@@ -45,6 +45,7 @@ class Prompt:
     session: str | None = None  # the dialogue, whose kept state a local model starts from
     logprobs: bool = False  # a local model reports its answer's tokens and their log-probs
     checkpoint: Checkpoint | None = None  # local only: hold the answer back until it is judged
+    stop: tuple[str, ...] = ()  # the answer ends before the first of these
 
 
 @dataclass

@@ -247,6 +247,7 @@ class CloudBackend:
                     max_tokens=prompt.max_tokens,
                     temperature=prompt.temperature,
                     seed=prompt.seed,
+                    stop=list(prompt.stop) if prompt.stop else openai.omit,
                     stream=True,
                     stream_options={"include_usage": True},
                 )

@@ -336,6 +336,7 @@ class LocalBackend:
             max_tokens=prompt.max_tokens,
             temperature=prompt.temperature,
             seed=prompt.seed,
+            stop=list(prompt.stop),
             stream=True,
             logits_processor=None if logprobs is None else LogitsProcessorList([logprobs]),
         )

@@ -23,7 +23,16 @@ from locod.errors import (
     UnknownDecision,
     UnknownModel,
 )
-from locod.protocol import OPTION_RULES, Attachment, ChatOptions, DecisionFrame, DoneFrame, ErrorFrame, option_problem
+from locod.protocol import (
+    OPTION_RULES,
+    Attachment,
+    ChatOptions,
+    DecisionFrame,
+    DoneFrame,
+    ErrorFrame,
+    option_problem,
+    stop_problem,
+)
 
 # Keys that change what an answer is and that locod cannot honour: refused rather than silently ignored.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logprobs", "top_logprobs")
@@ -73,10 +82,6 @@ def parse_completion(body: Any, models: list[str]) -> Completion:
     for key in UNSUPPORTED:
         if body.get(key) not in (None, [], False, *AS_DEFAULT.get(key, ())):
             raise bad(f"{key!r} is not supported by locod", key, "unsupported_parameter")
-    if body.get("stop") not in (None, [], ""):
-        raise bad(
-            "'stop' is not supported by locod (answers end at the model's own end)", "stop", "unsupported_parameter"
-        )
     n = body.get("n")
     if n is not None and (not _is_int(n) or n != 1):  # not true, not 1.0: what the socket would refuse
         raise bad(f"'n' must be 1, got {n!r:.40}", "n", "unsupported_parameter")
@@ -116,11 +121,17 @@ def _options(body: dict[str, Any]) -> ChatOptions:
     stream = False if body.get("stream") is None else body["stream"]
     if not isinstance(stream, bool):
         raise bad("'stream' must be true or false", "stream")
+    stop = body.get("stop")
+    stop = [] if stop in (None, "") else [stop] if isinstance(stop, str) else stop  # OpenAI takes either
+    problem = stop_problem(stop)
+    if problem:
+        raise bad(f"'stop' {problem}", "stop")
     return ChatOptions(
         max_tokens=max_tokens,
         temperature=0.7 if temperature is None else float(temperature),
         seed=seed,
         stream=stream,
+        stop=tuple(stop),
     )
 
 

@@ -47,6 +47,7 @@ class ShadowJob:
     features: RecordedFeatures  # of the local action: what the label trains
     s_prompt: float | None = None  # the local model's s_hat on the turn: with it, the confidence head trains too
     private: bool = False  # the local answer is made from private material: never sent to the judge
+    stop: tuple[str, ...] = ()  # the turn's stop sequences: the local answer ends where the cloud's did
 
 
 def agreement(answer: str, reference: str) -> float:
@@ -110,7 +111,9 @@ class ShadowLane:
             with self.local.gate.idle_slot(preempted) as granted:
                 if granted:
                     started = time.perf_counter()
-                    prompt = Prompt(job.messages, job.max_tokens, 0.0, 0, lambda _: None, preempted, logprobs=True)
+                    prompt = Prompt(
+                        job.messages, job.max_tokens, 0.0, 0, lambda _: None, preempted, logprobs=True, stop=job.stop
+                    )
                     try:
                         generation = self.local.generate(job.model, self.local.fit(job.model, prompt))
                     except LocodError as exc:

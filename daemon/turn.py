@@ -422,6 +422,7 @@ class TurnRunner:
             reply.cancelled,
             # the local model starts from this dialogue's kept state; a one-off turn's is never kept
             session=turn.session.key if turn.request.session is not None else None,
+            stop=options.stop,
         )
         if judge is not None:
             prompt = dataclasses.replace(prompt, checkpoint=judge.checkpoint())
@@ -521,6 +522,7 @@ class TurnRunner:
             features=self.decider.local_features(turn),
             s_prompt=routing.s_hat.get(model) if (routing := ending.decision.routing) else None,
             private=turn.private_material,
+            stop=turn.request.options.stop,
         )
 
     @staticmethod

@@ -152,6 +152,28 @@ def test_forced_cloud_model_gets_the_image_and_the_history_once(daemon_factory: 
     assert json.loads(rows[1]["attachments_sent"]) == ["image-0"]
 
 
+def test_stop_sequences_end_the_answer_before_them_on_either_side(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """Greedy answers with and without a stop word taken from the whole answer: the cut answer is the whole
+    one up to that word, through the HTTP door and the socket, from the local model and the cloud."""
+    handle, base = http_daemon(daemon_factory, cloud_config(proxy.base_url, mode="auto"))
+    client, socket_client = sdk(base), handle.client()
+    question = "List five colours, separated by commas."
+    ask = [{"role": "user", "content": question}]
+    same = {"max_tokens": 24, "temperature": 0.0, "seed": 1}
+    for model, force in ((LOCAL, "local"), ("cloud-small", "cloud")):
+        whole = client.chat.completions.create(model=model, messages=ask, **same).choices[0].message.content  # type: ignore[call-overload]
+        assert whole and len(whole.split()) >= 3, whole
+        word = whole.split()[2]  # a stop sequence that first shows up inside the answer
+        cut = client.chat.completions.create(model=model, messages=ask, stop=[word, "never said"], **same)  # type: ignore[call-overload]
+        assert cut.choices[0].message.content == whole[: whole.index(word)]
+        assert cut.choices[0].finish_reason == "stop"
+        streamed = client.chat.completions.create(model=model, messages=ask, stop=word, stream=True, **same)  # type: ignore[call-overload]
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == whole[: whole.index(word)]
+        by_socket = socket_client.ask(question, model=model, force=force, stop=[word], **same)
+        assert (by_socket.decision.location, by_socket.text) == (force, whole[: whole.index(word)])
+    assert proxy.chat_requests()[-1].body["stop"] == [word]  # the cloud was asked to stop, not cut afterwards
+
+
 def test_errors_map_onto_status_codes_and_a_hang_up_cancels_the_turn(daemon_factory: Any) -> None:
     handle, base = http_daemon(daemon_factory, {"daemon": {"queue_limit": 1, "max_message_bytes": 4096}})
     client = sdk(base)
@@ -162,7 +184,8 @@ def test_errors_map_onto_status_codes_and_a_hang_up_cancels_the_turn(daemon_fact
     remote = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]
     for body, code in (
         ({"messages": remote}, "remote_image"),
-        ({"messages": ask, "stop": ["\n"]}, "unsupported_parameter"),
+        ({"messages": ask, "stop": ["a", "b", "c", "d", "e"]}, "bad_field"),  # OpenAI's limit is 4
+        ({"messages": ask, "stop": [""]}, "bad_field"),
         ({"messages": [{"role": "assistant", "content": "hi"}]}, "bad_field"),
     ):
         with pytest.raises(openai.BadRequestError) as bad:

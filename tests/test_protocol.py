@@ -80,6 +80,8 @@ def test_other_ops() -> None:
         (frame(op="chat"), "bad_field", "r1"),
         (frame(op="chat", prompt="x", options={"force": "moon"}), "bad_field", "r1"),
         (frame(op="chat", prompt="x", options={"max_tokens": True}), "bad_field", "r1"),
+        (frame(op="chat", prompt="x", options={"stop": "END"}), "bad_field", "r1"),  # a list, as the socket sends
+        (frame(op="chat", prompt="x", options={"stop": ["x" * 201]}), "bad_field", "r1"),
         (frame(op="chat", prompt="x", attachments=[{"kind": "image", "data": "%%%"}]), "bad_field", "r1"),
         (frame(op="chat", prompt="x", attachments=[{"kind": "video", "data": ""}]), "bad_field", "r1"),
         (frame(op="chat", messages=[{"role": "assistant", "content": "x"}]), "bad_field", "r1"),
@@ -179,7 +181,9 @@ REQUESTS = [
             Attachment("image", "a.png", data=b"\x89PNG", private=True),
             Attachment("document", "notes.md", path="/home/u/notes.md"),
         ],
-        options=ChatOptions(max_tokens=5, temperature=0.0, seed=3, force="cloud", stream=False, queued=True),
+        options=ChatOptions(
+            max_tokens=5, temperature=0.0, seed=3, force="cloud", stream=False, queued=True, stop=("\n\n", "END")
+        ),
         secret="s3cret",
     ),
     FeedbackRequest("f1", 42, False),
