@@ -344,7 +344,7 @@ def table(name: str, trace: list[Turn], prior: Prior | None, args: argparse.Name
 
 
 def plot(runs: dict[float, list[Run]], out: Path) -> None:
-    fig, axes = plt.subplots(2, len(runs), figsize=(4 * len(runs), 6.5), sharex=True)
+    fig, axes = plt.subplots(2, len(runs), figsize=(4 * len(runs), 6.5), sharex=True, squeeze=False)
     for col, (alpha, rs) in enumerate(runs.items()):
         top, bottom = axes[0][col], axes[1][col]
         for run in rs:

@@ -279,7 +279,8 @@ def test_replay_prints_what_knowing_each_tasks_accuracy_allows(tmp_path: Path) -
     ]
     trace = tmp_path / "trace.jsonl"
     trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    out = run_replay(trace, "--split", "none", "--alphas", "0.75")
+    out = run_replay(trace, "--split", "none", "--alphas", "0.75", "--out", str(tmp_path / "img"))
+    assert (tmp_path / "img/replay_messplus.png").stat().st_size > 0  # one alpha: one column of plots
     assert "| 0.75 | random needs | 0.750 | 0.000 | 1.000 | 0.00 |" in out
     assert "| 0.75 | label oracle | 0.750 | 0.000 | 0.250 | 1.00 |" in out
     assert "| 0.75 | task oracle | 0.750 | 0.000 | 0.500 | 0.67 |" in out
