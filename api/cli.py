@@ -176,6 +176,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             seed=args.seed,
             queued=True,
+            stop=args.stop,
         )
         return _stream(frames, args.json, args.verbose)
 
@@ -803,6 +804,7 @@ def _add_turn_commands(sub: Any) -> None:
             p.add_argument("--max-tokens", type=int, help="answer length limit (default: local.max_tokens)")
             p.add_argument("--temperature", type=float, help="sampling temperature, 0-2")
             p.add_argument("--seed", type=int, help="sampling seed, for a repeatable local answer")
+            p.add_argument("--stop", action="append", metavar="TEXT", help="end the answer before TEXT (up to 4)")
             p.add_argument("--json", action="store_true", help="print every frame as JSON")
         p.add_argument("--session", help="session id (keeps the dialogue history)")
         p.add_argument("--force", choices=("local", "cloud"), help="skip routing")

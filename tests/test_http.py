@@ -171,6 +171,10 @@ def test_stop_sequences_end_the_answer_before_them_on_either_side(daemon_factory
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == whole[: whole.index(word)]
         by_socket = socket_client.ask(question, model=model, force=force, stop=[word], **same)
         assert (by_socket.decision.location, by_socket.text) == (force, whole[: whole.index(word)])
+        by_cli = handle.cli(
+            "ask", question, "--force", force, "--max-tokens", "24", "--temperature", "0", "--seed", "1", "--stop", word
+        )
+        assert by_cli.stdout.rstrip("\n") == whole[: whole.index(word)].rstrip("\n"), by_cli.stderr
     assert proxy.chat_requests()[-1].body["stop"] == [word]  # the cloud was asked to stop, not cut afterwards
 
 
