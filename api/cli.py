@@ -32,6 +32,7 @@ from locod.terminal import for_stream, shown
 from locod.words import counted
 
 EXIT_CODES: dict[type[LocodError], int] = {ConfigError: 2, ModelError: 3, StorageError: 4, DaemonNotRunning: 5}
+SYSTEM_STATE_DIR = Path("/var/lib/locod")  # the system unit's StateDirectory
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,7 +396,7 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     except DaemonNotRunning:  # the log is a file: what happened can be read with the daemon stopped
         from locod.daemon.records import read_recent
 
-        db_path = _config(args).db_path
+        db_path = _at_rest(_config(args)).db_path
         rows = read_recent(db_path, args.limit)
         print(f"(locod is not running: read from {db_path})", file=sys.stderr)
     if args.json:
@@ -712,12 +713,22 @@ def _as_running(args: argparse.Namespace) -> Any:
         with _client(args, warn=False) as client:
             running = client.daemon_config()
     except DaemonNotRunning:
-        return config
+        return _at_rest(config)
     return dataclasses.replace(
         config,
         paths=dataclasses.replace(config.paths, state_dir=running["paths"]["state_dir"]),
         cloud=dataclasses.replace(config.cloud, daily_cap_usd=running["cloud"]["daily_cap_usd"]),
     )
+
+
+def _at_rest(config: Any) -> Any:
+    """With no daemon running: the configuration, or, when only the system service's state directory holds a
+    decision log (and this user may read it), that directory's, as ``locate`` picks the system socket."""
+    import dataclasses
+
+    if config.db_path.exists() or not os.path.exists(SYSTEM_STATE_DIR / config.db_path.name):
+        return config  # os.path: a directory this user may not enter is no log to read, not an error
+    return dataclasses.replace(config, paths=dataclasses.replace(config.paths, state_dir=str(SYSTEM_STATE_DIR)))
 
 
 def _parser() -> argparse.ArgumentParser:

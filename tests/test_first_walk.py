@@ -288,3 +288,24 @@ def test_decisions_print_costs_as_dollars(daemon_factory: Any, proxy: FaultProxy
     assert 0 < row["cost_usd"] < 1e-3
     listed = handle.cli("decisions").stdout
     assert f" {row['cost_usd']:.5f} " in listed and "e-0" not in listed, listed
+
+
+def test_with_no_daemon_the_system_services_log_is_read_when_the_user_has_none(
+    daemon_factory: Any, tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    """`sudo -u locod locod decisions` with the system service stopped: the user's own state directory holds
+    no log, the service's does, so that one is read (as `locate` picks the system socket)."""
+    from locod import cli
+
+    service = daemon_factory({"routing": {"mode": "local"}})
+    service.client().ask("Hello", max_tokens=4)
+    service.stop()
+    monkeypatch.setattr(cli, "SYSTEM_STATE_DIR", service.home / "state")
+    for name in [k for k in os.environ if k.startswith("LOCOD_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("LOCOD_STATE_DIR", str(tmp_path / "own-state"))  # this user's: no log in it
+    monkeypatch.setenv("LOCOD_RUNTIME_DIR", str(tmp_path / "own-run"))
+    assert cli.main(["decisions", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [r["outcome"] for r in json.loads(out)] == ["ok"]
+    assert f"read from {service.home / 'state' / 'locod.db'}" in err
