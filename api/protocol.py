@@ -346,7 +346,7 @@ def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
         raise reader.bad("options.force", f"must be one of {FORCE}")
     stream = reader.optional("stream", bool, raw)
     queued = reader.optional("queued", bool, raw)
-    stop = raw.get("stop", [])
+    stop = [] if raw.get("stop") is None else raw["stop"]  # null, as for every option: the default
     problem = stop_problem(stop)
     if problem:
         raise reader.bad("options.stop", problem)

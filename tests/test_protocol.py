@@ -47,6 +47,9 @@ def test_chat_with_prompt_and_options() -> None:
     assert isinstance(req, ChatRequest)
     assert req.messages == [{"role": "user", "content": "hi"}]
     assert req.session == "s" and req.options.max_tokens == 5 and req.options.force == "local"
+    assert req.options.stop == ()
+    nulls = parse_request(frame(op="chat", prompt="hi", options={"stop": None, "seed": None}), 10_000)
+    assert isinstance(nulls, ChatRequest) and nulls.options.stop == () and nulls.options.seed is None
 
 
 def test_attachment_bytes_are_base64() -> None:
