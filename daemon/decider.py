@@ -345,13 +345,20 @@ class Decider:
         return out, mask
 
     def _loadable(self) -> dict[str, bool]:
-        """Local models whose file can be loaded. The default's was checked at start and at each reload, and
-        stays on offer: were it gone, its turns fail by name (``model_missing``) rather than vanish."""
-        default, models_dir = self.config.local.default, self.config.models_dir
-        return {
-            m.name: m.name == default or self.model_files.problem(m, models_dir) is None
-            for m in self.config.local.models
+        missing = self.missing_files()
+        return {m.name: m.name not in missing for m in self.config.local.models}
+
+    def missing_files(self) -> dict[str, str]:
+        """Local models whose file cannot be loaded, with why: left out of routing and of the HTTP API's
+        model list. The default's file was checked at start and at each reload, and it stays on offer: were
+        it gone, its turns fail by name (``model_missing``) rather than vanish."""
+        config = self.config
+        problems = {
+            m.name: self.model_files.problem(m, config.models_dir)
+            for m in config.local.models
+            if m.name != config.local.default
         }
+        return {name: problem for name, problem in problems.items() if problem is not None}
 
     def refuse_unfit(self, prompt: str) -> None:
         """Refuse a prompt that no model could hold, before any work on the turn's attachments."""

@@ -190,19 +190,24 @@ class HttpServer:
             return JSONResponse(wire.HttpError(503, "the daemon is shutting down", "shutting_down").body(), 503)
         return JSONResponse({"status": "ok"})
 
-    def _model_list(self) -> list[dict[str, Any]]:
+    def _model_list(self, missing: dict[str, str]) -> list[dict[str, Any]]:
+        """The models a client may name: a local model whose file is ``missing`` is left out, as routing
+        leaves it out, and offered again once the file is there."""
         cfg = self.daemon.config
-        owners = [("auto", "locod")] + [(m.name, "locod-local") for m in cfg.local.models]
+        owners = [("auto", "locod")] + [(m.name, "locod-local") for m in cfg.local.models if m.name not in missing]
         owners += [(m.name, "locod-cloud") for m in cfg.cloud.models]
         return [{"id": name, "object": "model", "created": 0, "owned_by": owner} for name, owner in owners]
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": self._model_list()})
+        return JSONResponse({"object": "list", "data": self._model_list(self.daemon.decider.missing_files())})
 
     async def model(self, request: Request) -> Response:
         """``GET /v1/models/{id}``: what the SDKs' ``models.retrieve`` and editor plugins ask first."""
         name = request.path_params["model"]
-        found = next((m for m in self._model_list() if m["id"] == name), None)
+        missing = self.daemon.decider.missing_files()
+        if name in missing:
+            raise wire.HttpError(404, missing[name], "model_missing")
+        found = next((m for m in self._model_list(missing) if m["id"] == name), None)
         if found is None:
             raise wire.HttpError(404, f"the model {name!r} does not exist; see GET /v1/models", "model_not_found")
         return JSONResponse(found)

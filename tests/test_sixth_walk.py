@@ -1,0 +1,48 @@
+"""A sixth new user's walk: docs/config.example.toml copied and edited, a model whose file is not there yet
+seen through the openai client, the decision log read back, the cloud as a real llama_cpp.server. Each
+through the real CLI, a real daemon and the real openai client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from .conftest import DaemonHandle, free_port
+
+
+def test_decisions_print_latencies_as_whole_milliseconds(daemon: DaemonHandle) -> None:
+    """Walk finding: `locod decisions` showed 1.417e+04 and 87.77 in latency_total_ms, `ask -v` 14169 ms."""
+    assert daemon.cli("ask", "Hi", "--max-tokens", "4").returncode == 0
+    (row,) = daemon.rows()
+    listed = daemon.cli("decisions").stdout
+    header, line = listed.splitlines()
+    at = header.index("latency_total_ms")
+    shown = line[at:].split()[0]
+    assert shown == f"{row['latency_total_ms']:.0f}", listed
+
+
+def test_the_http_api_offers_no_model_whose_file_is_missing(daemon_factory: Any, tmp_path: Path) -> None:
+    """Walk finding: config.example.toml's second model (a path not on this machine) was listed by
+    GET /v1/models, and asking for it answered 500, which the openai client retried twice before raising
+    InternalServerError; routing had left it out all along."""
+    port = free_port()
+    later = tmp_path / "later.gguf"
+    handle = daemon_factory(
+        {"local": {"models": [{"name": "later", "path": str(later)}]}}, extra_env={"LOCOD_HTTP": f"127.0.0.1:{port}"}
+    )
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+    assert [m.id for m in client.models.list()] == ["auto", "smollm2-135m-instruct"]
+    with pytest.raises(openai.NotFoundError) as retrieved:
+        client.models.retrieve("later")
+    assert retrieved.value.code == "model_missing" and f"file {later} not found" in retrieved.value.message
+    with pytest.raises(openai.NotFoundError) as asked:
+        client.chat.completions.create(model="later", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert asked.value.code == "model_missing" and f"file {later} not found" in asked.value.message
+
+    later.write_bytes(Path(handle.env["LOCOD_MODELS_DIR"], "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes())
+    assert "later" in [m.id for m in client.models.list()]  # offered again once the file is there
+    answer = client.chat.completions.create(model="later", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert answer.model == "later"
