@@ -442,6 +442,8 @@ def _column(row: dict[str, Any], column: str) -> str:
         return _time(row["created"])
     if column == "cost_usd" and row.get("cost_usd") is not None:  # dollars as `ask -v` prints them, not 4.1e-05
         return f"{row['cost_usd']:.5f}"
+    if column == "latency_total_ms" and row.get(column) is not None:  # whole ms as `ask -v` prints them, not 1.4e+04
+        return f"{row[column]:.0f}"
     if column == "shadow":  # the local model's background answer to a cloud turn, as graded
         shadow = row.get("shadow")
         return "-" if not shadow else "good" if shadow["satisfied"] else "bad"
