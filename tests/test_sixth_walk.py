@@ -27,7 +27,8 @@ def test_decisions_print_latencies_as_whole_milliseconds(daemon: DaemonHandle) -
 def test_the_http_api_offers_no_model_whose_file_is_missing(daemon_factory: Any, tmp_path: Path) -> None:
     """Walk finding: config.example.toml's second model (a path not on this machine) was listed by
     GET /v1/models, and asking for it answered 500, which the openai client retried twice before raising
-    InternalServerError; routing had left it out all along."""
+    InternalServerError; routing had left it out all along. The daemon's start had also warned "no predictor
+    prior for ...: [Errno 2] No such file or directory" about it."""
     port = free_port()
     later = tmp_path / "later.gguf"
     handle = daemon_factory(
@@ -41,6 +42,7 @@ def test_the_http_api_offers_no_model_whose_file_is_missing(daemon_factory: Any,
     with pytest.raises(openai.NotFoundError) as asked:
         client.chat.completions.create(model="later", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     assert asked.value.code == "model_missing" and f"file {later} not found" in asked.value.message
+    assert "no predictor prior" not in handle.log()  # the missing file is said once, by routing, not as an errno
 
     later.write_bytes(Path(handle.env["LOCOD_MODELS_DIR"], "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes())
     assert "later" in [m.id for m in client.models.list()]  # offered again once the file is there
