@@ -483,7 +483,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         keyless = client.status()["cloud"].get("no_api_key", {}) if result["reloaded"] else {}
     if not result["reloaded"]:
         why = result.get("error") or "the configuration is invalid (see the daemon's log)"  # an older daemon
-        print(f"reload rejected, the running configuration kept: {why}")
+        print(f"locod: reload rejected, the running configuration kept: {why}", file=sys.stderr)
         return 2
     source = result.get("config")
     if source == NO_CONFIG_FILE:

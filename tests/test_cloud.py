@@ -298,7 +298,7 @@ def test_a_key_file_that_is_not_a_regular_file_is_refused_without_reading_it(
     assert result["reloaded"] is False and "not a regular file" in result["error"] and str(key) in result["error"]
     assert client.ping()["pong"]
     cli = handle.cli("reload", timeout=30)
-    assert cli.returncode == 2 and "not a regular file" in cli.stdout
+    assert cli.returncode == 2 and "not a regular file" in cli.stderr
     fresh = start_daemon(tmp_path / "d2", models_dir, config, wait=False)
     assert fresh.proc.wait(60) == 2
     assert "not a regular file" in fresh.log() and "Traceback" not in fresh.log()

@@ -205,8 +205,8 @@ def test_a_config_file_that_does_not_load_is_named_not_called_a_stopped_daemon(
         )
 
     reload = cli("reload")
-    assert reload.returncode == 2 and "reload rejected" in reload.stdout and "not valid TOML" in reload.stdout
-    assert "line" in reload.stdout and "not running" not in reload.stdout + reload.stderr
+    assert reload.returncode == 2 and "reload rejected" in reload.stderr and "not valid TOML" in reload.stderr
+    assert "line" in reload.stderr and "not running" not in reload.stdout + reload.stderr
     status = cli("status")
     assert status.returncode == 0 and "not valid TOML" in status.stderr and "using the daemon at" in status.stderr
     elsewhere = tmp_path / "elsewhere.toml"

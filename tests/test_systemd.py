@@ -152,7 +152,7 @@ def test_sighup_with_a_broken_config_keeps_the_old_one(daemon_factory: Any) -> N
     assert client.status()["routing"]["sla"] == 0.7
     assert client.ask("Still here?", max_tokens=2).done.outcome == "ok"
     refused = handle.cli("reload")  # asked for, the reason comes back to whoever asked
-    assert refused.returncode == 2 and "routing.sla must be between 0.0 and 1.0" in refused.stdout, refused.stdout
+    assert refused.returncode == 2 and "routing.sla must be between 0.0 and 1.0" in refused.stderr, refused.stderr
     write_config(handle.config_path, {"routing": {"sla": 0.6}, "daemon": {"queue_limit": 99}})
     reloaded = client.reload()
     assert reloaded["reloaded"] is True and reloaded["restart_needed"] == ["daemon"]
