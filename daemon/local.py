@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import Any, cast
 
 import llama_cpp
-from llama_cpp import Llama, LogitsProcessorList
+from llama_cpp import Llama, LogitsProcessorList, llama_chat_format
 
 from locod.daemon.backends import Generation, Prompt
-from locod.daemon.config import LocalConfig, LocalModelConfig
+from locod.daemon.config import Config, LocalConfig, LocalModelConfig
 from locod.daemon.fitting import fit_to_context, prompt_tokens
 from locod.daemon.gate import FairGate
 from locod.daemon.kvcache import DialogueCache
 from locod.daemon.kvpark import DiskPark
 from locod.daemon.logprobs import TokenLogprobs
 from locod.daemon.modelfile import check_model_file, resolve_path
-from locod.errors import ModelError
+from locod.errors import ConfigError, ModelError
 from locod.policy.load import TurnTime
 
 log = logging.getLogger(__name__)
@@ -108,6 +108,23 @@ class LoadedModel:
     llm: Llama
     footprint_mb: float
     last_used: float
+
+
+def check_chat_formats(config: Config) -> None:
+    """Refuse, at start and at a reload, a ``chat_format`` llama-cpp-python does not know: the config's
+    schema cannot list them without importing llama.cpp, and the model would otherwise fail each of its
+    turns with llama.cpp's exception as an internal error."""
+    registry = llama_chat_format.LlamaChatCompletionHandlerRegistry()
+    for model in config.local.models:
+        if model.chat_format is None:
+            continue
+        try:
+            registry.get_chat_completion_handler_by_name(model.chat_format)
+        except llama_chat_format.LlamaChatCompletionHandlerNotFoundException as exc:
+            raise ConfigError(
+                f"{config.source}: local model {model.name!r}: chat_format {model.chat_format!r} is not one "
+                f"llama-cpp-python knows ({exc}); leave it out to use the GGUF's own chat template"
+            ) from None
 
 
 class ModelZoo:

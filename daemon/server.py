@@ -39,7 +39,7 @@ from locod.daemon.fdlimit import TCP_SHARE, door_share, raise_soft_limit
 from locod.daemon.keyfile import read_key_file
 from locod.daemon.kvpark import DiskPark
 from locod.daemon.learner import Learner
-from locod.daemon.local import LocalBackend, ModelZoo
+from locod.daemon.local import LocalBackend, ModelZoo, check_chat_formats
 from locod.daemon.logs import configure_logging
 from locod.daemon.modelfile import check_model_file
 from locod.daemon.notify import Notifier
@@ -152,6 +152,7 @@ class Daemon:
                 self.records.interrupted_at_start,
             )
         default = cfg.local_model(cfg.local.default)
+        check_chat_formats(cfg)
         check_model_file(default, cfg.models_dir)
         self.zoo.get(default.name)  # load once before READY: the first turn should not pay for it
         self.outbox = self.ctx.socket(zmq.PULL)
@@ -583,6 +584,7 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = load_config(self._config_path, overrides=self._overrides)
+            check_chat_formats(new)
             check_model_file(new.local_model(new.local.default), self.config.models_dir)
             self.cloud.reconfigure(new.cloud)  # reads the API keys: the last step that can reject
         except LocodError as exc:

@@ -10,7 +10,7 @@ from typing import Any
 import openai
 import pytest
 
-from .conftest import DaemonHandle, free_port
+from .conftest import DaemonHandle, free_port, start_daemon, write_config
 
 
 def test_decisions_print_latencies_as_whole_milliseconds(daemon: DaemonHandle) -> None:
@@ -48,3 +48,25 @@ def test_the_http_api_offers_no_model_whose_file_is_missing(daemon_factory: Any,
     assert "later" in [m.id for m in client.models.list()]  # offered again once the file is there
     answer = client.chat.completions.create(model="later", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     assert answer.model == "later"
+
+
+def test_an_unknown_chat_format_is_a_config_error(daemon: DaemonHandle, models_dir: Path, tmp_path: Path) -> None:
+    """Walk finding: a second model with ``chat_format = "chatmlx"`` (a typo of chatml) was reloaded without a
+    word, and each of its turns then failed with "locod: internal error:
+    LlamaChatCompletionHandlerNotFoundException". A rejected reload was said on stdout, exiting 2."""
+    model = {"name": "mine", "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "chat_format": "chatmlx"}
+    write_config(daemon.config_path, {"local": {"models": [model]}})
+    refused = daemon.cli("reload")
+    said = f"{daemon.config_path}: local model 'mine': chat_format 'chatmlx' is not one llama-cpp-python knows"
+    assert refused.returncode == 2 and said in refused.stderr and not refused.stdout, refused  # was on stdout
+    assert "'chatml'" in refused.stderr and "leave it out to use the GGUF's own chat template" in refused.stderr
+    assert "not known to the running daemon until `locod reload`: mine" in daemon.cli("models", "list").stdout
+
+    fresh = start_daemon(tmp_path / "fresh", models_dir, {"local": {"models": [model]}}, wait=False)
+    assert fresh.proc.wait(60) == 2
+    assert "chat_format 'chatmlx' is not one llama-cpp-python knows" in fresh.log() and "Traceback" not in fresh.log()
+
+    model["chat_format"] = "chatml"
+    write_config(daemon.config_path, {"local": {"models": [model]}})
+    assert daemon.cli("reload").returncode == 0
+    assert daemon.cli("ask", "Hi", "--model", "mine", "--max-tokens", "2").returncode == 0
