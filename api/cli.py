@@ -274,7 +274,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
             if not line.strip():
                 return 0
             try:
-                _stream(client.chat(line, session=session, force=args.force, queued=True), False, args.verbose)
+                frames = client.chat(
+                    line, session=session, model=args.model, force=args.force, max_tokens=args.max_tokens, queued=True
+                )
+                _stream(frames, False, args.verbose)
             except KeyboardInterrupt:
                 print("\n[stopped]", file=sys.stderr)
                 client.close()  # the daemon sees the client gone and cancels the turn
@@ -811,10 +814,14 @@ def _add_turn_commands(sub: Any) -> None:
         p = sub.add_parser(name, help=text)
         if name == "ask":
             p.add_argument("prompt", nargs="?", help="the question; - (or none, with a pipe) reads standard input")
-            p.add_argument("--model", help="answer with this configured model")
-            p.add_argument("--attach", action="append", metavar="FILE", help="image or document to attach")
-            p.add_argument("--private", action="append", metavar="FILE", help="attachment that never leaves the device")
-            p.add_argument("--max-tokens", type=int, help="answer length limit (default: local.max_tokens)")
+            for flag, meaning in (
+                ("--attach", "image or document to attach"),
+                ("--private", "attachment that never leaves the device"),
+            ):
+                p.add_argument(flag, action="append", metavar="FILE", help=f"{meaning} (repeatable)")
+        p.add_argument("--model", help="answer with this configured model (`locod models list` names them)")
+        p.add_argument("--max-tokens", type=int, help="answer length limit (default: local.max_tokens)")
+        if name == "ask":
             p.add_argument("--temperature", type=float, help="sampling temperature, 0-2")
             p.add_argument("--seed", type=int, help="sampling seed, for a repeatable local answer")
             p.add_argument("--stop", action="append", metavar="TEXT", help="end the answer before TEXT (up to 4)")

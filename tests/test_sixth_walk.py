@@ -70,3 +70,15 @@ def test_an_unknown_chat_format_is_a_config_error(daemon: DaemonHandle, models_d
     write_config(daemon.config_path, {"local": {"models": [model]}})
     assert daemon.cli("reload").returncode == 0
     assert daemon.cli("ask", "Hi", "--model", "mine", "--max-tokens", "2").returncode == 0
+
+
+def test_chat_takes_the_model_and_answer_length_that_ask_takes(daemon_factory: Any) -> None:
+    """Walk finding: after `locod ask --model mine` worked, `locod chat --model mine` was "unrecognized
+    arguments": a chat could only be routed or forced to a location, never held to the model just added."""
+    mine = {"name": "mine", "path": "SmolLM2-135M-Instruct.Q4_1.gguf"}
+    handle = daemon_factory({"routing": {"mode": "auto"}, "local": {"models": [mine]}})
+    chat = handle.cli("chat", "--model", "mine", "--max-tokens", "3", stdin="Hi\nAnd again\n")
+    assert chat.returncode == 0, chat.stderr
+    rows = handle.rows()
+    assert [(r["model"], r["turn"], r["tokens_out"] <= 3) for r in rows] == [("mine", 0, True), ("mine", 1, True)]
+    assert rows[0]["reason"] == "the request named this local model" and rows[0]["session"] == rows[1]["session"]
