@@ -305,7 +305,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         (
             "local",
             f"{loc['default']} (resident: {', '.join(loc['resident']) or 'none'}; "
-            f"{_fmt(loc['tokens_per_s'], '{:.1f} tok/s')}); dialogue cache {loc['cache']['dialogues']} kept, "
+            f"{_fmt(loc['tokens_per_s'], '{:.1f}')} tok/s); dialogue cache {loc['cache']['dialogues']} kept, "
             f"{loc['cache']['mb']:.0f}/{loc['cache']['limit_mb']:.0f} MB, "
             f"{counted(loc['cache']['hits'], 'hit')}, {counted(loc['cache']['misses'], 'miss', 'misses')}",
         ),
