@@ -574,7 +574,10 @@ def _check_names(config: Config, origins: Mapping[str, str]) -> None:
             )
     for model in config.cloud.models:
         if not model.base_url.startswith(("http://", "https://")):
-            raise ConfigError(f"{config.source}: cloud model {model.name!r}: base_url must be http(s)")
+            raise ConfigError(
+                f"{config.source}: cloud model {model.name!r}: base_url must be an http(s) URL, such as "
+                f"https://api.openai.com/v1, got {model.base_url!r}"
+            )
     if not config.local.hub_endpoint.startswith(("http://", "https://")):
         raise ConfigError(
             f"{config.source}: local.hub_endpoint must be an http(s) URL, got {config.local.hub_endpoint!r}"

@@ -63,7 +63,10 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
         ('[routing]\nmode = "maybe"\n', "routing.mode must be one of auto, local, cloud"),
         ("[log]\nprompts = 1\n", "log.prompts expects true or false"),
         ('[[local.models]]\nname = "x"\n', "local.models[0].path is required"),
-        ('[[cloud.models]]\nname = "c"\nbase_url = "ftp://x"\nmodel = "m"\n', "base_url must be http(s)"),
+        (
+            '[[cloud.models]]\nname = "c"\nbase_url = "ftp://x"\nmodel = "m"\n',
+            "base_url must be an http(s) URL, such as https://api.openai.com/v1, got 'ftp://x'",
+        ),
         ('[local]\ndefault = "ghost"\n', "local.default is 'ghost', which names no local model"),
         ('[local]\ndefault = ""\n', "local.default is '', which names no local model"),
         ('[http]\nlisten = "0.0.0.0:8080"\n', "http.listen binds 0.0.0.0, beyond loopback: set http.api_key_file"),
