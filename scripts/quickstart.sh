@@ -11,8 +11,17 @@ state="${LOCOD_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/locod}"
 mkdir -p "$state"
 if ! .venv/bin/locod status >/dev/null 2>&1; then
   nohup .venv/bin/locod serve >>"$state/daemon.log" 2>&1 &
-  echo "locod daemon started (pid $!), log: $state/daemon.log" >&2
-  for _ in $(seq 1 120); do .venv/bin/locod status >/dev/null 2>&1 && break; sleep 0.5; done
+  pid=$!
+  echo "locod daemon started (pid $pid), log: $state/daemon.log" >&2
+  for _ in $(seq 1 120); do
+    .venv/bin/locod status >/dev/null 2>&1 && break
+    if ! kill -0 "$pid" 2>/dev/null; then  # it refused to start (a config, a key file): say why, now
+      echo "the daemon did not start; the end of $state/daemon.log:" >&2
+      tail -n 3 "$state/daemon.log" >&2
+      exit 1
+    fi
+    sleep 0.5
+  done
 fi
 .venv/bin/locod ask -v "In one sentence, what is a daemon in computing?"
 echo "Try: .venv/bin/locod chat    .venv/bin/locod status    .venv/bin/locod decisions    (.venv/bin/locod stop stops it)" >&2

@@ -4,13 +4,18 @@ through the real CLI, a real daemon and the real openai client."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from .conftest import DaemonHandle, free_port, start_daemon, write_config
+from .conftest import REPO, DaemonHandle, free_port, start_daemon, write_config
 
 
 def test_decisions_print_latencies_as_whole_milliseconds(daemon: DaemonHandle) -> None:
@@ -84,3 +89,33 @@ def test_chat_takes_the_model_and_answer_length_that_ask_takes(daemon_factory: A
     rows = handle.rows()
     assert [(r["model"], r["turn"], r["tokens_out"] <= 3) for r in rows] == [("mine", 0, True), ("mine", 1, True)]
     assert rows[0]["reason"] == "the request named this local model" and rows[0]["session"] == rows[1]["session"]
+
+
+def test_quickstart_says_at_once_why_the_daemon_did_not_start(tmp_path: Path, models_dir: Path) -> None:
+    """Walk finding: with docs/config.example.toml copied to ~/.config/locod/config.toml, as its first line
+    says, scripts/quickstart.sh started a daemon that exited at once (the example's api_key_file,
+    /etc/locod/openai.key, is not on this machine), waited a minute for it, and then `locod ask` said only
+    that locod was not running."""
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy(REPO / "scripts/quickstart.sh", checkout / "scripts")
+    # The .venv quickstart makes, as this test's own environment: what it installs is not under test here.
+    venv = checkout / ".venv/bin"
+    venv.mkdir(parents=True)
+    (venv / "python").write_text(f'#!/bin/sh\n[ "$1 $2" = "-m pip" ] && exit 0\nexec {sys.executable} "$@"\n')
+    (venv / "locod").write_text(f'#!/bin/sh\nexec {sys.executable} -m locod.cli "$@"\n')
+    for script in venv.iterdir():
+        script.chmod(0o755)
+    home = tmp_path / "home"
+    (home / ".config/locod").mkdir(parents=True)
+    example = (REPO / "docs/config.example.toml").read_text().replace("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
+    (home / ".config/locod/config.toml").write_text(example)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCOD_", "XDG_"))}
+    env.update(HOME=str(home), LOCOD_RUNTIME_DIR=str(tmp_path / "run"), LOCOD_MODELS_DIR=str(models_dir))
+
+    started = time.monotonic()
+    run = subprocess.run(["bash", "scripts/quickstart.sh"], cwd=checkout, env=env, capture_output=True, text=True)
+    assert run.returncode == 1 and time.monotonic() - started < 30, run.stderr
+    log = home / ".local/state/locod/daemon.log"
+    assert f"the daemon did not start; the end of {log}:" in run.stderr
+    assert "api_key_file /etc/locod/openai.key: No such file or directory" in run.stderr, run.stderr
