@@ -31,7 +31,12 @@ def parser(default_out: Path | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="locod policy train", description="Train the TMO offloading policy (RC-PPO) and export it to ONNX."
     )
-    p.add_argument("--out", default=str(default_out or "policy.onnx"), help="where to write the ONNX policy")
+    p.add_argument(
+        "--out",
+        default=str(default_out or "policy.onnx"),
+        help="where to write the ONNX policy (default: %(default)s, which the daemon loads at its next start or "
+        "`locod reload` when routing.policy_path is unset)",
+    )
     p.add_argument(
         "--trace",
         default=str(Path(__file__).resolve().parent / "data" / "bigbench_trace.jsonl"),  # shipped in the package
@@ -40,8 +45,8 @@ def parser(default_out: Path | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--from-db", metavar="LOCOD.DB", help="also train on this device's labelled decision log (its locod.db)"
     )
-    p.add_argument("--steps", type=int, default=TrainConfig.steps)
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--steps", type=int, default=TrainConfig.steps, help="environment steps (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed (default: %(default)s)")
     return p
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 
-from .conftest import REPO, DaemonHandle, free_port, start_daemon, write_config
+from .conftest import REPO, DaemonHandle, free_port, locod_command, start_daemon, write_config
 
 
 def test_decisions_print_latencies_as_whole_milliseconds(daemon: DaemonHandle) -> None:
@@ -119,3 +119,16 @@ def test_quickstart_says_at_once_why_the_daemon_did_not_start(tmp_path: Path, mo
     log = home / ".local/state/locod/daemon.log"
     assert f"the daemon did not start; the end of {log}:" in run.stderr
     assert "api_key_file /etc/locod/openai.key: No such file or directory" in run.stderr, run.stderr
+
+
+def test_policy_train_help_says_where_the_policy_goes_and_how_long_it_trains(tmp_path: Path) -> None:
+    """Walk finding: `locod policy train --help` said "--out OUT  where to write the ONNX policy" and
+    "--steps STEPS" with nothing more, while the README promises policy.onnx in the state directory."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCOD_", "XDG_"))}
+    env.update(LOCOD_STATE_DIR=str(tmp_path / "state"), LOCOD_RUNTIME_DIR=str(tmp_path / "run"), COLUMNS="300")
+    (tmp_path / "none.toml").write_text("")
+    command = locod_command("--config", str(tmp_path / "none.toml"), "policy", "train", "--help")
+    shown = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert f"(default: {tmp_path / 'state' / 'policy.onnx'}, which the daemon loads" in shown.stdout, shown.stdout
+    assert "environment steps (default: 200000)" in shown.stdout
