@@ -10,6 +10,7 @@ for arg in "$@"; do
   case "$arg" in
     --user) mode=user ;;
     --purge) purge=yes ;;
+    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
     *) echo "uninstall.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -28,16 +29,19 @@ if [ "$mode" = system ]; then
     say "removed locod; kept /var/lib/locod and /etc/locod (use --purge to remove them)"
   fi
 else
+  state="${XDG_STATE_HOME:-$HOME/.local/state}/locod" data="${XDG_DATA_HOME:-$HOME/.local/share}/locod"
+  config="${XDG_CONFIG_HOME:-$HOME/.config}"
   [ -d /run/systemd/system ] && systemctl --user disable --now locod.service 2>/dev/null || true
-  rm -f "${XDG_CONFIG_HOME:-$HOME/.config}/systemd/user/locod.service"
-  rm -rf "${XDG_DATA_HOME:-$HOME/.local/share}/locod/venv"
-  [ -L "$HOME/.local/bin/locod" ] && rm -f "$HOME/.local/bin/locod"
+  rm -f "$config/systemd/user/locod.service"
+  # install.sh's link only: a locod installed another way (pipx) keeps its own
+  [ "$(readlink "$HOME/.local/bin/locod")" = "$data/venv/bin/locod" ] && rm -f "$HOME/.local/bin/locod"
+  rm -rf "$data/venv"
   [ -d /run/systemd/system ] && systemctl --user daemon-reload
   if [ "$purge" = yes ]; then
-    rm -rf "${XDG_STATE_HOME:-$HOME/.local/state}/locod" "${XDG_DATA_HOME:-$HOME/.local/share}/locod" \
-           "${XDG_CONFIG_HOME:-$HOME/.config}/locod"
+    rm -rf "$state" "$data" "$config/locod"
     say "removed locod, its state and configuration"
   else
-    say "removed locod; kept its state and configuration (use --purge to remove them)"
+    say "removed locod; kept $state (decision log, router state), $data/models and $config/locod" \
+      "(use --purge to remove them)"
   fi
 fi

@@ -132,3 +132,32 @@ def test_policy_train_help_says_where_the_policy_goes_and_how_long_it_trains(tmp
     assert shown.returncode == 0, shown.stderr
     assert f"(default: {tmp_path / 'state' / 'policy.onnx'}, which the daemon loads" in shown.stdout, shown.stdout
     assert "environment steps (default: 200000)" in shown.stdout
+
+
+def test_the_user_uninstall_names_what_it_keeps_and_leaves_another_locod_alone(tmp_path: Path) -> None:
+    """Walk finding: `scripts/uninstall.sh --user` said "kept its state and configuration" without saying
+    where, had no --help (install.sh has one), and removed any ~/.local/bin/locod symlink, install.sh's or
+    not."""
+    home = tmp_path / "home"
+    state, data, config = home / ".local/state/locod", home / ".local/share/locod", home / ".config"
+    for folder in (state, data / "venv/bin", data / "models", config / "locod", config / "systemd/user"):
+        folder.mkdir(parents=True)
+    (config / "systemd/user/locod.service").write_text("[Service]\n")
+    (home / ".local/bin").mkdir()
+    (home / ".local/bin/locod").symlink_to(tmp_path / "pipx/locod")  # another install's
+    env = {"PATH": os.environ["PATH"], "HOME": str(home)}
+    script = str(REPO / "scripts/uninstall.sh")
+
+    shown = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, env=env)
+    assert shown.returncode == 0 and "scripts/uninstall.sh --user [--purge]" in shown.stdout, shown
+    removed = subprocess.run(["bash", script, "--user"], capture_output=True, text=True, env=env)
+    assert removed.returncode == 0, removed.stderr
+    kept = f"kept {state} (decision log, router state), {data}/models and {config}/locod (use --purge"
+    assert kept in removed.stderr, removed.stderr
+    assert not (data / "venv").exists() and not (config / "systemd/user/locod.service").exists()
+    assert (home / ".local/bin/locod").is_symlink() and state.is_dir() and (data / "models").is_dir()
+
+    (home / ".local/bin/locod").unlink()
+    (home / ".local/bin/locod").symlink_to(data / "venv/bin/locod")  # install.sh's
+    assert subprocess.run(["bash", script, "--user", "--purge"], env=env, capture_output=True).returncode == 0
+    assert not (home / ".local/bin/locod").is_symlink() and not state.exists() and not data.exists()
