@@ -87,6 +87,7 @@ else
     systemctl --user restart locod.service  # a restart runs the new code; a reload would not
     say "running: systemctl --user status locod; logs: journalctl --user -u locod"
   else
-    say "systemd is not running here: the unit is installed but not started"
+    say "systemd is not running here: the unit is installed but not started; run the daemon by hand with" \
+      "\"$venv/bin/locod\" serve (\"$venv/bin/locod\" stop stops it)"
   fi
 fi
