@@ -10,7 +10,7 @@ import logging
 import threading
 from pathlib import Path
 
-from locod.daemon.config import LocalModelConfig
+from locod.daemon.config import EMBEDDED_MODEL, LocalModelConfig
 from locod.daemon.gguf import is_gguf
 from locod.daemon.regular_file import file_stamp
 from locod.errors import ModelError
@@ -28,11 +28,12 @@ def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
     """Fail early, and by name, on a missing or non-GGUF file: a traceback from llama.cpp helps nobody."""
     path = resolve_path(model, models_dir)
     if not path.is_file():
-        raise ModelError(
-            f"model {model.name!r}: file {path} not found; run `locod models fetch` for the "
-            "embedded model, `locod models pull` for your own, or fix its path in the config",
-            code="model_missing",
+        remedy = (
+            "run `locod models fetch`"
+            if model == EMBEDDED_MODEL
+            else "fix its path in the config, or download it with `locod models pull`"
         )
+        raise ModelError(f"model {model.name!r}: file {path} not found; {remedy}", code="model_missing")
     if not is_gguf(path):
         raise ModelError(f"model {model.name!r}: {path} is not a GGUF file", code="model_corrupt")
     return path

@@ -35,7 +35,8 @@ def test_the_http_api_offers_no_model_whose_file_is_missing(daemon_factory: Any,
     """Walk finding: config.example.toml's second model (a path not on this machine) was listed by
     GET /v1/models, and asking for it answered 500, which the openai client retried twice before raising
     InternalServerError; routing had left it out all along. The daemon's start had also warned "no predictor
-    prior for ...: [Errno 2] No such file or directory" about it."""
+    prior for ...: [Errno 2] No such file or directory" about it, and the error told this user-named model's
+    user to "run `locod models fetch` for the embedded model"."""
     port = free_port()
     later = tmp_path / "later.gguf"
     handle = daemon_factory(
@@ -49,6 +50,7 @@ def test_the_http_api_offers_no_model_whose_file_is_missing(daemon_factory: Any,
     with pytest.raises(openai.NotFoundError) as asked:
         client.chat.completions.create(model="later", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     assert asked.value.code == "model_missing" and f"file {later} not found" in asked.value.message
+    assert asked.value.message.endswith("fix its path in the config, or download it with `locod models pull`")
     assert "no predictor prior" not in handle.log()  # the missing file is said once, by routing, not as an errno
 
     later.write_bytes(Path(handle.env["LOCOD_MODELS_DIR"], "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes())
