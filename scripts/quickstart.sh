@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 state="${LOCOD_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/locod}"
 mkdir -p "$state"
 if ! .venv/bin/locod status >/dev/null 2>&1; then
+  before=$(stat -c %s "$state/daemon.log" 2>/dev/null || echo 0)  # the log is appended to, start after start
   nohup .venv/bin/locod serve >>"$state/daemon.log" 2>&1 &
   pid=$!
   echo "locod daemon started (pid $pid), log: $state/daemon.log" >&2
@@ -17,7 +18,7 @@ if ! .venv/bin/locod status >/dev/null 2>&1; then
     .venv/bin/locod status >/dev/null 2>&1 && break
     if ! kill -0 "$pid" 2>/dev/null; then  # it refused to start (a config, a key file): say why, now
       echo "the daemon did not start; the end of $state/daemon.log:" >&2
-      tail -n 3 "$state/daemon.log" >&2
+      tail -c +$((before + 1)) "$state/daemon.log" | tail -n 3 >&2
       exit 1
     fi
     sleep 0.5

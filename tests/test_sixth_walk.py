@@ -121,6 +121,8 @@ def test_quickstart_says_at_once_why_the_daemon_did_not_start(tmp_path: Path, mo
     log = home / ".local/state/locod/daemon.log"
     assert f"the daemon did not start; the end of {log}:" in run.stderr
     assert "api_key_file /etc/locod/openai.key: No such file or directory" in run.stderr, run.stderr
+    again = subprocess.run(["bash", "scripts/quickstart.sh"], cwd=checkout, env=env, capture_output=True, text=True)
+    assert again.stderr.count("openai.key: No such file") == 1, again.stderr  # this start's lines, not the last's
 
 
 def test_policy_train_help_says_where_the_policy_goes_and_how_long_it_trains(tmp_path: Path) -> None:
