@@ -316,7 +316,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         ),
         (
             "routing",
-            f"mode {r['mode']}, SLA {r['sla']:.2f}, attained {_fmt(r['attained'], '{:.3f}')} (labels where "
+            f"mode {r['mode']}, policy {r.get('policy') or 'none (MESS+ alone)'}, SLA {r['sla']:.2f}, "
+            f"attained {_fmt(r['attained'], '{:.3f}')} (labels where "
             f"given, predictions otherwise) over {counted(r['turns'], 'turn')}, Q {r['q']:.2f}, "
             f"{counted(r['shadow_labels'], 'shadow label')} and {counted(r['escalated_labels'], 'escalation label')}"
             + _out_of_reach(r, c),
@@ -345,6 +346,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{name:>8}  {text}")
     for name, env in c.get("no_api_key", {}).items():
         print(f"warning: cloud model {name} has no API key: set ${env} (and restart) or its api_key_file (and reload)")
+    if r.get("policy_error"):  # routing.policy_path (or $LOCOD_POLICY) names a file the daemon could not use
+        print(f"warning: {r['policy_error']} (routing.policy_path, or $LOCOD_POLICY)")
     return 0
 
 

@@ -165,3 +165,14 @@ def test_the_user_uninstall_names_what_it_keeps_and_leaves_another_locod_alone(t
     (home / ".local/bin/locod").symlink_to(data / "venv/bin/locod")  # install.sh's
     assert subprocess.run(["bash", script, "--user", "--purge"], env=env, capture_output=True).returncode == 0
     assert not (home / ".local/bin/locod").is_symlink() and not state.exists() and not data.exists()
+
+
+def test_status_says_which_policy_routes_and_why_the_one_named_does_not(daemon_factory: Any, tmp_path: Path) -> None:
+    """Walk finding: with LOCOD_POLICY naming a file that is not there, the daemon routed with MESS+ alone
+    and said so in its log only: `locod status` showed the same routing line as with the policy."""
+    shipped = daemon_factory(name="shipped").cli("status").stdout
+    assert "routing  mode auto, policy rcppo-" in shipped and "warning" not in shipped, shipped
+    handle = daemon_factory(name="typo", extra_env={"LOCOD_POLICY": str(tmp_path / "polcy.onnx")})
+    status = handle.cli("status").stdout
+    assert "routing  mode auto, policy none (MESS+ alone), SLA 0.80" in status, status
+    assert f"warning: policy file {tmp_path / 'polcy.onnx'} not found; routing with MESS+ alone" in status
