@@ -572,6 +572,11 @@ def _check_names(config: Config, origins: Mapping[str, str]) -> None:
                 f"{origins.get(key, config.source)}: {key} is {default!r}, which names no {kind} model "
                 f"({kind} models: {names})"
             )
+    if config.routing.mode == "cloud" and not cloud_names:  # else every turn would answer locally, each saying why
+        raise ConfigError(
+            f"{origins.get('routing.mode', config.source)}: routing.mode is 'cloud', but no cloud model is "
+            "configured: add a [[cloud.models]] entry, or set routing.mode to auto or local"
+        )
     for model in config.cloud.models:
         if not model.base_url.startswith(("http://", "https://")):
             raise ConfigError(

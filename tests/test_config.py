@@ -68,6 +68,7 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
             "base_url must be an http(s) URL, such as https://api.openai.com/v1, got 'ftp://x'",
         ),
         ('[local]\ndefault = "ghost"\n', "local.default is 'ghost', which names no local model"),
+        ('[routing]\nmode = "cloud"\n', "routing.mode is 'cloud', but no cloud model is configured: add a"),
         ('[local]\ndefault = ""\n', "local.default is '', which names no local model"),
         ('[http]\nlisten = "0.0.0.0:8080"\n', "http.listen binds 0.0.0.0, beyond loopback: set http.api_key_file"),
         (
@@ -99,6 +100,7 @@ def test_bad_env_override_names_the_variable(tmp_path: Path) -> None:
         ({}, {"routing.sla": "2"}, "override routing.sla: routing.sla must be between 0.0 and 1.0, got 2.0"),
         ({"LOCOD_ROUTING": "maybe"}, {}, "$LOCOD_ROUTING: routing.mode must be one of auto, local, cloud"),
         ({"LOCOD_LOCAL_MODEL": "ghost"}, {}, "$LOCOD_LOCAL_MODEL: local.default is 'ghost', which names no local"),
+        ({"LOCOD_ROUTING": "cloud"}, {}, "$LOCOD_ROUTING: routing.mode is 'cloud', but no cloud model is configured"),
         ({}, {"cloud.default": "ghost"}, "override cloud.default: cloud.default is 'ghost', which names no cloud"),
         # a typo lists what was meant, as the same typo in the file does
         ({}, {"routing.sal": "0.9"}, "override routing.sal: unknown key 'routing.sal' (known here: battery_crit"),
