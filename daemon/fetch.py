@@ -60,7 +60,10 @@ def fetch(
     """Install model ``name`` into ``models_dir``; does nothing when it is already there and intact."""
     entries = manifest() if entries is None else entries
     if name not in entries:
-        raise FetchError(f"unknown model {name!r}; the manifest has: {', '.join(sorted(entries))}")
+        raise FetchError(
+            f"unknown model {name!r}; the manifest has: {', '.join(sorted(entries))} (any other GGUF: "
+            "`locod models pull URL`, or name its file in [[local.models]])"
+        )
     entry = entries[name]
     target = models_dir / entry.file
     if is_installed(entry, models_dir):

@@ -176,3 +176,14 @@ def test_status_says_which_policy_routes_and_why_the_one_named_does_not(daemon_f
     status = handle.cli("status").stdout
     assert "routing  mode auto, policy none (MESS+ alone), SLA 0.80" in status, status
     assert f"warning: policy file {tmp_path / 'polcy.onnx'} not found; routing with MESS+ alone" in status
+
+
+def test_fetching_a_model_not_in_the_manifest_points_at_pull(tmp_path: Path) -> None:
+    """Walk finding: `locod models fetch qwen` answered "unknown model 'qwen'; the manifest has:
+    smollm2-135m-instruct" and stopped there: fetch is only for the embedded model, pull for any other."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCOD_", "XDG_"))}
+    env.update(LOCOD_MODELS_DIR=str(tmp_path / "models"), LOCOD_RUNTIME_DIR=str(tmp_path / "run"))
+    (tmp_path / "none.toml").write_text("")
+    command = locod_command("--config", str(tmp_path / "none.toml"), "models", "fetch", "qwen")
+    fetched = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert fetched.returncode == 1 and "(any other GGUF: `locod models pull URL`" in fetched.stderr, fetched.stderr
