@@ -92,8 +92,9 @@ def _where(model: CloudModelConfig) -> str:
 
 
 class CircuitBreaker:
-    def __init__(self, failures: int, cooldown_s: float) -> None:
-        self.limit, self.cooldown_s = failures, cooldown_s
+    def __init__(self, failures: int, cooldown_s: float, endpoint: str = "") -> None:
+        """``endpoint``: the base URL it guards, as the log names it (credentials left out)."""
+        self.limit, self.cooldown_s, self.endpoint = failures, cooldown_s, endpoint
         self.consecutive = 0
         self.opened_at: float | None = None
         self._lock = threading.Lock()
@@ -116,7 +117,8 @@ class CircuitBreaker:
             if self.consecutive >= self.limit:
                 if self.opened_at is None:
                     log.warning(
-                        "cloud circuit breaker open after %d failures; retrying in %.0f s",
+                        "cloud circuit breaker of %s open after %d failures; retrying in %.0f s",
+                        self.endpoint,
                         self.consecutive,
                         self.cooldown_s,
                     )
@@ -162,7 +164,10 @@ class CloudBackend:
             for model in config.models
         }
         for model in config.models:  # before the models: a model is never seen without its breaker
-            self.breakers.setdefault(model.base_url, CircuitBreaker(config.breaker_failures, config.breaker_cooldown_s))
+            if model.base_url not in self.breakers:
+                self.breakers[model.base_url] = CircuitBreaker(
+                    config.breaker_failures, config.breaker_cooldown_s, _where(model)
+                )
         for breaker in self.breakers.values():
             breaker.limit, breaker.cooldown_s = config.breaker_failures, config.breaker_cooldown_s
             breaker.allow_trial()  # a reload is how a key or endpoint is fixed: the next turn tries it

@@ -15,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 
-from .conftest import REPO, DaemonHandle, free_port, locod_command, start_daemon, write_config
+from .conftest import REPO, DaemonHandle, cloud_config, free_port, locod_command, start_daemon, write_config
 
 
 def test_decisions_print_latencies_as_whole_milliseconds(daemon: DaemonHandle) -> None:
@@ -187,3 +187,13 @@ def test_fetching_a_model_not_in_the_manifest_points_at_pull(tmp_path: Path) -> 
     command = locod_command("--config", str(tmp_path / "none.toml"), "models", "fetch", "qwen")
     fetched = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
     assert fetched.returncode == 1 and "(any other GGUF: `locod models pull URL`" in fetched.stderr, fetched.stderr
+
+
+def test_the_log_names_the_endpoint_whose_breaker_opened(daemon_factory: Any) -> None:
+    """Walk finding: "cloud circuit breaker open after 3 failures; retrying in 60 s" named no endpoint, though
+    each endpoint has a breaker of its own."""
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    handle = daemon_factory(cloud_config(dead, max_retries=0))
+    for _ in range(3):
+        assert handle.cli("ask", "Hi", "--max-tokens", "2").returncode == 0  # answered locally instead
+    assert f"cloud circuit breaker of {dead} open after 3 failures; retrying in 600 s" in handle.log()
