@@ -9,7 +9,10 @@ cd "$(dirname "$0")/.."
 .venv/bin/locod models fetch
 state="${LOCOD_STATE_DIR:-${XDG_STATE_HOME:-$HOME/.local/state}/locod}"
 mkdir -p "$state"
-if ! .venv/bin/locod status >/dev/null 2>&1; then
+if .venv/bin/locod status >/dev/null 2>&1; then  # a second run, after a `git pull`: the daemon is the old code
+  echo "locod was already running and keeps the code it started with: .venv/bin/locod stop, then run this" \
+    "again to start what was just installed" >&2
+else
   before=$(stat -c %s "$state/daemon.log" 2>/dev/null || echo 0)  # the log is appended to, start after start
   nohup .venv/bin/locod serve >>"$state/daemon.log" 2>&1 &
   pid=$!

@@ -93,27 +93,33 @@ def test_chat_takes_the_model_and_answer_length_that_ask_takes(daemon_factory: A
     assert rows[0]["reason"] == "the request named this local model" and rows[0]["session"] == rows[1]["session"]
 
 
-def test_quickstart_says_at_once_why_the_daemon_did_not_start(tmp_path: Path, models_dir: Path) -> None:
-    """Walk finding: with docs/config.example.toml copied to ~/.config/locod/config.toml, as its first line
-    says, scripts/quickstart.sh started a daemon that exited at once (the example's api_key_file,
-    /etc/locod/openai.key, is not on this machine), waited a minute for it, and then `locod ask` said only
-    that locod was not running."""
+def _quickstart_checkout(tmp_path: Path, models_dir: Path) -> tuple[Path, dict[str, str]]:
+    """scripts/quickstart.sh in a checkout of its own, and a new user's environment (a HOME of nothing yet).
+    Its .venv is this test's own environment: what quickstart installs is not under test here."""
     checkout = tmp_path / "checkout"
     (checkout / "scripts").mkdir(parents=True)
     shutil.copy(REPO / "scripts/quickstart.sh", checkout / "scripts")
-    # The .venv quickstart makes, as this test's own environment: what it installs is not under test here.
     venv = checkout / ".venv/bin"
     venv.mkdir(parents=True)
     (venv / "python").write_text(f'#!/bin/sh\n[ "$1 $2" = "-m pip" ] && exit 0\nexec {sys.executable} "$@"\n')
     (venv / "locod").write_text(f'#!/bin/sh\nexec {sys.executable} -m locod.cli "$@"\n')
     for script in venv.iterdir():
         script.chmod(0o755)
-    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCOD_", "XDG_"))}
+    env.update(HOME=str(tmp_path / "home"), LOCOD_RUNTIME_DIR=str(tmp_path / "run"), LOCOD_MODELS_DIR=str(models_dir))
+    return checkout, env
+
+
+def test_quickstart_says_at_once_why_the_daemon_did_not_start(tmp_path: Path, models_dir: Path) -> None:
+    """Walk finding: with docs/config.example.toml copied to ~/.config/locod/config.toml, as its first line
+    says, scripts/quickstart.sh started a daemon that exited at once (the example's api_key_file,
+    /etc/locod/openai.key, is not on this machine), waited a minute for it, and then `locod ask` said only
+    that locod was not running."""
+    checkout, env = _quickstart_checkout(tmp_path, models_dir)
+    home = Path(env["HOME"])
     (home / ".config/locod").mkdir(parents=True)
     example = (REPO / "docs/config.example.toml").read_text().replace("127.0.0.1:8080", f"127.0.0.1:{free_port()}")
     (home / ".config/locod/config.toml").write_text(example)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCOD_", "XDG_"))}
-    env.update(HOME=str(home), LOCOD_RUNTIME_DIR=str(tmp_path / "run"), LOCOD_MODELS_DIR=str(models_dir))
 
     started = time.monotonic()
     run = subprocess.run(["bash", "scripts/quickstart.sh"], cwd=checkout, env=env, capture_output=True, text=True)
@@ -197,3 +203,24 @@ def test_the_log_names_the_endpoint_whose_breaker_opened(daemon_factory: Any) ->
     for _ in range(3):
         assert handle.cli("ask", "Hi", "--max-tokens", "2").returncode == 0  # answered locally instead
     assert f"cloud circuit breaker of {dead} open after 3 failures; retrying in 600 s" in handle.log()
+
+
+def test_quickstart_run_again_says_the_running_daemon_keeps_its_code(tmp_path: Path, models_dir: Path) -> None:
+    """Walk finding: after a `git pull`, scripts/quickstart.sh installed the new code, found the daemon of
+    the first run answering, and asked it the first question again: the old code went on running, unsaid."""
+    checkout, env = _quickstart_checkout(tmp_path, models_dir)
+
+    def quickstart() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", "scripts/quickstart.sh"], cwd=checkout, env=env, capture_output=True, text=True, timeout=300
+        )
+
+    try:
+        first = quickstart()
+        assert first.returncode == 0 and "locod daemon started" in first.stderr, first.stderr
+        assert "already running" not in first.stderr
+        again = quickstart()
+        assert again.returncode == 0 and "locod daemon started" not in again.stderr, again.stderr
+        assert "locod was already running and keeps the code it started with: .venv/bin/locod stop" in again.stderr
+    finally:
+        subprocess.run([str(checkout / ".venv/bin/locod"), "stop"], env=env, capture_output=True, timeout=120)
