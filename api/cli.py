@@ -648,7 +648,10 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
         progress=_say,
         max_bytes=max_bytes,
     )
-    _say(f"use it with --model {model.name}, or set local.default = {json.dumps(model.name)} and `locod reload`")
+    _say(
+        f"a running daemon offers it after `locod reload`: then --model {model.name} names it (or make it the "
+        f"default: local.default = {json.dumps(model.name)} in the config file, and reload)"
+    )
     return 0
 
 

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from .conftest import REPO, DaemonHandle, cloud_config, free_port, locod_command, start_daemon, write_config
+from .fileserver import FileServer, Served
 
 
 def test_decisions_print_latencies_as_whole_milliseconds(daemon: DaemonHandle) -> None:
@@ -224,3 +225,25 @@ def test_quickstart_run_again_says_the_running_daemon_keeps_its_code(tmp_path: P
         assert "locod was already running and keeps the code it started with: .venv/bin/locod stop" in again.stderr
     finally:
         subprocess.run([str(checkout / ".venv/bin/locod"), "stop"], env=env, capture_output=True, timeout=120)
+
+
+def test_pull_says_the_running_daemon_needs_a_reload_before_model_names_it(
+    daemon_factory: Any, models_dir: Path, tmp_path: Path
+) -> None:
+    """Walk finding: `locod models pull` ended "use it with --model tiny-chat, or set local.default = ... and
+    `locod reload`", and `locod ask --model tiny-chat`, right after, was refused: the reload is needed for
+    --model too."""
+    embedded = models_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    own = tmp_path / "models"  # pulled.toml is written here, not in the models folder the other tests share
+    own.mkdir()
+    (own / embedded.name).symlink_to(embedded)
+    daemon = daemon_factory(extra_env={"LOCOD_MODELS_DIR": str(own)})
+    files = FileServer(files={"tiny-chat.gguf": Served(embedded.read_bytes())}).start()
+    try:
+        pulled = daemon.cli("models", "pull", f"{files.url}/files/tiny-chat.gguf")
+    finally:
+        files.stop()
+    assert pulled.returncode == 0, pulled.stderr
+    assert "a running daemon offers it after `locod reload`: then --model tiny-chat names it" in pulled.stderr
+    assert daemon.cli("reload").returncode == 0
+    assert daemon.cli("ask", "Hi", "--model", "tiny-chat", "--max-tokens", "2").returncode == 0
