@@ -47,6 +47,7 @@ def _check_parent(parent: Path, info: os.stat_result, uid: int) -> None:
 def _unsafe(path: Path, why: str, info: os.stat_result) -> StorageError:
     return StorageError(
         f"refusing {path}: it {why} (owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):o}); "
-        "another user could read or replace what the daemon keeps there",
+        "another user could read or replace what the daemon keeps there: fix its owner or mode, or set "
+        "paths.state_dir and paths.runtime_dir ($LOCOD_STATE_DIR, $LOCOD_RUNTIME_DIR) to a directory of your own",
         code="unsafe_directory",
     )

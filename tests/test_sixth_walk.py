@@ -247,3 +247,15 @@ def test_pull_says_the_running_daemon_needs_a_reload_before_model_names_it(
     assert "a running daemon offers it after `locod reload`: then --model tiny-chat names it" in pulled.stderr
     assert daemon.cli("reload").returncode == 0
     assert daemon.cli("ask", "Hi", "--model", "tiny-chat", "--max-tokens", "2").returncode == 0
+
+
+def test_an_unsafe_runtime_directory_is_refused_with_what_to_do(tmp_path: Path, models_dir: Path) -> None:
+    """Walk finding: LOCOD_RUNTIME_DIR under a world-writable folder of the user's own stopped the daemon
+    with why ("another user could read or replace what the daemon keeps there") but no way out."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    handle = start_daemon(tmp_path / "d", models_dir, wait=False, extra_env={"LOCOD_RUNTIME_DIR": str(shared / "run")})
+    assert handle.proc.wait(60) == 4
+    assert f"refusing {shared}: it is writable by others" in handle.log()
+    assert "fix its owner or mode, or set paths.state_dir and paths.runtime_dir ($LOCOD_STATE_DIR" in handle.log()
