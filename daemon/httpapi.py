@@ -14,6 +14,7 @@ import contextlib
 import hmac
 import json
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -123,9 +124,21 @@ class HttpServer:
         deadline = time.monotonic() + 30
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise ConfigError(f"http.listen: cannot serve HTTP on {self.listen} (see the log)", code="http_bind")
+                raise ConfigError(f"http.listen: cannot serve HTTP on {self.listen}{self._why()}", code="http_bind")
             time.sleep(0.01)
         log.info("OpenAI-compatible HTTP API on http://%s/v1%s", self.listen, " (bearer key)" if self.key else "")
+
+    def _why(self) -> str:
+        """Why the address could not be served, asked again once uvicorn gave up (it logs why and ends its
+        thread): a port another program holds, an address not of this machine."""
+        host, port = split_listen(self.listen)
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                return f": {exc.strerror}"
+        return " (see the log)"
 
     def _serve(self) -> None:
         async def serve() -> None:

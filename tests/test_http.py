@@ -268,7 +268,7 @@ def test_a_port_in_use_stops_the_start(daemon_factory: Any) -> None:
         port = taken.getsockname()[1]
         handle = daemon_factory({"http": {"listen": f"127.0.0.1:{port}"}}, wait=False)
         assert handle.proc.wait(120) != 0
-    assert f"cannot serve HTTP on 127.0.0.1:{port}" in handle.log()
+    assert f"cannot serve HTTP on 127.0.0.1:{port}: Address already in use" in handle.log()
 
 
 # -- without a daemon --------------------------------------------------------------------------------
