@@ -12,7 +12,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from locod import __version__
 from locod.errors import ConfigError, DaemonNotRunning, LocodError, ModelError, StorageError
 from locod.protocol import (
     NO_CONFIG_FILE,
+    OPTION_RULES,
     DecisionFrame,
     DeltaFrame,
     DoneFrame,
@@ -27,6 +28,7 @@ from locod.protocol import (
     FallbackFrame,
     Frame,
     QueuedFrame,
+    option_problem,
 )
 from locod.terminal import for_stream, shown
 from locod.words import counted
@@ -826,16 +828,38 @@ def _add_turn_commands(sub: Any) -> None:
             ):
                 p.add_argument(flag, action="append", metavar="FILE", help=f"{meaning} (repeatable)")
         p.add_argument("--model", help="answer with this configured model (`locod models list` names them)")
-        p.add_argument("--max-tokens", type=int, help="answer length limit (default: local.max_tokens)")
+        p.add_argument(
+            "--max-tokens", type=_option("max_tokens"), help="answer length limit (default: local.max_tokens)"
+        )
         if name == "ask":
-            p.add_argument("--temperature", type=float, help="sampling temperature, 0-2")
-            p.add_argument("--seed", type=int, help="sampling seed, for a repeatable local answer")
+            p.add_argument("--temperature", type=_option("temperature"), help="sampling temperature, 0-2")
+            p.add_argument("--seed", type=_option("seed"), help="sampling seed, for a repeatable local answer")
             p.add_argument("--stop", action="append", metavar="TEXT", help="end the answer before TEXT (up to 4)")
             p.add_argument("--json", action="store_true", help="print every frame as JSON")
         p.add_argument("--session", help="session id (keeps the dialogue history)")
         p.add_argument("--force", choices=("local", "cloud"), help="skip routing")
         p.add_argument("-v", "--verbose", action="store_true", help="show where and why each turn ran")
         p.set_defaults(func=func)
+
+
+def _option(name: str) -> Callable[[str], Any]:
+    """A flag's type for the chat option ``name``: the socket's own rule (protocol.option_problem), said as
+    argparse says a bad flag (``argument --temperature: must be ...``), not as a protocol field."""
+    kind = OPTION_RULES[name][0]
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expects {'a whole' if kind is int else 'a'} number, got {text!r}"
+            ) from None
+        problem = option_problem(name, value)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    return parse
 
 
 def _add_daemon_commands(sub: Any) -> None:

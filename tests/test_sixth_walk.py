@@ -259,3 +259,17 @@ def test_an_unsafe_runtime_directory_is_refused_with_what_to_do(tmp_path: Path, 
     assert handle.proc.wait(60) == 4
     assert f"refusing {shared}: it is writable by others" in handle.log()
     assert "fix its owner or mode, or set paths.state_dir and paths.runtime_dir ($LOCOD_STATE_DIR" in handle.log()
+
+
+def test_a_flag_out_of_range_is_named_as_the_flag(tmp_path: Path) -> None:
+    """Walk finding: `locod ask --temperature 3` said "field 'options.temperature' must be a number between
+    0 and 2", a protocol field the user never typed, and only after reaching the daemon."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCOD_", "XDG_"))}
+    env.update(LOCOD_RUNTIME_DIR=str(tmp_path / "nothing-here"))
+    for args, said in (
+        (("ask", "Hi", "--temperature", "3"), "locod ask: error: argument --temperature: must be a number between 0"),
+        (("ask", "Hi", "--max-tokens", "x"), "locod ask: error: argument --max-tokens: expects a whole number, got"),
+        (("chat", "--max-tokens", "0"), "locod chat: error: argument --max-tokens: must be an integer between 1 and"),
+    ):
+        refused = subprocess.run(locod_command(*args), capture_output=True, text=True, env=env, timeout=60)
+        assert refused.returncode == 2 and said in refused.stderr and "options." not in refused.stderr, refused
