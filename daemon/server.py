@@ -77,6 +77,8 @@ INBOX = "inproc://locod-inbox"  # wakes the loop for turns handed in by another 
 # Config sections a reload cannot apply to a running daemon: bound sockets, open paths and the telemetry
 # readers built from them. Local models do apply: the zoo loads the new table's models on demand.
 AS_STARTED = ("paths", "daemon", "http", "telemetry")
+# How a user of locod's own client gives the tcp secret, said with each refusal for the want of it.
+SECRET_HINT = "the one in daemon.tcp_secret_file; locod's CLI sends it with --secret-file FILE or $LOCOD_SECRET"
 # A tcp message that does not begin with its secret is parsed (then checked) only up to this size.
 UNAUTHENTICATED_BYTES = 64 << 10
 # What a tcp endpoint without a secret serves: any local user can reach it, not only the daemon's owner,
@@ -337,7 +339,7 @@ class Daemon:
             and not hmac.compare_digest((request.secret or "").encode(), self._tcp_secret.encode())
         ):
             raise BadRequest(
-                "this tcp endpoint needs the shared secret in field 'secret'",
+                f"this tcp endpoint needs the shared secret in field 'secret' ({SECRET_HINT})",
                 code="unauthorized",
                 request_id=request.id,
             )
@@ -379,8 +381,8 @@ class Daemon:
             return
         if given is None or not hmac.compare_digest(given.encode(errors="surrogatepass"), self._tcp_secret.encode()):
             raise BadRequest(
-                "this tcp endpoint needs the shared secret in field 'secret' (first in the message when it is "
-                f"over {UNAUTHENTICATED_BYTES} bytes)",
+                "this tcp endpoint needs the shared secret in field 'secret', first in the message when it is "
+                f"over {UNAUTHENTICATED_BYTES} bytes ({SECRET_HINT})",
                 code="unauthorized",
                 request_id=head.get("id"),
             )

@@ -273,3 +273,17 @@ def test_a_flag_out_of_range_is_named_as_the_flag(tmp_path: Path) -> None:
     ):
         refused = subprocess.run(locod_command(*args), capture_output=True, text=True, env=env, timeout=60)
         assert refused.returncode == 2 and said in refused.stderr and "options." not in refused.stderr, refused
+
+
+def test_a_tcp_endpoint_that_wants_its_secret_says_how_the_cli_gives_it(daemon_factory: Any, tmp_path: Path) -> None:
+    """Walk finding: `locod --endpoint tcp://... decisions` without the secret answered "this tcp endpoint
+    needs the shared secret in field 'secret'": a protocol field no flag of the CLI is named after."""
+    secret = tmp_path / "tcp.secret"
+    secret.write_text("s3cret-walk6\n")
+    secret.chmod(0o600)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    handle = daemon_factory({"daemon": {"tcp": endpoint, "tcp_secret_file": str(secret)}})
+    refused = handle.cli("--endpoint", endpoint, "decisions")
+    assert refused.returncode == 1 and "needs the shared secret" in refused.stderr, refused.stderr
+    assert "locod's CLI sends it with --secret-file FILE or $LOCOD_SECRET" in refused.stderr
+    assert handle.cli("--endpoint", endpoint, "--secret-file", str(secret), "decisions").returncode == 0
