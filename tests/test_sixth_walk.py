@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -287,3 +288,21 @@ def test_a_tcp_endpoint_that_wants_its_secret_says_how_the_cli_gives_it(daemon_f
     assert refused.returncode == 1 and "needs the shared secret" in refused.stderr, refused.stderr
     assert "locod's CLI sends it with --secret-file FILE or $LOCOD_SECRET" in refused.stderr
     assert handle.cli("--endpoint", endpoint, "--secret-file", str(secret), "decisions").returncode == 0
+
+
+def test_every_argument_of_every_command_says_what_it_takes() -> None:
+    """Walk finding: `locod models pull --help` listed "source" with no word on what it takes (a path to a
+    GGUF on disk is the first guess, and refused), and `models list --json`, `models rm NAME` the same."""
+    import argparse
+
+    from locod.cli import _parser
+
+    def silent(parser: argparse.ArgumentParser, command: str) -> Iterator[str]:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from silent(sub, f"{command} {name}")
+            elif action.help is None:
+                yield f"{command}: {action.dest}"
+
+    assert list(silent(_parser(), "locod")) == []
