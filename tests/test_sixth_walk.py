@@ -1,6 +1,7 @@
 """A sixth new user's walk: docs/config.example.toml copied and edited, a model whose file is not there yet
-seen through the openai client, the decision log read back, the cloud as a real llama_cpp.server. Each
-through the real CLI, a real daemon and the real openai client."""
+seen through the openai client, the decision log read back, quickstart run twice, the user uninstall, a
+pull, a tcp endpoint with a secret, and the CLI's words. Each through the real CLI and scripts, a real
+daemon with the real model, and the real openai client."""
 
 from __future__ import annotations
 
