@@ -28,7 +28,7 @@ def write_report(config: Config, since: str = "7d", out: str | Path = "report.pn
     """Draw the report of the last ``since`` (12h, 7d, 4w) into ``out`` (.png, or .html with the picture inside)."""
     out = Path(out)
     if out.suffix.lower() not in SUFFIXES:
-        raise RequestError(f"--out must end in .png or .html, got {out.name!r}")
+        raise RequestError(f"--out must end in .png or .html, got {str(out)!r}")
     history = read_history(config.db_path, parse_since(since))
     if not history.turns:
         raise LocodError(f"no turns in the decision log {config.db_path} in the last {since}: nothing to draw")

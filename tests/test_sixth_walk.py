@@ -134,9 +134,10 @@ def test_quickstart_says_at_once_why_the_daemon_did_not_start(tmp_path: Path, mo
     assert again.stderr.count("openai.key: No such file") == 1, again.stderr  # this start's lines, not the last's
 
 
-def test_policy_train_help_says_where_the_policy_goes_and_how_long_it_trains(tmp_path: Path) -> None:
+def test_policy_train_and_report_say_where_their_files_go(tmp_path: Path) -> None:
     """Walk finding: `locod policy train --help` said "--out OUT  where to write the ONNX policy" and
-    "--steps STEPS" with nothing more, while the README promises policy.onnx in the state directory."""
+    "--steps STEPS" with nothing more, while the README promises policy.onnx in the state directory; and
+    `locod report --out` of a folder named it by its last part."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCOD_", "XDG_"))}
     env.update(LOCOD_STATE_DIR=str(tmp_path / "state"), LOCOD_RUNTIME_DIR=str(tmp_path / "run"), COLUMNS="300")
     (tmp_path / "none.toml").write_text("")
@@ -145,6 +146,14 @@ def test_policy_train_help_says_where_the_policy_goes_and_how_long_it_trains(tmp
     assert shown.returncode == 0, shown.stderr
     assert f"(default: {tmp_path / 'state' / 'policy.onnx'}, which the daemon loads" in shown.stdout, shown.stdout
     assert "environment steps (default: 200000)" in shown.stdout
+    folder = subprocess.run(  # a folder for --out was named by its last part alone: "got 'walk6'"
+        locod_command("--config", str(tmp_path / "none.toml"), "report", "--out", f"{tmp_path}/"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert f"--out must end in .png or .html, got {str(tmp_path)!r}" in folder.stderr, folder.stderr
 
 
 def test_the_user_uninstall_names_what_it_keeps_and_leaves_another_locod_alone(tmp_path: Path) -> None:
