@@ -57,14 +57,15 @@ def backoff_s(attempt: int) -> float:
     return min(2.0, 0.25 * 2**attempt)
 
 
-def read_api_key(model: CloudModelConfig, env: dict[str, str] | None = None) -> str | None:
-    """The key from the model's env variable, else its key file (refused if group/world can read it)."""
+def read_api_key(model: CloudModelConfig, source: str, env: dict[str, str] | None = None) -> str | None:
+    """The key from the model's env variable, else its key file (refused if group/world can read it, in an
+    error that names the config file ``source`` that points at it)."""
     env = dict(os.environ) if env is None else env
     if env.get(model.api_key_env):
         return env[model.api_key_env].strip()
     if not model.api_key_file:
         return None
-    return read_key_file(model.api_key_file, f"cloud model {model.name!r}: api_key_file")
+    return read_key_file(model.api_key_file, f"{source}: cloud model {model.name!r}: api_key_file")
 
 
 def key_source(model: CloudModelConfig, env: dict[str, str] | None = None) -> str:
@@ -138,17 +139,17 @@ class CircuitBreaker:
 
 
 class CloudBackend:
-    def __init__(self, config: CloudConfig) -> None:
+    def __init__(self, config: CloudConfig, source: str) -> None:
         self.breakers: dict[str, CircuitBreaker] = {}  # by base URL
         self.upload_bps: float | None = None  # EWMA of measured upload speed, for telemetry
-        self.reconfigure(config)
+        self.reconfigure(config, source)
 
-    def reconfigure(self, config: CloudConfig) -> None:
+    def reconfigure(self, config: CloudConfig, source: str) -> None:
         """Take a (new) [cloud] section, at start and on reload. Every model's key is read before anything
         changes, so a bad key file raises ConfigError and leaves the running models as they were; a turn
         already talking to the cloud keeps the client it started with. A model without a key is said once
         in the log (never a key itself) and in ``keyless`` for `locod status`: most endpoints refuse it."""
-        keys = {model.name: read_api_key(model) for model in config.models}
+        keys = {model.name: read_api_key(model, source) for model in config.models}
         models = {
             model.name: (
                 model,

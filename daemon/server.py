@@ -108,7 +108,7 @@ class Daemon:
         self.records = DecisionLog(config.db_path)
         self.zoo = _model_zoo(config)
         self.local = LocalBackend(self.zoo)
-        self.cloud = CloudBackend(config.cloud)
+        self.cloud = CloudBackend(config.cloud, config.source)
         daemon_cfg = config.daemon
         self.sessions = SessionStore(daemon_cfg.session_idle_s, daemon_cfg.max_sessions, daemon_cfg.max_history_chars)
         self.telemetry = TelemetrySampler(config, self.cloud, self.local)
@@ -588,7 +588,7 @@ class Daemon:
             new = load_config(self._config_path, overrides=self._overrides)
             check_chat_formats(new)
             check_model_file(new.local_model(new.local.default), self.config.models_dir)
-            self.cloud.reconfigure(new.cloud)  # reads the API keys: the last step that can reject
+            self.cloud.reconfigure(new.cloud, new.source)  # reads the API keys: the last step that can reject
         except LocodError as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc.message)
             self.notifier.ready(self._status_line())

@@ -81,7 +81,7 @@ def main() -> None:
         mini = CloudModelConfig(name="mini", base_url="http://127.0.0.1:9/v1", model="m")  # never contacted
         config = replace(config, cloud=replace(config.cloud, default="mini", models=[mini]))
         records = DecisionLog(Path(home) / "locod.db")
-        cloud = CloudBackend(config.cloud)
+        cloud = CloudBackend(config.cloud, config.source)
         telemetry = TelemetrySampler(config, cloud, NoLocal())
         telemetry.sample()
         learner = Learner(config, records, cloud)
