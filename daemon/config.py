@@ -452,8 +452,11 @@ def _value(hint: Any, raw: Any, meta: Mapping[str, Any], source: str, key: str) 
         bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
         raise ConfigError(f"{source}: {key} must be {bounds}, got {given!r}")
     choices = meta.get("choices")
-    if choices and raw not in choices:
-        raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, got {raw!r}")
+    if choices:  # in any case (LOCOD_LOG_LEVEL=debug), kept as the schema spells it
+        spelt = {choice.lower(): choice for choice in choices}.get(raw.lower())
+        if spelt is None:
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, got {raw!r}")
+        return spelt
     return raw
 
 

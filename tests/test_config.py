@@ -48,6 +48,12 @@ def test_precedence_file_then_env_then_cli(tmp_path: Path) -> None:
     assert config.routing.sla == 0.9
 
 
+def test_a_choice_is_taken_in_any_case_and_kept_as_the_schema_spells_it(tmp_path: Path) -> None:
+    path = write(tmp_path, '[routing]\nmode = "Local"\n')
+    config = load_config(path, env={"LOCOD_LOG_LEVEL": "debug"}, overrides={"routing.shadow": "ALWAYS"})
+    assert (config.routing.mode, config.log.level, config.routing.shadow) == ("local", "DEBUG", "always")
+
+
 def test_config_file_from_environment(tmp_path: Path) -> None:
     path = write(tmp_path, '[routing]\nmode = "local"\n')
     assert load_config(env={"LOCOD_CONFIG": str(path)}).routing.mode == "local"
