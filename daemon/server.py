@@ -252,15 +252,16 @@ class Daemon:
     def _drain_requests(self, tag: bytes, sock: zmq.Socket[bytes]) -> None:
         for _ in range(100):  # bounded, so outgoing frames and signals are not starved
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            frames = [part.bytes for part in parts]
             peer = tag + frames[0]
             if len(frames) > 2 and frames[1] == b"":  # a REQ socket's envelope: it reads replies behind one
                 self._refuse_req_socket(sock, frames[0])
                 continue
             try:
-                self._dispatch(peer, tag, frames[1:])
+                self._dispatch(peer, tag, frames[1:], parts[-1].get(zmq.SRCFD))
             except BadRequest as exc:
                 self._send(peer, encode_frame(exc.request_id, ErrorFrame.of(exc)))
             except LocodError as exc:
@@ -326,7 +327,8 @@ class Daemon:
 
     # -- requests ------------------------------------------------------------------------------------
 
-    def _dispatch(self, peer: bytes, tag: bytes, frames: list[bytes]) -> None:
+    def _dispatch(self, peer: bytes, tag: bytes, frames: list[bytes], fd: int) -> None:
+        """Answer one request; ``fd`` is the connection it came on (for the tcp guard)."""
         if tag == TCP and self._tcp_secret is not None:
             self._check_secret_first(frames)
         request = parse_request(frames, self.config.daemon.max_message_bytes)
@@ -349,6 +351,8 @@ class Daemon:
                     code="unauthorized",
                     request_id=request.id,
                 )
+        if tag == TCP and self.tcp_guard is not None:
+            self.tcp_guard.vouch(fd)  # it passed the endpoint's checks: never evicted for a newcomer
         if isinstance(request, ChatRequest):
             try:
                 self._start_turn(peer, request)
@@ -531,7 +535,12 @@ class Daemon:
             },
             "tcp": None
             if self.tcp_guard is None
-            else {"open": self.tcp_guard.open, "refused": self.tcp_guard.refused, "max": self.tcp_guard.max_total},
+            else {
+                "open": self.tcp_guard.open,
+                "refused": self.tcp_guard.refused,
+                "evicted": self.tcp_guard.evicted,
+                "max": self.tcp_guard.max_total,
+            },
             "sessions": len(self.sessions),
             "turns_served": self.turns_served + len(self._turns) - self.in_flight(),
             "interrupted_at_start": self.records.interrupted_at_start,

@@ -9,6 +9,12 @@ address, and one over ``daemon.max_tcp_connections`` (never over a quarter of th
 over ``daemon.max_tcp_per_host`` from one address is shut down at once (libzmq then closes it). A
 connection that never completes its ZMTP handshake is closed by libzmq after ``HANDSHAKE_S``.
 
+Counting connections alone would let anyone who can reach the port hold every slot with handshaken but
+silent (or secretless) connections and keep the owner's clients out. So a connection is *vouched for*
+once it sends a request that passes the endpoint's secret, and a newcomer that finds its bound full
+takes the slot of the oldest connection not vouched for that has had ``PROVE_S`` to speak; only when
+there is none is the newcomer shut instead. Vouched-for connections are never evicted.
+
 The monitor reports the accepted descriptor's number; before anything is done to it, the descriptor is
 checked to be a socket on this endpoint's own address (the number may have been reused meanwhile).
 """
@@ -19,7 +25,10 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -29,7 +38,16 @@ from locod.daemon.logs import Throttle
 log = logging.getLogger(__name__)
 
 HANDSHAKE_S = 10  # a tcp connection has this long to complete its ZMTP greeting
+PROVE_S = 5  # a connection has this long to send a request that passes the secret before it may be evicted
 EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+
+
+@dataclass
+class _Conn:
+    host: str
+    peer: tuple[str, int]  # checked again before an eviction: the descriptor number may have been reused
+    since: float
+    vouched: bool = False
 
 
 class TcpGuard:
@@ -39,9 +57,10 @@ class TcpGuard:
         self.monitor: zmq.Socket[bytes] = sock.get_monitor_socket(EVENTS)
         endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)  # the bound address, port resolved
         self._port = int(endpoint.rsplit(":", 1)[1])
-        self._live: dict[int, str] = {}  # descriptor -> peer host, for the connections let in
+        self._live: dict[int, _Conn] = {}  # descriptor -> the connection let in on it
         self._hosts: Counter[str] = Counter()
-        self.refused = 0
+        self.refused = 0  # connections shut: refused at their accept, or evicted for a newcomer
+        self.evicted = 0
         self._throttle = Throttle(log)
 
     @property
@@ -61,34 +80,57 @@ class TcpGuard:
             else:
                 self._gone(fd)
 
+    def vouch(self, fd: int) -> None:
+        """The connection on ``fd`` sent a request that passed the secret: it is never evicted."""
+        if fd not in self._live:
+            self.drain()  # its ACCEPTED event may still wait in the monitor
+        conn = self._live.get(fd)
+        if conn is not None:
+            conn.vouched = True
+
     def _accepted(self, fd: int) -> None:
         self._gone(fd)  # a descriptor number reused before its DISCONNECTED was read
-        try:
-            copy = os.dup(fd)
-        except OSError:
-            return  # closed already
-        try:
-            conn = socket.socket(fileno=copy)
-        except OSError:  # the number names something else now, not a socket
-            os.close(copy)
-            return
-        with conn:
-            try:
-                if conn.type != socket.SOCK_STREAM or conn.getsockname()[1] != self._port:
-                    return  # the number now names another descriptor: not ours to judge
-                host = str(conn.getpeername()[0])
-            except OSError:
-                return
+        with _endpoint_conn(fd, self._port) as found:
+            if found is None:
+                return  # closed already, or the number now names another descriptor: not ours to judge
+            conn, peer = found
+            host = peer[0]
             over = self._over(host)
+            while over is not None and self._evict(host if over[0] == "host" else None):
+                over = self._over(host)
             if over is None:
-                self._live[fd] = host
+                self._live[fd] = _Conn(host, peer, time.monotonic())
                 self._hosts[host] += 1
                 return
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)  # libzmq reads the end and closes its descriptor
+            _shut(conn)
             self.refused += 1
             kind, why = over
             self._throttle.say(kind, logging.WARNING, "tcp: refused a connection from %s: %s", host, why)
+
+    def _evict(self, host: str | None) -> bool:
+        """Shut the oldest connection (from ``host``, or any) not vouched for within PROVE_S; False if none."""
+        stale = time.monotonic() - PROVE_S
+        for fd, conn in sorted(self._live.items(), key=lambda item: item[1].since):
+            if conn.since > stale:
+                break
+            if conn.vouched or (host is not None and conn.host != host):
+                continue
+            self._gone(fd)
+            with _endpoint_conn(fd, self._port) as found:
+                if found is None or found[1] != conn.peer:
+                    return True  # closed meanwhile: its slot is free all the same
+                _shut(found[0])
+                self.evicted += 1
+                self.refused += 1
+                self._throttle.say(
+                    "evicted",
+                    logging.WARNING,
+                    "tcp: closed a connection from %s that sent no request with the secret within %d s, for a newcomer",
+                    conn.host,
+                    PROVE_S,
+                )
+            return True
+        return False
 
     def _over(self, host: str) -> tuple[str, str] | None:
         """(kind, why) when a connection from ``host`` would pass a bound; None when it may stay."""
@@ -99,11 +141,39 @@ class TcpGuard:
         return None
 
     def _gone(self, fd: int) -> None:
-        host = self._live.pop(fd, None)
-        if host is not None:
-            self._hosts[host] -= 1
-            if not self._hosts[host]:
-                del self._hosts[host]
+        conn = self._live.pop(fd, None)
+        if conn is not None:
+            self._hosts[conn.host] -= 1
+            if not self._hosts[conn.host]:
+                del self._hosts[conn.host]
 
     def close(self) -> None:
         self.monitor.close(linger=0)
+
+
+def _shut(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)  # libzmq reads the end and closes its descriptor
+
+
+@contextlib.contextmanager
+def _endpoint_conn(fd: int, port: int) -> Iterator[tuple[socket.socket, tuple[str, int]] | None]:
+    """A copy of descriptor ``fd`` and its peer address, if it is a connection on ``port``; else None."""
+    try:
+        copy = os.dup(fd)
+    except OSError:
+        yield None
+        return
+    try:
+        conn = socket.socket(fileno=copy)
+    except OSError:  # the number names something else now, not a socket
+        os.close(copy)
+        yield None
+        return
+    with conn:
+        try:
+            ours = conn.type == socket.SOCK_STREAM and conn.getsockname()[1] == port
+            peer = conn.getpeername() if ours else None
+        except OSError:
+            peer = None
+        yield None if peer is None else (conn, (str(peer[0]), int(peer[1])))
