@@ -179,6 +179,9 @@ class ModelZoo:
                 n_threads=self.n_threads,
                 n_threads_batch=self.n_threads,  # prompt processing too: a thread cap must cap both pools
                 chat_format=model.chat_format,
+                # Read into memory, not mapped: a mapped file truncated or overwritten in place (`cp`, a
+                # download over it) kills the whole daemon with SIGBUS on the next token.
+                use_mmap=False,
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
