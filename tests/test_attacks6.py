@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
-from .conftest import start_daemon
+import zmq
+
+from locod.protocol import ChatOptions, ChatRequest, encode_request
+
+from .conftest import cloud_config, free_port, start_daemon
 
 
 def test_a_model_file_truncated_while_loaded_does_not_kill_the_daemon(tmp_path: Path, model_path: Path) -> None:
@@ -25,3 +31,24 @@ def test_a_model_file_truncated_while_loaded_does_not_kill_the_daemon(tmp_path: 
         assert client.ping()["pong"] and handle.proc.poll() is None
     finally:
         handle.stop()
+
+
+def test_a_request_id_cannot_forge_a_log_line(daemon_factory: Any) -> None:
+    """Log lines quote request ids (any string up to 200 characters): an id with a newline, on a turn
+    whose cloud is down, wrote a line of the client's choosing into the owner's log. Now it is escaped."""
+    config = cloud_config(f"http://127.0.0.1:{free_port()}/v1", max_retries=0)  # nothing listens there
+    handle = daemon_factory(config)
+    forged = "2026-01-01 00:00:00,000 ERROR locod.daemon.cloud: FORGED"
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(handle.endpoint)
+        turn = ChatRequest(f"t1\n{forged}", [{"role": "user", "content": "Say hi."}], options=ChatOptions(max_tokens=2))
+        sock.send(encode_request(turn))
+        while sock.poll(120_000) and json.loads(sock.recv())["type"] not in ("done", "error"):
+            pass
+    finally:
+        ctx.destroy(linger=0)
+    assert "falling back to the local model" in handle.log()
+    assert not any(line.startswith(forged) for line in handle.log().splitlines())
+    assert f"turn t1\\n{forged}" in handle.log()
