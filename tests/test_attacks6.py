@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sqlite3
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zmq
 
+from locod.errors import StorageError
 from locod.protocol import ChatOptions, ChatRequest, encode_request
 
 from .conftest import cloud_config, free_port, start_daemon
@@ -52,3 +56,25 @@ def test_a_request_id_cannot_forge_a_log_line(daemon_factory: Any) -> None:
     assert "falling back to the local model" in handle.log()
     assert not any(line.startswith(forged) for line in handle.log().splitlines())
     assert f"turn t1\\n{forged}" in handle.log()
+
+
+def test_a_decision_log_removed_or_replaced_under_the_daemon_refuses_turns(daemon_factory: Any) -> None:
+    """The decision log deleted (or a backup copied over it) while the daemon ran: turns were accepted and
+    "committed" into the file the daemon still had open, all of them gone at its next start. Now a turn is
+    refused, naming the cause, while ping and status answer; a restart opens the file at the path."""
+    handle = daemon_factory()
+    client = handle.client()
+    assert client.ask("Say hi.", max_tokens=2).done is not None
+    backup = handle.db_path.with_name("backup.db")
+    with sqlite3.connect(handle.db_path) as source, sqlite3.connect(backup) as target:
+        source.backup(target)
+    for swap in (lambda: handle.db_path.unlink(), lambda: os.replace(backup, handle.db_path)):
+        swap()
+        with pytest.raises(StorageError) as refused:
+            client.ask("Say hello.", max_tokens=2)
+        assert refused.value.code == "db_replaced" and "restart the daemon" in refused.value.message
+        assert client.ping()["pong"] and client.status()["turns_served"] >= 1
+    handle.stop()
+    restarted = daemon_factory(name="d")
+    assert restarted.client().ask("Say hi.", max_tokens=2).done is not None
+    assert len(restarted.rows()) == 2  # the backup's turn and this one: none was taken and then lost
