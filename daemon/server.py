@@ -46,7 +46,7 @@ from locod.daemon.notify import Notifier
 from locod.daemon.ownership import make_private_dir
 from locod.daemon.records import LABEL_WAIT_S, DecisionLog
 from locod.daemon.reply import Reply
-from locod.daemon.sessions import IPC, TCP, SessionStore
+from locod.daemon.sessions import IPC, TCP, SessionStore, door_of
 from locod.daemon.shadow import ShadowLane
 from locod.daemon.tcpguard import HANDSHAKE_S, TcpGuard
 from locod.daemon.telemetry import TelemetrySampler
@@ -442,6 +442,14 @@ class Daemon:
                 f"the request's messages hold {chars} characters, over daemon.max_prompt_chars "
                 f"({self.config.daemon.max_prompt_chars})"
             )
+        door, share = door_of(peer), self._door_share()
+        through_door = sum(owner[:1] == peer[:1] for owner, _ in self._turns.values())
+        if through_door >= share:
+            raise Busy(
+                f"{through_door} turns from the {door} door are in flight, its share of daemon.queue_limit "
+                f"({share} of {self.config.daemon.queue_limit}: the doors share it, so that one cannot starve "
+                "another); try again shortly"
+            )
         own = sum(owner == peer for owner, _ in self._turns.values())
         if own >= self.config.daemon.max_turns_per_client:
             raise Busy(
@@ -450,6 +458,13 @@ class Daemon:
             )
         reply = reply or Reply(post=self._poster(peer, request.id))
         self._turns[self.pool.submit(self.runner.run, request, peer, reply)] = (peer, reply)
+
+    def _door_share(self) -> int:
+        """The turns one door (ipc, tcp, HTTP) may have in flight: daemon.queue_limit split between the doors
+        served. A door without authentication is open to every local user, who could otherwise fill the
+        whole queue and leave the owner's socket nothing but `busy`."""
+        doors = len(self.sockets) + (self.http is not None)
+        return max(1, self.config.daemon.queue_limit // doors)
 
     def hand_in(self, client: bytes, request: ChatRequest, reply: Reply) -> None:
         """Start a turn from another thread (the HTTP API): the loop admits it as it does a socket's, under

@@ -15,7 +15,7 @@ import zmq
 from locod.errors import StorageError
 from locod.protocol import ChatOptions, ChatRequest, encode_request
 
-from .conftest import cloud_config, free_port, start_daemon
+from .conftest import cloud_config, free_port, start_daemon, wait_for
 
 
 def test_a_model_file_truncated_while_loaded_does_not_kill_the_daemon(tmp_path: Path, model_path: Path) -> None:
@@ -78,3 +78,33 @@ def test_a_decision_log_removed_or_replaced_under_the_daemon_refuses_turns(daemo
     restarted = daemon_factory(name="d")
     assert restarted.client().ask("Say hi.", max_tokens=2).done is not None
     assert len(restarted.rows()) == 2  # the backup's turn and this one: none was taken and then lost
+
+
+def test_a_door_without_authentication_cannot_fill_the_whole_queue(daemon_factory: Any) -> None:
+    """Any local user reaches a loopback tcp endpoint without a secret. Its turns, from a few connections
+    (each under daemon.max_turns_per_client), filled daemon.queue_limit, and the owner's ipc socket got
+    nothing but `busy`. Now each door holds at most its share of the queue."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    handle = daemon_factory({"daemon": {"tcp": endpoint, "queue_limit": 4}})
+    owner = handle.client()
+    ctx = zmq.Context()
+    try:
+        flood = ctx.socket(zmq.DEALER)
+        flood.connect(endpoint)
+        for n in range(4):
+            long = ChatRequest(
+                f"f{n}", [{"role": "user", "content": "Tell a long story."}], options=ChatOptions(max_tokens=400)
+            )
+            flood.send(encode_request(long))
+        wait_for(lambda: owner.status()["queue"]["in_flight"] >= 2, 30, "the flood's turns to be in flight")
+        assert owner.ask("Say hi.", max_tokens=2).done is not None  # the owner's turn is admitted
+        refused = []
+        while len(refused) < 2 and flood.poll(60_000):
+            frame = json.loads(flood.recv())
+            if frame["type"] == "error":
+                refused.append(frame)
+        assert [f["code"] for f in refused] == ["busy", "busy"] and "share of daemon.queue_limit" in refused[0][
+            "message"
+        ]
+    finally:
+        ctx.destroy(linger=0)
