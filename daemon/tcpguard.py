@@ -12,8 +12,11 @@ connection that never completes its ZMTP handshake is closed by libzmq after ``H
 Counting connections alone would let anyone who can reach the port hold every slot with handshaken but
 silent (or secretless) connections and keep the owner's clients out. So a connection is *vouched for*
 once it sends a request that passes the endpoint's secret, and a newcomer that finds its bound full
-takes the slot of the oldest connection not vouched for that has had ``PROVE_S`` to speak; only when
-there is none is the newcomer shut instead. Vouched-for connections are never evicted.
+takes the slot of the oldest connection not vouched for; only when every one is vouched for is the
+newcomer shut instead. Vouched-for connections are never evicted. No grace: a squatter that only had to
+keep its connections younger than one would close and reopen them faster than the owner's client retries
+(and a DEALER's first message is lost with a connection refused mid-handshake), while a client that sends
+at once, as locod's does, is vouched for within a round trip.
 
 The monitor reports the accepted descriptor's number; before anything is done to it, the descriptor is
 checked to be a socket on this endpoint's own address (the number may have been reused meanwhile).
@@ -25,7 +28,6 @@ import contextlib
 import logging
 import os
 import socket
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,7 +40,6 @@ from locod.daemon.logs import Throttle
 log = logging.getLogger(__name__)
 
 HANDSHAKE_S = 10  # a tcp connection has this long to complete its ZMTP greeting
-PROVE_S = 5  # a connection has this long to send a request that passes the secret before it may be evicted
 EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 
 
@@ -46,7 +47,6 @@ EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 class _Conn:
     host: str
     peer: tuple[str, int]  # checked again before an eviction: the descriptor number may have been reused
-    since: float
     vouched: bool = False
 
 
@@ -96,10 +96,10 @@ class TcpGuard:
             conn, peer = found
             host = peer[0]
             over = self._over(host)
-            while over is not None and self._evict(host if over[0] == "host" else None):
+            while over is not None and self._evict(host if over[0] == "host" else None, over[1]):
                 over = self._over(host)
             if over is None:
-                self._live[fd] = _Conn(host, peer, time.monotonic())
+                self._live[fd] = _Conn(host, peer)  # in order of arrival: the oldest first
                 self._hosts[host] += 1
                 return
             _shut(conn)
@@ -107,30 +107,28 @@ class TcpGuard:
             kind, why = over
             self._throttle.say(kind, logging.WARNING, "tcp: refused a connection from %s: %s", host, why)
 
-    def _evict(self, host: str | None) -> bool:
-        """Shut the oldest connection (from ``host``, or any) not vouched for within PROVE_S; False if none."""
-        stale = time.monotonic() - PROVE_S
-        for fd, conn in sorted(self._live.items(), key=lambda item: item[1].since):
-            if conn.since > stale:
-                break
-            if conn.vouched or (host is not None and conn.host != host):
-                continue
-            self._gone(fd)
-            with _endpoint_conn(fd, self._port) as found:
-                if found is None or found[1] != conn.peer:
-                    return True  # closed meanwhile: its slot is free all the same
-                _shut(found[0])
-                self.evicted += 1
-                self.refused += 1
-                self._throttle.say(
-                    "evicted",
-                    logging.WARNING,
-                    "tcp: closed a connection from %s that sent no request with the secret within %d s, for a newcomer",
-                    conn.host,
-                    PROVE_S,
-                )
-            return True
-        return False
+    def _evict(self, host: str | None, why: str) -> bool:
+        """Shut the oldest connection (from ``host``, or any) not vouched for; False if there is none."""
+        fd, conn = next(
+            ((fd, c) for fd, c in self._live.items() if not c.vouched and host in (None, c.host)), (None, None)
+        )
+        if fd is None or conn is None:
+            return False
+        self._gone(fd)
+        with _endpoint_conn(fd, self._port) as found:
+            if found is None or found[1] != conn.peer:
+                return True  # closed meanwhile: its slot is free all the same
+            _shut(found[0])
+        self.evicted += 1
+        self.refused += 1
+        self._throttle.say(
+            "evicted",
+            logging.WARNING,
+            "tcp: %s: closed the oldest connection from %s that had sent no request with the secret, for a newcomer",
+            why,
+            conn.host,
+        )
+        return True
 
     def _over(self, host: str) -> tuple[str, str] | None:
         """(kind, why) when a connection from ``host`` would pass a bound; None when it may stay."""
