@@ -108,3 +108,27 @@ def test_a_door_without_authentication_cannot_fill_the_whole_queue(daemon_factor
         ]
     finally:
         ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize(
+    ("section", "key"),
+    [
+        ("cloud", "timeout_s"),
+        ("cloud", "deadline_s"),
+        ("cloud", "max_retry_after_s"),
+        ("telemetry", "probe_interval_s"),
+    ],
+)
+def test_a_wait_longer_than_python_can_time_is_refused_by_name(
+    tmp_path: Path, models_dir: Path, section: str, key: str
+) -> None:
+    """Python times waits in 64-bit nanoseconds: a timeout over about 292 years raises OverflowError where
+    it is used. cloud.timeout_s = 1e10 was accepted and then failed every cloud call as an "invalid reply",
+    and the bandwidth probe's thread died at its first wait; a Retry-After wait (within max_retry_after_s
+    and deadline_s) would too. Now the config names the key and its range."""
+    handle = start_daemon(tmp_path / "d", models_dir, {section: {key: 1e10}}, wait=False)
+    try:
+        assert handle.proc.wait(60) == 2
+    finally:
+        handle.stop()
+    assert f"{section}.{key} must be between" in handle.log() and "Traceback" not in handle.log()
