@@ -44,7 +44,6 @@ class Limits:
     throttle: Throttle = field(default_factory=lambda: Throttle(log))
     # Connections still sending a request -> when they began it, oldest first.
     arriving: dict[asyncio.Protocol, float] = field(default_factory=dict)
-    evicted: int = 0
 
     def stalest(self) -> asyncio.Protocol | None:
         """The connection sending its request longest, if it has had EVICT_AFTER_S; else None."""
@@ -109,7 +108,6 @@ def protocol(limits: Limits) -> type[asyncio.Protocol]:
             """Close this connection, its request unfinished, and hand its slot over at once."""
             self.evicted = True
             limits.open -= 1
-            limits.evicted += 1
             self._disarm()
             limits.throttle.say(
                 "evicted",
