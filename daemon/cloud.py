@@ -39,7 +39,7 @@ from locod.daemon.bounded_http import BoundedTransport, Limits, OverBound, limit
 from locod.daemon.cloud_usage import counted
 from locod.daemon.config import CloudConfig, CloudModelConfig, redacted_url
 from locod.daemon.keyfile import read_key_file
-from locod.errors import CloudError
+from locod.errors import CloudError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +62,25 @@ def read_api_key(model: CloudModelConfig, source: str, env: dict[str, str] | Non
     error that names the config file ``source`` that points at it)."""
     env = dict(os.environ) if env is None else env
     if env.get(model.api_key_env):
-        return env[model.api_key_env].strip()
-    if not model.api_key_file:
+        key = env[model.api_key_env].strip()
+    elif model.api_key_file:
+        key = read_key_file(model.api_key_file, f"{source}: cloud model {model.name!r}: api_key_file")
+    else:
         return None
-    return read_key_file(model.api_key_file, f"{source}: cloud model {model.name!r}: api_key_file")
+    return _header_safe(key, model, source, env)
+
+
+def _header_safe(key: str, model: CloudModelConfig, source: str, env: dict[str, str]) -> str:
+    """The key, if an ``Authorization`` header can carry it: printable ASCII without spaces. Anything else
+    (two keys on two lines, a character pasted in) failed every call as if the endpoint were unreachable,
+    and the HTTP library's error quoted the header, key and all. The ConfigError names the character only."""
+    for position, char in enumerate(key):
+        if not "!" <= char <= "~":
+            raise ConfigError(
+                f"{source}: cloud model {model.name!r}: the API key from {key_source(model, env)} holds {char!a} at "
+                f"character {position + 1}; a key must be printable ASCII without spaces (one key, one line)"
+            )
+    return key
 
 
 def key_source(model: CloudModelConfig, env: dict[str, str] | None = None) -> str:

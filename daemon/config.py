@@ -153,14 +153,14 @@ class LocalConfig:
 @dataclass(frozen=True)
 class CloudConfig:
     default: str = ""
-    timeout_s: float = field(default=30.0, metadata=_range(0.1))
+    timeout_s: float = field(default=30.0, metadata=_range(0.1, 3600))
     # A cloud call's whole life (retries, waiting and streaming), however the server trickles its bytes.
-    deadline_s: float = field(default=300.0, metadata=_range(1.0))
+    deadline_s: float = field(default=300.0, metadata=_range(1.0, 86400))
     # Bytes one answer's response may take, and one event (line) of it.
     max_answer_bytes: int = field(default=16 << 20, metadata=_range(4096))
     max_event_bytes: int = field(default=1 << 20, metadata=_range(1024))
     max_retries: int = field(default=2, metadata=_range(0, 10))
-    max_retry_after_s: float = field(default=10.0, metadata=_range(0))
+    max_retry_after_s: float = field(default=10.0, metadata=_range(0, 3600))
     daily_cap_usd: float = field(default=0.0, metadata=_range(0))
     breaker_failures: int = field(default=3, metadata=_range(1))
     breaker_cooldown_s: float = field(default=60.0, metadata=_range(0))
@@ -205,7 +205,7 @@ class RoutingConfig:
 @dataclass(frozen=True)
 class TelemetryConfig:
     interval_s: float = field(default=1.0, metadata=_range(0.05, 3600))
-    probe_interval_s: float = field(default=30.0, metadata=_range(1))
+    probe_interval_s: float = field(default=30.0, metadata=_range(1, 86400))
     sysfs_root: str = "/sys"
     procfs_root: str = "/proc"
     # Read a discrete NVIDIA GPU through NVML (the gpu extra). NVML is not under sysfs_root, so trees that

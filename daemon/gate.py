@@ -1,7 +1,10 @@
-"""A fair gate: one local generation at a time, handed out round-robin across clients.
+"""A fair gate: one local generation at a time, handed out round-robin across groups of clients, and
+within a group across its clients.
 
 A client that queues ten turns waits behind one turn of every other waiting client, not all ten of its
-own: no client starves another. Background work (shadow answers) takes the gate only when it is idle and
+own: no client starves another. The daemon groups clients by door (``sessions.door_of``): a local user who
+opens many connections to an unauthenticated door gets that door's share, not one share per connection
+against the owner's one. Background work (shadow answers) takes the gate only when it is idle and
 is told to stop the moment a client queues, so it never delays a user's turn by more than a token.
 """
 
@@ -17,10 +20,12 @@ from locod.protocol import QUEUED_EVERY_S
 
 
 class FairGate:
-    def __init__(self) -> None:
+    def __init__(self, group: Callable[[Hashable], Hashable] = lambda client: client) -> None:
         self._cond = threading.Condition()
         self._busy = False
-        self._waiting: OrderedDict[Hashable, deque[object]] = OrderedDict()
+        self._group = group
+        # group -> client -> its waiting tickets; the heads of both orders go next.
+        self._waiting: OrderedDict[Hashable, OrderedDict[Hashable, deque[object]]] = OrderedDict()
         self._preempt: threading.Event | None = None  # set when a client queues behind background work
 
     @contextmanager
@@ -38,7 +43,8 @@ class FairGate:
         granted = False
         told: tuple[int, float] | None = None  # (turns ahead, when) last told
         with self._cond:
-            self._waiting.setdefault(client, deque()).append(ticket)
+            group = self._group(client)
+            self._waiting.setdefault(group, OrderedDict()).setdefault(client, deque()).append(ticket)
             if self._preempt is not None:
                 self._preempt.set()
             try:
@@ -46,7 +52,7 @@ class FairGate:
                     if cancelled is not None and cancelled.is_set():
                         break
                     if on_wait is not None:
-                        ahead, now = self._ahead(client, ticket), time.monotonic()
+                        ahead, now = self._ahead(ticket), time.monotonic()
                         if told is None or told[0] != ahead or now - told[1] >= QUEUED_EVERY_S:
                             told = (ahead, now)
                             self._cond.release()  # the ticket stays queued; the loop looks again after
@@ -59,9 +65,7 @@ class FairGate:
                 else:
                     granted = self._busy = True
             finally:
-                self._drop(client, ticket)
-                if client in self._waiting:
-                    self._waiting.move_to_end(client)  # round-robin: others go first next time
+                self._drop(group, client, ticket)
                 self._cond.notify_all()
         try:
             yield granted
@@ -87,28 +91,41 @@ class FairGate:
                     self._busy, self._preempt = False, None
                     self._cond.notify_all()
 
-    def _ahead(self, client: Hashable, ticket: object) -> int:
-        """Turns that get the gate before ``ticket``: the one holding it, then round-robin the waiting ones,
-        one of each client per round in the order clients are queued; ``ticket`` goes in round ``rounds``."""
-        rounds = self._waiting[client].index(ticket)
-        ahead, before = int(self._busy), True
-        for other, queue in self._waiting.items():
-            if other == client:
-                ahead, before = ahead + rounds, False
-            else:  # a client before this one has a turn in our round too; one after, only in earlier rounds
-                ahead += min(len(queue), rounds + 1 if before else rounds)
+    def _ahead(self, ticket: object) -> int:
+        """Turns that get the gate before ``ticket``: the one holding it, then the waiting ones in the order
+        they would be served (the queue is at most daemon.queue_limit long, so it is simply played out)."""
+        groups = deque(deque(deque(queue) for queue in clients.values()) for clients in self._waiting.values())
+        ahead = int(self._busy)
+        while groups:
+            clients = groups.popleft()
+            queue = clients.popleft()
+            if queue.popleft() is ticket:
+                return ahead
+            ahead += 1
+            if queue:
+                clients.append(queue)
+            if clients:
+                groups.append(clients)
         return ahead
 
     def _head(self) -> object | None:
-        for queue in self._waiting.values():
-            return queue[0]
+        for clients in self._waiting.values():
+            for queue in clients.values():
+                return queue[0]
         return None
 
-    def _drop(self, client: Hashable, ticket: object) -> None:
-        queue = self._waiting[client]
-        queue.remove(ticket)
-        if not queue:
-            del self._waiting[client]
+    def _drop(self, group: Hashable, client: Hashable, ticket: object) -> None:
+        """Take ``ticket`` out; its client and group go behind the others (round-robin), or out when empty."""
+        clients = self._waiting[group]
+        clients[client].remove(ticket)
+        if clients[client]:
+            clients.move_to_end(client)
+        else:
+            del clients[client]
+        if clients:
+            self._waiting.move_to_end(group)
+        else:
+            del self._waiting[group]
 
     @property
     def busy(self) -> bool:
@@ -117,4 +134,4 @@ class FairGate:
     @property
     def waiting(self) -> int:
         with self._cond:
-            return sum(len(q) for q in self._waiting.values())
+            return sum(len(q) for clients in self._waiting.values() for q in clients.values())

@@ -6,6 +6,11 @@ HTTP port then dies, and libzmq aborts the whole daemon on the next ipc connecti
 the HTTP door is bounded: at most ``http.max_connections`` at once (more are answered 503 and closed at
 once), each request must arrive, headers and body, within ``http.request_timeout_s``, and the event
 loop's errors (``accept`` out of descriptors) are logged once per interval, not once per retry.
+
+Refusing newcomers alone would let anyone who can reach the port keep every slot with requests sent a
+byte at a time, opening a new one as each times out. So a newcomer that finds the door full takes the
+slot of the connection that has been sending its request longest, once that has had ``EVICT_AFTER_S``;
+a connection whose request has arrived (its turn running, its answer streaming) is never evicted.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import asyncio
 import errno
 import json
 import logging
+import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -25,6 +31,7 @@ from locod.daemon.logs import Throttle
 log = logging.getLogger(__name__)
 
 OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+EVICT_AFTER_S = 5.0  # a request still arriving after this may lose its connection to a newcomer
 
 
 @dataclass
@@ -35,6 +42,13 @@ class Limits:
     request_timeout_s: float
     open: int = 0
     throttle: Throttle = field(default_factory=lambda: Throttle(log))
+    # Connections still sending a request -> when they began it, oldest first.
+    arriving: dict[asyncio.Protocol, float] = field(default_factory=dict)
+
+    def stalest(self) -> asyncio.Protocol | None:
+        """The connection sending its request longest, if it has had EVICT_AFTER_S; else None."""
+        oldest = next(iter(self.arriving.items()), None)
+        return oldest[0] if oldest is not None and time.monotonic() - oldest[1] >= EVICT_AFTER_S else None
 
     def accept_batch(self) -> int:
         """The listen backlog, which is also how many connections asyncio accepts at one go, before any of
@@ -60,9 +74,13 @@ def protocol(limits: Limits) -> type[asyncio.Protocol]:
 
     class Bounded(H11Protocol):
         refused = False
+        evicted = False  # closed for a newcomer, which took over its slot
         deadline: asyncio.TimerHandle | None = None
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            victim = limits.stalest() if limits.open >= limits.max_connections else None
+            if victim is not None:
+                cast(Bounded, victim).evict()
             if limits.open >= limits.max_connections:
                 self.refused = True
                 transport.write(limits.refusal())
@@ -81,9 +99,25 @@ def protocol(limits: Limits) -> type[asyncio.Protocol]:
         def connection_lost(self, exc: Exception | None) -> None:
             if self.refused:
                 return
-            limits.open -= 1
+            if not self.evicted:
+                limits.open -= 1
             self._disarm()
             super().connection_lost(exc)
+
+        def evict(self) -> None:
+            """Close this connection, its request unfinished, and hand its slot over at once."""
+            self.evicted = True
+            limits.open -= 1
+            self._disarm()
+            limits.throttle.say(
+                "evicted",
+                logging.WARNING,
+                "HTTP: %d connections open, at http.max_connections: closed one still sending its request "
+                "after %.0f s, for a newcomer",
+                limits.max_connections,
+                EVICT_AFTER_S,
+            )
+            self.transport.close()
 
         def data_received(self, data: bytes) -> None:
             if self.refused:
@@ -96,14 +130,17 @@ def protocol(limits: Limits) -> type[asyncio.Protocol]:
 
         def _arm(self) -> None:
             self.deadline = self.loop.call_later(limits.request_timeout_s, self._too_slow)
+            limits.arriving[self] = time.monotonic()
 
         def _disarm(self) -> None:
+            limits.arriving.pop(self, None)
             if self.deadline is not None:
                 self.deadline.cancel()
                 self.deadline = None
 
         def _too_slow(self) -> None:
             self.deadline = None
+            limits.arriving.pop(self, None)
             if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY) or self.transport.is_closing():
                 return
             limits.throttle.say(

@@ -31,6 +31,7 @@ from locod.daemon.kvcache import DialogueCache
 from locod.daemon.kvpark import DiskPark
 from locod.daemon.logprobs import TokenLogprobs
 from locod.daemon.modelfile import check_model_file, resolve_path
+from locod.daemon.sessions import door_of
 from locod.errors import ConfigError, ModelError
 from locod.policy.load import TurnTime
 
@@ -196,6 +197,9 @@ class ModelZoo:
                 n_threads=self.n_threads,
                 n_threads_batch=self.n_threads,  # prompt processing too: a thread cap must cap both pools
                 chat_format=model.chat_format,
+                # Read into memory, not mapped: a mapped file truncated or overwritten in place (`cp`, a
+                # download over it) kills the whole daemon with SIGBUS on the next token.
+                use_mmap=False,
                 verbose=False,
             )
         except (ValueError, RuntimeError, OSError) as exc:
@@ -271,11 +275,12 @@ def _kv_cache_mb(llm: Llama) -> float:
 
 
 class LocalBackend:
-    """The local models behind one fair gate: one generation at a time, round-robin across clients."""
+    """The local models behind one fair gate: one generation at a time, round-robin across the doors and,
+    within a door, across its clients."""
 
     def __init__(self, zoo: ModelZoo) -> None:
         self.zoo = zoo
-        self.gate = FairGate()
+        self.gate = FairGate(group=lambda client: door_of(cast(bytes, client)))
         self.tokens_per_s: float | None = None  # EWMA of measured generation speed
         self.turn_time = TurnTime()  # EWMA of a local turn's wall time: what each turn ahead makes one wait
 

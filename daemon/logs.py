@@ -8,14 +8,26 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 
 REPORT_EVERY_S = 60.0  # a Throttle's default interval
 SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+# What could end a line or rewrite one in a terminal: C0 controls but the tab, DEL, Unicode line breaks.
+LINE_BREAKING = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
 
 
-class JournalFormatter(logging.Formatter):
+class LineFormatter(logging.Formatter):
+    """Messages quote client text (request ids, session and file names): its line breaks and control
+    characters are escaped, so a client cannot forge a log line of its own. Tracebacks keep their lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = LINE_BREAKING.sub(lambda m: ascii(m.group())[1:-1], record.message)
+        return super().formatMessage(record)
+
+
+class JournalFormatter(LineFormatter):
     def format(self, record: logging.LogRecord) -> str:
         priority = SYSLOG_PRIORITY.get(record.levelno, 6)
         text = super().format(record).replace("\n", " | ")  # one line per event
@@ -52,7 +64,7 @@ def configure_logging(level: str = "INFO") -> None:
         if os.environ.get("JOURNAL_STREAM"):
             handler.setFormatter(JournalFormatter("%(name)s: %(message)s"))
         else:
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+            handler.setFormatter(LineFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel(level)
     for noisy in ("httpx", "httpx2", "httpcore", "openai"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -261,6 +262,7 @@ class DecisionLog:
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open the decision log {path}: {exc}") from None
         self._conn = conn
+        self._opened = _file_identity(path)
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.Lock()  # the writer connection: held while a write waits for SQLite's lock
         self._spent_lock = threading.Lock()
@@ -307,6 +309,7 @@ class DecisionLog:
         if not self._lock.acquire(timeout=-1 if wait_s is None else wait_s):
             raise _write_failed(self.path, what, sqlite3.OperationalError("database is locked"))
         try:
+            self._check_in_place(what)
             try:
                 if deadline is not None:
                     left_ms = max(1, int((deadline - time.monotonic()) * 1000))
@@ -322,6 +325,17 @@ class DecisionLog:
                 raise _write_failed(self.path, what, exc) from None
         finally:
             self._lock.release()
+
+    def _check_in_place(self, what: str) -> None:
+        """Refuse a write when the file at ``path`` is no longer the one this connection writes: removed or
+        replaced while the daemon ran, what it wrote would be gone at its next start, and every accepted
+        turn's record with it."""
+        if _file_identity(self.path) != self._opened:
+            raise StorageError(
+                f"decision log {self.path}: {what} failed: the file was removed or replaced while the daemon "
+                "ran, so nothing written now would be kept; restart the daemon to open the one at that path",
+                code="db_replaced",
+            )
 
     def _migrate(self) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
@@ -527,6 +541,15 @@ class DecisionLog:
             self._reader.close()
         with self._lock:
             self._conn.close()
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at ``path``; None when there is none."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _write_failed(path: Path, what: str, exc: sqlite3.Error) -> StorageError:

@@ -46,7 +46,7 @@ from locod.daemon.notify import Notifier
 from locod.daemon.ownership import make_private_dir
 from locod.daemon.records import LABEL_WAIT_S, DecisionLog
 from locod.daemon.reply import Reply
-from locod.daemon.sessions import IPC, TCP, SessionStore
+from locod.daemon.sessions import IPC, TCP, SessionStore, door_of
 from locod.daemon.shadow import ShadowLane
 from locod.daemon.tcpguard import HANDSHAKE_S, TcpGuard
 from locod.daemon.telemetry import TelemetrySampler
@@ -255,15 +255,16 @@ class Daemon:
     def _drain_requests(self, tag: bytes, sock: zmq.Socket[bytes]) -> None:
         for _ in range(100):  # bounded, so outgoing frames and signals are not starved
             try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
+                parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
+            frames = [part.bytes for part in parts]
             peer = tag + frames[0]
             if len(frames) > 2 and frames[1] == b"":  # a REQ socket's envelope: it reads replies behind one
                 self._refuse_req_socket(sock, frames[0])
                 continue
             try:
-                self._dispatch(peer, tag, frames[1:])
+                self._dispatch(peer, tag, frames[1:], parts[-1].get(zmq.SRCFD))
             except BadRequest as exc:
                 self._send(peer, encode_frame(exc.request_id, ErrorFrame.of(exc)))
             except LocodError as exc:
@@ -329,7 +330,8 @@ class Daemon:
 
     # -- requests ------------------------------------------------------------------------------------
 
-    def _dispatch(self, peer: bytes, tag: bytes, frames: list[bytes]) -> None:
+    def _dispatch(self, peer: bytes, tag: bytes, frames: list[bytes], fd: int) -> None:
+        """Answer one request; ``fd`` is the connection it came on (for the tcp guard)."""
         if tag == TCP and self._tcp_secret is not None:
             self._check_secret_first(frames)
         request = parse_request(frames, self.config.daemon.max_message_bytes)
@@ -352,6 +354,8 @@ class Daemon:
                     code="unauthorized",
                     request_id=request.id,
                 )
+        if tag == TCP and self.tcp_guard is not None:
+            self.tcp_guard.vouch(fd)  # it passed the endpoint's checks: never evicted for a newcomer
         if isinstance(request, ChatRequest):
             try:
                 self._start_turn(peer, request)
@@ -441,6 +445,14 @@ class Daemon:
                 f"the request's messages hold {chars} characters, over daemon.max_prompt_chars "
                 f"({self.config.daemon.max_prompt_chars})"
             )
+        door, share = door_of(peer), self._door_share()
+        through_door = sum(owner[:1] == peer[:1] for owner, _ in self._turns.values())
+        if through_door >= share:
+            raise Busy(
+                f"{through_door} turns from the {door} door are in flight, its share of daemon.queue_limit "
+                f"({share} of {self.config.daemon.queue_limit}: the doors share it, so that one cannot starve "
+                "another); try again shortly"
+            )
         own = sum(owner == peer for owner, _ in self._turns.values())
         if own >= self.config.daemon.max_turns_per_client:
             raise Busy(
@@ -449,6 +461,13 @@ class Daemon:
             )
         reply = reply or Reply(post=self._poster(peer, request.id))
         self._turns[self.pool.submit(self.runner.run, request, peer, reply)] = (peer, reply)
+
+    def _door_share(self) -> int:
+        """The turns one door (ipc, tcp, HTTP) may have in flight: daemon.queue_limit split between the doors
+        served. A door without authentication is open to every local user, who could otherwise fill the
+        whole queue and leave the owner's socket nothing but `busy`."""
+        doors = len(self.sockets) + (self.http is not None)
+        return max(1, self.config.daemon.queue_limit // doors)
 
     def hand_in(self, client: bytes, request: ChatRequest, reply: Reply) -> None:
         """Start a turn from another thread (the HTTP API): the loop admits it as it does a socket's, under
@@ -534,7 +553,12 @@ class Daemon:
             },
             "tcp": None
             if self.tcp_guard is None
-            else {"open": self.tcp_guard.open, "refused": self.tcp_guard.refused, "max": self.tcp_guard.max_total},
+            else {
+                "open": self.tcp_guard.open,
+                "refused": self.tcp_guard.refused,
+                "evicted": self.tcp_guard.evicted,
+                "max": self.tcp_guard.max_total,
+            },
             "sessions": len(self.sessions),
             "turns_served": self.turns_served + len(self._turns) - self.in_flight(),
             "interrupted_at_start": self.records.interrupted_at_start,

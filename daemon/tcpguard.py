@@ -9,6 +9,15 @@ address, and one over ``daemon.max_tcp_connections`` (never over a quarter of th
 over ``daemon.max_tcp_per_host`` from one address is shut down at once (libzmq then closes it). A
 connection that never completes its ZMTP handshake is closed by libzmq after ``HANDSHAKE_S``.
 
+Counting connections alone would let anyone who can reach the port hold every slot with handshaken but
+silent (or secretless) connections and keep the owner's clients out. So a connection is *vouched for*
+once it sends a request that passes the endpoint's secret, and a newcomer that finds its bound full
+takes the slot of the oldest connection not vouched for; only when every one is vouched for is the
+newcomer shut instead. Vouched-for connections are never evicted. No grace: a squatter that only had to
+keep its connections younger than one would close and reopen them faster than the owner's client retries
+(and a DEALER's first message is lost with a connection refused mid-handshake), while a client that sends
+at once, as locod's does, is vouched for within a round trip.
+
 The monitor reports the accepted descriptor's number; before anything is done to it, the descriptor is
 checked to be a socket on this endpoint's own address (the number may have been reused meanwhile).
 """
@@ -20,6 +29,8 @@ import logging
 import os
 import socket
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -32,6 +43,13 @@ HANDSHAKE_S = 10  # a tcp connection has this long to complete its ZMTP greeting
 EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 
 
+@dataclass
+class _Conn:
+    host: str
+    peer: tuple[str, int]  # checked again before an eviction: the descriptor number may have been reused
+    vouched: bool = False
+
+
 class TcpGuard:
     def __init__(self, sock: zmq.Socket[bytes], max_total: int, max_per_host: int) -> None:
         self.max_total = max_total
@@ -39,9 +57,10 @@ class TcpGuard:
         self.monitor: zmq.Socket[bytes] = sock.get_monitor_socket(EVENTS)
         endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)  # the bound address, port resolved
         self._port = int(endpoint.rsplit(":", 1)[1])
-        self._live: dict[int, str] = {}  # descriptor -> peer host, for the connections let in
+        self._live: dict[int, _Conn] = {}  # descriptor -> the connection let in on it
         self._hosts: Counter[str] = Counter()
-        self.refused = 0
+        self.refused = 0  # connections shut: refused at their accept, or evicted for a newcomer
+        self.evicted = 0
         self._throttle = Throttle(log)
 
     @property
@@ -61,34 +80,55 @@ class TcpGuard:
             else:
                 self._gone(fd)
 
+    def vouch(self, fd: int) -> None:
+        """The connection on ``fd`` sent a request that passed the secret: it is never evicted."""
+        if fd not in self._live:
+            self.drain()  # its ACCEPTED event may still wait in the monitor
+        conn = self._live.get(fd)
+        if conn is not None:
+            conn.vouched = True
+
     def _accepted(self, fd: int) -> None:
         self._gone(fd)  # a descriptor number reused before its DISCONNECTED was read
-        try:
-            copy = os.dup(fd)
-        except OSError:
-            return  # closed already
-        try:
-            conn = socket.socket(fileno=copy)
-        except OSError:  # the number names something else now, not a socket
-            os.close(copy)
-            return
-        with conn:
-            try:
-                if conn.type != socket.SOCK_STREAM or conn.getsockname()[1] != self._port:
-                    return  # the number now names another descriptor: not ours to judge
-                host = str(conn.getpeername()[0])
-            except OSError:
-                return
+        with _endpoint_conn(fd, self._port) as found:
+            if found is None:
+                return  # closed already, or the number now names another descriptor: not ours to judge
+            conn, peer = found
+            host = peer[0]
             over = self._over(host)
+            while over is not None and self._evict(host if over[0] == "host" else None, over[1]):
+                over = self._over(host)
             if over is None:
-                self._live[fd] = host
+                self._live[fd] = _Conn(host, peer)  # in order of arrival: the oldest first
                 self._hosts[host] += 1
                 return
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)  # libzmq reads the end and closes its descriptor
+            _shut(conn)
             self.refused += 1
             kind, why = over
             self._throttle.say(kind, logging.WARNING, "tcp: refused a connection from %s: %s", host, why)
+
+    def _evict(self, host: str | None, why: str) -> bool:
+        """Shut the oldest connection (from ``host``, or any) not vouched for; False if there is none."""
+        fd, conn = next(
+            ((fd, c) for fd, c in self._live.items() if not c.vouched and host in (None, c.host)), (None, None)
+        )
+        if fd is None or conn is None:
+            return False
+        self._gone(fd)
+        with _endpoint_conn(fd, self._port) as found:
+            if found is None or found[1] != conn.peer:
+                return True  # closed meanwhile: its slot is free all the same
+            _shut(found[0])
+        self.evicted += 1
+        self.refused += 1
+        self._throttle.say(
+            "evicted",
+            logging.WARNING,
+            "tcp: %s: closed the oldest connection from %s that had sent no request with the secret, for a newcomer",
+            why,
+            conn.host,
+        )
+        return True
 
     def _over(self, host: str) -> tuple[str, str] | None:
         """(kind, why) when a connection from ``host`` would pass a bound; None when it may stay."""
@@ -99,11 +139,39 @@ class TcpGuard:
         return None
 
     def _gone(self, fd: int) -> None:
-        host = self._live.pop(fd, None)
-        if host is not None:
-            self._hosts[host] -= 1
-            if not self._hosts[host]:
-                del self._hosts[host]
+        conn = self._live.pop(fd, None)
+        if conn is not None:
+            self._hosts[conn.host] -= 1
+            if not self._hosts[conn.host]:
+                del self._hosts[conn.host]
 
     def close(self) -> None:
         self.monitor.close(linger=0)
+
+
+def _shut(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_RDWR)  # libzmq reads the end and closes its descriptor
+
+
+@contextlib.contextmanager
+def _endpoint_conn(fd: int, port: int) -> Iterator[tuple[socket.socket, tuple[str, int]] | None]:
+    """A copy of descriptor ``fd`` and its peer address, if it is a connection on ``port``; else None."""
+    try:
+        copy = os.dup(fd)
+    except OSError:
+        yield None
+        return
+    try:
+        conn = socket.socket(fileno=copy)
+    except OSError:  # the number names something else now, not a socket
+        os.close(copy)
+        yield None
+        return
+    with conn:
+        try:
+            ours = conn.type == socket.SOCK_STREAM and conn.getsockname()[1] == port
+            peer = conn.getpeername() if ours else None
+        except OSError:
+            peer = None
+        yield None if peer is None else (conn, (str(peer[0]), int(peer[1])))

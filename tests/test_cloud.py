@@ -309,6 +309,32 @@ def test_a_key_file_that_is_not_a_regular_file_is_refused_without_reading_it(
     assert result["reloaded"] is False and "over 65536 bytes" in result["error"]
 
 
+def test_a_key_no_http_header_can_carry_is_refused_by_name_never_quoted(
+    tmp_path: Path, daemon_factory: Any, models_dir: Path, proxy: FaultProxy
+) -> None:
+    """Two keys on two lines, or a stray character pasted in: every call failed as "endpoint unreachable"
+    (opening the breaker), and the HTTP library's error quoted the header, key and all. Now the key is
+    refused where it is read, naming its source and the character, never the key; a reload keeps the key
+    it had."""
+    key = tmp_path / "key"
+    key.write_text(f"{SECRET}\nsk-second-key\n")
+    os.chmod(key, 0o600)
+    config = cloud_config(proxy.base_url)
+    config["cloud"]["models"][0]["api_key_file"] = str(key)
+    refused = start_daemon(tmp_path / "d", models_dir, config, wait=False)
+    assert refused.proc.wait(60) == 2
+    assert f"api_key_file {key}" in refused.log() and "'\\n'" in refused.log()
+    assert SECRET not in refused.log() and "Traceback" not in refused.log()
+    key.write_text(SECRET)
+    handle = daemon_factory(config)
+    client = handle.client()
+    key.write_text(f"{SECRET}\u00e9")
+    result = client.reload()
+    assert result["reloaded"] is False and "printable ASCII" in result["error"] and SECRET not in result["error"]
+    assert client.ask("Hi", max_tokens=2).done is not None
+    assert proxy.chat_requests()[-1].headers["authorization"] == f"Bearer {SECRET}"
+
+
 def test_reload_applies_cloud_changes_and_defers_daemon_ones(
     tmp_path: Path, daemon_factory: Any, proxy: FaultProxy
 ) -> None:

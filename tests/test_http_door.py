@@ -104,6 +104,39 @@ def test_half_finished_connections_cannot_take_the_daemons_descriptors(daemon_fa
     assert log.count("refusing more") <= 2 and log.count("within http.request_timeout_s") <= 2
 
 
+def test_requests_sent_a_byte_at_a_time_cannot_keep_everyone_else_out(daemon_factory: Any) -> None:
+    """A client without the key holds every connection with requests it never finishes. Refusing the
+    newcomer kept the owner out for as long as the squatter liked; now the newcomer takes the slot of the
+    request that has been arriving longest, and is answered."""
+    handle, port = http_daemon(daemon_factory, {"http": {"max_connections": 4, "request_timeout_s": 600.0}})
+    squatters = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(4)]
+    try:
+        for s in squatters:
+            s.sendall(PARTIAL)
+        chat = {"model": "auto", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2}
+        headers = {"Content-Type": "application/json"}
+
+        def answered() -> bool:
+            try:
+                return request(port, "POST", "/v1/chat/completions", chat, headers)[0] == 200
+            except OSError:  # refused (503 and closed) while it was still sending
+                return False
+
+        wait_for(answered, 60, "the newcomer to be answered")
+        assert "closed one still sending its request" in handle.log()
+
+        def closed(s: socket.socket) -> bool:
+            s.settimeout(1)
+            with contextlib.suppress(TimeoutError):
+                return s.recv(1) == b""
+            return False
+
+        assert sum(closed(s) for s in squatters) >= 1  # the evicted squatters were closed
+    finally:
+        for s in squatters:
+            s.close()
+
+
 def test_requests_a_web_page_could_send_are_refused(daemon_factory: Any) -> None:
     """F23: a text/plain or form body (sent by a browser without a preflight), a foreign Host (DNS
     rebinding) or a foreign Origin: refused before any turn, with an error body that says why."""

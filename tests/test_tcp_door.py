@@ -121,7 +121,7 @@ def test_a_flood_of_tcp_connections_is_bounded_and_the_others_are_served(daemon_
 
         wait_for(lambda: held() == 4, 30, "the refused connections to be closed")  # shut, not left waiting
         assert client.ask("Say hi.", max_tokens=2).done is not None  # the ipc user is served throughout
-        assert "refused a connection from 127.0.0.1" in handle.log() and "max_tcp_per_host" in handle.log()
+        assert "max_tcp_per_host: closed the oldest connection from 127.0.0.1" in handle.log()
     finally:
         for s in flood:
             s.close()
@@ -155,3 +155,42 @@ def test_a_tcp_endpoint_without_a_secret_serves_turns_not_the_owners_records(dae
         assert remote.status()["pid"] == handle.proc.pid
     assert owner.feedback(decision, True)["satisfied"] is True  # the owner, on the ipc socket
     assert owner.decisions(5)[-1]["prompt"] == "My PIN is 4921."
+
+
+def test_silent_connections_cannot_keep_the_owners_clients_out(daemon_factory: Any, tmp_path: Path) -> None:
+    """A local user without the secret holds every per-host slot with ZeroMQ connections that handshake
+    and then say nothing (or the wrong secret). The owner's client still gets in at once, taking the slot
+    of the oldest squatter, and once it has sent the secret it is never the one evicted."""
+    secret = tmp_path / "secret"
+    secret.write_text(SECRET + "\n")
+    os.chmod(secret, 0o600)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    handle = daemon_factory({"daemon": {"tcp": endpoint, "tcp_secret_file": str(secret), "max_tcp_per_host": 3}})
+    local = handle.client()
+    ctx = zmq.Context()
+    try:
+        squatters = [ctx.socket(zmq.DEALER) for _ in range(3)]
+        for n, squatter in enumerate(squatters):
+            squatter.setsockopt(zmq.LINGER, 0)
+            squatter.connect(endpoint)
+            if n == 0:
+                squatter.send(encode_request(SimpleRequest("x", "ping", secret="guess")))
+        wait_for(lambda: local.status()["tcp"]["open"] == 3, 30, "the squatters to hold every slot")
+        with Client(endpoint, secret=SECRET) as client:  # locod's own client: its first request is answered
+            assert client.ping()["pong"]
+        owner = ctx.socket(zmq.DEALER)
+        owner.setsockopt(zmq.LINGER, 0)
+        dropped = owner.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        owner.connect(endpoint)
+        owner.send(encode_request(SimpleRequest("o1", "ping", secret=SECRET)))
+        assert owner.poll(60_000), "the owner's client was kept out"
+        assert json.loads(owner.recv())["data"]["pong"]
+        evicted = local.status()["tcp"]["evicted"]
+        # The evicted squatters reconnect and evict each other; the owner's connection stays.
+        wait_for(lambda: local.status()["tcp"]["evicted"] >= evicted + 3, 60, "the squatters to churn")
+        assert not dropped.poll(0), "the owner's vouched-for connection was evicted"
+        owner.send(encode_request(SimpleRequest("o2", "ping", secret=SECRET)))
+        assert owner.poll(30_000) and json.loads(owner.recv())["id"] == "o2"
+        assert "connection from 127.0.0.1 that had sent no request with the secret, for a newcomer" in handle.log()
+    finally:
+        ctx.destroy(linger=0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from locod.daemon.gate import FairGate
-from locod.daemon.sessions import SessionStore, TurnTrail
+from locod.daemon.sessions import SessionStore, TurnTrail, door_of
 
 from .conftest import wait_for
 
@@ -76,6 +76,44 @@ def test_a_waiting_turn_is_told_how_many_go_first_as_the_queue_moves() -> None:
     release.set()
     for t in [holder, *threads]:
         t.join(5)
+
+
+def test_many_connections_through_one_door_get_that_doors_share_of_the_gate() -> None:
+    """Round-robin per connection gave a local user with four tcp connections four turns for each one of
+    the owner's ipc socket. Grouped by door, the doors take turns, then the door's clients; every waiting
+    turn is told the place it is then served in."""
+    gate = FairGate(group=door_of)
+    order: list[str] = []
+    told: dict[str, int] = {}
+    release = threading.Event()
+    holding = threading.Event()
+
+    def hold() -> None:
+        with gate.slot(b"ioperator"):
+            holding.set()
+            release.wait(10)
+
+    def turn(client: bytes, label: str) -> None:
+        with gate.slot(client, on_wait=lambda ahead: told.__setitem__(label, ahead)) as granted:
+            assert granted
+            order.append(label)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait(5)
+    threads = []
+    queued = [(b"t1", "t1a"), (b"t2", "t2a"), (b"t3", "t3a"), (b"t4", "t4a"), (b"iowner", "o1"), (b"iowner", "o2")]
+    for client, label in queued:
+        t = threading.Thread(target=turn, args=(client, label))
+        t.start()
+        threads.append(t)
+        wait_for(lambda label=label: label in told, 5, f"{label} to be told")
+    served = ["t1a", "o1", "t2a", "o2", "t3a", "t4a"]
+    wait_for(lambda: told == {label: served.index(label) + 1 for label in served}, 5, "the places to settle")
+    release.set()
+    for t in [holder, *threads]:
+        t.join(5)
+    assert order == served
 
 
 def test_fair_gate_gives_up_when_cancelled() -> None:
