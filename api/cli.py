@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from locod import __version__
-from locod.errors import ConfigError, DaemonNotRunning, LocodError, ModelError, StorageError
+from locod.errors import ConfigError, DaemonNotRunning, LocodError, ModelError, RequestError, StorageError
 from locod.protocol import (
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
     NO_CONFIG_FILE,
     OPTION_RULES,
     DecisionFrame,
@@ -165,6 +167,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_ask(args: argparse.Namespace) -> int:
     from locod.client import attachment
 
+    if args.stop and len(args.stop) > MAX_STOP_SEQUENCES:
+        raise RequestError(f"argument --stop: at most {MAX_STOP_SEQUENCES} of them, got {len(args.stop)}")
     with _client(args) as client:
         named = [(p, False) for p in args.attach or []] + [(p, True) for p in args.private or []]
         limit = client.daemon_config()["attachments"]["max_bytes"] if named else 0  # checked before reading
@@ -736,11 +740,25 @@ def _as_running(args: argparse.Namespace) -> Any:
 
 def _at_rest(config: Any) -> Any:
     """With no daemon running: the configuration, or, when only the system service's state directory holds a
-    decision log (and this user may read it), that directory's, as ``locate`` picks the system socket."""
+    decision log, that directory's, as ``locate`` picks the system socket. Only for the service's own user:
+    SQLite creates its -wal and -shm files even for a reader, and root's would leave the service (User=locod)
+    unable to open its own log at its next start."""
     import dataclasses
+    import pwd
 
-    if config.db_path.exists() or not os.path.exists(SYSTEM_STATE_DIR / config.db_path.name):
+    system_db = SYSTEM_STATE_DIR / config.db_path.name
+    if config.db_path.exists() or not os.path.exists(system_db):
         return config  # os.path: a directory this user may not enter is no log to read, not an error
+    owner = os.stat(SYSTEM_STATE_DIR).st_uid
+    if owner != os.geteuid():
+        try:
+            user = pwd.getpwuid(owner).pw_name
+        except KeyError:
+            user = f"#{owner}"  # sudo's spelling of a user id
+        raise StorageError(
+            f"no decision log at {config.db_path}; the system service's, {system_db}, is read as its user: "
+            f"`sudo -u {user} locod ...`"
+        )
     return dataclasses.replace(config, paths=dataclasses.replace(config.paths, state_dir=str(SYSTEM_STATE_DIR)))
 
 
@@ -834,7 +852,9 @@ def _add_turn_commands(sub: Any) -> None:
         if name == "ask":
             p.add_argument("--temperature", type=_option("temperature"), help="sampling temperature, 0-2")
             p.add_argument("--seed", type=_option("seed"), help="sampling seed, for a repeatable local answer")
-            p.add_argument("--stop", action="append", metavar="TEXT", help="end the answer before TEXT (up to 4)")
+            p.add_argument(
+                "--stop", action="append", type=_stop_text, metavar="TEXT", help="end the answer before TEXT (up to 4)"
+            )
             p.add_argument("--json", action="store_true", help="print every frame as JSON")
         p.add_argument("--session", help="session id (keeps the dialogue history)")
         p.add_argument("--force", choices=("local", "cloud"), help="skip routing")
@@ -860,6 +880,13 @@ def _option(name: str) -> Callable[[str], Any]:
         return value
 
     return parse
+
+
+def _stop_text(text: str) -> str:
+    """A ``--stop`` flag's value, by the socket's bounds for one sequence (options.stop)."""
+    if not text or len(text) > MAX_STOP_CHARS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_STOP_CHARS} characters, got {len(text)}")
+    return text
 
 
 def _add_daemon_commands(sub: Any) -> None:

@@ -310,7 +310,7 @@ class Client:
         force: str | None = None,
         stream: bool = True,
         queued: bool = False,
-        stop: list[str] | None = None,
+        stop: str | list[str] | None = None,
     ) -> Iterator[Frame]:
         """Stream the frames of one turn: ``decision``, ``delta``..., (``fallback`` or ``escalated``, then
         ``delta``... again), ``done``. ``force``
@@ -326,7 +326,7 @@ class Client:
             force=force,
             stream=stream,
             queued=queued,
-            stop=tuple(stop or ()),
+            stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),  # one string: one sequence, as HTTP
         )
         request = ChatRequest(new_id(), messages, session, model, attachments or [], options, self.secret)
         # No connect per turn (it sits in the first token's path): a daemon that stopped cleanly took its

@@ -114,10 +114,11 @@ class LoadedModel:
 def check_chat_formats(config: Config) -> None:
     """Refuse, at start and at a reload, a ``chat_format`` llama-cpp-python does not know: the config's
     schema cannot list them without importing llama.cpp, and the model would otherwise fail each of its
-    turns with llama.cpp's exception as an internal error."""
+    turns with llama.cpp's exception as an internal error. ``chat_template.<name>`` names a template in
+    the GGUF's own metadata, which only the loaded model can tell: those pass."""
     registry = llama_chat_format.LlamaChatCompletionHandlerRegistry()
     for model in config.local.models:
-        if model.chat_format is None:
+        if model.chat_format is None or model.chat_format.startswith("chat_template."):
             continue
         try:
             registry.get_chat_completion_handler_by_name(model.chat_format)

@@ -30,7 +30,7 @@ def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
     if not path.is_file():
         remedy = (
             "run `locod models fetch`"
-            if model == EMBEDDED_MODEL
+            if (model.name, model.path) == (EMBEDDED_MODEL.name, EMBEDDED_MODEL.path)  # n_gpu_layers may differ
             else "fix its path in the config, or download it with `locod models pull`"
         )
         raise ModelError(f"model {model.name!r}: file {path} not found; {remedy}", code="model_missing")

@@ -202,8 +202,8 @@ def status_of(frame: ErrorFrame) -> int:
         return 413
     if frame.kind == Busy.code:  # stopping (or cancelled by the stop before it was accepted), or at a queue limit
         return 503 if frame.code in ("shutting_down", "cancelled") else 429
-    if frame.kind in (UnknownModel.code, UnknownDecision.code) or frame.code == "model_missing":
-        return 404  # a model whose file is gone is as unavailable as an unknown one (a 5xx, the SDKs retry)
+    if frame.kind in (UnknownModel.code, UnknownDecision.code) or frame.code in ("model_missing", "model_corrupt"):
+        return 404  # a model whose file is gone or broken is as unavailable as an unknown one (a 5xx, the SDKs retry)
     if frame.kind in (RequestError.code, ProtocolError.code, AttachmentError.code, PromptTooLong.code):
         return 400
     return 502 if frame.kind == CloudError.code else 500

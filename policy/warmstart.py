@@ -62,7 +62,7 @@ def load_prior(gguf: Path, folder: Path = PRIORS, dim: int | None = None) -> Pri
     """The prior shipped for this GGUF file, or None (no prior of its size and hash, or an unusable one)."""
     try:
         size = gguf.stat().st_size
-    except FileNotFoundError:  # a model whose file is not there yet: routing says so, once (daemon/modelfile.py)
+    except OSError:  # a model whose file is not there or not readable: routing says so, once (daemon/modelfile.py)
         return None
     try:
         candidates = [read_prior(p) for p in sorted(folder.glob("*.npz"))]

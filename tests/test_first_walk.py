@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import signal
 import subprocess
 import sys
@@ -309,3 +310,10 @@ def test_with_no_daemon_the_system_services_log_is_read_when_the_user_has_none(
     out, err = capsys.readouterr()
     assert [r["outcome"] for r in json.loads(out)] == ["ok"]
     assert f"read from {service.home / 'state' / 'locod.db'}" in err
+
+    # Another user (root, say, with plain sudo) is told how to read it: a reader's -wal and -shm files of
+    # its own would leave the service unable to open its log.
+    if os.geteuid() == 0:  # only root can give the directory away
+        os.chown(service.home / "state", 65534, 65534)
+        assert cli.main(["decisions", "--json"]) == 4
+        assert f"is read as its user: `sudo -u {pwd.getpwuid(65534).pw_name} locod ...`" in capsys.readouterr().err

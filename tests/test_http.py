@@ -169,7 +169,7 @@ def test_stop_sequences_end_the_answer_before_them_on_either_side(daemon_factory
         assert cut.choices[0].finish_reason == "stop"
         streamed = client.chat.completions.create(model=model, messages=ask, stop=word, stream=True, **same)  # type: ignore[call-overload]
         assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == whole[: whole.index(word)]
-        by_socket = socket_client.ask(question, model=model, force=force, stop=[word], **same)
+        by_socket = socket_client.ask(question, model=model, force=force, stop=word, **same)  # one string: one stop
         assert (by_socket.decision.location, by_socket.text) == (force, whole[: whole.index(word)])
         by_cli = handle.cli(
             "ask", question, "--force", force, "--max-tokens", "24", "--temperature", "0", "--seed", "1", "--stop", word
@@ -322,6 +322,8 @@ def test_image_parts_become_attachments_and_remote_urls_are_refused() -> None:
         ("busy", "cancelled", 503),
         ("cloud", "cloud_http", 502),
         ("unknown_model", "unknown_model", 404),  # a model a reload removed after the door's own check
+        ("model", "model_missing", 404),  # its file gone or broken: not a 5xx, which the SDKs retry
+        ("model", "model_corrupt", 404),
         ("error", "internal", 500),
     ],
 )

@@ -5,6 +5,7 @@ daemon with the real model, and the real openai client."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -317,3 +318,31 @@ def test_every_argument_of_every_command_says_what_it_takes() -> None:
                 yield f"{command}: {action.dest}"
 
     assert list(silent(_parser(), "locod")) == []
+
+
+def test_review_of_the_walks_fixes(tmp_path: Path, models_dir: Path) -> None:
+    """A review of this walk's fixes: a model path that cannot even be looked at (under a file, or a
+    directory the service may not enter) has no prior and no traceback; a GGUF's own named template passes
+    the chat_format check; the embedded model declared again with its GPU layers is still fetched by
+    `locod models fetch`; `--stop` is checked by the flag's name before anything is sent."""
+    from locod.daemon.config import EMBEDDED_MODEL, load_config
+    from locod.daemon.local import check_chat_formats
+    from locod.daemon.modelfile import check_model_file
+    from locod.errors import ModelError
+    from locod.policy.warmstart import load_prior
+
+    assert load_prior(Path("/etc/passwd/model.gguf")) is None  # NotADirectoryError, as EACCES: no prior
+    config = write_config(
+        tmp_path / "config.toml",
+        {"local": {"models": [{"name": "mine", "path": "x.gguf", "chat_format": "chat_template.default"}]}},
+    )
+    check_chat_formats(load_config(config, env={}))  # the GGUF's metadata decides, once it loads
+    on_gpu = dataclasses.replace(EMBEDDED_MODEL, n_gpu_layers=-1)
+    with pytest.raises(ModelError, match="run `locod models fetch`"):
+        check_model_file(on_gpu, tmp_path / "no-models")
+
+    ask = [*locod_command("ask", "Hi", "--stop", "")]
+    empty = subprocess.run(ask, capture_output=True, text=True, timeout=60)
+    assert empty.returncode == 2 and "argument --stop: must be 1 to 200 characters, got 0" in empty.stderr
+    five = subprocess.run([*locod_command("ask", "Hi"), *("--stop", "x") * 5], capture_output=True, text=True)
+    assert five.returncode == 1 and "argument --stop: at most 4 of them, got 5" in five.stderr, five.stderr
