@@ -30,6 +30,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from locod.daemon import metrics
 from locod.daemon import openai_wire as wire
@@ -104,7 +105,7 @@ class HttpServer:
             Route("/health", self._guarded(self.health, keyed=False), methods=["GET"]),
         ]
         config = uvicorn.Config(  # log_config=None: uvicorn's lines go through locod's own logging
-            Starlette(routes=routes, exception_handlers={404: self.no_route, 405: self.no_route}),
+            _slashless(Starlette(routes=routes, exception_handlers={404: self.no_route, 405: self.no_route})),
             host=host,
             port=port,
             http=protocol(self.limits),  # bounded connections, timed requests (httpconn.py)
@@ -331,6 +332,20 @@ class HttpServer:
 
     def _answered(self, exchange: Exchange, done: DoneFrame, text: str) -> None:
         self.conversations.answered(exchange.completion.messages, text, done.session)
+
+
+def _slashless(app: ASGIApp) -> ASGIApp:
+    """Serve a path with a trailing slash as the path (``POST /v1/chat/completions/``, ``GET /v1/models/``):
+    Starlette would answer a 307 with no body, which curl and urllib do not follow for a POST, to a
+    Location built from the request's Host, and take ``/v1/models/`` for a model named ''."""
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path.rstrip("/") or "/"}
+        await app(scope, receive, send)
+
+    return asgi
 
 
 def _client_key(request: Request) -> bytes:

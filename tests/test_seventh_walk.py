@@ -1,0 +1,43 @@
+"""A seventh new user's walk: everyday OpenAI-compatible tools pointed at the HTTP door, as at Ollama or
+llama.cpp's server: request bodies shaped as client libraries send them, paths as people type them. Each
+through a real daemon with the real model, raw HTTP and the real openai client."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from .conftest import DaemonHandle, free_port
+
+LOCAL = "smollm2-135m-instruct"
+
+
+def http_daemon(factory: Any) -> tuple[DaemonHandle, str]:
+    port = free_port()
+    return factory(extra_env={"LOCOD_HTTP": f"127.0.0.1:{port}"}), f"http://127.0.0.1:{port}"
+
+
+def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """A POST as urllib sends it (curl alike): a redirect is not followed for a POST."""
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def test_a_trailing_slash_is_the_same_path(daemon_factory: Any) -> None:
+    """Walk finding: ``POST /v1/chat/completions/`` was answered 307 with an empty body (urllib raised
+    "HTTP Error 307", curl printed nothing) and a Location built from the request's Host header, before the
+    Host check; ``GET /v1/models/`` said "the model '' does not exist"."""
+    _, base = http_daemon(daemon_factory)
+    ask = {"model": LOCAL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    status, answer = post(f"{base}/v1/chat/completions/", ask)
+    assert status == 200 and answer["choices"][0]["message"]["content"], answer
+    with urllib.request.urlopen(f"{base}/v1/models/", timeout=30) as response:
+        assert [m["id"] for m in json.loads(response.read())["data"]] == ["auto", LOCAL]
+    with urllib.request.urlopen(f"{base}/v1/models/{LOCAL}/", timeout=30) as response:
+        assert json.loads(response.read())["id"] == LOCAL
