@@ -108,8 +108,9 @@ def parse_completion(body: Any, models: list[str]) -> Completion:
 
 
 def _options(body: dict[str, Any]) -> ChatOptions:
+    newer = body.get("max_completion_tokens")  # clients that send every field send the unused one as null
     given = {
-        "max_tokens": body.get("max_completion_tokens", body.get("max_tokens")),
+        "max_tokens": body.get("max_tokens") if newer is None else newer,
         "temperature": body.get("temperature"),
         "seed": body.get("seed"),
     }
@@ -146,7 +147,10 @@ def _messages(raw: list[Any]) -> tuple[list[dict[str, str]], list[Attachment]]:
         where = f"messages[{i}]"
         if not isinstance(item, dict) or item.get("role") not in ROLES:
             raise bad(f"{where} must be an object with a role in {sorted(ROLES)}", where)
-        text, found = _content(item.get("content"), where)
+        content = item.get("content")
+        if content is None and item["role"] == "assistant":  # OpenAI's null, as clients send back a turn without text
+            content = ""
+        text, found = _content(content, where)
         messages.append({"role": ROLES[item["role"]], "content": text})
         images = found
     if messages[-1]["role"] != "user":

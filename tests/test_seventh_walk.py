@@ -9,6 +9,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import openai
+
 from .conftest import DaemonHandle, free_port
 
 LOCAL = "smollm2-135m-instruct"
@@ -41,3 +43,28 @@ def test_a_trailing_slash_is_the_same_path(daemon_factory: Any) -> None:
         assert [m["id"] for m in json.loads(response.read())["data"]] == ["auto", LOCAL]
     with urllib.request.urlopen(f"{base}/v1/models/{LOCAL}/", timeout=30) as response:
         assert json.loads(response.read())["id"] == LOCAL
+
+
+def test_client_shaped_bodies_are_taken_as_openai_takes_them(daemon_factory: Any) -> None:
+    """Walk finding: an assistant message with ``content: null`` (OpenAI's own shape for a turn without
+    text, which clients send back) was refused 400 "messages[1].content must be a string or a list of
+    parts"; and ``max_completion_tokens: null`` beside ``max_tokens: 3`` (clients that serialize every
+    field) dropped the limit: the answer ran to the default length."""
+    _, base = http_daemon(daemon_factory)
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    history: Any = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": None},
+        {"role": "user", "content": "Hi again"},
+    ]
+    answer = client.chat.completions.create(model=LOCAL, messages=history, max_tokens=2)
+    assert answer.choices[0].message.content and answer.usage is not None
+
+    limited = client.chat.completions.create(
+        model=LOCAL,
+        messages=[{"role": "user", "content": "Tell me a long story."}],
+        max_tokens=3,
+        extra_body={"max_completion_tokens": None},
+    )
+    assert limited.usage is not None and limited.usage.completion_tokens == 3
+    assert limited.choices[0].finish_reason == "length"
