@@ -105,7 +105,7 @@ class HttpServer:
             Route("/health", self._guarded(self.health, keyed=False), methods=["GET"]),
         ]
         config = uvicorn.Config(  # log_config=None: uvicorn's lines go through locod's own logging
-            _slashless(Starlette(routes=routes, exception_handlers={404: self.no_route, 405: self.no_route})),
+            _tidy_path(Starlette(routes=routes, exception_handlers={404: self.no_route, 405: self.no_route})),
             host=host,
             port=port,
             http=protocol(self.limits),  # bounded connections, timed requests (httpconn.py)
@@ -334,15 +334,15 @@ class HttpServer:
         self.conversations.answered(exchange.completion.messages, text, done.session)
 
 
-def _slashless(app: ASGIApp) -> ASGIApp:
-    """Serve a path with a trailing slash as the path (``POST /v1/chat/completions/``, ``GET /v1/models/``):
-    Starlette would answer a 307 with no body, which curl and urllib do not follow for a POST, to a
-    Location built from the request's Host, and take ``/v1/models/`` for a model named ''."""
+def _tidy_path(app: ASGIApp) -> ASGIApp:
+    """Serve a path with doubled or trailing slashes as the path: ``/v1//chat/completions`` (a base_url
+    ending in ``/`` joined by hand), ``POST /v1/chat/completions/``, ``GET /v1/models/``. Starlette would
+    answer a trailing slash with a bodiless 307, which curl and urllib do not follow for a POST, to a
+    Location built from the request's Host; and take ``/v1/models/`` for a model named ''."""
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
-            scope = {**scope, "path": path.rstrip("/") or "/"}
+        if scope["type"] == "http":
+            scope = {**scope, "path": "/" + "/".join(part for part in scope["path"].split("/") if part)}
         await app(scope, receive, send)
 
     return asgi

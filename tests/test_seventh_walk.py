@@ -31,10 +31,10 @@ def post(url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         return exc.code, json.loads(exc.read() or b"null")
 
 
-def test_a_trailing_slash_is_the_same_path(daemon_factory: Any) -> None:
+def test_doubled_or_trailing_slashes_are_the_same_path(daemon_factory: Any) -> None:
     """Walk finding: ``POST /v1/chat/completions/`` was answered 307 with an empty body (urllib raised
     "HTTP Error 307", curl printed nothing) and a Location built from the request's Host header, before the
-    Host check; ``GET /v1/models/`` said "the model '' does not exist"."""
+    Host check; ``GET /v1/models/`` said "the model '' does not exist"; ``/v1//chat/completions`` was a 404."""
     _, base = http_daemon(daemon_factory)
     ask = {"model": LOCAL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
     status, answer = post(f"{base}/v1/chat/completions/", ask)
@@ -43,6 +43,8 @@ def test_a_trailing_slash_is_the_same_path(daemon_factory: Any) -> None:
         assert [m["id"] for m in json.loads(response.read())["data"]] == ["auto", LOCAL]
     with urllib.request.urlopen(f"{base}/v1/models/{LOCAL}/", timeout=30) as response:
         assert json.loads(response.read())["id"] == LOCAL
+    status, answer = post(f"{base}/v1//chat/completions", ask)  # a base_url ending in "/", joined by hand
+    assert status == 200 and answer["choices"][0]["message"]["content"], answer
 
 
 def test_client_shaped_bodies_are_taken_as_openai_takes_them(daemon_factory: Any) -> None:
