@@ -289,7 +289,7 @@ class HttpServer:
             elif isinstance(frame, DoneFrame):
                 text = frame.text or ""
                 self._answered(exchange, frame, text)
-                reason = wire.finish_reason(frame, exchange.completion.options, self.daemon.config.local.max_tokens)
+                reason = self._finish_reason(exchange, frame)
                 return wire.completion(exchange.id, text, frame, reason, exchange.extension(frame))
 
     async def _events(self, exchange: Exchange) -> AsyncIterator[str]:
@@ -323,12 +323,17 @@ class HttpServer:
 
     def _ending(self, exchange: Exchange, done: DoneFrame, text: str) -> list[str]:
         self._answered(exchange, done, text)
-        options = exchange.completion.options
-        reason = wire.finish_reason(done, options, self.daemon.config.local.max_tokens)
+        reason = self._finish_reason(exchange, done)
         events = [wire.chunk(exchange.id, done.model, {}, reason, locod=exchange.extension(done))]
         if exchange.completion.include_usage:
             events.append({**wire.chunk(exchange.id, done.model, {}), "choices": [], "usage": wire.usage(done)})
         return [json.dumps(e) for e in events] + ["[DONE]"]
+
+    def _finish_reason(self, exchange: Exchange, done: DoneFrame) -> str:
+        cfg = self.daemon.config
+        local = next((m for m in cfg.local.models if m.name == done.model), None) if done.location == "local" else None
+        options = exchange.completion.options
+        return wire.finish_reason(done, options, cfg.local.max_tokens, local.n_ctx if local else None)
 
     def _answered(self, exchange: Exchange, done: DoneFrame, text: str) -> None:
         self.conversations.answered(exchange.completion.messages, text, done.session)

@@ -256,8 +256,11 @@ def usage(done: DoneFrame) -> dict[str, int]:
     }
 
 
-def finish_reason(done: DoneFrame, options: ChatOptions, default_max: int) -> str:
-    return "length" if done.tokens_out >= (options.max_tokens or default_max) else "stop"
+def finish_reason(done: DoneFrame, options: ChatOptions, default_max: int, context: int | None) -> str:
+    """``length`` when the answer used its whole budget: the ``max_tokens`` asked, or the rest of the
+    ``context`` (a local model's window) its prompt left it, where the model was cut short as surely."""
+    asked = done.tokens_out >= (options.max_tokens or default_max)
+    return "length" if asked or (context is not None and done.tokens_in + done.tokens_out >= context) else "stop"
 
 
 def completion(cid: str, text: str, done: DoneFrame, reason: str, locod: dict[str, Any]) -> dict[str, Any]:

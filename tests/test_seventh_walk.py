@@ -70,3 +70,24 @@ def test_client_shaped_bodies_are_taken_as_openai_takes_them(daemon_factory: Any
     )
     assert limited.usage is not None and limited.usage.completion_tokens == 3
     assert limited.choices[0].finish_reason == "length"
+
+
+def test_an_answer_cut_by_the_context_window_finishes_for_length(daemon_factory: Any) -> None:
+    """Walk finding: a local answer that filled the model's context (prompt 1722 + answer 326 = 2048
+    tokens, with max_tokens 1500) came back with ``finish_reason: "stop"``, so a client took the cut answer
+    for a whole one (clients continue or warn on ``length``)."""
+    port = free_port()
+    short = {"name": "short", "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "n_ctx": 256}
+    daemon_factory({"local": {"models": [short]}}, extra_env={"LOCOD_HTTP": f"127.0.0.1:{port}"})
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    ask = "The quick brown fox jumps over the lazy dog. " * 8 + "\nRepeat the sentence above 100 times."
+    messages: Any = [{"role": "user", "content": ask}]
+    answer = client.chat.completions.create(model="short", messages=messages, max_tokens=400, temperature=0, seed=1)
+    assert answer.usage is not None and answer.usage.total_tokens == 256 and answer.usage.completion_tokens < 400
+    assert answer.choices[0].finish_reason == "length"
+    chunks = list(
+        client.chat.completions.create(
+            model="short", messages=messages, max_tokens=400, temperature=0, seed=1, stream=True
+        )
+    )
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
