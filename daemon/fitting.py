@@ -64,14 +64,14 @@ def trim_to_context(
     def cost(message: dict[str, str]) -> int:
         return n_ctx + 1 if len(message["content"].encode()) > most_bytes else _message_tokens(llm, message)
 
+    # OpenAI's words for it, which clients match to trim or reroute (LiteLLM's ContextWindowExceededError)
+    limit = f"this model's maximum context length is {n_ctx} tokens"
     size = len(last["content"].encode())
     if size > most_bytes:
-        raise PromptTooLong(
-            f"the prompt is {size} bytes; the model's {n_ctx}-token context holds at most {most_bytes} bytes of it"
-        )
+        raise PromptTooLong(f"the prompt is {size} bytes; {limit}, which hold at most {most_bytes} bytes of it")
     fixed = TEMPLATE_SLACK_TOKENS + sum(cost(m) for m in system) + cost(last)
     if fixed + MIN_ANSWER_TOKENS > n_ctx:
-        raise PromptTooLong(f"the prompt needs about {fixed} tokens; the model's context is {n_ctx} tokens")
+        raise PromptTooLong(f"the prompt needs about {fixed} tokens; {limit}")
     answer = min(max_tokens, n_ctx - fixed)
     room = n_ctx - fixed - answer
     kept: list[dict[str, str]] = []

@@ -214,7 +214,8 @@ def status_of(frame: ErrorFrame) -> int:
 
 
 def error_of(frame: ErrorFrame) -> HttpError:
-    return HttpError(status_of(frame), frame.message, frame.code)
+    param = "messages" if frame.code == PromptTooLong.code else None  # where OpenAI points for a long prompt
+    return HttpError(status_of(frame), frame.message, frame.code, param)
 
 
 def extension(

@@ -249,7 +249,7 @@ def test_endless_stream_stops_at_max_tokens(daemon_factory: Any, hostile_cloud: 
     ("prompt", "force", "message"),
     [
         ("word " * (3 << 20), None, "over daemon.max_prompt_chars (1000000)"),
-        ("word " * 40_000, "local", "bytes; the model's 2048-token context holds at most 65536 bytes of it"),
+        ("word " * 40_000, "local", "maximum context length is 2048 tokens, which hold at most 65536 bytes"),
     ],
 )
 def test_oversized_prompt_is_refused_by_size_unread(

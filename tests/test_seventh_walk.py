@@ -10,6 +10,7 @@ import urllib.request
 from typing import Any
 
 import openai
+import pytest
 
 from .conftest import DaemonHandle, free_port
 
@@ -91,3 +92,16 @@ def test_an_answer_cut_by_the_context_window_finishes_for_length(daemon_factory:
         )
     )
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+
+
+def test_a_prompt_too_long_is_said_in_openais_words(daemon_factory: Any) -> None:
+    """Walk finding: a prompt longer than the local model's context was refused 400 with "the prompt needs
+    about 2945 tokens; the model's context is 2048 tokens" and no ``param``: clients that recognise a
+    context overflow by OpenAI's wording ("This model's maximum context length is", LiteLLM's
+    ContextWindowExceededError, which its router's context-window fallbacks act on) took it for any 400."""
+    _, base = http_daemon(daemon_factory)
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=LOCAL, messages=[{"role": "user", "content": "word " * 3000}])
+    assert "this model's maximum context length is 2048 tokens" in refused.value.message
+    assert refused.value.code == "prompt_too_long" and refused.value.param == "messages"
