@@ -8,7 +8,8 @@ input of at most one token per byte sent plus a template's overhead, an output o
 ``max_tokens`` (providers stop at ``max_tokens``; the slack is for counting differences). Otherwise both
 counts are estimated from characters, as for an endpoint that reports no usage, and one warning per model
 is logged. An estimated input counts each message's text at four characters a token, rounded up, plus the
-few tokens its role and separators take: a one-word question is not a prompt of 0 tokens.
+few tokens its role and separators take: a one-word question is not a prompt of 0 tokens. An estimated
+output is at most ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def counted(model: str, usage: Any, prompt: Prompt, text: str, chunks: int) -> t
             return int(tokens_in), int(tokens_out), False  # type: ignore[arg-type]
         _warn_once(model, problem)
     tokens_in = sum(-(-len(str(m.get("content", ""))) // CHARS_PER_TOKEN) + PER_MESSAGE_TOKENS for m in prompt.messages)
-    return tokens_in, max(chunks, estimate_tokens(len(text))), True
+    # no more than were asked for: the endpoint stopped there, and a client reads usage against max_tokens
+    return tokens_in, min(prompt.max_tokens, max(chunks, estimate_tokens(len(text)))), True
 
 
 def _problem(field: str, value: Any, bound: int) -> str | None:

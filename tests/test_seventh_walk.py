@@ -12,7 +12,8 @@ from typing import Any
 import openai
 import pytest
 
-from .conftest import DaemonHandle, free_port
+from .conftest import SECRET, DaemonHandle, cloud_config, free_port
+from .faultproxy import FaultProxy
 
 LOCAL = "smollm2-135m-instruct"
 
@@ -105,3 +106,19 @@ def test_a_prompt_too_long_is_said_in_openais_words(daemon_factory: Any) -> None
         client.chat.completions.create(model=LOCAL, messages=[{"role": "user", "content": "word " * 3000}])
     assert "this model's maximum context length is 2048 tokens" in refused.value.message
     assert refused.value.code == "prompt_too_long" and refused.value.param == "messages"
+
+
+def test_an_estimated_cloud_answer_counts_no_more_tokens_than_asked(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """Walk finding: LangChain's ChatOpenAI with ``max_tokens=8``, streamed from a cloud endpoint that reports
+    no usage (llama_cpp.server), got ``usage.completion_tokens`` 9: the estimate from the answer's characters
+    ran past the limit the endpoint had stopped at."""
+    port = free_port()
+    env = {"LOCOD_CLOUD_API_KEY": SECRET, "LOCOD_HTTP": f"127.0.0.1:{port}"}
+    daemon_factory(cloud_config(proxy.base_url), extra_env=env)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    asked: Any = [{"role": "user", "content": "Write the word internationalization five times."}]
+    answer = client.chat.completions.create(model="cloud-small", messages=asked, max_tokens=8, temperature=0, seed=1)
+    text = answer.choices[0].message.content or ""
+    assert len(text) >= 9 * 4, text  # an answer whose characters alone would count more than 8 tokens
+    assert answer.usage is not None and answer.usage.completion_tokens == 8
+    assert answer.model_extra is not None and answer.model_extra["locod"]["location"] == "cloud"
