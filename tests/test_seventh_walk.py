@@ -114,7 +114,7 @@ def test_an_estimated_cloud_answer_counts_no_more_tokens_than_asked(daemon_facto
     ran past the limit the endpoint had stopped at."""
     port = free_port()
     env = {"LOCOD_CLOUD_API_KEY": SECRET, "LOCOD_HTTP": f"127.0.0.1:{port}"}
-    daemon_factory(cloud_config(proxy.base_url), extra_env=env)
+    daemon_factory(cloud_config(proxy.base_url, timeout_s=30.0), extra_env=env)  # a loaded machine's first token
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
     asked: Any = [{"role": "user", "content": "Write the word internationalization five times."}]
     answer = client.chat.completions.create(model="cloud-small", messages=asked, max_tokens=8, temperature=0, seed=1)
