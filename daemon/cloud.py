@@ -93,12 +93,27 @@ def key_source(model: CloudModelConfig, env: dict[str, str] | None = None) -> st
     return f"nowhere: neither ${model.api_key_env} nor api_key_file is set"
 
 
+def _limits(model: CloudModelConfig, prompt: Prompt) -> dict[str, Any]:
+    """The answer's length limit in the field the model takes, and the sampling settings where it takes them."""
+    limits: dict[str, Any] = {model.max_tokens_param: prompt.max_tokens}
+    if model.sampling:
+        limits.update(temperature=prompt.temperature, seed=prompt.seed)
+    return limits
+
+
 def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str) -> str:
-    """What to do about a refusal of the key (401, 403) or of the model id (404), naming what was used."""
+    """What to do about a refusal of the key (401, 403), of the model id (404), or of a request field a
+    model does not take (400: OpenAI's reasoning models), naming what was used. The endpoint's own message
+    is read for those words only, never repeated: it may quote the request."""
     if exc.status_code in (401, 403):
         return f": check the API key, which the daemon takes from {source}"
     if exc.status_code == 404:
         return f": check model = {model.model!r}, the endpoint's model id, and base_url = {_where(model)!r}"
+    said = str(exc.message)
+    if exc.status_code == 400 and "max_completion_tokens" in said and model.max_tokens_param == "max_tokens":
+        return f': it takes max_completion_tokens: set max_tokens_param = "max_completion_tokens" for {model.name!r}'
+    if exc.status_code == 400 and "temperature" in said and model.sampling:
+        return f": the model takes only its own temperature: set sampling = false for {model.name!r}"
     return ""
 
 
@@ -265,9 +280,7 @@ class CloudBackend:
                     model=model.model,
                     # Plain dicts in the shape the API documents; the client's TypedDicts vary by release.
                     messages=cast(Any, prompt.messages),
-                    max_tokens=prompt.max_tokens,
-                    temperature=prompt.temperature,
-                    seed=prompt.seed,
+                    **_limits(model, prompt),
                     stop=list(prompt.stop) if prompt.stop else openai.omit,
                     stream=True,
                     stream_options={"include_usage": True},

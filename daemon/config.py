@@ -66,6 +66,9 @@ class CloudModelConfig:
     usd_per_image: float = field(default=0.0, metadata=_range(0))
     vision: bool = True
     context_tokens: int = field(default=0, metadata=_range(0))  # 0: unknown, never masked for length
+    # The request field for the answer's length: OpenAI's reasoning models (o-series, gpt-5) refuse max_tokens.
+    max_tokens_param: str = field(default="max_tokens", metadata=_choice("max_tokens", "max_completion_tokens"))
+    sampling: bool = True  # send the turn's temperature and seed; false for a model that takes only its own
 
     def price(self, tokens_in: int, tokens_out: int, images: int) -> float:
         """USD for one call."""

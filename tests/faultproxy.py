@@ -37,6 +37,7 @@ class Fault:
     times: int | None = None
     location: str = ""  # where a redirect points
     usage: Any = None  # what a ``usage`` fault puts in the stream's usage chunk
+    message: str = "injected"  # the error message of a ``status`` fault's body
 
 
 @dataclass
@@ -109,7 +110,7 @@ class FaultProxy:
                     self.end_headers()
                     return
                 if fault.kind == "status":
-                    payload = json.dumps({"error": {"message": "injected", "type": "server_error"}}).encode()
+                    payload = json.dumps({"error": {"message": fault.message, "type": "server_error"}}).encode()
                     self.send_response(fault.status)
                     if fault.retry_after is not None:
                         self.send_header("Retry-After", fault.retry_after)

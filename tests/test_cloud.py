@@ -136,6 +136,31 @@ def test_cloud_faults_end_in_a_local_answer(
     assert row["outcome"] == "fallback" and row["backend"] == "local" and row["error"]
 
 
+def test_a_reasoning_model_gets_max_completion_tokens_and_no_sampling(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """OpenAI's reasoning models refuse max_tokens and any temperature but their own: the endpoint's 400
+    says so, and the error tells which setting of the model to change; with it changed, the request carries
+    the limit as max_completion_tokens and no temperature or seed."""
+    config = cloud_config(proxy.base_url, max_retries=0)
+    handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    refusal = (
+        "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead."
+    )
+    proxy.set(Fault("status", status=400, message=refusal))
+    result = handle.client().ask("Hi", max_tokens=8, force="cloud")
+    assert result.fallback is not None
+    assert "set max_tokens_param = \"max_completion_tokens\" for 'cloud-small'" in result.fallback.message
+    assert "Unsupported parameter" not in result.fallback.message  # the endpoint's words are not repeated
+
+    config["cloud"]["models"][0].update(max_tokens_param="max_completion_tokens", sampling=False)
+    write_config(handle.config_path, config)
+    assert handle.cli("reload").returncode == 0
+    proxy.set(Fault("status", status=400, message="Unsupported value: 'temperature' does not support 0.7"))
+    result = handle.client().ask("Hi", max_tokens=8, force="cloud")
+    body = proxy.chat_requests()[-1].body
+    assert body["max_completion_tokens"] == 8 and not {"max_tokens", "temperature", "seed"} & set(body), body
+    assert result.fallback is not None and "sampling = false" not in result.fallback.message  # already false
+
+
 @pytest.mark.parametrize(
     "fault",
     [
