@@ -115,6 +115,8 @@ class HttpConfig:
     max_connections: int = field(default=128, metadata=_range(1, 1 << 20))
     # Seconds a client has to send a whole request, headers and body: a slow one is closed.
     request_timeout_s: float = field(default=30.0, metadata=_range(0.1, 3600))
+    # Web pages (origins, "http://localhost:3000") allowed to call the API from a browser (CORS).
+    cors_origins: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -602,6 +604,13 @@ def _check_names(config: Config, origins: Mapping[str, str]) -> None:
         if host not in LOOPBACK and not config.daemon.tcp_secret_file:  # refused before a model is loaded
             raise ConfigError(
                 f"{source}: daemon.tcp binds {host}, beyond loopback: set daemon.tcp_secret_file", code="insecure_tcp"
+            )
+    for origin in config.http.cors_origins:
+        parts = urlsplit(origin)
+        if parts.scheme not in ("http", "https") or not parts.hostname or f"{parts.scheme}://{parts.netloc}" != origin:
+            raise ConfigError(
+                f"{config.source}: http.cors_origins holds {origin!r}, not an origin: a page's scheme, host and "
+                "port only, such as http://localhost:3000 (no path, no trailing slash)"
             )
     if config.http.listen:
         source = origins.get("http.listen", config.source)

@@ -38,7 +38,7 @@ from locod.daemon.config import split_listen
 from locod.daemon.conversations import Conversations
 from locod.daemon.fdlimit import HTTP_SHARE, door_share, raise_soft_limit
 from locod.daemon.httpconn import Limits, loop_errors, protocol
-from locod.daemon.httporigin import Gate
+from locod.daemon.httporigin import Gate, cross_origin
 from locod.daemon.keyfile import read_key_file
 from locod.daemon.reply import Reply
 from locod.daemon.sessions import HTTP
@@ -94,7 +94,7 @@ class HttpServer:
         self.daemon = daemon
         self.conversations = Conversations(daemon.sessions, cfg.max_conversations)
         self.registry = metrics.registry(daemon)
-        self.gate = Gate(host)
+        self.gate = Gate(host, cfg.cors_origins)
         connections = door_share("http.max_connections", cfg.max_connections, raise_soft_limit(), HTTP_SHARE)
         self.limits = Limits(connections, cfg.request_timeout_s)
         routes = [
@@ -105,7 +105,11 @@ class HttpServer:
             Route("/health", self._guarded(self.health, keyed=False), methods=["GET"]),
         ]
         config = uvicorn.Config(  # log_config=None: uvicorn's lines go through locod's own logging
-            _tidy_path(Starlette(routes=routes, exception_handlers={404: self.no_route, 405: self.no_route})),
+            cross_origin(
+                _tidy_path(Starlette(routes=routes, exception_handlers={404: self.no_route, 405: self.no_route})),
+                cfg.cors_origins,
+                "x-locod-decision, x-locod-location",
+            ),
             host=host,
             port=port,
             http=protocol(self.limits),  # bounded connections, timed requests (httpconn.py)

@@ -167,6 +167,40 @@ def test_requests_a_web_page_could_send_are_refused(daemon_factory: Any) -> None
     assert len(handle.rows()) == 1
 
 
+def test_a_page_named_in_cors_origins_may_call_the_api_from_the_browser(daemon_factory: Any) -> None:
+    """A chat UI that calls the API from the browser: its preflight is granted and its answers are readable
+    by it, only for the origins http.cors_origins names; any other page is refused as before."""
+    ui = "http://chat.example:3000"
+    handle, port = http_daemon(daemon_factory, {"http": {"cors_origins": [ui]}})
+    preflight = {
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, x-stainless-os",
+    }
+
+    def raw(method: str, path: str, origin: str, body: Any = None, **headers: str) -> http.client.HTTPResponse:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        data = None if body is None else json.dumps(body).encode()
+        conn.request(method, path, body=data, headers={"Origin": origin, "Content-Type": "application/json", **headers})
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        return response
+
+    granted = raw("OPTIONS", "/v1/chat/completions", ui, **preflight)
+    assert granted.status == 204 and granted.getheader("access-control-allow-origin") == ui
+    assert granted.getheader("access-control-allow-headers") == "authorization, x-stainless-os"
+    chat = {"model": "auto", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    answered = raw("POST", "/v1/chat/completions", ui, chat)
+    assert answered.status == 200 and answered.getheader("access-control-allow-origin") == ui
+    assert "x-locod-location" in (answered.getheader("access-control-expose-headers") or "")
+
+    other = "http://other.example:3000"
+    assert raw("OPTIONS", "/v1/chat/completions", other, **preflight).status == 405
+    refused = raw("POST", "/v1/chat/completions", other, chat)
+    assert refused.status == 403 and refused.getheader("access-control-allow-origin") is None
+    assert len(handle.rows()) == 1
+
+
 def test_each_http_connection_has_its_own_turn_budget(daemon_factory: Any) -> None:
     """F11: one HTTP client's turns in flight do not count against another's from the same host; the
     socket's refusal names the setting that sets the budget."""
