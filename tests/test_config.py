@@ -63,7 +63,10 @@ def test_config_file_from_environment(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("[daemon]\nbogus = 1\n", "unknown key 'daemon.bogus'"),
-        ('[http]\ncors_origins = ["http://localhost:3000/"]\n', "http.cors_origins holds 'http://localhost:3000/', not an"),
+        (
+            '[http]\ncors_origins = ["http://localhost:3000/"]\n',
+            "http.cors_origins holds 'http://localhost:3000/', not an",
+        ),
         ("[nosuch]\nx = 1\n", "unknown key 'nosuch'"),
         ('[daemon]\nmax_message_bytes = "big"\n', "daemon.max_message_bytes expects an integer, got str"),
         ("[routing]\nsla = 1.5\n", "routing.sla must be between 0.0 and 1.0, got 1.5"),
