@@ -60,11 +60,13 @@ class Learner:
         return {name: prior for name, prior in found.items() if prior is not None}
 
     def adopt(self, config: Config, priors: dict[str, Prior]) -> None:
-        """Re-read the MESS+ state with the config's parameters, a local model that has no labels yet
-        starting from its prior. On a reload, call with ``lock`` held: the decider swaps its config and
-        policy in the same step (Decider.reload)."""
+        """Take the config's MESS+ parameters, a local model that has no labels yet starting from its prior.
+        At start the state is read from its file; a reload keeps the state in memory, which holds what saves
+        a full or read-only disk refused. On a reload, call with ``lock`` held: the decider swaps its config
+        and policy in the same step (Decider.reload)."""
         routing = config.routing
         self.config = config
+        running = getattr(self, "mess", None)  # a reload carries on from the state in memory, not the file
         self.mess = MessPlus(
             rule.priors((m.name for m in config.local.models), (m.name for m in config.cloud.models)),
             sla=routing.sla,
@@ -72,6 +74,7 @@ class Learner:
             explore_c=routing.explore_c,
             q_cap=routing.q_cap,
             path=Path(config.paths.state_dir) / "messplus.npz",
+            state=None if running is None else running.state,
         )
         for name, prior in priors.items():
             self.mess.warm_start(name, prior)

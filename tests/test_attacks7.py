@@ -1,0 +1,48 @@
+"""Round seven of attacks on a running daemon, on a turn's lifecycle and the state kept across faults:
+each test is one way in that broke, and now holds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .conftest import wait_for
+
+
+def _settled(handle: Any) -> int:
+    return int(handle.client().status()["routing"]["turns"])
+
+
+def test_a_reload_keeps_the_router_state_a_refused_save_left_in_memory(daemon_factory: Any) -> None:
+    """While the router state could not be saved (a full disk; here its temporary file's name is taken), a
+    reload re-read the file and threw away every turn learned since its last save. Now a reload carries on
+    from the state in memory, which is saved once the disk lets it."""
+    handle = daemon_factory()
+    client = handle.client()
+    assert client.ask("Say hi.", max_tokens=2).done is not None
+    wait_for(lambda: _settled(handle) == 1, what="the first turn to settle")
+    blocker = handle.home / "state" / "messplus.tmp"
+    blocker.mkdir()  # every save fails from now on, as on a full disk
+    for prompt in ("Say hello.", "Say yes."):
+        assert client.ask(prompt, max_tokens=2).done is not None
+    wait_for(lambda: _settled(handle) == 3, what="the turns to settle")
+    assert "cannot save the MESS+ state" in handle.log()
+    assert client.reload()["reloaded"]
+    assert _settled(handle) == 3
+    blocker.rmdir()
+    assert client.ask("Say no.", max_tokens=2).done is not None
+    handle.stop()
+    assert _settled(daemon_factory()) == 4  # the whole state reached the disk once it could
+
+
+def test_a_fifo_as_the_router_state_is_set_aside_without_waiting(daemon_factory: Any, tmp_path: Path) -> None:
+    """A FIFO (or another special file) at messplus.npz held the start in open() for good: no socket, no
+    READY, a restart loop under systemd. Now it is set aside with one log line and the daemon serves."""
+    state = tmp_path / "d" / "state"
+    state.mkdir(parents=True)
+    os.mkfifo(state / "messplus.npz")  # nobody ever writes to it
+    handle = daemon_factory()
+    assert handle.client().ask("Say hi.", max_tokens=2).done is not None
+    assert "unusable" in handle.log() and "not a regular file" in handle.log()
+    assert len(list(state.glob("messplus.npz.bad-*"))) == 1
