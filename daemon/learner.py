@@ -103,7 +103,8 @@ class Learner:
         labelled = self.records.label(decision_id, satisfied, source)  # refuses a turn still running
         with self.lock:
             routing = labelled.routing
-            if routing is not None and routing.s_hat_taken is not None and decision_id not in self.mess.state.pending:
+            settling = decision_id > self.records.last_before_start and decision_id not in self.mess.state.pending
+            if routing is not None and routing.s_hat_taken is not None and settling:
                 self._early[decision_id] = (labelled, satisfied)  # answered, not settled yet: at its settling
                 while len(self._early) > MAX_EARLY:  # a turn whose settling never came (the daemon died)
                     del self._early[next(iter(self._early))]

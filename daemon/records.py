@@ -275,6 +275,9 @@ class DecisionLog:
                 "finished = ? WHERE outcome = 'pending'",
                 [time.time()],
             ).rowcount
+            # A turn of an earlier start that a label comes for is never settled by this one: the label
+            # trains at once (Learner.feedback), whether or not the router state still holds its settling.
+            self.last_before_start = int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM decisions").fetchone()[0])
         # the `decisions` op's query: a logged prompt's head only (``prompt_chars`` says how long it was), as a
         # reply of a thousand megabyte prompts would hold the loop and the memory
         shown = (

@@ -36,6 +36,21 @@ def test_a_reload_keeps_the_router_state_a_refused_save_left_in_memory(daemon_fa
     assert _settled(daemon_factory()) == 4  # the whole state reached the disk once it could
 
 
+def test_a_label_for_a_turn_from_before_a_restart_trains_the_router(daemon_factory: Any) -> None:
+    """A label for a turn whose settling the router state no longer holds (the daemon was killed before its
+    save, or the state file was unusable and set aside) was held for a settling that never comes: recorded
+    as final, never trained on. Now a label for a turn of an earlier start trains at once."""
+    handle = daemon_factory()
+    decision = handle.client().ask("Say hi.", max_tokens=2).done.decision
+    handle.stop()
+    (handle.home / "state" / "messplus.npz").write_bytes(b"not a zip")  # set aside at the next start
+    restarted = daemon_factory()
+    client = restarted.client()
+    assert client.status()["routing"]["labels"] == {}
+    client.feedback(decision, True)
+    assert sum(client.status()["routing"]["labels"].values()) == 1
+
+
 def test_a_fifo_as_the_router_state_is_set_aside_without_waiting(daemon_factory: Any, tmp_path: Path) -> None:
     """A FIFO (or another special file) at messplus.npz held the start in open() for good: no socket, no
     READY, a restart loop under systemd. Now it is set aside with one log line and the daemon serves."""
