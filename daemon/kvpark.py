@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,7 +91,10 @@ class DiskPark:
             with contextlib.suppress(OSError):  # a directory stays: it is not ours to remove
                 path.unlink(missing_ok=True)
             return None
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # a read-only folder: the state is used all the same, and may be read again later
+            log.warning("could not remove parked KV state %s once read: %s", path.name, exc.strerror)
         state = _decode(raw, identity)
         if isinstance(state, str):
             log.warning("ignoring parked KV state %s: %s", path.name, state)
@@ -106,10 +110,11 @@ class DiskPark:
         found = []
         for path in self.directory.glob("*.kv"):
             try:
-                st = path.stat()
+                st = path.lstat()
             except FileNotFoundError:
                 continue
-            found.append((path, st.st_size, st.st_mtime))
+            if stat.S_ISREG(st.st_mode):  # only what ``put`` writes: a directory there is not ours to trim
+                found.append((path, st.st_size, st.st_mtime))
         return found
 
     def _trim(self) -> None:
@@ -118,7 +123,10 @@ class DiskPark:
         for path, size, _ in files:
             if total <= self.limit_bytes:
                 break
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not trim parked KV state %s: %s", path.name, exc.strerror)
             total -= size
 
 

@@ -4,8 +4,13 @@ each test is one way in that broke, and now holds."""
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from .conftest import wait_for
 
@@ -61,3 +66,48 @@ def test_a_fifo_as_the_router_state_is_set_aside_without_waiting(daemon_factory:
     assert handle.client().ask("Say hi.", max_tokens=2).done is not None
     assert "unusable" in handle.log() and "not a regular file" in handle.log()
     assert len(list(state.glob("messplus.npz.bad-*"))) == 1
+
+
+@pytest.fixture
+def park(tmp_path: Path) -> Iterator[Path]:
+    """The daemon's disk park (state/kvcache) on a file system of its own, to be made read-only."""
+    mount = tmp_path / "d" / "state" / "kvcache"
+    mount.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_read_only_park_still_resumes_its_dialogues(daemon_factory: Any, park: Path) -> None:
+    """A parked dialogue resumed after a restart has its file removed; on a park made read-only meanwhile
+    the removal raised, and every turn of that dialogue failed with an internal error until the park was
+    writable again. Now the state is used, the file left with one log line."""
+    config = {"local": {"cache_disk_mb": 32}}
+    handle = daemon_factory(config)
+    assert handle.client().ask("Say hi.", session="s1", max_tokens=2).done is not None
+    assert handle.stop() == 0
+    assert len(list(park.glob("*.kv"))) == 1  # parked at the stop
+    subprocess.run(["mount", "-o", "remount,ro", str(park)], check=True)
+    restarted = daemon_factory(config)
+    client = restarted.client()
+    assert client.ask("Say hello.", session="s1", max_tokens=2).done.outcome == "ok"
+    assert client.status()["local"]["cache"]["disk_hits"] == 1
+    assert "could not remove parked KV state" in restarted.log()
+    assert "internal error" not in restarted.log()
+
+
+def test_a_directory_in_the_park_does_not_fail_the_parking(daemon_factory: Any, tmp_path: Path) -> None:
+    """The park is trimmed to its limit by deleting its oldest files; a directory named like one (``*.kv``)
+    was counted and "deleted", which raised, failing the stop's parking of every dialogue after it. Now
+    only regular files count."""
+    park = tmp_path / "d" / "state" / "kvcache"
+    (park / "0000.kv").mkdir(parents=True)
+    os.utime(park / "0000.kv", (0, 0))  # the oldest: the first the trimming takes
+    handle = daemon_factory({"local": {"cache_disk_mb": 1}})
+    client = handle.client()
+    for session in ("s1", "s2"):
+        assert client.ask("Say hi.", session=session, max_tokens=2).done is not None
+    assert handle.stop(signal.SIGTERM) == 0
+    assert "Traceback" not in handle.log()
+    assert (park / "0000.kv").is_dir()
