@@ -35,7 +35,6 @@ from locod.policy.tasks import TASKS
 log = logging.getLogger(__name__)
 
 ANSWERED = ("ok", "fallback", "escalated")  # outcomes of a turn that was answered (escalated: by the cloud)
-NO_ANSWER = ("error", "interrupted")  # outcomes whose turn answered nothing that a label could grade
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
 BUSY_WAIT_S = 10.0  # how long a write waits for another process's lock on the file (a turn's record)
 PROMPT_SHOWN = 2000  # characters of a logged prompt the `decisions` op returns
@@ -424,7 +423,7 @@ class DecisionLog:
                 raise UnknownDecision(
                     f"decision {decision_id} is still running; label it once it has answered", code="not_finished"
                 )
-            if rows[0]["outcome"] in NO_ANSWER:
+            if rows[0]["outcome"] not in ANSWERED:  # cut by a cancel or a stop, failed: nothing whole to grade
                 raise UnknownDecision(
                     f"decision {decision_id} ended without an answer ({rows[0]['outcome']}): there is nothing to label",
                     code="not_answered",

@@ -3,6 +3,7 @@ each test is one way in that broke, and now holds."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
+
+from locod.errors import UnknownDecision
+from locod.protocol import ChatOptions, ChatRequest, encode_request
 
 from .conftest import wait_for
 
@@ -111,3 +116,25 @@ def test_a_directory_in_the_park_does_not_fail_the_parking(daemon_factory: Any, 
     assert handle.stop(signal.SIGTERM) == 0
     assert "Traceback" not in handle.log()
     assert (park / "0000.kv").is_dir()
+
+
+def test_a_cancelled_turn_cannot_be_labelled(daemon: Any) -> None:
+    """A turn cancelled mid-answer (its client gone) took a label as final, though its answer was cut and
+    the turn never settled: the label was held for that settling and never trained on, nor could a second
+    label replace it. Now it is refused as a turn that ended without an answer."""
+    ctx = zmq.Context()
+    try:
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(daemon.endpoint)
+        ask = [{"role": "user", "content": "Write a long story about a lighthouse."}]
+        sock.send(encode_request(ChatRequest("gone", ask, options=ChatOptions(max_tokens=1000))))
+        frames = [json.loads(sock.recv()) for _ in range(2)]  # the decision, then the first delta
+        assert [f["type"] for f in frames] == ["decision", "delta"]
+        sock.close(linger=0)
+    finally:
+        ctx.destroy(linger=0)
+    (row,) = wait_for(lambda: [r for r in daemon.rows() if r["outcome"] != "pending"], 60, "the turn to end")
+    assert row["outcome"] == "cancelled"
+    with pytest.raises(UnknownDecision) as refused:
+        daemon.client().feedback(row["id"], True)
+    assert refused.value.code == "not_answered" and "cancelled" in refused.value.message
