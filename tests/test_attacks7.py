@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ import zmq
 from locod.errors import UnknownDecision
 from locod.protocol import ChatOptions, ChatRequest, encode_request
 
-from .conftest import wait_for
+from .conftest import SECRET, cloud_config, wait_for
+from .faultproxy import Fault, FaultProxy
 
 
 def _settled(handle: Any) -> int:
@@ -138,3 +140,22 @@ def test_a_cancelled_turn_cannot_be_labelled(daemon: Any) -> None:
     with pytest.raises(UnknownDecision) as refused:
         daemon.client().feedback(row["id"], True)
     assert refused.value.code == "not_answered" and "cancelled" in refused.value.message
+
+
+def test_a_stop_during_a_shadow_answer_stops_cleanly(daemon_factory: Any) -> None:
+    """The stop waited 10 s for a shadow answer (the local model answering a cloud turn in the background),
+    then closed the model under it: the daemon died of SIGSEGV, its router state unsaved. Now the shadow
+    answer stops at its next token and the daemon stops as it should."""
+    proxy = FaultProxy("http://127.0.0.1:9").start()  # made-up answers only: nothing is forwarded
+    try:
+        config = cloud_config(proxy.base_url, max_retries=0)
+        config["routing"]["shadow"] = "always"
+        handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+        proxy.set(Fault("endless"))  # a long cloud answer at once, so the shadow answer is long too
+        done = handle.client(turn_timeout_s=120).ask("Count from 1 to 3000, separated by commas.", max_tokens=3000).done
+        assert done.location == "cloud"
+        time.sleep(1)  # the shadow answer is under way
+        assert handle.stop() == 0
+    finally:
+        proxy.stop()
+    assert "stopped after 1 turns" in handle.log()
