@@ -50,6 +50,16 @@ class DiskPark:
         self.limit_bytes = limit_bytes
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
+    @classmethod
+    def opened(cls, directory: Path, limit_bytes: int) -> DiskPark | None:
+        """The park, or None with one log line when its folder cannot be made (a file in its place): a
+        start refused for it would be retried by systemd for ever, and the park only saves re-reading."""
+        try:
+            return cls(directory, limit_bytes)
+        except OSError as exc:
+            log.error("cannot park dialogue states in %s: %s; serving without the disk park", directory, exc.strerror)
+            return None
+
     def _path(self, model: str, session: str) -> Path:
         return self.directory / (hashlib.sha256(f"{model}\0{session}".encode()).hexdigest()[:32] + ".kv")
 

@@ -159,3 +159,16 @@ def test_a_stop_during_a_shadow_answer_stops_cleanly(daemon_factory: Any) -> Non
     finally:
         proxy.stop()
     assert "stopped after 1 turns" in handle.log()
+
+
+def test_a_park_folder_that_cannot_be_made_leaves_the_park_off(daemon_factory: Any, tmp_path: Path) -> None:
+    """A file where the disk park's folder goes (state/kvcache) refused the start ("File exists", exit 1),
+    which systemd's Restart=on-failure retries for ever. The park only saves re-reading a dialogue: now the
+    daemon serves without it, and says so once."""
+    state = tmp_path / "d" / "state"
+    state.mkdir(parents=True)
+    (state / "kvcache").write_text("not a folder")
+    handle = daemon_factory({"local": {"cache_disk_mb": 8}})
+    assert handle.client().ask("Say hi.", session="s1", max_tokens=2).done is not None
+    assert handle.log().count("serving without the disk park") == 1
+    assert handle.stop() == 0
