@@ -18,7 +18,7 @@ import zmq
 from locod.errors import UnknownDecision
 from locod.protocol import ChatOptions, ChatRequest, encode_request
 
-from .conftest import SECRET, cloud_config, wait_for
+from .conftest import REPO, SECRET, cloud_config, wait_for
 from .faultproxy import Fault, FaultProxy
 
 
@@ -172,3 +172,26 @@ def test_a_park_folder_that_cannot_be_made_leaves_the_park_off(daemon_factory: A
     assert handle.client().ask("Say hi.", session="s1", max_tokens=2).done is not None
     assert handle.log().count("serving without the disk park") == 1
     assert handle.stop() == 0
+
+
+def test_training_a_policy_never_rewrites_the_one_a_daemon_reads(daemon_factory: Any, tmp_path: Path) -> None:
+    """`locod policy train` wrote the state directory's policy.onnx in place, twice (the export, then again
+    with its metadata): a daemon starting or reloading meanwhile read half a file or one without its
+    layout, and training killed mid-write left no policy at all. Now the new policy is renamed over the old
+    one whole: whoever opened the old file reads it whole."""
+    pytest.importorskip("torch")
+    policy = tmp_path / "d" / "state" / "policy.onnx"
+    policy.parent.mkdir(parents=True)
+    shipped = (REPO / "policy" / "default" / "policy.onnx").read_bytes()
+    policy.write_bytes(shipped)
+    handle = daemon_factory()
+    client = handle.client()
+    before = client.status()["routing"]["policy"]
+    with policy.open("rb") as reading:  # as a daemon's start or reload holds it
+        trained = handle.cli("policy", "train", "--steps", "512", timeout=600)
+        assert trained.returncode == 0, trained.stderr
+        assert reading.read() == shipped
+    reloaded = client.reload()
+    assert reloaded["reloaded"] and reloaded["policy_error"] is None
+    assert client.status()["routing"]["policy"] != before
+    assert [p.name for p in policy.parent.glob("*policy.onnx*")] == ["policy.onnx"]
