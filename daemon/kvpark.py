@@ -49,6 +49,9 @@ class DiskPark:
         self.directory = directory
         self.limit_bytes = limit_bytes
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for stale in directory.glob("*.tmp"):  # a daemon killed mid-write: outside the limit's count for good
+            with contextlib.suppress(OSError):
+                stale.unlink()
 
     @classmethod
     def opened(cls, directory: Path, limit_bytes: int) -> DiskPark | None:

@@ -195,3 +195,15 @@ def test_training_a_policy_never_rewrites_the_one_a_daemon_reads(daemon_factory:
     assert reloaded["reloaded"] and reloaded["policy_error"] is None
     assert client.status()["routing"]["policy"] != before
     assert [p.name for p in policy.parent.glob("*policy.onnx*")] == ["policy.onnx"]
+
+
+def test_a_park_file_half_written_by_a_killed_daemon_is_cleared(daemon_factory: Any, tmp_path: Path) -> None:
+    """A daemon killed while parking a dialogue (systemd's stop timeout, kill -9) left its temporary file,
+    which the park's byte limit never counted nor removed: each such kill kept up to the limit more on disk.
+    Now the next start removes it."""
+    park = tmp_path / "d" / "state" / "kvcache"
+    park.mkdir(parents=True)
+    (park / "0123456789abcdef0123456789abcdef.tmp").write_bytes(b"\0" * (1 << 20))
+    handle = daemon_factory({"local": {"cache_disk_mb": 1}})
+    assert handle.client().ask("Say hi.", session="s1", max_tokens=2).done is not None
+    assert list(park.glob("*.tmp")) == []
