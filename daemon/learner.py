@@ -23,7 +23,7 @@ from locod.daemon.config import Config
 from locod.daemon.decision import Decision, Escalation
 from locod.daemon.modelfile import resolve_path
 from locod.daemon.records import DecisionLog, JudgedAnswer, LabelTarget
-from locod.errors import CloudError, UnknownDecision
+from locod.errors import CloudError, StorageError, UnknownDecision
 from locod.policy import rule
 from locod.policy.messplus import MessPlus, RecordedFeatures
 from locod.policy.warmstart import Prior, load_prior
@@ -175,7 +175,10 @@ class Learner:
         except CloudError as exc:
             log.info("judge could not grade decision %d: %s", decision_id, exc.message)
             return None
-        self.records.add_cost(decision_id, graded.cost_usd)
+        try:
+            self.records.add_cost(decision_id, graded.cost_usd)
+        except StorageError as exc:  # the verdict still counts
+            log.warning("judge's cost for decision %d is not in its record: %s", decision_id, exc.message)
         verdict = VERDICT.search(graded.text)
         if verdict is None:
             log.info(
@@ -195,6 +198,8 @@ class Learner:
             self.feedback(decision_id, verdict, source="judge")
         except UnknownDecision:
             pass  # the user labelled it first: their label stands
+        except StorageError as exc:  # on the judge's thread: unsaid, it would vanish without a word
+            log.warning("judge's verdict for decision %d is not stored: %s", decision_id, exc.message)
 
     def status(self) -> dict[str, Any]:
         with self.lock:

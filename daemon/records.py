@@ -473,11 +473,14 @@ class DecisionLog:
         return int(shadows), int(escalated)
 
     def add_cost(self, decision_id: int, usd: float) -> None:
-        """Money spent on a turn after it ended (grading it with the judge)."""
-        with self._writing("adding cost"):
-            self._conn.execute(
-                "UPDATE decisions SET cost_usd = COALESCE(cost_usd, 0) + ? WHERE id = ?", [usd, decision_id]
-            )
+        """Money spent on a turn after it ended (grading it with the judge): counted towards today's total
+        even when the log cannot be written, as the daily cap must see every dollar spent."""
+        try:
+            with self._writing("adding cost"):
+                self._conn.execute(
+                    "UPDATE decisions SET cost_usd = COALESCE(cost_usd, 0) + ? WHERE id = ?", [usd, decision_id]
+                )
+        finally:
             self._spend(usd)
 
     def recent(self, limit: int = 20) -> list[dict[str, Any]]:

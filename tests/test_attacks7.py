@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from locod.protocol import ChatOptions, ChatRequest, encode_request
 
 from .conftest import REPO, SECRET, cloud_config, wait_for
 from .faultproxy import Fault, FaultProxy
+from .test_routing import auto_config
 
 
 def _settled(handle: Any) -> int:
@@ -207,3 +209,23 @@ def test_a_park_file_half_written_by_a_killed_daemon_is_cleared(daemon_factory: 
     handle = daemon_factory({"local": {"cache_disk_mb": 1}})
     assert handle.client().ask("Say hi.", session="s1", max_tokens=2).done is not None
     assert list(park.glob("*.tmp")) == []
+
+
+def test_a_judge_that_cannot_write_its_cost_still_counts_it_and_says_so(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """The judge grades an explored turn after its reply, on a thread of its own, and adds its price to the
+    turn's record. With the decision log locked (or a full disk) that write raised on the judge's thread,
+    where nobody saw it: the money went uncounted by the daily cap, and the verdict was dropped without a
+    word. Now the spend counts whatever the disk says, and what could not be stored is logged."""
+    handle = daemon_factory(auto_config(proxy.base_url, judge=True, explore_c=10.0))  # every turn explores
+    client = handle.client()
+    proxy.set(Fault("delay", delay_s=2))  # the grading call, sent after the reply, answers late
+    decision = client.ask("What is 2+2?", max_tokens=4, temperature=0.0).done.decision
+    holder = sqlite3.connect(handle.db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # before the judge answers: its cost cannot be written
+    try:
+        wait_for(lambda: f"judge's cost for decision {decision} is not in its record" in handle.log(), 60)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    recorded = sum(r["cost_usd"] for r in handle.rows())
+    assert client.status()["cloud"]["spent_today_usd"] > round(recorded, 6)
