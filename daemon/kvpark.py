@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,19 @@ class DiskPark:
         self.directory = directory
         self.limit_bytes = limit_bytes
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for stale in directory.glob("*.tmp"):  # a daemon killed mid-write: outside the limit's count for good
+            with contextlib.suppress(OSError):
+                stale.unlink()
+
+    @classmethod
+    def opened(cls, directory: Path, limit_bytes: int) -> DiskPark | None:
+        """The park, or None with one log line when its folder cannot be made (a file in its place): a
+        start refused for it would be retried by systemd for ever, and the park only saves re-reading."""
+        try:
+            return cls(directory, limit_bytes)
+        except OSError as exc:
+            log.error("cannot park dialogue states in %s: %s; serving without the disk park", directory, exc.strerror)
+            return None
 
     def _path(self, model: str, session: str) -> Path:
         return self.directory / (hashlib.sha256(f"{model}\0{session}".encode()).hexdigest()[:32] + ".kv")
@@ -90,7 +104,10 @@ class DiskPark:
             with contextlib.suppress(OSError):  # a directory stays: it is not ours to remove
                 path.unlink(missing_ok=True)
             return None
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # a read-only folder: the state is used all the same, and may be read again later
+            log.warning("could not remove parked KV state %s once read: %s", path.name, exc.strerror)
         state = _decode(raw, identity)
         if isinstance(state, str):
             log.warning("ignoring parked KV state %s: %s", path.name, state)
@@ -106,10 +123,11 @@ class DiskPark:
         found = []
         for path in self.directory.glob("*.kv"):
             try:
-                st = path.stat()
+                st = path.lstat()
             except FileNotFoundError:
                 continue
-            found.append((path, st.st_size, st.st_mtime))
+            if stat.S_ISREG(st.st_mode):  # only what ``put`` writes: a directory there is not ours to trim
+                found.append((path, st.st_size, st.st_mtime))
         return found
 
     def _trim(self) -> None:
@@ -118,7 +136,10 @@ class DiskPark:
         for path, size, _ in files:
             if total <= self.limit_bytes:
                 break
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not trim parked KV state %s: %s", path.name, exc.strerror)
             total -= size
 
 

@@ -23,7 +23,7 @@ from locod.daemon.config import Config
 from locod.daemon.decision import Decision, Escalation
 from locod.daemon.modelfile import resolve_path
 from locod.daemon.records import DecisionLog, JudgedAnswer, LabelTarget
-from locod.errors import CloudError, UnknownDecision
+from locod.errors import CloudError, StorageError, UnknownDecision
 from locod.policy import rule
 from locod.policy.messplus import MessPlus, RecordedFeatures
 from locod.policy.warmstart import Prior, load_prior
@@ -60,11 +60,13 @@ class Learner:
         return {name: prior for name, prior in found.items() if prior is not None}
 
     def adopt(self, config: Config, priors: dict[str, Prior]) -> None:
-        """Re-read the MESS+ state with the config's parameters, a local model that has no labels yet
-        starting from its prior. On a reload, call with ``lock`` held: the decider swaps its config and
-        policy in the same step (Decider.reload)."""
+        """Take the config's MESS+ parameters, a local model that has no labels yet starting from its prior.
+        At start the state is read from its file; a reload keeps the state in memory, which holds what saves
+        a full or read-only disk refused. On a reload, call with ``lock`` held: the decider swaps its config
+        and policy in the same step (Decider.reload)."""
         routing = config.routing
         self.config = config
+        running = getattr(self, "mess", None)  # a reload carries on from the state in memory, not the file
         self.mess = MessPlus(
             rule.priors((m.name for m in config.local.models), (m.name for m in config.cloud.models)),
             sla=routing.sla,
@@ -72,6 +74,7 @@ class Learner:
             explore_c=routing.explore_c,
             q_cap=routing.q_cap,
             path=Path(config.paths.state_dir) / "messplus.npz",
+            state=None if running is None else running.state,
         )
         for name, prior in priors.items():
             self.mess.warm_start(name, prior)
@@ -100,7 +103,8 @@ class Learner:
         labelled = self.records.label(decision_id, satisfied, source)  # refuses a turn still running
         with self.lock:
             routing = labelled.routing
-            if routing is not None and routing.s_hat_taken is not None and decision_id not in self.mess.state.pending:
+            settling = decision_id > self.records.last_before_start and decision_id not in self.mess.state.pending
+            if routing is not None and routing.s_hat_taken is not None and settling:
                 self._early[decision_id] = (labelled, satisfied)  # answered, not settled yet: at its settling
                 while len(self._early) > MAX_EARLY:  # a turn whose settling never came (the daemon died)
                     del self._early[next(iter(self._early))]
@@ -171,7 +175,10 @@ class Learner:
         except CloudError as exc:
             log.info("judge could not grade decision %d: %s", decision_id, exc.message)
             return None
-        self.records.add_cost(decision_id, graded.cost_usd)
+        try:
+            self.records.add_cost(decision_id, graded.cost_usd)
+        except StorageError as exc:  # the verdict still counts
+            log.warning("judge's cost for decision %d is not in its record: %s", decision_id, exc.message)
         verdict = VERDICT.search(graded.text)
         if verdict is None:
             log.info(
@@ -191,6 +198,8 @@ class Learner:
             self.feedback(decision_id, verdict, source="judge")
         except UnknownDecision:
             pass  # the user labelled it first: their label stands
+        except StorageError as exc:  # on the judge's thread: unsaid, it would vanish without a word
+            log.warning("judge's verdict for decision %d is not stored: %s", decision_id, exc.message)
 
     def status(self) -> dict[str, Any]:
         with self.lock:

@@ -35,7 +35,6 @@ from locod.policy.tasks import TASKS
 log = logging.getLogger(__name__)
 
 ANSWERED = ("ok", "fallback", "escalated")  # outcomes of a turn that was answered (escalated: by the cloud)
-NO_ANSWER = ("error", "interrupted")  # outcomes whose turn answered nothing that a label could grade
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
 BUSY_WAIT_S = 10.0  # how long a write waits for another process's lock on the file (a turn's record)
 PROMPT_SHOWN = 2000  # characters of a logged prompt the `decisions` op returns
@@ -275,6 +274,9 @@ class DecisionLog:
                 "finished = ? WHERE outcome = 'pending'",
                 [time.time()],
             ).rowcount
+            # A turn of an earlier start that a label comes for is never settled by this one: the label
+            # trains at once (Learner.feedback), whether or not the router state still holds its settling.
+            self.last_before_start = int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM decisions").fetchone()[0])
         # the `decisions` op's query: a logged prompt's head only (``prompt_chars`` says how long it was), as a
         # reply of a thousand megabyte prompts would hold the loop and the memory
         shown = (
@@ -421,7 +423,7 @@ class DecisionLog:
                 raise UnknownDecision(
                     f"decision {decision_id} is still running; label it once it has answered", code="not_finished"
                 )
-            if rows[0]["outcome"] in NO_ANSWER:
+            if rows[0]["outcome"] not in ANSWERED:  # cut by a cancel or a stop, failed: nothing whole to grade
                 raise UnknownDecision(
                     f"decision {decision_id} ended without an answer ({rows[0]['outcome']}): there is nothing to label",
                     code="not_answered",
@@ -471,11 +473,14 @@ class DecisionLog:
         return int(shadows), int(escalated)
 
     def add_cost(self, decision_id: int, usd: float) -> None:
-        """Money spent on a turn after it ended (grading it with the judge)."""
-        with self._writing("adding cost"):
-            self._conn.execute(
-                "UPDATE decisions SET cost_usd = COALESCE(cost_usd, 0) + ? WHERE id = ?", [usd, decision_id]
-            )
+        """Money spent on a turn after it ended (grading it with the judge): counted towards today's total
+        even when the log cannot be written, as the daily cap must see every dollar spent."""
+        try:
+            with self._writing("adding cost"):
+                self._conn.execute(
+                    "UPDATE decisions SET cost_usd = COALESCE(cost_usd, 0) + ? WHERE id = ?", [usd, decision_id]
+                )
+        finally:
             self._spend(usd)
 
     def recent(self, limit: int = 20) -> list[dict[str, Any]]:

@@ -667,7 +667,7 @@ class Daemon:
 def _model_zoo(config: Config) -> ModelZoo:
     """The local models and the dialogue states kept for them (parked on disk with local.cache_disk_mb)."""
     local = config.local
-    park = DiskPark(config.state_dir / "kvcache", local.cache_disk_mb << 20) if local.cache_disk_mb else None
+    park = DiskPark.opened(config.state_dir / "kvcache", local.cache_disk_mb << 20) if local.cache_disk_mb else None
     return ModelZoo(local.models, config.models_dir, local.memory_budget_mb, local.n_threads, local.cache_mb, park)
 
 

@@ -77,6 +77,7 @@ class ShadowLane:
         self._jobs: deque[ShadowJob] = deque(maxlen=QUEUE)
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._preempted = threading.Event()  # the running job's: set when a client queues, or at close
         self._thread = threading.Thread(target=self._run, name="shadow", daemon=True)
         self._thread.start()
 
@@ -90,9 +91,12 @@ class ShadowLane:
             self._wake.set()
 
     def close(self) -> None:
+        """Stop a shadow answer at its next token and wait for the thread: the models are closed next, and
+        closing one that is still generating killed the daemon (SIGSEGV) instead of stopping it."""
         self._stop.set()
+        self._preempted.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        self._thread.join()
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -106,7 +110,9 @@ class ShadowLane:
                     log.exception("shadow answer for decision %d failed", job.decision_id)
 
     def _shadow(self, job: ShadowJob) -> None:
-        preempted = threading.Event()
+        self._preempted = preempted = threading.Event()
+        if self._stop.is_set():  # close() may have set the previous job's event
+            return
         while not self._stop.is_set():
             with self.local.gate.idle_slot(preempted) as granted:
                 if granted:

@@ -20,8 +20,10 @@ trained by SGD on each label; a per-model prior is its starting bias. Everything
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import io
 import logging
 import math
 import operator
@@ -36,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from locod.daemon.regular_file import read_regular
 from locod.policy.confidence import ConfidenceHead, loadable
 from locod.policy.price import SlaPrice
 from locod.policy.tasks import TASKS
@@ -44,6 +47,7 @@ from locod.policy.warmstart import Prior
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+MAX_STATE_BYTES = 64 << 20  # ~33 kB per model and 20 bytes per pending label: a bigger file is not one save wrote
 INFEASIBLE_AFTER = 20  # turns settled before an SLA out of reach is reported
 CATCH_UP = 4.0  # how much more a deficit of Z moves the price than a surplus does (current_price)
 HASH_DIM = 4096
@@ -207,14 +211,19 @@ class MessPlus:
         path: Path | None = None,
         rng: random.Random | None = None,
         learning_rate: float = 0.5,
+        state: MessPlusState | None = None,
     ) -> None:
-        """``models`` maps each candidate's name to its prior probability of satisfying."""
+        """``models`` maps each candidate's name to its prior probability of satisfying. ``state``: carry on
+        from one in memory (a reload) rather than read ``path``, which holds only what the last save could
+        write (a full disk may have refused every save since)."""
         self.priors = dict(models)
         self.sla, self.v, self.explore_c, self.q_cap = sla, v, explore_c, q_cap
         self.path = path
         self.rng = rng or random.Random()
         self.learning_rate = learning_rate
-        self.state = self._load() if path is not None else MessPlusState()
+        if state is None:
+            state = self._load() if path is not None else MessPlusState()
+        self.state = state
         for name, prior in self.priors.items():
             self.state.weights.setdefault(name, _prior_weights(prior))
         self.max_s_hat_avg = 1.0  # EWMA of the best predicted satisfaction: detects an infeasible SLA
@@ -353,38 +362,44 @@ class MessPlus:
         tmp = self.path.with_suffix(".tmp")
         names = sorted(self.state.weights)
         price_bases, price_steps = self.state.price.arrays()
-        with tmp.open("wb") as f:
-            np.savez(
-                f,
-                version=np.array(STATE_VERSION),
-                dim=np.array(DIM),
-                q=np.array(self.state.q),
-                z=np.array(self.state.z),
-                t=np.array(self.state.t),
-                settled=np.array(self.state.settled),
-                satisfied_sum=np.array(self.state.satisfied_sum),
-                names=np.array(names),
-                weights=np.stack([self.state.weights[n] for n in names]),
-                labels=np.array([self.state.labels.get(n, 0) for n in names]),
-                pending_ids=np.array(list(self.state.pending), dtype=np.int64),
-                pending_models=np.array([m for m, _ in self.state.pending.values()], dtype=str),
-                pending_s=np.array([s for _, s in self.state.pending.values()], dtype=np.float64),
-                price_bases=price_bases,
-                price_steps=price_steps,
-                conf_names=np.array(sorted(self.state.confidence), dtype=str),
-                conf_weights=np.array([self.state.confidence[n].weights for n in sorted(self.state.confidence)]),
-                conf_seen=np.array([self.state.confidence[n].seen for n in sorted(self.state.confidence)]),
-            )
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with tmp.open("wb") as f:
+                np.savez(
+                    f,
+                    version=np.array(STATE_VERSION),
+                    dim=np.array(DIM),
+                    q=np.array(self.state.q),
+                    z=np.array(self.state.z),
+                    t=np.array(self.state.t),
+                    settled=np.array(self.state.settled),
+                    satisfied_sum=np.array(self.state.satisfied_sum),
+                    names=np.array(names),
+                    weights=np.stack([self.state.weights[n] for n in names]),
+                    labels=np.array([self.state.labels.get(n, 0) for n in names]),
+                    pending_ids=np.array(list(self.state.pending), dtype=np.int64),
+                    pending_models=np.array([m for m, _ in self.state.pending.values()], dtype=str),
+                    pending_s=np.array([s for _, s in self.state.pending.values()], dtype=np.float64),
+                    price_bases=price_bases,
+                    price_steps=price_steps,
+                    conf_names=np.array(sorted(self.state.confidence), dtype=str),
+                    conf_weights=np.array([self.state.confidence[n].weights for n in sorted(self.state.confidence)]),
+                    conf_seen=np.array([self.state.confidence[n].seen for n in sorted(self.state.confidence)]),
+                )
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):  # a half-written file would only hold the space a full disk lacks
+                tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, self.path)
 
     def _load(self) -> MessPlusState:
         assert self.path is not None
         if not self.path.exists():
             return MessPlusState()
-        try:
-            with np.load(self.path, allow_pickle=False) as data:
+        try:  # read as a regular file only: np.load would open a FIFO there and wait for a writer for good
+            raw = read_regular(self.path, MAX_STATE_BYTES)
+            with np.load(io.BytesIO(raw), allow_pickle=False) as data:
                 if int(data["version"]) != STATE_VERSION or int(data["dim"]) != DIM:
                     raise ValueError(f"version {int(data['version'])}, dim {int(data['dim'])}")
                 _check_shapes(data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -134,40 +135,50 @@ def data_hash(paths: Sequence[Path]) -> str:
 
 
 def export(policy: Policy, path: Path, *, version: str, data_sha256: str, config: TrainConfig) -> None:
+    """Write the policy, its metadata included, beside ``path`` and then rename it over ``path``: the daemon
+    may load ``path`` at any moment (a start, a SIGHUP), and training killed mid-write must leave the policy
+    trained before it whole."""
     import onnx
 
     policy.eval()
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = (torch.zeros(1, OBS_DIM), torch.ones(1, N_ACTIONS))
-    torch.onnx.export(
-        policy,
-        example,
-        str(path),
-        input_names=["observation", "mask"],
-        output_names=["log_probs"],
-        dynamic_axes={"observation": {0: "batch"}, "mask": {0: "batch"}, "log_probs": {0: "batch"}},
-        opset_version=OPSET,
-        dynamo=False,
-    )
-    model = onnx.load(str(path))
-    meta = {
-        "locod.layout_version": str(LAYOUT_VERSION),
-        "locod.policy_version": version,
-        "locod.k": str(K),
-        "locod.z": str(Z),
-        "locod.obs_dim": str(OBS_DIM),
-        "locod.n_actions": str(N_ACTIONS),
-        "locod.feature_names": json.dumps(FEATURE_NAMES),
-        "locod.action_names": json.dumps(ACTION_NAMES),
-        "locod.normalisation": "features pre-scaled to [0, 1] as documented in locod.policy.observation",
-        "locod.training_data_sha256": data_sha256,
-        "locod.train_config": json.dumps(vars(config)),
-    }
-    for key, value in meta.items():
-        entry = model.metadata_props.add()
-        entry.key, entry.value = key, value
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        example = (torch.zeros(1, OBS_DIM), torch.ones(1, N_ACTIONS))
+        torch.onnx.export(
+            policy,
+            example,
+            str(tmp),
+            input_names=["observation", "mask"],
+            output_names=["log_probs"],
+            dynamic_axes={"observation": {0: "batch"}, "mask": {0: "batch"}, "log_probs": {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+        model = onnx.load(str(tmp))
+        meta = {
+            "locod.layout_version": str(LAYOUT_VERSION),
+            "locod.policy_version": version,
+            "locod.k": str(K),
+            "locod.z": str(Z),
+            "locod.obs_dim": str(OBS_DIM),
+            "locod.n_actions": str(N_ACTIONS),
+            "locod.feature_names": json.dumps(FEATURE_NAMES),
+            "locod.action_names": json.dumps(ACTION_NAMES),
+            "locod.normalisation": "features pre-scaled to [0, 1] as documented in locod.policy.observation",
+            "locod.training_data_sha256": data_sha256,
+            "locod.train_config": json.dumps(vars(config)),
+        }
+        for key, value in meta.items():
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+        onnx.checker.check_model(model)
+        onnx.save(model, str(tmp))
+        with tmp.open("rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def parity(policy: Policy, path: Path, n: int = 1000, seed: int = 0) -> float:
