@@ -21,6 +21,7 @@ from locod.daemon.backends import Prompt, Upload
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config
 from locod.daemon.decision import Decision, Escalation
+from locod.daemon.logs import Throttle
 from locod.daemon.modelfile import resolve_path
 from locod.daemon.records import DecisionLog, JudgedAnswer, LabelTarget
 from locod.errors import CloudError, StorageError, UnknownDecision
@@ -35,6 +36,8 @@ JUDGE_INSTRUCTIONS = (
     "question, NO otherwise."
 )
 MAX_EARLY = 1000  # labels held for turns not settled yet
+# Gradings waiting for the judge: with a slow or failing cloud they pile up (memory), and a stop would run them all.
+MAX_JUDGING = 32
 VERDICT = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 PRIVATE_UNJUDGED = "its answer was made from private material (a private attachment, or history made from one)"
 
@@ -45,6 +48,8 @@ class Learner:
         self.cloud = cloud
         self.lock = threading.Lock()  # MESS+ state; the decider holds it for a whole decision
         self._judge = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
+        self._judging = threading.BoundedSemaphore(MAX_JUDGING)  # a slot per grading queued or running
+        self._judge_full = Throttle(log)
         self._save_failed = False  # log a failing save once, not every turn
         # Labels that came between a turn's done frame and its settling (learning runs after the reply):
         # applied when it settles, so that the label, not the prediction, moves the queue.
@@ -97,7 +102,14 @@ class Learner:
             if private:
                 log.info("decision %d is not sent to the judge: %s", decision_id, PRIVATE_UNJUDGED)
                 return
-            self._judge.submit(self._grade, decision_id, question, answer)
+            if not self._judging.acquire(blocking=False):
+                self._judge_full.say(
+                    "full", logging.WARNING, "decision %d is not judged: %d gradings wait", decision_id, MAX_JUDGING
+                )
+                return
+            self._judge.submit(self._grade, decision_id, question, answer).add_done_callback(
+                lambda _: self._judging.release()
+            )
 
     def feedback(self, decision_id: int, satisfied: bool, source: str) -> dict[str, Any]:
         labelled = self.records.label(decision_id, satisfied, source)  # refuses a turn still running
@@ -220,8 +232,9 @@ class Learner:
             }
 
     def close(self) -> None:
-        """Wait for the judge, then save."""
-        self._judge.shutdown(wait=True)
+        """Wait for the grading under way (the queued ones are dropped: a stop must not wait on a slow
+        cloud once per explored turn), then save."""
+        self._judge.shutdown(wait=True, cancel_futures=True)
         with self.lock:
             self._save()
 
