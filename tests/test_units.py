@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Hashable
 from pathlib import Path
 
 import pytest
@@ -15,105 +16,66 @@ from locod.daemon.sessions import SessionStore, TurnTrail, door_of
 from .conftest import wait_for
 
 
-def test_fair_gate_serves_clients_round_robin() -> None:
-    gate = FairGate()
+def queue_behind_a_holder(
+    gate: FairGate, holder: Hashable, queued: list[tuple[Hashable, str]]
+) -> tuple[list[str], dict[str, int], dict[str, int]]:
+    """Hold ``gate`` for ``holder`` and queue each (client, label) turn behind it, in this order, each once
+    the one before has been told its place; let go once the places have settled. Returns the order the
+    turns were served in, the place each was told when it queued, and where they had settled."""
     order: list[str] = []
-    release = threading.Event()
+    told: dict[str, list[int]] = {}
+    release, holding = threading.Event(), threading.Event()
 
     def hold() -> None:
-        with gate.slot("holder"):
-            release.wait(5)
+        with gate.slot(holder):
+            holding.set()
+            release.wait(10)
 
-    def turn(client: str, label: str) -> None:
-        with gate.slot(client) as granted:
+    def turn(client: Hashable, label: str) -> None:
+        with gate.slot(client, on_wait=lambda ahead: told.setdefault(label, []).append(ahead)) as granted:
             assert granted
             order.append(label)
 
-    holder = threading.Thread(target=hold)
-    holder.start()
-    time.sleep(0.05)
-    threads = []
-    # Client A queues three turns before B and C queue one each.
-    for client, label in [("A", "a1"), ("A", "a2"), ("A", "a3"), ("B", "b1"), ("C", "c1")]:
-        t = threading.Thread(target=turn, args=(client, label))
-        t.start()
-        threads.append(t)
-        time.sleep(0.05)
+    threads = [threading.Thread(target=hold)]
+    threads[0].start()
+    holding.wait(5)
+    for client, label in queued:
+        threads.append(threading.Thread(target=turn, args=(client, label)))
+        threads[-1].start()
+        wait_for(lambda label=label: label in told, 5, f"{label} to be told")
+    everyone = list(range(1, len(queued) + 1))  # behind the holder, one place each
+    wait_for(lambda: sorted(places[-1] for places in told.values()) == everyone, 5, "the places to settle")
+    first, settled = {k: v[0] for k, v in told.items()}, {k: v[-1] for k, v in told.items()}
     release.set()
-    for t in [holder, *threads]:
+    for t in threads:
         t.join(5)
+    return order, first, settled
+
+
+def test_fair_gate_serves_clients_round_robin() -> None:
+    """Client A queues three turns before B and C queue one each: A's second waits for B's and C's first."""
+    queued = [("A", "a1"), ("A", "a2"), ("A", "a3"), ("B", "b1"), ("C", "c1")]
+    order, _, _ = queue_behind_a_holder(FairGate(), "holder", queued)
     assert order == ["a1", "b1", "c1", "a2", "a3"]
 
 
 def test_a_waiting_turn_is_told_how_many_go_first_as_the_queue_moves() -> None:
-    gate = FairGate()
-    told: dict[str, list[int]] = {}
-    release = threading.Event()
-    holding = threading.Event()
-
-    def hold() -> None:
-        with gate.slot("holder"):
-            holding.set()
-            release.wait(10)
-
-    def turn(client: str, label: str) -> None:
-        with gate.slot(client, on_wait=lambda ahead: told.setdefault(label, []).append(ahead)) as granted:
-            assert granted
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    holding.wait(5)
-    threads = []
-    for client, label in [("A", "a1"), ("A", "a2"), ("A", "a3"), ("B", "b1"), ("C", "c1")]:
-        t = threading.Thread(target=turn, args=(client, label))
-        t.start()
-        threads.append(t)
-        wait_for(lambda label=label: label in told, 5, f"{label} to be told")
+    queued = [("A", "a1"), ("A", "a2"), ("A", "a3"), ("B", "b1"), ("C", "c1")]
+    _, first, settled = queue_behind_a_holder(FairGate(), "holder", queued)
     # round-robin, as served: a1, b1, c1, a2, a3 behind the holder; a2 was told 2 when it queued, then 4
-    expected = {"a1": 1, "b1": 2, "c1": 3, "a2": 4, "a3": 5}
-    wait_for(lambda: {k: v[-1] for k, v in told.items()} == expected, 5, "the positions to settle")
-    assert told["a2"][0] == 2
-    release.set()
-    for t in [holder, *threads]:
-        t.join(5)
+    assert settled == {"a1": 1, "b1": 2, "c1": 3, "a2": 4, "a3": 5}
+    assert first["a2"] == 2
 
 
 def test_many_connections_through_one_door_get_that_doors_share_of_the_gate() -> None:
     """Round-robin per connection gave a local user with four tcp connections four turns for each one of
     the owner's ipc socket. Grouped by door, the doors take turns, then the door's clients; every waiting
     turn is told the place it is then served in."""
-    gate = FairGate(group=door_of)
-    order: list[str] = []
-    told: dict[str, int] = {}
-    release = threading.Event()
-    holding = threading.Event()
-
-    def hold() -> None:
-        with gate.slot(b"ioperator"):
-            holding.set()
-            release.wait(10)
-
-    def turn(client: bytes, label: str) -> None:
-        with gate.slot(client, on_wait=lambda ahead: told.__setitem__(label, ahead)) as granted:
-            assert granted
-            order.append(label)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    holding.wait(5)
-    threads = []
     queued = [(b"t1", "t1a"), (b"t2", "t2a"), (b"t3", "t3a"), (b"t4", "t4a"), (b"iowner", "o1"), (b"iowner", "o2")]
-    for client, label in queued:
-        t = threading.Thread(target=turn, args=(client, label))
-        t.start()
-        threads.append(t)
-        wait_for(lambda label=label: label in told, 5, f"{label} to be told")
+    order, _, settled = queue_behind_a_holder(FairGate(group=door_of), b"ioperator", queued)
     served = ["t1a", "o1", "t2a", "o2", "t3a", "t4a"]
-    wait_for(lambda: told == {label: served.index(label) + 1 for label in served}, 5, "the places to settle")
-    release.set()
-    for t in [holder, *threads]:
-        t.join(5)
     assert order == served
+    assert settled == {label: served.index(label) + 1 for label in served}
 
 
 def test_fair_gate_gives_up_when_cancelled() -> None:
