@@ -19,7 +19,7 @@ import zmq
 from locod.errors import UnknownDecision
 from locod.protocol import ChatOptions, ChatRequest, encode_request
 
-from .conftest import REPO, SECRET, cloud_config, wait_for
+from .conftest import REPO, SECRET, cloud_config, wait_for, write_config
 from .faultproxy import Fault, FaultProxy
 from .test_routing import auto_config
 
@@ -229,3 +229,36 @@ def test_a_judge_that_cannot_write_its_cost_still_counts_it_and_says_so(daemon_f
         holder.close()
     recorded = sum(r["cost_usd"] for r in handle.rows())
     assert client.status()["cloud"]["spent_today_usd"] > round(recorded, 6)
+
+
+def test_gradings_waiting_for_the_judge_are_bounded_and_dropped_at_stop(
+    tmp_path: Path, proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With the judge on and a cloud that does not answer, every explored turn queued a grading: memory
+    without bound, and a stop that ran them all, each up to the cloud's timeout. At most MAX_JUDGING wait;
+    past that a turn is not judged (said in the log), and the stop drops the queued ones. The learner runs
+    in this process against the real loopback cloud, its fault proxy holding every grading."""
+    from locod.daemon.cloud import CloudBackend
+    from locod.daemon.config import EMBEDDED_MODEL, load_config
+    from locod.daemon.decision import Decision, Routing
+    from locod.daemon.learner import MAX_JUDGING, Learner
+    from locod.daemon.records import DecisionLog
+    from locod.policy.messplus import RecordedFeatures, TurnFeatures
+
+    config = auto_config(proxy.base_url, judge=True)
+    config["cloud"].update(timeout_s=1.0, max_retries=0)
+    config["paths"] = {"state_dir": str(tmp_path / "state"), "models_dir": str(tmp_path / "models")}
+    loaded = load_config(write_config(tmp_path / "config.toml", config), env={"LOCOD_CLOUD_API_KEY": SECRET})
+    records = DecisionLog(tmp_path / "state" / "locod.db")
+    learner = Learner(loaded, records, CloudBackend(loaded.cloud, loaded.source))
+    proxy.set(Fault("delay", delay_s=30.0))  # no grading is answered within the cloud's timeout
+    features = RecordedFeatures.of(TurnFeatures(prompt="What is 2+2?", task="math"))
+    routing = Routing(EMBEDDED_MODEL.name, features, 0.0, 0.8, 20.0, {EMBEDDED_MODEL.name: 0.5}, {}, {}, {}, None)
+    explored = Decision("local", EMBEDDED_MODEL.name, (), "explored", explored=True, routing=routing)
+    with caplog.at_level("WARNING", logger="locod.daemon.learner"):
+        for decision_id in range(1, MAX_JUDGING + 11):
+            learner.settle(decision_id, explored, "What is 2+2?", "4")
+    assert f"is not judged: {MAX_JUDGING} gradings wait" in caplog.text
+    learner.close()  # the grading under way ends at the timeout; the others are dropped
+    records.close()
+    assert len(proxy.chat_requests()) <= 2, len(proxy.chat_requests())
