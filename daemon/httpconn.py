@@ -69,89 +69,93 @@ class Limits:
         return head.encode() + body
 
 
-def protocol(limits: Limits) -> type[asyncio.Protocol]:
-    """uvicorn's h11 protocol, counting its connections and timing how long a request takes to arrive."""
+class BoundedProtocol(H11Protocol):
+    """uvicorn's h11 protocol, counting its connections and timing how long a request takes to arrive;
+    ``limits`` is bound by ``protocol``."""
 
-    class Bounded(H11Protocol):
-        refused = False
-        evicted = False  # closed for a newcomer, which took over its slot
-        deadline: asyncio.TimerHandle | None = None
+    limits: Limits
+    refused = False
+    evicted = False  # closed for a newcomer, which took over its slot
+    deadline: asyncio.TimerHandle | None = None
 
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            victim = limits.stalest() if limits.open >= limits.max_connections else None
-            if victim is not None:
-                cast(Bounded, victim).evict()
-            if limits.open >= limits.max_connections:
-                self.refused = True
-                transport.write(limits.refusal())
-                transport.close()  # its descriptor is free again at once
-                limits.throttle.say(
-                    "full",
-                    logging.WARNING,
-                    "HTTP: %d connections open, at http.max_connections: refusing more",
-                    limits.open,
-                )
-                return
-            limits.open += 1
-            super().connection_made(transport)
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        victim = self.limits.stalest() if self.limits.open >= self.limits.max_connections else None
+        if victim is not None:
+            cast(BoundedProtocol, victim).evict()
+        if self.limits.open >= self.limits.max_connections:
+            self.refused = True
+            transport.write(self.limits.refusal())
+            transport.close()  # its descriptor is free again at once
+            self.limits.throttle.say(
+                "full",
+                logging.WARNING,
+                "HTTP: %d connections open, at http.max_connections: refusing more",
+                self.limits.open,
+            )
+            return
+        self.limits.open += 1
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.refused:
+            return
+        if not self.evicted:
+            self.limits.open -= 1
+        self._disarm()
+        super().connection_lost(exc)
+
+    def evict(self) -> None:
+        """Close this connection, its request unfinished, and hand its slot over at once."""
+        self.evicted = True
+        self.limits.open -= 1
+        self._disarm()
+        self.limits.throttle.say(
+            "evicted",
+            logging.WARNING,
+            "HTTP: %d connections open, at http.max_connections: closed one still sending its request "
+            "after %.0f s, for a newcomer",
+            self.limits.max_connections,
+            EVICT_AFTER_S,
+        )
+        self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused:
+            return
+        if self.deadline is None and self.conn.their_state is h11.IDLE:  # a next request on keep-alive
             self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self.refused:
-                return
-            if not self.evicted:
-                limits.open -= 1
+        super().data_received(data)
+        if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):  # all of it came (or it failed)
             self._disarm()
-            super().connection_lost(exc)
 
-        def evict(self) -> None:
-            """Close this connection, its request unfinished, and hand its slot over at once."""
-            self.evicted = True
-            limits.open -= 1
-            self._disarm()
-            limits.throttle.say(
-                "evicted",
-                logging.WARNING,
-                "HTTP: %d connections open, at http.max_connections: closed one still sending its request "
-                "after %.0f s, for a newcomer",
-                limits.max_connections,
-                EVICT_AFTER_S,
-            )
-            self.transport.close()
+    def _arm(self) -> None:
+        self.deadline = self.loop.call_later(self.limits.request_timeout_s, self._too_slow)
+        self.limits.arriving[self] = time.monotonic()
 
-        def data_received(self, data: bytes) -> None:
-            if self.refused:
-                return
-            if self.deadline is None and self.conn.their_state is h11.IDLE:  # a next request on keep-alive
-                self._arm()
-            super().data_received(data)
-            if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):  # all of it came (or it failed)
-                self._disarm()
-
-        def _arm(self) -> None:
-            self.deadline = self.loop.call_later(limits.request_timeout_s, self._too_slow)
-            limits.arriving[self] = time.monotonic()
-
-        def _disarm(self) -> None:
-            limits.arriving.pop(self, None)
-            if self.deadline is not None:
-                self.deadline.cancel()
-                self.deadline = None
-
-        def _too_slow(self) -> None:
+    def _disarm(self) -> None:
+        self.limits.arriving.pop(self, None)
+        if self.deadline is not None:
+            self.deadline.cancel()
             self.deadline = None
-            limits.arriving.pop(self, None)
-            if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY) or self.transport.is_closing():
-                return
-            limits.throttle.say(
-                "slow",
-                logging.WARNING,
-                "HTTP: a client did not send its whole request within http.request_timeout_s (%.0f s): closed",
-                limits.request_timeout_s,
-            )
-            self.transport.close()
 
-    return Bounded
+    def _too_slow(self) -> None:
+        self.deadline = None
+        self.limits.arriving.pop(self, None)
+        if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY) or self.transport.is_closing():
+            return
+        self.limits.throttle.say(
+            "slow",
+            logging.WARNING,
+            "HTTP: a client did not send its whole request within http.request_timeout_s (%.0f s): closed",
+            self.limits.request_timeout_s,
+        )
+        self.transport.close()
+
+
+def protocol(limits: Limits) -> type[asyncio.Protocol]:
+    """The protocol class uvicorn builds each connection with, bound to the door's ``limits``."""
+    return type("Bounded", (BoundedProtocol,), {"limits": limits})
 
 
 def loop_errors(throttle: Throttle) -> Any:
