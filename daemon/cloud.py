@@ -108,18 +108,14 @@ def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str) -> s
     if exc.status_code in (401, 403):
         return f": check the API key, which the daemon takes from {source}"
     if exc.status_code == 404:
-        return f": check model = {model.model!r}, the endpoint's model id, and base_url = {_where(model)!r}"
+        endpoint = redacted_url(model.base_url)
+        return f": check model = {model.model!r}, the endpoint's model id, and base_url = {endpoint!r}"
     said = str(exc.message)
     if exc.status_code == 400 and "max_completion_tokens" in said and model.max_tokens_param == "max_tokens":
         return f': it takes max_completion_tokens: set max_tokens_param = "max_completion_tokens" for {model.name!r}'
     if exc.status_code == 400 and "temperature" in said and model.sampling:
         return f": the model takes only its own temperature: set sampling = false for {model.name!r}"
     return ""
-
-
-def _where(model: CloudModelConfig) -> str:
-    """The endpoint as the user configured it, without any user:password it may carry."""
-    return redacted_url(model.base_url)
 
 
 class CircuitBreaker:
@@ -197,7 +193,7 @@ class CloudBackend:
         for model in config.models:  # before the models: a model is never seen without its breaker
             if model.base_url not in self.breakers:
                 self.breakers[model.base_url] = CircuitBreaker(
-                    config.breaker_failures, config.breaker_cooldown_s, _where(model)
+                    config.breaker_failures, config.breaker_cooldown_s, redacted_url(model.base_url)
                 )
         for breaker in self.breakers.values():
             breaker.limit, breaker.cooldown_s = config.breaker_failures, config.breaker_cooldown_s
@@ -304,7 +300,8 @@ class CloudBackend:
                 if attempt >= self.config.max_retries:
                     breaker.failure()
                     kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
-                    raise failed(f"{name}: endpoint {_where(model)} {kind}", "cloud_unreachable") from None
+                    endpoint = redacted_url(model.base_url)
+                    raise failed(f"{name}: endpoint {endpoint} {kind}", "cloud_unreachable") from None
                 delay = backoff_s(attempt)
             except openai.OpenAIError as exc:
                 breaker.failure()
