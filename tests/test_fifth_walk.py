@@ -257,10 +257,9 @@ def test_a_second_model_whose_file_is_missing_is_left_out_of_routing(
 
 
 def test_an_unreachable_endpoint_is_named_without_the_credentials_its_url_may_carry() -> None:
-    from locod.daemon.cloud import _where
-    from locod.daemon.config import CloudModelConfig
+    from locod.daemon.config import CloudModelConfig, redacted_url
 
-    named = _where(CloudModelConfig(name="a", base_url="http://user:sk-secret@[::1]:8080/v1", model="m"))
+    named = redacted_url(CloudModelConfig(name="a", base_url="http://user:sk-secret@[::1]:8080/v1", model="m").base_url)
     assert named == "http://[::1]:8080/v1"
 
 
