@@ -17,7 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from locod import __version__
-from locod.errors import ConfigError, DaemonNotRunning, LocodError, ModelError, RequestError, StorageError
+from locod.errors import (
+    ConfigError,
+    DaemonNotRunning,
+    LocodError,
+    ModelError,
+    RequestError,
+    StorageError,
+    UnknownModel,
+)
 from locod.protocol import (
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
@@ -266,6 +274,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
         pass
     session = args.session or f"chat-{uuid.uuid4().hex[:8]}"
     client = _client(args)  # a stopped daemon is said before the user types a first question
+    if args.model is not None:  # and a model it does not have, rather than at every turn
+        try:
+            _check_model_offered(args.model, client.status())
+        except LocodError:
+            client.close()
+            raise
     print(f"locod chat, session {session}. Ctrl-C stops an answer; an empty line or Ctrl-D leaves.", file=sys.stderr)
     try:
         while True:
@@ -294,6 +308,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print(for_stream(f"locod: {exc.message}", sys.stderr), file=sys.stderr)
     finally:
         client.close()
+
+
+def _check_model_offered(name: str, status: dict[str, Any]) -> None:
+    local, cloud = status["local"]["models"], status["cloud"]["models"]
+    if name not in local + cloud:
+        raise UnknownModel(
+            f"the daemon has no model named {name!r}; local models: {local}, cloud models: {cloud} (one added to "
+            "the config or pulled since the daemon started is offered after `locod reload`)"
+        )
 
 
 def cmd_status(args: argparse.Namespace) -> int:

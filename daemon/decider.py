@@ -36,7 +36,7 @@ from locod.daemon.logs import Throttle
 from locod.daemon.modelfile import ModelFiles
 from locod.daemon.records import DecisionLog
 from locod.daemon.telemetry import Snapshot, TelemetrySampler
-from locod.errors import PolicyError, PromptTooLong
+from locod.errors import ModelError, PolicyError, PromptTooLong
 from locod.policy import rule
 from locod.policy.load import wait_cost
 from locod.policy.messplus import RecordedFeatures, TurnFeatures
@@ -348,7 +348,7 @@ class Decider:
         missing = self.missing_files()
         return {m.name: m.name not in missing for m in self.config.local.models}
 
-    def missing_files(self) -> dict[str, str]:
+    def missing_files(self) -> dict[str, ModelError]:
         """Local models whose file cannot be loaded, with why: left out of routing and of the HTTP API's
         model list. The default's file was checked at start and at each reload, and it stays on offer: were
         it gone, its turns fail by name (``model_missing``) rather than vanish."""

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -208,7 +208,7 @@ class HttpServer:
             return JSONResponse(wire.HttpError(503, "the daemon is shutting down", "shutting_down").body(), 503)
         return JSONResponse({"status": "ok"})
 
-    def _model_list(self, missing: dict[str, str]) -> list[dict[str, Any]]:
+    def _model_list(self, missing: Container[str]) -> list[dict[str, Any]]:
         """The models a client may name: a local model whose file is ``missing`` is left out, as routing
         leaves it out, and offered again once the file is there."""
         cfg = self.daemon.config
@@ -224,7 +224,7 @@ class HttpServer:
         name = request.path_params["model"]
         missing = self.daemon.decider.missing_files()
         if name in missing:
-            raise wire.HttpError(404, missing[name], "model_missing")
+            raise wire.HttpError(404, missing[name].message, missing[name].code)
         found = next((m for m in self._model_list(missing) if m["id"] == name), None)
         if found is None:
             raise wire.HttpError(404, f"the model {name!r} does not exist; see GET /v1/models", "model_not_found")

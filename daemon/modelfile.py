@@ -46,26 +46,27 @@ class ModelFiles:
     its size or modification time changed (one stat per model per turn), and each problem is logged once."""
 
     def __init__(self) -> None:
-        self._seen: dict[Path, tuple[tuple[int, int] | None, str | None]] = {}
+        self._seen: dict[Path, tuple[tuple[int, int] | None, ModelError | None]] = {}
         self._said: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def problem(self, model: LocalModelConfig, models_dir: Path) -> str | None:
-        """Why ``model`` cannot be loaded (the message ``check_model_file`` would raise), or None."""
+    def problem(self, model: LocalModelConfig, models_dir: Path) -> ModelError | None:
+        """Why ``model`` cannot be loaded (the error ``check_model_file`` would raise: its code says
+        missing or corrupt), or None."""
         path = resolve_path(model, models_dir)
         signature = file_stamp(path)
         with self._lock:
             seen = self._seen.get(path)
         if seen is not None and seen[0] == signature and signature is not None:
             return seen[1]
+        problem: ModelError | None = None
         try:
             check_model_file(model, models_dir)
-            problem = None
         except ModelError as exc:
-            problem = exc.message
+            problem = exc
         with self._lock:
             self._seen[path] = (signature, problem)
-            if problem is not None and (model.name, problem) not in self._said:
-                self._said.add((model.name, problem))
-                log.warning("local model %r is left out of routing: %s", model.name, problem)
+            if problem is not None and (model.name, problem.message) not in self._said:
+                self._said.add((model.name, problem.message))
+                log.warning("local model %r is left out of routing: %s", model.name, problem.message)
         return problem

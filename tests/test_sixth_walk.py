@@ -57,6 +57,14 @@ def test_the_http_api_offers_no_model_whose_file_is_missing(daemon_factory: Any,
     assert asked.value.message.endswith("fix its path in the config, or download it with `locod models pull`")
     assert "no predictor prior" not in handle.log()  # the missing file is said once, by routing, not as an errno
 
+    later.write_text("not a model")  # there, but no GGUF: retrieve said model_missing where a turn said corrupt
+    with pytest.raises(openai.NotFoundError) as retrieved:
+        client.models.retrieve("later")
+    assert retrieved.value.code == "model_corrupt" and f"{later} is not a GGUF file" in retrieved.value.message
+    with pytest.raises(openai.NotFoundError) as asked:
+        client.chat.completions.create(model="later", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+    assert asked.value.code == "model_corrupt"
+
     later.write_bytes(Path(handle.env["LOCOD_MODELS_DIR"], "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes())
     assert "later" in [m.id for m in client.models.list()]  # offered again once the file is there
     answer = client.chat.completions.create(model="later", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
@@ -95,6 +103,10 @@ def test_chat_takes_the_model_and_answer_length_that_ask_takes(daemon_factory: A
     rows = handle.rows()
     assert [(r["model"], r["turn"], r["tokens_out"] <= 3) for r in rows] == [("mine", 0, True), ("mine", 1, True)]
     assert rows[0]["reason"] == "the request named this local model" and rows[0]["session"] == rows[1]["session"]
+
+    unknown = handle.cli("chat", "--model", "mnie", stdin="Hi\nAnd again\n")  # said at once, not at each turn
+    assert unknown.returncode != 0 and unknown.stderr.count("no model named 'mnie'") == 1, unknown.stderr
+    assert "local models: ['smollm2-135m-instruct', 'mine']" in unknown.stderr and len(handle.rows()) == 2
 
 
 def _quickstart_checkout(tmp_path: Path, models_dir: Path) -> tuple[Path, dict[str, str]]:
