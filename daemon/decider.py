@@ -3,8 +3,8 @@ action with MESS+'s predictions and queue and, when one is loaded, the TMO polic
 
 The decider reads the learned state (daemon/learner.py) and never writes it, except for the exploration
 step MESS+ counts in ``choose``; it holds the learner's lock for the whole decision, so a reload, which
-swaps config, policy and MESS+ state together under that lock (``reload`` has the learner re-read its
-state there), is seen entirely or not at all.
+swaps config, policy and MESS+ parameters together under that lock (``reload`` has the learner adopt the
+new parameters there, carrying on from the state in memory), is seen entirely or not at all.
 """
 
 from __future__ import annotations
@@ -136,9 +136,10 @@ class Decider:
         self._policy_failures = Throttle(log)
 
     def reload(self, config: Config) -> str | None:
-        """Take a new config: the policy reloaded and the MESS+ state re-read with its parameters, both
-        swapped under the learner's lock. A policy that fails its checks is refused and the one loaded
-        before (if any) stays; status, the log and the returned message say so."""
+        """Take a new config: the policy reloaded and MESS+ given its parameters (the state in memory carries
+        on: it holds what a failed save did not), both swapped under the learner's lock. A policy that fails
+        its checks is refused and the one loaded before (if any) stays; status, the log and the returned
+        message say so."""
         policy, error = _load_policy(config, previous=self.policy)
         priors = self.learner.priors(config)
         with self.learner.lock:
