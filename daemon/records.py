@@ -249,7 +249,8 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
 
 
 class DecisionLog:
-    """One connection shared by the daemon's threads, one writer at a time."""
+    """The daemon's two connections, shared by its threads: the writer, one write at a time, and a read-only
+    one for status, the `decisions` op and /metrics, which never waits behind a write."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
