@@ -1,8 +1,8 @@
 """The daemon: ZeroMQ sockets, the serving loop, and the lifecycle (start, reload, stop).
 
 One thread owns the sockets and never blocks on work: it parses requests, answers the cheap ops
-(``ping``, ``status``, ``decisions``, ``feedback``, ``reload``, ``config``) itself and hands chat turns to a
-thread pool.
+(``ping``, ``status``, ``decisions``, ``reload``, ``config``) itself, hands labels (``feedback``, whose write
+may wait for another process's lock) to a thread of their own and chat turns to a thread pool.
 Worker threads queue their frames for this thread, which forwards them to the client's ROUTER socket
 (ZeroMQ sockets are not thread-safe), and wake it through an inproc PUSH/PULL pair: one queue, so a turn's
 frames keep their order whichever of its threads sent them. A client that vanishes mid-stream is
