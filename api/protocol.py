@@ -2,7 +2,8 @@
 
 One JSON object per ZeroMQ message. A request carries ``v`` (protocol version), ``id`` (chosen by the
 client, echoed in every reply) and ``op``. Replies carry ``v``, ``id`` and ``type``: ``decision``, ``delta``,
-``done`` for a chat turn (with ``fallback`` or ``escalated`` between, when the answer changes hands);
+``done`` for a chat turn (with ``fallback`` or ``escalated`` between, when the answer changes hands, and
+``queued`` before, when the request asked for it);
 ``result`` for the other ops; ``error`` (``kind``, ``code``, ``message``) for any.
 Both ends use the same dataclasses: the client encodes requests with ``encode_request`` and decodes reply
 frames with ``decode_frame``; the daemon parses requests with ``parse_request`` (a ``ProtocolError`` naming
