@@ -1,6 +1,6 @@
 """Answer locally, escalate if unsure: reading the local answer's confidence, for the turn and the shadows.
 
-The decider plans it (``Decision.escalation``: the cloud action an unsure answer gives way to, and the
+The decider plans it (``Decision.escalation``: the cloud action an unsure answer gives way to, and
 the numbers it is weighed by); the local backend holds the answer back until its first tokens are in
 (``Checkpoint``); ``AnswerJudge.keep`` then reads their log-probs into the confidence features, and the
 learner corrects the local model's s_hat with them and has the rule choose (``Learner.checkpoint``). The
