@@ -2,8 +2,8 @@
 
 Like Ollama's keep-alive, a model stays resident after use; when loading another would exceed the budget,
 kept dialogue states (daemon/kvcache.py) are evicted first, then the least recently used models are
-unloaded: models and dialogue states share the one budget. Only the local worker (behind the FairGate)
-touches the zoo, so loading and generating need no lock of their own.
+unloaded: models and dialogue states share the one budget. Only the thread holding the FairGate (a turn's
+or the shadow lane's) touches the zoo's models, so loading and generating need no lock of their own.
 """
 
 from __future__ import annotations
@@ -150,8 +150,8 @@ class ModelZoo:
         self.cache = DialogueCache(max(cache_mb, 0), self._room_mb, park, self.identity)
 
     def reconfigure(self, local: LocalConfig) -> None:
-        """Take the models of a reloaded config. Called from another thread than the worker, so it only
-        swaps the table; the worker unloads what was removed or changed at its next ``get``."""
+        """Take the models of a reloaded config. Called on the serving loop, not under the gate, so it only
+        swaps the table; the gate's next holder unloads what was removed or changed at its ``get``."""
         self.models = {m.name: m for m in local.models}
         self.budget_mb = local.memory_budget_mb
         self.n_threads = local.n_threads or None
