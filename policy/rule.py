@@ -3,10 +3,11 @@
 Per turn, among the actions the masks left (each answered by one model, a cloud action with a choice of
 attachments to upload), pick
 
-    a* = argmin_a  V * (cost(a) + w * min(log(pi_best / pi(a)), ln 4)) + Q * (alpha - s_hat(a))
+    a* = argmin_a  V * (cost(a) + w * min(log(pi_best / pi(a)), ln 4)) + (Z' + V * mu) * (alpha - s_hat(a))
 
-where s_hat comes from MESS+'s predictor over the features of what action a's model would see, Q is
-MESS+'s virtual queue, and log pi is the TMO policy's (absent without one). This module holds the rule's
+where s_hat comes from MESS+'s predictor over the features of what action a's model would see, Z' + V * mu
+is MESS+'s price of satisfaction (its signed queue and feed-forward price: ``MessPlus.current_price``),
+and log pi is the TMO policy's (absent without one). This module holds the rule's
 constants (priors, cost scales, the relevance cut), the per-action features, the upload choice MESS+
 makes without a policy, and the combination itself; daemon/decider.py and policy/evaluate.py both call it,
 so an evaluation measures what the daemon runs.
