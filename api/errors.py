@@ -9,14 +9,14 @@ matching class again, so a caller can catch ``ModelError`` whether it ran in-pro
     │   ├── AttachmentError       an attachment is unreadable, too large, or not allowed
     │   ├── PromptTooLong         the prompt alone does not fit the model's context
     │   ├── UnknownModel          the request names a model the daemon does not have
-    │   └── UnknownDecision       feedback names a decision that does not exist or is already labelled
+    │   └── UnknownDecision       feedback names a decision it cannot label: unknown, labelled, unfinished
     ├── ModelError              a local model is missing, corrupt, or cannot be loaded
     ├── CloudError              the cloud endpoint failed (usually answered by falling back to local)
     ├── PolicyError             the ONNX routing policy is missing, corrupt or mismatched
     ├── ConfigError             the configuration file or an override is invalid
     ├── FetchError              a model could not be downloaded or failed its checksum
     ├── StorageError            the decision log cannot be written
-    ├── Busy                    the daemon is shutting down or over its queue limit
+    ├── Busy                    the daemon is shutting down or at a limit, or the turn was cancelled
     ├── DaemonNotRunning        (client side) nothing answers at the endpoint
     └── UnsafeSocket            (client side) the socket belongs to another user: nothing is sent
 """
