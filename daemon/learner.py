@@ -5,7 +5,8 @@ After a routed turn is answered its prediction settles the queue; labels come la
 predictor on the features the decision recorded. Shadow answers (daemon/shadow.py) label the local model on
 cloud-answered turns, and an answer that escalated is graded against the cloud's: both train the local
 model's predictor (and its confidence head, where the answer's log-probs were read) but never the queue.
-The state is saved after each change. The decider reads the state under ``lock``; nothing else writes it.
+The state is saved after each change. The decider reads the state under ``lock`` and writes only what
+MESS+'s ``choose`` counts (exploration step, price window); nothing else touches it.
 """
 
 from __future__ import annotations
