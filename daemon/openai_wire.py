@@ -68,7 +68,6 @@ class Completion:
     model: str | None  # None: "auto", the router decides
     options: ChatOptions
     include_usage: bool = False
-    requested_model: str = "auto"
 
 
 def bad(message: str, param: str | None = None, code: str = "bad_field") -> HttpError:
@@ -103,7 +102,6 @@ def parse_completion(body: Any, models: list[str]) -> Completion:
         None if model == "auto" else model,
         _options(body),
         bool(stream_options.get("include_usage")),
-        model,
     )
 
 
