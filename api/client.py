@@ -2,7 +2,7 @@
 
     with Client() as c:
         result = c.ask("What is the capital of France?", session="demo")
-        print(result.text, result.done["location"])
+        print(result.text, result.done.location)
 
 Errors the daemon reports come back as the matching ``locod.errors`` class.
 """
