@@ -71,9 +71,11 @@ class Turn:
 
     @functools.cached_property
     def prompt_tokens(self) -> int:
-        """The prompt with its session history, estimated: the decision's price estimate."""
-        messages = [self.request.prompt, *(m["content"] for m in self.session.messages)]
-        return sum(estimate_tokens(len(text)) for text in messages)
+        """What a model is sent, estimated: the session's history, then the request's messages (a client's
+        own history too, as an HTTP client's new conversation sends it). The decision prices cloud actions,
+        and the daily cap's shield masks them, by it."""
+        messages = [*self.session.messages, *self.request.messages]
+        return sum(estimate_tokens(len(m["content"])) for m in messages)
 
     @property
     def private_material(self) -> bool:

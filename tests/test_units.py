@@ -1,5 +1,5 @@
-"""Small pieces with exact behaviour: the fair gate and session expiry (the decision's pure logic, context
-fitting included, is in test_rule.py)."""
+"""Small pieces with exact behaviour: the fair gate, session expiry and a turn's price estimate (the
+decision's pure logic, context fitting included, is in test_rule.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from locod.daemon.config import Config
 from locod.daemon.gate import FairGate
-from locod.daemon.sessions import SessionStore, TurnTrail, door_of
+from locod.daemon.sessions import Session, SessionStore, TurnTrail, door_of
+from locod.daemon.turn import Turn
+from locod.protocol import ChatRequest
 
 from .conftest import wait_for
 
@@ -147,3 +150,18 @@ def test_labels_need_a_turn_that_answered(tmp_path: Path) -> None:
     log.finish(record(), Outcome("ok", "local", "m"))
     assert log.label(4, True, "user").decision_id == 4
     log.close()
+
+
+def test_a_turn_is_priced_with_the_history_its_client_sent() -> None:
+    """A client's own history (an HTTP client's new conversation, a socket's ``messages``) goes to the cloud
+    with the question, so the decision's price estimate, and the daily cap's shield, count it."""
+    history = [{"role": "user", "content": "x" * 4000}, {"role": "assistant", "content": "y" * 4000}]
+    question = {"role": "user", "content": "and then?"}
+    session = Session("s", owner="http")
+    session.dialogue = (({"role": "user", "content": "z" * 400},), (False,))
+
+    def tokens(messages: list[dict[str, str]]) -> int:
+        return Turn(ChatRequest("r", messages), session, b"h1", "chat", [], Config()).prompt_tokens
+
+    assert tokens([*history, question]) == tokens([question]) + 2000  # 8,000 characters at 4 a token
+    assert tokens([question]) == 100 + 2  # the session's history and the question
