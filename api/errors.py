@@ -15,7 +15,7 @@ matching class again, so a caller can catch ``ModelError`` whether it ran in-pro
     ├── PolicyError             the ONNX routing policy is missing, corrupt or mismatched
     ├── ConfigError             the configuration file or an override is invalid
     ├── FetchError              a model could not be downloaded or failed its checksum
-    ├── StorageError            the decision log cannot be written
+    ├── StorageError            the decision log or a state directory cannot be used (locked, unsafe, full)
     ├── Busy                    the daemon is shutting down or at a limit, or the turn was cancelled
     ├── DaemonNotRunning        (client side) nothing answers at the endpoint
     └── UnsafeSocket            (client side) the socket belongs to another user: nothing is sent
