@@ -34,7 +34,7 @@ class CloudAccess:
     online: bool | None
     spent_today_usd: float
     daily_cap_usd: float
-    battery_critical: bool = False
+    battery_critical: bool = False  # blocks no cloud model: it masks the local ones while a cloud one is open
     open_breakers: frozenset[str] = frozenset()  # cloud model names whose endpoint's breaker is open
 
     @property
