@@ -4,7 +4,8 @@ A small model often knows when it is guessing: the log-probabilities of the toke
 on the replay trace (scripts/confidence.py, docs/routing.md), the statistics of the whole short answer
 predict its label; its first few tokens alone do not (the model opens with boilerplate such as "The word
 ... is"), and neither do the tokens that only repeat the prompt. So the features below are taken over the
-whole answer and over its *content* tokens: those that carry a word the prompt does not contain.
+whole answer (in the daemon, its first ``routing.escalate_tokens``, which cover the trace's short answers:
+``budget``) and over its *content* tokens: those that carry a word the prompt does not contain.
 
 ``ConfidenceHead`` turns them into the local model's s_hat once it has answered: a logistic correction of
 the prompt-only prediction, s = sigmoid(a * logit(s_prompt) + (w + w_task) . features + b), starting as the
