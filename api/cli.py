@@ -913,7 +913,8 @@ def _stop_text(text: str) -> str:
 
 
 def _add_daemon_commands(sub: Any) -> None:
-    """What asks a running daemon: ``status``, ``decisions``, ``feedback``, ``reload``."""
+    """What asks a running daemon: ``status``, ``decisions`` (the file itself when none runs), ``feedback``,
+    ``reload``, ``stop``."""
     p = sub.add_parser("status", help="device, network, routing and queue state")
     p.add_argument("--json", action="store_true", help="the whole status as JSON")
     p.set_defaults(func=cmd_status)
@@ -937,7 +938,7 @@ def _add_daemon_commands(sub: Any) -> None:
 
 
 def _add_offline_commands(sub: Any) -> None:
-    """What works without a daemon: ``config``, ``models``, ``policy``."""
+    """What works without a daemon: ``config``, ``models``, ``report``, ``policy``."""
     config = sub.nested("config", help="configuration")
     p = config.add_parser("show", help="print the running daemon's effective configuration (no secrets)")
     p.add_argument("--json", action="store_true", help="JSON instead of TOML")
