@@ -56,7 +56,7 @@ class Generation:
     first_token_ms: float | None
     total_ms: float
     cost_usd: float = 0.0
-    cost_estimated: bool = False  # the endpoint reported no usage: priced from characters
+    cost_estimated: bool = False  # priced (in whole, or a cut stream's part) from characters: no believable usage
     energy_j: float = 0.0
     images_sent: int = 0
     bytes_up: int = 0

@@ -104,7 +104,7 @@ class Outcome:
     latency_first_token_ms: float | None = None
     latency_total_ms: float = 0.0
     cost_usd: float = 0.0
-    cost_estimated: bool = False  # priced from characters: the endpoint reported no usage, or the stream broke
+    cost_estimated: bool = False  # priced (in whole, or a cut stream's part) from characters: no believable usage
     energy_j: float = 0.0
     error: str | None = None
     attachments_sent: list[str] | None = None
