@@ -312,5 +312,7 @@ def cloud_config(base_url: str, mode: str = "cloud", **cloud: Any) -> dict[str, 
 @pytest.fixture
 def cloud_daemon(daemon_factory: Any, proxy: FaultProxy) -> DaemonHandle:
     """A daemon whose only cloud model is the loopback server behind the fault proxy, with every turn sent
-    there (routing.mode = cloud)."""
-    return daemon_factory(cloud_config(proxy.base_url), extra_env={"LOCOD_CLOUD_API_KEY": SECRET})  # type: ignore[no-any-return]
+    there (routing.mode = cloud). timeout_s 30: on a loaded machine the shared loopback server, still reading
+    an earlier test's prompt, took longer than cloud_config's 5 s and a turn meant to pass fell back."""
+    config = cloud_config(proxy.base_url, timeout_s=30.0)
+    return daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})  # type: ignore[no-any-return]

@@ -112,6 +112,11 @@ def test_local_answer_to_an_image_turn_says_the_image_was_withheld(cloud_daemon:
     assert json.loads(cloud_daemon.rows()[0]["attachments_sent"]) == []
 
 
+def _timing_out_after_5s(daemon_factory: Any, proxy: FaultProxy) -> DaemonHandle:
+    """The cloud_daemon fixture's daemon with cloud_config's 5 s timeout, which the delay faults outlast."""
+    return daemon_factory(cloud_config(proxy.base_url), extra_env={"LOCOD_CLOUD_API_KEY": SECRET})  # type: ignore[no-any-return]
+
+
 @pytest.mark.parametrize(
     ("fault", "cause"),
     [
@@ -122,9 +127,8 @@ def test_local_answer_to_an_image_turn_says_the_image_was_withheld(cloud_daemon:
         (Fault("cut", cut_after_chunks=3), "cloud_stream_cut"),
     ],
 )
-def test_cloud_faults_end_in_a_local_answer(
-    cloud_daemon: DaemonHandle, proxy: FaultProxy, fault: Fault, cause: str
-) -> None:
+def test_cloud_faults_end_in_a_local_answer(daemon_factory: Any, proxy: FaultProxy, fault: Fault, cause: str) -> None:
+    cloud_daemon = _timing_out_after_5s(daemon_factory, proxy)
     proxy.set(fault)
     result = cloud_daemon.client().ask("Say something nice.", max_tokens=8)
     kinds = [f.type for f in result.frames]
@@ -170,10 +174,11 @@ def test_a_reasoning_model_gets_max_completion_tokens_and_no_sampling(daemon_fac
     ],
 )
 def test_a_fallback_records_the_attachments_the_failed_cloud_attempt_sent(
-    cloud_daemon: DaemonHandle, proxy: FaultProxy, tmp_path: Path, fault: Fault
+    daemon_factory: Any, proxy: FaultProxy, tmp_path: Path, fault: Fault
 ) -> None:
     """Walk finding: an image turn whose cloud call failed was recorded with attachments_sent [] and
     images_sent 0, and the user told nothing, although the endpoint had received the image."""
+    cloud_daemon = _timing_out_after_5s(daemon_factory, proxy)
     (tmp_path / "receipt.jpg").write_bytes(photo(640, 480))
     proxy.set(fault)
     result = cloud_daemon.client().ask("Total?", attachments=[attachment(tmp_path / "receipt.jpg")], max_tokens=4)
