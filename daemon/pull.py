@@ -132,6 +132,11 @@ def pull_model(
     )
     catalog.register(models_dir, model)
     progress(f"{name}: installed at {target} ({info.quantisation}, context {model.n_ctx} of {context or '?'})")
+    if expected is None:  # a plain URL: only the GGUF header was checked, which a tampered file passes
+        progress(
+            f"{name}: its SHA-256 is {digest}, not checked: the source publishes none; compare it with the "
+            "publisher's, or give it with --sha256 to have it checked"
+        )
     return model
 
 
