@@ -35,6 +35,7 @@ from locod.policy.tasks import TASKS
 log = logging.getLogger(__name__)
 
 ANSWERED = ("ok", "fallback", "escalated")  # outcomes of a turn that was answered (escalated: by the cloud)
+SQLITE_FULL = 13  # sqlite3.SQLITE_FULL from Python 3.11 on
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
 BUSY_WAIT_S = 10.0  # how long a write waits for another process's lock on the file (a turn's record)
 PROMPT_SHOWN = 2000  # characters of a logged prompt the `decisions` op returns
@@ -565,6 +566,12 @@ def _write_failed(path: Path, what: str, exc: sqlite3.Error) -> StorageError:
             f"decision log {path}: {what} failed: another process holds a write lock on it (a sqlite3 shell "
             "left in a transaction?); nothing was written, try again once it lets go",
             code="db_locked",
+        )
+    if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL or "disk is full" in str(exc):
+        return StorageError(
+            f"decision log {path}: {what} failed: the disk it is on is full; free space there and try again "
+            "(the daemon needs no restart; docs/operations.md, When the disk fills)",
+            code="disk_full",
         )
     return StorageError(f"decision log {path}: {what} failed: {exc}")
 

@@ -8,9 +8,15 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from .conftest import locod_command
+import pytest
+
+from locod.errors import StorageError
+
+from .conftest import locod_command, start_daemon
 from .fileserver import FileServer, Served, gguf_bytes
 
 
@@ -38,3 +44,47 @@ def test_a_pull_from_a_plain_url_says_its_checksum_was_not_checked(tmp_path: Pat
         assert "not checked" not in checked.stderr, checked.stderr
     finally:
         server.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_says_so_and_what_to_do(tmp_path: Path, models_dir: Path, small_disk: Path) -> None:
+    """Walk finding: with the state directory's disk full, `locod ask` said "recording the turn failed:
+    database or disk is full", code ``storage`` (a code docs/protocol.md does not list), and nothing on what
+    to do: that freeing space is enough, without a restart."""
+    handle = start_daemon(tmp_path / "d", models_dir, {}, extra_env={"LOCOD_STATE_DIR": str(small_disk)})
+    try:
+        client = handle.client()
+        assert client.ask("before the disk fills", max_tokens=2).done.outcome == "ok"
+        filler = small_disk / "filler"
+        with filler.open("ab") as f:
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        refused: Any = None
+        for i in range(50):  # the WAL's spare pages fill first
+            asked = handle.cli("ask", "word " * 700 + str(i), "--max-tokens", "2", "--force", "local")
+            if asked.returncode:
+                refused = asked
+                break
+        assert refused is not None and refused.returncode == 4, refused
+        assert "the disk it is on is full; free space there and try again" in refused.stderr, refused.stderr
+        assert "needs no restart" in refused.stderr
+        with pytest.raises(StorageError) as caught:
+            client.ask("still full", max_tokens=2)
+        assert caught.value.code == "disk_full"
+        filler.unlink()
+        assert client.ask("after", max_tokens=2).done.outcome == "ok"
+    finally:
+        handle.stop()

@@ -419,7 +419,7 @@ def test_full_disk_refuses_turns_clearly_and_keeps_serving(tmp_path: Path, model
             except LocodError as exc:
                 refusal = exc
                 break
-        assert refusal is not None and refusal.code == "storage", refusal
+        assert isinstance(refusal, StorageError) and refusal.code == "disk_full", refusal
         assert "delta" not in seen or seen[0] == "decision"  # never a word of an answer not accepted
         assert "full" in refusal.message
         assert client.ping()["pong"] and client.status()["pid"] == handle.proc.pid  # still serving
