@@ -249,6 +249,13 @@ def unknown_model(config: Config, name: str) -> UnknownModel:
     local, cloud = [m.name for m in config.local.models], [m.name for m in config.cloud.models]
     shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"  # not echoed whole
     message = f"no model named {shown}; local models: {local}, cloud models: {cloud}"
+    meant = [m.name for m in config.cloud.models if m.model == name]
+    if meant:  # the endpoint's model id, as the provider's docs and the config's `model` key spell it
+        message += f"; {shown} is the endpoint's model id of cloud model {meant[0]!r}: name {meant[0]!r}"
+    else:
+        meant = [n for n in local + cloud if n.lower() == name.lower()]
+        if meant:
+            message += f"; names are case-sensitive: {meant[0]!r}"
     source = None if config.source == NO_CONFIG_FILE else config.source
     files = (Path(source) if source else None, manifest_path(config.models_dir))
     if name in _names_on_disk(source, tuple(file_stamp(f) for f in files)):

@@ -88,3 +88,16 @@ def test_a_full_disk_says_so_and_what_to_do(tmp_path: Path, models_dir: Path, sm
         assert client.ask("after", max_tokens=2).done.outcome == "ok"
     finally:
         handle.stop()
+
+
+def test_a_model_named_by_its_endpoint_id_or_another_case_says_which_name_to_use(daemon_factory: Any) -> None:
+    """Walk finding: with ``name = "gpt-mini"``, ``model = "gpt-4o-mini"`` in the config, `locod ask --model
+    gpt-4o-mini` (the id the provider's docs use) was refused with the list of names and no word that it is
+    gpt-mini's ``model``; `--model Other-Model.Q4_1` (the file's spelling of a pulled model) likewise."""
+    cloud = {"name": "gpt-mini", "base_url": "http://127.0.0.1:9/v1", "model": "gpt-4o-mini"}
+    handle = daemon_factory({"cloud": {"models": [cloud]}})
+    by_id = handle.cli("ask", "Hi", "--model", "gpt-4o-mini")
+    assert by_id.returncode == 1, by_id.stderr
+    assert "'gpt-4o-mini' is the endpoint's model id of cloud model 'gpt-mini': name 'gpt-mini'" in by_id.stderr
+    cased = handle.cli("ask", "Hi", "--model", "SmolLM2-135M-Instruct")
+    assert cased.returncode == 1 and "names are case-sensitive: 'smollm2-135m-instruct'" in cased.stderr, cased.stderr
