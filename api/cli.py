@@ -408,6 +408,20 @@ def _say_which_variables_stay_here(running: dict[str, Any], keyless: dict[str, s
         )
 
 
+def _say_which_key_files_are_not_read(running: dict[str, Any], from_env: list[str]) -> None:
+    """A model's key variable, set in the daemon's environment, wins over its api_key_file: a key rotated in
+    the file and reloaded is not used, and nothing else would say so (the old key keeps working until the
+    provider revokes it)."""
+    for model in running.get("cloud", {}).get("models", []):
+        if model["name"] in from_env and model.get("api_key_file"):
+            print(
+                f"note: cloud model {model['name']} takes its key from ${model['api_key_env']} in the daemon's "
+                f"environment, which wins over its api_key_file {model['api_key_file']}: a key written there is "
+                f"used only once the daemon runs without ${model['api_key_env']} (docs/operations.md)",
+                file=sys.stderr,
+            )
+
+
 def _reachable(value: bool | None) -> str:
     return "not probed yet" if value is None else "reachable" if value else "unreachable"
 
@@ -515,7 +529,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.reload()
         running = client.daemon_config() if result["reloaded"] else {}
-        keyless = client.status()["cloud"].get("no_api_key", {}) if result["reloaded"] else {}
+        cloud = client.status()["cloud"] if result["reloaded"] else {}
+    keyless = cloud.get("no_api_key", {})
     if not result["reloaded"]:
         why = result.get("error") or "the configuration is invalid (see the daemon's log)"  # an older daemon
         print(f"locod: reload rejected, the running configuration kept: {why}", file=sys.stderr)
@@ -528,6 +543,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if result.get("restart_needed"):
         print(f"changed in [{'], ['.join(result['restart_needed'])}]: takes effect when the daemon restarts")
     _say_which_variables_stay_here(running, keyless)
+    _say_which_key_files_are_not_read(running, cloud.get("key_from_env", []))  # an older daemon: none
     if result.get("policy_error"):  # the configuration applied, but the routing policy it names was refused
         print(f"locod: the routing policy was refused: {result['policy_error']}", file=sys.stderr)
         return 1

@@ -545,6 +545,7 @@ class Daemon:
                 "spent_today_usd": round(self.records.spent_today(), 6),
                 "daily_cap_usd": cfg.cloud.daily_cap_usd,
                 "no_api_key": self.cloud.keyless,
+                "key_from_env": self.cloud.key_from_env,
             },
             "queue": {
                 "in_flight": self.in_flight(),

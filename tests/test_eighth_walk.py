@@ -101,3 +101,32 @@ def test_a_model_named_by_its_endpoint_id_or_another_case_says_which_name_to_use
     assert "'gpt-4o-mini' is the endpoint's model id of cloud model 'gpt-mini': name 'gpt-mini'" in by_id.stderr
     cased = handle.cli("ask", "Hi", "--model", "SmolLM2-135M-Instruct")
     assert cased.returncode == 1 and "names are case-sensitive: 'smollm2-135m-instruct'" in cased.stderr, cased.stderr
+
+
+def test_a_reload_says_when_a_key_file_is_not_read_for_the_environments_key(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """Walk finding: the daemon started with $LOCOD_CLOUD_API_KEY (the README's first way) and an
+    api_key_file (its second); rotating the key in the file and `locod reload` said "reloaded", and the old
+    key from the environment stayed in use, since the variable wins over the file."""
+    key_file = tmp_path / "cloud.key"
+    key_file.write_text("sk-rotated-in-the-file\n")
+    key_file.chmod(0o600)
+    models = [
+        {"name": "by-env", "base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_file": str(key_file)},
+        {
+            "name": "by-file",
+            "base_url": "http://127.0.0.1:9/v1",
+            "model": "m",
+            "api_key_env": "LOCOD_WALK8_KEY",  # not set: the file is read
+            "api_key_file": str(key_file),
+        },
+    ]
+    handle = daemon_factory({"cloud": {"models": models}}, extra_env={"LOCOD_CLOUD_API_KEY": "sk-from-the-env"})
+    reloaded = handle.cli("reload")
+    assert reloaded.returncode == 0, reloaded.stderr
+    assert (
+        f"note: cloud model by-env takes its key from $LOCOD_CLOUD_API_KEY in the daemon's environment, which wins "
+        f"over its api_key_file {key_file}" in reloaded.stderr
+    ), reloaded.stderr
+    assert "by-file" not in reloaded.stderr and "sk-" not in reloaded.stderr + reloaded.stdout
