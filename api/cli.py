@@ -968,7 +968,7 @@ def _add_offline_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_models_fetch)
     p = models.add_parser("pull", help="download a GGUF (URL or hf://owner/repo/file.gguf) and register it")
     p.add_argument("source", help="an http(s) URL of a .gguf, or hf://owner/repo/file.gguf")
-    p.add_argument("--name", help="the model's name (default: the file's name)")
+    p.add_argument("--name", help="the model's name (default: the file's name in lower case, without .gguf)")
     p.add_argument("--sha256", help="expected SHA-256 (the hub's published one is checked anyway)")
     p.add_argument("--ctx", type=int, help="context size to load it with (default: its trained context, at most 4096)")
     p.add_argument("--max-size", help="the largest file to accept, e.g. 80G (default 64G): a download stops there")

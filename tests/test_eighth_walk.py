@@ -27,21 +27,24 @@ def locod(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 def test_a_pull_from_a_plain_url_says_its_checksum_was_not_checked(tmp_path: Path) -> None:
     """Walk finding: `locod models pull http://.../model.gguf` (the README: "checks the GGUF header and the
     SHA-256") said only "installed at ...": from a plain URL nothing publishes a SHA-256, so none was
-    checked, and nothing said so; the user took a file from their own server for a verified one."""
+    checked, and nothing said so; the user took a file from their own server for a verified one. And the
+    model was named mine.q4 where --help promised "the file's name"."""
     data = gguf_bytes(1 << 20)
     digest = hashlib.sha256(data).hexdigest()
-    server = FileServer({"mine.gguf": Served(data), "again.gguf": Served(data)}).start()
+    server = FileServer({"Mine.Q4.gguf": Served(data), "again.gguf": Served(data)}).start()
     try:
         env = {k: v for k, v in os.environ.items() if not k.startswith("LOCOD_")}
         env.update(LOCOD_MODELS_DIR=str(tmp_path), XDG_CONFIG_HOME=str(tmp_path / "none"))
         env["LOCOD_RUNTIME_DIR"] = str(tmp_path / "run")
-        pulled = locod(env, "models", "pull", f"{server.url}/files/mine.gguf")
+        pulled = locod(env, "models", "pull", f"{server.url}/files/Mine.Q4.gguf")
         assert pulled.returncode == 0, pulled.stderr
-        assert f"mine: its SHA-256 is {digest}, not checked" in pulled.stderr, pulled.stderr
+        assert f"mine.q4: its SHA-256 is {digest}, not checked" in pulled.stderr, pulled.stderr
         assert "--sha256" in pulled.stderr
         checked = locod(env, "models", "pull", f"{server.url}/files/again.gguf", "--sha256", digest)
         assert checked.returncode == 0, checked.stderr
         assert "not checked" not in checked.stderr, checked.stderr
+        # The name it got is the file's, in lower case: --help says so (it said "the file's name").
+        assert "in lower case" in " ".join(locod(env, "models", "pull", "--help").stdout.split())
     finally:
         server.stop()
 
