@@ -133,3 +133,15 @@ def test_a_reload_says_when_a_key_file_is_not_read_for_the_environments_key(
         f"over its api_key_file {key_file}" in reloaded.stderr
     ), reloaded.stderr
     assert "by-file" not in reloaded.stderr and "sk-" not in reloaded.stderr + reloaded.stdout
+
+
+def test_a_reload_names_a_local_model_whose_file_is_not_there(daemon_factory: Any) -> None:
+    """Walk finding: a `[[local.models]]` entry added with a typo in its path, then `locod reload`: it said
+    "reloaded from ...", and only a later `locod ask --model` said the file was not found."""
+    handle = daemon_factory()
+    handle.config_path.write_text('[[local.models]]\nname = "mine"\npath = "mine-typo.gguf"\n')
+    reloaded = handle.cli("reload")
+    assert reloaded.returncode == 0, reloaded.stderr
+    missing = Path(handle.env["LOCOD_MODELS_DIR"]) / "mine-typo.gguf"
+    assert f"note: local model mine: no file at {missing}; it is left out of routing" in reloaded.stderr
+    assert "smollm2" not in reloaded.stderr  # the models that are there are not named
