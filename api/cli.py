@@ -508,6 +508,8 @@ def _column(row: dict[str, Any], column: str) -> str:
         return f"{row['cost_usd']:.5f}"
     if column == "latency_total_ms" and row.get(column) is not None:  # whole ms as `ask -v` prints them, not 1.4e+04
         return f"{row[column]:.0f}"
+    if column == "location":  # where it was answered, as `model` is the model that answered (after a fallback
+        return _cell(row.get("backend") or row.get("location"))  # or an escalation); decided: --json's location
     if column == "shadow":  # the local model's background answer to a cloud turn, as graded
         shadow = row.get("shadow")
         return "-" if not shadow else "good" if shadow["satisfied"] else "bad"

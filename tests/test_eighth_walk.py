@@ -16,7 +16,7 @@ import pytest
 
 from locod.errors import StorageError
 
-from .conftest import locod_command, start_daemon
+from .conftest import MODEL_NAME, locod_command, start_daemon
 from .fileserver import FileServer, Served, gguf_bytes
 
 
@@ -145,3 +145,18 @@ def test_a_reload_names_a_local_model_whose_file_is_not_there(daemon_factory: An
     missing = Path(handle.env["LOCOD_MODELS_DIR"]) / "mine-typo.gguf"
     assert f"note: local model mine: no file at {missing}; it is left out of routing" in reloaded.stderr
     assert "smollm2" not in reloaded.stderr  # the models that are there are not named
+
+
+def test_decisions_show_where_a_fallen_back_turn_was_answered(daemon_factory: Any) -> None:
+    """Walk finding: `locod decisions` showed a turn whose cloud failed as "location cloud, model
+    other-model.q4_1" (a local model), and an escalated one as "location local, model gpt-mini": the location
+    was where the turn was first sent, the model the one that answered."""
+    cloud = {"name": "gpt-mini", "base_url": "http://127.0.0.1:9/v1", "model": "gpt-4o-mini"}
+    handle = daemon_factory({"cloud": {"models": [cloud], "max_retries": 0}}, extra_env={"LOCOD_CLOUD_API_KEY": "k"})
+    asked = handle.cli("ask", "Hi", "--force", "cloud", "--max-tokens", "2")
+    assert asked.returncode == 0 and "answering locally" in asked.stderr, asked.stderr
+    (row,) = handle.rows()
+    assert (row["location"], row["backend"], row["outcome"]) == ("cloud", "local", "fallback")
+    header, line = handle.cli("decisions").stdout.splitlines()
+    cells = dict(zip(header.split(), line.split()))
+    assert (cells["location"], cells["model"], cells["outcome"]) == ("local", MODEL_NAME, "fallback"), line
