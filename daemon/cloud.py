@@ -109,7 +109,10 @@ def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str) -> s
         return f": check the API key, which the daemon takes from {source}"
     if exc.status_code == 404:
         endpoint = redacted_url(model.base_url)
-        return f": check model = {model.model!r}, the endpoint's model id, and base_url = {endpoint!r}"
+        hint = f": check model = {model.model!r}, the endpoint's model id, and base_url = {endpoint!r}"
+        if urlsplit(model.base_url).path in ("", "/"):  # the server's address, not its API's: the usual slip
+            hint += f" (OpenAI-compatible servers answer under a path: {endpoint.rstrip('/') + '/v1'!r}?)"
+        return hint
     said = str(exc.message)
     if exc.status_code == 400 and "max_completion_tokens" in said and model.max_tokens_param == "max_tokens":
         return f': it takes max_completion_tokens: set max_tokens_param = "max_completion_tokens" for {model.name!r}'

@@ -16,7 +16,7 @@ import pytest
 
 from locod.errors import StorageError
 
-from .conftest import MODEL_NAME, locod_command, start_daemon
+from .conftest import MODEL_NAME, CloudServer, locod_command, start_daemon
 from .fileserver import FileServer, Served, gguf_bytes
 
 
@@ -160,3 +160,14 @@ def test_decisions_show_where_a_fallen_back_turn_was_answered(daemon_factory: An
     header, line = handle.cli("decisions").stdout.splitlines()
     cells = dict(zip(header.split(), line.split()))
     assert (cells["location"], cells["model"], cells["outcome"]) == ("local", MODEL_NAME, "fallback"), line
+
+
+def test_a_base_url_without_its_api_path_is_named_on_the_404(daemon_factory: Any, cloud_server: CloudServer) -> None:
+    """Walk finding: ``base_url = "http://127.0.0.1:PORT"`` (the server's address, as `llama_cpp.server`
+    prints it) got HTTP 404 and "check model and base_url", with no word that the /v1 was missing."""
+    address = cloud_server.base_url.removesuffix("/v1")
+    cloud = {"name": "mine", "base_url": address, "model": cloud_server.model}
+    handle = daemon_factory({"cloud": {"models": [cloud]}}, extra_env={"LOCOD_CLOUD_API_KEY": "k"})
+    asked = handle.cli("ask", "Hi", "--force", "cloud", "--max-tokens", "2")
+    assert asked.returncode == 0, asked.stderr
+    assert "HTTP 404" in asked.stderr and f"answer under a path: '{address}/v1'?" in asked.stderr, asked.stderr
