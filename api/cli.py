@@ -341,7 +341,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         (
             "cloud",
             f"{', '.join(c['models']) or 'none configured'}; breaker {c['breaker']}; "
-            f"today ${c['spent_today_usd']:.4f}" + (f" of ${c['daily_cap_usd']:.2f}" if c["daily_cap_usd"] else ""),
+            f"today ${c['spent_today_usd']:.5f}" + (f" of ${c['daily_cap_usd']:.2f}" if c["daily_cap_usd"] else ""),
         ),
         (
             "routing",

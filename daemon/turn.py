@@ -540,7 +540,7 @@ class TurnRunner:
             tokens_out=g.tokens_out,
             cost_usd=g.cost_usd,
             latency_ms=round(g.total_ms, 2),
-            first_token_ms=g.first_token_ms,
+            first_token_ms=None if g.first_token_ms is None else round(g.first_token_ms, 2),
             text=None if turn.request.options.stream else g.text,
             cost_estimated=g.cost_estimated or None,
         )

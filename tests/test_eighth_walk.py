@@ -6,6 +6,7 @@ server and a real tmpfs."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import pytest
 
 from locod.errors import StorageError
 
-from .conftest import MODEL_NAME, CloudServer, locod_command, start_daemon
+from .conftest import MODEL_NAME, CloudServer, cloud_config, locod_command, start_daemon
 from .fileserver import FileServer, Served, gguf_bytes
 
 
@@ -171,3 +172,18 @@ def test_a_base_url_without_its_api_path_is_named_on_the_404(daemon_factory: Any
     asked = handle.cli("ask", "Hi", "--force", "cloud", "--max-tokens", "2")
     assert asked.returncode == 0, asked.stderr
     assert "HTTP 404" in asked.stderr and f"answer under a path: '{address}/v1'?" in asked.stderr, asked.stderr
+
+
+def test_status_shows_a_small_spend_and_the_done_frame_rounds_its_times(
+    daemon_factory: Any, cloud_server: CloudServer
+) -> None:
+    """Walk finding: after cloud turns that `ask -v` priced at $0.00004, `locod status` said "today $0.0000";
+    and the `done` frame's ``first_token_ms`` came as 380.47685399942566 beside ``latency_ms`` 675.04."""
+    handle = daemon_factory(cloud_config(cloud_server.base_url), extra_env={"LOCOD_CLOUD_API_KEY": "k"})
+    asked = handle.cli("ask", "Hi", "--force", "cloud", "--max-tokens", "4", "--json")
+    assert asked.returncode == 0, asked.stderr
+    done = [json.loads(line) for line in asked.stdout.splitlines() if '"done"' in line][-1]
+    assert done["first_token_ms"] == round(done["first_token_ms"], 2), done
+    (row,) = handle.rows()
+    assert 0 < row["cost_usd"] < 1e-4
+    assert f"today ${row['cost_usd']:.5f}" in handle.cli("status").stdout
