@@ -148,7 +148,7 @@ def summary(history: History, cap: float) -> dict[str, str]:
         "turns": f"{turns} ({cloud} cloud, {cloud / turns:.0%})",
         "satisfaction": f"{satisfied}/{labelled} labelled" + (f" = {satisfied / labelled:.1%}" if labelled else ""),
         "SLA target": "n/a" if history.sla is None else f"{history.sla:.0%}",
-        "money": f"${sum(days.values()):.4f}, most in a day ${max(days.values()):.4f}"
+        "money": f"${sum(days.values()):.5f}, most in a day ${max(days.values()):.5f}"
         + (f" (cap ${cap:.2f})" if cap else ""),
         "energy": f"{sum(b.energy_j for b in buckets) / _energy_unit(history)[0]:.2f} {_energy_unit(history)[1]}",
         "labels": ", ".join(f"{k} {v}" for k, v in sorted(labels.items())) or "none",

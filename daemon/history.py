@@ -66,7 +66,7 @@ class History:
     since: float
     until: float
     bucket_s: float
-    sla: float | None  # the target the newest turn was routed under
+    sla: float | None  # the target the newest routed turn was routed under
     buckets: list[Bucket]
 
     @property
@@ -96,7 +96,8 @@ def read_history(db_path: Path, period_s: float, now: float | None = None) -> Hi
     buckets = [Bucket(start + i * bucket_s) for i in range(int((until - start) // bucket_s) + 1)]
     for row in rows:
         _add(buckets[min(int((row["created"] - start) // bucket_s), len(buckets) - 1)], row)
-    sla = rows[-1]["sla"] if rows else None
+    # The newest routed turn's: a forced or named turn records none, and is no reason to say "n/a".
+    sla = next((row["sla"] for row in reversed(rows) if row["sla"] is not None), None)
     return History(since, until, bucket_s, sla, buckets)
 
 

@@ -187,3 +187,18 @@ def test_status_shows_a_small_spend_and_the_done_frame_rounds_its_times(
     (row,) = handle.rows()
     assert 0 < row["cost_usd"] < 1e-4
     assert f"today ${row['cost_usd']:.5f}" in handle.cli("status").stdout
+
+
+def test_the_report_names_the_sla_after_a_forced_turn_and_a_small_spend(daemon_factory: Any, tmp_path: Path) -> None:
+    """Walk finding: `locod report` said "SLA target: n/a" with routing.sla = 0.9 in the config, because the
+    newest turn was forced (such a record keeps no SLA), and "money: $0.0000" after cloud turns."""
+    handle = daemon_factory({"routing": {"sla": 0.9}})
+    assert handle.cli("ask", "Hi", "--max-tokens", "2").returncode == 0  # routed: its record keeps the SLA
+    assert handle.cli("ask", "Hi", "--max-tokens", "2", "--force", "local").returncode == 0
+    assert [row["sla"] for row in handle.rows()] == [0.9, None]
+    out = tmp_path / "report.html"
+    drawn = handle.cli("report", "--since", "1h", "--out", str(out))
+    assert drawn.returncode == 0, drawn.stderr
+    page = out.read_text()
+    assert "<th>SLA target</th><td>90%</td>" in page
+    assert "<th>money</th><td>$0.00000, most in a day $0.00000</td>" in page
