@@ -759,6 +759,9 @@ def cmd_models_rm(args: argparse.Namespace) -> int:
     from locod.daemon.pull import remove_model
 
     print(f"removed {args.name} ({remove_model(_config(args), args.name)})")
+    running = _running_models(args)
+    if running is not None and args.name in running["models"]:  # loaded into memory, it answers on
+        _say(f"the running daemon offers {args.name} until `locod reload`")
     return 0
 
 

@@ -202,3 +202,22 @@ def test_the_report_names_the_sla_after_a_forced_turn_and_a_small_spend(daemon_f
     page = out.read_text()
     assert "<th>SLA target</th><td>90%</td>" in page
     assert "<th>money</th><td>$0.00000, most in a day $0.00000</td>" in page
+
+
+def test_models_rm_says_the_running_daemon_offers_the_model_until_a_reload(tmp_path: Path, model_path: Path) -> None:
+    """Walk finding: `locod models rm NAME` said "removed", and `locod ask --model NAME` still answered
+    (the model was loaded) until `locod reload`; `pull` says a reload is needed, `rm` did not."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / model_path.name).symlink_to(model_path)
+    server = FileServer({"mine.gguf": Served(gguf_bytes(1 << 20))}).start()
+    handle = start_daemon(tmp_path / "d", models)
+    try:
+        assert handle.cli("models", "pull", f"{server.url}/files/mine.gguf").returncode == 0
+        assert handle.cli("reload").returncode == 0
+        removed = handle.cli("models", "rm", "mine")
+        assert removed.returncode == 0, removed.stderr
+        assert "the running daemon offers mine until `locod reload`" in removed.stderr, removed.stderr
+    finally:
+        handle.stop()
+        server.stop()
