@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 
 from locod.errors import StorageError
 
-from .conftest import MODEL_NAME, CloudServer, cloud_config, locod_command, start_daemon
+from .conftest import MODEL_NAME, REPO, CloudServer, DaemonHandle, cloud_config, locod_command, start_daemon
 from .fileserver import FileServer, Served, gguf_bytes
 
 
@@ -221,3 +222,16 @@ def test_models_rm_says_the_running_daemon_offers_the_model_until_a_reload(tmp_p
     finally:
         handle.stop()
         server.stop()
+
+
+def test_the_protocol_docs_client_runs_as_written(daemon: DaemonHandle) -> None:
+    """Walk finding: docs/protocol.md had no client to start from, and said nothing of cancelling or of the
+    socket's place; a client written from it alone is now its example, run here against a real daemon."""
+    documented = (REPO / "docs/protocol.md").read_text().split("## A client in a few lines", 1)[1]
+    example = documented.split("```python\n", 1)[1].split("```", 1)[0]
+    env = {**daemon.env, "LOCOD_RUNTIME_DIR": str(daemon.home / "run")}
+    ran = subprocess.run([sys.executable, "-c", example], capture_output=True, text=True, env=env, timeout=120)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip() and "[decision 1: ok via" in ran.stdout, ran.stdout
+    (row,) = daemon.rows()
+    assert row["session"] == "demo" and row["outcome"] == "ok"
