@@ -203,6 +203,14 @@ class Daemon:
         path = self.config.daemon.tcp_secret_file
         return read_key_file(path, "daemon.tcp_secret_file") if self.config.daemon.tcp and path else None
 
+    def _read_door_keys(self) -> tuple[str | None, str | None]:
+        """The HTTP API's key and the tcp endpoint's secret, read again from the files the daemon started
+        with (a new path waits for a restart, as the rest of [http] and [daemon] do): a reload is how a
+        rotated key or secret replaces the old one, which would otherwise be accepted until a restart."""
+        path = self.config.http.api_key_file
+        http_key = read_key_file(path, "http.api_key_file") if self.http is not None and path else None
+        return http_key, self._read_tcp_secret()
+
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -613,6 +621,7 @@ class Daemon:
             new = load_config(self._config_path, overrides=self._overrides)
             check_chat_formats(new)
             check_model_file(new.local_model(new.local.default), self.config.models_dir)
+            http_key, tcp_secret = self._read_door_keys()
             self.cloud.reconfigure(new.cloud, new.source)  # reads the API keys: the last step that can reject
         except LocodError as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc.message)
@@ -623,6 +632,9 @@ class Daemon:
             log.warning("reload: [%s] changed and take(s) effect at the next restart", "], [".join(kept))
         new = dataclasses.replace(new, **{name: getattr(self.config, name) for name in AS_STARTED})
         self.config = new
+        self._tcp_secret = tcp_secret
+        if self.http is not None:
+            self.http.key = http_key
         self.zoo.reconfigure(new.local)
         self.runner.config = self.shadow.config = new
         self.telemetry.retarget(new)

@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +20,16 @@ import pytest
 
 from locod.errors import StorageError
 
-from .conftest import MODEL_NAME, REPO, CloudServer, DaemonHandle, cloud_config, locod_command, start_daemon
+from .conftest import (
+    MODEL_NAME,
+    REPO,
+    CloudServer,
+    DaemonHandle,
+    cloud_config,
+    free_port,
+    locod_command,
+    start_daemon,
+)
 from .fileserver import FileServer, Served, gguf_bytes
 
 
@@ -235,3 +246,49 @@ def test_the_protocol_docs_client_runs_as_written(daemon: DaemonHandle) -> None:
     assert ran.stdout.strip() and "[decision 1: ok via" in ran.stdout, ran.stdout
     (row,) = daemon.rows()
     assert row["session"] == "demo" and row["outcome"] == "ok"
+
+
+def test_a_reload_takes_a_rotated_http_api_key(daemon_factory: Any, tmp_path: Path) -> None:
+    """Walk finding: the HTTP API's key rotated in its ``api_key_file`` and `locod reload`: "reloaded", and
+    the old key went on being accepted (and the new one refused) until a restart."""
+    key_file = tmp_path / "http.key"
+    key_file.write_text("old-key\n")
+    key_file.chmod(0o600)
+    port = free_port()
+    handle = daemon_factory({"http": {"api_key_file": str(key_file)}}, extra_env={"LOCOD_HTTP": f"127.0.0.1:{port}"})
+
+    def models(key: str) -> int:
+        url, headers = f"http://127.0.0.1:{port}/v1/models", {"Authorization": f"Bearer {key}"}
+        request = urllib.request.Request(url, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert (models("old-key"), models("new-key")) == (200, 401)
+    key_file.write_text("new-key\n")
+    assert handle.cli("reload").returncode == 0
+    assert (models("old-key"), models("new-key")) == (401, 200)
+    key_file.chmod(0o644)  # a key file it may not use rejects the reload; the key it has stays
+    rejected = handle.cli("reload")
+    assert rejected.returncode == 2 and "http.api_key_file" in rejected.stderr, rejected.stderr
+    assert (models("old-key"), models("new-key")) == (401, 200)
+
+
+def test_a_reload_takes_a_rotated_tcp_secret(daemon_factory: Any, tmp_path: Path) -> None:
+    """The same for the tcp endpoint's shared secret (``daemon.tcp_secret_file``)."""
+    secret = tmp_path / "secret"
+    secret.write_text("old-secret\n")
+    secret.chmod(0o600)
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    handle = daemon_factory({"daemon": {"tcp": endpoint, "tcp_secret_file": str(secret)}})
+    env = {k: v for k, v in handle.env.items() if k != "LOCOD_SECRET"}
+
+    def status(given: str) -> int:
+        return locod({**env, "LOCOD_SECRET": given}, "--endpoint", endpoint, "status", "--json").returncode
+
+    assert status("old-secret") == 0 and status("new-secret") != 0
+    secret.write_text("new-secret\n")
+    assert handle.cli("reload").returncode == 0
+    assert status("new-secret") == 0 and status("old-secret") != 0
