@@ -118,6 +118,11 @@ def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str) -> s
         return f': it takes max_completion_tokens: set max_tokens_param = "max_completion_tokens" for {model.name!r}'
     if exc.status_code == 400 and "temperature" in said and model.sampling:
         return f": the model takes only its own temperature: set sampling = false for {model.name!r}"
+    if exc.status_code == 400 and "context" in said.lower():  # OpenAI, vLLM and llama.cpp's servers say so
+        longer = ": the prompt may be longer than its context"
+        if not model.context_tokens:
+            return f"{longer}: set context_tokens for {model.name!r}, so such prompts go to a model that holds them"
+        return f"{longer}: is context_tokens = {model.context_tokens} for {model.name!r} more than it holds?"
     return ""
 
 

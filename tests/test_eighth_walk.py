@@ -30,6 +30,7 @@ from .conftest import (
     locod_command,
     start_daemon,
 )
+from .faultproxy import Fault, FaultProxy
 from .fileserver import FileServer, Served, gguf_bytes
 
 
@@ -292,3 +293,17 @@ def test_a_reload_takes_a_rotated_tcp_secret(daemon_factory: Any, tmp_path: Path
     secret.write_text("new-secret\n")
     assert handle.cli("reload").returncode == 0
     assert status("new-secret") == 0 and status("old-secret") != 0
+
+
+def test_a_400_for_a_prompt_past_the_cloud_models_context_names_context_tokens(
+    daemon_factory: Any, proxy: FaultProxy
+) -> None:
+    """Walk finding: a prompt longer than the user's own cloud model's context came back as a bare "HTTP 400"
+    fallback; `context_tokens`, which would send such prompts elsewhere, was not named."""
+    handle = daemon_factory(cloud_config(proxy.base_url, max_retries=0), extra_env={"LOCOD_CLOUD_API_KEY": "k"})
+    said = "This model's maximum context length is 4096 tokens. However, your messages resulted in 6038 tokens."
+    proxy.set(Fault("status", status=400, message=said))
+    result = handle.client().ask("Hi", max_tokens=4, force="cloud")
+    assert result.fallback is not None and "HTTP 400" in result.fallback.message
+    assert "set context_tokens for 'cloud-small'" in result.fallback.message, result.fallback.message
+    assert "6038" not in result.fallback.message  # the endpoint's words are not repeated
