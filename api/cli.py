@@ -326,6 +326,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_json(status)
         return 0
     t, r, c, loc = status["telemetry"], status["routing"], status["cloud"], status["local"]
+    others = [name for name in loc["models"] if name != loc["default"]]  # the default first, as cloud's line
+    also = f"; also {', '.join(others)}" if others else ""
     battery = "no battery" if t["battery_pct"] is None else f"{t['battery_pct']:.0f}%"
     power = "on AC" if t["on_ac"] else "on battery" if t["on_ac"] is False else "power source unknown"
     net = "online" if t["online"] else "offline" if t["online"] is False else "unknown"
@@ -333,7 +335,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ("daemon", f"locod {status['version']}, pid {status['pid']}, up {status['uptime_s']:.0f} s"),
         (
             "local",
-            f"{loc['default']} (resident: {', '.join(loc['resident']) or 'none'}; "
+            f"{loc['default']}{also} (resident: {', '.join(loc['resident']) or 'none'}; "
             f"{_fmt(loc['tokens_per_s'], '{:.1f}')} tok/s); dialogue cache {loc['cache']['dialogues']} kept, "
             f"{loc['cache']['mb']:.0f}/{loc['cache']['limit_mb']:.0f} MB, "
             f"{counted(loc['cache']['hits'], 'hit')}, {counted(loc['cache']['misses'], 'miss', 'misses')}",

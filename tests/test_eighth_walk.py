@@ -307,3 +307,12 @@ def test_a_400_for_a_prompt_past_the_cloud_models_context_names_context_tokens(
     assert result.fallback is not None and "HTTP 400" in result.fallback.message
     assert "set context_tokens for 'cloud-small'" in result.fallback.message, result.fallback.message
     assert "6038" not in result.fallback.message  # the endpoint's words are not repeated
+
+
+def test_status_names_every_local_model_as_it_does_the_cloud_ones(daemon: DaemonHandle, model_path: Path) -> None:
+    """Walk finding: with a second GGUF configured, `locod status`'s local line named only the default (and
+    whichever were loaded), where its cloud line names every cloud model."""
+    daemon.config_path.write_text(f'[[local.models]]\nname = "mybot"\npath = "{model_path}"\n')
+    assert daemon.cli("reload").returncode == 0
+    local = next(line for line in daemon.cli("status").stdout.splitlines() if line.strip().startswith("local "))
+    assert f"local  {MODEL_NAME}; also mybot (resident: {MODEL_NAME};" in local, local
