@@ -247,7 +247,8 @@ class HttpServer:
         return Response(await run_in_threadpool(generate_latest, self.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def chat(self, request: Request) -> Response:
-        completion = wire.parse_completion(await self._body(request), self.model_names())
+        ids = {m.model: m.name for m in reversed(self.daemon.config.cloud.models)}  # the first listed wins
+        completion = wire.parse_completion(await self._body(request), self.model_names(), ids)
         named = request.headers.get("x-locod-session")
         if named is not None and not 0 < len(named) <= 200:
             raise wire.bad("x-locod-session must be 1 to 200 characters", "x-locod-session")

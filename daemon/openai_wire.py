@@ -74,8 +74,9 @@ def bad(message: str, param: str | None = None, code: str = "bad_field") -> Http
     return HttpError(400, message, code, param)
 
 
-def parse_completion(body: Any, models: list[str]) -> Completion:
-    """A chat-completions body, checked; ``models`` are the configured model names (``auto`` aside)."""
+def parse_completion(body: Any, models: list[str], ids: dict[str, str] | None = None) -> Completion:
+    """A chat-completions body, checked; ``models`` are the configured model names (``auto`` aside), ``ids``
+    the cloud models' endpoint ids (their ``model``) to the names that serve them."""
     if not isinstance(body, dict):
         raise bad("the body must be a JSON object")
     for key in UNSUPPORTED:
@@ -88,7 +89,12 @@ def parse_completion(body: Any, models: list[str]) -> Completion:
     if not isinstance(model, str) or not model:
         raise bad("'model' is required: 'auto' or a configured model name", "model")
     if model != "auto" and model not in models:
-        raise HttpError(404, f"the model {model!r} does not exist; see GET /v1/models", "model_not_found", "model")
+        named = (ids or {}).get(model)  # code written for the provider names its id: say which name serves it
+        hint = f" here: it is the endpoint's model id of cloud model {named!r}, so send model={named!r}"
+        hint = hint if named else ""
+        raise HttpError(
+            404, f"the model {model!r} does not exist{hint}; see GET /v1/models", "model_not_found", "model"
+        )
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise bad("'messages' must be a non-empty list", "messages")

@@ -316,3 +316,21 @@ def test_status_names_every_local_model_as_it_does_the_cloud_ones(daemon: Daemon
     assert daemon.cli("reload").returncode == 0
     local = next(line for line in daemon.cli("status").stdout.splitlines() if line.strip().startswith("local "))
     assert f"local  {MODEL_NAME}; also mybot (resident: {MODEL_NAME};" in local, local
+
+
+def test_the_http_api_says_which_name_serves_a_providers_model_id(daemon_factory: Any) -> None:
+    """Walk finding: code written for the provider (`model="gpt-4o-mini"`) pointed at the HTTP door got 404
+    "the model 'gpt-4o-mini' does not exist", with the cloud model configured as name "gpt-mini"."""
+    cloud = {"name": "gpt-mini", "base_url": "http://127.0.0.1:9/v1", "model": "gpt-4o-mini"}
+    port = free_port()
+    daemon_factory({"cloud": {"models": [cloud]}}, extra_env={"LOCOD_HTTP": f"127.0.0.1:{port}"})
+    body = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}]}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", body, {"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 404
+    error = json.loads(refused.value.read())["error"]
+    assert error["code"] == "model_not_found"
+    assert "endpoint's model id of cloud model 'gpt-mini', so send model='gpt-mini'" in error["message"], error
