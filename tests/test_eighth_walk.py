@@ -192,7 +192,8 @@ def test_status_shows_a_small_spend_and_the_done_frame_rounds_its_times(
 ) -> None:
     """Walk finding: after cloud turns that `ask -v` priced at $0.00004, `locod status` said "today $0.0000";
     and the `done` frame's ``first_token_ms`` came as 380.47685399942566 beside ``latency_ms`` 675.04."""
-    handle = daemon_factory(cloud_config(cloud_server.base_url), extra_env={"LOCOD_CLOUD_API_KEY": "k"})
+    config = cloud_config(cloud_server.base_url, timeout_s=30.0)  # a loaded machine: not a fallback
+    handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": "k"})
     asked = handle.cli("ask", "Hi", "--force", "cloud", "--max-tokens", "4", "--json")
     assert asked.returncode == 0, asked.stderr
     done = [json.loads(line) for line in asked.stdout.splitlines() if '"done"' in line][-1]
