@@ -424,21 +424,6 @@ def _say_which_key_files_are_not_read(running: dict[str, Any], from_env: list[st
             )
 
 
-def _say_which_models_have_no_file(running: dict[str, Any]) -> None:
-    """A local model whose file is not there is left out of routing with one line in the daemon's log; the
-    reload that added it (a path with a typo) said "reloaded", and only a later `--model` said otherwise."""
-    models_dir = Path(running.get("paths", {}).get("models_dir", "."))
-    for model in running.get("local", {}).get("models", []):
-        path = Path(model["path"]).expanduser()
-        path = path if path.is_absolute() else models_dir / path
-        if not path.is_file():
-            print(
-                f"note: local model {model['name']}: no file at {path}; it is left out of routing until one is "
-                "there (fix its path in the config, or `locod models pull`)",
-                file=sys.stderr,
-            )
-
-
 def _reachable(value: bool | None) -> str:
     return "not probed yet" if value is None else "reachable" if value else "unreachable"
 
@@ -563,7 +548,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(f"changed in [{'], ['.join(result['restart_needed'])}]: takes effect when the daemon restarts")
     _say_which_variables_stay_here(running, keyless)
     _say_which_key_files_are_not_read(running, cloud.get("key_from_env", []))  # an older daemon: none
-    _say_which_models_have_no_file(running)
+    for why in result.get("left_out", {}).values():  # the daemon's own look at the files (an older one: none)
+        print(f"note: {why}; it is left out of routing until then", file=sys.stderr)
     if result.get("policy_error"):  # the configuration applied, but the routing policy it names was refused
         print(f"locod: the routing policy was refused: {result['policy_error']}", file=sys.stderr)
         return 1

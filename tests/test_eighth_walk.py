@@ -157,7 +157,8 @@ def test_a_reload_names_a_local_model_whose_file_is_not_there(daemon_factory: An
     reloaded = handle.cli("reload")
     assert reloaded.returncode == 0, reloaded.stderr
     missing = Path(handle.env["LOCOD_MODELS_DIR"]) / "mine-typo.gguf"
-    assert f"note: local model mine: no file at {missing}; it is left out of routing" in reloaded.stderr
+    said = f"note: model 'mine': file {missing} not found; fix its path in the config, or download it with `locod"
+    assert said in reloaded.stderr and "it is left out of routing until then" in reloaded.stderr, reloaded.stderr
     assert "smollm2" not in reloaded.stderr  # the models that are there are not named
 
 
