@@ -6,17 +6,28 @@ every response body so that, for the turn running on this thread (``limits``), r
 ``OverBound`` once the turn's deadline has passed, once the body passes ``max_bytes``, or once one line
 (an SSE event's line) passes ``max_line_bytes``. The time before the first byte is bounded by the read
 timeout, cut to what is left of the deadline.
+
+The bytes counted are the answer's, not the wire's: a gzip or deflate body is inflated here, a piece of at
+most INFLATE_PIECE bytes at a time, and the bounds apply to what it inflates to (httpx2 would inflate it
+above the transport, unbounded: 300 kB of gzip made a 300 MB event). Any other Content-Encoding is refused,
+and requests ask for those two only.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx2
+
+# Content-Encodings inflated here, by zlib's window bits; requests name these alone in Accept-Encoding.
+INFLATED = {"gzip": zlib.MAX_WBITS | 16, "x-gzip": zlib.MAX_WBITS | 16, "deflate": zlib.MAX_WBITS}
+ACCEPT_ENCODING = "gzip, deflate"
+INFLATE_PIECE = 64 << 10  # the most one zlib call may inflate, before the bounds are checked again
 
 
 class OverBound(Exception):
@@ -62,10 +73,57 @@ class BoundedTransport(httpx2.HTTPTransport):
         for key in ("connect", "read", "write", "pool"):
             timeout[key] = left if timeout.get(key) is None else min(timeout[key], left)
         request.extensions["timeout"] = timeout
+        request.headers["Accept-Encoding"] = ACCEPT_ENCODING
         response = super().handle_request(request)
         assert isinstance(response.stream, httpx2.SyncByteStream)
-        response.stream = _BoundedStream(response.stream, bounds)
+        response.stream = _BoundedStream(_decoded(response), bounds)
         return response
+
+
+def _decoded(response: httpx2.Response) -> httpx2.SyncByteStream:
+    """The response's body as the answer's bytes: inflated here if compressed, and the Content-Encoding
+    header removed, so that the client above reads it as it is."""
+    codings = [c for c in response.headers.get_list("content-encoding", split_commas=True) if c.strip()]
+    named = [c.strip().lower() for c in codings if c.strip().lower() != "identity"]
+    assert isinstance(response.stream, httpx2.SyncByteStream)
+    if not named:
+        return response.stream
+    if len(named) > 1 or named[0] not in INFLATED:
+        response.stream.close()
+        shown = ", ".join(named)[:100].encode("ascii", "backslashreplace").decode()
+        why = f"the answer came in Content-Encoding {shown}, which locod does not read"
+        raise OverBound(why, "cloud_invalid_reply")
+    del response.headers["content-encoding"]
+    return _Inflated(response.stream, INFLATED[named[0]])
+
+
+class _Inflated(httpx2.SyncByteStream):
+    def __init__(self, inner: httpx2.SyncByteStream, wbits: int) -> None:
+        self.inner, self.wbits = inner, wbits
+
+    def __iter__(self) -> Iterator[bytes]:
+        inflate = zlib.decompressobj(self.wbits)
+        first = self.wbits == zlib.MAX_WBITS  # "deflate" comes with zlib's header or, from some, without
+        try:
+            for chunk in self.inner:
+                try:
+                    piece = inflate.decompress(chunk, INFLATE_PIECE)
+                except zlib.error:
+                    if not first:
+                        raise
+                    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+                    piece = inflate.decompress(chunk, INFLATE_PIECE)
+                first = False
+                while piece:
+                    yield piece
+                    piece = inflate.decompress(inflate.unconsumed_tail, INFLATE_PIECE)
+            if tail := inflate.flush():
+                yield tail
+        except zlib.error as exc:
+            raise OverBound(f"the answer's compressed data is damaged ({exc})", "cloud_invalid_reply") from None
+
+    def close(self) -> None:
+        self.inner.close()
 
 
 class _BoundedStream(httpx2.SyncByteStream):

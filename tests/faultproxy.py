@@ -4,18 +4,22 @@ It records every request it sees (path, headers, JSON body) and, per request, ca
 an HTTP error (optionally with Retry-After), cut the streamed answer after a few chunks, or answer garbage;
 or, without asking upstream, answer a hostile stream: one byte at a time (``trickle``), deltas without end
 (``endless``), one event of ``size`` bytes (``huge_event``), ``size`` bytes without a newline
-(``no_newline``) or a delta whose content is a list (``bad_delta``); redirect (``redirect``: ``status``
-with ``location``); or relay the real answer with its ``usage`` replaced (``usage``). Hostile streams
-stop when the daemon hangs up, or after ``size`` bytes / 10 minutes. The upstream server runs a
-text-only model, so image parts are recorded, then replaced by a text marker before forwarding.
+(``no_newline``), a delta whose content is a list (``bad_delta``), a short valid answer gzip-compressed
+(``gzip``) or ``size`` bytes without a newline gzip-compressed to a few hundred kB (``gzip_bomb``);
+redirect (``redirect``: ``status`` with ``location``); or relay the real answer with its ``usage``
+replaced (``usage``). Hostile streams stop when the daemon hangs up, or after ``size`` bytes / 10 minutes.
+The upstream server runs a text-only model, so image parts are recorded, then replaced by a text marker
+before forwarding.
 """
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,7 +31,7 @@ from urllib.parse import urlsplit
 class Fault:
     """What to do to the next ``times`` requests (None: every request)."""
 
-    # pass | status | delay | cut | garbage | trickle | endless | huge_event | no_newline | bad_delta | redirect | usage
+    # pass | status | delay | cut | garbage | redirect | usage, or one of HOSTILE_STREAMS
     kind: str = "pass"
     status: int = 500
     retry_after: str | None = None
@@ -122,6 +126,8 @@ class FaultProxy:
                 if fault.kind in HOSTILE_STREAMS:
                     self.send_response(200)
                     self.send_header("Content-Type", "text/event-stream")
+                    if fault.kind in GZIPPED:
+                        self.send_header("Content-Encoding", "gzip")
                     self.send_header("Transfer-Encoding", "chunked")
                     self.end_headers()
                     try:
@@ -255,6 +261,16 @@ def _bad_delta(fault: Fault) -> Iterator[bytes]:
     yield b"\n\n" + _event("", "stop") + b"data: [DONE]\n\n"
 
 
+def _gzip(fault: Fault) -> Iterator[bytes]:
+    yield gzip.compress(_event("Hello") + _event("", "stop") + b"data: [DONE]\n\n")
+
+
+def _gzip_bomb(fault: Fault) -> Iterator[bytes]:
+    pack = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    packed = [pack.compress(b"data: ")] + [pack.compress(b"z" * (1 << 20)) for _ in range(fault.size >> 20)]
+    yield from (p for p in [*packed, pack.flush()] if p)  # an empty chunk would end the chunked body
+
+
 def _with_usage(line: bytes, usage: Any) -> tuple[bytes, bool]:
     """An SSE data line with its non-null ``usage`` replaced, and whether there was one."""
     try:
@@ -277,7 +293,10 @@ HOSTILE_STREAMS: dict[str, Callable[[Fault], Iterator[bytes]]] = {
     "endless": _endless,
     "huge_event": _huge_event,
     "no_newline": _no_newline,
+    "gzip": _gzip,
+    "gzip_bomb": _gzip_bomb,
 }
+GZIPPED = frozenset({"gzip", "gzip_bomb"})  # sent with Content-Encoding: gzip
 
 
 def _text_only(body: dict[str, Any]) -> dict[str, Any]:
