@@ -27,7 +27,7 @@ from locod.daemon.config import AttachmentsConfig
 from locod.daemon.decode_budget import DecodeBudget
 from locod.daemon.safe_open import read_allowed
 from locod.errors import AttachmentError, Busy
-from locod.policy.rule import estimate_tokens
+from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
 from locod.protocol import Attachment
 
 WORD = re.compile(r"[a-z0-9]+")
@@ -443,7 +443,7 @@ def select_chunks(doc: PreparedAttachment, token_budget: int) -> list[DocChunk]:
     """The best chunks that fit ``token_budget`` (tokens estimated from characters), back in document order.
 
     Only chunks that share terms with the prompt are sent; when none does ("summarise this"), the
-    document's opening chunks are.
+    document's opening chunks are. A budget too small for any whole chunk gets the best one's beginning.
     """
     candidates = [c for c in doc.chunks if c.score > 0] or sorted(doc.chunks, key=lambda c: c.index)
     chosen, used = [], 0
@@ -453,4 +453,7 @@ def select_chunks(doc: PreparedAttachment, token_budget: int) -> list[DocChunk]:
             continue
         chosen.append(chunk)
         used += cost
+    if not chosen and candidates and (cut := max(0, token_budget - 1) * CHARS_PER_TOKEN):
+        best = candidates[0]
+        return [DocChunk(best.index, best.text[:cut], best.score)]
     return sorted(chosen, key=lambda c: c.index)

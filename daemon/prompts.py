@@ -54,8 +54,9 @@ def documents_text(turn: Turn, indices: list[int], token_budget: int) -> str:
     return "\n\n".join(parts)
 
 
-def local_messages(turn: Turn, n_ctx: int) -> list[dict[str, object]]:
-    docs = documents_text(turn, list(range(len(turn.attachments))), n_ctx // 3)
+def local_messages(turn: Turn, n_ctx: int, doc_tokens: int | None = None) -> list[dict[str, object]]:
+    """``doc_tokens``: the documents' share of the context, a third of it unless given."""
+    docs = documents_text(turn, list(range(len(turn.attachments))), n_ctx // 3 if doc_tokens is None else doc_tokens)
     question = turn.request.prompt
     return _asking(turn, f"{docs}\n\n{question}" if docs else question)
 

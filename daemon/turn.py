@@ -38,7 +38,7 @@ from locod.daemon.reply import Reply
 from locod.daemon.sessions import Session, SessionStore, TurnTrail, door_of
 from locod.daemon.shadow import AGREEMENT, ShadowJob, ShadowLane, agreement
 from locod.daemon.telemetry import TelemetrySampler
-from locod.errors import Busy, CloudError, LocodError, StorageError
+from locod.errors import Busy, CloudError, LocodError, PromptTooLong, StorageError
 from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
 from locod.policy.tasks import task_of
 from locod.protocol import (
@@ -114,6 +114,7 @@ class Ending:
 
 
 EMPTY = Generation("", 0, 0, None, 0.0)
+MIN_DOC_TOKENS = 16  # a local prompt's document excerpts are halved to fit its context down to this, no further
 
 
 class Acceptance:
@@ -268,7 +269,7 @@ class TurnRunner:
                 reply.send(ErrorFrame(Busy.code, "cancelled", reply.cancel_reason))
                 return
             queue_ms = (time.perf_counter() - waiting) * 1000  # behind other turns for the local model
-            prompt = backend.fit(decision.model, self._prompt(turn, decision, reply, judge))  # may refuse
+            prompt = self._fitted(backend, turn, decision, reply, judge)  # may refuse
             accepted = self._begin(turn, decision, (decide_ms, queue_ms), reply)
             ending = self._answered(accepted, turn, decision, backend, accepted.gate(prompt), reply)
             decision_id = accepted.decision_id()
@@ -388,7 +389,7 @@ class TurnRunner:
             if not granted:
                 return Ending(local, EMPTY, "cancelled", reply.cancel_reason, Busy.code, uploaded=uploaded)
             try:
-                prompt = self.local.fit(local.model, self._prompt(turn, local, reply, None))
+                prompt = self._fitted(self.local, turn, local, reply, None)
             except LocodError as exc:
                 error = f"{failure.message}; local fallback failed: {exc.message}"
                 failed = _with_partial(EMPTY, failure)  # reported under the cloud's code: it failed first
@@ -407,10 +408,32 @@ class TurnRunner:
             return Ending(decision, generation, "cancelled", reply.cancel_reason, Busy.code)
         return Ending(decision, generation, "ok")
 
-    def _prompt(self, turn: Turn, decision: Decision, reply: Reply, judge: AnswerJudge | None) -> Prompt:
+    def _fitted(
+        self, backend: Backend, turn: Turn, decision: Decision, reply: Reply, judge: AnswerJudge | None
+    ) -> Prompt:
+        """The turn's prompt fitted to the model (``fit`` refuses what it cannot hold). A local model's
+        document excerpts are measured at four characters a token, which Chinese text, digits or code pass
+        several times over: while the question with its excerpts does not fit, the excerpts are halved, and
+        only a question too long without them is refused."""
+        if decision.location != "local":
+            return backend.fit(decision.model, self._prompt(turn, decision, reply, judge))
+        doc_tokens = turn.config.local_model(decision.model).n_ctx // 3
+        documents = any(a.kind == "document" for a in turn.attachments)
+        while True:
+            try:
+                return backend.fit(decision.model, self._prompt(turn, decision, reply, judge, doc_tokens))
+            except PromptTooLong:
+                doc_tokens //= 2
+                if not documents or doc_tokens < MIN_DOC_TOKENS:
+                    raise
+
+    def _prompt(
+        self, turn: Turn, decision: Decision, reply: Reply, judge: AnswerJudge | None, doc_tokens: int | None = None
+    ) -> Prompt:
+        """``doc_tokens``: a local model's budget for the documents' excerpts (a third of its context if None)."""
         options = turn.request.options
         if decision.location == "local":
-            messages = prompts.local_messages(turn, turn.config.local_model(decision.model).n_ctx)
+            messages = prompts.local_messages(turn, turn.config.local_model(decision.model).n_ctx, doc_tokens)
             upload = None
         else:
             messages, upload = prompts.cloud_messages(turn, decision.send, turn.config.attachments.doc_token_budget)

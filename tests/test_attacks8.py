@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 
+from locod.protocol import Attachment
+
 from .conftest import cloud_config
 from .faultproxy import Fault, FaultProxy
 
@@ -49,3 +51,19 @@ def test_a_compressed_answer_is_bounded_by_what_it_inflates_to(daemon_factory: A
     assert result.fallback is not None and result.fallback.cause == "cloud_answer_too_large"
     assert result.done.outcome == "fallback"
     assert hostile_cloud.chat_requests()[-1].headers["accept-encoding"] == "gzip, deflate"
+
+
+def test_a_document_in_a_dense_script_is_cut_to_fit_the_local_model(daemon_factory: Any) -> None:
+    """A local model sees a third of its context of its documents' excerpts, measured at four characters
+    a token. Chinese text (here a 40 kB document), digits or code take several times that: every local turn
+    with such a document, however short its question, was refused as prompt_too_long, by an excerpt the
+    daemon chose. Now the excerpts are halved until the question fits with them, and it is answered."""
+    model = {"name": "smollm2-135m-instruct", "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "n_ctx": 512}
+    config = {"routing": {"mode": "local"}, "local": {"models": [model]}, "attachments": {"doc_chunk_chars": 200}}
+    handle = daemon_factory(config)
+    document = Attachment("document", "notes.txt", data=("这是一个关于机器学习的文档。" * 1000).encode())
+    result = handle.client().ask("What is this document about?", attachments=[document], max_tokens=4)
+    assert result.done.outcome == "ok"
+    assert 100 < result.done.tokens_in <= 512  # the question (about 20 tokens) with what fits of the document
+    (row,) = handle.rows()
+    assert row["outcome"] == "ok"
