@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import jinja2
 import llama_cpp
 from llama_cpp import Llama, LogitsProcessorList, llama_chat_format
 
@@ -203,6 +204,12 @@ class ModelZoo:
                 use_mmap=False,
                 verbose=False,
             )
+        except jinja2.TemplateError as exc:  # llama-cpp-python compiles the GGUF's chat templates as it loads
+            raise ModelError(
+                f"model {model.name!r}: the chat template in {path} (tokenizer.chat_template) is not valid "
+                f"Jinja: {_first_line(exc)}; set chat_format for it in the config, or use another file",
+                code="model_corrupt",
+            ) from None
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(
                 f"model {model.name!r}: llama.cpp could not load {path}: {exc}", code="model_corrupt"
@@ -354,13 +361,25 @@ class LocalBackend:
         started = time.perf_counter()
         self.zoo.cache.begin_turn(model, loaded.llm, prompt.session)
         logprobs = TokenLogprobs(loaded.llm) if prompt.logprobs or prompt.checkpoint else None
-        stream: Generator[Any, None, None] = loaded.llm.create_chat_completion(  # type: ignore[assignment]
-            messages=cast(Any, prompt.messages),  # plain dicts in the shape llama.cpp documents
-            max_tokens=prompt.max_tokens,
-            temperature=prompt.temperature,
-            seed=prompt.seed,
-            stop=list(prompt.stop),
-            stream=True,
-            logits_processor=None if logprobs is None else LogitsProcessorList([logprobs]),
-        )
+        try:  # the chat template is rendered here; the prompt is read when the first chunk is asked for
+            stream: Generator[Any, None, None] = loaded.llm.create_chat_completion(  # type: ignore[assignment]
+                messages=cast(Any, prompt.messages),  # plain dicts in the shape llama.cpp documents
+                max_tokens=prompt.max_tokens,
+                temperature=prompt.temperature,
+                seed=prompt.seed,
+                stop=list(prompt.stop),
+                stream=True,
+                logits_processor=None if logprobs is None else LogitsProcessorList([logprobs]),
+            )
+        except (jinja2.TemplateError, ValueError, TypeError) as exc:  # raise_exception() raises ValueError
+            raise ModelError(
+                f"model {model!r}: its chat template cannot format this conversation: {_first_line(exc)}",
+                code="model_template",
+            ) from None
         return Opened(stream, started, logprobs)
+
+
+def _first_line(exc: Exception) -> str:
+    """What a template error says, on one bounded line (a template's own message may be long)."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:300]

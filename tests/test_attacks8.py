@@ -9,9 +9,10 @@ from typing import Any
 
 import pytest
 
+from locod.errors import ModelError
 from locod.protocol import Attachment
 
-from .conftest import cloud_config
+from .conftest import cloud_config, start_daemon
 from .faultproxy import Fault, FaultProxy
 
 # Tight cloud bounds, so that a hostile reply is cut within seconds (the defaults allow minutes and 16 MB).
@@ -67,3 +68,63 @@ def test_a_document_in_a_dense_script_is_cut_to_fit_the_local_model(daemon_facto
     assert 100 < result.done.tokens_in <= 512  # the question (about 20 tokens) with what fits of the document
     (row,) = handle.rows()
     assert row["outcome"] == "ok"
+
+
+def _with_template(source: Path, target: Path, template: str) -> Path:
+    """A copy of the GGUF ``source`` whose chat template is ``template``, padded with a Jinja comment to the
+    length of the one it replaces (so that nothing else in the file moves)."""
+    data = bytearray(source.read_bytes())
+    key = b"tokenizer.chat_template"
+    at = data.index(key) + len(key) + 4  # past the key and its value type: the string's length, then bytes
+    length = int.from_bytes(data[at : at + 8], "little")
+    text = template.encode()
+    assert len(text) + 4 <= length
+    data[at + 8 : at + 8 + length] = text + b"{#" + b" " * (length - len(text) - 4) + b"#}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(bytes(data))
+    return target
+
+
+@pytest.mark.parametrize(
+    ("template", "code", "said"),
+    [
+        ("{{ raise_exception('Conversation roles must alternate') }}", "model_template", "roles must alternate"),
+        ("{{ messages[7]['content'] }}", "model_template", "has no element 7"),
+        ("{% for m in messages %}{{ m.content }", "model_corrupt", "is not valid Jinja: unexpected '}'"),
+    ],
+)
+def test_a_chat_template_that_fails_is_named_and_the_other_models_answer(
+    daemon_factory: Any, model_path: Path, tmp_path: Path, template: str, code: str, said: str
+) -> None:
+    """A GGUF's chat template is Jinja, run by llama-cpp-python: one that raised (as Mistral's and Gemma's
+    do for roles that do not alternate, or a system message) failed the turn as `internal error:
+    ValueError`, and one that did not parse raised out of the model's load the same way (and as the default
+    model, the daemon died at start with a traceback). Now both are model errors that quote the template's
+    message, and the other models answer on."""
+    broken = _with_template(model_path, tmp_path / "models" / "broken.gguf", template)
+    models = [
+        {"name": "smollm2-135m-instruct", "path": str(model_path)},
+        {"name": "broken", "path": str(broken)},
+    ]
+    handle = daemon_factory({"routing": {"mode": "local"}, "local": {"models": models}})
+    client = handle.client()
+    with pytest.raises(ModelError) as failed:
+        client.ask("Say hi.", model="broken", max_tokens=2)
+    assert failed.value.code == code and said in failed.value.message, failed.value.message
+    assert client.ask("Say hi.", max_tokens=2).done.outcome == "ok"
+    assert "Traceback" not in handle.log()
+
+
+def test_a_default_model_whose_template_does_not_parse_stops_the_start_by_name(
+    tmp_path: Path, model_path: Path
+) -> None:
+    """The default model is loaded before the daemon serves: a template that does not parse ended the start
+    with exit 1 and llama-cpp-python's traceback. Now it is exit 3 and one line that names the file."""
+    broken = _with_template(model_path, tmp_path / "models" / "broken.gguf", "{% if %}")
+    config = {"local": {"models": [{"name": "smollm2-135m-instruct", "path": str(broken)}]}}
+    handle = start_daemon(tmp_path / "d", tmp_path / "models", config, wait=False)
+    try:
+        assert handle.proc.wait(120) == 3  # a model error (EXIT_CODES), not a crash
+    finally:
+        handle.stop()
+    assert "is not valid Jinja" in handle.log() and "Traceback" not in handle.log()
