@@ -3,7 +3,9 @@
 Everything about the file is checked before it is used: it is a regular file, it loads, its metadata names
 the layout version, K, Z and sizes this daemon builds, its inputs and outputs have the expected names and
 declared shapes, and it runs: the graph is run on probe observations and what it computes must have the
-shape [1, N_ACTIONS] and be finite (a graph may declare one shape and compute another). Any mismatch is a
+shape [1, N_ACTIONS] and be finite (a graph may declare one shape and compute another), within
+MAX_DECIDE_MS at the fastest (a decision takes well under a millisecond; a Loop node can take for ever, so a
+probe run is stopped after PROBE_LIMIT_S, at start and at a reload alike). Any mismatch is a
 PolicyError naming the file and the problem; the router then decides with MESS+ alone. A failure at run time
 all the same (onnxruntime raises its own RuntimeErrors) is a PolicyError too: that turn is decided by MESS+.
 
@@ -17,7 +19,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -30,6 +35,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_POLICY = Path(__file__).resolve().parent / "default" / "policy.onnx"
 MAX_POLICY_BYTES = 64 << 20  # the shipped policy is ~100 kB; a bigger file is not one `locod policy train` wrote
+PROBE_LIMIT_S = 1.0  # a probe run still going after this is stopped, and the file refused
+PROBE_ROUNDS = 3  # each probe observation is run this many times: the fastest run is the policy's speed
+MAX_DECIDE_MS = 5.0  # the shipped policy decides in about 10 us; a file this much slower is not one to route by
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -104,14 +112,11 @@ class OnnxPolicy:
         failing every turn."""
         local_only = np.zeros((1, N_ACTIONS), dtype=np.float32)
         local_only[0, 0] = 1.0
-        for fill, mask in ((0.0, np.ones((1, N_ACTIONS), dtype=np.float32)), (0.5, local_only)):
+        fastest = math.inf
+        for fill, mask in ((0.0, np.ones((1, N_ACTIONS), dtype=np.float32)), (0.5, local_only)) * PROBE_ROUNDS:
             observation = np.full((1, obs_dim), fill, dtype=np.float32)
-            try:
-                (out,) = self.session.run(["log_probs"], {"observation": observation, "mask": mask})
-            except Exception as exc:  # onnxruntime's own errors: a shape it cannot compute, a bad node
-                raise PolicyError(
-                    f"policy file {self.path} fails on a valid observation: {_first_line(exc)}", code="policy_output"
-                ) from None
+            out, took_ms = self._probe_run(observation, mask)
+            fastest = min(fastest, took_ms)
             shape = getattr(out, "shape", None)
             if shape != (1, N_ACTIONS):
                 raise PolicyError(
@@ -124,6 +129,34 @@ class OnnxPolicy:
                     f"policy file {self.path} returns non-finite log-probabilities on a valid observation",
                     code="policy_output",
                 )
+        if fastest > MAX_DECIDE_MS:
+            raise PolicyError(
+                f"policy file {self.path} takes {fastest:.1f} ms to decide, over {MAX_DECIDE_MS:g} ms: a policy "
+                "that `locod policy train` writes takes about 0.01 ms",
+                code="policy_slow",
+            )
+
+    def _probe_run(self, observation: np.ndarray, mask: np.ndarray) -> tuple[Any, float]:
+        """One run of the graph (what it computes, and in how many ms), stopped after PROBE_LIMIT_S."""
+        options = ort.RunOptions()
+        stop = threading.Timer(PROBE_LIMIT_S, setattr, (options, "terminate", True))
+        stop.start()
+        started = time.perf_counter()
+        try:
+            (out,) = self.session.run(["log_probs"], {"observation": observation, "mask": mask}, options)
+        except Exception as exc:  # onnxruntime's own errors: a shape it cannot compute, a bad node
+            if options.terminate:
+                raise PolicyError(
+                    f"policy file {self.path} was still deciding after {PROBE_LIMIT_S:g} s and was stopped "
+                    "(a Loop that does not end, or a graph far too large): a decision takes well under a millisecond",
+                    code="policy_slow",
+                ) from None
+            raise PolicyError(
+                f"policy file {self.path} fails on a valid observation: {_first_line(exc)}", code="policy_output"
+            ) from None
+        finally:
+            stop.cancel()
+        return out, (time.perf_counter() - started) * 1000
 
     def _older_layout(self, meta: dict[str, str]) -> np.ndarray | None:
         """For a file of an older layout whose feature names are that layout's, the columns of this layout's

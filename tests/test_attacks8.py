@@ -3,6 +3,8 @@ replies, attachments, model and policy files. Each test is one way in that broke
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,7 @@ import pytest
 from locod.errors import ModelError
 from locod.protocol import Attachment
 
-from .conftest import cloud_config, start_daemon
+from .conftest import REPO, cloud_config, start_daemon
 from .faultproxy import Fault, FaultProxy
 
 # Tight cloud bounds, so that a hostile reply is cut within seconds (the defaults allow minutes and 16 MB).
@@ -128,3 +130,70 @@ def test_a_default_model_whose_template_does_not_parse_stops_the_start_by_name(
     finally:
         handle.stop()
     assert "is not valid Jinja" in handle.log() and "Traceback" not in handle.log()
+
+
+def _looping_policy(target: Path, trips: int) -> Path:
+    """The shipped policy with a Loop of ``trips`` empty steps added to its graph, whose result it adds
+    (times zero) to its log-probabilities: the same answers, after as long as the loop takes."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    model = onnx.load(REPO / "policy" / "default" / "policy.onnx")
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["raw_log_probs" if name == "log_probs" else name for name in node.output]
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["go_in"], ["go_out"]), helper.make_node("Add", ["v_in", "one"], ["v_out"])],
+        "step",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("go_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("go_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1]),
+        ],
+        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])],
+    )
+    graph.initializer.extend(
+        [
+            helper.make_tensor("trips", TensorProto.INT64, [], [trips]),
+            helper.make_tensor("go", TensorProto.BOOL, [], [True]),
+            helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("Loop", ["trips", "go", "zero"], ["looped"], body=body),
+            helper.make_node("Mul", ["looped", "zero"], ["nothing"]),
+            helper.make_node("Add", ["raw_log_probs", "nothing"], ["log_probs"]),
+        ]
+    )
+    onnx.save(model, target)
+    return target
+
+
+@pytest.mark.parametrize(
+    ("trips", "said"),
+    [(10**12, "was still deciding after 1 s and was stopped"), (50_000, "ms to decide, over 5 ms")],
+)
+def test_a_policy_that_takes_long_to_decide_is_refused_at_reload(
+    daemon_factory: Any, tmp_path: Path, trips: int, said: str
+) -> None:
+    """The policy file was checked for its shapes and finite answers, never for its time: one with a Loop
+    node was taken, and each turn's decision (under the router's lock, so every turn's) took as long as the
+    loop, for ever with 10^12 steps; a reload to it held the serving loop, ping and status included, for
+    good. Now a probe run is stopped after a second, a policy slower than 5 ms is refused by name, and the
+    router keeps the policy it had."""
+    policy = tmp_path / "d" / "state" / "policy.onnx"
+    policy.parent.mkdir(parents=True)
+    shutil.copyfile(REPO / "policy" / "default" / "policy.onnx", policy)
+    handle = daemon_factory()
+    client = handle.client(timeout_s=60)
+    before = client.status()["routing"]["policy"]
+    os.replace(_looping_policy(tmp_path / "slow.onnx", trips), policy)
+    reloaded = client.reload()
+    assert reloaded["reloaded"] and said in reloaded["policy_error"], reloaded
+    assert client.status()["routing"]["policy"] == before
+    assert client.ask("Say hi.", max_tokens=2).done.outcome == "ok"
