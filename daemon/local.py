@@ -33,6 +33,7 @@ from locod.daemon.kvpark import DiskPark
 from locod.daemon.logprobs import TokenLogprobs
 from locod.daemon.modelfile import check_model_file, resolve_path
 from locod.daemon.sessions import door_of
+from locod.daemon.template_deadline import deadline
 from locod.errors import ConfigError, ModelError
 from locod.policy.load import TurnTime
 
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 # local.cache_mb = -1: keep this many full-context dialogue states, within a quarter of the free memory.
 AUTO_CACHE_DIALOGUES = 8
+TEMPLATE_DEADLINE_S = 2.0  # a chat template renders in a millisecond or so; one still going is stopped
 
 
 @dataclass(frozen=True)
@@ -362,15 +364,16 @@ class LocalBackend:
         self.zoo.cache.begin_turn(model, loaded.llm, prompt.session)
         logprobs = TokenLogprobs(loaded.llm) if prompt.logprobs or prompt.checkpoint else None
         try:  # the chat template is rendered here; the prompt is read when the first chunk is asked for
-            stream: Generator[Any, None, None] = loaded.llm.create_chat_completion(  # type: ignore[assignment]
-                messages=cast(Any, prompt.messages),  # plain dicts in the shape llama.cpp documents
-                max_tokens=prompt.max_tokens,
-                temperature=prompt.temperature,
-                seed=prompt.seed,
-                stop=list(prompt.stop),
-                stream=True,
-                logits_processor=None if logprobs is None else LogitsProcessorList([logprobs]),
-            )
+            with deadline(TEMPLATE_DEADLINE_S):
+                stream: Generator[Any, None, None] = loaded.llm.create_chat_completion(  # type: ignore[assignment]
+                    messages=cast(Any, prompt.messages),  # plain dicts in the shape llama.cpp documents
+                    max_tokens=prompt.max_tokens,
+                    temperature=prompt.temperature,
+                    seed=prompt.seed,
+                    stop=list(prompt.stop),
+                    stream=True,
+                    logits_processor=None if logprobs is None else LogitsProcessorList([logprobs]),
+                )
         except (jinja2.TemplateError, ValueError, TypeError) as exc:  # raise_exception() raises ValueError
             raise ModelError(
                 f"model {model!r}: its chat template cannot format this conversation: {_first_line(exc)}",

@@ -87,12 +87,17 @@ def _with_template(source: Path, target: Path, template: str) -> Path:
     return target
 
 
+# Jinja's sandbox bounds one range() to 100,000 items: two nested ones render for hours.
+LOOPS = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"
+
+
 @pytest.mark.parametrize(
     ("template", "code", "said"),
     [
         ("{{ raise_exception('Conversation roles must alternate') }}", "model_template", "roles must alternate"),
         ("{{ messages[7]['content'] }}", "model_template", "has no element 7"),
         ("{% for m in messages %}{{ m.content }", "model_corrupt", "is not valid Jinja: unexpected '}'"),
+        (LOOPS, "model_template", "still rendering after 2 s and was stopped"),
     ],
 )
 def test_a_chat_template_that_fails_is_named_and_the_other_models_answer(
@@ -101,15 +106,16 @@ def test_a_chat_template_that_fails_is_named_and_the_other_models_answer(
     """A GGUF's chat template is Jinja, run by llama-cpp-python: one that raised (as Mistral's and Gemma's
     do for roles that do not alternate, or a system message) failed the turn as `internal error:
     ValueError`, and one that did not parse raised out of the model's load the same way (and as the default
-    model, the daemon died at start with a traceback). Now both are model errors that quote the template's
-    message, and the other models answer on."""
+    model, the daemon died at start with a traceback); one that looped held the local model's worker, and
+    every local turn behind it, for hours. Now all are model errors that quote the template's message (a
+    render is stopped after 2 s), and the other models answer on."""
     broken = _with_template(model_path, tmp_path / "models" / "broken.gguf", template)
     models = [
         {"name": "smollm2-135m-instruct", "path": str(model_path)},
         {"name": "broken", "path": str(broken)},
     ]
     handle = daemon_factory({"routing": {"mode": "local"}, "local": {"models": models}})
-    client = handle.client()
+    client = handle.client(turn_timeout_s=120)
     with pytest.raises(ModelError) as failed:
         client.ask("Say hi.", model="broken", max_tokens=2)
     assert failed.value.code == code and said in failed.value.message, failed.value.message
