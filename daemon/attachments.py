@@ -36,6 +36,9 @@ WORD = re.compile(r"[a-z0-9]+")
 RANK_SEARCHES = 200_000
 DECODE_BYTES_PER_PIXEL = 6  # OpenCV's peak while decoding to BGR, measured for PNG, BMP and JPEG
 COEFFICIENT_BYTES = 2  # a progressive JPEG's decoder keeps every DCT coefficient, whatever the output scale
+# Scans a JPEG may have: a progressive one has about 10, and libjpeg goes over the whole image once per scan,
+# so 5,000 scans of 30 bytes each make a 250 kB file that takes minutes to decode.
+MAX_JPEG_SCANS = 100
 DECODES = DecodeBudget()  # every turn's image decodes share it
 # Words that carry no topic: left out of relevance scoring.
 STOPWORDS = frozenset(
@@ -219,6 +222,12 @@ def image_size(data: bytes) -> tuple[str, int, int]:
         if b"\xff\xd9" not in data[-64:]:
             raise AttachmentError("JPEG is truncated (no end-of-image marker)", code="bad_image")
         width, height, _ = jpeg_frame(data)
+        # FF DA starts a scan: entropy-coded data never holds it (an FF there is followed by 00 or a restart)
+        if (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+            raise AttachmentError(
+                f"JPEG has {scans} scans, more than {MAX_JPEG_SCANS} (decoding goes over the image once per scan)",
+                code="bad_image",
+            )
         return "jpeg", width, height
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) >= 30:
         chunk = data[12:16]

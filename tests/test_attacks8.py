@@ -9,9 +9,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 
-from locod.errors import ModelError
+from locod.errors import AttachmentError, ModelError
 from locod.protocol import Attachment
 
 from .conftest import REPO, cloud_config, start_daemon
@@ -70,6 +72,34 @@ def test_a_document_in_a_dense_script_is_cut_to_fit_the_local_model(daemon_facto
     assert 100 < result.done.tokens_in <= 512  # the question (about 20 tokens) with what fits of the document
     (row,) = handle.rows()
     assert row["outcome"] == "ok"
+
+
+def _scan_bomb(side: int, extra_scans: int) -> bytes:
+    """A flat progressive JPEG of ``side`` x ``side`` pixels with its smallest scan repeated ``extra_scans``
+    times: libjpeg only warns ("inconsistent progression sequence") and goes over the image for each."""
+    ok, encoded = cv2.imencode(
+        ".jpg", np.full((side, side, 3), 120, np.uint8), [cv2.IMWRITE_JPEG_PROGRESSIVE, 1, cv2.IMWRITE_JPEG_QUALITY, 50]
+    )
+    assert ok
+    data = encoded.tobytes()
+    starts = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xda"]
+    scans = [data[a:b] for a, b in zip(starts, [*starts[1:], len(data) - 2])]
+    return data[:-2] + min(scans, key=len) * extra_scans + b"\xff\xd9"
+
+
+def test_a_jpeg_of_many_scans_is_refused_before_it_is_decoded(daemon_factory: Any) -> None:
+    """The decode budget bounds an image's memory, not its time: libjpeg goes over the whole image once per
+    scan, and a progressive JPEG's smallest scan repeated thousands of times (30 bytes each) made a 250 kB
+    file that held a turn's thread for minutes of CPU, past any cancel. Now a JPEG of more than 100 scans
+    (a progressive one has about 10) is refused from its header."""
+    handle = daemon_factory({"routing": {"mode": "local"}})
+    client = handle.client()
+    bomb = Attachment("image", "scans.jpg", data=_scan_bomb(2000, 400))
+    with pytest.raises(AttachmentError) as refused:
+        client.ask("What is in this picture?", attachments=[bomb], max_tokens=2)
+    assert refused.value.code == "bad_image" and "scans, more than 100" in refused.value.message
+    fine = Attachment("image", "fine.jpg", data=_scan_bomb(2000, 0))  # the progressive JPEG itself
+    assert client.ask("What is in this picture?", attachments=[fine], max_tokens=2).done.outcome == "ok"
 
 
 def _with_template(source: Path, target: Path, template: str) -> Path:
