@@ -12,8 +12,9 @@ leaves the breaker alone: one client cannot switch the cloud off.
 
 What the endpoint sends is not trusted: redirects are not followed (a 3xx would re-send the prompt to the
 host its Location names), a ``Retry-After`` of any form is clamped to [0, ``max_retry_after_s``], a delta
-whose content is not text ends the stream as an invalid reply, its ``usage`` is checked before it is
-priced (cloud_usage), and any other exception inside a call is a CloudError: the turn falls back.
+whose content is not text (or holds a lone UTF-16 surrogate, which no encoder takes: kept in the session's
+history, it failed each of its later turns) ends the stream as an invalid reply, its ``usage`` is checked
+before it is priced (cloud_usage), and any other exception inside a call is a CloudError: the turn falls back.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from locod.daemon.cloud_usage import counted
 from locod.daemon.config import CloudConfig, CloudModelConfig, redacted_url
 from locod.daemon.keyfile import read_key_file
 from locod.errors import CloudError, ConfigError
+from locod.protocol import NOT_TEXT, SURROGATE
 
 log = logging.getLogger(__name__)
 
@@ -359,6 +361,8 @@ class CloudBackend:
                 delta = chunk.choices[0].delta.content
                 if delta is not None and not isinstance(delta, str):  # checked before any of it is passed on
                     raise InvalidChunk(f"a delta's content is {type(delta).__name__}, not text")
+                if delta and SURROGATE.search(delta):  # JSON's "\ud800": kept, it fails the session's next turns
+                    raise InvalidChunk(f"a delta's content {NOT_TEXT}")
                 if delta and chunks >= prompt.max_tokens:  # more than was asked for: the answer is complete
                     finished = True
                     break

@@ -5,7 +5,8 @@ an HTTP error (optionally with Retry-After), cut the streamed answer after a few
 or, without asking upstream, answer a hostile stream: one byte at a time (``trickle``), deltas without end
 (``endless``), one event of ``size`` bytes (``huge_event``), ``size`` bytes without a newline
 (``no_newline``), a delta whose content is a list (``bad_delta``), a short valid answer gzip-compressed
-(``gzip``) or ``size`` bytes without a newline gzip-compressed to a few hundred kB (``gzip_bomb``);
+(``gzip``), ``size`` bytes without a newline gzip-compressed to a few hundred kB (``gzip_bomb``) or a
+delta holding a lone UTF-16 surrogate (``surrogate``);
 redirect (``redirect``: ``status`` with ``location``); or relay the real answer with its ``usage``
 replaced (``usage``). Hostile streams stop when the daemon hangs up, or after ``size`` bytes / 10 minutes.
 The upstream server runs a text-only model, so image parts are recorded, then replaced by a text marker
@@ -261,6 +262,10 @@ def _bad_delta(fault: Fault) -> Iterator[bytes]:
     yield b"\n\n" + _event("", "stop") + b"data: [DONE]\n\n"
 
 
+def _surrogate(fault: Fault) -> Iterator[bytes]:
+    yield _event("hi \ud800 there") + _event("", "stop") + b"data: [DONE]\n\n"  # JSON's escape "\ud800"
+
+
 def _gzip(fault: Fault) -> Iterator[bytes]:
     yield gzip.compress(_event("Hello") + _event("", "stop") + b"data: [DONE]\n\n")
 
@@ -294,6 +299,7 @@ HOSTILE_STREAMS: dict[str, Callable[[Fault], Iterator[bytes]]] = {
     "huge_event": _huge_event,
     "no_newline": _no_newline,
     "gzip": _gzip,
+    "surrogate": _surrogate,
     "gzip_bomb": _gzip_bomb,
 }
 GZIPPED = frozenset({"gzip", "gzip_bomb"})  # sent with Content-Encoding: gzip

@@ -58,6 +58,25 @@ def test_a_compressed_answer_is_bounded_by_what_it_inflates_to(daemon_factory: A
     assert hostile_cloud.chat_requests()[-1].headers["accept-encoding"] == "gzip, deflate"
 
 
+def test_a_cloud_answer_that_is_not_text_cannot_poison_its_session(
+    daemon_factory: Any, hostile_cloud: FaultProxy
+) -> None:
+    """JSON's "\\ud800" is a lone UTF-16 surrogate: valid JSON, no text any encoder takes. The doors refuse it
+    in a request, but a cloud answer holding one was streamed, kept in the session's history, and each later
+    turn of that session, local or cloud, failed as `internal error: UnicodeEncodeError`. Now it is an
+    invalid reply: the turn falls back, and the session goes on."""
+    handle = daemon_factory(cloud_config(hostile_cloud.base_url, max_retries=0, breaker_failures=100, **BOUNDS))
+    client = handle.client(turn_timeout_s=120)
+    hostile_cloud.set(Fault("surrogate"))
+    poisoned = client.ask("Say hi.", session="s1", max_tokens=4)
+    assert poisoned.fallback is not None and poisoned.fallback.cause == "cloud_invalid_reply"
+    assert "\ud800" not in poisoned.text
+    assert client.ask("Say hello.", session="s1", force="local", max_tokens=2).done.outcome == "ok"
+    hostile_cloud.set(Fault("gzip"))  # a valid answer
+    assert client.ask("Say yes.", session="s1", max_tokens=4).text == "Hello"
+    assert "Traceback" not in handle.log()
+
+
 def test_a_document_in_a_dense_script_is_cut_to_fit_the_local_model(daemon_factory: Any) -> None:
     """A local model sees a third of its context of its documents' excerpts, measured at four characters
     a token. Chinese text (here a 40 kB document), digits or code take several times that: every local turn
