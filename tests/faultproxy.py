@@ -272,8 +272,13 @@ def _gzip(fault: Fault) -> Iterator[bytes]:
 
 def _gzip_bomb(fault: Fault) -> Iterator[bytes]:
     pack = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
-    packed = [pack.compress(b"data: ")] + [pack.compress(b"z" * (1 << 20)) for _ in range(fault.size >> 20)]
-    yield from (p for p in [*packed, pack.flush()] if p)  # an empty chunk would end the chunked body
+    yield pack.compress(b"data: ") + pack.flush(zlib.Z_SYNC_FLUSH)  # at once: the daemon's read timeout runs
+    block = b"z" * (1 << 20)
+    for n in range(1, (fault.size >> 20) + 1):  # a flush every 16 MiB, never an empty chunk (it ends the body)
+        packed = pack.compress(block) + (pack.flush(zlib.Z_SYNC_FLUSH) if n % 16 == 0 else b"")
+        if packed:
+            yield packed
+    yield pack.flush()
 
 
 def _with_usage(line: bytes, usage: Any) -> tuple[bytes, bool]:
