@@ -4,8 +4,9 @@ The template comes with the model file, and Jinja's sandbox bounds one ``range()
 the loops around it: two nested loops take 10^10 steps, hours with the local model's worker (and so every
 local turn) held. Compiled Jinja is Python whose code is named ``<template>``: while ``deadline`` is active
 this thread traces those frames alone, and the first line one runs past the deadline raises
-``TemplateTimeout`` (a ``jinja2.TemplateError``, so that it ends the render like any template error). What
-the template does in one C call (``'x' * 10**9``) is not bounded here.
+``TemplateTimeout`` (a ``jinja2.TemplateError``, so that it ends the render like any template error). Time
+is all it bounds: what the template allocates (``'x' * 10**9`` in one C call, a long message repeated in a
+loop within the deadline) is not.
 """
 
 from __future__ import annotations
