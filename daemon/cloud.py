@@ -382,7 +382,12 @@ class CloudBackend:
             partial = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
             why = f"{name}: invalid reply from the endpoint: {exc}"
             raise StreamCut(why, partial, code="cloud_invalid_reply") from None
-        except Exception as exc:  # transport (httpx/httpx2), decoding, API errors: the stream is cut
+        except (ValueError, AttributeError, TypeError, LookupError) as exc:  # JSON, UTF-8, the chunk's shape
+            breaker.failure()
+            partial = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
+            why = f"{name}: invalid reply from the endpoint: an event that is not a chat completion chunk"
+            raise StreamCut(f"{why} ({type(exc).__name__})", partial, code="cloud_invalid_reply") from None
+        except Exception as exc:  # transport (httpx/httpx2), API errors: the stream is cut
             breaker.failure()
             partial = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
             raise StreamCut(

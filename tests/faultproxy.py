@@ -6,7 +6,8 @@ or, without asking upstream, answer a hostile stream: one byte at a time (``tric
 (``endless``), one event of ``size`` bytes (``huge_event``), ``size`` bytes without a newline
 (``no_newline``), a delta whose content is a list (``bad_delta``), a short valid answer gzip-compressed
 (``gzip``), ``size`` bytes without a newline gzip-compressed to a few hundred kB (``gzip_bomb``) or a
-delta holding a lone UTF-16 surrogate (``surrogate``);
+delta holding a lone UTF-16 surrogate (``surrogate``), a chunk whose ``choices`` is a string
+(``bad_shape``) or an event that is not UTF-8 (``not_utf8``);
 redirect (``redirect``: ``status`` with ``location``); or relay the real answer with its ``usage``
 replaced (``usage``). Hostile streams stop when the daemon hangs up, or after ``size`` bytes / 10 minutes.
 The upstream server runs a text-only model, so image parts are recorded, then replaced by a text marker
@@ -262,6 +263,14 @@ def _bad_delta(fault: Fault) -> Iterator[bytes]:
     yield b"\n\n" + _event("", "stop") + b"data: [DONE]\n\n"
 
 
+def _bad_shape(fault: Fault) -> Iterator[bytes]:
+    yield b'data: {"id": "hostile", "choices": "not a list"}\n\n' + _event("", "stop") + b"data: [DONE]\n\n"
+
+
+def _not_utf8(fault: Fault) -> Iterator[bytes]:
+    yield b'data: {"choices": [{"index": 0, "delta": {"content": "\xff\xfe"}}]}\n\n' + b"data: [DONE]\n\n"
+
+
 def _surrogate(fault: Fault) -> Iterator[bytes]:
     yield _event("hi \ud800 there") + _event("", "stop") + b"data: [DONE]\n\n"  # JSON's escape "\ud800"
 
@@ -305,6 +314,8 @@ HOSTILE_STREAMS: dict[str, Callable[[Fault], Iterator[bytes]]] = {
     "no_newline": _no_newline,
     "gzip": _gzip,
     "surrogate": _surrogate,
+    "bad_shape": _bad_shape,
+    "not_utf8": _not_utf8,
     "gzip_bomb": _gzip_bomb,
 }
 GZIPPED = frozenset({"gzip", "gzip_bomb"})  # sent with Content-Encoding: gzip

@@ -77,6 +77,21 @@ def test_a_cloud_answer_that_is_not_text_cannot_poison_its_session(
     assert "Traceback" not in handle.log()
 
 
+@pytest.mark.parametrize("kind", ["bad_shape", "not_utf8"])
+def test_a_reply_that_is_not_a_chat_completion_is_named_so(
+    daemon_factory: Any, hostile_cloud: FaultProxy, kind: str
+) -> None:
+    """A chunk whose ``choices`` is a string, or an event that is not UTF-8, was reported as a stream that
+    "broke after 0 characters: AttributeError" (or UnicodeDecodeError), `cloud_stream_cut`: a network fault,
+    by its words. It is the endpoint's reply that is wrong: `cloud_invalid_reply`, as the protocol documents."""
+    handle = daemon_factory(cloud_config(hostile_cloud.base_url, max_retries=0, breaker_failures=100, **BOUNDS))
+    hostile_cloud.set(Fault(kind))
+    result = handle.client(turn_timeout_s=120).ask("Say hi.", max_tokens=4)
+    assert result.fallback is not None and result.fallback.cause == "cloud_invalid_reply"
+    assert "not a chat completion chunk" in result.fallback.message
+    assert result.done.outcome == "fallback"
+
+
 def test_a_document_in_a_dense_script_is_cut_to_fit_the_local_model(daemon_factory: Any) -> None:
     """A local model sees a third of its context of its documents' excerpts, measured at four characters
     a token. Chinese text (here a 40 kB document), digits or code take several times that: every local turn

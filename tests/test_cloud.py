@@ -123,7 +123,7 @@ def _timing_out_after_5s(daemon_factory: Any, proxy: FaultProxy) -> DaemonHandle
         (Fault("status", status=500), "cloud_http"),
         (Fault("status", status=429, retry_after="3600"), "cloud_http"),
         (Fault("delay", delay_s=8.0, times=3), "cloud_unreachable"),
-        (Fault("garbage"), "cloud_stream_cut"),
+        (Fault("garbage"), "cloud_invalid_reply"),  # not JSON: not a chat completion
         (Fault("cut", cut_after_chunks=3), "cloud_stream_cut"),
     ],
 )
