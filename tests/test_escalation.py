@@ -109,6 +109,18 @@ def test_an_unsure_local_answer_is_never_shown_and_the_cloud_answers(
     assert routing["escalated_labels"] == 1 and "1 escalation label" in handle.cli("status").stdout
 
 
+def _wait_for_local_confidence_labels(home: Path, count: int) -> None:
+    """Until the saved state counts ``count`` labels on the local model's confidence head. A label that comes
+    before its turn settles (learning runs after the reply) is applied at the settling: on a loaded machine,
+    after `feedback` has answered."""
+
+    def seen() -> int:
+        state = np.load(home / "state" / "messplus.npz")
+        return int(dict(zip(state["conf_names"].tolist(), state["conf_seen"].tolist()))[LOCAL])
+
+    wait_for(lambda: seen() == count, what=f"{count} label(s) on the local confidence head")
+
+
 def test_a_sure_local_answer_is_shown_whole_and_its_label_trains_the_confidence_head(
     daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
 ) -> None:
@@ -124,9 +136,7 @@ def test_a_sure_local_answer_is_shown_whole_and_its_label_trains_the_confidence_
     judged = json.loads(row["confidence"])
     assert judged["kept"] is True and judged["s_answered"] > 0.9 and judged["label"] is None
     client.feedback(result.done.decision, False)
-    state = np.load(tmp_path / "sure" / "state" / "messplus.npz")
-    seen = dict(zip(state["conf_names"].tolist(), state["conf_seen"].tolist()))
-    assert seen[LOCAL] == 1  # the user's label trained the head on this answer's confidence
+    _wait_for_local_confidence_labels(tmp_path / "sure", 1)  # the user's label trained the head on this answer
 
 
 def test_an_exploration_at_the_checkpoint_is_recorded_and_graded_by_the_judge(
@@ -191,8 +201,7 @@ def test_a_whole_local_answer_is_shown_when_the_cloud_fails_after_its_escalation
     assert (row["outcome"], row["backend"], row["tokens_out"]) == ("fallback", "local", forced.done.tokens_out)
     assert json.loads(row["confidence"])["kept"] is True  # the user got it: their label is about it
     client.feedback(fallback.decision, True)
-    state = np.load(tmp_path / "held" / "state" / "messplus.npz")
-    assert dict(zip(state["conf_names"].tolist(), state["conf_seen"].tolist()))[LOCAL] == 1
+    _wait_for_local_confidence_labels(tmp_path / "held", 1)
 
 
 def test_an_escalation_says_what_the_cloud_receives_and_a_failure_after_it_records_it(
