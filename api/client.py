@@ -14,16 +14,17 @@ import os
 import socket
 import stat
 import struct
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import zmq
 
-from locod.errors import AttachmentError, DaemonNotRunning, LocodError, ProtocolError, UnsafeSocket
+from locod.errors import AttachmentError, Busy, DaemonNotRunning, LocodError, ProtocolError, UnsafeSocket
 from locod.limits import ALWAYS_READ_BYTES, check_request_size
 from locod.protocol import (
     DEFAULT_OPTIONS,
@@ -68,8 +69,14 @@ def attachment(
 
 def read_file(path: Path, max_bytes: int) -> bytes:
     """The bytes of ``path`` if it is a regular file of at most ``max_bytes``; opened without blocking, so a
-    FIFO is refused rather than waited on."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    FIFO is refused rather than waited on. Every problem is an ``AttachmentError``, a missing or unreadable
+    file included."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:  # missing, unreadable: a LocodError like every other attachment problem
+        raise AttachmentError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL byte in the path
+        raise AttachmentError(f"{path!r}: the path holds a NUL byte", code="bad_path") from None
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
@@ -192,6 +199,28 @@ def check_owner(socket_path: Path) -> None:
 
 
 class Client:
+    """One connection to the daemon: ``endpoint`` defaults to the configured ipc socket (or the system
+    service's). ``timeout_s`` bounds the wait for a reply to every request but ``chat``; ``turn_timeout_s``
+    the silence within a turn, not its length (a long answer streams on). Either raises ``DaemonNotRunning``.
+    ``secret``: the tcp endpoint's shared secret. There is no deadline for a whole turn: to give one, stop
+    iterating ``chat`` when it passes.
+
+    Stopping a turn: leave ``chat``'s loop (``break``, an exception) or close the iterator, and the turn is
+    cancelled (recorded ``cancelled``): the protocol has no cancel message, so the Client closes its
+    connection and opens a new one, which cancels any other turn it had in flight as well. A turn whose
+    frames are not read at all runs to its end.
+
+    Threads: a Client is one ZeroMQ socket, which is not thread-safe; while a request of one thread is in
+    flight, another thread's request raises ``Busy`` (code ``client_in_use``). Give each thread its own
+    Client (connecting costs well under a millisecond); from asyncio, run ``ask`` in a thread
+    (``asyncio.to_thread``) that opens its own. A Client outlives a daemon restart: while none runs,
+    requests raise ``DaemonNotRunning``, and the next request after the start is answered.
+
+    Every error is a ``locod.errors.LocodError`` with a stable ``code`` (docs/protocol.md, Errors). Worth
+    retrying as it is: ``Busy`` (``busy``, ``shutting_down``), ``StorageError`` (``db_locked``, and
+    ``disk_full`` once space is back) and ``DaemonNotRunning``; a ``RequestError`` needs a changed request.
+    """
+
     def __init__(
         self,
         endpoint: str | None = None,
@@ -211,9 +240,41 @@ class Client:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(self.endpoint)
         self._daemon_config: dict[str, Any] | None = None  # fetched for the first request that could be dropped
+        self._guard = threading.Lock()
+        self._owner: int | None = None  # the thread whose requests are in flight
+        self._in_flight: set[str] = set()
 
     def close(self) -> None:
         self._sock.close(linger=0)
+
+    def _reconnect(self) -> None:
+        """A new connection in place of this one: closing it cancels every turn it had in flight."""
+        if self._sock.closed:  # the caller closed the Client: that cancelled them
+            return
+        self._sock.close(linger=0)
+        self._sock = zmq.Context.instance().socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(self.endpoint)
+
+    def _claim(self, rid: str) -> None:
+        """Refuse a second thread while the first one's replies are unread: both would read one socket, and
+        each would drop the other's frames as replies to a request it does not know."""
+        with self._guard:
+            me = threading.get_ident()
+            if self._owner not in (None, me):
+                raise Busy(
+                    "this Client is in use by another thread, whose request is not answered yet: a Client is one "
+                    "socket, for one thread at a time; give each thread its own Client",
+                    code="client_in_use",
+                )
+            self._owner = me
+            self._in_flight.add(rid)
+
+    def _release(self, rid: str) -> None:
+        with self._guard:
+            self._in_flight.discard(rid)
+            if not self._in_flight:
+                self._owner = None
 
     def __enter__(self) -> Client:
         return self
@@ -229,14 +290,25 @@ class Client:
         raw = encode_request(request)
         if isinstance(request, ChatRequest) and len(raw) > ALWAYS_READ_BYTES:
             check_request_size(len(raw), request.attachments, self.daemon_config())
-        self._sock.send(raw)
+        self._claim(request.id)
+        try:
+            self._sock.send(raw)
+        except BaseException:
+            self._release(request.id)
+            raise
         return request.id
 
-    def frames(self, rid: str, timeout_ms: int) -> Iterator[Frame]:
+    def frames(self, rid: str, timeout_ms: int) -> Generator[Frame, None, None]:
         """Replies to request ``rid`` until its last frame; raises the reported error on an error frame.
         ``timeout_ms`` limits the silence, not the turn: a long answer on a slow device streams on. While
         nothing arrives, the daemon is checked for life every second: one that stopped is noticed at once,
         not after ``timeout_ms``."""
+        try:
+            yield from self._read(rid, timeout_ms)
+        finally:
+            self._release(rid)
+
+    def _read(self, rid: str, timeout_ms: int) -> Iterator[Frame]:
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
             left = deadline - time.monotonic()
@@ -343,8 +415,16 @@ class Client:
             request = dataclasses.replace(request, id=new_id(), options=dataclasses.replace(options, queued=False))
             frames = self.frames(self.send(request), self.turn_timeout_ms)
             first = next(frames)
-        yield first
-        yield from frames
+        last = first
+        try:
+            yield first
+            for last in frames:
+                yield last
+        except GeneratorExit:
+            frames.close()
+            if last.type not in LAST_FRAMES:  # the caller left the loop before the turn ended: cancel it
+                self._reconnect()
+            raise
 
     def ask(self, prompt: str, **kwargs: Any) -> TurnResult:
         """One whole turn: the answer text with its decision and done frames."""

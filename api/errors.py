@@ -16,7 +16,8 @@ matching class again, so a caller can catch ``ModelError`` whether it ran in-pro
     ├── ConfigError             the configuration file or an override is invalid
     ├── FetchError              a model could not be downloaded or failed its checksum
     ├── StorageError            the decision log or a state directory cannot be used (locked, unsafe, full)
-    ├── Busy                    the daemon is shutting down or at a limit, or the turn was cancelled
+    ├── Busy                    the daemon is shutting down or at a limit, the turn was cancelled, or
+    │                             (client side, `client_in_use`) another thread is using this Client
     ├── DaemonNotRunning        (client side) nothing answers at the endpoint
     └── UnsafeSocket            (client side) the socket belongs to another user: nothing is sent
 """
