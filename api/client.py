@@ -24,7 +24,16 @@ from typing import Any
 
 import zmq
 
-from locod.errors import AttachmentError, Busy, DaemonNotRunning, LocodError, ProtocolError, UnsafeSocket
+from locod.errors import (
+    AttachmentError,
+    Busy,
+    ConfigError,
+    DaemonNotRunning,
+    LocodError,
+    ProtocolError,
+    RequestError,
+    UnsafeSocket,
+)
 from locod.limits import ALWAYS_READ_BYTES, check_request_size
 from locod.protocol import (
     DEFAULT_OPTIONS,
@@ -219,6 +228,8 @@ class Client:
     Every error is a ``locod.errors.LocodError`` with a stable ``code`` (docs/protocol.md, Errors). Worth
     retrying as it is: ``Busy`` (``busy``, ``shutting_down``), ``StorageError`` (``db_locked``, and
     ``disk_full`` once space is back) and ``DaemonNotRunning``; a ``RequestError`` needs a changed request.
+    Client-side ones: an endpoint that is not ``ipc://PATH`` or ``tcp://HOST:PORT`` is a ``ConfigError``
+    (``bad_endpoint``), a request on a closed Client a ``RequestError`` (``client_closed``).
     """
 
     def __init__(
@@ -236,9 +247,7 @@ class Client:
         check_alive(self.endpoint)
         if self.endpoint.startswith("ipc://"):
             check_owner(Path(self.endpoint[6:]))
-        self._sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.endpoint)
+        self._sock = self._connect()
         self._daemon_config: dict[str, Any] | None = None  # fetched for the first request that could be dropped
         self._guard = threading.Lock()
         self._owner: int | None = None  # the thread whose requests are in flight
@@ -252,13 +261,26 @@ class Client:
         if self._sock.closed:  # the caller closed the Client: that cancelled them
             return
         self._sock.close(linger=0)
-        self._sock = zmq.Context.instance().socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.connect(self.endpoint)
+        self._sock = self._connect()
+
+    def _connect(self) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:  # not an endpoint at all: "localhost:5555", "tcp://host" without a port
+            sock.close(linger=0)
+            raise ConfigError(
+                f"endpoint {self.endpoint!r}: {exc.strerror}; locod listens on ipc://PATH or tcp://HOST:PORT",
+                code="bad_endpoint",
+            ) from None
+        return sock
 
     def _claim(self, rid: str) -> None:
         """Refuse a second thread while the first one's replies are unread: both would read one socket, and
         each would drop the other's frames as replies to a request it does not know."""
+        if self._sock.closed:
+            raise RequestError("this Client is closed: open a new one", code="client_closed")
         with self._guard:
             me = threading.get_ident()
             if self._owner not in (None, me):
@@ -426,9 +448,38 @@ class Client:
                 self._reconnect()
             raise
 
-    def ask(self, prompt: str, **kwargs: Any) -> TurnResult:
-        """One whole turn: the answer text with its decision and done frames."""
-        return TurnResult.of(list(self.chat(prompt, **kwargs)))
+    def ask(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: list[dict[str, str]] | None = None,
+        session: str | None = None,
+        model: str | None = None,
+        attachments: list[Attachment] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+        force: str | None = None,
+        stream: bool = True,
+        queued: bool = False,
+        stop: str | list[str] | None = None,
+    ) -> TurnResult:
+        """One whole turn: the answer text with its decision and done frames; the options are ``chat``'s."""
+        frames = self.chat(
+            prompt,
+            messages=messages,
+            session=session,
+            model=model,
+            attachments=attachments,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            seed=seed,
+            force=force,
+            stream=stream,
+            queued=queued,
+            stop=stop,
+        )
+        return TurnResult.of(list(frames))
 
 
 def new_id() -> str:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from locod.client import attachment
-from locod.errors import AttachmentError, Busy
+from locod.client import Client, attachment
+from locod.errors import AttachmentError, Busy, ConfigError, RequestError
 from locod.protocol import DecisionFrame, DeltaFrame
 
 from .conftest import REPO, DaemonHandle, wait_for
@@ -110,3 +110,19 @@ def test_every_decision_column_is_documented_and_every_documented_one_exists(dae
             named |= set(re.findall(r"`([a-z_0-9]+)`", line.split("|")[1]))
     assert columns - named == set()
     assert named - columns == set()
+
+
+def test_a_mistyped_endpoint_and_a_closed_client_are_locod_errors(daemon: DaemonHandle) -> None:
+    """Walk finding: ``Client("localhost:5555")`` raised zmq.error.ZMQError "Invalid argument", and a request on
+    a closed Client ZMQError "Socket operation on non-socket": an app catching LocodError caught neither."""
+    with pytest.raises(ConfigError) as bad:
+        Client("localhost:5555")
+    assert bad.value.code == "bad_endpoint"
+    assert "ipc://PATH or tcp://HOST:PORT" in bad.value.message
+    client = daemon.client()
+    client.close()
+    with pytest.raises(RequestError) as closed:
+        client.ask("Say hi", max_tokens=2)
+    assert closed.value.code == "client_closed"
+    with pytest.raises(RequestError):
+        client.status()
