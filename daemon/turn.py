@@ -311,7 +311,9 @@ class TurnRunner:
             decision = ending.decision.answered(judged.s_answered, judged.explored)
             return dataclasses.replace(ending, decision=decision, judged=judged)
         local = ending.generation
-        why = "; ".join(filter(None, (judge.why(), prompts.withheld_history(turn))))
+        private = ", ".join(a.name for a in turn.attachments if a.private)
+        kept = f"private, kept on device: {private}" if private else None  # the cloud answers without them
+        why = "; ".join(filter(None, (judge.why(), prompts.withheld_history(turn), kept)))
         decision = ending.decision.escalated(why, judged.explored)
         # the decision frame said what a local answer uploads (nothing): say what the cloud's will
         sent = ", ".join(turn.attachments[i].name for i in decision.send)

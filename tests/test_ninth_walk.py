@@ -4,19 +4,23 @@ Each against a real daemon with the real model."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sqlite3
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from locod.client import Client, attachment
 from locod.errors import AttachmentError, Busy, ConfigError, RequestError
-from locod.protocol import DecisionFrame, DeltaFrame
+from locod.protocol import Attachment, DecisionFrame, DeltaFrame
 
 from .conftest import REPO, DaemonHandle, wait_for
+from .faultproxy import FaultProxy
+from .test_escalation import _daemon, _head
 
 
 def test_a_client_shared_by_two_threads_says_so_and_serves_each_in_turn(daemon: DaemonHandle) -> None:
@@ -126,3 +130,17 @@ def test_a_mistyped_endpoint_and_a_closed_client_are_locod_errors(daemon: Daemon
     assert closed.value.code == "client_closed"
     with pytest.raises(RequestError):
         client.status()
+
+
+def test_an_escalation_says_the_cloud_answers_without_the_private_attachment(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    """Walk finding: "Summarise the notes" with a private notes.md was answered locally first, escalated, and
+    the cloud, which never saw the notes, made up a summary; the escalated frame said only "not sure enough",
+    so the developer's app showed the made-up summary as one of the notes."""
+    handle = _daemon(daemon_factory, tmp_path, proxy, _head(min_weight=1000.0, bias=10.0), "private")
+    notes = Attachment("document", "notes.md", data=b"The launch is on Tuesday.\n", private=True)
+    result = handle.client().ask("Summarise the notes", attachments=[notes], max_tokens=16, temperature=0.0)
+    assert result.escalated is not None and result.done.outcome == "escalated"
+    assert "private, kept on device: notes.md" in result.escalated.message, result.escalated.message
+    assert "Tuesday" not in json.dumps(proxy.chat_requests()[-1].body)  # kept, as it says
