@@ -9,8 +9,9 @@ timeout, cut to what is left of the deadline.
 
 The bytes counted are the answer's, not the wire's: a gzip or deflate body is inflated here, a piece of at
 most INFLATE_PIECE bytes at a time, and the bounds apply to what it inflates to (httpx2 would inflate it
-above the transport, unbounded: 300 kB of gzip made a 300 MB event). Any other Content-Encoding is refused,
-and requests ask for those two only.
+above the transport, unbounded: 300 kB of gzip made a 300 MB event); the deadline is still checked at each
+chunk off the wire, as gzip that inflates to nothing brings no answer bytes to check it at. Any other
+Content-Encoding is refused, and requests ask for those two only.
 """
 
 from __future__ import annotations
@@ -114,9 +115,11 @@ class _Inflated(httpx2.SyncByteStream):
                     inflate = zlib.decompressobj(-zlib.MAX_WBITS)
                     piece = inflate.decompress(chunk, INFLATE_PIECE)
                 first = False
+                yield piece  # b"" too: the bounds above check the deadline once per chunk off the wire
                 while piece:
-                    yield piece
                     piece = inflate.decompress(inflate.unconsumed_tail, INFLATE_PIECE)
+                    if piece:
+                        yield piece
             if tail := inflate.flush():
                 yield tail
         except zlib.error as exc:
@@ -147,7 +150,8 @@ class _BoundedStream(httpx2.SyncByteStream):
                 raise OverBound(f"one event passed {self.bounds.max_line_bytes} bytes", "cloud_answer_too_large")
             if self.bounds.left() <= 0:
                 raise OverBound("the answer was still streaming at the turn's cloud deadline", "cloud_deadline")
-            yield chunk
+            if chunk:  # an inflated body's empty piece is passed here for the deadline alone
+                yield chunk
 
     def close(self) -> None:
         self.inner.close()

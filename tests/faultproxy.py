@@ -5,7 +5,8 @@ an HTTP error (optionally with Retry-After), cut the streamed answer after a few
 or, without asking upstream, answer a hostile stream: one byte at a time (``trickle``), deltas without end
 (``endless``), one event of ``size`` bytes (``huge_event``), ``size`` bytes without a newline
 (``no_newline``), a delta whose content is a list (``bad_delta``), a short valid answer gzip-compressed
-(``gzip``), ``size`` bytes without a newline gzip-compressed to a few hundred kB (``gzip_bomb``) or a
+(``gzip``), ``size`` bytes without a newline gzip-compressed to a few hundred kB (``gzip_bomb``), gzip
+that inflates to nothing, an empty block per ``delay_s`` for 30 s (``gzip_idle``), or a
 delta holding a lone UTF-16 surrogate (``surrogate``), a chunk whose ``choices`` is a string
 (``bad_shape``) or an event that is not UTF-8 (``not_utf8``);
 redirect (``redirect``: ``status`` with ``location``); or relay the real answer with its ``usage``
@@ -290,6 +291,21 @@ def _gzip_bomb(fault: Fault) -> Iterator[bytes]:
     yield pack.flush()
 
 
+EMPTY_BLOCK = b"\x00\x00\x00\xff\xff"  # deflate: a stored block, not the last, of no bytes
+
+
+def _gzip_idle(fault: Fault) -> Iterator[bytes]:
+    """Bytes on the wire, each piece in time for a per-read timeout, and no byte of answer: a gzip header,
+    then an empty stored block (what a sync flush writes) per ``delay_s``, for 30 s."""
+    pack = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16)
+    yield pack.compress(b"") + pack.flush(zlib.Z_SYNC_FLUSH)  # the stream is byte-aligned after it
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        time.sleep(fault.delay_s or 0.2)
+        yield EMPTY_BLOCK
+    yield pack.flush()
+
+
 def _with_usage(line: bytes, usage: Any) -> tuple[bytes, bool]:
     """An SSE data line with its non-null ``usage`` replaced, and whether there was one."""
     try:
@@ -317,8 +333,9 @@ HOSTILE_STREAMS: dict[str, Callable[[Fault], Iterator[bytes]]] = {
     "bad_shape": _bad_shape,
     "not_utf8": _not_utf8,
     "gzip_bomb": _gzip_bomb,
+    "gzip_idle": _gzip_idle,
 }
-GZIPPED = frozenset({"gzip", "gzip_bomb"})  # sent with Content-Encoding: gzip
+GZIPPED = frozenset({"gzip", "gzip_bomb", "gzip_idle"})  # sent with Content-Encoding: gzip
 
 
 def _text_only(body: dict[str, Any]) -> dict[str, Any]:

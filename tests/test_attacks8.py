@@ -58,6 +58,20 @@ def test_a_compressed_answer_is_bounded_by_what_it_inflates_to(daemon_factory: A
     assert hostile_cloud.chat_requests()[-1].headers["accept-encoding"] == "gzip, deflate"
 
 
+def test_a_compressed_answer_that_inflates_to_nothing_is_cut_at_the_deadline(
+    daemon_factory: Any, hostile_cloud: FaultProxy
+) -> None:
+    """The deadline is checked as the answer's bytes come up, and gzip that inflates to nothing brings none:
+    an endpoint sending an empty deflate block every 0.2 s (each in time for the read timeout) held the turn
+    past its deadline, and past any cancel, for as long as it went on. Each chunk off the wire is checked
+    now, whatever it inflates to."""
+    handle = daemon_factory(cloud_config(hostile_cloud.base_url, max_retries=0, **BOUNDS))
+    hostile_cloud.set(Fault("gzip_idle", delay_s=0.2))
+    result = handle.client(turn_timeout_s=120).ask("Say something.", max_tokens=4)
+    assert result.fallback is not None and result.fallback.cause == "cloud_deadline", result.fallback
+    assert result.done.outcome == "fallback"
+
+
 def test_a_cloud_answer_that_is_not_text_cannot_poison_its_session(
     daemon_factory: Any, hostile_cloud: FaultProxy
 ) -> None:
