@@ -206,10 +206,11 @@ class ModelZoo:
                 use_mmap=False,
                 verbose=False,
             )
-        except jinja2.TemplateError as exc:  # llama-cpp-python compiles the GGUF's chat templates as it loads
-            raise ModelError(
-                f"model {model.name!r}: the chat template in {path} (tokenizer.chat_template) is not valid "
-                f"Jinja: {_first_line(exc)}; set chat_format for it in the config, or use another file",
+        except jinja2.TemplateError as exc:  # llama-cpp-python compiles every chat template the GGUF holds
+            raise ModelError(  # as it loads, the one chat_format replaces too: no setting here gets past it
+                f"model {model.name!r}: a chat template in {path} (tokenizer.chat_template*) is not valid Jinja: "
+                f"{_first_line(exc)}; llama-cpp-python compiles it whatever chat_format says: use another file "
+                "of the model, or rewrite its template (gguf's gguf_new_metadata.py --chat-template)",
                 code="model_corrupt",
             ) from None
         except (ValueError, RuntimeError, OSError) as exc:

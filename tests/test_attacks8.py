@@ -201,6 +201,26 @@ def test_a_chat_template_that_fails_is_named_and_the_other_models_answer(
     assert "Traceback" not in handle.log()
 
 
+def test_a_template_that_does_not_parse_is_not_said_to_be_mended_by_chat_format(
+    daemon_factory: Any, model_path: Path, tmp_path: Path
+) -> None:
+    """llama-cpp-python compiles every chat template a GGUF holds as it loads the model, whatever
+    chat_format says: the error for one that does not parse told the user to set chat_format, and a model
+    that has it set failed the same way. It now says that only another file (or a rewritten template)
+    loads."""
+    broken = _with_template(model_path, tmp_path / "models" / "broken.gguf", "{% if %}")
+    models = [
+        {"name": "smollm2-135m-instruct", "path": str(model_path)},
+        {"name": "broken", "path": str(broken), "chat_format": "chatml"},
+    ]
+    handle = daemon_factory({"routing": {"mode": "local"}, "local": {"models": models}})
+    with pytest.raises(ModelError) as failed:
+        handle.client(turn_timeout_s=120).ask("Say hi.", model="broken", max_tokens=2)
+    assert failed.value.code == "model_corrupt" and "is not valid Jinja" in failed.value.message
+    assert "set chat_format" not in failed.value.message, failed.value.message
+    assert "whatever chat_format says" in failed.value.message
+
+
 def test_a_default_model_whose_template_does_not_parse_stops_the_start_by_name(
     tmp_path: Path, model_path: Path
 ) -> None:
