@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 # local.cache_mb = -1: keep this many full-context dialogue states, within a quarter of the free memory.
 AUTO_CACHE_DIALOGUES = 8
 TEMPLATE_DEADLINE_S = 2.0  # a chat template renders in a millisecond or so; one still going is stopped
+# What a chat template's render raises besides Jinja's own errors: raise_exception() (ValueError), and
+# Python's from the sandbox's objects: range() past 100,000 items (OverflowError), // 0, a macro that
+# calls itself (RecursionError), a method given the wrong arguments.
+TEMPLATE_FAILURES = (jinja2.TemplateError, ArithmeticError, LookupError, ValueError, TypeError, RecursionError)
 
 
 @dataclass(frozen=True)
@@ -375,7 +379,7 @@ class LocalBackend:
                     stream=True,
                     logits_processor=None if logprobs is None else LogitsProcessorList([logprobs]),
                 )
-        except (jinja2.TemplateError, ValueError, TypeError) as exc:  # raise_exception() raises ValueError
+        except TEMPLATE_FAILURES as exc:
             raise ModelError(
                 f"model {model!r}: its chat template cannot format this conversation: {_first_line(exc)}",
                 code="model_template",

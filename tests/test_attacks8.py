@@ -176,6 +176,9 @@ LOOPS = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% 
         ("{{ messages[7]['content'] }}", "model_template", "has no element 7"),
         ("{% for m in messages %}{{ m.content }", "model_corrupt", "is not valid Jinja: unexpected '}'"),
         (LOOPS, "model_template", "still rendering after 2 s and was stopped"),
+        ("{{ range(200000)|length }}", "model_template", "Range too big"),
+        ("{{ messages|length // 0 }}", "model_template", "by zero"),
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "model_template", "recursion"),
     ],
 )
 def test_a_chat_template_that_fails_is_named_and_the_other_models_answer(
@@ -186,7 +189,9 @@ def test_a_chat_template_that_fails_is_named_and_the_other_models_answer(
     ValueError`, and one that did not parse raised out of the model's load the same way (and as the default
     model, the daemon died at start with a traceback); one that looped held the local model's worker, and
     every local turn behind it, for hours. Now all are model errors that quote the template's message (a
-    render is stopped after 2 s), and the other models answer on."""
+    render is stopped after 2 s), and the other models answer on. Python's own errors from the sandbox's
+    objects (a range() it refuses as too big, // 0, a macro that calls itself) were still `internal
+    error: OverflowError` and so on: they are the template's failure too."""
     broken = _with_template(model_path, tmp_path / "models" / "broken.gguf", template)
     models = [
         {"name": "smollm2-135m-instruct", "path": str(model_path)},
