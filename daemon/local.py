@@ -210,8 +210,11 @@ class ModelZoo:
                 use_mmap=False,
                 verbose=False,
             )
-        except jinja2.TemplateError as exc:  # llama-cpp-python compiles every chat template the GGUF holds
-            raise ModelError(  # as it loads, the one chat_format replaces too: no setting here gets past it
+        except (jinja2.TemplateError, SyntaxError, RecursionError) as exc:  # llama-cpp-python compiles every
+            # chat template the GGUF holds as it loads, the one chat_format replaces too, into Python code (whose
+            # limits, 100 nested blocks or deep parentheses, are SyntaxError and RecursionError): nothing else
+            # in the load compiles or recurses, and no setting here gets past it
+            raise ModelError(
                 f"model {model.name!r}: a chat template in {path} (tokenizer.chat_template*) is not valid Jinja: "
                 f"{_first_line(exc)}; llama-cpp-python compiles it whatever chat_format says: use another file "
                 "of the model, or rewrite its template (gguf's gguf_new_metadata.py --chat-template)",

@@ -152,14 +152,17 @@ def test_a_jpeg_of_many_scans_is_refused_before_it_is_decoded(daemon_factory: An
 
 def _with_template(source: Path, target: Path, template: str) -> Path:
     """A copy of the GGUF ``source`` whose chat template is ``template``, padded with a Jinja comment to the
-    length of the one it replaces (so that nothing else in the file moves)."""
+    length of the one it replaces, or longer by a multiple of the file's 32-byte alignment (so that the
+    tensor data moves by whole alignment steps, and the offsets into it still hold)."""
     data = bytearray(source.read_bytes())
     key = b"tokenizer.chat_template"
     at = data.index(key) + len(key) + 4  # past the key and its value type: the string's length, then bytes
     length = int.from_bytes(data[at : at + 8], "little")
     text = template.encode()
-    assert len(text) + 4 <= length
-    data[at + 8 : at + 8 + length] = text + b"{#" + b" " * (length - len(text) - 4) + b"#}"
+    size = max(length, len(text) + 4)
+    size += -(size - length) % 32
+    padded = text + b"{#" + b" " * (size - len(text) - 4) + b"#}"
+    data[at : at + 8 + length] = size.to_bytes(8, "little") + padded
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(bytes(data))
     return target
@@ -175,6 +178,8 @@ LOOPS = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% 
         ("{{ raise_exception('Conversation roles must alternate') }}", "model_template", "roles must alternate"),
         ("{{ messages[7]['content'] }}", "model_template", "has no element 7"),
         ("{% for m in messages %}{{ m.content }", "model_corrupt", "is not valid Jinja: unexpected '}'"),
+        ("{%if 1%}" * 99 + "{%endif%}" * 99, "model_corrupt", "is not valid Jinja: too many levels of indentation"),
+        ("{{" + "(" * 300 + "1" + ")" * 300 + "}}", "model_corrupt", "is not valid Jinja: maximum recursion depth"),
         (LOOPS, "model_template", "still rendering after 2 s and was stopped"),
         ("{{ range(200000)|length }}", "model_template", "Range too big"),
         ("{{ messages|length // 0 }}", "model_template", "by zero"),
@@ -191,7 +196,8 @@ def test_a_chat_template_that_fails_is_named_and_the_other_models_answer(
     every local turn behind it, for hours. Now all are model errors that quote the template's message (a
     render is stopped after 2 s), and the other models answer on. Python's own errors from the sandbox's
     objects (a range() it refuses as too big, // 0, a macro that calls itself) were still `internal
-    error: OverflowError` and so on: they are the template's failure too."""
+    error: OverflowError` and so on: they are the template's failure too; and so are Python's limits on the
+    code Jinja compiles it to (nesting 99 blocks deep, 300 parentheses), which escaped the load."""
     broken = _with_template(model_path, tmp_path / "models" / "broken.gguf", template)
     models = [
         {"name": "smollm2-135m-instruct", "path": str(model_path)},
