@@ -137,11 +137,14 @@ class OnnxPolicy:
             )
 
     def _probe_run(self, observation: np.ndarray, mask: np.ndarray) -> tuple[Any, float]:
-        """One run of the graph (what it computes, and in how many ms), stopped after PROBE_LIMIT_S."""
+        """One run of the graph (what it computes, and in how many ms of this thread's CPU), stopped after
+        PROBE_LIMIT_S. CPU time, not wall time: with one thread each, onnxruntime runs the graph on this one,
+        and a wall clock would count the wait for the GIL after it (up to the 5 ms switch interval with busy
+        threads beside it), which refused the shipped policy on a loaded daemon about one load in ten."""
         options = ort.RunOptions()
         stop = threading.Timer(PROBE_LIMIT_S, setattr, (options, "terminate", True))
         stop.start()
-        started = time.perf_counter()
+        started = time.thread_time()
         try:
             (out,) = self.session.run(["log_probs"], {"observation": observation, "mask": mask}, options)
         except Exception as exc:  # onnxruntime's own errors: a shape it cannot compute, a bad node
@@ -156,7 +159,7 @@ class OnnxPolicy:
             ) from None
         finally:
             stop.cancel()
-        return out, (time.perf_counter() - started) * 1000
+        return out, (time.thread_time() - started) * 1000
 
     def _older_layout(self, meta: dict[str, str]) -> np.ndarray | None:
         """For a file of an older layout whose feature names are that layout's, the columns of this layout's
