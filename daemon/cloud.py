@@ -210,7 +210,7 @@ class CloudBackend:
             breaker.allow_trial()  # a reload is how a key or endpoint is fixed: the next turn tries it
         self._models = models  # one assignment: a turn looks a model and its client up together
         self._key_sources = {model.name: key_source(model) for model in config.models}
-        self.key_from_env = [m.name for m in config.models if self._key_sources[m.name].startswith("$")]
+        self.key_from_env = [m.name for m in config.models if os.environ.get(m.api_key_env)]  # as key_source reads it
         self.config = config
         said = getattr(self, "keyless", {})  # a reload repeats no warning
         self.keyless = {model.name: model.api_key_env for model in config.models if not keys[model.name]}
