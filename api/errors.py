@@ -120,6 +120,13 @@ _BY_CODE: dict[str, type[LocodError]] = {
 }
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """What another library's exception says, on one bounded line, for a LocodError's message: onnxruntime's
+    run over several lines and repeat the node, and a GGUF's chat template may raise one of any length."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]
+
+
 def install_hint(extra: str) -> str:
     """How to add an optional extra (pyproject.toml) to the environment this locod runs in: pip from that
     environment, in the checkout it was installed from (scripts/quickstart.sh, scripts/install.sh)."""

@@ -34,7 +34,7 @@ from locod.daemon.logprobs import TokenLogprobs
 from locod.daemon.modelfile import check_model_file, resolve_path
 from locod.daemon.sessions import door_of
 from locod.daemon.template_deadline import deadline
-from locod.errors import ConfigError, ModelError
+from locod.errors import ConfigError, ModelError, first_line
 from locod.policy.load import TurnTime
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class ModelZoo:
             # in the load compiles or recurses, and no setting here gets past it
             raise ModelError(
                 f"model {model.name!r}: a chat template in {path} (tokenizer.chat_template*) is not valid Jinja: "
-                f"{_first_line(exc)}; llama-cpp-python compiles it whatever chat_format says: use another file "
+                f"{first_line(exc)}; llama-cpp-python compiles it whatever chat_format says: use another file "
                 "of the model, or rewrite its template (gguf's gguf_new_metadata.py --chat-template)",
                 code="model_corrupt",
             ) from None
@@ -384,13 +384,7 @@ class LocalBackend:
                 )
         except TEMPLATE_FAILURES as exc:
             raise ModelError(
-                f"model {model!r}: its chat template cannot format this conversation: {_first_line(exc)}",
+                f"model {model!r}: its chat template cannot format this conversation: {first_line(exc)}",
                 code="model_template",
             ) from None
         return Opened(stream, started, logprobs)
-
-
-def _first_line(exc: Exception) -> str:
-    """What a template error says, on one bounded line (a template's own message may be long)."""
-    text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]

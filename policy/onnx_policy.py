@@ -28,7 +28,7 @@ import numpy as np
 import onnxruntime as ort
 
 from locod.daemon.regular_file import read_regular
-from locod.errors import PolicyError
+from locod.errors import PolicyError, first_line
 from locod.policy.observation import FEATURE_NAMES, LAYOUT_VERSION, N_ACTIONS, OBS_DIM, K, Z, layout_features
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class OnnxPolicy:
                     code="policy_slow",
                 ) from None
             raise PolicyError(
-                f"policy file {self.path} fails on a valid observation: {_first_line(exc)}", code="policy_output"
+                f"policy file {self.path} fails on a valid observation: {first_line(exc)}", code="policy_output"
             ) from None
         finally:
             stop.cancel()
@@ -191,14 +191,8 @@ class OnnxPolicy:
         try:
             self.session.run_with_iobinding(self._binding)
         except Exception as exc:  # a graph whose computed shape depends on the input, or any onnxruntime error
-            raise PolicyError(f"policy {self.version} failed: {_first_line(exc)}", code="policy_output") from None
+            raise PolicyError(f"policy {self.version} failed: {first_line(exc)}", code="policy_output") from None
         result = self._log_probs[0].astype(np.float64)
         if not all(math.isfinite(v) for v, allowed in zip(result.tolist(), self._mask[0].tolist()) if allowed):
             raise PolicyError(f"policy {self.version} returned non-finite log-probabilities", code="policy_output")
         return result
-
-
-def _first_line(exc: Exception) -> str:
-    """onnxruntime's messages run over several lines and repeat the node: the first line, bounded, for a log line."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:300]
