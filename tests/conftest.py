@@ -316,3 +316,25 @@ def cloud_daemon(daemon_factory: Any, proxy: FaultProxy) -> DaemonHandle:
     an earlier test's prompt, took longer than cloud_config's 5 s and a turn meant to pass fell back."""
     config = cloud_config(proxy.base_url, timeout_s=30.0)
     return daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 600 kB tmpfs: a state directory whose disk fills after a few turns (needs root to mount)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(path: Path) -> None:
+    """Write zeros to ``path`` until its disk is full."""
+    with path.open("ab") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass

@@ -12,7 +12,6 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ from .conftest import (
     CloudServer,
     DaemonHandle,
     cloud_config,
+    fill_disk,
     free_port,
     locod_command,
     start_daemon,
@@ -63,16 +63,6 @@ def test_a_pull_from_a_plain_url_says_its_checksum_was_not_checked(tmp_path: Pat
         server.stop()
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_disk_says_so_and_what_to_do(tmp_path: Path, models_dir: Path, small_disk: Path) -> None:
     """Walk finding: with the state directory's disk full, `locod ask` said "recording the turn failed:
     database or disk is full", code ``storage`` (a code docs/protocol.md does not list), and nothing on what
@@ -82,13 +72,7 @@ def test_a_full_disk_says_so_and_what_to_do(tmp_path: Path, models_dir: Path, sm
         client = handle.client()
         assert client.ask("before the disk fills", max_tokens=2).done.outcome == "ok"
         filler = small_disk / "filler"
-        with filler.open("ab") as f:
-            try:
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
-            except OSError:
-                pass
+        fill_disk(filler)
         refused: Any = None
         for i in range(50):  # the WAL's spare pages fill first
             asked = handle.cli("ask", "word " * 700 + str(i), "--max-tokens", "2", "--force", "local")

@@ -28,7 +28,7 @@ from locod.daemon.records import DecisionLog, DecisionRecord, Outcome, answer_di
 from locod.errors import LocodError, RequestError, StorageError
 from locod.protocol import Attachment, ChatOptions, ChatRequest, DoneFrame
 
-from .conftest import DaemonHandle, free_port, start_daemon, wait_for
+from .conftest import DaemonHandle, fill_disk, free_port, start_daemon, wait_for
 from .faultproxy import Fault, FaultProxy
 from .hostile import swapping
 from .test_cloud import cloud_config
@@ -391,16 +391,6 @@ def test_paths_outside_the_allow_list_are_refused(daemon_factory: Any, tmp_path:
 # -- disk trouble --------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_full_disk_refuses_turns_clearly_and_keeps_serving(tmp_path: Path, models_dir: Path, small_disk: Path) -> None:
     handle = start_daemon(
         tmp_path / "d", models_dir, {"log": {"prompts": True}}, extra_env={"LOCOD_STATE_DIR": str(small_disk)}
@@ -409,7 +399,7 @@ def test_full_disk_refuses_turns_clearly_and_keeps_serving(tmp_path: Path, model
         client = handle.client()
         assert client.ask("before the disk fills", max_tokens=2).done.outcome == "ok"
         filler = small_disk / "filler"
-        _fill(filler)
+        fill_disk(filler)
         refusal, seen = None, []
         for i in range(200):  # the WAL's spare pages fill first
             seen = []
@@ -445,7 +435,7 @@ def test_a_record_the_full_disk_held_back_is_completed_once_it_can_be_written(
             try:
                 for frame in frames:
                     if frame.type == "decision":
-                        _fill(filler)
+                        fill_disk(filler)
             except LocodError as exc:
                 held = exc
                 break
@@ -476,7 +466,7 @@ def test_an_answer_made_from_private_material_is_known_while_its_record_is_held_
     digest = answer_digest("The vault code is ZX-4471-QQ.")
     filler = small_disk / "filler"
     try:
-        _fill(filler)
+        fill_disk(filler)
         with pytest.raises(StorageError) as info:
             log.finish(decision, Outcome("ok", "local", "m", private_answer=digest))
         assert info.value.code == "record_not_committed"
@@ -486,16 +476,6 @@ def test_an_answer_made_from_private_material_is_known_while_its_record_is_held_
     log.write_unwritten()
     assert log.private_answers([digest]) == {digest}  # from the log itself now
     log.close()
-
-
-def _fill(path: Path) -> None:
-    with path.open("ab") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
 
 
 def _rows(state_dir: Path) -> list[dict[str, Any]]:
