@@ -108,6 +108,7 @@ class Outcome:
     cost_estimated: bool = False  # priced (in whole, or a cut stream's part) from characters: no believable usage
     energy_j: float = 0.0
     error: str | None = None
+    error_code: str | None = None  # error's stable code: a fallback's cause, an error's code, cancelled
     attachments_sent: list[str] | None = None
     confidence: JudgedAnswer | None = None
     private_answer: str | None = None  # SHA-256 of an answer made from private material, to know it again
@@ -238,6 +239,12 @@ def _migration_7(db: sqlite_utils.Database) -> None:
     db.table("decisions").create_index(["private_answer"])
 
 
+def _migration_8(db: sqlite_utils.Database) -> None:
+    """The stable code of ``error`` (docs/protocol.md): a fallback's cause, an error's code, ``cancelled``, so
+    that failures can be counted by kind rather than by their wording; earlier rows keep NULL."""
+    db.table("decisions").add_column("error_code", str)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -246,6 +253,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_5,
     _migration_6,
     _migration_7,
+    _migration_8,
 ]
 
 

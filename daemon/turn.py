@@ -100,7 +100,7 @@ class Ending:
     outcome: str  # ok | fallback | escalated | error | cancelled
     error: str | None = None
     kind: str = "error"  # the error frame's kind and code, for an outcome that is not an answer
-    code: str | None = None  # None: the outcome
+    code: str | None = None  # None: the outcome; a fallback's: the cloud failure's (the fallback frame's cause)
     judged: JudgedAnswer | None = None  # the local answer's confidence, where it was read
     uploaded: tuple[int, ...] = ()  # attachments a cloud attempt sent before the turn fell back
 
@@ -381,7 +381,8 @@ class TurnRunner:
             reply.send(DeltaFrame(answer.text))
         shown = Generation(answer.text, answer.tokens_in, answer.tokens_out, waited_ms, waited_ms)
         kept = dataclasses.replace(judged, kept=True)
-        return Ending(local, _with_partial(shown, failure), "fallback", failure.message, judged=kept, uploaded=uploaded)
+        shown = _with_partial(shown, failure)
+        return Ending(local, shown, "fallback", failure.message, code=failure.code, judged=kept, uploaded=uploaded)
 
     def _fall_back(self, decision_id: int, turn: Turn, decision: Decision, failure: CloudError, reply: Reply) -> Ending:
         """The cloud failed: the default local model answers the same turn, under the same record."""
@@ -401,7 +402,9 @@ class TurnRunner:
             ending = self._ended(local, _with_partial(self.local.generate(local.model, prompt), failure), reply)
         ending = dataclasses.replace(ending, uploaded=uploaded)
         return (
-            ending if ending.outcome != "ok" else dataclasses.replace(ending, outcome="fallback", error=failure.message)
+            ending
+            if ending.outcome != "ok"
+            else dataclasses.replace(ending, outcome="fallback", error=failure.message, code=failure.code)
         )
 
     @staticmethod
@@ -514,6 +517,7 @@ class TurnRunner:
                 cost_estimated=g.cost_estimated,
                 energy_j=g.energy_j,
                 error=ending.error,
+                error_code=None if ending.error is None else ending.code or ending.outcome,
                 attachments_sent=[turn.attachments[i].name for i in sorted({*decision.send, *ending.uploaded})],
                 confidence=ending.judged,
                 private_answer=answer_digest(g.text) if private and g.text else None,

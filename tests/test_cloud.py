@@ -138,6 +138,7 @@ def test_cloud_faults_end_in_a_local_answer(daemon_factory: Any, proxy: FaultPro
     assert "delta" in kinds[kinds.index("fallback") :]  # a real local answer follows
     (row,) = cloud_daemon.rows()
     assert row["outcome"] == "fallback" and row["backend"] == "local" and row["error"]
+    assert row["error_code"] == cause  # the fallback frame's cause, to count failures by kind
 
 
 def test_a_reasoning_model_gets_max_completion_tokens_and_no_sampling(daemon_factory: Any, proxy: FaultProxy) -> None:

@@ -199,6 +199,7 @@ def test_a_whole_local_answer_is_shown_when_the_cloud_fails_after_its_escalation
     assert "".join(f.text for f in frames if isinstance(f, DeltaFrame)) == forced.text
     row = next(r for r in handle.rows() if r["id"] == fallback.decision)
     assert (row["outcome"], row["backend"], row["tokens_out"]) == ("fallback", "local", forced.done.tokens_out)
+    assert row["error_code"] == fallback.cause == "cloud_http"
     assert json.loads(row["confidence"])["kept"] is True  # the user got it: their label is about it
     client.feedback(fallback.decision, True)
     _wait_for_local_confidence_labels(tmp_path / "held", 1)
