@@ -319,27 +319,32 @@ def _check_model_offered(name: str, status: dict[str, Any]) -> None:
         )
 
 
+def _local_line(loc: dict[str, Any]) -> str:
+    """Every local model, the default first (as the cloud line lists every cloud model), and the cache."""
+    others = [name for name in loc["models"] if name != loc["default"]]
+    also = f"; also {', '.join(others)}" if others else ""
+    cache = loc["cache"]
+    return (
+        f"{loc['default']}{also} (resident: {', '.join(loc['resident']) or 'none'}; "
+        f"{_fmt(loc['tokens_per_s'], '{:.1f}')} tok/s); dialogue cache {cache['dialogues']} kept, "
+        f"{cache['mb']:.0f}/{cache['limit_mb']:.0f} MB, "
+        f"{counted(cache['hits'], 'hit')}, {counted(cache['misses'], 'miss', 'misses')}"
+    )
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     with _client(args) as client:
         status = client.status()
     if args.json:
         _print_json(status)
         return 0
-    t, r, c, loc = status["telemetry"], status["routing"], status["cloud"], status["local"]
-    others = [name for name in loc["models"] if name != loc["default"]]  # the default first, as cloud's line
-    also = f"; also {', '.join(others)}" if others else ""
+    t, r, c = status["telemetry"], status["routing"], status["cloud"]
     battery = "no battery" if t["battery_pct"] is None else f"{t['battery_pct']:.0f}%"
     power = "on AC" if t["on_ac"] else "on battery" if t["on_ac"] is False else "power source unknown"
     net = "online" if t["online"] else "offline" if t["online"] is False else "unknown"
     rows = [
         ("daemon", f"locod {status['version']}, pid {status['pid']}, up {status['uptime_s']:.0f} s"),
-        (
-            "local",
-            f"{loc['default']}{also} (resident: {', '.join(loc['resident']) or 'none'}; "
-            f"{_fmt(loc['tokens_per_s'], '{:.1f}')} tok/s); dialogue cache {loc['cache']['dialogues']} kept, "
-            f"{loc['cache']['mb']:.0f}/{loc['cache']['limit_mb']:.0f} MB, "
-            f"{counted(loc['cache']['hits'], 'hit')}, {counted(loc['cache']['misses'], 'miss', 'misses')}",
-        ),
+        ("local", _local_line(status["local"])),
         (
             "cloud",
             f"{', '.join(c['models']) or 'none configured'}; breaker {c['breaker']}; "

@@ -358,11 +358,7 @@ class CloudBackend:
                 if not chunk.choices:
                     continue
                 finished = finished or chunk.choices[0].finish_reason is not None
-                delta = chunk.choices[0].delta.content
-                if delta is not None and not isinstance(delta, str):  # checked before any of it is passed on
-                    raise InvalidChunk(f"a delta's content is {type(delta).__name__}, not text")
-                if delta and SURROGATE.search(delta):  # JSON's "\ud800": kept, it fails the session's next turns
-                    raise InvalidChunk(f"a delta's content {NOT_TEXT}")
+                delta = _delta_text(chunk)
                 if delta and chunks >= prompt.max_tokens:  # more than was asked for: the answer is complete
                     finished = True
                     break
@@ -373,26 +369,11 @@ class CloudBackend:
                     chunks += 1
                     parts.append(delta)
                     prompt.on_delta(delta)
-        except OverBound as exc:  # past the turn's deadline or byte bounds: cut here, billed so far
+        except Exception as exc:  # the stream ended early: cut here, billed so far, answered locally
             breaker.failure()
             partial = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
-            raise StreamCut(f"{name}: {exc}", partial, code=exc.code) from None
-        except InvalidChunk as exc:  # the endpoint broke the protocol: an invalid reply, answered locally
-            breaker.failure()
-            partial = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
-            why = f"{name}: invalid reply from the endpoint: {exc}"
-            raise StreamCut(why, partial, code="cloud_invalid_reply") from None
-        except (ValueError, AttributeError, TypeError, LookupError) as exc:  # JSON, UTF-8, the chunk's shape
-            breaker.failure()
-            partial = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
-            why = f"{name}: invalid reply from the endpoint: an event that is not a chat completion chunk"
-            raise StreamCut(f"{why} ({type(exc).__name__})", partial, code="cloud_invalid_reply") from None
-        except Exception as exc:  # transport (httpx/httpx2), API errors: the stream is cut
-            breaker.failure()
-            partial = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
-            raise StreamCut(
-                f"{name}: the answer stream broke after {len(partial.text)} characters: {type(exc).__name__}", partial
-            ) from None
+            why, code = _why_cut(exc, len(partial.text))
+            raise StreamCut(f"{name}: {why}", partial, code=code) from None
         finally:
             stream.close()
         generation = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
@@ -423,6 +404,30 @@ class CloudBackend:
     def close(self) -> None:
         for _, client in self._models.values():
             client.close()
+
+
+def _delta_text(chunk: Any) -> str | None:
+    """A chunk's text, checked before any of it is passed on."""
+    delta = chunk.choices[0].delta.content
+    if delta is not None and not isinstance(delta, str):
+        raise InvalidChunk(f"a delta's content is {type(delta).__name__}, not text")
+    if delta and SURROGATE.search(delta):  # JSON's "\ud800": kept, it fails the session's next turns
+        raise InvalidChunk(f"a delta's content {NOT_TEXT}")
+    return delta
+
+
+def _why_cut(exc: Exception, received: int) -> tuple[str, str]:
+    """Why a cloud answer stream ended early, and the code to report: past the turn's deadline or byte bounds,
+    the endpoint breaking the protocol (a chunk's text; JSON, UTF-8 or the chunk's shape), or the transport
+    (httpx/httpx2, API errors)."""
+    if isinstance(exc, OverBound):
+        return str(exc), exc.code
+    if isinstance(exc, InvalidChunk):
+        return f"invalid reply from the endpoint: {exc}", "cloud_invalid_reply"
+    if isinstance(exc, (ValueError, AttributeError, TypeError, LookupError)):
+        shape = "an event that is not a chat completion chunk"
+        return f"invalid reply from the endpoint: {shape} ({type(exc).__name__})", "cloud_invalid_reply"
+    return f"the answer stream broke after {received} characters: {type(exc).__name__}", "cloud_stream_cut"
 
 
 class InvalidChunk(Exception):
