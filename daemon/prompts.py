@@ -10,11 +10,14 @@ own history (``Turn.sent_private``); ``withheld_history`` says so.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from locod.daemon import attachments as att
-from locod.daemon.backends import Upload
+from locod.daemon.backends import Prompt, Upload
 from locod.daemon.sessions import WITHHELD
+from locod.errors import PromptTooLong
 
 if TYPE_CHECKING:
     from locod.daemon.turn import Turn
@@ -43,9 +46,12 @@ def withheld_history(turn: Turn) -> str | None:
     return f"{count} earlier {answers}{of} made from private attachments left out of what the cloud is sent"
 
 
-def documents_text(turn: Turn, indices: list[int], token_budget: int) -> str:
-    """The chosen documents' best excerpts, the budget shared equally between them."""
-    docs = [turn.attachments[i] for i in indices if turn.attachments[i].kind == "document"]
+MIN_DOC_TOKENS = 16  # a local prompt's document excerpts are halved to fit its context down to this, no further
+
+
+def documents_text(attachments: Sequence[att.PreparedAttachment], token_budget: int) -> str:
+    """The documents' best excerpts, the budget shared equally between them (images are skipped)."""
+    docs = [a for a in attachments if a.kind == "document"]
     parts = []
     for doc in docs:
         chunks = att.select_chunks(doc, token_budget // max(1, len(docs)))
@@ -54,26 +60,49 @@ def documents_text(turn: Turn, indices: list[int], token_budget: int) -> str:
     return "\n\n".join(parts)
 
 
-def local_messages(turn: Turn, n_ctx: int, doc_tokens: int | None = None) -> list[dict[str, object]]:
-    """``doc_tokens``: the documents' share of the context, a third of it unless given."""
-    docs = documents_text(turn, list(range(len(turn.attachments))), n_ctx // 3 if doc_tokens is None else doc_tokens)
-    question = turn.request.prompt
-    return _asking(turn, f"{docs}\n\n{question}" if docs else question)
+@dataclass(frozen=True)
+class LocalQuestion:
+    """What a local model is asked for a turn: the history, then the question with excerpts of all the
+    documents (they stay on the device). Taken when the turn is, so a shadow answer made later is asked
+    what the turn was, not what the session has become."""
+
+    history: list[dict[str, object]]
+    question: str
+    attachments: Sequence[att.PreparedAttachment]
+    n_ctx: int
+
+    @classmethod
+    def of(cls, turn: Turn, n_ctx: int) -> LocalQuestion:
+        return cls([dict(m) for m in history(turn)], turn.request.prompt, tuple(turn.attachments), n_ctx)
+
+    def messages(self, doc_tokens: int) -> list[dict[str, object]]:
+        docs = documents_text(self.attachments, doc_tokens)
+        return [*self.history, {"role": "user", "content": f"{docs}\n\n{self.question}" if docs else self.question}]
+
+    def fitted(self, fit: Callable[[list[dict[str, object]]], Prompt]) -> Prompt:
+        """The prompt ``fit`` makes of the messages, which refuses what the model cannot hold. Documents get a
+        third of the context, measured at four characters a token, which Chinese text, digits or code pass
+        several times over: while the question with its excerpts does not fit, the excerpts are halved, and
+        only a question too long without them is refused."""
+        doc_tokens = self.n_ctx // 3
+        documents = any(a.kind == "document" for a in self.attachments)
+        while True:
+            try:
+                return fit(self.messages(doc_tokens))
+            except PromptTooLong:
+                doc_tokens //= 2
+                if not documents or doc_tokens < MIN_DOC_TOKENS:
+                    raise
 
 
 def cloud_messages(turn: Turn, send: tuple[int, ...], doc_token_budget: int) -> tuple[list[dict[str, object]], Upload]:
     """The messages in the OpenAI shape (images as data URLs), and what they upload."""
-    docs = documents_text(turn, list(send), doc_token_budget)
+    docs = documents_text([turn.attachments[i] for i in send], doc_token_budget)
     text = f"{docs}\n\n{turn.request.prompt}" if docs else turn.request.prompt
     images = [turn.attachments[i] for i in send if turn.attachments[i].kind == "image"]
     parts: list[dict[str, object]] = [{"type": "text", "text": text}]
     parts += [{"type": "image_url", "image_url": {"url": att.data_url(image.jpeg)}} for image in images]
-    messages = _asking(turn, parts if images else text, cloud=True)
+    question: dict[str, object] = {"role": "user", "content": parts if images else text}
+    messages = [*(dict[str, object](m) for m in history(turn, cloud=True)), question]
     upload_bytes = len(text.encode()) + sum(image.upload_bytes for image in images)
     return messages, Upload(images=len(images), bytes=upload_bytes)
-
-
-def _asking(turn: Turn, content: object, cloud: bool = False) -> list[dict[str, object]]:
-    """The history, then the question as this model gets it."""
-    messages: list[dict[str, object]] = [dict(m) for m in history(turn, cloud)]
-    return [*messages, {"role": "user", "content": content}]

@@ -17,6 +17,7 @@ import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from locod.daemon.backends import Generation, Prompt
@@ -24,6 +25,7 @@ from locod.daemon.config import Config
 from locod.daemon.escalation import answer_features
 from locod.daemon.learner import PRIVATE_UNJUDGED, Learner
 from locod.daemon.local import LocalBackend
+from locod.daemon.prompts import LocalQuestion
 from locod.daemon.records import DecisionLog, JudgedAnswer, ShadowResult
 from locod.daemon.telemetry import TelemetrySampler
 from locod.errors import LocodError
@@ -40,9 +42,8 @@ QUEUE = 16  # jobs waiting; the oldest are dropped first (labels, not answers: l
 class ShadowJob:
     decision_id: int
     model: str  # the local model that answers
-    messages: list[dict[str, object]]  # as that model would have been sent them
+    asked: LocalQuestion  # what that model would have been asked
     max_tokens: int
-    question: str
     reference: str  # the cloud's answer
     features: RecordedFeatures  # of the local action: what the label trains
     s_prompt: float | None = None  # the local model's s_hat on the turn: with it, the confidence head trains too
@@ -117,11 +118,8 @@ class ShadowLane:
             with self.local.gate.idle_slot(preempted) as granted:
                 if granted:
                     started = time.perf_counter()
-                    prompt = Prompt(
-                        job.messages, job.max_tokens, 0.0, 0, lambda _: None, preempted, logprobs=True, stop=job.stop
-                    )
                     try:
-                        generation = self.local.generate(job.model, self.local.fit(job.model, prompt))
+                        generation = self.local.generate(job.model, job.asked.fitted(self._fit(job, preempted)))
                     except LocodError as exc:
                         log.info("no shadow answer for decision %d: %s", job.decision_id, exc.message)
                         return
@@ -138,12 +136,22 @@ class ShadowLane:
         self.learner.local_label(job.model, job.features, satisfied, self._judged(job, generation), shadow=True)
         log.debug("shadow answer for decision %d: %s by %s", job.decision_id, satisfied, grader)
 
+    def _fit(self, job: ShadowJob, preempted: threading.Event) -> Callable[[list[dict[str, object]]], Prompt]:
+        """The shadow prompt of these messages, fitted: greedy, silent, stopped when a user queues, with the
+        log-probs the confidence head learns from."""
+
+        def fit(messages: list[dict[str, object]]) -> Prompt:
+            prompt = Prompt(messages, job.max_tokens, 0.0, 0, lambda _: None, preempted, logprobs=True, stop=job.stop)
+            return self.local.fit(job.model, prompt)
+
+        return fit
+
     def _judged(self, job: ShadowJob, generation: Generation) -> JudgedAnswer | None:
         """The shadow answer's confidence, read as a turn's checkpoint reads it: what its label trains."""
         if job.s_prompt is None or not generation.logprobs:
             return None
         budget = self.config.routing.escalate_tokens
-        features = answer_features(job.question, (generation.tokens, generation.logprobs), budget)
+        features = answer_features(job.asked.question, (generation.tokens, generation.logprobs), budget)
         task = job.features.turn.task
         s_answered = self.learner.answered(job.model, job.s_prompt, features, task)
         return JudgedAnswer(job.model, features, job.s_prompt, s_answered, kept=False, task=task)
@@ -153,7 +161,7 @@ class ShadowLane:
         if self.config.routing.judge and job.private:
             log.debug("shadow answer for decision %d graded by overlap: %s", job.decision_id, PRIVATE_UNJUDGED)
         elif self.config.routing.judge:
-            verdict = self.learner.judge(job.question, answer, job.decision_id)
+            verdict = self.learner.judge(job.asked.question, answer, job.decision_id)
             if verdict is not None:
                 return verdict, "judge"
         return agreement(answer, job.reference) >= AGREEMENT, "overlap"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from locod.daemon import attachments as att
 from locod.daemon import prompts
-from locod.daemon.backends import Backend, Generation, Prompt
+from locod.daemon.backends import Backend, Generation, Prompt, Upload
 from locod.daemon.cloud import CloudBackend, Received, StreamCut
 from locod.daemon.config import Config
 from locod.daemon.decider import Decider
@@ -38,7 +38,7 @@ from locod.daemon.reply import Reply
 from locod.daemon.sessions import Session, SessionStore, TurnTrail, door_of
 from locod.daemon.shadow import AGREEMENT, ShadowJob, ShadowLane, agreement
 from locod.daemon.telemetry import TelemetrySampler
-from locod.errors import Busy, CloudError, LocodError, PromptTooLong, StorageError
+from locod.errors import Busy, CloudError, LocodError, StorageError
 from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
 from locod.policy.tasks import task_of
 from locod.protocol import (
@@ -114,7 +114,6 @@ class Ending:
 
 
 EMPTY = Generation("", 0, 0, None, 0.0)
-MIN_DOC_TOKENS = 16  # a local prompt's document excerpts are halved to fit its context down to this, no further
 
 
 class Acceptance:
@@ -325,7 +324,7 @@ class TurnRunner:
         reply.send(EscalatedFrame(decision_id, decision.model, judged.s_answered, told))
         held = None if local.cut else (judged, local)  # a whole answer: shown if the cloud fails
         try:
-            prompt = self.cloud.fit(decision.model, self._prompt(turn, decision, reply, None))
+            prompt = self._fitted(self.cloud, turn, decision, reply, None)
             ending = self._generate(Acceptance.of(decision_id), turn, decision, self.cloud, prompt, reply, held)
         except LocodError as exc:
             ending = Ending.failed(decision, exc)
@@ -416,32 +415,23 @@ class TurnRunner:
     def _fitted(
         self, backend: Backend, turn: Turn, decision: Decision, reply: Reply, judge: AnswerJudge | None
     ) -> Prompt:
-        """The turn's prompt fitted to the model (``fit`` refuses what it cannot hold). A local model's
-        document excerpts are measured at four characters a token, which Chinese text, digits or code pass
-        several times over: while the question with its excerpts does not fit, the excerpts are halved, and
-        only a question too long without them is refused."""
+        """The turn's prompt fitted to the model (``fit`` refuses what it cannot hold; a local model's
+        document excerpts are cut until they fit, ``LocalQuestion.fitted``)."""
         if decision.location != "local":
-            return backend.fit(decision.model, self._prompt(turn, decision, reply, judge))
-        doc_tokens = turn.config.local_model(decision.model).n_ctx // 3
-        documents = any(a.kind == "document" for a in turn.attachments)
-        while True:
-            try:
-                return backend.fit(decision.model, self._prompt(turn, decision, reply, judge, doc_tokens))
-            except PromptTooLong:
-                doc_tokens //= 2
-                if not documents or doc_tokens < MIN_DOC_TOKENS:
-                    raise
-
-    def _prompt(
-        self, turn: Turn, decision: Decision, reply: Reply, judge: AnswerJudge | None, doc_tokens: int | None = None
-    ) -> Prompt:
-        """``doc_tokens``: a local model's budget for the documents' excerpts (a third of its context if None)."""
-        options = turn.request.options
-        if decision.location == "local":
-            messages = prompts.local_messages(turn, turn.config.local_model(decision.model).n_ctx, doc_tokens)
-            upload = None
-        else:
             messages, upload = prompts.cloud_messages(turn, decision.send, turn.config.attachments.doc_token_budget)
+            return backend.fit(decision.model, self._prompt(turn, messages, reply, judge, upload))
+        question = prompts.LocalQuestion.of(turn, turn.config.local_model(decision.model).n_ctx)
+        return question.fitted(lambda messages: backend.fit(decision.model, self._prompt(turn, messages, reply, judge)))
+
+    @staticmethod
+    def _prompt(
+        turn: Turn,
+        messages: list[dict[str, object]],
+        reply: Reply,
+        judge: AnswerJudge | None,
+        upload: Upload | None = None,
+    ) -> Prompt:
+        options = turn.request.options
         on_delta = (lambda text: reply.send(DeltaFrame(text))) if options.stream else (lambda text: None)
         prompt = Prompt(
             messages,
@@ -546,9 +536,8 @@ class TurnRunner:
         return ShadowJob(
             decision_id=decision_id,
             model=model,
-            messages=prompts.local_messages(turn, turn.config.local_model(model).n_ctx),
+            asked=prompts.LocalQuestion.of(turn, turn.config.local_model(model).n_ctx),
             max_tokens=turn.max_tokens(),
-            question=turn.request.prompt,
             reference=ending.generation.text,
             features=self.decider.local_features(turn),
             s_prompt=routing.s_hat.get(model) if (routing := ending.decision.routing) else None,

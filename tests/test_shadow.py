@@ -7,6 +7,7 @@ import json
 import threading
 from typing import Any
 
+from locod.client import Attachment
 from locod.daemon.gate import FairGate
 from locod.daemon.shadow import AGREEMENT, agreement
 
@@ -62,3 +63,23 @@ def test_no_shadow_answers_when_switched_off(daemon_factory: Any, proxy: FaultPr
     handle = daemon_factory(config)
     handle.client().ask("Hello", max_tokens=4)
     assert handle.rows()[0]["shadow"] is None and handle.client().status()["routing"]["shadow_labels"] == 0
+
+
+def test_a_shadow_answer_cuts_a_dense_document_to_fit_as_a_local_turn_does(
+    daemon_factory: Any, proxy: FaultProxy
+) -> None:
+    """A local turn halves a document's excerpts until they fit its model (Chinese text takes several times
+    the four characters a token they are measured at); the shadow lane asked the local model the uncut
+    prompt, which never fit, so cloud turns with such documents never gave the local model a label."""
+    config = cloud_config(proxy.base_url, timeout_s=60.0)
+    config["routing"]["shadow"] = "always"
+    config["local"] = {
+        "models": [{"name": "smollm2-135m-instruct", "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "n_ctx": 512}]
+    }
+    config["attachments"] = {"doc_chunk_chars": 200, "doc_token_budget": 100}  # the cloud's excerpt: small
+    handle = daemon_factory(config)
+    document = Attachment("document", "notes.txt", data=("这是一个关于机器学习的文档。" * 1000).encode())
+    result = handle.client().ask("What is this document about?", attachments=[document], max_tokens=4)
+    assert result.decision.location == "cloud" and result.done.outcome == "ok"
+    (row,) = wait_for(lambda: [r for r in handle.rows() if r["shadow"]], 120, "the shadow answer")
+    assert json.loads(row["shadow"])["tokens_out"] > 0
