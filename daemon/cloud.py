@@ -24,6 +24,7 @@ import email.utils
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -52,6 +53,13 @@ ENDPOINT_4XX = frozenset({401, 403, 404, 408, 429})
 # A passive upload-bandwidth sample needs a request this large (smaller ones measure latency), and each
 # sample moves the estimate by this share.
 BANDWIDTH_SAMPLE_BYTES, BANDWIDTH_WEIGHT = 50_000, 0.3
+# How servers refuse a prompt past the model's context: OpenAI and vLLM ("maximum context length"),
+# llama.cpp's servers ("exceed context window", "exceeds the available context size", "n_ctx"), Anthropic's
+# compatible API ("prompt is too long"), TGI ("must be <= 4096"); not every 400 that says "context".
+CONTEXT_REFUSAL = re.compile(
+    r"context[ _-]?(length|window|size)|\bn_ctx\b|prompt is too long|tokens \+ `max_new_tokens` must be",
+    re.IGNORECASE,
+)
 
 
 def backoff_s(attempt: int) -> float:
@@ -120,7 +128,7 @@ def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str) -> s
         return f': it takes max_completion_tokens: set max_tokens_param = "max_completion_tokens" for {model.name!r}'
     if exc.status_code == 400 and "temperature" in said and model.sampling:
         return f": the model takes only its own temperature: set sampling = false for {model.name!r}"
-    if exc.status_code == 400 and "context" in said.lower():  # OpenAI, vLLM and llama.cpp's servers say so
+    if exc.status_code == 400 and CONTEXT_REFUSAL.search(said):
         longer = ": the prompt may be longer than its context"
         if not model.context_tokens:
             return f"{longer}: set context_tokens for {model.name!r}, so such prompts go to a model that holds them"

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from locod.daemon.cloud import CONTEXT_REFUSAL
 from locod.errors import StorageError
 
 from .conftest import (
@@ -293,6 +294,25 @@ def test_a_400_for_a_prompt_past_the_cloud_models_context_names_context_tokens(
     assert result.fallback is not None and "HTTP 400" in result.fallback.message
     assert "set context_tokens for 'cloud-small'" in result.fallback.message, result.fallback.message
     assert "6038" not in result.fallback.message  # the endpoint's words are not repeated
+
+
+@pytest.mark.parametrize(
+    "said",
+    [
+        "This model's maximum context length is 4096 tokens. However, your messages resulted in 6038 tokens.",
+        "Requested tokens (6038) exceed context window of 4096",  # llama-cpp-python's server
+        "the request exceeds the available context size, try increasing it",  # llama.cpp's llama-server
+        "prompt is too long: 210000 tokens > 200000 maximum",
+        "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given: 6038",  # TGI
+    ],
+)
+def test_servers_refusals_of_a_long_prompt_are_recognised(said: str) -> None:
+    assert CONTEXT_REFUSAL.search(said)
+
+
+def test_a_400_that_only_mentions_a_context_gets_no_context_hint() -> None:
+    """The hint once matched any 400 with the word "context" in it, e.g. a tool schema's description."""
+    assert not CONTEXT_REFUSAL.search("Invalid schema for function 'f': 'context' is not of type 'object'")
 
 
 def test_status_names_every_local_model_as_it_does_the_cloud_ones(daemon: DaemonHandle, model_path: Path) -> None:
