@@ -50,63 +50,74 @@ def main() -> None:
     parser.add_argument("--sla-seeds", type=int, default=8, help="seeds for the SLA target comparison")
     args = parser.parse_args()
     policy = OnnxPolicy(Path(args.policy))
-
-    def policy_only(obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
-        return int(np.argmax(np.where(mask > 0, policy.log_probs(obs, mask), -np.inf)))
-
-    settings: dict[str, Setting] = {
-        "WiFi, sampled budgets": ([(Simulator(links=("wifi",)), 1.0)], None, 0.0),
-        "cellular, sampled budgets": ([(Simulator(links=("cellular",)), 1.0)], None, 0.0),
-        "mixed networks, tight budgets": ([(Simulator(), 1.0)], (0.0, 0.1), 0.0),
-        "mixed networks, loose budgets": ([(Simulator(), 1.0)], (0.5, 1.0), 0.0),
-        "replay trace (text only)": ([(TraceSource(Path(args.trace)), 1.0)], None, 0.0),
-        "WiFi, local queue under load": ([(Simulator(links=("wifi",)), 1.0)], None, 1.0),
-        "replay trace, local queue under load": ([(TraceSource(Path(args.trace)), 1.0)], None, 1.0),
-    }
-    results: dict[str, dict[str, Scores]] = {}
-    for setting, (sources, budgets, load) in settings.items():
-        strategies = {
-            **heuristics(),
-            "MESS+ only": Router(SLA, seed=1),
-            "TMO policy only": policy_only,
-            "MESS+ with TMO policy": Router(SLA, log_pi=policy.log_probs, seed=1),
-        }
-        results[setting] = {
-            name: run(strategy, sources, episodes=args.episodes, seed=2024, budget_span=budgets, load_p=load)
-            for name, strategy in strategies.items()
-        }
-        results[setting]["TMO policy, no shield"] = run(
-            policy_only, sources, episodes=args.episodes, seed=2024, budget_span=budgets, shield=False, load_p=load
-        )
-        if all(isinstance(source, Simulator) for source, _ in sources):  # it needs the simulator's mean quality
-            for name, yardstick in ((ORACLE, ExpectedRewardOracle()), (PLAN, ClairvoyantPlan())):
-                results[setting][name] = run(
-                    yardstick, sources, episodes=args.episodes, seed=2024, budget_span=budgets, load_p=load
-                )
+    settings = settings_of(Path(args.trace))
+    results = {name: evaluate(setting, policy, args.episodes) for name, setting in settings.items()}
     print(
         f"policy {policy.version}; {args.episodes} held-out episodes per setting; SLA measure: quality >= 0.5, "
         f"alpha = {SLA} for the MESS+ rows\n"
     )
-    for setting, rows in results.items():
-        print(f"### {setting}\n")
-        print(
-            "| strategy | reward | quality | SLA attainment | latency (s) | money ($/turn) | energy (J/turn) "
-            "| episodes over budget | cloud share | attachments sent |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|---|")
-        for name, s in rows.items():
-            print(
-                f"| {name} | {s.reward:.3f} | {s.quality:.3f} | {s.satisfaction:.3f} | {s.latency_s:.2f} | "
-                f"{s.usd:.5f} | {s.energy_j:.1f} | {s.violations} | {s.cloud_share:.2f} | {s.uploads:.2f} |"
-            )
-        best = max((s.reward for n, s in rows.items() if n in heuristics()), default=0.0)
-        print()
-        for name in ("MESS+ with TMO policy", "TMO policy only", ORACLE, PLAN):
-            if name in rows and best > 0:
-                print(f"{name} / best heuristic reward: {rows[name].reward / best:.3f}  ")
-        print()
+    for name, rows in results.items():
+        print_table(name, rows)
     sla_targets(settings, policy, args.episodes, args.sla_seeds)
-    out = Path(args.out)
+    plot(results, args.episodes, Path(args.out))
+
+
+def settings_of(trace: Path) -> dict[str, Setting]:
+    return {
+        "WiFi, sampled budgets": ([(Simulator(links=("wifi",)), 1.0)], None, 0.0),
+        "cellular, sampled budgets": ([(Simulator(links=("cellular",)), 1.0)], None, 0.0),
+        "mixed networks, tight budgets": ([(Simulator(), 1.0)], (0.0, 0.1), 0.0),
+        "mixed networks, loose budgets": ([(Simulator(), 1.0)], (0.5, 1.0), 0.0),
+        "replay trace (text only)": ([(TraceSource(trace), 1.0)], None, 0.0),
+        "WiFi, local queue under load": ([(Simulator(links=("wifi",)), 1.0)], None, 1.0),
+        "replay trace, local queue under load": ([(TraceSource(trace), 1.0)], None, 1.0),
+    }
+
+
+def evaluate(setting: Setting, policy: OnnxPolicy, episodes: int) -> dict[str, Scores]:
+    """Every strategy and yardstick on the setting's episodes (the same episodes and seed for each)."""
+    sources, budgets, load = setting
+
+    def policy_only(obs: np.ndarray, mask: np.ndarray, rng: random.Random) -> int:
+        return int(np.argmax(np.where(mask > 0, policy.log_probs(obs, mask), -np.inf)))
+
+    strategies = {
+        **heuristics(),
+        "MESS+ only": Router(SLA, seed=1),
+        "TMO policy only": policy_only,
+        "MESS+ with TMO policy": Router(SLA, log_pi=policy.log_probs, seed=1),
+    }
+    same = dict(episodes=episodes, seed=2024, budget_span=budgets, load_p=load)
+    rows = {name: run(strategy, sources, **same) for name, strategy in strategies.items()}
+    rows["TMO policy, no shield"] = run(policy_only, sources, shield=False, **same)
+    if all(isinstance(source, Simulator) for source, _ in sources):  # it needs the simulator's mean quality
+        for name, yardstick in ((ORACLE, ExpectedRewardOracle()), (PLAN, ClairvoyantPlan())):
+            rows[name] = run(yardstick, sources, **same)
+    return rows
+
+
+def print_table(setting: str, rows: dict[str, Scores]) -> None:
+    print(f"### {setting}\n")
+    print(
+        "| strategy | reward | quality | SLA attainment | latency (s) | money ($/turn) | energy (J/turn) "
+        "| episodes over budget | cloud share | attachments sent |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, s in rows.items():
+        print(
+            f"| {name} | {s.reward:.3f} | {s.quality:.3f} | {s.satisfaction:.3f} | {s.latency_s:.2f} | "
+            f"{s.usd:.5f} | {s.energy_j:.1f} | {s.violations} | {s.cloud_share:.2f} | {s.uploads:.2f} |"
+        )
+    best = max((s.reward for n, s in rows.items() if n in heuristics()), default=0.0)
+    print()
+    for name in ("MESS+ with TMO policy", "TMO policy only", ORACLE, PLAN):
+        if name in rows and best > 0:
+            print(f"{name} / best heuristic reward: {rows[name].reward / best:.3f}  ")
+    print()
+
+
+def plot(results: dict[str, dict[str, Scores]], episodes: int, out: Path) -> None:
+    """Reward and budget violations by strategy, one bar per setting: docs/img/evaluation_policy.png."""
     out.mkdir(parents=True, exist_ok=True)
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     names = list(next(iter(results.values())))  # the first setting has every row
@@ -114,9 +125,7 @@ def main() -> None:
     for i, (setting, rows) in enumerate(results.items()):
         xs = np.arange(len(names)) + i * width
         axes[0].bar(xs, [rows[n].reward if n in rows else np.nan for n in names], width, label=setting)
-        axes[1].bar(
-            xs, [rows[n].violations / args.episodes if n in rows else np.nan for n in names], width, label=setting
-        )
+        axes[1].bar(xs, [rows[n].violations / episodes if n in rows else np.nan for n in names], width, label=setting)
     for ax, title in zip(axes, ("mean reward per turn", "share of episodes over a budget"), strict=True):
         ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2)
         ax.set_xticklabels(names, rotation=30, ha="right", fontsize=8)
