@@ -14,7 +14,7 @@ import argparse
 import statistics
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from llama_cpp import Llama, LogitsProcessorList
@@ -45,6 +45,13 @@ class NoLocal:
         return 0.0
 
 
+@dataclass
+class Timings:
+    mess: list[float]  # the MESS+ step alone
+    full: list[float]  # the whole decision
+    judged: list[float]  # the checkpoint's judgement of a 32-token answer
+
+
 def quantiles(samples: list[float]) -> tuple[float, float]:
     q = statistics.quantiles(samples, n=100)
     return q[49], q[98]
@@ -72,67 +79,73 @@ def token_times(llm: Llama, rounds: int = 3) -> tuple[float, float]:
     return statistics.median(plain), statistics.median(read)
 
 
+def bench_turn(home: str) -> tuple[Decider, Learner, Turn, TurnFeatures]:
+    """The daemon's decision objects with a state directory of their own (one cloud model, never
+    contacted), and a turn of a three-turn dialogue with two images and a document."""
+    config = load_config(env={"LOCOD_STATE_DIR": home}, overrides={"routing.explore_c": "0"})
+    mini = CloudModelConfig(name="mini", base_url="http://127.0.0.1:9/v1", model="m")  # never contacted
+    config = replace(config, cloud=replace(config.cloud, default="mini", models=[mini]))
+    records = DecisionLog(Path(home) / "locod.db")
+    cloud = CloudBackend(config.cloud, config.source)
+    telemetry = TelemetrySampler(config, cloud, NoLocal())
+    telemetry.sample()
+    learner = Learner(config, records, cloud)
+    decider = Decider(config, learner, records, telemetry, NoLocal(), cloud)  # type: ignore[arg-type]
+    sessions = SessionStore(1800, 100)
+    session = sessions.open("bench", "ipc")
+    for i in range(3):
+        trail = TurnTrail("local", (False, False, False), "query")
+        sessions.record(session, [{"role": "user", "content": f"earlier question {i}"}], "an answer", trail)
+    question = "What does the chart in this photo show about battery life on the train?"
+    request = ChatRequest("r", [{"role": "user", "content": question}], session="bench")
+    attachments = [
+        PreparedAttachment("image", "chart.jpg", False, 0.9, 400_000, jpeg=b"x" * 150_000, width=1024, height=768),
+        PreparedAttachment("image", "selfie.jpg", True, 0.2, 300_000, jpeg=b"x" * 90_000, width=800, height=600),
+        PreparedAttachment(
+            "document", "notes.md", False, 0.6, 20_000, chunks=(DocChunk(0, "battery notes " * 40, 0.6),)
+        ),
+    ]
+    turn = Turn(request, session, b"client", "query", attachments, config)
+    features = TurnFeatures(
+        prompt=request.prompt, task="query", n_attachments=3, max_relevance=0.9, has_image=True, position=3
+    )
+    return decider, learner, turn, features
+
+
+def time_decisions(turns: int, decider: Decider, learner: Learner, turn: Turn, features: TurnFeatures) -> Timings:
+    """Microseconds per call, ``turns`` times each: the MESS+ step, the full decision, the checkpoint."""
+    costs = {"smollm2-135m-instruct": 0.01, "mini": 1.0}
+    local = turn.config.local.default
+    plan = Escalation(local, "mini|cloud", "mini", (), 0.9, 0.85, 0.5, 32, RecordedFeatures.of(features))
+    timings = Timings([], [], [])
+    for _ in range(turns):
+        started = time.perf_counter()
+        x = vectorize(features)
+        learner.mess.choose(costs, xs={k: x for k in costs})
+        timings.mess.append((time.perf_counter() - started) * 1e6)
+        started = time.perf_counter()
+        decider.decide(turn)
+        timings.full.append((time.perf_counter() - started) * 1e6)
+        started = time.perf_counter()
+        learner.checkpoint(plan, local, answer_features(turn.request.prompt, ANSWER, plan.tokens))
+        timings.judged.append((time.perf_counter() - started) * 1e6)
+    return timings
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--turns", type=int, default=3000)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as home:
-        config = load_config(env={"LOCOD_STATE_DIR": home}, overrides={"routing.explore_c": "0"})
-        mini = CloudModelConfig(name="mini", base_url="http://127.0.0.1:9/v1", model="m")  # never contacted
-        config = replace(config, cloud=replace(config.cloud, default="mini", models=[mini]))
-        records = DecisionLog(Path(home) / "locod.db")
-        cloud = CloudBackend(config.cloud, config.source)
-        telemetry = TelemetrySampler(config, cloud, NoLocal())
-        telemetry.sample()
-        learner = Learner(config, records, cloud)
-        decider = Decider(config, learner, records, telemetry, NoLocal(), cloud)  # type: ignore[arg-type]
-        sessions = SessionStore(1800, 100)
-        session = sessions.open("bench", "ipc")
-        for i in range(3):
-            sessions.record(
-                session,
-                [{"role": "user", "content": f"earlier question {i}"}],
-                "an answer",
-                TurnTrail("local", (False, False, False), "query"),
-            )
-        request = ChatRequest(
-            "r",
-            [{"role": "user", "content": "What does the chart in this photo show about battery life on the train?"}],
-            session="bench",
-        )
-        attachments = [
-            PreparedAttachment("image", "chart.jpg", False, 0.9, 400_000, jpeg=b"x" * 150_000, width=1024, height=768),
-            PreparedAttachment("image", "selfie.jpg", True, 0.2, 300_000, jpeg=b"x" * 90_000, width=800, height=600),
-            PreparedAttachment(
-                "document", "notes.md", False, 0.6, 20_000, chunks=(DocChunk(0, "battery notes " * 40, 0.6),)
-            ),
-        ]
-        turn = Turn(request, session, b"client", "query", attachments, config)
-        features = TurnFeatures(
-            prompt=request.prompt, task="query", n_attachments=3, max_relevance=0.9, has_image=True, position=3
-        )
-        costs = {"smollm2-135m-instruct": 0.01, "mini": 1.0}
-        local = config.local.default
-        plan = Escalation(local, "mini|cloud", "mini", (), 0.9, 0.85, 0.5, 32, RecordedFeatures.of(features))
-        mess, full, judged = [], [], []
-        for _ in range(args.turns):
-            started = time.perf_counter()
-            x = vectorize(features)
-            learner.mess.choose(costs, xs={k: x for k in costs})
-            mess.append((time.perf_counter() - started) * 1e6)
-            started = time.perf_counter()
-            decider.decide(turn)
-            full.append((time.perf_counter() - started) * 1e6)
-            started = time.perf_counter()
-            learner.checkpoint(plan, local, answer_features(request.prompt, ANSWER, plan.tokens))
-            judged.append((time.perf_counter() - started) * 1e6)
+        decider, learner, turn, features = bench_turn(home)
+        timings = time_decisions(args.turns, decider, learner, turn, features)
         policy = decider.policy.version if decider.policy else "none"
     gguf = fetch("smollm2-135m-instruct", Path(__file__).resolve().parent.parent / "models", progress=lambda _: None)
     llm = Llama(model_path=str(gguf), n_ctx=512, verbose=False)
     per_token_us, with_reader = token_times(llm)
-    m50, m99 = quantiles(mess)
-    f50, f99 = quantiles(full)
-    j50, j99 = quantiles(judged)
+    m50, m99 = quantiles(timings.mess)
+    f50, f99 = quantiles(timings.full)
+    j50, j99 = quantiles(timings.judged)
     print(f"policy: {policy}; {args.turns} turns, 2 local + 1 cloud model x 8 upload choices")
     print("| measure | p50 | p99 |\n|---|---|---|")
     print(f"| MESS+ step: features + predictor + rule (goal p99 < 100 us) | {m50:.1f} us | {m99:.1f} us |")
