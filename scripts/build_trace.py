@@ -283,6 +283,15 @@ def main() -> None:
     if args.rerun_local:
         rerun_local(model, tasks, Path(args.rerun_local), out, source)
         return
+    accuracy = write_trace(model, tasks, turns, out, rng)
+    write_meta(out, tasks, accuracy, model, source)
+
+
+def write_trace(
+    model: LocalModel, tasks: dict[str, Task], turns: Turns, out: Path, rng: random.Random
+) -> dict[str, list[int]]:
+    """The local model's answer to each turn, with the simulated cloud's, one JSON line each, grouped into
+    dialogues of 2-5 turns; returns each task's local labels."""
     accuracy: dict[str, list[int]] = {t: [] for t in tasks}
     dialogue, position, length = 0, 0, rng.randint(2, 5)
     started = time.time()
@@ -292,7 +301,7 @@ def main() -> None:
             text, fields, local_s, tokens_in, tokens_out = answer(model.llm, prompt, task.max_tokens)
             local = local_fields(task, targets, text, fields, local_s, model.sha256, task.max_tokens)
             accuracy[task_name].append(local["satisfied"])
-            cloud_ok = rng.random() < task.cloud_accuracy
+            cloud = cloud_fields(rng.random() < task.cloud_accuracy, tokens_in, tokens_out)
             row = {
                 "dialogue": f"d{dialogue:04d}",
                 "turn": position,
@@ -301,23 +310,25 @@ def main() -> None:
                 "prompt": prompt,
                 "gold": targets,
                 "attachments": [],
-                "models": {
-                    model.name: local,
-                    "cloud": {
-                        "satisfied": int(cloud_ok),
-                        "quality": float(cloud_ok),
-                        "latency_s": round(CLOUD_BASE_S + tokens_out / CLOUD_TOKENS_PER_S, 4),
-                        "usd": round((tokens_in * USD_PER_MTOK_IN + tokens_out * USD_PER_MTOK_OUT) / 1e6, 9),
-                        "energy_j": RADIO_J,
-                    },
-                },
+                "models": {model.name: local, "cloud": cloud},
             }
             f.write(json.dumps(row) + "\n")
             position += 1
             if position == length:
                 dialogue, position, length = dialogue + 1, 0, rng.randint(2, 5)
             progress(n, len(turns), started)
-    write_meta(out, tasks, accuracy, model, source)
+    return accuracy
+
+
+def cloud_fields(ok: bool, tokens_in: int, tokens_out: int) -> dict[str, object]:
+    """The simulated cloud model's row: right with its task's accuracy, priced and timed by the tokens."""
+    return {
+        "satisfied": int(ok),
+        "quality": float(ok),
+        "latency_s": round(CLOUD_BASE_S + tokens_out / CLOUD_TOKENS_PER_S, 4),
+        "usd": round((tokens_in * USD_PER_MTOK_IN + tokens_out * USD_PER_MTOK_OUT) / 1e6, 9),
+        "energy_j": RADIO_J,
+    }
 
 
 @dataclass
