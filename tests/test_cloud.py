@@ -402,12 +402,13 @@ def test_combined_faults_every_turn_answered_breaker_engages_and_recovers(
     """Slow + 5xx + cut streams + garbage, then the network flapping back: every turn still ends with an
     answer, each failure is recorded as a fallback with its cause, the breaker opens and closes again."""
     handle = daemon_factory(
-        # a timeout a loaded machine's loopback "cloud" still answers within (1 s failed the healthy turn)
-        cloud_config(proxy.base_url, max_retries=0, timeout_s=3.0, breaker_failures=3, breaker_cooldown_s=5.0)
+        # a timeout a loaded machine's loopback "cloud" still answers within (1 s, then 3 s under the load
+        # of a test run beside it, failed the healthy turn)
+        cloud_config(proxy.base_url, max_retries=0, timeout_s=8.0, breaker_failures=3, breaker_cooldown_s=5.0)
     )
     client = handle.client()
     proxy.faults = [
-        Fault("delay", delay_s=6.0, times=1),
+        Fault("delay", delay_s=16.0, times=1),
         Fault("status", status=502, times=1),
         Fault("cut", cut_after_chunks=2, times=1),
     ]
