@@ -1,0 +1,109 @@
+"""A tenth new user's walk: someone coming from Ollama and LiteLLM who points OpenAI-SDK code at locod's HTTP
+API and types Ollama's commands at the CLI. Each against a real daemon with the real model and, where a cloud
+answers, the real loopback server behind the fault proxy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from locod.cli import main
+
+from .conftest import cloud_config, free_port
+from .faultproxy import Fault, FaultProxy
+from .test_escalation import CLOUD, LOCAL, QUESTION, _daemon, _head
+from .test_http import http_daemon, sdk
+
+
+def test_the_location_header_says_where_an_escalated_answer_came_from_and_decisions_finds_it(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    """Walk finding: an answer the cloud wrote after the local one was not sure enough came with
+    ``x-locod-location: local`` (the decision's first place), streamed or not; and the decision id that header
+    gives, or the completion's own id, could not be looked up: `locod decisions 15` was "unrecognized
+    arguments"."""
+    port = free_port()
+    head = _head(min_weight=1000.0, bias=10.0)  # never sure: every turn escalates
+    handle = _daemon(daemon_factory, tmp_path, proxy, head, "walk10", http={"listen": f"127.0.0.1:{port}"})
+    client = sdk(f"http://127.0.0.1:{port}")
+    ask: Any = {"model": "auto", "messages": QUESTION, "max_tokens": 12, "temperature": 0.0}
+    whole = client.chat.completions.with_raw_response.create(**ask)
+    streamed = client.chat.completions.with_raw_response.create(**ask, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed.parse() if c.choices)
+    for raw in (whole, streamed):
+        assert raw.headers["x-locod-location"] == "cloud"
+    completion = whole.parse()
+    assert (completion.model_extra or {})["locod"]["outcome"] == "escalated" and completion.model == CLOUD
+
+    decision = whole.headers["x-locod-decision"]
+    for key in (decision, completion.id):  # the header's id, and the id an SDK user logs
+        shown = handle.cli("decisions", key, "--json")
+        assert shown.returncode == 0, shown.stderr
+        (row,) = json.loads(shown.stdout)
+        assert (str(row["id"]), row["request_id"], row["backend"]) == (decision, completion.id, "cloud")
+    missing = handle.cli("decisions", "chatcmpl-nope")
+    assert missing.returncode != 0 and "no decision record has the id 'chatcmpl-nope'" in missing.stderr
+
+
+def test_a_stream_that_fails_before_its_first_text_gets_its_http_status(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """Walk finding: a streamed turn whose cloud failed and whose local fallback could not take the prompt was
+    answered 200, then an ``error`` event: the SDK raised a bare APIError while iterating, with no status for
+    its retry logic, where the same request unstreamed got 502."""
+    handle, base = http_daemon(daemon_factory, cloud_config(proxy.base_url, max_retries=0))
+    proxy.set(Fault(kind="status", status=500))
+    too_long_for_local = [{"role": "user", "content": "word " * 2500}]
+    for stream in (False, True):
+        with pytest.raises(openai.APIStatusError) as failed:  # raised by create itself, streamed or not
+            client = sdk(base)
+            client.chat.completions.create(model=CLOUD, messages=too_long_for_local, max_tokens=4, stream=stream)
+        assert failed.value.status_code == 502, (stream, failed.value)
+        assert "local fallback failed" in failed.value.message
+    assert [r["outcome"] for r in handle.rows()] == ["error", "error"]
+
+
+def test_refusals_say_what_to_send_and_when_to_retry(daemon_factory: Any) -> None:
+    """Walk findings: a model name typo (`smollm2`, Ollama's `smollm2:135m`) was told only that it does not
+    exist; `tools` and `logprobs` only that they are unsupported; a 429 carried no Retry-After."""
+    handle, base = http_daemon(daemon_factory, {"daemon": {"queue_limit": 1}})
+    client = sdk(base)
+    ask = [{"role": "user", "content": "Hello"}]
+    with pytest.raises(openai.NotFoundError) as typo:
+        client.chat.completions.create(model="smollm2:135m", messages=ask)
+    assert f"send 'auto' or one of '{LOCAL}'" in typo.value.message
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="auto", messages=ask, logprobs=True)
+    assert refused.value.message.endswith("'logprobs' is not supported by locod; send the request without it")
+
+    with client.chat.completions.with_streaming_response.create(
+        model="auto", messages=ask, max_tokens=1000, stream=True
+    ) as stream:  # the turn is generating: the one slot of the queue is taken
+        with pytest.raises(openai.RateLimitError) as busy:
+            client.chat.completions.create(model="auto", messages=ask, max_tokens=4)
+        assert busy.value.response.headers["retry-after"] == "1"  # the SDKs wait that long, then retry
+        assert stream.headers["x-locod-location"] == "local"
+    assert handle.rows()
+
+
+@pytest.mark.parametrize(
+    ("typed", "told"),
+    [
+        (["run", "smollm2"], "`locod chat`"),
+        (["list"], "`locod models list`"),
+        (["ps"], "`locod status`"),
+        (["pull", "hf://x/y/z.gguf"], "`locod models pull SOURCE`"),
+        (["--config", "run", "rm", "x"], "`locod models rm NAME`"),  # a global option's value is not the command
+    ],
+)
+def test_ollamas_commands_say_which_locod_command_does_that(
+    typed: list[str], told: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Walk finding: `locod run`, `list`, `ps`, `pull`, `rm` (Ollama's habits) were argparse's "invalid
+    choice" with the list of commands, leaving the user to guess `models list` for `list`, `status` for `ps`."""
+    with pytest.raises(SystemExit) as exited:
+        main(typed)
+    assert exited.value.code == 2
+    assert told in capsys.readouterr().err
