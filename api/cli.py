@@ -24,6 +24,7 @@ from locod.errors import (
     ModelError,
     RequestError,
     StorageError,
+    UnknownDecision,
     UnknownModel,
 )
 from locod.protocol import (
@@ -448,13 +449,15 @@ def _out_of_reach(routing: dict[str, Any], cloud: dict[str, Any]) -> str:
 def cmd_decisions(args: argparse.Namespace) -> int:
     try:
         with _client(args) as client:
-            rows = client.decisions(args.limit)
+            rows = client.decisions(args.limit, args.of)
     except DaemonNotRunning:  # the log is a file: what happened can be read with the daemon stopped
         from locod.daemon.records import read_recent
 
         db_path = _at_rest(_config(args)).db_path
-        rows = read_recent(db_path, args.limit)
+        rows = read_recent(db_path, args.limit, args.of)
         print(f"(locod is not running: read from {db_path})", file=sys.stderr)
+    if args.of is not None and not rows:
+        raise UnknownDecision(f"no decision record has the id {args.of!r}; `locod decisions` lists the newest")
     if args.json:
         _print_json(rows)
         return 0
@@ -950,6 +953,13 @@ def _add_daemon_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("decisions", help="recent decision records")
+    p.add_argument(
+        "of",
+        nargs="?",
+        metavar="ID",
+        help="only this decision: its id (`x-locod-decision`, `locod ask -v`) or its request id (an HTTP "
+        "completion's `id`, chatcmpl-...)",
+    )
     p.add_argument("--limit", type=_limit, default=20, help="how many of the newest, 1-1000 (default 20)")
     p.add_argument("--json", action="store_true", help="whole records as JSON, one array")
     p.set_defaults(func=cmd_decisions)
