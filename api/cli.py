@@ -50,6 +50,9 @@ SYSTEM_STATE_DIR = Path("/var/lib/locod")  # the system unit's StateDirectory
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    habit = HABITS.get(_command_word(sys.argv[1:] if argv is None else argv) or "")
+    if habit:
+        parser.error(habit)
     args, extra = parser.parse_known_args(argv)
     if extra and args.func is not cmd_policy_train:  # only training passes its own options through
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -73,6 +76,35 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+# Commands of other local-LLM tools (Ollama's above all) that people type from habit, and locod's own for them:
+# argparse alone would answer "invalid choice" with the list of commands, leaving the mapping to guess.
+HABITS = {
+    word: f"locod has no {word!r} command; {meaning}"
+    for word, meaning in (
+        ("run", "for a chat use `locod chat` (or `locod ask PROMPT`), with `--model NAME` to pick a model"),
+        ("list", "the models are listed by `locod models list`"),
+        ("ls", "the models are listed by `locod models list`"),
+        ("ps", "`locod status` shows the loaded models and the turns in flight"),
+        ("pull", "models are downloaded by `locod models pull SOURCE`"),
+        ("rm", "models are removed by `locod models rm NAME`"),
+        ("show", "`locod models list` shows each model's size and context, `locod config show` the configuration"),
+        ("start", "`locod serve` runs the daemon (scripts/install.sh installs it as a service)"),
+    )
+}
+GLOBAL_VALUED = ("--config", "--set", "--endpoint", "--secret", "--secret-file")
+
+
+def _command_word(argv: list[str]) -> str | None:
+    """The command a command line names: its first word that is neither an option nor a global option's value."""
+    words = iter(argv)
+    for word in words:
+        if word in GLOBAL_VALUED:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
