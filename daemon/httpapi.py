@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import json
 import logging
@@ -155,7 +156,8 @@ class HttpServer:
             try:
                 probe.bind((host, port))
             except OSError as exc:
-                return f": {exc.strerror}"
+                held = " (another program, another locod?): set http.listen to a free port"
+                return f": {exc.strerror}" + (held if exc.errno == errno.EADDRINUSE else "")
         return " (see the log)"
 
     def _serve(self) -> None:

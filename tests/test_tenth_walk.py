@@ -107,3 +107,14 @@ def test_ollamas_commands_say_which_locod_command_does_that(
         main(typed)
     assert exited.value.code == 2
     assert told in capsys.readouterr().err
+
+
+def test_a_second_daemon_on_the_first_ones_http_port_says_to_choose_another(daemon_factory: Any) -> None:
+    """Walk finding: a second daemon (another user's, or a second config) whose ``http.listen`` a running one
+    already serves stopped with "Address already in use" alone, naming neither the likely holder nor the key."""
+    first, base = http_daemon(daemon_factory)
+    second = daemon_factory({"http": {"listen": base.removeprefix("http://")}}, name="second", wait=False)
+    assert second.proc.wait(120) != 0
+    assert "Address already in use (another program, another locod?): set http.listen to a free port" in second.log()
+    with first.client() as client:  # the first one serves on
+        assert client.ping()["pong"]
