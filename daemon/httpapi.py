@@ -81,6 +81,7 @@ class Exchange:
     fallback: str | None = None
     escalated: str | None = None
     location: str = ""  # where the answer comes from, as far as known: the decision's until a frame moves it
+    model: str = ""  # and which model writes it
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
 
     def moved(self, frame: Frame) -> None:
@@ -88,6 +89,7 @@ class Exchange:
         to the local model, the finished turn."""
         if isinstance(frame, (EscalatedFrame, FallbackFrame, DoneFrame)):
             self.location = frame.location if isinstance(frame, DoneFrame) else LOCATION_AFTER[type(frame)]
+            self.model = frame.model
 
     def headers(self) -> dict[str, str]:
         assert self.decision is not None
@@ -336,7 +338,7 @@ class HttpServer:
         """Server-sent events until ``[DONE]``: the ``held`` frames (read before the headers), then the rest;
         leaving early (the client hung up) cancels the turn."""
         assert exchange.decision is not None
-        model, parts = exchange.decision.model, []
+        model, parts = exchange.model or exchange.decision.model, []  # an escalation held before the headers
         try:
             yield json.dumps(wire.chunk(exchange.id, model, {"role": "assistant", "content": ""}))
             while True:

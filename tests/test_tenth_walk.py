@@ -33,7 +33,9 @@ def test_the_location_header_says_where_an_escalated_answer_came_from_and_decisi
     ask: Any = {"model": "auto", "messages": QUESTION, "max_tokens": 12, "temperature": 0.0}
     whole = client.chat.completions.with_raw_response.create(**ask)
     streamed = client.chat.completions.with_raw_response.create(**ask, stream=True)
-    assert "".join(c.choices[0].delta.content or "" for c in streamed.parse() if c.choices)
+    chunks = list(streamed.parse())
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert {c.model for c in chunks} == {CLOUD}  # the role chunk too: the escalation was known before it
     for raw in (whole, streamed):
         assert raw.headers["x-locod-location"] == "cloud"
     completion = whole.parse()
