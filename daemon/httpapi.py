@@ -174,6 +174,10 @@ class HttpServer:
         if self.thread.is_alive():
             self.thread.join(timeout=10)
 
+    def _endpoint_ids(self) -> dict[str, str]:
+        """Each cloud model's endpoint id (its ``model``) to the configured name that serves it."""
+        return {m.model: m.name for m in reversed(self.daemon.config.cloud.models)}  # the first listed wins
+
     def model_names(self) -> list[str]:
         cfg = self.daemon.config
         return [m.name for m in cfg.local.models] + [m.name for m in cfg.cloud.models]
@@ -242,9 +246,10 @@ class HttpServer:
         missing = self.daemon.decider.missing_files()
         if name in missing:
             raise wire.HttpError(404, missing[name].message, missing[name].code)
-        found = next((m for m in self._model_list(missing) if m["id"] == name), None)
+        served = self._model_list(missing)
+        found = next((m for m in served if m["id"] == name), None)
         if found is None:
-            raise wire.HttpError(404, f"the model {name!r} does not exist; see GET /v1/models", "model_not_found")
+            raise wire.unknown_model(name, [m["id"] for m in served[1:]], self._endpoint_ids())
         return JSONResponse(found)
 
     async def no_route(self, request: Request, exc: Exception) -> Response:
@@ -264,8 +269,7 @@ class HttpServer:
         return Response(await run_in_threadpool(generate_latest, self.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def chat(self, request: Request) -> Response:
-        ids = {m.model: m.name for m in reversed(self.daemon.config.cloud.models)}  # the first listed wins
-        completion = wire.parse_completion(await self._body(request), self.model_names(), ids)
+        completion = wire.parse_completion(await self._body(request), self.model_names(), self._endpoint_ids())
         named = request.headers.get("x-locod-session")
         if named is not None and not 0 < len(named) <= 200:
             raise wire.bad("x-locod-session must be 1 to 200 characters", "x-locod-session")

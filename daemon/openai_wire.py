@@ -79,6 +79,16 @@ def bad(message: str, param: str | None = None, code: str = "bad_field") -> Http
     return HttpError(400, message, code, param)
 
 
+def unknown_model(model: str, models: list[str], ids: dict[str, str] | None) -> HttpError:
+    """A model name nothing here serves, in a chat or ``GET /v1/models/{id}``, told what to send instead: the
+    configured name of a cloud model whose endpoint id it is (code written for the provider), or the names."""
+    named = (ids or {}).get(model)
+    hint = f" here: it is the endpoint's model id of cloud model {named!r}, so send model={named!r}"
+    hint = hint if named else f"; send 'auto' or {_one_of(models)}"
+    message = f"the model {model!r:.200} does not exist{hint}; see GET /v1/models"
+    return HttpError(404, message, "model_not_found", "model")
+
+
 def _one_of(models: list[str], shown: int = 8) -> str:
     """The configured model names a client may send instead of an unknown one (the first few, when many)."""
     names = ", ".join(repr(name) for name in models[:shown])
@@ -100,12 +110,7 @@ def parse_completion(body: Any, models: list[str], ids: dict[str, str] | None = 
     if not isinstance(model, str) or not model:
         raise bad("'model' is required: 'auto' or a configured model name", "model")
     if model != "auto" and model not in models:
-        named = (ids or {}).get(model)  # code written for the provider names its id: say which name serves it
-        hint = f" here: it is the endpoint's model id of cloud model {named!r}, so send model={named!r}"
-        hint = hint if named else f"; send 'auto' or {_one_of(models)}"
-        raise HttpError(
-            404, f"the model {model!r} does not exist{hint}; see GET /v1/models", "model_not_found", "model"
-        )
+        raise unknown_model(model, models, ids)
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise bad("'messages' must be a non-empty list", "messages")

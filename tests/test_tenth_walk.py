@@ -76,6 +76,9 @@ def test_refusals_say_what_to_send_and_when_to_retry(daemon_factory: Any) -> Non
     with pytest.raises(openai.NotFoundError) as typo:
         client.chat.completions.create(model="smollm2:135m", messages=ask)
     assert f"send 'auto' or one of '{LOCAL}'" in typo.value.message
+    with pytest.raises(openai.NotFoundError) as retrieved:  # what editor plugins ask before they chat
+        client.models.retrieve("smollm2:135m")
+    assert retrieved.value.message == typo.value.message
     with pytest.raises(openai.BadRequestError) as refused:
         client.chat.completions.create(model="auto", messages=ask, logprobs=True)
     assert refused.value.message.endswith("'logprobs' is not supported by locod; send the request without it")
