@@ -409,8 +409,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"for the local model; {counted(status['sessions'], 'session')}",
         ),
     ]
-    if status.get("http"):  # an older daemon's status has no such field
-        rows.insert(1, ("http", f"OpenAI-compatible API at {status['http']}"))
+    if "http" in status:  # an older daemon's status has no such field
+        off = "off: set http.listen to serve it (`locod serve --set http.listen=127.0.0.1:8080`; docs/http.md)"
+        rows.insert(1, ("http", f"OpenAI-compatible API at {status['http']}" if status["http"] else off))
     for name, text in rows:
         print(f"{name:>8}  {text}")
     for name, env in c.get("no_api_key", {}).items():

@@ -123,3 +123,10 @@ def test_a_second_daemon_on_the_first_ones_http_port_says_to_choose_another(daem
     assert "Address already in use (another program, another locod?): set http.listen to a free port" in second.log()
     with first.client() as client:  # the first one serves on
         assert client.ping()["pong"]
+
+
+def test_status_says_the_http_api_is_off_and_how_to_turn_it_on(daemon_factory: Any) -> None:
+    """Walk finding: coming from Ollama (which serves its API by default), the user found no API on any port
+    and `locod status`, which lists it when it runs, said nothing of it."""
+    shown = daemon_factory().cli("status")
+    assert "http  off: set http.listen to serve it (`locod serve --set http.listen=127.0.0.1:8080" in shown.stdout
