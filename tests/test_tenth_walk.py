@@ -4,6 +4,7 @@ answers, the real loopback server behind the fault proxy."""
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from locod.cli import main
 from .conftest import cloud_config, free_port
 from .faultproxy import Fault, FaultProxy
 from .test_escalation import CLOUD, LOCAL, QUESTION, _daemon, _head
-from .test_http import http_daemon, sdk
+from .test_http import http_daemon, png, sdk
 
 
 def test_the_location_header_says_where_an_escalated_answer_came_from_and_decisions_finds_it(
@@ -130,3 +131,21 @@ def test_status_says_the_http_api_is_off_and_how_to_turn_it_on(daemon_factory: A
     and `locod status`, which lists it when it runs, said nothing of it."""
     shown = daemon_factory().cli("status")
     assert "http  off: set http.listen to serve it (`locod serve --set http.listen=127.0.0.1:8080" in shown.stdout
+
+
+def test_a_fallback_says_the_local_model_did_not_see_the_image(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """Walk finding: an image sent to a named cloud model whose answer failed was answered by the local model,
+    which cannot see images, and nothing said so: the decision's notice was made for the cloud, which could,
+    and the fallback message spoke only of the cloud's failure."""
+    _, base = http_daemon(daemon_factory, cloud_config(proxy.base_url, max_retries=0))
+    proxy.set(Fault(kind="status", status=500))
+    url = "data:image/png;base64," + base64.b64encode(png()).decode()
+    question: Any = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]
+    answer = sdk(base).chat.completions.create(
+        model=CLOUD, messages=[{"role": "user", "content": question}], max_tokens=4
+    )
+    locod = (answer.model_extra or {})["locod"]
+    assert locod["outcome"] == "fallback" and locod["location"] == "local"
+    assert locod["fallback"].endswith(
+        "answering locally, from the start, by a model that cannot see images (not seen: image-0)"
+    )
