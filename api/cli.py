@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import uuid
@@ -300,7 +301,7 @@ def _say_decision(frame: DecisionFrame, verbose: bool) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Multi-turn chat. Ctrl-C stops the answer being written and returns to the prompt (the daemon
-    cancels the turn and records it so); Ctrl-D or an empty line leaves."""
+    cancels the turn and records it so); Ctrl-D, an empty line or ``/bye`` leaves."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -313,7 +314,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except LocodError:
             client.close()
             raise
-    print(f"locod chat, session {session}. Ctrl-C stops an answer; an empty line or Ctrl-D leaves.", file=sys.stderr)
+    print(f"locod chat, session {session}. {CHAT_KEYS}", file=sys.stderr)
     try:
         while True:
             try:
@@ -324,8 +325,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 print("\n(an empty line or Ctrl-D leaves)", file=sys.stderr)
                 continue
-            if not line.strip():
+            if not line.strip() or line.strip() in LEAVE_CHAT:
                 return 0
+            if re.fullmatch(r"\s*/\S*\s*", line):  # a chat tool's command (Ollama's /clear, /set): never a question
+                print(f"locod chat has no {line.strip()}: {CHAT_KEYS}", file=sys.stderr)
+                continue
             try:
                 frames = client.chat(
                     line, session=session, model=args.model, force=args.force, max_tokens=args.max_tokens, queued=True
@@ -341,6 +345,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print(for_stream(f"locod: {exc.message}", sys.stderr), file=sys.stderr)
     finally:
         client.close()
+
+
+LEAVE_CHAT = ("/bye", "/exit", "/quit")  # Ollama's /bye, and what other chat tools take
+CHAT_KEYS = "Ctrl-C stops an answer; an empty line, Ctrl-D or /bye leaves."
 
 
 def _check_model_offered(name: str, status: dict[str, Any]) -> None:

@@ -149,3 +149,13 @@ def test_a_fallback_says_the_local_model_did_not_see_the_image(daemon_factory: A
     assert locod["fallback"].endswith(
         "answering locally, from the start, by a model that cannot see images (not seen: image-0)"
     )
+
+
+def test_chat_leaves_on_ollamas_bye_and_sends_no_slash_command_to_the_model(daemon_factory: Any) -> None:
+    """Walk finding: in `locod chat` (Ollama's `run`), `/bye` was sent to the model as a question and answered,
+    and so would `/clear` or `/set` be; the chat went on."""
+    handle = daemon_factory()
+    shown = handle.cli("chat", "--max-tokens", "2", stdin="Hi\n/clear\n/bye\nnever sent\n")
+    assert shown.returncode == 0, shown.stderr
+    assert "locod chat has no /clear: Ctrl-C stops an answer; an empty line, Ctrl-D or /bye leaves." in shown.stderr
+    assert [row["prompt_chars"] for row in handle.rows()] == [len("Hi")]
