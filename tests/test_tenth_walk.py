@@ -141,14 +141,16 @@ def test_a_fallback_says_the_local_model_did_not_see_the_image(daemon_factory: A
     proxy.set(Fault(kind="status", status=500))
     url = "data:image/png;base64," + base64.b64encode(png()).decode()
     question: Any = [{"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]
-    answer = sdk(base).chat.completions.create(
-        model=CLOUD, messages=[{"role": "user", "content": question}], max_tokens=4
-    )
+    ask: Any = {"model": CLOUD, "messages": [{"role": "user", "content": question}], "max_tokens": 4}
+    answer = sdk(base).chat.completions.create(**ask)
     locod = (answer.model_extra or {})["locod"]
     assert locod["outcome"] == "fallback" and locod["location"] == "local"
     assert locod["fallback"].endswith(
         "answering locally, from the start, by a model that cannot see images (not seen: image-0)"
     )
+    streamed = sdk(base).chat.completions.with_raw_response.create(**ask, stream=True)
+    assert streamed.headers["x-locod-location"] == "local"  # the cloud failed before any text: known in time
+    assert (list(streamed.parse())[-1].model_extra or {})["locod"]["outcome"] == "fallback"
 
 
 def test_chat_leaves_on_ollamas_bye_and_sends_no_slash_command_to_the_model(daemon_factory: Any) -> None:
