@@ -58,7 +58,7 @@ def test_a_stream_that_fails_before_its_first_text_gets_its_http_status(daemon_f
     its retry logic, where the same request unstreamed got 502."""
     handle, base = http_daemon(daemon_factory, cloud_config(proxy.base_url, max_retries=0))
     proxy.set(Fault(kind="status", status=500))
-    too_long_for_local = [{"role": "user", "content": "word " * 2500}]
+    too_long_for_local: Any = [{"role": "user", "content": "word " * 2500}]
     for stream in (False, True):
         with pytest.raises(openai.APIStatusError) as failed:  # raised by create itself, streamed or not
             client = sdk(base)
@@ -73,7 +73,7 @@ def test_refusals_say_what_to_send_and_when_to_retry(daemon_factory: Any) -> Non
     exist; `tools` and `logprobs` only that they are unsupported; a 429 carried no Retry-After."""
     handle, base = http_daemon(daemon_factory, {"daemon": {"queue_limit": 1}})
     client = sdk(base)
-    ask = [{"role": "user", "content": "Hello"}]
+    ask: Any = [{"role": "user", "content": "Hello"}]
     with pytest.raises(openai.NotFoundError) as typo:
         client.chat.completions.create(model="smollm2:135m", messages=ask)
     assert f"send 'auto' or one of '{LOCAL}'" in typo.value.message
