@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import sys
 import uuid
@@ -24,6 +25,7 @@ from locod.errors import (
     ModelError,
     RequestError,
     StorageError,
+    UnknownDecision,
     UnknownModel,
 )
 from locod.protocol import (
@@ -49,6 +51,9 @@ SYSTEM_STATE_DIR = Path("/var/lib/locod")  # the system unit's StateDirectory
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
+    habit = HABITS.get(_command_word(sys.argv[1:] if argv is None else argv) or "")
+    if habit:
+        parser.error(habit)
     args, extra = parser.parse_known_args(argv)
     if extra and args.func is not cmd_policy_train:  # only training passes its own options through
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -72,6 +77,35 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+# Commands of other local-LLM tools (Ollama's above all) that people type from habit, and locod's own for them:
+# argparse alone would answer "invalid choice" with the list of commands, leaving the mapping to guess.
+HABITS = {
+    word: f"locod has no {word!r} command; {meaning}"
+    for word, meaning in (
+        ("run", "for a chat use `locod chat` (or `locod ask PROMPT`), with `--model NAME` to pick a model"),
+        ("list", "the models are listed by `locod models list`"),
+        ("ls", "the models are listed by `locod models list`"),
+        ("ps", "`locod status` shows the loaded models and the turns in flight"),
+        ("pull", "models are downloaded by `locod models pull SOURCE`"),
+        ("rm", "models are removed by `locod models rm NAME`"),
+        ("show", "`locod models list` shows each model's size and context, `locod config show` the configuration"),
+        ("start", "`locod serve` runs the daemon (scripts/install.sh installs it as a service)"),
+    )
+}
+GLOBAL_VALUED = ("--config", "--set", "--endpoint", "--secret", "--secret-file")
+
+
+def _command_word(argv: list[str]) -> str | None:
+    """The command a command line names: its first word that is neither an option nor a global option's value."""
+    words = iter(argv)
+    for word in words:
+        if word in GLOBAL_VALUED:
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str]:
@@ -267,7 +301,7 @@ def _say_decision(frame: DecisionFrame, verbose: bool) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Multi-turn chat. Ctrl-C stops the answer being written and returns to the prompt (the daemon
-    cancels the turn and records it so); Ctrl-D or an empty line leaves."""
+    cancels the turn and records it so); Ctrl-D, an empty line or ``/bye`` leaves."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -280,7 +314,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         except LocodError:
             client.close()
             raise
-    print(f"locod chat, session {session}. Ctrl-C stops an answer; an empty line or Ctrl-D leaves.", file=sys.stderr)
+    print(f"locod chat, session {session}. {CHAT_KEYS}", file=sys.stderr)
     try:
         while True:
             try:
@@ -291,8 +325,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             except KeyboardInterrupt:
                 print("\n(an empty line or Ctrl-D leaves)", file=sys.stderr)
                 continue
-            if not line.strip():
+            if not line.strip() or line.strip() in LEAVE_CHAT:
                 return 0
+            if re.fullmatch(r"\s*/\S*\s*", line):  # a chat tool's command (Ollama's /clear, /set): never a question
+                print(f"locod chat has no {line.strip()}: {CHAT_KEYS}", file=sys.stderr)
+                continue
             try:
                 frames = client.chat(
                     line, session=session, model=args.model, force=args.force, max_tokens=args.max_tokens, queued=True
@@ -308,6 +345,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 print(for_stream(f"locod: {exc.message}", sys.stderr), file=sys.stderr)
     finally:
         client.close()
+
+
+LEAVE_CHAT = ("/bye", "/exit", "/quit")  # Ollama's /bye, and what other chat tools take
+CHAT_KEYS = "Ctrl-C stops an answer; an empty line, Ctrl-D or /bye leaves."
 
 
 def _check_model_offered(name: str, status: dict[str, Any]) -> None:
@@ -376,8 +417,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"for the local model; {counted(status['sessions'], 'session')}",
         ),
     ]
-    if status.get("http"):  # an older daemon's status has no such field
-        rows.insert(1, ("http", f"OpenAI-compatible API at {status['http']}"))
+    if "http" in status:  # an older daemon's status has no such field
+        off = "off: set http.listen to serve it (`locod serve --set http.listen=127.0.0.1:8080`; docs/http.md)"
+        rows.insert(1, ("http", f"OpenAI-compatible API at {status['http']}" if status["http"] else off))
     for name, text in rows:
         print(f"{name:>8}  {text}")
     for name, env in c.get("no_api_key", {}).items():
@@ -448,13 +490,15 @@ def _out_of_reach(routing: dict[str, Any], cloud: dict[str, Any]) -> str:
 def cmd_decisions(args: argparse.Namespace) -> int:
     try:
         with _client(args) as client:
-            rows = client.decisions(args.limit)
+            rows = client.decisions(args.limit, args.of)
     except DaemonNotRunning:  # the log is a file: what happened can be read with the daemon stopped
         from locod.daemon.records import read_recent
 
         db_path = _at_rest(_config(args)).db_path
-        rows = read_recent(db_path, args.limit)
+        rows = read_recent(db_path, args.limit, args.of)
         print(f"(locod is not running: read from {db_path})", file=sys.stderr)
+    if args.of is not None and not rows:
+        raise UnknownDecision(f"no decision record has the id {args.of!r}; `locod decisions` lists the newest")
     if args.json:
         _print_json(rows)
         return 0
@@ -950,6 +994,13 @@ def _add_daemon_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("decisions", help="recent decision records")
+    p.add_argument(
+        "of",
+        nargs="?",
+        metavar="ID",
+        help="only this decision: its id (`x-locod-decision`, `locod ask -v`) or its request id (an HTTP "
+        "completion's `id`, chatcmpl-...)",
+    )
     p.add_argument("--limit", type=_limit, default=20, help="how many of the newest, 1-1000 (default 20)")
     p.add_argument("--json", action="store_true", help="whole records as JSON, one array")
     p.set_defaults(func=cmd_decisions)

@@ -370,8 +370,10 @@ class Client:
     def status(self) -> dict[str, Any]:
         return dict(self.call("status"))
 
-    def decisions(self, limit: int = 20) -> list[dict[str, Any]]:
-        return list(self.call("decisions", limit=limit))
+    def decisions(self, limit: int = 20, of: str | None = None) -> list[dict[str, Any]]:
+        """The newest records, or (``of``) the one of a decision id or of a request id: an HTTP completion's
+        ``id``, a socket chat's request id."""
+        return list(self.call("decisions", limit=limit, **({"of": of} if of is not None else {})))
 
     def feedback(self, decision: int, satisfied: bool) -> dict[str, Any]:
         return dict(self.call("feedback", decision=decision, satisfied=satisfied))

@@ -92,12 +92,14 @@ class FeedbackRequest:
 
 @dataclass(frozen=True)
 class SimpleRequest:
-    """``status``, ``ping``, ``reload``, ``config`` and ``decisions`` (with ``limit``)."""
+    """``status``, ``ping``, ``reload``, ``config`` and ``decisions`` (with ``limit``, and ``of``: the records of
+    one decision id or request id)."""
 
     id: str
     op: str
     limit: int = 20
     secret: str | None = None
+    of: str | None = None
 
 
 Request = ChatRequest | FeedbackRequest | SimpleRequest
@@ -161,7 +163,10 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
     limit = 20 if limit is None else limit  # a 0 is refused below, not taken for the default
     if not 1 <= limit <= 1000:
         raise reader.bad("limit", "must be between 1 and 1000")
-    return SimpleRequest(rid, op, limit, secret)
+    of = reader.optional("of", str)
+    if of is not None and not 0 < len(of) <= 200:
+        raise reader.bad("of", "must be a decision id or a request id of 1 to 200 characters")
+    return SimpleRequest(rid, op, limit, secret, of)
 
 
 _OPENING = re.compile(r"\s*\{")
@@ -389,6 +394,8 @@ def encode_request(request: Request) -> bytes:
         msg["op"] = request.op
         if request.op == "decisions":
             msg["limit"] = request.limit
+            if request.of is not None:
+                msg["of"] = request.of
     return json.dumps(msg, separators=(",", ":")).encode()
 
 

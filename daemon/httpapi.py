@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hmac
 import json
 import logging
@@ -62,6 +63,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Handler = Callable[[Request], Awaitable[Response]]
+LOCATION_AFTER: dict[type, str] = {EscalatedFrame: "cloud", FallbackFrame: "local"}
+# How long a stream's headers wait for its first text (or its escalation, its early failure) so that they say
+# where the answer comes from and a failure before any text gets its HTTP status; then they go as decided,
+# and sse-starlette's pings (every 15 s) keep the connection alive.
+HEAD_WAIT_S = 15.0
 
 
 @dataclass
@@ -74,11 +80,21 @@ class Exchange:
     decision: DecisionFrame | None = None
     fallback: str | None = None
     escalated: str | None = None
+    location: str = ""  # where the answer comes from, as far as known: the decision's until a frame moves it
+    model: str = ""  # and which model writes it
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
+
+    def moved(self, frame: Frame) -> None:
+        """Follow a frame that says where the answer now comes from: an escalation to the cloud, a fallback
+        to the local model, the finished turn."""
+        if isinstance(frame, (EscalatedFrame, FallbackFrame, DoneFrame)):
+            self.location = frame.location if isinstance(frame, DoneFrame) else LOCATION_AFTER[type(frame)]
+            self.model = frame.model
 
     def headers(self) -> dict[str, str]:
         assert self.decision is not None
-        return {"x-locod-decision": str(self.decision.decision), "x-locod-location": self.decision.location}
+        location = self.location or self.decision.location
+        return {"x-locod-decision": str(self.decision.decision), "x-locod-location": location}
 
     def extension(self, done: DoneFrame | None) -> dict[str, Any]:
         assert self.decision is not None
@@ -142,7 +158,8 @@ class HttpServer:
             try:
                 probe.bind((host, port))
             except OSError as exc:
-                return f": {exc.strerror}"
+                held = " (another program, another locod?): set http.listen to a free port"
+                return f": {exc.strerror}" + (held if exc.errno == errno.EADDRINUSE else "")
         return " (see the log)"
 
     def _serve(self) -> None:
@@ -156,6 +173,10 @@ class HttpServer:
         self.server.should_exit = True
         if self.thread.is_alive():
             self.thread.join(timeout=10)
+
+    def _endpoint_ids(self) -> dict[str, str]:
+        """Each cloud model's endpoint id (its ``model``) to the configured name that serves it."""
+        return {m.model: m.name for m in reversed(self.daemon.config.cloud.models)}  # the first listed wins
 
     def model_names(self) -> list[str]:
         cfg = self.daemon.config
@@ -176,7 +197,7 @@ class HttpServer:
                         raise wire.HttpError(401, "a valid 'Authorization: Bearer <key>' is required", "unauthorized")
                 return await handler(request)
             except wire.HttpError as exc:
-                return JSONResponse(exc.body(), status_code=exc.status)
+                return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
         return guarded
 
@@ -225,9 +246,10 @@ class HttpServer:
         missing = self.daemon.decider.missing_files()
         if name in missing:
             raise wire.HttpError(404, missing[name].message, missing[name].code)
-        found = next((m for m in self._model_list(missing) if m["id"] == name), None)
+        served = self._model_list(missing)
+        found = next((m for m in served if m["id"] == name), None)
         if found is None:
-            raise wire.HttpError(404, f"the model {name!r} does not exist; see GET /v1/models", "model_not_found")
+            raise wire.unknown_model(name, [m["id"] for m in served[1:]], self._endpoint_ids())
         return JSONResponse(found)
 
     async def no_route(self, request: Request, exc: Exception) -> Response:
@@ -247,8 +269,7 @@ class HttpServer:
         return Response(await run_in_threadpool(generate_latest, self.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def chat(self, request: Request) -> Response:
-        ids = {m.model: m.name for m in reversed(self.daemon.config.cloud.models)}  # the first listed wins
-        completion = wire.parse_completion(await self._body(request), self.model_names(), ids)
+        completion = wire.parse_completion(await self._body(request), self.model_names(), self._endpoint_ids())
         named = request.headers.get("x-locod-session")
         if named is not None and not 0 < len(named) <= 200:
             raise wire.bad("x-locod-session must be 1 to 200 characters", "x-locod-session")
@@ -270,8 +291,27 @@ class HttpServer:
         assert isinstance(first, DecisionFrame)
         exchange.decision = first
         if completion.options.stream:
-            return EventSourceResponse(self._events(exchange), headers=exchange.headers(), ping=15)
-        return JSONResponse(await self._whole(exchange, request), headers=exchange.headers())
+            held = await self._before_text(exchange, request)
+            return EventSourceResponse(self._events(exchange, held), headers=exchange.headers(), ping=15)
+        body = await self._whole(exchange, request)
+        return JSONResponse(body, headers=exchange.headers())
+
+    async def _before_text(self, exchange: Exchange, request: Request) -> list[Frame]:
+        """A stream's frames up to its first text, read before its headers go (at most ``HEAD_WAIT_S``): an
+        escalation held back the local text, so ``x-locod-location`` then says cloud, and a turn that fails
+        before any text is answered with its HTTP status (429, 502, ...), which the SDKs raise and retry."""
+        held: list[Frame] = []
+        deadline = time.monotonic() + HEAD_WAIT_S
+        while not held or not isinstance(held[-1], (DeltaFrame, DoneFrame)):
+            try:
+                frame = await asyncio.wait_for(self._next(exchange, request), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                break
+            if isinstance(frame, ErrorFrame):
+                raise wire.error_of(frame)
+            exchange.moved(frame)
+            held.append(frame)
+        return held
 
     async def _next(self, exchange: Exchange, request: Request) -> Frame:
         """The turn's next frame; a client that hung up meanwhile cancels the turn."""
@@ -292,19 +332,21 @@ class HttpServer:
             elif isinstance(frame, ErrorFrame):
                 raise wire.error_of(frame)
             elif isinstance(frame, DoneFrame):
+                exchange.moved(frame)
                 text = frame.text or ""
                 self._answered(exchange, frame, text)
                 reason = self._finish_reason(exchange, frame)
                 return wire.completion(exchange.id, text, frame, reason, exchange.extension(frame))
 
-    async def _events(self, exchange: Exchange) -> AsyncIterator[str]:
-        """Server-sent events until ``[DONE]``; leaving early (the client hung up) cancels the turn."""
+    async def _events(self, exchange: Exchange, held: list[Frame]) -> AsyncIterator[str]:
+        """Server-sent events until ``[DONE]``: the ``held`` frames (read before the headers), then the rest;
+        leaving early (the client hung up) cancels the turn."""
         assert exchange.decision is not None
-        model, parts = exchange.decision.model, []
+        model, parts = exchange.model or exchange.decision.model, []  # an escalation held before the headers
         try:
             yield json.dumps(wire.chunk(exchange.id, model, {"role": "assistant", "content": ""}))
             while True:
-                frame = await exchange.frames.get()
+                frame = held.pop(0) if held else await exchange.frames.get()
                 if isinstance(frame, DeltaFrame):
                     parts.append(frame.text)
                     yield json.dumps(wire.chunk(exchange.id, model, {"content": frame.text}))

@@ -58,6 +58,11 @@ class HttpError(Exception):
         error = {"message": self.message, "type": kind.get(self.status, default), "param": self.param}
         return {"error": {**error, "code": self.code}}
 
+    def headers(self) -> dict[str, str]:
+        """``Retry-After`` on a 429 (a limit of turns in flight, freed as turns end): the SDKs wait that long
+        before their own retry, as they do for the connection limit's 503 (httpconn.py)."""
+        return {"retry-after": "1"} if self.status == 429 else {}
+
 
 @dataclass(frozen=True)
 class Completion:
@@ -74,6 +79,22 @@ def bad(message: str, param: str | None = None, code: str = "bad_field") -> Http
     return HttpError(400, message, code, param)
 
 
+def unknown_model(model: str, models: list[str], ids: dict[str, str] | None) -> HttpError:
+    """A model name nothing here serves, in a chat or ``GET /v1/models/{id}``, told what to send instead: the
+    configured name of a cloud model whose endpoint id it is (code written for the provider), or the names."""
+    named = (ids or {}).get(model)
+    hint = f" here: it is the endpoint's model id of cloud model {named!r}, so send model={named!r}"
+    hint = hint if named else f"; send 'auto' or {_one_of(models)}"
+    message = f"the model {model!r:.200} does not exist{hint}; see GET /v1/models"
+    return HttpError(404, message, "model_not_found", "model")
+
+
+def _one_of(models: list[str], shown: int = 8) -> str:
+    """The configured model names a client may send instead of an unknown one (the first few, when many)."""
+    names = ", ".join(repr(name) for name in models[:shown])
+    return f"one of {names}" + (f" and {len(models) - shown} more" if len(models) > shown else "")
+
+
 def parse_completion(body: Any, models: list[str], ids: dict[str, str] | None = None) -> Completion:
     """A chat-completions body, checked; ``models`` are the configured model names (``auto`` aside), ``ids``
     the cloud models' endpoint ids (their ``model``) to the names that serve them."""
@@ -81,7 +102,7 @@ def parse_completion(body: Any, models: list[str], ids: dict[str, str] | None = 
         raise bad("the body must be a JSON object")
     for key in UNSUPPORTED:
         if body.get(key) not in (None, [], False, *AS_DEFAULT.get(key, ())):
-            raise bad(f"{key!r} is not supported by locod", key, "unsupported_parameter")
+            raise bad(f"{key!r} is not supported by locod; send the request without it", key, "unsupported_parameter")
     n = body.get("n")
     if n is not None and (not _is_int(n) or n != 1):  # not true, not 1.0: what the socket would refuse
         raise bad(f"'n' must be 1, got {n!r:.40}", "n", "unsupported_parameter")
@@ -89,12 +110,7 @@ def parse_completion(body: Any, models: list[str], ids: dict[str, str] | None = 
     if not isinstance(model, str) or not model:
         raise bad("'model' is required: 'auto' or a configured model name", "model")
     if model != "auto" and model not in models:
-        named = (ids or {}).get(model)  # code written for the provider names its id: say which name serves it
-        hint = f" here: it is the endpoint's model id of cloud model {named!r}, so send model={named!r}"
-        hint = hint if named else ""
-        raise HttpError(
-            404, f"the model {model!r} does not exist{hint}; see GET /v1/models", "model_not_found", "model"
-        )
+        raise unknown_model(model, models, ids)
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise bad("'messages' must be a non-empty list", "messages")

@@ -245,6 +245,12 @@ def _migration_8(db: sqlite_utils.Database) -> None:
     db.table("decisions").add_column("error_code", str)
 
 
+def _migration_9(db: sqlite_utils.Database) -> None:
+    """An index on ``request_id``: `locod decisions chatcmpl-...` finds an HTTP completion's record by the id
+    its client saw, without reading the whole log."""
+    db.table("decisions").create_index(["request_id"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -254,6 +260,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_6,
     _migration_7,
     _migration_8,
+    _migration_9,
 ]
 
 
@@ -292,7 +299,7 @@ class DecisionLog:
         shown = (
             f"substr({c}, 1, {PROMPT_SHOWN}) AS {c}" if c == "prompt" else c for c in self.db["decisions"].columns_dict
         )
-        self._recent_sql = f"SELECT {', '.join(shown)} FROM decisions ORDER BY id DESC LIMIT ?"
+        self._recent_sql = f"SELECT {', '.join(shown)} FROM decisions {{}} ORDER BY id DESC LIMIT ?"
         # Reads (status, the `decisions` op, /metrics) use a connection of their own: in WAL mode a reader
         # never waits for a writer, so a write waiting on another process's lock (a sqlite3 shell left in a
         # transaction) does not stall the serving loop, which answers status and decisions itself.
@@ -493,12 +500,13 @@ class DecisionLog:
         finally:
             self._spend(usd)
 
-    def recent(self, limit: int = 20) -> list[dict[str, Any]]:
-        """The newest records, read on the reading connection (never the writer's: a writer's COMMIT on
-        another thread inside a read's savepoint released it, and a write waiting for SQLite's lock would
-        hold the read)."""
+    def recent(self, limit: int = 20, of: str | None = None) -> list[dict[str, Any]]:
+        """The newest records (``of``: those of a decision id or a request id), read on the reading connection
+        (never the writer's: a writer's COMMIT on another thread inside a read's savepoint released it, and a
+        write waiting for SQLite's lock would hold the read)."""
+        where, params = _matching(of)
         with self._reading("reading recent records") as conn:
-            rows = [dict(row) for row in conn.execute(self._recent_sql, [limit])]
+            rows = [dict(row) for row in conn.execute(self._recent_sql.format(where), [*params, limit])]
         return [_decoded(row) for row in rows]
 
     def totals(self) -> list[dict[str, Any]]:
@@ -635,10 +643,21 @@ def _observed(row: sqlite3.Row) -> ObsInputs:
     )
 
 
-def read_recent(path: Path, limit: int) -> list[dict[str, Any]]:
+def read_recent(path: Path, limit: int, of: str | None = None) -> list[dict[str, Any]]:
     """The newest records, without a daemon: `locod decisions` while it is stopped."""
-    rows = read_rows(path, "SELECT * FROM decisions ORDER BY id DESC LIMIT ?", [limit])
+    where, params = _matching(of)
+    rows = read_rows(path, f"SELECT * FROM decisions {where} ORDER BY id DESC LIMIT ?", [*params, limit])
     return [_decoded(dict(row)) for row in rows]
+
+
+def _matching(of: str | None) -> tuple[str, list[Any]]:
+    """The WHERE clause for the records of ``of``: a decision id (what ``x-locod-decision`` and ``locod
+    feedback`` name) when it is a number, else a request id (an HTTP completion's ``id``)."""
+    if of is None:
+        return "", []
+    if of.isdecimal() and of.isascii():
+        return "WHERE id = ?", [int(of)]
+    return "WHERE request_id = ?", [of]
 
 
 def _decoded(row: dict[str, Any]) -> dict[str, Any]:

@@ -435,7 +435,7 @@ class Daemon:
         if request.op == "status":
             return self.status()
         if request.op == "decisions":
-            return self.records.recent(request.limit)
+            return self.records.recent(request.limit, request.of)
         if request.op == "reload":
             return {**self.reload(), "config": self.config.source}
         if request.op == "config":

@@ -161,6 +161,13 @@ def _with_partial(generation: Generation, failure: CloudError) -> Generation:
     )
 
 
+def _unseen(attachments: list[att.PreparedAttachment]) -> str:
+    """What a fallback's message adds when the turn has images: the local model that answers instead cannot
+    see them, which the decision's notice (made for the cloud) did not say."""
+    images = [a.name for a in attachments if a.kind == "image"]
+    return f", by a model that cannot see images (not seen: {', '.join(images)})" if images else ""
+
+
 def _uploaded(turn: Turn, decision: Decision, failure: CloudError) -> tuple[tuple[int, ...], str]:
     """The attachments a failed cloud attempt sent, and the words that tell the user (empty: none): the
     record's ``attachments_sent`` must not say nothing left the device when the endpoint received them."""
@@ -397,7 +404,7 @@ class TurnRunner:
                 failed = _with_partial(EMPTY, failure)  # reported under the cloud's code: it failed first
                 return Ending(local, failed, "error", error, CloudError.code, failure.code, uploaded=uploaded)
             message = f"the cloud answer failed ({failure.message}{told}); answering locally, from the start"
-            reply.send(FallbackFrame(decision_id, local.model, failure.code, message))
+            reply.send(FallbackFrame(decision_id, local.model, failure.code, message + _unseen(turn.attachments)))
             ending = self._ended(local, _with_partial(self.local.generate(local.model, prompt), failure), reply)
         ending = dataclasses.replace(ending, uploaded=uploaded)
         return (
