@@ -35,12 +35,22 @@ from locod.protocol import (
 )
 
 # Keys that change what an answer is and that locod cannot honour: refused rather than silently ignored.
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "response_format", "logprobs", "top_logprobs")
+UNSUPPORTED = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "response_format",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+)
 # Values of those that ask for what every answer is anyway (clients and plugins send them spelled out).
 AS_DEFAULT: dict[str, tuple[Any, ...]] = {
     "response_format": ({"type": "text"},),
     "tool_choice": ("none",),
     "function_call": ("none",),
+    "logit_bias": ({},),
 }
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 

@@ -54,6 +54,15 @@ def test_n_is_an_integer_one_and_may_be_null() -> None:
         parse_completion({**ask, "stream": 0}, [LOCAL])
 
 
+def test_a_logit_bias_is_refused_unless_empty() -> None:
+    """A bias changes which tokens an answer may have; neither model is given it, so it is refused, not
+    silently dropped (an empty one, as clients send by default, asks for nothing)."""
+    ask = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+    assert parse_completion({**ask, "logit_bias": {}}, [LOCAL])
+    with pytest.raises(HttpError, match="'logit_bias' is not supported by locod"):
+        parse_completion({**ask, "logit_bias": {"50256": -100}}, [LOCAL])
+
+
 def test_values_in_range_pass_both_doors_alike() -> None:
     options = {"seed": 2**63 - 1, "temperature": 2, "max_tokens": 5}
     http_options = parse_completion(
