@@ -531,17 +531,20 @@ class DecisionLog:
 
     def spent_today(self) -> float:
         """Money spent since local midnight: read from the table once a day, then kept up to date in
-        memory as costs are recorded (every turn asks, for the daily cap)."""
+        memory as costs are recorded (every turn asks, for the daily cap). Turns dated after today (written
+        while the clock ran ahead, then corrected) are not today's: counted, they would spend the cap."""
         now = time.time()
         with self._spent_lock:
             if self._spent is None or not self._spent[0] <= now < self._spent[1]:
                 midnight = local_midnight(now)
+                # 26 h on from midnight is always the next day, whatever daylight saving does
+                next_midnight = local_midnight(midnight + 26 * 3600)
                 with self._reading("summing today's spending") as conn:
                     row = conn.execute(
-                        "SELECT COALESCE(SUM(cost_usd), 0) FROM decisions WHERE created >= ?", [midnight]
+                        "SELECT COALESCE(SUM(cost_usd), 0) FROM decisions WHERE created >= ? AND created < ?",
+                        [midnight, next_midnight],
                     ).fetchone()
-                # 26 h on from midnight is always the next day, whatever daylight saving does
-                self._spent = (midnight, local_midnight(midnight + 26 * 3600), float(row[0]))
+                self._spent = (midnight, next_midnight, float(row[0]))
             return self._spent[2]
 
     def _spend(self, usd: float) -> None:
