@@ -19,6 +19,7 @@ import logging
 import os
 import stat
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,7 +132,11 @@ class DiskPark:
         return found
 
     def _trim(self) -> None:
-        files = sorted(self._files(), key=lambda f: f[2])
+        """Delete the least recently written files until the rest fit the limit. A file dated after now was
+        written while the clock ran ahead: it goes first, as kept for "newest" it would have every dialogue
+        parked after the clock's correction deleted in its place."""
+        now = time.time()
+        files = sorted(self._files(), key=lambda f: f[2] if f[2] <= now else float("-inf"))
         total = sum(size for _, size, _ in files)
         for path, size, _ in files:
             if total <= self.limit_bytes:
