@@ -473,7 +473,7 @@ class Decider:
             turn.task,
             view.views,
             send,
-            position=len(trail),
+            position=turn.session.turns,
             prev_cloud=bool(trail) and trail[-1].location == "cloud",
         )
 

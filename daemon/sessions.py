@@ -16,7 +16,8 @@ is full, the door holding the most sessions gives up its least recently used one
 door (however many connections it opens, one session each) leaves another door at least half the store.
 
 A session's history is bounded (``daemon.max_history_chars``): past it the oldest messages are dropped, so
-neither memory nor what a cloud turn uploads grows with the dialogue. An answer made from private material
+neither memory nor what a cloud turn uploads grows with the dialogue; of its turns' trail only the last ``Z``
+(what the policy reads) are kept. An answer made from private material
 (a private attachment, or history holding such an answer) is marked: the local model sees it, a cloud model
 gets ``WITHHELD`` in its place (``Session.shareable``).
 """
@@ -28,6 +29,8 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+
+from locod.policy.observation import Z
 
 # A client key's first byte: the door it came through. The serving loop and the HTTP API tag their clients
 # with these, so the per-client limits and the sessions' namespaces agree on who is who.
@@ -56,7 +59,8 @@ Message = dict[str, str]
 @dataclass
 class Session:
     id: str
-    trail: list[TurnTrail] = field(default_factory=list)
+    trail: list[TurnTrail] = field(default_factory=list)  # the last Z turns': all the policy reads
+    turns: int = 0  # turns answered in the whole dialogue
     last_used: float = field(default_factory=time.monotonic)
     owner: str = ""  # the door it belongs to (``door_of``): its namespace, and whose budget it counts in
     dropped: int = 0  # messages trimmed off the front: where the history starts in the whole dialogue
@@ -72,10 +76,6 @@ class Session:
     @property
     def messages(self) -> list[Message]:
         return list(self.dialogue[0])
-
-    @property
-    def turns(self) -> int:
-        return len(self.trail)
 
     @property
     def withheld(self) -> int:
@@ -146,7 +146,8 @@ class SessionStore:
             drop = overflow(messages, self.max_chars)
             session.dialogue = (tuple(messages[drop:]), tuple(marks[drop:]))
             session.dropped += drop
-            session.trail.append(trail)
+            session.trail = [*session.trail, trail][-Z:]
+            session.turns += 1
             session.last_used = time.monotonic()
 
     def _expire(self, now: float) -> None:
