@@ -96,7 +96,7 @@ class Daemon:
         self.config = config
         self._config_path = config_path
         self._overrides = dict(overrides or {})
-        self.started = time.time()
+        self.started = time.monotonic()  # uptime: a wall clock set back or forward meanwhile is no part of it
         os.umask(0o077)  # the decision log and router state are the user's business alone
         self._locks = [_exclusive_lock(config.state_dir), _exclusive_lock(config.runtime_dir)]
         self.notifier = Notifier()
@@ -533,7 +533,7 @@ class Daemon:
         return {
             "version": __version__,
             "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started, 1),
+            "uptime_s": round(time.monotonic() - self.started, 1),
             "endpoints": [cfg.ipc_endpoint, *([cfg.daemon.tcp] if cfg.daemon.tcp else [])],
             "config": cfg.source,
             "http": f"http://{self.http.listen}/v1" if self.http is not None else None,
