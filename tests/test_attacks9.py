@@ -1,0 +1,75 @@
+"""Round nine of attacks on a running daemon: wall clocks that jump, long runs, and the lifecycle: each test
+is one way in that broke, and now holds."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+from locod.daemon.sessions import SessionStore, TurnTrail
+from locod.policy.observation import Z
+
+YEAR_S = 365 * 86400
+
+
+def test_spending_dated_after_today_does_not_spend_todays_cap(daemon_factory: Any) -> None:
+    """A device whose clock ran ahead (a wrong RTC, a bad NTP server) dates its turns in the future; once the
+    clock is put right, every dollar so dated was counted as spent today (``created >= midnight``), so the
+    daily cap masked the cloud for as long as the clock took to catch up. And a Jetson without RTC that
+    boots in 1970 counts the whole log as today's. Now only today's turns count."""
+    handle = daemon_factory()
+    assert handle.client().ask("Say hi.", max_tokens=2).done is not None
+    assert handle.stop() == 0
+    with sqlite3.connect(handle.db_path) as conn:
+        conn.execute("UPDATE decisions SET created = created + ?, cost_usd = 5.0", [2 * 86400])
+    restarted = daemon_factory({"cloud": {"daily_cap_usd": 1.0}})
+    cloud = restarted.client().status()["cloud"]
+    assert cloud["spent_today_usd"] == 0.0
+    assert cloud["daily_cap_usd"] == 1.0
+
+
+def _parked(park: Path) -> list[Path]:
+    return sorted(park.glob("*.kv"))
+
+
+def test_a_park_file_dated_in_the_future_does_not_evict_every_later_dialogue(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """The park is trimmed by deleting its least recently written files. A file written while the clock ran
+    ahead stays the "newest" for as long as the clock takes to catch up: every dialogue parked after the
+    clock's correction was deleted in its place, and parking was off in all but name. Now a file dated
+    after now is the first to go."""
+    config = {"local": {"cache_disk_mb": 1}}
+    handle = daemon_factory(config)
+    assert handle.client().ask("Say hi.", session="ahead", max_tokens=2).done is not None
+    assert handle.stop() == 0
+    park = tmp_path / "d" / "state" / "kvcache"
+    [ahead] = _parked(park)
+    future = time.time() + YEAR_S
+    os.utime(ahead, (future, future))
+    restarted = daemon_factory(config)
+    assert restarted.client().ask("Say hello.", session="now", max_tokens=2).done is not None
+    assert restarted.stop() == 0
+    assert _parked(park) and ahead not in _parked(park)  # the one dated ahead went, not the one just parked
+    resumed = daemon_factory(config)
+    client = resumed.client()
+    assert client.ask("Say yes.", session="now", max_tokens=2).done.outcome == "ok"
+    assert client.status()["local"]["cache"]["disk_hits"] == 1
+
+
+def test_a_long_dialogue_keeps_a_bounded_trail() -> None:
+    """A session's history is bounded by characters, but its trail (where each turn ran, for the policy)
+    grew by one entry a turn for as long as the dialogue went on: a client that keeps one session busy
+    grows the daemon's memory without bound. Now the trail keeps the turns the policy reads, and counts
+    the rest."""
+    store = SessionStore(idle_s=600, max_sessions=10, max_chars=1000)
+    session = store.open("s", "ipc")
+    for i in range(10_000):
+        trail = TurnTrail("cloud" if i % 2 else "local", (), "chat")
+        store.record(session, [{"role": "user", "content": "q"}], "a", trail)
+    assert session.turns == 10_000
+    assert len(session.trail) == Z
+    assert session.trail[-1].location == "cloud"  # the last turn's, for the policy's prev_cloud
