@@ -139,6 +139,7 @@ class Daemon:
         self.sockets: dict[bytes, zmq.Socket[bytes]] = {}
         self.tcp_guard: TcpGuard | None = None  # with daemon.tcp: its connections, bounded
         self.stopping_since: float | None = None
+        self._socket_lost = False  # the ipc socket's file was removed, and binding it again failed
         self.turns_served = 0
 
     # -- start ---------------------------------------------------------------------------------------
@@ -253,12 +254,35 @@ class Daemon:
                 last_ping = now
             if now - last_status >= 10:
                 self.notifier.status(self._status_line())
+                self._keep_socket()
                 last_status = now
             for future in [f for f in self._turns if f.done()]:
                 del self._turns[future]
                 self.turns_served += 1
             if self.stopping_since is not None and self._stop_step(now):
                 return 0
+
+    def _keep_socket(self) -> None:
+        """Bind the ipc socket again when its file was removed (tmpfiles cleaning the runtime directory, a
+        user's rm): the daemon served on, reachable by no client, `locod stop` included, and refused a new
+        start for the state directory it still held."""
+        runtime = self.config.runtime_dir
+        path = runtime / "locod.sock"
+        if os.path.lexists(path):
+            self._socket_lost = False
+            return
+        if not self._socket_lost:  # one warning a loss, not one every 10 s while it cannot be bound
+            log.warning("the socket %s was removed under the running daemon; binding it again", path)
+        try:
+            if not (runtime / "locod.lock").exists():  # the whole directory went, and its lock with it
+                self._locks[1] = _exclusive_lock(runtime)
+            self.sockets[IPC].unbind(self.config.ipc_endpoint)
+            self.sockets[IPC].bind(self.config.ipc_endpoint)
+            os.chmod(path, 0o600)
+        except (LocodError, OSError, zmq.ZMQError) as exc:
+            if not self._socket_lost:
+                log.error("cannot bind %s again (%s); stop this daemon with `kill %d`", path, exc, os.getpid())
+            self._socket_lost = True
 
     def _drain_requests(self, tag: bytes, sock: zmq.Socket[bytes]) -> None:
         for _ in range(100):  # bounded, so outgoing frames and signals are not starved
