@@ -4,6 +4,7 @@ is one way in that broke, and now holds."""
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 
 from locod.daemon.sessions import SessionStore, TurnTrail
 from locod.policy.observation import Z
+
+from .conftest import wait_for
 
 YEAR_S = 365 * 86400
 
@@ -73,3 +76,20 @@ def test_a_long_dialogue_keeps_a_bounded_trail() -> None:
     assert session.turns == 10_000
     assert len(session.trail) == Z
     assert session.trail[-1].location == "cloud"  # the last turn's, for the policy's prev_cloud
+
+
+def test_a_runtime_directory_removed_under_the_daemon_is_made_again(daemon_factory: Any) -> None:
+    """tmpfiles cleaning the runtime directory (or a user's rm) took the daemon's socket: the daemon served
+    on, reachable by no client (`locod stop` included: "locod is not running"), and a new `locod serve`
+    was refused as its state directory was still held, leaving a user a pid to find. Now the daemon binds
+    its socket again, with one log line."""
+    handle = daemon_factory()
+    assert handle.client().ask("Say hi.", max_tokens=2).done is not None
+    shutil.rmtree(handle.home / "run")
+    wait_for(lambda: (handle.home / "run" / "locod.sock").exists(), 30, "the socket to be bound again")
+    assert handle.client().ask("Say hello.", max_tokens=2).done.outcome == "ok"
+    assert "was removed under the running daemon; binding it again" in handle.log()
+    stop = handle.cli("stop")
+    assert stop.returncode == 0, stop.stderr
+    assert handle.proc.wait(60) == 0
+    assert [r["outcome"] for r in handle.rows()] == ["ok", "ok"]
