@@ -193,6 +193,9 @@ def _say_what_set_cannot_do(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    # SIGHUP's default ends the process: one sent while the daemon starts (a reload asked for as it loads its
+    # model) killed it. Held back until the serving loop takes it (Daemon._install_signals), it reloads then.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
     from locod.daemon.logs import configure_logging
     from locod.daemon.server import Daemon
 

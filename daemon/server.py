@@ -219,6 +219,7 @@ class Daemon:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: None)  # the wakeup fd carries the signal number to the loop
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # held back while starting (cli.cmd_serve)
 
     # -- the loop ------------------------------------------------------------------------------------
 
