@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -93,3 +94,22 @@ def test_a_runtime_directory_removed_under_the_daemon_is_made_again(daemon_facto
     assert stop.returncode == 0, stop.stderr
     assert handle.proc.wait(60) == 0
     assert [r["outcome"] for r in handle.rows()] == ["ok", "ok"]
+
+
+def test_a_reload_asked_for_while_the_daemon_starts_does_not_kill_it(daemon_factory: Any) -> None:
+    """SIGHUP's default action ends a process, and the daemon took it over only once its socket was bound:
+    a reload asked for while it loaded its model (`systemctl reload` or `kill -HUP` right after a start, a
+    storm of them) killed it, with nothing in its log. Now a SIGHUP during the start is held back and
+    reloads once the daemon serves, and a storm of them while it serves leaves it serving."""
+    handle = daemon_factory(wait=False)
+    wait_for(lambda: "MESS+ predictor" in handle.log(), 120, "the daemon to be starting")  # past the imports
+    while "serving on" not in handle.log():
+        assert handle.proc.poll() is None, handle.log()
+        handle.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.01)
+    for _ in range(50):
+        handle.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "configuration reloaded" in handle.log(), 60, "the held-back reload")
+    assert handle.client().ask("Say hi.", max_tokens=2).done.outcome == "ok"
+    assert handle.stop() == 0
+    assert "Traceback" not in handle.log()
