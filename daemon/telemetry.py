@@ -107,7 +107,8 @@ class Readers:
         return out
 
     def rapl(self, now: float) -> float | None:
-        """Package power from Intel RAPL's energy counter, handling its wrap at max_energy_range_uj."""
+        """Package power from Intel RAPL's energy counter, handling its wrap at max_energy_range_uj; ``now``
+        is monotonic: a wall clock set forward by an hour would read as a thousandth of the power."""
         zone = self.sys / "class/powercap/intel-rapl:0"
         energy, max_range = _number(zone / "energy_uj"), _number(zone / "max_energy_range_uj")
         if energy is None:
@@ -308,7 +309,10 @@ class TelemetrySampler:
             except Exception as exc:  # a broken sensor must not stop the others
                 self._warn_once(name, f"telemetry reader {name} failed: {exc!r}")
         if "power_w" not in values:
-            for source, read_power in (("rapl", lambda: self.readers.rapl(now)), ("ina3221", self.readers.ina3221)):
+            for source, read_power in (
+                ("rapl", lambda: self.readers.rapl(time.monotonic())),
+                ("ina3221", self.readers.ina3221),
+            ):
                 try:
                     watts = read_power()
                 except Exception as exc:
