@@ -17,9 +17,9 @@ door (however many connections it opens, one session each) leaves another door a
 
 A session's history is bounded (``daemon.max_history_chars``): past it the oldest messages are dropped, so
 neither memory nor what a cloud turn uploads grows with the dialogue; of its turns' trail only the last ``Z``
-(what the policy reads) are kept. An answer made from private material
-(a private attachment, or history holding such an answer) is marked: the local model sees it, a cloud model
-gets ``WITHHELD`` in its place (``Session.shareable``).
+(what the policy reads) are kept. An answer made from private material (a private attachment, or history
+holding such an answer) is marked: the local model sees it, a cloud model gets ``WITHHELD`` in its place
+(``Session.shareable``).
 """
 
 from __future__ import annotations
