@@ -96,6 +96,9 @@ class TcpGuard:
             conn, peer = found
             host = peer[0]
             over = self._over(host)
+            if over is not None:
+                self._forget_closed()
+                over = self._over(host)
             while over is not None and self._evict(host if over[0] == "host" else None, over[1]):
                 over = self._over(host)
             if over is None:
@@ -130,6 +133,15 @@ class TcpGuard:
         )
         return True
 
+    def _forget_closed(self) -> None:
+        """Stop counting the connections their peers have closed: on a busy machine libzmq reports a close
+        some connections late, and a client that opens one connection at a time (connect, ask, close) was
+        refused at ``max_tcp_per_host`` for connections it had closed, its request lost."""
+        for fd, counted in list(self._live.items()):
+            with _endpoint_conn(fd, self._port) as found:
+                if found is None or found[1] != counted.peer or _closed_by_peer(found[0]):
+                    self._gone(fd)
+
     def _over(self, host: str) -> tuple[str, str] | None:
         """(kind, why) when a connection from ``host`` would pass a bound; None when it may stay."""
         if len(self._live) >= self.max_total:
@@ -152,6 +164,16 @@ class TcpGuard:
 def _shut(conn: socket.socket) -> None:
     with contextlib.suppress(OSError):
         conn.shutdown(socket.SHUT_RDWR)  # libzmq reads the end and closes its descriptor
+
+
+def _closed_by_peer(conn: socket.socket) -> bool:
+    """Whether the peer has closed ``conn``: a peek, so nothing is taken from what libzmq reads."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:  # reset by the peer
+        return True
 
 
 @contextlib.contextmanager
