@@ -11,10 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from locod.client import Client
 from locod.daemon.sessions import SessionStore, TurnTrail
 from locod.policy.observation import Z
 
-from .conftest import wait_for
+from .conftest import free_port, wait_for
 
 YEAR_S = 365 * 86400
 
@@ -113,3 +114,19 @@ def test_a_reload_asked_for_while_the_daemon_starts_does_not_kill_it(daemon_fact
     assert handle.client().ask("Say hi.", max_tokens=2).done.outcome == "ok"
     assert handle.stop() == 0
     assert "Traceback" not in handle.log()
+
+
+def test_a_client_that_opens_one_tcp_connection_at_a_time_is_never_refused(daemon_factory: Any) -> None:
+    """The tcp door counts a host's connections from libzmq's events, and on a busy machine a close is
+    reported some connections late: a client that connects, asks and closes in a loop was counted at
+    ``max_tcp_per_host`` for connections it had closed, refused, and its request lost ("nothing from locod
+    for 10 s; is it running?"). Now connections their peers have closed are not counted."""
+    port = free_port()
+    handle = daemon_factory({"daemon": {"tcp": f"tcp://127.0.0.1:{port}", "max_tcp_per_host": 3}})
+    for _ in range(400):
+        client = Client(f"tcp://127.0.0.1:{port}", timeout_s=10)
+        try:
+            assert client.status()["tcp"]["refused"] == 0
+        finally:
+            client.close()
+    assert "refused a connection" not in handle.log()
