@@ -16,7 +16,11 @@ cost model below.
 --questions reads your own question set instead of BIG-bench, one JSON object a line:
 `{"task": "...", "prompt": "...", "gold": ["accepted answer", ...]}`, optionally with `"numeric": true`
 (graded by the last number the answer states), `"max_tokens"` (default 32) and `"cloud_accuracy"` (the
-simulated cloud model's accuracy on that task, default 0.9; a task takes its first line's values).
+simulated cloud model's accuracy on that task, default 0.9; the three are the task's, from its first line:
+a line may restate them, not change them). Every line is checked before the model runs, and a bad one is
+named by its line number; answers are graded ignoring case, accents and punctuation, in any script. The
+model answers with a 512-token context, or one sized to the longest prompt (up to the GGUF's trained
+context, at most 4096 tokens).
 --model answers with any GGUF; the trace then holds that model's labels under --name (default: the file's
 name), and scripts/replay.py and scripts/fit_prior.py read whichever one local model a trace holds.
 
@@ -44,6 +48,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import unicodedata
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +57,8 @@ import numpy as np
 from llama_cpp import Llama
 
 from locod.daemon.fetch import fetch
+from locod.daemon.gguf import describe
+from locod.daemon.pull import MAX_DEFAULT_CTX
 from locod.policy.tasks import task_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -142,7 +149,10 @@ LOCAL_WATTS, RADIO_J = 15.0, 0.2
 
 
 def normalise(text: str) -> str:
-    return " ".join(re.sub(r"[^a-z0-9 ]", " ", text.lower()).split())
+    """Lower case, accents dropped, every run of what is not a letter or digit one space: "Brasília" and
+    "brasilia" match, and answers in any script keep their letters."""
+    folded = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return " ".join(re.sub(r"[\W_]", " ", folded.casefold()).split())
 
 
 NUMBER_WORDS = [
@@ -267,16 +277,20 @@ def main() -> None:
     args = parser.parse_args()
     if args.questions and not args.out:
         parser.error("--questions needs --out (the shipped traces are BIG-bench's)")
+    if args.questions and Path(args.out).resolve() == Path(args.questions).resolve():
+        parser.error("--out names the question file itself: the trace would replace your questions")
     rng = random.Random(SEED)
     if args.questions:
         questions = Path(args.questions)
-        tasks, turns = read_questions(questions, args.limit, rng)
+        tasks, turns, where = read_questions(questions, args.limit, rng)
         source = f"{questions.name} (sha256 {hashlib.sha256(questions.read_bytes()).hexdigest()[:12]})"
     else:
         tasks = TASK_SETS[args.tasks]
         turns = [] if args.rerun_local else bigbench_turns(tasks, Path(args.cache), args.limit, rng)
         source = "bigbench==1.0.0 sdist from PyPI"
     model = LocalModel.open(args.model, args.name, args.threads)
+    if args.questions:
+        model.fit_context([(where[prompt], prompt, tasks[task].max_tokens) for task, prompt, _ in turns])
     name = "bigbench_trace.jsonl" if args.tasks == "bigbench" else f"bigbench_{args.tasks}_trace.jsonl"
     out = Path(args.out or REPO / "policy/data" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -331,6 +345,10 @@ def cloud_fields(ok: bool, tokens_in: int, tokens_out: int) -> dict[str, object]
     }
 
 
+CONTEXT = 512  # the answering context unless a prompt needs more (logits_all keeps n_ctx x n_vocab floats)
+TEMPLATE_TOKENS = 64  # a margin for what a chat template adds around a prompt
+
+
 @dataclass
 class LocalModel:
     """The GGUF that answers: its name in the trace, its SHA-256 and size (the shipped prior's key), and
@@ -340,6 +358,8 @@ class LocalModel:
     sha256: str
     size: int
     llm: Llama
+    gguf: Path
+    threads: int
 
     @classmethod
     def open(cls, path: str | None, name: str | None, threads: int) -> LocalModel:
@@ -352,10 +372,37 @@ class LocalModel:
         with gguf.open("rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
-        llm = Llama(
-            model_path=str(gguf), n_ctx=512, n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False
+        llm = load(gguf, CONTEXT, threads)
+        return cls(name or default_name, digest.hexdigest(), gguf.stat().st_size, llm, gguf, threads)
+
+    def fit_context(self, asked: list[tuple[str, str, int]]) -> None:
+        """Make room for the longest (where, prompt, max_tokens) asked, before any answer is made: a context
+        from 512 tokens up to the GGUF's trained one, at most what `locod pull` gives a model; a question no
+        such context holds is named, rather than failing the build when its turn comes."""
+        needs = sorted(
+            ((len(self.llm.tokenize(p.encode(), add_bos=False)) + TEMPLATE_TOKENS + m, w) for w, p, m in asked),
+            reverse=True,
         )
-        return cls(name or default_name, digest.hexdigest(), gguf.stat().st_size, llm)
+        need, longest = needs[0]
+        if need <= self.llm.n_ctx():
+            return
+        most = min(describe(self.gguf).context_length or MAX_DEFAULT_CTX, MAX_DEFAULT_CTX)
+        over = [w for n, w in needs if n > most]
+        if over:
+            others = f" (and {len(over) - 1} more)" if len(over) > 1 else ""
+            sys.exit(
+                f"{longest}{others}: the prompt and its answer need about {need} tokens, more than the {most} this "
+                f"model answers with (its trained context, at most {MAX_DEFAULT_CTX}); shorten it or lower max_tokens"
+            )
+        n_ctx = min(-(-need // 256) * 256, most)
+        print(f"answering with a {n_ctx}-token context for the longest prompt ({longest})", file=sys.stderr)
+        self.llm = load(self.gguf, n_ctx, self.threads)
+
+
+def load(gguf: Path, n_ctx: int, threads: int) -> Llama:
+    return Llama(
+        model_path=str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, logits_all=True, verbose=False
+    )
 
 
 Turns = list[tuple[str, str, list[str]]]  # (task, prompt, accepted answers)
@@ -377,38 +424,50 @@ def bigbench_turns(tasks: dict[str, Task], cache: Path, limit: int, rng: random.
     return turns
 
 
-def read_questions(path: Path, limit: int, rng: random.Random) -> tuple[dict[str, Task], Turns]:
-    """Tasks and (task, prompt, accepted answers) from a question file (see the module's docstring), each
-    line checked; the turns are shuffled as BIG-bench's are."""
+QUESTION_FIELDS = ("task", "prompt", "gold", "numeric", "max_tokens", "cloud_accuracy")
+QUESTION_FORMAT = '{"task": ..., "prompt": ..., "gold": [...]} (docs/routing.md)'
+TASK_FIELDS = ("numeric", "max_tokens", "cloud_accuracy")  # a task's, from its first line
+
+
+@dataclass(frozen=True)
+class Question:
+    name: str  # its task's
+    task: Task
+    prompt: str
+    targets: list[str]
+    stated: frozenset[str]  # the TASK_FIELDS the line states
+
+
+def read_questions(path: Path, limit: int, rng: random.Random) -> tuple[dict[str, Task], Turns, dict[str, str]]:
+    """Tasks, (task, prompt, accepted answers) and where each prompt was first read, from a question file
+    (see the module's docstring): every line checked, and the first bad one named, before any model runs;
+    the turns are shuffled as BIG-bench's are."""
     tasks: dict[str, Task] = {}
-    turns = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    turns: Turns = []
+    where: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as exc:
+        sys.exit(f"{path}: cannot read it as UTF-8 text ({exc}); save the question file as UTF-8 JSON lines")
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            q = json.loads(line)
-            name, prompt, gold = str(q["task"]), q["prompt"], q["gold"]
-            targets = [str(g) for g in (gold if isinstance(gold, list) else [gold])]
-            if not isinstance(prompt, str) or not prompt.strip() or not targets:
-                raise ValueError("an empty prompt or no gold answer")
-            task = Task(
-                f"{path.name}:{name}",
-                0,
-                "{input}",
-                int(q.get("max_tokens", 32)),
-                task_of(prompt),
-                float(q.get("cloud_accuracy", 0.9)),
-                numeric=bool(q.get("numeric", False)),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            what = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
-            sys.exit(f'{path}:{number}: {what}; expected {{"task": ..., "prompt": ..., "gold": [...]}}')
-        if not 0.0 <= task.cloud_accuracy <= 1.0 or task.max_tokens < 1:
-            sys.exit(f"{path}:{number}: cloud_accuracy must be within 0-1 and max_tokens at least 1")
-        tasks.setdefault(name, task)
-        turns.append((name, prompt, targets))
+            q = question(line, path)
+            same_task(tasks.setdefault(q.name, q.task), q)
+        except ValueError as exc:
+            sys.exit(f"{path}:{number}: {exc}")
+        turns.append((q.name, q.prompt, q.targets))
+        where.setdefault(q.prompt, f"{path}:{number}")
     if not turns:
         sys.exit(f"{path}: no questions")
+    repeated = len(turns) - len({t[1] for t in turns})
+    if repeated:
+        print(
+            f"{path}: {repeated} questions repeat an earlier prompt: a replay learns the repeats' labels "
+            "from the first",
+            file=sys.stderr,
+        )
     rng.shuffle(turns)
     if limit:  # the first `limit` of each task, as the shuffle left them
         taken: dict[str, int] = {}
@@ -418,7 +477,53 @@ def read_questions(path: Path, limit: int, rng: random.Random) -> tuple[dict[str
                 taken[turn[0]] = taken.get(turn[0], 0) + 1
                 kept.append(turn)
         turns = kept
-    return tasks, turns
+    return tasks, turns, where
+
+
+def question(line: str, path: Path) -> Question:
+    """One question line, checked: a ValueError says what is wrong with it."""
+    try:
+        q = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc}); each line is one object: {QUESTION_FORMAT}") from None
+    if not isinstance(q, dict):
+        raise ValueError(f"a JSON {type(q).__name__}, not an object: {QUESTION_FORMAT}")
+    unknown = sorted(set(q) - set(QUESTION_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field {', '.join(map(repr, unknown))} (the fields are {', '.join(QUESTION_FIELDS)})")
+    missing = [f for f in ("task", "prompt", "gold") if f not in q]
+    if missing:
+        raise ValueError(f"missing {', '.join(map(repr, missing))}: {QUESTION_FORMAT}")
+    name, prompt, gold, numeric = q["task"], q["prompt"], q["gold"], q.get("numeric", False)
+    targets = gold if isinstance(gold, list) else [gold]
+    if not isinstance(name, str) or not name.strip() or not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("task and prompt must be non-empty strings")
+    if not targets or not all(isinstance(t, (str, int, float)) and normalise(str(t)) for t in targets):
+        raise ValueError("gold must be a non-empty list of answers, each with a letter or digit in it")
+    if not isinstance(numeric, bool):
+        raise ValueError(f"numeric must be true or false, not {numeric!r}")
+    targets = [str(t) for t in targets]
+    if numeric and not all(re.fullmatch(r"-?\d+", t.replace(",", "")) for t in targets):
+        raise ValueError("gold answers must be whole numbers for a numeric question (graded by the last number stated)")
+    max_tokens, cloud_accuracy = q.get("max_tokens", 32), q.get("cloud_accuracy", 0.9)
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a whole number of at least 1, not {max_tokens!r}")
+    if isinstance(cloud_accuracy, bool) or not isinstance(cloud_accuracy, (int, float)) or not 0 <= cloud_accuracy <= 1:
+        raise ValueError(f"cloud_accuracy must be a number within 0-1, not {cloud_accuracy!r}")
+    task = Task(f"{path.name}:{name}", 0, "{input}", max_tokens, task_of(prompt), float(cloud_accuracy), numeric)
+    targets = [t.replace(",", "") if numeric else t for t in targets]
+    return Question(name, task, prompt, targets, frozenset(TASK_FIELDS) & set(q))
+
+
+def same_task(first: Task, q: Question) -> None:
+    """A line may restate its task's numeric, max_tokens and cloud_accuracy, not change them: the task takes
+    its first line's values, and a silent difference would grade or price some of its questions otherwise."""
+    for key in sorted(q.stated):
+        if getattr(first, key) != getattr(q.task, key):
+            raise ValueError(
+                f"{key} {getattr(q.task, key)!r} differs from task {q.name!r}'s {getattr(first, key)!r} (set on "
+                "its first line, or the default): give every line of a task the same value"
+            )
 
 
 def rerun_local(model: LocalModel, tasks: dict[str, Task], source: Path, out: Path, origin: str) -> None:
@@ -476,7 +581,8 @@ def write_meta(
         "sha256": hashlib.sha256(out.read_bytes()).hexdigest(),
     }
     out.with_suffix(".meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print(json.dumps(meta["local_accuracy"]), file=sys.stderr)
+    print(f"wrote {out} ({meta['turns']} turns) and {out.with_suffix('.meta.json').name}", file=sys.stderr)
+    print(f"local accuracy by task: {json.dumps(meta['local_accuracy'])}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,98 @@
+"""The eleventh new-user walk: a researcher brings their own question set to build_trace.py, replay.py and
+fit_prior.py. Every test runs the scripts themselves on small files (the embedded model answers)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+GOOD = {"task": "capitals", "prompt": "What is the capital of France? Answer with one word.", "gold": ["Paris"]}
+
+
+def script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, str(SCRIPTS / name), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def questions(tmp_path: Path, *lines: object, raw: str = "") -> Path:
+    path = tmp_path / "mine.jsonl"
+    path.write_text(
+        raw + "".join((x if isinstance(x, str) else json.dumps(x, ensure_ascii=False)) + "\n" for x in lines)
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        ('["a", "list"]', "a JSON list, not an object"),
+        ({**GOOD, "cloud_acuracy": 0.5}, "unknown field 'cloud_acuracy'"),
+        ({**GOOD, "numeric": "no"}, "numeric must be true or false, not 'no'"),
+        ({**GOOD, "gold": [""]}, "gold must be a non-empty list of answers"),
+        ({**GOOD, "gold": ["four"], "numeric": True}, "gold answers must be whole numbers"),
+        ({**GOOD, "max_tokens": "lots"}, "max_tokens must be a whole number"),
+        ({**GOOD, "max_tokens": 8}, "max_tokens 8 differs from task 'capitals''s 32"),
+    ],
+)
+def test_a_question_line_that_would_be_graded_otherwise_is_named(tmp_path: Path, line: object, said: str) -> None:
+    """Each of these used to build a trace that graded or priced the line otherwise than its author meant
+    (a typo'd field ignored, "no" read as true, a gold answer nothing can match, a task's limit changed
+    silently), or failed with Python's words; now the build stops before any model runs, naming the line."""
+    path = questions(tmp_path, GOOD, GOOD | {"prompt": "What is the capital of Peru?", "gold": ["Lima"]}, line)
+    done = script("build_trace.py", "--questions", str(path), "--out", str(tmp_path / "t.jsonl"))
+    assert done.returncode != 0 and f"{path}:3: {said}" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "t.jsonl").exists()
+
+
+def test_a_long_prompt_unicode_gold_and_repeats_build(tmp_path: Path, model_path: Path) -> None:
+    """A prompt longer than the 512-token context the build used to answer with failed the whole build when
+    its turn came; now the context is sized to the longest prompt before any answer. A file saved with a
+    byte-order mark reads, a repeated question is reported, and the trace says where it went."""
+    long = {"task": "long", "prompt": "Some background words. " * 150 + "What is 2 plus 2?", "gold": ["4"]}
+    path = questions(
+        tmp_path, GOOD, GOOD, long, {"task": "moscow", "prompt": "Capital of Russia?", "gold": "Москва"}, raw="\ufeff"
+    )
+    out = tmp_path / "trace.jsonl"
+    done = script("build_trace.py", "--questions", str(path), "--out", str(out), "--threads", "1")
+    assert done.returncode == 0, done.stderr
+    assert "1 questions repeat an earlier prompt" in done.stderr
+    assert f"context for the longest prompt ({path}:3)" in done.stderr and f"wrote {out} (4 turns)" in done.stderr
+    assert sorted(json.loads(row)["task"] for row in out.read_text().splitlines()) == [
+        "capitals",
+        "capitals",
+        "long",
+        "moscow",
+    ]
+
+
+def test_a_prompt_no_context_of_the_model_holds_is_named_before_any_answer(tmp_path: Path, model_path: Path) -> None:
+    path = questions(tmp_path, GOOD, {"task": "huge", "prompt": "word " * 9000, "gold": ["x"]})
+    done = script("build_trace.py", "--questions", str(path), "--out", str(tmp_path / "t.jsonl"))
+    assert done.returncode != 0 and f"{path}:2: the prompt and its answer need about" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "t.jsonl").exists()
+
+
+def test_grading_keeps_letters_of_every_script_and_folds_accents() -> None:
+    """The grader kept only a-z and 0-9: a gold "Москва" matched nothing (every answer graded wrong), and
+    "Brasília" needed the accent."""
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from build_trace import Task, correct
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    task = Task("mine.jsonl:x", 0, "{input}", 32, "query", 0.9)
+    assert correct(task, "The capital is Москва.", ["Москва"]) and not correct(task, "Paris", ["Москва"])
+    assert correct(task, "It is Brasilia.", ["Brasília"]) and correct(task, "东京", ["东京"])
+
+
+def test_the_trace_may_not_replace_its_question_file(tmp_path: Path) -> None:
+    """routing.md's example once wrote the trace over the question file it was built from."""
+    path = questions(tmp_path, GOOD)
+    done = script("build_trace.py", "--questions", str(path), "--out", str(path))
+    assert done.returncode != 0 and "the trace would replace your questions" in done.stderr
+    assert json.loads(path.read_text()) == GOOD
