@@ -8,7 +8,10 @@ dense features), fitted to the local model's real labels; the ConfidenceHead is 
 log-prob features with the prompt-only s_hat predicted out of fold (2 folds), as the daemon will see it: from
 a head that has not seen that turn.
 
-    python scripts/fit_prior.py [--trace policy/data/bigbench_trace.jsonl] [--out policy/priors]
+    python scripts/fit_prior.py [--trace policy/data/bigbench_trace.jsonl] [--out policy/priors] [--replace]
+
+A prior already there for the same GGUF (the shipped one, for a trace the embedded model answered) is kept
+unless --replace says otherwise: the daemon and replay.py --split shipped would start from the new one.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from locod.policy import confidence
 from locod.policy.messplus import DIM, TurnFeatures, _prior_weights, vectorize
 from locod.policy.rule import LOCAL_PRIOR
 from locod.policy.tasks import task_of
-from locod.policy.warmstart import PRIORS, Prior, fit_logistic, save_prior
+from locod.policy.warmstart import PRIORS, Prior, fit_logistic, read_prior, save_prior
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = "local"  # the trace's one local model, whatever its name there (read_trace)
@@ -96,15 +99,24 @@ def fit(rows: list[dict], sha256: str, gguf_size: int, source: str) -> Prior:  #
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default=str(REPO / "policy/data/bigbench_trace.jsonl"))
-    parser.add_argument("--out", default=str(PRIORS))
+    parser.add_argument("--out", default=str(PRIORS), help="the folder the daemon reads priors from (default)")
+    parser.add_argument("--replace", action="store_true", help="replace a prior already there for this GGUF")
     args = parser.parse_args()
     trace = Path(args.trace)
     rows = read_trace(trace)
     meta = json.loads(trace.with_suffix(".meta.json").read_text())
     sha = rows[0]["models"][LOCAL]["gguf_sha256"]
-    (size,) = meta["local_gguf_size"].values()
+    ((name, size),) = meta["local_gguf_size"].items()
+    there = Path(args.out) / f"{sha}.npz"
+    if there.exists() and not args.replace:
+        raise SystemExit(
+            f"{there} already holds a prior for this GGUF ({read_prior(there).source}), which the daemon and "
+            "replay.py --split shipped use: --replace replaces it, --out DIR writes elsewhere"
+        )
     prior = fit(rows, sha, int(size), f"{trace.name} (sha256 {meta['sha256'][:12]}, {len(rows)} turns)")
-    print(save_prior(prior, Path(args.out)))
+    saved = save_prior(prior, Path(args.out))
+    used = "the daemon" if saved.parent.resolve() == PRIORS.resolve() else f"the daemon (once copied to {PRIORS})"
+    print(f"{saved}: {used} starts {name} from it")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ fit_prior.py. Every test runs the scripts themselves on small files (the embedde
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,3 +97,28 @@ def test_the_trace_may_not_replace_its_question_file(tmp_path: Path) -> None:
     done = script("build_trace.py", "--questions", str(path), "--out", str(path))
     assert done.returncode != 0 and "the trace would replace your questions" in done.stderr
     assert json.loads(path.read_text()) == GOOD
+
+
+TRACE = Path(__file__).resolve().parent.parent / "policy/data/bigbench_trace.jsonl"
+
+
+def small_trace(tmp_path: Path, turns: int = 60) -> Path:
+    """The shipped trace's first turns, with its meta, as a user's own trace of the embedded model."""
+    out = tmp_path / "mine_trace.jsonl"
+    out.write_text("".join(TRACE.read_text().splitlines(keepends=True)[:turns]))
+    shutil.copy(TRACE.with_suffix(".meta.json"), out.with_suffix(".meta.json"))
+    return out
+
+
+def test_fit_prior_keeps_a_prior_already_there_unless_told(tmp_path: Path) -> None:
+    """fit_prior.py on a trace the embedded model answered wrote over the shipped prior for that GGUF (the
+    one the daemon and --split shipped start from) without a word."""
+    trace, priors = small_trace(tmp_path), tmp_path / "priors"
+    first = script("fit_prior.py", "--trace", str(trace), "--out", str(priors))
+    assert first.returncode == 0, first.stderr
+    (prior,) = priors.iterdir()
+    before = prior.read_bytes()
+    again = script("fit_prior.py", "--trace", str(trace), "--out", str(priors))
+    assert again.returncode != 0 and f"{prior} already holds a prior for this GGUF" in again.stderr
+    assert "--replace" in again.stderr and prior.read_bytes() == before
+    assert script("fit_prior.py", "--trace", str(trace), "--out", str(priors), "--replace").returncode == 0
