@@ -22,16 +22,23 @@ Routers, all on MESS+'s own predictor (locod.policy.messplus, the code the daemo
   turn costs the local answer and the cloud call, and waits for both.
 
     pip install '.[eval]'
-    python scripts/replay.py [--trace policy/data/bigbench_trace.jsonl] [--split none|shipped|half|task] [--seed 1]
+    python scripts/replay.py [--trace policy/data/bigbench_trace.jsonl] [--split none|shipped|half|task] [--seed 1 2 3]
+
+The tables follow a line saying what they rest on besides the trace's labels (seeds, V, exploration, the
+grader's error rate, how the cloud labels were made); with several seeds each router's row holds its means
+and the range of its capture. The plot (the first seed's runs) goes to docs/img for the shipped trace, else
+beside the trace.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean
 
 import matplotlib
 
@@ -47,6 +54,7 @@ from locod.policy.warmstart import PRIORS, Prior, read_prior
 
 REPO = Path(__file__).resolve().parent.parent
 CLOUD = "cloud"
+DEV_TRACE = REPO / "policy/data/bigbench_trace.jsonl"
 ALPHAS = (0.5, 0.6, 0.7, 0.8)
 WEIGHT_MONEY, WEIGHT_ENERGY = 1.0, 0.2  # routing.weight_money / weight_energy defaults
 
@@ -250,16 +258,18 @@ def accuracy(trace: list[Turn], model: str) -> float:
     return sum(t.row["models"][model]["satisfied"] for t in trace) / len(trace)
 
 
-def routers(trace: list[Turn], alpha: float, args: argparse.Namespace, prior: Prior | None) -> list[Callable[[], Run]]:
+def routers(
+    trace: list[Turn], alpha: float, args: argparse.Namespace, prior: Prior | None, seed: int
+) -> list[Callable[[], Run]]:
     def mess(p: Prior | None = None) -> MessPlus:
-        return new_messplus(alpha, args.v, args.explore_c, args.seed, p)
+        return new_messplus(alpha, args.v, args.explore_c, seed, p)
 
     def grader() -> Grader:
-        return Grader(args.grader_error, random.Random(args.seed + 1))
+        return Grader(args.grader_error, random.Random(seed + 1))
 
     v = f"V = {args.v:g}"
     out = [
-        lambda: paper_rule(trace, alpha, 1.0, args.explore_c, args.seed),
+        lambda: paper_rule(trace, alpha, 1.0, args.explore_c, seed),
         lambda: price_rule(trace, mess(), f"price rule, {v}, cold", None),
         lambda: price_rule(trace, mess(), f"price rule + shadows, {v}, cold", grader()),
     ]
@@ -309,38 +319,57 @@ def shipped(trace: list[dict]) -> tuple[str, Prior, list[dict]]:  # type: ignore
 
 def table(name: str, trace: list[Turn], prior: Prior | None, args: argparse.Namespace) -> dict[float, list[Run]]:
     local, cloud = accuracy(trace, LOCAL), accuracy(trace, CLOUD)
-    print(f"\n### {name}: {len(trace)} turns; always-local {local:.3f}, always-cloud {cloud:.3f}\n")
+    best = sum(any(t.row["models"][m]["satisfied"] for m in (LOCAL, CLOUD)) for t in trace) / len(trace)
+    print(f"\n### {name}: {len(trace)} turns; always-local {local:.3f}, always-cloud {cloud:.3f}", end="")
+    print(f", the best any routing reaches {best:.3f} (an alpha above it is out of reach)\n")
     print(
         "| alpha | router | satisfaction | SLA violation | cloud share | capture | escalated | cost vs cloud |", end=""
     )
     print(" latency (s) |")
     print("|---|---|---|---|---|---|---|---|---|")
-    cloud_usd = sum(t.row["models"][CLOUD]["usd"] for t in trace)
+    cloud_usd = sum(t.row["models"][CLOUD]["usd"] for t in trace) or 1.0
     runs: dict[float, list[Run]] = {}
     for alpha in args.alphas:
         needs, oracle = random_needs(alpha, local, cloud), oracle_cloud_share(trace, alpha)
         by_task = task_oracle_cloud_share(trace, alpha)
         for name, share in (("random needs", needs), ("label oracle", oracle), ("task oracle", by_task)):
+            if np.isnan(share):
+                print(f"| {alpha} | {name} | - | - | out of reach | - | - | - | - |")
+                continue
             covered = capture(needs, oracle, share)
             print(f"| {alpha} | {name} | {alpha:.3f} | 0.000 | {share:.3f} | {covered} | - | - | - |")
-        runs[alpha] = [make() for make in routers(trace, alpha, args, prior)]
-        for run in runs[alpha]:
-            n = len(run.satisfied)
-            sat, share = sum(run.satisfied) / n, sum(run.clouds) / n
-            flag = "" if sat >= alpha - 0.005 else " (SLA missed)"
-            print(
-                f"| {alpha} | {run.name} | {sat:.3f} | {max(0.0, alpha - sat):.3f} | {share:.3f} | "
-                f"{capture(needs, oracle, share)}{flag} | "
-                f"{run.escalated / n:.3f} | {run.usd / cloud_usd:.3f} | {run.latency_s / n:.3f} |"
-            )
+        by_seed = [[make() for make in routers(trace, alpha, args, prior, seed)] for seed in args.seed]
+        runs[alpha] = by_seed[0]
+        for same in zip(*by_seed):  # one router over the seeds
+            print(router_row(alpha, same, (needs, oracle), cloud_usd))
         shadow = [r for r in runs[alpha] if r.shadows]
         for r in shadow[-1:]:
             print(
-                f"| {alpha} | ({r.shadows} shadow labels in the last run, {r.shadow_errors} of them wrong)",
+                f"| {alpha} | ({r.shadows} shadow labels in seed {args.seed[0]}'s last run, {r.shadow_errors} wrong)",
                 end="",
             )
             print(" |||||||")
     return runs
+
+
+def router_row(alpha: float, runs: tuple[Run, ...], yardsticks: tuple[float, float], cloud_usd: float) -> str:
+    """One router's row: its means over the seeds, and with several seeds the range of its capture and in
+    how many of them it missed the SLA, so no figure reads finer than the seeds agree."""
+    n = len(runs[0].satisfied)
+    sats = [sum(r.satisfied) / n for r in runs]
+    shares = [sum(r.clouds) / n for r in runs]
+    missed = sum(sat < alpha - 0.005 for sat in sats)
+    covered = capture(*yardsticks, fmean(shares))
+    if len(runs) > 1 and covered != "-":
+        each = sorted(float(capture(*yardsticks, share)) for share in shares)
+        covered += f" ({each[0]:.2f} to {each[-1]:.2f})"
+    if missed:
+        covered += " (SLA missed)" if len(runs) == 1 else f" (SLA missed in {missed} of {len(runs)} seeds)"
+    return (
+        f"| {alpha} | {runs[0].name} | {fmean(sats):.3f} | {fmean([max(0.0, alpha - s) for s in sats]):.3f} | "
+        f"{fmean(shares):.3f} | {covered} | {fmean([r.escalated / n for r in runs]):.3f} | "
+        f"{fmean([r.usd / cloud_usd for r in runs]):.3f} | {fmean([r.latency_s / n for r in runs]):.3f} |"
+    )
 
 
 def plot(runs: dict[float, list[Run]], out: Path) -> None:
@@ -364,18 +393,46 @@ def plot(runs: dict[float, list[Run]], out: Path) -> None:
     print(f"\nplot: {out / 'replay_messplus.png'}")
 
 
+def conditions(trace: Path, args: argparse.Namespace) -> str:
+    """What the tables rest on besides the trace's labels, said before them: the seed, the parameters, the
+    simulated grader's error rate and how the trace's cloud labels were made (its .meta.json)."""
+    meta = trace.with_suffix(".meta.json")
+    cloud = json.loads(meta.read_text()).get("cloud_label", "not stated") if meta.exists() else f"no {meta.name}"
+    return (
+        f"{seeds(args.seed)}, V = {args.v:g}, exploration c = "
+        f"{args.explore_c:g}; shadow grader: wrong where the cloud's answer is, and at --grader-error "
+        f"{args.grader_error:g} besides; cloud labels: {cloud}"
+    )
+
+
+def seeds(chosen: list[int]) -> str:
+    if len(chosen) > 1:
+        return f"seeds {', '.join(map(str, chosen))} (each router's row: means, capture's range in brackets)"
+    return (
+        f"seed {chosen[0]} (one seed: on a few hundred turns capture moves by tenths between seeds; --seed 1 2 3 "
+        "shows the range)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trace", default=str(REPO / "policy/data/bigbench_trace.jsonl"))
-    parser.add_argument("--out", default=str(REPO / "docs/img"))
+    parser.add_argument("--trace", default=str(DEV_TRACE))
+    parser.add_argument(
+        "--out", help="folder for replay_messplus.png: docs/img for the shipped trace, else the trace's; '' for none"
+    )
     parser.add_argument("--split", choices=("none", "shipped", "half", "task"), default="half")
     parser.add_argument("--v", type=float, default=20.0)
     parser.add_argument("--explore-c", type=float, default=0.2)
     parser.add_argument("--alphas", type=float, nargs="+", default=ALPHAS)
     parser.add_argument("--grader-error", type=float, default=0.05, help="shadow grader's error rate")
-    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--seed", type=int, nargs="+", default=[1], help="one or more seeds: rows are means, capture's range shown"
+    )
     args = parser.parse_args()
     trace = read_trace(Path(args.trace))
+    if args.out is None:
+        args.out = str(REPO / "docs/img" if Path(args.trace).resolve() == DEV_TRACE else Path(args.trace).parent)
+    print(conditions(Path(args.trace), args))
     if "logprobs" not in trace[0]["models"][LOCAL]:
         print("this trace has no log-probs: the routers do without the local answer's confidence")
     for i, (name, prior, replayed) in enumerate(folds(trace, args.split)):

@@ -122,3 +122,40 @@ def test_fit_prior_keeps_a_prior_already_there_unless_told(tmp_path: Path) -> No
     assert again.returncode != 0 and f"{prior} already holds a prior for this GGUF" in again.stderr
     assert "--replace" in again.stderr and prior.read_bytes() == before
     assert script("fit_prior.py", "--trace", str(trace), "--out", str(priors), "--replace").returncode == 0
+
+
+def test_replay_states_its_conditions_and_what_is_out_of_reach(tmp_path: Path) -> None:
+    """The tables say what they rest on (seed, grader error, simulated cloud labels); an alpha no routing
+    reaches says so instead of printing random routing at alpha; the plot goes beside the user's trace, not
+    over docs/img's figure."""
+    pytest.importorskip("matplotlib")
+    trace = small_trace(tmp_path)
+    done = script("replay.py", "--trace", str(trace), "--split", "none", "--alphas", "0.6", "1.0")
+    assert done.returncode == 0, done.stderr
+    assert "seed 1 (one seed" in done.stdout and "--grader-error 0.05" in done.stdout
+    assert "cloud labels: simulated, not measured" in done.stdout
+    assert "| 1.0 | random needs | - | - | out of reach |" in done.stdout
+    assert (tmp_path / "replay_messplus.png").stat().st_size > 0
+
+
+def test_replay_over_several_seeds_shows_each_routers_range(tmp_path: Path) -> None:
+    """One seed's capture moved by tenths between seeds on a user's 106 questions; --seed 1 2 3 prints each
+    router's means with its capture's range, so no one reads the second decimal of a single run."""
+    pytest.importorskip("matplotlib")
+    several = script(
+        "replay.py",
+        "--trace",
+        str(small_trace(tmp_path)),
+        "--split",
+        "none",
+        "--alphas",
+        "0.6",
+        "--seed",
+        "1",
+        "2",
+        "3",
+    )
+    assert several.returncode == 0, several.stderr
+    assert several.stdout.startswith("seeds 1, 2, 3 (each router's row: means, capture's range in brackets)")
+    rows = [line for line in several.stdout.splitlines() if line.startswith("| 0.6 | price rule, V = 20, cold |")]
+    assert len(rows) == 1 and " to " in rows[0].split("|")[6]
