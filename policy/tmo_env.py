@@ -39,7 +39,6 @@ of docs/routing.md (``TraceSource``), or this device's decision log (``LogSource
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 from collections.abc import Sequence
@@ -65,6 +64,7 @@ from locod.policy.observation import (
 )
 from locod.policy.rule import RADIO_W
 from locod.policy.tasks import TASKS
+from locod.policy.trace import CLOUD, local_model, read_rows
 
 # TMO's published figures (research notes): cloud latency by number of uploaded images k = 0..3.
 CLOUD_LATENCY_S = {"wifi": (0.5, 1.9, 2.0, 2.2), "cellular": (0.5, 16.6, 17.6, 19.6), "ethernet": (0.4, 1.2, 1.3, 1.4)}
@@ -267,14 +267,16 @@ class TraceSource:
     path: Path
     dialogues: list[list[dict[str, Any]]] = field(default_factory=list)
     local_bound: np.ndarray = field(default_factory=lambda: np.zeros(3))
+    local: str = ""  # the trace's one local model, whatever the GGUF that answered was called
 
     def __post_init__(self) -> None:
+        rows = read_rows(self.path)
+        self.local = local_model(rows, self.path)
         by_id: dict[str, list[dict[str, Any]]] = {}
-        for line in self.path.read_text().splitlines():
-            row = json.loads(line)
+        for row in rows:
             by_id.setdefault(row["dialogue"], []).append(row)
         self.dialogues = list(by_id.values())
-        local = [d["models"]["smollm2-135m-instruct"] for rows in self.dialogues for d in rows]
+        local = [row["models"][self.local] for row in rows]
         self.local_bound = np.array([max(r[key] for r in local) for key in ("latency_s", "usd", "energy_j")])
 
     def episode(self, rng: random.Random) -> list[TurnOutcomes]:
@@ -283,7 +285,7 @@ class TraceSource:
         # a turn came from, and it then judged every turn on another network by the simulator's lesson.
         link = rng.choice(Simulator.links)
         for row in rng.choice(self.dialogues):
-            local, cloud = row["models"]["smollm2-135m-instruct"], row["models"]["cloud"]
+            local, cloud = row["models"][self.local], row["models"][CLOUD]
             mask = action_mask([], cloud_allowed=True)
             quality = np.zeros(N_ACTIONS)
             latency = np.zeros(N_ACTIONS)

@@ -28,19 +28,27 @@ class TrainConfig:
 
 
 def parser(default_out: Path | None = None) -> argparse.ArgumentParser:
+    """`locod policy train`'s options (default_out: the state directory's policy.onnx, which the daemon
+    loads), or scripts/train_policy.py's (./policy.onnx, which no daemon loads until it is moved there)."""
     p = argparse.ArgumentParser(
-        prog="locod policy train", description="Train the TMO offloading policy (RC-PPO) and export it to ONNX."
+        prog="locod policy train" if default_out else None,
+        description="Train the TMO offloading policy (RC-PPO) and export it to ONNX.",
+    )
+    loaded = (
+        "which the daemon loads at its next start or `locod reload` when routing.policy_path is unset"
+        if default_out
+        else "which no daemon loads: `locod policy train` writes where the daemon looks"
     )
     p.add_argument(
         "--out",
         default=str(default_out or "policy.onnx"),
-        help="where to write the ONNX policy (default: %(default)s, which the daemon loads at its next start or "
-        "`locod reload` when routing.policy_path is unset)",
+        help=f"where to write the ONNX policy (default: %(default)s, {loaded})",
     )
     p.add_argument(
         "--trace",
         default=str(Path(__file__).resolve().parent / "data" / "bigbench_trace.jsonl"),  # shipped in the package
-        help="replay trace mixed into training (docs/routing.md)",
+        help="replay trace whose dialogues are mixed into training (weight 0.3, the simulator 0.7): any trace "
+        "build_trace.py makes, its one local model whatever its name (default: the shipped development trace)",
     )
     p.add_argument(
         "--from-db", metavar="LOCOD.DB", help="also train on this device's labelled decision log (its locod.db)"

@@ -22,10 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
+from locod.errors import PolicyError
 from locod.policy import confidence
 from locod.policy.messplus import DIM, TurnFeatures, _prior_weights, vectorize
 from locod.policy.rule import LOCAL_PRIOR
 from locod.policy.tasks import task_of
+from locod.policy.trace import local_model, read_rows
 from locod.policy.warmstart import PRIORS, Prior, fit_logistic, read_prior, save_prior
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,11 +40,11 @@ TASK_SPLIT = ({"add_1digit", "mul_2digit", "plural", "negation"}, {"add_2digit",
 def read_trace(path: Path) -> list[dict]:  # type: ignore[type-arg]
     """A trace's rows with its one local model's fields under LOCAL: a trace holds whichever GGUF answered
     it, under that model's name."""
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    names = {name for row in rows for name in row["models"] if name != "cloud"}
-    if len(names) != 1:
-        raise SystemExit(f"{path}: expected one local model beside 'cloud', found {sorted(names) or 'none'}")
-    (name,) = names
+    try:
+        rows = read_rows(path)
+        name = local_model(rows, path)
+    except PolicyError as exc:
+        raise SystemExit(str(exc)) from None
     for row in rows:
         row["models"][LOCAL] = row["models"].pop(name)
     return rows

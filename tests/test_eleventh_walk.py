@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import locod_command
+
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 GOOD = {"task": "capitals", "prompt": "What is the capital of France? Answer with one word.", "gold": ["Paris"]}
 
@@ -159,3 +161,46 @@ def test_replay_over_several_seeds_shows_each_routers_range(tmp_path: Path) -> N
     assert several.stdout.startswith("seeds 1, 2, 3 (each router's row: means, capture's range in brackets)")
     rows = [line for line in several.stdout.splitlines() if line.startswith("| 0.6 | price rule, V = 20, cold |")]
     assert len(rows) == 1 and " to " in rows[0].split("|")[6]
+
+
+def renamed_trace(tmp_path: Path, turns: int = 120) -> Path:
+    """The shipped trace's first turns as a trace of another GGUF (build_trace.py --model names it so)."""
+    out = tmp_path / "other_trace.jsonl"
+    rows = [json.loads(line) for line in TRACE.read_text().splitlines()[:turns]]
+    for row in rows:
+        row["models"]["qwen2.5-3b-instruct"] = row["models"].pop("smollm2-135m-instruct")
+    out.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return out
+
+
+def test_a_policy_trains_and_is_evaluated_on_a_trace_of_another_gguf(tmp_path: Path) -> None:
+    """The trace episodes of `locod policy train --trace` and evaluate_policy.py read the local model as
+    "smollm2-135m-instruct": a trace built with --model of any other GGUF failed with a KeyError traceback.
+    Now they read its one local model whatever its name, a broken line is named, and the evaluation's plot
+    goes to the current folder, not over docs/evaluation.md's figure."""
+    pytest.importorskip("torch")
+    trace, onnx = renamed_trace(tmp_path), tmp_path / "mine.onnx"
+    command = [*locod_command("policy", "train"), "--trace", str(trace), "--steps", "512", "--out", str(onnx)]
+    trained = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert trained.returncode == 0 and onnx.stat().st_size > 0, trained.stderr
+    evaluate = SCRIPTS / "evaluate_policy.py"
+    command = [sys.executable, str(evaluate), "--episodes", "4", "--sla-seeds", "1", "--trace", str(trace)]
+    evaluated = subprocess.run([*command, "--policy", str(onnx)], capture_output=True, text=True, cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert "### replay trace (text only)" in evaluated.stdout and "+- - (one seed)" in evaluated.stdout
+    assert (tmp_path / "evaluation_policy.png").stat().st_size > 0
+
+    trace.write_text(trace.read_text() + "not json\n")
+    for broken in (command, [*locod_command("policy", "train"), "--trace", str(trace), "--out", str(onnx)]):
+        done = subprocess.run(broken, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode != 0 and f"{trace}:121: not a trace line" in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_train_policy_py_says_its_default_output_is_not_loaded() -> None:
+    """scripts/train_policy.py --help called itself `locod policy train` and said its ./policy.onnx is what
+    the daemon loads; the daemon reads the state directory's."""
+    shown = script("train_policy.py", "--help")
+    assert shown.returncode == 0 and shown.stdout.startswith("usage: train_policy.py")
+    assert "which no daemon loads" in " ".join(shown.stdout.split())
+
