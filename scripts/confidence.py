@@ -38,6 +38,8 @@ def auc(score: np.ndarray, y: np.ndarray) -> float:
 def within_task(score: np.ndarray, y: np.ndarray, tasks: np.ndarray) -> float:
     aucs = [(auc(score[tasks == t], y[tasks == t]), (tasks == t).sum()) for t in np.unique(tasks)]
     aucs = [(a, n) for a, n in aucs if a == a]
+    if not aucs:  # every task all right or all wrong
+        return float("nan")
     return sum(a * n for a, n in aucs) / sum(n for _, n in aucs)
 
 
@@ -47,6 +49,11 @@ def main() -> None:
     args = parser.parse_args()
     rows = read_trace(Path(args.trace))
     y = np.array([r["models"][LOCAL]["satisfied"] for r in rows])
+    if y.min() == y.max():
+        raise SystemExit(
+            f"{args.trace}: the local model is always {'right' if y[0] else 'wrong'} on it: no statistic of its "
+            "answers has right and wrong ones to tell apart; add questions it gets the other way"
+        )
     tasks = np.array([r["task"] for r in rows])
     print("| statistic | tokens | AUC, whole trace | AUC within tasks |\n|---|---|---|---|")
     for budget in BUDGETS:
@@ -102,8 +109,10 @@ def print_reference(rows: list[dict]) -> None:  # type: ignore[type-arg]
             fit_on = [r for r, f in zip(part, folds) if f != k]
             score[folds == k] = predict(fit_on, [r for r, f in zip(part, folds) if f == k])[1]
         y_local, y_cloud = (np.array([r["models"][m]["satisfied"] for r in part]) for m in (LOCAL, "cloud"))
-        captures = [f"{capture(score, y_local, y_cloud, alpha):.2f}" for alpha in (0.5, 0.6, 0.7)]
-        print(f"| {name} | {auc(score, y_local):.3f} | {' | '.join(captures)} |")
+        captures = [capture(score, y_local, y_cloud, alpha) for alpha in (0.5, 0.6, 0.7)]
+        shown = ["-" if np.isnan(c) else f"{c:.2f}" for c in captures]
+        print(f"| {name} | {auc(score, y_local):.3f} | {' | '.join(shown)} |")
+    print("\n(-: the local model alone reaches that alpha, or no mix of the two models' answers does)")
 
 
 def capture(score: np.ndarray, y_local: np.ndarray, y_cloud: np.ndarray, alpha: float) -> float:

@@ -204,3 +204,24 @@ def test_train_policy_py_says_its_default_output_is_not_loaded() -> None:
     assert shown.returncode == 0 and shown.stdout.startswith("usage: train_policy.py")
     assert "which no daemon loads" in " ".join(shown.stdout.split())
 
+
+def test_confidence_py_on_a_set_the_local_model_always_gets_right(tmp_path: Path) -> None:
+    """On a trace whose local answers were all right, scripts/confidence.py died of a ZeroDivisionError; on a
+    part the local model alone carries it printed 'nan' where replay.py prints '-'."""
+    trace = renamed_trace(tmp_path, 200)
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    for row in rows:
+        row["models"]["qwen2.5-3b-instruct"]["satisfied"] = 1
+    trace.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = script("confidence.py", "--trace", str(trace))
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert f"{trace}: the local model is always right on it" in done.stderr, done.stderr
+    for row in rows:  # the local model right on 3 in 4 turns of two tasks, on 1 in 4 of the rest
+        easy = row["task"] in ("add_2digit", "wikidata")
+        row["models"]["qwen2.5-3b-instruct"]["satisfied"] = int((row["turn"] + len(row["prompt"])) % 4 < 1 + 2 * easy)
+    trace.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = script("confidence.py", "--trace", str(trace))
+    assert done.returncode == 0, done.stderr
+    assert "| add_2digit, past_tense, wikidata | " in done.stdout, done.stdout
+    reference = done.stdout.split("| part |")[1]
+    assert "| - |" in reference and "nan" not in reference and "(-: the local model alone" in done.stdout
