@@ -271,10 +271,12 @@ def main() -> None:
     parser.add_argument("--name", help="the local model's name in the trace (default: the GGUF file's name)")
     parser.add_argument("--out", help="default: policy/data/bigbench_trace.jsonl, or bigbench_unseen_trace.jsonl")
     parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "locod-bigbench"))
-    parser.add_argument("--limit", type=int, default=0, help="cap examples per task (for a quick run)")
+    parser.add_argument("--limit", type=int, default=0, help="at most this many questions per task (0: all)")
     parser.add_argument("--rerun-local", metavar="TRACE", help="rerun the local model over TRACE's prompts")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    if args.limit < 0:
+        parser.error(f"--limit {args.limit}: a number of questions per task, at least 1 (0 takes them all)")
     if args.questions and not args.out:
         parser.error("--questions needs --out (the shipped traces are BIG-bench's)")
     if args.questions and Path(args.out).resolve() == Path(args.questions).resolve():

@@ -17,6 +17,7 @@ unless --replace says otherwise: the daemon and replay.py --split shipped would 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -98,6 +99,20 @@ def fit(rows: list[dict], sha256: str, gguf_size: int, source: str) -> Prior:  #
     return Prior(sha256, gguf_size, weights, head, source)
 
 
+def gguf_of(trace: Path, rows: list[dict]) -> tuple[str, str, int]:  # type: ignore[type-arg]
+    """The SHA-256, name and size of the GGUF that answered the trace: a prior is keyed by them (the size
+    is in the trace's .meta.json, which build_trace.py writes beside it)."""
+    meta = trace.with_suffix(".meta.json")
+    sha = rows[0]["models"][LOCAL].get("gguf_sha256")
+    if not sha or not meta.is_file():
+        raise SystemExit(
+            f"{trace}: a prior is keyed by the GGUF that answered the trace, and this one does not say which "
+            f"({'no gguf_sha256 in its turns' if not sha else f'no {meta.name} beside it'}); build_trace.py writes both"
+        )
+    ((name, size),) = json.loads(meta.read_text())["local_gguf_size"].items()
+    return sha, name, int(size)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default=str(REPO / "policy/data/bigbench_trace.jsonl"))
@@ -106,16 +121,15 @@ def main() -> None:
     args = parser.parse_args()
     trace = Path(args.trace)
     rows = read_trace(trace)
-    meta = json.loads(trace.with_suffix(".meta.json").read_text())
-    sha = rows[0]["models"][LOCAL]["gguf_sha256"]
-    ((name, size),) = meta["local_gguf_size"].items()
+    sha, name, size = gguf_of(trace, rows)
     there = Path(args.out) / f"{sha}.npz"
     if there.exists() and not args.replace:
         raise SystemExit(
             f"{there} already holds a prior for this GGUF ({read_prior(there).source}), which the daemon and "
             "replay.py --split shipped use: --replace replaces it, --out DIR writes elsewhere"
         )
-    prior = fit(rows, sha, int(size), f"{trace.name} (sha256 {meta['sha256'][:12]}, {len(rows)} turns)")
+    digest = hashlib.sha256(trace.read_bytes()).hexdigest()
+    prior = fit(rows, sha, size, f"{trace.name} (sha256 {digest[:12]}, {len(rows)} turns)")
     saved = save_prior(prior, Path(args.out))
     used = "the daemon" if saved.parent.resolve() == PRIORS.resolve() else f"the daemon (once copied to {PRIORS})"
     print(f"{saved}: {used} starts {name} from it")

@@ -225,3 +225,25 @@ def test_confidence_py_on_a_set_the_local_model_always_gets_right(tmp_path: Path
     assert "| add_2digit, past_tense, wikidata | " in done.stdout, done.stdout
     reference = done.stdout.split("| part |")[1]
     assert "| - |" in reference and "nan" not in reference and "(-: the local model alone" in done.stdout
+
+
+def test_a_missing_or_empty_trace_and_a_negative_limit_are_named(tmp_path: Path) -> None:
+    """replay.py, fit_prior.py and confidence.py met a mistyped --trace with a FileNotFoundError traceback,
+    fit_prior.py a trace without its .meta.json too; build_trace.py --limit -1 died of an IndexError."""
+    missing, empty, bare = tmp_path / "mistyped.jsonl", tmp_path / "empty.jsonl", tmp_path / "bare.jsonl"
+    empty.write_text("")
+    bare.write_text("".join(TRACE.read_text().splitlines(keepends=True)[:5]))
+    expected = [
+        ("replay.py", missing, f"{missing}: cannot read the trace"),
+        ("confidence.py", missing, f"{missing}: cannot read the trace"),
+        ("fit_prior.py", empty, f"{empty}: no turns in the trace"),
+        ("fit_prior.py", bare, "does not say which (no bare.meta.json beside it)"),
+    ]
+    for name, trace, said in expected:
+        out = [] if name == "confidence.py" else ["--out", str(tmp_path / "out")]
+        done = script(name, "--trace", str(trace), *out)
+        assert done.returncode != 0 and said in done.stderr and "Traceback" not in done.stderr, (name, done.stderr)
+    limited = script(
+        "build_trace.py", "--questions", str(questions(tmp_path, GOOD)), "--out", str(empty), "--limit", "-1"
+    )
+    assert limited.returncode != 0 and "--limit -1: a number of questions per task" in limited.stderr
