@@ -25,7 +25,8 @@ context, at most 4096 tokens).
 name), and scripts/replay.py and scripts/fit_prior.py read whichever one local model a trace holds.
 
 --rerun-local keeps a trace's prompts and cloud labels and runs the local model again (a new GGUF or
-llama.cpp, or log-probs added to an older trace). On a machine shared with other work, run with
+llama.cpp, or log-probs added to an older trace); a trace of your own questions needs --questions FILE
+beside it, for its tasks' grading. On a machine shared with other work, run with
 OMP_WAIT_POLICY=PASSIVE: llama.cpp's OpenMP threads otherwise spin while waiting for a core, ten times
 the CPU time per answer here.
 
@@ -533,6 +534,12 @@ def rerun_local(model: LocalModel, tasks: dict[str, Task], source: Path, out: Pa
     Where the answer is the one the trace holds, so is its wall time: the same computation, timed when the
     trace was built, on a machine this rerun may share."""
     rows = [json.loads(line) for line in source.read_text().splitlines()]
+    unknown = sorted({row["task"] for row in rows} - set(tasks))
+    if unknown:
+        sys.exit(
+            f"{source}: its tasks {', '.join(map(repr, unknown))} are not among those given; a trace of your own "
+            "questions reruns with --questions FILE beside --rerun-local (BIG-bench's with --tasks)"
+        )
     accuracy: dict[str, list[int]] = {t: [] for t in tasks}
     changed, started = 0, time.time()
     for n, row in enumerate(rows):

@@ -247,3 +247,20 @@ def test_a_missing_or_empty_trace_and_a_negative_limit_are_named(tmp_path: Path)
         "build_trace.py", "--questions", str(questions(tmp_path, GOOD)), "--out", str(empty), "--limit", "-1"
     )
     assert limited.returncode != 0 and "--limit -1: a number of questions per task" in limited.stderr
+
+
+def test_a_trace_of_your_own_questions_reruns_with_another_gguf(tmp_path: Path, model_path: Path) -> None:
+    """--rerun-local of a trace of one's own questions died of a KeyError on its first task (it knew only
+    BIG-bench's); with --questions beside it, the trace is answered again by the GGUF given."""
+    path = questions(tmp_path, GOOD, {"task": "sums", "prompt": "What is 2 plus 3?", "gold": ["5"], "numeric": True})
+    first, again = tmp_path / "first.jsonl", tmp_path / "again.jsonl"
+    assert script("build_trace.py", "--questions", str(path), "--out", str(first)).returncode == 0
+    alone = script("build_trace.py", "--rerun-local", str(first), "--out", str(again))
+    assert alone.returncode != 0 and "are not among those given" in alone.stderr and "Traceback" not in alone.stderr
+    gguf = tmp_path / "another.gguf"
+    gguf.symlink_to(model_path)
+    rerun = ("--rerun-local", str(first), "--questions", str(path), "--model", str(gguf), "--out", str(again))
+    done = script("build_trace.py", *rerun)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in again.read_text().splitlines()]
+    assert [set(r["models"]) for r in rows] == [{"another", "cloud"}] * 2
