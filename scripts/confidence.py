@@ -99,7 +99,7 @@ def print_reference(rows: list[dict]) -> None:  # type: ignore[type-arg]
     above (fitted on the other half of the part, in 2 interleaved folds), as many as reach alpha knowing
     every label. A reference, not a bound: a router learning online from every label may do a little better
     or worse, but not much better without a better signal."""
-    groups = {", ".join(sorted(tasks)): [r for r in rows if r["task"] in tasks] for tasks in task_groups(rows)}
+    groups = {", ".join(sorted(ts)): [r for r in rows if r["task"] in ts] for ts in task_groups(rows) if ts}
     parts = {"whole trace": rows, **groups}
     print("\n| part | AUC of s_hat | offline capture at alpha 0.5 | 0.6 | 0.7 |\n|---|---|---|---|---|")
     for name, part in parts.items():

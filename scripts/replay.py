@@ -289,12 +289,17 @@ def folds(trace: list[dict], split: str) -> list[tuple[str, Prior | None, list[d
     if split == "shipped":
         return [shipped(trace)]
     if split == "half":
+        if len(trace) < 2:
+            raise SystemExit(f"--split half needs two turns or more (the trace has {len(trace)}): --split none")
         a, b = trace[: len(trace) // 2], trace[len(trace) // 2 :]
         return [
             ("second half, prior from the first", fit(a, "", 0, "first half"), b),
             ("first half, prior from the second", fit(b, "", 0, "second half"), a),
         ]
     groups = task_groups(trace)
+    if not all(groups):
+        only = ", ".join(sorted(groups[0] | groups[1]))
+        raise SystemExit(f"--split task needs two tasks or more (the trace has one: {only}): --split none or half")
     parts = [[r for r in trace if r["task"] in group] for group in groups]
     names = [", ".join(sorted(group)) for group in groups]
     return [

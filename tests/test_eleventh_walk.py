@@ -264,3 +264,21 @@ def test_a_trace_of_your_own_questions_reruns_with_another_gguf(tmp_path: Path, 
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in again.read_text().splitlines()]
     assert [set(r["models"]) for r in rows] == [{"another", "cloud"}] * 2
+
+
+def test_a_trace_of_one_task_or_one_turn_is_replayed_or_refused_in_words(tmp_path: Path) -> None:
+    """replay.py --split task on a trace of one task (and --split half on one turn) died in fit_logistic's
+    matrix product, as did confidence.py's reference on one task; now they say why, or leave out the empty
+    part."""
+    pytest.importorskip("matplotlib")
+    trace = small_trace(tmp_path, 400)
+    rows = [row for row in map(json.loads, trace.read_text().splitlines()) if row["task"] == "plural"]
+    trace.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps(rows[0]) + "\n")
+    for split, path, said in (("task", trace, "(the trace has one: plural)"), ("half", one, "(the trace has 1)")):
+        done = script("replay.py", "--trace", str(path), "--split", split, "--out", "")
+        assert done.returncode != 0 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+    reference = script("confidence.py", "--trace", str(trace))
+    assert reference.returncode == 0, reference.stderr
+    assert "| plural | " in reference.stdout and "|  |" not in reference.stdout
