@@ -561,8 +561,13 @@ def rerun_local(model: LocalModel, tasks: dict[str, Task], source: Path, out: Pa
 
 
 def progress(n: int, total: int, started: float) -> None:
-    if n % 100 == 0:
-        print(f"{n}/{total} turns, {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+    """After turn ``n`` (from 0): every tenth of the way, the turns answered, the time taken and the time
+    left at that pace (a large GGUF takes seconds a turn)."""
+    done = n + 1
+    if done % max(1, total // 10) == 0 or done == total:
+        spent = time.time() - started
+        left = f", about {spent / done * (total - done):.0f} s to go" if done < total else ""
+        print(f"{done}/{total} turns answered in {spent:.0f} s{left}", file=sys.stderr, flush=True)
 
 
 def write_meta(

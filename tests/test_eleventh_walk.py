@@ -63,7 +63,8 @@ def test_a_long_prompt_unicode_gold_and_repeats_build(tmp_path: Path, model_path
     out = tmp_path / "trace.jsonl"
     done = script("build_trace.py", "--questions", str(path), "--out", str(out), "--threads", "1")
     assert done.returncode == 0, done.stderr
-    assert "1 questions repeat an earlier prompt" in done.stderr
+    assert "1 questions repeat an earlier prompt" in done.stderr and "\n4/4 turns answered in " in done.stderr
+    assert "2/4 turns answered in " in done.stderr and " s to go" in done.stderr  # progress with the time left
     assert f"context for the longest prompt ({path}:3)" in done.stderr and f"wrote {out} (4 turns)" in done.stderr
     assert sorted(json.loads(row)["task"] for row in out.read_text().splitlines()) == [
         "capitals",
