@@ -58,7 +58,7 @@ import numpy as np
 from llama_cpp import Llama
 
 from locod.daemon.fetch import fetch
-from locod.daemon.gguf import describe
+from locod.daemon.gguf import NotGGUF, describe
 from locod.daemon.pull import MAX_DEFAULT_CTX
 from locod.policy.tasks import task_of
 
@@ -371,6 +371,12 @@ class LocalModel:
         else:
             gguf = Path(path).expanduser()
             default_name = gguf.name.removesuffix(".gguf").lower()
+            try:
+                describe(gguf)
+            except OSError as exc:
+                sys.exit(f"--model {path}: cannot read it ({exc.strerror}); give the path of a GGUF model file")
+            except NotGGUF as exc:
+                sys.exit(f"--model {path}: {exc}; give the path of a GGUF model file")
         digest = hashlib.sha256()
         with gguf.open("rb") as f:
             while chunk := f.read(1 << 20):

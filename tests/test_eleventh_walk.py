@@ -283,3 +283,15 @@ def test_a_trace_of_one_task_or_one_turn_is_replayed_or_refused_in_words(tmp_pat
     reference = script("confidence.py", "--trace", str(trace))
     assert reference.returncode == 0, reference.stderr
     assert "| plural | " in reference.stdout and "|  |" not in reference.stdout
+
+
+def test_a_model_path_that_is_no_gguf_is_named(tmp_path: Path) -> None:
+    """--model of a mistyped path or of a file that is no GGUF died in a traceback (FileNotFoundError, or
+    llama.cpp's 'Failed to load model')."""
+    fake = tmp_path / "model.gguf"
+    fake.write_text("not a model")
+    path = questions(tmp_path, GOOD)
+    for model, said in ((tmp_path / "typo.gguf", "cannot read it (No such file"), (fake, "is not a GGUF file")):
+        done = script("build_trace.py", "--questions", str(path), "--model", str(model), "--out", str(tmp_path / "t"))
+        assert done.returncode != 0 and f"--model {model}: " in done.stderr and said in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
