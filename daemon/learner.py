@@ -28,7 +28,7 @@ from locod.daemon.records import DecisionLog, JudgedAnswer, LabelTarget
 from locod.errors import CloudError, StorageError, UnknownDecision
 from locod.policy import rule
 from locod.policy.messplus import MessPlus, RecordedFeatures
-from locod.policy.warmstart import Prior, load_prior
+from locod.policy.warmstart import USER_PRIORS, Prior, load_prior
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,13 @@ class Learner:
 
     @staticmethod
     def priors(config: Config) -> dict[str, Prior]:
-        """The shipped predictor priors of the configured local models' GGUFs (policy/warmstart.py): a
-        fresh install routes well from its first turn. Read before taking the lock: it hashes the files."""
-        found = {m.name: load_prior(resolve_path(m, config.models_dir)) for m in config.local.models}
+        """The predictor priors of the configured local models' GGUFs (policy/warmstart.py): the user's own
+        (scripts/fit_prior.py, in the state directory), else the shipped one: a fresh install routes well
+        from its first turn. Read before taking the lock: it hashes the files."""
+        found = {}
+        for m in config.local.models:
+            gguf = resolve_path(m, config.models_dir)
+            found[m.name] = load_prior(gguf, config.state_dir / USER_PRIORS) or load_prior(gguf)
         return {name: prior for name, prior in found.items() if prior is not None}
 
     def adopt(self, config: Config, priors: dict[str, Prior]) -> None:

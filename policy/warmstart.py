@@ -3,7 +3,9 @@
 A prior is fitted offline on a replay trace where the model really answered every prompt (scripts/fit_prior.py)
 and kept in policy/priors/<GGUF SHA-256>.npz: the weights of MESS+'s head for that model (hashed n-grams and
 dense features, messplus.DIM) and of its ConfidenceHead. A model without a prior starts from the task priors
-and learns, as before. The GGUF is hashed only when a prior of exactly its size exists.
+and learns, as before. The GGUF is hashed only when a prior of exactly its size exists. A prior fitted by
+the user on their own questions goes to <state dir>/priors (USER_PRIORS), read before the shipped ones and
+kept across upgrades of the package.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from locod.policy.confidence import loadable
 log = logging.getLogger(__name__)
 
 PRIORS = Path(__file__).resolve().parent / "priors"
+USER_PRIORS = "priors"  # under the state directory: the user's own, read first
 
 
 @dataclass(frozen=True)

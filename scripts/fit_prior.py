@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
 """Fit the warm-start predictor prior of a trace's local model on that replay trace (docs/routing.md) and
-write it as policy/priors/<GGUF SHA-256>.npz (locod.policy.warmstart): shipped for the embedded model; for
-another GGUF, a trace built with `build_trace.py --model` gives the daemon a prior for it the same way.
+write it as <GGUF SHA-256>.npz (locod.policy.warmstart): into the state directory's priors/, which the
+daemon reads before the shipped priors (and an upgrade of the package keeps), or with --out policy/priors,
+the shipped one of the embedded model.
 
 The MESS+ head is a logistic regression on the features the daemon computes for a turn (hashed n-grams and
 dense features), fitted to the local model's real labels; the ConfidenceHead is fitted on the answers'
 log-prob features with the prompt-only s_hat predicted out of fold (2 folds), as the daemon will see it: from
 a head that has not seen that turn.
 
-    python scripts/fit_prior.py [--trace policy/data/bigbench_trace.jsonl] [--out policy/priors] [--replace]
+    python scripts/fit_prior.py --trace mine_trace.jsonl                    # a prior for your model
+    python scripts/fit_prior.py --out policy/priors --replace               # the shipped one, refitted
 
-A prior already there for the same GGUF (the shipped one, for a trace the embedded model answered) is kept
-unless --replace says otherwise: the daemon and replay.py --split shipped would start from the new one.
+A prior already in the folder for the same GGUF is kept unless --replace says otherwise. A daemon takes a
+prior for a model at its next start or reload, and only while it has not learned that model yet.
 """
 
 from __future__ import annotations
@@ -23,13 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from locod.errors import PolicyError
+from locod.daemon.config import load_config
+from locod.errors import LocodError, PolicyError
 from locod.policy import confidence
 from locod.policy.messplus import DIM, TurnFeatures, _prior_weights, vectorize
 from locod.policy.rule import LOCAL_PRIOR
 from locod.policy.tasks import task_of
 from locod.policy.trace import local_model, read_rows
-from locod.policy.warmstart import PRIORS, Prior, fit_logistic, read_prior, save_prior
+from locod.policy.warmstart import PRIORS, USER_PRIORS, Prior, fit_logistic, read_prior, save_prior
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = "local"  # the trace's one local model, whatever its name there (read_trace)
@@ -116,23 +119,46 @@ def gguf_of(trace: Path, rows: list[dict]) -> tuple[str, str, int]:  # type: ign
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default=str(REPO / "policy/data/bigbench_trace.jsonl"))
-    parser.add_argument("--out", default=str(PRIORS), help="the folder the daemon reads priors from (default)")
+    parser.add_argument(
+        "--out",
+        help=f"folder for the prior (default: the state directory's {USER_PRIORS}/, which the daemon reads before "
+        "the shipped priors; the shipped ones are made with --out policy/priors)",
+    )
     parser.add_argument("--replace", action="store_true", help="replace a prior already there for this GGUF")
     args = parser.parse_args()
-    trace = Path(args.trace)
+    trace, out = Path(args.trace), Path(args.out) if args.out else user_priors()
     rows = read_trace(trace)
     sha, name, size = gguf_of(trace, rows)
-    there = Path(args.out) / f"{sha}.npz"
+    there = out / f"{sha}.npz"
     if there.exists() and not args.replace:
         raise SystemExit(
-            f"{there} already holds a prior for this GGUF ({read_prior(there).source}), which the daemon and "
-            "replay.py --split shipped use: --replace replaces it, --out DIR writes elsewhere"
+            f"{there} already holds a prior for this GGUF ({read_prior(there).source}): --replace replaces it, "
+            "--out DIR writes elsewhere"
         )
     digest = hashlib.sha256(trace.read_bytes()).hexdigest()
     prior = fit(rows, sha, size, f"{trace.name} (sha256 {digest[:12]}, {len(rows)} turns)")
-    saved = save_prior(prior, Path(args.out))
-    used = "the daemon" if saved.parent.resolve() == PRIORS.resolve() else f"the daemon (once copied to {PRIORS})"
-    print(f"{saved}: {used} starts {name} from it")
+    print(f"{save_prior(prior, out)}: {who_reads(out, name, sha)}")
+
+
+def user_priors() -> Path:
+    """The state directory's folder of the user's own priors, as the configuration (and environment) say."""
+    try:
+        return load_config().state_dir / USER_PRIORS
+    except LocodError as exc:
+        raise SystemExit(f"{exc}; --out DIR names the folder instead") from None
+
+
+def who_reads(out: Path, name: str, sha: str) -> str:
+    """Which daemon starts the model from a prior written to ``out``, and when."""
+    if out.resolve() == PRIORS.resolve():
+        return f"shipped with the package, for a daemon with no prior of its own for {name}"
+    if out.name != USER_PRIORS:
+        return f"no daemon reads it here: a daemon reads <its state directory>/{USER_PRIORS}, then {PRIORS}"
+    instead = " instead of the shipped prior" if (PRIORS / f"{sha}.npz").exists() else ""
+    return (
+        f"a daemon whose state directory is {out.parent} starts {name} from it{instead} at its next start or "
+        f"`locod reload`, unless it has learned {name} already (labels in {out.parent / 'messplus.npz'})"
+    )
 
 
 if __name__ == "__main__":

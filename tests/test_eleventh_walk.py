@@ -4,22 +4,24 @@ fit_prior.py. Every test runs the scripts themselves on small files (the embedde
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .conftest import locod_command
+from .conftest import locod_command, write_config
 
 SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 GOOD = {"task": "capitals", "prompt": "What is the capital of France? Answer with one word.", "gold": ["Paris"]}
 
 
-def script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+def script(name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, str(SCRIPTS / name), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
 
 
 def questions(tmp_path: Path, *lines: object, raw: str = "") -> Path:
@@ -295,3 +297,25 @@ def test_a_model_path_that_is_no_gguf_is_named(tmp_path: Path) -> None:
         done = script("build_trace.py", "--questions", str(path), "--model", str(model), "--out", str(tmp_path / "t"))
         assert done.returncode != 0 and f"--model {model}: " in done.stderr and said in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_your_prior_goes_to_the_state_directory_and_the_daemon_starts_from_it(
+    tmp_path: Path, daemon_factory: Any
+) -> None:
+    """fit_prior.py wrote into the package's policy/priors: over the shipped prior for a trace the embedded
+    model answered, and, in an installed package (install.sh, quickstart.sh), into site-packages, which the
+    next upgrade wipes and a service's own environment never reads. Now a user's prior goes to the state
+    directory's priors/, which the daemon reads before the shipped ones."""
+    home = tmp_path / "d"
+    config = write_config(tmp_path / "config.toml", {})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCOD_")}
+    env.update(LOCOD_CONFIG=str(config), LOCOD_STATE_DIR=str(home / "state"))
+    fitted = script("fit_prior.py", "--trace", str(small_trace(tmp_path)), env=env)
+    assert fitted.returncode == 0, fitted.stderr
+    (prior,) = (home / "state/priors").iterdir()
+    assert (
+        f"{prior}: a daemon whose state directory is {home / 'state'} starts smollm2-135m-instruct from it "
+        "instead of the shipped prior" in fitted.stdout
+    ), fitted.stdout
+    handle = daemon_factory()
+    assert "starts from the prior fitted on mine_trace.jsonl (sha256" in handle.log(), handle.log()
