@@ -118,7 +118,9 @@ def gguf_of(trace: Path, rows: list[dict]) -> tuple[str, str, int]:  # type: ign
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trace", default=str(REPO / "policy/data/bigbench_trace.jsonl"))
+    parser.add_argument(
+        "--trace", default=str(REPO / "policy/data/bigbench_trace.jsonl"), help="default: the development trace"
+    )
     parser.add_argument(
         "--out",
         help=f"folder for the prior (default: the state directory's {USER_PRIORS}/, which the daemon reads before "

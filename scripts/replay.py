@@ -421,15 +421,21 @@ def seeds(chosen: list[int]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trace", default=str(DEV_TRACE))
+    parser.add_argument("--trace", default=str(DEV_TRACE), help="trace to replay (default: the development trace)")
     parser.add_argument(
         "--out", help="folder for replay_messplus.png: docs/img for the shipped trace, else the trace's; '' for none"
     )
-    parser.add_argument("--split", choices=("none", "shipped", "half", "task"), default="half")
-    parser.add_argument("--v", type=float, default=20.0)
-    parser.add_argument("--explore-c", type=float, default=0.2)
-    parser.add_argument("--alphas", type=float, nargs="+", default=ALPHAS)
-    parser.add_argument("--grader-error", type=float, default=0.05, help="shadow grader's error rate")
+    parser.add_argument(
+        "--split",
+        choices=("none", "shipped", "half", "task"),
+        default="half",
+        help="none: cold start; shipped: from the prior shipped for the trace's GGUF; half / task: each part from a "
+        "prior fitted on the other (default: half)",
+    )
+    parser.add_argument("--v", type=float, default=20.0, help="MESS+'s V (default: 20, routing.v)")
+    parser.add_argument("--explore-c", type=float, default=0.2, help="exploration c (default: 0.2, routing.explore_c)")
+    parser.add_argument("--alphas", type=float, nargs="+", default=ALPHAS, help="SLA targets (default: 0.5-0.8)")
+    parser.add_argument("--grader-error", type=float, default=0.05, help="shadow grader's error rate (default: 0.05)")
     parser.add_argument(
         "--seed", type=int, nargs="+", default=[1], help="one or more seeds: rows are means, capture's range shown"
     )
