@@ -112,7 +112,10 @@ def print_reference(rows: list[dict]) -> None:  # type: ignore[type-arg]
         captures = [capture(score, y_local, y_cloud, alpha) for alpha in (0.5, 0.6, 0.7)]
         shown = ["-" if np.isnan(c) else f"{c:.2f}" for c in captures]
         print(f"| {name} | {auc(score, y_local):.3f} | {' | '.join(shown)} |")
-    print("\n(-: the local model alone reaches that alpha, or no mix of the two models' answers does)")
+    print(
+        "\n(-: the local model alone reaches that alpha, no mix of the two models' answers does, or knowing every "
+        "label saves less than a turn over random routing)"
+    )
 
 
 def capture(score: np.ndarray, y_local: np.ndarray, y_cloud: np.ndarray, alpha: float) -> float:
@@ -124,6 +127,8 @@ def capture(score: np.ndarray, y_local: np.ndarray, y_cloud: np.ndarray, alpha: 
         return float("nan")  # reached by the local model alone, or by no mix
     share = (int(np.argmax(reached >= alpha * n)) + 1) / n
     random_needs, oracle = (alpha - local) / (cloud - local), max(0.0, alpha - local)
+    if random_needs - oracle < 1 / n:  # less than a turn between them: the ratio would be rounding blown up
+        return float("nan")
     return (random_needs - share) / (random_needs - oracle)
 
 

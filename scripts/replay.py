@@ -220,11 +220,13 @@ def random_needs(alpha: float, local: float, cloud: float) -> float:
     return (alpha - local) / (cloud - local) if cloud >= alpha else float("nan")
 
 
-def capture(needs: float, oracle: float, share: float) -> str:
+def capture(needs: float, oracle: float, share: float, turns: int) -> str:
     """How much of the distance from random routing to the label oracle a cloud share covers; "-" where
-    there is no distance (the local model alone reaches alpha) or no oracle (alpha is out of reach)."""
+    there is no distance worth a turn (the local model alone reaches alpha, or is wrong where the cloud is
+    right on every turn but fewer than one: the ratio would then be a turn's rounding blown up) or no oracle
+    (alpha is out of reach)."""
     gap = needs - oracle
-    return f"{(needs - share) / gap:.2f}" if gap > 1e-9 else "-"
+    return f"{(needs - share) / gap:.2f}" if gap >= 1 / turns else "-"
 
 
 def oracle_cloud_share(trace: list[Turn], alpha: float) -> float:
@@ -341,7 +343,7 @@ def table(name: str, trace: list[Turn], prior: Prior | None, args: argparse.Name
             if np.isnan(share):
                 print(f"| {alpha} | {name} | - | - | out of reach | - | - | - | - |")
                 continue
-            covered = capture(needs, oracle, share)
+            covered = capture(needs, oracle, share, len(trace))
             print(f"| {alpha} | {name} | {alpha:.3f} | 0.000 | {share:.3f} | {covered} | - | - | - |")
         by_seed = [[make() for make in routers(trace, alpha, args, prior, seed)] for seed in args.seed]
         runs[alpha] = by_seed[0]
@@ -364,9 +366,9 @@ def router_row(alpha: float, runs: tuple[Run, ...], yardsticks: tuple[float, flo
     sats = [sum(r.satisfied) / n for r in runs]
     shares = [sum(r.clouds) / n for r in runs]
     missed = sum(sat < alpha - 0.005 for sat in sats)
-    covered = capture(*yardsticks, fmean(shares))
+    covered = capture(*yardsticks, fmean(shares), n)
     if len(runs) > 1 and covered != "-":
-        each = sorted(float(capture(*yardsticks, share)) for share in shares)
+        each = sorted(float(capture(*yardsticks, share, n)) for share in shares)
         covered += f" ({each[0]:.2f} to {each[-1]:.2f})"
     if missed:
         covered += " (SLA missed)" if len(runs) == 1 else f" (SLA missed in {missed} of {len(runs)} seeds)"

@@ -319,3 +319,26 @@ def test_your_prior_goes_to_the_state_directory_and_the_daemon_starts_from_it(
     ), fitted.stdout
     handle = daemon_factory()
     assert "starts from the prior fitted on mine_trace.jsonl (sha256" in handle.log(), handle.log()
+
+
+def test_a_local_model_wrong_on_every_turn_has_no_capture_blown_up(tmp_path: Path) -> None:
+    """On 60 questions the local model always got wrong (4-digit products), knowing every label saved under
+    one turn over random routing (0.712 against 0.700 at alpha 0.7), and the replay printed captures of
+    -3.68 and 2.31: a turn's rounding divided by almost nothing. Now '-' there, as where nothing is to gain."""
+    pytest.importorskip("matplotlib")
+    trace = renamed_trace(tmp_path, 60)
+    rows = [json.loads(line) for line in trace.read_text().splitlines()]
+    for row in rows:
+        row["models"]["qwen2.5-3b-instruct"]["satisfied"] = 0
+        row["models"]["cloud"]["satisfied"] = int(row is not rows[7])
+    trace.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = script(
+        "replay.py", "--trace", str(trace), "--split", "none", "--alphas", "0.7", "--seed", "1", "2", "--out", ""
+    )
+    assert done.returncode == 0, done.stderr
+    table = [
+        line.split(" | ")
+        for line in done.stdout.splitlines()
+        if line.startswith("| 0.7 | ") and "shadow labels" not in line
+    ]
+    assert len(table) == 7 and all(cells[5].startswith("-") for cells in table), done.stdout
