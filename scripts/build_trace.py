@@ -266,20 +266,32 @@ def examples(archive: tarfile.TarFile, path: str) -> list[dict[str, object]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", choices=sorted(TASK_SETS), default="bigbench")
+    parser.add_argument(
+        "--tasks", choices=sorted(TASK_SETS), default="bigbench", help="BIG-bench task set (without --questions)"
+    )
     parser.add_argument("--questions", metavar="JSONL", help="your own question set instead of BIG-bench's tasks")
     parser.add_argument("--model", metavar="GGUF", help="the local model (default: the embedded one)")
     parser.add_argument("--name", help="the local model's name in the trace (default: the GGUF file's name)")
-    parser.add_argument("--out", help="default: policy/data/bigbench_trace.jsonl, or bigbench_unseen_trace.jsonl")
-    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "locod-bigbench"))
+    parser.add_argument(
+        "--out",
+        help="the trace to write (needed with --questions, --limit or --model; default: the shipped trace of --tasks, "
+        "policy/data/bigbench_trace.jsonl or bigbench_unseen_trace.jsonl)",
+    )
+    parser.add_argument(
+        "--cache",
+        default=str(Path(tempfile.gettempdir()) / "locod-bigbench"),
+        help="where the BIG-bench sdist is kept between runs (default: %(default)s)",
+    )
     parser.add_argument("--limit", type=int, default=0, help="at most this many questions per task (0: all)")
     parser.add_argument("--rerun-local", metavar="TRACE", help="rerun the local model over TRACE's prompts")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default: 2)")
     args = parser.parse_args()
     if args.limit < 0:
         parser.error(f"--limit {args.limit}: a number of questions per task, at least 1 (0 takes them all)")
     if args.questions and not args.out:
         parser.error("--questions needs --out (the shipped traces are BIG-bench's)")
+    if not args.out and (args.limit or args.model):
+        parser.error("--limit and --model make a trace other than the shipped one: name it with --out")
     if args.questions and Path(args.out).resolve() == Path(args.questions).resolve():
         parser.error("--out names the question file itself: the trace would replace your questions")
     rng = random.Random(SEED)

@@ -342,3 +342,13 @@ def test_a_local_model_wrong_on_every_turn_has_no_capture_blown_up(tmp_path: Pat
         if line.startswith("| 0.7 | ") and "shadow labels" not in line
     ]
     assert len(table) == 7 and all(cells[5].startswith("-") for cells in table), done.stdout
+
+
+def test_a_quick_bigbench_build_does_not_overwrite_the_shipped_trace() -> None:
+    """build_trace.py --limit 5 ("for a quick run", its help said) wrote its 35 turns over
+    policy/data/bigbench_trace.jsonl, the trace the prior and every figure rest on; so did --model."""
+    before = TRACE.stat().st_mtime_ns
+    for extra in (("--limit", "5"), ("--model", str(TRACE))):
+        done = script("build_trace.py", *extra)
+        assert done.returncode != 0 and "make a trace other than the shipped one: name it with --out" in done.stderr
+    assert TRACE.stat().st_mtime_ns == before
