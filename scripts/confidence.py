@@ -45,7 +45,9 @@ def within_task(score: np.ndarray, y: np.ndarray, tasks: np.ndarray) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trace", default=str(REPO / "policy/data/bigbench_trace.jsonl"))
+    parser.add_argument(
+        "--trace", default=str(REPO / "policy/data/bigbench_trace.jsonl"), help="default: the development trace"
+    )
     args = parser.parse_args()
     rows = read_trace(Path(args.trace))
     y = np.array([r["models"][LOCAL]["satisfied"] for r in rows])
