@@ -266,16 +266,18 @@ class Daemon:
     def _keep_socket(self) -> None:
         """Bind the ipc socket again when its file was removed (tmpfiles cleaning the runtime directory, a
         user's rm): the daemon served on, reachable by no client, `locod stop` included, and refused a new
-        start for the state directory it still held."""
+        start for the state directory it still held. A directory made again by another daemon meanwhile (its
+        lock held by that one) is that one's: its socket is left alone, and this daemon says how to stop it."""
         runtime = self.config.runtime_dir
         path = runtime / "locod.sock"
-        if os.path.lexists(path):
+        holds_runtime = self._holds_runtime()
+        if holds_runtime and os.path.lexists(path):
             self._socket_lost = False
             return
         if not self._socket_lost:  # one warning a loss, not one every 10 s while it cannot be bound
             log.warning("the socket %s was removed under the running daemon; binding it again", path)
         try:
-            if not (runtime / "locod.lock").exists():  # the whole directory went, and its lock with it
+            if not holds_runtime:  # the whole directory went, and its lock with it: already_running if taken
                 self._locks[1] = _exclusive_lock(runtime)
             self.sockets[IPC].unbind(self.config.ipc_endpoint)
             self.sockets[IPC].bind(self.config.ipc_endpoint)
@@ -284,6 +286,15 @@ class Daemon:
             if not self._socket_lost:
                 log.error("cannot bind %s again (%s); stop this daemon with `kill %d`", path, exc, os.getpid())
             self._socket_lost = True
+
+    def _holds_runtime(self) -> bool:
+        """Whether the runtime directory's lock file is still the one this daemon locked: a removed directory
+        took it along, and another daemon may hold the one there now, and own the socket beside it."""
+        try:
+            there, held = os.stat(self.config.runtime_dir / "locod.lock"), os.fstat(self._locks[1].fileno())
+        except OSError:
+            return False
+        return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
 
     def _drain_requests(self, tag: bytes, sock: zmq.Socket[bytes]) -> None:
         for _ in range(100):  # bounded, so outgoing frames and signals are not starved
@@ -703,7 +714,7 @@ class Daemon:
         if self.tcp_guard is not None:
             self.tcp_guard.close()
         self.ctx.destroy(linger=0)
-        if IPC in self.sockets:  # ours (the runtime dir's lock says so): a stale file would make clients wait
+        if IPC in self.sockets and self._holds_runtime():  # ours: a stale file would make clients wait
             (self.config.runtime_dir / "locod.sock").unlink(missing_ok=True)
         self.notifier.close()
         log.info("stopped after %d turns", self.turns_served)  # a log that ends here was not a crash

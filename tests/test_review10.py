@@ -1,0 +1,33 @@
+"""The tenth review's findings, each against a real daemon with the real model."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from locod.client import Client
+
+from .conftest import wait_for
+
+
+def test_a_daemon_whose_runtime_directory_another_took_leaves_its_socket_alone(daemon_factory: Any) -> None:
+    """Review finding: a daemon whose runtime directory was removed, and then made again by a second daemon
+    (another state directory, the same runtime directory), took the second's socket file for its own: it
+    stayed quiet, unreachable, and its stop removed the second's socket, leaving the second unreachable too.
+    Now it says another daemon serves there and names the pid to stop it by, and its stop leaves the
+    second's socket in place."""
+    first = daemon_factory(name="a")
+    run = first.home / "run"
+    shutil.rmtree(run)  # the first binds its socket again at its next look (every 10 s) ...
+    wait_for(lambda: (run / "locod.sock").exists(), 30, "the socket to be bound again")
+    shutil.rmtree(run)  # ... and removed again right after it, the second starts long before the next
+    second = daemon_factory(name="b", extra_env={"LOCOD_RUNTIME_DIR": str(run)})
+    wait_for(lambda: "another locod daemon" in first.log(), 30, "the first daemon to see the second")
+    assert f"kill {first.proc.pid}" in first.log()
+    assert first.stop() == 0
+    assert (run / "locod.sock").exists()
+    client = Client(f"ipc://{run / 'locod.sock'}", timeout_s=30)
+    try:
+        assert client.status()["pid"] == second.proc.pid
+    finally:
+        client.close()
