@@ -655,10 +655,11 @@ def read_recent(path: Path, limit: int, of: str | None = None) -> list[dict[str,
 
 def _matching(of: str | None) -> tuple[str, list[Any]]:
     """The WHERE clause for the records of ``of``: a decision id (what ``x-locod-decision`` and ``locod
-    feedback`` name) when it is a number, else a request id (an HTTP completion's ``id``)."""
+    feedback`` name) when it is a number SQLite's integers hold (one past them raised OverflowError), else a
+    request id (an HTTP completion's ``id``)."""
     if of is None:
         return "", []
-    if of.isdecimal() and of.isascii():
+    if of.isdecimal() and of.isascii() and int(of) < 1 << 63:
         return "WHERE id = ?", [int(of)]
     return "WHERE request_id = ?", [of]
 

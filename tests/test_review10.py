@@ -31,3 +31,18 @@ def test_a_daemon_whose_runtime_directory_another_took_leaves_its_socket_alone(d
         assert client.status()["pid"] == second.proc.pid
     finally:
         client.close()
+
+
+def test_decisions_of_a_number_past_sqlites_integers_finds_none(daemon_factory: Any) -> None:
+    """Review finding: `locod decisions ID` with a number past SQLite's 64-bit integers (a pasted timestamp in
+    nanoseconds, a typo) raised OverflowError in the daemon's reader, and in the CLI's own reader with the
+    daemon stopped; now it finds no record, as any id nothing has does."""
+    handle = daemon_factory()
+    huge = "9" * 30
+    for running in (True, False):
+        shown = handle.cli("decisions", huge)
+        assert shown.returncode != 0 and f"no decision record has the id {huge!r}" in shown.stderr, shown.stderr
+        assert "Traceback" not in shown.stderr and ("not running" in shown.stderr) != running
+        if running:
+            assert handle.stop() == 0
+    assert "Traceback" not in handle.log()
