@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from typing import Any
+
+import pytest
 
 from locod.client import Client
 
@@ -46,3 +49,22 @@ def test_decisions_of_a_number_past_sqlites_integers_finds_none(daemon_factory: 
         if running:
             assert handle.stop() == 0
     assert "Traceback" not in handle.log()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making a directory another user owns needs root")
+def test_a_runtime_directory_another_user_made_again_gets_no_socket(daemon_factory: Any) -> None:
+    """Review finding: once the runtime directory was removed (systemd-tmpfiles ageing /tmp/locod-$UID),
+    another user could make it again with a ``locod.lock`` file in it; the daemon took the lock file's
+    presence for its own lock and bound its socket in that user's directory, where that user could swap
+    it for one of their own and read what clients send. Now the daemon binds only in a directory it could
+    lock, which refuses a directory another user owns."""
+    handle = daemon_factory()
+    run = handle.home / "run"
+    shutil.rmtree(run)
+    run.mkdir(mode=0o777)
+    (run / "locod.lock").touch()
+    os.chown(run, 65534, 65534)
+    os.chmod(run, 0o777)
+    wait_for(lambda: "cannot bind" in handle.log(), 30, "the daemon's look at its socket")
+    assert "is not a directory owned by this user" in handle.log()
+    assert not (run / "locod.sock").exists()
