@@ -448,6 +448,17 @@ def rank_chunks(
     return sorted(scored, key=lambda c: (-c.score, c.index))
 
 
+def chunks_for(doc: PreparedAttachment, budgets: list[int]) -> tuple[DocChunk, ...]:
+    """The chunks ``select_chunks`` picks at any of ``budgets``, and the one it cuts when none fits, in the
+    document's order: of those alone it picks at each of those budgets what it picks of the whole document
+    (its scan, in the same order, meets the same sums at each chunk it keeps), so a question waiting to be
+    asked keeps them rather than the whole document."""
+    candidates = [c for c in doc.chunks if c.score > 0] or sorted(doc.chunks, key=lambda c: c.index)
+    kept = {chunk.index for budget in budgets for chunk in select_chunks(doc, budget)}
+    kept.update(c.index for c in candidates[:1])  # the best one, cut to a budget too small for it
+    return tuple(c for c in doc.chunks if c.index in kept)
+
+
 def select_chunks(doc: PreparedAttachment, token_budget: int) -> list[DocChunk]:
     """The best chunks that fit ``token_budget`` (tokens estimated from characters), back in document order.
 

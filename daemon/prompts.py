@@ -10,8 +10,9 @@ own history (``Turn.sent_private``); ``withheld_history`` says so.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from locod.daemon import attachments as att
@@ -84,15 +85,30 @@ class LocalQuestion:
         third of the context, measured at four characters a token, which Chinese text, digits or code pass
         several times over: while the question with its excerpts does not fit, the excerpts are halved, and
         only a question too long without them is refused."""
-        doc_tokens = self.n_ctx // 3
         documents = any(a.kind == "document" for a in self.attachments)
-        while True:
-            try:
+        *larger, smallest = self.doc_budgets() if documents else self.doc_budgets()[:1]
+        for doc_tokens in larger:
+            with contextlib.suppress(PromptTooLong):
                 return fit(self.messages(doc_tokens))
-            except PromptTooLong:
-                doc_tokens //= 2
-                if not documents or doc_tokens < MIN_DOC_TOKENS:
-                    raise
+        return fit(self.messages(smallest))
+
+    def doc_budgets(self) -> list[int]:
+        """The documents' token budgets ``fitted`` tries in turn: a third of the context, halved down to
+        ``MIN_DOC_TOKENS``."""
+        budgets = [self.n_ctx // 3]
+        while budgets[-1] // 2 >= MIN_DOC_TOKENS:
+            budgets.append(budgets[-1] // 2)
+        return budgets
+
+    def kept(self) -> LocalQuestion:
+        """This question holding only what its prompts can use: of each document the chunks some budget of
+        ``fitted`` selects, and no image (the local model reads none). A shadow job waits in its lane's queue
+        with its question: holding the turn's whole attachments, sixteen of them kept up to
+        ``daemon.max_message_bytes`` each in memory, for a few kilobytes of excerpts."""
+        documents = [a for a in self.attachments if a.kind == "document"]
+        shares = [budget // len(documents) for budget in self.doc_budgets()] if documents else []
+        kept = tuple(replace(doc, chunks=att.chunks_for(doc, shares)) for doc in documents)
+        return replace(self, attachments=kept)
 
 
 def cloud_messages(turn: Turn, send: tuple[int, ...], doc_token_budget: int) -> tuple[list[dict[str, object]], Upload]:

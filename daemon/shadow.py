@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import Config
@@ -88,7 +88,7 @@ class ShadowLane:
 
     def offer(self, job: ShadowJob) -> None:
         if self.affordable():
-            self._jobs.append(job)
+            self._jobs.append(replace(job, asked=job.asked.kept()))  # here: after the turn's reply
             self._wake.set()
 
     def close(self) -> None:

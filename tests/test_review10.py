@@ -9,8 +9,13 @@ from typing import Any
 import pytest
 
 from locod.client import Client
+from locod.daemon import attachments as att
+from locod.daemon.config import AttachmentsConfig
+from locod.daemon.prompts import LocalQuestion
+from locod.protocol import Attachment
 
 from .conftest import wait_for
+from .test_http import png
 
 
 def test_a_daemon_whose_runtime_directory_another_took_leaves_its_socket_alone(daemon_factory: Any) -> None:
@@ -68,3 +73,25 @@ def test_a_runtime_directory_another_user_made_again_gets_no_socket(daemon_facto
     wait_for(lambda: "cannot bind" in handle.log(), 30, "the daemon's look at its socket")
     assert "is not a directory owned by this user" in handle.log()
     assert not (run / "locod.sock").exists()
+
+
+def test_a_waiting_shadow_question_keeps_its_excerpts_not_its_attachments() -> None:
+    """Review finding: a shadow job, queued (up to 16) until the local model is idle, held its turn's whole
+    prepared attachments in its ``LocalQuestion``: every chunk of each document and each image's JPEG, up to
+    ``daemon.max_message_bytes`` a turn, where it had held a few kilobytes of excerpts. Now the queued
+    question keeps the chunks its prompts can select, and gives the same prompt at every budget it tries."""
+    config = AttachmentsConfig()
+    terms = att.terms("What does the report say about river levels?")
+    filler = "".join(
+        f"Paragraph {i}: the river levels rose by {i % 7} metres near station {i}.\n" for i in range(40_000)
+    )
+    report = att.prepare(Attachment("document", "report.txt"), filler.encode(), terms, config)
+    notes = att.prepare(Attachment("document", "notes.txt"), ("河流水位上升。" * 50_000).encode(), terms, config)
+    image = att.prepare(Attachment("image", "photo.png"), png(640, 480), terms, config)
+    asked = LocalQuestion([], "What does the report say about river levels?", (report, image, notes), 2048)
+    kept = asked.kept()
+    for budget in asked.doc_budgets():
+        assert kept.messages(budget) == asked.messages(budget)
+    assert [a.name for a in kept.attachments] == ["report.txt", "notes.txt"]
+    whole = sum(len(c.text) for a in asked.attachments for c in a.chunks)
+    assert sum(len(c.text) for a in kept.attachments for c in a.chunks) * 100 < whole
