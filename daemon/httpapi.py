@@ -290,10 +290,14 @@ class HttpServer:
             raise wire.error_of(first)
         assert isinstance(first, DecisionFrame)
         exchange.decision = first
-        if completion.options.stream:
-            held = await self._before_text(exchange, request)
-            return EventSourceResponse(self._events(exchange, held), headers=exchange.headers(), ping=15)
-        body = await self._whole(exchange, request)
+        try:
+            if completion.options.stream:
+                held = await self._before_text(exchange, request)
+                return EventSourceResponse(self._events(exchange, held), headers=exchange.headers(), ping=15)
+            body = await self._whole(exchange, request)
+        except wire.HttpError as exc:  # the turn has a record: its failure names it, as an answer would
+            exc.decision = exchange.headers()
+            raise
         return JSONResponse(body, headers=exchange.headers())
 
     async def _before_text(self, exchange: Exchange, request: Request) -> list[Frame]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from typing import Any
 
+import openai
 import pytest
 
 from locod.client import Client
@@ -14,8 +16,10 @@ from locod.daemon.config import AttachmentsConfig
 from locod.daemon.prompts import LocalQuestion
 from locod.protocol import Attachment
 
-from .conftest import wait_for
-from .test_http import png
+from .conftest import cloud_config, wait_for
+from .faultproxy import Fault, FaultProxy
+from .test_escalation import CLOUD
+from .test_http import http_daemon, png, sdk
 
 
 def test_a_daemon_whose_runtime_directory_another_took_leaves_its_socket_alone(daemon_factory: Any) -> None:
@@ -95,3 +99,22 @@ def test_a_waiting_shadow_question_keeps_its_excerpts_not_its_attachments() -> N
     assert [a.name for a in kept.attachments] == ["report.txt", "notes.txt"]
     whole = sum(len(c.text) for a in asked.attachments for c in a.chunks)
     assert sum(len(c.text) for a in kept.attachments for c in a.chunks) * 100 < whole
+
+
+def test_a_turn_that_fails_after_its_decision_names_its_record(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """Review finding: a stream that failed before its first text, now answered with its HTTP status, lost the
+    ``x-locod-decision`` header its 200 had carried (an unstreamed failure never had it): the record of a
+    failed turn, the one worth reading, could not be found by `locod decisions ID`. Now a failure after the
+    decision carries the decision's headers."""
+    handle, base = http_daemon(daemon_factory, cloud_config(proxy.base_url, max_retries=0))
+    proxy.set(Fault(kind="status", status=500))
+    too_long_for_local: Any = [{"role": "user", "content": "word " * 2500}]
+    for stream in (False, True):
+        with pytest.raises(openai.APIStatusError) as failed:
+            sdk(base).chat.completions.create(model=CLOUD, messages=too_long_for_local, max_tokens=4, stream=stream)
+        assert failed.value.status_code == 502
+        decision = failed.value.response.headers["x-locod-decision"]
+        assert failed.value.response.headers["x-locod-location"] == "cloud"  # no fallback text came
+        shown = handle.cli("decisions", decision, "--json")
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)[0]["outcome"] == "error"
