@@ -279,7 +279,8 @@ class Daemon:
         try:
             if not holds_runtime:  # the whole directory went, and its lock with it: already_running if taken
                 self._locks[1] = _exclusive_lock(runtime)
-            self.sockets[IPC].unbind(self.config.ipc_endpoint)
+            with contextlib.suppress(zmq.ZMQError):  # unbound already, by a try whose bind then failed
+                self.sockets[IPC].unbind(self.config.ipc_endpoint)
             self.sockets[IPC].bind(self.config.ipc_endpoint)
             os.chmod(path, 0o600)
         except (LocodError, OSError, zmq.ZMQError) as exc:

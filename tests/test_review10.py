@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from typing import Any
 
 import openai
@@ -118,3 +119,24 @@ def test_a_turn_that_fails_after_its_decision_names_its_record(daemon_factory: A
         shown = handle.cli("decisions", decision, "--json")
         assert shown.returncode == 0, shown.stderr
         assert json.loads(shown.stdout)[0]["outcome"] == "error"
+
+
+def test_a_socket_that_could_not_be_bound_again_is_bound_once_it_can(daemon_factory: Any) -> None:
+    """Review finding: when binding the removed socket again failed (its file system read-only for a while,
+    out of inodes), the socket stayed unbound, and every later look failed at unbinding it ("No such file or
+    directory") before it tried to bind: the daemon stayed unreachable once the file system was writable
+    again. Now a later look binds it."""
+    handle = daemon_factory()
+    run = handle.home / "run"
+    (run / "locod.sock").unlink()
+    # A read-only view of the runtime directory over it (the daemon's lock file stays open on the one below)
+    if subprocess.run(["mount", "--bind", str(run), str(run)]).returncode:
+        pytest.skip("cannot bind-mount here (needs root)")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(run)], check=True)
+        wait_for(lambda: "cannot bind" in handle.log(), 30, "a failed bind")
+    finally:
+        subprocess.run(["umount", str(run)], check=True)
+    wait_for(lambda: (run / "locod.sock").exists(), 30, "the socket to be bound again")
+    assert handle.client().status()["pid"] == handle.proc.pid
+    assert handle.stop() == 0
