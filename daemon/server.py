@@ -285,7 +285,12 @@ class Daemon:
             os.chmod(path, 0o600)
         except (LocodError, OSError, zmq.ZMQError) as exc:
             if not self._socket_lost:
-                log.error("cannot bind %s again (%s); stop this daemon with `kill %d`", path, exc, os.getpid())
+                log.error(
+                    "cannot bind %s again (%s): trying every 10 s; or stop this daemon: `kill %d`",
+                    path,
+                    exc,
+                    os.getpid(),
+                )
             self._socket_lost = True
 
     def _holds_runtime(self) -> bool:
