@@ -296,7 +296,7 @@ class HttpServer:
                 return EventSourceResponse(self._events(exchange, held), headers=exchange.headers(), ping=15)
             body = await self._whole(exchange, request)
         except wire.HttpError as exc:  # the turn has a record: its failure names it, as an answer would
-            exc.decision = exchange.headers()
+            exc.decision_headers = exchange.headers()
             raise
         return JSONResponse(body, headers=exchange.headers())
 

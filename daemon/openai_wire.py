@@ -61,7 +61,7 @@ class HttpError(Exception):
     def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
-        self.decision: dict[str, str] = {}  # a turn's x-locod-* headers, when it failed after its decision
+        self.decision_headers: dict[str, str] = {}  # a turn's x-locod-* headers, when it failed after its decision
 
     def body(self) -> dict[str, Any]:
         kind = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}
@@ -73,7 +73,7 @@ class HttpError(Exception):
         """``Retry-After`` on a 429 (a limit of turns in flight, freed as turns end): the SDKs wait that long
         before their own retry, as they do for the connection limit's 503 (httpconn.py); and the ``x-locod-*``
         headers of a turn that failed after its decision, by which its record is found."""
-        return {**self.decision, **({"retry-after": "1"} if self.status == 429 else {})}
+        return {**self.decision_headers, **({"retry-after": "1"} if self.status == 429 else {})}
 
 
 @dataclass(frozen=True)
