@@ -55,9 +55,11 @@ ENDPOINT_4XX = frozenset({401, 403, 404, 408, 429})
 BANDWIDTH_SAMPLE_BYTES, BANDWIDTH_WEIGHT = 50_000, 0.3
 # How servers refuse a prompt past the model's context: OpenAI and vLLM ("maximum context length"),
 # llama.cpp's servers ("exceed context window", "exceeds the available context size", "n_ctx"), Anthropic's
-# compatible API ("prompt is too long"), TGI ("must be <= 4096"); not every 400 that says "context".
+# compatible API ("prompt is too long"), Gemini's ("exceeds the maximum number of tokens allowed"), TGI ("must be
+# <= 4096"); not every 400 that says "context".
 CONTEXT_REFUSAL = re.compile(
-    r"context[ _-]?(length|window|size)|\bn_ctx\b|prompt is too long|tokens \+ `max_new_tokens` must be",
+    r"context[ _-]?(length|window|size)|\bn_ctx\b|prompt is too long|maximum number of tokens allowed"
+    r"|tokens \+ `max_new_tokens` must be",
     re.IGNORECASE,
 )
 

@@ -303,6 +303,7 @@ def test_a_400_for_a_prompt_past_the_cloud_models_context_names_context_tokens(
         "Requested tokens (6038) exceed context window of 4096",  # llama-cpp-python's server
         "the request exceeds the available context size, try increasing it",  # llama.cpp's llama-server
         "prompt is too long: 210000 tokens > 200000 maximum",
+        "The input token count (1100000) exceeds the maximum number of tokens allowed (1048576).",  # Gemini
         "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. Given: 6038",  # TGI
     ],
 )
