@@ -97,7 +97,7 @@ class TcpGuard:
             host = peer[0]
             over = self._over(host)
             if over is not None:
-                self._forget_closed()
+                self._forget_closed(host if over[0] == "host" else None)
                 over = self._over(host)
             while over is not None and self._evict(host if over[0] == "host" else None, over[1]):
                 over = self._over(host)
@@ -133,11 +133,12 @@ class TcpGuard:
         )
         return True
 
-    def _forget_closed(self) -> None:
-        """Stop counting the connections their peers have closed: on a busy machine libzmq reports a close
-        some connections late, and a client that opens one connection at a time (connect, ask, close) was
-        refused at ``max_tcp_per_host`` for connections it had closed, its request lost."""
-        for fd, counted in list(self._live.items()):
+    def _forget_closed(self, host: str | None) -> None:
+        """Stop counting the connections (from ``host``, or any) their peers have closed: on a busy machine
+        libzmq reports a close some connections late, and a client that opens one connection at a time
+        (connect, ask, close) was refused at ``max_tcp_per_host`` for connections it had closed, its request
+        lost. Only the host at its bound is looked at, so one host's flood costs its own few connections."""
+        for fd, counted in [(fd, c) for fd, c in self._live.items() if host in (None, c.host)]:
             with _endpoint_conn(fd, self._port) as found:
                 if found is None or found[1] != counted.peer or _closed_by_peer(found[0]):
                     self._gone(fd)
