@@ -330,7 +330,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 continue
             if not line.strip() or line.strip() in LEAVE_CHAT:
                 return 0
-            if re.fullmatch(r"\s*/\S*\s*", line):  # a chat tool's command (Ollama's /clear, /set): never a question
+            if re.fullmatch(r"\s*/[A-Za-z?]*\s*", line):  # a chat tool's command (Ollama's /clear, /?), not a path
                 print(f"locod chat has no {line.strip()}: {CHAT_KEYS}", file=sys.stderr)
                 continue
             try:

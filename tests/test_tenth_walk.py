@@ -157,7 +157,7 @@ def test_chat_leaves_on_ollamas_bye_and_sends_no_slash_command_to_the_model(daem
     """Walk finding: in `locod chat` (Ollama's `run`), `/bye` was sent to the model as a question and answered,
     and so would `/clear` or `/set` be; the chat went on."""
     handle = daemon_factory()
-    shown = handle.cli("chat", "--max-tokens", "2", stdin="Hi\n/clear\n/bye\nnever sent\n")
+    shown = handle.cli("chat", "--max-tokens", "2", stdin="Hi\n/clear\n/etc/hosts\n/bye\nnever sent\n")
     assert shown.returncode == 0, shown.stderr
     assert "locod chat has no /clear: Ctrl-C stops an answer; an empty line, Ctrl-D or /bye leaves." in shown.stderr
-    assert [row["prompt_chars"] for row in handle.rows()] == [len("Hi")]
+    assert [row["prompt_chars"] for row in handle.rows()] == [len("Hi"), len("/etc/hosts")]  # a path is a question
