@@ -320,21 +320,25 @@ def cloud_daemon(daemon_factory: Any, proxy: FaultProxy) -> DaemonHandle:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 600 kB tmpfs: a state directory whose disk fills after a few turns (needs root to mount)."""
+    """A 600 kB tmpfs: a state directory whose disk fills after a few turns (needs root to mount). It holds a
+    128 kB ``filler`` file, made before any daemon writes there: ``fill_disk`` grows it until the disk is
+    full, and removing it frees at least that much, however much the daemon wrote meanwhile (in a CI run
+    under load, creating the file after the daemon's first turn failed: ENOSPC)."""
     mount = tmp_path / "small"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
+    (mount / "filler").write_bytes(b"\0" * (128 << 10))
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def fill_disk(path: Path) -> None:
-    """Write zeros to ``path`` until its disk is full."""
-    with path.open("ab") as f:
-        try:
+    """Write zeros to ``path`` until its disk is full (it may be full already)."""
+    try:
+        with path.open("ab") as f:
             while True:
                 f.write(b"\0" * 65536)
                 f.flush()
-        except OSError:
-            pass
+    except OSError:
+        pass
