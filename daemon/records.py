@@ -672,7 +672,19 @@ def _decoded(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def answer_digest(text: str) -> str:
-    """What an answer is known by again (column ``private_answer``): its text's SHA-256."""
+    """What an answer is known by again (column ``private_answer``): the SHA-256 of its words, whitespace
+    collapsed. A client does not always send an answer back byte for byte (a chat UI trims it, a browser's
+    text field turns its line ends into CRLF): known by its exact text, such an answer went to the cloud."""
+    return _sha256(" ".join(text.split()))
+
+
+def answer_digests(text: str) -> tuple[str, str]:
+    """What an answer a client sends back may be known by: ``answer_digest``, and its exact text's SHA-256,
+    which logs written before whitespace was collapsed hold."""
+    return answer_digest(text), _sha256(text)
+
+
+def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode(errors="surrogatepass")).hexdigest()
 
 
