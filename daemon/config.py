@@ -589,7 +589,7 @@ def _check_names(config: Config, origins: Mapping[str, str]) -> None:
         if not model.base_url.startswith(("http://", "https://")):
             raise ConfigError(
                 f"{config.source}: cloud model {model.name!r}: base_url must be an http(s) URL, such as "
-                f"https://api.openai.com/v1, got {model.base_url!r}"
+                f"https://api.openai.com/v1, got {redacted_url(model.base_url)!r}"
             )
     if not config.local.hub_endpoint.startswith(("http://", "https://")):
         raise ConfigError(

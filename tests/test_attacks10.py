@@ -1,0 +1,82 @@
+"""Round ten of attacks on a running daemon: privacy and secrets end to end. Private material must never
+reach a cloud model, and secrets (keys, a base_url's password) never what the daemon shows or says; each
+test is one way in that broke, and now holds. The cloud is the loopback server behind the recording proxy."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from locod.daemon.sessions import WITHHELD
+from locod.protocol import Attachment
+
+from .conftest import SECRET, cloud_config, free_port, locod_command, write_config
+from .faultproxy import FaultProxy
+
+KEY = {"LOCOD_CLOUD_API_KEY": SECRET}
+MEMO = Attachment("document", "memo.md", data=b"The vault code is ZX-4471-QQ.", private=True)
+PASSWORD = "hunter2-b4se-url"
+
+
+def _post(port: int, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())  # type: ignore[no-any-return]
+
+
+def test_a_private_answer_sent_back_with_its_whitespace_changed_is_still_withheld(
+    daemon_factory: Any, proxy: FaultProxy
+) -> None:
+    """A client that sends its conversation back does not always send the answer byte for byte: a chat UI
+    trims it, a browser's text field turns its line ends into CRLF, another adds a newline. The daemon knew
+    its answers made from private material by the SHA-256 of their exact text, so any such change sent the
+    private answer to the cloud in full; now it knows them by their words, whitespace aside."""
+    port = free_port()
+    config = cloud_config(proxy.base_url, timeout_s=60.0)
+    config["http"] = {"listen": f"127.0.0.1:{port}"}
+    handle = daemon_factory(config, extra_env=KEY)
+    question = "What is the vault code? Quote the memo."
+    first = handle.client().ask(question, attachments=[MEMO], force="local", max_tokens=16, temperature=0.0, seed=1)
+    answer = first.text.strip()
+    assert answer
+    reshaped = ("\n" + answer.replace("\n", "\r\n") + "\n", " ".join(answer.split()) + "  ")
+    conversation = [{"role": "user", "content": question}, {"role": "assistant", "content": reshaped[0]}]
+    conversation.append({"role": "user", "content": "Thanks. Now say hello."})
+    over_http = _post(port, {"model": "cloud-small", "messages": conversation, "max_tokens": 4})
+    assert over_http["locod"]["location"] == "cloud"
+    conversation[1]["content"] = reshaped[1]
+    over_socket = handle.client().ask(None, messages=conversation, force="cloud", max_tokens=4)  # type: ignore[arg-type]
+    assert over_socket.decision.location == "cloud"
+    sent = [seen.body["messages"] for seen in proxy.chat_requests()]
+    assert len(sent) == 2 and all(messages[1] == {"role": "assistant", "content": WITHHELD} for messages in sent)
+    assert "ZX-4471" not in json.dumps(sent) and answer not in json.dumps(sent)
+
+
+def test_no_command_shows_the_password_a_base_url_carries(daemon_factory: Any, tmp_path: Path) -> None:
+    """A base_url may carry user:password (a proxy gateway's basic auth). `locod status`, `config show` and
+    the messages redact it; `locod models list` printed the URL as written, password and all. A base_url that
+    is not http(s) was quoted whole in the config error, the daemon's log and `locod reload`'s answer."""
+    url = f"http://alice:{PASSWORD}@127.0.0.1:{free_port()}/v1"  # nothing listens: no turn is needed
+    handle = daemon_factory(cloud_config(url, mode="auto"), extra_env=KEY)
+    for command in (("models", "list"), ("models", "list", "--json"), ("status",), ("config", "show")):
+        done = handle.cli(*command)
+        assert done.returncode == 0, done.stderr
+        assert PASSWORD not in done.stdout + done.stderr, command
+    assert "127.0.0.1" in handle.cli("models", "list").stdout  # the endpoint is still named, without it
+
+    bad = cloud_config(f"ftp://alice:{PASSWORD}@files.example/v1")
+    config = write_config(tmp_path / "bad.toml", bad)
+    for command in (("config", "show"), ("models", "list")):
+        args = ("--config", str(config), *command)
+        done = subprocess.run(locod_command(*args), capture_output=True, text=True, env=handle.env, timeout=60)
+        assert done.returncode != 0 and "base_url must be an http(s) URL" in done.stderr, done.stderr
+        assert PASSWORD not in done.stdout + done.stderr
+    handle.config_path.write_text(config.read_text())
+    reloaded = handle.cli("reload")
+    assert "base_url must be an http(s) URL" in reloaded.stdout + reloaded.stderr
+    assert PASSWORD not in reloaded.stdout + reloaded.stderr and PASSWORD not in handle.log()
