@@ -41,6 +41,7 @@ from locod.daemon.records import (
     Outcome,
     answer_digest,
     answer_digests,
+    opening_digests,
 )
 from locod.daemon.reply import Reply
 from locod.daemon.sessions import Session, SessionStore, TurnTrail, door_of
@@ -526,6 +527,7 @@ class TurnRunner:
                 attachments_sent=[turn.attachments[i].name for i in sorted({*decision.send, *ending.uploaded})],
                 confidence=ending.judged,
                 private_answer=answer_digest(g.text) if private and g.text.strip() else None,
+                private_openings=opening_digests(g.text) if private else (),
             ),
         )
         if ending.outcome not in ANSWERED:

@@ -330,8 +330,8 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def fill_disk(path: Path) -> None:
-    """Write zeros to ``path`` until its disk is full."""
-    with path.open("ab") as f:
+    """Write zeros to ``path`` until its disk is full (unbuffered: a buffer's flush at close would fail too)."""
+    with path.open("ab", buffering=0) as f:
         try:
             while True:
                 f.write(b"\0" * 65536)

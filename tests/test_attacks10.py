@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from locod.daemon.sessions import WITHHELD
-from locod.protocol import Attachment
+from locod.protocol import Attachment, DeltaFrame
 
-from .conftest import SECRET, cloud_config, free_port, locod_command, write_config
+from .conftest import SECRET, cloud_config, free_port, locod_command, wait_for, write_config
 from .faultproxy import FaultProxy
 
 KEY = {"LOCOD_CLOUD_API_KEY": SECRET}
@@ -80,3 +80,32 @@ def test_no_command_shows_the_password_a_base_url_carries(daemon_factory: Any, t
     reloaded = handle.cli("reload")
     assert "base_url must be an http(s) URL" in reloaded.stdout + reloaded.stderr
     assert PASSWORD not in reloaded.stdout + reloaded.stderr and PASSWORD not in handle.log()
+
+
+def test_the_part_of_a_private_answer_a_user_stopped_is_still_withheld(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """A chat UI keeps the part of an answer its user stopped and sends it back with the next question. The
+    daemon knew a private answer by the digest of the whole text it made, which the part its client got
+    never matches (the model went on a few tokens after the client left): that part went to the cloud. Now
+    the answer's opening words are known too."""
+    handle = daemon_factory(cloud_config(proxy.base_url, timeout_s=60.0), extra_env=KEY)
+    question = "Quote the memo's vault code, then write a long story about the vault."
+    received = ""
+    frames = handle.client().chat(question, attachments=[MEMO], force="local", max_tokens=200, temperature=0.0)
+    for frame in frames:
+        received += frame.text if isinstance(frame, DeltaFrame) else ""
+        if len(received.split()) >= 5:
+            break  # the user presses stop: the turn is cancelled
+    frames.close()
+    assert len(received.split()) >= 5
+    (row,) = wait_for(lambda: [r for r in handle.rows() if r["outcome"] != "pending"], 60, "the turn to end")
+    assert row["outcome"] == "cancelled"
+    conversation = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": received},
+        {"role": "user", "content": "Thanks. Now say hello."},
+    ]
+    cloud = handle.client().ask(None, messages=conversation, force="cloud", max_tokens=4)  # type: ignore[arg-type]
+    assert cloud.decision.location == "cloud"
+    (seen,) = proxy.chat_requests()
+    assert seen.body["messages"][1] == {"role": "assistant", "content": WITHHELD}
+    assert received.strip() not in json.dumps(seen.body)
