@@ -33,6 +33,7 @@ from locod.daemon.decision import Decision
 from locod.daemon.escalation import AnswerJudge
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
+from locod.daemon.openai_wire import BROKE_OFF
 from locod.daemon.records import (
     ANSWERED,
     DecisionLog,
@@ -262,9 +263,12 @@ class TurnRunner:
         )
 
     def _sent_private(self, request: ChatRequest) -> frozenset[int]:
-        """Which messages of the client's own history are answers this daemon made from private material."""
+        """Which messages of the client's own history are answers this daemon made from private material. An
+        HTTP client's message may hold two: a cloud answer that broke off, then the local one (``BROKE_OFF``)."""
         answers = {
-            i: answer_digests(m["content"]) for i, m in enumerate(request.messages[:-1]) if m["role"] == "assistant"
+            i: [digest for part in m["content"].split(BROKE_OFF.strip()) for digest in answer_digests(part)]
+            for i, m in enumerate(request.messages[:-1])
+            if m["role"] == "assistant"
         }
         known = self.records.private_answers([digest for digests in answers.values() for digest in digests])
         return frozenset(i for i, digests in answers.items() if known.intersection(digests))

@@ -10,11 +10,14 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import openai
+
+from locod.daemon.openai_wire import BROKE_OFF
 from locod.daemon.sessions import WITHHELD
 from locod.protocol import Attachment, DeltaFrame
 
 from .conftest import SECRET, cloud_config, free_port, locod_command, wait_for, write_config
-from .faultproxy import FaultProxy
+from .faultproxy import Fault, FaultProxy
 
 KEY = {"LOCOD_CLOUD_API_KEY": SECRET}
 MEMO = Attachment("document", "memo.md", data=b"The vault code is ZX-4471-QQ.", private=True)
@@ -109,3 +112,39 @@ def test_the_part_of_a_private_answer_a_user_stopped_is_still_withheld(daemon_fa
     (seen,) = proxy.chat_requests()
     assert seen.body["messages"][1] == {"role": "assistant", "content": WITHHELD}
     assert received.strip() not in json.dumps(seen.body)
+
+
+def test_a_private_fallback_answer_after_a_broken_cloud_stream_is_withheld_when_sent_back(
+    daemon_factory: Any, proxy: FaultProxy
+) -> None:
+    """Over HTTP a cloud stream that breaks is followed, in the same message, by a marker and the local
+    model's answer, which an OpenAI client sends back as one assistant message. Made from private material
+    (here: history holding a private answer), that local answer was known by its own digest only, which the
+    message as a whole never matches: once the daemon no longer held the conversation (a restart), it went
+    to the cloud. Each part of such a message is now looked up on its own."""
+    port = free_port()
+    config = cloud_config(proxy.base_url, timeout_s=60.0)
+    config["http"] = {"listen": f"127.0.0.1:{port}"}
+    handle = daemon_factory(config, extra_env=KEY)
+    question = "What is the vault code? Quote the memo."
+    first = handle.client().ask(question, attachments=[MEMO], force="local", max_tokens=16, temperature=0.0, seed=1)
+    conversation = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": "Repeat the vault code, then tell me about the sea."},
+    ]
+    proxy.set(Fault("cut", cut_after_chunks=3, times=1))
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+    asked = {"model": "cloud-small", "messages": conversation, "max_tokens": 24, "stream": True}
+    chunks = list(client.chat.completions.create(**asked))  # type: ignore[call-overload]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    local_part = text.partition(BROKE_OFF)[2]
+    assert local_part.strip() and handle.rows()[-1]["outcome"] == "fallback", text
+    handle.stop()
+    handle = daemon_factory(config, extra_env=KEY)  # the same state: the conversation is no longer held
+    conversation += [{"role": "assistant", "content": text}, {"role": "user", "content": "Thanks. Say hello."}]
+    again = _post(port, {"model": "cloud-small", "messages": conversation, "max_tokens": 4})
+    assert again["locod"]["location"] == "cloud"
+    sent = proxy.chat_requests()[-1].body["messages"]
+    assert sent[1] == sent[3] == {"role": "assistant", "content": WITHHELD}
+    assert local_part.strip() not in json.dumps(sent)
