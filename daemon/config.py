@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -586,6 +587,12 @@ def _check_names(config: Config, origins: Mapping[str, str]) -> None:
             "configured: add a [[cloud.models]] entry, or set routing.mode to auto or local"
         )
     for model in config.cloud.models:
+        if not ENV_NAME.fullmatch(model.api_key_env):  # never quoted: it is most likely the key itself
+            raise ConfigError(
+                f"{config.source}: cloud model {model.name!r}: api_key_env must name the environment variable "
+                "that holds the key (letters, digits and _, such as OPENAI_API_KEY), not hold the key: put the "
+                "key in that variable, or in api_key_file"
+            )
         if not model.base_url.startswith(("http://", "https://")):
             raise ConfigError(
                 f"{config.source}: cloud model {model.name!r}: base_url must be an http(s) URL, such as "
@@ -622,6 +629,7 @@ def _check_names(config: Config, origins: Mapping[str, str]) -> None:
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")  # what api_key_env may hold: a variable's name
 
 
 def split_listen(listen: str, source: str = "(config)") -> tuple[str, int]:

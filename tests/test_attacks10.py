@@ -148,3 +148,23 @@ def test_a_private_fallback_answer_after_a_broken_cloud_stream_is_withheld_when_
     sent = proxy.chat_requests()[-1].body["messages"]
     assert sent[1] == sent[3] == {"role": "assistant", "content": WITHHELD}
     assert local_part.strip() not in json.dumps(sent)
+
+
+def test_a_key_written_where_its_variables_name_goes_is_refused_unquoted(daemon_factory: Any) -> None:
+    """``api_key_env = "sk-..."``, the key itself where the name of its variable goes, is an easy slip. It
+    was taken as a variable's name: the log warned "has no API key: set $sk-...", `locod status` listed it
+    under ``no_api_key`` and `config show` printed it. Now a value that is no variable's name is refused,
+    and not quoted."""
+    handle = daemon_factory()
+    slipped = cloud_config("https://api.example.com/v1", mode="auto")
+    slipped["cloud"]["models"][0]["api_key_env"] = SECRET
+    write_config(handle.config_path, slipped)
+    for command in (("reload",), ("models", "list"), ("config", "show")):  # show: the running configuration
+        done = handle.cli(*command)
+        said = done.stdout + done.stderr
+        assert SECRET not in said, command
+        assert "api_key_env must name the environment variable" in said or command == ("config", "show")
+    assert SECRET not in handle.log() and SECRET not in json.dumps(handle.client().status())
+    started = daemon_factory(slipped, name="slipped", wait=False)
+    assert started.proc.wait(60) != 0 and SECRET not in started.log()
+    assert "api_key_env must name the environment variable" in started.log()
