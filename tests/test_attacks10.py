@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import openai
+import pytest
 
 from locod.daemon.openai_wire import BROKE_OFF
 from locod.daemon.sessions import WITHHELD
@@ -150,21 +151,24 @@ def test_a_private_fallback_answer_after_a_broken_cloud_stream_is_withheld_when_
     assert local_part.strip() not in json.dumps(sent)
 
 
-def test_a_key_written_where_its_variables_name_goes_is_refused_unquoted(daemon_factory: Any) -> None:
-    """``api_key_env = "sk-..."``, the key itself where the name of its variable goes, is an easy slip. It
-    was taken as a variable's name: the log warned "has no API key: set $sk-...", `locod status` listed it
-    under ``no_api_key`` and `config show` printed it. Now a value that is no variable's name is refused,
-    and not quoted."""
+@pytest.mark.parametrize(
+    ("field", "refusal"),
+    [("api_key_env", "api_key_env must name the environment variable"), ("api_key_file", "must be an absolute path")],
+)
+def test_a_key_written_where_its_name_goes_is_refused_unquoted(daemon_factory: Any, field: str, refusal: str) -> None:
+    """The key itself where the name of its variable or the path of its file goes is an easy slip. It was
+    taken as a name: the log warned "has no API key: set $sk-...", `locod status` listed it under
+    ``no_api_key``, `config show` printed it; as a path, the start's and the reload's error quoted it. Now a
+    value that is no variable's name, or a key file's path that is not absolute, is refused unquoted."""
     handle = daemon_factory()
     slipped = cloud_config("https://api.example.com/v1", mode="auto")
-    slipped["cloud"]["models"][0]["api_key_env"] = SECRET
+    slipped["cloud"]["models"][0][field] = SECRET
     write_config(handle.config_path, slipped)
     for command in (("reload",), ("models", "list"), ("config", "show")):  # show: the running configuration
         done = handle.cli(*command)
         said = done.stdout + done.stderr
         assert SECRET not in said, command
-        assert "api_key_env must name the environment variable" in said or command == ("config", "show")
+        assert refusal in said or command == ("config", "show")
     assert SECRET not in handle.log() and SECRET not in json.dumps(handle.client().status())
     started = daemon_factory(slipped, name="slipped", wait=False)
-    assert started.proc.wait(60) != 0 and SECRET not in started.log()
-    assert "api_key_env must name the environment variable" in started.log()
+    assert started.proc.wait(60) != 0 and SECRET not in started.log() and refusal in started.log()
