@@ -172,3 +172,15 @@ def test_a_key_written_where_its_name_goes_is_refused_unquoted(daemon_factory: A
     assert SECRET not in handle.log() and SECRET not in json.dumps(handle.client().status())
     started = daemon_factory(slipped, name="slipped", wait=False)
     assert started.proc.wait(60) != 0 and SECRET not in started.log() and refusal in started.log()
+
+
+def test_a_redirect_is_named_without_the_password_its_location_carries(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """An endpoint that builds a redirect's Location from the request's URL echoes a base_url's user:password;
+    the fallback's message, the log and the decision record named the redirect's host with it."""
+    handle = daemon_factory(cloud_config(proxy.base_url, mode="auto", max_retries=0), extra_env=KEY)
+    proxy.set(Fault("redirect", status=307, location=f"https://alice:{PASSWORD}@gateway.example:8443/v1/chat"))
+    result = handle.client().ask("hello there", force="cloud", max_tokens=4)
+    assert result.fallback is not None and result.fallback.cause == "cloud_redirect"
+    assert "gateway.example:8443" in result.fallback.message
+    said = [result.fallback.message, handle.log(), json.dumps(handle.rows()), json.dumps(handle.client().status())]
+    assert not any(PASSWORD in text for text in said)
