@@ -764,6 +764,7 @@ def _say(line: str) -> None:
 
 def cmd_models_list(args: argparse.Namespace) -> int:
     from locod.daemon.catalog import model_rows, table
+    from locod.daemon.config import redacted_url
 
     config = _config(args)
     running = _running_models(args)
@@ -773,7 +774,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         return 0
     print("\n".join(table(rows)))
     for cloud in config.cloud.models:
-        print(f"cloud: {cloud.name}, {cloud.model} at {cloud.base_url}")
+        print(f"cloud: {cloud.name}, {cloud.model} at {redacted_url(cloud.base_url)}")
     if running is None:
         print("(no daemon is running: nothing is loaded)")
         return 0

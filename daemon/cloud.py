@@ -465,10 +465,11 @@ def retry_after_s(header: str | None) -> float:
 
 
 def _redirect(exc: openai.APIStatusError) -> str:
-    """A 3xx, named with the host it pointed to (the request was not re-sent there)."""
+    """A 3xx, named with the host it pointed to (the request was not re-sent there), without the user:password
+    a Location may carry (an endpoint that builds it from the request's URL echoes the base_url's)."""
     location = exc.response.headers.get("location", "")
     try:
-        host = urlsplit(location).netloc or "the same host"
+        host = urlsplit(redacted_url(location)).netloc or "the same host"
     except ValueError:
         host = "an unreadable Location"
     return (

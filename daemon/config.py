@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -564,6 +565,35 @@ def _pulled(models_dir: Path) -> list[LocalModelConfig]:
     return [m.as_local() for m in pulled_models(models_dir)]
 
 
+def _check_secrets(config: Config, origins: Mapping[str, str]) -> None:
+    """Where keys come from, and the endpoints they go to. A key slipped into ``api_key_env`` or into a key
+    file's path (a value that is no variable's name, a path that is not absolute) is refused unquoted: it
+    was logged, and shown by `locod status` and `config show`. A base_url is quoted without its password."""
+    for model in config.cloud.models:
+        where = f"{config.source}: cloud model {model.name!r}"
+        if not ENV_NAME.fullmatch(model.api_key_env):
+            raise ConfigError(
+                f"{where}: api_key_env must name the environment variable that holds the key (letters, digits "
+                "and _, such as OPENAI_API_KEY), not hold the key: put the key in that variable, or in api_key_file"
+            )
+        if not model.base_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{where}: base_url must be an http(s) URL, such as https://api.openai.com/v1, got "
+                f"{redacted_url(model.base_url)!r}"
+            )
+    files = [(f"cloud model {m.name!r}: api_key_file", m.api_key_file, config.source) for m in config.cloud.models]
+    files += [
+        ("http.api_key_file", config.http.api_key_file, origins.get("http.api_key_file", config.source)),
+        ("daemon.tcp_secret_file", config.daemon.tcp_secret_file, origins.get("daemon.tcp_secret_file", config.source)),
+    ]
+    for what, name, source in files:
+        if name and not name.startswith(("/", "~")):
+            raise ConfigError(
+                f"{source}: {what} must be an absolute path or begin with ~/ (a relative one would depend on the "
+                "directory the daemon starts in); the value is not shown, as it may be the key itself"
+            )
+
+
 def _check_names(config: Config, origins: Mapping[str, str]) -> None:
     local_names = [m.name for m in config.local.models]
     cloud_names = [m.name for m in config.cloud.models]
@@ -585,12 +615,7 @@ def _check_names(config: Config, origins: Mapping[str, str]) -> None:
             f"{origins.get('routing.mode', config.source)}: routing.mode is 'cloud', but no cloud model is "
             "configured: add a [[cloud.models]] entry, or set routing.mode to auto or local"
         )
-    for model in config.cloud.models:
-        if not model.base_url.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"{config.source}: cloud model {model.name!r}: base_url must be an http(s) URL, such as "
-                f"https://api.openai.com/v1, got {model.base_url!r}"
-            )
+    _check_secrets(config, origins)
     if not config.local.hub_endpoint.startswith(("http://", "https://")):
         raise ConfigError(
             f"{config.source}: local.hub_endpoint must be an http(s) URL, got {config.local.hub_endpoint!r}"
@@ -622,6 +647,7 @@ def _check_names(config: Config, origins: Mapping[str, str]) -> None:
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")  # what api_key_env may hold: a variable's name
 
 
 def split_listen(listen: str, source: str = "(config)") -> tuple[str, int]:

@@ -39,6 +39,9 @@ SQLITE_FULL = 13  # sqlite3.SQLITE_FULL from Python 3.11 on
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
 BUSY_WAIT_S = 10.0  # how long a write waits for another process's lock on the file (a turn's record)
 PROMPT_SHOWN = 2000  # characters of a logged prompt the `decisions` op returns
+# Words of a private answer's opening kept as digests (``opening_digests``): a part a client sends back of
+# it is known by as many of them as it has.
+OPENING_WORDS = 8
 LABEL_WAIT_S = 3.0  # a label's: its client waits for the answer, and gives up after 10 s
 
 
@@ -112,6 +115,7 @@ class Outcome:
     attachments_sent: list[str] | None = None
     confidence: JudgedAnswer | None = None
     private_answer: str | None = None  # SHA-256 of an answer made from private material, to know it again
+    private_openings: tuple[str, ...] = ()  # and of its first words (``opening_digests``), to know a part of it
 
 
 @dataclass(frozen=True)
@@ -251,6 +255,12 @@ def _migration_9(db: sqlite_utils.Database) -> None:
     db.table("decisions").create_index(["request_id"])
 
 
+def _migration_10(db: sqlite_utils.Database) -> None:
+    """The openings of answers made from private material (``opening_digests``): a part of one that a client
+    sends back is known too. Answers recorded before keep their whole digest only."""
+    db["private_openings"].create({"digest": str}, pk="digest")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -261,6 +271,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_7,
     _migration_8,
     _migration_9,
+    _migration_10,
 ]
 
 
@@ -388,7 +399,7 @@ class DecisionLog:
         self.write_unwritten()
         try:
             with self._writing("completing the record"):
-                self.db.table("decisions").update(decision_id, row)
+                self._complete(decision_id, row)
         except StorageError as exc:
             self._keep_unwritten(decision_id, row)
             raise StorageError(
@@ -398,6 +409,13 @@ class DecisionLog:
             ) from None
         finally:
             self._spend(outcome.cost_usd)  # spent either way: the daily cap counts it now
+
+    def _complete(self, decision_id: int, row: dict[str, Any]) -> None:
+        """Write a completion (within a transaction): the record, and the openings of a private answer."""
+        self.db.table("decisions").update(decision_id, {k: v for k, v in row.items() if k != "private_openings"})
+        openings = [{"digest": digest} for digest in row["private_openings"]]
+        if openings:
+            self.db.table("private_openings").insert_all(openings, ignore=True)
 
     def _keep_unwritten(self, decision_id: int, row: dict[str, Any]) -> None:
         with self._lock:
@@ -416,7 +434,7 @@ class DecisionLog:
         try:
             with self._writing("completing held-back records"):
                 for decision_id, row in held.items():
-                    self.db.table("decisions").update(decision_id, row)
+                    self._complete(decision_id, row)
         except StorageError:
             return
         with self._lock:
@@ -466,13 +484,19 @@ class DecisionLog:
         log, or in completions a full disk still holds back."""
         unique = sorted(set(digests))
         with self._lock:
-            found = {row["private_answer"] for row in self._unwritten.values() if row.get("private_answer") in unique}
+            held = {
+                d for row in self._unwritten.values() for d in (row.get("private_answer"), *row["private_openings"])
+            }
+        found = held.intersection(unique)
         with self._reading("looking up private answers") as conn:
-            for start in range(0, len(unique), 500):  # within SQLite's bound on a statement's parameters
-                chunk = unique[start : start + 500]
+            for start in range(0, len(unique), 250):  # within SQLite's bound on a statement's parameters
+                chunk = unique[start : start + 250]
                 marks = ", ".join("?" * len(chunk))
-                sql = f"SELECT DISTINCT private_answer FROM decisions WHERE private_answer IN ({marks})"
-                found.update(row[0] for row in conn.execute(sql, chunk))
+                sql = (
+                    f"SELECT private_answer FROM decisions WHERE private_answer IN ({marks}) "
+                    f"UNION SELECT digest FROM private_openings WHERE digest IN ({marks})"
+                )
+                found.update(row[0] for row in conn.execute(sql, chunk * 2))
         return found
 
     def shadow(self, decision_id: int, result: ShadowResult) -> None:
@@ -672,7 +696,30 @@ def _decoded(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def answer_digest(text: str) -> str:
-    """What an answer is known by again (column ``private_answer``): its text's SHA-256."""
+    """What an answer is known by again (column ``private_answer``): the SHA-256 of its words, whitespace
+    collapsed. A client does not always send an answer back byte for byte (a chat UI trims it, a browser's
+    text field turns its line ends into CRLF): known by its exact text, such an answer went to the cloud."""
+    return _sha256(" ".join(text.split()))
+
+
+def opening_digests(text: str) -> tuple[str, ...]:
+    """The digests of an answer's first 1 to ``OPENING_WORDS`` words (table ``private_openings``): a chat UI
+    keeps an answer its user stopped halfway and sends that part back, which no digest of the whole matches."""
+    words = text.split()
+    return tuple(_sha256(" ".join(words[:n])) for n in range(1, min(OPENING_WORDS, len(words)) + 1))
+
+
+def answer_digests(text: str) -> tuple[str, ...]:
+    """What an answer a client sends back may be known by: ``answer_digest``; its exact text's SHA-256, which
+    logs written before whitespace was collapsed hold; and its opening, with and without its last word (an
+    answer cut mid-word) when it is shorter than the opening."""
+    words = text.split()
+    opening = words[:OPENING_WORDS]
+    cut = opening[:-1] if len(words) <= OPENING_WORDS else opening
+    return answer_digest(text), _sha256(text), _sha256(" ".join(opening)), _sha256(" ".join(cut))
+
+
+def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode(errors="surrogatepass")).hexdigest()
 
 

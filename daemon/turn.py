@@ -33,7 +33,17 @@ from locod.daemon.decision import Decision
 from locod.daemon.escalation import AnswerJudge
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
-from locod.daemon.records import ANSWERED, DecisionLog, DecisionRecord, JudgedAnswer, Outcome, answer_digest
+from locod.daemon.openai_wire import BROKE_OFF
+from locod.daemon.records import (
+    ANSWERED,
+    DecisionLog,
+    DecisionRecord,
+    JudgedAnswer,
+    Outcome,
+    answer_digest,
+    answer_digests,
+    opening_digests,
+)
 from locod.daemon.reply import Reply
 from locod.daemon.sessions import Session, SessionStore, TurnTrail, door_of
 from locod.daemon.shadow import AGREEMENT, ShadowJob, ShadowLane, agreement
@@ -253,12 +263,15 @@ class TurnRunner:
         )
 
     def _sent_private(self, request: ChatRequest) -> frozenset[int]:
-        """Which messages of the client's own history are answers this daemon made from private material."""
+        """Which messages of the client's own history are answers this daemon made from private material. An
+        HTTP client's message may hold two: a cloud answer that broke off, then the local one (``BROKE_OFF``)."""
         answers = {
-            i: answer_digest(m["content"]) for i, m in enumerate(request.messages[:-1]) if m["role"] == "assistant"
+            i: [digest for part in m["content"].split(BROKE_OFF.strip()) for digest in answer_digests(part)]
+            for i, m in enumerate(request.messages[:-1])
+            if m["role"] == "assistant"
         }
-        known = self.records.private_answers(list(answers.values()))
-        return frozenset(i for i, digest in answers.items() if digest in known)
+        known = self.records.private_answers([digest for digests in answers.values() for digest in digests])
+        return frozenset(i for i, digests in answers.items() if known.intersection(digests))
 
     def _backend(self, location: str) -> Backend:
         return self.local if location == "local" else self.cloud
@@ -517,7 +530,8 @@ class TurnRunner:
                 error_code=None if ending.error is None else ending.code or ending.outcome,
                 attachments_sent=[turn.attachments[i].name for i in sorted({*decision.send, *ending.uploaded})],
                 confidence=ending.judged,
-                private_answer=answer_digest(g.text) if private and g.text else None,
+                private_answer=answer_digest(g.text) if private and g.text.strip() else None,
+                private_openings=opening_digests(g.text) if private else (),
             ),
         )
         if ending.outcome not in ANSWERED:

@@ -334,11 +334,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def fill_disk(path: Path) -> None:
-    """Write zeros to ``path`` until its disk is full (it may be full already)."""
+    """Write zeros to ``path`` until its disk is full (it may be full already; unbuffered, as a buffer's flush
+    at close would fail too)."""
     try:
-        with path.open("ab") as f:
+        with path.open("ab", buffering=0) as f:
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
     except OSError:
         pass
