@@ -258,7 +258,7 @@ def _migration_9(db: sqlite_utils.Database) -> None:
 def _migration_10(db: sqlite_utils.Database) -> None:
     """The openings of answers made from private material (``opening_digests``): a part of one that a client
     sends back is known too. Answers recorded before keep their whole digest only."""
-    db["private_openings"].create({"digest": str}, pk="digest")
+    db.table("private_openings").create({"digest": str}, pk="digest")
 
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
