@@ -40,8 +40,9 @@ MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyon
 BUSY_WAIT_S = 10.0  # how long a write waits for another process's lock on the file (a turn's record)
 PROMPT_SHOWN = 2000  # characters of a logged prompt the `decisions` op returns
 # Words of a private answer's opening kept as digests (``opening_digests``): a part a client sends back of
-# it is known by as many of them as it has.
-OPENING_WORDS = 8
+# it is known by as many of them as it has, from two on (one word, "The" or "Sure,", would keep back any
+# short message that begins with it, and tells little).
+MIN_OPENING_WORDS, OPENING_WORDS = 2, 8
 LABEL_WAIT_S = 3.0  # a label's: its client waits for the answer, and gives up after 10 s
 
 
@@ -703,10 +704,10 @@ def answer_digest(text: str) -> str:
 
 
 def opening_digests(text: str) -> tuple[str, ...]:
-    """The digests of an answer's first 1 to ``OPENING_WORDS`` words (table ``private_openings``): a chat UI
+    """The digests of an answer's first 2 to ``OPENING_WORDS`` words (table ``private_openings``): a chat UI
     keeps an answer its user stopped halfway and sends that part back, which no digest of the whole matches."""
     words = text.split()
-    return tuple(_sha256(" ".join(words[:n])) for n in range(1, min(OPENING_WORDS, len(words)) + 1))
+    return tuple(_sha256(" ".join(words[:n])) for n in range(MIN_OPENING_WORDS, min(OPENING_WORDS, len(words)) + 1))
 
 
 def answer_digests(text: str) -> tuple[str, ...]:
@@ -716,7 +717,8 @@ def answer_digests(text: str) -> tuple[str, ...]:
     words = text.split()
     opening = words[:OPENING_WORDS]
     cut = opening[:-1] if len(words) <= OPENING_WORDS else opening
-    return answer_digest(text), _sha256(text), _sha256(" ".join(opening)), _sha256(" ".join(cut))
+    parts = [" ".join(part) for part in (opening, cut) if len(part) >= MIN_OPENING_WORDS]
+    return answer_digest(text), _sha256(text), *(_sha256(part) for part in parts)
 
 
 def _sha256(text: str) -> str:
