@@ -69,6 +69,42 @@ def backoff_s(attempt: int) -> float:
     return min(2.0, 0.25 * 2**attempt)
 
 
+def proxy_for(model: CloudModelConfig, source: str, env: dict[str, str] | None = None) -> str | None:
+    """The proxy the daemon's environment names for the model's endpoint (``https_proxy``, ``http_proxy`` by
+    the URL's scheme, else ``all_proxy``; either case; ``no_proxy`` honoured), as curl and openai's own
+    client read them: the cloud client has a transport of its own, which reads none, and a device behind a
+    proxy never reached its cloud, or reached it around the proxy it was meant to go through."""
+    env = dict(os.environ) if env is None else env
+    url = urlsplit(model.base_url)
+    if _bypassed(url.hostname or "", env.get("no_proxy") or env.get("NO_PROXY") or ""):
+        return None
+    names = [f"{url.scheme}_proxy", f"{url.scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY"]
+    name = next((n for n in names if env.get(n)), None)
+    if name is None:
+        return None
+    proxy = env[name].strip()
+    if urlsplit(proxy).scheme not in ("http", "https"):
+        raise ConfigError(
+            f"{source}: cloud model {model.name!r}: ${name} names a proxy locod cannot use: only http:// and "
+            f"https:// proxies are (or leave {url.hostname} out of it with $no_proxy)"
+        )
+    return proxy
+
+
+def _bypassed(host: str, no_proxy: str) -> bool:
+    """Whether ``no_proxy`` (hosts and domains, comma-separated; ``*`` for all) leaves ``host`` out, as curl
+    reads it: ``example.com`` and ``.example.com`` both cover ``api.example.com``."""
+    host = host.lower()
+    for entry in (e.strip().lower() for e in no_proxy.split(",")):
+        if entry == "*":
+            return True
+        name = entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry  # host:port; IPv6 keeps its colons
+        domain = name.strip("[]").lstrip(".")
+        if domain and (host == domain or host.endswith("." + domain)):
+            return True
+    return False
+
+
 def read_api_key(model: CloudModelConfig, source: str, env: dict[str, str] | None = None) -> str | None:
     """The key from the model's env variable, else its key file (refused if group/world can read it, in an
     error that names the config file ``source`` that points at it)."""
@@ -205,7 +241,9 @@ class CloudBackend:
                     timeout=config.timeout_s,
                     max_retries=0,
                     # Never follow a redirect: the prompt would be re-sent to whatever host it names.
-                    http_client=openai.DefaultHttpx2Client(transport=BoundedTransport(), follow_redirects=False),
+                    http_client=openai.DefaultHttpx2Client(
+                        transport=BoundedTransport(proxy=proxy_for(model, source)), follow_redirects=False
+                    ),
                 ),
             )
             for model in config.models

@@ -4,10 +4,14 @@ fault-injecting proxy that records what was uploaded."""
 from __future__ import annotations
 
 import base64
+import http.client
+import http.server
 import json
 import os
 import subprocess
+import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -17,10 +21,21 @@ import numpy as np
 import pytest
 
 from locod.client import attachment
-from locod.errors import CloudError
+from locod.daemon.cloud import proxy_for
+from locod.daemon.config import CloudModelConfig
+from locod.errors import CloudError, ConfigError
 from locod.protocol import Attachment
 
-from .conftest import SECRET, DaemonHandle, cloud_config, free_port, locod_command, start_daemon, write_config
+from .conftest import (
+    SECRET,
+    CloudServer,
+    DaemonHandle,
+    cloud_config,
+    free_port,
+    locod_command,
+    start_daemon,
+    write_config,
+)
 from .faultproxy import Fault, FaultProxy, image_parts
 
 
@@ -540,3 +555,68 @@ def test_when_the_cloud_and_then_the_fallback_fail_the_error_names_the_clouds_co
     assert info.value.code == "cloud_unreachable" and "local fallback failed" in info.value.message
     (row,) = handle.rows()
     assert row["outcome"] == "error" and "local fallback failed" in row["error"]
+
+
+# -- a proxy named by the environment ---------------------------------------------------------------
+
+
+class ForwardProxy:
+    """An HTTP forward proxy on loopback that records the absolute URLs it is asked for and fetches them."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                proxy.asked.append(self.path)
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                target = urllib.parse.urlsplit(self.path)
+                conn = http.client.HTTPConnection(target.hostname or "", target.port, timeout=60)
+                conn.request("POST", target.path, body, {"Content-Type": "application/json"})
+                answer = conn.getresponse()
+                data = answer.read()  # whole, then sent on: a stream arrives all at once, still a stream
+                self.send_response(answer.status)
+                self.send_header("Content-Type", answer.getheader("Content-Type", "application/json"))
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_the_cloud_is_reached_through_the_proxy_the_environment_names(
+    daemon_factory: Any, cloud_server: CloudServer
+) -> None:
+    """The cloud client has a transport of its own, and that read no proxy variable: a device behind a proxy
+    never reached its cloud, and one meant to go through a proxy went around it without a word."""
+    proxy = ForwardProxy()
+    try:
+        handle = daemon_factory(
+            cloud_config(cloud_server.base_url, timeout_s=60.0), extra_env={"http_proxy": proxy.url}
+        )
+        result = handle.client().ask("Hello", max_tokens=4, force="cloud")
+        assert result.done.outcome == "ok" and result.done.location == "cloud"
+        assert proxy.asked == [f"{cloud_server.base_url}/chat/completions"]
+    finally:
+        proxy.server.shutdown()
+
+
+def test_proxy_variables_are_read_as_curl_reads_them() -> None:
+    model = CloudModelConfig(name="m", base_url="https://api.example.com/v1", model="m")
+    assert proxy_for(model, "c", {}) is None
+    assert proxy_for(model, "c", {"HTTPS_PROXY": "http://p:3128"}) == "http://p:3128"
+    assert proxy_for(model, "c", {"http_proxy": "http://p:3128"}) is None  # the scheme's own variable only
+    assert proxy_for(model, "c", {"ALL_PROXY": "http://all:1", "https_proxy": "http://s:2"}) == "http://s:2"
+    for no_proxy in (".example.com", "example.com", "localhost, api.example.com:443", "*"):
+        assert proxy_for(model, "c", {"https_proxy": "http://p:3128", "NO_PROXY": no_proxy}) is None, no_proxy
+    assert proxy_for(model, "c", {"https_proxy": "http://p:3128", "no_proxy": "ample.com"}) == "http://p:3128"
+    with pytest.raises(ConfigError) as refused:  # never around the proxy the user set, without a word
+        proxy_for(model, "c", {"ALL_PROXY": "socks5://user:secret@p:1080"})
+    assert "$ALL_PROXY names a proxy locod cannot use" in refused.value.message
+    assert "secret" not in refused.value.message
