@@ -41,6 +41,7 @@ from locod.daemon.bounded_http import BoundedTransport, Limits, OverBound, limit
 from locod.daemon.cloud_usage import counted
 from locod.daemon.config import CloudConfig, CloudModelConfig, redacted_url
 from locod.daemon.keyfile import read_key_file
+from locod.daemon.proxy import proxy_for
 from locod.errors import CloudError, ConfigError
 from locod.protocol import NOT_TEXT, SURROGATE
 
@@ -67,42 +68,6 @@ CONTEXT_REFUSAL = re.compile(
 def backoff_s(attempt: int) -> float:
     """The wait before retry ``attempt + 1``: 0.25 s, doubling, at most 2 s."""
     return min(2.0, 0.25 * 2**attempt)
-
-
-def proxy_for(model: CloudModelConfig, source: str, env: dict[str, str] | None = None) -> str | None:
-    """The proxy the daemon's environment names for the model's endpoint (``https_proxy``, ``http_proxy`` by
-    the URL's scheme, else ``all_proxy``; either case; ``no_proxy`` honoured), as curl and openai's own
-    client read them: the cloud client has a transport of its own, which reads none, and a device behind a
-    proxy never reached its cloud, or reached it around the proxy it was meant to go through."""
-    env = dict(os.environ) if env is None else env
-    url = urlsplit(model.base_url)
-    if _bypassed(url.hostname or "", env.get("no_proxy") or env.get("NO_PROXY") or ""):
-        return None
-    names = [f"{url.scheme}_proxy", f"{url.scheme.upper()}_PROXY", "all_proxy", "ALL_PROXY"]
-    name = next((n for n in names if env.get(n)), None)
-    if name is None:
-        return None
-    proxy = env[name].strip()
-    if urlsplit(proxy).scheme not in ("http", "https"):
-        raise ConfigError(
-            f"{source}: cloud model {model.name!r}: ${name} names a proxy locod cannot use: only http:// and "
-            f"https:// proxies are (or leave {url.hostname} out of it with $no_proxy)"
-        )
-    return proxy
-
-
-def _bypassed(host: str, no_proxy: str) -> bool:
-    """Whether ``no_proxy`` (hosts and domains, comma-separated; ``*`` for all) leaves ``host`` out, as curl
-    reads it: ``example.com`` and ``.example.com`` both cover ``api.example.com``."""
-    host = host.lower()
-    for entry in (e.strip().lower() for e in no_proxy.split(",")):
-        if entry == "*":
-            return True
-        name = entry.rsplit(":", 1)[0] if entry.count(":") == 1 else entry  # host:port; IPv6 keeps its colons
-        domain = name.strip("[]").lstrip(".")
-        if domain and (host == domain or host.endswith("." + domain)):
-            return True
-    return False
 
 
 def read_api_key(model: CloudModelConfig, source: str, env: dict[str, str] | None = None) -> str | None:

@@ -8,6 +8,7 @@ not have is ``None`` with a reason; a reader that fails is warned about once, no
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -18,6 +19,8 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 from locod.daemon.config import Config
+from locod.daemon.proxy import proxy_for
+from locod.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -383,9 +386,14 @@ def _why_missing(name: str) -> str:
 
 
 def _probe_target(config: Config) -> tuple[str, int] | None:
+    """The host the default cloud model's requests connect to: its endpoint, or the proxy they go through."""
     if not config.cloud.models:
         return None
-    url = urlsplit(config.cloud_model(config.cloud.default).base_url)
+    model = config.cloud_model(config.cloud.default)
+    through = None
+    with contextlib.suppress(ConfigError):  # a proxy the cloud refuses: it says so, and the probe goes direct
+        through = proxy_for(model, config.source)
+    url = urlsplit(through or model.base_url)
     if not url.hostname:
         return None
     return url.hostname, url.port or (443 if url.scheme == "https" else 80)

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 from locod.client import attachment
-from locod.daemon.cloud import proxy_for
 from locod.daemon.config import CloudModelConfig
+from locod.daemon.proxy import proxy_for
 from locod.errors import CloudError, ConfigError
 from locod.protocol import Attachment
 
@@ -34,6 +34,7 @@ from .conftest import (
     free_port,
     locod_command,
     start_daemon,
+    wait_for,
     write_config,
 )
 from .faultproxy import Fault, FaultProxy, image_parts
@@ -561,9 +562,11 @@ def test_when_the_cloud_and_then_the_fallback_fail_the_error_names_the_clouds_co
 
 
 class ForwardProxy:
-    """An HTTP forward proxy on loopback that records the absolute URLs it is asked for and fetches them."""
+    """An HTTP forward proxy on loopback that records the absolute URLs it is asked for and fetches each
+    from ``upstream`` (host, port) whatever host it names: the only way to the cloud of a test whose
+    base_url names a host that does not exist."""
 
-    def __init__(self) -> None:
+    def __init__(self, upstream: tuple[str, int]) -> None:
         self.asked: list[str] = []
         proxy = self
 
@@ -571,9 +574,8 @@ class ForwardProxy:
             def do_POST(self) -> None:
                 proxy.asked.append(self.path)
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                target = urllib.parse.urlsplit(self.path)
-                conn = http.client.HTTPConnection(target.hostname or "", target.port, timeout=60)
-                conn.request("POST", target.path, body, {"Content-Type": "application/json"})
+                conn = http.client.HTTPConnection(*upstream, timeout=60)
+                conn.request("POST", urllib.parse.urlsplit(self.path).path, body, {"Content-Type": "application/json"})
                 answer = conn.getresponse()
                 data = answer.read()  # whole, then sent on: a stream arrives all at once, still a stream
                 self.send_response(answer.status)
@@ -594,15 +596,17 @@ def test_the_cloud_is_reached_through_the_proxy_the_environment_names(
     daemon_factory: Any, cloud_server: CloudServer
 ) -> None:
     """The cloud client has a transport of its own, and that read no proxy variable: a device behind a proxy
-    never reached its cloud, and one meant to go through a proxy went around it without a word."""
-    proxy = ForwardProxy()
+    never reached its cloud, and one meant to go through a proxy went around it without a word. The probe
+    that says whether the cloud is reachable times the same hop: the proxy."""
+    cloud = urllib.parse.urlsplit(cloud_server.base_url)
+    proxy = ForwardProxy((cloud.hostname or "", cloud.port or 80))
     try:
-        handle = daemon_factory(
-            cloud_config(cloud_server.base_url, timeout_s=60.0), extra_env={"http_proxy": proxy.url}
-        )
+        config = cloud_config("http://cloud.invalid/v1", timeout_s=60.0)  # reachable through the proxy only
+        handle = daemon_factory(config, extra_env={"http_proxy": proxy.url})
         result = handle.client().ask("Hello", max_tokens=4, force="cloud")
         assert result.done.outcome == "ok" and result.done.location == "cloud"
-        assert proxy.asked == [f"{cloud_server.base_url}/chat/completions"]
+        assert proxy.asked == ["http://cloud.invalid/v1/chat/completions"]
+        wait_for(lambda: handle.client().status()["telemetry"]["cloud_reachable"], 30, "the probe of the proxy")
     finally:
         proxy.server.shutdown()
 
