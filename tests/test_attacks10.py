@@ -17,7 +17,7 @@ from locod.daemon.openai_wire import BROKE_OFF
 from locod.daemon.sessions import WITHHELD
 from locod.protocol import Attachment, DeltaFrame
 
-from .conftest import SECRET, cloud_config, free_port, locod_command, wait_for, write_config
+from .conftest import SECRET, DaemonHandle, cloud_config, free_port, locod_command, wait_for, write_config
 from .faultproxy import Fault, FaultProxy
 
 KEY = {"LOCOD_CLOUD_API_KEY": SECRET}
@@ -33,6 +33,20 @@ def _post(port: int, body: dict[str, Any]) -> dict[str, Any]:
         return json.loads(response.read())  # type: ignore[no-any-return]
 
 
+QUESTION = "What is the vault code? Quote the memo."
+
+
+def _private_answer_over_http(daemon_factory: Any, proxy: FaultProxy) -> tuple[DaemonHandle, dict[str, Any], int, str]:
+    """A daemon with its HTTP door on (its handle, config and port), and its local answer to QUESTION, made
+    from the private memo."""
+    port = free_port()
+    config = cloud_config(proxy.base_url, timeout_s=60.0)
+    config["http"] = {"listen": f"127.0.0.1:{port}"}
+    handle = daemon_factory(config, extra_env=KEY)
+    first = handle.client().ask(QUESTION, attachments=[MEMO], force="local", max_tokens=16, temperature=0.0, seed=1)
+    return handle, config, port, first.text
+
+
 def test_a_private_answer_sent_back_with_its_whitespace_changed_is_still_withheld(
     daemon_factory: Any, proxy: FaultProxy
 ) -> None:
@@ -40,16 +54,11 @@ def test_a_private_answer_sent_back_with_its_whitespace_changed_is_still_withhel
     trims it, a browser's text field turns its line ends into CRLF, another adds a newline. The daemon knew
     its answers made from private material by the SHA-256 of their exact text, so any such change sent the
     private answer to the cloud in full; now it knows them by their words, whitespace aside."""
-    port = free_port()
-    config = cloud_config(proxy.base_url, timeout_s=60.0)
-    config["http"] = {"listen": f"127.0.0.1:{port}"}
-    handle = daemon_factory(config, extra_env=KEY)
-    question = "What is the vault code? Quote the memo."
-    first = handle.client().ask(question, attachments=[MEMO], force="local", max_tokens=16, temperature=0.0, seed=1)
-    answer = first.text.strip()
+    handle, _, port, first = _private_answer_over_http(daemon_factory, proxy)
+    answer = first.strip()
     assert answer
     reshaped = ("\n" + answer.replace("\n", "\r\n") + "\n", " ".join(answer.split()) + "  ")
-    conversation = [{"role": "user", "content": question}, {"role": "assistant", "content": reshaped[0]}]
+    conversation = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": reshaped[0]}]
     conversation.append({"role": "user", "content": "Thanks. Now say hello."})
     over_http = _post(port, {"model": "cloud-small", "messages": conversation, "max_tokens": 4})
     assert over_http["locod"]["location"] == "cloud"
@@ -123,15 +132,10 @@ def test_a_private_fallback_answer_after_a_broken_cloud_stream_is_withheld_when_
     (here: history holding a private answer), that local answer was known by its own digest only, which the
     message as a whole never matches: once the daemon no longer held the conversation (a restart), it went
     to the cloud. Each part of such a message is now looked up on its own."""
-    port = free_port()
-    config = cloud_config(proxy.base_url, timeout_s=60.0)
-    config["http"] = {"listen": f"127.0.0.1:{port}"}
-    handle = daemon_factory(config, extra_env=KEY)
-    question = "What is the vault code? Quote the memo."
-    first = handle.client().ask(question, attachments=[MEMO], force="local", max_tokens=16, temperature=0.0, seed=1)
+    handle, config, port, first = _private_answer_over_http(daemon_factory, proxy)
     conversation = [
-        {"role": "user", "content": question},
-        {"role": "assistant", "content": first.text},
+        {"role": "user", "content": QUESTION},
+        {"role": "assistant", "content": first},
         {"role": "user", "content": "Repeat the vault code, then tell me about the sea."},
     ]
     proxy.set(Fault("cut", cut_after_chunks=3, times=1))
