@@ -453,10 +453,16 @@ def chunks_for(doc: PreparedAttachment, budgets: list[int]) -> tuple[DocChunk, .
     document's order: of those alone it picks at each of those budgets what it picks of the whole document
     (its scan, in the same order, meets the same sums at each chunk it keeps), so a question waiting to be
     asked keeps them rather than the whole document."""
-    candidates = [c for c in doc.chunks if c.score > 0] or sorted(doc.chunks, key=lambda c: c.index)
+    candidates = _candidates(doc)
     kept = {chunk.index for budget in budgets for chunk in select_chunks(doc, budget)}
     kept.update(c.index for c in candidates[:1])  # the best one, cut to a budget too small for it
     return tuple(c for c in doc.chunks if c.index in kept)
+
+
+def _candidates(doc: PreparedAttachment) -> list[DocChunk]:
+    """The chunks an excerpt is chosen from, best first: those that share terms with the prompt, or when
+    none does ("summarise this"), the document from its opening."""
+    return [c for c in doc.chunks if c.score > 0] or sorted(doc.chunks, key=lambda c: c.index)
 
 
 def select_chunks(doc: PreparedAttachment, token_budget: int) -> list[DocChunk]:
@@ -465,7 +471,7 @@ def select_chunks(doc: PreparedAttachment, token_budget: int) -> list[DocChunk]:
     Only chunks that share terms with the prompt are sent; when none does ("summarise this"), the
     document's opening chunks are. A budget too small for any whole chunk gets the best one's beginning.
     """
-    candidates = [c for c in doc.chunks if c.score > 0] or sorted(doc.chunks, key=lambda c: c.index)
+    candidates = _candidates(doc)
     chosen, used = [], 0
     for chunk in candidates:
         cost = estimate_tokens(len(chunk.text)) + 1
