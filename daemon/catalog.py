@@ -13,10 +13,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from locod.daemon.config import MAX_CONFIG_BYTES, Config, LocalModelConfig, build_table, tomllib
+from locod.daemon.config import MAX_CONFIG_BYTES, Config, LocalModelConfig
 from locod.daemon.gguf import NotGGUF, describe, is_gguf
 from locod.daemon.modelfile import resolve_path
-from locod.daemon.regular_file import read_regular
+from locod.daemon.typed_toml import build_table, in_range, read_toml
 from locod.errors import ConfigError
 
 MANIFEST = "pulled.toml"
@@ -31,7 +31,7 @@ class PulledModel:
     origin: str  # what was given to `locod models pull`: a URL or hf://repo/file
     quantisation: str
     context_length: int  # the context the model was trained for, from its GGUF header (0: not stated)
-    n_ctx: int = field(metadata={"min": 128, "max": 1 << 20})  # the context the daemon loads it with
+    n_ctx: int = field(metadata=in_range(128, 1 << 20))  # the context the daemon loads it with
     pulled: str = ""  # ISO time
 
     def as_local(self) -> LocalModelConfig:
@@ -46,15 +46,9 @@ def pulled_models(models_dir: Path) -> list[PulledModel]:
     """The entries of the user manifest, checked like the config file; [] when nothing was pulled."""
     path = manifest_path(models_dir)
     try:
-        table = tomllib.loads(read_regular(path, MAX_CONFIG_BYTES).decode("utf-8"))  # read at every reload
+        table = read_toml(path, MAX_CONFIG_BYTES)  # read at every reload
     except FileNotFoundError:
         return []
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     entries = table.get("model", [])
     if not isinstance(entries, list):
         raise ConfigError(f"{path}: model must be an array of tables ([[model]])")

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import re
-import sys
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,21 +18,9 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from locod.daemon.regular_file import read_regular
+from locod.daemon.typed_toml import build_table, in_range, one_of, read_toml, set_text, tomllib
 from locod.errors import ConfigError
 from locod.protocol import NO_CONFIG_FILE
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
-
-
-def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
-    return {"min": lo, "max": hi}
-
-
-def _choice(*options: str) -> dict[str, Any]:
-    return {"choices": options}
 
 
 @dataclass(frozen=True)
@@ -47,10 +31,10 @@ class LocalModelConfig:
     path: str
     # None: use the chat template stored in the GGUF itself.
     chat_format: str | None = None
-    n_ctx: int = field(default=2048, metadata=_range(128, 1 << 20))
-    n_gpu_layers: int = field(default=0, metadata=_range(-1, 10_000))
+    n_ctx: int = field(default=2048, metadata=in_range(128, 1 << 20))
+    n_gpu_layers: int = field(default=0, metadata=in_range(-1, 10_000))
     # Joules per generated token when no power sensor is available; used for energy accounting.
-    joules_per_token: float = field(default=0.05, metadata=_range(0))
+    joules_per_token: float = field(default=0.05, metadata=in_range(0))
 
 
 @dataclass(frozen=True)
@@ -62,13 +46,13 @@ class CloudModelConfig:
     model: str
     api_key_env: str = "LOCOD_CLOUD_API_KEY"
     api_key_file: str = ""
-    usd_per_mtok_in: float = field(default=0.15, metadata=_range(0))
-    usd_per_mtok_out: float = field(default=0.60, metadata=_range(0))
-    usd_per_image: float = field(default=0.0, metadata=_range(0))
+    usd_per_mtok_in: float = field(default=0.15, metadata=in_range(0))
+    usd_per_mtok_out: float = field(default=0.60, metadata=in_range(0))
+    usd_per_image: float = field(default=0.0, metadata=in_range(0))
     vision: bool = True
-    context_tokens: int = field(default=0, metadata=_range(0))  # 0: unknown, never masked for length
+    context_tokens: int = field(default=0, metadata=in_range(0))  # 0: unknown, never masked for length
     # The request field for the answer's length: OpenAI's reasoning models (o-series, gpt-5) refuse max_tokens.
-    max_tokens_param: str = field(default="max_tokens", metadata=_choice("max_tokens", "max_completion_tokens"))
+    max_tokens_param: str = field(default="max_tokens", metadata=one_of("max_tokens", "max_completion_tokens"))
     sampling: bool = True  # send the turn's temperature and seed; false for a model that takes only its own
 
     def price(self, tokens_in: int, tokens_out: int, images: int) -> float:
@@ -85,22 +69,22 @@ class DaemonConfig:
     tcp_secret_file: str = ""
     # Connections the tcp endpoint holds at once (never over a quarter of the open-file limit), and from one
     # peer address: each holds a descriptor before its secret is read (tcpguard.py); more are closed at once.
-    max_tcp_connections: int = field(default=64, metadata=_range(1, 1 << 20))
-    max_tcp_per_host: int = field(default=16, metadata=_range(1, 1 << 20))
-    max_message_bytes: int = field(default=32 << 20, metadata=_range(1024, 1 << 30))
+    max_tcp_connections: int = field(default=64, metadata=in_range(1, 1 << 20))
+    max_tcp_per_host: int = field(default=16, metadata=in_range(1, 1 << 20))
+    max_message_bytes: int = field(default=32 << 20, metadata=in_range(1024, 1 << 30))
     # Characters of a chat's messages together: past this it is refused before any work on its text (task
     # rules, relevance, features and tokenising cost about a second per megabyte, holding the GIL).
-    max_prompt_chars: int = field(default=1_000_000, metadata=_range(1))
-    session_idle_s: float = field(default=1800.0, metadata=_range(1))
+    max_prompt_chars: int = field(default=1_000_000, metadata=in_range(1))
+    session_idle_s: float = field(default=1800.0, metadata=in_range(1))
     # Characters of history a session keeps (oldest dropped first): bounds its memory and a cloud turn's upload.
-    max_history_chars: int = field(default=100_000, metadata=_range(1))
-    max_sessions: int = field(default=1000, metadata=_range(1))
-    queue_limit: int = field(default=256, metadata=_range(1))
+    max_history_chars: int = field(default=100_000, metadata=in_range(1))
+    max_sessions: int = field(default=1000, metadata=in_range(1))
+    queue_limit: int = field(default=256, metadata=in_range(1))
     # One client's turns in flight: no client can hold every worker (of queue_limit) by itself.
-    max_turns_per_client: int = field(default=32, metadata=_range(1))
+    max_turns_per_client: int = field(default=32, metadata=in_range(1))
     # Replies waiting for one client that reads slowly; past this it is dropped and its turns cancelled.
-    max_queued_bytes: int = field(default=16 << 20, metadata=_range(1 << 16, 1 << 34))
-    shutdown_grace_s: float = field(default=20.0, metadata=_range(0))
+    max_queued_bytes: int = field(default=16 << 20, metadata=in_range(1 << 16, 1 << 34))
+    shutdown_grace_s: float = field(default=20.0, metadata=in_range(0))
 
 
 @dataclass(frozen=True)
@@ -110,12 +94,12 @@ class HttpConfig:
     # Bearer key every HTTP request must carry; required for an address beyond loopback. Owner-only file.
     api_key_file: str = ""
     # Conversations the HTTP API remembers to map a client's whole history onto a daemon session.
-    max_conversations: int = field(default=1000, metadata=_range(1))
+    max_conversations: int = field(default=1000, metadata=in_range(1))
     # Connections open at once: each holds a descriptor before its key is read (never over half the
     # process's open-file limit, see fdlimit.py); more are answered 503 and closed.
-    max_connections: int = field(default=128, metadata=_range(1, 1 << 20))
+    max_connections: int = field(default=128, metadata=in_range(1, 1 << 20))
     # Seconds a client has to send a whole request, headers and body: a slow one is closed.
-    request_timeout_s: float = field(default=30.0, metadata=_range(0.1, 3600))
+    request_timeout_s: float = field(default=30.0, metadata=in_range(0.1, 3600))
     # Web pages (origins, "http://localhost:3000") allowed to call the API from a browser (CORS).
     cors_origins: list[str] = field(default_factory=list)
 
@@ -131,7 +115,7 @@ class PathsConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-    level: str = field(default="INFO", metadata=_choice("DEBUG", "INFO", "WARNING", "ERROR"))
+    level: str = field(default="INFO", metadata=one_of("DEBUG", "INFO", "WARNING", "ERROR"))
     # Store prompt text in the decision log; off by default (a hash and the length are stored instead).
     prompts: bool = False
 
@@ -143,14 +127,14 @@ EMBEDDED_MODEL = LocalModelConfig(name="smollm2-135m-instruct", path="SmolLM2-13
 @dataclass(frozen=True)
 class LocalConfig:
     default: str = EMBEDDED_MODEL.name
-    memory_budget_mb: int = field(default=4096, metadata=_range(64))
-    n_threads: int = field(default=0, metadata=_range(0, 1024))
-    max_tokens: int = field(default=256, metadata=_range(1, 1 << 20))
+    memory_budget_mb: int = field(default=4096, metadata=in_range(64))
+    n_threads: int = field(default=0, metadata=in_range(0, 1024))
+    max_tokens: int = field(default=256, metadata=in_range(1, 1 << 20))
     # Dialogue KV states kept between turns, in MB, inside memory_budget_mb: -1 sizes it from the model and
     # the free memory, 0 turns it off.
-    cache_mb: int = field(default=-1, metadata=_range(-1, 1 << 20))
+    cache_mb: int = field(default=-1, metadata=in_range(-1, 1 << 20))
     # Evicted dialogue states parked under state_dir/kvcache, in MB; 0: none.
-    cache_disk_mb: int = field(default=0, metadata=_range(0, 1 << 24))
+    cache_disk_mb: int = field(default=0, metadata=in_range(0, 1 << 24))
     models: list[LocalModelConfig] = field(default_factory=list)
     # Where `locod models pull hf://...` downloads from; empty: $HF_ENDPOINT, else the Hugging Face hub.
     hub_endpoint: str = ""
@@ -159,66 +143,66 @@ class LocalConfig:
 @dataclass(frozen=True)
 class CloudConfig:
     default: str = ""
-    timeout_s: float = field(default=30.0, metadata=_range(0.1, 3600))
+    timeout_s: float = field(default=30.0, metadata=in_range(0.1, 3600))
     # A cloud call's whole life (retries, waiting and streaming), however the server trickles its bytes.
-    deadline_s: float = field(default=300.0, metadata=_range(1.0, 86400))
+    deadline_s: float = field(default=300.0, metadata=in_range(1.0, 86400))
     # Bytes one answer's response may take, and one event (line) of it.
-    max_answer_bytes: int = field(default=16 << 20, metadata=_range(4096))
-    max_event_bytes: int = field(default=1 << 20, metadata=_range(1024))
-    max_retries: int = field(default=2, metadata=_range(0, 10))
-    max_retry_after_s: float = field(default=10.0, metadata=_range(0, 3600))
-    daily_cap_usd: float = field(default=0.0, metadata=_range(0))
-    breaker_failures: int = field(default=3, metadata=_range(1))
-    breaker_cooldown_s: float = field(default=60.0, metadata=_range(0))
+    max_answer_bytes: int = field(default=16 << 20, metadata=in_range(4096))
+    max_event_bytes: int = field(default=1 << 20, metadata=in_range(1024))
+    max_retries: int = field(default=2, metadata=in_range(0, 10))
+    max_retry_after_s: float = field(default=10.0, metadata=in_range(0, 3600))
+    daily_cap_usd: float = field(default=0.0, metadata=in_range(0))
+    breaker_failures: int = field(default=3, metadata=in_range(1))
+    breaker_cooldown_s: float = field(default=60.0, metadata=in_range(0))
     models: list[CloudModelConfig] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
 class AttachmentsConfig:
-    max_bytes: int = field(default=20 << 20, metadata=_range(1))
-    max_count: int = field(default=8, metadata=_range(0, 64))
-    image_max_side: int = field(default=1024, metadata=_range(32, 16384))
-    image_max_pixels: int = field(default=100_000_000, metadata=_range(1))
-    image_jpeg_bytes: int = field(default=300_000, metadata=_range(1000))
+    max_bytes: int = field(default=20 << 20, metadata=in_range(1))
+    max_count: int = field(default=8, metadata=in_range(0, 64))
+    image_max_side: int = field(default=1024, metadata=in_range(32, 16384))
+    image_max_pixels: int = field(default=100_000_000, metadata=in_range(1))
+    image_jpeg_bytes: int = field(default=300_000, metadata=in_range(1000))
     # Memory every turn's image decodes share (a small file can decode to hundreds of MB); larger ones are refused.
-    decode_mb: int = field(default=1024, metadata=_range(16))
-    doc_chunk_chars: int = field(default=1200, metadata=_range(100))
-    doc_token_budget: int = field(default=1500, metadata=_range(0))
+    decode_mb: int = field(default=1024, metadata=in_range(16))
+    doc_chunk_chars: int = field(default=1200, metadata=in_range(100))
+    doc_token_budget: int = field(default=1500, metadata=in_range(0))
 
 
 @dataclass(frozen=True)
 class RoutingConfig:
     # "auto": the policy decides; "local"/"cloud": every turn goes there unless the request forces otherwise.
-    mode: str = field(default="auto", metadata=_choice("auto", "local", "cloud"))
-    sla: float = field(default=0.8, metadata=_range(0.0, 1.0))
-    v: float = field(default=20.0, metadata=_range(0.0))
-    explore_c: float = field(default=0.2, metadata=_range(0.0))
-    q_cap: float = field(default=50.0, metadata=_range(0.0))
-    weight_money: float = field(default=1.0, metadata=_range(0.0))
-    weight_energy: float = field(default=0.2, metadata=_range(0.0))
-    weight_policy: float = field(default=0.5, metadata=_range(0.0))
+    mode: str = field(default="auto", metadata=one_of("auto", "local", "cloud"))
+    sla: float = field(default=0.8, metadata=in_range(0.0, 1.0))
+    v: float = field(default=20.0, metadata=in_range(0.0))
+    explore_c: float = field(default=0.2, metadata=in_range(0.0))
+    q_cap: float = field(default=50.0, metadata=in_range(0.0))
+    weight_money: float = field(default=1.0, metadata=in_range(0.0))
+    weight_energy: float = field(default=0.2, metadata=in_range(0.0))
+    weight_policy: float = field(default=0.5, metadata=in_range(0.0))
     policy_path: str = ""
-    battery_critical_pct: float = field(default=10.0, metadata=_range(0.0, 100.0))
+    battery_critical_pct: float = field(default=10.0, metadata=in_range(0.0, 100.0))
     judge: bool = False
     # Shadow answers (daemon/shadow.py): "ac" only while on mains power (or no battery), "always", "off".
-    shadow: str = field(default="ac", metadata=_choice("off", "ac", "always"))
+    shadow: str = field(default="ac", metadata=one_of("off", "ac", "always"))
     # Answer locally, escalate if unsure: the local model answers first and its answer is judged by its own
     # confidence over its first escalate_tokens tokens (held back until then) before anything is shown.
     escalate: bool = True
-    escalate_tokens: int = field(default=32, metadata=_range(1, 4096))
+    escalate_tokens: int = field(default=32, metadata=in_range(1, 4096))
 
 
 @dataclass(frozen=True)
 class TelemetryConfig:
-    interval_s: float = field(default=1.0, metadata=_range(0.05, 3600))
-    probe_interval_s: float = field(default=30.0, metadata=_range(1, 86400))
+    interval_s: float = field(default=1.0, metadata=in_range(0.05, 3600))
+    probe_interval_s: float = field(default=30.0, metadata=in_range(1, 86400))
     sysfs_root: str = "/sys"
     procfs_root: str = "/proc"
     # Read a discrete NVIDIA GPU through NVML (the gpu extra). NVML is not under sysfs_root, so trees that
     # stand for another device turn it off.
     nvml: bool = True
     # Prior for upload bandwidth before any real upload was measured (bytes/s): a modest WiFi uplink.
-    bandwidth_prior_bps: float = field(default=2_000_000.0, metadata=_range(1))
+    bandwidth_prior_bps: float = field(default=2_000_000.0, metadata=in_range(1))
 
 
 @dataclass(frozen=True)
@@ -287,6 +271,8 @@ ENV_OVERRIDES: dict[str, str] = {
 }
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; read on the serving loop at reload, so never unbounded
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")  # what api_key_env may hold: a variable's name
 
 
 def find_config_file(env: Mapping[str, str]) -> Path | None:
@@ -317,153 +303,31 @@ def load_config(
     if file is not None:
         source = str(file)
         try:
-            table = tomllib.loads(read_regular(file, MAX_CONFIG_BYTES).decode("utf-8"))
+            table = read_toml(file, MAX_CONFIG_BYTES)
         except FileNotFoundError:
             raise ConfigError(f"{file}: no such config file") from None
-        except OSError as exc:
-            raise ConfigError(f"{file}: cannot read: {exc.strerror or exc}") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"{file}: cannot read: {exc}") from None
-        except ValueError as exc:  # TOMLDecodeError, or an integer of over 4,300 digits
-            raise ConfigError(f"{file}: not valid TOML: {_one_line(exc)}") from None
-        except RecursionError:
-            raise ConfigError(f"{file}: not valid TOML: nested too deeply") from None
     origins: dict[str, str] = {}  # key -> where its value came from, when not the file
-    for var, key in ENV_OVERRIDES.items():
-        if env.get(var, "") != "":
-            origins[key] = _set_text(table, key, env[var], f"${var}")
-    for key, text in (overrides or {}).items():
-        origins[key] = _set_text(table, key, text, f"override {key}")
+    given = [(key, env[var], f"${var}") for var, key in ENV_OVERRIDES.items() if env.get(var, "") != ""]
+    given += [(key, text, f"override {key}") for key, text in (overrides or {}).items()]
+    for key, text, origin in given:  # in order: an override wins over the environment
+        set_text(Config, table, key, text, origin)
+        origins[key] = origin
     config = build_table(Config, table, source, "")
-    config = _with_defaults(dataclasses.replace(config, source=source), env, origins)
+    config = _with_defaults(dataclasses.replace(config, source=source), env)
+    _check_models(config, origins)
+    _check_secrets(config, origins)
+    _check_endpoints(config, origins)
     _warn_unknown_variables(env, config)
     return config
-
-
-def _set_text(table: dict[str, Any], dotted: str, text: str, origin: str) -> str:
-    """Put an override given as text into the raw table, converted by the schema's type for that key and
-    checked against its range or choices here, so that an error names ``origin`` (returned)."""
-    *sections, key = dotted.split(".")
-    cls: Any = Config
-    node = table
-    for section in sections:
-        hints = typing.get_type_hints(cls)
-        if section not in hints or not dataclasses.is_dataclass(hints[section]):
-            raise ConfigError(f"{origin}: unknown section {section!r} (known here: {_known(cls)})")
-        cls = hints[section]
-        node = node.setdefault(section, {})
-    hints = typing.get_type_hints(cls)
-    if key not in hints:
-        raise ConfigError(f"{origin}: unknown key {dotted!r} (known here: {_known(cls)})")
-    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == key)
-    node[key] = _value(hints[key], _parse_text(hints[key], text, origin, dotted), meta, origin, dotted)
-    return origin
 
 
 def parsed_override(dotted: str, text: str, origin: str) -> Any:
     """The value ``text`` stands for at ``dotted`` (``LOCOD_SLA=0.9`` -> 0.9), checked as an override is."""
     table: dict[str, Any] = {}
-    _set_text(table, dotted, text, origin)
+    set_text(Config, table, dotted, text, origin)
     for part in dotted.split("."):
         table = table[part]
     return table
-
-
-def _known(cls: Any) -> str:
-    """The names an override may use at this level, as a file's unknown key lists them."""
-    return ", ".join(sorted(f.name for f in dataclasses.fields(cls) if f.name != "source"))
-
-
-def _parse_text(hint: Any, text: str, origin: str, key: str) -> Any:
-    base = _strip_optional(hint)
-    try:
-        if base is bool:
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(text)
-        if base is int:
-            return int(text)
-        if base is float:
-            return float(text)
-        if typing.get_origin(base) is list:
-            return [part for part in text.split(os.pathsep) if part]
-    except ValueError:
-        raise ConfigError(f"{origin}: {key} expects {_type_name(hint)}, got {text!r}") from None
-    return text
-
-
-def _strip_optional(hint: Any) -> Any:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        return args[0]
-    return hint
-
-
-def _type_name(hint: Any) -> str:
-    base = _strip_optional(hint)
-    if typing.get_origin(base) is list:
-        (item,) = typing.get_args(base)
-        plural = {str: "strings", int: "integers", float: "numbers", bool: "booleans"}
-        return f"a list of {'tables' if dataclasses.is_dataclass(item) else plural.get(item, str(item))}"
-    if dataclasses.is_dataclass(base):
-        return "a table"
-    names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
-    return names.get(base, str(base))
-
-
-def build_table(cls: Any, table: Any, source: str, where: str) -> Any:
-    """Check a TOML table against the schema dataclass ``cls`` (keys, types, ranges) and build it."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"{source}: [{where or 'top level'}] must be a table, got {type(table).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-    for key in table:
-        if key not in names:
-            known = ", ".join(sorted(names))
-            raise ConfigError(f"{source}: unknown key {where + key!r} (known here: {known})")
-    values: dict[str, Any] = {}
-    for name, fld in names.items():
-        if name not in table:
-            if fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{source}: {where}{name} is required")
-            continue
-        values[name] = _value(hints[name], table[name], fld.metadata, source, where + name)
-    return cls(**values)
-
-
-def _value(hint: Any, raw: Any, meta: Mapping[str, Any], source: str, key: str) -> Any:
-    optional = _strip_optional(hint) is not hint
-    base = _strip_optional(hint)
-    if optional and raw == "":
-        return None
-    if dataclasses.is_dataclass(base):
-        return build_table(base, raw, source, key + ".")
-    if typing.get_origin(base) is list:
-        (item,) = typing.get_args(base)
-        if not isinstance(raw, list):
-            raise ConfigError(f"{source}: {key} expects {_type_name(base)}, got {type(raw).__name__}")
-        return [_value(item, element, {}, source, f"{key}[{i}]") for i, element in enumerate(raw)]
-    given = raw  # as written: `sla = 3` is reported as 3, not 3.0
-    ok = isinstance(raw, base) and not (base is int and isinstance(raw, bool))
-    if base is float and isinstance(raw, int) and not isinstance(raw, bool):
-        raw, ok = float(raw), True
-    if not ok:
-        raise ConfigError(f"{source}: {key} expects {_type_name(hint)}, got {type(raw).__name__} {raw!r}")
-    if base is float and not math.isfinite(raw):
-        raise ConfigError(f"{source}: {key} must be a finite number, got {raw!r}")
-    lo, hi = meta.get("min"), meta.get("max")
-    if (lo is not None and raw < lo) or (hi is not None and raw > hi):
-        bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
-        raise ConfigError(f"{source}: {key} must be {bounds}, got {given!r}")
-    choices = meta.get("choices")
-    if choices:  # in any case (LOCOD_LOG_LEVEL=debug), kept as the schema spells it
-        spelt = {choice.lower(): choice for choice in choices}.get(raw.lower())
-        if spelt is None:
-            raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, got {raw!r}")
-        return spelt
-    return raw
 
 
 def default_runtime_dir(env: Mapping[str, str]) -> str:
@@ -507,12 +371,9 @@ def runtime_dir_leniently(path: Path | None, env: Mapping[str, str], overrides: 
     return default_runtime_dir(env)
 
 
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
-
-
-def _with_defaults(config: Config, env: Mapping[str, str], origins: Mapping[str, str]) -> Config:
-    """Fill in directories (XDG or systemd's) and the embedded model, then check cross-key rules."""
+def _with_defaults(config: Config, env: Mapping[str, str]) -> Config:
+    """Fill in what the file may leave unset and depends on the machine: directories (XDG or systemd's), the
+    embedded and the pulled models, the hub and the cloud default, so that the checks see what will run."""
     home = Path.home()
     state = (
         config.paths.state_dir
@@ -527,14 +388,12 @@ def _with_defaults(config: Config, env: Mapping[str, str], origins: Mapping[str,
     local_models += [m for m in _pulled(Path(models)) if not any(c.name == m.name for c in local_models)]
     hub = config.local.hub_endpoint or env.get("HF_ENDPOINT") or "https://huggingface.co"
     cloud_default = config.cloud.default or (config.cloud.models[0].name if config.cloud.models else "")
-    config = dataclasses.replace(
+    return dataclasses.replace(
         config,
         paths=dataclasses.replace(config.paths, state_dir=state, runtime_dir=runtime, models_dir=models),
         local=dataclasses.replace(config.local, models=local_models, hub_endpoint=hub.rstrip("/")),
         cloud=dataclasses.replace(config.cloud, default=cloud_default),
     )
-    _check_names(config, origins)
-    return config
 
 
 # LOCOD_* variables read elsewhere: the config file's place, the default key and the client's tcp secret;
@@ -563,6 +422,30 @@ def _pulled(models_dir: Path) -> list[LocalModelConfig]:
     from locod.daemon.catalog import pulled_models
 
     return [m.as_local() for m in pulled_models(models_dir)]
+
+
+def _check_models(config: Config, origins: Mapping[str, str]) -> None:
+    """Model names unique, the defaults naming configured models, and a cloud to route to if asked for."""
+    local_names = [m.name for m in config.local.models]
+    cloud_names = [m.name for m in config.cloud.models]
+    everything = local_names + cloud_names
+    duplicated = {n for n in everything if everything.count(n) > 1}
+    if duplicated:
+        raise ConfigError(f"{config.source}: model names must be unique, repeated: {sorted(duplicated)}")
+    for key, default, names, kind in (
+        ("local.default", config.local.default, local_names, "local"),
+        ("cloud.default", config.cloud.default, cloud_names, "cloud"),
+    ):
+        if (default or kind == "local") and default not in names:  # an empty cloud.default: the first one
+            raise ConfigError(
+                f"{origins.get(key, config.source)}: {key} is {default!r}, which names no {kind} model "
+                f"({kind} models: {names})"
+            )
+    if config.routing.mode == "cloud" and not cloud_names:  # else every turn would answer locally, each saying why
+        raise ConfigError(
+            f"{origins.get('routing.mode', config.source)}: routing.mode is 'cloud', but no cloud model is "
+            "configured: add a [[cloud.models]] entry, or set routing.mode to auto or local"
+        )
 
 
 def _check_secrets(config: Config, origins: Mapping[str, str]) -> None:
@@ -594,36 +477,16 @@ def _check_secrets(config: Config, origins: Mapping[str, str]) -> None:
             )
 
 
-def _check_names(config: Config, origins: Mapping[str, str]) -> None:
-    local_names = [m.name for m in config.local.models]
-    cloud_names = [m.name for m in config.cloud.models]
-    everything = local_names + cloud_names
-    duplicated = {n for n in everything if everything.count(n) > 1}
-    if duplicated:
-        raise ConfigError(f"{config.source}: model names must be unique, repeated: {sorted(duplicated)}")
-    for key, default, names, kind in (
-        ("local.default", config.local.default, local_names, "local"),
-        ("cloud.default", config.cloud.default, cloud_names, "cloud"),
-    ):
-        if (default or kind == "local") and default not in names:  # an empty cloud.default: the first one
-            raise ConfigError(
-                f"{origins.get(key, config.source)}: {key} is {default!r}, which names no {kind} model "
-                f"({kind} models: {names})"
-            )
-    if config.routing.mode == "cloud" and not cloud_names:  # else every turn would answer locally, each saying why
-        raise ConfigError(
-            f"{origins.get('routing.mode', config.source)}: routing.mode is 'cloud', but no cloud model is "
-            "configured: add a [[cloud.models]] entry, or set routing.mode to auto or local"
-        )
-    _check_secrets(config, origins)
+def _check_endpoints(config: Config, origins: Mapping[str, str]) -> None:
+    """Each address locod serves or calls is well formed, and one served beyond loopback has its key: these
+    are refused here, before a model is loaded."""
     if not config.local.hub_endpoint.startswith(("http://", "https://")):
         raise ConfigError(
             f"{config.source}: local.hub_endpoint must be an http(s) URL, got {config.local.hub_endpoint!r}"
         )
     if config.daemon.tcp:
         source = origins.get("daemon.tcp", config.source)
-        host = config.daemon.tcp.removeprefix("tcp://").rpartition(":")[0]
-        host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+        host = _unbracketed(config.daemon.tcp.removeprefix("tcp://").rpartition(":")[0])
         if not config.daemon.tcp.startswith("tcp://") or not host:
             raise ConfigError(f"{source}: daemon.tcp must look like tcp://127.0.0.1:5557")
         if host not in LOOPBACK and not config.daemon.tcp_secret_file:  # refused before a model is loaded
@@ -646,17 +509,18 @@ def _check_names(config: Config, origins: Mapping[str, str]) -> None:
             )
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")  # what api_key_env may hold: a variable's name
-
-
 def split_listen(listen: str, source: str = "(config)") -> tuple[str, int]:
     """``host:port`` (IPv6 as ``[::1]:port``) of ``http.listen``, checked."""
     host, _, port = listen.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    host = _unbracketed(host)
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"{source}: http.listen must look like 127.0.0.1:8080, got {listen!r}")
     return host, int(port)
+
+
+def _unbracketed(host: str) -> str:
+    """An address's host as the loopback check compares it: IPv6's [::1] written ::1."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def as_dict(config: Config) -> dict[str, Any]:

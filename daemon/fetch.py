@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from locod.daemon.config import tomllib
+from locod.daemon.typed_toml import tomllib
 from locod.errors import FetchError
 from locod.policy.warmstart import file_sha256
 
