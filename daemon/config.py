@@ -236,8 +236,12 @@ class Config:
         return self.state_dir / "locod.db"
 
     @property
+    def socket_path(self) -> Path:
+        return self.runtime_dir / "locod.sock"
+
+    @property
     def ipc_endpoint(self) -> str:
-        return f"ipc://{self.runtime_dir / 'locod.sock'}"
+        return f"ipc://{self.socket_path}"
 
     def local_model(self, name: str) -> LocalModelConfig:
         for model in self.local.models:

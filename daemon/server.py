@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import zmq
 
@@ -98,7 +98,8 @@ class Daemon:
         self._overrides = dict(overrides or {})
         self.started = time.monotonic()  # uptime: a wall clock set back or forward meanwhile is no part of it
         os.umask(0o077)  # the decision log and router state are the user's business alone
-        self._locks = [_exclusive_lock(config.state_dir), _exclusive_lock(config.runtime_dir)]
+        self._state_lock = _exclusive_lock(config.state_dir)
+        self._runtime_lock = _exclusive_lock(config.runtime_dir)  # taken again if the directory is removed
         self.notifier = Notifier()
         self.outbox: zmq.Socket[bytes] | None = None
         self.inbox: zmq.Socket[bytes] | None = None
@@ -146,7 +147,6 @@ class Daemon:
 
     def start(self) -> None:
         cfg = self.config
-        runtime = cfg.runtime_dir
         self._tcp_secret = self._read_tcp_secret()
         fd_limit = raise_soft_limit()  # libzmq aborts when its ipc listener finds no descriptor (fdlimit.py)
         if self.records.interrupted_at_start:
@@ -163,10 +163,8 @@ class Daemon:
         self.inbox = self.ctx.socket(zmq.PULL)
         self.inbox.bind(INBOX)
         self.sockets[IPC] = self._router_socket()
-        sock_path = runtime / "locod.sock"
-        sock_path.unlink(missing_ok=True)  # a stale socket of a dead daemon; the lock says none is alive
-        self.sockets[IPC].bind(cfg.ipc_endpoint)
-        os.chmod(sock_path, 0o600)
+        cfg.socket_path.unlink(missing_ok=True)  # a stale socket of a dead daemon; the lock says none is alive
+        self._bind_ipc()
         if cfg.daemon.tcp:
             self.sockets[TCP] = self._router_socket()
             self.sockets[TCP].setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)
@@ -198,6 +196,11 @@ class Daemon:
         sock.setsockopt(zmq.HEARTBEAT_IVL, 5000)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 15000)
         return sock
+
+    def _bind_ipc(self) -> None:
+        """Bind the ipc socket, its file the owner's alone: the file modes are the socket's only protection."""
+        self.sockets[IPC].bind(self.config.ipc_endpoint)
+        os.chmod(self.config.socket_path, 0o600)
 
     def _read_tcp_secret(self) -> str | None:
         """The tcp endpoint's secret, if it has one (the config's check refused a non-loopback one without)."""
@@ -268,8 +271,7 @@ class Daemon:
         user's rm): the daemon served on, reachable by no client, `locod stop` included, and refused a new
         start for the state directory it still held. A directory made again by another daemon meanwhile (its
         lock held by that one) is that one's: its socket is left alone, and this daemon says how to stop it."""
-        runtime = self.config.runtime_dir
-        path = runtime / "locod.sock"
+        path = self.config.socket_path
         holds_runtime = self._holds_runtime()
         if holds_runtime and os.path.lexists(path):
             self._socket_lost = False
@@ -278,11 +280,10 @@ class Daemon:
             log.warning("the socket %s was removed under the running daemon; binding it again", path)
         try:
             if not holds_runtime:  # the whole directory went, and its lock with it: already_running if taken
-                self._locks[1] = _exclusive_lock(runtime)
+                self._runtime_lock = _exclusive_lock(self.config.runtime_dir)
             with contextlib.suppress(zmq.ZMQError):  # unbound already, by a try whose bind then failed
                 self.sockets[IPC].unbind(self.config.ipc_endpoint)
-            self.sockets[IPC].bind(self.config.ipc_endpoint)
-            os.chmod(path, 0o600)
+            self._bind_ipc()
         except (LocodError, OSError, zmq.ZMQError) as exc:
             if not self._socket_lost:
                 log.error(
@@ -297,7 +298,7 @@ class Daemon:
         """Whether the runtime directory's lock file is still the one this daemon locked: a removed directory
         took it along, and another daemon may hold the one there now, and own the socket beside it."""
         try:
-            there, held = os.stat(self.config.runtime_dir / "locod.lock"), os.fstat(self._locks[1].fileno())
+            there, held = os.stat(self.config.runtime_dir / "locod.lock"), os.fstat(self._runtime_lock.fileno())
         except OSError:
             return False
         return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
@@ -721,7 +722,7 @@ class Daemon:
             self.tcp_guard.close()
         self.ctx.destroy(linger=0)
         if IPC in self.sockets and self._holds_runtime():  # ours: a stale file would make clients wait
-            (self.config.runtime_dir / "locod.sock").unlink(missing_ok=True)
+            self.config.socket_path.unlink(missing_ok=True)
         self.notifier.close()
         log.info("stopped after %d turns", self.turns_served)  # a log that ends here was not a crash
 
@@ -748,7 +749,7 @@ def _or_na(value: object) -> object:
     return "n/a" if value is None else value
 
 
-def _exclusive_lock(directory: Path) -> Any:
+def _exclusive_lock(directory: Path) -> IO[str]:
     """Hold ``directory/locod.lock`` for the daemon's life: one daemon per state and runtime directory."""
     make_private_dir(directory)
     try:
