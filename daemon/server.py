@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import errno
 import fcntl
-import hmac
 import logging
 import os
 import queue
@@ -48,6 +47,7 @@ from locod.daemon.records import LABEL_WAIT_S, DecisionLog
 from locod.daemon.reply import Reply
 from locod.daemon.sessions import IPC, TCP, SessionStore, door_of
 from locod.daemon.shadow import ShadowLane
+from locod.daemon.tcpauth import TcpAuth
 from locod.daemon.tcpguard import HANDSHAKE_S, TcpGuard
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import TurnRunner
@@ -59,11 +59,9 @@ from locod.protocol import (
     ErrorFrame,
     FeedbackRequest,
     Frame,
-    Request,
     ResultFrame,
     SimpleRequest,
     encode_frame,
-    leading_fields,
     parse_request,
 )
 
@@ -77,14 +75,6 @@ INBOX = "inproc://locod-inbox"  # wakes the loop for turns handed in by another 
 # Config sections a reload cannot apply to a running daemon: bound sockets, open paths and the telemetry
 # readers built from them. Local models do apply: the zoo loads the new table's models on demand.
 AS_STARTED = ("paths", "daemon", "http", "telemetry")
-# How a user of locod's own client gives the tcp secret, said with each refusal for the want of it.
-SECRET_HINT = "the one in daemon.tcp_secret_file; locod's CLI sends it with --secret-file FILE or $LOCOD_SECRET"
-# A tcp message that does not begin with its secret is parsed (then checked) only up to this size.
-UNAUTHENTICATED_BYTES = 64 << 10
-# What a tcp endpoint without a secret serves: any local user can reach it, not only the daemon's owner,
-# so not the owner's records (`decisions`) nor what changes the daemon (`feedback`, `reload`). `config`
-# holds no secret, and the client reads its limits from it before sending a large chat.
-OPEN_TCP_OPS = ("chat", "ping", "status", "config")
 # Labels waiting for the feedback thread; past this a `feedback` is answered busy (a flood is not queued).
 FEEDBACK_QUEUE = 64
 
@@ -139,6 +129,7 @@ class Daemon:
         self._local_out = threading.local()
         self.sockets: dict[bytes, zmq.Socket[bytes]] = {}
         self.tcp_guard: TcpGuard | None = None  # with daemon.tcp: its connections, bounded
+        self.tcp_auth = TcpAuth(None)  # its secret is read at start, and again at each reload
         self.stopping_since: float | None = None
         self._socket_lost = False  # the ipc socket's file was removed, and binding it again failed
         self.turns_served = 0
@@ -147,7 +138,7 @@ class Daemon:
 
     def start(self) -> None:
         cfg = self.config
-        self._tcp_secret = self._read_tcp_secret()
+        self.tcp_auth = TcpAuth(self._read_tcp_secret())
         fd_limit = raise_soft_limit()  # libzmq aborts when its ipc listener finds no descriptor (fdlimit.py)
         if self.records.interrupted_at_start:
             log.warning(
@@ -383,30 +374,13 @@ class Daemon:
 
     def _dispatch(self, peer: bytes, tag: bytes, frames: list[bytes], fd: int) -> None:
         """Answer one request; ``fd`` is the connection it came on (for the tcp guard)."""
-        if tag == TCP and self._tcp_secret is not None:
-            self._check_secret_first(frames)
+        if tag == TCP:
+            self.tcp_auth.check_head(frames)
         request = parse_request(frames, self.config.daemon.max_message_bytes)
-        if (
-            tag == TCP
-            and self._tcp_secret is not None
-            and not hmac.compare_digest((request.secret or "").encode(), self._tcp_secret.encode())
-        ):
-            raise BadRequest(
-                f"this tcp endpoint needs the shared secret in field 'secret' ({SECRET_HINT})",
-                code="unauthorized",
-                request_id=request.id,
-            )
-        if tag == TCP and self._tcp_secret is None:
-            refused = _refused_without_secret(request)
-            if refused:
-                raise BadRequest(
-                    f"{refused} on a tcp endpoint without a secret (any local user can reach it): use the ipc "
-                    "socket, or set daemon.tcp_secret_file",
-                    code="unauthorized",
-                    request_id=request.id,
-                )
-        if tag == TCP and self.tcp_guard is not None:
-            self.tcp_guard.vouch(fd)  # it passed the endpoint's checks: never evicted for a newcomer
+        if tag == TCP:
+            self.tcp_auth.check(request)
+            if self.tcp_guard is not None:
+                self.tcp_guard.vouch(fd)  # it passed the endpoint's checks: never evicted for a newcomer
         if isinstance(request, ChatRequest):
             try:
                 self._start_turn(peer, request)
@@ -422,25 +396,6 @@ class Daemon:
         except LocodError as exc:
             frame = ErrorFrame.of(exc)
         self._send(peer, encode_frame(request.id, frame))
-
-    def _check_secret_first(self, frames: list[bytes]) -> None:
-        """The tcp secret, checked before the message is parsed: a message that begins with it (as locod's
-        client writes it) is checked at the cost of reading its first bytes; one that does not is parsed
-        (and checked after) only when it is small. So a client without the secret costs the loop next to
-        nothing, however large what it sends."""
-        assert self._tcp_secret is not None
-        raw = frames[0] if len(frames) == 1 else b""
-        head = leading_fields(raw)
-        given = head.get("secret")
-        if given is None and len(raw) <= UNAUTHENTICATED_BYTES:
-            return
-        if given is None or not hmac.compare_digest(given.encode(errors="surrogatepass"), self._tcp_secret.encode()):
-            raise BadRequest(
-                "this tcp endpoint needs the shared secret in field 'secret', first in the message when it is "
-                f"over {UNAUTHENTICATED_BYTES} bytes ({SECRET_HINT})",
-                code="unauthorized",
-                request_id=head.get("id"),
-            )
 
     def _label(self, peer: bytes, request: FeedbackRequest) -> None:
         """Hand a label to the feedback thread, which answers it; refused busy when many are waiting."""
@@ -486,6 +441,14 @@ class Daemon:
         raise ProtocolError(f"op {request.op!r} has no handler", code="unknown_op")
 
     def _start_turn(self, peer: bytes, request: ChatRequest, reply: Reply | None = None) -> None:
+        """Submit a turn to the pool, once it is admitted; ``reply`` is given for a turn handed in."""
+        self._check_admission(peer, request)
+        reply = reply or Reply(post=self._poster(peer, request.id))
+        self._turns[self.pool.submit(self.runner.run, request, peer, reply)] = (peer, reply)
+
+    def _check_admission(self, peer: bytes, request: ChatRequest) -> None:
+        """Refuse a turn (busy, too long) before any work on it: the daemon stopping, the queue full, the
+        peer's door or the peer itself at its share of it, or more text than daemon.max_prompt_chars."""
         if self.stopping_since is not None:
             raise Busy("the daemon is shutting down", code="shutting_down")
         if len(self._turns) >= self.config.daemon.queue_limit:
@@ -510,8 +473,6 @@ class Daemon:
                 f"this client (connection) has {own} turns in flight, at daemon.max_turns_per_client; try "
                 "again when one is answered"
             )
-        reply = reply or Reply(post=self._poster(peer, request.id))
-        self._turns[self.pool.submit(self.runner.run, request, peer, reply)] = (peer, reply)
 
     def _door_share(self) -> int:
         """The turns one door (ipc, tcp, HTTP) may have in flight: daemon.queue_limit split between the doors
@@ -615,7 +576,7 @@ class Daemon:
             "turns_served": self.turns_served + len(self._turns) - self.in_flight(),
             "interrupted_at_start": self.records.interrupted_at_start,
             "telemetry": self.telemetry.snapshot_dict(),
-            "routing": {**self.decider.status(), **self.learner.status()},
+            "routing": self._routing_status(),
             "stopping": self.stopping_since is not None,
         }
 
@@ -624,8 +585,12 @@ class Daemon:
         copy of the turns taken in one step, so the metrics' thread may ask too."""
         return sum(not reply.answered.is_set() for _, reply in list(self._turns.values()))
 
+    def _routing_status(self) -> dict[str, Any]:
+        return {**self.decider.status(), **self.learner.status()}
+
     def _status_line(self) -> str:
-        routing = {**self.decider.status(), **self.learner.status()}
+        """The one line systemd shows for the daemon (``systemctl status``), renewed every 10 s."""
+        routing = self._routing_status()
         online = self.telemetry.snapshot().online
         net = "online" if online else "offline" if online is False else "network unknown"
         return (
@@ -675,7 +640,7 @@ class Daemon:
             log.warning("reload: [%s] changed and take(s) effect at the next restart", "], [".join(kept))
         new = dataclasses.replace(new, **{name: getattr(self.config, name) for name in AS_STARTED})
         self.config = new
-        self._tcp_secret = tcp_secret
+        self.tcp_auth = TcpAuth(tcp_secret)
         if self.http is not None:
             self.http.key = http_key
         self.zoo.reconfigure(new.local)
@@ -732,17 +697,6 @@ def _model_zoo(config: Config) -> ModelZoo:
     local = config.local
     park = DiskPark.opened(config.state_dir / "kvcache", local.cache_disk_mb << 20) if local.cache_disk_mb else None
     return ModelZoo(local.models, config.models_dir, local.memory_budget_mb, local.n_threads, local.cache_mb, park)
-
-
-def _refused_without_secret(request: Request) -> str | None:
-    """What a tcp endpoint without a secret does not serve, said, or None: the owner's records and what
-    changes the daemon (OPEN_TCP_OPS), and attachments by path, which the daemon would read as its owner."""
-    op = "chat" if isinstance(request, ChatRequest) else request.op
-    if op not in OPEN_TCP_OPS:
-        return f"op {op!r} is not served"
-    if isinstance(request, ChatRequest) and any(a.path is not None for a in request.attachments):
-        return "attachments by path are not read (the daemon would read them as its owner; send their bytes)"
-    return None
 
 
 def _or_na(value: object) -> object:
