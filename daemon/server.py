@@ -70,8 +70,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Wake-ups only, one per item queued for the loop: frames from worker threads (Daemon._outgoing), and turns
+# handed in by another thread, the HTTP API's (Daemon._handed_in).
 OUTBOX = "inproc://locod-outbox"
-INBOX = "inproc://locod-inbox"  # wakes the loop for turns handed in by another thread (the HTTP API)
+INBOX = "inproc://locod-inbox"
 # Config sections a reload cannot apply to a running daemon: bound sockets, open paths and the telemetry
 # readers built from them. Local models do apply: the zoo loads the new table's models on demand.
 AS_STARTED = ("paths", "daemon", "http", "telemetry")
@@ -88,7 +90,7 @@ class Daemon:
         self._overrides = dict(overrides or {})
         self.started = time.monotonic()  # uptime: a wall clock set back or forward meanwhile is no part of it
         os.umask(0o077)  # the decision log and router state are the user's business alone
-        self._state_lock = _exclusive_lock(config.state_dir)
+        self._state_lock = _exclusive_lock(config.state_dir)  # held, never read: its lock lasts as long as it
         self._runtime_lock = _exclusive_lock(config.runtime_dir)  # taken again if the directory is removed
         self.notifier = Notifier()
         self.outbox: zmq.Socket[bytes] | None = None
@@ -126,7 +128,7 @@ class Daemon:
         self._turns: dict[Future[None], tuple[bytes, Reply]] = {}
         self.backlog = Backlog(config.daemon.max_queued_bytes)
         self.ctx = zmq.Context()
-        self._local_out = threading.local()
+        self._thread_pushes = threading.local()  # each thread's PUSH sockets that wake the loop
         self.sockets: dict[bytes, zmq.Socket[bytes]] = {}
         self.tcp_guard: TcpGuard | None = None  # with daemon.tcp: its connections, bounded
         self.tcp_auth = TcpAuth(None)  # its secret is read at start, and again at each reload
@@ -485,11 +487,7 @@ class Daemon:
         """Start a turn from another thread (the HTTP API): the loop admits it as it does a socket's, under
         the same queue limit and shutdown, and ``reply`` gets its frames (a refusal as an ``error``)."""
         self._handed_in.put((client, request, reply))
-        wake = getattr(self._local_out, "wake", None)
-        if wake is None:
-            wake = self._local_out.wake = self.ctx.socket(zmq.PUSH)
-            wake.connect(INBOX)
-        wake.send(b"")
+        self._wake_loop(INBOX)
 
     def _admit_handed_in(self) -> None:
         assert self.inbox is not None
@@ -521,14 +519,21 @@ class Daemon:
         return post
 
     def _post(self, peer: bytes, frame: bytes) -> None:
-        """Send from a worker thread: queue the frame, then wake the loop through this thread's PUSH socket."""
-        push = getattr(self._local_out, "push", None)
-        if push is None:
-            push = self._local_out.push = self.ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.LINGER, 1000)
-            push.connect(OUTBOX)
+        """Send from a worker thread: queue the frame, then wake the loop."""
         self._outgoing.put((peer, frame))
-        push.send(b"")
+        self._wake_loop(OUTBOX)
+
+    def _wake_loop(self, endpoint: str) -> None:
+        """Wake the loop through this thread's PUSH socket to ``endpoint``, made on first use: a ZeroMQ socket
+        is not thread-safe, so each thread that queues something for the loop has its own."""
+        pushes: dict[str, zmq.Socket[bytes]] | None = getattr(self._thread_pushes, "by_endpoint", None)
+        if pushes is None:
+            pushes = self._thread_pushes.by_endpoint = {}
+        if endpoint not in pushes:
+            pushes[endpoint] = self.ctx.socket(zmq.PUSH)
+            pushes[endpoint].setsockopt(zmq.LINGER, 1000)
+            pushes[endpoint].connect(endpoint)
+        pushes[endpoint].send(b"")
 
     # -- status, reload, stop ------------------------------------------------------------------------
 
