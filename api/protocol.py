@@ -74,6 +74,7 @@ class ChatRequest:
     attachments: list[Attachment] = field(default_factory=list)
     options: ChatOptions = field(default_factory=ChatOptions)
     secret: str | None = None
+    op: ClassVar[str] = "chat"
 
     @property
     def prompt(self) -> str:
@@ -376,7 +377,7 @@ def encode_request(request: Request) -> bytes:
     msg: dict[str, Any] = {} if request.secret is None else {"secret": request.secret}
     msg.update(id=request.id, v=PROTOCOL_VERSION)
     if isinstance(request, ChatRequest):
-        msg.update(op="chat", messages=request.messages)
+        msg.update(op=request.op, messages=request.messages)
         if request.session is not None:
             msg["session"] = request.session
         if request.model is not None:

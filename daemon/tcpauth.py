@@ -74,9 +74,8 @@ class TcpAuth:
 def _refused_without_secret(request: Request) -> str | None:
     """What a tcp endpoint without a secret does not serve, said, or None: the owner's records and what
     changes the daemon (OPEN_TCP_OPS), and attachments by path, which the daemon would read as its owner."""
-    op = "chat" if isinstance(request, ChatRequest) else request.op
-    if op not in OPEN_TCP_OPS:
-        return f"op {op!r} is not served"
+    if request.op not in OPEN_TCP_OPS:
+        return f"op {request.op!r} is not served"
     if isinstance(request, ChatRequest) and any(a.path is not None for a in request.attachments):
         return "attachments by path are not read (the daemon would read them as its owner; send their bytes)"
     return None
