@@ -151,19 +151,7 @@ class Daemon:
         check_chat_formats(cfg)
         check_model_file(default, cfg.models_dir)
         self.zoo.get(default.name)  # load once before READY: the first turn should not pay for it
-        self.outbox = self.ctx.socket(zmq.PULL)
-        self.outbox.bind(OUTBOX)
-        self.inbox = self.ctx.socket(zmq.PULL)
-        self.inbox.bind(INBOX)
-        self.sockets[IPC] = self._router_socket()
-        cfg.socket_path.unlink(missing_ok=True)  # a stale socket of a dead daemon; the lock says none is alive
-        self._bind_ipc()
-        if cfg.daemon.tcp:
-            self.sockets[TCP] = self._router_socket()
-            self.sockets[TCP].setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)
-            self.sockets[TCP].bind(cfg.daemon.tcp)
-            share = door_share("daemon.max_tcp_connections", cfg.daemon.max_tcp_connections, fd_limit, TCP_SHARE)
-            self.tcp_guard = TcpGuard(self.sockets[TCP], share, cfg.daemon.max_tcp_per_host)
+        self._bind_sockets(fd_limit)
         self.telemetry.start()
         self._install_signals()
         if cfg.http.listen:
@@ -177,6 +165,24 @@ class Daemon:
             default.name,
         )
         self.notifier.ready(self._status_line())
+
+    def _bind_sockets(self, fd_limit: int) -> None:
+        """The loop's wake-up sockets, then the doors: the ipc socket, and the tcp endpoint with its guard
+        (its connections bounded within ``fd_limit``, the open-file limit)."""
+        cfg = self.config
+        self.outbox = self.ctx.socket(zmq.PULL)
+        self.outbox.bind(OUTBOX)
+        self.inbox = self.ctx.socket(zmq.PULL)
+        self.inbox.bind(INBOX)
+        self.sockets[IPC] = self._router_socket()
+        cfg.socket_path.unlink(missing_ok=True)  # a stale socket of a dead daemon; the lock says none is alive
+        self._bind_ipc()
+        if cfg.daemon.tcp:
+            self.sockets[TCP] = self._router_socket()
+            self.sockets[TCP].setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)
+            self.sockets[TCP].bind(cfg.daemon.tcp)
+            share = door_share("daemon.max_tcp_connections", cfg.daemon.max_tcp_connections, fd_limit, TCP_SHARE)
+            self.tcp_guard = TcpGuard(self.sockets[TCP], share, cfg.daemon.max_tcp_per_host)
 
     def _router_socket(self) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(zmq.ROUTER)
