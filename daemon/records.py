@@ -26,6 +26,7 @@ from typing import Any
 
 import sqlite_utils
 
+from locod import __version__
 from locod.daemon.decision import NO_ROUTING_COLUMNS, Routing
 from locod.errors import StorageError, UnknownDecision
 from locod.policy.logged import LoggedTurn
@@ -285,6 +286,7 @@ class DecisionLog:
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_WAIT_S)
+            _refuse_newer(path, conn)  # before the journal mode, the first write to the file
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
         except (OSError, sqlite3.Error) as exc:
@@ -369,6 +371,8 @@ class DecisionLog:
             )
 
     def _migrate(self) -> None:
+        """Bring the schema up to this code's, in the start's one transaction: a daemon killed midway leaves
+        the file as it was (never columns added with ``user_version`` not bumped)."""
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
             step(self.db)
@@ -594,6 +598,20 @@ class DecisionLog:
             self._conn.close()
 
 
+def _refuse_newer(path: Path, conn: sqlite3.Connection) -> None:
+    """Refuse a log a newer locod migrated (after a downgrade): its columns mean what this code cannot know,
+    and rows written here would lack what that version requires of them."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        conn.close()
+        raise StorageError(
+            f"decision log {path} has schema version {version}, newer than this locod {__version__} knows "
+            f"({len(MIGRATIONS)}): a newer locod wrote it. Run that version again, or move the file aside (or "
+            "restore a backup made with this version) and start again; nothing was written to it",
+            code="db_too_new",
+        )
+
+
 def _file_identity(path: Path) -> tuple[int, int] | None:
     """(device, inode) of the file at ``path``; None when there is none."""
     try:
@@ -627,9 +645,29 @@ def read_rows(path: Path, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.
     try:
         with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
             conn.row_factory = sqlite3.Row
-            return conn.execute(sql, params).fetchall()
+            try:
+                return conn.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot read the decision log {path}: {exc}{_skew(conn)}") from None
     except sqlite3.Error as exc:
         raise StorageError(f"cannot read the decision log {path}: {exc}") from None
+
+
+def _skew(conn: sqlite3.Connection) -> str:
+    """Why a read of a log of another schema version may fail, to add to its error ("" when it is this
+    code's): a log not migrated yet (the daemon not restarted since an upgrade), or one a newer locod wrote."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version < len(MIGRATIONS):
+        return (
+            f" (its schema is version {version}, older than this locod's {len(MIGRATIONS)}: start the daemon "
+            "once, which migrates it, then read it again)"
+        )
+    if version > len(MIGRATIONS):
+        return (
+            f" (its schema is version {version}, newer than this locod {__version__} knows, {len(MIGRATIONS)}: "
+            "a newer locod wrote it; read it with that version)"
+        )
+    return ""
 
 
 def labelled_turns(path: Path) -> list[LoggedTurn]:

@@ -1,0 +1,123 @@
+"""Round eleven of attacks on a running daemon: version skew, upgrades and interrupted state changes. Files
+outlive the code that wrote them, users go back a version, and a daemon keeps its code while the installed
+one changes under it; each test is one way in that broke or could, and now holds. Real daemon, real SQLite
+files, real policy and state files."""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlite_utils
+
+from locod.daemon.records import MIGRATIONS, read_rows
+from locod.errors import StorageError
+
+from .conftest import wait_for
+
+KNOWN = len(MIGRATIONS)
+
+
+def _old_log(path: Path, version: int, rows: int, outcome: str = "ok") -> None:
+    """A decision log as locod at schema ``version`` left it (its first migrations only), with ``rows`` turns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    db = sqlite_utils.Database(conn)
+    for number, step in enumerate(MIGRATIONS[:version], start=1):
+        step(db)
+        conn.execute(f"PRAGMA user_version = {number}")
+    turns = (
+        {"created": 1.7e9 + i, "session": f"s{i}", "turn": i, "request_id": f"chatcmpl-{i:016d}", "prompt_chars": 9}
+        | {"task": "chat", "location": "local"}
+        | {"model": "smollm2-135m-instruct", "outcome": outcome, "reason": "kept from before the upgrade"}
+        for i in range(rows)
+    )
+    db["decisions"].insert_all(turns, batch_size=5000)
+    conn.close()
+
+
+def _columns(conn: sqlite3.Connection) -> set[str]:
+    return {row[1] for row in conn.execute("PRAGMA table_info(decisions)")}
+
+
+def _columns_at(version: int) -> set[str]:
+    """The columns the migrations up to ``version`` make."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    for step in MIGRATIONS[:version]:
+        step(sqlite_utils.Database(conn))
+    return _columns(conn)
+
+
+def test_a_log_a_newer_locod_migrated_is_refused_by_name_and_not_written(daemon_factory: Any, tmp_path: Path) -> None:
+    """Attack: go back a version after a newer locod migrated the decision log (schema 11 here). The daemon
+    found no migration to run and went on writing rows into a schema it does not know (a column the newer
+    version requires left NULL); one of a log it could not read said only "migrate failed: no such column".
+    Now it refuses to start, naming the file, both versions and what to do, and the file is as it was: its
+    pending turn is not marked interrupted, not even the journal mode is changed. `locod decisions` still
+    reads it."""
+    db_path = tmp_path / "d" / "state" / "locod.db"
+    _old_log(db_path, KNOWN, 2, outcome="pending")
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("ALTER TABLE decisions ADD COLUMN newer_column TEXT")
+        conn.execute(f"PRAGMA user_version = {KNOWN + 1}")
+    before = hashlib.sha256(db_path.read_bytes()).hexdigest()
+
+    handle = daemon_factory(wait=False)
+    assert handle.proc.wait(120) != 0
+    said = handle.log()
+    assert f"decision log {db_path} has schema version {KNOWN + 1}, newer than this locod" in said, said
+    assert f"knows ({KNOWN}): a newer locod wrote it. Run that version again" in said
+    assert hashlib.sha256(db_path.read_bytes()).hexdigest() == before
+    assert [row["outcome"] for row in handle.rows()] == ["pending", "pending"]
+
+    shown = handle.cli("decisions")
+    assert shown.returncode == 0 and "kept from before the upgrade" in shown.stdout, shown.stderr
+
+
+def test_a_read_that_a_log_of_another_version_fails_says_which_version(tmp_path: Path) -> None:
+    """Attack: `locod report` (and the other readers of the file) on a log of another schema: one a newer
+    locod reshaped, or one the daemon has not migrated yet (installed, not restarted). The error was SQLite's
+    alone ("no such column: backend"); now it says which schema the log has and what to do."""
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as conn:
+        conn.execute("CREATE TABLE decisions (id INTEGER PRIMARY KEY, outcome TEXT)")
+        conn.execute(f"PRAGMA user_version = {KNOWN + 4}")
+    with pytest.raises(StorageError, match=rf"its schema is version {KNOWN + 4}, newer than this locod .* a newer"):
+        read_rows(newer, "SELECT backend FROM decisions")
+    older = tmp_path / "older.db"
+    _old_log(older, 3, 1)
+    with pytest.raises(StorageError, match=rf"version 3, older than this locod's {KNOWN}: start the daemon once"):
+        read_rows(older, "SELECT error_code FROM decisions")
+    assert [row["outcome"] for row in read_rows(older, "SELECT outcome FROM decisions")] == ["ok"]
+
+
+def test_an_old_log_killed_mid_migration_is_whole_and_migrated_at_the_next_start(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """Attack: SIGKILL the first start after an upgrade while it migrates a large old log (schema 3). A
+    migration whose columns were committed without its ``user_version`` would fail every later start with
+    "duplicate column". The file is either the old schema or the new one, whole, and the next start migrates
+    it with every row kept and answers."""
+    db_path = tmp_path / "d" / "state" / "locod.db"
+    _old_log(db_path, 3, 150_000)
+    wal = db_path.with_name("locod.db-wal")  # frames there: the migration's pages, spilled before its commit
+    handle = daemon_factory(wait=False)
+    wait_for(lambda: handle.proc.poll() is not None or (wal.exists() and wal.stat().st_size > 0), 120, "the migration")
+    handle.proc.send_signal(signal.SIGKILL)
+    handle.proc.wait(30)
+
+    with sqlite3.connect(db_path) as conn:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        assert version in (3, KNOWN) and _columns(conn) == _columns_at(version)
+        assert conn.execute("SELECT COUNT(*) FROM decisions").fetchone()[0] == 150_000
+
+    again = daemon_factory(name="d")
+    assert again.client().ask("Hi", max_tokens=2).done.outcome == "ok"
+    (kept, fresh) = again.rows("SELECT * FROM decisions WHERE id IN (1, 150001) ORDER BY id")
+    assert kept["reason"] == "kept from before the upgrade" and kept["error_code"] is None
+    assert fresh["outcome"] == "ok"
+    assert again.rows("PRAGMA user_version")[0]["user_version"] == KNOWN
