@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from locod import __version__
+from locod.build import code_digest
 from locod.errors import (
     ConfigError,
     DaemonNotRunning,
@@ -429,7 +430,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"warning: cloud model {name} has no API key: set ${env} (and restart) or its api_key_file (and reload)")
     if r.get("policy_error"):  # routing.policy_path (or $LOCOD_POLICY) names a file the daemon could not use
         print(f"warning: {r['policy_error']} (routing.policy_path, or $LOCOD_POLICY)")
+    skew = _code_skew(status)
+    if skew:
+        print(f"warning: {skew}")
     return 0
+
+
+def _code_skew(status: dict[str, Any]) -> str | None:
+    """What to say when the daemon runs other code than this command's: one started before an upgrade keeps
+    its old code (a `git pull` does not change ``__version__``), one of another installation its own."""
+    ours = code_digest()
+    if "code" not in status:  # a daemon older than the digest
+        return (
+            f"the daemon (locod {status['version']}) runs code older than this command's (locod {__version__}): "
+            "restart it to run the installed version (`locod stop`, then start it as before)"
+        )
+    if status["code"] is None or ours is None or status["code"] == ours:
+        return None
+    return (
+        f"the daemon runs other code than this command (code {status['code']}, installed {ours}): it was "
+        "started before an upgrade, or from another installation; restart it to run this one (`locod stop`, "
+        "then start it as before)"
+    )
 
 
 def _say_which_variables_stay_here(running: dict[str, Any], keyless: dict[str, str]) -> None:

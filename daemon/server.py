@@ -30,6 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 import zmq
 
 from locod import __version__
+from locod.build import code_digest
 from locod.daemon.backlog import PIPE_MESSAGES, Backlog
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config, as_dict, load_config, redacted_url
@@ -89,6 +90,7 @@ class Daemon:
         self._config_path = config_path
         self._overrides = dict(overrides or {})
         self.started = time.monotonic()  # uptime: a wall clock set back or forward meanwhile is no part of it
+        self.code = code_digest()  # the code it runs: `locod status` tells it from the installed one
         os.umask(0o077)  # the decision log and router state are the user's business alone
         self._state_lock = _exclusive_lock(config.state_dir)  # held, never read: its lock lasts as long as it
         self._runtime_lock = _exclusive_lock(config.runtime_dir)  # taken again if the directory is removed
@@ -547,6 +549,7 @@ class Daemon:
         cfg = self.config
         return {
             "version": __version__,
+            "code": self.code,
             "pid": os.getpid(),
             "uptime_s": round(time.monotonic() - self.started, 1),
             "endpoints": [cfg.ipc_endpoint, *([cfg.daemon.tcp] if cfg.daemon.tcp else [])],

@@ -6,18 +6,23 @@ files, real policy and state files."""
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import signal
 import sqlite3
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 import sqlite_utils
 
+from locod.build import code_digest
+from locod.cli import _code_skew
 from locod.daemon.records import MIGRATIONS, read_rows
 from locod.errors import StorageError
 
-from .conftest import wait_for
+from .conftest import REPO, locod_command, wait_for
 
 KNOWN = len(MIGRATIONS)
 
@@ -121,3 +126,37 @@ def test_an_old_log_killed_mid_migration_is_whole_and_migrated_at_the_next_start
     assert kept["reason"] == "kept from before the upgrade" and kept["error_code"] is None
     assert fresh["outcome"] == "ok"
     assert again.rows("PRAGMA user_version")[0]["user_version"] == KNOWN
+
+
+def _checkout_with_a_change(tmp_path: Path) -> Path:
+    """The package as another checkout (or a `git pull` the daemon has not restarted for) has it: the same
+    version, one file changed. Only its Python modules: `locod status` needs no data files."""
+    root = tmp_path / "checkout"
+    skip = shutil.ignore_patterns("__pycache__", "default", "data", "priors", "*.onnx")
+    shutil.copytree(REPO / "api", root / "locod", ignore=skip)
+    for package in ("daemon", "policy"):
+        shutil.copytree(REPO / package, root / "locod" / package, ignore=skip)
+    with (root / "locod" / "daemon" / "turn.py").open("a") as module:
+        module.write("# a later commit\n")
+    return root
+
+
+def test_status_says_when_the_daemon_runs_other_code_than_the_command(daemon_factory: Any, tmp_path: Path) -> None:
+    """Attack: upgrade (git pull in an editable install, or another venv's `locod`) while the daemon runs. It
+    keeps its old code, `__version__` stays 0.1.0, and `locod status` showed nothing amiss. Now the daemon
+    reports a digest of the code it started with and the command compares it with its own."""
+    handle = daemon_factory()
+    status = json.loads(handle.cli("status", "--json").stdout)
+    assert status["code"] == code_digest() and len(status["code"]) == 16
+    assert "runs other code" not in handle.cli("status").stdout
+
+    env = {**handle.env, "PYTHONPATH": str(_checkout_with_a_change(tmp_path))}
+    newer = subprocess.run(
+        locod_command("--config", str(handle.config_path), "status"), capture_output=True, text=True, env=env
+    )
+    assert newer.returncode == 0, newer.stderr
+    assert f"the daemon runs other code than this command (code {status['code']}, installed " in newer.stdout
+    assert "restart it to run this one" in newer.stdout
+
+    del status["code"]  # as a daemon of before the digest reports it
+    assert "runs code older than this command's (locod 0.1.0): restart it" in str(_code_skew(status))
