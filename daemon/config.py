@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 from locod.daemon.regular_file import read_regular
@@ -63,6 +63,12 @@ class CloudModelConfig:
 
 @dataclass(frozen=True)
 class DaemonConfig:
+    # Keys earlier versions had, and what became of them (typed_toml names them so in an old config file).
+    retired_keys: ClassVar[Mapping[str, str]] = {
+        "cloud_workers": "it never did anything (cloud calls run on the turn pool); remove it",
+        "watchdog_stall_s": "it never did anything (the watchdog pings from the serving loop, which a hang "
+        "stops); remove it",
+    }
     # Extra loopback endpoint, e.g. "tcp://127.0.0.1:5557"; the ipc socket is always bound.
     tcp: str = ""
     # Shared secret required from tcp clients (ignored on the ipc socket, which is protected by file modes).

@@ -65,8 +65,7 @@ def build_table(cls: Any, table: Any, source: str, where: str) -> Any:
     names = {f.name: f for f in dataclasses.fields(cls) if f.name != NOT_A_KEY}
     for key in table:
         if key not in names:
-            known = ", ".join(sorted(names))
-            raise ConfigError(f"{source}: unknown key {where + key!r} (known here: {known})")
+            raise _unknown_key(cls, source, where + key)
     values: dict[str, Any] = {}
     for name, fld in names.items():
         if name not in table:
@@ -124,9 +123,10 @@ def set_text(schema: Any, table: dict[str, Any], dotted: str, text: str, origin:
         cls = hints[section]
         node = node.setdefault(section, {})
     hints = typing.get_type_hints(cls)
-    if key not in hints:
-        raise ConfigError(f"{origin}: unknown key {dotted!r} (known here: {_known(cls)})")
-    meta = next(f.metadata for f in dataclasses.fields(cls) if f.name == key)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != NOT_A_KEY}
+    if key not in fields:
+        raise _unknown_key(cls, origin, dotted)
+    meta = fields[key].metadata
     node[key] = _value(hints[key], _parse_text(hints[key], text, origin, dotted), meta, origin, dotted)
 
 
@@ -149,6 +149,16 @@ def _parse_text(hint: Any, text: str, origin: str, key: str) -> Any:
     except ValueError:
         raise ConfigError(f"{origin}: {key} expects {_type_name(hint)}, got {text!r}") from None
     return text
+
+
+def _unknown_key(cls: Any, source: str, dotted: str) -> ConfigError:
+    """A key the schema does not have; one an upgrade removed (the schema's ``retired_keys``: a config file
+    outlives the version it was written for) says what became of it, not only that it is unknown."""
+    retired: Mapping[str, str] = getattr(cls, "retired_keys", {})
+    name = dotted.rpartition(".")[2]
+    if name in retired:
+        return ConfigError(f"{source}: key {dotted!r} was removed from locod: {retired[name]}")
+    return ConfigError(f"{source}: unknown key {dotted!r} (known here: {_known(cls)})")
 
 
 def _known(cls: Any) -> str:

@@ -160,3 +160,16 @@ def test_status_says_when_the_daemon_runs_other_code_than_the_command(daemon_fac
 
     del status["code"]  # as a daemon of before the digest reports it
     assert "runs code older than this command's (locod 0.1.0): restart it" in str(_code_skew(status))
+
+
+def test_a_config_key_an_upgrade_removed_says_what_became_of_it(daemon_factory: Any) -> None:
+    """Attack: keep the config file of an older version, which set `daemon.cloud_workers` (removed: it never
+    did anything). The daemon refused it as an "unknown key" among thirty known ones, leaving its user to
+    guess whether it was renamed; now the error says it was removed and why, and to remove it."""
+    handle = daemon_factory({"daemon": {"cloud_workers": 8}}, wait=False)
+    assert handle.proc.wait(120) != 0
+    assert "key 'daemon.cloud_workers' was removed from locod: it never did anything" in handle.log()
+    override = handle.cli("serve", "--set", "daemon.watchdog_stall_s=30")
+    assert override.returncode != 0
+    assert "override daemon.watchdog_stall_s: key 'daemon.watchdog_stall_s' was removed" in override.stderr
+    assert "remove it" in override.stderr
