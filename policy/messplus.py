@@ -401,7 +401,10 @@ class MessPlus:
             raw = read_regular(self.path, MAX_STATE_BYTES)
             with np.load(io.BytesIO(raw), allow_pickle=False) as data:
                 if int(data["version"]) != STATE_VERSION or int(data["dim"]) != DIM:
-                    raise ValueError(f"version {int(data['version'])}, dim {int(data['dim'])}")
+                    raise ValueError(
+                        f"version {int(data['version'])}, dim {int(data['dim'])}; this locod reads version "
+                        f"{STATE_VERSION}, dim {DIM}: rename it back when running the locod that wrote it"
+                    )
                 _check_shapes(data)
                 names = [str(n) for n in data["names"]]
                 weights = {n: data["weights"][i].astype(np.float64) for i, n in enumerate(names)}

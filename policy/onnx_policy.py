@@ -57,6 +57,17 @@ def _session(path: Path) -> ort.InferenceSession:
         raise PolicyError(f"policy file {path} is not a loadable ONNX model: {exc}", code="policy_corrupt") from None
 
 
+def _refuse_newer_layout(path: Path, meta: dict[str, str]) -> None:
+    """A file a newer locod trained (after a downgrade) is refused saying so, not only that its metadata differ."""
+    layout = meta.get("locod.layout_version", "")
+    if layout.isdigit() and int(layout) > LAYOUT_VERSION:
+        raise PolicyError(
+            f"policy file {path} has observation layout {layout}, newer than this locod knows ({LAYOUT_VERSION}): "
+            "a newer locod made it; run that version, or make one for this with `locod policy train`",
+            code="policy_mismatch",
+        )
+
+
 class OnnxPolicy:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -73,6 +84,7 @@ class OnnxPolicy:
             "locod.obs_dim": str(obs_dim),
             "locod.n_actions": str(N_ACTIONS),
         }
+        _refuse_newer_layout(path, meta)
         for key, want in expected.items():
             if meta.get(key) != want:
                 raise PolicyError(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -14,6 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import sqlite_utils
 
@@ -21,6 +23,8 @@ from locod.build import code_digest
 from locod.cli import _code_skew
 from locod.daemon.records import MIGRATIONS, read_rows
 from locod.errors import StorageError
+from locod.policy.messplus import DIM
+from locod.policy.onnx_policy import DEFAULT_POLICY
 
 from .conftest import REPO, locod_command, wait_for
 
@@ -173,3 +177,30 @@ def test_a_config_key_an_upgrade_removed_says_what_became_of_it(daemon_factory: 
     assert override.returncode != 0
     assert "override daemon.watchdog_stall_s: key 'daemon.watchdog_stall_s' was removed" in override.stderr
     assert "remove it" in override.stderr
+
+
+def test_a_policy_and_router_state_a_newer_locod_wrote_are_refused_by_name(daemon_factory: Any, tmp_path: Path) -> None:
+    """Attack: go back a version with a policy a newer locod trained (observation layout 3) and a router
+    state file of its format. The policy was refused as "metadata locod.layout_version is '3', this daemon
+    needs '2'", which does not say that it is newer nor what to do; the state was set aside without saying
+    that the version that wrote it can read it again. Both now say so, and the daemon serves."""
+    import onnx
+
+    model = onnx.load(str(DEFAULT_POLICY))
+    for entry in model.metadata_props:
+        if entry.key == "locod.layout_version":
+            entry.value = "3"
+    newer_policy = tmp_path / "newer.onnx"
+    onnx.save(model, str(newer_policy))
+    state = tmp_path / "d" / "state"
+    state.mkdir(parents=True)
+    np.savez(state / "messplus.npz", version=np.array(2), dim=np.array(DIM))
+
+    handle = daemon_factory({"routing": {"policy_path": str(newer_policy)}})
+    error = handle.client().status()["routing"]["policy_error"]
+    assert f"policy file {newer_policy} has observation layout 3, newer than this locod knows (2)" in error
+    assert "`locod policy train`" in error
+    assert "this locod reads version 1" in handle.log() and "rename it back" in handle.log()
+    assert len(list(state.glob("messplus.npz.bad-*"))) == 1
+    assert handle.client().ask("Hi", max_tokens=2).done.outcome == "ok"
+    assert os.path.exists(state / "locod.db")
