@@ -607,8 +607,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.reload()
         running = client.daemon_config() if result["reloaded"] else {}
-        cloud = client.status()["cloud"] if result["reloaded"] else {}
+        status = client.status()
+    cloud = status["cloud"] if result["reloaded"] else {}
     keyless = cloud.get("no_api_key", {})
+    skew = _code_skew(status)
+    if skew:  # a key or a policy of the installed version is unknown to the daemon's code
+        print(f"note: {skew}; a reload re-reads the configuration and the policy, not the code", file=sys.stderr)
     if not result["reloaded"]:
         why = result.get("error") or "the configuration is invalid (see the daemon's log)"  # an older daemon
         print(f"locod: reload rejected, the running configuration kept: {why}", file=sys.stderr)

@@ -63,7 +63,8 @@ def _refuse_newer_layout(path: Path, meta: dict[str, str]) -> None:
     if layout.isdigit() and int(layout) > LAYOUT_VERSION:
         raise PolicyError(
             f"policy file {path} has observation layout {layout}, newer than this locod knows ({LAYOUT_VERSION}): "
-            "a newer locod made it; run that version, or make one for this with `locod policy train`",
+            "a newer locod made it; run that version (a daemon started before an upgrade: restart it), or make "
+            "one for this version with `locod policy train`",
             code="policy_mismatch",
         )
 

@@ -147,8 +147,9 @@ def _checkout_with_a_change(tmp_path: Path) -> Path:
 
 def test_status_says_when_the_daemon_runs_other_code_than_the_command(daemon_factory: Any, tmp_path: Path) -> None:
     """Attack: upgrade (git pull in an editable install, or another venv's `locod`) while the daemon runs. It
-    keeps its old code, `__version__` stays 0.1.0, and `locod status` showed nothing amiss. Now the daemon
-    reports a digest of the code it started with and the command compares it with its own."""
+    keeps its old code, `__version__` stays 0.1.0, and `locod status` showed nothing amiss (nor did `locod
+    reload`, which keeps the code). Now the daemon reports a digest of the code it started with and the
+    command compares it with its own."""
     handle = daemon_factory()
     status = json.loads(handle.cli("status", "--json").stdout)
     assert status["code"] == code_digest() and len(status["code"]) == 16
@@ -161,6 +162,12 @@ def test_status_says_when_the_daemon_runs_other_code_than_the_command(daemon_fac
     assert newer.returncode == 0, newer.stderr
     assert f"the daemon runs other code than this command (code {status['code']}, installed " in newer.stdout
     assert "restart it to run this one" in newer.stdout
+    reload = subprocess.run(
+        locod_command("--config", str(handle.config_path), "reload"), capture_output=True, text=True, env=env
+    )
+    assert (
+        reload.returncode == 0 and "a reload re-reads the configuration and the policy, not the code" in reload.stderr
+    )
 
     del status["code"]  # as a daemon of before the digest reports it
     assert "runs code older than this command's (locod 0.1.0): restart it" in str(_code_skew(status))
