@@ -27,7 +27,7 @@ from locod.daemon.modelfile import resolve_path
 from locod.daemon.records import DecisionLog, JudgedAnswer, LabelTarget
 from locod.errors import CloudError, StorageError, UnknownDecision
 from locod.policy import rule
-from locod.policy.messplus import MessPlus, RecordedFeatures
+from locod.policy.messplus import DIM, MessPlus, RecordedFeatures
 from locod.policy.warmstart import USER_PRIORS, Prior, load_prior
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Learner:
         found = {}
         for m in config.local.models:
             gguf = resolve_path(m, config.models_dir)
-            found[m.name] = load_prior(gguf, config.state_dir / USER_PRIORS) or load_prior(gguf)
+            found[m.name] = load_prior(gguf, config.state_dir / USER_PRIORS, DIM) or load_prior(gguf, dim=DIM)
         return {name: prior for name, prior in found.items() if prior is not None}
 
     def adopt(self, config: Config, priors: dict[str, Prior]) -> None:

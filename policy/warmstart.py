@@ -62,26 +62,49 @@ def read_prior(path: Path) -> Prior:
 
 
 def load_prior(gguf: Path, folder: Path = PRIORS, dim: int | None = None) -> Prior | None:
-    """The prior shipped for this GGUF file, or None (no prior of its size and hash, or an unusable one)."""
+    """The prior in ``folder`` for this GGUF file, or None (no prior of its size and hash, or an unusable one)."""
     try:
         size = gguf.stat().st_size
     except OSError:  # a model whose file is not there or not readable: routing says so, once (daemon/modelfile.py)
         return None
-    try:
-        candidates = [read_prior(p) for p in sorted(folder.glob("*.npz"))]
-    except (OSError, ValueError, KeyError) as exc:
-        log.warning("no predictor prior for %s: %s", gguf, exc)
-        return None
-    sized = [p for p in candidates if p.gguf_size == size]
+    sized = [p for p in _readable_priors(folder) if p.gguf_size == size]
     if not sized:
         return None
     stat = gguf.stat()
     sha = _sha256_of_version(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
-    for prior in sized:
+    for prior in (p for p in sized if p.sha256 == sha):
         shapes = (dim is None or prior.weights.shape == (dim,)) and loadable(prior.confidence)
-        if prior.sha256 == sha and shapes and np.all(np.isfinite(prior.weights)):
+        if shapes and np.all(np.isfinite(prior.weights)):
             return prior
+        # a user's prior is kept across upgrades: one fitted for another version's heads is left out by name
+        log.warning(
+            "predictor prior %s/%s.npz for %s is unusable (weights %s, confidence %s; this locod's are %s and "
+            "loadable finite ones): it was fitted for another version of locod, or damaged; fit it again with "
+            "scripts/fit_prior.py",
+            folder,
+            prior.sha256,
+            gguf.name,
+            prior.weights.shape,
+            prior.confidence.shape,
+            dim,
+        )
     return None
+
+
+def _readable_priors(folder: Path) -> list[Prior]:
+    """The priors in ``folder``; one that cannot be read is left out by name, not every one with it."""
+    try:
+        paths = sorted(folder.glob("*.npz"))
+    except OSError as exc:
+        log.warning("no predictor priors from %s: %s", folder, exc)
+        return []
+    priors = []
+    for path in paths:
+        try:
+            priors.append(read_prior(path))
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("predictor prior %s is unreadable, left out: %s", path, exc)
+    return priors
 
 
 @functools.lru_cache(maxsize=16)

@@ -23,8 +23,10 @@ from locod.build import code_digest
 from locod.cli import _code_skew
 from locod.daemon.records import MIGRATIONS, read_rows
 from locod.errors import StorageError
+from locod.policy.confidence import identity
 from locod.policy.messplus import DIM
 from locod.policy.onnx_policy import DEFAULT_POLICY
+from locod.policy.warmstart import Prior, file_sha256, save_prior
 
 from .conftest import REPO, locod_command, wait_for
 
@@ -211,3 +213,24 @@ def test_a_policy_and_router_state_a_newer_locod_wrote_are_refused_by_name(daemo
     assert len(list(state.glob("messplus.npz.bad-*"))) == 1
     assert handle.client().ask("Hi", max_tokens=2).done.outcome == "ok"
     assert os.path.exists(state / "locod.db")
+
+
+def test_a_user_prior_of_another_version_is_named_and_the_shipped_one_used(
+    daemon_factory: Any, tmp_path: Path, model_path: Path
+) -> None:
+    """Attack: a predictor prior the user fitted (scripts/fit_prior.py, kept in the state directory across
+    upgrades) outlives the head layout it was fitted for. It matched the GGUF's hash and was taken over the
+    shipped prior, then refused by its shape without a word: the model started from nothing. And one file
+    there that could not be read (another version's keys) left out every other. Now the unusable file is
+    named, and the model starts from the shipped prior."""
+    priors = tmp_path / "d" / "state" / "priors"
+    other_layout = Prior(file_sha256(model_path), model_path.stat().st_size, np.zeros(DIM + 8), identity(), "mine")
+    save_prior(other_layout, priors)
+    np.savez(priors / "from-a-newer-locod.npz", sha256=np.array("0" * 64), format=np.array(2))
+
+    handle = daemon_factory()
+    said = handle.log()
+    assert f"predictor prior {priors}/{other_layout.sha256}.npz for {model_path.name} is unusable" in said, said
+    assert "fit it again with scripts/fit_prior.py" in said
+    assert f"predictor prior {priors / 'from-a-newer-locod.npz'} is unreadable, left out" in said
+    assert "starts from the prior fitted on" in said and "fitted on mine" not in said
