@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
+from locod import __version__
 from locod.errors import LocodError, ProtocolError, from_frame
 
 PROTOCOL_VERSION = 1
@@ -28,6 +29,7 @@ FORCE = ("local", "cloud")
 QUEUED_EVERY_S = 30.0  # a turn waiting for the local model is told again at least this often (``queued``)
 NO_CONFIG_FILE = "(defaults)"  # the source a daemon reports (reload, config show) when it read no config file
 ATTACHMENT_KINDS = ("image", "document")
+OPTIONS = ("max_tokens", "temperature", "seed", "force", "stream", "queued", "stop")  # a chat request's
 # JSON escapes of a UTF-16 surrogate: only a message holding one needs the walk for lone surrogates.
 LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 SURROGATE = re.compile("[\ud800-\udfff]")
@@ -146,7 +148,8 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
     version = msg.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:  # not true, not 1.0
         raise BadRequest(
-            f"unsupported protocol version {version!r}; this daemon speaks v{PROTOCOL_VERSION}",
+            f"unsupported protocol version {version!r}; this daemon (locod {__version__}) speaks "
+            f"v{PROTOCOL_VERSION}: use a client of its version, or run a daemon of the client's",
             code="unsupported_version",
             request_id=rid,
         )
@@ -340,9 +343,13 @@ def stop_problem(value: Any) -> str | None:
 
 
 def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
-    unknown = set(raw) - {"max_tokens", "temperature", "seed", "force", "stream", "queued", "stop"}
-    if unknown:
-        raise reader.bad("options", f"has unknown keys {sorted(unknown)}")
+    unknown = set(raw) - set(OPTIONS)
+    if unknown:  # a newer client's, perhaps (the client's retry without ``queued`` reads its name here)
+        raise reader.bad(
+            "options",
+            f"has unknown keys {sorted(unknown)}; this daemon (locod {__version__}) knows {', '.join(OPTIONS)} "
+            "(a client newer than the daemon: restart the daemon, which keeps its code until then)",
+        )
     for name in OPTION_RULES:
         problem = None if raw.get(name) is None else option_problem(name, raw[name])
         if problem:

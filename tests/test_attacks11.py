@@ -18,9 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 import sqlite_utils
+import zmq
 
+from locod import __version__
 from locod.build import code_digest
-from locod.cli import _code_skew
 from locod.daemon.records import MIGRATIONS, read_rows
 from locod.errors import StorageError
 from locod.policy.confidence import identity
@@ -28,7 +29,8 @@ from locod.policy.messplus import DIM
 from locod.policy.onnx_policy import DEFAULT_POLICY
 from locod.policy.warmstart import Prior, file_sha256, save_prior
 
-from .conftest import REPO, locod_command, wait_for
+from .conftest import REPO, locod_command, start_daemon, wait_for
+from .test_daemon import previous_release
 
 KNOWN = len(MIGRATIONS)
 
@@ -171,8 +173,21 @@ def test_status_says_when_the_daemon_runs_other_code_than_the_command(daemon_fac
         reload.returncode == 0 and "a reload re-reads the configuration and the policy, not the code" in reload.stderr
     )
 
-    del status["code"]  # as a daemon of before the digest reports it
-    assert "runs code older than this command's (locod 0.1.0): restart it" in str(_code_skew(status))
+
+def test_status_says_when_the_daemon_predates_the_code_digest(tmp_path: Path, models_dir: Path) -> None:
+    """The same, against a daemon of before the digest (this repository's history): its status has no
+    ``code``, and its code is older than the command's."""
+    handle = start_daemon(tmp_path / "d", models_dir, extra_env={"PYTHONPATH": str(previous_release(tmp_path))})
+    try:
+        installed = {k: v for k, v in handle.env.items() if k != "PYTHONPATH"}  # the command: this checkout's
+        status = subprocess.run(
+            locod_command("--config", str(handle.config_path), "status"), capture_output=True, text=True, env=installed
+        )
+        assert status.returncode == 0, status.stderr
+        assert f"the daemon (locod 0.1.0) runs code older than this command's (locod {__version__})" in status.stdout
+        assert "restart it to run the installed version" in status.stdout
+    finally:
+        handle.stop()
 
 
 def test_a_config_key_an_upgrade_removed_says_what_became_of_it(daemon_factory: Any) -> None:
@@ -234,3 +249,26 @@ def test_a_user_prior_of_another_version_is_named_and_the_shipped_one_used(
     assert "fit it again with scripts/fit_prior.py" in said
     assert f"predictor prior {priors / 'from-a-newer-locod.npz'} is unreadable, left out" in said
     assert "starts from the prior fitted on" in said and "fitted on mine" not in said
+
+
+def test_a_client_of_another_version_is_told_the_daemons(daemon: Any) -> None:
+    """Attack: a client of another protocol version, and one newer than the daemon that sends an option the
+    daemon's version does not know (a daemon left running the old code after an upgrade). The refusals named
+    the protocol version only, and the unknown option alone; now they name the daemon's locod version, what
+    it knows, and what to do."""
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.RCVTIMEO, 30_000)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(daemon.endpoint)
+    try:
+        socket.send(json.dumps({"v": 2, "id": "newer", "op": "ping"}).encode())
+        refused = json.loads(socket.recv())
+        options = {"max_tokens": 2, "reasoning": "low"}
+        socket.send(json.dumps({"v": 1, "id": "opt", "op": "chat", "prompt": "Hi", "options": options}).encode())
+        unknown = json.loads(socket.recv())
+    finally:
+        socket.close()
+    assert refused["code"] == "unsupported_version"
+    assert refused["message"].startswith(f"unsupported protocol version 2; this daemon (locod {__version__}) speaks v1")
+    assert unknown["code"] == "bad_field" and "unknown keys ['reasoning']; this daemon (locod" in unknown["message"]
+    assert "knows max_tokens, temperature" in unknown["message"] and "restart the daemon" in unknown["message"]
