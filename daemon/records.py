@@ -648,12 +648,12 @@ def read_rows(path: Path, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.
             try:
                 return conn.execute(sql, params).fetchall()
             except sqlite3.Error as exc:
-                raise StorageError(f"cannot read the decision log {path}: {exc}{_skew(conn)}") from None
+                raise StorageError(f"cannot read the decision log {path}: {exc}{_schema_note(conn)}") from None
     except sqlite3.Error as exc:
         raise StorageError(f"cannot read the decision log {path}: {exc}") from None
 
 
-def _skew(conn: sqlite3.Connection) -> str:
+def _schema_note(conn: sqlite3.Connection) -> str:
     """Why a read of a log of another schema version may fail, to add to its error ("" when it is this
     code's): a log not migrated yet (the daemon not restarted since an upgrade), or one a newer locod wrote."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
