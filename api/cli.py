@@ -442,8 +442,8 @@ def _code_skew(status: dict[str, Any]) -> str | None:
     ours = code_digest()
     if "code" not in status:  # a daemon older than the digest
         return (
-            f"the daemon (locod {status['version']}) runs code older than this command's (locod {__version__}): "
-            "restart it to run the installed version (`locod stop`, then start it as before)"
+            f"the daemon (locod {status['version']}) runs code older than this command's (its status has no code "
+            "digest): restart it to run the installed version (`locod stop`, then start it as before)"
         )
     if status["code"] is None or ours is None or status["code"] == ours:
         return None
