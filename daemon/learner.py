@@ -86,8 +86,26 @@ class Learner:
             path=Path(config.paths.state_dir) / "messplus.npz",
             state=None if running is None else running.state,
         )
+        for model in config.local.models:
+            self._start_over_if_replaced(model.name, resolve_path(model, config.models_dir))
         for name, prior in priors.items():
             self.mess.warm_start(name, prior)
+
+    def _start_over_if_replaced(self, model: str, gguf: Path) -> None:
+        try:
+            size = gguf.stat().st_size
+        except OSError:  # not there or not readable: routing says so, once (daemon/modelfile.py)
+            return
+        learned_on = self.mess.start_over_if_replaced(model, size)
+        if learned_on is not None:
+            log.warning(
+                "local model %s is now %s (%d bytes), not the %d-byte file its predictor learned on: "
+                "it starts over from its prior",
+                model,
+                gguf,
+                size,
+                learned_on,
+            )
 
     def settle(self, decision_id: int, decision: Decision, question: str, answer: str, private: bool = False) -> None:
         """Settle the queue with the prediction for what answered (labels come later), and have an explored

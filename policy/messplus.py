@@ -197,6 +197,7 @@ class MessPlusState:
     pending: dict[int, tuple[str, float]] = field(default_factory=dict)  # decision -> (model, s used)
     price: SlaPrice = field(default_factory=SlaPrice)  # recent turns' predictions, for the feed-forward price
     confidence: dict[str, ConfidenceHead] = field(default_factory=dict)  # per local model that has answered
+    file_sizes: dict[str, int] = field(default_factory=dict)  # per local model: the GGUF its heads learned on
 
 
 class MessPlus:
@@ -314,6 +315,19 @@ class MessPlus:
         w[indices] -= rate * ((p - y) * values + 1e-4 * w[indices])
         self.state.labels[model] = seen + 1
 
+    def start_over_if_replaced(self, model: str, file_size: int) -> int | None:
+        """Forget what ``model``'s heads learned when its name now stands for another GGUF (a file of another
+        size: another model or quantisation, pulled or configured under the same name), whose competence and
+        log-probabilities are not the old one's; returns the old file's size when it did."""
+        learned_on = self.state.file_sizes.get(model)
+        self.state.file_sizes[model] = file_size
+        if learned_on is None or learned_on == file_size:
+            return None
+        self.state.weights[model] = _prior_weights(self.priors.get(model, 0.5))
+        self.state.labels.pop(model, None)
+        self.state.confidence.pop(model, None)
+        return learned_on
+
     def warm_start(self, model: str, prior: Prior | None) -> bool:
         """Start ``model``'s heads from a shipped prior (warmstart.load_prior) unless it has learned already."""
         if prior is None or self.state.labels.get(model, 0) or prior.weights.shape != (DIM,):
@@ -384,6 +398,8 @@ class MessPlus:
                     conf_names=np.array(sorted(self.state.confidence), dtype=str),
                     conf_weights=np.array([self.state.confidence[n].weights for n in sorted(self.state.confidence)]),
                     conf_seen=np.array([self.state.confidence[n].seen for n in sorted(self.state.confidence)]),
+                    file_names=np.array(list(self.state.file_sizes), dtype=str),
+                    file_sizes=np.array(list(self.state.file_sizes.values()), dtype=np.int64),
                 )
                 f.flush()
                 os.fsync(f.fileno())
@@ -430,6 +446,8 @@ class MessPlus:
                             raise ValueError(f"confidence head of {name} has {w.shape} weights")
                         state.confidence[str(name)] = ConfidenceHead(w)
                         state.confidence[str(name)].seen = int(seen)
+                if "file_sizes" in data:  # absent from files written before models were told apart by file
+                    state.file_sizes = {str(n): int(b) for n, b in zip(data["file_names"], data["file_sizes"])}
                 _check_values(state)
         except Exception as exc:  # corrupt, truncated, foreign: never let it poison routing
             aside = self.path.with_name(f"{self.path.name}.bad-{int(time.time())}")

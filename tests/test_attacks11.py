@@ -272,3 +272,30 @@ def test_a_client_of_another_version_is_told_the_daemons(daemon: Any) -> None:
     assert refused["message"].startswith(f"unsupported protocol version 2; this daemon (locod {__version__}) speaks v1")
     assert unknown["code"] == "bad_field" and "unknown keys ['reasoning']; this daemon (locod" in unknown["message"]
     assert "knows max_tokens, temperature" in unknown["message"] and "restart the daemon" in unknown["message"]
+
+
+def test_a_local_model_replaced_under_its_name_starts_over_from_its_prior(
+    daemon_factory: Any, model_path: Path, tmp_path: Path
+) -> None:
+    """Attack: point a local model's name at another GGUF (pulled or configured under the same name). The
+    router state is kept per name, so the new model inherited what the old one's heads had learned: its
+    predicted competence and a confidence head calibrated on another model's log-probabilities. Now a file
+    of another size starts that model over from its prior, said in the log; the same file keeps its labels."""
+    name = "smollm2-135m-instruct"  # the embedded model's name, given another file
+    mine = {"local": {"models": [{"name": name, "path": str(model_path)}]}}
+    handle = daemon_factory(mine)
+    client = handle.client()
+    client.feedback(client.ask("Say hi.", max_tokens=2).done.decision, True)
+    assert client.status()["routing"]["labels"] == {name: 1}
+    handle.stop()
+    same = daemon_factory(mine)
+    assert same.client().status()["routing"]["labels"] == {name: 1}
+    same.stop()
+    other = tmp_path / "other.gguf"  # another file: here the same weights and 4 kB more, so another size
+    shutil.copyfile(model_path, other)
+    with other.open("ab") as f:
+        f.write(bytes(4096))
+    replaced = daemon_factory({"local": {"models": [{"name": name, "path": str(other)}]}})
+    assert replaced.client().status()["routing"]["labels"] == {}
+    assert f"local model {name} is now" in replaced.log() and "it starts over from its prior" in replaced.log()
+    assert replaced.client().ask("Say hi.", max_tokens=2).done is not None
