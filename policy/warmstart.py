@@ -12,17 +12,21 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from locod.daemon.regular_file import read_regular
 from locod.policy.confidence import loadable
 
 log = logging.getLogger(__name__)
 
 PRIORS = Path(__file__).resolve().parent / "priors"
+MAX_PRIOR_BYTES = 4 << 20  # a prior is ~13 kB: anything far bigger is not one save_prior wrote
 USER_PRIORS = "priors"  # under the state directory: the user's own, read first
 
 
@@ -51,7 +55,8 @@ def save_prior(prior: Prior, folder: Path = PRIORS) -> Path:
 
 
 def read_prior(path: Path) -> Prior:
-    with np.load(path, allow_pickle=False) as data:
+    """Read as a regular file only: np.load would open a FIFO named ``*.npz`` and wait for a writer for good."""
+    with np.load(io.BytesIO(read_regular(path, MAX_PRIOR_BYTES)), allow_pickle=False) as data:
         return Prior(
             str(data["sha256"]),
             int(data["gguf_size"]),
@@ -102,7 +107,7 @@ def _readable_priors(folder: Path) -> list[Prior]:
     for path in paths:
         try:
             priors.append(read_prior(path))
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
             log.warning("predictor prior %s is unreadable, left out: %s", path, exc)
     return priors
 

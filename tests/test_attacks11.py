@@ -299,3 +299,14 @@ def test_a_local_model_replaced_under_its_name_starts_over_from_its_prior(
     assert replaced.client().status()["routing"]["labels"] == {}
     assert f"local model {name} is now" in replaced.log() and "it starts over from its prior" in replaced.log()
     assert replaced.client().ask("Say hi.", max_tokens=2).done is not None
+
+
+def test_a_fifo_among_the_priors_is_left_out_without_waiting(daemon_factory: Any, tmp_path: Path) -> None:
+    """Attack: a FIFO named like a prior in the user's priors folder (`<state dir>/priors/*.npz`). np.load
+    opened it and waited for a writer for good: no socket, no READY. Now it is left out by name."""
+    priors = tmp_path / "d" / "state" / "priors"
+    priors.mkdir(parents=True)
+    os.mkfifo(priors / "fifo.npz")  # nobody ever writes to it
+    handle = daemon_factory()
+    assert handle.client().ask("Say hi.", max_tokens=2).done is not None
+    assert "fifo.npz is unreadable, left out: " in handle.log() and "not a regular file" in handle.log()
