@@ -527,6 +527,11 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(rows)
         return 0
+    if args.of is not None:  # one decision: why it went where it did, in words
+        from locod.explain import explain
+
+        print("\n".join(explain(rows[0])))
+        return 0
     columns = (
         "id",
         "time",

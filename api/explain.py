@@ -1,0 +1,155 @@
+"""`locod decisions ID`: why one turn went where it did, in words, from its decision record alone.
+
+The table of `locod decisions` keeps one line a turn; a user asking about one turn wants what the rule
+weighed (each option's predicted chance of a good answer and its cost), what was ruled out, what happened
+after the choice (a local answer kept or escalated, a cloud call that fell back) and how to label it.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from locod.terminal import shown
+
+OUTCOMES = {
+    "fallback": "the cloud call failed, so the local model answered instead",
+    "escalated": "the local answer was not sure enough, so the cloud answered instead, from the start",
+    "error": "failed",
+    "cancelled": "cancelled before its answer was whole",
+    "interrupted": "interrupted: the daemon stopped during the turn",
+    "pending": "still being answered",
+}
+
+
+def explain(row: dict[str, Any]) -> list[str]:
+    """The lines that say why decision ``row`` (a `decisions` record, JSON columns parsed) went where it did."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
+    session = _cell(row["session"])
+    lines = [f"decision {row['id']}, {when}, {_cell(row['task'])} turn {row['turn']} of session {session}"]
+    lines.append(_line("answered", _answer(row)))
+    lines.append(_line("why", _cell(row["reason"])))
+    lines += _options(row)
+    lines += _confidence(row)
+    lines += _target(row)
+    lines += _attachments(row)
+    lines.append(_line("device", _device(row.get("telemetry") or {})))
+    lines.append(_line("label", _label(row)))
+    lines.append(_line("more", f"every column: locod decisions {row['id']} --json"))
+    return lines
+
+
+def _line(name: str, text: str) -> str:
+    return f"{name:>10}  {text}"
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else shown(str(value), layout=False)
+
+
+def _answer(row: dict[str, Any]) -> str:
+    where = row.get("backend") or row["location"]
+    text = f"by {_cell(row['model'])} ({where})"
+    if row["outcome"] != "ok":
+        text = f"{OUTCOMES.get(row['outcome'], row['outcome'])}; {text}"
+    if row.get("error"):
+        text += f": {_cell(row['error'])}"
+    if row.get("tokens_out") is not None and row.get("latency_total_ms") is not None:
+        text += f"; {row['tokens_out']} tokens in {row['latency_total_ms'] / 1000:.1f} s"
+    if row.get("cost_usd") is not None:
+        text += f", ${row['cost_usd']:.5f}" + (" (estimated from characters)" if row.get("cost_estimated") else "")
+    return text
+
+
+def _options(row: dict[str, Any]) -> list[str]:
+    """Each action the rule weighed, with its predicted chance of a good answer and its cost (1: the dearest
+    action on offer), and the models with no action on offer at all."""
+    s_hat, costs, mask = row.get("s_hat") or {}, row.get("costs") or {}, row.get("mask") or {}
+    if not s_hat:
+        chose = "none weighed: the request or the config chose where it runs (--force, --model, routing.mode)"
+        return [_line("options", chose)]
+    lines = [_line("options", "predicted chance of a good answer (s_hat), and cost (1.00: the dearest on offer)")]
+    for key, s in sorted(s_hat.items(), key=lambda item: -item[1]):
+        model, _, upload = key.partition("|")
+        chosen = _role(row, key)
+        sends = f" ({_upload(upload)})" if upload else ""  # a bare name: local, or cloud without the policy
+        lines.append(_line("", f"{model}{sends}: {s:.0%}, cost {costs.get(key, 0.0):.2f}{chosen}"))
+    offered = {key.partition("|")[0] for key in s_hat}
+    ruled_out = sorted({key.partition("|")[0] for key, allowed in mask.items() if not allowed} - offered)
+    if ruled_out:
+        lines.append(_line("", f"not on offer this turn: {', '.join(ruled_out)} (see `why`)"))
+    return lines
+
+
+def _role(row: dict[str, Any], key: str) -> str:
+    """What became of the chosen action, and of the cloud action an escalated turn went to."""
+    if key == row.get("action"):
+        return " <- answered first, then escalated" if row["outcome"] == "escalated" else " <- chosen"
+    if row["outcome"] == "escalated" and key.partition("|")[0] == row["model"]:
+        return " <- answered after the escalation"
+    return ""
+
+
+def _upload(action: str) -> str:
+    """``cloud`` or ``cloud+0,2``: the cloud, with which of the turn's attachment slots uploaded."""
+    slots = action.partition("+")[2]
+    return "cloud, uploading attachment slots " + slots if slots else "cloud, no attachment uploaded"
+
+
+def _confidence(row: dict[str, Any]) -> list[str]:
+    """The local answer's own confidence, where it was read: why it was shown or escalated."""
+    judged = row.get("confidence")
+    if not judged:
+        return []
+    verdict = "shown to the user" if judged.get("kept") else "not shown: the cloud answered instead"
+    return [
+        _line(
+            "confidence",
+            f"{judged['model']}'s answer, read from its tokens' log-probabilities: {judged['s_answered']:.0%} "
+            f"likely good ({judged['s_prompt']:.0%} from the prompt alone); {verdict}",
+        )
+    ]
+
+
+def _target(row: dict[str, Any]) -> list[str]:
+    if row.get("sla") is None:
+        return []
+    return [
+        _line(
+            "target",
+            f"SLA {row['sla']:.2f} (routing.sla: the share of turns to answer well); queue Q {row['q']:.2f} "
+            "(how far routing ran behind it: a higher Q sends more to the cloud)",
+        )
+    ]
+
+
+def _attachments(row: dict[str, Any]) -> list[str]:
+    offered = row.get("attachments_offered") or []
+    if not offered:
+        return []
+    sent = set(row.get("attachments_sent") or [])
+
+    def fate(attachment: dict[str, Any]) -> str:
+        if attachment["name"] in sent:
+            return "uploaded"
+        return "private, kept on device" if attachment.get("private") else "kept on device"
+
+    return [_line("attached", "; ".join(f"{_cell(a['name'])} ({fate(a)})" for a in offered))]
+
+
+def _device(telemetry: dict[str, Any]) -> str:
+    battery = telemetry.get("battery_pct")
+    on_ac = telemetry.get("on_ac")
+    power = "on AC" if on_ac else "on battery" if on_ac is False else "power source unknown"
+    online = telemetry.get("online")
+    net = "online" if online else "offline" if online is False else "network unknown"
+    return f"{'no battery' if battery is None else f'battery {battery:.0f}%'}, {power}, {net}"
+
+
+def _label(row: dict[str, Any]) -> str:
+    if row.get("satisfied") is None:
+        if row["outcome"] in ("ok", "fallback", "escalated"):
+            return f"none yet: `locod feedback {row['id']} good` (or bad) teaches the router"
+        return "none: only a whole answer can be labelled"
+    source = row.get("label_source") or "user"
+    return f"{'good' if row['satisfied'] else 'bad'} (from {source})"
