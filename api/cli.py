@@ -44,7 +44,7 @@ from locod.protocol import (
     option_problem,
 )
 from locod.terminal import for_stream, shown
-from locod.words import counted
+from locod.words import counted, dollars
 
 EXIT_CODES: dict[type[LocodError], int] = {ConfigError: 2, ModelError: 3, StorageError: 4, DaemonNotRunning: 5}
 SYSTEM_STATE_DIR = Path("/var/lib/locod")  # the system unit's StateDirectory
@@ -390,11 +390,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = [
         ("daemon", f"locod {status['version']}, pid {status['pid']}, up {status['uptime_s']:.0f} s"),
         ("local", _local_line(status["local"])),
-        (
-            "cloud",
-            f"{', '.join(c['models']) or 'none configured'}; breaker {c['breaker']}; "
-            f"today ${c['spent_today_usd']:.5f}" + (f" of ${c['daily_cap_usd']:.2f}" if c["daily_cap_usd"] else ""),
-        ),
+        ("cloud", f"{', '.join(c['models']) or 'none configured'}; breaker {c['breaker']}; {_spending(c)}"),
         (
             "routing",
             f"mode {r['mode']}, policy {r.get('policy') or 'none (MESS+ alone)'}, SLA {r['sla']:.2f}, "
@@ -496,6 +492,26 @@ def _say_which_key_files_are_not_read(running: dict[str, Any], from_env: list[st
             )
 
 
+def _spending(cloud: dict[str, Any]) -> str:
+    """Today's spend against the daily cap (and what a reached cap means), and today's cloud share."""
+    spent, cap = cloud["spent_today_usd"], cloud["daily_cap_usd"]
+    text = f"today ${spent:.5f}"
+    if not cap:
+        text += " (no daily cap: cloud.daily_cap_usd)"
+    elif spent >= cap:
+        text += (
+            f" of the {dollars(cap)} cap: reached, the cloud is off until local midnight, forced turns included "
+            "(raise cloud.daily_cap_usd and `locod reload`)"
+        )
+    else:
+        text += f" of the {dollars(cap)} cap"
+    answered = cloud.get("answered_today")  # an older daemon's status has no such field
+    if answered:
+        share = f" ({answered['cloud'] / answered['turns']:.0%})" if answered["turns"] else ""
+        text += f"; {answered['cloud']} of {counted(answered['turns'], 'turn')} answered in the cloud today{share}"
+    return text
+
+
 def _reachable(value: bool | None) -> str:
     return "not probed yet" if value is None else "reachable" if value else "unreachable"
 
@@ -508,7 +524,14 @@ def _out_of_reach(routing: dict[str, Any], cloud: dict[str, Any]) -> str:
     """Why the attained satisfaction stays below the SLA, when no model on offer is predicted to reach it."""
     if not routing["infeasible"]:
         return ""
-    remedy = "lower routing.sla" if cloud["models"] else "configure a cloud model or lower routing.sla"
+    capped = cloud["daily_cap_usd"] and cloud["spent_today_usd"] >= cloud["daily_cap_usd"]
+    remedy = (
+        "raise cloud.daily_cap_usd or lower routing.sla"
+        if capped
+        else "lower routing.sla"
+        if cloud["models"]
+        else "configure a cloud model or lower routing.sla"
+    )
     return f"; SLA out of reach: no model on offer is predicted to reach it ({remedy})"
 
 

@@ -54,6 +54,7 @@ from locod.policy.observation import (
 )
 from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
 from locod.policy.rule import estimate_tokens
+from locod.words import dollars
 
 if TYPE_CHECKING:
     from locod.daemon.turn import Turn
@@ -210,7 +211,7 @@ class Decider:
             probabilities=probabilities,
             policy_version=self.policy.version if log_pi and self.policy else None,
         )
-        reason = self._reason(chosen, explored, routing, access, candidates, plan is not None)
+        reason = self._reason(turn, chosen, explored, routing, access, candidates, plan is not None)
         if plan is not None:
             reason += f"; escalates to {plan.model} if unsure"
         return Decision(chosen.location, chosen.model, chosen.send, reason, explored, routing, escalation=plan)
@@ -257,6 +258,7 @@ class Decider:
 
     def _reason(
         self,
+        turn: Turn,
         chosen: Candidate,
         explored: bool,
         routing: Routing,
@@ -287,16 +289,27 @@ class Decider:
             why += f", action {chosen.key.split('|')[-1]}"
         if chosen.location == "local" and not any(c.location == "cloud" for c in candidates.values()):
             blocked = access.blocked_by or next(filter(None, map(access.blocked_for, self._cloud_names())), None)
-            why += f"; cloud masked: {blocked or self._unfit_cloud_reason(access)}"
+            why += f"; cloud masked: {blocked or self._unfit_cloud_reason(turn, access)}"
         return why
 
     def _cloud_names(self) -> list[str]:
         return [m.name for m in self.config.cloud.models]
 
-    def _unfit_cloud_reason(self, access: CloudAccess) -> str:
-        if access.daily_cap_usd > 0:
-            return f"no cloud action fits what is left of today's ${access.daily_cap_usd:.2f} cap, or the prompt"
-        return "no cloud model's context holds the prompt"
+    def _unfit_cloud_reason(self, turn: Turn, access: CloudAccess) -> str:
+        """Why no cloud action was on offer although the cloud is usable: the prompt or the daily cap, with
+        the numbers a user can act on."""
+        fits = self._fits_context(turn.request.prompt)
+        holding = [m for m in self.config.cloud.models if fits[m.name]]
+        if not holding or access.daily_cap_usd <= 0:
+            return "no cloud model's context holds the prompt"
+        answer = turn.max_tokens()
+        cheapest = min(m.price(turn.prompt_tokens, answer, 0) for m in holding)
+        left = max(0.0, access.daily_cap_usd - access.spent_today_usd)
+        return (
+            f"{dollars(left)} is left of today's {dollars(access.daily_cap_usd)} cap (cloud.daily_cap_usd), and a "
+            f"cloud answer of up to {answer} tokens may cost {dollars(cheapest)}: a higher cap or a lower max_tokens "
+            "lets it"
+        )
 
     def candidates(
         self, turn: Turn, view: TurnView, access: CloudAccess

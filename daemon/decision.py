@@ -23,6 +23,7 @@ from locod.daemon.regular_file import file_stamp
 from locod.errors import ConfigError, UnknownModel
 from locod.policy.messplus import RecordedFeatures
 from locod.protocol import NO_CONFIG_FILE
+from locod.words import dollars
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,10 @@ class CloudAccess:
         if self.online is False:
             return "the device is offline (no network link)"
         if self.daily_cap_usd > 0 and self.spent_today_usd >= self.daily_cap_usd:
-            return f"today's cloud spend ${self.spent_today_usd:.4f} reached the cap ${self.daily_cap_usd:.2f}"
+            return (
+                f"today's cloud spend {dollars(self.spent_today_usd)} reached the cap {dollars(self.daily_cap_usd)} "
+                "until local midnight (cloud.daily_cap_usd: raise it and `locod reload` to use the cloud today)"
+            )
         return None
 
     def blocked_for(self, model: str) -> str | None:

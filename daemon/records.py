@@ -36,6 +36,7 @@ from locod.policy.tasks import TASKS
 log = logging.getLogger(__name__)
 
 ANSWERED = ("ok", "fallback", "escalated")  # outcomes of a turn that was answered (escalated: by the cloud)
+WAS_ANSWERED = f"outcome IN {ANSWERED!r}"  # the same, in SQL
 SQLITE_FULL = 13  # sqlite3.SQLITE_FULL from Python 3.11 on
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
 BUSY_WAIT_S = 10.0  # how long a write waits for another process's lock on the file (a turn's record)
@@ -118,6 +119,17 @@ class Outcome:
     confidence: JudgedAnswer | None = None
     private_answer: str | None = None  # SHA-256 of an answer made from private material, to know it again
     private_openings: tuple[str, ...] = ()  # and of its first words (``opening_digests``), to know a part of it
+
+
+@dataclass
+class Today:
+    """What was spent and answered between local midnight (``start``) and the next one (``end``)."""
+
+    start: float
+    end: float
+    usd: float
+    turns: int
+    cloud: int
 
 
 @dataclass(frozen=True)
@@ -295,8 +307,8 @@ class DecisionLog:
         self._opened = _file_identity(path)
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.Lock()  # the writer connection: held while a write waits for SQLite's lock
-        self._spent_lock = threading.Lock()
-        self._spent: tuple[float, float, float] | None = None  # (local midnight, next one, USD spent since)
+        self._tally_lock = threading.Lock()
+        self._tally: Today | None = None
         self._unwritten: dict[int, dict[str, Any]] = {}  # decision -> its completion, not on disk yet
         with self._writing("migrate"):
             self._migrate()
@@ -413,7 +425,7 @@ class DecisionLog:
                 code="record_not_committed",
             ) from None
         finally:
-            self._spend(outcome.cost_usd)  # spent either way: the daily cap counts it now
+            self._spend(outcome.cost_usd, outcome)  # spent either way: the daily cap counts it now
 
     def _complete(self, decision_id: int, row: dict[str, Any]) -> None:
         """Write a completion (within a transaction): the record, and the openings of a private answer."""
@@ -559,28 +571,44 @@ class DecisionLog:
         return [int(c) for c in counts], int(count), float(total)
 
     def spent_today(self) -> float:
-        """Money spent since local midnight: read from the table once a day, then kept up to date in
-        memory as costs are recorded (every turn asks, for the daily cap). Turns dated after today (written
-        while the clock ran ahead, then corrected) are not today's: counted, they would spend the cap."""
+        """Money spent since local midnight (every turn asks, for the daily cap)."""
+        return self._today().usd
+
+    def answered_today(self) -> dict[str, int]:
+        """Turns answered since local midnight, and how many the cloud answered (`locod status`'s cloud
+        share: what the router did today, beside today's spend)."""
+        today = self._today()
+        return {"turns": today.turns, "cloud": today.cloud}
+
+    def _today(self) -> Today:
+        """Today's tally: read from the table once a day, then kept up to date in memory as turns finish.
+        Turns dated after today (written while the clock ran ahead, then corrected) are not today's:
+        counted, they would spend the cap."""
         now = time.time()
-        with self._spent_lock:
-            if self._spent is None or not self._spent[0] <= now < self._spent[1]:
+        with self._tally_lock:
+            if self._tally is None or not self._tally.start <= now < self._tally.end:
                 midnight = local_midnight(now)
                 # 26 h on from midnight is always the next day, whatever daylight saving does
                 next_midnight = local_midnight(midnight + 26 * 3600)
                 with self._reading("summing today's spending") as conn:
-                    row = conn.execute(
-                        "SELECT COALESCE(SUM(cost_usd), 0) FROM decisions WHERE created >= ? AND created < ?",
+                    usd, turns, cloud = conn.execute(
+                        f"SELECT TOTAL(cost_usd), TOTAL({WAS_ANSWERED}), TOTAL({WAS_ANSWERED} AND backend = 'cloud') "
+                        "FROM decisions WHERE created >= ? AND created < ?",
                         [midnight, next_midnight],
                     ).fetchone()
-                self._spent = (midnight, next_midnight, float(row[0]))
-            return self._spent[2]
+                self._tally = Today(midnight, next_midnight, float(usd), int(turns), int(cloud))
+            return self._tally
 
-    def _spend(self, usd: float) -> None:
-        """Count a recorded cost towards today's total."""
-        with self._spent_lock:
-            if self._spent is not None and usd:
-                self._spent = (self._spent[0], self._spent[1], self._spent[2] + usd)
+    def _spend(self, usd: float, answered: Outcome | None = None) -> None:
+        """Count a recorded cost, and a turn ``answered``, towards today's tally."""
+        with self._tally_lock:
+            today = self._tally
+            if today is None:
+                return
+            today.usd += usd
+            if answered is not None and answered.outcome in ANSWERED:
+                today.turns += 1
+                today.cloud += answered.backend == "cloud"
 
     def close(self) -> None:
         self.write_unwritten()
@@ -673,10 +701,7 @@ def _schema_note(conn: sqlite3.Connection) -> str:
 def labelled_turns(path: Path) -> list[LoggedTurn]:
     """The labelled, answered turns of a decision log, oldest first (an escalated turn as the cloud answer it
     ended in, its latency and energy including the local attempt: what taking that way cost)."""
-    answered = ", ".join(f"'{outcome}'" for outcome in ANSWERED)
-    rows = read_rows(
-        path, f"SELECT * FROM decisions WHERE satisfied IS NOT NULL AND outcome IN ({answered}) ORDER BY id"
-    )
+    rows = read_rows(path, f"SELECT * FROM decisions WHERE satisfied IS NOT NULL AND {WAS_ANSWERED} ORDER BY id")
     return [
         LoggedTurn(
             session=row["session"],

@@ -570,6 +570,7 @@ class Daemon:
                 "breakers": {redacted_url(url): b.state for url, b in self.cloud.breakers.items()},
                 "spent_today_usd": round(self.records.spent_today(), 6),
                 "daily_cap_usd": cfg.cloud.daily_cap_usd,
+                "answered_today": self.records.answered_today(),
                 "no_api_key": self.cloud.keyless,
                 "key_from_env": self.cloud.key_from_env,
             },

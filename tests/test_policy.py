@@ -496,7 +496,8 @@ def test_daily_cap_masks_uploads_that_could_pass_it(daemon_factory: Any, proxy: 
     assert all(image_parts(request) == [] for request in proxy.chat_requests())
     assert sum(row["cost_usd"] or 0.0 for row in handle.rows()) < 0.009
     broke = handle.client().ask("One more?", max_tokens=20)  # 20 tokens of answer could cost $0.012
-    assert broke.decision.location == "local" and "fits what is left of today's $0.01 cap" in broke.decision.reason
+    assert broke.decision.location == "local" and "left of today's $0.009 cap" in broke.decision.reason
+    assert "a cloud answer of up to 20 tokens may cost $0.012" in broke.decision.reason
 
 
 def test_corrupt_policy_falls_back_to_messplus_and_reload_swaps_it(

@@ -1,0 +1,104 @@
+"""A twelfth new user's walk: someone who wants to know why a turn went to the cloud or stayed local, and to
+steer it (the SLA, the daily cap, escalation). Each against a real daemon with the real model and the real
+loopback cloud behind the fault proxy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from locod.cli import _out_of_reach
+
+from .conftest import SECRET, cloud_config
+from .faultproxy import FaultProxy
+from .test_escalation import CLOUD, LOCAL, _daemon, _head
+
+
+def test_one_decision_says_why_its_local_answer_was_dropped_for_the_cloud(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    """Walk finding: `locod decisions ID` printed the same one-line row as the table, whose reason speaks of
+    s_hat and Q and stops at the choice; what the local answer's confidence was, that it was never shown,
+    which options were weighed and how to label it were only in `--json`. Now it says so in words."""
+    handle = _daemon(daemon_factory, tmp_path, proxy, _head(min_weight=1000.0, bias=10.0), "unsure")
+    done = handle.client().ask("What is the plural of mouse?", max_tokens=12, temperature=0.0).done
+    assert done.outcome == "escalated"
+    shown = handle.cli("decisions", str(done.decision))
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout
+    assert "the local answer was not sure enough, so the cloud answered instead" in text
+    assert f"by {CLOUD} (cloud)" in text
+    assert f"{LOCAL}: " in text and "answered first, then escalated" in text
+    assert "answered after the escalation" in text
+    assert "likely good" in text and "not shown: the cloud answered instead" in text
+    assert "SLA 0.99 (routing.sla" in text and f"locod feedback {done.decision} good" in text
+
+    handle.client().feedback(done.decision, True)
+    assert "good (from user)" in handle.cli("decisions", str(done.decision)).stdout
+
+
+def test_one_decision_says_its_sure_local_answer_was_shown(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    handle = _daemon(daemon_factory, tmp_path, proxy, _head(min_weight=0.0, bias=10.0), "sure")
+    done = handle.client().ask("What is the plural of mouse?", max_tokens=12, temperature=0.0).done
+    assert (done.outcome, done.location) == ("ok", "local")
+    text = handle.cli("decisions", str(done.decision)).stdout
+    assert f"by {LOCAL} (local)" in text and "<- chosen" in text and "shown to the user" in text
+    forced = handle.client().ask("Hi", max_tokens=4, force="local").done
+    assert "none weighed" in handle.cli("decisions", str(forced.decision)).stdout
+
+
+def test_a_cap_that_masks_the_cloud_says_what_is_left_and_what_a_cloud_answer_may_cost(
+    daemon_factory: Any, proxy: FaultProxy
+) -> None:
+    """Walk finding: a turn kept local by the daily cap said "no cloud action fits what is left of today's
+    $0.05 cap, or the prompt": neither how much was left, what the answer would have cost, nor which key."""
+    config = cloud_config(proxy.base_url, mode="auto", daily_cap_usd=0.0002)
+    handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    result = handle.client().ask("What is the capital of France?")  # 256 tokens of answer: $0.0005 or so
+    assert result.done.location == "local"
+    reason = result.decision.reason
+    assert "$0.0002 is left of today's $0.0002 cap (cloud.daily_cap_usd)" in reason, reason
+    assert "a cloud answer of up to 256 tokens may cost $0.0005" in reason, reason
+    assert f"not on offer this turn: {CLOUD}" in handle.cli("decisions", str(result.done.decision)).stdout
+
+
+def test_status_says_the_cap_is_reached_and_todays_cloud_share_as_the_log_has_them(
+    daemon_factory: Any, proxy: FaultProxy
+) -> None:
+    """Walk finding: `locod status` printed "today $0.06023 of $0.05" once the cap was spent, without saying
+    that the cloud was now off (forced turns included) or what to change, and nothing said how many turns
+    the cloud had answered. Its share today comes from the log: kept in memory as turns finish, read from the
+    table at a start."""
+    config = cloud_config(proxy.base_url, mode="auto", daily_cap_usd=0.00001)
+    handle = daemon_factory(config, name="capped", extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    client = handle.client()
+    assert client.ask("Hi", max_tokens=8, force="cloud").done.location == "cloud"  # the cap is not reached yet
+    assert client.ask("Hi again", max_tokens=8, force="local").done.location == "local"
+    past_cap = client.ask("Hi once more", max_tokens=8, force="cloud")
+    assert (
+        past_cap.done.location == "local"
+        and "reached the cap $0.00001 until local midnight" in past_cap.decision.reason
+    )
+
+    logged = handle.rows("SELECT COUNT(*) AS turns, SUM(backend = 'cloud') AS cloud FROM decisions")[0]
+    assert logged == {"turns": 3, "cloud": 1}
+    assert client.status()["cloud"]["answered_today"] == logged
+    shown = handle.cli("status").stdout
+    assert "cap: reached, the cloud is off until local midnight, forced turns included" in shown
+    assert "1 of 3 turns answered in the cloud today (33%)" in shown
+    assert handle.stop() == 0
+    again = daemon_factory(config, name="capped", extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    assert again.client().status()["cloud"]["answered_today"] == logged  # read back from the table
+
+
+def test_an_sla_out_of_reach_with_the_cap_spent_says_to_raise_the_cap() -> None:
+    routing = {"infeasible": True}
+    spent = {"models": [CLOUD], "daily_cap_usd": 0.05, "spent_today_usd": 0.06}
+    assert "raise cloud.daily_cap_usd or lower routing.sla" in _out_of_reach(routing, spent)
+    assert "(lower routing.sla)" in _out_of_reach(routing, {**spent, "spent_today_usd": 0.01})
+    none = {"models": [], "daily_cap_usd": 0.0, "spent_today_usd": 0.0}
+    assert "configure a cloud model" in _out_of_reach(routing, none)
+    assert json.dumps(_out_of_reach({"infeasible": False}, spent)) == '""'
