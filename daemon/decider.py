@@ -290,7 +290,16 @@ class Decider:
         if chosen.location == "local" and not any(c.location == "cloud" for c in candidates.values()):
             blocked = access.blocked_by or next(filter(None, map(access.blocked_for, self._cloud_names())), None)
             why += f"; cloud masked: {blocked or self._unfit_cloud_reason(turn, access)}"
+        if chosen.location == "cloud" and not any(c.location == "local" for c in candidates.values()):
+            why += f"; local masked: {self._unfit_local_reason(access)}"
         return why
+
+    def _unfit_local_reason(self, access: CloudAccess) -> str:
+        """Why no local model was on offer: a critical battery while the cloud is usable, else the prompt."""
+        if access.battery_critical:
+            pct = self.config.routing.battery_critical_pct
+            return f"on battery below routing.battery_critical_pct ({pct:g}%), the cloud answers while it is usable"
+        return "no local model's context holds the prompt"
 
     def _cloud_names(self) -> list[str]:
         return [m.name for m in self.config.cloud.models]

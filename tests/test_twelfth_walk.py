@@ -5,14 +5,16 @@ loopback cloud behind the fault proxy."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
 from locod.cli import _out_of_reach
 
-from .conftest import SECRET, cloud_config
+from .conftest import SECRET, cloud_config, write_config
 from .faultproxy import FaultProxy
 from .test_escalation import CLOUD, LOCAL, _daemon, _head
+from .test_telemetry import FIXTURES
 
 
 def test_one_decision_says_why_its_local_answer_was_dropped_for_the_cloud(
@@ -102,3 +104,27 @@ def test_an_sla_out_of_reach_with_the_cap_spent_says_to_raise_the_cap() -> None:
     none = {"models": [], "daily_cap_usd": 0.0, "spent_today_usd": 0.0}
     assert "configure a cloud model" in _out_of_reach(routing, none)
     assert json.dumps(_out_of_reach({"infeasible": False}, spent)) == '""'
+
+
+def test_a_turn_the_battery_sends_to_the_cloud_says_so_and_a_reload_lowers_the_threshold(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    """Walk finding: on battery below routing.battery_critical_pct the local model is masked, and the turn's
+    reason said only "MESS+: the only place on offer": nothing named the battery or the key. Now it does, and
+    the key, changed and reloaded, applies to the next turn."""
+    root = tmp_path / "laptop"
+    shutil.copytree(FIXTURES / "laptop-battery", root)
+    (root / "sys/class/power_supply/BAT0/capacity").write_text("5\n")
+    config = cloud_config(proxy.base_url, mode="auto", timeout_s=30.0)
+    config["telemetry"] = {"sysfs_root": str(root / "sys"), "procfs_root": str(root / "proc"), "nvml": False}
+    handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    client = handle.client()
+    low = client.ask("What is the plural of mouse?", max_tokens=8)
+    assert low.done.location == "cloud"
+    assert "local masked: on battery below routing.battery_critical_pct (10%)" in low.decision.reason
+
+    config["routing"]["battery_critical_pct"] = 2.0
+    write_config(handle.config_path, config)
+    assert handle.cli("reload").returncode == 0
+    again = client.ask("What is the plural of goose?", max_tokens=8)
+    assert again.decision.location == "local" and "local masked" not in again.decision.reason
