@@ -625,8 +625,10 @@ def _cell(value: Any) -> str:
 def cmd_feedback(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.feedback(args.decision, args.label == "good")
+        routing = client.status()["routing"]
     print(
-        f"decision {result['decision']} labelled {'good' if result['satisfied'] else 'bad'}; Q is now {result['q']:.2f}"
+        f"decision {result['decision']} labelled {'good' if result['satisfied'] else 'bad'}; satisfaction so far "
+        f"{_fmt(routing['attained'], '{:.3f}')} against the SLA {routing['sla']:.2f}; Q is now {result['q']:.2f}"
     )
     return 0
 

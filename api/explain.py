@@ -31,6 +31,7 @@ def explain(row: dict[str, Any]) -> list[str]:
     lines.append(_line("why", _cell(row["reason"])))
     lines += _options(row)
     lines += _confidence(row)
+    lines += _shadow(row)
     lines += _target(row)
     lines += _attachments(row)
     lines.append(_line("device", _device(row.get("telemetry") or {})))
@@ -111,6 +112,22 @@ def _confidence(row: dict[str, Any]) -> list[str]:
     ]
 
 
+def _shadow(row: dict[str, Any]) -> list[str]:
+    """A cloud-answered turn's background local answer (routing.shadow), graded against the cloud's."""
+    shadow = row.get("shadow")
+    if not shadow:
+        return []
+    grade = "good" if shadow["satisfied"] else "bad"
+    grader = {"overlap": "word overlap", "judge": "the judge (routing.judge)"}.get(shadow["grader"], shadow["grader"])
+    return [
+        _line(
+            "shadow",
+            f"{shadow['model']} answered it too, in the background (routing.shadow), graded {grade} against the "
+            f"cloud's answer by {grader}: a label for the local model",
+        )
+    ]
+
+
 def _target(row: dict[str, Any]) -> list[str]:
     if row.get("sla") is None:
         return []
@@ -118,7 +135,7 @@ def _target(row: dict[str, Any]) -> list[str]:
         _line(
             "target",
             f"SLA {row['sla']:.2f} (routing.sla: the share of turns to answer well); queue Q {row['q']:.2f} "
-            "(how far routing ran behind it: a higher Q sends more to the cloud)",
+            "(the shortfall the earlier turns left: a higher Q sends more to the cloud)",
         )
     ]
 

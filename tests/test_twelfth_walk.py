@@ -11,7 +11,7 @@ from typing import Any
 
 from locod.cli import _out_of_reach
 
-from .conftest import SECRET, cloud_config, write_config
+from .conftest import SECRET, cloud_config, wait_for, write_config
 from .faultproxy import FaultProxy
 from .test_escalation import CLOUD, LOCAL, _daemon, _head
 from .test_telemetry import FIXTURES
@@ -36,7 +36,8 @@ def test_one_decision_says_why_its_local_answer_was_dropped_for_the_cloud(
     assert "likely good" in text and "not shown: the cloud answered instead" in text
     assert "SLA 0.99 (routing.sla" in text and f"locod feedback {done.decision} good" in text
 
-    handle.client().feedback(done.decision, True)
+    labelled = handle.cli("feedback", str(done.decision), "good").stdout  # said Q alone moved, an internal name
+    assert f"decision {done.decision} labelled good; satisfaction so far 1.000 against the SLA 0.99" in labelled
     assert "good (from user)" in handle.cli("decisions", str(done.decision)).stdout
 
 
@@ -128,3 +129,11 @@ def test_a_turn_the_battery_sends_to_the_cloud_says_so_and_a_reload_lowers_the_t
     assert handle.cli("reload").returncode == 0
     again = client.ask("What is the plural of goose?", max_tokens=8)
     assert again.decision.location == "local" and "local masked" not in again.decision.reason
+
+
+def test_one_decision_says_what_its_shadow_answer_was_graded(cloud_daemon: Any) -> None:
+    done = cloud_daemon.client().ask("What is the plural of mouse?", max_tokens=8).done
+    wait_for(lambda: cloud_daemon.rows()[0]["shadow"], what="the shadow answer's grade")
+    text = cloud_daemon.cli("decisions", str(done.decision)).stdout
+    assert f"{LOCAL} answered it too, in the background (routing.shadow), graded " in text
+    assert "against the cloud's answer by word overlap" in text
