@@ -390,7 +390,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = [
         ("daemon", f"locod {status['version']}, pid {status['pid']}, up {status['uptime_s']:.0f} s"),
         ("local", _local_line(status["local"])),
-        ("cloud", f"{', '.join(c['models']) or 'none configured'}; breaker {c['breaker']}; {_spending(c)}"),
+        ("cloud", f"{', '.join(c['models'])}; breaker {c['breaker']}; {_spending(c)}" if c["models"] else _no_cloud(c)),
         (
             "routing",
             f"mode {r['mode']}, policy {r.get('policy') or 'none (MESS+ alone)'}, SLA {r['sla']:.2f}, "
@@ -492,6 +492,14 @@ def _say_which_key_files_are_not_read(running: dict[str, Any], from_env: list[st
             )
 
 
+def _no_cloud(cloud: dict[str, Any]) -> str:
+    """No cloud model: every turn is local (spending is said only if a removed one spent today)."""
+    spent = cloud["spent_today_usd"]
+    return "none configured: every turn is answered locally ([[cloud.models]], docs/configuration.md)" + (
+        f"; today ${spent:.5f}" if spent else ""
+    )
+
+
 def _spending(cloud: dict[str, Any]) -> str:
     """Today's spend against the daily cap (and what a reached cap means), and today's cloud share."""
     spent, cap = cloud["spent_today_usd"], cloud["daily_cap_usd"]
@@ -506,7 +514,7 @@ def _spending(cloud: dict[str, Any]) -> str:
     else:
         text += f" of the {dollars(cap)} cap"
     answered = cloud.get("answered_today")  # an older daemon's status has no such field
-    if answered:
+    if answered and answered["turns"]:
         share = f" ({answered['cloud'] / answered['turns']:.0%})" if answered["turns"] else ""
         text += f"; {answered['cloud']} of {counted(answered['turns'], 'turn')} answered in the cloud today{share}"
     return text

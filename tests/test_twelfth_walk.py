@@ -137,3 +137,11 @@ def test_one_decision_says_what_its_shadow_answer_was_graded(cloud_daemon: Any) 
     text = cloud_daemon.cli("decisions", str(done.decision)).stdout
     assert f"{LOCAL} answered it too, in the background (routing.shadow), graded " in text
     assert "against the cloud's answer by word overlap" in text
+
+
+def test_status_without_a_cloud_says_every_turn_stays_local(daemon: Any) -> None:
+    """Walk finding: with no cloud model, status read "none configured; breaker closed; today $0.00000",
+    a breaker and a spend of nothing."""
+    shown = daemon.cli("status").stdout
+    assert "cloud  none configured: every turn is answered locally ([[cloud.models]]" in shown
+    assert "breaker" not in shown and "today $" not in shown
