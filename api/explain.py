@@ -69,7 +69,8 @@ def _options(row: dict[str, Any]) -> list[str]:
     if not s_hat:
         chose = "none weighed: the request or the config chose where it runs (--force, --model, routing.mode)"
         return [_line("options", chose)]
-    lines = [_line("options", "predicted chance of a good answer (s_hat), and cost (1.00: the dearest on offer)")]
+    heading = "predicted chance of a good answer (s_hat: `likely good` in why), and cost (1.00: the dearest on offer)"
+    lines = [_line("options", heading)]
     for key, s in sorted(s_hat.items(), key=lambda item: -item[1]):
         model, _, upload = key.partition("|")
         chosen = _role(row, key)

@@ -518,5 +518,5 @@ class Decider:
 
 
 def _trade(key: str, routing: Routing) -> str:
-    """An action's predicted satisfaction and cost, as a decision's reason shows them."""
-    return f"s_hat {routing.s_hat[key]:.2f} at cost {routing.costs[key]:.2f}"
+    """An action's predicted satisfaction (s_hat, as a user reads it) and cost, as a decision's reason shows them."""
+    return f"{routing.s_hat[key]:.0%} likely good at cost {routing.costs[key]:.2f}"

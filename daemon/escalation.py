@@ -54,6 +54,6 @@ class AnswerJudge:
         if self.judged.explored:
             return f"explored (MESS+ exploration turn at the answer's checkpoint); {plan.model} answers, from the start"
         return (
-            f"the local answer was not sure enough (s_hat {self.judged.s_answered:.2f} after reading its "
-            f"confidence, {plan.model} {plan.s_cloud:.2f}); {plan.model} answers instead, from the start"
+            f"the local answer was not sure enough ({self.judged.s_answered:.0%} likely good after reading its "
+            f"confidence, {plan.model} {plan.s_cloud:.0%}); {plan.model} answers instead, from the start"
         )
