@@ -15,7 +15,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from locod import __version__
 from locod.build import code_digest
@@ -45,6 +45,9 @@ from locod.protocol import (
 )
 from locod.terminal import for_stream, shown
 from locod.words import counted, dollars
+
+if TYPE_CHECKING:  # imported when a command talks to the daemon (pyzmq): `locod --help` stays quick
+    from locod.client import Client
 
 EXIT_CODES: dict[type[LocodError], int] = {ConfigError: 2, ModelError: 3, StorageError: 4, DaemonNotRunning: 5}
 SYSTEM_STATE_DIR = Path("/var/lib/locod")  # the system unit's StateDirectory
@@ -231,7 +234,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             queued=True,
             stop=args.stop,
         )
-        return _stream(frames, args.json, args.verbose)
+        return _stream(frames, args.json, args.verbose, client)
 
 
 def _prompt(given: str | None) -> str:
@@ -246,11 +249,12 @@ def _prompt(given: str | None) -> str:
     return text
 
 
-def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool) -> int:
+def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool, client: Client) -> int:
     """Print a turn: the answer on stdout; on stderr whatever the user should know (always: a notice that
     the answer did not come from where they asked, or without something they gave; a fallback), and with
-    ``verbose`` where and why it ran."""
-    streamed = False
+    ``verbose`` where and why it ran (for a local answer that could have escalated, read from its record once
+    the turn is done: no frame says why it was kept)."""
+    streamed, done = False, None
     for frame in _cut_off(frames):
         if as_json:
             print(json.dumps({"type": frame.type, **vars(frame)}))
@@ -266,6 +270,7 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool) -> int:
             restart = "; what was shown above is discarded" if streamed else ""
             print(f"{chr(10) if streamed else ''}[{for_stream(frame.message, sys.stderr)}{restart}]", file=sys.stderr)
         elif isinstance(frame, DoneFrame):
+            done = frame
             print(flush=True)  # before any stderr line, also when stdout is a pipe
             if verbose:
                 estimate = " (estimated)" if frame.cost_estimated else ""
@@ -275,7 +280,30 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool) -> int:
                     f"${frame.cost_usd:.5f}{estimate}]",
                     file=sys.stderr,
                 )
+    if verbose and done is not None and (done.outcome, done.location) == ("ok", "local"):
+        _say_why_kept(client, done.decision)
     return 0
+
+
+def _say_why_kept(client: Client, decision: int) -> None:
+    """Why a local answer that was judged by its own confidence was shown rather than escalated."""
+    try:
+        (record,) = client.decisions(1, str(decision))
+    except (LocodError, ValueError):  # a tcp client without the secret may not read records: -v says less
+        return
+    judged = record.get("confidence")
+    if not judged or not judged.get("kept"):
+        return
+    why = (
+        "an exploration turn kept it"
+        if judged.get("explored")
+        else "the cloud's better chance was not worth its cost at the current SLA and queue"
+    )
+    print(
+        f"[the local answer was shown: {judged['s_answered']:.0%} likely good after reading its confidence "
+        f"({judged['s_prompt']:.0%} from the prompt alone); {why}; `locod decisions {decision}` says more]",
+        file=sys.stderr,
+    )
 
 
 def _cut_off(frames: Iterator[Frame]) -> Iterator[Frame]:
@@ -338,7 +366,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 frames = client.chat(
                     line, session=session, model=args.model, force=args.force, max_tokens=args.max_tokens, queued=True
                 )
-                _stream(frames, False, args.verbose)
+                _stream(frames, False, args.verbose, client)
             except KeyboardInterrupt:
                 print("\n[stopped]", file=sys.stderr)
                 client.close()  # the daemon sees the client gone and cancels the turn

@@ -52,6 +52,11 @@ def test_one_decision_says_its_sure_local_answer_was_shown(
     forced = handle.client().ask("Hi", max_tokens=4, force="local").done
     assert "none weighed" in handle.cli("decisions", str(forced.decision)).stdout
 
+    asked = handle.cli("ask", "What is the plural of goose?", "--max-tokens", "12", "--temperature", "0", "-v")
+    assert asked.returncode == 0, asked.stderr  # -v said nothing of why a judged local answer was shown
+    assert "[the local answer was shown: " in asked.stderr, asked.stderr
+    assert "likely good after reading its confidence" in asked.stderr
+
 
 def test_a_cap_that_masks_the_cloud_says_what_is_left_and_what_a_cloud_answer_may_cost(
     daemon_factory: Any, proxy: FaultProxy
