@@ -36,6 +36,10 @@ JUDGE_INSTRUCTIONS = (
     "You grade answers. Reply with exactly one word: YES if the answer correctly and helpfully answers the "
     "question, NO otherwise."
 )
+JUDGE_TOKENS = 4  # a one-word verdict
+# A reasoning model (one that takes max_completion_tokens) spends its limit on reasoning first: 4 tokens left
+# it no answer text at all, so the judge never graded. This leaves room for a short reasoning.
+JUDGE_REASONING_TOKENS = 1024
 MAX_EARLY = 1000  # labels held for turns not settled yet
 # Gradings waiting for the judge: with a slow or failing cloud they pile up (memory), and a stop would run them all.
 MAX_JUDGING = 32
@@ -203,10 +207,14 @@ class Learner:
             {"role": "user", "content": f"Question: {question}\n\nAnswer: {answer}\n\nYES or NO?"},
         ]
         text = f"{JUDGE_INSTRUCTIONS}{question}{answer}"
+        name = self.config.cloud.default
+        reasoning = any(m.name == name and m.max_tokens_param != "max_tokens" for m in self.config.cloud.models)
         try:
             upload = Upload(images=0, bytes=len(text.encode()))
-            prompt = Prompt(messages, 4, 0.0, 0, lambda _: None, upload=upload)
-            graded = self.cloud.generate(self.config.cloud.default, prompt)
+            prompt = Prompt(
+                messages, JUDGE_REASONING_TOKENS if reasoning else JUDGE_TOKENS, 0.0, 0, lambda _: None, upload=upload
+            )
+            graded = self.cloud.generate(name, prompt)
         except CloudError as exc:
             log.info("judge could not grade decision %d: %s", decision_id, exc.message)
             return None

@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from locod.cli import _out_of_reach
+from locod.daemon.learner import JUDGE_REASONING_TOKENS
 
 from .conftest import SECRET, cloud_config, wait_for, write_config
 from .faultproxy import FaultProxy
 from .test_escalation import CLOUD, LOCAL, _daemon, _head
+from .test_routing import auto_config
 from .test_telemetry import FIXTURES
 
 
@@ -150,3 +152,19 @@ def test_status_without_a_cloud_says_every_turn_stays_local(daemon: Any) -> None
     shown = daemon.cli("status").stdout
     assert "cloud  none configured: every turn is answered locally ([[cloud.models]]" in shown
     assert "breaker" not in shown and "today $" not in shown
+
+
+def test_a_judge_that_reasons_is_given_room_for_its_reasoning(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """Walk finding: the judge asked for at most 4 tokens; a reasoning model (max_tokens_param =
+    "max_completion_tokens", as OpenAI's o-series and gpt-5 require) counts its reasoning in that limit, so
+    it answered no text and the judge never graded. Its limit now leaves room for reasoning."""
+    config = auto_config(proxy.base_url, judge=True, explore_c=10.0)  # every turn explores: the judge grades it
+    config["cloud"]["models"][0]["max_tokens_param"] = "max_completion_tokens"
+    handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    handle.client().ask("What is 2+2?", max_tokens=4, temperature=0.0)
+
+    def judged() -> list[dict[str, Any]]:
+        return [s.body for s in proxy.chat_requests() if "You grade answers" in json.dumps(s.body)]
+
+    (grading,) = wait_for(judged, what="the judge's request")
+    assert grading["max_completion_tokens"] == JUDGE_REASONING_TOKENS and "max_tokens" not in grading
