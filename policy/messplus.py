@@ -198,6 +198,7 @@ class MessPlusState:
     price: SlaPrice = field(default_factory=SlaPrice)  # recent turns' predictions, for the feed-forward price
     confidence: dict[str, ConfidenceHead] = field(default_factory=dict)  # per local model that has answered
     file_sizes: dict[str, int] = field(default_factory=dict)  # per local model: the GGUF its heads learned on
+    sla: float | None = None  # the target the queue was built up under
 
 
 class MessPlus:
@@ -225,9 +226,21 @@ class MessPlus:
         if state is None:
             state = self._load() if path is not None else MessPlusState()
         self.state = state
+        self._start_queue_over_if_retargeted()
         for name, prior in self.priors.items():
             self.state.weights.setdefault(name, _prior_weights(prior))
         self.max_s_hat_avg = 1.0  # EWMA of the best predicted satisfaction: detects an infeasible SLA
+
+    def _start_queue_over_if_retargeted(self) -> None:
+        """A new target (a reload or restart with another ``routing.sla``) starts the queue over: Q holds the
+        shortfall against the old target, which after a lowered one sent turns on to the cloud although the
+        satisfaction reached was above the new target, and after a raised one understated what it asks."""
+        previous, self.state.sla = self.state.sla, self.sla
+        if previous is not None and previous != self.sla and (self.state.q or self.state.z):
+            log.info(
+                "MESS+ target is now %.3g (was %.3g): its queue (Q %.2f) starts over", self.sla, previous, self.state.q
+            )
+            self.state.q = self.state.z = 0.0
 
     # -- prediction and the rule ---------------------------------------------------------------------
 
@@ -398,6 +411,7 @@ class MessPlus:
                     conf_names=np.array(sorted(self.state.confidence), dtype=str),
                     conf_weights=np.array([self.state.confidence[n].weights for n in sorted(self.state.confidence)]),
                     conf_seen=np.array([self.state.confidence[n].seen for n in sorted(self.state.confidence)]),
+                    sla=np.array(self.sla),
                     file_names=np.array(list(self.state.file_sizes), dtype=str),
                     file_sizes=np.array(list(self.state.file_sizes.values()), dtype=np.int64),
                 )
@@ -446,6 +460,8 @@ class MessPlus:
                             raise ValueError(f"confidence head of {name} has {w.shape} weights")
                         state.confidence[str(name)] = ConfidenceHead(w)
                         state.confidence[str(name)].seen = int(seen)
+                if "sla" in data:  # absent from files written before a new target started the queue over
+                    state.sla = float(data["sla"])
                 if "file_sizes" in data:  # absent from files written before models were told apart by file
                     state.file_sizes = {str(n): int(b) for n, b in zip(data["file_names"], data["file_sizes"])}
                 _check_values(state)

@@ -142,6 +142,22 @@ def test_state_survives_save_and_load(tmp_path: Path) -> None:
     assert again.attained == pytest.approx(m.attained)
 
 
+def test_a_new_target_starts_the_queue_over_and_the_same_target_keeps_it(tmp_path: Path) -> None:
+    """Q is the shortfall against the target it was built under: after a lowered SLA it sent turns on to the
+    cloud although the satisfaction reached was above the new target. A reload (the state in memory) or a
+    restart (the file) with another target starts it over; the same target carries it on."""
+    path = tmp_path / "messplus.npz"
+    strict = router(sla=0.99, path=path)
+    for i in range(5):
+        strict.settle(i, "local", 0.3)
+    strict.save()
+    assert strict.state.q > 0
+    assert router(sla=0.99, path=path).state.q == pytest.approx(strict.state.q)
+    assert router(sla=0.6, path=path).state.q == 0.0
+    lowered = router(sla=0.6, state=strict.state)
+    assert lowered.state.q == lowered.state.z == 0.0 and lowered.attained == pytest.approx(0.3)
+
+
 @pytest.mark.parametrize("content", [b"not a numpy file", b""])
 def test_corrupt_state_is_set_aside_and_the_prior_used(
     tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
