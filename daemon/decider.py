@@ -170,14 +170,15 @@ class Decider:
             battery_critical=critical,
         )
 
-    def decide(self, turn: Turn) -> tuple[Decision, Config]:
-        """The turn's decision, and the configuration it was made under (the turn runs under it)."""
-        with self.learner.lock:  # MESS+ state, and config and policy as one generation (see reload)
-            decision, config = self._decide(turn), self.config
-        return decision.noted(*withheld_note(turn.attachments, decision.send, decision.location)), config
-
-    def _decide(self, turn: Turn) -> Decision:
+    def decide(self, turn: Turn) -> tuple[Decision, Config, Snapshot]:
+        """The turn's decision, and the configuration and device state it was made under (the turn runs
+        under that configuration, and its record shows that device state, not a later sample's)."""
         snapshot = self.telemetry.snapshot()
+        with self.learner.lock:  # MESS+ state, and config and policy as one generation (see reload)
+            decision, config = self._decide(turn, snapshot), self.config
+        return decision.noted(*withheld_note(turn.attachments, decision.send, decision.location)), config, snapshot
+
+    def _decide(self, turn: Turn, snapshot: Snapshot) -> Decision:
         access = self.access(snapshot)
         request = turn.request
         fixed = fixed_decision(self.config, request.options.force, request.model, turn.attachments, access)

@@ -118,7 +118,6 @@ class Daemon:
             self.records,
             self.decider,
             self.learner,
-            self.telemetry,
             self.shadow,
         )
         self.pool = ThreadPoolExecutor(max_workers=config.daemon.queue_limit, thread_name_prefix="turn")
@@ -590,7 +589,7 @@ class Daemon:
             "sessions": len(self.sessions),
             "turns_served": self.turns_served + len(self._turns) - self.in_flight(),
             "interrupted_at_start": self.records.interrupted_at_start,
-            "telemetry": self.telemetry.snapshot_dict(),
+            "telemetry": self.telemetry.snapshot().row,
             "routing": self._routing_status(),
             "stopping": self.stopping_since is not None,
         }

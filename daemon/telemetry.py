@@ -9,6 +9,7 @@ not have is ``None`` with a reason; a reader that fails is warned about once, no
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import socket
 import threading
@@ -51,6 +52,11 @@ class Snapshot:
     local_tokens_per_s: float | None = None
     joules_per_token: float | None = None
     missing: dict[str, str] = field(default_factory=dict)  # signal -> why it is None
+
+    @functools.cached_property
+    def row(self) -> dict[str, Any]:
+        """As the decision record and ``status`` show it: made once per sample, not once per turn."""
+        return asdict(self)
 
 
 def _read(path: Path) -> str | None:
@@ -259,7 +265,6 @@ class TelemetrySampler:
         self.cloud, self.local = cloud, local
         self.probe_target = _probe_target(config)
         self._snapshot = Snapshot()
-        self._dict: dict[str, Any] = asdict(self._snapshot)
         self._stop = threading.Event()
         self._retargeted = threading.Event()  # ends the probe's back-off early: a new endpoint is probed now
         self._rtt: tuple[float, float] | None = None  # (ms, monotonic time measured)
@@ -290,9 +295,6 @@ class TelemetrySampler:
 
     def snapshot(self) -> Snapshot:
         return self._snapshot
-
-    def snapshot_dict(self) -> dict[str, Any]:
-        return self._dict
 
     def _run(self) -> None:
         while not self._stop.wait(self.config.interval_s):
@@ -341,7 +343,7 @@ class TelemetrySampler:
                 self._warn_once(name, f"telemetry: {name} stopped being readable; reporting None")
         self._present.update(name for name in _OPTIONAL if values.get(name) is not None)
         snap = Snapshot(taken=now, missing=missing, **values)
-        self._snapshot, self._dict = snap, asdict(snap)
+        self._snapshot = snap
         return snap
 
     def _probe_loop(self) -> None:

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from locod.daemon import attachments as att
 from locod.daemon import prompts
@@ -47,7 +47,7 @@ from locod.daemon.records import (
 from locod.daemon.reply import Reply
 from locod.daemon.sessions import Session, SessionStore, TurnTrail, door_of
 from locod.daemon.shadow import AGREEMENT, ShadowJob, ShadowLane, agreement
-from locod.daemon.telemetry import TelemetrySampler
+from locod.daemon.telemetry import Snapshot
 from locod.errors import Busy, CloudError, LocodError, StorageError
 from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
 from locod.policy.tasks import task_of
@@ -78,6 +78,9 @@ class Turn:
     # Indices into the request's messages of the client's history that are this daemon's own answers made
     # from private material (known by their digest in the decision log): withheld from a cloud model.
     sent_private: frozenset[int] = frozenset()
+    # The device as the decision saw it (what its record shows): a local turn is recorded after its wait
+    # for the model, when the sampler may have moved on.
+    device: Snapshot = field(default_factory=Snapshot)
 
     @functools.cached_property
     def prompt_tokens(self) -> int:
@@ -209,7 +212,6 @@ class TurnRunner:
         records: DecisionLog,
         decider: Decider,
         learner: Learner,
-        telemetry: TelemetrySampler,
         shadow: ShadowLane,
     ) -> None:
         self.config = config
@@ -219,7 +221,6 @@ class TurnRunner:
         self.records = records
         self.decider = decider
         self.learner = learner
-        self.telemetry = telemetry
         self.shadow = shadow
         # Commits a local turn's record while the turn's own thread reads its prompt; local turns take the
         # gate one at a time, so one thread serves them.
@@ -229,8 +230,8 @@ class TurnRunner:
         try:
             turn = self._assemble(request, client, reply.cancelled)
             started = time.perf_counter()
-            decision, config = self.decider.decide(turn)
-            turn = dataclasses.replace(turn, config=config)
+            decision, config, device = self.decider.decide(turn)
+            turn = dataclasses.replace(turn, config=config, device=device)
             withheld = prompts.withheld_history(turn)
             if withheld and decision.location == "cloud":
                 decision = decision.noted(withheld, notice=withheld)
@@ -487,7 +488,7 @@ class TurnRunner:
             reason=decision.reason,
             attachments_offered=[a.summary() for a in turn.attachments],
             attachments_sent=[turn.attachments[i].name for i in decision.send],
-            telemetry=self.telemetry.snapshot_dict(),
+            telemetry=turn.device.row,
             explored=decision.explored,
             latency_decide_ms=decide_ms,
             latency_queue_ms=round(queue_ms, 3),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -115,6 +116,21 @@ def test_a_turn_waiting_for_the_local_model_is_told_when_it_asked(daemon: Daemon
     waiting.join(60)
     assert plain[0].type == "decision" and not any(isinstance(f, QueuedFrame) for f in plain)
     assert len(daemon.rows()) == 4  # waiting recorded nothing: each record begins when its turn is accepted
+
+
+def test_a_turn_that_waited_for_the_model_records_the_device_its_decision_saw(daemon_factory: Any) -> None:
+    """A local turn's record is begun once the model is free, and it read the device then: a turn queued
+    behind a long answer logged a sample taken after its decision (and `policy train --from-db` learned from
+    it). Its record now holds the sample the decision read, taken before the wait began."""
+    handle = daemon_factory({"telemetry": {"interval_s": 0.05}})
+    frames = handle.client().chat("Write a long story about a lighthouse keeper.", max_tokens=200, temperature=0.0)
+    assert [next(frames).type, next(frames).type] == ["decision", "delta"]  # the local model is busy now
+    handle.client().ask("Say hi.", max_tokens=2)
+    list(frames)
+    waited = handle.rows()[-1]
+    assert waited["latency_queue_ms"] > 200  # it waited many sampling intervals for the model
+    taken = json.loads(waited["telemetry"])["taken"]
+    assert 0 < taken <= waited["created"] - waited["latency_queue_ms"] / 1000
 
 
 def test_prompts_are_stored_only_when_configured(daemon_factory: Any) -> None:

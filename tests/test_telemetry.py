@@ -164,7 +164,7 @@ def test_garbage_missing_and_unreadable_values_become_none_and_warn_once(
 def test_snapshot_is_immutable_and_read_without_sampling(tmp_path: Path) -> None:
     s = sampler(device(tmp_path, "desktop"))
     first = s.sample()
-    assert s.snapshot() is first and s.snapshot_dict()["link"] == "ethernet"
+    assert s.snapshot() is first and s.snapshot().row["link"] == "ethernet"
     with pytest.raises(AttributeError):
         first.link = "wifi"  # type: ignore[misc]
 
