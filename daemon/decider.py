@@ -273,7 +273,7 @@ class Decider:
             why = "explored (MESS+ exploration turn)"
         else:
             policy = " with the TMO policy" if routing.policy_version is not None else ""
-            rivals = [c.key for c in candidates.values() if c.location != chosen.location]
+            rivals = [c for c in candidates.values() if c.location != chosen.location]
             choice = (
                 "answers locally first"
                 if planned
@@ -283,11 +283,11 @@ class Decider:
             )
             why = f"MESS+{policy}: {choice} ({_trade(chosen.key, routing)}"
             if rivals:
-                rival = max(rivals, key=routing.s_hat.__getitem__)
-                why += f"; {rival.split('|')[0]}: {_trade(rival, routing)}"
+                rival = max(rivals, key=lambda c: routing.s_hat[c.key])
+                why += f"; {rival.model}: {_trade(rival.key, routing)}"
             why += f"; SLA {routing.sla:.2f}, Q {routing.q:.2f})"
-        if chosen.location == "cloud":
-            why += f", action {chosen.key.split('|')[-1]}"
+        if chosen.key != chosen.model:  # one of the policy's upload actions, not the model alone
+            why += f", action {ACTION_NAMES[chosen.action]}"
         if chosen.location == "local" and not any(c.location == "cloud" for c in candidates.values()):
             blocked = access.blocked_by or next(filter(None, map(access.blocked_for, self._cloud_names())), None)
             why += f"; cloud masked: {blocked or self._unfit_cloud_reason(turn, access)}"
