@@ -445,6 +445,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"for the local model; {counted(status['sessions'], 'session')}",
         ),
     ]
+    if r.get("predictors"):  # after the routing row; an older daemon's status has no such field
+        rows.insert(4, ("predictor", _predictors(r["predictors"])))
     if "http" in status:  # an older daemon's status has no such field
         off = "off: set http.listen to serve it (`locod serve --set http.listen=127.0.0.1:8080`; docs/http.md)"
         rows.insert(1, ("http", f"OpenAI-compatible API at {status['http']}" if status["http"] else off))
@@ -554,6 +556,21 @@ def _reachable(value: bool | None) -> str:
 
 def _fmt(value: Any, pattern: str) -> str:
     return "n/a" if value is None else pattern.format(value)
+
+
+def _predictors(predictors: dict[str, dict[str, Any]]) -> str:
+    """Where each local model's predictor started and how much it has learned since: a model that starts
+    from the task priors routes near chance until a few hundred labels (docs/routing.md)."""
+    started = {
+        None: "the task priors (no prior for its GGUF)",
+        "shipped": "the prior shipped for its GGUF",
+    }
+    return "; ".join(
+        f"{name} from {started.get(p['prior'], 'your prior ' + str(p['prior']))}"
+        + (f", fitted on {p['fitted_on']}" if p["fitted_on"] else "")
+        + f", {counted(p['labels'], 'label')} since"
+        for name, p in predictors.items()
+    )
 
 
 def _out_of_reach(routing: dict[str, Any], cloud: dict[str, Any]) -> str:

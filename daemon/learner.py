@@ -80,6 +80,7 @@ class Learner:
         and policy in the same step (Decider.reload)."""
         routing = config.routing
         self.config = config
+        self.found_priors = priors
         running = getattr(self, "mess", None)  # a reload carries on from the state in memory, not the file
         self.mess = MessPlus(
             rule.priors((m.name for m in config.local.models), (m.name for m in config.cloud.models)),
@@ -260,7 +261,18 @@ class Learner:
                 "pending_labels": len(state.pending),
                 "shadow_labels": self.shadow_labels,
                 "escalated_labels": self.escalated_labels,
+                "predictors": {m.name: self._predictor(m.name) for m in self.config.local.models},
             }
+
+    def _predictor(self, model: str) -> dict[str, Any]:
+        """Where a local model's predictor started (a prior for its GGUF, or the task priors) and how many
+        labels it has learned from since: what `status` says of how well it may route yet."""
+        prior = self.found_priors.get(model)
+        return {
+            "prior": None if prior is None else "shipped" if prior.shipped else str(prior.path),
+            "fitted_on": None if prior is None else prior.source,
+            "labels": self.mess.state.labels.get(model, 0),
+        }
 
     def close(self) -> None:
         """Wait for the grading under way (the queued ones are dropped: a stop must not wait on a slow

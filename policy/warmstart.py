@@ -37,6 +37,12 @@ class Prior:
     weights: np.ndarray  # MESS+'s head, messplus.DIM
     confidence: np.ndarray  # ConfidenceHead's weights
     source: str  # the trace and split it was fitted on
+    path: Path | None = None  # the file it was read from
+
+    @property
+    def shipped(self) -> bool:
+        """Shipped with locod (policy/priors), not fitted by the user on their own questions."""
+        return self.path is not None and self.path.parent == PRIORS
 
 
 def save_prior(prior: Prior, folder: Path = PRIORS) -> Path:
@@ -63,6 +69,7 @@ def read_prior(path: Path) -> Prior:
             data["weights"].astype(np.float64),
             data["confidence"].astype(np.float64),
             str(data["source"]),
+            path,
         )
 
 
