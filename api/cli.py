@@ -1,7 +1,6 @@
 """The ``locod`` command: a thin layer over ``locod.client`` (talking to the daemon) and the daemon's entry.
 
-Exit codes: 0 ok, 1 the request failed (the daemon reported an error, or a file to attach cannot be read),
-2 configuration error, 3 model error, 4 storage error, 5 daemon not running. Every error is one line.
+Exit codes: EXIT_STATUS below (also `locod --help`, README.md). Every error is one line.
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from locod import __version__
 from locod.build import code_digest
 from locod.errors import (
+    Busy,
+    CloudError,
     ConfigError,
     DaemonNotRunning,
     LocodError,
@@ -37,6 +38,7 @@ from locod.protocol import (
     DecisionFrame,
     DeltaFrame,
     DoneFrame,
+    ErrorFrame,
     EscalatedFrame,
     FallbackFrame,
     Frame,
@@ -49,11 +51,29 @@ from locod.words import counted, dollars
 if TYPE_CHECKING:  # imported when a command talks to the daemon (pyzmq): `locod --help` stays quick
     from locod.client import Client
 
-EXIT_CODES: dict[type[LocodError], int] = {ConfigError: 2, ModelError: 3, StorageError: 4, DaemonNotRunning: 5}
+EXIT_CODES: dict[type[LocodError], int] = {
+    ConfigError: 2,
+    ModelError: 3,
+    StorageError: 4,
+    DaemonNotRunning: 5,
+    Busy: 6,
+    CloudError: 7,
+}
+EXIT_STATUS = """exit status (for scripts; the message is one line on stderr):
+  0    done
+  1    the request was refused or failed: change it (an unknown model, an unreadable file, an empty prompt)
+  2    a wrong command line, or an invalid configuration
+  3    a local model is missing or cannot be loaded
+  4    the decision log or a state directory cannot be used
+  5    no daemon answers at the endpoint (not started, still loading its models, or stopped)
+  6    busy: at a queue limit, shutting down, or the turn was cancelled; try again shortly
+  7    the cloud failed and no local answer could stand in
+  130, 143, 141  stopped by SIGINT (Ctrl-C), SIGTERM (`timeout`), or a reader that left (`| head`)"""
 SYSTEM_STATE_DIR = Path("/var/lib/locod")  # the system unit's StateDirectory
 
 
 def main(argv: list[str] | None = None) -> int:
+    _undecodable_stays_shown()
     parser = _parser()
     habit = HABITS.get(_command_word(sys.argv[1:] if argv is None else argv) or "")
     if habit:
@@ -81,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _undecodable_stays_shown() -> None:
+    """Print what the output's encoding cannot hold as escapes (``\\u2603``) rather than end in a traceback:
+    in a Latin-1 or ASCII locale (or PYTHONIOENCODING=ascii), an answer's first emoji stopped ``locod ask``."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 # Commands of other local-LLM tools (Ollama's above all) that people type from habit, and locod's own for them:
@@ -214,6 +242,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
+    """``ask``; with ``--json`` an error ends the frame stream on stdout too, as an ``error`` frame, so that a
+    script reading the stream with ``jq`` sees why it stopped (the one line on stderr stays)."""
+    try:
+        return _ask(args)
+    except LocodError as exc:
+        if args.json:
+            frame = ErrorFrame.of(exc)
+            print(json.dumps({"type": frame.type, **vars(frame)}), flush=True)
+        raise
+
+
+def _ask(args: argparse.Namespace) -> int:
     from locod.client import attachment
 
     if args.stop and len(args.stop) > MAX_STOP_SEQUENCES:
@@ -240,13 +280,29 @@ def cmd_ask(args: argparse.Namespace) -> int:
 def _prompt(given: str | None) -> str:
     """The prompt as given, or read from standard input for ``-`` or when it is a pipe."""
     if given is not None and given != "-":
-        return given
+        return _utf8(given, "the command line")
     if given is None and sys.stdin.isatty():
         raise LocodError('ask needs a prompt: `locod ask "question"`, or `-` to read it from standard input')
     text = sys.stdin.read().strip()
     if not text:
-        raise LocodError("the prompt read from standard input is empty")
-    return text
+        raise RequestError("the prompt read from standard input is empty")
+    return _utf8(text, "standard input")
+
+
+UNDECODED_BYTE = re.compile("[\udc80-\udcff]")  # how Python's surrogateescape reads a byte that is not UTF-8
+
+
+def _utf8(text: str, where: str) -> str:
+    """``text`` when it is UTF-8; Python reads undecodable bytes (a Latin-1 file, a binary) as lone
+    surrogates, which the daemon refuses in words about UTF-16 that do not say what the user gave."""
+    bad = UNDECODED_BYTE.search(text)
+    if bad is None:
+        return text
+    byte = ord(bad.group()) - 0xDC00
+    raise RequestError(
+        f"the prompt on {where} is not UTF-8 text (byte 0x{byte:02x} at character {bad.start()}); convert it first, "
+        "e.g. `iconv -f latin1 -t utf-8`"
+    )
 
 
 def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool, client: Client) -> int:
@@ -974,7 +1030,11 @@ def _at_rest(config: Any) -> Any:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="locod", description="Local-cloud LLM daemon for edge devices.", parents=[_global_options(None)]
+        prog="locod",
+        description="Local-cloud LLM daemon for edge devices.",
+        parents=[_global_options(None)],
+        epilog=EXIT_STATUS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"locod {__version__}")
     sub = _Subcommands(parser.add_subparsers(required=True, metavar="COMMAND"))

@@ -65,6 +65,7 @@ from locod.protocol import (
     encode_frame,
     parse_request,
 )
+from locod.words import counted
 
 if TYPE_CHECKING:
     from locod.daemon.httpapi import HttpServer
@@ -461,7 +462,7 @@ class Daemon:
         if self.stopping_since is not None:
             raise Busy("the daemon is shutting down", code="shutting_down")
         if len(self._turns) >= self.config.daemon.queue_limit:
-            raise Busy(f"{len(self._turns)} turns in flight, at the queue limit; try again shortly")
+            raise Busy(f"{counted(len(self._turns), 'turn')} in flight, at the queue limit; try again shortly")
         chars = sum(len(m["content"]) for m in request.messages)
         if chars > self.config.daemon.max_prompt_chars:  # refused by size, before any work on the text
             raise PromptTooLong(

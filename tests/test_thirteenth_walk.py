@@ -1,0 +1,86 @@
+"""The thirteenth walk: a user who scripts locod from the shell (exit statuses, `--json` on a pipe, stdin, the
+locale, signals). Every test runs the real `locod` command against a real daemon and the embedded model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from typing import Any
+
+from .conftest import DaemonHandle, locod_command, wait_for
+
+
+def run_cli(
+    handle: DaemonHandle, *args: str | bytes, stdin: bytes = b"", **env: str
+) -> subprocess.CompletedProcess[bytes]:
+    """`locod` with bytes in and out: what a shell pipes is not always text."""
+    return subprocess.run(
+        [*locod_command("--config", str(handle.config_path)), *args],
+        input=stdin,
+        capture_output=True,
+        env={**handle.env, **env},
+        timeout=120,
+    )
+
+
+def test_a_busy_daemon_exits_6_and_ask_json_ends_with_an_error_frame(daemon_factory: Any) -> None:
+    """A turn refused at the queue limit exited 1, as a misspelt model does, so a script could not tell
+    "try again" from "change the request"; and `ask --json` printed nothing on stdout, leaving a `jq`
+    reading the frames with an empty stream. Now busy is 6, and the stream ends with the error frame."""
+    handle = daemon_factory({"daemon": {"queue_limit": 1}})
+    unknown = run_cli(handle, "ask", "--json", "Hello", "--model", "nope")
+    assert unknown.returncode == 1 and json.loads(unknown.stdout)["code"] == "unknown_model", unknown.stderr
+    holder = handle.client()
+    wait_for(lambda: holder.status()["queue"]["in_flight"] == 0, 30, "the refused turn to leave the queue")
+    frames = holder.chat("Write a long essay about the history of Rome.", max_tokens=400)
+    next(frames)  # the decision: the one turn the queue holds is in flight
+    refused = run_cli(handle, "ask", "--json", "Hello")
+    holder.close()
+    assert refused.returncode == 6, refused.stderr
+    *_, last = refused.stdout.decode().splitlines()
+    error = json.loads(last)
+    assert (error["type"], error["kind"], error["code"]) == ("error", "busy", "busy"), last
+    assert refused.stderr.decode() == "locod: 1 turn in flight, at the queue limit; try again shortly\n"
+    assert "6    busy: at a queue limit" in run_cli(handle, "--help").stdout.decode()
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_by_name(daemon: DaemonHandle) -> None:
+    """A Latin-1 file piped to `locod ask` was refused as "a lone UTF-16 surrogate escape", words about
+    Python's internals that did not say the input was the problem; now the message names it and a fix."""
+    piped = run_cli(daemon, "ask", stdin="Résumé of a café\n".encode("latin-1"))
+    assert piped.returncode == 1, piped.stderr
+    said = piped.stderr.decode()
+    assert "the prompt on standard input is not UTF-8 text (byte 0xe9 at character 1)" in said, said
+    assert "iconv -f latin1 -t utf-8" in said and "surrogate" not in said
+    given = run_cli(daemon, "ask", "caf\xe9".encode("latin-1"))
+    assert given.returncode == 1 and b"the prompt on the command line is not UTF-8 text" in given.stderr
+    assert daemon.rows() == []
+
+
+def test_an_ascii_locale_shows_what_it_cannot_encode_as_escapes(daemon: DaemonHandle) -> None:
+    """With an output encoding that cannot hold an answer's text (a Latin-1 or ASCII locale), `locod ask`
+    stopped at the answer's first emoji with a UnicodeEncodeError traceback; `decisions` at a session's name."""
+    asked = run_cli(daemon, "ask", "Hi", "--session", "café-☃", "--max-tokens", "2")
+    assert asked.returncode == 0, asked.stderr
+    table = run_cli(daemon, "decisions", PYTHONIOENCODING="ascii")
+    assert table.returncode == 0 and b"Traceback" not in table.stderr, table.stderr
+    assert b"caf\\xe9-\\u2603" in table.stdout, table.stdout
+
+
+def test_ctrl_c_exits_130_and_the_turn_is_recorded_cancelled(daemon: DaemonHandle) -> None:
+    """The README's promise to a script that bounds a turn: Ctrl-C (as SIGTERM, from `timeout`) stops
+    `locod ask` at once, and the daemon records the turn cancelled rather than answering on for nobody."""
+    command = [*locod_command("--config", str(daemon.config_path)), "ask", "Write a long essay about Rome."]
+    proc = subprocess.Popen(
+        [*command, "--max-tokens", "400"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=daemon.env
+    )
+    assert proc.stdout is not None and proc.stdout.read(1)  # the answer has begun
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and b"Traceback" not in err, err
+
+    def recorded() -> list[dict[str, Any]]:
+        return daemon.rows("SELECT outcome FROM decisions WHERE finished IS NOT NULL")
+
+    assert wait_for(recorded, 30, "the turn's record") == [{"outcome": "cancelled"}]
