@@ -403,12 +403,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
             client.close()
             raise
     print(f"locod chat, session {session}. {CHAT_KEYS}", file=sys.stderr)
+    typed = sys.stdin.isatty()  # a dialogue piped in gets its answers alone on stdout, no "> " before each
     try:
         while True:
             try:
-                line = input("> ")
+                line = input("> " if typed else "")
             except EOFError:
-                print()
+                if typed:
+                    print()  # the "> " line Ctrl-D left open
                 return 0
             except KeyboardInterrupt:
                 print("\n(an empty line or Ctrl-D leaves)", file=sys.stderr)

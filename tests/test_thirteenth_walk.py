@@ -84,3 +84,13 @@ def test_ctrl_c_exits_130_and_the_turn_is_recorded_cancelled(daemon: DaemonHandl
         return daemon.rows("SELECT outcome FROM decisions WHERE finished IS NOT NULL")
 
     assert wait_for(recorded, 30, "the turn's record") == [{"outcome": "cancelled"}]
+
+
+def test_a_dialogue_piped_into_chat_gets_its_answers_alone(daemon: DaemonHandle) -> None:
+    """`printf 'q1\\nq2\\n' | locod chat > answers.txt` wrote "> " before each answer and a last "> " line:
+    the prompt is for a person typing, and a script had to strip it from the answers."""
+    chat = run_cli(daemon, "chat", "--max-tokens", "3", stdin=b"Say hi\nSay bye\n")
+    assert chat.returncode == 0, chat.stderr
+    answers = chat.stdout.decode().splitlines()
+    assert answers and not any(line.startswith("> ") or line == ">" for line in answers), answers
+    assert [row["turn"] for row in daemon.rows()] == [0, 1]
