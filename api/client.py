@@ -154,7 +154,7 @@ def check_alive(endpoint: str, timeout_s: float = 1.0, *, connect: bool = True) 
     if endpoint.startswith("ipc://"):
         address = endpoint[6:]
         if not Path(address).exists():
-            raise DaemonNotRunning(f"locod is not running (no socket at {address}); {HOW_TO_START}")
+            raise DaemonNotRunning(_no_socket(Path(address)))
         family = socket.AF_UNIX
     elif endpoint.startswith("tcp://"):
         host, _, port = endpoint[6:].rpartition(":")
@@ -171,6 +171,30 @@ def check_alive(endpoint: str, timeout_s: float = 1.0, *, connect: bool = True) 
             raise DaemonNotRunning(
                 f"locod is not running at {endpoint} ({exc.strerror or exc}); {HOW_TO_START}"
             ) from None
+
+
+def _no_socket(path: Path) -> str:
+    """Why nothing serves at ``path``: a daemon that holds its runtime directory's lock is loading its models
+    (or finishing its last turns), and telling its user to start one sends them to a second daemon's refusal."""
+    lock = path.with_name("locod.lock")
+    if _flock_held(lock):
+        return (
+            f"locod is starting or stopping: a daemon holds {lock} but serves no socket yet; try again in a few "
+            "seconds (`until locod status >/dev/null 2>&1; do sleep 1; done` waits for it)"
+        )
+    return f"locod is not running (no socket at {path}); {HOW_TO_START}"
+
+
+def _flock_held(path: Path) -> bool:
+    """Whether some process holds a flock on ``path``, read from /proc/locks: taking one to test would make a
+    daemon that starts at that instant fail as "already running"."""
+    try:
+        held = path.stat()
+        locks = Path("/proc/locks").read_text()
+    except OSError:
+        return False
+    file_id = f"{os.major(held.st_dev):02x}:{os.minor(held.st_dev):02x}:{held.st_ino}"
+    return any(line.split()[1:2] == ["FLOCK"] and file_id in line.split() for line in locks.splitlines())
 
 
 def listener_pid(socket_path: str) -> int:

@@ -3,9 +3,12 @@ locale, signals). Every test runs the real `locod` command against a real daemon
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import signal
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from .conftest import DaemonHandle, locod_command, wait_for
@@ -94,3 +97,20 @@ def test_a_dialogue_piped_into_chat_gets_its_answers_alone(daemon: DaemonHandle)
     answers = chat.stdout.decode().splitlines()
     assert answers and not any(line.startswith("> ") or line == ">" for line in answers), answers
     assert [row["turn"] for row in daemon.rows()] == [0, 1]
+
+
+def test_a_daemon_still_loading_is_not_said_to_be_stopped(tmp_path: Path) -> None:
+    """`locod ask` in a script run while the daemon loads its models said "locod is not running ... start it
+    with `locod serve`", and starting one then failed as "already running". The daemon's lock on its runtime
+    directory (held here as a starting daemon holds it, before its socket exists) now says it is starting."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    env = {**os.environ, "LOCOD_RUNTIME_DIR": str(run), "HOME": str(tmp_path)}
+    command = [*locod_command(), "status"]
+    with (run / "locod.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        loading = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert loading.returncode == 5 and "locod is starting or stopping: a daemon holds" in loading.stderr
+    assert "locod serve" not in loading.stderr, loading.stderr
+    stopped = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
+    assert stopped.returncode == 5 and "locod is not running (no socket at" in stopped.stderr, stopped.stderr
