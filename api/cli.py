@@ -809,7 +809,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
             print("stopped", file=sys.stderr)
             return 0
         time.sleep(0.1)
-    raise LocodError(f"locod (pid {pid}) is still stopping after {args.timeout:.0f} s; see its log")
+    raise LocodError(f"locod (pid {pid}) is still stopping after {args.timeout:g} s; see its log")
 
 
 def _exited(pid: int) -> bool:

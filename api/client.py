@@ -140,10 +140,19 @@ def default_endpoint() -> str:
 
 
 def locate(endpoint: str) -> str:
-    """The user's own socket, or else the system daemon's when only that one exists."""
-    if endpoint.startswith("ipc://") and not Path(endpoint[6:]).exists() and SYSTEM_SOCKET.exists():
-        return f"ipc://{SYSTEM_SOCKET}"
-    return endpoint
+    """The user's own socket, or else their login session's, or else the system daemon's, whichever exists."""
+    if not endpoint.startswith("ipc://") or Path(endpoint[6:]).exists():
+        return endpoint
+    found = next((path for path in (_session_socket(), SYSTEM_SOCKET) if path and path.exists()), None)
+    return f"ipc://{found}" if found else endpoint
+
+
+def _session_socket() -> Path | None:
+    """Where a daemon started in the user's login session (the user service) serves, for a process without
+    XDG_RUNTIME_DIR: cron jobs and other shells outside a session get none, and looked under /tmp instead."""
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return None
+    return Path(f"/run/user/{os.getuid()}/locod/locod.sock")
 
 
 def check_alive(endpoint: str, timeout_s: float = 1.0, *, connect: bool = True) -> None:

@@ -11,6 +11,8 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from .conftest import DaemonHandle, locod_command, wait_for
 
 
@@ -114,3 +116,35 @@ def test_a_daemon_still_loading_is_not_said_to_be_stopped(tmp_path: Path) -> Non
     assert "locod serve" not in loading.stderr, loading.stderr
     stopped = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
     assert stopped.returncode == 5 and "locod is not running (no socket at" in stopped.stderr, stopped.stderr
+
+
+SESSION_AND_CRON = """
+set -e
+mount -t tmpfs -o mode=0755 tmpfs /run/user
+mkdir -m 0700 /run/user/$(id -u)
+XDG_RUNTIME_DIR=/run/user/$(id -u) "$@" serve > "$LOG" 2>&1 &
+trap 'kill $!' EXIT
+for _ in $(seq 600); do [ -S /run/user/$(id -u)/locod/locod.sock ] && break; sleep 0.1; done
+env -u XDG_RUNTIME_DIR "$@" status --json > "$OUT"
+"""
+
+
+def test_a_cron_job_finds_the_daemon_of_the_users_session(tmp_path: Path, models_dir: Path) -> None:
+    """A daemon started in a login session (the user service, `locod serve` in a terminal) serves under
+    $XDG_RUNTIME_DIR, /run/user/$UID; a cron job has no XDG_RUNTIME_DIR, so its `locod ask` looked under
+    /tmp/locod-$UID and said locod was not running. Run in a mount namespace of its own: /run/user here is
+    a tmpfs no other process sees."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("needs a mount namespace (unshare -m, as root)")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCOD_", "XDG_RUNTIME_DIR"))}
+    env |= {"LOCOD_STATE_DIR": str(tmp_path / "state"), "LOCOD_MODELS_DIR": str(models_dir), "HOME": str(tmp_path)}
+    env |= {"LOG": str(tmp_path / "daemon.log"), "OUT": str(tmp_path / "status.json")}
+    run = subprocess.run(
+        ["unshare", "-m", "bash", "-c", SESSION_AND_CRON, "cron", *locod_command()],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+    )
+    assert run.returncode == 0, run.stderr + (tmp_path / "daemon.log").read_text()
+    assert json.loads((tmp_path / "status.json").read_text())["pid"] > 0
