@@ -6,6 +6,7 @@ Exit codes: EXIT_STATUS below (also `locod --help`, README.md). Every error is o
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import re
@@ -73,7 +74,7 @@ SYSTEM_STATE_DIR = Path("/var/lib/locod")  # the system unit's StateDirectory
 
 
 def main(argv: list[str] | None = None) -> int:
-    _undecodable_stays_shown()
+    _standard_streams()
     parser = _parser()
     habit = HABITS.get(_command_word(sys.argv[1:] if argv is None else argv) or "")
     if habit:
@@ -96,16 +97,21 @@ def main(argv: list[str] | None = None) -> int:
         # interpreter's own flush at exit does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
-    except OSError as exc:  # a file named on the command line: missing, a directory, unreadable
-        print(f"locod: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+    except OSError as exc:  # a file named on the command line (missing, a directory, unreadable), or the output
+        where = f"{exc.filename}: " if exc.filename else "writing the output: " if exc.errno == errno.ENOSPC else ""
+        print(f"locod: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
 
 
-def _undecodable_stays_shown() -> None:
-    """Print what the output's encoding cannot hold as escapes (``\\u2603``) rather than end in a traceback:
-    in a Latin-1 or ASCII locale (or PYTHONIOENCODING=ascii), an answer's first emoji stopped ``locod ask``."""
+def _standard_streams() -> None:
+    """A closed standard stream (``locod ask <&-``, a job started with none) is /dev/null: Python makes it
+    None, and the first read or flush ended in a traceback. What the output's encoding cannot hold prints as
+    escapes (``\\u2603``): in a Latin-1 or ASCII locale, an answer's first emoji stopped ``locod ask``."""
+    for name, mode in (("stdin", "r"), ("stdout", "w"), ("stderr", "w")):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, mode))  # noqa: SIM115 (for the process's life, as the real one)
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")

@@ -148,3 +148,24 @@ def test_a_cron_job_finds_the_daemon_of_the_users_session(tmp_path: Path, models
     )
     assert run.returncode == 0, run.stderr + (tmp_path / "daemon.log").read_text()
     assert json.loads((tmp_path / "status.json").read_text())["pid"] > 0
+
+
+def test_a_closed_stdin_or_a_full_output_is_one_line(daemon: DaemonHandle) -> None:
+    """`locod ask <&-` (a job started with no stdin) ended in an AttributeError traceback, and an answer
+    written to a full disk said "locod: : No space left on device", naming an empty file."""
+    command = [*locod_command("--config", str(daemon.config_path)), "ask"]
+    closed = subprocess.run(
+        ["bash", "-c", '"$@" <&-', "job", *command], capture_output=True, text=True, env=daemon.env, timeout=60
+    )
+    assert closed.returncode == 1, closed.stderr
+    assert closed.stderr == "locod: the prompt read from standard input is empty\n"
+    with open("/dev/full", "w") as full:
+        written = subprocess.run(
+            [*command, "Hi", "--max-tokens", "2"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=daemon.env,
+            timeout=60,
+        )
+    assert written.returncode == 1 and written.stderr == "locod: writing the output: No space left on device\n"
