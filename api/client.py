@@ -368,9 +368,10 @@ class Client:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise DaemonNotRunning(
-                    f"nothing from locod at {self.endpoint} for {timeout_ms / 1000:.0f} s; is it running? "
-                    f"{HOW_TO_START}"
+                raise DaemonNotRunning(  # its socket took connections meanwhile (check_alive): it runs
+                    f"nothing from locod at {self.endpoint} for {timeout_ms / 1000:g} s, though its socket takes "
+                    "connections: the daemon may be stuck or stopped (SIGSTOP, swapping), or dropped the request; "
+                    "see its log"
                 )
             if not self._sock.poll(int(min(left, 1.0) * 1000), zmq.POLLIN):
                 check_alive(self.endpoint)

@@ -169,3 +169,16 @@ def test_a_closed_stdin_or_a_full_output_is_one_line(daemon: DaemonHandle) -> No
             timeout=60,
         )
     assert written.returncode == 1 and written.stderr == "locod: writing the output: No space left on device\n"
+
+
+def test_a_stopped_daemon_is_not_said_to_be_missing(daemon: DaemonHandle) -> None:
+    """`locod status` as a health check, against a daemon stopped with SIGSTOP (or swapping): after 10 s it
+    said "is it running? start it with `locod serve`", and a script that did so got a second daemon's
+    refusal. The client has seen its socket take connections all along: it says the daemon does not answer."""
+    daemon.proc.send_signal(signal.SIGSTOP)
+    try:
+        status = daemon.cli("status", timeout=60)
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    assert status.returncode == 5 and "for 10 s, though its socket takes connections" in status.stderr
+    assert "locod serve" not in status.stderr, status.stderr
