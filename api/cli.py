@@ -510,7 +510,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ),
     ]
     if r.get("predictors"):  # after the routing row; an older daemon's status has no such field
-        rows.insert(4, ("predictor", _predictors(r["predictors"])))
+        rows.insert(4, ("learning", _predictors(r["predictors"])))
     if "http" in status:  # an older daemon's status has no such field
         off = "off: set http.listen to serve it (`locod serve --set http.listen=127.0.0.1:8080`; docs/http.md)"
         rows.insert(1, ("http", f"OpenAI-compatible API at {status['http']}" if status["http"] else off))

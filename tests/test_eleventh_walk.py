@@ -320,7 +320,7 @@ def test_your_prior_goes_to_the_state_directory_and_the_daemon_starts_from_it(
     handle = daemon_factory()
     assert "starts from the prior fitted on mine_trace.jsonl (sha256" in handle.log(), handle.log()
     status = handle.cli("status").stdout  # said where a user looks, not only in the log at its start
-    assert f"predictor  smollm2-135m-instruct from your prior {prior}, fitted on mine_trace.jsonl" in status, status
+    assert f"learning  smollm2-135m-instruct from your prior {prior}, fitted on mine_trace.jsonl" in status, status
     assert "0 labels since" in status
     prior.unlink()
     assert handle.cli("reload").returncode == 0
