@@ -20,9 +20,14 @@ class TurnTime:
 
     seconds: float = 1.0
     weight: float = 0.2
+    # One turn counts as at most this many times the estimate: a turn that spanned a stopped process
+    # (SIGSTOP, a debugger) or heavy swapping took minutes, and taken whole it priced every local turn as a
+    # long wait for some twenty turns after; a model that really is slower is caught up with in a few turns.
+    most_per_turn: float = 4.0
 
     def observe(self, seconds: float) -> None:
         if seconds >= 0.0:
+            seconds = min(seconds, self.most_per_turn * self.seconds)
             self.seconds += self.weight * (seconds - self.seconds)
 
     def expected_wait_s(self, turns_ahead: int) -> float:

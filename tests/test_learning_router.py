@@ -212,6 +212,12 @@ def test_a_long_local_queue_sends_turns_to_the_cloud() -> None:
     times = TurnTime(seconds=2.0)
     times.observe(4.0)
     assert times.seconds == pytest.approx(2.4)
+    stopped = TurnTime(seconds=2.0)
+    stopped.observe(3600.0)  # a turn that spanned a SIGSTOP counts as a turn 4x the estimate
+    assert stopped.seconds == pytest.approx(2.0 + 0.2 * (8.0 - 2.0))
+    for _ in range(20):  # a model that really is slower is caught up with
+        stopped.observe(30.0)
+    assert stopped.seconds == pytest.approx(30.0, rel=0.05)
     assert wait_cost(times.expected_wait_s(0)) == 0.0
     raw_cloud, raw_local = 1.0, 0.05
     m = MessPlus({"local": 0.6, "cloud": 0.9}, sla=0.5, v=1.0, explore_c=0.0, q_cap=50.0)
