@@ -20,7 +20,7 @@ from typing import Any
 
 from locod.daemon.backends import Prompt, Upload
 from locod.daemon.cloud import CloudBackend
-from locod.daemon.config import Config
+from locod.daemon.config import CloudModelConfig, Config
 from locod.daemon.decision import Decision, Escalation
 from locod.daemon.logs import Throttle
 from locod.daemon.modelfile import resolve_path
@@ -208,14 +208,18 @@ class Learner:
             {"role": "user", "content": f"Question: {question}\n\nAnswer: {answer}\n\nYES or NO?"},
         ]
         text = f"{JUDGE_INSTRUCTIONS}{question}{answer}"
-        name = self.config.cloud.default
-        reasoning = any(m.name == name and m.max_tokens_param != "max_tokens" for m in self.config.cloud.models)
+        model = next((m for m in self.config.cloud.models if m.name == self.config.cloud.default), None)
+        if model is None:  # a reload removed the cloud models since the turn was answered
+            log.info("judge could not grade decision %d: no cloud model is configured any more", decision_id)
+            return None
+        max_tokens = JUDGE_TOKENS if model.max_tokens_param == "max_tokens" else JUDGE_REASONING_TOKENS
+        if not self._within_cap(model, text, max_tokens):
+            log.info("judge does not grade decision %d: it could pass today's cloud.daily_cap_usd", decision_id)
+            return None
         try:
             upload = Upload(images=0, bytes=len(text.encode()))
-            prompt = Prompt(
-                messages, JUDGE_REASONING_TOKENS if reasoning else JUDGE_TOKENS, 0.0, 0, lambda _: None, upload=upload
-            )
-            graded = self.cloud.generate(name, prompt)
+            prompt = Prompt(messages, max_tokens, 0.0, 0, lambda _: None, upload=upload)
+            graded = self.cloud.generate(model.name, prompt)
         except CloudError as exc:
             log.info("judge could not grade decision %d: %s", decision_id, exc.message)
             return None
@@ -232,6 +236,13 @@ class Learner:
             )
             return None
         return verdict.group(1).lower() == "yes"
+
+    def _within_cap(self, model: CloudModelConfig, text: str, max_tokens: int) -> bool:
+        """Whether a grading, at its longest verdict, fits what is left of today's daily cap: the cap keeps the
+        cloud off for the judge as for turns, and a reasoning judge's verdict may take 1,024 tokens."""
+        cap = self.config.cloud.daily_cap_usd
+        most = model.price(rule.estimate_tokens(len(text)), max_tokens, 0)
+        return cap <= 0 or most <= cap - self.records.spent_today()
 
     def _grade(self, decision_id: int, question: str, answer: str) -> None:
         """Have the judge grade an explored turn; its verdict is a label with source `judge`."""
