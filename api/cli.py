@@ -351,21 +351,30 @@ def _say_why_kept(client: Client, decision: int) -> None:
     """Why a local answer that was judged by its own confidence was shown rather than escalated."""
     try:
         (record,) = client.decisions(1, str(decision))
+        clouds = {model["name"] for model in client.daemon_config()["cloud"]["models"]}
     except (LocodError, ValueError):  # a tcp client without the secret may not read records: -v says less
         return
     judged = record.get("confidence")
     if not judged or not judged.get("kept"):
         return
-    why = (
-        "an exploration turn kept it"
-        if judged.get("explored")
-        else "the cloud's better chance was not worth its cost at the current SLA and queue"
-    )
     print(
         f"[the local answer was shown: {judged['s_answered']:.0%} likely good after reading its confidence "
-        f"({judged['s_prompt']:.0%} from the prompt alone); {why}; `locod decisions {decision}` says more]",
+        f"({judged['s_prompt']:.0%} from the prompt alone); {_why_kept(record, judged, clouds)}; `locod decisions "
+        f"{decision}` says more]",
         file=sys.stderr,
     )
+
+
+def _why_kept(record: dict[str, Any], judged: dict[str, Any], clouds: set[str]) -> str:
+    """Why the checkpoint kept the local answer: an exploration, a cloud (one of ``clouds``) not predicted to
+    do better, or one that was but not by enough for its cost (a sure local answer beats it outright)."""
+    if judged.get("explored"):
+        return "an exploration turn kept it"
+    s_hat = record.get("s_hat") or {}
+    cloud = max((s for key, s in s_hat.items() if key.partition("|")[0] in clouds), default=None)
+    if cloud is None or cloud <= judged["s_answered"]:
+        return "the cloud was not predicted to do better" + ("" if cloud is None else f" ({cloud:.0%})")
+    return f"the cloud's better chance ({cloud:.0%}) was not worth its cost at the current SLA and queue"
 
 
 def _cut_off(frames: Iterator[Frame]) -> Iterator[Frame]:
@@ -609,8 +618,8 @@ def _spending(cloud: dict[str, Any]) -> str:
         text += f" of the {dollars(cap)} cap"
     answered = cloud.get("answered_today")  # an older daemon's status has no such field
     if answered and answered["turns"]:
-        share = f" ({answered['cloud'] / answered['turns']:.0%})" if answered["turns"] else ""
-        text += f"; {answered['cloud']} of {counted(answered['turns'], 'turn')} answered in the cloud today{share}"
+        share = f"{answered['cloud'] / answered['turns']:.0%}"
+        text += f"; {answered['cloud']} of {counted(answered['turns'], 'turn')} answered in the cloud today ({share})"
     return text
 
 

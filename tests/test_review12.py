@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from locod.cli import _why_kept
+
 from .conftest import SECRET, wait_for
 from .faultproxy import FaultProxy
 from .test_routing import auto_config
@@ -23,3 +25,15 @@ def test_a_judge_whose_verdict_could_pass_the_daily_cap_does_not_grade(daemon_fa
     wait_for(lambda: f"judge does not grade decision {done.decision}" in handle.log(), what="the judge's refusal")
     assert not [s for s in proxy.chat_requests() if "You grade answers" in json.dumps(s.body)]
     assert handle.rows()[0]["satisfied"] is None
+
+
+def test_a_kept_local_answer_says_a_better_cloud_chance_only_when_there_was_one() -> None:
+    """Review finding: `ask -v` said "the cloud's better chance was not worth its cost" of a local answer
+    judged 100% likely good against a cloud at 85%, which the rule kept because it was the better one
+    (test_twelfth_walk's sure answer shows it against the real daemon)."""
+    record = {"action": "local-m", "s_hat": {"local-m": 0.5, "other-local": 0.99, "cloud-m|cloud": 0.85}}
+    sure = {"s_answered": 1.0, "explored": False}
+    assert _why_kept(record, sure, {"cloud-m"}) == "the cloud was not predicted to do better (85%)"
+    unsure = {"s_answered": 0.6, "explored": False}  # another local model's 99% is no cloud's chance
+    assert "the cloud's better chance (85%) was not worth its cost" in _why_kept(record, unsure, {"cloud-m"})
+    assert _why_kept(record, {**unsure, "explored": True}, {"cloud-m"}) == "an exploration turn kept it"

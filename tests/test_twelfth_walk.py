@@ -58,6 +58,8 @@ def test_one_decision_says_its_sure_local_answer_was_shown(
     assert asked.returncode == 0, asked.stderr  # -v said nothing of why a judged local answer was shown
     assert "[the local answer was shown: " in asked.stderr, asked.stderr
     assert "likely good after reading its confidence" in asked.stderr
+    # a sure local answer (the head's bias) beats the cloud's chance: it was not a better chance turned down
+    assert "the cloud was not predicted to do better (" in asked.stderr and "better chance" not in asked.stderr
 
 
 def test_a_cap_that_masks_the_cloud_says_what_is_left_and_what_a_cloud_answer_may_cost(
