@@ -90,11 +90,10 @@ def load_prior(gguf: Path, folder: Path = PRIORS, dim: int | None = None) -> Pri
             return prior
         # a user's prior is kept across upgrades: one fitted for another version's heads is left out by name
         log.warning(
-            "predictor prior %s/%s.npz for %s is unusable (weights %s, confidence %s; this locod's are %s and "
+            "predictor prior %s for %s is unusable (weights %s, confidence %s; this locod's are %s and "
             "loadable finite ones): it was fitted for another version of locod, or damaged; fit it again with "
             "scripts/fit_prior.py",
-            folder,
-            prior.sha256,
+            prior.path,
             gguf.name,
             prior.weights.shape,
             prior.confidence.shape,

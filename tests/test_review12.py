@@ -4,9 +4,17 @@ is about (a real daemon, the real model and the loopback cloud behind the fault 
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pytest
+
 from locod.cli import _why_kept
+from locod.policy.confidence import identity
+from locod.policy.messplus import DIM
+from locod.policy.warmstart import Prior, file_sha256, load_prior, save_prior
 
 from .conftest import SECRET, wait_for
 from .faultproxy import FaultProxy
@@ -37,3 +45,15 @@ def test_a_kept_local_answer_says_a_better_cloud_chance_only_when_there_was_one(
     unsure = {"s_answered": 0.6, "explored": False}  # another local model's 99% is no cloud's chance
     assert "the cloud's better chance (85%) was not worth its cost" in _why_kept(record, unsure, {"cloud-m"})
     assert _why_kept(record, {**unsure, "explored": True}, {"cloud-m"}) == "an exploration turn kept it"
+
+
+def test_an_unusable_prior_is_named_by_its_own_file(
+    tmp_path: Path, model_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review finding: a prior of another head layout was named `<folder>/<its hash>.npz`, the name
+    fit_prior.py gives it, which a prior the user copied in under another name does not have."""
+    other_layout = Prior(file_sha256(model_path), model_path.stat().st_size, np.zeros(DIM + 8), identity(), "mine")
+    (tmp_path / "mine.npz").write_bytes(save_prior(other_layout, tmp_path / "fitted").read_bytes())
+    with caplog.at_level(logging.WARNING):
+        assert load_prior(model_path, tmp_path, DIM) is None
+    assert f"predictor prior {tmp_path / 'mine.npz'} for {model_path.name} is unusable" in caplog.text
