@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing, contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -597,7 +597,7 @@ class DecisionLog:
                         [midnight, next_midnight],
                     ).fetchone()
                 self._tally = Today(midnight, next_midnight, float(usd), int(turns), int(cloud))
-            return self._tally
+            return replace(self._tally)  # a copy: turns and cloud read together, never one before a turn counts
 
     def _spend(self, usd: float, answered: Outcome | None = None) -> None:
         """Count a recorded cost, and a turn ``answered``, towards today's tally."""
