@@ -315,10 +315,12 @@ class Decider:
         answer = turn.max_tokens()
         cheapest = min(m.price(turn.prompt_tokens, answer, 0) for m in holding)
         left = max(0.0, access.daily_cap_usd - access.spent_today_usd)
+        said = f"{dollars(left)} is left of today's {dollars(access.daily_cap_usd)} cap (cloud.daily_cap_usd)"
+        if cheapest <= left:  # text alone fits: MESS+ alone (no policy) uploads the images it finds relevant
+            return f"{said}, and the images MESS+ would upload (usd_per_image) pass it: a higher cap lets it"
         return (
-            f"{dollars(left)} is left of today's {dollars(access.daily_cap_usd)} cap (cloud.daily_cap_usd), and a "
-            f"cloud answer of up to {answer} tokens may cost {dollars(cheapest)}: a higher cap or a lower max_tokens "
-            "lets it"
+            f"{said}, and a cloud answer of up to {answer} tokens may cost {dollars(cheapest)}: a higher cap or a "
+            "lower max_tokens lets it"
         )
 
     def candidates(

@@ -18,6 +18,7 @@ from locod.policy.warmstart import Prior, file_sha256, load_prior, save_prior
 
 from .conftest import SECRET, wait_for
 from .faultproxy import FaultProxy
+from .test_policy import image, policy_config
 from .test_routing import auto_config
 
 
@@ -57,3 +58,21 @@ def test_an_unusable_prior_is_named_by_its_own_file(
     with caplog.at_level(logging.WARNING):
         assert load_prior(model_path, tmp_path, DIM) is None
     assert f"predictor prior {tmp_path / 'mine.npz'} for {model_path.name} is unusable" in caplog.text
+
+
+def test_a_cap_passed_by_the_images_mess_alone_uploads_says_so(
+    daemon_factory: Any, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """Review finding: without a policy MESS+ uploads the images it finds relevant, and a turn whose image
+    ($0.01) passed the cap ($0.005) was said to be kept local because a text answer "may cost $0.0000057" (what
+    a text answer, which fits, costs) and a lower max_tokens would let it."""
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not onnx")
+    config = policy_config(proxy.base_url, policy_path=str(broken))  # routing with MESS+ alone
+    config["cloud"]["models"][0]["usd_per_image"] = 0.01
+    config["cloud"]["daily_cap_usd"] = 0.005
+    handle = daemon_factory(config)
+    asked = handle.client().ask("What is in this picture?", attachments=[image(120, 90)], max_tokens=8)
+    reason = asked.decision.reason
+    assert asked.decision.location == "local" and "cloud masked: $0.005 is left of today's $0.005 cap" in reason
+    assert "the images MESS+ would upload (usd_per_image) pass it" in reason and "max_tokens" not in reason
