@@ -60,7 +60,7 @@ def read_toml(path: Path, limit: int) -> dict[str, Any]:
 def build_table(cls: Any, table: Any, source: str, where: str) -> Any:
     """Check a TOML table against the schema dataclass ``cls`` (keys, types, ranges) and build it."""
     if not isinstance(table, dict):
-        raise ConfigError(f"{source}: [{where or 'top level'}] must be a table, got {type(table).__name__}")
+        raise ConfigError(f"{source}: [{where.rstrip('.') or 'top level'}] must be a table, got {type(table).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name: f for f in dataclasses.fields(cls) if f.name != NOT_A_KEY}
     for key in table:
@@ -122,6 +122,8 @@ def set_text(schema: Any, table: dict[str, Any], dotted: str, text: str, origin:
             raise ConfigError(f"{origin}: unknown section {section!r} (known here: {_known(cls)})")
         cls = hints[section]
         node = node.setdefault(section, {})
+        if not isinstance(node, dict):  # the file's `routing = 5`: build_table refuses it, naming the file
+            return
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != NOT_A_KEY}
     if key not in fields:

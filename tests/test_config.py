@@ -103,6 +103,15 @@ def test_bad_env_override_names_the_variable(tmp_path: Path) -> None:
         load_config(write(tmp_path, ""), env={"LOCOD_SLA": "high"})
 
 
+def test_an_override_into_a_section_the_file_gave_no_table_names_the_file(tmp_path: Path) -> None:
+    """Review finding: `routing = 5` in the file with $LOCOD_SLA set ended in a TypeError traceback (the
+    override was put into the file's 5) instead of the file's one-line error."""
+    path = write(tmp_path, "routing = 5\n")
+    with pytest.raises(ConfigError, match=r"\[routing\] must be a table, got int") as info:
+        load_config(path, env={"LOCOD_SLA": "0.5"})
+    assert info.value.message.startswith(f"{path}: ")
+
+
 @pytest.mark.parametrize(
     ("env", "overrides", "message"),
     [
