@@ -599,14 +599,14 @@ def _no_cloud(cloud: dict[str, Any]) -> str:
     """No cloud model: every turn is local (spending is said only if a removed one spent today)."""
     spent = cloud["spent_today_usd"]
     return "none configured: every turn is answered locally ([[cloud.models]], docs/configuration.md)" + (
-        f"; today ${spent:.5f}" if spent else ""
+        f"; today {dollars(spent)}" if spent else ""
     )
 
 
 def _spending(cloud: dict[str, Any]) -> str:
     """Today's spend against the daily cap (and what a reached cap means), and today's cloud share."""
     spent, cap = cloud["spent_today_usd"], cloud["daily_cap_usd"]
-    text = f"today ${spent:.5f}"
+    text = f"today {dollars(spent)}"
     if not cap:
         text += " (no daily cap: cloud.daily_cap_usd)"
     elif spent >= cap:

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 from locod.terminal import shown
+from locod.words import dollars
 
 OUTCOMES = {
     "fallback": "the cloud call failed, so the local model answered instead",
@@ -58,7 +59,7 @@ def _answer(row: dict[str, Any]) -> str:
     if row.get("tokens_out") is not None and row.get("latency_total_ms") is not None:
         text += f"; {row['tokens_out']} tokens in {row['latency_total_ms'] / 1000:.1f} s"
     if row.get("cost_usd") is not None:
-        text += f", ${row['cost_usd']:.5f}" + (" (estimated from characters)" if row.get("cost_estimated") else "")
+        text += f", {dollars(row['cost_usd'])}" + (" (estimated from characters)" if row.get("cost_estimated") else "")
     return text
 
 

@@ -19,6 +19,7 @@ import pytest
 
 from locod.daemon.cloud import CONTEXT_REFUSAL
 from locod.errors import StorageError
+from locod.words import dollars
 
 from .conftest import (
     MODEL_NAME,
@@ -186,7 +187,7 @@ def test_status_shows_a_small_spend_and_the_done_frame_rounds_its_times(
     assert done["first_token_ms"] == round(done["first_token_ms"], 2), done
     (row,) = handle.rows()
     assert 0 < row["cost_usd"] < 1e-4
-    assert f"today ${row['cost_usd']:.5f}" in handle.cli("status").stdout
+    assert f"today {dollars(row['cost_usd'])}" in handle.cli("status").stdout
 
 
 def test_the_report_names_the_sla_after_a_forced_turn_and_a_small_spend(daemon_factory: Any, tmp_path: Path) -> None:
