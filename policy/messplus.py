@@ -496,6 +496,9 @@ def _check_shapes(data: np.lib.npyio.NpzFile) -> None:
         "pending_models": (pending,),
         "pending_s": (pending,),
     }
+    if "file_sizes" in data:  # files written before these were kept have none of them
+        files = len(data["file_names"]) if data["file_names"].ndim == 1 else -1
+        expected.update(sla=(), file_names=(files,), file_sizes=(files,))
     for key, shape in expected.items():
         if data[key].shape != shape:
             raise ValueError(f"{key} has shape {data[key].shape}, expected {shape}")

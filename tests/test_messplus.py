@@ -228,12 +228,15 @@ def test_one_turn_predicted_at_once_equals_each_candidate_alone() -> None:
         {"names": np.array([["local"]])},
         {"labels": np.zeros(5, dtype=np.int64)},
         {"pending_s": np.zeros(3)},
+        {"file_sizes": np.zeros(2, dtype=np.int64)},  # a size for a model the file does not name
+        {"sla": np.zeros(2)},
     ],
 )
 def test_wrongly_shaped_state_is_set_aside_on_load(tmp_path: Path, broken: dict[str, np.ndarray]) -> None:
     path = tmp_path / "messplus.npz"
     m = router(path=path)
     m.settle(1, "local", 0.4)
+    m.start_over_if_replaced("local", 1000)
     m.save()
     with np.load(path) as data:
         arrays = {k: data[k] for k in data.files}
