@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 from locod.daemon.regular_file import read_regular
-from locod.daemon.typed_toml import build_table, in_range, one_of, read_toml, set_text, tomllib
+from locod.daemon.typed_toml import build_table, in_range, one_of, read_toml, separated_by, set_text, tomllib
 from locod.errors import ConfigError
 from locod.protocol import NO_CONFIG_FILE
 
@@ -106,8 +106,9 @@ class HttpConfig:
     max_connections: int = field(default=128, metadata=in_range(1, 1 << 20))
     # Seconds a client has to send a whole request, headers and body: a slow one is closed.
     request_timeout_s: float = field(default=30.0, metadata=in_range(0.1, 3600))
-    # Web pages (origins, "http://localhost:3000") allowed to call the API from a browser (CORS).
-    cors_origins: list[str] = field(default_factory=list)
+    # Web pages (origins, "http://localhost:3000") allowed to call the API from a browser (CORS); as text
+    # (--set), comma-separated: an origin holds colons.
+    cors_origins: list[str] = field(default_factory=list, metadata=separated_by(","))
 
 
 @dataclass(frozen=True)
@@ -506,8 +507,9 @@ def _check_endpoints(config: Config, origins: Mapping[str, str]) -> None:
     for origin in config.http.cors_origins:
         parts = urlsplit(origin)
         if parts.scheme not in ("http", "https") or not parts.hostname or f"{parts.scheme}://{parts.netloc}" != origin:
+            source = origins.get("http.cors_origins", config.source)
             raise ConfigError(
-                f"{config.source}: http.cors_origins holds {origin!r}, not an origin: a page's scheme, host and "
+                f"{source}: http.cors_origins holds {origin!r}, not an origin: a page's scheme, host and "
                 "port only, such as http://localhost:3000 (no path, no trailing slash)"
             )
     if config.http.listen:

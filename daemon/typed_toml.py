@@ -40,6 +40,12 @@ def one_of(*options: str) -> dict[str, Any]:
     return {"choices": options}
 
 
+def separated_by(separator: str) -> dict[str, Any]:
+    """A list field's separator in a value given as text (``--set``, the environment), as ``field(metadata=...)``:
+    a list of URLs cannot be split on ``os.pathsep``, which a list of paths is (as ``$PATH`` is)."""
+    return {"separator": separator}
+
+
 def read_toml(path: Path, limit: int) -> dict[str, Any]:
     """A TOML file's table, read whole only when under ``limit`` bytes; any failure is a one-line
     ConfigError naming the file, except FileNotFoundError, which each caller answers its own way."""
@@ -129,11 +135,12 @@ def set_text(schema: Any, table: dict[str, Any], dotted: str, text: str, origin:
     if key not in fields:
         raise _unknown_key(cls, origin, dotted)
     meta = fields[key].metadata
-    node[key] = _value(hints[key], _parse_text(hints[key], text, origin, dotted), meta, origin, dotted)
+    parsed = _parse_text(hints[key], text, origin, dotted, meta.get("separator", os.pathsep))
+    node[key] = _value(hints[key], parsed, meta, origin, dotted)
 
 
-def _parse_text(hint: Any, text: str, origin: str, key: str) -> Any:
-    """The value an environment variable or override's text stands for; a list is split on os.pathsep."""
+def _parse_text(hint: Any, text: str, origin: str, key: str, separator: str) -> Any:
+    """The value an environment variable or override's text stands for; a list is split on ``separator``."""
     base = _strip_optional(hint)
     try:
         if base is bool:
@@ -147,7 +154,7 @@ def _parse_text(hint: Any, text: str, origin: str, key: str) -> Any:
         if base is float:
             return float(text)
         if typing.get_origin(base) is list:
-            return [part for part in text.split(os.pathsep) if part]
+            return [part.strip() for part in text.split(separator) if part.strip()]
     except ValueError:
         raise ConfigError(f"{origin}: {key} expects {_type_name(hint)}, got {text!r}") from None
     return text
