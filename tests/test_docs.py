@@ -38,6 +38,8 @@ def test_every_key_of_the_schema_is_documented_in_its_section(section: str, defa
         assert f"`[[{section}.models]]`" in text
         missing += [f"models.{k}" for k in keys_of(ENTRIES[section]) if f"`{k}`" not in text]
     assert not missing, f"[{section}] keys not in docs/configuration.md: {missing}"
+    retired = [k for k in getattr(defaults, "retired_keys", {}) if f"`{k}`" in text]
+    assert not retired, f"docs/configuration.md still offers [{section}] keys locod removed: {retired}"
 
 
 @pytest.mark.parametrize(("section", "defaults"), SECTIONS, ids=[name for name, _ in SECTIONS])
