@@ -13,7 +13,8 @@ import pytest
 from locod.daemon import config as config_module
 from locod.daemon.config import Config, load_config, parsed_override
 
-DOC = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+REPO = Path(__file__).resolve().parent.parent
+DOC = (REPO / "docs" / "configuration.md").read_text()
 SECTIONS = [(f.name, getattr(Config(), f.name)) for f in dataclasses.fields(Config) if f.name != "source"]  # defaults
 ENTRIES = {"local": config_module.LocalModelConfig, "cloud": config_module.CloudModelConfig}  # [[X.models]]
 TABLE_ROW = re.compile(r"^\| `([a-z_]+)`(?:, `([a-z_]+)`)? \| ([^|]+) \|", re.M)
@@ -66,6 +67,14 @@ def test_every_environment_variable_is_in_the_table() -> None:
     assert set(rows) == {*config_module.ENV_OVERRIDES, *read_elsewhere}
     for variable in config_module.TOOLING_VARIABLES:
         assert f"`{variable}`" in DOC
+
+
+def test_every_locod_variable_the_code_names_is_documented() -> None:
+    """Read anywhere (the daemon, the client, the scripts, the units, the test fixtures): a user sees it there."""
+    sources = [*REPO.glob("api/*.py"), *REPO.glob("daemon/*.py"), *REPO.glob("scripts/*"), *REPO.glob("systemd/**/*")]
+    sources.append(REPO / "tests" / "conftest.py")
+    named = {v for path in sources if path.is_file() for v in re.findall(r"\bLOCOD_[A-Z_]*[A-Z]\b", path.read_text())}
+    assert named and not [v for v in sorted(named) if f"`{v}`" not in DOC]
 
 
 def test_list_values_given_as_text_split_as_documented() -> None:
