@@ -70,7 +70,7 @@ def figure(history: History, daily_cap_usd: float, title: str) -> Any:
     times = [dt.datetime.fromtimestamp(b.start) for b in history.buckets]
     width = history.bucket_s / 86400 * 0.8  # bar width in days, matplotlib's date unit
     _satisfaction(axes[0][0], history, times, width)
-    axes[0][1].plot(times, [_mean(b.q) for b in history.buckets], marker="o", ms=3, color="tab:red")
+    axes[0][1].plot(times, [b.mean_q for b in history.buckets], marker="o", ms=3, color="tab:red")
     axes[0][1].set(title="MESS+ queue Q (mean per turn; grows while the SLA is behind)", ylabel="Q")
     axes[1][0].bar(times, [100 * b.cloud_share for b in history.buckets], width, color="tab:cyan")
     axes[1][0].set(title="cloud share of turns", ylabel="%", ylim=(0, 100))
@@ -158,10 +158,6 @@ def summary(history: History, cap: float) -> dict[str, str]:
 def _energy_unit(history: History) -> tuple[float, str]:
     """Wh once a bucket reaches one, else joules (a few short turns are a few joules)."""
     return (3600.0, "Wh") if max(b.energy_j for b in history.buckets) >= 3600 else (1.0, "J")
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 def _date_format(history: History) -> Any:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from locod.daemon.records import local_midnight, read_rows
+from locod.daemon.records import iter_rows, local_midnight, read_rows
 from locod.errors import RequestError
 
 UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -24,6 +24,13 @@ MAX_BUCKETS = 48
 COLUMNS = (
     "created, COALESCE(backend, location) AS location, outcome, satisfied, label_source, q, sla, cost_usd, "
     "energy_j, latency_first_token_ms"
+)
+
+# The period's first turn, and the SLA of its newest routed one (each an index search on ``created``).
+EDGES = (
+    "SELECT (SELECT MIN(created) FROM decisions WHERE created >= ? AND created <= ?), "
+    "(SELECT sla FROM decisions WHERE created >= ? AND created <= ? AND sla IS NOT NULL ORDER BY created DESC "
+    "LIMIT 1)"
 )
 
 
@@ -44,13 +51,18 @@ class Bucket:
     satisfied: int = 0
     cost_usd: float = 0.0
     energy_j: float = 0.0
-    q: list[float] = field(default_factory=list)
+    q_sum: float = 0.0  # of the routed turns' Q, ``q_count`` of them
+    q_count: int = 0
     first_token_ms: dict[str, list[float]] = field(default_factory=lambda: {"local": [], "cloud": []})
     labels: dict[str, int] = field(default_factory=dict)  # label source -> count
 
     @property
     def cloud_share(self) -> float:
         return self.cloud / self.turns if self.turns else 0.0
+
+    @property
+    def mean_q(self) -> float | None:
+        return self.q_sum / self.q_count if self.q_count else None
 
     @property
     def satisfaction(self) -> float | None:
@@ -86,18 +98,18 @@ class History:
 def read_history(db_path: Path, period_s: float, now: float | None = None) -> History:
     """The turns of the last ``period_s`` seconds in the decision log at ``db_path``, bucketed. The period
     starts no earlier than its first turn: ``--since 5200w`` costs what the log holds, not a century of
-    empty buckets."""
+    empty buckets. Rows are read one at a time into the buckets: a year is a million of them."""
     until = time.time() if now is None else now
-    sql = f"SELECT {COLUMNS} FROM decisions WHERE created >= ? AND created <= ? ORDER BY created"
-    rows = read_rows(db_path, sql, [until - period_s, until])
-    since = max(until - period_s, rows[0]["created"] if rows else until)
+    period = [until - period_s, until]
+    # The newest routed turn's SLA: a forced or named turn records none, and is no reason to say "n/a".
+    first, sla = read_rows(db_path, EDGES, period * 2)[0]
+    since = max(until - period_s, until if first is None else first)
     bucket_s = float(next((b for b in BUCKETS_S if (until - since) / b <= MAX_BUCKETS), BUCKETS_S[-1]))
     start = since - since % bucket_s if bucket_s < 86400 else local_midnight(since)
     buckets = [Bucket(start + i * bucket_s) for i in range(int((until - start) // bucket_s) + 1)]
-    for row in rows:
+    sql = f"SELECT {COLUMNS} FROM decisions WHERE created >= ? AND created <= ?"
+    for row in iter_rows(db_path, sql, period):
         _add(buckets[min(int((row["created"] - start) // bucket_s), len(buckets) - 1)], row)
-    # The newest routed turn's: a forced or named turn records none, and is no reason to say "n/a".
-    sla = next((row["sla"] for row in reversed(rows) if row["sla"] is not None), None)
     return History(since, until, bucket_s, sla, buckets)
 
 
@@ -107,7 +119,8 @@ def _add(bucket: Bucket, row: sqlite3.Row) -> None:
     bucket.cost_usd += row["cost_usd"] or 0.0
     bucket.energy_j += row["energy_j"] or 0.0
     if row["q"] is not None:
-        bucket.q.append(row["q"])
+        bucket.q_sum += row["q"]
+        bucket.q_count += 1
     if row["latency_first_token_ms"] is not None and row["location"] in bucket.first_token_ms:
         bucket.first_token_ms[row["location"]].append(row["latency_first_token_ms"])
     if row["satisfied"] is not None:
