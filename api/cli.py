@@ -529,6 +529,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"warning: cloud model {name} has no API key: set ${env} (and restart) or its api_key_file (and reload)")
     if r.get("policy_error"):  # routing.policy_path (or $LOCOD_POLICY) names a file the daemon could not use
         print(f"warning: {r['policy_error']} (routing.policy_path, or $LOCOD_POLICY)")
+    if status.get("db_warning"):  # the decision log's WAL cannot be checkpointed (an older daemon: no field)
+        print(f"warning: {status['db_warning']}")
     skew = _code_skew(status)
     if skew:
         print(f"warning: {skew}")

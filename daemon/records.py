@@ -45,6 +45,10 @@ PROMPT_SHOWN = 2000  # characters of a logged prompt the `decisions` op returns
 # it is known by as many of them as it has, from two on (one word, "The" or "Sure,", would keep back any
 # short message that begins with it, and tells little).
 MIN_OPENING_WORDS, OPENING_WORDS = 2, 8
+# A checkpoint empties the WAL (``locod.db-wal``) every thousand pages unless a reader holds a transaction
+# open; past WAL_WARN_BYTES one does, and the daemon says so (again at each doubling). Emptied, the file
+# is cut back to WAL_KEPT_BYTES: without that it kept the size it grew to.
+WAL_WARN_BYTES, WAL_KEPT_BYTES = 64 << 20, 16 << 20
 LABEL_WAIT_S = 3.0  # a label's: its client waits for the answer, and gives up after 10 s
 
 
@@ -168,6 +172,25 @@ JSON_COLUMNS = (
 )
 
 
+# Rows a start counts or settles, each kept in an index of its own (migration 11); a query names the same
+# WHERE to use it.
+PENDING, SHADOWED = "outcome = 'pending'", "shadow IS NOT NULL"
+ESCALATED_JUDGED = "outcome = 'escalated' AND confidence IS NOT NULL"
+PARTIAL_INDEXES = {
+    "decisions_pending": PENDING,
+    "decisions_shadowed": SHADOWED,
+    "decisions_escalated": ESCALATED_JUDGED,
+}
+
+
+# What /metrics sums per place and outcome (``DecisionLog.totals``), and the id up to which every turn has
+# finished: the one before the oldest still running, else the newest.
+TOTALS, TOTALS_SUMMED = "totals", "COUNT(*), TOTAL(tokens_in), TOTAL(tokens_out), TOTAL(cost_usd), TOTAL(energy_j)"
+SETTLED_SQL = (
+    f"SELECT COALESCE((SELECT MIN(id) FROM decisions WHERE {PENDING}) - 1, (SELECT MAX(id) FROM decisions), 0)"
+)
+
+
 LATENCY_COLUMNS = ("latency_decide_ms", "latency_first_token_ms", "latency_total_ms")
 
 
@@ -275,6 +298,13 @@ def _migration_10(db: sqlite_utils.Database) -> None:
     db.table("private_openings").create({"digest": str}, pk="digest")
 
 
+def _migration_11(db: sqlite_utils.Database) -> None:
+    """Partial indexes on the few rows a start looks for (turns left ``pending``, local labels): on a year
+    of decisions a start read the whole file twice, a gigabyte per half a million turns."""
+    for name, where in PARTIAL_INDEXES.items():
+        db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON decisions(id) WHERE {where}")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -286,6 +316,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_8,
     _migration_9,
     _migration_10,
+    _migration_11,
 ]
 
 
@@ -301,6 +332,7 @@ class DecisionLog:
             _refuse_newer(path, conn)  # before the journal mode, the first write to the file
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES}")
         except (OSError, sqlite3.Error) as exc:
             raise StorageError(f"cannot open the decision log {path}: {exc}") from None
         self._conn = conn
@@ -309,12 +341,14 @@ class DecisionLog:
         self._lock = threading.Lock()  # the writer connection: held while a write waits for SQLite's lock
         self._tally_lock = threading.Lock()
         self._tally: Today | None = None
+        self.wal_warning: str | None = None  # why the WAL outgrew WAL_WARN_BYTES, while it does (status)
+        self._wal_warned = 0  # the WAL's size when that was last logged
         self._unwritten: dict[int, dict[str, Any]] = {}  # decision -> its completion, not on disk yet
         with self._writing("migrate"):
             self._migrate()
             self.interrupted_at_start = self.db.execute(  # finished: when this start found it so
                 "UPDATE decisions SET outcome = 'interrupted', error = 'daemon stopped during the turn', "
-                "finished = ? WHERE outcome = 'pending'",
+                f"finished = ? WHERE {PENDING}",
                 [time.time()],
             ).rowcount
             # A turn of an earlier start that a label comes for is never settled by this one: the label
@@ -336,6 +370,7 @@ class DecisionLog:
         reader.row_factory = sqlite3.Row
         self._reader = reader
         self._read_lock = threading.Lock()
+        self._sums: dict[str, tuple[int, dict[tuple[Any, ...], list[float]]]] = {}  # _running_sums', kept
 
     @contextmanager
     def _reading(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -368,8 +403,32 @@ class DecisionLog:
                         self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT_S * 1000)}")
             except sqlite3.Error as exc:
                 raise _write_failed(self.path, what, exc) from None
+            self._watch_wal()
         finally:
             self._lock.release()
+
+    def _watch_wal(self) -> None:
+        """Say when the WAL outgrows what checkpoints keep it to: a reader holding a transaction open (a
+        sqlite3 shell after ``BEGIN``, a notebook's unfinished cursor) stops them, and every turn then
+        grows the file until it lets go. Silent, it filled the disk."""
+        try:
+            size = os.stat(f"{self.path}-wal").st_size
+        except OSError:
+            return
+        if size < WAL_WARN_BYTES:
+            if self.wal_warning is not None:
+                log.info("decision log %s: its WAL is checkpointed again (%d MB)", self.path, size >> 20)
+                self.wal_warning, self._wal_warned = None, 0
+            return
+        if size < 2 * self._wal_warned:
+            return
+        self._wal_warned = size
+        self.wal_warning = (
+            f"the decision log's WAL {self.path}-wal has grown to {size >> 20} MB: another process holds a read "
+            "transaction open on it (a sqlite3 shell after BEGIN, a notebook's cursor), so it cannot be "
+            "checkpointed; end that transaction and it shrinks back (docs/operations.md, The decision log)"
+        )
+        log.warning("%s", self.wal_warning)
 
     def _check_in_place(self, what: str) -> None:
         """Refuse a write when the file at ``path`` is no longer the one this connection writes: removed or
@@ -522,12 +581,9 @@ class DecisionLog:
 
     def local_labels(self) -> tuple[int, int]:
         """Labels the local model got without the user: (shadow answers, escalated answers), as recorded."""
-        sql = (
-            "SELECT COUNT(shadow), COUNT(CASE WHEN outcome = 'escalated' AND confidence IS NOT NULL THEN 1 END) "
-            "FROM decisions"
-        )
+        sql = "SELECT (SELECT COUNT(*) FROM decisions WHERE {}), (SELECT COUNT(*) FROM decisions WHERE {})"
         with self._reading("counting local labels") as conn:
-            shadows, escalated = conn.execute(sql).fetchone()
+            shadows, escalated = conn.execute(sql.format(SHADOWED, ESCALATED_JUDGED)).fetchone()
         return int(shadows), int(escalated)
 
     def add_cost(self, decision_id: int, usd: float) -> None:
@@ -535,11 +591,17 @@ class DecisionLog:
         even when the log cannot be written, as the daily cap must see every dollar spent."""
         try:
             with self._writing("adding cost"):
-                self._conn.execute(
-                    "UPDATE decisions SET cost_usd = COALESCE(cost_usd, 0) + ? WHERE id = ?", [usd, decision_id]
-                )
+                where = self._conn.execute(
+                    "UPDATE decisions SET cost_usd = COALESCE(cost_usd, 0) + ? WHERE id = ? "
+                    "RETURNING COALESCE(backend, location), outcome",
+                    [usd, decision_id],
+                ).fetchone()
         finally:
             self._spend(usd)
+        with self._read_lock:  # a turn already in the kept sums: they see its cost too
+            upto, kept = self._sums.get(TOTALS, (0, {}))
+            if where is not None and decision_id <= upto:
+                kept.setdefault(tuple(where), [0.0] * 5)[3] += usd
 
     def recent(self, limit: int = 20, of: str | None = None) -> list[dict[str, Any]]:
         """The newest records (``of``: those of a decision id or a request id), read on the reading connection
@@ -552,23 +614,34 @@ class DecisionLog:
 
     def totals(self) -> list[dict[str, Any]]:
         """Finished turns by where they ended up running and how they ended, with what they used."""
-        sql = (
-            "SELECT COALESCE(backend, location) AS location, outcome, COUNT(*) AS turns, "
-            "TOTAL(tokens_in) AS tokens_in, TOTAL(tokens_out) AS tokens_out, "
-            "TOTAL(cost_usd) AS cost_usd, TOTAL(energy_j) AS energy_j "
-            "FROM decisions WHERE outcome != 'pending' GROUP BY 1, 2"
-        )
-        with self._reading("reading totals") as conn:
-            return [dict(row) for row in conn.execute(sql)]
+        sums = self._running_sums(TOTALS, f"COALESCE(backend, location), outcome, {TOTALS_SUMMED}", 2)
+        names = ("location", "outcome", "turns", "tokens_in", "tokens_out", "cost_usd", "energy_j")
+        return [dict(zip(names, (*key, *values))) for key, values in sums.items()]
 
     def histogram(self, column: str, bounds: tuple[float, ...]) -> tuple[list[int], int, float]:
         """(cumulative counts at or under each bound, count, sum) of a latency column over finished turns."""
         assert column in LATENCY_COLUMNS
         under = ", ".join(f"TOTAL({column} <= {float(b)!r})" for b in bounds)
-        sql = f"SELECT {under}, COUNT({column}), TOTAL({column}) FROM decisions WHERE outcome != 'pending'"
-        with self._reading("reading latencies") as conn:
-            *counts, count, total = conn.execute(sql).fetchone()
+        sums = self._running_sums(f"{column}{bounds}", f"{under}, COUNT({column}), TOTAL({column})", 0)
+        *counts, count, total = sums.get((), [0.0] * (len(bounds) + 2))
         return [int(c) for c in counts], int(count), float(total)
+
+    def _running_sums(self, key: str, select: str, keys: int) -> dict[tuple[Any, ...], list[float]]:
+        """Sums over finished turns, by the ``keys`` leading columns of ``select`` (/metrics, every
+        scrape): the turns before the oldest one still running are summed once and kept, only those after
+        it are read again. Summed afresh each time, a scrape read the whole log (three times a gigabyte on a
+        year of turns) and held status and `decisions` meanwhile."""
+        group = f"GROUP BY {', '.join(str(k + 1) for k in range(keys))}" if keys else ""
+        sql = f"SELECT {select} FROM decisions WHERE NOT {PENDING} AND id > ? AND id <= ? {group}"
+        with self._reading("summing finished turns") as conn:
+            settled = conn.execute(SETTLED_SQL).fetchone()[0]  # every turn up to it has finished
+            upto, kept = self._sums.get(key, (0, {}))
+            if settled > upto:
+                _add_sums(kept, conn.execute(sql, [upto, settled]), keys)
+                self._sums[key] = (settled, kept)
+            sums = {group_key: list(values) for group_key, values in kept.items()}
+            _add_sums(sums, conn.execute(sql, [max(upto, settled), 1 << 62]), keys)
+        return sums
 
     def spent_today(self) -> float:
         """Money spent since local midnight (every turn asks, for the daily cap)."""
@@ -626,6 +699,14 @@ class DecisionLog:
             self._conn.close()
 
 
+def _add_sums(sums: dict[tuple[Any, ...], list[float]], rows: Iterator[Sequence[Any]], keys: int) -> None:
+    """Add grouped rows (``keys`` leading columns, then sums) into ``sums``."""
+    for row in map(tuple, rows):
+        values = sums.setdefault(row[:keys], [0.0] * (len(row) - keys))
+        for i, value in enumerate(row[keys:]):
+            values[i] += value or 0.0
+
+
 def _refuse_newer(path: Path, conn: sqlite3.Connection) -> None:
     """Refuse a log a newer locod migrated (after a downgrade): its columns mean what this code cannot know,
     and rows written here would lack what that version requires of them."""
@@ -668,13 +749,20 @@ def _write_failed(path: Path, what: str, exc: sqlite3.Error) -> StorageError:
 
 def read_rows(path: Path, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
     """Rows of the decision log at ``path``, read-only: the daemon may be running, or stopped."""
+    return list(iter_rows(path, sql, params))
+
+
+def iter_rows(path: Path, sql: str, params: Sequence[Any] = ()) -> Iterator[sqlite3.Row]:
+    """``read_rows`` one row at a time, for a query over a long period (a year is a million rows; held in a
+    list, a report took hundreds of megabytes). Exhaust it soon: it holds a read transaction, which stops
+    the daemon's checkpoints meanwhile."""
     if not path.is_file():
         raise StorageError(f"no decision log at {path}: the daemon has not answered a turn yet")
     try:
         with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
             conn.row_factory = sqlite3.Row
             try:
-                return conn.execute(sql, params).fetchall()
+                yield from conn.execute(sql, params)
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot read the decision log {path}: {exc}{_schema_note(conn)}") from None
     except sqlite3.Error as exc:
@@ -698,10 +786,18 @@ def _schema_note(conn: sqlite3.Connection) -> str:
     return ""
 
 
+# What training reads of a labelled turn (``labelled_turns``): not its prompt, up to a megabyte a row.
+TRAINED_ON = (
+    "session, turn, backend, satisfied, latency_total_ms, cost_usd, energy_j, attachments_offered, telemetry, "
+    "task, prompt_chars"
+)
+
+
 def labelled_turns(path: Path) -> list[LoggedTurn]:
     """The labelled, answered turns of a decision log, oldest first (an escalated turn as the cloud answer it
     ended in, its latency and energy including the local attempt: what taking that way cost)."""
-    rows = read_rows(path, f"SELECT * FROM decisions WHERE satisfied IS NOT NULL AND {WAS_ANSWERED} ORDER BY id")
+    where = f"satisfied IS NOT NULL AND {WAS_ANSWERED}"
+    rows = iter_rows(path, f"SELECT {TRAINED_ON} FROM decisions WHERE {where} ORDER BY id")
     return [
         LoggedTurn(
             session=row["session"],
