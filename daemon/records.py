@@ -337,6 +337,7 @@ class DecisionLog:
             raise StorageError(f"cannot open the decision log {path}: {exc}") from None
         self._conn = conn
         self._opened = _file_identity(path)
+        self._wal: tuple[int, int] | None = None  # the -wal file's identity, from the first write on
         self.db = sqlite_utils.Database(conn)
         self._lock = threading.Lock()  # the writer connection: held while a write waits for SQLite's lock
         self._tally_lock = threading.Lock()
@@ -403,6 +404,7 @@ class DecisionLog:
                         self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT_S * 1000)}")
             except sqlite3.Error as exc:
                 raise _write_failed(self.path, what, exc) from None
+            self._wal = self._wal or _file_identity(Path(f"{self.path}-wal"))
             self._watch_wal()
         finally:
             self._lock.release()
@@ -433,7 +435,15 @@ class DecisionLog:
     def _check_in_place(self, what: str) -> None:
         """Refuse a write when the file at ``path`` is no longer the one this connection writes: removed or
         replaced while the daemon ran, what it wrote would be gone at its next start, and every accepted
-        turn's record with it."""
+        turn's record with it. So with its -wal file: other readers no longer see what it holds, and a
+        crash loses it."""
+        if self._wal is not None and _file_identity(Path(f"{self.path}-wal")) != self._wal:
+            raise StorageError(
+                f"decision log {self.path}: {what} failed: its -wal file was removed or replaced while the daemon "
+                "ran, and the turns it held since the last checkpoint are in the daemon's copy alone; stop the "
+                "daemon cleanly (`locod stop`), which writes them into the file, and start it again",
+                code="db_replaced",
+            )
         if _file_identity(self.path) != self._opened:
             raise StorageError(
                 f"decision log {self.path}: {what} failed: the file was removed or replaced while the daemon "
@@ -445,6 +455,15 @@ class DecisionLog:
         """Bring the schema up to this code's, in the start's one transaction: a daemon killed midway leaves
         the file as it was (never columns added with ``user_version`` not bumped)."""
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0 and "decisions" in self.db.table_names():
+            version = _version_of_schema(self._conn)
+            log.warning(
+                "decision log %s has its tables but no schema version (rebuilt with sqlite3's .dump or .recover, "
+                "which do not keep it): its tables and columns are those of version %d, migrated on from there",
+                self.path,
+                version,
+            )
+            self._conn.execute(f"PRAGMA user_version = {version}")
         for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
             step(self.db)
             self._conn.execute(f"PRAGMA user_version = {number}")
@@ -591,10 +610,11 @@ class DecisionLog:
         even when the log cannot be written, as the daily cap must see every dollar spent."""
         try:
             with self._writing("adding cost"):
-                where = self._conn.execute(
-                    "UPDATE decisions SET cost_usd = COALESCE(cost_usd, 0) + ? WHERE id = ? "
-                    "RETURNING COALESCE(backend, location), outcome",
-                    [usd, decision_id],
+                self._conn.execute(
+                    "UPDATE decisions SET cost_usd = COALESCE(cost_usd, 0) + ? WHERE id = ?", [usd, decision_id]
+                )
+                where = self._conn.execute(  # not UPDATE ... RETURNING: SQLite 3.35 (Ubuntu 20.04 has 3.31)
+                    "SELECT COALESCE(backend, location), outcome FROM decisions WHERE id = ?", [decision_id]
                 ).fetchone()
         finally:
             self._spend(usd)
@@ -705,6 +725,33 @@ def _add_sums(sums: dict[tuple[Any, ...], list[float]], rows: Iterator[Sequence[
         values = sums.setdefault(row[:keys], [0.0] * (len(row) - keys))
         for i, value in enumerate(row[keys:]):
             values[i] += value or 0.0
+
+
+def _version_of_schema(conn: sqlite3.Connection) -> int:
+    """The last migration whose tables, columns and indexes a log has all: the schema version of one that
+    lost its ``user_version``. Started on as version 0, its first migration failed ("table decisions
+    already exists") and the daemon did not start."""
+    have = _schema_items(conn)
+    scratch = sqlite3.connect(":memory:", isolation_level=None)
+    version = 0
+    with closing(scratch):
+        for number, step in enumerate(MIGRATIONS, start=1):
+            step(sqlite_utils.Database(scratch))
+            if not _schema_items(scratch) <= have:
+                break
+            version = number
+    return version
+
+
+def _schema_items(conn: sqlite3.Connection) -> set[tuple[str, str]]:
+    """(table, column) of every column, and ("index", name) of every named index."""
+    items = set()
+    for kind, name in conn.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"):
+        if kind == "table":
+            items |= {(name, column) for (column,) in conn.execute("SELECT name FROM pragma_table_info(?)", [name])}
+        elif kind == "index":
+            items.add(("index", name))
+    return items
 
 
 def _refuse_newer(path: Path, conn: sqlite3.Connection) -> None:
