@@ -806,7 +806,7 @@ def iter_rows(path: Path, sql: str, params: Sequence[Any] = ()) -> Iterator[sqli
     if not path.is_file():
         raise StorageError(f"no decision log at {path}: the daemon has not answered a turn yet")
     try:
-        with closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as conn:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
             conn.row_factory = sqlite3.Row
             try:
                 yield from conn.execute(sql, params)
