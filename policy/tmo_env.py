@@ -327,6 +327,7 @@ class LogSource:
             by_session.setdefault(row.session, []).append(row)
         self.sessions = [sorted(s, key=lambda r: r.turn) for s in by_session.values()]
         self.by_location = {loc: [r for r in self.rows if r.backend == loc] for loc in ("local", "cloud")}
+        self._estimates: dict[tuple[str, int, str], tuple[float, float, float, float]] = {}  # _estimate's
         if not self.by_location["local"] or not self.by_location["cloud"]:
             counts = {loc: len(rows) for loc, rows in self.by_location.items()}
             raise ValueError(
@@ -340,7 +341,14 @@ class LogSource:
     def _estimate(self, row: LoggedTurn, location: str) -> tuple[float, float, float, float]:
         if row.backend == location:
             return _outcome(row)
+        # The neighbours depend on the task and the prompt's length alone: found once for each, as each
+        # search sorts every labelled turn (6 ms a turn on a year's 40,000 labels, an hour of training).
+        key = (row.observed.task, row.observed.prompt_chars, location)
+        if key not in self._estimates:
+            self._estimates[key] = self._neighbours_average(row, location)
+        return self._estimates[key]
 
+    def _neighbours_average(self, row: LoggedTurn, location: str) -> tuple[float, float, float, float]:
         def distance(other: LoggedTurn) -> float:
             a, b = other.observed, row.observed
             return float(a.task != b.task) + abs(math.log1p(a.prompt_chars) - math.log1p(b.prompt_chars))
