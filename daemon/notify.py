@@ -43,6 +43,10 @@ class Notifier:
     def status(self, status: str) -> None:
         self.send(f"STATUS={status}")
 
+    def extend_start(self, seconds: float, status: str) -> None:
+        """Ask for ``seconds`` more to start than the unit's TimeoutStartSec (a long migration)."""
+        self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}", f"STATUS={status}")
+
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
 

@@ -49,6 +49,9 @@ MIN_OPENING_WORDS, OPENING_WORDS = 2, 8
 # open; past WAL_WARN_BYTES one does, and the daemon says so (again at each doubling). Emptied, the file
 # is cut back to WAL_KEPT_BYTES: without that it kept the size it grew to.
 WAL_WARN_BYTES, WAL_KEPT_BYTES = 64 << 20, 16 << 20
+# A migration of a log past MIGRATE_SAID_MB is said before it runs (each step may read the whole file), with
+# the time systemd should allow for it: MIGRATE_S_PER_MB a megabyte (an SD card reads 20 MB/s or less).
+MIGRATE_SAID_MB, MIGRATE_S_PER_MB = 32, 0.5
 LABEL_WAIT_S = 3.0  # a label's: its client waits for the answer, and gives up after 10 s
 
 
@@ -324,8 +327,10 @@ class DecisionLog:
     """The daemon's two connections, shared by its threads: the writer, one write at a time, and a read-only
     one for status, the `decisions` op and /metrics, which never waits behind a write."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, migrating: Callable[[str, float], None] | None = None) -> None:
+        """``migrating(what, seconds)``: told before a long migration, with how long it may take."""
         self.path = path
+        self._migrating = migrating
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_WAIT_S)
@@ -464,9 +469,22 @@ class DecisionLog:
                 version,
             )
             self._conn.execute(f"PRAGMA user_version = {version}")
+        self._say_migrating(version)
         for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
             step(self.db)
             self._conn.execute(f"PRAGMA user_version = {number}")
+
+    def _say_migrating(self, version: int) -> None:
+        """Say a migration of a big log before it runs: on a year of turns it reads the file once a step,
+        minutes on an SD card, and systemd's start timeout (90 s) killed it midway, rolled back, again at
+        every restart."""
+        mb = self.path.stat().st_size >> 20
+        if version == len(MIGRATIONS) or version == 0 or mb < MIGRATE_SAID_MB:
+            return
+        what = f"migrating the decision log {self.path} ({mb} MB) from schema {version} to {len(MIGRATIONS)}"
+        log.info("%s: a start after an upgrade reads it once, which can take minutes", what)
+        if self._migrating is not None:
+            self._migrating(what, MIGRATE_S_PER_MB * mb * (len(MIGRATIONS) - version))
 
     def begin(self, record: DecisionRecord) -> int:
         """Insert the accepted turn as ``pending``; returns its decision id."""

@@ -101,7 +101,7 @@ class Daemon:
         self._handed_in: queue.SimpleQueue[tuple[bytes, ChatRequest, Reply]] = queue.SimpleQueue()
         self._outgoing: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()  # (peer, frame)
         self.http: HttpServer | None = None  # when http.listen is set
-        self.records = DecisionLog(config.db_path)
+        self.records = DecisionLog(config.db_path, lambda what, s: self.notifier.extend_start(max(s, 90.0), what))
         self.zoo = _model_zoo(config)
         self.local = LocalBackend(self.zoo)
         self.cloud = CloudBackend(config.cloud, config.source)

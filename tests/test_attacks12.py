@@ -233,3 +233,33 @@ def test_old_decisions_pruned_in_batches_while_the_daemon_serves(daemon_factory:
     with pytest.raises(Exception, match="no decision with id 2") as refused:
         handle.client().feedback(2, True)
     assert getattr(refused.value, "code", None) == "unknown_decision"
+
+
+def test_a_long_migration_asks_systemd_for_the_time_it_takes(daemon_factory: Any, tmp_path: Path) -> None:
+    """Attack: upgrade locod under systemd with a year of decisions on a slow disk. The new migration reads
+    the whole log, minutes on an SD card; systemd's start timeout (90 s) killed the daemon midway, the
+    migration rolled back, and every restart began it again. Now the daemon says it is migrating, in its
+    log and to systemd, with EXTEND_TIMEOUT_USEC for the time it may take, before it is ready."""
+    from .test_systemd import NotifyListener, notified_daemon
+
+    handle = daemon_factory()
+    one_turn(handle)
+    handle.stop()
+    grow(handle.db_path, 40_000)
+    with sqlite3.connect(handle.db_path) as conn:  # as the locod before migration 11 left it
+        partial = conn.execute("SELECT name FROM sqlite_master WHERE sql LIKE '%WHERE%' AND type = 'index'")
+        for (index,) in partial.fetchall():
+            conn.execute(f"DROP INDEX {index}")
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+    notify = NotifyListener(tmp_path / "notify.sock")
+    try:
+        handle = notified_daemon(lambda config, **kw: daemon_factory(config, name=handle.home.name, **kw), notify)
+        wait_for(lambda: "READY=1" in notify.fields(), 30, "READY=1")
+        keys = notify.keys()
+        assert keys.index("EXTEND_TIMEOUT_USEC") < keys.index("READY=1")
+        extended = next(f for f in notify.fields() if f.startswith("EXTEND_TIMEOUT_USEC="))
+        assert int(extended.split("=")[1]) >= 90_000_000
+        assert "migrating the decision log" in handle.log()
+    finally:
+        notify.close()
+    assert handle.rows("PRAGMA user_version")[0]["user_version"] == len(MIGRATIONS)
