@@ -128,9 +128,13 @@ def _update(policy: Policy, optimiser: torch.optim.Optimizer, batch: dict[str, l
 
 
 def data_hash(paths: Sequence[Path]) -> str:
+    """The SHA-256 of the files trained on, read a megabyte at a time: a year's decision log is a gigabyte,
+    which read whole took as much memory (twice, with the version's hash)."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(path.read_bytes())
+        with path.open("rb") as file:
+            while chunk := file.read(1 << 20):
+                digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -217,8 +221,9 @@ def train_and_report(trace: Path, from_db: Path | None, out: Path, config: Train
     policy = train(sources, config, progress=lambda line: print(line, flush=True))
     weights = hashlib.sha256(b"".join(t.detach().numpy().tobytes() for t in policy.state_dict().values()))
     # seed, length and data say how it was made; the weights' hash tells apart policies made by other code
-    version = f"rcppo-s{config.seed}-{config.steps // 1000}k-{data_hash(inputs)[:8]}-{weights.hexdigest()[:6]}"
-    export(policy, out, version=version, data_sha256=data_hash(inputs), config=config)
+    data = data_hash(inputs)
+    version = f"rcppo-s{config.seed}-{config.steps // 1000}k-{data[:8]}-{weights.hexdigest()[:6]}"
+    export(policy, out, version=version, data_sha256=data, config=config)
     diff = parity(policy, out)
     print(f"exported {out} ({out.stat().st_size} bytes), policy version {version}, torch/ONNX max abs diff {diff:.2e}")
 
