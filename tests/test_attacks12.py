@@ -17,6 +17,7 @@ import pytest
 from locod.daemon.history import read_history
 from locod.daemon.records import MIGRATIONS, WAL_KEPT_BYTES, WAL_WARN_BYTES, labelled_turns
 from locod.errors import StorageError
+from locod.policy.train import data_hash
 
 from .conftest import DaemonHandle, free_port, wait_for
 from .test_http import samples
@@ -115,9 +116,10 @@ def test_a_report_of_a_year_and_training_on_it_hold_no_row_of_it(
 ) -> None:
     """Attack: `locod report --since 365d` and `locod policy train --from-db` on a year of turns. The report
     held every row of the period in a list (345 MB for 500k turns), training every column of every
-    labelled row, prompts included. Now the report's rows pass one at a time into its buckets, and
-    training reads only what it learns from; both still count every turn. `--from-db locod.db`, run in
-    the state directory, was refused ("relative path can't be expressed as a file URI")."""
+    labelled row, prompts included, and hashed the whole file read into memory (1.4 GB in all for a 1 GB
+    log). Now the report's rows pass one at a time into its buckets, and training reads only what it
+    learns from and hashes the file a megabyte at a time; both still count every turn. `--from-db
+    locod.db`, run in the state directory, was refused ("relative path can't be expressed as a file URI")."""
     handle = daemon_factory()
     one_turn(handle)
     handle.stop()
@@ -133,6 +135,13 @@ def test_a_report_of_a_year_and_training_on_it_hold_no_row_of_it(
     assert peak < 20_000 * 100  # a row held costs hundreds of bytes; the buckets' latencies, 8 a turn
     monkeypatch.chdir(handle.db_path.parent)
     assert len(labelled_turns(Path(handle.db_path.name))) == 20_000 // 10
+    tracemalloc.start()
+    try:
+        data_hash([handle.db_path])  # the policy's data_sha256: the log read whole took a gigabyte on a year
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < handle.db_path.stat().st_size / 4
 
 
 def test_a_reader_left_in_a_transaction_is_named_and_the_wal_shrinks_once_it_lets_go(daemon_factory: Any) -> None:
