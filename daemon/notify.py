@@ -44,7 +44,7 @@ class Notifier:
         self.send(f"STATUS={status}")
 
     def extend_start(self, seconds: float, status: str) -> None:
-        """Ask for ``seconds`` more to start than the unit's TimeoutStartSec (a long migration)."""
+        """Ask systemd to wait ``seconds`` from now for the start, past TimeoutStartSec (a long migration)."""
         self.send(f"EXTEND_TIMEOUT_USEC={int(seconds * 1e6)}", f"STATUS={status}")
 
     def watchdog(self) -> None:
