@@ -214,7 +214,9 @@ def test_missing_daemon_is_a_clear_message(tmp_path: Path) -> None:
     )
 
 
-def test_stale_socket_times_out_with_the_same_advice(tmp_path: Path) -> None:
+def test_a_socket_that_takes_connections_but_never_answers_is_said_to_hang(tmp_path: Path) -> None:
+    """Not "start it with `locod serve`": something serves the socket (a stopped or stuck daemon), and a
+    second daemon would be refused; the user is sent to its log."""
     sock = tmp_path / "locod.sock"
     ctx = zmq.Context.instance()
     dead = ctx.socket(zmq.ROUTER)
@@ -225,7 +227,8 @@ def test_stale_socket_times_out_with_the_same_advice(tmp_path: Path) -> None:
             client.ping()
             raise AssertionError("ping should not succeed")
         except DaemonNotRunning as exc:
-            assert "start it with `locod serve`" in exc.message
+            assert "the daemon may be stuck or stopped" in exc.message and "see its log" in exc.message
+            assert "locod serve" not in exc.message
         finally:
             client.close()
     finally:

@@ -24,7 +24,7 @@ def test_a_reload_that_fixes_the_key_is_tried_by_the_next_turn(
     key = tmp_path / "cloud.key"
     key.write_text("sk-the-right-one\n")
     key.chmod(0o600)
-    config = cloud_config(proxy.base_url)
+    config = cloud_config(proxy.base_url, timeout_s=15.0)  # the loopback cloud under a loaded CI machine
     config["cloud"]["models"][0]["api_key_file"] = str(key)
     dead = f"http://127.0.0.1:{free_port()}/v1"
     config["cloud"]["models"].append({"name": "gone", "base_url": dead, "model": "gone"})
@@ -185,13 +185,18 @@ def test_a_second_gguf_under_a_path_with_spaces_and_a_tilde(
 
 
 def _field_names(status: dict[str, Any], where: str = "") -> list[str]:
-    """Every key of ``status``, nested ones too, but not the keys of its maps (model names, URLs, signals)."""
-    maps = ("telemetry.missing.", "cloud.breakers.", "cloud.no_api_key.", "routing.labels.")
+    """Every key of ``status``, nested ones too, but not the keys of its maps (model names, URLs, signals),
+    whose values' own keys are fields again (``routing.predictors.<model>.prior``)."""
+    maps = ("telemetry.missing.", "cloud.breakers.", "cloud.no_api_key.", "routing.labels.", "routing.predictors.")
     out = []
     for key, value in status.items():
         out.append(key)
-        if isinstance(value, dict) and f"{where}{key}." not in maps:
+        if not isinstance(value, dict):
+            continue
+        if f"{where}{key}." not in maps:
             out += _field_names(value, f"{where}{key}.")
+        else:
+            out += [k for entry in value.values() if isinstance(entry, dict) for k in _field_names(entry, "")]
     return out
 
 
