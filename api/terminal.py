@@ -3,7 +3,10 @@
 A session id is whatever a client named it, and an answer is whatever a model (or a hostile endpoint)
 wrote: an escape sequence in either would retitle the user's terminal, clear it or recolour what follows.
 Control characters (C0, DEL, C1) are shown as escapes (``\\x1b``) instead; newlines and tabs stay in
-answers, where they are layout.
+answers, where they are layout. So are the bidi overrides and isolates (U+202A..U+202E, U+2066..U+2069),
+which reorder what follows on the line (a Trojan Source answer reads as other code than it is; a session id
+reverses the columns after it), and lone surrogates (undecodable bytes), which a UTF-8 stdout cannot write.
+Right-to-left text itself needs none of them and is shown as it is, as ``less`` shows it.
 """
 
 from __future__ import annotations
@@ -11,12 +14,13 @@ from __future__ import annotations
 import re
 from typing import TextIO
 
-CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # all but \t and \n
-CONTROL_OR_LAYOUT = re.compile("[\x00-\x1f\x7f-\x9f]")
+BIDI_OR_UNDECODED = "\u202a-\u202e\u2066-\u2069\ud800-\udfff"  # bidi overrides and isolates; lone surrogates
+CONTROL = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{BIDI_OR_UNDECODED}]")  # all but \t and \n
+CONTROL_OR_LAYOUT = re.compile(f"[\x00-\x1f\x7f-\x9f\u2028\u2029{BIDI_OR_UNDECODED}]")
 
 
 def _escape(match: re.Match[str]) -> str:
-    return repr(match.group())[1:-1]  # "\x1b", "\r", "\x9b"
+    return ascii(match.group())[1:-1]  # "\x1b", "\r", "\x9b", "\u202e"
 
 
 def shown(text: str, *, layout: bool = True) -> str:
