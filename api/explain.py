@@ -24,7 +24,9 @@ OUTCOMES = {
 
 
 def explain(row: dict[str, Any]) -> list[str]:
-    """The lines that say why decision ``row`` (a `decisions` record, JSON columns parsed) went where it did."""
+    """The lines that say why decision ``row`` (a `decisions` record, JSON columns parsed) went where it did.
+    Every line is escaped whole: a record holds what clients, models and configs named, and any process that
+    can write the log file can write any column."""
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
     session = _cell(row["session"])
     lines = [f"decision {row['id']}, {when}, {_cell(row['task'])} turn {row['turn']} of session {session}"]
@@ -38,7 +40,7 @@ def explain(row: dict[str, Any]) -> list[str]:
     lines.append(_line("device", _device(row.get("telemetry") or {})))
     lines.append(_line("label", _label(row)))
     lines.append(_line("more", f"every column: locod decisions {row['id']} --json"))
-    return lines
+    return [shown(line, layout=False) for line in lines]  # model names, outcomes, a prior's words: any column
 
 
 def _line(name: str, text: str) -> str:
@@ -46,7 +48,7 @@ def _line(name: str, text: str) -> str:
 
 
 def _cell(value: Any) -> str:
-    return "-" if value is None else shown(str(value), layout=False)
+    return "-" if value is None else str(value)
 
 
 def _answer(row: dict[str, Any]) -> str:
