@@ -336,12 +336,11 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool, client: Clien
             print(flush=True)  # before any stderr line, also when stdout is a pipe
             if verbose:
                 estimate = " (estimated)" if frame.cost_estimated else ""
-                print(
+                line = (
                     f"[decision {frame.decision}: {frame.outcome} via {frame.location} {frame.model}, "
-                    f"{counted(frame.tokens_out, 'token')}, {frame.latency_ms:.0f} ms, "
-                    f"${frame.cost_usd:.5f}{estimate}]",
-                    file=sys.stderr,
+                    f"{counted(frame.tokens_out, 'token')}, {frame.latency_ms:.0f} ms, ${frame.cost_usd:.5f}{estimate}]"
                 )
+                print(for_stream(line, sys.stderr), file=sys.stderr)
     if verbose and done is not None and (done.outcome, done.location) == ("ok", "local"):
         _say_why_kept(client, done.decision)
     return 0
@@ -523,17 +522,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     if "http" in status:  # an older daemon's status has no such field
         off = "off: set http.listen to serve it (`locod serve --set http.listen=127.0.0.1:8080`; docs/http.md)"
         rows.insert(1, ("http", f"OpenAI-compatible API at {status['http']}" if status["http"] else off))
-    for name, text in rows:
-        print(f"{name:>8}  {text}")
+    lines = [f"{name:>8}  {text}" for name, text in rows]
     for name, env in c.get("no_api_key", {}).items():
-        print(f"warning: cloud model {name} has no API key: set ${env} (and restart) or its api_key_file (and reload)")
+        no_key = f"has no API key: set ${env} (and restart) or its api_key_file (and reload)"
+        lines.append(f"warning: cloud model {name} {no_key}")
     if r.get("policy_error"):  # routing.policy_path (or $LOCOD_POLICY) names a file the daemon could not use
-        print(f"warning: {r['policy_error']} (routing.policy_path, or $LOCOD_POLICY)")
+        lines.append(f"warning: {r['policy_error']} (routing.policy_path, or $LOCOD_POLICY)")
     if status.get("db_warning"):  # the decision log's WAL cannot be checkpointed (an older daemon: no field)
-        print(f"warning: {status['db_warning']}")
+        lines.append(f"warning: {status['db_warning']}")
     skew = _code_skew(status)
     if skew:
-        print(f"warning: {skew}")
+        lines.append(f"warning: {skew}")
+    for line in lines:  # a prior's `source`, a policy file's error, a model's name: one line each, no escapes
+        print(shown(line, layout=False))
     return 0
 
 
