@@ -14,8 +14,9 @@ import time
 
 REPORT_EVERY_S = 60.0  # a Throttle's default interval
 SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
-# What could end a line or rewrite one in a terminal: C0 controls but the tab, DEL, Unicode line breaks.
-LINE_BREAKING = re.compile("[\x00-\x08\x0a-\x1f\x7f\x85\u2028\u2029]")
+# What could end a line or rewrite one in a terminal: C0 controls but the tab, DEL, C1 controls (U+009B is a
+# CSI to xterm and the Linux console), Unicode line breaks, bidi overrides and isolates (they reorder the line).
+LINE_BREAKING = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 class LineFormatter(logging.Formatter):
