@@ -475,8 +475,9 @@ def _redirect(exc: openai.APIStatusError) -> str:
         host = urlsplit(redacted_url(location)).netloc or "the same host"
     except ValueError:
         host = "an unreadable Location"
+    host = host[:200].encode("ascii", "backslashreplace").decode()  # obs-text bytes read as C1 controls (CSI)
     return (
-        f"HTTP {exc.status_code} from the endpoint, a redirect to {host[:200]} that was not followed "
+        f"HTTP {exc.status_code} from the endpoint, a redirect to {host} that was not followed "
         "(set base_url to the endpoint itself)"
     )
 
