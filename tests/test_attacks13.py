@@ -1,0 +1,142 @@
+"""Attack round 13: text the user did not write (a decision row a hostile process wrote, a prior's
+``source``, a cloud's answer and Location header) reaches their terminal and the daemon's log without an
+escape sequence acting there, a line of its own, or a bidi override reordering what follows."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from locod.policy.warmstart import PRIORS, USER_PRIORS, read_prior, save_prior
+
+from .conftest import SECRET, cloud_config
+from .test_terminal import on_a_terminal
+
+# An OSC 52 clipboard write, a screen clear, an 8-bit CSI, a forged line and a Trojan Source override.
+EVIL = "\x1b]52;c;cm0gLXJmIH4K\x07\x1b[2J\x9b31m\r\nFORGED\u202eevil\u2066"
+ACTING = ("\x1b", "\x07", "\x9b", "\u202e", "\u2066", "\r")
+
+
+def acts_on_a_terminal(text: str) -> list[str]:
+    return [c for c in ACTING if c in text]
+
+
+def test_decisions_id_escapes_every_column_a_hostile_process_wrote(daemon_factory: Any) -> None:
+    """`locod decisions ID` read the model of each weighed option, where it ran, the outcome, the confidence
+    and shadow models and the label's source unescaped: a process that can write locod.db (or a config's
+    model name) wrote escape sequences to the terminal of whoever asked why a turn went where it did."""
+    handle = daemon_factory()
+    handle.client().ask("Say hi.", max_tokens=2)
+    handle.stop()
+    (decision,) = (row["id"] for row in handle.rows())
+    judged = {"model": EVIL, "s_answered": 0.9, "s_prompt": 0.5, "kept": True}
+    shadow = {"model": EVIL, "satisfied": True, "grader": EVIL}
+    conn = sqlite3.connect(handle.db_path)
+    with conn:
+        conn.execute(
+            "UPDATE decisions SET model = ?, backend = ?, outcome = ?, error = ?, s_hat = ?, costs = ?, mask = ?, "
+            "confidence = ?, shadow = ?, satisfied = 1, label_source = ? WHERE id = ?",
+            (
+                EVIL,
+                EVIL,
+                EVIL,
+                EVIL,
+                json.dumps({EVIL: 0.5}),
+                json.dumps({EVIL: 1.0}),
+                json.dumps({EVIL: True, "x" + EVIL: False}),
+                json.dumps(judged),
+                json.dumps(shadow),
+                EVIL,
+                decision,
+            ),
+        )
+    conn.close()
+    shown = handle.cli("decisions", str(decision))
+    assert shown.returncode == 0, shown.stderr
+    assert acts_on_a_terminal(shown.stdout) == []
+    assert "FORGED" in shown.stdout and not any(line.startswith("FORGED") for line in shown.stdout.splitlines())
+    assert "\\u202eevil" in shown.stdout  # named, not acted on
+
+
+def test_a_priors_source_reaches_status_and_the_log_escaped(daemon_factory: Any, tmp_path: Path) -> None:
+    """A user prior (<state dir>/priors, written by scripts/fit_prior.py or copied from someone else) says
+    what it was fitted on in its ``source``: `locod status` printed it raw, and the log escaped C0 controls
+    but not an 8-bit CSI (U+009B) or a bidi override."""
+    shipped = read_prior(next(PRIORS.glob("*.npz")))
+    save_prior(
+        type(shipped)(shipped.sha256, shipped.gguf_size, shipped.weights, shipped.confidence, EVIL),
+        tmp_path / "d" / "state" / USER_PRIORS,
+    )
+    handle = daemon_factory()
+    status = handle.cli("status")
+    assert status.returncode == 0, status.stderr
+    assert "fitted on \\x1b]52" in status.stdout  # it was this prior the predictor started from
+    assert acts_on_a_terminal(status.stdout) == []
+    assert not any(line.startswith("FORGED") for line in status.stdout.splitlines())
+    logged = handle.log()
+    assert "starts from the prior fitted on \\x1b]52" in logged
+    assert acts_on_a_terminal(logged) == []
+
+
+class _Hostile(BaseHTTPRequestHandler):
+    """An OpenAI-compatible endpoint: under /redirect a 307 whose Location carries an 8-bit CSI and a bidi
+    override as raw bytes (obs-text, which HTTP allows); elsewhere an answer with a Trojan Source override."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("content-length") or 0))
+        if self.path.startswith("/redirect"):
+            location = b"location: http://evil\xc2\x9b2J\xe2\x80\xaeexample/v1\r\n"
+            self.wfile.write(b"HTTP/1.1 307 Temporary Redirect\r\n" + location + b"content-length: 0\r\n\r\n")
+            return
+        chunk = {"choices": [{"index": 0, "delta": {"content": "if ok:\u202e } \u2066 return"}}]}
+        done = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": {"prompt_tokens": 3}}
+        body = "".join(f"data: {json.dumps(c)}\n\n" for c in (chunk, done)) + "data: [DONE]\n\n"
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("content-length", str(len(body.encode())))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def hostile_endpoint() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hostile)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_a_bidi_override_in_an_answer_is_named_on_a_terminal_and_kept_in_a_pipe(
+    daemon_factory: Any, hostile_endpoint: str
+) -> None:
+    """A Trojan Source answer (code whose U+202E makes it read as other code) showed reordered on the
+    terminal; on a terminal the override is now named, like an escape; into a pipe the text is as it came."""
+    handle = daemon_factory(cloud_config(hostile_endpoint + "/v1"), extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    shown = on_a_terminal(handle, "ask", "hi").decode().replace("\r\n", "\n")  # the tty writes a newline so
+    assert "if ok:\\u202e } \\u2066 return" in shown and acts_on_a_terminal(shown) == []
+    piped = handle.cli("ask", "hi")
+    assert piped.returncode == 0 and "if ok:\u202e } \u2066 return" in piped.stdout
+
+
+def test_a_redirects_location_reaches_stderr_and_the_log_as_ascii(daemon_factory: Any, hostile_endpoint: str) -> None:
+    """A cloud's 3xx is named with the host its Location points to: its obs-text bytes came through as an
+    8-bit CSI and a bidi override, into `locod ask`'s error (also into a file, where no terminal check runs),
+    the decision record and the log."""
+    config = cloud_config(hostile_endpoint + "/redirect/v1")
+    handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    asked = handle.cli("ask", "hi")
+    assert "a redirect to evil" in asked.stderr, asked.stderr
+    assert acts_on_a_terminal(asked.stderr) == []
+    assert "evil\\x9b2J\\u202eexample" in asked.stderr
+    (row,) = handle.rows()
+    assert acts_on_a_terminal(row["error"]) == [] and acts_on_a_terminal(handle.log()) == []
