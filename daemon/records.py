@@ -334,6 +334,7 @@ class DecisionLog:
         try:
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_WAIT_S)
+            conn.text_factory = _readable_text  # a label on a row with bytes that are not UTF-8 read them
             _refuse_newer(path, conn)  # before the journal mode, the first write to the file
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
@@ -373,7 +374,7 @@ class DecisionLog:
             reader = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open the decision log {path} for reading: {exc}") from None
-        reader.row_factory = sqlite3.Row
+        reader.row_factory, reader.text_factory = sqlite3.Row, _readable_text
         self._reader = reader
         self._read_lock = threading.Lock()
         self._sums: dict[str, tuple[int, dict[tuple[Any, ...], list[float]]]] = {}  # _running_sums', kept
@@ -812,6 +813,13 @@ def _write_failed(path: Path, what: str, exc: sqlite3.Error) -> StorageError:
     return StorageError(f"decision log {path}: {what} failed: {exc}")
 
 
+def _readable_text(raw: bytes) -> str:
+    """A TEXT value as read: bytes that are not UTF-8 (written by another program, or a damaged page) read as
+    ``\\xff`` escapes. Decoded strictly, one such value failed every read it was in: `locod decisions`,
+    status, the report and training, until the row was found and deleted by hand."""
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def read_rows(path: Path, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
     """Rows of the decision log at ``path``, read-only: the daemon may be running, or stopped."""
     return list(iter_rows(path, sql, params))
@@ -825,7 +833,7 @@ def iter_rows(path: Path, sql: str, params: Sequence[Any] = ()) -> Iterator[sqli
         raise StorageError(f"no decision log at {path}: the daemon has not answered a turn yet")
     try:
         with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
-            conn.row_factory = sqlite3.Row
+            conn.row_factory, conn.text_factory = sqlite3.Row, _readable_text
             try:
                 yield from conn.execute(sql, params)
             except sqlite3.Error as exc:

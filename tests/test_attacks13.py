@@ -65,6 +65,28 @@ def test_decisions_id_escapes_every_column_a_hostile_process_wrote(daemon_factor
     assert "\\u202eevil" in shown.stdout  # named, not acted on
 
 
+def test_a_row_that_is_not_utf8_is_listed_and_labelled(daemon_factory: Any) -> None:
+    """A TEXT value that is not UTF-8 (another program's write, a damaged page) failed every read it was in:
+    `locod decisions` and `locod feedback` said only "Could not decode to UTF-8", quoting the raw bytes (an
+    escape sequence among them) into the error, until the row was found and deleted by hand."""
+    handle = daemon_factory()
+    handle.client().ask("Say hi.", max_tokens=2, session="s")
+    conn = sqlite3.connect(handle.db_path)
+    with conn:
+        conn.execute("UPDATE decisions SET session = CAST(x'1b5b324aff41' AS TEXT), prompt = CAST(x'ff' AS TEXT)")
+    conn.close()
+    (decision,) = (row["id"] for row in handle.rows("SELECT id FROM decisions"))
+    for args in (("decisions",), ("decisions", str(decision))):
+        listed = handle.cli(*args)
+        assert listed.returncode == 0, listed.stderr
+        assert "\\x1b[2J\\xffA" in listed.stdout and acts_on_a_terminal(listed.stdout) == []
+    labelled = handle.cli("feedback", str(decision), "good")
+    assert labelled.returncode == 0, labelled.stderr
+    handle.stop()
+    stopped = handle.cli("decisions")  # read from the file
+    assert stopped.returncode == 0 and "\\x1b[2J\\xffA" in stopped.stdout, stopped.stderr
+
+
 def test_a_priors_source_reaches_status_and_the_log_escaped(daemon_factory: Any, tmp_path: Path) -> None:
     """A user prior (<state dir>/priors, written by scripts/fit_prior.py or copied from someone else) says
     what it was fitted on in its ``source``: `locod status` printed it raw, and the log escaped C0 controls
