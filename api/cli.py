@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit, so that a reader who left (`| head`) is handled below
         return code
     except LocodError as exc:
-        print(for_stream(f"locod: {exc.message}", sys.stderr), file=sys.stderr)
+        print(shown(f"locod: {exc.message}"), file=sys.stderr)
         return next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1)
     except BrokenPipeError:  # `locod ... | head`: the reader left. Before OSError, whose subclass it is.
         # Quiet, with the status of a command that SIGPIPE ended; stdout goes to /dev/null so that the
@@ -205,7 +205,7 @@ def _endpoint(args: argparse.Namespace, warn: bool = True) -> str:
             "file, or pass --endpoint"
         ) from None
     if warn:
-        print(f"locod: warning: {problem.message}; using the daemon at {endpoint[6:]}", file=sys.stderr)
+        print(shown(f"locod: warning: {problem.message}; using the daemon at {endpoint[6:]}"), file=sys.stderr)
     return endpoint
 
 
@@ -330,7 +330,7 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool, client: Clien
             _say_decision(frame, verbose)
         elif isinstance(frame, FallbackFrame | EscalatedFrame):
             restart = "; what was shown above is discarded" if streamed else ""
-            print(f"{chr(10) if streamed else ''}[{for_stream(frame.message, sys.stderr)}{restart}]", file=sys.stderr)
+            print(f"{chr(10) if streamed else ''}[{shown(frame.message)}{restart}]", file=sys.stderr)
         elif isinstance(frame, DoneFrame):
             done = frame
             print(flush=True)  # before any stderr line, also when stdout is a pipe
@@ -340,7 +340,7 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool, client: Clien
                     f"[decision {frame.decision}: {frame.outcome} via {frame.location} {frame.model}, "
                     f"{counted(frame.tokens_out, 'token')}, {frame.latency_ms:.0f} ms, ${frame.cost_usd:.5f}{estimate}]"
                 )
-                print(for_stream(line, sys.stderr), file=sys.stderr)
+                print(shown(line), file=sys.stderr)
     if verbose and done is not None and (done.outcome, done.location) == ("ok", "local"):
         _say_why_kept(client, done.decision)
     return 0
@@ -396,9 +396,9 @@ def _say_decision(frame: DecisionFrame, verbose: bool) -> None:
     if verbose:
         sent = ", ".join(frame.attachments_sent) or "none"
         line = f"[{frame.location}: {frame.model}; uploaded to the cloud: {sent}; {frame.reason}]"
-        print(for_stream(line, sys.stderr), file=sys.stderr)
+        print(shown(line), file=sys.stderr)
     elif frame.notice:
-        print(for_stream(f"[{frame.notice}]", sys.stderr), file=sys.stderr)
+        print(shown(f"[{frame.notice}]"), file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -446,7 +446,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             except LocodError as exc:
                 if isinstance(exc, DaemonNotRunning):
                     raise
-                print(for_stream(f"locod: {exc.message}", sys.stderr), file=sys.stderr)
+                print(shown(f"locod: {exc.message}"), file=sys.stderr)
     finally:
         client.close()
 

@@ -30,6 +30,9 @@ def shown(text: str, *, layout: bool = True) -> str:
 
 
 def for_stream(text: str, stream: TextIO) -> str:
-    """What to write to ``stream``: escaped on a terminal, the text as it is into a pipe or a file."""
+    """What to write of an answer to ``stream``: escaped on a terminal, the text as it is into a pipe or a
+    file (it is the user's data: `locod ask ... > file` keeps it byte for byte, and `less -R` or ``cat -v``
+    decide how to show it). What locod says about a turn (notices, errors) is escaped wherever it goes, as
+    ``shown``: it quotes endpoints and files, and a log file of stderr is read on a terminal too."""
     isatty = getattr(stream, "isatty", None)
     return shown(text) if isatty is not None and isatty() else text

@@ -126,6 +126,10 @@ class _Hostile(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body.encode())
 
+    def do_GET(self) -> None:
+        """A download refused with a reason phrase that clears the screen and writes the clipboard."""
+        self.wfile.write(b"HTTP/1.1 404 " + EVIL.split("\r")[0].encode() + b"\r\ncontent-length: 0\r\n\r\n")
+
     def log_message(self, *args: Any) -> None:
         pass
 
@@ -162,3 +166,14 @@ def test_a_redirects_location_reaches_stderr_and_the_log_as_ascii(daemon_factory
     assert "evil\\x9b2J\\u202eexample" in asked.stderr
     (row,) = handle.rows()
     assert acts_on_a_terminal(row["error"]) == [] and acts_on_a_terminal(handle.log()) == []
+
+
+def test_an_error_quoting_a_server_is_escaped_into_a_file_too(daemon_factory: Any, hostile_endpoint: str) -> None:
+    """`locod models pull` names a refusal with the server's reason phrase, which the server writes: its
+    escapes went raw to stderr whenever stderr was not a terminal (`2>>pull.log`, a cron job's mail, a
+    systemd unit's journal), where `cat` or a pager acted on them later. What locod says is escaped
+    wherever it goes; only an answer on stdout keeps its bytes (it is the user's data)."""
+    handle = daemon_factory()
+    pulled = handle.cli("models", "pull", hostile_endpoint + "/x.gguf")
+    assert pulled.returncode != 0 and "the server answered 404 \\x1b]52" in pulled.stderr, pulled.stderr
+    assert acts_on_a_terminal(pulled.stderr) == []
