@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import time
+from typing import Any
 
 REPORT_EVERY_S = 60.0  # a Throttle's default interval
 SYSLOG_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
@@ -24,8 +25,16 @@ class LineFormatter(logging.Formatter):
     characters are escaped, so a client cannot forge a log line of its own. Tracebacks keep their lines."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        record.message = LINE_BREAKING.sub(lambda m: ascii(m.group())[1:-1], record.message)
+        record.message = _escaped(record.message)
         return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        """A traceback's lines, each escaped: an exception's message may quote what a client sent."""
+        return "\n".join(_escaped(line) for line in super().formatException(ei).split("\n"))
+
+
+def _escaped(text: str) -> str:
+    return LINE_BREAKING.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 class JournalFormatter(LineFormatter):

@@ -4,7 +4,9 @@ escape sequence acting there, a line of its own, or a bidi override reordering w
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -14,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from locod.daemon.logs import LineFormatter
 from locod.policy.warmstart import PRIORS, USER_PRIORS, read_prior, save_prior
 
 from .conftest import SECRET, cloud_config
@@ -177,3 +180,23 @@ def test_an_error_quoting_a_server_is_escaped_into_a_file_too(daemon_factory: An
     pulled = handle.cli("models", "pull", hostile_endpoint + "/x.gguf")
     assert pulled.returncode != 0 and "the server answered 404 \\x1b]52" in pulled.stderr, pulled.stderr
     assert acts_on_a_terminal(pulled.stderr) == []
+
+
+def test_a_traceback_in_the_log_escapes_what_its_exception_quotes() -> None:
+    """An unexpected failure is logged with its traceback, whose last line is the exception's message: one
+    that quoted a client's text put its escapes on the terminal of whoever ran `locod serve` (or `tail`ed
+    its log). Each traceback line is escaped now, as messages were; the traceback keeps its lines."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(LineFormatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("locod.test_attacks13")
+    logger.addHandler(handler)
+    try:
+        raise ValueError(f"session {EVIL}")
+    except ValueError:
+        logger.exception("request from a client failed")
+    finally:
+        logger.removeHandler(handler)
+    logged = stream.getvalue()
+    assert "Traceback (most recent call last):\n" in logged and "ValueError: session \\x1b]52" in logged
+    assert acts_on_a_terminal(logged) == []
