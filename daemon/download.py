@@ -147,6 +147,12 @@ def download(url: str, partial: Path, meter: MeterFactory = silent, max_bytes: i
     return digest.hexdigest()
 
 
+def status_said(exc: urllib.error.HTTPError) -> str:
+    """A refusal's status and reason phrase, which the server writes: up to 64 kB on the status line."""
+    reason = str(exc.reason)
+    return f"{exc.code} {reason[:80]}{'...' if len(reason) > 80 else ''}"
+
+
 def _open(url: str, have: int) -> tuple[http.client.HTTPResponse, int]:
     """GET from byte ``have`` on; returns the response and the offset it really starts at."""
     headers = {**HEADERS, "Range": f"bytes={have}-"} if have else HEADERS
@@ -156,7 +162,7 @@ def _open(url: str, have: int) -> tuple[http.client.HTTPResponse, int]:
         if exc.code == 416 and have:  # the partial is as long as the file, or longer: start again
             log.info("%s: the server refused to resume at %d bytes; downloading from the start", url, have)
             return _open(url, 0)
-        raise FetchError(f"{url}: the server answered {exc.code} {exc.reason}") from None
+        raise FetchError(f"{url}: the server answered {status_said(exc)}") from None
     except (urllib.error.URLError, OSError) as exc:
         raise FetchError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None
     start = 0

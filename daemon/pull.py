@@ -21,7 +21,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from locod.daemon import catalog, gguf
 from locod.daemon.config import EMBEDDED_MODEL, Config
-from locod.daemon.download import DEFAULT_MAX_BYTES, HEADERS, TIMEOUT_S, MeterFactory, download, silent
+from locod.daemon.download import DEFAULT_MAX_BYTES, HEADERS, TIMEOUT_S, MeterFactory, download, silent, status_said
 from locod.daemon.fetch import Progress
 from locod.daemon.modelfile import resolve_path
 from locod.errors import FetchError
@@ -76,7 +76,7 @@ def _published_sha256(url: str) -> str | None:
             headers = r.headers
     except urllib.error.HTTPError as exc:
         if not 300 <= exc.code < 400:
-            raise FetchError(f"{url}: the hub answered {exc.code} {exc.reason}") from None
+            raise FetchError(f"{url}: the hub answered {status_said(exc)}") from None
         headers = exc.headers
     except (urllib.error.URLError, OSError) as exc:
         raise FetchError(f"cannot reach {url}: {getattr(exc, 'reason', exc)}") from None

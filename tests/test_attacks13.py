@@ -131,7 +131,8 @@ class _Hostile(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         """A download refused with a reason phrase that clears the screen and writes the clipboard."""
-        self.wfile.write(b"HTTP/1.1 404 " + EVIL.split("\r")[0].encode() + b"\r\ncontent-length: 0\r\n\r\n")
+        reason = EVIL.split("\r")[0].encode() + b" and on" * 5000  # http.client reads up to 64 kB of it
+        self.wfile.write(b"HTTP/1.1 404 " + reason + b"\r\ncontent-length: 0\r\n\r\n")
 
     def log_message(self, *args: Any) -> None:
         pass
@@ -180,6 +181,7 @@ def test_an_error_quoting_a_server_is_escaped_into_a_file_too(daemon_factory: An
     pulled = handle.cli("models", "pull", hostile_endpoint + "/x.gguf")
     assert pulled.returncode != 0 and "the server answered 404 \\x1b]52" in pulled.stderr, pulled.stderr
     assert acts_on_a_terminal(pulled.stderr) == []
+    assert max(len(line) for line in pulled.stderr.splitlines()) < 300  # not 35 kB of the server's words
 
 
 def test_a_traceback_in_the_log_escapes_what_its_exception_quotes() -> None:
