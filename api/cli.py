@@ -522,20 +522,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     if "http" in status:  # an older daemon's status has no such field
         off = "off: set http.listen to serve it (`locod serve --set http.listen=127.0.0.1:8080`; docs/http.md)"
         rows.insert(1, ("http", f"OpenAI-compatible API at {status['http']}" if status["http"] else off))
-    lines = [f"{name:>8}  {text}" for name, text in rows]
-    for name, env in c.get("no_api_key", {}).items():
-        no_key = f"has no API key: set ${env} (and restart) or its api_key_file (and reload)"
-        lines.append(f"warning: cloud model {name} {no_key}")
-    if r.get("policy_error"):  # routing.policy_path (or $LOCOD_POLICY) names a file the daemon could not use
-        lines.append(f"warning: {r['policy_error']} (routing.policy_path, or $LOCOD_POLICY)")
-    if status.get("db_warning"):  # the decision log's WAL cannot be checkpointed (an older daemon: no field)
-        lines.append(f"warning: {status['db_warning']}")
-    skew = _code_skew(status)
-    if skew:
-        lines.append(f"warning: {skew}")
+    lines = [f"{name:>8}  {text}" for name, text in rows] + [f"warning: {w}" for w in _status_warnings(status)]
     for line in lines:  # a prior's `source`, a policy file's error, a model's name: one line each, no escapes
         print(shown(line, layout=False))
     return 0
+
+
+def _status_warnings(status: dict[str, Any]) -> list[str]:
+    """What needs the user's hand: a cloud model without its key, a policy file the daemon could not use, a
+    decision log whose WAL cannot be checkpointed, a daemon running other code than this command."""
+    warnings = [
+        f"cloud model {name} has no API key: set ${env} (and restart) or its api_key_file (and reload)"
+        for name, env in status["cloud"].get("no_api_key", {}).items()
+    ]
+    if status["routing"].get("policy_error"):  # routing.policy_path (or $LOCOD_POLICY) names an unusable file
+        warnings.append(f"{status['routing']['policy_error']} (routing.policy_path, or $LOCOD_POLICY)")
+    if status.get("db_warning"):  # an older daemon's status has no such field
+        warnings.append(status["db_warning"])
+    skew = _code_skew(status)
+    return [*warnings, skew] if skew else warnings
 
 
 def _code_skew(status: dict[str, Any]) -> str | None:
