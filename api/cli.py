@@ -31,6 +31,7 @@ from locod.errors import (
     UnknownDecision,
     UnknownModel,
 )
+from locod.explain import explain, power_and_network
 from locod.protocol import (
     MAX_STOP_CHARS,
     MAX_STOP_SEQUENCES,
@@ -484,9 +485,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_json(status)
         return 0
     t, r, c = status["telemetry"], status["routing"], status["cloud"]
-    battery = "no battery" if t["battery_pct"] is None else f"{t['battery_pct']:.0f}%"
-    power = "on AC" if t["on_ac"] else "on battery" if t["on_ac"] is False else "power source unknown"
-    net = "online" if t["online"] else "offline" if t["online"] is False else "unknown"
+    battery, power, net = power_and_network(t)
     rows = [
         ("daemon", f"locod {status['version']}, pid {status['pid']}, up {status['uptime_s']:.0f} s"),
         ("local", _local_line(status["local"])),
@@ -501,7 +500,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ),
         (
             "device",
-            f"battery {battery}, {power}, power {_fmt(t['power_w'], '{:.1f} W')}, "
+            f"{battery}, {power}, power {_fmt(t['power_w'], '{:.1f} W')}, "
             f"CPU {_fmt(t['cpu_pct'], '{:.0f}%')} at {_fmt(t['cpu_temp_c'], '{:.0f}°C')}, "
             f"GPU {_fmt(t['gpu_pct'], '{:.0f}%')}, free memory {_fmt(t['mem_available_mb'], '{:.0f} MB')}",
         ),
@@ -685,8 +684,6 @@ def cmd_decisions(args: argparse.Namespace) -> int:
         _print_json(rows)
         return 0
     if args.of is not None:  # one decision: why it went where it did, in words
-        from locod.explain import explain
-
         print("\n".join(explain(rows[0])))
         return 0
     columns = (

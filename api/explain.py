@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from locod.protocol import ANSWERED
 from locod.terminal import shown
 from locod.words import dollars
 
@@ -158,18 +159,24 @@ def _attachments(row: dict[str, Any]) -> list[str]:
     return [_line("attached", "; ".join(f"{_cell(a['name'])} ({fate(a)})" for a in offered))]
 
 
+def power_and_network(telemetry: dict[str, Any]) -> tuple[str, str, str]:
+    """The battery, the power source and the link in words (a telemetry snapshot's row): as `locod status`
+    and a decision's explanation both say them."""
+    battery, on_ac, online = telemetry.get("battery_pct"), telemetry.get("on_ac"), telemetry.get("online")
+    return (
+        "no battery" if battery is None else f"battery {battery:.0f}%",
+        "on AC" if on_ac else "on battery" if on_ac is False else "power source unknown",
+        "online" if online else "offline" if online is False else "network unknown",
+    )
+
+
 def _device(telemetry: dict[str, Any]) -> str:
-    battery = telemetry.get("battery_pct")
-    on_ac = telemetry.get("on_ac")
-    power = "on AC" if on_ac else "on battery" if on_ac is False else "power source unknown"
-    online = telemetry.get("online")
-    net = "online" if online else "offline" if online is False else "network unknown"
-    return f"{'no battery' if battery is None else f'battery {battery:.0f}%'}, {power}, {net}"
+    return ", ".join(power_and_network(telemetry))
 
 
 def _label(row: dict[str, Any]) -> str:
     if row.get("satisfied") is None:
-        if row["outcome"] in ("ok", "fallback", "escalated"):
+        if row["outcome"] in ANSWERED:
             return f"none yet: `locod feedback {row['id']} good` (or bad) teaches the router"
         return "none: only a whole answer can be labelled"
     source = row.get("label_source") or "user"

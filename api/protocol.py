@@ -479,6 +479,10 @@ class QueuedFrame:
     ahead: int
 
 
+# A turn's outcomes (a done frame's, a decision record's) when it was answered whole: those a label grades.
+ANSWERED = ("ok", "fallback", "escalated")  # escalated: by the cloud, after the local answer was judged
+
+
 @dataclass(frozen=True)
 class DoneFrame:
     """The turn's end, sent after its record is completed; ``text`` only when not streamed."""

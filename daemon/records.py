@@ -32,10 +32,10 @@ from locod.errors import StorageError, UnknownDecision
 from locod.policy.logged import LoggedTurn
 from locod.policy.observation import ObsInputs, Slot
 from locod.policy.tasks import TASKS
+from locod.protocol import ANSWERED
 
 log = logging.getLogger(__name__)
 
-ANSWERED = ("ok", "fallback", "escalated")  # outcomes of a turn that was answered (escalated: by the cloud)
 WAS_ANSWERED = f"outcome IN {ANSWERED!r}"  # the same, in SQL
 SQLITE_FULL = 13  # sqlite3.SQLITE_FULL from Python 3.11 on
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
