@@ -722,6 +722,13 @@ def _limit(text: str) -> int:
 
 
 def _column(row: dict[str, Any], column: str) -> str:
+    try:
+        return _formatted(row, column)
+    except (TypeError, ValueError, KeyError):  # a value of a type locod does not write: another program's row
+        return _cell(row.get(column))
+
+
+def _formatted(row: dict[str, Any], column: str) -> str:
     if column == "time":
         return _time(row["created"])
     if column == "cost_usd" and row.get("cost_usd") is not None:  # dollars as `ask -v` prints them, not 4.1e-05

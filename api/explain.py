@@ -27,7 +27,16 @@ OUTCOMES = {
 def explain(row: dict[str, Any]) -> list[str]:
     """The lines that say why decision ``row`` (a `decisions` record, JSON columns parsed) went where it did.
     Every line is escaped whole: a record holds what clients, models and configs named, and any process that
-    can write the log file can write any column."""
+    can write the log file can write any column, with any type (then its columns are listed as stored)."""
+    try:
+        lines = _explained(row)
+    except (TypeError, ValueError, KeyError, AttributeError):  # text in a number column, a list for an object
+        lines = [f"decision {row.get('id')}: its record is not as locod writes one (another program wrote it?)"]
+        lines += [_line(column, _cell(value)) for column, value in row.items() if value is not None]
+    return [shown(line, layout=False) for line in lines]  # model names, outcomes, a prior's words: any column
+
+
+def _explained(row: dict[str, Any]) -> list[str]:
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["created"]))
     session = _cell(row["session"])
     lines = [f"decision {row['id']}, {when}, {_cell(row['task'])} turn {row['turn']} of session {session}"]
@@ -41,7 +50,7 @@ def explain(row: dict[str, Any]) -> list[str]:
     lines.append(_line("device", _device(row.get("telemetry") or {})))
     lines.append(_line("label", _label(row)))
     lines.append(_line("more", f"every column: locod decisions {row['id']} --json"))
-    return [shown(line, layout=False) for line in lines]  # model names, outcomes, a prior's words: any column
+    return lines
 
 
 def _line(name: str, text: str) -> str:

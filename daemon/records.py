@@ -19,7 +19,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -924,7 +924,8 @@ def _matching(of: str | None) -> tuple[str, list[Any]]:
 def _decoded(row: dict[str, Any]) -> dict[str, Any]:
     for column in JSON_COLUMNS:
         if isinstance(row.get(column), str):
-            row[column] = json.loads(row[column])
+            with suppress(ValueError):  # not JSON (another program wrote it): read as the text it is, not
+                row[column] = json.loads(row[column])  # a failure of every read the row is in
     return row
 
 

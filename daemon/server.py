@@ -405,6 +405,9 @@ class Daemon:
             frame = ResultFrame(request.op, self._answer(request))
         except LocodError as exc:
             frame = ErrorFrame.of(exc)
+        except Exception:  # said to the client that waits on this id: one without the id waited out its timeout
+            log.exception("%s request failed", request.op)  # and was told the daemon may be stuck
+            frame = ErrorFrame("error", "internal", "internal error")
         self._send(peer, encode_frame(request.id, frame))
 
     def _label(self, peer: bytes, request: FeedbackRequest) -> None:

@@ -90,6 +90,34 @@ def test_a_row_that_is_not_utf8_is_listed_and_labelled(daemon_factory: Any) -> N
     assert stopped.returncode == 0 and "\\x1b[2J\\xffA" in stopped.stdout, stopped.stderr
 
 
+def test_a_row_of_other_types_is_listed_and_explained(daemon_factory: Any) -> None:
+    """A row another program wrote with text in number columns and a JSON column that is not JSON made the
+    daemon's `decisions` op fail unanswered (the client waited 10 s and called the daemon stuck) and the
+    stopped-daemon read a traceback; each column is shown as stored, the others' rows as ever."""
+    handle = daemon_factory()
+    handle.client().ask("Say hi.", max_tokens=2)
+    handle.client().ask("Say hello.", max_tokens=2)
+    first, second = (row["id"] for row in handle.rows("SELECT id FROM decisions ORDER BY id"))
+    conn = sqlite3.connect(handle.db_path)
+    with conn:
+        conn.execute(
+            "UPDATE decisions SET created = 'yesterday', cost_usd = 'lots', latency_total_ms = 'slow', "
+            "tokens_out = 'many', telemetry = '{not json', s_hat = '[1, 2]', sla = 'high' WHERE id = ?",
+            (first,),
+        )
+    conn.close()
+    for args in (("decisions",), ("decisions", str(first)), ("decisions", "--json")):
+        listed = handle.cli(*args)
+        assert listed.returncode == 0, listed.stderr
+        assert "lots" in listed.stdout
+    assert "{not json" in handle.cli("decisions", "--json").stdout
+    assert "not as locod writes one" in handle.cli("decisions", str(first)).stdout
+    assert "cost 1.00 <- chosen" in handle.cli("decisions", str(second)).stdout  # the other rows as ever
+    handle.stop()
+    stopped = handle.cli("decisions")  # read from the file
+    assert stopped.returncode == 0 and "slow" in stopped.stdout, stopped.stderr
+
+
 def test_a_priors_source_reaches_status_and_the_log_escaped(daemon_factory: Any, tmp_path: Path) -> None:
     """A user prior (<state dir>/priors, written by scripts/fit_prior.py or copied from someone else) says
     what it was fitted on in its ``source``: `locod status` printed it raw, and the log escaped C0 controls
