@@ -763,10 +763,13 @@ def _cell(value: Any) -> str:
 def cmd_feedback(args: argparse.Namespace) -> int:
     with _client(args) as client:
         result = client.feedback(args.decision, args.label == "good")
-        routing = client.status()["routing"]
+    labelled = f"decision {result['decision']} labelled {'good' if result['satisfied'] else 'bad'}"
+    if "sla" not in result:  # a daemon of before the feedback result said it
+        print(f"{labelled}; Q is now {result['q']:.2f}")
+        return 0
     print(
-        f"decision {result['decision']} labelled {'good' if result['satisfied'] else 'bad'}; satisfaction so far "
-        f"{_fmt(routing['attained'], '{:.3f}')} against the SLA {routing['sla']:.2f}; Q is now {result['q']:.2f}"
+        f"{labelled}; satisfaction so far {_fmt(result['attained'], '{:.3f}')} against the SLA {result['sla']:.2f}; "
+        f"Q is now {result['q']:.2f}"
     )
     return 0
 

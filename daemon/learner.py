@@ -151,8 +151,15 @@ class Learner:
             else:
                 self._apply_label(decision_id, labelled, satisfied)
             self._save()
-            q = self.mess.state.q
-        return {"decision": decision_id, "satisfied": satisfied, "source": source, "q": q}
+            q, attained = self.mess.state.q, self.mess.attained
+        return {  # where the label leaves the satisfaction against the SLA: what its sender asks next
+            "decision": decision_id,
+            "satisfied": satisfied,
+            "source": source,
+            "q": q,
+            "attained": None if attained is None else round(attained, 4),
+            "sla": self.mess.sla,
+        }
 
     def _apply_label(self, decision_id: int, labelled: LabelTarget, satisfied: bool) -> None:
         """Train on a label and let it correct the queue (called with the lock held)."""
