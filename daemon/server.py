@@ -44,6 +44,7 @@ from locod.daemon.logs import configure_logging
 from locod.daemon.modelfile import check_model_file
 from locod.daemon.notify import Notifier
 from locod.daemon.ownership import make_private_dir
+from locod.daemon.peerlink import Link, vanished
 from locod.daemon.records import LABEL_WAIT_S, DecisionLog
 from locod.daemon.reply import Reply
 from locod.daemon.sessions import IPC, TCP, SessionStore, door_of
@@ -99,6 +100,10 @@ class Daemon:
         self.outbox: zmq.Socket[bytes] | None = None
         self.inbox: zmq.Socket[bytes] | None = None
         self._handed_in: queue.SimpleQueue[tuple[bytes, ChatRequest, Reply]] = queue.SimpleQueue()
+        # Whether the loop still admits turns handed in, and the lock that keeps a hand-in from slipping in
+        # after its last look at them (a turn queued then would wait for a loop that never comes).
+        self._admitting = True
+        self._admitting_lock = threading.Lock()
         self._outgoing: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()  # (peer, frame)
         self.http: HttpServer | None = None  # when http.listen is set
         self.records = DecisionLog(config.db_path, lambda what, s: self.notifier.extend_start(max(s, 90.0), what))
@@ -128,6 +133,7 @@ class Daemon:
         self._feedback_room = threading.BoundedSemaphore(FEEDBACK_QUEUE)
         # Turns in flight and whom they answer; changed only by the loop's thread (in_flight() reads a copy).
         self._turns: dict[Future[None], tuple[bytes, Reply]] = {}
+        self._links: dict[bytes, Link] = {}  # the connection each socket client with turns in flight is on
         self.backlog = Backlog(config.daemon.max_queued_bytes)
         self.ctx = zmq.Context()
         self._thread_pushes = threading.local()  # each thread's PUSH sockets that wake the loop
@@ -238,7 +244,7 @@ class Daemon:
         if self.tcp_guard is not None:
             poller.register(self.tcp_guard.monitor, zmq.POLLIN)
         watchdog_every = self.notifier.watchdog_interval
-        last_ping = last_status = 0.0
+        last_ping = last_status = last_look = 0.0
         while True:
             events = dict(poller.poll(timeout=10 if self.backlog else 250))
             if self._wake_r.fileno() in events:
@@ -264,6 +270,10 @@ class Daemon:
             for future in [f for f in self._turns if f.done()]:
                 del self._turns[future]
                 self.turns_served += 1
+            if now - last_look >= 1:  # a client gone while its turns wait sends no frame that would say so
+                for peer in vanished(self._links, {owner for owner, _ in self._turns.values()}):
+                    self._cancel_turns_of(peer)
+                last_look = now
             if self.stopping_since is not None and self._stop_step(now):
                 return 0
 
@@ -394,6 +404,8 @@ class Daemon:
         if isinstance(request, ChatRequest):
             try:
                 self._start_turn(peer, request)
+                if (link := Link.of(fd)) is not None:  # the latest: a client may name its own routing id
+                    self._links[peer] = link
             except LocodError as exc:  # busy, too long: the reply must carry the id the client waits on
                 self._send(peer, encode_frame(request.id, ErrorFrame.of(exc)))
             return
@@ -497,8 +509,12 @@ class Daemon:
     def hand_in(self, client: bytes, request: ChatRequest, reply: Reply) -> None:
         """Start a turn from another thread (the HTTP API): the loop admits it as it does a socket's, under
         the same queue limit and shutdown, and ``reply`` gets its frames (a refusal as an ``error``)."""
-        self._handed_in.put((client, request, reply))
-        self._wake_loop(INBOX)
+        with self._admitting_lock:
+            if self._admitting:
+                self._handed_in.put((client, request, reply))
+                self._wake_loop(INBOX)
+                return
+        reply.send(ErrorFrame.of(Busy("the daemon is shutting down", code="shutting_down")))
 
     def _admit_handed_in(self) -> None:
         assert self.inbox is not None
@@ -687,6 +703,9 @@ class Daemon:
                 reply.cancelled.set()
         if self._turns:
             return False
+        with self._admitting_lock:
+            self._admitting = False
+        self._admit_handed_in()  # what came in since the last pass: refused, the daemon is stopping
         self._drain_outbox()
         return True
 
