@@ -42,6 +42,7 @@ from locod.daemon.cloud_usage import counted
 from locod.daemon.config import CloudConfig, CloudModelConfig, redacted_url
 from locod.daemon.keyfile import read_key_file
 from locod.daemon.proxy import proxy_for
+from locod.daemon.walkaway import run_leaving_on_cancel
 from locod.errors import CloudError, ConfigError
 from locod.protocol import NOT_TEXT, SURROGATE
 
@@ -255,9 +256,20 @@ class CloudBackend:
         return prompt
 
     def generate(self, name: str, prompt: Prompt) -> Generation:
+        """The answer, or what was streamed of it when the turn is cancelled: the turn leaves a call the
+        endpoint keeps silent at once (``walkaway.py``)."""
         entry = self._models.get(name)
         if entry is None:  # a reload removed it after the turn was routed
             raise CloudError(f"no cloud model named {name!r} is configured any more", code="cloud_unknown_model")
+        started = time.perf_counter()
+
+        def left(parts: list[str]) -> Generation:
+            log.info("cloud %s: the turn was cancelled during the call, which is left to end by itself", name)
+            return _generation(entry[0], prompt, "".join(parts), None, len(parts), None, started)
+
+        return run_leaving_on_cancel(lambda asked: self._generate(name, entry, asked), prompt, left)
+
+    def _generate(self, name: str, entry: tuple[CloudModelConfig, openai.OpenAI], prompt: Prompt) -> Generation:
         model, client = entry
         breaker = self.breakers[model.base_url]
         cfg = self.config

@@ -9,16 +9,30 @@ import signal
 import socket
 import threading
 from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import zmq
 
-from .conftest import DaemonHandle, free_port, wait_for
+from .conftest import SECRET, DaemonHandle, cloud_config, free_port, wait_for
 
 SAY_HI = {"model": "auto", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
 
 
-def dealer(handle: DaemonHandle, ctx: zmq.Context[zmq.Socket[bytes]]) -> zmq.Socket[bytes]:
+Context = zmq.Context[zmq.Socket[bytes]]
+
+
+@pytest.fixture
+def ctx() -> Iterator[Context]:
+    """The test's ZeroMQ sockets, closed however it ends (an open one would hold the interpreter's exit)."""
+    context: Context = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def dealer(handle: DaemonHandle, ctx: Context) -> zmq.Socket[bytes]:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)  # closed at once: what a client that goes away does
     sock.connect(handle.endpoint)
@@ -35,7 +49,7 @@ def receive(sock: zmq.Socket[bytes]) -> dict[str, Any]:
     return frame
 
 
-def status(handle: DaemonHandle, ctx: zmq.Context[zmq.Socket[bytes]]) -> dict[str, Any]:
+def status(handle: DaemonHandle, ctx: Context) -> dict[str, Any]:
     sock = dealer(handle, ctx)
     try:
         send(sock, "status", "status")
@@ -45,7 +59,9 @@ def status(handle: DaemonHandle, ctx: zmq.Context[zmq.Socket[bytes]]) -> dict[st
         sock.close()
 
 
-def test_a_client_gone_while_its_turn_waits_for_the_model_is_neither_recorded_nor_run(daemon: DaemonHandle) -> None:
+def test_a_client_gone_while_its_turn_waits_for_the_model_is_neither_recorded_nor_run(
+    daemon: DaemonHandle, ctx: Context
+) -> None:
     """A socket client that sent a turn and closed while the turn waited for the local model behind another
     was not noticed until the turn's own `decision` frame failed: the turn was recorded as accepted, its
     whole prompt read by the model (seconds for a long one, every other client waiting), then `cancelled`.
@@ -53,7 +69,6 @@ def test_a_client_gone_while_its_turn_waits_for_the_model_is_neither_recorded_no
     for `queued` frames was found out by the next one, up to 30 s later). An HTTP client's hang-up was seen
     while it waited. Now the loop looks at the connections of waiting turns every
     second: the turn leaves the queue, refused like one that was never accepted, and writes nothing."""
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     holder = dealer(daemon, ctx)
     send(holder, "holder", "chat", prompt="Write a very long story about a dragon.", options={"max_tokens": 1500})
     while receive(holder)["type"] != "delta":  # it holds the model
@@ -66,7 +81,6 @@ def test_a_client_gone_while_its_turn_waits_for_the_model_is_neither_recorded_no
     holder.close()
     wait_for(lambda: status(daemon, ctx)["queue"]["in_flight"] == 0, 120, "the holder's turn to end")
     assert [r["request_id"] for r in daemon.rows()] == ["holder"]  # cancelled, or done if it ended first
-    ctx.destroy(linger=0)
 
 
 def test_http_requests_that_arrive_as_the_daemon_stops_are_answered(daemon_factory: Any) -> None:
@@ -119,3 +133,84 @@ def test_http_requests_that_arrive_as_the_daemon_stops_are_answered(daemon_facto
     assert seen["closed without a status"] == 0, seen
     assert set(seen) <= {"HTTP/1.1 200 OK", "HTTP/1.1 503 Service Unavailable", "refused", "reset"}, seen
     assert "stopped after" in handle.log()
+
+
+@dataclass
+class SilentEndpoint:
+    """A cloud endpoint that takes each request and never answers (a reasoning model still thinking, a
+    stalled proxy): the read waits for its timeout."""
+
+    server: socket.socket
+    asked: threading.Event = field(default_factory=threading.Event)
+    held: list[socket.socket] = field(default_factory=list)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.getsockname()[1]}/v1"
+
+    def serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            self.held.append(conn)
+            if conn.recv(65536):
+                self.asked.set()
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[SilentEndpoint]:
+    endpoint = SilentEndpoint(socket.create_server(("127.0.0.1", 0)))
+    threading.Thread(target=endpoint.serve, daemon=True).start()
+    yield endpoint
+    endpoint.server.close()
+    for conn in endpoint.held:
+        conn.close()
+
+
+def silent_cloud_daemon(factory: Any, endpoint: SilentEndpoint) -> DaemonHandle:
+    """Every turn to the silent endpoint, whose reads would time out only after 600 s."""
+    config = cloud_config(endpoint.base_url, timeout_s=600.0, deadline_s=1200.0, max_retries=0)
+    config["daemon"] = {"shutdown_grace_s": 0.0}
+    handle: DaemonHandle = factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    return handle
+
+
+def ask_the_cloud(handle: DaemonHandle, ctx: Context, endpoint: SilentEndpoint) -> zmq.Socket[bytes]:
+    """A turn accepted (its `decision` frame came) and sent to the endpoint, which holds it."""
+    sock = dealer(handle, ctx)
+    send(sock, "silent", "chat", prompt="Say hi.", options={"max_tokens": 5})
+    assert receive(sock)["type"] == "decision"
+    assert endpoint.asked.wait(60), "the endpoint was not asked"
+    return sock
+
+
+def test_a_stop_does_not_wait_for_a_cloud_endpoint_that_says_nothing(
+    daemon_factory: Any, silent_endpoint: SilentEndpoint, ctx: Context
+) -> None:
+    """SIGTERM with a cloud turn waiting for its endpoint's first byte: the stop grace ran out and the turn
+    was cancelled, but a cancel was seen only at the stream's next chunk, so the stop waited for the read's
+    timeout (`cloud.timeout_s`, 30 s by default, and a retry each). systemd's TimeoutStopSec (40 s) then
+    kills the daemon: the turn is recorded `interrupted` and its client never told. The turn now leaves the
+    call when it is cancelled: recorded `cancelled`, its client told, the daemon gone."""
+    handle = silent_cloud_daemon(daemon_factory, silent_endpoint)
+    sock = ask_the_cloud(handle, ctx, silent_endpoint)
+    handle.proc.send_signal(signal.SIGTERM)
+    assert handle.proc.wait(120) == 0  # the endpoint would keep it 600 s
+    frame = receive(sock)
+    assert (frame["type"], frame["code"]) == ("error", "cancelled")
+    assert [(r["outcome"], r["error"]) for r in handle.rows()] == [("cancelled", "the daemon is shutting down")]
+
+
+def test_a_client_gone_while_the_cloud_says_nothing_ends_its_turn(
+    daemon_factory: Any, silent_endpoint: SilentEndpoint, ctx: Context
+) -> None:
+    """A socket client that closed while its cloud turn waited for a silent endpoint: the turn sends no frame
+    meanwhile, so nothing noticed, and the turn stayed in flight (its record `pending`, one of the client's
+    and the door's turns taken) until the read timed out, then answered nobody from the local model. Now it
+    is cancelled within a second and recorded so."""
+    handle = silent_cloud_daemon(daemon_factory, silent_endpoint)
+    ask_the_cloud(handle, ctx, silent_endpoint).close()
+    wait_for(lambda: status(handle, ctx)["queue"]["in_flight"] == 0, 120, "the turn to end")
+    assert [(r["outcome"], r["error"]) for r in handle.rows()] == [("cancelled", "the client disconnected")]
