@@ -42,7 +42,7 @@ from locod.daemon.cloud_usage import counted
 from locod.daemon.config import CloudConfig, CloudModelConfig, redacted_url
 from locod.daemon.keyfile import read_key_file
 from locod.daemon.proxy import proxy_for
-from locod.daemon.walkaway import run_leaving_on_cancel
+from locod.daemon.walkaway import LEFT_AT_MOST, run_leaving_on_cancel
 from locod.errors import CloudError, ConfigError
 from locod.protocol import NOT_TEXT, SURROGATE
 
@@ -190,6 +190,7 @@ class CloudBackend:
     def __init__(self, config: CloudConfig, source: str) -> None:
         self.breakers: dict[str, CircuitBreaker] = {}  # by base URL
         self.upload_bps: float | None = None  # EWMA of measured upload speed, for telemetry
+        self._may_leave = threading.BoundedSemaphore(LEFT_AT_MOST)  # cancelled turns' calls still running
         self.reconfigure(config, source)
 
     def reconfigure(self, config: CloudConfig, source: str) -> None:
@@ -267,7 +268,7 @@ class CloudBackend:
             log.info("cloud %s: the turn was cancelled during the call, which is left to end by itself", name)
             return _generation(entry[0], prompt, "".join(parts), None, len(parts), None, started)
 
-        return run_leaving_on_cancel(lambda asked: self._generate(name, entry, asked), prompt, left)
+        return run_leaving_on_cancel(lambda asked: self._generate(name, entry, asked), prompt, left, self._may_leave)
 
     def _generate(self, name: str, entry: tuple[CloudModelConfig, openai.OpenAI], prompt: Prompt) -> Generation:
         model, client = entry

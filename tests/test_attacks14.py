@@ -16,6 +16,9 @@ from typing import Any
 import pytest
 import zmq
 
+from locod.daemon.backends import Generation, Prompt
+from locod.daemon.walkaway import run_leaving_on_cancel
+
 from .conftest import SECRET, DaemonHandle, cloud_config, free_port, wait_for
 
 SAY_HI = {"model": "auto", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
@@ -214,3 +217,35 @@ def test_a_client_gone_while_the_cloud_says_nothing_ends_its_turn(
     ask_the_cloud(handle, ctx, silent_endpoint).close()
     wait_for(lambda: status(handle, ctx)["queue"]["in_flight"] == 0, 120, "the turn to end")
     assert [(r["outcome"], r["error"]) for r in handle.rows()] == [("cancelled", "the client disconnected")]
+
+
+def test_calls_left_running_are_bounded() -> None:
+    """A call the turn leaves holds a thread and a connection until the endpoint ends it, and no longer
+    counts among the turns the queue limits bound: a client asking and leaving in a loop would make the
+    daemon hold any number. Past the room for calls left running, a cancelled turn waits for its call."""
+    room = threading.Semaphore(1)
+    release = [threading.Event(), threading.Event()]
+
+    def silent(i: int) -> Any:
+        def call(prompt: Prompt) -> Generation:
+            release[i].wait(60)
+            return Generation("late", 1, 1, None, 0.0)
+
+        return call
+
+    def left(parts: list[str]) -> Generation:
+        return Generation("", 0, 0, None, 0.0, cancelled=True)
+
+    cancelled = threading.Event()
+    cancelled.set()
+    prompt = Prompt([], 5, 0.0, None, lambda text: None, cancelled)
+    assert run_leaving_on_cancel(silent(0), prompt, left, room).cancelled  # left: the room is taken
+    second: list[Generation] = []
+    waiting = threading.Thread(target=lambda: second.append(run_leaving_on_cancel(silent(1), prompt, left, room)))
+    waiting.start()
+    waiting.join(2)
+    assert waiting.is_alive() and not second  # no room: it waits for its call
+    release[0].set()  # the first call ends: its room is free
+    waiting.join(60)
+    assert second and second[0].cancelled
+    release[1].set()
