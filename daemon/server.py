@@ -136,7 +136,9 @@ class Daemon:
         self._links: dict[bytes, Link] = {}  # the connection each socket client with turns in flight is on
         self.backlog = Backlog(config.daemon.max_queued_bytes)
         self.ctx = zmq.Context()
-        self._thread_pushes = threading.local()  # each thread's PUSH sockets that wake the loop
+        # The PUSH sockets through which other threads wake the loop, one per endpoint, each behind its lock
+        # (a ZeroMQ socket is not thread-safe): one per thread held a descriptor for each pool thread ever made.
+        self._pushes: dict[str, tuple[threading.Lock, zmq.Socket[bytes]]] = {}
         self.sockets: dict[bytes, zmq.Socket[bytes]] = {}
         self.tcp_guard: TcpGuard | None = None  # with daemon.tcp: its connections, bounded
         self.tcp_auth = TcpAuth(None)  # its secret is read at start, and again at each reload
@@ -182,6 +184,11 @@ class Daemon:
         self.outbox.bind(OUTBOX)
         self.inbox = self.ctx.socket(zmq.PULL)
         self.inbox.bind(INBOX)
+        for endpoint in (OUTBOX, INBOX):
+            push = self.ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.SNDHWM, 0)  # a wake-up never blocks a sender (holding the lock) on the loop
+            push.connect(endpoint)
+            self._pushes[endpoint] = (threading.Lock(), push)
         self.sockets[IPC] = self._router_socket()
         cfg.socket_path.unlink(missing_ok=True)  # a stale socket of a dead daemon; the lock says none is alive
         self._bind_ipc()
@@ -551,16 +558,10 @@ class Daemon:
         self._wake_loop(OUTBOX)
 
     def _wake_loop(self, endpoint: str) -> None:
-        """Wake the loop through this thread's PUSH socket to ``endpoint``, made on first use: a ZeroMQ socket
-        is not thread-safe, so each thread that queues something for the loop has its own."""
-        pushes: dict[str, zmq.Socket[bytes]] | None = getattr(self._thread_pushes, "by_endpoint", None)
-        if pushes is None:
-            pushes = self._thread_pushes.by_endpoint = {}
-        if endpoint not in pushes:
-            pushes[endpoint] = self.ctx.socket(zmq.PUSH)
-            pushes[endpoint].setsockopt(zmq.LINGER, 1000)
-            pushes[endpoint].connect(endpoint)
-        pushes[endpoint].send(b"")
+        """Wake the loop through the PUSH socket to ``endpoint``, one thread at a time."""
+        lock, push = self._pushes[endpoint]
+        with lock:
+            push.send(b"")
 
     # -- status, reload, stop ------------------------------------------------------------------------
 
