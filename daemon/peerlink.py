@@ -1,12 +1,12 @@
 """Whether a socket client whose turns are in flight is still connected.
 
 ZeroMQ tells the daemon that a client is gone only when a frame for it fails (ROUTER_MANDATORY), and a
-turn waiting for the local model sends none. So a client that left while its turns were queued had each
-of them, on its turn, recorded as accepted and its whole prompt read before the ``decision`` frame found it
-gone (an HTTP client's hang-up is seen while it waits). The serving loop therefore remembers the
-connection each request came on, by its descriptor and the socket's inode (libzmq closes the descriptor
-once it sees the end, and the number may then name another connection), and looks every second whether
-it is still open.
+turn waiting for the local model, or for a silent cloud endpoint, sends none. So a client that left while
+its turns were queued had each of them, on its turn, recorded as accepted and its whole prompt read before
+the ``decision`` frame found it gone (an HTTP client's hang-up is seen while it waits). The serving loop
+therefore remembers the connection each request came on, by its descriptor and the socket's inode (libzmq
+closes the descriptor once it sees the end, and the number may then name another connection), and looks
+every second whether it is still open.
 """
 
 from __future__ import annotations

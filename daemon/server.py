@@ -6,7 +6,8 @@ may wait for another process's lock) to a thread of their own and chat turns to 
 Worker threads queue their frames for this thread, which forwards them to the client's ROUTER socket
 (ZeroMQ sockets are not thread-safe), and wake it through an inproc PUSH/PULL pair: one queue, so a turn's
 frames keep their order whichever of its threads sent them. A client that vanishes mid-stream is
-noticed on send (ROUTER_MANDATORY) and its turns are cancelled.
+noticed on send (ROUTER_MANDATORY), or within a second while its turns send nothing (``peerlink.py``), and
+its turns are cancelled.
 """
 
 from __future__ import annotations
