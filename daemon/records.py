@@ -11,7 +11,6 @@ Schema changes are numbered migrations recorded in ``PRAGMA user_version``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from typing import Any
 import sqlite_utils
 
 from locod import __version__
+from locod.daemon.answer_digests import answer_digest as answer_digest  # tests/test_reliability.py imports it here
 from locod.daemon.decision import NO_ROUTING_COLUMNS, Routing
 from locod.errors import StorageError, UnknownDecision
 from locod.policy.logged import LoggedTurn
@@ -41,10 +41,6 @@ SQLITE_FULL = 13  # sqlite3.SQLITE_FULL from Python 3.11 on
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
 BUSY_WAIT_S = 10.0  # how long a write waits for another process's lock on the file (a turn's record)
 PROMPT_SHOWN = 2000  # characters of a logged prompt the `decisions` op returns
-# Words of a private answer's opening kept as digests (``opening_digests``): a part a client sends back of
-# it is known by as many of them as it has, from two on (one word, "The" or "Sure,", would keep back any
-# short message that begins with it, and tells little).
-MIN_OPENING_WORDS, OPENING_WORDS = 2, 8
 # A checkpoint empties the WAL (``locod.db-wal``) every thousand pages unless a reader holds a transaction
 # open; past WAL_WARN_BYTES one does, and the daemon says so (again at each doubling). Emptied, the file
 # is cut back to WAL_KEPT_BYTES: without that it kept the size it grew to.
@@ -594,8 +590,8 @@ class DecisionLog:
             self.db.table("decisions").update(decision_id, row)
 
     def private_answers(self, digests: Sequence[str]) -> set[str]:
-        """Which of these answer digests (``answer_digest``) are of answers made from private material: in the
-        log, or in completions a full disk still holds back."""
+        """Which of these answer digests (daemon/answer_digests.py) are of answers made from private material:
+        in the log, or in completions a full disk still holds back."""
         unique = sorted(set(digests))
         with self._lock:
             held = {
@@ -927,35 +923,6 @@ def _decoded(row: dict[str, Any]) -> dict[str, Any]:
             with suppress(ValueError):  # not JSON (another program wrote it): read as the text it is, not
                 row[column] = json.loads(row[column])  # a failure of every read the row is in
     return row
-
-
-def answer_digest(text: str) -> str:
-    """What an answer is known by again (column ``private_answer``): the SHA-256 of its words, whitespace
-    collapsed. A client does not always send an answer back byte for byte (a chat UI trims it, a browser's
-    text field turns its line ends into CRLF): known by its exact text, such an answer went to the cloud."""
-    return _sha256(" ".join(text.split()))
-
-
-def opening_digests(text: str) -> tuple[str, ...]:
-    """The digests of an answer's first 2 to ``OPENING_WORDS`` words (table ``private_openings``): a chat UI
-    keeps an answer its user stopped halfway and sends that part back, which no digest of the whole matches."""
-    words = text.split()
-    return tuple(_sha256(" ".join(words[:n])) for n in range(MIN_OPENING_WORDS, min(OPENING_WORDS, len(words)) + 1))
-
-
-def answer_digests(text: str) -> tuple[str, ...]:
-    """What an answer a client sends back may be known by: ``answer_digest``; its exact text's SHA-256, which
-    logs written before whitespace was collapsed hold; and its opening, with and without its last word (an
-    answer cut mid-word) when it is shorter than the opening."""
-    words = text.split()
-    opening = words[:OPENING_WORDS]
-    cut = opening[:-1] if len(words) <= OPENING_WORDS else opening
-    parts = [" ".join(part) for part in (opening, cut) if len(part) >= MIN_OPENING_WORDS]
-    return answer_digest(text), _sha256(text), *(_sha256(part) for part in parts)
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode(errors="surrogatepass")).hexdigest()
 
 
 def local_midnight(now: float | None = None) -> float:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from locod.daemon import attachments as att
 from locod.daemon import prompts
+from locod.daemon.answer_digests import answer_digest, opening_digests, resent_digests
 from locod.daemon.backends import Backend, Generation, Prompt, Upload
 from locod.daemon.cloud import CloudBackend, Received, StreamCut
 from locod.daemon.config import Config
@@ -33,17 +34,7 @@ from locod.daemon.decision import Decision
 from locod.daemon.escalation import AnswerJudge
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
-from locod.daemon.openai_wire import BROKE_OFF
-from locod.daemon.records import (
-    ANSWERED,
-    DecisionLog,
-    DecisionRecord,
-    JudgedAnswer,
-    Outcome,
-    answer_digest,
-    answer_digests,
-    opening_digests,
-)
+from locod.daemon.records import DecisionLog, DecisionRecord, JudgedAnswer, Outcome
 from locod.daemon.reply import Reply
 from locod.daemon.sessions import Session, SessionStore, TurnTrail, door_of
 from locod.daemon.shadow import AGREEMENT, ShadowJob, ShadowLane, agreement
@@ -52,6 +43,7 @@ from locod.errors import Busy, CloudError, LocodError, StorageError
 from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
 from locod.policy.tasks import task_of
 from locod.protocol import (
+    ANSWERED,
     ChatRequest,
     DecisionFrame,
     DeltaFrame,
@@ -264,12 +256,9 @@ class TurnRunner:
         )
 
     def _sent_private(self, request: ChatRequest) -> frozenset[int]:
-        """Which messages of the client's own history are answers this daemon made from private material. An
-        HTTP client's message may hold two: a cloud answer that broke off, then the local one (``BROKE_OFF``)."""
+        """Which messages of the client's own history are answers this daemon made from private material."""
         answers = {
-            i: [digest for part in m["content"].split(BROKE_OFF.strip()) for digest in answer_digests(part)]
-            for i, m in enumerate(request.messages[:-1])
-            if m["role"] == "assistant"
+            i: resent_digests(m["content"]) for i, m in enumerate(request.messages[:-1]) if m["role"] == "assistant"
         }
         known = self.records.private_answers([digest for digests in answers.values() for digest in digests])
         return frozenset(i for i, digests in answers.items() if known.intersection(digests))
