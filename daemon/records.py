@@ -29,9 +29,7 @@ from locod import __version__
 from locod.daemon.answer_digests import answer_digest as answer_digest  # tests/test_reliability.py imports it here
 from locod.daemon.decision import NO_ROUTING_COLUMNS, Routing
 from locod.errors import StorageError, UnknownDecision
-from locod.policy.logged import LoggedTurn
-from locod.policy.observation import ObsInputs, Slot
-from locod.policy.tasks import TASKS
+from locod.policy.logged import LoggedTurn, logged_observation
 from locod.protocol import ANSWERED
 
 log = logging.getLogger(__name__)
@@ -876,27 +874,15 @@ def labelled_turns(path: Path) -> list[LoggedTurn]:
             latency_total_ms=row["latency_total_ms"] or 0.0,
             cost_usd=row["cost_usd"] or 0.0,
             energy_j=row["energy_j"] or 0.0,
-            observed=_observed(row),
+            observed=logged_observation(
+                row["task"],
+                row["prompt_chars"],
+                json.loads(row["attachments_offered"] or "[]"),
+                json.loads(row["telemetry"] or "{}"),
+            ),
         )
         for row in rows
     ]
-
-
-def _observed(row: sqlite3.Row) -> ObsInputs:
-    """What the policy would have observed for a logged turn, from its record's columns (the attachments'
-    summaries and the telemetry snapshot, as the turn wrote them)."""
-    offered = json.loads(row["attachments_offered"] or "[]")
-    telemetry = json.loads(row["telemetry"] or "{}")
-    battery = telemetry.get("battery_pct")
-    return ObsInputs(
-        task=row["task"] if row["task"] in TASKS else "chat",
-        prompt_chars=row["prompt_chars"],
-        slots=[Slot(float(a.get("relevance", 0.0)), a.get("kind") == "image", bool(a.get("private"))) for a in offered],
-        battery=(100 if battery is None else battery) / 100,
-        on_ac=telemetry.get("on_ac"),
-        online=telemetry.get("online"),
-        link=telemetry.get("link", "unknown"),
-    )
 
 
 def read_recent(path: Path, limit: int, of: str | None = None) -> list[dict[str, Any]]:

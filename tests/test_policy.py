@@ -667,3 +667,44 @@ def test_training_from_this_devices_decision_log(tmp_path: Path) -> None:
     assert 0.0 <= turn.quality[0] <= 1.0 and 0.0 <= turn.quality[1] <= 1.0
     policy = train([(source, 1.0)], TrainConfig(steps=2048, rollout=512, seed=1))
     assert isinstance(policy, Policy)
+
+
+def test_a_logged_turn_is_observed_as_its_record_holds_it(tmp_path: Path) -> None:
+    """Training observes a logged turn from what its record kept: the offered attachments as slots (an
+    image, a private one), the telemetry snapshot (an unknown battery read as full), a task this code does
+    not know as chat."""
+    from locod.daemon.records import DecisionLog, DecisionRecord, Outcome, labelled_turns
+
+    log = DecisionLog(tmp_path / "locod.db")
+    offered = [
+        {"name": "a.png", "kind": "image", "private": False, "relevance": 0.75, "bytes": 10},
+        {"name": "notes.txt", "kind": "text", "private": True, "relevance": 0.25, "bytes": 10},
+    ]
+    record = DecisionRecord(
+        session="s",
+        turn=0,
+        request_id="r",
+        prompt_sha256="0" * 64,
+        prompt_chars=42,
+        prompt=None,
+        task="a task of a newer locod",
+        location="local",
+        model="local",
+        reason="test",
+        attachments_offered=offered,
+        telemetry={"battery_pct": None, "on_ac": True, "online": False, "link": "wifi"},
+    )
+    decision = log.begin(record)
+    log.finish(decision, Outcome("ok", "local", "local"))
+    log.label(decision, satisfied=True, source="user")
+    log.close()
+    (turn,) = labelled_turns(tmp_path / "locod.db")
+    assert turn.observed == ObsInputs(
+        task="chat",
+        prompt_chars=42,
+        slots=[Slot(0.75, True, False), Slot(0.25, False, True)],
+        battery=1.0,
+        on_ac=True,
+        online=False,
+        link="wifi",
+    )
