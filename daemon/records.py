@@ -17,7 +17,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -322,56 +322,41 @@ class DecisionLog:
     one for status, the `decisions` op and /metrics, which never waits behind a write."""
 
     def __init__(self, path: Path, migrating: Callable[[str, float], None] | None = None) -> None:
-        """``migrating(what, seconds)``: told before a long migration, with how long it may take."""
+        """Open the log, migrate it and mark what an earlier daemon left running, then open its reader.
+        ``migrating(what, seconds)``: told before a long migration, with how long it may take."""
         self.path = path
         self._migrating = migrating
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_WAIT_S)
-            conn.text_factory = _readable_text  # a label on a row with bytes that are not UTF-8 read them
-            _refuse_newer(path, conn)  # before the journal mode, the first write to the file
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES}")
-        except (OSError, sqlite3.Error) as exc:
-            raise StorageError(f"cannot open the decision log {path}: {exc}") from None
-        self._conn = conn
-        self._opened = _file_identity(path)
+        self._conn = _open_writer(path)
+        self.db = sqlite_utils.Database(self._conn)
+        self._opened = _file_identity(path)  # the file the writer writes (``_check_in_place``)
         self._wal: tuple[int, int] | None = None  # the -wal file's identity, from the first write on
-        self.db = sqlite_utils.Database(conn)
         self._lock = threading.Lock()  # the writer connection: held while a write waits for SQLite's lock
-        self._tally_lock = threading.Lock()
-        self._tally: Today | None = None
         self.wal_warning: str | None = None  # why the WAL outgrew WAL_WARN_BYTES, while it does (status)
         self._wal_warned = 0  # the WAL's size when that was last logged
         self._unwritten: dict[int, dict[str, Any]] = {}  # decision -> its completion, not on disk yet
+        self._tally_lock = threading.Lock()
+        self._tally: Today | None = None
+        self.interrupted_at_start, self.last_before_start = self._migrate_and_mark_interrupted()
+        self._recent_sql = _recent_query(self.db["decisions"].columns_dict)
+        self._reader = _open_reader(path)
+        self._read_lock = threading.Lock()
+        self._sums: dict[str, tuple[int, dict[tuple[Any, ...], list[float]]]] = {}  # _running_sums', kept
+
+    def _migrate_and_mark_interrupted(self) -> tuple[int, int]:
+        """The start's one write: the schema brought up to this code's, and the turns a daemon that died
+        mid-turn left ``pending`` marked ``interrupted``. Returns how many it marked, and the newest decision
+        id before this start."""
         with self._writing("migrate"):
             self._migrate()
-            self.interrupted_at_start = self.db.execute(  # finished: when this start found it so
+            interrupted = self.db.execute(  # finished: when this start found it so
                 "UPDATE decisions SET outcome = 'interrupted', error = 'daemon stopped during the turn', "
                 f"finished = ? WHERE {PENDING}",
                 [time.time()],
             ).rowcount
             # A turn of an earlier start that a label comes for is never settled by this one: the label
             # trains at once (Learner.feedback), whether or not the router state still holds its settling.
-            self.last_before_start = int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM decisions").fetchone()[0])
-        # the `decisions` op's query: a logged prompt's head only (``prompt_chars`` says how long it was), as a
-        # reply of a thousand megabyte prompts would hold the loop and the memory
-        shown = (
-            f"substr({c}, 1, {PROMPT_SHOWN}) AS {c}" if c == "prompt" else c for c in self.db["decisions"].columns_dict
-        )
-        self._recent_sql = f"SELECT {', '.join(shown)} FROM decisions {{}} ORDER BY id DESC LIMIT ?"
-        # Reads (status, the `decisions` op, /metrics) use a connection of their own: in WAL mode a reader
-        # never waits for a writer, so a write waiting on another process's lock (a sqlite3 shell left in a
-        # transaction) does not stall the serving loop, which answers status and decisions itself.
-        try:
-            reader = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
-        except sqlite3.Error as exc:
-            raise StorageError(f"cannot open the decision log {path} for reading: {exc}") from None
-        reader.row_factory, reader.text_factory = sqlite3.Row, _readable_text
-        self._reader = reader
-        self._read_lock = threading.Lock()
-        self._sums: dict[str, tuple[int, dict[tuple[Any, ...], list[float]]]] = {}  # _running_sums', kept
+            last_before_start = int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM decisions").fetchone()[0])
+        return interrupted, last_before_start
 
     @contextmanager
     def _reading(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -765,6 +750,41 @@ def _schema_items(conn: sqlite3.Connection) -> set[tuple[str, str]]:
         elif kind == "index":
             items.add(("index", name))
     return items
+
+
+def _open_writer(path: Path) -> sqlite3.Connection:
+    """The writing connection, shared by the daemon's threads: WAL, and every commit durable
+    (``synchronous=FULL``). A log a newer locod migrated is refused before anything is written to it."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=BUSY_WAIT_S)
+        conn.text_factory = _readable_text  # a label on a row with bytes that are not UTF-8 read them
+        _refuse_newer(path, conn)  # before the journal mode, the first write to the file
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=FULL")
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES}")
+    except (OSError, sqlite3.Error) as exc:
+        raise StorageError(f"cannot open the decision log {path}: {exc}") from None
+    return conn
+
+
+def _open_reader(path: Path) -> sqlite3.Connection:
+    """The reading connection (status, the `decisions` op, /metrics): in WAL mode a reader never waits for a
+    writer, so a write waiting on another process's lock (a sqlite3 shell left in a transaction) does not
+    stall the serving loop, which answers status and decisions itself."""
+    try:
+        reader = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open the decision log {path} for reading: {exc}") from None
+    reader.row_factory, reader.text_factory = sqlite3.Row, _readable_text
+    return reader
+
+
+def _recent_query(columns: Iterable[str]) -> str:
+    """The `decisions` op's query, its WHERE left as ``{}``: a logged prompt's head only (``prompt_chars``
+    says how long it was), as a reply of a thousand megabyte prompts would hold the loop and the memory."""
+    shown = (f"substr({c}, 1, {PROMPT_SHOWN}) AS {c}" if c == "prompt" else c for c in columns)
+    return f"SELECT {', '.join(shown)} FROM decisions {{}} ORDER BY id DESC LIMIT ?"
 
 
 def _refuse_newer(path: Path, conn: sqlite3.Connection) -> None:
