@@ -6,7 +6,7 @@ daemon that died mid-turn and is marked ``interrupted``: accepted turns are neve
 completion that cannot be written (the disk is full) is kept in memory (bounded) and written with the
 next write that succeeds, or when the log closes: the turn's client is told its record is not committed
 yet, and the record is not left for the next start to call "daemon stopped during the turn".
-Schema changes are numbered migrations recorded in ``PRAGMA user_version``.
+Schema changes are numbered migrations recorded in ``PRAGMA user_version`` (daemon/records_schema.py).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import sqlite_utils
 from locod import __version__
 from locod.daemon.answer_digests import answer_digest as answer_digest  # tests/test_reliability.py imports it here
 from locod.daemon.decision import NO_ROUTING_COLUMNS, Routing
+from locod.daemon.records_schema import ESCALATED_JUDGED, MIGRATIONS, PENDING, SHADOWED, version_of_schema
 from locod.errors import StorageError, UnknownDecision
 from locod.policy.logged import LoggedTurn, logged_observation
 from locod.protocol import ANSWERED
@@ -169,17 +170,6 @@ JSON_COLUMNS = (
 )
 
 
-# Rows a start counts or settles, each kept in an index of its own (migration 11); a query names the same
-# WHERE to use it.
-PENDING, SHADOWED = "outcome = 'pending'", "shadow IS NOT NULL"
-ESCALATED_JUDGED = "outcome = 'escalated' AND confidence IS NOT NULL"
-PARTIAL_INDEXES = {
-    "decisions_pending": PENDING,
-    "decisions_shadowed": SHADOWED,
-    "decisions_escalated": ESCALATED_JUDGED,
-}
-
-
 # What /metrics sums per place and outcome (``DecisionLog.totals``), and the id up to which every turn has
 # finished: the one before the oldest still running, else the newest.
 TOTALS, TOTALS_SUMMED = "totals", "COUNT(*), TOTAL(tokens_in), TOTAL(tokens_out), TOTAL(cost_usd), TOTAL(energy_j)"
@@ -189,132 +179,6 @@ SETTLED_SQL = (
 
 
 LATENCY_COLUMNS = ("latency_decide_ms", "latency_first_token_ms", "latency_total_ms")
-
-
-def _migration_1(db: sqlite_utils.Database) -> None:
-    db.table("decisions").create(
-        {
-            "id": int,
-            "created": float,
-            "finished": float,
-            "session": str,
-            "turn": int,
-            "request_id": str,
-            "prompt_sha256": str,
-            "prompt_chars": int,
-            "prompt": str,
-            "task": str,
-            "attachments_offered": str,
-            "attachments_sent": str,
-            "telemetry": str,
-            "features": str,
-            "policy_version": str,
-            "q": float,
-            "sla": float,
-            "v": float,
-            "s_hat": str,
-            "costs": str,
-            "probabilities": str,
-            "mask": str,
-            "location": str,
-            "model": str,
-            "reason": str,
-            "explored": int,
-            "outcome": str,
-            "error": str,
-            "backend": str,
-            "tokens_in": int,
-            "tokens_out": int,
-            "images_sent": int,
-            "bytes_up": int,
-            "latency_decide_ms": float,
-            "latency_first_token_ms": float,
-            "latency_total_ms": float,
-            "cost_usd": float,
-            "energy_j": float,
-            "satisfied": int,
-            "label_source": str,
-            "labelled": float,
-        },
-        pk="id",
-        not_null={"created", "session", "turn", "location", "model", "outcome"},
-    )
-    db.table("decisions").create_index(["created"])
-    db.table("decisions").create_index(["session", "turn"])
-
-
-def _migration_2(db: sqlite_utils.Database) -> None:
-    """The chosen action (a candidate key such as ``gpt-mini|cloud+0``), so a record holds the whole
-    decision; earlier rows keep NULL."""
-    db.table("decisions").add_column("action", str)
-
-
-def _migration_3(db: sqlite_utils.Database) -> None:
-    """Whether ``cost_usd`` is an estimate; earlier rows keep NULL (unknown)."""
-    db.table("decisions").add_column("cost_estimated", int)
-
-
-def _migration_4(db: sqlite_utils.Database) -> None:
-    """The shadow answer to a cloud-answered turn (JSON: model, satisfied, grader, tokens_out, latency_ms)."""
-    db.table("decisions").add_column("shadow", str)
-
-
-def _migration_5(db: sqlite_utils.Database) -> None:
-    """The local answer's confidence where it was read (JSON: JudgedAnswer)."""
-    db.table("decisions").add_column("confidence", str)
-
-
-def _migration_6(db: sqlite_utils.Database) -> None:
-    """How long the turn waited behind others for the local model before it was accepted (its latencies
-    count from then); earlier rows keep NULL."""
-    db.table("decisions").add_column("latency_queue_ms", float)
-
-
-def _migration_7(db: sqlite_utils.Database) -> None:
-    """The SHA-256 of an answer made from private material: a client that sends it back as its own history
-    (an OpenAI client resends the whole conversation) does not get it sent to a cloud model."""
-    db.table("decisions").add_column("private_answer", str)
-    db.table("decisions").create_index(["private_answer"])
-
-
-def _migration_8(db: sqlite_utils.Database) -> None:
-    """The stable code of ``error`` (docs/protocol.md): a fallback's cause, an error's code, ``cancelled``, so
-    that failures can be counted by kind rather than by their wording; earlier rows keep NULL."""
-    db.table("decisions").add_column("error_code", str)
-
-
-def _migration_9(db: sqlite_utils.Database) -> None:
-    """An index on ``request_id``: `locod decisions chatcmpl-...` finds an HTTP completion's record by the id
-    its client saw, without reading the whole log."""
-    db.table("decisions").create_index(["request_id"])
-
-
-def _migration_10(db: sqlite_utils.Database) -> None:
-    """The openings of answers made from private material (``opening_digests``): a part of one that a client
-    sends back is known too. Answers recorded before keep their whole digest only."""
-    db.table("private_openings").create({"digest": str}, pk="digest")
-
-
-def _migration_11(db: sqlite_utils.Database) -> None:
-    """Partial indexes on the few rows a start looks for (turns left ``pending``, local labels): on a year
-    of decisions a start read the whole file twice, a gigabyte per half a million turns."""
-    for name, where in PARTIAL_INDEXES.items():
-        db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON decisions(id) WHERE {where}")
-
-
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
-    _migration_1,
-    _migration_2,
-    _migration_3,
-    _migration_4,
-    _migration_5,
-    _migration_6,
-    _migration_7,
-    _migration_8,
-    _migration_9,
-    _migration_10,
-    _migration_11,
-]
 
 
 class DecisionLog:
@@ -441,7 +305,7 @@ class DecisionLog:
         the file as it was (never columns added with ``user_version`` not bumped)."""
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         if version == 0 and "decisions" in self.db.table_names():
-            version = _version_of_schema(self._conn)
+            version = version_of_schema(self._conn)
             log.warning(
                 "decision log %s has its tables but no schema version (rebuilt with sqlite3's .dump or .recover, "
                 "which do not keep it): its tables and columns are those of version %d, migrated on from there",
@@ -723,33 +587,6 @@ def _add_sums(sums: dict[tuple[Any, ...], list[float]], rows: Iterator[Sequence[
         values = sums.setdefault(row[:keys], [0.0] * (len(row) - keys))
         for i, value in enumerate(row[keys:]):
             values[i] += value or 0.0
-
-
-def _version_of_schema(conn: sqlite3.Connection) -> int:
-    """The last migration whose tables, columns and indexes a log has all: the schema version of one that
-    lost its ``user_version``. Started on as version 0, its first migration failed ("table decisions
-    already exists") and the daemon did not start."""
-    have = _schema_items(conn)
-    scratch = sqlite3.connect(":memory:", isolation_level=None)
-    version = 0
-    with closing(scratch):
-        for number, step in enumerate(MIGRATIONS, start=1):
-            step(sqlite_utils.Database(scratch))
-            if not _schema_items(scratch) <= have:
-                break
-            version = number
-    return version
-
-
-def _schema_items(conn: sqlite3.Connection) -> set[tuple[str, str]]:
-    """(table, column) of every column, and ("index", name) of every named index."""
-    items = set()
-    for kind, name in conn.execute("SELECT type, name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"):
-        if kind == "table":
-            items |= {(name, column) for (column,) in conn.execute("SELECT name FROM pragma_table_info(?)", [name])}
-        elif kind == "index":
-            items.add(("index", name))
-    return items
 
 
 def _open_writer(path: Path) -> sqlite3.Connection:
