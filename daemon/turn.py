@@ -194,6 +194,32 @@ def _after(local: Generation, answer: Generation) -> Generation:
     )
 
 
+def _outcome(turn: Turn, ending: Ending, private: bool) -> Outcome:
+    """What the turn's record is completed with; a ``private`` answer (made from private material) with the
+    digests it is known by again when a client sends it back."""
+    decision, g = ending.decision, ending.generation
+    return Outcome(
+        outcome=ending.outcome,
+        backend=decision.location,
+        model=decision.model,
+        tokens_in=g.tokens_in,
+        tokens_out=g.tokens_out,
+        images_sent=g.images_sent,
+        bytes_up=g.bytes_up,
+        latency_first_token_ms=g.first_token_ms,
+        latency_total_ms=g.total_ms,
+        cost_usd=g.cost_usd,
+        cost_estimated=g.cost_estimated,
+        energy_j=g.energy_j,
+        error=ending.error,
+        error_code=None if ending.error is None else ending.code or ending.outcome,
+        attachments_sent=[turn.attachments[i].name for i in sorted({*decision.send, *ending.uploaded})],
+        confidence=ending.judged,
+        private_answer=answer_digest(g.text) if private and g.text.strip() else None,
+        private_openings=opening_digests(g.text) if private else (),
+    )
+
+
 class TurnRunner:
     def __init__(
         self,
@@ -501,29 +527,7 @@ class TurnRunner:
         """Complete the record, then answer: ``done`` (and learn, after the reply) or ``error``."""
         decision, g = ending.decision, ending.generation
         private = decision.location == "local" and turn.private_material  # the cloud never saw private material
-        self.records.finish(
-            decision_id,
-            Outcome(
-                outcome=ending.outcome,
-                backend=decision.location,
-                model=decision.model,
-                tokens_in=g.tokens_in,
-                tokens_out=g.tokens_out,
-                images_sent=g.images_sent,
-                bytes_up=g.bytes_up,
-                latency_first_token_ms=g.first_token_ms,
-                latency_total_ms=g.total_ms,
-                cost_usd=g.cost_usd,
-                cost_estimated=g.cost_estimated,
-                energy_j=g.energy_j,
-                error=ending.error,
-                error_code=None if ending.error is None else ending.code or ending.outcome,
-                attachments_sent=[turn.attachments[i].name for i in sorted({*decision.send, *ending.uploaded})],
-                confidence=ending.judged,
-                private_answer=answer_digest(g.text) if private and g.text.strip() else None,
-                private_openings=opening_digests(g.text) if private else (),
-            ),
-        )
+        self.records.finish(decision_id, _outcome(turn, ending, private))
         if ending.outcome not in ANSWERED:
             code = ending.code or ending.outcome
             reply.send(ErrorFrame(ending.kind, code, ending.error or ending.outcome, decision_id))
