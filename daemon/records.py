@@ -26,7 +26,6 @@ from typing import Any
 import sqlite_utils
 
 from locod import __version__
-from locod.daemon.answer_digests import answer_digest as answer_digest  # tests/test_reliability.py imports it here
 from locod.daemon.decision import NO_ROUTING_COLUMNS, Routing
 from locod.daemon.records_schema import ESCALATED_JUDGED, MIGRATIONS, PENDING, SHADOWED, version_of_schema
 from locod.errors import StorageError, UnknownDecision

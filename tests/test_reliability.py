@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from locod.client import Client, new_id
-from locod.daemon.records import DecisionLog, DecisionRecord, Outcome, answer_digest
+from locod.daemon.answer_digests import answer_digest
+from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
 from locod.errors import LocodError, RequestError, StorageError
 from locod.protocol import Attachment, ChatOptions, ChatRequest, DoneFrame
 
