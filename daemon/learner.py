@@ -53,6 +53,7 @@ class Learner:
         self.cloud = cloud
         self.lock = threading.Lock()  # MESS+ state; the decider holds it for a whole decision
         self._judge = ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
+        self._closing = threading.Event()  # the grading under way leaves its cloud call (a stop waits on none)
         self._judging = threading.BoundedSemaphore(MAX_JUDGING)  # a slot per grading queued or running
         self._judge_full = Throttle(log)
         self._save_failed = False  # log a failing save once, not every turn
@@ -225,7 +226,7 @@ class Learner:
             return None
         try:
             upload = Upload(images=0, bytes=len(text.encode()))
-            prompt = Prompt(messages, max_tokens, 0.0, 0, lambda _: None, upload=upload)
+            prompt = Prompt(messages, max_tokens, 0.0, 0, lambda _: None, self._closing, upload=upload)
             graded = self.cloud.generate(model.name, prompt)
         except CloudError as exc:
             log.info("judge could not grade decision %d: %s", decision_id, exc.message)
@@ -234,6 +235,9 @@ class Learner:
             self.records.add_cost(decision_id, graded.cost_usd)
         except StorageError as exc:  # the verdict still counts
             log.warning("judge's cost for decision %d is not in its record: %s", decision_id, exc.message)
+        if graded.cancelled:  # its cost is counted: the endpoint has the question, and may bill it
+            log.info("judge did not grade decision %d: the daemon stopped during its call", decision_id)
+            return None
         verdict = VERDICT.search(graded.text)
         if verdict is None:
             log.info(
@@ -293,8 +297,10 @@ class Learner:
         }
 
     def close(self) -> None:
-        """Wait for the grading under way (the queued ones are dropped: a stop must not wait on a slow
-        cloud once per explored turn), then save."""
+        """End the grading under way and drop the queued ones (a stop must not wait on a slow cloud, once per
+        explored turn: with an endpoint that says nothing, systemd's stop timeout killed the daemon before
+        it saved), then save."""
+        self._closing.set()
         self._judge.shutdown(wait=True, cancel_futures=True)
         with self.lock:
             self._save()

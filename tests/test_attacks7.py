@@ -8,6 +8,7 @@ import os
 import signal
 import sqlite3
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,3 +263,31 @@ def test_gradings_waiting_for_the_judge_are_bounded_and_dropped_at_stop(
     learner.close()  # the grading under way ends at the timeout; the others are dropped
     records.close()
     assert len(proxy.chat_requests()) <= 2, len(proxy.chat_requests())
+
+
+def test_a_stop_leaves_the_grading_under_way(tmp_path: Path, proxy: FaultProxy) -> None:
+    """A stop waited for the grading under way until the cloud answered or timed out (`cloud.timeout_s`, and a
+    retry each): with an endpoint that says nothing, systemd's stop timeout (40 s) killed the daemon before
+    it saved its routing state. The grading now leaves its call: no verdict, the stop goes on."""
+    from locod.daemon.cloud import CloudBackend
+    from locod.daemon.config import load_config
+    from locod.daemon.learner import Learner
+    from locod.daemon.records import DecisionLog
+
+    config = auto_config(proxy.base_url, judge=True)
+    config["cloud"].update(timeout_s=600.0, deadline_s=1200.0, max_retries=0)
+    config["paths"] = {"state_dir": str(tmp_path / "state"), "models_dir": str(tmp_path / "models")}
+    loaded = load_config(write_config(tmp_path / "config.toml", config), env={"LOCOD_CLOUD_API_KEY": SECRET})
+    records = DecisionLog(tmp_path / "state" / "locod.db")
+    learner = Learner(loaded, records, CloudBackend(loaded.cloud, loaded.source))
+    proxy.set(Fault("delay", delay_s=600.0))
+    verdicts: list[bool | None] = []
+    grading = threading.Thread(target=lambda: verdicts.append(learner.judge("What is 2+2?", "4", 1)))
+    grading.start()
+    wait_for(lambda: proxy.chat_requests(), 60, "the grading to reach the cloud")
+    closing = threading.Thread(target=learner.close)
+    closing.start()
+    closing.join(120)  # the endpoint would hold it 600 s
+    grading.join(60)
+    assert not closing.is_alive() and verdicts == [None]
+    records.close()
