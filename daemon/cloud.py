@@ -215,11 +215,15 @@ class CloudBackend:
             )
             for model in config.models
         }
-        for model in config.models:  # before the models: a model is never seen without its breaker
-            if model.base_url not in self.breakers:
-                self.breakers[model.base_url] = CircuitBreaker(
-                    config.breaker_failures, config.breaker_cooldown_s, redacted_url(model.base_url)
-                )
+        added = {  # before the models: a model is never seen without its breaker
+            model.base_url: CircuitBreaker(
+                config.breaker_failures, config.breaker_cooldown_s, redacted_url(model.base_url)
+            )
+            for model in config.models
+            if model.base_url not in self.breakers
+        }
+        # One assignment, never a change in place: status and /metrics go through them while a reload runs.
+        self.breakers = {**self.breakers, **added}
         for breaker in self.breakers.values():
             breaker.limit, breaker.cooldown_s = config.breaker_failures, config.breaker_cooldown_s
             breaker.allow_trial()  # a reload is how a key or endpoint is fixed: the next turn tries it
