@@ -467,12 +467,15 @@ def _check_model_offered(name: str, status: dict[str, Any]) -> None:
 
 def _local_line(loc: dict[str, Any]) -> str:
     """Every local model, the default first (as the cloud line lists every cloud model), and the cache."""
-    others = [name for name in loc["models"] if name != loc["default"]]
+    unavailable = loc.get("unavailable", {})  # an older daemon's status has no such field
+    others = [name for name in loc["models"] if name != loc["default"] and name not in unavailable]
     also = f"; also {', '.join(others)}" if others else ""
+    left_out = f"; left out, no usable file (`locod models list`): {', '.join(unavailable)}" if unavailable else ""
     cache = loc["cache"]
+    memory = f", {loc['resident_mb']} of {loc['memory_budget_mb']} MB" if "resident_mb" in loc else ""  # older daemon
     return (
-        f"{loc['default']}{also} (resident: {', '.join(loc['resident']) or 'none'}; "
-        f"{_fmt(loc['tokens_per_s'], '{:.1f}')} tok/s); dialogue cache {cache['dialogues']} kept, "
+        f"{loc['default']}{also} (resident: {', '.join(loc['resident']) or 'none'}{memory}; "
+        f"{_fmt(loc['tokens_per_s'], '{:.1f}')} tok/s){left_out}; dialogue cache {cache['dialogues']} kept, "
         f"{cache['mb']:.0f}/{cache['limit_mb']:.0f} MB, "
         f"{counted(cache['hits'], 'hit')}, {counted(cache['misses'], 'miss', 'misses')}"
     )

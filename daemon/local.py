@@ -28,6 +28,7 @@ from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import Config, LocalConfig, LocalModelConfig
 from locod.daemon.fitting import fit_to_context, prompt_tokens
 from locod.daemon.gate import FairGate
+from locod.daemon.gguf import NotGGUF, read_metadata
 from locod.daemon.kvcache import DialogueCache
 from locod.daemon.kvpark import DiskPark
 from locod.daemon.logprobs import TokenLogprobs
@@ -154,6 +155,7 @@ class ModelZoo:
         self.n_threads = n_threads or None
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._cache_auto = cache_mb < 0
+        self._cpu_said: set[str] = set()  # models whose n_gpu_layers this CPU-only build ignores, logged
         self.cache = DialogueCache(max(cache_mb, 0), self._room_mb, park, self.identity)
 
     def reconfigure(self, local: LocalConfig) -> None:
@@ -194,8 +196,10 @@ class ModelZoo:
 
     def _load(self, model: LocalModelConfig) -> LoadedModel:
         path = check_model_file(model, self.models_dir)
-        estimate = path.stat().st_size / 2**20
-        self._make_room(estimate)
+        weights_mb = path.stat().st_size / 2**20
+        # Room for the weights and the KV cache its n_ctx takes (the header says how big), before loading it:
+        # the weights alone let a long-context model push the resident set past the budget.
+        self._make_room(weights_mb + _header_kv_mb(path, model.n_ctx))
         started = time.perf_counter()
         try:
             llm = Llama(
@@ -224,9 +228,10 @@ class ModelZoo:
             raise ModelError(
                 f"model {model.name!r}: llama.cpp could not load {path}: {exc}", code="model_corrupt"
             ) from None
-        kv_mb = _kv_cache_mb(llm)
-        loaded = LoadedModel(model, llm, estimate + kv_mb, time.monotonic())
+        kv_mb = kv_cache_mb(llm.metadata, llm.n_ctx())
+        loaded = LoadedModel(model, llm, weights_mb + kv_mb, time.monotonic())
         self._loaded[model.name] = loaded
+        self._warn_misfit(loaded)
         if self._cache_auto:
             self._cache_auto = False
             self.cache.limit_mb = auto_cache_mb(kv_mb)
@@ -238,6 +243,30 @@ class ModelZoo:
             self.cache.limit_mb,
         )
         return loaded
+
+    def _warn_misfit(self, loaded: LoadedModel) -> None:
+        """Say when a model loaded otherwise than its settings ask: the operator's only other clue is speed."""
+        model = loaded.config
+        if model.n_gpu_layers and not llama_cpp.llama_supports_gpu_offload() and model.name not in self._cpu_said:
+            # PyPI's source build is CPU-only unless built with CMAKE_ARGS="-DGGML_CUDA=on": on a Jetson the
+            # setting then does nothing. Said once per model, not at each reload after an eviction.
+            self._cpu_said.add(model.name)
+            log.warning(
+                "local model %s: n_gpu_layers = %d, but this llama-cpp-python build has no GPU offload: it runs on "
+                "the CPU (docs/operations.md, GPUs)",
+                model.name,
+                model.n_gpu_layers,
+            )
+        if loaded.footprint_mb > self.budget_mb:
+            log.warning(
+                "local model %s takes about %.0f MB (weights and a %d-token KV cache), more than "
+                "local.memory_budget_mb (%d MB): it runs alone, over the budget; raise the budget if the device "
+                "has the memory, else lower its n_ctx or use a smaller quantisation",
+                model.name,
+                loaded.footprint_mb,
+                loaded.llm.n_ctx(),
+                self.budget_mb,
+            )
 
     def _models_mb(self) -> float:
         return sum(m.footprint_mb for m in self._loaded.values())
@@ -260,6 +289,10 @@ class ModelZoo:
     def resident(self) -> list[str]:
         return list(self._loaded)
 
+    def resident_mb(self) -> float:
+        """The loaded models' estimated memory (weights and KV caches), against ``budget_mb``."""
+        return self._models_mb()
+
     def close(self) -> None:
         """Unload everything; with a disk park, the dialogues' states are parked first."""
         for name, loaded in self._loaded.items():
@@ -278,18 +311,26 @@ def auto_cache_mb(kv_full_mb: float) -> float:
     return min(AUTO_CACHE_DIALOGUES * kv_full_mb, free_mb / 4)
 
 
-def _kv_cache_mb(llm: Llama) -> float:
-    """KV cache size from the GGUF metadata (f16 keys and values), 0 when the fields are absent."""
-    meta: dict[str, Any] = llm.metadata
+def kv_cache_mb(meta: dict[str, Any], n_ctx: int) -> float:
+    """KV cache size of ``n_ctx`` tokens from the GGUF metadata (f16 keys and values; llama.cpp gives its
+    values as text, the header reader as numbers), 0 when the fields are absent."""
     arch = meta.get("general.architecture", "")
     try:
         layers = int(meta[f"{arch}.block_count"])
         heads = int(meta[f"{arch}.attention.head_count"])
         kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
         width = int(meta[f"{arch}.embedding_length"])
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, TypeError):
         return 0.0
-    return 2 * layers * llm.n_ctx() * kv_heads * (width // heads) * 2 / 2**20
+    return 2 * layers * n_ctx * kv_heads * (width // heads) * 2 / 2**20 if heads else 0.0
+
+
+def _header_kv_mb(path: Path, n_ctx: int) -> float:
+    """The KV cache a model will take, read from its file's header before llama.cpp loads it."""
+    try:
+        return kv_cache_mb(read_metadata(path), n_ctx)
+    except (NotGGUF, OSError):
+        return 0.0  # llama.cpp's own load says what is wrong with the file
 
 
 class LocalBackend:
