@@ -929,7 +929,7 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
     from locod.daemon.config import EMBEDDED_MODEL
     from locod.daemon.fetch import fetch
 
-    directory = Path(args.dir) if args.dir else _config(args).models_dir
+    directory = Path(args.dir) if args.dir else _models_config(args).models_dir
     fetch(args.name or EMBEDDED_MODEL.name, directory, progress=lambda line: print(line, file=sys.stderr, flush=True))
     return 0
 
@@ -938,7 +938,7 @@ def cmd_models_pull(args: argparse.Namespace) -> int:
     from locod.daemon.download import DEFAULT_MAX_BYTES, terminal_meter
     from locod.daemon.pull import parse_size, pull_model
 
-    config = _config(args)
+    config = _models_config(args)
     max_bytes = parse_size(args.max_size) if args.max_size else DEFAULT_MAX_BYTES
     meter = terminal_meter(args.name or args.source.rsplit("/", 1)[-1], _say)
     model = pull_model(
@@ -966,7 +966,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     from locod.daemon.catalog import model_rows, table
     from locod.daemon.config import redacted_url
 
-    config = _config(args)
+    config = _models_config(args)
     running = _running_models(args)
     rows = model_rows(config, None if running is None else running["resident"])
     if args.json:
@@ -985,6 +985,21 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models_config(args: argparse.Namespace) -> Any:
+    """The configuration with the models directory of the daemon that runs, if one does: a service's differs
+    from a shell's (the system unit sets LOCOD_MODELS_DIR=/var/lib/locod/models), and a model pulled into the
+    shell's would never reach the service, nor would `models list` show the files it runs."""
+    from locod.daemon.config import load_config
+
+    overrides = _overrides(args)
+    try:
+        with _client(args, warn=False) as client:
+            overrides["paths.models_dir"] = client.daemon_config()["paths"]["models_dir"]
+    except DaemonNotRunning:
+        pass
+    return load_config(args.config, overrides=overrides)
+
+
 def _running_models(args: argparse.Namespace) -> dict[str, list[str]] | None:
     """The running daemon's models: ``resident`` (loaded) and ``models`` (local and cloud, configured when it
     started or last reloaded); None when it is not running."""
@@ -999,7 +1014,7 @@ def _running_models(args: argparse.Namespace) -> dict[str, list[str]] | None:
 def cmd_models_rm(args: argparse.Namespace) -> int:
     from locod.daemon.pull import remove_model
 
-    print(f"removed {args.name} ({remove_model(_config(args), args.name)})")
+    print(f"removed {args.name} ({remove_model(_models_config(args), args.name)})")
     running = _running_models(args)
     if running is not None and args.name in running["models"]:  # loaded into memory, it answers on
         _say(f"the running daemon offers {args.name} until `locod reload`")

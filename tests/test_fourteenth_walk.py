@@ -1,0 +1,124 @@
+"""The fourteenth walk: an operator of a small device (a Jetson Orin Nano, an old 4 GB laptop) who runs several
+local GGUFs within a memory budget, as a service. Every test runs the real `locod` command or a real daemon
+with the embedded model, copied under other names and settings as the operator's other models."""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import llama_cpp
+import pytest
+
+from .conftest import locod_command, write_config
+from .fileserver import FileServer, Served, gguf_bytes
+
+
+def household(model_path: Path, budget_mb: int, **extra: Any) -> dict[str, Any]:
+    """A tiny chat model as the default and a long-context one for harder turns, both the embedded GGUF:
+    its weights take 94 MB, its KV cache 22 MB at 1,024 tokens and 90 MB at 4,096."""
+    models = [
+        {"name": "tiny", "path": str(model_path), "n_ctx": 1024},
+        {"name": "big", "path": str(model_path), "n_ctx": 4096, **extra},
+    ]
+    return {"local": {"default": "tiny", "memory_budget_mb": budget_mb, "n_threads": 2, "models": models}}
+
+
+def test_the_memory_budget_counts_a_models_kv_cache_before_loading_it(daemon_factory: Any, model_path: Path) -> None:
+    """With 250 MB for two models of 116 and 184 MB, `--model big` after `tiny` kept both loaded (300 MB): the
+    room made before a load counted the file's size alone, not the KV cache of its n_ctx, so the budget a
+    4 GB device was sized by was overrun by every long-context model. `locod status` named the resident
+    models without their memory, so nothing showed it; and a model that alone outgrew the budget was loaded
+    without a word. Now the KV cache is counted from the file's header first, status says how much of the
+    budget is in use, and a model over the budget by itself is named in the log."""
+    handle = daemon_factory(household(model_path, 250))
+    for model in ("tiny", "big"):
+        asked = handle.cli("ask", "Hi", "--model", model, "--max-tokens", "2")
+        assert asked.returncode == 0, asked.stderr
+    local = handle.client().status()["local"]
+    assert local["resident"] == ["big"], local
+    assert 180 <= local["resident_mb"] <= local["memory_budget_mb"] == 250, local
+    shown = handle.cli("status")
+    assert "(resident: big, 184 of 250 MB;" in shown.stdout, shown.stdout
+    assert "unloaded local model tiny to stay within 250 MB" in handle.log()
+
+    write_config(handle.config_path, household(model_path, 100))
+    assert handle.cli("reload").returncode == 0
+    asked = handle.cli("ask", "Hi", "--model", "tiny", "--max-tokens", "2")
+    assert asked.returncode == 0, asked.stderr
+    assert handle.client().status()["local"]["resident"] == ["tiny"]
+    assert (
+        "local model tiny takes about 116 MB (weights and a 1024-token KV cache), more than "
+        "local.memory_budget_mb (100 MB): it runs alone, over the budget" in handle.log()
+    )
+
+
+@pytest.mark.skipif(llama_cpp.llama_supports_gpu_offload(), reason="this llama-cpp-python build offloads to a GPU")
+def test_n_gpu_layers_on_a_cpu_only_build_is_said_once(daemon_factory: Any, model_path: Path) -> None:
+    """`n_gpu_layers = -1` for the Jetson's GPU, with llama-cpp-python installed from PyPI (a CPU-only build
+    unless compiled with CUDA): the model ran on the CPU, at a fraction of the expected speed, and nothing in
+    the log or status said the setting did nothing. Now the load says so, once per model, however often the
+    budget unloads and reloads it."""
+    handle = daemon_factory(household(model_path, 200, n_gpu_layers=-1))
+    for model in ("big", "tiny", "big"):  # 200 MB holds one of them: big is loaded twice
+        asked = handle.cli("ask", "Hi", "--model", model, "--max-tokens", "2")
+        assert asked.returncode == 0, asked.stderr
+    said = "local model big: n_gpu_layers = -1, but this llama-cpp-python build has no GPU offload: it runs on the CPU"
+    assert handle.log().count(said) == 1, handle.log()
+    assert handle.log().count("INFO locod.daemon.local: loaded local model big") == 2
+    assert "local model tiny: n_gpu_layers" not in handle.log()
+
+
+def test_status_sets_apart_a_configured_model_whose_file_is_missing(daemon_factory: Any, model_path: Path) -> None:
+    """A second model's GGUF not copied to the device yet (or the embedded one never fetched into a new models
+    directory): `locod status`, the one place to check health, listed it among the models on offer ("also
+    coder"), while routing left it out and `--model coder` was refused. Now status names it apart."""
+    config = household(model_path, 1024)
+    config["local"]["models"].append({"name": "coder", "path": str(model_path.parent / "not-copied-yet.gguf")})
+    handle = daemon_factory(config)
+    local = handle.client().status()["local"]
+    assert local["unavailable"] == {"coder": "model_missing"}, local
+    line = next(row for row in handle.cli("status").stdout.splitlines() if row.strip().startswith("local"))
+    assert "; also smollm2-135m-instruct, big (resident: tiny" in line, line
+    assert "left out, no usable file (`locod models list`): coder;" in line, line
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    fs = FileServer().start()
+    yield fs
+    fs.stop()
+
+
+def test_models_commands_use_the_running_daemons_models_directory(
+    daemon_factory: Any, model_path: Path, tmp_path: Path, server: FileServer
+) -> None:
+    """The system service keeps its models in /var/lib/locod/models (its unit sets LOCOD_MODELS_DIR), while
+    `sudo locod models pull URL` from a shell resolved the models directory from the shell's environment:
+    the file went into ~/.local/share/locod/models, the pull said to `locod reload`, and the reloaded
+    service never offered the model; `locod models list` showed the shell's directory, not the service's.
+    Now the models commands use the directory of the daemon that runs."""
+    service_models = tmp_path / "var-lib-locod-models"
+    service_models.mkdir()
+    handle = daemon_factory(household(model_path, 1024), extra_env={"LOCOD_MODELS_DIR": str(service_models)})
+    shell = {k: v for k, v in handle.env.items() if k != "LOCOD_MODELS_DIR"}
+    shell["XDG_DATA_HOME"] = str(tmp_path / "shell-data")
+    server.files["helper.gguf"] = Served(gguf_bytes(1 << 20, context_length=2048))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command = locod_command("--config", str(handle.config_path), *args)
+        return subprocess.run(command, capture_output=True, text=True, env=shell, timeout=120)
+
+    pulled = cli("models", "pull", f"{server.url}/files/helper.gguf", "--name", "helper")
+    assert pulled.returncode == 0, pulled.stderr
+    assert (service_models / "helper.gguf").is_file() and (service_models / "pulled.toml").is_file()
+    assert not (tmp_path / "shell-data" / "locod").exists()
+    assert cli("reload").returncode == 0
+    assert "helper" in handle.client().status()["local"]["models"]
+    listed = cli("models", "list")
+    assert f"{service_models / 'helper.gguf'}" in listed.stdout, listed.stdout
+    removed = cli("models", "rm", "helper")
+    assert removed.returncode == 0, removed.stderr
+    assert not (service_models / "helper.gguf").exists()
