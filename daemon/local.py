@@ -33,6 +33,7 @@ from locod.daemon.kvcache import DialogueCache
 from locod.daemon.kvpark import DiskPark
 from locod.daemon.logprobs import TokenLogprobs
 from locod.daemon.modelfile import check_model_file, resolve_path
+from locod.daemon.regular_file import file_stamp
 from locod.daemon.sessions import door_of
 from locod.daemon.template_deadline import deadline
 from locod.errors import ConfigError, ModelError, first_line
@@ -117,6 +118,7 @@ class LoadedModel:
     llm: Llama
     footprint_mb: float
     last_used: float
+    stamp: tuple[int, int] | None  # the file's size and mtime when it was read: a reload sees it replaced
 
 
 def check_chat_formats(config: Config) -> None:
@@ -156,14 +158,17 @@ class ModelZoo:
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._cache_auto = cache_mb < 0
         self._cpu_said: set[str] = set()  # models whose n_gpu_layers this CPU-only build ignores, logged
+        self._recheck_files = False  # set by a reload: the next get unloads models whose file was replaced
         self.cache = DialogueCache(max(cache_mb, 0), self._room_mb, park, self.identity)
 
     def reconfigure(self, local: LocalConfig) -> None:
         """Take the models of a reloaded config. Called on the serving loop, not under the gate, so it only
-        swaps the table; the gate's next holder unloads what was removed or changed at its ``get``."""
+        swaps the table; the gate's next holder unloads what was removed or changed, or whose file was
+        replaced, at its ``get``."""
         self.models = {m.name: m for m in local.models}
         self.budget_mb = local.memory_budget_mb
         self.n_threads = local.n_threads or None
+        self._recheck_files = True
         if local.cache_mb >= 0:  # -1 keeps the size chosen at the first load
             self.cache.limit_mb = local.cache_mb
 
@@ -171,16 +176,28 @@ class ModelZoo:
         models = self.models
         if name not in models:
             raise ModelError(f"no local model named {name!r}; configured: {sorted(models)}", code="unknown_model")
-        for stale in [n for n, m in self._loaded.items() if models.get(n) != m.config]:
+        replaced = self._replaced_files() if self._recheck_files else set()
+        self._recheck_files = False
+        for stale in [n for n, m in self._loaded.items() if models.get(n) != m.config or n in replaced]:
             self._loaded.pop(stale).llm.close()
             self.cache.drop_model(stale)  # states of another file or context are no use, and unsafe
-            log.info("unloaded local model %s: the reloaded config removed or changed it", stale)
+            why = "its file was replaced" if stale in replaced else "the reloaded config removed or changed it"
+            log.info("unloaded local model %s: %s", stale, why)
         loaded = self._loaded.get(name)
         if loaded is None:
             loaded = self._load(models[name])
         self._loaded.move_to_end(name)
         loaded.last_used = time.monotonic()
         return loaded
+
+    def _replaced_files(self) -> set[str]:
+        """Loaded models whose file is no longer the one read (a new quantisation copied over it): the copy
+        in memory (no mmap) would answer on with the old weights until a restart."""
+        return {
+            name
+            for name, loaded in self._loaded.items()
+            if file_stamp(resolve_path(loaded.config, self.models_dir)) != loaded.stamp
+        }
 
     def identity(self, name: str) -> str:
         """What a parked dialogue state of this model must match: the file, the context, the llama.cpp build
@@ -196,6 +213,7 @@ class ModelZoo:
 
     def _load(self, model: LocalModelConfig) -> LoadedModel:
         path = check_model_file(model, self.models_dir)
+        stamp = file_stamp(path)
         weights_mb = path.stat().st_size / 2**20
         # Room for the weights and the KV cache its n_ctx takes (the header says how big), before loading it:
         # the weights alone let a long-context model push the resident set past the budget.
@@ -229,7 +247,7 @@ class ModelZoo:
                 f"model {model.name!r}: llama.cpp could not load {path}: {exc}", code="model_corrupt"
             ) from None
         kv_mb = kv_cache_mb(llm.metadata, llm.n_ctx())
-        loaded = LoadedModel(model, llm, weights_mb + kv_mb, time.monotonic())
+        loaded = LoadedModel(model, llm, weights_mb + kv_mb, time.monotonic(), stamp)
         self._loaded[model.name] = loaded
         self._warn_misfit(loaded)
         if self._cache_auto:

@@ -122,3 +122,29 @@ def test_models_commands_use_the_running_daemons_models_directory(
     removed = cli("models", "rm", "helper")
     assert removed.returncode == 0, removed.stderr
     assert not (service_models / "helper.gguf").exists()
+
+
+def test_a_model_file_replaced_under_a_loaded_model_is_read_again_at_a_reload(
+    daemon_factory: Any, model_path: Path, tmp_path: Path
+) -> None:
+    """The operator copied a new build of the coder model over its file and ran `locod reload`: `locod models
+    list` showed the new file, loaded, while the daemon answered on with the old weights it had read into
+    memory, until a restart (the learner meanwhile reset the model's predictor for the new file). Now the
+    reload has a loaded model whose file was replaced read again before its next turn."""
+    coder = tmp_path / "coder.gguf"
+    coder.write_bytes(model_path.read_bytes())
+    config = {"local": {"default": "coder", "models": [{"name": "coder", "path": str(coder), "n_ctx": 512}]}}
+    handle = daemon_factory(config)
+    loads = "INFO locod.daemon.local: loaded local model coder"
+    assert handle.log().count(loads) == 1
+    assert handle.cli("reload").returncode == 0  # the same file: kept loaded
+    assert handle.cli("ask", "Hi", "--max-tokens", "2").returncode == 0
+    assert handle.log().count(loads) == 1
+    newer = tmp_path / "coder.gguf.new"
+    newer.write_bytes(model_path.read_bytes() + bytes(1 << 20))  # another build: a larger file
+    newer.replace(coder)
+    assert handle.cli("reload").returncode == 0
+    asked = handle.cli("ask", "Hi", "--max-tokens", "2")
+    assert asked.returncode == 0, asked.stderr
+    assert "unloaded local model coder: its file was replaced" in handle.log()
+    assert handle.log().count(loads) == 2
