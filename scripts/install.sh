@@ -2,7 +2,8 @@
 # Install locod as a systemd service. Idempotent: running it again upgrades locod in place.
 #
 #   sudo scripts/install.sh [--gpu nvidia|jetson]   system service: user `locod`, /opt/locod, /var/lib/locod
-#   scripts/install.sh --user                       user service: ~/.local/share/locod, ~/.local/state/locod
+#   scripts/install.sh --user [--gpu nvidia]        user service: ~/.local/share/locod, ~/.local/state/locod
+# --gpu also builds llama-cpp-python with CUDA (CMAKE_ARGS, default -DGGML_CUDA=on), which PyPI's build lacks.
 set -euo pipefail
 umask 022  # the software is world-readable; state directories get 0700 explicitly
 cd "$(dirname "$0")/.."
@@ -46,6 +47,16 @@ fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 "$venv/bin/python" -m pip install --quiet --upgrade '.[http]'  # the service may open the HTTP API (http.listen)
 [ "$gpu" = nvidia ] && "$venv/bin/python" -m pip install --quiet 'nvidia-ml-py>=12.535'
+# llama-cpp-python builds from source for the CPU alone unless told otherwise: with --gpu, rebuild it with CUDA
+# (once: an upgrade keeps a build that offloads). pip's cache would hand back the CPU wheel, hence no cache.
+offloads() { "$venv/bin/python" -c 'import sys, llama_cpp; sys.exit(not llama_cpp.llama_supports_gpu_offload())'; }
+if [ -n "$gpu" ] && ! offloads 2>/dev/null; then
+  llama=$("$venv/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)')
+  say "building llama-cpp-python $llama with CUDA for the GPU (CMAKE_ARGS=${CMAKE_ARGS:=-DGGML_CUDA=on}): 10-40 minutes"
+  PATH="$PATH:/usr/local/cuda/bin" CMAKE_ARGS="$CMAKE_ARGS" "$venv/bin/python" -m pip install --quiet \
+    --force-reinstall --no-cache-dir --no-deps "llama-cpp-python==$llama"
+  offloads || { say "llama-cpp-python $llama still has no GPU offload: is the CUDA toolkit (nvcc) installed?"; exit 1; }
+fi
 say "installed $("$venv/bin/locod" --version) into $venv"
 # Daily use calls `locod` bare: put it on PATH (system: /usr/local/bin; user: ~/.local/bin).
 bin_dir=/usr/local/bin

@@ -124,6 +124,55 @@ def test_models_commands_use_the_running_daemons_models_directory(
     assert not (service_models / "helper.gguf").exists()
 
 
+REPO = Path(__file__).resolve().parent.parent
+# A stand-in for the venv's python: it logs each call and answers install.sh's questions about llama.cpp; a
+# rebuild given CMAKE_ARGS makes it offload when $BUILDS_CUDA says the toolkit is there.
+FAKE_PYTHON = """#!/bin/sh
+echo "$* CMAKE_ARGS=${CMAKE_ARGS:-}" >> "$CALLS"
+case "$*" in
+  *llama_supports_gpu_offload*) [ -f "$OFFLOADS" ]; exit $? ;;
+  *__version__*) echo 0.3.36 ;;
+  *"llama-cpp-python=="*) [ -n "${CMAKE_ARGS:-}" ] && [ -n "${BUILDS_CUDA:-}" ] && touch "$OFFLOADS" ;;
+esac
+exit 0
+"""
+
+
+def test_install_with_gpu_builds_llama_cpp_with_cuda(tmp_path: Path) -> None:
+    """`scripts/install.sh --gpu jetson` (or `--user --gpu nvidia`) opened the GPU's device nodes to the
+    service and installed llama-cpp-python as PyPI builds it from source: for the CPU alone. Every model's
+    `n_gpu_layers = -1` then did nothing, and the Jetson answered at CPU speed. Now --gpu rebuilds
+    llama-cpp-python with CUDA unless the installed build already offloads, and stops when it still cannot."""
+    home, data = tmp_path / "home", tmp_path / "data"
+    venv = data / "locod" / "venv"
+    (venv / "bin").mkdir(parents=True)
+    for name, body in (("python", FAKE_PYTHON), ("locod", '#!/bin/sh\necho "locod 0.1.0"\n')):
+        (venv / "bin" / name).write_text(body)
+        (venv / "bin" / name).chmod(0o755)
+    calls, offloads = tmp_path / "calls", tmp_path / "offloads"
+    env = {"HOME": str(home), "XDG_DATA_HOME": str(data), "XDG_CONFIG_HOME": str(home / ".config")}
+    env.update(PATH="/usr/bin:/bin", CALLS=str(calls), OFFLOADS=str(offloads))
+
+    def install(**extra: str) -> subprocess.CompletedProcess[str]:
+        command = ["bash", str(REPO / "scripts/install.sh"), "--user", "--gpu", "nvidia"]
+        return subprocess.run(command, capture_output=True, text=True, env={**env, **extra}, timeout=60)
+
+    no_toolkit = install()
+    assert no_toolkit.returncode == 1
+    assert (
+        "llama-cpp-python 0.3.36 still has no GPU offload: is the CUDA toolkit (nvcc) installed?" in no_toolkit.stderr
+    )
+    built = install(BUILDS_CUDA="1")
+    assert built.returncode == 0, built.stderr
+    assert "building llama-cpp-python 0.3.36 with CUDA for the GPU (CMAKE_ARGS=-DGGML_CUDA=on)" in built.stderr
+    rebuild = "-m pip install --quiet --force-reinstall --no-cache-dir --no-deps llama-cpp-python==0.3.36"
+    assert f"{rebuild} CMAKE_ARGS=-DGGML_CUDA=on" in calls.read_text()
+    calls.unlink()
+    upgraded = install(BUILDS_CUDA="1")  # an upgrade keeps the build that offloads
+    assert upgraded.returncode == 0 and "building" not in upgraded.stderr, upgraded.stderr
+    assert rebuild not in calls.read_text()
+
+
 def test_a_model_file_replaced_under_a_loaded_model_is_read_again_at_a_reload(
     daemon_factory: Any, model_path: Path, tmp_path: Path
 ) -> None:
