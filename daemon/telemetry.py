@@ -85,6 +85,9 @@ class Readers:
         self._throttle_prev: float | None = None
         self._nvml: Any = None
         self._nvml_tried = not nvml
+        # Why NVML gives no reading, as status's `missing` says it: a driver without the gpu extra is not
+        # "no device", and only the first is the user's to fix.
+        self.nvml_absent = "no NVML device" if nvml else "NVML not read (telemetry.nvml = false)"
 
     def power_supply(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -227,7 +230,11 @@ class Readers:
 
                 pynvml.nvmlInit()
                 self._nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(0))
-            except Exception:  # no library, no driver or no device: simply no NVML
+            except ImportError:
+                self._nvml = None
+                if (self.proc / "driver/nvidia/version").exists():  # the driver is loaded: a GPU is there
+                    self.nvml_absent = "nvidia-ml-py, the gpu extra, is not installed (pip install '.[gpu]')"
+            except Exception:  # no driver or no device: simply no NVML
                 self._nvml = None
         return self._nvml
 
@@ -337,7 +344,7 @@ class TelemetrySampler:
         values["local_tokens_per_s"] = round(tps, 2) if tps else None
         if tps and values.get("power_w"):
             values["joules_per_token"] = round(values["power_w"] / tps, 4)
-        missing = {name: _why_missing(name) for name in _OPTIONAL if values.get(name) is None}
+        missing = {name: _why_missing(name, self.readers.nvml_absent) for name in _OPTIONAL if values.get(name) is None}
         for name in missing:
             if name in self._present:
                 self._warn_once(name, f"telemetry: {name} stopped being readable; reporting None")
@@ -376,13 +383,13 @@ class TelemetrySampler:
 _OPTIONAL = ("battery_pct", "on_ac", "power_w", "cpu_temp_c", "gpu_pct", "rtt_ms")
 
 
-def _why_missing(name: str) -> str:
+def _why_missing(name: str, nvml_absent: str) -> str:
     return {
         "battery_pct": "no battery in /sys/class/power_supply",
         "on_ac": "no mains or battery status in /sys/class/power_supply",
         "power_w": "no discharging battery, RAPL counter or INA3221 rail",
         "cpu_temp_c": "no readable thermal zone",
-        "gpu_pct": "no Jetson GPU load file and no NVML device",
+        "gpu_pct": f"no Jetson GPU load file, and {nvml_absent}",
         "rtt_ms": "no cloud endpoint probed yet",
     }[name]
 

@@ -4,6 +4,8 @@ with the embedded model, copied under other names and settings as the operator's
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -197,3 +199,22 @@ def test_a_model_file_replaced_under_a_loaded_model_is_read_again_at_a_reload(
     assert asked.returncode == 0, asked.stderr
     assert "unloaded local model coder: its file was replaced" in handle.log()
     assert handle.log().count(loads) == 2
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pynvml") is not None, reason="nvidia-ml-py, the gpu extra, is installed")
+def test_a_gpu_without_the_gpu_extra_is_not_reported_as_no_device(daemon_factory: Any, tmp_path: Path) -> None:
+    """A laptop with an NVIDIA GPU and its driver, locod installed without the gpu extra: status's `missing`
+    said "no Jetson GPU load file and no NVML device", which is untrue and hides the one-line fix. Now it
+    names the extra when the driver is loaded, and says "no NVML device" only when there is none."""
+    fixtures = Path(__file__).parent / "fixtures/telemetry/desktop"
+    proc = tmp_path / "proc"
+    shutil.copytree(fixtures / "proc", proc)
+    (proc / "driver/nvidia").mkdir(parents=True)
+    (proc / "driver/nvidia/version").write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14\n")
+    roots = {"sysfs_root": str(fixtures / "sys"), "procfs_root": str(proc)}
+    handle = daemon_factory({"telemetry": roots})
+    why = handle.client().status()["telemetry"]["missing"]["gpu_pct"]
+    assert why == "no Jetson GPU load file, and nvidia-ml-py, the gpu extra, is not installed (pip install '.[gpu]')"
+    (proc / "driver/nvidia/version").unlink()
+    bare = daemon_factory({"telemetry": roots}, name="bare")
+    assert bare.client().status()["telemetry"]["missing"]["gpu_pct"] == "no Jetson GPU load file, and no NVML device"
