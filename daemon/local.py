@@ -271,7 +271,7 @@ class ModelZoo:
             self._cpu_said.add(model.name)
             log.warning(
                 "local model %s: n_gpu_layers = %d, but this llama-cpp-python build has no GPU offload: it runs on "
-                "the CPU (docs/operations.md, GPUs)",
+                "the CPU (docs/operations.md, Several models on a small device)",
                 model.name,
                 model.n_gpu_layers,
             )

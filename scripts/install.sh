@@ -52,7 +52,7 @@ fi
 offloads() { "$venv/bin/python" -c 'import sys, llama_cpp; sys.exit(not llama_cpp.llama_supports_gpu_offload())'; }
 if [ -n "$gpu" ] && ! offloads 2>/dev/null; then
   llama=$("$venv/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)')
-  say "building llama-cpp-python $llama with CUDA for the GPU (CMAKE_ARGS=${CMAKE_ARGS:=-DGGML_CUDA=on}): 10-40 minutes"
+  say "building llama-cpp-python $llama with CUDA for the GPU (CMAKE_ARGS=${CMAKE_ARGS:=-DGGML_CUDA=on}): many minutes on a Jetson"
   PATH="$PATH:/usr/local/cuda/bin" CMAKE_ARGS="$CMAKE_ARGS" "$venv/bin/python" -m pip install --quiet \
     --force-reinstall --no-cache-dir --no-deps "llama-cpp-python==$llama"
   offloads || { say "llama-cpp-python $llama still has no GPU offload: is the CUDA toolkit (nvcc) installed?"; exit 1; }
