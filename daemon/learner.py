@@ -81,6 +81,7 @@ class Learner:
         and policy in the same step (Decider.reload)."""
         routing = config.routing
         self.config = config
+        before = getattr(self, "found_priors", {})
         self.found_priors = priors
         running = getattr(self, "mess", None)  # a reload carries on from the state in memory, not the file
         self.mess = MessPlus(
@@ -95,7 +96,10 @@ class Learner:
         for model in config.local.models:
             self._start_over_if_replaced(model.name, resolve_path(model, config.models_dir))
         for name, prior in priors.items():
-            self.mess.warm_start(name, prior)
+            was = before.get(name)
+            # Said at start and when the prior changes: a model without labels would say it at every reload.
+            if self.mess.warm_start(name, prior) and (was is None or was.source != prior.source):
+                log.info("MESS+ predictor for %s starts from the prior fitted on %s", name, prior.source)
 
     def _start_over_if_replaced(self, model: str, gguf: Path) -> None:
         try:

@@ -347,7 +347,6 @@ class MessPlus:
             return False
         self.state.weights[model] = prior.weights.astype(np.float64).copy()
         self.state.confidence[model] = ConfidenceHead(prior.confidence)
-        log.info("MESS+ predictor for %s starts from the prior fitted on %s", model, prior.source)
         return True
 
     def confidence_head(self, model: str) -> ConfidenceHead:

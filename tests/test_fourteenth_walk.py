@@ -218,3 +218,19 @@ def test_a_gpu_without_the_gpu_extra_is_not_reported_as_no_device(daemon_factory
     (proc / "driver/nvidia/version").unlink()
     bare = daemon_factory({"telemetry": roots}, name="bare")
     assert bare.client().status()["telemetry"]["missing"]["gpu_pct"] == "no Jetson GPU load file, and no NVML device"
+
+
+def test_a_reload_does_not_repeat_each_models_prior_in_the_log(daemon_factory: Any, model_path: Path) -> None:
+    """A normal day's log, three models and a cron'd `systemctl reload` after each config edit: every reload
+    logged "MESS+ predictor for X starts from the prior ..." again for each model without labels yet (most
+    of them, for a household that seldom labels), the same lines each time. Now the start says it, and a
+    reload only when a model's prior changed."""
+    handle = daemon_factory(household(model_path, 1024))
+    said = "starts from the prior fitted on"
+    at_start = handle.log().count(said)
+    assert at_start == 3, handle.log()  # the embedded model, tiny and big: one GGUF, whose prior is shipped
+    for _ in range(2):
+        reloaded = handle.cli("reload")
+        assert reloaded.returncode == 0, reloaded.stderr
+    assert handle.log().count("configuration reloaded from") == 2
+    assert handle.log().count(said) == at_start, handle.log()
