@@ -633,8 +633,10 @@ class Daemon:
         routing = self._routing_status()
         online = self.telemetry.snapshot().online
         net = "online" if online else "offline" if online is False else "network unknown"
+        default, resident = self.config.local.default, self.zoo.resident()
+        loaded = "" if resident == [default] else f" (default; loaded: {', '.join(resident) or 'none'})"
         return (
-            f"model {self.config.local.default}, {net}, mode {routing['mode']}, "
+            f"model {default}{loaded}, {net}, mode {routing['mode']}, "
             f"SLA {_or_na(routing['attained'])}/{routing['sla']}, Q {routing['q']:.2f}, "
             f"{self.in_flight()} in flight"
         )

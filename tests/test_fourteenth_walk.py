@@ -14,7 +14,7 @@ from typing import Any
 import llama_cpp
 import pytest
 
-from .conftest import locod_command, write_config
+from .conftest import locod_command, wait_for, write_config
 from .fileserver import FileServer, Served, gguf_bytes
 
 
@@ -234,3 +234,27 @@ def test_a_reload_does_not_repeat_each_models_prior_in_the_log(daemon_factory: A
         assert reloaded.returncode == 0, reloaded.stderr
     assert handle.log().count("configuration reloaded from") == 2
     assert handle.log().count(said) == at_start, handle.log()
+
+
+def test_systemds_status_line_names_the_loaded_model_not_only_the_default(
+    daemon_factory: Any, model_path: Path, tmp_path: Path
+) -> None:
+    """`systemctl status locod` showed "model tiny" while the budget had unloaded tiny for big: the line named
+    the default, as if it were what the daemon held. Now it says which models are loaded when that is not
+    the default alone."""
+    from .test_systemd import NotifyListener
+
+    notify = NotifyListener(tmp_path / "notify.sock")
+    try:
+        handle = daemon_factory(household(model_path, 250), extra_env={"NOTIFY_SOCKET": str(notify.path)})
+        wait_for(lambda: "READY=1" in notify.fields(), 60, "READY=1")
+        assert next(f for f in notify.fields() if f.startswith("STATUS=")).startswith("STATUS=model tiny, ")
+        asked = handle.cli("ask", "Hi", "--model", "big", "--max-tokens", "2")
+        assert asked.returncode == 0, asked.stderr
+        wait_for(
+            lambda: any(f.startswith("STATUS=model tiny (default; loaded: big), ") for f in notify.fields()),
+            60,
+            "the STATUS line after the switch",
+        )
+    finally:
+        notify.close()
