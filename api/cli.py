@@ -470,12 +470,17 @@ def _local_line(loc: dict[str, Any]) -> str:
     unavailable = loc.get("unavailable", {})  # an older daemon's status has no such field
     others = [name for name in loc["models"] if name != loc["default"] and name not in unavailable]
     also = f"; also {', '.join(others)}" if others else ""
-    left_out = f"; left out, no usable file (`locod models list`): {', '.join(unavailable)}" if unavailable else ""
+    left_out = [name for name in unavailable if name != loc["default"]]
+    problems = f"; left out, no usable file (`locod models list`): {', '.join(left_out)}" if left_out else ""
+    if loc["default"] in unavailable:
+        problems += (
+            f"; the default's file is not usable ({unavailable[loc['default']]}): its turns fail until it is back"
+        )
     cache = loc["cache"]
     memory = f", {loc['resident_mb']} of {loc['memory_budget_mb']} MB" if "resident_mb" in loc else ""  # older daemon
     return (
         f"{loc['default']}{also} (resident: {', '.join(loc['resident']) or 'none'}{memory}; "
-        f"{_fmt(loc['tokens_per_s'], '{:.1f}')} tok/s){left_out}; dialogue cache {cache['dialogues']} kept, "
+        f"{_fmt(loc['tokens_per_s'], '{:.1f}')} tok/s){problems}; dialogue cache {cache['dialogues']} kept, "
         f"{cache['mb']:.0f}/{cache['limit_mb']:.0f} MB, "
         f"{counted(cache['hits'], 'hit')}, {counted(cache['misses'], 'miss', 'misses')}"
     )

@@ -33,7 +33,7 @@ from locod.daemon.fitting import MIN_ANSWER_TOKENS, TEMPLATE_SLACK_TOKENS
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
 from locod.daemon.logs import Throttle
-from locod.daemon.modelfile import ModelFiles
+from locod.daemon.modelfile import ModelFiles, check_model_file
 from locod.daemon.records import DecisionLog
 from locod.daemon.telemetry import Snapshot, TelemetrySampler
 from locod.errors import ModelError, PolicyError, PromptTooLong
@@ -385,6 +385,17 @@ class Decider:
             if m.name != config.local.default
         }
         return {name: problem for name, problem in problems.items() if problem is not None}
+
+    def unusable_files(self) -> dict[str, str]:
+        """Every local model whose file cannot be loaded now, with the error's code: status's health check,
+        which names the default too (routing keeps it on offer whatever its file: its turns fail by name)."""
+        config = self.config
+        unusable = {name: problem.code for name, problem in self.missing_files().items()}
+        try:
+            check_model_file(config.local_model(config.local.default), config.models_dir)
+        except ModelError as exc:
+            unusable[config.local.default] = exc.code
+        return unusable
 
     def refuse_unfit(self, prompt: str) -> None:
         """Refuse a prompt that no model could hold, before any work on the turn's attachments."""

@@ -584,7 +584,7 @@ class Daemon:
                 "resident": self.zoo.resident(),
                 "resident_mb": round(self.zoo.resident_mb()),
                 "memory_budget_mb": self.zoo.budget_mb,
-                "unavailable": {name: problem.code for name, problem in self.decider.missing_files().items()},
+                "unavailable": self.decider.unusable_files(),
                 "tokens_per_s": self.local.tokens_per_s,
                 "cache": self.zoo.cache.status(),
             },

@@ -73,11 +73,18 @@ def test_n_gpu_layers_on_a_cpu_only_build_is_said_once(daemon_factory: Any, mode
     assert "local model tiny: n_gpu_layers" not in handle.log()
 
 
-def test_status_sets_apart_a_configured_model_whose_file_is_missing(daemon_factory: Any, model_path: Path) -> None:
+def test_status_sets_apart_a_configured_model_whose_file_is_missing(
+    daemon_factory: Any, model_path: Path, tmp_path: Path
+) -> None:
     """A second model's GGUF not copied to the device yet (or the embedded one never fetched into a new models
     directory): `locod status`, the one place to check health, listed it among the models on offer ("also
-    coder"), while routing left it out and `--model coder` was refused. Now status names it apart."""
+    coder"), while routing left it out and `--model coder` was refused; and with the default's file moved
+    away under the running daemon, status said nothing while the turns routed to it failed. Now status names
+    both apart."""
+    tiny = tmp_path / "tiny.gguf"
+    shutil.copyfile(model_path, tiny)
     config = household(model_path, 1024)
+    config["local"]["models"][0]["path"] = str(tiny)
     config["local"]["models"].append({"name": "coder", "path": str(model_path.parent / "not-copied-yet.gguf")})
     handle = daemon_factory(config)
     local = handle.client().status()["local"]
@@ -85,6 +92,10 @@ def test_status_sets_apart_a_configured_model_whose_file_is_missing(daemon_facto
     line = next(row for row in handle.cli("status").stdout.splitlines() if row.strip().startswith("local"))
     assert "; also smollm2-135m-instruct, big (resident: tiny" in line, line
     assert "left out, no usable file (`locod models list`): coder;" in line, line
+    tiny.rename(tmp_path / "tiny.gguf.moved")
+    assert handle.client().status()["local"]["unavailable"] == {"coder": "model_missing", "tiny": "model_missing"}
+    line = next(row for row in handle.cli("status").stdout.splitlines() if row.strip().startswith("local"))
+    assert "; the default's file is not usable (model_missing): its turns fail until it is back;" in line, line
 
 
 @pytest.fixture
