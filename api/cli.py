@@ -801,6 +801,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print("reloaded, but no config file was found: defaults and LOCOD_* variables only")
     else:
         print(f"reloaded from {source}")
+    if result.get("models_changed"):  # an older daemon does not say
+        print(f"local models: {'; '.join(result['models_changed'])}")
     if result.get("restart_needed"):
         print(f"changed in [{'], ['.join(result['restart_needed'])}]: takes effect when the daemon restarts")
     _say_which_variables_stay_here(running, keyless)

@@ -161,16 +161,20 @@ class ModelZoo:
         self._recheck_files = False  # set by a reload: the next get unloads models whose file was replaced
         self.cache = DialogueCache(max(cache_mb, 0), self._room_mb, park, self.identity)
 
-    def reconfigure(self, local: LocalConfig) -> None:
-        """Take the models of a reloaded config. Called on the serving loop, not under the gate, so it only
-        swaps the table; the gate's next holder unloads what was removed or changed, or whose file was
-        replaced, at its ``get``."""
+    def reconfigure(self, local: LocalConfig) -> list[str]:
+        """Take the models of a reloaded config, and say what changed in them. Called on the serving loop,
+        not under the gate, so it only swaps the table; the gate's next holder unloads what was removed or
+        changed, or whose file was replaced, at its ``get``."""
+        changes = model_changes(self.models, {m.name: m for m in local.models})
+        if changes:
+            log.info("reload: local models %s", "; ".join(changes))
         self.models = {m.name: m for m in local.models}
         self.budget_mb = local.memory_budget_mb
         self.n_threads = local.n_threads or None
         self._recheck_files = True
         if local.cache_mb >= 0:  # -1 keeps the size chosen at the first load
             self.cache.limit_mb = local.cache_mb
+        return changes
 
     def get(self, name: str) -> LoadedModel:
         models = self.models
@@ -318,6 +322,18 @@ class ModelZoo:
             loaded.llm.close()
         self._loaded.clear()
         self.cache.park_all()
+
+
+def model_changes(old: dict[str, LocalModelConfig], new: dict[str, LocalModelConfig]) -> list[str]:
+    """What a reload changed in the local models, in words: after editing several, the operator's check
+    that the edit said what was meant (a renamed entry is one removed and one added)."""
+    said = [f"added {name}" for name in new if name not in old]
+    said += [f"removed {name}" for name in old if name not in new]
+    for name, model in new.items():
+        if name in old and old[name] != model:
+            keys = [f.name for f in dataclasses.fields(model) if getattr(model, f.name) != getattr(old[name], f.name)]
+            said.append(f"changed {name} ({', '.join(keys)})")
+    return said
 
 
 def auto_cache_mb(kv_full_mb: float) -> float:

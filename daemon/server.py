@@ -685,7 +685,7 @@ class Daemon:
         self.tcp_auth = TcpAuth(tcp_secret)
         if self.http is not None:
             self.http.key = http_key
-        self.zoo.reconfigure(new.local)
+        models_changed = self.zoo.reconfigure(new.local)
         self.runner.config = self.shadow.config = new
         self.telemetry.retarget(new)
         policy_error = self.decider.reload(new)
@@ -699,6 +699,7 @@ class Daemon:
             "restart_needed": kept,
             "policy_error": policy_error,
             "left_out": left_out,  # local models routing leaves out: a typo in a path said only "reloaded"
+            "models_changed": models_changed,  # after editing several models: what the daemon took of it
         }
 
     def _stop_step(self, now: float) -> bool:

@@ -269,3 +269,23 @@ def test_systemds_status_line_names_the_loaded_model_not_only_the_default(
         )
     finally:
         notify.close()
+
+
+def test_reload_says_what_changed_in_the_local_models(daemon_factory: Any, model_path: Path) -> None:
+    """After editing three [[local.models]] entries (one renamed, one added, one's context cut), `locod reload`
+    printed "reloaded from ..." and the journal "configuration reloaded": nothing told the operator whether
+    the daemon took the edit as meant (a renamed entry is a model removed and another added). Now both say
+    what changed, model by model."""
+    handle = daemon_factory(household(model_path, 1024))
+    edited = household(model_path, 1024)
+    edited["local"]["models"][0]["n_ctx"] = 512
+    edited["local"]["models"][1]["name"] = "big2"
+    edited["local"]["models"].append({"name": "coder", "path": str(model_path), "n_gpu_layers": 0})
+    write_config(handle.config_path, edited)
+    reloaded = handle.cli("reload")
+    assert reloaded.returncode == 0, reloaded.stderr
+    said = "added big2; added coder; removed big; changed tiny (n_ctx)"
+    assert f"local models: {said}\n" in reloaded.stdout, reloaded.stdout
+    assert f"reload: local models {said}" in handle.log()
+    again = handle.cli("reload")
+    assert again.returncode == 0 and "local models" not in again.stdout, again.stdout
