@@ -157,7 +157,7 @@ class ModelZoo:
         self.n_threads = n_threads or None
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._cache_auto = cache_mb < 0
-        self._cpu_said: set[str] = set()  # models whose n_gpu_layers this CPU-only build ignores, logged
+        self._said: set[tuple[str, int]] = set()  # misfits logged (model, budget; 0: no GPU offload): once each
         self._recheck_files = False  # set by a reload: the next get unloads models whose file was replaced
         self.cache = DialogueCache(max(cache_mb, 0), self._room_mb, park, self.identity)
 
@@ -269,17 +269,18 @@ class ModelZoo:
     def _warn_misfit(self, loaded: LoadedModel) -> None:
         """Say when a model loaded otherwise than its settings ask: the operator's only other clue is speed."""
         model = loaded.config
-        if model.n_gpu_layers and not llama_cpp.llama_supports_gpu_offload() and model.name not in self._cpu_said:
+        if model.n_gpu_layers and not llama_cpp.llama_supports_gpu_offload() and (model.name, 0) not in self._said:
             # PyPI's source build is CPU-only unless built with CMAKE_ARGS="-DGGML_CUDA=on": on a Jetson the
-            # setting then does nothing. Said once per model, not at each reload after an eviction.
-            self._cpu_said.add(model.name)
+            # setting then does nothing. Said once per model, not at each load after an eviction.
+            self._said.add((model.name, 0))
             log.warning(
                 "local model %s: n_gpu_layers = %d, but this llama-cpp-python build has no GPU offload: it runs on "
                 "the CPU (docs/operations.md, Several models on a small device)",
                 model.name,
                 model.n_gpu_layers,
             )
-        if loaded.footprint_mb > self.budget_mb:
+        if loaded.footprint_mb > self.budget_mb and (model.name, self.budget_mb) not in self._said:
+            self._said.add((model.name, self.budget_mb))  # said again only for another budget
             log.warning(
                 "local model %s takes about %.0f MB (weights and a %d-token KV cache), more than "
                 "local.memory_budget_mb (%d MB): it runs alone, over the budget; raise the budget if the device "

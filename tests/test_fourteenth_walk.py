@@ -48,13 +48,16 @@ def test_the_memory_budget_counts_a_models_kv_cache_before_loading_it(daemon_fac
 
     write_config(handle.config_path, household(model_path, 100))
     assert handle.cli("reload").returncode == 0
-    asked = handle.cli("ask", "Hi", "--model", "tiny", "--max-tokens", "2")
-    assert asked.returncode == 0, asked.stderr
+    for model in ("tiny", "big", "tiny"):  # each over 100 MB alone: loaded in turn, said once each
+        asked = handle.cli("ask", "Hi", "--model", model, "--max-tokens", "2")
+        assert asked.returncode == 0, asked.stderr
     assert handle.client().status()["local"]["resident"] == ["tiny"]
-    assert (
+    over = (
         "local model tiny takes about 116 MB (weights and a 1024-token KV cache), more than "
-        "local.memory_budget_mb (100 MB): it runs alone, over the budget" in handle.log()
+        "local.memory_budget_mb (100 MB): it runs alone, over the budget"
     )
+    assert handle.log().count(over) == 1, handle.log()
+    assert handle.log().count("INFO locod.daemon.local: loaded local model tiny") == 3
 
 
 @pytest.mark.skipif(llama_cpp.llama_supports_gpu_offload(), reason="this llama-cpp-python build offloads to a GPU")
