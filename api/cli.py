@@ -980,6 +980,10 @@ def cmd_models_list(args: argparse.Namespace) -> int:
         _print_json([row.as_dict() for row in rows])
         return 0
     print("\n".join(table(rows)))
+    print(
+        f"memory: the weights plus the KV cache at that context, counted against local.memory_budget_mb "
+        f"({config.local.memory_budget_mb} MB)"
+    )
     for cloud in config.cloud.models:
         print(f"cloud: {cloud.name}, {cloud.model} at {redacted_url(cloud.base_url)}")
     if running is None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from locod.daemon.config import MAX_CONFIG_BYTES, Config, LocalModelConfig
-from locod.daemon.gguf import NotGGUF, describe, is_gguf
+from locod.daemon.gguf import NotGGUF, is_gguf, kv_bytes_per_token, read_metadata, summary
 from locod.daemon.modelfile import resolve_path
 from locod.daemon.typed_toml import build_table, in_range, read_toml
 from locod.errors import ConfigError
@@ -93,6 +93,7 @@ class ModelRow:
     quantisation: str
     n_ctx: int
     context_length: int | None
+    memory_mb: float | None  # weights and the KV cache at n_ctx: what it takes of local.memory_budget_mb
     default: bool
     loaded: bool | None  # None: the daemon is not running
 
@@ -102,9 +103,10 @@ class ModelRow:
     def cells(self) -> tuple[str, ...]:
         size = "missing" if self.size is None else f"{self.size / 2**20:.0f} MiB"
         trained = f" of {self.context_length}" if self.context_length else ""
+        memory = "-" if self.memory_mb is None else f"{self.memory_mb:.0f} MiB"
         loaded = "-" if self.loaded is None else "yes" if self.loaded else "no"
         name = self.name + (" (default)" if self.default else "")
-        return name, size, self.quantisation, f"{self.n_ctx}{trained}", loaded, str(self.path)
+        return name, size, self.quantisation, f"{self.n_ctx}{trained}", memory, loaded, str(self.path)
 
 
 def model_rows(config: Config, resident: list[str] | None) -> list[ModelRow]:
@@ -112,23 +114,27 @@ def model_rows(config: Config, resident: list[str] | None) -> list[ModelRow]:
     rows = []
     for model in config.local.models:
         path = resolve_path(model, config.models_dir)
-        size, quant, trained = None, "-", None
+        size, quant, trained, memory = None, "-", None, None
         if path.is_file():
             size = path.stat().st_size
             try:
-                info = describe(path)
+                meta = read_metadata(path)
+                info = summary(meta)
                 quant, trained = info.quantisation, info.context_length
+                memory = (size + kv_bytes_per_token(meta) * model.n_ctx) / 2**20
             except NotGGUF:
                 quant = "damaged GGUF" if is_gguf(path) else "not a GGUF"
         loaded = None if resident is None else model.name in resident
         rows.append(
-            ModelRow(model.name, path, size, quant, model.n_ctx, trained, model.name == config.local.default, loaded)
+            ModelRow(
+                model.name, path, size, quant, model.n_ctx, trained, memory, model.name == config.local.default, loaded
+            )
         )
     return rows
 
 
 def table(rows: list[ModelRow]) -> list[str]:
     """Rows as aligned text columns under a header."""
-    cells = [("name", "size", "quant", "context", "loaded", "path"), *(row.cells() for row in rows)]
+    cells = [("name", "size", "quant", "context", "memory", "loaded", "path"), *(row.cells() for row in rows)]
     widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]

@@ -50,12 +50,30 @@ def is_gguf(path: Path) -> bool:
 
 def describe(path: Path) -> GgufInfo:
     """Architecture, trained context and quantisation of the GGUF at ``path``; raises NotGGUF."""
-    meta = read_metadata(path)
+    return summary(read_metadata(path))
+
+
+def summary(meta: dict[str, Any]) -> GgufInfo:
+    """Architecture, trained context and quantisation from a header's metadata."""
     arch = str(meta.get("general.architecture", "unknown"))
     context = meta.get(f"{arch}.context_length")
     file_type = meta.get("general.file_type")
     quant = FILE_TYPES.get(file_type, f"type {file_type}") if isinstance(file_type, int) else "unknown"
     return GgufInfo(arch, int(context) if isinstance(context, int) else None, quant)
+
+
+def kv_bytes_per_token(meta: dict[str, Any]) -> int:
+    """What one token of context takes in llama.cpp's KV cache (f16 keys and values), from the metadata:
+    read from the file's header (numbers) or from llama.cpp (text); 0 when the fields are absent."""
+    arch = meta.get("general.architecture", "")
+    try:
+        layers = int(meta[f"{arch}.block_count"])
+        heads = int(meta[f"{arch}.attention.head_count"])
+        kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
+        width = int(meta[f"{arch}.embedding_length"])
+    except (KeyError, ValueError, TypeError):  # absent, or per-layer arrays (a few architectures)
+        return 0
+    return 2 * layers * kv_heads * (width // heads) * 2 if heads else 0
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import Config, LocalConfig, LocalModelConfig
 from locod.daemon.fitting import fit_to_context, prompt_tokens
 from locod.daemon.gate import FairGate
-from locod.daemon.gguf import NotGGUF, read_metadata
+from locod.daemon.gguf import NotGGUF, kv_bytes_per_token, read_metadata
 from locod.daemon.kvcache import DialogueCache
 from locod.daemon.kvpark import DiskPark
 from locod.daemon.logprobs import TokenLogprobs
@@ -347,17 +347,8 @@ def auto_cache_mb(kv_full_mb: float) -> float:
 
 
 def kv_cache_mb(meta: dict[str, Any], n_ctx: int) -> float:
-    """KV cache size of ``n_ctx`` tokens from the GGUF metadata (f16 keys and values; llama.cpp gives its
-    values as text, the header reader as numbers), 0 when the fields are absent."""
-    arch = meta.get("general.architecture", "")
-    try:
-        layers = int(meta[f"{arch}.block_count"])
-        heads = int(meta[f"{arch}.attention.head_count"])
-        kv_heads = int(meta.get(f"{arch}.attention.head_count_kv", heads))
-        width = int(meta[f"{arch}.embedding_length"])
-    except (KeyError, ValueError, TypeError):
-        return 0.0
-    return 2 * layers * n_ctx * kv_heads * (width // heads) * 2 / 2**20 if heads else 0.0
+    """KV cache size of ``n_ctx`` tokens from the GGUF metadata, 0 when the fields are absent."""
+    return kv_bytes_per_token(meta) * n_ctx / 2**20
 
 
 def _header_kv_mb(path: Path, n_ctx: int) -> float:

@@ -5,6 +5,7 @@ with the embedded model, copied under other names and settings as the operator's
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -45,6 +46,14 @@ def test_the_memory_budget_counts_a_models_kv_cache_before_loading_it(daemon_fac
     shown = handle.cli("status")
     assert "(resident: big, 184 of 250 MB;" in shown.stdout, shown.stdout
     assert "unloaded local model tiny to stay within 250 MB" in handle.log()
+    listed = handle.cli("models", "list").stdout  # what each takes, to plan the budget before loading any
+    assert "1024 of 8192  116 MiB  no " in listed and "4096 of 8192  184 MiB  yes " in listed, listed
+    assert "counted against local.memory_budget_mb (250 MB)" in listed
+    assert [row["memory_mb"] > 180 for row in json.loads(handle.cli("models", "list", "--json").stdout)] == [
+        False,
+        False,
+        True,
+    ]
 
     write_config(handle.config_path, household(model_path, 100))
     assert handle.cli("reload").returncode == 0

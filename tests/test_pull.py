@@ -124,7 +124,7 @@ def test_list_and_rm(tmp_path: Path, server: FileServer) -> None:
     assert pull.returncode == 0, pull.stderr
     listing = _run(env, "models", "list")
     row = next(line.split() for line in listing.stdout.splitlines() if line.startswith("tiny "))
-    assert row == ["tiny", "1", "MiB", "Q8_0", "1024", "of", "1024", "-", str(tmp_path / "tiny.gguf")]
+    assert row == ["tiny", "1", "MiB", "Q8_0", "1024", "of", "1024", "1", "MiB", "-", str(tmp_path / "tiny.gguf")]
     assert _run(env, "models", "rm", "tiny").returncode == 0
     assert pulled_models(tmp_path) == [] and not (tmp_path / "tiny.gguf").exists()
     gone = _run(env, "models", "rm", "tiny")
