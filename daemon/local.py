@@ -157,7 +157,7 @@ class ModelZoo:
         self.n_threads = n_threads or None
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
         self._cache_auto = cache_mb < 0
-        self._said: set[tuple[str, int]] = set()  # misfits logged (model, budget; 0: no GPU offload): once each
+        self._said: set[tuple[str, str]] = set()  # (model, what) of the misfits logged: each is said once
         self._recheck_files = False  # set by a reload: the next get unloads models whose file was replaced
         self.cache = DialogueCache(max(cache_mb, 0), self._room_mb, park, self.identity)
 
@@ -267,29 +267,49 @@ class ModelZoo:
         return loaded
 
     def _warn_misfit(self, loaded: LoadedModel) -> None:
-        """Say when a model loaded otherwise than its settings ask: the operator's only other clue is speed."""
-        model = loaded.config
-        if model.n_gpu_layers and not llama_cpp.llama_supports_gpu_offload() and (model.name, 0) not in self._said:
+        """Say what about a loaded model its settings get wrong, which the operator would otherwise find out
+        from its speed, the OOM killer or its answers."""
+        model, llm = loaded.config, loaded.llm
+        arch = llm.metadata.get("general.architecture", "")
+        try:
+            trained = int(llm.metadata.get(f"{arch}.context_length", 0))  # llama.cpp gives the header's text
+        except ValueError:
+            trained = 0
+        # Each said once per model (and budget or context), not at each load after an eviction.
+        if model.n_gpu_layers and not llama_cpp.llama_supports_gpu_offload() and self._first(model.name, "gpu"):
             # PyPI's source build is CPU-only unless built with CMAKE_ARGS="-DGGML_CUDA=on": on a Jetson the
-            # setting then does nothing. Said once per model, not at each load after an eviction.
-            self._said.add((model.name, 0))
+            # setting then does nothing.
             log.warning(
                 "local model %s: n_gpu_layers = %d, but this llama-cpp-python build has no GPU offload: it runs on "
                 "the CPU (docs/operations.md, Several models on a small device)",
                 model.name,
                 model.n_gpu_layers,
             )
-        if loaded.footprint_mb > self.budget_mb and (model.name, self.budget_mb) not in self._said:
-            self._said.add((model.name, self.budget_mb))  # said again only for another budget
+        if loaded.footprint_mb > self.budget_mb and self._first(model.name, f"budget {self.budget_mb}"):
             log.warning(
                 "local model %s takes about %.0f MB (weights and a %d-token KV cache), more than "
                 "local.memory_budget_mb (%d MB): it runs alone, over the budget; raise the budget if the device "
                 "has the memory, else lower its n_ctx or use a smaller quantisation",
                 model.name,
                 loaded.footprint_mb,
-                loaded.llm.n_ctx(),
+                llm.n_ctx(),
                 self.budget_mb,
             )
+        if 0 < trained < llm.n_ctx() and self._first(model.name, f"n_ctx {llm.n_ctx()}"):
+            log.warning(
+                "local model %s: n_ctx = %d is beyond the %d tokens it was trained for: past those its answers "
+                "may fall apart (llama.cpp does not stop it); set n_ctx to at most %d",
+                model.name,
+                llm.n_ctx(),
+                trained,
+                trained,
+            )
+
+    def _first(self, model: str, what: str) -> bool:
+        """True the first time ``what`` is said of ``model``."""
+        fresh = (model, what) not in self._said
+        self._said.add((model, what))
+        return fresh
 
     def _models_mb(self) -> float:
         return sum(m.footprint_mb for m in self._loaded.values())

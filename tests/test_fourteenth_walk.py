@@ -301,3 +301,21 @@ def test_reload_says_what_changed_in_the_local_models(daemon_factory: Any, model
     assert f"reload: local models {said}" in handle.log()
     again = handle.cli("reload")
     assert again.returncode == 0 and "local models" not in again.stdout, again.stdout
+
+
+def test_an_n_ctx_beyond_the_trained_context_is_said(daemon_factory: Any, model_path: Path) -> None:
+    """The long-context entry set `n_ctx = 16384` on a model trained for 8,192 tokens (the operator copied the
+    setting from another model's): llama.cpp loaded it without a word (its own warning is silenced), and past
+    8,192 tokens the answers fell apart. `locod models list` showed "16384 of 8192", but nothing pointed
+    there. Now the load says so in the log, once."""
+    config = household(model_path, 300)  # big takes 296 MB at 9,216 tokens: it and tiny take turns loading
+    config["local"]["models"][1]["n_ctx"] = 9216
+    handle = daemon_factory(config)
+    for _ in range(2):
+        for model in ("big", "tiny"):
+            asked = handle.cli("ask", "Hi", "--model", model, "--max-tokens", "2")
+            assert asked.returncode == 0, asked.stderr
+    said = "local model big: n_ctx = 9216 is beyond the 8192 tokens it was trained for"
+    assert handle.log().count(said) == 1, handle.log()
+    assert "local model tiny: n_ctx" not in handle.log()
+    assert handle.log().count("INFO locod.daemon.local: loaded local model big") == 2
