@@ -256,7 +256,7 @@ class ModelZoo:
         self._warn_misfit(loaded)
         if self._cache_auto:
             self._cache_auto = False
-            self.cache.limit_mb = auto_cache_mb(kv_mb)
+            self.cache.limit_mb = auto_cache_mb(kv_mb, self._room_mb())
         log.info(
             "loaded local model %s (%.0f MB resident estimate) in %.1f s; dialogue cache %.0f MB",
             model.name,
@@ -357,13 +357,15 @@ def model_changes(old: dict[str, LocalModelConfig], new: dict[str, LocalModelCon
     return said
 
 
-def auto_cache_mb(kv_full_mb: float) -> float:
-    """The default dialogue cache: AUTO_CACHE_DIALOGUES full-context states, within a quarter of free memory."""
+def auto_cache_mb(kv_full_mb: float, room_mb: float) -> float:
+    """The default dialogue cache: AUTO_CACHE_DIALOGUES full-context states, within a quarter of free memory
+    and within the room the memory budget leaves beside the first model (on a small budget, more would be a
+    limit status shows and the budget never lets the cache reach)."""
     try:
         free_mb = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (ValueError, OSError):
         free_mb = float("inf")
-    return min(AUTO_CACHE_DIALOGUES * kv_full_mb, free_mb / 4)
+    return max(0.0, min(AUTO_CACHE_DIALOGUES * kv_full_mb, free_mb / 4, room_mb))
 
 
 def kv_cache_mb(meta: dict[str, Any], n_ctx: int) -> float:

@@ -35,7 +35,8 @@ def test_the_memory_budget_counts_a_models_kv_cache_before_loading_it(daemon_fac
     4 GB device was sized by was overrun by every long-context model. `locod status` named the resident
     models without their memory, so nothing showed it; and a model that alone outgrew the budget was loaded
     without a word. Now the KV cache is counted from the file's header first, status says how much of the
-    budget is in use, and a model over the budget by itself is named in the log."""
+    budget is in use, and a model over the budget by itself is named in the log. The dialogue cache sized
+    itself (`cache_mb = -1`) at 180 MB beside them, more than the budget could ever leave it; now within it."""
     handle = daemon_factory(household(model_path, 250))
     for model in ("tiny", "big"):
         asked = handle.cli("ask", "Hi", "--model", model, "--max-tokens", "2")
@@ -43,6 +44,7 @@ def test_the_memory_budget_counts_a_models_kv_cache_before_loading_it(daemon_fac
     local = handle.client().status()["local"]
     assert local["resident"] == ["big"], local
     assert 180 <= local["resident_mb"] <= local["memory_budget_mb"] == 250, local
+    assert local["cache"]["limit_mb"] == pytest.approx(250 - 116, abs=1), local  # what tiny, loaded first, left
     shown = handle.cli("status")
     assert "(resident: big, 184 of 250 MB;" in shown.stdout, shown.stdout
     assert "unloaded local model tiny to stay within 250 MB" in handle.log()
