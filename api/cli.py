@@ -648,17 +648,21 @@ def _fmt(value: Any, pattern: str) -> str:
 
 def _predictors(predictors: dict[str, dict[str, Any]]) -> str:
     """Where each local model's predictor started and how much it has learned since: a model that starts
-    from the task priors routes near chance until a few hundred labels (docs/routing.md)."""
+    from the task priors routes near chance until a few hundred labels (docs/routing.md). Models alike in
+    both share one clause: copies of one GGUF under several settings repeated it word for word."""
     started = {
         None: "the task priors (no prior for its GGUF)",
         "shipped": "the prior shipped for its GGUF",
     }
-    return "; ".join(
-        f"{name} from {started.get(p['prior'], 'your prior ' + str(p['prior']))}"
-        + (f", fitted on {p['fitted_on']}" if p["fitted_on"] else "")
-        + f", {counted(p['labels'], 'label')} since"
-        for name, p in predictors.items()
-    )
+    alike: dict[str, list[str]] = {}
+    for name, p in predictors.items():
+        said = (
+            started.get(p["prior"], f"your prior {p['prior']}")
+            + (f", fitted on {p['fitted_on']}" if p["fitted_on"] else "")
+            + f", {counted(p['labels'], 'label')} since"
+        )
+        alike.setdefault(said, []).append(name)
+    return "; ".join(f"{', '.join(names)} from {said}" for said, names in alike.items())
 
 
 def _out_of_reach(routing: dict[str, Any], cloud: dict[str, Any]) -> str:

@@ -248,8 +248,9 @@ def test_a_gpu_without_the_gpu_extra_is_not_reported_as_no_device(daemon_factory
 def test_a_reload_does_not_repeat_each_models_prior_in_the_log(daemon_factory: Any, model_path: Path) -> None:
     """A normal day's log, three models and a cron'd `systemctl reload` after each config edit: every reload
     logged "MESS+ predictor for X starts from the prior ..." again for each model without labels yet (most
-    of them, for a household that seldom labels), the same lines each time. Now the start says it, and a
-    reload only when a model's prior changed."""
+    of them, for a household that seldom labels), the same lines each time; and status's learning row
+    repeated the same clause for each copy of one GGUF. Now the start says it, and a reload only when a
+    model's prior changed; status says it once for the models alike."""
     handle = daemon_factory(household(model_path, 1024))
     said = "starts from the prior fitted on"
     at_start = handle.log().count(said)
@@ -259,6 +260,9 @@ def test_a_reload_does_not_repeat_each_models_prior_in_the_log(daemon_factory: A
         assert reloaded.returncode == 0, reloaded.stderr
     assert handle.log().count("configuration reloaded from") == 2
     assert handle.log().count(said) == at_start, handle.log()
+    learning = next(row for row in handle.cli("status").stdout.splitlines() if row.strip().startswith("learning"))
+    assert learning.count("from the prior shipped for its GGUF") == 1, learning  # one clause for the three
+    assert "learning  smollm2-135m-instruct, tiny, big from the prior shipped for its GGUF, fitted on " in learning
 
 
 def test_systemds_status_line_names_the_loaded_model_not_only_the_default(
