@@ -323,7 +323,7 @@ def test_status_names_every_local_model_as_it_does_the_cloud_ones(daemon: Daemon
     daemon.config_path.write_text(f'[[local.models]]\nname = "mybot"\npath = "{model_path}"\n')
     assert daemon.cli("reload").returncode == 0
     local = next(line for line in daemon.cli("status").stdout.splitlines() if line.strip().startswith("local "))
-    assert f"local  {MODEL_NAME}; also mybot (resident: {MODEL_NAME};" in local, local
+    assert f"local  {MODEL_NAME}; also mybot (resident: {MODEL_NAME}, " in local, local
 
 
 def test_the_http_api_says_which_name_serves_a_providers_model_id(daemon_factory: Any) -> None:
