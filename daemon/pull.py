@@ -131,7 +131,12 @@ def pull_model(
         pulled=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     catalog.register(models_dir, model)
-    progress(f"{name}: installed at {target} ({info.quantisation}, context {model.n_ctx} of {context or '?'})")
+    # What it will take of local.memory_budget_mb, so that a small device's owner can pick --ctx now.
+    memory_mb = (model.size + gguf.kv_bytes_per_token(gguf.read_metadata(target)) * model.n_ctx) / 2**20
+    progress(
+        f"{name}: installed at {target} ({info.quantisation}, context {model.n_ctx} of {context or '?'}; "
+        f"it takes about {memory_mb:.0f} MiB in memory with its KV cache at that context)"
+    )
     if expected is None:  # a plain URL: only the GGUF header was checked, which a tampered file passes
         progress(
             f"{name}: its SHA-256 is {digest}, not checked: the source publishes none; compare it with the "

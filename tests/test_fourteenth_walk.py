@@ -141,6 +141,10 @@ def test_models_commands_use_the_running_daemons_models_directory(
     pulled = cli("models", "pull", f"{server.url}/files/helper.gguf", "--name", "helper")
     assert pulled.returncode == 0, pulled.stderr
     assert (service_models / "helper.gguf").is_file() and (service_models / "pulled.toml").is_file()
+    assert (
+        "(Q4_K_M, context 2048 of 2048; it takes about 1 MiB in memory with its KV cache at that context)"
+        in pulled.stderr
+    )
     assert not (tmp_path / "shell-data" / "locod").exists()
     assert cli("reload").returncode == 0
     assert "helper" in handle.client().status()["local"]["models"]
