@@ -218,13 +218,13 @@ def test_a_model_file_replaced_under_a_loaded_model_is_read_again_at_a_reload(
     loads = "INFO locod.daemon.local: loaded local model coder"
     assert handle.log().count(loads) == 1
     assert handle.cli("reload").returncode == 0  # the same file: kept loaded
-    assert handle.cli("ask", "Hi", "--max-tokens", "2").returncode == 0
+    assert handle.cli("ask", "Hi", "--model", "coder", "--max-tokens", "2").returncode == 0
     assert handle.log().count(loads) == 1
     newer = tmp_path / "coder.gguf.new"
     newer.write_bytes(model_path.read_bytes() + bytes(1 << 20))  # another build: a larger file
     newer.replace(coder)
     assert handle.cli("reload").returncode == 0
-    asked = handle.cli("ask", "Hi", "--max-tokens", "2")
+    asked = handle.cli("ask", "Hi", "--model", "coder", "--max-tokens", "2")
     assert asked.returncode == 0, asked.stderr
     assert "unloaded local model coder: its file was replaced" in handle.log()
     assert handle.log().count(loads) == 2
