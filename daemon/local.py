@@ -333,8 +333,9 @@ class ModelZoo:
         return list(self._loaded)
 
     def resident_mb(self) -> float:
-        """The loaded models' estimated memory (weights and KV caches), against ``budget_mb``."""
-        return self._models_mb()
+        """The loaded models' estimated memory (weights and KV caches), against ``budget_mb``. Asked from the
+        serving loop while a turn may load or unload one: a snapshot (list() runs in C, under the GIL)."""
+        return sum(m.footprint_mb for m in list(self._loaded.values()))
 
     def close(self) -> None:
         """Unload everything; with a disk park, the dialogues' states are parked first."""
