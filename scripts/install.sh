@@ -48,13 +48,14 @@ fi
 "$venv/bin/python" -m pip install --quiet --upgrade '.[http]'  # the service may open the HTTP API (http.listen)
 [ "$gpu" = nvidia ] && "$venv/bin/python" -m pip install --quiet 'nvidia-ml-py>=12.535'
 # llama-cpp-python builds from source for the CPU alone unless told otherwise: with --gpu, rebuild it with CUDA
-# (once: an upgrade keeps a build that offloads). pip's cache would hand back the CPU wheel, hence no cache.
+# (once: an upgrade keeps a build that offloads). pip's cache or a wheel index would hand back a CPU build,
+# hence no cache and no binary.
 offloads() { "$venv/bin/python" -c 'import sys, llama_cpp; sys.exit(not llama_cpp.llama_supports_gpu_offload())'; }
 if [ -n "$gpu" ] && ! offloads 2>/dev/null; then
   llama=$("$venv/bin/python" -c 'import llama_cpp; print(llama_cpp.__version__)')
   say "building llama-cpp-python $llama with CUDA for the GPU (CMAKE_ARGS=${CMAKE_ARGS:=-DGGML_CUDA=on}): many minutes on a Jetson"
   PATH="$PATH:/usr/local/cuda/bin" CMAKE_ARGS="$CMAKE_ARGS" "$venv/bin/python" -m pip install --quiet \
-    --force-reinstall --no-cache-dir --no-deps "llama-cpp-python==$llama"
+    --force-reinstall --no-cache-dir --no-deps --no-binary llama-cpp-python "llama-cpp-python==$llama"
   offloads || { say "llama-cpp-python $llama still has no GPU offload: is the CUDA toolkit (nvcc) installed?"; exit 1; }
 fi
 say "installed $("$venv/bin/locod" --version) into $venv"

@@ -196,7 +196,10 @@ def test_install_with_gpu_builds_llama_cpp_with_cuda(tmp_path: Path) -> None:
     built = install(BUILDS_CUDA="1")
     assert built.returncode == 0, built.stderr
     assert "building llama-cpp-python 0.3.36 with CUDA for the GPU (CMAKE_ARGS=-DGGML_CUDA=on)" in built.stderr
-    rebuild = "-m pip install --quiet --force-reinstall --no-cache-dir --no-deps llama-cpp-python==0.3.36"
+    rebuild = (  # from source: a wheel from the cache or an index would be the CPU build again
+        "-m pip install --quiet --force-reinstall --no-cache-dir --no-deps --no-binary llama-cpp-python "
+        "llama-cpp-python==0.3.36"
+    )
     assert f"{rebuild} CMAKE_ARGS=-DGGML_CUDA=on" in calls.read_text()
     calls.unlink()
     upgraded = install(BUILDS_CUDA="1")  # an upgrade keeps the build that offloads
