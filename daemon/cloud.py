@@ -355,7 +355,8 @@ class CloudBackend:
                 raise failed(f"{name}: no answer within the turn's deadline", "cloud_deadline")
             attempt += 1
             log.info("cloud %s: retry %d in %.2f s", name, attempt, delay)
-            time.sleep(delay)
+            if prompt.cancelled.wait(delay):  # nobody waits for the answer: not asked (nor billed) again
+                raise failed(f"{name}: the turn was cancelled, so retry {attempt} is not made", "cancelled")
 
     def _retry_delay(self, exc: openai.APIStatusError, attempt: int) -> float | None:
         if attempt >= self.config.max_retries or not (exc.status_code == 429 or exc.status_code >= 500):
@@ -466,7 +467,7 @@ class InvalidChunk(Exception):
 
 def retry_after_s(header: str | None) -> float:
     """Seconds a ``Retry-After`` asks for: delta-seconds or an HTTP date; 1 s when absent or unreadable,
-    and never negative or infinite (``time.sleep`` raises on both)."""
+    and never negative or infinite (a wait of infinite seconds raises)."""
     if header is None:
         return 1.0
     try:

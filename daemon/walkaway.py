@@ -5,7 +5,8 @@ included, until ``cloud.deadline_s``; a cancel (the client gone, the daemon's st
 at the stream's next chunk. A stop then outlasted systemd's TimeoutStopSec (40 s), and the turn, killed,
 was recorded ``interrupted`` without a word to its client. So the call runs on a thread of its own while the
 turn waits for it, looking at its cancel every ``LOOK_S``: once cancelled, the turn ends with what was
-streamed, and the call, left to end by itself (at its next chunk, or its timeout), sends nothing more.
+streamed, and the call, left to end by itself (at its next chunk, or its timeout: it is not retried),
+sends nothing more.
 
 A call left behind still holds a thread and a connection until it ends, and is no longer one of the turns
 the queue limits count: at most ``LEFT_AT_MOST`` run at once, and past that a cancelled turn waits for its

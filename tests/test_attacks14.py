@@ -12,15 +12,18 @@ import threading
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
 
 from locod.daemon.backends import Generation, Prompt
+from locod.daemon.cloud import CloudBackend
+from locod.daemon.config import load_config
 from locod.daemon.walkaway import run_leaving_on_cancel
 
-from .conftest import SECRET, DaemonHandle, cloud_config, free_port, wait_for
+from .conftest import SECRET, DaemonHandle, cloud_config, free_port, wait_for, write_config
 
 SAY_HI = {"model": "auto", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
 
@@ -218,6 +221,23 @@ def test_a_client_gone_while_the_cloud_says_nothing_ends_its_turn(
     ask_the_cloud(handle, ctx, silent_endpoint).close()
     wait_for(lambda: status(handle, ctx)["queue"]["in_flight"] == 0, 120, "the turn to end")
     assert [(r["outcome"], r["error"]) for r in handle.rows()] == [("cancelled", "the client disconnected")]
+
+
+def test_a_cancelled_call_is_not_asked_again(silent_endpoint: SilentEndpoint, tmp_path: Path) -> None:
+    """A call its cancelled turn left went on retrying after its read timed out (`cloud.max_retries`, 2 by
+    default): it sent the question again for nobody, each time billable, and held its room among the calls
+    left running for three timeouts rather than one. A cancelled call is not retried."""
+    config = cloud_config(silent_endpoint.base_url, timeout_s=1.0, max_retries=2)
+    loaded = load_config(write_config(tmp_path / "config.toml", config), env={})
+    backend = CloudBackend(loaded.cloud, loaded.source)
+    prompt = Prompt([{"role": "user", "content": "Say hi."}], 5, 0.0, None, lambda text: None)
+    silent_endpoint.asked = prompt.cancelled  # the turn is cancelled once the endpoint has its question
+    running = set(threading.enumerate())
+    assert backend.generate("cloud-small", prompt).cancelled  # the turn leaves the call
+    for call in set(threading.enumerate()) - running:
+        call.join(120)  # the call left running ends by itself
+        assert not call.is_alive()
+    assert len(silent_endpoint.held) == 1  # asked once
 
 
 def test_calls_left_running_are_bounded() -> None:
