@@ -42,7 +42,7 @@ from locod.daemon.cloud_usage import counted
 from locod.daemon.config import CloudConfig, CloudModelConfig, redacted_url
 from locod.daemon.keyfile import read_key_file
 from locod.daemon.proxy import proxy_for
-from locod.daemon.walkaway import LEFT_AT_MOST, run_leaving_on_cancel
+from locod.daemon.walkaway import LEFT_AT_MOST, Streamed, run_leaving_on_cancel
 from locod.errors import CloudError, ConfigError
 from locod.protocol import NOT_TEXT, SURROGATE
 
@@ -268,9 +268,10 @@ class CloudBackend:
             raise CloudError(f"no cloud model named {name!r} is configured any more", code="cloud_unknown_model")
         started = time.perf_counter()
 
-        def left(parts: list[str]) -> Generation:
+        def left(streamed: Streamed) -> Generation:
             log.info("cloud %s: the turn was cancelled during the call, which is left to end by itself", name)
-            return _generation(entry[0], prompt, "".join(parts), None, len(parts), None, started)
+            parts = streamed.parts
+            return _generation(entry[0], prompt, "".join(parts), None, len(parts), streamed.first, started)
 
         return run_leaving_on_cancel(lambda asked: self._generate(name, entry, asked), prompt, left, self._may_leave)
 

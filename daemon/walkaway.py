@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as NotYet
@@ -25,6 +26,15 @@ from locod.daemon.backends import Generation, Prompt
 
 LOOK_S = 0.25
 LEFT_AT_MOST = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Streamed:
+    """What a call passed on to its turn before the turn left it: the deltas, and when the first came
+    (``time.perf_counter``; None before any), which the turn's record keeps as its first token's latency."""
+
+    parts: list[str]
+    first: float | None
 
 
 class _Call:
@@ -37,6 +47,7 @@ class _Call:
         self._left = False
         self.outcome: Future[Generation] = Future()
         self.parts: list[str] = []
+        self.first: float | None = None
 
     def run(self, call: Callable[[Prompt], Generation], prompt: Prompt) -> None:
         try:
@@ -50,27 +61,29 @@ class _Call:
     def _delta(self, text: str) -> None:
         with self._lock:
             if not self._left:
+                if self.first is None:
+                    self.first = time.perf_counter()
                 self.parts.append(text)
                 self._on_delta(text)
 
-    def leave(self) -> list[str] | None:
-        """Stop passing deltas on, and return those passed; None when the call has ended meanwhile or too
+    def leave(self) -> Streamed | None:
+        """Stop passing deltas on, and say what was passed; None when the call has ended meanwhile or too
         many calls are left running already (the turn then waits for this one)."""
         with self._lock:
             if self.outcome.done() or not self._room.acquire(blocking=False):
                 return None
             self._left = True
-            return list(self.parts)
+            return Streamed(list(self.parts), self.first)
 
 
 def run_leaving_on_cancel(
     call: Callable[[Prompt], Generation],
     prompt: Prompt,
-    left: Callable[[list[str]], Generation],
+    left: Callable[[Streamed], Generation],
     room: threading.Semaphore,
 ) -> Generation:
     """``call(prompt)`` on a thread of its own (a daemon thread: an exit does not wait for a silent
-    endpoint); ``left(deltas streamed)`` is the generation of a turn cancelled before the call ended;
+    endpoint); ``left(what was streamed)`` is the generation of a turn cancelled before the call ended;
     ``room`` counts the calls left running."""
     running = _Call(prompt.on_delta, room)
     threading.Thread(target=running.run, args=(call, prompt), name="cloud-call", daemon=True).start()
@@ -78,5 +91,5 @@ def run_leaving_on_cancel(
         try:
             return running.outcome.result(timeout=LOOK_S)
         except NotYet:
-            if prompt.cancelled.is_set() and (parts := running.leave()) is not None:
-                return left(parts)
+            if prompt.cancelled.is_set() and (streamed := running.leave()) is not None:
+                return left(streamed)

@@ -21,7 +21,7 @@ import zmq
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import load_config
-from locod.daemon.walkaway import run_leaving_on_cancel
+from locod.daemon.walkaway import Streamed, run_leaving_on_cancel
 
 from .conftest import SECRET, DaemonHandle, cloud_config, free_port, wait_for, write_config
 
@@ -145,11 +145,12 @@ def test_http_requests_that_arrive_as_the_daemon_stops_are_answered(daemon_facto
 @dataclass
 class SilentEndpoint:
     """A cloud endpoint that takes each request and never answers (a reasoning model still thinking, a
-    stalled proxy): the read waits for its timeout."""
+    stalled proxy), or falls silent once it sent ``opening``: the read waits for its timeout."""
 
     server: socket.socket
     asked: threading.Event = field(default_factory=threading.Event)
     held: list[socket.socket] = field(default_factory=list)
+    opening: bytes = b""
 
     @property
     def base_url(self) -> str:
@@ -163,6 +164,7 @@ class SilentEndpoint:
                 return
             self.held.append(conn)
             if conn.recv(65536):
+                conn.sendall(self.opening)
                 self.asked.set()
 
 
@@ -223,13 +225,16 @@ def test_a_client_gone_while_the_cloud_says_nothing_ends_its_turn(
     assert [(r["outcome"], r["error"]) for r in handle.rows()] == [("cancelled", "the client disconnected")]
 
 
+def silent_backend(endpoint: SilentEndpoint, tmp_path: Path, **cloud: Any) -> CloudBackend:
+    loaded = load_config(write_config(tmp_path / "config.toml", cloud_config(endpoint.base_url, **cloud)), env={})
+    return CloudBackend(loaded.cloud, loaded.source)
+
+
 def test_a_cancelled_call_is_not_asked_again(silent_endpoint: SilentEndpoint, tmp_path: Path) -> None:
     """A call its cancelled turn left went on retrying after its read timed out (`cloud.max_retries`, 2 by
     default): it sent the question again for nobody, each time billable, and held its room among the calls
     left running for three timeouts rather than one. A cancelled call is not retried."""
-    config = cloud_config(silent_endpoint.base_url, timeout_s=1.0, max_retries=2)
-    loaded = load_config(write_config(tmp_path / "config.toml", config), env={})
-    backend = CloudBackend(loaded.cloud, loaded.source)
+    backend = silent_backend(silent_endpoint, tmp_path, timeout_s=1.0, max_retries=2)
     prompt = Prompt([{"role": "user", "content": "Say hi."}], 5, 0.0, None, lambda text: None)
     silent_endpoint.asked = prompt.cancelled  # the turn is cancelled once the endpoint has its question
     running = set(threading.enumerate())
@@ -238,6 +243,25 @@ def test_a_cancelled_call_is_not_asked_again(silent_endpoint: SilentEndpoint, tm
         call.join(120)  # the call left running ends by itself
         assert not call.is_alive()
     assert len(silent_endpoint.held) == 1  # asked once
+
+
+def test_a_call_left_after_its_first_delta_keeps_when_that_came(
+    silent_endpoint: SilentEndpoint, tmp_path: Path
+) -> None:
+    """A turn that left its call after text had streamed to its client was recorded with no first-token
+    latency (`latency_first_token_ms` NULL, as if nothing had come), so /metrics' first-token histogram and
+    `locod report` left it out; before the turn could leave its call, the cut stream kept it."""
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "cloud-small"}
+    chunk["choices"] = [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}]
+    event = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    silent_endpoint.opening = head + b"%x\r\n%s\r\n" % (len(event), event)
+    backend = silent_backend(silent_endpoint, tmp_path, timeout_s=600.0, deadline_s=1200.0, max_retries=0)
+    cancelled = threading.Event()
+    prompt = Prompt([{"role": "user", "content": "Say hi."}], 5, 0.0, None, lambda text: cancelled.set(), cancelled)
+    generation = backend.generate("cloud-small", prompt)  # the client leaves once the first delta reached it
+    assert (generation.cancelled, generation.text) == (True, "Hi")
+    assert generation.first_token_ms is not None
 
 
 def test_calls_left_running_are_bounded() -> None:
@@ -254,7 +278,7 @@ def test_calls_left_running_are_bounded() -> None:
 
         return call
 
-    def left(parts: list[str]) -> Generation:
+    def left(streamed: Streamed) -> Generation:
         return Generation("", 0, 0, None, 0.0, cancelled=True)
 
     cancelled = threading.Event()
