@@ -156,14 +156,14 @@ class Learner:
             else:
                 self._apply_label(decision_id, labelled, satisfied)
             self._save()
-            q, attained = self.mess.state.q, self.mess.attained
+            q, attained, sla = self.mess.state.q, self.mess.attained, self.mess.sla  # one MESS+: a reload replaces it
         return {  # where the label leaves the satisfaction against the SLA: what its sender asks next
             "decision": decision_id,
             "satisfied": satisfied,
             "source": source,
             "q": q,
             "attained": None if attained is None else round(attained, 4),
-            "sla": self.mess.sla,
+            "sla": sla,
         }
 
     def _apply_label(self, decision_id: int, labelled: LabelTarget, satisfied: bool) -> None:
