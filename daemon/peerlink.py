@@ -39,19 +39,24 @@ class Link:
         except OSError:
             return True
         try:
-            if os.fstat(copy).st_ino != self.inode:
-                return True
-            conn = socket.socket(fileno=copy)
-        except OSError:
+            conn = socket.socket(fileno=copy) if os.fstat(copy).st_ino == self.inode else None
+        except OSError:  # the number names something else now, not a socket
+            conn = None
+        if conn is None:
             os.close(copy)
             return True
         with conn:
-            try:
-                return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-            except BlockingIOError:
-                return False
-            except OSError:  # reset by the client
-                return True
+            return closed_by_peer(conn)
+
+
+def closed_by_peer(conn: socket.socket) -> bool:
+    """Whether the peer has closed ``conn``: a peek, so nothing is taken from what libzmq reads."""
+    try:
+        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:  # reset by the peer
+        return True
 
 
 def vanished(links: dict[bytes, Link], peers: set[bytes]) -> list[bytes]:

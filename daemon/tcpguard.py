@@ -36,6 +36,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from locod.daemon.logs import Throttle
+from locod.daemon.peerlink import closed_by_peer
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class TcpGuard:
         lost. Only the host at its bound is looked at, so one host's flood costs its own few connections."""
         for fd, counted in [(fd, c) for fd, c in self._live.items() if host in (None, c.host)]:
             with _endpoint_conn(fd, self._port) as found:
-                if found is None or found[1] != counted.peer or _closed_by_peer(found[0]):
+                if found is None or found[1] != counted.peer or closed_by_peer(found[0]):
                     self._gone(fd)
 
     def _over(self, host: str) -> tuple[str, str] | None:
@@ -165,16 +166,6 @@ class TcpGuard:
 def _shut(conn: socket.socket) -> None:
     with contextlib.suppress(OSError):
         conn.shutdown(socket.SHUT_RDWR)  # libzmq reads the end and closes its descriptor
-
-
-def _closed_by_peer(conn: socket.socket) -> bool:
-    """Whether the peer has closed ``conn``: a peek, so nothing is taken from what libzmq reads."""
-    try:
-        return conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-    except BlockingIOError:
-        return False
-    except OSError:  # reset by the peer
-        return True
 
 
 @contextlib.contextmanager

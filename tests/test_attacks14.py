@@ -21,6 +21,7 @@ import zmq
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import load_config
+from locod.daemon.peerlink import Link
 from locod.daemon.walkaway import Streamed, run_leaving_on_cancel
 
 from .conftest import SECRET, DaemonHandle, cloud_config, free_port, wait_for, write_config
@@ -88,6 +89,25 @@ def test_a_client_gone_while_its_turn_waits_for_the_model_is_neither_recorded_no
     holder.close()
     wait_for(lambda: status(daemon, ctx)["queue"]["in_flight"] == 0, 120, "the holder's turn to end")
     assert [r["request_id"] for r in daemon.rows()] == ["holder"]  # cancelled, or done if it ended first
+
+
+def test_a_look_at_a_descriptor_that_names_another_file_now_keeps_no_copy() -> None:
+    """libzmq closes a gone client's descriptor, and the number is soon another connection's or file's: the
+    serving loop's look at it (``Link.closed``, each second while the client's turns end) said so but kept
+    the copy it looked through, a descriptor lost at each look, for the daemon's life."""
+    ours, theirs = socket.socketpair()
+    link = Link.of(ours.fileno())
+    assert link is not None and not link.closed()
+    with open(os.devnull, "rb") as other:
+        os.dup2(other.fileno(), ours.detach())  # the number now names another file
+        link_fd = link.fd
+        try:
+            before = len(os.listdir("/proc/self/fd"))
+            assert all(link.closed() for _ in range(100))
+            assert len(os.listdir("/proc/self/fd")) < before + 10  # a copy kept per look: 100 more
+        finally:
+            os.close(link_fd)
+            theirs.close()
 
 
 def test_http_requests_that_arrive_as_the_daemon_stops_are_answered(daemon_factory: Any) -> None:
