@@ -357,7 +357,7 @@ class CloudBackend:
             attempt += 1
             log.info("cloud %s: retry %d in %.2f s", name, attempt, delay)
             if prompt.cancelled.wait(delay):  # nobody waits for the answer: not asked (nor billed) again
-                raise failed(f"{name}: the turn was cancelled, so retry {attempt} is not made", "cancelled")
+                raise failed(f"{name}: the call was cancelled, so retry {attempt} is not made", "cancelled")
 
     def _retry_delay(self, exc: openai.APIStatusError, attempt: int) -> float | None:
         if attempt >= self.config.max_retries or not (exc.status_code == 429 or exc.status_code >= 500):
