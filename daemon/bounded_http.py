@@ -2,7 +2,7 @@
 
 httpx2's timeouts are per read: an endpoint that sends one byte a second never times out, and nothing
 stops an endless stream, a 50 MB event or 512 MB without a newline. The cloud client's transport wraps
-every response body so that, for the turn running on this thread (``limits``), reading it stops with
+every response body so that, for the cloud call running on this thread (``limits``), reading it stops with
 ``OverBound`` once the turn's deadline has passed, once the body passes ``max_bytes``, or once one line
 (an SSE event's line) passes ``max_line_bytes``. The time before the first byte is bounded by the read
 timeout, cut to what is left of the deadline.
@@ -54,7 +54,7 @@ _current = threading.local()
 
 @contextmanager
 def limits(bounds: Limits) -> Iterator[None]:
-    """Apply ``bounds`` to every response read on this thread meanwhile (the turn's own thread)."""
+    """Apply ``bounds`` to every response read on this thread meanwhile (the cloud call's, ``walkaway.py``)."""
     _current.limits = bounds
     try:
         yield
