@@ -720,25 +720,35 @@ def labelled_turns(path: Path) -> list[LoggedTurn]:
     """The labelled, answered turns of a decision log, oldest first (an escalated turn as the cloud answer it
     ended in, its latency and energy including the local attempt: what taking that way cost)."""
     where = f"satisfied IS NOT NULL AND {WAS_ANSWERED}"
-    rows = iter_rows(path, f"SELECT {TRAINED_ON} FROM decisions WHERE {where} ORDER BY id")
-    return [
-        LoggedTurn(
-            session=row["session"],
-            turn=row["turn"],
-            backend=row["backend"],
-            satisfied=bool(row["satisfied"]),
-            latency_total_ms=row["latency_total_ms"] or 0.0,
-            cost_usd=row["cost_usd"] or 0.0,
-            energy_j=row["energy_j"] or 0.0,
-            observed=logged_observation(
-                row["task"],
-                row["prompt_chars"],
-                json.loads(row["attachments_offered"] or "[]"),
-                json.loads(row["telemetry"] or "{}"),
-            ),
+    turns, unread = [], 0
+    for row in iter_rows(path, f"SELECT {TRAINED_ON} FROM decisions WHERE {where} ORDER BY id"):
+        try:
+            turns.append(_logged_turn(row))
+        except (ValueError, TypeError, AttributeError):  # another program's row: text in a number column, ...
+            unread += 1
+    if unread:
+        log.warning(
+            "%d labelled turns of %s are not as locod writes them (another program's rows?): left out", unread, path
         )
-        for row in rows
-    ]
+    return turns
+
+
+def _logged_turn(row: sqlite3.Row) -> LoggedTurn:
+    return LoggedTurn(
+        session=row["session"],
+        turn=row["turn"],
+        backend=row["backend"],
+        satisfied=bool(row["satisfied"]),
+        latency_total_ms=float(row["latency_total_ms"] or 0.0),
+        cost_usd=float(row["cost_usd"] or 0.0),
+        energy_j=float(row["energy_j"] or 0.0),
+        observed=logged_observation(
+            row["task"],
+            int(row["prompt_chars"]),
+            json.loads(row["attachments_offered"] or "[]"),
+            json.loads(row["telemetry"] or "{}"),
+        ),
+    )
 
 
 def read_recent(path: Path, limit: int, of: str | None = None) -> list[dict[str, Any]]:

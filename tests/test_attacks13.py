@@ -230,3 +230,38 @@ def test_a_traceback_in_the_log_escapes_what_its_exception_quotes() -> None:
     logged = stream.getvalue()
     assert "Traceback (most recent call last):\n" in logged and "ValueError: session \\x1b]52" in logged
     assert acts_on_a_terminal(logged) == []
+
+
+def test_training_leaves_out_a_labelled_row_of_other_types(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`locod policy train --from-db` read every labelled turn with json.loads and the numbers as stored: one
+    row another program wrote (a JSON column that is not JSON, text in a number column) failed the whole
+    training with a traceback. Such rows are left out, said in one line; the others are trained on."""
+    from locod.daemon.records import DecisionLog, DecisionRecord, Outcome, labelled_turns
+
+    log = DecisionLog(tmp_path / "locod.db")
+    for turn in range(3):
+        record = DecisionRecord(
+            session="s",
+            turn=turn,
+            request_id=f"r{turn}",
+            prompt_sha256="0" * 64,
+            prompt_chars=42,
+            prompt=None,
+            task="chat",
+            location="local",
+            model="local",
+            reason="test",
+        )
+        decision = log.begin(record)
+        log.finish(decision, Outcome("ok", "local", "local"))
+        log.label(decision, satisfied=True, source="user")
+    log.close()
+    conn = sqlite3.connect(tmp_path / "locod.db")
+    with conn:
+        conn.execute("UPDATE decisions SET telemetry = '{not json' WHERE turn = 0")
+        conn.execute("UPDATE decisions SET latency_total_ms = 'slow' WHERE turn = 1")
+    conn.close()
+    with caplog.at_level(logging.WARNING, logger="locod.daemon.records"):
+        (trained,) = labelled_turns(tmp_path / "locod.db")
+    assert trained.turn == 2
+    assert "2 labelled turns of" in caplog.text and "left out" in caplog.text
