@@ -83,6 +83,7 @@ INBOX = "inproc://locod-inbox"
 AS_STARTED = ("paths", "daemon", "http", "telemetry")
 # Labels waiting for the feedback thread; past this a `feedback` is answered busy (a flood is not queued).
 FEEDBACK_QUEUE = 64
+INTERNAL = ErrorFrame("error", "internal", "internal error")  # a bug's answer: the log has its traceback
 
 
 class Daemon:
@@ -341,7 +342,7 @@ class Daemon:
                 self._send(peer, encode_frame(None, ErrorFrame.of(exc)))
             except Exception:  # a bug in one request's handling must not take the loop down
                 log.exception("request from a client failed")
-                self._send(peer, encode_frame(None, ErrorFrame("error", "internal", "internal error")))
+                self._send(peer, encode_frame(None, INTERNAL))
 
     @staticmethod
     def _refuse_req_socket(sock: zmq.Socket[bytes], identity: bytes) -> None:
@@ -416,6 +417,9 @@ class Daemon:
                     self._links[peer] = link
             except LocodError as exc:  # busy, too long: the reply must carry the id the client waits on
                 self._send(peer, encode_frame(request.id, ErrorFrame.of(exc)))
+            except Exception:  # a bug: said to that id too, not left to the client's timeout
+                log.exception("chat request failed before its turn started")
+                self._send(peer, encode_frame(request.id, INTERNAL))
             return
         if isinstance(request, FeedbackRequest):
             self._label(peer, request)
@@ -427,7 +431,7 @@ class Daemon:
             frame = ErrorFrame.of(exc)
         except Exception:  # said to the client that waits on this id: one without the id waited out its timeout
             log.exception("%s request failed", request.op)  # and was told the daemon may be stuck
-            frame = ErrorFrame("error", "internal", "internal error")
+            frame = INTERNAL
         self._send(peer, encode_frame(request.id, frame))
 
     def _label(self, peer: bytes, request: FeedbackRequest) -> None:
@@ -453,7 +457,7 @@ class Daemon:
                 frame = ErrorFrame.of(exc)
             except Exception:  # a bug costs this label, never the thread's next ones
                 log.exception("feedback for decision %d failed", request.decision)
-                frame = ErrorFrame("error", "internal", "internal error")
+                frame = INTERNAL
             finally:
                 self._feedback_room.release()
             self._post(peer, encode_frame(request.id, frame))
