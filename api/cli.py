@@ -509,7 +509,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         (
             "device",
             f"{battery}, {power}, power {_fmt(t['power_w'], '{:.1f} W')}, "
-            f"CPU {_fmt(t['cpu_pct'], '{:.0f}%')} at {_fmt(t['cpu_temp_c'], '{:.0f}°C')}, "
+            f"CPU {_fmt(t['cpu_pct'], '{:.0f}%')}{_cpu_temperature(t['cpu_temp_c'])}, "
             f"GPU {_fmt(t['gpu_pct'], '{:.0f}%')}, free memory {_fmt(t['mem_available_mb'], '{:.0f} MB')}",
         ),
         (
@@ -640,6 +640,11 @@ def _spending(cloud: dict[str, Any]) -> str:
 
 def _reachable(value: bool | None) -> str:
     return "not probed yet" if value is None else "reachable" if value else "unreachable"
+
+
+def _cpu_temperature(celsius: float | None) -> str:
+    """The CPU's temperature after its load (at 52°C); unknown, it says so: a bare "at n/a" read as a missing clock."""
+    return " (temperature n/a)" if celsius is None else f" at {celsius:.0f}°C"
 
 
 def _fmt(value: Any, pattern: str) -> str:
