@@ -786,7 +786,7 @@ def cmd_feedback(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{labelled}; satisfaction so far {_fmt(result['attained'], '{:.3f}')} against the SLA {result['sla']:.2f}; "
-        f"Q is now {result['q']:.2f}"
+        f"queue Q now {result['q']:.2f} (the shortfall the turns left: a higher Q sends more to the cloud)"
     )
     return 0
 
