@@ -273,7 +273,12 @@ class Decider:
             why = "explored (MESS+ exploration turn)"
         else:
             policy = " with the TMO policy" if routing.policy_version is not None else ""
-            rivals = [c for c in candidates.values() if c.location != chosen.location]
+            # another local model is a rival too, except to a planned escalation, whose rival is the cloud
+            rivals = [
+                c
+                for c in candidates.values()
+                if c.location != chosen.location or (not planned and c.model != chosen.model)
+            ]
             choice = (
                 "answers locally first"
                 if planned
@@ -293,7 +298,20 @@ class Decider:
             why += f"; cloud masked: {blocked or self._unfit_cloud_reason(turn, access)}"
         if chosen.location == "cloud" and not any(c.location == "local" for c in candidates.values()):
             why += f"; local masked: {self._unfit_local_reason(access)}"
-        return why
+        return why + self._left_out_locals(turn, candidates)
+
+    def _left_out_locals(self, turn: Turn, candidates: dict[str, Candidate]) -> str:
+        """The local models left out of a turn another local model was on offer for, each with why: `locod
+        decisions ID` lists them "not on offer" and points here (no local at all: "local masked" says why)."""
+        if not any(c.location == "local" for c in candidates.values()):
+            return ""
+        missing, fits = self.missing_files(), self._fits_context(turn.request.prompt)
+        causes = [
+            f"{m.name} ({'no usable file' if m.name in missing else 'its context cannot hold the prompt'})"
+            for m in self.config.local.models
+            if m.name not in candidates and (m.name in missing or not fits[m.name])
+        ]
+        return f"; not on offer: {', '.join(causes)}" if causes else ""
 
     def _unfit_local_reason(self, access: CloudAccess) -> str:
         """Why no local model was on offer: a critical battery while the cloud is usable, else the prompt."""
