@@ -20,6 +20,7 @@ from locod.daemon.logs import LineFormatter
 from locod.policy.warmstart import PRIORS, USER_PRIORS, read_prior, save_prior
 
 from .conftest import SECRET, cloud_config
+from .test_policy import labelled_local_turn
 from .test_terminal import on_a_terminal
 
 # An OSC 52 clipboard write, a screen clear, an 8-bit CSI, a forged line and a Trojan Source override.
@@ -236,25 +237,11 @@ def test_training_leaves_out_a_labelled_row_of_other_types(tmp_path: Path, caplo
     """`locod policy train --from-db` read every labelled turn with json.loads and the numbers as stored: one
     row another program wrote (a JSON column that is not JSON, text in a number column) failed the whole
     training with a traceback. Such rows are left out, said in one line; the others are trained on."""
-    from locod.daemon.records import DecisionLog, DecisionRecord, Outcome, labelled_turns
+    from locod.daemon.records import DecisionLog, labelled_turns
 
     log = DecisionLog(tmp_path / "locod.db")
     for turn in range(3):
-        record = DecisionRecord(
-            session="s",
-            turn=turn,
-            request_id=f"r{turn}",
-            prompt_sha256="0" * 64,
-            prompt_chars=42,
-            prompt=None,
-            task="chat",
-            location="local",
-            model="local",
-            reason="test",
-        )
-        decision = log.begin(record)
-        log.finish(decision, Outcome("ok", "local", "local"))
-        log.label(decision, satisfied=True, source="user")
+        labelled_local_turn(log, turn=turn, request_id=f"r{turn}")
     log.close()
     conn = sqlite3.connect(tmp_path / "locod.db")
     with conn:

@@ -669,34 +669,31 @@ def test_training_from_this_devices_decision_log(tmp_path: Path) -> None:
     assert isinstance(policy, Policy)
 
 
+def labelled_local_turn(log: Any, **fields: Any) -> None:
+    """One answered local turn in decision log ``log``, labelled good: what training reads of it (``fields``
+    override its record's)."""
+    from locod.daemon.records import DecisionRecord, Outcome
+
+    record = {"session": "s", "turn": 0, "request_id": "r", "prompt_sha256": "0" * 64, "prompt_chars": 42}
+    record |= {"prompt": None, "task": "chat", "location": "local", "model": "local", "reason": "test"}
+    decision = log.begin(DecisionRecord(**record | fields))
+    log.finish(decision, Outcome("ok", "local", "local"))
+    log.label(decision, satisfied=True, source="user")
+
+
 def test_a_logged_turn_is_observed_as_its_record_holds_it(tmp_path: Path) -> None:
     """Training observes a logged turn from what its record kept: the offered attachments as slots (an
     image, a private one), the telemetry snapshot (an unknown battery read as full), a task this code does
     not know as chat."""
-    from locod.daemon.records import DecisionLog, DecisionRecord, Outcome, labelled_turns
+    from locod.daemon.records import DecisionLog, labelled_turns
 
     log = DecisionLog(tmp_path / "locod.db")
     offered = [
         {"name": "a.png", "kind": "image", "private": False, "relevance": 0.75, "bytes": 10},
         {"name": "notes.txt", "kind": "text", "private": True, "relevance": 0.25, "bytes": 10},
     ]
-    record = DecisionRecord(
-        session="s",
-        turn=0,
-        request_id="r",
-        prompt_sha256="0" * 64,
-        prompt_chars=42,
-        prompt=None,
-        task="a task of a newer locod",
-        location="local",
-        model="local",
-        reason="test",
-        attachments_offered=offered,
-        telemetry={"battery_pct": None, "on_ac": True, "online": False, "link": "wifi"},
-    )
-    decision = log.begin(record)
-    log.finish(decision, Outcome("ok", "local", "local"))
-    log.label(decision, satisfied=True, source="user")
+    telemetry = {"battery_pct": None, "on_ac": True, "online": False, "link": "wifi"}
+    labelled_local_turn(log, task="a task of a newer locod", attachments_offered=offered, telemetry=telemetry)
     log.close()
     (turn,) = labelled_turns(tmp_path / "locod.db")
     assert turn.observed == ObsInputs(
