@@ -107,6 +107,19 @@ def key_source(model: CloudModelConfig, env: dict[str, str] | None = None) -> st
     return f"nowhere: neither ${model.api_key_env} nor api_key_file is set"
 
 
+def _ask(model: CloudModelConfig, client: openai.OpenAI, prompt: Prompt) -> openai.Stream:
+    """One attempt: the streamed chat completion, with usage at its end (what the call is charged)."""
+    return client.chat.completions.create(
+        model=model.model,
+        # Plain dicts in the shape the API documents; the client's TypedDicts vary by release.
+        messages=cast(Any, prompt.messages),
+        **_limits(model, prompt),
+        stop=list(prompt.stop) if prompt.stop else openai.omit,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+
+
 def _limits(model: CloudModelConfig, prompt: Prompt) -> dict[str, Any]:
     """The answer's length limit in the field the model takes, and the sampling settings where it takes them."""
     limits: dict[str, Any] = {model.max_tokens_param: prompt.max_tokens}
@@ -314,15 +327,7 @@ class CloudBackend:
 
         while True:
             try:
-                return client.chat.completions.create(
-                    model=model.model,
-                    # Plain dicts in the shape the API documents; the client's TypedDicts vary by release.
-                    messages=cast(Any, prompt.messages),
-                    **_limits(model, prompt),
-                    stop=list(prompt.stop) if prompt.stop else openai.omit,
-                    stream=True,
-                    stream_options={"include_usage": True},
-                )
+                return _ask(model, client, prompt)
             except openai.APIStatusError as exc:
                 sent = True
                 if 300 <= exc.status_code < 400:
