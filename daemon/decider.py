@@ -303,13 +303,14 @@ class Decider:
     def _left_out_locals(self, turn: Turn, candidates: dict[str, Candidate]) -> str:
         """The local models left out of a turn another local model was on offer for, each with why: `locod
         decisions ID` lists them "not on offer" and points here (no local at all: "local masked" says why)."""
-        if not any(c.location == "local" for c in candidates.values()):
-            return ""
+        absent = [m for m in self.config.local.models if m.name not in candidates]
+        if not absent or not any(c.location == "local" for c in candidates.values()):
+            return ""  # the usual turn: no second look at the files or the context
         missing, fits = self.missing_files(), self._fits_context(turn.request.prompt)
         causes = [
             f"{m.name} ({'no usable file' if m.name in missing else 'its context cannot hold the prompt'})"
-            for m in self.config.local.models
-            if m.name not in candidates and (m.name in missing or not fits[m.name])
+            for m in absent
+            if m.name in missing or not fits[m.name]
         ]
         return f"; not on offer: {', '.join(causes)}" if causes else ""
 
