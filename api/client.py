@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pwd
 import socket
 import stat
 import struct
@@ -141,9 +142,9 @@ def default_endpoint() -> str:
 
 def locate(endpoint: str) -> str:
     """The user's own socket, or else their login session's, or else the system daemon's, whichever exists."""
-    if not endpoint.startswith("ipc://") or Path(endpoint[6:]).exists():
+    if not endpoint.startswith("ipc://") or _socket_exists(Path(endpoint[6:])):
         return endpoint
-    found = next((path for path in (_session_socket(), SYSTEM_SOCKET) if path and path.exists()), None)
+    found = next((path for path in (_session_socket(), SYSTEM_SOCKET) if path and _socket_exists(path)), None)
     return f"ipc://{found}" if found else endpoint
 
 
@@ -162,7 +163,7 @@ def check_alive(endpoint: str, timeout_s: float = 1.0, *, connect: bool = True) 
     address: str | tuple[str, int]
     if endpoint.startswith("ipc://"):
         address = endpoint[6:]
-        if not Path(address).exists():
+        if not _socket_exists(Path(address)):
             raise DaemonNotRunning(_no_socket(Path(address)))
         family = socket.AF_UNIX
     elif endpoint.startswith("tcp://"):
@@ -180,6 +181,42 @@ def check_alive(endpoint: str, timeout_s: float = 1.0, *, connect: bool = True) 
             raise DaemonNotRunning(
                 f"locod is not running at {endpoint} ({exc.strerror or exc}); {HOW_TO_START}"
             ) from None
+
+
+def _socket_exists(path: Path) -> bool:
+    """Whether a socket file is at ``path``. UnsafeSocket when this user may not look there: on a shared
+    machine the system service's /run/locod is 0700, its user's and root's alone, and every other user's
+    `locod` ended in a bare "Permission denied" (``Path.exists`` raised it) that said neither whose socket
+    it was nor what to use instead."""
+    try:
+        path.stat()
+    except PermissionError:
+        raise UnsafeSocket(_not_open_to_you(path)) from None
+    except OSError:
+        return False
+    return True
+
+
+def _not_open_to_you(path: Path) -> str:
+    # The nearest directory this user can stat is the one it may not search (the root always stats).
+    blocker, info = next((d, info) for d in path.parents if (info := _stat(d)) is not None)
+    try:
+        owner = pwd.getpwuid(info.st_uid).pw_name
+    except KeyError:
+        owner = f"uid {info.st_uid}"
+    return (
+        f"{path} is not open to this user: {blocker} belongs to {owner} (mode {info.st_mode & 0o7777:o}), and a "
+        f"daemon's socket serves its own user and root alone; run the command as {owner} (`sudo -u {owner} "
+        "locod ...`), or ask the daemon's admin for the tcp endpoint or HTTP API it opens to other users "
+        "(`--endpoint tcp://...`; docs/operations.md, Who can use it)"
+    )
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:
+        return None
 
 
 def _no_socket(path: Path) -> str:
