@@ -195,6 +195,7 @@ class DecisionLog:
         self._wal: tuple[int, int] | None = None  # the -wal file's identity, from the first write on
         self._lock = threading.Lock()  # the writer connection: held while a write waits for SQLite's lock
         self.wal_warning: str | None = None  # why the WAL outgrew WAL_WARN_BYTES, while it does (status)
+        self._failing: str | None = None  # the code of the last write's failure, until a write succeeds
         self._wal_warned = 0  # the WAL's size when that was last logged
         self._unwritten: dict[int, dict[str, Any]] = {}  # decision -> its completion, not on disk yet
         self._tally_lock = threading.Lock()
@@ -254,8 +255,35 @@ class DecisionLog:
                 raise _write_failed(self.path, what, exc) from None
             self._wal = self._wal or _file_identity(Path(f"{self.path}-wal"))
             self._watch_wal()
+            self._say_writable_again()
+        except StorageError as exc:
+            self._say_write_failed(exc)
+            raise
         finally:
             self._lock.release()
+
+    def _say_write_failed(self, exc: StorageError) -> None:
+        """A refused write is told to the client that asked, and logged once a cause until a write succeeds:
+        a service whose log was deleted, or whose disk was full, refused every turn with nothing in its
+        journal for its admin to find."""
+        if exc.code != self._failing:
+            self._failing = exc.code
+            log.warning("%s", exc.message)
+
+    def _say_writable_again(self) -> None:
+        if self._failing is not None:
+            self._failing = None
+            log.info("decision log %s is written again", self.path)
+
+    @property
+    def warning(self) -> str | None:
+        """What ``status`` says of the log: that it was replaced under the daemon (every turn is refused until
+        a restart, so checked afresh, two stats), else that its WAL outgrew what checkpoints keep it to."""
+        try:
+            self._check_in_place("writing")
+        except StorageError as exc:
+            return exc.message
+        return self.wal_warning
 
     def _watch_wal(self) -> None:
         """Say when the WAL outgrows what checkpoints keep it to: a reader holding a transaction open (a

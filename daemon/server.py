@@ -581,7 +581,7 @@ class Daemon:
             "config": cfg.source,
             "http": f"http://{self.http.listen}/v1" if self.http is not None else None,
             "db": str(cfg.db_path),
-            "db_warning": self.records.wal_warning,
+            "db_warning": self.records.warning,
             "local": {
                 "default": cfg.local.default,
                 "models": [m.name for m in cfg.local.models],
