@@ -526,6 +526,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     ]
     if r.get("predictors"):  # after the routing row; an older daemon's status has no such field
         rows.insert(4, ("learning", _predictors(r["predictors"])))
+    if "db" in status:  # an older daemon's status has no such field
+        rows.insert(1, ("files", _files(status)))
     if "http" in status:  # an older daemon's status has no such field
         off = "off: set http.listen to serve it (`locod serve --set http.listen=127.0.0.1:8080`; docs/http.md)"
         rows.insert(1, ("http", f"OpenAI-compatible API at {status['http']}" if status["http"] else off))
@@ -533,6 +535,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     for line in lines:  # a prior's `source`, a policy file's error, a model's name: one line each, no escapes
         print(shown(line, layout=False))
     return 0
+
+
+def _files(status: dict[str, Any]) -> str:
+    """Where the running daemon serves and keeps its log: the paths an admin backs up, prunes and gives
+    access to, which differ between a service, a user service and a daemon started by hand."""
+    from locod.daemon.config import NO_CONFIG_FILE
+
+    config = "none (built-in defaults)" if status["config"] == NO_CONFIG_FILE else status["config"]
+    return f"socket {', '.join(status['endpoints'])}; config {config}; decision log {status['db']}"
 
 
 def _status_warnings(status: dict[str, Any]) -> list[str]:
