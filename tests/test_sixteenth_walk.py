@@ -1,0 +1,126 @@
+"""The sixteenth walk: the admin of a shared box, following README.md and docs/operations.md to learn who can
+talk to the daemon, to keep it running for months (backups, pruning, a full disk, a log deleted under it)
+and to upgrade it. Every test runs a real daemon with the embedded model, on real files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import locod.client as client_module
+from locod.client import Client, locate
+from locod.errors import LocodError, StorageError
+
+from .conftest import fill_disk, start_daemon, wait_for
+
+NOBODY = 65534
+
+
+def _as_another_user(endpoint: str) -> str:
+    """What a `locod` command of another local user (uid 65534) meets: ``endpoint`` named, then the user's
+    own socket missing with this daemon's socket in the place of the system service's. Run in a forked child
+    that drops root; returns its findings, one line each."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: everything it needs is imported already, as nobody it could not read the stdlib
+        lines = []
+        try:
+            os.setgroups([])
+            os.setresgid(NOBODY, NOBODY, NOBODY)
+            os.setresuid(NOBODY, NOBODY, NOBODY)
+            client_module.SYSTEM_SOCKET = Path(endpoint[6:])
+            for named in (endpoint, "ipc:///nonexistent-home/locod/locod.sock"):
+                try:
+                    Client(locate(named)).close()
+                    lines.append("connected")
+                except LocodError as exc:
+                    lines.append(f"{exc.code}: {exc.message}")
+        except BaseException as exc:  # reported to the parent, which asserts on it
+            lines.append(f"child failed: {exc!r}")
+        finally:
+            os.write(write_end, "\n".join(lines).encode())
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as findings:
+        text = findings.read()
+    os.waitpid(pid, 0)
+    return text
+
+
+def test_another_users_socket_says_whose_it_is_and_what_to_use(daemon: Any) -> None:
+    """As another local user, `locod ask` on a box whose system service runs said "locod: /run/locod/locod.sock:
+    Permission denied" (exit 1): neither whose socket that is nor what a user who is not the service's should
+    use. Now it says the socket serves its own user and root alone, and points to the tcp endpoint or HTTP
+    API, whether the endpoint was named or found in the system service's place."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another local user")
+    findings = _as_another_user(daemon.endpoint).splitlines()
+    assert len(findings) == 2, findings
+    for finding in findings:
+        assert finding.startswith("unsafe_socket: "), finding
+        assert "is not open to this user" in finding and "belongs to root" in finding, finding
+        assert "serves its own user and root alone" in finding, finding
+        assert "tcp endpoint or HTTP API" in finding and "docs/operations.md, Who can use it" in finding, finding
+        assert "Permission denied" not in finding, finding
+
+
+def test_status_names_the_socket_config_and_decision_log(daemon: Any) -> None:
+    """docs/operations.md says `locod status` names the socket, config file and decision log the running
+    daemon uses (what an admin backs up, prunes and gives access to); only `--json` held them."""
+    shown = daemon.cli("status")
+    assert shown.returncode == 0, shown.stderr
+    files = next(line for line in shown.stdout.splitlines() if line.strip().startswith("files"))
+    assert f"socket {daemon.endpoint}" in files, files
+    assert f"config {daemon.config_path}" in files, files
+    assert f"decision log {daemon.db_path}" in files, files
+
+
+def test_a_decision_log_deleted_under_the_daemon_shows_in_status_and_the_log(daemon: Any) -> None:
+    """With locod.db deleted under a running daemon, every turn was refused (db_replaced), as the docs say,
+    but `locod status` had no warning and the daemon's log (a service's journal) not a line: the admin
+    heard of it only from the users. Now status warns until the restart, and the log says it once."""
+    client = daemon.client()
+    assert client.ask("before", max_tokens=2).done.outcome == "ok"
+    daemon.db_path.unlink()
+    for prompt in ("after", "again"):
+        with pytest.raises(StorageError) as refused:
+            client.ask(prompt, max_tokens=2)
+        assert refused.value.code == "db_replaced"
+    shown = daemon.cli("status")
+    assert shown.returncode == 0, shown.stderr
+    assert "warning: decision log " in shown.stdout and "was removed or replaced while the daemon" in shown.stdout
+    assert "restart the daemon" in shown.stdout
+    said = [line for line in daemon.log().splitlines() if "WARNING" in line and "removed or replaced" in line]
+    assert len(said) == 1, daemon.log()
+
+
+def test_a_full_disk_is_logged_once_and_its_end_too(tmp_path: Path, models_dir: Path, small_disk: Path) -> None:
+    """With the state directory's disk full, turns were refused (disk_full) with nothing in the daemon's log:
+    an admin reading the journal of a service saw nothing wrong. Now the first refusal is logged, and so is
+    the first write once space is back."""
+    handle = start_daemon(tmp_path / "d", models_dir, {}, extra_env={"LOCOD_STATE_DIR": str(small_disk)})
+    try:
+        client = handle.client()
+        assert client.ask("before the disk fills", max_tokens=2).done.outcome == "ok"
+        filler = small_disk / "filler"
+        fill_disk(filler)
+        refusals = 0
+        for i in range(50):  # the WAL's spare pages fill first
+            try:
+                client.ask("word " * 700 + str(i), max_tokens=2, force="local")
+            except StorageError as exc:
+                assert exc.code == "disk_full", exc
+                refusals += 1
+                if refusals == 2:
+                    break
+        assert refusals == 2
+        filler.unlink()
+        assert client.ask("after", max_tokens=2).done.outcome == "ok"
+        wait_for(lambda: "is written again" in handle.log(), 30, "the log to say the decision log is written again")
+        full = [line for line in handle.log().splitlines() if "WARNING" in line and "the disk it is on is full" in line]
+        assert len(full) == 1, handle.log()
+    finally:
+        handle.stop()
