@@ -30,6 +30,7 @@ from locod.errors import (
     StorageError,
     UnknownDecision,
     UnknownModel,
+    UnsafeSocket,
 )
 from locod.explain import explain, power_and_network
 from locod.protocol import (
@@ -166,7 +167,21 @@ def _config(args: argparse.Namespace) -> Any:
 def _client(args: argparse.Namespace, warn: bool = True) -> Any:
     from locod.client import Client, locate
 
-    return Client(args.endpoint or locate(_endpoint(args, warn)), secret=_secret(args))
+    try:
+        return Client(args.endpoint or locate(_endpoint(args, warn)), secret=_secret(args))
+    except UnsafeSocket as exc:
+        raise UnsafeSocket(exc.message + _tcp_door(args), code=exc.code) from None
+
+
+def _tcp_door(args: argparse.Namespace) -> str:
+    """The tcp endpoint the config names, for a user the ipc socket is not open to: on a shared machine the
+    admin opens it to the others in /etc/locod/config.toml, which their `locod` reads too. Named, not
+    connected to on its own: a port nobody serves can be taken by any local user."""
+    try:
+        tcp = "" if args.endpoint else _config(args).daemon.tcp
+    except ConfigError:
+        return ""
+    return f"; the config opens {tcp} (daemon.tcp): `locod --endpoint {tcp} ...`" if tcp else ""
 
 
 def _secret(args: argparse.Namespace) -> str | None:
@@ -540,8 +555,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _files(status: dict[str, Any]) -> str:
     """Where the running daemon serves and keeps its log: the paths an admin backs up, prunes and gives
     access to, which differ between a service, a user service and a daemon started by hand."""
-    from locod.daemon.config import NO_CONFIG_FILE
-
     config = "none (built-in defaults)" if status["config"] == NO_CONFIG_FILE else status["config"]
     return f"socket {', '.join(status['endpoints'])}; config {config}; decision log {status['db']}"
 

@@ -4,50 +4,66 @@ and to upgrade it. Every test runs a real daemon with the embedded model, on rea
 
 from __future__ import annotations
 
+import io
 import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+import locod.cli as cli
 import locod.client as client_module
 from locod.client import Client, locate
 from locod.errors import LocodError, StorageError
 
-from .conftest import fill_disk, start_daemon, wait_for
+from .conftest import fill_disk, free_port, start_daemon, wait_for
 
 NOBODY = 65534
 
 
-def _as_another_user(endpoint: str) -> str:
-    """What a `locod` command of another local user (uid 65534) meets: ``endpoint`` named, then the user's
-    own socket missing with this daemon's socket in the place of the system service's. Run in a forked child
-    that drops root; returns its findings, one line each."""
+def _as_another_user(act: Callable[[], str], system_socket: str) -> str:
+    """What ``act`` returns when another local user (uid 65534) runs it, with ``system_socket`` in the place
+    of the system service's. Run in a forked child that drops root: everything it needs is imported already
+    (as nobody it could not read an interpreter under /root)."""
     read_end, write_end = os.pipe()
     pid = os.fork()
-    if pid == 0:  # the child: everything it needs is imported already, as nobody it could not read the stdlib
-        lines = []
+    if pid == 0:
+        found = ""
         try:
             os.setgroups([])
             os.setresgid(NOBODY, NOBODY, NOBODY)
             os.setresuid(NOBODY, NOBODY, NOBODY)
-            client_module.SYSTEM_SOCKET = Path(endpoint[6:])
-            for named in (endpoint, "ipc:///nonexistent-home/locod/locod.sock"):
-                try:
-                    Client(locate(named)).close()
-                    lines.append("connected")
-                except LocodError as exc:
-                    lines.append(f"{exc.code}: {exc.message}")
+            client_module.SYSTEM_SOCKET = Path(system_socket)
+            for variable in [v for v in os.environ if v.startswith(("LOCOD_", "XDG_"))]:
+                del os.environ[variable]
+            os.environ["HOME"] = "/nonexistent-home"  # the other user's, which holds no locod files
+            found = act()
         except BaseException as exc:  # reported to the parent, which asserts on it
-            lines.append(f"child failed: {exc!r}")
+            found = f"child failed: {exc!r}"
         finally:
-            os.write(write_end, "\n".join(lines).encode())
+            os.write(write_end, found.encode())
             os._exit(0)
     os.close(write_end)
     with os.fdopen(read_end) as findings:
         text = findings.read()
     os.waitpid(pid, 0)
     return text
+
+
+def _clients_of(endpoint: str) -> str:
+    """A Client of ``endpoint`` named, then of the user's own socket, which is missing."""
+    lines = []
+    for named in (endpoint, "ipc:///nonexistent-home/locod/locod.sock"):
+        try:
+            Client(locate(named)).close()
+            lines.append("connected")
+        except LocodError as exc:
+            lines.append(f"{exc.code}: {exc.message}")
+    return "\n".join(lines)
 
 
 def test_another_users_socket_says_whose_it_is_and_what_to_use(daemon: Any) -> None:
@@ -57,7 +73,7 @@ def test_another_users_socket_says_whose_it_is_and_what_to_use(daemon: Any) -> N
     API, whether the endpoint was named or found in the system service's place."""
     if os.geteuid() != 0:
         pytest.skip("needs root to act as another local user")
-    findings = _as_another_user(daemon.endpoint).splitlines()
+    findings = _as_another_user(lambda: _clients_of(daemon.endpoint), daemon.endpoint[6:]).splitlines()
     assert len(findings) == 2, findings
     for finding in findings:
         assert finding.startswith("unsafe_socket: "), finding
@@ -65,6 +81,34 @@ def test_another_users_socket_says_whose_it_is_and_what_to_use(daemon: Any) -> N
         assert "serves its own user and root alone" in finding, finding
         assert "tcp endpoint or HTTP API" in finding and "docs/operations.md, Who can use it" in finding, finding
         assert "Permission denied" not in finding, finding
+
+
+def test_another_user_is_told_the_tcp_endpoint_the_config_opens(daemon_factory: Any, tmp_path: Path) -> None:
+    """The admin opened the tcp endpoint to the others in the machine's config, as docs/operations.md ("Who
+    can use it") says; a user's plain `locod ask` met the service's socket and was not told the endpoint
+    their own `locod` reads in that config. Now the refusal names it, and how to use it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another local user")
+    tcp = f"tcp://127.0.0.1:{free_port()}"
+    handle = daemon_factory({"daemon": {"tcp": tcp}})
+    shared = Path(tempfile.mkdtemp(prefix="locod-walk16-"))  # the machine's config: readable by every user
+    try:
+        shared.chmod(0o755)
+        config = shared / "config.toml"
+        config.write_text(handle.config_path.read_text())
+        config.chmod(0o644)
+
+        def ask() -> str:
+            sys.stderr = io.StringIO()
+            code = cli.main(["--config", str(config), "ask", "hi", "--max-tokens", "2"])
+            return f"{code} {sys.stderr.getvalue()}"
+
+        said = _as_another_user(ask, handle.endpoint[6:])
+    finally:
+        shutil.rmtree(shared)
+    assert said.startswith("1 locod: "), said
+    assert "is not open to this user" in said, said
+    assert f"the config opens {tcp} (daemon.tcp): `locod --endpoint {tcp} ...`" in said, said
 
 
 def test_status_names_the_socket_config_and_decision_log(daemon: Any) -> None:
