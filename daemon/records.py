@@ -211,7 +211,7 @@ class DecisionLog:
         mid-turn left ``pending`` marked ``interrupted``. Returns how many it marked, and the newest decision
         id before this start."""
         with self._writing("migrate"):
-            self._migrate()
+            found = self._migrate()
             interrupted = self.db.execute(  # finished: when this start found it so
                 "UPDATE decisions SET outcome = 'interrupted', error = 'daemon stopped during the turn', "
                 f"finished = ? WHERE {PENDING}",
@@ -220,6 +220,14 @@ class DecisionLog:
             # A turn of an earlier start that a label comes for is never settled by this one: the label
             # trains at once (Learner.feedback), whether or not the router state still holds its settling.
             last_before_start = int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM decisions").fetchone()[0])
+        if 0 < found < len(MIGRATIONS):  # said once committed: an upgrade's way back is its backup now
+            log.info(
+                "decision log %s migrated from schema %d to %d: a locod older than this one cannot use it now, "
+                "so a backup taken before the upgrade is the way back (docs/operations.md, Upgrades)",
+                self.path,
+                found,
+                len(MIGRATIONS),
+            )
         return interrupted, last_before_start
 
     @contextmanager
@@ -327,9 +335,10 @@ class DecisionLog:
                 code="db_replaced",
             )
 
-    def _migrate(self) -> None:
+    def _migrate(self) -> int:
         """Bring the schema up to this code's, in the start's one transaction: a daemon killed midway leaves
-        the file as it was (never columns added with ``user_version`` not bumped)."""
+        the file as it was (never columns added with ``user_version`` not bumped). Returns the version found
+        (0: a new log)."""
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         if version == 0 and "decisions" in self.db.table_names():
             version = version_of_schema(self._conn)
@@ -344,6 +353,7 @@ class DecisionLog:
         for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
             step(self.db)
             self._conn.execute(f"PRAGMA user_version = {number}")
+        return version
 
     def _say_migrating(self, version: int) -> None:
         """Say a migration of a big log before it runs: on a year of turns it reads the file once a step,
