@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import sqlite3
 import sys
 import tempfile
 from collections.abc import Callable
@@ -14,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlite_utils
 
 import locod.cli as cli
 import locod.client as client_module
 from locod.client import Client, locate
+from locod.daemon.records import MIGRATIONS
 from locod.errors import LocodError, StorageError
 
 from .conftest import fill_disk, free_port, start_daemon, wait_for
@@ -168,3 +171,29 @@ def test_a_full_disk_is_logged_once_and_its_end_too(tmp_path: Path, models_dir: 
         assert len(full) == 1, handle.log()
     finally:
         handle.stop()
+
+
+def test_an_upgrade_that_migrates_the_log_says_so_once(tmp_path: Path, models_dir: Path) -> None:
+    """Upgrading over an existing state directory, the decision log of the old version was migrated without
+    a word (below 32 MB): the admin learned that the old version would now refuse it only when going back.
+    Now the first start says it migrated it and that the backup is the way back; the next start is silent."""
+    old_version = len(MIGRATIONS) - 2
+    db = tmp_path / "d" / "state" / "locod.db"
+    db.parent.mkdir(parents=True, mode=0o700)
+    conn = sqlite3.connect(db, isolation_level=None)
+    for number, step in enumerate(MIGRATIONS[:old_version], start=1):
+        step(sqlite_utils.Database(conn))
+        conn.execute(f"PRAGMA user_version = {number}")
+    row = {"created": 1.7e9, "session": "before", "turn": 0, "task": "chat", "location": "local"}
+    sqlite_utils.Database(conn)["decisions"].insert(row | {"model": "smollm2-135m-instruct", "outcome": "ok"})
+    conn.close()
+    said = f"decision log {db} migrated from schema {old_version} to {len(MIGRATIONS)}"
+    for _ in range(2):  # the upgrade's first start, then an ordinary one
+        handle = start_daemon(tmp_path / "d", models_dir, {})
+        try:
+            shown = handle.cli("decisions")
+            assert shown.returncode == 0 and "before" in shown.stdout, shown
+        finally:
+            handle.stop()
+        assert handle.log().count(said) == 1, handle.log()
+    assert "a backup taken before the upgrade is the way back" in handle.log()
