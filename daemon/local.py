@@ -22,6 +22,8 @@ from typing import Any, cast
 
 import jinja2
 import llama_cpp
+import numpy as np
+import numpy.typing as npt
 from llama_cpp import Llama, LogitsProcessorList, llama_chat_format
 
 from locod.daemon.backends import Generation, Prompt
@@ -50,12 +52,33 @@ TEMPLATE_DEADLINE_S = 2.0  # a chat template renders in a millisecond or so; one
 TEMPLATE_FAILURES = (jinja2.TemplateError, ArithmeticError, LookupError, ValueError, TypeError, RecursionError)
 
 
+class SampledTokens:
+    """A llama.cpp logits processor that counts the tokens sampled, changing nothing. The streamed pieces of
+    text are no count of tokens: one piece may hold several (a character of several bytes, text held back
+    while it may begin a stop string), and an answer cut at ``max_tokens`` read as shorter than its limit,
+    so the HTTP door said it finished for ``stop`` and its usage counted too few tokens."""
+
+    def __init__(self) -> None:
+        self.sampled = 0
+
+    def __call__(self, input_ids: npt.NDArray[np.intc], logits: npt.NDArray[np.single]) -> npt.NDArray[np.single]:
+        self.sampled += 1
+        return logits
+
+    def answer_tokens(self, finish: str | None) -> int:
+        """The answer's tokens, by llama.cpp's ``finish`` reason: one that ended itself (``stop``) sampled its
+        end-of-generation token last, which is not part of it (one ended by a stop string is counted one
+        short: it sampled no such token)."""
+        return self.sampled - 1 if finish == "stop" else self.sampled
+
+
 @dataclass(frozen=True)
 class Opened:
-    """A stream to read: when reading began, and its tokens' log-probs if asked for."""
+    """A stream to read: when reading began, its tokens' count, and their log-probs if asked for."""
 
     stream: Generator[Any, None, None]
     started: float
+    sampled: SampledTokens
     logprobs: TokenLogprobs | None
 
 
@@ -416,11 +439,12 @@ class LocalBackend:
         return self._answer(loaded, prompt, self._open(model, loaded, prompt))
 
     def _answer(self, loaded: LoadedModel, prompt: Prompt, opened: Opened) -> Generation:
-        answer, cut = AnswerStream(prompt, loaded.llm, opened.logprobs), True
+        answer, cut, finish = AnswerStream(prompt, loaded.llm, opened.logprobs), True, None
         try:
             for chunk in opened.stream:
                 if prompt.cancelled.is_set():
                     break
+                finish = chunk["choices"][0].get("finish_reason") or finish
                 delta = chunk["choices"][0]["delta"].get("content")
                 if delta and not answer.add(str(delta)):
                     break  # the checkpoint escalated the turn: no more of this answer is wanted
@@ -430,15 +454,17 @@ class LocalBackend:
         finally:
             opened.stream.close()
         end = time.perf_counter()
-        self._observe(answer, opened.started, end, prompt.cancelled.is_set())
+        # a chat handler that takes no logits processor leaves the count at 0: its pieces are counted instead
+        tokens_out = max(opened.sampled.answer_tokens(finish), len(answer.parts))
+        self._observe(answer, tokens_out, opened.started, end, prompt.cancelled.is_set())
         tokens, logprobs = answer.scored() if prompt.logprobs else ((), ())  # a checkpoint read its own
         return Generation(
             text="".join(answer.parts),
             tokens_in=prompt_tokens(loaded.llm, prompt),
-            tokens_out=len(answer.parts),
+            tokens_out=tokens_out,
             first_token_ms=None if answer.shown is None else (answer.shown - opened.started) * 1000,
             total_ms=(end - opened.started) * 1000,
-            energy_j=len(answer.parts) * loaded.config.joules_per_token,
+            energy_j=tokens_out * loaded.config.joules_per_token,
             cancelled=prompt.cancelled.is_set(),
             escalated=answer.escalated,
             cut=cut,
@@ -446,9 +472,9 @@ class LocalBackend:
             logprobs=logprobs,
         )
 
-    def _observe(self, answer: AnswerStream, started: float, end: float, cancelled: bool) -> None:
+    def _observe(self, answer: AnswerStream, tokens_out: int, started: float, end: float, cancelled: bool) -> None:
         """Keep the generation speed and the turn time that the queue's expected wait is made of."""
-        first, tokens_out = answer.first, len(answer.parts)
+        first = answer.first
         if first is not None and tokens_out > 1 and end > first:
             rate = (tokens_out - 1) / (end - first)
             self.tokens_per_s = rate if self.tokens_per_s is None else 0.8 * self.tokens_per_s + 0.2 * rate
@@ -461,6 +487,7 @@ class LocalBackend:
         started = time.perf_counter()
         self.zoo.cache.begin_turn(model, loaded.llm, prompt.session)
         logprobs = TokenLogprobs(loaded.llm) if prompt.logprobs or prompt.checkpoint else None
+        sampled = SampledTokens()
         try:  # the chat template is rendered here; the prompt is read when the first chunk is asked for
             with deadline(TEMPLATE_DEADLINE_S):
                 stream: Generator[Any, None, None] = loaded.llm.create_chat_completion(  # type: ignore[assignment]
@@ -470,11 +497,11 @@ class LocalBackend:
                     seed=prompt.seed,
                     stop=list(prompt.stop),
                     stream=True,
-                    logits_processor=None if logprobs is None else LogitsProcessorList([logprobs]),
+                    logits_processor=LogitsProcessorList([p for p in (logprobs, sampled) if p is not None]),
                 )
         except TEMPLATE_FAILURES as exc:
             raise ModelError(
                 f"model {model!r}: its chat template cannot format this conversation: {first_line(exc)}",
                 code="model_template",
             ) from None
-        return Opened(stream, started, logprobs)
+        return Opened(stream, started, sampled, logprobs)
