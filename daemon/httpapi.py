@@ -83,6 +83,7 @@ class Exchange:
     location: str = ""  # where the answer comes from, as far as known: the decision's until a frame moves it
     model: str = ""  # and which model writes it
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
+    created: int = field(default_factory=lambda: int(time.time()))  # one for the answer and all its chunks
 
     def moved(self, frame: Frame) -> None:
         """Follow a frame that says where the answer now comes from: an escalation to the cloud, a fallback
@@ -95,6 +96,9 @@ class Exchange:
         assert self.decision is not None
         location = self.location or self.decision.location
         return {"x-locod-decision": str(self.decision.decision), "x-locod-location": location}
+
+    def chunk(self, model: str, delta: dict[str, Any], reason: str | None = None, **extra: Any) -> dict[str, Any]:
+        return wire.chunk(self.id, self.created, model, delta, reason, **extra)
 
     def extension(self, done: DoneFrame | None) -> dict[str, Any]:
         assert self.decision is not None
@@ -293,7 +297,10 @@ class HttpServer:
         try:
             if completion.options.stream:
                 held = await self._before_text(exchange, request)
-                return EventSourceResponse(self._events(exchange, held), headers=exchange.headers(), ping=15)
+                # sep: events end in a blank line of bare newlines, as OpenAI's own do; sse-starlette's default CRLF
+                # lines are valid SSE, yet a client that splits the body on "\n\n" never finds an event end
+                events = self._events(exchange, held)
+                return EventSourceResponse(events, headers=exchange.headers(), ping=15, sep="\n")
             body = await self._whole(exchange, request)
         except wire.HttpError as exc:  # the turn has a record: its failure names it, as an answer would
             exc.decision_headers = exchange.headers()
@@ -340,7 +347,7 @@ class HttpServer:
                 text = frame.text or ""
                 self._answered(exchange, frame, text)
                 reason = self._finish_reason(exchange, frame)
-                return wire.completion(exchange.id, text, frame, reason, exchange.extension(frame))
+                return wire.completion(exchange.id, exchange.created, text, frame, reason, exchange.extension(frame))
 
     async def _events(self, exchange: Exchange, held: list[Frame]) -> AsyncIterator[str]:
         """Server-sent events until ``[DONE]``: the ``held`` frames (read before the headers), then the rest;
@@ -348,17 +355,17 @@ class HttpServer:
         assert exchange.decision is not None
         model, parts = exchange.model or exchange.decision.model, []  # an escalation held before the headers
         try:
-            yield json.dumps(wire.chunk(exchange.id, model, {"role": "assistant", "content": ""}))
+            yield json.dumps(exchange.chunk(model, {"role": "assistant", "content": ""}))
             while True:
                 frame = held.pop(0) if held else await exchange.frames.get()
                 if isinstance(frame, DeltaFrame):
                     parts.append(frame.text)
-                    yield json.dumps(wire.chunk(exchange.id, model, {"content": frame.text}))
+                    yield json.dumps(exchange.chunk(model, {"content": frame.text}))
                 elif isinstance(frame, FallbackFrame):
                     exchange.fallback, model = frame.message, frame.model
                     if parts:  # the cloud's text went out and cannot be taken back: say where it breaks off
                         parts.append(wire.BROKE_OFF)  # all the client got: what its next request repeats
-                        yield json.dumps(wire.chunk(exchange.id, model, {"content": wire.BROKE_OFF}))
+                        yield json.dumps(exchange.chunk(model, {"content": wire.BROKE_OFF}))
                 elif isinstance(frame, EscalatedFrame):  # no local text was sent: the cloud's answer follows
                     exchange.escalated, model = frame.message, frame.model
                 elif isinstance(frame, ErrorFrame):
@@ -375,9 +382,9 @@ class HttpServer:
     def _ending(self, exchange: Exchange, done: DoneFrame, text: str) -> list[str]:
         self._answered(exchange, done, text)
         reason = self._finish_reason(exchange, done)
-        events = [wire.chunk(exchange.id, done.model, {}, reason, locod=exchange.extension(done))]
+        events = [exchange.chunk(done.model, {}, reason, locod=exchange.extension(done))]
         if exchange.completion.include_usage:
-            events.append({**wire.chunk(exchange.id, done.model, {}), "choices": [], "usage": wire.usage(done)})
+            events.append({**exchange.chunk(done.model, {}), "choices": [], "usage": wire.usage(done)})
         return [json.dumps(e) for e in events] + ["[DONE]"]
 
     def _finish_reason(self, exchange: Exchange, done: DoneFrame) -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,12 +295,14 @@ def finish_reason(done: DoneFrame, options: ChatOptions, default_max: int, conte
     return "length" if asked or (context is not None and done.tokens_in + done.tokens_out >= context) else "stop"
 
 
-def completion(cid: str, text: str, done: DoneFrame, reason: str, locod: dict[str, Any]) -> dict[str, Any]:
+def completion(
+    cid: str, created: int, text: str, done: DoneFrame, reason: str, locod: dict[str, Any]
+) -> dict[str, Any]:
     """The whole answer, as ``POST /v1/chat/completions`` without ``stream``."""
     return {
         "id": cid,
         "object": "chat.completion",
-        "created": int(time.time()),
+        "created": created,
         "model": done.model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason}],
         "usage": usage(done),
@@ -309,8 +310,11 @@ def completion(cid: str, text: str, done: DoneFrame, reason: str, locod: dict[st
     }
 
 
-def chunk(cid: str, model: str, delta: dict[str, Any], reason: str | None = None, **extra: Any) -> dict[str, Any]:
-    """One server-sent event of a streamed answer."""
+def chunk(
+    cid: str, created: int, model: str, delta: dict[str, Any], reason: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """One server-sent event of a streamed answer; every chunk of one answer has its ``created`` (OpenAI's
+    rule: a client may take the first chunk's as the completion's)."""
     choices = [{"index": 0, "delta": delta, "finish_reason": reason}]
-    body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model}
+    body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
     return {**body, "choices": choices, **extra}
