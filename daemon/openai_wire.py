@@ -43,9 +43,13 @@ UNSUPPORTED = (
     "logprobs",
     "top_logprobs",
     "logit_bias",
+    "audio",  # a spoken answer (with ``modalities``): the SDK would find ``message.audio`` empty
+    "modalities",
+    "web_search_options",  # an answer from a web search, with its citations: locod searches nothing
 )
 # Values of those that ask for what every answer is anyway (clients and plugins send them spelled out).
 AS_DEFAULT: dict[str, tuple[Any, ...]] = {
+    "modalities": (["text"],),
     "response_format": ({"type": "text"},),
     "tool_choice": ("none",),
     "function_call": ("none",),
@@ -139,16 +143,14 @@ def parse_completion(body: Any, models: list[str], ids: dict[str, str] | None = 
 
 
 def _options(body: dict[str, Any]) -> ChatOptions:
-    newer = body.get("max_completion_tokens")  # clients that send every field send the unused one as null
-    given = {
-        "max_tokens": body.get("max_tokens") if newer is None else newer,
-        "temperature": body.get("temperature"),
-        "seed": body.get("seed"),
-    }
+    # the field the length limit came in: clients that send every field send the unused one as null
+    limit = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
+    sent_as = {"max_tokens": limit, "temperature": "temperature", "seed": "seed"}  # option -> its field
+    given = {name: body.get(field) for name, field in sent_as.items()}
     for name in OPTION_RULES:  # the socket's rules (locod.protocol), so both doors take the same values
         problem = None if given[name] is None else option_problem(name, given[name])
         if problem:
-            raise bad(f"{name!r} {problem}", name)
+            raise bad(f"{sent_as[name]!r} {problem}", sent_as[name])
     max_tokens, temperature, seed = given["max_tokens"], given["temperature"], given["seed"]
     stream = False if body.get("stream") is None else body["stream"]
     if not isinstance(stream, bool):
@@ -176,7 +178,7 @@ def _messages(raw: list[Any]) -> tuple[list[dict[str, str]], list[Attachment]]:
     messages, images = [], []
     for i, item in enumerate(raw):
         where = f"messages[{i}]"
-        if not isinstance(item, dict) or item.get("role") not in ROLES:
+        if not isinstance(item, dict) or not isinstance(item.get("role"), str) or item["role"] not in ROLES:
             raise bad(f"{where} must be an object with a role in {sorted(ROLES)}", where)
         content = item.get("content")
         if content is None and item["role"] == "assistant":  # OpenAI's null, as clients send back a turn without text
