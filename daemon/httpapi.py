@@ -93,9 +93,15 @@ class Exchange:
             self.model = frame.model
 
     def headers(self) -> dict[str, str]:
+        """The turn's headers: ``x-request-id`` is the completion's id, which the SDKs keep as a reply's
+        ``_request_id`` and an error's ``request_id`` (and ``locod decisions`` takes)."""
         assert self.decision is not None
         location = self.location or self.decision.location
-        return {"x-locod-decision": str(self.decision.decision), "x-locod-location": location}
+        return {
+            "x-locod-decision": str(self.decision.decision),
+            "x-locod-location": location,
+            "x-request-id": self.id,
+        }
 
     def chunk(self, model: str, delta: dict[str, Any], reason: str | None = None, **extra: Any) -> dict[str, Any]:
         return wire.chunk(self.id, self.created, model, delta, reason, **extra)
@@ -128,7 +134,7 @@ class HttpServer:
             cross_origin(
                 _tidy_path(Starlette(routes=routes, exception_handlers={404: self.no_route, 405: self.no_route})),
                 cfg.cors_origins,
-                "x-locod-decision, x-locod-location",
+                "x-locod-decision, x-locod-location, x-request-id",
             ),
             host=host,
             port=port,
