@@ -27,6 +27,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from locod.daemon.logs import Throttle
+from locod.daemon.openai_wire import HttpError
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,7 @@ class Limits:
         message = (
             f"the HTTP API has {self.max_connections} connections open, at http.max_connections; try again shortly"
         )
-        body = json.dumps(
-            {"error": {"message": message, "type": "server_error", "param": None, "code": "busy"}}
-        ).encode()
+        body = json.dumps(HttpError(503, message, "busy").body()).encode()
         head = (
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
             f"retry-after: 1\r\ncontent-length: {len(body)}\r\n\r\n"
@@ -104,6 +103,25 @@ class BoundedProtocol(H11Protocol):
             self.limits.open -= 1
         self._disarm()
         super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are no HTTP/1.1 request (a malformed request line or header, what
+        follows a body longer than its Content-Length), in OpenAI's error shape as every other answer: uvicorn
+        sends ``msg`` as plain text, which an SDK shows as the whole error."""
+        error = HttpError(400, f"the request is not valid HTTP/1.1 ({msg.rstrip('.')})", "bad_request")
+        body = json.dumps(error.body()).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
 
     def evict(self) -> None:
         """Close this connection, its request unfinished, and hand its slot over at once."""
