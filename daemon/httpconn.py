@@ -10,7 +10,10 @@ loop's errors (``accept`` out of descriptors) are logged once per interval, not 
 Refusing newcomers alone would let anyone who can reach the port keep every slot with requests sent a
 byte at a time, opening a new one as each times out. So a newcomer that finds the door full takes the
 slot of the connection that has been sending its request longest, once that has had ``EVICT_AFTER_S``;
-a connection whose request has arrived (its turn running, its answer streaming) is never evicted.
+else that of the connection idle longest between requests: a kept-alive connection holds nothing, and a
+cheap request every few seconds (``GET /health`` needs no key, a 401 keeps the connection too) kept one
+open for good. A connection whose request has arrived (its turn running, its answer streaming) is never
+evicted.
 """
 
 from __future__ import annotations
@@ -45,11 +48,16 @@ class Limits:
     throttle: Throttle = field(default_factory=lambda: Throttle(log))
     # Connections still sending a request -> when they began it, oldest first.
     arriving: dict[asyncio.Protocol, float] = field(default_factory=dict)
+    # Connections kept alive between requests, nothing sent yet of the next one; oldest first.
+    idle: dict[asyncio.Protocol, None] = field(default_factory=dict)
 
     def stalest(self) -> asyncio.Protocol | None:
-        """The connection sending its request longest, if it has had EVICT_AFTER_S; else None."""
+        """The connection a newcomer may take the slot of: the one sending its request longest, if it has had
+        EVICT_AFTER_S; else the one idle longest between requests; else None."""
         oldest = next(iter(self.arriving.items()), None)
-        return oldest[0] if oldest is not None and time.monotonic() - oldest[1] >= EVICT_AFTER_S else None
+        if oldest is not None and time.monotonic() - oldest[1] >= EVICT_AFTER_S:
+            return oldest[0]
+        return next(iter(self.idle), None)
 
     def accept_batch(self) -> int:
         """The listen backlog, which is also how many connections asyncio accepts at one go, before any of
@@ -124,19 +132,24 @@ class BoundedProtocol(H11Protocol):
         self.transport.close()
 
     def evict(self) -> None:
-        """Close this connection, its request unfinished, and hand its slot over at once."""
+        """Close this connection, its request unfinished or not begun, and hand its slot over at once."""
+        idle = self in self.limits.idle
         self.evicted = True
         self.limits.open -= 1
         self._disarm()
         self.limits.throttle.say(
-            "evicted",
+            "evicted idle" if idle else "evicted",
             logging.WARNING,
-            "HTTP: %d connections open, at http.max_connections: closed one still sending its request "
-            "after %.0f s, for a newcomer",
+            "HTTP: %d connections open, at http.max_connections: closed one %s, for a newcomer",
             self.limits.max_connections,
-            EVICT_AFTER_S,
+            "idle between requests" if idle else f"still sending its request after {EVICT_AFTER_S:.0f} s",
         )
         self.transport.close()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # which starts a pipelined next request, if one came
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self.limits.idle[self] = None
 
     def data_received(self, data: bytes) -> None:
         if self.refused:
@@ -148,11 +161,13 @@ class BoundedProtocol(H11Protocol):
             self._disarm()
 
     def _arm(self) -> None:
+        self.limits.idle.pop(self, None)
         self.deadline = self.loop.call_later(self.limits.request_timeout_s, self._too_slow)
         self.limits.arriving[self] = time.monotonic()
 
     def _disarm(self) -> None:
         self.limits.arriving.pop(self, None)
+        self.limits.idle.pop(self, None)
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None

@@ -170,3 +170,32 @@ def test_a_turn_that_fails_after_its_text_names_itself(daemon_factory: Any, prox
     streamed, whole = handle.rows("SELECT request_id, outcome FROM decisions ORDER BY id")
     assert streamed == {"request_id": got[0].id, "outcome": "error"}
     assert whole == {"request_id": failed.value.request_id, "outcome": "error"}
+
+
+def test_idle_kept_alive_connections_cannot_keep_everyone_else_out(daemon_factory: Any) -> None:
+    """Connections kept alive between requests, each refreshed by a ``GET /health`` (no key needed) every
+    few seconds, held every slot of the door for good: a newcomer was answered 503 however long it tried,
+    as an idle connection was never taken. Now a newcomer takes the slot of the connection idle longest (its
+    client opens another when it next asks); one whose answer is streaming is still never taken."""
+    port = free_port()
+    daemon_factory({"http": {"listen": f"127.0.0.1:{port}", "max_connections": 4}})
+    streaming = sdk(port).chat.completions.create(model="auto", messages=HI, max_tokens=200, stream=True)
+    chunks = iter(streaming)
+    first = next(chunks)  # its answer streams on the door's first connection
+    idle = [http.client.HTTPConnection("127.0.0.1", port, timeout=120) for _ in range(3)]
+    for conn in idle:  # each asks once, then keeps its connection, as a client's pool does
+        conn.request("GET", "/health")
+        assert conn.getresponse().read() == b'{"status":"ok"}'
+    newcomers = [sdk(port) for _ in range(4)]
+    for client in newcomers:  # each takes an idle slot: the three, then the newcomer before it
+        assert client.models.list().data[0].id == "auto"
+    closed = 0
+    for conn in idle:
+        try:
+            conn.request("GET", "/health")
+            conn.getresponse().read()
+        except (ConnectionError, http.client.HTTPException):
+            closed += 1
+    assert closed == 3
+    rest = list(chunks)
+    assert rest[-1].choices[0].finish_reason in ("stop", "length") and rest[-1].id == first.id
