@@ -38,7 +38,7 @@ from locod.daemon import openai_wire as wire
 from locod.daemon.config import split_listen
 from locod.daemon.conversations import Conversations
 from locod.daemon.fdlimit import HTTP_SHARE, door_share, raise_soft_limit
-from locod.daemon.httpconn import Limits, loop_errors, protocol
+from locod.daemon.httpconn import Limits, PerRequestWarnings, loop_errors, protocol
 from locod.daemon.httporigin import Gate, cross_origin
 from locod.daemon.keyfile import read_key_file
 from locod.daemon.reply import Reply
@@ -123,6 +123,7 @@ class HttpServer:
         self.gate = Gate(host, cfg.cors_origins)
         connections = door_share("http.max_connections", cfg.max_connections, raise_soft_limit(), HTTP_SHARE)
         self.limits = Limits(connections, cfg.request_timeout_s)
+        logging.getLogger("uvicorn.error").addFilter(PerRequestWarnings(self.limits.throttle))
         routes = [
             Route("/v1/chat/completions", self._guarded(self.chat), methods=["POST"]),
             Route("/v1/models", self._guarded(self.models), methods=["GET"]),

@@ -191,6 +191,22 @@ def protocol(limits: Limits) -> type[asyncio.Protocol]:
     return type("Bounded", (BoundedProtocol,), {"limits": limits})
 
 
+class PerRequestWarnings(logging.Filter):
+    """uvicorn's warnings about one request (``Invalid HTTP request received.``, an upgrade it does not
+    serve), said through the door's throttle: uvicorn logs one line per request, so a client sending them in
+    a loop filled the log, and journald, past its rate limit, drops the daemon's own lines with them."""
+
+    def __init__(self, throttle: Throttle) -> None:
+        super().__init__()
+        self.throttle = throttle
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        self.throttle.say(str(record.msg), logging.WARNING, "HTTP: %s", record.getMessage())  # kinds: uvicorn's few
+        return False
+
+
 def loop_errors(throttle: Throttle) -> Any:
     """An event-loop exception handler: running out of descriptors (or memory) for ``accept`` is said once
     per interval; asyncio itself would log a traceback for every retry, thousands a second."""

@@ -127,8 +127,9 @@ def test_request_shapes_are_answered_or_refused_by_name(
 def test_bytes_that_are_no_http_request_get_openais_error_shape(door: tuple[DaemonHandle, int]) -> None:
     """uvicorn answered them in plain text, ``Invalid HTTP request received.``: the one answer of the door
     not in OpenAI's error shape. Also what follows a body longer than its Content-Length on a kept-alive
-    connection, after the request itself was answered."""
-    _, port = door
+    connection, after the request itself was answered. And it logged a line for each: a client sending
+    them in a loop filled the log."""
+    handle, port = door
     body = json.dumps({"model": "auto", "max_tokens": 1, "messages": HI}).encode()
     head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
     longer = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body + b"}}\r\n\r\n"
@@ -143,6 +144,11 @@ def test_bytes_that_are_no_http_request_get_openais_error_shape(door: tuple[Daem
         assert b"content-type: application/json" in head.rpartition(b"HTTP/1.1 400 Bad Request")[2]
         error = json.loads(last)["error"]
         assert error["code"] == "bad_request" and "not valid HTTP/1.1" in error["message"]
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+            s.sendall(b"NOT HTTP\r\n\r\n")
+            assert s.recv(65536).startswith(b"HTTP/1.1 400 Bad Request")
+    assert handle.log().count("Invalid HTTP request received") == 1
 
 
 def test_a_turn_that_fails_after_its_text_names_itself(daemon_factory: Any, proxy: FaultProxy) -> None:
