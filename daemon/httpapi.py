@@ -140,6 +140,9 @@ class HttpServer:
             host=host,
             port=port,
             http=protocol(self.limits),  # bounded connections, timed requests (httpconn.py)
+            # No WebSockets, whatever is installed: with the websockets package there, uvicorn handed an upgrade
+            # request's connection to its own protocol, out of the door's count for good (its slot never freed)
+            ws="none",
             backlog=self.limits.accept_batch(),
             log_config=None,
             log_level="warning",

@@ -131,6 +131,14 @@ class BoundedProtocol(H11Protocol):
             self.transport.write(self.conn.send(event))
         self.transport.close()
 
+    def _unsupported_upgrade_warning(self) -> None:
+        """A request asking to upgrade its connection (a WebSocket, h2c) is served as HTTP/1.1: said once per
+        interval, where uvicorn's own two lines each time advise installing a WebSocket library, which would
+        change nothing (the door serves none, httpapi.py)."""
+        self.limits.throttle.say(
+            "upgrade", logging.WARNING, "HTTP: a request asked to upgrade its connection; served as HTTP/1.1"
+        )
+
     def evict(self) -> None:
         """Close this connection, its request unfinished or not begun, and hand its slot over at once."""
         idle = self in self.limits.idle
@@ -192,9 +200,9 @@ def protocol(limits: Limits) -> type[asyncio.Protocol]:
 
 
 class PerRequestWarnings(logging.Filter):
-    """uvicorn's warnings about one request (``Invalid HTTP request received.``, an upgrade it does not
-    serve), said through the door's throttle: uvicorn logs one line per request, so a client sending them in
-    a loop filled the log, and journald, past its rate limit, drops the daemon's own lines with them."""
+    """uvicorn's warnings about one request (``Invalid HTTP request received.``), said through the door's
+    throttle: uvicorn logs one line per request, so a client sending them in a loop filled the log, and
+    journald, past its rate limit, drops the daemon's own lines with them."""
 
     def __init__(self, throttle: Throttle) -> None:
         super().__init__()

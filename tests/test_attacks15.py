@@ -205,3 +205,23 @@ def test_idle_kept_alive_connections_cannot_keep_everyone_else_out(daemon_factor
     assert closed == 3
     rest = list(chunks)
     assert rest[-1].choices[0].finish_reason in ("stop", "length") and rest[-1].id == first.id
+
+
+def test_a_websocket_upgrade_holds_no_slot(daemon_factory: Any) -> None:
+    """With the websockets package installed beside locod, uvicorn took a request's ``Upgrade: websocket``
+    and handed its connection to a protocol of its own, out of the door's count: each such request, answered
+    403 and closed, kept its slot for good, and ``http.max_connections`` of them (no key needed) shut the
+    door, 503 to everyone. The door serves no WebSockets: the request is answered as HTTP/1.1."""
+    pytest.importorskip("websockets")  # without it uvicorn upgrades nothing, and no slot was lost
+    port = free_port()
+    handle = daemon_factory({"http": {"listen": f"127.0.0.1:{port}", "max_connections": 4}})
+    upgrade = (
+        "GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    for _ in range(8):
+        with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
+            s.sendall(upgrade.encode())
+            assert s.recv(65536).startswith(b"HTTP/1.1 200 OK")
+    assert sdk(port).models.list().data[0].id == "auto"
+    assert handle.log().count("asked to upgrade") == 1 and "WebSocket library" not in handle.log()
