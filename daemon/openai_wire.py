@@ -184,6 +184,8 @@ def _messages(raw: list[Any]) -> tuple[list[dict[str, str]], list[Attachment]]:
         if content is None and item["role"] == "assistant":  # OpenAI's null, as clients send back a turn without text
             content = ""
         text, found = _content(content, where)
+        if found and item["role"] != "user":  # as OpenAI: a system or assistant image would be dropped unseen
+            raise bad(f"{where}: images are taken in user messages only", where)
         messages.append({"role": ROLES[item["role"]], "content": text})
         images = found
     if messages[-1]["role"] != "user":

@@ -4,6 +4,7 @@ OpenAI's API documents, and now does not."""
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import re
@@ -23,6 +24,7 @@ from .faultproxy import Fault, FaultProxy
 JAPANESE = {"messages": [{"role": "user", "content": "Translate to Japanese: Good morning, how are you today?"}]}
 GREEDY = {"temperature": 0.0, "seed": 1}
 HI = [{"role": "user", "content": "Say hi."}]
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"png").decode()}}
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +112,8 @@ def test_the_sdks_request_id_names_the_turn(door: tuple[DaemonHandle, int]) -> N
         ({"messages": HI, "modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}}, 400, "audio"),
         ({"messages": HI, "modalities": ["text", "audio"]}, 400, "modalities"),
         ({"messages": HI, "web_search_options": {}}, 400, "web_search_options"),
+        # an image in a system message was dropped unseen (images are a user message's, as OpenAI has them)
+        ({"messages": [{"role": "system", "content": [IMAGE_PART]}, *HI]}, 400, "messages[0]"),
         ({"messages": HI, "modalities": ["text"], "audio": None, "max_tokens": 1}, 200, None),  # the default
     ],
 )
