@@ -65,11 +65,12 @@ class SampledTokens:
         self.sampled += 1
         return logits
 
-    def answer_tokens(self, finish: str | None) -> int:
+    def answer_tokens(self, finish: str | None, max_tokens: int) -> int:
         """The answer's tokens, by llama.cpp's ``finish`` reason: one that ended itself (``stop``) sampled its
         end-of-generation token last, which is not part of it (one ended by a stop string is counted one
-        short: it sampled no such token)."""
-        return self.sampled - 1 if finish == "stop" else self.sampled
+        short: it sampled no such token). Never more than ``max_tokens``, as OpenAI's usage: llama.cpp samples
+        one past it when the last one leaves a character of several bytes unfinished."""
+        return min(self.sampled - 1 if finish == "stop" else self.sampled, max_tokens)
 
 
 @dataclass(frozen=True)
@@ -455,7 +456,7 @@ class LocalBackend:
             opened.stream.close()
         end = time.perf_counter()
         # a chat handler that takes no logits processor leaves the count at 0: its pieces are counted instead
-        tokens_out = max(opened.sampled.answer_tokens(finish), len(answer.parts))
+        tokens_out = max(opened.sampled.answer_tokens(finish, prompt.max_tokens), len(answer.parts))
         self._observe(answer, tokens_out, opened.started, end, prompt.cancelled.is_set())
         tokens, logprobs = answer.scored() if prompt.logprobs else ((), ())  # a checkpoint read its own
         return Generation(

@@ -56,7 +56,7 @@ def test_an_answer_cut_at_max_tokens_finishes_for_length_however_it_streamed(doo
     handle, port = door
     whole = sdk(port).chat.completions.create(model="auto", max_tokens=12, **GREEDY, **JAPANESE)  # type: ignore[call-overload]
     assert whole.choices[0].finish_reason == "length"
-    assert whole.usage is not None and whole.usage.completion_tokens >= 12
+    assert whole.usage is not None and whole.usage.completion_tokens == 12
     chunks = list(
         sdk(port).chat.completions.create(  # type: ignore[call-overload]
             model="auto", max_tokens=12, stream=True, stream_options={"include_usage": True}, **GREEDY, **JAPANESE
