@@ -15,6 +15,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionChunk
 
 from .conftest import SECRET, DaemonHandle, cloud_config, free_port, start_daemon
 from .faultproxy import Fault, FaultProxy
@@ -23,7 +24,7 @@ from .faultproxy import Fault, FaultProxy
 # each, so the answer streams in fewer pieces than it has tokens.
 JAPANESE = {"messages": [{"role": "user", "content": "Translate to Japanese: Good morning, how are you today?"}]}
 GREEDY = {"temperature": 0.0, "seed": 1}
-HI = [{"role": "user", "content": "Say hi."}]
+HI: Any = [{"role": "user", "content": "Say hi."}]
 IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"png").decode()}}
 
 
@@ -135,8 +136,8 @@ def test_bytes_that_are_no_http_request_get_openais_error_shape(door: tuple[Daem
     them in a loop filled the log."""
     handle, port = door
     body = json.dumps({"model": "auto", "max_tokens": 1, "messages": HI}).encode()
-    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-    longer = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body + b"}}\r\n\r\n"
+    start = "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    longer = f"{start}Content-Length: {len(body)}\r\n\r\n".encode() + body + b"}}\r\n\r\n"
     for sent, statuses in ((b"NOT HTTP\r\n\r\n", [b"400"]), (longer, [b"200", b"400"])):
         with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
             s.sendall(sent)
@@ -164,10 +165,10 @@ def test_a_turn_that_fails_after_its_text_names_itself(daemon_factory: Any, prox
     short = {"name": "short", "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "n_ctx": 256}
     config.update(http={"listen": f"127.0.0.1:{port}"}, local={"default": "short", "models": [short]})
     handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
-    ask = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 40 + "\nSay hi."}]
+    ask: Any = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 40 + "\nSay hi."}]
     proxy.set(Fault("cut", cut_after_chunks=3, times=1))
-    stream = sdk(port).chat.completions.create(model="cloud-small", messages=ask, max_tokens=30, stream=True)  # type: ignore[arg-type]
-    got = []
+    stream = sdk(port).chat.completions.create(model="cloud-small", messages=ask, max_tokens=30, stream=True)
+    got: list[ChatCompletionChunk] = []
     with pytest.raises(openai.APIError) as broke:
         for chunk in stream:
             got.append(chunk)
@@ -175,7 +176,7 @@ def test_a_turn_that_fails_after_its_text_names_itself(daemon_factory: Any, prox
     assert broke.value.code == "cloud_stream_cut" and "local fallback failed" in broke.value.message
     proxy.set(Fault("cut", cut_after_chunks=3, times=1))
     with pytest.raises(openai.APIStatusError) as failed:
-        sdk(port).chat.completions.create(model="cloud-small", messages=ask, max_tokens=30)  # type: ignore[arg-type]
+        sdk(port).chat.completions.create(model="cloud-small", messages=ask, max_tokens=30)
     assert failed.value.status_code == 502 and failed.value.request_id
     streamed, whole = handle.rows("SELECT request_id, outcome FROM decisions ORDER BY id")
     assert streamed == {"request_id": got[0].id, "outcome": "error"}
