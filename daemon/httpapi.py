@@ -40,7 +40,7 @@ from locod.daemon.conversations import Conversations
 from locod.daemon.fdlimit import HTTP_SHARE, door_share, raise_soft_limit
 from locod.daemon.httpconn import Limits, PerRequestWarnings, loop_errors, protocol
 from locod.daemon.httporigin import Gate, cross_origin
-from locod.daemon.keyfile import read_key_file
+from locod.daemon.keyfile import http_api_key
 from locod.daemon.reply import Reply
 from locod.daemon.sessions import HTTP
 from locod.errors import ConfigError
@@ -115,8 +115,7 @@ class HttpServer:
     def __init__(self, daemon: Daemon) -> None:
         cfg = daemon.config.http
         host, port = split_listen(cfg.listen)
-        # beyond loopback the config already required a key file (config.py)
-        self.key = read_key_file(cfg.api_key_file, "http.api_key_file") if cfg.api_key_file else None
+        self.key = http_api_key(daemon.config)  # a reload reads it again (Daemon.reload)
         self.daemon = daemon
         self.conversations = Conversations(daemon.sessions, cfg.max_conversations)
         self.registry = metrics.registry(daemon)

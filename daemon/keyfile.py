@@ -1,5 +1,6 @@
 """Secrets kept in files: read only when the file is the owner's alone, so a key never sits world-readable,
 and only when it is a regular file of a key's size (``regular_file``): a FIFO must not hold the serving loop.
+The doors' own keys (the HTTP API's, the tcp endpoint's) are read here alone, at start and at each reload.
 """
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+from locod.daemon.config import Config
 from locod.daemon.regular_file import read_regular
 from locod.errors import ConfigError
 
@@ -34,3 +36,15 @@ def read_key_file(name: str, what: str) -> str:
     if not text:  # a blank secret would make "no secret" the secret
         raise ConfigError(f"{what} {path} is empty (or only whitespace)")
     return text
+
+
+def http_api_key(config: Config) -> str | None:
+    """The HTTP API's bearer key, from http.api_key_file; None when it is unset (loopback only, config.py)."""
+    path = config.http.api_key_file
+    return read_key_file(path, "http.api_key_file") if path else None
+
+
+def tcp_secret(config: Config) -> str | None:
+    """The tcp endpoint's secret, if it has one (the config's check refused a non-loopback one without)."""
+    path = config.daemon.tcp_secret_file
+    return read_key_file(path, "daemon.tcp_secret_file") if config.daemon.tcp and path else None

@@ -185,6 +185,13 @@ class ModelZoo:
         self._recheck_files = False  # set by a reload: the next get unloads models whose file was replaced
         self.cache = DialogueCache(max(cache_mb, 0), self._room_mb, park, self.identity)
 
+    @classmethod
+    def configured(cls, config: Config) -> ModelZoo:
+        """The zoo of ``config``'s local models, its dialogue states parked on disk with local.cache_disk_mb."""
+        local = config.local
+        park = DiskPark.opened(config.state_dir / "kvcache", local.cache_disk_mb << 20) if local.cache_disk_mb else None
+        return cls(local.models, config.models_dir, local.memory_budget_mb, local.n_threads, local.cache_mb, park)
+
     def reconfigure(self, local: LocalConfig) -> list[str]:
         """Take the models of a reloaded config, and say what changed in them. Called on the serving loop,
         not under the gate, so it only swaps the table; the gate's next holder unloads what was removed or

@@ -37,8 +37,7 @@ from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config, as_dict, load_config, redacted_url
 from locod.daemon.decider import Decider
 from locod.daemon.fdlimit import TCP_SHARE, door_share, raise_soft_limit
-from locod.daemon.keyfile import read_key_file
-from locod.daemon.kvpark import DiskPark
+from locod.daemon.keyfile import http_api_key, tcp_secret
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend, ModelZoo, check_chat_formats
 from locod.daemon.logs import configure_logging
@@ -90,6 +89,8 @@ class Daemon:
     def __init__(
         self, config: Config, config_path: str | None = None, overrides: Mapping[str, str] | None = None
     ) -> None:
+        """Claim the state and runtime directories, open the decision log and build the turn's path (models,
+        backends, router, learner), then the loop's own state; nothing is bound or loaded until ``start``."""
         self.config = config
         self._config_path = config_path
         self._overrides = dict(overrides or {})
@@ -99,35 +100,36 @@ class Daemon:
         self._state_lock = _exclusive_lock(config.state_dir)  # held, never read: its lock lasts as long as it
         self._runtime_lock = _exclusive_lock(config.runtime_dir)  # taken again if the directory is removed
         self.notifier = Notifier()
-        self.outbox: zmq.Socket[bytes] | None = None
-        self.inbox: zmq.Socket[bytes] | None = None
-        self._handed_in: queue.SimpleQueue[tuple[bytes, ChatRequest, Reply]] = queue.SimpleQueue()
-        # Whether the loop still admits turns handed in, and the lock that keeps a hand-in from slipping in
-        # after its last look at them (a turn queued then would wait for a loop that never comes).
-        self._admitting = True
-        self._admitting_lock = threading.Lock()
-        self._outgoing: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()  # (peer, frame)
-        self.http: HttpServer | None = None  # when http.listen is set
+        self._build_turn_path(config)
+        self._prepare_loop(config)
+
+    def _build_turn_path(self, config: Config) -> None:
+        """The long-lived objects a turn goes through, each the one owner of its state (docs/architecture.md)."""
         self.records = DecisionLog(config.db_path, lambda what, s: self.notifier.extend_start(max(s, 90.0), what))
-        self.zoo = _model_zoo(config)
+        self.zoo = ModelZoo.configured(config)
         self.local = LocalBackend(self.zoo)
         self.cloud = CloudBackend(config.cloud, config.source)
-        daemon_cfg = config.daemon
-        self.sessions = SessionStore(daemon_cfg.session_idle_s, daemon_cfg.max_sessions, daemon_cfg.max_history_chars)
+        limits = config.daemon
+        self.sessions = SessionStore(limits.session_idle_s, limits.max_sessions, limits.max_history_chars)
         self.telemetry = TelemetrySampler(config, self.cloud, self.local)
         self.learner = Learner(config, self.records, self.cloud)
         self.decider = Decider(config, self.learner, self.records, self.telemetry, self.local, self.cloud)
         self.shadow = ShadowLane(config, self.local, self.learner, self.records, self.telemetry)
         self.runner = TurnRunner(
-            config,
-            self.sessions,
-            self.local,
-            self.cloud,
-            self.records,
-            self.decider,
-            self.learner,
-            self.shadow,
+            config, self.sessions, self.local, self.cloud, self.records, self.decider, self.learner, self.shadow
         )
+
+    def _prepare_loop(self, config: Config) -> None:
+        """The serving loop's state: the queues and wake-ups that bring it frames and handed-in turns, the
+        threads turns and labels run on, the turns in flight, and the doors (bound by ``start``)."""
+        self.outbox: zmq.Socket[bytes] | None = None
+        self.inbox: zmq.Socket[bytes] | None = None
+        self._outgoing: queue.SimpleQueue[tuple[bytes, bytes]] = queue.SimpleQueue()  # (peer, frame)
+        self._handed_in: queue.SimpleQueue[tuple[bytes, ChatRequest, Reply]] = queue.SimpleQueue()
+        # Whether the loop still admits turns handed in, and the lock that keeps a hand-in from slipping in
+        # after its last look at them (a turn queued then would wait for a loop that never comes).
+        self._admitting = True
+        self._admitting_lock = threading.Lock()
         self.pool = ThreadPoolExecutor(max_workers=config.daemon.queue_limit, thread_name_prefix="turn")
         # Labels are written off the loop: a write can wait on SQLite's lock (another process holding it)
         # for the busy timeout, and the loop answers every other client meanwhile.
@@ -137,22 +139,23 @@ class Daemon:
         self._turns: dict[Future[None], tuple[bytes, Reply]] = {}
         self._links: dict[bytes, Link] = {}  # the connection each socket client with turns in flight is on
         self.backlog = Backlog(config.daemon.max_queued_bytes)
+        self.turns_served = 0
+        self.stopping_since: float | None = None
         self.ctx = zmq.Context()
         # The PUSH sockets through which other threads wake the loop, one per endpoint, each behind its lock
         # (a ZeroMQ socket is not thread-safe): one per thread held a descriptor for each pool thread ever made.
         self._pushes: dict[str, tuple[threading.Lock, zmq.Socket[bytes]]] = {}
         self.sockets: dict[bytes, zmq.Socket[bytes]] = {}
+        self._socket_lost = False  # the ipc socket's file was removed, and binding it again failed
+        self.http: HttpServer | None = None  # when http.listen is set
         self.tcp_guard: TcpGuard | None = None  # with daemon.tcp: its connections, bounded
         self.tcp_auth = TcpAuth(None)  # its secret is read at start, and again at each reload
-        self.stopping_since: float | None = None
-        self._socket_lost = False  # the ipc socket's file was removed, and binding it again failed
-        self.turns_served = 0
 
     # -- start ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
         cfg = self.config
-        self.tcp_auth = TcpAuth(self._read_tcp_secret())
+        self.tcp_auth = TcpAuth(tcp_secret(cfg))
         fd_limit = raise_soft_limit()  # libzmq aborts when its ipc listener finds no descriptor (fdlimit.py)
         if self.records.interrupted_at_start:
             log.warning(
@@ -218,18 +221,11 @@ class Daemon:
         self.sockets[IPC].bind(self.config.ipc_endpoint)
         os.chmod(self.config.socket_path, 0o600)
 
-    def _read_tcp_secret(self) -> str | None:
-        """The tcp endpoint's secret, if it has one (the config's check refused a non-loopback one without)."""
-        path = self.config.daemon.tcp_secret_file
-        return read_key_file(path, "daemon.tcp_secret_file") if self.config.daemon.tcp and path else None
-
     def _read_door_keys(self) -> tuple[str | None, str | None]:
-        """The HTTP API's key and the tcp endpoint's secret, read again from the files the daemon started
-        with (a new path waits for a restart, as the rest of [http] and [daemon] do): a reload is how a
-        rotated key or secret replaces the old one, which would otherwise be accepted until a restart."""
-        path = self.config.http.api_key_file
-        http_key = read_key_file(path, "http.api_key_file") if self.http is not None and path else None
-        return http_key, self._read_tcp_secret()
+        """The HTTP API's key (when it serves) and the tcp endpoint's secret, read again from the files the
+        daemon started with (a new path waits for a restart, as the rest of [http] and [daemon] do): a reload
+        is how a rotated key or secret replaces the old one, which would otherwise be accepted until a restart."""
+        return http_api_key(self.config) if self.http is not None else None, tcp_secret(self.config)
 
     def _install_signals(self) -> None:
         self._wake_r, self._wake_w = socket.socketpair()
@@ -571,6 +567,8 @@ class Daemon:
     # -- status, reload, stop ------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        """The `status` op's reply (docs/protocol.md): the daemon itself, its local models, the cloud, the
+        queue and the tcp door, then sessions, telemetry and routing."""
         cfg = self.config
         return {
             "version": __version__,
@@ -582,46 +580,50 @@ class Daemon:
             "http": f"http://{self.http.listen}/v1" if self.http is not None else None,
             "db": str(cfg.db_path),
             "db_warning": self.records.warning,
-            "local": {
-                "default": cfg.local.default,
-                "models": [m.name for m in cfg.local.models],
-                "resident": self.zoo.resident(),
-                "resident_mb": round(self.zoo.resident_mb()),
-                "memory_budget_mb": self.zoo.budget_mb,
-                "unavailable": self.decider.unusable_files(),
-                "tokens_per_s": self.local.tokens_per_s,
-                "cache": self.zoo.cache.status(),
-            },
-            "cloud": {
-                "models": [m.name for m in cfg.cloud.models],
-                "default": cfg.cloud.default,
-                "breaker": self.cloud.breaker_state,
-                "breakers": {redacted_url(url): b.state for url, b in self.cloud.breakers.items()},
-                "spent_today_usd": round(self.records.spent_today(), 6),
-                "daily_cap_usd": cfg.cloud.daily_cap_usd,
-                "answered_today": self.records.answered_today(),
-                "no_api_key": self.cloud.keyless,
-                "key_from_env": self.cloud.key_from_env,
-            },
+            "local": self._local_status(),
+            "cloud": self._cloud_status(),
             "queue": {
                 "in_flight": self.in_flight(),
                 "waiting_for_local": self.local.gate.waiting,
                 "backlog_bytes": self.backlog.queued_bytes(),
             },
-            "tcp": None
-            if self.tcp_guard is None
-            else {
-                "open": self.tcp_guard.open,
-                "refused": self.tcp_guard.refused,
-                "evicted": self.tcp_guard.evicted,
-                "max": self.tcp_guard.max_total,
-            },
+            "tcp": None if self.tcp_guard is None else self.tcp_guard.status(),
             "sessions": len(self.sessions),
             "turns_served": self.turns_served + len(self._turns) - self.in_flight(),
             "interrupted_at_start": self.records.interrupted_at_start,
             "telemetry": self.telemetry.snapshot().row,
             "routing": self._routing_status(),
             "stopping": self.stopping_since is not None,
+        }
+
+    def _local_status(self) -> dict[str, Any]:
+        """The local models: configured, loaded (memory in MiB, as local.memory_budget_mb counts it), unusable,
+        their speed, and the dialogue cache."""
+        local = self.config.local
+        return {
+            "default": local.default,
+            "models": [m.name for m in local.models],
+            "resident": self.zoo.resident(),
+            "resident_mb": round(self.zoo.resident_mb()),
+            "memory_budget_mb": self.zoo.budget_mb,
+            "unavailable": self.decider.unusable_files(),
+            "tokens_per_s": self.local.tokens_per_s,
+            "cache": self.zoo.cache.status(),
+        }
+
+    def _cloud_status(self) -> dict[str, Any]:
+        """The cloud models, their endpoints' breakers, today's spend and answers, and where keys come from."""
+        cloud = self.config.cloud
+        return {
+            "models": [m.name for m in cloud.models],
+            "default": cloud.default,
+            "breaker": self.cloud.breaker_state,
+            "breakers": {redacted_url(url): b.state for url, b in self.cloud.breakers.items()},
+            "spent_today_usd": round(self.records.spent_today(), 6),
+            "daily_cap_usd": cloud.daily_cap_usd,
+            "answered_today": self.records.answered_today(),
+            "no_api_key": self.cloud.keyless,
+            "key_from_env": self.cloud.key_from_env,
         }
 
     def in_flight(self) -> int:
@@ -675,7 +677,7 @@ class Daemon:
             new = load_config(self._config_path, overrides=self._overrides)
             check_chat_formats(new)
             check_model_file(new.local_model(new.local.default), self.config.models_dir)
-            http_key, tcp_secret = self._read_door_keys()
+            http_key, secret = self._read_door_keys()
             self.cloud.reconfigure(new.cloud, new.source)  # reads the API keys: the last step that can reject
         except LocodError as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc.message)
@@ -686,7 +688,7 @@ class Daemon:
             log.warning("reload: [%s] changed and take(s) effect at the next restart", "], [".join(kept))
         new = dataclasses.replace(new, **{name: getattr(self.config, name) for name in AS_STARTED})
         self.config = new
-        self.tcp_auth = TcpAuth(tcp_secret)
+        self.tcp_auth = TcpAuth(secret)
         if self.http is not None:
             self.http.key = http_key
         models_changed = self.zoo.reconfigure(new.local)
@@ -740,13 +742,6 @@ class Daemon:
             self.config.socket_path.unlink(missing_ok=True)
         self.notifier.close()
         log.info("stopped after %d turns", self.turns_served)  # a log that ends here was not a crash
-
-
-def _model_zoo(config: Config) -> ModelZoo:
-    """The local models and the dialogue states kept for them (parked on disk with local.cache_disk_mb)."""
-    local = config.local
-    park = DiskPark.opened(config.state_dir / "kvcache", local.cache_disk_mb << 20) if local.cache_disk_mb else None
-    return ModelZoo(local.models, config.models_dir, local.memory_budget_mb, local.n_threads, local.cache_mb, park)
 
 
 def _or_na(value: object) -> object:

@@ -68,6 +68,10 @@ class TcpGuard:
     def open(self) -> int:
         return len(self._live)
 
+    def status(self) -> dict[str, int]:
+        """The connections open, refused and evicted so far, and the bound (`locod status`'s tcp section)."""
+        return {"open": self.open, "refused": self.refused, "evicted": self.evicted, "max": self.max_total}
+
     def drain(self) -> None:
         """Handle the monitor's events (called by the loop when the monitor socket is readable)."""
         for _ in range(1000):
