@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from locod.daemon.records import iter_rows, local_midnight, read_rows
+from locod.daemon.records import iter_rows, read_rows
+from locod.daemon.tallies import local_midnight
 from locod.errors import RequestError
 
 UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

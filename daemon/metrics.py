@@ -15,13 +15,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from locod.daemon.config import redacted_url
+from locod.daemon.tallies import HISTOGRAMS, Finished
 
 if TYPE_CHECKING:
     from locod.daemon.server import Daemon
-
-# Seconds: decisions take a few milliseconds, first tokens from tens of milliseconds to seconds.
-DECISION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
-FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class DaemonCollector(Collector):
@@ -29,20 +26,25 @@ class DaemonCollector(Collector):
         self.daemon = daemon
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._turns()
-        yield self._histogram("locod_decision_seconds", "Time to decide where a turn runs.", "latency_decide_ms")
-        yield self._histogram(
-            "locod_first_token_seconds", "Time from acceptance to the first answer token.", "latency_first_token_ms"
+        finished = self.daemon.records.finished.read()  # one read of the log for the scrape
+        yield from self._turns(finished)
+        yield _histogram("locod_decision_seconds", "Time to decide where a turn runs.", finished, "latency_decide_ms")
+        yield _histogram(
+            "locod_first_token_seconds",
+            "Time from acceptance to the first answer token.",
+            finished,
+            "latency_first_token_ms",
         )
         yield from self._gauges()
 
-    def _turns(self) -> Iterator[Metric]:
+    @staticmethod
+    def _turns(finished: Finished) -> Iterator[Metric]:
         turns = CounterMetricFamily("locod_turns", "Finished turns.", labels=["location", "outcome"])
         tokens = CounterMetricFamily("locod_tokens", "Tokens in prompts and answers.", labels=["location", "direction"])
         money = CounterMetricFamily("locod_cost_usd", "Money spent (USD).", labels=["location"])
         energy = CounterMetricFamily("locod_energy_joules", "Energy spent on answers.", labels=["location"])
         used: dict[str, list[float]] = {}  # per location, summed over outcomes
-        for row in self.daemon.records.totals():
+        for row in finished.totals():
             turns.add_metric([row["location"], row["outcome"]], row["turns"])
             sums = used.setdefault(row["location"], [0.0] * 4)
             for i, name in enumerate(("tokens_in", "tokens_out", "cost_usd", "energy_j")):
@@ -53,12 +55,6 @@ class DaemonCollector(Collector):
             money.add_metric([where], usd)
             energy.add_metric([where], joules)
         return iter((turns, tokens, money, energy))
-
-    def _histogram(self, name: str, doc: str, column: str) -> Metric:
-        bounds = DECISION_BUCKETS if column == "latency_decide_ms" else FIRST_TOKEN_BUCKETS
-        counts, count, total_ms = self.daemon.records.histogram(column, tuple(b * 1000 for b in bounds))
-        buckets = [(repr(b), c) for b, c in zip(bounds, counts)] + [("+Inf", count)]
-        return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total_ms / 1000)
 
     def _gauges(self) -> Iterator[Metric]:
         d = self.daemon
@@ -80,6 +76,13 @@ class DaemonCollector(Collector):
         for url, breaker in d.cloud.breakers.items():
             breakers.add_metric([redacted_url(url)], float(breaker.blocking))
         yield breakers
+
+
+def _histogram(name: str, doc: str, finished: Finished, column: str) -> Metric:
+    """A latency column's histogram, in seconds (the log holds milliseconds)."""
+    counts, count, total_ms = finished.histogram(column)
+    buckets = [(repr(b), c) for b, c in zip(HISTOGRAMS[column], counts)] + [("+Inf", count)]
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total_ms / 1000)
 
 
 def registry(daemon: Daemon) -> CollectorRegistry:

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager, suppress
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +27,21 @@ import sqlite_utils
 
 from locod import __version__
 from locod.daemon.decision import NO_ROUTING_COLUMNS, Routing
-from locod.daemon.records_schema import ESCALATED_JUDGED, MIGRATIONS, PENDING, SHADOWED, version_of_schema
+from locod.daemon.records_schema import (
+    ESCALATED_JUDGED,
+    MIGRATIONS,
+    PENDING,
+    SHADOWED,
+    WAS_ANSWERED,
+    version_of_schema,
+)
+from locod.daemon.tallies import DailyTally, FinishedSums
 from locod.errors import StorageError, UnknownDecision
 from locod.policy.logged import LoggedTurn, logged_observation
 from locod.protocol import ANSWERED
 
 log = logging.getLogger(__name__)
 
-WAS_ANSWERED = f"outcome IN {ANSWERED!r}"  # the same, in SQL
 SQLITE_FULL = 13  # sqlite3.SQLITE_FULL from Python 3.11 on
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
 BUSY_WAIT_S = 10.0  # how long a write waits for another process's lock on the file (a turn's record)
@@ -122,17 +129,6 @@ class Outcome:
     private_openings: tuple[str, ...] = ()  # and of its first words (``opening_digests``), to know a part of it
 
 
-@dataclass
-class Today:
-    """What was spent and answered between local midnight (``start``) and the next one (``end``)."""
-
-    start: float
-    end: float
-    usd: float
-    turns: int
-    cloud: int
-
-
 @dataclass(frozen=True)
 class ShadowResult:
     """The local model's background answer to a cloud-answered turn, graded against the cloud's."""
@@ -169,17 +165,6 @@ JSON_COLUMNS = (
 )
 
 
-# What /metrics sums per place and outcome (``DecisionLog.totals``), and the id up to which every turn has
-# finished: the one before the oldest still running, else the newest.
-TOTALS, TOTALS_SUMMED = "totals", "COUNT(*), TOTAL(tokens_in), TOTAL(tokens_out), TOTAL(cost_usd), TOTAL(energy_j)"
-SETTLED_SQL = (
-    f"SELECT COALESCE((SELECT MIN(id) FROM decisions WHERE {PENDING}) - 1, (SELECT MAX(id) FROM decisions), 0)"
-)
-
-
-LATENCY_COLUMNS = ("latency_decide_ms", "latency_first_token_ms", "latency_total_ms")
-
-
 class DecisionLog:
     """The daemon's two connections, shared by its threads: the writer, one write at a time, and a read-only
     one for status, the `decisions` op and /metrics, which never waits behind a write."""
@@ -198,13 +183,12 @@ class DecisionLog:
         self._failing: str | None = None  # the code of the last write's failure, until a write succeeds
         self._wal_warned = 0  # the WAL's size when that was last logged
         self._unwritten: dict[int, dict[str, Any]] = {}  # decision -> its completion, not on disk yet
-        self._tally_lock = threading.Lock()
-        self._tally: Today | None = None
         self.interrupted_at_start, self.last_before_start = self._migrate_and_mark_interrupted()
         self._recent_sql = _recent_query(self.db["decisions"].columns_dict)
         self._reader = _open_reader(path)
         self._read_lock = threading.Lock()
-        self._sums: dict[str, tuple[int, dict[tuple[Any, ...], list[float]]]] = {}  # _running_sums', kept
+        self.today = DailyTally(self._reading)  # what the daily cap and status ask every turn
+        self.finished = FinishedSums(self._reading)  # what /metrics asks every scrape
 
     def _migrate_and_mark_interrupted(self) -> tuple[int, int]:
         """The start's one write: the schema brought up to this code's, and the turns a daemon that died
@@ -402,7 +386,8 @@ class DecisionLog:
                 code="record_not_committed",
             ) from None
         finally:
-            self._spend(outcome.cost_usd, outcome)  # spent either way: the daily cap counts it now
+            answered_by = outcome.backend if outcome.outcome in ANSWERED else None
+            self.today.count(outcome.cost_usd, answered_by)  # spent either way: the daily cap counts it now
 
     def _complete(self, decision_id: int, row: dict[str, Any]) -> None:
         """Write a completion (within a transaction): the record, and the openings of a private answer."""
@@ -506,21 +491,20 @@ class DecisionLog:
 
     def add_cost(self, decision_id: int, usd: float) -> None:
         """Money spent on a turn after it ended (grading it with the judge): counted towards today's total
-        even when the log cannot be written, as the daily cap must see every dollar spent."""
+        even when the log cannot be written, as the daily cap must see every dollar spent, and into the
+        finished turns' sums (no scrape reads between the write and that)."""
         try:
-            with self._writing("adding cost"):
-                self._conn.execute(
-                    "UPDATE decisions SET cost_usd = COALESCE(cost_usd, 0) + ? WHERE id = ?", [usd, decision_id]
-                )
-                where = self._conn.execute(  # not UPDATE ... RETURNING: SQLite 3.35 (Ubuntu 20.04 has 3.31)
-                    "SELECT COALESCE(backend, location), outcome FROM decisions WHERE id = ?", [decision_id]
-                ).fetchone()
+            with self.finished.lock:
+                with self._writing("adding cost"):
+                    self._conn.execute(
+                        "UPDATE decisions SET cost_usd = COALESCE(cost_usd, 0) + ? WHERE id = ?", [usd, decision_id]
+                    )
+                    where = self._conn.execute(  # not UPDATE ... RETURNING: SQLite 3.35 (Ubuntu 20.04 has 3.31)
+                        "SELECT COALESCE(backend, location), outcome FROM decisions WHERE id = ?", [decision_id]
+                    ).fetchone()
+                self.finished.add_cost(decision_id, None if where is None else (where[0], where[1]), usd)
         finally:
-            self._spend(usd)
-        with self._read_lock:  # a turn already in the kept sums: they see its cost too
-            upto, kept = self._sums.get(TOTALS, (0, {}))
-            if where is not None and decision_id <= upto:
-                kept.setdefault(tuple(where), [0.0] * 5)[3] += usd
+            self.today.count(usd)
 
     def recent(self, limit: int = 20, of: str | None = None) -> list[dict[str, Any]]:
         """The newest records (``of``: those of a decision id or a request id), read on the reading connection
@@ -531,76 +515,15 @@ class DecisionLog:
             rows = [dict(row) for row in conn.execute(self._recent_sql.format(where), [*params, limit])]
         return [_decoded(row) for row in rows]
 
-    def totals(self) -> list[dict[str, Any]]:
-        """Finished turns by where they ended up running and how they ended, with what they used."""
-        sums = self._running_sums(TOTALS, f"COALESCE(backend, location), outcome, {TOTALS_SUMMED}", 2)
-        names = ("location", "outcome", "turns", "tokens_in", "tokens_out", "cost_usd", "energy_j")
-        return [dict(zip(names, (*key, *values))) for key, values in sums.items()]
-
-    def histogram(self, column: str, bounds: tuple[float, ...]) -> tuple[list[int], int, float]:
-        """(cumulative counts at or under each bound, count, sum) of a latency column over finished turns."""
-        assert column in LATENCY_COLUMNS
-        under = ", ".join(f"TOTAL({column} <= {float(b)!r})" for b in bounds)
-        sums = self._running_sums(f"{column}{bounds}", f"{under}, COUNT({column}), TOTAL({column})", 0)
-        *counts, count, total = sums.get((), [0.0] * (len(bounds) + 2))
-        return [int(c) for c in counts], int(count), float(total)
-
-    def _running_sums(self, key: str, select: str, keys: int) -> dict[tuple[Any, ...], list[float]]:
-        """Sums over finished turns, by the ``keys`` leading columns of ``select`` (/metrics, every
-        scrape): the turns before the oldest one still running are summed once and kept, only those after
-        it are read again. Summed afresh each time, a scrape read the whole log (three times a gigabyte on a
-        year of turns) and held status and `decisions` meanwhile."""
-        group = f"GROUP BY {', '.join(str(k + 1) for k in range(keys))}" if keys else ""
-        sql = f"SELECT {select} FROM decisions WHERE NOT {PENDING} AND id > ? AND id <= ? {group}"
-        with self._reading("summing finished turns") as conn:
-            settled = conn.execute(SETTLED_SQL).fetchone()[0]  # every turn up to it has finished
-            upto, kept = self._sums.get(key, (0, {}))
-            if settled > upto:
-                _add_sums(kept, conn.execute(sql, [upto, settled]), keys)
-                self._sums[key] = (settled, kept)
-            sums = {group_key: list(values) for group_key, values in kept.items()}
-            _add_sums(sums, conn.execute(sql, [max(upto, settled), 1 << 62]), keys)
-        return sums
-
     def spent_today(self) -> float:
         """Money spent since local midnight (every turn asks, for the daily cap)."""
-        return self._today().usd
+        return self.today.read().usd
 
     def answered_today(self) -> dict[str, int]:
         """Turns answered since local midnight, and how many the cloud answered (`locod status`'s cloud
         share: what the router did today, beside today's spend)."""
-        today = self._today()
+        today = self.today.read()
         return {"turns": today.turns, "cloud": today.cloud}
-
-    def _today(self) -> Today:
-        """Today's tally: read from the table once a day, then kept up to date in memory as turns finish.
-        Turns dated after today (written while the clock ran ahead, then corrected) are not today's:
-        counted, they would spend the cap."""
-        now = time.time()
-        with self._tally_lock:
-            if self._tally is None or not self._tally.start <= now < self._tally.end:
-                midnight = local_midnight(now)
-                # 26 h on from midnight is always the next day, whatever daylight saving does
-                next_midnight = local_midnight(midnight + 26 * 3600)
-                with self._reading("summing today's spending") as conn:
-                    usd, turns, cloud = conn.execute(
-                        f"SELECT TOTAL(cost_usd), TOTAL({WAS_ANSWERED}), TOTAL({WAS_ANSWERED} AND backend = 'cloud') "
-                        "FROM decisions WHERE created >= ? AND created < ?",
-                        [midnight, next_midnight],
-                    ).fetchone()
-                self._tally = Today(midnight, next_midnight, float(usd), int(turns), int(cloud))
-            return replace(self._tally)  # a copy: turns and cloud read together, never one before a turn counts
-
-    def _spend(self, usd: float, answered: Outcome | None = None) -> None:
-        """Count a recorded cost, and a turn ``answered``, towards today's tally."""
-        with self._tally_lock:
-            today = self._tally
-            if today is None:
-                return
-            today.usd += usd
-            if answered is not None and answered.outcome in ANSWERED:
-                today.turns += 1
-                today.cloud += answered.backend == "cloud"
 
     def close(self) -> None:
         self.write_unwritten()
@@ -616,14 +539,6 @@ class DecisionLog:
             self._reader.close()
         with self._lock:
             self._conn.close()
-
-
-def _add_sums(sums: dict[tuple[Any, ...], list[float]], rows: Iterator[Sequence[Any]], keys: int) -> None:
-    """Add grouped rows (``keys`` leading columns, then sums) into ``sums``."""
-    for row in map(tuple, rows):
-        values = sums.setdefault(row[:keys], [0.0] * (len(row) - keys))
-        for i, value in enumerate(row[keys:]):
-            values[i] += value or 0.0
 
 
 def _open_writer(path: Path) -> sqlite3.Connection:
@@ -813,8 +728,3 @@ def _decoded(row: dict[str, Any]) -> dict[str, Any]:
             with suppress(ValueError):  # not JSON (another program wrote it): read as the text it is, not
                 row[column] = json.loads(row[column])  # a failure of every read the row is in
     return row
-
-
-def local_midnight(now: float | None = None) -> float:
-    t = time.localtime(now)
-    return time.mktime((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0, 0, 0, -1))

@@ -11,9 +11,12 @@ from contextlib import closing
 
 import sqlite_utils
 
+from locod.protocol import ANSWERED
+
 # Rows a start counts or settles, each kept in an index of its own (migration 11); a query names the same
 # WHERE to use it.
 PENDING, SHADOWED = "outcome = 'pending'", "shadow IS NOT NULL"
+WAS_ANSWERED = f"outcome IN {ANSWERED!r}"  # protocol.ANSWERED, in SQL
 ESCALATED_JUDGED = "outcome = 'escalated' AND confidence IS NOT NULL"
 PARTIAL_INDEXES = {
     "decisions_pending": PENDING,

@@ -1,0 +1,175 @@
+"""Sums of the decision log kept in memory, so that what asks often never reads the whole log: today's spend
+and answers (``DailyTally``: every turn's decision asks, for the daily cap) and /metrics' totals and latency
+histograms (``FinishedSums``: every scrape). Each is read from the log once and then kept up to date; the
+log (records.py) owns both, and the read-only connection they read through.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, replace
+from typing import Any
+
+from locod.daemon.records_schema import PENDING, WAS_ANSWERED
+
+# A read on the log's reading connection, named for its error (DecisionLog._reading).
+Reading = Callable[[str], AbstractContextManager[sqlite3.Connection]]
+
+
+@dataclass
+class Today:
+    """What was spent and answered between local midnight (``start``) and the next one (``end``)."""
+
+    start: float
+    end: float
+    usd: float
+    turns: int
+    cloud: int
+
+
+class DailyTally:
+    """Today's spend and answers: read from the log once a day, then counted in memory as turns finish.
+
+    A turn counts on the day it finished (money is spent as it is answered), read back the same way after a
+    restart. Turns dated after today (written while the clock ran ahead, then corrected) are not today's:
+    counted, they would spend the cap."""
+
+    def __init__(self, reading: Reading) -> None:
+        self._reading = reading
+        self._lock = threading.Lock()
+        self._today: Today | None = None
+
+    def read(self) -> Today:
+        """A copy of today's tally: turns and cloud read together, never one before a turn counts."""
+        now = time.time()
+        with self._lock:
+            if self._today is None or not self._today.start <= now < self._today.end:
+                self._today = self._read(now)
+            return replace(self._today)
+
+    def _read(self, now: float) -> Today:
+        midnight = local_midnight(now)
+        next_midnight = local_midnight(midnight + 26 * 3600)  # 26 h on is always the next day, whatever DST does
+        # ``created`` (indexed) narrows the read to the turns begun since the day before: what finishes today
+        with self._reading("summing today's spending") as conn:
+            usd, turns, cloud = conn.execute(
+                f"SELECT TOTAL(cost_usd), TOTAL({WAS_ANSWERED}), TOTAL({WAS_ANSWERED} AND backend = 'cloud') "
+                "FROM decisions WHERE created >= ? AND created < ? AND finished >= ? AND finished < ?",
+                [midnight - 86400, next_midnight, midnight, next_midnight],
+            ).fetchone()
+        return Today(midnight, next_midnight, float(usd), int(turns), int(cloud))
+
+    def count(self, usd: float, answered_by: str | None = None) -> None:
+        """Count money spent now, and a turn answered (``answered_by`` where it ran: local or cloud)."""
+        with self._lock:
+            today = self._today
+            if today is None:  # not read yet: the read counts it
+                return
+            today.usd += usd
+            if answered_by is not None:
+                today.turns += 1
+                today.cloud += answered_by == "cloud"
+
+
+# /metrics' histogram buckets, in seconds: decisions take a few milliseconds, first tokens from tens of
+# milliseconds to seconds. The log holds milliseconds.
+HISTOGRAMS = {
+    "latency_decide_ms": (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+    "latency_first_token_ms": (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+}
+TOTALS = ("turns", "tokens_in", "tokens_out", "cost_usd", "energy_j")
+COST = TOTALS.index("cost_usd")
+# Per place and outcome: the totals, then each histogram's counts at or under its bounds, count and sum.
+SUMMED = ", ".join(
+    [
+        "COUNT(*), TOTAL(tokens_in), TOTAL(tokens_out), TOTAL(cost_usd), TOTAL(energy_j)",
+        *(
+            ", ".join([*(f"TOTAL({c} <= {float(b * 1000)!r})" for b in bounds), f"COUNT({c}), TOTAL({c})"])
+            for c, bounds in HISTOGRAMS.items()
+        ),
+    ]
+)
+SUM_SQL = (
+    f"SELECT COALESCE(backend, location), outcome, {SUMMED} FROM decisions "
+    f"WHERE NOT {PENDING} AND id > ? AND id <= ? GROUP BY 1, 2"
+)
+# The id up to which every turn has finished: the one before the oldest still running, else the newest.
+SETTLED_SQL = (
+    f"SELECT COALESCE((SELECT MIN(id) FROM decisions WHERE {PENDING}) - 1, (SELECT MAX(id) FROM decisions), 0)"
+)
+# Where each histogram's values begin in SUMMED's, and how many there are in all.
+*_starts, WIDTH = itertools.accumulate((len(bounds) + 2 for bounds in HISTOGRAMS.values()), initial=len(TOTALS))
+HISTOGRAM_AT = dict(zip(HISTOGRAMS, _starts))
+Groups = dict[tuple[str, str], list[float]]  # (place, outcome) -> SUMMED's values
+
+
+@dataclass(frozen=True)
+class Finished:
+    """Finished turns as one scrape reads them, by where they ended up running and how they ended."""
+
+    groups: Groups
+
+    def totals(self) -> list[dict[str, Any]]:
+        """Each place and outcome's turns, tokens, money and energy."""
+        return [
+            {"location": where, "outcome": outcome, **dict(zip(TOTALS, values))}
+            for (where, outcome), values in self.groups.items()
+        ]
+
+    def histogram(self, column: str) -> tuple[list[int], int, float]:
+        """(cumulative counts at or under each of HISTOGRAMS[column]'s bounds, count, sum in ms)."""
+        start = HISTOGRAM_AT[column]
+        columns = range(start, start + len(HISTOGRAMS[column]) + 2)
+        *counts, count, total = [sum(values[i] for values in self.groups.values()) for i in columns]
+        return [int(c) for c in counts], int(count), float(total)
+
+
+class FinishedSums:
+    """/metrics' sums over finished turns, in one pass over the log: the turns before the oldest one still
+    running are summed once and kept, only those after it are read again. Summed afresh each time, a scrape
+    read the whole log (a gigabyte on a year of turns), once per metric, and held status meanwhile; the
+    first scrape after a start still reads it once, in one pass, which is what counts that agree with the
+    log itself cost (counted in memory since the start instead, they would say less than the log)."""
+
+    def __init__(self, reading: Reading) -> None:
+        self._reading = reading
+        # Held by a scrape, and by a write that changes a summed turn (DecisionLog.add_cost) until its sums
+        # are corrected: a scrape reads such a turn before the write or after the correction, never between.
+        self.lock = threading.Lock()
+        self._upto = 0  # every turn up to this id is in _kept
+        self._kept: Groups = {}
+
+    def read(self) -> Finished:
+        with self.lock, self._reading("summing finished turns") as conn:
+            settled = conn.execute(SETTLED_SQL).fetchone()[0]  # every turn up to it has finished
+            if settled > self._upto:
+                _add(self._kept, conn.execute(SUM_SQL, [self._upto, settled]))
+                self._upto = settled
+            groups = {key: list(values) for key, values in self._kept.items()}
+            _add(groups, conn.execute(SUM_SQL, [self._upto, 1 << 62]))
+        return Finished(groups)
+
+    def add_cost(self, decision_id: int, where: tuple[str, str] | None, usd: float) -> None:
+        """Count money added to a finished turn (``where``: its place and outcome) once it is committed, with
+        ``lock`` held since before the write: a turn already kept has it added here, a later one is read
+        with it."""
+        if where is not None and decision_id <= self._upto:
+            self._kept.setdefault(where, [0.0] * WIDTH)[COST] += usd
+
+
+def _add(groups: Groups, rows: Iterable[Sequence[Any]]) -> None:
+    """Add grouped rows (place, outcome, then sums) into ``groups``."""
+    for row in rows:
+        values = groups.setdefault((row[0], row[1]), [0.0] * (len(row) - 2))
+        for i, value in enumerate(row[2:]):
+            values[i] += value or 0.0
+
+
+def local_midnight(now: float | None = None) -> float:
+    t = time.localtime(now)
+    return time.mktime((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0, 0, 0, -1))
