@@ -492,11 +492,11 @@ def _local_line(loc: dict[str, Any]) -> str:
             f"; the default's file is not usable ({unavailable[loc['default']]}): its turns fail until it is back"
         )
     cache = loc["cache"]
-    memory = f", {loc['resident_mb']} of {loc['memory_budget_mb']} MB" if "resident_mb" in loc else ""  # older daemon
+    memory = f", {loc['resident_mb']} of {loc['memory_budget_mb']} MiB" if "resident_mb" in loc else ""  # older daemon
     return (
         f"{loc['default']}{also} (resident: {', '.join(loc['resident']) or 'none'}{memory}; "
         f"{_fmt(loc['tokens_per_s'], '{:.1f}')} tok/s){problems}; dialogue cache {cache['dialogues']} kept, "
-        f"{cache['mb']:.0f}/{cache['limit_mb']:.0f} MB, "
+        f"{cache['mb']:.0f}/{cache['limit_mb']:.0f} MiB, "
         f"{counted(cache['hits'], 'hit')}, {counted(cache['misses'], 'miss', 'misses')}"
     )
 
@@ -525,7 +525,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "device",
             f"{battery}, {power}, power {_fmt(t['power_w'], '{:.1f} W')}, "
             f"CPU {_fmt(t['cpu_pct'], '{:.0f}%')}{_cpu_temperature(t['cpu_temp_c'])}, "
-            f"GPU {_fmt(t['gpu_pct'], '{:.0f}%')}, free memory {_fmt(t['mem_available_mb'], '{:.0f} MB')}",
+            f"GPU {_fmt(t['gpu_pct'], '{:.0f}%')}, free memory {_fmt(t['mem_available_mb'], '{:.0f} MiB')}",
         ),
         (
             "network",
@@ -1015,7 +1015,7 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     print("\n".join(table(rows)))
     print(
         f"memory: the weights plus the KV cache at that context, counted against local.memory_budget_mb "
-        f"({config.local.memory_budget_mb} MB)"
+        f"({config.local.memory_budget_mb} MiB)"
     )
     for cloud in config.cloud.models:
         print(f"cloud: {cloud.name}, {cloud.model} at {redacted_url(cloud.base_url)}")

@@ -320,8 +320,8 @@ def _prepare_image(
     needed, budget = decode_bytes(fmt, data, width, height, factor), config.decode_mb << 20
     if needed > budget:
         raise AttachmentError(
-            f"{where}: decoding its {width}x{height} pixels takes about {needed >> 20} MB, more than "
-            f"attachments.decode_mb ({config.decode_mb} MB)",
+            f"{where}: decoding its {width}x{height} pixels takes about {needed >> 20} MiB, more than "
+            f"attachments.decode_mb ({config.decode_mb} MiB)",
             code="bad_image",
         )
     with DECODES.hold(needed, budget, cancelled):

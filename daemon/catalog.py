@@ -93,7 +93,7 @@ class ModelRow:
     quantisation: str
     n_ctx: int
     context_length: int | None
-    memory_mb: float | None  # weights and the KV cache at n_ctx: what it takes of local.memory_budget_mb
+    memory_mb: float | None  # MiB, weights and the KV cache at n_ctx: what it takes of local.memory_budget_mb
     default: bool
     loaded: bool | None  # None: the daemon is not running
 
@@ -101,9 +101,9 @@ class ModelRow:
         return {**dataclasses.asdict(self), "path": str(self.path)}
 
     def cells(self) -> tuple[str, ...]:
-        size = "missing" if self.size is None else f"{self.size / 2**20:.0f} MiB"
+        size = "missing" if self.size is None else f"{self.size / 2**20:.0f}"
         trained = f" of {self.context_length}" if self.context_length else ""
-        memory = "-" if self.memory_mb is None else f"{self.memory_mb:.0f} MiB"
+        memory = "-" if self.memory_mb is None else f"{self.memory_mb:.0f}"
         loaded = "-" if self.loaded is None else "yes" if self.loaded else "no"
         name = self.name + (" (default)" if self.default else "")
         return name, size, self.quantisation, f"{self.n_ctx}{trained}", memory, loaded, str(self.path)
@@ -134,7 +134,9 @@ def model_rows(config: Config, resident: list[str] | None) -> list[ModelRow]:
 
 
 def table(rows: list[ModelRow]) -> list[str]:
-    """Rows as aligned text columns under a header."""
-    cells = [("name", "size", "quant", "context", "memory", "loaded", "path"), *(row.cells() for row in rows)]
+    """Rows as aligned text columns under a header, which names the unit: MiB (2^20 bytes), as every size and
+    memory figure locod shows is, and as local.memory_budget_mb counts."""
+    header = ("name", "size MiB", "quant", "context", "memory MiB", "loaded", "path")
+    cells = [header, *(row.cells() for row in rows)]
     widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
     return ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]

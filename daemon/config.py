@@ -137,10 +137,10 @@ class LocalConfig:
     memory_budget_mb: int = field(default=4096, metadata=in_range(64))
     n_threads: int = field(default=0, metadata=in_range(0, 1024))
     max_tokens: int = field(default=256, metadata=in_range(1, 1 << 20))
-    # Dialogue KV states kept between turns, in MB, inside memory_budget_mb: -1 sizes it from the model and
+    # Dialogue KV states kept between turns, in MiB, inside memory_budget_mb: -1 sizes it from the model and
     # the free memory, 0 turns it off.
     cache_mb: int = field(default=-1, metadata=in_range(-1, 1 << 20))
-    # Evicted dialogue states parked under state_dir/kvcache, in MB; 0: none.
+    # Evicted dialogue states parked under state_dir/kvcache, in MiB; 0: none.
     cache_disk_mb: int = field(default=0, metadata=in_range(0, 1 << 24))
     models: list[LocalModelConfig] = field(default_factory=list)
     # Where `locod models pull hf://...` downloads from; empty: $HF_ENDPOINT, else the Hugging Face hub.

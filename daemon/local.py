@@ -289,7 +289,7 @@ class ModelZoo:
             self._cache_auto = False
             self.cache.limit_mb = auto_cache_mb(kv_mb, self._room_mb())
         log.info(
-            "loaded local model %s (%.0f MB resident estimate) in %.1f s; dialogue cache %.0f MB",
+            "loaded local model %s (%.0f MiB resident estimate) in %.1f s; dialogue cache %.0f MiB",
             model.name,
             loaded.footprint_mb,
             time.perf_counter() - started,
@@ -318,8 +318,8 @@ class ModelZoo:
             )
         if loaded.footprint_mb > self.budget_mb and self._first(model.name, f"budget {self.budget_mb}"):
             log.warning(
-                "local model %s takes about %.0f MB (weights and a %d-token KV cache), more than "
-                "local.memory_budget_mb (%d MB): it runs alone, over the budget; raise the budget if the device "
+                "local model %s takes about %.0f MiB (weights and a %d-token KV cache), more than "
+                "local.memory_budget_mb (%d MiB): it runs alone, over the budget; raise the budget if the device "
                 "has the memory, else lower its n_ctx or use a smaller quantisation",
                 model.name,
                 loaded.footprint_mb,
@@ -358,7 +358,7 @@ class ModelZoo:
             name, old = self._loaded.popitem(last=False)
             self.cache.forget_live(name, old.llm, park=False)
             old.llm.close()
-            log.info("unloaded local model %s to stay within %d MB", name, self.budget_mb)
+            log.info("unloaded local model %s to stay within %d MiB", name, self.budget_mb)
 
     def resident(self) -> list[str]:
         return list(self._loaded)

@@ -77,7 +77,7 @@ def test_images_past_the_decode_budget_are_refused_before_decoding() -> None:
         att.prepare(image(bomb, "rle.bmp"), bomb, set(), AttachmentsConfig(image_max_pixels=50_000_000))
     ok, png = cv2.imencode(".png", np.zeros((3000, 3000), np.uint8))  # one colour: a few kB, 54 MB decoded
     assert ok and len(png) < 50_000
-    with pytest.raises(AttachmentError, match=r"image 'black\.png': decoding its 3000x3000 pixels takes about 51 MB"):
+    with pytest.raises(AttachmentError, match=r"image 'black\.png': decoding its 3000x3000 pixels takes about 51 MiB"):
         att.prepare(image(bytes(png), "black.png"), bytes(png), set(), AttachmentsConfig(decode_mb=16))
     fine = rle_bmp(2000)
     prepared = att.prepare(image(fine, "fine.bmp"), fine, set(), AttachmentsConfig())

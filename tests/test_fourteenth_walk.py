@@ -46,11 +46,13 @@ def test_the_memory_budget_counts_a_models_kv_cache_before_loading_it(daemon_fac
     assert 180 <= local["resident_mb"] <= local["memory_budget_mb"] == 250, local
     assert local["cache"]["limit_mb"] == pytest.approx(250 - 116, abs=1), local  # what tiny, loaded first, left
     shown = handle.cli("status")
-    assert "(resident: big, 184 of 250 MB;" in shown.stdout, shown.stdout
-    assert "unloaded local model tiny to stay within 250 MB" in handle.log()
+    assert "(resident: big, 184 of 250 MiB;" in shown.stdout, shown.stdout
+    assert "unloaded local model tiny to stay within 250 MiB" in handle.log()
     listed = handle.cli("models", "list").stdout  # what each takes, to plan the budget before loading any
-    assert "1024 of 8192  116 MiB  no " in listed and "4096 of 8192  184 MiB  yes " in listed, listed
-    assert "counted against local.memory_budget_mb (250 MB)" in listed
+    assert "1024 of 8192  116         no " in listed and "4096 of 8192  184         yes " in listed, listed
+    header = ["name", "size", "MiB", "quant", "context", "memory", "MiB", "loaded", "path"]
+    assert listed.splitlines()[0].split() == header, listed
+    assert "counted against local.memory_budget_mb (250 MiB)" in listed
     assert [row["memory_mb"] > 180 for row in json.loads(handle.cli("models", "list", "--json").stdout)] == [
         False,
         False,
@@ -64,8 +66,8 @@ def test_the_memory_budget_counts_a_models_kv_cache_before_loading_it(daemon_fac
         assert asked.returncode == 0, asked.stderr
     assert handle.client().status()["local"]["resident"] == ["tiny"]
     over = (
-        "local model tiny takes about 116 MB (weights and a 1024-token KV cache), more than "
-        "local.memory_budget_mb (100 MB): it runs alone, over the budget"
+        "local model tiny takes about 116 MiB (weights and a 1024-token KV cache), more than "
+        "local.memory_budget_mb (100 MiB): it runs alone, over the budget"
     )
     assert handle.log().count(over) == 1, handle.log()
     assert handle.log().count("INFO locod.daemon.local: loaded local model tiny") == 3
