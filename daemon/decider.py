@@ -155,7 +155,9 @@ class Decider:
             "policy_error": self.policy_error,
         }
 
-    def access(self, snapshot: Snapshot) -> CloudAccess:
+    def _access(self, snapshot: Snapshot) -> CloudAccess:
+        """What may keep a turn from the cloud now: none configured, open breakers, no network, today's
+        spend against the daily cap, a critical battery."""
         critical = (
             snapshot.battery_pct is not None
             and snapshot.on_ac is False
@@ -179,21 +181,21 @@ class Decider:
         return decision.noted(*withheld_note(turn.attachments, decision.send, decision.location)), config, snapshot
 
     def _decide(self, turn: Turn, snapshot: Snapshot) -> Decision:
-        access = self.access(snapshot)
+        access = self._access(snapshot)
         request = turn.request
         fixed = fixed_decision(self.config, request.options.force, request.model, turn.attachments, access)
         if fixed is not None:
             return fixed
         view = TurnView.of(turn.attachments)
-        candidates, mask = self.candidates(turn, view, access)
+        candidates, mask = self._candidates(turn, view, access)
         mess = self.learner.mess
-        features = {key: self.features(turn, view, c) for key, c in candidates.items()}
+        features = {key: self._features(turn, view, c) for key, c in candidates.items()}
         model_of = {key: c.model for key, c in candidates.items()}
         s_hat = dict(zip(candidates, mess.satisfaction_of_turn(list(features.values()), list(model_of.values()))))
         log_pi, probabilities = (
             self._policy(turn, snapshot, access, view, candidates, s_hat) if self.policy else (None, {})
         )
-        costs = self.costs(turn, snapshot, candidates)
+        costs = self._costs(turn, snapshot, candidates)
         plan = self._escalation(candidates, costs, s_hat, log_pi, features)
         if plan is None:
             choice = rule.choose(mess, costs, s_hat, model_of, log_pi, self.config.routing.weight_policy)
@@ -342,7 +344,7 @@ class Decider:
             "lower max_tokens lets it"
         )
 
-    def candidates(
+    def _candidates(
         self, turn: Turn, view: TurnView, access: CloudAccess
     ) -> tuple[dict[str, Candidate], dict[str, bool]]:
         """Every allowed (model, upload) action, and the mask over all of them (for the record).
@@ -518,9 +520,9 @@ class Decider:
     def local_features(self, turn: Turn) -> RecordedFeatures:
         """The turn as the local model would have seen it: what a shadow answer's label trains."""
         local = Candidate(self.config.local.default, self.config.local.default, "local", 0, ())
-        return RecordedFeatures.of(self.features(turn, TurnView.of(turn.attachments), local))
+        return RecordedFeatures.of(self._features(turn, TurnView.of(turn.attachments), local))
 
-    def features(self, turn: Turn, view: TurnView, candidate: Candidate) -> TurnFeatures:
+    def _features(self, turn: Turn, view: TurnView, candidate: Candidate) -> TurnFeatures:
         trail = turn.session.trail
         send = None if candidate.location == "local" else candidate.send
         return rule.action_features(
@@ -532,7 +534,7 @@ class Decider:
             prev_cloud=bool(trail) and trail[-1].location == "cloud",
         )
 
-    def costs(self, turn: Turn, snapshot: Snapshot, candidates: dict[str, Candidate]) -> dict[str, float]:
+    def _costs(self, turn: Turn, snapshot: Snapshot, candidates: dict[str, Candidate]) -> dict[str, float]:
         """Normalised cost per candidate: money, device energy (generation locally, the radio for uploads),
         weighted by routing.weight_money / weight_energy, and for a local answer the wait behind the local
         queue: with a long queue, turns go to the cloud where the SLA's price allows."""

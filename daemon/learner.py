@@ -27,7 +27,7 @@ from locod.daemon.modelfile import resolve_path
 from locod.daemon.records import DecisionLog, JudgedAnswer, LabelTarget
 from locod.errors import CloudError, StorageError, UnknownDecision
 from locod.policy import rule
-from locod.policy.messplus import DIM, MessPlus, RecordedFeatures
+from locod.policy.messplus import DIM, MessPlus, MessPlusState, RecordedFeatures
 from locod.policy.warmstart import USER_PRIORS, Prior, load_prior
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,8 @@ class Learner:
         # applied when it settles, so that the label, not the prediction, moves the queue.
         self._early: dict[int, tuple[LabelTarget, bool]] = {}
         self.shadow_labels, self.escalated_labels = records.local_labels()
-        self.adopt(config, self.priors(config))
+        self.found_priors: dict[str, Prior] = {}
+        self.mess = self._take(config, self.priors(config), state=None)  # the state as its file holds it
 
     @staticmethod
     def priors(config: Config) -> dict[str, Prior]:
@@ -75,47 +76,34 @@ class Learner:
         return {name: prior for name, prior in found.items() if prior is not None}
 
     def adopt(self, config: Config, priors: dict[str, Prior]) -> None:
-        """Take the config's MESS+ parameters, a local model that has no labels yet starting from its prior.
-        At start the state is read from its file; a reload keeps the state in memory, which holds what saves
-        a full or read-only disk refused. On a reload, call with ``lock`` held: the decider swaps its config
-        and policy in the same step (Decider.reload)."""
+        """Take a reloaded config's MESS+ parameters, carrying on from the state in memory, which holds what
+        saves a full or read-only disk refused. Call with ``lock`` held: the decider swaps its config and
+        policy in the same step (Decider.reload)."""
+        self.mess = self._take(config, priors, self.mess.state)
+
+    def _take(self, config: Config, priors: dict[str, Prior], state: MessPlusState | None) -> MessPlus:
+        """MESS+ with the config's parameters, from ``state`` (None: its file's), a local model that has no
+        labels yet starting from its prior, and one whose file was replaced starting over."""
         routing = config.routing
         self.config = config
-        before = getattr(self, "found_priors", {})
-        self.found_priors = priors
-        running = getattr(self, "mess", None)  # a reload carries on from the state in memory, not the file
-        self.mess = MessPlus(
+        before, self.found_priors = self.found_priors, priors
+        mess = MessPlus(
             rule.priors((m.name for m in config.local.models), (m.name for m in config.cloud.models)),
             sla=routing.sla,
             v=routing.v,
             explore_c=routing.explore_c,
             q_cap=routing.q_cap,
             path=Path(config.paths.state_dir) / "messplus.npz",
-            state=None if running is None else running.state,
+            state=state,
         )
         for model in config.local.models:
-            self._start_over_if_replaced(model.name, resolve_path(model, config.models_dir))
+            _start_over_if_replaced(mess, model.name, resolve_path(model, config.models_dir))
         for name, prior in priors.items():
             was = before.get(name)
             # Said at start and when the prior changes: a model without labels would say it at every reload.
-            if self.mess.warm_start(name, prior) and (was is None or was.source != prior.source):
+            if mess.warm_start(name, prior) and (was is None or was.source != prior.source):
                 log.info("MESS+ predictor for %s starts from the prior fitted on %s", name, prior.source)
-
-    def _start_over_if_replaced(self, model: str, gguf: Path) -> None:
-        try:
-            size = gguf.stat().st_size
-        except OSError:  # not there or not readable: routing says so, once (daemon/modelfile.py)
-            return
-        learned_on = self.mess.start_over_if_replaced(model, size)
-        if learned_on is not None:
-            log.warning(
-                "local model %s is now %s (%d bytes), not the %d-byte file its predictor learned on: "
-                "it starts over from its prior",
-                model,
-                gguf,
-                size,
-                learned_on,
-            )
+        return mess
 
     def settle(self, decision_id: int, decision: Decision, question: str, answer: str, private: bool = False) -> None:
         """Settle the queue with the prediction for what answered (labels come later), and have an explored
@@ -319,3 +307,21 @@ class Learner:
             if not self._save_failed:
                 log.error("cannot save the MESS+ state to %s: %s (will retry every turn)", self.mess.path, exc)
             self._save_failed = True
+
+
+def _start_over_if_replaced(mess: MessPlus, model: str, gguf: Path) -> None:
+    """Start a local model's predictor over when its file is not the one it learned on."""
+    try:
+        size = gguf.stat().st_size
+    except OSError:  # not there or not readable: routing says so, once (daemon/modelfile.py)
+        return
+    learned_on = mess.start_over_if_replaced(model, size)
+    if learned_on is not None:
+        log.warning(
+            "local model %s is now %s (%d bytes), not the %d-byte file its predictor learned on: "
+            "it starts over from its prior",
+            model,
+            gguf,
+            size,
+            learned_on,
+        )
