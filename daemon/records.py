@@ -167,7 +167,8 @@ JSON_COLUMNS = (
 
 class DecisionLog:
     """The daemon's two connections, shared by its threads: the writer, one write at a time, and a read-only
-    one for status, the `decisions` op and /metrics, which never waits behind a write."""
+    one for status, the `decisions` op and /metrics, which never waits behind a write. What is summed over
+    the log and kept in memory (``today``, ``finished``) is tallies.py's; the writes here keep it current."""
 
     def __init__(self, path: Path, migrating: Callable[[str, float], None] | None = None) -> None:
         """Open the log, migrate it and mark what an earlier daemon left running, then open its reader.
