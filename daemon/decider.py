@@ -269,30 +269,9 @@ class Decider:
         candidates: dict[str, Candidate],
         planned: bool,
     ) -> str:
-        """Why, in words, with the numbers it was decided on; ``planned``: the rule chooses at the answer's
-        checkpoint (answer locally, escalate if unsure)."""
-        if explored:
-            why = "explored (MESS+ exploration turn)"
-        else:
-            policy = " with the TMO policy" if routing.policy_version is not None else ""
-            # another local model is a rival too, except to a planned escalation, whose rival is the cloud
-            rivals = [
-                c
-                for c in candidates.values()
-                if c.location != chosen.location or (not planned and c.model != chosen.model)
-            ]
-            choice = (
-                "answers locally first"
-                if planned
-                else "the best trade of predicted satisfaction for cost"
-                if rivals
-                else "the only place on offer"
-            )
-            why = f"MESS+{policy}: {choice} ({_trade(chosen.key, routing)}"
-            if rivals:
-                rival = max(rivals, key=lambda c: routing.s_hat[c.key])
-                why += f"; {rival.model}: {_trade(rival.key, routing)}"
-            why += f"; SLA {routing.sla:.2f}, Q {routing.q:.2f})"
+        """Why, in words, with the numbers it was decided on, then what was masked or left out; ``planned``:
+        the rule chooses at the answer's checkpoint (answer locally, escalate if unsure)."""
+        why = "explored (MESS+ exploration turn)" if explored else _trade_off(chosen, routing, candidates, planned)
         if chosen.key != chosen.model:  # one of the policy's upload actions, not the model alone
             why += f", action {ACTION_NAMES[chosen.action]}"
         if chosen.location == "local" and not any(c.location == "cloud" for c in candidates.values()):
@@ -550,6 +529,28 @@ class Decider:
             upload = turn.upload_bytes(c.send)
             raw[key] = rule.cloud_cost(usd, upload, snapshot.upload_bps, weights.weight_money, weights.weight_energy)
         return rule.normalised(raw)
+
+
+def _trade_off(chosen: Candidate, routing: Routing, candidates: dict[str, Candidate], planned: bool) -> str:
+    """The rule's choice in words: the chosen action's predicted satisfaction and cost beside its likeliest
+    rival's, and the SLA and queue that weighed them."""
+    policy = " with the TMO policy" if routing.policy_version is not None else ""
+    # another local model is a rival too, except to a planned escalation, whose rival is the cloud
+    rivals = [
+        c for c in candidates.values() if c.location != chosen.location or (not planned and c.model != chosen.model)
+    ]
+    choice = (
+        "answers locally first"
+        if planned
+        else "the best trade of predicted satisfaction for cost"
+        if rivals
+        else "the only place on offer"
+    )
+    why = f"MESS+{policy}: {choice} ({_trade(chosen.key, routing)}"
+    if rivals:
+        rival = max(rivals, key=lambda c: routing.s_hat[c.key])
+        why += f"; {rival.model}: {_trade(rival.key, routing)}"
+    return why + f"; SLA {routing.sla:.2f}, Q {routing.q:.2f})"
 
 
 def _trade(key: str, routing: Routing) -> str:

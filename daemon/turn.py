@@ -382,7 +382,8 @@ class TurnRunner:
         reply: Reply,
         held: tuple[JudgedAnswer, Generation] | None = None,
     ) -> Ending:
-        """``held``: a whole local answer that an escalation dropped, and its judgement, for if the cloud fails."""
+        """The backend's answer; when the cloud fails, the local model's instead, or, after an escalation
+        that dropped a whole local answer (``held``, with its judgement), that answer."""
         started = time.perf_counter()
         try:
             return self._ended(decision, backend.generate(decision.model, prompt), reply)
