@@ -86,6 +86,8 @@ INTERNAL = ErrorFrame("error", "internal", "internal error")  # a bug's answer: 
 
 
 class Daemon:
+    """One running daemon: its doors and serving loop (this module), and the turn's path it hands turns to."""
+
     def __init__(
         self, config: Config, config_path: str | None = None, overrides: Mapping[str, str] | None = None
     ) -> None:

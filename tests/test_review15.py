@@ -5,9 +5,14 @@ from __future__ import annotations
 import sqlite3
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
 from locod.daemon.tallies import local_midnight
+
+from .conftest import free_port
+from .test_attacks12 import grow, one_turn, read_bytes, restart
+from .test_http import samples
 
 
 def _turn(log: DecisionLog, location: str = "cloud") -> int:
@@ -62,3 +67,24 @@ def test_metrics_sums_count_a_judges_cost_once_whether_kept_or_read_after_a_rest
         assert totals["local", "ok"]["tokens_in"] == 5
         counts, count, total_ms = sums.histogram("latency_first_token_ms")
         assert count == 2 and total_ms == 480.0 and counts[:3] == [0, 1, 1]  # under 50, 100, 250 ms
+
+
+def test_the_first_scrape_after_a_start_reads_the_log_once(daemon_factory: Any) -> None:
+    """Review: the first /metrics after a start summed the whole log three times, once for the turn totals
+    and once for each latency histogram (on a year of turns, three gigabytes read while status waited). Now
+    one pass sums them all, and what it says is still what the log holds."""
+    port = free_port()
+    config = {"http": {"listen": f"127.0.0.1:{port}"}}
+    handle = daemon_factory(config)
+    one_turn(handle)
+    handle.stop()
+    grow(handle.db_path, 10_000)
+    size = handle.db_path.stat().st_size
+    handle = restart(daemon_factory, handle, config)  # migrated, as a log of an older version would be
+    handle = restart(daemon_factory, handle, config)
+    before = read_bytes(handle.proc.pid)
+    metrics = samples(f"http://127.0.0.1:{port}")
+    assert read_bytes(handle.proc.pid) - before < 1.5 * size
+    (truth,) = handle.rows("SELECT COUNT(*) AS n, COUNT(latency_first_token_ms) AS timed FROM decisions")
+    assert metrics[("locod_decision_seconds_count", ())] == truth["n"]
+    assert metrics[("locod_first_token_seconds_count", ())] == truth["timed"]
