@@ -27,7 +27,7 @@ class DaemonCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         finished = self.daemon.records.finished.read()  # one read of the log for the scrape
-        yield from self._turns(finished)
+        yield from _turn_counters(finished)
         yield _histogram("locod_decision_seconds", "Time to decide where a turn runs.", finished, "latency_decide_ms")
         yield _histogram(
             "locod_first_token_seconds",
@@ -36,25 +36,6 @@ class DaemonCollector(Collector):
             "latency_first_token_ms",
         )
         yield from self._gauges()
-
-    @staticmethod
-    def _turns(finished: Finished) -> Iterator[Metric]:
-        turns = CounterMetricFamily("locod_turns", "Finished turns.", labels=["location", "outcome"])
-        tokens = CounterMetricFamily("locod_tokens", "Tokens in prompts and answers.", labels=["location", "direction"])
-        money = CounterMetricFamily("locod_cost_usd", "Money spent (USD).", labels=["location"])
-        energy = CounterMetricFamily("locod_energy_joules", "Energy spent on answers.", labels=["location"])
-        used: dict[str, list[float]] = {}  # per location, summed over outcomes
-        for row in finished.totals():
-            turns.add_metric([row["location"], row["outcome"]], row["turns"])
-            sums = used.setdefault(row["location"], [0.0] * 4)
-            for i, name in enumerate(("tokens_in", "tokens_out", "cost_usd", "energy_j")):
-                sums[i] += row[name]
-        for where, (tokens_in, tokens_out, usd, joules) in used.items():
-            tokens.add_metric([where, "in"], tokens_in)
-            tokens.add_metric([where, "out"], tokens_out)
-            money.add_metric([where], usd)
-            energy.add_metric([where], joules)
-        return iter((turns, tokens, money, energy))
 
     def _gauges(self) -> Iterator[Metric]:
         d = self.daemon
@@ -76,6 +57,26 @@ class DaemonCollector(Collector):
         for url, breaker in d.cloud.breakers.items():
             breakers.add_metric([redacted_url(url)], float(breaker.blocking))
         yield breakers
+
+
+def _turn_counters(finished: Finished) -> Iterator[Metric]:
+    """Finished turns by place and outcome, and the tokens, money and energy they used by place."""
+    turns = CounterMetricFamily("locod_turns", "Finished turns.", labels=["location", "outcome"])
+    tokens = CounterMetricFamily("locod_tokens", "Tokens in prompts and answers.", labels=["location", "direction"])
+    money = CounterMetricFamily("locod_cost_usd", "Money spent (USD).", labels=["location"])
+    energy = CounterMetricFamily("locod_energy_joules", "Energy spent on answers.", labels=["location"])
+    used: dict[str, list[float]] = {}  # per location, summed over outcomes
+    for row in finished.totals():
+        turns.add_metric([row["location"], row["outcome"]], row["turns"])
+        sums = used.setdefault(row["location"], [0.0] * 4)
+        for i, name in enumerate(("tokens_in", "tokens_out", "cost_usd", "energy_j")):
+            sums[i] += row[name]
+    for where, (tokens_in, tokens_out, usd, joules) in used.items():
+        tokens.add_metric([where, "in"], tokens_in)
+        tokens.add_metric([where, "out"], tokens_out)
+        money.add_metric([where], usd)
+        energy.add_metric([where], joules)
+    return iter((turns, tokens, money, energy))
 
 
 def _histogram(name: str, doc: str, finished: Finished, column: str) -> Metric:
