@@ -87,7 +87,7 @@ COST = TOTALS.index("cost_usd")
 # Per place and outcome: the totals, then each histogram's counts at or under its bounds, count and sum.
 SUMMED = ", ".join(
     [
-        "COUNT(*), TOTAL(tokens_in), TOTAL(tokens_out), TOTAL(cost_usd), TOTAL(energy_j)",
+        ", ".join(["COUNT(*)", *(f"TOTAL({c})" for c in TOTALS[1:])]),
         *(
             ", ".join([*(f"TOTAL({c} <= {float(b * 1000)!r})" for b in bounds), f"COUNT({c}), TOTAL({c})"])
             for c, bounds in HISTOGRAMS.items()
@@ -148,7 +148,9 @@ class FinishedSums:
         with self.lock, self._reading("summing finished turns") as conn:
             settled = conn.execute(SETTLED_SQL).fetchone()[0]  # every turn up to it has finished
             if settled > self._upto:
-                _add(self._kept, conn.execute(SUM_SQL, [self._upto, settled]))
+                more: Groups = {}
+                _add(more, conn.execute(SUM_SQL, [self._upto, settled]))  # whole: a read that fails keeps nothing
+                _add(self._kept, ((*key, *values) for key, values in more.items()))
                 self._upto = settled
             groups = {key: list(values) for key, values in self._kept.items()}
             _add(groups, conn.execute(SUM_SQL, [self._upto, 1 << 62]))
