@@ -1107,7 +1107,7 @@ def _at_rest(config: Any) -> Any:
     import pwd
 
     system_db = SYSTEM_STATE_DIR / config.db_path.name
-    if config.db_path.exists() or not os.path.exists(system_db):
+    if os.path.exists(config.db_path) or not os.path.exists(system_db):
         return config  # os.path: a directory this user may not enter is no log to read, not an error
     owner = os.stat(SYSTEM_STATE_DIR).st_uid
     if owner != os.geteuid():

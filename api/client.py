@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pwd
 import socket
 import stat
 import struct
@@ -25,6 +24,7 @@ from typing import Any
 
 import zmq
 
+from locod.daemon.ownership import closed_to_this_user
 from locod.errors import (
     AttachmentError,
     Busy,
@@ -198,25 +198,12 @@ def _socket_exists(path: Path) -> bool:
 
 
 def _not_open_to_you(path: Path) -> str:
-    # The nearest directory this user can stat is the one it may not search (the root always stats).
-    blocker, info = next((d, info) for d in path.parents if (info := _stat(d)) is not None)
-    try:
-        owner = pwd.getpwuid(info.st_uid).pw_name
-    except KeyError:
-        owner = f"uid {info.st_uid}"
+    closed, owner = closed_to_this_user(path)
     return (
-        f"{path} is not open to this user: {blocker} belongs to {owner} (mode {info.st_mode & 0o7777:o}), and a "
-        f"daemon's socket serves its own user and root alone; run the command as {owner} (`sudo -u {owner} "
-        "locod ...`), or ask the daemon's admin for the tcp endpoint or HTTP API it opens to other users "
-        "(`--endpoint tcp://...`; docs/operations.md, Who can use it)"
+        f"{path} is not open to this user: {closed}, and a daemon's socket serves its own user and root alone; "
+        f"run the command as {owner} (`sudo -u {owner} locod ...`), or ask the daemon's admin for the tcp "
+        "endpoint or HTTP API it opens to other users (`--endpoint tcp://...`; docs/operations.md, Who can use it)"
     )
-
-
-def _stat(path: Path) -> os.stat_result | None:
-    try:
-        return path.stat()
-    except OSError:
-        return None
 
 
 def _no_socket(path: Path) -> str:

@@ -9,6 +9,7 @@ may also be root's, and world-writable only if sticky, as /tmp is).
 from __future__ import annotations
 
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -51,3 +52,21 @@ def _unsafe(path: Path, why: str, info: os.stat_result) -> StorageError:
         "paths.state_dir and paths.runtime_dir ($LOCOD_STATE_DIR, $LOCOD_RUNTIME_DIR) to a directory of your own",
         code="unsafe_directory",
     )
+
+
+def closed_to_this_user(path: Path) -> tuple[str, str]:
+    """What keeps ``path`` from this user, said as "DIR belongs to OWNER (mode M)", and that owner: the
+    nearest directory above it this user can stat is the one it may not search (the root always stats)."""
+    closed, info = next((d, info) for d in path.parents if (info := _stat(d)) is not None)
+    try:
+        owner = pwd.getpwuid(info.st_uid).pw_name
+    except KeyError:
+        owner = f"uid {info.st_uid}"
+    return f"{closed} belongs to {owner} (mode {info.st_mode & 0o7777:o})", owner
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except OSError:
+        return None

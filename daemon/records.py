@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,6 +28,7 @@ import sqlite_utils
 
 from locod import __version__
 from locod.daemon.decision import NO_ROUTING_COLUMNS, Routing
+from locod.daemon.ownership import closed_to_this_user
 from locod.daemon.records_schema import (
     ESCALATED_JUDGED,
     MIGRATIONS,
@@ -633,8 +635,7 @@ def iter_rows(path: Path, sql: str, params: Sequence[Any] = ()) -> Iterator[sqli
     """``read_rows`` one row at a time, for a query over a long period (a year is a million rows; held in a
     list, a report took hundreds of megabytes). Exhaust it soon: it holds a read transaction, which stops
     the daemon's checkpoints meanwhile."""
-    if not path.is_file():
-        raise StorageError(f"no decision log at {path}: the daemon has not answered a turn yet")
+    _check_readable(path)
     try:
         with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
             conn.row_factory, conn.text_factory = sqlite3.Row, _readable_text
@@ -644,6 +645,24 @@ def iter_rows(path: Path, sql: str, params: Sequence[Any] = ()) -> Iterator[sqli
                 raise StorageError(f"cannot read the decision log {path}: {exc}{_schema_note(conn)}") from None
     except sqlite3.Error as exc:
         raise StorageError(f"cannot read the decision log {path}: {exc}") from None
+
+
+def _check_readable(path: Path) -> None:
+    """Refuse a read of a log that is not there, or that this user may not reach, by name: on a shared box the
+    system service's /var/lib/locod is its user's alone, and another user's `locod decisions` ended in a bare
+    "Permission denied" (or, where Python answers False, in "the daemon has not answered a turn yet")."""
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)
+    except PermissionError:
+        closed, owner = closed_to_this_user(path)
+        raise StorageError(
+            f"cannot read the decision log {path}: it is not open to this user ({closed}); run the command as "
+            f"{owner} (`sudo -u {owner} locod ...`)"
+        ) from None
+    except OSError:
+        regular = False
+    if not regular:
+        raise StorageError(f"no decision log at {path}: the daemon has not answered a turn yet")
 
 
 def _schema_note(conn: sqlite3.Connection) -> str:

@@ -20,7 +20,7 @@ import sqlite_utils
 import locod.cli as cli
 import locod.client as client_module
 from locod.client import Client, locate
-from locod.daemon.records import MIGRATIONS
+from locod.daemon.records import MIGRATIONS, DecisionLog
 from locod.errors import LocodError, StorageError
 
 from .conftest import fill_disk, free_port, start_daemon, wait_for
@@ -197,3 +197,33 @@ def test_an_upgrade_that_migrates_the_log_says_so_once(tmp_path: Path, models_di
             handle.stop()
         assert handle.log().count(said) == 1, handle.log()
     assert "a backup taken before the upgrade is the way back" in handle.log()
+
+
+def test_another_users_decision_log_says_whose_it_is(tmp_path: Path) -> None:
+    """With the daemon stopped, another user's `locod decisions` reads the service's log itself, and ended in a
+    bare "Permission denied" (or, where Python's stat answers False, in "the daemon has not answered a turn
+    yet"): the service's state directory is its own user's. Now it says whose the log is and how to read it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as another local user")
+    shared = Path(tempfile.mkdtemp(prefix="locod-walk16-"))  # the machine's config: readable by every user
+    try:
+        shared.chmod(0o755)
+        state = shared / "state"
+        state.mkdir(mode=0o700)
+        DecisionLog(state / "locod.db").close()
+        config = shared / "config.toml"
+        config.write_text(f'[paths]\nstate_dir = "{state}"\nruntime_dir = "{shared / "run"}"\n')
+        config.chmod(0o644)
+
+        def decisions() -> str:
+            sys.stderr = io.StringIO()
+            code = cli.main(["--config", str(config), "decisions"])
+            return f"{code} {sys.stderr.getvalue()}"
+
+        said = _as_another_user(decisions, str(shared / "run" / "locod.sock"))
+    finally:
+        shutil.rmtree(shared)
+    assert said.startswith("4 locod: "), said
+    assert f"cannot read the decision log {state / 'locod.db'}: it is not open to this user" in said, said
+    assert f"{state} belongs to root (mode 700)" in said and "`sudo -u root locod ...`" in said, said
+    assert "Permission denied" not in said and "has not answered a turn yet" not in said, said
