@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import zmq
 
 from locod import errors, protocol
+
+from .conftest import DaemonHandle
 
 REPO = Path(__file__).resolve().parent.parent
 PROTOCOL = (REPO / "docs" / "protocol.md").read_text()
@@ -88,3 +95,110 @@ def test_every_error_code_is_documented_with_when_it_happens(code: str) -> None:
 def test_every_code_the_docs_name_exists() -> None:
     unknown = sorted(TABLE_CODES - set(SOURCE_CODES))
     assert not unknown, f"docs/protocol.md's Errors names codes locod never gives: {unknown}"
+
+
+# -- requests, frames and op results -----------------------------------------------------------------
+
+FRAME_SKETCH = re.compile(r'\{"(?:v": 1, "id": [^,]+, ")?type": "([a-z]+)"(.*?)\}`', re.S)
+SKETCH_VALUE = re.compile(r':\s*(?:"[a-z]+"(?:\|"[a-z]+")*|<[^>]*>|\[[^\]]*\]|[a-z]+|\.\.\.)')
+
+
+def frame_sketches() -> dict[str, set[str]]:
+    """The fields each ``{"type": ...}`` sketch in docs/protocol.md names, its values (`"ok"|"fallback"`,
+    `<id>`, `[names]`) left out."""
+    sketches: dict[str, set[str]] = {}
+    for kind, rest in FRAME_SKETCH.findall(PROTOCOL):
+        sketches.setdefault(kind, set()).update(re.findall(r'"([a-z_]+)"', SKETCH_VALUE.sub("", rest)))
+    return sketches
+
+
+def test_every_frame_type_is_sketched_with_the_fields_of_its_dataclass() -> None:
+    sketches = frame_sketches()
+    assert set(sketches) == set(protocol.FRAME_TYPES), "docs/protocol.md must sketch every reply frame type"
+    for kind, cls in protocol.FRAME_TYPES.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        optional = {f.name for f in dataclasses.fields(cls) if f.metadata.get("omit_if_none")}
+        assert sketches[kind] <= fields | {"v", "id"}, f"the {kind} frame's sketch names fields it has not"
+        assert fields - optional <= sketches[kind], f"the {kind} frame's sketch leaves out fields"
+        for name in optional:  # said beside the sketch: (+ "notice" when ...), that carries `decision`
+            assert re.search(rf'\+ "{name}"|\+\s*`"{name}"|carries `{name}`', PROTOCOL), f"{kind}.{name}"
+
+
+def test_the_request_table_names_every_op_and_chat_option() -> None:
+    requests = section(PROTOCOL, "Requests")
+    op_row = re.search(r"^\| `op` \| string \| (.*) \|$", requests, re.M)
+    assert op_row and re.findall(r"`([a-z]+)`", op_row.group(1)) == list(protocol.OPS)
+    options_row = re.search(r"^\| `options` \| .*$", requests, re.M)
+    assert options_row
+    assert [o for o in protocol.OPTIONS if f"`{o}`" not in options_row.group(0)] == []
+    others = re.findall(r"^\| `([a-z]+)` \| ", requests.split("### Other ops")[1], re.M)
+    assert sorted(op for op in others if op in protocol.OPS) == sorted(op for op in protocol.OPS if op != "chat")
+
+
+SKETCH_KEY = re.compile(r"([a-z_]+)(?::[^,}]*)?\s*[,}]")
+
+
+def op_result_fields(op: str) -> set[str]:
+    """The fields the Other ops table's ``result.data`` cell sketches for ``op``: `{pong: true, pid, version}`."""
+    row = re.search(rf"^\| `{op}` \| [^|]* \| `(\{{[^`]*\}})`", PROTOCOL, re.M)
+    assert row, f"docs/protocol.md's Other ops table sketches no result for {op}"
+    return set(SKETCH_KEY.findall(row.group(1)))
+
+
+def status_table() -> dict[str, str]:
+    """``status``'s table: each field it names in the first column, with what the second says of it."""
+    start = PROTOCOL.index("`status` fields")
+    rows = re.findall(r"^\| (`[^|]*) \| ([^\n]*) \|$", PROTOCOL[start : PROTOCOL.index("\n## ", start)], re.M)
+    return {name: said for names, said in rows for name in re.findall(r"`([a-z_]+)`", names)}
+
+
+def decision_columns() -> set[str]:
+    """The columns docs/operations.md's table of the decision log names."""
+    doc = (REPO / "docs" / "operations.md").read_text()
+    table = doc[doc.index("| column | when written |") :].split("\n\n")[0]
+    return {c for cell in re.findall(r"^\| (`[^|]*)\|", table, re.M) for c in re.findall(r"`([a-z_0-9]+)`", cell)}
+
+
+def ask(sock: zmq.Socket[bytes], op: str, **fields: Any) -> dict[str, Any]:
+    sock.send(json.dumps({"v": 1, "id": op, "op": op, **fields}).encode())
+    assert sock.poll(300_000), f"no answer to {op} for 300 s"
+    frame: dict[str, Any] = json.loads(sock.recv())
+    assert frame["type"] == "result", frame
+    return frame
+
+
+def test_the_client_in_a_few_lines_runs_as_written_and_each_op_answers_as_documented(daemon: DaemonHandle) -> None:
+    """The doc's Python client against a real daemon (the turn the ops then report on), then every op
+    but chat over a raw DEALER: each result holds the fields docs/protocol.md names for it."""
+    snippet = re.search(r"```python\n(.*?)```", section(PROTOCOL, "A client in a few lines"), re.S)
+    assert snippet
+    code = snippet.group(1)  # finds the socket by $LOCOD_RUNTIME_DIR, which the daemon's environment sets
+    run = subprocess.run([sys.executable, "-c", code], env=daemon.env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"\[decision 1: ok via \S+\]", run.stdout), run.stdout
+
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.endpoint)
+    try:
+        for op, fields in (
+            ("ping", {}),
+            ("config", {}),
+            ("reload", {}),
+            ("feedback", {"decision": 1, "satisfied": True}),
+        ):
+            data = ask(sock, op, **fields)["data"]
+            assert set(data) == op_result_fields(op), f"{op}'s result"
+        status, said = ask(sock, "status")["data"], status_table()
+        assert set(status) == set(said), "status' fields against docs/protocol.md's table"
+        for name, value in status.items():
+            if isinstance(value, dict):
+                unsaid = [k for k in value if f"`{k}`" not in said[name]]
+                assert not unsaid, f"status.{name} holds fields its row does not name: {unsaid}"
+        unsaid = [k for k in status["local"]["cache"] if f"`{k}`" not in said["local"]]
+        assert not unsaid, f"status.local.cache: {unsaid}"
+        records = ask(sock, "decisions", limit=1)["data"]
+        assert set(records[0]) == decision_columns(), "a decisions record against docs/operations.md's columns"
+        assert ask(sock, "decisions", of="chatcmpl-none")["data"] == []  # "none when no record matches"
+    finally:
+        sock.close()
