@@ -4,21 +4,26 @@ must show there too (as tests/test_docs.py holds docs/configuration.md to the co
 
 from __future__ import annotations
 
+import argparse
 import ast
 import dataclasses
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 import zmq
 
-from locod import errors, protocol
+from locod import cli, errors, protocol
+from locod.policy import train_cli
 
-from .conftest import DaemonHandle
+from .conftest import DaemonHandle, locod_command
 
 REPO = Path(__file__).resolve().parent.parent
 PROTOCOL = (REPO / "docs" / "protocol.md").read_text()
@@ -202,3 +207,159 @@ def test_the_client_in_a_few_lines_runs_as_written_and_each_op_answers_as_docume
         assert ask(sock, "decisions", of="chatcmpl-none")["data"] == []  # "none when no record matches"
     finally:
         sock.close()
+
+
+# -- command lines in README.md and docs/operations.md ------------------------------------------------
+
+COMMAND_DOCS = ("README.md", "docs/operations.md")
+CODE_BLOCK = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)
+INLINE_CODE = re.compile(r"`([^`]+)`")
+LEADS = ("sudo", "|", "&&", ";", "until", "do", "then")  # a word after which `locod` is the command
+SHELL_END = re.compile(r"\s(?:\||&&|;|>|2>|#)")  # a pipe, a redirection or a comment ends the command
+PLACEHOLDERS = {"ID": "1", "...": None}  # what a command line's placeholder stands for (None: left out)
+# Flags of other programs the docs name: pip's, the install scripts' (checked against them below),
+# systemd-analyze's, sqlite-utils'.
+OTHER_FLAGS = {
+    "--config-settings": "pip",
+    "--force-reinstall": "pip",
+    "--index-url": "pip",
+    "--no-cache-dir": "pip",
+    "--no-deps": "pip",
+    "--gpu": "scripts/install.sh",
+    "--user": "scripts/install.sh",
+    "--purge": "scripts/uninstall.sh",
+    "--offline": "systemd-analyze",
+}
+
+
+def command_lines(doc: str) -> list[str]:
+    """Each `locod ...` command line of a doc, from its code blocks and its inline code, what follows
+    `locod` up to a pipe, a redirection or a comment (`sudo -u locod` names a user, not the command)."""
+    lines = [line for block in CODE_BLOCK.findall(doc) for line in block.splitlines()]
+    lines += [span.replace("\n", " ") for span in INLINE_CODE.findall(CODE_BLOCK.sub("", doc))]
+    found = []
+    for line in lines:
+        words = line.split()
+        for i, word in enumerate(words):
+            before = words[max(0, i - 2) : i]
+            leads = not before or before[-1] in LEADS or before[0] in ("-u", "timeout")
+            if (word == "locod" or word.endswith("/bin/locod")) and leads and before[-1:] != ["-u"] and words[i + 1 :]:
+                rest = " ".join(words[i + 1 :])
+                end = SHELL_END.search(" " + rest)
+                found.append(rest[: end.start() - 1 if end else len(rest)].strip())
+                break
+    return found
+
+
+DOC_COMMANDS = sorted({(name, line) for name in COMMAND_DOCS for line in command_lines((REPO / name).read_text())})
+
+
+def _words(line: str) -> list[str]:
+    words = [PLACEHOLDERS.get(w, w) for w in shlex.split(line)]
+    return [w for w in words if w is not None]
+
+
+def _parse(words: list[str]) -> argparse.Namespace:
+    """As `locod` parses a command line (main): the trainer's own options after `policy train`."""
+    args, extra = cli._parser().parse_known_args(words)
+    if args.func is cli.cmd_policy_train:
+        train_cli.parser(Path("policy.onnx")).parse_args(extra)
+    else:
+        assert not extra, f"unrecognized arguments: {extra}"
+    return args
+
+
+def test_the_scan_finds_the_command_lines_of_both_docs() -> None:
+    lines = {line for _, line in DOC_COMMANDS}
+    for line in ("--endpoint tcp://127.0.0.1:5557 ask", "decisions --json", "policy train --steps 200000"):
+        assert line in lines
+    assert not [line for line in lines if line.split()[0] in ("bash", "sqlite3", "-f")]  # sudo -u locod X
+
+
+def _names_a_command(words: list[str], parser: argparse.ArgumentParser | None = None) -> bool:
+    """Whether ``words`` are a command's name alone (`locod models pull`, said in prose), not a command line."""
+    parser = parser or cli._parser()
+    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not words:
+        return not subparsers
+    return (
+        bool(subparsers)
+        and words[0] in subparsers[0].choices
+        and _names_a_command(words[1:], subparsers[0].choices[words[0]])
+    )
+
+
+def _parses(line: str) -> bool:
+    try:
+        _parse(_words(line))
+    except SystemExit as exc:
+        return exc.code == 0
+    return True
+
+
+@pytest.mark.parametrize(("doc", "line"), DOC_COMMANDS, ids=[f"{d}: locod {c}" for d, c in DOC_COMMANDS])
+def test_every_command_line_the_docs_show_parses(doc: str, line: str, capsys: pytest.CaptureFixture[str]) -> None:
+    if _names_a_command(_words(line)):
+        return
+    try:
+        _parse(_words(line))
+    except SystemExit as exc:
+        assert exc.code == 0, f"{doc}: `locod {line}`: {capsys.readouterr().err.strip()}"
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    found = set(parser._option_string_actions)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _options(sub)
+    return found
+
+
+def test_every_flag_the_docs_name_is_one_of_locod_or_of_the_program_named() -> None:
+    known = _options(cli._parser()) | _options(train_cli.parser())
+    for name in COMMAND_DOCS:
+        flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", (REPO / name).read_text()))
+        unknown = sorted(f for f in flags if f not in known and f not in OTHER_FLAGS)
+        assert not unknown, f"{name} names flags no locod command has: {unknown}"
+    for flag, program in OTHER_FLAGS.items():
+        if program.startswith("scripts/"):
+            assert flag in (REPO / program).read_text(), f"{program} takes no {flag}"
+
+
+# Run as written against a daemon, last `stop`; what they need: standard input, the files they attach.
+# Not run: what downloads (`models pull`, no network here), starts a daemon, trains or draws (the extras),
+# or needs a tcp endpoint (`--endpoint`); their command lines are parsed above.
+NOT_RUN = ("serve", "models pull", "policy train", "report", "--endpoint")
+STDIN = {"chat": "What is 2+2?\n", "ask -": "What is 2+2?\n", "ask": "What is 2+2?\n"}
+REFUSED = {  # exit 1, as documented: what the line names is not there on a fresh daemon
+    'ask "Hello" --model qwen2.5-1.5b-instruct-q4_k_m': "no model named",  # it follows a pull
+    "feedback 42 good": "no decision with id 42",
+    "models rm NAME": "was not pulled",
+}
+
+
+def test_every_command_line_the_docs_show_runs_as_written(daemon_factory: Any, tmp_path: Path) -> None:
+    handle = daemon_factory({"local": {"max_tokens": 16}})
+    ok, image = cv2.imencode(".png", np.zeros((32, 48, 3), np.uint8))
+    assert ok
+    (tmp_path / "photo.jpg").write_bytes(bytes(image))  # an image by its bytes, whatever its name says
+    (tmp_path / "notes.md").write_text("The meeting moved to Tuesday.\n")
+    lines = {line for _, line in DOC_COMMANDS if _parses(line)}  # not a name in prose (`locod models pull`)
+    run = [line for line in lines if not any(line.startswith(n) or n in line.split() for n in NOT_RUN)]
+    assert "stop" in run
+    for line in sorted(run, key=lambda line: (line == "stop", "feedback" in line)):  # labels after the turns
+        result = subprocess.run(
+            locod_command("--config", str(handle.config_path), *_words(line)),
+            input=STDIN.get(" ".join(_words(line)), ""),  # `ask ...`: a pipe's
+            capture_output=True,
+            text=True,
+            env=handle.env,
+            cwd=tmp_path,
+            timeout=300,
+        )
+        if line in REFUSED:
+            assert result.returncode == 1 and REFUSED[line] in result.stderr, (line, result.stderr)
+        else:
+            assert result.returncode == 0, f"`locod {line}` exited {result.returncode}: {result.stderr}"
+    assert handle.proc.wait(60) == 0  # `locod stop` stopped it
