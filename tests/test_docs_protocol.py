@@ -8,6 +8,7 @@ import argparse
 import ast
 import dataclasses
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 import zmq
 
 from locod import cli, errors, protocol
+from locod.daemon.config import load_config
 from locod.policy import train_cli
 
 from .conftest import DaemonHandle, locod_command
@@ -363,3 +365,57 @@ def test_every_command_line_the_docs_show_runs_as_written(daemon_factory: Any, t
         else:
             assert result.returncode == 0, f"`locod {line}` exited {result.returncode}: {result.stderr}"
     assert handle.proc.wait(60) == 0  # `locod stop` stopped it
+
+
+# -- where things are (docs/operations.md) ------------------------------------------------------------
+
+
+def where_cells(what: str) -> list[list[str]]:
+    """The code spans of each column (system service, user service, started by hand) of the row ``what``
+    of docs/operations.md's "Where things are" table."""
+    doc = (REPO / "docs" / "operations.md").read_text()
+    row = re.search(rf"^\| {re.escape(what)} \|(.*)\|$", doc, re.M)
+    assert row, f"docs/operations.md's Where things are has no row {what!r}"
+    return [re.findall(r"`([^`]+)`", cell) for cell in row.group(1).split("|")]
+
+
+def unit_environment(unit: str) -> dict[str, str]:
+    """The variables a systemd unit of systemd/ sets, ``%S`` (the system state root) expanded."""
+    text = (REPO / "systemd" / unit).read_text()
+    return dict(line.split("=", 1) for line in re.findall(r"^Environment=(\S+)$", text, re.M))
+
+
+# What each column's daemon finds in its environment: systemd's StateDirectory= and RuntimeDirectory=
+# (the user unit sets only the latter), the unit's Environment=, a login session's $XDG_RUNTIME_DIR.
+COLUMNS = {
+    "system service": {
+        "STATE_DIRECTORY": "/var/lib/locod",
+        "RUNTIME_DIRECTORY": "/run/locod",
+        **{k: v.replace("%S", "/var/lib") for k, v in unit_environment("locod.service").items()},
+    },
+    "user service": {"XDG_RUNTIME_DIR": "$XDG_RUNTIME_DIR", "RUNTIME_DIRECTORY": "$XDG_RUNTIME_DIR/locod"},
+    "started by hand": {"XDG_RUNTIME_DIR": "$XDG_RUNTIME_DIR"},
+}
+
+
+@pytest.mark.parametrize("column", list(COLUMNS))
+def test_where_things_are_is_where_the_code_puts_them(
+    column: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert not unit_environment("user/locod.service")  # the user unit sets nothing the table would miss
+    empty = tmp_path / "config.toml"
+    empty.write_text("")
+    config = load_config(empty, env=COLUMNS[column])
+    index = list(COLUMNS).index(column)
+    db, models, socket = (where_cells(what)[index][0] for what in ("decision log, router state", "models", "socket"))
+
+    def shown(path: Path) -> str:  # as the table writes it
+        return str(path).replace("/home/someone", "~", 1)
+
+    assert shown(config.db_path) in (db, db + "locod.db"), column
+    assert shown(config.models_dir) == models, column
+    assert shown(config.socket_path) == socket, column
+    if column == "started by hand":  # "(`/tmp/locod-$UID/locod/` without one)"
+        without = load_config(empty, env={})
+        assert f"{without.runtime_dir}/" == where_cells("socket")[index][1].replace("$UID", str(os.getuid()))
