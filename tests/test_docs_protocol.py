@@ -185,7 +185,7 @@ def test_each_op_answers_with_the_fields_the_docs_name(daemon: DaemonHandle) -> 
     """Every op over a raw DEALER, as a client written from docs/protocol.md sends it: a chat's frames and
     each other op's result hold the fields the doc names for them (a decision record, operations.md's)."""
     sketches = frame_sketches()
-    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(daemon.endpoint)
     try:
