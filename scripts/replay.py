@@ -26,7 +26,8 @@ Routers, all on MESS+'s own predictor (locod.policy.messplus, the code the daemo
 
 The tables follow a line saying what they rest on besides the trace's labels (seeds, V, exploration, the
 grader's error rate, how the cloud labels were made); with several seeds each router's row holds its means
-and the range of its capture. The plot (the first seed's runs) goes to docs/img for the shipped trace, else
+and the range of its capture. The plot (the first seed's runs) goes to docs/img only for the run whose plot
+docs/routing.md shows (the development trace, --split half, seed 1, the other options at their defaults), else
 beside the trace.
 """
 
@@ -57,6 +58,7 @@ CLOUD = "cloud"
 DEV_TRACE = REPO / "policy/data/bigbench_trace.jsonl"
 ALPHAS = (0.5, 0.6, 0.7, 0.8)
 WEIGHT_MONEY, WEIGHT_ENERGY = 1.0, 0.2  # routing.weight_money / weight_energy defaults
+FIGURE_OPTIONS = ("split", "v", "explore_c", "alphas", "grader_error")  # with the trace and seed: what the plot shows
 
 
 @dataclass
@@ -421,11 +423,21 @@ def seeds(chosen: list[int]) -> str:
     )
 
 
-def main() -> None:
+def default_out(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Path:
+    """docs/img only for the run whose plot docs/routing.md shows (the development trace, --split half, seed 1,
+    V, c, alphas and grader error at their defaults), so the doc's other commands leave that figure alone; else
+    beside the trace."""
+    defaults = all(getattr(args, name) == parser.get_default(name) for name in FIGURE_OPTIONS)
+    shown = Path(args.trace).resolve() == DEV_TRACE and args.seed[0] == 1 and defaults
+    return REPO / "docs/img" if shown else Path(args.trace).parent
+
+
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trace", default=str(DEV_TRACE), help="trace to replay (default: the development trace)")
     parser.add_argument(
-        "--out", help="folder for replay_messplus.png: docs/img for the shipped trace, else the trace's; '' for none"
+        "--out",
+        help="folder for replay_messplus.png: docs/img for the run docs/routing.md shows, else the trace's ('' none)",
     )
     parser.add_argument(
         "--split",
@@ -436,15 +448,20 @@ def main() -> None:
     )
     parser.add_argument("--v", type=float, default=20.0, help="MESS+'s V (default: 20, routing.v)")
     parser.add_argument("--explore-c", type=float, default=0.2, help="exploration c (default: 0.2, routing.explore_c)")
-    parser.add_argument("--alphas", type=float, nargs="+", default=ALPHAS, help="SLA targets (default: 0.5-0.8)")
+    parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), help="SLA targets (default: 0.5-0.8)")
     parser.add_argument("--grader-error", type=float, default=0.05, help="shadow grader's error rate (default: 0.05)")
     parser.add_argument(
         "--seed", type=int, nargs="+", default=[1], help="one or more seeds: rows are means, capture's range shown"
     )
+    return parser
+
+
+def main() -> None:
+    parser = argument_parser()
     args = parser.parse_args()
     trace = read_trace(Path(args.trace))
     if args.out is None:
-        args.out = str(REPO / "docs/img" if Path(args.trace).resolve() == DEV_TRACE else Path(args.trace).parent)
+        args.out = str(default_out(args, parser))
     print(conditions(Path(args.trace), args))
     if "logprobs" not in trace[0]["models"][LOCAL]:
         print("this trace has no log-probs: the routers do without the local answer's confidence")
