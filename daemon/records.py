@@ -378,8 +378,9 @@ class DecisionLog:
                 row["explored"] = 1
         row["finished"] = time.time()
         self.write_unwritten()
+        answered_by = outcome.backend if outcome.outcome in ANSWERED else None
         try:
-            with self._writing("completing the record"):
+            with self.today.counting(outcome.cost_usd, answered_by), self._writing("completing the record"):
                 self._complete(decision_id, row)
         except StorageError as exc:
             self._keep_unwritten(decision_id, row)
@@ -388,9 +389,6 @@ class DecisionLog:
                 "written as soon as the decision log can be written again",
                 code="record_not_committed",
             ) from None
-        finally:
-            answered_by = outcome.backend if outcome.outcome in ANSWERED else None
-            self.today.count(outcome.cost_usd, answered_by)  # spent either way: the daily cap counts it now
 
     def _complete(self, decision_id: int, row: dict[str, Any]) -> None:
         """Write a completion (within a transaction): the record, and the openings of a private answer."""
@@ -496,18 +494,15 @@ class DecisionLog:
         """Money spent on a turn after it ended (grading it with the judge): counted towards today's total
         even when the log cannot be written, as the daily cap must see every dollar spent, and into the
         finished turns' sums (no scrape reads between the write and that)."""
-        try:
-            with self.finished.lock:
-                with self._writing("adding cost"):
-                    self._conn.execute(
-                        "UPDATE decisions SET cost_usd = COALESCE(cost_usd, 0) + ? WHERE id = ?", [usd, decision_id]
-                    )
-                    where = self._conn.execute(  # not UPDATE ... RETURNING: SQLite 3.35 (Ubuntu 20.04 has 3.31)
-                        "SELECT COALESCE(backend, location), outcome FROM decisions WHERE id = ?", [decision_id]
-                    ).fetchone()
-                self.finished.add_cost(decision_id, None if where is None else (where[0], where[1]), usd)
-        finally:
-            self.today.count(usd)
+        with self.finished.lock, self.today.counting(usd):
+            with self._writing("adding cost"):
+                self._conn.execute(
+                    "UPDATE decisions SET cost_usd = COALESCE(cost_usd, 0) + ? WHERE id = ?", [usd, decision_id]
+                )
+                where = self._conn.execute(  # not UPDATE ... RETURNING: SQLite 3.35 (Ubuntu 20.04 has 3.31)
+                    "SELECT COALESCE(backend, location), outcome FROM decisions WHERE id = ?", [decision_id]
+                ).fetchone()
+            self.finished.add_cost(decision_id, None if where is None else (where[0], where[1]), usd)
 
     def recent(self, limit: int = 20, of: str | None = None) -> list[dict[str, Any]]:
         """The newest records (``of``: those of a decision id or a request id), read on the reading connection

@@ -10,8 +10,8 @@ import itertools
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -41,16 +41,34 @@ class DailyTally:
 
     def __init__(self, reading: Reading) -> None:
         self._reading = reading
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the tally itself: held for a copy or a count, never across a read of the log
+        # Held by a read of the log (the first, then one a day), and by a write of money from before it commits
+        # until it is counted (``counting``): the read finds the write committed and its count goes to the tally
+        # the read replaces, or finds neither and the count goes to the read's. A read between the commit and
+        # the count counted the turn twice (at midnight, a turn paid as another's decision read the new day).
+        self._rereading = threading.Lock()
         self._today: Today | None = None
 
     def read(self) -> Today:
         """A copy of today's tally: turns and cloud read together, never one before a turn counts."""
+        today = self._current()
+        if today is None:  # a new day, or the first read: read from the log, after the writes of money under way
+            with self._rereading:
+                today = self._current() or self._reread()  # another thread's read meanwhile may do
+        return today
+
+    def _current(self) -> Today | None:
+        """A copy of the tally, if it is today's."""
         now = time.time()
         with self._lock:
-            if self._today is None or not self._today.start <= now < self._today.end:
-                self._today = self._read(now)
-            return replace(self._today)
+            today = self._today
+            return replace(today) if today is not None and today.start <= now < today.end else None
+
+    def _reread(self) -> Today:
+        today = self._read(time.time())
+        with self._lock:
+            self._today = today
+            return replace(today)
 
     def _read(self, now: float) -> Today:
         midnight = local_midnight(now)
@@ -64,8 +82,18 @@ class DailyTally:
             ).fetchone()
         return Today(midnight, next_midnight, float(usd), int(turns), int(cloud))
 
+    @contextmanager
+    def counting(self, usd: float, answered_by: str | None = None) -> Iterator[None]:
+        """Around the write that records money spent (and a turn answered, ``answered_by`` where it ran: local
+        or cloud): counted once the write ends, committed or not, as the daily cap must see every dollar."""
+        with self._rereading:
+            try:
+                yield
+            finally:
+                self.count(usd, answered_by)
+
     def count(self, usd: float, answered_by: str | None = None) -> None:
-        """Count money spent now, and a turn answered (``answered_by`` where it ran: local or cloud)."""
+        """Count money spent now, and a turn answered; ``counting`` when a write records them."""
         with self._lock:
             today = self._today
             if today is None:  # not read yet: the read counts it
