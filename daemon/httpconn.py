@@ -156,8 +156,14 @@ class BoundedProtocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()  # which starts a pipelined next request, if one came
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        # Part of a pipelined next request may have come with this one: it is arriving, timed as any other.
+        # Counted idle, the first newcomer took its slot with the request half sent, and no deadline ran.
+        if not self.conn.trailing_data[0]:
             self.limits.idle[self] = None
+        elif self.deadline is None:
+            self._arm()
 
     def data_received(self, data: bytes) -> None:
         if self.refused:

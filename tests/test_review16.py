@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import http.client
+import re
+import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
 from locod.daemon.tallies import Today
+
+from .conftest import free_port
 
 
 def _turn(log: DecisionLog, location: str = "cloud") -> int:
@@ -40,3 +46,37 @@ def test_a_turn_paid_as_another_reads_the_new_days_tally_is_counted_once(tmp_pat
         assert (log.spent_today(), log.answered_today()) == (0.5, {"turns": 1, "cloud": 1})
     finally:
         log.close()
+
+
+def test_a_pipelined_request_half_sent_is_not_taken_as_an_idle_connection(daemon_factory: Any) -> None:
+    """Review: a connection whose answer was complete counted as idle between requests, and the next newcomer
+    at http.max_connections took its slot at once, even when part of a pipelined next request had come with
+    the one before it: that request was cut off half sent, and while counted idle it had no deadline. Now it
+    is arriving, as any request whose first bytes came, and keeps its slot for ``EVICT_AFTER_S``."""
+    port = free_port()
+    daemon_factory({"http": {"listen": f"127.0.0.1:{port}", "max_connections": 1}})
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as pipelining:
+        pipelining.sendall(b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\nGET /hea")  # the next one begun
+        assert _response(pipelining).endswith(b'{"status":"ok"}')  # the door has seen it complete
+        newcomer = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        newcomer.request("GET", "/health")
+        assert newcomer.getresponse().status == 503  # the door is full: no connection of it is idle
+        newcomer.close()
+        pipelining.sendall(b"lth HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        assert _response(pipelining).endswith(b'{"status":"ok"}')
+
+
+def _response(conn: socket.socket) -> bytes:
+    """One response of a small fixed length, read whole."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(4096) or _closed()
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += conn.recv(4096) or _closed()
+    return head + b"\r\n\r\n" + body
+
+
+def _closed() -> bytes:
+    raise ConnectionError("the door closed the connection")
