@@ -67,9 +67,10 @@ class SampledTokens:
 
     def answer_tokens(self, finish: str | None, max_tokens: int) -> int:
         """The answer's tokens, by llama.cpp's ``finish`` reason: one that ended itself (``stop``) sampled its
-        end-of-generation token last, which is not part of it (one ended by a stop string is counted one
-        short: it sampled no such token). Never more than ``max_tokens``, as OpenAI's usage: llama.cpp samples
-        one past it when the last one leaves a character of several bytes unfinished."""
+        end-of-generation token last, which is not part of it; one ended by a stop string sampled the token
+        that completed the stop string last, not counted either (the stop string's earlier tokens, when it
+        took several, are). Never more than ``max_tokens``, as OpenAI's usage: llama.cpp samples one past it
+        when the last one leaves a character of several bytes unfinished."""
         return min(self.sampled - 1 if finish == "stop" else self.sampled, max_tokens)
 
 
