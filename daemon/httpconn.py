@@ -171,8 +171,23 @@ class BoundedProtocol(H11Protocol):
         if self.deadline is None and self.conn.their_state is h11.IDLE:  # a next request on keep-alive
             self._arm()
         super().data_received(data)
-        if self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):  # all of it came (or it failed)
+        state = self.conn.their_state
+        if state not in (h11.IDLE, h11.SEND_BODY):  # all of it came (or it failed)
             self._disarm()
+        elif state is h11.IDLE and self.cycle is not None and self.cycle.response_complete:
+            self._rest_came()
+
+    def _rest_came(self) -> None:
+        """The rest of a request answered before it came whole (a 401 sent before the body) has come, and
+        uvicorn starts the next cycle without its keep-alive timer: the connection is idle between requests,
+        unless part of the next one came too. It ran on to the answered request's deadline, and was closed
+        there as a client too slow to send its request."""
+        if self.conn.trailing_data[0] or self.deadline is None:
+            return
+        self._disarm()
+        self.limits.idle[self] = None
+        self._unset_keepalive_if_required()  # as uvicorn's on_response_complete: closed if it stays idle
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
 
     def _arm(self) -> None:
         self.limits.idle.pop(self, None)

@@ -66,6 +66,28 @@ def test_a_pipelined_request_half_sent_is_not_taken_as_an_idle_connection(daemon
         assert _response(pipelining).endswith(b'{"status":"ok"}')
 
 
+def test_a_body_sent_after_its_401_leaves_the_connection_idle_not_too_slow(daemon_factory: Any, tmp_path: Path) -> None:
+    """Review: a request answered before its body came (a wrong key is refused from the headers) ran on to
+    its deadline once the body came, and the door closed the connection there, logging that the client did
+    not send its whole request in time: it had, and was idle between requests. A client over a network
+    sends the body a round trip after the headers often enough. Now it is idle, as after any answer."""
+    key = tmp_path / "key"
+    key.write_text("k" * 32)
+    key.chmod(0o600)
+    port = free_port()
+    http = {"listen": f"127.0.0.1:{port}", "api_key_file": str(key), "request_timeout_s": 1.0}
+    handle = daemon_factory({"http": http})
+    with socket.create_connection(("127.0.0.1", port), timeout=120) as client:
+        head = b"host: localhost\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n"
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n" + head)
+        assert _response(client).startswith(b"HTTP/1.1 401")
+        client.sendall(b"{}")
+        time.sleep(2.0)  # past the request's deadline, well within uvicorn's 5 s for an idle connection
+        client.sendall(b"GET /health HTTP/1.1\r\nhost: localhost\r\n\r\n")
+        assert _response(client).endswith(b'{"status":"ok"}')
+    assert "did not send its whole request" not in handle.log()
+
+
 def _response(conn: socket.socket) -> bytes:
     """One response of a small fixed length, read whole."""
     data = b""
