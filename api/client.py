@@ -144,7 +144,12 @@ def locate(endpoint: str) -> str:
     """The user's own socket, or else their login session's, or else the system daemon's, whichever exists."""
     if not endpoint.startswith("ipc://") or _socket_exists(Path(endpoint[6:])):
         return endpoint
-    found = next((path for path in (_session_socket(), SYSTEM_SOCKET) if path and _socket_exists(path)), None)
+    try:
+        found = next((path for path in (_session_socket(), SYSTEM_SOCKET) if path and _socket_exists(path)), None)
+    except UnsafeSocket as exc:  # said with the user's own, for one whose own daemon is stopped on a shared box
+        raise UnsafeSocket(
+            f"locod is not running at {endpoint[6:]} (`locod serve` starts it), and {exc.message}"
+        ) from None
     return f"ipc://{found}" if found else endpoint
 
 

@@ -84,6 +84,8 @@ def test_another_users_socket_says_whose_it_is_and_what_to_use(daemon: Any) -> N
         assert "serves its own user and root alone" in finding, finding
         assert "tcp endpoint or HTTP API" in finding and "docs/operations.md, Who can use it" in finding, finding
         assert "Permission denied" not in finding, finding
+    # one whose own daemon is stopped is told that too, not only that the service's socket is closed to them
+    assert "locod is not running at /nonexistent-home/locod/locod.sock (`locod serve` starts it)" in findings[1]
 
 
 def test_another_user_is_told_the_tcp_endpoint_the_config_opens(daemon_factory: Any, tmp_path: Path) -> None:
