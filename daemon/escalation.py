@@ -2,7 +2,7 @@
 
 The decider plans it (``Decision.escalation``: the cloud action an unsure answer gives way to, and
 the numbers it is weighed by); the local backend holds the answer back until its first tokens are in
-(``Checkpoint``); ``AnswerJudge.keep`` then reads their log-probs into the confidence features, and the
+(``Checkpoint``); ``ConfidenceCheck.keep`` then reads their log-probs into the confidence features, and the
 learner corrects the local model's s_hat with them and has the rule choose (``Learner.checkpoint``). The
 features are taken over the first ``routing.escalate_tokens`` tokens and scaled to that many, as the trace's
 short answers were when the confidence head and its prior were fitted (docs/routing.md).
@@ -26,7 +26,7 @@ def answer_features(question: str, answer: tuple[Sequence[str], Sequence[float]]
     return confidence.features(confidence.Answer(question, tokens, logprobs), budget, budget)
 
 
-class AnswerJudge:
+class ConfidenceCheck:
     """The checkpoint of one turn that may escalate, and its verdict once it has run."""
 
     def __init__(self, plan: Escalation, model: str, question: str, learner: Learner) -> None:
@@ -34,7 +34,7 @@ class AnswerJudge:
         self.judged: JudgedAnswer | None = None
 
     @classmethod
-    def of(cls, decision: Decision, question: str, learner: Learner) -> AnswerJudge | None:
+    def of(cls, decision: Decision, question: str, learner: Learner) -> ConfidenceCheck | None:
         plan = decision.escalation
         return None if plan is None else cls(plan, decision.model, question, learner)
 

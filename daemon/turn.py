@@ -31,7 +31,7 @@ from locod.daemon.cloud import CloudBackend, Received, StreamCut
 from locod.daemon.config import Config
 from locod.daemon.decider import Decider
 from locod.daemon.decision import Decision
-from locod.daemon.escalation import AnswerJudge
+from locod.daemon.escalation import ConfidenceCheck
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
 from locod.daemon.records import DecisionLog, DecisionRecord, JudgedAnswer, Outcome
@@ -296,7 +296,7 @@ class TurnRunner:
 
     def _answer(self, turn: Turn, decision: Decision, decide_ms: float, reply: Reply) -> None:
         backend = self._backend(decision.location)
-        judge = AnswerJudge.of(decision, turn.request.prompt, self.learner)  # a turn that may escalate
+        check = ConfidenceCheck.of(decision, turn.request.prompt, self.learner)  # a turn that may escalate
         waiting = time.perf_counter()
         on_wait = (lambda ahead: reply.send(QueuedFrame(ahead))) if turn.request.options.queued else None
         with backend.slot(turn.client, reply.cancelled, on_wait) as granted:
@@ -304,13 +304,13 @@ class TurnRunner:
                 reply.send(ErrorFrame(Busy.code, "cancelled", reply.cancel_reason))
                 return
             queue_ms = (time.perf_counter() - waiting) * 1000  # behind other turns for the local model
-            prompt = self._fitted(backend, turn, decision, reply, judge)  # may refuse
+            prompt = self._fitted(backend, turn, decision, reply, check)  # may refuse
             accepted = self._begin(turn, decision, (decide_ms, queue_ms), reply)
             ending = self._answered(accepted, turn, decision, backend, accepted.gate(prompt), reply)
             decision_id = accepted.decision_id()
-        if judge is not None and judge.judged is not None:  # the local model is free again
+        if check is not None and check.judged is not None:  # the local model is free again
             try:
-                ending = self._judged(decision_id, turn, ending, judge, reply)
+                ending = self._judged(decision_id, turn, ending, check, reply)
             except Exception as exc:  # accepted turns end with a finished record, a bug included
                 log.exception("turn %s failed after its local answer was judged", turn.request.id)
                 ending = Ending.internal(ending.decision, exc)
@@ -337,10 +337,10 @@ class TurnRunner:
             log.exception("turn %s failed after it was accepted", turn.request.id)
             return Ending.internal(decision, exc)
 
-    def _judged(self, decision_id: int, turn: Turn, ending: Ending, judge: AnswerJudge, reply: Reply) -> Ending:
+    def _judged(self, decision_id: int, turn: Turn, ending: Ending, check: ConfidenceCheck, reply: Reply) -> Ending:
         """A local answer whose checkpoint ran: kept (the queue settles with its corrected s_hat), or dropped
         and the turn escalated to the cloud, which answers it from the start."""
-        judged = judge.judged
+        judged = check.judged
         assert judged is not None
         if not ending.generation.escalated:
             decision = ending.decision.answered(judged.s_answered, judged.explored)
@@ -348,7 +348,7 @@ class TurnRunner:
         local = ending.generation
         private = ", ".join(a.name for a in turn.attachments if a.private)
         kept = f"private, kept on device: {private}" if private else None  # the cloud answers without them
-        why = "; ".join(filter(None, (judge.why(), prompts.withheld_history(turn), kept)))
+        why = "; ".join(filter(None, (check.why(), prompts.withheld_history(turn), kept)))
         decision = ending.decision.escalated(why, judged.explored)
         # the decision frame said what a local answer uploads (nothing): say what the cloud's will
         sent = ", ".join(turn.attachments[i].name for i in decision.send)
@@ -450,22 +450,22 @@ class TurnRunner:
         return Ending(decision, generation, "ok")
 
     def _fitted(
-        self, backend: Backend, turn: Turn, decision: Decision, reply: Reply, judge: AnswerJudge | None
+        self, backend: Backend, turn: Turn, decision: Decision, reply: Reply, check: ConfidenceCheck | None
     ) -> Prompt:
         """The turn's prompt fitted to the model (``fit`` refuses what it cannot hold; a local model's
         document excerpts are cut until they fit, ``LocalQuestion.fitted``)."""
         if decision.location != "local":
             messages, upload = prompts.cloud_messages(turn, decision.send, turn.config.attachments.doc_token_budget)
-            return backend.fit(decision.model, self._prompt(turn, messages, reply, judge, upload))
+            return backend.fit(decision.model, self._prompt(turn, messages, reply, check, upload))
         question = prompts.LocalQuestion.of(turn, turn.config.local_model(decision.model).n_ctx)
-        return question.fitted(lambda messages: backend.fit(decision.model, self._prompt(turn, messages, reply, judge)))
+        return question.fitted(lambda messages: backend.fit(decision.model, self._prompt(turn, messages, reply, check)))
 
     @staticmethod
     def _prompt(
         turn: Turn,
         messages: list[dict[str, object]],
         reply: Reply,
-        judge: AnswerJudge | None,
+        check: ConfidenceCheck | None,
         upload: Upload | None = None,
     ) -> Prompt:
         options = turn.request.options
@@ -481,8 +481,8 @@ class TurnRunner:
             session=turn.session.key if turn.request.session is not None else None,
             stop=options.stop,
         )
-        if judge is not None:
-            prompt = dataclasses.replace(prompt, checkpoint=judge.checkpoint())
+        if check is not None:
+            prompt = dataclasses.replace(prompt, checkpoint=check.checkpoint())
         return prompt if upload is None else dataclasses.replace(prompt, upload=upload)
 
     # -- records and frames --------------------------------------------------------------------------
