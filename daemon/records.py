@@ -420,7 +420,7 @@ class DecisionLog:
         with self._lock:
             for decision_id in held:
                 self._unwritten.pop(decision_id, None)
-        log.info("decision log writable again: completed %d held-back record(s) %s", len(held), sorted(held))
+        log.info("decision log %s: completed %d held-back record(s) %s", self.path, len(held), sorted(held))
 
     def label(self, decision_id: int, satisfied: bool, source: str) -> LabelTarget:
         """Store a satisfaction label once; returns what the learner trains on."""
