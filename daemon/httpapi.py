@@ -283,9 +283,7 @@ class HttpServer:
 
     async def chat(self, request: Request) -> Response:
         completion = wire.parse_completion(await self._body(request), self.model_names(), self._endpoint_ids())
-        named = request.headers.get("x-locod-session")
-        if named is not None and not 0 < len(named) <= 200:
-            raise wire.bad("x-locod-session must be 1 to 200 characters", "x-locod-session")
+        named = _session_header(request)
         session, messages = self.conversations.continuing(completion.messages, named)
         loop = asyncio.get_running_loop()
         frames: asyncio.Queue[Frame] = asyncio.Queue()
@@ -418,6 +416,23 @@ def _tidy_path(app: ASGIApp) -> ASGIApp:
         await app(scope, receive, send)
 
     return asgi
+
+
+def _session_header(request: Request) -> str | None:
+    """The ``x-locod-session`` a client named, as the text it sent: HTTP carries a header's bytes, which
+    Starlette reads as Latin-1, so ``café`` sent as UTF-8 (every HTTP library's way) would be recorded and
+    continued as ``cafÃ©``, and 60 emoji counted as 240 characters: a session's name is read as UTF-8 and
+    measured in characters, as the socket's ``session`` is (docs/protocol.md)."""
+    raw = request.headers.get("x-locod-session")
+    if raw is None:
+        return None
+    try:
+        named = raw.encode("latin-1").decode("utf-8")
+    except UnicodeDecodeError:
+        raise wire.bad("x-locod-session must be UTF-8 text", "x-locod-session") from None
+    if not 0 < len(named) <= 200:
+        raise wire.bad("x-locod-session must be 1 to 200 characters", "x-locod-session")
+    return named
 
 
 def _client_key(request: Request) -> bytes:
