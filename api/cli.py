@@ -751,6 +751,15 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _decision_id(text: str) -> int:
+    """``feedback``'s decision id, read as ``locod decisions ID`` reads one: ASCII digits alone. Python's
+    ``int`` also takes ``3_0`` (30), `` 3`` and ``３``, so a slip labelled another decision, and a label is
+    final; ``decisions`` calls each of them no decision."""
+    if not (text.isascii() and text.isdecimal()):
+        raise argparse.ArgumentTypeError(f"expects a decision id, digits as `locod decisions` shows it, got {text!r}")
+    return int(text)
+
+
 def _limit(text: str) -> int:
     """``decisions --limit``: the range the daemon takes, checked before asking it (or the file)."""
     try:
@@ -1273,7 +1282,7 @@ def _add_daemon_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_decisions)
 
     p = sub.add_parser("feedback", help="label a decision's answer good or bad (trains the router)")
-    p.add_argument("decision", type=int, help="the decision id (`locod ask -v` and `locod decisions` show it)")
+    p.add_argument("decision", type=_decision_id, help="the decision id (`locod ask -v` and `locod decisions` show it)")
     p.add_argument("label", choices=("good", "bad"), help="whether the answer was good; a label is final")
     p.set_defaults(func=cmd_feedback)
 
