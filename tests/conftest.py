@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -331,6 +332,20 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     (mount / "filler").write_bytes(b"\0" * (128 << 10))
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@contextmanager
+def daemon_on_a_full_disk(home: Path, models_dir: Path, disk: Path) -> Iterator[tuple[DaemonHandle, Path]]:
+    """A daemon whose state directory is on ``disk`` (a small tmpfs), one turn answered, then ``disk`` filled:
+    yields the daemon and the file that fills it (unlink it to free the space); stopped at the end."""
+    handle = start_daemon(home, models_dir, {}, extra_env={"LOCOD_STATE_DIR": str(disk)})
+    try:
+        assert handle.client().ask("before the disk fills", max_tokens=2).done.outcome == "ok"
+        filler = disk / "filler"
+        fill_disk(filler)
+        yield handle, filler
+    finally:
+        handle.stop()
 
 
 def fill_disk(path: Path) -> None:

@@ -27,7 +27,7 @@ from .conftest import (
     CloudServer,
     DaemonHandle,
     cloud_config,
-    fill_disk,
+    daemon_on_a_full_disk,
     free_port,
     locod_command,
     start_daemon,
@@ -69,12 +69,8 @@ def test_a_full_disk_says_so_and_what_to_do(tmp_path: Path, models_dir: Path, sm
     """Walk finding: with the state directory's disk full, `locod ask` said "recording the turn failed:
     database or disk is full", code ``storage`` (a code docs/protocol.md does not list), and nothing on what
     to do: that freeing space is enough, without a restart."""
-    handle = start_daemon(tmp_path / "d", models_dir, {}, extra_env={"LOCOD_STATE_DIR": str(small_disk)})
-    try:
+    with daemon_on_a_full_disk(tmp_path / "d", models_dir, small_disk) as (handle, filler):
         client = handle.client()
-        assert client.ask("before the disk fills", max_tokens=2).done.outcome == "ok"
-        filler = small_disk / "filler"
-        fill_disk(filler)
         refused: Any = None
         for i in range(50):  # the WAL's spare pages fill first
             asked = handle.cli("ask", "word " * 700 + str(i), "--max-tokens", "2", "--force", "local")
@@ -89,8 +85,6 @@ def test_a_full_disk_says_so_and_what_to_do(tmp_path: Path, models_dir: Path, sm
         assert caught.value.code == "disk_full"
         filler.unlink()
         assert client.ask("after", max_tokens=2).done.outcome == "ok"
-    finally:
-        handle.stop()
 
 
 def test_a_model_named_by_its_endpoint_id_or_another_case_says_which_name_to_use(daemon_factory: Any) -> None:

@@ -23,7 +23,7 @@ from locod.client import Client, locate
 from locod.daemon.records import MIGRATIONS, DecisionLog
 from locod.errors import LocodError, StorageError
 
-from .conftest import fill_disk, free_port, start_daemon, wait_for
+from .conftest import daemon_on_a_full_disk, free_port, start_daemon, wait_for
 
 NOBODY = 65534
 
@@ -150,12 +150,8 @@ def test_a_full_disk_is_logged_once_and_its_end_too(tmp_path: Path, models_dir: 
     """With the state directory's disk full, turns were refused (disk_full) with nothing in the daemon's log:
     an admin reading the journal of a service saw nothing wrong. Now the first refusal is logged, and so is
     the first write once space is back."""
-    handle = start_daemon(tmp_path / "d", models_dir, {}, extra_env={"LOCOD_STATE_DIR": str(small_disk)})
-    try:
+    with daemon_on_a_full_disk(tmp_path / "d", models_dir, small_disk) as (handle, filler):
         client = handle.client()
-        assert client.ask("before the disk fills", max_tokens=2).done.outcome == "ok"
-        filler = small_disk / "filler"
-        fill_disk(filler)
         refusals = 0
         for i in range(50):  # the WAL's spare pages fill first
             try:
@@ -171,8 +167,6 @@ def test_a_full_disk_is_logged_once_and_its_end_too(tmp_path: Path, models_dir: 
         wait_for(lambda: "is written again" in handle.log(), 30, "the log to say the decision log is written again")
         full = [line for line in handle.log().splitlines() if "WARNING" in line and "the disk it is on is full" in line]
         assert len(full) == 1, handle.log()
-    finally:
-        handle.stop()
 
 
 def test_an_upgrade_that_migrates_the_log_says_so_once(tmp_path: Path, models_dir: Path) -> None:
