@@ -25,7 +25,7 @@ from .fileserver import FileServer, Served
 def test_decisions_print_latencies_as_whole_milliseconds(daemon: DaemonHandle) -> None:
     """Walk finding: `locod decisions` showed 1.417e+04 and 87.77 in latency_total_ms, `ask -v` 14169 ms.
     Before that first turn, status's local line said "(resident: smollm2-135m-instruct; n/a)": n/a what?"""
-    assert "(resident: smollm2-135m-instruct, 139 of 4096 MB; n/a tok/s)" in daemon.cli("status").stdout
+    assert "(resident: smollm2-135m-instruct, 139 of 4096 MiB; n/a tok/s)" in daemon.cli("status").stdout
     assert daemon.cli("ask", "Hi", "--max-tokens", "4").returncode == 0
     (row,) = daemon.rows()
     listed = daemon.cli("decisions").stdout
