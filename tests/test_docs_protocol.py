@@ -355,7 +355,9 @@ def test_every_command_line_the_docs_show_runs_as_written(daemon_factory: Any, t
     lines = {line for _, line in DOC_COMMANDS if _parses(line)}  # not a name in prose (`locod models pull`)
     run = [line for line in lines if not any(line.startswith(n) or n in line.split() for n in NOT_RUN)]
     assert "stop" in run
-    for line in sorted(run, key=lambda line: (line == "stop", "feedback" in line)):  # labels after the turns
+    # In one order whatever the set's: turns first, then what names a decision (`decisions ID`, the labels), `stop` last
+    named = ("ID" in shlex.split(line) or "feedback" in line for line in run)
+    for _, line in sorted(zip(named, run), key=lambda pair: (pair[1] == "stop", pair[0], pair[1])):
         result = subprocess.run(
             locod_command("--config", str(handle.config_path), *_words(line)),
             input=STDIN.get(" ".join(_words(line)), ""),  # `ask ...`: a pipe's
