@@ -1113,20 +1113,17 @@ def _at_rest(config: Any) -> Any:
     SQLite creates its -wal and -shm files even for a reader, and root's would leave the service (User=locod)
     unable to open its own log at its next start."""
     import dataclasses
-    import pwd
+
+    from locod.daemon.ownership import user_name
 
     system_db = SYSTEM_STATE_DIR / config.db_path.name
     if os.path.exists(config.db_path) or not os.path.exists(system_db):
         return config  # os.path: a directory this user may not enter is no log to read, not an error
     owner = os.stat(SYSTEM_STATE_DIR).st_uid
     if owner != os.geteuid():
-        try:
-            user = pwd.getpwuid(owner).pw_name
-        except KeyError:
-            user = f"#{owner}"  # sudo's spelling of a user id
         raise StorageError(
             f"no decision log at {config.db_path}; the system service's, {system_db}, is read as its user: "
-            f"`sudo -u {user} locod ...`"
+            f"`sudo -u {user_name(owner)} locod ...`"
         )
     return dataclasses.replace(config, paths=dataclasses.replace(config.paths, state_dir=str(SYSTEM_STATE_DIR)))
 

@@ -58,11 +58,16 @@ def closed_to_this_user(path: Path) -> tuple[str, str]:
     """What keeps ``path`` from this user, said as "DIR belongs to OWNER (mode M)", and that owner: the
     nearest directory above it this user can stat is the one it may not search (the root always stats)."""
     closed, info = next((d, info) for d in path.parents if (info := _stat(d)) is not None)
-    try:
-        owner = pwd.getpwuid(info.st_uid).pw_name
-    except KeyError:
-        owner = f"uid {info.st_uid}"
+    owner = user_name(info.st_uid)
     return f"{closed} belongs to {owner} (mode {info.st_mode & 0o7777:o})", owner
+
+
+def user_name(uid: int) -> str:
+    """The user ``uid`` as ``sudo -u`` takes it: the name, or ``#uid`` for one without a name."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"#{uid}"
 
 
 def _stat(path: Path) -> os.stat_result | None:
