@@ -35,6 +35,7 @@ from locod.errors import (
     RequestError,
     UnsafeSocket,
 )
+from locod.filekinds import image_format
 from locod.limits import ALWAYS_READ_BYTES, check_request_size
 from locod.protocol import (
     DEFAULT_OPTIONS,
@@ -57,7 +58,6 @@ from locod.protocol import (
     encode_request,
 )
 
-IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8", b"GIF8", b"BM", b"II*\x00", b"MM\x00*", b"\x00\x00\x00\x0cjP")
 MAX_ATTACHMENT_BYTES = 20 << 20  # the daemon's attachments.max_bytes, by default
 
 
@@ -65,15 +65,14 @@ def attachment(
     path: str | Path, *, private: bool = False, kind: str | None = None, max_bytes: int = MAX_ATTACHMENT_BYTES
 ) -> Attachment:
     """Read a file into a protocol attachment (the daemon never needs to open client paths). An image is
-    known by its first bytes, whatever its name: a GIF the daemon cannot read is then refused as an image
-    it does not support, not as a document that is not text. The file is checked before it is read: a
+    known by its first bytes, whatever its name: a GIF or a HEIC photo the daemon cannot read is then refused
+    as an image it does not support, not as a document that is not text. The file is checked before it is read: a
     regular file (a FIFO would hang, ``/dev/zero`` never end) of at most ``max_bytes`` (the daemon's
     ``attachments.max_bytes``: it would refuse more), and no more than that is read."""
     path = Path(path)
     data = read_file(path, max_bytes)
     if kind is None:
-        image = data.startswith(IMAGE_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
-        kind = "image" if image else "document"
+        kind = "image" if image_format(data) else "document"
     return Attachment(kind, path.name, data=data, private=private)
 
 
@@ -95,14 +94,17 @@ def read_file(path: Path, max_bytes: int) -> bytes:
             )
         if info.st_size > max_bytes:
             raise AttachmentError(
-                f"{path}: {info.st_size} bytes, over the {max_bytes}-byte attachment limit", code="attachment_too_large"
+                f"{path}: {info.st_size} bytes, over the {max_bytes}-byte attachment limit (attachments.max_bytes)",
+                code="attachment_too_large",
             )
         with os.fdopen(os.dup(fd), "rb") as file:
             data = file.read(max_bytes + 1)
     finally:
         os.close(fd)
     if len(data) > max_bytes:  # it grew since fstat
-        raise AttachmentError(f"{path}: over the {max_bytes}-byte attachment limit", code="attachment_too_large")
+        raise AttachmentError(
+            f"{path}: over the {max_bytes}-byte attachment limit (attachments.max_bytes)", code="attachment_too_large"
+        )
     return data
 
 

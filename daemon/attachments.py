@@ -12,6 +12,7 @@ which the decision uses.
 from __future__ import annotations
 
 import base64
+import codecs
 import functools
 import math
 import re
@@ -25,8 +26,9 @@ import numpy as np
 
 from locod.daemon.config import AttachmentsConfig
 from locod.daemon.decode_budget import DecodeBudget
-from locod.daemon.safe_open import read_allowed
+from locod.daemon.safe_open import over_limit, read_allowed
 from locod.errors import AttachmentError, Busy
+from locod.filekinds import READABLE_FORMATS, READABLE_IMAGES, binary_kind, image_format
 from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
 from locod.protocol import Attachment
 
@@ -35,6 +37,10 @@ WORD = re.compile(r"[a-z0-9]+")
 # uses its longest terms only, so ranking stays within milliseconds to a second whatever the sizes.
 RANK_SEARCHES = 200_000
 DECODE_BYTES_PER_PIXEL = 6  # OpenCV's peak while decoding to BGR, measured for PNG, BMP and JPEG
+# An image with transparency is decoded with its alpha channel (4 samples of up to 2 bytes) beside the BGR
+# image it is laid on, a band of about a megapixel at a time (``on_white``).
+ALPHA_BYTES_PER_PIXEL = 8
+BAND_PIXELS = 1 << 20
 COEFFICIENT_BYTES = 2  # a progressive JPEG's decoder keeps every DCT coefficient, whatever the output scale
 # Scans a JPEG may have: a progressive one has about 10, and libjpeg goes over the whole image once per scan,
 # so 5,000 scans of 30 bytes each make a 250 kB file that takes minutes to decode.
@@ -184,9 +190,7 @@ def load_bytes(attachment: Attachment, allow_dirs: list[str], max_bytes: int) ->
         assert attachment.path is not None
         data = read_allowed(attachment.path, allow_dirs, max_bytes, attachment.name)
     if len(data) > max_bytes:
-        raise AttachmentError(
-            f"attachment {attachment.name!r} is over the {max_bytes}-byte limit", code="attachment_too_large"
-        )
+        raise over_limit(attachment.name, max_bytes)
     if not data:
         raise AttachmentError(f"attachment {attachment.name!r} is empty")
     return data
@@ -242,7 +246,12 @@ def image_size(data: bytes) -> tuple[str, int, int]:
     if data[:2] == b"BM" and len(data) >= 26:
         w, h = struct.unpack("<ii", data[18:26])
         return "bmp", abs(w), abs(h)
-    raise AttachmentError("not a supported image (PNG, JPEG, WebP or BMP)", code="bad_image")
+    if (known := image_format(data)) not in (None, *READABLE_FORMATS):  # a readable one's header is broken
+        raise AttachmentError(
+            f"not a supported image: it is a {known} image; locod reads {READABLE_IMAGES} (convert it to one of them)",
+            code="bad_image",
+        )
+    raise AttachmentError(f"not a supported image ({READABLE_IMAGES})", code="bad_image")
 
 
 SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC9, 0xCA))  # the frames libjpeg decodes (the rest it refuses)
@@ -284,8 +293,45 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int]:
 
 def decode_bytes(fmt: str, data: bytes, width: int, height: int, factor: int) -> int:
     """About the memory decoding takes at 1/``factor`` scale (JPEG only), at its peak."""
-    out = math.ceil(width / factor) * math.ceil(height / factor) * DECODE_BYTES_PER_PIXEL
+    per_pixel = DECODE_BYTES_PER_PIXEL + (ALPHA_BYTES_PER_PIXEL if has_alpha(fmt, data) else 0)
+    out = math.ceil(width / factor) * math.ceil(height / factor) * per_pixel
     return out + (width * height * jpeg_frame(data)[2] if fmt == "jpeg" else 0)
+
+
+def has_alpha(fmt: str, data: bytes) -> bool:
+    """Whether the header says the image has transparency: a PNG with an alpha channel or a ``tRNS`` chunk
+    (before its pixels), a WebP whose header flags alpha. BMP and JPEG are taken as opaque."""
+    if fmt == "png":
+        return data[25:26] in (b"\x04", b"\x06") or b"tRNS" in data[33 : data.find(b"IDAT")]
+    if fmt == "webp":
+        chunk = data[12:16]
+        if chunk == b"VP8X":
+            return bool(data[20] & 0x10)
+        return chunk == b"VP8L" and bool(int.from_bytes(data[21:25], "little") >> 28 & 1)
+    return False
+
+
+def on_white(pixels: np.ndarray) -> np.ndarray:
+    """A decoded image as 8-bit BGR: transparency laid on white, as a page shows it (its colour channels
+    alone would show what the transparent pixels hold, often black: black text on a transparent screenshot
+    would be black on black), 16-bit samples scaled, gray made BGR; a band of rows at a time, so the float
+    arithmetic stays small whatever the image's size."""
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, np.newaxis]
+    h, w, channels = pixels.shape
+    if pixels.dtype == np.uint8 and channels == 3:
+        return pixels
+    top = float(np.iinfo(pixels.dtype).max)
+    out = np.empty((h, w, 3), np.uint8)
+    rows = max(1, BAND_PIXELS // max(1, w))
+    for y in range(0, h, rows):
+        band = pixels[y : y + rows].astype(np.float32)
+        colour = band[:, :, :3] if channels >= 3 else np.repeat(band[:, :, :1], 3, axis=2)
+        if channels in (2, 4):
+            alpha = band[:, :, -1:] / top
+            colour = colour * alpha + top * (1 - alpha)
+        out[y : y + rows] = np.rint(colour * (255 / top)).astype(np.uint8)
+    return out
 
 
 def _prepare_image(
@@ -306,8 +352,9 @@ def _prepare_image(
             code="bad_image",
         )
     longest = max(width, height)
+    # Transparency is read with the alpha channel (so without the EXIF turn OpenCV gives its BGR decodes alone).
+    flag, factor = (cv2.IMREAD_UNCHANGED if has_alpha(fmt, data) else cv2.IMREAD_COLOR), 1
     # JPEG can decode at 1/2, 1/4, 1/8 scale directly: far cheaper than decoding 12 MP then shrinking.
-    flag, factor = cv2.IMREAD_COLOR, 1
     if fmt == "jpeg":
         for scale, reduced in (
             (8, cv2.IMREAD_REDUCED_COLOR_8),
@@ -327,6 +374,7 @@ def _prepare_image(
     with DECODES.hold(needed, budget, cancelled):
         check_cancelled(cancelled)
         pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+        pixels = None if pixels is None else on_white(pixels)  # its BGR copy is part of the decode's peak
     if pixels is None:
         raise AttachmentError(f"{where}: OpenCV could not decode it ({fmt})", code="bad_image")
     h, w = pixels.shape[:2]
@@ -369,14 +417,14 @@ def _prepare_document(
     config: AttachmentsConfig,
     cancelled: threading.Event | None,
 ) -> PreparedAttachment:
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
+    text = None if binary_kind(data) else document_text(data)  # an ASCII-only PDF decodes, and is no text
+    if text is None or "\x00" in text:
+        what = binary_kind(data) or ("not UTF-8 text" if text is None else "binary data, not text")
         raise AttachmentError(
-            f"document {attachment.name!r} is not UTF-8 text (plain text or Markdown)", code="bad_document"
-        ) from None
-    if "\x00" in text:
-        raise AttachmentError(f"document {attachment.name!r} holds binary data", code="bad_document")
+            f"document {attachment.name!r} is {what}: locod reads UTF-8 text (or UTF-16 with a byte-order mark) "
+            "such as plain text, Markdown, CSV or code; convert it to text first",
+            code="bad_document",
+        )
     pieces = chunk_text(text, config.doc_chunk_chars)
     check_cancelled(cancelled)
     chunks = rank_chunks(pieces, prompt_terms, cancelled=cancelled)
@@ -386,17 +434,29 @@ def _prepare_document(
     )
 
 
+def document_text(data: bytes) -> str | None:
+    """A document's text: UTF-8 (its byte-order mark dropped), or UTF-16 with a byte-order mark, as Windows
+    tools write "Unicode" text; None when it is neither."""
+    try:
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+            return data.decode("utf-16")
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return None
+
+
 def data_url(jpeg: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
 
 
 def chunk_text(text: str, size: int) -> list[str]:
     """Paragraph-aligned chunks of about ``size`` characters (a long paragraph is cut at ``size``, by index:
-    re-slicing the rest each time would copy a one-paragraph document quadratically)."""
+    re-slicing the rest each time would copy a one-paragraph document quadratically). A paragraph keeps its
+    first line's indentation: in code (a method after a blank line) it is meaning."""
     chunks: list[str] = []
     current = ""
     for paragraph in re.split(r"\n\s*\n", text):
-        paragraph = paragraph.strip()
+        paragraph = paragraph.rstrip().lstrip("\r\n")
         cut = max(0, (len(paragraph) - 1) // size) * size  # leaves the last 1 to ``size`` characters
         chunks.extend(paragraph[i : i + size] for i in range(0, cut, size))
         paragraph = paragraph[cut:]

@@ -76,6 +76,13 @@ def _open_beneath(base: str, parts: list[str], name: str) -> int:
     return fd
 
 
+def over_limit(name: str, max_bytes: int) -> AttachmentError:
+    """An attachment over ``attachments.max_bytes``, named with the key that decides, whichever door sent it."""
+    return AttachmentError(
+        f"attachment {name!r} is over the {max_bytes}-byte limit (attachments.max_bytes)", code="attachment_too_large"
+    )
+
+
 def _read_checked(fd: int, allow_dirs: list[str], max_bytes: int, name: str) -> bytes:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
@@ -83,7 +90,7 @@ def _read_checked(fd: int, allow_dirs: list[str], max_bytes: int, name: str) -> 
             f"attachment {name!r}: not a regular file (a FIFO, device, socket or directory)", code="bad_path"
         )
     if info.st_size > max_bytes:
-        raise AttachmentError(f"attachment {name!r} is over the {max_bytes}-byte limit", code="attachment_too_large")
+        raise over_limit(name, max_bytes)
     opened = _opened_path(fd)
     if opened is not None and not any(
         opened.is_relative_to(Path(d).resolve()) for d in allow_dirs

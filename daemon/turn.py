@@ -266,7 +266,8 @@ class TurnRunner:
         cfg = self.config.attachments
         if len(request.attachments) > cfg.max_count:
             raise att.AttachmentError(
-                f"{len(request.attachments)} attachments, at most {cfg.max_count} allowed", code="too_many_attachments"
+                f"{len(request.attachments)} attachments, at most {cfg.max_count} allowed (attachments.max_count)",
+                code="too_many_attachments",
             )
         if request.attachments:
             self.decider.refuse_unfit(request.prompt)
