@@ -161,11 +161,20 @@ def _attachments(row: dict[str, Any]) -> list[str]:
     sent = set(row.get("attachments_sent") or [])
 
     def fate(attachment: dict[str, Any]) -> str:
+        image = attachment.get("kind") == "image"
         if attachment["name"] in sent:
-            return "uploaded"
-        return "private, kept on device" if attachment.get("private") else "kept on device"
+            if image and attachment.get("jpeg_bytes"):  # what left the device is the re-encoded copy
+                size, jpeg = f"{attachment['width']}x{attachment['height']}", _kilobytes(attachment["jpeg_bytes"])
+                return f"uploaded as a {size} JPEG of {jpeg}, from {_kilobytes(attachment['bytes'])}"
+            return "uploaded" if image else "uploaded: the excerpts that fit attachments.doc_token_budget"
+        kept = "private, kept on device" if attachment.get("private") else "kept on device"
+        return f"{kept}; not seen: local models read no images" if image else kept
 
     return [_line("attached", "; ".join(f"{_cell(a['name'])} ({fate(a)})" for a in offered))]
+
+
+def _kilobytes(size: int) -> str:
+    return f"{size / 1000:,.0f} kB" if size >= 1000 else f"{size} bytes"
 
 
 def power_and_network(telemetry: dict[str, Any]) -> tuple[str, str, str]:
