@@ -1,0 +1,141 @@
+"""The seventeenth walk: a new user whose turns carry photos, screenshots, PDFs and text files, following
+README.md, docs/protocol.md and docs/http.md to learn what can be attached, where each file went and which
+limit a refusal hit. One real daemon (the embedded model) with the loopback cloud behind the recording
+proxy serves every test, on real files made here."""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from .conftest import SECRET, CloudServer, DaemonHandle, cloud_config, free_port, start_daemon
+from .faultproxy import FaultProxy
+
+MAX_BYTES = 5_000_000
+
+
+@pytest.fixture(scope="module")
+def walk(cloud_server: CloudServer, tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Any]:
+    """(daemon, proxy, HTTP port): every turn goes to the cloud (routing.mode = cloud) unless forced local."""
+    proxy = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()
+    port = free_port()
+    config = cloud_config(proxy.base_url, timeout_s=120.0)
+    config["http"] = {"listen": f"127.0.0.1:{port}"}
+    config["attachments"] = {"max_bytes": MAX_BYTES, "max_count": 3}
+    home = tmp_path_factory.mktemp("walk17")
+    daemon = start_daemon(home, models_dir, config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    yield daemon, proxy, port
+    daemon.stop()
+    proxy.stop()
+
+
+def ask(daemon: DaemonHandle, *args: str) -> Any:
+    return daemon.cli("ask", "Describe what I attached", "--max-tokens", "4", *args, timeout=300)
+
+
+def last_question(proxy: FaultProxy) -> Any:
+    """The content of the last user message the cloud received."""
+    return proxy.chat_requests()[-1].body["messages"][-1]["content"]
+
+
+def sent_image(proxy: FaultProxy) -> np.ndarray:
+    url = next(p["image_url"]["url"] for p in last_question(proxy) if p["type"] == "image_url")
+    return cv2.imdecode(np.frombuffer(base64.b64decode(url.split(",", 1)[1]), np.uint8), cv2.IMREAD_COLOR)
+
+
+def test_a_screenshot_with_a_transparent_background_reaches_the_cloud_on_white(walk: Any, tmp_path: Path) -> None:
+    """Its transparent pixels hold black, as they often do: decoded without its alpha channel, black text on
+    it became a black image."""
+    daemon, proxy, _ = walk
+    pixels = np.zeros((200, 400, 4), np.uint8)
+    pixels[80:120, 50:350] = (0, 0, 0, 255)  # an opaque black bar; the rest transparent black
+    screenshot = tmp_path / "screenshot.png"
+    screenshot.write_bytes(cv2.imencode(".png", pixels)[1].tobytes())
+    assert ask(daemon, "--attach", str(screenshot)).returncode == 0
+    seen = sent_image(proxy)
+    assert seen[10, 10].min() > 240 and seen[100, 200].max() < 15, (seen[10, 10], seen[100, 200])
+
+
+def test_text_files_reach_the_cloud_as_written(walk: Any, tmp_path: Path) -> None:
+    """Code keeps each paragraph's indentation (a method after a blank line lost it); a Windows "Unicode"
+    (UTF-16) file is read, not refused; a note that begins "BM" is a document, not a bitmap."""
+    daemon, proxy, _ = walk
+    code = "class Greeter:\n    def __init__(self):\n        self.n = 1\n\n    def greet(self):\n        return 1\n"
+    (tmp_path / "greeter.py").write_text(code)
+    assert ask(daemon, "--attach", str(tmp_path / "greeter.py")).returncode == 0
+    assert code.strip() in last_question(proxy)
+    (tmp_path / "notes.txt").write_bytes("Meeting notes: the budget is 4200 euros.\r\n".encode("utf-16"))
+    done = ask(daemon, "--attach", str(tmp_path / "notes.txt"))
+    assert done.returncode == 0, done.stderr
+    assert "the budget is 4200 euros" in last_question(proxy)
+    (tmp_path / "car").write_text("BMW service: brakes replaced at 42,000 km, next oil change in May.\n")
+    done = ask(daemon, "--attach", str(tmp_path / "car"))
+    assert done.returncode == 0, done.stderr
+    assert "brakes replaced" in last_question(proxy)
+
+
+def test_files_locod_cannot_read_are_refused_by_name_and_kind(walk: Any, tmp_path: Path) -> None:
+    """An iPhone photo (HEIC) was called a document that is not UTF-8; a PDF or a .docx, text that is not
+    UTF-8: each refusal now says what the file is and what locod reads."""
+    daemon, proxy, _ = walk
+    (tmp_path / "IMG_0002.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(500))
+    (tmp_path / "report.pdf").write_bytes(b"%PDF-1.7\n1 0 obj\n<< /Type /Catalog >>\nendobj\n%%EOF\n")  # ASCII only
+    with zipfile.ZipFile(tmp_path / "letter.docx", "w") as docx:
+        docx.writestr("word/document.xml", "<w:document>Hello</w:document>")
+    expected = {"IMG_0002.HEIC": "is a HEIC image", "report.pdf": "is a PDF", "letter.docx": "is a ZIP archive"}
+    before = len(proxy.chat_requests())
+    for name, what in expected.items():
+        refused = ask(daemon, "--attach", str(tmp_path / name))
+        assert refused.returncode == 1, refused
+        assert f"'{name}'" in refused.stderr and what in refused.stderr, refused.stderr
+        assert "convert it" in refused.stderr, refused.stderr
+    assert len(proxy.chat_requests()) == before
+
+
+def test_each_door_names_the_limit_a_refusal_hit(walk: Any, tmp_path: Path) -> None:
+    daemon, _, port = walk
+    (tmp_path / "log.txt").write_text("x" * (MAX_BYTES + 1))
+    (tmp_path / "a.txt").write_text("short")
+    over = ask(daemon, "--attach", str(tmp_path / "log.txt"))
+    assert over.returncode == 1 and "(attachments.max_bytes)" in over.stderr, over.stderr
+    many = ask(daemon, *[arg for _ in range(4) for arg in ("--attach", str(tmp_path / "a.txt"))])
+    assert many.returncode == 1 and "at most 3 allowed (attachments.max_count)" in many.stderr, many.stderr
+    url = "data:image/png;base64," + base64.b64encode(bytes(MAX_BYTES + 1)).decode()
+    parts = [{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": {"url": url}}]
+    body = {"model": "auto", "max_tokens": 4, "messages": [{"role": "user", "content": parts}]}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=300)
+    error = json.loads(refused.value.read())["error"]
+    assert refused.value.code == 413 and "(attachments.max_bytes)" in error["message"], error
+
+
+def test_decisions_say_what_left_the_device_and_what_no_model_saw(walk: Any, tmp_path: Path) -> None:
+    """`locod decisions ID` said "uploaded" for a photo the cloud got as a smaller JPEG, and "kept on
+    device" for one the local model answered without seeing."""
+    daemon, proxy, _ = walk
+    photo = tmp_path / "IMG_0001.JPG"
+    photo.write_bytes(cv2.imencode(".jpg", np.full((1500, 2000, 3), 90, np.uint8))[1].tobytes())
+    for force in ("cloud", "local"):
+        done = ask(daemon, "--attach", str(photo), "--force", force, "--json")
+        assert done.returncode == 0, done.stderr
+        frames = [json.loads(line) for line in done.stdout.splitlines()]
+        decision = next(f["decision"] for f in frames if f["type"] == "decision")
+        explained = daemon.cli("decisions", str(decision)).stdout
+        if force == "cloud":
+            height, width = sent_image(proxy).shape[:2]
+            assert f"IMG_0001.JPG (uploaded as a {width}x{height} JPEG of " in explained, explained
+        else:
+            assert "IMG_0001.JPG (kept on device; not seen: local models read no images)" in explained, explained
