@@ -168,7 +168,7 @@ def _attachments(row: dict[str, Any]) -> list[str]:
                 return f"uploaded as a {size} JPEG of {jpeg}, from {_kilobytes(attachment['bytes'])}"
             return "uploaded" if image else "uploaded: the excerpts that fit attachments.doc_token_budget"
         kept = "private, kept on device" if attachment.get("private") else "kept on device"
-        return f"{kept}; not seen: local models read no images" if image else kept
+        return f"{kept}; no model saw it, as local models read no images" if image else kept
 
     return [_line("attached", "; ".join(f"{_cell(a['name'])} ({fate(a)})" for a in offered))]
 

@@ -138,4 +138,5 @@ def test_decisions_say_what_left_the_device_and_what_no_model_saw(walk: Any, tmp
             height, width = sent_image(proxy).shape[:2]
             assert f"IMG_0001.JPG (uploaded as a {width}x{height} JPEG of " in explained, explained
         else:
-            assert "IMG_0001.JPG (kept on device; not seen: local models read no images)" in explained, explained
+            unseen = "IMG_0001.JPG (kept on device; no model saw it, as local models read no images)"
+            assert unseen in explained, explained
