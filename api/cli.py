@@ -13,6 +13,7 @@ import re
 import signal
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -283,7 +284,12 @@ def _ask(args: argparse.Namespace) -> int:
     with _client(args) as client:
         named = [(p, False) for p in args.attach or []] + [(p, True) for p in args.private or []]
         limit = client.daemon_config()["attachments"]["max_bytes"] if named else 0  # checked before reading
-        files = [attachment(p, private=private, max_bytes=limit) for p, private in named]
+        # Records and notices tell a turn's files apart by name: two notes.md from two folders go by their paths.
+        names = Counter(Path(p).name for p, _ in named)
+        files = [
+            attachment(p, private=private, max_bytes=limit, name=p if names[Path(p).name] > 1 else None)
+            for p, private in named
+        ]
         frames = client.chat(
             _prompt(args.prompt),
             session=args.session,

@@ -62,18 +62,24 @@ MAX_ATTACHMENT_BYTES = 20 << 20  # the daemon's attachments.max_bytes, by defaul
 
 
 def attachment(
-    path: str | Path, *, private: bool = False, kind: str | None = None, max_bytes: int = MAX_ATTACHMENT_BYTES
+    path: str | Path,
+    *,
+    private: bool = False,
+    kind: str | None = None,
+    max_bytes: int = MAX_ATTACHMENT_BYTES,
+    name: str | None = None,
 ) -> Attachment:
     """Read a file into a protocol attachment (the daemon never needs to open client paths). An image is
     known by its first bytes, whatever its name: a GIF or a HEIC photo the daemon cannot read is then refused
     as an image it does not support, not as a document that is not text. The file is checked before it is read: a
     regular file (a FIFO would hang, ``/dev/zero`` never end) of at most ``max_bytes`` (the daemon's
-    ``attachments.max_bytes``: it would refuse more), and no more than that is read."""
+    ``attachments.max_bytes``: it would refuse more), and no more than that is read. ``name`` (default: the
+    file's name) is what records and notices call it: give two files of one turn different names."""
     path = Path(path)
     data = read_file(path, max_bytes)
     if kind is None:
         kind = "image" if image_format(data) else "document"
-    return Attachment(kind, path.name, data=data, private=private)
+    return Attachment(kind, name or path.name, data=data, private=private)
 
 
 def read_file(path: Path, max_bytes: int) -> bytes:

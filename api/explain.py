@@ -162,7 +162,7 @@ def _attachments(row: dict[str, Any]) -> list[str]:
 
     def fate(attachment: dict[str, Any]) -> str:
         image = attachment.get("kind") == "image"
-        if attachment["name"] in sent:
+        if attachment["name"] in sent and not attachment.get("private"):  # a private one of the same name stayed
             if image and attachment.get("jpeg_bytes"):  # what left the device is the re-encoded copy
                 size, jpeg = f"{attachment['width']}x{attachment['height']}", _kilobytes(attachment["jpeg_bytes"])
                 return f"uploaded as a {size} JPEG of {jpeg}, from {_kilobytes(attachment['bytes'])}"

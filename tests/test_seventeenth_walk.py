@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 import pytest
 
+from locod.protocol import Attachment
+
 from .conftest import SECRET, CloudServer, DaemonHandle, cloud_config, free_port, start_daemon
 from .faultproxy import FaultProxy
 
@@ -140,3 +142,27 @@ def test_decisions_say_what_left_the_device_and_what_no_model_saw(walk: Any, tmp
         else:
             unseen = "IMG_0001.JPG (kept on device; no model saw it, as local models read no images)"
             assert unseen in explained, explained
+
+
+def test_a_private_file_named_as_an_uploaded_one_is_never_said_uploaded(walk: Any, tmp_path: Path) -> None:
+    """`--attach work/notes.md --private home/notes.md`: both were called notes.md, and `locod decisions ID`
+    said the private one was uploaded too (the record names what went, and the names were the same)."""
+    daemon, proxy, _ = walk
+    (tmp_path / "work").mkdir()
+    (tmp_path / "home").mkdir()
+    (tmp_path / "work" / "notes.md").write_text("The picnic is on Saturday.\n")
+    (tmp_path / "home" / "notes.md").write_text("My bank PIN is 9911.\n")
+    public, private = str(tmp_path / "work" / "notes.md"), str(tmp_path / "home" / "notes.md")
+    done = ask(daemon, "--attach", public, "--private", private, "--json")
+    assert done.returncode == 0, done.stderr
+    assert "9911" not in json.dumps(proxy.chat_requests()[-1].body) and "picnic" in last_question(proxy)
+    decision = next(f for f in map(json.loads, done.stdout.splitlines()) if f["type"] == "decision")
+    assert decision["attachments_sent"] == [public], decision
+    explained = daemon.cli("decisions", str(decision["decision"])).stdout
+    assert f"{private} (private, kept on device)" in explained and f"{public} (uploaded" in explained, explained
+    same = [Attachment("document", "notes.md", data=b"The picnic is on Saturday.\n")]
+    same.append(Attachment("document", "notes.md", data=b"My bank PIN is 9911.\n", private=True))
+    with daemon.client() as client:  # a protocol client that names both alike: the record's view is still right
+        result = client.ask("When is the picnic?", attachments=same, max_tokens=4, force="cloud")
+    explained = daemon.cli("decisions", str(result.decision.decision)).stdout
+    assert "notes.md (private, kept on device)" in explained and "notes.md (uploaded" in explained, explained
