@@ -348,7 +348,8 @@ def _prepare_image(
         raise AttachmentError(f"{where}: {exc.message}", code=exc.code) from None
     if width == 0 or height == 0 or width * height > config.image_max_pixels or max(width, height) > 65_535:
         raise AttachmentError(
-            f"{where}: {width}x{height} pixels is outside the accepted size (at most {config.image_max_pixels} pixels)",
+            f"{where}: {width}x{height} pixels is outside the accepted size (at most {config.image_max_pixels} pixels, "
+            "attachments.image_max_pixels, and 65535 a side)",
             code="bad_image",
         )
     longest = max(width, height)
@@ -407,7 +408,9 @@ def _encode_under(pixels: np.ndarray, budget: int, where: str) -> bytes:
                 return bytes(buf)
         h, w = pixels.shape[:2]
         pixels = cv2.resize(pixels, (max(1, w // 2), max(1, h // 2)), interpolation=cv2.INTER_AREA)
-    raise AttachmentError(f"{where}: cannot be encoded under {budget} bytes", code="bad_image")
+    raise AttachmentError(
+        f"{where}: cannot be encoded under {budget} bytes (attachments.image_jpeg_bytes)", code="bad_image"
+    )
 
 
 def _prepare_document(

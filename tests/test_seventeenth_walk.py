@@ -33,7 +33,7 @@ def walk(cloud_server: CloudServer, tmp_path_factory: pytest.TempPathFactory, mo
     port = free_port()
     config = cloud_config(proxy.base_url, timeout_s=120.0)
     config["http"] = {"listen": f"127.0.0.1:{port}"}
-    config["attachments"] = {"max_bytes": MAX_BYTES, "max_count": 3}
+    config["attachments"] = {"max_bytes": MAX_BYTES, "max_count": 3, "image_max_pixels": 4_000_000}
     home = tmp_path_factory.mktemp("walk17")
     daemon = start_daemon(home, models_dir, config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
     yield daemon, proxy, port
@@ -112,6 +112,9 @@ def test_each_door_names_the_limit_a_refusal_hit(walk: Any, tmp_path: Path) -> N
     assert over.returncode == 1 and "(attachments.max_bytes)" in over.stderr, over.stderr
     many = ask(daemon, *[arg for _ in range(4) for arg in ("--attach", str(tmp_path / "a.txt"))])
     assert many.returncode == 1 and "at most 3 allowed (attachments.max_count)" in many.stderr, many.stderr
+    (tmp_path / "scan.png").write_bytes(cv2.imencode(".png", np.zeros((2000, 2100), np.uint8))[1].tobytes())
+    large = ask(daemon, "--attach", str(tmp_path / "scan.png"))
+    assert large.returncode == 1 and "4000000 pixels, attachments.image_max_pixels" in large.stderr, large.stderr
     url = "data:image/png;base64," + base64.b64encode(bytes(MAX_BYTES + 1)).decode()
     parts = [{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": {"url": url}}]
     body = {"model": "auto", "max_tokens": 4, "messages": [{"role": "user", "content": parts}]}
