@@ -193,6 +193,12 @@ def uploadable(attachments: list[PreparedAttachment], vision: bool) -> list[int]
     return [i for i, a in enumerate(attachments) if not a.private and (vision or a.kind != "image")]
 
 
+def unsent_images(attachments: list[PreparedAttachment], send: tuple[int, ...]) -> str:
+    """The images, not private, that a cloud model answering with ``send`` does not get (its routing left
+    them out, or it takes no images), by name; empty: none."""
+    return ", ".join(a.name for i, a in enumerate(attachments) if a.kind == "image" and not a.private and i not in send)
+
+
 def withheld_note(
     attachments: list[PreparedAttachment], send: tuple[int, ...], location: str
 ) -> tuple[str, str | None]:
@@ -203,6 +209,9 @@ def withheld_note(
     if location == "local" and images:
         notes.append(f"the local model cannot see images, withheld: {', '.join(images)}")
         notice = f"answered locally by a model that cannot see images; not seen: {', '.join(images)}"
+    if location == "cloud" and (unsent := unsent_images(attachments, send)):
+        notes.append(f"not uploaded: {unsent}")
+        notice = f"answered in the cloud without uploading every image; not seen: {unsent}"
     private = [a.name for a in attachments if a.private]
     if location == "cloud" and private:
         notes.append(f"private, kept on device: {', '.join(private)}")

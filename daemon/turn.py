@@ -30,7 +30,7 @@ from locod.daemon.backends import Backend, Generation, Prompt, Upload
 from locod.daemon.cloud import CloudBackend, Received, StreamCut
 from locod.daemon.config import Config
 from locod.daemon.decider import Decider
-from locod.daemon.decision import Decision
+from locod.daemon.decision import Decision, unsent_images
 from locod.daemon.escalation import ConfidenceCheck
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
@@ -354,6 +354,8 @@ class TurnRunner:
         # the decision frame said what a local answer uploads (nothing): say what the cloud's will
         sent = ", ".join(turn.attachments[i].name for i in decision.send)
         told = f"{why}; {decision.model} receives {sent}" if sent else why
+        if unsent := unsent_images(turn.attachments, decision.send):  # the local answer saw none either
+            told += f"; not uploaded, so not seen: {unsent}"
         try:  # kept now: the cloud phase may be cut by a kill, and the completion with it
             self.records.judged(decision_id, judged)
         except StorageError as exc:  # the completion writes it (or holds it for a full disk) all the same

@@ -18,10 +18,11 @@ import cv2
 import numpy as np
 import pytest
 
-from locod.protocol import Attachment
+from locod.protocol import Attachment, EscalatedFrame
 
 from .conftest import SECRET, CloudServer, DaemonHandle, cloud_config, free_port, start_daemon
 from .faultproxy import FaultProxy
+from .test_escalation import _daemon, _head
 
 MAX_BYTES = 5_000_000
 
@@ -33,6 +34,8 @@ def walk(cloud_server: CloudServer, tmp_path_factory: pytest.TempPathFactory, mo
     port = free_port()
     config = cloud_config(proxy.base_url, timeout_s=120.0)
     config["http"] = {"listen": f"127.0.0.1:{port}"}
+    blind = {**config["cloud"]["models"][0], "name": "cloud-blind", "vision": False}
+    config["cloud"]["models"].append(blind)  # the same endpoint, configured as a model that takes no images
     config["attachments"] = {"max_bytes": MAX_BYTES, "max_count": 3, "image_max_pixels": 4_000_000}
     home = tmp_path_factory.mktemp("walk17")
     daemon = start_daemon(home, models_dir, config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
@@ -169,3 +172,34 @@ def test_a_private_file_named_as_an_uploaded_one_is_never_said_uploaded(walk: An
         result = client.ask("When is the picnic?", attachments=same, max_tokens=4, force="cloud")
     explained = daemon.cli("decisions", str(result.decision.decision)).stdout
     assert "notes.md (private, kept on device)" in explained and "notes.md (uploaded" in explained, explained
+
+
+def photo_png() -> bytes:
+    return cv2.imencode(".png", np.full((60, 80, 3), 200, np.uint8))[1].tobytes()
+
+
+def test_a_cloud_answer_made_without_an_image_says_so(walk: Any, tmp_path: Path) -> None:
+    """A cloud model that takes no images (`vision = false`) answered a turn with a photo, and nothing told the
+    user that no model saw it: the notice was made for local answers only."""
+    daemon, proxy, _ = walk
+    (tmp_path / "photo.png").write_bytes(photo_png())
+    done = ask(daemon, "--attach", str(tmp_path / "photo.png"), "--model", "cloud-blind")
+    assert done.returncode == 0, done.stderr
+    assert isinstance(last_question(proxy), str)  # no image part reached it
+    assert "answered in the cloud without uploading every image; not seen: photo.png" in done.stderr, done.stderr
+
+
+def test_an_escalation_says_the_cloud_is_not_sent_an_image(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    """An unsure local answer (which saw no image) escalated to a cloud answer made without the photo too, and
+    the escalation's message said nothing of it (an HTTP client was left with a notice about the local answer)."""
+    head = _head(min_weight=1000.0, bias=10.0)
+    handle = _daemon(daemon_factory, tmp_path, proxy, head, "blind", {"weight_policy": 0.0})
+    photo = Attachment("image", "photo.png", data=photo_png())
+    turn = handle.client().chat("What is the plural of mouse?", attachments=[photo], max_tokens=24, temperature=0.0)
+    escalated = next(f for f in list(turn) if isinstance(f, EscalatedFrame))  # the whole turn, the cloud's call too
+    assert isinstance(proxy.chat_requests()[-1].body["messages"][-1]["content"], str)  # sent without it
+    assert escalated.message.endswith("; not uploaded, so not seen: photo.png"), escalated.message
+    explained = handle.cli("decisions", str(escalated.decision)).stdout
+    assert "photo.png (kept on device; no model saw it, as local models read no images)" in explained, explained
