@@ -3,10 +3,10 @@
 Images are sniffed (format, dimensions, completeness) from their header before a pixel is decoded (a
 JPEG's markers walked as libjpeg walks them, so the size checked is the size decoded), then decoded with
 OpenCV within one memory budget shared by all turns (daemon/decode_budget.py), checked to be the size the
-header said, downscaled to a longest side and re-encoded as JPEG under a byte budget. Documents (UTF-8 text
-or Markdown) are split into chunks ranked by term overlap with the prompt, a bounded number of term
-searches per document. Every attachment gets a relevance score in [0, 1]: TMO's "association" signal,
-which the decision uses.
+header said, laid on white where transparent, downscaled to a longest side and re-encoded as JPEG under a
+byte budget. Documents (text in UTF-8, or UTF-16 with a byte-order mark) are split into chunks ranked by
+term overlap with the prompt, a bounded number of term searches per document. Every attachment gets a
+relevance score in [0, 1]: TMO's "association" signal, which the decision uses.
 """
 
 from __future__ import annotations

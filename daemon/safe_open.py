@@ -36,11 +36,8 @@ def read_allowed(path: str, allow_dirs: list[str], max_bytes: int, name: str) ->
         os.close(fd)
 
 
-def _not_allowed(name: str) -> AttachmentError:
-    return AttachmentError(
-        f"attachment {name!r}: path is outside the allowed directories; send the bytes instead",
-        code="path_not_allowed",
-    )
+def _not_allowed(name: str, why: str = "path is outside the allowed directories") -> AttachmentError:
+    return AttachmentError(f"attachment {name!r}: {why}; send the bytes instead", code="path_not_allowed")
 
 
 def _under_allowed(path: str, allow_dirs: list[str]) -> tuple[str, list[str]] | None:
@@ -71,7 +68,9 @@ def _open_beneath(base: str, parts: list[str], name: str) -> int:
     except OSError as exc:
         os.close(fd)
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):  # a symlink (or a file where a directory should be)
-            raise _not_allowed(name) from None
+            # "outside the allowed directories" misled for a symlink that points inside them
+            why = f"{part!r} is a symlink (not followed here, wherever it points) or no directory"
+            raise _not_allowed(name, why) from None
         raise AttachmentError(f"attachment {name!r}: cannot read: {exc.strerror}") from None
     return fd
 

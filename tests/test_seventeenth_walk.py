@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
+from locod.errors import LocodError
 from locod.protocol import Attachment, EscalatedFrame
 
 from .conftest import SECRET, CloudServer, DaemonHandle, cloud_config, free_port, start_daemon
@@ -38,6 +39,8 @@ def walk(cloud_server: CloudServer, tmp_path_factory: pytest.TempPathFactory, mo
     config["cloud"]["models"].append(blind)  # the same endpoint, configured as a model that takes no images
     config["attachments"] = {"max_bytes": MAX_BYTES, "max_count": 3, "image_max_pixels": 4_000_000}
     home = tmp_path_factory.mktemp("walk17")
+    (home / "files").mkdir()
+    config["paths"] = {"allow_dirs": [str(home / "files")]}  # where a client may name a file by its path
     daemon = start_daemon(home, models_dir, config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
     yield daemon, proxy, port
     daemon.stop()
@@ -203,3 +206,16 @@ def test_an_escalation_says_the_cloud_is_not_sent_an_image(
     assert escalated.message.endswith("; not uploaded, so not seen: photo.png"), escalated.message
     explained = handle.cli("decisions", str(escalated.decision)).stdout
     assert "photo.png (kept on device; no model saw it, as local models read no images)" in explained, explained
+
+
+def test_a_symlink_named_by_path_is_refused_as_one(walk: Any) -> None:
+    """A symlink under `paths.allow_dirs`, pointing at a file beside it, was refused as "outside the allowed
+    directories": it is refused because it is a symlink, and now says so."""
+    daemon, _, _ = walk
+    files = daemon.home / "files"
+    (files / "notes.md").write_text("The picnic is on Saturday.\n")
+    (files / "latest.md").symlink_to("notes.md")
+    with daemon.client() as client, pytest.raises(LocodError) as refused:
+        client.ask("When?", attachments=[Attachment("document", "latest.md", path=str(files / "latest.md"))])
+    assert refused.value.code == "path_not_allowed" and "'latest.md' is a symlink" in refused.value.message
+    assert "outside" not in refused.value.message, refused.value.message
