@@ -18,7 +18,7 @@ import math
 import re
 import struct
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
@@ -111,6 +111,12 @@ STOPWORDS = frozenset(
         "all",
     ]
 )
+# An image's relevance: this base, raised by a prompt that points at pictures (IMAGE_CUES) or names the file.
+IMAGE_BASE_RELEVANCE = 0.2
+# A prompt that matches none of its turn's attachments ("summarise this", "what does the sign say?") is
+# about all of them: each is then as relevant as an image the prompt points at, so it is uploaded (it
+# scored 0.0 or 0.2 before, under the rule's MIN_RELEVANCE, and a cloud answered "summarise this" unseen).
+SUBJECT_RELEVANCE = 0.7
 # A prompt that points at "this picture" wants the image even if nothing else matches.
 IMAGE_CUES = frozenset(
     [
@@ -155,6 +161,11 @@ class PreparedAttachment:
     height: int = 0
     chunks: tuple[DocChunk, ...] = ()
 
+    @property
+    def matched(self) -> bool:
+        """Whether the prompt points at it: shares a term with one of its chunks, or names or cues an image."""
+        return self.relevance > (IMAGE_BASE_RELEVANCE if self.kind == "image" else 0.0)
+
     @functools.cached_property
     def upload_bytes(self) -> int:
         """About what uploading it sends over the radio: the JPEG in base64 (exactly), or a document's three
@@ -176,6 +187,15 @@ class PreparedAttachment:
         else:
             out.update(chunks=len(self.chunks))
         return out
+
+
+def as_subjects(prepared: list[PreparedAttachment]) -> list[PreparedAttachment]:
+    """A turn's attachments scored as a whole: when the prompt points at none of them it is about all of
+    them (a user attaches a file to the turn that asks about it), so each is at least SUBJECT_RELEVANCE;
+    when it points at some, the others keep their own lower score."""
+    if any(a.matched for a in prepared):
+        return prepared
+    return [replace(a, relevance=max(a.relevance, SUBJECT_RELEVANCE)) for a in prepared]
 
 
 def terms(text: str) -> set[str]:
@@ -393,7 +413,7 @@ def _prepare_image(
     name_terms = terms(Path(attachment.name).stem.replace("_", " ").replace("-", " "))
     overlap = len(name_terms & prompt_terms) / max(1, len(name_terms))
     cue = 1.0 if prompt_terms & IMAGE_CUES else 0.0
-    relevance = min(1.0, 0.2 + 0.5 * cue + 0.5 * overlap)
+    relevance = min(1.0, IMAGE_BASE_RELEVANCE + 0.5 * cue + 0.5 * overlap)
     return PreparedAttachment(
         "image", attachment.name, attachment.private, relevance, len(data), jpeg=jpeg, width=w, height=h
     )

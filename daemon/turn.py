@@ -277,6 +277,7 @@ class TurnRunner:
             att.check_cancelled(cancelled)
             data = att.load_bytes(a, self.config.paths.allow_dirs, cfg.max_bytes)
             prepared.append(att.prepare(a, data, prompt_terms, cfg, cancelled))
+        prepared = att.as_subjects(prepared)
         session = self.sessions.open(request.session, door_of(client))  # each door its own namespace
         return Turn(
             request, session, client, task_of(request.prompt), prepared, self.config, self._sent_private(request)

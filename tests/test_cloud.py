@@ -24,6 +24,7 @@ from locod.client import attachment
 from locod.daemon.config import CloudModelConfig
 from locod.daemon.proxy import proxy_for
 from locod.errors import CloudError, ConfigError
+from locod.policy import rule
 from locod.protocol import Attachment
 
 from .conftest import (
@@ -117,6 +118,18 @@ def test_documents_send_only_the_relevant_chunks(cloud_daemon: DaemonHandle, pro
     assert len(sent) < len(doc) / 3  # excerpts, not the whole manual
     offered = json.loads(cloud_daemon.rows()[0]["attachments_offered"])
     assert offered[0]["relevance"] > 0.5
+
+
+def test_a_prompt_about_the_whole_document_keeps_it_relevant(cloud_daemon: DaemonHandle, proxy: FaultProxy) -> None:
+    # "summarise this" shares no term with the notes: it scored 0.0, under the rule's cut, so a routed cloud
+    # answer (MESS+'s relevant uploads, the policy's slot) would have been made without them
+    notes = "Meeting on Tuesday.\n\nBudget is 4000 euros for the trip to Lisbon.\n\nAlice brings the slides."
+    files = [Attachment("document", "notes.md", data=notes.encode())]
+    cloud_daemon.client().ask("Summarise this", attachments=files, max_tokens=8)
+    (seen,) = proxy.chat_requests()
+    assert "Alice brings the slides." in seen.body["messages"][-1]["content"]
+    (offered,) = json.loads(cloud_daemon.rows()[0]["attachments_offered"])
+    assert offered["relevance"] >= rule.MIN_RELEVANCE
 
 
 def test_local_answer_to_an_image_turn_says_the_image_was_withheld(cloud_daemon: DaemonHandle, tmp_path: Path) -> None:

@@ -53,6 +53,22 @@ def test_relevant_uploads_cut_at_the_rules_relevance() -> None:
     assert rule.relevant_uploads(views, [1, 2]) == (1,)  # only among what may be uploaded
 
 
+def test_a_prompt_that_points_at_no_attachment_is_about_all_of_them() -> None:
+    cfg = load_config(None).attachments
+    notes = Attachment("document", "notes.md", data=b"Budget: 4000 euros.\n\nAlice brings the slides.")
+    photo = Attachment("image", "IMG_2041.png", data=cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
+
+    def relevance(prompt: str) -> list[float]:
+        ready = [att.prepare(a, a.data or b"", att.terms(prompt), cfg) for a in (notes, photo)]
+        return [a.relevance for a in att.as_subjects(ready)]
+
+    for prompt in ("Summarise this", "What does the sign say?", "Translate it"):  # nothing in it names either
+        subjects = [Slot(r, False) for r in relevance(prompt)]
+        assert rule.relevant_uploads(subjects, [0, 1]) == (0, 1), prompt
+    assert relevance("Who brings the slides?") == [1.0, att.IMAGE_BASE_RELEVANCE]  # it says what it is about
+    assert relevance("Describe the picture") == [0.0, att.SUBJECT_RELEVANCE]
+
+
 def test_combined_rule_by_hand() -> None:
     mess = MessPlus({"local": 0.5, "cloud": 0.85}, sla=0.8, v=1.0, explore_c=0.0, q_cap=50.0)
     costs, s_hat, model_of = (
