@@ -58,7 +58,8 @@ class DialogueCache:
         self, limit_mb: float, room_mb: Callable[[], float], park: DiskPark | None, identity: Callable[[str], str]
     ) -> None:
         """``room_mb``: what the zoo's budget leaves beside the loaded models; ``identity(model)``: what a
-        parked state must have been made by (model file, context size, llama.cpp build)."""
+        parked state must have been made by (the loaded model's weights, context size, llama.cpp build; ""
+        for a model not loaded)."""
         self.limit_mb = limit_mb
         self.room_mb = room_mb
         self.park = park

@@ -1,0 +1,67 @@
+"""Attack round 17: the dialogue cache, parked states and the model zoo under pressure. Each test is a
+place where a dialogue was answered from a KV state the weights serving it did not make, or where a kept
+state was lost, or kept, against what the configuration says."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GREEDY = {"temperature": 0.0, "seed": 1}
+FIRST = [{"role": "user", "content": "Tell me a fact about cats. " * 10}]
+
+
+def with_other_rope_base(gguf: bytes) -> bytes:
+    """The same GGUF but for its rope base (a float in the header): the same size and tensors, and other
+    keys and values for the same tokens, as another fine-tune of the same base and quantisation has."""
+    key = b"llama.rope.freq_base"
+    at = gguf.index(key) + len(key)
+    assert struct.unpack_from("<If", gguf, at) == (6, 100000.0)  # a float32 value
+    changed = bytearray(gguf)
+    struct.pack_into("<f", changed, at + 4, 10000.0)
+    return bytes(changed)
+
+
+@pytest.mark.parametrize("while_loaded", [False, True], ids=["replaced-while-stopped", "copied-over-while-loaded"])
+def test_a_parked_state_is_restored_only_into_the_weights_that_made_it(
+    daemon_factory: Any, models_dir: Path, tmp_path: Path, while_loaded: bool
+) -> None:
+    """A parked state was checked against the model's name, its file's size *now*, n_ctx and the llama.cpp
+    build. So a restart onto another file of the same size (here the same weights under another rope
+    base), or onto a new version copied over the file while the old one was loaded (its states were
+    parked under the new file's size at shutdown), resumed the dialogue from keys and values the serving
+    weights did not make, and answered otherwise than the same conversation read afresh. Now a state
+    carries the fingerprint of the file as it was loaded, and one of other weights is refused with the
+    documented log line."""
+    model = tmp_path / "m.gguf"
+    shutil.copy(models_dir / MODEL_FILE, model)
+    variant = with_other_rope_base(model.read_bytes())
+    if while_loaded:
+        variant += bytes(4096)  # a new version of another size: the old check took the new size for it
+    local = {"default": "m", "models": [{"name": "m", "path": str(model)}]}
+    config = {"local": {**local, "cache_disk_mb": 64}, "routing": {"mode": "local"}}
+
+    first = daemon_factory(config)
+    answer = first.client().ask(messages=FIRST, session="s1", max_tokens=16, **GREEDY).text
+    if while_loaded:
+        model.write_bytes(variant)
+    first.stop()
+    if not while_loaded:
+        model.write_bytes(variant)
+    history = [*FIRST, {"role": "assistant", "content": answer}, {"role": "user", "content": "And another?"}]
+
+    second = daemon_factory(config)
+    client = second.client()
+    resumed = client.ask(messages=history, session="s1", max_tokens=16, **GREEDY).text
+    cache = client.status()["local"]["cache"]
+    second.stop()
+    assert cache["disk_hits"] == 0 and cache["misses"] == 1
+    assert "ignoring parked KV state" in second.log() and "made by another model" in second.log()
+
+    afresh = daemon_factory({"local": local, "routing": {"mode": "local"}}, name="afresh")
+    assert resumed == afresh.client().ask(messages=history, session="s1", max_tokens=16, **GREEDY).text
