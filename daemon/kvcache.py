@@ -76,13 +76,15 @@ class DialogueCache:
 
     def begin_turn(self, model: str, llm: Llama, session: str | None) -> None:
         """Give ``llm`` this session's own state before its prompt is evaluated. A prompt of no session
-        (a shadow answer) only has the live state kept for the session that owned it."""
+        (a shadow answer) only has the live state kept for the session that owned it. The kept states are
+        brought within ``cache_mb`` and the budget's room first: a reload may have lowered either."""
         owner = self._live.get(model)
+        if owner is not None and owner != session and self.limit_mb > 0:
+            self._put((model, owner), save(llm))
+        self._trim()
         if owner == session and session is not None:
             self.hits += 1
             return
-        if owner is not None and self.limit_mb > 0:
-            self._put((model, owner), save(llm))
         self._live.pop(model, None)
         if session is None:
             return
@@ -136,6 +138,8 @@ class DialogueCache:
         with self._lock:
             self._entries[key] = state
             self._bytes += state.nbytes
+
+    def _trim(self) -> None:
         while self._entries and self.mb > min(self.limit_mb, self.room_mb()):
             self.evict_oldest()
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import pytest
 
+from .conftest import write_config
+
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GREEDY = {"temperature": 0.0, "seed": 1}
 FIRST = [{"role": "user", "content": "Tell me a fact about cats. " * 10}]
@@ -65,3 +67,21 @@ def test_a_parked_state_is_restored_only_into_the_weights_that_made_it(
 
     afresh = daemon_factory({"local": local, "routing": {"mode": "local"}}, name="afresh")
     assert resumed == afresh.client().ask(messages=history, session="s1", max_tokens=16, **GREEDY).text
+
+
+def test_a_reload_that_lowers_cache_mb_frees_the_kept_states_at_the_next_turn(daemon_factory: Any) -> None:
+    """The kept states were brought within ``cache_mb`` only when another state was added, which a cache
+    turned off (0) never does: after a reload to 0 they stayed in memory for good (status: two dialogues,
+    6 MB, limit 0), and were still restored as hits of a cache that was off."""
+    daemon = daemon_factory({"local": {"cache_mb": 64}})
+    client = daemon.client()
+    for session in ("s1", "s2", "s3"):
+        client.ask(FIRST[0]["content"], session=session, max_tokens=2, **GREEDY)
+    assert client.status()["local"]["cache"]["dialogues"] == 2
+    write_config(daemon.config_path, {"local": {"cache_mb": 0}})
+    assert client.reload()["reloaded"]
+    client.ask("Say hi.", session="s4", max_tokens=2, **GREEDY)
+    cache = client.status()["local"]["cache"]
+    assert cache["dialogues"] == 0 and cache["mb"] == 0 and cache["limit_mb"] == 0
+    client.ask("Say hi again.", session="s1", max_tokens=2, **GREEDY)
+    assert client.status()["local"]["cache"]["hits"] == 0
