@@ -102,11 +102,12 @@ class DialogueCache:
         else:
             self.misses += 1
 
-    def forget_live(self, model: str, llm: Llama, park: bool) -> None:
-        """The model is being unloaded: its live state goes to the disk park (at shutdown) or is lost."""
+    def forget_live(self, model: str, llm: Llama) -> None:
+        """The model is being unloaded (for room, or at shutdown): its live state goes to the disk park, when
+        there is one, as an evicted state does."""
         owner = self._live.pop(model, None)
         identity = self.identity(model)
-        if park and owner is not None and self.park is not None and identity and llm.n_tokens:
+        if owner is not None and self.park is not None and identity and llm.n_tokens:
             self.park.put(model, owner, identity, save(llm))
 
     def drop_model(self, model: str) -> None:

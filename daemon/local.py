@@ -355,8 +355,9 @@ class ModelZoo:
                 continue
             if not self._loaded:
                 return
-            name, old = self._loaded.popitem(last=False)
-            self.cache.forget_live(name, old.llm, park=False)
+            name, old = next(iter(self._loaded.items()))
+            self.cache.forget_live(name, old.llm)  # parked as any evicted state, while its identity is known
+            del self._loaded[name]
             old.llm.close()
             log.info("unloaded local model %s to stay within %d MiB", name, self.budget_mb)
 
@@ -373,7 +374,7 @@ class ModelZoo:
         identities are known), the live ones last: the park's trim keeps the most recently written."""
         self.cache.park_all()
         for name, loaded in self._loaded.items():
-            self.cache.forget_live(name, loaded.llm, park=True)
+            self.cache.forget_live(name, loaded.llm)
             loaded.llm.close()
         self._loaded.clear()
 

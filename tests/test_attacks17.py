@@ -69,6 +69,22 @@ def test_a_parked_state_is_restored_only_into_the_weights_that_made_it(
     assert resumed == afresh.client().ask(messages=history, session="s1", max_tokens=16, **GREEDY).text
 
 
+def test_the_live_dialogue_of_a_model_unloaded_for_room_is_parked(daemon_factory: Any) -> None:
+    """Loading a model evicts the kept states, parked with ``cache_disk_mb``, before it unloads another;
+    but the dialogue live in the unloaded model's context was dropped unparked, so under a budget that
+    holds one model at a time each switch of model cost that dialogue its whole history again."""
+    both = [{"name": name, "path": MODEL_FILE} for name in ("m", "n")]  # one file under two names
+    local = {"default": "m", "models": both, "memory_budget_mb": 200, "cache_mb": 16, "cache_disk_mb": 64}
+    client = daemon_factory({"local": local, "routing": {"mode": "local"}}).client()
+    client.ask(messages=FIRST, session="s1", model="m", max_tokens=4, **GREEDY)
+    client.ask("Tell me a fact about dogs.", session="s2", model="n", max_tokens=4, **GREEDY)  # unloads m
+    status = client.status()["local"]
+    assert status["resident"] == ["n"] and status["cache"]["parked"]["dialogues"] == 1
+    client.ask("And another?", session="s1", model="m", max_tokens=4, **GREEDY)  # unloads n, parks s2
+    cache = client.status()["local"]["cache"]
+    assert cache["disk_hits"] == 1 and cache["misses"] == 2
+
+
 def test_a_reload_that_lowers_cache_mb_frees_the_kept_states_at_the_next_turn(daemon_factory: Any) -> None:
     """The kept states were brought within ``cache_mb`` only when another state was added, which a cache
     turned off (0) never does: after a reload to 0 they stayed in memory for good (status: two dialogues,
