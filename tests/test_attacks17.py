@@ -9,7 +9,11 @@ import struct
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+
+from locod.daemon.config import EMBEDDED_MODEL
+from locod.daemon.kvpark import DiskPark, SavedState
 
 from .conftest import write_config
 
@@ -101,3 +105,37 @@ def test_a_reload_that_lowers_cache_mb_frees_the_kept_states_at_the_next_turn(da
     assert cache["dialogues"] == 0 and cache["mb"] == 0 and cache["limit_mb"] == 0
     client.ask("Say hi again.", session="s1", max_tokens=2, **GREEDY)
     assert client.status()["local"]["cache"]["hits"] == 0
+
+
+def test_a_state_larger_than_the_park_is_said_once_and_wipes_no_other(daemon_factory: Any, tmp_path: Path) -> None:
+    """A state larger than ``cache_disk_mb`` was dropped without a word (status: parked 0, no log line
+    why); one within the limit by its data but over it with its header was written, and the trim that
+    followed deleted every other parked state, then it."""
+    daemon = daemon_factory({"local": {"cache_mb": 16, "cache_disk_mb": 1}})
+    client = daemon.client()
+    for session in ("s1", "s2"):  # about 2 MiB of keys and values each
+        client.ask(FIRST[0]["content"] * 3, session=session, max_tokens=2, **GREEDY)
+    daemon.stop()  # both are parked at shutdown, or would be
+    assert daemon.log().count("larger than local.cache_disk_mb (1 MiB): states this large are not parked") == 1
+    assert not list((daemon.home / "state" / "kvcache").glob("*.kv"))
+
+    park = DiskPark(tmp_path / "kv", 1 << 20)
+    small = SavedState(np.arange(10, dtype=np.intc), np.zeros(1000, dtype=np.uint8))
+    park.put("m", "small", "identity", small)
+    at_the_limit = SavedState(np.arange(10, dtype=np.intc), np.zeros((1 << 20) - 40, dtype=np.uint8))
+    park.put("m", "large", "identity", at_the_limit)
+    kept = park.take("m", "small", "identity")
+    assert kept is not None and kept.tokens.tolist() == list(range(10))
+
+
+def test_a_directory_in_a_parked_states_place_is_not_said_removed(daemon_factory: Any) -> None:
+    """A directory where a session's state would be parked is not ours to remove, and is not; the log line
+    said it was, at every turn that looked for the state."""
+    daemon = daemon_factory({"local": {"cache_disk_mb": 64}})
+    park = DiskPark(daemon.home / "state" / "kvcache", 64 << 20)
+    in_place = park._path(EMBEDDED_MODEL.name, "ipc:s1")
+    in_place.mkdir()
+    done = daemon.client().ask("Say hello.", session="s1", max_tokens=2, **GREEDY).done
+    assert done is not None and done.outcome == "ok"
+    said = [line for line in daemon.log().splitlines() if "ignoring parked KV state" in line]
+    assert len(said) == 1 and said[0].endswith("; left in place") and in_place.is_dir()
