@@ -76,23 +76,26 @@ class DialogueCache:
 
     def begin_turn(self, model: str, llm: Llama, session: str | None) -> None:
         """Give ``llm`` this session's own state before its prompt is evaluated. A prompt of no session
-        (a shadow answer) only has the live state kept for the session that owned it. The kept states are
-        brought within ``cache_mb`` and the budget's room first: a reload may have lowered either."""
+        (a shadow answer) only has the live state kept for the session that owned it. The incoming state
+        leaves the cache before the outgoing one enters it, so it is never evicted to make room for that
+        (a cache holding one state serves two dialogues taking turns); the kept states are then brought
+        within ``cache_mb`` and the budget's room, which a reload may have lowered."""
         owner = self._live.get(model)
-        if owner is not None and owner != session and self.limit_mb > 0:
-            self._put((model, owner), save(llm))
-        self._trim()
         if owner == session and session is not None:
             self.hits += 1
+            self._trim()
             return
+        with self._lock:
+            state = None if session is None else self._entries.pop((model, session), None)
+            if state is not None:
+                self._bytes -= state.nbytes
+        if owner is not None and self.limit_mb > 0:
+            self._put((model, owner), save(llm))
+        self._trim()
         self._live.pop(model, None)
         if session is None:
             return
         self._live[model] = session
-        with self._lock:
-            state = self._entries.pop((model, session), None)
-            if state is not None:
-                self._bytes -= state.nbytes
         from_disk = state is None and self.park is not None
         if from_disk:
             state = self.park.take(model, session, self.identity(model))  # type: ignore[union-attr]

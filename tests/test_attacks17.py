@@ -139,3 +139,14 @@ def test_a_directory_in_a_parked_states_place_is_not_said_removed(daemon_factory
     assert done is not None and done.outcome == "ok"
     said = [line for line in daemon.log().splitlines() if "ignoring parked KV state" in line]
     assert len(said) == 1 and said[0].endswith("; left in place") and in_place.is_dir()
+
+
+def test_a_cache_of_one_state_serves_two_dialogues_taking_turns(daemon_factory: Any) -> None:
+    """One dialogue is always live in the model's context, so a cache holding one state is enough for two
+    dialogues taking turns. But the outgoing state entered the cache before the incoming one left it: over
+    the limit, the oldest went, which was the incoming one, so every turn read its whole history again."""
+    client = daemon_factory({"local": {"cache_mb": 2}}).client()  # about 1.5 MiB a dialogue here
+    for session, text in zip("ABABA", ["Tell me a fact about cats. " * 3] * 2 + ["More?"] * 3):
+        client.ask(text, session=session, max_tokens=2, **GREEDY)
+    cache = client.status()["local"]["cache"]
+    assert cache["misses"] == 2 and cache["hits"] == 3 and cache["evictions"] == 0 and cache["dialogues"] == 1
