@@ -58,7 +58,8 @@ class DialogueCache:
         self, limit_mb: float, room_mb: Callable[[], float], park: DiskPark | None, identity: Callable[[str], str]
     ) -> None:
         """``room_mb``: what the zoo's budget leaves beside the loaded models; ``identity(model)``: what a
-        parked state must have been made by (model file, context size, llama.cpp build)."""
+        parked state must have been made by (the loaded model's weights, context size, llama.cpp build; ""
+        for a model not loaded)."""
         self.limit_mb = limit_mb
         self.room_mb = room_mb
         self.park = park
@@ -75,21 +76,26 @@ class DialogueCache:
 
     def begin_turn(self, model: str, llm: Llama, session: str | None) -> None:
         """Give ``llm`` this session's own state before its prompt is evaluated. A prompt of no session
-        (a shadow answer) only has the live state kept for the session that owned it."""
+        (a shadow answer) only has the live state kept for the session that owned it. The incoming state
+        leaves the cache before the outgoing one enters it, so it is never evicted to make room for that
+        (a cache holding one state serves two dialogues taking turns); the kept states are then brought
+        within ``cache_mb`` and the budget's room, which a reload may have lowered."""
         owner = self._live.get(model)
         if owner == session and session is not None:
             self.hits += 1
+            self._trim()
             return
+        with self._lock:
+            state = None if session is None else self._entries.pop((model, session), None)
+            if state is not None:
+                self._bytes -= state.nbytes
         if owner is not None and self.limit_mb > 0:
             self._put((model, owner), save(llm))
+        self._trim()
         self._live.pop(model, None)
         if session is None:
             return
         self._live[model] = session
-        with self._lock:
-            state = self._entries.pop((model, session), None)
-            if state is not None:
-                self._bytes -= state.nbytes
         from_disk = state is None and self.park is not None
         if from_disk:
             state = self.park.take(model, session, self.identity(model))  # type: ignore[union-attr]
@@ -99,11 +105,12 @@ class DialogueCache:
         else:
             self.misses += 1
 
-    def forget_live(self, model: str, llm: Llama, park: bool) -> None:
-        """The model is being unloaded: its live state goes to the disk park (at shutdown) or is lost."""
+    def forget_live(self, model: str, llm: Llama) -> None:
+        """The model is being unloaded (for room, or at shutdown): its live state goes to the disk park, when
+        there is one, as an evicted state does."""
         owner = self._live.pop(model, None)
         identity = self.identity(model)
-        if park and owner is not None and self.park is not None and identity and llm.n_tokens:
+        if owner is not None and self.park is not None and identity and llm.n_tokens:
             self.park.put(model, owner, identity, save(llm))
 
     def drop_model(self, model: str) -> None:
@@ -135,6 +142,8 @@ class DialogueCache:
         with self._lock:
             self._entries[key] = state
             self._bytes += state.nbytes
+
+    def _trim(self) -> None:
         while self._entries and self.mb > min(self.limit_mb, self.room_mb()):
             self.evict_oldest()
 

@@ -49,6 +49,7 @@ class DiskPark:
     def __init__(self, directory: Path, limit_bytes: int) -> None:
         self.directory = directory
         self.limit_bytes = limit_bytes
+        self._said_too_large = False  # a state larger than the whole park is said once, not at each eviction
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         for stale in directory.glob("*.tmp"):  # a daemon killed mid-write: outside the limit's count for good
             with contextlib.suppress(OSError):
@@ -68,8 +69,10 @@ class DiskPark:
         return self.directory / (hashlib.sha256(f"{model}\0{session}".encode()).hexdigest()[:32] + ".kv")
 
     def put(self, model: str, session: str, identity: str, state: SavedState) -> None:
-        """Write atomically (temp file, rename), then trim the folder to its limit."""
-        if state.nbytes > self.limit_bytes:
+        """Write atomically (temp file, rename), then trim the folder to its limit. A file larger than the
+        limit is not written: the trim would delete every other parked state, then it."""
+        if state.nbytes > self.limit_bytes:  # too large whatever its header: not hashed for nothing
+            self._too_large(state.nbytes)
             return
         tokens = state.tokens.astype("<i4").tobytes()
         digest = hashlib.sha256(tokens)
@@ -77,6 +80,9 @@ class DiskPark:
         meta = json.dumps(
             {"identity": identity, "tokens": len(state.tokens), "data": state.data.size, "sha256": digest.hexdigest()}
         ).encode()
+        if HEADER.size + len(meta) + state.nbytes > self.limit_bytes:
+            self._too_large(HEADER.size + len(meta) + state.nbytes)
+            return
         path = self._path(model, session)
         tmp = path.with_suffix(".tmp")
         try:
@@ -92,6 +98,16 @@ class DiskPark:
             return
         self._trim()
 
+    def _too_large(self, size: int) -> None:
+        if not self._said_too_large:
+            self._said_too_large = True
+            log.warning(
+                "a dialogue's KV state (%.1f MiB) is larger than local.cache_disk_mb (%d MiB): states this large "
+                "are not parked",
+                size / 2**20,
+                self.limit_bytes >> 20,
+            )
+
     def take(self, model: str, session: str, identity: str) -> SavedState | None:
         """The parked state (its file removed: the live context holds it from now on), or None."""
         path = self._path(model, session)
@@ -101,9 +117,12 @@ class DiskPark:
             return None
         except OSError as exc:
             why = "a symlink" if exc.errno == errno.ELOOP else exc.strerror
-            log.warning("ignoring parked KV state %s: %s; removed", path.name, why)
-            with contextlib.suppress(OSError):  # a directory stays: it is not ours to remove
+            try:
                 path.unlink(missing_ok=True)
+            except OSError:  # a directory stays: it is not ours to remove
+                log.warning("ignoring parked KV state %s: %s; left in place", path.name, why)
+            else:
+                log.warning("ignoring parked KV state %s: %s; removed", path.name, why)
             return None
         try:
             path.unlink(missing_ok=True)

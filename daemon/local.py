@@ -34,7 +34,7 @@ from locod.daemon.gguf import NotGGUF, kv_bytes_per_token, read_metadata
 from locod.daemon.kvcache import DialogueCache
 from locod.daemon.kvpark import DiskPark
 from locod.daemon.logprobs import TokenLogprobs
-from locod.daemon.modelfile import check_model_file, resolve_path
+from locod.daemon.modelfile import check_model_file, fingerprint, resolve_path
 from locod.daemon.regular_file import file_stamp
 from locod.daemon.sessions import door_of
 from locod.daemon.template_deadline import deadline
@@ -144,6 +144,7 @@ class LoadedModel:
     footprint_mb: float
     last_used: float
     stamp: tuple[int, int] | None  # the file's size and mtime when it was read: a reload sees it replaced
+    identity: str  # what its dialogue states are parked under and must match to be restored (ModelZoo.identity)
 
 
 def check_chat_formats(config: Config) -> None:
@@ -236,16 +237,13 @@ class ModelZoo:
         }
 
     def identity(self, name: str) -> str:
-        """What a parked dialogue state of this model must match: the file, the context, the llama.cpp build
-        ("" for a model no longer configured: its states are not parked)."""
-        model = self.models.get(name)
-        if model is None:
-            return ""
-        try:
-            size = resolve_path(model, self.models_dir).stat().st_size
-        except OSError:
-            size = -1
-        return f"{name}:{size}:{model.n_ctx}:{llama_cpp.__version__}"
+        """What a parked dialogue state of this model must match: the weights in memory (the fingerprint of
+        the file as it was loaded, not as it is now: one copied over it since holds other weights), the
+        context and the llama.cpp build; "" for a model not loaded. A kept state lives only while its model
+        is loaded (states are evicted before a model is unloaded for room, and dropped with one unloaded for
+        a changed config or file), so the loaded model's identity is the one of the weights that made it."""
+        loaded = self._loaded.get(name)
+        return "" if loaded is None else loaded.identity
 
     def _load(self, model: LocalModelConfig) -> LoadedModel:
         path = check_model_file(model, self.models_dir)
@@ -256,6 +254,7 @@ class ModelZoo:
         self._make_room(weights_mb + _header_kv_mb(path, model.n_ctx))
         started = time.perf_counter()
         try:
+            identity = f"{model.name}:{fingerprint(path)}:{model.n_ctx}:{llama_cpp.__version__}"
             llm = Llama(
                 model_path=str(path),
                 n_ctx=model.n_ctx,
@@ -283,7 +282,7 @@ class ModelZoo:
                 f"model {model.name!r}: llama.cpp could not load {path}: {exc}", code="model_corrupt"
             ) from None
         kv_mb = kv_cache_mb(llm.metadata, llm.n_ctx())
-        loaded = LoadedModel(model, llm, weights_mb + kv_mb, time.monotonic(), stamp)
+        loaded = LoadedModel(model, llm, weights_mb + kv_mb, time.monotonic(), stamp, identity)
         self._loaded[model.name] = loaded
         self._warn_misfit(loaded)
         if self._cache_auto:
@@ -356,8 +355,9 @@ class ModelZoo:
                 continue
             if not self._loaded:
                 return
-            name, old = self._loaded.popitem(last=False)
-            self.cache.forget_live(name, old.llm, park=False)
+            name, old = next(iter(self._loaded.items()))
+            self.cache.forget_live(name, old.llm)  # parked as any evicted state, while its identity is known
+            del self._loaded[name]
             old.llm.close()
             log.info("unloaded local model %s to stay within %d MiB", name, self.budget_mb)
 
@@ -370,12 +370,13 @@ class ModelZoo:
         return sum(m.footprint_mb for m in list(self._loaded.values()))
 
     def close(self) -> None:
-        """Unload everything; with a disk park, the dialogues' states are parked first."""
+        """Unload everything; with a disk park, the dialogues' states are parked first (while their models'
+        identities are known), the live ones last: the park's trim keeps the most recently written."""
+        self.cache.park_all()
         for name, loaded in self._loaded.items():
-            self.cache.forget_live(name, loaded.llm, park=True)
+            self.cache.forget_live(name, loaded.llm)
             loaded.llm.close()
         self._loaded.clear()
-        self.cache.park_all()
 
 
 def model_changes(old: dict[str, LocalModelConfig], new: dict[str, LocalModelConfig]) -> list[str]:
