@@ -63,7 +63,7 @@ from locod.policy.observation import (
     observe,
 )
 from locod.policy.rule import RADIO_W
-from locod.policy.tasks import TASKS
+from locod.policy.tasks import TASKS, task_of
 from locod.policy.trace import CLOUD, local_model, read_rows
 
 # TMO's published figures (research notes): cloud latency by number of uploaded images k = 0..3.
@@ -303,9 +303,9 @@ class TraceSource:
                 cloud["usd"],
                 cloud["energy_j"],
             )
-            inputs = ObsInputs(
-                task=row["category"], prompt_chars=len(row["prompt"]), link=link, upload_bps=upload_bps(link)
-            )
+            # the task as the daemon observes the same prompt, not the category the trace states for its task
+            task = task_of(row["prompt"])
+            inputs = ObsInputs(task=task, prompt_chars=len(row["prompt"]), link=link, upload_bps=upload_bps(link))
             out.append(TurnOutcomes(inputs, mask, quality, latency, usd, energy, np.zeros(N_ACTIONS)))
         return out
 
