@@ -1,11 +1,11 @@
-"""Answer locally, escalate if unsure: reading the local answer's confidence, for the turn and the shadows.
+"""Answer locally, escalate if unsure: the checkpoint that reads the local answer's confidence.
 
 The decider plans it (``Decision.escalation``: the cloud action an unsure answer gives way to, and
 the numbers it is weighed by); the local backend holds the answer back until its first tokens are in
 (``Checkpoint``); ``ConfidenceCheck.keep`` then reads their log-probs into the confidence features, and the
 learner corrects the local model's s_hat with them and has the rule choose (``Learner.checkpoint``). The
-features are taken over the first ``routing.escalate_tokens`` tokens and scaled to that many, as the trace's
-short answers were when the confidence head and its prior were fitted (docs/routing.md).
+features are taken over the first ``routing.escalate_tokens`` tokens and scaled to that many
+(``confidence.judged``, which the prior's fit and the replay read a trace's answers with too: docs/routing.md).
 """
 
 from __future__ import annotations
@@ -17,13 +17,6 @@ from locod.daemon.decision import Decision, Escalation
 from locod.daemon.learner import Learner
 from locod.daemon.records import JudgedAnswer
 from locod.policy import confidence
-
-
-def answer_features(question: str, answer: tuple[Sequence[str], Sequence[float]], budget: int) -> tuple[float, ...]:
-    """The confidence features of a local answer (its tokens and their log-probs) over its first ``budget``
-    tokens, scaled to that many."""
-    tokens, logprobs = answer
-    return confidence.features(confidence.Answer(question, tokens, logprobs), budget, budget)
 
 
 class ConfidenceCheck:
@@ -43,7 +36,7 @@ class ConfidenceCheck:
 
     def keep(self, tokens: Sequence[str], logprobs: Sequence[float]) -> bool:
         plan = self.plan
-        features = answer_features(self.question, (tokens, logprobs), plan.tokens)
+        features = confidence.judged(self.question, tokens, logprobs, plan.tokens)
         self.judged = self.learner.checkpoint(plan, self.model, features)
         return self.judged.kept
 

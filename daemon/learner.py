@@ -171,11 +171,9 @@ class Learner:
         task = plan.features.turn.task
         with self.lock:
             s_answered = self.mess.confidence_head(model).predict(plan.s_prompt, features, task)
-            choice = self.mess.choose(
-                {plan.local_key: 0.0, plan.key: plan.margin},
-                s_hat={plan.local_key: s_answered, plan.key: plan.s_cloud},
-                model_of={plan.local_key: model, plan.key: plan.model},
-            )
+            model_of = {plan.local_key: model, plan.key: plan.model}
+            keys = (plan.local_key, plan.key)
+            choice = rule.keep_or_escalate(self.mess, keys, plan.margin, s_answered, plan.s_cloud, model_of)
         kept, s_rounded = choice.key == plan.local_key, round(s_answered, 5)
         return JudgedAnswer(model, features, plan.s_prompt, s_rounded, kept, task=task, explored=choice.explored)
 

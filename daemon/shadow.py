@@ -22,13 +22,13 @@ from dataclasses import dataclass, replace
 
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import Config
-from locod.daemon.escalation import answer_features
 from locod.daemon.learner import PRIVATE_UNJUDGED, Learner
 from locod.daemon.local import LocalBackend
 from locod.daemon.prompts import LocalQuestion
 from locod.daemon.records import DecisionLog, JudgedAnswer, ShadowResult
 from locod.daemon.telemetry import TelemetrySampler
 from locod.errors import LocodError
+from locod.policy import confidence
 from locod.policy.messplus import RecordedFeatures
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class ShadowLane:
         if job.s_prompt is None or not generation.logprobs:
             return None
         budget = self.config.routing.escalate_tokens
-        features = answer_features(job.asked.question, (generation.tokens, generation.logprobs), budget)
+        features = confidence.judged(job.asked.question, generation.tokens, generation.logprobs, budget)
         task = job.features.turn.task
         s_answered = self.learner.answered(job.model, job.s_prompt, features, task)
         return JudgedAnswer(job.model, features, job.s_prompt, s_answered, kept=False, task=task)

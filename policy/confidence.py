@@ -70,6 +70,15 @@ def features(answer: Answer, max_tokens: int, budget: int | None = None) -> tupl
     )
 
 
+def judged(prompt: str, tokens: Sequence[str], logprobs: Sequence[float], budget: int) -> tuple[float, ...]:
+    """FEATURES of a local answer as its checkpoint judges it: over its first ``budget`` tokens
+    (``routing.escalate_tokens``), the length scaled to that many. The one definition for the daemon (the
+    checkpoint, shadow answers) and for a trace's answers where a prior is fitted and the replay measures the
+    rule: a length scaled to the trace's own answer limit instead (24 tokens for most of its tasks) made the
+    daemon rate the same answer up to 0.13 likelier good than the prior and the replay had."""
+    return features(Answer(prompt, tokens, logprobs), budget, budget)
+
+
 def _logit(p: float) -> float:
     p = min(max(p, 1e-4), 1 - 1e-4)
     return math.log(p / (1 - p))

@@ -129,6 +129,16 @@ def choose(
     return mess.choose(dict(costs), s_hat=dict(s_hat), extra=extra, model_of=dict(model_of))
 
 
+def keep_or_escalate(
+    mess: MessPlus, keys: tuple[str, str], margin: float, s_answered: float, s_cloud: float, model_of: Mapping[str, str]
+) -> Choice:
+    """The rule at a local answer's checkpoint, between ``keys`` (the local action that answered, the cloud
+    action): the answer at cost 0 (already spent) with its s_hat corrected by its confidence, or the cloud at
+    ``margin`` (``escalates``), exploration included; the price window sees the prediction the turn settles with."""
+    local, cloud = keys
+    return mess.choose({local: 0.0, cloud: margin}, s_hat={local: s_answered, cloud: s_cloud}, model_of=dict(model_of))
+
+
 def escalates(margin: float, price: float, s_cloud: float, s_local: float) -> bool:
     """Whether a turn the local model has answered (its answer's cost already spent) goes to the cloud as
     well: the same objective with the local cost at 0, so the cloud wins when what it costs beyond keeping

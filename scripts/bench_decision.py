@@ -24,7 +24,6 @@ from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import CloudModelConfig, load_config
 from locod.daemon.decider import Decider
 from locod.daemon.decision import Escalation
-from locod.daemon.escalation import answer_features
 from locod.daemon.fetch import fetch
 from locod.daemon.learner import Learner
 from locod.daemon.logprobs import TokenLogprobs
@@ -32,6 +31,7 @@ from locod.daemon.records import DecisionLog
 from locod.daemon.sessions import SessionStore, TurnTrail
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import Turn
+from locod.policy import confidence
 from locod.policy.messplus import RecordedFeatures, TurnFeatures, vectorize
 from locod.protocol import ChatRequest
 
@@ -127,7 +127,7 @@ def time_decisions(turns: int, decider: Decider, learner: Learner, turn: Turn, f
         decider.decide(turn)
         timings.full.append((time.perf_counter() - started) * 1e6)
         started = time.perf_counter()
-        learner.checkpoint(plan, local, answer_features(turn.request.prompt, ANSWER, plan.tokens))
+        learner.checkpoint(plan, local, confidence.judged(turn.request.prompt, *ANSWER, plan.tokens))
         timings.judged.append((time.perf_counter() - started) * 1e6)
     return timings
 

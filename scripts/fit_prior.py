@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from locod.daemon.config import load_config
+from locod.daemon.config import RoutingConfig, load_config
 from locod.errors import LocodError, PolicyError
 from locod.policy import confidence
 from locod.policy.messplus import DIM, TurnFeatures, _prior_weights, vectorize
@@ -36,7 +36,7 @@ from locod.policy.warmstart import PRIORS, USER_PRIORS, Prior, fit_logistic, rea
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL = "local"  # the trace's one local model, whatever its name there (read_trace)
-DEFAULT_MAX_TOKENS = 24
+JUDGED_TOKENS = RoutingConfig().escalate_tokens  # what the daemon judges an answer over, by default
 # The shipped trace's tasks in two groups, for measuring on tasks a prior has not seen (task_groups).
 TASK_SPLIT = ({"add_1digit", "mul_2digit", "plural", "negation"}, {"add_2digit", "wikidata", "past_tense"})
 
@@ -64,12 +64,13 @@ def task_groups(rows: list[dict]) -> tuple[set[str], set[str]]:  # type: ignore[
 
 
 def answer_features(row: dict) -> tuple[float, ...] | None:  # type: ignore[type-arg]
-    """The confidence features of the local model's answer, or None for a trace without log-probs."""
+    """The confidence features of the local model's answer as the daemon's checkpoint reads them (its first
+    routing.escalate_tokens tokens at the default, the length scaled to that many; an answer cut at the
+    trace's own limit is judged on the tokens it has), or None for a trace without log-probs."""
     local = row["models"][LOCAL]
     if "logprobs" not in local:
         return None
-    answer = confidence.Answer(row["prompt"], local["tokens"], local["logprobs"])
-    return confidence.features(answer, int(local.get("max_tokens", DEFAULT_MAX_TOKENS)))
+    return confidence.judged(row["prompt"], local["tokens"], local["logprobs"], JUDGED_TOKENS)
 
 
 def prompt_matrix(rows: list[dict]) -> np.ndarray:  # type: ignore[type-arg]

@@ -48,6 +48,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from fit_prior import LOCAL, answer_features, fit, read_trace, task_groups
 
+from locod.policy import rule
 from locod.policy.messplus import MessPlus, TurnFeatures, vectorize
 from locod.policy.rule import CLOUD_PRIOR, ENERGY_REF_J, LOCAL_PRIOR, MONEY_REF_USD
 from locod.policy.tasks import task_of
@@ -55,6 +56,7 @@ from locod.policy.warmstart import PRIORS, Prior, read_prior
 
 REPO = Path(__file__).resolve().parent.parent
 CLOUD = "cloud"
+MODELS = {LOCAL: LOCAL, CLOUD: CLOUD}  # each action is its model's
 DEV_TRACE = REPO / "policy/data/bigbench_trace.jsonl"
 ALPHAS = (0.5, 0.6, 0.7, 0.8)
 WEIGHT_MONEY, WEIGHT_ENERGY = 1.0, 0.2  # routing.weight_money / weight_energy defaults
@@ -194,13 +196,13 @@ def escalating(trace: list[Turn], m: MessPlus, name: str, grade: Grader) -> Run:
     for i, t in enumerate(trace):
         s_prompt, s_cloud = m.satisfaction(t.x, LOCAL), m.satisfaction(t.x, CLOUD)
         head = m.confidence_head(LOCAL)
-        hopeless = t.costs[CLOUD] < m.current_price * (s_cloud - head.best(s_prompt, t.task))
+        hopeless = rule.escalates(t.costs[CLOUD], m.current_price, s_cloud, head.best(s_prompt, t.task))
         if t.conf is None or hopeless:
             choice = m.choose(t.costs, s_hat={LOCAL: s_prompt, CLOUD: s_cloud})
             tried = [choice.model]
         else:  # the local answer is paid for: keep it, or pay for the cloud as well
-            s_hat = {LOCAL: head.predict(s_prompt, t.conf, t.task), CLOUD: s_cloud}
-            choice = m.choose({LOCAL: 0.0, CLOUD: t.costs[CLOUD]}, s_hat=s_hat)
+            s_answered = head.predict(s_prompt, t.conf, t.task)
+            choice = rule.keep_or_escalate(m, (LOCAL, CLOUD), t.costs[CLOUD], s_answered, s_cloud, MODELS)
             tried = [LOCAL] if choice.model == LOCAL else [LOCAL, CLOUD]
         m.settle(i, choice.model, choice.s_hat[choice.key])
         label = t.row["models"][choice.model]["satisfied"]
