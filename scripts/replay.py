@@ -48,6 +48,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from fit_prior import LOCAL, answer_features, fit, read_trace, task_groups
 
+from locod.daemon.config import RoutingConfig
 from locod.policy import rule
 from locod.policy.messplus import MessPlus, TurnFeatures, vectorize
 from locod.policy.rule import CLOUD_PRIOR, ENERGY_REF_J, LOCAL_PRIOR, MONEY_REF_USD
@@ -59,7 +60,7 @@ CLOUD = "cloud"
 MODELS = {LOCAL: LOCAL, CLOUD: CLOUD}  # each action is its model's
 DEV_TRACE = REPO / "policy/data/bigbench_trace.jsonl"
 ALPHAS = (0.5, 0.6, 0.7, 0.8)
-WEIGHT_MONEY, WEIGHT_ENERGY = 1.0, 0.2  # routing.weight_money / weight_energy defaults
+DAEMON = RoutingConfig()  # the daemon's [routing] defaults: what the replay measures unless told otherwise
 FIGURE_OPTIONS = ("split", "v", "explore_c", "alphas", "grader_error")  # with the trace and seed: what the plot shows
 
 
@@ -98,8 +99,8 @@ class Turn:
 
 def costs(row: dict) -> dict[str, float]:  # type: ignore[type-arg]
     raw = {
-        m: WEIGHT_MONEY * row["models"][m]["usd"] / MONEY_REF_USD
-        + WEIGHT_ENERGY * row["models"][m]["energy_j"] / ENERGY_REF_J
+        m: DAEMON.weight_money * row["models"][m]["usd"] / MONEY_REF_USD
+        + DAEMON.weight_energy * row["models"][m]["energy_j"] / ENERGY_REF_J
         for m in (LOCAL, CLOUD)
     }
     top = max(raw.values()) or 1.0
@@ -122,9 +123,8 @@ def turns(trace: list[dict]) -> list[Turn]:  # type: ignore[type-arg]
 
 
 def new_messplus(alpha: float, v: float, c: float, seed: int, prior: Prior | None = None) -> MessPlus:
-    m = MessPlus(
-        {LOCAL: LOCAL_PRIOR, CLOUD: CLOUD_PRIOR}, sla=alpha, v=v, explore_c=c, q_cap=50.0, rng=random.Random(seed)
-    )
+    priors = {LOCAL: LOCAL_PRIOR, CLOUD: CLOUD_PRIOR}
+    m = MessPlus(priors, sla=alpha, v=v, explore_c=c, q_cap=DAEMON.q_cap, rng=random.Random(seed))
     m.warm_start(LOCAL, prior)
     return m
 
@@ -166,7 +166,7 @@ def paper_rule(trace: list[Turn], alpha: float, v: float, c: float, seed: int) -
         m.state.t += 1
         label = t.row["models"][model]["satisfied"]
         m.train(model, t.x, float(label))
-        q = min(50.0, max(0.0, q + alpha - label))
+        q = min(DAEMON.q_cap, max(0.0, q + alpha - label))
         run.add(t.row, [model], label)
         run.q.append(q)
     return run
@@ -448,8 +448,13 @@ def argument_parser() -> argparse.ArgumentParser:
         help="none: cold start; shipped: from the prior shipped for the trace's GGUF; half / task: each part from a "
         "prior fitted on the other (default: half)",
     )
-    parser.add_argument("--v", type=float, default=20.0, help="MESS+'s V (default: 20, routing.v)")
-    parser.add_argument("--explore-c", type=float, default=0.2, help="exploration c (default: 0.2, routing.explore_c)")
+    parser.add_argument("--v", type=float, default=DAEMON.v, help=f"MESS+'s V (default: {DAEMON.v:g}, routing.v)")
+    parser.add_argument(
+        "--explore-c",
+        type=float,
+        default=DAEMON.explore_c,
+        help=f"exploration c (default: {DAEMON.explore_c:g}, routing.explore_c)",
+    )
     parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), help="SLA targets (default: 0.5-0.8)")
     parser.add_argument("--grader-error", type=float, default=0.05, help="shadow grader's error rate (default: 0.05)")
     parser.add_argument(
