@@ -1,13 +1,14 @@
 """The TMO policy at run time: an ONNX file checked against the observation layout, run by onnxruntime.
 
 Everything about the file is checked before it is used: it is a regular file, it loads, its metadata names
-the layout version, K, Z and sizes this daemon builds, its inputs and outputs have the expected names and
-declared shapes, and it runs: the graph is run on probe observations and what it computes must have the
-shape [1, N_ACTIONS] and be finite (a graph may declare one shape and compute another), within
-MAX_DECIDE_MS at the fastest (a decision takes well under a millisecond; a Loop node can take for ever, so a
-probe run is stopped after PROBE_LIMIT_S, at start and at a reload alike). Any mismatch is a
-PolicyError naming the file and the problem; the router then decides with MESS+ alone. A failure at run time
-all the same (onnxruntime raises its own RuntimeErrors) is a PolicyError too: that turn is decided by MESS+.
+the layout version, K, Z, sizes and feature names (where it records them) this daemon builds, its inputs and
+outputs have the expected names and declared shapes, and it runs: the graph is run on probe observations and
+what it computes must have the shape [1, N_ACTIONS] and be finite (a graph may declare one shape and compute
+another), within MAX_DECIDE_MS at the fastest (a decision takes well under a millisecond; a Loop node can
+take for ever, so a probe run is stopped after PROBE_LIMIT_S, at start and at a reload alike). Any mismatch
+is a PolicyError naming the file and the problem; the router then decides with MESS+ alone. A failure at run
+time all the same (onnxruntime raises its own RuntimeErrors) is a PolicyError too: that turn is decided by
+MESS+.
 
 A policy of an older layout (one a user trained before the layout grew) still runs, on the features its
 layout had: it loads with one warning that it does not see what was added (the local queue's wait for
@@ -69,6 +70,18 @@ def _refuse_newer_layout(path: Path, meta: dict[str, str]) -> None:
         )
 
 
+def _same_features(stated: str | None) -> bool:
+    """Whether a file's ``locod.feature_names`` (absent from a hand-made file: nothing to check) name this
+    layout's features in this order: the layout version is bumped when they change, and a file whose names
+    differ under this version (TASKS reordered without a bump) would be read column for column all the same."""
+    if stated is None:
+        return True
+    try:
+        return tuple(json.loads(stated)) == FEATURE_NAMES
+    except (ValueError, TypeError):
+        return False
+
+
 class OnnxPolicy:
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -92,6 +105,13 @@ class OnnxPolicy:
                     f"policy file {path}: metadata {key} is {meta.get(key)!r}, this daemon needs {want!r}",
                     code="policy_mismatch",
                 )
+        if self.columns is None and not _same_features(meta.get("locod.feature_names")):
+            raise PolicyError(
+                f"policy file {path}: its locod.feature_names are not this daemon's observation, in its order, "
+                "although its layout version is: it would read one feature's column as another's; make one "
+                "for this version with `locod policy train`",
+                code="policy_mismatch",
+            )
         inputs = {i.name: i.shape for i in self.session.get_inputs()}
         outputs = {o.name: o.shape for o in self.session.get_outputs()}
         if (

@@ -96,3 +96,26 @@ def test_the_policy_trains_on_the_task_the_daemon_observes_for_a_trace_prompt(tm
     seen = observe(episode[0].inputs)
     shown = [t for t in TASKS if seen[FEATURE_NAMES.index(f"task_{t}")] == 1.0]
     assert shown == [task_of(rows[0]["prompt"])]
+
+
+def test_a_policy_whose_features_are_another_order_under_this_layout_version_is_refused(tmp_path: Path) -> None:
+    """The daemon checked a policy file's layout version, K, Z and sizes, not the feature names it records:
+    a file trained where TASKS had another order (the same sizes, and no version bump) loaded, and the
+    policy read each task's column as another's. Its recorded names must be this layout's, in order."""
+    import onnx
+
+    from locod.errors import PolicyError
+    from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
+
+    assert OnnxPolicy(DEFAULT_POLICY).metadata["locod.feature_names"] == json.dumps(FEATURE_NAMES)
+    model = onnx.load(str(DEFAULT_POLICY))
+    swapped = [*FEATURE_NAMES]
+    first, second = swapped.index("task_chat"), swapped.index("task_code")
+    swapped[first], swapped[second] = swapped[second], swapped[first]
+    for entry in model.metadata_props:
+        if entry.key == "locod.feature_names":
+            entry.value = json.dumps(swapped)
+    onnx.save(model, str(tmp_path / "reordered.onnx"))
+    with pytest.raises(PolicyError, match=r"locod\.feature_names are not this daemon's observation") as info:
+        OnnxPolicy(tmp_path / "reordered.onnx")
+    assert info.value.code == "policy_mismatch"
