@@ -76,14 +76,15 @@ class DialogueCache:
 
     def begin_turn(self, model: str, llm: Llama, session: str | None) -> None:
         """Give ``llm`` this session's own state before its prompt is evaluated. A prompt of no session
-        (a shadow answer) only has the live state kept for the session that owned it. The incoming state
-        leaves the cache before the outgoing one enters it, so it is never evicted to make room for that
-        (a cache holding one state serves two dialogues taking turns); the kept states are then brought
-        within ``cache_mb`` and the budget's room, which a reload may have lowered."""
+        (a shadow answer) only has the live state kept for the session that owned it. The kept states are
+        first brought within ``cache_mb`` and the budget's room, which a reload may have lowered (the incoming
+        one among them: after a reload to 0 none is restored from memory); the incoming state then leaves the
+        cache before the outgoing one enters it, so it is never evicted to make room for that (a cache holding
+        one state serves two dialogues taking turns)."""
+        self._trim()
         owner = self._live.get(model)
         if owner == session and session is not None:
             self.hits += 1
-            self._trim()
             return
         with self._lock:
             state = None if session is None else self._entries.pop((model, session), None)
