@@ -70,16 +70,21 @@ def _refuse_newer_layout(path: Path, meta: dict[str, str]) -> None:
         )
 
 
-def _same_features(stated: str | None) -> bool:
+def _stated_features(meta: dict[str, str]) -> tuple[str, ...] | None:
+    """The feature names a file's ``locod.feature_names`` lists; None when it lists none: absent (a hand-made
+    file), not JSON, or JSON that is no list (``5``, ``true``, which ``tuple()`` would raise TypeError on)."""
+    try:
+        stated = json.loads(meta.get("locod.feature_names", "null"))
+    except ValueError:
+        return None
+    return tuple(stated) if isinstance(stated, list) else None
+
+
+def _same_features(meta: dict[str, str]) -> bool:
     """Whether a file's ``locod.feature_names`` (absent from a hand-made file: nothing to check) name this
     layout's features in this order: the layout version is bumped when they change, and a file whose names
     differ under this version (TASKS reordered without a bump) would be read column for column all the same."""
-    if stated is None:
-        return True
-    try:
-        return tuple(json.loads(stated)) == FEATURE_NAMES
-    except (ValueError, TypeError):
-        return False
+    return "locod.feature_names" not in meta or _stated_features(meta) == FEATURE_NAMES
 
 
 class OnnxPolicy:
@@ -105,7 +110,7 @@ class OnnxPolicy:
                     f"policy file {path}: metadata {key} is {meta.get(key)!r}, this daemon needs {want!r}",
                     code="policy_mismatch",
                 )
-        if self.columns is None and not _same_features(meta.get("locod.feature_names")):
+        if self.columns is None and not _same_features(meta):
             raise PolicyError(
                 f"policy file {path}: its locod.feature_names are not this daemon's observation, in its order, "
                 "although its layout version is: it would read one feature's column as another's; make one "
@@ -201,10 +206,7 @@ class OnnxPolicy:
         if not version.isdigit() or not 1 <= int(version) < LAYOUT_VERSION:
             return None
         names = layout_features(int(version))
-        try:
-            if tuple(json.loads(meta.get("locod.feature_names", "null")) or ()) != names:
-                return None
-        except ValueError:
+        if _stated_features(meta) != names:
             return None
         missing = [name for name in FEATURE_NAMES if name not in names]
         log.warning(
