@@ -33,6 +33,7 @@ from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
 from locod.protocol import Attachment
 
 WORD = re.compile(r"[a-z0-9]+")
+UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # a document that begins with one is UTF-16 text
 # Term searches (prompt term x chunk) a document's ranking may make: a long prompt against a long document
 # uses its longest terms only, so ranking stays within milliseconds to a second whatever the sizes.
 RANK_SEARCHES = 200_000
@@ -442,7 +443,7 @@ def _prepare_document(
 ) -> PreparedAttachment:
     text = None if binary_kind(data) else document_text(data)  # an ASCII-only PDF decodes, and is no text
     if text is None or "\x00" in text:
-        what = binary_kind(data) or ("not UTF-8 text" if text is None else "binary data, not text")
+        what = binary_kind(data) or ("binary data, not text" if text is not None else undecodable(data))
         raise AttachmentError(
             f"document {attachment.name!r} is {what}: locod reads UTF-8 text (or UTF-16 with a byte-order mark) "
             "such as plain text, Markdown, CSV or code; convert it to text first",
@@ -461,11 +462,20 @@ def document_text(data: bytes) -> str | None:
     """A document's text: UTF-8 (its byte-order mark dropped), or UTF-16 with a byte-order mark, as Windows
     tools write "Unicode" text; None when it is neither."""
     try:
-        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        if data.startswith(UTF16_BOMS):
             return data.decode("utf-16")
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
         return None
+
+
+def undecodable(data: bytes) -> str:
+    """What a document ``document_text`` could not read is, in words: one whose byte-order mark says UTF-16
+    was not "not UTF-8" to its user (a Unix tool's newline appended to a Windows file leaves an odd byte)."""
+    if data.startswith(UTF16_BOMS):
+        odd = ", an odd number of bytes" if len(data) % 2 else ""
+        return f"UTF-16 text, by its byte-order mark, that does not decode (cut short or damaged{odd})"
+    return "not UTF-8 text"
 
 
 def data_url(jpeg: bytes) -> str:
