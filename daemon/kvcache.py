@@ -79,27 +79,22 @@ class DialogueCache:
         (a shadow answer) only has the live state kept for the session that owned it. The kept states are
         first brought within ``cache_mb`` and the budget's room, which a reload may have lowered (the incoming
         one among them: after a reload to 0 none is restored from memory); the incoming state then leaves the
-        cache before the outgoing one enters it, so it is never evicted to make room for that (a cache holding
-        one state serves two dialogues taking turns)."""
+        cache, or the disk park, before the outgoing one enters the cache, so it is never evicted, nor its
+        parked file trimmed, to make room for that (a cache holding one state serves two dialogues taking
+        turns)."""
         self._trim()
         owner = self._live.get(model)
         if owner == session and session is not None:
             self.hits += 1
             return
-        with self._lock:
-            state = None if session is None else self._entries.pop((model, session), None)
-            if state is not None:
-                self._bytes -= state.nbytes
+        state, from_disk = (None, False) if session is None else self._take(model, session)
         if owner is not None and self.limit_mb > 0:
             self._put((model, owner), save(llm))
-        self._trim()
+            self._trim()
         self._live.pop(model, None)
         if session is None:
             return
         self._live[model] = session
-        from_disk = state is None and self.park is not None
-        if from_disk:
-            state = self.park.take(model, session, self.identity(model))  # type: ignore[union-attr]
         if state is not None and restore(llm, state):
             self.hits += 1
             self.disk_hits += from_disk
@@ -138,6 +133,18 @@ class DialogueCache:
         """At shutdown: every kept state to the disk park (when there is one)."""
         while self.park is not None and self.evict_oldest():
             pass
+
+    def _take(self, model: str, session: str) -> tuple[SavedState | None, bool]:
+        """The session's kept state, out of memory or else out of the disk park; and whether it was looked
+        for on disk."""
+        with self._lock:
+            state = self._entries.pop((model, session), None)
+            if state is not None:
+                self._bytes -= state.nbytes
+                return state, False
+        if self.park is None:
+            return None, False
+        return self.park.take(model, session, self.identity(model)), True
 
     def _put(self, key: Key, state: SavedState) -> None:
         with self._lock:
