@@ -267,7 +267,9 @@ def image_size(data: bytes) -> tuple[str, int, int]:
     if data[:2] == b"BM" and len(data) >= 26:
         w, h = struct.unpack("<ii", data[18:26])
         return "bmp", abs(w), abs(h)
-    if (known := image_format(data)) not in (None, *READABLE_FORMATS):  # a readable one's header is broken
+    if (known := image_format(data)) in READABLE_FORMATS:  # its header is cut short or not one decoded here
+        raise AttachmentError(f"its {known} header is cut short or unreadable", code="bad_image")
+    if known is not None:
         raise AttachmentError(
             f"not a supported image: it is a {known} image; locod reads {READABLE_IMAGES} (convert it to one of them)",
             code="bad_image",
