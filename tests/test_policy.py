@@ -109,20 +109,22 @@ def test_a_long_local_queue_lowers_the_shipped_policys_local_probability() -> No
     wait moves probability from the local answer to the cloud."""
     policy = OnnxPolicy(DEFAULT_POLICY)
     env = OffloadEnv([(Simulator(), 0.7), (TraceSource(TRACE), 0.3)], seed=31)
+    wait = FEATURE_NAMES.index("local_wait")
+    thirty_seconds = observe(ObsInputs(task="chat", prompt_chars=1, local_wait_s=30.0))[wait]
     idle, queued = [], []
-    for _ in range(40):
-        obs, info = env.reset()
-        mask = info["action_mask"]
-        if not mask[0] or not mask[1:].any():
-            continue  # no choice between local and cloud on this turn
-        assert obs[FEATURE_NAMES.index("local_wait")] == 0.0  # no load drawn: the environment's default
-        long_wait = obs.copy()
-        long_wait[FEATURE_NAMES.index("local_wait")] = observe(
-            ObsInputs(task="chat", prompt_chars=1, local_wait_s=30.0)
-        )[FEATURE_NAMES.index("local_wait")]
-        idle.append(np.exp(policy.log_probs(obs, mask)[0]))
-        queued.append(np.exp(policy.log_probs(long_wait, mask)[0]))
-    assert len(idle) >= 20
+    for _ in range(100):  # whole episodes, each turn played as the policy would
+        (obs, info), ended = env.reset(), False
+        while not ended:
+            mask = info["action_mask"]
+            if mask[0] and mask[1:].any():  # a choice between local and cloud on this turn
+                assert obs[wait] == 0.0  # no load drawn: the environment's default
+                long_wait = obs.copy()
+                long_wait[wait] = thirty_seconds
+                idle.append(np.exp(policy.log_probs(obs, mask)[0]))
+                queued.append(np.exp(policy.log_probs(long_wait, mask)[0]))
+            obs, _, done, truncated, info = env.step(int(np.argmax(policy.log_probs(obs, mask))))
+            ended = done or truncated
+    assert len(idle) >= 100
     falls = [q < i for i, q in zip(idle, queued, strict=True)]
     assert sum(falls) >= 0.9 * len(falls), (idle, queued)
     assert np.mean(queued) < 0.5 * np.mean(idle), (np.mean(idle), np.mean(queued))
