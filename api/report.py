@@ -14,7 +14,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from locod.daemon.config import Config
+from locod.daemon.config import CloudModelConfig, Config
 from locod.daemon.history import History, daily_cost, parse_since, read_history
 from locod.errors import LocodError, RequestError, install_hint
 from locod.words import counted
@@ -32,11 +32,12 @@ def write_report(config: Config, since: str = "7d", out: str | Path = "report.pn
     history = read_history(config.db_path, parse_since(since))
     if not history.turns:
         raise LocodError(f"no turns in the decision log {config.db_path} in the last {since}: nothing to draw")
-    png = render_png(history, config.cloud.daily_cap_usd, title=f"locod: the last {since}")
+    cloud = config.cloud_model(config.cloud.default) if config.cloud.models else None
+    png = render_png(history, config.cloud.daily_cap_usd, title=f"locod: the last {since}", cloud=cloud)
     if out.suffix.lower() == ".png":
         out.write_bytes(png)
     else:
-        out.write_text(_html(history, png, since, config.cloud.daily_cap_usd), encoding="utf-8")
+        out.write_text(_html(history, png, since, config.cloud.daily_cap_usd, cloud), encoding="utf-8")
     return out
 
 
@@ -53,16 +54,16 @@ def _pyplot() -> Any:
     return plt
 
 
-def render_png(history: History, daily_cap_usd: float, title: str) -> bytes:
+def render_png(history: History, daily_cap_usd: float, title: str, cloud: CloudModelConfig | None = None) -> bytes:
     plt = _pyplot()
-    fig = figure(history, daily_cap_usd, title)
+    fig = figure(history, daily_cap_usd, title, cloud)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=80)
     plt.close(fig)
     return buffer.getvalue()
 
 
-def figure(history: History, daily_cap_usd: float, title: str) -> Any:
+def figure(history: History, daily_cap_usd: float, title: str, cloud: CloudModelConfig | None = None) -> Any:
     """The report's matplotlib figure: eight panels, the last one the period's totals as text."""
     plt = _pyplot()
     fig, axes = plt.subplots(4, 2, figsize=(12, 13), constrained_layout=True)
@@ -77,32 +78,39 @@ def figure(history: History, daily_cap_usd: float, title: str) -> Any:
     _money(axes[1][1], history, daily_cap_usd)
     scale, unit = _energy_unit(history)
     axes[2][0].bar(times, [b.energy_j / scale for b in history.buckets], width, color="tab:olive")
-    axes[2][0].set(title="energy", ylabel=unit)
+    axes[2][0].set(title="device energy (estimated from tokens generated locally)", ylabel=unit)
     for location, colour in (("local", "tab:green"), ("cloud", "tab:blue")):
         values = [b.median_first_token(location) for b in history.buckets]
         axes[2][1].plot(times, values, marker="o", ms=3, color=colour, label=location)
     axes[2][1].set(title="first-token time (median)", ylabel="ms")
     axes[2][1].legend(loc="upper left")
     _labels(axes[3][0], history, times, width)
-    _summary(axes[3][1], history, daily_cap_usd)
+    _summary(axes[3][1], history, daily_cap_usd, cloud)
     ticks = times[:: -(-len(times) // MAX_TICKS)]
     for ax in [a for row in axes for a in row][:-1]:
         if ax.get_title() != "money per day":
             ax.set_xticks(ticks)
             ax.tick_params(axis="x", labelrotation=30)
             ax.xaxis.set_major_formatter(_date_format(history))
+            ax.set_xlabel("local time" if history.bucket_s < 86400 else "local day (month-day)")
     return fig
 
 
 def _satisfaction(ax: Any, history: History, times: list[dt.datetime], width: float) -> None:
     rates = [b.satisfaction for b in history.buckets]
-    ax.bar(times, [100 * r if r is not None else 0 for r in rates], width, color="tab:green", alpha=0.35)
+    bars = [100 * r if r is not None else 0 for r in rates]
+    ax.bar(times, bars, width, color="tab:green", alpha=0.35, label=f"per {_bucket_name(history.bucket_s)}")
     attained = [None if a is None else 100 * a for a in history.attained()]
-    ax.plot(times, attained, color="tab:green", marker="o", ms=3, label="attained so far")
+    ax.plot(times, attained, color="tab:green", marker="o", ms=3, label="so far")
     if history.sla is not None:
         ax.axhline(100 * history.sla, color="tab:red", ls="--", label=f"SLA target {history.sla:.0%}")
-    ax.set(title="satisfied share of labelled turns: per bucket (bars), so far (line)", ylabel="%", ylim=(0, 105))
+    ax.set(title="satisfied share of labelled routed turns", ylabel="%", ylim=(0, 105))
     ax.legend(loc="lower left")
+
+
+def _bucket_name(bucket_s: float) -> str:
+    """A bucket's length in words: ``day``, ``hour``, ``15 minutes``."""
+    return {86400: "day", 3600: "hour", 60: "minute"}.get(int(bucket_s), f"{bucket_s / 60:.0f} minutes")
 
 
 def _money(ax: Any, history: History, cap: float) -> None:
@@ -113,7 +121,7 @@ def _money(ax: Any, history: History, cap: float) -> None:
     if cap:
         ax.axhline(cap, color="tab:red", ls="--", label=f"daily cap ${cap:.2f}")
         ax.legend(loc="upper left")
-    ax.set(title="money per day", ylabel="USD")
+    ax.set(title="money per day", ylabel="USD", xlabel="local day (month-day)")
 
 
 def _labels(ax: Any, history: History, times: list[dt.datetime], width: float) -> None:
@@ -128,31 +136,45 @@ def _labels(ax: Any, history: History, times: list[dt.datetime], width: float) -
         ax.legend(loc="upper left")
 
 
-def _summary(ax: Any, history: History, cap: float) -> None:
+def _summary(ax: Any, history: History, cap: float, cloud: CloudModelConfig | None) -> None:
     ax.axis("off")
-    text = "\n".join(f"{k}: {v}" for k, v in summary(history, cap).items())
+    text = "\n".join(f"{k}: {v}" for k, v in summary(history, cap, cloud).items())
     ax.text(0.0, 1.0, text, va="top", family="monospace", parse_math=False)  # "$0.01 ... $0.02" is not TeX
 
 
-def summary(history: History, cap: float) -> dict[str, str]:
-    """The period's totals, as shown beside the charts."""
+def summary(history: History, cap: float, cloud: CloudModelConfig | None = None) -> dict[str, str]:
+    """The period's totals, as shown beside the charts; with ``cloud`` (the default cloud model), what the
+    turns would have cost had it answered the local ones too."""
     buckets = history.buckets
-    turns, cloud = history.turns, sum(b.cloud for b in buckets)
+    turns, in_cloud = history.turns, sum(b.cloud for b in buckets)
     labelled, satisfied = sum(b.labelled for b in buckets), sum(b.satisfied for b in buckets)
+    routed, estimated = sum(b.routed for b in buckets), sum(b.estimated for b in buckets)
     days = daily_cost(history)
     labels: dict[str, int] = {}
     for b in buckets:
         for source, n in b.labels.items():
             labels[source] = labels.get(source, 0) + n
     return {
-        "turns": f"{turns} ({cloud} cloud, {cloud / turns:.0%})",
-        "satisfaction": f"{satisfied}/{labelled} labelled" + (f" = {satisfied / labelled:.1%}" if labelled else ""),
+        "turns": f"{turns} ({in_cloud} cloud, {in_cloud / turns:.0%})",
+        "satisfaction": f"{satisfied}/{labelled} labelled of {routed} routed turns"
+        + (f" = {satisfied / labelled:.1%}" if labelled else ""),
         "SLA target": "n/a" if history.sla is None else f"{history.sla:.0%}",
+        "SLA attained": "see `locod status` (counts predictions too)",
         "money": f"${sum(days.values()):.5f}, most in a day ${max(days.values()):.5f}"
         + (f" (cap ${cap:.2f})" if cap else ""),
+        **({"all in the cloud": _all_cloud(history, cloud)} if cloud else {}),
+        **({"priced from text": f"{counted(estimated, 'turn')} (no usage reported)"} if estimated else {}),
         "energy": f"{sum(b.energy_j for b in buckets) / _energy_unit(history)[0]:.2f} {_energy_unit(history)[1]}",
         "labels": ", ".join(f"{k} {v}" for k, v in sorted(labels.items())) or "none",
     }
+
+
+def _all_cloud(history: History, cloud: CloudModelConfig) -> str:
+    """The money had ``cloud`` answered every turn: what was spent, plus the local answers' tokens (as the
+    local model counts them: an estimate) at its prices."""
+    tokens_in, tokens_out = (sum(b.local_tokens[i] for b in history.buckets) for i in (0, 1))
+    usd = sum(b.cost_usd for b in history.buckets) + cloud.price(tokens_in, tokens_out, 0)
+    return f"about ${usd:.5f} (local answers at {cloud.name}'s prices)"
 
 
 def _energy_unit(history: History) -> tuple[float, str]:
@@ -166,9 +188,9 @@ def _date_format(history: History) -> Any:
     return DateFormatter("%H:%M" if history.bucket_s < 86400 else "%m-%d")
 
 
-def _html(history: History, png: bytes, since: str, cap: float) -> str:
+def _html(history: History, png: bytes, since: str, cap: float, cloud: CloudModelConfig | None) -> str:
     rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary(history, cap).items()
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in summary(history, cap, cloud).items()
     )
     picture = base64.b64encode(png).decode()
     return (

@@ -17,6 +17,7 @@ from pathlib import Path
 from locod.daemon.records import iter_rows, read_rows
 from locod.daemon.tallies import local_midnight
 from locod.errors import RequestError
+from locod.protocol import ANSWERED
 
 UNITS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 BUCKETS_S = (60, 300, 900, 3600, 86400)
@@ -24,7 +25,7 @@ MAX_BUCKETS = 48
 # Where each turn was answered (after a fallback or an escalation, not where it was first sent).
 COLUMNS = (
     "created, COALESCE(backend, location) AS location, outcome, satisfied, label_source, q, sla, cost_usd, "
-    "energy_j, latency_first_token_ms"
+    "cost_estimated, energy_j, latency_first_token_ms, tokens_in, tokens_out"
 )
 
 # The period's first turn, and the SLA of its newest routed one (each an index search on ``created``).
@@ -48,10 +49,13 @@ class Bucket:
     start: float
     turns: int = 0
     cloud: int = 0
-    labelled: int = 0
+    routed: int = 0  # turns MESS+ routed (``sla`` recorded): the ones the SLA is about, not forced or named ones
+    labelled: int = 0  # of the routed turns
     satisfied: int = 0
     cost_usd: float = 0.0
+    estimated: int = 0  # turns priced from their text: the endpoint reported no usage
     energy_j: float = 0.0
+    local_tokens: list[int] = field(default_factory=lambda: [0, 0])  # in and out of the answers given locally
     q_sum: float = 0.0  # of the routed turns' Q, ``q_count`` of them
     q_count: int = 0
     first_token_ms: dict[str, list[float]] = field(default_factory=lambda: {"local": [], "cloud": []})
@@ -87,7 +91,8 @@ class History:
         return sum(b.turns for b in self.buckets)
 
     def attained(self) -> list[float | None]:
-        """Satisfaction attained so far at the end of each bucket (labelled turns only), as MESS+ counts it."""
+        """The satisfied share of the labelled routed turns so far, at the end of each bucket. Not MESS+'s
+        attainment (``locod status``), which counts an unlabelled turn by its prediction."""
         out: list[float | None] = []
         labelled = satisfied = 0
         for b in self.buckets:
@@ -118,15 +123,22 @@ def _add(bucket: Bucket, row: sqlite3.Row) -> None:
     bucket.turns += 1
     bucket.cloud += row["location"] == "cloud"
     bucket.cost_usd += row["cost_usd"] or 0.0
+    bucket.estimated += bool(row["cost_estimated"])
     bucket.energy_j += row["energy_j"] or 0.0
+    if row["location"] == "local" and row["outcome"] in ANSWERED:
+        bucket.local_tokens[0] += row["tokens_in"] or 0
+        bucket.local_tokens[1] += row["tokens_out"] or 0
     if row["q"] is not None:
         bucket.q_sum += row["q"]
         bucket.q_count += 1
     if row["latency_first_token_ms"] is not None and row["location"] in bucket.first_token_ms:
         bucket.first_token_ms[row["location"]].append(row["latency_first_token_ms"])
+    if row["sla"] is not None:
+        bucket.routed += 1
     if row["satisfied"] is not None:
-        bucket.labelled += 1
-        bucket.satisfied += row["satisfied"]
+        if row["sla"] is not None:  # a forced turn's label is collected (below), but the SLA does not cover it
+            bucket.labelled += 1
+            bucket.satisfied += row["satisfied"]
         source = row["label_source"] or "unknown"
         bucket.labels[source] = bucket.labels.get(source, 0) + 1
 
