@@ -518,12 +518,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows = [
         ("daemon", f"locod {status['version']}, pid {status['pid']}, up {status['uptime_s']:.0f} s"),
         ("local", _local_line(status["local"])),
-        ("cloud", f"{', '.join(c['models'])}; breaker {c['breaker']}; {_spending(c)}" if c["models"] else _no_cloud(c)),
+        ("cloud", f"{', '.join(c['models'])}; {_breakers(c)}; {_spending(c)}" if c["models"] else _no_cloud(c)),
         (
             "routing",
             f"mode {r['mode']}, policy {r.get('policy') or 'none (MESS+ alone)'}, SLA {r['sla']:.2f}, "
             f"attained {_fmt(r['attained'], '{:.3f}')} (labels where "
-            f"given, predictions otherwise) over {counted(r['turns'], 'turn')}, Q {r['q']:.2f}, "
+            f"given, predictions otherwise) over {counted(r['turns'], 'routed turn')}, Q {r['q']:.2f}, "
             f"{counted(r['shadow_labels'], 'shadow label')} and {counted(r['escalated_labels'], 'escalation label')}"
             + _out_of_reach(r, c),
         ),
@@ -646,6 +646,17 @@ def _no_cloud(cloud: dict[str, Any]) -> str:
     return "none configured: every turn is answered locally ([[cloud.models]], docs/configuration.md)" + (
         f"; today {dollars(spent)}" if spent else ""
     )
+
+
+def _breakers(cloud: dict[str, Any]) -> str:
+    """The breakers' state; with several endpoints and some open, which: "breaker open" alone, beside turns
+    answered in the cloud, read as if the cloud were off when only one model's endpoint was."""
+    states = cloud.get("breakers", {})  # an older daemon's status has no such field
+    opened = [url for url, state in states.items() if state == "open"]
+    if not opened or len(opened) == len(states):
+        return f"breaker {cloud['breaker']}"
+    others = len(states) - len(opened)
+    return f"breaker open for {', '.join(opened)} (the {'other is' if others == 1 else f'{others} others are'} closed)"
 
 
 def _spending(cloud: dict[str, Any]) -> str:
@@ -775,6 +786,18 @@ def _limit(text: str) -> int:
     if not 1 <= value <= 1000:
         raise argparse.ArgumentTypeError(f"must be between 1 and 1000, got {value}")
     return value
+
+
+def _since(text: str) -> str:
+    """``report --since``: a period checked as the command line is read, so a wrong one is a usage error
+    (exit 2, as every other wrong argument), not a refused request (exit 1)."""
+    from locod.daemon.history import parse_since
+
+    try:
+        parse_since(text)
+    except RequestError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--since ")) from None
+    return text
 
 
 def _column(row: dict[str, Any], column: str) -> str:
@@ -1325,7 +1348,7 @@ def _add_offline_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_models_rm)
 
     p = sub.add_parser("report", help="charts of what the router did, from the decision log")
-    p.add_argument("--since", default="7d", help="how far back: 30m, 12h, 7d, 4w (default 7d)")
+    p.add_argument("--since", type=_since, default="7d", help="how far back: 30m, 12h, 7d, 4w (default 7d)")
     p.add_argument("--out", default="report.png", help="report.png or report.html (default report.png)")
     p.set_defaults(func=cmd_report)
 
