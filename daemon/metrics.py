@@ -8,7 +8,7 @@ gauges (SLA attainment, Q, queue, breaker) from the live objects. Nothing is cou
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -31,9 +31,10 @@ class DaemonCollector(Collector):
         yield _histogram("locod_decision_seconds", "Time to decide where a turn runs.", finished, "latency_decide_ms")
         yield _histogram(
             "locod_first_token_seconds",
-            "Time from acceptance to the first answer token.",
+            "Time from acceptance to the first answer token, by where the turn finally ran.",
             finished,
             "latency_first_token_ms",
+            by_place=True,
         )
         yield from self._gauges()
 
@@ -42,7 +43,10 @@ class DaemonCollector(Collector):
         routing = d.learner.status()
         values = {
             "locod_sla_target": ("The SLA: the share of turns that should satisfy.", routing["sla"]),
-            "locod_sla_attainment": ("The share of settled turns that satisfied.", routing["attained"]),
+            "locod_sla_attainment": (
+                "The share of routed turns that satisfied (unlabelled: as predicted).",
+                routing["attained"],
+            ),
             "locod_q": ("MESS+'s virtual queue: how far behind the SLA routing is.", routing["q"]),
             "locod_turns_in_flight": ("Turns admitted and not answered yet.", d.in_flight()),
             "locod_local_queue_depth": ("Turns waiting for the local model.", d.local.gate.waiting),
@@ -79,11 +83,21 @@ def _turn_counters(finished: Finished) -> Iterator[Metric]:
     return iter((turns, tokens, money, energy))
 
 
-def _histogram(name: str, doc: str, finished: Finished, column: str) -> Metric:
-    """A latency column's histogram, in seconds (the log holds milliseconds)."""
-    counts, count, total_ms = finished.histogram(column)
+def _histogram(name: str, doc: str, finished: Finished, column: str, by_place: bool = False) -> Metric:
+    """A latency column's histogram, in seconds (the log holds milliseconds); ``by_place``: one per place the
+    turns ran, labelled ``location``, as local and cloud answers differ by an order of magnitude."""
+    if not by_place:
+        return HistogramMetricFamily(name, doc, **_buckets(finished.histogram(column), column))
+    family = HistogramMetricFamily(name, doc, labels=["location"])
+    for where in finished.places():
+        family.add_metric([where], **_buckets(finished.histogram(column, where), column))
+    return family
+
+
+def _buckets(histogram: tuple[list[int], int, float], column: str) -> dict[str, Any]:
+    counts, count, total_ms = histogram
     buckets = [(repr(b), c) for b, c in zip(HISTOGRAMS[column], counts)] + [("+Inf", count)]
-    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total_ms / 1000)
+    return {"buckets": buckets, "sum_value": total_ms / 1000}
 
 
 def registry(daemon: Daemon) -> CollectorRegistry:

@@ -149,11 +149,17 @@ class Finished:
             for (where, outcome), values in self.groups.items()
         ]
 
-    def histogram(self, column: str) -> tuple[list[int], int, float]:
-        """(cumulative counts at or under each of HISTOGRAMS[column]'s bounds, count, sum in ms)."""
+    def places(self) -> list[str]:
+        """Where the finished turns ran (``local``, ``cloud``), each once."""
+        return sorted({where for where, _ in self.groups})
+
+    def histogram(self, column: str, where: str | None = None) -> tuple[list[int], int, float]:
+        """(cumulative counts at or under each of HISTOGRAMS[column]'s bounds, count, sum in ms), of the turns
+        that ran ``where``, or of all."""
         start = HISTOGRAM_AT[column]
         columns = range(start, start + len(HISTOGRAMS[column]) + 2)
-        *counts, count, total = [sum(values[i] for values in self.groups.values()) for i in columns]
+        groups = [values for (place, _), values in self.groups.items() if where in (None, place)]
+        *counts, count, total = [sum(values[i] for values in groups) for i in columns]
         return [int(c) for c in counts], int(count), float(total)
 
 
