@@ -846,6 +846,13 @@ def cmd_feedback(args: argparse.Namespace) -> int:
     if "sla" not in result:  # a daemon of before the feedback result said it
         print(f"{labelled}; Q is now {result['q']:.2f}")
         return 0
+    if result.get("routed") is False:  # an older daemon's result has no such field
+        print(
+            f"{labelled}; the request chose where it ran (--force, --model, routing.mode), so it is no part of the "
+            f"SLA ({_fmt(result['attained'], '{:.3f}')} so far against {result['sla']:.2f}, over routed turns) "
+            "and MESS+ does not learn from it; `locod policy train --from-db` does"
+        )
+        return 0
     print(
         f"{labelled}; satisfaction so far {_fmt(result['attained'], '{:.3f}')} against the SLA {result['sla']:.2f}; "
         f"queue Q now {result['q']:.2f} (the shortfall the turns left: a higher Q sends more to the cloud)"

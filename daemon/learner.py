@@ -149,6 +149,7 @@ class Learner:
             "decision": decision_id,
             "satisfied": satisfied,
             "source": source,
+            "routed": labelled.routing is not None,  # else forced or named: no part of the SLA, nor MESS+'s learning
             "q": q,
             "attained": None if attained is None else round(attained, 4),
             "sla": sla,
