@@ -93,7 +93,7 @@ def test_the_cli_as_a_new_user_meets_it(daemon_factory: Any, tmp_path: Path) -> 
     handle = daemon_factory()
     assert handle.cli("ask", "Hi", "--max-tokens", "2").returncode == 0
     status = handle.cli("status").stdout
-    assert "over 1 turn," in status and "0 shadow labels and 0 escalation labels" in status, status
+    assert "over 1 routed turn," in status and "0 shadow labels and 0 escalation labels" in status, status
     assert "1 sessions" not in status and "1 misses" not in status
     documented = (REPO / "docs/protocol.md").read_text()
     whole = json.loads(handle.cli("status", "--json").stdout)
