@@ -848,8 +848,8 @@ def cmd_feedback(args: argparse.Namespace) -> int:
         return 0
     if result.get("routed") is False:  # an older daemon's result has no such field
         print(
-            f"{labelled}; the request chose where it ran (--force, --model, routing.mode), so it is no part of the "
-            f"SLA ({_fmt(result['attained'], '{:.3f}')} so far against {result['sla']:.2f}, over routed turns) "
+            f"{labelled}; the request or the config chose where it ran (--force, --model, routing.mode): no part "
+            f"of the SLA ({_fmt(result['attained'], '{:.3f}')} so far against {result['sla']:.2f}, over routed turns) "
             "and MESS+ does not learn from it; `locod policy train --from-db` does"
         )
         return 0
