@@ -229,15 +229,18 @@ class Learner:
         if graded.cancelled:  # its cost is counted: the endpoint has the question, and may bill it
             log.info("judge did not grade decision %d: the daemon stopped during its call", decision_id)
             return None
-        verdict = VERDICT.search(graded.text)
-        if verdict is None:
+        # One word was asked for: a reply that says both (the question's "YES or NO?" echoed before its
+        # verdict, or text injected into the graded answer) grades nothing rather than by its first word.
+        verdicts = {word.lower() for word in VERDICT.findall(graded.text)}
+        if len(verdicts) != 1:
             log.info(
-                "judge gave no verdict for decision %d (%d characters, neither yes nor no)",
+                "judge gave no verdict for decision %d (%d characters, %s)",
                 decision_id,
                 len(graded.text),
+                "both yes and no" if verdicts else "neither yes nor no",
             )
             return None
-        return verdict.group(1).lower() == "yes"
+        return verdicts.pop() == "yes"
 
     def _within_cap(self, model: CloudModelConfig, text: str, max_tokens: int) -> bool:
         """Whether a grading, at its longest verdict, fits what is left of today's daily cap: the cap keeps the

@@ -1,0 +1,105 @@
+"""Attack round 18: the learning loop. Each test is a label the router learned that nothing said: a judge
+reply holding both verdicts read as its first word, and a cloud answer without words taken as the
+reference a shadow answer disagreed with."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+from typing import Any
+
+import pytest
+
+from .conftest import wait_for
+from .faultproxy import serve, shut
+from .test_routing import auto_config
+
+
+class ScriptedCloud:
+    """An OpenAI-compatible endpoint on loopback whose every answer (turn or grading) is ``text``, streamed
+    whole with a clean finish: a cloud or judge that says exactly what a test needs it to say."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.lock = threading.Lock()
+        cloud = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._send("application/json", json.dumps({"object": "list", "data": [{"id": "cloud-small"}]}))
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                with cloud.lock:
+                    text = cloud.text
+                events = [
+                    {"choices": [{"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": None}]},
+                    {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                    {"choices": [], "usage": {"prompt_tokens": 20, "completion_tokens": 2, "total_tokens": 22}},
+                ]
+                body = "".join(
+                    "data: "
+                    + json.dumps({"id": "s", "object": "chat.completion.chunk", "model": "cloud-small", **e})
+                    + "\n\n"
+                    for e in events
+                )
+                self._send("text/event-stream", body + "data: [DONE]\n\n")
+
+            def _send(self, kind: str, body: str) -> None:
+                payload = body.encode()
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+        self.server = serve(Handler)
+        self.base_url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def says(self, text: str) -> None:
+        with self.lock:
+            self.text = text
+
+
+@pytest.fixture
+def scripted() -> Iterator[ScriptedCloud]:
+    cloud = ScriptedCloud()
+    yield cloud
+    shut(cloud.server)
+
+
+def test_a_judge_reply_saying_both_yes_and_no_is_no_verdict(daemon_factory: Any, scripted: ScriptedCloud) -> None:
+    """The judge is asked for one word, YES or NO, and its verdict was the first of them found anywhere in
+    its reply: a judge that echoed the question's "YES or NO?" before answering NO (as small models do), or
+    whose reply carried text injected from the graded answer, labelled the turn good and trained the router
+    on it. A reply that says both is now no verdict (logged); one that says one of them still labels."""
+    handle = daemon_factory(auto_config(scripted.base_url, judge=True, explore_c=10.0))  # every turn explores
+    client = handle.client()
+
+    def graded(decision: int, said: str) -> dict[str, Any]:
+        def done() -> dict[str, Any] | None:
+            row = handle.rows("SELECT * FROM decisions WHERE id = ?", (decision,))[0]
+            return row if row["satisfied"] is not None or said in handle.log() else None
+
+        return wait_for(done, 120, f"the judge's grading of decision {decision}")  # type: ignore[no-any-return]
+
+    scripted.says("YES or NO? NO.")
+    first = client.ask("Is the sky green?", max_tokens=4).decision
+    assert first.explored
+    row = graded(
+        first.decision, f"judge gave no verdict for decision {first.decision} (14 characters, both yes and no)"
+    )
+    assert row["satisfied"] is None and row["label_source"] is None
+    assert client.status()["routing"]["labels"] == {}
+
+    scripted.says("No.")
+    second = client.ask("Is the sea dry?", max_tokens=4).decision
+    row = graded(second.decision, f"judge gave no verdict for decision {second.decision}")
+    assert row["satisfied"] == 0 and row["label_source"] == "judge"
