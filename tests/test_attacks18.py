@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 
-from .conftest import wait_for
+from .conftest import cloud_config, wait_for
 from .faultproxy import serve, shut
 from .test_routing import auto_config
+
+LOCAL = "smollm2-135m-instruct"
 
 
 class ScriptedCloud:
@@ -103,3 +105,29 @@ def test_a_judge_reply_saying_both_yes_and_no_is_no_verdict(daemon_factory: Any,
     second = client.ask("Is the sea dry?", max_tokens=4).decision
     row = graded(second.decision, f"judge gave no verdict for decision {second.decision}")
     assert row["satisfied"] == 0 and row["label_source"] == "judge"
+
+
+def test_a_cloud_answer_without_words_labels_no_shadow_answer(daemon_factory: Any, scripted: ScriptedCloud) -> None:
+    """A shadow answer is graded by its word overlap with the cloud's answer. A cloud answer with no words
+    (an emoji, punctuation) overlaps with nothing, so every shadow answer of such a turn was labelled bad
+    and trained the local model's predictor down, whatever the local model said. Now such a turn gives no
+    shadow label (logged), and a cloud answer with words still grades the next one."""
+    config = cloud_config(scripted.base_url, timeout_s=60.0)
+    config["routing"]["shadow"] = "always"
+    handle = daemon_factory(config)
+    client = handle.client()
+
+    scripted.says("\N{THUMBS UP SIGN}")
+    first = client.ask("What is the capital of France?", max_tokens=8, temperature=0.0)
+    assert first.decision.location == "cloud" and first.text == "\N{THUMBS UP SIGN}"
+    said = f"no shadow label for decision {first.decision.decision}: the cloud's answer has no words to compare with"
+    wait_for(lambda: said in handle.log() or handle.rows()[0]["shadow"], 120, "the shadow answer")
+    assert handle.rows()[0]["shadow"] is None and said in handle.log()
+    routing = client.status()["routing"]
+    assert routing["shadow_labels"] == 0 and routing["labels"].get(LOCAL, 0) == 0
+
+    scripted.says("Paris is the capital of France.")
+    second = client.ask("What is the capital of France?", max_tokens=8, temperature=0.0).decision
+    (row,) = wait_for(lambda: [r for r in handle.rows() if r["shadow"]], 120, "the second shadow answer")
+    assert row["id"] == second.decision and json.loads(row["shadow"])["grader"] == "overlap"
+    assert client.status()["routing"]["shadow_labels"] == 1
