@@ -57,8 +57,11 @@ class Learner:
         self._judging = threading.BoundedSemaphore(MAX_JUDGING)  # a slot per grading queued or running
         self._judge_full = Throttle(log)
         self._save_failed = False  # log a failing save once, not every turn
-        # Labels that came between a turn's done frame and its settling (learning runs after the reply):
-        # applied when it settles, so that the label, not the prediction, moves the queue.
+        # Routed turns whose done frame is out and whose settling is still to come (learning runs after the
+        # reply), and the labels that came meanwhile: applied when it settles, so that the label, not the
+        # prediction, moves the queue. Any other turn's label trains at once: one settled in an earlier run,
+        # or in this one whether or not MESS+ still holds its prediction (it keeps the last 10,000).
+        self._settling: set[int] = set()
         self._early: dict[int, tuple[LabelTarget, bool]] = {}
         self.shadow_labels, self.escalated_labels = records.local_labels()
         self.found_priors: dict[str, Prior] = {}
@@ -105,6 +108,12 @@ class Learner:
                 log.info("MESS+ predictor for %s starts from the prior fitted on %s", name, prior.source)
         return mess
 
+    def will_settle(self, decision_id: int, decision: Decision) -> None:
+        """Before an answered turn's done frame: a label its client sends at once waits for its settling."""
+        if decision.routing is not None and decision.routing.s_hat_taken is not None:
+            with self.lock:
+                self._settling.add(decision_id)
+
     def settle(self, decision_id: int, decision: Decision, question: str, answer: str, private: bool = False) -> None:
         """Settle the queue with the prediction for what answered (labels come later), and have an explored
         turn graded by the judge when one is configured; never an answer made from private material
@@ -114,6 +123,7 @@ class Learner:
         if routing is None or routing.s_hat_taken is None:
             return
         with self.lock:
+            self._settling.discard(decision_id)
             self.mess.settle(decision_id, decision.model, routing.s_hat_taken)
             early = self._early.pop(decision_id, None)
             if early is not None:
@@ -135,11 +145,9 @@ class Learner:
     def feedback(self, decision_id: int, satisfied: bool, source: str) -> dict[str, Any]:
         labelled = self.records.label(decision_id, satisfied, source)  # refuses a turn still running
         with self.lock:
-            routing = labelled.routing
-            settling = decision_id > self.records.last_before_start and decision_id not in self.mess.state.pending
-            if routing is not None and routing.s_hat_taken is not None and settling:
+            if decision_id in self._settling:
                 self._early[decision_id] = (labelled, satisfied)  # answered, not settled yet: at its settling
-                while len(self._early) > MAX_EARLY:  # a turn whose settling never came (the daemon died)
+                while len(self._early) > MAX_EARLY:  # a turn whose settling never came (it failed on the way)
                     del self._early[next(iter(self._early))]
             else:
                 self._apply_label(decision_id, labelled, satisfied)

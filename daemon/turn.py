@@ -543,6 +543,7 @@ class TurnRunner:
         slots = tuple(i in decision.send for i in range(len(turn.attachments)))
         trail = TurnTrail(decision.location, slots, turn.task)
         self.sessions.record(turn.session, turn.request.messages, g.text, trail, private, turn.sent_private)
+        self.learner.will_settle(decision_id, decision)
         reply.send(self._done(decision_id, turn, ending))
         self.learner.settle(decision_id, decision, turn.request.prompt, g.text, private)  # learning after the reply
         if shadow is not None:

@@ -8,12 +8,15 @@ import json
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from locod.policy.messplus import MessPlus
+
 from .conftest import cloud_config, wait_for
-from .faultproxy import serve, shut
+from .faultproxy import FaultProxy, serve, shut
 from .test_routing import auto_config
 
 LOCAL = "smollm2-135m-instruct"
@@ -131,3 +134,29 @@ def test_a_cloud_answer_without_words_labels_no_shadow_answer(daemon_factory: An
     (row,) = wait_for(lambda: [r for r in handle.rows() if r["shadow"]], 120, "the second shadow answer")
     assert row["id"] == second.decision and json.loads(row["shadow"])["grader"] == "overlap"
     assert client.status()["routing"]["shadow_labels"] == 1
+
+
+def test_a_label_for_a_turn_whose_pending_prediction_was_dropped_still_trains(
+    daemon_factory: Any, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """MESS+ keeps the predictions of the last 10,000 settled turns for their labels to correct; an older one
+    is dropped. The learner took a turn of this run that was not among them for one not settled yet, and
+    held its label for a settling that had come and gone: stored as given and answered, it never trained the
+    predictor. Here the router state holds 10,000 predictions of an earlier decision log (restored from
+    another backup than the state), the first for decision 1, so this run's second turn drops the first's
+    prediction as 10,000 more turns would. Now the label trains the model that answered."""
+    state = tmp_path / "d" / "state"
+    state.mkdir(parents=True)
+    kept = MessPlus({LOCAL: 0.5, "cloud-small": 0.9}, sla=0.8, v=20.0, explore_c=0.0, q_cap=50.0)
+    kept.path = state / "messplus.npz"
+    for decision in (1, *range(3, 10_002)):  # not 2: this run's second turn adds its own
+        kept.settle(decision, LOCAL, 0.5)
+    kept.save()
+    handle = daemon_factory(auto_config(proxy.base_url))
+    client = handle.client()
+    first = client.ask("Hi", max_tokens=2).decision
+    client.ask("Hello", max_tokens=2)
+    wait_for(lambda: client.status()["routing"]["turns"] == 10_002, 60, "the second turn's settling")
+    before = client.status()["routing"]["labels"].get(first.model, 0)
+    client.feedback(first.decision, True)
+    assert client.status()["routing"]["labels"].get(first.model, 0) == before + 1
