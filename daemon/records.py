@@ -480,10 +480,12 @@ class DecisionLog:
             self.db.table("decisions").update(decision_id, {"shadow": json.dumps(asdict(result))})
 
     def local_labels(self) -> tuple[int, int]:
-        """Labels the local model got without the user: (shadow answers, escalated answers), as recorded."""
+        """Labels the local model got without the user: (shadow answers, escalated answers), as recorded. An
+        escalated answer whose cloud answer had no words to grade it against has none (daemon/shadow.py)."""
         sql = "SELECT (SELECT COUNT(*) FROM decisions WHERE {}), (SELECT COUNT(*) FROM decisions WHERE {})"
+        graded = f"{ESCALATED_JUDGED} AND json_extract(confidence, '$.label') IS NOT NULL"  # within its index
         with self._reading("counting local labels") as conn:
-            shadows, escalated = conn.execute(sql.format(SHADOWED, ESCALATED_JUDGED)).fetchone()
+            shadows, escalated = conn.execute(sql.format(SHADOWED, graded)).fetchone()
         return int(shadows), int(escalated)
 
     def add_cost(self, decision_id: int, usd: float) -> None:

@@ -13,10 +13,12 @@ from typing import Any
 
 import pytest
 
+from locod.daemon.records import DecisionLog
 from locod.policy.messplus import MessPlus
 
 from .conftest import cloud_config, wait_for
 from .faultproxy import FaultProxy, serve, shut
+from .test_escalation import _daemon, _head
 from .test_routing import auto_config
 
 LOCAL = "smollm2-135m-instruct"
@@ -160,3 +162,22 @@ def test_a_label_for_a_turn_whose_pending_prediction_was_dropped_still_trains(
     before = client.status()["routing"]["labels"].get(first.model, 0)
     client.feedback(first.decision, True)
     assert client.status()["routing"]["labels"].get(first.model, 0) == before + 1
+
+
+def test_an_escalated_answer_is_not_graded_against_a_cloud_answer_without_words(
+    daemon_factory: Any, tmp_path: Path, scripted: ScriptedCloud
+) -> None:
+    """An escalated local answer is graded by its word overlap with the cloud's answer, as a shadow answer
+    is: against a cloud answer without words it was labelled bad whatever it said, and counted as an
+    escalation label. Now it gets no label, and a restart, which counts them from the log, agrees."""
+    scripted.says("\N{THUMBS UP SIGN}")
+    unsure = _head(min_weight=1000.0, bias=10.0)  # as test_escalation's: no real answer is sure enough
+    handle = _daemon(daemon_factory, tmp_path, scripted, unsure, "unsure")  # type: ignore[arg-type]
+    result = handle.client().ask("What is the plural of mouse?", max_tokens=24, temperature=0.0)
+    assert result.escalated is not None and result.done.outcome == "escalated"
+    assert json.loads(handle.rows()[0]["confidence"])["label"] is None
+    routing = handle.client().status()["routing"]
+    assert routing["labels"][LOCAL] == 1 and routing["escalated_labels"] == 0  # the one the head came with
+
+    handle.stop()
+    assert DecisionLog(handle.db_path).local_labels() == (0, 0)  # what the next start counts
