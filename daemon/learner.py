@@ -99,8 +99,9 @@ class Learner:
             path=Path(config.paths.state_dir) / "messplus.npz",
             state=state,
         )
+        first_decision = self.records.newest() + 1  # the first a replaced file may have answered
         for model in config.local.models:
-            _start_over_if_replaced(mess, model.name, resolve_path(model, config.models_dir))
+            _start_over_if_replaced(mess, model.name, resolve_path(model, config.models_dir), first_decision)
         for name, prior in priors.items():
             was = before.get(name)
             # Said at start and when the prior changes: a model without labels would say it at every reload.
@@ -166,7 +167,13 @@ class Learner:
     def _apply_label(self, decision_id: int, labelled: LabelTarget, satisfied: bool) -> None:
         """Train on a label and let it correct the queue (called with the lock held)."""
         if labelled.routing is not None:
-            self.mess.label(decision_id, labelled.model, labelled.routing.features.vector(), satisfied)
+            if not self.mess.label(decision_id, labelled.model, labelled.routing.features.vector(), satisfied):
+                log.info(
+                    "label for decision %d trains nothing: %s answered it from the file that name stood for before",
+                    decision_id,
+                    labelled.model,
+                )
+                return
             judged = labelled.confidence
             if judged is not None and judged.kept and judged.model == labelled.model:
                 self._train_confidence(judged, satisfied)
@@ -319,13 +326,14 @@ class Learner:
             self._save_failed = True
 
 
-def _start_over_if_replaced(mess: MessPlus, model: str, gguf: Path) -> None:
-    """Start a local model's predictor over when its file is not the one it learned on."""
+def _start_over_if_replaced(mess: MessPlus, model: str, gguf: Path, first_decision: int) -> None:
+    """Start a local model's predictor over when its file is not the one it learned on, learning from the
+    labels of ``first_decision`` on."""
     try:
         size = gguf.stat().st_size
     except OSError:  # not there or not readable: routing says so, once (daemon/modelfile.py)
         return
-    learned_on = mess.start_over_if_replaced(model, size)
+    learned_on = mess.start_over_if_replaced(model, size, first_decision)
     if learned_on is not None:
         log.warning(
             "local model %s is now %s (%d bytes), not the %d-byte file its predictor learned on: "

@@ -479,6 +479,11 @@ class DecisionLog:
         with self._writing("recording a shadow answer"):
             self.db.table("decisions").update(decision_id, {"shadow": json.dumps(asdict(result))})
 
+    def newest(self) -> int:
+        """The newest decision's id (0 in an empty log)."""
+        with self._reading("finding the newest decision") as conn:
+            return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM decisions").fetchone()[0])
+
     def local_labels(self) -> tuple[int, int]:
         """Labels the local model got without the user: (shadow answers, escalated answers), as recorded. An
         escalated answer whose cloud answer had no words to grade it against has none (daemon/shadow.py)."""

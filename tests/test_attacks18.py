@@ -5,6 +5,7 @@ reference a shadow answer disagreed with."""
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
@@ -22,6 +23,7 @@ from .test_escalation import _daemon, _head
 from .test_routing import auto_config
 
 LOCAL = "smollm2-135m-instruct"
+MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class ScriptedCloud:
@@ -181,3 +183,37 @@ def test_an_escalated_answer_is_not_graded_against_a_cloud_answer_without_words(
 
     handle.stop()
     assert DecisionLog(handle.db_path).local_labels() == (0, 0)  # what the next start counts
+
+
+def test_a_label_for_an_answer_of_a_replaced_model_file_trains_nothing(
+    daemon_factory: Any, proxy: FaultProxy, models_dir: Path, tmp_path: Path
+) -> None:
+    """A local model whose name now stands for another GGUF starts its predictor over: the old file's
+    competence is not the new one's. But a label that came afterwards for a turn the old file answered
+    trained the new file's predictor (and confidence head) all the same. Now it corrects the queue and
+    trains nothing, and the log says why; a turn the new file answered trains it, also after a restart."""
+    model = tmp_path / "local.gguf"
+    shutil.copy(models_dir / MODEL_FILE, model)
+    config = auto_config(proxy.base_url, sla=0.05)  # local answers: its predicted satisfaction is enough
+    config["local"] = {"models": [{"name": LOCAL, "path": str(model)}]}  # the embedded model's name, this file
+    first = daemon_factory(config)
+    old = first.client().ask("Hi", max_tokens=2).decision
+    assert old.location == "local"
+    first.stop()
+    with model.open("ab") as f:  # a new version of another size
+        f.write(bytes(4096))
+
+    second = daemon_factory(config, name="d")
+    assert f"local model {LOCAL} is now" in second.log()
+    client = second.client()
+    new = client.ask("Hello", max_tokens=2).decision
+    assert new.location == "local"
+    assert client.feedback(old.decision, True)["source"] == "user"
+    assert client.status()["routing"]["predictors"][LOCAL]["labels"] == 0
+    assert f"label for decision {old.decision} trains nothing" in second.log()
+    second.stop()
+
+    third = daemon_factory(config, name="d")  # the file's first decision is kept with the state
+    client = third.client()
+    client.feedback(new.decision, False)
+    assert client.status()["routing"]["predictors"][LOCAL]["labels"] == 1
