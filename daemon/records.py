@@ -430,7 +430,13 @@ class DecisionLog:
                 raise UnknownDecision(
                     f"decision {decision_id} is already labelled {given}; a label is final", code="already_labelled"
                 )
-            if rows[0]["outcome"] == "pending" or decision_id in self._unwritten:
+            if decision_id in self._unwritten:  # answered: write_unwritten above could not complete its record
+                raise StorageError(
+                    f"decision {decision_id} was answered, but its record is held back until the decision log "
+                    "can be written again; label it then",
+                    code=self._failing or "storage",
+                )
+            if rows[0]["outcome"] == "pending":
                 raise UnknownDecision(
                     f"decision {decision_id} is still running; label it once it has answered", code="not_finished"
                 )

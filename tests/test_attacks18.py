@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 
 from locod.daemon.records import DecisionLog
+from locod.errors import LocodError
 from locod.policy.messplus import MessPlus
+from locod.protocol import DecisionFrame
 
-from .conftest import cloud_config, wait_for
+from .conftest import cloud_config, fill_disk, start_daemon, wait_for
 from .faultproxy import FaultProxy, serve, shut
 from .test_escalation import _daemon, _head
 from .test_routing import auto_config
@@ -217,3 +219,40 @@ def test_a_label_for_an_answer_of_a_replaced_model_file_trains_nothing(
     client = third.client()
     client.feedback(new.decision, False)
     assert client.status()["routing"]["predictors"][LOCAL]["labels"] == 1
+
+
+def test_a_label_for_a_turn_whose_record_a_full_disk_holds_back_says_so_and_trains_once_written(
+    tmp_path: Path, models_dir: Path, small_disk: Path
+) -> None:
+    """A turn answered while the disk was full keeps its record's completion in memory (record_not_committed).
+    A label for it was refused as for a turn "still running; label it once it has answered", which it had;
+    and once the disk had room the label was stored but waited for a settling the failed turn never got,
+    so it never trained. Now the refusal names the full disk, and the label sent once it has room trains."""
+    handle = start_daemon(tmp_path / "d", models_dir, {}, extra_env={"LOCOD_STATE_DIR": str(small_disk)})
+    filler = small_disk / "filler"
+    try:
+        client = handle.client()
+        assert client.ask("before the disk fills", max_tokens=2).done.outcome == "ok"
+        held: tuple[int, LocodError] | None = None
+        for i in range(20):  # a completion written into the WAL's spare room succeeds: try again
+            decision = 0
+            try:
+                for frame in client.chat(f"Write a long essay about the ocean, part {i}.", max_tokens=24):
+                    if isinstance(frame, DecisionFrame):
+                        decision = frame.decision
+                        fill_disk(filler)
+            except LocodError as exc:
+                held = decision, exc
+                break
+            filler.unlink()
+        assert held is not None and held[1].code == "record_not_committed", held
+        with pytest.raises(LocodError) as refused:
+            client.feedback(held[0], True)
+        assert refused.value.code == "disk_full" and "was answered" in refused.value.message, refused.value
+        filler.unlink()
+        labels = client.status()["routing"]["labels"].get(LOCAL, 0)
+        assert client.feedback(held[0], True)["satisfied"] is True
+        assert client.status()["routing"]["labels"].get(LOCAL, 0) == labels + 1
+    finally:
+        filler.unlink(missing_ok=True)
+        handle.stop()
