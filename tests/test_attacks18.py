@@ -1,6 +1,7 @@
-"""Attack round 18: the learning loop. Each test is a label the router learned that nothing said: a judge
-reply holding both verdicts read as its first word, and a cloud answer without words taken as the
-reference a shadow answer disagreed with."""
+"""Attack round 18: the learning loop. Each test is a label the router learned that nothing said (a judge
+reply holding both verdicts, a cloud answer without words taken as the reference a local answer disagreed
+with, an old model file's answer training the file that replaced it), or a label given that never trained
+(a turn whose prediction MESS+ no longer held, a turn whose record a full disk held back)."""
 
 from __future__ import annotations
 
