@@ -57,8 +57,11 @@ class Learner:
         self._judging = threading.BoundedSemaphore(MAX_JUDGING)  # a slot per grading queued or running
         self._judge_full = Throttle(log)
         self._save_failed = False  # log a failing save once, not every turn
-        # Labels that came between a turn's done frame and its settling (learning runs after the reply):
-        # applied when it settles, so that the label, not the prediction, moves the queue.
+        # Routed turns whose done frame is out and whose settling is still to come (learning runs after the
+        # reply), and the labels that came meanwhile: applied when it settles, so that the label, not the
+        # prediction, moves the queue. Any other turn's label trains at once: one settled in an earlier run,
+        # or in this one whether or not MESS+ still holds its prediction (it keeps the last 10,000).
+        self._settling: set[int] = set()
         self._early: dict[int, tuple[LabelTarget, bool]] = {}
         self.shadow_labels, self.escalated_labels = records.local_labels()
         self.found_priors: dict[str, Prior] = {}
@@ -96,14 +99,21 @@ class Learner:
             path=Path(config.paths.state_dir) / "messplus.npz",
             state=state,
         )
+        first_decision = self.records.newest() + 1  # the first a replaced file may have answered
         for model in config.local.models:
-            _start_over_if_replaced(mess, model.name, resolve_path(model, config.models_dir))
+            _start_over_if_replaced(mess, model.name, resolve_path(model, config.models_dir), first_decision)
         for name, prior in priors.items():
             was = before.get(name)
             # Said at start and when the prior changes: a model without labels would say it at every reload.
             if mess.warm_start(name, prior) and (was is None or was.source != prior.source):
                 log.info("MESS+ predictor for %s starts from the prior fitted on %s", name, prior.source)
         return mess
+
+    def will_settle(self, decision_id: int, decision: Decision) -> None:
+        """Before an answered turn's done frame: a label its client sends at once waits for its settling."""
+        if decision.routing is not None and decision.routing.s_hat_taken is not None:
+            with self.lock:
+                self._settling.add(decision_id)
 
     def settle(self, decision_id: int, decision: Decision, question: str, answer: str, private: bool = False) -> None:
         """Settle the queue with the prediction for what answered (labels come later), and have an explored
@@ -114,6 +124,7 @@ class Learner:
         if routing is None or routing.s_hat_taken is None:
             return
         with self.lock:
+            self._settling.discard(decision_id)
             self.mess.settle(decision_id, decision.model, routing.s_hat_taken)
             early = self._early.pop(decision_id, None)
             if early is not None:
@@ -135,11 +146,9 @@ class Learner:
     def feedback(self, decision_id: int, satisfied: bool, source: str) -> dict[str, Any]:
         labelled = self.records.label(decision_id, satisfied, source)  # refuses a turn still running
         with self.lock:
-            routing = labelled.routing
-            settling = decision_id > self.records.last_before_start and decision_id not in self.mess.state.pending
-            if routing is not None and routing.s_hat_taken is not None and settling:
+            if decision_id in self._settling:
                 self._early[decision_id] = (labelled, satisfied)  # answered, not settled yet: at its settling
-                while len(self._early) > MAX_EARLY:  # a turn whose settling never came (the daemon died)
+                while len(self._early) > MAX_EARLY:  # a turn whose settling never came (it failed on the way)
                     del self._early[next(iter(self._early))]
             else:
                 self._apply_label(decision_id, labelled, satisfied)
@@ -158,7 +167,13 @@ class Learner:
     def _apply_label(self, decision_id: int, labelled: LabelTarget, satisfied: bool) -> None:
         """Train on a label and let it correct the queue (called with the lock held)."""
         if labelled.routing is not None:
-            self.mess.label(decision_id, labelled.model, labelled.routing.features.vector(), satisfied)
+            if not self.mess.label(decision_id, labelled.model, labelled.routing.features.vector(), satisfied):
+                log.info(
+                    "label for decision %d trains nothing: %s answered it from the file that name stood for before",
+                    decision_id,
+                    labelled.model,
+                )
+                return
             judged = labelled.confidence
             if judged is not None and judged.kept and judged.model == labelled.model:
                 self._train_confidence(judged, satisfied)
@@ -229,15 +244,18 @@ class Learner:
         if graded.cancelled:  # its cost is counted: the endpoint has the question, and may bill it
             log.info("judge did not grade decision %d: the daemon stopped during its call", decision_id)
             return None
-        verdict = VERDICT.search(graded.text)
-        if verdict is None:
+        # One word was asked for: a reply that says both (the question's "YES or NO?" echoed before its
+        # verdict, or text injected into the graded answer) grades nothing rather than by its first word.
+        verdicts = {word.lower() for word in VERDICT.findall(graded.text)}
+        if len(verdicts) != 1:
             log.info(
-                "judge gave no verdict for decision %d (%d characters, neither yes nor no)",
+                "judge gave no verdict for decision %d (%d characters, %s)",
                 decision_id,
                 len(graded.text),
+                "both yes and no" if verdicts else "neither yes nor no",
             )
             return None
-        return verdict.group(1).lower() == "yes"
+        return verdicts.pop() == "yes"
 
     def _within_cap(self, model: CloudModelConfig, text: str, max_tokens: int) -> bool:
         """Whether a grading, at its longest verdict, fits what is left of today's daily cap: the cap keeps the
@@ -308,13 +326,14 @@ class Learner:
             self._save_failed = True
 
 
-def _start_over_if_replaced(mess: MessPlus, model: str, gguf: Path) -> None:
-    """Start a local model's predictor over when its file is not the one it learned on."""
+def _start_over_if_replaced(mess: MessPlus, model: str, gguf: Path, first_decision: int) -> None:
+    """Start a local model's predictor over when its file is not the one it learned on, learning from the
+    labels of ``first_decision`` on."""
     try:
         size = gguf.stat().st_size
     except OSError:  # not there or not readable: routing says so, once (daemon/modelfile.py)
         return
-    learned_on = mess.start_over_if_replaced(model, size)
+    learned_on = mess.start_over_if_replaced(model, size, first_decision)
     if learned_on is not None:
         log.warning(
             "local model %s is now %s (%d bytes), not the %d-byte file its predictor learned on: "

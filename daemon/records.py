@@ -186,17 +186,16 @@ class DecisionLog:
         self._failing: str | None = None  # the code of the last write's failure, until a write succeeds
         self._wal_warned = 0  # the WAL's size when that was last logged
         self._unwritten: dict[int, dict[str, Any]] = {}  # decision -> its completion, not on disk yet
-        self.interrupted_at_start, self.last_before_start = self._migrate_and_mark_interrupted()
+        self.interrupted_at_start = self._migrate_and_mark_interrupted()
         self._recent_sql = _recent_query(self.db["decisions"].columns_dict)
         self._reader = _open_reader(path)
         self._read_lock = threading.Lock()
         self.today = DailyTally(self._reading)  # what the daily cap and status ask every turn
         self.finished = FinishedSums(self._reading)  # what /metrics asks every scrape
 
-    def _migrate_and_mark_interrupted(self) -> tuple[int, int]:
+    def _migrate_and_mark_interrupted(self) -> int:
         """The start's one write: the schema brought up to this code's, and the turns a daemon that died
-        mid-turn left ``pending`` marked ``interrupted``. Returns how many it marked, and the newest decision
-        id before this start."""
+        mid-turn left ``pending`` marked ``interrupted``. Returns how many it marked."""
         with self._writing("migrate"):
             found = self._migrate()
             interrupted = self.db.execute(  # finished: when this start found it so
@@ -204,9 +203,6 @@ class DecisionLog:
                 f"finished = ? WHERE {PENDING}",
                 [time.time()],
             ).rowcount
-            # A turn of an earlier start that a label comes for is never settled by this one: the label
-            # trains at once (Learner.feedback), whether or not the router state still holds its settling.
-            last_before_start = int(self.db.execute("SELECT COALESCE(MAX(id), 0) FROM decisions").fetchone()[0])
         if 0 < found < len(MIGRATIONS):  # said once committed: an upgrade's way back is its backup now
             log.info(
                 "decision log %s migrated from schema %d to %d: a locod older than this one cannot use it now, "
@@ -215,7 +211,7 @@ class DecisionLog:
                 found,
                 len(MIGRATIONS),
             )
-        return interrupted, last_before_start
+        return interrupted
 
     @contextmanager
     def _reading(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -434,7 +430,13 @@ class DecisionLog:
                 raise UnknownDecision(
                     f"decision {decision_id} is already labelled {given}; a label is final", code="already_labelled"
                 )
-            if rows[0]["outcome"] == "pending" or decision_id in self._unwritten:
+            if decision_id in self._unwritten:  # answered: write_unwritten above could not complete its record
+                raise StorageError(
+                    f"decision {decision_id} was answered, but its record is held back until the decision log "
+                    "can be written again; label it then",
+                    code=self._failing or "storage",
+                )
+            if rows[0]["outcome"] == "pending":
                 raise UnknownDecision(
                     f"decision {decision_id} is still running; label it once it has answered", code="not_finished"
                 )
@@ -483,11 +485,18 @@ class DecisionLog:
         with self._writing("recording a shadow answer"):
             self.db.table("decisions").update(decision_id, {"shadow": json.dumps(asdict(result))})
 
+    def newest(self) -> int:
+        """The newest decision's id (0 in an empty log)."""
+        with self._reading("finding the newest decision") as conn:
+            return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM decisions").fetchone()[0])
+
     def local_labels(self) -> tuple[int, int]:
-        """Labels the local model got without the user: (shadow answers, escalated answers), as recorded."""
+        """Labels the local model got without the user: (shadow answers, escalated answers), as recorded. An
+        escalated answer whose cloud answer had no words to grade it against has none (daemon/shadow.py)."""
         sql = "SELECT (SELECT COUNT(*) FROM decisions WHERE {}), (SELECT COUNT(*) FROM decisions WHERE {})"
+        graded = f"{ESCALATED_JUDGED} AND json_extract(confidence, '$.label') IS NOT NULL"  # within its index
         with self._reading("counting local labels") as conn:
-            shadows, escalated = conn.execute(sql.format(SHADOWED, ESCALATED_JUDGED)).fetchone()
+            shadows, escalated = conn.execute(sql.format(SHADOWED, graded)).fetchone()
         return int(shadows), int(escalated)
 
     def add_cost(self, decision_id: int, usd: float) -> None:

@@ -51,6 +51,14 @@ class ShadowJob:
     stop: tuple[str, ...] = ()  # the turn's stop sequences: the local answer ends where the cloud's did
 
 
+def overlap_label(answer: str, reference: str) -> bool | None:
+    """Whether a local answer is the cloud's equal by word overlap; None when the cloud's answer has no words
+    to compare with (only punctuation or emoji): no label, rather than a bad one for any local answer."""
+    if WORD.search(reference) is None:
+        return None
+    return agreement(answer, reference) >= AGREEMENT
+
+
 def agreement(answer: str, reference: str) -> float:
     """Word-overlap F1 of two answers, normalised (case, punctuation): 1 when they say the same words. A
     short reference (a fact, a number, a choice) contained in the answer counts as agreement."""
@@ -129,7 +137,13 @@ class ShadowLane:
             return
         if generation.cancelled:
             return  # a user queued: their turn first; this label is not worth delaying them
-        satisfied, grader = self._grade(job, generation.text)
+        graded = self._grade(job, generation.text)
+        if graded is None:
+            log.info(
+                "no shadow label for decision %d: the cloud's answer has no words to compare with", job.decision_id
+            )
+            return
+        satisfied, grader = graded
         ms = (time.perf_counter() - started) * 1000
         result = ShadowResult(job.model, satisfied, grader, generation.tokens_out, round(ms, 1))
         self.records.shadow(job.decision_id, result)
@@ -156,12 +170,14 @@ class ShadowLane:
         s_answered = self.learner.answered(job.model, job.s_prompt, features, task)
         return JudgedAnswer(job.model, features, job.s_prompt, s_answered, kept=False, task=task)
 
-    def _grade(self, job: ShadowJob, answer: str) -> tuple[bool, str]:
-        """Graded by the judge when it is on (never an answer made from private material), else by overlap."""
+    def _grade(self, job: ShadowJob, answer: str) -> tuple[bool, str] | None:
+        """Graded by the judge when it is on (never an answer made from private material), else by overlap;
+        None when neither can grade it."""
         if self.config.routing.judge and job.private:
             log.debug("shadow answer for decision %d graded by overlap: %s", job.decision_id, PRIVATE_UNJUDGED)
         elif self.config.routing.judge:
             verdict = self.learner.judge(job.asked.question, answer, job.decision_id)
             if verdict is not None:
                 return verdict, "judge"
-        return agreement(answer, job.reference) >= AGREEMENT, "overlap"
+        satisfied = overlap_label(answer, job.reference)
+        return None if satisfied is None else (satisfied, "overlap")

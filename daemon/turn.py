@@ -37,7 +37,7 @@ from locod.daemon.local import LocalBackend
 from locod.daemon.records import DecisionLog, DecisionRecord, JudgedAnswer, Outcome
 from locod.daemon.reply import Reply
 from locod.daemon.sessions import Session, SessionStore, TurnTrail, door_of
-from locod.daemon.shadow import AGREEMENT, ShadowJob, ShadowLane, agreement
+from locod.daemon.shadow import ShadowJob, ShadowLane, overlap_label
 from locod.daemon.telemetry import Snapshot
 from locod.errors import Busy, CloudError, LocodError, StorageError
 from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
@@ -370,9 +370,10 @@ class TurnRunner:
             ending = Ending.failed(decision, exc)
         if ending.outcome == "ok":
             ending = dataclasses.replace(ending, outcome="escalated")
-            right = agreement(local.text, ending.generation.text) >= AGREEMENT
-            judged = dataclasses.replace(judged, label=right)
-            self.learner.local_label(judged.model, self.decider.local_features(turn), right, judged, shadow=False)
+            right = overlap_label(local.text, ending.generation.text)
+            if right is not None:  # None: the cloud's answer has no words to grade the local one against
+                judged = dataclasses.replace(judged, label=right)
+                self.learner.local_label(judged.model, self.decider.local_features(turn), right, judged, shadow=False)
         judged = ending.judged or judged  # shown after all, if the cloud failed
         return dataclasses.replace(ending, generation=_after(local, ending.generation), judged=judged)
 
@@ -542,6 +543,7 @@ class TurnRunner:
         slots = tuple(i in decision.send for i in range(len(turn.attachments)))
         trail = TurnTrail(decision.location, slots, turn.task)
         self.sessions.record(turn.session, turn.request.messages, g.text, trail, private, turn.sent_private)
+        self.learner.will_settle(decision_id, decision)
         reply.send(self._done(decision_id, turn, ending))
         self.learner.settle(decision_id, decision, turn.request.prompt, g.text, private)  # learning after the reply
         if shadow is not None:

@@ -198,6 +198,9 @@ class MessPlusState:
     price: SlaPrice = field(default_factory=SlaPrice)  # recent turns' predictions, for the feed-forward price
     confidence: dict[str, ConfidenceHead] = field(default_factory=dict)  # per local model that has answered
     file_sizes: dict[str, int] = field(default_factory=dict)  # per local model: the GGUF its heads learned on
+    # per local model that started over: the first decision its current GGUF answered (older ones' labels
+    # were earned by the file before it, and train nothing)
+    file_since: dict[str, int] = field(default_factory=dict)
     sla: float | None = None  # the target the queue was built up under
 
 
@@ -308,14 +311,18 @@ class MessPlus:
         if len(self.state.pending) > 10_000:  # labels that never came: their predictions stand
             del self.state.pending[next(iter(self.state.pending))]
 
-    def label(self, decision: int, model: str, x: tuple[np.ndarray, np.ndarray], satisfied: bool) -> None:
-        """A label for a settled turn: correct the queue, then train that model's head."""
+    def label(self, decision: int, model: str, x: tuple[np.ndarray, np.ndarray], satisfied: bool) -> bool:
+        """A label for a settled turn: correct the queue, then train that model's head; False, training
+        nothing, for a turn answered by the file ``model`` named before its current one."""
         y = 1.0 if satisfied else 0.0
         pending = self.state.pending.pop(decision, None)
         if pending is not None:
             self._shift_queue(pending[1] - y)
             self.state.satisfied_sum += y - pending[1]
+        if decision < self.state.file_since.get(model, 0):
+            return False
         self.train(model, x, y)
+        return True
 
     def train(self, model: str, x: tuple[np.ndarray, np.ndarray], y: float) -> None:
         if model not in self.state.weights:
@@ -328,14 +335,16 @@ class MessPlus:
         w[indices] -= rate * ((p - y) * values + 1e-4 * w[indices])
         self.state.labels[model] = seen + 1
 
-    def start_over_if_replaced(self, model: str, file_size: int) -> int | None:
+    def start_over_if_replaced(self, model: str, file_size: int, first_decision: int = 0) -> int | None:
         """Forget what ``model``'s heads learned when its name now stands for another GGUF (a file of another
         size: another model or quantisation, pulled or configured under the same name), whose competence and
-        log-probabilities are not the old one's; returns the old file's size when it did."""
+        log-probabilities are not the old one's, and learn from the labels of ``first_decision`` on only (0:
+        of every decision, where none is logged); returns the old file's size when it did."""
         learned_on = self.state.file_sizes.get(model)
         self.state.file_sizes[model] = file_size
         if learned_on is None or learned_on == file_size:
             return None
+        self.state.file_since[model] = first_decision
         self.state.weights[model] = _prior_weights(self.priors.get(model, 0.5))
         self.state.labels.pop(model, None)
         self.state.confidence.pop(model, None)
@@ -413,6 +422,9 @@ class MessPlus:
                     sla=np.array(self.sla),
                     file_names=np.array(list(self.state.file_sizes), dtype=str),
                     file_sizes=np.array(list(self.state.file_sizes.values()), dtype=np.int64),
+                    file_since=np.array(
+                        [self.state.file_since.get(n, 0) for n in self.state.file_sizes], dtype=np.int64
+                    ),
                 )
                 f.flush()
                 os.fsync(f.fileno())
@@ -463,6 +475,9 @@ class MessPlus:
                     state.sla = float(data["sla"])
                 if "file_sizes" in data:  # absent from files written before models were told apart by file
                     state.file_sizes = {str(n): int(b) for n, b in zip(data["file_names"], data["file_sizes"])}
+                if "file_since" in data:  # absent from files written before a started-over model kept its start
+                    since = zip(data["file_names"], data["file_since"])
+                    state.file_since = {str(n): int(d) for n, d in since if d}
                 _check_values(state)
         except Exception as exc:  # corrupt, truncated, foreign: never let it poison routing
             aside = self.path.with_name(f"{self.path.name}.bad-{int(time.time())}")
@@ -498,6 +513,8 @@ def _check_shapes(data: np.lib.npyio.NpzFile) -> None:
     if "file_sizes" in data:  # files written before these were kept have none of them
         files = len(data["file_names"]) if data["file_names"].ndim == 1 else -1
         expected.update(sla=(), file_names=(files,), file_sizes=(files,))
+        if "file_since" in data:
+            expected.update(file_since=(files,))
     for key, shape in expected.items():
         if data[key].shape != shape:
             raise ValueError(f"{key} has shape {data[key].shape}, expected {shape}")
