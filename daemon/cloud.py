@@ -258,10 +258,17 @@ class CloudBackend:
         """The cloud models whose endpoint's breaker is open (cooling down)."""
         return frozenset(name for name, (model, _) in self._models.items() if self.breakers[model.base_url].blocking)
 
+    def endpoint_breakers(self) -> dict[str, CircuitBreaker]:
+        """The configured models' endpoints' breakers, by base URL. An endpoint a reload removed keeps its
+        breaker in ``breakers`` (a turn already talking to it still counts its failures there), but it is
+        none of the daemon's endpoints any more: status and /metrics show these only."""
+        breakers = self.breakers  # the models' are in it before the models are (reconfigure)
+        return {model.base_url: breakers[model.base_url] for model, _ in self._models.values()}
+
     @property
     def breaker_state(self) -> str:
-        """``open`` while any endpoint's breaker is, else ``closed``."""
-        return "open" if any(b.state == "open" for b in self.breakers.values()) else "closed"
+        """``open`` while any configured endpoint's breaker is, else ``closed``."""
+        return "open" if any(b.state == "open" for b in self.endpoint_breakers().values()) else "closed"
 
     def slot(
         self, client: Hashable, cancelled: threading.Event, on_wait: Callable[[int], None] | None = None

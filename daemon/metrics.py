@@ -58,7 +58,7 @@ class DaemonCollector(Collector):
         breakers = GaugeMetricFamily(
             "locod_cloud_breaker_open", "1 while a cloud endpoint's circuit breaker is open.", labels=["endpoint"]
         )
-        for url, breaker in d.cloud.breakers.items():
+        for url, breaker in d.cloud.endpoint_breakers().items():
             breakers.add_metric([redacted_url(url)], float(breaker.blocking))
         yield breakers
 

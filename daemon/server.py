@@ -620,7 +620,7 @@ class Daemon:
             "models": [m.name for m in cloud.models],
             "default": cloud.default,
             "breaker": self.cloud.breaker_state,
-            "breakers": {redacted_url(url): b.state for url, b in self.cloud.breakers.items()},
+            "breakers": {redacted_url(url): b.state for url, b in self.cloud.endpoint_breakers().items()},
             "spent_today_usd": round(self.records.spent_today(), 6),
             "daily_cap_usd": cloud.daily_cap_usd,
             "answered_today": self.records.answered_today(),
