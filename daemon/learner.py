@@ -57,7 +57,7 @@ class Learner:
         self._judging = threading.BoundedSemaphore(MAX_JUDGING)  # a slot per grading queued or running
         self._judge_full = Throttle(log)
         self._save_failed = False  # log a failing save once, not every turn
-        # Routed turns whose done frame is out and whose settling is still to come (learning runs after the
+        # Routed turns whose record is complete and whose settling is still to come (learning runs after the
         # reply), and the labels that came meanwhile: applied when it settles, so that the label, not the
         # prediction, moves the queue. Any other turn's label trains at once: one settled in an earlier run,
         # or in this one whether or not MESS+ still holds its prediction (it keeps the last 10,000).
@@ -110,10 +110,16 @@ class Learner:
         return mess
 
     def will_settle(self, decision_id: int, decision: Decision) -> None:
-        """Before an answered turn's done frame: a label its client sends at once waits for its settling."""
+        """Before an answered turn's record is complete (the log takes a label from then on, and the client
+        has the decision's id from its first frame): a label that comes before its settling waits for it."""
         if decision.routing is not None and decision.routing.s_hat_taken is not None:
             with self.lock:
                 self._settling.add(decision_id)
+
+    def wont_settle(self, decision_id: int) -> None:
+        """The turn's record could not be completed: it is not settled, and its label trains when it comes."""
+        with self.lock:
+            self._settling.discard(decision_id)
 
     def settle(self, decision_id: int, decision: Decision, question: str, answer: str, private: bool = False) -> None:
         """Settle the queue with the prediction for what answered (labels come later), and have an explored

@@ -533,8 +533,15 @@ class TurnRunner:
         """Complete the record, then answer: ``done`` (and learn, after the reply) or ``error``."""
         decision, g = ending.decision, ending.generation
         private = decision.location == "local" and turn.private_material  # the cloud never saw private material
-        self.records.finish(decision_id, _outcome(turn, ending, private))
-        if ending.outcome not in ANSWERED:
+        answered = ending.outcome in ANSWERED
+        if answered:  # the log takes a label once the record is complete: from then on it waits for the settling
+            self.learner.will_settle(decision_id, decision)
+        try:
+            self.records.finish(decision_id, _outcome(turn, ending, private))
+        except Exception:  # no done frame, no settling: a label sent once the record is written trains at once
+            self.learner.wont_settle(decision_id)
+            raise
+        if not answered:
             code = ending.code or ending.outcome
             reply.send(ErrorFrame(ending.kind, code, ending.error or ending.outcome, decision_id))
             return
@@ -543,7 +550,6 @@ class TurnRunner:
         slots = tuple(i in decision.send for i in range(len(turn.attachments)))
         trail = TurnTrail(decision.location, slots, turn.task)
         self.sessions.record(turn.session, turn.request.messages, g.text, trail, private, turn.sent_private)
-        self.learner.will_settle(decision_id, decision)
         reply.send(self._done(decision_id, turn, ending))
         self.learner.settle(decision_id, decision, turn.request.prompt, g.text, private)  # learning after the reply
         if shadow is not None:
