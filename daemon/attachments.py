@@ -29,7 +29,7 @@ from locod.daemon.decode_budget import DecodeBudget
 from locod.daemon.safe_open import over_limit, read_allowed
 from locod.errors import AttachmentError, Busy
 from locod.filekinds import READABLE_FORMATS, READABLE_IMAGES, binary_kind, image_format
-from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
+from locod.policy.rule import CHARS_PER_TOKEN, MIN_RELEVANCE, estimate_tokens
 from locod.protocol import Attachment
 
 WORD = re.compile(r"[a-z0-9]+")
@@ -114,7 +114,7 @@ STOPWORDS = frozenset(
 )
 # An image's relevance: this base, raised by a prompt that points at pictures (IMAGE_CUES) or names the file.
 IMAGE_BASE_RELEVANCE = 0.2
-# A prompt that matches none of its turn's attachments ("summarise this", "what does the sign say?") is
+# A prompt that points at none of its turn's attachments ("summarise this", "what does the sign say?") is
 # about all of them: each is then as relevant as an image the prompt points at, so it is uploaded (it
 # scored 0.0 or 0.2 before, under the rule's MIN_RELEVANCE, and a cloud answered "summarise this" unseen).
 SUBJECT_RELEVANCE = 0.7
@@ -164,8 +164,9 @@ class PreparedAttachment:
 
     @property
     def matched(self) -> bool:
-        """Whether the prompt points at it: shares a term with one of its chunks, or names or cues an image."""
-        return self.relevance > (IMAGE_BASE_RELEVANCE if self.kind == "image" else 0.0)
+        """Whether the prompt points at it: relevant enough for the rule to upload it (terms its chunks share,
+        an image it names or cues). One word in common ("points" in "three bullet points") is not pointing."""
+        return self.relevance >= MIN_RELEVANCE
 
     @functools.cached_property
     def upload_bytes(self) -> int:

@@ -62,7 +62,8 @@ def test_a_prompt_that_points_at_no_attachment_is_about_all_of_them() -> None:
         ready = [att.prepare(a, a.data or b"", att.terms(prompt), cfg) for a in (notes, photo)]
         return [a.relevance for a in att.as_subjects(ready)]
 
-    for prompt in ("Summarise this", "What does the sign say?", "Translate it"):  # nothing in it names either
+    # nothing in it names either, or one word in common only ("budget": a fifth of the prompt's terms)
+    for prompt in ("Summarise this", "What does the sign say?", "Translate it", "Summarise the budget in three points"):
         subjects = [Slot(r, False) for r in relevance(prompt)]
         assert rule.relevant_uploads(subjects, [0, 1]) == (0, 1), prompt
     assert relevance("Who brings the slides?") == [1.0, att.IMAGE_BASE_RELEVANCE]  # it says what it is about
