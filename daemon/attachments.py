@@ -326,7 +326,7 @@ def has_alpha(fmt: str, data: bytes) -> bool:
     """Whether the header says the image has transparency: a PNG with an alpha channel or a ``tRNS`` chunk
     (before its pixels), a WebP whose header flags alpha. BMP and JPEG are taken as opaque."""
     if fmt == "png":
-        return data[25:26] in (b"\x04", b"\x06") or b"tRNS" in data[33 : data.find(b"IDAT")]
+        return data[25:26] in (b"\x04", b"\x06") or png_trns(data) is not None
     if fmt == "webp":
         chunk = data[12:16]
         if chunk == b"VP8X":
@@ -335,11 +335,35 @@ def has_alpha(fmt: str, data: bytes) -> bool:
     return False
 
 
-def on_white(pixels: np.ndarray) -> np.ndarray:
+def png_trns(data: bytes) -> bytes | None:
+    """A PNG's ``tRNS`` chunk (what it makes transparent), found by walking the chunks before its pixels
+    by their lengths: the bytes "IDAT" or "tRNS" in a text chunk's words are neither chunk. One after the
+    pixels is out of place, and libpng ignores it."""
+    i = 8
+    while i + 8 <= len(data) and (kind := data[i + 4 : i + 8]) != b"IDAT":
+        length = int.from_bytes(data[i : i + 4], "big")
+        if kind == b"tRNS":
+            return data[i + 8 : i + 8 + length]
+        i += 12 + length
+    return None
+
+
+def transparent_gray(fmt: str, data: bytes) -> int | None:
+    """The sample a grayscale PNG's ``tRNS`` makes transparent, as OpenCV decodes it (depths under 8 bits
+    scaled up to 8): OpenCV reads such an image as gray alone, without that transparency (an optimiser such
+    as oxipng writes a black-on-transparent logo so)."""
+    if fmt != "png" or data[25:26] != b"\x00" or (trns := png_trns(data)) is None or len(trns) < 2:
+        return None
+    depth, value = data[24], int.from_bytes(trns[:2], "big")
+    return value * (255 // ((1 << depth) - 1)) if depth < 8 else value
+
+
+def on_white(pixels: np.ndarray, transparent: int | None = None) -> np.ndarray:
     """A decoded image as 8-bit BGR: transparency laid on white, as a page shows it (its colour channels
     alone would show what the transparent pixels hold, often black: black text on a transparent screenshot
     would be black on black), 16-bit samples scaled, gray made BGR; a band of rows at a time, so the float
-    arithmetic stays small whatever the image's size."""
+    arithmetic stays small whatever the image's size. ``transparent``: a gray image's sample that is
+    transparent (``transparent_gray``)."""
     if pixels.ndim == 2:
         pixels = pixels[:, :, np.newaxis]
     h, w, channels = pixels.shape
@@ -354,6 +378,8 @@ def on_white(pixels: np.ndarray) -> np.ndarray:
         if channels in (2, 4):
             alpha = band[:, :, -1:] / top
             colour = colour * alpha + top * (1 - alpha)
+        elif transparent is not None:
+            colour[band[:, :, 0] == transparent] = top
         out[y : y + rows] = np.rint(colour * (255 / top)).astype(np.uint8)
     return out
 
@@ -399,7 +425,8 @@ def _prepare_image(
     with DECODES.hold(needed, budget, cancelled):
         check_cancelled(cancelled)
         pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
-        pixels = None if pixels is None else on_white(pixels)  # its BGR copy is part of the decode's peak
+        # its BGR copy is part of the decode's peak
+        pixels = None if pixels is None else on_white(pixels, transparent_gray(fmt, data))
     if pixels is None:
         raise AttachmentError(f"{where}: OpenCV could not decode it ({fmt})", code="bad_image")
     h, w = pixels.shape[:2]

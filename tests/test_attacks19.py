@@ -1,0 +1,73 @@
+"""Attack round 19: files that exercise the attachment code. A grayscale PNG whose ``tRNS`` makes one gray
+transparent (as oxipng writes a black-on-transparent logo) and a palette PNG whose text chunk holds the word
+"IDAT" before its ``tRNS`` both reached the cloud black where transparent.
+One real daemon (the embedded model) with the loopback cloud behind the recording proxy serves every test."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import SECRET, CloudServer, cloud_config, start_daemon
+from .faultproxy import FaultProxy
+from .test_seventeenth_walk import ask, sent_image
+
+SIDE = 64
+
+
+@pytest.fixture(scope="module")
+def walk(cloud_server: CloudServer, tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Any]:
+    """(daemon, proxy): every turn goes to the cloud (routing.mode = cloud)."""
+    proxy = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()
+    config = cloud_config(proxy.base_url, timeout_s=120.0)
+    home = tmp_path_factory.mktemp("attacks19")
+    daemon = start_daemon(home, models_dir, config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    yield daemon, proxy
+    daemon.stop()
+    proxy.stop()
+
+
+def chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png(colour_type: int, depth: int, row: bytes, *chunks: bytes) -> bytes:
+    """A SIDE x SIDE PNG, every row ``row``, with ``chunks`` between its header and its pixels."""
+    header = struct.pack(">IIBBBBB", SIDE, SIDE, depth, colour_type, 0, 0, 0)
+    pixels = zlib.compress((b"\x00" + row) * SIDE)
+    body = chunk(b"IHDR", header) + b"".join(chunks) + chunk(b"IDAT", pixels)
+    return b"\x89PNG\r\n\x1a\n" + body + chunk(b"IEND", b"")
+
+
+HALF = SIDE // 2
+LOGOS = {
+    # gray 0 is transparent: the left half; the right half is opaque gray 60
+    "gray8": png(0, 8, bytes(HALF) + bytes([60]) * HALF, chunk(b"tRNS", b"\x00\x00")),
+    "gray16": png(0, 16, bytes(2 * HALF) + b"\x3c\x00" * HALF, chunk(b"tRNS", b"\x00\x00")),
+    "gray2": png(0, 2, bytes(HALF // 4) + b"\x55" * (HALF // 4), chunk(b"tRNS", b"\x00\x00")),  # 1 of 3: 85
+    # palette: entry 0 black and transparent, entry 1 dark red and opaque; a comment names "IDAT" first
+    "palette": png(
+        3,
+        8,
+        bytes(HALF) + b"\x01" * HALF,
+        chunk(b"tEXt", b"Comment\x00written before IDAT"),
+        chunk(b"PLTE", b"\x00\x00\x00\x80\x00\x00"),
+        chunk(b"tRNS", b"\x00"),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(LOGOS))
+def test_a_logo_transparent_by_trns_reaches_the_cloud_on_white(walk: Any, tmp_path: Path, name: str) -> None:
+    daemon, proxy = walk
+    (tmp_path / "logo.png").write_bytes(LOGOS[name])
+    done = ask(daemon, "--attach", str(tmp_path / "logo.png"))
+    assert done.returncode == 0, done.stderr
+    seen = sent_image(proxy)
+    assert seen[SIDE // 2, 4].min() > 240, seen[SIDE // 2, 4]  # transparent: white, not black
+    assert seen[SIDE // 2, SIDE - 4].max() < 160, seen[SIDE // 2, SIDE - 4]  # the opaque half kept
