@@ -4,7 +4,7 @@ Images are sniffed (format, dimensions, completeness) from their header before a
 JPEG's markers walked as libjpeg walks them, so the size checked is the size decoded), then decoded with
 OpenCV within one memory budget shared by all turns (daemon/decode_budget.py), checked to be the size the
 header said, laid on white where transparent, downscaled to a longest side and re-encoded as JPEG under a
-byte budget. Documents (text in UTF-8, or UTF-16 with a byte-order mark) are split into chunks ranked by
+byte budget. Documents (text in UTF-8, or UTF-16 or UTF-32 with a byte-order mark) are split into chunks ranked by
 term overlap with the prompt, a bounded number of term searches per document. Every attachment gets a
 relevance score in [0, 1]: TMO's "association" signal, which the decision uses.
 """
@@ -34,6 +34,8 @@ from locod.protocol import Attachment
 
 WORD = re.compile(r"[a-z0-9]+")
 UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # a document that begins with one is UTF-16 text
+# UTF-32's little-endian mark begins with UTF-16's: looked for first (U+0000 is no text's first character).
+UTF32_BOMS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)
 # Term searches (prompt term x chunk) a document's ranking may make: a long prompt against a long document
 # uses its longest terms only, so ranking stays within milliseconds to a second whatever the sizes.
 RANK_SEARCHES = 200_000
@@ -473,10 +475,10 @@ def _prepare_document(
 ) -> PreparedAttachment:
     text = None if binary_kind(data) else document_text(data)  # an ASCII-only PDF decodes, and is no text
     if text is None or "\x00" in text:
-        what = binary_kind(data) or ("binary data, not text" if text is not None else undecodable(data))
+        what = binary_kind(data) or (nul_kind(data) if text is not None else undecodable(data))
         raise AttachmentError(
-            f"document {attachment.name!r} is {what}: locod reads UTF-8 text (or UTF-16 with a byte-order mark) "
-            "such as plain text, Markdown, CSV or code; convert it to text first",
+            f"document {attachment.name!r} is {what}: locod reads UTF-8 text (or UTF-16 or UTF-32 with a "
+            "byte-order mark) such as plain text, Markdown, CSV or code; convert it to text first",
             code="bad_document",
         )
     pieces = chunk_text(text, config.doc_chunk_chars)
@@ -489,9 +491,11 @@ def _prepare_document(
 
 
 def document_text(data: bytes) -> str | None:
-    """A document's text: UTF-8 (its byte-order mark dropped), or UTF-16 with a byte-order mark, as Windows
-    tools write "Unicode" text; None when it is neither."""
+    """A document's text: UTF-8 (its byte-order mark dropped), or UTF-16 or UTF-32 with a byte-order mark,
+    as Windows tools write "Unicode" text; None when it is none of them."""
     try:
+        if data.startswith(UTF32_BOMS):
+            return data.decode("utf-32")
         if data.startswith(UTF16_BOMS):
             return data.decode("utf-16")
         return data.decode("utf-8-sig")
@@ -502,10 +506,24 @@ def document_text(data: bytes) -> str | None:
 def undecodable(data: bytes) -> str:
     """What a document ``document_text`` could not read is, in words: one whose byte-order mark says UTF-16
     was not "not UTF-8" to its user (a Unix tool's newline appended to a Windows file leaves an odd byte)."""
-    if data.startswith(UTF16_BOMS):
-        odd = ", an odd number of bytes" if len(data) % 2 else ""
-        return f"UTF-16 text, by its byte-order mark, that does not decode (cut short or damaged{odd})"
+    for boms, name, unit, uneven in (
+        (UTF32_BOMS, "UTF-32", 4, "not a multiple of 4 bytes"),
+        (UTF16_BOMS, "UTF-16", 2, "an odd number of bytes"),
+    ):
+        if data.startswith(boms):
+            odd = f", {uneven}" if len(data) % unit else ""
+            return f"{name} text, by its byte-order mark, that does not decode (cut short or damaged{odd})"
     return "not UTF-8 text"
+
+
+def nul_kind(data: bytes) -> str:
+    """What a document whose text holds NUL characters is: UTF-16 text without a byte-order mark (every
+    other byte zero, as Latin text is in UTF-16, and so "binary" to a UTF-8 reader), or binary data."""
+    if len(data) % 2 == 0:
+        for endian, zeros in (("little", data[1::2]), ("big", data[::2])):
+            if zeros.count(0) > len(zeros) // 2 and "\x00" not in data.decode(f"utf-16-{endian[0]}e", "replace"):
+                return f"UTF-16 text without a byte-order mark ({endian}-endian)"
+    return "binary data, not text"
 
 
 def data_url(jpeg: bytes) -> str:

@@ -1,6 +1,7 @@
 """Attack round 19: files that exercise the attachment code. A grayscale PNG whose ``tRNS`` makes one gray
 transparent (as oxipng writes a black-on-transparent logo) and a palette PNG whose text chunk holds the word
-"IDAT" before its ``tRNS`` both reached the cloud black where transparent.
+"IDAT" before its ``tRNS`` both reached the cloud black where transparent; a UTF-32 file (its mark begins
+with UTF-16's) and a UTF-16 file without a byte-order mark were both refused as "binary data, not text".
 One real daemon (the embedded model) with the loopback cloud behind the recording proxy serves every test."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import pytest
 
 from .conftest import SECRET, CloudServer, cloud_config, start_daemon
 from .faultproxy import FaultProxy
-from .test_seventeenth_walk import ask, sent_image
+from .test_seventeenth_walk import ask, last_question, sent_image
 
 SIDE = 64
 
@@ -71,3 +72,32 @@ def test_a_logo_transparent_by_trns_reaches_the_cloud_on_white(walk: Any, tmp_pa
     seen = sent_image(proxy)
     assert seen[SIDE // 2, 4].min() > 240, seen[SIDE // 2, 4]  # transparent: white, not black
     assert seen[SIDE // 2, SIDE - 4].max() < 160, seen[SIDE // 2, SIDE - 4]  # the opaque half kept
+
+
+NOTE = "Meeting notes: the budget is 4200 euros.\nNext meeting on Friday.\n"
+
+
+@pytest.mark.parametrize("encoding", ["utf-32", "utf-32-be"])
+def test_a_utf32_text_file_is_read(walk: Any, tmp_path: Path, encoding: str) -> None:
+    daemon, proxy = walk
+    data = NOTE.encode(encoding)
+    if encoding == "utf-32-be":
+        data = b"\x00\x00\xfe\xff" + data
+    (tmp_path / "notes.txt").write_bytes(data)
+    done = ask(daemon, "--attach", str(tmp_path / "notes.txt"))
+    assert done.returncode == 0, done.stderr
+    assert "the budget is 4200 euros" in str(last_question(proxy))
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
+def test_utf16_without_a_byte_order_mark_is_named_as_such(walk: Any, tmp_path: Path, encoding: str) -> None:
+    daemon, proxy = walk
+    (tmp_path / "notes.txt").write_bytes(NOTE.encode(encoding))
+    before = len(proxy.chat_requests())
+    refused = ask(daemon, "--attach", str(tmp_path / "notes.txt"))
+    assert refused.returncode == 1, refused
+    assert "UTF-16 text without a byte-order mark" in refused.stderr, refused.stderr
+    assert len(proxy.chat_requests()) == before
+    (tmp_path / "blob.bin").write_bytes(b"\x00\x00\x00ab" * 200)  # UTF-8 with NULs, and not UTF-16 text
+    refused = ask(daemon, "--attach", str(tmp_path / "blob.bin"))
+    assert refused.returncode == 1 and "binary data, not text" in refused.stderr, refused.stderr
