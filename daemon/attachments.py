@@ -317,9 +317,10 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int]:
     raise AttachmentError("JPEG has no frame header", code="bad_image")
 
 
-def decode_bytes(fmt: str, data: bytes, width: int, height: int, factor: int) -> int:
-    """About the memory decoding takes at 1/``factor`` scale (JPEG only), at its peak."""
-    per_pixel = DECODE_BYTES_PER_PIXEL + (ALPHA_BYTES_PER_PIXEL if has_alpha(fmt, data) else 0)
+def decode_bytes(fmt: str, data: bytes, width: int, height: int, factor: int, alpha: bool) -> int:
+    """About the memory decoding takes at 1/``factor`` scale (JPEG only), at its peak; ``alpha``: read
+    with its alpha channel (``has_alpha``)."""
+    per_pixel = DECODE_BYTES_PER_PIXEL + (ALPHA_BYTES_PER_PIXEL if alpha else 0)
     out = math.ceil(width / factor) * math.ceil(height / factor) * per_pixel
     return out + (width * height * jpeg_frame(data)[2] if fmt == "jpeg" else 0)
 
@@ -406,7 +407,9 @@ def _prepare_image(
         )
     longest = max(width, height)
     # Transparency is read with the alpha channel (so without the EXIF turn OpenCV gives its BGR decodes alone).
-    flag, factor = (cv2.IMREAD_UNCHANGED if has_alpha(fmt, data) else cv2.IMREAD_COLOR), 1
+    # Asked once: a PNG's chunks are walked in Python, 20 MB of empty chunks in about a second.
+    alpha = has_alpha(fmt, data)
+    flag, factor = (cv2.IMREAD_UNCHANGED if alpha else cv2.IMREAD_COLOR), 1
     # JPEG can decode at 1/2, 1/4, 1/8 scale directly: far cheaper than decoding 12 MP then shrinking.
     if fmt == "jpeg":
         for scale, reduced in (
@@ -417,7 +420,7 @@ def _prepare_image(
             if longest // scale >= config.image_max_side:
                 flag, factor = reduced, scale
                 break
-    needed, budget = decode_bytes(fmt, data, width, height, factor), config.decode_mb << 20
+    needed, budget = decode_bytes(fmt, data, width, height, factor, alpha), config.decode_mb << 20
     if needed > budget:
         raise AttachmentError(
             f"{where}: decoding its {width}x{height} pixels takes about {needed >> 20} MiB, more than "
@@ -428,7 +431,7 @@ def _prepare_image(
         check_cancelled(cancelled)
         pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
         # its BGR copy is part of the decode's peak
-        pixels = None if pixels is None else on_white(pixels, transparent_gray(fmt, data))
+        pixels = None if pixels is None else on_white(pixels, transparent_gray(fmt, data) if alpha else None)
     if pixels is None:
         raise AttachmentError(f"{where}: OpenCV could not decode it ({fmt})", code="bad_image")
     h, w = pixels.shape[:2]
