@@ -44,6 +44,7 @@ DECODE_BYTES_PER_PIXEL = 6  # OpenCV's peak while decoding to BGR, measured for 
 # image it is laid on, a band of about a megapixel at a time (``on_white``).
 ALPHA_BYTES_PER_PIXEL = 8
 BAND_PIXELS = 1 << 20
+BMP_BITFIELDS = (3, 6)  # BI_BITFIELDS, BI_ALPHABITFIELDS: compressions whose masks may say where alpha is
 COEFFICIENT_BYTES = 2  # a progressive JPEG's decoder keeps every DCT coefficient, whatever the output scale
 # Scans a JPEG may have: a progressive one has about 10, and libjpeg goes over the whole image once per scan,
 # so 5,000 scans of 30 bytes each make a 250 kB file that takes minutes to decode.
@@ -327,7 +328,8 @@ def decode_bytes(fmt: str, data: bytes, width: int, height: int, factor: int, al
 
 def has_alpha(fmt: str, data: bytes) -> bool:
     """Whether the header says the image has transparency: a PNG with an alpha channel or a ``tRNS`` chunk
-    (before its pixels), a WebP whose header flags alpha. BMP and JPEG are taken as opaque."""
+    (before its pixels), a WebP whose header flags alpha, a 32-bit BMP whose V4 or V5 header has an alpha
+    mask (as OpenCV and Windows write a transparent bitmap). JPEG is opaque."""
     if fmt == "png":
         return data[25:26] in (b"\x04", b"\x06") or png_trns(data) is not None
     if fmt == "webp":
@@ -335,6 +337,9 @@ def has_alpha(fmt: str, data: bytes) -> bool:
         if chunk == b"VP8X":
             return bool(data[20] & 0x10)
         return chunk == b"VP8L" and bool(int.from_bytes(data[21:25], "little") >> 28 & 1)
+    if fmt == "bmp" and len(data) >= 70:
+        header, bits, compression = struct.unpack("<I10xHI", data[14:34])
+        return header >= 56 and bits == 32 and compression in BMP_BITFIELDS and data[66:70] != bytes(4)
     return False
 
 
@@ -359,6 +364,14 @@ def transparent_gray(fmt: str, data: bytes) -> int | None:
         return None
     depth, value = data[24], int.from_bytes(trns[:2], "big")
     return value * (255 // ((1 << depth) - 1)) if depth < 8 else value
+
+
+def blank_alpha_dropped(fmt: str, pixels: np.ndarray) -> np.ndarray:
+    """A BMP whose alpha mask holds 0 at every pixel as opaque: tools write the mask and no alpha, and
+    browsers show such a bitmap opaque (laid on white it would be blank)."""
+    if fmt == "bmp" and pixels.ndim == 3 and pixels.shape[2] == 4 and not pixels[..., 3].any():
+        return np.ascontiguousarray(pixels[..., :3])
+    return pixels
 
 
 def on_white(pixels: np.ndarray, transparent: int | None = None) -> np.ndarray:
@@ -430,8 +443,8 @@ def _prepare_image(
     with DECODES.hold(needed, budget, cancelled):
         check_cancelled(cancelled)
         pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
-        # its BGR copy is part of the decode's peak
-        pixels = None if pixels is None else on_white(pixels, transparent_gray(fmt, data) if alpha else None)
+        if pixels is not None:  # its BGR copy is part of the decode's peak
+            pixels = on_white(blank_alpha_dropped(fmt, pixels), transparent_gray(fmt, data) if alpha else None)
     if pixels is None:
         raise AttachmentError(f"{where}: OpenCV could not decode it ({fmt})", code="bad_image")
     h, w = pixels.shape[:2]

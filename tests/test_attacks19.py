@@ -1,6 +1,7 @@
 """Attack round 19: files that exercise the attachment code. A grayscale PNG whose ``tRNS`` makes one gray
 transparent (as oxipng writes a black-on-transparent logo) and a palette PNG whose text chunk holds the word
-"IDAT" before its ``tRNS`` both reached the cloud black where transparent; a UTF-32 file (its mark begins
+"IDAT" before its ``tRNS`` both reached the cloud black where transparent, and so did a 32-bit BMP with an
+alpha mask (as OpenCV writes one); a UTF-32 file (its mark begins
 with UTF-16's) and a UTF-16 file without a byte-order mark were both refused as "binary data, not text".
 One real daemon (the embedded model) with the loopback cloud behind the recording proxy serves every test."""
 
@@ -12,6 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 
 from .conftest import SECRET, CloudServer, cloud_config, start_daemon
@@ -72,6 +75,25 @@ def test_a_logo_transparent_by_trns_reaches_the_cloud_on_white(walk: Any, tmp_pa
     seen = sent_image(proxy)
     assert seen[SIDE // 2, 4].min() > 240, seen[SIDE // 2, 4]  # transparent: white, not black
     assert seen[SIDE // 2, SIDE - 4].max() < 160, seen[SIDE // 2, SIDE - 4]  # the opaque half kept
+
+
+def test_a_transparent_bitmap_reaches_the_cloud_on_white_and_one_without_alpha_written_opaque(
+    walk: Any, tmp_path: Path
+) -> None:
+    """A bitmap whose alpha mask holds 0 everywhere (tools write the mask and no alpha) is shown opaque, as
+    browsers show it, rather than as a blank white page."""
+    daemon, proxy = walk
+    pixels = np.zeros((SIDE, SIDE, 4), np.uint8)
+    pixels[:, HALF:] = (0, 0, 128, 255)  # the left half transparent black, the right half opaque dark red
+    (tmp_path / "logo.bmp").write_bytes(cv2.imencode(".bmp", pixels)[1].tobytes())
+    assert ask(daemon, "--attach", str(tmp_path / "logo.bmp")).returncode == 0
+    seen = sent_image(proxy)
+    assert seen[HALF, 4].min() > 240 and seen[HALF, SIDE - 4][2] < 160, (seen[HALF, 4], seen[HALF, SIDE - 4])
+    pixels[..., 3] = 0
+    (tmp_path / "logo.bmp").write_bytes(cv2.imencode(".bmp", pixels)[1].tobytes())
+    assert ask(daemon, "--attach", str(tmp_path / "logo.bmp")).returncode == 0
+    seen = sent_image(proxy)
+    assert seen[HALF, 4].max() < 15 and seen[HALF, SIDE - 4][2] < 160, (seen[HALF, 4], seen[HALF, SIDE - 4])
 
 
 NOTE = "Meeting notes: the budget is 4200 euros.\nNext meeting on Friday.\n"
