@@ -3,9 +3,10 @@
 Images are sniffed (format, dimensions, completeness) from their header before a pixel is decoded (a
 JPEG's markers walked as libjpeg walks them, so the size checked is the size decoded), then decoded with
 OpenCV within one memory budget shared by all turns (daemon/decode_budget.py), checked to be the size the
-header said, laid on white where transparent, downscaled to a longest side and re-encoded as JPEG under a
-byte budget. Documents (text in UTF-8, or UTF-16 or UTF-32 with a byte-order mark) are split into chunks ranked by
-term overlap with the prompt, a bounded number of term searches per document. Every attachment gets a
+header said, laid on white where transparent, downscaled to a longest side, turned upright as its EXIF says
+and re-encoded as JPEG under a byte budget. Documents (text in UTF-8, or UTF-16 or UTF-32 with a byte-order
+mark) are split into chunks ranked by term overlap with the prompt, a bounded number of term searches per
+document. Every attachment gets a
 relevance score in [0, 1]: TMO's "association" signal, which the decision uses.
 """
 
@@ -366,6 +367,53 @@ def transparent_gray(fmt: str, data: bytes) -> int | None:
     return value * (255 // ((1 << depth) - 1)) if depth < 8 else value
 
 
+def decode(data: bytes, flag: int, alpha: bool) -> tuple[np.ndarray | None, int]:
+    """The pixels OpenCV decodes, and the EXIF orientation left to apply (``upright``): OpenCV turns an
+    image (a JPEG, or a PNG or WebP with EXIF) upright itself unless it reads the alpha channel, so a
+    transparent screenshot taken on a turned phone reached the cloud on its side."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if not alpha:
+        return cv2.imdecode(buf, flag), 1
+    pixels, kinds, blocks = cv2.imdecodeWithMetadata(buf, flags=flag)
+    exif = next((np.asarray(b).tobytes() for k, b in zip(np.ravel(kinds), blocks) if k == cv2.IMAGE_METADATA_EXIF), b"")
+    return pixels, exif_orientation(exif)
+
+
+def exif_orientation(exif: bytes) -> int:
+    """The Orientation tag (0x0112) of an EXIF block's first directory, 1 to 8; 1 (as stored) without one."""
+    exif = exif.removeprefix(b"Exif\x00\x00")
+    order = {b"II": "<", b"MM": ">"}.get(exif[:2])
+    if order is None or len(exif) < 8:
+        return 1
+    start = struct.unpack(order + "I", exif[4:8])[0] + 2
+    entries = struct.unpack(order + "H", exif[start - 2 : start])[0] if start <= len(exif) else 0
+    for i in range(start, min(start + 12 * entries, len(exif) - 11), 12):
+        tag, _, _, value = struct.unpack(order + "HHIH", exif[i : i + 10])
+        if tag == 0x0112:
+            return value if value in TURNS else 1
+    return 1
+
+
+# What each EXIF orientation takes to be upright, as OpenCV turns what it decodes: (transpose, flip code).
+TURNS: dict[int, tuple[bool, int | None]] = {
+    1: (False, None),
+    2: (False, 1),
+    3: (False, -1),
+    4: (False, 0),
+    5: (True, None),
+    6: (True, 1),
+    7: (True, -1),
+    8: (True, 0),
+}
+
+
+def upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """``pixels`` turned as their EXIF ``orientation`` says."""
+    transpose, flip = TURNS[orientation]
+    pixels = cv2.transpose(pixels) if transpose else pixels
+    return pixels if flip is None else cv2.flip(pixels, flip)
+
+
 def blank_alpha_dropped(fmt: str, pixels: np.ndarray) -> np.ndarray:
     """A BMP whose alpha mask holds 0 at every pixel as opaque: tools write the mask and no alpha, and
     browsers show such a bitmap opaque (laid on white it would be blank)."""
@@ -419,7 +467,7 @@ def _prepare_image(
             code="bad_image",
         )
     longest = max(width, height)
-    # Transparency is read with the alpha channel (so without the EXIF turn OpenCV gives its BGR decodes alone).
+    # Transparency is read with the alpha channel (OpenCV then leaves the EXIF turn to us: ``decode``).
     # Asked once: a PNG's chunks are walked in Python, 20 MB of empty chunks in about a second.
     alpha = has_alpha(fmt, data)
     flag, factor = (cv2.IMREAD_UNCHANGED if alpha else cv2.IMREAD_COLOR), 1
@@ -442,7 +490,7 @@ def _prepare_image(
         )
     with DECODES.hold(needed, budget, cancelled):
         check_cancelled(cancelled)
-        pixels = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flag)
+        pixels, orientation = decode(data, flag, alpha)
         if pixels is not None:  # its BGR copy is part of the decode's peak
             pixels = on_white(blank_alpha_dropped(fmt, pixels), transparent_gray(fmt, data) if alpha else None)
     if pixels is None:
@@ -457,6 +505,7 @@ def _prepare_image(
     scale = config.image_max_side / max(h, w)
     if scale < 1:
         pixels = cv2.resize(pixels, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    pixels = upright(pixels, orientation)  # once shrunk: turning it copies it
     jpeg = _encode_under(pixels, config.image_jpeg_bytes, where)
     h, w = pixels.shape[:2]
     name_terms = terms(Path(attachment.name).stem.replace("_", " ").replace("-", " "))

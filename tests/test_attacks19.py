@@ -1,7 +1,8 @@
 """Attack round 19: files that exercise the attachment code. A grayscale PNG whose ``tRNS`` makes one gray
 transparent (as oxipng writes a black-on-transparent logo) and a palette PNG whose text chunk holds the word
 "IDAT" before its ``tRNS`` both reached the cloud black where transparent, and so did a 32-bit BMP with an
-alpha mask (as OpenCV writes one); a UTF-32 file (its mark begins
+alpha mask (as OpenCV writes one); a transparent PNG or WebP whose EXIF says it was taken turned reached it on
+its side (OpenCV turns only what it decodes without alpha); a UTF-32 file (its mark begins
 with UTF-16's) and a UTF-16 file without a byte-order mark were both refused as "binary data, not text".
 One real daemon (the embedded model) with the loopback cloud behind the recording proxy serves every test."""
 
@@ -94,6 +95,41 @@ def test_a_transparent_bitmap_reaches_the_cloud_on_white_and_one_without_alpha_w
     assert ask(daemon, "--attach", str(tmp_path / "logo.bmp")).returncode == 0
     seen = sent_image(proxy)
     assert seen[HALF, 4].max() < 15 and seen[HALF, SIDE - 4][2] < 160, (seen[HALF, 4], seen[HALF, SIDE - 4])
+
+
+# EXIF whose one entry, Orientation, says 6: the stored pixels are to be turned a quarter clockwise.
+TURNED = b"MM\x00*\x00\x00\x00\x08\x00\x01\x01\x12\x00\x03\x00\x00\x00\x01\x00\x06\x00\x00\x00\x00\x00\x00"
+
+
+def with_exif(fmt: str, image: bytes) -> bytes:
+    """``image`` (a PNG, or a 2 SIDE x SIDE WebP) with the EXIF block TURNED."""
+    if fmt == "png":
+        at = image.find(b"IDAT") - 4
+        return image[:at] + chunk(b"eXIf", TURNED) + image[at:]
+    chunks, flags = image[12:], 0x08  # the extended header says it has EXIF
+    if chunks[:4] == b"VP8X":
+        chunks, flags = chunks[18:], flags | chunks[8]
+    size = (2 * SIDE - 1).to_bytes(3, "little") + (SIDE - 1).to_bytes(3, "little")
+    header = b"VP8X" + struct.pack("<I", 10) + bytes([flags, 0, 0, 0]) + size
+    body = b"WEBP" + header + chunks + b"EXIF" + struct.pack("<I", len(TURNED)) + TURNED
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+@pytest.mark.parametrize("fmt", ["png", "webp"])
+def test_a_transparent_image_taken_turned_reaches_the_cloud_upright(walk: Any, tmp_path: Path, fmt: str) -> None:
+    """Upright as its opaque twin is (OpenCV turns that one itself) and as a browser shows it."""
+    daemon, proxy = walk
+    pixels = np.zeros((SIDE, 2 * SIDE, 4), np.uint8)  # stored wide: its top half transparent, its bottom opaque
+    pixels[HALF:] = (0, 0, 128, 255)
+    params = [cv2.IMWRITE_WEBP_QUALITY, 90] if fmt == "webp" else []
+    for alpha in (pixels, pixels[..., :3]):
+        (tmp_path / f"shot.{fmt}").write_bytes(with_exif(fmt, cv2.imencode(f".{fmt}", alpha, params)[1].tobytes()))
+        assert ask(daemon, "--attach", str(tmp_path / f"shot.{fmt}")).returncode == 0
+        seen = sent_image(proxy)
+        assert seen.shape[:2] == (2 * SIDE, SIDE), seen.shape  # turned a quarter: tall
+        assert seen[SIDE, 4][2] > 100 and seen[SIDE, 4][0] < 60, seen[SIDE, 4]  # its bottom is now its left
+        if alpha is pixels:
+            assert seen[SIDE, SIDE - 4].min() > 240, seen[SIDE, SIDE - 4]
 
 
 NOTE = "Meeting notes: the budget is 4200 euros.\nNext meeting on Friday.\n"
