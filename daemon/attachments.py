@@ -42,9 +42,11 @@ UTF32_BOMS = (codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)
 RANK_SEARCHES = 200_000
 DECODE_BYTES_PER_PIXEL = 6  # OpenCV's peak while decoding to BGR, measured for PNG, BMP and JPEG
 # An image with transparency is decoded with its alpha channel (4 samples of up to 2 bytes) beside the BGR
-# image it is laid on, a band of about a megapixel at a time (``on_white``).
+# image it is laid on (``on_white``), a band of BAND_PIXELS at a time whose float samples and blend take
+# BAND_BYTES_PER_PIXEL (measured; a megapixel band took 50 MB, more than a 3-megapixel image's estimate).
 ALPHA_BYTES_PER_PIXEL = 8
-BAND_PIXELS = 1 << 20
+BAND_PIXELS = 1 << 18
+BAND_BYTES_PER_PIXEL = 48
 BMP_BITFIELDS = (3, 6)  # BI_BITFIELDS, BI_ALPHABITFIELDS: compressions whose masks may say where alpha is
 COEFFICIENT_BYTES = 2  # a progressive JPEG's decoder keeps every DCT coefficient, whatever the output scale
 # Scans a JPEG may have: a progressive one has about 10, and libjpeg goes over the whole image once per scan,
@@ -322,8 +324,10 @@ def jpeg_frame(data: bytes) -> tuple[int, int, int]:
 def decode_bytes(fmt: str, data: bytes, width: int, height: int, factor: int, alpha: bool) -> int:
     """About the memory decoding takes at 1/``factor`` scale (JPEG only), at its peak; ``alpha``: read
     with its alpha channel (``has_alpha``)."""
-    per_pixel = DECODE_BYTES_PER_PIXEL + (ALPHA_BYTES_PER_PIXEL if alpha else 0)
-    out = math.ceil(width / factor) * math.ceil(height / factor) * per_pixel
+    pixels = math.ceil(width / factor) * math.ceil(height / factor)
+    out = pixels * DECODE_BYTES_PER_PIXEL
+    if alpha:
+        out += pixels * ALPHA_BYTES_PER_PIXEL + min(pixels, BAND_PIXELS) * BAND_BYTES_PER_PIXEL
     return out + (width * height * jpeg_frame(data)[2] if fmt == "jpeg" else 0)
 
 

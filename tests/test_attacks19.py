@@ -2,7 +2,8 @@
 transparent (as oxipng writes a black-on-transparent logo) and a palette PNG whose text chunk holds the word
 "IDAT" before its ``tRNS`` both reached the cloud black where transparent, and so did a 32-bit BMP with an
 alpha mask (as OpenCV writes one); a transparent PNG or WebP whose EXIF says it was taken turned reached it on
-its side (OpenCV turns only what it decodes without alpha); a UTF-32 file (its mark begins
+its side (OpenCV turns only what it decodes without alpha); a transparent megapixel PNG took 73 MiB to lay
+on white, estimated at 14 (its blend's float samples were not counted); a UTF-32 file (its mark begins
 with UTF-16's) and a UTF-16 file without a byte-order mark were both refused as "binary data, not text".
 One real daemon (the embedded model) with the loopback cloud behind the recording proxy serves every test."""
 
@@ -30,6 +31,7 @@ def walk(cloud_server: CloudServer, tmp_path_factory: pytest.TempPathFactory, mo
     """(daemon, proxy): every turn goes to the cloud (routing.mode = cloud)."""
     proxy = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()
     config = cloud_config(proxy.base_url, timeout_s=120.0)
+    config["attachments"] = {"decode_mb": 16}  # the least it takes
     home = tmp_path_factory.mktemp("attacks19")
     daemon = start_daemon(home, models_dir, config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
     yield daemon, proxy
@@ -130,6 +132,21 @@ def test_a_transparent_image_taken_turned_reaches_the_cloud_upright(walk: Any, t
         assert seen[SIDE, 4][2] > 100 and seen[SIDE, 4][0] < 60, seen[SIDE, 4]  # its bottom is now its left
         if alpha is pixels:
             assert seen[SIDE, SIDE - 4].min() > 240, seen[SIDE, SIDE - 4]
+
+
+def test_laying_an_image_on_white_counts_against_decode_mb(walk: Any, tmp_path: Path) -> None:
+    """A transparent 1024 x 1024 PNG was estimated at 14 MiB and so decoded under a 16 MiB budget; laying
+    it on white a megapixel band at a time took 73 MiB. Its blend (now a quarter-megapixel band at a time)
+    is counted: about 26 MiB, more than the budget, and the refusal names the key."""
+    daemon, _ = walk
+    pixels = np.zeros((1024, 1024, 4), np.uint8)
+    pixels[::3] = 255
+    (tmp_path / "big.png").write_bytes(cv2.imencode(".png", pixels)[1].tobytes())
+    refused = ask(daemon, "--attach", str(tmp_path / "big.png"))
+    assert refused.returncode == 1, refused
+    assert "takes about 26 MiB, more than attachments.decode_mb (16 MiB)" in refused.stderr, refused.stderr
+    (tmp_path / "opaque.png").write_bytes(cv2.imencode(".png", pixels[..., :3])[1].tobytes())
+    assert ask(daemon, "--attach", str(tmp_path / "opaque.png")).returncode == 0  # 6 MiB: no blend
 
 
 NOTE = "Meeting notes: the budget is 4200 euros.\nNext meeting on Friday.\n"
