@@ -9,7 +9,10 @@ One real daemon (the embedded model) with the loopback cloud behind the recordin
 
 from __future__ import annotations
 
+import base64
+import json
 import struct
+import urllib.request
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
-from .conftest import SECRET, CloudServer, cloud_config, start_daemon
+from .conftest import SECRET, CloudServer, cloud_config, free_port, start_daemon
 from .faultproxy import FaultProxy
 from .test_seventeenth_walk import ask, last_question, sent_image
 
@@ -28,13 +31,15 @@ SIDE = 64
 
 @pytest.fixture(scope="module")
 def walk(cloud_server: CloudServer, tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Any]:
-    """(daemon, proxy): every turn goes to the cloud (routing.mode = cloud)."""
+    """(daemon, proxy, HTTP port): every turn goes to the cloud (routing.mode = cloud)."""
     proxy = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()
+    port = free_port()
     config = cloud_config(proxy.base_url, timeout_s=120.0)
+    config["http"] = {"listen": f"127.0.0.1:{port}"}
     config["attachments"] = {"decode_mb": 16}  # the least it takes
     home = tmp_path_factory.mktemp("attacks19")
     daemon = start_daemon(home, models_dir, config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
-    yield daemon, proxy
+    yield daemon, proxy, port
     daemon.stop()
     proxy.stop()
 
@@ -71,7 +76,7 @@ LOGOS = {
 
 @pytest.mark.parametrize("name", list(LOGOS))
 def test_a_logo_transparent_by_trns_reaches_the_cloud_on_white(walk: Any, tmp_path: Path, name: str) -> None:
-    daemon, proxy = walk
+    daemon, proxy, _ = walk
     (tmp_path / "logo.png").write_bytes(LOGOS[name])
     done = ask(daemon, "--attach", str(tmp_path / "logo.png"))
     assert done.returncode == 0, done.stderr
@@ -85,7 +90,7 @@ def test_a_transparent_bitmap_reaches_the_cloud_on_white_and_one_without_alpha_w
 ) -> None:
     """A bitmap whose alpha mask holds 0 everywhere (tools write the mask and no alpha) is shown opaque, as
     browsers show it, rather than as a blank white page."""
-    daemon, proxy = walk
+    daemon, proxy, _ = walk
     pixels = np.zeros((SIDE, SIDE, 4), np.uint8)
     pixels[:, HALF:] = (0, 0, 128, 255)  # the left half transparent black, the right half opaque dark red
     (tmp_path / "logo.bmp").write_bytes(cv2.imencode(".bmp", pixels)[1].tobytes())
@@ -120,7 +125,7 @@ def with_exif(fmt: str, image: bytes) -> bytes:
 @pytest.mark.parametrize("fmt", ["png", "webp"])
 def test_a_transparent_image_taken_turned_reaches_the_cloud_upright(walk: Any, tmp_path: Path, fmt: str) -> None:
     """Upright as its opaque twin is (OpenCV turns that one itself) and as a browser shows it."""
-    daemon, proxy = walk
+    daemon, proxy, _ = walk
     pixels = np.zeros((SIDE, 2 * SIDE, 4), np.uint8)  # stored wide: its top half transparent, its bottom opaque
     pixels[HALF:] = (0, 0, 128, 255)
     params = [cv2.IMWRITE_WEBP_QUALITY, 90] if fmt == "webp" else []
@@ -134,11 +139,27 @@ def test_a_transparent_image_taken_turned_reaches_the_cloud_upright(walk: Any, t
             assert seen[SIDE, SIDE - 4].min() > 240, seen[SIDE, SIDE - 4]
 
 
+def test_the_http_door_lays_a_gray_logo_on_white(walk: Any) -> None:
+    """The same decode serves the HTTP door's images: a data URL of the gray logo reaches the cloud white
+    where it is transparent."""
+    _, proxy, port = walk
+    url = "data:image/png;base64," + base64.b64encode(LOGOS["gray8"]).decode()
+    parts = [{"type": "text", "text": "Describe"}, {"type": "image_url", "image_url": {"url": url}}]
+    body = {"model": "auto", "max_tokens": 4, "messages": [{"role": "user", "content": parts}]}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=300) as reply:
+        assert reply.status == 200
+    seen = sent_image(proxy)
+    assert seen[HALF, 4].min() > 240 and seen[HALF, SIDE - 4].max() < 160, (seen[HALF, 4], seen[HALF, SIDE - 4])
+
+
 def test_laying_an_image_on_white_counts_against_decode_mb(walk: Any, tmp_path: Path) -> None:
     """A transparent 1024 x 1024 PNG was estimated at 14 MiB and so decoded under a 16 MiB budget; laying
     it on white a megapixel band at a time took 73 MiB. Its blend (now a quarter-megapixel band at a time)
     is counted: about 26 MiB, more than the budget, and the refusal names the key."""
-    daemon, _ = walk
+    daemon, _, _ = walk
     pixels = np.zeros((1024, 1024, 4), np.uint8)
     pixels[::3] = 255
     (tmp_path / "big.png").write_bytes(cv2.imencode(".png", pixels)[1].tobytes())
@@ -154,7 +175,7 @@ NOTE = "Meeting notes: the budget is 4200 euros.\nNext meeting on Friday.\n"
 
 @pytest.mark.parametrize("encoding", ["utf-32", "utf-32-be"])
 def test_a_utf32_text_file_is_read(walk: Any, tmp_path: Path, encoding: str) -> None:
-    daemon, proxy = walk
+    daemon, proxy, _ = walk
     data = NOTE.encode(encoding)
     if encoding == "utf-32-be":
         data = b"\x00\x00\xfe\xff" + data
@@ -166,7 +187,7 @@ def test_a_utf32_text_file_is_read(walk: Any, tmp_path: Path, encoding: str) -> 
 
 @pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be"])
 def test_utf16_without_a_byte_order_mark_is_named_as_such(walk: Any, tmp_path: Path, encoding: str) -> None:
-    daemon, proxy = walk
+    daemon, proxy, _ = walk
     (tmp_path / "notes.txt").write_bytes(NOTE.encode(encoding))
     before = len(proxy.chat_requests())
     refused = ask(daemon, "--attach", str(tmp_path / "notes.txt"))
