@@ -22,7 +22,7 @@ IMAGE_SIGNATURES = (
 )
 # Files people attach as documents that are not text: what to tell them instead of "not UTF-8".
 BINARY_DOCUMENTS = (
-    (b"%PDF", "a PDF"),
+    (b"%PDF-", "a PDF"),  # with its version: a note may begin "%PDF" (a LaTeX comment)
     (b"PK\x03\x04", "a ZIP archive (a .docx, .xlsx, .pptx, .odt or .zip file is one)"),
     (b"\xd0\xcf\x11\xe0", "an old Microsoft Office file (.doc, .xls, .ppt)"),
 )

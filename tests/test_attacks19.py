@@ -4,7 +4,8 @@ transparent (as oxipng writes a black-on-transparent logo) and a palette PNG who
 alpha mask (as OpenCV writes one); a transparent PNG or WebP whose EXIF says it was taken turned reached it on
 its side (OpenCV turns only what it decodes without alpha); a transparent megapixel PNG took 73 MiB to lay
 on white, estimated at 14 (its blend's float samples were not counted); a UTF-32 file (its mark begins
-with UTF-16's) and a UTF-16 file without a byte-order mark were both refused as "binary data, not text".
+with UTF-16's) and a UTF-16 file without a byte-order mark were both refused as "binary data, not text";
+a LaTeX note whose first line is the comment "%PDF settings" was refused as "a PDF".
 One real daemon (the embedded model) with the loopback cloud behind the recording proxy serves every test."""
 
 from __future__ import annotations
@@ -197,3 +198,11 @@ def test_utf16_without_a_byte_order_mark_is_named_as_such(walk: Any, tmp_path: P
     (tmp_path / "blob.bin").write_bytes(b"\x00\x00\x00ab" * 200)  # UTF-8 with NULs, and not UTF-16 text
     refused = ask(daemon, "--attach", str(tmp_path / "blob.bin"))
     assert refused.returncode == 1 and "binary data, not text" in refused.stderr, refused.stderr
+
+
+def test_a_note_that_begins_with_a_pdf_comment_is_read(walk: Any, tmp_path: Path) -> None:
+    daemon, proxy, _ = walk
+    (tmp_path / "build.tex").write_text("%PDF settings for pdflatex\n\\pdfminorversion=7\n")
+    done = ask(daemon, "--attach", str(tmp_path / "build.tex"))
+    assert done.returncode == 0, done.stderr
+    assert "pdfminorversion=7" in str(last_question(proxy))
