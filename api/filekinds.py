@@ -4,7 +4,7 @@ document that is not text. One table for both, so they never disagree about a fo
 
 from __future__ import annotations
 
-READABLE_FORMATS = ("PNG", "JPEG", "WebP", "BMP")  # what the daemon decodes (daemon/attachments.py)
+READABLE_FORMATS = ("PNG", "JPEG", "WebP", "BMP")  # what the daemon decodes (daemon/images.py)
 READABLE_IMAGES = "PNG, JPEG, WebP or BMP"
 
 # ISO base media files (HEIF, AVIF) say what they hold in their `ftyp` box's brand.

@@ -15,8 +15,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from locod.daemon import attachments as att
+from locod.daemon.attachments import PreparedAttachment
 from locod.daemon.backends import Prompt, Upload
+from locod.daemon.documents import chunks_for, select_chunks
+from locod.daemon.images import data_url
 from locod.daemon.sessions import WITHHELD
 from locod.errors import PromptTooLong
 
@@ -50,12 +52,12 @@ def withheld_history(turn: Turn) -> str | None:
 MIN_DOC_TOKENS = 16  # a local prompt's document excerpts are halved to fit its context down to this, no further
 
 
-def documents_text(attachments: Sequence[att.PreparedAttachment], token_budget: int) -> str:
+def documents_text(attachments: Sequence[PreparedAttachment], token_budget: int) -> str:
     """The documents' best excerpts, the budget shared equally between them (images are skipped)."""
     docs = [a for a in attachments if a.kind == "document"]
     parts = []
     for doc in docs:
-        chunks = att.select_chunks(doc, token_budget // max(1, len(docs)))
+        chunks = select_chunks(doc.chunks, token_budget // max(1, len(docs)))
         excerpt = "\n[...]\n".join(c.text for c in chunks)
         parts.append(f"Document {doc.name!r} (relevant excerpts):\n{excerpt}")
     return "\n\n".join(parts)
@@ -69,7 +71,7 @@ class LocalQuestion:
 
     history: list[dict[str, object]]
     question: str
-    attachments: Sequence[att.PreparedAttachment]
+    attachments: Sequence[PreparedAttachment]
     n_ctx: int
 
     @classmethod
@@ -107,7 +109,7 @@ class LocalQuestion:
         ``daemon.max_message_bytes`` each in memory, for a few kilobytes of excerpts."""
         documents = [a for a in self.attachments if a.kind == "document"]
         shares = [budget // len(documents) for budget in self.doc_budgets()] if documents else []
-        kept = tuple(replace(doc, chunks=att.chunks_for(doc, shares)) for doc in documents)
+        kept = tuple(replace(doc, chunks=chunks_for(doc.chunks, shares)) for doc in documents)
         return replace(self, attachments=kept)
 
 
@@ -117,7 +119,7 @@ def cloud_messages(turn: Turn, send: tuple[int, ...], doc_token_budget: int) -> 
     text = f"{docs}\n\n{turn.request.prompt}" if docs else turn.request.prompt
     images = [turn.attachments[i] for i in send if turn.attachments[i].kind == "image"]
     parts: list[dict[str, object]] = [{"type": "text", "text": text}]
-    parts += [{"type": "image_url", "image_url": {"url": att.data_url(image.jpeg)}} for image in images]
+    parts += [{"type": "image_url", "image_url": {"url": data_url(image.jpeg)}} for image in images]
     question: dict[str, object] = {"role": "user", "content": parts if images else text}
     messages = [*(dict[str, object](m) for m in history(turn, cloud=True)), question]
     upload_bytes = len(text.encode()) + sum(image.upload_bytes for image in images)

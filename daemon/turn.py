@@ -27,6 +27,7 @@ from locod.daemon import attachments as att
 from locod.daemon import prompts
 from locod.daemon.answer_digests import answer_digest, opening_digests, resent_digests
 from locod.daemon.backends import Backend, Generation, Prompt, Upload
+from locod.daemon.cancel import check_cancelled
 from locod.daemon.cloud import CloudBackend, Received, StreamCut
 from locod.daemon.config import Config
 from locod.daemon.decider import Decider
@@ -39,7 +40,7 @@ from locod.daemon.reply import Reply
 from locod.daemon.sessions import Session, SessionStore, TurnTrail, door_of
 from locod.daemon.shadow import ShadowJob, ShadowLane, overlap_label
 from locod.daemon.telemetry import Snapshot
-from locod.errors import Busy, CloudError, LocodError, StorageError
+from locod.errors import AttachmentError, Busy, CloudError, LocodError, StorageError
 from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
 from locod.policy.tasks import task_of
 from locod.protocol import (
@@ -265,7 +266,7 @@ class TurnRunner:
         cancelled turn stops between attachments (and between a document's chunks)."""
         cfg = self.config.attachments
         if len(request.attachments) > cfg.max_count:
-            raise att.AttachmentError(
+            raise AttachmentError(
                 f"{len(request.attachments)} attachments, at most {cfg.max_count} allowed (attachments.max_count)",
                 code="too_many_attachments",
             )
@@ -274,7 +275,7 @@ class TurnRunner:
         prompt_terms = att.terms(request.prompt)
         prepared = []
         for a in request.attachments:
-            att.check_cancelled(cancelled)
+            check_cancelled(cancelled)
             data = att.load_bytes(a, self.config.paths.allow_dirs, cfg.max_bytes)
             prepared.append(att.prepare(a, data, prompt_terms, cfg, cancelled))
         prepared = att.as_subjects(prepared)

@@ -19,11 +19,12 @@ from pathlib import Path
 
 from llama_cpp import Llama, LogitsProcessorList
 
-from locod.daemon.attachments import DocChunk, PreparedAttachment
+from locod.daemon.attachments import PreparedAttachment
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import CloudModelConfig, load_config
 from locod.daemon.decider import Decider
 from locod.daemon.decision import Escalation
+from locod.daemon.documents import DocChunk
 from locod.daemon.fetch import fetch
 from locod.daemon.learner import Learner
 from locod.daemon.logprobs import TokenLogprobs

@@ -17,6 +17,7 @@ import pytest
 
 from locod.client import attachment
 from locod.daemon import attachments as att
+from locod.daemon import documents, images
 from locod.daemon.config import AttachmentsConfig
 from locod.daemon.conversations import Conversations
 from locod.daemon.decode_budget import DecodeBudget
@@ -59,7 +60,7 @@ def image(data: bytes, name: str = "x.jpg") -> Attachment:
 def test_a_jpeg_is_measured_as_libjpeg_reads_it() -> None:
     data = disguised_jpeg(3000)
     assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_8).shape == (375, 375)
-    assert att.image_size(data) == ("jpeg", 3000, 3000)  # the frame the decoder uses, not the fake one
+    assert images.image_size(data) == ("jpeg", 3000, 3000)  # the frame the decoder uses, not the fake one
     config = AttachmentsConfig(image_max_pixels=1_000_000)
     with pytest.raises(AttachmentError, match=r"image 'x\.jpg': 3000x3000 pixels is outside the accepted size"):
         att.prepare(image(data), data, set(), config)
@@ -69,7 +70,7 @@ def test_a_jpeg_is_measured_as_libjpeg_reads_it() -> None:
 
 def test_images_past_the_decode_budget_are_refused_before_decoding() -> None:
     bomb = rle_bmp(10_000)
-    assert len(bomb) < 1200 and att.image_size(bomb) == ("bmp", 10_000, 10_000)
+    assert len(bomb) < 1200 and images.image_size(bomb) == ("bmp", 10_000, 10_000)
     with pytest.raises(AttachmentError, match=r"image 'rle\.bmp': decoding its 10000x10000 pixels takes about"):
         att.prepare(image(bomb, "rle.bmp"), bomb, set(), AttachmentsConfig(decode_mb=256))
     assert att.DECODES.used == 0  # refused before it held any memory
@@ -113,18 +114,18 @@ def test_concurrent_decodes_share_one_budget() -> None:
 
 def test_ranking_work_is_capped_before_it_starts() -> None:
     prompt_terms = {f"w{i:06d}" for i in range(30_000)}
-    pieces = att.chunk_text("lorem ipsum dolor sit amet\n\n" * 20_000, 1200)
-    assert att.chunk_text("x" * 2500, 1000) == ["x" * 1000, "x" * 1000, "x" * 500]  # a long paragraph, by index
-    kept = att.ranking_terms(prompt_terms, len(pieces))
-    assert len(kept) >= 1 and len(kept) * len(pieces) <= att.RANK_SEARCHES
-    assert att.ranking_terms({"a", "bb"}, 1) == ["bb", "a"]  # all of them when they fit, longest first
-    assert att.ranking_terms(prompt_terms, 10**9) == ["w000000"]  # at least one
-    ranked = att.rank_chunks(["the warranty ends", "nothing here"], {"warranty", "zzz"}, searches=2)
+    pieces = documents.chunk_text("lorem ipsum dolor sit amet\n\n" * 20_000, 1200)
+    assert documents.chunk_text("x" * 2500, 1000) == ["x" * 1000, "x" * 1000, "x" * 500]  # a long paragraph, by index
+    kept = documents.ranking_terms(prompt_terms, len(pieces))
+    assert len(kept) >= 1 and len(kept) * len(pieces) <= documents.RANK_SEARCHES
+    assert documents.ranking_terms({"a", "bb"}, 1) == ["bb", "a"]  # all of them when they fit, longest first
+    assert documents.ranking_terms(prompt_terms, 10**9) == ["w000000"]  # at least one
+    ranked = documents.rank_chunks(["the warranty ends", "nothing here"], {"warranty", "zzz"}, searches=2)
     assert ranked[0].index == 0 and ranked[0].score > 0  # one chunk, the longest term: still ranks
     cancelled = threading.Event()
     cancelled.set()
     with pytest.raises(Busy, match="cancelled"):
-        att.rank_chunks(pieces, prompt_terms, cancelled=cancelled)
+        documents.rank_chunks(pieces, prompt_terms, cancelled=cancelled)
 
 
 def test_session_history_is_bounded_and_keeps_private_marks() -> None:

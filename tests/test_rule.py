@@ -15,6 +15,7 @@ import pytest
 from llama_cpp import Llama
 
 from locod.daemon import attachments as att
+from locod.daemon import documents, images
 from locod.daemon.backends import Prompt
 from locod.daemon.cloud import CircuitBreaker
 from locod.daemon.config import load_config
@@ -293,24 +294,23 @@ def test_messages_that_fit_by_size_are_kept_as_tokenising_would_keep_them(vocab:
 
 def test_chunks_are_ranked_by_the_prompts_terms_and_returned_in_order() -> None:
     text = "\n\n".join(["Tomatoes need water."] * 5 + ["The warranty expires in March."] + ["Basil likes sun."] * 5)
-    pieces = att.chunk_text(text, 40)
-    ranked = att.rank_chunks(pieces, att.terms("when does the warranty expire"))
+    pieces = documents.chunk_text(text, 40)
+    ranked = documents.rank_chunks(pieces, att.terms("when does the warranty expire"))
     assert "warranty" in max(ranked, key=lambda c: c.score).text
-    doc = att.PreparedAttachment("document", "d", False, 1.0, len(text), chunks=tuple(ranked))
-    chosen = att.select_chunks(doc, token_budget=12)
+    chosen = documents.select_chunks(ranked, token_budget=12)
     assert any("warranty" in c.text for c in chosen)
     assert [c.index for c in chosen] == sorted(c.index for c in chosen)
 
 
 def test_image_sizes_come_from_headers_and_big_images_are_shrunk() -> None:
     png = cv2.imencode(".png", np.zeros((300, 500, 3), np.uint8))[1].tobytes()
-    assert att.image_size(png) == ("png", 500, 300)
+    assert images.image_size(png) == ("png", 500, 300)
     with pytest.raises(AttachmentError):
-        att.image_size(png[:-20])  # truncated
+        images.image_size(png[:-20])  # truncated
     config = load_config(None).attachments
     image = att.prepare(Attachment("image", "photo.png", data=png), png, att.terms("what is in this photo"), config)
     assert max(image.width, image.height) <= config.image_max_side and len(image.jpeg) <= config.image_jpeg_bytes
-    assert image.upload_bytes == len(att.data_url(image.jpeg)) - len("data:image/jpeg;base64,")
+    assert image.upload_bytes == len(images.data_url(image.jpeg)) - len("data:image/jpeg;base64,")
 
 
 def test_circuit_breaker_opens_after_the_limit_and_half_opens_after_the_cooldown() -> None:
