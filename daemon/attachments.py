@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import cv2
+import numpy as np
 
 from locod.daemon.cancel import check_cancelled
 from locod.daemon.config import AttachmentsConfig
@@ -225,7 +226,25 @@ def _prepare_image(
     config: AttachmentsConfig,
     cancelled: threading.Event | None,
 ) -> PreparedAttachment:
+    """Checked, decoded on white, shrunk to ``image_max_side``, turned upright and re-encoded as JPEG."""
     where = f"image {attachment.name!r}"
+    fmt, width, height = _accepted_size(data, config, where)
+    pixels, orientation = _decoded(data, fmt, width, height, config, cancelled, where)
+    h, w = pixels.shape[:2]
+    scale = config.image_max_side / max(h, w)
+    if scale < 1:
+        pixels = cv2.resize(pixels, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    pixels = upright(pixels, orientation)  # once shrunk: turning it copies it
+    jpeg = encode_under(pixels, config.image_jpeg_bytes, where)
+    h, w = pixels.shape[:2]
+    relevance = _image_relevance(attachment.name, prompt_terms)
+    return PreparedAttachment(
+        "image", attachment.name, attachment.private, relevance, len(data), jpeg=jpeg, width=w, height=h
+    )
+
+
+def _accepted_size(data: bytes, config: AttachmentsConfig, where: str) -> tuple[str, int, int]:
+    """The image's format and size from its header, within ``image_max_pixels`` and 65535 a side."""
     try:
         fmt, width, height = image_size(data)
     except AttachmentError as exc:
@@ -236,21 +255,24 @@ def _prepare_image(
             "attachments.image_max_pixels, and 65535 a side)",
             code="bad_image",
         )
-    longest = max(width, height)
+    return fmt, width, height
+
+
+def _decoded(
+    data: bytes,
+    fmt: str,
+    width: int,
+    height: int,
+    config: AttachmentsConfig,
+    cancelled: threading.Event | None,
+    where: str,
+) -> tuple[np.ndarray, int]:
+    """The pixels as 8-bit BGR on white, decoded within the shared decode budget at the smallest scale that
+    still covers ``image_max_side``, checked to be the size the header said; and the EXIF turn left to apply."""
     # Transparency is read with the alpha channel (OpenCV then leaves the EXIF turn to us: ``decode``).
     # Asked once: a PNG's chunks are walked in Python, 20 MB of empty chunks in about a second.
     alpha = has_alpha(fmt, data)
-    flag, factor = (cv2.IMREAD_UNCHANGED if alpha else cv2.IMREAD_COLOR), 1
-    # JPEG can decode at 1/2, 1/4, 1/8 scale directly: far cheaper than decoding 12 MP then shrinking.
-    if fmt == "jpeg":
-        for scale, reduced in (
-            (8, cv2.IMREAD_REDUCED_COLOR_8),
-            (4, cv2.IMREAD_REDUCED_COLOR_4),
-            (2, cv2.IMREAD_REDUCED_COLOR_2),
-        ):
-            if longest // scale >= config.image_max_side:
-                flag, factor = reduced, scale
-                break
+    flag, factor = _decode_scale(fmt, max(width, height), alpha, config.image_max_side)
     needed, budget = decode_bytes(fmt, data, width, height, factor, alpha), config.decode_mb << 20
     if needed > budget:
         raise AttachmentError(
@@ -272,19 +294,29 @@ def _prepare_image(
             f"{where}: decodes to {w * factor}x{h * factor} pixels, not the {width}x{height} its header says",
             code="bad_image",
         )
-    scale = config.image_max_side / max(h, w)
-    if scale < 1:
-        pixels = cv2.resize(pixels, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    pixels = upright(pixels, orientation)  # once shrunk: turning it copies it
-    jpeg = encode_under(pixels, config.image_jpeg_bytes, where)
-    h, w = pixels.shape[:2]
-    name_terms = terms(Path(attachment.name).stem.replace("_", " ").replace("-", " "))
+    return pixels, orientation
+
+
+def _decode_scale(fmt: str, longest: int, alpha: bool, max_side: int) -> tuple[int, int]:
+    """OpenCV's read flag and the scale it decodes at: a JPEG at 1/2, 1/4 or 1/8 where that still covers
+    ``max_side`` (far cheaper than decoding 12 MP then shrinking); anything else whole."""
+    if fmt == "jpeg":
+        for scale, reduced in (
+            (8, cv2.IMREAD_REDUCED_COLOR_8),
+            (4, cv2.IMREAD_REDUCED_COLOR_4),
+            (2, cv2.IMREAD_REDUCED_COLOR_2),
+        ):
+            if longest // scale >= max_side:
+                return reduced, scale
+    return (cv2.IMREAD_UNCHANGED if alpha else cv2.IMREAD_COLOR), 1
+
+
+def _image_relevance(name: str, prompt_terms: set[str]) -> float:
+    """The base, raised by a prompt that points at pictures or shares the file name's words."""
+    name_terms = terms(Path(name).stem.replace("_", " ").replace("-", " "))
     overlap = len(name_terms & prompt_terms) / max(1, len(name_terms))
     cue = 1.0 if prompt_terms & IMAGE_CUES else 0.0
-    relevance = min(1.0, IMAGE_BASE_RELEVANCE + 0.5 * cue + 0.5 * overlap)
-    return PreparedAttachment(
-        "image", attachment.name, attachment.private, relevance, len(data), jpeg=jpeg, width=w, height=h
-    )
+    return min(1.0, IMAGE_BASE_RELEVANCE + 0.5 * cue + 0.5 * overlap)
 
 
 def _prepare_document(

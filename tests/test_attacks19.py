@@ -23,26 +23,21 @@ import cv2
 import numpy as np
 import pytest
 
-from .conftest import SECRET, CloudServer, cloud_config, free_port, start_daemon
-from .faultproxy import FaultProxy
-from .test_seventeenth_walk import ask, last_question, sent_image
+from .conftest import CloudServer
+from .test_seventeenth_walk import ask, cloud_walk, last_question, sent_image
 
 SIDE = 64
 
 
 @pytest.fixture(scope="module")
 def walk(cloud_server: CloudServer, tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Any]:
-    """(daemon, proxy, HTTP port): every turn goes to the cloud (routing.mode = cloud)."""
-    proxy = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()
-    port = free_port()
-    config = cloud_config(proxy.base_url, timeout_s=120.0)
-    config["http"] = {"listen": f"127.0.0.1:{port}"}
-    config["attachments"] = {"decode_mb": 16}  # the least it takes
-    home = tmp_path_factory.mktemp("attacks19")
-    daemon = start_daemon(home, models_dir, config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
-    yield daemon, proxy, port
-    daemon.stop()
-    proxy.stop()
+    """(daemon, proxy, HTTP port): every turn goes to the cloud, with the least decode memory it takes."""
+
+    def shape(config: dict[str, Any]) -> None:
+        config["attachments"] = {"decode_mb": 16}
+
+    with cloud_walk(cloud_server, tmp_path_factory.mktemp("attacks19"), models_dir, shape) as walked:
+        yield walked
 
 
 def chunk(kind: bytes, payload: bytes) -> bytes:

@@ -10,7 +10,8 @@ import json
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +29,39 @@ from .test_escalation import _daemon, _head
 MAX_BYTES = 5_000_000
 
 
-@pytest.fixture(scope="module")
-def walk(cloud_server: CloudServer, tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Any]:
-    """(daemon, proxy, HTTP port): every turn goes to the cloud (routing.mode = cloud) unless forced local."""
+@contextmanager
+def cloud_walk(
+    cloud_server: CloudServer, home: Path, models_dir: Path, shape: Callable[[dict[str, Any]], None]
+) -> Iterator[tuple[DaemonHandle, FaultProxy, int]]:
+    """(daemon, proxy, HTTP port): every turn goes to the cloud (routing.mode = cloud) through a proxy that
+    shows what it receives, the HTTP door on; ``shape`` edits the config before the daemon starts."""
     proxy = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()
     port = free_port()
     config = cloud_config(proxy.base_url, timeout_s=120.0)
     config["http"] = {"listen": f"127.0.0.1:{port}"}
-    blind = {**config["cloud"]["models"][0], "name": "cloud-blind", "vision": False}
-    config["cloud"]["models"].append(blind)  # the same endpoint, configured as a model that takes no images
-    config["attachments"] = {"max_bytes": MAX_BYTES, "max_count": 3, "image_max_pixels": 4_000_000}
+    shape(config)
+    daemon = start_daemon(home, models_dir, config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    try:
+        yield daemon, proxy, port
+    finally:
+        daemon.stop()
+        proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def walk(cloud_server: CloudServer, tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[Any]:
+    """cloud_walk's, with a vision-less cloud model beside (forced local where a test says so)."""
     home = tmp_path_factory.mktemp("walk17")
     (home / "files").mkdir()
-    config["paths"] = {"allow_dirs": [str(home / "files")]}  # where a client may name a file by its path
-    daemon = start_daemon(home, models_dir, config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
-    yield daemon, proxy, port
-    daemon.stop()
-    proxy.stop()
+
+    def shape(config: dict[str, Any]) -> None:
+        blind = {**config["cloud"]["models"][0], "name": "cloud-blind", "vision": False}
+        config["cloud"]["models"].append(blind)  # the same endpoint, configured as a model that takes no images
+        config["attachments"] = {"max_bytes": MAX_BYTES, "max_count": 3, "image_max_pixels": 4_000_000}
+        config["paths"] = {"allow_dirs": [str(home / "files")]}  # where a client may name a file by its path
+
+    with cloud_walk(cloud_server, home, models_dir, shape) as walked:
+        yield walked
 
 
 def ask(daemon: DaemonHandle, *args: str) -> Any:
