@@ -5,7 +5,7 @@ document that is not text. One table for both, so they never disagree about a fo
 from __future__ import annotations
 
 READABLE_FORMATS = ("PNG", "JPEG", "WebP", "BMP")  # what the daemon decodes (daemon/images.py)
-READABLE_IMAGES = "PNG, JPEG, WebP or BMP"
+READABLE_IMAGES = f"{', '.join(READABLE_FORMATS[:-1])} or {READABLE_FORMATS[-1]}"  # in words, for refusals
 
 # ISO base media files (HEIF, AVIF) say what they hold in their `ftyp` box's brand.
 HEIF_BRANDS = frozenset((b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"))

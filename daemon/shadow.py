@@ -119,6 +119,10 @@ class ShadowLane:
                     log.exception("shadow answer for decision %d failed", job.decision_id)
 
     def _shadow(self, job: ShadowJob) -> None:
+        judged = self.config.routing.judge and not job.private  # the judge never sees private material
+        if WORD.search(job.reference) is None and not judged:  # nothing could grade its answer: none is made
+            self._ungraded(job)
+            return
         self._preempted = preempted = threading.Event()
         if self._stop.is_set():  # close() may have set the previous job's event
             return
@@ -139,9 +143,7 @@ class ShadowLane:
             return  # a user queued: their turn first; this label is not worth delaying them
         graded = self._grade(job, generation.text)
         if graded is None:
-            log.info(
-                "no shadow label for decision %d: the cloud's answer has no words to compare with", job.decision_id
-            )
+            self._ungraded(job)
             return
         satisfied, grader = graded
         ms = (time.perf_counter() - started) * 1000
@@ -169,6 +171,10 @@ class ShadowLane:
         task = job.features.turn.task
         s_answered = self.learner.answered(job.model, job.s_prompt, features, task)
         return JudgedAnswer(job.model, features, job.s_prompt, s_answered, kept=False, task=task)
+
+    @staticmethod
+    def _ungraded(job: ShadowJob) -> None:
+        log.info("no shadow label for decision %d: the cloud's answer has no words to compare with", job.decision_id)
 
     def _grade(self, job: ShadowJob, answer: str) -> tuple[bool, str] | None:
         """Graded by the judge when it is on (never an answer made from private material), else by overlap;
