@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import re
+import shlex
 import signal
 import sys
 import uuid
@@ -39,6 +40,7 @@ from locod.protocol import (
     MAX_STOP_SEQUENCES,
     NO_CONFIG_FILE,
     OPTION_RULES,
+    Attachment,
     DecisionFrame,
     DeltaFrame,
     DoneFrame,
@@ -277,24 +279,15 @@ def cmd_ask(args: argparse.Namespace) -> int:
 
 
 def _ask(args: argparse.Namespace) -> int:
-    from locod.client import attachment
-
     if args.stop and len(args.stop) > MAX_STOP_SEQUENCES:
         raise RequestError(f"argument --stop: at most {MAX_STOP_SEQUENCES} of them, got {len(args.stop)}")
     with _client(args) as client:
         named = [(p, False) for p in args.attach or []] + [(p, True) for p in args.private or []]
-        limit = client.daemon_config()["attachments"]["max_bytes"] if named else 0  # checked before reading
-        # Records and notices tell a turn's files apart by name: two notes.md from two folders go by their paths.
-        names = Counter(Path(p).name for p, _ in named)
-        files = [
-            attachment(p, private=private, max_bytes=limit, name=p if names[Path(p).name] > 1 else None)
-            for p, private in named
-        ]
         frames = client.chat(
             _prompt(args.prompt),
             session=args.session,
             model=args.model,
-            attachments=files,
+            attachments=_turn_files(client, named),
             force=args.force,
             max_tokens=args.max_tokens,
             temperature=args.temperature,
@@ -303,6 +296,20 @@ def _ask(args: argparse.Namespace) -> int:
             stop=args.stop,
         )
         return _stream(frames, args.json, args.verbose, client)
+
+
+def _turn_files(client: Any, named: list[tuple[str, bool]]) -> list[Attachment]:
+    """The files of one turn, each ``(path, private)``, read and checked against the daemon's byte limit
+    before anything is sent. Records and notices tell a turn's files apart by name: two notes.md from two
+    folders go by their paths."""
+    from locod.client import attachment
+
+    limit = client.daemon_config()["attachments"]["max_bytes"] if named else 0
+    names = Counter(Path(p).name for p, _ in named)
+    return [
+        attachment(p, private=private, max_bytes=limit, name=p if names[Path(p).name] > 1 else None)
+        for p, private in named
+    ]
 
 
 def _prompt(given: str | None) -> str:
@@ -440,6 +447,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             raise
     print(f"locod chat, session {session}. {CHAT_KEYS}", file=sys.stderr)
     typed = sys.stdin.isatty()  # a dialogue piped in gets its answers alone on stdout, no "> " before each
+    pending: list[tuple[str, bool]] = []  # (path, private): the files /attach and /private add to the next question
     try:
         while True:
             try:
@@ -453,12 +461,21 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 continue
             if not line.strip() or line.strip() in LEAVE_CHAT:
                 return 0
+            if _attach_command(line, client, pending):
+                continue
             if re.fullmatch(r"\s*/[A-Za-z?]*\s*", line):  # a chat tool's command (Ollama's /clear, /?), not a path
                 print(f"locod chat has no {line.strip()}: {CHAT_KEYS}", file=sys.stderr)
                 continue
             try:
+                named, pending = pending, []  # the files are this question's, whether it is answered or refused
                 frames = client.chat(
-                    line, session=session, model=args.model, force=args.force, max_tokens=args.max_tokens, queued=True
+                    line,
+                    session=session,
+                    model=args.model,
+                    attachments=_turn_files(client, named),
+                    force=args.force,
+                    max_tokens=args.max_tokens,
+                    queued=True,
                 )
                 _stream(frames, False, args.verbose, client)
             except KeyboardInterrupt:
@@ -474,7 +491,38 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 LEAVE_CHAT = ("/bye", "/exit", "/quit")  # Ollama's /bye, and what other chat tools take
-CHAT_KEYS = "Ctrl-C stops an answer; an empty line, Ctrl-D or /bye leaves."
+CHAT_KEYS = (
+    "/attach FILE (or /private FILE) adds a file to the next question; Ctrl-C stops an answer; an empty line, "
+    "Ctrl-D or /bye leaves."
+)
+ATTACH_COMMANDS = {"/attach": False, "/private": True}  # the chat's words for ask's --attach and --private
+
+
+def _attach_command(line: str, client: Client, pending: list[tuple[str, bool]]) -> bool:
+    """Whether ``line`` is ``/attach`` or ``/private`` with its paths (shell quoting, as a terminal writes a
+    dropped file's path); each file is read now, so a missing or oversized one is said before the question
+    is typed, and added to ``pending``."""
+    word, _, rest = line.strip().partition(" ")
+    if word not in ATTACH_COMMANDS:
+        return False
+    try:
+        paths = shlex.split(rest)
+    except ValueError as exc:  # an unclosed quote
+        print(f"locod: {word}: {exc}", file=sys.stderr)
+        return True
+    if not paths:
+        print(f"locod: {word} needs a file: {word} PATH", file=sys.stderr)
+        return True
+    for path in paths:
+        try:
+            _turn_files(client, [(path, ATTACH_COMMANDS[word])])
+        except LocodError as exc:
+            print(shown(f"locod: {exc.message}"), file=sys.stderr)
+            continue
+        pending.append((path, ATTACH_COMMANDS[word]))
+        kept = "; it never leaves the device" if ATTACH_COMMANDS[word] else ""
+        print(shown(f"[{path}: attached to the next question{kept}]"), file=sys.stderr)
+    return True
 
 
 def _check_model_offered(name: str, status: dict[str, Any]) -> None:

@@ -236,3 +236,26 @@ def test_a_symlink_named_by_path_is_refused_as_one(walk: Any) -> None:
         client.ask("When?", attachments=[Attachment("document", "latest.md", path=str(files / "latest.md"))])
     assert refused.value.code == "path_not_allowed" and "'latest.md' is a symlink" in refused.value.message
     assert "outside" not in refused.value.message, refused.value.message
+
+
+def test_chat_attaches_files_to_its_next_question(walk: Any, tmp_path: Path) -> None:
+    """`locod chat` had no way to attach a file: `/attach notes.md` was refused as a command it did not have.
+    Now /attach and /private add files (paths as a terminal writes a dropped file, quoted) to the next
+    question only; a missing file is said at once and never sent."""
+    daemon, proxy, _ = walk
+    (tmp_path / "trip notes.md").write_text("The ferry leaves at 7:40 from pier 3.\n")
+    (tmp_path / "pin.md").write_text("My bank PIN is 9911.\n")
+    typed = (
+        f"/attach '{tmp_path / 'trip notes.md'}' {tmp_path / 'missing.md'}\n/private {tmp_path / 'pin.md'}\n"
+        "When does the ferry leave?\nAnd from which pier?\n"
+    )
+    shown = daemon.cli("chat", "--force", "cloud", "--max-tokens", "4", stdin=typed, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    assert "missing.md: cannot read" in shown.stderr
+    assert "pin.md: attached to the next question; it never leaves" in shown.stderr
+    first, second = proxy.chat_requests()[-2:]
+    assert "ferry leaves at 7:40" in json.dumps(first.body) and "9911" not in json.dumps(first.body)
+    assert isinstance(second.body["messages"][-1]["content"], str)  # the next question carries no file
+    first_row, second_row = daemon.rows()[-2:]
+    assert first_row["session"] == second_row["session"] and second_row["turn"] == first_row["turn"] + 1
+    assert "pin.md" in first_row["attachments_offered"] and second_row["attachments_offered"] in (None, "[]")

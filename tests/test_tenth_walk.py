@@ -159,5 +159,5 @@ def test_chat_leaves_on_ollamas_bye_and_sends_no_slash_command_to_the_model(daem
     handle = daemon_factory()
     shown = handle.cli("chat", "--max-tokens", "2", stdin="Hi\n/clear\n/etc/hosts\n/bye\nnever sent\n")
     assert shown.returncode == 0, shown.stderr
-    assert "locod chat has no /clear: Ctrl-C stops an answer; an empty line, Ctrl-D or /bye leaves." in shown.stderr
+    assert "locod chat has no /clear: /attach FILE (or /private FILE) adds a file" in shown.stderr
     assert [row["prompt_chars"] for row in handle.rows()] == [len("Hi"), len("/etc/hosts")]  # a path is a question
