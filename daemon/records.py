@@ -41,6 +41,7 @@ from locod.daemon.tallies import DailyTally, FinishedSums
 from locod.errors import StorageError, UnknownDecision
 from locod.policy.logged import LoggedTurn, logged_observation
 from locod.protocol import ANSWERED
+from locod.words import counted
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class DecisionLog:
         self._wal: tuple[int, int] | None = None  # the -wal file's identity, from the first write on
         self._lock = threading.Lock()  # the writer connection: held while a write waits for SQLite's lock
         self.wal_warning: str | None = None  # why the WAL outgrew WAL_WARN_BYTES, while it does (status)
-        self._failing: str | None = None  # the code of the last write's failure, until a write succeeds
+        self._failing: StorageError | None = None  # the last write's failure, until a write succeeds (status)
         self._wal_warned = 0  # the WAL's size when that was last logged
         self._unwritten: dict[int, dict[str, Any]] = {}  # decision -> its completion, not on disk yet
         self.interrupted_at_start = self._migrate_and_mark_interrupted()
@@ -257,9 +258,9 @@ class DecisionLog:
         """A refused write is told to the client that asked, and logged once a cause until a write succeeds:
         a service whose log was deleted, or whose disk was full, refused every turn with nothing in its
         journal for its admin to find."""
-        if exc.code != self._failing:
-            self._failing = exc.code
+        if self._failing is None or exc.code != self._failing.code:
             log.warning("%s", exc.message)
+        self._failing = exc
 
     def _say_writable_again(self) -> None:
         if self._failing is not None:
@@ -269,11 +270,17 @@ class DecisionLog:
     @property
     def warning(self) -> str | None:
         """What ``status`` says of the log: that it was replaced under the daemon (every turn is refused until
-        a restart, so checked afresh, two stats), else that its WAL outgrew what checkpoints keep it to."""
+        a restart, so checked afresh, two stats), else that its last write failed (a full disk, a lock held:
+        turns are refused and answered turns' completions held back until a write succeeds), else that its
+        WAL outgrew what checkpoints keep it to."""
         try:
             self._check_in_place("writing")
         except StorageError as exc:
             return exc.message
+        failing, held = self._failing, len(self._unwritten)
+        if failing is not None:
+            message = f"no write has succeeded since this one failed: {failing.message}"
+            return message + (f"; the records of {counted(held, 'answered turn')} are held in memory" if held else "")
         return self.wal_warning
 
     def _watch_wal(self) -> None:
@@ -434,7 +441,7 @@ class DecisionLog:
                 raise StorageError(
                     f"decision {decision_id} was answered, but its record is held back until the decision log "
                     "can be written again; label it then",
-                    code=self._failing or "storage",
+                    code=self._failing.code if self._failing else "storage",
                 )
             if rows[0]["outcome"] == "pending":
                 raise UnknownDecision(

@@ -83,8 +83,13 @@ def test_a_full_disk_says_so_and_what_to_do(tmp_path: Path, models_dir: Path, sm
         with pytest.raises(StorageError) as caught:
             client.ask("still full", max_tokens=2)
         assert caught.value.code == "disk_full"
+        # `locod status` says so too while it lasts: it said nothing of the turns being refused.
+        shown = handle.cli("status")
+        assert "no write has succeeded since this one failed" in shown.stdout + shown.stderr, shown
+        assert "the disk it is on is full" in (client.status()["db_warning"] or "")
         filler.unlink()
         assert client.ask("after", max_tokens=2).done.outcome == "ok"
+        assert client.status()["db_warning"] is None
 
 
 def test_a_model_named_by_its_endpoint_id_or_another_case_says_which_name_to_use(daemon_factory: Any) -> None:
