@@ -156,11 +156,14 @@ class DialogueCache:
             self.evict_oldest()
 
     def status(self) -> dict[str, object]:
+        """``limit_mb`` is what the cache may hold now: ``cache_mb``, or less where the loaded models leave the
+        budget less room (the configured figure alone promised room that was not there)."""
+        limit_mb = max(0.0, min(self.limit_mb, self.room_mb()))
         with self._lock:
             status: dict[str, object] = {
                 "dialogues": len(self._entries),
                 "mb": round(self.mb, 1),
-                "limit_mb": round(self.limit_mb, 1),
+                "limit_mb": round(limit_mb, 1),
                 "hits": self.hits,
                 "disk_hits": self.disk_hits,
                 "misses": self.misses,
