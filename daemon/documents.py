@@ -34,15 +34,19 @@ class DocChunk:
 
 def document_text(data: bytes) -> str | None:
     """A document's text: UTF-8 (its byte-order mark dropped), or UTF-16 or UTF-32 with a byte-order mark,
-    as Windows tools write "Unicode" text; None when it is none of them."""
+    as Windows tools write "Unicode" text; None when it is none of them. Every line ends in a newline,
+    whatever ended it (Windows' CRLF, classic Mac's CR): paragraphs are found by blank lines, and a CR-only
+    file had none, so it was cut by length mid-sentence."""
     try:
         if data.startswith(UTF32_BOMS):
-            return data.decode("utf-32")
-        if data.startswith(UTF16_BOMS):
-            return data.decode("utf-16")
-        return data.decode("utf-8-sig")
+            text = data.decode("utf-32")
+        elif data.startswith(UTF16_BOMS):
+            text = data.decode("utf-16")
+        else:
+            text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
         return None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def undecodable(data: bytes) -> str:
@@ -75,7 +79,7 @@ def chunk_text(text: str, size: int) -> list[str]:
     chunks: list[str] = []
     current = ""
     for paragraph in re.split(r"\n\s*\n", text):
-        paragraph = paragraph.rstrip().lstrip("\r\n")
+        paragraph = paragraph.rstrip().lstrip("\n")
         cut = max(0, (len(paragraph) - 1) // size) * size  # leaves the last 1 to ``size`` characters
         chunks.extend(paragraph[i : i + size] for i in range(0, cut, size))
         paragraph = paragraph[cut:]

@@ -302,6 +302,14 @@ def test_chunks_are_ranked_by_the_prompts_terms_and_returned_in_order() -> None:
     assert [c.index for c in chosen] == sorted(c.index for c in chosen)
 
 
+def test_paragraphs_are_found_whatever_ends_a_line() -> None:
+    """A classic Mac (CR-only) file had no blank line to split at and was cut by length mid-sentence."""
+    paragraphs = ["Tomatoes need water every day.", "The warranty expires in March."]
+    for newline in ("\n", "\r\n", "\r"):
+        text = documents.document_text(newline.join([paragraphs[0], "", paragraphs[1], ""]).encode())
+        assert text is not None and documents.chunk_text(text, 40) == paragraphs, newline
+
+
 def test_image_sizes_come_from_headers_and_big_images_are_shrunk() -> None:
     png = cv2.imencode(".png", np.zeros((300, 500, 3), np.uint8))[1].tobytes()
     assert images.image_size(png) == ("png", 500, 300)
