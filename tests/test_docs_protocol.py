@@ -216,14 +216,15 @@ def test_each_op_answers_with_the_fields_the_docs_name(daemon: DaemonHandle) -> 
         sock.close()
 
 
-# -- command lines in README.md and docs/operations.md ------------------------------------------------
+# -- command lines in the docs -------------------------------------------------------------------------
 
-COMMAND_DOCS = ("README.md", "docs/operations.md")
+COMMAND_DOCS = ("README.md", "docs/operations.md")  # run as written below; every doc's lines are parsed
+ALL_DOCS = ("README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")))
 CODE_BLOCK = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)
 INLINE_CODE = re.compile(r"`([^`]+)`")
 LEADS = ("sudo", "|", "&&", ";", "until", "do", "then")  # a word after which `locod` is the command
 SHELL_END = re.compile(r"\s(?:\||&&|;|>|2>|#)")  # a pipe, a redirection or a comment ends the command
-PLACEHOLDERS = {"ID": "1", "...": None}  # what a command line's placeholder stands for (None: left out)
+PLACEHOLDERS = {"ID": "1", "<id>": "1", "...": None}  # what a placeholder stands for (None: left out)
 # Flags of other programs the docs name: pip's, the install scripts' (checked against them below),
 # systemd-analyze's, sqlite-utils'.
 OTHER_FLAGS = {
@@ -258,12 +259,13 @@ def command_lines(doc: str) -> list[str]:
     return found
 
 
-DOC_COMMANDS = sorted({(name, line) for name in COMMAND_DOCS for line in command_lines((REPO / name).read_text())})
+DOC_COMMANDS = sorted({(name, line) for name in ALL_DOCS for line in command_lines((REPO / name).read_text())})
 
 
 def _words(line: str) -> list[str]:
+    """A command line's words, a usage line's too: `[--out report.png|report.html]` as its first choice."""
     words = [PLACEHOLDERS.get(w, w) for w in shlex.split(line)]
-    return [w for w in words if w is not None]
+    return [w.strip("[]").split("|")[0] for w in words if w is not None]
 
 
 def _parse(words: list[str]) -> argparse.Namespace:
@@ -280,20 +282,17 @@ def test_the_scan_finds_the_command_lines_of_both_docs() -> None:
     lines = {line for _, line in DOC_COMMANDS}
     for line in ("--endpoint tcp://127.0.0.1:5557 ask", "decisions --json", "policy train --steps 200000"):
         assert line in lines
+    assert ("docs/http.md", "serve --set http.listen=127.0.0.1:8080") in DOC_COMMANDS  # the other docs' too
     assert not [line for line in lines if line.split()[0] in ("bash", "sqlite3", "-f")]  # sudo -u locod X
 
 
 def _names_a_command(words: list[str], parser: argparse.ArgumentParser | None = None) -> bool:
-    """Whether ``words`` are a command's name alone (`locod models pull`, said in prose), not a command line."""
-    parser = parser or cli._parser()
-    subparsers = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not words:
-        return not subparsers
-    return (
-        bool(subparsers)
-        and words[0] in subparsers[0].choices
-        and _names_a_command(words[1:], subparsers[0].choices[words[0]])
-    )
+    """Whether ``words`` name a command, or a group of them, and perhaps flags of its own without their values
+    (`locod models pull`, `locod models`, `locod ask --attach`, said in prose), not a command line."""
+    subparsers = [a for a in (parser or cli._parser())._actions if isinstance(a, argparse._SubParsersAction)]
+    if subparsers and words and words[0] in subparsers[0].choices:
+        return _names_a_command(words[1:], subparsers[0].choices[words[0]])
+    return parser is not None and all(word in parser._option_string_actions for word in words)
 
 
 def _parses(line: str) -> bool:
@@ -324,11 +323,14 @@ def _options(parser: argparse.ArgumentParser) -> set[str]:
 
 
 def test_every_flag_the_docs_name_is_one_of_locod_or_of_the_program_named() -> None:
+    """A flag is locod's, another program's (OTHER_FLAGS), or one a script the doc names takes."""
     known = _options(cli._parser()) | _options(train_cli.parser())
-    for name in COMMAND_DOCS:
-        flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", (REPO / name).read_text()))
-        unknown = sorted(f for f in flags if f not in known and f not in OTHER_FLAGS)
-        assert not unknown, f"{name} names flags no locod command has: {unknown}"
+    for name in ALL_DOCS:
+        text = (REPO / name).read_text()
+        scripts = "".join((REPO / s).read_text() for s in set(re.findall(r"scripts/\w+\.py", text)))
+        flags = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text))
+        unknown = sorted(f for f in flags if f not in known and f not in OTHER_FLAGS and f'"{f}"' not in scripts)
+        assert not unknown, f"{name} names flags no locod command (nor a script it names) has: {unknown}"
     for flag, program in OTHER_FLAGS.items():
         if program.startswith("scripts/"):
             assert flag in (REPO / program).read_text(), f"{program} takes no {flag}"
@@ -352,7 +354,7 @@ def test_every_command_line_the_docs_show_runs_as_written(daemon_factory: Any, t
     assert ok
     (tmp_path / "photo.jpg").write_bytes(bytes(image))  # an image by its bytes, whatever its name says
     (tmp_path / "notes.md").write_text("The meeting moved to Tuesday.\n")
-    lines = {line for _, line in DOC_COMMANDS if _parses(line)}  # not a name in prose (`locod models pull`)
+    lines = {line for doc, line in DOC_COMMANDS if doc in COMMAND_DOCS and _parses(line)}  # not a name in prose
     run = [line for line in lines if not any(line.startswith(n) or n in line.split() for n in NOT_RUN)]
     assert "stop" in run
     # In one order whatever the set's: turns first, then what names a decision (`decisions ID`, the labels), `stop` last
