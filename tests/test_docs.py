@@ -1,8 +1,11 @@
 """What docs/configuration.md says against the schema it documents: users copy key names, defaults and
-variables from it, so a key added, renamed or removed in daemon/config.py must show there too."""
+variables from it, so a key added, renamed or removed in daemon/config.py must show there too. And what
+every doc points at (links, sections, files, tests), and docs/http.md's codes, refusals and metrics against
+the HTTP door (docs/protocol.md's and the command lines are tests/test_docs_protocol.py's)."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import re
 from pathlib import Path
@@ -11,7 +14,10 @@ from typing import Any
 import pytest
 
 from locod.daemon import config as config_module
+from locod.daemon import openai_wire
 from locod.daemon.config import Config, load_config, parsed_override
+
+from .test_docs_protocol import codes_in_source
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = (REPO / "docs" / "configuration.md").read_text()
@@ -88,3 +94,99 @@ def test_list_values_given_as_text_split_as_documented() -> None:
     )
     assert config.paths.allow_dirs == ["/srv/docs", "/srv/photos"]
     assert config.http.cors_origins == ["http://localhost:3000", "http://localhost:5173"]
+
+
+# -- what every doc points at ------------------------------------------------------------------------
+
+DOCS = {p.relative_to(REPO): p.read_text() for p in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]}
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+# "(docs/operations.md, When the disk fills)", `docs/http.md, "Web pages"`: a section named in prose
+SECTION_REFERENCE = re.compile(r"docs/([a-z]+\.md), \"?([A-Z][^\",;:)]*)")
+
+
+def headings(text: str) -> list[str]:
+    """A doc's section titles, as written and as GitHub's anchors, and the bold leads that open a paragraph
+    (**Dialogue cache.**), which the docs name as sections too."""
+    titles = [line.lstrip("#").strip() for line in text.splitlines() if line.startswith("#")]
+    anchors = [re.sub(r"[^\w\- ]", "", t.lower()).replace(" ", "-") for t in titles]
+    return titles + anchors + re.findall(r"^\*\*([^*]+?)\.?\*\*", text, re.M)
+
+
+@pytest.mark.parametrize("doc", list(DOCS), ids=str)
+def test_every_link_and_named_section_resolves(doc: Path) -> None:
+    text = DOCS[doc]
+    for target in LINK.findall(text):
+        if target.startswith(("http://", "https://")):
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (REPO / doc).parent / path if path else REPO / doc
+        assert linked.exists(), f"{doc} links {target}, which is not there"
+        if anchor:
+            assert anchor in headings(linked.read_text()), f"{doc} links {target}: no such section"
+    for name, title in SECTION_REFERENCE.findall(" ".join(text.split())):
+        sections = headings(DOCS[Path("docs") / name])
+        title = title.strip()
+        found = any(title.startswith(s.strip("`")) or s.startswith(title) for s in sections)
+        assert found, f"{doc}: docs/{name} has no section {title!r}"
+
+
+@pytest.mark.parametrize("doc", list(DOCS), ids=str)
+def test_every_file_and_test_a_doc_names_exists(doc: Path) -> None:
+    """The modules, scripts and tests a doc cites as where something is or is proven."""
+    text = DOCS[doc]
+    paths = set(re.findall(r"(?<![\w/.~-])((?:api|daemon|policy|scripts|tests|systemd)/[\w/-]*\.\w+)", text))
+    missing = [p for p in sorted(paths) if not (REPO / p).exists()]
+    folders = ("api", "daemon", "policy", "scripts", "tests")  # a module named alone, `turn.py`, is in one of them
+    missing += [
+        m for m in sorted(set(re.findall(r"`(\w+\.py)", text))) if not any((REPO / f / m).exists() for f in folders)
+    ]
+    assert not missing, f"{doc} names files that are not there: {missing}"
+    tests_source = "".join(p.read_text() for p in (REPO / "tests").glob("test_*.py"))
+    named = set(re.findall(r"\b(test_\w+?)(?:\.\.\.|\.py|\b)", text))
+    unknown = [t for t in sorted(named) if f"def {t}" not in tests_source and not (REPO / "tests" / f"{t}.py").exists()]
+    assert not unknown, f"{doc} cites tests that are not there: {unknown}"
+
+
+# -- docs/http.md against the HTTP door --------------------------------------------------------------
+
+HTTP_DOC = DOCS[Path("docs/http.md")]
+HTTP_SOURCES = [REPO / "daemon" / name for name in ("httpapi.py", "httpconn.py", "httporigin.py", "openai_wire.py")]
+
+
+def http_codes_in_source() -> set[str]:
+    """The codes the HTTP door gives of its own (OpenAI's error shape): ``HttpError(status, message, code)``
+    and ``bad(message, param, code)``, by position or keyword."""
+    found = set()
+    for path in HTTP_SOURCES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] in ("HttpError", "bad"):
+                values = [*node.args[2:3], *(k.value for k in node.keywords if k.arg == "code")]
+                found |= {c.value for v in values for c in ast.walk(v) if isinstance(c, ast.Constant)}  # a or b
+    return found
+
+
+def test_every_error_code_http_md_names_is_one_the_daemon_gives() -> None:
+    known = http_codes_in_source() | set(codes_in_source())
+    errors = HTTP_DOC[HTTP_DOC.index("### Errors") : HTTP_DOC.index("\n## ", HTTP_DOC.index("### Errors"))]
+    named = {c for row in re.findall(r"^\| \d{3} \|.*$", errors, re.M) for c in re.findall(r"`([a-z_]+)`", row)}
+    named |= set(re.findall(r"\b[45]\d\d `([a-z_]+)`", HTTP_DOC))  # "400 `remote_image`"
+    named.discard("base_url")  # the client's setting the 404 row names, no code
+    assert "remote_image" in named and "host_not_allowed" in named
+    assert not sorted(named - known), f"docs/http.md names codes the HTTP door never gives: {sorted(named - known)}"
+
+
+def test_the_refused_parameters_are_those_the_door_refuses() -> None:
+    row = re.search(r"^\| (`tools`.*?) \| 400 `unsupported_parameter`", HTTP_DOC, re.M)
+    assert row and re.findall(r"`([a-z_]+)`", row.group(1)) == list(openai_wire.UNSUPPORTED)
+
+
+def test_the_metrics_table_lists_what_metrics_py_serves() -> None:
+    """Counters are exposed with `_total`; every family metrics.py yields is in the table and nothing else."""
+    source = (REPO / "daemon" / "metrics.py").read_text()
+    served = {f"{n}_total" for n in re.findall(r'CounterMetricFamily\(\s*"(locod_\w+)"', source)}
+    served |= set(re.findall(r'(?:_histogram|GaugeMetricFamily)\(\s*"(locod_\w+)"', source))
+    served |= set(re.findall(r'^\s*"(locod_\w+)": \(', source, re.M))  # the gauges set from one dict
+    assert len(served) == 13
+    table = HTTP_DOC[HTTP_DOC.index("| metric | type | labels |") :].split("\n\n")[0]
+    documented = {m for row in re.findall(r"^\| (`locod_[^|]*)\|", table, re.M) for m in re.findall(r"`(\w+)`", row)}
+    assert documented == served
