@@ -65,6 +65,63 @@ def test_a_key_table_lists_only_keys_the_schema_has_with_their_defaults(section:
             assert shown == getattr(defaults, name), f"{section}.{name}: the doc's default is {written!r}"
 
 
+# The units prose defaults are written in: "20 MiB each", "100 M", "300 kB budget", "2 MB/s".
+UNITS = {"MiB": 1 << 20, "M": 10**6, "kB": 1000, "MB/s": 10**6}
+PROSE_KEY = re.compile(r"`([a-z_]+)` \(((?:[^()]|\([^()]*\))*)\)")  # `key` (what the prose says of it)
+
+
+def prose_entries() -> list[tuple[str, Any, str, str]]:
+    """(where, schema class or section defaults, key, parenthesis) for keys the doc describes in prose, not in
+    a table: [log], [attachments], [telemetry] and the [[X.models]] entries."""
+    found = []
+    for section, defaults in SECTIONS:
+        text = section_text(section)
+        entries = text.split(f"`[[{section}.models]]`")
+        for part, owner in zip(entries, (defaults, ENTRIES.get(section))):
+            keys = {f.name for f in dataclasses.fields(owner)} if owner is not None else set()
+            rows = "\n".join(line for line in part.splitlines() if not line.startswith("|"))
+            found += [(section, owner, k, said) for k, said in PROSE_KEY.findall(" ".join(rows.split())) if k in keys]
+    return found
+
+
+def test_a_default_and_bound_given_in_prose_are_the_schema_s() -> None:
+    """`max_bytes` (20 MiB each), `level` (...; default `INFO`), `probe_interval_s` (30, at most 86400): the
+    first value, or the one after "default", in the key's unit (a `_mb` key counts MiB), and an "at most" its
+    upper bound; a parenthesis in words says neither."""
+    checked = 0
+    for section, owner, key, said in prose_entries():
+        schema = next(f for f in dataclasses.fields(owner) if f.name == key)
+        default, bounds = schema.default, schema.metadata
+        given = re.search(r"default `?([^`;:,)]+)", said) or re.match(r"`?([^`;:,]+)", said)
+        value, _, unit = (given.group(1).strip() if given else "").partition(" ")
+        if unit.startswith("and "):  # `a`, `b` (...; default 0.15 and 0.60): the parenthesis is the last key's
+            value, _, unit = unit.removeprefix("and ").partition(" ")
+        if re.fullmatch(r"-?[\d.]+", value):
+            scale = 1 if key.endswith("_mb") else UNITS.get(unit.split(" ")[0], 1)
+            assert float(value) * scale == default, f"{section} {key}: docs/configuration.md says ({said})"
+            checked += 1
+        elif isinstance(default, str) and (value.isupper() or value.startswith("/")):  # INFO, /sys
+            assert value == default.upper() if value.isupper() else default, f"{section} {key}: ({said})"
+            checked += 1
+        elif value in ("true", "false"):
+            assert (value == "true") == default, f"{section} {key}: ({said})"
+            checked += 1
+        if bound := re.search(r"at most ([\d,]+)", said):
+            assert float(bound.group(1).replace(",", "")) == bounds.get("max"), f"{section} {key}: ({said})"
+    assert checked >= 15
+
+
+def test_an_upper_bound_a_table_gives_is_the_schema_s() -> None:
+    for section, defaults in SECTIONS:
+        for *names, meaning in re.findall(
+            r"^\| `([a-z_]+)`(?:, `([a-z_]+)`)? \| [^|]+ \| (.*) \|$", section_text(section), re.M
+        ):
+            bound = re.search(r"\bat most ([\d,]+)(?:$|[;,)])", meaning)  # not "at most 1 / V"
+            for name in (n for n in names if n and bound):
+                limits = next(f.metadata for f in dataclasses.fields(defaults) if f.name == name)
+                assert limits.get("max") == float(bound.group(1).replace(",", "")), f"{section}.{name}: {bound[0]}"
+
+
 def test_every_environment_variable_is_in_the_table() -> None:
     rows = dict(re.findall(r"^\| `(LOCOD_[A-Z_]+)` \| ([^|]+) \|", DOC, re.M))
     for variable, key in config_module.ENV_OVERRIDES.items():
