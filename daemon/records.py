@@ -293,14 +293,14 @@ class DecisionLog:
             return
         if size < WAL_WARN_BYTES:
             if self.wal_warning is not None:
-                log.info("decision log %s: its WAL is checkpointed again (%d MB)", self.path, size >> 20)
+                log.info("decision log %s: its WAL is checkpointed again (%d MiB)", self.path, size >> 20)
                 self.wal_warning, self._wal_warned = None, 0
             return
         if size < 2 * self._wal_warned:
             return
         self._wal_warned = size
         self.wal_warning = (
-            f"the decision log's WAL {self.path}-wal has grown to {size >> 20} MB: another process holds a read "
+            f"the decision log's WAL {self.path}-wal has grown to {size >> 20} MiB: another process holds a read "
             "transaction open on it (a sqlite3 shell after BEGIN, a notebook's cursor), so it cannot be "
             "checkpointed; end that transaction and it shrinks back (docs/operations.md, The decision log)"
         )
