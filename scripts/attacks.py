@@ -9,6 +9,7 @@ did: its resident memory, how long the attack held a turn, what a bystander clie
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sqlite3
@@ -202,8 +203,13 @@ def cloud_streams(home: Path) -> None:
 
 
 def main() -> None:
-    attacks = (non_reading_client, huge_prompt, fifos, symlink_race, cloud_streams)
-    chosen = [a for a in attacks if a.__name__ in sys.argv[1:]] or attacks
+    attacks = {a.__name__: a for a in (non_reading_client, huge_prompt, fifos, symlink_race, cloud_streams)}
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("attacks", nargs="*", metavar="ATTACK", help=f"one of {', '.join(attacks)} (default: all)")
+    names = parser.parse_args().attacks
+    if unknown := [name for name in names if name not in attacks]:  # a typo is refused, not taken for "all"
+        parser.error(f"no attack named {', '.join(unknown)}: choose from {', '.join(attacks)}")
+    chosen = [attacks[name] for name in names] or attacks.values()
     for attack in chosen:
         with tempfile.TemporaryDirectory() as home:
             attack(Path(home) / "d")

@@ -8,6 +8,8 @@ from __future__ import annotations
 import ast
 import dataclasses
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -247,3 +249,32 @@ def test_the_metrics_table_lists_what_metrics_py_serves() -> None:
     table = HTTP_DOC[HTTP_DOC.index("| metric | type | labels |") :].split("\n\n")[0]
     documented = {m for row in re.findall(r"^\| (`locod_[^|]*)\|", table, re.M) for m in re.findall(r"`(\w+)`", row)}
     assert documented == served
+
+
+# -- the scripts the docs run ------------------------------------------------------------------------
+
+
+def scripts_shown() -> dict[str, set[str]]:
+    """Each script a doc runs (`python scripts/replay.py`) or shows with flags (`build_trace.py --questions
+    FILE`, in prose or a code block), with the flags it shows for it."""
+    shown: dict[str, set[str]] = {}
+    for text in DOCS.values():
+        for name, tail in re.findall(r"\b(\w+\.py)((?: [^`|#;&>\n]*)?)", text):
+            flags = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", tail))
+            if (REPO / "scripts" / name).exists() and (flags or re.search(rf"python3? scripts/{name}", text)):
+                shown.setdefault(name, set()).update(flags)
+    return shown
+
+
+SCRIPTS_SHOWN = scripts_shown()
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS_SHOWN))
+def test_every_script_a_doc_runs_takes_the_flags_shown(script: str) -> None:
+    """`--help` answers at once (it ran every attack before: attacks.py took any word for "all") and lists
+    each flag a doc gives the script."""
+    shown = subprocess.run(
+        [sys.executable, f"scripts/{script}", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert [flag for flag in sorted(SCRIPTS_SHOWN[script]) if flag not in shown.stdout] == []
