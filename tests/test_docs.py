@@ -206,6 +206,21 @@ def test_every_file_and_test_a_doc_names_exists(doc: Path) -> None:
     assert not unknown, f"{doc} cites tests that are not there: {unknown}"
 
 
+# "`attachments.max_bytes` (20 MiB each)", "`cloud.deadline_s`, 300 s": a key's default, cited where it matters
+CITED_DEFAULT = re.compile(
+    r"`([a-z]+)\.([a-z_]+)`(?: \(|, )(?:default )?(\d[\d,]*(?:\.\d+)?)(?: (MiB|s))?(?=[),;]| each)"
+)
+
+
+@pytest.mark.parametrize("doc", list(DOCS), ids=str)
+def test_a_default_cited_beside_its_key_is_the_schema_s(doc: Path) -> None:
+    config = Config()
+    for section, key, value, unit in CITED_DEFAULT.findall(" ".join(DOCS[doc].split())):
+        default = getattr(getattr(config, section), key)
+        scale = 1 << 20 if unit == "MiB" and not key.endswith("_mb") else 1
+        assert float(value.replace(",", "")) * scale == default, f"{doc}: {section}.{key} is {default} by default"
+
+
 # -- docs/http.md against the HTTP door --------------------------------------------------------------
 
 HTTP_DOC = DOCS[Path("docs/http.md")]
