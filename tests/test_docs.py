@@ -206,6 +206,50 @@ def test_every_file_and_test_a_doc_names_exists(doc: Path) -> None:
     assert not unknown, f"{doc} cites tests that are not there: {unknown}"
 
 
+def names_of_the_code() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """Each module's top-level names, and each class's attributes (methods, fields, what ``self.x =`` sets),
+    of api/, daemon/ and policy/."""
+    modules: dict[str, set[str]] = {}
+    classes: dict[str, set[str]] = {}
+    for path in [*REPO.glob("api/*.py"), *REPO.glob("daemon/*.py"), *REPO.glob("policy/*.py")]:
+        tree = ast.parse(path.read_text())
+        top = modules.setdefault(path.stem, set())
+        for node in tree.body:
+            if isinstance(node, ast.Import | ast.ImportFrom):
+                top |= {alias.asname or alias.name for alias in node.names}
+            elif isinstance(node, ast.Assign | ast.AnnAssign):
+                top |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
+            elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+                top.add(node.name)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ClassDef):
+                attrs = classes.setdefault(node.name, set())
+                for n in ast.walk(node):
+                    if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef):
+                        attrs.add(n.name)
+                    elif isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name):
+                        attrs.add(n.target.id)
+                    elif (
+                        isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and ast.unparse(n.value) == "self"
+                    ):
+                        attrs.add(n.attr)
+    return modules, classes
+
+
+def test_every_class_attribute_and_module_name_the_docs_name_exists() -> None:
+    """`FairGate.idle_slot`, `Acceptance.gate`, `attachments.DECODES`, `rule.policy_terms`: what a reader
+    looks up; a module's name beside a config section's (`attachments.max_bytes`) may be either, and
+    `turn.py` or `messplus.npz` is a file."""
+    modules, classes = names_of_the_code()
+    keys = {name: set(keys_of(defaults)) for name, defaults in SECTIONS}
+    for doc, text in DOCS.items():
+        for cls, attr in set(re.findall(r"`([A-Z]\w+)\.([a-z_]\w*)`", text)):
+            assert cls == "RunOptions" or attr in classes.get(cls, ()), f"{doc} names {cls}.{attr}: not in the code"
+        for module, name in set(re.findall(r"`(?:locod\.)?(?:daemon\.|policy\.)?([a-z_]+)\.(\w+)`", text)):
+            if module in modules and name not in ("py", "npz"):
+                assert name in modules[module] | keys.get(module, set()), f"{doc} names {module}.{name}: not there"
+
+
 # "`attachments.max_bytes` (20 MiB each)", "`cloud.deadline_s`, 300 s": a key's default, cited where it matters
 CITED_DEFAULT = re.compile(
     r"`([a-z]+)\.([a-z_]+)`(?: \(|, )(?:default )?(\d[\d,]*(?:\.\d+)?)(?: (MiB|s))?(?=[),;]| each)"
