@@ -250,6 +250,20 @@ def test_every_class_attribute_and_module_name_the_docs_name_exists() -> None:
                 assert name in modules[module] | keys.get(module, set()), f"{doc} names {module}.{name}: not there"
 
 
+# `section.key` spans that are something else: Python's module, a log file, a field of `status`.
+NOT_KEYS = {("http", "client"), ("daemon", "log"), ("routing", "attained")}
+
+
+def test_every_config_key_the_docs_name_exists() -> None:
+    """`routing.sla`, `daemon.max_message_bytes`: a key renamed in daemon/config.py must be renamed in every
+    doc that sends the reader to it (a `module.py` aside)."""
+    keys = {name: set(keys_of(defaults)) for name, defaults in SECTIONS}
+    for doc, text in DOCS.items():
+        named = set(re.findall(r"`([a-z]+)\.([a-z_]+)(?![\w.])", text)) - NOT_KEYS
+        unknown = sorted(f"{s}.{k}" for s, k in named if s in keys and k not in keys[s] and k != "py")
+        assert not unknown, f"{doc} names config keys the schema lacks: {unknown}"
+
+
 # "`attachments.max_bytes` (20 MiB each)", "`cloud.deadline_s`, 300 s": a key's default, cited where it matters
 CITED_DEFAULT = re.compile(
     r"`([a-z]+)\.([a-z_]+)`(?: \(|, )(?:default )?(\d[\d,]*(?:\.\d+)?)(?: (MiB|s))?(?=[),;]| each)"
