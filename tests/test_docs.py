@@ -119,7 +119,9 @@ def test_an_upper_bound_a_table_gives_is_the_schema_s() -> None:
             r"^\| `([a-z_]+)`(?:, `([a-z_]+)`)? \| [^|]+ \| (.*) \|$", section_text(section), re.M
         ):
             bound = re.search(r"\bat most ([\d,]+)(?:$|[;,)])", meaning)  # not "at most 1 / V"
-            for name in (n for n in names if n and bound):
+            if bound is None:
+                continue
+            for name in (n for n in names if n):
                 limits = next(f.metadata for f in dataclasses.fields(defaults) if f.name == name)
                 assert limits.get("max") == float(bound.group(1).replace(",", "")), f"{section}.{name}: {bound[0]}"
 
@@ -221,18 +223,15 @@ def names_of_the_code() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
                 top |= {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)}
             elif isinstance(node, ast.FunctionDef | ast.ClassDef):
                 top.add(node.name)
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ClassDef):
-                attrs = classes.setdefault(node.name, set())
-                for n in ast.walk(node):
-                    if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef):
-                        attrs.add(n.name)
-                    elif isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name):
-                        attrs.add(n.target.id)
-                    elif (
-                        isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and ast.unparse(n.value) == "self"
-                    ):
-                        attrs.add(n.attr)
+        for cls in (node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)):
+            attrs = classes.setdefault(cls.name, set())
+            for n in ast.walk(cls):
+                if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef):
+                    attrs.add(n.name)
+                elif isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name):
+                    attrs.add(n.target.id)
+                elif isinstance(n, ast.Attribute) and isinstance(n.ctx, ast.Store) and ast.unparse(n.value) == "self":
+                    attrs.add(n.attr)
     return modules, classes
 
 
@@ -288,12 +287,13 @@ HTTP_SOURCES = [REPO / "daemon" / name for name in ("httpapi.py", "httpconn.py",
 def http_codes_in_source() -> set[str]:
     """The codes the HTTP door gives of its own (OpenAI's error shape): ``HttpError(status, message, code)``
     and ``bad(message, param, code)``, by position or keyword."""
-    found = set()
+    found: set[str] = set()
     for path in HTTP_SOURCES:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] in ("HttpError", "bad"):
                 values = [*node.args[2:3], *(k.value for k in node.keywords if k.arg == "code")]
-                found |= {c.value for v in values for c in ast.walk(v) if isinstance(c, ast.Constant)}  # a or b
+                constants = [c.value for v in values for c in ast.walk(v) if isinstance(c, ast.Constant)]  # a or b
+                found |= {c for c in constants if isinstance(c, str)}
     return found
 
 
