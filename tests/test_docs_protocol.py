@@ -1,6 +1,7 @@
 """docs/protocol.md, README.md and docs/operations.md against the code they describe: users copy error codes,
-frame fields, op results and command lines from them, so a code, field, op or flag added, renamed or removed
-must show there too (as tests/test_docs.py holds docs/configuration.md to the config schema)."""
+frame fields, op results and command lines from them (every doc's command lines are parsed; README's and
+operations.md's are run), so a code, field, op or flag added, renamed or removed must show there too (as
+tests/test_docs.py holds docs/configuration.md to the config schema)."""
 
 from __future__ import annotations
 
