@@ -467,6 +467,7 @@ class EscalatedFrame:
     model: str
     confidence: float
     message: str
+    notice: str | None = field(default=None, metadata={"omit_if_none": True})  # as the decision frame's
 
 
 @dataclass(frozen=True)

@@ -80,6 +80,7 @@ class Exchange:
     decision: DecisionFrame | None = None
     fallback: str | None = None
     escalated: str | None = None
+    escalated_notice: str | None = None  # what the escalation tells the user of the cloud's answer (its images)
     location: str = ""  # where the answer comes from, as far as known: the decision's until a frame moves it
     model: str = ""  # and which model writes it
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
@@ -105,6 +106,14 @@ class Exchange:
 
     def chunk(self, model: str, delta: dict[str, Any], reason: str | None = None, **extra: Any) -> dict[str, Any]:
         return wire.chunk(self.id, self.created, model, delta, reason, **extra)
+
+    def opening(self) -> str:
+        """What the answer's text starts with: the decision's notice (an image the model could not see, a cloud
+        asked for that was blocked; an escalation's, for the cloud's answer), which a chat UI shows only in the
+        text; none once a fallback has replaced the answer the notice was about (its message says what it saw)."""
+        assert self.decision is not None
+        notice = self.decision.notice if self.escalated is None else self.escalated_notice
+        return wire.notice_line(notice) if notice and self.fallback is None else ""
 
     def extension(self, done: DoneFrame | None) -> dict[str, Any]:
         assert self.decision is not None
@@ -346,7 +355,7 @@ class HttpServer:
             if isinstance(frame, FallbackFrame):
                 exchange.fallback = frame.message
             elif isinstance(frame, EscalatedFrame):
-                exchange.escalated = frame.message
+                exchange.escalated, exchange.escalated_notice = frame.message, frame.notice
             elif isinstance(frame, ErrorFrame):
                 raise wire.error_of(frame)
             elif isinstance(frame, DoneFrame):
@@ -354,7 +363,8 @@ class HttpServer:
                 text = frame.text or ""
                 self._answered(exchange, frame, text)
                 reason = self._finish_reason(exchange, frame)
-                return wire.completion(exchange.id, exchange.created, text, frame, reason, exchange.extension(frame))
+                shown = exchange.opening() + text
+                return wire.completion(exchange.id, exchange.created, shown, frame, reason, exchange.extension(frame))
 
     async def _events(self, exchange: Exchange, held: list[Frame]) -> AsyncIterator[str]:
         """Server-sent events until ``[DONE]``: the ``held`` frames (read before the headers), then the rest;
@@ -366,19 +376,22 @@ class HttpServer:
             while True:
                 frame = held.pop(0) if held else await exchange.frames.get()
                 if isinstance(frame, DeltaFrame):
-                    parts.append(frame.text)
-                    yield json.dumps(exchange.chunk(model, {"content": frame.text}))
+                    shown = frame.text if parts else exchange.opening() + frame.text  # the first text: the notice
+                    parts.append(frame.text)  # what the answer's next request repeats, the notice taken off
+                    yield json.dumps(exchange.chunk(model, {"content": shown}))
                 elif isinstance(frame, FallbackFrame):
                     exchange.fallback, model = frame.message, frame.model
                     if parts:  # the cloud's text went out and cannot be taken back: say where it breaks off
                         parts.append(wire.BROKE_OFF)  # all the client got: what its next request repeats
                         yield json.dumps(exchange.chunk(model, {"content": wire.BROKE_OFF}))
                 elif isinstance(frame, EscalatedFrame):  # no local text was sent: the cloud's answer follows
-                    exchange.escalated, model = frame.message, frame.model
+                    exchange.escalated, exchange.escalated_notice, model = frame.message, frame.notice, frame.model
                 elif isinstance(frame, ErrorFrame):
                     yield json.dumps(wire.error_of(frame).body())
                     return
                 elif isinstance(frame, DoneFrame):
+                    if not parts and (opening := exchange.opening()):  # an empty answer is told the notice too
+                        yield json.dumps(exchange.chunk(model, {"content": opening}))
                     for event in self._ending(exchange, frame, "".join(parts)):
                         yield event
                     return

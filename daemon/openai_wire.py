@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,7 +187,8 @@ def _messages(raw: list[Any]) -> tuple[list[dict[str, str]], list[Attachment]]:
         text, found = _content(content, where)
         if found and item["role"] != "user":  # as OpenAI: a system or assistant image would be dropped unseen
             raise bad(f"{where}: images are taken in user messages only", where)
-        messages.append({"role": ROLES[item["role"]], "content": text})
+        role = ROLES[item["role"]]
+        messages.append({"role": role, "content": without_notice(text) if role == "assistant" else text})
         images = found
     if messages[-1]["role"] != "user":
         raise bad("the last message must be the user's", "messages")
@@ -233,6 +235,22 @@ def _image(url: Any, where: str, index: int) -> Attachment:
 # Streamed after the cloud's partial text when its stream broke and the local model answers instead: an
 # OpenAI client cannot discard text it was sent (the socket's clients do, on the ``fallback`` frame).
 BROKE_OFF = "\n\n[the cloud's answer broke off here; the local model answers instead]\n\n"
+
+
+NOTICE_LINE = re.compile(r"\[locod: [^\n]*?\](?:\s+|$)")  # what ``notice_line`` writes, as a client sends it back
+
+
+def notice_line(notice: str) -> str:
+    """A turn's notice as the first line of its answer: a chat UI shows the text alone, not ``locod.notice``,
+    and its user would otherwise read an answer about an image no model saw as if it had been seen."""
+    return f"[locod: {notice}]\n\n"
+
+
+def without_notice(answer: str) -> str:
+    """An earlier answer as its model wrote it: the notice line the door put first is its word to the user,
+    not the model's (a model shown it in its history copies it), nor part of the session's history."""
+    line = NOTICE_LINE.match(answer)
+    return answer[line.end() :] if line else answer
 
 
 def status_of(frame: ErrorFrame) -> int:

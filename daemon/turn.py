@@ -31,7 +31,7 @@ from locod.daemon.cancel import check_cancelled
 from locod.daemon.cloud import CloudBackend, Received, StreamCut
 from locod.daemon.config import Config
 from locod.daemon.decider import Decider
-from locod.daemon.decision import Decision, unsent_images
+from locod.daemon.decision import Decision, unsent_images, withheld_note
 from locod.daemon.escalation import ConfidenceCheck
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
@@ -358,11 +358,12 @@ class TurnRunner:
         told = f"{why}; {decision.model} receives {sent}" if sent else why
         if unsent := unsent_images(turn.attachments, decision.send):  # the local answer saw none either
             told += f"; not uploaded, so not seen: {unsent}"
+        notice = withheld_note(turn.attachments, decision.send, "cloud")[1]  # the decision's was the local answer's
         try:  # kept now: the cloud phase may be cut by a kill, and the completion with it
             self.records.judged(decision_id, judged)
         except StorageError as exc:  # the completion writes it (or holds it for a full disk) all the same
             log.warning("turn %s: %s", turn.request.id, exc.message)
-        reply.send(EscalatedFrame(decision_id, decision.model, judged.s_answered, told))
+        reply.send(EscalatedFrame(decision_id, decision.model, judged.s_answered, told, notice))
         held = None if local.cut else (judged, local)  # a whole answer: shown if the cloud fails
         try:
             prompt = self._fitted(self.cloud, turn, decision, reply, None)
