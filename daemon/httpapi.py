@@ -108,12 +108,16 @@ class Exchange:
         return wire.chunk(self.id, self.created, model, delta, reason, **extra)
 
     def opening(self) -> str:
-        """What the answer's text starts with: the decision's notice (an image the model could not see, a cloud
-        asked for that was blocked; an escalation's, for the cloud's answer), which a chat UI shows only in the
-        text; none once a fallback has replaced the answer the notice was about (its message says what it saw)."""
+        """What the answer's text starts with, which a chat UI shows (it shows nothing of ``locod``): the
+        decision's notice (an image the model could not see, a cloud asked for that was blocked), an
+        escalation's (for the cloud's answer), or a fallback's message (the cloud failed before any text: the
+        local model answers)."""
         assert self.decision is not None
-        notice = self.decision.notice if self.escalated is None else self.escalated_notice
-        return wire.notice_line(notice) if notice and self.fallback is None else ""
+        if self.fallback is not None:
+            notice: str | None = self.fallback
+        else:
+            notice = self.decision.notice if self.escalated is None else self.escalated_notice
+        return wire.notice_line(notice) if notice else ""
 
     def extension(self, done: DoneFrame | None) -> dict[str, Any]:
         assert self.decision is not None

@@ -237,13 +237,13 @@ def _image(url: Any, where: str, index: int) -> Attachment:
 BROKE_OFF = "\n\n[the cloud's answer broke off here; the local model answers instead]\n\n"
 
 
-NOTICE_LINE = re.compile(r"\[locod: [^\n]*?\](?:\s+|$)")  # what ``notice_line`` writes, as a client sends it back
+NOTICE_LINE = re.compile(r"\[locod: [^\n]*\](?:\s+|$)")  # what ``notice_line`` writes, as a client sends it back
 
 
 def notice_line(notice: str) -> str:
     """A turn's notice as the first line of its answer: a chat UI shows the text alone, not ``locod.notice``,
     and its user would otherwise read an answer about an image no model saw as if it had been seen."""
-    return f"[locod: {notice}]\n\n"
+    return f"[locod: {' '.join(notice.split())}]\n\n"  # one line, whatever an error message held
 
 
 def without_notice(answer: str) -> str:

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from .conftest import DaemonHandle, free_port
-from .faultproxy import FaultProxy
+from .faultproxy import Fault, FaultProxy
 from .test_escalation import _daemon, _head
 from .test_http import LOCAL, png
 
@@ -84,3 +84,20 @@ def test_a_ui_shows_that_an_escalated_answer_was_made_without_its_image(
     assert text.startswith("[locod: answered in the cloud without uploading every image; not seen: image-0]\n\n"), text
     whole = client.chat.completions.create(model="auto", messages=photo_question(), max_tokens=8)
     assert (whole.choices[0].message.content or "").startswith("[locod: answered in the cloud without uploading")
+
+
+def test_a_ui_shows_that_the_cloud_it_named_failed_and_the_local_model_answered(
+    ui: tuple[DaemonHandle, openai.OpenAI], proxy: FaultProxy
+) -> None:
+    """Walk finding: a UI user who picked the cloud model got the local model's answer when the cloud failed
+    before any text, with nothing in the text to say so (the fallback's message was in ``locod.fallback``
+    alone). Its message is now the answer's first line; sent back, it is taken off again."""
+    _, client = ui
+    proxy.set(Fault("status", status=500))  # every try, so every retry fails
+    question = [{"role": "user", "content": "Name a colour."}]
+    text, extension = streamed(client, "cloud-small", question)
+    assert extension["outcome"] == "fallback" and extension["location"] == "local", extension
+    assert text.startswith("[locod: the cloud answer failed (") and "answering locally" in text.split("\n")[0], text
+    history = [*question, {"role": "assistant", "content": text}, {"role": "user", "content": "Another."}]
+    after = client.chat.completions.create(model=LOCAL, messages=history, max_tokens=4)
+    assert (after.model_extra or {})["locod"]["session"] == extension["session"]  # the session's own history
