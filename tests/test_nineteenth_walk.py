@@ -32,7 +32,7 @@ def ui(daemon_factory: Any, tmp_path: Path, proxy: FaultProxy) -> Iterator[tuple
     )
 
 
-def photo_question() -> list[dict[str, Any]]:
+def photo_question() -> Any:  # the SDK types its messages; a UI sends JSON
     url = "data:image/png;base64," + base64.b64encode(png()).decode()
     question = [{"type": "text", "text": "What colour is this?"}, {"type": "image_url", "image_url": {"url": url}}]
     return [{"role": "user", "content": question}]
@@ -40,7 +40,7 @@ def photo_question() -> list[dict[str, Any]]:
 
 def streamed(client: openai.OpenAI, model: str, messages: Any) -> tuple[str, dict[str, Any]]:
     """(the text a UI shows, the ``locod`` extension it ignores)."""
-    text, extension = "", {}
+    text, extension = "", dict[str, Any]()
     for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=8, stream=True):
         if chunk.choices:
             text += chunk.choices[0].delta.content or ""
@@ -94,7 +94,7 @@ def test_a_ui_shows_that_the_cloud_it_named_failed_and_the_local_model_answered(
     alone). Its message is now the answer's first line; sent back, it is taken off again."""
     _, client = ui
     proxy.set(Fault("status", status=500))  # every try, so every retry fails
-    question = [{"role": "user", "content": "Name a colour."}]
+    question: Any = [{"role": "user", "content": "Name a colour."}]
     text, extension = streamed(client, "cloud-small", question)
     assert extension["outcome"] == "fallback" and extension["location"] == "local", extension
     assert text.startswith("[locod: the cloud answer failed (") and "answering locally" in text.split("\n")[0], text
