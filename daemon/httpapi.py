@@ -374,7 +374,8 @@ class HttpServer:
         """Server-sent events until ``[DONE]``: the ``held`` frames (read before the headers), then the rest;
         leaving early (the client hung up) cancels the turn."""
         assert exchange.decision is not None
-        model, parts = exchange.model or exchange.decision.model, []  # an escalation held before the headers
+        model = exchange.model or exchange.decision.model  # an escalation held before the headers
+        parts: list[str] = []  # the answer's text as sent, the notice line left out
         try:
             yield json.dumps(exchange.chunk(model, {"role": "assistant", "content": ""}))
             while True:
