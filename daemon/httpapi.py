@@ -107,21 +107,23 @@ class Exchange:
     def chunk(self, model: str, delta: dict[str, Any], reason: str | None = None, **extra: Any) -> dict[str, Any]:
         return wire.chunk(self.id, self.created, model, delta, reason, **extra)
 
-    def opening(self) -> str:
-        """What the answer's text starts with, which a chat UI shows (it shows nothing of ``locod``): the
-        decision's notice (an image the model could not see, a cloud asked for that was blocked), an
-        escalation's (for the cloud's answer), or a fallback's message (the cloud failed before any text: the
-        local model answers)."""
+    @property
+    def notice(self) -> str | None:
+        """The notice of the answer given: the decision's (an image the model could not see, a cloud asked
+        for that was blocked), or an escalation's, for the cloud's answer (the decision's was the dropped
+        local answer's)."""
         assert self.decision is not None
-        if self.fallback is not None:
-            notice: str | None = self.fallback
-        else:
-            notice = self.decision.notice if self.escalated is None else self.escalated_notice
+        return self.decision.notice if self.escalated is None else self.escalated_notice
+
+    def opening(self) -> str:
+        """What the answer's text starts with, which a chat UI shows (it shows nothing of ``locod``): its
+        notice, or a fallback's message (the cloud failed before any text: the local model answers)."""
+        notice = self.fallback if self.fallback is not None else self.notice
         return wire.notice_line(notice) if notice else ""
 
     def extension(self, done: DoneFrame | None) -> dict[str, Any]:
         assert self.decision is not None
-        return wire.extension(self.decision, done, self.fallback, self.escalated)
+        return wire.extension(self.decision, done, self.fallback, self.escalated, self.notice)
 
 
 class HttpServer:

@@ -237,7 +237,9 @@ def _image(url: Any, where: str, index: int) -> Attachment:
 BROKE_OFF = "\n\n[the cloud's answer broke off here; the local model answers instead]\n\n"
 
 
-NOTICE_LINE = re.compile(r"\[locod: [^\n]*\](?:\s+|$)")  # what ``notice_line`` writes, as a client sends it back
+# What ``notice_line`` writes, as a client sends it back (one that trims may leave one newline, or none after
+# an empty answer); the answer's own leading whitespace (an indented code line) is the model's and stays.
+NOTICE_LINE = re.compile(r"\[locod: [^\n]*\](?:\n\n?|\s*$)")
 
 
 def notice_line(notice: str) -> str:
@@ -272,9 +274,10 @@ def error_of(frame: ErrorFrame) -> HttpError:
 
 
 def extension(
-    decision: DecisionFrame, done: DoneFrame | None, fallback: str | None, escalated: str | None
+    decision: DecisionFrame, done: DoneFrame | None, fallback: str | None, escalated: str | None, notice: str | None
 ) -> dict[str, Any]:
-    """The ``locod`` object: where the answer ran and why (the SDKs ignore unknown fields)."""
+    """The ``locod`` object: where the answer ran and why (the SDKs ignore unknown fields); ``notice`` is the
+    answer's, as its first line says it (an escalated answer's is the cloud's, not the decision's)."""
     out: dict[str, Any] = {
         "decision": decision.decision,
         "location": decision.location,
@@ -283,8 +286,8 @@ def extension(
         "explored": decision.explored,
         "attachments_sent": decision.attachments_sent,
     }
-    if decision.notice:  # what the socket's decision frame says too: an image the model could not see, ...
-        out["notice"] = decision.notice
+    if notice:  # what the socket's decision (or escalated) frame says too: an image the model could not see, ...
+        out["notice"] = notice
     if fallback is not None:
         out["fallback"] = fallback
     if escalated is not None:
