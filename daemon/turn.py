@@ -169,7 +169,8 @@ def _with_partial(generation: Generation, failure: CloudError) -> Generation:
 
 def _unseen(attachments: list[att.PreparedAttachment]) -> str:
     """What a fallback's message adds when the turn has images: the local model that answers instead cannot
-    see them, which the decision's notice (made for the cloud) did not say."""
+    see them. The decision's notice was made for the cloud, or for a local answer an escalation dropped; a
+    chat UI shows the fallback's message in its place (the HTTP door's first line)."""
     images = [a.name for a in attachments if a.kind == "image"]
     return f", by a model that cannot see images (not seen: {', '.join(images)})" if images else ""
 
@@ -419,7 +420,7 @@ class TurnRunner:
         local = decision.fallen_back(judged.model, failure.message).answered(judged.s_answered, False)
         uploaded, told = _uploaded(turn, decision, failure)
         message = f"the cloud answer failed ({failure.message}{told}); showing the local answer it was to replace"
-        reply.send(FallbackFrame(decision_id, judged.model, failure.code, message))
+        reply.send(FallbackFrame(decision_id, judged.model, failure.code, message + _unseen(turn.attachments)))
         if turn.request.options.stream:
             reply.send(DeltaFrame(answer.text))
         shown = Generation(answer.text, answer.tokens_in, answer.tokens_out, waited_ms, waited_ms)
