@@ -342,15 +342,14 @@ class ModelZoo:
         self._said.add((model, what))
         return fresh
 
-    def _models_mb(self) -> float:
-        return sum(m.footprint_mb for m in self._loaded.values())
-
     def _room_mb(self) -> float:
-        return self.budget_mb - self._models_mb()
+        """What the budget leaves beside the loaded models; the dialogue cache's status asks it from the
+        serving loop, while a turn may load or unload one."""
+        return self.budget_mb - self.resident_mb()
 
     def _make_room(self, needed_mb: float) -> None:
         """Kept dialogue states go first (they are cheap to rebuild), then least recently used models."""
-        while self._models_mb() + self.cache.mb + needed_mb > self.budget_mb:
+        while self.resident_mb() + self.cache.mb + needed_mb > self.budget_mb:
             if self.cache.evict_oldest():
                 continue
             if not self._loaded:
