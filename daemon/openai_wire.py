@@ -237,9 +237,10 @@ def _image(url: Any, where: str, index: int) -> Attachment:
 BROKE_OFF = "\n\n[the cloud's answer broke off here; the local model answers instead]\n\n"
 
 
-# What ``notice_line`` writes, as a client sends it back (one that trims may leave one newline, or none after
-# an empty answer); the answer's own leading whitespace (an indented code line) is the model's and stays.
-NOTICE_LINE = re.compile(r"\[locod: [^\n]*\](?:\n\n?|\s*$)")
+# What ``notice_line`` writes, as a client sends it back: its line ends maybe CRLF (a browser's text field),
+# maybe trimmed to one or none (a private answer sent back is known by its words alone, answer_digests.py:
+# the line must come off); the answer's own leading whitespace (an indented code line) is the model's.
+NOTICE_LINE = re.compile(r"\[locod: [^\r\n]*\][ \t]*(?:\r?\n){0,2}")
 
 
 def notice_line(notice: str) -> str:
