@@ -110,10 +110,11 @@ class Exchange:
     @property
     def notice(self) -> str | None:
         """The notice of the answer given: the decision's (an image the model could not see, a cloud asked
-        for that was blocked), or an escalation's, for the cloud's answer (the decision's was the dropped
-        local answer's)."""
+        for that was blocked), or an escalation's for the cloud's answer; the decision's was for the local
+        answer the escalation dropped, which a failed cloud brings back (shown or made again)."""
         assert self.decision is not None
-        return self.decision.notice if self.escalated is None else self.escalated_notice
+        cloud_answers = self.escalated is not None and self.fallback is None
+        return self.escalated_notice if cloud_answers else self.decision.notice
 
     def opening(self) -> str:
         """What the answer's text starts with, which a chat UI shows (it shows nothing of ``locod``): its
