@@ -485,7 +485,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             except LocodError as exc:
                 if isinstance(exc, DaemonNotRunning):
                     raise
-                print(shown(f"locod: {exc.message}"), file=sys.stderr)
+                # a file gone or grown since its /attach, a refused turn: the user must know the files went too
+                dropped = " (its files are dropped: /attach again those a question needs)" if named else ""
+                print(shown(f"locod: {exc.message}{dropped}"), file=sys.stderr)
     finally:
         client.close()
 

@@ -151,19 +151,23 @@ class DialogueCache:
             self._entries[key] = state
             self._bytes += state.nbytes
 
+    def holdable_mb(self) -> float:
+        """What the cache may hold now: ``limit_mb`` (``local.cache_mb``), or less where the loaded models leave
+        the memory budget less room."""
+        return max(0.0, min(self.limit_mb, self.room_mb()))
+
     def _trim(self) -> None:
-        while self._entries and self.mb > min(self.limit_mb, self.room_mb()):
+        while self._entries and self.mb > self.holdable_mb():
             self.evict_oldest()
 
     def status(self) -> dict[str, object]:
-        """``limit_mb`` is what the cache may hold now: ``cache_mb``, or less where the loaded models leave the
-        budget less room (the configured figure alone promised room that was not there)."""
-        limit_mb = max(0.0, min(self.limit_mb, self.room_mb()))
+        """Its ``limit_mb`` is ``holdable_mb``: the configured figure alone promised room that was not there."""
+        holdable_mb = self.holdable_mb()
         with self._lock:
             status: dict[str, object] = {
                 "dialogues": len(self._entries),
                 "mb": round(self.mb, 1),
-                "limit_mb": round(limit_mb, 1),
+                "limit_mb": round(holdable_mb, 1),
                 "hits": self.hits,
                 "disk_hits": self.disk_hits,
                 "misses": self.misses,

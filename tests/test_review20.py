@@ -5,6 +5,7 @@ cloud behind the fault proxy, the real openai SDK."""
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from locod.daemon.openai_wire import notice_line, parse_completion
 
-from .conftest import DaemonHandle
+from .conftest import DaemonHandle, locod_command
 from .faultproxy import Fault, FaultProxy
 from .test_nineteenth_walk import photo_question, streamed, ui  # noqa: F401  (ui: the fixture)
 
@@ -95,3 +96,28 @@ def test_chat_attach_reads_a_path_as_a_shell_would(daemon_factory: Any, tmp_path
     assert "cannot read" not in shown.stderr, shown.stderr
     (row,) = daemon.rows()
     assert "trip.md" in row["attachments_offered"] and "pin.md" in row["attachments_offered"], row
+
+
+def test_chat_says_a_question_s_files_are_dropped_when_one_vanished(daemon: DaemonHandle, tmp_path: Path) -> None:
+    """Review finding: a file deleted between its /attach and the question refused the question, and the
+    other files attached with it were dropped with no word: the user asked again without them."""
+    (tmp_path / "kept.md").write_text("The ferry leaves at 7:40.\n")
+    (tmp_path / "gone.md").write_text("Pier 3.\n")
+    chat = subprocess.Popen(
+        locod_command("--config", str(daemon.config_path), "chat", "--max-tokens", "2"),
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=daemon.env,
+    )
+    assert chat.stdin is not None and chat.stderr is not None
+    chat.stdin.write(f"/attach {tmp_path / 'kept.md'} {tmp_path / 'gone.md'}\n")
+    chat.stdin.flush()
+    said = [chat.stderr.readline() for _ in range(3)]  # the banner, then one line a file
+    assert "gone.md: attached to the next question" in said[-1], said
+    (tmp_path / "gone.md").unlink()
+    _, rest = chat.communicate("When does the ferry leave?\n", timeout=300)
+    assert chat.returncode == 0, rest
+    assert "gone.md: cannot read" in rest and "its files are dropped: /attach again" in rest, rest
+    assert daemon.rows() == []  # never asked
