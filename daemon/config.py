@@ -22,6 +22,11 @@ from locod.daemon.typed_toml import build_table, in_range, one_of, read_toml, se
 from locod.errors import ConfigError
 from locod.protocol import NO_CONFIG_FILE
 
+# The most a routing weight, V, the queue's cap, a price or an energy figure may be: beyond, products of them
+# overflow the router's arithmetic (inf, then NaN costs in every decision and its record) while meaning no more
+# than a million does, as costs are normalised over the dearest action.
+MOST = 1e6
+
 
 @dataclass(frozen=True)
 class LocalModelConfig:
@@ -34,7 +39,7 @@ class LocalModelConfig:
     n_ctx: int = field(default=2048, metadata=in_range(128, 1 << 20))
     n_gpu_layers: int = field(default=0, metadata=in_range(-1, 10_000))
     # Joules per generated token when no power sensor is available; used for energy accounting.
-    joules_per_token: float = field(default=0.05, metadata=in_range(0))
+    joules_per_token: float = field(default=0.05, metadata=in_range(0, MOST))
 
 
 @dataclass(frozen=True)
@@ -46,9 +51,9 @@ class CloudModelConfig:
     model: str
     api_key_env: str = "LOCOD_CLOUD_API_KEY"
     api_key_file: str = ""
-    usd_per_mtok_in: float = field(default=0.15, metadata=in_range(0))
-    usd_per_mtok_out: float = field(default=0.60, metadata=in_range(0))
-    usd_per_image: float = field(default=0.0, metadata=in_range(0))
+    usd_per_mtok_in: float = field(default=0.15, metadata=in_range(0, MOST))
+    usd_per_mtok_out: float = field(default=0.60, metadata=in_range(0, MOST))
+    usd_per_image: float = field(default=0.0, metadata=in_range(0, MOST))
     vision: bool = True
     context_tokens: int = field(default=0, metadata=in_range(0))  # 0: unknown, never masked for length
     # The request field for the answer's length: OpenAI's reasoning models (o-series, gpt-5) refuse max_tokens.
@@ -182,12 +187,12 @@ class RoutingConfig:
     # "auto": the policy decides; "local"/"cloud": every turn goes there unless the request forces otherwise.
     mode: str = field(default="auto", metadata=one_of("auto", "local", "cloud"))
     sla: float = field(default=0.8, metadata=in_range(0.0, 1.0))
-    v: float = field(default=20.0, metadata=in_range(0.0))
+    v: float = field(default=20.0, metadata=in_range(0.0, MOST))
     explore_c: float = field(default=0.2, metadata=in_range(0.0))
-    q_cap: float = field(default=50.0, metadata=in_range(0.0))
-    weight_money: float = field(default=1.0, metadata=in_range(0.0))
-    weight_energy: float = field(default=0.2, metadata=in_range(0.0))
-    weight_policy: float = field(default=0.5, metadata=in_range(0.0))
+    q_cap: float = field(default=50.0, metadata=in_range(0.0, MOST))
+    weight_money: float = field(default=1.0, metadata=in_range(0.0, MOST))
+    weight_energy: float = field(default=0.2, metadata=in_range(0.0, MOST))
+    weight_policy: float = field(default=0.5, metadata=in_range(0.0, MOST))
     policy_path: str = ""
     battery_critical_pct: float = field(default=10.0, metadata=in_range(0.0, 100.0))
     judge: bool = False

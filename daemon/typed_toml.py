@@ -103,6 +103,8 @@ def _value(hint: Any, raw: Any, meta: Mapping[str, Any], source: str, key: str) 
         raise ConfigError(f"{source}: {key} expects {_type_name(hint)}, got {type(raw).__name__} {raw!r}")
     if base is float and not math.isfinite(raw):
         raise ConfigError(f"{source}: {key} must be a finite number, got {raw!r}")
+    if base is str and "\0" in raw:  # no path, URL or name holds one: os.open raised ValueError, an internal error
+        raise ConfigError(f"{source}: {key} must not hold a NUL character (\\0); the value is not shown")
     lo, hi = meta.get("min"), meta.get("max")
     if (lo is not None and raw < lo) or (hi is not None and raw > hi):
         bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"

@@ -1,0 +1,73 @@
+"""Attack round 20: reloads under load and hostile configuration. A reload whose config named a key file or
+the policy by a path holding a NUL character answered "internal error" (os.open's ValueError escaped the
+validator); routing weights of 1e308, in range, were taken, and every decision after priced its actions
+``NaN`` (an invalid JSON number in `locod decisions --json`); a reload to ``n_ctx = 1048576`` for the
+embedded model, in range, had the next turn allocate its 24 GiB KV cache and the OOM killer end the daemon.
+One real daemon (the embedded model) serves each test."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from .conftest import DaemonHandle, write_config
+
+BASE: dict[str, Any] = {"routing": {"mode": "local"}}
+
+
+def reload_with(daemon: DaemonHandle, config: dict[str, Any]) -> Any:
+    write_config(daemon.config_path, config)
+    return daemon.cli("reload", timeout=120)
+
+
+def config_shown(daemon: DaemonHandle) -> dict[str, Any]:
+    done = daemon.cli("config", "show", "--json", timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("key", "section"),
+    [
+        ("routing.policy_path", {"routing": {"mode": "local", "policy_path": "/tmp/policy\0.onnx"}}),
+        (
+            "cloud.models[0].api_key_file",
+            {
+                "routing": {"mode": "local"},
+                "cloud": {
+                    "models": [
+                        {"name": "c", "base_url": "http://127.0.0.1:9/v1", "model": "m", "api_key_file": "/tmp/k\0ey"}
+                    ]
+                },
+            },
+        ),
+    ],
+)
+def test_a_reload_naming_a_path_with_a_nul_is_refused_by_key_and_the_old_config_kept(
+    daemon_factory: Any, key: str, section: dict[str, Any]
+) -> None:
+    daemon = daemon_factory(BASE)
+    before = config_shown(daemon)
+    done = reload_with(daemon, section)
+    assert done.returncode == 2, (done.returncode, done.stdout, done.stderr)
+    assert f"{daemon.config_path}: {key} must not hold a NUL character" in done.stderr, done.stderr
+    assert "internal error" not in done.stderr and "Traceback" not in daemon.log()
+    assert config_shown(daemon) == before
+    assert daemon.cli("ask", "Hi", "--max-tokens", "3", timeout=300).returncode == 0
+
+
+def test_routing_weights_that_overflow_are_refused_at_reload_and_decisions_stay_finite(daemon_factory: Any) -> None:
+    daemon = daemon_factory(BASE)
+    hostile = {"routing": {"mode": "auto", "weight_money": 1e308, "weight_energy": 1e308}}
+    done = reload_with(daemon, hostile)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert f"{daemon.config_path}: routing.weight_money must be between 0.0 and 1000000.0, got 1e+308" in done.stderr
+    assert config_shown(daemon)["routing"]["weight_energy"] == 0.2
+    done = reload_with(daemon, {"routing": {"mode": "auto", "weight_energy": 1e6}})  # the most there is: taken
+    assert done.returncode == 0, done.stderr
+    assert daemon.cli("ask", "What is two and two?", "--max-tokens", "3", timeout=300).returncode == 0
+    done = daemon.cli("decisions", "--json", "--limit", "1", timeout=120)
+    row = json.loads(done.stdout, parse_constant=lambda name: pytest.fail(f"{name} in a decision"))[0]
+    assert row["location"] == "local"
