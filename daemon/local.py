@@ -37,6 +37,7 @@ from locod.daemon.logprobs import TokenLogprobs
 from locod.daemon.modelfile import check_model_file, fingerprint, resolve_path
 from locod.daemon.regular_file import file_stamp
 from locod.daemon.sessions import door_of
+from locod.daemon.telemetry import mem_available_mb
 from locod.daemon.template_deadline import deadline
 from locod.errors import ConfigError, ModelError, first_line
 from locod.policy.load import TurnTime
@@ -174,10 +175,13 @@ class ModelZoo:
         n_threads: int,
         cache_mb: int = -1,
         park: DiskPark | None = None,
+        procfs: Path | None = None,
     ) -> None:
         """``cache_mb``: dialogue states kept in memory (-1: sized from the first model loaded and the free
-        memory; 0: none); ``park``: where evicted states go, if anywhere."""
+        memory; 0: none); ``park``: where evicted states go, if anywhere; ``procfs``: where the memory the
+        system has left is read before each load (telemetry.procfs_root), None: not read."""
         self.models = {m.name: m for m in models}
+        self.procfs = procfs
         self.models_dir = models_dir
         self.budget_mb = budget_mb
         self.n_threads = n_threads or None
@@ -192,7 +196,10 @@ class ModelZoo:
         """The zoo of ``config``'s local models, its dialogue states parked on disk with local.cache_disk_mb."""
         local = config.local
         park = DiskPark.opened(config.state_dir / "kvcache", local.cache_disk_mb << 20) if local.cache_disk_mb else None
-        return cls(local.models, config.models_dir, local.memory_budget_mb, local.n_threads, local.cache_mb, park)
+        procfs = Path(config.telemetry.procfs_root)
+        return cls(
+            local.models, config.models_dir, local.memory_budget_mb, local.n_threads, local.cache_mb, park, procfs
+        )
 
     def reconfigure(self, local: LocalConfig) -> list[str]:
         """Take the models of a reloaded config, and say what changed in them. Called on the serving loop,
@@ -251,7 +258,9 @@ class ModelZoo:
         weights_mb = path.stat().st_size / 2**20
         # Room for the weights and the KV cache its n_ctx takes (the header says how big), before loading it:
         # the weights alone let a long-context model push the resident set past the budget.
-        self._make_room(weights_mb + _header_kv_mb(path, model.n_ctx))
+        needed_mb = weights_mb + _header_kv_mb(path, model.n_ctx)
+        self._make_room(needed_mb)
+        self._check_memory(model, needed_mb)
         started = time.perf_counter()
         try:
             identity = f"{model.name}:{fingerprint(path)}:{model.n_ctx}:{llama_cpp.__version__}"
@@ -296,6 +305,19 @@ class ModelZoo:
             self.cache.limit_mb,
         )
         return loaded
+
+    def _check_memory(self, model: LocalModelConfig, needed_mb: float) -> None:
+        """Refuse a load the system's memory cannot hold: llama.cpp allocates the whole KV cache at once, and
+        past the memory there is the OOM killer ends the daemon and every turn in it (a reload to n_ctx =
+        1048576 did). One model alone may exceed local.memory_budget_mb (``_warn_misfit``), not the memory."""
+        available = None if self.procfs is None else mem_available_mb(self.procfs)
+        if available is not None and needed_mb > available:
+            raise ModelError(
+                f"model {model.name!r} needs about {needed_mb:.0f} MiB (its weights and a {model.n_ctx}-token KV "
+                f"cache), but {available:.0f} MiB of memory is available: lower its n_ctx, or use a smaller "
+                "quantisation",
+                code="model_too_large",
+            )
 
     def _warn_misfit(self, loaded: LoadedModel) -> None:
         """Say what about a loaded model its settings get wrong, which the operator would otherwise find out

@@ -256,13 +256,17 @@ def without_notice(answer: str) -> str:
     return answer[line.end() :] if line else answer
 
 
+# A configured local model that cannot run: its file gone or broken, or more than the memory there is.
+UNAVAILABLE_MODELS = ("model_missing", "model_corrupt", "model_too_large")
+
+
 def status_of(frame: ErrorFrame) -> int:
     """The HTTP status for a daemon's error frame."""
     if frame.code in ("too_large", "attachment_too_large"):
         return 413
     if frame.kind == Busy.code:  # stopping (or cancelled by the stop before it was accepted), or at a queue limit
         return 503 if frame.code in ("shutting_down", "cancelled") else 429
-    if frame.kind in (UnknownModel.code, UnknownDecision.code) or frame.code in ("model_missing", "model_corrupt"):
+    if frame.kind in (UnknownModel.code, UnknownDecision.code) or frame.code in UNAVAILABLE_MODELS:
         return 404  # a model whose file is gone or broken is as unavailable as an unknown one (a 5xx, the SDKs retry)
     if frame.kind in (RequestError.code, ProtocolError.code, AttachmentError.code, PromptTooLong.code):
         return 400

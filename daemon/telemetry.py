@@ -66,6 +66,18 @@ def _read(path: Path) -> str | None:
         return None
 
 
+def mem_available_mb(procfs: Path) -> float | None:
+    """The memory the system can give without swapping (``MemAvailable`` of ``procfs``/meminfo), in MiB;
+    None where that cannot be read."""
+    for line_text in (_read(procfs / "meminfo") or "").splitlines():
+        if line_text.startswith("MemAvailable:"):
+            try:
+                return round(float(line_text.split()[1]) / 1024, 1)
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
 def _number(path: Path) -> float | None:
     text = _read(path)
     try:
@@ -187,12 +199,9 @@ class Readers:
         if counts:
             prev_count, self._throttle_prev = self._throttle_prev, sum(counts)
             out["throttled"] = prev_count is not None and sum(counts) > prev_count
-        for line_text in (_read(self.proc / "meminfo") or "").splitlines():
-            if line_text.startswith("MemAvailable:"):
-                try:
-                    out["mem_available_mb"] = round(float(line_text.split()[1]) / 1024, 1)
-                except (IndexError, ValueError):
-                    pass
+        available = mem_available_mb(self.proc)
+        if available is not None:
+            out["mem_available_mb"] = available
         return out
 
     def gpu(self) -> dict[str, Any]:

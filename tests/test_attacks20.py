@@ -71,3 +71,29 @@ def test_routing_weights_that_overflow_are_refused_at_reload_and_decisions_stay_
     done = daemon.cli("decisions", "--json", "--limit", "1", timeout=120)
     row = json.loads(done.stdout, parse_constant=lambda name: pytest.fail(f"{name} in a decision"))[0]
     assert row["location"] == "local"
+
+
+def test_a_reload_to_a_context_the_memory_cannot_hold_fails_its_turns_by_name_and_the_daemon_serves_on(
+    daemon_factory: Any, tmp_path: Any
+) -> None:
+    """The system has 1 GiB left (telemetry.procfs_root's meminfo stands for it); a 65536-token context of
+    the embedded model takes about 1.5 GiB. Taken at face value, as a 1048576-token one (24 GiB) was, the
+    load leaves the OOM killer to end the daemon."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "meminfo").write_text("MemTotal: 2097152 kB\nMemAvailable: 1048576 kB\n")
+    config: dict[str, Any] = {"routing": {"mode": "local"}, "telemetry": {"procfs_root": str(proc)}}
+    daemon = daemon_factory(config)
+    long = {"name": "smollm2-135m-instruct", "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "n_ctx": 65536}
+    done = reload_with(daemon, {**config, "local": {"models": [long]}})
+    assert done.returncode == 0, done.stderr
+    done = daemon.cli("ask", "Hi", "--max-tokens", "3", timeout=300)
+    assert done.returncode != 0, done.stdout
+    assert "model 'smollm2-135m-instruct' needs about" in done.stderr, done.stderr
+    assert "65536-token KV cache), but 1024 MiB of memory is available: lower its n_ctx" in done.stderr
+    assert daemon.proc.poll() is None
+    assert daemon.rows() == []  # refused before it was accepted, as a turn whose model file is missing is
+    assert daemon.cli("status", timeout=120).returncode == 0
+    assert reload_with(daemon, config).returncode == 0  # the model as it was: answered again
+    assert daemon.cli("ask", "Hi", "--max-tokens", "3", timeout=300).returncode == 0
+    assert [row["outcome"] for row in daemon.rows()] == ["ok"]
