@@ -80,6 +80,8 @@ INBOX = "inproc://locod-inbox"
 # Config sections a reload cannot apply to a running daemon: bound sockets, open paths and the telemetry
 # readers built from them. Local models do apply: the zoo loads the new table's models on demand.
 AS_STARTED = ("paths", "daemon", "http", "telemetry")
+# Keys of sections a reload applies that are read at start all the same: the disk park is opened with its size.
+AS_STARTED_KEYS = (("local", "cache_disk_mb"),)
 # Labels waiting for the feedback thread; past this a `feedback` is answered busy (a flood is not queued).
 FEEDBACK_QUEUE = 64
 INTERNAL = ErrorFrame("error", "internal", "internal error")  # a bug's answer: the log has its traceback
@@ -685,10 +687,9 @@ class Daemon:
             log.error("reload rejected, keeping the running configuration: %s", exc.message)
             self.notifier.ready(self._status_line())
             return {"reloaded": False, "error": exc.message, "restart_needed": [], "policy_error": None, "left_out": {}}
-        kept = [name for name in AS_STARTED if getattr(new, name) != getattr(self.config, name)]
+        new, kept = _as_started(new, self.config)
         if kept:
             log.warning("reload: [%s] changed and take(s) effect at the next restart", "], [".join(kept))
-        new = dataclasses.replace(new, **{name: getattr(self.config, name) for name in AS_STARTED})
         self.config = new
         self.tcp_auth = TcpAuth(secret)
         if self.http is not None:
@@ -744,6 +745,19 @@ class Daemon:
             self.config.socket_path.unlink(missing_ok=True)
         self.notifier.close()
         log.info("stopped after %d turns", self.turns_served)  # a log that ends here was not a crash
+
+
+def _as_started(new: Config, running: Config) -> tuple[Config, list[str]]:
+    """``new`` with what a reload cannot apply (AS_STARTED, AS_STARTED_KEYS) as ``running`` has it, so that
+    status and `config show` say what is in force; and the sections and keys whose change waits for a restart."""
+    kept = [name for name in AS_STARTED if getattr(new, name) != getattr(running, name)]
+    new = dataclasses.replace(new, **{name: getattr(running, name) for name in AS_STARTED})
+    for section, key in AS_STARTED_KEYS:
+        started = getattr(getattr(running, section), key)
+        if getattr(getattr(new, section), key) != started:
+            kept.append(f"{section}.{key}")
+            new = dataclasses.replace(new, **{section: dataclasses.replace(getattr(new, section), **{key: started})})
+    return new, kept
 
 
 def _or_na(value: object) -> object:

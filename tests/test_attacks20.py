@@ -97,3 +97,16 @@ def test_a_reload_to_a_context_the_memory_cannot_hold_fails_its_turns_by_name_an
     assert reload_with(daemon, config).returncode == 0  # the model as it was: answered again
     assert daemon.cli("ask", "Hi", "--max-tokens", "3", timeout=300).returncode == 0
     assert [row["outcome"] for row in daemon.rows()] == ["ok"]
+
+
+def test_a_reload_changing_the_disk_park_says_it_waits_for_a_restart_and_shows_the_size_in_force(
+    daemon_factory: Any,
+) -> None:
+    """local.cache_disk_mb is read at start (the park is opened with its size): a reload said only "reloaded",
+    and `config show` showed the new size, which nothing used."""
+    daemon = daemon_factory(BASE)
+    done = reload_with(daemon, {**BASE, "local": {"cache_disk_mb": 64}})
+    assert done.returncode == 0, done.stderr
+    assert "changed in [local.cache_disk_mb]: takes effect when the daemon restarts" in done.stdout, done.stdout
+    assert config_shown(daemon)["local"]["cache_disk_mb"] == 0
+    assert daemon.cli("ask", "Hi", "--max-tokens", "3", timeout=300).returncode == 0
