@@ -309,8 +309,11 @@ class ModelZoo:
     def _check_memory(self, model: LocalModelConfig, needed_mb: float) -> None:
         """Refuse a load the system's memory cannot hold: llama.cpp allocates the whole KV cache at once, and
         past the memory there is the OOM killer ends the daemon and every turn in it (a reload to n_ctx =
-        1048576 did). One model alone may exceed local.memory_budget_mb (``_warn_misfit``), not the memory."""
-        available = None if self.procfs is None else mem_available_mb(self.procfs)
+        1048576 did). One model alone may exceed local.memory_budget_mb (``_warn_misfit``), not the memory.
+        A model offloaded to a GPU is not checked: its layers and their cache take the GPU's memory instead."""
+        if self.procfs is None or (model.n_gpu_layers and llama_cpp.llama_supports_gpu_offload()):
+            return
+        available = mem_available_mb(self.procfs)
         if available is not None and needed_mb > available:
             raise ModelError(
                 f"model {model.name!r} needs about {needed_mb:.0f} MiB (its weights and a {model.n_ctx}-token KV "
