@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import re
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,6 +288,9 @@ ENV_OVERRIDES: dict[str, str] = {
 }
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; read on the serving loop at reload, so never unbounded
+# Local models (pulled ones included), and cloud models, each: every model is a MESS+ predictor of 32 kB in the
+# router's state, saved after each turn. 22,000 entries fit in MAX_CONFIG_BYTES and made that file 725 MB.
+MAX_MODELS = 128
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")  # what api_key_env may hold: a variable's name
 
@@ -441,11 +445,18 @@ def _pulled(models_dir: Path) -> list[LocalModelConfig]:
 
 
 def _check_models(config: Config, origins: Mapping[str, str]) -> None:
-    """Model names unique, the defaults naming configured models, and a cloud to route to if asked for."""
+    """At most MAX_MODELS of each kind, model names unique, the defaults naming configured models, and a
+    cloud to route to if asked for."""
     local_names = [m.name for m in config.local.models]
     cloud_names = [m.name for m in config.cloud.models]
+    for key, names in (("local.models", local_names), ("cloud.models", cloud_names)):
+        if len(names) > MAX_MODELS:
+            raise ConfigError(
+                f"{config.source}: {key} must hold at most {MAX_MODELS} models, got {len(names)}"
+                + (" (the embedded and the pulled ones included)" if key == "local.models" else "")
+            )
     everything = local_names + cloud_names
-    duplicated = {n for n in everything if everything.count(n) > 1}
+    duplicated = {name for name, count in Counter(everything).items() if count > 1}
     if duplicated:
         raise ConfigError(f"{config.source}: model names must be unique, repeated: {sorted(duplicated)}")
     for key, default, names, kind in (

@@ -110,3 +110,17 @@ def test_a_reload_changing_the_disk_park_says_it_waits_for_a_restart_and_shows_t
     assert "changed in [local.cache_disk_mb]: takes effect when the daemon restarts" in done.stdout, done.stdout
     assert config_shown(daemon)["local"]["cache_disk_mb"] == 0
     assert daemon.cli("ask", "Hi", "--max-tokens", "3", timeout=300).returncode == 0
+
+
+def test_a_reload_with_thousands_of_models_is_refused_before_the_router_state_grows_by_them(
+    daemon_factory: Any,
+) -> None:
+    """Each model is a 32 kB MESS+ predictor in the router's state, saved after every turn: 22,000 entries
+    (870 kB of TOML, under the 1 MiB a config may be) made it 725 MB, and every turn took seconds."""
+    daemon = daemon_factory(BASE)
+    many = [{"name": f"m{i}", "path": "SmolLM2-135M-Instruct.Q4_1.gguf"} for i in range(200)]
+    done = reload_with(daemon, {**BASE, "local": {"models": many}})
+    assert done.returncode == 2, done.stdout
+    assert f"{daemon.config_path}: local.models must hold at most 128 models, got 201" in done.stderr, done.stderr
+    assert len(config_shown(daemon)["local"]["models"]) == 1
+    assert daemon.cli("ask", "Hi", "--max-tokens", "3", timeout=300).returncode == 0
