@@ -232,7 +232,19 @@ class MessPlus:
         self._start_queue_over_if_retargeted()
         for name, prior in self.priors.items():
             self.state.weights.setdefault(name, _prior_weights(prior))
+        self._forget_unlearned_models()
         self.max_s_hat_avg = 1.0  # EWMA of the best predicted satisfaction: detects an infeasible SLA
+
+    def _forget_unlearned_models(self) -> None:
+        """Drop the predictors of models no longer configured that never learned from a label: they hold
+        their prior only, which a model that comes back starts from again. Kept, each reload that renamed
+        the models added theirs to the state saved after every turn, without bound."""
+        for name in [n for n in self.state.weights if n not in self.priors and not self.state.labels.get(n)]:
+            del self.state.weights[name]
+            if name in self.state.confidence and not self.state.confidence[name].seen:
+                del self.state.confidence[name]
+            self.state.file_sizes.pop(name, None)
+            self.state.file_since.pop(name, None)
 
     def _start_queue_over_if_retargeted(self) -> None:
         """A new target (a reload or restart with another ``routing.sla``) starts the queue over: Q holds the

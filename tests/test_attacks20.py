@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import numpy as np
 import pytest
 
 from .conftest import DaemonHandle, write_config
@@ -124,3 +125,16 @@ def test_a_reload_with_thousands_of_models_is_refused_before_the_router_state_gr
     assert f"{daemon.config_path}: local.models must hold at most 128 models, got 201" in done.stderr, done.stderr
     assert len(config_shown(daemon)["local"]["models"]) == 1
     assert daemon.cli("ask", "Hi", "--max-tokens", "3", timeout=300).returncode == 0
+
+
+def test_reloads_that_rename_the_models_leave_no_predictors_of_the_old_names_behind(daemon_factory: Any) -> None:
+    """Under the cap, a reload that renamed the cloud models kept the old names' predictors (their priors,
+    never trained) in the router's state: each such reload added 128 x 32 kB to the file saved every turn."""
+    daemon = daemon_factory(BASE)
+    for batch in "abc":
+        cloud = [{"name": f"{batch}{i}", "base_url": "http://127.0.0.1:9/v1", "model": "m"} for i in range(100)]
+        assert reload_with(daemon, {**BASE, "cloud": {"models": cloud}}).returncode == 0
+    assert daemon.stop() == 0  # the state is saved as the daemon stops
+    with np.load(daemon.home / "state" / "messplus.npz") as state:
+        names = {str(name) for name in state["names"]}
+    assert names == {"smollm2-135m-instruct", *(f"c{i}" for i in range(100))}
