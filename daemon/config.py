@@ -486,10 +486,10 @@ def _check_secrets(config: Config, origins: Mapping[str, str]) -> None:
                 f"{where}: api_key_env must name the environment variable that holds the key (letters, digits "
                 "and _, such as OPENAI_API_KEY), not hold the key: put the key in that variable, or in api_key_file"
             )
-        if not model.base_url.startswith(("http://", "https://")):
+        problem = _url_problem(model.base_url)
+        if problem is not None:
             raise ConfigError(
-                f"{where}: base_url must be an http(s) URL, such as https://api.openai.com/v1, got "
-                f"{redacted_url(model.base_url)!r}"
+                f"{where}: base_url must be an http(s) URL, such as https://api.openai.com/v1, got {problem}"
             )
     files = [(f"cloud model {m.name!r}: api_key_file", m.api_key_file, config.source) for m in config.cloud.models]
     files += [
@@ -502,6 +502,22 @@ def _check_secrets(config: Config, origins: Mapping[str, str]) -> None:
                 f"{source}: {what} must be an absolute path or begin with ~/ (a relative one would depend on the "
                 "directory the daemon starts in); the value is not shown, as it may be the key itself"
             )
+
+
+def _url_problem(url: str) -> str | None:
+    """What makes ``url`` no http(s) endpoint, quoted without a password it may hold; None when it is one.
+    One that does not parse (``http://[zz/v1``, a port over 65535) raised ValueError from the cloud client
+    built at a reload: an internal error, and a traceback at start."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises for a port that is out of range or no number
+    except ValueError as exc:
+        return f"a URL that does not parse ({exc})"
+    if not url.startswith(("http://", "https://")):
+        return repr(redacted_url(url))
+    if not parts.hostname or any(char.isspace() or not char.isprintable() for char in url):
+        return f"{redacted_url(url)!r}, which names no host or holds a space or control character"
+    return None
 
 
 def _check_endpoints(config: Config, origins: Mapping[str, str]) -> None:

@@ -138,3 +138,18 @@ def test_reloads_that_rename_the_models_leave_no_predictors_of_the_old_names_beh
     with np.load(daemon.home / "state" / "messplus.npz") as state:
         names = {str(name) for name in state["names"]}
     assert names == {"smollm2-135m-instruct", *(f"c{i}" for i in range(100))}
+
+
+@pytest.mark.parametrize(
+    ("url", "why"), [("http://[zz/v1", "(Invalid IPv6 URL)"), ("http://localhost:99999/v1", "(Port out of range")]
+)
+def test_a_reload_to_a_base_url_that_does_not_parse_is_refused_by_key(daemon_factory: Any, url: str, why: str) -> None:
+    """It passed the check of its scheme, and the cloud client built from it raised ValueError: the reload
+    answered "internal error" (and a start, a traceback)."""
+    daemon = daemon_factory(BASE)
+    cloud = {"models": [{"name": "c", "base_url": url, "model": "m"}]}
+    done = reload_with(daemon, {**BASE, "cloud": cloud})
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    expected = f"{daemon.config_path}: cloud model 'c': base_url must be an http(s) URL, such as"
+    assert expected in done.stderr and f"got a URL that does not parse {why}" in done.stderr, done.stderr
+    assert config_shown(daemon)["cloud"]["models"] == []
