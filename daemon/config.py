@@ -537,8 +537,8 @@ def _check_endpoints(config: Config, origins: Mapping[str, str]) -> None:
                 f"{source}: daemon.tcp binds {host}, beyond loopback: set daemon.tcp_secret_file", code="insecure_tcp"
             )
     for origin in config.http.cors_origins:
-        parts = urlsplit(origin)
-        if parts.scheme not in ("http", "https") or not parts.hostname or f"{parts.scheme}://{parts.netloc}" != origin:
+        parts = None if _url_problem(origin) else urlsplit(origin)  # urlsplit raises on one that does not parse
+        if parts is None or f"{parts.scheme}://{parts.netloc}" != origin:
             source = origins.get("http.cors_origins", config.source)
             raise ConfigError(
                 f"{source}: http.cors_origins holds {origin!r}, not an origin: a page's scheme, host and "

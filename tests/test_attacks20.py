@@ -153,3 +153,11 @@ def test_a_reload_to_a_base_url_that_does_not_parse_is_refused_by_key(daemon_fac
     expected = f"{daemon.config_path}: cloud model 'c': base_url must be an http(s) URL, such as"
     assert expected in done.stderr and f"got a URL that does not parse {why}" in done.stderr, done.stderr
     assert config_shown(daemon)["cloud"]["models"] == []
+
+
+def test_a_reload_to_a_cors_origin_that_does_not_parse_is_refused_by_key(daemon_factory: Any) -> None:
+    """urlsplit raised ValueError inside the validator: the reload answered "internal error"."""
+    daemon = daemon_factory(BASE)
+    done = reload_with(daemon, {**BASE, "http": {"cors_origins": ["http://[zz"]}})
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert f"{daemon.config_path}: http.cors_origins holds 'http://[zz', not an origin" in done.stderr, done.stderr
