@@ -523,10 +523,9 @@ def _url_problem(url: str) -> str | None:
 def _check_endpoints(config: Config, origins: Mapping[str, str]) -> None:
     """Each address locod serves or calls is well formed, and one served beyond loopback has its key: these
     are refused here, before a model is loaded."""
-    if not config.local.hub_endpoint.startswith(("http://", "https://")):
-        raise ConfigError(
-            f"{config.source}: local.hub_endpoint must be an http(s) URL, got {config.local.hub_endpoint!r}"
-        )
+    hub_problem = _url_problem(config.local.hub_endpoint)
+    if hub_problem is not None:
+        raise ConfigError(f"{config.source}: local.hub_endpoint must be an http(s) URL, got {hub_problem}")
     if config.daemon.tcp:
         source = origins.get("daemon.tcp", config.source)
         host = _unbracketed(config.daemon.tcp.removeprefix("tcp://").rpartition(":")[0])

@@ -155,9 +155,22 @@ def test_a_reload_to_a_base_url_that_does_not_parse_is_refused_by_key(daemon_fac
     assert config_shown(daemon)["cloud"]["models"] == []
 
 
-def test_a_reload_to_a_cors_origin_that_does_not_parse_is_refused_by_key(daemon_factory: Any) -> None:
-    """urlsplit raised ValueError inside the validator: the reload answered "internal error"."""
+@pytest.mark.parametrize(
+    ("section", "expected"),
+    [
+        ({"http": {"cors_origins": ["http://[zz"]}}, "http.cors_origins holds 'http://[zz', not an origin"),
+        (
+            {"local": {"hub_endpoint": "http://[zz"}},
+            "local.hub_endpoint must be an http(s) URL, got a URL that does not",
+        ),
+    ],
+)
+def test_a_reload_to_an_address_that_does_not_parse_is_refused_by_key(
+    daemon_factory: Any, section: dict[str, Any], expected: str
+) -> None:
+    """urlsplit raised ValueError inside the validator (the reload answered "internal error"), or later, in
+    `locod models pull`: the reload took it."""
     daemon = daemon_factory(BASE)
-    done = reload_with(daemon, {**BASE, "http": {"cors_origins": ["http://[zz"]}})
+    done = reload_with(daemon, {**BASE, **section})
     assert done.returncode == 2, (done.returncode, done.stderr)
-    assert f"{daemon.config_path}: http.cors_origins holds 'http://[zz', not an origin" in done.stderr, done.stderr
+    assert f"{daemon.config_path}: {expected}" in done.stderr, done.stderr
