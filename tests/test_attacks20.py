@@ -8,12 +8,14 @@ One real daemon (the embedded model) serves each test."""
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 from typing import Any
 
 import numpy as np
 import pytest
 
-from .conftest import DaemonHandle, write_config
+from .conftest import DaemonHandle, free_port, write_config
 
 BASE: dict[str, Any] = {"routing": {"mode": "local"}}
 
@@ -83,7 +85,12 @@ def test_a_reload_to_a_context_the_memory_cannot_hold_fails_its_turns_by_name_an
     proc = tmp_path / "proc"
     proc.mkdir()
     (proc / "meminfo").write_text("MemTotal: 2097152 kB\nMemAvailable: 1048576 kB\n")
-    config: dict[str, Any] = {"routing": {"mode": "local"}, "telemetry": {"procfs_root": str(proc)}}
+    port = free_port()
+    config: dict[str, Any] = {
+        "routing": {"mode": "local"},
+        "telemetry": {"procfs_root": str(proc)},
+        "http": {"listen": f"127.0.0.1:{port}"},
+    }
     daemon = daemon_factory(config)
     long = {"name": "smollm2-135m-instruct", "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "n_ctx": 65536}
     done = reload_with(daemon, {**config, "local": {"models": [long]}})
@@ -92,6 +99,13 @@ def test_a_reload_to_a_context_the_memory_cannot_hold_fails_its_turns_by_name_an
     assert done.returncode != 0, done.stdout
     assert "model 'smollm2-135m-instruct' needs about" in done.stderr, done.stderr
     assert "65536-token KV cache), but 1024 MiB of memory is available: lower its n_ctx" in done.stderr
+    body = json.dumps({"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", body, {"Content-Type": "application/json"}
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:  # unavailable as a missing file is: no retrying
+        urllib.request.urlopen(request, timeout=300)
+    assert refused.value.code == 404 and json.load(refused.value)["error"]["code"] == "model_too_large"
     assert daemon.proc.poll() is None
     assert daemon.rows() == []  # refused before it was accepted, as a turn whose model file is missing is
     assert daemon.cli("status", timeout=120).returncode == 0
