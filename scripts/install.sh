@@ -77,7 +77,7 @@ if [ "$mode" = system ]; then
   if have_systemd; then
     systemctl daemon-reload
     systemctl enable locod.service
-    systemctl restart locod.service  # a restart runs the new code; the unit's ExecReload (SIGHUP) would not
+    systemctl restart locod.service  # a restart runs the new code; the unit's ExecReload (locod reload) would not
     say "running: systemctl status locod; logs: journalctl -u locod"
   else
     say "systemd is not running here: the unit is installed but not started"

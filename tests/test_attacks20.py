@@ -8,8 +8,12 @@ One real daemon (the embedded model) serves each test."""
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
+import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -188,3 +192,24 @@ def test_a_reload_to_an_address_that_does_not_parse_is_refused_by_key(
     done = reload_with(daemon, {**BASE, **section})
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert f"{daemon.config_path}: {expected}" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("unit", "installed"),
+    [("locod.service", "/opt/locod/venv/bin/locod"), ("user/locod.service", "%h/.local/share/locod/venv/bin/locod")],
+)
+def test_systemctl_reload_of_a_rejected_config_fails_saying_why(daemon_factory: Any, unit: str, installed: str) -> None:
+    """The units' ExecReload sent SIGHUP: `systemctl reload` succeeded whatever the daemon made of it, and a
+    rejected config was said in the journal only. The unit's command is run as systemd runs it (this
+    environment's locod for the installed one, the daemon's pid for $MAINPID)."""
+    daemon = daemon_factory(BASE)
+    text = (Path(__file__).parents[1] / "systemd" / unit).read_text()
+    line = next(line for line in text.splitlines() if line.startswith("ExecReload="))
+    locod = str(Path(sys.executable).with_name("locod"))
+    command = line.removeprefix("ExecReload=").replace(installed, locod).replace("$MAINPID", str(daemon.proc.pid))
+    daemon.config_path.write_text("[routing]\nsla = 9\n")
+    env = {**daemon.env, "LOCOD_CONFIG": str(daemon.config_path)}  # where the unit's daemon finds it by itself
+    done = subprocess.run(shlex.split(command), env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, (command, done.returncode, done.stderr)
+    assert "reload rejected" in done.stderr and "routing.sla must be between 0.0 and 1.0, got 9" in done.stderr
+    assert daemon.cli("ask", "Hi", "--max-tokens", "3", timeout=300).returncode == 0
