@@ -78,14 +78,28 @@ def kv_bytes_per_token(meta: dict[str, Any]) -> int:
 
 def read_metadata(path: Path) -> dict[str, Any]:
     """The header's scalar and string values by key; arrays (the tokenizer's vocabulary) are skipped."""
+    return _read_header(path, with_tensors=False)
+
+
+def check_whole(path: Path) -> None:
+    """Raise NotGGUF when ``path`` ends before its last tensor's data begins, as its header places it: a copy
+    or download cut short has a model's header, and llama.cpp fails every load of it (a reload took one as
+    the default, and each local turn after failed)."""
+    _read_header(path, with_tensors=True)
+
+
+def _read_header(path: Path, with_tensors: bool) -> dict[str, Any]:
+    """The metadata (``read_metadata``); ``with_tensors``: then the tensors' table too, checking that the
+    file reaches where the last tensor's data begins."""
     with path.open("rb") as f:
         if f.read(4) != MAGIC:
             raise NotGGUF(f"{path} is not a GGUF file")
         try:
-            version, _tensors, count = struct.unpack("<IQQ", _exact(f, 20))
+            version, tensors, count = struct.unpack("<IQQ", _exact(f, 20))
             if version < 2:
                 raise NotGGUF(f"GGUF version {version} is too old (llama.cpp reads 2 and later)")
-            end = min(os.fstat(f.fileno()).st_size, MAX_HEADER)
+            size = os.fstat(f.fileno()).st_size
+            end = min(size, MAX_HEADER)
             meta: dict[str, Any] = {}
             for _ in range(count):
                 key = _string(f)
@@ -95,11 +109,31 @@ def read_metadata(path: Path) -> dict[str, Any]:
                     meta[key] = value
                 if f.tell() > end:
                     raise NotGGUF(f"the header runs past {end} bytes")
-            return meta
+            last_tensor = _last_tensor_start(f, tensors, size, meta.get("general.alignment")) if with_tensors else 0
         except NotGGUF as exc:
             raise NotGGUF(f"{path}: the GGUF header is damaged ({exc})") from None
         except Exception as exc:  # struct, UTF-8, EOF, seek overflow...: whatever the bytes make the parser do
             raise NotGGUF(f"{path}: the GGUF header is damaged ({type(exc).__name__}: {exc})") from None
+    if last_tensor >= size:
+        raise NotGGUF(f"{path} is cut short: {size} bytes, where its last tensor begins at byte {last_tensor}")
+    return meta
+
+
+def _last_tensor_start(f: IO[bytes], tensors: int, size: int, alignment: Any) -> int:
+    """Where the last tensor's data begins (0: no tensors), from the tensors' table that follows the
+    metadata: each entry's name, dimensions, type and offset into the aligned data section."""
+    if tensors * 24 > size - f.tell():  # an entry takes at least 24 bytes
+        raise NotGGUF(f"a table of {tensors} tensors runs past the file's end")
+    last = 0
+    for _ in range(tensors):
+        _string(f)
+        dims = _unpack(f, "<I")
+        if dims > 8:
+            raise NotGGUF(f"a tensor of {dims} dimensions")
+        f.seek(8 * dims + 4, 1)  # the dimensions, the type
+        last = max(last, _unpack(f, "<Q"))
+    align = alignment if isinstance(alignment, int) and alignment > 0 else 32
+    return -(-f.tell() // align) * align + last if tensors else 0
 
 
 _SKIPPED = object()

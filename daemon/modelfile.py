@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from locod.daemon.config import EMBEDDED_MODEL, LocalModelConfig
-from locod.daemon.gguf import is_gguf
+from locod.daemon.gguf import NotGGUF, check_whole, is_gguf
 from locod.daemon.regular_file import file_stamp
 from locod.errors import ModelError
 
@@ -44,6 +44,10 @@ def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
         raise ModelError(f"model {model.name!r}: file {path} not found; {remedy}", code="model_missing")
     if not is_gguf(path):
         raise ModelError(f"model {model.name!r}: {path} is not a GGUF file", code="model_corrupt")
+    try:
+        check_whole(path)
+    except NotGGUF as exc:
+        raise ModelError(f"model {model.name!r}: {exc}", code="model_corrupt") from None
     return path
 
 

@@ -213,3 +213,19 @@ def test_systemctl_reload_of_a_rejected_config_fails_saying_why(daemon_factory: 
     assert done.returncode == 2, (command, done.returncode, done.stderr)
     assert "reload rejected" in done.stderr and "routing.sla must be between 0.0 and 1.0, got 9" in done.stderr
     assert daemon.cli("ask", "Hi", "--max-tokens", "3", timeout=300).returncode == 0
+
+
+def test_a_reload_to_a_default_model_cut_short_is_refused_as_a_start_with_it_is(
+    daemon_factory: Any, models_dir: Path, tmp_path: Path
+) -> None:
+    """A copy of the model stopped halfway: its header is whole, so the reload took it as local.default and
+    every local turn after failed "llama.cpp could not load" (a start with it fails)."""
+    daemon = daemon_factory(BASE)
+    data = (models_dir / "SmolLM2-135M-Instruct.Q4_1.gguf").read_bytes()
+    half = tmp_path / "half.gguf"
+    half.write_bytes(data[: len(data) // 2])
+    done = reload_with(daemon, {**BASE, "local": {"default": "half", "models": [{"name": "half", "path": str(half)}]}})
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert f"reload rejected, the running configuration kept: model 'half': {half} is cut short: " in done.stderr
+    assert config_shown(daemon)["local"]["default"] == "smollm2-135m-instruct"
+    assert daemon.cli("ask", "Hi", "--max-tokens", "3", timeout=300).returncode == 0

@@ -254,7 +254,7 @@ def test_corrupt_model_file_fails_start_clearly(tmp_path: Path, models_dir: Path
         tmp_path, models_dir, {"local": {"default": "bad", "models": [{"name": "bad", "path": str(bad)}]}}, wait=False
     )
     assert handle.proc.wait(60) == 3
-    assert "llama.cpp could not load" in handle.log() and "Traceback" not in handle.log()
+    assert f"model 'bad': {bad}: the GGUF header is damaged" in handle.log() and "Traceback" not in handle.log()
     not_gguf = tmp_path / "text.gguf"
     shutil.copy(__file__, not_gguf)
     handle = start_daemon(
