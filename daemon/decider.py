@@ -33,7 +33,7 @@ from locod.daemon.fitting import MIN_ANSWER_TOKENS, TEMPLATE_SLACK_TOKENS
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
 from locod.daemon.logs import Throttle
-from locod.daemon.modelfile import ModelFiles, check_model_file
+from locod.daemon.modelfile import ModelFiles
 from locod.daemon.records import DecisionLog
 from locod.daemon.telemetry import Snapshot, TelemetrySampler
 from locod.errors import ModelError, PolicyError, PromptTooLong
@@ -391,10 +391,9 @@ class Decider:
         which names the default too (routing keeps it on offer whatever its file: its turns fail by name)."""
         config = self.config
         unusable = {name: problem.code for name, problem in self.missing_files().items()}
-        try:
-            check_model_file(config.local_model(config.local.default), config.models_dir)
-        except ModelError as exc:
-            unusable[config.local.default] = exc.code
+        default = self.model_files.problem(config.local_model(config.local.default), config.models_dir, False)
+        if default is not None:
+            unusable[config.local.default] = default.code
         return unusable
 
     def refuse_unfit(self, prompt: str) -> None:

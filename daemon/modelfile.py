@@ -80,9 +80,11 @@ class ModelFiles:
         self._said: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
 
-    def problem(self, model: LocalModelConfig, models_dir: Path) -> ModelError | None:
+    def problem(self, model: LocalModelConfig, models_dir: Path, left_out: bool = True) -> ModelError | None:
         """Why ``model`` cannot be loaded (the error ``check_model_file`` would raise: its code says
-        missing or corrupt), or None."""
+        missing or corrupt), or None. ``left_out``: routing leaves the model out for it, which is logged once
+        (the default stays on offer: status asks of it with False). Cached by the file's stamp: the check
+        reads the whole GGUF header, a tenth of a second on the status call's serving loop."""
         path = resolve_path(model, models_dir)
         signature = file_stamp(path)
         with self._lock:
@@ -96,7 +98,7 @@ class ModelFiles:
             problem = exc
         with self._lock:
             self._seen[path] = (signature, problem)
-            if problem is not None and (model.name, problem.message) not in self._said:
+            if left_out and problem is not None and (model.name, problem.message) not in self._said:
                 self._said.add((model.name, problem.message))
                 log.warning("local model %r is left out of routing: %s", model.name, problem.message)
         return problem
