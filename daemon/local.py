@@ -259,8 +259,8 @@ class ModelZoo:
         # Room for the weights and the KV cache its n_ctx takes (the header says how big), before loading it:
         # the weights alone let a long-context model push the resident set past the budget.
         needed_mb = weights_mb + _header_kv_mb(path, model.n_ctx)
+        self._check_memory(model, needed_mb)  # before making room: a refused load unloads no other model
         self._make_room(needed_mb)
-        self._check_memory(model, needed_mb)
         started = time.perf_counter()
         try:
             identity = f"{model.name}:{fingerprint(path)}:{model.n_ctx}:{llama_cpp.__version__}"
@@ -310,15 +310,21 @@ class ModelZoo:
         """Refuse a load the system's memory cannot hold: llama.cpp allocates the whole KV cache at once, and
         past the memory there is the OOM killer ends the daemon and every turn in it (a reload to n_ctx =
         1048576 did). One model alone may exceed local.memory_budget_mb (``_warn_misfit``), not the memory.
-        A model offloaded to a GPU is not checked: its layers and their cache take the GPU's memory instead."""
+        A model offloaded to a GPU is not checked: its layers and their cache take the GPU's memory instead.
+        The loaded models count as available: making room unloads them (checked first, a refused load
+        unloaded the model that was answering, for nothing)."""
         if self.procfs is None or (model.n_gpu_layers and llama_cpp.llama_supports_gpu_offload()):
             return
-        available = mem_available_mb(self.procfs)
-        if available is not None and needed_mb > available:
+        free_mb = mem_available_mb(self.procfs)
+        if free_mb is None:
+            return
+        resident_mb = self.resident_mb()
+        if needed_mb > free_mb + resident_mb:
+            freeable = f" ({free_mb + resident_mb:.0f} with the loaded models unloaded)" if resident_mb else ""
             raise ModelError(
                 f"model {model.name!r} needs about {needed_mb:.0f} MiB (its weights and a {model.n_ctx}-token KV "
-                f"cache), but {available:.0f} MiB of memory is available: lower its n_ctx, or use a smaller "
-                "quantisation",
+                f"cache), but {free_mb:.0f} MiB of memory is available{freeable}: lower its n_ctx, or use a "
+                "smaller quantisation",
                 code="model_too_large",
             )
 

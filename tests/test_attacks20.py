@@ -229,3 +229,26 @@ def test_a_reload_to_a_default_model_cut_short_is_refused_as_a_start_with_it_is(
     assert f"reload rejected, the running configuration kept: model 'half': {half} is cut short: " in done.stderr
     assert config_shown(daemon)["local"]["default"] == "smollm2-135m-instruct"
     assert daemon.cli("ask", "Hi", "--max-tokens", "3", timeout=300).returncode == 0
+
+
+def test_a_model_the_memory_cannot_hold_is_refused_without_unloading_the_one_answering(
+    daemon_factory: Any, tmp_path: Any
+) -> None:
+    """The memory check ran after room was made for the load: `--model long` (a 65536-token context, about
+    1.5 GiB, with 1 GiB available) unloaded the default model first and was refused for nothing, and the next
+    turn reloaded the default from disk."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "meminfo").write_text("MemTotal: 2097152 kB\nMemAvailable: 1048576 kB\n")
+    long = {"name": "long", "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "n_ctx": 65536}
+    config = {
+        "routing": {"mode": "local"},
+        "telemetry": {"procfs_root": str(proc)},
+        "local": {"models": [long], "memory_budget_mb": 1024},
+    }
+    daemon = daemon_factory(config)
+    assert daemon.cli("ask", "Hi", "--max-tokens", "2", timeout=300).returncode == 0
+    resident = daemon.client().status()["local"]["resident"]
+    refused = daemon.cli("ask", "Hi", "--model", "long", "--max-tokens", "2", timeout=300)
+    assert refused.returncode != 0 and "with the loaded models unloaded): lower its n_ctx" in refused.stderr
+    assert daemon.client().status()["local"]["resident"] == resident != []
