@@ -586,7 +586,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         (
             "network",
             f"{net} via {t['link']}, cloud endpoint {_reachable(t.get('cloud_reachable'))}, "
-            f"RTT {_fmt(t['rtt_ms'], '{:.0f} ms')}, upload "
+            f"RTT {_rtt(t)}, upload "
             f"{t['upload_bps'] / 1e6:.1f} MB/s{'' if t['upload_measured'] else ' (prior)'}",
         ),
         (
@@ -731,6 +731,15 @@ def _spending(cloud: dict[str, Any]) -> str:
 
 def _reachable(value: bool | None) -> str:
     return "not probed yet" if value is None else "reachable" if value else "unreachable"
+
+
+def _rtt(telemetry: dict[str, Any]) -> str:
+    """The probe's round trip; after a failed probe, the last one measured with its age (a bare "RTT 1 ms"
+    beside "unreachable" read as a measurement of now)."""
+    ms, age = telemetry["rtt_ms"], telemetry.get("rtt_age_s")
+    if ms is None or telemetry.get("cloud_reachable") is not False or age is None:
+        return _fmt(ms, "{:.0f} ms")
+    return f"n/a (the last, {ms:.0f} ms, {age:.0f} s ago)"
 
 
 def _cpu_temperature(celsius: float | None) -> str:

@@ -203,6 +203,7 @@ class CloudBackend:
     def __init__(self, config: CloudConfig, source: str) -> None:
         self.breakers: dict[str, CircuitBreaker] = {}  # by base URL
         self.upload_bps: float | None = None  # EWMA of measured upload speed, for telemetry
+        self.answered = 0  # calls answered, for telemetry: the network works (a racy count is good enough)
         self._may_leave = threading.BoundedSemaphore(LEFT_AT_MOST)  # cancelled turns' calls still running
         self.reconfigure(config, source)
 
@@ -334,7 +335,7 @@ class CloudBackend:
 
         while True:
             try:
-                return _ask(model, client, prompt)
+                stream = _ask(model, client, prompt)
             except openai.APIStatusError as exc:
                 sent = True
                 if 300 <= exc.status_code < 400:
@@ -363,6 +364,13 @@ class CloudBackend:
                 raise failed(
                     f"{name}: invalid reply from the endpoint: {type(exc).__name__}", "cloud_invalid_reply"
                 ) from None
+            else:
+                if not _web_page(stream):
+                    return stream
+                stream.close()
+                breaker.failure()
+                sent = True
+                raise failed(f"{name}: {WEB_PAGE}", "cloud_invalid_reply")
             if delay >= bounds.left():
                 breaker.failure()
                 raise failed(f"{name}: no answer within the turn's deadline", "cloud_deadline")
@@ -424,6 +432,7 @@ class CloudBackend:
         if not prompt.cancelled.is_set():
             self._check_complete(name, breaker, generation, finished)
         breaker.success()
+        self.answered += 1
         return generation
 
     @staticmethod
@@ -498,6 +507,18 @@ def retry_after_s(header: str | None) -> float:
     return min(max(wait, 0.0), 1e9)  # inf -> 1e9 s: over any max_retry_after_s, so not retried
 
 
+WEB_PAGE = (
+    "the endpoint answered with a web page, not an answer: is this network's sign-in page (a captive portal: "
+    "cafe, hotel, train or plane Wi-Fi) in the way? Sign in with a browser; else check base_url"
+)
+
+
+def _web_page(stream: openai.Stream) -> bool:
+    """A 200 whose body is HTML, not an event stream: what a captive portal answers every request with until
+    the user signs in (the stream would read as no answer text at all)."""
+    return stream.response.headers.get("content-type", "").lower().startswith("text/html")
+
+
 def _redirect(exc: openai.APIStatusError) -> str:
     """A 3xx, named with the host it pointed to (the request was not re-sent there), without the user:password
     a Location may carry (an endpoint that builds it from the request's URL echoes the base_url's)."""
@@ -508,8 +529,9 @@ def _redirect(exc: openai.APIStatusError) -> str:
         host = "an unreadable Location"
     host = host[:200].encode("ascii", "backslashreplace").decode()  # obs-text bytes read as C1 controls (CSI)
     return (
-        f"HTTP {exc.status_code} from the endpoint, a redirect to {host} that was not followed "
-        "(set base_url to the endpoint itself)"
+        f"HTTP {exc.status_code} from the endpoint, a redirect to {host} that was not followed (a network's "
+        "sign-in page, a captive portal, redirects every request: sign in with a browser; else set base_url "
+        "to the endpoint itself)"
     )
 
 

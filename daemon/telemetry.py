@@ -268,6 +268,7 @@ class Readers:
 
 class _Cloudish(Protocol):
     upload_bps: float | None
+    answered: int  # cloud calls answered so far: one after the probe failed says an endpoint is back
 
 
 class _Localish(Protocol):
@@ -282,11 +283,12 @@ class TelemetrySampler:
         self.probe_target = _probe_target(config)
         self._snapshot = Snapshot()
         self._stop = threading.Event()
-        self._retargeted = threading.Event()  # ends the probe's back-off early: a new endpoint is probed now
+        self._probe_now = threading.Event()  # ends the probe's back-off early: a new endpoint, link or answer
         self._rtt: tuple[float, float] | None = None  # (ms, monotonic time measured)
         self._probe_ok: bool | None = None
         self._warned: set[str] = set()
         self._present: set[str] = set()  # signals seen at least once: losing one is worth a warning
+        self._heard: tuple[str | None, int] | None = None  # the link and the cloud's answers at the last sample
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -303,11 +305,11 @@ class TelemetrySampler:
         if _probe_target(config) != self.probe_target:
             self.probe_target = _probe_target(config)
             self._rtt = self._probe_ok = None
-            self._retargeted.set()
+            self._probe_now.set()
 
     def stop(self) -> None:
         self._stop.set()
-        self._retargeted.set()
+        self._probe_now.set()
 
     def snapshot(self) -> Snapshot:
         return self._snapshot
@@ -342,6 +344,7 @@ class TelemetrySampler:
                 if watts is not None:
                     values.update(power_w=round(watts, 3), power_source=source)
                     break
+        self._probe_on_news(values.get("link"), self.cloud.answered)
         values["cloud_reachable"] = self._probe_ok  # the endpoint, not the device: breakers judge endpoints
         if self._rtt is not None:
             values["rtt_ms"] = round(self._rtt[0], 2)
@@ -355,12 +358,22 @@ class TelemetrySampler:
             values["joules_per_token"] = round(values["power_w"] / tps, 4)
         missing = {name: _why_missing(name, self.readers.nvml_absent) for name in _OPTIONAL if values.get(name) is None}
         for name in missing:
-            if name in self._present:
+            # A battery reads its power only while discharging: plugged in, power_w goes as it should.
+            if name in self._present and not (name == "power_w" and values.get("on_ac")):
                 self._warn_once(name, f"telemetry: {name} stopped being readable; reporting None")
         self._present.update(name for name in _OPTIONAL if values.get(name) is not None)
         snap = Snapshot(taken=now, missing=missing, **values)
         self._snapshot = snap
         return snap
+
+    def _probe_on_news(self, link: str | None, answered: int) -> None:
+        """Probe now, not after a back-off of up to 10 minutes, when the network may have come back: the link
+        changed (another network joined, a cable plugged in), or the cloud answered while the last probe had
+        failed (a captive portal signed into, an outage over). Else `locod status` went on saying "cloud
+        endpoint unreachable" while turns were answered there."""
+        heard, self._heard = self._heard, (link, answered)
+        if heard is not None and (heard[0] != link or (heard[1] != answered and self._probe_ok is False)):
+            self._probe_now.set()
 
     def _probe_loop(self) -> None:
         """TCP-connect RTT to the cloud endpoint, at a low rate, backing off while it fails; idle while no
@@ -379,8 +392,8 @@ class TelemetrySampler:
                 except OSError:
                     self._probe_ok = False
                     backoff = min(backoff * 2, 600.0)
-            if self._retargeted.wait(backoff if target is not None else self.config.probe_interval_s):
-                self._retargeted.clear()
+            if self._probe_now.wait(backoff if target is not None else self.config.probe_interval_s):
+                self._probe_now.clear()
                 backoff = self.config.probe_interval_s
 
     def _warn_once(self, key: str, message: str) -> None:
