@@ -190,6 +190,10 @@ def check_alive(endpoint: str, timeout_s: float = 1.0, *, connect: bool = True) 
         probe.settimeout(timeout_s)
         try:
             probe.connect(address)
+        except BlockingIOError:
+            # A full backlog: a daemon listens there but accepts nothing now (stopped by SIGSTOP, swapping):
+            # it runs, and a client that waits for its turn must not be told to start one.
+            return
         except OSError as exc:
             raise DaemonNotRunning(
                 f"locod is not running at {endpoint} ({exc.strerror or exc}); {HOW_TO_START}"

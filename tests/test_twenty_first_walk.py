@@ -161,3 +161,44 @@ def test_plugging_in_is_not_a_broken_sensor(daemon_factory: Any, tmp_path: Path)
     wait_for(lambda: client.status()["telemetry"]["on_ac"], 30, "mains power")
     assert client.status()["telemetry"]["power_w"] is None
     assert "stopped being readable" not in d.log()
+
+
+def fill_backlog(path: str) -> list[socket.socket]:
+    """Connect to a frozen daemon's socket until its backlog is full, as waiting clients' checks do."""
+    held = []
+    for _ in range(5000):
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        probe.setblocking(False)
+        try:
+            probe.connect(path)
+        except BlockingIOError:
+            probe.close()
+            return held
+        held.append(probe)
+    raise AssertionError("the backlog never filled")
+
+
+def test_a_turn_waits_out_a_frozen_daemon(daemon: DaemonHandle) -> None:
+    """The daemon is frozen (SIGSTOP) while `locod ask` waits. Once the socket's backlog filled (the client's
+    own checks, one a second, fill it in under two minutes), the client gave up with "locod is not running
+    ... start it with `locod serve`", while it ran; now it waits, and the answer comes after SIGCONT."""
+    asking = subprocess.Popen(
+        locod_command("--config", str(daemon.config_path), "ask", "Name a bird.", "--max-tokens", "8"),
+        env=daemon.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    daemon.proc.send_signal(signal.SIGSTOP)
+    held: list[socket.socket] = []
+    try:
+        held = fill_backlog(daemon.endpoint.removeprefix("ipc://"))
+        with pytest.raises(subprocess.TimeoutExpired):  # several of the client's checks meet the full backlog
+            asking.wait(5)
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+        for probe in held:
+            probe.close()
+    out, err = asking.communicate(timeout=120)
+    assert asking.returncode == 0, err
+    assert "not running" not in err and out.strip()
