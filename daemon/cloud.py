@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -36,6 +37,7 @@ from urllib.parse import urlsplit
 import httpx2
 import openai
 
+from locod import words
 from locod.daemon.backends import Generation, Prompt, Upload
 from locod.daemon.bounded_http import BoundedTransport, Limits, OverBound, limits
 from locod.daemon.cloud_usage import counted
@@ -356,7 +358,8 @@ class CloudBackend:
                     breaker.failure()
                     kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
                     endpoint = redacted_url(model.base_url)
-                    raise failed(f"{name}: endpoint {endpoint} {kind}", "cloud_unreachable") from None
+                    message = f"{name}: endpoint {endpoint} {kind}{_unresolved(exc)}"
+                    raise failed(message, "cloud_unreachable") from None
                 delay = backoff_s(attempt)
             except openai.OpenAIError as exc:
                 breaker.failure()
@@ -480,7 +483,23 @@ def _why_cut(exc: Exception, received: int) -> tuple[str, str]:
     if isinstance(exc, (ValueError, AttributeError, TypeError, LookupError)):
         shape = "an event that is not a chat completion chunk"
         return f"invalid reply from the endpoint: {shape} ({type(exc).__name__})", "cloud_invalid_reply"
-    return f"the answer stream broke after {received} characters: {type(exc).__name__}", "cloud_stream_cut"
+    silent = "went silent past cloud.timeout_s" if isinstance(exc, openai.APITimeoutError) else "broke off"
+    return (
+        f"the answer stream {silent} after {words.counted(received, 'character')} ({type(exc).__name__}): "
+        "a slow or lossy network?",
+        "cloud_stream_cut",
+    )
+
+
+def _unresolved(exc: BaseException) -> str:
+    """Why a failed connection failed, where a traveller can act on it: the endpoint's name did not resolve
+    (offline, or a network whose DNS answers nothing yet). A bare "unreachable" said neither."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, socket.gaierror):
+            return ": its host name does not resolve (is the device offline, or this network's DNS down?)"
+        seen = seen.__cause__ or seen.__context__
+    return ""
 
 
 class InvalidChunk(Exception):

@@ -20,7 +20,7 @@ import pytest
 
 from . import faultproxy
 from .conftest import SECRET, CloudServer, DaemonHandle, cloud_config, free_port, locod_command, wait_for
-from .faultproxy import FaultProxy
+from .faultproxy import Fault, FaultProxy
 
 
 def laptop(root: Path, *, percent: int, plugged: bool, link_up: bool = True) -> Path:
@@ -102,6 +102,19 @@ def test_a_captive_portal_is_named_as_one(daemon_factory: Any, portal: Threading
     redirect = d.cli("ask", "-v", "Name a sea.", "--max-tokens", "4")
     assert "captive portal" in redirect.stderr and "login.cafewifi.example" in redirect.stderr, redirect.stderr
     assert [row["error_code"] for row in d.rows()] == ["cloud_invalid_reply", "cloud_redirect"]
+
+
+def test_offline_and_a_lossy_train_link_are_said_in_words(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """A name that does not resolve said only "endpoint ... unreachable", and a stream the train's link cut
+    "the answer stream broke after 1 characters: APIConnectionError"."""
+    offline = daemon_factory(cloud_config("https://api.cloud-small.invalid/v1", max_retries=0), name="offline")
+    unresolved = offline.cli("ask", "-v", "Name a lake.", "--max-tokens", "4")
+    assert "does not resolve (is the device offline" in unresolved.stderr, unresolved.stderr
+    train = daemon_factory(cloud_config(proxy.base_url, timeout_s=30.0), name="train")
+    proxy.set(Fault(kind="cut", cut_after_chunks=3, times=1))
+    cut = train.cli("ask", "-v", "Name a bird.", "--max-tokens", "12")
+    assert "broke off after" in cut.stderr and "a slow or lossy network?" in cut.stderr, cut.stderr
+    assert "fallback via local" in cut.stderr
 
 
 def test_status_sees_the_endpoint_back_when_the_cloud_answers(
