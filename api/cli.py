@@ -585,7 +585,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ),
         (
             "network",
-            f"{net} via {t['link']}, cloud endpoint {_reachable(t.get('cloud_reachable'))}, "
+            f"{net} {_link(t['link'])}, cloud endpoint {_reachable(t.get('cloud_reachable'))}, "
             f"RTT {_rtt(t)}, upload "
             f"{t['upload_bps'] / 1e6:.1f} MB/s{'' if t['upload_measured'] else ' (prior)'}",
         ),
@@ -731,6 +731,10 @@ def _spending(cloud: dict[str, Any]) -> str:
 
 def _reachable(value: bool | None) -> str:
     return "not probed yet" if value is None else "reachable" if value else "unreachable"
+
+
+def _link(link: str) -> str:
+    return "(no network link)" if link == "none" else f"via {link}"  # "offline via none" read as a typo
 
 
 def _rtt(telemetry: dict[str, Any]) -> str:

@@ -154,7 +154,7 @@ def test_a_network_change_probes_at_once(daemon_factory: Any, tmp_path: Path) ->
     faultproxy.shut(listening)
     laptop(root, percent=60, plugged=False, link_up=False)
     wait_for(lambda: client.status()["telemetry"]["cloud_reachable"] is False, 60, "a probe on leaving the network")
-    assert "cloud endpoint unreachable, RTT n/a (the last, " in d.cli("status").stdout
+    assert "offline (no network link), cloud endpoint unreachable, RTT n/a (the last, " in d.cli("status").stdout
     listening = on_port(port)(SignInPage)
     try:
         laptop(root, percent=60, plugged=False, link_up=True)
