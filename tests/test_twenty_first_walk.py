@@ -178,7 +178,7 @@ def test_plugging_in_is_not_a_broken_sensor(daemon_factory: Any, tmp_path: Path)
 
 def fill_backlog(path: str) -> list[socket.socket]:
     """Connect to a frozen daemon's socket until its backlog is full, as waiting clients' checks do."""
-    held = []
+    held: list[socket.socket] = []
     for _ in range(5000):
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         probe.setblocking(False)
