@@ -205,7 +205,9 @@ class CloudBackend:
     def __init__(self, config: CloudConfig, source: str) -> None:
         self.breakers: dict[str, CircuitBreaker] = {}  # by base URL
         self.upload_bps: float | None = None  # EWMA of measured upload speed, for telemetry
-        self.answered = 0  # calls answered, for telemetry: the network works (a racy count is good enough)
+        # For telemetry, which probes again when a call says other than its probe did (racy counts will do):
+        self.answered = 0  # calls answered: the network works
+        self.unreachable = 0  # calls that found no connection: it may not
         self._may_leave = threading.BoundedSemaphore(LEFT_AT_MOST)  # cancelled turns' calls still running
         self.reconfigure(config, source)
 
@@ -359,6 +361,7 @@ class CloudBackend:
                     kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
                     endpoint = redacted_url(model.base_url)
                     message = f"{name}: endpoint {endpoint} {kind}{_unresolved(exc)}"
+                    self.unreachable += 1
                     raise failed(message, "cloud_unreachable") from None
                 delay = backoff_s(attempt)
             except openai.OpenAIError as exc:

@@ -269,6 +269,7 @@ class Readers:
 class _Cloudish(Protocol):
     upload_bps: float | None
     answered: int  # cloud calls answered so far: one after the probe failed says an endpoint is back
+    unreachable: int  # cloud calls that found no connection: one after the probe passed says it is gone
 
 
 class _Localish(Protocol):
@@ -288,7 +289,7 @@ class TelemetrySampler:
         self._probe_ok: bool | None = None
         self._warned: set[str] = set()
         self._present: set[str] = set()  # signals seen at least once: losing one is worth a warning
-        self._heard: tuple[str | None, int] | None = None  # the link and the cloud's answers at the last sample
+        self._heard: tuple[str | None, int, int] | None = None  # the link and the cloud's calls at the last sample
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -344,7 +345,7 @@ class TelemetrySampler:
                 if watts is not None:
                     values.update(power_w=round(watts, 3), power_source=source)
                     break
-        self._probe_on_news(values.get("link"), self.cloud.answered)
+        self._probe_on_news(values.get("link"), self.cloud.answered, self.cloud.unreachable)
         values["cloud_reachable"] = self._probe_ok  # the endpoint, not the device: breakers judge endpoints
         if self._rtt is not None:
             values["rtt_ms"] = round(self._rtt[0], 2)
@@ -366,13 +367,18 @@ class TelemetrySampler:
         self._snapshot = snap
         return snap
 
-    def _probe_on_news(self, link: str | None, answered: int) -> None:
-        """Probe now, not after a back-off of up to 10 minutes, when the network may have come back: the link
-        changed (another network joined, a cable plugged in), or the cloud answered while the last probe had
-        failed (a captive portal signed into, an outage over). Else `locod status` went on saying "cloud
-        endpoint unreachable" while turns were answered there."""
-        heard, self._heard = self._heard, (link, answered)
-        if heard is not None and (heard[0] != link or (heard[1] != answered and self._probe_ok is False)):
+    def _probe_on_news(self, link: str | None, answered: int, unreachable: int) -> None:
+        """Probe now, not after the interval or a back-off of up to 10 minutes, when the network may have
+        changed: the link did (another network joined, a cable plugged in), or a cloud call said other than
+        the last probe (answered after it failed: a captive portal signed into, an outage over; no connection
+        after it passed). Else `locod status` went on saying "unreachable" while turns were answered there,
+        or "reachable" while they fell back."""
+        heard, self._heard = self._heard, (link, answered, unreachable)
+        if heard is None:
+            return
+        back = heard[1] != answered and self._probe_ok is False
+        gone = heard[2] != unreachable and self._probe_ok is True
+        if heard[0] != link or back or gone:
             self._probe_now.set()
 
     def _probe_loop(self) -> None:

@@ -24,6 +24,7 @@ from locod.daemon.telemetry import TelemetrySampler
 class NoBackend:
     upload_bps = None
     answered = 0
+    unreachable = 0
     tokens_per_s = None
 
 

@@ -26,6 +26,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "telemetry"
 class Quiet:
     upload_bps: float | None = None
     answered = 0
+    unreachable = 0
     tokens_per_s: float | None = None
 
 

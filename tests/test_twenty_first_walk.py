@@ -117,19 +117,27 @@ def test_offline_and_a_lossy_train_link_are_said_in_words(daemon_factory: Any, p
     assert "fallback via local" in cut.stderr
 
 
-def test_status_sees_the_endpoint_back_when_the_cloud_answers(
+def test_status_follows_what_the_cloud_calls_find(
     daemon_factory: Any, cloud_server: CloudServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Back online after an outage: the probe had failed and backed off (to 600 s here), and `locod status`
-    said "cloud endpoint unreachable" for as long while the cloud answered turn after turn."""
-    port = free_port()  # nothing listens there yet: the endpoint refuses, as offline
-    config = cloud_config(f"http://127.0.0.1:{port}/v1", timeout_s=30.0, breaker_failures=100)
+    """The probe runs every 30 s, and backs off to 10 minutes while it fails: `locod status` said "cloud
+    endpoint reachable" while turns fell back for want of a connection, and, after the outage, "unreachable"
+    while the cloud answered turn after turn. A cloud call that finds other than the last probe now has the
+    endpoint probed again at once (300 s, and 600 s of back-off, here: the test never waits them out)."""
+    port = free_port()
+    monkeypatch.setattr(faultproxy, "serve", on_port(port))
+    upstream = cloud_server.base_url.rsplit("/v1", 1)[0]
+    proxy = FaultProxy(upstream).start()
+    config = cloud_config(f"http://127.0.0.1:{port}/v1", timeout_s=30.0, max_retries=0, breaker_failures=100)
     config["telemetry"] = {"probe_interval_s": 300.0}
     d = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
     client = d.client()
-    wait_for(lambda: client.status()["telemetry"]["cloud_reachable"] is False, 30, "the first probe to fail")
-    monkeypatch.setattr(faultproxy, "serve", on_port(port))
-    proxy = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()
+    wait_for(lambda: client.status()["telemetry"]["cloud_reachable"], 30, "the first probe")
+    proxy.stop()  # offline: the endpoint refuses
+    failed = d.cli("ask", "-v", "Name a river.", "--max-tokens", "4")
+    assert "fallback via local" in failed.stderr, failed.stderr
+    wait_for(lambda: client.status()["telemetry"]["cloud_reachable"] is False, 60, "status to see the outage")
+    proxy = FaultProxy(upstream).start()
     try:
         answered = d.cli("ask", "-v", "Name a colour.", "--max-tokens", "4")
         assert "via cloud cloud-small" in answered.stderr, answered.stderr
