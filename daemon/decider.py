@@ -287,11 +287,13 @@ class Decider:
         absent = [m for m in self.config.local.models if m.name not in candidates]
         if not absent or not any(c.location == "local" for c in candidates.values()):
             return ""  # the usual turn: no second look at the files or the context
-        missing, fits = self.missing_files(), self._fits_context(turn.request.prompt)
+        fits = self._fits_context(turn.request.prompt)
+        unusable = dict.fromkeys(self._short_of_memory(), "too large for the memory available")
+        unusable |= dict.fromkeys(self.missing_files(), "no usable file")
         causes = [
-            f"{m.name} ({'no usable file' if m.name in missing else 'its context cannot hold the prompt'})"
+            f"{m.name} ({unusable.get(m.name, 'its context cannot hold the prompt')})"
             for m in absent
-            if m.name in missing or not fits[m.name]
+            if m.name in unusable or not fits[m.name]
         ]
         return f"; not on offer: {', '.join(causes)}" if causes else ""
 
@@ -371,8 +373,13 @@ class Decider:
         return out, mask
 
     def _loadable(self) -> dict[str, bool]:
-        missing = self.missing_files()
-        return {m.name: m.name not in missing for m in self.config.local.models}
+        unusable = self.missing_files().keys() | self._short_of_memory()
+        return {m.name: m.name not in unusable for m in self.config.local.models}
+
+    def _short_of_memory(self) -> set[str]:
+        """Local models the memory cannot hold now, the default left on offer as a missing file is: its turns
+        fail by name (``model_too_large``) rather than vanish."""
+        return self.local.short_of_memory() - {self.config.local.default}
 
     def missing_files(self) -> dict[str, ModelError]:
         """Local models whose file cannot be loaded, with why: left out of routing and of the HTTP API's

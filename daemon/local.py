@@ -182,6 +182,7 @@ class ModelZoo:
         system has left is read before each load (telemetry.procfs_root), None: not read."""
         self.models = {m.name: m for m in models}
         self.procfs = procfs
+        self._short_of_memory: dict[str, float] = {}  # model -> the MiB a refused load of it needed
         self.models_dir = models_dir
         self.budget_mb = budget_mb
         self.n_threads = n_threads or None
@@ -209,6 +210,7 @@ class ModelZoo:
         if changes:
             log.info("reload: local models %s", "; ".join(changes))
         self.models = {m.name: m for m in local.models}
+        self._short_of_memory.clear()  # a changed n_ctx or file needs another amount: asked again at a load
         self.budget_mb = local.memory_budget_mb
         self.n_threads = local.n_threads or None
         self._recheck_files = True
@@ -320,6 +322,7 @@ class ModelZoo:
             return
         resident_mb = self.resident_mb()
         if needed_mb > free_mb + resident_mb:
+            self._short_of_memory[model.name] = needed_mb
             freeable = f" ({free_mb + resident_mb:.0f} with the loaded models unloaded)" if resident_mb else ""
             raise ModelError(
                 f"model {model.name!r} needs about {needed_mb:.0f} MiB (its weights and a {model.n_ctx}-token KV "
@@ -327,6 +330,18 @@ class ModelZoo:
                 "smaller quantisation",
                 code="model_too_large",
             )
+
+    def short_of_memory(self) -> set[str]:
+        """The models a load was refused for (``model_too_large``) that the memory still cannot hold: routing
+        passes them by rather than picking one to fail each turn, and offers them again once there is room
+        (one read of meminfo a turn, only while a refusal is remembered)."""
+        if not self._short_of_memory or self.procfs is None:
+            return set()
+        free_mb = mem_available_mb(self.procfs)
+        if free_mb is None:
+            return set()
+        room_mb = free_mb + self.resident_mb()
+        return {name for name, needed_mb in list(self._short_of_memory.items()) if needed_mb > room_mb}
 
     def _warn_misfit(self, loaded: LoadedModel) -> None:
         """Say what about a loaded model its settings get wrong, which the operator would otherwise find out
@@ -464,6 +479,10 @@ class LocalBackend:
         """How long a turn queued now would wait for the local model: the turns ahead of it (waiting, and the
         one generating) at the recent turn time."""
         return self.turn_time.expected_wait_s(self.gate.waiting + self.gate.busy)
+
+    def short_of_memory(self) -> set[str]:
+        """The local models routing passes by while the memory cannot hold them (``ModelZoo.short_of_memory``)."""
+        return self.zoo.short_of_memory()
 
     def fit(self, model: str, prompt: Prompt) -> Prompt:
         """Load the model and fit the messages to its context; raises before anything is generated."""

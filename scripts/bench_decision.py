@@ -45,6 +45,9 @@ class NoLocal:
     def expected_wait_s(self) -> float:
         return 0.0
 
+    def short_of_memory(self) -> set[str]:
+        return set()
+
 
 @dataclass
 class Timings:

@@ -252,3 +252,25 @@ def test_a_model_the_memory_cannot_hold_is_refused_without_unloading_the_one_ans
     refused = daemon.cli("ask", "Hi", "--model", "long", "--max-tokens", "2", timeout=300)
     assert refused.returncode != 0 and "with the loaded models unloaded): lower its n_ctx" in refused.stderr
     assert daemon.client().status()["local"]["resident"] == resident != []
+
+
+def test_routing_passes_by_a_model_the_memory_cannot_hold_and_says_so(daemon_factory: Any, tmp_path: Any) -> None:
+    """A second local model refused as too large for the memory stayed on offer: routing could pick it turn
+    after turn, each failing. Now it is passed by while the memory stays short, and the decision says why."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "meminfo").write_text("MemTotal: 2097152 kB\nMemAvailable: 1048576 kB\n")
+    long = {"name": "long", "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "n_ctx": 65536}
+    config = {"telemetry": {"procfs_root": str(proc)}, "local": {"models": [long]}}  # auto: the router picks
+    daemon = daemon_factory(config)
+    refused = daemon.cli("ask", "Hi", "--model", "long", "--max-tokens", "2", timeout=300)
+    assert refused.returncode != 0 and "model 'long' needs about" in refused.stderr, refused.stderr
+
+    def reason() -> str:
+        asked = daemon.cli("ask", "Hi", "--max-tokens", "2", "--json", timeout=300)
+        assert asked.returncode == 0, asked.stderr
+        return str(next(f for f in map(json.loads, asked.stdout.splitlines()) if f["type"] == "decision")["reason"])
+
+    assert "not on offer: long (too large for the memory available)" in reason()
+    (proc / "meminfo").write_text("MemTotal: 8388608 kB\nMemAvailable: 6291456 kB\n")  # room again: offered again
+    assert "not on offer: long" not in reason()
