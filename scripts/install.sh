@@ -85,11 +85,12 @@ if [ "$mode" = system ]; then
 else
   "$venv/bin/locod" models fetch
   install -d "$unit_dir"
-  # The unit names ~/.local/share/locod/venv; with $XDG_DATA_HOME set the venv is elsewhere: name the one
+  # The unit's two commands name ~/.local/share/locod/venv; with $XDG_DATA_HOME set the venv is elsewhere: name the one
   # installed (quoted, '%' doubled for systemd's specifiers; '\', '&' and '|' escaped for sed).
   start="$venv/bin/locod"
   start="${start//%/%%}" && start="${start//\\/\\\\}" && start="${start//&/\\&}" && start="${start//|/\\|}"
-  sed "s|^ExecStart=%h/.local/share/locod/venv/bin/locod |ExecStart=\"$start\" |" systemd/user/locod.service \
+  sed -e "s|^ExecStart=%h/.local/share/locod/venv/bin/locod |ExecStart=\"$start\" |" \
+    -e "s|^ExecReload=%h/.local/share/locod/venv/bin/locod |ExecReload=\"$start\" |" systemd/user/locod.service \
     >"$unit_dir/locod.service.new"
   chmod 0644 "$unit_dir/locod.service.new"
   mv -f "$unit_dir/locod.service.new" "$unit_dir/locod.service"

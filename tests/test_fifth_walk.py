@@ -218,6 +218,7 @@ def test_the_user_install_names_the_venv_it_made_under_xdg_data_home(tmp_path: P
     assert installed.returncode == 0, installed.stderr
     unit = home / ".config/systemd/user/locod.service"
     assert f'ExecStart="{venv}/bin/locod" serve' in unit.read_text()
+    assert f'ExecReload="{venv}/bin/locod" reload' in unit.read_text()  # attack 20's ExecReload named the default
     if not Path("/run/systemd/system").is_dir():  # a container, a chroot: the user is told how to run it anyway
         assert f'run the daemon by hand with "{venv}/bin/locod" serve' in installed.stderr, installed.stderr
     if shutil.which("systemd-analyze"):
