@@ -320,6 +320,10 @@ class CloudBackend:
                 raise CloudError(
                     f"{name}: invalid reply from the endpoint: {type(exc).__name__}", code="cloud_invalid_reply"
                 ) from None
+            if _web_page(stream):  # the request was read, by a captive portal: what it uploaded left the device
+                stream.close()
+                breaker.failure()
+                raise Received(f"{name}: {WEB_PAGE}", prompt.upload, "cloud_invalid_reply")
             return self._consume(name, model, breaker, stream, prompt, started)
 
     def _open(
@@ -371,12 +375,7 @@ class CloudBackend:
                     f"{name}: invalid reply from the endpoint: {type(exc).__name__}", "cloud_invalid_reply"
                 ) from None
             else:
-                if not _web_page(stream):
-                    return stream
-                stream.close()
-                breaker.failure()
-                sent = True
-                raise failed(f"{name}: {WEB_PAGE}", "cloud_invalid_reply")
+                return stream
             if delay >= bounds.left():
                 breaker.failure()
                 raise failed(f"{name}: no answer within the turn's deadline", "cloud_deadline")
