@@ -16,3 +16,8 @@ def dollars(usd: float) -> str:
     digits = 2 if usd >= 1 or usd <= 0 else 3 - math.floor(math.log10(usd))
     whole, _, fraction = f"{usd:.{digits}f}".partition(".")
     return f"${whole}.{fraction.rstrip('0').ljust(2, '0')}"
+
+
+def or_na(value: object, pattern: str) -> str:
+    """``value`` in ``pattern`` (``"{:.1f} W"``), or ``n/a`` for what was not measured."""
+    return "n/a" if value is None else pattern.format(value)

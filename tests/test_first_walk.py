@@ -298,11 +298,12 @@ def test_with_no_daemon_the_system_services_log_is_read_when_the_user_has_none(
     """`sudo -u locod locod decisions` with the system service stopped: the user's own state directory holds
     no log, the service's does, so that one is read (as `locate` picks the system socket)."""
     from locod import cli
+    from locod.commands import common
 
     service = daemon_factory({"routing": {"mode": "local"}})
     service.client().ask("Hello", max_tokens=4)
     service.stop()
-    monkeypatch.setattr(cli, "SYSTEM_STATE_DIR", service.home / "state")
+    monkeypatch.setattr(common, "SYSTEM_STATE_DIR", service.home / "state")
     for name in [k for k in os.environ if k.startswith("LOCOD_")]:
         monkeypatch.delenv(name)
     monkeypatch.setenv("LOCOD_STATE_DIR", str(tmp_path / "own-state"))  # this user's: no log in it

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from locod.cli import _out_of_reach
+from locod.commands.status import _out_of_reach
 from locod.daemon.learner import JUDGE_REASONING_TOKENS
 
 from .conftest import SECRET, cloud_config, wait_for, write_config

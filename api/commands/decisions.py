@@ -1,0 +1,116 @@
+"""``locod decisions`` (the newest records as a table, one decision explained, or JSON; read from the file
+when no daemon runs) and ``locod feedback`` (a label for one of them)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from locod.commands.common import at_rest, configuration, connect, print_json
+from locod.errors import DaemonNotRunning, UnknownDecision
+from locod.explain import explain
+from locod.terminal import shown
+from locod.words import or_na
+
+
+def cmd_decisions(args: argparse.Namespace) -> int:
+    try:
+        with connect(args) as client:
+            rows = client.decisions(args.limit, args.of)
+    except DaemonNotRunning:  # the log is a file: what happened can be read with the daemon stopped
+        from locod.daemon.records import read_recent
+
+        db_path = at_rest(configuration(args)).db_path
+        rows = read_recent(db_path, args.limit, args.of)
+        print(f"(locod is not running: read from {db_path})", file=sys.stderr)
+    if args.of is not None and not rows:
+        raise UnknownDecision(f"no decision record has the id {args.of!r}; `locod decisions` lists the newest")
+    if args.json:
+        print_json(rows)
+        return 0
+    if args.of is not None:  # one decision: why it went where it did, in words
+        print("\n".join(explain(rows[0])))
+        return 0
+    columns = (
+        "id",
+        "time",
+        "session",
+        "turn",
+        "task",
+        "location",
+        "model",
+        "outcome",
+        "tokens_out",
+        "latency_total_ms",
+        "cost_usd",
+        "satisfied",
+        "shadow",
+        "reason",
+    )
+    table = [[_column(row, c) for c in columns] for row in reversed(rows)]
+    widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for row in table:  # the reason comes last and whole: it is the column people read
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    return 0
+
+
+def _column(row: dict[str, Any], column: str) -> str:
+    try:
+        return _formatted(row, column)
+    except (TypeError, ValueError, KeyError):  # a value of a type locod does not write: another program's row
+        return _cell(row.get(column))
+
+
+def _formatted(row: dict[str, Any], column: str) -> str:
+    if column == "time":
+        return _time(row["created"])
+    if column == "cost_usd" and row.get("cost_usd") is not None:  # dollars as `ask -v` prints them, not 4.1e-05
+        return f"{row['cost_usd']:.5f}"
+    if column == "latency_total_ms" and row.get(column) is not None:  # whole ms as `ask -v` prints them, not 1.4e+04
+        return f"{row[column]:.0f}"
+    if column == "location":  # where it was answered, as `model` is the model that answered (after a fallback
+        return _cell(row.get("backend") or row.get("location"))  # or an escalation); decided: --json's location
+    if column == "shadow":  # the local model's background answer to a cloud turn, as graded
+        shadow = row.get("shadow")
+        return "-" if not shadow else "good" if shadow["satisfied"] else "bad"
+    return _cell(row.get(column))
+
+
+def _time(created: float) -> str:
+    """Local time of day, with the date when it is not today."""
+    import time
+
+    moment = time.localtime(created)
+    today = time.localtime()[:3] == moment[:3]
+    return time.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M", moment)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return shown(str(value), layout=False)  # a client's session id: no escape sequence, one line per row
+
+
+def cmd_feedback(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        result = client.feedback(args.decision, args.label == "good")
+    labelled = f"decision {result['decision']} labelled {'good' if result['satisfied'] else 'bad'}"
+    if "sla" not in result:  # a daemon of before the feedback result said it
+        print(f"{labelled}; Q is now {result['q']:.2f}")
+        return 0
+    if result.get("routed") is False:  # an older daemon's result has no such field
+        print(
+            f"{labelled}; the request or the config chose where it ran (--force, --model, routing.mode): no part "
+            f"of the SLA ({or_na(result['attained'], '{:.3f}')} so far against {result['sla']:.2f}, over routed turns) "
+            "and MESS+ does not learn from it; `locod policy train --from-db` does"
+        )
+        return 0
+    print(
+        f"{labelled}; satisfaction so far {or_na(result['attained'], '{:.3f}')} against the SLA {result['sla']:.2f}; "
+        f"queue Q now {result['q']:.2f} (the shortfall the turns left: a higher Q sends more to the cloud)"
+    )
+    return 0

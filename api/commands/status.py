@@ -1,0 +1,221 @@
+"""``locod status``: the running daemon in one line per part (daemon, files, local, cloud, routing,
+learning, device, network, queue), then what needs the user's hand."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from locod.build import code_digest
+from locod.commands.common import connect, print_json
+from locod.explain import power_and_network
+from locod.protocol import NO_CONFIG_FILE
+from locod.terminal import shown
+from locod.words import counted, dollars, or_na
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with connect(args) as client:
+        status = client.status()
+    if args.json:
+        print_json(status)
+        return 0
+    t, r, c = status["telemetry"], status["routing"], status["cloud"]
+    battery, power, net = power_and_network(t)
+    rows = [
+        ("daemon", f"locod {status['version']}, pid {status['pid']}, up {status['uptime_s']:.0f} s"),
+        ("local", _local_line(status["local"])),
+        ("cloud", f"{', '.join(c['models'])}; {_breakers(c)}; {_spending(c)}" if c["models"] else _no_cloud(c)),
+        (
+            "routing",
+            f"mode {r['mode']}, policy {r.get('policy') or 'none (MESS+ alone)'}, SLA {r['sla']:.2f}, "
+            f"attained {or_na(r['attained'], '{:.3f}')} (labels where "
+            f"given, predictions otherwise) over {counted(r['turns'], 'routed turn')}, Q {r['q']:.2f}, "
+            f"{counted(r['shadow_labels'], 'shadow label')} and {counted(r['escalated_labels'], 'escalation label')}"
+            + _out_of_reach(r, c),
+        ),
+        (
+            "device",
+            f"{battery}, {power}, power {or_na(t['power_w'], '{:.1f} W')}, "
+            f"CPU {or_na(t['cpu_pct'], '{:.0f}%')}{_cpu_temperature(t['cpu_temp_c'])}, "
+            f"GPU {or_na(t['gpu_pct'], '{:.0f}%')}, free memory {or_na(t['mem_available_mb'], '{:.0f} MiB')}",
+        ),
+        (
+            "network",
+            f"{net} {_link(t['link'])}, cloud endpoint {_reachable(t.get('cloud_reachable'))}, "
+            f"RTT {_rtt(t)}, upload "
+            f"{t['upload_bps'] / 1e6:.1f} MB/s{'' if t['upload_measured'] else ' (prior)'}",
+        ),
+        (
+            "queue",
+            f"{status['queue']['in_flight']} in flight, {status['queue']['waiting_for_local']} waiting "
+            f"for the local model; {counted(status['sessions'], 'session')}",
+        ),
+    ]
+    if r.get("predictors"):  # after the routing row; an older daemon's status has no such field
+        rows.insert(4, ("learning", _predictors(r["predictors"])))
+    if "db" in status:  # an older daemon's status has no such field
+        rows.insert(1, ("files", _files(status)))
+    if "http" in status:  # an older daemon's status has no such field
+        off = "off: set http.listen to serve it (`locod serve --set http.listen=127.0.0.1:8080`; docs/http.md)"
+        rows.insert(1, ("http", f"OpenAI-compatible API at {status['http']}" if status["http"] else off))
+    lines = [f"{name:>8}  {text}" for name, text in rows] + [f"warning: {w}" for w in _status_warnings(status)]
+    for line in lines:  # a prior's `source`, a policy file's error, a model's name: one line each, no escapes
+        print(shown(line, layout=False))
+    return 0
+
+
+def _local_line(loc: dict[str, Any]) -> str:
+    """Every local model, the default first (as the cloud line lists every cloud model), and the cache."""
+    unavailable = loc.get("unavailable", {})  # an older daemon's status has no such field
+    others = [name for name in loc["models"] if name != loc["default"] and name not in unavailable]
+    also = f"; also {', '.join(others)}" if others else ""
+    left_out = [name for name in unavailable if name != loc["default"]]
+    problems = f"; left out, no usable file (`locod models list`): {', '.join(left_out)}" if left_out else ""
+    if loc["default"] in unavailable:
+        problems += (
+            f"; the default's file is not usable ({unavailable[loc['default']]}): its turns fail until it is back"
+        )
+    cache = loc["cache"]
+    memory = f", {loc['resident_mb']} of {loc['memory_budget_mb']} MiB" if "resident_mb" in loc else ""  # older daemon
+    return (
+        f"{loc['default']}{also} (resident: {', '.join(loc['resident']) or 'none'}{memory}; "
+        f"{or_na(loc['tokens_per_s'], '{:.1f}')} tok/s){problems}; dialogue cache {cache['dialogues']} kept, "
+        f"{cache['mb']:.0f}/{cache['limit_mb']:.0f} MiB, "
+        f"{counted(cache['hits'], 'hit')}, {counted(cache['misses'], 'miss', 'misses')}"
+    )
+
+
+def _files(status: dict[str, Any]) -> str:
+    """Where the running daemon serves and keeps its log: the paths an admin backs up, prunes and gives
+    access to, which differ between a service, a user service and a daemon started by hand."""
+    config = "none (built-in defaults)" if status["config"] == NO_CONFIG_FILE else status["config"]
+    return f"socket {', '.join(status['endpoints'])}; config {config}; decision log {status['db']}"
+
+
+def _status_warnings(status: dict[str, Any]) -> list[str]:
+    """What needs the user's hand: a cloud model without its key, a policy file the daemon could not use, a
+    decision log whose WAL cannot be checkpointed, a daemon running other code than this command."""
+    warnings = [
+        f"cloud model {name} has no API key: set ${env} (and restart) or its api_key_file (and reload)"
+        for name, env in status["cloud"].get("no_api_key", {}).items()
+    ]
+    if status["routing"].get("policy_error"):  # routing.policy_path (or $LOCOD_POLICY) names an unusable file
+        warnings.append(f"{status['routing']['policy_error']} (routing.policy_path, or $LOCOD_POLICY)")
+    if status.get("db_warning"):  # an older daemon's status has no such field
+        warnings.append(status["db_warning"])
+    skew = code_skew(status)
+    return [*warnings, skew] if skew else warnings
+
+
+def code_skew(status: dict[str, Any]) -> str | None:
+    """What to say when the daemon runs other code than this command's: one started before an upgrade keeps
+    its old code (a `git pull` does not change ``__version__``), one of another installation its own."""
+    ours = code_digest()
+    if "code" not in status:  # a daemon older than the digest
+        return (
+            f"the daemon (locod {status['version']}) runs code older than this command's (its status has no code "
+            "digest): restart it to run the installed version (`locod stop`, then start it as before)"
+        )
+    if status["code"] is None or ours is None or status["code"] == ours:
+        return None
+    return (
+        f"the daemon runs other code than this command (code {status['code']}, installed {ours}): it was "
+        "started before an upgrade, or from another installation; restart it to run this one (`locod stop`, "
+        "then start it as before)"
+    )
+
+
+def _no_cloud(cloud: dict[str, Any]) -> str:
+    """No cloud model: every turn is local (spending is said only if a removed one spent today)."""
+    spent = cloud["spent_today_usd"]
+    return "none configured: every turn is answered locally ([[cloud.models]], docs/configuration.md)" + (
+        f"; today {dollars(spent)}" if spent else ""
+    )
+
+
+def _breakers(cloud: dict[str, Any]) -> str:
+    """The breakers' state; with several endpoints and some open, which: "breaker open" alone, beside turns
+    answered in the cloud, read as if the cloud were off when only one model's endpoint was."""
+    states = cloud.get("breakers", {})  # an older daemon's status has no such field
+    opened = [url for url, state in states.items() if state == "open"]
+    if not opened or len(opened) == len(states):
+        return f"breaker {cloud['breaker']}"
+    others = len(states) - len(opened)
+    return f"breaker open for {', '.join(opened)} (the {'other is' if others == 1 else f'{others} others are'} closed)"
+
+
+def _spending(cloud: dict[str, Any]) -> str:
+    """Today's spend against the daily cap (and what a reached cap means), and today's cloud share."""
+    spent, cap = cloud["spent_today_usd"], cloud["daily_cap_usd"]
+    text = f"today {dollars(spent)}"
+    if not cap:
+        text += " (no daily cap: cloud.daily_cap_usd)"
+    elif spent >= cap:
+        text += (
+            f" of the {dollars(cap)} cap: reached, the cloud is off until local midnight, forced turns included "
+            "(raise cloud.daily_cap_usd and `locod reload`)"
+        )
+    else:
+        text += f" of the {dollars(cap)} cap"
+    answered = cloud.get("answered_today")  # an older daemon's status has no such field
+    if answered and answered["turns"]:
+        share = f"{answered['cloud'] / answered['turns']:.0%}"
+        text += f"; {answered['cloud']} of {counted(answered['turns'], 'turn')} answered in the cloud today ({share})"
+    return text
+
+
+def _reachable(value: bool | None) -> str:
+    return "not probed yet" if value is None else "reachable" if value else "unreachable"
+
+
+def _link(link: str) -> str:
+    return "(no network link)" if link == "none" else f"via {link}"  # "offline via none" read as a typo
+
+
+def _rtt(telemetry: dict[str, Any]) -> str:
+    """The probe's round trip; after a failed probe, the last one measured with its age (a bare "RTT 1 ms"
+    beside "unreachable" read as a measurement of now)."""
+    ms, age = telemetry["rtt_ms"], telemetry.get("rtt_age_s")
+    if ms is None or telemetry.get("cloud_reachable") is not False or age is None:
+        return or_na(ms, "{:.0f} ms")
+    return f"n/a (the last, {ms:.0f} ms, {age:.0f} s ago)"
+
+
+def _cpu_temperature(celsius: float | None) -> str:
+    """The CPU's temperature after its load (at 52°C); unknown, it says so: a bare "at n/a" read as a missing clock."""
+    return " (temperature n/a)" if celsius is None else f" at {celsius:.0f}°C"
+
+
+def _predictors(predictors: dict[str, dict[str, Any]]) -> str:
+    """Where each local model's predictor started and how much it has learned since: a model that starts
+    from the task priors routes near chance until a few hundred labels (docs/routing.md). Models alike in
+    both share one clause: copies of one GGUF under several settings repeated it word for word."""
+    started = {
+        None: "the task priors (no prior for its GGUF)",
+        "shipped": "the prior shipped for its GGUF",
+    }
+    alike: dict[str, list[str]] = {}
+    for name, p in predictors.items():
+        said = (
+            started.get(p["prior"], f"your prior {p['prior']}")
+            + (f", fitted on {p['fitted_on']}" if p["fitted_on"] else "")
+            + f", {counted(p['labels'], 'label')} since"
+        )
+        alike.setdefault(said, []).append(name)
+    return "; ".join(f"{', '.join(names)} from {said}" for said, names in alike.items())
+
+
+def _out_of_reach(routing: dict[str, Any], cloud: dict[str, Any]) -> str:
+    """Why the attained satisfaction stays below the SLA, when no model on offer is predicted to reach it."""
+    if not routing["infeasible"]:
+        return ""
+    capped = cloud["daily_cap_usd"] and cloud["spent_today_usd"] >= cloud["daily_cap_usd"]
+    remedy = (
+        "raise cloud.daily_cap_usd or lower routing.sla"
+        if capped
+        else "lower routing.sla"
+        if cloud["models"]
+        else "configure a cloud model or lower routing.sla"
+    )
+    return f"; SLA out of reach: no model on offer is predicted to reach it ({remedy})"
