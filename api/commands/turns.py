@@ -219,47 +219,62 @@ def cmd_chat(args: argparse.Namespace) -> int:
     typed = sys.stdin.isatty()  # a dialogue piped in gets its answers alone on stdout, no "> " before each
     pending: list[tuple[str, bool]] = []  # (path, private): the files /attach and /private add to the next question
     try:
-        while True:
-            try:
-                line = input("> " if typed else "")
-            except EOFError:
-                if typed:
-                    print()  # the "> " line Ctrl-D left open
-                return 0
-            except KeyboardInterrupt:
-                print("\n(an empty line or Ctrl-D leaves)", file=sys.stderr)
-                continue
-            if not line.strip() or line.strip() in LEAVE_CHAT:
-                return 0
+        while (line := _next_line(typed)) is not None:
             if _attach_command(line, client, pending):
                 continue
             if re.fullmatch(r"\s*/[A-Za-z?]*\s*", line):  # a chat tool's command (Ollama's /clear, /?), not a path
                 print(f"locod chat has no {line.strip()}: {CHAT_KEYS}", file=sys.stderr)
                 continue
-            try:
-                named, pending = pending, []  # the files are this question's, whether it is answered or refused
-                frames = client.chat(
-                    line,
-                    session=session,
-                    model=args.model,
-                    attachments=_turn_files(client, named),
-                    force=args.force,
-                    max_tokens=args.max_tokens,
-                    queued=True,
-                )
-                _stream(frames, False, args.verbose, client)
-            except KeyboardInterrupt:
-                print("\n[stopped]", file=sys.stderr)
-                client.close()  # the daemon sees the client gone and cancels the turn
-                client = connect(args)
-            except LocodError as exc:
-                if isinstance(exc, DaemonNotRunning):
-                    raise
-                # a file gone or grown since its /attach, a refused turn: the user must know the files went too
-                dropped = " (its files are dropped: /attach again those a question needs)" if named else ""
-                print(shown(f"locod: {exc.message}{dropped}"), file=sys.stderr)
+            named, pending = pending, []  # the files are this question's, whether it is answered or refused
+            client = _chat_turn(client, args, session, line, named)
+        return 0
     finally:
         client.close()
+
+
+def _next_line(typed: bool) -> str | None:
+    """The next question (typed, or piped), or None to leave: Ctrl-D, an empty line, ``/bye``. Ctrl-C at the
+    prompt says how to leave and asks again."""
+    while True:
+        try:
+            line = input("> " if typed else "")
+        except EOFError:
+            if typed:
+                print()  # the "> " line Ctrl-D left open
+            return None
+        except KeyboardInterrupt:
+            print("\n(an empty line or Ctrl-D leaves)", file=sys.stderr)
+            continue
+        return None if not line.strip() or line.strip() in LEAVE_CHAT else line
+
+
+def _chat_turn(
+    client: Client, args: argparse.Namespace, session: str, line: str, named: list[tuple[str, bool]]
+) -> Client:
+    """One question of the chat, with its files, streamed; the client to go on with. Ctrl-C stops the answer:
+    the daemon sees the client gone and cancels the turn, and a new client asks the next question."""
+    try:
+        frames = client.chat(
+            line,
+            session=session,
+            model=args.model,
+            attachments=_turn_files(client, named),
+            force=args.force,
+            max_tokens=args.max_tokens,
+            queued=True,
+        )
+        _stream(frames, False, args.verbose, client)
+    except KeyboardInterrupt:
+        print("\n[stopped]", file=sys.stderr)
+        client.close()
+        return connect(args)
+    except LocodError as exc:
+        if isinstance(exc, DaemonNotRunning):
+            raise
+        # a file gone or grown since its /attach, a refused turn: the user must know the files went too
+        dropped = " (its files are dropped: /attach again those a question needs)" if named else ""
+        print(shown(f"locod: {exc.message}{dropped}"), file=sys.stderr)
+    return client
 
 
 LEAVE_CHAT = ("/bye", "/exit", "/quit")  # Ollama's /bye, and what other chat tools take
