@@ -153,6 +153,7 @@ class Decider:
             "mode": self.config.routing.mode,
             "policy": self.policy.version if self.policy else None,
             "policy_error": self.policy_error,
+            "battery_critical_pct": self.config.routing.battery_critical_pct,
         }
 
     def _access(self, snapshot: Snapshot) -> CloudAccess:

@@ -132,12 +132,18 @@ def test_a_turn_the_battery_sends_to_the_cloud_says_so_and_a_reload_lowers_the_t
     low = client.ask("What is the plural of mouse?", max_tokens=8)
     assert low.done.location == "cloud"
     assert "local masked: on battery below routing.battery_critical_pct (10%)" in low.decision.reason
+    status = handle.cli("status").stdout  # and so does status, which showed the battery's level alone
+    assert (
+        "battery 5% (below routing.battery_critical_pct, 10%: local models wait while a cloud model is usable)"
+        in status
+    )
 
     config["routing"]["battery_critical_pct"] = 2.0
     write_config(handle.config_path, config)
     assert handle.cli("reload").returncode == 0
     again = client.ask("What is the plural of goose?", max_tokens=8)
     assert again.decision.location == "local" and "local masked" not in again.decision.reason
+    assert "battery 5%, on battery" in handle.cli("status").stdout
 
 
 def test_one_decision_says_what_its_shadow_answer_was_graded(cloud_daemon: Any) -> None:
