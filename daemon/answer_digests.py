@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
-from locod.daemon.openai_wire import BROKE_OFF
+from locod.daemon.openai_wire import BROKE_OFF_LINE
 
 # Words of a private answer's opening kept as digests (``opening_digests``): a part a client sends back of
 # it is known by as many of them as it has, from two on (one word, "The" or "Sure,", would keep back any
@@ -45,8 +45,8 @@ def answer_digests(text: str) -> tuple[str, ...]:
 
 def resent_digests(content: str) -> list[str]:
     """What a message of a client's history may be known by: the ``answer_digests`` of each answer it holds.
-    An HTTP client's message may hold two: a cloud answer that broke off, then the local one (``BROKE_OFF``)."""
-    return [digest for part in content.split(BROKE_OFF.strip()) for digest in answer_digests(part)]
+    An HTTP client's message may hold two: a cloud answer that broke off, then the local one (``broke_off``)."""
+    return [digest for part in BROKE_OFF_LINE.split(content) for digest in answer_digests(part)]
 
 
 def _sha256(text: str) -> str:

@@ -390,8 +390,8 @@ class HttpServer:
                 elif isinstance(frame, FallbackFrame):
                     exchange.fallback, model = frame.message, frame.model
                     if parts:  # the cloud's text went out and cannot be taken back: say where it breaks off
-                        parts.append(wire.BROKE_OFF)  # all the client got: what its next request repeats
-                        yield json.dumps(exchange.chunk(model, {"content": wire.BROKE_OFF}))
+                        parts.append(wire.broke_off(frame.message))  # all the client got: what it sends back
+                        yield json.dumps(exchange.chunk(model, {"content": parts[-1]}))
                 elif isinstance(frame, EscalatedFrame):  # no local text was sent: the cloud's answer follows
                     exchange.escalated, exchange.escalated_notice, model = frame.message, frame.notice, frame.model
                 elif isinstance(frame, ErrorFrame):

@@ -232,9 +232,16 @@ def _image(url: Any, where: str, index: int) -> Attachment:
 # -- answers -----------------------------------------------------------------------------------------
 
 
-# Streamed after the cloud's partial text when its stream broke and the local model answers instead: an
-# OpenAI client cannot discard text it was sent (the socket's clients do, on the ``fallback`` frame).
-BROKE_OFF = "\n\n[the cloud's answer broke off here; the local model answers instead]\n\n"
+# The line streamed after the cloud's partial text when its stream broke and the local model answers
+# instead (``broke_off``), as a client sends it back: the answer's two parts are looked up apart.
+BROKE_OFF_LINE = re.compile(r"\n*\[the cloud's answer broke off here[^\n]*\]\n*")
+
+
+def broke_off(fallback: str) -> str:
+    """Where the cloud's answer broke off, with the fallback's words (why, and an image the local model that
+    answers instead cannot see): an OpenAI client cannot discard text it was sent (the socket's clients do,
+    on the ``fallback`` frame), and a chat UI shows the text alone."""
+    return f"\n\n[the cloud's answer broke off here; {' '.join(fallback.split())}]\n\n"
 
 
 # What ``notice_line`` writes, as a client sends it back: its line ends maybe CRLF (a browser's text field),

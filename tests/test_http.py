@@ -385,20 +385,24 @@ def test_an_image_the_model_could_not_see_is_flagged(daemon_factory: Any) -> Non
 
 def test_a_cloud_stream_that_breaks_is_marked_where_it_broke(daemon_factory: Any, proxy: FaultProxy) -> None:
     """An OpenAI client cannot discard the cloud's text it was already sent: the stream says where it broke
-    off before the local answer follows."""
+    off before the local answer follows, in the fallback's words: why, and the image the local model that
+    answers instead cannot see (the marker said only that the local model answers)."""
     handle, base = http_daemon(daemon_factory, cloud_config(proxy.base_url, mode="auto", timeout_s=60.0))
     proxy.set(Fault("cut", cut_after_chunks=3, times=1))
+    url = "data:image/png;base64," + base64.b64encode(png()).decode()
+    question: Any = [
+        {"type": "text", "text": "Tell me about the sea."},
+        {"type": "image_url", "image_url": {"url": url}},
+    ]
     chunks = list(
         sdk(base).chat.completions.create(
-            model="cloud-small",
-            messages=[{"role": "user", "content": "Tell me about the sea."}],
-            max_tokens=16,
-            stream=True,
+            model="cloud-small", messages=[{"role": "user", "content": question}], max_tokens=16, stream=True
         )
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    cloud_part, marker, local_part = text.partition("[the cloud's answer broke off here; the local model answers")
+    cloud_part, marker, local_part = text.partition("[the cloud's answer broke off here; the cloud answer failed (")
     assert cloud_part.strip() and marker and local_part.strip(), text
+    assert "answering locally, from the start, by a model that cannot see images (not seen: " in local_part
     assert (chunks[-1].model_extra or {})["locod"]["outcome"] == "fallback"
     assert handle.rows()[0]["outcome"] == "fallback"
 
