@@ -8,19 +8,31 @@ naming its session (``x-locod-session``) continues it the same way. Whenever the
 a prefix of what the client sent (expired, restarted, edited), the request carries its own history. A
 session trimmed to ``daemon.max_history_chars`` still continues: its history is compared with the part of
 the conversation it holds.
+
+With parked dialogue states (``local.cache_disk_mb``) the map outlives a restart (``kept_in``: hashes and
+session ids, no text), so a chat UI's conversation continues the session whose state was parked at the stop
+and resumes without its history read again; the session itself starts again from what the client sends.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
+import re
 import threading
 import uuid
 from collections import OrderedDict
+from pathlib import Path
 
+from locod.daemon.regular_file import read_regular
 from locod.daemon.sessions import DOORS, HTTP, SessionStore
 
+log = logging.getLogger(__name__)
+
 Messages = list[dict[str, str]]
+HASH = re.compile(r"[0-9a-f]{64}")
 
 
 def fresh_session() -> str:
@@ -32,12 +44,17 @@ def key(messages: Messages) -> str:
 
 
 class Conversations:
-    def __init__(self, sessions: SessionStore, limit: int, owner: str = DOORS[HTTP]) -> None:
+    def __init__(
+        self, sessions: SessionStore, limit: int, owner: str = DOORS[HTTP], kept_in: Path | None = None
+    ) -> None:
         self.sessions = sessions
         self.limit = limit
         self.owner = owner  # the door whose sessions these conversations continue (sessions.py)
+        self.kept_in = kept_in  # where ``save`` writes the map at a stop, read back here
         self._known: OrderedDict[str, str] = OrderedDict()  # conversation hash -> session id
         self._lock = threading.Lock()
+        if kept_in is not None:
+            self._known.update(list(_saved(kept_in).items())[-limit:])
 
     def continuing(self, messages: Messages, named: str | None) -> tuple[str | None, Messages]:
         """(session id, the messages to send): the named session, else the one this conversation's prefix
@@ -53,6 +70,8 @@ class Conversations:
         end = start + len(held)
         if held and end < len(messages) and messages[start:end] == held:
             return session, messages[end:]
+        if not held and named is None:  # remembered from before a restart: the session's parked state resumes it
+            return session, messages
         return named or fresh_session(), messages
 
     def answered(self, messages: Messages, answer: str, session: str) -> None:
@@ -61,3 +80,35 @@ class Conversations:
             self._known[key([*messages, {"role": "assistant", "content": answer}])] = session
             while len(self._known) > self.limit:
                 self._known.popitem(last=False)
+
+    def save(self) -> None:
+        """Write the map to ``kept_in`` (at a stop), whole or not at all; a failure is one log line."""
+        if self.kept_in is None:
+            return
+        with self._lock:
+            known = json.dumps(dict(self._known))
+        part = self.kept_in.with_name(self.kept_in.name + ".part")
+        try:
+            part.write_text(known)
+            os.replace(part, self.kept_in)
+        except OSError as exc:
+            log.warning("the HTTP conversations were not kept for the next start: %s: %s", part, exc.strerror or exc)
+
+
+def _saved(path: Path) -> dict[str, str]:
+    """The map ``save`` wrote, or nothing: none there, or a file that is not one (one log line)."""
+    try:
+        known = json.loads(read_regular(path, 64 << 20))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        log.warning(
+            "ignored %s, not the HTTP conversations locod keeps: %s", path, getattr(exc, "strerror", None) or exc
+        )
+        return {}
+    if not isinstance(known, dict) or not all(
+        isinstance(k, str) and HASH.fullmatch(k) and isinstance(v, str) and 0 < len(v) <= 200 for k, v in known.items()
+    ):
+        log.warning("ignored %s, not the HTTP conversations locod keeps: not a map of hashes to sessions", path)
+        return {}
+    return known

@@ -133,7 +133,8 @@ class HttpServer:
         host, port = split_listen(cfg.listen)
         self.key = http_api_key(daemon.config)  # a reload reads it again (Daemon.reload)
         self.daemon = daemon
-        self.conversations = Conversations(daemon.sessions, cfg.max_conversations)
+        kept_in = daemon.config.state_dir / "conversations.json" if daemon.config.local.cache_disk_mb else None
+        self.conversations = Conversations(daemon.sessions, cfg.max_conversations, kept_in=kept_in)
         self.registry = metrics.registry(daemon)
         self.gate = Gate(host, cfg.cors_origins)
         connections = door_share("http.max_connections", cfg.max_connections, raise_soft_limit(), HTTP_SHARE)
@@ -202,6 +203,7 @@ class HttpServer:
         self.server.should_exit = True
         if self.thread.is_alive():
             self.thread.join(timeout=10)
+        self.conversations.save()
 
     def _endpoint_ids(self) -> dict[str, str]:
         """Each cloud model's endpoint id (its ``model``) to the configured name that serves it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import signal
 import socket
 import urllib.error
@@ -155,7 +156,7 @@ def test_forced_cloud_model_gets_the_image_and_the_history_once(daemon_factory: 
 def test_stop_sequences_end_the_answer_before_them_on_either_side(daemon_factory: Any, proxy: FaultProxy) -> None:
     """Greedy answers with and without a stop word taken from the whole answer: the cut answer is the whole
     one up to that word, through the HTTP door and the socket, from the local model and the cloud."""
-    handle, base = http_daemon(daemon_factory, cloud_config(proxy.base_url, mode="auto"))
+    handle, base = http_daemon(daemon_factory, cloud_config(proxy.base_url, mode="auto", timeout_s=60.0))
     client, socket_client = sdk(base), handle.client()
     question = "List five colours, separated by commas."
     ask = [{"role": "user", "content": question}]
@@ -331,6 +332,27 @@ def test_daemon_errors_map_onto_http_statuses(kind: str, code: str, status: int)
     assert status_of(ErrorFrame(kind, code, "why")) == status
 
 
+@pytest.mark.parametrize(
+    "kept", [b"not json", b'["a"]', b'{"abc": "http-1"}', b'{"' + b"a" * 64 + b'": 5}', b"\xff\xfe"]
+)
+def test_a_kept_conversation_map_that_is_not_one_is_ignored_with_a_line(
+    kept: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "conversations.json"
+    path.write_bytes(kept)
+    with caplog.at_level(logging.WARNING, logger="locod.daemon.conversations"):
+        conversations = Conversations(SessionStore(idle_s=60, max_sessions=10), limit=10, kept_in=path)
+    question = [{"role": "user", "content": "Hi"}]
+    assert conversations.continuing(question, None)[1] == question
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert "not the HTTP conversations locod keeps" in line
+    conversations.answered(question, "Hello!", "http-abc")
+    conversations.save()  # written over, whole
+    follow = [*question, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+    again = Conversations(SessionStore(idle_s=60, max_sessions=10), limit=10, kept_in=path)
+    assert again.continuing(follow, None) == ("http-abc", follow)  # a session it no longer holds: all is sent
+
+
 def test_a_conversation_continues_its_session_only_while_the_session_holds_its_prefix() -> None:
     store = SessionStore(idle_s=60, max_sessions=10)
     conversations = Conversations(store, limit=10)
@@ -421,3 +443,22 @@ def test_a_body_that_is_not_text_is_a_400_not_a_crash(daemon_factory: Any) -> No
         assert info.value.code == 400, body
     assert handle.rows() == []
     assert "Traceback" not in handle.log()
+
+
+def test_a_chat_uis_conversation_resumes_from_its_parked_state_after_a_restart(daemon_factory: Any) -> None:
+    """A chat UI names no session: the daemon maps its conversation onto one, and with `local.cache_disk_mb`
+    the session's dialogue state is parked at the stop. The map was lost with the process, so after a restart
+    the conversation got a new session and read its whole history again; the map is kept beside the log now,
+    and only while states are parked."""
+    config: dict[str, Any] = {"routing": {"mode": "local"}, "local": {"cache_disk_mb": 64}}
+    handle, base = http_daemon(daemon_factory, config)
+    conversation: Any = [{"role": "user", "content": "Tell me about the sea."}]
+    first = sdk(base).chat.completions.create(model="auto", messages=conversation, max_tokens=8, temperature=0)
+    conversation += [{"role": "assistant", "content": first.choices[0].message.content}]
+    conversation += [{"role": "user", "content": "And about mountains?"}]
+    handle.stop()
+    handle, base = http_daemon(daemon_factory, config)  # the same state directory
+    sdk(base).chat.completions.create(model="auto", messages=conversation, max_tokens=8, temperature=0)
+    sessions = [row["session"] for row in handle.rows()]
+    assert len(sessions) == 2 and len(set(sessions)) == 1, sessions  # one session across the restart
+    assert handle.client().status()["local"]["cache"]["disk_hits"] == 1  # resumed from its parked state
