@@ -175,7 +175,8 @@ def _is_int(value: Any) -> bool:
 
 
 def _messages(raw: list[Any]) -> tuple[list[dict[str, str]], list[Attachment]]:
-    """Text messages, and the images of the last one (an earlier message's images are not sent again)."""
+    """Text messages, and the images of the last one: an earlier message's images are not sent again (a
+    follow-up is answered from the conversation's text; docs/http.md says to attach an image again)."""
     messages, images = [], []
     for i, item in enumerate(raw):
         where = f"messages[{i}]"
