@@ -168,8 +168,8 @@ def _spending(cloud: dict[str, Any]) -> str:
 def _battery_critical(telemetry: dict[str, Any], routing: dict[str, Any]) -> str:
     """Why every turn goes to the cloud on a laptop about to run flat: the decisions' reasons said so, the
     status line showed only the battery's level."""
-    pct, threshold = telemetry["battery_pct"], routing.get("battery_critical_pct")  # an older daemon: no threshold
-    if pct is None or threshold is None or telemetry["on_ac"] is not False or pct >= threshold:
+    pct, threshold = telemetry.get("battery_pct"), routing.get("battery_critical_pct")  # an older daemon: no threshold
+    if pct is None or threshold is None or telemetry.get("on_ac") is not False or pct >= threshold:
         return ""
     return f" (below routing.battery_critical_pct, {threshold:g}%: local models wait while a cloud model is usable)"
 
