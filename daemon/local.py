@@ -264,6 +264,26 @@ class ModelZoo:
         self._check_memory(model, needed_mb)  # before making room: a refused load unloads no other model
         self._make_room(needed_mb)
         started = time.perf_counter()
+        identity, llm = self._read(model, path)
+        kv_mb = kv_cache_mb(llm.metadata, llm.n_ctx())
+        loaded = LoadedModel(model, llm, weights_mb + kv_mb, time.monotonic(), stamp, identity)
+        self._loaded[model.name] = loaded
+        self._warn_misfit(loaded)
+        if self._cache_auto:
+            self._cache_auto = False
+            self.cache.limit_mb = auto_cache_mb(kv_mb, self._room_mb())
+        log.info(
+            "loaded local model %s (%.0f MiB resident estimate) in %.1f s; dialogue cache %.0f MiB",
+            model.name,
+            loaded.footprint_mb,
+            time.perf_counter() - started,
+            self.cache.limit_mb,
+        )
+        return loaded
+
+    def _read(self, model: LocalModelConfig, path: Path) -> tuple[str, Llama]:
+        """The weights in ``path`` as llama.cpp loads them, with their identity (what their dialogue states
+        are parked under: ``identity``); a ModelError (``model_corrupt``) says what is wrong with the file."""
         try:
             identity = f"{model.name}:{fingerprint(path)}:{model.n_ctx}:{llama_cpp.__version__}"
             llm = Llama(
@@ -292,21 +312,7 @@ class ModelZoo:
             raise ModelError(
                 f"model {model.name!r}: llama.cpp could not load {path}: {exc}", code="model_corrupt"
             ) from None
-        kv_mb = kv_cache_mb(llm.metadata, llm.n_ctx())
-        loaded = LoadedModel(model, llm, weights_mb + kv_mb, time.monotonic(), stamp, identity)
-        self._loaded[model.name] = loaded
-        self._warn_misfit(loaded)
-        if self._cache_auto:
-            self._cache_auto = False
-            self.cache.limit_mb = auto_cache_mb(kv_mb, self._room_mb())
-        log.info(
-            "loaded local model %s (%.0f MiB resident estimate) in %.1f s; dialogue cache %.0f MiB",
-            model.name,
-            loaded.footprint_mb,
-            time.perf_counter() - started,
-            self.cache.limit_mb,
-        )
-        return loaded
+        return identity, llm
 
     def _check_memory(self, model: LocalModelConfig, needed_mb: float) -> None:
         """Refuse a load the system's memory cannot hold: llama.cpp allocates the whole KV cache at once, and
