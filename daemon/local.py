@@ -316,11 +316,11 @@ class ModelZoo:
 
     def _check_memory(self, model: LocalModelConfig, needed_mb: float) -> None:
         """Refuse a load the system's memory cannot hold: llama.cpp allocates the whole KV cache at once, and
-        past the memory there is the OOM killer ends the daemon and every turn in it (a reload to n_ctx =
+        past the memory there is, the OOM killer ends the daemon and every turn in it (a reload to n_ctx =
         1048576 did). One model alone may exceed local.memory_budget_mb (``_warn_misfit``), not the memory.
         A model offloaded to a GPU is not checked: its layers and their cache take the GPU's memory instead.
-        The loaded models count as available: making room unloads them (checked first, a refused load
-        unloaded the model that was answering, for nothing)."""
+        The loaded models count as available: making room unloads them (when room was made before this
+        check, a refused load had unloaded the model that was answering, for nothing)."""
         if self.procfs is None or (model.n_gpu_layers and llama_cpp.llama_supports_gpu_offload()):
             return
         free_mb = mem_available_mb(self.procfs)

@@ -670,11 +670,12 @@ class Daemon:
 
     def reload(self) -> dict[str, Any]:
         """Re-read the config and the policy; a config that fails validation is rejected, the old one kept.
-        Returns whether it reloaded, why not, and the sections whose change waits for a restart.
+        Returns the `reload` op's reply (docs/protocol.md) but for its ``config``.
 
         Routing, cloud, attachments, log settings and local models (a pulled model, a new default) apply at
-        once. Paths, sockets and telemetry readers stay as started: a change there is logged and waits for a
-        restart.
+        once, and the doors' key files are read again. What ``AS_STARTED`` names (paths, the doors' sockets
+        and limits, telemetry readers, the disk park's size) stays as started: a change there is logged and
+        waits for a restart.
         """
         self.notifier.reloading()
         try:
