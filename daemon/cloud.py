@@ -130,6 +130,21 @@ def _limits(model: CloudModelConfig, prompt: Prompt) -> dict[str, Any]:
     return limits
 
 
+def _client(model: CloudModelConfig, key: str | None, timeout_s: float, source: str) -> openai.OpenAI:
+    """The model's client, bounded (``bounded_http``) and through its proxy. It retries nothing itself
+    (``_open`` does, before the first token) and follows no redirect: the prompt would be re-sent to whatever
+    host it names."""
+    return openai.OpenAI(
+        base_url=model.base_url,
+        api_key=key or "no-key-configured",
+        timeout=timeout_s,
+        max_retries=0,
+        http_client=openai.DefaultHttpx2Client(
+            transport=BoundedTransport(proxy=proxy_for(model, source)), follow_redirects=False
+        ),
+    )
+
+
 def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str) -> str:
     """What to do about a refusal of the key (401, 403), of the model id (404), or of a request field a
     model does not take (400: OpenAI's reasoning models), naming what was used. The endpoint's own message
@@ -218,22 +233,19 @@ class CloudBackend:
         in the log (never a key itself) and in ``keyless`` for `locod status`: most endpoints refuse it."""
         keys = {model.name: read_api_key(model, source) for model in config.models}
         models = {
-            model.name: (
-                model,
-                openai.OpenAI(
-                    base_url=model.base_url,
-                    api_key=keys[model.name] or "no-key-configured",
-                    timeout=config.timeout_s,
-                    max_retries=0,
-                    # Never follow a redirect: the prompt would be re-sent to whatever host it names.
-                    http_client=openai.DefaultHttpx2Client(
-                        transport=BoundedTransport(proxy=proxy_for(model, source)), follow_redirects=False
-                    ),
-                ),
-            )
-            for model in config.models
+            model.name: (model, _client(model, keys[model.name], config.timeout_s, source)) for model in config.models
         }
-        added = {  # before the models: a model is never seen without its breaker
+        self._retune_breakers(config)  # before the models: a model is never seen without its breaker
+        self._models = models  # one assignment: a turn looks a model and its client up together
+        self._key_sources = {model.name: key_source(model) for model in config.models}
+        self.key_from_env = [m.name for m in config.models if os.environ.get(m.api_key_env)]  # as key_source reads it
+        self.config = config
+        self._note_keyless(config, keys)
+
+    def _retune_breakers(self, config: CloudConfig) -> None:
+        """A breaker for each new endpoint, and every breaker given the section's limits and a trial: a reload
+        is how a key or endpoint is fixed, so the next turn tries it."""
+        added = {
             model.base_url: CircuitBreaker(
                 config.breaker_failures, config.breaker_cooldown_s, redacted_url(model.base_url)
             )
@@ -244,12 +256,12 @@ class CloudBackend:
         self.breakers = {**self.breakers, **added}
         for breaker in self.breakers.values():
             breaker.limit, breaker.cooldown_s = config.breaker_failures, config.breaker_cooldown_s
-            breaker.allow_trial()  # a reload is how a key or endpoint is fixed: the next turn tries it
-        self._models = models  # one assignment: a turn looks a model and its client up together
-        self._key_sources = {model.name: key_source(model) for model in config.models}
-        self.key_from_env = [m.name for m in config.models if os.environ.get(m.api_key_env)]  # as key_source reads it
-        self.config = config
-        said = getattr(self, "keyless", {})  # a reload repeats no warning
+            breaker.allow_trial()
+
+    def _note_keyless(self, config: CloudConfig, keys: dict[str, str | None]) -> None:
+        """Keep the models without a key for `locod status`, and say each in the log once (a reload repeats no
+        warning)."""
+        said = getattr(self, "keyless", {})
         self.keyless = {model.name: model.api_key_env for model in config.models if not keys[model.name]}
         for model in config.models:
             if not keys[model.name] and model.name not in said:
