@@ -19,7 +19,7 @@ import numpy as np
 
 from locod.daemon.attachments import PreparedAttachment
 from locod.daemon.cloud import CloudBackend
-from locod.daemon.config import Config
+from locod.daemon.config import CloudModelConfig, Config
 from locod.daemon.decision import (
     CloudAccess,
     Decision,
@@ -332,9 +332,9 @@ class Decider:
         """Every allowed (model, upload) action, and the mask over all of them (for the record).
 
         With a policy loaded a cloud model is offered with each subset of the top-K slots (TMO's layout);
-        without one, with the rule's one upload choice. The daily cap is a shield, as in training: a cloud
-        action whose price, at the longest answer the turn allows, would take today's spend past the cap is
-        masked before it could be chosen, not after the spend.
+        without one, with the rule's one upload choice (``_cloud_actions``). The daily cap is a shield, as in
+        training: a cloud action whose price, at the longest answer the turn allows, would take today's spend
+        past the cap is masked before it could be chosen, not after the spend.
         """
         out: dict[str, Candidate] = {}
         mask: dict[str, bool] = {}
@@ -349,19 +349,10 @@ class Decider:
                 out[local.name] = Candidate(local.name, local.name, "local", 0, ())
         for cloud in self.config.cloud.models:
             allowed_here = access.blocked_for(cloud.name) is None and fits[cloud.name]
-            if self.policy is None:
-                mask[cloud.name] = allowed_here
-                if mask[cloud.name]:
-                    send = rule.relevant_uploads(view.views, uploadable(turn.attachments, cloud.vision))
-                    out[cloud.name] = Candidate(cloud.name, cloud.name, "cloud", 1, send)
-                continue
-            allowed = action_mask(view.slot_views, cloud_allowed=allowed_here, vision=cloud.vision)
-            for action in range(1, N_ACTIONS):
-                key = f"{cloud.name}|{ACTION_NAMES[action]}"
-                mask[key] = bool(allowed[action] > 0)
-                if mask[key]:
-                    send = tuple(sorted(view.slots[k] for k in SUBSETS[action - 1]))
-                    out[key] = Candidate(key, cloud.name, "cloud", action, send)
+            for key, candidate in self._cloud_actions(turn, view, cloud, allowed_here).items():
+                mask[key] = candidate is not None
+                if candidate is not None:
+                    out[key] = candidate
         for key in self._over_cap(turn, out, access):
             del out[key]
             mask[key] = False
@@ -372,6 +363,26 @@ class Decider:
             default = self.config.local.default if fits[self.config.local.default] else holding[0]
             out[default] = Candidate(default, default, "local", 0, ())
         return out, mask
+
+    def _cloud_actions(
+        self, turn: Turn, view: TurnView, cloud: CloudModelConfig, allowed: bool
+    ) -> dict[str, Candidate | None]:
+        """A cloud model's actions by key, None where masked: with a policy, one per subset of the top-K
+        slots (``action_mask`` says which may go); without one, the rule's one upload choice."""
+        if self.policy is None:
+            if not allowed:
+                return {cloud.name: None}
+            send = rule.relevant_uploads(view.views, uploadable(turn.attachments, cloud.vision))
+            return {cloud.name: Candidate(cloud.name, cloud.name, "cloud", 1, send)}
+        offered = action_mask(view.slot_views, cloud_allowed=allowed, vision=cloud.vision)
+        actions: dict[str, Candidate | None] = {}
+        for action in range(1, N_ACTIONS):
+            key = f"{cloud.name}|{ACTION_NAMES[action]}"
+            actions[key] = None
+            if offered[action] > 0:
+                send = tuple(sorted(view.slots[k] for k in SUBSETS[action - 1]))
+                actions[key] = Candidate(key, cloud.name, "cloud", action, send)
+        return actions
 
     def _loadable(self) -> dict[str, bool]:
         unusable = self.missing_files().keys() | self._short_of_memory()
