@@ -93,6 +93,13 @@ class Exchange:
             self.location = frame.location if isinstance(frame, DoneFrame) else LOCATION_AFTER[type(frame)]
             self.model = frame.model
 
+    def turned(self, frame: FallbackFrame | EscalatedFrame) -> None:
+        """Keep what a fallback or an escalation says: the answer's opening, notice and extension tell it."""
+        if isinstance(frame, FallbackFrame):
+            self.fallback = frame.message
+        else:
+            self.escalated, self.escalated_notice = frame.message, frame.notice
+
     def headers(self) -> dict[str, str]:
         """The turn's headers: ``x-request-id`` is the completion's id, which the SDKs keep as a reply's
         ``_request_id`` and an error's ``request_id`` (and ``locod decisions`` takes)."""
@@ -361,10 +368,8 @@ class HttpServer:
     async def _whole(self, exchange: Exchange, request: Request) -> dict[str, Any]:
         while True:
             frame = await self._next(exchange, request)
-            if isinstance(frame, FallbackFrame):
-                exchange.fallback = frame.message
-            elif isinstance(frame, EscalatedFrame):
-                exchange.escalated, exchange.escalated_notice = frame.message, frame.notice
+            if isinstance(frame, (FallbackFrame, EscalatedFrame)):
+                exchange.turned(frame)
             elif isinstance(frame, ErrorFrame):
                 raise wire.error_of(frame)
             elif isinstance(frame, DoneFrame):
@@ -390,12 +395,14 @@ class HttpServer:
                     parts.append(frame.text)  # what the answer's next request repeats, the notice taken off
                     yield json.dumps(exchange.chunk(model, {"content": shown}))
                 elif isinstance(frame, FallbackFrame):
-                    exchange.fallback, model = frame.message, frame.model
+                    exchange.turned(frame)
+                    model = frame.model
                     if parts:  # the cloud's text went out and cannot be taken back: say where it breaks off
                         parts.append(wire.broke_off(frame.message))  # all the client got: what it sends back
                         yield json.dumps(exchange.chunk(model, {"content": parts[-1]}))
                 elif isinstance(frame, EscalatedFrame):  # no local text was sent: the cloud's answer follows
-                    exchange.escalated, exchange.escalated_notice, model = frame.message, frame.notice, frame.model
+                    exchange.turned(frame)
+                    model = frame.model
                 elif isinstance(frame, ErrorFrame):
                     yield json.dumps(wire.error_of(frame).body())
                     return
