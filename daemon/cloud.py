@@ -30,7 +30,6 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager
-from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
@@ -42,10 +41,10 @@ from locod.daemon.backends import Generation, Prompt, Upload
 from locod.daemon.bounded_http import BoundedTransport, Limits, OverBound, limits
 from locod.daemon.cloud_usage import counted
 from locod.daemon.config import CloudConfig, CloudModelConfig, redacted_url
-from locod.daemon.keyfile import read_key_file
+from locod.daemon.keyfile import key_source, read_api_key
 from locod.daemon.proxy import proxy_for
 from locod.daemon.walkaway import LEFT_AT_MOST, Streamed, run_leaving_on_cancel
-from locod.errors import CloudError, ConfigError
+from locod.errors import CloudError
 from locod.protocol import NOT_TEXT, SURROGATE
 
 log = logging.getLogger(__name__)
@@ -71,42 +70,6 @@ CONTEXT_REFUSAL = re.compile(
 def backoff_s(attempt: int) -> float:
     """The wait before retry ``attempt + 1``: 0.25 s, doubling, at most 2 s."""
     return min(2.0, 0.25 * 2**attempt)
-
-
-def read_api_key(model: CloudModelConfig, source: str, env: dict[str, str] | None = None) -> str | None:
-    """The key from the model's env variable, else its key file (refused if group/world can read it, in an
-    error that names the config file ``source`` that points at it)."""
-    env = dict(os.environ) if env is None else env
-    if env.get(model.api_key_env):
-        key = env[model.api_key_env].strip()
-    elif model.api_key_file:
-        key = read_key_file(model.api_key_file, f"{source}: cloud model {model.name!r}: api_key_file")
-    else:
-        return None
-    return _header_safe(key, model, source, env)
-
-
-def _header_safe(key: str, model: CloudModelConfig, source: str, env: dict[str, str]) -> str:
-    """The key, if an ``Authorization`` header can carry it: printable ASCII without spaces. Anything else
-    (two keys on two lines, a character pasted in) failed every call as if the endpoint were unreachable,
-    and the HTTP library's error quoted the header, key and all. The ConfigError names the character only."""
-    for position, char in enumerate(key):
-        if not "!" <= char <= "~":
-            raise ConfigError(
-                f"{source}: cloud model {model.name!r}: the API key from {key_source(model, env)} holds {char!a} at "
-                f"character {position + 1}; a key must be printable ASCII without spaces (one key, one line)"
-            )
-    return key
-
-
-def key_source(model: CloudModelConfig, env: dict[str, str] | None = None) -> str:
-    """Where ``read_api_key`` takes the model's key from, in words (never the key)."""
-    env = dict(os.environ) if env is None else env
-    if env.get(model.api_key_env):
-        return f"${model.api_key_env}"
-    if model.api_key_file:
-        return f"api_key_file {Path(model.api_key_file).expanduser()}"
-    return f"nowhere: neither ${model.api_key_env} nor api_key_file is set"
 
 
 def _ask(model: CloudModelConfig, client: openai.OpenAI, prompt: Prompt) -> openai.Stream:

@@ -1,14 +1,16 @@
-"""Secrets kept in files: read only when the file is the owner's alone, so a key never sits world-readable,
-and only when it is a regular file of a key's size (``regular_file``): a FIFO must not hold the serving loop.
-The doors' own keys (the HTTP API's, the tcp endpoint's) are read here alone, at start and at each reload.
+"""Secrets: the doors' own keys (the HTTP API's, the tcp endpoint's) and each cloud model's API key (its
+environment variable, else its key file) are read here alone, at start and at each reload. A key file is read
+only when it is the owner's alone, so a key never sits world-readable, and only when it is a regular file of a
+key's size (``regular_file``): a FIFO must not hold the serving loop.
 """
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
-from locod.daemon.config import Config
+from locod.daemon.config import CloudModelConfig, Config
 from locod.daemon.regular_file import read_regular
 from locod.errors import ConfigError
 
@@ -48,3 +50,39 @@ def tcp_secret(config: Config) -> str | None:
     """The tcp endpoint's secret, if it has one (the config's check refused a non-loopback one without)."""
     path = config.daemon.tcp_secret_file
     return read_key_file(path, "daemon.tcp_secret_file") if config.daemon.tcp and path else None
+
+
+def read_api_key(model: CloudModelConfig, source: str, env: dict[str, str] | None = None) -> str | None:
+    """The key from the model's env variable, else its key file (refused if group/world can read it, in an
+    error that names the config file ``source`` that points at it)."""
+    env = dict(os.environ) if env is None else env
+    if env.get(model.api_key_env):
+        key = env[model.api_key_env].strip()
+    elif model.api_key_file:
+        key = read_key_file(model.api_key_file, f"{source}: cloud model {model.name!r}: api_key_file")
+    else:
+        return None
+    return _header_safe(key, model, source, env)
+
+
+def _header_safe(key: str, model: CloudModelConfig, source: str, env: dict[str, str]) -> str:
+    """The key, if an ``Authorization`` header can carry it: printable ASCII without spaces. Anything else
+    (two keys on two lines, a character pasted in) failed every call as if the endpoint were unreachable,
+    and the HTTP library's error quoted the header, key and all. The ConfigError names the character only."""
+    for position, char in enumerate(key):
+        if not "!" <= char <= "~":
+            raise ConfigError(
+                f"{source}: cloud model {model.name!r}: the API key from {key_source(model, env)} holds {char!a} at "
+                f"character {position + 1}; a key must be printable ASCII without spaces (one key, one line)"
+            )
+    return key
+
+
+def key_source(model: CloudModelConfig, env: dict[str, str] | None = None) -> str:
+    """Where ``read_api_key`` takes the model's key from, in words (never the key)."""
+    env = dict(os.environ) if env is None else env
+    if env.get(model.api_key_env):
+        return f"${model.api_key_env}"
+    if model.api_key_file:
+        return f"api_key_file {Path(model.api_key_file).expanduser()}"
+    return f"nowhere: neither ${model.api_key_env} nor api_key_file is set"
