@@ -134,6 +134,9 @@ def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str) -> s
 
 
 class CircuitBreaker:
+    """One endpoint's breaker: open after ``failures`` failed calls in a row, for ``cooldown_s``, so an endpoint
+    that is down costs no timeout per turn."""
+
     def __init__(self, failures: int, cooldown_s: float, endpoint: str = "") -> None:
         """``endpoint``: the base URL it guards, as the log names it (credentials left out)."""
         self.limit, self.cooldown_s, self.endpoint = failures, cooldown_s, endpoint
@@ -180,6 +183,9 @@ class CircuitBreaker:
 
 
 class CloudBackend:
+    """The cloud models, each with its client and its endpoint's breaker, behind the calls every backend
+    answers (``backends.Backend``)."""
+
     def __init__(self, config: CloudConfig, source: str) -> None:
         self.breakers: dict[str, CircuitBreaker] = {}  # by base URL
         self.upload_bps: float | None = None  # EWMA of measured upload speed, for telemetry

@@ -117,6 +117,9 @@ def _load_policy(config: Config, previous: OnnxPolicy | None) -> tuple[OnnxPolic
 
 
 class Decider:
+    """Each turn's decision (``decide``), from the config, the learner's state, telemetry and the backends';
+    it owns the routing policy it loads, at start and at each reload."""
+
     def __init__(
         self,
         config: Config,

@@ -135,6 +135,8 @@ class Exchange:
 
 
 class HttpServer:
+    """The HTTP door: its routes, each guarded (``_guarded``), served by uvicorn on a thread of its own."""
+
     def __init__(self, daemon: Daemon) -> None:
         cfg = daemon.config.http
         host, port = split_listen(cfg.listen)

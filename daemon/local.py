@@ -140,6 +140,8 @@ class AnswerStream:
 
 @dataclass
 class LoadedModel:
+    """A local model in memory, with what the zoo counts (its footprint, its last use) and checks it by."""
+
     config: LocalModelConfig
     llm: Llama
     footprint_mb: float
@@ -167,6 +169,9 @@ def check_chat_formats(config: Config) -> None:
 
 
 class ModelZoo:
+    """The local models, loaded on demand within local.memory_budget_mb, and the dialogue states (``cache``)
+    that share that budget."""
+
     def __init__(
         self,
         models: list[LocalModelConfig],
