@@ -80,7 +80,8 @@ class DaemonConfig:
     # Shared secret required from tcp clients (ignored on the ipc socket, which is protected by file modes).
     tcp_secret_file: str = ""
     # Connections the tcp endpoint holds at once (never over a quarter of the open-file limit), and from one
-    # peer address: each holds a descriptor before its secret is read (tcpguard.py); more are closed at once.
+    # peer address: each holds a descriptor before its secret is read (tcpguard.py). A newcomer over either
+    # takes the slot of the oldest connection that has not passed the secret, else it is closed at once.
     max_tcp_connections: int = field(default=64, metadata=in_range(1, 1 << 20))
     max_tcp_per_host: int = field(default=16, metadata=in_range(1, 1 << 20))
     max_message_bytes: int = field(default=32 << 20, metadata=in_range(1024, 1 << 30))
@@ -108,7 +109,8 @@ class HttpConfig:
     # Conversations the HTTP API remembers to map a client's whole history onto a daemon session.
     max_conversations: int = field(default=1000, metadata=in_range(1))
     # Connections open at once: each holds a descriptor before its key is read (never over half the
-    # process's open-file limit, see fdlimit.py); more are answered 503 and closed.
+    # process's open-file limit, see fdlimit.py). A newcomer over it takes the slot of one slow to send its
+    # request or idle between requests (httpconn.py), else it is answered 503 and closed.
     max_connections: int = field(default=128, metadata=in_range(1, 1 << 20))
     # Seconds a client has to send a whole request, headers and body: a slow one is closed.
     request_timeout_s: float = field(default=30.0, metadata=in_range(0.1, 3600))
