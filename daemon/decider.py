@@ -293,7 +293,7 @@ class Decider:
             return ""  # the usual turn: no second look at the files or the context
         fits = self._fits_context(turn.request.prompt)
         unusable = dict.fromkeys(self._short_of_memory(), "too large for the memory available")
-        unusable |= dict.fromkeys(self.missing_files(), "no usable file")
+        unusable |= dict.fromkeys(self.left_out_files(), "no usable file")
         causes = [
             f"{m.name} ({unusable.get(m.name, 'its context cannot hold the prompt')})"
             for m in absent
@@ -388,7 +388,7 @@ class Decider:
         return actions
 
     def _loadable(self) -> dict[str, bool]:
-        unusable = self.missing_files().keys() | self._short_of_memory()
+        unusable = self.left_out_files().keys() | self._short_of_memory()
         return {m.name: m.name not in unusable for m in self.config.local.models}
 
     def _short_of_memory(self) -> set[str]:
@@ -396,10 +396,10 @@ class Decider:
         fail by name (``model_too_large``) rather than vanish."""
         return self.local.short_of_memory() - {self.config.local.default}
 
-    def missing_files(self) -> dict[str, ModelError]:
-        """Local models whose file cannot be loaded, with why: left out of routing and of the HTTP API's
-        model list. The default's file was checked at start and at each reload, and it stays on offer: were
-        it gone, its turns fail by name (``model_missing``) rather than vanish."""
+    def left_out_files(self) -> dict[str, ModelError]:
+        """Local models whose file cannot be loaded (missing, or not a GGUF), with why: left out of routing and
+        of the HTTP API's model list. The default's file was checked at start and at each reload, and it stays
+        on offer: were it gone, its turns fail by name (``model_missing``) rather than vanish."""
         config = self.config
         problems = {
             m.name: self.model_files.problem(m, config.models_dir)
@@ -412,7 +412,7 @@ class Decider:
         """Every local model whose file cannot be loaded now, with the error's code: status's health check,
         which names the default too (routing keeps it on offer whatever its file: its turns fail by name)."""
         config = self.config
-        unusable = {name: problem.code for name, problem in self.missing_files().items()}
+        unusable = {name: problem.code for name, problem in self.left_out_files().items()}
         default = self.model_files.problem(config.local_model(config.local.default), config.models_dir, False)
         if default is not None:
             unusable[config.local.default] = default.code

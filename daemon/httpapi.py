@@ -269,24 +269,24 @@ class HttpServer:
             return JSONResponse(wire.HttpError(503, "the daemon is shutting down", "shutting_down").body(), 503)
         return JSONResponse({"status": "ok"})
 
-    def _model_list(self, missing: Container[str]) -> list[dict[str, Any]]:
-        """The models a client may name: a local model whose file is ``missing`` is left out, as routing
+    def _model_list(self, left_out: Container[str]) -> list[dict[str, Any]]:
+        """The models a client may name: a local model ``left_out`` for its file is not listed, as routing
         leaves it out, and offered again once the file is there."""
         cfg = self.daemon.config
-        owners = [("auto", "locod")] + [(m.name, "locod-local") for m in cfg.local.models if m.name not in missing]
+        owners = [("auto", "locod")] + [(m.name, "locod-local") for m in cfg.local.models if m.name not in left_out]
         owners += [(m.name, "locod-cloud") for m in cfg.cloud.models]
         return [{"id": name, "object": "model", "created": 0, "owned_by": owner} for name, owner in owners]
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": self._model_list(self.daemon.decider.missing_files())})
+        return JSONResponse({"object": "list", "data": self._model_list(self.daemon.decider.left_out_files())})
 
     async def model(self, request: Request) -> Response:
         """``GET /v1/models/{id}``: what the SDKs' ``models.retrieve`` and editor plugins ask first."""
         name = request.path_params["model"]
-        missing = self.daemon.decider.missing_files()
-        if name in missing:
-            raise wire.HttpError(404, missing[name].message, missing[name].code)
-        served = self._model_list(missing)
+        left_out = self.daemon.decider.left_out_files()
+        if name in left_out:
+            raise wire.HttpError(404, left_out[name].message, left_out[name].code)
+        served = self._model_list(left_out)
         found = next((m for m in served if m["id"] == name), None)
         if found is None:
             raise wire.unknown_model(name, [m["id"] for m in served[1:]], self._endpoint_ids())

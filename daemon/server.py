@@ -702,7 +702,7 @@ class Daemon:
         configure_logging(new.log.level)
         log.info("configuration reloaded from %s", new.source)
         self.notifier.ready(self._status_line())
-        left_out = {name: error.message for name, error in self.decider.missing_files().items()}
+        left_out = {name: error.message for name, error in self.decider.left_out_files().items()}
         return {
             "reloaded": True,
             "error": None,
