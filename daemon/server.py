@@ -158,6 +158,8 @@ class Daemon:
     # -- start ---------------------------------------------------------------------------------------
 
     def start(self) -> None:
+        """Check the configured models, load the default one, bind the doors and start telemetry (and the
+        HTTP door); then tell systemd the daemon is ready. A failure raises before READY."""
         cfg = self.config
         self.tcp_auth = TcpAuth(tcp_secret(cfg))
         fd_limit = raise_soft_limit()  # libzmq aborts when its ipc listener finds no descriptor (fdlimit.py)
@@ -238,11 +240,14 @@ class Daemon:
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, lambda *_: None)  # the wakeup fd carries the signal number to the loop
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # held back while starting (cli.cmd_serve)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})  # blocked until now (control.cmd_serve)
 
     # -- the loop ------------------------------------------------------------------------------------
 
     def serve_forever(self) -> int:
+        """The serving loop: signals, requests, frames and handed-in turns as they come; systemd's watchdog at
+        its interval, the status line and the socket's file every 10 s, vanished clients each second. Returns 0
+        once a stop has finished."""
         poller = zmq.Poller()
         for sock in self.sockets.values():
             poller.register(sock, zmq.POLLIN)
@@ -728,6 +733,7 @@ class Daemon:
         return True
 
     def close(self) -> None:
+        """Release everything ``start`` took, after the last turn: labels written, states parked, sockets closed."""
         if self.http is not None:
             self.http.stop()  # after the turns ended, so their last frames reach the HTTP clients
         self.pool.shutdown(wait=True, cancel_futures=True)
