@@ -79,6 +79,9 @@ class DecisionRecord:
     explored: bool = False
     latency_decide_ms: float = 0.0
     latency_queue_ms: float = 0.0  # waiting behind other turns for the local model, before it was accepted
+    # A cloud turn's: what its call may cost, kept until the completion writes what it did cost, so that a
+    # daemon killed during the call leaves it counted against the daily cap (``cost_estimated`` set).
+    cost_usd: float | None = None
     routing: Routing | None = None  # its columns: Routing.columns()
 
     def row(self) -> dict[str, Any]:
@@ -365,6 +368,8 @@ class DecisionLog:
             if column in row:
                 row[column] = json.dumps(row[column], separators=(",", ":"), default=str)
         row.update(created=time.time(), outcome="pending", explored=int(record.explored))
+        if record.cost_usd is not None:
+            row["cost_estimated"] = 1
         with self._writing("recording the turn"):
             decision_id = self.db.table("decisions").insert(row).last_pk
         assert decision_id is not None
@@ -459,10 +464,15 @@ class DecisionLog:
         judged = JudgedAnswer.from_json(row.get("confidence"))
         return LabelTarget(decision_id, row["model"], Routing.from_row(row), judged)
 
-    def judged(self, decision_id: int, judged: JudgedAnswer) -> None:
-        """Keep a local answer's confidence before its turn goes on to the cloud (an escalation): a daemon
-        killed meanwhile leaves the turn ``interrupted`` with the confidence it was escalated on."""
-        row: dict[str, Any] = {"confidence": json.dumps(asdict(judged), separators=(",", ":"))}
+    def judged(self, decision_id: int, judged: JudgedAnswer, cloud_usd: float) -> None:
+        """Keep a local answer's confidence before its turn goes on to the cloud (an escalation), and what
+        that call may cost (``cloud_usd``, as ``DecisionRecord.cost_usd``): a daemon killed meanwhile leaves
+        the turn ``interrupted`` with the confidence it was escalated on, and the call counted."""
+        row: dict[str, Any] = {
+            "confidence": json.dumps(asdict(judged), separators=(",", ":")),
+            "cost_usd": cloud_usd,
+            "cost_estimated": 1,
+        }
         if judged.explored:
             row["explored"] = 1
         with self._writing("keeping the local answer's confidence"):

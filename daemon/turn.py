@@ -96,6 +96,13 @@ class Turn:
     def max_tokens(self) -> int:
         return self.request.options.max_tokens or self.config.local.max_tokens
 
+    def most_spent(self, decision: Decision) -> float:
+        """What a cloud call for ``decision`` may cost: the prompt as estimated and the whole ``max_tokens``
+        of answer, the price the daily cap's shield admitted it at. Its record holds this until it is
+        completed: a kill during the call (which the endpoint bills) must not take it off today's spend."""
+        images = sum(self.attachments[i].kind == "image" for i in decision.send)
+        return self.config.cloud_model(decision.model).price(self.prompt_tokens, self.max_tokens(), images)
+
 
 @dataclass(frozen=True)
 class Ending:
@@ -361,7 +368,7 @@ class TurnRunner:
             told += f"; not uploaded, so not seen: {unsent}"
         notice = withheld_note(turn.attachments, decision.send, "cloud")[1]  # the decision's was the local answer's
         try:  # kept now: the cloud phase may be cut by a kill, and the completion with it
-            self.records.judged(decision_id, judged)
+            self.records.judged(decision_id, judged, turn.most_spent(decision))
         except StorageError as exc:  # the completion writes it (or holds it for a full disk) all the same
             log.warning("turn %s: %s", turn.request.id, exc.message)
         reply.send(EscalatedFrame(decision_id, decision.model, judged.s_answered, told, notice))
@@ -516,6 +523,7 @@ class TurnRunner:
             explored=decision.explored,
             latency_decide_ms=decide_ms,
             latency_queue_ms=round(queue_ms, 3),
+            cost_usd=turn.most_spent(decision) if decision.location == "cloud" else None,
             routing=decision.routing,
         )
         decision_id = self.records.begin(record)
