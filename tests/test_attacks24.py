@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from locod.client import Client
+from locod.daemon.records import DecisionLog
 from locod.errors import LocodError
-from locod.protocol import DecisionFrame, DoneFrame
+from locod.protocol import DecisionFrame, DoneFrame, EscalatedFrame
 
 from .conftest import SECRET, DaemonHandle, cloud_config, free_port, start_daemon, wait_for
 from .faultproxy import Fault, FaultProxy
+from .test_escalation import _daemon, _head
 
 SEED = 24  # the kill moments and the turn mix; stated so that a failing run can be replayed
 CYCLES = 15
@@ -218,7 +220,10 @@ def test_kill_9_at_random_moments_loses_no_record_and_keeps_the_state(
             assert row["outcome"] != "pending"
             if row["outcome"] == "interrupted":
                 assert row["error"] == "daemon stopped during the turn" and row["finished"], row
-        called = [r for r in rows.values() if r["outcome"] == "interrupted" and r["location"] == "cloud"]
+        escalating = [r for r in rows.values() if r["location"] == "local" and r["confidence"] is not None]
+        called = [r for r in rows.values() if r["outcome"] == "interrupted" and r["location"] == "cloud"] + [
+            r for r in escalating if r["outcome"] == "interrupted" and not json.loads(r["confidence"])["kept"]
+        ]
         assert all(r["cost_usd"] > 0 and r["cost_estimated"] == 1 for r in called), "a cut cloud call went uncounted"
         for decision, satisfied in seen.labelled.items():
             assert rows[decision]["satisfied"] == int(satisfied), rows[decision]
@@ -271,3 +276,26 @@ def test_a_cloud_call_cut_by_a_kill_stays_counted_against_the_daily_cap(
         assert spent == round(row["cost_usd"], 6), "the interrupted call's cost is not counted today"
     finally:
         again.stop()
+
+
+def test_an_escalation_cut_by_a_kill_keeps_its_cloud_call_counted(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    """The same for a turn answered locally first and escalated: the record kept the local answer's
+    confidence before the cloud phase, but not what that phase may cost."""
+    handle = _daemon(daemon_factory, tmp_path, proxy, _head(min_weight=1000.0, bias=10.0), "escalating")
+    proxy.set(Fault("delay", delay_s=600.0))  # the endpoint takes the call and keeps at it
+    for frame in handle.client().chat("What is the plural of mouse?", max_tokens=24, temperature=0.0):
+        if isinstance(frame, EscalatedFrame):
+            break
+    wait_for(lambda: proxy.seen, 120, "the endpoint to receive the call")
+    handle.proc.send_signal(signal.SIGKILL)
+    handle.proc.wait()
+    log = DecisionLog(handle.db_path)  # what the next start does: marks the turn, sums today's spend
+    try:
+        (row,) = handle.rows()
+        assert row["outcome"] == "interrupted" and json.loads(row["confidence"])["kept"] is False
+        assert row["cost_usd"] >= 2.0 * 24 / 1e6 and row["cost_estimated"] == 1, row  # at least its answer's price
+        assert log.spent_today() == row["cost_usd"], "the escalation's cloud call is not counted today"
+    finally:
+        log.close()
