@@ -66,6 +66,7 @@ class Learner:
         self.shadow_labels, self.escalated_labels = records.local_labels()
         self.found_priors: dict[str, Prior] = {}
         self.mess = self._take(config, self.priors(config), state=None)  # the state as its file holds it
+        self._learn_missed_labels()
 
     @staticmethod
     def priors(config: Config) -> dict[str, Prior]:
@@ -108,6 +109,23 @@ class Learner:
             if mess.warm_start(name, prior) and (was is None or was.source != prior.source):
                 log.info("MESS+ predictor for %s starts from the prior fitted on %s", name, prior.source)
         return mess
+
+    def _learn_missed_labels(self) -> None:
+        """Learn the labels the log took for turns the saved state still waits on: a label is committed, then
+        learned and the state saved, and a daemon killed between the two left it unlearned for good (sent
+        again, it is refused as final)."""
+        with self.lock:
+            missed = self.records.labels_of(self.mess.state.pending)
+            for labelled, satisfied in missed:
+                self._apply_label(labelled.decision_id, labelled, satisfied)
+            if missed:
+                self._save()
+                log.info(
+                    "learned %d label(s) the decision log took before the last stop that the MESS+ state had not "
+                    "(decisions %s)",
+                    len(missed),
+                    ", ".join(str(labelled.decision_id) for labelled, _ in missed),
+                )
 
     def will_settle(self, decision_id: int, decision: Decision) -> None:
         """Before an answered turn's record is complete (the log takes a label from then on, and the client

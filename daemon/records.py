@@ -460,9 +460,19 @@ class DecisionLog:
             self.db.table("decisions").update(
                 decision_id, {"satisfied": int(satisfied), "label_source": source, "labelled": time.time()}
             )
-        row = _decoded(rows[0])
-        judged = JudgedAnswer.from_json(row.get("confidence"))
-        return LabelTarget(decision_id, row["model"], Routing.from_row(row), judged)
+        return _label_target(_decoded(rows[0]))
+
+    def labels_of(self, decision_ids: Iterable[int]) -> list[tuple[LabelTarget, bool]]:
+        """The labels the log holds for these decisions, each with what ``label`` returned for it: what a
+        learner whose saved state still waits on them has not learned (a daemon killed between the two)."""
+        ids = sorted(set(decision_ids))
+        rows: list[dict[str, Any]] = []
+        with self._reading("reading labels") as conn:
+            for start in range(0, len(ids), 250):  # within SQLite's bound on a statement's parameters
+                chunk = ids[start : start + 250]
+                sql = f"SELECT * FROM decisions WHERE satisfied IS NOT NULL AND id IN ({', '.join('?' * len(chunk))})"
+                rows.extend(dict(row) for row in conn.execute(sql, chunk))
+        return [(_label_target(_decoded(row)), bool(row["satisfied"])) for row in rows]
 
     def judged(self, decision_id: int, judged: JudgedAnswer, cloud_usd: float) -> None:
         """Keep a local answer's confidence before its turn goes on to the cloud (an escalation), and what
@@ -563,6 +573,12 @@ class DecisionLog:
             self._reader.close()
         with self._lock:
             self._conn.close()
+
+
+def _label_target(row: dict[str, Any]) -> LabelTarget:
+    """What the learner trains a labelled record's label on."""
+    judged = JudgedAnswer.from_json(row.get("confidence"))
+    return LabelTarget(int(row["id"]), row["model"], Routing.from_row(row), judged)
 
 
 def _open_writer(path: Path) -> sqlite3.Connection:

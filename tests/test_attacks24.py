@@ -299,3 +299,40 @@ def test_an_escalation_cut_by_a_kill_keeps_its_cloud_call_counted(
         assert log.spent_today() == row["cost_usd"], "the escalation's cloud call is not counted today"
     finally:
         log.close()
+
+
+def test_a_label_committed_before_a_kill_is_learned_at_the_next_start(tmp_path: Path, models_dir: Path) -> None:
+    """A label is committed to the log, then learned and the MESS+ state saved, then acknowledged. Killed
+    between the commit and the save, the daemon left the label stored but never learned: the queue kept the
+    turn's prediction and the predictor never moved, and the label sent again (its client had no answer) was
+    refused as final. The log's state after such a kill is made here by writing the label as ``label`` does."""
+    home = tmp_path / "labelled"
+    config = {"routing": {"mode": "auto", "explore_c": 0.0}, "local": {"max_tokens": 4}}
+    handle = start_daemon(home, models_dir, config)
+    try:
+        decision = handle.client().ask("Name a colour.").done.decision
+        before = handle.client().status()["routing"]
+        assert before["pending_labels"] == 1, before
+    finally:
+        assert handle.stop() == 0  # the state saved, the prediction in it waiting for its label
+    conn = sqlite3.connect(handle.db_path)
+    with conn:
+        conn.execute(
+            "UPDATE decisions SET satisfied = 1, label_source = 'user', labelled = ? WHERE id = ?",
+            [time.time(), decision],
+        )
+    conn.close()
+    again = start_daemon(home, models_dir, config)
+    try:
+        after = again.client().status()["routing"]
+        assert after["pending_labels"] == 0, "the stored label was not learned: its prediction still waits"
+        learned = sum(after["labels"].values()) - sum(before["labels"].values())
+        assert learned == 1, (before["labels"], after["labels"])
+        assert f"(decisions {decision})" in again.log()
+    finally:
+        again.stop()
+    third = start_daemon(home, models_dir, config)  # learned once: saved, not learned again at each start
+    try:
+        assert third.client().status()["routing"]["labels"] == after["labels"]
+    finally:
+        third.stop()
