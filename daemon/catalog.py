@@ -56,7 +56,9 @@ def pulled_models(models_dir: Path) -> list[PulledModel]:
 
 
 def save(models_dir: Path, models: list[PulledModel]) -> None:
-    """Rewrite the manifest atomically: a reader sees the old file or the new one, never half of it."""
+    """Rewrite the manifest atomically: a reader sees the old file or the new one, never half of it, and
+    after a power loss too (the new file's bytes reach the disk before its name does; without it some
+    filesystems bring the manifest back empty, and every pulled model drops out of the config unsaid)."""
     path = manifest_path(models_dir)
     lines = ["# Models added with `locod models pull`; `locod models rm NAME` removes one. Written by locod."]
     for model in models:
@@ -64,7 +66,10 @@ def save(models_dir: Path, models: list[PulledModel]) -> None:
         # JSON strings and integers are valid TOML values
         lines.extend(f"{key} = {json.dumps(value)}" for key, value in dataclasses.asdict(model).items())
     partial = path.with_name(f".{MANIFEST}.partial")
-    partial.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with open(partial, "w", encoding="utf-8") as out:
+        out.write("\n".join(lines) + "\n")
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(partial, path)
 
 
