@@ -31,6 +31,7 @@ from locod.daemon.config import Config, LocalConfig, LocalModelConfig
 from locod.daemon.fitting import fit_to_context, prompt_tokens
 from locod.daemon.gate import FairGate
 from locod.daemon.gguf import NotGGUF, kv_bytes_per_token, read_metadata
+from locod.daemon.heap import release_free_memory
 from locod.daemon.kvcache import DialogueCache
 from locod.daemon.kvpark import DiskPark
 from locod.daemon.logprobs import TokenLogprobs
@@ -232,6 +233,7 @@ class ModelZoo:
         for stale in [n for n, m in self._loaded.items() if models.get(n) != m.config or n in replaced]:
             self._loaded.pop(stale).llm.close()
             self.cache.drop_model(stale)  # states of another file or context are no use, and unsafe
+            release_free_memory()
             why = "its file was replaced" if stale in replaced else "the reloaded config removed or changed it"
             log.info("unloaded local model %s: %s", stale, why)
         loaded = self._loaded.get(name)
@@ -415,6 +417,7 @@ class ModelZoo:
             self.cache.forget_live(name, old.llm)  # parked as any evicted state, while its identity is known
             del self._loaded[name]
             old.llm.close()
+            release_free_memory()  # its weights' pages, else kept by the loading thread's arena
             log.info("unloaded local model %s to stay within %d MiB", name, self.budget_mb)
 
     def resident(self) -> list[str]:
