@@ -47,7 +47,8 @@ from locod.policy.warmstart import Prior
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-MAX_STATE_BYTES = 64 << 20  # ~33 kB per model and 20 bytes per pending label: a bigger file is not one save wrote
+# ~33 kB per model and ~100 bytes per pending label (its model's name as text): a bigger file is not one save wrote
+MAX_STATE_BYTES = 64 << 20
 INFEASIBLE_AFTER = 20  # turns settled before an SLA out of reach is reported
 CATCH_UP = 4.0  # how much more a deficit of Z moves the price than a surplus does (current_price)
 HASH_DIM = 4096
