@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from locod.cli import _why_kept
+from locod.commands.turns import _why_kept
 from locod.policy.confidence import identity
 from locod.policy.messplus import DIM
 from locod.policy.warmstart import Prior, file_sha256, load_prior, save_prior
