@@ -16,6 +16,7 @@ and resumes without its history read again; the session itself starts again from
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -70,8 +71,8 @@ class Conversations:
         end = start + len(held)
         if held and end < len(messages) and messages[start:end] == held:
             return session, messages[end:]
-        if not held and named is None:  # remembered from before a restart: the session's parked state resumes it
-            return session, messages
+        if not held and not start and named is None:  # gone (expired, or lost with a restart): the session it
+            return session, messages  # had takes its history again, and a state parked under it resumes it
         return named or fresh_session(), messages
 
     def answered(self, messages: Messages, answer: str, session: str) -> None:
@@ -89,10 +90,14 @@ class Conversations:
             known = json.dumps(dict(self._known))
         part = self.kept_in.with_name(self.kept_in.name + ".part")
         try:
-            part.write_text(known)
+            part.unlink(missing_ok=True)  # made anew: a FIFO there would hold the stop, a symlink be written through
+            with os.fdopen(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "w") as out:
+                out.write(known)
             os.replace(part, self.kept_in)
         except OSError as exc:
             log.warning("the HTTP conversations were not kept for the next start: %s: %s", part, exc.strerror or exc)
+            with contextlib.suppress(OSError):
+                part.unlink()  # half written (a full disk): not left beside the map
 
 
 def _saved(path: Path) -> dict[str, str]:
