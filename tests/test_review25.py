@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from locod.daemon.conversations import Conversations
 from locod.daemon.sessions import SessionStore, TurnTrail
 
 from .test_http import http_daemon, sdk
+from .test_telemetry import FIXTURES
 
 
 def test_locod_help_imports_neither_pyzmq_nor_the_daemon() -> None:
@@ -72,3 +74,19 @@ def test_a_fifo_where_the_map_is_written_does_not_hold_the_stop(daemon_factory: 
     os.mkfifo(part)
     assert handle.stop(timeout=120) == 0, handle.log()
     assert not part.exists() and (handle.home / "state" / "conversations.json").stat().st_size > 2
+
+
+def test_status_names_a_critical_battery_only_where_it_keeps_the_local_models_waiting(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """On battery below routing.battery_critical_pct, routing masks the local models for a cloud model to
+    answer: status said so also with routing.mode local and no cloud model, where every turn still ran here."""
+    root = tmp_path / "laptop"
+    shutil.copytree(FIXTURES / "laptop-battery", root)
+    (root / "sys/class/power_supply/BAT0/capacity").write_text("5\n")
+    telemetry = {"sysfs_root": str(root / "sys"), "procfs_root": str(root / "proc"), "nvml": False}
+    handle = daemon_factory({"routing": {"mode": "local"}, "telemetry": telemetry})
+    assert handle.client().ask("Hello", max_tokens=2).done.location == "local"
+    status = handle.cli("status")
+    assert status.returncode == 0 and "battery 5%" in status.stdout, status.stdout + status.stderr
+    assert "battery_critical_pct" not in status.stdout and "local models wait" not in status.stdout
