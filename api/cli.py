@@ -1,5 +1,6 @@
-"""The ``locod`` command line: its parser, the exit status of each error, and what every command shares;
-the commands themselves are in ``locod.commands``, a thin layer over ``locod.client`` and the daemon's entry.
+"""The ``locod`` command line: its parser (the global options every command takes) and the exit status of
+each error; the commands themselves are in ``locod.commands``, over what they share (``commands.common``: the
+configuration, the socket), a thin layer over ``locod.client`` and the daemon's entry.
 
 Exit codes: EXIT_STATUS below (also `locod --help`, README.md). Every error is one line.
 """
