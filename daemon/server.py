@@ -678,9 +678,9 @@ class Daemon:
         Returns the `reload` op's reply (docs/protocol.md) but for its ``config``.
 
         Routing, cloud, attachments, log settings and local models (a pulled model, a new default) apply at
-        once, and the doors' key files are read again. What ``AS_STARTED`` names (paths, the doors' sockets
-        and limits, telemetry readers, the disk park's size) stays as started: a change there is logged and
-        waits for a restart.
+        once, and the doors' key files are read again. What ``AS_STARTED`` and ``AS_STARTED_KEYS`` name (paths,
+        the doors' sockets and limits, telemetry readers, the disk park's size) stays as started: a change there
+        is logged and waits for a restart.
         """
         self.notifier.reloading()
         try:
