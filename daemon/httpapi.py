@@ -433,7 +433,7 @@ class HttpServer:
         return wire.finish_reason(done, options, cfg.local.max_tokens, local.n_ctx if local else None)
 
     def _answered(self, exchange: Exchange, done: DoneFrame, text: str) -> None:
-        self.conversations.answered(exchange.completion.messages, text, done.session)
+        self.conversations.answered(exchange.completion.messages, wire.as_held(text), done.session)
 
 
 def _tidy_path(app: ASGIApp) -> ASGIApp:

@@ -189,7 +189,7 @@ def _messages(raw: list[Any]) -> tuple[list[dict[str, str]], list[Attachment]]:
         if found and item["role"] != "user":  # as OpenAI: a system or assistant image would be dropped unseen
             raise bad(f"{where}: images are taken in user messages only", where)
         role = ROLES[item["role"]]
-        messages.append({"role": role, "content": without_notice(text) if role == "assistant" else text})
+        messages.append({"role": role, "content": as_held(text) if role == "assistant" else text})
         images = found
     if messages[-1]["role"] != "user":
         raise bad("the last message must be the user's", "messages")
@@ -235,7 +235,7 @@ def _image(url: Any, where: str, index: int) -> Attachment:
 
 # The line streamed after the cloud's partial text when its stream broke and the local model answers
 # instead (``broke_off``), as a client sends it back: the answer's two parts are looked up apart.
-BROKE_OFF_LINE = re.compile(r"\n*\[the cloud's answer broke off here[^\n]*\]\n*")
+BROKE_OFF_LINE = re.compile(r"(?:\r?\n)*\[the cloud's answer broke off here[^\r\n]*\][ \t]*(?:\r?\n)*")
 
 
 def broke_off(fallback: str) -> str:
@@ -257,11 +257,14 @@ def notice_line(notice: str) -> str:
     return f"[locod: {' '.join(notice.split())}]\n\n"  # one line, whatever an error message held
 
 
-def without_notice(answer: str) -> str:
-    """An earlier answer as its model wrote it: the notice line the door put first is its word to the user,
-    not the model's (a model shown it in its history copies it), nor part of the session's history."""
+def as_held(answer: str) -> str:
+    """An earlier answer as its model wrote it and its session holds it: the notice line the door put first
+    is its word to the user, not the model's (a model shown it in its history copies it); of an answer whose
+    cloud stream broke off, the local answer that replaced it, as the socket's clients discard the cloud's
+    text on the ``fallback`` frame (with both, the history no longer matched and the conversation left its
+    session, the break-off line reaching the model)."""
     line = NOTICE_LINE.match(answer)
-    return answer[line.end() :] if line else answer
+    return BROKE_OFF_LINE.split(answer[line.end() :] if line else answer)[-1]
 
 
 # A configured local model that cannot run: its file gone or broken, or more than the memory there is.

@@ -427,6 +427,12 @@ def test_a_cloud_stream_that_breaks_is_marked_where_it_broke(daemon_factory: Any
     assert "answering locally, from the start, by a model that cannot see images (not seen: " in local_part
     assert (chunks[-1].model_extra or {})["locod"]["outcome"] == "fallback"
     assert handle.rows()[0]["outcome"] == "fallback"
+    # Sent back whole, the answer is the local one the session holds: the conversation stays in its session
+    # (it left it, and the break-off line reached the model as history).
+    conversation = [{"role": "user", "content": question}, {"role": "assistant", "content": text}]
+    conversation.append({"role": "user", "content": "Thanks."})
+    sdk(base).chat.completions.create(model=LOCAL, messages=conversation, max_tokens=4)
+    assert len({row["session"] for row in handle.rows()}) == 1
 
 
 def test_a_body_that_is_not_text_is_a_400_not_a_crash(daemon_factory: Any) -> None:
