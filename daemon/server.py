@@ -66,7 +66,7 @@ from locod.protocol import (
     encode_frame,
     parse_request,
 )
-from locod.words import counted
+from locod.words import counted, or_na
 
 if TYPE_CHECKING:
     from locod.daemon.httpapi import HttpServer
@@ -652,7 +652,7 @@ class Daemon:
         loaded = "" if resident == [default] else f" (default; loaded: {', '.join(resident) or 'none'})"
         return (
             f"model {default}{loaded}, {net}, mode {routing['mode']}, "
-            f"SLA {_or_na(routing['attained'])}/{routing['sla']}, Q {routing['q']:.2f}, "
+            f"SLA {or_na(routing['attained'], '{}')}/{routing['sla']}, Q {routing['q']:.2f}, "
             f"{self.in_flight()} in flight"
         )
 
@@ -765,10 +765,6 @@ def _as_started(new: Config, running: Config) -> tuple[Config, list[str]]:
             kept.append(f"{section}.{key}")
             new = dataclasses.replace(new, **{section: dataclasses.replace(getattr(new, section), **{key: started})})
     return new, kept
-
-
-def _or_na(value: object) -> object:
-    return "n/a" if value is None else value
 
 
 def _exclusive_lock(directory: Path) -> IO[str]:
