@@ -451,12 +451,8 @@ class Decider:
         left = access.daily_cap_usd - access.spent_today_usd
         answer = turn.max_tokens()
         cloud = [c for c in candidates.values() if c.location == "cloud"]
-        price = {c.key: self._price(turn, c, answer) for c in cloud}
+        price = {c.key: turn.cloud_price(self.config, c.model, c.send, answer) for c in cloud}
         return [key for key, usd in price.items() if usd > left]
-
-    def _price(self, turn: Turn, candidate: Candidate, answer_tokens: int) -> float:
-        images = sum(turn.attachments[i].kind == "image" for i in candidate.send)
-        return self.config.cloud_model(candidate.model).price(turn.prompt_tokens, answer_tokens, images)
 
     def _policy(
         self,
@@ -546,7 +542,7 @@ class Decider:
                 joules = snapshot.joules_per_token or self.config.local_model(c.model).joules_per_token
                 raw[key] = rule.local_cost(joules, weights.weight_energy) + wait
                 continue
-            usd = self._price(turn, c, rule.EXPECTED_ANSWER_TOKENS)
+            usd = turn.cloud_price(self.config, c.model, c.send, rule.EXPECTED_ANSWER_TOKENS)
             upload = turn.upload_bytes(c.send)
             raw[key] = rule.cloud_cost(usd, upload, snapshot.upload_bps, weights.weight_money, weights.weight_energy)
         return rule.normalised(raw)

@@ -96,12 +96,17 @@ class Turn:
     def max_tokens(self) -> int:
         return self.request.options.max_tokens or self.config.local.max_tokens
 
+    def cloud_price(self, config: Config, model: str, send: tuple[int, ...], answer_tokens: int) -> float:
+        """What cloud ``model`` of ``config`` (the decider's, while it decides: the turn's own is set from it
+        after) charges for this turn: the prompt as estimated, the images among ``send``, ``answer_tokens``."""
+        images = sum(self.attachments[i].kind == "image" for i in send)
+        return config.cloud_model(model).price(self.prompt_tokens, answer_tokens, images)
+
     def most_spent(self, decision: Decision) -> float:
-        """What a cloud call for ``decision`` may cost: the prompt as estimated and the whole ``max_tokens``
-        of answer, the price the daily cap's shield admitted it at. Its record holds this until it is
-        completed: a kill during the call (which the endpoint bills) must not take it off today's spend."""
-        images = sum(self.attachments[i].kind == "image" for i in decision.send)
-        return self.config.cloud_model(decision.model).price(self.prompt_tokens, self.max_tokens(), images)
+        """What a cloud call for ``decision`` may cost: the whole ``max_tokens`` of answer, the price the
+        daily cap's shield admitted it at. Its record holds this until it is completed: a kill during the
+        call (which the endpoint bills) must not take it off today's spend."""
+        return self.cloud_price(self.config, decision.model, decision.send, self.max_tokens())
 
 
 @dataclass(frozen=True)
