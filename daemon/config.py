@@ -335,7 +335,8 @@ def load_config(
         set_text(Config, table, key, text, origin)
         origins[key] = origin
     config = build_table(Config, table, source, "")
-    config = _with_defaults(dataclasses.replace(config, source=source), env)
+    paths = _expanded_paths(config.paths, source, origins)
+    config = _with_defaults(dataclasses.replace(config, source=source, paths=paths), env)
     _check_models(config, origins)
     _check_secrets(config, origins)
     _check_endpoints(config, origins)
@@ -356,7 +357,7 @@ def default_runtime_dir(env: Mapping[str, str]) -> str:
     """Where the socket lives when no config says: LOCOD_RUNTIME_DIR, systemd's RuntimeDirectory, then
     $XDG_RUNTIME_DIR/locod. A client uses it when the config file itself cannot be read."""
     return (
-        env.get("LOCOD_RUNTIME_DIR")
+        os.path.expanduser(env.get("LOCOD_RUNTIME_DIR", ""))
         or env.get("RUNTIME_DIRECTORY", "").split(":")[0]
         or str(Path(env.get("XDG_RUNTIME_DIR") or f"/tmp/locod-{os.getuid()}") / "locod")
     )
@@ -367,7 +368,7 @@ def runtime_dir_leniently(path: Path | None, env: Mapping[str, str], overrides: 
     a value out of range): ``paths.runtime_dir`` from an override, $LOCOD_RUNTIME_DIR, or that one line of
     the file read on its own; else the default place."""
     if overrides.get("paths.runtime_dir"):
-        return overrides["paths.runtime_dir"]
+        return os.path.expanduser(overrides["paths.runtime_dir"])
     if env.get("LOCOD_RUNTIME_DIR") or path is None:
         return default_runtime_dir(env)
     try:
@@ -388,9 +389,30 @@ def runtime_dir_leniently(path: Path | None, env: Mapping[str, str], overrides: 
                 break
             value = table.get("runtime_dir") or table.get("paths", {}).get("runtime_dir")
             if isinstance(value, str) and value:
-                return value
+                return os.path.expanduser(value)
             break
     return default_runtime_dir(env)
+
+
+def _expanded_paths(paths: PathsConfig, source: str, origins: Mapping[str, str]) -> PathsConfig:
+    """The directories of ``[paths]`` with ``~`` expanded, as a shell would: taken as written, ``~/locod``
+    made a folder named ``~`` in whatever directory the daemon started in. A relative one is refused: the
+    daemon and every command (each started elsewhere) would look for the socket and the log in different places."""
+    named = [(f"paths.{key}", [getattr(paths, key)]) for key in ("state_dir", "runtime_dir", "models_dir")]
+    for key, values in [*named, ("paths.allow_dirs", paths.allow_dirs)]:
+        for value in values:
+            if value and not value.startswith(("/", "~")):
+                raise ConfigError(
+                    f"{origins.get(key, source)}: {key} must be an absolute path or begin with ~/, got {value!r} "
+                    "(a relative one would depend on the directory each command and the daemon start in)"
+                )
+    return dataclasses.replace(
+        paths,
+        state_dir=os.path.expanduser(paths.state_dir),
+        runtime_dir=os.path.expanduser(paths.runtime_dir),
+        models_dir=os.path.expanduser(paths.models_dir),
+        allow_dirs=[os.path.expanduser(d) for d in paths.allow_dirs],
+    )
 
 
 def _with_defaults(config: Config, env: Mapping[str, str]) -> Config:
