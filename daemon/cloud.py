@@ -108,10 +108,10 @@ def _client(model: CloudModelConfig, key: str | None, timeout_s: float, source: 
     )
 
 
-def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str) -> str:
-    """What to do about a refusal of the key (401, 403), of the model id (404), or of a request field a
-    model does not take (400: OpenAI's reasoning models), naming what was used. The endpoint's own message
-    is read for those words only, never repeated: it may quote the request."""
+def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str, images: int) -> str:
+    """What to do about a refusal of the key (401, 403), of the model id (404), of a request field a model
+    does not take (400: OpenAI's reasoning models), or of the ``images`` it was sent, naming what was used.
+    The endpoint's own message is read for those words only, never repeated: it may quote the request."""
     if exc.status_code in (401, 403):
         return f": check the API key, which the daemon takes from {source}"
     if exc.status_code == 404:
@@ -130,7 +130,14 @@ def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str) -> s
         if not model.context_tokens:
             return f"{longer}: set context_tokens for {model.name!r}, so such prompts go to a model that holds them"
         return f"{longer}: is context_tokens = {model.context_tokens} for {model.name!r} more than it holds?"
-    return ""
+    return _vision_hint(model, images) if exc.status_code in (400, 422, 500) else ""
+
+
+def _vision_hint(model: CloudModelConfig, images: int) -> str:
+    """A model that cannot see images fails a request with one in the endpoint's own way (a 400 or 422, a 500,
+    a stream without text: llama.cpp's server with a text-only GGUF), rarely in words that name images; the
+    model's entry says it can (``vision``, true by default), so the user is told which setting to check."""
+    return f" (if it cannot see images, set vision = false for {model.name!r})" if images else ""
 
 
 class CircuitBreaker:
@@ -334,7 +341,7 @@ class CloudBackend:
                 if delay is None:
                     if exc.status_code >= 500 or exc.status_code in ENDPOINT_4XX:
                         breaker.failure()
-                    hint = _hint(model, exc, self._key_sources.get(name, ""))
+                    hint = _hint(model, exc, self._key_sources.get(name, ""), prompt.upload.images)
                     message = f"{name}: HTTP {exc.status_code} from the endpoint{hint}"
                     raise failed(message, "cloud_http") from None
             except (openai.APIConnectionError, openai.APITimeoutError) as exc:
@@ -416,18 +423,21 @@ class CloudBackend:
             stream.close()
         generation = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
         if not prompt.cancelled.is_set():
-            self._check_complete(name, breaker, generation, finished)
+            self._check_complete(name, model, breaker, generation, finished)
         breaker.success()
         self.answered += 1
         return generation
 
     @staticmethod
-    def _check_complete(name: str, breaker: CircuitBreaker, generation: Generation, finished: bool) -> None:
+    def _check_complete(
+        name: str, model: CloudModelConfig, breaker: CircuitBreaker, generation: Generation, finished: bool
+    ) -> None:
         """A stream that closed cleanly may still have said nothing, or never said its answer was complete."""
         if generation.first_token_ms is None:
             breaker.failure()
             upload = Upload(generation.images_sent, generation.bytes_up)
-            raise Received(f"{name}: the endpoint returned no answer text", upload, code="cloud_invalid_reply")
+            hint = _vision_hint(model, generation.images_sent)
+            raise Received(f"{name}: the endpoint returned no answer text{hint}", upload, code="cloud_invalid_reply")
         if not finished:
             breaker.failure()
             raise StreamCut(f"{name}: the answer stream ended without finishing", generation)
