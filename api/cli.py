@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from locod import __version__
+from locod.commands.common import CONFIG_PLACES
 from locod.commands.control import cmd_reload, cmd_serve, cmd_stop
 from locod.commands.decisions import cmd_decisions, cmd_feedback
 from locod.commands.offline import (
@@ -208,8 +209,7 @@ def _global_options(default: Any) -> argparse.ArgumentParser:
     group.add_argument(
         "--config",
         default=default,
-        help="config file (default: $LOCOD_CONFIG, $XDG_CONFIG_HOME/locod/config.toml (~/.config/locod/config.toml), "
-        "/etc/locod/config.toml)",
+        help=f"config file (default: {CONFIG_PLACES})",
     )
     group.add_argument(
         "--set",

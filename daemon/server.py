@@ -101,8 +101,8 @@ class Daemon:
         self.started = time.monotonic()  # uptime: a wall clock set back or forward meanwhile is no part of it
         self.code = code_digest()  # the code it runs: `locod status` tells it from the installed one
         os.umask(0o077)  # the decision log and router state are the user's business alone
-        self._state_lock = _exclusive_lock(config.state_dir)  # held, never read: its lock lasts as long as it
-        self._runtime_lock = _exclusive_lock(config.runtime_dir)  # taken again if the directory is removed
+        self._state_lock = _exclusive_lock(config.state_dir, TAKEN_AT_START)  # held, never read: lasts as long as it
+        self._runtime_lock = _exclusive_lock(config.runtime_dir, TAKEN_AT_START)  # taken again if the directory goes
         self.notifier = Notifier()
         self._build_turn_path(config)
         self._prepare_loop(config)
@@ -767,8 +767,17 @@ def _as_started(new: Config, running: Config) -> tuple[Config, list[str]]:
     return new, kept
 
 
-def _exclusive_lock(directory: Path) -> IO[str]:
-    """Hold ``directory/locod.lock`` for the daemon's life: one daemon per state and runtime directory."""
+# What a second `locod serve` (a second quickstart.sh run after a `locod stop` that has not finished, a shell
+# besides the service) is told to do about the daemon that holds its directory.
+TAKEN_AT_START = (
+    ": `locod status` shows it and `locod stop` stops it; a second daemon needs its own paths.state_dir and "
+    "paths.runtime_dir"
+)
+
+
+def _exclusive_lock(directory: Path, advice: str = "") -> IO[str]:
+    """Hold ``directory/locod.lock`` for the daemon's life: one daemon per state and runtime directory;
+    ``advice`` follows the refusal when another holds it."""
     make_private_dir(directory)
     try:
         handle = (directory / "locod.lock").open("w")
@@ -779,7 +788,7 @@ def _exclusive_lock(directory: Path) -> IO[str]:
     except BlockingIOError:
         handle.close()
         raise StorageError(
-            f"another locod daemon is already running with {directory}", code="already_running"
+            f"another locod daemon is already running with {directory}{advice}", code="already_running"
         ) from None
     return handle
 

@@ -15,6 +15,10 @@ from locod.errors import ConfigError, DaemonNotRunning, StorageError, UnsafeSock
 from locod.terminal import shown
 
 SYSTEM_STATE_DIR = Path("/var/lib/locod")  # the system unit's StateDirectory
+# Where the config file is looked for, in order, without --config (daemon/config.py, find_config_file).
+CONFIG_PLACES = (
+    "$LOCOD_CONFIG, $XDG_CONFIG_HOME/locod/config.toml (~/.config/locod/config.toml), /etc/locod/config.toml"
+)
 
 
 def set_overrides(args: argparse.Namespace) -> dict[str, str]:

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from locod.commands.common import configuration, connect, set_overrides
-from locod.commands.status import code_skew
+from locod.commands.common import CONFIG_PLACES, configuration, connect, set_overrides
+from locod.commands.status import code_skew, no_key_warning
 from locod.errors import ConfigError, LocodError
 from locod.protocol import NO_CONFIG_FILE
 
@@ -47,8 +47,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(f"locod: reload rejected, the running configuration kept: {why}", file=sys.stderr)
         return 2
     source = result.get("config")
-    if source == NO_CONFIG_FILE:
-        print("reloaded, but no config file was found: defaults and LOCOD_* variables only")
+    if source == NO_CONFIG_FILE:  # a file in another place (~/.config/locod.toml) is not read: say where it looks
+        print(f"reloaded, but no config file was found ({CONFIG_PLACES}): defaults and LOCOD_* variables only")
     else:
         print(f"reloaded from {source}")
     if result.get("models_changed"):  # an older daemon does not say
@@ -56,6 +56,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if result.get("restart_needed"):
         print(f"changed in [{'], ['.join(result['restart_needed'])}]: takes effect when the daemon restarts")
     _say_which_variables_stay_here(running, keyless)
+    for name, var in keyless.items():  # one whose variable this shell has is named by the line above
+        if not os.environ.get(var):
+            print(f"note: {no_key_warning(name, var)}", file=sys.stderr)
     _say_which_key_files_are_not_read(running, cloud.get("key_from_env", []))  # an older daemon: none
     for why in result.get("left_out", {}).values():  # the daemon's own look at the files (an older one: none)
         print(f"note: {why}; it is left out of routing until then", file=sys.stderr)

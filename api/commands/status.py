@@ -96,16 +96,19 @@ def _files(status: dict[str, Any]) -> str:
 def _status_warnings(status: dict[str, Any]) -> list[str]:
     """What needs the user's hand: a cloud model without its key, a policy file the daemon could not use, a
     decision log whose WAL cannot be checkpointed, a daemon running other code than this command."""
-    warnings = [
-        f"cloud model {name} has no API key: set ${env} (and restart) or its api_key_file (and reload)"
-        for name, env in status["cloud"].get("no_api_key", {}).items()
-    ]
+    warnings = [no_key_warning(name, env) for name, env in status["cloud"].get("no_api_key", {}).items()]
     if status["routing"].get("policy_error"):  # routing.policy_path (or $LOCOD_POLICY) names an unusable file
         warnings.append(f"{status['routing']['policy_error']} (routing.policy_path, or $LOCOD_POLICY)")
     if status.get("db_warning"):  # an older daemon's status has no such field
         warnings.append(status["db_warning"])
     skew = code_skew(status)
     return [*warnings, skew] if skew else warnings
+
+
+def no_key_warning(name: str, variable: str) -> str:
+    """What to do about a cloud model the daemon has no key for: status warns of it, and a reload that leaves
+    it so notes it, as the model's first turn to an endpoint that wants a key would fail."""
+    return f"cloud model {name} has no API key: set ${variable} (and restart) or its api_key_file (and reload)"
 
 
 def code_skew(status: dict[str, Any]) -> str | None:
