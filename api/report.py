@@ -122,6 +122,7 @@ def _money(ax: Any, history: History, cap: float) -> None:
         ax.axhline(cap, color="tab:red", ls="--", label=f"daily cap ${cap:.2f}")
         ax.legend(loc="upper left")
     ax.set(title="money per day", ylabel="USD", xlabel="local day (month-day)")
+    ax.set_ylim(bottom=0)  # days of local turns alone drew $0 in the middle of an axis from -0.04 to 0.04
 
 
 def _labels(ax: Any, history: History, times: list[dt.datetime], width: float) -> None:

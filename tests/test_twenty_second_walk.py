@@ -115,3 +115,25 @@ def test_a_text_only_cloud_model_sent_an_image_names_the_vision_key(
         asked.stderr
     )
     assert handle.rows()[0]["outcome"] == "fallback"
+
+
+def test_a_report_of_local_turns_alone_draws_no_negative_money(tmp_path: Path) -> None:
+    """Before a cloud model was configured every turn cost $0, and the money panel drew them on an axis from
+    -0.04 to 0.04 USD, as if money could be negative."""
+    import matplotlib.pyplot as plt
+
+    from locod.daemon.history import parse_since, read_history
+    from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
+    from locod.report import figure
+
+    log = DecisionLog(tmp_path / "locod.db")
+    for turn in range(3):
+        decision = log.begin(DecisionRecord("s", turn, "r", "0" * 64, 5, None, "chat", "local", "local", "test"))
+        log.finish(decision, Outcome("ok", "local", "smollm2-135m-instruct", cost_usd=0.0, energy_j=1.0))
+    log.close()
+    fig = figure(read_history(tmp_path / "locod.db", parse_since("7d")), 0.0, "t")
+    try:
+        money = next(ax for ax in fig.axes if ax.get_title() == "money per day")
+        assert money.get_ylim()[0] == 0
+    finally:
+        plt.close(fig)
