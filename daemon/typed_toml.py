@@ -46,6 +46,12 @@ def separated_by(separator: str) -> dict[str, Any]:
     return {"separator": separator}
 
 
+# What tomllib's "Invalid value" most often means in a config: text written as a shell would take it
+# (mode = auto, path = ~/models/x.gguf) or a boolean as Python writes it (True). The line is not quoted back:
+# it may hold a key pasted in by mistake.
+UNQUOTED = '; text, paths included, needs quotes (mode = "auto"), and a boolean is true or false'
+
+
 def read_toml(path: Path, limit: int) -> dict[str, Any]:
     """A TOML file's table, read whole only when under ``limit`` bytes; any failure is a one-line
     ConfigError naming the file, except FileNotFoundError, which each caller answers its own way."""
@@ -58,7 +64,9 @@ def read_toml(path: Path, limit: int) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     except ValueError as exc:  # TOMLDecodeError, or an integer of over 4,300 digits
-        raise ConfigError(f"{path}: not valid TOML: {_one_line(exc)}") from None
+        said = _one_line(exc)
+        hint = UNQUOTED if said.startswith("Invalid value") else ""
+        raise ConfigError(f"{path}: not valid TOML: {said}{hint}") from None
     except RecursionError:
         raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
 

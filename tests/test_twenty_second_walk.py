@@ -137,3 +137,20 @@ def test_a_report_of_local_turns_alone_draws_no_negative_money(tmp_path: Path) -
         assert money.get_ylim()[0] == 0
     finally:
         plt.close(fig)
+
+
+def test_an_unquoted_value_in_the_config_says_that_text_needs_quotes(tmp_path: Path) -> None:
+    """`mode = auto` and `path = ~/models/x.gguf`, written as a shell takes them, stopped the daemon with
+    tomllib's "Invalid value (at line 2, column 8)", which does not say what is invalid about it."""
+    config = tmp_path / "config.toml"
+    config.write_text("[routing]\nmode = auto\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCOD_")}
+    env.update(LOCOD_STATE_DIR=str(tmp_path / "state"), LOCOD_RUNTIME_DIR=str(tmp_path / "run"))
+    served = subprocess.run(
+        locod_command("--config", str(config), "serve"), capture_output=True, text=True, env=env, timeout=120
+    )
+    assert served.returncode == 2, served.stderr
+    assert (
+        f"{config}: not valid TOML: Invalid value (at line 2, column 8); text, paths included, needs quotes "
+        '(mode = "auto"), and a boolean is true or false' in served.stderr
+    )
