@@ -40,7 +40,7 @@ from locod.errors import (
     RequestError,
     StorageError,
 )
-from locod.protocol import MAX_STOP_CHARS, OPTION_RULES, option_problem
+from locod.protocol import LOCATIONS, MAX_STOP_CHARS, OPTION_RULES, OUTCOMES, option_problem
 from locod.terminal import shown
 
 EXIT_CODES: dict[type[LocodError], int] = {
@@ -171,8 +171,8 @@ def _limit(text: str) -> int:
 
 
 def _since(text: str) -> str:
-    """``report --since``: a period checked as the command line is read, so a wrong one is a usage error
-    (exit 2, as every other wrong argument), not a refused request (exit 1)."""
+    """``report --since`` and ``decisions --since``: a period checked as the command line is read, so a wrong
+    one is a usage error (exit 2, as every other wrong argument), not a refused request (exit 1)."""
     from locod.daemon.history import parse_since
 
     try:
@@ -328,6 +328,10 @@ def _add_daemon_commands(sub: Any) -> None:
         "completion's `id`, chatcmpl-...)",
     )
     p.add_argument("--limit", type=_limit, default=20, help="how many of the newest, 1-1000 (default 20)")
+    p.add_argument("--session", help="only this session's turns (the `session` column)")
+    p.add_argument("--location", choices=LOCATIONS, help="only turns answered there in the end")
+    p.add_argument("--outcome", choices=OUTCOMES, help="only turns that ended so")
+    p.add_argument("--since", type=_since, help="only turns of the last 30m, 12h, 7d, 4w ...")
     p.add_argument("--json", action="store_true", help="whole records as JSON, one array")
     p.set_defaults(func=cmd_decisions)
 

@@ -51,6 +51,7 @@ from locod.protocol import (
     FallbackFrame,
     FeedbackRequest,
     Frame,
+    RecordQuery,
     Request,
     ResultFrame,
     SimpleRequest,
@@ -445,10 +446,21 @@ class Client:
     def status(self) -> dict[str, Any]:
         return dict(self.call("status"))
 
-    def decisions(self, limit: int = 20, of: str | None = None) -> list[dict[str, Any]]:
+    def decisions(
+        self,
+        limit: int = 20,
+        of: str | None = None,
+        *,
+        session: str | None = None,
+        location: str | None = None,
+        outcome: str | None = None,
+        since: float | None = None,
+    ) -> list[dict[str, Any]]:
         """The newest records, or (``of``) the one of a decision id or of a request id: an HTTP completion's
-        ``id``, a socket chat's request id."""
-        return list(self.call("decisions", limit=limit, **({"of": of} if of is not None else {})))
+        ``id``, a socket chat's request id; only those of ``session``, answered at ``location`` (local, cloud),
+        ending in ``outcome``, accepted at or after ``since`` (Unix time), where given (``RecordQuery``)."""
+        query = RecordQuery(limit, of, session, location, outcome, since)
+        return list(self.call("decisions", query=query))
 
     def feedback(self, decision: int, satisfied: bool) -> dict[str, Any]:
         return dict(self.call("feedback", decision=decision, satisfied=satisfied))

@@ -15,8 +15,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
 
 from locod import __version__
@@ -93,16 +94,35 @@ class FeedbackRequest:
     op: ClassVar[str] = "feedback"
 
 
+# Where a completed turn can end (the decisions table's ``outcome``): ``pending`` until it is completed, and
+# ``interrupted`` when the daemon stopped during it (set at the next start).
+OUTCOMES = ("ok", "fallback", "escalated", "error", "cancelled", "interrupted", "pending")
+LOCATIONS = ("local", "cloud")
+
+
+@dataclass(frozen=True)
+class RecordQuery:
+    """Which decision records the ``decisions`` op answers with, newest first: at most ``limit``, only ``of``'s
+    (a decision id or a request id), and only those of ``session``, answered at ``location`` (where the turn
+    ran in the end, after a fallback or an escalation), ending in ``outcome``, accepted at or after ``since``
+    (Unix time); each left None matches every record."""
+
+    limit: int = 20
+    of: str | None = None
+    session: str | None = None
+    location: str | None = None
+    outcome: str | None = None
+    since: float | None = None
+
+
 @dataclass(frozen=True)
 class SimpleRequest:
-    """``status``, ``ping``, ``reload``, ``config`` and ``decisions`` (with ``limit``, and ``of``: the records of
-    one decision id or request id)."""
+    """``status``, ``ping``, ``reload``, ``config`` and ``decisions`` (with ``query``: which records)."""
 
     id: str
     op: str
-    limit: int = 20
     secret: str | None = None
-    of: str | None = None
+    query: RecordQuery = RecordQuery()
 
 
 Request = ChatRequest | FeedbackRequest | SimpleRequest
@@ -163,14 +183,26 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
         decision = reader.required("decision", int)
         satisfied = reader.required("satisfied", bool)
         return FeedbackRequest(rid, decision, satisfied, secret)
+    return SimpleRequest(rid, op, secret, _record_query(reader))
+
+
+def _record_query(reader: _Fields) -> RecordQuery:
+    """The ``decisions`` op's fields (every other simple op ignores them)."""
     limit = reader.optional("limit", int)
     limit = 20 if limit is None else limit  # a 0 is refused below, not taken for the default
     if not 1 <= limit <= 1000:
         raise reader.bad("limit", "must be between 1 and 1000")
-    of = reader.optional("of", str)
-    if of is not None and not 0 < len(of) <= 200:
-        raise reader.bad("of", "must be a decision id or a request id of 1 to 200 characters")
-    return SimpleRequest(rid, op, limit, secret, of)
+    texts = {name: reader.optional(name, str) for name in ("of", "session", "location", "outcome")}
+    for name in ("of", "session"):
+        if texts[name] is not None and not 0 < len(texts[name]) <= 200:
+            raise reader.bad(name, "must be a string of 1 to 200 characters")
+    for name, known in (("location", LOCATIONS), ("outcome", OUTCOMES)):
+        if texts[name] is not None and texts[name] not in known:
+            raise reader.bad(name, f"must be one of {', '.join(known)}")
+    since = reader.optional("since", float)
+    if since is not None and not math.isfinite(since):
+        raise reader.bad("since", "must be a finite Unix time")
+    return RecordQuery(limit, since=since, **texts)
 
 
 _OPENING = re.compile(r"\s*\{")
@@ -401,9 +433,7 @@ def encode_request(request: Request) -> bytes:
     else:
         msg["op"] = request.op
         if request.op == "decisions":
-            msg["limit"] = request.limit
-            if request.of is not None:
-                msg["of"] = request.of
+            msg.update((name, value) for name, value in asdict(request.query).items() if value is not None)
     return json.dumps(msg, separators=(",", ":")).encode()
 
 

@@ -40,7 +40,7 @@ from locod.daemon.records_schema import (
 from locod.daemon.tallies import DailyTally, FinishedSums
 from locod.errors import StorageError, UnknownDecision
 from locod.policy.logged import LoggedTurn, logged_observation
-from locod.protocol import ANSWERED
+from locod.protocol import ANSWERED, RecordQuery
 from locod.words import counted
 
 log = logging.getLogger(__name__)
@@ -540,13 +540,13 @@ class DecisionLog:
                 ).fetchone()
             self.finished.add_cost(decision_id, None if where is None else (where[0], where[1]), usd)
 
-    def recent(self, limit: int = 20, of: str | None = None) -> list[dict[str, Any]]:
-        """The newest records (``of``: those of a decision id or a request id), read on the reading connection
-        (never the writer's: a writer's COMMIT on another thread inside a read's savepoint released it, and a
-        write waiting for SQLite's lock would hold the read)."""
-        where, params = _matching(of)
+    def recent(self, query: RecordQuery) -> list[dict[str, Any]]:
+        """The newest records ``query`` matches, read on the reading connection (never the writer's: a writer's
+        COMMIT on another thread inside a read's savepoint released it, and a write waiting for SQLite's lock
+        would hold the read)."""
+        where, params = _matching(query)
         with self._reading("reading recent records") as conn:
-            rows = [dict(row) for row in conn.execute(self._recent_sql.format(where), [*params, limit])]
+            rows = [dict(row) for row in conn.execute(self._recent_sql.format(where), [*params, query.limit])]
         return [_decoded(row) for row in rows]
 
     def spent_today(self) -> float:
@@ -761,22 +761,34 @@ def _logged_turn(row: sqlite3.Row) -> LoggedTurn:
     )
 
 
-def read_recent(path: Path, limit: int, of: str | None = None) -> list[dict[str, Any]]:
-    """The newest records, without a daemon: `locod decisions` while it is stopped."""
-    where, params = _matching(of)
-    rows = read_rows(path, f"SELECT * FROM decisions {where} ORDER BY id DESC LIMIT ?", [*params, limit])
+def read_recent(path: Path, query: RecordQuery) -> list[dict[str, Any]]:
+    """The newest records ``query`` matches, without a daemon: `locod decisions` while it is stopped."""
+    where, params = _matching(query)
+    rows = read_rows(path, f"SELECT * FROM decisions {where} ORDER BY id DESC LIMIT ?", [*params, query.limit])
     return [_decoded(dict(row)) for row in rows]
 
 
-def _matching(of: str | None) -> tuple[str, list[Any]]:
-    """The WHERE clause for the records of ``of``: a decision id (what ``x-locod-decision`` and ``locod
-    feedback`` name) when it is a number SQLite's integers hold (one past them raised OverflowError), else a
-    request id (an HTTP completion's ``id``)."""
-    if of is None:
+def _matching(query: RecordQuery) -> tuple[str, list[Any]]:
+    """The WHERE clause for the records ``query`` asks for. ``of`` is a decision id (what ``x-locod-decision``
+    and ``locod feedback`` name) when it is a number SQLite's integers hold (one past them raised
+    OverflowError), else a request id (an HTTP completion's ``id``); the location is where the turn ran in the
+    end, as the table of ``locod decisions`` shows it."""
+    conditions: list[tuple[str, Any]] = []
+    if query.of is not None and query.of.isdecimal() and query.of.isascii() and int(query.of) < 1 << 63:
+        conditions.append(("id = ?", int(query.of)))
+    elif query.of is not None:
+        conditions.append(("request_id = ?", query.of))
+    for condition, value in (
+        ("session = ?", query.session),
+        ("COALESCE(backend, location) = ?", query.location),
+        ("outcome = ?", query.outcome),
+        ("created >= ?", query.since),
+    ):
+        if value is not None:
+            conditions.append((condition, value))
+    if not conditions:
         return "", []
-    if of.isdecimal() and of.isascii() and int(of) < 1 << 63:
-        return "WHERE id = ?", [int(of)]
-    return "WHERE request_id = ?", [of]
+    return "WHERE " + " AND ".join(c for c, _ in conditions), [v for _, v in conditions]
 
 
 def _decoded(row: dict[str, Any]) -> dict[str, Any]:

@@ -475,7 +475,7 @@ class Daemon:
         if request.op == "status":
             return self.status()
         if request.op == "decisions":
-            return self.records.recent(request.limit, request.of)
+            return self.records.recent(request.query)
         if request.op == "reload":
             return {**self.reload(), "config": self.config.source}
         if request.op == "config":

@@ -8,6 +8,7 @@ import shutil
 import stat
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -202,6 +203,34 @@ def test_cli_ask_status_decisions(daemon: DaemonHandle) -> None:
     table = subprocess.run([*base, "decisions"], env=env, capture_output=True, text=True, timeout=60)
     assert table.stdout.splitlines()[0].split()[:4] == ["id", "time", "session", "turn"]
     assert table.stdout.splitlines()[1].startswith("1 ")
+
+
+def test_decisions_are_narrowed_by_session_location_outcome_and_since(daemon: DaemonHandle) -> None:
+    """`locod decisions --session/--location/--outcome/--since` (and the op's fields) pick the records of
+    one chat, or only the failures, from a log where the newest twenty are other turns; read from the file
+    alike once the daemon is stopped."""
+    client = daemon.client()
+    for session in ("a", "b", "a"):
+        client.ask("Hi", session=session, max_tokens=2)
+    ids_of_a = [row["id"] for row in daemon.rows("SELECT id FROM decisions WHERE session = 'a' ORDER BY id DESC")]
+
+    def ids(*args: str) -> list[int]:
+        table = daemon.cli("decisions", *args)
+        assert table.returncode == 0, table.stderr
+        return [int(line.split()[0]) for line in table.stdout.splitlines()[1:]]
+
+    assert ids("--session", "a") == ids_of_a[::-1] and len(ids_of_a) == 2
+    assert len(ids("--location", "local", "--outcome", "ok", "--since", "1h")) == 3
+    nothing = daemon.cli("decisions", "--location", "cloud")
+    assert nothing.returncode == 0 and "no decision record matches" in nothing.stderr
+    assert [r["id"] for r in client.decisions(session="a", limit=1)] == ids_of_a[:1]
+    assert client.decisions(since=time.time() + 3600) == []
+    wrong = daemon.cli("decisions", "--outcome", "good")
+    assert wrong.returncode == 2 and "invalid choice: 'good'" in wrong.stderr
+    daemon.stop()
+    stopped = daemon.cli("decisions", "--session", "b", "--json")
+    assert stopped.returncode == 0 and "read from" in stopped.stderr
+    assert [row["session"] for row in json.loads(stopped.stdout)] == ["b"]
 
 
 def test_missing_daemon_is_a_clear_message(tmp_path: Path) -> None:

@@ -22,6 +22,7 @@ from locod.protocol import (
     FeedbackRequest,
     Frame,
     QueuedFrame,
+    RecordQuery,
     Request,
     ResultFrame,
     SimpleRequest,
@@ -67,7 +68,7 @@ def test_attachment_bytes_are_base64() -> None:
 def test_other_ops() -> None:
     assert isinstance(parse_request(frame(op="feedback", decision=3, satisfied=True), 10_000), FeedbackRequest)
     simple = parse_request(frame(op="decisions", limit=5), 10_000)
-    assert isinstance(simple, SimpleRequest) and simple.limit == 5
+    assert isinstance(simple, SimpleRequest) and simple.query == RecordQuery(limit=5)
 
 
 @pytest.mark.parametrize(
@@ -90,6 +91,10 @@ def test_other_ops() -> None:
         (frame(op="chat", messages=[{"role": "assistant", "content": "x"}]), "bad_field", "r1"),
         (frame(op="feedback", decision="3", satisfied=True), "bad_field", "r1"),
         (frame(op="feedback", decision=3, satisfied="yes"), "bad_field", "r1"),
+        (frame(op="decisions", location="moon"), "bad_field", "r1"),  # local or cloud
+        (frame(op="decisions", outcome="good"), "bad_field", "r1"),
+        (frame(op="decisions", session=""), "bad_field", "r1"),
+        (frame(op="decisions", since="yesterday"), "bad_field", "r1"),  # a Unix time
         (frame(op="ping") + [b"extra"], "extra_frames", None),
         ([b'{"v": 1, "id": "r1", "op": "ping", "op": "reload"}'], "invalid_json", None),  # which op? neither
         ([json.dumps({"v": True, "id": "r1", "op": "ping"}).encode()], "unsupported_version", "r1"),
@@ -190,7 +195,8 @@ REQUESTS = [
         secret="s3cret",
     ),
     FeedbackRequest("f1", 42, False),
-    SimpleRequest("d1", "decisions", limit=5),
+    SimpleRequest("d1", "decisions", query=RecordQuery(limit=5)),
+    SimpleRequest("d2", "decisions", query=RecordQuery(3, "17", "work", "cloud", "fallback", 1_764_300_000.5)),
     SimpleRequest("p1", "ping"),
 ]
 

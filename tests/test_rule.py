@@ -26,7 +26,7 @@ from locod.errors import AttachmentError, PromptTooLong
 from locod.policy import rule
 from locod.policy.messplus import MessPlus, RecordedFeatures, TurnFeatures, vectorize
 from locod.policy.observation import Slot
-from locod.protocol import Attachment
+from locod.protocol import Attachment, RecordQuery
 
 OPEN = CloudAccess(configured=True, online=True, spent_today_usd=0.0, daily_cap_usd=0.0)
 
@@ -192,7 +192,7 @@ def test_a_turn_a_stopped_daemon_left_pending_is_finished_as_interrupted(tmp_pat
     decision_id = log.begin(DecisionRecord("s", 0, "r", "", 0, None, "chat", "local", "m", ""))
     log.close()  # the daemon died before completing it
     again = DecisionLog(tmp_path / "locod.db")
-    (row,) = again.recent(10)
+    (row,) = again.recent(RecordQuery(limit=10))
     assert again.interrupted_at_start == 1 and row["id"] == decision_id
     assert row["outcome"] == "interrupted" and row["finished"] is not None and row["finished"] >= row["created"]
 
@@ -207,7 +207,7 @@ def test_reads_beside_writes_on_the_shared_connection_lose_nothing(tmp_path: Pat
     def read() -> None:
         while not done.is_set():
             try:
-                log.recent(1000)
+                log.recent(RecordQuery(limit=1000))
             except Exception as exc:  # any failure is what this test looks for
                 failures.append(exc)
                 return
@@ -222,7 +222,7 @@ def test_reads_beside_writes_on_the_shared_connection_lose_nothing(tmp_path: Pat
         done.set()
         reader.join(10)
     assert not failures
-    assert [row["outcome"] for row in log.recent(1000)] == ["ok"] * 300
+    assert [row["outcome"] for row in log.recent(RecordQuery(limit=1000))] == ["ok"] * 300
 
 
 def test_record_dataclasses_and_migrated_columns_agree(tmp_path: Path) -> None:

@@ -5,27 +5,40 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from typing import Any
 
 from locod.commands.common import at_rest, configuration, connect, print_json
 from locod.errors import DaemonNotRunning, UnknownDecision
 from locod.explain import explain
+from locod.protocol import RecordQuery
 from locod.terminal import shown
 from locod.words import or_na
 
 
 def cmd_decisions(args: argparse.Namespace) -> int:
+    query = _query(args)
     try:
         with connect(args) as client:
-            rows = client.decisions(args.limit, args.of)
+            rows = client.decisions(
+                query.limit,
+                query.of,
+                session=query.session,
+                location=query.location,
+                outcome=query.outcome,
+                since=query.since,
+            )
     except DaemonNotRunning:  # the log is a file: what happened can be read with the daemon stopped
         from locod.daemon.records import read_recent
 
         db_path = at_rest(configuration(args)).db_path
-        rows = read_recent(db_path, args.limit, args.of)
+        rows = read_recent(db_path, query)
         print(f"(locod is not running: read from {db_path})", file=sys.stderr)
-    if args.of is not None and not rows:
+    narrowed = query != RecordQuery(query.limit, query.of)
+    if args.of is not None and not rows and not narrowed:
         raise UnknownDecision(f"no decision record has the id {args.of!r}; `locod decisions` lists the newest")
+    if not rows and narrowed:  # a header alone would read as an empty log
+        print("no decision record matches --session, --location, --outcome and --since as given", file=sys.stderr)
     if args.json:
         print_json(rows)
         return 0
@@ -56,6 +69,14 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     return 0
 
 
+def _query(args: argparse.Namespace) -> RecordQuery:
+    """The records the command line asks for; ``--since`` as the Unix time it reaches back to."""
+    from locod.daemon.history import parse_since
+
+    since = None if args.since is None else time.time() - parse_since(args.since)
+    return RecordQuery(args.limit, args.of, args.session, args.location, args.outcome, since)
+
+
 def _column(row: dict[str, Any], column: str) -> str:
     try:
         return _formatted(row, column)
@@ -80,8 +101,6 @@ def _formatted(row: dict[str, Any], column: str) -> str:
 
 def _time(created: float) -> str:
     """Local time of day, with the date when it is not today."""
-    import time
-
     moment = time.localtime(created)
     today = time.localtime()[:3] == moment[:3]
     return time.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M", moment)
