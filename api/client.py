@@ -57,6 +57,7 @@ from locod.protocol import (
     SimpleRequest,
     decode_frame,
     encode_request,
+    zmq_address,
 )
 
 MAX_ATTACHMENT_BYTES = 20 << 20  # the daemon's attachments.max_bytes, by default
@@ -165,7 +166,7 @@ def locate(endpoint: str) -> str:
 def _session_socket() -> Path | None:
     """Where a daemon started in the user's login session (the user service) serves, for a process without
     XDG_RUNTIME_DIR: cron jobs and other shells outside a session get none, and looked under /tmp instead."""
-    if os.environ.get("XDG_RUNTIME_DIR"):
+    if os.path.isabs(os.environ.get("XDG_RUNTIME_DIR", "")):  # a relative one is ignored, as the daemon does
         return None
     return Path(f"/run/user/{os.getuid()}/locod/locod.sock")
 
@@ -342,7 +343,7 @@ class Client:
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
-            sock.connect(self.endpoint)
+            sock.connect(zmq_address(self.endpoint))
         except zmq.ZMQError as exc:  # not an endpoint at all: "localhost:5555", "tcp://host" without a port
             sock.close(linger=0)
             raise ConfigError(

@@ -16,6 +16,7 @@ import base64
 import binascii
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar
@@ -230,6 +231,15 @@ def leading_fields(raw: bytes, within: int = 4096) -> dict[str, str]:
             break
         pos = comma.end()
     return out
+
+
+def zmq_address(endpoint: str) -> bytes:
+    """``endpoint`` as ZeroMQ takes it: an ipc path in the file system's encoding, the bytes its directory was
+    made with. Given a str, pyzmq encodes it as UTF-8, which a non-ASCII path that Python read in an ASCII
+    locale (``LC_ALL=C`` without UTF-8 mode) is not: binding it ended the daemon's start in a traceback."""
+    if endpoint.startswith("ipc://"):
+        return b"ipc://" + os.fsencode(endpoint[6:])
+    return endpoint.encode()
 
 
 NOT_TEXT = "holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text"

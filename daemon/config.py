@@ -18,10 +18,21 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
+import zmq
+
 from locod.daemon.regular_file import read_regular
-from locod.daemon.typed_toml import build_table, in_range, one_of, read_toml, separated_by, set_text, tomllib
+from locod.daemon.typed_toml import (
+    build_table,
+    in_range,
+    one_of,
+    quoted,
+    read_toml,
+    separated_by,
+    set_text,
+    tomllib,
+)
 from locod.errors import ConfigError
-from locod.protocol import NO_CONFIG_FILE
+from locod.protocol import NO_CONFIG_FILE, zmq_address
 
 # The most a routing weight, V, the queue's cap, a price or an energy figure may be: beyond, products of them
 # overflow the router's arithmetic (inf, then NaN costs in every decision and its record) while meaning no more
@@ -258,6 +269,11 @@ class Config:
     def ipc_endpoint(self) -> str:
         return f"ipc://{self.socket_path}"
 
+    @property
+    def ipc_address(self) -> bytes:
+        """The ipc endpoint as ZeroMQ binds it (``zmq_address``), in the bytes its directory was made with."""
+        return zmq_address(self.ipc_endpoint)
+
     def local_model(self, name: str) -> LocalModelConfig:
         for model in self.local.models:
             if model.name == name:
@@ -304,7 +320,7 @@ def find_config_file(env: Mapping[str, str]) -> Path | None:
         if not path.is_file():
             raise ConfigError(f"LOCOD_CONFIG names {path}, which is not a file")
         return path
-    xdg = Path(env.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    xdg = xdg_dir(env, "XDG_CONFIG_HOME", Path.home() / ".config")
     for candidate in (xdg / "locod" / "config.toml", Path("/etc/locod/config.toml")):
         if candidate.is_file():
             return candidate
@@ -340,6 +356,7 @@ def load_config(
     _check_models(config, origins)
     _check_secrets(config, origins)
     _check_endpoints(config, origins)
+    _check_socket_path(config, origins)
     _warn_unknown_variables(env, config)
     return config
 
@@ -353,13 +370,21 @@ def parsed_override(dotted: str, text: str, origin: str) -> Any:
     return table
 
 
+def xdg_dir(env: Mapping[str, str], name: str, fallback: Path) -> Path:
+    """``$name`` when it holds an absolute path, else ``fallback``. The XDG Base Directory spec has a relative
+    value ignored: taken, it put the state and the socket wherever the daemon happened to start, where a
+    client started elsewhere never found them."""
+    value = env.get(name, "")
+    return Path(value) if os.path.isabs(value) else fallback
+
+
 def default_runtime_dir(env: Mapping[str, str]) -> str:
     """Where the socket lives when no config says: LOCOD_RUNTIME_DIR, systemd's RuntimeDirectory, then
     $XDG_RUNTIME_DIR/locod. A client uses it when the config file itself cannot be read."""
     return (
         os.path.expanduser(env.get("LOCOD_RUNTIME_DIR", ""))
         or env.get("RUNTIME_DIRECTORY", "").split(":")[0]
-        or str(Path(env.get("XDG_RUNTIME_DIR") or f"/tmp/locod-{os.getuid()}") / "locod")
+        or str(xdg_dir(env, "XDG_RUNTIME_DIR", Path(f"/tmp/locod-{os.getuid()}")) / "locod")
     )
 
 
@@ -403,7 +428,7 @@ def _expanded_paths(paths: PathsConfig, source: str, origins: Mapping[str, str])
         for value in values:
             if value and not value.startswith(("/", "~")):
                 raise ConfigError(
-                    f"{origins.get(key, source)}: {key} must be an absolute path or begin with ~/, got {value!r} "
+                    f"{origins.get(key, source)}: {key} must be an absolute path or begin with ~/, got {quoted(value)} "
                     "(a relative one would depend on the directory each command and the daemon start in)"
                 )
     return dataclasses.replace(
@@ -422,10 +447,10 @@ def _with_defaults(config: Config, env: Mapping[str, str]) -> Config:
     state = (
         config.paths.state_dir
         or env.get("STATE_DIRECTORY", "").split(":")[0]
-        or str(Path(env.get("XDG_STATE_HOME") or home / ".local/state") / "locod")
+        or str(xdg_dir(env, "XDG_STATE_HOME", home / ".local/state") / "locod")
     )
     runtime = config.paths.runtime_dir or default_runtime_dir(env)
-    models = config.paths.models_dir or str(Path(env.get("XDG_DATA_HOME") or home / ".local/share") / "locod/models")
+    models = config.paths.models_dir or str(xdg_dir(env, "XDG_DATA_HOME", home / ".local/share") / "locod/models")
     local_models = list(config.local.models)
     if not any(m.name == EMBEDDED_MODEL.name for m in local_models):
         local_models.insert(0, EMBEDDED_MODEL)
@@ -489,7 +514,7 @@ def _check_models(config: Config, origins: Mapping[str, str]) -> None:
     ):
         if (default or kind == "local") and default not in names:  # an empty cloud.default: the first one
             raise ConfigError(
-                f"{origins.get(key, config.source)}: {key} is {default!r}, which names no {kind} model "
+                f"{origins.get(key, config.source)}: {key} is {quoted(default)}, which names no {kind} model "
                 f"({kind} models: {names})"
             )
     if config.routing.mode == "cloud" and not cloud_names:  # else every turn would answer locally, each saying why
@@ -528,6 +553,18 @@ def _check_secrets(config: Config, origins: Mapping[str, str]) -> None:
             )
 
 
+def _check_socket_path(config: Config, origins: Mapping[str, str]) -> None:
+    """The socket's path fits a Unix socket address (``sun_path``): a longer one (a deep $LOCOD_RUNTIME_DIR, a
+    CI runner's workspace) loaded the model, then failed the bind in ZeroMQ's traceback."""
+    size = len(os.fsencode(config.socket_path))
+    if size > zmq.IPC_PATH_MAX_LEN:
+        raise ConfigError(
+            f"{origins.get('paths.runtime_dir', config.source)}: the socket's path {config.socket_path} is {size} "
+            f"bytes, over the {zmq.IPC_PATH_MAX_LEN} a Unix socket's path may hold: set paths.runtime_dir "
+            "($LOCOD_RUNTIME_DIR) to a shorter directory"
+        )
+
+
 def _url_problem(url: str) -> str | None:
     """What makes ``url`` no http(s) endpoint, quoted without a password it may hold; None when it is one.
     One that does not parse (``http://[zz/v1``, a port over 65535) raised ValueError from the cloud client
@@ -538,9 +575,9 @@ def _url_problem(url: str) -> str | None:
     except ValueError as exc:
         return f"a URL that does not parse ({exc})"
     if not url.startswith(("http://", "https://")):
-        return repr(redacted_url(url))
+        return quoted(redacted_url(url))
     if not parts.hostname or any(char.isspace() or not char.isprintable() for char in url):
-        return f"{redacted_url(url)!r}, which names no host or holds a space or control character"
+        return f"{quoted(redacted_url(url))}, which names no host or holds a space or control character"
     return None
 
 
@@ -549,7 +586,8 @@ def _check_endpoints(config: Config, origins: Mapping[str, str]) -> None:
     are refused here, before a model is loaded."""
     hub_problem = _url_problem(config.local.hub_endpoint)
     if hub_problem is not None:
-        raise ConfigError(f"{config.source}: local.hub_endpoint must be an http(s) URL, got {hub_problem}")
+        source = origins.get("local.hub_endpoint", config.source)
+        raise ConfigError(f"{source}: local.hub_endpoint must be an http(s) URL, got {hub_problem}")
     if config.daemon.tcp:
         source = origins.get("daemon.tcp", config.source)
         host = _unbracketed(config.daemon.tcp.removeprefix("tcp://").rpartition(":")[0])
@@ -581,7 +619,7 @@ def split_listen(listen: str, source: str = "(config)") -> tuple[str, int]:
     host, _, port = listen.rpartition(":")
     host = _unbracketed(host)
     if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"{source}: http.listen must look like 127.0.0.1:8080, got {listen!r}")
+        raise ConfigError(f"{source}: http.listen must look like 127.0.0.1:8080, got {quoted(listen)}")
     return host, int(port)
 
 

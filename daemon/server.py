@@ -224,7 +224,7 @@ class Daemon:
 
     def _bind_ipc(self) -> None:
         """Bind the ipc socket, its file the owner's alone: the file modes are the socket's only protection."""
-        self.sockets[IPC].bind(self.config.ipc_endpoint)
+        self.sockets[IPC].bind(self.config.ipc_address)
         os.chmod(self.config.socket_path, 0o600)
 
     def _read_door_keys(self) -> tuple[str | None, str | None]:
@@ -307,7 +307,7 @@ class Daemon:
             if not holds_runtime:  # the whole directory went, and its lock with it: already_running if taken
                 self._runtime_lock = _exclusive_lock(self.config.runtime_dir)
             with contextlib.suppress(zmq.ZMQError):  # unbound already, by a try whose bind then failed
-                self.sockets[IPC].unbind(self.config.ipc_endpoint)
+                self.sockets[IPC].unbind(self.config.ipc_address)
             self._bind_ipc()
         except (LocodError, OSError, zmq.ZMQError) as exc:
             if not self._socket_lost:

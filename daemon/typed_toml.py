@@ -30,6 +30,14 @@ else:  # pragma: no cover
 NOT_A_KEY = "source"
 
 
+def quoted(value: Any, most: int = 80) -> str:
+    """``value`` as an error quotes it: its repr, a long text's first ``most`` characters only. A 100 kB
+    variable (a file's content pasted into it) was echoed whole, the one line an error is many screens."""
+    if isinstance(value, str) and len(value) > most:
+        return f"{value[:most]!r}... ({len(value):,} characters)"
+    return repr(value)
+
+
 def in_range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
     """A field's bounds, as ``field(metadata=...)``: a value outside them is refused by name."""
     return {"min": lo, "max": hi}
@@ -108,7 +116,7 @@ def _value(hint: Any, raw: Any, meta: Mapping[str, Any], source: str, key: str) 
     if base is float and isinstance(raw, int) and not isinstance(raw, bool):
         raw, ok = float(raw), True
     if not ok:
-        raise ConfigError(f"{source}: {key} expects {_type_name(hint)}, got {type(raw).__name__} {raw!r}")
+        raise ConfigError(f"{source}: {key} expects {_type_name(hint)}, got {type(raw).__name__} {quoted(raw)}")
     if base is float and not math.isfinite(raw):
         raise ConfigError(f"{source}: {key} must be a finite number, got {raw!r}")
     if base is str and "\0" in raw:  # no path, URL or name holds one: os.open raised ValueError, an internal error
@@ -121,7 +129,7 @@ def _value(hint: Any, raw: Any, meta: Mapping[str, Any], source: str, key: str) 
     if choices:  # in any case (LOCOD_LOG_LEVEL=debug), kept as the schema spells it
         spelt = {choice.lower(): choice for choice in choices}.get(raw.lower())
         if spelt is None:
-            raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, got {raw!r}")
+            raise ConfigError(f"{source}: {key} must be one of {', '.join(choices)}, got {quoted(raw)}")
         return spelt
     return raw
 
@@ -166,7 +174,7 @@ def _parse_text(hint: Any, text: str, origin: str, key: str, separator: str) -> 
         if typing.get_origin(base) is list:
             return [part.strip() for part in text.split(separator) if part.strip()]
     except ValueError:
-        raise ConfigError(f"{origin}: {key} expects {_type_name(hint)}, got {text!r}") from None
+        raise ConfigError(f"{origin}: {key} expects {_type_name(hint)}, got {quoted(text)}") from None
     return text
 
 

@@ -7,6 +7,9 @@
 set -euo pipefail
 umask 022  # the software is world-readable; state directories get 0700 explicitly
 cd "$(dirname "$0")/.."
+for var in XDG_STATE_HOME XDG_DATA_HOME XDG_CONFIG_HOME; do  # a relative one is ignored, as the XDG spec and locod do
+  case "${!var:-}" in /*) ;; *) unset "$var" ;; esac
+done
 mode=system gpu=""
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -3,6 +3,9 @@
 # background and ask it a first question. For a supervised service use scripts/install.sh instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for var in XDG_STATE_HOME XDG_DATA_HOME XDG_CONFIG_HOME; do  # a relative one is ignored, as the XDG spec and locod do
+  case "${!var:-}" in /*) ;; *) unset "$var" ;; esac
+done
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet .

@@ -5,6 +5,9 @@
 #   sudo scripts/uninstall.sh [--purge]      system service
 #   scripts/uninstall.sh --user [--purge]    user service
 set -euo pipefail
+for var in XDG_STATE_HOME XDG_DATA_HOME XDG_CONFIG_HOME; do  # a relative one is ignored, as the XDG spec and locod do
+  case "${!var:-}" in /*) ;; *) unset "$var" ;; esac
+done
 mode=system purge=no
 for arg in "$@"; do
   case "$arg" in

@@ -396,15 +396,17 @@ def unit_environment(unit: str) -> dict[str, str]:
 
 
 # What each column's daemon finds in its environment: systemd's StateDirectory= and RuntimeDirectory=
-# (the user unit sets only the latter), the unit's Environment=, a login session's $XDG_RUNTIME_DIR.
+# (the user unit sets only the latter), the unit's Environment=, a login session's $XDG_RUNTIME_DIR (an
+# absolute path: a relative one is ignored, as the XDG spec says; the table writes it as the variable).
+SESSION_RUNTIME = "/run/user/1000"
 COLUMNS = {
     "system service": {
         "STATE_DIRECTORY": "/var/lib/locod",
         "RUNTIME_DIRECTORY": "/run/locod",
         **{k: v.replace("%S", "/var/lib") for k, v in unit_environment("locod.service").items()},
     },
-    "user service": {"XDG_RUNTIME_DIR": "$XDG_RUNTIME_DIR", "RUNTIME_DIRECTORY": "$XDG_RUNTIME_DIR/locod"},
-    "started by hand": {"XDG_RUNTIME_DIR": "$XDG_RUNTIME_DIR"},
+    "user service": {"XDG_RUNTIME_DIR": SESSION_RUNTIME, "RUNTIME_DIRECTORY": f"{SESSION_RUNTIME}/locod"},
+    "started by hand": {"XDG_RUNTIME_DIR": SESSION_RUNTIME},
 }
 
 
@@ -421,7 +423,7 @@ def test_where_things_are_is_where_the_code_puts_them(
     db, models, socket = (where_cells(what)[index][0] for what in ("decision log, router state", "models", "socket"))
 
     def shown(path: Path) -> str:  # as the table writes it
-        return str(path).replace("/home/someone", "~", 1)
+        return str(path).replace("/home/someone", "~", 1).replace(SESSION_RUNTIME, "$XDG_RUNTIME_DIR", 1)
 
     assert shown(config.db_path) in (db, db + "locod.db"), column
     assert shown(config.models_dir) == models, column
