@@ -81,7 +81,19 @@ def attachment(
     data = read_file(path, max_bytes)
     if kind is None:
         kind = "image" if image_format(data) else "document"
-    return Attachment(kind, name or path.name, data=data, private=private)
+    return Attachment(kind, _as_text(name or path.name), data=data, private=private)
+
+
+def _as_text(name: str) -> str:
+    """A file's name as text the protocol can carry: bytes of it that are not UTF-8 (a FAT stick's or a
+    Windows zip's Latin-1 name) as ``\\xe9`` escapes. As Python holds them (lone surrogates) the whole request
+    was refused as not text, naming neither the file nor its name; so was any non-ASCII name in an ASCII
+    locale (``LC_ALL=C`` without UTF-8 mode), whose UTF-8 bytes these give back."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that escapes no byte: given so by a Python caller
+        raw = name.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def read_file(path: Path, max_bytes: int) -> bytes:

@@ -4,6 +4,7 @@ what the user should know (a notice, a fallback, with ``-v`` where and why it ra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -99,10 +100,14 @@ UNDECODED_BYTE = re.compile("[\udc80-\udcff]")  # how Python's surrogateescape r
 
 def _utf8(text: str, where: str) -> str:
     """``text`` when it is UTF-8; Python reads undecodable bytes (a Latin-1 file, a binary) as lone
-    surrogates, which the daemon refuses in words about UTF-16 that do not say what the user gave."""
+    surrogates, which the daemon refuses in words about UTF-16 that do not say what the user gave. In an
+    ASCII locale (``LC_ALL=C`` without UTF-8 mode) every non-ASCII byte reads so: UTF-8 bytes are text, and
+    were refused as "not UTF-8"."""
     bad = UNDECODED_BYTE.search(text)
     if bad is None:
         return text
+    with contextlib.suppress(UnicodeError):
+        return text.encode("utf-8", "surrogateescape").decode("utf-8")
     byte = ord(bad.group()) - 0xDC00
     raise RequestError(
         f"the prompt on {where} is not UTF-8 text (byte 0x{byte:02x} at character {bad.start()}); convert it first, "
@@ -255,7 +260,7 @@ def _chat_turn(
     the daemon sees the client gone and cancels the turn, and a new client asks the next question."""
     try:
         frames = client.chat(
-            line,
+            _utf8(line, "this line"),
             session=session,
             model=args.model,
             attachments=_turn_files(client, named),
