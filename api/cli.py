@@ -65,6 +65,7 @@ EXIT_STATUS = """exit status (for scripts; the message is one line on stderr):
 
 def main(argv: list[str] | None = None) -> int:
     _standard_streams()
+    _no_writes_by_others()
     parser = _parser()
     habit = HABITS.get(_command_word(sys.argv[1:] if argv is None else argv) or "")
     if habit:
@@ -105,6 +106,14 @@ def _standard_streams() -> None:
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
+
+
+def _no_writes_by_others() -> None:
+    """Nothing locod writes (a fetched or pulled model, ``pulled.toml``, a report) is writable by group or
+    others, whatever the umask it inherits: under ``umask 000`` (a container's shell, a CI runner) `locod models
+    fetch` made the models directory 0777 and the GGUF 0666, so any local user could swap the weights the daemon
+    loads. The daemon itself narrows it further, to 077 (server.py)."""
+    os.umask(os.umask(0o022) | 0o022)
 
 
 # Commands of other local-LLM tools (Ollama's above all) that people type from habit, and locod's own for them:
