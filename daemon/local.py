@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import resource
 import threading
 import time
 from collections import OrderedDict
@@ -317,7 +318,8 @@ class ModelZoo:
             ) from None
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelError(
-                f"model {model.name!r}: llama.cpp could not load {path}: {exc}", code="model_corrupt"
+                f"model {model.name!r}: llama.cpp could not load {path}: {exc}{_address_space_note()}",
+                code="model_corrupt",
             ) from None
         return identity, llm
 
@@ -436,6 +438,19 @@ class ModelZoo:
             self.cache.forget_live(name, loaded.llm)
             loaded.llm.close()
         self._loaded.clear()
+
+
+def _address_space_note() -> str:
+    """Why a load may have failed when the process's address space is bounded (``ulimit -v``, a CI runner's or
+    a container's limit): llama.cpp's allocations fail then as "Failed to create llama_context", which named
+    neither the limit nor that the file is sound."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return ""
+    return (
+        f" (this process's address space is limited to {soft >> 20} MiB, ulimit -v: the model and its context "
+        "may need more; raise it, `ulimit -v unlimited`, or lower n_ctx)"
+    )
 
 
 def model_changes(old: dict[str, LocalModelConfig], new: dict[str, LocalModelConfig]) -> list[str]:

@@ -46,6 +46,7 @@ from locod.words import counted
 log = logging.getLogger(__name__)
 
 SQLITE_FULL = 13  # sqlite3.SQLITE_FULL from Python 3.11 on
+MIN_FREE_BYTES = 1 << 20  # less room than this, at start: the disk is full, whatever SQLite calls it
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
 BUSY_WAIT_S = 10.0  # how long a write waits for another process's lock on the file (a turn's record)
 PROMPT_SHOWN = 2000  # characters of a logged prompt the `decisions` op returns
@@ -593,8 +594,24 @@ def _open_writer(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES}")
     except (OSError, sqlite3.Error) as exc:
+        if _disk_full(path.parent):
+            raise StorageError(
+                f"cannot open the decision log {path}: the disk it is on is full; free space there and start "
+                f"again (SQLite: {exc})",
+                code="disk_full",
+            ) from None
         raise StorageError(f"cannot open the decision log {path}: {exc}") from None
     return conn
+
+
+def _disk_full(directory: Path) -> bool:
+    """Whether the file system holding ``directory`` has less than MIN_FREE_BYTES left for this user. SQLite
+    says only "disk I/O error" when a full disk leaves no room for the log's -wal and -shm files at start."""
+    try:
+        info = os.statvfs(directory)
+    except OSError:
+        return False
+    return info.f_bavail * info.f_frsize < MIN_FREE_BYTES
 
 
 def _open_reader(path: Path) -> sqlite3.Connection:
