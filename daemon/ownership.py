@@ -29,7 +29,15 @@ def make_private_dir(directory: Path) -> None:
     except OSError as exc:
         raise StorageError(f"cannot use {directory}: {exc.strerror}", code="state_unwritable") from None
     if stat.S_ISLNK(info.st_mode):  # whoever can change where it points owns what is kept there
-        raise _unsafe(directory, f"is a symlink (to {os.readlink(directory)}), not a directory", info)
+        # Said with its fix: "fix its owner or mode" does nothing for a link to a bigger disk (a Jetson's
+        # ~/.local/state/locod on its NVMe), where naming the directory itself does.
+        raise StorageError(
+            f"refusing {directory}: it is a symlink (to {os.readlink(directory)}), not a directory; whoever could "
+            f"change where it points would own what the daemon keeps there: name the directory itself "
+            f"({os.path.realpath(directory)}) in paths.state_dir or paths.runtime_dir ($LOCOD_STATE_DIR, "
+            "$LOCOD_RUNTIME_DIR)",
+            code="unsafe_directory",
+        )
     if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid:
         raise _unsafe(directory, "is not a directory owned by this user", info)
     try:

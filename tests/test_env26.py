@@ -220,3 +220,16 @@ def test_a_model_load_failing_under_ulimit_v_names_the_limit(tmp_path: Path, mod
     said = _one_line(result)
     assert result.returncode == 3, result.stderr
     assert "address space is limited to 976 MiB, ulimit -v" in said and "ulimit -v unlimited" in said, said
+
+
+def test_a_symlinked_state_directory_is_refused_with_the_directory_to_name(tmp_path: Path, models_dir: Path) -> None:
+    """A Jetson's state moved to its NVMe and linked from ~/.local/state/locod is refused (whoever can change
+    a link's target owns what is kept there), but the refusal said "fix its owner or mode", which cannot
+    help; it now names the directory to set instead."""
+    (tmp_path / "nvme").mkdir(mode=0o700)
+    (tmp_path / "state").symlink_to(tmp_path / "nvme")
+    result = _serve(_env(tmp_path, models_dir))
+    said = _one_line(result)
+    assert result.returncode == 4, result.stderr
+    assert f"name the directory itself ({tmp_path / 'nvme'}) in paths.state_dir" in said, said
+    assert "fix its owner or mode" not in said
