@@ -27,7 +27,7 @@ def make_private_dir(directory: Path) -> None:
         directory.mkdir(exist_ok=True, mode=0o700)
         info = os.lstat(directory)
     except OSError as exc:
-        raise StorageError(f"cannot use {directory}: {exc.strerror}", code="state_unwritable") from None
+        raise unwritable(directory, exc) from None
     if stat.S_ISLNK(info.st_mode):  # whoever can change where it points owns what is kept there
         # Said with its fix: "fix its owner or mode" does nothing for a link to a bigger disk (a Jetson's
         # ~/.local/state/locod on its NVMe), where naming the directory itself does.
@@ -43,7 +43,17 @@ def make_private_dir(directory: Path) -> None:
     try:
         os.chmod(directory, 0o700)
     except OSError as exc:
-        raise StorageError(f"cannot use {directory}: {exc.strerror}", code="state_unwritable") from None
+        raise unwritable(directory, exc) from None
+
+
+def unwritable(directory: Path, exc: OSError) -> StorageError:
+    """The error for a directory the daemon cannot make or write: a read-only mount, a home it may not write
+    (a service user's /nonexistent), said with where to put it instead."""
+    return StorageError(
+        f"cannot use {directory}: {exc.strerror}; set paths.state_dir and paths.runtime_dir ($LOCOD_STATE_DIR, "
+        "$LOCOD_RUNTIME_DIR) to a directory this user may write",
+        code="state_unwritable",
+    )
 
 
 def _check_parent(parent: Path, info: os.stat_result, uid: int) -> None:

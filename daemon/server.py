@@ -43,7 +43,7 @@ from locod.daemon.local import LocalBackend, ModelZoo, check_chat_formats
 from locod.daemon.logs import configure_logging
 from locod.daemon.modelfile import check_model_file
 from locod.daemon.notify import Notifier
-from locod.daemon.ownership import make_private_dir
+from locod.daemon.ownership import make_private_dir, unwritable
 from locod.daemon.peerlink import Link, vanished
 from locod.daemon.records import LABEL_WAIT_S, DecisionLog
 from locod.daemon.reply import Reply
@@ -782,7 +782,7 @@ def _exclusive_lock(directory: Path, advice: str = "") -> IO[str]:
     try:
         handle = (directory / "locod.lock").open("w")
     except OSError as exc:
-        raise StorageError(f"cannot use {directory}: {exc.strerror}", code="state_unwritable") from None
+        raise unwritable(directory, exc) from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

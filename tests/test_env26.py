@@ -233,3 +233,20 @@ def test_a_symlinked_state_directory_is_refused_with_the_directory_to_name(tmp_p
     assert result.returncode == 4, result.stderr
     assert f"name the directory itself ({tmp_path / 'nvme'}) in paths.state_dir" in said, said
     assert "fix its owner or mode" not in said
+
+
+def test_a_home_the_user_may_not_write_is_refused_with_where_to_put_the_state(tmp_path: Path, models_dir: Path) -> None:
+    """A service user's home is often /nonexistent, and a state directory may sit on a read-only mount: the
+    start said "cannot use DIR: Permission denied" and no more. It now says which settings move it."""
+    closed = tmp_path / "closed"
+    closed.mkdir()
+    closed.chmod(0o500)
+    env = _env(tmp_path, models_dir, LOCOD_STATE_DIR=str(closed / "locod"))
+    if os.access(closed, os.W_OK):  # root writes anywhere: a file where the directory's parent should be
+        closed.chmod(0o700)
+        (closed / "file").write_text("")
+        env["LOCOD_STATE_DIR"] = str(closed / "file" / "locod")
+    result = _serve(env)
+    said = _one_line(result)
+    assert result.returncode == 4, result.stderr
+    assert said.startswith(f"locod: cannot use {env['LOCOD_STATE_DIR']}") and "$LOCOD_STATE_DIR" in said, said
