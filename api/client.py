@@ -355,7 +355,7 @@ class Client:
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
-            sock.connect(zmq_address(self.endpoint))
+            sock.connect(zmq_address(self.endpoint))  # type: ignore[arg-type]  # pyzmq takes bytes too
         except zmq.ZMQError as exc:  # not an endpoint at all: "localhost:5555", "tcp://host" without a port
             sock.close(linger=0)
             raise ConfigError(

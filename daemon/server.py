@@ -224,7 +224,7 @@ class Daemon:
 
     def _bind_ipc(self) -> None:
         """Bind the ipc socket, its file the owner's alone: the file modes are the socket's only protection."""
-        self.sockets[IPC].bind(self.config.ipc_address)
+        self.sockets[IPC].bind(self.config.ipc_address)  # type: ignore[arg-type]  # pyzmq takes bytes too
         os.chmod(self.config.socket_path, 0o600)
 
     def _read_door_keys(self) -> tuple[str | None, str | None]:
@@ -493,8 +493,12 @@ class Daemon:
         peer's door or the peer itself at its share of it, or more text than daemon.max_prompt_chars."""
         if self.stopping_since is not None:
             raise Busy("the daemon is shutting down", code="shutting_down")
-        if len(self._turns) >= self.config.daemon.queue_limit:
-            raise Busy(f"{counted(len(self._turns), 'turn')} in flight, at the queue limit; try again shortly")
+        # A turn that has said its last frame holds no place (its learning step may still run): counted until
+        # the loop took it away, the next turn of a client asking one after another (queue_limit 1, a `locod
+        # ask` as soon as the last one exited) was refused busy.
+        owners = [owner for owner, reply in self._turns.values() if not reply.answered.is_set()]
+        if len(owners) >= self.config.daemon.queue_limit:
+            raise Busy(f"{counted(len(owners), 'turn')} in flight, at the queue limit; try again shortly")
         chars = sum(len(m["content"]) for m in request.messages)
         if chars > self.config.daemon.max_prompt_chars:  # refused by size, before any work on the text
             raise PromptTooLong(
@@ -502,14 +506,14 @@ class Daemon:
                 f"({self.config.daemon.max_prompt_chars})"
             )
         door, share = door_of(peer), self._door_share()
-        through_door = sum(owner[:1] == peer[:1] for owner, _ in self._turns.values())
+        through_door = sum(owner[:1] == peer[:1] for owner in owners)
         if through_door >= share:
             raise Busy(
                 f"{through_door} turns from the {door} door are in flight, its share of daemon.queue_limit "
                 f"({share} of {self.config.daemon.queue_limit}: the doors share it, so that one cannot starve "
                 "another); try again shortly"
             )
-        own = sum(owner == peer for owner, _ in self._turns.values())
+        own = owners.count(peer)
         if own >= self.config.daemon.max_turns_per_client:
             raise Busy(
                 f"this client (connection) has {own} turns in flight, at daemon.max_turns_per_client; try "
