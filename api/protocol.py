@@ -512,9 +512,10 @@ class EscalatedFrame:
 
 @dataclass(frozen=True)
 class QueuedFrame:
-    """The turn waits for the local model (another turn has it): ``ahead`` turns go first. Sent, to a
-    request that asked (``options.queued``), when it starts waiting, each time the queue moves, and every
-    ``QUEUED_EVERY_S`` seconds while it waits; never after the ``decision`` frame."""
+    """The turn waits for the local model (another turn has it), or, before that, for its session's earlier
+    turns: ``ahead`` turns go first. Sent, to a request that asked (``options.queued``), when it starts
+    waiting, each time the queue moves, and every ``QUEUED_EVERY_S`` seconds while it waits; never after the
+    ``decision`` frame."""
 
     type: ClassVar[str] = "queued"
     ahead: int

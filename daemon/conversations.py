@@ -5,9 +5,10 @@ After each answered turn the conversation so far (the request's messages and the
 under its hash, pointing at the session; the next request whose messages before the last one hash the
 same continues that session, and only the messages the session does not hold yet are sent. A request
 naming its session (``x-locod-session``) continues it the same way. Whenever the session's history is not
-a prefix of what the client sent (expired, restarted, edited), the request carries its own history. A
-session trimmed to ``daemon.max_history_chars`` still continues: its history is compared with the part of
-the conversation it holds.
+a prefix of what the client sent (expired, restarted, edited), the request carries its own history: into a
+session of its own, or, for a named session, in place of the history it held. A session trimmed to
+``daemon.max_history_chars`` still continues: its history is compared with the part of the conversation it
+holds, and one trimmed away whole with the conversation it last answered.
 
 With parked dialogue states (``local.cache_disk_mb``) the map outlives a restart (``kept_in``: hashes and
 session ids, no text), so a chat UI's conversation continues the session whose state was parked at the stop
@@ -57,23 +58,37 @@ class Conversations:
         if kept_in is not None:
             self._known.update(list(_saved(kept_in).items())[-limit:])
 
-    def continuing(self, messages: Messages, named: str | None) -> tuple[str | None, Messages]:
+    def continuing(self, messages: Messages, named: str | None, answered: threading.Event) -> tuple[str, Messages]:
         """(session id, the messages to send): the named session, else the one this conversation's prefix
         maps to; the messages it does not hold yet. A conversation not seen gets a session of its own, with
-        all of its messages (a turn without a session keeps no history in the daemon)."""
+        all of its messages (a turn without a session keeps no history in the daemon). The caller has waited
+        for a named session's earlier turns (``SessionStore.enter``, ``ahead``); a mapped one is entered here
+        for the turn whose reply sets ``answered``, unless a turn of it is in flight (the same chat sent twice
+        at once): then the conversation gets a session of its own."""
         session = named
         if session is None:
             with self._lock:
                 session = self._known.get(key(messages[:-1]))
-            if session is None:
+            if session is None or not self.sessions.enter(session, self.owner, answered, behind=False):
                 return fresh_session(), messages
         start, held = self.sessions.held(session, self.owner)  # a trimmed history holds the conversation from ``start``
         end = start + len(held)
-        if held and end < len(messages) and messages[start:end] == held:
+        if end < len(messages) and (messages[start:end] == held if held else self._was(messages[:start], session)):
             return session, messages[end:]
         if not held and not start and named is None:  # gone (expired, or lost with a restart): the session it
             return session, messages  # had takes its history again, and a state parked under it resumes it
-        return named or fresh_session(), messages
+        if named is None:
+            self.sessions.leave(session, self.owner, answered)
+            return fresh_session(), messages
+        if any(m["role"] == "assistant" for m in messages):  # a whole conversation, not the session's: it replaces
+            self.sessions.restart(named, self.owner)  # the history, which would otherwise go before it
+        return named, messages
+
+    def _was(self, conversation: Messages, session: str) -> bool:
+        """Whether ``session`` answered ``conversation`` last: so a history trimmed away whole (its last message
+        longer than ``daemon.max_history_chars``) is known to be the start of the conversation sent."""
+        with self._lock:
+            return self._known.get(key(conversation)) == session
 
     def answered(self, messages: Messages, answer: str, session: str) -> None:
         """Remember the conversation now including ``answer``, for its next turn."""

@@ -311,7 +311,6 @@ class HttpServer:
     async def chat(self, request: Request) -> Response:
         completion = wire.parse_completion(await self._body(request), self.model_names(), self._endpoint_ids())
         named = _session_header(request)
-        session, messages = self.conversations.continuing(completion.messages, named)
         loop = asyncio.get_running_loop()
         frames: asyncio.Queue[Frame] = asyncio.Queue()
 
@@ -320,6 +319,9 @@ class HttpServer:
                 loop.call_soon_threadsafe(frames.put_nowait, frame)
 
         reply = Reply(post=post, cancel_reason="the HTTP client disconnected")
+        if named is not None:
+            await self._session_turn(named, reply, request)
+        session, messages = self.conversations.continuing(completion.messages, named, reply.answered)
         exchange = Exchange(completion, frames, reply)
         chat = ChatRequest(exchange.id, messages, session, completion.model, completion.attachments, completion.options)
         self.daemon.hand_in(_client_key(request), chat, reply)
@@ -340,6 +342,21 @@ class HttpServer:
             exc.decision_headers = exchange.headers()
             raise
         return JSONResponse(body, headers=exchange.headers())
+
+    async def _session_turn(self, named: str, reply: Reply, request: Request) -> None:
+        """Wait until the named session's earlier turns have answered (its turns run in arrival order, each
+        seeing the answers before it), so what the session holds is read after them; a client that leaves
+        meanwhile gives up its place."""
+        sessions, owner = self.daemon.sessions, self.conversations.owner
+        sessions.enter(named, owner, reply.answered)
+        try:
+            while sessions.ahead(named, owner, reply.answered):
+                if await request.is_disconnected():
+                    raise wire.HttpError(400, "the client left before its session's turn came", "client_gone")
+                await asyncio.sleep(0.05)
+        except BaseException:  # its place would hold the session's later turns for good
+            sessions.leave(named, owner, reply.answered)
+            raise
 
     async def _before_text(self, exchange: Exchange, request: Request) -> list[Frame]:
         """A stream's frames up to its first text, read before its headers go (at most ``HEAD_WAIT_S``): an

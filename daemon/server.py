@@ -483,9 +483,13 @@ class Daemon:
         raise ProtocolError(f"op {request.op!r} has no handler", code="unknown_op")
 
     def _start_turn(self, peer: bytes, request: ChatRequest, reply: Reply | None = None) -> None:
-        """Submit a turn to the pool, once it is admitted; ``reply`` is given for a turn handed in."""
+        """Submit a turn to the pool, once it is admitted; ``reply`` is given for a turn handed in. A turn of a
+        session takes its place in the session's queue here, in the order the turns arrive (it waits in
+        ``TurnRunner.run`` for those before it to answer)."""
         self._check_admission(peer, request)
         reply = reply or Reply(post=self._poster(peer, request.id))
+        if request.session is not None:
+            self.sessions.enter(request.session, door_of(peer), reply.answered)
         self._turns[self.pool.submit(self.runner.run, request, peer, reply)] = (peer, reply)
 
     def _check_admission(self, peer: bytes, request: ChatRequest) -> None:
@@ -598,6 +602,7 @@ class Daemon:
             "queue": {
                 "in_flight": self.in_flight(),
                 "waiting_for_local": self.local.gate.waiting,
+                "waiting_for_session": self.sessions.waiting,
                 "backlog_bytes": self.backlog.queued_bytes(),
             },
             "tcp": None if self.tcp_guard is None else self.tcp_guard.status(),

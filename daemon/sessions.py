@@ -20,6 +20,10 @@ neither memory nor what a cloud turn uploads grows with the dialogue; of its tur
 (what the policy reads) are kept. An answer made from private material (a private attachment, or history
 holding such an answer) is marked: the local model sees it, a cloud model gets ``WITHHELD`` in its place
 (``Session.shareable``).
+
+A session answers one turn at a time, in arrival order (``SessionStore.enter``, ``wait_turn``): each turn's
+history, turn number and kept KV state follow from the turn before it, so a turn naming a session whose
+earlier turn is still in flight waits for its answer rather than run beside it on the same history.
 """
 
 from __future__ import annotations
@@ -28,9 +32,11 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from locod.policy.observation import Z
+from locod.protocol import QUEUED_EVERY_S
 
 # A client key's first byte: the door it came through. The serving loop and the HTTP API tag their clients
 # with these, so the per-client limits and the sessions' namespaces agree on who is who.
@@ -94,6 +100,8 @@ class SessionStore:
         self.max_sessions = max_sessions
         self.max_chars = max_chars
         self._sessions: dict[tuple[str, str], Session] = {}  # (owner, id) -> session
+        # (owner, id) -> the ``answered`` events of the replies of its turns in flight, in arrival order (``enter``)
+        self._turning: dict[tuple[str, str], list[threading.Event]] = {}
         self._lock = threading.Lock()
 
     def open(self, session_id: str | None, owner: str) -> Session:
@@ -111,6 +119,74 @@ class SessionStore:
                 session = self._sessions[owner, session_id] = Session(session_id, owner=owner)
             session.last_used = now
             return session
+
+    def enter(self, session_id: str, owner: str, answered: threading.Event, *, behind: bool = True) -> bool:
+        """Queue a turn of ``owner``'s session: the turn whose reply sets ``answered`` once it has said its last
+        frame. Its turns run in arrival order, each once those before it have answered (``wait_turn``). With
+        ``behind`` False the session takes it only if no turn of it is in flight (False: not queued). A turn
+        entered again keeps its place."""
+        key = (owner, session_id)
+        with self._lock:
+            queue = [turn for turn in self._turning.get(key, ()) if not turn.is_set()]
+            if answered not in queue:
+                if queue and not behind:
+                    return False
+                queue.append(answered)
+            self._turning[key] = queue
+            if len(self._turning) > self.max_sessions:  # sessions whose turns all answered wait for nothing
+                self._turning = {k: q for k, q in self._turning.items() if any(not t.is_set() for t in q)}
+            return True
+
+    def ahead(self, session_id: str, owner: str, answered: threading.Event) -> int:
+        """How many turns of ``owner``'s session, entered before the one ``answered`` ends, have not answered."""
+        with self._lock:
+            queue = self._turning.get((owner, session_id), [])
+            mine = next((i for i, turn in enumerate(queue) if turn is answered), len(queue))
+            return sum(not turn.is_set() for turn in queue[:mine])
+
+    def wait_turn(
+        self,
+        session_id: str,
+        owner: str,
+        answered: threading.Event,
+        cancelled: threading.Event,
+        on_wait: Callable[[int], None] | None = None,
+    ) -> bool:
+        """Wait until the turns of the session entered before this one have answered, so its history holds their
+        answers; False if ``cancelled`` is set first. ``on_wait(ahead)`` is called as the local model's gate
+        calls it: when the turn starts waiting, when the turns ahead change, and every ``QUEUED_EVERY_S``."""
+        told: tuple[int, float] | None = None  # (turns ahead, when) last told
+        while ahead := self.ahead(session_id, owner, answered):
+            if cancelled.is_set():
+                return False
+            now = time.monotonic()
+            if on_wait is not None and (told is None or told[0] != ahead or now - told[1] >= QUEUED_EVERY_S):
+                told = (ahead, now)
+                on_wait(ahead)
+            cancelled.wait(0.05)
+        return True
+
+    def leave(self, session_id: str, owner: str, answered: threading.Event) -> None:
+        """Take a turn out of the session's queue: it runs in another session, or its client left before it ran."""
+        key = (owner, session_id)
+        with self._lock:
+            queue = [turn for turn in self._turning.pop(key, []) if turn is not answered]
+            if queue:
+                self._turning[key] = queue
+
+    @property
+    def waiting(self) -> int:
+        """Turns waiting for an earlier turn of their session to answer."""
+        with self._lock:
+            return sum(max(0, sum(not turn.is_set() for turn in queue) - 1) for queue in self._turning.values())
+
+    def restart(self, session_id: str, owner: str) -> None:
+        """Empty ``owner``'s session's history, which the conversation a client sent replaces (its turns go on
+        counting); the caller's turn is the session's (``wait_turn``)."""
+        with self._lock:
+            session = self._sessions.get((owner, session_id))
+            if session is not None:
+                session.dialogue, session.dropped = ((), ()), 0
 
     def _evict(self) -> None:
         """Drop the least recently used session of the owner (door) that holds the most."""

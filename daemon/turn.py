@@ -260,6 +260,9 @@ class TurnRunner:
 
     def run(self, request: ChatRequest, client: bytes, reply: Reply) -> None:
         try:
+            if not self._session_turn(request, client, reply):
+                reply.send(ErrorFrame(Busy.code, "cancelled", reply.cancel_reason))
+                return
             turn = self._assemble(request, client, reply.cancelled)
             started = time.perf_counter()
             decision, config, device = self.decider.decide(turn)
@@ -273,6 +276,15 @@ class TurnRunner:
         except Exception as exc:  # a bug must cost one turn, never the daemon
             log.exception("turn %s failed", request.id)
             reply.send(ErrorFrame("error", "internal", f"internal error: {type(exc).__name__}"))
+
+    def _session_turn(self, request: ChatRequest, client: bytes, reply: Reply) -> bool:
+        """Wait until the session's earlier turns have answered (a session's turns run in the order they
+        arrived, each reading the history the one before it left); False if the client left first. A turn
+        that asked for ``queued`` frames is told how many go first, as while it waits for the local model."""
+        if request.session is None:
+            return True
+        on_wait = (lambda ahead: reply.send(QueuedFrame(ahead))) if request.options.queued else None
+        return self.sessions.wait_turn(request.session, door_of(client), reply.answered, reply.cancelled, on_wait)
 
     def _assemble(self, request: ChatRequest, client: bytes, cancelled: threading.Event) -> Turn:
         """The turn with its attachments prepared; a prompt no model could hold is refused first, and a

@@ -10,7 +10,8 @@ that inflates to nothing, an empty block per ``delay_s`` for 30 s (``gzip_idle``
 delta holding a lone UTF-16 surrogate (``surrogate``), a chunk whose ``choices`` is a string
 (``bad_shape``) or an event that is not UTF-8 (``not_utf8``);
 redirect (``redirect``: ``status`` with ``location``); or relay the real answer with its ``usage``
-replaced (``usage``). Hostile streams stop when the daemon hangs up, or after ``size`` bytes / 10 minutes.
+replaced (``usage``), or once ``released`` is set (``hold``: a turn kept in flight until the test lets it
+go). Hostile streams stop when the daemon hangs up, or after ``size`` bytes / 10 minutes.
 The upstream server runs a text-only model, so image parts are recorded, then replaced by a text marker
 before forwarding.
 """
@@ -45,6 +46,7 @@ class Fault:
     location: str = ""  # where a redirect points
     usage: Any = None  # what a ``usage`` fault puts in the stream's usage chunk
     message: str = "injected"  # the error message of a ``status`` fault's body
+    released: threading.Event = field(default_factory=threading.Event)  # what a ``hold`` waits for (10 min at most)
 
 
 @dataclass
@@ -110,6 +112,8 @@ class FaultProxy:
                 fault = proxy.next_fault()
                 if fault.kind == "delay":
                     time.sleep(fault.delay_s)
+                if fault.kind == "hold":
+                    fault.released.wait(600)
                 if fault.kind == "redirect":
                     self.send_response(fault.status)
                     self.send_header("Location", fault.location)

@@ -26,6 +26,8 @@ from locod.errors import AttachmentError, Busy
 from locod.protocol import Attachment
 
 TRAIL = TurnTrail("local", (), "chat")
+ANSWERED = threading.Event()  # a turn that has answered: it holds its session no longer
+ANSWERED.set()
 
 
 def jpeg(side: int) -> bytes:
@@ -155,7 +157,7 @@ def test_a_trimmed_session_still_continues_its_http_conversation() -> None:
     session_id = None
     for i in range(10):
         conversation.append({"role": "user", "content": f"question {i} " + "q" * 60})
-        sid, new = conversations.continuing(conversation, session_id)
+        sid, new = conversations.continuing(conversation, session_id, ANSWERED)
         if session_id is not None:
             assert sid == session_id and new == conversation[-1:]  # only what the session does not hold
         session_id = sid

@@ -8,6 +8,7 @@ import json
 import logging
 import signal
 import socket
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -31,6 +32,8 @@ from .faultproxy import Fault, FaultProxy, image_parts
 
 LOCAL = "smollm2-135m-instruct"
 SYSTEM = {"role": "system", "content": "Be brief."}
+ANSWERED = threading.Event()  # a turn that has answered: it holds its session no longer
+ANSWERED.set()
 
 
 def http_daemon(factory: Any, config: dict[str, Any] | None = None, **http: Any) -> tuple[DaemonHandle, str]:
@@ -343,33 +346,33 @@ def test_a_kept_conversation_map_that_is_not_one_is_ignored_with_a_line(
     with caplog.at_level(logging.WARNING, logger="locod.daemon.conversations"):
         conversations = Conversations(SessionStore(idle_s=60, max_sessions=10), limit=10, kept_in=path)
     question = [{"role": "user", "content": "Hi"}]
-    assert conversations.continuing(question, None)[1] == question
+    assert conversations.continuing(question, None, ANSWERED)[1] == question
     (line,) = [r.getMessage() for r in caplog.records]
     assert "not the HTTP conversations locod keeps" in line
     conversations.answered(question, "Hello!", "http-abc")
     conversations.save()  # written over, whole
     follow = [*question, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
     again = Conversations(SessionStore(idle_s=60, max_sessions=10), limit=10, kept_in=path)
-    assert again.continuing(follow, None) == ("http-abc", follow)  # a session it no longer holds: all is sent
+    assert again.continuing(follow, None, ANSWERED) == ("http-abc", follow)  # a session it no longer holds: all is sent
 
 
 def test_a_conversation_continues_its_session_only_while_the_session_holds_its_prefix() -> None:
     store = SessionStore(idle_s=60, max_sessions=10)
     conversations = Conversations(store, limit=10)
     first = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    fresh, sent = conversations.continuing(first, None)
+    fresh, sent = conversations.continuing(first, None, ANSWERED)
     assert fresh and fresh.startswith("http-") and sent == first  # its own session: one-off turns keep none
     session = store.open(fresh, "http")
     store.record(session, first, "Hello!", TurnTrail("local", (), "chat"))
     conversations.answered(first, "Hello!", session.id)
     second = [*first, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
-    assert conversations.continuing(second, None) == (session.id, [{"role": "user", "content": "Bye"}])
+    assert conversations.continuing(second, None, ANSWERED) == (session.id, [{"role": "user", "content": "Bye"}])
     edited = [*first, {"role": "assistant", "content": "Hey"}, {"role": "user", "content": "Bye"}]
-    fresh, sent = conversations.continuing(edited, None)
+    fresh, sent = conversations.continuing(edited, None, ANSWERED)
     assert fresh and fresh.startswith("http-") and fresh != session.id and sent == edited
     # a named session: what it holds is not sent again; a client feeding it one message at a time is taken as is
-    assert conversations.continuing(second, session.id) == (session.id, [{"role": "user", "content": "Bye"}])
-    assert conversations.continuing([{"role": "user", "content": "Bye"}], session.id)[1] == [
+    assert conversations.continuing(second, session.id, ANSWERED) == (session.id, [{"role": "user", "content": "Bye"}])
+    assert conversations.continuing([{"role": "user", "content": "Bye"}], session.id, ANSWERED)[1] == [
         {"role": "user", "content": "Bye"}
     ]
 

@@ -12,7 +12,7 @@ from typing import Any
 from locod.daemon.conversations import Conversations
 from locod.daemon.sessions import SessionStore, TurnTrail
 
-from .test_http import http_daemon, sdk
+from .test_http import ANSWERED, http_daemon, sdk
 from .test_telemetry import FIXTURES
 
 
@@ -39,14 +39,16 @@ def test_a_session_whose_history_was_trimmed_away_is_not_taken_for_one_that_is_g
     sessions = []
     for question, answer in (("x" * 200, "Long."), ("Shorter?", "Yes."), ("And now?", "Still.")):
         asked.append({"role": "user", "content": question})
-        session, sent = conversations.continuing(asked, None)
+        session, sent = conversations.continuing(asked, None, ANSWERED)
         assert session is not None
         store.record(store.open(session, "http"), sent, answer, TurnTrail("local", (), "chat"))
         conversations.answered(asked, answer, session)
         asked.append({"role": "assistant", "content": answer})
         sessions.append(session)
-    assert store.held(sessions[0], "http") == (2, [])  # the first question was over max_chars: all trimmed
-    assert sessions[2] == sessions[1] and sent == [{"role": "user", "content": "And now?"}], (sessions, sent)
+    # the first question was over max_chars, trimmed away whole with its answer: the conversation that session
+    # answered is known (attack 26), so it goes on in it from the next question
+    assert store.held(sessions[0], "http") == (2, asked[2:])
+    assert sessions == [sessions[0]] * 3 and sent == [{"role": "user", "content": "And now?"}], (sessions, sent)
 
 
 def test_the_map_is_written_anew_whatever_lies_where_it_is_written(tmp_path: Path) -> None:

@@ -49,7 +49,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         (
             "queue",
             f"{status['queue']['in_flight']} in flight, {status['queue']['waiting_for_local']} waiting "
-            f"for the local model; {counted(status['sessions'], 'session')}",
+            f"for the local model{_for_session(status['queue'])}; {counted(status['sessions'], 'session')}",
         ),
     ]
     if r.get("predictors"):  # after the routing row; an older daemon's status has no such field
@@ -234,3 +234,9 @@ def _out_of_reach(routing: dict[str, Any], cloud: dict[str, Any]) -> str:
         else "configure a cloud model or lower routing.sla"
     )
     return f"; SLA out of reach: no model on offer is predicted to reach it ({remedy})"
+
+
+def _for_session(queue: dict[str, Any]) -> str:
+    """The turns waiting for an earlier turn of their session, when some are (an older daemon says nothing)."""
+    waiting = queue.get("waiting_for_session") or 0
+    return f", {waiting} for an earlier turn of their session" if waiting else ""
