@@ -188,12 +188,19 @@ class SessionStore:
             if session is not None:
                 session.dialogue, session.dropped = ((), ()), 0
 
+    def _turning_now(self, key: tuple[str, str]) -> bool:
+        """Whether a turn of the session ``key`` names is in flight (``enter``)."""
+        return any(not turn.is_set() for turn in self._turning.get(key, ()))
+
     def _evict(self) -> None:
-        """Drop the least recently used session of the owner (door) that holds the most."""
+        """Drop the least recently used session of the owner (door) that holds the most. A session with a turn
+        in flight is not dropped (its answer would go to a session no longer kept, the next turn starting it
+        afresh): when every one has, the store holds one more until they end (at most the turns in flight)."""
         held = Counter(s.owner for s in self._sessions.values())
-        most = max(held.values())
-        oldest = min((s for s in self._sessions.values() if held[s.owner] == most), key=lambda s: s.last_used)
-        del self._sessions[oldest.owner, oldest.id]
+        idle = [s for key, s in self._sessions.items() if not self._turning_now(key)]
+        if idle:
+            oldest = min(idle, key=lambda s: (-held[s.owner], s.last_used))
+            del self._sessions[oldest.owner, oldest.id]
 
     def held(self, session_id: str, owner: str) -> tuple[int, list[Message]]:
         """(messages trimmed off the front, a copy of the rest) of ``owner``'s live session; (0, []) if there
@@ -227,8 +234,10 @@ class SessionStore:
             session.last_used = time.monotonic()
 
     def _expire(self, now: float) -> None:
+        """Drop the sessions idle past ``idle_s``: not one whose turn, longer than that, is still in flight."""
         for key in [k for k, s in self._sessions.items() if now - s.last_used > self.idle_s]:
-            del self._sessions[key]
+            if not self._turning_now(key):
+                del self._sessions[key]
 
     def __len__(self) -> int:
         with self._lock:

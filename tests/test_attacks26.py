@@ -172,3 +172,23 @@ def test_a_named_session_sent_an_edited_conversation_takes_it_in_place_of_its_hi
     assert post(base, [{"role": "user", "content": "Again?"}], "edit")[0] == 200  # one message: goes on
     assert sent_to_cloud(proxy)[0] == ("user", "My name is Bob.")
     assert [turn for turn, _ in turns_of(handle, "edit")] == [0, 1, 2]
+
+
+def test_a_session_with_a_turn_in_flight_is_not_evicted(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """A full store evicted the least recently used session even while its turn was answered: that answer
+    went to a session no longer kept, and the next turn started the dialogue afresh, as turn 0 again."""
+    config = {**cloud_config(proxy.base_url, timeout_s=120.0), "daemon": {"max_sessions": 2}}
+    handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    held = Fault(kind="hold", times=1)
+    proxy.set(held)
+    first = Client(handle.endpoint)
+    turn = first.chat("Remember the word PLUM.", session="kept", max_tokens=4)
+    assert next(turn).type == "decision"
+    wait_for(lambda: proxy.seen, 120, "the turn at the cloud")
+    for other in ("b", "c"):  # the store is full at "c": "b" goes, not the session answering
+        handle.client().ask("Hi", session=other, max_tokens=2)
+    held.released.set()
+    assert [frame.type for frame in turn][-1] == "done"
+    handle.client().ask("Which word?", session="kept", max_tokens=2)
+    assert [t for t, _ in turns_of(handle, "kept")] == [0, 1]
+    assert sent_to_cloud(proxy)[0] == ("user", "Remember the word PLUM.")
