@@ -666,14 +666,14 @@ class Daemon:
         )
 
     def _on_signals(self) -> None:
-        try:
-            data = self._wake_r.recv(64)
-        except BlockingIOError:
-            return
-        for signum in data:
-            if signum == signal.SIGHUP:
-                self.reload()
-            elif signum in (signal.SIGTERM, signal.SIGINT) and self.stopping_since is None:
+        """The signals since the last pass, each kind acted on once: a flood of SIGHUPs (a config tool, a
+        script in a loop) reloaded once per signal, the loop answering nothing meanwhile. Those that came
+        while a reload ran are read at the next pass and reload once more, so the config last written wins."""
+        received = self._drain_signals()
+        if signal.SIGHUP in received:
+            self.reload()
+        for signum in received:
+            if signum in (signal.SIGTERM, signal.SIGINT) and self.stopping_since is None:
                 log.info(
                     "stopping: finishing %d turns in flight (grace %.0f s)",
                     len(self._turns),
@@ -681,6 +681,14 @@ class Daemon:
                 )
                 self.notifier.stopping()
                 self.stopping_since = time.monotonic()
+
+    def _drain_signals(self) -> set[int]:
+        """Every signal number the wakeup socket holds (the C handler writes one byte per signal)."""
+        received: set[int] = set()
+        with contextlib.suppress(BlockingIOError):
+            while data := self._wake_r.recv(4096):
+                received.update(data)
+        return received
 
     def reload(self) -> dict[str, Any]:
         """Re-read the config and the policy; a config that fails validation is rejected, the old one kept.

@@ -1,0 +1,109 @@
+"""Operational weak spots (ops26): a flood of SIGHUPs, the status frame's masked local models, the judge's
+cost held before its call, the breaker after the network comes back, the MESS+ queue after a kill."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from locod.daemon.config import load_config
+from locod.daemon.server import Daemon
+
+from .conftest import wait_for, write_config
+
+RELOADED = "configuration reloaded from"
+
+
+@contextmanager
+def daemon_in_this_process(config_path: Path) -> Iterator[Daemon]:
+    """A real daemon started in this process (its model loaded, its socket bound, its signal handlers
+    installed in this process's main thread), not serving: the test runs its loop's steps itself. The
+    test process's own handlers are put back afterwards."""
+    kept = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    daemon = Daemon(load_config(config_path), str(config_path))
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        signal.set_wakeup_fd(-1)
+        for sig, handler in kept.items():
+            signal.signal(sig, handler)
+        daemon.close()
+
+
+def _paths(tmp_path: Path, models_dir: Path, sla: float) -> dict[str, Any]:
+    dirs = {"state_dir": tmp_path / "state", "runtime_dir": tmp_path / "run", "models_dir": models_dir}
+    return {"paths": {k: str(v) for k, v in dirs.items()}, "routing": {"sla": sla}}
+
+
+def test_a_flood_of_sighups_reloads_once_and_the_last_config_wins(
+    tmp_path: Path, models_dir: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each SIGHUP reloaded the config, one reload per signal, the serving loop answering nothing meanwhile
+    (on this machine 200 signals 2 ms apart made 142 reloads, seconds of a stalled loop). Now the signals
+    read in one pass reload once, with the config on disk then; those that arrive during that reload make
+    one more, which reads the config written last. The signals are real, sent to this process, whose
+    handlers the daemon installed: the loop's step that reads them is run here, between floods."""
+    config_path = write_config(tmp_path / "config.toml", _paths(tmp_path, models_dir, 0.5))
+    caplog.set_level(logging.INFO, logger="locod.daemon.server")
+    with daemon_in_this_process(config_path) as daemon:
+        for sla in (0.6, 0.7, 0.8):  # a config tool rewriting the file, signalling after each write
+            write_config(config_path, _paths(tmp_path, models_dir, sla))
+            for _ in range(20):
+                os.kill(os.getpid(), signal.SIGHUP)
+        daemon._on_signals()
+        assert caplog.text.count(RELOADED) == 1
+        assert daemon.config.routing.sla == 0.8
+
+        reloading = daemon.notifier.reloading
+
+        def flooded_during_the_reload() -> None:  # the next writes and signals come while it runs
+            reloading()
+            if daemon.config.routing.sla == 0.8:
+                write_config(config_path, _paths(tmp_path, models_dir, 0.9))
+                for _ in range(20):
+                    os.kill(os.getpid(), signal.SIGHUP)
+
+        monkeypatch.setattr(daemon.notifier, "reloading", flooded_during_the_reload)
+        caplog.clear()
+        os.kill(os.getpid(), signal.SIGHUP)
+        daemon._on_signals()  # this reload reads 0.8 or 0.9, and its flood asks for one more
+        daemon._on_signals()
+        daemon._on_signals()  # nothing left
+        assert caplog.text.count(RELOADED) == 2
+        assert daemon.config.routing.sla == 0.9
+
+
+def test_a_daemon_flooded_with_sighups_serves_and_answers_reload(daemon_factory: Any) -> None:
+    """While a script sends SIGHUPs, a streaming turn is answered and `locod reload` answers with its result,
+    the config last written in force."""
+    handle = daemon_factory({"routing": {"sla": 0.5}})
+    client = handle.client(turn_timeout_s=300)
+    stop = threading.Event()
+
+    def flood() -> None:
+        while not stop.is_set():
+            handle.proc.send_signal(signal.SIGHUP)
+            stop.wait(0.002)
+
+    sender = threading.Thread(target=flood)
+    sender.start()
+    try:
+        answer = client.ask("Count from one to ten.", max_tokens=24)
+        write_config(handle.config_path, {"routing": {"sla": 0.75}})
+        reloaded = handle.cli("reload")
+    finally:
+        stop.set()
+        sender.join()
+    assert answer.done.outcome == "ok"
+    assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+    wait_for(lambda: client.status()["routing"]["sla"] == 0.75, 60, "the last config in force")
+    assert handle.proc.poll() is None and "Traceback" not in handle.log()
