@@ -157,7 +157,26 @@ class Decider:
             "policy": self.policy.version if self.policy else None,
             "policy_error": self.policy_error,
             "battery_critical_pct": self.config.routing.battery_critical_pct,
+            "local_masked": self.local_masked(),
         }
+
+    def local_masked(self) -> str | None:
+        """Why routing masks every local model now, None when it does not: status says it from this rule, the
+        turns' own (``_candidates``), as a turn would be decided now (short of the prompt's fit, which is the
+        turn's). `locod status` recomputed it from the battery alone and said so with the cloud unusable."""
+        if self.config.routing.mode != "auto":  # every other mode places the turn (decision.fixed_decision)
+            return None
+        access = self._access(self.telemetry.snapshot())
+        return self._battery_note() if self._battery_masks_local(access, self._cloud_names()) else None
+
+    @staticmethod
+    def _battery_masks_local(access: CloudAccess, clouds: list[str]) -> bool:
+        """The critical battery's rule: the local models wait while one of ``clouds`` may answer."""
+        return access.battery_critical and any(access.blocked_for(name) is None for name in clouds)
+
+    def _battery_note(self) -> str:
+        pct = self.config.routing.battery_critical_pct
+        return f"on battery below routing.battery_critical_pct ({pct:g}%), the cloud answers while it is usable"
 
     def _access(self, snapshot: Snapshot) -> CloudAccess:
         """What may keep a turn from the cloud now: none configured, open breakers, no network, today's
@@ -304,8 +323,7 @@ class Decider:
     def _unfit_local_reason(self, access: CloudAccess) -> str:
         """Why no local model was on offer: a critical battery while the cloud is usable, else the prompt."""
         if access.battery_critical:
-            pct = self.config.routing.battery_critical_pct
-            return f"on battery below routing.battery_critical_pct ({pct:g}%), the cloud answers while it is usable"
+            return self._battery_note()
         return "no local model's context holds the prompt"
 
     def _cloud_names(self) -> list[str]:
@@ -342,12 +360,10 @@ class Decider:
         out: dict[str, Candidate] = {}
         mask: dict[str, bool] = {}
         fits = self._fits_context(turn.request.prompt)
-        cloud_open = any(access.blocked_for(name) is None and fits[name] for name in self._cloud_names())
+        battery_masks = self._battery_masks_local(access, [name for name in self._cloud_names() if fits[name]])
         loadable = self._loadable()
         for local in self.config.local.models:
-            mask[local.name] = (
-                loadable[local.name] and fits[local.name] and not (access.battery_critical and cloud_open)
-            )
+            mask[local.name] = loadable[local.name] and fits[local.name] and not battery_masks
             if mask[local.name]:
                 out[local.name] = Candidate(local.name, local.name, "local", 0, ())
         for cloud in self.config.cloud.models:

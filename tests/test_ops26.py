@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import threading
 from collections.abc import Iterator
@@ -17,7 +18,10 @@ import pytest
 from locod.daemon.config import load_config
 from locod.daemon.server import Daemon
 
-from .conftest import wait_for, write_config
+from .conftest import SECRET, cloud_config, wait_for, write_config
+
+DEAD_URL = "http://127.0.0.1:1/v1"  # nothing listens on port 1: every connection is refused at once
+FIXTURES = Path(__file__).parent / "fixtures" / "telemetry"
 
 RELOADED = "configuration reloaded from"
 
@@ -107,3 +111,33 @@ def test_a_daemon_flooded_with_sighups_serves_and_answers_reload(daemon_factory:
     assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
     wait_for(lambda: client.status()["routing"]["sla"] == 0.75, 60, "the last config in force")
     assert handle.proc.poll() is None and "Traceback" not in handle.log()
+
+
+def test_status_says_local_models_are_masked_by_the_rule_turns_are_decided_by(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """On battery below routing.battery_critical_pct, routing masks the local models while a cloud model's
+    endpoint is usable. `locod status` recomputed that from the battery alone: with the breaker open, every
+    turn answered here, it still said the local models waited. Now the daemon says in its status frame
+    whether they are masked and why (``routing.local_masked``, from the decider's own rule), and the CLI
+    shows that."""
+    root = tmp_path / "laptop"
+    shutil.copytree(FIXTURES / "laptop-battery", root)
+    (root / "sys/class/power_supply/BAT0/capacity").write_text("5\n")
+    config = cloud_config(DEAD_URL, mode="auto", max_retries=0, breaker_failures=1)
+    config["routing"].update(shadow="off", escalate=False)
+    config["telemetry"] = {"sysfs_root": str(root / "sys"), "procfs_root": str(root / "proc"), "nvml": False}
+    handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    client = handle.client(turn_timeout_s=300)
+    masked = client.status()["routing"]["local_masked"]
+    assert masked and "battery_critical_pct (10%)" in masked
+    assert f"battery 5% (local models masked: {masked})" in handle.cli("status").stdout
+
+    first = client.ask("What is the plural of mouse?", max_tokens=4)  # to the cloud, refused: breaker opens
+    assert first.decision.location == "cloud" and first.done.outcome == "fallback"
+    assert client.status()["cloud"]["breaker"] == "open"
+    assert client.status()["routing"]["local_masked"] is None
+    status = handle.cli("status").stdout
+    assert "battery 5%, on battery" in status and "battery_critical_pct" not in status, status
+    second = client.ask("What is the plural of goose?", max_tokens=4)
+    assert second.decision.location == "local" and "local masked" not in second.decision.reason

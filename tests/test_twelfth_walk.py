@@ -134,8 +134,8 @@ def test_a_turn_the_battery_sends_to_the_cloud_says_so_and_a_reload_lowers_the_t
     assert "local masked: on battery below routing.battery_critical_pct (10%)" in low.decision.reason
     status = handle.cli("status").stdout  # and so does status, which showed the battery's level alone
     assert (
-        "battery 5% (below routing.battery_critical_pct, 10%: local models wait while a cloud model is usable)"
-        in status
+        "battery 5% (local models masked: on battery below routing.battery_critical_pct (10%), the cloud answers "
+        "while it is usable)" in status
     )
 
     config["routing"]["battery_critical_pct"] = 2.0

@@ -36,7 +36,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ),
         (
             "device",
-            f"{battery}{_battery_critical(t, r, c)}, {power}, power {or_na(t['power_w'], '{:.1f} W')}, "
+            f"{battery}{_local_masked(r)}, {power}, power {or_na(t['power_w'], '{:.1f} W')}, "
             f"CPU {or_na(t['cpu_pct'], '{:.0f}%')}{_cpu_temperature(t['cpu_temp_c'])}, "
             f"GPU {or_na(t['gpu_pct'], '{:.0f}%')}, free memory {or_na(t['mem_available_mb'], '{:.0f} MiB')}",
         ),
@@ -168,16 +168,12 @@ def _spending(cloud: dict[str, Any]) -> str:
     return text
 
 
-def _battery_critical(telemetry: dict[str, Any], routing: dict[str, Any], cloud: dict[str, Any]) -> str:
-    """Why every routed turn goes to the cloud on a laptop about to run flat: the decisions' reasons said so, the
-    status line showed only the battery's level. Only routing masks the local models (routing.mode auto), and
-    only for a cloud model to answer instead: with none configured, or another mode, nothing waits."""
-    pct, threshold = telemetry.get("battery_pct"), routing.get("battery_critical_pct")  # an older daemon: no threshold
-    if routing.get("mode") != "auto" or not cloud.get("models"):
-        return ""
-    if pct is None or threshold is None or telemetry.get("on_ac") is not False or pct >= threshold:
-        return ""
-    return f" (below routing.battery_critical_pct, {threshold:g}%: local models wait while a cloud model is usable)"
+def _local_masked(routing: dict[str, Any]) -> str:
+    """Why routing keeps the local models waiting now (a battery about to run flat), as the daemon's decider
+    says it (status.routing.local_masked): the decisions' reasons said so, the status line showed only the
+    battery's level. An older daemon's status has no such field: nothing is said."""
+    why = routing.get("local_masked")
+    return f" (local models masked: {why})" if why else ""
 
 
 def _reachable(value: bool | None) -> str:
