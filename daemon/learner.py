@@ -20,11 +20,11 @@ from typing import Any
 
 from locod.daemon.backends import Prompt, Upload
 from locod.daemon.cloud import CloudBackend
-from locod.daemon.config import CloudModelConfig, Config
+from locod.daemon.config import Config
 from locod.daemon.decision import Decision, Escalation
 from locod.daemon.logs import Throttle
 from locod.daemon.modelfile import resolve_path
-from locod.daemon.records import DecisionLog, JudgedAnswer, LabelTarget
+from locod.daemon.records import CostHold, DecisionLog, JudgedAnswer, LabelTarget
 from locod.errors import CloudError, StorageError, UnknownDecision
 from locod.policy import rule
 from locod.policy.messplus import DIM, MessPlus, MessPlusState, RecordedFeatures
@@ -251,20 +251,23 @@ class Learner:
             log.info("judge could not grade decision %d: no cloud model is configured any more", decision_id)
             return None
         max_tokens = JUDGE_TOKENS if model.max_tokens_param == "max_tokens" else JUDGE_REASONING_TOKENS
-        if not self._within_cap(model, text, max_tokens):
+        most = model.price(rule.estimate_tokens(len(text)), max_tokens, 0)  # at its longest verdict
+        if not self._within_cap(most):
             log.info("judge does not grade decision %d: it could pass today's cloud.daily_cap_usd", decision_id)
             return None
+        hold = self.records.hold_cost(decision_id, most)  # a kill during the call leaves it counted
+        if hold.error is not None:
+            said = "judge's cost for decision %d is not in its record during the call: %s"
+            log.warning(said, decision_id, hold.error)
         try:
             upload = Upload(images=0, bytes=len(text.encode()))
             prompt = Prompt(messages, max_tokens, 0.0, 0, lambda _: None, self._closing, upload=upload)
             graded = self.cloud.generate(model.name, prompt)
         except CloudError as exc:
+            self._settle_cost(decision_id, 0.0, hold)  # as before the hold: a failed call is not counted
             log.info("judge could not grade decision %d: %s", decision_id, exc.message)
             return None
-        try:
-            self.records.add_cost(decision_id, graded.cost_usd)
-        except StorageError as exc:  # the verdict still counts
-            log.warning("judge's cost for decision %d is not in its record: %s", decision_id, exc.message)
+        self._settle_cost(decision_id, graded.cost_usd, hold)
         if graded.cancelled:  # its cost is counted: the endpoint has the question, and may bill it
             log.info("judge did not grade decision %d: the daemon stopped during its call", decision_id)
             return None
@@ -281,12 +284,21 @@ class Learner:
             return None
         return verdicts.pop() == "yes"
 
-    def _within_cap(self, model: CloudModelConfig, text: str, max_tokens: int) -> bool:
-        """Whether a grading, at its longest verdict, fits what is left of today's daily cap: the cap keeps the
-        cloud off for the judge as for turns, and a reasoning judge's verdict may take 1,024 tokens."""
+    def _within_cap(self, most: float) -> bool:
+        """Whether a grading that may cost ``most`` (at its longest verdict) fits what is left of today's daily
+        cap: the cap keeps the cloud off for the judge as for turns, and a reasoning judge's verdict may take
+        1,024 tokens."""
         cap = self.config.cloud.daily_cap_usd
-        most = model.price(rule.estimate_tokens(len(text)), max_tokens, 0)
         return cap <= 0 or most <= cap - self.records.spent_today()
+
+    def _settle_cost(self, decision_id: int, usd: float, hold: CostHold) -> None:
+        """What the judge's call did cost, in place of its hold; a write that fails is said (the verdict still
+        counts, and today's spend has the money)."""
+        try:
+            self.records.add_cost(decision_id, usd, hold)
+        except StorageError as exc:
+            kept = "" if hold.error else f" (it keeps the most the call could cost, {hold.usd:.6f} USD)"
+            log.warning("judge's cost for decision %d is not in its record%s: %s", decision_id, kept, exc.message)
 
     def _grade(self, decision_id: int, question: str, answer: str) -> None:
         """Have the judge grade an explored turn; its verdict is a label with source `judge`."""

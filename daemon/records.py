@@ -112,6 +112,16 @@ class JudgedAnswer:
         return cls(**{**data, "features": tuple(data["features"])})
 
 
+@dataclass(frozen=True)
+class CostHold:
+    """What a call made for a turn that has ended (the judge's grading) may cost, counted before the call
+    (``DecisionLog.hold_cost``) and replaced by what it did cost (``add_cost``): a daemon killed during the
+    call leaves the most it may cost in the turn's cost and so in today's spend, as a cloud turn's record does."""
+
+    usd: float
+    error: str | None = None  # why the turn's row does not hold it (a failed write); today's spend does
+
+
 @dataclass
 class Outcome:
     """How the turn ended; filled in before the ``done`` frame."""
@@ -527,19 +537,35 @@ class DecisionLog:
             shadows, escalated = conn.execute(sql.format(SHADOWED, graded)).fetchone()
         return int(shadows), int(escalated)
 
-    def add_cost(self, decision_id: int, usd: float) -> None:
-        """Money spent on a turn after it ended (grading it with the judge): counted towards today's total
-        even when the log cannot be written, as the daily cap must see every dollar spent, and into the
-        finished turns' sums (no scrape reads between the write and that)."""
-        with self.finished.lock, self.today.counting(usd):
+    def hold_cost(self, decision_id: int, usd: float) -> CostHold:
+        """Count what a call for a turn that has ended may cost before it is made, in the turn's cost and
+        today's spend; ``add_cost`` replaces it with what the call did cost. Today's spend counts it even when
+        the log cannot be written (the hold says why its row does not)."""
+        with self.today.counting(usd):
+            try:
+                with self._writing("holding what a call may cost"):
+                    self._add_to_row(decision_id, usd)
+            except StorageError as exc:
+                return CostHold(usd, exc.message)
+        return CostHold(usd)
+
+    def add_cost(self, decision_id: int, usd: float, hold: CostHold | None = None) -> None:
+        """Money spent on a turn after it ended (grading it with the judge), in place of the ``hold`` counted
+        before the call: counted towards today's total even when the log cannot be written, as the daily cap
+        must see every dollar spent (a row that cannot be corrected keeps the hold, the most it may cost), and
+        into the finished turns' sums (no scrape reads between the write and that), which never held it."""
+        held = 0.0 if hold is None else hold.usd
+        in_row = held if hold is not None and hold.error is None else 0.0
+        with self.finished.lock, self.today.counting(usd - held):
             with self._writing("adding cost"):
-                self._conn.execute(
-                    "UPDATE decisions SET cost_usd = COALESCE(cost_usd, 0) + ? WHERE id = ?", [usd, decision_id]
-                )
+                self._add_to_row(decision_id, usd - in_row)
                 where = self._conn.execute(  # not UPDATE ... RETURNING: SQLite 3.35 (Ubuntu 20.04 has 3.31)
                     "SELECT COALESCE(backend, location), outcome FROM decisions WHERE id = ?", [decision_id]
                 ).fetchone()
             self.finished.add_cost(decision_id, None if where is None else (where[0], where[1]), usd)
+
+    def _add_to_row(self, decision_id: int, usd: float) -> None:
+        self._conn.execute("UPDATE decisions SET cost_usd = COALESCE(cost_usd, 0) + ? WHERE id = ?", [usd, decision_id])
 
     def recent(self, query: RecordQuery) -> list[dict[str, Any]]:
         """The newest records ``query`` matches, read on the reading connection (never the writer's: a writer's

@@ -16,9 +16,13 @@ from typing import Any
 import pytest
 
 from locod.daemon.config import load_config
+from locod.daemon.records import DecisionLog
 from locod.daemon.server import Daemon
+from locod.protocol import DecisionFrame, DoneFrame
 
 from .conftest import SECRET, cloud_config, wait_for, write_config
+from .faultproxy import Fault, FaultProxy
+from .test_routing import auto_config
 
 DEAD_URL = "http://127.0.0.1:1/v1"  # nothing listens on port 1: every connection is refused at once
 FIXTURES = Path(__file__).parent / "fixtures" / "telemetry"
@@ -141,3 +145,32 @@ def test_status_says_local_models_are_masked_by_the_rule_turns_are_decided_by(
     assert "battery 5%, on battery" in status and "battery_critical_pct" not in status, status
     second = client.ask("What is the plural of goose?", max_tokens=4)
     assert second.decision.location == "local" and "local masked" not in second.decision.reason
+
+
+def test_a_kill_during_the_judges_call_leaves_its_cost_counted(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """The judge grades an explored turn after it ended and added the call's price to the turn's cost once it
+    answered: a daemon killed during the call (the cloud slow, an OOM, kill -9) lost it from today's spend and
+    the daily cap, as cloud turns once did. Now the most the call may cost is written to the turn's cost
+    before it is made (and replaced by what it did cost after), as a cloud turn's record holds it."""
+    config = auto_config(proxy.base_url, judge=True, explore_c=10.0)  # every turn explores: graded
+    handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    frames = handle.client(turn_timeout_s=300).chat("What is 2+2?", max_tokens=4, temperature=0.0)
+    decision = next(frames)
+    assert isinstance(decision, DecisionFrame) and decision.explored
+    if decision.location == "cloud":  # the turn's own call passes: only the grading is slowed
+        wait_for(lambda: proxy.seen, 120, "the turn's cloud call")
+    calls = len(proxy.seen)
+    proxy.set(Fault("delay", delay_s=600))  # the endpoint takes the grading and keeps at it
+    done = list(frames)[-1]
+    assert isinstance(done, DoneFrame), done
+    wait_for(lambda: len(proxy.seen) > calls, 120, "the judge's call")
+    handle.proc.send_signal(signal.SIGKILL)
+    handle.proc.wait()
+    log = DecisionLog(handle.db_path)  # what the next start does: sums today's spend from the log
+    try:
+        (row,) = handle.rows()
+        judge_most = 2.0 * 4 / 1e6  # its verdict's 4 tokens at usd_per_mtok_out alone
+        assert row["cost_usd"] >= done.cost_usd + judge_most, row
+        assert log.spent_today() == pytest.approx(row["cost_usd"]), "the judge's call is not counted today"
+    finally:
+        log.close()
