@@ -42,7 +42,7 @@ from locod.daemon.bounded_http import BoundedTransport, Limits, OverBound, limit
 from locod.daemon.cloud_usage import counted
 from locod.daemon.config import CloudConfig, CloudModelConfig, redacted_url
 from locod.daemon.keyfile import key_source, read_api_key
-from locod.daemon.proxy import proxy_for
+from locod.daemon.proxy import first_hop, proxy_for
 from locod.daemon.walkaway import LEFT_AT_MOST, Streamed, run_leaving_on_cancel
 from locod.errors import CloudError
 from locod.protocol import NOT_TEXT, SURROGATE
@@ -149,6 +149,7 @@ class CircuitBreaker:
         self.limit, self.cooldown_s, self.endpoint = failures, cooldown_s, endpoint
         self.consecutive = 0
         self.opened_at: float | None = None
+        self.unconnected = False  # its last failure found no connection: the network may be at fault, not it
         self._lock = threading.Lock()
 
     @property
@@ -163,8 +164,10 @@ class CircuitBreaker:
         with self._lock:
             self.consecutive, self.opened_at = 0, None
 
-    def failure(self) -> None:
+    def failure(self, connected: bool = True) -> None:
+        """A failed call; ``connected`` False when it found no connection (refused, unresolved, no route)."""
         with self._lock:
+            self.unconnected = not connected
             self.consecutive += 1
             if self.consecutive >= self.limit:
                 if self.opened_at is None:
@@ -183,6 +186,18 @@ class CircuitBreaker:
         with self._lock:
             if self.opened_at is not None:
                 self.consecutive, self.opened_at = self.limit - 1, None
+
+    def network_back(self, since: float) -> bool:
+        """End the cooldown of a breaker that opened for want of a connection before ``since``, when a probe
+        begun then connected to its endpoint's first hop: the network is back (Wi-Fi joined again, an outage
+        over), and the user's next turn may try the cloud instead of waiting out the cooldown. One opened by
+        the endpoint's answers (5xx, a refused key, a cut stream) keeps it: a connection says nothing of those.
+        True if it ended one."""
+        with self._lock:
+            if self.opened_at is None or not self.unconnected or self.opened_at >= since:
+                return False
+            self.consecutive, self.opened_at = self.limit - 1, None
+            return True
 
     @property
     def state(self) -> str:
@@ -215,7 +230,7 @@ class CloudBackend:
         self._models = models  # one assignment: a turn looks a model and its client up together
         self._key_sources = {model.name: key_source(model) for model in config.models}
         self.key_from_env = [m.name for m in config.models if os.environ.get(m.api_key_env)]  # as key_source reads it
-        self.config = config
+        self.config, self._source = config, source
         self._note_keyless(config, keys)
 
     def _retune_breakers(self, config: CloudConfig) -> None:
@@ -246,6 +261,14 @@ class CloudBackend:
                     model.name,
                     model.api_key_env,
                 )
+
+    def reached(self, hop: tuple[str, int], since: float) -> None:
+        """The network probe, begun at ``since``, connected to ``hop``: the breakers of the endpoints reached
+        through it that opened for want of a connection let the next call try (``CircuitBreaker.network_back``)."""
+        for model, _ in self._models.values():
+            breaker = self.breakers[model.base_url]
+            if first_hop(model, self._source) == hop and breaker.network_back(since):
+                log.info("cloud endpoint %s is reachable again: its breaker lets the next call try", breaker.endpoint)
 
     def open_breakers(self) -> frozenset[str]:
         """The cloud models whose endpoint's breaker is open (cooling down)."""
@@ -349,7 +372,7 @@ class CloudBackend:
                     raise exc.__cause__ from None
                 sent = sent or not isinstance(exc.__cause__, NOT_CONNECTED)
                 if attempt >= self.config.max_retries:
-                    breaker.failure()
+                    breaker.failure(connected=not isinstance(exc.__cause__, NOT_CONNECTED))
                     kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
                     endpoint = redacted_url(model.base_url)
                     message = f"{name}: endpoint {endpoint} {kind}{_unresolved(exc)}"

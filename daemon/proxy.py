@@ -7,6 +7,7 @@ The network probe (daemon/telemetry.py) times the same hop the requests take.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from urllib.parse import urlsplit
 
@@ -34,6 +35,18 @@ def proxy_for(model: CloudModelConfig, source: str, env: dict[str, str] | None =
             f"https:// proxies are (or leave {url.hostname} out of it with $no_proxy)"
         )
     return proxy
+
+
+def first_hop(model: CloudModelConfig, source: str) -> tuple[str, int] | None:
+    """The host and port the model's requests connect to: its endpoint, or the proxy they go through (a proxy
+    the cloud refuses says so at the call: this goes direct)."""
+    through = None
+    with contextlib.suppress(ConfigError):
+        through = proxy_for(model, source)
+    url = urlsplit(through or model.base_url)
+    if not url.hostname:
+        return None
+    return url.hostname, url.port or (443 if url.scheme == "https" else 80)
 
 
 def _bypassed(host: str, no_proxy: str) -> bool:

@@ -8,7 +8,6 @@ not have is ``None`` with a reason; a reader that fails is warned about once, no
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import socket
@@ -17,11 +16,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 from locod.daemon.config import Config
-from locod.daemon.proxy import proxy_for
-from locod.errors import ConfigError
+from locod.daemon.proxy import first_hop
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +268,8 @@ class _Cloudish(Protocol):
     answered: int  # cloud calls answered so far: one after the probe failed says an endpoint is back
     unreachable: int  # cloud calls that found no connection: one after the probe passed says it is gone
 
+    def reached(self, hop: tuple[str, int], since: float) -> None: ...  # a probe begun at ``since`` connected
+
 
 class _Localish(Protocol):
     tokens_per_s: float | None
@@ -388,7 +387,7 @@ class TelemetrySampler:
         while not self._stop.is_set():
             target = self.probe_target
             if target is not None:
-                started = time.perf_counter()
+                began, started = time.monotonic(), time.perf_counter()
                 try:
                     with socket.create_connection(target, timeout=2.0):
                         pass
@@ -398,6 +397,8 @@ class TelemetrySampler:
                 except OSError:
                     self._probe_ok = False
                     backoff = min(backoff * 2, 600.0)
+                else:
+                    self.cloud.reached(target, began)  # the network is there: the breakers it vouches for may try
             if self._probe_now.wait(backoff if target is not None else self.config.probe_interval_s):
                 self._probe_now.clear()
                 backoff = self.config.probe_interval_s
@@ -424,13 +425,4 @@ def _why_missing(name: str, nvml_absent: str) -> str:
 
 def _probe_target(config: Config) -> tuple[str, int] | None:
     """The host the default cloud model's requests connect to: its endpoint, or the proxy they go through."""
-    if not config.cloud.models:
-        return None
-    model = config.cloud_model(config.cloud.default)
-    through = None
-    with contextlib.suppress(ConfigError):  # a proxy the cloud refuses: it says so, and the probe goes direct
-        through = proxy_for(model, config.source)
-    url = urlsplit(through or model.base_url)
-    if not url.hostname:
-        return None
-    return url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    return first_hop(config.cloud_model(config.cloud.default), config.source) if config.cloud.models else None

@@ -27,6 +27,9 @@ class NoBackend:
     unreachable = 0
     tokens_per_s = None
 
+    def reached(self, hop: tuple[str, int], since: float) -> None:
+        pass  # no breakers to end
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

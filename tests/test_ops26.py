@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,9 +21,11 @@ from locod.daemon.records import DecisionLog
 from locod.daemon.server import Daemon
 from locod.protocol import DecisionFrame, DoneFrame
 
-from .conftest import SECRET, cloud_config, wait_for, write_config
+from . import faultproxy
+from .conftest import SECRET, CloudServer, cloud_config, free_port, wait_for, write_config
 from .faultproxy import Fault, FaultProxy
 from .test_routing import auto_config
+from .test_twenty_first_walk import on_port
 
 DEAD_URL = "http://127.0.0.1:1/v1"  # nothing listens on port 1: every connection is refused at once
 FIXTURES = Path(__file__).parent / "fixtures" / "telemetry"
@@ -174,3 +177,48 @@ def test_a_kill_during_the_judges_call_leaves_its_cost_counted(daemon_factory: A
         assert log.spent_today() == pytest.approx(row["cost_usd"]), "the judge's call is not counted today"
     finally:
         log.close()
+
+
+def test_the_breaker_lets_a_call_try_once_the_probe_finds_the_network_back(
+    daemon_factory: Any, cloud_server: CloudServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A laptop whose Wi-Fi came back: the breaker, opened because calls found no connection, stayed open for
+    its whole cooldown (60 s by default, 600 s here) though the network probe reached the endpoint again,
+    and every turn meanwhile was answered locally. Now a probe that connects ends the cooldown of a breaker
+    opened for want of a connection: the next turn tries the cloud (its failure alone opens it again)."""
+    port = free_port()  # nothing listens there yet: the endpoint refuses, as with no route to it
+    monkeypatch.setattr(faultproxy, "serve", on_port(port))
+    config = cloud_config(f"http://127.0.0.1:{port}/v1", timeout_s=60.0, max_retries=0, breaker_failures=1)
+    config["telemetry"] = {"probe_interval_s": 1.0}
+    handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    client = handle.client(turn_timeout_s=300)
+    cut_off = client.ask("What is the plural of mouse?", max_tokens=4)
+    assert cut_off.done.outcome == "fallback" and client.status()["cloud"]["breaker"] == "open"
+    wait_for(lambda: client.status()["telemetry"]["cloud_reachable"] is False, 60, "the probe to fail")
+    proxy = FaultProxy(cloud_server.base_url.rsplit("/v1", 1)[0]).start()  # the network is back
+    try:
+        wait_for(lambda: client.status()["cloud"]["breaker"] == "closed", 120, "the breaker to let a call try")
+        back = client.ask("What is the plural of goose?", max_tokens=4)
+        assert back.decision.location == "cloud" and back.done.outcome == "ok", back.decision.reason
+        assert "is reachable again: its breaker lets the next call try" in handle.log()
+    finally:
+        proxy.stop()
+
+
+def test_a_breaker_opened_by_the_endpoints_answers_keeps_its_cooldown(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """The probe connects whatever the endpoint answers: a breaker opened by HTTP 500s keeps its cooldown
+    while the probe reaches the endpoint, so a failing endpoint is not tried at every probe."""
+    config = cloud_config(proxy.base_url, max_retries=0, breaker_failures=1)
+    config["telemetry"] = {"probe_interval_s": 1.0}
+    handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    client = handle.client(turn_timeout_s=300)
+    proxy.set(Fault("status", status=500))
+    assert client.ask("What is the plural of mouse?", max_tokens=4).done.outcome == "fallback"
+    opened = time.time()
+
+    def probed_since() -> bool:  # a probe connected after the breaker opened (the sample says when)
+        t = client.status()["telemetry"]
+        return bool(t["cloud_reachable"]) and t["rtt_age_s"] is not None and t["taken"] - t["rtt_age_s"] > opened
+
+    wait_for(probed_since, 60, "a probe after the breaker opened")
+    assert client.status()["cloud"]["breaker"] == "open"
