@@ -66,6 +66,7 @@ class Learner:
         self.shadow_labels, self.escalated_labels = records.local_labels()
         self.found_priors: dict[str, Prior] = {}
         self.mess = self._take(config, self.priors(config), state=None)  # the state as its file holds it
+        self._settle_missed_turns()
         self._learn_missed_labels()
 
     @staticmethod
@@ -109,6 +110,28 @@ class Learner:
             if mess.warm_start(name, prior) and (was is None or was.source != prior.source):
                 log.info("MESS+ predictor for %s starts from the prior fitted on %s", name, prior.source)
         return mess
+
+    def _settle_missed_turns(self) -> None:
+        """Settle the turns the log answered that the saved state never settled: a turn's completion is
+        committed before its ``done``, its settling saved after, and a daemon killed between the two left the
+        queue without it (its label, when it came, trained but moved nothing). The turns from the oldest
+        the state knows it settled on are looked at; a state that knows none (new, or older than the ids it
+        keeps) has nothing to tell them apart by, and is left as it is."""
+        with self.lock:
+            settled = self.mess.state.settled_ids
+            if not settled:
+                return
+            missed = [turn for turn in self.records.settled_since(min(settled)) if turn[0] not in settled]
+            for decision_id, model, s_settled in missed:
+                self.mess.settle(decision_id, model, s_settled)
+            if missed:
+                self._save()
+                log.info(
+                    "settled %d turn(s) the decision log answered before the last stop that the MESS+ state had "
+                    "not (decisions %s)",
+                    len(missed),
+                    ", ".join(str(decision_id) for decision_id, _, _ in missed),
+                )
 
     def _learn_missed_labels(self) -> None:
         """Learn the labels the log took for turns the saved state still waits on: a label is committed, then

@@ -144,6 +144,7 @@ class Outcome:
     confidence: JudgedAnswer | None = None
     private_answer: str | None = None  # SHA-256 of an answer made from private material, to know it again
     private_openings: tuple[str, ...] = ()  # and of its first words (``opening_digests``), to know a part of it
+    s_settled: float | None = None  # a routed answer's prediction, which MESS+'s queue settles with
 
 
 @dataclass(frozen=True)
@@ -522,6 +523,13 @@ class DecisionLog:
     def shadow(self, decision_id: int, result: ShadowResult) -> None:
         with self._writing("recording a shadow answer"):
             self.db.table("decisions").update(decision_id, {"shadow": json.dumps(asdict(result))})
+
+    def settled_since(self, first: int) -> list[tuple[int, str, float]]:
+        """The answered routed turns from decision ``first`` on, as their settling took them: (decision, the
+        model that answered, the prediction the queue settled with)."""
+        sql = "SELECT id, model, s_settled FROM decisions WHERE id >= ? AND s_settled IS NOT NULL ORDER BY id"
+        with self._reading("reading settled turns") as conn:
+            return [(int(i), str(model), float(s)) for i, model, s in conn.execute(sql, [first])]
 
     def newest(self) -> int:
         """The newest decision's id (0 in an empty log)."""

@@ -136,6 +136,13 @@ def _migration_11(db: sqlite_utils.Database) -> None:
         db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON decisions(id) WHERE {where}")
 
 
+def _migration_12(db: sqlite_utils.Database) -> None:
+    """What a routed turn's answer moved MESS+'s queue by (its prediction for what answered), written with its
+    completion: a start settles again the turns a kill cut between their ``done`` and the MESS+ state's save
+    (earlier rows keep NULL, as do turns that were not routed)."""
+    db.table("decisions").add_column("s_settled", float)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -148,6 +155,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_9,
     _migration_10,
     _migration_11,
+    _migration_12,
 ]
 
 

@@ -231,6 +231,7 @@ def _outcome(turn: Turn, ending: Ending, private: bool) -> Outcome:
         confidence=ending.judged,
         private_answer=answer_digest(g.text) if private and g.text.strip() else None,
         private_openings=opening_digests(g.text) if private else (),
+        s_settled=decision.routing.s_hat_taken if decision.routing and ending.outcome in ANSWERED else None,
     )
 
 

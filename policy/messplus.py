@@ -50,6 +50,7 @@ STATE_VERSION = 1
 # ~33 kB per model and ~100 bytes per pending label (its model's name as text): a bigger file is not one save wrote
 MAX_STATE_BYTES = 64 << 20
 INFEASIBLE_AFTER = 20  # turns settled before an SLA out of reach is reported
+KEPT_TURNS = 10_000  # settled turns whose prediction (pending) and whose id (settled_ids) the state keeps
 CATCH_UP = 4.0  # how much more a deficit of Z moves the price than a surplus does (current_price)
 HASH_DIM = 4096
 DENSE = (
@@ -203,6 +204,9 @@ class MessPlusState:
     # were earned by the file before it, and train nothing)
     file_since: dict[str, int] = field(default_factory=dict)
     sla: float | None = None  # the target the queue was built up under
+    # The last turns settled (decision ids): a start tells from them which turns the log has answered that
+    # this state never settled (a kill between a turn's completion and the state's save).
+    settled_ids: dict[int, None] = field(default_factory=dict)
 
 
 class MessPlus:
@@ -321,8 +325,11 @@ class MessPlus:
         self.state.settled += 1
         self.state.satisfied_sum += s_hat
         self.state.pending[decision] = (model, s_hat)
-        if len(self.state.pending) > 10_000:  # labels that never came: their predictions stand
+        if len(self.state.pending) > KEPT_TURNS:  # labels that never came: their predictions stand
             del self.state.pending[next(iter(self.state.pending))]
+        self.state.settled_ids[decision] = None
+        if len(self.state.settled_ids) > KEPT_TURNS:  # the lowest goes: every id kept is above every one let go
+            del self.state.settled_ids[min(self.state.settled_ids)]
 
     def label(self, decision: int, model: str, x: tuple[np.ndarray, np.ndarray], satisfied: bool) -> bool:
         """A label for a settled turn: correct the queue, then train that model's head; False, training
@@ -438,6 +445,7 @@ class MessPlus:
                     file_since=np.array(
                         [self.state.file_since.get(n, 0) for n in self.state.file_sizes], dtype=np.int64
                     ),
+                    settled_ids=np.array(list(self.state.settled_ids), dtype=np.int64),
                 )
                 f.flush()
                 os.fsync(f.fileno())
@@ -491,6 +499,8 @@ class MessPlus:
                 if "file_since" in data:  # absent from files written before a started-over model kept its start
                     since = zip(data["file_names"], data["file_since"])
                     state.file_since = {str(n): int(d) for n, d in since if d}
+                if "settled_ids" in data:  # absent from files written before the settled turns were kept
+                    state.settled_ids = dict.fromkeys(int(i) for i in data["settled_ids"])
                 _check_values(state)
         except Exception as exc:  # corrupt, truncated, foreign: never let it poison routing
             aside = self.path.with_name(f"{self.path.name}.bad-{int(time.time())}")
@@ -528,6 +538,8 @@ def _check_shapes(data: np.lib.npyio.NpzFile) -> None:
         expected.update(sla=(), file_names=(files,), file_sizes=(files,))
         if "file_since" in data:
             expected.update(file_since=(files,))
+    if "settled_ids" in data and data["settled_ids"].ndim != 1:
+        raise ValueError(f"settled_ids has shape {data['settled_ids'].shape}, expected one dimension")
     for key, shape in expected.items():
         if data[key].shape != shape:
             raise ValueError(f"{key} has shape {data[key].shape}, expected {shape}")

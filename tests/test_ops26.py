@@ -222,3 +222,34 @@ def test_a_breaker_opened_by_the_endpoints_answers_keeps_its_cooldown(daemon_fac
 
     wait_for(probed_since, 60, "a probe after the breaker opened")
     assert client.status()["cloud"]["breaker"] == "open"
+
+
+def test_a_turn_settled_after_the_last_save_is_settled_again_from_the_log(
+    daemon_factory: Any, proxy: FaultProxy
+) -> None:
+    """A routed turn's completion is committed before its `done`, and MESS+'s queue settles after, saved to
+    its own file: a daemon killed between the two (or whose saves fail until then) lost that turn from the
+    queue and the attained satisfaction for good; its label, when it came, trained but moved nothing. Now
+    the log keeps what each turn settled with (``s_settled``) and a start settles those the saved state has
+    not. The state's saves are made to fail here (its temporary file's name taken by a directory), so the
+    file stays at the first turn whenever the kill comes."""
+    config = auto_config(proxy.base_url)
+    handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    client = handle.client(turn_timeout_s=300)
+    assert client.ask("What is the plural of mouse?", max_tokens=4).done.outcome in ("ok", "fallback")
+    # settled and saved: status reads the state under the lock its settling holds through the save
+    wait_for(lambda: client.status()["routing"]["turns"] == 1, 60, "the first turn's settling")
+    blocker = handle.home / "state" / "messplus.tmp"
+    blocker.mkdir()  # every save from now on fails: the file keeps the first turn
+    second = client.ask("What is the plural of goose?", max_tokens=4).done
+    wait_for(lambda: "cannot save the MESS+ state" in handle.log(), 60, "the second turn's settling")
+    assert client.status()["routing"]["turns"] == 2
+    handle.proc.send_signal(signal.SIGKILL)
+    handle.proc.wait()
+    blocker.rmdir()
+    assert all(row["s_settled"] is not None for row in handle.rows())
+    again = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    assert again.home == handle.home
+    assert again.client().status()["routing"]["turns"] == 2
+    assert "settled 1 turn(s) the decision log answered before the last stop" in again.log()
+    assert f"(decisions {second.decision})" in again.log()
