@@ -47,7 +47,8 @@ from locod.policy.warmstart import Prior
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-# ~33 kB per model and ~100 bytes per pending label (its model's name as text): a bigger file is not one save wrote
+# ~33 kB per model, ~100 bytes per pending label (its model's name as text) and 8 per settled id: a bigger file
+# is not one save wrote
 MAX_STATE_BYTES = 64 << 20
 INFEASIBLE_AFTER = 20  # turns settled before an SLA out of reach is reported
 KEPT_TURNS = 10_000  # settled turns whose prediction (pending) and whose id (settled_ids) the state keeps
