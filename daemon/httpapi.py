@@ -86,19 +86,17 @@ class Exchange:
     id: str = field(default_factory=lambda: "chatcmpl-" + uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))  # one for the answer and all its chunks
 
-    def moved(self, frame: Frame) -> None:
-        """Follow a frame that says where the answer now comes from: an escalation to the cloud, a fallback
-        to the local model, the finished turn."""
+    def follow(self, frame: Frame) -> None:
+        """Keep what a frame says of the answer: where it now comes from and which model writes it (after an
+        escalation to the cloud, a fallback to the local model, the finished turn), and what a fallback or an
+        escalation says, which the answer's opening, notice and extension tell."""
+        if isinstance(frame, FallbackFrame):
+            self.fallback = frame.message
+        elif isinstance(frame, EscalatedFrame):
+            self.escalated, self.escalated_notice = frame.message, frame.notice
         if isinstance(frame, (EscalatedFrame, FallbackFrame, DoneFrame)):
             self.location = frame.location if isinstance(frame, DoneFrame) else LOCATION_AFTER[type(frame)]
             self.model = frame.model
-
-    def turned(self, frame: FallbackFrame | EscalatedFrame) -> None:
-        """Keep what a fallback or an escalation says: the answer's opening, notice and extension tell it."""
-        if isinstance(frame, FallbackFrame):
-            self.fallback = frame.message
-        else:
-            self.escalated, self.escalated_notice = frame.message, frame.notice
 
     def headers(self) -> dict[str, str]:
         """The turn's headers: ``x-request-id`` is the completion's id, which the SDKs keep as a reply's
@@ -371,7 +369,7 @@ class HttpServer:
                 break
             if isinstance(frame, ErrorFrame):
                 raise wire.error_of(frame)
-            exchange.moved(frame)
+            exchange.follow(frame)
             held.append(frame)
         return held
 
@@ -387,12 +385,10 @@ class HttpServer:
     async def _whole(self, exchange: Exchange, request: Request) -> dict[str, Any]:
         while True:
             frame = await self._next(exchange, request)
-            if isinstance(frame, (FallbackFrame, EscalatedFrame)):
-                exchange.turned(frame)
-            elif isinstance(frame, ErrorFrame):
+            exchange.follow(frame)
+            if isinstance(frame, ErrorFrame):
                 raise wire.error_of(frame)
-            elif isinstance(frame, DoneFrame):
-                exchange.moved(frame)
+            if isinstance(frame, DoneFrame):
                 text = frame.text or ""
                 self._answered(exchange, frame, text)
                 reason = self._finish_reason(exchange, frame)
@@ -414,13 +410,13 @@ class HttpServer:
                     parts.append(frame.text)  # what the answer's next request repeats, the notice taken off
                     yield json.dumps(exchange.chunk(model, {"content": shown}))
                 elif isinstance(frame, FallbackFrame):
-                    exchange.turned(frame)
+                    exchange.follow(frame)
                     model = frame.model
                     if parts:  # the cloud's text went out and cannot be taken back: say where it breaks off
                         parts.append(wire.broke_off(frame.message))  # all the client got: what it sends back
                         yield json.dumps(exchange.chunk(model, {"content": parts[-1]}))
                 elif isinstance(frame, EscalatedFrame):  # no local text was sent: the cloud's answer follows
-                    exchange.turned(frame)
+                    exchange.follow(frame)
                     model = frame.model
                 elif isinstance(frame, ErrorFrame):
                     yield json.dumps(wire.error_of(frame).body())
