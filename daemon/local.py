@@ -321,6 +321,12 @@ class ModelZoo:
                 f"model {model.name!r}: llama.cpp could not load {path}: {exc}{_address_space_note()}",
                 code="model_corrupt",
             ) from None
+        except MemoryError as exc:  # llama-cpp-python's own arrays (its logits) past an address-space limit:
+            # the start ended in numpy's traceback
+            raise ModelError(
+                f"model {model.name!r}: llama.cpp could not load {path}: out of memory ({exc}){_address_space_note()}",
+                code="model_too_large",
+            ) from None
         return identity, llm
 
     def _check_memory(self, model: LocalModelConfig, needed_mb: float) -> None:
