@@ -426,7 +426,7 @@ def _expanded_paths(paths: PathsConfig, source: str, origins: Mapping[str, str])
     named = [(f"paths.{key}", [getattr(paths, key)]) for key in ("state_dir", "runtime_dir", "models_dir")]
     for key, values in [*named, ("paths.allow_dirs", paths.allow_dirs)]:
         for value in values:
-            if value and not value.startswith(("/", "~")):
+            if value and not os.path.isabs(os.path.expanduser(value)):  # ~name of no user stays relative
                 raise ConfigError(
                     f"{origins.get(key, source)}: {key} must be an absolute path or begin with ~/, got {quoted(value)} "
                     "(a relative one would depend on the directory each command and the daemon start in)"

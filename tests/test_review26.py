@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from locod.daemon.config import load_config
+from locod.errors import ConfigError
+
 from .test_env26 import _env, _one_line
 
 
@@ -42,3 +45,13 @@ def test_a_model_load_out_of_memory_under_ulimit_v_is_said_in_one_line_naming_th
         if "out of memory (" in said:
             return
     pytest.skip("no limit failed the load in llama-cpp-python's own allocation here")
+
+
+def test_a_path_under_the_home_of_no_such_user_is_refused_as_relative(tmp_path: Path) -> None:
+    """`~name/...` is expanded for a user of that name; of none, it stays as written, a relative path: it
+    passed the check for relative paths (it begins with ~) and made a folder named `~name` wherever the daemon
+    started."""
+    with pytest.raises(ConfigError, match=r"paths.state_dir must be an absolute path or begin with ~/, got '~no"):
+        load_config(env={"LOCOD_STATE_DIR": "~no-such-user-locod/state", "XDG_CONFIG_HOME": str(tmp_path)})
+    home = load_config(env={"LOCOD_STATE_DIR": "~/state", "XDG_CONFIG_HOME": str(tmp_path)}).state_dir
+    assert home == Path.home() / "state"
