@@ -113,6 +113,11 @@ class SessionStore:
         with self._lock:
             self._expire(now)
             session = self._sessions.get((owner, session_id))
+            if session is not None and now - session.last_used > self.idle_s:
+                # Expired, and kept by ``_expire`` only for the turns queued in it, this one first: those before
+                # it have answered (``wait_turn``), so it is no turn in flight that ``_expire`` keeps it for.
+                del self._sessions[owner, session_id]
+                session = None
             if session is None:
                 if len(self._sessions) >= self.max_sessions:
                     self._evict()

@@ -5,14 +5,18 @@ from __future__ import annotations
 import resource
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from locod.daemon.config import load_config
+from locod.daemon.sessions import SessionStore, TurnTrail
 from locod.errors import ConfigError
 
 from .test_env26 import _env, _one_line
+
+TRAIL = TurnTrail("local", (), "chat")
 
 
 def test_a_model_load_out_of_memory_under_ulimit_v_is_said_in_one_line_naming_the_limit(
@@ -55,3 +59,22 @@ def test_a_path_under_the_home_of_no_such_user_is_refused_as_relative(tmp_path: 
         load_config(env={"LOCOD_STATE_DIR": "~no-such-user-locod/state", "XDG_CONFIG_HOME": str(tmp_path)})
     home = load_config(env={"LOCOD_STATE_DIR": "~/state", "XDG_CONFIG_HOME": str(tmp_path)}).state_dir
     assert home == Path.home() / "state"
+
+
+def test_a_session_idle_past_session_idle_s_starts_afresh_though_its_next_turn_is_queued_in_it() -> None:
+    """A session with a turn in flight is not expired (attack 26), and a turn is in flight from its admission,
+    before it opens its session: so the turn that came back to a session idle for hours kept it from
+    expiring, and continued a history `session_idle_s` had dropped (unless another session's turn or a
+    `status` had expired it in between). A turn in flight in another session still keeps that one."""
+    store = SessionStore(idle_s=60, max_sessions=10)
+    sessions = [store.open(name, "ipc") for name in ("idle", "busy")]
+    for session in sessions:
+        store.record(session, [{"role": "user", "content": "Remember PLUM."}], "Ok.", TRAIL)
+        session.last_used -= 3600  # an hour unused
+    store.enter("busy", "ipc", threading.Event())  # a turn of it, still answering
+    coming_back = threading.Event()
+    store.enter("idle", "ipc", coming_back)
+    assert store.wait_turn("idle", "ipc", coming_back, threading.Event())  # first in its queue
+    session = store.open("idle", "ipc")
+    assert session.messages == [] and session.turns == 0
+    assert len(store) == 2  # "busy" kept while its turn answers
