@@ -17,6 +17,7 @@ import struct
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,8 +305,10 @@ class Client:
 
     Stopping a turn: leave ``chat``'s loop (``break``, an exception) or close the iterator, and the turn is
     cancelled (recorded ``cancelled``): the protocol has no cancel message, so the Client closes its
-    connection and opens a new one, which cancels any other turn it had in flight as well. A turn whose
-    frames are not read at all runs to its end.
+    connection and opens a new one, which cancels any other turn it had in flight as well. ``chat`` sends
+    the turn when its first frame is asked for: one never iterated is never sent; one whose iterator is kept
+    but no longer read runs to its end. Other requests may be made inside the loop (``status``, ``feedback``
+    of the turn before): each turn's frames wait for its own loop.
 
     Threads: a Client is one ZeroMQ socket, which is not thread-safe; while a request of one thread is in
     flight, another thread's request raises ``Busy`` (code ``client_in_use``). Give each thread its own
@@ -340,6 +343,7 @@ class Client:
         self._guard = threading.Lock()
         self._owner: int | None = None  # the thread whose requests are in flight
         self._in_flight: set[str] = set()
+        self._held: dict[str, deque[Frame]] = {}  # frames that came while another request's were read
 
     def close(self) -> None:
         self._sock.close(linger=0)
@@ -383,6 +387,7 @@ class Client:
     def _release(self, rid: str) -> None:
         with self._guard:
             self._in_flight.discard(rid)
+            self._held.pop(rid, None)
             if not self._in_flight:
                 self._owner = None
 
@@ -419,6 +424,20 @@ class Client:
             self._release(rid)
 
     def _read(self, rid: str, timeout_ms: int) -> Iterator[Frame]:
+        while True:
+            held = self._held.get(rid)
+            frame = held.popleft() if held else self._receive(rid, timeout_ms)
+            if isinstance(frame, ErrorFrame):
+                raise frame.error()
+            yield frame
+            if frame.type in LAST_FRAMES:
+                return
+
+    def _receive(self, rid: str, timeout_ms: int) -> Frame:
+        """The next frame for ``rid`` off the socket, within ``timeout_ms`` of silence. A frame for another of
+        this thread's requests in flight is held for it: a ``status`` or ``feedback`` asked inside a ``chat``
+        loop read past the turn's frames and dropped them, so its text lost words, or its ``done`` and the
+        loop waited out ``turn_timeout_s``."""
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
             left = deadline - time.monotonic()
@@ -432,14 +451,11 @@ class Client:
                 check_alive(self.endpoint)
                 continue
             frame_id, frame = decode_frame(self._sock.recv())
-            if frame_id != rid:
-                continue  # a late reply to an earlier, abandoned request
-            if isinstance(frame, ErrorFrame):
-                raise frame.error()
-            yield frame
-            if frame.type in LAST_FRAMES:
-                return
-            deadline = time.monotonic() + timeout_ms / 1000
+            if frame_id == rid:
+                return frame
+            if frame_id in self._in_flight:
+                self._held.setdefault(frame_id, deque()).append(frame)
+            # else a late reply to an earlier, abandoned request
 
     def call(self, op: str, **fields: Any) -> Any:
         if op == "feedback":
