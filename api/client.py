@@ -20,6 +20,7 @@ import uuid
 from collections import deque
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -478,17 +479,21 @@ class Client:
     def decisions(
         self,
         limit: int = 20,
-        of: str | None = None,
+        of: int | str | None = None,
         *,
         session: str | None = None,
         location: str | None = None,
         outcome: str | None = None,
-        since: float | None = None,
+        since: float | datetime | None = None,
     ) -> list[dict[str, Any]]:
-        """The newest records, or (``of``) the one of a decision id or of a request id: an HTTP completion's
-        ``id``, a socket chat's request id; only those of ``session``, answered at ``location`` (local, cloud),
-        ending in ``outcome``, accepted at or after ``since`` (Unix time), where given (``RecordQuery``)."""
-        query = RecordQuery(limit, of, session, location, outcome, since)
+        """The newest records, or (``of``) the one of a decision id (an int, as frames carry it) or of a request
+        id: an HTTP completion's ``id``, a socket chat's request id; only those of ``session``, answered at
+        ``location`` (local, cloud: the record's ``backend``; its ``location`` is where the turn was decided to
+        run, before a fallback or an escalation), ending in ``outcome``, accepted at or after ``since`` (Unix
+        time, or a datetime: a naive one is local time), where given (``RecordQuery``)."""
+        if isinstance(since, datetime):
+            since = since.timestamp()
+        query = RecordQuery(limit, None if of is None else str(of), session, location, outcome, since)
         return list(self.call("decisions", query=query))
 
     def feedback(self, decision: int, satisfied: bool) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NoReturn
 
 from locod import __version__
 from locod.errors import LocodError, ProtocolError, from_frame
@@ -444,7 +444,17 @@ def encode_request(request: Request) -> bytes:
         msg["op"] = request.op
         if request.op == "decisions":
             msg.update((name, value) for name, value in asdict(request.query).items() if value is not None)
-    return json.dumps(msg, separators=(",", ":")).encode()
+    return json.dumps(msg, separators=(",", ":"), default=_not_json).encode()
+
+
+def _not_json(value: object) -> NoReturn:
+    """Refuse a value JSON cannot hold (a datetime, a numpy integer) as a request error with a code: it was
+    json's TypeError, the one error of a request that was no LocodError."""
+    raise ProtocolError(
+        f"a {type(value).__name__} cannot be sent: a request holds JSON values alone (text, numbers, booleans, "
+        "lists, objects)",
+        code="bad_field",
+    )
 
 
 DEFAULT_OPTIONS = ChatOptions()

@@ -8,10 +8,12 @@ One real daemon (the embedded model) serves every test."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from locod.errors import ProtocolError
 from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame
 
 from .conftest import DaemonHandle, start_daemon, wait_for
@@ -45,3 +47,27 @@ def test_a_request_made_inside_a_chat_loop_leaves_the_turns_frames_to_it(daemon:
     rest = list(turn)
     assert isinstance(rest[-1], DoneFrame)
     assert "".join(f.text for f in rest if isinstance(f, DeltaFrame)).strip()
+
+
+def test_decisions_take_a_decision_id_as_frames_carry_it_and_since_as_a_datetime(daemon: DaemonHandle) -> None:
+    """Walk finding: ``client.decisions(of=result.decision.decision)``, the id as every frame carries it (an
+    int), was refused ``bad_field`` ("'of' must be str"), and ``since=datetime.now() - timedelta(days=1)``
+    raised json's TypeError, no LocodError. Now an int id and a datetime are taken as they are meant."""
+    client = daemon.client()
+    result = client.ask("Name a fruit.", max_tokens=4, session="walk27")
+    (record,) = client.decisions(of=result.decision.decision)
+    assert record["id"] == result.decision.decision and record["session"] == "walk27"
+    day = client.decisions(session="walk27", since=datetime.now() - timedelta(days=1))
+    assert [r["id"] for r in day] == [result.decision.decision]
+    assert client.decisions(session="walk27", since=datetime.now() + timedelta(hours=1)) == []
+
+
+def test_a_value_json_cannot_hold_is_a_request_error_with_a_code(daemon: DaemonHandle) -> None:
+    """Walk finding: any value JSON cannot hold (a timedelta for ``since``, a numpy integer as a decision id)
+    raised a bare TypeError from ``json.dumps``, although every error is to be a LocodError with a stable
+    code. Now it is ``bad_field``, naming the type, and nothing is sent."""
+    client = daemon.client()
+    with pytest.raises(ProtocolError) as refused:
+        client.decisions(since=timedelta(days=1))  # type: ignore[arg-type]  # what a caller may pass all the same
+    assert refused.value.code == "bad_field" and "timedelta" in refused.value.message
+    assert client.ping()["pong"]  # the Client goes on
