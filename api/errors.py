@@ -9,7 +9,7 @@ matching class again, so a caller can catch ``ModelError`` whether it ran in-pro
     │   ├── AttachmentError       an attachment is unreadable, too large, or not allowed
     │   ├── PromptTooLong         the prompt alone does not fit the model's context
     │   ├── UnknownModel          the request names a model the daemon does not have
-    │   └── UnknownDecision       feedback or decisions names a decision it cannot find, or label (labelled, unfinished)
+    │   └── UnknownDecision       feedback names a decision it cannot find or label (the decisions op: an empty list)
     ├── ModelError              a local model is missing, corrupt, or cannot be loaded
     ├── CloudError              the cloud endpoint failed (usually answered by falling back to local)
     ├── PolicyError             the ONNX routing policy is missing, corrupt or mismatched
