@@ -295,10 +295,17 @@ class HttpServer:
         what is served: the usual slip is a base_url without ``/v1``."""
         status = getattr(exc, "status_code", 404)
         served = "POST /v1/chat/completions, GET /v1/models, GET /metrics, GET /health"
+        origin = request.headers.get("origin")
+        if request.method == "OPTIONS" and origin and "access-control-request-method" in request.headers:
+            why = (  # a web chat UI's developer reads this in the browser's network panel, beside "CORS error"
+                f"a browser's CORS preflight from {origin[:200]!r} is granted only to the origins named in "
+                "http.cors_origins: name that page's origin there to let it call the API (docs/http.md, Web pages)"
+            )
+        else:
+            why = f"it serves {served} (an OpenAI client's base_url ends in /v1)"
         error = wire.HttpError(
             status,
-            f"locod serves no {request.method} {request.url.path[:200]}: it serves {served} "
-            "(an OpenAI client's base_url ends in /v1)",
+            f"locod serves no {request.method} {request.url.path[:200]}: {why}",
             "not_found" if status == 404 else "method_not_allowed",
         )
         return JSONResponse(error.body(), status_code=status, headers=getattr(exc, "headers", None))

@@ -45,7 +45,11 @@ class Gate:
             origin = headers.get("origin")
             if origin is not None and origin not in self.cors_origins and urlsplit(origin).hostname not in self.names:
                 raise HttpError(
-                    403, f"requests from web pages of {origin!r} are refused", "origin_not_allowed", "origin"
+                    403,
+                    f"requests from web pages of {origin[:200]!r} are refused: name a page's origin in "
+                    "http.cors_origins to let it call the API (docs/http.md, Web pages)",
+                    "origin_not_allowed",
+                    "origin",
                 )
         if method == "POST":
             media = headers.get("content-type", "").split(";", 1)[0].strip().lower()

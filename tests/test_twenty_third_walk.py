@@ -16,12 +16,20 @@ import pytest
 from locod.errors import ProtocolError
 from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame
 
-from .conftest import DaemonHandle, start_daemon, wait_for
+from .conftest import DaemonHandle, free_port, start_daemon, wait_for
+from .test_http_door import request
 
 
 @pytest.fixture(scope="module")
-def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> Iterator[DaemonHandle]:
-    handle = start_daemon(tmp_path_factory.mktemp("walk27"), models_dir)
+def http_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, models_dir: Path, http_port: int) -> Iterator[DaemonHandle]:
+    """The daemon, with its HTTP door on ``http_port``."""
+    config = {"http": {"listen": f"127.0.0.1:{http_port}"}}
+    handle = start_daemon(tmp_path_factory.mktemp("walk27"), models_dir, config)
     try:
         yield handle
     finally:
@@ -71,3 +79,24 @@ def test_a_value_json_cannot_hold_is_a_request_error_with_a_code(daemon: DaemonH
         client.decisions(since=timedelta(days=1))  # type: ignore[arg-type]  # what a caller may pass all the same
     assert refused.value.code == "bad_field" and "timedelta" in refused.value.message
     assert client.ping()["pong"]  # the Client goes on
+
+
+def test_a_web_page_the_door_refuses_is_told_of_http_cors_origins(daemon: DaemonHandle, http_port: int) -> None:
+    """Walk finding: a web chat UI served on another port (its dev server, localhost:3000) that calls the API
+    from the browser has its CORS preflight answered 405, "locod serves no OPTIONS ...: it serves POST
+    /v1/chat/completions, ...", which the browser's network panel shows beside "CORS error": it named
+    neither CORS nor ``http.cors_origins``; nor did the 403 of a page of another host. Both now say that the
+    page's origin goes in ``http.cors_origins``. The refusals themselves are as they were."""
+    port = http_port
+    preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
+    status, answer = request(port, "OPTIONS", "/v1/chat/completions", headers=preflight)
+    assert (status, answer["error"]["code"]) == (405, "method_not_allowed")
+    assert "CORS preflight from 'http://localhost:3000'" in answer["error"]["message"]
+    assert "http.cors_origins" in answer["error"]["message"]
+    status, answer = request(port, "OPTIONS", "/v1/chat/completions")  # no browser: what is served, as before
+    assert status == 405 and "it serves POST /v1/chat/completions" in answer["error"]["message"]
+    chat = {"model": "auto", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    page = {"Content-Type": "application/json", "Origin": "http://chat.example"}
+    status, answer = request(port, "POST", "/v1/chat/completions", chat, page)
+    assert (status, answer["error"]["code"]) == (403, "origin_not_allowed")
+    assert "http.cors_origins" in answer["error"]["message"]
