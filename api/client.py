@@ -306,7 +306,8 @@ class Client:
 
     Stopping a turn: leave ``chat``'s loop (``break``, an exception) or close the iterator, and the turn is
     cancelled (recorded ``cancelled``): the protocol has no cancel message, so the Client closes its
-    connection and opens a new one, which cancels any other turn it had in flight as well. ``chat`` sends
+    connection and opens a new one, which cancels any other turn it had in flight as well (its loop raises
+    ``Busy``, code ``cancelled``; closing the Client, ``RequestError`` ``client_closed``). ``chat`` sends
     the turn when its first frame is asked for: one never iterated is never sent; one whose iterator is kept
     but no longer read runs to its end. Other requests may be made inside the loop (``status``, ``feedback``
     of the turn before): each turn's frames wait for its own loop.
@@ -345,16 +346,19 @@ class Client:
         self._owner: int | None = None  # the thread whose requests are in flight
         self._in_flight: set[str] = set()
         self._held: dict[str, deque[Frame]] = {}  # frames that came while another request's were read
+        self._cut: set[str] = set()  # requests in flight on a connection closed to cancel another turn
 
     def close(self) -> None:
         self._sock.close(linger=0)
 
     def _reconnect(self) -> None:
-        """A new connection in place of this one: closing it cancels every turn it had in flight."""
+        """A new connection in place of this one: closing it cancels every turn it had in flight, whose loops
+        are told so when they next read (they waited out ``turn_timeout_s`` for frames that never came)."""
         if self._sock.closed:  # the caller closed the Client: that cancelled them
             return
         self._sock.close(linger=0)
         self._sock = self._connect()
+        self._cut |= self._in_flight
 
     def _connect(self) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
@@ -389,6 +393,7 @@ class Client:
         with self._guard:
             self._in_flight.discard(rid)
             self._held.pop(rid, None)
+            self._cut.discard(rid)
             if not self._in_flight:
                 self._owner = None
 
@@ -439,6 +444,14 @@ class Client:
         this thread's requests in flight is held for it: a ``status`` or ``feedback`` asked inside a ``chat``
         loop read past the turn's frames and dropped them, so its text lost words, or its ``done`` and the
         loop waited out ``turn_timeout_s``."""
+        if self._sock.closed:  # while a turn's loop was suspended: zmq's "Operation not supported" said so
+            raise RequestError("this Client was closed during the turn, which cancelled it", code="client_closed")
+        if rid in self._cut:
+            raise Busy(
+                "the turn was cancelled: leaving another turn's loop on this Client closed its connection, which "
+                "cancels every turn it has in flight; give each turn you may stop alone its own Client",
+                code="cancelled",
+            )
         deadline = time.monotonic() + timeout_ms / 1000
         while True:
             left = deadline - time.monotonic()

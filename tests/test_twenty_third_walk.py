@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from locod.errors import ProtocolError
+from locod.errors import Busy, ProtocolError, RequestError
 from locod.protocol import DecisionFrame, DeltaFrame, DoneFrame
 
 from .conftest import DaemonHandle, free_port, start_daemon, wait_for
@@ -100,3 +100,27 @@ def test_a_web_page_the_door_refuses_is_told_of_http_cors_origins(daemon: Daemon
     status, answer = request(port, "POST", "/v1/chat/completions", chat, page)
     assert (status, answer["error"]["code"]) == (403, "origin_not_allowed")
     assert "http.cors_origins" in answer["error"]["message"]
+
+
+def test_a_turn_cancelled_with_another_on_its_client_says_so(daemon: DaemonHandle) -> None:
+    """Walk finding: two turns streamed on one Client, and the user stopped one (its loop left): the Client
+    closed its connection, as ``help(Client)`` says, which cancelled the other as well, but the other's loop
+    then waited out ``turn_timeout_s`` (600 s by default) and raised ``DaemonNotRunning``, "the daemon may be
+    stuck". Closing the Client during a turn left its loop with zmq's bare "Operation not supported". Now
+    the one raises ``Busy`` (``cancelled``), the other ``RequestError`` (``client_closed``), at once."""
+    client = daemon.client(turn_timeout_s=30)
+    stopped = client.chat("Tell a long story about a cat.", max_tokens=200)
+    assert isinstance(next(stopped), DecisionFrame)
+    kept = client.chat("Tell a long story about a dog.", max_tokens=200, queued=True)
+    next(kept)  # sent: it waits for the local model (queued) or has it (decision)
+    stopped.close()
+    with pytest.raises(Busy) as cancelled:
+        list(kept)
+    assert cancelled.value.code == "cancelled"
+
+    turn = client.chat("Tell a long story about a bird.", max_tokens=200)
+    next(turn)
+    client.close()
+    with pytest.raises(RequestError) as closed:
+        list(turn)
+    assert closed.value.code == "client_closed"
