@@ -305,7 +305,10 @@ class _Fields:
 
     def _check(self, name: str, value: Any, kind: type) -> Any:
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+            try:
+                value = float(value)
+            except OverflowError:  # an integer past a double's range: the loop answered `internal`, with no id
+                raise self.bad(name, "is out of range (a double)") from None
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise self.bad(name, f"must be {kind.__name__}, got {type(value).__name__}")
         if kind is int and value not in INT64:

@@ -7,6 +7,7 @@ period within 48 buckets (a week is drawn by day, two days by hour).
 
 from __future__ import annotations
 
+import math
 import re
 import sqlite3
 import statistics
@@ -37,11 +38,13 @@ EDGES = (
 
 
 def parse_since(text: str) -> float:
-    """``30m``, ``12h``, ``7d``, ``4w`` -> seconds."""
+    """``30m``, ``12h``, ``7d``, ``4w`` -> seconds. A period past a double's range (hundreds of digits) is
+    refused here: as infinity it reached the daemon as ``since`` -Infinity, refused in the protocol's words."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([mhdw])\s*", text)
-    if not match or float(match.group(1)) <= 0:
+    seconds = float(match.group(1)) * UNITS[match.group(2)] if match else 0.0
+    if not 0 < seconds < math.inf:
         raise RequestError(f"--since expects a period like 30m, 12h, 7d or 4w, got {text!r}")
-    return float(match.group(1)) * UNITS[match.group(2)]
+    return seconds
 
 
 @dataclass
