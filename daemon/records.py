@@ -37,7 +37,7 @@ from locod.daemon.records_schema import (
     WAS_ANSWERED,
     version_of_schema,
 )
-from locod.daemon.tallies import DailyTally, FinishedSums
+from locod.daemon.tallies import DailyTally, FinishedSums, Held
 from locod.errors import StorageError, UnknownDecision
 from locod.policy.logged import LoggedTurn, logged_observation
 from locod.protocol import ANSWERED, RecordQuery
@@ -120,6 +120,7 @@ class CostHold:
 
     usd: float
     error: str | None = None  # why the turn's row does not hold it (a failed write); today's spend does
+    counted: Held | None = None  # where today's spend has it: what ``add_cost`` takes it off
 
 
 @dataclass
@@ -549,22 +550,22 @@ class DecisionLog:
         """Count what a call for a turn that has ended may cost before it is made, in the turn's cost and
         today's spend; ``add_cost`` replaces it with what the call did cost. Today's spend counts it even when
         the log cannot be written (the hold says why its row does not)."""
-        with self.today.counting(usd):
+        error = None
+        with self.today.counting(usd) as counted:
             try:
                 with self._writing("holding what a call may cost"):
                     self._add_to_row(decision_id, usd)
             except StorageError as exc:
-                return CostHold(usd, exc.message)
-        return CostHold(usd)
+                error = exc.message
+        return CostHold(usd, error, counted[0])
 
     def add_cost(self, decision_id: int, usd: float, hold: CostHold | None = None) -> None:
         """Money spent on a turn after it ended (grading it with the judge), in place of the ``hold`` counted
         before the call: counted towards today's total even when the log cannot be written, as the daily cap
         must see every dollar spent (a row that cannot be corrected keeps the hold, the most it may cost), and
         into the finished turns' sums (no scrape reads between the write and that), which never held it."""
-        held = 0.0 if hold is None else hold.usd
-        in_row = held if hold is not None and hold.error is None else 0.0
-        with self.finished.lock, self.today.counting(usd - held):
+        in_row = hold.usd if hold is not None and hold.error is None else 0.0
+        with self.finished.lock, self.today.counting(usd, replacing=None if hold is None else hold.counted):
             with self._writing("adding cost"):
                 self._add_to_row(decision_id, usd - in_row)
                 where = self._conn.execute(  # not UPDATE ... RETURNING: SQLite 3.35 (Ubuntu 20.04 has 3.31)

@@ -32,6 +32,15 @@ class Today:
     cloud: int
 
 
+@dataclass(frozen=True)
+class Held:
+    """Money counted before it is spent (a call's most), to be replaced by what the call did cost: ``day`` is
+    the local midnight of the tally it went to (None: none was read yet, so the log's read counts the row)."""
+
+    usd: float
+    day: float | None
+
+
 class DailyTally:
     """Today's spend and answers: read from the log once a day, then counted in memory as turns finish.
 
@@ -83,25 +92,34 @@ class DailyTally:
         return Today(midnight, next_midnight, float(usd), int(turns), int(cloud))
 
     @contextmanager
-    def counting(self, usd: float, answered_by: str | None = None) -> Iterator[None]:
+    def counting(
+        self, usd: float, answered_by: str | None = None, replacing: Held | None = None
+    ) -> Iterator[list[Held]]:
         """Around the write that records money spent (and a turn answered, ``answered_by`` where it ran: local
-        or cloud): counted once the write ends, committed or not, as the daily cap must see every dollar."""
+        or cloud): counted once the write ends, committed or not, as the daily cap must see every dollar. It
+        takes the place of ``replacing`` (``count``); what it yields holds what was counted, once it is."""
+        counted: list[Held] = []
         with self._rereading:
             try:
-                yield
+                yield counted
             finally:
-                self.count(usd, answered_by)
+                counted.append(self.count(usd, answered_by, replacing))
 
-    def count(self, usd: float, answered_by: str | None = None) -> None:
-        """Count money spent now, and a turn answered; ``counting`` when a write records them."""
+    def count(self, usd: float, answered_by: str | None = None, replacing: Held | None = None) -> Held:
+        """Count money spent now, and a turn answered; ``counting`` when a write records them. A hold it
+        replaces comes off the tally it went to only: one counted before midnight is not in today's, which
+        a grading that ended after it took below zero (today's cap then let through more than the cap)."""
         with self._lock:
             today = self._today
             if today is None:  # not read yet: the read counts it
-                return
+                return Held(usd, None)
+            if replacing is not None and replacing.day in (None, today.start):  # None: the read counted the row
+                usd -= replacing.usd
             today.usd += usd
             if answered_by is not None:
                 today.turns += 1
                 today.cloud += answered_by == "cloud"
+            return Held(usd, today.start)
 
 
 # /metrics' histogram buckets, in seconds: decisions take a few milliseconds, first tokens from tens of

@@ -11,7 +11,10 @@ went below zero, and the daily cap let through more than the cap.
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
+import pytest
 import zmq
 
 from .conftest import DaemonHandle
@@ -37,3 +40,28 @@ def test_a_since_of_hundreds_of_digits_is_refused_as_a_period(daemon: DaemonHand
     result = daemon.cli("decisions", "--since", "9" * 400 + "w")
     assert result.returncode == 2, result  # the command line's error, before anything is asked
     assert "expects a period like 30m" in result.stderr and "finite Unix time" not in result.stderr, result.stderr
+
+
+def test_a_judges_hold_from_before_midnight_is_not_taken_off_the_next_days_spend(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hold went to the day the grading began; its replacement, after midnight, took it off the new day's
+    tally, which never had it: -0.049 USD spent today, and 0.049 USD more let past `cloud.daily_cap_usd`."""
+    from locod.daemon.records import DecisionLog
+    from locod.daemon.tallies import local_midnight
+
+    clock: list[float] = [local_midnight() + 86400 - 1]  # 23:59:59 tonight
+    real_time = time.time
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    log = DecisionLog(tmp_path / "locod.db")
+    try:
+        assert log.spent_today() == 0.0  # the day's tally, read as a turn's decision reads it
+        hold = log.hold_cost(1, 0.05)  # the judge's call may cost 0.05 USD at most
+        assert log.spent_today() == pytest.approx(0.05)
+        clock[0] += 2  # the grading ends after midnight, having cost 0.001 USD
+        assert log.spent_today() == 0.0  # a new day, read from the log
+        log.add_cost(1, 0.001, hold)
+        assert log.spent_today() == pytest.approx(0.001)  # the money the call spent; was -0.049
+    finally:
+        log.close()
+        monkeypatch.setattr(time, "time", real_time)
