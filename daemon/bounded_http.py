@@ -62,8 +62,43 @@ def limits(bounds: Limits) -> Iterator[None]:
         _current.limits = None
 
 
+class HandshakeFailed(httpx2.ConnectError):
+    """A connection was made (to the endpoint, or to its proxy), but its TLS handshake failed: the network is
+    there, and something on it (a captive portal, a middlebox, a wrong certificate) refuses the endpoint."""
+
+
+class HandshakeTimeout(httpx2.ConnectTimeout):
+    """A connection was made, but its TLS handshake did not end within the connect timeout (``HandshakeFailed``)."""
+
+
+AFTER_CONNECTING = (HandshakeFailed, HandshakeTimeout)
+
+
 class BoundedTransport(httpx2.HTTPTransport):
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        """The response, bounded; a failure to connect after the TCP connection was made is raised as
+        ``HandshakeFailed`` or ``HandshakeTimeout``: the network probe, which only connects, vouches for none."""
+        steps: list[str] = []
+        traced = request.extensions.get("trace")
+
+        def trace(name: str, info: dict[str, object]) -> None:
+            steps.append(name)
+            if traced is not None:
+                traced(name, info)
+
+        request.extensions["trace"] = trace
+        try:
+            return self._bounded(request)
+        except httpx2.ConnectTimeout as exc:
+            if "connection.connect_tcp.complete" not in steps:
+                raise
+            raise HandshakeTimeout(str(exc), request=request) from exc
+        except httpx2.ConnectError as exc:
+            if "connection.connect_tcp.complete" not in steps:
+                raise
+            raise HandshakeFailed(str(exc), request=request) from exc
+
+    def _bounded(self, request: httpx2.Request) -> httpx2.Response:
         bounds: Limits | None = getattr(_current, "limits", None)
         if bounds is None:
             return super().handle_request(request)

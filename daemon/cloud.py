@@ -38,7 +38,7 @@ import openai
 
 from locod import words
 from locod.daemon.backends import Generation, Prompt, Upload
-from locod.daemon.bounded_http import BoundedTransport, Limits, OverBound, limits
+from locod.daemon.bounded_http import AFTER_CONNECTING, BoundedTransport, Limits, OverBound, limits
 from locod.daemon.cloud_usage import counted
 from locod.daemon.config import CloudConfig, CloudModelConfig, redacted_url
 from locod.daemon.keyfile import key_source, read_api_key
@@ -372,10 +372,10 @@ class CloudBackend:
                     raise exc.__cause__ from None
                 sent = sent or not isinstance(exc.__cause__, NOT_CONNECTED)
                 if attempt >= self.config.max_retries:
-                    breaker.failure(connected=not isinstance(exc.__cause__, NOT_CONNECTED))
+                    breaker.failure(connected=not _found_no_connection(exc.__cause__))
                     kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
                     endpoint = redacted_url(model.base_url)
-                    message = f"{name}: endpoint {endpoint} {kind}{_unresolved(exc)}"
+                    message = f"{name}: endpoint {endpoint} {kind}{_unresolved(exc)}{_handshake(exc.__cause__)}"
                     self.unreachable += 1
                     raise failed(message, "cloud_unreachable") from None
                 delay = backoff_s(attempt)
@@ -504,6 +504,22 @@ def _why_cut(exc: Exception, received: int) -> tuple[str, str]:
         f"the answer stream {silent} after {words.counted(received, 'character')} ({type(exc).__name__}): "
         "a slow or lossy network?",
         "cloud_stream_cut",
+    )
+
+
+def _found_no_connection(exc: BaseException | None) -> bool:
+    """Whether a call failed for want of a connection (refused, unresolved, no route, none in time): one made
+    whose TLS handshake then failed says the network is there, and the probe's connection vouches for nothing."""
+    return isinstance(exc, NOT_CONNECTED) and not isinstance(exc, AFTER_CONNECTING)
+
+
+def _handshake(exc: BaseException | None) -> str:
+    """What a connection whose TLS handshake failed says: the network is there, something on it intercepts."""
+    if not isinstance(exc, AFTER_CONNECTING):
+        return ""
+    return (
+        ": it connected, but the TLS handshake failed (a captive portal to log in to, or a proxy or firewall "
+        "that intercepts HTTPS?)"
     )
 
 

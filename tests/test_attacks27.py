@@ -5,19 +5,24 @@ A `decisions` request whose ``since`` was an integer past a double's range (a JS
 answered ``internal`` without its id: the client waited out its timeout. A `--since` of hundreds of digits
 went to the daemon as -Infinity and was refused in the protocol's words. The judge's hold, counted in the
 tally of the day before, was taken off the next day's when its grading ended after midnight: today's spend
-went below zero, and the daily cap let through more than the cap.
+went below zero, and the daily cap let through more than the cap. A call whose TCP connection was made and
+whose TLS handshake then failed (a captive portal, a middlebox intercepting HTTPS) was taken for a network
+gone: the probe, which only connects, let a call try at each of its rounds, each turn paying the failure.
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
 
-from .conftest import DaemonHandle
+from .conftest import SECRET, DaemonHandle, cloud_config, wait_for
 
 
 def test_a_decisions_since_past_a_doubles_range_is_refused_with_its_id(daemon: DaemonHandle) -> None:
@@ -65,3 +70,47 @@ def test_a_judges_hold_from_before_midnight_is_not_taken_off_the_next_days_spend
     finally:
         log.close()
         monkeypatch.setattr(time, "time", real_time)
+
+
+class NotTls:
+    """An endpoint on loopback that answers TLS with plain HTTP, as a captive portal intercepting port 443
+    does: every connection is made, every handshake fails. ``accepted`` counts the connections."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.sendall(b"HTTP/1.1 302 Found\r\nLocation: http://portal.example/login\r\n\r\n")
+
+
+def test_a_breaker_opened_by_failed_tls_handshakes_keeps_its_cooldown_while_the_probe_connects(
+    daemon_factory: Any,
+) -> None:
+    portal = NotTls()
+    config = cloud_config(f"https://127.0.0.1:{portal.port}/v1", timeout_s=60.0, max_retries=0, breaker_failures=1)
+    config["telemetry"] = {"probe_interval_s": 1.0}
+    handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    client = handle.client(turn_timeout_s=300)
+    try:
+        cut_off = client.ask("What is the plural of mouse?", max_tokens=4)
+        assert cut_off.done.outcome == "fallback" and client.status()["cloud"]["breaker"] == "open"
+        after = portal.accepted
+        # the third connection after the turn is a probe's begun after the one before it called back: at least
+        # one probe began after the breaker opened and connected, and has said so to the breakers
+        wait_for(lambda: portal.accepted >= after + 3, 120, "probes after the breaker opened")
+        assert client.status()["cloud"]["breaker"] == "open"  # was closed: a trial each probe, each one failing
+        assert "is reachable again" not in handle.log()
+        again = client.ask("What is the plural of goose?", max_tokens=4)
+        assert again.decision.location == "local", again.decision.reason  # not a call that fails as the last
+    finally:
+        portal.listener.close()
