@@ -191,6 +191,16 @@ def _since(text: str) -> str:
     return text
 
 
+def _session(text: str) -> str:
+    """``--session``: a session id as the text the user typed. In an ASCII locale (``LC_ALL=C`` without UTF-8
+    mode) Python reads each non-ASCII byte of an argument as a lone surrogate, which the daemon refused as
+    "a lone UTF-16 surrogate escape": ``café`` could be neither continued nor looked up in the log."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8")
+    except UnicodeError:
+        raise argparse.ArgumentTypeError("is not UTF-8 text") from None
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="locod",
@@ -288,7 +298,7 @@ def _add_turn_commands(sub: Any) -> None:
                 "--stop", action="append", type=_stop_text, metavar="TEXT", help="end the answer before TEXT (up to 4)"
             )
             p.add_argument("--json", action="store_true", help="print every frame as JSON")
-        p.add_argument("--session", help="session id (keeps the dialogue history)")
+        p.add_argument("--session", type=_session, help="session id (keeps the dialogue history)")
         p.add_argument("--force", choices=("local", "cloud"), help="skip routing")
         p.add_argument("-v", "--verbose", action="store_true", help="show where and why each turn ran")
         p.set_defaults(func=func)
@@ -337,7 +347,7 @@ def _add_daemon_commands(sub: Any) -> None:
         "completion's `id`, chatcmpl-...)",
     )
     p.add_argument("--limit", type=_limit, default=20, help="how many of the newest, 1-1000 (default 20)")
-    p.add_argument("--session", help="only this session's turns (the `session` column)")
+    p.add_argument("--session", type=_session, help="only this session's turns (the `session` column)")
     p.add_argument("--location", choices=LOCATIONS, help="only turns answered there in the end")
     p.add_argument("--outcome", choices=OUTCOMES, help="only turns that ended so")
     p.add_argument("--since", type=_since, help="only turns of the last 30m, 12h, 7d, 4w ...")

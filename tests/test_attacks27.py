@@ -5,7 +5,8 @@ A `decisions` request whose ``since`` was an integer past a double's range (a JS
 answered ``internal`` without its id: the client waited out its timeout. A `--since` of hundreds of digits
 went to the daemon as -Infinity and was refused in the protocol's words. The judge's hold, counted in the
 tally of the day before, was taken off the next day's when its grading ended after midnight: today's spend
-went below zero, and the daily cap let through more than the cap. A call whose TCP connection was made and
+went below zero, and the daily cap let through more than the cap. A `--session` not ASCII, typed in an
+ASCII locale, was refused as lone surrogates. A call whose TCP connection was made and
 whose TLS handshake then failed (a captive portal, a middlebox intercepting HTTPS) was taken for a network
 gone: the probe, which only connects, let a call try at each of its rounds, each turn paying the failure.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 import pytest
 import zmq
 
-from .conftest import SECRET, DaemonHandle, cloud_config, wait_for
+from .conftest import SECRET, DaemonHandle, cloud_config, locod_command, wait_for
 
 
 def test_a_decisions_since_past_a_doubles_range_is_refused_with_its_id(daemon: DaemonHandle) -> None:
@@ -45,6 +47,17 @@ def test_a_since_of_hundreds_of_digits_is_refused_as_a_period(daemon: DaemonHand
     result = daemon.cli("decisions", "--since", "9" * 400 + "w")
     assert result.returncode == 2, result  # the command line's error, before anything is asked
     assert "expects a period like 30m" in result.stderr and "finite Unix time" not in result.stderr, result.stderr
+
+
+def test_a_non_ascii_session_is_continued_and_narrowed_to_in_an_ascii_locale(daemon: DaemonHandle) -> None:
+    """`--session café` in LC_ALL=C (without UTF-8 mode) reached the daemon as lone surrogates, refused as "a
+    lone UTF-16 surrogate escape": neither `ask` could continue that dialogue nor `decisions` narrow to it."""
+    daemon.client().ask("Hi", session="café", max_tokens=2)
+    env = {**daemon.env, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    for args in (["ask", "--session", "café", "--max-tokens", "2", "Hi"], ["decisions", "--session", "café", "--json"]):
+        run = subprocess.run(locod_command("--config", str(daemon.config_path), *args), env=env, capture_output=True)
+        assert run.returncode == 0, run.stderr.decode(errors="replace")
+    assert [row["turn"] for row in json.loads(run.stdout)] == [1, 0]  # the session's two turns, newest first
 
 
 def test_a_judges_hold_from_before_midnight_is_not_taken_off_the_next_days_spend(
