@@ -42,6 +42,9 @@ from locod.protocol import QUEUED_EVERY_S
 # with these, so the per-client limits and the sessions' namespaces agree on who is who.
 IPC, TCP, HTTP = b"i", b"t", b"h"
 DOORS = {IPC: "ipc", TCP: "tcp", HTTP: "http"}
+# How often a turn waiting for its session's earlier turns looks whether its client left (the turn ahead
+# answering wakes it at once): each look scans the session's queue, so many waiters looking often cost a core.
+WAIT_STEP_S = 0.25
 
 
 def door_of(client: bytes) -> str:
@@ -144,10 +147,14 @@ class SessionStore:
 
     def ahead(self, session_id: str, owner: str, answered: threading.Event) -> int:
         """How many turns of ``owner``'s session, entered before the one ``answered`` ends, have not answered."""
+        return len(self._ahead_of(session_id, owner, answered))
+
+    def _ahead_of(self, session_id: str, owner: str, answered: threading.Event) -> list[threading.Event]:
+        """The ``answered`` events of the turns of ``owner``'s session entered before this one, not set yet."""
         with self._lock:
             queue = self._turning.get((owner, session_id), [])
             mine = next((i for i, turn in enumerate(queue) if turn is answered), len(queue))
-            return sum(not turn.is_set() for turn in queue[:mine])
+            return [turn for turn in queue[:mine] if not turn.is_set()]
 
     def wait_turn(
         self,
@@ -161,14 +168,14 @@ class SessionStore:
         answers; False if ``cancelled`` is set first. ``on_wait(ahead)`` is called as the local model's gate
         calls it: when the turn starts waiting, when the turns ahead change, and every ``QUEUED_EVERY_S``."""
         told: tuple[int, float] | None = None  # (turns ahead, when) last told
-        while ahead := self.ahead(session_id, owner, answered):
+        while ahead := self._ahead_of(session_id, owner, answered):
             if cancelled.is_set():
                 return False
             now = time.monotonic()
-            if on_wait is not None and (told is None or told[0] != ahead or now - told[1] >= QUEUED_EVERY_S):
-                told = (ahead, now)
-                on_wait(ahead)
-            cancelled.wait(0.05)
+            if on_wait is not None and (told is None or told[0] != len(ahead) or now - told[1] >= QUEUED_EVERY_S):
+                told = (len(ahead), now)
+                on_wait(len(ahead))
+            ahead[-1].wait(WAIT_STEP_S)  # the turn just ahead answering wakes it; a cancel is seen within a step
         return True
 
     def leave(self, session_id: str, owner: str, answered: threading.Event) -> None:
