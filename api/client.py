@@ -503,11 +503,30 @@ class Client:
         id: an HTTP completion's ``id``, a socket chat's request id; only those of ``session``, answered at
         ``location`` (local, cloud: the record's ``backend``; its ``location`` is where the turn was decided to
         run, before a fallback or an escalation), ending in ``outcome``, accepted at or after ``since`` (Unix
-        time, or a datetime: a naive one is local time), where given (``RecordQuery``)."""
+        time, or a datetime: a naive one is local time), where given (``RecordQuery``). Narrowed, it raises
+        ``ProtocolError`` (``daemon_outdated``) when the daemon does not say it narrows by those fields."""
         if isinstance(since, datetime):
             since = since.timestamp()
         query = RecordQuery(limit, None if of is None else str(of), session, location, outcome, since)
+        self._check_narrowing(query)
         return list(self.call("decisions", query=query))
+
+    def _check_narrowing(self, query: RecordQuery) -> None:
+        """Refuse a narrowed query to a daemon whose ``ping`` does not list its fields: one older than them
+        ignores them and answers the newest records, unfiltered, as if each matched. Asked every time (a
+        ``ping`` is answered on the daemon's loop): the daemon may have been restarted, or upgraded, since."""
+        asked = query.narrowing()
+        if not asked:
+            return
+        ping = self.ping()
+        missing = [name for name in asked if name not in ping.get("decisions_narrowing", ())]
+        if missing:
+            raise ProtocolError(
+                f"the running daemon (locod {ping.get('version')}, pid {ping.get('pid')}) does not narrow decision "
+                f"records by {', '.join(missing)} (it runs code from before the narrowing): restart it to run the "
+                "upgraded locod (`locod stop`, then start it as before), then ask again",
+                code="daemon_outdated",
+            )
 
     def feedback(self, decision: int, satisfied: bool) -> dict[str, Any]:
         return dict(self.call("feedback", decision=decision, satisfied=satisfied))

@@ -99,6 +99,10 @@ class FeedbackRequest:
 # ``interrupted`` when the daemon stopped during it (set at the next start).
 OUTCOMES = ("ok", "fallback", "escalated", "error", "cancelled", "interrupted", "pending")
 LOCATIONS = ("local", "cloud")
+# The ``decisions`` op's fields that narrow which records it answers (all of RecordQuery's but ``limit`` and
+# ``of``, which every daemon reads): a daemon lists those it applies in its ``ping``, as one older than them
+# ignored them and answered the newest records unfiltered.
+NARROWING = ("session", "location", "outcome", "since")
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,11 @@ class RecordQuery:
     location: str | None = None
     outcome: str | None = None
     since: float | None = None
+
+    def narrowing(self) -> tuple[str, ...]:
+        """The narrowing fields given (``NARROWING``): those a daemon must apply for its answer to hold only
+        the records asked for."""
+        return tuple(name for name in NARROWING if getattr(self, name) is not None)
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import TurnRunner
 from locod.errors import Busy, ConfigError, LocodError, PromptTooLong, ProtocolError, StorageError, install_hint
 from locod.protocol import (
+    NARROWING,
     BadRequest,
     ChatRequest,
     DeltaFrame,
@@ -471,7 +472,7 @@ class Daemon:
 
     def _answer(self, request: SimpleRequest) -> Any:
         if request.op == "ping":
-            return {"pong": True, "pid": os.getpid(), "version": __version__}
+            return {"pong": True, "pid": os.getpid(), "version": __version__, "decisions_narrowing": list(NARROWING)}
         if request.op == "status":
             return self.status()
         if request.op == "decisions":

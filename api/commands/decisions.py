@@ -34,14 +34,7 @@ def cmd_decisions(args: argparse.Namespace) -> int:
         db_path = at_rest(configuration(args)).db_path
         rows = read_recent(db_path, query)
         print(f"(locod is not running: read from {db_path})", file=sys.stderr)
-    narrowed = query != RecordQuery(query.limit, query.of)
-    if narrowed and not all(matches(row, query) for row in rows):  # a daemon older than the narrowing ignores it
-        rows = [row for row in rows if matches(row, query)]
-        print(
-            f"(the daemon runs older code, which does not narrow records: these are the matches among the newest "
-            f"{query.limit}; restart it to search the whole log)",
-            file=sys.stderr,
-        )
+    narrowed = bool(query.narrowing())
     if args.of is not None and not rows and not narrowed:
         raise UnknownDecision(f"no decision record has the id {args.of!r}; `locod decisions` lists the newest")
     if not rows and narrowed:  # a header alone would read as an empty log
@@ -82,17 +75,6 @@ def _query(args: argparse.Namespace) -> RecordQuery:
 
     since = None if args.since is None else time.time() - parse_since(args.since)
     return RecordQuery(args.limit, args.of, args.session, args.location, args.outcome, since)
-
-
-def matches(row: dict[str, Any], query: RecordQuery) -> bool:
-    """Whether a record is one of those ``query`` narrows to (but ``of``, which every daemon reads), as the
-    decision log's query picks them (records._matching)."""
-    return (
-        query.session in (None, row.get("session"))
-        and query.location in (None, row.get("backend") or row.get("location"))
-        and query.outcome in (None, row.get("outcome"))
-        and (query.since is None or (row.get("created") or 0) >= query.since)
-    )
 
 
 def _column(row: dict[str, Any], column: str) -> str:

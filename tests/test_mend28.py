@@ -1,0 +1,60 @@
+"""Mend 28: four things a review of the last session's change found, each mended and held here on real parts.
+
+A CLI that checked an older daemon's records against its own copy of the log's query now asks the daemon
+what it narrows by (its ``ping``); the daily tally's count says what it returns (``Counted``) without a
+one-item list; the HTTP door's named session waits for its turn as the socket's does, on the event of the
+turn just ahead, not by polling; and a start after a clean stop no longer reads the log for turns to settle.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from locod.client import Client
+from locod.errors import ProtocolError
+
+from .conftest import DaemonHandle, locod_command, start_daemon
+from .test_daemon import previous_release
+
+
+def test_the_ping_lists_the_decisions_fields_the_daemon_narrows_by(daemon: DaemonHandle) -> None:
+    client = daemon.client()
+    client.ask("Hi", session="a", max_tokens=2)
+    assert client.ping()["decisions_narrowing"] == ["session", "location", "outcome", "since"]
+    assert [row["session"] for row in client.decisions(session="a")] == ["a"]
+    narrowed = daemon.cli("decisions", "--session", "nobody")
+    assert narrowed.returncode == 0 and "no decision record matches" in narrowed.stderr
+
+
+def test_a_narrowed_query_to_a_daemon_older_than_the_narrowing_is_refused_with_what_to_do(
+    tmp_path: Path, models_dir: Path
+) -> None:
+    """A daemon from before the narrowing (upgraded, not restarted) ignores ``session`` and answers the newest
+    records: the CLI kept the matches among them, by its own copy of the log's query, and missed every older
+    one. Now the client asks the daemon's ``ping`` what it narrows by, and refuses the query naming the
+    daemon's version and what to do; an unnarrowed one is still answered."""
+    handle = start_daemon(tmp_path / "d", models_dir, extra_env={"PYTHONPATH": str(previous_release(tmp_path))})
+    try:
+        with Client(handle.endpoint) as client:
+            client.ask("Say hi.", max_tokens=2, session="old")
+            assert "decisions_narrowing" not in client.ping()  # the older daemon indeed
+            with pytest.raises(ProtocolError, match="restart it") as refused:
+                client.decisions(session="old")
+            assert refused.value.code == "daemon_outdated" and "(locod 0.1.0, pid " in refused.value.message
+            assert len(client.decisions()) == 1
+        this_cli = {k: v for k, v in handle.env.items() if k != "PYTHONPATH"}  # the upgraded command, not the daemon's
+
+        def decisions(*args: str) -> subprocess.CompletedProcess[str]:
+            command = locod_command("--config", str(handle.config_path), "decisions", *args)
+            return subprocess.run(command, env=this_cli, capture_output=True, text=True, timeout=120)
+
+        narrowed = decisions("--session", "old", "--outcome", "ok")
+        assert narrowed.returncode == 1, narrowed
+        assert "does not narrow decision records by session, outcome" in narrowed.stderr, narrowed.stderr
+        assert "restart it" in narrowed.stderr and narrowed.stdout == ""  # no table of unfiltered records
+        assert decisions().returncode == 0
+    finally:
+        handle.stop()
