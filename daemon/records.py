@@ -37,7 +37,7 @@ from locod.daemon.records_schema import (
     WAS_ANSWERED,
     version_of_schema,
 )
-from locod.daemon.tallies import DailyTally, FinishedSums, Held
+from locod.daemon.tallies import Counted, DailyTally, FinishedSums
 from locod.errors import StorageError, UnknownDecision
 from locod.policy.logged import LoggedTurn, logged_observation
 from locod.protocol import ANSWERED, RecordQuery
@@ -120,7 +120,7 @@ class CostHold:
 
     usd: float
     error: str | None = None  # why the turn's row does not hold it (a failed write); today's spend does
-    counted: Held | None = None  # where today's spend has it: what ``add_cost`` takes it off
+    counted: Counted | None = None  # what today's spend has of it, and which day's: what ``add_cost`` takes off
 
 
 @dataclass
@@ -551,13 +551,15 @@ class DecisionLog:
         today's spend; ``add_cost`` replaces it with what the call did cost. Today's spend counts it even when
         the log cannot be written (the hold says why its row does not)."""
         error = None
-        with self.today.counting(usd) as counted:
+        with self.today.recording():
             try:
                 with self._writing("holding what a call may cost"):
                     self._add_to_row(decision_id, usd)
             except StorageError as exc:
                 error = exc.message
-        return CostHold(usd, error, counted[0])
+            finally:  # counted, committed or not
+                counted = self.today.count(usd)
+        return CostHold(usd, error, counted)
 
     def add_cost(self, decision_id: int, usd: float, hold: CostHold | None = None) -> None:
         """Money spent on a turn after it ended (grading it with the judge), in place of the ``hold`` counted

@@ -33,9 +33,11 @@ class Today:
 
 
 @dataclass(frozen=True)
-class Held:
-    """Money counted before it is spent (a call's most), to be replaced by what the call did cost: ``day`` is
-    the local midnight of the tally it went to (None: none was read yet, so the log's read counts the row)."""
+class Counted:
+    """What one count put in today's tally (``DailyTally.count``): ``usd``, net of the count it replaced, and
+    ``day``, the local midnight of the tally it went to (None: none was read yet, so the log's read counts
+    the row, and ``usd`` is what the count was given). A count that another is to replace (a call's most,
+    held before it is made) is handed to that one as ``replacing``."""
 
     usd: float
     day: float | None
@@ -52,7 +54,7 @@ class DailyTally:
         self._reading = reading
         self._lock = threading.Lock()  # the tally itself: held for a copy or a count, never across a read of the log
         # Held by a read of the log (the first, then one a day), and by a write of money from before it commits
-        # until it is counted (``counting``): the read finds the write committed and its count goes to the tally
+        # until it is counted (``recording``): the read finds the write committed and its count goes to the tally
         # the read replaces, or finds neither and the count goes to the read's. A read between the commit and
         # the count counted the turn twice (at midnight, a turn paid as another's decision read the new day).
         self._rereading = threading.Lock()
@@ -92,34 +94,38 @@ class DailyTally:
         return Today(midnight, next_midnight, float(usd), int(turns), int(cloud))
 
     @contextmanager
-    def counting(
-        self, usd: float, answered_by: str | None = None, replacing: Held | None = None
-    ) -> Iterator[list[Held]]:
-        """Around the write that records money spent (and a turn answered, ``answered_by`` where it ran: local
-        or cloud): counted once the write ends, committed or not, as the daily cap must see every dollar. It
-        takes the place of ``replacing`` (``count``); what it yields holds what was counted, once it is."""
-        counted: list[Held] = []
+    def recording(self) -> Iterator[None]:
+        """Around a write that records money spent and its ``count`` after it: a read of the log waits for
+        both (``counting`` when the count comes whatever the write does)."""
         with self._rereading:
-            try:
-                yield counted
-            finally:
-                counted.append(self.count(usd, answered_by, replacing))
+            yield
 
-    def count(self, usd: float, answered_by: str | None = None, replacing: Held | None = None) -> Held:
-        """Count money spent now, and a turn answered; ``counting`` when a write records them. A hold it
-        replaces comes off the tally it went to only: one counted before midnight is not in today's, which
+    @contextmanager
+    def counting(self, usd: float, answered_by: str | None = None, replacing: Counted | None = None) -> Iterator[None]:
+        """Around the write that records money spent (and a turn answered, ``answered_by`` where it ran: local
+        or cloud): counted once the write ends, committed or not, as the daily cap must see every dollar; in
+        place of ``replacing`` (``count``)."""
+        with self.recording():
+            try:
+                yield
+            finally:
+                self.count(usd, answered_by, replacing)
+
+    def count(self, usd: float, answered_by: str | None = None, replacing: Counted | None = None) -> Counted:
+        """Count money spent now, and a turn answered, under ``recording`` when a write records them. A count
+        it replaces comes off the tally it went to only: one counted before midnight is not in today's, which
         a grading that ended after it took below zero (today's cap then let through more than the cap)."""
         with self._lock:
             today = self._today
             if today is None:  # not read yet: the read counts it
-                return Held(usd, None)
+                return Counted(usd, None)
             if replacing is not None and replacing.day in (None, today.start):  # None: the read counted the row
                 usd -= replacing.usd
             today.usd += usd
             if answered_by is not None:
                 today.turns += 1
                 today.cloud += answered_by == "cloud"
-            return Held(usd, today.start)
+            return Counted(usd, today.start)
 
 
 # /metrics' histogram buckets, in seconds: decisions take a few milliseconds, first tokens from tens of

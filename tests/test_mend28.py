@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from locod.client import Client
+from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
+from locod.daemon.tallies import Counted, local_midnight
 from locod.errors import ProtocolError
 
 from .conftest import DaemonHandle, locod_command, start_daemon
@@ -58,3 +60,32 @@ def test_a_narrowed_query_to_a_daemon_older_than_the_narrowing_is_refused_with_w
         assert decisions().returncode == 0
     finally:
         handle.stop()
+
+
+def test_a_hold_says_what_it_counted_in_which_days_tally(tmp_path: Path) -> None:
+    """``DailyTally.count`` returned a ``Held`` that was really what it had counted, net of the count it
+    replaced, and ``counting`` carried it out in a one-item list. A hold now keeps the ``Counted`` its count
+    returned: the money, and the day's tally it went to (None before any tally was read: the log's read
+    counts the row)."""
+    log = DecisionLog(tmp_path / "locod.db")
+    try:
+        first = answered(log, 0)
+        unread = log.hold_cost(first, 0.05)
+        assert unread.counted == Counted(0.05, None) and unread.error is None
+        assert log.spent_today() == pytest.approx(0.05)  # read from the log, which has the hold in the row
+        log.add_cost(first, 0.01, unread)  # the row and the read's count lose the hold: the call cost 0.01
+        assert log.spent_today() == pytest.approx(0.01)
+        second = answered(log, 1)
+        held = log.hold_cost(second, 0.02)
+        assert held.counted == Counted(0.02, local_midnight())
+        log.add_cost(second, 0.005, held)
+        assert log.spent_today() == pytest.approx(0.015)
+    finally:
+        log.close()
+
+
+def answered(log: DecisionLog, turn: int) -> int:
+    """A cloud turn of session ``s``, recorded and answered at no cost: the judge's hold is for such a turn."""
+    decision = log.begin(DecisionRecord("s", turn, f"r{turn}", "0" * 64, 2, None, "chat", "cloud", "m", "test"))
+    log.finish(decision, Outcome("ok", "cloud", "m"))
+    return decision
