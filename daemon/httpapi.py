@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Container
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -146,6 +147,10 @@ class HttpServer:
         self.gate = Gate(host, cfg.cors_origins)
         connections = door_share("http.max_connections", cfg.max_connections, raise_soft_limit(), HTTP_SHARE)
         self.limits = Limits(connections, cfg.request_timeout_s)
+        # A thread for each request of a named session waiting for its turn: each holds a connection, so there
+        # are never more than the door's connections, and none waits for a thread (asyncio's default executor
+        # has a few, which the waits of sessions whose turns answer slowly would all hold).
+        self._session_waits = ThreadPoolExecutor(self.limits.max_connections, thread_name_prefix="http-session")
         logging.getLogger("uvicorn.error").addFilter(PerRequestWarnings(self.limits.throttle))
         routes = [
             Route("/v1/chat/completions", self._guarded(self.chat), methods=["POST"]),
@@ -210,6 +215,7 @@ class HttpServer:
         self.server.should_exit = True
         if self.thread.is_alive():
             self.thread.join(timeout=10)
+        self._session_waits.shutdown(wait=False, cancel_futures=True)
         self.conversations.save()
 
     def _endpoint_ids(self) -> dict[str, str]:
@@ -351,17 +357,25 @@ class HttpServer:
     async def _session_turn(self, named: str, reply: Reply, request: Request) -> None:
         """Wait until the named session's earlier turns have answered (its turns run in arrival order, each
         seeing the answers before it), so what the session holds is read after them; a client that leaves
-        meanwhile gives up its place."""
+        meanwhile gives up its place. The wait is the socket's (``SessionStore.wait_turn``: asleep on the
+        answer of the turn just ahead), on a thread of its own, while the event loop listens for the hang-up."""
         sessions, owner = self.daemon.sessions, self.conversations.owner
         sessions.enter(named, owner, reply.answered)
+        waiting = asyncio.get_running_loop().run_in_executor(
+            self._session_waits, sessions.wait_turn, named, owner, reply.answered, reply.cancelled
+        )
+        leaving = asyncio.ensure_future(_hang_up(request))
         try:
-            while sessions.ahead(named, owner, reply.answered):
-                if await request.is_disconnected():
-                    raise wire.HttpError(400, "the client left before its session's turn came", "client_gone")
-                await asyncio.sleep(0.05)
+            await asyncio.wait((waiting, leaving), return_when=asyncio.FIRST_COMPLETED)
+            if not waiting.done():
+                raise wire.HttpError(400, "the client left before its session's turn came", "client_gone")
+            waiting.result()
         except BaseException:  # its place would hold the session's later turns for good
+            reply.cancelled.set()  # its wait's thread returns within a step (WAIT_STEP_S)
             sessions.leave(named, owner, reply.answered)
             raise
+        finally:
+            leaving.cancel()
 
     async def _before_text(self, exchange: Exchange, request: Request) -> list[Frame]:
         """A stream's frames up to its first text, read before its headers go (at most ``HEAD_WAIT_S``): an
@@ -492,3 +506,9 @@ def _client_key(request: Request) -> bytes:
     is, not one host: every local tool (or everything behind one proxy) shares 127.0.0.1."""
     client = request.client
     return HTTP + (f"{client.host}:{client.port}" if client else "").encode()
+
+
+async def _hang_up(request: Request) -> None:
+    """Return once the client has hung up: its body read, all its request receives is the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -42,8 +42,9 @@ from locod.protocol import QUEUED_EVERY_S
 # with these, so the per-client limits and the sessions' namespaces agree on who is who.
 IPC, TCP, HTTP = b"i", b"t", b"h"
 DOORS = {IPC: "ipc", TCP: "tcp", HTTP: "http"}
-# How often a turn waiting for its session's earlier turns looks whether its client left (the turn ahead
-# answering wakes it at once): each look scans the session's queue, so many waiters looking often cost a core.
+# How often a turn waiting for its session's earlier turns looks whether it was cancelled, its client gone
+# (the turn ahead answering wakes it at once): each look scans the session's queue, so many waiters looking
+# often cost a core. The socket's turns wait so on the turn pool, the HTTP door's on threads of their own.
 WAIT_STEP_S = 0.25
 
 
@@ -144,10 +145,6 @@ class SessionStore:
             if len(self._turning) > self.max_sessions:  # sessions whose turns all answered wait for nothing
                 self._turning = {k: q for k, q in self._turning.items() if any(not t.is_set() for t in q)}
             return True
-
-    def ahead(self, session_id: str, owner: str, answered: threading.Event) -> int:
-        """How many turns of ``owner``'s session, entered before the one ``answered`` ends, have not answered."""
-        return len(self._ahead_of(session_id, owner, answered))
 
     def _ahead_of(self, session_id: str, owner: str, answered: threading.Event) -> list[threading.Event]:
         """The ``answered`` events of the turns of ``owner``'s session entered before this one, not set yet."""

@@ -8,8 +8,11 @@ turn just ahead, not by polling; and a start after a clean stop no longer reads 
 
 from __future__ import annotations
 
+import json
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,8 +21,11 @@ from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
 from locod.daemon.tallies import Counted, local_midnight
 from locod.errors import ProtocolError
 
-from .conftest import DaemonHandle, locod_command, start_daemon
+from .conftest import DaemonHandle, cloud_config, locod_command, start_daemon, wait_for
+from .faultproxy import Fault, FaultProxy
+from .test_attacks26 import held_open, post, sent_to_cloud, turns_of
 from .test_daemon import previous_release
+from .test_http import http_daemon
 
 
 def test_the_ping_lists_the_decisions_fields_the_daemon_narrows_by(daemon: DaemonHandle) -> None:
@@ -82,6 +88,70 @@ def test_a_hold_says_what_it_counted_in_which_days_tally(tmp_path: Path) -> None
         assert log.spent_today() == pytest.approx(0.015)
     finally:
         log.close()
+
+
+def test_named_http_requests_queued_behind_a_long_turn_answer_in_order_and_one_that_leaves_gives_up_its_place(
+    daemon_factory: Any, proxy: FaultProxy
+) -> None:
+    """The HTTP door's requests of a named session wait for their turn as the socket's do, asleep on the answer
+    of the turn just ahead (they polled the session's queue every 50 ms): three queue behind a turn the cloud
+    holds; the middle one's client hangs up, the others answer in order, each seeing the answers before it."""
+    handle, base = http_daemon(daemon_factory, cloud_config(proxy.base_url, timeout_s=300.0))
+    held = Fault(kind="hold", times=1)
+    proxy.set(held)
+    first = held_open(base, [{"role": "user", "content": "Remember the word PLUM."}], "chat")
+    wait_for(lambda: proxy.seen, 120, "the first request at the cloud")
+
+    def waiting(count: int) -> None:
+        wait_for(lambda: handle.client().status()["queue"]["waiting_for_session"] == count, 120, f"{count} to wait")
+
+    with ThreadPoolExecutor(2) as pool:
+        second = pool.submit(post, base, [{"role": "user", "content": "Which word?"}], "chat")
+        waiting(1)
+        gone = held_open(base, [{"role": "user", "content": "Never mind."}], "chat")
+        waiting(2)
+        third = pool.submit(post, base, [{"role": "user", "content": "Say it again."}], "chat")
+        waiting(3)
+        gone.close()
+        waiting(2)  # its place given up while the turn ahead of it still runs
+        held.released.set()
+        response = first.getresponse()
+        opening = json.loads(response.read())["choices"][0]["message"]["content"]
+        assert response.status == 200
+        (status, answer), (third_status, _) = second.result(), third.result()
+    assert status == 200 and third_status == 200, (answer, third.result())
+    said = answer["choices"][0]["message"]["content"]
+    assert sent_to_cloud(proxy) == [
+        ("user", "Remember the word PLUM."),
+        ("assistant", opening),
+        ("user", "Which word?"),
+        ("assistant", said),
+        ("user", "Say it again."),
+    ]
+    assert turns_of(handle, "chat") == [(0, "ok"), (1, "ok"), (2, "ok")]
+
+
+def test_a_stop_with_http_requests_queued_for_their_session_ends(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """A request waiting for its session's turn waits on a thread of the HTTP door's: a stop while the turn
+    ahead is held at the cloud cancels that turn after the grace, the waiting request is refused as the
+    daemon is stopping, and the daemon exits (no thread of the door's left waiting keeps it alive)."""
+    config = {**cloud_config(proxy.base_url, timeout_s=300.0), "daemon": {"shutdown_grace_s": 1.0}}
+    handle, base = http_daemon(daemon_factory, config)
+    held = Fault(kind="hold", times=1)
+    proxy.set(held)
+    try:
+        first = held_open(base, [{"role": "user", "content": "Remember the word PLUM."}], "chat")
+        wait_for(lambda: proxy.seen, 120, "the first request at the cloud")
+        with ThreadPoolExecutor(1) as pool:
+            second = pool.submit(post, base, [{"role": "user", "content": "Which word?"}], "chat")
+            wait_for(lambda: handle.client().status()["queue"]["waiting_for_session"] == 1, 120, "the second to wait")
+            assert handle.stop() == 0, handle.log()
+            status, body = second.result()
+        assert status == 503 and body["error"]["code"] == "shutting_down", body
+        first.close()
+        assert turns_of(handle, "chat") == [(0, "cancelled")]
+    finally:
+        held.released.set()
 
 
 def answered(log: DecisionLog, turn: int) -> int:
