@@ -63,6 +63,9 @@ class Learner:
         # or in this one whether or not MESS+ still holds its prediction (it keeps the last 10,000).
         self._settling: set[int] = set()
         self._early: dict[int, tuple[LabelTarget, bool]] = {}
+        # A routed turn's record could not be completed (``wont_settle``): kept back, it may be written later,
+        # answered and unsettled, so this run's stop cannot say the state holds every turn the log answered.
+        self._unsettled_kept_back = False
         self.shadow_labels, self.escalated_labels = records.local_labels()
         self.found_priors: dict[str, Prior] = {}
         self.mess = self._take(config, self.priors(config), state=None)  # the state as its file holds it
@@ -116,10 +119,13 @@ class Learner:
         committed before its ``done``, its settling saved after, and a daemon killed between the two left the
         queue without it (its label, when it came, trained but moved nothing). The turns from the oldest
         the state knows it settled on are looked at; a state that knows none (new, or older than the ids it
-        keeps) has nothing to tell them apart by, and is left as it is."""
+        keeps) has nothing to tell them apart by, and is left as it is. A state a clean stop saved after the
+        log's newest turn missed none: the log is not read (up to 11,000 rows)."""
         with self.lock:
-            settled = self.mess.state.settled_ids
-            if not settled:
+            state = self.mess.state
+            stopped_at, state.stopped_at = state.stopped_at, None  # this run's saves are no clean stop's
+            settled = state.settled_ids
+            if not settled or (stopped_at is not None and stopped_at == self.records.newest()):
                 return
             missed = [turn for turn in self.records.settled_since(min(settled)) if turn[0] not in settled]
             for decision_id, model, s_settled in missed:
@@ -160,7 +166,9 @@ class Learner:
     def wont_settle(self, decision_id: int) -> None:
         """The turn's record could not be completed: it is not settled, and its label trains when it comes."""
         with self.lock:
-            self._settling.discard(decision_id)
+            if decision_id in self._settling:
+                self._settling.discard(decision_id)
+                self._unsettled_kept_back = True
 
     def settle(self, decision_id: int, decision: Decision, question: str, answer: str, private: bool = False) -> None:
         """Settle the queue with the prediction for what answered (labels come later), and have an explored
@@ -371,7 +379,20 @@ class Learner:
         self._closing.set()
         self._judge.shutdown(wait=True, cancel_futures=True)
         with self.lock:
+            self.mess.state.stopped_at = self._settled_through()
             self._save()
+
+    def _settled_through(self) -> int | None:
+        """The log's newest decision id, when every turn the log answered is settled in the state (a stop's,
+        after the last turn): else None, the next start reads the log for the turns to settle. Not when a
+        turn's settling never came after its record was completed (a bug between the two), nor when a routed
+        turn's record was kept back to be written later (a failing disk)."""
+        if self._settling or self._unsettled_kept_back:
+            return None
+        try:
+            return self.records.newest()
+        except StorageError:
+            return None
 
     def _save(self) -> None:
         """Persist the MESS+ state; a full or read-only disk is logged, never fatal to a turn (the state in

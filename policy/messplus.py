@@ -209,6 +209,9 @@ class MessPlusState:
     # The last turns settled (decision ids): a start tells from them which turns the log has answered that
     # this state never settled (a kill between a turn's completion and the state's save).
     settled_ids: dict[int, None] = field(default_factory=dict)
+    # Saved by a clean stop only: the decision log's newest id then, every answered turn up to it settled here;
+    # a start whose log has not grown since has nothing to settle again. None in every other save.
+    stopped_at: int | None = None
 
 
 class MessPlus:
@@ -422,6 +425,7 @@ class MessPlus:
         tmp = self.path.with_suffix(".tmp")
         names = sorted(self.state.weights)
         price_bases, price_steps = self.state.price.arrays()
+        stop: dict[str, Any] = {} if self.state.stopped_at is None else {"stopped_at": np.array(self.state.stopped_at)}
         try:
             with tmp.open("wb") as f:
                 np.savez(
@@ -451,6 +455,7 @@ class MessPlus:
                         [self.state.file_since.get(n, 0) for n in self.state.file_sizes], dtype=np.int64
                     ),
                     settled_ids=np.array(list(self.state.settled_ids), dtype=np.int64),
+                    **stop,
                 )
                 f.flush()
                 os.fsync(f.fileno())
@@ -506,6 +511,8 @@ class MessPlus:
                     state.file_since = {str(n): int(d) for n, d in since if d}
                 if "settled_ids" in data:  # absent from files written before the settled turns were kept
                     state.settled_ids = dict.fromkeys(int(i) for i in data["settled_ids"])
+                if "stopped_at" in data:  # saved by a clean stop
+                    state.stopped_at = int(data["stopped_at"])
                 _check_values(state)
         except Exception as exc:  # corrupt, truncated, foreign: never let it poison routing
             aside = self.path.with_name(f"{self.path.name}.bad-{int(time.time())}")
@@ -545,6 +552,8 @@ def _check_shapes(data: np.lib.npyio.NpzFile) -> None:
             expected.update(file_since=(files,))
     if "settled_ids" in data and data["settled_ids"].ndim != 1:
         raise ValueError(f"settled_ids has shape {data['settled_ids'].shape}, expected one dimension")
+    if "stopped_at" in data:
+        expected.update(stopped_at=())
     for key, shape in expected.items():
         if data[key].shape != shape:
             raise ValueError(f"{key} has shape {data[key].shape}, expected {shape}")

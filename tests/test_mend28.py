@@ -17,15 +17,22 @@ from typing import Any
 import pytest
 
 from locod.client import Client
+from locod.daemon.cloud import CloudBackend
+from locod.daemon.config import EMBEDDED_MODEL, load_config
+from locod.daemon.decision import Decision, Routing
+from locod.daemon.learner import Learner
 from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
 from locod.daemon.tallies import Counted, local_midnight
 from locod.errors import ProtocolError
+from locod.policy.messplus import RecordedFeatures, TurnFeatures
 
-from .conftest import DaemonHandle, cloud_config, locod_command, start_daemon, wait_for
+from .conftest import DaemonHandle, cloud_config, locod_command, start_daemon, wait_for, write_config
 from .faultproxy import Fault, FaultProxy
 from .test_attacks26 import held_open, post, sent_to_cloud, turns_of
 from .test_daemon import previous_release
 from .test_http import http_daemon
+
+FEATURES = RecordedFeatures.of(TurnFeatures(prompt="Hi", task="chat"))
 
 
 def test_the_ping_lists_the_decisions_fields_the_daemon_narrows_by(daemon: DaemonHandle) -> None:
@@ -152,6 +159,74 @@ def test_a_stop_with_http_requests_queued_for_their_session_ends(daemon_factory:
         assert turns_of(handle, "chat") == [(0, "cancelled")]
     finally:
         held.released.set()
+
+
+def test_a_start_after_a_clean_stop_reads_no_turns_to_settle_and_one_after_a_kill_settles_each_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every start read the answered turns from the oldest the MESS+ state knew it settled on (up to 11,000
+    rows) for those it never settled. A clean stop now saves the state with the log's newest id, every
+    turn up to it settled; a start whose log is still there reads nothing. After a kill (commits, then no
+    save: the state older than the log), or a stop with a turn whose settling never came, the next start
+    reads the log and settles each missed turn once. The real Learner over a real decision log."""
+    loaded = load_config(write_config(tmp_path / "config.toml", {"paths": {"state_dir": str(tmp_path / "state")}}))
+    records = DecisionLog(tmp_path / "state" / "locod.db")
+    reads: list[int] = []
+    read_settled = records.settled_since
+
+    def settled_since(first: int) -> list[tuple[int, str, float]]:
+        reads.append(first)
+        return read_settled(first)
+
+    monkeypatch.setattr(records, "settled_since", settled_since)
+
+    def start() -> Learner:
+        reads.clear()
+        return Learner(loaded, records, CloudBackend(loaded.cloud, loaded.source))
+
+    try:
+        running = start()
+        one, _, three = (routed(records, running) for _ in range(3))
+        for decision_id, decision in (one, three):  # the second's settling is still to come at the kill
+            running.settle(decision_id, decision, "Hi", "Hello")
+        four = routed(records, running)  # committed, then killed: no settling, no save
+        assert running.mess.state.settled == 2
+
+        after_kill = start()
+        assert reads == [one[0]]  # from the oldest turn the saved state settled
+        assert after_kill.mess.state.settled == 4 and set(after_kill.mess.state.settled_ids) == {1, 2, 3, 4}
+        after_kill.close()  # a clean stop: every turn the log answered is settled
+
+        clean = start()
+        assert reads == [] and clean.mess.state.settled == 4  # the log was not read
+        five = routed(records, clean)  # committed, then killed again: the state says the stop's newest, 4
+        assert four[0] == 4 and five[0] == 5
+
+        after_second_kill = start()
+        assert reads == [one[0]] and after_second_kill.mess.state.settled == 5
+        routed(records, after_second_kill)  # answered, its settling never comes (a bug between the two)
+        after_second_kill.close()
+
+        after_lost_settling = start()
+        assert reads == [one[0]] and after_lost_settling.mess.state.settled == 6
+        after_lost_settling.close()
+        assert start().mess.state.settled == 6 and reads == []
+    finally:
+        records.close()
+
+
+def routed(records: DecisionLog, learner: Learner) -> tuple[int, Decision]:
+    """A turn the rule routed to the local model, recorded and answered as the daemon does it, up to the
+    learner's settling, which is the caller's."""
+    routing = Routing(EMBEDDED_MODEL.name, FEATURES, 0.0, 0.8, 20.0, {EMBEDDED_MODEL.name: 0.6}, {}, {}, {}, None)
+    decision = Decision("local", EMBEDDED_MODEL.name, (), "routed", routing=routing)
+    record = DecisionRecord(
+        "s", 0, "r", "0" * 64, 2, None, "chat", "local", EMBEDDED_MODEL.name, "routed", routing=routing
+    )
+    decision_id = records.begin(record)
+    learner.will_settle(decision_id, decision)
+    records.finish(decision_id, Outcome("ok", "local", EMBEDDED_MODEL.name, s_settled=routing.s_hat_taken))
+    return decision_id, decision
 
 
 def answered(log: DecisionLog, turn: int) -> int:
