@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pwd
 import threading
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def resolve_path(model: LocalModelConfig, models_dir: Path) -> Path:
 
 
 def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
-    """Fail early, and by name, on a missing or non-GGUF file: a traceback from llama.cpp helps nobody."""
+    """Fail early, and by name, on a missing, unreadable or non-GGUF file: a traceback from llama.cpp (or an
+    OSError that names no model) helps nobody."""
     path = resolve_path(model, models_dir)
     if not path.is_file():
         remedy = (
@@ -41,14 +43,28 @@ def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
             if (model.name, model.path) == (EMBEDDED_MODEL.name, EMBEDDED_MODEL.path)  # n_gpu_layers may differ
             else "fix its path in the config, or download it with `locod models pull`"
         )
-        raise ModelError(f"model {model.name!r}: file {path} not found; {remedy}", code="model_missing")
-    if not is_gguf(path):
-        raise ModelError(f"model {model.name!r}: {path} is not a GGUF file", code="model_corrupt")
+        found = "is not a file (name the .gguf file itself)" if path.exists() else "not found"
+        raise ModelError(f"model {model.name!r}: file {path} {found}; {remedy}", code="model_missing")
     try:
+        if not is_gguf(path):
+            raise ModelError(f"model {model.name!r}: {path} is not a GGUF file", code="model_corrupt")
         check_whole(path)
     except NotGGUF as exc:
         raise ModelError(f"model {model.name!r}: {exc}", code="model_corrupt") from None
+    except OSError as exc:  # a file the daemon's user may not read: a service's user, its sandbox
+        raise ModelError(
+            f"model {model.name!r}: cannot read {path} ({exc.strerror or exc}); make it readable by the user "
+            f"the daemon runs as, {_user()}",
+            code="model_missing",
+        ) from None
     return path
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid without a passwd entry (a container's)
+        return f"uid {os.geteuid()}"
 
 
 def fingerprint(path: Path) -> str:

@@ -82,8 +82,11 @@ def load_prior(gguf: Path, folder: Path = PRIORS, dim: int | None = None) -> Pri
     sized = [p for p in _readable_priors(folder) if p.gguf_size == size]
     if not sized:
         return None
-    stat = gguf.stat()
-    sha = _sha256_of_version(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
+    try:
+        stat = gguf.stat()
+        sha = _sha256_of_version(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)
+    except OSError:  # there, but not readable by the daemon's user (a service's): as above
+        return None
     for prior in (p for p in sized if p.sha256 == sha):
         shapes = (dim is None or prior.weights.shape == (dim,)) and loadable(prior.confidence)
         if shapes and np.all(np.isfinite(prior.weights)):
