@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from locod.daemon.config import MAX_CONFIG_BYTES, Config, LocalModelConfig
-from locod.daemon.gguf import NotGGUF, is_gguf, kv_bytes_per_token, read_metadata, summary
+from locod.daemon.gguf import CutShort, NotGGUF, check_whole, is_gguf, kv_bytes_per_token, summary
 from locod.daemon.modelfile import resolve_path
 from locod.daemon.typed_toml import build_table, in_range, read_toml
 from locod.errors import ConfigError
@@ -123,12 +123,16 @@ def model_rows(config: Config, resident: list[str] | None) -> list[ModelRow]:
         if path.is_file():
             size = path.stat().st_size
             try:
-                meta = read_metadata(path)
+                meta = check_whole(path)  # what the daemon checks before it offers the model
                 info = summary(meta)
                 quant, trained = info.quantisation, info.context_length
                 memory = (size + kv_bytes_per_token(meta) * model.n_ctx) / 2**20
+            except CutShort:
+                quant = "cut short"
             except NotGGUF:
                 quant = "damaged GGUF" if is_gguf(path) else "not a GGUF"
+            except OSError:  # one unreadable file lists as such, not as the whole list's error
+                quant = "unreadable"
         loaded = None if resident is None else model.name in resident
         rows.append(
             ModelRow(

@@ -36,6 +36,10 @@ class NotGGUF(ValueError):
     """The file is not a GGUF model (or its header is cut short)."""
 
 
+class CutShort(NotGGUF):
+    """The file has a whole GGUF header, but ends before its last tensor's data: a copy or download stopped."""
+
+
 @dataclass(frozen=True)
 class GgufInfo:
     architecture: str
@@ -81,11 +85,11 @@ def read_metadata(path: Path) -> dict[str, Any]:
     return _read_header(path, with_tensors=False)
 
 
-def check_whole(path: Path) -> None:
-    """Raise NotGGUF when ``path`` ends before its last tensor's data begins, as its header places it: a copy
-    or download cut short has a model's header, and llama.cpp fails every load of it (a reload took one as
-    the default, and each local turn after failed)."""
-    _read_header(path, with_tensors=True)
+def check_whole(path: Path) -> dict[str, Any]:
+    """The metadata (``read_metadata``) of a file that reaches its last tensor's data; CutShort when ``path``
+    ends before that data begins, as its header places it: a copy or download cut short has a model's header,
+    and llama.cpp fails every load of it (a reload took one as the default, and each local turn after failed)."""
+    return _read_header(path, with_tensors=True)
 
 
 def _read_header(path: Path, with_tensors: bool) -> dict[str, Any]:
@@ -115,7 +119,7 @@ def _read_header(path: Path, with_tensors: bool) -> dict[str, Any]:
         except Exception as exc:  # struct, UTF-8, EOF, seek overflow...: whatever the bytes make the parser do
             raise NotGGUF(f"{path}: the GGUF header is damaged ({type(exc).__name__}: {exc})") from None
     if last_tensor >= size:
-        raise NotGGUF(f"{path} is cut short: {size} bytes, where its last tensor begins at byte {last_tensor}")
+        raise CutShort(f"{path} is cut short: {size} bytes, where its last tensor begins at byte {last_tensor}")
     return meta
 
 
