@@ -309,6 +309,9 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few kB; read on the serving loop at 
 # Local models (pulled ones included), and cloud models, each: every model is a MESS+ predictor of 32 kB in the
 # router's state, saved after each turn. 22,000 entries fit in MAX_CONFIG_BYTES and made that file 725 MB.
 MAX_MODELS = 128
+# The model an OpenAI client names to have locod route the turn (docs/http.md): no configured model may take
+# it, or that model could not be named over HTTP and /v1/models would list the name twice.
+ROUTED_MODEL = "auto"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")  # what api_key_env may hold: a variable's name
 
@@ -508,6 +511,11 @@ def _check_models(config: Config, origins: Mapping[str, str]) -> None:
     duplicated = {name for name, count in Counter(everything).items() if count > 1}
     if duplicated:
         raise ConfigError(f"{config.source}: model names must be unique, repeated: {sorted(duplicated)}")
+    if ROUTED_MODEL in everything:
+        raise ConfigError(
+            f"{config.source}: a model may not be named {ROUTED_MODEL!r}: an OpenAI client's model {ROUTED_MODEL!r} "
+            "asks locod to route the turn; give the model another name"
+        )
     for key, default, names, kind in (
         ("local.default", config.local.default, local_names, "local"),
         ("cloud.default", config.cloud.default, cloud_names, "cloud"),

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from locod.daemon import catalog, gguf
-from locod.daemon.config import EMBEDDED_MODEL, Config
+from locod.daemon.config import EMBEDDED_MODEL, ROUTED_MODEL, Config
 from locod.daemon.download import DEFAULT_MAX_BYTES, HEADERS, TIMEOUT_S, MeterFactory, download, silent, status_said
 from locod.daemon.fetch import Progress
 from locod.daemon.modelfile import resolve_path
@@ -169,6 +169,8 @@ def _target(config: Config, name: str, source: str, pulled: dict[str, catalog.Pu
     """Where model ``name`` goes; refuses a name or file that belongs to another model."""
     if not NAME_PATTERN.fullmatch(name):
         raise FetchError(f"model name {name!r}: use letters, digits, '.', '_' and '-' (choose one with --name)")
+    if name == ROUTED_MODEL:  # registered, it would stop every start of the daemon (config.py refuses it)
+        raise FetchError(f"model name {name!r} means 'let locod route' to OpenAI clients; choose another --name")
     existing = pulled.get(name)
     if existing is not None and existing.origin != source:
         raise FetchError(
