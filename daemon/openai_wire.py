@@ -121,7 +121,12 @@ def parse_completion(body: Any, models: list[str], ids: dict[str, str] | None = 
             raise bad(f"{key!r} is not supported by locod; send the request without it", key, "unsupported_parameter")
     n = body.get("n")
     if n is not None and (not _is_int(n) or n != 1):  # not true, not 1.0: what the socket would refuse
-        raise bad(f"'n' must be 1, got {n!r:.40}", "n", "unsupported_parameter")
+        raise bad(
+            f"'n' must be 1, got {n!r:.40}: locod writes one choice per request; send n=1 (or none), and ask again "
+            "for another answer",
+            "n",
+            "unsupported_parameter",
+        )
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("'model' is required: 'auto' or a configured model name", "model")
@@ -180,8 +185,14 @@ def _messages(raw: list[Any]) -> tuple[list[dict[str, str]], list[Attachment]]:
     messages, images = [], []
     for i, item in enumerate(raw):
         where = f"messages[{i}]"
-        if not isinstance(item, dict) or not isinstance(item.get("role"), str) or item["role"] not in ROLES:
+        if not isinstance(item, dict) or not isinstance(item.get("role"), str):
             raise bad(f"{where} must be an object with a role in {sorted(ROLES)}", where)
+        if item["role"] not in ROLES:  # a tool's or function's answer: locod calls no tools
+            raise bad(
+                f"{where}: role {item['role']!r:.40} is not supported by locod, which calls no tools; send roles "
+                f"{', '.join(sorted(ROLES))}",
+                where,
+            )
         content = item.get("content")
         if content is None and item["role"] == "assistant":  # OpenAI's null, as clients send back a turn without text
             content = ""
@@ -207,12 +218,23 @@ def _content(content: Any, where: str) -> tuple[str, list[Attachment]]:
     images: list[Attachment] = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
+        at = f"{where}.content[{j}]"
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind == "image_url" and isinstance(part.get("image_url"), dict):
-            images.append(_image(part["image_url"].get("url"), f"{where}.content[{j}]", len(images)))
-        else:
-            raise bad(f"{where}.content[{j}] must be a text or image_url part", f"{where}.content[{j}]")
+            images.append(_image(part["image_url"].get("url"), at, len(images)))
+        elif kind == "image_url":
+            raise bad(f'{at}.image_url must be an object, {{"url": "data:image/png;base64,..."}}', at)
+        elif kind == "text":
+            raise bad(f"{at}.text must be a string", at)
+        elif not isinstance(kind, str):
+            raise bad(f"{at} must be a text or image_url part", at)
+        else:  # input_audio, file, the Responses API's input_text: what it holds would go unread
+            raise bad(
+                f"{at}: a part of type {kind!r:.40} is not supported by locod; send text and image_url parts "
+                "(images as data: URLs; documents through the socket API, `locod ask --attach`)",
+                at,
+            )
     return "\n".join(texts), images
 
 
