@@ -312,6 +312,19 @@ MAX_MODELS = 128
 # The model an OpenAI client names to have locod route the turn (docs/http.md): no configured model may take
 # it, or that model could not be named over HTTP and /v1/models would list the name twice.
 ROUTED_MODEL = "auto"
+# How a GGUF on disk becomes a model: said where a model is named by its file's path instead (and by `pull`).
+NAME_A_GGUF = (
+    'name it in the config, [[local.models]] name = "...", path = "/its/path.gguf" (docs/configuration.md), '
+    "then `locod reload`"
+)
+
+
+def gguf_path_hint(name: str) -> str:
+    """The words to add where a model was named by a GGUF file's path (``--model ~/models/x.gguf``, the HTTP
+    ``model``, ``local.default``): models are named, their files given in the config; "" for another name."""
+    return f"; a GGUF file is not a model's name: {NAME_A_GGUF}" if name.lower().endswith(".gguf") else ""
+
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")  # what api_key_env may hold: a variable's name
 
@@ -523,7 +536,7 @@ def _check_models(config: Config, origins: Mapping[str, str]) -> None:
         if (default or kind == "local") and default not in names:  # an empty cloud.default: the first one
             raise ConfigError(
                 f"{origins.get(key, config.source)}: {key} is {quoted(default)}, which names no {kind} model "
-                f"({kind} models: {names})"
+                f"({kind} models: {names}){gguf_path_hint(default)}"
             )
     if config.routing.mode == "cloud" and not cloud_names:  # else every turn would answer locally, each saying why
         raise ConfigError(

@@ -18,7 +18,7 @@ from typing import Any
 
 from locod.daemon.attachments import PreparedAttachment
 from locod.daemon.catalog import manifest_path
-from locod.daemon.config import Config, load_config
+from locod.daemon.config import Config, gguf_path_hint, load_config
 from locod.daemon.regular_file import file_stamp
 from locod.errors import ConfigError, UnknownModel
 from locod.policy.messplus import RecordedFeatures
@@ -269,6 +269,7 @@ def unknown_model(config: Config, name: str) -> UnknownModel:
         meant = [n for n in local + cloud if n.lower() == name.lower()]
         if meant:
             message += f"; names are case-sensitive: {meant[0]!r}"
+        message += gguf_path_hint(name)
     source = None if config.source == NO_CONFIG_FILE else config.source
     files = (Path(source) if source else None, manifest_path(config.models_dir))
     if name in _names_on_disk(source, tuple(file_stamp(f) for f in files)):

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from locod.daemon.config import gguf_path_hint
 from locod.errors import (
     AttachmentError,
     Busy,
@@ -100,7 +101,7 @@ def unknown_model(model: str, models: list[str], ids: dict[str, str] | None) -> 
     configured name of a cloud model whose endpoint id it is (code written for the provider), or the names."""
     named = (ids or {}).get(model)
     hint = f" here: it is the endpoint's model id of cloud model {named!r}, so send model={named!r}"
-    hint = hint if named else f"; send 'auto' or {_one_of(models)}"
+    hint = hint if named else f"; send 'auto' or {_one_of(models)}{gguf_path_hint(model)}"
     message = f"the model {model!r:.200} does not exist{hint}; see GET /v1/models"
     return HttpError(404, message, "model_not_found", "model")
 

@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
 from locod.daemon import catalog, gguf
-from locod.daemon.config import EMBEDDED_MODEL, ROUTED_MODEL, Config
+from locod.daemon.config import EMBEDDED_MODEL, NAME_A_GGUF, ROUTED_MODEL, Config
 from locod.daemon.download import DEFAULT_MAX_BYTES, HEADERS, TIMEOUT_S, MeterFactory, download, silent, status_said
 from locod.daemon.fetch import Progress
 from locod.daemon.modelfile import resolve_path
@@ -57,8 +57,7 @@ def resolve(source: str, hub: str) -> Source:
     if source.startswith(("file://", "/", "~", ".")) or source.lower().endswith(".gguf"):  # a file on disk
         raise FetchError(
             f"{source!r}: pull downloads (an http(s) URL or hf://owner/repo/file.gguf); a GGUF already on disk "
-            'needs no pull: name it in the config, [[local.models]] name = "...", path = "/its/path.gguf" '
-            "(docs/configuration.md), then `locod reload`"
+            f"needs no pull: {NAME_A_GGUF}"
         )
     raise FetchError(f"{source!r}: expected an http(s) URL or hf://owner/repo/file.gguf")
 

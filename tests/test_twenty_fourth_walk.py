@@ -22,6 +22,9 @@ from .test_pull import _clean_env, _run
 NO_DAC = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-dac_override,-dac_read_search"]
 
 
+GGUF_HINT = """a GGUF file is not a model's name: name it in the config, [[local.models]] name = "...", path ="""
+
+
 def _without_root_reads(monkeypatch: pytest.MonkeyPatch) -> None:
     if os.geteuid() != 0:
         return
@@ -87,12 +90,15 @@ def test_models_list_says_a_copy_cut_short(tmp_path: Path, model_path: Path) -> 
 
 def test_no_model_may_be_named_auto(tmp_path: Path, model_path: Path) -> None:
     """Walk finding: a [[local.models]] entry named "auto" was taken: /v1/models listed "auto" twice, and an
-    OpenAI client's model "auto" was routed, so that model could never be named over HTTP."""
+    OpenAI client's model "auto" was routed, so that model could never be named over HTTP. And a GGUF's path
+    as local.default was refused with the names there are, not how a file becomes one."""
     config = write_config(tmp_path / "config.toml", {"local": {"models": [{"name": "auto", "path": str(model_path)}]}})
     env = {**_clean_env(), "LOCOD_MODELS_DIR": str(tmp_path / "models"), "XDG_CONFIG_HOME": str(tmp_path / "xdg")}
     shown = _run(env, "--config", str(config), "config", "show", "--new")
     assert shown.returncode == 2, shown.stdout
     assert "a model may not be named 'auto': an OpenAI client's model 'auto' asks locod to route" in shown.stderr
+    by_path = _run(env, "--set", f"local.default={model_path}", "config", "show", "--new")
+    assert by_path.returncode == 2 and GGUF_HINT in by_path.stderr, by_path.stderr
     # nor pulled under that name: registered, it would stop every start of the daemon
     pulled = _run(env, "models", "pull", f"http://127.0.0.1:{free_port()}/auto.gguf")
     assert pulled.returncode == 1 and "model name 'auto' means 'let locod route'" in pulled.stderr, pulled.stderr
@@ -101,9 +107,10 @@ def test_no_model_may_be_named_auto(tmp_path: Path, model_path: Path) -> None:
 def test_refusals_say_what_is_not_supported_and_what_to_send(daemon_factory: Any) -> None:
     """Walk finding: `n=2` was refused with "'n' must be 1, got 2", a tool's answer (role "tool") with
     "must be an object with a role in [...]" and an audio part with "must be a text or image_url part":
-    the first said nothing of what to do instead, the others not what was unsupported."""
+    the first said nothing of what to do instead, the others not what was unsupported. A GGUF's path sent as
+    the model (as a llama.cpp server takes it) was told the names there are, not how a file becomes one."""
     port = free_port()
-    daemon_factory({"http": {"listen": f"127.0.0.1:{port}"}})
+    handle = daemon_factory({"http": {"listen": f"127.0.0.1:{port}"}})
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
     hi = {"role": "user", "content": "Say hi"}
 
@@ -125,6 +132,13 @@ def test_refusals_say_what_is_not_supported_and_what_to_send(daemon_factory: Any
         client.chat.completions.create(model="auto", messages=[{"role": "user", "content": [audio]}])  # type: ignore[list-item]
     assert part.value.param == "messages[0].content[0]"
     assert "a part of type 'input_audio' is not supported by locod; send text and image_url parts" in part.value.message
+
+    # a GGUF's path where a model's name goes: how a file becomes a model, not only the names there are
+    with pytest.raises(openai.NotFoundError) as path:
+        client.chat.completions.create(model="/home/me/models/qwen2.5-7b.Q4_K_M.gguf", messages=[hi])
+    assert path.value.code == "model_not_found" and GGUF_HINT in path.value.message, path.value.message
+    asked = handle.cli("ask", "--model", "qwen2.5-7b.Q4_K_M.gguf", "Say hi")
+    assert asked.returncode == 1 and GGUF_HINT in asked.stderr, asked.stderr
 
     as_text = {"type": "image_url", "image_url": "data:image/png;base64,iVBORw0KGgo="}
     with pytest.raises(openai.BadRequestError) as image:
