@@ -36,7 +36,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from locod.daemon import metrics
 from locod.daemon import openai_wire as wire
-from locod.daemon.config import split_listen
+from locod.daemon.config import ROUTED_MODEL, split_listen
 from locod.daemon.conversations import Conversations
 from locod.daemon.fdlimit import HTTP_SHARE, door_share, raise_soft_limit
 from locod.daemon.httpconn import Limits, PerRequestWarnings, loop_errors, protocol
@@ -277,7 +277,8 @@ class HttpServer:
         """The models a client may name: a local model ``left_out`` for its file is not listed, as routing
         leaves it out, and offered again once the file is there."""
         cfg = self.daemon.config
-        owners = [("auto", "locod")] + [(m.name, "locod-local") for m in cfg.local.models if m.name not in left_out]
+        owners = [(ROUTED_MODEL, "locod")]
+        owners += [(m.name, "locod-local") for m in cfg.local.models if m.name not in left_out]
         owners += [(m.name, "locod-cloud") for m in cfg.cloud.models]
         return [{"id": name, "object": "model", "created": 0, "owned_by": owner} for name, owner in owners]
 

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from locod.daemon.config import gguf_path_hint
+from locod.daemon.config import ROUTED_MODEL, gguf_path_hint
 from locod.errors import (
     AttachmentError,
     Busy,
@@ -131,7 +131,7 @@ def parse_completion(body: Any, models: list[str], ids: dict[str, str] | None = 
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise bad("'model' is required: 'auto' or a configured model name", "model")
-    if model != "auto" and model not in models:
+    if model != ROUTED_MODEL and model not in models:
         raise unknown_model(model, models, ids)
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
@@ -143,7 +143,7 @@ def parse_completion(body: Any, models: list[str], ids: dict[str, str] | None = 
     return Completion(
         messages,
         attachments,
-        None if model == "auto" else model,
+        None if model == ROUTED_MODEL else model,
         _options(body),
         bool(stream_options.get("include_usage")),
     )
