@@ -136,11 +136,21 @@ def test_every_environment_variable_is_in_the_table() -> None:
         assert f"`{variable}`" in DOC
 
 
+VARIABLE = re.compile(r"\bLOCOD_[A-Z_]*[A-Z]\b")
+
+
+def variables_in_code() -> set[str]:
+    """Every ``LOCOD_*`` name the daemon, the client (api/commands/ too), the policy, the scripts, the units,
+    the CI script and the test fixtures hold."""
+    folders = ("api", "daemon", "policy", "scripts", "systemd")
+    sources = [path for folder in folders for path in (REPO / folder).rglob("*") if path.is_file()]
+    sources += [REPO / "tests" / "conftest.py", REPO / ".ci" / "run"]
+    return {v for path in sources for v in VARIABLE.findall(path.read_text(errors="replace"))}
+
+
 def test_every_locod_variable_the_code_names_is_documented() -> None:
     """Read anywhere (the daemon, the client, the scripts, the units, the test fixtures): a user sees it there."""
-    sources = [*REPO.glob("api/*.py"), *REPO.glob("daemon/*.py"), *REPO.glob("scripts/*"), *REPO.glob("systemd/**/*")]
-    sources.append(REPO / "tests" / "conftest.py")
-    named = {v for path in sources if path.is_file() for v in re.findall(r"\bLOCOD_[A-Z_]*[A-Z]\b", path.read_text())}
+    named = variables_in_code()
     assert named and not [v for v in sorted(named) if f"`{v}`" not in DOC]
 
 
@@ -310,6 +320,7 @@ def test_a_default_cited_beside_its_key_is_the_schema_s(doc: Path) -> None:
 
 HTTP_DOC = DOCS[Path("docs/http.md")]
 HTTP_SOURCES = [REPO / "daemon" / name for name in ("httpapi.py", "httpconn.py", "httporigin.py", "openai_wire.py")]
+HTTP_ERRORS = HTTP_DOC[HTTP_DOC.index("### Errors") : HTTP_DOC.index("\n## ", HTTP_DOC.index("### Errors"))]
 
 
 def http_codes_in_source() -> set[str]:
@@ -327,8 +338,7 @@ def http_codes_in_source() -> set[str]:
 
 def test_every_error_code_http_md_names_is_one_the_daemon_gives() -> None:
     known = http_codes_in_source() | set(codes_in_source())
-    errors = HTTP_DOC[HTTP_DOC.index("### Errors") : HTTP_DOC.index("\n## ", HTTP_DOC.index("### Errors"))]
-    named = {c for row in re.findall(r"^\| \d{3} \|.*$", errors, re.M) for c in re.findall(r"`([a-z_]+)`", row)}
+    named = {c for row in re.findall(r"^\| \d{3} \|.*$", HTTP_ERRORS, re.M) for c in re.findall(r"`([a-z_]+)`", row)}
     named |= set(re.findall(r"\b[45]\d\d `([a-z_]+)`", HTTP_DOC))  # "400 `remote_image`"
     named.discard("base_url")  # the client's setting the 404 row names, no code
     assert "remote_image" in named and "host_not_allowed" in named
