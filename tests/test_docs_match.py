@@ -19,6 +19,7 @@ from locod import cli
 from locod.policy import train_cli
 
 from .test_docs import (
+    DOC,
     DOCS,
     ENTRIES,
     HTTP_ERRORS,
@@ -72,6 +73,22 @@ def test_the_default_scan_tells_a_default_from_a_description() -> None:
         "max_count"
     }
     assert documented_defaults("`a`, `b` (US dollars; default 0.15 and 0.60)") == {"a", "b"}
+
+
+def test_every_key_with_a_fixed_set_of_values_is_documented_with_them() -> None:
+    """Each of its values in its section, and the key among those "A key with a fixed set of values (...)"
+    names, which take them in any case."""
+    doc = " ".join(DOC.split())
+    any_case = re.search(r"A key with a fixed set of values \(([^)]*)\)", doc)
+    assert any_case
+    owners = [(s, d) for s, d in SECTIONS] + [(f"{s} models", cls) for s, cls in ENTRIES.items()]
+    for owner, schema in owners:
+        section = owner.split()[0]
+        for key in (f for f in dataclasses.fields(schema) if f.metadata.get("choices")):
+            unsaid = [c for c in key.metadata["choices"] if f"`{c}`" not in section_text(section)]
+            assert not unsaid, f"docs/configuration.md's [{section}] does not give {key.name}'s values {unsaid}"
+            named = f"`{section}.{key.name}`" if owner == section else f"`{key.name}`"
+            assert named in any_case.group(1), f"{named} is not among the keys taking their values in any case"
 
 
 # -- LOCOD_* variables ---------------------------------------------------------------------------------
