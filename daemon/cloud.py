@@ -346,6 +346,10 @@ class CloudBackend:
         prompt: Prompt,
         bounds: Limits,
     ) -> openai.Stream:
+        """The answer's stream once the endpoint accepts the call, retrying what may be retried before the
+        first token (``_retry_delay``, ``backoff_s``) within the turn's deadline; each failure counted by the
+        breaker as the module says, and raised as a CloudError, or ``Received`` once the request may have been
+        read (an OverBound is left to ``_generate``)."""
         attempt = 0
         sent = False  # an attempt got past connecting: the request, uploads included, may have been read
 
@@ -396,6 +400,8 @@ class CloudBackend:
                 raise failed(f"{name}: the call was cancelled, so retry {attempt} is not made", "cancelled")
 
     def _retry_delay(self, exc: openai.APIStatusError, attempt: int) -> float | None:
+        """Seconds to wait before retrying an error status: a 5xx's backoff, or the wait a 429 asks for when it
+        is within max_retry_after_s; None when it is not retried (any other status, or no retry left)."""
         if attempt >= self.config.max_retries or not (exc.status_code == 429 or exc.status_code >= 500):
             return None
         if exc.status_code == 429:
@@ -412,6 +418,8 @@ class CloudBackend:
         prompt: Prompt,
         started: float,
     ) -> Generation:
+        """Pass the stream's text on as it comes, up to the turn's ``max_tokens`` deltas, and price what came;
+        a stream that breaks off, or ends without an answer or without finishing it, fails the call."""
         first: float | None = None
         parts: list[str] = []
         usage = None

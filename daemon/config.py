@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import zmq
@@ -275,16 +275,21 @@ class Config:
         return zmq_address(self.ipc_endpoint)
 
     def local_model(self, name: str) -> LocalModelConfig:
-        for model in self.local.models:
-            if model.name == name:
-                return model
-        raise ConfigError(f"no local model named {name!r}; configured: {[m.name for m in self.local.models]}")
+        return _named(self.local.models, name, "local")
 
     def cloud_model(self, name: str) -> CloudModelConfig:
-        for model in self.cloud.models:
-            if model.name == name:
-                return model
-        raise ConfigError(f"no cloud model named {name!r}; configured: {[m.name for m in self.cloud.models]}")
+        return _named(self.cloud.models, name, "cloud")
+
+
+ModelConfig = TypeVar("ModelConfig", LocalModelConfig, CloudModelConfig)
+
+
+def _named(models: list[ModelConfig], name: str, kind: str) -> ModelConfig:
+    """The ``kind`` model called ``name``; a ConfigError naming the configured ones when none is."""
+    for model in models:
+        if model.name == name:
+            return model
+    raise ConfigError(f"no {kind} model named {name!r}; configured: {[m.name for m in models]}")
 
 
 # Environment overrides: variable -> dotted key. Documented in docs/configuration.md.
@@ -381,9 +386,10 @@ def parsed_override(dotted: str, text: str, origin: str) -> Any:
     """The value ``text`` stands for at ``dotted`` (``LOCOD_SLA=0.9`` -> 0.9), checked as an override is."""
     table: dict[str, Any] = {}
     set_text(Config, table, dotted, text, origin)
+    value: Any = table
     for part in dotted.split("."):
-        table = table[part]
-    return table
+        value = value[part]
+    return value
 
 
 def xdg_dir(env: Mapping[str, str], name: str, fallback: Path) -> Path:
@@ -566,8 +572,8 @@ def _check_secrets(config: Config, origins: Mapping[str, str]) -> None:
         ("http.api_key_file", config.http.api_key_file, origins.get("http.api_key_file", config.source)),
         ("daemon.tcp_secret_file", config.daemon.tcp_secret_file, origins.get("daemon.tcp_secret_file", config.source)),
     ]
-    for what, name, source in files:
-        if name and not name.startswith(("/", "~")):
+    for what, path, source in files:
+        if path and not path.startswith(("/", "~")):
             raise ConfigError(
                 f"{source}: {what} must be an absolute path or begin with ~/ (a relative one would depend on the "
                 "directory the daemon starts in); the value is not shown, as it may be the key itself"

@@ -66,11 +66,11 @@ log = logging.getLogger(__name__)
 class Candidate:
     """One thing the turn could do: a model, and for the cloud which attachments go with it."""
 
-    key: str
+    key: str  # the model's name, or with a policy a cloud model's "name|upload subset" (ACTION_NAMES)
     model: str
-    location: str
+    location: str  # "local" | "cloud"
     action: int  # index in the policy's action layout (0 local, 1 + subset)
-    send: tuple[int, ...]
+    send: tuple[int, ...]  # indices of the turn's attachments uploaded (cloud only)
 
 
 @dataclass(frozen=True)
@@ -265,7 +265,8 @@ class Decider:
             return costs[c.key] + extra.get(c.key, 0.0) - price * s_hat[c.key]
 
         target, first = min(cloud, key=objective), min(local, key=objective)
-        margin = costs[target.key] + extra.get(target.key, 0.0) - extra.get(first.key, 0.0)  # local cost spent
+        # the cloud's cost beyond keeping the local answer, whose cost is spent by then (Escalation.margin)
+        margin = costs[target.key] + extra.get(target.key, 0.0) - extra.get(first.key, 0.0)
         s_cloud, s_prompt = s_hat[target.key], s_hat[first.key]
         best = self.learner.mess.confidence_head(first.model).best(s_prompt, features[first.key].task)
         if rule.escalates(margin, price, s_cloud, best):
@@ -357,7 +358,7 @@ class Decider:
         training: a cloud action whose price, at the longest answer the turn allows, would take today's spend
         past the cap is masked before it could be chosen, not after the spend.
         """
-        out: dict[str, Candidate] = {}
+        allowed: dict[str, Candidate] = {}
         mask: dict[str, bool] = {}
         fits = self._fits_context(turn.request.prompt)
         battery_masks = self._battery_masks_local(access, [name for name in self._cloud_names() if fits[name]])
@@ -365,23 +366,23 @@ class Decider:
         for local in self.config.local.models:
             mask[local.name] = loadable[local.name] and fits[local.name] and not battery_masks
             if mask[local.name]:
-                out[local.name] = Candidate(local.name, local.name, "local", 0, ())
+                allowed[local.name] = Candidate(local.name, local.name, "local", 0, ())
         for cloud in self.config.cloud.models:
             allowed_here = access.blocked_for(cloud.name) is None and fits[cloud.name]
             for key, candidate in self._cloud_actions(turn, view, cloud, allowed_here).items():
                 mask[key] = candidate is not None
                 if candidate is not None:
-                    out[key] = candidate
-        for key in self._over_cap(turn, out, access):
-            del out[key]
+                    allowed[key] = candidate
+        for key in self._over_cap(turn, allowed, access):
+            del allowed[key]
             mask[key] = False
-        if not out:  # everything masked: a local model that holds the prompt still answers
+        if not allowed:  # everything masked: a local model that holds the prompt still answers
             holding = [m.name for m in self.config.local.models if fits[m.name] and loadable[m.name]]
             if not holding:
                 raise PromptTooLong(self._too_long(turn.request.prompt))
             default = self.config.local.default if fits[self.config.local.default] else holding[0]
-            out[default] = Candidate(default, default, "local", 0, ())
-        return out, mask
+            allowed[default] = Candidate(default, default, "local", 0, ())
+        return allowed, mask
 
     def _cloud_actions(
         self, turn: Turn, view: TurnView, cloud: CloudModelConfig, allowed: bool

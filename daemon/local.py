@@ -226,6 +226,8 @@ class ModelZoo:
         return changes
 
     def get(self, name: str) -> LoadedModel:
+        """The model ``name``, loaded within the budget if it is not resident; first unloads the models a
+        reload removed or changed, or whose file was replaced since it was read."""
         models = self.models
         if name not in models:
             raise ModelError(f"no local model named {name!r}; configured: {sorted(models)}", code="unknown_model")
@@ -533,6 +535,8 @@ class LocalBackend:
         return self._answer(loaded, prompt, self._open(model, loaded, prompt))
 
     def _answer(self, loaded: LoadedModel, prompt: Prompt, opened: Opened) -> Generation:
+        """Read the stream to its end, a cancel or an escalation, and measure what it made (``cut``: it did
+        not end by itself)."""
         answer, cut, finish = AnswerStream(prompt, loaded.llm, opened.logprobs), True, None
         try:
             for chunk in opened.stream:

@@ -182,6 +182,9 @@ def _finite(x: float) -> float:
 
 @dataclass
 class Choice:
+    """A turn's choice: the model that answers, whether the turn explored, the predictions it was made on and
+    the key of the action chosen (a model, or a model with an upload choice)."""
+
     model: str
     explored: bool
     s_hat: dict[str, float]
@@ -191,9 +194,9 @@ class Choice:
 
 @dataclass
 class MessPlusState:
-    q: float = 0.0
+    q: float = 0.0  # the paper's queue Q, reported and observed by the TMO policy
     z: float = 0.0  # the signed queue the rule uses (Q without its floor at 0)
-    t: int = 0
+    t: int = 0  # turns chosen: exploration's clock
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     labels: dict[str, int] = field(default_factory=dict)  # labels seen per model
     settled: int = 0  # answered turns
@@ -215,6 +218,8 @@ class MessPlusState:
 
 
 class MessPlus:
+    """The router's learned state and rule: a predictor per model, the queues, and the choice of each turn."""
+
     def __init__(
         self,
         models: dict[str, float],
@@ -353,6 +358,7 @@ class MessPlus:
         return True
 
     def train(self, model: str, x: tuple[np.ndarray, np.ndarray], y: float) -> None:
+        """One SGD step of ``model``'s head towards the label ``y``, smaller as it has seen more labels."""
         if model not in self.state.weights:
             return
         indices, values = x
