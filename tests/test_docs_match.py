@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from locod import cli
+from locod import cli, protocol
 from locod.policy import train_cli
 
 from .test_docs import (
@@ -138,6 +138,25 @@ def test_http_md_s_status_table_lists_every_status_the_door_answers() -> None:
     assert {401, 405, 413, 415, 429, 502, 503} <= statuses  # the scan finds each way of giving one
     table = {int(s) for s in re.findall(r"^\| (\d{3}) \|", HTTP_ERRORS, re.M)}
     assert table == statuses
+
+
+# -- docs/protocol.md: every field a request may carry ------------------------------------------------
+
+PROTOCOL = (REPO / "docs" / "protocol.md").read_text()
+
+
+def test_every_field_of_a_request_is_in_protocol_md() -> None:
+    """A chat's fields in the Requests table (``prompt`` stands beside ``messages``, which it becomes), and
+    feedback's and the decisions query's in their rows of the Other ops table."""
+    requests = PROTOCOL[PROTOCOL.index("\n## Requests") : PROTOCOL.index("### Other ops")]
+    rows = set(re.findall(r"^\| `([a-z_]+)` \|", requests, re.M))
+    chat = {f.name for f in dataclasses.fields(protocol.ChatRequest)}
+    assert sorted(chat - rows) == [], "docs/protocol.md's Requests table leaves out chat fields"
+    for op, schema in (("feedback", protocol.FeedbackRequest), ("decisions", protocol.RecordQuery)):
+        row = re.search(rf"^\| `{op}` \| ([^|]*) \|", PROTOCOL, re.M)
+        assert row, f"docs/protocol.md's Other ops table has no row for {op}"
+        fields = {f.name for f in dataclasses.fields(schema)} - {"id", "secret"}
+        assert sorted(f for f in fields if f"`{f}`" not in row.group(1)) == [], f"the {op} row leaves out fields"
 
 
 # -- README's table of commands -------------------------------------------------------------------------
