@@ -215,6 +215,7 @@ class CloudBackend:
         self.answered = 0  # calls answered: the network works
         self.unreachable = 0  # calls that found no connection: it may not
         self._may_leave = threading.BoundedSemaphore(LEFT_AT_MOST)  # cancelled turns' calls still running
+        self.keyless: dict[str, str] = {}  # models without a key -> the variable it is read from, for status
         self.reconfigure(config, source)
 
     def reconfigure(self, config: CloudConfig, source: str) -> None:
@@ -252,7 +253,7 @@ class CloudBackend:
     def _note_keyless(self, config: CloudConfig, keys: dict[str, str | None]) -> None:
         """Keep the models without a key for `locod status`, and say each in the log once (a reload repeats no
         warning)."""
-        said = getattr(self, "keyless", {})
+        said = self.keyless
         self.keyless = {model.name: model.api_key_env for model in config.models if not keys[model.name]}
         for model in config.models:
             if not keys[model.name] and model.name not in said:
@@ -346,10 +347,8 @@ class CloudBackend:
         prompt: Prompt,
         bounds: Limits,
     ) -> openai.Stream:
-        """The answer's stream once the endpoint accepts the call, retrying what may be retried before the
-        first token (``_retry_delay``, ``backoff_s``) within the turn's deadline; each failure counted by the
-        breaker as the module says, and raised as a CloudError, or ``Received`` once the request may have been
-        read (an OverBound is left to ``_generate``)."""
+        """The answer's stream, retrying what may be retried (``_retry_delay``) within the deadline; a failure is
+        a CloudError (``Received`` once the request may have been read), the endpoint's counted by its breaker."""
         attempt = 0
         sent = False  # an attempt got past connecting: the request, uploads included, may have been read
 

@@ -500,25 +500,7 @@ class MessPlus:
                         for i, m, s in zip(data["pending_ids"], data["pending_models"], data["pending_s"])
                     },
                 )
-                if "price_bases" in data:  # absent from files written before the feed-forward price
-                    state.z = float(data["z"])
-                    state.price.restore(data["price_bases"], data["price_steps"])
-                    for name, w, seen in zip(data["conf_names"], data["conf_weights"], data["conf_seen"]):
-                        if not loadable(w):
-                            raise ValueError(f"confidence head of {name} has {w.shape} weights")
-                        state.confidence[str(name)] = ConfidenceHead(w)
-                        state.confidence[str(name)].seen = int(seen)
-                if "sla" in data:  # absent from files written before a new target started the queue over
-                    state.sla = float(data["sla"])
-                if "file_sizes" in data:  # absent from files written before models were told apart by file
-                    state.file_sizes = {str(n): int(b) for n, b in zip(data["file_names"], data["file_sizes"])}
-                if "file_since" in data:  # absent from files written before a started-over model kept its start
-                    since = zip(data["file_names"], data["file_since"])
-                    state.file_since = {str(n): int(d) for n, d in since if d}
-                if "settled_ids" in data:  # absent from files written before the settled turns were kept
-                    state.settled_ids = dict.fromkeys(int(i) for i in data["settled_ids"])
-                if "stopped_at" in data:  # saved by a clean stop
-                    state.stopped_at = int(data["stopped_at"])
+                _read_added_arrays(data, state)
                 _check_values(state)
         except Exception as exc:  # corrupt, truncated, foreign: never let it poison routing
             aside = self.path.with_name(f"{self.path.name}.bad-{int(time.time())}")
@@ -532,6 +514,29 @@ class MessPlus:
         if not math.isfinite(state.z):
             state.z = 0.0
         return state
+
+
+def _read_added_arrays(data: np.lib.npyio.NpzFile, state: MessPlusState) -> None:
+    """Into ``state``, the arrays later versions of the file added, each absent from files written before it."""
+    if "price_bases" in data:  # the feed-forward price, the signed queue and the confidence heads
+        state.z = float(data["z"])
+        state.price.restore(data["price_bases"], data["price_steps"])
+        for name, w, seen in zip(data["conf_names"], data["conf_weights"], data["conf_seen"]):
+            if not loadable(w):
+                raise ValueError(f"confidence head of {name} has {w.shape} weights")
+            state.confidence[str(name)] = ConfidenceHead(w)
+            state.confidence[str(name)].seen = int(seen)
+    if "sla" in data:  # the target the queue was built under: a new one starts it over
+        state.sla = float(data["sla"])
+    if "file_sizes" in data:  # models told apart by their file
+        state.file_sizes = {str(n): int(b) for n, b in zip(data["file_names"], data["file_sizes"])}
+    if "file_since" in data:  # where a started-over model's labels begin
+        since = zip(data["file_names"], data["file_since"])
+        state.file_since = {str(n): int(d) for n, d in since if d}
+    if "settled_ids" in data:  # the last turns settled
+        state.settled_ids = dict.fromkeys(int(i) for i in data["settled_ids"])
+    if "stopped_at" in data:  # saved by a clean stop
+        state.stopped_at = int(data["stopped_at"])
 
 
 def _check_shapes(data: np.lib.npyio.NpzFile) -> None:

@@ -143,7 +143,7 @@ def variables_in_code() -> set[str]:
     """Every ``LOCOD_*`` name the daemon, the client (api/commands/ too), the policy, the scripts, the units,
     the CI script and the test fixtures hold."""
     folders = ("api", "daemon", "policy", "scripts", "systemd")
-    sources = [path for folder in folders for path in (REPO / folder).rglob("*") if path.is_file()]
+    sources = [p for f in folders for p in (REPO / f).rglob("*") if p.is_file() and "__pycache__" not in p.parts]
     sources += [REPO / "tests" / "conftest.py", REPO / ".ci" / "run"]
     return {v for path in sources for v in VARIABLE.findall(path.read_text(errors="replace"))}
 
