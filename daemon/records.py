@@ -35,6 +35,7 @@ from locod.daemon.records_schema import (
     PENDING,
     SHADOWED,
     WAS_ANSWERED,
+    missing_columns,
     version_of_schema,
 )
 from locod.daemon.tallies import Counted, DailyTally, FinishedSums
@@ -348,6 +349,12 @@ class DecisionLog:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
         if version == 0 and "decisions" in self.db.table_names():
             version = version_of_schema(self._conn)
+            if version == 0:
+                raise StorageError(
+                    f"decision log {self.path} holds a table decisions that is not locod's (another program's "
+                    "file?): move it aside, or point paths.state_dir elsewhere, and start again; nothing was "
+                    "written to it"
+                )
             log.warning(
                 "decision log %s has its tables but no schema version (rebuilt with sqlite3's .dump or .recover, "
                 "which do not keep it): its tables and columns are those of version %d, migrated on from there",
@@ -355,6 +362,14 @@ class DecisionLog:
                 version,
             )
             self._conn.execute(f"PRAGMA user_version = {version}")
+        missing = missing_columns(self._conn, version)
+        if missing:
+            raise StorageError(
+                f"decision log {self.path} is at schema version {version} but lacks column(s) {', '.join(missing)}: "
+                "another program changed its tables, and no turn's record could be completed; restore a backup "
+                "(docs/operations.md, Backing up and restoring), or move it aside, and start again; nothing was "
+                "written to it"
+            )
         self._say_migrating(version)
         for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
             step(self.db)

@@ -175,6 +175,18 @@ def version_of_schema(conn: sqlite3.Connection) -> int:
     return version
 
 
+def missing_columns(conn: sqlite3.Connection, version: int) -> list[str]:
+    """The columns (``table.column``) the migrations up to ``version`` make that a log at that version lacks:
+    dropped or renamed by another program. Its turns were accepted and answered, then every completion
+    failed ("no such column"), held in memory and marked ``interrupted`` at the next start."""
+    scratch = sqlite3.connect(":memory:", isolation_level=None)
+    with closing(scratch):
+        for step in MIGRATIONS[:version]:
+            step(sqlite_utils.Database(scratch))
+        wanted = _schema_items(scratch)
+    return sorted(f"{table}.{column}" for table, column in wanted - _schema_items(conn) if table != "index")
+
+
 def _schema_items(conn: sqlite3.Connection) -> set[tuple[str, str]]:
     """(table, column) of every column, and ("index", name) of every named index."""
     items = set()

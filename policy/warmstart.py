@@ -14,7 +14,6 @@ import functools
 import hashlib
 import io
 import logging
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,16 +60,23 @@ def save_prior(prior: Prior, folder: Path = PRIORS) -> Path:
 
 
 def read_prior(path: Path) -> Prior:
-    """Read as a regular file only: np.load would open a FIFO named ``*.npz`` and wait for a writer for good."""
-    with np.load(io.BytesIO(read_regular(path, MAX_PRIOR_BYTES)), allow_pickle=False) as data:
-        return Prior(
-            str(data["sha256"]),
-            int(data["gguf_size"]),
-            data["weights"].astype(np.float64),
-            data["confidence"].astype(np.float64),
-            str(data["source"]),
-            path,
-        )
+    """Read as a regular file only: np.load would open a FIFO named ``*.npz`` and wait for a writer for good.
+    A file that is no prior, or a damaged one, raises ValueError: numpy, zipfile and zlib each raise their own
+    types for damaged bytes (zlib.error, EOFError, NotImplementedError, TypeError), and one of those in the
+    user's priors folder stopped every start with a traceback."""
+    raw = read_regular(path, MAX_PRIOR_BYTES)
+    try:
+        with np.load(io.BytesIO(raw), allow_pickle=False) as data:
+            return Prior(
+                str(data["sha256"]),
+                int(data["gguf_size"]),
+                data["weights"].astype(np.float64),
+                data["confidence"].astype(np.float64),
+                str(data["source"]),
+                path,
+            )
+    except Exception as exc:  # whatever the damage raised: named below, the file left out
+        raise ValueError(f"not a prior file, or a damaged one ({exc})") from None
 
 
 def load_prior(gguf: Path, folder: Path = PRIORS, dim: int | None = None) -> Prior | None:
@@ -116,7 +122,7 @@ def _readable_priors(folder: Path) -> list[Prior]:
     for path in paths:
         try:
             priors.append(read_prior(path))
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        except (OSError, ValueError) as exc:
             log.warning("predictor prior %s is unreadable, left out: %s", path, exc)
     return priors
 

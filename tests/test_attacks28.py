@@ -1,0 +1,142 @@
+"""Attack 28: the daemon's persistent state, as other programs, damaged disks and older or newer versions leave
+it. Real daemon, real SQLite files, real prior files.
+
+A predictor prior in the user's priors folder with a few bytes damaged (an SD card, a copy cut short) raised
+zlib's, zipfile's or numpy's own exception types, which the loader did not expect: every start stopped with a
+traceback. A decision log whose tables another program changed (a column dropped with sqlite3 at the
+current schema version) was opened as if whole: each turn was accepted and answered, then its completion
+failed ("no such column"), and the next start called every one of them interrupted; a file whose table
+``decisions`` was another program's was refused as "migrate failed: table decisions already exists".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import sqlite3
+import zlib
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlite_utils
+
+from locod.daemon.records_schema import MIGRATIONS
+from locod.policy.warmstart import PRIORS
+
+KNOWN = len(MIGRATIONS)
+
+
+def _damaged(raw: bytes, seed: int) -> bytes:
+    """``raw``, an npz, with four bytes changed so that reading its arrays fails in zlib (seeded: always the same)."""
+    rng = random.Random(seed)
+    while True:
+        damaged = bytearray(raw)
+        for _ in range(4):
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+        try:
+            with np.load(BytesIO(bytes(damaged)), allow_pickle=False) as data:
+                for key in data.files:
+                    data[key]
+        except zlib.error:
+            return bytes(damaged)
+        except Exception:  # damaged some other way: look further
+            continue
+
+
+def test_a_damaged_user_prior_is_left_out_by_name_and_the_daemon_starts(daemon_factory: Any, tmp_path: Path) -> None:
+    """Attack: damage a few bytes of a prior in the user's priors folder (its deflate stream), and put beside it
+    one whose ``gguf_size`` is an array. The start failed with zlib's traceback (TypeError for the other): the
+    loader caught only OSError, ValueError, KeyError and BadZipFile. Now each is named and left out, the model
+    starts from the shipped prior, and the daemon answers."""
+    priors = tmp_path / "d" / "state" / "priors"
+    priors.mkdir(parents=True)
+    (priors / "damaged.npz").write_bytes(_damaged(next(PRIORS.glob("*.npz")).read_bytes(), seed=28))
+    np.savez(
+        priors / "odd-shape.npz",
+        sha256=np.array("0" * 64),
+        gguf_size=np.array([1, 2]),
+        weights=np.zeros(3),
+        confidence=np.zeros(3),
+        source=np.array("mine"),
+    )
+
+    handle = daemon_factory()
+    said = handle.log()
+    assert f"predictor prior {priors / 'damaged.npz'} is unreadable, left out: " in said, said
+    assert "not a prior file, or a damaged one (Error -3 while decompressing data" in said
+    assert f"predictor prior {priors / 'odd-shape.npz'} is unreadable, left out: " in said
+    assert "starts from the prior fitted on" in said
+    assert handle.client().ask("Hi", max_tokens=2).done.outcome == "ok"
+
+
+def _log_at_this_version(path: Path, drop: str | None = None) -> None:
+    """A decision log at this code's schema, in WAL mode as the daemon leaves it, with one turn left
+    ``pending``; ``drop``: a column another program dropped."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    db = sqlite_utils.Database(conn)
+    for number, step in enumerate(MIGRATIONS, start=1):
+        step(db)
+        conn.execute(f"PRAGMA user_version = {number}")
+    db["decisions"].insert(
+        {"created": 1.7e9, "session": "s", "turn": 1, "location": "local", "model": "m", "outcome": "pending"}
+    )
+    if drop:
+        conn.execute(f"ALTER TABLE decisions DROP COLUMN {drop}")
+    conn.close()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_log_whose_columns_another_program_dropped_is_refused_at_start(daemon_factory: Any, tmp_path: Path) -> None:
+    """Attack: drop a column of the decision log with sqlite3 (here ``s_settled``), its ``user_version`` left at
+    this code's. The daemon started, accepted and answered each turn, then failed to complete its record ("no
+    such column"): the answer given, the record held in memory, and the next start called the turn
+    interrupted. Now the start is refused naming the file and the column, and nothing is written to it (its
+    pending turn stays pending)."""
+    db_path = tmp_path / "d" / "state" / "locod.db"
+    _log_at_this_version(db_path, drop="s_settled")
+    before = _digest(db_path)
+
+    handle = daemon_factory(wait=False)
+    assert handle.proc.wait(120) == 4
+    said = handle.log()
+    assert f"decision log {db_path} is at schema version {KNOWN} but lacks column(s) decisions.s_settled" in said
+    assert "restore a backup (docs/operations.md, Backing up and restoring), or move it aside" in said
+    assert "Traceback" not in said
+    assert _digest(db_path) == before
+    assert [row["outcome"] for row in handle.rows()] == ["pending"]
+
+
+def test_a_log_whose_decisions_table_is_another_programs_is_refused_by_name(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """Attack: a ``locod.db`` of another program, with a table ``decisions`` of its own and no schema version.
+    Taken for a log rebuilt from a dump at version 0, it failed with "migrate failed: table decisions already
+    exists". Now it is named as not locod's, and the file is left as it was."""
+    db_path = tmp_path / "d" / "state" / "locod.db"
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("CREATE TABLE decisions (id INTEGER PRIMARY KEY, verdict TEXT)")
+        conn.execute("INSERT INTO decisions (verdict) VALUES ('theirs')")
+    conn.close()
+
+    handle = daemon_factory(wait=False)
+    assert handle.proc.wait(120) == 4
+    said = handle.log()
+    assert f"decision log {db_path} holds a table decisions that is not locod's" in said, said
+    assert "already exists" not in said
+    assert handle.rows() == [{"id": 1, "verdict": "theirs"}]
+
+
+def test_a_whole_log_at_this_version_still_starts(daemon_factory: Any, tmp_path: Path) -> None:
+    """The check above passes a log with every column: its pending turn is marked interrupted as before."""
+    _log_at_this_version(tmp_path / "d" / "state" / "locod.db")
+    handle = daemon_factory()
+    assert handle.client().ask("Hi", max_tokens=2).done.outcome == "ok"
+    assert [row["outcome"] for row in handle.rows()] == ["interrupted", "ok"]
