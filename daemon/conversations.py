@@ -121,7 +121,7 @@ def _saved(path: Path) -> dict[str, str]:
         known = json.loads(read_regular(path, 64 << 20))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested thousands deep
         log.warning(
             "ignored %s, not the HTTP conversations locod keeps: %s", path, getattr(exc, "strerror", None) or exc
         )

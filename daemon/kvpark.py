@@ -177,7 +177,7 @@ def _decode(raw: bytes, identity: str) -> SavedState | str:
     try:
         meta = json.loads(raw[HEADER.size : HEADER.size + meta_len])
         n_tokens, n_data, expected = int(meta["tokens"]), int(meta["data"]), str(meta["sha256"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested thousands deep
         return "unreadable header"
     if meta.get("identity") != identity:
         return "made by another model or llama.cpp build"

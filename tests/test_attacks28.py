@@ -6,14 +6,18 @@ zlib's, zipfile's or numpy's own exception types, which the loader did not expec
 traceback. A decision log whose tables another program changed (a column dropped with sqlite3 at the
 current schema version) was opened as if whole: each turn was accepted and answered, then its completion
 failed ("no such column"), and the next start called every one of them interrupted; a file whose table
-``decisions`` was another program's was refused as "migrate failed: table decisions already exists".
+``decisions`` was another program's was refused as "migrate failed: table decisions already exists". JSON
+nested thousands deep in the HTTP conversations file stopped the start with a RecursionError traceback, and
+in a parked KV state's header failed its session's next turn as ``internal``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import sqlite3
+import urllib.request
 import zlib
 from io import BytesIO
 from pathlib import Path
@@ -22,8 +26,11 @@ from typing import Any
 import numpy as np
 import sqlite_utils
 
+from locod.daemon.kvpark import HEADER, MAGIC
 from locod.daemon.records_schema import MIGRATIONS
 from locod.policy.warmstart import PRIORS
+
+from .conftest import free_port, start_daemon
 
 KNOWN = len(MIGRATIONS)
 
@@ -140,3 +147,50 @@ def test_a_whole_log_at_this_version_still_starts(daemon_factory: Any, tmp_path:
     handle = daemon_factory()
     assert handle.client().ask("Hi", max_tokens=2).done.outcome == "ok"
     assert [row["outcome"] for row in handle.rows()] == ["interrupted", "ok"]
+
+
+DEEP = b"[" * 100_000  # JSON nested past Python's recursion limit: json.loads raises RecursionError
+
+
+def test_a_conversations_file_nested_thousands_deep_is_ignored_by_name(daemon_factory: Any, tmp_path: Path) -> None:
+    """Attack: ``conversations.json`` (the HTTP door's map, kept with parked dialogue states) holding JSON
+    nested 100,000 deep. The start failed with json's RecursionError traceback; now the file is ignored with
+    one line naming it, and the door answers."""
+    state = tmp_path / "d" / "state"
+    state.mkdir(parents=True)
+    (state / "conversations.json").write_bytes(DEEP)
+    port = free_port()
+    handle = daemon_factory({"http": {"listen": f"127.0.0.1:{port}"}, "local": {"cache_disk_mb": 8}})
+    assert f"ignored {state / 'conversations.json'}, not the HTTP conversations locod keeps" in handle.log()
+    body = {"model": "smollm2-135m-instruct", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert json.load(response)["choices"][0]["message"]["content"] is not None
+
+
+def test_a_parked_state_whose_header_is_nested_thousands_deep_is_ignored(tmp_path: Path, models_dir: Path) -> None:
+    """Attack: a parked KV state (``kvcache/*.kv``) with locod's magic and a JSON header nested 100,000 deep.
+    Its session's next turn failed with ``internal error: RecursionError``; now the file is ignored as an
+    unreadable header and the turn is answered from its prompt."""
+    config = {"local": {"cache_disk_mb": 8}}
+    home = tmp_path / "d"
+    first = start_daemon(home, models_dir, config)
+    try:
+        assert first.client().ask("Hi there", max_tokens=2, session="a").done.outcome == "ok"
+    finally:
+        first.stop()
+    parked = list((home / "state" / "kvcache").glob("*.kv"))
+    assert parked, "the stop parked no dialogue state"
+    for path in parked:
+        path.write_bytes(HEADER.pack(MAGIC, len(DEEP)) + DEEP)
+
+    again = start_daemon(home, models_dir, config)
+    try:
+        assert again.client().ask("And again", max_tokens=2, session="a").done.outcome == "ok"
+        assert f"ignoring parked KV state {parked[0].name}: unreadable header" in again.log()
+    finally:
+        again.stop()
