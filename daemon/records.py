@@ -366,9 +366,9 @@ class DecisionLog:
         if missing:
             raise StorageError(
                 f"decision log {self.path} is at schema version {version} but lacks column(s) {', '.join(missing)}: "
-                "another program changed its tables, and no turn's record could be completed; restore a backup "
-                "(docs/operations.md, Backing up and restoring), or move it aside, and start again; nothing was "
-                "written to it"
+                "another program changed its tables, and turns would be answered with records never completed; "
+                "restore a backup (docs/operations.md, Backing up and restoring), or move it aside, and start again; "
+                "nothing was written to it"
             )
         self._say_migrating(version)
         for number, step in enumerate(MIGRATIONS[version:], start=version + 1):

@@ -75,7 +75,7 @@ def read_prior(path: Path) -> Prior:
                 str(data["source"]),
                 path,
             )
-    except Exception as exc:  # whatever the damage raised: named below, the file left out
+    except Exception as exc:  # whatever the damage raised: the caller names the file and leaves it out
         raise ValueError(f"not a prior file, or a damaged one ({exc})") from None
 
 
