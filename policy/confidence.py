@@ -145,6 +145,15 @@ def identity() -> np.ndarray:
     return w
 
 
+WEIGHT_LIMIT = 1e4  # far beyond what regularised SGD on [-1, 1] features reaches
+
+
+def bounded(weights: np.ndarray) -> bool:
+    """Weights within WEIGHT_LIMIT (NaN and infinities are not): what a MESS+ state file must hold to load, so
+    what a prior may hold to start one (a state started from a prior beyond it was set aside at every start)."""
+    return float(np.abs(weights).max(initial=0.0)) < WEIGHT_LIMIT
+
+
 def loadable(weights: np.ndarray) -> bool:
     """Weights a head can start from: this layout's, or the one before the per-task terms."""
     return weights.ndim == 1 and len(weights) in (_K + 2, len(identity())) and bool(np.all(np.isfinite(weights)))

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from locod.daemon.regular_file import read_regular
-from locod.policy.confidence import ConfidenceHead, loadable
+from locod.policy.confidence import WEIGHT_LIMIT, ConfidenceHead, bounded, loadable
 from locod.policy.price import SlaPrice
 from locod.policy.tasks import TASKS
 from locod.policy.warmstart import Prior
@@ -570,9 +570,6 @@ def _check_shapes(data: np.lib.npyio.NpzFile) -> None:
             raise ValueError(f"{key} has shape {data[key].shape}, expected {shape}")
 
 
-WEIGHT_LIMIT = 1e4  # far beyond what regularised SGD on [-1, 1] features reaches
-
-
 def _check_values(state: MessPlusState) -> None:
     """Values no daemon writes: a file holding them was damaged or made by hand, and would be reported as
     nonsense (an attained share of -1e300) or route on saturated predictions."""
@@ -582,7 +579,7 @@ def _check_values(state: MessPlusState) -> None:
         raise ValueError(f"satisfied_sum {state.satisfied_sum} is not within [0, settled = {state.settled}]")
     heads = [(f"confidence head of {n}", h.weights, h.seen) for n, h in state.confidence.items()]
     for what, weights, seen in [*heads, *((f"weights of {n}", w, 0) for n, w in state.weights.items())]:
-        if seen < 0 or not float(np.abs(weights).max(initial=0.0)) < WEIGHT_LIMIT:
+        if seen < 0 or not bounded(weights):
             raise ValueError(f"{what}: a weight beyond {WEIGHT_LIMIT:g} or a negative count")
 
 

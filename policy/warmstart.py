@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from locod.daemon.regular_file import read_regular
-from locod.policy.confidence import loadable
+from locod.policy.confidence import WEIGHT_LIMIT, bounded, loadable
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +95,19 @@ def load_prior(gguf: Path, folder: Path = PRIORS, dim: int | None = None) -> Pri
         return None
     for prior in (p for p in sized if p.sha256 == sha):
         shapes = (dim is None or prior.weights.shape == (dim,)) and loadable(prior.confidence)
-        if shapes and np.all(np.isfinite(prior.weights)):
+        if shapes and bounded(prior.weights) and bounded(prior.confidence):
             return prior
         # a user's prior is kept across upgrades: one fitted for another version's heads is left out by name
         log.warning(
             "predictor prior %s for %s is unusable (weights %s, confidence %s; this locod's are %s and "
-            "loadable finite ones): it was fitted for another version of locod, or damaged; fit it again with "
-            "scripts/fit_prior.py",
+            "loadable ones, finite and within %g): it was fitted for another version of locod, or damaged; fit "
+            "it again with scripts/fit_prior.py",
             prior.path,
             gguf.name,
             prior.weights.shape,
             prior.confidence.shape,
             dim,
+            WEIGHT_LIMIT,
         )
     return None
 

@@ -8,7 +8,9 @@ current schema version) was opened as if whole: each turn was accepted and answe
 failed ("no such column"), and the next start called every one of them interrupted; a file whose table
 ``decisions`` was another program's was refused as "migrate failed: table decisions already exists". JSON
 nested thousands deep in the HTTP conversations file stopped the start with a RecursionError traceback, and
-in a parked KV state's header failed its session's next turn as ``internal``.
+in a parked KV state's header failed its session's next turn as ``internal``. A user's prior with a weight
+beyond what a MESS+ state may hold was taken at warm start and saved into the state, which every later start
+then set aside as damaged (its queue, labels and every model's learning with it).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import sqlite_utils
 
 from locod.daemon.kvpark import HEADER, MAGIC
 from locod.daemon.records_schema import MIGRATIONS
-from locod.policy.warmstart import PRIORS
+from locod.policy.confidence import identity
+from locod.policy.messplus import DIM
+from locod.policy.warmstart import PRIORS, Prior, file_sha256, save_prior
 
 from .conftest import free_port, start_daemon
 
@@ -192,5 +196,38 @@ def test_a_parked_state_whose_header_is_nested_thousands_deep_is_ignored(tmp_pat
     try:
         assert again.client().ask("And again", max_tokens=2, session="a").done.outcome == "ok"
         assert f"ignoring parked KV state {parked[0].name}: unreadable header" in again.log()
+    finally:
+        again.stop()
+
+
+def test_a_prior_with_weights_a_state_may_not_hold_is_left_out_and_the_state_kept(
+    tmp_path: Path, models_dir: Path, model_path: Path
+) -> None:
+    """Attack: a prior in the user's priors folder for the model's GGUF, with one weight of 20,000 (finite, the
+    right shapes; a MESS+ state refuses weights past 10,000 as damaged). The model's predictor started from it
+    and the state was saved with it, so each start after set the whole state aside (``messplus.npz.bad-*``, one
+    more per restart) and started over from the same prior. Now the prior is refused by name, and the state
+    the daemon saves loads again at the next start."""
+    home = tmp_path / "d"
+    weights = np.zeros(DIM)
+    weights[3] = 2e4
+    outlier = Prior(file_sha256(model_path), model_path.stat().st_size, weights, identity(), "an outlier")
+    save_prior(outlier, home / "state" / "priors")
+
+    first = start_daemon(home, models_dir)
+    try:
+        assert first.client().ask("Hi", max_tokens=2).done.outcome == "ok"
+        assert (
+            f"predictor prior {home / 'state' / 'priors' / outlier.sha256}.npz for {model_path.name} is unusable"
+            in (first.log())
+        )
+        assert "fitted on an outlier" not in first.log()
+    finally:
+        first.stop()
+    again = start_daemon(home, models_dir)
+    try:
+        assert "MESS+ state" not in again.log(), again.log()
+        assert not list((home / "state").glob("messplus.npz.bad-*"))
+        assert again.client().status()["routing"]["turns"] == 1
     finally:
         again.stop()
