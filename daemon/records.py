@@ -646,6 +646,8 @@ def _open_writer(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute(f"PRAGMA journal_size_limit = {WAL_KEPT_BYTES}")
     except (OSError, sqlite3.Error) as exc:
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):  # said as a turn's write says it
+            raise _write_failed(path, "opening it", exc) from None
         if _disk_full(path.parent):
             raise StorageError(
                 f"cannot open the decision log {path}: the disk it is on is full; free space there and start "

@@ -10,7 +10,8 @@ failed ("no such column"), and the next start called every one of them interrupt
 nested thousands deep in the HTTP conversations file stopped the start with a RecursionError traceback, and
 in a parked KV state's header failed its session's next turn as ``internal``. A user's prior with a weight
 beyond what a MESS+ state may hold was taken at warm start and saved into the state, which every later start
-then set aside as damaged (its queue, labels and every model's learning with it).
+then set aside as damaged (its queue, labels and every model's learning with it). A start while another
+process held an exclusive lock on the log said only "database is locked".
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import hashlib
 import json
 import random
 import sqlite3
+import subprocess
+import sys
 import urllib.request
 import zlib
 from io import BytesIO
@@ -231,3 +234,40 @@ def test_a_prior_with_weights_a_state_may_not_hold_is_left_out_and_the_state_kep
         assert again.client().status()["routing"]["turns"] == 1
     finally:
         again.stop()
+
+
+HOLD_EXCLUSIVE = """
+import sqlite3, sys, time
+conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=1)
+conn.execute("PRAGMA locking_mode=EXCLUSIVE")
+conn.execute("BEGIN EXCLUSIVE")
+conn.execute("SELECT COUNT(*) FROM decisions").fetchone()
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_start_while_another_process_holds_the_log_exclusively_says_so(tmp_path: Path, models_dir: Path) -> None:
+    """Attack: between two runs of the daemon, another program takes the log in exclusive locking mode (a
+    sqlite3 shell after ``PRAGMA locking_mode=EXCLUSIVE; BEGIN EXCLUSIVE;``), and the daemon is started. It
+    waited out its busy timeout and exited with "cannot open the decision log ...: database is locked"; now it
+    says another process holds the lock and what to do, as a turn's refused write does (``db_locked``)."""
+    home = tmp_path / "d"
+    first = start_daemon(home, models_dir)
+    first.stop()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_EXCLUSIVE, str(first.db_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        again = start_daemon(home, models_dir, wait=False)
+        assert again.proc.wait(120) == 4
+        said = again.log().split("stopped after")[-1]
+        assert f"decision log {first.db_path}: opening it failed: another process holds a write lock on it" in said
+        assert "try again once it lets go" in said
+    finally:
+        holder.kill()
+        holder.wait()
