@@ -35,7 +35,7 @@ from locod.daemon.records_schema import (
     PENDING,
     SHADOWED,
     WAS_ANSWERED,
-    missing_columns,
+    schema_faults,
     version_of_schema,
 )
 from locod.daemon.tallies import Counted, DailyTally, FinishedSums
@@ -362,13 +362,13 @@ class DecisionLog:
                 version,
             )
             self._conn.execute(f"PRAGMA user_version = {version}")
-        missing = missing_columns(self._conn, version)
-        if missing:
+        faults = schema_faults(self._conn, version)
+        if faults:
             raise StorageError(
-                f"decision log {self.path} is at schema version {version} but lacks column(s) {', '.join(missing)}: "
-                "another program changed its tables, and turns would be answered with records never completed; "
-                "restore a backup (docs/operations.md, Backing up and restoring), or move it aside, and start again; "
-                "nothing was written to it"
+                f"decision log {self.path} is at schema version {version} but lacks {', '.join(faults)}: another "
+                "program changed its tables, and turns recorded in it would not be what they say; restore a backup "
+                "(docs/operations.md, Backing up and restoring), or move it aside, and start again; nothing was "
+                "written to it"
             )
         self._say_migrating(version)
         for number, step in enumerate(MIGRATIONS[version:], start=version + 1):

@@ -175,16 +175,23 @@ def version_of_schema(conn: sqlite3.Connection) -> int:
     return version
 
 
-def missing_columns(conn: sqlite3.Connection, version: int) -> list[str]:
-    """The columns (``table.column``) the migrations up to ``version`` make that a log at that version lacks:
-    dropped or renamed by another program. Its turns were accepted and answered, then every completion
-    failed ("no such column"), held in memory and marked ``interrupted`` at the next start."""
+def schema_faults(conn: sqlite3.Connection, version: int) -> list[str]:
+    """What a log at ``version`` lacks of the tables the migrations up to it make: a column dropped or renamed
+    by another program, or ``decisions.id`` as its key (a table rebuilt with ``CREATE TABLE ... AS SELECT``,
+    which keeps no key). Without a column each turn was answered and its completion then failed ("no such
+    column"); without the key a new turn's id was its rowid, an older turn's id, whose record its label then
+    changed."""
     scratch = sqlite3.connect(":memory:", isolation_level=None)
     with closing(scratch):
         for step in MIGRATIONS[:version]:
             step(sqlite_utils.Database(scratch))
         wanted = _schema_items(scratch)
-    return sorted(f"{table}.{column}" for table, column in wanted - _schema_items(conn) if table != "index")
+    have = _schema_items(conn)
+    faults = sorted(f"column {table}.{column}" for table, column in wanted - have if table != "index")
+    key = conn.execute("SELECT type, pk FROM pragma_table_info('decisions') WHERE name = 'id'").fetchone()
+    if ("decisions", "id") in wanted & have and key != ("INTEGER", 1):
+        faults.append("decisions.id as its INTEGER PRIMARY KEY")
+    return faults
 
 
 def _schema_items(conn: sqlite3.Connection) -> set[tuple[str, str]]:

@@ -120,11 +120,41 @@ def test_a_log_whose_columns_another_program_dropped_is_refused_at_start(daemon_
     handle = daemon_factory(wait=False)
     assert handle.proc.wait(120) == 4
     said = handle.log()
-    assert f"decision log {db_path} is at schema version {KNOWN} but lacks column(s) decisions.s_settled" in said
+    assert f"decision log {db_path} is at schema version {KNOWN} but lacks column decisions.s_settled: " in said
     assert "restore a backup (docs/operations.md, Backing up and restoring), or move it aside" in said
     assert "Traceback" not in said
     assert _digest(db_path) == before
     assert [row["outcome"] for row in handle.rows()] == ["pending"]
+
+
+def test_a_log_rebuilt_without_its_key_is_refused_at_start(daemon_factory: Any, tmp_path: Path) -> None:
+    """Attack: prune the log the way SQL often does, ``CREATE TABLE kept AS SELECT * FROM decisions WHERE ...``,
+    then drop ``decisions`` and rename ``kept`` to it: every column is there, but ``id`` is no longer the
+    table's key. The daemon started; a new turn's decision id was its rowid, the id of a turn kept by the prune,
+    so the client's label changed that older record while the new one stayed without an id. Now the start is
+    refused naming the key, and nothing is written."""
+    db_path = tmp_path / "d" / "state" / "locod.db"
+    _log_at_this_version(db_path)
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE decisions SET outcome = 'ok'")
+        conn.execute(
+            "INSERT INTO decisions (created, session, turn, location, model, outcome) SELECT created, "
+            "session, turn + 1, location, model, outcome FROM decisions"
+        )
+        conn.execute("CREATE TABLE kept AS SELECT * FROM decisions WHERE id > 1")
+        conn.execute("DROP TABLE decisions")
+        conn.execute("ALTER TABLE kept RENAME TO decisions")
+    conn.close()
+    before = _digest(db_path)
+
+    handle = daemon_factory(wait=False)
+    assert handle.proc.wait(120) == 4
+    said = handle.log()
+    assert f"decision log {db_path} is at schema version {KNOWN} but lacks decisions.id as its INTEGER PRIMARY KEY" in (
+        said
+    )
+    assert _digest(db_path) == before
+    assert [row["id"] for row in handle.rows()] == [2]
 
 
 def test_a_log_whose_decisions_table_is_another_programs_is_refused_by_name(
