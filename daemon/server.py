@@ -21,6 +21,7 @@ import os
 import queue
 import signal
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -797,10 +798,15 @@ def _exclusive_lock(directory: Path, advice: str = "") -> IO[str]:
     """Hold ``directory/locod.lock`` for the daemon's life: one daemon per state and runtime directory;
     ``advice`` follows the refusal when another holds it."""
     make_private_dir(directory)
-    try:
-        handle = (directory / "locod.lock").open("w")
-    except OSError as exc:
-        raise unwritable(directory, exc) from None
+    path = directory / "locod.lock"
+    try:  # non-blocking: a FIFO there, opened to write, waited for a reader for good, and the start with it
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, 0o600)
+    except OSError as exc:  # EISDIR, ENXIO: a directory or a socket there
+        raise (_not_a_lock(path) if exc.errno in (errno.EISDIR, errno.ENXIO) else unwritable(directory, exc)) from None
+    handle = os.fdopen(fd, "w")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        handle.close()
+        raise _not_a_lock(path)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -809,6 +815,14 @@ def _exclusive_lock(directory: Path, advice: str = "") -> IO[str]:
             f"another locod daemon is already running with {directory}{advice}", code="already_running"
         ) from None
     return handle
+
+
+def _not_a_lock(path: Path) -> StorageError:
+    return StorageError(
+        f"{path} is not a regular file (a FIFO, socket, device or directory put there): the daemon's lock "
+        "cannot be taken there; remove it and start again",
+        code="state_unwritable",
+    )
 
 
 def _http_server(daemon: Daemon) -> HttpServer:

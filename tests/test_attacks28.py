@@ -11,13 +11,15 @@ nested thousands deep in the HTTP conversations file stopped the start with a Re
 in a parked KV state's header failed its session's next turn as ``internal``. A user's prior with a weight
 beyond what a MESS+ state may hold was taken at warm start and saved into the state, which every later start
 then set aside as damaged (its queue, labels and every model's learning with it). A start while another
-process held an exclusive lock on the log said only "database is locked".
+process held an exclusive lock on the log said only "database is locked". A FIFO at ``locod.lock`` held the
+start for good, without a word (the lock file was opened to write, which waits for a reader).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import sqlite3
 import subprocess
@@ -301,3 +303,26 @@ def test_a_start_while_another_process_holds_the_log_exclusively_says_so(tmp_pat
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_fifo_or_a_directory_in_place_of_the_lock_file_is_refused_by_name(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """Attack: a FIFO at ``<state dir>/locod.lock``. The daemon opened it to write, which waits for a reader:
+    the start hung for good with nothing in its log (systemd's start timeout, then a restart, hung again).
+    Now it is refused at once, naming the file (exit 4); so is a directory in the runtime directory's place."""
+    state = tmp_path / "d" / "state"
+    state.mkdir(parents=True, mode=0o700)
+    os.mkfifo(state / "locod.lock")
+    handle = daemon_factory(wait=False)
+    assert handle.proc.wait(60) == 4
+    assert f"{state / 'locod.lock'} is not a regular file (a FIFO, socket, device or directory put there)" in (
+        handle.log()
+    )
+
+    run = tmp_path / "e" / "run"
+    (run / "locod.lock").mkdir(parents=True)
+    run.chmod(0o700)
+    other = daemon_factory(name="e", wait=False)
+    assert other.proc.wait(60) == 4
+    assert f"{run / 'locod.lock'} is not a regular file" in other.log()
