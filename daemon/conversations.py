@@ -28,7 +28,7 @@ import uuid
 from collections import OrderedDict
 from pathlib import Path
 
-from locod.daemon.regular_file import read_regular
+from locod.daemon.regular_file import create_anew, read_regular
 from locod.daemon.sessions import DOORS, HTTP, SessionStore
 
 log = logging.getLogger(__name__)
@@ -105,9 +105,8 @@ class Conversations:
             known = json.dumps(dict(self._known))
         part = self.kept_in.with_name(self.kept_in.name + ".part")
         try:
-            part.unlink(missing_ok=True)  # made anew: a FIFO there would hold the stop, a symlink be written through
-            with os.fdopen(os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "w") as out:
-                out.write(known)
+            with create_anew(part) as out:  # a FIFO there would hold the stop, a symlink be written through
+                out.write(known.encode())
             os.replace(part, self.kept_in)
         except OSError as exc:
             log.warning("the HTTP conversations were not kept for the next start: %s: %s", part, exc.strerror or exc)

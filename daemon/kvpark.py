@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from locod.daemon.regular_file import read_regular
+from locod.daemon.regular_file import create_anew, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class DiskPark:
         path = self._path(model, session)
         tmp = path.with_suffix(".tmp")
         try:
-            with tmp.open("wb") as f:
+            with create_anew(tmp) as f:  # a FIFO there would hold the turn, and the local model, for good
                 f.write(HEADER.pack(MAGIC, len(meta)))
                 f.write(meta)
                 f.write(tokens)

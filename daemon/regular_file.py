@@ -4,7 +4,8 @@
 (at start, on reload and SIGHUP): one FIFO named as a key file would stop every socket request. So the
 file is opened non-blocking, what was opened is checked (``fstat``: a regular file), and at most
 ``max_bytes`` are read. Errors are OSErrors whose ``strerror`` says the problem, so a caller's existing
-``except OSError`` names it.
+``except OSError`` names it. A file the daemon writes (a temp file renamed into place) is made anew
+(``create_anew``): opened to write, a FIFO left at its name waits for a reader the same way.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import errno
 import os
 import stat
 from pathlib import Path
+from typing import BinaryIO
 
 FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
@@ -52,3 +54,10 @@ def file_stamp(path: Path | None) -> tuple[int, int] | None:
     except OSError:
         return None
     return info.st_size, info.st_mtime_ns
+
+
+def create_anew(path: Path) -> BinaryIO:
+    """``path`` made anew for writing (mode 0600): whatever was there is removed first, never written through
+    (a FIFO there held the write for good, a symlink would be followed)."""
+    path.unlink(missing_ok=True)
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb")

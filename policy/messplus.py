@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from locod.daemon.regular_file import read_regular
+from locod.daemon.regular_file import create_anew, read_regular
 from locod.policy.confidence import WEIGHT_LIMIT, ConfidenceHead, bounded, loadable
 from locod.policy.price import SlaPrice
 from locod.policy.tasks import TASKS
@@ -433,7 +433,7 @@ class MessPlus:
         price_bases, price_steps = self.state.price.arrays()
         stop: dict[str, Any] = {} if self.state.stopped_at is None else {"stopped_at": np.array(self.state.stopped_at)}
         try:
-            with tmp.open("wb") as f:
+            with create_anew(tmp) as f:  # a FIFO there held the save, and every turn behind its lock
                 np.savez(
                     f,
                     version=np.array(STATE_VERSION),

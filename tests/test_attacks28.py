@@ -12,7 +12,8 @@ in a parked KV state's header failed its session's next turn as ``internal``. A 
 beyond what a MESS+ state may hold was taken at warm start and saved into the state, which every later start
 then set aside as damaged (its queue, labels and every model's learning with it). A start while another
 process held an exclusive lock on the log said only "database is locked". A FIFO at ``locod.lock`` held the
-start for good, without a word (the lock file was opened to write, which waits for a reader).
+start for good, without a word (the lock file was opened to write, which waits for a reader); one at
+``messplus.tmp`` held the first save of the MESS+ state, and with its lock every later turn, status and the stop.
 """
 
 from __future__ import annotations
@@ -326,3 +327,19 @@ def test_a_fifo_or_a_directory_in_place_of_the_lock_file_is_refused_by_name(
     other = daemon_factory(name="e", wait=False)
     assert other.proc.wait(60) == 4
     assert f"{run / 'locod.lock'} is not a regular file" in other.log()
+
+
+def test_a_fifo_at_the_state_files_temp_name_holds_nothing(daemon_factory: Any, tmp_path: Path) -> None:
+    """Attack: a FIFO at ``<state dir>/messplus.tmp``, the name the MESS+ state is written under before its
+    rename. The first routed turn's save opened it to write and waited for a reader for good, holding the
+    learner's lock: every later turn and ``status`` waited behind it, and SIGTERM could not stop the daemon.
+    The temp file is now made anew (what is there removed first): every turn is answered and the state saved."""
+    state = tmp_path / "d" / "state"
+    state.mkdir(parents=True, mode=0o700)
+    os.mkfifo(state / "messplus.tmp")
+    handle = daemon_factory()
+    client = handle.client(turn_timeout_s=120)
+    assert [client.ask(f"Hi {i}", max_tokens=2).done.outcome for i in range(3)] == ["ok"] * 3
+    assert client.status()["routing"]["turns"] == 3
+    assert handle.stop() == 0
+    assert (state / "messplus.npz").is_file() and not (state / "messplus.tmp").exists()
