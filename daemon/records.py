@@ -648,6 +648,9 @@ def _open_writer(path: Path) -> sqlite3.Connection:
     except (OSError, sqlite3.Error) as exc:
         if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):  # said as a turn's write says it
             raise _write_failed(path, "opening it", exc) from None
+        odd = _not_regular(path)
+        if odd is not None:
+            raise StorageError(f"cannot open the decision log {path}: {odd}") from None
         if _disk_full(path.parent):
             raise StorageError(
                 f"cannot open the decision log {path}: the disk it is on is full; free space there and start "
@@ -656,6 +659,19 @@ def _open_writer(path: Path) -> sqlite3.Connection:
             ) from None
         raise StorageError(f"cannot open the decision log {path}: {exc}") from None
     return conn
+
+
+def _not_regular(path: Path) -> str | None:
+    """What to say when the log, its -wal or its -shm is not a regular file (a FIFO, socket or directory put
+    there), for which SQLite says only "disk I/O error"; None when each is one, or not there."""
+    for file in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            regular = stat.S_ISREG(file.lstat().st_mode)
+        except OSError:
+            continue
+        if not regular:
+            return f"{file} is not a regular file (a FIFO, socket or directory put there); remove it and start again"
+    return None
 
 
 def _disk_full(directory: Path) -> bool:
@@ -718,6 +734,9 @@ def _write_failed(path: Path, what: str, exc: sqlite3.Error) -> StorageError:
             "left in a transaction?); nothing was written, try again once it lets go",
             code="db_locked",
         )
+    odd = _not_regular(path) if "disk I/O error" in str(exc) else None
+    if odd is not None:
+        return StorageError(f"decision log {path}: {what} failed: {odd}")
     if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL or "disk is full" in str(exc):
         return StorageError(
             f"decision log {path}: {what} failed: the disk it is on is full; free space there and try again "

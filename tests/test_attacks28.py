@@ -14,6 +14,7 @@ then set aside as damaged (its queue, labels and every model's learning with it)
 process held an exclusive lock on the log said only "database is locked". A FIFO at ``locod.lock`` held the
 start for good, without a word (the lock file was opened to write, which waits for a reader); one at
 ``messplus.tmp`` held the first save of the MESS+ state, and with its lock every later turn, status and the stop.
+A FIFO at ``locod.db`` or ``locod.db-wal`` was said as "disk I/O error".
 """
 
 from __future__ import annotations
@@ -343,3 +344,20 @@ def test_a_fifo_at_the_state_files_temp_name_holds_nothing(daemon_factory: Any, 
     assert client.status()["routing"]["turns"] == 3
     assert handle.stop() == 0
     assert (state / "messplus.npz").is_file() and not (state / "messplus.tmp").exists()
+
+
+def test_a_fifo_in_place_of_the_log_or_its_wal_is_named(daemon_factory: Any, tmp_path: Path) -> None:
+    """Attack: a FIFO at ``locod.db``, and (beside a good log) one at ``locod.db-wal``. SQLite says "disk I/O
+    error", which was all the daemon said; now it names the file that is not a regular file (exit 4)."""
+    for name, odd in (("a", "locod.db"), ("b", "locod.db-wal")):
+        state = tmp_path / name / "state"
+        state.mkdir(parents=True, mode=0o700)
+        if odd != "locod.db":
+            with sqlite3.connect(state / "locod.db") as conn:
+                conn.execute("PRAGMA journal_mode=WAL")
+            conn.close()
+        os.mkfifo(state / odd)
+        handle = daemon_factory(name=name, wait=False)
+        assert handle.proc.wait(60) == 4
+        said = handle.log()
+        assert f"{state / odd} is not a regular file (a FIFO, socket or directory put there); remove it" in said, said
