@@ -22,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Container
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -36,12 +37,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from locod.daemon import metrics
 from locod.daemon import openai_wire as wire
-from locod.daemon.config import ROUTED_MODEL, split_listen
+from locod.daemon.config import ROUTED_MODEL, Config, split_listen
 from locod.daemon.conversations import Conversations
 from locod.daemon.fdlimit import HTTP_SHARE, door_share, raise_soft_limit
 from locod.daemon.httpconn import Limits, PerRequestWarnings, loop_errors, protocol
 from locod.daemon.httporigin import Gate, cross_origin
 from locod.daemon.keyfile import http_api_key
+from locod.daemon.modelfile import resolve_path
 from locod.daemon.reply import Reply
 from locod.daemon.sessions import HTTP
 from locod.errors import ConfigError
@@ -141,6 +143,8 @@ class HttpServer:
         host, port = split_listen(cfg.listen)
         self.key = http_api_key(daemon.config)  # a reload reads it again (Daemon.reload)
         self.daemon = daemon
+        self._offered_since: dict[str, int] = {}  # each model name: when the running daemon began offering it
+        self._offer(daemon.config)
         kept_in = daemon.config.state_dir / "conversations.json" if daemon.config.local.cache_disk_mb else None
         self.conversations = Conversations(daemon.sessions, cfg.max_conversations, kept_in=kept_in)
         self.registry = metrics.registry(daemon)
@@ -218,6 +222,18 @@ class HttpServer:
         self._session_waits.shutdown(wait=False, cancel_futures=True)
         self.conversations.save()
 
+    def reloaded(self, key: str | None) -> None:
+        """A reload took up a new configuration: its key file, read again, and the models it offers."""
+        self.key = key
+        self._offer(self.daemon.config)
+
+    def _offer(self, config: Config) -> None:
+        """Keep when each model name of ``config`` was first offered (now, for a name the last configuration
+        had not): a cloud model's ``created`` in ``GET /v1/models``, which a reload that keeps it keeps."""
+        now = int(time.time())
+        names = [ROUTED_MODEL, *(m.name for m in config.local.models), *(m.name for m in config.cloud.models)]
+        self._offered_since = {name: self._offered_since.get(name, now) for name in names}
+
     def _endpoint_ids(self) -> dict[str, str]:
         """Each cloud model's endpoint id (its ``model``) to the configured name that serves it."""
         return {m.model: m.name for m in reversed(self.daemon.config.cloud.models)}  # the first listed wins
@@ -275,12 +291,18 @@ class HttpServer:
 
     def _model_list(self, left_out: Container[str]) -> list[dict[str, Any]]:
         """The models a client may name: a local model ``left_out`` for its file is not listed, as routing
-        leaves it out, and offered again once the file is there."""
-        cfg = self.daemon.config
-        owners = [(ROUTED_MODEL, "locod")]
-        owners += [(m.name, "locod-local") for m in cfg.local.models if m.name not in left_out]
-        owners += [(m.name, "locod-cloud") for m in cfg.cloud.models]
-        return [{"id": name, "object": "model", "created": 0, "owned_by": owner} for name, owner in owners]
+        leaves it out, and offered again once the file is there. ``created`` (OpenAI's Unix time) is a local
+        model's file's modification time, when it came onto the device; for ``auto`` and a cloud model (and
+        a local file that cannot be read), when this daemon began offering it."""
+        cfg, since = self.daemon.config, self._offered_since
+        now = int(time.time())  # a name a reload added, asked before the reload's own stamp is in
+        models = [(ROUTED_MODEL, "locod", since.get(ROUTED_MODEL, now))]
+        for local in cfg.local.models:
+            if local.name not in left_out:
+                file = resolve_path(local, cfg.models_dir)
+                models.append((local.name, "locod-local", _modified(file, since.get(local.name, now))))
+        models += [(m.name, "locod-cloud", since.get(m.name, now)) for m in cfg.cloud.models]
+        return [{"id": name, "object": "model", "created": at, "owned_by": owner} for name, owner, at in models]
 
     async def models(self, request: Request) -> Response:
         return JSONResponse({"object": "list", "data": self._model_list(self.daemon.decider.left_out_files())})
@@ -483,6 +505,15 @@ def _tidy_path(app: ASGIApp) -> ASGIApp:
         await app(scope, receive, send)
 
     return asgi
+
+
+def _modified(path: Path, otherwise: int) -> int:
+    """A file's modification time as a Unix time, or ``otherwise`` when it cannot be read (the default model's
+    file gone, which stays listed: its turns fail by name)."""
+    try:
+        return int(path.stat().st_mtime)
+    except OSError:
+        return otherwise
 
 
 def _session_header(request: Request) -> str | None:

@@ -718,7 +718,7 @@ class Daemon:
         self.config = new
         self.tcp_auth = TcpAuth(secret)
         if self.http is not None:
-            self.http.key = http_key
+            self.http.reloaded(http_key)
         models_changed = self.zoo.reconfigure(new.local)
         self.runner.config = self.shadow.config = new
         self.telemetry.retarget(new)

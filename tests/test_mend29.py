@@ -9,11 +9,13 @@ local model a reload removed while it waited is refused as retryable (503, exit 
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
-from .conftest import cloud_config
+from .conftest import cloud_config, write_config
 from .faultproxy import Fault, FaultProxy
-from .test_http import LOCAL, http_daemon, sdk
+from .test_http import LOCAL, get, http_daemon, sdk
 
 CLOUD = "cloud-small"
 HI = [{"role": "user", "content": "Say hi."}]
@@ -45,3 +47,32 @@ def test_token_counts_estimated_from_characters_are_marked_over_http_as_the_done
     assert reported.model_extra is not None and "cost_estimated" not in reported.model_extra["locod"]
     local = sdk(base).chat.completions.create(model=LOCAL, messages=HI, max_tokens=2)
     assert local.usage is not None and local.usage.model_extra == {}
+
+
+def test_the_model_list_gives_a_local_model_its_file_s_time_and_a_cloud_model_when_it_was_first_offered(
+    daemon_factory: Any, proxy: FaultProxy, model_path: Path
+) -> None:
+    """``GET /v1/models`` said ``created: 0`` (1970) of every model. A local model's is now its GGUF's
+    modification time; ``auto``'s and a cloud model's, when the daemon began offering it: its start, or the
+    reload that added it, which a later reload that keeps it does not move."""
+    started = int(time.time())
+    config = cloud_config(proxy.base_url)
+    handle, base = http_daemon(daemon_factory, config)
+    listed = models_by_id(base)
+    assert listed[LOCAL] == int(model_path.stat().st_mtime)
+    assert started <= listed["auto"] == listed[CLOUD] <= int(time.time())
+
+    reloaded = int(time.time())
+    second = {**config["cloud"]["models"][0], "name": "cloud-second"}
+    config["cloud"] = {**config["cloud"], "models": [*config["cloud"]["models"], second]}
+    write_config(handle.config_path, config)
+    assert handle.client().reload()["reloaded"] is True
+    after = models_by_id(base)
+    assert after[CLOUD] == listed[CLOUD] and after[LOCAL] == listed[LOCAL]
+    assert reloaded <= after["cloud-second"] <= int(time.time())
+    status, one = get(f"{base}/v1/models/cloud-second")
+    assert status == 200 and '"created":' + str(after["cloud-second"]) in one.replace(" ", "")
+
+
+def models_by_id(base: str) -> dict[str, int]:
+    return {m.id: m.created for m in sdk(base).models.list()}
