@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from locod.daemon.attachments import PreparedAttachment
 from locod.daemon.catalog import manifest_path
 from locod.daemon.config import Config, gguf_path_hint, load_config
 from locod.daemon.regular_file import file_stamp
-from locod.errors import ConfigError, UnknownModel
+from locod.errors import ConfigError, ModelError, UnknownModel
 from locod.policy.messplus import RecordedFeatures
 from locod.protocol import NO_CONFIG_FILE
 from locod.words import dollars
@@ -219,13 +220,19 @@ def withheld_note(
 
 
 def fixed_decision(
-    config: Config, force: str | None, model: str | None, attachments: list[PreparedAttachment], access: CloudAccess
+    config: Config,
+    force: str | None,
+    model: str | None,
+    attachments: list[PreparedAttachment],
+    access: CloudAccess,
+    left_out: Mapping[str, ModelError] | None = None,
 ) -> Decision | None:
     """The decision when the client or the config fixes the location; None when the router should decide.
     A cloud that is asked for but blocked is answered locally, and the user is told why; so is a forced
-    location that the named model contradicts (the model wins)."""
+    location that the named model contradicts (the model wins). ``left_out``: the local models routing
+    leaves out for their file, which a refusal of an unknown name tells apart from those it may send."""
     if model is not None:
-        decision = _named(config, model, attachments, access)
+        decision = _named(config, model, attachments, access, left_out or {})
         if force is None or force == decision.location or decision.notice:  # a notice: the cloud was blocked
             return decision
         why = f"force {force} was ignored: the request named {model}, which answers {decision.location}"
@@ -243,30 +250,38 @@ def fixed_decision(
     return None
 
 
-def _named(config: Config, model: str, attachments: list[PreparedAttachment], access: CloudAccess) -> Decision:
+def _named(
+    config: Config,
+    model: str,
+    attachments: list[PreparedAttachment],
+    access: CloudAccess,
+    left_out: Mapping[str, ModelError],
+) -> Decision:
     """The decision for a request that names its model."""
     if any(m.name == model for m in config.local.models):
         return Decision("local", model, (), "the request named this local model")
     named = next((m for m in config.cloud.models if m.name == model), None)
     if named is None:
-        raise unknown_model(config, model)
+        raise unknown_model(config, model, left_out)
     blocked = access.blocked_for(model)
     if blocked:
         return _instead(config, f"the request named {model}", f"{model} was asked for", blocked)
     return Decision("cloud", model, tuple(uploadable(attachments, named.vision)), "the request named this cloud model")
 
 
-def unknown_model(config: Config, name: str) -> UnknownModel:
-    """The error for a request naming no model of ``config``: the models there are, and `locod reload` when
-    the config file or the models directory has it now (added, or pulled, after this daemon last read them)."""
-    local, cloud = [m.name for m in config.local.models], [m.name for m in config.cloud.models]
+def unknown_model(config: Config, name: str, left_out: Mapping[str, ModelError]) -> UnknownModel:
+    """The error for a request naming no model of ``config``: the models it may name instead (those routing
+    leaves out for their file apart, with why), and `locod reload` when the config file or the models
+    directory has it now (added, or pulled, after this daemon last read them)."""
+    local = [m.name for m in config.local.models if m.name not in left_out]
+    cloud = [m.name for m in config.cloud.models]
     shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"  # not echoed whole
-    message = f"no model named {shown}; local models: {local}, cloud models: {cloud}"
+    message = f"no model named {shown}; local models: {local}, cloud models: {cloud}{left_out_note(left_out)}"
     meant = [m.name for m in config.cloud.models if m.model == name]
     if meant:  # the endpoint's model id, as the provider's docs and the config's `model` key spell it
         message += f"; {shown} is the endpoint's model id of cloud model {meant[0]!r}: name {meant[0]!r}"
     else:
-        meant = [n for n in local + cloud if n.lower() == name.lower()]
+        meant = [n for n in [*local, *left_out, *cloud] if n.lower() == name.lower()]
         if meant:
             message += f"; names are case-sensitive: {meant[0]!r}"
         message += gguf_path_hint(name)
@@ -275,6 +290,23 @@ def unknown_model(config: Config, name: str) -> UnknownModel:
     if name in _names_on_disk(source, tuple(file_stamp(f) for f in files)):
         message += f"; {shown} was added after the daemon last read its configuration: run `locod reload`"
     return UnknownModel(message)
+
+
+# Why a local model is left out, by its file's error code, in a few words: the refusal of an unknown name lists
+# them apart from the names it may send (naming one gives its file's whole story, as GET /v1/models/{id} does).
+LEFT_OUT_BECAUSE = {
+    "model_missing": "its file is missing or unreadable",
+    "model_corrupt": "its file is no loadable GGUF",
+}
+
+
+def left_out_note(left_out: Mapping[str, ModelError]) -> str:
+    """What a refusal of an unknown model name adds about the local models left out for their file, one short
+    clause each: they are configured, but not on offer until their file can be loaded; "" when none is."""
+    if not left_out:
+        return ""
+    why = ", ".join(f"{name!r} ({LEFT_OUT_BECAUSE.get(e.code, e.code)})" for name, e in sorted(left_out.items()))
+    return f"; left out until their file can be loaded: {why}"
 
 
 @functools.lru_cache(maxsize=4)

@@ -316,7 +316,7 @@ class HttpServer:
         served = self._model_list(left_out)
         found = next((m for m in served if m["id"] == name), None)
         if found is None:
-            raise wire.unknown_model(name, [m["id"] for m in served[1:]], self._endpoint_ids())
+            raise wire.unknown_model(name, [m["id"] for m in served[1:]], self._endpoint_ids(), left_out)
         return JSONResponse(found)
 
     async def no_route(self, request: Request, exc: Exception) -> Response:
@@ -343,7 +343,8 @@ class HttpServer:
         return Response(await run_in_threadpool(generate_latest, self.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def chat(self, request: Request) -> Response:
-        completion = wire.parse_completion(await self._body(request), self.model_names(), self._endpoint_ids())
+        body, left_out = await self._body(request), self.daemon.decider.left_out_files()
+        completion = wire.parse_completion(body, self.model_names(), self._endpoint_ids(), left_out)
         named = _session_header(request)
         loop = asyncio.get_running_loop()
         frames: asyncio.Queue[Frame] = asyncio.Queue()

@@ -10,14 +10,17 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from locod.daemon.config import ROUTED_MODEL, gguf_path_hint
+from locod.daemon.decision import left_out_note
 from locod.errors import (
     AttachmentError,
     Busy,
     CloudError,
+    ModelError,
     PromptTooLong,
     ProtocolError,
     RequestError,
@@ -96,12 +99,17 @@ def bad(message: str, param: str | None = None, code: str = "bad_field") -> Http
     return HttpError(400, message, code, param)
 
 
-def unknown_model(model: str, models: list[str], ids: dict[str, str] | None) -> HttpError:
+def unknown_model(
+    model: str, models: list[str], ids: dict[str, str] | None, left_out: Mapping[str, ModelError] | None = None
+) -> HttpError:
     """A model name nothing here serves, in a chat or ``GET /v1/models/{id}``, told what to send instead: the
-    configured name of a cloud model whose endpoint id it is (code written for the provider), or the names."""
+    configured name of a cloud model whose endpoint id it is (code written for the provider), or the names
+    ``GET /v1/models`` lists, and apart from them the local models ``left_out`` for their file, with why."""
     named = (ids or {}).get(model)
+    left_out = left_out or {}
+    offered = [name for name in models if name not in left_out]
     hint = f" here: it is the endpoint's model id of cloud model {named!r}, so send model={named!r}"
-    hint = hint if named else f"; send 'auto' or {_one_of(models)}{gguf_path_hint(model)}"
+    hint = hint if named else f"; send 'auto' or {_one_of(offered)}{left_out_note(left_out)}{gguf_path_hint(model)}"
     message = f"the model {model!r:.200} does not exist{hint}; see GET /v1/models"
     return HttpError(404, message, "model_not_found", "model")
 
@@ -112,9 +120,16 @@ def _one_of(models: list[str], shown: int = 8) -> str:
     return f"one of {names}" + (f" and {len(models) - shown} more" if len(models) > shown else "")
 
 
-def parse_completion(body: Any, models: list[str], ids: dict[str, str] | None = None) -> Completion:
+def parse_completion(
+    body: Any,
+    models: list[str],
+    ids: dict[str, str] | None = None,
+    left_out: Mapping[str, ModelError] | None = None,
+) -> Completion:
     """A chat-completions body, checked; ``models`` are the configured model names (``auto`` aside), ``ids``
-    the cloud models' endpoint ids (their ``model``) to the names that serve them."""
+    the cloud models' endpoint ids (their ``model``) to the names that serve them, ``left_out`` the local
+    models routing leaves out for their file (named, they are refused by the daemon with their file's story;
+    an unknown name's refusal lists them apart)."""
     if not isinstance(body, dict):
         raise bad("the body must be a JSON object")
     for key in UNSUPPORTED:
@@ -132,7 +147,7 @@ def parse_completion(body: Any, models: list[str], ids: dict[str, str] | None = 
     if not isinstance(model, str) or not model:
         raise bad("'model' is required: 'auto' or a configured model name", "model")
     if model != ROUTED_MODEL and model not in models:
-        raise unknown_model(model, models, ids)
+        raise unknown_model(model, models, ids, left_out)
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise bad("'messages' must be a non-empty list", "messages")

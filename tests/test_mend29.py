@@ -13,6 +13,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import openai
+import pytest
+
+from locod.errors import UnknownModel
+
 from .conftest import cloud_config, write_config
 from .faultproxy import Fault, FaultProxy
 from .test_http import LOCAL, get, http_daemon, sdk
@@ -76,3 +81,38 @@ def test_the_model_list_gives_a_local_model_its_file_s_time_and_a_cloud_model_wh
 
 def models_by_id(base: str) -> dict[str, int]:
     return {m.id: m.created for m in sdk(base).models.list()}
+
+
+def test_an_unknown_model_s_refusal_names_the_models_to_send_apart_from_those_left_out_for_their_file(
+    daemon_factory: Any, tmp_path: Path
+) -> None:
+    """The HTTP 404 for an unknown model listed local models whose file is missing or broken among the names
+    to send, which ``/v1/models`` does not list (and the socket's refusal did the same). Both doors now list
+    the usable ones, then those left out, each with why in a few words; naming one still gives its file's
+    story."""
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a model at all")
+    local = {
+        "models": [{"name": "gone", "path": str(tmp_path / "nowhere.gguf")}, {"name": "broken", "path": str(broken)}]
+    }
+    handle, base = http_daemon(daemon_factory, {"local": local})
+    left_out = (
+        "left out until their file can be loaded: 'broken' (its file is no loadable GGUF), "
+        "'gone' (its file is missing or unreadable)"
+    )
+
+    with pytest.raises(openai.NotFoundError) as over_http:
+        sdk(base).chat.completions.create(model="nope", messages=HI, max_tokens=2)
+    message = over_http.value.body["message"]  # type: ignore[index]
+    assert over_http.value.body["code"] == "model_not_found"  # type: ignore[index]
+    assert f"send 'auto' or one of '{LOCAL}'; {left_out}; see GET /v1/models" in message, message
+    status, one = get(f"{base}/v1/models/nope")
+    assert status == 404 and left_out in one, one
+
+    with pytest.raises(UnknownModel) as over_socket:
+        handle.client().ask("Say hi.", model="nope", max_tokens=2)
+    assert f"local models: ['{LOCAL}'], cloud models: []; {left_out}" in over_socket.value.message
+
+    with pytest.raises(openai.NotFoundError) as named:  # a left-out model named: its file's own refusal
+        sdk(base).chat.completions.create(model="gone", messages=HI, max_tokens=2)
+    assert named.value.body["code"] == "model_missing"  # type: ignore[index]
