@@ -41,7 +41,7 @@ from locod.daemon.regular_file import file_stamp
 from locod.daemon.sessions import door_of
 from locod.daemon.telemetry import mem_available_mb
 from locod.daemon.template_deadline import deadline
-from locod.errors import ConfigError, ModelError, first_line
+from locod.errors import Busy, ConfigError, ModelError, first_line
 from locod.policy.load import TurnTime
 
 log = logging.getLogger(__name__)
@@ -227,10 +227,19 @@ class ModelZoo:
 
     def get(self, name: str) -> LoadedModel:
         """The model ``name``, loaded within the budget if it is not resident; first unloads the models a
-        reload removed or changed, or whose file was replaced since it was read."""
+        reload removed or changed, or whose file was replaced since it was read.
+
+        A turn names a model of the configuration it was decided under, so one that is not here was removed by
+        a reload while the turn waited: ``Busy`` (retryable) rather than a fault of the daemon's, as the same
+        request sent again is decided under the configuration now running (another model, or the refusal of
+        an unknown name)."""
         models = self.models
         if name not in models:
-            raise ModelError(f"no local model named {name!r}; configured: {sorted(models)}", code="unknown_model")
+            raise Busy(
+                f"the local model {name!r} was removed by a reload of the configuration while this turn waited "
+                "for it; send the request again",
+                code="model_reloaded",
+            )
         replaced = self._replaced_files() if self._recheck_files else set()
         self._recheck_files = False
         for stale in [n for n, m in self._loaded.items() if models.get(n) != m.config or n in replaced]:

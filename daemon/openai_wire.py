@@ -78,10 +78,12 @@ class HttpError(Exception):
         return {"error": {**error, "code": self.code}}
 
     def headers(self) -> dict[str, str]:
-        """``Retry-After`` on a 429 (a limit of turns in flight, freed as turns end): the SDKs wait that long
-        before their own retry, as they do for the connection limit's 503 (httpconn.py); and the ``x-locod-*``
-        headers of a turn that failed after its decision, by which its record is found."""
-        return {**self.decision_headers, **({"retry-after": "1"} if self.status == 429 else {})}
+        """``Retry-After`` on a 429 (a limit of turns in flight, freed as turns end) and on a turn whose model a
+        reload removed (sent again, it is decided anew): the SDKs wait that long before their own retry, as
+        they do for the connection limit's 503 (httpconn.py); and the ``x-locod-*`` headers of a turn that
+        failed after its decision, by which its record is found."""
+        retry = self.status == 429 or self.code == MODEL_RELOADED
+        return {**self.decision_headers, **({"retry-after": "1"} if retry else {})}
 
 
 @dataclass(frozen=True)
@@ -307,14 +309,18 @@ def as_held(answer: str) -> str:
 
 # A configured local model that cannot run: its file gone or broken, or more than the memory there is.
 UNAVAILABLE_MODELS = ("model_missing", "model_corrupt", "model_too_large")
+# Busy codes that are no limit of turns (429) but the daemon's state: stopping, or a reload that removed the local
+# model the turn was routed to while it waited (ModelZoo.get's: the same request, sent again, is decided anew).
+MODEL_RELOADED = "model_reloaded"
+UNAVAILABLE_FOR_NOW = ("shutting_down", "cancelled", MODEL_RELOADED)
 
 
 def status_of(frame: ErrorFrame) -> int:
     """The HTTP status for a daemon's error frame."""
     if frame.code in ("too_large", "attachment_too_large"):
         return 413
-    if frame.kind == Busy.code:  # stopping (or cancelled by the stop before it was accepted), or at a queue limit
-        return 503 if frame.code in ("shutting_down", "cancelled") else 429
+    if frame.kind == Busy.code:  # stopping (or cancelled by the stop before accepted), a reload, or a queue limit
+        return 503 if frame.code in UNAVAILABLE_FOR_NOW else 429
     if frame.kind in (UnknownModel.code, UnknownDecision.code) or frame.code in UNAVAILABLE_MODELS:
         return 404  # a model whose file is gone or broken is as unavailable as an unknown one (a 5xx, the SDKs retry)
     if frame.kind in (RequestError.code, ProtocolError.code, AttachmentError.code, PromptTooLong.code):

@@ -9,16 +9,19 @@ local model a reload removed while it waited is refused as retryable (503, exit 
 
 from __future__ import annotations
 
+import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-from locod.errors import UnknownModel
+from locod.errors import Busy, UnknownModel
+from locod.protocol import DeltaFrame
 
-from .conftest import cloud_config, write_config
+from .conftest import DaemonHandle, cloud_config, locod_command, wait_for, write_config
 from .faultproxy import Fault, FaultProxy
 from .test_http import LOCAL, get, http_daemon, sdk
 
@@ -116,3 +119,62 @@ def test_an_unknown_model_s_refusal_names_the_models_to_send_apart_from_those_le
     with pytest.raises(openai.NotFoundError) as named:  # a left-out model named: its file's own refusal
         sdk(base).chat.completions.create(model="gone", messages=HI, max_tokens=2)
     assert named.value.body["code"] == "model_missing"  # type: ignore[index]
+
+
+def test_a_turn_whose_local_model_a_reload_removed_while_it_waited_is_refused_as_retryable_at_every_door(
+    daemon_factory: Any,
+) -> None:
+    """Three turns naming a second local model wait for the local model behind a long answer; a reload drops
+    that model. Each then asked ``ModelZoo.get`` for a model it no longer had: ``model`` / ``unknown_model``,
+    a 500 over HTTP and exit 3 from the CLI, where the request named a model that existed when it was sent.
+    Now each is ``busy`` / ``model_reloaded``, naming the reload: 503 with ``Retry-After`` over HTTP (the SDKs
+    send it again, and the configuration now running decides it), exit 6 (try again) from the CLI; nothing
+    is recorded, as for any turn refused before its decision."""
+    config: dict[str, Any] = {"local": {"models": [{"name": "spare", "path": "SmolLM2-135M-Instruct.Q4_1.gguf"}]}}
+    handle, base = http_daemon(daemon_factory, config)
+    holder = handle.client()
+    long_answer = holder.chat("Count from 1 to 5000, one number per line.", model=LOCAL, max_tokens=1500, temperature=0)
+    assert isinstance(next(f for f in long_answer if isinstance(f, DeltaFrame)), DeltaFrame)  # it holds the model
+
+    def socket_turn() -> BaseException | None:
+        try:
+            handle.client().ask("Say hi.", model="spare", max_tokens=2)
+        except Busy as exc:
+            return exc
+        return None
+
+    def http_turn() -> BaseException | None:
+        try:
+            sdk(base).chat.completions.create(model="spare", messages=HI, max_tokens=2)
+        except openai.APIStatusError as exc:
+            return exc
+        return None
+
+    cli = subprocess.Popen(
+        locod_command("--config", str(handle.config_path), "ask", "--model", "spare", "--max-tokens", "2", "Say hi."),
+        env=handle.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with ThreadPoolExecutor(2) as pool:
+        over_socket, over_http = pool.submit(socket_turn), pool.submit(http_turn)
+        wait_for(lambda: waiting_for_local(handle) == 3, 120, "three turns to wait for the local model")
+        write_config(handle.config_path, {"http": {"listen": base.removeprefix("http://")}})  # no spare model
+        assert handle.client().reload()["models_changed"] == ["removed spare"]
+        assert waiting_for_local(handle) == 3, "the long answer ended before the reload: the race was not made"
+        long_answer.close()  # cancels it: the waiting turns get the local model
+        socket_error, http_error = over_socket.result(300), over_http.result(300)
+    _, stderr = cli.communicate(timeout=300)
+
+    assert isinstance(socket_error, Busy) and socket_error.code == "model_reloaded", socket_error
+    assert "'spare' was removed by a reload of the configuration" in socket_error.message
+    assert isinstance(http_error, openai.APIStatusError) and http_error.status_code == 503, http_error
+    assert http_error.body["code"] == "model_reloaded"  # type: ignore[index]
+    assert http_error.response.headers["retry-after"] == "1"
+    assert cli.returncode == 6 and "'spare' was removed by a reload" in stderr, (cli.returncode, stderr)
+    assert [row["model"] for row in handle.rows()] == [LOCAL]  # the long answer's alone
+
+
+def waiting_for_local(handle: DaemonHandle) -> int:
+    return int(handle.client().status()["queue"]["waiting_for_local"])
