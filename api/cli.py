@@ -58,7 +58,7 @@ EXIT_STATUS = """exit status (for scripts; the message is one line on stderr):
   3    a local model is missing or cannot be loaded
   4    the decision log or a state directory cannot be used
   5    no daemon answers at the endpoint (not started, still loading its models, or stopped)
-  6    busy: at a queue limit, shutting down, or the turn was cancelled; try again shortly
+  6    busy: at a queue limit, shutting down, the turn was cancelled, or its model removed by a reload; try again
   7    the cloud failed and no local answer could stand in
   130, 143, 141  stopped by SIGINT (Ctrl-C), SIGTERM (`timeout`), or a reader that left (`| head`)"""
 
