@@ -81,7 +81,8 @@ class Conversations:
             self.sessions.leave(session, self.owner, answered)
             return fresh_session(), messages
         if any(m["role"] == "assistant" for m in messages):  # a whole conversation, not the session's: it replaces
-            self.sessions.restart(named, self.owner)  # the history, which would otherwise go before it
+            self.sessions.restart(named, self.owner, answered)  # the history, which would otherwise go before
+            # it, once this turn is answered: a refused one leaves the session's history as it was
         return named, messages
 
     def _was(self, conversation: Messages, session: str) -> bool:

@@ -28,6 +28,7 @@ earlier turn is still in flight waits for its answer rather than run beside it o
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import uuid
@@ -77,6 +78,9 @@ class Session:
     # The history, and per message whether it was made from private material: one tuple, replaced whole by
     # ``SessionStore.record``, so a turn reading it on another thread never pairs a message with another's mark.
     dialogue: tuple[tuple[Message, ...], tuple[bool, ...]] = ((), ())
+    # A copy, its history started afresh, that a restarting turn answers on (``SessionStore.restart``): the
+    # store's session is replaced by it only once that turn's answer is recorded.
+    replacing: bool = False
 
     @property
     def key(self) -> str:
@@ -106,11 +110,14 @@ class SessionStore:
         self._sessions: dict[tuple[str, str], Session] = {}  # (owner, id) -> session
         # (owner, id) -> the ``answered`` events of the replies of its turns in flight, in arrival order (``enter``)
         self._turning: dict[tuple[str, str], list[threading.Event]] = {}
+        # (owner, id) -> the ``answered`` event of the turn that starts its history afresh (``restart``)
+        self._restarts: dict[tuple[str, str], threading.Event] = {}
         self._lock = threading.Lock()
 
-    def open(self, session_id: str | None, owner: str) -> Session:
+    def open(self, session_id: str | None, owner: str, answered: threading.Event | None = None) -> Session:
         """``owner``'s live session with this id (a new one if unknown or expired); for None a fresh one,
-        unkept."""
+        unkept. For the turn whose reply sets ``answered``, if it restarts the session (``restart``), a copy
+        with its history emptied."""
         now = time.monotonic()
         if session_id is None:
             return Session("anon-" + uuid.uuid4().hex[:12], owner=owner)
@@ -127,6 +134,9 @@ class SessionStore:
                     self._evict()
                 session = self._sessions[owner, session_id] = Session(session_id, owner=owner)
             session.last_used = now
+            if answered is not None and self._restarts.get((owner, session_id)) is answered:
+                del self._restarts[owner, session_id]
+                return dataclasses.replace(session, dialogue=((), ()), dropped=0, replacing=True)
             return session
 
     def enter(self, session_id: str, owner: str, answered: threading.Event, *, behind: bool = True) -> bool:
@@ -189,13 +199,14 @@ class SessionStore:
         with self._lock:
             return sum(max(0, sum(not turn.is_set() for turn in queue) - 1) for queue in self._turning.values())
 
-    def restart(self, session_id: str, owner: str) -> None:
-        """Empty ``owner``'s session's history, which the conversation a client sent replaces (its turns go on
-        counting); the caller's turn is the session's (``wait_turn``)."""
+    def restart(self, session_id: str, owner: str, answered: threading.Event) -> None:
+        """Have the turn whose reply sets ``answered`` (the session's turn now: ``wait_turn``) answer on an
+        empty history, which the conversation its client sent replaces (its turns go on counting). The
+        session's history is replaced when that turn's answer is recorded (``record``): a turn refused (busy,
+        the daily cap, a prompt too long) or failed leaves the session as it was, for its next turn."""
         with self._lock:
-            session = self._sessions.get((owner, session_id))
-            if session is not None:
-                session.dialogue, session.dropped = ((), ()), 0
+            self._restarts = {key: turn for key, turn in self._restarts.items() if not turn.is_set()}
+            self._restarts[owner, session_id] = answered
 
     def _turning_now(self, key: tuple[str, str]) -> bool:
         """Whether a turn of the session ``key`` names is in flight (``enter``)."""
@@ -231,8 +242,12 @@ class SessionStore:
     ) -> None:
         """Append a finished turn: the new user messages and the answer become history (``private``: the
         answer was made from private material; ``sent_private``: which of ``user`` are such answers, sent
-        back by the client), then trim the history to ``max_chars``."""
+        back by the client), then trim the history to ``max_chars``. A restarting turn's copy (``open``)
+        takes the stored session's place."""
         with self._lock:
+            if session.replacing:
+                session.replacing = False
+                self._sessions[session.owner, session.id] = session
             messages = [*session.dialogue[0], *user, {"role": "assistant", "content": answer}]
             marks = [*session.dialogue[1], *(i in sent_private for i in range(len(user))), private]
             drop = overflow(messages, self.max_chars)

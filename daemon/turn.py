@@ -18,7 +18,6 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -264,7 +263,7 @@ class TurnRunner:
             if not self._session_turn(request, client, reply):
                 reply.send(ErrorFrame(Busy.code, "cancelled", reply.cancel_reason))
                 return
-            turn = self._assemble(request, client, reply.cancelled)
+            turn = self._assemble(request, client, reply)
             started = time.perf_counter()
             decision, config, device = self.decider.decide(turn)
             turn = dataclasses.replace(turn, config=config, device=device)
@@ -287,9 +286,10 @@ class TurnRunner:
         on_wait = (lambda ahead: reply.send(QueuedFrame(ahead))) if request.options.queued else None
         return self.sessions.wait_turn(request.session, door_of(client), reply.answered, reply.cancelled, on_wait)
 
-    def _assemble(self, request: ChatRequest, client: bytes, cancelled: threading.Event) -> Turn:
+    def _assemble(self, request: ChatRequest, client: bytes, reply: Reply) -> Turn:
         """The turn with its attachments prepared; a prompt no model could hold is refused first, and a
         cancelled turn stops between attachments (and between a document's chunks)."""
+        cancelled = reply.cancelled
         cfg = self.config.attachments
         if len(request.attachments) > cfg.max_count:
             raise AttachmentError(
@@ -305,7 +305,7 @@ class TurnRunner:
             data = att.load_bytes(a, self.config.paths.allow_dirs, cfg.max_bytes)
             prepared.append(att.prepare(a, data, prompt_terms, cfg, cancelled))
         prepared = att.as_subjects(prepared)
-        session = self.sessions.open(request.session, door_of(client))  # each door its own namespace
+        session = self.sessions.open(request.session, door_of(client), reply.answered)  # each door its own namespace
         return Turn(
             request, session, client, task_of(request.prompt), prepared, self.config, self._sent_private(request)
         )

@@ -1,0 +1,58 @@
+"""mend30: a refused HTTP turn leaves its named session as it was; paging the decision log (``--before``);
+a reset decision log is noticed by MESS+; a proxy refusing CONNECT is named and not counted as the cloud
+reached."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from .conftest import MODEL_NAME, DaemonHandle, free_port
+
+
+def http_chat(port: int, messages: list[dict[str, str]], session: str) -> tuple[int, dict[str, Any]]:
+    """One chat completion naming ``session``: (HTTP status, body)."""
+    body = json.dumps({"model": MODEL_NAME, "messages": messages, "max_tokens": 2, "temperature": 0})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions",
+        body.encode(),
+        {"Content-Type": "application/json", "x-locod-session": session},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=180) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def tokens_in(handle: DaemonHandle, session: str) -> list[int]:
+    rows = handle.rows("SELECT tokens_in FROM decisions WHERE session = ? ORDER BY id", (session,))
+    return [r["tokens_in"] for r in rows]
+
+
+def test_a_refused_http_turn_leaves_its_named_session_history(daemon_factory: Any) -> None:
+    port = free_port()
+    handle = daemon_factory({"http": {"listen": f"127.0.0.1:{port}"}})
+    story = "My code word is PINEAPPLE. " + "The harbour was quiet that morning. " * 40
+    status, first = http_chat(port, [{"role": "user", "content": story}], "notes")
+    assert status == 200, first
+    answer = first["choices"][0]["message"]["content"]
+    # a whole conversation the session does not hold (an edited one), refused: its last message fits no context
+    edited = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": "word " * 5000},
+    ]
+    status, refused = http_chat(port, edited, "notes")
+    assert status == 400 and refused["error"]["code"] == "prompt_too_long", refused
+    # the next turn sends its new message alone: the session still holds the story and its answer
+    status, second = http_chat(port, [{"role": "user", "content": "What is my code word?"}], "notes")
+    assert status == 200, second
+    first_in, second_in = tokens_in(handle, "notes")
+    assert second_in > first_in, (first_in, second_in, answer)
+    # an accepted whole conversation still replaces the session's history
+    status, replaced = http_chat(port, edited[:2] + [{"role": "user", "content": "Bye"}], "notes")
+    assert status == 200, replaced
+    assert tokens_in(handle, "notes")[-1] < first_in
