@@ -351,6 +351,12 @@ def _add_daemon_commands(sub: Any) -> None:
     p.add_argument("--location", choices=LOCATIONS, help="only turns answered there in the end")
     p.add_argument("--outcome", choices=OUTCOMES, help="only turns that ended so")
     p.add_argument("--since", type=_since, help="only turns of the last 30m, 12h, 7d, 4w ...")
+    p.add_argument(
+        "--before",
+        type=_decision_id,
+        metavar="ID",
+        help="only records older than decision ID: the page before one (a full page says its command on stderr)",
+    )
     p.add_argument("--json", action="store_true", help="whole records as JSON, one array")
     p.set_defaults(func=cmd_decisions)
 

@@ -498,16 +498,18 @@ class Client:
         location: str | None = None,
         outcome: str | None = None,
         since: float | datetime | None = None,
+        before: int | None = None,
     ) -> list[dict[str, Any]]:
         """The newest records, or (``of``) the one of a decision id (an int, as frames carry it) or of a request
         id: an HTTP completion's ``id``, a socket chat's request id; only those of ``session``, answered at
         ``location`` (local, cloud: the record's ``backend``; its ``location`` is where the turn was decided to
         run, before a fallback or an escalation), ending in ``outcome``, accepted at or after ``since`` (Unix
-        time, or a datetime: a naive one is local time), where given (``RecordQuery``). Narrowed, it raises
+        time, or a datetime: a naive one is local time), with an id below ``before`` (the next page back: the
+        oldest id of a full page), where given (``RecordQuery``). Narrowed, it raises
         ``ProtocolError`` (``daemon_outdated``) when the daemon does not say it narrows by those fields."""
         if isinstance(since, datetime):
             since = since.timestamp()
-        query = RecordQuery(limit, None if of is None else str(of), session, location, outcome, since)
+        query = RecordQuery(limit, None if of is None else str(of), session, location, outcome, since, before)
         self._check_narrowing(query)
         return list(self.call("decisions", query=query))
 

@@ -102,7 +102,7 @@ LOCATIONS = ("local", "cloud")
 # The ``decisions`` op's fields that narrow which records it answers (all of RecordQuery's but ``limit`` and
 # ``of``, which every daemon reads): a daemon lists those it applies in its ``ping``, as one older than them
 # ignored them and answered the newest records unfiltered.
-NARROWING = ("session", "location", "outcome", "since")
+NARROWING = ("session", "location", "outcome", "since", "before")
 
 
 @dataclass(frozen=True)
@@ -110,7 +110,8 @@ class RecordQuery:
     """Which decision records the ``decisions`` op answers with, newest first: at most ``limit``, only ``of``'s
     (a decision id or a request id), and only those of ``session``, answered at ``location`` (where the turn
     ran in the end, after a fallback or an escalation), ending in ``outcome``, accepted at or after ``since``
-    (Unix time); each left None matches every record."""
+    (Unix time), with an id below ``before`` (the page before one whose oldest id it is); each left None matches
+    every record."""
 
     limit: int = 20
     of: str | None = None
@@ -118,6 +119,7 @@ class RecordQuery:
     location: str | None = None
     outcome: str | None = None
     since: float | None = None
+    before: int | None = None
 
     def narrowing(self) -> tuple[str, ...]:
         """The narrowing fields given (``NARROWING``): those a daemon must apply for its answer to hold only
@@ -212,7 +214,10 @@ def _record_query(reader: _Fields) -> RecordQuery:
     since = reader.optional("since", float)
     if since is not None and not math.isfinite(since):
         raise reader.bad("since", "must be a finite Unix time")
-    return RecordQuery(limit, since=since, **texts)
+    before = reader.optional("before", int)
+    if before is not None and before < 1:
+        raise reader.bad("before", "must be a decision id, 1 or more")
+    return RecordQuery(limit, since=since, before=before, **texts)
 
 
 _OPENING = re.compile(r"\s*\{")

@@ -862,7 +862,7 @@ def _matching(query: RecordQuery) -> tuple[str, list[Any]]:
     """The WHERE clause for the records ``query`` asks for. ``of`` is a decision id (what ``x-locod-decision``
     and ``locod feedback`` name) when it is a number SQLite's integers hold (one past them raised
     OverflowError), else a request id (an HTTP completion's ``id``); the location is where the turn ran in the
-    end, as the table of ``locod decisions`` shows it."""
+    end, as the table of ``locod decisions`` shows it; ``before`` pages back, newest first, from an id."""
     conditions: list[tuple[str, Any]] = []
     if query.of is not None and query.of.isdecimal() and query.of.isascii() and int(query.of) < 1 << 63:
         conditions.append(("id = ?", int(query.of)))
@@ -873,6 +873,7 @@ def _matching(query: RecordQuery) -> tuple[str, list[Any]]:
         ("COALESCE(backend, location) = ?", query.location),
         ("outcome = ?", query.outcome),
         ("created >= ?", query.since),
+        ("id < ?", query.before),
     ):
         if value is not None:
             conditions.append((condition, value))

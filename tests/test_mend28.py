@@ -38,7 +38,7 @@ FEATURES = RecordedFeatures.of(TurnFeatures(prompt="Hi", task="chat"))
 def test_the_ping_lists_the_decisions_fields_the_daemon_narrows_by(daemon: DaemonHandle) -> None:
     client = daemon.client()
     client.ask("Hi", session="a", max_tokens=2)
-    assert client.ping()["decisions_narrowing"] == ["session", "location", "outcome", "since"]
+    assert client.ping()["decisions_narrowing"] == ["session", "location", "outcome", "since", "before"]
     assert [row["session"] for row in client.decisions(session="a")] == ["a"]
     narrowed = daemon.cli("decisions", "--session", "nobody")
     assert narrowed.returncode == 0 and "no decision record matches" in narrowed.stderr

@@ -56,3 +56,30 @@ def test_a_refused_http_turn_leaves_its_named_session_history(daemon_factory: An
     status, replaced = http_chat(port, edited[:2] + [{"role": "user", "content": "Bye"}], "notes")
     assert status == 200, replaced
     assert tokens_in(handle, "notes")[-1] < first_in
+
+
+def ids(rows: list[dict[str, Any]]) -> list[int]:
+    return [row["id"] for row in rows]
+
+
+def test_the_decision_log_pages_back_with_before(daemon: DaemonHandle) -> None:
+    client = daemon.client()
+    for i in range(6):  # decisions 1-6; the even ones in session "pages"
+        client.ask(f"Say {i}.", session="pages" if i % 2 else "other", max_tokens=2)
+    assert "before" in client.ping()["decisions_narrowing"]
+    assert ids(client.decisions(limit=2)) == [6, 5]
+    assert ids(client.decisions(limit=2, before=5)) == [4, 3]
+    assert ids(client.decisions(session="pages", before=6)) == [4, 2]
+    # a full page says on stderr how to read the one before it; running that does
+    page = daemon.cli("decisions", "--limit", "2", "--session", "pages")
+    assert page.returncode == 0, page
+    older = "older: locod decisions --limit 2 --session pages --before 4"
+    assert older in page.stderr, page.stderr
+    before = daemon.cli(*older.removeprefix("older: locod ").split())
+    assert before.returncode == 0 and "older:" not in before.stderr, before
+    assert [line.split()[0] for line in before.stdout.splitlines()[1:]] == ["2"]
+    # the log at rest pages the same way
+    assert daemon.stop() == 0
+    rest = daemon.cli("decisions", "--limit", "2", "--before", "5", "--json")
+    assert ids(json.loads(rest.stdout)) == [4, 3], rest
+    assert "older: locod decisions --limit 2 --before 3 --json" in rest.stderr, rest.stderr

@@ -4,6 +4,7 @@ when no daemon runs) and ``locod feedback`` (a label for one of them)."""
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from typing import Any
@@ -27,6 +28,7 @@ def cmd_decisions(args: argparse.Namespace) -> int:
                 location=query.location,
                 outcome=query.outcome,
                 since=query.since,
+                before=query.before,
             )
     except DaemonNotRunning:  # the log is a file: what happened can be read with the daemon stopped
         from locod.daemon.records import read_recent
@@ -38,7 +40,12 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     if args.of is not None and not rows and not narrowed:
         raise UnknownDecision(f"no decision record has the id {args.of!r}; `locod decisions` lists the newest")
     if not rows and narrowed:  # a header alone would read as an empty log
-        print("no decision record matches --session, --location, --outcome and --since as given", file=sys.stderr)
+        print(
+            "no decision record matches --session, --location, --outcome, --since and --before as given",
+            file=sys.stderr,
+        )
+    if args.of is None and len(rows) == query.limit:  # there may be older ones: how to read the page before
+        print(f"older: {_older(args, min(row['id'] for row in rows))}", file=sys.stderr)
     if args.json:
         print_json(rows)
         return 0
@@ -74,7 +81,21 @@ def _query(args: argparse.Namespace) -> RecordQuery:
     from locod.daemon.history import parse_since
 
     since = None if args.since is None else time.time() - parse_since(args.since)
-    return RecordQuery(args.limit, args.of, args.session, args.location, args.outcome, since)
+    return RecordQuery(args.limit, args.of, args.session, args.location, args.outcome, since, args.before)
+
+
+def _older(args: argparse.Namespace, oldest: int) -> str:
+    """The command that shows the page before this one: the same narrowing, below its oldest id."""
+    words = ["locod", "decisions"]
+    if args.limit != 20:
+        words += ["--limit", str(args.limit)]
+    for flag in ("session", "location", "outcome", "since"):
+        if getattr(args, flag) is not None:
+            words += [f"--{flag}", getattr(args, flag)]
+    words += ["--before", str(oldest)]
+    if args.json:
+        words.append("--json")
+    return shown(shlex.join(words), layout=False)  # a session id a client chose: no escape sequence
 
 
 def _column(row: dict[str, Any], column: str) -> str:
