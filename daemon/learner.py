@@ -104,7 +104,17 @@ class Learner:
             path=Path(config.paths.state_dir) / "messplus.npz",
             state=state,
         )
-        first_decision = self.records.newest() + 1  # the first a replaced file may have answered
+        newest = self.records.newest()
+        if (known := mess.forget_another_log(newest)) is not None:
+            log.warning(
+                "the decision log's newest decision is %d, below the %d the MESS+ state was kept with: the log was "
+                "emptied or replaced, and its ids name other turns; the state's decision ids are dropped (its "
+                "predictors and queue are kept)",
+                newest,
+                known,
+            )
+            self._save(mess)  # or the next start would read them again and settle none of this log's turns
+        first_decision = newest + 1  # the first a replaced file may have answered
         for model in config.local.models:
             _start_over_if_replaced(mess, model.name, resolve_path(model, config.models_dir), first_decision)
         for name, prior in priors.items():
@@ -394,15 +404,17 @@ class Learner:
         except StorageError:
             return None
 
-    def _save(self) -> None:
-        """Persist the MESS+ state; a full or read-only disk is logged, never fatal to a turn (the state in
-        memory stays right and is saved again on the next turn)."""
+    def _save(self, mess: MessPlus | None = None) -> None:
+        """Persist the MESS+ state (``mess``'s, while it is being taken; else the learner's); a full or
+        read-only disk is logged, never fatal to a turn (the state in memory stays right and is saved again on
+        the next turn)."""
+        mess = mess or self.mess
         try:
-            self.mess.save()
+            mess.save()
             self._save_failed = False
         except OSError as exc:
             if not self._save_failed:
-                log.error("cannot save the MESS+ state to %s: %s (will retry every turn)", self.mess.path, exc)
+                log.error("cannot save the MESS+ state to %s: %s (will retry every turn)", mess.path, exc)
             self._save_failed = True
 
 

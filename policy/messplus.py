@@ -384,6 +384,21 @@ class MessPlus:
         self.state.confidence.pop(model, None)
         return learned_on
 
+    def forget_another_log(self, newest: int) -> int | None:
+        """Drop the decision ids the state keeps when the decision log's ``newest`` id is below the newest of
+        them: the log was emptied or replaced, and numbers its turns from 1 again (its ids are no
+        AUTOINCREMENT), so they name other turns: a new turn answered but never settled was taken for a
+        settled one, a label was refused as an older file's (``file_since``) or moved the queue by another
+        turn's prediction (``pending``). Returns the newest id the state knew, when it dropped them."""
+        known = max([*self.state.settled_ids, *self.state.pending, self.state.stopped_at or 0], default=0)
+        if known <= newest:
+            return None
+        self.state.settled_ids.clear()
+        self.state.pending.clear()
+        self.state.file_since.clear()
+        self.state.stopped_at = None
+        return known
+
     def warm_start(self, model: str, prior: Prior | None) -> bool:
         """Start ``model``'s heads from a shipped prior (warmstart.load_prior) unless it has learned already."""
         if prior is None or self.state.labels.get(model, 0) or prior.weights.shape != (DIM,):

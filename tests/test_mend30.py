@@ -5,11 +5,23 @@ reached."""
 from __future__ import annotations
 
 import json
+import logging
+import sqlite3
 import urllib.error
 import urllib.request
+from contextlib import closing
+from pathlib import Path
 from typing import Any
 
-from .conftest import MODEL_NAME, DaemonHandle, free_port
+import pytest
+
+from locod.daemon.cloud import CloudBackend
+from locod.daemon.config import load_config
+from locod.daemon.learner import Learner
+from locod.daemon.records import DecisionLog
+
+from .conftest import MODEL_NAME, DaemonHandle, free_port, write_config
+from .test_mend28 import routed
 
 
 def http_chat(port: int, messages: list[dict[str, str]], session: str) -> tuple[int, dict[str, Any]]:
@@ -83,3 +95,41 @@ def test_the_decision_log_pages_back_with_before(daemon: DaemonHandle) -> None:
     rest = daemon.cli("decisions", "--limit", "2", "--before", "5", "--json")
     assert ids(json.loads(rest.stdout)) == [4, 3], rest
     assert "older: locod decisions --limit 2 --before 3 --json" in rest.stderr, rest.stderr
+
+
+def test_a_decision_log_emptied_under_a_kept_messplus_state_is_noticed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Decision ids restart at 1 in a log whose rows were deleted (or whose file was): the MESS+ state's
+    settled ids then named the new log's turns, and a new turn answered but not settled at a kill was
+    taken for settled. The real Learner over a real decision log, as test_mend28's."""
+    loaded = load_config(write_config(tmp_path / "config.toml", {"paths": {"state_dir": str(tmp_path / "state")}}))
+    db = tmp_path / "state" / "locod.db"
+
+    def start(records: DecisionLog) -> Learner:
+        return Learner(loaded, records, CloudBackend(loaded.cloud, loaded.source))
+
+    records = DecisionLog(db)
+    try:
+        old = start(records)
+        for _ in range(3):
+            old.settle(*routed(records, old), "Hi", "Hello")
+        old.close()  # a clean stop: the state was kept with decisions 1-3
+    finally:
+        records.close()
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("DELETE FROM decisions")
+    records = DecisionLog(db)
+    try:
+        with caplog.at_level(logging.WARNING, "locod.daemon.learner"):
+            emptied = start(records)
+        assert "below the 3 the MESS+ state was kept with" in caplog.text
+        assert emptied.mess.state.settled_ids == {} and emptied.mess.state.stopped_at is None
+        emptied.settle(*routed(records, emptied), "Hi", "Hello")  # decision 1 again, settled
+        two, _ = routed(records, emptied)  # answered, then killed before its settling
+        assert two == 2
+        again = start(records)  # settles decision 2, which the old log's ids had taken for settled
+        assert again.mess.state.settled == 5 and set(again.mess.state.settled_ids) == {1, 2}
+        again.close()
+    finally:
+        records.close()
