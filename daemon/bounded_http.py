@@ -71,13 +71,24 @@ class HandshakeTimeout(httpx2.ConnectTimeout):
     """A connection was made, but its TLS handshake did not end within the connect timeout (``HandshakeFailed``)."""
 
 
-AFTER_CONNECTING = (HandshakeFailed, HandshakeTimeout)
+class ProxyRefused(httpx2.ConnectError):
+    """The proxy the request goes through answered its CONNECT with an error status (403: the endpoint's host
+    is not allowed through it; 502: it could not reach it): the proxy is there, the endpoint was not reached
+    and was sent nothing. ``status`` is the proxy's status line (``403 Forbidden``)."""
+
+    def __init__(self, status: str, request: httpx2.Request) -> None:
+        super().__init__(status, request=request)
+        self.status = status
+
+
+AFTER_CONNECTING = (HandshakeFailed, HandshakeTimeout, ProxyRefused)
 
 
 class BoundedTransport(httpx2.HTTPTransport):
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         """The response, bounded; a failure to connect after the TCP connection was made is raised as
-        ``HandshakeFailed`` or ``HandshakeTimeout``: the network probe, which only connects, vouches for none."""
+        ``HandshakeFailed`` or ``HandshakeTimeout``, and a proxy's refused CONNECT as ``ProxyRefused``: the
+        network probe, which only connects, vouches for none."""
         steps: list[str] = []
         traced = request.extensions.get("trace")
 
@@ -97,6 +108,9 @@ class BoundedTransport(httpx2.HTTPTransport):
             if "connection.connect_tcp.complete" not in steps:
                 raise
             raise HandshakeFailed(str(exc), request=request) from exc
+        except httpx2.ProxyError as exc:  # its status line, the proxy's own text: printable, and not a page of it
+            status = "".join(c if c.isprintable() else "?" for c in str(exc))[:100]
+            raise ProxyRefused(status, request=request) from exc
 
     def _bounded(self, request: httpx2.Request) -> httpx2.Response:
         bounds: Limits | None = getattr(_current, "limits", None)

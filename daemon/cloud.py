@@ -38,7 +38,7 @@ import openai
 
 from locod import words
 from locod.daemon.backends import Generation, Prompt, Upload
-from locod.daemon.bounded_http import AFTER_CONNECTING, BoundedTransport, Limits, OverBound, limits
+from locod.daemon.bounded_http import AFTER_CONNECTING, BoundedTransport, Limits, OverBound, ProxyRefused, limits
 from locod.daemon.cloud_usage import counted
 from locod.daemon.config import CloudConfig, CloudModelConfig, redacted_url
 from locod.daemon.keyfile import key_source, read_api_key
@@ -378,7 +378,8 @@ class CloudBackend:
                     breaker.failure(connected=not _found_no_connection(exc.__cause__))
                     kind = "timed out" if isinstance(exc, openai.APITimeoutError) else "unreachable"
                     endpoint = redacted_url(model.base_url)
-                    message = f"{name}: endpoint {endpoint} {kind}{_unresolved(exc)}{_handshake(exc.__cause__)}"
+                    why = self._proxy_refusal(model, exc.__cause__) or _handshake(exc.__cause__)
+                    message = f"{name}: endpoint {endpoint} {kind}{_unresolved(exc)}{why}"
                     self.unreachable += 1
                     raise failed(message, "cloud_unreachable") from None
                 delay = backoff_s(attempt)
@@ -397,6 +398,15 @@ class CloudBackend:
             log.info("cloud %s: retry %d in %.2f s", name, attempt, delay)
             if prompt.cancelled.wait(delay):  # nobody waits for the answer: not asked (nor billed) again
                 raise failed(f"{name}: the call was cancelled, so retry {attempt} is not made", "cancelled")
+
+    def _proxy_refusal(self, model: CloudModelConfig, exc: BaseException | None) -> str:
+        """What a proxy that refused to connect to the endpoint answered, naming it (its credentials left out):
+        it connected, and the endpoint was not reached."""
+        if not isinstance(exc, ProxyRefused):
+            return ""
+        proxy = proxy_for(model, self._source)
+        through = f"the proxy {redacted_url(proxy)}" if proxy else "its proxy"
+        return f": {through} refused to connect to it (HTTP {exc.status}): does it let the endpoint's host through?"
 
     def _retry_delay(self, exc: openai.APIStatusError, attempt: int) -> float | None:
         """Seconds to wait before retrying an error status: a 5xx's backoff, or the wait a 429 asks for when it

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import socketserver
 import sqlite3
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from locod.daemon.config import load_config
 from locod.daemon.learner import Learner
 from locod.daemon.records import DecisionLog
 
-from .conftest import MODEL_NAME, DaemonHandle, free_port, write_config
+from .conftest import MODEL_NAME, DaemonHandle, cloud_config, free_port, write_config
 from .test_mend28 import routed
 
 
@@ -133,3 +136,52 @@ def test_a_decision_log_emptied_under_a_kept_messplus_state_is_noticed(
         again.close()
     finally:
         records.close()
+
+
+class RefusingProxy(socketserver.ThreadingTCPServer):
+    """An HTTP proxy on loopback that answers every CONNECT ``403 Forbidden``, as a corporate proxy that does
+    not allow the endpoint's host does; it counts the CONNECTs."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), RefusingProxy.Handler)
+        self.connects: list[str] = []
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            line = self.rfile.readline().decode("latin-1")
+            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            assert isinstance(self.server, RefusingProxy)
+            self.server.connects.append(line.strip())
+            self.wfile.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+
+@pytest.fixture
+def refusing_proxy() -> Iterator[RefusingProxy]:
+    proxy = RefusingProxy()
+    thread = threading.Thread(target=proxy.serve_forever, daemon=True)
+    thread.start()
+    yield proxy
+    proxy.shutdown()
+    proxy.server_close()
+
+
+def test_a_proxy_refusing_connect_is_named_and_nothing_counted_sent(
+    daemon_factory: Any, refusing_proxy: RefusingProxy
+) -> None:
+    port = refusing_proxy.server_address[1]
+    handle = daemon_factory(
+        cloud_config("https://cloud.example.com/v1", max_retries=0),
+        extra_env={"HTTPS_PROXY": f"http://127.0.0.1:{port}", "LOCOD_CLOUD_API_KEY": "sk-test"},
+    )
+    result = handle.client(turn_timeout_s=300).ask("Hi", max_tokens=2)
+    assert result.done.outcome == "fallback"  # the local model answers in its place
+    assert "CONNECT cloud.example.com:443 HTTP/1.1" in refusing_proxy.connects
+    (row,) = handle.rows()
+    # named as the proxy's refusal, with its status line, and the turn's text not counted as sent (it was
+    # counted as read by the endpoint: "unreachable", and two bytes up)
+    assert f"the proxy http://127.0.0.1:{port} refused to connect to it (HTTP 403 Forbidden)" in row["error"], row
+    assert row["bytes_up"] == 0
