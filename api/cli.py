@@ -168,6 +168,15 @@ def _decision_id(text: str) -> int:
     return int(text)
 
 
+def _before(text: str) -> int:
+    """``decisions --before``: a decision id, 1 or more and within SQLite's integers, checked as the command
+    line is read (the log at rest would raise on a larger one, the daemon refuse it)."""
+    before = _decision_id(text)
+    if not 0 < before < 1 << 63:
+        raise argparse.ArgumentTypeError(f"expects a decision id, 1 or more, got {text!r}")
+    return before
+
+
 def _limit(text: str) -> int:
     """``decisions --limit``: the range the daemon takes, checked before asking it (or the file)."""
     try:
@@ -353,7 +362,7 @@ def _add_daemon_commands(sub: Any) -> None:
     p.add_argument("--since", type=_since, help="only turns of the last 30m, 12h, 7d, 4w ...")
     p.add_argument(
         "--before",
-        type=_decision_id,
+        type=_before,
         metavar="ID",
         help="only records older than decision ID: the page before one (a full page says its command on stderr)",
     )

@@ -8,6 +8,7 @@ import json
 import logging
 import socketserver
 import sqlite3
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -23,7 +24,7 @@ from locod.daemon.config import load_config
 from locod.daemon.learner import Learner
 from locod.daemon.records import DecisionLog
 
-from .conftest import MODEL_NAME, DaemonHandle, cloud_config, free_port, write_config
+from .conftest import MODEL_NAME, DaemonHandle, cloud_config, free_port, locod_command, write_config
 from .test_mend28 import routed
 
 
@@ -185,3 +186,11 @@ def test_a_proxy_refusing_connect_is_named_and_nothing_counted_sent(
     # counted as read by the endpoint: "unreachable", and two bytes up)
     assert f"the proxy http://127.0.0.1:{port} refused to connect to it (HTTP 403 Forbidden)" in row["error"], row
     assert row["bytes_up"] == 0
+
+
+def test_before_outside_the_ids_is_a_usage_error() -> None:
+    for wrong in ("0", str(1 << 63), "-3"):
+        refused = subprocess.run(
+            locod_command("decisions", "--before", wrong), capture_output=True, text=True, timeout=120
+        )
+        assert refused.returncode == 2 and "--before" in refused.stderr, refused
