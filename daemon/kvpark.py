@@ -93,8 +93,9 @@ class DiskPark:
                 f.write(state.data.data)
             os.replace(tmp, path)
         except OSError as exc:
-            log.warning("could not park a dialogue's KV state in %s: %s", self.directory, exc.strerror)
-            tmp.unlink(missing_ok=True)
+            log.warning("could not park a dialogue's KV state in %s: %s: %s", self.directory, tmp.name, exc.strerror)
+            with contextlib.suppress(OSError):  # a directory there, which ``create_anew`` refused, stays
+                tmp.unlink(missing_ok=True)
             return
         self._trim()
 
