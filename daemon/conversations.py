@@ -62,7 +62,7 @@ class Conversations:
         """(session id, the messages to send): the named session, else the one this conversation's prefix
         maps to; the messages it does not hold yet. A conversation not seen gets a session of its own, with
         all of its messages (a turn without a session keeps no history in the daemon). The caller has waited
-        for a named session's earlier turns (``SessionStore.enter``, ``ahead``); a mapped one is entered here
+        for a named session's earlier turns (``SessionStore.enter``, ``wait_turn``); a mapped one is entered here
         for the turn whose reply sets ``answered``, unless a turn of it is in flight (the same chat sent twice
         at once): then the conversation gets a session of its own."""
         session = named
