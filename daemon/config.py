@@ -8,6 +8,7 @@ docs/configuration.md documents each key; ``locod config show`` prints the effec
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -509,10 +510,28 @@ def _warn_unknown_variables(env: Mapping[str, str], config: Config) -> None:
 
 def _pulled(models_dir: Path) -> list[LocalModelConfig]:
     """The models ``locod models pull`` registered; the catalog checks its entries with this module's rules,
-    so it is imported here rather than at the top."""
-    from locod.daemon.catalog import pulled_models
+    so it is imported here rather than at the top. One a locod of before ``ROUTED_MODEL`` was refused pulled
+    under that name is left out, with a warning: refused as a configured one is, it stopped every start and
+    every command that reads the config, ``locod models rm`` that would remove it among them."""
+    from locod.daemon.catalog import manifest_path, pulled_models
 
-    return [m.as_local() for m in pulled_models(models_dir)]
+    pulled = pulled_models(models_dir)
+    if any(m.name == ROUTED_MODEL for m in pulled):
+        _left_out_routed(manifest_path(models_dir))
+    return [m.as_local() for m in pulled if m.name != ROUTED_MODEL]
+
+
+@functools.cache
+def _left_out_routed(manifest: Path) -> None:
+    """Say once a process (a command reads the config more than once) why the model pulled as ``auto`` is
+    left out, and what to do."""
+    name = ROUTED_MODEL
+    logging.getLogger(__name__).warning(
+        f"%s: the model pulled as {name!r} is left out: an OpenAI client's model {name!r} asks locod to route the "
+        f'turn; rename it there (its line name = "{name}"), then `locod reload`, or remove it with `locod models '
+        f"rm {name}` (which deletes its file)",
+        manifest,
+    )
 
 
 def _check_models(config: Config, origins: Mapping[str, str]) -> None:
