@@ -143,7 +143,9 @@ class SessionStore:
         """Queue a turn of ``owner``'s session: the turn whose reply sets ``answered`` once it has said its last
         frame. Its turns run in arrival order, each once those before it have answered (``wait_turn``). With
         ``behind`` False the session takes it only if no turn of it is in flight (False: not queued). A turn
-        entered again keeps its place."""
+        entered again keeps its place. A live session is used from now: a turn that arrived before it expired
+        is not handed it emptied by ``open`` (its attachments read in between, or the HTTP door having sent
+        only the messages it held)."""
         key = (owner, session_id)
         with self._lock:
             queue = [turn for turn in self._turning.get(key, ()) if not turn.is_set()]
@@ -152,6 +154,9 @@ class SessionStore:
                     return False
                 queue.append(answered)
             self._turning[key] = queue
+            now = time.monotonic()
+            if (session := self._sessions.get(key)) is not None and now - session.last_used <= self.idle_s:
+                session.last_used = now
             if len(self._turning) > self.max_sessions:  # sessions whose turns all answered wait for nothing
                 self._turning = {k: q for k, q in self._turning.items() if any(not t.is_set() for t in q)}
             return True
