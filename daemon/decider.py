@@ -206,8 +206,9 @@ class Decider:
     def _decide(self, turn: Turn, snapshot: Snapshot) -> Decision:
         access = self._access(snapshot)
         request = turn.request
-        left_out = self.left_out_files() if request.model is not None else None  # named: an unknown name lists them
-        fixed = fixed_decision(self.config, request.options.force, request.model, turn.attachments, access, left_out)
+        fixed = fixed_decision(
+            self.config, request.options.force, request.model, turn.attachments, access, self.left_out_files
+        )
         if fixed is not None:
             return fixed
         view = TurnView.of(turn.attachments)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,14 +225,15 @@ def fixed_decision(
     model: str | None,
     attachments: list[PreparedAttachment],
     access: CloudAccess,
-    left_out: Mapping[str, ModelError] | None = None,
+    left_out: Callable[[], Mapping[str, ModelError]] = dict,
 ) -> Decision | None:
     """The decision when the client or the config fixes the location; None when the router should decide.
     A cloud that is asked for but blocked is answered locally, and the user is told why; so is a forced
-    location that the named model contradicts (the model wins). ``left_out``: the local models routing
-    leaves out for their file, which a refusal of an unknown name tells apart from those it may send."""
+    location that the named model contradicts (the model wins). ``left_out``: asked for the local models
+    routing leaves out for their file only when a refusal of an unknown name tells them apart from those it
+    may send (each is a look at a file: no work for a turn that names a model there is)."""
     if model is not None:
-        decision = _named(config, model, attachments, access, left_out or {})
+        decision = _named(config, model, attachments, access, left_out)
         if force is None or force == decision.location or decision.notice:  # a notice: the cloud was blocked
             return decision
         why = f"force {force} was ignored: the request named {model}, which answers {decision.location}"
@@ -255,14 +256,14 @@ def _named(
     model: str,
     attachments: list[PreparedAttachment],
     access: CloudAccess,
-    left_out: Mapping[str, ModelError],
+    left_out: Callable[[], Mapping[str, ModelError]],
 ) -> Decision:
     """The decision for a request that names its model."""
     if any(m.name == model for m in config.local.models):
         return Decision("local", model, (), "the request named this local model")
     named = next((m for m in config.cloud.models if m.name == model), None)
     if named is None:
-        raise unknown_model(config, model, left_out)
+        raise unknown_model(config, model, left_out())
     blocked = access.blocked_for(model)
     if blocked:
         return _instead(config, f"the request named {model}", f"{model} was asked for", blocked)

@@ -343,7 +343,7 @@ class HttpServer:
         return Response(await run_in_threadpool(generate_latest, self.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def chat(self, request: Request) -> Response:
-        body, left_out = await self._body(request), self.daemon.decider.left_out_files()
+        body, left_out = await self._body(request), self.daemon.decider.left_out_files  # asked of a refusal only
         completion = wire.parse_completion(body, self.model_names(), self._endpoint_ids(), left_out)
         named = _session_header(request)
         loop = asyncio.get_running_loop()

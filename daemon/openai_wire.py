@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,12 +126,12 @@ def parse_completion(
     body: Any,
     models: list[str],
     ids: dict[str, str] | None = None,
-    left_out: Mapping[str, ModelError] | None = None,
+    left_out: Callable[[], Mapping[str, ModelError]] = dict,
 ) -> Completion:
     """A chat-completions body, checked; ``models`` are the configured model names (``auto`` aside), ``ids``
-    the cloud models' endpoint ids (their ``model``) to the names that serve them, ``left_out`` the local
-    models routing leaves out for their file (named, they are refused by the daemon with their file's story;
-    an unknown name's refusal lists them apart)."""
+    the cloud models' endpoint ids (their ``model``) to the names that serve them, ``left_out`` asked for the
+    local models routing leaves out for their file when an unknown name's refusal lists them apart (named,
+    they are refused by the daemon with their file's story)."""
     if not isinstance(body, dict):
         raise bad("the body must be a JSON object")
     for key in UNSUPPORTED:
@@ -149,7 +149,7 @@ def parse_completion(
     if not isinstance(model, str) or not model:
         raise bad("'model' is required: 'auto' or a configured model name", "model")
     if model != ROUTED_MODEL and model not in models:
-        raise unknown_model(model, models, ids, left_out)
+        raise unknown_model(model, models, ids, left_out())
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise bad("'messages' must be a non-empty list", "messages")
