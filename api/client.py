@@ -562,12 +562,19 @@ class Client:
         stream: bool = True,
         queued: bool = False,
         stop: str | list[str] | None = None,
+        top_p: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        response_format: dict[str, Any] | None = None,
     ) -> Iterator[Frame]:
         """Stream the frames of one turn: ``decision``, ``delta``..., (``fallback`` or ``escalated``, then
         ``delta``... again), ``done``. ``force``
         is "local" or "cloud"; an option left None takes the daemon's default. ``queued``: ``queued`` frames
         first while the turn waits for the local model (each restarts the silence timeout). ``stop``: up to 4
-        sequences; the answer ends before the first of them."""
+        sequences; the answer ends before the first of them. ``top_p`` and the penalties, left None, are the
+        answering model's own. ``response_format``: OpenAI's, ``{"type": "json_object"}`` or ``{"type":
+        "json_schema", "json_schema": {"name": ..., "schema": {...}}}``: the answer is JSON (a local model is
+        held to it by a grammar)."""
         if messages is None:
             messages = [{"role": "user", "content": prompt or ""}]
         options = ChatOptions(
@@ -578,6 +585,10 @@ class Client:
             stream=stream,
             queued=queued,
             stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),  # one string: one sequence, as HTTP
+            top_p=top_p,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            response_format=response_format,
         )
         request = ChatRequest(new_id(), messages, session, model, attachments or [], options, self.secret)
         # No connect per turn (it sits in the first token's path): a daemon that stopped cleanly took its
@@ -620,6 +631,10 @@ class Client:
         stream: bool = True,
         queued: bool = False,
         stop: str | list[str] | None = None,
+        top_p: float | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        response_format: dict[str, Any] | None = None,
     ) -> TurnResult:
         """One whole turn: the answer text with its decision and done frames; the options are ``chat``'s."""
         frames = self.chat(
@@ -635,6 +650,10 @@ class Client:
             stream=stream,
             queued=queued,
             stop=stop,
+            top_p=top_p,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            response_format=response_format,
         )
         return TurnResult.of(list(frames))
 

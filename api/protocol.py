@@ -31,7 +31,19 @@ FORCE = ("local", "cloud")
 QUEUED_EVERY_S = 30.0  # a turn waiting for the local model is told again at least this often (``queued``)
 NO_CONFIG_FILE = "(defaults)"  # the source a daemon reports (reload, config show) when it read no config file
 ATTACHMENT_KINDS = ("image", "document")
-OPTIONS = ("max_tokens", "temperature", "seed", "force", "stream", "queued", "stop")  # a chat request's
+OPTIONS = (  # a chat request's
+    "max_tokens",
+    "temperature",
+    "seed",
+    "force",
+    "stream",
+    "queued",
+    "stop",
+    "top_p",
+    "frequency_penalty",
+    "presence_penalty",
+    "response_format",
+)
 # JSON escapes of a UTF-16 surrogate: only a message holding one needs the walk for lone surrogates.
 LONE_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 SURROGATE = re.compile("[\ud800-\udfff]")
@@ -44,7 +56,12 @@ OPTION_RULES: dict[str, tuple[type, float, float, str]] = {
     "max_tokens": (int, 1, 1 << 20, "an integer between 1 and 1048576"),
     "temperature": (float, 0.0, 2.0, "a number between 0 and 2"),
     "seed": (int, -(2**63), 2**63 - 1, "an integer that fits 64 bits (signed)"),
+    "top_p": (float, 0.0, 1.0, "a number between 0 and 1"),
+    "frequency_penalty": (float, -2.0, 2.0, "a number between -2 and 2"),
+    "presence_penalty": (float, -2.0, 2.0, "a number between -2 and 2"),
 }
+# OpenAI's response formats: plain text (the default), any JSON object, or JSON following a schema.
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 # Stop sequences: as many as OpenAI's API takes, each bounded (every generated token is checked against them).
 MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 4, 200
 
@@ -67,6 +84,11 @@ class ChatOptions:
     stream: bool = True
     queued: bool = False  # send ``queued`` frames while the turn waits for the local model (opt-in: new frames)
     stop: tuple[str, ...] = ()  # the answer ends before the first of these (not included)
+    top_p: float | None = None  # None, here and in the penalties: the answering model's own setting
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    # OpenAI's shape, {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}; None: text
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -401,6 +423,34 @@ def stop_problem(value: Any) -> str | None:
     return None
 
 
+def response_format_problem(value: Any) -> str | None:
+    """Why a response format is refused (None: it is fine), both doors' rule: one of OpenAI's shapes, with
+    nothing in it that would be left unread (a schema given beside ``json_object``, as some servers take it,
+    would be ignored: it goes in ``json_schema``)."""
+    shapes = '{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}'
+    if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMATS:
+        return f'must be {shapes} or {{"type": "text"}}, got {value!r:.60}'
+    expected = {"type", "json_schema"} if value["type"] == "json_schema" else {"type"}
+    unread = sorted(set(value) - expected)
+    if unread:
+        return f"of type {value['type']!r} has keys locod would leave unread, {unread}: send {shapes}"
+    spec = value.get("json_schema")
+    if value["type"] == "json_schema" and not (isinstance(spec, dict) and isinstance(spec.get("schema"), dict)):
+        return f'of type json_schema needs "json_schema": {{"name": ..., "schema": {{...}}}}, got {spec!r:.60}'
+    return None
+
+
+def response_format(value: Any) -> dict[str, Any] | None:
+    """A response format as a request holds it, once ``response_format_problem`` passed it: plain text, the
+    default, is None."""
+    return None if value is None or value["type"] == "text" else value
+
+
+def optional_float(value: int | float | None) -> float | None:
+    """A number option as a request holds it (an integer sent for it is that number); None: not sent."""
+    return None if value is None else float(value)
+
+
 def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
     unknown = set(raw) - set(OPTIONS)
     if unknown:  # a newer client's, perhaps (the client's retry without ``queued`` reads its name here)
@@ -423,6 +473,9 @@ def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
     problem = stop_problem(stop)
     if problem:
         raise reader.bad("options.stop", problem)
+    problem = None if raw.get("response_format") is None else response_format_problem(raw["response_format"])
+    if problem:
+        raise reader.bad("options.response_format", problem)
     return ChatOptions(
         max_tokens=max_tokens,
         temperature=0.7 if temperature is None else float(temperature),
@@ -431,6 +484,10 @@ def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
         stream=True if stream is None else stream,
         queued=bool(queued),
         stop=tuple(stop),
+        top_p=optional_float(raw.get("top_p")),
+        frequency_penalty=optional_float(raw.get("frequency_penalty")),
+        presence_penalty=optional_float(raw.get("presence_penalty")),
+        response_format=response_format(raw.get("response_format")),
     )
 
 

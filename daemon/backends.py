@@ -5,8 +5,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+from locod.protocol import ChatOptions
 
 OnDelta = Callable[[str], None]
 
@@ -30,6 +32,23 @@ class Checkpoint:
 
 
 @dataclass(frozen=True)
+class Sampling:
+    """The request's sampling settings beyond temperature and seed; one left None keeps the model's own."""
+
+    top_p: float | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+
+    @classmethod
+    def of(cls, options: ChatOptions) -> Sampling:
+        return cls(options.top_p, options.frequency_penalty, options.presence_penalty)
+
+    def given(self) -> dict[str, Any]:
+        """The settings the request gave, by OpenAI's names (llama.cpp's too), for a backend's call."""
+        return {name: value for name, value in asdict(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
 class Prompt:
     """A fully assembled request for one backend: history already merged, attachments already prepared.
     ``fit`` returns it with the messages trimmed to the model and ``tokens_in`` counted where it can."""
@@ -46,6 +65,8 @@ class Prompt:
     logprobs: bool = False  # a local model reports its answer's tokens and their log-probs
     checkpoint: Checkpoint | None = None  # local only: hold the answer back until it is judged
     stop: tuple[str, ...] = ()  # the answer ends before the first of these
+    sampling: Sampling = Sampling()
+    response_format: dict[str, Any] | None = None  # OpenAI's JSON mode or schema (ChatOptions'); None: text
 
 
 @dataclass

@@ -80,16 +80,18 @@ def _ask(model: CloudModelConfig, client: openai.OpenAI, prompt: Prompt) -> open
         messages=cast(Any, prompt.messages),
         **_limits(model, prompt),
         stop=list(prompt.stop) if prompt.stop else openai.omit,
+        response_format=cast(Any, prompt.response_format) or openai.omit,
         stream=True,
         stream_options={"include_usage": True},
     )
 
 
 def _limits(model: CloudModelConfig, prompt: Prompt) -> dict[str, Any]:
-    """The answer's length limit in the field the model takes, and the sampling settings where it takes them."""
+    """The answer's length limit in the field the model takes, and the sampling settings where it takes them
+    (those the request left unset, top_p and the penalties, stay the endpoint's own)."""
     limits: dict[str, Any] = {model.max_tokens_param: prompt.max_tokens}
     if model.sampling:
-        limits.update(temperature=prompt.temperature, seed=prompt.seed)
+        limits.update(temperature=prompt.temperature, seed=prompt.seed, **prompt.sampling.given())
     return limits
 
 
@@ -108,9 +110,10 @@ def _client(model: CloudModelConfig, key: str | None, timeout_s: float, source: 
     )
 
 
-def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str, images: int) -> str:
+def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str, prompt: Prompt) -> str:
     """What to do about a refusal of the key (401, 403), of the model id (404), of a request field a model
-    does not take (400: OpenAI's reasoning models), or of the ``images`` it was sent, naming what was used.
+    does not take (400: OpenAI's reasoning models), or of the images or the response format it was sent,
+    naming what was used.
     The endpoint's own message is read for those words only, never repeated: it may quote the request."""
     if exc.status_code in (401, 403):
         return f": check the API key, which the daemon takes from {source}"
@@ -125,12 +128,14 @@ def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str, imag
         return f': it takes max_completion_tokens: set max_tokens_param = "max_completion_tokens" for {model.name!r}'
     if exc.status_code == 400 and "temperature" in said and model.sampling:
         return f": the model takes only its own temperature: set sampling = false for {model.name!r}"
+    if exc.status_code in (400, 422, 500) and "response_format" in said and prompt.response_format:
+        return ": the endpoint may not take this response_format (JSON mode or a schema), which a local model follows"
     if exc.status_code == 400 and CONTEXT_REFUSAL.search(said):
         longer = ": the prompt may be longer than its context"
         if not model.context_tokens:
             return f"{longer}: set context_tokens for {model.name!r}, so such prompts go to a model that holds them"
         return f"{longer}: is context_tokens = {model.context_tokens} for {model.name!r} more than it holds?"
-    return _vision_hint(model, images) if exc.status_code in (400, 422, 500) else ""
+    return _vision_hint(model, prompt.upload.images) if exc.status_code in (400, 422, 500) else ""
 
 
 def _vision_hint(model: CloudModelConfig, images: int) -> str:
@@ -367,7 +372,7 @@ class CloudBackend:
                 if delay is None:
                     if exc.status_code >= 500 or exc.status_code in ENDPOINT_4XX:
                         breaker.failure()
-                    hint = _hint(model, exc, self._key_sources.get(name, ""), prompt.upload.images)
+                    hint = _hint(model, exc, self._key_sources.get(name, ""), prompt)
                     message = f"{name}: HTTP {exc.status_code} from the endpoint{hint}"
                     raise failed(message, "cloud_http") from None
             except (openai.APIConnectionError, openai.APITimeoutError) as exc:

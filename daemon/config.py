@@ -71,7 +71,7 @@ class CloudModelConfig:
     context_tokens: int = field(default=0, metadata=in_range(0))  # 0: unknown, never masked for length
     # The request field for the answer's length: OpenAI's reasoning models (o-series, gpt-5) refuse max_tokens.
     max_tokens_param: str = field(default="max_tokens", metadata=one_of("max_tokens", "max_completion_tokens"))
-    sampling: bool = True  # send the turn's temperature and seed; false for a model that takes only its own
+    sampling: bool = True  # send the turn's temperature, seed, top_p, penalties; false: a model takes only its own
 
     def price(self, tokens_in: int, tokens_out: int, images: int) -> float:
         """USD for one call."""

@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp import Llama, LogitsProcessorList, llama_chat_format
 
+from locod.daemon.answer_grammar import answer_grammar
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import Config, LocalConfig, LocalModelConfig
 from locod.daemon.fitting import fit_to_context, prompt_tokens
@@ -531,7 +532,9 @@ class LocalBackend:
         return self.zoo.short_of_memory()
 
     def fit(self, model: str, prompt: Prompt) -> Prompt:
-        """Load the model and fit the messages to its context; raises before anything is generated."""
+        """Load the model and fit the messages to its context; raises before anything is generated (also
+        for a JSON schema the model cannot be held to)."""
+        answer_grammar(prompt.response_format)
         loaded = self.zoo.get(model)
         messages = cast(list[dict[str, str]], prompt.messages)  # local prompts are text only
         fitted, tokens_in, budget = fit_to_context(loaded.llm, messages, prompt.max_tokens)
@@ -605,6 +608,8 @@ class LocalBackend:
                     stop=list(prompt.stop),
                     stream=True,
                     logits_processor=LogitsProcessorList([p for p in (logprobs, sampled) if p is not None]),
+                    grammar=answer_grammar(prompt.response_format),
+                    **prompt.sampling.given(),  # the rest stay llama.cpp's (top_p 0.95, no penalties)
                 )
         except TEMPLATE_FAILURES as exc:
             raise ModelError(

@@ -35,6 +35,9 @@ from locod.protocol import (
     DoneFrame,
     ErrorFrame,
     option_problem,
+    optional_float,
+    response_format,
+    response_format_problem,
     stop_problem,
 )
 
@@ -44,7 +47,6 @@ UNSUPPORTED = (
     "tool_choice",
     "functions",
     "function_call",
-    "response_format",
     "logprobs",
     "top_logprobs",
     "logit_bias",
@@ -55,7 +57,6 @@ UNSUPPORTED = (
 # Values of those that ask for what every answer is anyway (clients and plugins send them spelled out).
 AS_DEFAULT: dict[str, tuple[Any, ...]] = {
     "modalities": (["text"],),
-    "response_format": ({"type": "text"},),
     "tool_choice": ("none",),
     "function_call": ("none",),
     "logit_bias": ({},),
@@ -169,13 +170,13 @@ def parse_completion(
 def _options(body: dict[str, Any]) -> ChatOptions:
     # the field the length limit came in: clients that send every field send the unused one as null
     limit = "max_tokens" if body.get("max_completion_tokens") is None else "max_completion_tokens"
-    sent_as = {"max_tokens": limit, "temperature": "temperature", "seed": "seed"}  # option -> its field
+    sent_as = {name: name for name in OPTION_RULES} | {"max_tokens": limit}  # option -> its field
     given = {name: body.get(field) for name, field in sent_as.items()}
     for name in OPTION_RULES:  # the socket's rules (locod.protocol), so both doors take the same values
         problem = None if given[name] is None else option_problem(name, given[name])
         if problem:
             raise bad(f"{sent_as[name]!r} {problem}", sent_as[name])
-    max_tokens, temperature, seed = given["max_tokens"], given["temperature"], given["seed"]
+    max_tokens, temperature = given["max_tokens"], given["temperature"]
     stream = False if body.get("stream") is None else body["stream"]
     if not isinstance(stream, bool):
         raise bad("'stream' must be true or false", "stream")
@@ -184,12 +185,20 @@ def _options(body: dict[str, Any]) -> ChatOptions:
     problem = stop_problem(stop)
     if problem:
         raise bad(f"'stop' {problem}", "stop")
+    form = body.get("response_format")
+    problem = None if form is None else response_format_problem(form)
+    if problem:
+        raise bad(f"'response_format' {problem}", "response_format")
     return ChatOptions(
         max_tokens=max_tokens,
         temperature=0.7 if temperature is None else float(temperature),
-        seed=seed,
+        seed=given["seed"],
         stream=stream,
         stop=tuple(stop),
+        top_p=optional_float(given["top_p"]),
+        frequency_penalty=optional_float(given["frequency_penalty"]),
+        presence_penalty=optional_float(given["presence_penalty"]),
+        response_format=response_format(form),
     )
 
 
@@ -220,6 +229,13 @@ def _messages(raw: list[Any]) -> tuple[list[dict[str, str]], list[Attachment]]:
         role = ROLES[item["role"]]
         messages.append({"role": role, "content": as_held(text) if role == "assistant" else text})
         images = found
+    called = next((i for i, item in enumerate(raw) if item.get("tool_calls") or item.get("function_call")), None)
+    if called is not None:  # its calls would be dropped unseen, leaving an empty answer in the model's history
+        raise bad(
+            f"messages[{called}]: an assistant message's tool calls are not supported by locod, which calls no "
+            "tools; send the conversation without them (the message's text as its content)",
+            f"messages[{called}]",
+        )
     if messages[-1]["role"] != "user":
         raise bad("the last message must be the user's", "messages")
     if not messages[-1]["content"].strip():

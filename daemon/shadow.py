@@ -19,6 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 from locod.daemon.backends import Generation, Prompt
 from locod.daemon.config import Config
@@ -49,6 +50,7 @@ class ShadowJob:
     s_prompt: float | None = None  # the local model's s_hat on the turn: with it, the confidence head trains too
     private: bool = False  # the local answer is made from private material: never sent to the judge
     stop: tuple[str, ...] = ()  # the turn's stop sequences: the local answer ends where the cloud's did
+    response_format: dict[str, Any] | None = None  # and its JSON mode: the local answer is JSON as the cloud's was
 
 
 def overlap_label(answer: str, reference: str) -> bool | None:
@@ -157,7 +159,17 @@ class ShadowLane:
         log-probs the confidence head learns from."""
 
         def fit(messages: list[dict[str, object]]) -> Prompt:
-            prompt = Prompt(messages, job.max_tokens, 0.0, 0, lambda _: None, preempted, logprobs=True, stop=job.stop)
+            prompt = Prompt(
+                messages,
+                job.max_tokens,
+                0.0,
+                0,
+                lambda _: None,
+                preempted,
+                logprobs=True,
+                stop=job.stop,
+                response_format=job.response_format,
+            )
             return self.local.fit(job.model, prompt)
 
         return fit

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from locod.daemon import attachments as att
 from locod.daemon import prompts
 from locod.daemon.answer_digests import answer_digest, opening_digests, resent_digests
-from locod.daemon.backends import Backend, Generation, Prompt, Upload
+from locod.daemon.backends import Backend, Generation, Prompt, Sampling, Upload
 from locod.daemon.cancel import check_cancelled
 from locod.daemon.cloud import CloudBackend, Received, StreamCut
 from locod.daemon.config import Config
@@ -513,6 +513,8 @@ class TurnRunner:
             # the local model starts from this dialogue's kept state; a one-off turn's is never kept
             session=turn.session.key if turn.request.session is not None else None,
             stop=options.stop,
+            sampling=Sampling.of(options),
+            response_format=options.response_format,
         )
         if check is not None:
             prompt = dataclasses.replace(prompt, checkpoint=check.checkpoint())
@@ -600,6 +602,7 @@ class TurnRunner:
             s_prompt=routing.s_hat.get(model) if (routing := ending.decision.routing) else None,
             private=turn.private_material,
             stop=turn.request.options.stop,
+            response_format=turn.request.options.response_format,
         )
 
     @staticmethod
