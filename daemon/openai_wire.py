@@ -54,6 +54,8 @@ UNSUPPORTED = (
     "modalities",
     "web_search_options",  # an answer from a web search, with its citations: locod searches nothing
 )
+# Those that ask for tool calls: an agent that wants a structured answer can ask for it as JSON instead.
+TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call")
 # Values of those that ask for what every answer is anyway (clients and plugins send them spelled out).
 AS_DEFAULT: dict[str, tuple[Any, ...]] = {
     "modalities": (["text"],),
@@ -137,7 +139,13 @@ def parse_completion(
         raise bad("the body must be a JSON object")
     for key in UNSUPPORTED:
         if body.get(key) not in (None, [], False, *AS_DEFAULT.get(key, ())):
-            raise bad(f"{key!r} is not supported by locod; send the request without it", key, "unsupported_parameter")
+            instead = (
+                ", which calls no tools; send the request without it (a structured answer can be asked for with "
+                "response_format and a json_schema, which locod honours)"
+                if key in TOOL_FIELDS
+                else "; send the request without it"
+            )
+            raise bad(f"{key!r} is not supported by locod{instead}", key, "unsupported_parameter")
     n = body.get("n")
     if n is not None and (not _is_int(n) or n != 1):  # not true, not 1.0: what the socket would refuse
         raise bad(

@@ -138,6 +138,12 @@ def test_what_cannot_be_honoured_is_refused_by_name(daemon_factory: Any, proxy: 
         c.ask(messages=ASK, response_format={"type": "json_schema"})
     assert "options.response_format" in str(socket.value) and 'needs "json_schema"' in str(socket.value)
 
+    weather = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError) as tools:  # what to do instead: ask for JSON, which is honoured
+        client.chat.completions.create(model="auto", messages=ASK, tools=[weather])  # type: ignore[list-item]
+    assert (tools.value.code, tools.value.param) == ("unsupported_parameter", "tools")
+    assert "locod, which calls no tools; send the request without it (a structured answer" in tools.value.message
+
     called = {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
               "function": {"name": "weather", "arguments": "{}"}}]}  # fmt: skip
     with pytest.raises(openai.BadRequestError) as calls:
