@@ -128,7 +128,7 @@ def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str, prom
         return f': it takes max_completion_tokens: set max_tokens_param = "max_completion_tokens" for {model.name!r}'
     if exc.status_code == 400 and "temperature" in said and model.sampling:
         return f": the model takes only its own temperature: set sampling = false for {model.name!r}"
-    if exc.status_code in (400, 422, 500) and "response_format" in said and prompt.response_format:
+    if _format_refused(exc, prompt):
         return ": the endpoint may not take this response_format (JSON mode or a schema), which a local model follows"
     if exc.status_code == 400 and CONTEXT_REFUSAL.search(said):
         longer = ": the prompt may be longer than its context"
@@ -136,6 +136,14 @@ def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str, prom
             return f"{longer}: set context_tokens for {model.name!r}, so such prompts go to a model that holds them"
         return f"{longer}: is context_tokens = {model.context_tokens} for {model.name!r} more than it holds?"
     return _vision_hint(model, prompt.upload.images) if exc.status_code in (400, 422, 500) else ""
+
+
+def _format_refused(exc: openai.APIStatusError, prompt: Prompt) -> bool:
+    """Whether the endpoint refused the response format the request asked for (llama-cpp-python's server
+    answers a ``json_schema`` with a 500 naming it): asking again will not help, and the endpoint is no less
+    well for it, so it does not count towards opening its breaker, which would mask it for every other turn."""
+    said = str(exc.message)
+    return prompt.response_format is not None and exc.status_code in (400, 422, 500) and "response_format" in said
 
 
 def _vision_hint(model: CloudModelConfig, images: int) -> str:
@@ -368,9 +376,10 @@ class CloudBackend:
                 if 300 <= exc.status_code < 400:
                     breaker.failure()
                     raise failed(f"{name}: {_redirect(exc)}", "cloud_redirect") from None
-                delay = self._retry_delay(exc, attempt)
+                refused = _format_refused(exc, prompt)  # the request's fault: no retry, the endpoint is well
+                delay = None if refused else self._retry_delay(exc, attempt)
                 if delay is None:
-                    if exc.status_code >= 500 or exc.status_code in ENDPOINT_4XX:
+                    if not refused and (exc.status_code >= 500 or exc.status_code in ENDPOINT_4XX):
                         breaker.failure()
                     hint = _hint(model, exc, self._key_sources.get(name, ""), prompt)
                     message = f"{name}: HTTP {exc.status_code} from the endpoint{hint}"
