@@ -84,18 +84,18 @@ def test_json_mode_and_a_schema_are_honoured_locally_and_in_the_cloud(daemon_fac
     the cloud takes the field. Now a local answer follows it (a schema too: llama-cpp-python itself reads no
     `json_schema`), streamed or not, and a cloud model is sent it."""
     handle, client = _door(daemon_factory, proxy)
-    whole = client.chat.completions.create(model=MODEL_NAME, messages=ASK, max_tokens=60, response_format=AS_SCHEMA)  # type: ignore[arg-type]
+    held: dict[str, Any] = {"max_tokens": 100, "temperature": 0.0, "response_format": AS_SCHEMA}  # room for both
+    whole = client.chat.completions.create(model=MODEL_NAME, messages=ASK, **held)
     assert whole.choices[0].finish_reason == "stop"
     _city(whole.choices[0].message.content)
-    stream = {"stream": True, "response_format": AS_SCHEMA}
-    chunks = client.chat.completions.create(model=MODEL_NAME, messages=ASK, max_tokens=60, **stream)  # type: ignore[call-overload]
+    chunks = client.chat.completions.create(model=MODEL_NAME, messages=ASK, stream=True, **held)
     _city("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
     anything = client.chat.completions.create(
         model=MODEL_NAME, messages=ASK, max_tokens=40, temperature=0.0, response_format={"type": "json_object"}
     )
     assert (anything.choices[0].message.content or "").startswith("{"), anything.choices[0].message.content
     with handle.client() as c:  # the socket's options, by OpenAI's shape
-        _city(c.ask(messages=ASK, force="local", max_tokens=60, response_format=AS_SCHEMA).text)
+        _city(c.ask(messages=ASK, force="local", max_tokens=100, temperature=0.0, response_format=AS_SCHEMA).text)
 
     cloud = client.chat.completions.create(
         model="cloud-small", messages=ASK, max_tokens=40, response_format={"type": "json_object"}
@@ -113,7 +113,7 @@ def test_a_cloud_that_refuses_a_schema_falls_back_to_a_local_answer_that_follows
     fallback says why. The refusal is the request's, not the endpoint's failing: it is not asked again, and
     however many such turns there are, the endpoint's breaker stays shut for the turns it does answer."""
     _, client = _door(daemon_factory, proxy)
-    as_schema: dict[str, Any] = {"max_tokens": 60, "response_format": AS_SCHEMA}
+    as_schema: dict[str, Any] = {"max_tokens": 100, "temperature": 0.0, "response_format": AS_SCHEMA}
     for turn in range(4):  # cloud_config's breaker opens after 3 failed turns in a row
         answer = client.chat.completions.create(model="cloud-small", messages=ASK, **as_schema)
         locod = answer.model_extra["locod"] if answer.model_extra else {}
