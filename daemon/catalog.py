@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from locod.daemon.config import MAX_CONFIG_BYTES, Config, LocalModelConfig
 from locod.daemon.gguf import CutShort, NotGGUF, check_whole, is_gguf, kv_bytes_per_token, summary
 from locod.daemon.modelfile import resolve_path
+from locod.daemon.regular_file import written_whole
 from locod.daemon.typed_toml import build_table, in_range, read_toml
 from locod.errors import ConfigError
 
@@ -65,12 +65,8 @@ def save(models_dir: Path, models: list[PulledModel]) -> None:
         lines.append("\n[[model]]")
         # JSON strings and integers are valid TOML values
         lines.extend(f"{key} = {json.dumps(value)}" for key, value in dataclasses.asdict(model).items())
-    partial = path.with_name(f".{MANIFEST}.partial")
-    with open(partial, "w", encoding="utf-8") as out:
-        out.write("\n".join(lines) + "\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(partial, path)
+    with written_whole(path, path.with_name(f".{MANIFEST}.partial"), mode=0o666) as out:  # a service reads it
+        out.write(("\n".join(lines) + "\n").encode())
 
 
 def register(models_dir: Path, model: PulledModel) -> None:

@@ -5,14 +5,17 @@
 file is opened non-blocking, what was opened is checked (``fstat``: a regular file), and at most
 ``max_bytes`` are read. Errors are OSErrors whose ``strerror`` says the problem, so a caller's existing
 ``except OSError`` names it. A file the daemon writes (a temp file renamed into place) is made anew
-(``create_anew``): opened to write, a FIFO left at its name waits for a reader the same way.
+(``create_anew``): opened to write, a FIFO left at its name waits for a reader the same way. State that
+must survive a crash is written through ``written_whole`` (temp file, fsync, rename).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -56,8 +59,28 @@ def file_stamp(path: Path | None) -> tuple[int, int] | None:
     return info.st_size, info.st_mtime_ns
 
 
-def create_anew(path: Path) -> BinaryIO:
-    """``path`` made anew for writing (mode 0600): whatever was there is removed first, never written through
-    (a FIFO there held the write for good, a symlink would be followed)."""
+def create_anew(path: Path, mode: int = 0o600) -> BinaryIO:
+    """``path`` made anew for writing (``mode``, less the umask): whatever was there is removed first, never
+    written through (a FIFO there held the write for good, a symlink would be followed)."""
     path.unlink(missing_ok=True)
-    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb")
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode), "wb")
+
+
+@contextlib.contextmanager
+def written_whole(path: Path, tmp: Path | None = None, mode: int = 0o600) -> Iterator[BinaryIO]:
+    """A file to write ``path``'s new content into, which replaces ``path`` whole or not at all: it is ``tmp``
+    (beside it, ``<name>.tmp`` unless given), made anew, and takes the name only once its bytes are on the
+    disk (fsync, then rename). A crash, a power loss or a full disk mid-write leaves the file that was there,
+    not a damaged one; a half-written ``tmp`` is removed (it would only hold the space a full disk lacks).
+    ``mode`` is the new file's (less the umask): 0600, or 0666 for one another user may read."""
+    tmp = tmp or path.with_name(f"{path.name}.tmp")
+    try:
+        with create_anew(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # a directory there, which ``create_anew`` refused, stays
+            tmp.unlink(missing_ok=True)
+        raise

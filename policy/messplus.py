@@ -20,7 +20,6 @@ trained by SGD on each label; a per-model prior is its starting bias. Everything
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import io
@@ -38,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from locod.daemon.regular_file import create_anew, read_regular
+from locod.daemon.regular_file import read_regular, written_whole
 from locod.policy.confidence import WEIGHT_LIMIT, ConfidenceHead, bounded, loadable
 from locod.policy.price import SlaPrice
 from locod.policy.tasks import TASKS
@@ -443,48 +442,38 @@ class MessPlus:
     def save(self) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_suffix(".tmp")
         names = sorted(self.state.weights)
         price_bases, price_steps = self.state.price.arrays()
         stop: dict[str, Any] = {} if self.state.stopped_at is None else {"stopped_at": np.array(self.state.stopped_at)}
-        try:
-            with create_anew(tmp) as f:  # a FIFO there held the save, and every turn behind its lock
-                np.savez(
-                    f,
-                    version=np.array(STATE_VERSION),
-                    dim=np.array(DIM),
-                    q=np.array(self.state.q),
-                    z=np.array(self.state.z),
-                    t=np.array(self.state.t),
-                    settled=np.array(self.state.settled),
-                    satisfied_sum=np.array(self.state.satisfied_sum),
-                    names=np.array(names),
-                    weights=np.stack([self.state.weights[n] for n in names]),
-                    labels=np.array([self.state.labels.get(n, 0) for n in names]),
-                    pending_ids=np.array(list(self.state.pending), dtype=np.int64),
-                    pending_models=np.array([m for m, _ in self.state.pending.values()], dtype=str),
-                    pending_s=np.array([s for _, s in self.state.pending.values()], dtype=np.float64),
-                    price_bases=price_bases,
-                    price_steps=price_steps,
-                    conf_names=np.array(sorted(self.state.confidence), dtype=str),
-                    conf_weights=np.array([self.state.confidence[n].weights for n in sorted(self.state.confidence)]),
-                    conf_seen=np.array([self.state.confidence[n].seen for n in sorted(self.state.confidence)]),
-                    sla=np.array(self.sla),
-                    file_names=np.array(list(self.state.file_sizes), dtype=str),
-                    file_sizes=np.array(list(self.state.file_sizes.values()), dtype=np.int64),
-                    file_since=np.array(
-                        [self.state.file_since.get(n, 0) for n in self.state.file_sizes], dtype=np.int64
-                    ),
-                    settled_ids=np.array(list(self.state.settled_ids), dtype=np.int64),
-                    **stop,
-                )
-                f.flush()
-                os.fsync(f.fileno())
-        except BaseException:
-            with contextlib.suppress(OSError):  # a half-written file would only hold the space a full disk lacks
-                tmp.unlink(missing_ok=True)
-            raise
-        os.replace(tmp, self.path)
+        # a FIFO at messplus.tmp held the save, and every turn behind its lock: written_whole makes it anew
+        with written_whole(self.path, self.path.with_suffix(".tmp")) as f:
+            np.savez(
+                f,
+                version=np.array(STATE_VERSION),
+                dim=np.array(DIM),
+                q=np.array(self.state.q),
+                z=np.array(self.state.z),
+                t=np.array(self.state.t),
+                settled=np.array(self.state.settled),
+                satisfied_sum=np.array(self.state.satisfied_sum),
+                names=np.array(names),
+                weights=np.stack([self.state.weights[n] for n in names]),
+                labels=np.array([self.state.labels.get(n, 0) for n in names]),
+                pending_ids=np.array(list(self.state.pending), dtype=np.int64),
+                pending_models=np.array([m for m, _ in self.state.pending.values()], dtype=str),
+                pending_s=np.array([s for _, s in self.state.pending.values()], dtype=np.float64),
+                price_bases=price_bases,
+                price_steps=price_steps,
+                conf_names=np.array(sorted(self.state.confidence), dtype=str),
+                conf_weights=np.array([self.state.confidence[n].weights for n in sorted(self.state.confidence)]),
+                conf_seen=np.array([self.state.confidence[n].seen for n in sorted(self.state.confidence)]),
+                sla=np.array(self.sla),
+                file_names=np.array(list(self.state.file_sizes), dtype=str),
+                file_sizes=np.array(list(self.state.file_sizes.values()), dtype=np.int64),
+                file_since=np.array([self.state.file_since.get(n, 0) for n in self.state.file_sizes], dtype=np.int64),
+                settled_ids=np.array(list(self.state.settled_ids), dtype=np.int64),
+                **stop,
+            )
 
     def _load(self) -> MessPlusState:
         assert self.path is not None

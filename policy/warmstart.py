@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from locod.daemon.regular_file import read_regular
+from locod.daemon.regular_file import read_regular, written_whole
 from locod.policy.confidence import WEIGHT_LIMIT, bounded, loadable
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,12 @@ class Prior:
 
 
 def save_prior(prior: Prior, folder: Path = PRIORS) -> Path:
+    """Write ``prior`` into ``folder`` whole or not at all: refitting over a good prior (scripts/fit_prior.py)
+    and cut short by a crash, a power loss or a full disk, it leaves the good one, not a damaged one."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{prior.sha256}.npz"
-    with path.open("wb") as f:
+    # <sha>.npz.tmp is no *.npz a reader takes for a prior; 0666 less the umask, as before: a service reads it
+    with written_whole(path, mode=0o666) as f:
         np.savez_compressed(
             f,
             sha256=np.array(prior.sha256),
