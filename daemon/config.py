@@ -39,6 +39,7 @@ from locod.protocol import NO_CONFIG_FILE, zmq_address
 # overflow the router's arithmetic (inf, then NaN costs in every decision and its record) while meaning no more
 # than a million does, as costs are normalised over the dearest action.
 MOST = 1e6
+LEAST_V = 1e-3  # MESS+'s V: the price of satisfaction divides by it
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,9 @@ class RoutingConfig:
     # "auto": the policy decides; "local"/"cloud": every turn goes there unless the request forces otherwise.
     mode: str = field(default="auto", metadata=one_of("auto", "local", "cloud"))
     sla: float = field(default=0.8, metadata=in_range(0.0, 1.0))
-    v: float = field(default=20.0, metadata=in_range(0.0, MOST))
+    # Above 0: at 0 every action's objective was 0, so each turn went to whichever action was listed first; at
+    # a tiny V the queue's price (Z / V) overflowed to inf.
+    v: float = field(default=20.0, metadata=in_range(LEAST_V, MOST))
     explore_c: float = field(default=0.2, metadata=in_range(0.0))
     q_cap: float = field(default=50.0, metadata=in_range(0.0, MOST))
     weight_money: float = field(default=1.0, metadata=in_range(0.0, MOST))

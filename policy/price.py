@@ -94,6 +94,10 @@ class SlaPrice:
         return bases, np.array(rows, dtype=np.float64).reshape(-1, 3)
 
     def restore(self, bases: np.ndarray, steps: np.ndarray) -> None:
+        """The window ``arrays`` wrote, checked first (ValueError: the state file is set aside as damaged): a
+        window longer than this one's stayed that long for good, as each turn drops only one, and a NaN or a
+        negative price in it set every price after, or a row named another turn than its own."""
+        _check_window(bases, steps, self.window)
         per_turn: list[list[tuple[float, float]]] = [[] for _ in bases]
         for i, p, g in steps.tolist():
             per_turn[int(i)].append((p, g))
@@ -103,3 +107,17 @@ class SlaPrice:
             self.sorted.extend(turn)
         self.sorted.sort()
         self.included, self.gained = 0, 0.0
+
+
+def _check_window(bases: np.ndarray, steps: np.ndarray, window: int) -> None:
+    """What ``SlaPrice.arrays`` writes: at most ``window`` turns, each a satisfaction in [0, 1], and steps that
+    name one of them, at a finite price >= 0, each gaining a satisfaction in (0, 1]."""
+    if bases.ndim != 1 or len(bases) > window or steps.ndim != 2 or steps.shape[1] != 3:
+        raise ValueError(f"price window of shapes {bases.shape} and {steps.shape}, expected (<= {window},), (n, 3)")
+    turn, price, gain = steps.T
+    if not (np.all(np.isfinite(bases)) and np.all(np.isfinite(steps))):
+        raise ValueError("price window holds a value that is not finite")
+    if np.any((bases < 0) | (bases > 1)) or np.any((gain <= 0) | (gain > 1)) or np.any(price < 0):
+        raise ValueError("price window holds a satisfaction beyond [0, 1] or a negative price")
+    if np.any((turn != np.floor(turn)) | (turn < 0) | (turn >= len(bases))):
+        raise ValueError("price window holds a step of no turn in it")
