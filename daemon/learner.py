@@ -105,14 +105,24 @@ class Learner:
             state=state,
         )
         newest = self.records.newest()
-        if (known := mess.forget_another_log(newest)) is not None:
+        change = mess.follow_log(self.records.identity(), newest)
+        if change is not None and change.another:
+            log.warning(
+                "the decision log %s is not the one the MESS+ state was kept with (a new log, or another "
+                "device's): its decision ids name other turns, so the state's are dropped and none of its turns "
+                "is settled or learned as the state's own (its predictors and queue are kept)",
+                self.records.path,
+            )
+        elif change is not None:
             log.warning(
                 "the decision log's newest decision is %d, below the %d the MESS+ state was kept with: the log was "
-                "emptied or replaced, and its ids name other turns; the state's decision ids are dropped (its "
-                "predictors and queue are kept)",
+                "restored from a backup or emptied, and gives the ids after %d to new turns; the state's decision "
+                "ids after it are dropped (its predictors and queue are kept)",
                 newest,
-                known,
+                change.known,
+                newest,
             )
+        if change is not None:
             self._save(mess)  # or the next start would read them again and settle none of this log's turns
         first_decision = newest + 1  # the first a replaced file may have answered
         for model in config.local.models:
@@ -128,16 +138,19 @@ class Learner:
         """Settle the turns the log answered that the saved state never settled: a turn's completion is
         committed before its ``done``, its settling saved after, and a daemon killed between the two left the
         queue without it (its label, when it came, trained but moved nothing). The turns from the oldest
-        the state knows it settled on are looked at; a state that knows none (new, or older than the ids it
-        keeps) has nothing to tell them apart by, and is left as it is. A state a clean stop saved after the
-        log's newest turn missed none: the log is not read (up to 11,000 rows)."""
+        the state knows it settled on are looked at, else those after the newest it was saved with (a clean
+        stop's, or the log's newest when it took this log for its own, ``MessPlus.follow_log``); a state that
+        knows neither (new, or older than the ids it keeps) has nothing to tell them apart by, and is left as
+        it is. A state a clean stop saved after the log's newest turn missed none: the log is not read (up to
+        11,000 rows)."""
         with self.lock:
             state = self.mess.state
             stopped_at, state.stopped_at = state.stopped_at, None  # this run's saves are no clean stop's
             settled = state.settled_ids
-            if not settled or (stopped_at is not None and stopped_at == self.records.newest()):
+            first = min(settled) if settled else None if stopped_at is None else stopped_at + 1
+            if first is None or (stopped_at is not None and stopped_at == self.records.newest()):
                 return
-            missed = [turn for turn in self.records.settled_since(min(settled)) if turn[0] not in settled]
+            missed = [turn for turn in self.records.settled_since(first) if turn[0] not in settled]
             for decision_id, model, s_settled in missed:
                 self.mess.settle(decision_id, model, s_settled)
             if missed:

@@ -552,6 +552,13 @@ class DecisionLog:
         with self._reading("finding the newest decision") as conn:
             return int(conn.execute("SELECT COALESCE(MAX(id), 0) FROM decisions").fetchone()[0])
 
+    def identity(self) -> str | None:
+        """The log's identity (records_schema's migration 13): the same in its backups, another in a new log;
+        None if another program emptied its table."""
+        with self._reading("reading the log's identity") as conn:
+            row = conn.execute("SELECT identity FROM log_identity LIMIT 1").fetchone()
+        return None if row is None else str(row[0])
+
     def local_labels(self) -> tuple[int, int]:
         """Labels the local model got without the user: (shadow answers, escalated answers), as recorded. An
         escalated answer whose cloud answer had no words to grade it against has none (daemon/shadow.py)."""

@@ -6,6 +6,7 @@ lost its number.
 from __future__ import annotations
 
 import sqlite3
+import uuid
 from collections.abc import Callable
 from contextlib import closing
 
@@ -143,6 +144,14 @@ def _migration_12(db: sqlite_utils.Database) -> None:
     db.table("decisions").add_column("s_settled", float)
 
 
+def _migration_13(db: sqlite_utils.Database) -> None:
+    """The log's identity, made once with it and kept by its copies (``.backup``, ``VACUUM INTO``, ``cp``): the
+    MESS+ state keeps it beside the decision ids it holds, and tells from it a log restored from a backup
+    (the same turns under those ids, up to its newest) from another one (other turns under them)."""
+    db.table("log_identity").create({"identity": str}, pk="identity")
+    db.table("log_identity").insert({"identity": uuid.uuid4().hex})
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_1,
     _migration_2,
@@ -156,6 +165,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     _migration_10,
     _migration_11,
     _migration_12,
+    _migration_13,
 ]
 
 

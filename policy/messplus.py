@@ -211,9 +211,22 @@ class MessPlusState:
     # The last turns settled (decision ids): a start tells from them which turns the log has answered that
     # this state never settled (a kill between a turn's completion and the state's save).
     settled_ids: dict[int, None] = field(default_factory=dict)
-    # Saved by a clean stop only: the decision log's newest id then, every answered turn up to it settled here;
-    # a start whose log has not grown since has nothing to settle again. None in every other save.
+    # Saved by a clean stop: the decision log's newest id then, every answered turn up to it settled here; a
+    # start whose log has not grown since has nothing to settle again, one whose log has reads from after it
+    # when no settled id is left. Also where ``follow_log`` dropped every id: the log's turns up to its newest
+    # are none of this state's to settle. None in every other save.
     stopped_at: int | None = None
+    # The identity of the decision log the ids above name turns of (DecisionLog.identity); None: not known yet.
+    log_id: str | None = None
+
+
+@dataclass(frozen=True)
+class LogChange:
+    """What ``MessPlus.follow_log`` found: another log (every decision id dropped), or the same one holding
+    fewer decisions than ``known``, the newest id the state knew (those after its newest dropped)."""
+
+    another: bool
+    known: int
 
 
 class MessPlus:
@@ -383,20 +396,27 @@ class MessPlus:
         self.state.confidence.pop(model, None)
         return learned_on
 
-    def forget_another_log(self, newest: int) -> int | None:
-        """Drop the decision ids the state keeps when the decision log's ``newest`` id is below the newest of
-        them: the log was emptied or replaced, and numbers its turns from 1 again (its ids are no
-        AUTOINCREMENT), so they name other turns: a new turn answered but never settled was taken for a
-        settled one, a label was refused as an older file's (``file_since``) or moved the queue by another
-        turn's prediction (``pending``). Returns the newest id the state knew, when it dropped them."""
+    def follow_log(self, log_id: str | None, newest: int) -> LogChange | None:
+        """Keep the decision ids the state holds only where they name the decision log's turns (``log_id``,
+        its ``newest`` id), and say what was dropped. Another log (its identity another: a new file, another
+        device's) numbers other turns: every id is dropped, or its turns would be settled and its labels
+        learned as this state's. The same log with fewer decisions than the state knows (restored from a
+        backup, emptied) gives the ids after its newest again, to new turns: those are dropped (a new turn
+        answered but not settled was taken for a settled one, a label refused as an older file's or moving
+        the queue by another turn's prediction); the ids up to it still name the turns they did."""
         known = max([*self.state.settled_ids, *self.state.pending, self.state.stopped_at or 0], default=0)
-        if known <= newest:
+        another = self.state.log_id is not None and log_id is not None and self.state.log_id != log_id
+        self.state.log_id = log_id or self.state.log_id
+        if not another and known <= newest:
             return None
-        self.state.settled_ids.clear()
-        self.state.pending.clear()
-        self.state.file_since.clear()
-        self.state.stopped_at = None
-        return known
+        kept = 0 if another else newest
+        self.state.settled_ids = {i: None for i in self.state.settled_ids if i <= kept}
+        self.state.pending = {i: p for i, p in self.state.pending.items() if i <= kept}
+        self.state.file_since = {m: min(i, kept + 1) for m, i in self.state.file_since.items() if kept}
+        # with no id left to tell missed turns by, the log's turns up to its newest are none of this state's:
+        # a turn after them answered and not settled (a kill) is then still found at the next start
+        self.state.stopped_at = None if self.state.settled_ids else newest
+        return LogChange(another, known)
 
     def warm_start(self, model: str, prior: Prior | None) -> bool:
         """Start ``model``'s heads from a shipped prior (warmstart.load_prior) unless it has learned already."""
@@ -444,7 +464,8 @@ class MessPlus:
             return
         names = sorted(self.state.weights)
         price_bases, price_steps = self.state.price.arrays()
-        stop: dict[str, Any] = {} if self.state.stopped_at is None else {"stopped_at": np.array(self.state.stopped_at)}
+        optional = {"stopped_at": self.state.stopped_at, "log_id": self.state.log_id}  # written where known
+        known: dict[str, Any] = {key: np.array(value) for key, value in optional.items() if value is not None}
         # a FIFO at messplus.tmp held the save, and every turn behind its lock: written_whole makes it anew
         with written_whole(self.path, self.path.with_suffix(".tmp")) as f:
             np.savez(
@@ -472,7 +493,7 @@ class MessPlus:
                 file_sizes=np.array(list(self.state.file_sizes.values()), dtype=np.int64),
                 file_since=np.array([self.state.file_since.get(n, 0) for n in self.state.file_sizes], dtype=np.int64),
                 settled_ids=np.array(list(self.state.settled_ids), dtype=np.int64),
-                **stop,
+                **known,
             )
 
     def _load(self) -> MessPlusState:
@@ -541,6 +562,8 @@ def _read_added_arrays(data: np.lib.npyio.NpzFile, state: MessPlusState) -> None
         state.settled_ids = dict.fromkeys(int(i) for i in data["settled_ids"])
     if "stopped_at" in data:  # saved by a clean stop
         state.stopped_at = int(data["stopped_at"])
+    if "log_id" in data:  # the decision log its ids name turns of
+        state.log_id = str(data["log_id"])
 
 
 def _check_shapes(data: np.lib.npyio.NpzFile) -> None:
@@ -569,6 +592,8 @@ def _check_shapes(data: np.lib.npyio.NpzFile) -> None:
         raise ValueError(f"settled_ids has shape {data['settled_ids'].shape}, expected one dimension")
     if "stopped_at" in data:
         expected.update(stopped_at=())
+    if "log_id" in data:
+        expected.update(log_id=())
     for key, shape in expected.items():
         if data[key].shape != shape:
             raise ValueError(f"{key} has shape {data[key].shape}, expected {shape}")

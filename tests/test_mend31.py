@@ -9,20 +9,27 @@ identity, so it never settles or learns another log's turns as its own.
 from __future__ import annotations
 
 import logging
+import shutil
+import sqlite3
 import subprocess
 import sys
 import textwrap
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import load_config
+from locod.daemon.learner import Learner
+from locod.daemon.records import DecisionLog
 from locod.errors import ConfigError
 from locod.policy.messplus import DIM, MessPlus
 from locod.policy.warmstart import Prior, read_prior, save_prior
 
 from .conftest import write_config
+from .test_mend28 import routed
 
 
 def test_a_prior_cut_short_while_written_leaves_the_good_one_it_replaced(tmp_path: Path) -> None:
@@ -106,3 +113,96 @@ def test_a_state_file_whose_price_window_no_daemon_wrote_is_set_aside(
 
 def mess_at(path: Path) -> MessPlus:
     return MessPlus({"local": 0.5, "cloud": 0.85}, sla=0.8, v=20.0, explore_c=0.0, q_cap=50.0, path=path)
+
+
+def test_a_state_kept_with_another_decision_log_settles_and_learns_none_of_its_turns(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The MESS+ state tells missed turns by the decision ids it settled and the log's newest id: a log that
+    is not the one it was kept with (a new file, another device's), with more decisions than the state knew,
+    had its turns after the state's newest settled as missed turns of this state and the labels of its turns
+    under the ids the state waited on learned as this state's (queue and predictor). The log now has an
+    identity (kept by its backups), and the state keeps it: another log's ids are all dropped, and nothing of
+    it is settled or learned. The real Learner over real decision logs, as test_mend28's."""
+    others = DecisionLog(tmp_path / "other" / "locod.db")  # another daemon's: five turns, each labelled
+    try:
+        other = learner(tmp_path / "other", others)
+        for _ in range(5):
+            decision = routed(others, other)
+            other.settle(*decision, "Hi", "Hello")
+            other.feedback(decision[0], False, "user")
+        other.close()
+    finally:
+        others.close()
+    state = tmp_path / "state"
+    records = DecisionLog(state / "locod.db")
+    try:
+        kept = learner(state, records)
+        for _ in range(3):
+            kept.settle(*routed(records, kept), "Hi", "Hello")
+        kept.close()  # a clean stop: the state was kept with decisions 1-3 of this log
+        before = (kept.mess.state.settled, kept.mess.state.z, dict(kept.mess.state.labels))
+    finally:
+        records.close()
+    for name in ("locod.db", "locod.db-wal", "locod.db-shm"):
+        (state / name).unlink(missing_ok=True)
+    shutil.copy(tmp_path / "other" / "locod.db", state / "locod.db")  # the other log put in its place
+    records = DecisionLog(state / "locod.db")
+    try:
+        with caplog.at_level(logging.WARNING, "locod.daemon.learner"):
+            moved = learner(state, records)
+        assert "is not the one the MESS+ state was kept with" in caplog.text
+        # on the old code: settled 5 (decisions 4 and 5 of the other log), 5 labels learned, Z moved by them
+        assert (moved.mess.state.settled, moved.mess.state.z, dict(moved.mess.state.labels)) == before
+        assert moved.mess.state.settled_ids == {} and moved.mess.state.pending == {}
+        six = routed(records, moved)  # this log's next turn, answered, then killed before its settling
+        again = learner(state, records)  # the state saved with this log's identity: the turn is settled once
+        assert again.mess.state.settled == before[0] + 1 and list(again.mess.state.settled_ids) == [six[0]]
+        again.close()
+    finally:
+        records.close()
+
+
+def test_a_decision_log_restored_from_its_backup_keeps_the_ids_it_still_holds(tmp_path: Path) -> None:
+    """A log restored from its own backup (``VACUUM INTO``, docs/operations.md) under a state that went on
+    after it holds fewer decisions than the state knows: every id the state held was dropped, so a label
+    for a turn the backup holds, which the state still waited on, trained the predictor but no longer
+    corrected the queue. Now only the ids after the backup's newest (given again to new turns) are dropped;
+    a turn after the restore is settled once, and a label for a turn in the backup corrects the queue."""
+    state = tmp_path / "state"
+    records = DecisionLog(state / "locod.db")
+    try:
+        running = learner(state, records)
+        for _ in range(3):
+            running.settle(*routed(records, running), "Hi", "Hello")
+        with closing(sqlite3.connect(state / "locod.db")) as conn:
+            conn.execute(f"VACUUM INTO '{tmp_path / 'backup.db'}'")
+        for _ in range(2):
+            running.settle(*routed(records, running), "Hi", "Hello")
+        running.close()  # a clean stop after decision 5
+    finally:
+        records.close()
+    for name in ("locod.db-wal", "locod.db-shm"):
+        (state / name).unlink(missing_ok=True)
+    shutil.copy(tmp_path / "backup.db", state / "locod.db")  # restored as the docs say
+    records = DecisionLog(state / "locod.db")
+    try:
+        restored = learner(state, records)
+        assert sorted(restored.mess.state.settled_ids) == [1, 2, 3] and sorted(restored.mess.state.pending) == [1, 2, 3]
+        z = restored.mess.state.z
+        restored.feedback(2, False, "user")  # predicted 0.6, so the queue moves by 0.6 more
+        assert restored.mess.state.z == pytest.approx(z + 0.6)
+        four = routed(records, restored)  # a new turn under an id the state had settled before: killed unsettled
+        assert four[0] == 4
+        again = learner(state, records)
+        assert again.mess.state.settled == restored.mess.state.settled + 1
+        assert sorted(again.mess.state.settled_ids) == [1, 2, 3, 4]
+        again.close()
+    finally:
+        records.close()
+
+
+def learner(state: Path, records: DecisionLog) -> Learner:
+    """The daemon's Learner on ``state`` as its state directory, over ``records``."""
+    loaded = load_config(write_config(state.with_name(f"{state.name}.toml"), {"paths": {"state_dir": str(state)}}))
+    return Learner(loaded, records, CloudBackend(loaded.cloud, loaded.source))
