@@ -89,6 +89,11 @@ class Busy(LocodError):
     code = "busy"
 
 
+# Busy's code for a turn whose local model a reload removed while it waited: the same request, sent again, is
+# decided anew (the daemon raises it, the HTTP door answers it 503 with Retry-After).
+MODEL_RELOADED = "model_reloaded"
+
+
 class DaemonNotRunning(LocodError):
     code = "not_running"
 

@@ -42,7 +42,7 @@ from locod.daemon.regular_file import file_stamp
 from locod.daemon.sessions import door_of
 from locod.daemon.telemetry import mem_available_mb
 from locod.daemon.template_deadline import deadline
-from locod.errors import Busy, ConfigError, ModelError, first_line
+from locod.errors import MODEL_RELOADED, Busy, ConfigError, ModelError, first_line
 from locod.policy.load import TurnTime
 
 log = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ class ModelZoo:
             raise Busy(
                 f"the local model {name!r} was removed by a reload of the configuration while this turn waited "
                 "for it; send the request again",
-                code="model_reloaded",
+                code=MODEL_RELOADED,
             )
         replaced = self._replaced_files() if self._recheck_files else set()
         self._recheck_files = False

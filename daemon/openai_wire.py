@@ -17,6 +17,7 @@ from typing import Any
 from locod.daemon.config import ROUTED_MODEL, gguf_path_hint
 from locod.daemon.decision import left_out_note
 from locod.errors import (
+    MODEL_RELOADED,
     AttachmentError,
     Busy,
     CloudError,
@@ -335,7 +336,6 @@ def as_held(answer: str) -> str:
 UNAVAILABLE_MODELS = ("model_missing", "model_corrupt", "model_too_large")
 # Busy codes that are no limit of turns (429) but the daemon's state: stopping, or a reload that removed the local
 # model the turn was routed to while it waited (ModelZoo.get's: the same request, sent again, is decided anew).
-MODEL_RELOADED = "model_reloaded"
 UNAVAILABLE_FOR_NOW = ("shutting_down", "cancelled", MODEL_RELOADED)
 
 

@@ -47,9 +47,10 @@ def _called(node: ast.Call) -> str:
 
 
 def codes_in_source() -> dict[str, str]:
-    """Every error code the code gives a LocodError ({code: where}): a class's own ``code``, a ``code=`` given
-    to any call or as a parameter's default, an ``ErrorFrame``'s, and the cloud's codes, which
-    daemon/cloud.py and daemon/bounded_http.py pass on positionally."""
+    """Every error code the code gives a LocodError ({code: where}): a class's own ``code``, a constant of
+    api/errors.py (``MODEL_RELOADED``, which the daemon and the HTTP door share), a ``code=`` given to any
+    call or as a parameter's default, an ``ErrorFrame``'s, and the cloud's codes, which daemon/cloud.py and
+    daemon/bounded_http.py pass on positionally."""
     found: dict[str, str] = {}
     for path in [*REPO.glob("api/*.py"), *REPO.glob("daemon/*.py"), *REPO.glob("policy/*.py")]:
         tree = ast.parse(path.read_text(), str(path))
@@ -63,6 +64,10 @@ def codes_in_source() -> dict[str, str]:
             elif isinstance(node, ast.ClassDef) and path.name == "errors.py":
                 values += [
                     s.value for s in node.body if isinstance(s, ast.Assign) and ast.unparse(s.targets[0]) == "code"
+                ]
+            elif isinstance(node, ast.Module) and path.name == "errors.py":
+                values += [
+                    s.value for s in node.body if isinstance(s, ast.Assign) and ast.unparse(s.targets[0]).isupper()
                 ]
             elif isinstance(node, ast.arguments):
                 named = [*node.posonlyargs, *node.args][-len(node.defaults) :] if node.defaults else []
