@@ -336,12 +336,12 @@ class Decider:
         """Why no cloud action was on offer although the cloud is usable: the prompt or the daily cap, with
         the numbers a user can act on."""
         fits = self._fits_context(turn.request.prompt)
-        holding = [m for m in self.config.cloud.models if fits[m.name]]
-        if not holding or access.daily_cap_usd <= 0:
+        holding = [name for name in self._cloud_names() if fits[name]]
+        room = self._cap_room(turn, access)
+        if not holding or room is None:
             return "no cloud model's context holds the prompt"
-        answer = turn.max_tokens()
-        cheapest = min(m.price(turn.prompt_tokens, answer, 0) for m in holding)
-        left = max(0.0, access.daily_cap_usd - access.spent_today_usd)
+        left, answer = max(0.0, room[0]), room[1]
+        cheapest = min(turn.cloud_price(self.config, name, (), answer) for name in holding)  # text alone
         said = f"{dollars(left)} is left of today's {dollars(access.daily_cap_usd)} cap (cloud.daily_cap_usd)"
         if cheapest <= left:  # text alone fits: MESS+ alone (no policy) uploads the images it finds relevant
             return f"{said}, and the images MESS+ would upload (usd_per_image) pass it: a higher cap lets it"
@@ -465,13 +465,21 @@ class Decider:
     def _over_cap(self, turn: Turn, candidates: dict[str, Candidate], access: CloudAccess) -> list[str]:
         """Cloud actions that could take today's spend past the daily cap (the prompt as estimated, the
         turn's max_tokens of answer, the images uploaded)."""
-        if access.daily_cap_usd <= 0:
+        room = self._cap_room(turn, access)
+        if room is None:
             return []
-        left = access.daily_cap_usd - access.spent_today_usd
-        answer = turn.max_tokens()
+        left, answer = room
         cloud = [c for c in candidates.values() if c.location == "cloud"]
-        price = {c.key: turn.cloud_price(self.config, c.model, c.send, answer) for c in cloud}
-        return [key for key, usd in price.items() if usd > left]
+        return [c.key for c in cloud if turn.cloud_price(self.config, c.model, c.send, answer) > left]
+
+    @staticmethod
+    def _cap_room(turn: Turn, access: CloudAccess) -> tuple[float, int] | None:
+        """What today's daily cap leaves a cloud answer to this turn: the USD left (below 0 once spent past
+        it) and the answer's most tokens (the turn's max_tokens), which the shield (``_over_cap``) and the
+        reason it gives (``_unfit_cloud_reason``) both price at; None when no cap is set."""
+        if access.daily_cap_usd <= 0:
+            return None
+        return access.daily_cap_usd - access.spent_today_usd, turn.max_tokens()
 
     def _policy(
         self,
