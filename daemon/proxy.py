@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from locod.daemon.config import CloudModelConfig
@@ -37,16 +38,45 @@ def proxy_for(model: CloudModelConfig, source: str, env: dict[str, str] | None =
     return proxy
 
 
-def first_hop(model: CloudModelConfig, source: str) -> tuple[str, int] | None:
-    """The host and port the model's requests connect to: its endpoint, or the proxy they go through (a proxy
-    the cloud refuses says so at the call: this goes direct)."""
+@dataclass(frozen=True)
+class Route:
+    """How the model's requests reach its endpoint: the host and port they connect to (``hop``); when that is
+    a proxy, its URL (``proxy``), and for an https endpoint behind an http proxy the host and port its
+    requests ask the proxy for a tunnel to (``tunnel``: ``CONNECT``; an http endpoint's requests are forwarded
+    by the proxy instead, and an https proxy is spoken to over TLS)."""
+
+    hop: tuple[str, int]
+    proxy: str | None = None
+    tunnel: tuple[str, int] | None = None
+
+
+def route(model: CloudModelConfig, source: str) -> Route | None:
+    """How the model's requests go: to its endpoint, or through the proxy the environment names (a proxy the
+    cloud refuses says so at the call: this goes direct); None for an endpoint that names no host."""
     through = None
     with contextlib.suppress(ConfigError):
         through = proxy_for(model, source)
-    url = urlsplit(through or model.base_url)
-    if not url.hostname:
+    endpoint = _host_port(model.base_url)
+    hop = _host_port(through) if through else endpoint
+    if hop is None or endpoint is None:
         return None
-    return url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if through is None:
+        return Route(hop)
+    tunnelled = model.base_url.startswith("https://") and through.startswith("http://")  # an https proxy: TLS first
+    return Route(hop, through, endpoint if tunnelled else None)
+
+
+def first_hop(model: CloudModelConfig, source: str) -> tuple[str, int] | None:
+    """The host and port the model's requests connect to: its endpoint, or the proxy they go through."""
+    found = route(model, source)
+    return None if found is None else found.hop
+
+
+def _host_port(url: str) -> tuple[str, int] | None:
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return None
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
 
 
 def _bypassed(host: str, no_proxy: str) -> bool:

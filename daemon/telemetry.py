@@ -8,6 +8,7 @@ not have is ``None`` with a reason; a reader that fails is warned about once, no
 
 from __future__ import annotations
 
+import base64
 import functools
 import logging
 import socket
@@ -16,11 +17,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import unquote, urlsplit
 
 from locod.daemon.config import Config
-from locod.daemon.proxy import first_hop
+from locod.daemon.proxy import Route, route
 
 log = logging.getLogger(__name__)
+TUNNEL_WAIT_S = 5.0  # how long the probe waits for a proxy's answer to its CONNECT (it connects to the endpoint first)
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class Snapshot:
     gpu_power_w: float | None = None
     online: bool | None = None  # the device's own link
     cloud_reachable: bool | None = None  # the last probe of the default cloud endpoint
+    # What it reached: "endpoint"; "tunnel" (through cloud_proxy, to the endpoint); "proxy" (cloud_proxy only:
+    # an http endpoint's calls are forwarded, with no tunnel to ask for, or the proxy is an https one)
+    cloud_probed: str | None = None
+    cloud_proxy: str | None = None  # host:port of the proxy the calls go through
     link: str = "unknown"  # ethernet | wifi | cellular | none | unknown
     rtt_ms: float | None = None
     rtt_age_s: float | None = None
@@ -346,6 +353,7 @@ class TelemetrySampler:
                     break
         self._probe_on_news(values.get("link"), self.cloud.answered, self.cloud.unreachable)
         values["cloud_reachable"] = self._probe_ok  # the endpoint, not the device: breakers judge endpoints
+        values.update(_probed(self.probe_target) if self._probe_ok is not None else {})
         if self._rtt is not None:
             values["rtt_ms"] = round(self._rtt[0], 2)
             values["rtt_age_s"] = round(time.monotonic() - self._rtt[1], 1)
@@ -387,21 +395,25 @@ class TelemetrySampler:
         while not self._stop.is_set():
             target = self.probe_target
             if target is not None:
-                began, started = time.monotonic(), time.perf_counter()
-                try:
-                    with socket.create_connection(target, timeout=2.0):
-                        pass
-                    self._rtt = ((time.perf_counter() - started) * 1000, time.monotonic())
-                    self._probe_ok = True
-                    backoff = self.config.probe_interval_s
-                except OSError:
-                    self._probe_ok = False
-                    backoff = min(backoff * 2, 600.0)
-                else:
-                    self.cloud.reached(target, began)  # the network is there: the breakers it vouches for may try
+                self._probe_ok = self._probe(target)
+                backoff = self.config.probe_interval_s if self._probe_ok else min(backoff * 2, 600.0)
             if self._probe_now.wait(backoff if target is not None else self.config.probe_interval_s):
                 self._probe_now.clear()
                 backoff = self.config.probe_interval_s
+
+    def _probe(self, target: Route) -> bool:
+        """One probe: a TCP connection to the first hop (its time is the RTT) and, through a proxy to an https
+        endpoint, the tunnel its calls ask the proxy for. The connection alone says the network is there (the
+        breakers it vouches for may try); whether the endpoint is reached is the tunnel's answer: a proxy
+        that answered while the endpoint behind it was down was reported as the endpoint reachable."""
+        began, started = time.monotonic(), time.perf_counter()
+        try:
+            with socket.create_connection(target.hop, timeout=2.0) as conn:
+                self._rtt = ((time.perf_counter() - started) * 1000, time.monotonic())
+                self.cloud.reached(target.hop, began)
+                return target.tunnel is None or _tunnel_opens(conn, target)
+        except OSError:
+            return False
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -423,6 +435,35 @@ def _why_missing(name: str, nvml_absent: str) -> str:
     }[name]
 
 
-def _probe_target(config: Config) -> tuple[str, int] | None:
-    """The host the default cloud model's requests connect to: its endpoint, or the proxy they go through."""
-    return first_hop(config.cloud_model(config.cloud.default), config.source) if config.cloud.models else None
+def _probe_target(config: Config) -> Route | None:
+    """How the default cloud model's requests go: to its endpoint, or through a proxy."""
+    return route(config.cloud_model(config.cloud.default), config.source) if config.cloud.models else None
+
+
+def _probed(target: Route | None) -> dict[str, str | None]:
+    """The snapshot's words for what a probe of ``target`` reaches (``cloud_probed``, ``cloud_proxy``)."""
+    if target is None:
+        return {}
+    if target.proxy is None:
+        return {"cloud_probed": "endpoint"}
+    host, port = target.hop
+    proxy = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return {"cloud_probed": "proxy" if target.tunnel is None else "tunnel", "cloud_proxy": proxy}
+
+
+def _tunnel_opens(conn: socket.socket, target: Route) -> bool:
+    """Whether the proxy at the other end of ``conn`` opens the tunnel to the endpoint that the calls ask it
+    for (``CONNECT``, with the proxy URL's credentials as they send them): a 2xx answer within TUNNEL_WAIT_S
+    (403: the host is not allowed through it; 502 or 504: it could not reach it). Nothing is sent through."""
+    assert target.tunnel is not None and target.proxy is not None
+    host, port = target.tunnel
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    lines = [f"CONNECT {where} HTTP/1.1", f"Host: {where}"]
+    proxy = urlsplit(target.proxy)
+    if proxy.username is not None:
+        credentials = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}".encode()
+        lines.append(f"Proxy-Authorization: Basic {base64.b64encode(credentials).decode()}")
+    conn.settimeout(TUNNEL_WAIT_S)
+    conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    status = conn.makefile("rb").readline(1024).split()
+    return len(status) >= 2 and status[0].startswith(b"HTTP/") and status[1].startswith(b"2")

@@ -8,14 +8,18 @@ identity, so it never settles or learns another log's turns as its own.
 
 from __future__ import annotations
 
+import base64
 import logging
 import shutil
+import socketserver
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,7 +32,7 @@ from locod.errors import ConfigError
 from locod.policy.messplus import DIM, MessPlus
 from locod.policy.warmstart import Prior, read_prior, save_prior
 
-from .conftest import write_config
+from .conftest import cloud_config, wait_for, write_config
 from .test_mend28 import routed
 
 
@@ -206,3 +210,59 @@ def learner(state: Path, records: DecisionLog) -> Learner:
     """The daemon's Learner on ``state`` as its state directory, over ``records``."""
     loaded = load_config(write_config(state.with_name(f"{state.name}.toml"), {"paths": {"state_dir": str(state)}}))
     return Learner(loaded, records, CloudBackend(loaded.cloud, loaded.source))
+
+
+class TunnelProxy(socketserver.ThreadingTCPServer):
+    """An HTTP proxy on loopback that answers every CONNECT with ``answer`` and closes: ``502 Bad Gateway``
+    as a proxy does whose endpoint is down, ``200 Connection established`` as one that reached it. It keeps
+    each CONNECT's lines."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, answer: str) -> None:
+        super().__init__(("127.0.0.1", 0), TunnelProxy.Handler)
+        self.answer = answer
+        self.connects: list[list[str]] = []
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self) -> None:
+            lines = [self.rfile.readline().decode("latin-1").strip()]
+            while lines[-1]:
+                lines.append(self.rfile.readline().decode("latin-1").strip())
+            assert isinstance(self.server, TunnelProxy)
+            self.server.connects.append(lines[:-1])
+            self.wfile.write(f"HTTP/1.1 {self.server.answer}\r\nContent-Length: 0\r\n\r\n".encode())
+
+
+def test_status_behind_a_proxy_says_whether_the_endpoint_is_reached_through_it(daemon_factory: Any) -> None:
+    """With ``HTTPS_PROXY`` set, the probe connected to the proxy and status said "cloud endpoint reachable"
+    while the endpoint behind it was down (every call failing ``502 Bad Gateway`` from the proxy). The probe
+    now asks the proxy for the tunnel the calls ask for (``CONNECT``, with the proxy URL's credentials), and
+    status says what that found, naming the proxy (without its credentials)."""
+    proxy = TunnelProxy("502 Bad Gateway")
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    port = proxy.server_address[1]
+    try:
+        config = {**cloud_config("https://cloud.example.com/v1"), "telemetry": {"probe_interval_s": 1}}
+        env = {"HTTPS_PROXY": f"http://probe:s%40cret@127.0.0.1:{port}", "LOCOD_CLOUD_API_KEY": "sk-test"}
+        handle = daemon_factory(config, extra_env=env)
+
+        def telemetry() -> dict[str, Any]:
+            return handle.client().status()["telemetry"]  # type: ignore[no-any-return]
+
+        probed = wait_for(lambda: telemetry() if telemetry()["cloud_reachable"] is not None else None, 60, "a probe")
+        # on the old code: reachable, as the proxy took the connection
+        assert probed["cloud_reachable"] is False and probed["cloud_probed"] == "tunnel", probed
+        assert probed["cloud_proxy"] == f"127.0.0.1:{port}"
+        credentials = base64.b64encode(b"probe:s@cret").decode()
+        assert proxy.connects[0][:2] == ["CONNECT cloud.example.com:443 HTTP/1.1", "Host: cloud.example.com:443"]
+        assert f"Proxy-Authorization: Basic {credentials}" in proxy.connects[0]
+        said = handle.cli("status").stdout
+        assert f"cloud endpoint unreachable through proxy 127.0.0.1:{port}," in said and "s@cret" not in said, said
+        proxy.answer = "200 Connection established"  # the endpoint back behind it
+        wait_for(lambda: telemetry()["cloud_reachable"], 120, "a probe through the proxy to pass")
+        assert f"cloud endpoint reachable through proxy 127.0.0.1:{port}," in handle.cli("status").stdout
+    finally:
+        proxy.shutdown()
+        proxy.server_close()

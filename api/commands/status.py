@@ -42,7 +42,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ),
         (
             "network",
-            f"{net} {_link(t['link'])}, cloud endpoint {_reachable(t.get('cloud_reachable'))}, "
+            f"{net} {_link(t['link'])}, {_cloud_probe(t)}, "
             f"RTT {_rtt(t)}, upload "
             f"{t['upload_bps'] / 1e6:.1f} MB/s{'' if t['upload_measured'] else ' (prior)'}",
         ),
@@ -178,6 +178,16 @@ def _local_masked(routing: dict[str, Any]) -> str:
 
 def _reachable(value: bool | None) -> str:
     return "not probed yet" if value is None else "reachable" if value else "unreachable"
+
+
+def _cloud_probe(telemetry: dict[str, Any]) -> str:
+    """What the probe found, of what it reached: behind a proxy, the endpoint through the tunnel its calls
+    ask for, or the proxy alone (it said "cloud endpoint reachable" while only the proxy was)."""
+    reached, proxy = _reachable(telemetry.get("cloud_reachable")), telemetry.get("cloud_proxy")
+    probed = telemetry.get("cloud_probed")  # an older daemon's status has no such field
+    if probed == "proxy":
+        return f"cloud proxy {proxy} {reached} (the endpoint behind it is not probed)"
+    return f"cloud endpoint {reached}" + (f" through proxy {proxy}" if probed == "tunnel" else "")
 
 
 def _link(link: str) -> str:
