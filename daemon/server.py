@@ -38,6 +38,7 @@ from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config, as_dict, load_config, redacted_url
 from locod.daemon.decider import Decider
 from locod.daemon.fdlimit import TCP_SHARE, door_share, raise_soft_limit
+from locod.daemon.heap import pin_mmap_threshold
 from locod.daemon.keyfile import http_api_key, tcp_secret
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend, ModelZoo, check_chat_formats
@@ -165,6 +166,7 @@ class Daemon:
         cfg = self.config
         self.tcp_auth = TcpAuth(tcp_secret(cfg))
         fd_limit = raise_soft_limit()  # libzmq aborts when its ipc listener finds no descriptor (fdlimit.py)
+        pin_mmap_threshold()  # before the model loads and KV states come and go (heap.py)
         if self.records.interrupted_at_start:
             log.warning(
                 "%d turns were interrupted by the previous daemon's stop; marked 'interrupted'",
