@@ -35,6 +35,7 @@ from locod.daemon.local import LocalBackend
 from locod.daemon.logs import Throttle
 from locod.daemon.modelfile import ModelFiles
 from locod.daemon.records import DecisionLog
+from locod.daemon.tallies import Held
 from locod.daemon.telemetry import Snapshot, TelemetrySampler
 from locod.errors import ModelError, PolicyError, PromptTooLong
 from locod.policy import rule
@@ -190,24 +191,44 @@ class Decider:
             configured=bool(self.config.cloud.models),
             open_breakers=self.cloud.open_breakers(),
             online=snapshot.online,
-            spent_today_usd=self.records.spent_today(),
+            spent_today_usd=self.records.committed_today(),
             daily_cap_usd=self.config.cloud.daily_cap_usd,
             battery_critical=critical,
+            held_usd=self.records.today.held(),
         )
 
-    def decide(self, turn: Turn) -> tuple[Decision, Config, Snapshot]:
-        """The turn's decision, and the configuration and device state it was made under (the turn runs
-        under that configuration, and its record shows that device state, not a later sample's)."""
+    def decide(self, turn: Turn) -> tuple[Decision, Config, Snapshot, Held | None]:
+        """The turn's decision, the configuration and device state it was made under (the turn runs under
+        that configuration, and its record shows that device state, not a later sample's), and what its
+        cloud call may cost held against the daily cap (None: it makes none), which the turn gives back
+        when it ends (``DecisionLog.finish``): held under the lock the decision is made under, the next
+        turn's decision counts it."""
         snapshot = self.telemetry.snapshot()
         with self.learner.lock:  # MESS+ state, and config and policy as one generation (see reload)
             decision, config = self._decide(turn, snapshot), self.config
-        return decision.noted(*withheld_note(turn.attachments, decision.send, decision.location)), config, snapshot
+            most = self._most(turn, decision)
+            held = None if most is None else self.records.today.hold(most)
+        notes = withheld_note(turn.attachments, decision.send, decision.location)
+        return decision.noted(*notes), config, snapshot, held
+
+    def _most(self, turn: Turn, decision: Decision) -> float | None:
+        """What a cloud call the decision may make costs at most (the turn's whole max_tokens of answer);
+        None when it makes none. An escalation's: its cloud action's, made if the local answer is unsure."""
+        target = decision.escalation or (decision if decision.location == "cloud" else None)
+        if target is None:
+            return None
+        return turn.cloud_price(self.config, target.model, target.send, turn.max_tokens())
 
     def _decide(self, turn: Turn, snapshot: Snapshot) -> Decision:
         access = self._access(snapshot)
         request = turn.request
+        answer = turn.max_tokens()
+
+        def over_cap(model: str, send: tuple[int, ...]) -> str | None:
+            return access.over_cap(turn.cloud_price(self.config, model, send, answer), answer)
+
         fixed = fixed_decision(
-            self.config, request.options.force, request.model, turn.attachments, access, self.left_out_files
+            self.config, request.options.force, request.model, turn.attachments, access, self.left_out_files, over_cap
         )
         if fixed is not None:
             return fixed

@@ -34,10 +34,12 @@ class CloudAccess:
 
     configured: bool
     online: bool | None
+    # Today's spend and what the cloud calls decided on may cost yet (``held_usd`` of it): what the cap counts.
     spent_today_usd: float
     daily_cap_usd: float
     battery_critical: bool = False  # blocks no cloud model: it masks the local ones while a cloud one is open
     open_breakers: frozenset[str] = frozenset()  # cloud model names whose endpoint's breaker is open
+    held_usd: float = 0.0
 
     @property
     def blocked_by(self) -> str | None:
@@ -47,10 +49,26 @@ class CloudAccess:
             return "the device is offline (no network link)"
         if self.daily_cap_usd > 0 and self.spent_today_usd >= self.daily_cap_usd:
             return (
-                f"today's cloud spend {dollars(self.spent_today_usd)} reached the cap {dollars(self.daily_cap_usd)} "
+                f"today's cloud spend {self._spent()} reached the cap {dollars(self.daily_cap_usd)} "
                 "until local midnight (cloud.daily_cap_usd: raise it and `locod reload` to use the cloud today)"
             )
         return None
+
+    def over_cap(self, usd: float, answer_tokens: int) -> str | None:
+        """Why a cloud call that may cost ``usd`` (at ``answer_tokens`` of answer) is not made: it could take
+        today's spend past the cap. None when it fits, or there is no cap."""
+        left = self.daily_cap_usd - self.spent_today_usd
+        if self.daily_cap_usd <= 0 or usd <= left:
+            return None
+        return (
+            f"a cloud answer of up to {answer_tokens} tokens may cost {dollars(usd)}, more than the "
+            f"{dollars(max(0.0, left))} left of today's cap {dollars(self.daily_cap_usd)} after today's cloud "
+            f"spend {self._spent()} (cloud.daily_cap_usd: a higher cap or a lower max_tokens lets it)"
+        )
+
+    def _spent(self) -> str:
+        held = self.held_usd
+        return dollars(self.spent_today_usd) + (f" (of it {dollars(held)} held for calls under way)" if held else "")
 
     def blocked_for(self, model: str) -> str | None:
         if self.blocked_by:
@@ -226,14 +244,16 @@ def fixed_decision(
     attachments: list[PreparedAttachment],
     access: CloudAccess,
     left_out: Callable[[], Mapping[str, ModelError]] = dict,
+    over_cap: Callable[[str, tuple[int, ...]], str | None] = lambda model, send: None,
 ) -> Decision | None:
     """The decision when the client or the config fixes the location; None when the router should decide.
     A cloud that is asked for but blocked is answered locally, and the user is told why; so is a forced
     location that the named model contradicts (the model wins). ``left_out``: asked for the local models
     routing leaves out for their file only when a refusal of an unknown name tells them apart from those it
-    may send (each is a look at a file: no work for a turn that names a model there is)."""
+    may send (each is a look at a file: no work for a turn that names a model there is). ``over_cap``: why
+    a cloud model sent ``send`` could pass the daily cap with this turn (``CloudAccess.over_cap``), if so."""
     if model is not None:
-        decision = _named(config, model, attachments, access, left_out)
+        decision = _named(config, model, attachments, access, left_out, over_cap)
         if force is None or force == decision.location or decision.notice:  # a notice: the cloud was blocked
             return decision
         why = f"force {force} was ignored: the request named {model}, which answers {decision.location}"
@@ -244,10 +264,11 @@ def fixed_decision(
         return Decision("local", config.local.default, (), f"{origin} local")
     if where == "cloud":
         cloud = config.cloud_model(config.cloud.default) if config.cloud.models else None
-        blocked = access.blocked_for(cloud.name) if cloud else access.blocked_by
+        send = tuple(uploadable(attachments, cloud.vision)) if cloud else ()
+        blocked = (access.blocked_for(cloud.name) or over_cap(cloud.name, send)) if cloud else access.blocked_by
         if blocked or cloud is None:
             return _instead(config, f"{origin} cloud", "the cloud was asked for", blocked or "")
-        return Decision("cloud", cloud.name, tuple(uploadable(attachments, cloud.vision)), f"{origin} cloud")
+        return Decision("cloud", cloud.name, send, f"{origin} cloud")
     return None
 
 
@@ -257,6 +278,7 @@ def _named(
     attachments: list[PreparedAttachment],
     access: CloudAccess,
     left_out: Callable[[], Mapping[str, ModelError]],
+    over_cap: Callable[[str, tuple[int, ...]], str | None],
 ) -> Decision:
     """The decision for a request that names its model."""
     if any(m.name == model for m in config.local.models):
@@ -264,10 +286,11 @@ def _named(
     named = next((m for m in config.cloud.models if m.name == model), None)
     if named is None:
         raise unknown_model(config, model, left_out())
-    blocked = access.blocked_for(model)
+    send = tuple(uploadable(attachments, named.vision))
+    blocked = access.blocked_for(model) or over_cap(model, send)
     if blocked:
         return _instead(config, f"the request named {model}", f"{model} was asked for", blocked)
-    return Decision("cloud", model, tuple(uploadable(attachments, named.vision)), "the request named this cloud model")
+    return Decision("cloud", model, send, "the request named this cloud model")
 
 
 def unknown_model(config: Config, name: str, left_out: Mapping[str, ModelError]) -> UnknownModel:

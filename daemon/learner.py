@@ -306,10 +306,12 @@ class Learner:
             return None
         max_tokens = JUDGE_TOKENS if model.max_tokens_param == "max_tokens" else JUDGE_REASONING_TOKENS
         most = model.price(rule.estimate_tokens(len(text)), max_tokens, 0)  # at its longest verdict
-        if not self._within_cap(most):
-            log.info("judge does not grade decision %d: it could pass today's cloud.daily_cap_usd", decision_id)
-            return None
-        hold = self.records.hold_cost(decision_id, most)  # a kill during the call leaves it counted
+        with self.lock:  # the cap checked and held as one, as a turn's decision is (Decider.decide)
+            if not self._within_cap(most):
+                log.info("judge does not grade decision %d: it could pass today's cloud.daily_cap_usd", decision_id)
+                return None
+            held = self.records.today.hold(most)
+        hold = self.records.hold_cost(decision_id, most, held)  # a kill during the call leaves it counted
         if hold.error is not None:
             said = "judge's cost for decision %d is not in its record during the call: %s"
             log.warning(said, decision_id, hold.error)
@@ -343,7 +345,7 @@ class Learner:
         cap: the cap keeps the cloud off for the judge as for turns, and a reasoning judge's verdict may take
         1,024 tokens."""
         cap = self.config.cloud.daily_cap_usd
-        return cap <= 0 or most <= cap - self.records.spent_today()
+        return cap <= 0 or most <= cap - self.records.committed_today()
 
     def _settle_cost(self, decision_id: int, usd: float, hold: CostHold) -> None:
         """What the judge's call did cost, in place of its hold; a write that fails is said (the verdict still

@@ -38,7 +38,7 @@ from locod.daemon.records_schema import (
     schema_faults,
     version_of_schema,
 )
-from locod.daemon.tallies import Counted, DailyTally, FinishedSums
+from locod.daemon.tallies import Counted, DailyTally, FinishedSums, Held
 from locod.errors import StorageError, UnknownDecision
 from locod.policy.logged import LoggedTurn, logged_observation
 from locod.protocol import ANSWERED, RecordQuery
@@ -403,7 +403,9 @@ class DecisionLog:
         assert decision_id is not None
         return int(decision_id)
 
-    def finish(self, decision_id: int, outcome: Outcome) -> None:
+    def finish(self, decision_id: int, outcome: Outcome, held: Held | None = None) -> None:
+        """Complete the turn's record, its cost counted today in place of ``held``, what its cloud call was
+        held at against the daily cap."""
         row: dict[str, Any] = asdict(outcome)
         sent = row.pop("attachments_sent")
         if sent is not None:
@@ -415,8 +417,9 @@ class DecisionLog:
         row["finished"] = time.time()
         self.write_unwritten()
         answered_by = outcome.backend if outcome.outcome in ANSWERED else None
+        counted = self.today.counting(outcome.cost_usd, answered_by, releasing=held)
         try:
-            with self.today.counting(outcome.cost_usd, answered_by), self._writing("completing the record"):
+            with counted, self._writing("completing the record"):
                 self._complete(decision_id, row)
         except StorageError as exc:
             self._keep_unwritten(decision_id, row)
@@ -568,10 +571,11 @@ class DecisionLog:
             shadows, escalated = conn.execute(sql.format(SHADOWED, graded)).fetchone()
         return int(shadows), int(escalated)
 
-    def hold_cost(self, decision_id: int, usd: float) -> CostHold:
+    def hold_cost(self, decision_id: int, usd: float, held: Held | None = None) -> CostHold:
         """Count what a call for a turn that has ended may cost before it is made, in the turn's cost and
-        today's spend; ``add_cost`` replaces it with what the call did cost. Today's spend counts it even when
-        the log cannot be written (the hold says why its row does not)."""
+        today's spend, in place of ``held`` (what the cap held of it since it was checked); ``add_cost``
+        replaces it with what the call did cost. Today's spend counts it even when the log cannot be written
+        (the hold says why its row does not)."""
         error = None
         with self.today.recording():
             try:
@@ -580,7 +584,7 @@ class DecisionLog:
             except StorageError as exc:
                 error = exc.message
             finally:  # counted, committed or not
-                counted = self.today.count(usd)
+                counted = self.today.count(usd, releasing=held)
         return CostHold(usd, error, counted)
 
     def add_cost(self, decision_id: int, usd: float, hold: CostHold | None = None) -> None:
@@ -610,8 +614,13 @@ class DecisionLog:
         return [_decoded(row) for row in rows]
 
     def spent_today(self) -> float:
-        """Money spent since local midnight (every turn asks, for the daily cap)."""
+        """Money spent since local midnight (status, /metrics)."""
         return self.today.read().usd
+
+    def committed_today(self) -> float:
+        """Money spent since local midnight and what the cloud calls decided on may cost yet: what every turn's
+        decision and the judge count against the daily cap (``DailyTally.committed``)."""
+        return self.today.committed()
 
     def answered_today(self) -> dict[str, int]:
         """Turns answered since local midnight, and how many the cloud answered (`locod status`'s cloud

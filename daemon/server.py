@@ -642,6 +642,7 @@ class Daemon:
             "breaker": self.cloud.breaker_state,
             "breakers": {redacted_url(url): b.state for url, b in self.cloud.endpoint_breakers().items()},
             "spent_today_usd": round(self.records.spent_today(), 6),
+            "held_usd": round(self.records.today.held(), 6),
             "daily_cap_usd": cloud.daily_cap_usd,
             "answered_today": self.records.answered_today(),
             "no_api_key": self.cloud.keyless,

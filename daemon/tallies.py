@@ -1,5 +1,6 @@
 """Sums of the decision log kept in memory, so that what asks often never reads the whole log: today's spend
-and answers (``DailyTally``: every turn's decision asks, for the daily cap) and /metrics' totals and latency
+and answers, and what the cloud calls decided on may cost yet (``DailyTally``: every turn's decision asks,
+for the daily cap) and /metrics' totals and latency
 histograms (``FinishedSums``: every scrape). Each is read from the log once and then kept up to date; the
 log (records.py) owns both, and the read-only connection they read through.
 """
@@ -32,6 +33,17 @@ class Today:
     cloud: int
 
 
+@dataclass(eq=False)
+class Held:
+    """What a cloud call decided on may cost at most (``DailyTally.hold``), counted against the daily cap from
+    its decision until what it did cost is counted in its place (``DailyTally.count``'s ``releasing``), or it
+    is given back unmade (``release``). Read against today's spend alone, turns decided together (before any
+    had finished) each saw the whole of what was left of the cap, and together spent it several times."""
+
+    usd: float
+    released: bool = False
+
+
 @dataclass(frozen=True)
 class Counted:
     """What one count put in today's tally (``DailyTally.count``): ``usd``, net of the count it replaced, and
@@ -59,6 +71,7 @@ class DailyTally:
         # the count counted the turn twice (at midnight, a turn paid as another's decision read the new day).
         self._rereading = threading.Lock()
         self._today: Today | None = None
+        self._held = 0.0  # the unreleased ``Held``: calls of any day, which count on the day they finish
 
     def read(self) -> Today:
         """A copy of today's tally: turns and cloud read together, never one before a turn counts."""
@@ -67,6 +80,38 @@ class DailyTally:
             with self._rereading:
                 today = self._current() or self._reread()  # another thread's read meanwhile may do
         return today
+
+    def committed(self) -> float:
+        """Today's spend and what the cloud calls decided on may cost yet: what the daily cap is counted
+        against. Both read under one lock, so a call's cost and its hold (``count``) are never both, or
+        neither, in it."""
+        while True:  # again only when midnight passed between the read and the lock
+            self.read()  # today's tally in place: read from the log on a new day
+            with self._lock:
+                today = self._today
+                if today is not None and today.start <= time.time() < today.end:
+                    return today.usd + self._held
+
+    def held(self) -> float:
+        """What the cloud calls decided on may cost yet."""
+        with self._lock:
+            return self._held
+
+    def hold(self, usd: float) -> Held:
+        """Hold what a call may cost against the cap (see ``Held``)."""
+        with self._lock:
+            self._held += usd
+        return Held(usd)
+
+    def release(self, held: Held) -> None:
+        """Give back a hold whose call was never made (once; after ``count`` took it, nothing)."""
+        with self._lock:
+            self._release(held)
+
+    def _release(self, held: Held) -> None:
+        if not held.released:
+            held.released = True
+            self._held -= held.usd
 
     def _current(self) -> Today | None:
         """A copy of the tally, if it is today's."""
@@ -101,21 +146,36 @@ class DailyTally:
             yield
 
     @contextmanager
-    def counting(self, usd: float, answered_by: str | None = None, replacing: Counted | None = None) -> Iterator[None]:
+    def counting(
+        self,
+        usd: float,
+        answered_by: str | None = None,
+        replacing: Counted | None = None,
+        releasing: Held | None = None,
+    ) -> Iterator[None]:
         """Around the write that records money spent (and a turn answered, ``answered_by`` where it ran: local
         or cloud): counted once the write ends, committed or not, as the daily cap must see every dollar; in
-        place of ``replacing`` (``count``)."""
+        place of ``replacing`` and ``releasing`` (``count``)."""
         with self.recording():
             try:
                 yield
             finally:
-                self.count(usd, answered_by, replacing)
+                self.count(usd, answered_by, replacing, releasing)
 
-    def count(self, usd: float, answered_by: str | None = None, replacing: Counted | None = None) -> Counted:
-        """Count money spent now, and a turn answered, under ``recording`` when a write records them. A count
-        it replaces comes off the tally it went to only: one counted before midnight is not in today's, which
-        a grading that ended after it took below zero (today's cap then let through more than the cap)."""
+    def count(
+        self,
+        usd: float,
+        answered_by: str | None = None,
+        replacing: Counted | None = None,
+        releasing: Held | None = None,
+    ) -> Counted:
+        """Count money spent now, and a turn answered, under ``recording`` when a write records them, in place
+        of the hold ``releasing`` (together: the cap never sees both, nor neither). A count it replaces comes
+        off the tally it went to only: one counted before midnight is not in today's, which a grading that
+        ended after it took below zero (today's cap then let through more than the cap)."""
         with self._lock:
+            if releasing is not None:
+                self._release(releasing)
             today = self._today
             if today is None:  # not read yet: the read counts it
                 return Counted(usd, None)

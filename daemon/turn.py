@@ -38,6 +38,7 @@ from locod.daemon.records import DecisionLog, DecisionRecord, JudgedAnswer, Outc
 from locod.daemon.reply import Reply
 from locod.daemon.sessions import Session, SessionStore, TurnTrail, door_of
 from locod.daemon.shadow import ShadowJob, ShadowLane, overlap_label
+from locod.daemon.tallies import Held
 from locod.daemon.telemetry import Snapshot
 from locod.errors import AttachmentError, Busy, CloudError, LocodError, StorageError
 from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
@@ -73,6 +74,9 @@ class Turn:
     # The device as the decision saw it (what its record shows): a local turn is recorded after its wait
     # for the model, when the sampler may have moved on.
     device: Snapshot = field(default_factory=Snapshot)
+    # What its cloud call may cost, held against the daily cap from its decision (``Decider.decide``) until its
+    # record's completion counts what it did cost (``DecisionLog.finish``), or it ends before it is accepted.
+    held: Held | None = None
 
     @functools.cached_property
     def prompt_tokens(self) -> int:
@@ -259,14 +263,15 @@ class TurnRunner:
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="record")
 
     def run(self, request: ChatRequest, client: bytes, reply: Reply) -> None:
+        held: Held | None = None
         try:
             if not self._session_turn(request, client, reply):
                 reply.send(ErrorFrame(Busy.code, "cancelled", reply.cancel_reason))
                 return
             turn = self._assemble(request, client, reply)
             started = time.perf_counter()
-            decision, config, device = self.decider.decide(turn)
-            turn = dataclasses.replace(turn, config=config, device=device)
+            decision, config, device, held = self.decider.decide(turn)
+            turn = dataclasses.replace(turn, config=config, device=device, held=held)
             withheld = prompts.withheld_history(turn)
             if withheld and decision.location == "cloud":
                 decision = decision.noted(withheld, notice=withheld)
@@ -276,6 +281,9 @@ class TurnRunner:
         except Exception as exc:  # a bug must cost one turn, never the daemon
             log.exception("turn %s failed", request.id)
             reply.send(ErrorFrame("error", "internal", f"internal error: {type(exc).__name__}"))
+        finally:  # refused before it was accepted, or its completion never counted: no call is made now
+            if held is not None:
+                self.records.today.release(held)
 
     def _session_turn(self, request: ChatRequest, client: bytes, reply: Reply) -> bool:
         """Wait until the session's earlier turns have answered (a session's turns run in the order they
@@ -568,7 +576,7 @@ class TurnRunner:
         if answered:  # the log takes a label once the record is complete: from then on it waits for the settling
             self.learner.will_settle(decision_id, decision)
         try:
-            self.records.finish(decision_id, _outcome(turn, ending, private))
+            self.records.finish(decision_id, _outcome(turn, ending, private), turn.held)
         except Exception:  # no done frame, no settling: a label sent once the record is written trains at once
             self.learner.wont_settle(decision_id)
             raise

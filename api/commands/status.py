@@ -152,6 +152,8 @@ def _spending(cloud: dict[str, Any]) -> str:
     """Today's spend against the daily cap (and what a reached cap means), and today's cloud share."""
     spent, cap = cloud["spent_today_usd"], cloud["daily_cap_usd"]
     text = f"today {dollars(spent)}"
+    if held := cloud.get("held_usd"):  # an older daemon's status has no such field
+        text += f" (and up to {dollars(held)} for cloud calls under way)"
     if not cap:
         text += " (no daily cap: cloud.daily_cap_usd)"
     elif spent >= cap:

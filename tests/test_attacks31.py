@@ -1,0 +1,122 @@
+"""Round thirty-one of attacks on a running daemon, where the user's money is: the cloud's cost against
+``cloud.daily_cap_usd``. Each test is one way in that broke, and now holds. Real daemon, real SQLite, the
+loopback cloud behind the recording proxy (tests/faultproxy.py); a cloud call kept in flight by the proxy
+(``hold``) until the test lets it go, never by a sleep.
+
+Prices here make a turn's worst case easy to reckon: output at $1,000 a million tokens (a tenth of a cent a
+token), input free, so a turn of ``max_tokens`` 8 may cost at most $0.008.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from locod.client import Client, TurnResult
+
+from .conftest import DaemonHandle, cloud_config, wait_for
+from .faultproxy import Fault, FaultProxy
+from .test_attacks26 import held_open
+from .test_http import http_daemon
+
+MAX_TOKENS = 8
+MOST = MAX_TOKENS * 1000 / 1e6  # a turn's worst case: 8 tokens of answer at $1,000 a million
+CAP = 2.5 * MOST  # two turns' worst cases fit, a third's does not
+
+
+def capped_config(base_url: str, mode: str = "cloud") -> dict[str, Any]:
+    config = cloud_config(base_url, mode, timeout_s=300.0, daily_cap_usd=CAP)
+    config["cloud"]["models"][0].update(usd_per_mtok_in=0.0, usd_per_mtok_out=1000.0)
+    return config
+
+
+def spent_in_log(handle: DaemonHandle) -> float:
+    return sum(r["cost_usd"] or 0.0 for r in handle.rows())
+
+
+def metric(base: str, name: str) -> float:
+    with urllib.request.urlopen(f"{base}/metrics", timeout=60) as response:
+        text = response.read().decode()
+    return sum(float(m) for m in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE))
+
+
+@pytest.fixture
+def capped(daemon_factory: Any, proxy: FaultProxy) -> tuple[DaemonHandle, str]:
+    """A daemon with the HTTP door whose turns go to the cloud (routing.mode = cloud) under a cap of two
+    turns' worst case."""
+    return http_daemon(daemon_factory, capped_config(proxy.base_url))
+
+
+def test_turns_decided_together_cannot_each_spend_what_is_left_of_the_cap(
+    capped: tuple[DaemonHandle, str], proxy: FaultProxy
+) -> None:
+    """Four cloud turns at once, two through each door (socket streaming, HTTP not), with room left under the
+    cap for two turns' worst case. Each was decided against today's spend, which counted a turn only once it
+    had finished: all four went to the cloud and could spend twice what was left. Now a cloud turn holds its
+    worst case against the cap from its decision until its cost is counted, so the third and fourth are
+    answered locally, told why, and what was spent stays under the cap; status, the log and /metrics agree."""
+    handle, base = capped
+    held = Fault(kind="hold")  # every cloud call waits for the test
+    proxy.set(held)
+    sockets = [Client(handle.endpoint) for _ in range(2)]
+    chats = [c.chat("Say one word.", max_tokens=MAX_TOKENS) for c in sockets]
+    with ThreadPoolExecutor(2) as pool:
+        opened = list(pool.map(next, chats))  # each turn's decision frame: it is decided and accepted
+    posts = [held_open(base, [{"role": "user", "content": f"Say word {i}."}]) for i in range(2)]
+    wait_for(lambda: len(handle.rows()) == 4, 300, "all four turns decided")
+    assert handle.client().status()["cloud"]["held_usd"] == pytest.approx(2 * MOST)  # the two calls under way
+    assert "for cloud calls under way" in handle.cli("status").stdout
+    held.released.set()
+    answers = [TurnResult.of([first, *rest]) for first, rest in zip(opened, chats)]
+    bodies = []
+    for conn in posts:
+        response = conn.getresponse()
+        assert response.status == 200
+        bodies.append(json.loads(response.read()))
+        conn.close()
+    rows = handle.rows()
+    assert sorted(r["location"] for r in rows) == ["cloud", "cloud", "local", "local"]
+    assert len(proxy.chat_requests()) == 2
+    for row in rows:
+        if row["location"] == "local":
+            assert "daily_cap_usd" in row["reason"], row["reason"]
+    told = [a.decision.notice for a in answers] + [b["locod"].get("notice") for b in bodies]
+    assert sum("daily_cap_usd" in (notice or "") for notice in told) == 2
+    spent = spent_in_log(handle)
+    assert 0 < spent <= CAP
+    status = handle.client().status()["cloud"]
+    assert status["spent_today_usd"] == pytest.approx(spent)
+    assert status["held_usd"] == 0
+    assert metric(base, "locod_cost_usd_total") == pytest.approx(spent)
+    assert metric(base, "locod_spent_today_usd") == pytest.approx(spent)
+
+
+def test_a_forced_cloud_turn_whose_worst_case_passes_the_cap_is_answered_locally(
+    capped: tuple[DaemonHandle, str], proxy: FaultProxy
+) -> None:
+    """With a little of the cap left (not reached), a cloud turn that a client forces, names, or that
+    routing.mode = cloud sends, went to the cloud whatever its max_tokens could cost: one turn of a long
+    answer spent many times what was left. Now, as routed turns are, it is kept local when its worst case
+    passes what is left, and the client is told with the numbers and the key (both doors); a turn whose
+    worst case fits still goes."""
+    handle, base = capped
+    client = handle.client()
+    for options in ({}, {"force": "cloud"}, {"model": "cloud-small"}):
+        result = client.ask("Say one word.", max_tokens=3 * MAX_TOKENS, **options)  # worst case: 3 x MOST > CAP
+        assert result.decision.location == "local", options
+        assert "daily_cap_usd" in (result.decision.notice or ""), result.decision.notice
+    body = json.dumps({"model": "cloud-small", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 24})
+    request = urllib.request.Request(f"{base}/v1/chat/completions", body.encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        answer = json.loads(response.read())
+    assert answer["locod"]["location"] == "local"
+    assert "daily_cap_usd" in answer["locod"]["notice"]
+    assert answer["choices"][0]["message"]["content"].startswith("[locod: answered locally")
+    assert proxy.chat_requests() == []
+    assert client.ask("Say one word.", max_tokens=MAX_TOKENS).decision.location == "cloud"  # its worst case fits
+    assert spent_in_log(handle) <= CAP
