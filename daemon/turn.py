@@ -101,9 +101,14 @@ class Turn:
 
     def cloud_price(self, config: Config, model: str, send: tuple[int, ...], answer_tokens: int) -> float:
         """What cloud ``model`` of ``config`` (the decider's, while it decides: the turn's own is set from it
-        after) charges for this turn: the prompt as estimated, the images among ``send``, ``answer_tokens``."""
-        images = sum(self.attachments[i].kind == "image" for i in send)
-        return config.cloud_model(model).price(self.prompt_tokens, answer_tokens, images)
+        after) charges for this turn: the prompt as estimated with the excerpts of the documents among
+        ``send`` it is sent (priced without them, a turn with a document passed the daily cap by up to
+        ``doc_token_budget`` tokens), the images among ``send``, ``answer_tokens``."""
+        sent = [self.attachments[i] for i in send]
+        images = sum(a.kind == "image" for a in sent)
+        excerpts = prompts.documents_text(sent, config.attachments.doc_token_budget)
+        tokens_in = self.prompt_tokens + (estimate_tokens(len(excerpts)) if excerpts else 0)
+        return config.cloud_model(model).price(tokens_in, answer_tokens, images)
 
     def most_spent(self, decision: Decision) -> float:
         """What a cloud call for ``decision`` may cost: the whole ``max_tokens`` of answer, the price the

@@ -13,13 +13,14 @@ import json
 import re
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from locod.client import Client, TurnResult
+from locod.client import Client, TurnResult, attachment
 
-from .conftest import DaemonHandle, cloud_config, wait_for
+from .conftest import SECRET, DaemonHandle, cloud_config, wait_for
 from .faultproxy import Fault, FaultProxy
 from .test_attacks26 import held_open
 from .test_http import http_daemon
@@ -120,3 +121,24 @@ def test_a_forced_cloud_turn_whose_worst_case_passes_the_cap_is_answered_locally
     assert proxy.chat_requests() == []
     assert client.ask("Say one word.", max_tokens=MAX_TOKENS).decision.location == "cloud"  # its worst case fits
     assert spent_in_log(handle) <= CAP
+
+
+def test_a_documents_excerpts_are_priced_against_the_cap(
+    daemon_factory: Any, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """A cloud turn is sent the excerpts of the documents it uploads (up to attachments.doc_token_budget
+    tokens), but was priced against the cap by its messages alone: with a long document a turn the cap let
+    through cost many times what was left. Now the excerpts are priced too: the turn is kept local, and says
+    so, while the same question without the document still goes."""
+    config = cloud_config(proxy.base_url, timeout_s=300.0, daily_cap_usd=0.05)
+    config["cloud"]["models"][0].update(usd_per_mtok_in=100.0, usd_per_mtok_out=0.0)  # input: $0.0001 a token
+    handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    doc = tmp_path / "notes.txt"
+    doc.write_text("The quarterly plan covers budgets, hiring and travel. " * 80)  # ~1,100 tokens of excerpts
+    client = handle.client()
+    result = client.ask("What does the plan cover?", attachments=[attachment(doc)], max_tokens=MAX_TOKENS)
+    assert result.decision.location == "local"
+    assert "daily_cap_usd" in (result.decision.notice or ""), result.decision.notice
+    assert proxy.chat_requests() == []
+    assert client.ask("What does the plan cover?", max_tokens=MAX_TOKENS).decision.location == "cloud"
+    assert spent_in_log(handle) <= 0.05
