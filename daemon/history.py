@@ -25,7 +25,7 @@ BUCKETS_S = (60, 300, 900, 3600, 86400)
 MAX_BUCKETS = 48
 # Where each turn was answered (after a fallback or an escalation, not where it was first sent).
 COLUMNS = (
-    "created, COALESCE(backend, location) AS location, outcome, satisfied, label_source, q, sla, cost_usd, "
+    "created, finished, COALESCE(backend, location) AS location, outcome, satisfied, label_source, q, sla, cost_usd, "
     "cost_estimated, energy_j, latency_first_token_ms, tokens_in, tokens_out"
 )
 
@@ -88,6 +88,9 @@ class History:
     bucket_s: float
     sla: float | None  # the target the newest routed turn was routed under
     buckets: list[Bucket]
+    # USD by the local day a turn finished, as the daily cap counts it (``daily_cost``); the buckets' cost is
+    # by the day a turn began, so a turn across midnight counted a day the cap did not
+    spent_by_day: dict[str, float] = field(default_factory=dict)
 
     @property
     def turns(self) -> int:
@@ -117,16 +120,25 @@ def read_history(db_path: Path, period_s: float, now: float | None = None) -> Hi
     start = since - since % bucket_s if bucket_s < 86400 else local_midnight(since)
     buckets = [Bucket(start + i * bucket_s) for i in range(int((until - start) // bucket_s) + 1)]
     sql = f"SELECT {COLUMNS} FROM decisions WHERE created >= ? AND created <= ?"
+    spent: dict[str, float] = {}
     for row in iter_rows(db_path, sql, period):
         _add(buckets[min(int((row["created"] - start) // bucket_s), len(buckets) - 1)], row)
-    return History(since, until, bucket_s, sla, buckets)
+        if row["outcome"] != "pending" and row["cost_usd"]:
+            day = _day(row["finished"])
+            spent[day] = spent.get(day, 0.0) + row["cost_usd"]
+    return History(since, until, bucket_s, sla, buckets, spent)
+
+
+def _day(when: float) -> str:
+    return time.strftime("%Y-%m-%d", time.localtime(when))
 
 
 def _add(bucket: Bucket, row: sqlite3.Row) -> None:
     bucket.turns += 1
     bucket.cloud += row["location"] == "cloud"
-    bucket.cost_usd += row["cost_usd"] or 0.0
-    bucket.estimated += bool(row["cost_estimated"])
+    if row["outcome"] != "pending":  # a turn still running holds its most, not what it spent (DecisionRecord)
+        bucket.cost_usd += row["cost_usd"] or 0.0
+        bucket.estimated += bool(row["cost_estimated"])
     bucket.energy_j += row["energy_j"] or 0.0
     if row["location"] == "local" and row["outcome"] in ANSWERED:
         bucket.local_tokens[0] += row["tokens_in"] or 0
@@ -147,9 +159,10 @@ def _add(bucket: Bucket, row: sqlite3.Row) -> None:
 
 
 def daily_cost(history: History) -> dict[str, float]:
-    """USD spent per local calendar day (the daily cap's day), whatever the bucket size."""
-    out: dict[str, float] = {}
-    for b in history.buckets:
-        day = time.strftime("%Y-%m-%d", time.localtime(b.start))
-        out[day] = out.get(day, 0.0) + b.cost_usd
-    return out
+    """USD spent per local calendar day of the period, whatever the bucket size: by the day each turn
+    finished, as the daily cap counts it (``locod status``'s ``spent_today_usd``); a turn still running
+    has spent nothing yet."""
+    out = dict.fromkeys((_day(b.start) for b in history.buckets), 0.0)
+    for day, usd in history.spent_by_day.items():
+        out[day] = out.get(day, 0.0) + usd
+    return dict(sorted(out.items()))

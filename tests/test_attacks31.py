@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import re
+import sqlite3
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +21,8 @@ from typing import Any
 import pytest
 
 from locod.client import Client, TurnResult, attachment
+from locod.daemon.history import daily_cost, read_history
+from locod.daemon.tallies import local_midnight
 
 from .conftest import SECRET, DaemonHandle, cloud_config, wait_for
 from .faultproxy import Fault, FaultProxy
@@ -142,3 +146,40 @@ def test_a_documents_excerpts_are_priced_against_the_cap(
     assert proxy.chat_requests() == []
     assert client.ask("What does the plan cover?", max_tokens=MAX_TOKENS).decision.location == "cloud"
     assert spent_in_log(handle) <= 0.05
+
+
+def test_the_reports_money_per_day_is_the_caps_and_status_spend(
+    daemon_factory: Any, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """`locod report`'s money per day ("the daily cap's day") counted a turn on the day it began, and a turn
+    still running at the most it may cost; the cap and `locod status` count a turn on the day it finished,
+    and one running at nothing yet. A turn across midnight showed on a day the cap never counted it (a day
+    over its cap, to the eye), and a report drawn during a turn showed its hold as spent. Now the report
+    counts as the cap does, and agrees with status, before and after a restart."""
+    handle = daemon_factory(capped_config(proxy.base_url), extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    client = handle.client()
+    assert client.ask("Say one word.", max_tokens=MAX_TOKENS).decision.location == "cloud"
+    held = Fault(kind="hold", times=1)
+    proxy.set(held)
+    running = Client(handle.endpoint).chat("Say one more word.", max_tokens=MAX_TOKENS)
+    assert next(running).location == "cloud"
+    wait_for(lambda: proxy.chat_requests()[1:], 120, "the second turn at the cloud")
+    today = time.strftime("%Y-%m-%d")
+    spent = client.status()["cloud"]["spent_today_usd"]
+    assert 0 < spent == pytest.approx(spent_in_log(handle) - MOST)  # the row of the turn running holds MOST
+    assert daily_cost(read_history(handle.db_path, 86400))[today] == pytest.approx(spent)
+    held.released.set()
+    list(running)
+    handle.stop()
+    midnight = local_midnight()
+    across = midnight + min(60.0, (time.time() - midnight) / 2)  # begun before midnight, finished after it
+    conn = sqlite3.connect(handle.db_path)
+    with conn:
+        conn.execute("UPDATE decisions SET created = ?, finished = ? WHERE id = 1", [midnight - 60, across])
+    conn.close()
+    handle = daemon_factory(capped_config(proxy.base_url), name="d", extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    spent = handle.client().status()["cloud"]["spent_today_usd"]
+    assert spent == pytest.approx(spent_in_log(handle))
+    days = daily_cost(read_history(handle.db_path, 2 * 86400))
+    assert days[today] == pytest.approx(spent)
+    assert sum(days.values()) == pytest.approx(spent)
