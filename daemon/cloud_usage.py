@@ -8,14 +8,18 @@ input of at most one token per byte sent plus a template's overhead, an output o
 ``max_tokens`` (providers stop at ``max_tokens``; the slack is for counting differences). Otherwise both
 counts are estimated from characters, as for an endpoint that reports no usage, and one warning per model
 is logged. An estimated input counts each message's text at four characters a token, rounded up, plus the
-few tokens its role and separators take: a one-word question is not a prompt of 0 tokens. An estimated
-output is at most ``max_tokens``.
+few tokens its role and separators take: a one-word question is not a prompt of 0 tokens; only a message's
+text is counted (an image is priced at ``usd_per_image``: counted as text, its data URL made one photo tens
+of thousands of tokens). The daily cap holds a call at this estimate of what it is sent
+(``estimated_input``), never below what its answer is priced at without usage. An estimated output is at
+most ``max_tokens``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from locod.daemon.backends import Prompt
@@ -34,16 +38,29 @@ def counted(model: str, usage: Any, prompt: Prompt, text: str, chunks: int) -> t
     if usage is not None:
         tokens_in = getattr(usage, "prompt_tokens", None)
         tokens_out = getattr(usage, "completion_tokens", None)
-        sent = max(prompt.upload.bytes, sum(len(str(m.get("content", ""))) * 4 for m in prompt.messages))
+        sent = max(prompt.upload.bytes, sum(len(text_of(m)) * 4 for m in prompt.messages))
         problem = _problem("prompt_tokens", tokens_in, sent + OVERHEAD_TOKENS) or _problem(
             "completion_tokens", tokens_out, 2 * prompt.max_tokens + 64
         )
         if problem is None:
             return int(tokens_in), int(tokens_out), False  # type: ignore[arg-type]
         _warn_once(model, problem)
-    tokens_in = sum(-(-len(str(m.get("content", ""))) // CHARS_PER_TOKEN) + PER_MESSAGE_TOKENS for m in prompt.messages)
     # no more than were asked for: the endpoint stopped there, and a client reads usage against max_tokens
-    return tokens_in, min(prompt.max_tokens, max(chunks, estimate_tokens(len(text)))), True
+    return estimated_input(prompt.messages), min(prompt.max_tokens, max(chunks, estimate_tokens(len(text)))), True
+
+
+def estimated_input(messages: Iterable[Mapping[str, object]]) -> int:
+    """The prompt tokens of ``messages`` as estimated without usage: each one's text at four characters a
+    token, rounded up, and its role and separators."""
+    return sum(-(-len(text_of(m)) // CHARS_PER_TOKEN) + PER_MESSAGE_TOKENS for m in messages)
+
+
+def text_of(message: Mapping[str, object]) -> str:
+    """A message's text: its content, or the text parts of a content of parts (not an image's data URL)."""
+    content = message.get("content", "")
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return str(content)
 
 
 def _problem(field: str, value: Any, bound: int) -> str | None:

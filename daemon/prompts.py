@@ -113,14 +113,22 @@ class LocalQuestion:
         return replace(self, attachments=kept)
 
 
-def cloud_messages(turn: Turn, send: tuple[int, ...], doc_token_budget: int) -> tuple[list[dict[str, object]], Upload]:
-    """The messages in the OpenAI shape (images as data URLs), and what they upload."""
+def cloud_text(turn: Turn, send: tuple[int, ...], doc_token_budget: int) -> list[dict[str, str]]:
+    """What a cloud model is sent for the turn, less the images: the history, then the question with the
+    excerpts of the documents among ``send``. The daily cap prices a cloud action by it (``Turn.cloud_price``)."""
     docs = documents_text([turn.attachments[i] for i in send], doc_token_budget)
     text = f"{docs}\n\n{turn.request.prompt}" if docs else turn.request.prompt
+    return [*history(turn, cloud=True), {"role": "user", "content": text}]
+
+
+def cloud_messages(turn: Turn, send: tuple[int, ...], doc_token_budget: int) -> tuple[list[dict[str, object]], Upload]:
+    """The messages in the OpenAI shape (images as data URLs), and what they upload."""
+    *earlier, question = cloud_text(turn, send, doc_token_budget)
+    text = question["content"]
     images = [turn.attachments[i] for i in send if turn.attachments[i].kind == "image"]
     parts: list[dict[str, object]] = [{"type": "text", "text": text}]
     parts += [{"type": "image_url", "image_url": {"url": data_url(image.jpeg)}} for image in images]
-    question: dict[str, object] = {"role": "user", "content": parts if images else text}
-    messages = [*(dict[str, object](m) for m in history(turn, cloud=True)), question]
+    asked: dict[str, object] = {"role": "user", "content": parts if images else text}
+    messages = [*(dict[str, object](m) for m in earlier), asked]
     upload_bytes = len(text.encode()) + sum(image.upload_bytes for image in images)
     return messages, Upload(images=len(images), bytes=upload_bytes)

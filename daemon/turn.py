@@ -28,6 +28,7 @@ from locod.daemon.answer_digests import answer_digest, opening_digests, resent_d
 from locod.daemon.backends import Backend, Generation, Prompt, Sampling, Upload
 from locod.daemon.cancel import check_cancelled
 from locod.daemon.cloud import CloudBackend, Received, StreamCut
+from locod.daemon.cloud_usage import estimated_input
 from locod.daemon.config import Config
 from locod.daemon.decider import Decider
 from locod.daemon.decision import Decision, unsent_images, withheld_note
@@ -81,8 +82,8 @@ class Turn:
     @functools.cached_property
     def prompt_tokens(self) -> int:
         """What a model is sent, estimated: the session's history, then the request's messages (a client's
-        own history too, as an HTTP client's new conversation sends it). The decision prices cloud actions,
-        and the daily cap's shield masks them, by it."""
+        own history too, as an HTTP client's new conversation sends it): what an upload is reckoned from
+        (``upload_bytes``); a cloud action is priced by what it is sent (``cloud_price``)."""
         messages = [*self.session.messages, *self.request.messages]
         return sum(estimate_tokens(len(m["content"])) for m in messages)
 
@@ -101,13 +102,12 @@ class Turn:
 
     def cloud_price(self, config: Config, model: str, send: tuple[int, ...], answer_tokens: int) -> float:
         """What cloud ``model`` of ``config`` (the decider's, while it decides: the turn's own is set from it
-        after) charges for this turn: the prompt as estimated with the excerpts of the documents among
-        ``send`` it is sent (priced without them, a turn with a document passed the daily cap by up to
-        ``doc_token_budget`` tokens), the images among ``send``, ``answer_tokens``."""
-        sent = [self.attachments[i] for i in send]
-        images = sum(a.kind == "image" for a in sent)
-        excerpts = prompts.documents_text(sent, config.attachments.doc_token_budget)
-        tokens_in = self.prompt_tokens + (estimate_tokens(len(excerpts)) if excerpts else 0)
+        after) charges for this turn: what it is sent, estimated as its answer is priced without usage
+        (``estimated_input``: the history and the question with the excerpts of the documents among ``send``;
+        priced by its messages alone, a turn with a document passed the daily cap by up to ``doc_token_budget``
+        tokens), the images among ``send``, ``answer_tokens``."""
+        images = sum(self.attachments[i].kind == "image" for i in send)
+        tokens_in = estimated_input(prompts.cloud_text(self, send, config.attachments.doc_token_budget))
         return config.cloud_model(model).price(tokens_in, answer_tokens, images)
 
     def most_spent(self, decision: Decision) -> float:

@@ -18,15 +18,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 
 from locod.client import Client, TurnResult, attachment
 from locod.daemon.history import daily_cost, read_history
+from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
 from locod.daemon.tallies import local_midnight
+from locod.daemon.typed_toml import tomllib
+from locod.protocol import Attachment
 
-from .conftest import SECRET, DaemonHandle, cloud_config, wait_for
+from .conftest import SECRET, DaemonHandle, cloud_config, wait_for, write_config
 from .faultproxy import Fault, FaultProxy
 from .test_attacks26 import held_open
+from .test_escalation import _daemon, _head
 from .test_http import http_daemon
 
 MAX_TOKENS = 8
@@ -183,3 +189,73 @@ def test_the_reports_money_per_day_is_the_caps_and_status_spend(
     days = daily_cost(read_history(handle.db_path, 2 * 86400))
     assert days[today] == pytest.approx(spent)
     assert sum(days.values()) == pytest.approx(spent)
+
+
+def test_an_images_bytes_are_not_priced_as_prompt_tokens(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """A cloud answer whose endpoint reports no usage is priced from its text, and the text was each
+    message's content as a string: an image's whole base64 data URL with it, thousands of "tokens" for one
+    photo on top of its usd_per_image, recorded as spent, counted against the cap, and far past what the
+    cap had held for the turn. Now only the text parts are counted, and the image once, at usd_per_image."""
+    config = capped_config(proxy.base_url)
+    config["cloud"].update(daily_cap_usd=1.0)
+    config["cloud"]["models"][0].update(usd_per_mtok_in=100.0, usd_per_image=0.01)
+    handle = daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    noise = np.random.default_rng(7).integers(0, 256, (240, 320, 3), np.uint8)  # JPEG keeps noise: ~100 kB
+    photo = Attachment("image", "noise.png", data=cv2.imencode(".png", noise)[1].tobytes())
+    done = handle.client().ask("Describe it.", attachments=[photo], max_tokens=MAX_TOKENS).done
+    [row] = handle.rows()
+    assert row["backend"] == "cloud" and row["images_sent"] == 1 and row["cost_estimated"] == 1
+    assert row["tokens_in"] < 50, row["tokens_in"]  # "Describe it." and its message's few tokens
+    assert row["cost_usd"] == pytest.approx(row["tokens_in"] * 100e-6 + row["tokens_out"] * 1000e-6 + 0.01)
+    assert done.cost_usd == pytest.approx(row["cost_usd"])
+
+
+def test_a_cloud_calls_hold_lasts_across_midnight_until_its_cost_is_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call decided at 23:59:59 and answered after midnight: its hold counts against the cap on both days
+    until it is answered (the new day's tally, read from the log, has no pending row), then its cost counts on
+    the day it finished, in the hold's place. The clock is moved, not waited for."""
+    clock = [local_midnight() + 86400 - 1]  # 23:59:59 tonight
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    log = DecisionLog(tmp_path / "locod.db")
+    try:
+        decision = log.begin(DecisionRecord("s", 0, "r", "0" * 64, 2, None, "chat", "cloud", "c", "forced"))
+        held = log.today.hold(0.05)
+        assert (log.spent_today(), log.committed_today()) == (0.0, pytest.approx(0.05))
+        clock[0] += 2  # past midnight, the call still under way
+        assert (log.spent_today(), log.committed_today()) == (0.0, pytest.approx(0.05))
+        log.finish(decision, Outcome("ok", "cloud", "c", cost_usd=0.01), held)
+        assert (log.spent_today(), log.committed_today()) == (pytest.approx(0.01), pytest.approx(0.01))
+        log.today.release(held)  # what a turn's end does again: nothing, once counted
+        assert log.committed_today() == pytest.approx(0.01)
+    finally:
+        log.close()
+
+
+def test_a_turn_that_may_escalate_holds_its_cloud_call_and_is_not_planned_past_the_cap(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    """Answer locally, escalate if unsure: the cloud call comes after the local answer, seconds after the
+    decision that planned it against the cap. With another cloud call under way and room for one turn's worst
+    case, a turn was planned to escalate as if the cap were untouched, and escalated. Now the call under way
+    holds its most, the escalation is not planned (the local answer stands, saying why), and a reload that set
+    the cap and prices mid-day is what the holds and the plan are reckoned by."""
+    handle = _daemon(daemon_factory, tmp_path, proxy, _head(min_weight=1000.0, bias=10.0), "unsure")
+    config = tomllib.loads(handle.config_path.read_text())
+    config["cloud"]["daily_cap_usd"] = 1.5 * MOST
+    config["cloud"]["models"][0].update(usd_per_mtok_in=0.0, usd_per_mtok_out=1000.0)
+    write_config(handle.config_path, config)
+    assert handle.client().reload()["reloaded"]
+    held = Fault(kind="hold", times=1)
+    proxy.set(held)
+    forced = Client(handle.endpoint).chat("Say one word.", force="cloud", max_tokens=MAX_TOKENS)
+    assert next(forced).location == "cloud"
+    wait_for(lambda: proxy.chat_requests(), 120, "the forced turn at the cloud")
+    result = handle.client().ask("What is the plural of mouse?", max_tokens=MAX_TOKENS, temperature=0.0)
+    assert "escalates to" not in result.decision.reason and "daily_cap_usd" in result.decision.reason
+    assert result.escalated is None and result.done.location == "local"
+    held.released.set()
+    list(forced)
+    assert len(proxy.chat_requests()) == 1
+    assert spent_in_log(handle) <= 1.5 * MOST
