@@ -1,8 +1,9 @@
 """Sums of the decision log kept in memory, so that what asks often never reads the whole log: today's spend
 and answers, and what the cloud calls decided on may cost yet (``DailyTally``: every turn's decision asks,
-for the daily cap) and /metrics' totals and latency
-histograms (``FinishedSums``: every scrape). Each is read from the log once and then kept up to date; the
-log (records.py) owns both, and the read-only connection they read through.
+for the daily cap) and /metrics' totals and latency histograms (``FinishedSums``: every scrape). Each is
+read from the log once and then kept up to date; the log (records.py) owns both, and the read-only
+connection they read through; the holds are in memory alone (a call under way is in the log as its turn's
+pending row, which a restart marks interrupted, its most kept as spent).
 """
 
 from __future__ import annotations

@@ -278,9 +278,18 @@ def test_breaker_recovers_after_cooldown(daemon_factory: Any, proxy: FaultProxy)
 
 
 def test_daily_cap_masks_the_cloud(daemon_factory: Any, proxy: FaultProxy) -> None:
-    handle = daemon_factory(cloud_config(proxy.base_url, daily_cap_usd=1e-9))
+    """A turn whose worst case passes what is left of the cap is not sent, even one the config sends to the
+    cloud (routing.mode = cloud); a cap a reload sets below today's spend masks the cloud until midnight."""
+    config = cloud_config(proxy.base_url, daily_cap_usd=1e-9)
+    handle = daemon_factory(config)
     client = handle.client()
-    assert client.ask("Hi", max_tokens=2).decision.location == "cloud"
+    kept = client.ask("Hi", max_tokens=2)
+    assert kept.decision.location == "local" and "cloud.daily_cap_usd" in (kept.decision.notice or "")
+    assert "may cost" in kept.decision.reason and proxy.chat_requests() == []
+    write_config(handle.config_path, cloud_config(proxy.base_url))  # no cap: the cloud answers, and spends
+    assert client.reload()["reloaded"] and client.ask("Hi", max_tokens=2).decision.location == "cloud"
+    write_config(handle.config_path, config)
+    assert client.reload()["reloaded"]
     capped = client.ask("Hi again", max_tokens=2)
     assert capped.decision.location == "local"
     assert "reached the cap" in capped.decision.reason
