@@ -498,9 +498,8 @@ class Decider:
         """What today's daily cap leaves a cloud answer to this turn: the USD left (below 0 once spent past
         it) and the answer's most tokens (the turn's max_tokens), which the shield (``_over_cap``) and the
         reason it gives (``_unfit_cloud_reason``) both price at; None when no cap is set."""
-        if access.daily_cap_usd <= 0:
-            return None
-        return access.daily_cap_usd - access.spent_today_usd, turn.max_tokens()
+        left = access.cap_left
+        return None if left is None else (left, turn.max_tokens())
 
     def _policy(
         self,

@@ -47,18 +47,23 @@ class CloudAccess:
             return "no cloud model is configured"
         if self.online is False:
             return "the device is offline (no network link)"
-        if self.daily_cap_usd > 0 and self.spent_today_usd >= self.daily_cap_usd:
+        if (left := self.cap_left) is not None and left <= 0:
             return (
                 f"today's cloud spend {self._spent()} reached the cap {dollars(self.daily_cap_usd)} "
                 "until local midnight (cloud.daily_cap_usd: raise it and `locod reload` to use the cloud today)"
             )
         return None
 
+    @property
+    def cap_left(self) -> float | None:
+        """What the daily cap leaves today's cloud calls (below 0 once spent past it); None: no cap is set."""
+        return self.daily_cap_usd - self.spent_today_usd if self.daily_cap_usd > 0 else None
+
     def over_cap(self, usd: float, answer_tokens: int) -> str | None:
         """Why a cloud call that may cost ``usd`` (at ``answer_tokens`` of answer) is not made: it could take
         today's spend past the cap. None when it fits, or there is no cap."""
-        left = self.daily_cap_usd - self.spent_today_usd
-        if self.daily_cap_usd <= 0 or usd <= left:
+        left = self.cap_left
+        if left is None or usd <= left:
             return None
         return (
             f"a cloud answer of up to {answer_tokens} tokens may cost {dollars(usd)}, more than the "

@@ -78,6 +78,10 @@ class Turn:
     # What its cloud call may cost, held against the daily cap from its decision (``Decider.decide``) until its
     # record's completion counts what it did cost (``DecisionLog.finish``), or it ends before it is accepted.
     held: Held | None = None
+    # What a cloud model is sent for an upload choice, in estimated tokens, by (send, doc_token_budget): a
+    # decision prices each cloud action several times (its cost, the cap's shield, the hold), and each pricing
+    # would build the history and the documents' excerpts again.
+    _cloud_tokens: dict[tuple[tuple[int, ...], int], int] = field(default_factory=dict, repr=False, compare=False)
 
     @functools.cached_property
     def prompt_tokens(self) -> int:
@@ -107,8 +111,10 @@ class Turn:
         priced by its messages alone, a turn with a document passed the daily cap by up to ``doc_token_budget``
         tokens), the images among ``send``, ``answer_tokens``."""
         images = sum(self.attachments[i].kind == "image" for i in send)
-        tokens_in = estimated_input(prompts.cloud_text(self, send, config.attachments.doc_token_budget))
-        return config.cloud_model(model).price(tokens_in, answer_tokens, images)
+        key = (send, config.attachments.doc_token_budget)
+        if key not in self._cloud_tokens:
+            self._cloud_tokens[key] = estimated_input(prompts.cloud_text(self, *key))
+        return config.cloud_model(model).price(self._cloud_tokens[key], answer_tokens, images)
 
     def most_spent(self, decision: Decision) -> float:
         """What a cloud call for ``decision`` may cost: the whole ``max_tokens`` of answer, the price the
