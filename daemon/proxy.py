@@ -62,7 +62,8 @@ def route(model: CloudModelConfig, source: str) -> Route | None:
         return None
     if through is None:
         return Route(hop)
-    tunnelled = model.base_url.startswith("https://") and through.startswith("http://")  # an https proxy: TLS first
+    # an https proxy is spoken to in TLS first; schemes as urlsplit reads them, in lower case ("HTTP://" too)
+    tunnelled = urlsplit(model.base_url).scheme == "https" and urlsplit(through).scheme == "http"
     return Route(hop, through, endpoint if tunnelled else None)
 
 
