@@ -560,7 +560,7 @@ def _read_added_arrays(data: np.lib.npyio.NpzFile, state: MessPlusState) -> None
         state.file_since = {str(n): int(d) for n, d in since if d}
     if "settled_ids" in data:  # the last turns settled
         state.settled_ids = dict.fromkeys(int(i) for i in data["settled_ids"])
-    if "stopped_at" in data:  # saved by a clean stop
+    if "stopped_at" in data:  # saved by a clean stop, or by follow_log when it dropped every id
         state.stopped_at = int(data["stopped_at"])
     if "log_id" in data:  # the decision log its ids name turns of
         state.log_id = str(data["log_id"])
