@@ -3,31 +3,225 @@
 llama.cpp then samples only tokens that keep the answer valid: an answer in JSON mode is a JSON object, one
 given a schema follows it. llama-cpp-python builds such a grammar from ``{"type": "json_object"}`` alone and
 reads no ``json_schema``, whose request it would answer in prose, so locod builds both itself.
+
+A schema is a client's, and what llama.cpp makes of its grammar runs natively on the local model's thread,
+where a failure is the whole daemon's: a grammar its parser refuses leaves a null sampler that crashes the
+first token (a ``maxLength`` over about 1000 does), one nested too deep overflows the thread's stack, and
+one that admits no character (a pattern's ``[^\\x00-\\U0010FFFF]``) aborts the process at the first token
+when nothing is left to sample. What it costs grows too: the converter writes a ``minLength`` of 10^9 out as
+gigabytes, and every enum value is a grammar stack checked against the whole vocabulary at each token. So a
+schema is bounded first, its grammar built within a budget, checked by llama.cpp's parser and for classes
+that match nothing, and refused by name (``bad_field``) before the turn waits for the local model.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import threading
+from collections import OrderedDict
 from typing import Any
 
-from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+import llama_cpp
+from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, SchemaConverter
 
 from locod.errors import RequestError, first_line
+
+# A repetition llama.cpp unrolls, nested (maxLength, maxItems, a pattern's {m,n}): its parser refuses
+# a little over 1000 of them ("exceeds sane defaults"), and the converter writes each one out.
+MAX_REPEAT = 1000
+REPEATS = ("minLength", "maxLength", "minItems", "maxItems")
+MAX_ENUM_VALUES = 1000  # all the schema's enums together, OpenAI's bound: each is a stack checked per token
+MAX_PATTERN_CHARS = 1000  # a pattern's literal text is written out once for each repetition of it
+MAX_GRAMMAR_CHARS = 128 << 10  # what llama.cpp parses and walks at each token (an enum of ~5000 values)
+MAX_RULES = 1000  # the converter finds a free name for a rule by trying them in turn
+QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
+CACHED = 16  # grammars kept: a turn's schema is built before it waits, at each fitting and as it opens
+GBNF_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.DOTALL)
+SIMPLE_ESCAPES = {"t": "\t", "r": "\r", "n": "\n"}
+UNICODE_END = 0x10FFFF
+
+
+class _Refused(Exception):
+    """A schema locod does not turn into a grammar, with why in a client's words."""
+
+
+class _BoundedConverter(SchemaConverter):  # type: ignore[misc]
+    """llama.cpp's converter, stopped once its grammar grows past the budget (each rule it adds is bounded
+    by the schema's checks, so no one rule runs away before the count)."""
+
+    def __init__(self) -> None:
+        super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+        self.chars = 0
+
+    def _add_rule(self, name: str, rule: str) -> str:
+        self.chars += len(rule)
+        if self.chars > MAX_GRAMMAR_CHARS or len(self._rules) >= MAX_RULES:
+            raise _Refused(
+                f"its grammar grows past {MAX_GRAMMAR_CHARS >> 10} KiB or {MAX_RULES} rules: a schema that large "
+                "would slow every token of the local model"
+            )
+        return str(super()._add_rule(name, rule))
+
+
+def _bounds_problem(schema: Any) -> str | None:
+    """Why the schema asks for more than a local model is held to (None: it does not), read before anything
+    is built from it. Only numbers and strings are looked at, so a property named like a keyword is left be."""
+    values, pending = 0, [schema]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, list):
+            pending.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        for key in REPEATS:
+            if isinstance(node.get(key), int) and node[key] > MAX_REPEAT:
+                return f"{key} {node[key]} is over the {MAX_REPEAT} a local model is held to"
+        pattern = node.get("pattern")
+        if isinstance(pattern, str):
+            if len(pattern) > MAX_PATTERN_CHARS:
+                return f"a pattern of {len(pattern)} characters is over the {MAX_PATTERN_CHARS} a local model takes"
+            counts = [int(n) for match in QUANTIFIER.finditer(pattern) for n in match.groups() if n]
+            if counts and max(counts) > MAX_REPEAT:
+                return f"the pattern's repetition {{{max(counts)}}} is over the {MAX_REPEAT} a local model is held to"
+        if isinstance(node.get("enum"), list):
+            values += len(node["enum"])
+            if values > MAX_ENUM_VALUES:
+                return f"its enums hold over {MAX_ENUM_VALUES} values, more than a local model is held to"
+        pending.extend(node.values())
+    return None
+
+
+def _code_points(body: str) -> list[int]:
+    """The characters of a GBNF literal's or character class's body, its escapes decoded."""
+    points, at = [], 0
+    for match in GBNF_ESCAPE.finditer(body):
+        points.extend(map(ord, body[at : match.start()]))
+        escape = match.group(1)
+        points.append(ord(SIMPLE_ESCAPES.get(escape, escape)) if len(escape) == 1 else int(escape[1:], 16))
+        at = match.end()
+    points.extend(map(ord, body[at:]))
+    return points
+
+
+def _class_ranges(body: str) -> list[tuple[int, int]]:
+    """The code point ranges a character class's body (between the brackets, past a ``^``) names."""
+    points, ranges, i = _code_points(body), [], 0
+    while i < len(points):
+        if i + 2 < len(points) and points[i + 1] == ord("-"):
+            ranges.append((points[i], points[i + 2]))
+            i += 3
+        else:
+            ranges.append((points[i], points[i]))
+            i += 1
+    return ranges
+
+
+def _matches_a_character(negated: bool, ranges: list[tuple[int, int]]) -> bool:
+    """Whether a class admits a character a token can hold (NUL ends llama.cpp's token text: never one)."""
+    if not negated:
+        return any(high >= max(low, 1) for low, high in ranges)
+    uncovered = 1
+    for low, high in sorted(ranges):
+        if low > uncovered:
+            return True
+        uncovered = max(uncovered, high + 1)
+    return uncovered <= UNICODE_END
+
+
+def _dead_end(grammar: str) -> str | None:
+    """A character class or literal of the grammar that no token can match (None: there is none): llama.cpp
+    finds no token to sample there and aborts the process."""
+    i = 0
+    while i < len(grammar):
+        c = grammar[i]
+        if c in '"[':
+            close = "]" if c == "[" else '"'
+            end = i + 1
+            while end < len(grammar) and grammar[end] != close:
+                end += 2 if grammar[end] == "\\" else 1
+            body = grammar[i + 1 : end]
+            if c == "[":
+                negated = body.startswith("^")
+                if not _matches_a_character(negated, _class_ranges(body[negated:])):
+                    return f"[{body}]"
+            elif 0 in _code_points(body):
+                return f'"{body}"'
+            i = end + 1
+        else:
+            i += 1
+    return None
+
+
+def _parses(grammar: str) -> bool:
+    """Whether llama.cpp's own parser takes the grammar (it needs no vocabulary for that)."""
+    sampler = llama_cpp.llama_sampler_init_grammar(None, grammar.encode(), b"root")
+    if not sampler:
+        return False
+    llama_cpp.llama_sampler_free(sampler)
+    return True
+
+
+def _schema_grammar(schema: dict[str, Any]) -> str:
+    """The GBNF of a JSON schema, within locod's bounds (``_Refused`` says why not)."""
+    problem = _bounds_problem(schema)
+    if problem:
+        raise _Refused(problem)
+    converter = _BoundedConverter()
+    converter.visit(converter.resolve_refs(schema, "stdin"), "")
+    grammar = str(converter.format_grammar())
+    if not _parses(grammar):
+        raise _Refused("llama.cpp's grammar parser refuses what it makes of it (see the daemon log)")
+    dead = _dead_end(grammar)
+    if dead:
+        raise _Refused(f"{dead[:60]} matches no character a model can write")
+    return grammar
+
+
+class _Built:
+    """The grammars of the schemas asked for lately, by their text's digest (the text may be megabytes)."""
+
+    def __init__(self) -> None:
+        self._grammars: OrderedDict[bytes, str] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, schema: dict[str, Any]) -> str:
+        text = json.dumps(schema, sort_keys=True)
+        digest = hashlib.sha256(text.encode()).digest()
+        with self._lock:
+            if digest in self._grammars:
+                self._grammars.move_to_end(digest)
+                return self._grammars[digest]
+        grammar = _schema_grammar(json.loads(text))  # a copy: the converter rewrites the schema's $refs
+        with self._lock:
+            self._grammars[digest] = grammar
+            while len(self._grammars) > CACHED:
+                self._grammars.popitem(last=False)
+        return grammar
+
+
+BUILT = _Built()
 
 
 def answer_grammar(response_format: dict[str, Any] | None) -> LlamaGrammar | None:
     """The grammar of ``response_format`` (``locod.protocol.response_format``'s: None is plain text), or a
     ``bad_field`` refusal, before the turn is accepted, of a schema llama.cpp's converter cannot follow
-    (a remote ``$ref``, an unknown type): answered without it, the JSON would not be the schema's."""
+    (a remote ``$ref``, an unknown type) or locod holds no local answer to (the module's bounds): answered
+    without it, the JSON would not be the schema's."""
     if response_format is None:
         return None
     if response_format["type"] == "json_object":
         return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
     try:
-        return LlamaGrammar.from_json_schema(json.dumps(response_format["json_schema"]["schema"]), verbose=False)
+        grammar = BUILT.get(response_format["json_schema"]["schema"])
     except Exception as exc:  # the converter's ValueError, AssertionError, KeyError, RecursionError ...
+        why = str(exc) if isinstance(exc, _Refused) else first_line(exc)
         raise RequestError(
-            f"'response_format': a local model cannot follow this JSON schema ({first_line(exc)}); send a schema "
-            "llama.cpp's converter takes (local $refs, no unknown types), or name a cloud model to answer it",
+            f"'response_format': a local model cannot follow this JSON schema ({why}); send a schema "
+            "llama.cpp's converter takes (local $refs, no unknown types) within locod's bounds (docs/http.md), "
+            "or name a cloud model to answer it",
             code="bad_field",
         ) from None
+    return LlamaGrammar.from_string(grammar, verbose=False)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from locod.daemon import attachments as att
 from locod.daemon import prompts
 from locod.daemon.answer_digests import answer_digest, opening_digests, resent_digests
+from locod.daemon.answer_grammar import answer_grammar
 from locod.daemon.backends import Backend, Generation, Prompt, Sampling, Upload
 from locod.daemon.cancel import check_cancelled
 from locod.daemon.cloud import CloudBackend, Received, StreamCut
@@ -347,6 +348,8 @@ class TurnRunner:
         check = ConfidenceCheck.of(decision, turn.request.prompt, self.learner)  # a turn that may escalate
         waiting = time.perf_counter()
         on_wait = (lambda ahead: reply.send(QueuedFrame(ahead))) if turn.request.options.queued else None
+        if decision.location == "local":  # a schema it cannot follow is refused before the turn waits for it
+            answer_grammar(turn.request.options.response_format)  # built here, found built when it answers
         with backend.slot(turn.client, reply.cancelled, on_wait) as granted:
             if not granted:  # the client left, or the daemon is stopping: nothing was accepted
                 reply.send(ErrorFrame(Busy.code, "cancelled", reply.cancel_reason))
