@@ -32,9 +32,10 @@ from locod.errors import RequestError, first_line
 # a little over 1000 of them ("exceeds sane defaults"), and the converter writes each one out.
 MAX_REPEAT = 1000
 REPEATS = ("minLength", "maxLength", "minItems", "maxItems")
+INSTANCES = ("enum", "const", "default", "examples")  # keywords whose values are JSON data, not schemas
 MAX_ENUM_VALUES = 1000  # all the schema's enums together, OpenAI's bound: each is a stack checked per token
 MAX_PATTERN_CHARS = 1000  # a pattern's literal text is written out once for each repetition of it
-MAX_GRAMMAR_CHARS = 128 << 10  # what llama.cpp parses and walks at each token (an enum of ~5000 values)
+MAX_GRAMMAR_CHARS = 128 << 10  # what llama.cpp parses, and walks at each token
 MAX_RULES = 1000  # the converter finds a free name for a rule by trying them in turn
 QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
 CACHED = 16  # grammars kept: a turn's schema is built before it waits, at each fitting and as it opens
@@ -47,7 +48,7 @@ class _Refused(Exception):
     """A schema locod does not turn into a grammar, with why in a client's words."""
 
 
-class _BoundedConverter(SchemaConverter):  # type: ignore[misc]
+class _BoundedConverter(SchemaConverter):
     """llama.cpp's converter, stopped once its grammar grows past the budget (each rule it adds is bounded
     by the schema's checks, so no one rule runs away before the count)."""
 
@@ -67,7 +68,8 @@ class _BoundedConverter(SchemaConverter):  # type: ignore[misc]
 
 def _bounds_problem(schema: Any) -> str | None:
     """Why the schema asks for more than a local model is held to (None: it does not), read before anything
-    is built from it. Only numbers and strings are looked at, so a property named like a keyword is left be."""
+    is built from it. A keyword's value is read only where it has the keyword's type, so a property named like
+    a keyword is left be, and data (an enum's values, examples) is not read as schemas."""
     values, pending = 0, [schema]
     while pending:
         node = pending.pop()
@@ -90,13 +92,14 @@ def _bounds_problem(schema: Any) -> str | None:
             values += len(node["enum"])
             if values > MAX_ENUM_VALUES:
                 return f"its enums hold over {MAX_ENUM_VALUES} values, more than a local model is held to"
-        pending.extend(node.values())
+        pending.extend(value for key, value in node.items() if key not in INSTANCES)
     return None
 
 
 def _code_points(body: str) -> list[int]:
     """The characters of a GBNF literal's or character class's body, its escapes decoded."""
-    points, at = [], 0
+    points: list[int] = []
+    at = 0
     for match in GBNF_ESCAPE.finditer(body):
         points.extend(map(ord, body[at : match.start()]))
         escape = match.group(1)
@@ -108,7 +111,8 @@ def _code_points(body: str) -> list[int]:
 
 def _class_ranges(body: str) -> list[tuple[int, int]]:
     """The code point ranges a character class's body (between the brackets, past a ``^``) names."""
-    points, ranges, i = _code_points(body), [], 0
+    points, i = _code_points(body), 0
+    ranges: list[tuple[int, int]] = []
     while i < len(points):
         if i + 2 < len(points) and points[i + 1] == ord("-"):
             ranges.append((points[i], points[i + 2]))
@@ -188,7 +192,7 @@ class _Built:
         self._lock = threading.Lock()
 
     def get(self, schema: dict[str, Any]) -> str:
-        text = json.dumps(schema, sort_keys=True)
+        text = json.dumps(schema)  # key order kept: the answer writes properties in the schema's order
         digest = hashlib.sha256(text.encode()).digest()
         with self._lock:
             if digest in self._grammars:
