@@ -174,6 +174,9 @@ def _schema_grammar(schema: dict[str, Any]) -> str:
     if problem:
         raise _Refused(problem)
     converter = _BoundedConverter()
+    # llama.cpp's resolver reads nothing beside a $ref: a root that is one (pydantic's recursive model) left
+    # the $refs of its $defs unresolved, and was refused
+    converter.resolve_refs({key: value for key, value in schema.items() if key != "$ref"}, "stdin")
     converter.visit(converter.resolve_refs(schema, "stdin"), "")
     grammar = str(converter.format_grammar())
     if not _parses(grammar):

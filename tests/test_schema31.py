@@ -33,14 +33,16 @@ def _door(daemon_factory: Any) -> tuple[DaemonHandle, openai.OpenAI]:
     return handle, client
 
 
-# Each crashed or stalled the daemon: a grammar llama.cpp's parser refuses leaves a null sampler that the
-# first token dereferences (SIGSEGV), one that admits no character aborts it (SIGABRT), the converter writes
-# a minLength of 10^9 out as 5 GB, and 5000 enum values took seconds per token with the local model held.
+# Each crashed or stalled the daemon: a grammar llama.cpp's parser refuses (too many nested repetitions, no
+# alternative, left recursion) leaves a null sampler that the first token dereferences (SIGSEGV), one that
+# admits no character aborts it (SIGABRT), the converter writes a minLength of 10^9 out as 5 GB, and 5000
+# enum values took seconds per token with the local model held.
 HOSTILE = [
     ({"type": "string", "maxLength": 5000}, "maxLength 5000 is over the 1000"),
     ({"type": "string", "pattern": "^[^\\x00-\\U0010FFFF]$"}, "matches no character a model can write"),
     ({"type": "string", "pattern": "^\\x00$"}, "matches no character a model can write"),
     ({"anyOf": []}, "llama.cpp's grammar parser refuses"),
+    ({"properties": {"a": {"$ref": "#/properties/a"}}, "required": ["a"]}, "parser refuses"),  # a ::= a
     ({"type": "string", "minLength": 10**9}, "minLength 1000000000 is over the 1000"),
     ({"type": "string", "pattern": "^a{0,99999}$"}, "repetition {99999} is over the 1000"),
     ({"enum": [f"value {i}" for i in range(5000)]}, "enums hold over 1000 values"),
@@ -89,3 +91,25 @@ def test_hostile_schemas_are_refused_by_name_and_the_daemon_answers_on(daemon_fa
         response_format=_as_schema(with_a_keyword_name),  # type: ignore[arg-type]
     )
     assert set(json.loads(named.choices[0].message.content or "")) == {"maxLength", "pattern"}
+
+
+def test_a_recursive_model_whose_root_is_a_ref_is_followed(daemon_factory: Any) -> None:
+    """Attack finding: pydantic writes a recursive model (a tree) as `{"$defs": {...}, "$ref": "#/$defs/Node"}`;
+    llama.cpp's converter reads nothing beside a root `$ref`, so the `$ref`s inside `$defs` stayed unresolved and
+    the schema was refused ("'#/$defs/Node'"). Now it is followed: the answer is a node."""
+    _, client = _door(daemon_factory)
+    node = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 12}, "kids": {"type": "array", "maxItems": 0,
+                       "items": {"$ref": "#/$defs/Node"}}},
+        "required": ["name", "kids"],
+    }  # fmt: skip
+    tree = {"$defs": {"Node": node}, "$ref": "#/$defs/Node"}
+    answer = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "A family tree as JSON."}],
+        max_tokens=60,
+        temperature=0.0,
+        response_format=_as_schema(tree),  # type: ignore[arg-type]
+    )
+    assert set(json.loads(answer.choices[0].message.content or "")) == {"name", "kids"}
