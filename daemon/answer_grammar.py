@@ -24,7 +24,7 @@ from collections import OrderedDict
 from typing import Any
 
 import llama_cpp
-from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar, SchemaConverter
+from llama_cpp.llama_grammar import JSON_GBNF, BuiltinRule, LlamaGrammar, SchemaConverter
 
 from locod.errors import RequestError, first_line
 
@@ -42,6 +42,9 @@ CACHED = 16  # grammars kept: a turn's schema is built before it waits, at each 
 GBNF_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.DOTALL)
 SIMPLE_ESCAPES = {"t": "\t", "r": "\r", "n": "\n"}
 UNICODE_END = 0x10FFFF
+HEX = "[0-9a-fA-F]"
+# a string's character as JSON has it: no raw control character (the converter's own takes any)
+JSON_CHAR = BuiltinRule(rf'[^"\\\x00-\x1F] | "\\" (["\\/bfnrt] | "u" {HEX} {HEX} {HEX} {HEX})', [])
 
 
 class _Refused(Exception):
@@ -55,6 +58,11 @@ class _BoundedConverter(SchemaConverter):
     def __init__(self) -> None:
         super().__init__(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
         self.chars = 0
+
+    def _add_primitive(self, name: str, rule: BuiltinRule) -> str:
+        """llama.cpp's rules, but a string's character as JSON has it: the converter's takes a raw newline or
+        any control character, which a model held to it writes into a long string, and no JSON parser reads."""
+        return str(super()._add_primitive(name, JSON_CHAR if name == "char" else rule))
 
     def _add_rule(self, name: str, rule: str) -> str:
         self.chars += len(rule)

@@ -5,6 +5,7 @@ schema's grammar runs natively on the local model's thread, where a failure is t
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import openai
@@ -113,3 +114,19 @@ def test_a_recursive_model_whose_root_is_a_ref_is_followed(daemon_factory: Any) 
         response_format=_as_schema(tree),  # type: ignore[arg-type]
     )
     assert set(json.loads(answer.choices[0].message.content or "")) == {"name", "kids"}
+
+
+def test_a_string_held_to_a_schema_holds_no_raw_control_character(daemon_factory: Any) -> None:
+    """Attack finding: llama.cpp's converter lets a schema's string hold any character but a quote or a
+    backslash: asked for a poem as `{"text": ...}`, the model wrote its line breaks raw into the string, and
+    the answer was JSON no parser reads ("Invalid control character"). Now a string's characters are JSON's
+    (a line break is written `\\n`), on both doors."""
+    handle, client = _door(daemon_factory)
+    text = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+    poem = [{"role": "user", "content": "Write a poem of four lines."}]
+    held: dict[str, Any] = {"max_tokens": 60, "temperature": 0.0, "response_format": _as_schema(text)}
+    answer = client.chat.completions.create(model=MODEL_NAME, messages=poem, **held)
+    with handle.client() as c:
+        socket = c.ask(messages=poem, force="local", **held).text
+    for written in (answer.choices[0].message.content or "", socket):
+        assert written.startswith("{") and not re.search(r"[\x00-\x1f]", written), repr(written)
