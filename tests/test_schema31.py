@@ -38,7 +38,7 @@ def _door(daemon_factory: Any) -> tuple[DaemonHandle, openai.OpenAI]:
 # alternative, left recursion) leaves a null sampler that the first token dereferences (SIGSEGV), one that
 # admits no character aborts it (SIGABRT), the converter writes a minLength of 10^9 out as 5 GB, and 5000
 # enum values took seconds per token with the local model held.
-HOSTILE = [
+HOSTILE: list[tuple[dict[str, Any], str]] = [
     ({"type": "string", "maxLength": 5000}, "maxLength 5000 is over the 1000"),
     ({"type": "string", "pattern": "^[^\\x00-\\U0010FFFF]$"}, "matches no character a model can write"),
     ({"type": "string", "pattern": "^\\x00$"}, "matches no character a model can write"),
@@ -89,8 +89,8 @@ def test_hostile_schemas_are_refused_by_name_and_the_daemon_answers_on(daemon_fa
         messages=[{"role": "user", "content": "Answer as JSON."}],
         max_tokens=60,
         temperature=0.0,
-        response_format=_as_schema(with_a_keyword_name),  # type: ignore[arg-type]
-    )
+        response_format=_as_schema(with_a_keyword_name),
+    )  # type: ignore[call-overload]
     assert set(json.loads(named.choices[0].message.content or "")) == {"maxLength", "pattern"}
 
 
@@ -111,8 +111,8 @@ def test_a_recursive_model_whose_root_is_a_ref_is_followed(daemon_factory: Any) 
         messages=[{"role": "user", "content": "A family tree as JSON."}],
         max_tokens=60,
         temperature=0.0,
-        response_format=_as_schema(tree),  # type: ignore[arg-type]
-    )
+        response_format=_as_schema(tree),
+    )  # type: ignore[call-overload]
     assert set(json.loads(answer.choices[0].message.content or "")) == {"name", "kids"}
 
 
@@ -123,7 +123,7 @@ def test_a_string_held_to_a_schema_holds_no_raw_control_character(daemon_factory
     (a line break is written `\\n`), on both doors."""
     handle, client = _door(daemon_factory)
     text = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
-    poem = [{"role": "user", "content": "Write a poem of four lines."}]
+    poem: Any = [{"role": "user", "content": "Write a poem of four lines."}]
     held: dict[str, Any] = {"max_tokens": 60, "temperature": 0.0, "response_format": _as_schema(text)}
     answer = client.chat.completions.create(model=MODEL_NAME, messages=poem, **held)
     with handle.client() as c:
