@@ -38,6 +38,7 @@ from locod.daemon.kvcache import DialogueCache
 from locod.daemon.kvpark import DiskPark
 from locod.daemon.logprobs import TokenLogprobs
 from locod.daemon.modelfile import check_model_file, fingerprint, resolve_path
+from locod.daemon.prompt_reading import PromptReading, PromptStopped, StoppedReadings
 from locod.daemon.regular_file import file_stamp
 from locod.daemon.sessions import door_of
 from locod.daemon.telemetry import mem_available_mb
@@ -516,6 +517,7 @@ class LocalBackend:
         self.gate = FairGate(group=lambda client: door_of(cast(bytes, client)))
         self.tokens_per_s: float | None = None  # EWMA of measured generation speed
         self.turn_time = TurnTime()  # EWMA of a local turn's wall time: what each turn ahead makes one wait
+        self.stopped_readings = StoppedReadings()
 
     def slot(
         self, client: Hashable, cancelled: threading.Event, on_wait: Callable[[int], None] | None = None
@@ -551,16 +553,19 @@ class LocalBackend:
         not end by itself)."""
         answer, cut, finish = AnswerStream(prompt, loaded.llm, opened.logprobs), True, None
         try:
-            for chunk in opened.stream:
-                if prompt.cancelled.is_set():
-                    break
-                finish = chunk["choices"][0].get("finish_reason") or finish
-                delta = chunk["choices"][0]["delta"].get("content")
-                if delta and not answer.add(str(delta)):
-                    break  # the checkpoint escalated the turn: no more of this answer is wanted
-            else:
-                answer.end()
-                cut = False
+            with PromptReading(loaded.llm, prompt.cancelled):  # a cancel stops the prompt's reading too
+                for chunk in opened.stream:
+                    if prompt.cancelled.is_set():
+                        break
+                    finish = chunk["choices"][0].get("finish_reason") or finish
+                    delta = chunk["choices"][0]["delta"].get("content")
+                    if delta and not answer.add(str(delta)):
+                        break  # the checkpoint escalated the turn: no more of this answer is wanted
+                else:
+                    answer.end()
+                    cut = False
+        except PromptStopped as stop:
+            self.stopped_readings.count(stop)
         finally:
             opened.stream.close()
         end = time.perf_counter()

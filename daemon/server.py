@@ -620,7 +620,7 @@ class Daemon:
 
     def _local_status(self) -> dict[str, Any]:
         """The local models: configured, loaded (memory in MiB, as local.memory_budget_mb counts it), unusable,
-        their speed, and the dialogue cache."""
+        their speed, the prompt readings a cancel stopped, and the dialogue cache."""
         local = self.config.local
         return {
             "default": local.default,
@@ -630,6 +630,7 @@ class Daemon:
             "memory_budget_mb": self.zoo.budget_mb,
             "unavailable": self.decider.unusable_files(),
             "tokens_per_s": self.local.tokens_per_s,
+            "prompts_stopped": dataclasses.asdict(self.local.stopped_readings),
             "cache": self.zoo.cache.status(),
         }
 
