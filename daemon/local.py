@@ -566,6 +566,11 @@ class LocalBackend:
                     cut = False
         except PromptStopped as stop:
             self.stopped_readings.count(stop)
+            log.info(
+                "a cancelled turn freed the local model %s with %d prompt tokens unread",
+                loaded.config.name,
+                stop.unread,
+            )
         finally:
             opened.stream.close()
         end = time.perf_counter()

@@ -128,6 +128,14 @@ def status(handle: DaemonHandle, ctx: Context) -> dict[str, Any]:
         sock.close()
 
 
+LONG_PROMPT = DOCUMENT * 8 + "\nWhich pier does the ferry of line 42 leave from?"  # about 14,000 tokens
+
+
+def long_context_daemon(daemon_factory: Any, **daemon: Any) -> DaemonHandle:
+    model = {"name": MODEL, "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "n_ctx": 16384}
+    return daemon_factory({"daemon": daemon, "local": {"n_threads": 1, "models": [model]}})
+
+
 def test_a_client_that_hangs_up_during_a_long_prompt_frees_the_model_for_the_next(
     daemon_factory: Any, ctx: Context
 ) -> None:
@@ -135,11 +143,9 @@ def test_a_client_that_hangs_up_during_a_long_prompt_frees_the_model_for_the_nex
     94 s on a loaded 2-core machine, the model held from every other client, before it was recorded
     `cancelled`. Now its reading stops within a batch of the hang-up: the turn queued behind it is answered,
     the cancelled one recorded `cancelled` once, and status counts the tokens its reading left unread."""
-    model = {"name": MODEL, "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "n_ctx": 16384}
-    handle = daemon_factory({"local": {"n_threads": 1, "models": [model]}})
-    long_prompt = DOCUMENT * 8 + "\nWhich pier does the ferry of line 42 leave from?"  # about 14,000 tokens
+    handle = long_context_daemon(daemon_factory)
     leaver = dealer(handle, ctx)
-    send(leaver, "leaver", "chat", prompt=long_prompt, options={"force": "local", "max_tokens": 8})
+    send(leaver, "leaver", "chat", prompt=LONG_PROMPT, options={"force": "local", "max_tokens": 8})
     assert receive(leaver)["type"] == "decision"  # accepted, its prompt being read
     waiter = dealer(handle, ctx)
     send(waiter, "waiter", "chat", prompt="Say hi.", options={"force": "local", "max_tokens": 4})
@@ -154,3 +160,17 @@ def test_a_client_that_hangs_up_during_a_long_prompt_frees_the_model_for_the_nex
     assert stopped["turns"] == 1 and stopped["tokens_unread"] > 0  # its reading stopped short of the end
     wait_for(lambda: status(handle, ctx)["queue"]["in_flight"] == 0, 120, "both turns to end")
     assert sorted((r["request_id"], r["outcome"]) for r in handle.rows()) == [("leaver", "cancelled"), ("waiter", "ok")]
+
+
+def test_a_stop_past_the_grace_frees_the_model_within_a_batch(daemon_factory: Any, ctx: Context) -> None:
+    """A SIGTERM cancels the turns still running once the grace is over: a local one went on reading its
+    prompt to the end before the daemon could exit (past systemd's TimeoutStopSec for a long document on a
+    laptop, a kill). Its reading now stops within a batch: the log says how many tokens were left unread,
+    and the turn is recorded `cancelled`."""
+    handle = long_context_daemon(daemon_factory, shutdown_grace_s=0.0)
+    client = dealer(handle, ctx)
+    send(client, "long", "chat", prompt=LONG_PROMPT, options={"force": "local", "max_tokens": 8})
+    assert receive(client)["type"] == "decision"
+    assert handle.stop(timeout=600) == 0
+    assert "freed the local model" in handle.log() and "prompt tokens unread" in handle.log()
+    assert [(r["request_id"], r["outcome"]) for r in handle.rows()] == [("long", "cancelled")]
