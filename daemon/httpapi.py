@@ -126,7 +126,11 @@ class Exchange:
 
     def opening(self) -> str:
         """What the answer's text starts with, which a chat UI shows (it shows nothing of ``locod``): its
-        notice, or a fallback's message (the cloud failed before any text: the local model answers)."""
+        notice, or a fallback's message (the cloud failed before any text: the local model answers). An answer
+        asked for as JSON (``response_format``) starts with nothing: a client parses it whole (the SDKs'
+        ``parse``), and the notice is in the ``locod`` object."""
+        if self.completion.options.response_format is not None:
+            return ""
         notice = self.fallback if self.fallback is not None else self.notice
         return wire.notice_line(notice) if notice else ""
 
