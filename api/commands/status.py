@@ -161,8 +161,8 @@ def _spending(cloud: dict[str, Any]) -> str:
             f" of the {dollars(cap)} cap: reached, the cloud is off until local midnight, forced turns included "
             "(raise cloud.daily_cap_usd and `locod reload`)"
         )
-    else:
-        text += f" of the {dollars(cap)} cap"
+    else:  # what is left is what each cloud call's most is compared with (a decision's reason quotes it)
+        text += f" of the {dollars(cap)} cap ({dollars(max(cap - spent - (held or 0.0), 0.0))} left)"
     answered = cloud.get("answered_today")  # an older daemon's status has no such field
     if answered and answered["turns"]:
         share = f"{answered['cloud'] / answered['turns']:.0%}"
