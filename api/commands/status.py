@@ -76,11 +76,17 @@ def _local_line(loc: dict[str, Any]) -> str:
         problems += (
             f"; the default's file is not usable ({unavailable[loc['default']]}): its turns fail until it is back"
         )
+    # a client that hung up during a long prompt freed the model, rather than held it to the prompt's end
+    stopped = loc.get("prompts_stopped", {"turns": 0})  # an older daemon's status has no such field
+    stops = ""
+    if stopped["turns"]:
+        readings = counted(stopped["turns"], "prompt reading")
+        stops = f"; {readings} stopped by a cancel ({stopped['tokens_unread']} tokens unread)"
     cache = loc["cache"]
     memory = f", {loc['resident_mb']} of {loc['memory_budget_mb']} MiB" if "resident_mb" in loc else ""  # older daemon
     return (
         f"{loc['default']}{also} (resident: {', '.join(loc['resident']) or 'none'}{memory}; "
-        f"{or_na(loc['tokens_per_s'], '{:.1f}')} tok/s){problems}; dialogue cache {cache['dialogues']} kept, "
+        f"{or_na(loc['tokens_per_s'], '{:.1f}')} tok/s){problems}{stops}; dialogue cache {cache['dialogues']} kept, "
         f"{cache['mb']:.0f}/{cache['limit_mb']:.0f} MiB, "
         f"{counted(cache['hits'], 'hit')}, {counted(cache['misses'], 'miss', 'misses')}"
     )
