@@ -6,14 +6,15 @@ client. Each against a real daemon with the real model and the real loopback clo
 from __future__ import annotations
 
 import json
-import subprocess
+import socket
 from typing import Any
 
 import openai
 from pydantic import BaseModel
 
-from .conftest import SECRET, DaemonHandle, cloud_config, free_port, locod_command
+from .conftest import MODEL_NAME, SECRET, DaemonHandle, cloud_config, free_port, wait_for
 from .faultproxy import FaultProxy
+from .test_cancel31 import LONG_PROMPT  # about 14,000 tokens: read on one thread, far from done when its client leaves
 
 ASK = [{"role": "user", "content": "What is the capital of France? Answer as JSON."}]
 
@@ -80,12 +81,32 @@ def test_status_says_what_is_left_of_the_daily_cap(daemon_factory: Any, proxy: F
     assert answer.model_extra is not None and answer.model_extra["locod"]["location"] == "cloud"
     spent = answer.model_extra["locod"]["cost_usd"]
     assert spent > 0
-    shown = subprocess.run(
-        locod_command("--config", str(handle.config_path), "status"),
-        env=handle.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    shown = handle.cli("status").stdout
     assert "of the $1.00 cap (" in shown and " left)" in shown, shown
+
+
+def test_a_client_that_hangs_up_on_a_long_prompt_over_http_frees_the_model(daemon_factory: Any) -> None:
+    """Walk finding: an SDK call with a long prompt, given up on by its client's timeout, stopped the prompt's
+    reading (the daemon's log said so, `status --json` counted it), but `locod status`, where a user looks
+    for a model held, said nothing of it. Over the HTTP door, as over the socket: the reading stops, status
+    says so, and the next turn is answered."""
+    port = free_port()
+    model = {"name": MODEL_NAME, "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "n_ctx": 16384}
+    handle = daemon_factory({"http": {"listen": f"127.0.0.1:{port}"}, "local": {"n_threads": 1, "models": [model]}})
+    body = json.dumps(
+        {"model": MODEL_NAME, "stream": True, "max_tokens": 8, "messages": [{"role": "user", "content": LONG_PROMPT}]}
+    ).encode()
+    leaver = socket.create_connection(("127.0.0.1", port), timeout=60)
+    leaver.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    with handle.client() as c:
+        wait_for(lambda: c.status()["queue"]["in_flight"] == 1, 120, "the long prompt's turn to be accepted")
+        leaver.close()  # the stream's headers wait for its first text: nothing was read yet
+        wait_for(lambda: c.status()["local"]["prompts_stopped"]["turns"] == 1, 300, "the reading to stop")
+        assert c.ask("Say hi.", force="local", max_tokens=4).done.location == "local"
+    shown = handle.cli("status").stdout
+    assert "1 prompt reading stopped by a cancel (" in shown, shown
+    assert [row["outcome"] for row in handle.rows()] == ["cancelled", "ok"]
