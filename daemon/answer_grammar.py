@@ -18,15 +18,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 import re
+import sys
+import tempfile
 import threading
 from collections import OrderedDict
 from typing import Any
 
 import llama_cpp
-from llama_cpp.llama_grammar import JSON_GBNF, BuiltinRule, LlamaGrammar, SchemaConverter
+from llama_cpp.llama_grammar import JSON_GBNF, PRIMITIVE_RULES, BuiltinRule, LlamaGrammar, SchemaConverter
 
+from locod.daemon.json_pattern import json_text_pattern
 from locod.errors import RequestError, first_line
+
+log = logging.getLogger(__name__)
 
 # A repetition llama.cpp unrolls, nested (maxLength, maxItems, a pattern's {m,n}): its parser refuses
 # a little over 1000 of them ("exceeds sane defaults"), and the converter writes each one out.
@@ -45,6 +52,17 @@ UNICODE_END = 0x10FFFF
 HEX = "[0-9a-fA-F]"
 # a string's character as JSON has it: no raw control character (the converter's own takes any)
 JSON_CHAR = BuiltinRule(rf'[^"\\\x00-\x1F] | "\\" (["\\/bfnrt] | "u" {HEX} {HEX} {HEX} {HEX})', [])
+# the keywords llama.cpp's converter reads a value's shape from: a schema with none of them (``{}``, one of
+# annotations such as a title or description alone) admits any JSON value, as JSON Schema has it
+SHAPE_KEYWORDS = frozenset(
+    ("$ref", "oneOf", "anyOf", "allOf", "type", "const", "enum", "properties", "additionalProperties", "items")
+    + ("prefixItems", "pattern", "format", "minLength", "maxLength", "minItems", "maxItems", "required")
+)
+PARSER_REFUSAL = "error parsing grammar: "  # llama.cpp's parser's line, before it writes the whole grammar
+MAX_REASON_CHARS = 200  # of the parser's reason, which quotes the grammar from where it stopped
+PARSE_FAILED = "failed to parse grammar"  # llama.cpp's log line after it
+STDERR = 2
+_stderr_lock = threading.Lock()
 
 
 class _Refused(Exception):
@@ -63,6 +81,20 @@ class _BoundedConverter(SchemaConverter):
         """llama.cpp's rules, but a string's character as JSON has it: the converter's takes a raw newline or
         any control character, which a model held to it writes into a long string, and no JSON parser reads."""
         return str(super()._add_primitive(name, JSON_CHAR if name == "char" else rule))
+
+    def _visit_pattern(self, pattern: str, name: str) -> str:
+        """The converter's rule for a pattern, read as one over the string's JSON text (json_pattern)."""
+        return str(super()._visit_pattern(json_text_pattern(pattern), name))
+
+    def visit(self, schema: dict[str, Any], name: str) -> str:
+        """The converter's rule, but a schema that says nothing of its value's shape admits any JSON value
+        (the converter refused it as "Unrecognized schema"), save at the root, where it is an object, as in
+        JSON mode (OpenAI holds a schema's root to an object)."""
+        if isinstance(schema, dict) and not SHAPE_KEYWORDS & set(schema):
+            if name:
+                return str(self._add_primitive("value", PRIMITIVE_RULES["value"]))
+            schema = {}
+        return str(super().visit(schema, name))
 
     def _add_rule(self, name: str, rule: str) -> str:
         self.chars += len(rule)
@@ -167,13 +199,34 @@ def _dead_end(grammar: str) -> str | None:
     return None
 
 
-def _parses(grammar: str) -> bool:
-    """Whether llama.cpp's own parser takes the grammar (it needs no vocabulary for that)."""
-    sampler = llama_cpp.llama_sampler_init_grammar(None, grammar.encode(), b"root")
-    if not sampler:
-        return False
-    llama_cpp.llama_sampler_free(sampler)
-    return True
+def _parser_refusal(grammar: str) -> str | None:
+    """Why llama.cpp's own parser refuses the grammar (None: it takes it; it needs no vocabulary for that).
+    The parser writes the whole grammar to stderr with its reason, a client's up to MAX_GRAMMAR_CHARS into
+    the daemon's journal at each request: its stderr is caught while it parses, the reason logged as one
+    line, and anything else written meanwhile (another thread's) is passed on."""
+    with _stderr_lock, tempfile.TemporaryFile() as caught:
+        saved = os.dup(STDERR)
+        try:
+            os.dup2(caught.fileno(), STDERR)
+            sampler = llama_cpp.llama_sampler_init_grammar(None, grammar.encode(), b"root")
+            sys.stderr.flush()  # llama.cpp's log line, written through Python's stderr
+        finally:
+            os.dup2(saved, STDERR)
+            os.close(saved)
+        caught.seek(0)
+        written = caught.read().decode(errors="replace").splitlines()
+    if sampler:
+        llama_cpp.llama_sampler_free(sampler)
+    reasons = [line.split(PARSER_REFUSAL, 1)[1] for line in written if PARSER_REFUSAL in line]
+    parsers = {"", PARSE_FAILED, *grammar.splitlines()}  # its reason quotes the grammar's rest, line by line
+    others = [line for line in written if PARSER_REFUSAL not in line and line not in parsers]
+    if others:
+        os.write(STDERR, ("\n".join(others) + "\n").encode())
+    if sampler:
+        return None
+    reason = reasons[0][:MAX_REASON_CHARS] if reasons else "no reason given"
+    log.warning("llama.cpp's grammar parser refused a schema's grammar: %s", reason)
+    return reason
 
 
 def _schema_grammar(schema: dict[str, Any]) -> str:
@@ -187,8 +240,9 @@ def _schema_grammar(schema: dict[str, Any]) -> str:
     converter.resolve_refs({key: value for key, value in schema.items() if key != "$ref"}, "stdin")
     converter.visit(converter.resolve_refs(schema, "stdin"), "")
     grammar = str(converter.format_grammar())
-    if not _parses(grammar):
-        raise _Refused("llama.cpp's grammar parser refuses what it makes of it (see the daemon log)")
+    refusal = _parser_refusal(grammar)
+    if refusal:
+        raise _Refused(f"llama.cpp's grammar parser refuses what it makes of it: {refusal}")
     dead = _dead_end(grammar)
     if dead:
         raise _Refused(f"{dead[:60]} matches no character a model can write")
