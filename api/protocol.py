@@ -62,6 +62,9 @@ OPTION_RULES: dict[str, tuple[type, float, float, str]] = {
 }
 # OpenAI's response formats: plain text (the default), any JSON object, or JSON following a schema.
 RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+# OpenAI's json_schema keys: a local answer is held to the schema whether or not strict is sent, and the
+# description (the schema's meaning, for the model) is passed to a cloud model as given
+JSON_SCHEMA_KEYS = ("name", "schema", "strict", "description")
 # Stop sequences: as many as OpenAI's API takes, each bounded (every generated token is checked against them).
 MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 4, 200
 
@@ -437,6 +440,9 @@ def response_format_problem(value: Any) -> str | None:
     spec = value.get("json_schema")
     if value["type"] == "json_schema" and not (isinstance(spec, dict) and isinstance(spec.get("schema"), dict)):
         return f'of type json_schema needs "json_schema": {{"name": ..., "schema": {{...}}}}, got {spec!r:.60}'
+    unread = sorted(set(spec) - set(JSON_SCHEMA_KEYS)) if isinstance(spec, dict) else []
+    if unread:
+        return f"has json_schema keys locod would leave unread, {unread}: it takes {', '.join(JSON_SCHEMA_KEYS)}"
     return None
 
 
