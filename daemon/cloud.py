@@ -66,6 +66,11 @@ CONTEXT_REFUSAL = re.compile(
     re.IGNORECASE,
 )
 
+# llama-cpp-python's server refuses a response format it does not take (``json_schema``) with a 500 carrying
+# pydantic's validation error, whose lines name the field's place: "1 validation error for
+# CreateChatCompletionRequest\nresponse_format.type\n  Input should be ..."
+FORMAT_VALIDATION = re.compile(r"validation errors? for \w+$.*^response_format\b", re.MULTILINE | re.DOTALL)
+
 
 def backoff_s(attempt: int) -> float:
     """The wait before retry ``attempt + 1``: 0.25 s, doubling, at most 2 s."""
@@ -139,11 +144,17 @@ def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str, prom
 
 
 def _format_refused(exc: openai.APIStatusError, prompt: Prompt) -> bool:
-    """Whether the endpoint refused the response format the request asked for (llama-cpp-python's server
-    answers a ``json_schema`` with a 500 naming it): asking again will not help, and the endpoint is no less
-    well for it, so it does not count towards opening its breaker, which would mask it for every other turn."""
+    """Whether the endpoint refused the response format the request asked for: asking again will not help,
+    and the endpoint is no less well for it, so it does not count towards opening its breaker, which would
+    mask it for every other turn. A 400 or 422 naming the field is a refusal; a 500 only when it is
+    llama-cpp-python's (its request validation naming the field), since another endpoint's failing 500 may
+    echo the request body, field and all, and must still open the breaker."""
+    if prompt.response_format is None:
+        return False
     said = str(exc.message)
-    return prompt.response_format is not None and exc.status_code in (400, 422, 500) and "response_format" in said
+    if exc.status_code in (400, 422):
+        return "response_format" in said
+    return exc.status_code == 500 and FORMAT_VALIDATION.search(said) is not None
 
 
 def _vision_hint(model: CloudModelConfig, images: int) -> str:
