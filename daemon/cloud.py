@@ -67,9 +67,12 @@ CONTEXT_REFUSAL = re.compile(
 )
 
 # llama-cpp-python's server refuses a response format it does not take (``json_schema``) with a 500 carrying
-# pydantic's validation error, whose lines name the field's place: "1 validation error for
+# its request validation's error, which names the field's place: FastAPI's "1 validation error:\n  {'type':
+# 'literal_error', 'loc': ('body', 'response_format', 'type'), ...", or pydantic's "1 validation error for
 # CreateChatCompletionRequest\nresponse_format.type\n  Input should be ..."
-FORMAT_VALIDATION = re.compile(r"validation errors? for \w+$.*^response_format\b", re.MULTILINE | re.DOTALL)
+FORMAT_VALIDATION = re.compile(
+    r"\bvalidation errors?\b.*?(?:'loc': \('body', 'response_format'|^response_format\b)", re.MULTILINE | re.DOTALL
+)
 
 
 def backoff_s(attempt: int) -> float:
