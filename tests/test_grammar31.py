@@ -71,12 +71,12 @@ def test_a_refused_grammar_is_logged_as_one_line_never_whole(daemon_factory: Any
     schema = {"type": "object", "properties": properties, "required": list(properties)}
     with pytest.raises(openai.BadRequestError) as refused:
         _local(client, _as_schema(schema))
-    assert refused.value.code == "bad_field"
-    assert "llama.cpp's grammar parser refuses what it makes of it: expecting" in refused.value.message
     log = handle.log()
     assert marker not in log, "the grammar is not logged"
     assert "error parsing grammar" not in log, "llama.cpp's own lines are not passed on"
     assert len([line for line in log.splitlines() if "refused a schema's grammar" in line]) == 1, log[-2000:]
+    assert refused.value.code == "bad_field"
+    assert "llama.cpp's grammar parser refuses what it makes of it: expecting" in refused.value.message
 
 
 ANY_VALUE = [{}, {"title": "Anything"}, {"description": "whatever you like", "x-note": 1}]
