@@ -73,6 +73,9 @@ class DailyTally:
         self._rereading = threading.Lock()
         self._today: Today | None = None
         self._held = 0.0  # the unreleased ``Held``: calls of any day, which count on the day they finish
+        # How many they are: with none left, nothing is held, exactly. Floats added and taken off in another
+        # order leave a residue (0.1 + 0.2 - 0.1 - 0.2 is 2.8e-17), which overlapping calls left for good.
+        self._holds = 0
 
     def read(self) -> Today:
         """A copy of today's tally: turns and cloud read together, never one before a turn counts."""
@@ -102,6 +105,7 @@ class DailyTally:
         """Hold what a call may cost against the cap (see ``Held``)."""
         with self._lock:
             self._held += usd
+            self._holds += 1
         return Held(usd)
 
     def release(self, held: Held) -> None:
@@ -112,7 +116,8 @@ class DailyTally:
     def _release(self, held: Held) -> None:
         if not held.released:
             held.released = True
-            self._held -= held.usd
+            self._holds -= 1
+            self._held = self._held - held.usd if self._holds else 0.0
 
     def _current(self) -> Today | None:
         """A copy of the tally, if it is today's."""
