@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
-from locod.daemon.tallies import Counted, Today
+from locod.daemon.tallies import Counted, Held, Today
 
 from .conftest import free_port
 
@@ -34,12 +34,15 @@ def test_a_turn_paid_as_another_reads_the_new_days_tally_is_counted_once(tmp_pat
         decision_read = threading.Thread(target=lambda: read.append(tally.read()))  # the next turn's decision
 
         def midnight_between_commit_and_count(
-            usd: float, answered_by: str | None = None, replacing: Counted | None = None
+            usd: float,
+            answered_by: str | None = None,
+            replacing: Counted | None = None,
+            releasing: Held | None = None,
         ) -> Counted:
             tally._today.end = time.time()  # the day ends: the next read is the log's
             decision_read.start()
             decision_read.join(timeout=3)  # it reads the log meanwhile, or waits for this count
-            return count(usd, answered_by, replacing)
+            return count(usd, answered_by, replacing, releasing)
 
         tally.count = midnight_between_commit_and_count
         log.finish(decision, Outcome("ok", "cloud", "m", cost_usd=0.5))
