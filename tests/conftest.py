@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from locod.client import Client
 from locod.daemon.fetch import fetch, manifest
@@ -357,3 +358,14 @@ def fill_disk(path: Path) -> None:
                 f.write(b"\0" * 65536)
     except OSError:
         pass
+
+
+Context = zmq.Context[zmq.Socket[bytes]]
+
+
+@pytest.fixture
+def ctx() -> Iterator[Context]:
+    """A test's raw ZeroMQ sockets, closed however it ends (an open one would hold the interpreter's exit)."""
+    context: Context = zmq.Context()
+    yield context
+    context.destroy(linger=0)

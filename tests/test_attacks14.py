@@ -24,20 +24,9 @@ from locod.daemon.config import load_config
 from locod.daemon.peerlink import Link
 from locod.daemon.walkaway import Streamed, run_leaving_on_cancel
 
-from .conftest import SECRET, DaemonHandle, cloud_config, free_port, wait_for, write_config
+from .conftest import SECRET, Context, DaemonHandle, cloud_config, free_port, wait_for, write_config
 
 SAY_HI = {"model": "auto", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
-
-
-Context = zmq.Context[zmq.Socket[bytes]]
-
-
-@pytest.fixture
-def ctx() -> Iterator[Context]:
-    """The test's ZeroMQ sockets, closed however it ends (an open one would hold the interpreter's exit)."""
-    context: Context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 def dealer(handle: DaemonHandle, ctx: Context) -> zmq.Socket[bytes]:

@@ -4,27 +4,24 @@ embedded model, in-process and behind the real daemon."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq
 
 from locod.daemon.backends import Prompt
 from locod.daemon.config import EMBEDDED_MODEL
 from locod.daemon.local import LocalBackend, ModelZoo
 
-from .conftest import DaemonHandle, wait_for
+from .conftest import Context, DaemonHandle, wait_for
+from .test_attacks14 import dealer, receive, send, status
 
 MODEL = EMBEDDED_MODEL.name
 # About 1,800 tokens of the embedded model's: four of llama.cpp's 512-token batches.
 DOCUMENT = "".join(f"Line {i}: the ferry leaves pier {i % 7} at {i % 12} o'clock with {i} crates.\n" for i in range(70))
 QUESTION = f"{DOCUMENT}\nWhich pier does the ferry of line 42 leave from?"
-
-Context = zmq.Context[zmq.Socket[bytes]]
 
 
 class CancelledAfter(threading.Event):
@@ -92,40 +89,6 @@ def test_a_stream_never_read_leaves_the_model_its_own_eval(backend: Any) -> None
     assert first.cancelled and local.stopped_readings.turns == 1  # stopped before its first batch
     assert "eval" not in vars(local.zoo.get(MODEL).llm)
     assert answer(local, "Say hi.", "A").text
-
-
-@pytest.fixture
-def ctx() -> Iterator[Context]:
-    context: Context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
-def dealer(handle: DaemonHandle, ctx: Context) -> zmq.Socket[bytes]:
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)  # closed at once: what a client that hangs up does
-    sock.connect(handle.endpoint)
-    return sock
-
-
-def send(sock: zmq.Socket[bytes], request_id: str, op: str, **fields: Any) -> None:
-    sock.send(json.dumps({"v": 1, "id": request_id, "op": op, **fields}).encode())
-
-
-def receive(sock: zmq.Socket[bytes]) -> dict[str, Any]:
-    assert sock.poll(600_000), "nothing from the daemon for 600 s"
-    frame: dict[str, Any] = json.loads(sock.recv())
-    return frame
-
-
-def status(handle: DaemonHandle, ctx: Context) -> dict[str, Any]:
-    sock = dealer(handle, ctx)
-    try:
-        send(sock, "status", "status")
-        data: dict[str, Any] = receive(sock)["data"]
-        return data
-    finally:
-        sock.close()
 
 
 LONG_PROMPT = DOCUMENT * 8 + "\nWhich pier does the ferry of line 42 leave from?"  # about 14,000 tokens
