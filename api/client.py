@@ -594,17 +594,7 @@ class Client:
         # No connect per turn (it sits in the first token's path): a daemon that stopped cleanly took its
         # socket file along; a killed one is noticed by `frames` after a second of silence.
         check_alive(self.endpoint, connect=False)
-        frames = self.frames(self.send(request), self.turn_timeout_ms)
-        try:
-            first = next(frames)
-        except ProtocolError as exc:
-            if not (queued and exc.code == "bad_field" and "'queued'" in exc.message):
-                raise
-            # A daemon from before `queued` frames (upgraded, not yet restarted) refuses the option before
-            # it accepts anything: ask again without it.
-            request = dataclasses.replace(request, id=new_id(), options=dataclasses.replace(options, queued=False))
-            frames = self.frames(self.send(request), self.turn_timeout_ms)
-            first = next(frames)
+        first, frames = self._first_frame(request)
         last = first
         try:
             yield first
@@ -615,6 +605,20 @@ class Client:
             if last.type not in LAST_FRAMES:  # the caller left the loop before the turn ended: cancel it
                 self._reconnect()
             raise
+
+    def _first_frame(self, request: ChatRequest) -> tuple[Frame, Generator[Frame, None, None]]:
+        """The turn's first frame and the rest of its frames. A daemon from before ``queued`` frames (upgraded,
+        not yet restarted) refuses the option before it accepts anything: the turn is asked again without it."""
+        frames = self.frames(self.send(request), self.turn_timeout_ms)
+        try:
+            return next(frames), frames
+        except ProtocolError as exc:
+            options = request.options
+            if not (options.queued and exc.code == "bad_field" and "'queued'" in exc.message):
+                raise
+            request = dataclasses.replace(request, id=new_id(), options=dataclasses.replace(options, queued=False))
+            frames = self.frames(self.send(request), self.turn_timeout_ms)
+            return next(frames), frames
 
     def ask(
         self,

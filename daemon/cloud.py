@@ -387,17 +387,7 @@ class CloudBackend:
                 stream = _ask(model, client, prompt)
             except openai.APIStatusError as exc:
                 sent = True
-                if 300 <= exc.status_code < 400:
-                    breaker.failure()
-                    raise failed(f"{name}: {_redirect(exc)}", "cloud_redirect") from None
-                refused = _format_refused(exc, prompt)  # the request's fault: no retry, the endpoint is well
-                delay = None if refused else self._retry_delay(exc, attempt)
-                if delay is None:
-                    if not refused and (exc.status_code >= 500 or exc.status_code in ENDPOINT_4XX):
-                        breaker.failure()
-                    hint = _hint(model, exc, self._key_sources.get(name, ""), prompt)
-                    message = f"{name}: HTTP {exc.status_code} from the endpoint{hint}"
-                    raise failed(message, "cloud_http") from None
+                delay = self._status_retry(name, model, breaker, prompt, exc, attempt)
             except (openai.APIConnectionError, openai.APITimeoutError) as exc:
                 if isinstance(exc.__cause__, OverBound):
                     raise exc.__cause__ from None
@@ -426,6 +416,31 @@ class CloudBackend:
             log.info("cloud %s: retry %d in %.2f s", name, attempt, delay)
             if prompt.cancelled.wait(delay):  # nobody waits for the answer: not asked (nor billed) again
                 raise failed(f"{name}: the call was cancelled, so retry {attempt} is not made", "cancelled")
+
+    def _status_retry(
+        self,
+        name: str,
+        model: CloudModelConfig,
+        breaker: CircuitBreaker,
+        prompt: Prompt,
+        exc: openai.APIStatusError,
+        attempt: int,
+    ) -> float:
+        """The delay before asking again after the endpoint answered ``exc``'s status; one not asked again
+        raises ``Received`` (the endpoint read the request), counted by its breaker where it is the endpoint's
+        fault."""
+        if 300 <= exc.status_code < 400:
+            breaker.failure()
+            raise Received(f"{name}: {_redirect(exc)}", prompt.upload, "cloud_redirect") from None
+        refused = _format_refused(exc, prompt)  # the request's fault: no retry, the endpoint is well
+        delay = None if refused else self._retry_delay(exc, attempt)
+        if delay is None:
+            if not refused and (exc.status_code >= 500 or exc.status_code in ENDPOINT_4XX):
+                breaker.failure()
+            hint = _hint(model, exc, self._key_sources.get(name, ""), prompt)
+            message = f"{name}: HTTP {exc.status_code} from the endpoint{hint}"
+            raise Received(message, prompt.upload, "cloud_http") from None
+        return delay
 
     def _proxy_refusal(self, model: CloudModelConfig, exc: BaseException | None) -> str:
         """What a proxy that refused to connect to the endpoint answered, naming it (its credentials left out):
