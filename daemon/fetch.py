@@ -8,7 +8,6 @@ file is never left where the daemon would load it.
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import subprocess
 import sys
@@ -22,8 +21,6 @@ from pathlib import Path
 from locod.daemon.typed_toml import tomllib
 from locod.errors import FetchError
 from locod.policy.warmstart import file_sha256
-
-log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 

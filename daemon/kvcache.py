@@ -13,7 +13,6 @@ to the disk park when one is configured.
 from __future__ import annotations
 
 import ctypes
-import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,8 +22,6 @@ import numpy as np
 from llama_cpp import Llama
 
 from locod.daemon.kvpark import DiskPark, SavedState
-
-log = logging.getLogger(__name__)
 
 SEQ = 0  # llama-cpp-python's high-level API keeps its one sequence here
 BYTES = ctypes.POINTER(ctypes.c_uint8)
