@@ -42,7 +42,6 @@ class CutShort(NotGGUF):
 
 @dataclass(frozen=True)
 class GgufInfo:
-    architecture: str
     context_length: int | None  # the context the model was trained for
     quantisation: str
 
@@ -53,17 +52,17 @@ def is_gguf(path: Path) -> bool:
 
 
 def describe(path: Path) -> GgufInfo:
-    """Architecture, trained context and quantisation of the GGUF at ``path``; raises NotGGUF."""
+    """Trained context and quantisation of the GGUF at ``path``; raises NotGGUF."""
     return summary(read_metadata(path))
 
 
 def summary(meta: dict[str, Any]) -> GgufInfo:
-    """Architecture, trained context and quantisation from a header's metadata."""
+    """Trained context (a key under the architecture's name) and quantisation from a header's metadata."""
     arch = str(meta.get("general.architecture", "unknown"))
     context = meta.get(f"{arch}.context_length")
     file_type = meta.get("general.file_type")
     quant = FILE_TYPES.get(file_type, f"type {file_type}") if isinstance(file_type, int) else "unknown"
-    return GgufInfo(arch, int(context) if isinstance(context, int) else None, quant)
+    return GgufInfo(int(context) if isinstance(context, int) else None, quant)
 
 
 def kv_bytes_per_token(meta: dict[str, Any]) -> int:
