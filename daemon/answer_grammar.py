@@ -31,6 +31,7 @@ import llama_cpp
 from llama_cpp.llama_grammar import JSON_GBNF, PRIMITIVE_RULES, BuiltinRule, LlamaGrammar, SchemaConverter
 
 from locod.daemon.json_pattern import json_text_pattern
+from locod.daemon.logs import Throttle
 from locod.errors import RequestError, first_line
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ MAX_REASON_CHARS = 200  # of the parser's reason, which quotes the grammar from 
 PARSE_FAILED = "failed to parse grammar"  # llama.cpp's log line after it
 STDERR = 2
 _stderr_lock = threading.Lock()
+# A refused schema costs a client a request and no turn: said once an interval, or a loop of them fills the log.
+_refusals = Throttle(log)
 
 
 class _Refused(Exception):
@@ -225,7 +228,12 @@ def _parser_refusal(grammar: str) -> str | None:
     if sampler:
         return None
     reason = reasons[0][:MAX_REASON_CHARS] if reasons else "no reason given"
-    log.warning("llama.cpp's grammar parser refused a schema's grammar: %s", reason)
+    _refusals.say(
+        "parser",
+        logging.WARNING,
+        "llama.cpp's grammar parser refused a schema's grammar (its client is told): %s",
+        reason,
+    )
     return reason
 
 
