@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from locod.daemon.logs import Throttle
 from locod.daemon.regular_file import create_anew, read_regular
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class DiskPark:
         self.directory = directory
         self.limit_bytes = limit_bytes
         self._said_too_large = False  # a state larger than the whole park is said once, not at each eviction
+        # A failing write (a full disk) fails every eviction after it: said once an interval, not once a turn.
+        self._failures = Throttle(log)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         for stale in directory.glob("*.tmp"):  # a daemon killed mid-write: outside the limit's count for good
             with contextlib.suppress(OSError):
@@ -93,7 +96,15 @@ class DiskPark:
                 f.write(state.data.data)
             os.replace(tmp, path)
         except OSError as exc:
-            log.warning("could not park a dialogue's KV state in %s: %s: %s", self.directory, tmp.name, exc.strerror)
+            self._failures.say(
+                str(exc.strerror),
+                logging.WARNING,
+                "could not park a dialogue's KV state in %s: %s: %s; until one can be, a dialogue evicted from memory "
+                "reads its history again at its next turn (free space there, or set local.cache_disk_mb = 0)",
+                self.directory,
+                tmp.name,
+                exc.strerror,
+            )
             with contextlib.suppress(OSError):  # a directory there, which ``create_anew`` refused, stays
                 tmp.unlink(missing_ok=True)
             return
