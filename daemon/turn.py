@@ -36,6 +36,7 @@ from locod.daemon.decision import Decision, unsent_images, withheld_note
 from locod.daemon.escalation import ConfidenceCheck
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend
+from locod.daemon.logs import Throttle
 from locod.daemon.records import DecisionLog, DecisionRecord, JudgedAnswer, Outcome
 from locod.daemon.reply import Reply
 from locod.daemon.sessions import Session, SessionStore, TurnTrail, door_of
@@ -273,6 +274,9 @@ class TurnRunner:
         # Commits a local turn's record while the turn's own thread reads its prompt; local turns take the
         # gate one at a time, so one thread serves them.
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="record")
+        # A cloud that refuses every call (a 400 never opens its breaker) fails every turn sent to it: each
+        # fallback is in the decision log; the log says each kind once a minute.
+        self._fallbacks = Throttle(log)
 
     def run(self, request: ChatRequest, client: bytes, reply: Reply) -> None:
         held: Held | None = None
@@ -443,7 +447,13 @@ class TurnRunner:
         try:
             return self._ended(decision, backend.generate(decision.model, prompt), reply)
         except CloudError as exc:
-            log.warning("turn %s: %s; falling back to the local model", turn.request.id, exc.message)
+            self._fallbacks.say(
+                f"{decision.model} {exc.code}",
+                logging.WARNING,
+                "turn %s: %s; falling back to the local model",
+                turn.request.id,
+                exc.message,
+            )
             decision_id = accepted.decision_id()
             if held is None:
                 return self._fall_back(decision_id, turn, decision, exc, reply)
