@@ -42,7 +42,7 @@ from locod.daemon.heap import pin_mmap_threshold
 from locod.daemon.keyfile import http_api_key, tcp_secret
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend, ModelZoo, check_chat_formats
-from locod.daemon.logs import configure_logging
+from locod.daemon.logs import Throttle, configure_logging
 from locod.daemon.modelfile import check_model_file
 from locod.daemon.notify import Notifier
 from locod.daemon.ownership import make_private_dir, unwritable
@@ -147,6 +147,9 @@ class Daemon:
         self._links: dict[bytes, Link] = {}  # the connection each socket client with turns in flight is on
         self.backlog = Backlog(config.daemon.max_queued_bytes)
         self.turns_served = 0
+        # The same rejected config reloaded again and again (SIGHUP from a tool in a loop): its reply says it
+        # each time, the log once a minute.
+        self._rejections = Throttle(log)
         self.stopping_since: float | None = None
         self.ctx = zmq.Context()
         # The PUSH sockets through which other threads wake the loop, one per endpoint, each behind its lock
@@ -713,7 +716,9 @@ class Daemon:
             http_key, secret = self._read_door_keys()
             self.cloud.reconfigure(new.cloud, new.source)  # reads the API keys: the last step that can reject
         except LocodError as exc:
-            log.error("reload rejected, keeping the running configuration: %s", exc.message)
+            self._rejections.say(
+                exc.message, logging.ERROR, "reload rejected, keeping the running configuration: %s", exc.message
+            )
             self.notifier.ready(self._status_line())
             return {"reloaded": False, "error": exc.message, "restart_needed": [], "policy_error": None, "left_out": {}}
         new, kept = _as_started(new, self.config)
