@@ -6,6 +6,7 @@ timed."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +87,22 @@ def test_a_cloud_refusing_every_call_is_logged_once_not_once_a_turn(daemon_facto
     assert len(said) == 1, said
     assert "HTTP 400 from the endpoint" in said[0]
     assert len(handle.rows("SELECT id FROM decisions WHERE outcome = 'fallback'")) == REPEATS
+
+
+def test_the_same_rejected_config_reloaded_in_a_loop_is_logged_once(daemon_factory: Any) -> None:
+    """Attack finding: a config tool (or a script's loop) sending SIGHUP, or `locod reload`, again and again
+    while the file stays broken logged the same ERROR each time, a line a reload. Now each reload's reply
+    still says why it was rejected, and the log says it once a minute; a rejection for another reason is
+    said at once."""
+    handle = daemon_factory({})
+    handle.config_path.write_text("[routing]\nsla = 9\n")
+    client = handle.client()
+    for _ in range(REPEATS):
+        handle.proc.send_signal(signal.SIGHUP)
+        reply = client.reload()  # answered after the loop took the signal: each is a reload of its own
+        assert reply["reloaded"] is False and "routing.sla must be between 0.0 and 1.0, got 9" in reply["error"]
+    handle.config_path.write_text("[routing]\nsla = 2\n")
+    assert "got 2" in client.reload()["error"]
+    said = _lines(handle.log(), "reload rejected")
+    assert len(said) == 2, said
+    assert "got 9" in said[0] and "got 2" in said[1]
