@@ -37,6 +37,7 @@ from locod.daemon.heap import release_free_memory
 from locod.daemon.kvcache import DialogueCache
 from locod.daemon.kvpark import DiskPark
 from locod.daemon.logprobs import TokenLogprobs
+from locod.daemon.logs import Throttle
 from locod.daemon.modelfile import check_model_file, fingerprint, resolve_path
 from locod.daemon.prompt_reading import PromptReading, PromptStopped, StoppedReadings
 from locod.daemon.regular_file import file_stamp
@@ -518,6 +519,8 @@ class LocalBackend:
         self.tokens_per_s: float | None = None  # EWMA of measured generation speed
         self.turn_time = TurnTime()  # EWMA of a local turn's wall time: what each turn ahead makes one wait
         self.stopped_readings = StoppedReadings()
+        # A client hanging up during its prompt, in a loop, is counted in status and logged once a minute.
+        self._stops_said = Throttle(log)
 
     def slot(
         self, client: Hashable, cancelled: threading.Event, on_wait: Callable[[int], None] | None = None
@@ -566,7 +569,9 @@ class LocalBackend:
                     cut = False
         except PromptStopped as stop:
             self.stopped_readings.count(stop)
-            log.info(
+            self._stops_said.say(
+                loaded.config.name,
+                logging.INFO,
                 "a cancelled turn freed the local model %s with %d prompt tokens unread",
                 loaded.config.name,
                 stop.unread,
