@@ -13,8 +13,10 @@ from typing import Any
 import openai
 import pytest
 
-from .conftest import MODEL_NAME, SECRET, cloud_config, free_port, start_daemon
+from .conftest import MODEL_NAME, SECRET, Context, cloud_config, free_port, start_daemon, wait_for
 from .faultproxy import Fault, FaultProxy
+from .test_attacks14 import dealer, receive, send, status
+from .test_cancel31 import LONG_PROMPT, long_context_daemon
 
 REPEATS = 12
 
@@ -106,3 +108,21 @@ def test_the_same_rejected_config_reloaded_in_a_loop_is_logged_once(daemon_facto
     said = _lines(handle.log(), "reload rejected")
     assert len(said) == 2, said
     assert "got 9" in said[0] and "got 2" in said[1]
+
+
+def test_clients_hanging_up_during_their_prompts_are_counted_and_logged_once(daemon_factory: Any, ctx: Context) -> None:
+    """Attack finding: each client that sent a long prompt and hung up while the local model read it logged
+    an INFO line of its own ("a cancelled turn freed the local model ..."): a client doing it in a loop grew
+    the log by a line a request. Now the first is said in full and the rest summarised, while `status`
+    (`prompts_stopped`) still counts every one."""
+    handle = long_context_daemon(daemon_factory)
+    leavers = 4
+    for i in range(leavers):
+        leaver = dealer(handle, ctx)
+        send(leaver, f"leaver{i}", "chat", prompt=LONG_PROMPT, options={"force": "local", "max_tokens": 8})
+        assert receive(leaver)["type"] == "decision"  # accepted, its prompt being read
+        leaver.close()
+        wait_for(lambda: status(handle, ctx)["queue"]["in_flight"] == 0, 300, "the turn to end")
+    assert status(handle, ctx)["local"]["prompts_stopped"]["turns"] == leavers
+    said = _lines(handle.log(), "prompt tokens unread")
+    assert len(said) == 1, said
