@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
 from typing import Any
 
@@ -46,23 +47,26 @@ class JournalFormatter(LineFormatter):
 
 class Throttle:
     """At most one line per kind of event and interval into ``logger``: for what can happen on every request
-    or turn (a failing policy, a flood of refused connections); the next line says how many were not logged."""
+    or turn (a failing policy, a flood of refused connections); the next line says how many were not logged.
+    Turn threads share one, so its counts are kept under a lock: a race would log twice or lose a count."""
 
     def __init__(self, logger: logging.Logger, every_s: float = REPORT_EVERY_S) -> None:
         self.logger = logger
         self.every_s = every_s
         self._last: dict[str, float] = {}
         self._quiet: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def say(self, kind: str, level: int, message: str, *args: object) -> None:
         """Log ``message`` unless this kind was logged within the interval; a line after a quiet spell says
         how many it stood for."""
-        now = time.monotonic()
-        if now - self._last.get(kind, -self.every_s) < self.every_s:
-            self._quiet[kind] = self._quiet.get(kind, 0) + 1
-            return
-        self._last[kind] = now
-        skipped = self._quiet.pop(kind, 0)
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last.get(kind, -self.every_s) < self.every_s:
+                self._quiet[kind] = self._quiet.get(kind, 0) + 1
+                return
+            self._last[kind] = now
+            skipped = self._quiet.pop(kind, 0)
         self.logger.log(level, message + "%s", *args, f" ({skipped} more since the last such line)" if skipped else "")
 
 
