@@ -17,18 +17,16 @@ and resumes without its history read again; the session itself starts again from
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 import threading
 import uuid
 from collections import OrderedDict
 from pathlib import Path
 
-from locod.daemon.regular_file import create_anew, read_regular
+from locod.daemon.regular_file import read_regular, written_whole
 from locod.daemon.sessions import DOORS, HTTP, SessionStore
 
 log = logging.getLogger(__name__)
@@ -105,14 +103,11 @@ class Conversations:
         with self._lock:
             known = json.dumps(dict(self._known))
         part = self.kept_in.with_name(self.kept_in.name + ".part")
-        try:
-            with create_anew(part) as out:  # a FIFO there would hold the stop, a symlink be written through
+        try:  # made anew: a FIFO there would hold the stop; synced: a power cut after a stop leaves no empty map
+            with written_whole(self.kept_in, part) as out:
                 out.write(known.encode())
-            os.replace(part, self.kept_in)
         except OSError as exc:
             log.warning("the HTTP conversations were not kept for the next start: %s: %s", part, exc.strerror or exc)
-            with contextlib.suppress(OSError):
-                part.unlink()  # half written (a full disk): not left beside the map
 
 
 def _saved(path: Path) -> dict[str, str]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from locod.daemon.regular_file import replace_on_disk
 from locod.daemon.typed_toml import tomllib
 from locod.errors import FetchError
 from locod.policy.warmstart import file_sha256
@@ -79,7 +80,7 @@ def fetch(
                     f"{name}: checksum mismatch (got sha256 {digest}, {partial.stat().st_size} bytes; "
                     f"expected {entry.sha256}, {entry.size} bytes); the file was removed"
                 )
-            os.replace(partial, target)
+            replace_on_disk(partial, target)
         finally:
             partial.unlink(missing_ok=True)
     progress(f"{name}: installed at {target} (sha256 {entry.sha256[:12]}… ok)")

@@ -9,7 +9,6 @@ The daemon never calls this module: downloads happen only when the user runs ``p
 
 from __future__ import annotations
 
-import os
 import re
 import time
 import urllib.error
@@ -24,6 +23,7 @@ from locod.daemon.config import EMBEDDED_MODEL, NAME_A_GGUF, ROUTED_MODEL, Confi
 from locod.daemon.download import DEFAULT_MAX_BYTES, HEADERS, TIMEOUT_S, MeterFactory, download, silent, status_said
 from locod.daemon.fetch import Progress
 from locod.daemon.modelfile import resolve_path
+from locod.daemon.regular_file import replace_on_disk
 from locod.errors import FetchError
 
 # The context a pulled model is loaded with unless --ctx says otherwise: its trained context, capped, since
@@ -116,7 +116,7 @@ def pull_model(
     except FetchError:
         partial.unlink(missing_ok=True)
         raise
-    os.replace(partial, target)
+    replace_on_disk(partial, target)  # before the catalog names it: a power cut never leaves the entry alone
     context = info.context_length or 0
     model = catalog.PulledModel(
         name=name,

@@ -6,7 +6,8 @@ file is opened non-blocking, what was opened is checked (``fstat``: a regular fi
 ``max_bytes`` are read. Errors are OSErrors whose ``strerror`` says the problem, so a caller's existing
 ``except OSError`` names it. A file the daemon writes (a temp file renamed into place) is made anew
 (``create_anew``): opened to write, a FIFO left at its name waits for a reader the same way. State that
-must survive a crash is written through ``written_whole`` (temp file, fsync, rename).
+must survive a crash is written through ``written_whole`` (temp file, fsync, rename, fsync of the folder);
+a file written and fsynced otherwise (a download) takes its name through ``replace_on_disk``.
 """
 
 from __future__ import annotations
@@ -70,17 +71,33 @@ def create_anew(path: Path, mode: int = 0o600) -> BinaryIO:
 def written_whole(path: Path, tmp: Path | None = None, mode: int = 0o600) -> Iterator[BinaryIO]:
     """A file to write ``path``'s new content into, which replaces ``path`` whole or not at all: it is ``tmp``
     (beside it, ``<name>.tmp`` unless given), made anew, and takes the name only once its bytes are on the
-    disk (fsync, then rename). A crash, a power loss or a full disk mid-write leaves the file that was there,
-    not a damaged one; a half-written ``tmp`` is removed (it would only hold the space a full disk lacks).
-    ``mode`` is the new file's (less the umask): 0600, or 0666 for one another user may read."""
+    disk (fsync, then rename, the rename synced too: ``replace_on_disk``). A crash, a power loss or a full
+    disk mid-write leaves the file that was there, not a damaged one; a half-written ``tmp`` is removed (it
+    would only hold the space a full disk lacks). ``mode`` is the new file's (less the umask): 0600, or 0666
+    for one another user may read."""
     tmp = tmp or path.with_name(f"{path.name}.tmp")
     try:
         with create_anew(tmp, mode) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_on_disk(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):  # a directory there, which ``create_anew`` refused, stays
             tmp.unlink(missing_ok=True)
         raise
+
+
+def replace_on_disk(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` (its bytes already fsynced) to ``path`` and sync the folder holding both: until the
+    folder is synced the rename lives only in memory, and a power cut after the caller went on (a catalog
+    naming a model the folder no longer holds, a state or policy the user was told is saved) undoes it."""
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: a file system that cannot sync a folder; the rename is done
+            raise
+    finally:
+        os.close(fd)

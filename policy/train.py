@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from locod.daemon.regular_file import replace_on_disk
 from locod.errors import PolicyError
 from locod.policy.observation import ACTION_NAMES, FEATURE_NAMES, LAYOUT_VERSION, N_ACTIONS, OBS_DIM, K, Z
 from locod.policy.tmo_env import OffloadEnv, TurnSource
@@ -180,7 +181,7 @@ def export(policy: Policy, path: Path, *, version: str, data_sha256: str, config
         onnx.save(model, str(tmp))
         with tmp.open("rb") as written:
             os.fsync(written.fileno())
-        os.replace(tmp, path)
+        replace_on_disk(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
