@@ -12,6 +12,8 @@ Right-to-left text itself needs none of them and is shown as it is, as ``less`` 
 from __future__ import annotations
 
 import re
+import unicodedata
+from collections.abc import Sequence
 from typing import TextIO
 
 BIDI_OR_UNDECODED = "\u202a-\u202e\u2066-\u2069\ud800-\udfff"  # bidi overrides and isolates; lone surrogates
@@ -27,6 +29,26 @@ def shown(text: str, *, layout: bool = True) -> str:
     """``text`` with its control characters escaped; ``layout=False`` escapes newlines and tabs too (a
     table cell must stay on its line)."""
     return (CONTROL if layout else CONTROL_OR_LAYOUT).sub(_escape, text)
+
+
+def columns(text: str) -> int:
+    """The terminal columns ``text`` takes: East Asian wide and full-width characters (CJK, most emoji) two,
+    combining marks and invisible format characters (a zero-width joiner) none, as wcwidth counts them. A
+    table padded by ``len`` ran its columns out of line under a Chinese session name or a Hindi one."""
+    return sum(_columns(c) for c in text)
+
+
+def _columns(char: str) -> int:
+    if unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def aligned(cells: Sequence[Sequence[str]]) -> list[str]:
+    """Rows of cells as lines of aligned columns, two spaces apart, padded by terminal columns
+    (``str.ljust`` counts code points), no line ending in spaces."""
+    widths = [max(columns(line[i]) for line in cells) for i in range(len(cells[0]))]
+    return ["  ".join(c + " " * (w - columns(c)) for c, w in zip(line, widths)).rstrip() for line in cells]
 
 
 def for_stream(text: str, stream: TextIO) -> str:

@@ -18,6 +18,7 @@ from locod.daemon.modelfile import resolve_path
 from locod.daemon.regular_file import written_whole
 from locod.daemon.typed_toml import build_table, in_range, read_toml
 from locod.errors import ConfigError
+from locod.terminal import aligned
 
 MANIFEST = "pulled.toml"
 
@@ -143,5 +144,4 @@ def table(rows: list[ModelRow]) -> list[str]:
     memory figure locod shows is, and as local.memory_budget_mb counts."""
     header = ("name", "size MiB", "quant", "context", "memory MiB", "loaded", "path")
     cells = [header, *(row.cells() for row in rows)]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-    return ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells]
+    return aligned(cells)

@@ -13,7 +13,7 @@ from locod.commands.common import at_rest, configuration, connect, print_json
 from locod.errors import DaemonNotRunning, UnknownDecision
 from locod.explain import explain
 from locod.protocol import RecordQuery
-from locod.terminal import shown
+from locod.terminal import aligned, shown
 from locod.words import or_na
 
 
@@ -52,7 +52,7 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     if args.of is not None:  # one decision: why it went where it did, in words
         print("\n".join(explain(rows[0])))
         return 0
-    columns = (
+    names = (
         "id",
         "time",
         "session",
@@ -68,11 +68,9 @@ def cmd_decisions(args: argparse.Namespace) -> int:
         "shadow",
         "reason",
     )
-    table = [[_column(row, c) for c in columns] for row in reversed(rows)]
-    widths = [max(len(c), *(len(r[i]) for r in table)) if table else len(c) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
-    for row in table:  # the reason comes last and whole: it is the column people read
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+    table = [[_column(row, c) for c in names] for row in reversed(rows)]
+    for line in aligned([names, *table]):  # the reason comes last and whole: it is the column people read
+        print(line)
     return 0
 
 
