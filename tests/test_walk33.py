@@ -1,0 +1,82 @@
+"""Walk 33: a user who does not write English. Chinese, Japanese, Arabic, Hindi, Russian and emoji through
+the command line and the decision log it reads back: each test is a place where such text came out wrong."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from typing import Any
+
+from locod.client import Client
+from locod.daemon.sessions import WITHHELD
+from locod.protocol import Attachment, DeltaFrame
+
+from .conftest import SECRET, DaemonHandle, cloud_config, wait_for
+from .faultproxy import FaultProxy
+
+SESSIONS = ("会议记录", "नमस्ते", "notes")
+
+
+def on_screen(text: str) -> int:
+    """The columns a terminal gives ``text``: two for a CJK character, none for a Devanagari vowel sign."""
+    return sum(
+        0 if unicodedata.category(c) == "Mn" else 2 if unicodedata.east_asian_width(c) == "W" else 1 for c in text
+    )
+
+
+def test_decisions_table_stays_aligned_under_wide_and_combining_session_names(daemon: DaemonHandle) -> None:
+    """`locod decisions` padded its cells with ``str.ljust``, which counts code points: a session named
+    会议记录 (four characters, eight columns on a terminal) pushed every column after it four columns right
+    of its header, and नमस्ते (six code points, four columns) pulled them two left."""
+    with Client(daemon.endpoint) as client:
+        for session in SESSIONS:
+            client.ask("Say hi.", session=session, max_tokens=2, temperature=0.0)
+    listed = daemon.cli("decisions")
+    assert listed.returncode == 0, listed.stderr
+    header, *lines = listed.stdout.splitlines()
+    turn_at = on_screen(header[: header.index("turn")])
+    assert len(lines) == len(SESSIONS)
+    for line, session in zip(lines, SESSIONS):
+        after = line.index(session) + len(session)
+        turn = after + len(line[after:]) - len(line[after:].lstrip(" "))  # the first cell after the session's
+        assert on_screen(line[:turn]) == turn_at, line
+
+
+MEMO = Attachment("document", "备忘录.md", data="保险库密码是ZX4471。".encode(), private=True)
+QUOTED = "保险库密码是ZX4471请妥善保管不要告诉任何人"
+
+
+def test_the_part_of_a_private_chinese_answer_a_user_stopped_is_still_withheld(
+    daemon_factory: Any, proxy: FaultProxy
+) -> None:
+    """A private answer is known again by the digests of its opening words, split at whitespace: a Chinese
+    answer, written without spaces, was one word and had no opening, so the part a user stopped and a chat
+    UI sent back went to the cloud in full. Its characters are its words now, as a Latin answer's words are."""
+    handle = daemon_factory(cloud_config(proxy.base_url, timeout_s=60.0), extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    question = "密码是多少？请引用备忘录。"
+    received = ""
+    frames = handle.client().chat(
+        question,
+        attachments=[MEMO],
+        force="local",
+        max_tokens=80,
+        temperature=0.0,
+        response_format={"type": "json_schema", "json_schema": {"name": "quote", "schema": {"const": QUOTED}}},
+    )  # the schema holds the small model to a Chinese answer, a JSON string without a space in it
+    for frame in frames:
+        received += frame.text if isinstance(frame, DeltaFrame) else ""
+        if "保险库密码" in received:
+            break  # the user presses stop
+    frames.close()
+    assert "保险库密码" in received and QUOTED not in received
+    wait_for(lambda: [r for r in handle.rows() if r["outcome"] != "pending"], 60, "the turn to end")
+    conversation = [
+        {"role": "user", "content": question},
+        {"role": "assistant", "content": received},
+        {"role": "user", "content": "谢谢。现在说你好。"},
+    ]
+    cloud = handle.client().ask(None, messages=conversation, force="cloud", max_tokens=4)  # type: ignore[arg-type]
+    assert cloud.decision.location == "cloud"
+    (seen,) = proxy.chat_requests()
+    assert seen.body["messages"][1] == {"role": "assistant", "content": WITHHELD}
+    assert received.strip() not in json.dumps(seen.body, ensure_ascii=False)
