@@ -9,18 +9,16 @@ asks ``DecisionLog.private_answers``).
 from __future__ import annotations
 
 import hashlib
-import re
 
 from locod.daemon.openai_wire import BROKE_OFF_LINE
+from locod.daemon.textwords import characters
 
 # Words of a private answer's opening kept as digests (``opening_digests``): a part a client sends back of
 # it is known by as many of them as it has, from two on (one word, "The" or "Sure,", would keep back any
 # short message that begins with it, and tells little).
+# Chinese, Japanese and Thai have no spaces: each character is a word (textwords.characters), else a
+# Chinese answer was one word, with no opening at all.
 MIN_OPENING_WORDS, OPENING_WORDS = 2, 8
-# Scripts written without spaces between words (CJK ideographs and punctuation, kana, full-width forms, Thai):
-# each character is a word of its own, else a Chinese answer had one "word" and so no opening at all.
-UNSPACED = "\u0e00-\u0e7f\u3001-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef\U00020000-\U0002fa1f"
-_WORDS = re.compile(f"[{UNSPACED}]|[^\\s{UNSPACED}]+")
 
 
 def answer_digest(text: str) -> str:
@@ -33,7 +31,7 @@ def answer_digest(text: str) -> str:
 def opening_digests(text: str) -> tuple[str, ...]:
     """The digests of an answer's first 2 to ``OPENING_WORDS`` words (table ``private_openings``): a chat UI
     keeps an answer its user stopped halfway and sends that part back, which no digest of the whole matches."""
-    words = _WORDS.findall(text)
+    words = characters(text)
     return tuple(_sha256(" ".join(words[:n])) for n in range(MIN_OPENING_WORDS, min(OPENING_WORDS, len(words)) + 1))
 
 
@@ -41,7 +39,7 @@ def answer_digests(text: str) -> tuple[str, ...]:
     """What an answer a client sends back may be known by: ``answer_digest``; its exact text's SHA-256, which
     logs written before whitespace was collapsed hold; and its opening, with and without its last word (an
     answer cut mid-word) when it is shorter than the opening."""
-    words = _WORDS.findall(text)
+    words = characters(text)
     opening = words[:OPENING_WORDS]
     cut = opening[:-1] if len(words) <= OPENING_WORDS else opening
     parts = [" ".join(part) for part in (opening, cut) if len(part) >= MIN_OPENING_WORDS]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,13 +33,13 @@ from locod.daemon.images import (
     upright,
 )
 from locod.daemon.safe_open import over_limit, read_allowed
+from locod.daemon.textwords import pairs
 from locod.errors import AttachmentError
 from locod.filekinds import binary_kind
 from locod.policy.rule import MIN_RELEVANCE
 from locod.protocol import Attachment
 
 DECODES = DecodeBudget()  # every turn's image decodes share it
-WORD = re.compile(r"[a-z0-9]+")
 # Words that carry no topic: left out of relevance scoring.
 STOPWORDS = frozenset(
     [
@@ -188,7 +187,11 @@ def as_subjects(prepared: list[PreparedAttachment]) -> list[PreparedAttachment]:
 
 
 def terms(text: str) -> set[str]:
-    return {w for w in WORD.findall(text.lower()) if w not in STOPWORDS and len(w) > 1}
+    """The words of ``text`` a document's relevance is scored by, in any script (textwords.pairs): by
+    ``[a-z0-9]+`` alone, a Russian or Chinese prompt had none, matched no document, and so its turn's every
+    document was as relevant as any other, its excerpt the document's opening, not its part the prompt
+    asked about."""
+    return {w for w in pairs(text.lower()) if w not in STOPWORDS and len(w) > 1}
 
 
 def load_bytes(attachment: Attachment, allow_dirs: list[str], max_bytes: int) -> bytes:

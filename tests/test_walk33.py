@@ -80,3 +80,18 @@ def test_the_part_of_a_private_chinese_answer_a_user_stopped_is_still_withheld(
     (seen,) = proxy.chat_requests()
     assert seen.body["messages"][1] == {"role": "assistant", "content": WITHHELD}
     assert received.strip() not in json.dumps(seen.body, ensure_ascii=False)
+
+
+def test_a_russian_prompt_scores_its_documents_by_their_words(daemon: DaemonHandle) -> None:
+    """A document's relevance came from the prompt's ``[a-z0-9]+`` words: a Russian (or Chinese, Hindi,
+    Arabic) prompt had none, pointed at no document, and so every document of its turn was taken as its
+    subject (0.7, uploaded to a cloud model), the recipe beside the meeting note, each one's excerpt its
+    opening. Words of any script count now: the note the question names is scored above the cut, the recipe
+    not at all."""
+    note = Attachment("document", "встреча.md", data="Встреча с юристом в среду в три часа.".encode())
+    recipe = Attachment("document", "рецепт.md", data="Борщ: свёкла, капуста, картофель, лук.".encode())
+    with Client(daemon.endpoint) as client:
+        result = client.ask("Когда встреча с юристом?", attachments=[note, recipe], max_tokens=2, temperature=0.0)
+    (row,) = daemon.rows("SELECT attachments_offered FROM decisions WHERE id = ?", (result.decision.decision,))
+    relevance = {a["name"]: a["relevance"] for a in json.loads(row["attachments_offered"])}
+    assert relevance["встреча.md"] >= 0.3 and relevance["рецепт.md"] == 0.0, relevance
