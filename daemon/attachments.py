@@ -20,7 +20,15 @@ import numpy as np
 from locod.daemon.cancel import check_cancelled
 from locod.daemon.config import AttachmentsConfig
 from locod.daemon.decode_budget import DecodeBudget
-from locod.daemon.documents import DocChunk, chunk_text, document_text, nul_kind, rank_chunks, undecodable
+from locod.daemon.documents import (
+    NOT_UTF8,
+    DocChunk,
+    chunk_text,
+    document_text,
+    nul_kind,
+    rank_chunks,
+    undecodable,
+)
 from locod.daemon.images import (
     blank_alpha_dropped,
     decode,
@@ -105,6 +113,8 @@ STOPWORDS = frozenset(
         "all",
     ]
 )
+# What a document that is not UTF-8 is to be turned into: often text in another encoding, to its user
+CONVERT_TO_UTF8 = "convert it to UTF-8 text first (from another encoding: `iconv -f GB18030 -t UTF-8`, SHIFT_JIS ...)"
 # An image's relevance: this base, raised by a prompt that points at pictures (IMAGE_CUES) or names the file.
 IMAGE_BASE_RELEVANCE = 0.2
 # A prompt that points at none of its turn's attachments ("summarise this", "what does the sign say?") is
@@ -332,9 +342,11 @@ def _prepare_document(
     text = None if binary_kind(data) else document_text(data)  # an ASCII-only PDF decodes, and is no text
     if text is None or "\x00" in text:
         what = binary_kind(data) or (nul_kind(data) if text is not None else undecodable(data))
+        # a Chinese, Japanese or Russian user's text file is often GB18030, Shift-JIS or Windows-1251: text
+        then = CONVERT_TO_UTF8 if what == NOT_UTF8 else "convert it to text first"
         raise AttachmentError(
             f"document {attachment.name!r} is {what}: locod reads UTF-8 text (or UTF-16 or UTF-32 with a "
-            "byte-order mark) such as plain text, Markdown, CSV or code; convert it to text first",
+            f"byte-order mark) such as plain text, Markdown, CSV or code; {then}",
             code="bad_document",
         )
     pieces = chunk_text(text, config.doc_chunk_chars)

@@ -49,6 +49,9 @@ def document_text(data: bytes) -> str | None:
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
+NOT_UTF8 = "not UTF-8 text"  # text in another encoding (GB18030, Shift-JIS, Windows-1251) or not text at all
+
+
 def undecodable(data: bytes) -> str:
     """What a document ``document_text`` could not read is, in words: one whose byte-order mark says UTF-16
     was not "not UTF-8" to its user (a Unix tool's newline appended to a Windows file leaves an odd byte)."""
@@ -59,7 +62,7 @@ def undecodable(data: bytes) -> str:
         if data.startswith(boms):
             odd = f", {uneven}" if len(data) % unit else ""
             return f"{name} text, by its byte-order mark, that does not decode (cut short or damaged{odd})"
-    return "not UTF-8 text"
+    return NOT_UTF8
 
 
 def nul_kind(data: bytes) -> str:

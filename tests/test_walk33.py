@@ -7,8 +7,11 @@ import json
 import unicodedata
 from typing import Any
 
+import pytest
+
 from locod.client import Client
 from locod.daemon.sessions import WITHHELD
+from locod.errors import AttachmentError
 from locod.protocol import Attachment, DeltaFrame
 
 from .conftest import SECRET, DaemonHandle, cloud_config, wait_for
@@ -95,3 +98,21 @@ def test_a_russian_prompt_scores_its_documents_by_their_words(daemon: DaemonHand
     (row,) = daemon.rows("SELECT attachments_offered FROM decisions WHERE id = ?", (result.decision.decision,))
     relevance = {a["name"]: a["relevance"] for a in json.loads(row["attachments_offered"])}
     assert relevance["встреча.md"] >= 0.3 and relevance["рецепт.md"] == 0.0, relevance
+
+
+def test_a_chinese_or_japanese_text_file_in_its_own_encoding_is_refused_with_how_to_convert_it(
+    daemon: DaemonHandle,
+) -> None:
+    """A text file saved as GB18030 or Shift-JIS (what Chinese and Japanese Windows write) was refused as
+    "not UTF-8 text ...; convert it to text first": to its user it is text. The refusal now says to convert
+    it to UTF-8, and how."""
+    with Client(daemon.endpoint) as client:
+        for name, data in (
+            ("会议笔记.txt", "会议定在周三。".encode("gb18030")),
+            ("メモ.txt", "会議は水曜日。".encode("shift_jis")),
+        ):
+            with pytest.raises(AttachmentError) as refused:
+                client.ask("总结", attachments=[Attachment("document", name, data=data)], max_tokens=2)
+            said = refused.value.message
+            assert f"document {name!r} is not UTF-8 text" in said and "convert it to UTF-8 text first" in said, said
+            assert "iconv -f GB18030 -t UTF-8" in said
