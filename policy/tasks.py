@@ -20,7 +20,8 @@ TASK_RULES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ),
     ("rewrite", re.compile(r"\b(rewrite|rephrase|paraphrase|translate|summari[sz]e|shorten|proofread|edit)\b", re.I)),
     ("recommend", re.compile(r"\b(recommend|suggest|which should|best way|ideas? for)\b", re.I)),
-    ("query", re.compile(r"^\s*(who|what|when|where|which|why|how|is|are|does|did|can)\b|\?\s*$", re.I)),
+    # a question ends in ?, or in Chinese and Japanese its full-width ？, in Arabic and Persian ؟
+    ("query", re.compile(r"^\s*(who|what|when|where|which|why|how|is|are|does|did|can)\b|[?\uff1f\u061f]\s*$", re.I)),
 )
 TASKS = ("chat", *(name for name, _ in TASK_RULES))
 

@@ -116,3 +116,14 @@ def test_a_chinese_or_japanese_text_file_in_its_own_encoding_is_refused_with_how
             said = refused.value.message
             assert f"document {name!r} is not UTF-8 text" in said and "convert it to UTF-8 text first" in said, said
             assert "iconv -f GB18030 -t UTF-8" in said
+
+
+def test_a_question_in_chinese_or_arabic_is_a_query(daemon: DaemonHandle) -> None:
+    """The task classifier knew a question by its ASCII ``?``: a Chinese one ends in the full-width ？ and an
+    Arabic one in ؟, and both were recorded (and routed, and learned from) as chat; a Russian one, ending in
+    ``?``, was a query."""
+    questions = ("法国的首都是哪里？", "ما هي عاصمة فرنسا؟", "Какая столица Франции?")
+    with Client(daemon.endpoint) as client:
+        for question in questions:
+            client.ask(question, max_tokens=2, temperature=0.0)
+    assert [row["task"] for row in daemon.rows()] == ["query"] * len(questions)
