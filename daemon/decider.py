@@ -139,6 +139,7 @@ class Decider:
         self.config = config
         self.policy, self.policy_error = _load_policy(config, previous=None)
         self._policy_failures = Throttle(log)
+        self.policy_failed_turns = 0  # turns the loaded policy failed on (MESS+ decided them): status says it
 
     def reload(self, config: Config) -> str | None:
         """Take a new config: the policy reloaded and MESS+ given its parameters (the state in memory carries
@@ -149,6 +150,8 @@ class Decider:
         priors = self.learner.priors(config)
         with self.learner.lock:
             self.learner.adopt(config, priors)
+            if policy is not self.policy:
+                self.policy_failed_turns = 0
             self.config, self.policy, self.policy_error = config, policy, error
         return error
 
@@ -157,6 +160,7 @@ class Decider:
             "mode": self.config.routing.mode,
             "policy": self.policy.version if self.policy else None,
             "policy_error": self.policy_error,
+            "policy_failed_turns": self.policy_failed_turns,
             "battery_critical_pct": self.config.routing.battery_critical_pct,
             "local_masked": self.local_masked(),
         }
@@ -519,6 +523,7 @@ class Decider:
         try:
             log_pi = self.policy.log_probs(observation, mask).tolist()
         except PolicyError as exc:  # the record shows no policy version; the log says why, once a minute
+            self.policy_failed_turns += 1
             self._policy_failures.say("policy", logging.ERROR, "%s; deciding with MESS+ alone", exc.message)
             return None, {}
         probabilities = {ACTION_NAMES[a]: round(math.exp(log_pi[a]), 5) for a in sorted(actions)}

@@ -4,11 +4,13 @@ Everything about the file is checked before it is used: it is a regular file, it
 the layout version, K, Z, sizes and feature names (where it records them) this daemon builds, its inputs and
 outputs have the expected names and declared shapes, and it runs: the graph is run on probe observations and
 what it computes must have the shape [1, N_ACTIONS] and be finite (a graph may declare one shape and compute
-another), within MAX_DECIDE_MS at the fastest (a decision takes well under a millisecond; a Loop node can
-take for ever, so a probe run is stopped after PROBE_LIMIT_S, at start and at a reload alike). Any mismatch
-is a PolicyError naming the file and the problem; the router then decides with MESS+ alone. A failure at run
-time all the same (onnxruntime raises its own RuntimeErrors) is a PolicyError too: that turn is decided by
-MESS+.
+another), finite log-probabilities (the allowed actions' probabilities sum to 1), within MAX_DECIDE_MS at
+the fastest (a decision takes well under a millisecond; a Loop node can take for ever, so every run is
+stopped after RUN_LIMIT_S: a probe's at start and at a reload, and a turn's). Any mismatch is a PolicyError
+naming the file and the problem; the router then decides with MESS+ alone. The probes' features are 0 and
+0.5, a real turn's one-hot ones 1: a graph may misbehave on real observations only. A failure at run time
+(onnxruntime raises its own RuntimeErrors, the values are no log-probabilities, the run is stopped) is a
+PolicyError too: that turn is decided by MESS+.
 
 A policy of an older layout (one a user trained before the layout grew) still runs, on the features its
 layout had: it loads with one warning that it does not see what was added (the local queue's wait for
@@ -22,8 +24,10 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -36,9 +40,65 @@ log = logging.getLogger(__name__)
 
 DEFAULT_POLICY = Path(__file__).resolve().parent / "default" / "policy.onnx"
 MAX_POLICY_BYTES = 64 << 20  # the shipped policy is ~100 kB; a bigger file is not one `locod policy train` wrote
-PROBE_LIMIT_S = 1.0  # a probe run still going after this is stopped, and the file refused
+RUN_LIMIT_S = 1.0  # a run still going after this is stopped: at a probe the file is refused, at a turn MESS+ decides
 PROBE_ROUNDS = 3  # each probe observation is run this many times: the fastest run is the policy's speed
 MAX_DECIDE_MS = 5.0  # the shipped policy decides in about 10 us; a file this much slower is not one to route by
+SUM_TOLERANCE = 1e-3  # how far from 1 the allowed actions' probabilities may sum (float32 rounding)
+
+T = TypeVar("T")
+
+
+class _Watchdog:
+    """One thread that stops each armed onnxruntime run past its deadline (``RunOptions.terminate``): a
+    Timer per run would start a thread for every turn's decision."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._armed: dict[int, tuple[float, ort.RunOptions]] = {}
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def limit(self, options: ort.RunOptions, seconds: float) -> Iterator[None]:
+        """Within the block, the run given ``options`` is stopped once ``seconds`` have passed."""
+        with self._changed:
+            self._armed[id(options)] = (time.monotonic() + seconds, options)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="policy-watchdog", daemon=True)
+                self._thread.start()
+            self._changed.notify()
+        try:
+            yield
+        finally:
+            with self._changed:
+                del self._armed[id(options)]
+
+    def _watch(self) -> None:
+        with self._changed:
+            while True:
+                now = time.monotonic()
+                for deadline, options in self._armed.values():
+                    if deadline <= now:
+                        options.terminate = True
+                soonest = min((d for d, _ in self._armed.values() if d > now), default=None)
+                self._changed.wait(None if soonest is None else soonest - now)
+
+
+WATCHDOG = _Watchdog()
+
+
+def _fault(values: list[float], allowed: list[bool]) -> str | None:
+    """What makes ``values`` no log-probabilities over the allowed actions; None when they are. A value above 0
+    is a probability over 1, and past 709 the record's ``math.exp`` of it overflowed and failed the turn."""
+    kept = [v for v, a in zip(values, allowed) if a]
+    if not all(math.isfinite(v) for v in kept):
+        return "non-finite log-probabilities"
+    total = sum(math.exp(min(v, 1.0)) for v in kept)  # capped: one value over 1 is refused all the same
+    if abs(total - 1.0) > SUM_TOLERANCE:
+        return (
+            f"values that are not log-probabilities (the allowed actions' probabilities sum to {total:.3g}, "
+            f"the highest log-probability is {max(kept):.3g})"
+        )
+    return None
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -162,10 +222,10 @@ class OnnxPolicy:
                     f"observation, not [1, {N_ACTIONS}]",
                     code="policy_mismatch",
                 )
-            if not np.isfinite(np.asarray(out, dtype=np.float64)[mask.astype(bool)]).all():
+            fault = _fault(np.asarray(out, dtype=np.float64)[0].tolist(), mask[0].astype(bool).tolist())
+            if fault:
                 raise PolicyError(
-                    f"policy file {self.path} returns non-finite log-probabilities on a valid observation",
-                    code="policy_output",
+                    f"policy file {self.path} returns {fault} on a valid observation", code="policy_output"
                 )
         if fastest > MAX_DECIDE_MS:
             raise PolicyError(
@@ -175,29 +235,34 @@ class OnnxPolicy:
             )
 
     def _probe_run(self, observation: np.ndarray, mask: np.ndarray) -> tuple[Any, float]:
-        """One run of the graph (what it computes, and in how many ms of this thread's CPU), stopped after
-        PROBE_LIMIT_S. CPU time, not wall time: with one thread each, onnxruntime runs the graph on this one,
-        and a wall clock would count the wait for the GIL after it (up to the 5 ms switch interval with busy
-        threads beside it), which refused the shipped policy on a loaded daemon about one load in ten."""
-        options = ort.RunOptions()
-        stop = threading.Timer(PROBE_LIMIT_S, setattr, (options, "terminate", True))
-        stop.start()
+        """One run of the graph (what it computes, and in how many ms of this thread's CPU). CPU time, not
+        wall time: with one thread each, onnxruntime runs the graph on this one, and a wall clock would count
+        the wait for the GIL after it (up to the 5 ms switch interval with busy threads beside it), which
+        refused the shipped policy on a loaded daemon about one load in ten."""
         started = time.thread_time()
+        feeds = {"observation": observation, "mask": mask}
+        (out,) = self._limited(
+            lambda options: self.session.run(["log_probs"], feeds, options), f"policy file {self.path}"
+        )
+        return out, (time.thread_time() - started) * 1000
+
+    @staticmethod
+    def _limited(run: Callable[[ort.RunOptions], T], who: str) -> T:
+        """``run`` given run options that stop it after RUN_LIMIT_S; what onnxruntime raises (a shape it
+        cannot compute, a bad node, the stop) as a PolicyError naming ``who``."""
+        options = ort.RunOptions()
+        options.log_severity_level = 4  # fatal only: a stopped run's error line on stderr at every turn was a flood
         try:
-            (out,) = self.session.run(["log_probs"], {"observation": observation, "mask": mask}, options)
-        except Exception as exc:  # onnxruntime's own errors: a shape it cannot compute, a bad node
+            with WATCHDOG.limit(options, RUN_LIMIT_S):
+                return run(options)
+        except Exception as exc:  # onnxruntime's own errors
             if options.terminate:
                 raise PolicyError(
-                    f"policy file {self.path} was still deciding after {PROBE_LIMIT_S:g} s and was stopped "
-                    "(a Loop that does not end, or a graph far too large): a decision takes well under a millisecond",
+                    f"{who} was still deciding after {RUN_LIMIT_S:g} s and was stopped (a Loop that does not "
+                    "end, or a graph far too large): a decision takes well under a millisecond",
                     code="policy_slow",
                 ) from None
-            raise PolicyError(
-                f"policy file {self.path} fails on a valid observation: {first_line(exc)}", code="policy_output"
-            ) from None
-        finally:
-            stop.cancel()
-        return out, (time.thread_time() - started) * 1000
+            raise PolicyError(f"{who} failed on a valid observation: {first_line(exc)}", code="policy_output") from None
 
     def _older_layout(self, meta: dict[str, str]) -> np.ndarray | None:
         """For a file of an older layout whose feature names are that layout's, the columns of this layout's
@@ -223,11 +288,10 @@ class OnnxPolicy:
         """log pi(action | observation) for every action; masked ones are very negative."""
         self._observation[0] = observation if self.columns is None else observation[self.columns]
         self._mask[0] = mask
-        try:
-            self.session.run_with_iobinding(self._binding)
-        except Exception as exc:  # a graph whose computed shape depends on the input, or any onnxruntime error
-            raise PolicyError(f"policy {self.version} failed: {first_line(exc)}", code="policy_output") from None
+        who = f"policy {self.version}"
+        self._limited(lambda options: self.session.run_with_iobinding(self._binding, options), who)
         result = self._log_probs[0].astype(np.float64)
-        if not all(math.isfinite(v) for v, allowed in zip(result.tolist(), self._mask[0].tolist()) if allowed):
-            raise PolicyError(f"policy {self.version} returned non-finite log-probabilities", code="policy_output")
+        fault = _fault(result.tolist(), [bool(a) for a in self._mask[0].tolist()])
+        if fault:
+            raise PolicyError(f"{who} returned {fault}", code="policy_output")
         return result

@@ -302,9 +302,9 @@ def test_a_policy_that_returns_nan_is_refused_when_it_loads(tmp_path: Path) -> N
 
 def shape_shifting_policy(path: Path, reps_from: str) -> Path:
     """A policy with the shipped metadata whose inputs and output declare the right shapes, but whose graph
-    computes ``Tile(mask, [1, reps])``: reps = 100000 x max(mask) (``mask``: wrong for every observation),
-    or 1 + floor(max(observation)) (``observation``: right for the load-time probes, whose features are
-    below 1, wrong for a real turn's, whose one-hot features are 1)."""
+    computes ``Tile(log-probabilities even over the allowed actions, [1, reps])``: reps = 100000 x max(mask)
+    (``mask``: wrong for every observation), or 1 + floor(max(observation)) (``observation``: right for the
+    load-time probes, whose features are below 1, wrong for a real turn's, whose one-hot features are 1)."""
     import onnx
     from onnx import TensorProto, helper
 
@@ -319,8 +319,13 @@ def shape_shifting_policy(path: Path, reps_from: str) -> Path:
         helper.make_tensor("axis0", TensorProto.INT64, [1], [0]),
         helper.make_tensor("factor", TensorProto.FLOAT, [], [100000.0 if reps_from == "mask" else 1.0]),
         helper.make_tensor("offset", TensorProto.FLOAT, [], [0.0 if reps_from == "mask" else 1.0]),
+        helper.make_tensor("one_f", TensorProto.FLOAT, [], [1.0]),
+        helper.make_tensor("far", TensorProto.FLOAT, [], [1e4]),
     ]
     nodes = [
+        helper.make_node("Sub", ["mask", "one_f"], ["off"]),  # 0 where allowed, -1 where masked
+        helper.make_node("Mul", ["off", "far"], ["logits"]),
+        helper.make_node("LogSoftmax", ["logits"], ["even"], axis=-1),
         helper.make_node("ReduceMax", [reps_from], ["top"], keepdims=0),
         helper.make_node("Floor", ["top"], ["whole"]),
         helper.make_node("Mul", ["whole", "factor"], ["scaled"]),
@@ -328,7 +333,7 @@ def shape_shifting_policy(path: Path, reps_from: str) -> Path:
         helper.make_node("Cast", ["count"], ["count_i"], to=TensorProto.INT64),
         helper.make_node("Unsqueeze", ["count_i", "axis0"], ["count_1"]),
         helper.make_node("Concat", ["one", "count_1"], ["reps"], axis=0),
-        helper.make_node("Tile", ["mask", "reps"], ["log_probs"]),
+        helper.make_node("Tile", ["even", "reps"], ["log_probs"]),
     ]
     graph = helper.make_graph(nodes, "shape-shifter", declared, [output], constants)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])

@@ -100,11 +100,18 @@ def _files(status: dict[str, Any]) -> str:
 
 
 def _status_warnings(status: dict[str, Any]) -> list[str]:
-    """What needs the user's hand: a cloud model without its key, a policy file the daemon could not use, a
-    decision log whose WAL cannot be checkpointed, a daemon running other code than this command."""
+    """What needs the user's hand: a cloud model without its key, a policy file the daemon could not use or
+    that fails on turns, a decision log whose WAL cannot be checkpointed, a daemon running other code than
+    this command."""
     warnings = [no_key_warning(name, env) for name, env in status["cloud"].get("no_api_key", {}).items()]
     if status["routing"].get("policy_error"):  # routing.policy_path (or $LOCOD_POLICY) names an unusable file
         warnings.append(f"{status['routing']['policy_error']} (routing.policy_path, or $LOCOD_POLICY)")
+    if status["routing"].get("policy_failed_turns"):  # it loaded, then failed on turns' observations
+        failed = status["routing"]["policy_failed_turns"]
+        warnings.append(
+            f"policy {status['routing']['policy']} failed on {failed} turn{'s' * (failed != 1)} since it loaded, "
+            "which MESS+ alone decided: the daemon's log says why"
+        )
     if status.get("db_warning"):  # an older daemon's status has no such field
         warnings.append(status["db_warning"])
     skew = code_skew(status)
