@@ -270,7 +270,7 @@ class TraceSource:
     local: str = ""  # the trace's one local model, whatever the GGUF that answered was called
 
     def __post_init__(self) -> None:
-        rows = read_rows(self.path)
+        rows = read_rows(self.path, scored=True)
         self.local = local_model(rows, self.path)
         by_id: dict[str, list[dict[str, Any]]] = {}
         for row in rows:

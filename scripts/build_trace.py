@@ -60,7 +60,9 @@ from llama_cpp import Llama
 from locod.daemon.fetch import fetch
 from locod.daemon.gguf import NotGGUF, describe
 from locod.daemon.pull import MAX_DEFAULT_CTX
+from locod.errors import PolicyError
 from locod.policy.tasks import task_of
+from locod.policy.trace import local_model, read_rows
 
 REPO = Path(__file__).resolve().parent.parent
 EMBEDDED = "smollm2-135m-instruct"
@@ -550,8 +552,16 @@ def same_task(first: Task, q: Question) -> None:
 def rerun_local(model: LocalModel, tasks: dict[str, Task], source: Path, out: Path, origin: str) -> None:
     """Run the local model again over a trace's prompts, keeping everything else (the cloud labels too).
     Where the answer is the one the trace holds, so is its wall time: the same computation, timed when the
-    trace was built, on a machine this rerun may share."""
-    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    trace was built, on a machine this rerun may share. The trace is checked whole first (policy/trace.py): a
+    bad line stopped the rerun with a traceback, after the model had answered every line before it."""
+    try:
+        rows = read_rows(source)
+        old_name = local_model(rows, source)
+    except PolicyError as exc:
+        sys.exit(str(exc))
+    ungraded = next((n for n, row in enumerate(rows, 1) if not isinstance(row.get("gold"), list)), None)
+    if ungraded:
+        sys.exit(f"{source}:{ungraded}: no 'gold' list, which the local model's new answer is graded against")
     unknown = sorted({row["task"] for row in rows} - set(tasks))
     if unknown:
         sys.exit(
@@ -563,10 +573,9 @@ def rerun_local(model: LocalModel, tasks: dict[str, Task], source: Path, out: Pa
     for n, row in enumerate(rows):
         task = tasks[row["task"]]
         text, fields, local_s, _, _ = answer(model.llm, row["prompt"], task.max_tokens)
-        (old_name,) = [m for m in row["models"] if m != "cloud"]
         old = row["models"].pop(old_name)
         local = local_fields(task, row["gold"], text, fields, local_s, model.sha256, task.max_tokens)
-        if fields["answer"] == old["answer"]:
+        if fields["answer"] == old.get("answer"):
             local["latency_s"], local["energy_j"] = old["latency_s"], old["energy_j"]
         else:
             changed += 1

@@ -9,10 +9,19 @@ observation only, never on a probe, held its turn for good, and with the router'
 a run at turn time had no limit, where the probes had one. A turn decided without its failing policy was
 said in one log line a minute, and nowhere else (status did not say the loaded policy was failing), beside
 an onnxruntime error line on stderr for every such turn.
+
+A replay trace's turns were read as they came: a missing field or a text where a number goes stopped
+`locod policy train` with a KeyError traceback, and NaN or negative rewards and costs trained a policy on
+them; `scripts/build_trace.py --rerun-local` met a bad line only after the model had answered every one before it.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +30,7 @@ import pytest
 from locod.errors import PolicyError
 from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
 
+from .conftest import locod_command
 from .faultproxy import FaultProxy
 
 onnx = pytest.importorskip("onnx")
@@ -140,3 +150,88 @@ def test_a_policy_that_loops_on_real_observations_only_is_stopped_each_turn(
     routing = _turns_without_the_policy(handle, 2)
     assert routing["policy_failed_turns"] == 2, routing
     assert "was still deciding after 1 s and was stopped" in handle.log()
+
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+TRACE = SCRIPTS.parent / "policy/data/bigbench_trace.jsonl"
+
+
+def _hostile_trace(path: Path, damage: Any) -> Path:
+    """The development trace's first 20 turns with ``damage`` done to its 12th (line 12)."""
+    rows = [json.loads(line) for line in TRACE.read_text().splitlines()[:20]]
+    damage(rows[11])
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))  # NaN and Infinity as json writes them
+    return path
+
+
+def _local(row: dict[str, Any]) -> dict[str, Any]:
+    return row["models"]["smollm2-135m-instruct"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda row: _local(row).update(quality=math.nan), "'smollm2-135m-instruct' quality is NaN"),
+        (lambda row: row["models"]["cloud"].update(usd=-1.0), "'cloud' usd is -1.0"),
+        (lambda row: row["models"]["cloud"].update(latency_s=math.inf), "'cloud' latency_s is Infinity"),
+        (lambda row: _local(row).update(energy_j="5 J"), "'smollm2-135m-instruct' energy_j is \"5 J\""),
+        (lambda row: _local(row).pop("quality"), "'smollm2-135m-instruct' quality is null"),
+        (lambda row: _local(row).update(satisfied=0.5), "'smollm2-135m-instruct' satisfied is 0.5, not 0 or 1"),
+        (lambda row: row.pop("dialogue"), "'dialogue' is null"),
+        (lambda row: row.update(dialogue=["d0"]), "'dialogue' is [\"d0\"]"),
+        (lambda row: row.update(prompt=7), "'prompt' is 7"),
+        (lambda row: row["models"].pop("cloud"), "no 'cloud' answer"),
+        (lambda row: row["models"].update(cloud=1.0), "the answer of 'cloud' is no object"),
+    ],
+)
+def test_a_trace_turn_of_other_types_or_values_is_named_by_its_line(tmp_path: Path, damage: Any, said: str) -> None:
+    """Training's trace source read every turn as it came: a missing field or a text where a number goes
+    stopped it with a KeyError or TypeError (after torch was loaded), and NaN or a negative cost trained
+    a policy on garbage rewards."""
+    from locod.policy.tmo_env import TraceSource
+
+    path = _hostile_trace(tmp_path / "hostile.jsonl", damage)
+    with pytest.raises(PolicyError) as info:
+        TraceSource(path)
+    assert info.value.code == "trace_invalid" and info.value.message.startswith(f"{path}:12: not a trace turn (")
+    assert said in info.value.message
+
+
+def test_policy_train_names_a_trace_turn_without_its_costs(tmp_path: Path) -> None:
+    pytest.importorskip("torch")  # the train extra, which the test extra pulls
+    path = _hostile_trace(tmp_path / "hostile.jsonl", lambda row: row["models"]["cloud"].pop("latency_s"))
+    out = tmp_path / "policy.onnx"
+    done = subprocess.run(
+        [*locod_command("policy", "train", "--trace", str(path), "--steps", "64", "--out", str(out))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HOME": str(tmp_path)},
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert f"{path}:12: not a trace turn ('cloud' latency_s is null" in done.stderr and not out.exists()
+
+
+def test_the_shipped_traces_are_whole_turns() -> None:
+    from locod.policy.trace import read_rows
+
+    for trace in TRACE.parent.glob("*_trace.jsonl"):
+        assert read_rows(trace, scored=True)
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (lambda row: row.pop("prompt"), "not a trace turn ('prompt' is null)"),
+        (lambda row: row.pop("gold"), "no 'gold'"),
+    ],
+)
+def test_a_rerun_of_a_damaged_trace_names_its_line(tmp_path: Path, model_path: Path, damage: Any, said: str) -> None:
+    """scripts/build_trace.py --rerun-local read the trace's lines as they came and met the damaged one after
+    the model had answered every line before it: a KeyError traceback, and nothing written."""
+    path = _hostile_trace(tmp_path / "hostile.jsonl", damage)
+    out = tmp_path / "rerun.jsonl"
+    command = [sys.executable, str(SCRIPTS / "build_trace.py"), "--rerun-local", str(path), "--model", str(model_path)]
+    done = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+    assert f"{path}:12: {said}" in done.stderr and not out.exists()
