@@ -606,6 +606,11 @@ def _check_values(state: MessPlusState) -> None:
         raise ValueError("a negative count")
     if not (math.isfinite(state.satisfied_sum) and -1e-6 <= state.satisfied_sum <= state.settled + 1e-6):
         raise ValueError(f"satisfied_sum {state.satisfied_sum} is not within [0, settled = {state.settled}]")
+    # a turn's label takes its prediction back out of the sum and the queues: a NaN there set Z to -q_cap
+    # (a full surplus, routing cheaper than the SLA allows) and the sum to NaN, which the next start set aside
+    wrong = next((i for i, (_, s) in state.pending.items() if not (math.isfinite(s) and 0.0 <= s <= 1.0)), None)
+    if wrong is not None:
+        raise ValueError(f"the prediction kept for turn {wrong} is {state.pending[wrong][1]}, not within [0, 1]")
     heads = [(f"confidence head of {n}", h.weights, h.seen) for n, h in state.confidence.items()]
     for what, weights, seen in [*heads, *((f"weights of {n}", w, 0) for n, w in state.weights.items())]:
         if seen < 0 or not bounded(weights):

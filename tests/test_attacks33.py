@@ -13,6 +13,8 @@ an onnxruntime error line on stderr for every such turn.
 A replay trace's turns were read as they came: a missing field or a text where a number goes stopped
 `locod policy train` with a KeyError traceback, and NaN or negative rewards and costs trained a policy on
 them; `scripts/build_trace.py --rerun-local` met a bad line only after the model had answered every one before it.
+The MESS+ state's predictions kept for turns awaiting their label were not checked at load: a NaN there,
+once its label came, set Z to a full surplus (the price of satisfaction 0) and the satisfied sum to NaN.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from locod.errors import PolicyError
@@ -217,6 +220,31 @@ def test_the_shipped_traces_are_whole_turns() -> None:
 
     for trace in TRACE.parent.glob("*_trace.jsonl"):
         assert read_rows(trace, scored=True)
+
+
+def test_a_kept_prediction_no_daemon_writes_sets_the_state_aside_at_start(daemon_factory: Any, tmp_path: Path) -> None:
+    """The MESS+ state's values were checked at load, all but the predictions it keeps for turns awaiting
+    their label: a NaN there was taken, and the turn's label then set Z to -q_cap (a full surplus: the price
+    of satisfaction down, routing cheaper than the SLA allows, silently) and the satisfied sum to NaN, which
+    the next start found and set the whole state aside for, its labels and learning with it."""
+    handle = daemon_factory()
+    assert handle.client().ask("Hi", max_tokens=2).done.outcome == "ok"
+    handle.stop()
+    path = tmp_path / "d" / "state" / "messplus.npz"
+    with np.load(path) as data:
+        arrays = dict(data)
+    assert len(arrays["pending_s"]) == 1  # the turn's prediction, kept until its label comes
+    arrays["pending_s"] = np.array([np.nan])
+    np.savez(path, **arrays)
+    handle = daemon_factory()  # the same home
+    decision = handle.rows()[0]["id"]
+    assert f"the prediction kept for turn {decision} is nan, not within [0, 1]" in handle.log()
+    assert len(list(path.parent.glob("messplus.npz.bad-*"))) == 1
+    client = handle.client()
+    client.feedback(decision, True)
+    assert client.ask("Hi again", max_tokens=2).done.outcome == "ok"
+    attained = client.status()["routing"]["attained"]
+    assert attained is not None and 0.0 <= attained <= 1.0
 
 
 @pytest.mark.parametrize(
