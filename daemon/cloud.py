@@ -439,7 +439,7 @@ class CloudBackend:
                 breaker.failure()
             hint = _hint(model, exc, self._key_sources.get(name, ""), prompt)
             message = f"{name}: HTTP {exc.status_code} from the endpoint{hint}"
-            raise Received(message, prompt.upload, "cloud_http") from None
+            raise Received(message, prompt.upload, "cloud_http", exc.status_code) from None
         return delay
 
     def _proxy_refusal(self, model: CloudModelConfig, exc: BaseException | None) -> str:
@@ -649,11 +649,13 @@ def _redirect(exc: openai.APIStatusError) -> str:
 class Received(CloudError):
     """The endpoint answered the request, with an error status or without text: the request and what it
     uploaded (``upload``) left the device, and the record says so, though nothing is billed. A failure with
-    no answer at all (refused, unreachable, timed out) is a plain CloudError: nothing is known to have gone."""
+    no answer at all (refused, unreachable, timed out) is a plain CloudError: nothing is known to have gone.
+    ``status``: the HTTP status it answered, where that is the failure (``cloud_http`` names them all)."""
 
-    def __init__(self, message: str, upload: Upload, code: str) -> None:
+    def __init__(self, message: str, upload: Upload, code: str, status: int | None = None) -> None:
         super().__init__(message, code=code)
         self.upload = upload
+        self.status = status
 
 
 class StreamCut(Received):

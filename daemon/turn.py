@@ -275,7 +275,7 @@ class TurnRunner:
         # gate one at a time, so one thread serves them.
         self._recorder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="record")
         # A cloud that refuses every call (a 400 never opens its breaker) fails every turn sent to it: each
-        # fallback is in the decision log; the log says each kind once a minute.
+        # fallback is in the decision log; the log says each kind (model, code, HTTP status) once a minute.
         self._fallbacks = Throttle(log)
 
     def run(self, request: ChatRequest, client: bytes, reply: Reply) -> None:
@@ -447,8 +447,9 @@ class TurnRunner:
         try:
             return self._ended(decision, backend.generate(decision.model, prompt), reply)
         except CloudError as exc:
+            status = exc.status if isinstance(exc, Received) else None  # a 401 is news after a loop of 400s
             self._fallbacks.say(
-                f"{decision.model} {exc.code}",
+                f"{decision.model} {exc.code} {status}",
                 logging.WARNING,
                 "turn %s: %s; falling back to the local model",
                 turn.request.id,
