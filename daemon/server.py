@@ -148,7 +148,7 @@ class Daemon:
         self.backlog = Backlog(config.daemon.max_queued_bytes)
         self.turns_served = 0
         # The same rejected config reloaded again and again (SIGHUP from a tool in a loop): its reply says it
-        # each time, the log once a minute.
+        # each time, the log once a minute; anew after each accepted reload (``reload``).
         self._rejections = Throttle(log)
         self.stopping_since: float | None = None
         self.ctx = zmq.Context()
@@ -734,6 +734,9 @@ class Daemon:
         policy_error = self.decider.reload(new)
         configure_logging(new.log.level)
         log.info("configuration reloaded from %s", new.source)
+        # A rejection after this line is news, however recently it was said: else a file broken again the
+        # same way left "reloaded" the log's last word while the file on disk would not start the daemon.
+        self._rejections = Throttle(log)
         self.notifier.ready(self._status_line())
         left_out = {name: error.message for name, error in self.decider.left_out_files().items()}
         return {

@@ -32,3 +32,19 @@ def test_a_refused_key_after_a_refused_request_is_logged(daemon_factory: Any) ->
     said = _lines(handle.log(), "falling back to the local model")
     assert len(said) == 2, said
     assert "HTTP 400" in said[0] and "HTTP 401" in said[1] and "check the API key" in said[1]
+
+
+def test_a_config_broken_again_after_an_accepted_reload_is_logged(daemon_factory: Any) -> None:
+    """Review finding: a rejected reload was throttled per message for a minute across accepted reloads:
+    broken, fixed ("configuration reloaded"), then broken the same way again (SIGHUP, which no reply
+    answers), and the log's last word was "reloaded" while the file on disk would not start the daemon.
+    Now an accepted reload starts the throttle over."""
+    handle = daemon_factory({})
+    good = handle.config_path.read_text()
+    client = handle.client()
+    for text, reloaded in (("[routing]\nsla = 9\n", False), (good, True), ("[routing]\nsla = 9\n", False)):
+        handle.config_path.write_text(text)
+        assert client.reload()["reloaded"] is reloaded
+    said = _lines(handle.log(), "reload rejected")
+    assert len(said) == 2, said
+    assert "got 9" in said[1]
