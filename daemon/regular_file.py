@@ -91,9 +91,15 @@ def written_whole(path: Path, tmp: Path | None = None, mode: int = 0o600) -> Ite
 def replace_on_disk(tmp: Path, path: Path) -> None:
     """Rename ``tmp`` (its bytes already fsynced) to ``path`` and sync the folder holding both: until the
     folder is synced the rename lives only in memory, and a power cut after the caller went on (a catalog
-    naming a model the folder no longer holds, a state or policy the user was told is saved) undoes it."""
+    naming a model the folder no longer holds, a state or policy the user was told is saved) undoes it.
+    A folder this process may write but not read (mode 0300) cannot be opened to sync: the rename is done
+    unsynced, as before there was a sync, rather than said to have failed (``models rm`` then kept the file
+    of an entry it had removed)."""
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError:
+        return
     try:
         os.fsync(fd)
     except OSError as exc:

@@ -4,10 +4,21 @@ Real daemon, real model, the fault proxy as the cloud, the real `locod` command;
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+import pytest
+
+from locod.daemon.catalog import pulled_models
 
 from .conftest import SECRET, cloud_config
 from .faultproxy import Fault, FaultProxy
+from .fileserver import FileServer, Served, gguf_bytes
 
 
 def _lines(log: str, words: str) -> list[str]:
@@ -48,3 +59,41 @@ def test_a_config_broken_again_after_an_accepted_reload_is_logged(daemon_factory
     said = _lines(handle.log(), "reload rejected")
     assert len(said) == 2, said
     assert "got 9" in said[1]
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    fs = FileServer().start()
+    yield fs
+    fs.stop()
+
+
+def _locod_unprivileged(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`locod ARGS` without root's power to read any folder (``setpriv``): as a user would run it."""
+    no_dac = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+    command = [*no_dac, sys.executable, "-m", "locod.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.skipif(os.geteuid() == 0 and shutil.which("setpriv") is None, reason="root reads any folder")
+def test_pull_and_rm_in_a_folder_that_cannot_be_read(tmp_path: Path, server: FileServer) -> None:
+    """Review finding: ``replace_on_disk`` opened the folder to sync it after the rename, and a folder the
+    user may write but not read (mode 0300) raised there: `models pull` said "Permission denied" with the
+    model in place and never registered, and `models rm` removed the entry, failed, and left the file,
+    which a second `rm` no longer knew ("no such model"). Now such a folder is renamed into unsynced."""
+    server.files["m.gguf"] = Served(gguf_bytes(1 << 20))
+    models = tmp_path / "models"
+    models.mkdir(mode=0o300)
+    models.chmod(0o300)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCOD_")}
+    env |= {"LOCOD_MODELS_DIR": str(models), "XDG_CONFIG_HOME": str(tmp_path / "none")}
+    env["LOCOD_RUNTIME_DIR"] = str(tmp_path / "run")
+    try:
+        pull = _locod_unprivileged(env, "models", "pull", f"{server.url}/files/m.gguf", "--name", "tiny")
+        assert pull.returncode == 0, pull.stderr
+        assert [m.name for m in pulled_models(models)] == ["tiny"]
+        removed = _locod_unprivileged(env, "models", "rm", "tiny")
+        assert removed.returncode == 0, removed.stderr
+        assert pulled_models(models) == [] and not (models / "tiny.gguf").exists()
+    finally:
+        models.chmod(0o700)
