@@ -6,11 +6,12 @@ negative cost that lifts the daily cap, or an infinite spend that masks the clou
 taken only when it is an integer (not a bool), non-negative and within what the request could have cost: an
 input of at most one token per byte sent plus a template's overhead, an output of at most twice
 ``max_tokens`` (providers stop at ``max_tokens``; the slack is for counting differences). Otherwise both
-counts are estimated from characters, as for an endpoint that reports no usage, and one warning per model
-is logged. An estimated input counts each message's text at four characters a token, rounded up, plus the
-few tokens its role and separators take: a one-word question is not a prompt of 0 tokens; only a message's
-text is counted (an image is priced at ``usd_per_image``: counted as text, its data URL made one photo tens
-of thousands of tokens). The daily cap holds a call at this estimate of what it is sent
+counts are estimated from the text, as for an endpoint that reports no usage, and one warning per model
+is logged. An estimated input counts each message's text as ``rule.estimate_tokens`` does (in any script:
+at four characters a token, Chinese was a quarter of its tokens), plus the few tokens its role and
+separators take: a one-word question is not a prompt of 0 tokens; only a message's text is counted (an
+image is priced at ``usd_per_image``: counted as text, its data URL made one photo tens of thousands of
+tokens). The daily cap holds a call at this estimate of what it is sent
 (``estimated_input``), never below what its answer is priced at without usage. An estimated output is at
 most ``max_tokens``.
 """
@@ -23,7 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from locod.daemon.backends import Prompt
-from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
+from locod.policy.rule import estimate_tokens
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +47,13 @@ def counted(model: str, usage: Any, prompt: Prompt, text: str, chunks: int) -> t
             return int(tokens_in), int(tokens_out), False  # type: ignore[arg-type]
         _warn_once(model, problem)
     # no more than were asked for: the endpoint stopped there, and a client reads usage against max_tokens
-    return estimated_input(prompt.messages), min(prompt.max_tokens, max(chunks, estimate_tokens(len(text)))), True
+    return estimated_input(prompt.messages), min(prompt.max_tokens, max(chunks, estimate_tokens(text))), True
 
 
 def estimated_input(messages: Iterable[Mapping[str, object]]) -> int:
-    """The prompt tokens of ``messages`` as estimated without usage: each one's text at four characters a
-    token, rounded up, and its role and separators."""
-    return sum(-(-len(text_of(m)) // CHARS_PER_TOKEN) + PER_MESSAGE_TOKENS for m in messages)
+    """The prompt tokens of ``messages`` as estimated without usage: each one's text, and its role and
+    separators."""
+    return sum(estimate_tokens(text_of(m)) + PER_MESSAGE_TOKENS for m in messages)
 
 
 def text_of(message: Mapping[str, object]) -> str:

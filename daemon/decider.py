@@ -470,9 +470,9 @@ class Decider:
     def _fits_context(self, prompt: str) -> dict[str, bool]:
         """Whether each model's context can hold the turn's question (history can be trimmed, the question
         cannot) with room for an answer. Local contexts are known; a cloud model's is
-        ``context_tokens`` (0: unknown, assumed to fit). Estimated from characters: the local model's own
-        tokenizer has the last word when the prompt is fitted."""
-        needed = estimate_tokens(len(prompt)) + MIN_ANSWER_TOKENS + TEMPLATE_SLACK_TOKENS
+        ``context_tokens`` (0: unknown, assumed to fit). Estimated from the text, in any script: the local
+        model's own tokenizer has the last word when the prompt is fitted."""
+        needed = estimate_tokens(prompt) + MIN_ANSWER_TOKENS + TEMPLATE_SLACK_TOKENS
         fits = {m.name: needed <= m.n_ctx for m in self.config.local.models}
         fits.update({m.name: not m.context_tokens or needed <= m.context_tokens for m in self.config.cloud.models})
         return fits
@@ -481,7 +481,7 @@ class Decider:
         contexts = [m.n_ctx for m in self.config.local.models] + [
             m.context_tokens for m in self.config.cloud.models if m.context_tokens
         ]
-        needed = estimate_tokens(len(prompt))
+        needed = estimate_tokens(prompt)
         return (
             f"the prompt needs about {needed} tokens; no model that may answer it holds that (the largest "
             f"configured context is {max(contexts)} tokens)"

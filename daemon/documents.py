@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from locod.daemon.cancel import check_cancelled
-from locod.policy.rule import CHARS_PER_TOKEN, estimate_tokens
+from locod.policy.rule import estimate_tokens, prefix_within
 
 UTF16_BOMS = (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)  # a document that begins with one is UTF-16 text
 # UTF-32's little-endian mark begins with UTF-16's: looked for first (U+0000 is no text's first character).
@@ -30,6 +30,7 @@ class DocChunk:
     index: int
     text: str
     score: float
+    tokens: int  # estimated once, when ranked: an excerpt is chosen for each budget a turn prices
 
 
 def document_text(data: bytes) -> str | None:
@@ -130,7 +131,10 @@ def rank_chunks(
             counts[t] += 1
     weight = {t: math.log(1 + n / (1 + counts[t])) + 0.1 for t in used}
     total = sum(weight.values()) or 1.0
-    scored = [DocChunk(i, p, sum(weight[t] for t in ct) / total) for i, (p, ct) in enumerate(zip(pieces, chunk_terms))]
+    scored = [
+        DocChunk(i, p, sum(weight[t] for t in ct) / total, estimate_tokens(p))
+        for i, (p, ct) in enumerate(zip(pieces, chunk_terms))
+    ]
     return sorted(scored, key=lambda c: (-c.score, c.index))
 
 
@@ -152,8 +156,8 @@ def _candidates(chunks: Sequence[DocChunk]) -> list[DocChunk]:
 
 
 def select_chunks(chunks: Sequence[DocChunk], token_budget: int) -> list[DocChunk]:
-    """The best of a document's ``chunks`` that fit ``token_budget`` (tokens estimated from characters), back
-    in document order.
+    """The best of a document's ``chunks`` that fit ``token_budget`` (tokens estimated from their text, in any
+    script), back in document order.
 
     Only chunks that share terms with the prompt are sent; when none does ("summarise this"), the
     document's opening chunks are. A budget too small for any whole chunk gets the best one's beginning.
@@ -161,12 +165,12 @@ def select_chunks(chunks: Sequence[DocChunk], token_budget: int) -> list[DocChun
     candidates = _candidates(chunks)
     chosen, used = [], 0
     for chunk in candidates:
-        cost = estimate_tokens(len(chunk.text)) + 1
+        cost = chunk.tokens + 1
         if used + cost > token_budget:
             continue
         chosen.append(chunk)
         used += cost
-    if not chosen and candidates and (cut := max(0, token_budget - 1) * CHARS_PER_TOKEN):
+    if not chosen and candidates and (cut := prefix_within(candidates[0].text, token_budget - 1)):
         best = candidates[0]
-        return [DocChunk(best.index, best.text[:cut], best.score)]
+        return [DocChunk(best.index, cut, best.score, estimate_tokens(cut))]
     return sorted(chosen, key=lambda c: c.index)

@@ -305,7 +305,7 @@ class Learner:
             log.info("judge could not grade decision %d: no cloud model is configured any more", decision_id)
             return None
         max_tokens = JUDGE_TOKENS if model.max_tokens_param == "max_tokens" else JUDGE_REASONING_TOKENS
-        most = model.price(rule.estimate_tokens(len(text)), max_tokens, 0)  # at its longest verdict
+        most = model.price(rule.estimate_tokens(text), max_tokens, 0)  # at its longest verdict
         with self.lock:  # the cap checked and held as one, as a turn's decision is (Decider.decide)
             if not self._within_cap(most):
                 log.info("judge does not grade decision %d: it could pass today's cloud.daily_cap_usd", decision_id)

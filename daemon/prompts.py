@@ -84,9 +84,9 @@ class LocalQuestion:
 
     def fitted(self, fit: Callable[[list[dict[str, object]]], Prompt]) -> Prompt:
         """The prompt ``fit`` makes of the messages, which refuses what the model cannot hold. Documents get a
-        third of the context, measured at four characters a token, which Chinese text, digits or code pass
-        several times over: while the question with its excerpts does not fit, the excerpts are halved, and
-        only a question too long without them is refused."""
+        third of the context, estimated from their text, which a model's own tokenizer may count at more (an
+        English-only model's, Chinese): while the question with its excerpts does not fit, the excerpts are
+        halved, and only a question too long without them is refused."""
         documents = any(a.kind == "document" for a in self.attachments)
         *larger, smallest = self.doc_budgets() if documents else self.doc_budgets()[:1]
         for doc_tokens in larger:

@@ -16,6 +16,7 @@ so an evaluation measures what the daemon runs.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 
 from locod.policy.messplus import Choice, MessPlus, TurnFeatures
@@ -30,15 +31,36 @@ MONEY_REF_USD, ENERGY_REF_J, RADIO_W = 0.001, 1000.0, 2.0
 EXPECTED_ANSWER_TOKENS = 200
 # Without a policy the cloud gets the uploadable attachments at least this relevant to the prompt.
 MIN_RELEVANCE = 0.3
-# Every estimate of tokens from text (prices, budgets, chunk sizes) uses this one ratio.
-CHARS_PER_TOKEN = 4
+# ASCII digits and punctuation, a token each in the estimate: most tokenizers split numbers digit by digit,
+# and code's symbols rarely merge with the words beside them.
+_ASCII_SYMBOLS = re.compile(r"[0-9!-/:-@\[-`{-~]")
 # The TMO policy's term counts an action's log-probability below the policy's favourite down to 1/4 of it.
 POLICY_LOG_RATIO_CAP = math.log(4.0)
 
 
-def estimate_tokens(chars: int) -> int:
-    """Tokens in ``chars`` characters of text, where no tokenizer is at hand."""
-    return chars // CHARS_PER_TOKEN
+def estimate_tokens(text: str) -> int:
+    """Tokens in ``text`` where no tokenizer is at hand (prices, the daily cap's hold, context checks, document
+    budgets), rarely fewer than a real tokenizer counts, in any script: ASCII letters and spaces four to a
+    token, ASCII digits and punctuation one each, every other character a token per two bytes of its UTF-8
+    (Cyrillic or Arabic 1, Chinese, Japanese, Korean, Hindi or Thai 1.5) and one beyond the BMP (emoji) a
+    token per byte. At four characters a token, Chinese was counted at a quarter of its tokens, Russian at
+    half (docs/routing.md has the measurements)."""
+    symbols = len(_ASCII_SYMBOLS.findall(text))
+    if text.isascii():
+        return (len(text) - symbols + 3) // 4 + symbols
+    ascii_chars = len(text.encode("ascii", "ignore"))
+    other_bytes = len(text.encode("utf-8", "surrogatepass")) - ascii_chars
+    astral = len(text.encode("utf-16-le", "surrogatepass")) // 2 - len(text)  # a surrogate pair each
+    return (ascii_chars - symbols + 3) // 4 + symbols + (other_bytes + 1) // 2 + 2 * astral
+
+
+def prefix_within(text: str, tokens: int) -> str:
+    """The longest beginning of ``text`` that ``estimate_tokens`` counts at ``tokens`` or fewer."""
+    low, high = 0, len(text)
+    while low < high:  # the estimate never falls as text is added
+        middle = (low + high + 1) // 2
+        low, high = (middle, high) if estimate_tokens(text[:middle]) <= tokens else (low, middle - 1)
+    return text[:low]
 
 
 def priors(local: Iterable[str], cloud: Iterable[str]) -> dict[str, float]:

@@ -160,8 +160,8 @@ def test_a_turn_is_priced_with_the_history_its_client_sent() -> None:
     session = Session("s", owner="http")
     session.dialogue = (({"role": "user", "content": "z" * 400},), (False,))
 
-    def tokens(messages: list[dict[str, str]]) -> int:
-        return Turn(ChatRequest("r", messages), session, b"h1", "chat", [], Config()).prompt_tokens
+    def sent(messages: list[dict[str, str]]) -> int:
+        return Turn(ChatRequest("r", messages), session, b"h1", "chat", [], Config()).text_bytes
 
-    assert tokens([*history, question]) == tokens([question]) + 2000  # 8,000 characters at 4 a token
-    assert tokens([question]) == 100 + 2  # the session's history and the question
+    assert sent([*history, question]) == sent([question]) + 8000  # 8,000 ASCII characters
+    assert sent([question]) == 400 + 9  # the session's history and the question
