@@ -5,7 +5,8 @@ After a routed turn is answered its prediction settles the queue; labels come la
 predictor on the features the decision recorded. Shadow answers (daemon/shadow.py) label the local model on
 cloud-answered turns, and an answer that escalated is graded against the cloud's: both train the local
 model's predictor (and its confidence head, where the answer's log-probs were read) but never the queue.
-The state is saved after each change. The decider reads the state under ``lock`` and writes only what
+The state is saved after each change: copied under ``lock``, written after it is let go (a decision waits on
+no serialising nor fsync). The decider reads the state under ``lock`` and writes only what
 MESS+'s ``choose`` counts (exploration step, price window); nothing else touches it.
 """
 
@@ -15,6 +16,7 @@ import logging
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from locod.daemon.modelfile import resolve_path
 from locod.daemon.records import CostHold, DecisionLog, JudgedAnswer, LabelTarget
 from locod.errors import CloudError, StorageError, UnknownDecision
 from locod.policy import rule
-from locod.policy.messplus import DIM, MessPlus, MessPlusState, RecordedFeatures
+from locod.policy.messplus import DIM, MessPlus, MessPlusState, RecordedFeatures, StateCopy
 from locod.policy.warmstart import USER_PRIORS, Prior, load_prior
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,9 @@ class Learner:
         self._judging = threading.BoundedSemaphore(MAX_JUDGING)  # a slot per grading queued or running
         self._judge_full = Throttle(log)
         self._save_failed = False  # log a failing save once, not every turn
+        self._write_lock = threading.Lock()  # one save written at a time, outside ``lock``
+        self._copies = 0  # state copies taken (under ``lock``): each one's generation
+        self._written = 0  # the newest generation written (under ``_write_lock``)
         # Routed turns whose record is complete and whose settling is still to come (learning runs after the
         # reply), and the labels that came meanwhile: applied when it settles, so that the label, not the
         # prediction, moves the queue. Any other turn's label trains at once: one settled in an earlier run,
@@ -122,8 +127,8 @@ class Learner:
                 change.known,
                 newest,
             )
-        if change is not None:
-            self._save(mess)  # or the next start would read them again and settle none of this log's turns
+        if change is not None:  # or the next start would read them again and settle none of this log's turns
+            self._write(self._copy(mess))  # a reload's under ``lock``: only when the log changed
         first_decision = newest + 1  # the first a replaced file may have answered
         for model in config.local.models:
             _start_over_if_replaced(mess, model.name, resolve_path(model, config.models_dir), first_decision)
@@ -144,23 +149,28 @@ class Learner:
         it is. A state a clean stop saved after the log's newest turn missed none: the log is not read (up to
         11,000 rows)."""
         with self.lock:
-            state = self.mess.state
-            stopped_at, state.stopped_at = state.stopped_at, None  # this run's saves are no clean stop's
-            settled = state.settled_ids
-            first = min(settled) if settled else None if stopped_at is None else stopped_at + 1
-            if first is None or (stopped_at is not None and stopped_at == self.records.newest()):
-                return
-            missed = [turn for turn in self.records.settled_since(first) if turn[0] not in settled]
+            missed = self._missed_turns()
             for decision_id, model, s_settled in missed:
                 self.mess.settle(decision_id, model, s_settled)
-            if missed:
-                self._save()
-                log.info(
-                    "settled %d turn(s) the decision log answered before the last stop that the MESS+ state had "
-                    "not (decisions %s)",
-                    len(missed),
-                    ", ".join(str(decision_id) for decision_id, _, _ in missed),
-                )
+            saved = self._copy() if missed else None
+        self._write(saved)
+        if missed:
+            log.info(
+                "settled %d turn(s) the decision log answered before the last stop that the MESS+ state had "
+                "not (decisions %s)",
+                len(missed),
+                ", ".join(str(decision_id) for decision_id, _, _ in missed),
+            )
+
+    def _missed_turns(self) -> list[tuple[int, str, float]]:
+        """The turns ``_settle_missed_turns`` settles (called with ``lock`` held)."""
+        state = self.mess.state
+        stopped_at, state.stopped_at = state.stopped_at, None  # this run's saves are no clean stop's
+        settled = state.settled_ids
+        first = min(settled) if settled else None if stopped_at is None else stopped_at + 1
+        if first is None or (stopped_at is not None and stopped_at == self.records.newest()):
+            return []
+        return [turn for turn in self.records.settled_since(first) if turn[0] not in settled]
 
     def _learn_missed_labels(self) -> None:
         """Learn the labels the log took for turns the saved state still waits on: a label is committed, then
@@ -170,14 +180,15 @@ class Learner:
             missed = self.records.labels_of(self.mess.state.pending)
             for labelled, satisfied in missed:
                 self._apply_label(labelled.decision_id, labelled, satisfied)
-            if missed:
-                self._save()
-                log.info(
-                    "learned %d label(s) the decision log took before the last stop that the MESS+ state had not "
-                    "(decisions %s)",
-                    len(missed),
-                    ", ".join(str(labelled.decision_id) for labelled, _ in missed),
-                )
+            saved = self._copy() if missed else None
+        self._write(saved)
+        if missed:
+            log.info(
+                "learned %d label(s) the decision log took before the last stop that the MESS+ state had not "
+                "(decisions %s)",
+                len(missed),
+                ", ".join(str(labelled.decision_id) for labelled, _ in missed),
+            )
 
     def will_settle(self, decision_id: int, decision: Decision) -> None:
         """Before an answered turn's record is complete (the log takes a label from then on, and the client
@@ -207,7 +218,8 @@ class Learner:
             early = self._early.pop(decision_id, None)
             if early is not None:
                 self._apply_label(decision_id, *early)
-            self._save()
+            saved = self._copy()
+        self._write(saved)
         if decision.explored and self.config.routing.judge and self.config.cloud.models:
             if private:
                 log.info("decision %d is not sent to the judge: %s", decision_id, PRIVATE_UNJUDGED)
@@ -230,8 +242,9 @@ class Learner:
                     del self._early[next(iter(self._early))]
             else:
                 self._apply_label(decision_id, labelled, satisfied)
-            self._save()
+            saved = self._copy()
             q, attained, sla = self.mess.state.q, self.mess.attained, self.mess.sla  # one MESS+: a reload replaces it
+        self._write(saved)
         return {  # where the label leaves the satisfaction against the SLA: what its sender asks next
             "decision": decision_id,
             "satisfied": satisfied,
@@ -288,7 +301,8 @@ class Learner:
                 self._train_confidence(judged, satisfied)
             self.shadow_labels += shadow
             self.escalated_labels += not shadow
-            self._save()
+            saved = self._copy()
+        self._write(saved)
 
     def _train_confidence(self, judged: JudgedAnswer, satisfied: bool) -> None:
         self.mess.confidence_head(judged.model).train(judged.s_prompt, judged.features, judged.task, satisfied)
@@ -405,7 +419,8 @@ class Learner:
         self._judge.shutdown(wait=True, cancel_futures=True)
         with self.lock:
             self.mess.state.stopped_at = self._settled_through()
-            self._save()
+            saved = self._copy()
+        self._write(saved)
 
     def _settled_through(self) -> int | None:
         """The log's newest decision id, when every turn the log answered is settled in the state (a stop's,
@@ -419,18 +434,41 @@ class Learner:
         except StorageError:
             return None
 
-    def _save(self, mess: MessPlus | None = None) -> None:
-        """Persist the MESS+ state (``mess``'s, while it is being taken; else the learner's); a full or
-        read-only disk is logged, never fatal to a turn (the state in memory stays right and is saved again on
-        the next turn)."""
-        mess = mess or self.mess
-        try:
-            mess.save()
-            self._save_failed = False
-        except OSError as exc:
-            if not self._save_failed:
-                log.error("cannot save the MESS+ state to %s: %s (will retry every turn)", mess.path, exc)
-            self._save_failed = True
+    def _copy(self, mess: MessPlus | None = None) -> _Save | None:
+        """The state to save (``mess``'s, while it is being taken; else the learner's), copied with ``lock``
+        held; ``_write`` writes it once the lock is let go: written under it, every decision waited for the
+        serialising and two fsyncs of the save after the previous turn's reply."""
+        copy = (mess or self.mess).snapshot()
+        if copy is None:
+            return None
+        self._copies += 1
+        return _Save(self._copies, copy)
+
+    def _write(self, save: _Save | None) -> None:
+        """Persist a state copy, unless a newer one was written meanwhile (two turns' saves may reach here in
+        either order; the newer holds the older's change). A full or read-only disk is logged, never fatal
+        to a turn (the state in memory stays right and is saved again on the next turn)."""
+        if save is None:
+            return
+        with self._write_lock:
+            if save.generation <= self._written:
+                return
+            try:
+                save.copy.write()
+            except OSError as exc:
+                if not self._save_failed:
+                    log.error("cannot save the MESS+ state to %s: %s (will retry every turn)", save.copy.path, exc)
+                self._save_failed = True
+                return
+            self._written, self._save_failed = save.generation, False
+
+
+@dataclass(frozen=True)
+class _Save:
+    """A state copy and its generation: the order the learner's changes were made in, under its lock."""
+
+    generation: int
+    copy: StateCopy
 
 
 def _start_over_if_replaced(mess: MessPlus, model: str, gguf: Path, first_decision: int) -> None:

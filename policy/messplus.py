@@ -229,6 +229,30 @@ class LogChange:
     known: int
 
 
+@dataclass(frozen=True)
+class StateCopy:
+    """The MESS+ state as a save writes it, copied apart from the writing (serialised, then two fsyncs): the
+    learner copies under the lock every decision takes and writes after letting it go. The kept turns stay
+    Python values until written: made arrays under the lock, they held it 0.4 ms at 3,000 kept turns."""
+
+    path: Path
+    arrays: dict[str, np.ndarray]
+    pending: dict[int, tuple[str, float]]
+    settled_ids: list[int]
+
+    def write(self) -> None:
+        arrays: dict[str, Any] = {  # numpy 2's stubs match ** to savez's allow_pickle (numpy 1.26 has none)
+            **self.arrays,
+            "pending_ids": np.array(list(self.pending), dtype=np.int64),
+            "pending_models": np.array([m for m, _ in self.pending.values()], dtype=str),
+            "pending_s": np.array([s for _, s in self.pending.values()], dtype=np.float64),
+            "settled_ids": np.array(self.settled_ids, dtype=np.int64),
+        }
+        # a FIFO at messplus.tmp held the save, and every turn behind its lock: written_whole makes it anew
+        with written_whole(self.path, self.path.with_suffix(".tmp")) as f:
+            np.savez(f, **arrays)
+
+
 class MessPlus:
     """The router's learned state and rule: a predictor per model, the queues, and the choice of each turn."""
 
@@ -460,41 +484,44 @@ class MessPlus:
     # -- persistence ---------------------------------------------------------------------------------
 
     def save(self) -> None:
+        """Write the state now: for a MessPlus no other thread changes (the learner copies it under its lock
+        and writes the copy after letting the lock go)."""
+        copy = self.snapshot()
+        if copy is not None:
+            copy.write()
+
+    def snapshot(self) -> StateCopy | None:
+        """The state as a save writes it, copied (None: kept in memory only): cheap next to the writing."""
         if self.path is None:
-            return
+            return None
         names = sorted(self.state.weights)
         price_bases, price_steps = self.state.price.arrays()
         optional = {"stopped_at": self.state.stopped_at, "log_id": self.state.log_id}  # written where known
         known: dict[str, Any] = {key: np.array(value) for key, value in optional.items() if value is not None}
-        # a FIFO at messplus.tmp held the save, and every turn behind its lock: written_whole makes it anew
-        with written_whole(self.path, self.path.with_suffix(".tmp")) as f:
-            np.savez(
-                f,
-                version=np.array(STATE_VERSION),
-                dim=np.array(DIM),
-                q=np.array(self.state.q),
-                z=np.array(self.state.z),
-                t=np.array(self.state.t),
-                settled=np.array(self.state.settled),
-                satisfied_sum=np.array(self.state.satisfied_sum),
-                names=np.array(names),
-                weights=np.stack([self.state.weights[n] for n in names]),
-                labels=np.array([self.state.labels.get(n, 0) for n in names]),
-                pending_ids=np.array(list(self.state.pending), dtype=np.int64),
-                pending_models=np.array([m for m, _ in self.state.pending.values()], dtype=str),
-                pending_s=np.array([s for _, s in self.state.pending.values()], dtype=np.float64),
-                price_bases=price_bases,
-                price_steps=price_steps,
-                conf_names=np.array(sorted(self.state.confidence), dtype=str),
-                conf_weights=np.array([self.state.confidence[n].weights for n in sorted(self.state.confidence)]),
-                conf_seen=np.array([self.state.confidence[n].seen for n in sorted(self.state.confidence)]),
-                sla=np.array(self.sla),
-                file_names=np.array(list(self.state.file_sizes), dtype=str),
-                file_sizes=np.array(list(self.state.file_sizes.values()), dtype=np.int64),
-                file_since=np.array([self.state.file_since.get(n, 0) for n in self.state.file_sizes], dtype=np.int64),
-                settled_ids=np.array(list(self.state.settled_ids), dtype=np.int64),
-                **known,
-            )
+        conf_names = sorted(self.state.confidence)
+        arrays = dict(
+            version=np.array(STATE_VERSION),
+            dim=np.array(DIM),
+            q=np.array(self.state.q),
+            z=np.array(self.state.z),
+            t=np.array(self.state.t),
+            settled=np.array(self.state.settled),
+            satisfied_sum=np.array(self.state.satisfied_sum),
+            names=np.array(names),
+            weights=np.stack([self.state.weights[n] for n in names]),
+            labels=np.array([self.state.labels.get(n, 0) for n in names]),
+            price_bases=price_bases,
+            price_steps=price_steps,
+            conf_names=np.array(conf_names, dtype=str),
+            conf_weights=np.array([self.state.confidence[n].weights for n in conf_names]),
+            conf_seen=np.array([self.state.confidence[n].seen for n in conf_names]),
+            sla=np.array(self.sla),
+            file_names=np.array(list(self.state.file_sizes), dtype=str),
+            file_sizes=np.array(list(self.state.file_sizes.values()), dtype=np.int64),
+            file_since=np.array([self.state.file_since.get(n, 0) for n in self.state.file_sizes], dtype=np.int64),
+            **known,
+        )
+        return StateCopy(self.path, arrays, dict(self.state.pending), list(self.state.settled_ids))
 
     def _load(self) -> MessPlusState:
         assert self.path is not None
