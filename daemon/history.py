@@ -7,6 +7,7 @@ period within 48 buckets (a week is drawn by day, two days by hour).
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 import sqlite3
@@ -117,16 +118,30 @@ def read_history(db_path: Path, period_s: float, now: float | None = None) -> Hi
     first, sla = read_rows(db_path, EDGES, period * 2)[0]
     since = max(until - period_s, until if first is None else first)
     bucket_s = float(next((b for b in BUCKETS_S if (until - since) / b <= MAX_BUCKETS), BUCKETS_S[-1]))
-    start = since - since % bucket_s if bucket_s < 86400 else local_midnight(since)
-    buckets = [Bucket(start + i * bucket_s) for i in range(int((until - start) // bucket_s) + 1)]
+    starts = bucket_starts(since, until, bucket_s)
+    buckets = [Bucket(start) for start in starts]
     sql = f"SELECT {COLUMNS} FROM decisions WHERE created >= ? AND created <= ?"
     spent: dict[str, float] = {}
     for row in iter_rows(db_path, sql, period):
-        _add(buckets[min(int((row["created"] - start) // bucket_s), len(buckets) - 1)], row)
+        _add(buckets[max(bisect.bisect_right(starts, row["created"]) - 1, 0)], row)
         if row["outcome"] != "pending" and row["cost_usd"]:
             day = _day(row["finished"])
             spent[day] = spent.get(day, 0.0) + row["cost_usd"]
     return History(since, until, bucket_s, sla, buckets, spent)
+
+
+def bucket_starts(since: float, until: float, bucket_s: float) -> list[float]:
+    """Where the buckets from ``since`` to ``until`` begin, on the local clock: a day's at local midnight, a
+    shorter bucket's on the local hour's grid. Days counted as 86,400 s drifted an hour at each DST change
+    (after the 25-hour day every bucket began at 23:00 and was labelled the day before the one it mostly
+    held), and a grid of UTC hours began each hour at :30 in India."""
+    if bucket_s >= 86400:
+        days = [local_midnight(since)]
+        while (later := local_midnight(days[-1] + 26 * 3600)) <= until:  # 26 h on is the next day, DST or not
+            days.append(later)
+        return days
+    first = since - (since + time.localtime(since).tm_gmtoff) % bucket_s
+    return [first + i * bucket_s for i in range(int((until - first) // bucket_s) + 1)]
 
 
 def _day(when: float) -> str:
