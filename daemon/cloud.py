@@ -457,7 +457,8 @@ class CloudBackend:
         if attempt >= self.config.max_retries or not (exc.status_code == 429 or exc.status_code >= 500):
             return None
         if exc.status_code == 429:
-            wait = retry_after_s(exc.response.headers.get("retry-after"))
+            headers = exc.response.headers
+            wait = retry_after_s(headers.get("retry-after"), headers.get("date"))
             return wait if wait <= self.config.max_retry_after_s else None
         return backoff_s(attempt)
 
@@ -598,24 +599,35 @@ class InvalidChunk(Exception):
     """A streamed chunk that breaks the protocol (raised inside ``_consume``, never outside)."""
 
 
-def retry_after_s(header: str | None) -> float:
+def retry_after_s(header: str | None, sent: str | None = None) -> float:
     """Seconds a ``Retry-After`` asks for: delta-seconds or an HTTP date; 1 s when absent or unreadable,
-    and never negative or infinite (a wait of infinite seconds raises)."""
+    and never negative or infinite (a wait of infinite seconds raises). A date is counted from the answer's
+    own ``Date`` (``sent``), on the server's clock: counted from this machine's, a clock hours behind (a
+    Jetson without an RTC before NTP sets it) read "in 2 s" as hours, not retried, and one ahead as none."""
     if header is None:
         return 1.0
     try:
         wait = float(header)
     except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(header)
-        except (TypeError, ValueError, IndexError, OverflowError):
+        when = _http_date(header)
+        if when is None:
             return 1.0
-        if when.tzinfo is None:
-            return 1.0
-        wait = when.timestamp() - time.time()
+        sent_at = _http_date(sent)
+        wait = when - (time.time() if sent_at is None else sent_at)
     if math.isnan(wait):
         return 1.0
     return min(max(wait, 0.0), 1e9)  # inf -> 1e9 s: over any max_retry_after_s, so not retried
+
+
+def _http_date(text: str | None) -> float | None:
+    """The Unix time an HTTP date names, or None when absent, unreadable or without a zone."""
+    if text is None:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return when.timestamp() if when.tzinfo is not None else None
 
 
 WEB_PAGE = (

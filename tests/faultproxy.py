@@ -39,6 +39,7 @@ class Fault:
     kind: str = "pass"
     status: int = 500
     retry_after: str | None = None
+    date: str | None = None  # a status fault's Date header (the server's clock); else this machine's now
     delay_s: float = 0.0
     cut_after_chunks: int = 3
     size: int = 1 << 20  # bytes of a huge_event or no_newline answer
@@ -122,7 +123,8 @@ class FaultProxy:
                     return
                 if fault.kind == "status":
                     payload = json.dumps({"error": {"message": fault.message, "type": "server_error"}}).encode()
-                    self.send_response(fault.status)
+                    self.send_response_only(fault.status)
+                    self.send_header("Date", fault.date or self.date_time_string())
                     if fault.retry_after is not None:
                         self.send_header("Retry-After", fault.retry_after)
                     self.send_header("Content-Type", "application/json")

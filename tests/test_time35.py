@@ -9,11 +9,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from locod.daemon.history import parse_since, read_history
 from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
+
+from .conftest import SECRET, cloud_config
+from .faultproxy import Fault, FaultProxy
 
 DAY = 86400.0
 
@@ -93,3 +97,31 @@ def test_the_reports_hours_begin_on_the_local_hour_in_a_half_hour_zone(
     assert {time.localtime(b.start).tm_min for b in history.buckets} == {0}
     drawn = {time.strftime("%d %H:%M", time.localtime(b.start)): b.turns for b in history.buckets if b.turns}
     assert drawn == {"20 10:00": 1, "20 11:00": 1}
+
+
+def retrying_cloud(daemon_factory: Any, proxy: FaultProxy) -> Any:
+    """A daemon whose every turn goes to the loopback cloud behind the fault proxy, retrying a 429 whose
+    Retry-After asks for 2 s or less (cloud_config), its breaker never opened within the test."""
+    config = cloud_config(proxy.base_url, timeout_s=30.0, breaker_failures=100)
+    return daemon_factory(config, extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+
+
+def test_a_retry_after_date_is_read_on_the_servers_clock(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """A 429's Retry-After as an HTTP date was counted from this machine's clock. Decades behind the server
+    (a Jetson in 1970 before NTP), "in one second" read as decades: not retried, the turn fell back; ahead of
+    it, "in an hour" read as no wait at all: retried at once, every retry, against the server's ask. Now the
+    date is counted from the answer's own Date: the server's clock, whatever this one says."""
+    handle = retrying_cloud(daemon_factory, proxy)
+    client = handle.client()
+    ahead = "Sat, 01 Jan 2050 00:00:00 GMT"  # the server's clock, 24 years ahead of this one
+    proxy.set(Fault("status", status=429, retry_after="Sat, 01 Jan 2050 00:00:01 GMT", date=ahead, times=1))
+    result = client.ask("Say something nice.", max_tokens=4)
+    assert result.fallback is None and result.done.location == "cloud"
+    assert len(proxy.chat_requests()) == 2  # the 429, then the retry a second later on the server's clock
+    proxy.seen.clear()
+    behind = "Sat, 01 Jan 2000 00:00:00 GMT"  # 26 years behind: an hour on is still an hour
+    proxy.set(Fault("status", status=429, retry_after="Sat, 01 Jan 2000 01:00:00 GMT", date=behind))
+    result = client.ask("Say something nice.", max_tokens=4)
+    assert result.fallback is not None and result.fallback.cause == "cloud_http"
+    assert len(proxy.chat_requests()) == 1  # an hour is over max_retry_after_s: not retried
+    assert "Traceback" not in handle.log()
