@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeGuard
 
 from locod.daemon.records_schema import PENDING, WAS_ANSWERED
 
@@ -91,9 +91,11 @@ class DailyTally:
         neither, in it."""
         while True:  # again only when midnight passed between the read and the lock
             self.read()  # today's tally in place: read from the log on a new day
+            now = time.time()
+            midnight = local_midnight(now)
             with self._lock:
                 today = self._today
-                if today is not None and today.start <= time.time() < today.end:
+                if _is_today(today, now, midnight):
                     return today.usd + self._held
 
     def held(self) -> float:
@@ -122,9 +124,10 @@ class DailyTally:
     def _current(self) -> Today | None:
         """A copy of the tally, if it is today's."""
         now = time.time()
+        midnight = local_midnight(now)
         with self._lock:
             today = self._today
-            return replace(today) if today is not None and today.start <= now < today.end else None
+            return replace(today) if _is_today(today, now, midnight) else None
 
     def _reread(self) -> Today:
         today = self._read(time.time())
@@ -294,6 +297,14 @@ def _add(groups: Groups, rows: Iterable[Sequence[Any]]) -> None:
         values = groups.setdefault((row[0], row[1]), [0.0] * (len(row) - 2))
         for i, value in enumerate(row[2:]):
             values[i] += value or 0.0
+
+
+def _is_today(today: Today | None, now: float, midnight: float) -> TypeGuard[Today]:
+    """Whether ``today`` is the tally of the day ``now`` is in, begun at ``midnight``, its local midnight in
+    the zone the machine is in now (mktime reads it again). Held to the day it was read for, a zone changed
+    under the daemon (travel, ``timedatectl set-timezone``) kept the old zone's day until its midnight: a day
+    more after flying east, while `locod report`, run in the new zone, counted the new one's."""
+    return today is not None and today.start <= now < today.end and today.start == midnight
 
 
 def local_midnight(now: float | None = None) -> float:

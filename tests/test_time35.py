@@ -15,6 +15,7 @@ import pytest
 
 from locod.daemon.history import parse_since, read_history
 from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
+from locod.daemon.tallies import local_midnight
 
 from .conftest import SECRET, cloud_config
 from .faultproxy import Fault, FaultProxy
@@ -60,6 +61,7 @@ def write_turns(db: Path, times: list[float]) -> None:
         ("America/New_York", (2026, 11, 1)),  # DST ends: a day of 25 hours
         ("America/New_York", (2026, 3, 8)),  # DST starts: a day of 23 hours
         ("Europe/Berlin", (2026, 10, 25)),
+        ("America/Sao_Paulo", (2018, 11, 4)),  # DST began at midnight: that day began at 01:00
     ],
 )
 def test_the_reports_days_are_local_days_across_a_dst_change(
@@ -68,7 +70,7 @@ def test_the_reports_days_are_local_days_across_a_dst_change(
     """`locod report` over a week or more draws a bar a day. The days were counted as 86,400 s from the
     first midnight, so after the 25-hour day each began at 23:00: the day of the change was drawn twice
     (23:00 of it began the next bar, labelled with its date), and every later bar held a day's turns but
-    the last hour's of the day before. Now each bar is a local day, from midnight to midnight."""
+    the last hour's of the day before. Now each bar is a local day, from its first second to the next day's."""
     zone(name)
     year, month, day = changed
     dates = [time.localtime(local(year, month, day + offset, 12)) for offset in range(-4, 5)]
@@ -78,7 +80,8 @@ def test_the_reports_days_are_local_days_across_a_dst_change(
     history = read_history(tmp_path / "locod.db", parse_since("10d"), now=now)
     assert history.bucket_s == DAY
     starts = [time.localtime(b.start) for b in history.buckets]
-    assert all(s[3:6] == (0, 0, 0) for s in starts), [time.strftime("%m-%d %H:%M", s) for s in starts]
+    first_seconds = [time.localtime(b.start - 1)[:3] != s[:3] for s, b in zip(starts, history.buckets)]
+    assert all(first_seconds), [time.strftime("%m-%d %H:%M", s) for s in starts]  # each begins its local day
     by_day = {time.strftime("%Y-%m-%d", s): b.turns for s, b in zip(starts, history.buckets)}
     assert len(by_day) == len(history.buckets)  # no day drawn twice
     assert by_day == Counter(time.strftime("%Y-%m-%d", time.localtime(t)) for t in turns)
@@ -97,6 +100,28 @@ def test_the_reports_hours_begin_on_the_local_hour_in_a_half_hour_zone(
     assert {time.localtime(b.start).tm_min for b in history.buckets} == {0}
     drawn = {time.strftime("%d %H:%M", time.localtime(b.start)): b.turns for b in history.buckets if b.turns}
     assert drawn == {"20 10:00": 1, "20 11:00": 1}
+
+
+def test_the_caps_day_follows_a_zone_changed_under_the_running_daemon(
+    zone: Callable[[str], None], tmp_path: Path
+) -> None:
+    """A traveller's machine changes zone under the running daemon (``timedatectl set-timezone``: the next
+    mktime reads it, as a changed TZ is read here). Today's spend, read for the old zone's day, was kept
+    until that zone's midnight: after a flight east, a day more of the old zone's day against the cap, while
+    `locod report`, run in the new zone, counted the new one's. Now the next read is the new zone's day."""
+    zone("Asia/Tokyo")
+    now = time.time()
+    turns = [now - 60 - hour * 3600 for hour in range(48)]  # a cent an hour for two days
+    write_turns(tmp_path / "locod.db", turns)
+    log = DecisionLog(tmp_path / "locod.db")
+    try:
+        assert log.spent_today() == pytest.approx(0.01 * sum(t >= local_midnight() for t in turns))
+        os.environ["TZ"] = "America/Los_Angeles"  # the machine's zone now; this process not told (no tzset)
+        spent = log.spent_today()
+        time.tzset()  # the expected day, in the new zone
+        assert spent == pytest.approx(0.01 * sum(t >= local_midnight() for t in turns))  # 7 or 17 h apart
+    finally:
+        log.close()
 
 
 def retrying_cloud(daemon_factory: Any, proxy: FaultProxy) -> Any:
