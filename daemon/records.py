@@ -216,9 +216,11 @@ class DecisionLog:
         mid-turn left ``pending`` marked ``interrupted``. Returns how many it marked."""
         with self._writing("migrate"):
             found = self._migrate()
-            interrupted = self.db.execute(  # finished: when this start found it so
+            # finished: when this start found it so, and never before it began: a Jetson without an RTC that
+            # restarts in 1970 dated a turn of today's as finished then, its most spent on a day NTP then left
+            interrupted = self.db.execute(
                 "UPDATE decisions SET outcome = 'interrupted', error = 'daemon stopped during the turn', "
-                f"finished = ? WHERE {PENDING}",
+                f"finished = MAX(?, created) WHERE {PENDING}",
                 [time.time()],
             ).rowcount
         if 0 < found < len(MIGRATIONS):  # said once committed: an upgrade's way back is its backup now

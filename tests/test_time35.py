@@ -16,6 +16,7 @@ import pytest
 from locod.daemon.history import parse_since, read_history
 from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
 from locod.daemon.tallies import local_midnight
+from locod.protocol import RecordQuery
 
 from .conftest import SECRET, cloud_config
 from .faultproxy import Fault, FaultProxy
@@ -122,6 +123,26 @@ def test_the_caps_day_follows_a_zone_changed_under_the_running_daemon(
         assert spent == pytest.approx(0.01 * sum(t >= local_midnight() for t in turns))  # 7 or 17 h apart
     finally:
         log.close()
+
+
+def test_a_turn_a_restart_finds_unfinished_is_not_dated_before_it_began(tmp_path: Path) -> None:
+    """A start marks the turns a dead daemon left running as interrupted, finished now, their most kept as
+    spent. A Jetson without an RTC that crashed mid-turn restarts in 1970 (or 2000): its turn of today was
+    dated finished then, decades before it began, and its most spent on that day, never today's once NTP set
+    the clock. Now such a turn is finished when it began (here: begun on a clock a month ahead of this one)."""
+    log = DecisionLog(tmp_path / "locod.db")
+    record = DecisionRecord("s", 0, "r", "0" * 64, 5, None, "chat", "cloud", "cloud", "test", cost_usd=0.2)
+    decision = log.begin(record)
+    begun = time.time() + 30 * DAY
+    log.db.execute("UPDATE decisions SET created = ? WHERE id = ?", [begun, decision])
+    log.close()
+    restarted = DecisionLog(tmp_path / "locod.db")
+    try:
+        (row,) = restarted.recent(RecordQuery(limit=1))
+        assert (row["outcome"], row["cost_usd"]) == ("interrupted", 0.2)
+        assert row["finished"] == row["created"] == begun
+    finally:
+        restarted.close()
 
 
 def retrying_cloud(daemon_factory: Any, proxy: FaultProxy) -> Any:
