@@ -555,7 +555,7 @@ class MessPlus:
                 _read_added_arrays(data, state)
                 _check_values(state)
         except Exception as exc:  # corrupt, truncated, foreign: never let it poison routing
-            aside = self.path.with_name(f"{self.path.name}.bad-{int(time.time())}")
+            aside = _aside(self.path)
             os.replace(self.path, aside)
             log.error(
                 "MESS+ state %s is unusable (%s); kept aside as %s, starting from the prior", self.path, exc, aside
@@ -566,6 +566,18 @@ class MessPlus:
         if not math.isfinite(state.z):
             state.z = 0.0
         return state
+
+
+def _aside(path: Path) -> Path:
+    """A name to keep a damaged state file under that no file has yet: named by the second alone, one set aside
+    in a second an earlier one had replaced it, which a clock set back repeats (a Jetson without an RTC starts
+    at the same second of 1970 at every boot), and the earlier damage was lost unseen."""
+    stamp = aside = path.with_name(f"{path.name}.bad-{int(time.time())}")
+    n = 0
+    while aside.exists() or aside.is_symlink():
+        n += 1
+        aside = stamp.with_name(f"{stamp.name}-{n}")
+    return aside
 
 
 def _read_added_arrays(data: np.lib.npyio.NpzFile, state: MessPlusState) -> None:

@@ -16,6 +16,7 @@ import pytest
 from locod.daemon.history import parse_since, read_history
 from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
 from locod.daemon.tallies import local_midnight
+from locod.policy.messplus import MessPlus
 from locod.protocol import RecordQuery
 
 from .conftest import SECRET, cloud_config
@@ -143,6 +144,24 @@ def test_a_turn_a_restart_finds_unfinished_is_not_dated_before_it_began(tmp_path
         assert row["finished"] == row["created"] == begun
     finally:
         restarted.close()
+
+
+def test_a_damaged_router_state_set_aside_never_replaces_one_set_aside_before(tmp_path: Path) -> None:
+    """A damaged MESS+ state is set aside as ``messplus.npz.bad-<second>``, named by the wall clock alone. A
+    Jetson without an RTC starts at the same second of 1970 at every boot (and any clock set back repeats a
+    second): the next damaged state replaced the one set aside before, and that damage was lost unseen. Now
+    each is kept under a name of its own."""
+    path = tmp_path / "messplus.npz"
+    now = int(time.time())
+    earlier = {path.with_name(f"{path.name}.bad-{s}"): f"earlier {s}" for s in range(now - 2, now + 120)}
+    for file, text in earlier.items():
+        file.write_text(text)
+    path.write_bytes(b"not a state")
+    router = MessPlus({"local": 0.5}, sla=0.8, v=1.0, explore_c=0.0, q_cap=10.0, path=path)
+    assert router.state.t == 0  # started from the prior
+    assert all(file.read_text() == text for file, text in earlier.items())
+    (kept,) = set(tmp_path.glob("messplus.npz.bad-*")) - set(earlier)
+    assert kept.read_bytes() == b"not a state"
 
 
 def retrying_cloud(daemon_factory: Any, proxy: FaultProxy) -> Any:
