@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from locod.daemon.history import parse_since, read_history
+from locod.daemon.history import daily_cost, parse_since, read_history
 from locod.daemon.records import DecisionLog, DecisionRecord, Outcome
 from locod.daemon.tallies import local_midnight
 from locod.policy.messplus import MessPlus
@@ -124,6 +124,30 @@ def test_the_caps_day_follows_a_zone_changed_under_the_running_daemon(
         assert spent == pytest.approx(0.01 * sum(t >= local_midnight() for t in turns))  # 7 or 17 h apart
     finally:
         log.close()
+
+
+def test_the_daemons_day_is_its_zones_and_the_report_in_that_zone_agrees(
+    zone: Callable[[str], None], daemon_factory: Any
+) -> None:
+    """The same log, read by a daemon in Kiritimati (UTC+14) and by one in Pago Pago (UTC-11), a day apart on
+    the calendar: each counts today's spend from its own local midnight, and `locod report`'s money per day,
+    drawn in the same zone, says the same."""
+    handle = daemon_factory()
+    assert handle.client().ask("Say hi.", max_tokens=2).done is not None
+    handle.stop()
+    now = time.time()
+    turns = [now - 60 - hour * 3600 for hour in range(48)]  # a cent an hour for two days
+    write_turns(handle.db_path, turns)
+    spent_in: dict[str, float] = {}
+    for name in ("Pacific/Kiritimati", "Pacific/Pago_Pago"):
+        zone(name)
+        today = [t for t in turns if t >= local_midnight()]
+        daemon = daemon_factory(extra_env={"TZ": name})
+        spent = spent_in[name] = daemon.client().status()["cloud"]["spent_today_usd"]
+        daemon.stop()
+        assert spent == pytest.approx(0.01 * len(today)), name
+        assert daily_cost(read_history(handle.db_path, 2 * DAY))[time.strftime("%Y-%m-%d")] == pytest.approx(spent)
+    assert len(set(spent_in.values())) == 2  # midnights 1 or 23 hours apart: a turn an hour between them
 
 
 def test_a_turn_a_restart_finds_unfinished_is_not_dated_before_it_began(tmp_path: Path) -> None:
