@@ -89,14 +89,14 @@ class DailyTally:
         """Today's spend and what the cloud calls decided on may cost yet: what the daily cap is counted
         against. Both read under one lock, so a call's cost and its hold (``count``) are never both, or
         neither, in it."""
-        while True:  # again only when midnight passed between the read and the lock
-            self.read()  # today's tally in place: read from the log on a new day
+        while True:  # again after a read of the log: a new day, or the first read
             now = time.time()
             midnight = local_midnight(now)
             with self._lock:
                 today = self._today
                 if _is_today(today, now, midnight):
                     return today.usd + self._held
+            self.read()  # today's tally in place, read from the log
 
     def held(self) -> float:
         """What the cloud calls decided on may cost yet."""
