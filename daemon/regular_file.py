@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+log = logging.getLogger(__name__)
 
 FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
@@ -92,12 +95,21 @@ def replace_on_disk(tmp: Path, path: Path) -> None:
     """Rename ``tmp`` (its bytes already fsynced) to ``path`` and sync the folder holding both: until the
     folder is synced the rename lives only in memory, and a power cut after the caller went on (a catalog
     naming a model the folder no longer holds, a state or policy the user was told is saved) undoes it.
-    A folder this process may write but not read (mode 0300) cannot be opened to sync: the rename is done
-    unsynced, as before there was a sync, rather than said to have failed (``models rm`` then kept the file
-    of an entry it had removed)."""
+    Once renamed, the new file is what every reader gets: a folder that cannot be synced after it (an I/O
+    error, no descriptor left) is logged, not raised, as a caller told its write failed would act on a file
+    that is in place (`models pull` left a model file no catalog entry named). A folder this process may
+    write but not read (mode 0300), or a file system that cannot sync a folder, is no fault: the rename is
+    done unsynced, as before there was a sync (``models rm`` then kept the file of an entry it had removed)."""
     os.replace(tmp, path)
     try:
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        _sync_folder(path.parent)
+    except OSError as exc:
+        log.warning("%s is written, but its folder could not be synced (%s): a power cut may undo it", path, exc)
+
+
+def _sync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except PermissionError:
         return
     try:

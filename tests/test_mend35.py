@@ -7,6 +7,8 @@ Real model, real daemon, real onnxruntime, the loopback cloud behind tests/fault
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -39,3 +41,36 @@ def test_a_parked_state_a_power_cut_tore_is_never_loaded(model_path: Path, tmp_p
     path.write_bytes(whole)
     kept = park.take("m", "s", "id")
     assert kept is not None and np.array_equal(kept.tokens, state.tokens) and np.array_equal(kept.data, state.data)
+
+
+RENAME_WITHOUT_A_DESCRIPTOR_LEFT = """
+import resource, sys
+from pathlib import Path
+from locod.daemon.regular_file import replace_on_disk
+folder = Path(sys.argv[1])
+(folder / "new.tmp").write_bytes(b"new")
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+held = []
+try:
+    while True:
+        held.append(open("/dev/null"))
+except OSError:
+    pass
+replace_on_disk(folder / "new.tmp", folder / "state")
+print("returned")
+"""
+
+
+def test_a_folder_that_cannot_be_synced_after_the_rename_is_said_not_raised(tmp_path: Path) -> None:
+    """``replace_on_disk`` renamed, then raised when the folder could not be opened to sync (here: no
+    descriptor left, EMFILE; an EIO from the sync itself, which cannot be caused for real here, takes the
+    same path): its caller reported a failed write while the new file was in place (`models pull` left a
+    model no catalog entry named). Now the rename stands, as it does for every reader, and the log says the
+    folder was not synced."""
+    (tmp_path / "state").write_bytes(b"old")
+    script = tmp_path / "rename.py"
+    script.write_text(RENAME_WITHOUT_A_DESCRIPTOR_LEFT)
+    run = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and run.stdout.strip() == "returned", run.stderr
+    assert (tmp_path / "state").read_bytes() == b"new" and not (tmp_path / "new.tmp").exists()
+    assert "state is written, but its folder could not be synced" in run.stderr and "Too many open files" in run.stderr
