@@ -12,6 +12,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from typing import Any
 
 REPORT_EVERY_S = 60.0  # a Throttle's default interval
@@ -47,27 +48,74 @@ class JournalFormatter(LineFormatter):
 
 class Throttle:
     """At most one line per kind of event and interval into ``logger``: for what can happen on every request
-    or turn (a failing policy, a flood of refused connections); the next line says how many were not logged.
-    Turn threads share one, so its counts are kept under a lock: a race would log twice or lose a count."""
+    or turn (a failing policy, a flood of refused connections); a line after a quiet spell says how many it
+    stood for. What the interval held back is said when it ends (its latest line, with the count of the
+    others): a flood that stopped would otherwise never have its count logged, as it would not at a stop
+    within the interval (``flush_throttles``). Turn threads share one, so its counts are kept under a lock:
+    a race would log twice or lose a count."""
 
     def __init__(self, logger: logging.Logger, every_s: float = REPORT_EVERY_S) -> None:
         self.logger = logger
         self.every_s = every_s
         self._last: dict[str, float] = {}
         self._quiet: dict[str, int] = {}
+        self._held: dict[str, tuple[int, str, tuple[object, ...]]] = {}  # kind -> its latest line not logged
+        self._timers: dict[str, threading.Timer] = {}  # kind -> what says ``_held``'s line when its interval ends
         self._lock = threading.Lock()
+        _THROTTLES.add(self)
 
     def say(self, kind: str, level: int, message: str, *args: object) -> None:
-        """Log ``message`` unless this kind was logged within the interval; a line after a quiet spell says
-        how many it stood for."""
+        """Log ``message`` unless this kind was logged within the interval: then it is held back, counted,
+        and the interval's latest held line is logged when the interval ends."""
         with self._lock:
             now = time.monotonic()
-            if now - self._last.get(kind, -self.every_s) < self.every_s:
+            since = now - self._last.get(kind, -self.every_s)
+            if since < self.every_s:
                 self._quiet[kind] = self._quiet.get(kind, 0) + 1
+                self._held[kind] = (level, message, args)
+                if kind not in self._timers:
+                    self._timers[kind] = timer = threading.Timer(self.every_s - since, self._interval_ended, (kind,))
+                    timer.daemon = True  # a stop says what it holds (``flush``) rather than wait for it
+                    timer.start()
                 return
             self._last[kind] = now
             skipped = self._quiet.pop(kind, 0)
+            self._held.pop(kind, None)
+            pending = self._timers.pop(kind, None)
+        if pending is not None:
+            pending.cancel()
+        self._log(level, message, args, skipped)
+
+    def flush(self) -> None:
+        """Log every line held back now (at a stop: the process ends before the intervals do)."""
+        with self._lock:
+            kinds = list(self._held)
+        for kind in kinds:
+            self._interval_ended(kind)
+
+    def _interval_ended(self, kind: str) -> None:
+        with self._lock:
+            pending = self._timers.pop(kind, None)
+            held = self._held.pop(kind, None)
+            if held is None:  # logged meanwhile by ``say``, its count with it
+                return
+            self._last[kind] = time.monotonic()
+            skipped = self._quiet.pop(kind) - 1  # the held line is one of them
+        if pending is not None:
+            pending.cancel()  # a flush's: the timer has not fired yet
+        self._log(*held, skipped)
+
+    def _log(self, level: int, message: str, args: tuple[object, ...], skipped: int) -> None:
         self.logger.log(level, message + "%s", *args, f" ({skipped} more since the last such line)" if skipped else "")
+
+
+_THROTTLES: weakref.WeakSet[Throttle] = weakref.WeakSet()  # one replaced (a reload's) stays while its timer runs
+
+
+def flush_throttles() -> None:
+    """At a stop: what every Throttle holds back is logged, its count with it."""
+    for throttle in list(_THROTTLES):
+        throttle.flush()
 
 
 def configure_logging(level: str = "INFO") -> None:

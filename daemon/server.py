@@ -42,7 +42,7 @@ from locod.daemon.heap import pin_mmap_threshold
 from locod.daemon.keyfile import http_api_key, tcp_secret
 from locod.daemon.learner import Learner
 from locod.daemon.local import LocalBackend, ModelZoo, check_chat_formats
-from locod.daemon.logs import Throttle, configure_logging
+from locod.daemon.logs import Throttle, configure_logging, flush_throttles
 from locod.daemon.modelfile import check_model_file
 from locod.daemon.notify import Notifier
 from locod.daemon.ownership import make_private_dir, unwritable
@@ -782,6 +782,7 @@ class Daemon:
         if IPC in self.sockets and self._holds_runtime():  # ours: a stale file would make clients wait
             self.config.socket_path.unlink(missing_ok=True)
         self.notifier.close()
+        flush_throttles()  # a flood's count held back within its interval: the process ends before the interval
         log.info("stopped after %d turns", self.turns_served)  # a log that ends here was not a crash
 
 

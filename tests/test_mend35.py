@@ -7,15 +7,20 @@ Real model, real daemon, real onnxruntime, the loopback cloud behind tests/fault
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from llama_cpp import Llama
 
 from locod.daemon.kvcache import save
 from locod.daemon.kvpark import DiskPark
+from locod.daemon.logs import Throttle
+
+from .conftest import wait_for
 
 REPEATS = 12
 
@@ -74,3 +79,48 @@ def test_a_folder_that_cannot_be_synced_after_the_rename_is_said_not_raised(tmp_
     assert run.returncode == 0 and run.stdout.strip() == "returned", run.stderr
     assert (tmp_path / "state").read_bytes() == b"new" and not (tmp_path / "new.tmp").exists()
     assert "state is written, but its folder could not be synced" in run.stderr and "Too many open files" in run.stderr
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.said.append(record.getMessage())
+
+
+def test_a_flood_that_stopped_has_its_count_said_when_its_interval_ends() -> None:
+    """A Throttle said how many lines it held back only with the next line of that kind: after a flood that
+    stopped, the count was never logged. Now the interval's latest line is logged when it ends, with the
+    count of the others; every line is logged or counted once."""
+    logger = logging.getLogger("locod.test.mend35")
+    lines = Lines()
+    logger.addHandler(lines)
+    try:
+        throttle = Throttle(logger, every_s=0.5)
+        for i in range(REPEATS):
+            throttle.say("disk", logging.WARNING, "could not write %d", i)
+        wait_for(lambda: len(lines.said) == 2, 30, "the interval's held-back line")
+        last = f"could not write {REPEATS - 1} ({REPEATS - 2} more since the last such line)"
+        assert lines.said == ["could not write 0", last]
+        throttle.say("disk", logging.WARNING, "could not write %d", REPEATS)  # within the new interval: held
+        throttle.flush()
+        assert lines.said[2:] == [f"could not write {REPEATS}"]  # one line held: no count to add
+    finally:
+        logger.removeHandler(lines)
+
+
+def test_a_flood_held_back_at_a_stop_has_its_count_in_the_log(daemon_factory: Any) -> None:
+    """The same config rejected on every reload is logged once a minute; a daemon stopped within that
+    minute lost the count of the rejections it held back. Now the stop logs it, before "stopped after"."""
+    handle = daemon_factory({})
+    handle.config_path.write_text("[routing]\nsla = 9\n")
+    client = handle.client()
+    for _ in range(REPEATS):
+        assert client.reload()["reloaded"] is False
+    assert handle.stop() == 0
+    said = [line for line in handle.log().splitlines() if "reload rejected" in line]
+    assert len(said) == 2, said
+    assert said[1].endswith(f"({REPEATS - 2} more since the last such line)"), said[1]
+    assert handle.log().rstrip().endswith("stopped after 0 turns")
