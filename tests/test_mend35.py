@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from llama_cpp import Llama
 
 from locod.daemon.kvcache import save
 from locod.daemon.kvpark import DiskPark
 from locod.daemon.logs import Throttle
+from locod.policy.onnx_policy import OnnxPolicy
 
 from .conftest import wait_for
 
@@ -124,3 +126,35 @@ def test_a_flood_held_back_at_a_stop_has_its_count_in_the_log(daemon_factory: An
     assert len(said) == 2, said
     assert said[1].endswith(f"({REPEATS - 2} more since the last such line)"), said[1]
     assert handle.log().rstrip().endswith("stopped after 0 turns")
+
+
+torch = pytest.importorskip("torch")
+from locod.policy.train import PARITY_TOLERANCE, Policy, TrainConfig, export  # noqa: E402
+
+
+class TracedWrong(Policy):
+    """A policy whose exported graph differs from what it computes: the export traces the example's
+    all-zero observation, where this branch is not taken; the parity check's observations take it."""
+
+    def forward(self, observation: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        log_probs = super().forward(observation, mask)
+        if bool(observation.sum() > 0):
+            return torch.log_softmax(log_probs * 0.5, dim=-1)
+        return log_probs
+
+
+def test_a_policy_whose_graph_fails_the_parity_check_leaves_the_good_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`locod policy train` exported over policy.onnx and only then checked the graph against the trained
+    policy: a failed check left the wrong graph where the daemon loads it (at its next start or SIGHUP). Now
+    the graph is checked beside it and renamed over it only when it matches."""
+    path = tmp_path / "policy.onnx"
+    good = Policy()
+    assert export(good, path, version="good", data_sha256="0" * 64, config=TrainConfig()) < PARITY_TOLERANCE
+    before = path.read_bytes()
+    torch.manual_seed(3)
+    diff = export(TracedWrong(), path, version="wrong", data_sha256="0" * 64, config=TrainConfig())
+    assert diff >= PARITY_TOLERANCE
+    assert path.read_bytes() == before and OnnxPolicy(path).version == "good"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.onnx"]  # no temp file left either
