@@ -43,6 +43,7 @@ MAX_POLICY_BYTES = 64 << 20  # the shipped policy is ~100 kB; a bigger file is n
 RUN_LIMIT_S = 1.0  # a run still going after this is stopped: at a probe the file is refused, at a turn MESS+ decides
 PROBE_ROUNDS = 3  # each probe observation is run this many times: the fastest run is the policy's speed
 MAX_DECIDE_MS = 5.0  # the shipped policy decides in about 10 us; a file this much slower is not one to route by
+EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"  # onnxruntime's key
 SUM_TOLERANCE = 1e-3  # how far from 1 the allowed actions' probabilities may sum (float32 rounding)
 
 T = TypeVar("T")
@@ -117,6 +118,9 @@ def _session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # a 10 us graph: threads would cost more than they save
     options.inter_op_num_threads = 1
+    # Loaded from bytes, a file whose weights are in a side file (ONNX external data) had it looked for in
+    # the working directory: under systemd (cwd /) it was not found. It is beside the file that names it.
+    options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(path.absolute().parent))
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for every kind of bad file

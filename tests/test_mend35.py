@@ -20,7 +20,8 @@ from llama_cpp import Llama
 from locod.daemon.kvcache import save
 from locod.daemon.kvpark import DiskPark
 from locod.daemon.logs import Throttle
-from locod.policy.onnx_policy import OnnxPolicy
+from locod.policy.observation import N_ACTIONS, OBS_DIM
+from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
 
 from .conftest import wait_for
 
@@ -158,3 +159,23 @@ def test_a_policy_whose_graph_fails_the_parity_check_leaves_the_good_one(
     assert diff >= PARITY_TOLERANCE
     assert path.read_bytes() == before and OnnxPolicy(path).version == "good"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["policy.onnx"]  # no temp file left either
+
+
+def test_a_policy_with_its_weights_in_a_side_file_loads_from_a_daemon_in_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A policy saved with ONNX external data (weights in a side file beside it) was loaded from its bytes,
+    so onnxruntime looked for the side file in the working directory: a daemon run by systemd (cwd /)
+    refused it. Now the side file is read from the policy's folder, and it decides as the same policy saved
+    whole."""
+    import onnx
+
+    model = onnx.load(str(DEFAULT_POLICY))
+    path = tmp_path / "policy.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, location="policy.weights", size_threshold=0)
+    assert (tmp_path / "policy.weights").stat().st_size > 0
+    monkeypatch.chdir("/")
+    split, whole = OnnxPolicy(path), OnnxPolicy(DEFAULT_POLICY)
+    observation = np.random.default_rng(35).random(OBS_DIM, dtype=np.float32)
+    mask = np.ones(N_ACTIONS, dtype=np.float32)
+    assert np.array_equal(split.log_probs(observation, mask), whole.log_probs(observation, mask))
