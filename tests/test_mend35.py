@@ -23,7 +23,9 @@ from locod.daemon.logs import Throttle
 from locod.policy.observation import N_ACTIONS, OBS_DIM
 from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
 
-from .conftest import wait_for
+from .conftest import SECRET, DaemonHandle, wait_for
+from .faultproxy import Fault, FaultProxy
+from .test_attacks31 import CAP, MAX_TOKENS, capped_config, spent_in_log
 
 REPEATS = 12
 
@@ -179,3 +181,30 @@ def test_a_policy_with_its_weights_in_a_side_file_loads_from_a_daemon_in_root(
     observation = np.random.default_rng(35).random(OBS_DIM, dtype=np.float32)
     mask = np.ones(N_ACTIONS, dtype=np.float32)
     assert np.array_equal(split.log_probs(observation, mask), whole.log_probs(observation, mask))
+
+
+@pytest.fixture
+def capped(daemon_factory: Any, proxy: FaultProxy) -> DaemonHandle:
+    """A daemon whose turns go to the cloud under a cap of two and a half turns' worst case (test_attacks31)."""
+    return daemon_factory(capped_config(proxy.base_url), extra_env={"LOCOD_CLOUD_API_KEY": SECRET})  # type: ignore[no-any-return]
+
+
+def test_an_endpoint_charging_past_max_tokens_is_counted_and_stops_the_cloud(
+    capped: DaemonHandle, proxy: FaultProxy
+) -> None:
+    """An endpoint reporting more completion tokens than max_tokens asked (here ten times, within what
+    usage is believed up to) bills a turn past what the cap admitted it at. What it billed is counted, not
+    clipped to what was asked: today's spend passes the cap, and every cloud turn after it is kept local,
+    told why, until local midnight."""
+    proxy.set(Fault("usage", usage={"prompt_tokens": 10, "completion_tokens": 10 * MAX_TOKENS, "total_tokens": 90}))
+    client = capped.client()
+    assert client.ask("Say one word.", max_tokens=MAX_TOKENS).decision.location == "cloud"
+    billed = 10 * MAX_TOKENS * 1000 / 1e6
+    assert spent_in_log(capped) == pytest.approx(billed) and billed > CAP
+    status = client.status()["cloud"]
+    assert status["spent_today_usd"] == pytest.approx(billed)
+    after = client.ask("Say one word.", max_tokens=MAX_TOKENS, force="cloud")
+    assert after.decision.location == "local"
+    assert "reached the cap" in (after.decision.notice or ""), after.decision.notice
+    assert len(proxy.chat_requests()) == 1
+    assert "cap: reached, the cloud is off until local midnight" in capped.cli("status").stdout
