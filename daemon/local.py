@@ -29,6 +29,7 @@ from llama_cpp import Llama, LogitsProcessorList, llama_chat_format
 
 from locod.daemon.answer_grammar import answer_grammar
 from locod.daemon.backends import Generation, Prompt
+from locod.daemon.chat_shape import ChatShape, shape_of
 from locod.daemon.config import Config, LocalConfig, LocalModelConfig
 from locod.daemon.fitting import fit_to_context, prompt_tokens
 from locod.daemon.gate import FairGate
@@ -43,7 +44,7 @@ from locod.daemon.prompt_reading import PromptReading, PromptStopped, StoppedRea
 from locod.daemon.regular_file import file_stamp
 from locod.daemon.sessions import door_of
 from locod.daemon.telemetry import mem_available_mb
-from locod.daemon.template_deadline import deadline
+from locod.daemon.template_deadline import TEMPLATE_FAILURES, deadline
 from locod.errors import MODEL_RELOADED, Busy, ConfigError, ModelError, first_line
 from locod.policy.load import TurnTime
 
@@ -52,10 +53,6 @@ log = logging.getLogger(__name__)
 # local.cache_mb = -1: keep this many full-context dialogue states, within a quarter of the free memory.
 AUTO_CACHE_DIALOGUES = 8
 TEMPLATE_DEADLINE_S = 2.0  # a chat template renders in a millisecond or so; one still going is stopped
-# What a chat template's render raises besides Jinja's own errors: raise_exception() (ValueError), and
-# Python's from the sandbox's objects: range() past 100,000 items (OverflowError), // 0, a macro that
-# calls itself (RecursionError), a method given the wrong arguments.
-TEMPLATE_FAILURES = (jinja2.TemplateError, ArithmeticError, LookupError, ValueError, TypeError, RecursionError)
 
 
 class SampledTokens:
@@ -153,6 +150,7 @@ class LoadedModel:
     last_used: float
     stamp: tuple[int, int] | None  # the file's size and mtime when it was read: a reload sees it replaced
     identity: str  # what its dialogue states are parked under and must match to be restored (ModelZoo.identity)
+    shape: ChatShape  # what its chat template refuses, and its end of turn: each turn's messages are shaped to it
 
 
 def check_chat_formats(config: Config) -> None:
@@ -288,9 +286,10 @@ class ModelZoo:
         started = time.perf_counter()
         identity, llm = self._read(model, path)
         kv_mb = kv_cache_mb(llm.metadata, llm.n_ctx())
-        loaded = LoadedModel(model, llm, weights_mb + kv_mb, time.monotonic(), stamp, identity)
+        loaded = LoadedModel(model, llm, weights_mb + kv_mb, time.monotonic(), stamp, identity, _shape(llm))
         self._loaded[model.name] = loaded
         self._warn_misfit(loaded)
+        self._warn_template(loaded)
         if self._cache_auto:
             self._cache_auto = False
             self.cache.limit_mb = auto_cache_mb(kv_mb, self._room_mb())
@@ -341,6 +340,11 @@ class ModelZoo:
                 f"model {model.name!r}: llama.cpp could not load {path}: out of memory ({exc}){_address_space_note()}",
                 code="model_too_large",
             ) from None
+        if model.chat_format is None and "chat_template.default" in llm._chat_handlers:
+            # the GGUF's own template, as chat_format's doc says: llama-cpp-python put a built-in format in its
+            # place when it knew the template, and its Mistral one drops the system message and runs two user
+            # messages together, where the template's refusal is folded (daemon/chat_shape.py)
+            llm.chat_format = "chat_template.default"
         return identity, llm
 
     def _check_memory(self, model: LocalModelConfig, needed_mb: float) -> None:
@@ -417,6 +421,24 @@ class ModelZoo:
                 trained,
             )
 
+    def _warn_template(self, loaded: LoadedModel) -> None:
+        """Say what the model's chat template refuses (the operator's answer to "where did my system prompt
+        go"), and that a GGUF without one is given Llama 2's format, which only Llama 2 models were trained on."""
+        model = loaded.config
+        if not self._first(model.name, "template"):
+            return
+        for refusal in loaded.shape.refusals():
+            log.info("local model %s: its chat template refuses %s", model.name, refusal)
+        if model.chat_format is None and "tokenizer.chat_template" not in loaded.llm.metadata:
+            log.warning(
+                "local model %s: %s has no chat template (tokenizer.chat_template), so its prompts are written "
+                "in Llama 2's [INST] format: a base model continues them as text, and a chat model of another "
+                "family needs chat_format set to its own (chatml, gemma, mistral-instruct, ...; "
+                "docs/configuration.md, Bringing your own GGUF)",
+                model.name,
+                resolve_path(model, self.models_dir),
+            )
+
     def _first(self, model: str, what: str) -> bool:
         """True the first time ``what`` is said of ``model``."""
         fresh = (model, what) not in self._said
@@ -458,6 +480,12 @@ class ModelZoo:
             self.cache.forget_live(name, loaded.llm)
             loaded.llm.close()
         self._loaded.clear()
+
+
+def _shape(llm: Llama) -> ChatShape:
+    """The shape of the model's chat template (``shape_of``), its renders bounded as a turn's are."""
+    with deadline(TEMPLATE_DEADLINE_S):
+        return shape_of(llm)
 
 
 def _address_space_note() -> str:
@@ -616,11 +644,11 @@ class LocalBackend:
         try:  # the chat template is rendered here; the prompt is read when the first chunk is asked for
             with deadline(TEMPLATE_DEADLINE_S):
                 stream: Generator[Any, None, None] = loaded.llm.create_chat_completion(  # type: ignore[assignment]
-                    messages=cast(Any, prompt.messages),  # plain dicts in the shape llama.cpp documents
+                    messages=cast(Any, loaded.shape.shaped(prompt.messages)),  # as its chat template takes them
                     max_tokens=prompt.max_tokens,
                     temperature=prompt.temperature,
                     seed=prompt.seed,
-                    stop=list(prompt.stop),
+                    stop=[*prompt.stop, *loaded.shape.end_of_turn],
                     stream=True,
                     logits_processor=LogitsProcessorList([p for p in (logprobs, sampled) if p is not None]),
                     grammar=answer_grammar(prompt.response_format),

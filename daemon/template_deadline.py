@@ -21,6 +21,10 @@ from typing import Any
 import jinja2
 
 TEMPLATE_CODE = "<template>"  # the file name Jinja compiles a template from a string under
+# What a chat template's render raises besides Jinja's own errors: raise_exception() (ValueError), and
+# Python's from the sandbox's objects: range() past 100,000 items (OverflowError), // 0, a macro that
+# calls itself (RecursionError), a method given the wrong arguments.
+TEMPLATE_FAILURES = (jinja2.TemplateError, ArithmeticError, LookupError, ValueError, TypeError, RecursionError)
 
 
 class TemplateTimeout(jinja2.TemplateError):
