@@ -28,11 +28,13 @@ END_MARKER = re.compile(r"\s*(<[^<>\s]{1,40}>)")  # a special token's text, as e
 
 @dataclass(frozen=True)
 class ChatShape:
-    """What the model's chat template refuses, and the text it ends an answer's turn with."""
+    """What the model's chat template refuses, the text it ends an answer's turn with, and whether it leaves
+    out the BOS the GGUF asks for."""
 
     folds_system: bool = False  # it refuses a system message: the system prompt goes into the first user's
     merges_runs: bool = False  # it refuses two messages of one role in a row: they become one
     end_of_turn: tuple[str, ...] = ()  # stop strings: what the template writes after an answer
+    lacks_bos: bool = False  # the GGUF says prompts begin with BOS (add_bos_token), the template writes none
 
     def shaped(self, messages: Sequence[Message]) -> list[Message]:
         """The messages as the template takes them (a copy; the turn's own are recorded as sent)."""
@@ -56,44 +58,64 @@ def shape_of(llm: Llama) -> ChatShape:
     """The shape of ``llm``'s chat template, from renders of small conversations; PLAIN when llama-cpp-python
     formats its prompts with a built-in format (configured, guessed from the template, or Llama 2's for a
     GGUF that has none) rather than the GGUF's Jinja. Run under the caller's template deadline."""
+    template = _template_of(llm)
+    if template is None:
+        return PLAIN
+    formatter = _formatter(llm, template)
+    hi, answer = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": ANSWER}
+    plain = _render(formatter, [hi])
+    if plain is None:
+        return PLAIN  # it refuses the plainest turn: each turn says so (model_template), nothing to shape
+    bos = formatter.bos_token
+    return ChatShape(
+        folds_system=_render(formatter, [{"role": "system", "content": "Be brief."}, hi]) is None,
+        merges_runs=_render(formatter, [hi, hi]) is None,
+        end_of_turn=_end_of_turn(_render(formatter, [hi, answer, hi])),
+        lacks_bos=bool(bos) and llm._model.add_bos_token() and not plain.startswith(bos),
+    )
+
+
+def write_bos(llm: Llama) -> None:
+    """Have ``llm``'s chat template begin its prompts with the BOS its GGUF asks for (``lacks_bos``), as
+    llama.cpp's own server does: llama-cpp-python adds none to what a template renders (so that one the
+    template writes is not doubled), and a template that writes none (Zephyr's) left the prompt without."""
+    template = _template_of(llm)
+    assert template is not None
+    llm.chat_handler = _formatter(llm, "{{ bos_token }}" + template).to_chat_handler()
+
+
+def _template_of(llm: Llama) -> str | None:
+    """The GGUF's template that llama-cpp-python formats ``llm``'s prompts with, if it is one of those."""
     name = str(llm.chat_format or "")
     template = llm.metadata.get("tokenizer." + name) if name.startswith("chat_template.") else None
     if name == "chat_template.default":
         template = llm.metadata.get("tokenizer.chat_template")
-    if not isinstance(template, str):
-        return PLAIN
-    formatter = Jinja2ChatFormatter(template, _token_text(llm, llm.token_eos()), _token_text(llm, llm.token_bos()))
-    hi, answer = {"role": "user", "content": "Hi"}, {"role": "assistant", "content": ANSWER}
-    if not _renders(formatter, [hi]):
-        return PLAIN  # it refuses the plainest turn: each turn says so (model_template), nothing to shape
-    return ChatShape(
-        folds_system=not _renders(formatter, [{"role": "system", "content": "Be brief."}, hi]),
-        merges_runs=not _renders(formatter, [hi, hi]),
-        end_of_turn=_end_of_turn(formatter, [hi, answer, hi]),
-    )
+    return template if isinstance(template, str) else None
+
+
+def _formatter(llm: Llama, template: str) -> Jinja2ChatFormatter:
+    """The template as llama-cpp-python renders a GGUF's, stopping at its eos."""
+    eos, bos = llm.token_eos(), llm.token_bos()
+    return Jinja2ChatFormatter(template, _token_text(llm, eos), _token_text(llm, bos), stop_token_ids=[eos])
 
 
 def _token_text(llm: Llama, token: int) -> str:
     return llm._model.token_get_text(token) if token != -1 else ""
 
 
-def _renders(formatter: Jinja2ChatFormatter, messages: list[Message]) -> bool:
+def _render(formatter: Jinja2ChatFormatter, messages: list[Message]) -> str | None:
+    """The prompt the template renders of ``messages``; None when it refuses them (whatever it raises)."""
     try:
-        formatter(messages=messages)  # type: ignore[arg-type]
-    except TEMPLATE_FAILURES:  # whatever the template raises, it refuses this conversation
-        return False
-    return True
+        return formatter(messages=messages).prompt  # type: ignore[arg-type]
+    except TEMPLATE_FAILURES:
+        return None
 
 
-def _end_of_turn(formatter: Jinja2ChatFormatter, messages: list[Message]) -> tuple[str, ...]:
-    """The marker the template writes right after an answer (``<end_of_turn>``, ``<|eot_id|>``, ``</s>``):
-    the stop string that ends an answer whose model writes it as text. Empty when no ``<...>`` marker follows
-    the answer (plain-text formats), or the template does not render the answer as given."""
-    try:
-        prompt = formatter(messages=messages).prompt  # type: ignore[arg-type]
-    except TEMPLATE_FAILURES:  # a template that refuses this turn shape has no end to learn
-        return ()
-    _, found, after = prompt.partition(ANSWER)
+def _end_of_turn(prompt: str | None) -> tuple[str, ...]:
+    """The marker a rendered prompt has right after the probe's answer (``<end_of_turn>``, ``<|eot_id|>``,
+    ``</s>``): the stop string that ends an answer whose model writes it as text. Empty when no ``<...>``
+    marker follows the answer (plain-text formats), or the template refused the turn or changed the answer."""
+    _, found, after = (prompt or "").partition(ANSWER)
     marker = END_MARKER.match(after)
     return (marker.group(1),) if found and marker else ()
 

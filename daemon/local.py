@@ -29,7 +29,7 @@ from llama_cpp import Llama, LogitsProcessorList, llama_chat_format
 
 from locod.daemon.answer_grammar import answer_grammar
 from locod.daemon.backends import Generation, Prompt
-from locod.daemon.chat_shape import ChatShape, shape_of
+from locod.daemon.chat_shape import ChatShape, shape_of, write_bos
 from locod.daemon.config import Config, LocalConfig, LocalModelConfig
 from locod.daemon.fitting import fit_to_context, prompt_tokens
 from locod.daemon.gate import FairGate
@@ -483,9 +483,13 @@ class ModelZoo:
 
 
 def _shape(llm: Llama) -> ChatShape:
-    """The shape of the model's chat template (``shape_of``), its renders bounded as a turn's are."""
+    """The shape of the model's chat template (``shape_of``), its renders bounded as a turn's are; a template
+    that leaves out the BOS its GGUF asks for is given one."""
     with deadline(TEMPLATE_DEADLINE_S):
-        return shape_of(llm)
+        shape = shape_of(llm)
+    if shape.lacks_bos:
+        write_bos(llm)
+    return shape
 
 
 def _address_space_note() -> str:

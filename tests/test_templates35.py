@@ -93,6 +93,11 @@ FAMILIES: dict[str, dict[str, str | int | bool | None]] = {
     "llama3": {"tokenizer.chat_template": (TEMPLATES / "llama-3.jinja").read_text(), "tokenizer.ggml.eos_token_id": 0},
     "phi3": {"tokenizer.chat_template": (TEMPLATES / "phi-3.jinja").read_text()},
     "qwen": {"tokenizer.chat_template": (TEMPLATES / "qwen-2.5.jinja").read_text()},
+    # Zephyr's (a Mistral fine-tune: its GGUF asks for a BOS, its template writes none)
+    "zephyr": {
+        "tokenizer.chat_template": (TEMPLATES / "zephyr.jinja").read_text(),
+        "tokenizer.ggml.add_bos_token": True,
+    },
     "base": {"tokenizer.chat_template": None},
 }
 
@@ -151,6 +156,19 @@ def test_an_answer_ends_at_the_templates_end_of_turn(
     messages: list[dict[str, object]] = [dict(m) for m in (*DIALOGUE[1:3], DIALOGUE[4])]
     answer, read = read_back(local, family, messages)
     assert marker not in answer and read.count(marker) >= 2, (answer, read)
+
+
+@pytest.mark.parametrize("family", ["gemma", "zephyr", "phi3"])
+def test_a_prompt_begins_with_one_bos_where_the_gguf_asks_for_it(model_path: Path, tmp_path: Path, family: str) -> None:
+    """llama-cpp-python adds no BOS to what a GGUF's template renders, so that one the template writes
+    (Gemma's `{{ bos_token }}`) is not doubled: a template that writes none (Zephyr's) left the prompt of a
+    GGUF that asks for one (add_bos_token) without it, where llama.cpp's own server begins with it. Now such
+    a template is given one; a GGUF that asks for none (Phi 3's, the embedded one's) gets none."""
+    local = zoo_of(model_path, tmp_path, family)
+    read_back(local, family, [{"role": "user", "content": "Hi"}])
+    llm = local.zoo.get(family).llm
+    wanted = [llm.token_bos()] if FAMILIES[family].get("tokenizer.ggml.add_bos_token") else []
+    assert [t for t in llm.input_ids[:2].tolist() if t == llm.token_bos()] == wanted
 
 
 def test_a_new_user_chats_with_a_gemma_gguf_through_the_cli_and_the_http_door(
