@@ -340,6 +340,7 @@ class ModelZoo:
                 f"model {model.name!r}: llama.cpp could not load {path}: out of memory ({exc}){_address_space_note()}",
                 code="model_too_large",
             ) from None
+        _check_template_named(model, path, llm)
         if model.chat_format is None and "chat_template.default" in llm._chat_handlers:
             # the GGUF's own template, as chat_format's doc says: llama-cpp-python put a built-in format in its
             # place when it knew the template, and its Mistral one drops the system message and runs two user
@@ -480,6 +481,21 @@ class ModelZoo:
             self.cache.forget_live(name, loaded.llm)
             loaded.llm.close()
         self._loaded.clear()
+
+
+def _check_template_named(model: LocalModelConfig, path: Path, llm: Llama) -> None:
+    """Refuse a ``chat_format = "chat_template.NAME"`` the GGUF holds no template of: only the loaded file
+    can tell (``check_chat_formats`` lets these pass), and each of its turns failed with llama-cpp-python's
+    exception as an internal error."""
+    named = model.chat_format or ""
+    if not named.startswith("chat_template.") or named in llm._chat_handlers:
+        return
+    held = ", ".join(sorted(n for n in llm._chat_handlers if n.startswith("chat_template."))) or "none"
+    llm.close()
+    raise ConfigError(
+        f"local model {model.name!r}: chat_format = {named!r}, but {path} holds no such template (it holds: "
+        f"{held}); set chat_format to one it holds, or leave it out to use the GGUF's own"
+    )
 
 
 def _shape(llm: Llama) -> ChatShape:

@@ -216,3 +216,22 @@ def test_a_template_that_refuses_every_turn_is_still_named_at_the_turn(model_pat
     with pytest.raises(ModelError, match="No chat here") as failed:
         read_back(local, "refuses", [{"role": "user", "content": "Hi"}])
     assert failed.value.code == "model_template"
+
+
+def test_a_chat_format_naming_a_template_the_gguf_lacks_is_refused_by_name(
+    daemon_factory: Any, model_path: Path
+) -> None:
+    """`chat_format = "chat_template.tool_use"` (a template some GGUFs hold beside their default) passes the
+    config's check, which cannot read the file: on a GGUF without it, each turn of the model failed as an
+    internal error with llama-cpp-python's list of its own formats. Its load now refuses it, naming the
+    model, the file and the templates it does hold; the other models answer on."""
+    models = [
+        {"name": "smollm2-135m-instruct", "path": str(model_path)},
+        {"name": "tools", "path": str(model_path), "chat_format": "chat_template.tool_use"},
+    ]
+    handle = daemon_factory({"routing": {"mode": "local"}, "local": {"models": models}})
+    refused = handle.cli("ask", "Hi", "--model", "tools", "--max-tokens", "4")
+    assert refused.returncode == 2, refused.stderr
+    said = f"local model 'tools': chat_format = 'chat_template.tool_use', but {model_path} holds no such template"
+    assert said in refused.stderr and "(it holds: chat_template.default)" in refused.stderr, refused.stderr
+    assert handle.cli("ask", "Hi", "--max-tokens", "4").returncode == 0
