@@ -6,7 +6,7 @@ or lost), and a template's end-of-turn marker (Gemma's ``<end_of_turn>``, Phi's 
 when the vocabulary holds it as plain text, so the answer ran on to ``max_tokens``. The template is
 rendered on a few small conversations at load to learn which; each turn's messages are then folded into
 the shape it takes (the system prompt into the first user message, a run of one role into one message),
-and its end-of-turn text is a stop string.
+its end-of-turn text is a stop string, and a template that leaves out the BOS its GGUF asks for is given one.
 """
 
 from __future__ import annotations
