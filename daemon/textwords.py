@@ -2,8 +2,9 @@
 
 Latin, Cyrillic, Arabic, Devanagari and the like separate words with spaces or punctuation: a word is a run
 of letters, digits and combining marks. Chinese, Japanese and Thai do not: a sentence is one run, so each
-of their characters is taken as a word of its own (``characters``), and where a word's meaning needs two,
-as a search term does, each pair of neighbours (``pairs``), the way search engines index them.
+of their characters is taken as a word of its own (``characters``, ``split_letters``), and where a
+word's meaning needs two, as a search term does, each pair of neighbours (``pairs``), the way search engines
+index them.
 """
 
 from __future__ import annotations
@@ -20,12 +21,27 @@ MARKS = (
     "\u0900-\u0dff\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f"
 )
 _RUNS = re.compile(f"([{UNSPACED_LETTERS}]+)|(?:[^\\W_{UNSPACED_LETTERS}]|[{MARKS}])+")
-_CHARACTERS = re.compile(f"[{UNSPACED}]|[^\\s{UNSPACED}]+")
+
+
+def _each_apart(unspaced: str) -> re.Pattern[str]:
+    """Whitespace-separated words, each of the ``unspaced`` characters a word of its own."""
+    return re.compile(f"[{unspaced}]|[^\\s{unspaced}]+")
+
+
+_CHARACTERS = _each_apart(UNSPACED)
+_LETTERS = _each_apart(UNSPACED_LETTERS)
 
 
 def characters(text: str) -> list[str]:
     """``text`` split at whitespace, and a run of an unspaced script into its characters."""
     return _CHARACTERS.findall(text)
+
+
+def split_letters(text: str) -> list[str]:
+    """``text`` split at whitespace, and each letter of an unspaced script apart; punctuation stays with what
+    it follows, as between spaces. Text without such letters splits exactly as ``str.split`` does: the
+    router's predictor hashes these words (policy/messplus.py), and its prior was fitted on that split."""
+    return _LETTERS.findall(text)
 
 
 def pairs(text: str) -> list[str]:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from locod.daemon.regular_file import read_regular, written_whole
+from locod.daemon.textwords import split_letters
 from locod.policy.confidence import WEIGHT_LIMIT, ConfidenceHead, bounded, loadable
 from locod.policy.price import SlaPrice
 from locod.policy.tasks import TASKS
@@ -114,8 +115,10 @@ DENSE_INDICES = np.arange(HASH_DIM, DIM, dtype=np.int64)
 @functools.lru_cache(maxsize=256)
 def _hashed(prompt: str) -> tuple[np.ndarray, np.ndarray]:
     """The prompt's hashed n-grams (indices already followed by the dense features'); cached because every
-    candidate action of a turn shares them."""
-    words = prompt.lower().split()[:256]
+    candidate action of a turn shares them. Its words are split at whitespace and at each letter of Chinese,
+    Japanese or Thai (``split_letters``): split at whitespace alone, such a sentence was one word, unique to
+    its prompt, and labels taught nothing the next prompt of its kind shared."""
+    words = split_letters(prompt.lower())[:256]
     counts: dict[int, float] = {}
     for gram in words + [a + " " + b for a, b in zip(words, words[1:])]:
         index = zlib.crc32(gram.encode()) % HASH_DIM
