@@ -54,7 +54,6 @@ from locod.policy.observation import (
     observe,
 )
 from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
-from locod.policy.rule import estimate_tokens
 from locod.words import dollars
 
 if TYPE_CHECKING:
@@ -338,7 +337,7 @@ class Decider:
         absent = [m for m in self.config.local.models if m.name not in candidates]
         if not absent or not any(c.location == "local" for c in candidates.values()):
             return ""  # the usual turn: no second look at the files or the context
-        fits = self._fits_context(turn.request.prompt)
+        fits = self._fits_context(turn.prompt_tokens)
         unusable = dict.fromkeys(self._short_of_memory(), "too large for the memory available")
         unusable |= dict.fromkeys(self.left_out_files(), "no usable file")
         causes = [
@@ -360,7 +359,7 @@ class Decider:
     def _unfit_cloud_reason(self, turn: Turn, access: CloudAccess) -> str:
         """Why no cloud action was on offer although the cloud is usable: the prompt or the daily cap, with
         the numbers a user can act on."""
-        fits = self._fits_context(turn.request.prompt)
+        fits = self._fits_context(turn.prompt_tokens)
         holding = [name for name in self._cloud_names() if fits[name]]
         room = self._cap_room(turn, access)
         if not holding or room is None:
@@ -387,7 +386,7 @@ class Decider:
         """
         allowed: dict[str, Candidate] = {}
         mask: dict[str, bool] = {}
-        fits = self._fits_context(turn.request.prompt)
+        fits = self._fits_context(turn.prompt_tokens)
         battery_masks = self._battery_masks_local(access, [name for name in self._cloud_names() if fits[name]])
         loadable = self._loadable()
         for local in self.config.local.models:
@@ -406,7 +405,7 @@ class Decider:
         if not allowed:  # everything masked: a local model that holds the prompt still answers
             holding = [m.name for m in self.config.local.models if fits[m.name] and loadable[m.name]]
             if not holding:
-                raise PromptTooLong(self._too_long(turn.request.prompt))
+                raise PromptTooLong(self._too_long(turn.prompt_tokens))
             default = self.config.local.default if fits[self.config.local.default] else holding[0]
             allowed[default] = Candidate(default, default, "local", 0, ())
         return allowed, mask
@@ -462,28 +461,29 @@ class Decider:
             unusable[config.local.default] = default.code
         return unusable
 
-    def refuse_unfit(self, prompt: str) -> None:
-        """Refuse a prompt that no model could hold, before any work on the turn's attachments."""
-        if not any(self._fits_context(prompt).values()):
-            raise PromptTooLong(self._too_long(prompt))
+    def refuse_unfit(self, prompt_tokens: int) -> None:
+        """Refuse a prompt of ``prompt_tokens`` (estimated) that no model could hold, before any work on the
+        turn's attachments."""
+        if not any(self._fits_context(prompt_tokens).values()):
+            raise PromptTooLong(self._too_long(prompt_tokens))
 
-    def _fits_context(self, prompt: str) -> dict[str, bool]:
+    def _fits_context(self, prompt_tokens: int) -> dict[str, bool]:
         """Whether each model's context can hold the turn's question (history can be trimmed, the question
         cannot) with room for an answer. Local contexts are known; a cloud model's is
         ``context_tokens`` (0: unknown, assumed to fit). Estimated from the text, in any script: the local
-        model's own tokenizer has the last word when the prompt is fitted."""
-        needed = estimate_tokens(prompt) + MIN_ANSWER_TOKENS + TEMPLATE_SLACK_TOKENS
+        model's own tokenizer has the last word when the prompt is fitted: ``Turn.prompt_tokens``, estimated
+        once a turn."""
+        needed = prompt_tokens + MIN_ANSWER_TOKENS + TEMPLATE_SLACK_TOKENS
         fits = {m.name: needed <= m.n_ctx for m in self.config.local.models}
         fits.update({m.name: not m.context_tokens or needed <= m.context_tokens for m in self.config.cloud.models})
         return fits
 
-    def _too_long(self, prompt: str) -> str:
+    def _too_long(self, prompt_tokens: int) -> str:
         contexts = [m.n_ctx for m in self.config.local.models] + [
             m.context_tokens for m in self.config.cloud.models if m.context_tokens
         ]
-        needed = estimate_tokens(prompt)
         return (
-            f"the prompt needs about {needed} tokens; no model that may answer it holds that (the largest "
+            f"the prompt needs about {prompt_tokens} tokens; no model that may answer it holds that (the largest "
             f"configured context is {max(contexts)} tokens)"
         )
 

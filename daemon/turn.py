@@ -20,7 +20,7 @@ import hashlib
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from locod.daemon import attachments as att
 from locod.daemon import prompts
@@ -29,7 +29,7 @@ from locod.daemon.answer_grammar import answer_grammar
 from locod.daemon.backends import Backend, Generation, Prompt, Sampling, Upload
 from locod.daemon.cancel import check_cancelled
 from locod.daemon.cloud import CloudBackend, Received, StreamCut
-from locod.daemon.cloud_usage import estimated_input
+from locod.daemon.cloud_usage import PER_MESSAGE_TOKENS, estimated_input
 from locod.daemon.config import Config
 from locod.daemon.decider import Decider
 from locod.daemon.decision import Decision, unsent_images, withheld_note
@@ -44,6 +44,7 @@ from locod.daemon.shadow import ShadowJob, ShadowLane, overlap_label
 from locod.daemon.tallies import Held
 from locod.daemon.telemetry import Snapshot
 from locod.errors import AttachmentError, Busy, CloudError, LocodError, StorageError
+from locod.policy.rule import estimate_tokens
 from locod.policy.tasks import task_of
 from locod.protocol import (
     ANSWERED,
@@ -83,6 +84,20 @@ class Turn:
     # decision prices each cloud action several times (its cost, the cap's shield, the hold), and each pricing
     # would build the history and the documents' excerpts again.
     _cloud_tokens: dict[tuple[tuple[int, ...], int], int] = field(default_factory=dict, repr=False, compare=False)
+    # ``prompt_tokens`` where the caller has estimated it already (``TurnRunner._assemble``, refusing an unfit
+    # prompt before its attachments are prepared): not estimated again.
+    prompt_estimate: InitVar[int | None] = None
+
+    def __post_init__(self, prompt_estimate: int | None) -> None:
+        if prompt_estimate is not None:
+            self.__dict__["prompt_tokens"] = prompt_estimate  # where the cached property keeps its value
+
+    @functools.cached_property
+    def prompt_tokens(self) -> int:
+        """The question's tokens as estimated from its text (``rule.estimate_tokens``), once a turn: the
+        context checks and each pricing of a cloud action read it, and each estimate read the whole question
+        again (~2 ms for 200k characters, several times a turn)."""
+        return estimate_tokens(self.request.prompt)
 
     @functools.cached_property
     def text_bytes(self) -> int:
@@ -115,8 +130,16 @@ class Turn:
         images = sum(self.attachments[i].kind == "image" for i in send)
         key = (send, config.attachments.doc_token_budget)
         if key not in self._cloud_tokens:
-            self._cloud_tokens[key] = estimated_input(prompts.cloud_text(self, *key))
+            self._cloud_tokens[key] = self._cloud_input(*key)
         return config.cloud_model(model).price(self._cloud_tokens[key], answer_tokens, images)
+
+    def _cloud_input(self, send: tuple[int, ...], doc_token_budget: int) -> int:
+        """``estimated_input`` of what a cloud model is sent for ``send``; a question sent without excerpts is
+        the prompt, whose estimate the turn has."""
+        *earlier, question = prompts.cloud_text(self, send, doc_token_budget)
+        text = question["content"]
+        asked = self.prompt_tokens if text == self.request.prompt else estimate_tokens(text)
+        return estimated_input(earlier) + asked + PER_MESSAGE_TOKENS
 
     def most_spent(self, decision: Decision) -> float:
         """What a cloud call for ``decision`` may cost: the whole ``max_tokens`` of answer, the price the
@@ -320,8 +343,9 @@ class TurnRunner:
                 f"{len(request.attachments)} attachments, at most {cfg.max_count} allowed (attachments.max_count)",
                 code="too_many_attachments",
             )
-        if request.attachments:
-            self.decider.refuse_unfit(request.prompt)
+        prompt_tokens = estimate_tokens(request.prompt) if request.attachments else None
+        if prompt_tokens is not None:
+            self.decider.refuse_unfit(prompt_tokens)
         prompt_terms = att.terms(request.prompt)
         prepared = []
         for a in request.attachments:
@@ -331,7 +355,14 @@ class TurnRunner:
         prepared = att.as_subjects(prepared)
         session = self.sessions.open(request.session, door_of(client), reply.answered)  # each door its own namespace
         return Turn(
-            request, session, client, task_of(request.prompt), prepared, self.config, self._sent_private(request)
+            request,
+            session,
+            client,
+            task_of(request.prompt),
+            prepared,
+            self.config,
+            self._sent_private(request),
+            prompt_estimate=prompt_tokens,
         )
 
     def _sent_private(self, request: ChatRequest) -> frozenset[int]:

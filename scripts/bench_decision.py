@@ -34,6 +34,7 @@ from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import Turn
 from locod.policy import confidence
 from locod.policy.messplus import RecordedFeatures, TurnFeatures, vectorize
+from locod.policy.rule import estimate_tokens
 from locod.protocol import ChatRequest
 
 
@@ -100,13 +101,14 @@ def bench_turn(home: str) -> tuple[Decider, Learner, Turn, TurnFeatures]:
     for i in range(3):
         trail = TurnTrail("local", (False, False, False), "query")
         sessions.record(session, [{"role": "user", "content": f"earlier question {i}"}], "an answer", trail)
+    notes = "battery notes " * 40
     question = "What does the chart in this photo show about battery life on the train?"
     request = ChatRequest("r", [{"role": "user", "content": question}], session="bench")
     attachments = [
         PreparedAttachment("image", "chart.jpg", False, 0.9, 400_000, jpeg=b"x" * 150_000, width=1024, height=768),
         PreparedAttachment("image", "selfie.jpg", True, 0.2, 300_000, jpeg=b"x" * 90_000, width=800, height=600),
         PreparedAttachment(
-            "document", "notes.md", False, 0.6, 20_000, chunks=(DocChunk(0, "battery notes " * 40, 0.6),)
+            "document", "notes.md", False, 0.6, 20_000, chunks=(DocChunk(0, notes, 0.6, estimate_tokens(notes)),)
         ),
     ]
     turn = Turn(request, session, b"client", "query", attachments, config)

@@ -2,7 +2,8 @@
 
 Split at whitespace alone, a Chinese prompt was one word, its hashed n-grams unique to it: labels for Chinese
 arithmetic the local model got wrong moved the next Chinese sum's s_hat no more than any other prompt's.
-Text with spaces hashes as before (the shipped prior and the replay figures are fitted on it).
+Text with spaces hashes as before (the shipped prior and the replay figures are fitted on it). A turn
+estimates its question's tokens once, for every context check and cloud price.
 """
 
 from __future__ import annotations
@@ -14,9 +15,16 @@ from typing import Any
 
 import pytest
 
+from locod.daemon.cloud_usage import estimated_input
+from locod.daemon.config import CloudConfig, CloudModelConfig, Config
+from locod.daemon.prompts import cloud_text
+from locod.daemon.sessions import Session
 from locod.daemon.textwords import split_letters
+from locod.daemon.turn import Turn
 from locod.policy.messplus import HASH_DIM, MessPlus, RecordedFeatures, TurnFeatures, hashed_record, vectorize
+from locod.policy.rule import estimate_tokens
 from locod.policy.tasks import task_of
+from locod.protocol import ChatRequest
 
 LOCAL = "smollm2-135m-instruct"
 # Sums the local model gets wrong, worded three ways, and a fourth wording the labels never saw; beside them
@@ -105,6 +113,21 @@ def test_an_old_record_of_a_chinese_prompt_trains_on_its_own_hashes() -> None:
 
 def _index(gram: str) -> int:
     return zlib.crc32(gram.encode()) % HASH_DIM
+
+
+def test_a_turn_prices_its_question_as_its_whole_text_estimates() -> None:
+    """The question's estimate is read from the turn (once): the price is the one the whole text gives."""
+    prompt = ("Summarise this, 42 times: 中文 and English. " * 500).strip()
+    session = Session("s", owner="ipc")
+    session.dialogue = (({"role": "user", "content": "earlier: 你好"},), (False,))
+    turn = Turn(ChatRequest("r", [{"role": "user", "content": prompt}]), session, b"c", "chat", [], Config())
+    assert turn.prompt_tokens == estimate_tokens(prompt)
+    model = CloudModelConfig(name="m", base_url="http://127.0.0.1:9/v1", model="m", usd_per_mtok_in=1.0)
+    config = Config(cloud=CloudConfig(models=[model]))
+    whole = estimated_input(cloud_text(turn, (), config.attachments.doc_token_budget))
+    assert turn.cloud_price(config, "m", (), 10) == model.price(whole, 10, 0)
+    handed = Turn(turn.request, session, b"c", "chat", [], Config(), prompt_estimate=7)
+    assert handed.prompt_tokens == 7  # as TurnRunner hands it over after refusing an unfit prompt
 
 
 def test_chinese_labels_move_the_next_chinese_turns_s_hat(daemon_factory: Any) -> None:
