@@ -21,10 +21,11 @@ from locod.daemon.prompts import cloud_text
 from locod.daemon.sessions import Session
 from locod.daemon.textwords import split_letters
 from locod.daemon.turn import Turn
+from locod.errors import PromptTooLong
 from locod.policy.messplus import HASH_DIM, MessPlus, RecordedFeatures, TurnFeatures, hashed_record, vectorize
 from locod.policy.rule import estimate_tokens
 from locod.policy.tasks import task_of
-from locod.protocol import ChatRequest
+from locod.protocol import Attachment, ChatRequest
 
 LOCAL = "smollm2-135m-instruct"
 # Sums the local model gets wrong, worded three ways, and a fourth wording the labels never saw; beside them
@@ -128,6 +129,17 @@ def test_a_turn_prices_its_question_as_its_whole_text_estimates() -> None:
     assert turn.cloud_price(config, "m", (), 10) == model.price(whole, 10, 0)
     handed = Turn(turn.request, session, b"c", "chat", [], Config(), prompt_estimate=7)
     assert handed.prompt_tokens == 7  # as TurnRunner hands it over after refusing an unfit prompt
+
+
+def test_an_unfit_prompt_is_refused_before_its_attachment_is_read(daemon_factory: Any) -> None:
+    """The estimate the refusal is made on is the one the turn carries on: still made before any attachment
+    is read (a missing file would say so instead), and said in the same numbers."""
+    handle = daemon_factory()
+    missing = Attachment("document", "notes.md", path="/nonexistent/words35/notes.md")
+    with pytest.raises(PromptTooLong) as refused:
+        handle.client().ask("word " * 5000, attachments=[missing], max_tokens=2)
+    assert f"the prompt needs about {estimate_tokens('word ' * 5000)} tokens" in refused.value.message
+    assert handle.rows() == []
 
 
 def test_chinese_labels_move_the_next_chinese_turns_s_hat(daemon_factory: Any) -> None:
