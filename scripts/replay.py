@@ -95,6 +95,11 @@ class Turn:
     costs: dict[str, float]
     conf: tuple[float, ...] | None
     task: str
+    local_x: tuple[np.ndarray, np.ndarray] | None = None  # the local head's own features (scripts/embed_probe.py)
+
+    def x_of(self, model: str) -> tuple[np.ndarray, np.ndarray]:
+        """The features ``model``'s head reads: MESS+'s, or the local model's own where a probe gives them."""
+        return self.local_x if model == LOCAL and self.local_x is not None else self.x
 
 
 def costs(row: dict) -> dict[str, float]:  # type: ignore[type-arg]
@@ -148,7 +153,7 @@ def learn_local(m: MessPlus, run: Run, t: Turn, s_prompt: float, label: int, sha
     shadow label (the turn was answered in the cloud, whose head MessPlus.label trained) trains its prompt
     head too."""
     if shadow:
-        m.train(LOCAL, t.x, float(label))
+        m.train(LOCAL, t.x_of(LOCAL), float(label))
         run.shadows += 1
         run.shadow_errors += label != t.row["models"][LOCAL]["satisfied"]
     if t.conf is not None:
@@ -177,10 +182,10 @@ def price_rule(trace: list[Turn], m: MessPlus, name: str, grade: Grader | None) 
     model on cloud-routed turns."""
     run = Run(name)
     for i, t in enumerate(trace):
-        choice = m.choose(t.costs, xs={LOCAL: t.x, CLOUD: t.x})
+        choice = m.choose(t.costs, xs={LOCAL: t.x_of(LOCAL), CLOUD: t.x})
         m.settle(i, choice.model, choice.s_hat[choice.key])
         label = t.row["models"][choice.model]["satisfied"]
-        m.label(i, choice.model, t.x, bool(label))
+        m.label(i, choice.model, t.x_of(choice.model), bool(label))
         if choice.model == LOCAL:
             learn_local(m, run, t, choice.s_hat[LOCAL], label, False)
         elif grade is not None:
@@ -194,7 +199,7 @@ def escalating(trace: list[Turn], m: MessPlus, name: str, grade: Grader) -> Run:
     """Answer locally, escalate if unsure (with shadows on the turns sent to the cloud at once)."""
     run = Run(name)
     for i, t in enumerate(trace):
-        s_prompt, s_cloud = m.satisfaction(t.x, LOCAL), m.satisfaction(t.x, CLOUD)
+        s_prompt, s_cloud = m.satisfaction(t.x_of(LOCAL), LOCAL), m.satisfaction(t.x, CLOUD)
         head = m.confidence_head(LOCAL)
         hopeless = rule.escalates(t.costs[CLOUD], m.current_price, s_cloud, head.best(s_prompt, t.task))
         if t.conf is None or hopeless:
@@ -206,7 +211,7 @@ def escalating(trace: list[Turn], m: MessPlus, name: str, grade: Grader) -> Run:
             tried = [LOCAL] if choice.model == LOCAL else [LOCAL, CLOUD]
         m.settle(i, choice.model, choice.s_hat[choice.key])
         label = t.row["models"][choice.model]["satisfied"]
-        m.label(i, choice.model, t.x, bool(label))
+        m.label(i, choice.model, t.x_of(choice.model), bool(label))
         if choice.model == LOCAL:
             learn_local(m, run, t, s_prompt, label, False)
         elif t.conf is not None:  # escalated, or a shadow answer of a turn sent to the cloud at once
@@ -268,7 +273,11 @@ def routers(
     trace: list[Turn], alpha: float, args: argparse.Namespace, prior: Prior | None, seed: int
 ) -> list[Callable[[], Run]]:
     def mess(p: Prior | None = None) -> MessPlus:
-        return new_messplus(alpha, args.v, args.explore_c, seed, p)
+        m = new_messplus(alpha, args.v, args.explore_c, seed, p)
+        if trace[0].local_x is not None:  # the local head reads more features than MESS+'s: those start at 0
+            extra = len(trace[0].local_x[0]) - len(trace[0].x[0])
+            m.state.weights[LOCAL] = np.concatenate([m.state.weights[LOCAL], np.zeros(extra)])
+        return m
 
     def grader() -> Grader:
         return Grader(args.grader_error, random.Random(seed + 1))
