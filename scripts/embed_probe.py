@@ -209,7 +209,6 @@ def probe(trace: Path, args: argparse.Namespace) -> dict:  # type: ignore[type-a
         "turns": len(rows),
         "local_accuracy": float(y.mean()),
         "embed_ms_mean": float(embedded["ms"].mean()),
-        "embed_ms_per_token": float(embedded["ms"].sum() / embedded["tokens"].sum()),
         "tokens_mean": float(embedded["tokens"].mean()),
         "heads": heads,
     }
@@ -239,7 +238,8 @@ FIGURES = ("fitted_auc", "fitted_within_task", "online_auc", "online_within_task
 
 
 def print_table(results: list[dict]) -> None:  # type: ignore[type-arg]
-    print("| trace | turns | embed ms / prompt | tokens / prompt | head | AUC, fitted on the first half", end="")
+    print("| trace | turns | embed ms / prompt (past the shared opening) | tokens / prompt | head", end="")
+    print(" | AUC, fitted on the first half", end="")
     print(" | within tasks | AUC, online (second half) | within tasks |\n|---|---|---|---|---|---|---|---|---|")
     for r in results:
         shown = f"| {r['trace']} | {r['turns']} | {r['embed_ms_mean']:.1f} | {r['tokens_mean']:.0f}"
