@@ -8,6 +8,7 @@ Exit codes: EXIT_STATUS below (also `locod --help`, README.md). Every error is o
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import os
 import signal
@@ -67,9 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     _standard_streams()
     _no_writes_by_others()
     parser = _parser()
-    habit = HABITS.get(_command_word(sys.argv[1:] if argv is None else argv) or "")
-    if habit:
-        parser.error(habit)
+    argv = _help_as_an_option(sys.argv[1:] if argv is None else argv)
+    word = _command_word(argv)
+    mistake = HABITS.get(word or "") or _near_miss(word, _command_names(parser))
+    if mistake:
+        parser.error(mistake)
     args, extra = parser.parse_known_args(argv)
     if extra and args.func is not cmd_policy_train:  # only training passes its own options through
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -135,14 +138,52 @@ GLOBAL_VALUED = ("--config", "--set", "--endpoint", "--secret", "--secret-file")
 
 
 def _command_word(argv: list[str]) -> str | None:
-    """The command a command line names: its first word that is neither an option nor a global option's value."""
-    words = iter(argv)
-    for word in words:
-        if word in GLOBAL_VALUED:
-            next(words, None)
+    """The command a command line names."""
+    at = _command_at(argv)
+    return None if at is None else argv[at]
+
+
+def _command_at(argv: list[str]) -> int | None:
+    """Where the command is in a command line: its first word that is neither an option nor a global option's
+    value."""
+    after_value = False
+    for at, word in enumerate(argv):
+        if after_value:
+            after_value = False
+        elif word in GLOBAL_VALUED:
+            after_value = True
         elif not word.startswith("-"):
-            return word
+            return at
     return None
+
+
+def _help_as_an_option(argv: list[str]) -> list[str]:
+    """``locod help ask`` is ``locod ask --help`` and ``locod help`` is ``locod --help``, as git's and pip's
+    ``help`` are: argparse alone refused the first thing many users type as "invalid choice: 'help'"."""
+    at = _command_at(argv)
+    if at is None or argv[at] != "help":
+        return argv
+    return [*argv[:at], *argv[at + 1 :], "--help"]
+
+
+def _command_names(parser: argparse.ArgumentParser) -> list[str]:
+    """The commands ``parser`` takes, as its subcommands action lists them."""
+    return [
+        name for action in parser._actions if isinstance(action, argparse._SubParsersAction) for name in action.choices
+    ]
+
+
+def _near_miss(word: str | None, commands: list[str]) -> str | None:
+    """A mistyped command (``locod askk``, ``locod stauts``) named with the command it is closest to: argparse's
+    "invalid choice" listed all twelve and left the user to spot which was meant."""
+    if word is None or word in commands:
+        return None
+    close = difflib.get_close_matches(word, commands, n=1, cutoff=0.6)
+    return (
+        f"locod has no {word!r} command; did you mean `locod {close[0]}`? (`locod --help` lists them)"
+        if close
+        else None
+    )
 
 
 def _say_what_set_cannot_do(args: argparse.Namespace) -> None:

@@ -276,7 +276,7 @@ def _words(line: str) -> list[str]:
 
 def _parse(words: list[str]) -> argparse.Namespace:
     """As `locod` parses a command line (main): the trainer's own options after `policy train`."""
-    args, extra = cli._parser().parse_known_args(words)
+    args, extra = cli._parser().parse_known_args(cli._help_as_an_option(words))
     if args.func is cli.cmd_policy_train:
         train_cli.parser(Path("policy.onnx")).parse_args(extra)
     else:

@@ -1,0 +1,27 @@
+"""Walk 35: a newcomer on a fresh clone, from the README alone, and the first guesses such a user makes
+(``locod help ask``, a mistyped command). Each through the real `locod` command in a subprocess, next to a
+real daemon with the embedded model."""
+
+from __future__ import annotations
+
+from .conftest import DaemonHandle
+
+
+def test_help_before_a_command_shows_its_help_and_a_typo_names_the_command_meant(daemon: DaemonHandle) -> None:
+    """`locod help ask` (as git's, pip's and ollama's `help`) was refused as "invalid choice: 'help'", and a
+    typo (`locod stauts`) listed all twelve commands for the user to spot the one meant."""
+    helped = daemon.cli("help", "ask")
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout == daemon.cli("ask", "--help").stdout
+    nested = daemon.cli("help", "models", "pull")
+    assert nested.returncode == 0 and "--sha256" in nested.stdout, nested.stderr
+    overall = daemon.cli("help")
+    assert overall.returncode == 0 and "exit status (for scripts" in overall.stdout, overall.stderr
+
+    for typed, meant in (("stauts", "status"), ("askk", "ask"), ("desicions", "decisions"), ("model", "models")):
+        mistyped = daemon.cli(typed)
+        assert mistyped.returncode == 2, mistyped.stderr
+        assert f"locod has no {typed!r} command; did you mean `locod {meant}`?" in mistyped.stderr
+    unlike = daemon.cli("xyzzy")  # nothing close: argparse's list of every command stays
+    assert unlike.returncode == 2 and "invalid choice: 'xyzzy' (choose from 'serve', 'ask'" in unlike.stderr
+    assert daemon.cli("status").returncode == 0  # the daemon was asked nothing meanwhile
