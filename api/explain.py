@@ -82,13 +82,16 @@ def _options(row: dict[str, Any]) -> list[str]:
     if not s_hat:
         chose = "none weighed: the request or the config chose where it runs (--force, --model, routing.mode)"
         return [_line("options", chose)]
-    heading = "predicted chance of a good answer (s_hat: `likely good` in why), and cost (1.00: the dearest on offer)"
+    heading = (
+        "predicted chance of a good answer (s_hat: `likely good` in why), and relative cost "
+        "(1.00: the dearest on offer)"
+    )
     lines = [_line("options", heading)]
     for key, s in sorted(s_hat.items(), key=lambda item: -item[1]):
         model, _, upload = key.partition("|")
         chosen = _role(row, key)
         sends = f" ({_upload(upload)})" if upload else ""  # a bare name: local, or cloud without the policy
-        lines.append(_line("", f"{model}{sends}: {s:.0%}, cost {costs.get(key, 0.0):.2f}{chosen}"))
+        lines.append(_line("", f"{model}{sends}: {s:.0%}, relative cost {costs.get(key, 0.0):.2f}{chosen}"))
     offered = {key.partition("|")[0] for key in s_hat}
     ruled_out = sorted({key.partition("|")[0] for key, allowed in mask.items() if not allowed} - offered)
     if ruled_out:

@@ -623,5 +623,6 @@ def _trade_off(chosen: Candidate, routing: Routing, candidates: dict[str, Candid
 
 
 def _trade(key: str, routing: Routing) -> str:
-    """An action's predicted satisfaction (s_hat, as a user reads it) and cost, as a decision's reason shows them."""
-    return f"{routing.s_hat[key]:.0%} likely good at cost {routing.costs[key]:.2f}"
+    """An action's predicted satisfaction (s_hat, as a user reads it) and cost, as a decision's reason shows them:
+    "relative", since it is no money (1.00: the dearest action on offer) and stood beside the turn's "$0.00000"."""
+    return f"{routing.s_hat[key]:.0%} likely good at relative cost {routing.costs[key]:.2f}"

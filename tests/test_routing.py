@@ -34,7 +34,7 @@ def test_auto_turns_record_the_messplus_state(daemon_factory: Any, proxy: FaultP
     reason = first.decision.reason  # in words, with the numbers it was decided on
     assert "the best trade of predicted satisfaction for cost" in reason and "SLA 0.80, Q 0.00" in reason
     assert "cloud-small: " in reason or first.decision.location == "cloud"
-    assert "% likely good at cost" in reason
+    assert "% likely good at relative cost" in reason
     row = handle.rows()[0]
     assert row["sla"] == 0.8 and row["v"] == 20.0 and row["q"] == 0.0 and row["explored"] == 0
     # One s_hat and cost per allowed action: without attachments the cloud model is offered text only.

@@ -4,7 +4,7 @@ real daemon with the embedded model."""
 
 from __future__ import annotations
 
-from .conftest import DaemonHandle
+from .conftest import MODEL_NAME, DaemonHandle
 
 
 def test_help_before_a_command_shows_its_help_and_a_typo_names_the_command_meant(daemon: DaemonHandle) -> None:
@@ -25,3 +25,16 @@ def test_help_before_a_command_shows_its_help_and_a_typo_names_the_command_meant
     unlike = daemon.cli("xyzzy")  # nothing close: argparse's list of every command stays
     assert unlike.returncode == 2 and "invalid choice: 'xyzzy' (choose from 'serve', 'ask'" in unlike.stderr
     assert daemon.cli("status").returncode == 0  # the daemon was asked nothing meanwhile
+
+
+def test_the_routing_cost_beside_a_turns_dollars_is_said_to_be_relative(daemon: DaemonHandle) -> None:
+    """`ask -v` said "25% likely good at cost 1.00" on the line above "$0.00000": a newcomer read a dollar
+    on a local turn. The rule's cost is no money but a share of the dearest action on offer."""
+    asked = daemon.cli("ask", "-v", "--max-tokens", "2", "Hi")
+    assert asked.returncode == 0, asked.stderr
+    assert "likely good at relative cost 1.00;" in asked.stderr and "$0.00000]" in asked.stderr
+    assert "at cost" not in asked.stderr
+    decision = str(daemon.rows()[-1]["id"])
+    shown = daemon.cli("decisions", decision).stdout
+    assert "and relative cost (1.00: the dearest on offer)" in shown
+    assert f"{MODEL_NAME}: " in shown and ", relative cost 1.00 <- chosen" in shown
