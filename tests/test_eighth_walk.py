@@ -217,7 +217,9 @@ def test_models_rm_says_the_running_daemon_offers_the_model_until_a_reload(tmp_p
         assert handle.cli("reload").returncode == 0
         removed = handle.cli("models", "rm", "mine")
         assert removed.returncode == 0, removed.stderr
-        assert "the running daemon offers mine until `locod reload`" in removed.stderr, removed.stderr
+        assert "the running daemon still lists mine, which it can no longer load, until `locod reload`" in (
+            removed.stderr
+        )
     finally:
         handle.stop()
         server.stop()

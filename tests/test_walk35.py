@@ -4,7 +4,10 @@ real daemon with the embedded model."""
 
 from __future__ import annotations
 
-from .conftest import MODEL_NAME, DaemonHandle
+from pathlib import Path
+
+from .conftest import MODEL_NAME, DaemonHandle, start_daemon
+from .fileserver import FileServer, Served
 
 
 def test_help_before_a_command_shows_its_help_and_a_typo_names_the_command_meant(daemon: DaemonHandle) -> None:
@@ -38,3 +41,35 @@ def test_the_routing_cost_beside_a_turns_dollars_is_said_to_be_relative(daemon: 
     shown = daemon.cli("decisions", decision).stdout
     assert "and relative cost (1.00: the dearest on offer)" in shown
     assert f"{MODEL_NAME}: " in shown and ", relative cost 1.00 <- chosen" in shown
+
+
+def test_models_rm_says_whether_the_running_daemon_can_still_answer_with_the_model(
+    tmp_path: Path, model_path: Path
+) -> None:
+    """`locod models rm` said "the running daemon offers NAME until `locod reload`" of every model the daemon
+    named, loaded or not; one it had not loaded it could no longer load, and `ask --model NAME` failed (exit
+    3, "file not found"). Only a loaded model answers on until the reload."""
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / model_path.name).symlink_to(model_path)
+    weights = model_path.read_bytes()
+    server = FileServer({"loaded.gguf": Served(weights), "idle.gguf": Served(weights)}).start()
+    handle = start_daemon(tmp_path / "d", models)
+    try:
+        for name in ("loaded", "idle"):
+            assert handle.cli("models", "pull", f"{server.url}/files/{name}.gguf").returncode == 0
+        assert handle.cli("reload").returncode == 0
+        assert handle.cli("ask", "--model", "loaded", "--max-tokens", "2", "Hi").returncode == 0
+
+        removed = handle.cli("models", "rm", "loaded")
+        assert "the running daemon offers loaded until `locod reload`" in removed.stderr, removed.stderr
+        assert handle.cli("ask", "--model", "loaded", "--max-tokens", "2", "Hi").returncode == 0
+
+        removed = handle.cli("models", "rm", "idle")
+        assert "the running daemon still lists idle, which it can no longer load, until `locod reload`" in (
+            removed.stderr
+        )
+        assert handle.cli("ask", "--model", "idle", "--max-tokens", "2", "Hi").returncode == 3
+    finally:
+        handle.stop()
+        server.stop()

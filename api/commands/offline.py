@@ -166,8 +166,10 @@ def cmd_models_rm(args: argparse.Namespace) -> int:
 
     print(f"removed {args.name} ({remove_model(models_config(args), args.name)})")
     running = _running_models(args)
-    if running is not None and args.name in running["models"]:  # loaded into memory, it answers on
+    if running is not None and args.name in running["resident"]:  # loaded into memory, it answers on
         _say(f"the running daemon offers {args.name} until `locod reload`")
+    elif running is not None and args.name in running["models"]:  # a turn that names it fails: no file to load
+        _say(f"the running daemon still lists {args.name}, which it can no longer load, until `locod reload`")
     return 0
 
 
