@@ -259,7 +259,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXIT_STATUS,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--version", action="version", version=f"locod {__version__}")
+    parser.add_argument("-V", "--version", action="version", version=f"locod {__version__}")
     sub = _Subcommands(parser.add_subparsers(required=True, metavar="COMMAND"))
     p = sub.add_parser("serve", help="run the daemon in the foreground")
     p.set_defaults(func=cmd_serve)
@@ -412,7 +412,10 @@ def _add_daemon_commands(sub: Any) -> None:
 
     p = sub.add_parser("feedback", help="label a decision's answer good or bad (trains the router)")
     p.add_argument("decision", type=_decision_id, help="the decision id (`locod ask -v` and `locod decisions` show it)")
-    p.add_argument("label", choices=("good", "bad"), help="whether the answer was good; a label is final")
+    # any case: `feedback 5 Good` was refused for its capital letter alone
+    p.add_argument(
+        "label", type=str.lower, choices=("good", "bad"), help="whether the answer was good; a label is final"
+    )
     p.set_defaults(func=cmd_feedback)
 
     p = sub.add_parser("reload", help="re-read the configuration and the policy")

@@ -43,6 +43,19 @@ def test_the_routing_cost_beside_a_turns_dollars_is_said_to_be_relative(daemon: 
     assert f"{MODEL_NAME}: " in shown and ", relative cost 1.00 <- chosen" in shown
 
 
+def test_a_label_in_capitals_and_the_short_version_flag_are_taken(daemon: DaemonHandle) -> None:
+    """`locod feedback ID Good` was refused for its capital letter alone, and `locod -V` (as python's, pip's
+    and many tools' short version flag) asked for a command."""
+    assert daemon.cli("ask", "--max-tokens", "2", "Hi").returncode == 0
+    decision = str(daemon.rows()[-1]["id"])
+    labelled = daemon.cli("feedback", decision, "Good")
+    assert labelled.returncode == 0, labelled.stderr
+    assert daemon.rows()[-1]["satisfied"] == 1
+    version = daemon.cli("-V")
+    assert version.returncode == 0 and version.stdout == daemon.cli("--version").stdout
+    assert version.stdout.startswith("locod ")
+
+
 def test_models_rm_says_whether_the_running_daemon_can_still_answer_with_the_model(
     tmp_path: Path, model_path: Path
 ) -> None:
