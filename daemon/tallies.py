@@ -308,5 +308,13 @@ def _is_today(today: Today | None, now: float, midnight: float) -> TypeGuard[Tod
 
 
 def local_midnight(now: float | None = None) -> float:
+    """The first second of the local day ``now`` is in. Where a DST end at 01:00 repeats the day's first hour
+    (Cuba), mktime may name either 00:00, as its last call guides it: the second one, an hour after the
+    first pass's ``now``, made no tally today's, and the cap's check read the log forever."""
     t = time.localtime(now)
-    return time.mktime((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0, 0, 0, -1))
+    day = (t.tm_year, t.tm_mon, t.tm_mday)
+    midnight = time.mktime((*day, 0, 0, 0, 0, 0, -1))
+    before = time.localtime(midnight - 1)
+    if (before.tm_year, before.tm_mon, before.tm_mday) == day:  # the second 00:00: back to the first
+        midnight -= before.tm_hour * 3600 + before.tm_min * 60 + before.tm_sec + 1
+    return midnight

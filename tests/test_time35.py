@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,23 +23,6 @@ from .conftest import SECRET, cloud_config
 from .faultproxy import Fault, FaultProxy
 
 DAY = 86400.0
-
-
-@pytest.fixture
-def zone() -> Iterator[Callable[[str], None]]:
-    """Sets this process's time zone (TZ, then tzset: the system's zone data), put back after the test."""
-    before = os.environ.get("TZ")
-
-    def set_zone(name: str) -> None:
-        os.environ["TZ"] = name
-        time.tzset()
-
-    yield set_zone
-    if before is None:
-        os.environ.pop("TZ", None)
-    else:
-        os.environ["TZ"] = before
-    time.tzset()
 
 
 def local(year: int, month: int, day: int, hour: int, minute: int = 0) -> float:

@@ -1,0 +1,51 @@
+"""Review of the session's time and policy changes: a day whose first hour a DST end repeats (Cuba).
+Each test is one way in that broke, and now holds."""
+
+from __future__ import annotations
+
+import calendar
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from locod.daemon.records import DecisionLog
+from locod.daemon.tallies import local_midnight
+
+
+def posix_offset(east_s: int) -> str:
+    """A POSIX TZ offset (hours west of UTC) for ``east_s`` seconds east of it."""
+    west = -east_s
+    return f"{'-' if west < 0 else ''}{abs(west) // 3600}:{abs(west) % 3600 // 60:02d}"
+
+
+def zone_repeating_midnight_now() -> str:
+    """A POSIX zone in which it is now 00:30 of a day whose first hour is repeated: DST ends today at 01:00
+    DST, the clock going back to 00:00 (Cuba's rule: `America/Havana`). Built around the real clock, so the
+    daemon's own ``time.time()`` is in the repeated hour, with half an hour on each side."""
+    now = time.time()
+    dst_east = int((1800 - now % 86400) % 86400) // 60 * 60
+    dst_east -= 86400 if dst_east > 43200 else 0
+    day = time.gmtime(now + dst_east)
+    julian = day.tm_yday - (calendar.isleap(day.tm_year) and day.tm_yday > 59)  # Jn never counts 29 February
+    return f"STD{posix_offset(dst_east - 3600)}DST{posix_offset(dst_east)},J1/0,J{julian}/1"
+
+
+def test_the_caps_day_is_found_in_the_hour_a_dst_end_repeats_midnight(
+    zone: Callable[[str], None], tmp_path: Path
+) -> None:
+    """In Cuba DST ends at 01:00, the clock going back to 00:00: the day's first hour is lived twice. In
+    its first pass, mktime's midnight of the day was the second 00:00, an hour after now, so no tally was
+    ever today's: the daily cap's check read the log again and again, and every turn hung for that hour
+    (a spinning thread per turn). Now a day begins at its first midnight."""
+    zone(zone_repeating_midnight_now())
+    now = time.time()
+    assert time.localtime(now).tm_hour == 0 and time.localtime(now).tm_isdst == 1  # the first pass
+    assert local_midnight(now) <= now
+    log = DecisionLog(tmp_path / "locod.db")
+    committed: list[float] = []
+    checking = threading.Thread(target=lambda: committed.append(log.today.committed()), daemon=True)
+    checking.start()
+    checking.join(60)  # a hang, not a time: it answers at once, or never
+    assert committed == [0.0]
+    log.close()
