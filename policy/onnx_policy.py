@@ -119,8 +119,9 @@ def _session(path: Path) -> ort.InferenceSession:
     options.intra_op_num_threads = 1  # a 10 us graph: threads would cost more than they save
     options.inter_op_num_threads = 1
     # Loaded from bytes, a file whose weights are in a side file (ONNX external data) had it looked for in
-    # the working directory: under systemd (cwd /) it was not found. It is beside the file that names it.
-    options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(path.absolute().parent))
+    # the working directory: under systemd (cwd /) it was not found. It is beside the file that names it: a
+    # symlink's target (a policy chosen by a link to one of its versions), where onnxruntime confines it.
+    options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(path.resolve().parent))
     try:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for every kind of bad file

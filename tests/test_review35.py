@@ -1,5 +1,6 @@
-"""Review of the session's time and policy changes: a day whose first hour a DST end repeats (Cuba).
-Each test is one way in that broke, and now holds."""
+"""Review of the session's time and policy changes: a day whose first hour a DST end repeats (Cuba), and
+a policy whose weights are in a side file, reached through a symlink. Each test is one way in that broke,
+and now holds."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+import pytest
+
 from locod.daemon.records import DecisionLog
 from locod.daemon.tallies import local_midnight
+from locod.policy.observation import N_ACTIONS, OBS_DIM
+from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
 
 
 def posix_offset(east_s: int) -> str:
@@ -49,3 +55,24 @@ def test_the_caps_day_is_found_in_the_hour_a_dst_end_repeats_midnight(
     checking.join(60)  # a hang, not a time: it answers at once, or never
     assert committed == [0.0]
     log.close()
+
+
+def test_a_symlinked_policy_reads_its_side_file_beside_the_file_it_links_to(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A policy kept by version and chosen by a symlink (`policy.onnx -> v3/policy.onnx`) has its side file
+    beside the file the link names, where onnxruntime itself looks for it (it refuses a side file outside
+    that folder). The folder was the link's: the policy was refused as not loadable."""
+    import onnx
+
+    versions = tmp_path / "v3"
+    versions.mkdir()
+    saved = versions / "policy.onnx"
+    onnx.save(onnx.load(str(DEFAULT_POLICY)), str(saved), save_as_external_data=True, location="w", size_threshold=0)
+    link = tmp_path / "policy.onnx"
+    link.symlink_to(saved)
+    monkeypatch.chdir("/")  # the daemon under systemd
+    observation = np.random.default_rng(35).random(OBS_DIM, dtype=np.float32)
+    mask = np.ones(N_ACTIONS, dtype=np.float32)
+    linked, whole = OnnxPolicy(link), OnnxPolicy(DEFAULT_POLICY)
+    assert np.array_equal(linked.log_probs(observation, mask), whole.log_probs(observation, mask))
