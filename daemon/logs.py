@@ -74,7 +74,8 @@ class Throttle:
                 self._quiet[kind] = self._quiet.get(kind, 0) + 1
                 self._held[kind] = (level, message, args)
                 if kind not in self._timers:
-                    self._timers[kind] = timer = threading.Timer(self.every_s - since, self._interval_ended, (kind,))
+                    self._timers[kind] = timer = threading.Timer(self.every_s - since, self._interval_ended)
+                    timer.args = (kind, timer)
                     timer.daemon = True  # a stop says what it holds (``flush``) rather than wait for it
                     timer.start()
                 return
@@ -93,8 +94,13 @@ class Throttle:
         for kind in kinds:
             self._interval_ended(kind)
 
-    def _interval_ended(self, kind: str) -> None:
+    def _interval_ended(self, kind: str, fired: threading.Timer | None = None) -> None:
+        """Log ``kind``'s held line; ``fired``: the timer calling, which says nothing once replaced. One that
+        fired as ``say`` logged the line ending its interval found the timer of the next line held, and
+        logged that line at once: two lines in an interval under a flood."""
         with self._lock:
+            if fired is not None and self._timers.get(kind) is not fired:
+                return
             pending = self._timers.pop(kind, None)
             held = self._held.pop(kind, None)
             if held is None:  # logged meanwhile by ``say``, its count with it

@@ -8,6 +8,7 @@ GGUF under a cloud model's name, optionally behind tests/faultproxy.py.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import signal
@@ -386,3 +387,14 @@ def zone() -> Iterator[Callable[[str], None]]:
     else:
         os.environ["TZ"] = before
     time.tzset()
+
+
+class Lines(logging.Handler):
+    """The messages logged to the logger it is added to, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.said.append(record.getMessage())

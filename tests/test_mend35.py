@@ -23,7 +23,7 @@ from locod.daemon.logs import Throttle
 from locod.policy.observation import N_ACTIONS, OBS_DIM
 from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
 
-from .conftest import SECRET, DaemonHandle, wait_for
+from .conftest import SECRET, DaemonHandle, Lines, wait_for
 from .faultproxy import Fault, FaultProxy
 from .test_attacks31 import CAP, MAX_TOKENS, capped_config, spent_in_log
 
@@ -84,15 +84,6 @@ def test_a_folder_that_cannot_be_synced_after_the_rename_is_said_not_raised(tmp_
     assert run.returncode == 0 and run.stdout.strip() == "returned", run.stderr
     assert (tmp_path / "state").read_bytes() == b"new" and not (tmp_path / "new.tmp").exists()
     assert "state is written, but its folder could not be synced" in run.stderr and "Too many open files" in run.stderr
-
-
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.said: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.said.append(record.getMessage())
 
 
 def test_a_flood_that_stopped_has_its_count_said_when_its_interval_ends() -> None:

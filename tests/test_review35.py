@@ -1,10 +1,12 @@
 """Review of the session's time and policy changes: a day whose first hour a DST end repeats (Cuba), and
-a policy whose weights are in a side file, reached through a symlink. Each test is one way in that broke,
+a policy whose weights are in a side file, reached through a symlink, a Throttle's interval ending under a
+flood. Each test is one way in that broke,
 and now holds."""
 
 from __future__ import annotations
 
 import calendar
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -13,10 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from locod.daemon.logs import Throttle
 from locod.daemon.records import DecisionLog
 from locod.daemon.tallies import local_midnight
 from locod.policy.observation import N_ACTIONS, OBS_DIM
 from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
+
+from .conftest import Lines
 
 
 def posix_offset(east_s: int) -> str:
@@ -76,3 +81,31 @@ def test_a_symlinked_policy_reads_its_side_file_beside_the_file_it_links_to(
     mask = np.ones(N_ACTIONS, dtype=np.float32)
     linked, whole = OnnxPolicy(link), OnnxPolicy(DEFAULT_POLICY)
     assert np.array_equal(linked.log_probs(observation, mask), whole.log_probs(observation, mask))
+
+
+def test_a_timer_that_fires_as_its_interval_is_said_says_nothing_more() -> None:
+    """At an interval's end under a flood, its timer could fire while ``say`` logged the flood's next line
+    (the interval over, seen in a flood: a second line 0.2 ms after the first, from the timer's thread). The
+    timer, waiting for the lock, then took the timer armed by the line held after that and logged that line
+    at once: two lines in an interval. Here the timer's part is played at that moment, as its thread runs
+    it; now a timer that was replaced says nothing, and the held line waits for its interval's end."""
+    logger = logging.getLogger("locod.test.review35")
+    lines = Lines()
+    logger.addHandler(lines)
+    throttle = Throttle(logger, every_s=0.05)
+    try:
+        throttle.say("flood", logging.WARNING, "event %d", 0)
+        throttle.say("flood", logging.WARNING, "event %d", 1)  # held: its timer armed
+        stale = throttle._timers["flood"]
+        stale.cancel()  # its run is played below: fired, it waited for the lock while the next line was said
+        said = 2
+        while len(lines.said) < 2:  # the interval ends: the next line is said, with the count
+            throttle.say("flood", logging.WARNING, "event %d", said)
+            said += 1
+        throttle.say("flood", logging.WARNING, "event %d", said)  # held in the new interval
+        stale.function(*stale.args)  # the fired timer gets the lock
+        assert lines.said[1:] == [f"event {said - 1} ({said - 2} more since the last such line)"]
+    finally:
+        throttle.flush()
+        logger.removeHandler(lines)
+    assert lines.said[2:] == [f"event {said}"]  # the held line, said once
