@@ -134,14 +134,22 @@ def bucket_starts(since: float, until: float, bucket_s: float) -> list[float]:
     """Where the buckets from ``since`` to ``until`` begin, on the local clock: a day's at local midnight, a
     shorter bucket's on the local hour's grid. Days counted as 86,400 s drifted an hour at each DST change
     (after the 25-hour day every bucket began at 23:00 and was labelled the day before the one it mostly
-    held), and a grid of UTC hours began each hour at :30 in India."""
+    held), and a grid of UTC hours began each hour at :30 in India, as the grid of the period's first second
+    did after a half-hour DST change (Lord Howe Island)."""
     if bucket_s >= 86400:
         days = [local_midnight(since)]
         while (later := local_midnight(days[-1] + 26 * 3600)) <= until:  # 26 h on is the next day, DST or not
             days.append(later)
         return days
-    first = since - (since + time.localtime(since).tm_gmtoff) % bucket_s
-    return [first + i * bucket_s for i in range(int((until - first) // bucket_s) + 1)]
+    starts = [_on_the_grid(since, bucket_s)]
+    while (later := _on_the_grid(starts[-1] + bucket_s, bucket_s)) <= until:  # always past the last start
+        starts.append(later)
+    return starts
+
+
+def _on_the_grid(when: float, bucket_s: float) -> float:
+    """The start of the bucket of ``bucket_s`` that holds ``when`` on the local clock then."""
+    return when - (when + time.localtime(when).tm_gmtoff) % bucket_s
 
 
 def _day(when: float) -> str:

@@ -1,6 +1,6 @@
 """Review of the session's time and policy changes: a day whose first hour a DST end repeats (Cuba), and
 a policy whose weights are in a side file, reached through a symlink, a Throttle's interval ending under a
-flood. Each test is one way in that broke,
+flood, a report's hours after a half-hour DST change. Each test is one way in that broke,
 and now holds."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from locod.daemon.history import parse_since, read_history
 from locod.daemon.logs import Throttle
 from locod.daemon.records import DecisionLog
 from locod.daemon.tallies import local_midnight
@@ -22,6 +23,7 @@ from locod.policy.observation import N_ACTIONS, OBS_DIM
 from locod.policy.onnx_policy import DEFAULT_POLICY, OnnxPolicy
 
 from .conftest import Lines
+from .test_time35 import local, write_turns
 
 
 def posix_offset(east_s: int) -> str:
@@ -109,3 +111,24 @@ def test_a_timer_that_fires_as_its_interval_is_said_says_nothing_more() -> None:
         throttle.flush()
         logger.removeHandler(lines)
     assert lines.said[2:] == [f"event {said}"]  # the held line, said once
+
+
+def test_the_reports_hours_stay_on_the_local_hour_after_a_half_hour_dst_change(
+    zone: Callable[[str], None], tmp_path: Path
+) -> None:
+    """Lord Howe Island moves its clock half an hour for DST. Hours were laid on the local grid of the
+    period's first second, so after the change every hour's bar began at :30 and a turn at 10:45 was drawn
+    in the bar labelled 10:30, as India's were before the grid was local. Now each bar begins on the hour
+    the clock shows then (the change's own hour is split in two)."""
+    zone("Australia/Lord_Howe")
+    changed = local(2026, 10, 4, 3)  # 02:00 became 02:30 that night
+    assert time.localtime(changed - 3600).tm_gmtoff + 1800 == time.localtime(changed).tm_gmtoff
+    turns = [local(2026, 10, 3, 10, 45), local(2026, 10, 4, 10, 45)]
+    write_turns(tmp_path / "locod.db", turns)
+    history = read_history(tmp_path / "locod.db", parse_since("2d"), now=local(2026, 10, 4, 20))
+    assert history.bucket_s == 3600
+    starts = [time.localtime(b.start) for b in history.buckets]
+    off_the_hour = [time.strftime("%d %H:%M", start) for start in starts if start.tm_min]
+    assert off_the_hour == ["04 01:30"]  # the change's hour, split in two
+    drawn = {time.strftime("%d %H:%M", time.localtime(b.start)): b.turns for b in history.buckets if b.turns}
+    assert drawn == {"03 10:00": 1, "04 10:00": 1}
