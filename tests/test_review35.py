@@ -5,7 +5,6 @@ and now holds."""
 
 from __future__ import annotations
 
-import calendar
 import logging
 import threading
 import time
@@ -40,8 +39,8 @@ def zone_repeating_midnight_now() -> str:
     dst_east = int((1800 - now % 86400) % 86400) // 60 * 60
     dst_east -= 86400 if dst_east > 43200 else 0
     day = time.gmtime(now + dst_east)
-    julian = day.tm_yday - (calendar.isleap(day.tm_year) and day.tm_yday > 59)  # Jn never counts 29 February
-    return f"STD{posix_offset(dst_east - 3600)}DST{posix_offset(dst_east)},J1/0,J{julian}/1"
+    ends = day.tm_yday - 1  # POSIX's zero-based day of the year, 29 February counted
+    return f"STD{posix_offset(dst_east - 3600)}DST{posix_offset(dst_east)},0/0,{ends}/1"
 
 
 def test_the_caps_day_is_found_in_the_hour_a_dst_end_repeats_midnight(
