@@ -163,7 +163,7 @@ def test_every_field_of_a_request_is_in_protocol_md() -> None:
 
 README = (REPO / "README.md").read_text()
 COMMAND_ROW = re.compile(r"^\| (\(any\)|`[^`]+`) \| (.*) \|$", re.M)
-FLAG = re.compile(r"(?<![\w-])--?[a-z][\w-]*")
+FLAG = re.compile(r"(?<![\w-])--?[a-zA-Z][\w-]*")
 
 
 def readme_commands() -> dict[str, tuple[list[str], set[str]]]:
