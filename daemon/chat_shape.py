@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import llama_cpp
 from llama_cpp import Llama
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -70,7 +71,7 @@ def shape_of(llm: Llama) -> ChatShape:
     return ChatShape(
         folds_system=_render(formatter, [{"role": "system", "content": "Be brief."}, hi]) is None,
         merges_runs=_render(formatter, [hi, hi]) is None,
-        end_of_turn=_end_of_turn(_render(formatter, [hi, answer, hi])),
+        end_of_turn=_unless_generation_ends_there(llm, _end_of_turn(_render(formatter, [hi, answer, hi]))),
         lacks_bos=bool(bos) and llm._model.add_bos_token() and not plain.startswith(bos),
     )
 
@@ -118,6 +119,21 @@ def _end_of_turn(prompt: str | None) -> tuple[str, ...]:
     _, found, after = (prompt or "").partition(ANSWER)
     marker = END_MARKER.match(after)
     return (marker.group(1),) if found and marker else ()
+
+
+def _unless_generation_ends_there(llm: Llama, markers: tuple[str, ...]) -> tuple[str, ...]:
+    """The markers llama.cpp does not stop at itself: one its vocabulary holds as a single end-of-generation
+    token (SmolLM2's ``<|im_end|>``, a real Gemma's ``<end_of_turn>``) ends the answer already, and a stop
+    string would only add a check on every token and hold back streamed text that could begin it."""
+    vocab = llm._model.vocab
+    return tuple(
+        marker
+        for marker in markers
+        if not (
+            len(tokens := llm.tokenize(marker.encode(), add_bos=False, special=True)) == 1
+            and llama_cpp.llama_vocab_is_eog(vocab, tokens[0])
+        )
+    )
 
 
 def _fold_system(messages: list[Message]) -> list[Message]:
