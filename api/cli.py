@@ -68,14 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     _standard_streams()
     _no_writes_by_others()
     parser = _parser()
-    argv = _help_as_an_option(sys.argv[1:] if argv is None else argv)
+    argv = _help_as_an_option(sys.argv[1:] if argv is None else argv, parser)
     word = _command_word(argv)
-    mistake = HABITS.get(word or "") or _near_miss(word, _command_names(parser))
+    mistake = HABITS.get(word or "") or _near_miss(word, list(_subcommands(parser)))
     if mistake:
         parser.error(mistake)
     args, extra = parser.parse_known_args(argv)
     if extra and args.func is not cmd_policy_train:  # only training passes its own options through
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.command_parser.error(_unrecognized(extra, args.command_parser))
     args.train_args = extra
     args.set = (args.set or []) + getattr(args, "set_after", [])
     _say_what_set_cannot_do(args)
@@ -157,20 +157,53 @@ def _command_at(argv: list[str]) -> int | None:
     return None
 
 
-def _help_as_an_option(argv: list[str]) -> list[str]:
+def _help_as_an_option(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     """``locod help ask`` is ``locod ask --help`` and ``locod help`` is ``locod --help``, as git's and pip's
-    ``help`` are: argparse alone refused the first thing many users type as "invalid choice: 'help'"."""
-    at = _command_at(argv)
-    if at is None or argv[at] != "help":
-        return argv
-    return [*argv[:at], *argv[at + 1 :], "--help"]
+    ``help`` are: argparse alone refused the first thing many users type as "invalid choice: 'help'". So at
+    every level: ``locod models help`` is ``locod models --help``, ``locod models help pull`` ``locod models
+    pull --help`` (the actions of ``config``, ``models`` and ``policy`` refused it as their invalid choice)."""
+    start = 0
+    while (at := _command_at(argv[start:])) is not None:
+        at += start
+        if argv[at] == "help":
+            return [*argv[:at], *argv[at + 1 :], "--help"]
+        below = _subcommands(parser).get(argv[at])
+        if below is None or not _subcommands(below):  # a command without actions: ``locod ask help`` asks "help"
+            return argv
+        parser, start = below, at + 1
+    return argv
 
 
-def _command_names(parser: argparse.ArgumentParser) -> list[str]:
-    """The commands ``parser`` takes, as its subcommands action lists them."""
-    return [
-        name for action in parser._actions if isinstance(action, argparse._SubParsersAction) for name in action.choices
-    ]
+def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """The commands (or a command's actions) ``parser`` takes, by name, as its subcommands action lists them."""
+    return {
+        name: below
+        for action in parser._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name, below in action.choices.items()
+    }
+
+
+def _unrecognized(extra: list[str], command: argparse.ArgumentParser) -> str:
+    """What the command line held that ``command`` does not take. An unknown option is named alone, with the
+    options it may have meant: argparse took the value after it as the command's argument (``locod ask -m x
+    hi`` asked "x" and called ``-m hi`` unrecognized; ``models pull -n NAME URL`` pulled NAME)."""
+    unknown = [word.split("=", 1)[0] for word in extra if word.startswith("-") and word != "-"]
+    if not unknown:
+        return f"unrecognized arguments: {' '.join(extra)}"
+    known = [flag for action in command._actions for flag in action.option_strings]
+    said = [f"{flag} ({meant})" if (meant := _meant(flag, known)) else flag for flag in unknown]
+    return f"no such option: {', '.join(said)}; `{command.prog} --help` lists them"
+
+
+def _meant(flag: str, known: list[str]) -> str | None:
+    """The options an unknown ``flag`` may stand for: for a short one (``-m``), the long ones of its letter;
+    else the closest in spelling (``--modle``)."""
+    if len(flag) == 2:
+        meant = [option for option in known if option.startswith(f"--{flag[1]}")]
+    else:
+        meant = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+    return f"did you mean {' or '.join(meant)}?" if meant else None
 
 
 def _near_miss(word: str | None, commands: list[str]) -> str | None:
@@ -314,7 +347,9 @@ class _Subcommands:
         self.action = action
 
     def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return self.action.add_parser(name, parents=[_AFTER], **kwargs)
+        parser = self.action.add_parser(name, parents=[_AFTER], **kwargs)
+        parser.set_defaults(command_parser=parser)  # what says a mistake in its own usage (main)
+        return parser
 
     def nested(self, name: str, help: str) -> _Subcommands:
         return _Subcommands(self.action.add_parser(name, help=help).add_subparsers(required=True, metavar="ACTION"))

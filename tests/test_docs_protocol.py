@@ -276,7 +276,8 @@ def _words(line: str) -> list[str]:
 
 def _parse(words: list[str]) -> argparse.Namespace:
     """As `locod` parses a command line (main): the trainer's own options after `policy train`."""
-    args, extra = cli._parser().parse_known_args(cli._help_as_an_option(words))
+    parser = cli._parser()
+    args, extra = parser.parse_known_args(cli._help_as_an_option(words, parser))
     if args.func is cli.cmd_policy_train:
         train_cli.parser(Path("policy.onnx")).parse_args(extra)
     else:
