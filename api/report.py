@@ -16,7 +16,8 @@ from typing import Any
 
 from locod.daemon.config import CloudModelConfig, Config
 from locod.daemon.history import History, daily_cost, parse_since, read_history
-from locod.errors import LocodError, RequestError, install_hint
+from locod.daemon.records import NO_LOG
+from locod.errors import LocodError, RequestError, StorageError, install_hint
 from locod.words import counted
 
 SUFFIXES = (".png", ".html")
@@ -29,7 +30,7 @@ def write_report(config: Config, since: str = "7d", out: str | Path = "report.pn
     out = Path(out)
     if out.suffix.lower() not in SUFFIXES:
         raise RequestError(f"--out must end in .png or .html, got {str(out)!r}")
-    history = read_history(config.db_path, parse_since(since))
+    history = _history(config, since)
     if not history.turns:
         raise LocodError(f"no turns in the decision log {config.db_path} in the last {since}: nothing to draw")
     cloud = config.cloud_model(config.cloud.default) if config.cloud.models else None
@@ -39,6 +40,19 @@ def write_report(config: Config, since: str = "7d", out: str | Path = "report.pn
     else:
         out.write_text(_html(history, png, since, config.cloud.daily_cap_usd, cloud), encoding="utf-8")
     return out
+
+
+def _history(config: Config, since: str) -> History:
+    """The log's turns of the last ``since``. Before any daemon wrote a log there is nothing to draw, as in an
+    empty one (exit 1), not a log that cannot be used (exit 4)."""
+    try:
+        return read_history(config.db_path, parse_since(since))
+    except StorageError as exc:
+        if exc.code != NO_LOG:
+            raise
+        raise LocodError(
+            f"no decision log at {config.db_path} yet (no daemon has answered a turn): nothing to draw"
+        ) from None
 
 
 def _pyplot() -> Any:

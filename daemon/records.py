@@ -50,6 +50,9 @@ SQLITE_FULL = 13  # sqlite3.SQLITE_FULL from Python 3.11 on
 MIN_FREE_BYTES = 1 << 20  # less room than this, at start: the disk is full, whatever SQLite calls it
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
 BUSY_WAIT_S = 10.0  # how long a write waits for another process's lock on the file (a turn's record)
+# StorageError's code for a log that is not there at all: none was written yet (a new user's `locod decisions`
+# reads it as no decisions), unlike one that cannot be used (a directory at its name, closed to this user).
+NO_LOG = "no_log"
 PROMPT_SHOWN = 2000  # characters of a logged prompt the `decisions` op returns
 # A checkpoint empties the WAL (``locod.db-wal``) every thousand pages unless a reader holds a transaction
 # open; past WAL_WARN_BYTES one does, and the daemon says so (again at each doubling). Emptied, the file
@@ -804,6 +807,8 @@ def _check_readable(path: Path) -> None:
             f"cannot read the decision log {path}: it is not open to this user ({closed}); run the command as "
             f"{owner} (`sudo -u {owner} locod ...`)"
         ) from None
+    except FileNotFoundError:
+        raise StorageError(f"no decision log at {path}: the daemon has not answered a turn yet", code=NO_LOG) from None
     except OSError:
         regular = False
     if not regular:

@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from locod.commands.common import at_rest, configuration, connect, print_json
-from locod.errors import DaemonNotRunning, UnknownDecision
+from locod.errors import DaemonNotRunning, StorageError, UnknownDecision
 from locod.explain import explain
 from locod.protocol import RecordQuery
 from locod.terminal import aligned, shown
@@ -31,11 +31,7 @@ def cmd_decisions(args: argparse.Namespace) -> int:
                 before=query.before,
             )
     except DaemonNotRunning:  # the log is a file: what happened can be read with the daemon stopped
-        from locod.daemon.records import read_recent
-
-        db_path = at_rest(configuration(args)).db_path
-        rows = read_recent(db_path, query)
-        print(f"(locod is not running: read from {db_path})", file=sys.stderr)
+        rows = _at_rest(args, query)
     narrowed = bool(query.narrowing())
     if args.of is not None and not rows and not narrowed:
         raise UnknownDecision(f"no decision record has the id {args.of!r}; `locod decisions` lists the newest")
@@ -72,6 +68,27 @@ def cmd_decisions(args: argparse.Namespace) -> int:
     for line in aligned([names, *table]):  # the reason comes last and whole: it is the column people read
         print(line)
     return 0
+
+
+def _at_rest(args: argparse.Namespace, query: RecordQuery) -> list[dict[str, Any]]:
+    """The records from the log itself, with no daemon running; none before a daemon ever wrote one: a new
+    user's first `locod decisions` is an empty answer, not a decision log that "cannot be used" (exit 4)."""
+    from locod.daemon.records import NO_LOG, read_recent
+
+    db_path = at_rest(configuration(args)).db_path
+    try:
+        rows = read_recent(db_path, query)
+    except StorageError as exc:
+        if exc.code != NO_LOG:
+            raise
+        print(
+            f"(no decisions yet: locod is not running, and no daemon has written its decision log, {db_path}; "
+            "`locod serve` starts one)",
+            file=sys.stderr,
+        )
+        return []
+    print(f"(locod is not running: read from {db_path})", file=sys.stderr)
+    return rows
 
 
 def _query(args: argparse.Namespace) -> RecordQuery:

@@ -1,0 +1,98 @@
+"""Small defects earlier sessions noted and left (leftovers 36): a new user's first `locod decisions` and
+`locod report`, an option a command does not take, `help` under a command, `status` past the daily cap,
+the first-token chart without cloud turns, one estimate of a cloud message's tokens, a turn's cached
+estimates through its decision, and an ONNX policy's side file read with no bound."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from .conftest import locod_command
+
+
+def run_locod(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real `locod` as a new user runs it: no config file, no daemon, nothing in its state directory yet."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCOD_")}
+    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / "config"), LOCOD_RUNTIME_DIR=str(home / "run"))
+    env.update(XDG_STATE_HOME=str(home / "state"))
+    return subprocess.run(locod_command(*args), capture_output=True, text=True, env=env, timeout=120, cwd=home)
+
+
+def test_decisions_before_any_daemon_ran_is_an_empty_answer(tmp_path: Path) -> None:
+    """`locod decisions` before a daemon ever ran exited 4, "the decision log cannot be used", as for a broken
+    log: a new user's first look. It now says there are no decisions yet (exit 0; `--json` an empty array),
+    and `locod report` says there is nothing to draw, as of an empty log (exit 1)."""
+    listed = run_locod(tmp_path, "decisions")
+    assert listed.returncode == 0, listed.stderr
+    assert "no decisions yet" in listed.stderr and "locod serve" in listed.stderr
+    as_json = run_locod(tmp_path, "decisions", "--json")
+    assert as_json.returncode == 0 and as_json.stdout.strip() == "[]", as_json.stderr
+    one = run_locod(tmp_path, "decisions", "5")
+    assert one.returncode == 1 and "no decision record has the id '5'" in one.stderr
+    report = run_locod(tmp_path, "report", "--out", str(tmp_path / "r.png"))
+    assert report.returncode == 1 and "nothing to draw" in report.stderr, report.stderr
+
+
+def test_a_directory_where_the_log_should_be_is_still_a_storage_error(tmp_path: Path) -> None:
+    """Only a log that is not there reads as no decisions: one that cannot be used still exits 4."""
+    (tmp_path / "state" / "locod" / "locod.db").mkdir(parents=True)
+    listed = run_locod(tmp_path, "decisions")
+    assert listed.returncode == 4 and "no decision log at" in listed.stderr, listed.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["ask", "-m", "x", "hi"], "no such option: -m (did you mean --model or --max-tokens?)"),
+        (["ask", "--modle", "x", "hi"], "no such option: --modle (did you mean --model?)"),
+        (["decisions", "-n", "5"], "no such option: -n;"),
+        (["models", "pull", "-n", "foo", "http://127.0.0.1:9/y.gguf"], "no such option: -n (did you mean --name?)"),
+        (["feedback", "--label=good", "3", "good"], "no such option: --label"),
+    ],
+)
+def test_an_option_a_command_does_not_take_is_named_alone(tmp_path: Path, argv: list[str], said: str) -> None:
+    """argparse took the value after an unknown option as the command's argument and called the rest
+    unrecognized: `locod ask -m x hi` read "x" as the prompt and said "unrecognized arguments: -m hi",
+    `models pull -n NAME URL` "-n URL", under the usage of `locod` itself. Now the option is named alone,
+    with what it may have meant, under the command's own usage; nothing runs."""
+    result = run_locod(tmp_path, *argv)
+    assert result.returncode == 2, result.stderr
+    assert said in result.stderr, result.stderr
+    assert f"usage: locod {' '.join(w for w in argv[:2] if not w.startswith('-'))}" in result.stderr
+    assert f"`locod {argv[0]}" in result.stderr
+    assert not (tmp_path / "state").exists()  # nothing ran: no model pulled, no log read
+
+
+@pytest.mark.parametrize(
+    ("argv", "same_as"),
+    [
+        (["models", "help"], ["models", "--help"]),
+        (["models", "help", "pull"], ["models", "pull", "--help"]),
+        (["config", "help", "show"], ["config", "show", "--help"]),
+        (["policy", "help"], ["policy", "--help"]),
+        (["help", "models", "list"], ["models", "list", "--help"]),
+    ],
+)
+def test_help_under_a_command_is_its_help(tmp_path: Path, argv: list[str], same_as: list[str]) -> None:
+    """`locod help models` was `locod models --help`, but `locod models help` was refused as "invalid choice:
+    'help'": help at any level is the help of the command (or action) it is beside."""
+    result, expected = run_locod(tmp_path, *argv), run_locod(tmp_path, *same_as)
+    assert result.returncode == expected.returncode == 0, result.stderr
+    assert result.stdout == expected.stdout and result.stdout.startswith("usage: locod ")
+
+
+def test_help_as_a_prompt_is_still_a_prompt() -> None:
+    """`locod ask help` asks "help": a command without actions takes the word as its argument."""
+    from locod.cli import _help_as_an_option, _parser
+
+    assert _help_as_an_option(["ask", "help"], _parser()) == ["ask", "help"]
+    assert _help_as_an_option(["--config", "help", "models", "help"], _parser()) == [
+        "--config",
+        "help",
+        "models",
+        "--help",
+    ]
