@@ -8,10 +8,15 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from .conftest import locod_command
+from locod.words import dollars
+
+from .conftest import SECRET, locod_command
+from .faultproxy import Fault, FaultProxy
+from .test_attacks31 import CAP, MAX_TOKENS, capped_config
 
 
 def run_locod(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -96,3 +101,16 @@ def test_help_as_a_prompt_is_still_a_prompt() -> None:
         "models",
         "--help",
     ]
+
+
+def test_status_says_by_how_much_the_daily_cap_was_passed(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """An endpoint billing ten times the tokens asked for spent four times the daily cap in one turn, and
+    `locod status` said the cap was "reached", as of a spend that had just touched it. It now says by how
+    much it was passed; a spend at the cap is still "reached"."""
+    handle = daemon_factory(capped_config(proxy.base_url), extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    proxy.set(Fault("usage", usage={"prompt_tokens": 10, "completion_tokens": 10 * MAX_TOKENS, "total_tokens": 90}))
+    assert handle.client().ask("Say one word.", max_tokens=MAX_TOKENS).decision.location == "cloud"
+    billed = 10 * MAX_TOKENS * 1000 / 1e6
+    shown = handle.cli("status").stdout
+    assert f"today {dollars(billed)} of the {dollars(CAP)} cap: passed by {dollars(billed - CAP)} (4.0 times" in shown
+    assert "the cloud is off until local midnight" in shown and ": reached" not in shown

@@ -198,4 +198,6 @@ def test_an_endpoint_charging_past_max_tokens_is_counted_and_stops_the_cloud(
     assert after.decision.location == "local"
     assert "reached the cap" in (after.decision.notice or ""), after.decision.notice
     assert len(proxy.chat_requests()) == 1
-    assert "cap: reached, the cloud is off until local midnight" in capped.cli("status").stdout
+    assert (
+        "cap: passed by $0.06 (4.0 times the cap), the cloud is off until local midnight" in capped.cli("status").stdout
+    )

@@ -104,7 +104,7 @@ def test_status_says_the_cap_is_reached_and_todays_cloud_share_as_the_log_has_th
     assert logged == {"turns": 3, "cloud": 1}
     assert client.status()["cloud"]["answered_today"] == logged
     shown = handle.cli("status").stdout
-    assert "cap: reached, the cloud is off until local midnight, forced turns included" in shown
+    assert "cap: passed by $" in shown and ", the cloud is off until local midnight, forced turns included" in shown
     assert "1 of 3 turns answered in the cloud today (33%)" in shown
     assert handle.stop() == 0
     again = daemon_factory(config, name="capped", extra_env={"LOCOD_CLOUD_API_KEY": SECRET})

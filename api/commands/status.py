@@ -171,8 +171,8 @@ def _spending(cloud: dict[str, Any]) -> str:
         text += " (no daily cap: cloud.daily_cap_usd)"
     elif spent >= cap:
         text += (
-            f" of the {dollars(cap)} cap: reached, the cloud is off until local midnight, forced turns included "
-            "(raise cloud.daily_cap_usd and `locod reload`)"
+            f" of the {dollars(cap)} cap: {_reached(spent, cap)}, the cloud is off until local midnight, forced "
+            "turns included (raise cloud.daily_cap_usd and `locod reload`)"
         )
     else:  # what is left is what each cloud call's most is compared with (a decision's reason quotes it)
         text += f" of the {dollars(cap)} cap ({dollars(max(cap - spent - (held or 0.0), 0.0))} left)"
@@ -181,6 +181,14 @@ def _spending(cloud: dict[str, Any]) -> str:
         share = f"{answered['cloud'] / answered['turns']:.0%}"
         text += f"; {answered['cloud']} of {counted(answered['turns'], 'turn')} answered in the cloud today ({share})"
     return text
+
+
+def _reached(spent: float, cap: float) -> str:
+    """The cap reached, and by how much it was passed when it was: an endpoint billing past ``max_tokens``
+    (or usage reported late) can spend many times the cap, which "reached" alone hid."""
+    if dollars(spent) == dollars(cap):  # past it by less than the digits shown: reached
+        return "reached"
+    return f"passed by {dollars(spent - cap)} ({spent / cap:.1f} times the cap)"
 
 
 def _local_masked(routing: dict[str, Any]) -> str:
