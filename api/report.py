@@ -93,11 +93,7 @@ def figure(history: History, daily_cap_usd: float, title: str, cloud: CloudModel
     scale, unit = _energy_unit(history)
     axes[2][0].bar(times, [b.energy_j / scale for b in history.buckets], width, color="tab:olive")
     axes[2][0].set(title="device energy (estimated from tokens generated locally)", ylabel=unit)
-    for location, colour in (("local", "tab:green"), ("cloud", "tab:blue")):
-        values = [b.median_first_token(location) for b in history.buckets]
-        axes[2][1].plot(times, values, marker="o", ms=3, color=colour, label=location)
-    axes[2][1].set(title="first-token time (median)", ylabel="ms")
-    axes[2][1].legend(loc="upper left")
+    _first_token(axes[2][1], history, times)
     _labels(axes[3][0], history, times, width)
     _summary(axes[3][1], history, daily_cap_usd, cloud)
     ticks = times[:: -(-len(times) // MAX_TICKS)]
@@ -120,6 +116,18 @@ def _satisfaction(ax: Any, history: History, times: list[dt.datetime], width: fl
         ax.axhline(100 * history.sla, color="tab:red", ls="--", label=f"SLA target {history.sla:.0%}")
     ax.set(title="satisfied share of labelled routed turns", ylabel="%", ylim=(0, 105))
     ax.legend(loc="lower left")
+
+
+def _first_token(ax: Any, history: History, times: list[dt.datetime]) -> None:
+    """The median first-token time of each place that answered in the period: a place without one (no cloud
+    configured, or none of its answers timed) had an empty line in the legend, as if it had been measured."""
+    for location, colour in (("local", "tab:green"), ("cloud", "tab:blue")):
+        values = [b.median_first_token(location) for b in history.buckets]
+        if any(v is not None for v in values):
+            ax.plot(times, values, marker="o", ms=3, color=colour, label=location)
+    ax.set(title="first-token time (median)", ylabel="ms")
+    if ax.get_lines():
+        ax.legend(loc="upper left")
 
 
 def _bucket_name(bucket_s: float) -> str:

@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from locod.daemon.history import parse_since, read_history
+from locod.daemon.records import DecisionLog, Outcome
 from locod.words import dollars
 
 from .conftest import SECRET, locod_command
 from .faultproxy import Fault, FaultProxy
 from .test_attacks31 import CAP, MAX_TOKENS, capped_config
+from .test_report import fill, record
 
 
 def run_locod(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -114,3 +118,29 @@ def test_status_says_by_how_much_the_daily_cap_was_passed(daemon_factory: Any, p
     shown = handle.cli("status").stdout
     assert f"today {dollars(billed)} of the {dollars(CAP)} cap: passed by {dollars(billed - CAP)} (4.0 times" in shown
     assert "the cloud is off until local midnight" in shown and ": reached" not in shown
+
+
+def first_token_legend(db: Path) -> list[str]:
+    """The places the report's first-token chart names, for the log at ``db``."""
+    from locod.report import figure
+
+    fig = figure(read_history(db, parse_since("3h")), 0.0, "t")
+    (chart,) = [ax for ax in fig.axes if ax.get_title() == "first-token time (median)"]
+    legend = chart.get_legend()
+    return [] if legend is None else [text.get_text() for text in legend.get_texts()]
+
+
+def test_the_first_token_chart_names_only_places_that_answered(tmp_path: Path) -> None:
+    """A log of local turns alone (no cloud configured) drew "cloud" in the first-token chart's legend, an
+    empty line beside the local one, as if cloud answers had been measured. Only places with times are drawn
+    and named; a log with both names both."""
+    pytest.importorskip("matplotlib")
+    local_only, both = tmp_path / "local.db", tmp_path / "both.db"
+    log = DecisionLog(local_only)
+    for first_ms in (100.0, 140.0):
+        decision = log.begin(record("local"))
+        log.finish(decision, Outcome("ok", "local", "local", latency_first_token_ms=first_ms))
+    log.close()
+    assert first_token_legend(local_only) == ["local"]
+    fill(both, time.time())
+    assert first_token_legend(both) == ["local", "cloud"]
