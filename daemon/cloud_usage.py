@@ -53,7 +53,14 @@ def counted(model: str, usage: Any, prompt: Prompt, text: str, chunks: int) -> t
 def estimated_input(messages: Iterable[Mapping[str, object]]) -> int:
     """The prompt tokens of ``messages`` as estimated without usage: each one's text, and its role and
     separators."""
-    return sum(estimate_tokens(text_of(m)) + PER_MESSAGE_TOKENS for m in messages)
+    return sum(message_tokens(estimate_tokens(text_of(m))) for m in messages)
+
+
+def message_tokens(text_tokens: int) -> int:
+    """A message's prompt tokens, of ``text_tokens`` of text: the one rule for what the daily cap holds for a
+    call (``Turn.cloud_price``, whose question's text is estimated once a turn) and what its answer is priced
+    at without usage, so the hold is never below the price."""
+    return text_tokens + PER_MESSAGE_TOKENS
 
 
 def text_of(message: Mapping[str, object]) -> str:

@@ -15,10 +15,10 @@ its answer's first text waits for it (``Acceptance``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import InitVar, dataclass, field
 
@@ -29,7 +29,7 @@ from locod.daemon.answer_grammar import answer_grammar
 from locod.daemon.backends import Backend, Generation, Prompt, Sampling, Upload
 from locod.daemon.cancel import check_cancelled
 from locod.daemon.cloud import CloudBackend, Received, StreamCut
-from locod.daemon.cloud_usage import PER_MESSAGE_TOKENS, estimated_input
+from locod.daemon.cloud_usage import estimated_input, message_tokens
 from locod.daemon.config import Config
 from locod.daemon.decider import Decider
 from locod.daemon.decision import Decision, unsent_images, withheld_note
@@ -80,33 +80,43 @@ class Turn:
     # What its cloud call may cost, held against the daily cap from its decision (``Decider.decide``) until its
     # record's completion counts what it did cost (``DecisionLog.finish``), or it ends before it is accepted.
     held: Held | None = None
-    # What a cloud model is sent for an upload choice, in estimated tokens, by (send, doc_token_budget): a
-    # decision prices each cloud action several times (its cost, the cap's shield, the hold), and each pricing
-    # would build the history and the documents' excerpts again.
-    _cloud_tokens: dict[tuple[tuple[int, ...], int], int] = field(default_factory=dict, repr=False, compare=False)
+    # What is reckoned of the turn once, by name: the question's tokens, the text's bytes, and what a cloud
+    # model is sent for an upload choice, by (send, doc_token_budget) (a decision prices each cloud action
+    # several times: its cost, the cap's shield, the hold). One dict, which ``dataclasses.replace`` hands on
+    # to the turn as decided (its config, device and hold: none of these is reckoned from them); a
+    # cached_property was not handed on, and the decided turn estimated the question again.
+    _reckoned: dict[object, int] = field(default_factory=dict, repr=False, compare=False)
     # ``prompt_tokens`` where the caller has estimated it already (``TurnRunner._assemble``, refusing an unfit
     # prompt before its attachments are prepared): not estimated again.
     prompt_estimate: InitVar[int | None] = None
 
     def __post_init__(self, prompt_estimate: int | None) -> None:
         if prompt_estimate is not None:
-            self.__dict__["prompt_tokens"] = prompt_estimate  # where the cached property keeps its value
+            self._reckoned["prompt_tokens"] = prompt_estimate
 
-    @functools.cached_property
+    def _once(self, key: object, reckon: Callable[[], int]) -> int:
+        """What ``reckon`` gives, reckoned once a turn."""
+        if key not in self._reckoned:
+            self._reckoned[key] = reckon()
+        return self._reckoned[key]
+
+    @property
     def prompt_tokens(self) -> int:
         """The question's tokens as estimated from its text (``rule.estimate_tokens``), once a turn: the
         context checks and each pricing of a cloud action read it, and each estimate read the whole question
         again (~2 ms for 200k characters, several times a turn)."""
-        return estimate_tokens(self.request.prompt)
+        return self._once("prompt_tokens", lambda: estimate_tokens(self.request.prompt))
 
-    @functools.cached_property
+    @property
     def text_bytes(self) -> int:
         """The UTF-8 bytes of what a model is sent: the session's history, then the request's messages (a
         client's own history too, as an HTTP client's new conversation sends it): what an upload is reckoned
         from (``upload_bytes``; counted as four characters a token, Chinese text was a third of its bytes); a
         cloud action is priced by what it is sent (``cloud_price``)."""
-        messages = [*self.session.messages, *self.request.messages]
-        return sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages)
+        messages = (*self.session.messages, *self.request.messages)
+        return self._once(
+            "text_bytes", lambda: sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages)
+        )
 
     @property
     def private_material(self) -> bool:
@@ -128,10 +138,9 @@ class Turn:
         priced by its messages alone, a turn with a document passed the daily cap by up to ``doc_token_budget``
         tokens), the images among ``send``, ``answer_tokens``."""
         images = sum(self.attachments[i].kind == "image" for i in send)
-        key = (send, config.attachments.doc_token_budget)
-        if key not in self._cloud_tokens:
-            self._cloud_tokens[key] = self._cloud_input(*key)
-        return config.cloud_model(model).price(self._cloud_tokens[key], answer_tokens, images)
+        budget = config.attachments.doc_token_budget
+        sent = self._once((send, budget), lambda: self._cloud_input(send, budget))
+        return config.cloud_model(model).price(sent, answer_tokens, images)
 
     def _cloud_input(self, send: tuple[int, ...], doc_token_budget: int) -> int:
         """``estimated_input`` of what a cloud model is sent for ``send``; a question sent without excerpts is
@@ -139,7 +148,7 @@ class Turn:
         *earlier, question = prompts.cloud_text(self, send, doc_token_budget)
         text = question["content"]
         asked = self.prompt_tokens if text == self.request.prompt else estimate_tokens(text)
-        return estimated_input(earlier) + asked + PER_MESSAGE_TOKENS
+        return estimated_input(earlier) + message_tokens(asked)
 
     def most_spent(self, decision: Decision) -> float:
         """What a cloud call for ``decision`` may cost: the whole ``max_tokens`` of answer, the price the

@@ -5,6 +5,7 @@ estimates through its decision, and an ONNX policy's side file read with no boun
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import time
@@ -13,8 +14,15 @@ from typing import Any
 
 import pytest
 
+from locod.daemon.cloud_usage import estimated_input, message_tokens
+from locod.daemon.config import CloudConfig, CloudModelConfig, Config
 from locod.daemon.history import parse_since, read_history
+from locod.daemon.prompts import history
 from locod.daemon.records import DecisionLog, Outcome
+from locod.daemon.sessions import Session
+from locod.daemon.turn import Turn
+from locod.policy.rule import estimate_tokens
+from locod.protocol import ChatRequest
 from locod.words import dollars
 
 from .conftest import SECRET, locod_command
@@ -144,3 +152,21 @@ def test_the_first_token_chart_names_only_places_that_answered(tmp_path: Path) -
     assert first_token_legend(local_only) == ["local"]
     fill(both, time.time())
     assert first_token_legend(both) == ["local", "cloud"]
+
+
+def test_a_decided_turn_keeps_what_was_reckoned_of_it() -> None:
+    """The turn is replaced for its decision (``dataclasses.replace``: its config, device and hold), which
+    dropped the question's estimate cached on it (a ``cached_property``): the decided turn estimated the whole
+    question again. What is reckoned of a turn is now handed on. And the question's message is priced by the
+    one rule every message is (``message_tokens``), with the estimate the turn carries."""
+    session = Session("s", owner="ipc")
+    session.dialogue = (({"role": "user", "content": "earlier: 你好"},), (False,))
+    request = ChatRequest("r", [{"role": "user", "content": "What is the capital of France? " * 40}])
+    turn = Turn(request, session, b"c", "chat", [], Config(), prompt_estimate=7)
+    model = CloudModelConfig(name="m", base_url="http://127.0.0.1:9/v1", model="m", usd_per_mtok_in=1e6)
+    config = Config(cloud=CloudConfig(models=[model]))
+    decided = dataclasses.replace(turn, config=config)
+    assert decided.prompt_tokens == 7 and decided.text_bytes == turn.text_bytes
+    earlier = estimated_input(history(decided, cloud=True))
+    assert decided.cloud_price(config, "m", (), 0) == earlier + message_tokens(7)  # a dollar a token
+    assert estimated_input([{"role": "user", "content": "你好"}]) == message_tokens(estimate_tokens("你好"))
