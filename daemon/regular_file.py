@@ -29,13 +29,7 @@ FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 def read_regular(path: str | Path, max_bytes: int, follow: bool = True) -> bytes:
     """The bytes of ``path`` if it is a regular file (symlinks to one are followed unless ``follow`` is
     False: then a symlink is refused, ``ELOOP``) of at most ``max_bytes``."""
-    fd = os.open(path, FLAGS if follow else FLAGS | os.O_NOFOLLOW)
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device, socket or directory)", str(path))
-        if info.st_size > max_bytes:
-            raise OSError(errno.EFBIG, f"over {max_bytes} bytes ({info.st_size}): not a file of this kind", str(path))
+    with _opened_regular(path, max_bytes, follow) as fd:
         os.set_blocking(fd, True)
         chunks, size = [], 0
         while size <= max_bytes:  # to the bound, not to st_size: the file may grow meanwhile
@@ -47,6 +41,27 @@ def read_regular(path: str | Path, max_bytes: int, follow: bool = True) -> bytes
         if size > max_bytes:
             raise OSError(errno.EFBIG, f"over {max_bytes} bytes: not a file of this kind", str(path))
         return b"".join(chunks)
+
+
+def regular_size(path: str | Path, max_bytes: int) -> int:
+    """The size of ``path`` if it is a regular file of at most ``max_bytes``, checked as ``read_regular``
+    checks it, for a file another library reads (an ONNX policy's external data, onnxruntime's to load)."""
+    with _opened_regular(path, max_bytes, follow=True) as fd:
+        return os.fstat(fd).st_size
+
+
+@contextlib.contextmanager
+def _opened_regular(path: str | Path, max_bytes: int, follow: bool) -> Iterator[int]:
+    """``path`` opened without blocking (a FIFO would wait for a writer), if it is a regular file of at most
+    ``max_bytes``; closed after."""
+    fd = os.open(path, FLAGS if follow else FLAGS | os.O_NOFOLLOW)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO, device, socket or directory)", str(path))
+        if info.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"over {max_bytes} bytes ({info.st_size}): not a file of this kind", str(path))
+        yield fd
     finally:
         os.close(fd)
 

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import numpy as np
 import onnxruntime as ort
 
-from locod.daemon.regular_file import read_regular
+from locod.daemon.regular_file import read_regular, regular_size
 from locod.errors import PolicyError, first_line
 from locod.policy.observation import FEATURE_NAMES, LAYOUT_VERSION, N_ACTIONS, OBS_DIM, K, Z, layout_features
 
@@ -115,6 +115,7 @@ def _session(path: Path) -> ort.InferenceSession:
         raise PolicyError(f"policy file {path} not found", code="policy_missing") from None
     except OSError as exc:
         raise PolicyError(f"policy file {path}: {exc.strerror or exc}", code="policy_corrupt") from None
+    _check_side_files(path, model)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # a 10 us graph: threads would cost more than they save
     options.inter_op_num_threads = 1
@@ -126,6 +127,91 @@ def _session(path: Path) -> ort.InferenceSession:
         return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for every kind of bad file
         raise PolicyError(f"policy file {path} is not a loadable ONNX model: {exc}", code="policy_corrupt") from None
+
+
+def _check_side_files(path: Path, model: bytes) -> None:
+    """The files ``model`` keeps its weights in (ONNX external data), bounded as the policy file is: the
+    policy and they together within MAX_POLICY_BYTES, each a regular file. onnxruntime reads them whole, with
+    no bound: a 125-byte policy naming a 512 MiB side file took 1 GiB at load, on the serving loop."""
+    try:
+        names = sorted(set(_external_data(memoryview(model))))
+    except (ValueError, IndexError):  # not the protobuf an ONNX model is
+        raise PolicyError(f"policy file {path} is not a loadable ONNX model", code="policy_corrupt") from None
+    total = len(model)
+    for name in names:
+        side = path.resolve().parent / name  # where onnxruntime looks for it (_session)
+        try:
+            total += regular_size(side, MAX_POLICY_BYTES)
+        except OSError as exc:
+            raise PolicyError(
+                f"policy file {path}: its external data file {side}: {exc.strerror or exc}", code="policy_corrupt"
+            ) from None
+    if total > MAX_POLICY_BYTES:
+        raise PolicyError(
+            f"policy file {path} and its external data files are {total} bytes together, over {MAX_POLICY_BYTES}: "
+            "not a policy `locod policy train` wrote",
+            code="policy_corrupt",
+        )
+
+
+_FIXED_BYTES = {1: 8, 5: 4}  # protobuf's fixed-width wire types: 64 and 32 bits
+# The protobuf fields of ONNX's messages (onnx.proto) that lead to a tensor, by the message they hold: a
+# model's graph and functions, their nodes, initializers and attributes (a Constant's tensor, a subgraph).
+_HOLDS = {
+    "model": {7: "graph", 25: "function"},
+    "function": {7: "node"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+    "tensor": {13: "entry"},
+}
+
+
+def _external_data(message: memoryview, kind: str = "model") -> Iterator[str]:
+    """The ``location`` of every tensor's external data in ``message`` (a serialised ``kind``)."""
+    if kind == "entry":  # StringStringEntryProto: key 1, value 2
+        entry = {number: bytes(value) for number, value in _fields(message) if isinstance(value, memoryview)}
+        if entry.get(1) == b"location":
+            yield entry.get(2, b"").decode("utf-8", "surrogateescape")
+        return
+    for number, value in _fields(message):
+        held = _HOLDS[kind].get(number)
+        if held is not None and isinstance(value, memoryview):
+            yield from _external_data(value, held)
+
+
+def _fields(message: memoryview) -> Iterator[tuple[int, int | memoryview]]:
+    """(field number, value) of a serialised protobuf message: an integer, or the bytes of a length-delimited
+    field (a message, a string); fixed-width numbers are skipped. ValueError for what is not protobuf's wire
+    format (groups, wire types 3 and 4, are in none of ONNX's messages)."""
+    at = 0
+    while at < len(message):
+        key, at = _varint(message, at)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, at = _varint(message, at)
+            yield number, value
+            continue
+        size, at = _varint(message, at) if wire == 2 else (_FIXED_BYTES.get(wire, -1), at)
+        if size < 0 or at + size > len(message):
+            raise ValueError(f"wire type {wire} of {size} bytes at {at}")
+        if wire == 2:
+            yield number, message[at : at + size]
+        at += size
+
+
+def _varint(message: memoryview, at: int) -> tuple[int, int]:
+    """The varint at ``at``, and where what follows it starts."""
+    value = shift = 0
+    while True:
+        byte = message[at]  # IndexError past the end
+        value |= (byte & 0x7F) << shift
+        at, shift = at + 1, shift + 7
+        if byte < 0x80:
+            return value, at
+        if shift > 63:
+            raise ValueError("a varint of over ten bytes")
 
 
 def _refuse_newer_layout(path: Path, meta: dict[str, str]) -> None:

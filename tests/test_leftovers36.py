@@ -21,6 +21,9 @@ from locod.daemon.prompts import history
 from locod.daemon.records import DecisionLog, Outcome
 from locod.daemon.sessions import Session
 from locod.daemon.turn import Turn
+from locod.errors import PolicyError
+from locod.policy.observation import N_ACTIONS, OBS_DIM
+from locod.policy.onnx_policy import DEFAULT_POLICY, MAX_POLICY_BYTES, OnnxPolicy, _session
 from locod.policy.rule import estimate_tokens
 from locod.protocol import ChatRequest
 from locod.words import dollars
@@ -170,3 +173,59 @@ def test_a_decided_turn_keeps_what_was_reckoned_of_it() -> None:
     earlier = estimated_input(history(decided, cloud=True))
     assert decided.cloud_price(config, "m", (), 0) == earlier + message_tokens(7)  # a dollar a token
     assert estimated_input([{"role": "user", "content": "你好"}]) == message_tokens(estimate_tokens("你好"))
+
+
+def policy_with_side_file(folder: Path, side_bytes: int) -> Path:
+    """A 125-byte ONNX model whose one weight, ``side_bytes`` of float32, is external data in ``w`` beside it
+    (a sparse file: no disk is spent on it)."""
+    from onnx import TensorProto, helper
+
+    weight = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[side_bytes // 4])
+    weight.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "w"), ("offset", "0"), ("length", str(side_bytes))):
+        weight.external_data.add(key=key, value=value)
+    summed = helper.make_node("ReduceSum", ["W"], ["y"], keepdims=0)
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [])
+    graph = helper.make_graph([summed], "g", [], [output], [weight])
+    path = folder / "policy.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    with (folder / "w").open("wb") as side:
+        side.truncate(side_bytes)
+    return path
+
+
+def test_a_policy_s_side_file_is_bounded_as_the_policy_file_is(tmp_path: Path) -> None:
+    """The policy file is read up to MAX_POLICY_BYTES, but the side file it keeps its weights in (ONNX
+    external data) was read by onnxruntime with no bound: a 125-byte policy naming a 512 MiB side file took a
+    gigabyte of memory at load, on the daemon's serving loop. The side file is now bounded as the policy is
+    (the two together) and must be a regular file, refused by name before onnxruntime reads it."""
+    pytest.importorskip("onnx")
+    path = policy_with_side_file(tmp_path, MAX_POLICY_BYTES + 4)
+    with pytest.raises(PolicyError) as refused:
+        OnnxPolicy(path)
+    assert refused.value.code == "policy_corrupt"
+    assert f"its external data file {tmp_path / 'w'}: over {MAX_POLICY_BYTES} bytes" in refused.value.message
+    (tmp_path / "w").unlink()
+    os.mkfifo(tmp_path / "w")
+    with pytest.raises(PolicyError, match=r"external data file .*/w: not a regular file"):
+        OnnxPolicy(path)
+    (tmp_path / "w").unlink()
+    with pytest.raises(PolicyError, match=r"external data file .*/w: No such file"):
+        OnnxPolicy(path)
+
+
+def test_a_policy_within_the_bound_with_its_side_file_still_loads(tmp_path: Path) -> None:
+    """The shipped policy saved with its weights beside it is read as before: the bound counts the side file
+    the graph names (found in its tensors), and it decides as the whole file does."""
+    import numpy as np
+    import onnx
+
+    onnx.save(onnx.load(str(DEFAULT_POLICY)), str(tmp_path / "p.onnx"), save_as_external_data=True, location="w")
+    assert (tmp_path / "w").stat().st_size > 0
+    observation = np.random.default_rng(36).random(OBS_DIM, dtype=np.float32)
+    mask = np.ones(N_ACTIONS, dtype=np.float32)
+    split, whole = OnnxPolicy(tmp_path / "p.onnx"), OnnxPolicy(DEFAULT_POLICY)
+    assert np.array_equal(split.log_probs(observation, mask), whole.log_probs(observation, mask))
+    small = tmp_path / "small"
+    small.mkdir()
+    assert _session(policy_with_side_file(small, 4096)) is not None  # a side file of its own, within the bound
