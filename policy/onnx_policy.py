@@ -154,6 +154,9 @@ def _check_side_files(path: Path, model: bytes) -> None:
         )
 
 
+# protobuf's own parsers refuse messages nested deeper than 100 (onnxruntime's too); a policy file nested
+# thousands deep would stop this walk with RecursionError, not a PolicyError naming the file
+_MAX_DEPTH = 100
 _FIXED_BYTES = {1: 8, 5: 4}  # protobuf's fixed-width wire types: 64 and 32 bits
 # The protobuf fields of ONNX's messages (onnx.proto) that lead to a tensor, by the message they hold: a
 # model's graph and functions, their nodes, initializers and attributes (a Constant's tensor, a subgraph).
@@ -168,8 +171,11 @@ _HOLDS = {
 }
 
 
-def _external_data(message: memoryview, kind: str = "model") -> Iterator[str]:
-    """The ``location`` of every tensor's external data in ``message`` (a serialised ``kind``)."""
+def _external_data(message: memoryview, kind: str = "model", depth: int = 0) -> Iterator[str]:
+    """The ``location`` of every tensor's external data in ``message`` (a serialised ``kind``), ``depth``
+    messages down."""
+    if depth > _MAX_DEPTH:
+        raise ValueError(f"messages nested over {_MAX_DEPTH} deep")
     if kind == "entry":  # StringStringEntryProto: key 1, value 2
         entry = {number: bytes(value) for number, value in _fields(message) if isinstance(value, memoryview)}
         if entry.get(1) == b"location":
@@ -178,7 +184,7 @@ def _external_data(message: memoryview, kind: str = "model") -> Iterator[str]:
     for number, value in _fields(message):
         held = _HOLDS[kind].get(number)
         if held is not None and isinstance(value, memoryview):
-            yield from _external_data(value, held)
+            yield from _external_data(value, held, depth + 1)
 
 
 def _fields(message: memoryview) -> Iterator[tuple[int, int | memoryview]]:

@@ -229,3 +229,27 @@ def test_a_policy_within_the_bound_with_its_side_file_still_loads(tmp_path: Path
     small = tmp_path / "small"
     small.mkdir()
     assert _session(policy_with_side_file(small, 4096)) is not None  # a side file of its own, within the bound
+
+
+def _delimited(number: int, payload: bytes) -> bytes:
+    """A protobuf length-delimited field: key, varint length, payload."""
+    out, size = bytearray([number << 3 | 2]), len(payload)
+    while True:
+        out.append(size & 0x7F | (0x80 if size > 0x7F else 0))
+        size >>= 7
+        if not size:
+            return bytes(out) + payload
+
+
+def test_a_policy_nested_thousands_deep_is_refused_by_name(tmp_path: Path) -> None:
+    """The walk that finds a policy's side files follows subgraphs: a file of graphs nested 3,000 deep
+    (node -> attribute -> graph, a few bytes a level) stopped it with RecursionError, not a PolicyError
+    naming the file. protobuf's own limit, 100 deep, is the walk's too."""
+    graph = b""
+    for _ in range(3000):
+        graph = _delimited(1, _delimited(5, _delimited(6, graph)))  # graph.node -> node.attribute -> .g
+    path = tmp_path / "deep.onnx"
+    path.write_bytes(_delimited(7, graph))
+    with pytest.raises(PolicyError, match=r"deep.onnx is not a loadable ONNX model") as refused:
+        OnnxPolicy(path)
+    assert refused.value.code == "policy_corrupt"
