@@ -119,9 +119,13 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool, client: Clien
     """Print a turn: the answer on stdout; on stderr whatever the user should know (always: a notice that
     the answer did not come from where they asked, or without something they gave; a fallback), and with
     ``verbose`` where and why it ran (for a local answer that could have escalated, read from its record once
-    the turn is done: no frame says why it was kept)."""
-    streamed, done = False, None
+    the turn is done: no frame says why it was kept). The decision's notice waits for the answer: a local
+    answer that escalates is never shown, and the escalation or fallback says what the answer given missed."""
+    streamed, done, notice = False, None, None
     for frame in _cut_off(frames):
+        if notice and isinstance(frame, DeltaFrame | DoneFrame):  # the answer the notice is about
+            print(shown(f"[{notice}]"), file=sys.stderr)
+            notice = None
         if as_json:
             print(json.dumps({"type": frame.type, **vars(frame)}))
         elif isinstance(frame, DeltaFrame):
@@ -130,9 +134,12 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool, client: Clien
         elif isinstance(frame, QueuedFrame):
             if verbose:
                 print(f"[waiting for the local model: {frame.ahead} turn(s) ahead]", file=sys.stderr)
+        elif isinstance(frame, DecisionFrame) and verbose:
+            _say_decision(frame)
         elif isinstance(frame, DecisionFrame):
-            _say_decision(frame, verbose)
+            notice = frame.notice  # said with the answer it is about
         elif isinstance(frame, FallbackFrame | EscalatedFrame):
+            notice = None  # the notice was of the answer this frame replaces; its message says what the new one misses
             restart = "; what was shown above is discarded" if streamed else ""
             print(f"{chr(10) if streamed else ''}[{shown(frame.message)}{restart}]", file=sys.stderr)
         elif isinstance(frame, DoneFrame):
@@ -196,13 +203,11 @@ def _cut_off(frames: Iterator[Frame]) -> Iterator[Frame]:
         raise DaemonNotRunning(f"the answer was cut off: the daemon stopped during the turn ({exc.message})") from None
 
 
-def _say_decision(frame: DecisionFrame, verbose: bool) -> None:
-    if verbose:
-        sent = ", ".join(frame.attachments_sent) or "none"
-        line = f"[{frame.location}: {frame.model}; uploaded to the cloud: {sent}; {frame.reason}]"
-        print(shown(line), file=sys.stderr)
-    elif frame.notice:
-        print(shown(f"[{frame.notice}]"), file=sys.stderr)
+def _say_decision(frame: DecisionFrame) -> None:
+    """``-v``'s line: where the turn runs, what it uploads and why (its reason holds what a notice says)."""
+    sent = ", ".join(frame.attachments_sent) or "none"
+    line = f"[{frame.location}: {frame.model}; uploaded to the cloud: {sent}; {frame.reason}]"
+    print(shown(line), file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
