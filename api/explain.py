@@ -114,12 +114,21 @@ def _upload(action: str) -> str:
     return "cloud, uploading attachment slots " + slots if slots else "cloud, no attachment uploaded"
 
 
+# What became of a local answer its confidence did not keep, by the turn's outcome: the escalation's cloud call
+# may fail, and then the local model answers again (or a held whole answer is shown, which counts as kept).
+DROPPED = {
+    "escalated": "not shown: the cloud answered instead",
+    "fallback": "not shown: the turn escalated, the cloud failed, and the local model answered again from the start",
+    "": "not shown: the turn escalated to the cloud",
+}
+
+
 def _confidence(row: dict[str, Any]) -> list[str]:
     """The local answer's own confidence, where it was read: why it was shown or escalated."""
     judged = row.get("confidence")
     if not judged:
         return []
-    verdict = "shown to the user" if judged.get("kept") else "not shown: the cloud answered instead"
+    verdict = "shown to the user" if judged.get("kept") else DROPPED.get(row["outcome"], DROPPED[""])
     return [
         _line(
             "confidence",
