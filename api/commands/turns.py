@@ -301,13 +301,16 @@ ATTACH_COMMANDS = {"/attach": False, "/private": True}  # the chat's words for a
 
 def _attach_command(line: str, client: Client, pending: list[tuple[str, bool]]) -> bool:
     """Whether ``line`` is ``/attach`` or ``/private`` with its paths (shell quoting, as a terminal writes a
-    dropped file's path, and ``~`` as a shell reads it: no shell reads this line); each file is read now, so
-    a missing or oversized one is said before the question is typed, and added to ``pending``."""
+    dropped file's path, and ``~`` as a shell reads it: no shell reads this line; a file's path typed as it
+    is, spaces and all, is that one file); each file is read now, so a missing or oversized one is said
+    before the question is typed, and added to ``pending``."""
     word, *rest = line.split(maxsplit=1) or [""]  # "/attach<Tab>FILE" too
     if word not in ATTACH_COMMANDS:
         return False
+    typed = "".join(rest).strip()
+    whole = os.path.expanduser(typed)
     try:
-        paths = [os.path.expanduser(path) for path in shlex.split("".join(rest))]
+        paths = [whole] if os.path.isfile(whole) else [os.path.expanduser(path) for path in shlex.split(typed)]
     except ValueError as exc:  # an unclosed quote
         print(f"locod: {word}: {exc}", file=sys.stderr)
         return True
