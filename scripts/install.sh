@@ -97,11 +97,23 @@ else
     >"$unit_dir/locod.service.new"
   chmod 0644 "$unit_dir/locod.service.new"
   mv -f "$unit_dir/locod.service.new" "$unit_dir/locod.service"
+  # A daemon started by hand (scripts/quickstart.sh) holds the socket and state the service would use
+  running=no
+  systemctl --user is-active --quiet locod.service 2>/dev/null || ! "$venv/bin/locod" status >/dev/null 2>&1 ||
+    running=yes
   if have_systemd; then
     systemctl --user daemon-reload
     systemctl --user enable locod.service
+    if [ "$running" = yes ]; then  # the service would exit, "another locod daemon is already running", and retry
+      say "stopping the locod daemon started by hand, so that the service takes its place"
+      "$venv/bin/locod" stop
+    fi
     systemctl --user restart locod.service  # a restart runs the new code; a reload would not
     say "running: systemctl --user status locod; logs: journalctl --user -u locod"
+  elif [ "$running" = yes ]; then
+    say "systemd is not running here: the unit is installed but not started; a locod daemon started by hand is" \
+      "running, with the code it started with: stop it (\"$venv/bin/locod\" stop), then run the one installed by" \
+      "hand with \"$venv/bin/locod\" serve"
   else
     say "systemd is not running here: the unit is installed but not started; run the daemon by hand with" \
       "\"$venv/bin/locod\" serve (\"$venv/bin/locod\" stop stops it)"

@@ -18,6 +18,13 @@ for arg in "$@"; do
   esac
 done
 say() { printf 'locod uninstall: %s\n' "$*" >&2; }
+# The pid of the daemon the socket answers for, when it runs from venv $1 (its command line names it); else nothing.
+daemon_from() {
+  local pid
+  pid=$("$1/bin/locod" status --json 2>/dev/null | "$1/bin/python" -c 'import json, sys; print(json.load(sys.stdin)["pid"])' \
+    2>/dev/null) || return 0
+  case "$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null)" in *"$1/"*) echo "$pid" ;; esac
+}
 if [ "$mode" = system ]; then
   [ "$(id -u)" = 0 ] || { say "the system service needs root (or use --user)"; exit 1; }
   [ -d /run/systemd/system ] && systemctl disable --now locod.service 2>/dev/null || true
@@ -35,6 +42,11 @@ else
   state="${XDG_STATE_HOME:-$HOME/.local/state}/locod" data="${XDG_DATA_HOME:-$HOME/.local/share}/locod"
   config="${XDG_CONFIG_HOME:-$HOME/.config}"
   [ -d /run/systemd/system ] && systemctl --user disable --now locod.service 2>/dev/null || true
+  # one started by hand from the venv (without systemd, install.sh said to) would run on with its code removed
+  if [ -x "$data/venv/bin/locod" ] && pid=$(daemon_from "$data/venv") && [ -n "$pid" ]; then
+    say "stopping the locod daemon that runs from $data/venv (pid $pid): turns in flight finish first"
+    "$data/venv/bin/locod" stop 2>/dev/null || say "it did not stop: kill $pid"
+  fi
   rm -f "$config/systemd/user/locod.service"
   # install.sh's link only: a locod installed another way (pipx) keeps its own
   [ "$(readlink "$HOME/.local/bin/locod")" = "$data/venv/bin/locod" ] && rm -f "$HOME/.local/bin/locod"

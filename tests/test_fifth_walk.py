@@ -205,7 +205,8 @@ def test_the_user_install_names_the_venv_it_made_under_xdg_data_home(tmp_path: P
     home, data = tmp_path / "home", tmp_path / "data dir"
     venv = data / "locod" / "venv"
     (venv / "bin").mkdir(parents=True)
-    for name, body in (("python", "exit 0"), ("locod", 'echo "locod 0.1.0"')):
+    no_daemon = '[ "$1" = status ] && exit 5'  # as locod's status exits when no daemon answers
+    for name, body in (("python", "exit 0"), ("locod", f'{no_daemon}\necho "locod 0.1.0"')):
         (venv / "bin" / name).write_text(f"#!/bin/sh\n{body}\n")
         (venv / "bin" / name).chmod(0o755)
     env = {"HOME": str(home), "XDG_DATA_HOME": str(data), "PATH": "/usr/bin:/bin"}

@@ -180,7 +180,8 @@ def test_install_with_gpu_builds_llama_cpp_with_cuda(tmp_path: Path) -> None:
     home, data = tmp_path / "home", tmp_path / "data"
     venv = data / "locod" / "venv"
     (venv / "bin").mkdir(parents=True)
-    for name, body in (("python", FAKE_PYTHON), ("locod", '#!/bin/sh\necho "locod 0.1.0"\n')):
+    locod = '#!/bin/sh\n[ "$1" = status ] && exit 5\necho "locod 0.1.0"\n'  # status: no daemon answers
+    for name, body in (("python", FAKE_PYTHON), ("locod", locod)):
         (venv / "bin" / name).write_text(body)
         (venv / "bin" / name).chmod(0o755)
     calls, offloads = tmp_path / "calls", tmp_path / "offloads"
