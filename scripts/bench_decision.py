@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Per-turn decision cost, with the daemon's own objects: the MESS+ step alone (features, predictor, rule),
+"""Per-turn decision cost, with the daemon's own objects: the turn's task category (policy/tasks.py: questions
+in four languages, and a paste as long as a prompt may be), the MESS+ step alone (features, predictor, rule),
 the full decision (telemetry snapshot, cloud access incl. today's spend from SQLite, candidates and masks,
 costs, the ONNX policy, MESS+), and, for a turn that may escalate, the checkpoint's judgement of a 32-token
 answer (confidence features, corrected s_hat, the rule); beside the time of one local token in the same
@@ -35,6 +36,7 @@ from locod.daemon.turn import Turn
 from locod.policy import confidence
 from locod.policy.messplus import RecordedFeatures, TurnFeatures, vectorize
 from locod.policy.rule import estimate_tokens
+from locod.policy.tasks import task_of
 from locod.protocol import ChatRequest
 
 
@@ -50,8 +52,20 @@ class NoLocal:
         return set()
 
 
+# Questions a turn's category is read from, in turn; and a paste as long as a prompt may be (max_prompt_chars).
+QUESTIONS = (
+    "What does the chart in this photo show about battery life on the train?",
+    "Übersetze diesen Absatz über die Akkulaufzeit im Zug ins Englische",
+    "这张照片里的图表说明了火车上电池续航的什么情况？",
+    "Сколько часов работает батарея в поезде, если она теряет 12 процентов в час",
+)
+PASTE = "Summarise this:\n" + "The battery lasted four hours on the train, then the charger failed. " * 15_000
+
+
 @dataclass
 class Timings:
+    task: list[float]  # the task category of a question
+    paste: list[float]  # the task category of a 1 MB paste
     mess: list[float]  # the MESS+ step alone
     full: list[float]  # the whole decision
     judged: list[float]  # the checkpoint's judgement of a 32-token answer
@@ -119,12 +133,20 @@ def bench_turn(home: str) -> tuple[Decider, Learner, Turn, TurnFeatures]:
 
 
 def time_decisions(turns: int, decider: Decider, learner: Learner, turn: Turn, features: TurnFeatures) -> Timings:
-    """Microseconds per call, ``turns`` times each: the MESS+ step, the full decision, the checkpoint."""
+    """Microseconds per call, ``turns`` times each: the task category (of a paste a tenth as often), the MESS+
+    step, the full decision, the checkpoint."""
     costs = {"smollm2-135m-instruct": 0.01, "mini": 1.0}
     local = turn.config.local.default
     plan = Escalation(local, "mini|cloud", "mini", (), 0.9, 0.85, 0.5, 32, RecordedFeatures.of(features))
-    timings = Timings([], [], [])
-    for _ in range(turns):
+    timings = Timings([], [], [], [], [])
+    for i in range(turns):
+        started = time.perf_counter()
+        task_of(QUESTIONS[i % len(QUESTIONS)])
+        timings.task.append((time.perf_counter() - started) * 1e6)
+        if i % 10 == 0:  # a paste is rare, and takes longer
+            started = time.perf_counter()
+            task_of(PASTE)
+            timings.paste.append((time.perf_counter() - started) * 1e6)
         started = time.perf_counter()
         x = vectorize(features)
         learner.mess.choose(costs, xs={k: x for k in costs})
@@ -149,11 +171,15 @@ def main() -> None:
     gguf = fetch("smollm2-135m-instruct", Path(__file__).resolve().parent.parent / "models", progress=lambda _: None)
     llm = Llama(model_path=str(gguf), n_ctx=512, verbose=False)
     per_token_us, with_reader = token_times(llm)
+    t50, t99 = quantiles(timings.task)
+    p50, p99 = quantiles(timings.paste)
     m50, m99 = quantiles(timings.mess)
     f50, f99 = quantiles(timings.full)
     j50, j99 = quantiles(timings.judged)
     print(f"policy: {policy}; {args.turns} turns, 2 local + 1 cloud model x 8 upload choices")
     print("| measure | p50 | p99 |\n|---|---|---|")
+    print(f"| task category of a question (4 languages) | {t50:.1f} us | {t99:.1f} us |")
+    print(f"| task category of a {len(PASTE) / 1e6:.0f} MB paste | {p50:.0f} us | {p99:.0f} us |")
     print(f"| MESS+ step: features + predictor + rule (goal p99 < 100 us) | {m50:.1f} us | {m99:.1f} us |")
     print(
         f"| full decision: snapshot, access, masks, costs, ONNX policy, MESS+ (goal p99 < 500 us) | "
