@@ -287,6 +287,26 @@ def test_the_traces_keep_their_categories(trace: str) -> None:
     assert dict(counts) == TRACE_CATEGORIES[trace]
 
 
+def test_english_words_that_look_like_anothers_keep_their_category() -> None:
+    """The words of other languages are their own forms, not stems English shares ("compil", "calcul",
+    "résum", "paraphras", "quel"): English prompts outside the traces keep their category too. One start
+    is shared on purpose: German "Was" (what) begins a question, as an English one beginning with "Was" is."""
+    for prompt in (
+        "Comment on this poem",
+        "Make a compilation of 80s songs",
+        "Improve my résumé",
+        "The calculation took hours",
+        "I keep paraphrasing myself",
+        "Quell my fears",
+        "Resume the download",
+        "Suma is my friend's name",
+        "We need more resources",
+        "The committee rejected the suggestion",
+    ):
+        assert task_of(prompt) == "chat", prompt
+    assert task_of("Was it worth it") == task_of("Is it worth it") == "query"
+
+
 def test_a_question_mark_or_question_word_of_each_script() -> None:
     """Unlike English, a Spanish question begins with ¿, a Russian one may ask with ли, a Chinese one ends
     in 吗 and a Japanese one in か, each with no question mark after."""
