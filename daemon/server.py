@@ -720,7 +720,14 @@ class Daemon:
                 exc.message, logging.ERROR, "reload rejected, keeping the running configuration: %s", exc.message
             )
             self.notifier.ready(self._status_line())
-            return {"reloaded": False, "error": exc.message, "restart_needed": [], "policy_error": None, "left_out": {}}
+            return {
+                "reloaded": False,
+                "error": exc.message,
+                "restart_needed": [],
+                "policy_error": None,
+                "left_out": {},
+                "models_changed": [],  # every field of an accepted reload's reply, as docs/protocol.md lists them
+            }
         new, kept = _as_started(new, self.config)
         if kept:
             log.warning("reload: [%s] changed and take(s) effect at the next restart", "], [".join(kept))

@@ -9,7 +9,7 @@ from typing import Any
 
 import zmq
 
-from .conftest import Context, DaemonHandle
+from .conftest import Context, DaemonHandle, write_config
 
 
 def raw_reply(daemon: DaemonHandle, ctx: Context, message: dict[str, Any]) -> dict[str, Any]:
@@ -54,3 +54,16 @@ def test_a_field_the_op_does_not_take_is_refused_by_name(daemon: DaemonHandle, c
     listed = raw_reply(daemon, ctx, {"op": "decisions", "session": "mine", "limit": 5})  # the op's own fields
     assert [r["id"] for r in listed["data"]] == [kept.decision.decision]
     assert raw_reply(daemon, ctx, {"op": "ping"})["data"]["pong"] is True
+
+
+def test_a_rejected_reload_answers_every_field_of_an_accepted_one(daemon: DaemonHandle) -> None:
+    """docs/protocol.md lists the reload reply's fields; a rejected reload's had no `models_changed`, so a
+    client reading the field as documented failed on the one reply that most needs reading."""
+    client = daemon.client()
+    accepted = client.reload()
+    write_config(daemon.config_path, {"routing": {"sla": 1.5}})
+    rejected = client.reload()
+    assert accepted["reloaded"] is True and rejected["reloaded"] is False
+    assert "routing.sla" in rejected["error"]
+    assert set(rejected) == set(accepted)
+    assert rejected["models_changed"] == []
