@@ -24,6 +24,7 @@ from locod.daemon.proxy import Route, route
 
 log = logging.getLogger(__name__)
 TUNNEL_WAIT_S = 5.0  # how long the probe waits for a proxy's answer to its CONNECT (it connects to the endpoint first)
+PROBE_BACKOFF_S = 600.0  # the longest wait a failing probe doubles to, unless probe_interval_s is longer
 
 
 @dataclass(frozen=True)
@@ -396,7 +397,7 @@ class TelemetrySampler:
             target = self.probe_target
             if target is not None:
                 self._probe_ok = self._probe(target)
-                backoff = self.config.probe_interval_s if self._probe_ok else min(backoff * 2, 600.0)
+                backoff = next_probe_wait(backoff, self._probe_ok, self.config.probe_interval_s)
             if self._probe_now.wait(backoff if target is not None else self.config.probe_interval_s):
                 self._probe_now.clear()
                 backoff = self.config.probe_interval_s
@@ -467,3 +468,10 @@ def _tunnel_opens(conn: socket.socket, target: Route) -> bool:
     conn.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
     status = conn.makefile("rb").readline(1024).split()
     return len(status) >= 2 and status[0].startswith(b"HTTP/") and status[1].startswith(b"2")
+
+
+def next_probe_wait(waited: float, passed: bool, interval: float) -> float:
+    """Seconds to the next probe: ``interval`` after one that passed; after one that failed, twice the last
+    wait, up to PROBE_BACKOFF_S or ``interval`` if longer. Capped at PROBE_BACKOFF_S alone, a failing probe
+    under a probe_interval_s of an hour (a metered link) probed every 10 minutes, six times as often."""
+    return interval if passed else min(waited * 2, max(PROBE_BACKOFF_S, interval))

@@ -9,6 +9,8 @@ from typing import Any
 
 import zmq
 
+from locod.daemon.telemetry import PROBE_BACKOFF_S, next_probe_wait
+
 from .conftest import Context, DaemonHandle, write_config
 
 
@@ -67,3 +69,21 @@ def test_a_rejected_reload_answers_every_field_of_an_accepted_one(daemon: Daemon
     assert "routing.sla" in rejected["error"]
     assert set(rejected) == set(accepted)
     assert rejected["models_changed"] == []
+
+
+def test_a_failing_probe_never_probes_more_often_than_a_passing_one() -> None:
+    """A failing probe backs off, doubling its wait up to 10 minutes; under a probe_interval_s over that (an
+    hour, on a metered link) the cap brought the wait down to 10 minutes, so an outage probed six times as
+    often as a working link. Now it backs off to the interval itself there."""
+    hour = 3600.0
+    waits = [hour]
+    for _ in range(4):
+        waits.append(next_probe_wait(waits[-1], False, hour))
+    assert waits == [hour] * 5
+    assert next_probe_wait(hour, True, hour) == hour
+
+    waits = [30.0]  # the default interval: doubled to the 10 minutes, as before
+    for _ in range(6):
+        waits.append(next_probe_wait(waits[-1], False, 30.0))
+    assert waits == [30.0, 60.0, 120.0, 240.0, 480.0, PROBE_BACKOFF_S, PROBE_BACKOFF_S]
+    assert next_probe_wait(PROBE_BACKOFF_S, True, 30.0) == 30.0
