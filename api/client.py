@@ -59,6 +59,7 @@ from locod.protocol import (
     SimpleRequest,
     decode_frame,
     encode_request,
+    ipv6,
     zmq_address,
 )
 
@@ -363,6 +364,7 @@ class Client:
     def _connect(self) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IPV6, ipv6(self.endpoint))
         try:
             sock.connect(zmq_address(self.endpoint))  # type: ignore[arg-type]  # pyzmq takes bytes too
         except zmq.ZMQError as exc:  # not an endpoint at all: "localhost:5555", "tcp://host" without a port

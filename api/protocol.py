@@ -304,6 +304,12 @@ def zmq_address(endpoint: str) -> bytes:
     return endpoint.encode()
 
 
+def ipv6(endpoint: str) -> bool:
+    """Whether ``endpoint`` is a tcp address written in IPv6 (``tcp://[::1]:5557``): ZeroMQ binds and connects
+    to one only on a socket told so, which would then take an IPv4 client's address for ``::ffff:127.0.0.1``."""
+    return endpoint.startswith("tcp://[")
+
+
 NOT_TEXT = "holds a lone UTF-16 surrogate escape (\\ud800-\\udfff), which is not text"
 
 

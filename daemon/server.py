@@ -67,6 +67,7 @@ from locod.protocol import (
     ResultFrame,
     SimpleRequest,
     encode_frame,
+    ipv6,
     parse_request,
 )
 from locod.words import counted, or_na
@@ -213,7 +214,7 @@ class Daemon:
         if cfg.daemon.tcp:
             self.sockets[TCP] = self._router_socket()
             self.sockets[TCP].setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)
-            self.sockets[TCP].bind(cfg.daemon.tcp)
+            _bind_tcp(self.sockets[TCP], cfg.daemon.tcp)
             share = door_share("daemon.max_tcp_connections", cfg.daemon.max_tcp_connections, fd_limit, TCP_SHARE)
             self.tcp_guard = TcpGuard(self.sockets[TCP], share, cfg.daemon.max_tcp_per_host)
 
@@ -843,6 +844,21 @@ def _not_a_lock(path: Path) -> StorageError:
         "cannot be taken there; remove it and start again",
         code="state_unwritable",
     )
+
+
+def _bind_tcp(sock: zmq.Socket[bytes], endpoint: str) -> None:
+    """Bind the tcp endpoint; one it cannot (a port another program holds, an address not this host's) is a
+    one-line ConfigError, as http.listen's is: ZeroMQ's error ended the start in a traceback."""
+    sock.setsockopt(zmq.IPV6, ipv6(endpoint))
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        why = str(exc) if exc.errno is None else zmq.strerror(exc.errno)  # without pyzmq's "(addr=...)"
+        raise ConfigError(
+            f"daemon.tcp: cannot serve on {endpoint} ({why}): another program (or another "
+            "locod) may hold the port; choose another one, or stop that program",
+            code="tcp_bind",
+        ) from None
 
 
 def _http_server(daemon: Daemon) -> HttpServer:

@@ -5,13 +5,17 @@ test is one way in that disagreed with the docs, and now holds."""
 from __future__ import annotations
 
 import json
+import socket
+from pathlib import Path
 from typing import Any
 
+import pytest
 import zmq
 
+from locod.client import Client
 from locod.daemon.telemetry import PROBE_BACKOFF_S, next_probe_wait
 
-from .conftest import Context, DaemonHandle, write_config
+from .conftest import Context, DaemonHandle, start_daemon, write_config
 
 
 def raw_reply(daemon: DaemonHandle, ctx: Context, message: dict[str, Any]) -> dict[str, Any]:
@@ -87,3 +91,37 @@ def test_a_failing_probe_never_probes_more_often_than_a_passing_one() -> None:
         waits.append(next_probe_wait(waits[-1], False, 30.0))
     assert waits == [30.0, 60.0, 120.0, 240.0, 480.0, PROBE_BACKOFF_S, PROBE_BACKOFF_S]
     assert next_probe_wait(PROBE_BACKOFF_S, True, 30.0) == 30.0
+
+
+def test_a_tcp_endpoint_that_cannot_be_bound_stops_the_start_in_one_line(tmp_path: Path, models_dir: Path) -> None:
+    """A `daemon.tcp` port another program holds ended the start in ZeroMQ's traceback, exit 1, where
+    http.listen's is one line, `http_bind`; now the tcp endpoint's is too (`tcp_bind`, a config error: exit 2)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        endpoint = f"tcp://127.0.0.1:{holder.getsockname()[1]}"
+        handle = start_daemon(tmp_path / "d", models_dir, {"daemon": {"tcp": endpoint}}, wait=False)
+        assert handle.proc.wait(120) == 2
+    log = handle.log()
+    assert f"daemon.tcp: cannot serve on {endpoint} (Address already in use)" in log
+    assert "Traceback" not in log
+
+
+def test_a_tcp_endpoint_on_ipv6_loopback_serves(daemon_factory: Any) -> None:
+    """The config takes `tcp://[::1]:PORT` for loopback, as http.listen's `[::1]:8080`, but ZeroMQ binds
+    and connects to IPv6 only when asked: the start ended in a traceback ("No such device"), and a client
+    could not connect. Now both sides ask."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this machine")
+    with socket.socket(socket.AF_INET6) as probe:
+        try:
+            probe.bind(("::1", 0))
+        except OSError:
+            pytest.skip("no IPv6 loopback on this machine")
+        port = probe.getsockname()[1]
+    endpoint = f"tcp://[::1]:{port}"
+    daemon = daemon_factory({"daemon": {"tcp": endpoint}})
+    with Client(endpoint) as client:
+        assert client.status()["endpoints"][-1] == endpoint
+        assert client.ask("Say hi.", max_tokens=2).done.outcome == "ok"
+    assert daemon.rows()[-1]["outcome"] == "ok"
