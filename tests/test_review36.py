@@ -125,3 +125,12 @@ def test_a_tcp_endpoint_on_ipv6_loopback_serves(daemon_factory: Any) -> None:
         assert client.status()["endpoints"][-1] == endpoint
         assert client.ask("Say hi.", max_tokens=2).done.outcome == "ok"
     assert daemon.rows()[-1]["outcome"] == "ok"
+
+
+def test_status_says_there_is_no_cloud_endpoint_to_probe_without_one(daemon: DaemonHandle) -> None:
+    """The probe is idle while no cloud model is configured (docs/configuration.md, [telemetry]), and `locod
+    status` said "cloud endpoint not probed yet" for as long as the daemon ran, as if a probe were coming."""
+    shown = daemon.cli("status")
+    assert shown.returncode == 0, shown.stderr
+    network = next(line for line in shown.stdout.splitlines() if line.strip().startswith("network"))
+    assert "no cloud endpoint to probe" in network and "not probed yet" not in network

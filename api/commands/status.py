@@ -42,7 +42,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         ),
         (
             "network",
-            f"{net} {_link(t['link'])}, {_cloud_probe(t)}, "
+            f"{net} {_link(t['link'])}, {_cloud_probe(t) if c['models'] else 'no cloud endpoint to probe'}, "
             f"RTT {_rtt(t)}, upload "
             f"{t['upload_bps'] / 1e6:.1f} MB/s{'' if t['upload_measured'] else ' (prior)'}",
         ),
