@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, ClassVar, NoReturn
 
@@ -324,10 +325,13 @@ def read_json(raw: bytes | bytearray) -> Any:
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """The object, or ValueError naming its first repeated key in sort order: counted in one pass, as each
+    key counted anew over the whole object held the daemon's loop for minutes on one message of a few
+    hundred KiB, for every door's clients (docs/reliability.md)."""
     out = dict(pairs)
     if len(out) != len(pairs):
-        repeated = sorted({k for k, _ in pairs if sum(1 for j, _ in pairs if j == k) > 1})
-        raise ValueError(f"key {repeated[0]!r} appears twice in one object")
+        repeated = min(k for k, times in Counter(k for k, _ in pairs).items() if times > 1)
+        raise ValueError(f"key {repeated!r} appears twice in one object")
     return out
 
 

@@ -1,0 +1,70 @@
+"""Attack round 36: the work one message costs the daemon. A message's checks run on the daemon's serving
+loop (a socket's) or the HTTP door's event loop, and all of Python's threads share one interpreter lock:
+a check whose work grows with the square of a message's size held every client of every door. Each check
+of client text is linear now; a hostile message of a few hundred KiB is answered (refused or served) while
+a bystander is. Real daemon, real model, real ZeroMQ, the real `openai` SDK; no wall-clock bound: a
+client's timeout only tells an answer from a daemon held for hours."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+
+from .conftest import MODEL_NAME, Context, DaemonHandle, free_port
+from .test_attacks14 import dealer, receive, send
+
+# Before the fix these took the daemon hours: each check's work grew with the square of their size.
+KEYS = 150_000  # about 1.6 MB of one JSON object, a key of it repeated
+
+
+def _object_repeating_a_key() -> str:
+    return "{" + ",".join(f'"k{i}":0' for i in range(KEYS)) + ',"k7":1}'
+
+
+def test_a_message_repeating_one_key_among_many_is_refused_while_others_are_served(
+    daemon: DaemonHandle, ctx: Context
+) -> None:
+    """Attack finding: both doors refuse a JSON object holding a key twice (which of two would win is the
+    parser's choice), and named the key by counting every key anew over the whole object: one message of
+    1.6 MB, a key repeated among 150,000, held the daemon's serving loop, and so every client, for hours.
+    Now the keys are counted once: the sender is told which key, and a bystander's ping is answered."""
+    hostile = dealer(daemon, ctx)
+    hostile.send(f'{{"v": 1, "id": "dup", "op": "ping", "extra": {_object_repeating_a_key()}}}'.encode())
+    bystander = dealer(daemon, ctx)
+    send(bystander, "after", "ping")
+    assert receive(bystander)["id"] == "after"
+    refused = receive(hostile)
+    assert (refused["code"], refused["message"]) == (
+        "invalid_json",
+        "message is not valid JSON: key 'k7' appears twice in one object",
+    )
+
+
+@pytest.fixture
+def http_daemon(daemon_factory: Any) -> tuple[DaemonHandle, str]:
+    port = free_port()
+    return daemon_factory({"http": {"listen": f"127.0.0.1:{port}"}}), f"http://127.0.0.1:{port}/v1"
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    """A body sent as written (the SDKs cannot send a key twice)."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=300) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_a_body_repeating_one_key_among_many_is_a_400_naming_it(http_daemon: tuple[DaemonHandle, str]) -> None:
+    """The HTTP door reads a body by the socket's rule, on its own event loop: the same object held every
+    HTTP client (and, through the interpreter's lock, the socket's) while its keys were counted."""
+    _, base_url = http_daemon
+    body = f'{{"model": "{MODEL_NAME}", "messages": [], "metadata": {_object_repeating_a_key()}}}'
+    status, error = _post(f"{base_url}/chat/completions", body.encode())
+    assert (status, error["error"]["code"]) == (400, "invalid_json")
+    assert "key 'k7' appears twice in one object" in error["error"]["message"]
