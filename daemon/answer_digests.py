@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
-from locod.daemon.openai_wire import BROKE_OFF_LINE
+from locod.daemon.openai_wire import broke_off_parts
 from locod.daemon.textwords import characters
 
 # Words of a private answer's opening kept as digests (``opening_digests``): a part a client sends back of
@@ -49,7 +49,7 @@ def answer_digests(text: str) -> tuple[str, ...]:
 def resent_digests(content: str) -> list[str]:
     """What a message of a client's history may be known by: the ``answer_digests`` of each answer it holds.
     An HTTP client's message may hold two: a cloud answer that broke off, then the local one (``broke_off``)."""
-    return [digest for part in BROKE_OFF_LINE.split(content) for digest in answer_digests(part)]
+    return [digest for part in broke_off_parts(content) for digest in answer_digests(part)]
 
 
 def _sha256(text: str) -> str:

@@ -299,8 +299,11 @@ def _image(url: Any, where: str, index: int) -> Attachment:
 
 
 # The line streamed after the cloud's partial text when its stream broke and the local model answers
-# instead (``broke_off``), as a client sends it back: the answer's two parts are looked up apart.
-BROKE_OFF_LINE = re.compile(r"(?:\r?\n)*\[the cloud's answer broke off here[^\r\n]*\][ \t]*(?:\r?\n)*")
+# instead (``broke_off``), as a client sends it back: the answer's two parts are looked up apart. Matched
+# only where its opening words are (``broke_off_parts``), never with the line ends before it.
+BROKE_OFF_MARK = "[the cloud's answer broke off here"
+BROKE_OFF_LINE = re.compile(re.escape(BROKE_OFF_MARK) + r"[^\r\n]*\][ \t]*(?:\r?\n)*")
+LINE_END = re.compile(r"[\r\n]")
 
 
 def broke_off(fallback: str) -> str:
@@ -316,6 +319,31 @@ def broke_off(fallback: str) -> str:
 NOTICE_LINE = re.compile(r"\[locod: [^\r\n]*\][ \t]*(?:\r?\n){0,2}")
 
 
+def broke_off_parts(content: str) -> list[str]:
+    """A message split at each ``broke_off`` line, the line ends around it dropped, in time linear in its
+    length: a regex holding the line ends before the line was tried anew from each of them, and one message
+    of blank lines (or of the line's opening words repeated) held the whole daemon, every door, for minutes
+    an answer (docs/reliability.md)."""
+    parts, part_start, at = [], 0, 0
+    while (start := content.find(BROKE_OFF_MARK, at)) != -1:
+        line = BROKE_OFF_LINE.match(content, start)
+        if line is None:  # no "]" before its line ends, so none after any later opening words on that line
+            end = LINE_END.search(content, start)
+            at = end.start() if end else len(content)
+            continue
+        parts.append(content[part_start : _before_line_ends(content, part_start, start)])
+        part_start = at = line.end()
+    parts.append(content[part_start:])
+    return parts
+
+
+def _before_line_ends(content: str, first: int, end: int) -> int:
+    """Where the line ends (LF or CRLF) just before ``end`` begin, back to ``first`` at most."""
+    while end > first and content[end - 1] == "\n":
+        end -= 2 if end - 2 >= first and content[end - 2] == "\r" else 1
+    return end
+
+
 def notice_line(notice: str) -> str:
     """A turn's notice as the first line of its answer: a chat UI shows the text alone, not ``locod.notice``,
     and its user would otherwise read an answer about an image no model saw as if it had been seen."""
@@ -329,7 +357,7 @@ def as_held(answer: str) -> str:
     text on the ``fallback`` frame (with both, the history no longer matched and the conversation left its
     session, the break-off line reaching the model)."""
     line = NOTICE_LINE.match(answer)
-    return BROKE_OFF_LINE.split(answer[line.end() :] if line else answer)[-1]
+    return broke_off_parts(answer[line.end() :] if line else answer)[-1]
 
 
 # A configured local model that cannot run: its file gone or broken, or more than the memory there is.

@@ -12,6 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import openai
 import pytest
 
 from .conftest import MODEL_NAME, Context, DaemonHandle, free_port
@@ -19,10 +20,21 @@ from .test_attacks14 import dealer, receive, send
 
 # Before the fix these took the daemon hours: each check's work grew with the square of their size.
 KEYS = 150_000  # about 1.6 MB of one JSON object, a key of it repeated
+BLANK_LINES = 150_000  # with the rest, within daemon.max_prompt_chars: the turn is answered
+BROKE_OFF_WORDS = "[the cloud's answer broke off here" * 10_000  # the break-off line's opening, never closed
 
 
 def _object_repeating_a_key() -> str:
     return "{" + ",".join(f'"k{i}":0' for i in range(KEYS)) + ',"k7":1}'
+
+
+def _hostile_history() -> list[dict[str, str]]:
+    """A conversation whose earlier answer is blank lines, then the break-off line's words without its end."""
+    return [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "\n" * BLANK_LINES + BROKE_OFF_WORDS + "\r\n" * BLANK_LINES},
+        {"role": "user", "content": "Say hello."},
+    ]
 
 
 def test_a_message_repeating_one_key_among_many_is_refused_while_others_are_served(
@@ -68,3 +80,23 @@ def test_a_body_repeating_one_key_among_many_is_a_400_naming_it(http_daemon: tup
     status, error = _post(f"{base_url}/chat/completions", body.encode())
     assert (status, error["error"]["code"]) == (400, "invalid_json")
     assert "key 'k7' appears twice in one object" in error["error"]["message"]
+
+
+def test_an_http_conversation_of_blank_lines_is_answered(http_daemon: tuple[DaemonHandle, str]) -> None:
+    """Attack finding: an earlier answer sent back is looked through for the line the door writes where a
+    cloud stream broke off (docs/http.md), by a regular expression holding the line ends before that line:
+    it tried them anew from each line end, so an answer of 150,000 blank lines (or of the line's opening
+    words repeated, never closed) held the HTTP door for hours, the whole daemon with it. Now the line is
+    looked for where its words are, and such a conversation is answered like any other."""
+    _, base_url = http_daemon
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=300)
+    answer = client.chat.completions.create(model=MODEL_NAME, messages=_hostile_history(), max_tokens=4)  # type: ignore[arg-type]
+    assert answer.choices[0].message.content
+
+
+def test_a_socket_history_of_blank_lines_is_answered(daemon: DaemonHandle) -> None:
+    """The socket's turns look through a client's history the same way, for answers made from private
+    attachments that it must not send to a cloud (docs/protocol.md), in the turn's thread but under the
+    interpreter's lock: the same history held every other turn and client. Now it is answered."""
+    done = daemon.client(turn_timeout_s=300).ask(messages=_hostile_history(), max_tokens=4).done
+    assert done.outcome == "ok"

@@ -13,7 +13,7 @@ from typing import Any
 import openai
 import pytest
 
-from locod.daemon.openai_wire import BROKE_OFF_LINE
+from locod.daemon.openai_wire import broke_off_parts
 from locod.daemon.sessions import WITHHELD
 from locod.protocol import Attachment, DeltaFrame
 
@@ -143,7 +143,7 @@ def test_a_private_fallback_answer_after_a_broken_cloud_stream_is_withheld_when_
     asked = {"model": "cloud-small", "messages": conversation, "max_tokens": 24, "stream": True}
     chunks = list(client.chat.completions.create(**asked))  # type: ignore[call-overload]
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    local_part = BROKE_OFF_LINE.split(text)[-1]
+    local_part = broke_off_parts(text)[-1]
     assert local_part.strip() and handle.rows()[-1]["outcome"] == "fallback", text
     handle.stop()
     handle = daemon_factory(config, extra_env=KEY)  # the same state: the conversation is no longer held
