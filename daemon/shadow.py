@@ -16,7 +16,7 @@ import logging
 import re
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -63,13 +63,15 @@ def overlap_label(answer: str, reference: str) -> bool | None:
 
 def agreement(answer: str, reference: str) -> float:
     """Word-overlap F1 of two answers, normalised (case, punctuation): 1 when they say the same words. A
-    short reference (a fact, a number, a choice) contained in the answer counts as agreement."""
+    short reference (a fact, a number, a choice) contained in the answer counts as agreement. The words in
+    common are counted once each (a cloud answer of 100,000 different words, a long numbered list, cost
+    each of them a count over both answers: a core's work for tens of minutes, an escalated turn's end waiting)."""
     a, r = WORD.findall(answer.lower()), WORD.findall(reference.lower())
     if not a or not r:
         return 0.0
     if len(r) <= 3 and f" {' '.join(r)} " in f" {' '.join(a)} ":
         return 1.0
-    common = sum(min(a.count(w), r.count(w)) for w in set(r))
+    common = sum((Counter(a) & Counter(r)).values())
     if common == 0:
         return 0.0
     precision, recall = common / len(a), common / len(r)

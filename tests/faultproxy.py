@@ -3,12 +3,12 @@
 It records every request it sees (path, headers, JSON body) and, per request, can delay it, answer with
 an HTTP error (optionally with Retry-After), cut the streamed answer after a few chunks, or answer garbage;
 or, without asking upstream, answer a hostile stream: one byte at a time (``trickle``), deltas without end
-(``endless``), one event of ``size`` bytes (``huge_event``), ``size`` bytes without a newline
-(``no_newline``), a delta whose content is a list (``bad_delta``), a short valid answer gzip-compressed
-(``gzip``), ``size`` bytes without a newline gzip-compressed to a few hundred kB (``gzip_bomb``), gzip
-that inflates to nothing, an empty block per ``delay_s`` for 30 s (``gzip_idle``), or a
-delta holding a lone UTF-16 surrogate (``surrogate``), a chunk whose ``choices`` is a string
-(``bad_shape``) or an event that is not UTF-8 (``not_utf8``);
+(``endless``), ``size`` different words (``many_words``), one event of ``size`` bytes (``huge_event``),
+``size`` bytes without a newline (``no_newline``), a delta whose content is a list (``bad_delta``), a
+short valid answer gzip-compressed (``gzip``), ``size`` bytes without a newline gzip-compressed to a few
+hundred kB (``gzip_bomb``), gzip that inflates to nothing, an empty block per ``delay_s`` for 30 s
+(``gzip_idle``), or a delta holding a lone UTF-16 surrogate (``surrogate``), a chunk whose ``choices`` is
+a string (``bad_shape``) or an event that is not UTF-8 (``not_utf8``);
 redirect (``redirect``: ``status`` with ``location``); or relay the real answer with its ``usage``
 replaced (``usage``), or once ``released`` is set (``hold``: a turn kept in flight until the test lets it
 go). Hostile streams stop when the daemon hangs up, or after ``size`` bytes / 10 minutes.
@@ -251,6 +251,14 @@ def _endless(fault: Fault) -> Iterator[bytes]:
         yield _event("more ")
 
 
+def _many_words(fault: Fault) -> Iterator[bytes]:
+    """``size`` different words, in events of 2**15 words (about 250 kB, within the daemon's event bound)."""
+    words = [f"w{i}" for i in range(fault.size)]
+    for start in range(0, fault.size, 1 << 15):
+        yield _event(" ".join(words[start : start + (1 << 15)]) + " ")
+    yield _event("", "stop") + b"data: [DONE]\n\n"
+
+
 def _huge_event(fault: Fault) -> Iterator[bytes]:
     yield _event("x" * fault.size)
     yield _event("", "stop") + b"data: [DONE]\n\n"
@@ -332,6 +340,7 @@ HOSTILE_STREAMS: dict[str, Callable[[Fault], Iterator[bytes]]] = {
     "bad_delta": _bad_delta,
     "trickle": _trickle,
     "endless": _endless,
+    "many_words": _many_words,
     "huge_event": _huge_event,
     "no_newline": _no_newline,
     "gzip": _gzip,
