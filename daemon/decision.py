@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,7 +291,7 @@ def _named(
         return Decision("local", model, (), "the request named this local model")
     named = next((m for m in config.cloud.models if m.name == model), None)
     if named is None:
-        raise unknown_model(config, model, left_out())
+        raise unknown_model(Offered.of(config), model, left_out())
     send = tuple(uploadable(attachments, named.vision))
     blocked = access.blocked_for(model) or over_cap(model, send)
     if blocked:
@@ -298,25 +299,80 @@ def _named(
     return Decision("cloud", model, send, "the request named this cloud model")
 
 
-def unknown_model(config: Config, name: str, left_out: Mapping[str, ModelError]) -> UnknownModel:
-    """The error for a request naming no model of ``config``: the models it may name instead (those routing
-    leaves out for their file apart, with why), and `locod reload` when the config file or the models
-    directory has it now (added, or pulled, after this daemon last read them)."""
-    local = [m.name for m in config.local.models if m.name not in left_out]
-    cloud = [m.name for m in config.cloud.models]
+@dataclass(frozen=True)
+class Offered:
+    """The models a daemon offers by name, with what a user may type for one instead (a cloud model's endpoint
+    id, a local model's GGUF file): from its config, or from a running daemon's as its ``config`` op sends it,
+    so that `locod chat --model` refuses a name before the first turn as the daemon refuses it in one."""
+
+    local: Mapping[str, str]  # name: its GGUF file's path, as configured (absolute, or in models_dir)
+    cloud: Mapping[str, str]  # name: its endpoint's model id
+    source: str | None  # the config file, None for none
+    models_dir: Path
+
+    @classmethod
+    def of(cls, config: Config) -> Offered:
+        return cls(
+            {m.name: m.path for m in config.local.models},
+            {m.name: m.model for m in config.cloud.models},
+            None if config.source == NO_CONFIG_FILE else config.source,
+            config.models_dir,
+        )
+
+    @classmethod
+    def described(cls, config: Mapping[str, Any]) -> Offered:
+        """From the running daemon's configuration as plain data (``as_dict``, the ``config`` op's reply)."""
+        source = config["source"]
+        return cls(
+            {m["name"]: m["path"] for m in config["local"]["models"]},
+            {m["name"]: m["model"] for m in config["cloud"]["models"]},
+            None if source == NO_CONFIG_FILE else source,
+            Path(config["paths"]["models_dir"]),
+        )
+
+    def file_of(self, name: str) -> str | None:
+        """The local model whose GGUF file ``name`` names: its path as configured or typed (a ``.gguf``'s, the
+        only one looked up on disk), its file name, or its stem in any case (``SmolLM2-135M-Instruct.Q4_1``)."""
+        typed = Path(os.path.expanduser(name)) if name.lower().endswith(".gguf") else None
+        for model, path in self.local.items():
+            file = self.models_dir / os.path.expanduser(path)  # an absolute path stays itself
+            if name in (path, file.name) or name.lower() == file.stem.lower() or _same_file(typed, file):
+                return model
+        return None
+
+
+def _same_file(typed: Path | None, file: Path) -> bool:
+    """Whether the path a user typed is the configured file (relative to where they are, symlinks followed)."""
+    if typed is None:
+        return False
+    try:
+        return typed.resolve() == file.resolve()
+    except (OSError, ValueError):  # a name no path can be: too long, a NUL
+        return False
+
+
+def unknown_model(offered: Offered, name: str, left_out: Mapping[str, ModelError]) -> UnknownModel:
+    """The error for a request naming no model ``offered``: the models it may name instead (those routing
+    leaves out for their file apart, with why), the name meant when it is a cloud model's endpoint id or a
+    local model's file, and `locod reload` when the config file or the models directory has it now (added, or
+    pulled, after this daemon last read them)."""
+    local = [m for m in offered.local if m not in left_out]
+    cloud = list(offered.cloud)
     shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"  # not echoed whole
     message = f"no model named {shown}; local models: {local}, cloud models: {cloud}{left_out_note(left_out)}"
-    meant = [m.name for m in config.cloud.models if m.model == name]
+    meant = [m for m, model_id in offered.cloud.items() if model_id == name]
+    local_file = offered.file_of(name)
     if meant:  # the endpoint's model id, as the provider's docs and the config's `model` key spell it
         message += f"; {shown} is the endpoint's model id of cloud model {meant[0]!r}: name {meant[0]!r}"
+    elif local_file is not None:  # the file the user downloaded, as Ollama's and llama.cpp's users name one
+        message += f"; {shown} is the GGUF file of local model {local_file!r}: name {local_file!r}"
     else:
         meant = [n for n in [*local, *left_out, *cloud] if n.lower() == name.lower()]
         if meant:
             message += f"; names are case-sensitive: {meant[0]!r}"
         message += gguf_path_hint(name)
-    source = None if config.source == NO_CONFIG_FILE else config.source
-    files = (Path(source) if source else None, manifest_path(config.models_dir))
-    if name in _names_on_disk(source, tuple(file_stamp(f) for f in files)):
+    files = (Path(offered.source) if offered.source else None, manifest_path(offered.models_dir))
+    if name in _names_on_disk(offered.source, tuple(file_stamp(f) for f in files)):
         message += f"; {shown} was added after the daemon last read its configuration: run `locod reload`"
     return UnknownModel(message)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from locod.commands.common import connect
-from locod.errors import DaemonNotRunning, LocodError, RequestError, UnknownModel
+from locod.errors import DaemonNotRunning, LocodError, ModelError, RequestError
 from locod.protocol import (
     MAX_STOP_SEQUENCES,
     Attachment,
@@ -221,7 +221,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     client = connect(args)  # a stopped daemon is said before the user types a first question
     if args.model is not None:  # and a model it does not have, rather than at every turn
         try:
-            _check_model_offered(args.model, client.status())
+            _check_model_offered(args.model, client)
         except LocodError:
             client.close()
             raise
@@ -329,10 +329,15 @@ def _attach_command(line: str, client: Client, pending: list[tuple[str, bool]]) 
     return True
 
 
-def _check_model_offered(name: str, status: dict[str, Any]) -> None:
-    local, cloud = status["local"]["models"], status["cloud"]["models"]
-    if name not in local + cloud:
-        raise UnknownModel(
-            f"the daemon has no model named {name!r}; local models: {local}, cloud models: {cloud} (one added to "
-            "the config or pulled since the daemon started is offered after `locod reload`)"
-        )
+def _check_model_offered(name: str, client: Client) -> None:
+    """Refuse a model the daemon does not offer before the first question, in the daemon's own words (the
+    name meant, when it is a cloud model's endpoint id or a local model's file), not after it is typed."""
+    status = client.status()
+    if name in status["local"]["models"] + status["cloud"]["models"]:
+        return
+    from locod.daemon.decision import Offered, unknown_model
+
+    default = status["local"]["default"]  # kept on offer whatever its file, as routing keeps it
+    unusable = status["local"]["unavailable"]  # by error code, all the refusal says of why
+    left_out = {m: ModelError(code, code=code) for m, code in unusable.items() if m != default}
+    raise unknown_model(Offered.described(client.daemon_config()), name, left_out)

@@ -1,0 +1,78 @@
+"""The `locod` command line as a new user meets it: a `--model` named as the provider's docs or the GGUF
+file spell it, a prompt typed without quotes, and what `decisions` says of filters that match nothing.
+Real daemons (the embedded model), the real `locod` command; the cloud model is configured, never called."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import DaemonHandle
+
+CLOUD = {"name": "gpt-mini", "base_url": "http://127.0.0.1:9/v1", "model": "gpt-4o-mini"}
+LOCAL = "smollm2-135m-instruct"  # the embedded model's name
+
+
+@pytest.fixture
+def with_cloud(daemon_factory: Any) -> DaemonHandle:
+    """A daemon with one cloud model whose endpoint id differs from its name; turns stay local."""
+    return daemon_factory({"routing": {"mode": "local"}, "cloud": {"models": [CLOUD]}})  # type: ignore[no-any-return]
+
+
+def _refusal(daemon: DaemonHandle, command: str, model: str) -> str:
+    """The one line `command --model model` is refused with (exit 1), before any turn is recorded."""
+    args = ("ask", "--model", model, "hi") if command == "ask" else ("chat", "--model", model)
+    result = daemon.cli(*args, stdin="hi\n")
+    assert result.returncode == 1, result.stderr
+    assert result.stdout == "", result.stdout  # chat answered no question
+    return result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("typed", "meant"),
+    [
+        ("gpt-4o-mini", "is the endpoint's model id of cloud model 'gpt-mini': name 'gpt-mini'"),
+        ("SmolLM2-135M-Instruct.Q4_1", f"is the GGUF file of local model {LOCAL!r}: name {LOCAL!r}"),
+        ("SmolLM2-135M-Instruct.Q4_1.gguf", f"is the GGUF file of local model {LOCAL!r}: name {LOCAL!r}"),
+    ],
+)
+def test_ask_and_chat_refuse_a_model_name_alike_with_the_name_meant(
+    with_cloud: DaemonHandle, typed: str, meant: str
+) -> None:
+    """Walk finding: `locod chat --model gpt-4o-mini` (the endpoint's id of cloud model gpt-mini) said only
+    "the daemon has no model named ..."; `locod ask` added the name meant. Chat's check was a weaker twin of
+    the daemon's refusal; it now uses the daemon's rule, which also names a local model given by its file."""
+    asked, chatted = _refusal(with_cloud, "ask", typed), _refusal(with_cloud, "chat", typed)
+    assert asked == chatted, (asked, chatted)
+    assert meant in asked, asked
+    assert with_cloud.rows() == []  # refused before any turn
+
+
+def test_a_model_named_by_its_file_s_path_is_told_its_name(with_cloud: DaemonHandle, model_path: Path) -> None:
+    """A GGUF's path, as llama.cpp takes it (`-m ~/models/x.gguf`), was told only that a file is not a name;
+    the file of a configured model is told the name it has."""
+    asked = _refusal(with_cloud, "ask", str(model_path))
+    assert asked == _refusal(with_cloud, "chat", str(model_path))
+    assert f"is the GGUF file of local model {LOCAL!r}: name {LOCAL!r}" in asked, asked
+    other = _refusal(with_cloud, "chat", "/nowhere/other.gguf")  # a file no model has: how to configure one
+    assert "a GGUF file is not a model's name" in other, other
+
+
+def test_chat_still_takes_a_model_the_daemon_offers(with_cloud: DaemonHandle) -> None:
+    """The check refuses names the daemon does not offer, nothing else: the local model answers."""
+    chat = with_cloud.cli("chat", "--model", LOCAL, "--max-tokens", "2", stdin="hi\n")
+    assert chat.returncode == 0, chat.stderr
+    assert [row["model"] for row in with_cloud.rows()] == [LOCAL]
+
+
+def test_chat_lists_the_local_models_left_out_for_their_file_as_ask_does(daemon_factory: Any, tmp_path: Path) -> None:
+    """Chat's own check listed a local model whose file is missing among the names to use; the daemon's rule,
+    now chat's too, lists it apart, with why."""
+    gone = {"name": "gone", "path": str(tmp_path / "nowhere.gguf")}
+    handle = daemon_factory({"local": {"models": [gone]}})
+    asked, chatted = _refusal(handle, "ask", "nope"), _refusal(handle, "chat", "nope")
+    assert asked == chatted, (asked, chatted)
+    assert f"local models: [{LOCAL!r}], cloud models: []; left out until their file can be loaded: 'gone'" in asked
