@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     mistake = HABITS.get(word or "") or _near_miss(word, list(_subcommands(parser)))
     if mistake:
         parser.error(mistake)
-    args, extra = parser.parse_known_args(argv)
+    args, extra = _prompt_words(*parser.parse_known_args(argv))
     if extra and args.func is not cmd_policy_train:  # only training passes its own options through
         args.command_parser.error(_unrecognized(extra, args.command_parser))
     args.train_args = extra
@@ -184,6 +184,18 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
     }
 
 
+def _prompt_words(args: argparse.Namespace, extra: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """A prompt typed without quotes is its words joined, as ``echo`` prints them: ``locod ask hi there``
+    asks "hi there", ``locod ask hi --model m there`` too (argparse took the first run of words and called
+    the rest unrecognized). An unknown option among them leaves them all unrecognized: it is said as one."""
+    if not extra or not isinstance(getattr(args, "prompt", None), list):
+        return args, extra
+    if any(word.startswith("-") and word != "-" for word in extra):
+        return args, extra
+    args.prompt = [*args.prompt, *extra]
+    return args, []
+
+
 def _unrecognized(extra: list[str], command: argparse.ArgumentParser) -> str:
     """What the command line held that ``command`` does not take. An unknown option is named alone, with the
     options it may have meant: argparse took the value after it as the command's argument (``locod ask -m x
@@ -193,7 +205,13 @@ def _unrecognized(extra: list[str], command: argparse.ArgumentParser) -> str:
         return f"unrecognized arguments: {' '.join(extra)}"
     known = [flag for action in command._actions for flag in action.option_strings]
     said = [f"{flag} ({meant})" if (meant := _meant(flag, known)) else flag for flag in unknown]
-    return f"no such option: {', '.join(said)}; `{command.prog} --help` lists them"
+    words = "; a word of the prompt that begins with - goes after --" if _takes_prompt(command) else ""
+    return f"no such option: {', '.join(said)}; `{command.prog} --help` lists them{words}"
+
+
+def _takes_prompt(command: argparse.ArgumentParser) -> bool:
+    """Whether ``command`` reads a prompt from its words: an unknown option there may be a word of it."""
+    return any(action.dest == "prompt" for action in command._actions)
 
 
 def _meant(flag: str, known: list[str]) -> str | None:
@@ -366,7 +384,12 @@ def _add_turn_commands(sub: Any) -> None:
     ):
         p = sub.add_parser(name, help=text)
         if name == "ask":
-            p.add_argument("prompt", nargs="?", help="the question; - (or none, with a pipe) reads standard input")
+            p.add_argument(
+                "prompt",
+                nargs="*",
+                help="the question, quoted or not (its words are joined with spaces; put a word that begins with - "
+                "after --); - (or none, with a pipe) reads standard input",
+            )
             for flag, meaning in (
                 ("--attach", "image or document to attach"),
                 ("--private", "attachment that never leaves the device"),

@@ -68,6 +68,26 @@ def test_chat_still_takes_a_model_the_daemon_offers(with_cloud: DaemonHandle) ->
     assert [row["model"] for row in with_cloud.rows()] == [LOCAL]
 
 
+def test_an_unquoted_prompt_is_asked_whole(daemon: DaemonHandle) -> None:
+    """Walk finding: `locod ask hi there` said "unrecognized arguments: there". The words are one prompt, as
+    `echo` prints them, options among them still read as options, and after `--` a word that begins with -
+    is a word."""
+    asked = daemon.cli("ask", "Say", "hi", "--max-tokens", "2", "to", "Ann", "--json")
+    assert asked.returncode == 0, asked.stderr
+    assert json.loads(asked.stdout.splitlines()[-1])["type"] == "done"  # --json after the words was read
+    dashed = daemon.cli("ask", "--max-tokens", "2", "--", "-x", "marks", "the", "spot")
+    assert dashed.returncode == 0, dashed.stderr
+    assert [row["prompt_chars"] for row in daemon.rows()] == [len("Say hi to Ann"), len("-x marks the spot")]
+
+
+def test_an_unknown_option_among_the_words_is_still_refused(daemon: DaemonHandle) -> None:
+    """An unknown option is not taken as a word of the prompt: it is named, with how to give such a word."""
+    refused = daemon.cli("ask", "hi", "-x", "there")
+    assert refused.returncode == 2, refused.stderr
+    assert "no such option: -x;" in refused.stderr and "goes after --" in refused.stderr, refused.stderr
+    assert daemon.rows() == []
+
+
 def test_chat_lists_the_local_models_left_out_for_their_file_as_ask_does(daemon_factory: Any, tmp_path: Path) -> None:
     """Chat's own check listed a local model whose file is missing among the names to use; the daemon's rule,
     now chat's too, lists it apart, with why."""

@@ -183,7 +183,8 @@ def readme_commands() -> dict[str, tuple[list[str], set[str]]]:
 
 def parser_commands() -> dict[str, tuple[list[str], set[str]]]:
     """Each command `locod` parses, with its positional arguments as a usage line writes them (`[ID]` when
-    optional) and its flags; "" for the flags every command takes, given before it."""
+    optional, `[PROMPT...]` when any number of words) and its flags; "" for the flags every command takes,
+    given before it."""
     global_flags = {o for a in cli._AFTER._actions for o in a.option_strings}
     top = cli._parser()
     found: dict[str, tuple[list[str], set[str]]] = {
@@ -202,7 +203,7 @@ def parser_commands() -> dict[str, tuple[list[str], set[str]]]:
         arguments = []
         for action in (a for a in parser._actions if not a.option_strings):
             shown = "|".join(action.choices) if action.choices else str(action.metavar or action.dest).upper()
-            arguments.append(f"[{shown}]" if action.nargs == "?" else shown)
+            arguments.append(f"[{shown}]" if action.nargs == "?" else f"[{shown}...]" if action.nargs == "*" else shown)
         found[" ".join(path)] = (arguments, flags)
 
     walk(top, [])

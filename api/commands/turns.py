@@ -83,11 +83,11 @@ def _turn_files(client: Any, named: list[tuple[str, bool]]) -> list[Attachment]:
     ]
 
 
-def _prompt(given: str | None) -> str:
-    """The prompt as given, or read from standard input for ``-`` or when it is a pipe."""
-    if given is not None and given != "-":
-        return _utf8(given, "the command line")
-    if given is None and sys.stdin.isatty():
+def _prompt(words: list[str]) -> str:
+    """The prompt's words as given, joined, or read from standard input for ``-`` or when it is a pipe."""
+    if words and words != ["-"]:
+        return _utf8(" ".join(words), "the command line")
+    if not words and sys.stdin.isatty():
         raise LocodError('ask needs a prompt: `locod ask "question"`, or `-` to read it from standard input')
     text = sys.stdin.read().strip()
     if not text:
