@@ -88,6 +88,16 @@ def test_an_unknown_option_among_the_words_is_still_refused(daemon: DaemonHandle
     assert daemon.rows() == []
 
 
+def test_decisions_that_match_nothing_name_the_filters_given(daemon: DaemonHandle) -> None:
+    """`locod decisions --session nope` said "no decision record matches --session, --location, --outcome,
+    --since and --before as given": all five, whichever were given. It names those given, as typed."""
+    listed = daemon.cli("decisions", "--session", "no such", "--outcome", "ok", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout) == []
+    assert "no decision record matches --session 'no such' --outcome ok" in listed.stderr, listed.stderr
+    assert "--location" not in listed.stderr, listed.stderr
+
+
 def test_chat_lists_the_local_models_left_out_for_their_file_as_ask_does(daemon_factory: Any, tmp_path: Path) -> None:
     """Chat's own check listed a local model whose file is missing among the names to use; the daemon's rule,
     now chat's too, lists it apart, with why."""

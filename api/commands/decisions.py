@@ -32,14 +32,12 @@ def cmd_decisions(args: argparse.Namespace) -> int:
             )
     except DaemonNotRunning:  # the log is a file: what happened can be read with the daemon stopped
         rows = _at_rest(args, query)
-    narrowed = bool(query.narrowing())
+    narrowed = query.narrowing()
     if args.of is not None and not rows and not narrowed:
         raise UnknownDecision(f"no decision record has the id {args.of!r}; `locod decisions` lists the newest")
-    if not rows and narrowed:  # a header alone would read as an empty log
-        print(
-            "no decision record matches --session, --location, --outcome, --since and --before as given",
-            file=sys.stderr,
-        )
+    if not rows and narrowed:  # a header alone would read as an empty log; the filters given, not all five
+        given = " ".join(f"--{name} {shlex.quote(str(getattr(args, name)))}" for name in narrowed)
+        print(shown(f"no decision record matches {given}"), file=sys.stderr)
     if args.of is None and len(rows) == query.limit:  # there may be older ones: how to read the page before
         print(f"older: {_older(args, min(row['id'] for row in rows))}", file=sys.stderr)
     if args.json:
