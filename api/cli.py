@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import errno
+import importlib
 import os
+import re
 import signal
 import sys
 from collections.abc import Callable
@@ -302,6 +304,28 @@ def _session(text: str) -> str:
         raise argparse.ArgumentTypeError("is not UTF-8 text") from None
 
 
+FLAG_FIRST = re.compile(r"^--[a-z0-9-]+ ")  # a rule's message names its flag, as argparse's own words will
+
+
+def _rule(module: str, name: str, kind: Callable[[str], Any] = str) -> Callable[[str], Any]:
+    """A flag's type from the rule that the code taking its value checks it with (``name`` in ``module``,
+    imported only when the flag is given: ``locod --help`` stays quick). Checked as the command line is read,
+    a wrong value is a usage error (exit 2) like a wrong ``--since``: ``models pull --max-size bogus`` and
+    ``report --out x.txt`` exited 1, as a refused request."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expects a whole number, got {text!r}") from None
+        try:
+            return getattr(importlib.import_module(module), name)(value)
+        except LocodError as exc:
+            raise argparse.ArgumentTypeError(FLAG_FIRST.sub("", exc.message)) from None
+
+    return parse
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="locod",
@@ -484,6 +508,9 @@ def _add_daemon_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_stop)
 
 
+PULL = "locod.daemon.pull"  # the rules of `models pull`'s flags
+
+
 def _add_offline_commands(sub: Any) -> None:
     """What works without a daemon: ``config``, ``models``, ``report``, ``policy``."""
     config = sub.nested("config", help="configuration")
@@ -499,10 +526,26 @@ def _add_offline_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_models_fetch)
     p = models.add_parser("pull", help="download a GGUF (URL or hf://owner/repo/file.gguf) and register it")
     p.add_argument("source", help="an http(s) URL of a .gguf, or hf://owner/repo/file.gguf")
-    p.add_argument("--name", help="the model's name (default: the file's name in lower case, without .gguf)")
-    p.add_argument("--sha256", help="expected SHA-256 (the hub's published one is checked anyway)")
-    p.add_argument("--ctx", type=int, help="context size to load it with (default: its trained context, at most 4096)")
-    p.add_argument("--max-size", help="the largest file to accept, e.g. 80G (default 64G): a download stops there")
+    p.add_argument(
+        "--name",
+        type=_rule(PULL, "model_name"),
+        help="the model's name (default: the file's name in lower case, without .gguf)",
+    )
+    p.add_argument(
+        "--sha256",
+        type=_rule(PULL, "sha256_given"),
+        help="expected SHA-256 (the hub's published one is checked anyway)",
+    )
+    p.add_argument(
+        "--ctx",
+        type=_rule(PULL, "context_size", int),
+        help="context size to load it with (default: its trained context, at most 4096)",
+    )
+    p.add_argument(
+        "--max-size",
+        type=_rule(PULL, "parse_size"),
+        help="the largest file to accept, e.g. 80G (default 64G): a download stops there",
+    )
     p.set_defaults(func=cmd_models_pull)
     p = models.add_parser("list", help="local models: size, quantisation, context, loaded, path")
     p.add_argument("--json", action="store_true", help="as JSON")
@@ -513,7 +556,12 @@ def _add_offline_commands(sub: Any) -> None:
 
     p = sub.add_parser("report", help="charts of what the router did, from the decision log")
     p.add_argument("--since", type=_since, default="7d", help="how far back: 30m, 12h, 7d, 4w (default 7d)")
-    p.add_argument("--out", default="report.png", help="report.png or report.html (default report.png)")
+    p.add_argument(
+        "--out",
+        type=_rule("locod.report", "report_file"),
+        default="report.png",
+        help="report.png or report.html (default report.png)",
+    )
     p.set_defaults(func=cmd_report)
 
     policy = sub.nested("policy", help="the TMO routing policy")

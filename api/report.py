@@ -25,11 +25,17 @@ MAX_TICKS = 8  # labelled buckets (or days) per axis
 LABEL_COLOURS = {"user": "tab:blue", "judge": "tab:purple", "explore": "tab:orange", "shadow": "tab:green"}
 
 
-def write_report(config: Config, since: str = "7d", out: str | Path = "report.png") -> Path:
-    """Draw the report of the last ``since`` (12h, 7d, 4w) into ``out`` (.png, or .html with the picture inside)."""
+def report_file(out: str | Path) -> Path:
+    """``--out``: a file of a kind the report is written as, by its suffix."""
     out = Path(out)
     if out.suffix.lower() not in SUFFIXES:
         raise RequestError(f"--out must end in .png or .html, got {str(out)!r}")
+    return out
+
+
+def write_report(config: Config, since: str = "7d", out: str | Path = "report.png") -> Path:
+    """Draw the report of the last ``since`` (12h, 7d, 4w) into ``out`` (.png, or .html with the picture inside)."""
+    out = report_file(out)
     history = _history(config, since)
     if not history.turns:
         raise LocodError(f"no turns in the decision log {config.db_path} in the last {since}: nothing to draw")

@@ -96,8 +96,8 @@ def pull_model(
 ) -> catalog.PulledModel:
     """Download, check, install and register SOURCE as model ``name`` (default: the file's name)."""
     models_dir = config.models_dir
-    if n_ctx is not None and not MIN_CTX <= n_ctx <= MAX_CTX:
-        raise FetchError(f"--ctx must be between {MIN_CTX} and {MAX_CTX}, got {n_ctx}")
+    if n_ctx is not None:
+        context_size(n_ctx)
     found = resolve(source, config.local.hub_endpoint)
     name = name or found.filename.removesuffix(".gguf").lower()
     expected = _expected_sha256(found, sha256)
@@ -155,10 +155,31 @@ def parse_size(text: str) -> int:
     return size
 
 
+def context_size(n_ctx: int) -> int:
+    """``--ctx``: the context a pulled model is loaded with, in local.models' n_ctx range."""
+    if not MIN_CTX <= n_ctx <= MAX_CTX:
+        raise FetchError(f"--ctx must be between {MIN_CTX} and {MAX_CTX}, got {n_ctx}")
+    return n_ctx
+
+
+def sha256_given(text: str) -> str:
+    """``--sha256``: a SHA-256 as the user typed it, in lower case."""
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise FetchError(f"--sha256 expects 64 hex digits, got {text!r}")
+    return text.lower()
+
+
+def model_name(name: str) -> str:
+    """A pulled model's name (``--name``, or the file's): one the config and the OpenAI door can take."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise FetchError(f"model name {name!r}: use letters, digits, '.', '_' and '-' (choose one with --name)")
+    if name == ROUTED_MODEL:  # registered, it would stop every start of the daemon (config.py refuses it)
+        raise FetchError(f"model name {name!r} means 'let locod route' to OpenAI clients; choose another --name")
+    return name
+
+
 def _expected_sha256(found: Source, given: str | None) -> str | None:
-    if given is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", given):
-        raise FetchError(f"--sha256 expects 64 hex digits, got {given!r}")
-    given = given.lower() if given else None
+    given = sha256_given(given) if given is not None else None
     if given and found.sha256 and given != found.sha256:
         raise FetchError(f"--sha256 {given} differs from the hub's published {found.sha256}; nothing downloaded")
     return given or found.sha256
@@ -166,10 +187,7 @@ def _expected_sha256(found: Source, given: str | None) -> str | None:
 
 def _target(config: Config, name: str, source: str, pulled: dict[str, catalog.PulledModel]) -> Path:
     """Where model ``name`` goes; refuses a name or file that belongs to another model."""
-    if not NAME_PATTERN.fullmatch(name):
-        raise FetchError(f"model name {name!r}: use letters, digits, '.', '_' and '-' (choose one with --name)")
-    if name == ROUTED_MODEL:  # registered, it would stop every start of the daemon (config.py refuses it)
-        raise FetchError(f"model name {name!r} means 'let locod route' to OpenAI clients; choose another --name")
+    model_name(name)
     existing = pulled.get(name)
     if existing is not None and existing.origin != source:
         raise FetchError(

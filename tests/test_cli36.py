@@ -5,12 +5,14 @@ Real daemons (the embedded model), the real `locod` command; the cloud model is 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import DaemonHandle
+from .conftest import DaemonHandle, locod_command
 
 CLOUD = {"name": "gpt-mini", "base_url": "http://127.0.0.1:9/v1", "model": "gpt-4o-mini"}
 LOCAL = "smollm2-135m-instruct"  # the embedded model's name
@@ -106,3 +108,27 @@ def test_chat_lists_the_local_models_left_out_for_their_file_as_ask_does(daemon_
     asked, chatted = _refusal(handle, "ask", "nope"), _refusal(handle, "chat", "nope")
     assert asked == chatted, (asked, chatted)
     assert f"local models: [{LOCAL!r}], cloud models: []; left out until their file can be loaded: 'gone'" in asked
+
+
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (["models", "pull", "http://127.0.0.1:9/x.gguf", "--max-size", "lots"], "argument --max-size: expects a size"),
+        (["models", "pull", "http://127.0.0.1:9/x.gguf", "--ctx", "64"], "argument --ctx: must be between 128"),
+        (["models", "pull", "http://127.0.0.1:9/x.gguf", "--ctx", "many"], "argument --ctx: expects a whole number"),
+        (["models", "pull", "http://127.0.0.1:9/x.gguf", "--sha256", "abc"], "argument --sha256: expects 64 hex"),
+        (["models", "pull", "http://127.0.0.1:9/x.gguf", "--name", "a/b"], "argument --name: model name 'a/b': use"),
+        (["report", "--out", "report.txt"], "argument --out: must end in .png or .html, got 'report.txt'"),
+    ],
+)
+def test_a_wrong_flag_value_is_a_usage_error(tmp_path: Path, argv: list[str], said: str) -> None:
+    """Sweep finding: `models pull --max-size lots` (and --ctx, --sha256, --name) and `report --out x.txt`
+    exited 1, a refused request, where the exit statuses say 2 for a wrong command line, as a wrong --since
+    or --limit is. Their rules now check them as the command line is read, under the command's usage."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCOD_", "XDG_"))}
+    env.update(LOCOD_STATE_DIR=str(tmp_path / "state"), LOCOD_MODELS_DIR=str(tmp_path / "models"), HOME=str(tmp_path))
+    result = subprocess.run(locod_command(*argv), capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"usage: locod {' '.join(argv[:2] if argv[0] == 'models' else argv[:1])}" in result.stderr
+    assert said in result.stderr, result.stderr
+    assert not (tmp_path / "models").exists()  # nothing downloaded

@@ -207,7 +207,7 @@ def test_a_download_without_a_size_stops_at_max_size(tmp_path: Path, server: Fil
     assert result.returncode == 1 and "the file is 4.0 MiB, over the 3.0 MiB" in result.stderr
     assert os.listdir(tmp_path / "models") == []
     result = _run(env, "models", "pull", f"{server.url}/files/big.gguf", "--max-size", "lots")
-    assert result.returncode == 1 and "--max-size expects a size such as 8G" in result.stderr
+    assert result.returncode == 2 and "argument --max-size: expects a size such as 8G" in result.stderr
 
 
 def _damaged_headers() -> dict[str, bytes]:

@@ -167,7 +167,7 @@ def test_policy_train_and_report_say_where_their_files_go(tmp_path: Path) -> Non
         env=env,
         timeout=60,
     )
-    assert f"--out must end in .png or .html, got {str(tmp_path)!r}" in folder.stderr, folder.stderr
+    assert f"--out: must end in .png or .html, got {str(tmp_path)!r}" in folder.stderr, folder.stderr
 
 
 def test_the_user_uninstall_names_what_it_keeps_and_leaves_another_locod_alone(tmp_path: Path) -> None:

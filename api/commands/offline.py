@@ -97,10 +97,10 @@ def cmd_models_fetch(args: argparse.Namespace) -> int:
 
 def cmd_models_pull(args: argparse.Namespace) -> int:
     from locod.daemon.download import DEFAULT_MAX_BYTES, terminal_meter
-    from locod.daemon.pull import parse_size, pull_model
+    from locod.daemon.pull import pull_model
 
     config = models_config(args)
-    max_bytes = parse_size(args.max_size) if args.max_size else DEFAULT_MAX_BYTES
+    max_bytes = args.max_size or DEFAULT_MAX_BYTES  # in bytes: the flag's type read it
     meter = terminal_meter(args.name or args.source.rsplit("/", 1)[-1], _say)
     model = pull_model(
         config,
