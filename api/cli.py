@@ -282,6 +282,18 @@ def _limit(text: str) -> int:
     return value
 
 
+def _seconds(text: str) -> float:
+    """``stop --timeout``: 0 or more seconds. A negative one (or ``nan``) sent the daemon SIGTERM, then said at
+    once that it was "still stopping after -1 s" and exited 1: the stop was done, the command said it failed."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expects a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
+    return value
+
+
 def _since(text: str) -> str:
     """``report --since`` and ``decisions --since``: a period checked as the command line is read, so a wrong
     one is a usage error (exit 2, as every other wrong argument), not a refused request (exit 1)."""
@@ -504,7 +516,7 @@ def _add_daemon_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("stop", help="stop the daemon (as SIGTERM: turns in flight finish first)")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for it to exit (default 60)")
+    p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for it to exit (default 60)")
     p.set_defaults(func=cmd_stop)
 
 

@@ -132,3 +132,13 @@ def test_a_wrong_flag_value_is_a_usage_error(tmp_path: Path, argv: list[str], sa
     assert f"usage: locod {' '.join(argv[:2] if argv[0] == 'models' else argv[:1])}" in result.stderr
     assert said in result.stderr, result.stderr
     assert not (tmp_path / "models").exists()  # nothing downloaded
+
+
+def test_stop_refuses_a_negative_timeout_before_signalling(daemon: DaemonHandle) -> None:
+    """Sweep finding: `locod stop --timeout -1` sent the daemon SIGTERM, then said at once "still stopping
+    after -1 s; see its log" and exited 1. A timeout below 0 (or nan) is now a usage error: nothing is sent."""
+    for wrong in ("-1", "nan"):
+        refused = daemon.cli("stop", "--timeout", wrong)
+        assert refused.returncode == 2 and "argument --timeout: must be 0 or more seconds" in refused.stderr
+    assert daemon.proc.poll() is None  # still serving
+    assert daemon.cli("status").returncode == 0
