@@ -66,6 +66,7 @@ RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 # OpenAI's json_schema keys: a local answer is held to the schema whether or not strict is sent, and the
 # description (the schema's meaning, for the model) is passed to a cloud model as given
 JSON_SCHEMA_KEYS = ("name", "schema", "strict", "description")
+JSON_SCHEMA_TYPES = {"name": str, "description": str, "strict": bool}  # each also null: not sent
 # Stop sequences: as many as OpenAI's API takes, each bounded (every generated token is checked against them).
 MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 4, 200
 
@@ -476,7 +477,14 @@ def response_format_problem(value: Any) -> str | None:
     unread = sorted(set(spec) - set(JSON_SCHEMA_KEYS)) if isinstance(spec, dict) else []
     if unread:
         return f"has json_schema keys locod would leave unread, {unread}: it takes {', '.join(JSON_SCHEMA_KEYS)}"
+    mistyped = [key for key, kind in JSON_SCHEMA_TYPES.items() if isinstance(spec, dict) and _mistyped(spec, key, kind)]
+    if mistyped:  # "strict": "false" went to a cloud model as given (OpenAI refuses it), unread by a local one
+        return f"has json_schema.{mistyped[0]} of the wrong type: name and description are strings, strict a boolean"
     return None
+
+
+def _mistyped(spec: dict[str, Any], key: str, kind: type) -> bool:
+    return spec.get(key) is not None and not isinstance(spec[key], kind)
 
 
 def response_format(value: Any) -> dict[str, Any] | None:
