@@ -63,6 +63,7 @@ AS_DEFAULT: dict[str, tuple[Any, ...]] = {
     "tool_choice": ("none",),
     "function_call": ("none",),
     "logit_bias": ({},),
+    "top_logprobs": (0,),
 }
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
@@ -139,7 +140,7 @@ def parse_completion(
     if not isinstance(body, dict):
         raise bad("the body must be a JSON object")
     for key in UNSUPPORTED:
-        if body.get(key) not in (None, [], False, *AS_DEFAULT.get(key, ())):
+        if not _asks_default(key, body.get(key)):
             instead = (
                 ", which calls no tools; send the request without it (a structured answer can be asked for with "
                 "response_format and a json_schema, which locod honours)"
@@ -209,6 +210,13 @@ def _options(body: dict[str, Any]) -> ChatOptions:
         presence_penalty=optional_float(given["presence_penalty"]),
         response_format=response_format(form),
     )
+
+
+def _asks_default(key: str, value: Any) -> bool:
+    """Whether an unsupported field's value asks for what every answer is anyway, its type compared too: in
+    Python ``0 == False``, so ``logprobs: 0`` (which OpenAI refuses, a boolean expected) passed unread."""
+    defaults = (None, [], False, *AS_DEFAULT.get(key, ()))
+    return any(type(value) is type(default) and value == default for default in defaults)
 
 
 def _is_int(value: Any) -> bool:
