@@ -113,6 +113,9 @@ class Exchange:
         }
 
     def chunk(self, model: str, delta: dict[str, Any], reason: str | None = None, **extra: Any) -> dict[str, Any]:
+        """One chunk; with ``include_usage``, as OpenAI's, each carries ``usage``: null until the last one's."""
+        if self.completion.include_usage:
+            extra = {"usage": None, **extra}
         return wire.chunk(self.id, self.created, model, delta, reason, **extra)
 
     @property

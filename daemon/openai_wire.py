@@ -65,6 +65,8 @@ AS_DEFAULT: dict[str, tuple[Any, ...]] = {
     "logit_bias": ({},),
     "top_logprobs": (0,),
 }
+# stream_options' keys, both booleans: obfuscation pads OpenAI's chunks against a side channel; locod sends none.
+STREAM_OPTIONS = ("include_usage", "include_obfuscation")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
@@ -165,16 +167,32 @@ def parse_completion(
     if not isinstance(raw, list) or not raw:
         raise bad("'messages' must be a non-empty list", "messages")
     messages, attachments = _messages(raw)
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict):
-        raise bad("'stream_options' must be an object", "stream_options")
+    options = _options(body)
     return Completion(
         messages,
         attachments,
         None if model == ROUTED_MODEL else model,
-        _options(body),
-        bool(stream_options.get("include_usage")),
+        options,
+        _include_usage(body.get("stream_options"), options.stream),
     )
+
+
+def _include_usage(stream_options: Any, stream: bool) -> bool:
+    """``stream_options.include_usage``, typed as OpenAI types it: read for truthiness, ``"false"`` turned the
+    usage chunk on, and options sent without ``stream`` went unread; OpenAI refuses both."""
+    if stream_options is None:
+        return False
+    if not isinstance(stream_options, dict):
+        raise bad(f"'stream_options' must be an object or null, got {stream_options!r:.40}", "stream_options")
+    if not stream:
+        raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    for key, value in stream_options.items():
+        if key not in STREAM_OPTIONS:
+            unread = f"'stream_options' has a key locod does not read, {key!r:.40}: it takes {STREAM_OPTIONS}"
+            raise bad(unread, "stream_options")
+        if value is not None and not isinstance(value, bool):
+            raise bad(f"'stream_options.{key}' must be true or false, got {value!r:.40}", f"stream_options.{key}")
+    return stream_options.get("include_usage") is True
 
 
 def _options(body: dict[str, Any]) -> ChatOptions:
