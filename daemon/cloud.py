@@ -67,12 +67,11 @@ CONTEXT_REFUSAL = re.compile(
 )
 
 # llama-cpp-python's server refuses a response format it does not take (``json_schema``) with a 500 carrying
-# its request validation's error, which names the field's place: FastAPI's "1 validation error:\n  {'type':
-# 'literal_error', 'loc': ('body', 'response_format', 'type'), ...", or pydantic's "1 validation error for
-# CreateChatCompletionRequest\nresponse_format.type\n  Input should be ..."
-FORMAT_VALIDATION = re.compile(
-    r"\bvalidation errors?\b.*?(?:'loc': \('body', 'response_format'|^response_format\b)", re.MULTILINE | re.DOTALL
-)
+# its request validation's error, which names the field's place after it: FastAPI's "1 validation error:\n
+# {'type': 'literal_error', 'loc': ('body', 'response_format', 'type'), ...", or pydantic's "1 validation error
+# for CreateChatCompletionRequest\nresponse_format.type\n  Input should be ..."
+VALIDATION_ERROR = re.compile(r"\bvalidation errors?\b")
+FORMAT_FIELD = re.compile(r"'loc': \('body', 'response_format'|^response_format\b", re.MULTILINE)
 
 
 def backoff_s(attempt: int) -> float:
@@ -157,7 +156,15 @@ def _format_refused(exc: openai.APIStatusError, prompt: Prompt) -> bool:
     said = str(exc.message)
     if exc.status_code in (400, 422):
         return "response_format" in said
-    return exc.status_code == 500 and FORMAT_VALIDATION.search(said) is not None
+    return exc.status_code == 500 and _names_format_after_validation_error(said)
+
+
+def _names_format_after_validation_error(said: str) -> bool:
+    """Whether the field's place follows the words "validation error", looked for after their first use
+    only: one expression holding both was tried anew from each use, to the message's end, and a 500 of 1 MB
+    repeating the words (within cloud.max_answer_bytes) held the whole daemon half an hour (docs/reliability.md)."""
+    first = VALIDATION_ERROR.search(said)
+    return first is not None and FORMAT_FIELD.search(said, first.end()) is not None
 
 
 def _vision_hint(model: CloudModelConfig, images: int) -> str:
