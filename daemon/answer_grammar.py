@@ -45,7 +45,10 @@ MAX_ENUM_VALUES = 1000  # all the schema's enums together, OpenAI's bound: each 
 MAX_PATTERN_CHARS = 1000  # a pattern's literal text is written out once for each repetition of it
 MAX_GRAMMAR_CHARS = 128 << 10  # what llama.cpp parses, and walks at each token
 MAX_RULES = 1000  # the converter finds a free name for a rule by trying them in turn
-QUANTIFIER = re.compile(r"\{\s*(\d*)\s*(?:,\s*(\d*)\s*)?\}")
+# A repetition's bounds; the spaces after a bound are read only after its digits, since with none they are
+# the spaces before it, and trying each split of a run of spaces between the two made a pattern's check
+# quadratic in its length (about 50 ms a pattern of "{" and spaces; a schema may hold thousands of patterns).
+QUANTIFIER = re.compile(r"\{\s*(\d*)(?:(?<=\d)\s*)?(?:,\s*(\d*)(?:(?<=\d)\s*)?)?\}")
 CACHED = 16  # grammars kept: a turn's schema is built before it waits, at each fitting and as it opens
 GBNF_ESCAPE = re.compile(r"\\(x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|U[0-9a-fA-F]{8}|.)", re.DOTALL)
 SIMPLE_ESCAPES = {"t": "\t", "r": "\r", "n": "\n"}

@@ -1,8 +1,8 @@
 """The work one message costs, continued (docs/reliability.md): the regular expressions and loops that read
-a client's or a cloud's text, hunted for work growing faster than the text. One was the check whether a
-cloud's 500 is llama-cpp-python refusing the response format. Real daemon, real model, real ZeroMQ, the fault
-proxy's 500; no wall-clock bound: a client's timeout only tells an answer from a daemon held for many
-minutes."""
+a client's or a cloud's text, hunted for work growing faster than the text. Two were: the check whether a
+cloud's 500 is llama-cpp-python refusing the response format, and the check of a schema's pattern
+repetitions. Real daemon, real model, real ZeroMQ, the fault proxy's 500; no wall-clock bound: a client's
+timeout only tells an answer from a daemon held for many minutes."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .test_attacks14 import dealer, receive, send
 # Before the fix: about half an hour on this VM of one regular expression's search, which holds the
 # interpreter's lock throughout, its work growing as the 500's size squared.
 VALIDATION_ERRORS = "1 validation error: 'loc': ('body', 'messages') " * 20_000  # about 1 MB, within max_answer_bytes
+PATTERNS = 20_000  # a schema of 20 MB, each pattern 1,000 characters: over seven minutes of checking before
 
 
 def _cloud_daemon(daemon_factory: Any, proxy: FaultProxy) -> DaemonHandle:
@@ -61,3 +62,29 @@ def test_llama_cpp_pythons_500_naming_the_format_after_its_validation_error_is_s
     proxy.set(Fault(kind="status", status=500, message=said))
     result = handle.client(turn_timeout_s=300).ask("Say hi.", max_tokens=8, response_format={"type": "json_object"})
     assert result.fallback is not None and "may not take this response_format" in result.fallback.message
+
+
+def _schema_of_many_patterns() -> dict[str, Any]:
+    """Properties whose patterns open a repetition with "{" and never close it: each is the 1,000
+    characters a pattern may have, of spaces after the "{"."""
+    pattern = {"type": "string", "pattern": "{" + " " * 998 + "x"}
+    return {"type": "object", "properties": {f"p{i}": pattern for i in range(PATTERNS)}}
+
+
+def test_a_schema_of_many_long_patterns_is_refused_while_others_are_served(daemon: DaemonHandle, ctx: Context) -> None:
+    """Attack finding: every pattern of a schema is checked for repetitions over the local model's bound
+    before its grammar is built, by an expression that tried each split of the spaces after a "{" between
+    the two places spaces may stand: about 20 ms a pattern here, and a schema of many (20 MB, within
+    daemon.max_message_bytes) kept the turn, and a core, busy for over seven minutes. Now a pattern costs
+    what reading it does: the schema is refused (its grammar would be too large) and a bystander's ping is
+    answered."""
+    hostile = dealer(daemon, ctx)
+    schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": _schema_of_many_patterns()}}
+    send(hostile, "schema", "chat", prompt="Say hi.", options={"force": "local", "response_format": schema})
+    bystander = dealer(daemon, ctx)
+    send(bystander, "after", "ping")
+    assert receive(bystander)["id"] == "after"
+    frames = [receive(hostile)]
+    while frames[-1]["type"] not in ("error", "done"):
+        frames.append(receive(hostile))
+    assert (frames[-1]["type"], frames[-1]["code"]) == ("error", "bad_field")
