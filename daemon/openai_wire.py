@@ -179,20 +179,20 @@ def parse_completion(
 
 def _include_usage(stream_options: Any, stream: bool) -> bool:
     """``stream_options.include_usage``, typed as OpenAI types it: read for truthiness, ``"false"`` turned the
-    usage chunk on, and options sent without ``stream`` went unread; OpenAI refuses both."""
+    usage chunk on. Sent without ``stream`` it is checked and then has nothing to apply to (a whole reply
+    always holds its usage): OpenAI refuses it there, llama.cpp's server and Ollama ignore it, and a client
+    written for them is not refused for a request that means one thing."""
     if stream_options is None:
         return False
     if not isinstance(stream_options, dict):
         raise bad(f"'stream_options' must be an object or null, got {stream_options!r:.40}", "stream_options")
-    if not stream:
-        raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
     for key, value in stream_options.items():
         if key not in STREAM_OPTIONS:
             unread = f"'stream_options' has a key locod does not read, {key!r:.40}: it takes {STREAM_OPTIONS}"
             raise bad(unread, "stream_options")
         if value is not None and not isinstance(value, bool):
             raise bad(f"'stream_options.{key}' must be true or false, got {value!r:.40}", f"stream_options.{key}")
-    return stream_options.get("include_usage") is True
+    return stream and stream_options.get("include_usage") is True
 
 
 def _options(body: dict[str, Any]) -> ChatOptions:
