@@ -10,13 +10,14 @@ import re
 import time
 import uuid
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import zmq
 
-from tests.faultproxy import Fault, FaultProxy
-
 from .conftest import DaemonHandle, wait_for
+from .faultproxy import Fault, FaultProxy
+from .test_escalation import _daemon, _head
 
 LOCAL, CLOUD = "smollm2-135m-instruct", "cloud-small"
 LAST = ("done", "error", "result")  # docs/protocol.md, Replies: each request's replies end with one of these
@@ -35,6 +36,7 @@ DONE = {
     "first_token_ms": (int, float, type(None)),
 }
 FALLBACK = {"decision": int, "model": str, "cause": str, "message": str}
+ESCALATED = {"decision": int, "model": str, "confidence": (int, float), "message": str}
 ERROR = {"id": (str, type(None)), "kind": str, "code": str, "message": str}  # id null: it could not be read
 RESULT = {"op": str}
 
@@ -213,20 +215,28 @@ def test_closing_the_connection_cancels_its_turn(daemon: DaemonHandle) -> None:
     watcher.close()
 
 
-def test_a_raw_client_reads_cloud_answers_and_fallbacks(cloud_daemon: DaemonHandle, proxy: FaultProxy) -> None:
-    raw = Raw(cloud_daemon.endpoint)
-    decision, texts, done = chat(raw, prompt="Say hi.", options={"max_tokens": 6})
-    assert decision["location"] == "cloud" and done["location"] == "cloud" and done["model"] == CLOUD
-    assert done["outcome"] == "ok" and texts
-    proxy.set(Fault(kind="status", status=500))  # every try fails: the local model answers from the start
-    rid = raw.send({"op": "chat", "prompt": "Say hi.", "options": {"max_tokens": 6}})
+def test_a_raw_client_reads_escalations_and_fallbacks(daemon_factory: Any, tmp_path: Path, proxy: FaultProxy) -> None:
+    # A local answer whose confidence head is never sure: the turn escalates (tests/test_escalation.py).
+    handle = _daemon(daemon_factory, tmp_path, proxy, _head(min_weight=1000.0, bias=10.0), "unsure")
+    raw = Raw(handle.endpoint)
+    rid = raw.send({"op": "chat", "prompt": "What is the plural of mouse?", "options": {"max_tokens": 24}})
     frames = raw.frames(rid)
     types = [f["type"] for f in frames]
-    assert types[0] == "decision" and types[-1] == "done" and types.count("fallback") == 1, types
+    assert types == ["decision", "escalated", *["delta"] * (len(types) - 3), "done"], types  # no local text
+    shaped(frames[1], ESCALATED, {"notice": str})
+    assert "escalates to" in frames[0]["reason"] and frames[0]["location"] == "local"
+    assert frames[1]["model"] == CLOUD and frames[1]["decision"] == frames[0]["decision"]
+    shaped(frames[-1], DONE, {"cost_estimated": bool})
+    assert (frames[-1]["outcome"], frames[-1]["location"], frames[-1]["model"]) == ("escalated", "cloud", CLOUD)
+    proxy.set(Fault(kind="status", status=500))  # every try fails: the local model answers from the start
+    rid = raw.send({"op": "chat", "prompt": "Say hi.", "options": {"max_tokens": 6, "force": "cloud"}})
+    frames = raw.frames(rid)
+    types = [f["type"] for f in frames]
+    assert types[0] == "decision" and frames[0]["location"] == "cloud" and types[-1] == "done", types
+    assert types.count("fallback") == 1 and set(types[1:-1]) <= {"delta", "fallback"}, types
     fallback = frames[types.index("fallback")]
     shaped(fallback, FALLBACK)
     assert fallback["cause"] == "cloud_http" and fallback["decision"] == frames[0]["decision"]
-    assert set(types[1:-1]) <= {"delta", "fallback"}
     assert (frames[-1]["outcome"], frames[-1]["location"], frames[-1]["model"]) == ("fallback", "local", LOCAL)
     raw.close()
 
