@@ -57,15 +57,17 @@ class Raw:
         self.sock.send(raw if raw is not None else json.dumps({"v": 1, "id": rid, **body}).encode())
         return str(rid)
 
-    def frames(self, rid: str | None, timeout_s: float = 120) -> list[dict[str, Any]]:
-        """Every frame of request ``rid`` up to its last; frames of other requests wait their turn."""
-        got = self.pending.pop(rid, [])
-        deadline = time.monotonic() + timeout_s
-        while not got or got[-1]["type"] not in LAST:
-            assert self.sock.poll(max(0, int((deadline - time.monotonic()) * 1000))), f"silence on {rid}"
+    def until(self, rid: str | None, kinds: tuple[str, ...]) -> None:
+        """Read until request ``rid`` has had a frame of one of ``kinds``; frames of every request are kept."""
+        while not any(f["type"] in kinds for f in self.pending[rid]):
+            assert self.sock.poll(120_000), f"silence on {rid}"
             frame = json.loads(self.sock.recv())
-            (got if frame["id"] == rid else self.pending[frame["id"]]).append(frame)
-        return got
+            self.pending[frame["id"]].append(frame)
+
+    def frames(self, rid: str | None) -> list[dict[str, Any]]:
+        """Every frame of request ``rid`` up to its last (the doc: each request's replies end with one)."""
+        self.until(rid, LAST)
+        return self.pending.pop(rid)
 
     def ask(self, op: str, **fields: Any) -> dict[str, Any]:
         (reply,) = self.frames(self.send({"op": op, **fields}))
@@ -170,7 +172,9 @@ def test_a_raw_client_holds_the_daemon_to_every_local_promise_of_the_doc(daemon:
 
 def test_requests_on_one_connection_overlap_and_each_ends_with_one_last_frame(daemon: DaemonHandle) -> None:
     raw = Raw(daemon.endpoint)
-    slow = raw.send({"op": "chat", "prompt": "Count to twenty.", "options": {"max_tokens": 48, "queued": True}})
+    story = {"max_tokens": 160, "temperature": 0.0, "queued": True}
+    slow = raw.send({"op": "chat", "prompt": "Write a long story about a dragon.", "options": story})
+    raw.until(slow, ("decision",))  # it holds the local model now: the next turn waits behind it
     queued = raw.send({"op": "chat", "prompt": "Hi", "options": {"max_tokens": 2, "queued": True}})
     pinged = raw.send({"op": "ping"})  # answered by the serving loop, whatever the turns are doing
     result(raw.frames(pinged)[0], "ping")
@@ -195,6 +199,7 @@ def test_requests_on_one_connection_overlap_and_each_ends_with_one_last_frame(da
     error(raw.ask("chat", prompt="Hi", max_tokens=3), "protocol", "bad_field")
     error(raw.ask("chat", prompt="   "), "protocol", "empty_prompt")
     error(raw.ask("chat", prompt="Hi", messages=[{"role": "user", "content": "Hi"}]), "protocol", "bad_field")
+    error(raw.ask("chat", prompt=None, messages=[{"role": "user", "content": "Hi"}]), "protocol", "bad_field")
     error(raw.ask("chat", prompt="Hi", model="nope"), "unknown_model", "unknown_model")
     raw.close()
 
@@ -202,9 +207,8 @@ def test_requests_on_one_connection_overlap_and_each_ends_with_one_last_frame(da
 def test_closing_the_connection_cancels_its_turn(daemon: DaemonHandle) -> None:
     leaving, watcher = Raw(daemon.endpoint), Raw(daemon.endpoint)
     rid = leaving.send({"op": "chat", "prompt": "Write a long story.", "options": {"max_tokens": 400}})
-    assert leaving.sock.poll(300_000)
-    decision = json.loads(leaving.sock.recv())
-    assert decision["type"] == "decision" and decision["id"] == rid
+    leaving.until(rid, ("decision",))
+    (decision,) = leaving.pending[rid]
     leaving.close()  # the doc's cancel: close with linger 0
 
     def outcome() -> str:
