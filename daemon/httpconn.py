@@ -7,6 +7,11 @@ the HTTP door is bounded: at most ``http.max_connections`` at once (more are ans
 once), each request must arrive, headers and body, within ``http.request_timeout_s``, and the event
 loop's errors (``accept`` out of descriptors) are logged once per interval, not once per retry.
 
+A client that stops reading its answer would otherwise keep its connection for good: once the kernel's
+buffer and the transport's are full, uvicorn's send waits for it, the response never ends, and a connection
+whose request has arrived is never evicted. So one that reads nothing for ``http.request_timeout_s`` while
+its answer waits is cut off.
+
 Refusing newcomers alone would let anyone who can reach the port keep every slot with requests sent a
 byte at a time, opening a new one as each times out. So a newcomer that finds the door full takes the
 slot of the connection that has been sending its request longest, once that has had ``EVICT_AFTER_S``;
@@ -84,6 +89,7 @@ class BoundedProtocol(H11Protocol):
     refused = False
     evicted = False  # closed for a newcomer, which took over its slot
     deadline: asyncio.TimerHandle | None = None
+    unread: asyncio.TimerHandle | None = None  # runs while the client reads nothing of what it is sent
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         victim = self.limits.stalest() if self.limits.open >= self.limits.max_connections else None
@@ -110,6 +116,7 @@ class BoundedProtocol(H11Protocol):
         if not self.evicted:
             self.limits.open -= 1
         self._disarm()
+        self._reading_again()
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
@@ -130,6 +137,33 @@ class BoundedProtocol(H11Protocol):
         ):
             self.transport.write(self.conn.send(event))
         self.transport.close()
+
+    def pause_writing(self) -> None:
+        """The client has stopped reading: what is sent to it waits in the transport from now on."""
+        super().pause_writing()
+        if self.unread is None:
+            self.unread = self.loop.call_later(self.limits.request_timeout_s, self._not_reading)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._reading_again()
+
+    def _reading_again(self) -> None:
+        if self.unread is not None:
+            self.unread.cancel()
+            self.unread = None
+
+    def _not_reading(self) -> None:
+        """Cut off a client that has read nothing for http.request_timeout_s: aborted, since a close would
+        wait for it to read what is buffered. Its turn, if still running, is cancelled as a hang-up's is."""
+        self.unread = None
+        self.limits.throttle.say(
+            "unread",
+            logging.WARNING,
+            "HTTP: a client read nothing of its answer for http.request_timeout_s (%.0f s): cut off",
+            self.limits.request_timeout_s,
+        )
+        self.transport.abort()
 
     def _unsupported_upgrade_warning(self) -> None:
         """A request asking to upgrade its connection (a WebSocket, h2c) is served as HTTP/1.1: said once per
