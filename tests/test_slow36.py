@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import zmq
 from zmq import Context
 
 from .conftest import DaemonHandle, wait_for
@@ -116,3 +117,29 @@ def test_an_http_client_gone_while_its_turn_waits_for_the_model_is_neither_recor
     holder.close()
     queued("in_flight", 0)
     assert [r["request_id"] for r in handle.rows()] == ["holder"]  # cancelled, or done if it ended first
+
+
+def test_socket_clients_that_never_read_hold_neither_the_model_nor_a_bystander(
+    daemon: DaemonHandle, ctx: Context
+) -> None:
+    """Chats whose clients never read a frame (ZeroMQ's receive queue at one message, the kernel's buffer
+    at its least): each turn runs to its end or is cancelled when the heartbeat drops its client (docs/
+    reliability.md), none keeps the model, a bystander is answered meanwhile, and what waited for them is
+    bounded (``daemon.max_queued_bytes`` each)."""
+    rss_before = resident_mib(daemon.proc.pid)
+    silent = []
+    for n in range(4):
+        sock = dealer(daemon, ctx)
+        sock.setsockopt(zmq.RCVHWM, 1)
+        sock.setsockopt(zmq.RCVBUF, 1024)
+        send(sock, f"silent-{n}", "chat", prompt="Write a long story about a dragon.", options={"max_tokens": 300})
+        silent.append(sock)
+    try:
+        assert daemon.client().ask("Say hi.", max_tokens=4).done.outcome == "ok"
+        until_queue(daemon, ctx)("in_flight", 0)
+        outcomes = {r["request_id"]: r["outcome"] for r in daemon.rows()}
+        assert {outcomes[f"silent-{n}"] for n in range(4)} <= {"ok", "cancelled"}, outcomes
+        assert resident_mib(daemon.proc.pid) - rss_before < 64
+    finally:
+        for sock in silent:
+            sock.close()
