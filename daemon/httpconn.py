@@ -142,7 +142,7 @@ class BoundedProtocol(H11Protocol):
         """The client has stopped reading: what is sent to it waits in the transport from now on."""
         super().pause_writing()
         if self.unread is None:
-            self.unread = self.loop.call_later(self.limits.request_timeout_s, self._not_reading)
+            self._watch_unread()
 
     def resume_writing(self) -> None:
         super().resume_writing()
@@ -153,9 +153,17 @@ class BoundedProtocol(H11Protocol):
             self.unread.cancel()
             self.unread = None
 
-    def _not_reading(self) -> None:
-        """Cut off a client that has read nothing for http.request_timeout_s: aborted, since a close would
-        wait for it to read what is buffered. Its turn, if still running, is cancelled as a hang-up's is."""
+    def _watch_unread(self) -> None:
+        waiting = self.transport.get_write_buffer_size()
+        self.unread = self.loop.call_later(self.limits.request_timeout_s, self._not_reading, waiting)
+
+    def _not_reading(self, waiting: int) -> None:
+        """Cut off a client that has read nothing for http.request_timeout_s (what waits for it has not shrunk:
+        one reading slowly is watched again): aborted, since a close would wait for it to read what is
+        buffered. Its turn, if still running, is cancelled as a hang-up's is."""
+        if self.transport.get_write_buffer_size() < waiting:
+            self._watch_unread()
+            return
         self.unread = None
         self.limits.throttle.say(
             "unread",
