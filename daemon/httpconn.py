@@ -138,6 +138,14 @@ class BoundedProtocol(H11Protocol):
             self.transport.write(self.conn.send(event))
         self.transport.close()
 
+    def shutdown(self) -> None:
+        """At a stop, a client that is not reading is cut off at once: the server waits for its connections,
+        and for this one it would have waited until the daemon gave up on the HTTP thread (httpapi.py)."""
+        if self.unread is not None:
+            self._cut_off("at the stop")
+            return
+        super().shutdown()
+
     def pause_writing(self) -> None:
         """The client has stopped reading: what is sent to it waits in the transport from now on."""
         super().pause_writing()
@@ -164,12 +172,12 @@ class BoundedProtocol(H11Protocol):
         if self.transport.get_write_buffer_size() < waiting:
             self._watch_unread()
             return
-        self.unread = None
+        self._cut_off(f"for http.request_timeout_s ({self.limits.request_timeout_s:.0f} s)")
+
+    def _cut_off(self, when: str) -> None:
+        self._reading_again()
         self.limits.throttle.say(
-            "unread",
-            logging.WARNING,
-            "HTTP: a client read nothing of its answer for http.request_timeout_s (%.0f s): cut off",
-            self.limits.request_timeout_s,
+            "unread", logging.WARNING, "HTTP: a client read nothing of its answer %s: cut off", when
         )
         self.transport.abort()
 

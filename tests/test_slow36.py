@@ -143,3 +143,34 @@ def test_socket_clients_that_never_read_hold_neither_the_model_nor_a_bystander(
     finally:
         for sock in silent:
             sock.close()
+
+
+def queues_of(port: int) -> list[tuple[int, int]]:
+    """The send and receive queues, in bytes, of the daemon's end of each connection to ``port``."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in table.readlines()[1:]]
+    return [
+        (int(row[4].split(":")[0], 16), int(row[4].split(":")[1], 16))
+        for row in rows
+        if int(row[1].split(":")[1], 16) == port and row[3] == "01"
+    ]
+
+
+def test_a_stop_does_not_wait_for_a_client_that_reads_nothing(daemon_factory: Any) -> None:
+    """At a stop uvicorn waits for every connection to end, and one whose answer waits unread never did: the
+    stop waited until the daemon gave up on the HTTP thread (10 s). Such a connection is cut off at once."""
+    handle, port = http_daemon(daemon_factory, {"http": {"request_timeout_s": 600.0}})
+    stalled = unread_health_checks(port)
+    try:
+        seen: list[list[tuple[int, int]]] = []
+
+        def stuck() -> bool:  # nothing moves on the connection: the daemon's send waits for the client
+            seen.append(queues_of(port))
+            return len(seen) > 20 and seen[-1] == seen[-20] and seen[-1][0][0] > 0
+
+        wait_for(stuck, 120, "the daemon's answers to wait unread")
+        handle.proc.terminate()
+        assert handle.proc.wait(60) == 0
+        assert "read nothing of its answer at the stop: cut off" in handle.log()
+    finally:
+        stalled.close()
