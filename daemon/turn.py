@@ -113,10 +113,11 @@ class Turn:
         client's own history too, as an HTTP client's new conversation sends it): what an upload is reckoned
         from (``upload_bytes``; counted as four characters a token, Chinese text was a third of its bytes); a
         cloud action is priced by what it is sent (``cloud_price``)."""
+        return self._once("text_bytes", self._text_bytes)
+
+    def _text_bytes(self) -> int:
         messages = (*self.session.messages, *self.request.messages)
-        return self._once(
-            "text_bytes", lambda: sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages)
-        )
+        return sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages)
 
     @property
     def private_material(self) -> bool:
