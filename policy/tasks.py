@@ -22,12 +22,13 @@ EDGE_CHARS = 2_000  # a longer prompt is read at its start and its end only (the
 _RUN_TOGETHER = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"  # kana and Han
 _MARKS = "\u0300-\u036f\u064b-\u065f\u0670\u0900-\u0963\u0966-\u097f"  # Latin, Arabic, Devanagari (not ।)
 _LETTER = rf"(?:[^\W{_RUN_TOGETHER}]|[{_MARKS}])"
-# English, German, French, Spanish, Portuguese, Russian, Polish, Arabic, Hindi, Korean, Indonesian, Chinese, Japanese
-LANGUAGES = ("en", "de", "fr", "es", "pt", "ru", "pl", "ar", "hi", "ko", "id", "zh", "ja")
+# English, German, French, Spanish, Portuguese, Russian, Polish, Arabic, Hindi, Korean, Indonesian, Turkish,
+# Vietnamese, Chinese, Japanese
+LANGUAGES = ("en", "de", "fr", "es", "pt", "ru", "pl", "ar", "hi", "ko", "id", "tr", "vi", "zh", "ja")
 RUN_TOGETHER_LANGUAGES = ("zh", "ja")  # their words are found anywhere, the others' as whole words
 
 # Each table: a language's words (regular expressions, lower case) for one rule. A word ending in \w* takes
-# the endings of an inflecting language (Russian, Polish, Korean's particles); Hindi's endings are marks,
+# the endings of an inflecting language (Russian, Polish, Turkish, Korean's particles); Hindi's are marks,
 # which \w does not match, so its forms are written out.
 CODE: Mapping[str, tuple[str, ...]] = {
     "en": ("def", "class", "function", "python", "javascript", "rust", "bug", "compile", "stack trace", "regex", "sql"),
@@ -44,6 +45,8 @@ CODE: Mapping[str, tuple[str, ...]] = {
         *(r"정규 ?(?:표현)?식\w*", r"자바스크립트\w*"),
     ),
     "id": ("fungsi", "kelas", r"kompilasi\w*"),
+    "tr": (r"fonksiyon\w*", r"sınıf\w*"),
+    "vi": ("(?:một|các|những) hàm", "hàm (?:số|này|đệ quy)"),
     "zh": ("函数", "编译", "正则"),
     "ja": ("関数", "コンパイル", "クラス", "バグ", "パイソン", "正規表現"),
 }
@@ -91,6 +94,14 @@ MATH: Mapping[str, tuple[str, ...]] = {
         *(r"곱하\w*", r"몇 ?(?:개|명|마리|번|살|권|대|년|달|일)\w*"),
     ),
     "id": (r"berapa\w*", r"hitung\w*", "menghitung", r"jumlahkan\w*", "jumlah dari", "hasil kali", r"persen\w*"),
+    "tr": (
+        *("(?<!saat )kaç", r"hesapla\w*", r"toplam\w*", r"çarpım\w*", r"denklem\w*", "çöz", "çözün", "çözer"),
+        *("yüzde", r"integral\w*"),
+    ),
+    "vi": (
+        *("bao nhiêu", "mấy(?! giờ)", r"tính (?:tổng|giá trị|diện tích|chu vi|\d)", "hãy tính", "phương trình"),
+        *("phần trăm", "tích phân", "tích của", "tổng của"),
+    ),
     "zh": (
         *("总和", "之和", "求和", "乘积", "之积", "求解", "解方程", "方程", "积分", "百分之", "百分比", "多少"),
         *(_HOW_MANY_ZH, "计算"),
@@ -139,6 +150,11 @@ REWRITE: Mapping[str, tuple[str, ...]] = {
         *(r"terjemah\w*", "menerjemahkan", r"ringkas\w*", r"rangkum\w*", "tulis ulang", r"parafrasekan\w*"),
         *(r"koreksi\w*", r"sunting\w*", r"persingkat\w*"),
     ),
+    "tr": (r"çevir\w*", r"tercüme\w*", r"özetle(?!,)\w*", r"yeniden yaz\w*", r"düzelt\w*", r"kısalt\w*"),
+    "vi": (
+        *("dịch (?:sang|ra|câu|đoạn|bài|văn bản|giúp|cho|nội dung)", "bản dịch", "tóm tắt", "viết lại"),
+        *("diễn đạt lại", "sửa lỗi", "rút gọn", "hiệu đính", "chỉnh sửa"),
+    ),
     "zh": (
         *("改写", "重写", "改述", "翻译", "译成", "译为", "总结", "概括", "摘要", "归纳", "缩短", "精简"),
         *("校对", "润色", "编辑", "修改"),
@@ -166,6 +182,8 @@ RECOMMEND: Mapping[str, tuple[str, ...]] = {
     "hi": ("सुझाव", "सुझाओ", "सुझाएं", "सुझाएँ", "सुझाइए", "सिफ़ारिश", "सिफारिश", "अनुशंसा", "सबसे अच्छा तरीका"),
     "ko": (r"추천\w*", r"제안해\w*", r"아이디어\w*", r"(?:가장 좋은|최선의|최고의) 방법\w*"),
     "id": (r"rekomendasi\w*", "merekomendasikan", r"sarankan\w*", "menyarankan", "saran", "ide untuk", "cara terbaik"),
+    "tr": (r"öner\w*", r"tavsiye\w*", r"en iyi (?:yol|yöntem)\w*"),
+    "vi": ("gợi ý", "đề xuất", "giới thiệu cho (?:tôi|mình|em)", "khuyên (?:tôi|mình|em)", "cách tốt nhất", "ý tưởng"),
     "zh": ("推荐", "建议", "主意", "点子", "最好的方法", "最好的办法", "最佳方法", "最佳办法"),
     "ja": (
         *("おすすめ", "お勧め", "お薦め", "オススメ", "勧めて", "推薦", "提案"),
@@ -203,6 +221,7 @@ QUESTION_STARTS: Mapping[str, tuple[str, ...]] = {
         *("apa", "apakah", "siapa", "kapan", "di ?mana", "ke ?mana", "mengapa", "kenapa", "bagaimana", "bisakah"),
         *("bolehkah", "adakah", "yang mana"),
     ),
+    "vi": ("có phải", "bạn có thể"),
 }
 QUESTION_WORDS: Mapping[str, tuple[str, ...]] = {
     "hi": (
@@ -212,6 +231,15 @@ QUESTION_WORDS: Mapping[str, tuple[str, ...]] = {
     "ko": (
         *(r"무엇(?!이든)\w*", r"뭐(?!든)\w*", r"무슨", r"누구(?!나|든)\w*", "누가", r"언제(?!나|든)\w*"),
         *(r"어디(?!든|서나)\w*", "왜", r"어떻게(?!든)\w*", r"어때\w*", "얼마나", "어느(?! 날)", r"몇 ?시\w*"),
+    ),
+    "tr": (
+        *("neden", "niçin", "niye", "nasıl", "nerede", "nereye", "nereden", r"neresi\w*", r"hangi\w*", "nedir"),
+        *("ne zaman", "ne kadar", "ne demek", r"kim(?:dir|di|in|i|e|den)", "saat kaç"),
+        *(r"m[iıuü](?:s[iıuü]n|y[iıuü]m|s[iıuü]n[iıuü]z|y[iıuü]z|d[iıuü]r)", r"m[iıuü][.\s]*$"),
+    ),
+    "vi": (
+        *("là gì", "cái gì", "làm gì", "gì (?:vậy|thế)", "tại sao", "vì sao", "ở đâu", "khi nào", "(?<!không )bao giờ"),
+        *("thế nào", "làm sao", "là ai", "ai là", "ai đã", "mấy giờ", r"(?:không|chưa|nào)[.\s]*$"),
     ),
     "zh": ("什么", "谁", "哪", "为什么", "怎么", "怎样", "如何", "是否", "是不是", "几点", r"[吗呢][。.！!\s]*$"),
     "ja": (

@@ -1,12 +1,13 @@
-"""A prompt's task category in Portuguese, Korean, Hindi, Polish and Indonesian, and two gaps of the last round.
+"""A prompt's task category in Portuguese, Korean, Hindi, Polish, Indonesian, Turkish and Vietnamese, and two
+gaps of the last round.
 
-Before, each rule knew its words in English and seven languages (tests/test_routing36.py): of the 100
-prompts below in Portuguese, Korean, Hindi, Polish and Indonesian that are not chat, 11 got their category
-(an English "Python" or "SQL" in them), the rest `chat`; a Japanese question ending in の was chat, and a
-Chinese 几个 ("a few") made a recommendation or a chat message `math`; a Spanish "funcionario" (an employee),
-a French "fonctionne" and a German "funktioniert" (it works) were `code`. Now each rule's words are a table
-of languages (policy/tasks.py), and the traces' prompts keep their categories, so the replay figures in
-docs/routing.md stand.
+Before, each rule knew its words in English and seven languages (tests/test_routing36.py): of the 151
+prompts below in the seven new languages that are not chat, 15 got their category (an English "Python" or
+"SQL" in them, or a word Portuguese shares with Spanish or French), the rest `chat`; a Japanese question
+ending in の was chat, and a Chinese 几个 ("a few") made a recommendation or a chat message `math`; a Spanish
+"funcionario" (an employee), a French "fonctionne" and a German "funktioniert" (it works) were `code`. Now
+each rule's words are a table of languages (policy/tasks.py), and the traces' prompts keep their categories,
+so the replay figures in docs/routing.md stand.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from locod.policy.tasks import (
 # an English prompt may hold).
 from tests.test_routing36 import test_the_traces_keep_their_categories  # noqa: F401
 
-NEW_LANGUAGES = ("pt", "ko", "hi", "pl", "id")
+NEW_LANGUAGES = ("pt", "ko", "hi", "pl", "id", "tr", "vi")
 NAMES = {
     "en": "English",
     "de": "German",
@@ -45,6 +46,8 @@ NAMES = {
     "hi": "Hindi",
     "ko": "Korean",
     "id": "Indonesian",
+    "tr": "Turkish",
+    "vi": "Vietnamese",
     "zh": "Chinese",
     "ja": "Japanese",
 }
@@ -194,6 +197,69 @@ PROMPTS = (
     ("id", "chat", "Halo, senang bertemu denganmu"),
     ("id", "chat", "Saya punya 3 kucing di rumah"),
     ("id", "chat", "Pegawai fungsional itu ramah"),
+    # Turkish
+    ("tr", "code", "Listeyi sıralayan bir Python fonksiyonu yaz"),
+    ("tr", "code", "SQL sorgum çok yavaş"),
+    ("tr", "code", "Araba için bir sınıf tanımla"),
+    ("tr", "math", "Bir örümceğin kaç bacağı var"),
+    ("tr", "math", "80'in yüzde 15'ini hesapla"),
+    ("tr", "math", "Kırk beş ile altmış yedinin toplamı nedir"),
+    ("tr", "math", "x kare eşittir dokuz denklemini çöz"),
+    ("tr", "rewrite", "Bu cümleyi İngilizceye çevir: günaydın"),
+    ("tr", "rewrite", "Bu makaleyi üç cümleyle özetle"),
+    ("tr", "rewrite", "Bunu daha kibar bir şekilde yeniden yaz: bana parayı ver"),
+    ("tr", "rewrite", "Bu metindeki hataları düzelt"),
+    ("tr", "recommend", "Bana iyi bir bilim kurgu kitabı öner"),
+    ("tr", "recommend", "Doğum günü partisi için fikir önerir misin"),
+    ("tr", "recommend", "İngilizce öğrenmek için bir tavsiye verir misin"),
+    ("tr", "query", "Kanada'nın başkenti neresi"),
+    ("tr", "query", "Gökyüzü neden mavi"),
+    ("tr", "query", "Yarın yağmur yağacak mı"),
+    ("tr", "query", "Bana yardım eder misin"),
+    ("tr", "query", "Kara delik nedir"),
+    ("tr", "query", "Ankara'ya ne kadar sürer"),
+    ("tr", "query", "İstanbul nerede"),
+    ("tr", "query", "Saat kaç"),
+    ("tr", "query", "Kek nasıl yapılır"),
+    ("tr", "query", "Bu doğru mu"),
+    ("tr", "chat", "Deniz hakkında bir şiir yaz"),
+    ("tr", "chat", "Bana bir ejderha hikayesi anlat"),
+    ("tr", "chat", "Merhaba, tanıştığımıza memnun oldum"),
+    ("tr", "chat", "Evde 3 kedim var"),
+    ("tr", "chat", "Ali ile Ayşe dün sinemaya gitti"),
+    ("tr", "chat", "Özetle, harika bir gündü"),
+    # Vietnamese
+    ("vi", "code", "Viết một hàm Python để sắp xếp danh sách"),
+    ("vi", "code", "Câu truy vấn SQL của tôi quá chậm"),
+    ("vi", "math", "Con nhện có bao nhiêu chân"),
+    ("vi", "math", "Tính 15 phần trăm của 80"),
+    ("vi", "math", "Giải phương trình x bình phương bằng chín"),
+    ("vi", "math", "Tổng của bốn mươi lăm và sáu mươi bảy là bao nhiêu"),
+    ("vi", "math", "Lớp này có mấy học sinh"),
+    ("vi", "rewrite", "Dịch câu này sang tiếng Anh: chào buổi sáng"),
+    ("vi", "rewrite", "Tóm tắt bài báo này trong ba câu"),
+    ("vi", "rewrite", "Viết lại câu này lịch sự hơn: đưa tiền đây"),
+    ("vi", "rewrite", "Sửa lỗi chính tả trong đoạn văn này"),
+    ("vi", "recommend", "Gợi ý cho tôi một cuốn sách khoa học viễn tưởng hay"),
+    ("vi", "recommend", "Cho tôi vài ý tưởng cho bữa tiệc sinh nhật"),
+    ("vi", "recommend", "Cách tốt nhất để học tiếng Anh"),
+    ("vi", "query", "Thủ đô của Canada là gì"),
+    ("vi", "query", "Tại sao bầu trời màu xanh"),
+    ("vi", "query", "Ai là tác giả của Hamlet"),
+    ("vi", "query", "Bạn có khỏe không"),
+    ("vi", "query", "Hà Nội ở đâu"),
+    ("vi", "query", "Bây giờ là mấy giờ"),
+    ("vi", "query", "Làm thế nào để nấu phở"),
+    ("vi", "query", "Khi nào thì trời mưa"),
+    ("vi", "query", "Sông dài nhất Việt Nam là sông nào"),
+    ("vi", "query", "Mozart sinh năm nào"),
+    ("vi", "chat", "Viết một bài thơ về biển"),
+    ("vi", "chat", "Kể cho tôi một câu chuyện về con rồng"),
+    ("vi", "chat", "Xin chào, rất vui được gặp bạn"),
+    ("vi", "chat", "Tôi có 3 con mèo"),
+    ("vi", "chat", "Dịch bệnh đã qua rồi"),
+    ("vi", "chat", "Máy tính của tôi rất nhanh"),
+    ("vi", "chat", "Tôi sẽ không bao giờ quên"),
 )
 # The last round's gaps: a Japanese question ending in の (or asking with どう), and 几 that says "a few".
 GAPS = (
@@ -236,6 +302,10 @@ MIXED = (
     ("en", "chat", "I have 3 cats at home"),
     ("en", "chat", "My friend Ile is from Nigeria"),
     ("en", "chat", "Co-workers came to the party"),
+    ("en", "chat", "Tell me about AI in medicine"),
+    ("en", "chat", "Kim and I went hiking"),
+    ("fr", "chat", "Je ne sais pas quoi faire"),
+    ("es", "chat", "Mi perro es muy grande"),
     ("es", "chat", "Mi funcionario favorito se jubiló"),
     ("fr", "chat", "Mon téléphone ne fonctionne plus"),
     ("de", "chat", "Mein Handy funktioniert nicht mehr"),
