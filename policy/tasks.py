@@ -207,7 +207,10 @@ QUESTION_STARTS: Mapping[str, tuple[str, ...]] = {
         *(r"qui[eé]n\w*", "qué", "cuándo", "dónde", "donde", r"cu[aá]l\w*", r"por qu[eé]"),
         *("cómo", "puedes", "podrías"),
     ),
-    "pt": ("quem", "o que", "quando", "onde", "qual", "quais", r"por qu[eê]", "como", "pode", "podes", "você pode"),
+    "pt": (
+        *("quem", "o que", "quando", "onde", "qual", "quais", r"por qu[eê]", "como", "pode", "podes"),
+        *("você pode", "existe"),
+    ),
     "ru": (
         *("кто", "что", "когда", "где", "куда", "откуда", "почему", "зачем", "как", r"как(?:ой|ая|ое|ие|ов)"),
         *("чей", "можешь", "можете", r"\w+ ли"),

@@ -1,7 +1,7 @@
 """A prompt's task category in Portuguese, Korean, Hindi, Polish, Indonesian, Turkish and Vietnamese, and two
 gaps of the last round.
 
-Before, each rule knew its words in English and seven languages (tests/test_routing36.py): of the 151
+Before, each rule knew its words in English and seven languages (tests/test_routing36.py): of the 153
 prompts below in the seven new languages that are not chat, 15 got their category (an English "Python" or
 "SQL" in them, or a word Portuguese shares with Spanish or French), the rest `chat`; a Japanese question
 ending in の was chat, and a Chinese 几个 ("a few") made a recommendation or a chat message `math`; a Spanish
@@ -78,6 +78,8 @@ PROMPTS = (
     ("pt", "query", "Onde fica Lisboa"),
     ("pt", "query", "Como faço um bolo de chocolate"),
     ("pt", "query", "Você pode me ajudar com uma coisa"),
+    ("pt", "query", "Existe vida em Marte"),
+    ("pt", "query", "Qual é o resultado de 7 vezes 6"),
     ("pt", "chat", "Escreva um poema sobre o mar"),
     ("pt", "chat", "Conte-me uma história sobre um dragão"),
     ("pt", "chat", "Olá, prazer em conhecer você"),
