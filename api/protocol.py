@@ -673,6 +673,7 @@ class DoneFrame:
     first_token_ms: float | None
     text: str | None = field(default=None, metadata={"omit_if_none": True})
     cost_estimated: bool | None = field(default=None, metadata={"omit_if_none": True})  # true: priced from text
+    finish_reason: str | None = field(default=None, metadata={"omit_if_none": True})  # the backend's own
 
 
 @dataclass(frozen=True)

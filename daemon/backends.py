@@ -84,6 +84,7 @@ class Generation:
     cancelled: bool = False
     escalated: bool = False  # the checkpoint dropped the answer: the turn goes to the cloud
     cut: bool = False  # stopped before the model ended it (cancelled, or dropped at its checkpoint)
+    finish_reason: str | None = None  # why the backend ended it: stop, length, or an endpoint's (content_filter)
     tokens: tuple[str, ...] = ()  # with ``Prompt.logprobs``: the answer's tokens,
     logprobs: tuple[float, ...] = ()  # and each one's log-probability
 

@@ -483,7 +483,7 @@ class CloudBackend:
         first: float | None = None
         parts: list[str] = []
         usage = None
-        finished = False
+        finish: str | None = None  # the endpoint's finish_reason, once a chunk gives one
         chunks = 0
         try:
             for chunk in stream:
@@ -493,10 +493,10 @@ class CloudBackend:
                     usage = chunk.usage
                 if not chunk.choices:
                     continue
-                finished = finished or chunk.choices[0].finish_reason is not None
+                finish = chunk.choices[0].finish_reason or finish
                 delta = _delta_text(chunk)
                 if delta and chunks >= prompt.max_tokens:  # more than was asked for: the answer is complete
-                    finished = True
+                    finish = "length"
                     break
                 if delta:
                     if first is None:
@@ -512,24 +512,22 @@ class CloudBackend:
             raise StreamCut(f"{name}: {why}", partial, code=code) from None
         finally:
             stream.close()
-        generation = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
+        generation = _generation(model, prompt, "".join(parts), usage, chunks, first, started, finish)
         if not prompt.cancelled.is_set():
-            self._check_complete(name, model, breaker, generation, finished)
+            self._check_complete(name, model, breaker, generation)
         breaker.success()
         self.answered += 1
         return generation
 
     @staticmethod
-    def _check_complete(
-        name: str, model: CloudModelConfig, breaker: CircuitBreaker, generation: Generation, finished: bool
-    ) -> None:
+    def _check_complete(name: str, model: CloudModelConfig, breaker: CircuitBreaker, generation: Generation) -> None:
         """A stream that closed cleanly may still have said nothing, or never said its answer was complete."""
         if generation.first_token_ms is None:
             breaker.failure()
             upload = Upload(generation.images_sent, generation.bytes_up)
             hint = _vision_hint(model, generation.images_sent)
             raise Received(f"{name}: the endpoint returned no answer text{hint}", upload, code="cloud_invalid_reply")
-        if not finished:
+        if generation.finish_reason is None:
             breaker.failure()
             raise StreamCut(f"{name}: the answer stream ended without finishing", generation)
 
@@ -694,8 +692,10 @@ def _generation(
     chunks: int,
     first: float | None,
     started: float,
+    finish: str | None = None,
 ) -> Generation:
-    """What a stream produced, priced by the endpoint's usage when it is believable, else by an estimate."""
+    """What a stream produced, priced by the endpoint's usage when it is believable, else by an estimate;
+    ``finish`` is the endpoint's own reason, None for a stream cut short."""
     tokens_in, tokens_out, estimated = counted(model.name, usage, prompt, text, chunks)
     return Generation(
         text=text,
@@ -708,4 +708,5 @@ def _generation(
         images_sent=prompt.upload.images,
         bytes_up=prompt.upload.bytes,
         cancelled=prompt.cancelled.is_set(),
+        finish_reason=finish,
     )

@@ -641,6 +641,7 @@ class LocalBackend:
             cancelled=prompt.cancelled.is_set(),
             escalated=answer.escalated,
             cut=cut,
+            finish_reason=None if cut else finish,
             tokens=tokens,
             logprobs=logprobs,
         )

@@ -461,8 +461,11 @@ def usage(done: DoneFrame) -> dict[str, Any]:
 
 
 def finish_reason(done: DoneFrame, options: ChatOptions, default_max: int, context: int | None) -> str:
-    """``length`` when the answer used its whole budget: the ``max_tokens`` asked, or the rest of the
+    """The backend's own reason (a cloud endpoint's ``content_filter`` passed on as it said it); without one,
+    ``length`` when the answer used its whole budget: the ``max_tokens`` asked, or the rest of the
     ``context`` (a local model's window) its prompt left it, where the model was cut short as surely."""
+    if done.finish_reason is not None:
+        return done.finish_reason
     asked = done.tokens_out >= (options.max_tokens or default_max)
     return "length" if asked or (context is not None and done.tokens_in + done.tokens_out >= context) else "stop"
 

@@ -695,4 +695,5 @@ class TurnRunner:
             first_token_ms=None if g.first_token_ms is None else round(g.first_token_ms, 2),
             text=None if turn.request.options.stream else g.text,
             cost_estimated=g.cost_estimated or None,
+            finish_reason=g.finish_reason,
         )

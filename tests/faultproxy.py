@@ -10,8 +10,9 @@ hundred kB (``gzip_bomb``), gzip that inflates to nothing, an empty block per ``
 (``gzip_idle``), or a delta holding a lone UTF-16 surrogate (``surrogate``), a chunk whose ``choices`` is
 a string (``bad_shape``) or an event that is not UTF-8 (``not_utf8``);
 redirect (``redirect``: ``status`` with ``location``); or relay the real answer with its ``usage``
-replaced (``usage``), or once ``released`` is set (``hold``: a turn kept in flight until the test lets it
-go). Hostile streams stop when the daemon hangs up, or after ``size`` bytes / 10 minutes.
+replaced (``usage``) or its ``finish_reason`` replaced (``finish``), or once ``released`` is set
+(``hold``: a turn kept in flight until the test lets it go). Hostile streams stop when the daemon hangs
+up, or after ``size`` bytes / 10 minutes.
 The upstream server runs a text-only model, so image parts are recorded, then replaced by a text marker
 before forwarding.
 """
@@ -35,7 +36,7 @@ from urllib.parse import urlsplit
 class Fault:
     """What to do to the next ``times`` requests (None: every request)."""
 
-    # pass | status | delay | cut | garbage | redirect | usage, or one of HOSTILE_STREAMS
+    # pass | status | delay | cut | garbage | redirect | usage | finish, or one of HOSTILE_STREAMS
     kind: str = "pass"
     status: int = 500
     retry_after: str | None = None
@@ -46,6 +47,7 @@ class Fault:
     times: int | None = None
     location: str = ""  # where a redirect points
     usage: Any = None  # what a ``usage`` fault puts in the stream's usage chunk
+    finish: str = "content_filter"  # what a ``finish`` fault puts in place of the stream's finish_reason
     message: str = "injected"  # the error message of a ``status`` fault's body
     released: threading.Event = field(default_factory=threading.Event)  # what a ``hold`` waits for (10 min at most)
 
@@ -192,6 +194,8 @@ class FaultProxy:
                             extra = _usage_event(fault.usage)
                             self.wfile.write(b"%x\r\n%s\r\n" % (len(extra), extra))
                         usage_sent = usage_sent or replaced
+                    if fault is not None and fault.kind == "finish" and line.startswith(b"data:"):
+                        line = _with_finish(line, fault.finish)
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
                     self.wfile.flush()
                     if line.startswith(b"data:"):
@@ -329,6 +333,18 @@ def _with_usage(line: bytes, usage: Any) -> tuple[bytes, bool]:
     if not isinstance(event, dict) or event.get("usage") is None:
         return line, False
     return b"data: " + json.dumps({**event, "usage": usage}).encode() + b"\n", True
+
+
+def _with_finish(line: bytes, finish: str) -> bytes:
+    """An SSE data line with its non-null ``finish_reason`` replaced."""
+    try:
+        event = json.loads(line[5:])
+    except ValueError:
+        return line
+    choices = event.get("choices") if isinstance(event, dict) else None
+    if not choices or choices[0].get("finish_reason") is None:
+        return line
+    return b"data: " + json.dumps({**event, "choices": [{**choices[0], "finish_reason": finish}]}).encode() + b"\n"
 
 
 def _usage_event(usage: Any) -> bytes:
