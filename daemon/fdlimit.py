@@ -2,9 +2,9 @@
 
 libzmq aborts the process when its ipc listener cannot accept for want of a descriptor, so running out is
 a crash, not a refused connection. The soft ``RLIMIT_NOFILE`` (often 1024) is raised to the hard one at
-start. The doors where clients without a key can open descriptors in numbers each get a share of them,
-the HTTP API at most half and the tcp endpoint a quarter: the rest stays for the ipc socket, SQLite, models
-and attachments.
+start. Each door gets a share of them: the HTTP API and the tcp endpoint, where clients without a key can
+open descriptors in numbers, at most half and a quarter; the ipc socket, its owner's alone, an eighth (a
+script that leaks clients opens them in numbers too); the rest stays for SQLite, models and attachments.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def raise_soft_limit() -> int:
     return CEILING if soft == resource.RLIM_INFINITY else soft
 
 
-HTTP_SHARE, TCP_SHARE = 0.5, 0.25  # of the open-file limit, at most, for each door's connections
+HTTP_SHARE, TCP_SHARE, IPC_SHARE = 0.5, 0.25, 0.125  # of the open-file limit, at most, for each door's connections
 
 
 def door_share(key: str, requested: int, soft_limit: int, fraction: float) -> int:

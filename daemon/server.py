@@ -37,7 +37,7 @@ from locod.daemon.backlog import PIPE_MESSAGES, Backlog
 from locod.daemon.cloud import CloudBackend
 from locod.daemon.config import Config, as_dict, load_config, redacted_url
 from locod.daemon.decider import Decider
-from locod.daemon.fdlimit import TCP_SHARE, door_share, raise_soft_limit
+from locod.daemon.fdlimit import IPC_SHARE, TCP_SHARE, door_share, raise_soft_limit
 from locod.daemon.heap import pin_mmap_threshold
 from locod.daemon.keyfile import http_api_key, tcp_secret
 from locod.daemon.learner import Learner
@@ -52,7 +52,7 @@ from locod.daemon.reply import Reply
 from locod.daemon.sessions import IPC, TCP, SessionStore, door_of
 from locod.daemon.shadow import ShadowLane
 from locod.daemon.tcpauth import TcpAuth
-from locod.daemon.tcpguard import HANDSHAKE_S, TcpGuard
+from locod.daemon.tcpguard import HANDSHAKE_S, DoorGuard
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import TurnRunner
 from locod.errors import Busy, ConfigError, LocodError, PromptTooLong, ProtocolError, StorageError, install_hint
@@ -159,7 +159,7 @@ class Daemon:
         self.sockets: dict[bytes, zmq.Socket[bytes]] = {}
         self._socket_lost = False  # the ipc socket's file was removed, and binding it again failed
         self.http: HttpServer | None = None  # when http.listen is set
-        self.tcp_guard: TcpGuard | None = None  # with daemon.tcp: its connections, bounded
+        self.guards: dict[bytes, DoorGuard] = {}  # each socket's connections, bounded (by its tag)
         self.tcp_auth = TcpAuth(None)  # its secret is read at start, and again at each reload
 
     # -- start ---------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ class Daemon:
         self.notifier.ready(self._status_line())
 
     def _bind_sockets(self, fd_limit: int) -> None:
-        """The loop's wake-up sockets, then the doors: the ipc socket, and the tcp endpoint with its guard
+        """The loop's wake-up sockets, then the doors: the ipc socket, and the tcp endpoint, each with its guard
         (its connections bounded within ``fd_limit``, the open-file limit)."""
         cfg = self.config
         self.outbox = self.ctx.socket(zmq.PULL)
@@ -211,12 +211,15 @@ class Daemon:
         self.sockets[IPC] = self._router_socket()
         cfg.socket_path.unlink(missing_ok=True)  # a stale socket of a dead daemon; the lock says none is alive
         self._bind_ipc()
+        ipc_share = max(1, int(fd_limit * IPC_SHARE))
+        self.guards[IPC] = DoorGuard(self.sockets[IPC], ipc_share, ipc_share, ("an eighth of the open-file limit",) * 2)
         if cfg.daemon.tcp:
             self.sockets[TCP] = self._router_socket()
             self.sockets[TCP].setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)
             _bind_tcp(self.sockets[TCP], cfg.daemon.tcp)
             share = door_share("daemon.max_tcp_connections", cfg.daemon.max_tcp_connections, fd_limit, TCP_SHARE)
-            self.tcp_guard = TcpGuard(self.sockets[TCP], share, cfg.daemon.max_tcp_per_host)
+            bounds = ("daemon.max_tcp_connections", "daemon.max_tcp_per_host")
+            self.guards[TCP] = DoorGuard(self.sockets[TCP], share, cfg.daemon.max_tcp_per_host, bounds)
 
     def _router_socket(self) -> zmq.Socket[bytes]:
         sock = self.ctx.socket(zmq.ROUTER)
@@ -263,16 +266,17 @@ class Daemon:
         poller.register(self.outbox, zmq.POLLIN)
         poller.register(self.inbox, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        if self.tcp_guard is not None:
-            poller.register(self.tcp_guard.monitor, zmq.POLLIN)
+        for guard in self.guards.values():
+            poller.register(guard.monitor, zmq.POLLIN)
         watchdog_every = self.notifier.watchdog_interval
         last_ping = last_status = last_look = 0.0
         while True:
             events = dict(poller.poll(timeout=10 if self.backlog else 250))
             if self._wake_r.fileno() in events:
                 self._on_signals()
-            if self.tcp_guard is not None and self.tcp_guard.monitor in events:
-                self.tcp_guard.drain()  # before the requests: a connection over the bounds is shut first
+            for guard in self.guards.values():
+                if guard.monitor in events:
+                    guard.drain()  # before the requests: a connection over the bounds is shut first
             for tag, sock in self.sockets.items():
                 if sock in events:
                     self._drain_requests(tag, sock)
@@ -415,14 +419,14 @@ class Daemon:
     # -- requests ------------------------------------------------------------------------------------
 
     def _dispatch(self, peer: bytes, tag: bytes, frames: list[bytes], fd: int) -> None:
-        """Answer one request; ``fd`` is the connection it came on (for the tcp guard)."""
+        """Answer one request; ``fd`` is the connection it came on (for its door's guard)."""
         if tag == TCP:
             self.tcp_auth.check_head(frames)
         request = parse_request(frames, self.config.daemon.max_message_bytes)
         if tag == TCP:
             self.tcp_auth.check(request)
-            if self.tcp_guard is not None:
-                self.tcp_guard.vouch(fd)  # it passed the endpoint's checks: never evicted for a newcomer
+        if (guard := self.guards.get(tag)) is not None:
+            guard.vouch(fd)  # it passed the door's checks: never evicted for a newcomer
         if isinstance(request, ChatRequest):
             try:
                 self._start_turn(peer, request)
@@ -613,7 +617,8 @@ class Daemon:
                 "waiting_for_session": self.sessions.waiting,
                 "backlog_bytes": self.backlog.queued_bytes(),
             },
-            "tcp": None if self.tcp_guard is None else self.tcp_guard.status(),
+            "tcp": self.guards[TCP].status() if TCP in self.guards else None,
+            "ipc": self.guards[IPC].status() if IPC in self.guards else None,
             "sessions": len(self.sessions),
             "turns_served": self.turns_served + len(self._turns) - self.in_flight(),
             "interrupted_at_start": self.records.interrupted_at_start,
@@ -784,8 +789,8 @@ class Daemon:
         self.cloud.close()
         self.zoo.close()
         self.records.close()
-        if self.tcp_guard is not None:
-            self.tcp_guard.close()
+        for guard in self.guards.values():
+            guard.close()
         self.ctx.destroy(linger=0)
         if IPC in self.sockets and self._holds_runtime():  # ours: a stale file would make clients wait
             self.config.socket_path.unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""The tcp endpoint's connections, bounded: in all, and per peer host.
+"""The tcp endpoint's and the ipc socket's connections, bounded: in all, and per peer host.
 
 ZeroMQ accepts every tcp connection and offers no cap, and a connection holds a descriptor from its
 accept, before any message (and so before the secret) is read. A flood of connections, even plain TCP
@@ -18,6 +18,11 @@ keep its connections younger than one would close and reopen them faster than th
 (and a DEALER's first message is lost with a connection refused mid-handshake), while a client that sends
 at once, as locod's does, is vouched for within a round trip.
 
+The ipc socket is bounded the same way, within an eighth of the open-file limit (fdlimit.py), its "host"
+the peer's process: only its owner can connect, but a script of the owner's that makes a client for each
+request and never closes it took every descriptor, and libzmq aborted the daemon. Any request vouches for
+an ipc connection.
+
 The monitor reports the accepted descriptor's number; before anything is done to it, the descriptor is
 checked to be a socket on this endpoint's own address (the number may have been reused meanwhile).
 """
@@ -28,6 +33,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,19 +53,30 @@ EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 @dataclass
 class _Conn:
     host: str
-    peer: tuple[str, int]  # checked again before an eviction: the descriptor number may have been reused
+    inode: int  # checked again before an eviction: the descriptor number may have been reused
     vouched: bool = False
 
 
-class TcpGuard:
-    def __init__(self, sock: zmq.Socket[bytes], max_total: int, max_per_host: int) -> None:
+class DoorGuard:
+    def __init__(self, sock: zmq.Socket[bytes], max_total: int, max_per_host: int, bounds: tuple[str, str]) -> None:
+        """``bounds``: what sets ``max_total`` and ``max_per_host``, in words (a config key), for the log."""
         self.max_total = max_total
         self.max_per_host = max_per_host
+        self.bounds = bounds
         self.monitor: zmq.Socket[bytes] = sock.get_monitor_socket(EVENTS)
-        endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)  # the bound address, port resolved
-        self._port = int(endpoint.rsplit(":", 1)[1])
+        bound = sock.getsockopt(zmq.LAST_ENDPOINT)  # the bound address, port resolved
+        assert isinstance(bound, bytes)
+        endpoint = os.fsdecode(bound)  # as the kernel's name of an accepted ipc connection is decoded
+        self.door, _, address = endpoint.partition("://")
+        # What an accepted connection's own address holds of it: an ipc socket's path, a tcp endpoint's port
+        self._local: str | int = address if self.door == "ipc" else int(address.rsplit(":", 1)[1])
+        self._asked = "sent no request" if self.door == "ipc" else "sent no request with the secret"
         self._live: dict[int, _Conn] = {}  # descriptor -> the connection let in on it
         self._hosts: Counter[str] = Counter()
+        # The hosts (None: all) whose closed connections this drain has looked for: once a drain, as a look
+        # costs a few system calls a connection, and a flood refused at its bound had it made for each
+        # newcomer, until the loop fell so far behind libzmq's accepts that the descriptors ran out.
+        self._swept: set[str | None] = set()
         self.refused = 0  # connections shut: refused at their accept, or evicted for a newcomer
         self.evicted = 0
         self._throttle = Throttle(log)
@@ -69,11 +86,13 @@ class TcpGuard:
         return len(self._live)
 
     def status(self) -> dict[str, int]:
-        """The connections open, refused and evicted so far, and the bound (`locod status`'s tcp section)."""
+        """The connections open, refused and evicted so far, and the bound (`locod status`'s tcp and ipc
+        sections)."""
         return {"open": self.open, "refused": self.refused, "evicted": self.evicted, "max": self.max_total}
 
     def drain(self) -> None:
         """Handle the monitor's events (called by the loop when the monitor socket is readable)."""
+        self._swept.clear()
         for _ in range(1000):
             try:
                 event = recv_monitor_message(self.monitor, zmq.NOBLOCK)
@@ -86,7 +105,7 @@ class TcpGuard:
                 self._gone(fd)
 
     def vouch(self, fd: int) -> None:
-        """The connection on ``fd`` sent a request that passed the secret: it is never evicted."""
+        """The connection on ``fd`` sent a request that passed the door's checks: it is never evicted."""
         if fd not in self._live:
             self.drain()  # its ACCEPTED event may still wait in the monitor
         conn = self._live.get(fd)
@@ -95,25 +114,25 @@ class TcpGuard:
 
     def _accepted(self, fd: int) -> None:
         self._gone(fd)  # a descriptor number reused before its DISCONNECTED was read
-        with _endpoint_conn(fd, self._port) as found:
+        with _endpoint_conn(fd, self._local) as found:
             if found is None:
                 return  # closed already, or the number now names another descriptor: not ours to judge
-            conn, peer = found
-            host = peer[0]
+            conn, (host, inode) = found
             over = self._over(host)
-            if over is not None:
-                self._forget_closed(host if over[0] == "host" else None)
+            if over is not None and (scope := host if over[0] == "host" else None) not in self._swept:
+                self._swept.add(scope)
+                self._forget_closed(scope)
                 over = self._over(host)
             while over is not None and self._evict(host if over[0] == "host" else None, over[1]):
                 over = self._over(host)
             if over is None:
-                self._live[fd] = _Conn(host, peer)  # in order of arrival: the oldest first
+                self._live[fd] = _Conn(host, inode)  # in order of arrival: the oldest first
                 self._hosts[host] += 1
                 return
             _shut(conn)
             self.refused += 1
             kind, why = over
-            self._throttle.say(kind, logging.WARNING, "tcp: refused a connection from %s: %s", host, why)
+            self._throttle.say(kind, logging.WARNING, "%s: refused a connection from %s: %s", self.door, host, why)
 
     def _evict(self, host: str | None, why: str) -> bool:
         """Shut the oldest connection (from ``host``, or any) not vouched for; False if there is none."""
@@ -123,8 +142,8 @@ class TcpGuard:
         if fd is None or conn is None:
             return False
         self._gone(fd)
-        with _endpoint_conn(fd, self._port) as found:
-            if found is None or found[1] != conn.peer:
+        with _endpoint_conn(fd, self._local) as found:
+            if found is None or found[1][1] != conn.inode:
                 return True  # closed meanwhile: its slot is free all the same
             _shut(found[0])
         self.evicted += 1
@@ -132,9 +151,11 @@ class TcpGuard:
         self._throttle.say(
             "evicted",
             logging.WARNING,
-            "tcp: %s: closed the oldest connection from %s that had sent no request with the secret, for a newcomer",
+            "%s: %s: closed the oldest connection from %s that had %s, for a newcomer",
+            self.door,
             why,
             conn.host,
+            self._asked,
         )
         return True
 
@@ -144,16 +165,17 @@ class TcpGuard:
         (connect, ask, close) was refused at ``max_tcp_per_host`` for connections it had closed, its request
         lost. Only the host at its bound is looked at, so one host's flood costs its own few connections."""
         for fd, counted in [(fd, c) for fd, c in self._live.items() if host in (None, c.host)]:
-            with _endpoint_conn(fd, self._port) as found:
-                if found is None or found[1] != counted.peer or closed_by_peer(found[0]):
+            with _endpoint_conn(fd, self._local) as found:
+                if found is None or found[1][1] != counted.inode or closed_by_peer(found[0]):
                     self._gone(fd)
 
     def _over(self, host: str) -> tuple[str, str] | None:
         """(kind, why) when a connection from ``host`` would pass a bound; None when it may stay."""
         if len(self._live) >= self.max_total:
-            return "total", f"{len(self._live)} connections open, at daemon.max_tcp_connections"
+            holder, held = self._hosts.most_common(1)[0]
+            return "total", f"{len(self._live)} connections open ({held} from {holder}), at {self.bounds[0]}"
         if self._hosts[host] >= self.max_per_host:
-            return "host", f"{self._hosts[host]} connections open from it, at daemon.max_tcp_per_host"
+            return "host", f"{self._hosts[host]} connections open from it, at {self.bounds[1]}"
         return None
 
     def _gone(self, fd: int) -> None:
@@ -173,8 +195,9 @@ def _shut(conn: socket.socket) -> None:
 
 
 @contextlib.contextmanager
-def _endpoint_conn(fd: int, port: int) -> Iterator[tuple[socket.socket, tuple[str, int]] | None]:
-    """A copy of descriptor ``fd`` and its peer address, if it is a connection on ``port``; else None."""
+def _endpoint_conn(fd: int, local: str | int) -> Iterator[tuple[socket.socket, tuple[str, int]] | None]:
+    """A copy of descriptor ``fd`` and who is on it (its peer's host, the socket's inode), if it is a
+    connection accepted on ``local`` (an ipc socket's path, a tcp endpoint's port); else None."""
     try:
         copy = os.dup(fd)
     except OSError:
@@ -188,8 +211,17 @@ def _endpoint_conn(fd: int, port: int) -> Iterator[tuple[socket.socket, tuple[st
         return
     with conn:
         try:
-            ours = conn.type == socket.SOCK_STREAM and conn.getsockname()[1] == port
-            peer = conn.getpeername() if ours else None
+            name = conn.getsockname()
+            ours = conn.type == socket.SOCK_STREAM and (name[1] if isinstance(name, tuple) else name) == local
+            host = _host(conn) if ours else None
         except OSError:
-            peer = None
-        yield None if peer is None else (conn, (str(peer[0]), int(peer[1])))
+            host = None
+        yield None if host is None else (conn, (host, os.fstat(conn.fileno()).st_ino))
+
+
+def _host(conn: socket.socket) -> str:
+    """Where a connection comes from: a tcp peer's address, an ipc peer's process (as the kernel says)."""
+    if conn.family != socket.AF_UNIX:
+        return str(conn.getpeername()[0])
+    credentials = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return f"pid {struct.unpack('3i', credentials)[0]}"
