@@ -353,28 +353,37 @@ def _same_file(typed: Path | None, file: Path) -> bool:
 
 def unknown_model(offered: Offered, name: str, left_out: Mapping[str, ModelError]) -> UnknownModel:
     """The error for a request naming no model ``offered``: the models it may name instead (those routing
-    leaves out for their file apart, with why), the name meant when it is a cloud model's endpoint id or a
-    local model's file, and `locod reload` when the config file or the models directory has it now (added, or
-    pulled, after this daemon last read them)."""
+    leaves out for their file apart, with why), then what the name was meant as (``meant_instead``)."""
     local = [m for m in offered.local if m not in left_out]
-    cloud = list(offered.cloud)
-    shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"  # not echoed whole
-    message = f"no model named {shown}; local models: {local}, cloud models: {cloud}{left_out_note(left_out)}"
+    listed = f"local models: {local}, cloud models: {list(offered.cloud)}{left_out_note(left_out)}"
+    return UnknownModel(f"no model named {quoted_name(name)}; {listed}{meant_instead(offered, name, left_out)}")
+
+
+def quoted_name(name: str) -> str:
+    """A model name as a refusal shows it: quoted, and cut (its length said) when long, not echoed whole."""
+    return repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"
+
+
+def meant_instead(offered: Offered, name: str, left_out: Mapping[str, ModelError]) -> str:
+    """What a refusal of an unknown model name adds, in the same words at every door (``locod ask`` and
+    ``chat``, the socket, the HTTP API): the name meant when it is a cloud model's endpoint id or a local
+    model's file, by path or stem (else another's in other case, or the config's way to use a GGUF file it
+    names), and `locod reload` when the config file or the models directory has it now (added, or pulled,
+    after this daemon last read them); "" when none applies."""
+    shown = quoted_name(name)
     meant = [m for m, model_id in offered.cloud.items() if model_id == name]
     local_file = offered.file_of(name)
     if meant:  # the endpoint's model id, as the provider's docs and the config's `model` key spell it
-        message += f"; {shown} is the endpoint's model id of cloud model {meant[0]!r}: name {meant[0]!r}"
+        said = f"; {shown} is the endpoint's model id of cloud model {meant[0]!r}: name {meant[0]!r}"
     elif local_file is not None:  # the file the user downloaded, as Ollama's and llama.cpp's users name one
-        message += f"; {shown} is the GGUF file of local model {local_file!r}: name {local_file!r}"
+        said = f"; {shown} is the GGUF file of local model {local_file!r}: name {local_file!r}"
     else:
-        meant = [n for n in [*local, *left_out, *cloud] if n.lower() == name.lower()]
-        if meant:
-            message += f"; names are case-sensitive: {meant[0]!r}"
-        message += gguf_path_hint(name)
+        meant = [n for n in [*offered.local, *offered.cloud] if n.lower() == name.lower()]
+        said = (f"; names are case-sensitive: {meant[0]!r}" if meant else "") + gguf_path_hint(name)
     files = (Path(offered.source) if offered.source else None, manifest_path(offered.models_dir))
     if name in _names_on_disk(offered.source, tuple(file_stamp(f) for f in files)):
-        message += f"; {shown} was added after the daemon last read its configuration: run `locod reload`"
-    return UnknownModel(message)
+        said += f"; {shown} was added after the daemon last read its configuration: run `locod reload`"
+    return said
 
 
 # Why a local model is left out, by its file's error code, in a few words: the refusal of an unknown name lists

@@ -33,12 +33,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from locod.daemon import metrics
 from locod.daemon import openai_wire as wire
 from locod.daemon.config import ROUTED_MODEL, Config, split_listen
 from locod.daemon.conversations import Conversations
+from locod.daemon.decision import Offered
 from locod.daemon.fdlimit import HTTP_SHARE, door_share, raise_soft_limit
 from locod.daemon.httpconn import Limits, PerRequestWarnings, loop_errors, protocol
 from locod.daemon.httporigin import Gate, cross_origin
@@ -103,14 +104,13 @@ class Exchange:
 
     def headers(self) -> dict[str, str]:
         """The turn's headers: ``x-request-id`` is the completion's id, which the SDKs keep as a reply's
-        ``_request_id`` and an error's ``request_id`` (and ``locod decisions`` takes)."""
-        assert self.decision is not None
+        ``_request_id`` and an error's ``request_id`` (and ``locod decisions`` takes); once decided, the
+        decision's id and where the answer comes from."""
+        identified = {"x-request-id": self.id}
+        if self.decision is None:  # refused before its decision (busy, an attachment that is no image): no record
+            return identified
         location = self.location or self.decision.location
-        return {
-            "x-locod-decision": str(self.decision.decision),
-            "x-locod-location": location,
-            "x-request-id": self.id,
-        }
+        return {"x-locod-decision": str(self.decision.decision), "x-locod-location": location, **identified}
 
     def chunk(self, model: str, delta: dict[str, Any], reason: str | None = None, **extra: Any) -> dict[str, Any]:
         """One chunk; with ``include_usage``, as OpenAI's, each carries ``usage``: null until the last one's."""
@@ -171,10 +171,12 @@ class HttpServer:
             Route("/health", self._guarded(self.health, keyed=False), methods=["GET"]),
         ]
         config = uvicorn.Config(  # log_config=None: uvicorn's lines go through locod's own logging
-            cross_origin(
-                _tidy_path(Starlette(routes=routes, exception_handlers={404: self.no_route, 405: self.no_route})),
-                cfg.cors_origins,
-                "x-locod-decision, x-locod-location, x-request-id",
+            _identified(
+                cross_origin(
+                    _tidy_path(Starlette(routes=routes, exception_handlers={404: self.no_route, 405: self.no_route})),
+                    cfg.cors_origins,
+                    "x-locod-decision, x-locod-location, x-request-id",
+                )
             ),
             host=host,
             port=port,
@@ -240,10 +242,6 @@ class HttpServer:
         now = int(time.time())
         names = [ROUTED_MODEL, *(m.name for m in config.local.models), *(m.name for m in config.cloud.models)]
         self._offered_since = {name: self._offered_since.get(name, now) for name in names}
-
-    def _endpoint_ids(self) -> dict[str, str]:
-        """Each cloud model's endpoint id (its ``model``) to the configured name that serves it."""
-        return {m.model: m.name for m in reversed(self.daemon.config.cloud.models)}  # the first listed wins
 
     def model_names(self) -> list[str]:
         cfg = self.daemon.config
@@ -323,7 +321,7 @@ class HttpServer:
         served = self._model_list(left_out)
         found = next((m for m in served if m["id"] == name), None)
         if found is None:
-            raise wire.unknown_model(name, [m["id"] for m in served[1:]], self._endpoint_ids(), left_out)
+            raise wire.unknown_model(name, [m["id"] for m in served[1:]], Offered.of(self.daemon.config), left_out)
         return JSONResponse(found)
 
     async def no_route(self, request: Request, exc: Exception) -> Response:
@@ -351,7 +349,7 @@ class HttpServer:
 
     async def chat(self, request: Request) -> Response:
         body, left_out = await self._body(request), self.daemon.decider.left_out_files  # asked of a refusal only
-        completion = wire.parse_completion(body, self.model_names(), self._endpoint_ids(), left_out)
+        completion = wire.parse_completion(body, self.model_names(), Offered.of(self.daemon.config), left_out)
         named = _session_header(request)
         loop = asyncio.get_running_loop()
         frames: asyncio.Queue[Frame] = asyncio.Queue()
@@ -367,12 +365,12 @@ class HttpServer:
         exchange = Exchange(completion, frames, reply)
         chat = ChatRequest(exchange.id, messages, session, completion.model, completion.attachments, completion.options)
         self.daemon.hand_in(_client_key(request), chat, reply)
-        first = await self._next(exchange, request)
-        if isinstance(first, ErrorFrame):
-            raise wire.error_of(first)
-        assert isinstance(first, DecisionFrame)
-        exchange.decision = first
         try:
+            first = await self._next(exchange, request)
+            if isinstance(first, ErrorFrame):
+                raise wire.error_of(first)
+            assert isinstance(first, DecisionFrame)
+            exchange.decision = first
             if completion.options.stream:
                 held = await self._before_text(exchange, request)
                 # sep: events end in a blank line of bare newlines, as OpenAI's own do; sse-starlette's default CRLF
@@ -380,8 +378,8 @@ class HttpServer:
                 events = self._events(exchange, held)
                 return EventSourceResponse(events, headers=exchange.headers(), ping=15, sep="\n")
             body = await self._whole(exchange, request)
-        except wire.HttpError as exc:  # the turn has a record: its failure names it, as an answer would
-            exc.decision_headers = exchange.headers()
+        except wire.HttpError as exc:  # its failure names the turn (its record, once decided), as an answer would
+            exc.turn_headers = exchange.headers()
             raise
         return JSONResponse(body, headers=exchange.headers())
 
@@ -511,6 +509,23 @@ def _tidy_path(app: ASGIApp) -> ASGIApp:
         if scope["type"] == "http":
             scope = {**scope, "path": "/" + "/".join(part for part in scope["path"].split("/") if part)}
         await app(scope, receive, send)
+
+    return asgi
+
+
+def _identified(app: ASGIApp) -> ASGIApp:
+    """Every reply with an ``x-request-id``, which the SDKs keep as an error's ``request_id``: a turn's own
+    (its completion's id), else a fresh one, for a refusal before any turn (a bad body, an unknown model, a
+    missing key) as for ``GET /v1/models`` and a CORS preflight."""
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        async def identified(message: Message) -> None:
+            headers = message.get("headers", [])
+            if message["type"] == "http.response.start" and not any(k == b"x-request-id" for k, _ in headers):
+                message = {**message, "headers": [*headers, (b"x-request-id", wire.request_id().encode())]}
+            await send(message)
+
+        await app(scope, receive, identified if scope["type"] == "http" else send)
 
     return asgi
 

@@ -35,7 +35,7 @@ import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from locod.daemon.logs import Throttle
-from locod.daemon.openai_wire import HttpError
+from locod.daemon.openai_wire import HttpError, request_id
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Limits:
         body = json.dumps(HttpError(503, message, "busy").body()).encode()
         head = (
             "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
-            f"retry-after: 1\r\ncontent-length: {len(body)}\r\n\r\n"
+            f"retry-after: 1\r\nx-request-id: {request_id()}\r\ncontent-length: {len(body)}\r\n\r\n"
         )
         return head.encode() + body
 
@@ -129,6 +129,7 @@ class BoundedProtocol(H11Protocol):
             (b"content-type", b"application/json"),
             (b"content-length", b"%d" % len(body)),
             (b"connection", b"close"),
+            (b"x-request-id", request_id().encode()),
         ]
         for event in (
             h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),

@@ -10,12 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from locod.daemon.config import ROUTED_MODEL, gguf_path_hint
-from locod.daemon.decision import left_out_note
+from locod.daemon.decision import Offered, left_out_note, meant_instead, quoted_name
 from locod.errors import (
     MODEL_RELOADED,
     AttachmentError,
@@ -76,7 +77,7 @@ class HttpError(Exception):
     def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
-        self.decision_headers: dict[str, str] = {}  # a turn's x-locod-* headers, when it failed after its decision
+        self.turn_headers: dict[str, str] = {}  # a turn's x-request-id, and its x-locod-* once it was decided
 
     def body(self) -> dict[str, Any]:
         kind = {401: "authentication_error", 404: "invalid_request_error", 429: "rate_limit_error"}
@@ -87,10 +88,16 @@ class HttpError(Exception):
     def headers(self) -> dict[str, str]:
         """``Retry-After`` on a 429 (a limit of turns in flight, freed as turns end) and on a turn whose model a
         reload removed (sent again, it is decided anew): the SDKs wait that long before their own retry, as
-        they do for the connection limit's 503 (httpconn.py); and the ``x-locod-*`` headers of a turn that
-        failed after its decision, by which its record is found."""
+        they do for the connection limit's 503 (httpconn.py); and the headers of a turn that failed once
+        handed in (its ``x-request-id``; after its decision, the ``x-locod-*`` by which its record is found)."""
         retry = self.status == 429 or self.code == MODEL_RELOADED
-        return {**self.decision_headers, **({"retry-after": "1"} if retry else {})}
+        return {**self.turn_headers, **({"retry-after": "1"} if retry else {})}
+
+
+def request_id() -> str:
+    """The ``x-request-id`` of a reply that is no turn's (a refusal before one, ``GET /v1/models``): every
+    reply carries one, which the SDKs keep as an error's ``request_id``, as a turn's is its completion's id."""
+    return "req-" + uuid.uuid4().hex[:24]
 
 
 @dataclass(frozen=True)
@@ -109,17 +116,17 @@ def bad(message: str, param: str | None = None, code: str = "bad_field") -> Http
 
 
 def unknown_model(
-    model: str, models: list[str], ids: dict[str, str] | None, left_out: Mapping[str, ModelError] | None = None
+    model: str, models: list[str], offered: Offered | None, left_out: Mapping[str, ModelError] | None = None
 ) -> HttpError:
     """A model name nothing here serves, in a chat or ``GET /v1/models/{id}``, told what to send instead: the
-    configured name of a cloud model whose endpoint id it is (code written for the provider), or the names
-    ``GET /v1/models`` lists, and apart from them the local models ``left_out`` for their file, with why."""
-    named = (ids or {}).get(model)
+    names ``GET /v1/models`` lists, apart from them the local models ``left_out`` for their file, with why,
+    and what the name was meant as, in the socket's words (``meant_instead``: a cloud model's endpoint id,
+    which code written for the provider sends, a local model's GGUF file); ``offered`` None: names alone."""
     left_out = left_out or {}
-    offered = [name for name in models if name not in left_out]
-    hint = f" here: it is the endpoint's model id of cloud model {named!r}, so send model={named!r}"
-    hint = hint if named else f"; send 'auto' or {_one_of(offered)}{left_out_note(left_out)}{gguf_path_hint(model)}"
-    message = f"the model {model!r:.200} does not exist{hint}; see GET /v1/models"
+    names = [name for name in models if name not in left_out]
+    meant = meant_instead(offered, model, left_out) if offered else gguf_path_hint(model)
+    hint = f"send 'auto' or {_one_of(names)}{left_out_note(left_out)}{meant}"
+    message = f"the model {quoted_name(model)} does not exist; {hint}; see GET /v1/models"
     return HttpError(404, message, "model_not_found", "model")
 
 
@@ -132,11 +139,11 @@ def _one_of(models: list[str], shown: int = 8) -> str:
 def parse_completion(
     body: Any,
     models: list[str],
-    ids: dict[str, str] | None = None,
+    offered: Offered | None = None,
     left_out: Callable[[], Mapping[str, ModelError]] = dict,
 ) -> Completion:
-    """A chat-completions body, checked; ``models`` are the configured model names (``auto`` aside), ``ids``
-    the cloud models' endpoint ids (their ``model``) to the names that serve them, ``left_out`` asked for the
+    """A chat-completions body, checked; ``models`` are the configured model names (``auto`` aside),
+    ``offered`` what an unknown name may have been meant as (``unknown_model``), ``left_out`` asked for the
     local models routing leaves out for their file when an unknown name's refusal lists them apart (named,
     they are refused by the daemon with their file's story)."""
     if not isinstance(body, dict):
@@ -162,7 +169,7 @@ def parse_completion(
     if not isinstance(model, str) or not model:
         raise bad("'model' is required: 'auto' or a configured model name", "model")
     if model != ROUTED_MODEL and model not in models:
-        raise unknown_model(model, models, ids, left_out())
+        raise unknown_model(model, models, offered, left_out())
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise bad("'messages' must be a non-empty list", "messages")
@@ -243,8 +250,10 @@ def _is_int(value: Any) -> bool:
 
 def _messages(raw: list[Any]) -> tuple[list[dict[str, str]], list[Attachment]]:
     """Text messages, and the images of the last one: an earlier message's images are not sent again (a
-    follow-up is answered from the conversation's text; docs/http.md says to attach an image again)."""
-    messages, images = [], []
+    follow-up is answered from the conversation's text; docs/http.md says to attach an image again), so they
+    are not decoded either: a chat UI sends every image of the conversation back with each turn."""
+    messages: list[dict[str, str]] = []
+    images: list[tuple[Any, str]] = []
     for i, item in enumerate(raw):
         where = f"messages[{i}]"
         if not isinstance(item, dict) or not isinstance(item.get("role"), str):
@@ -264,6 +273,7 @@ def _messages(raw: list[Any]) -> tuple[list[dict[str, str]], list[Attachment]]:
         role = ROLES[item["role"]]
         messages.append({"role": role, "content": as_held(text) if role == "assistant" else text})
         images = found
+    attachments = [_image(url, at, index) for index, (url, at) in enumerate(images)]  # the last message's
     called = next((i for i, item in enumerate(raw) if item.get("tool_calls") or item.get("function_call")), None)
     if called is not None:  # its calls would be dropped unseen, leaving an empty answer in the model's history
         raise bad(
@@ -275,23 +285,24 @@ def _messages(raw: list[Any]) -> tuple[list[dict[str, str]], list[Attachment]]:
         raise bad("the last message must be the user's", "messages")
     if not messages[-1]["content"].strip():
         raise bad("the last user message has no text", "messages", "empty_prompt")
-    return messages, images
+    return messages, attachments
 
 
-def _content(content: Any, where: str) -> tuple[str, list[Attachment]]:
+def _content(content: Any, where: str) -> tuple[str, list[tuple[Any, str]]]:
+    """A message's text, and its images as they came (each ``image_url``'s url, and where it is), undecoded."""
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
         raise bad(f"{where}.content must be a string or a list of parts", where)
     texts: list[str] = []
-    images: list[Attachment] = []
+    images: list[tuple[Any, str]] = []
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         at = f"{where}.content[{j}]"
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif kind == "image_url" and isinstance(part.get("image_url"), dict):
-            images.append(_image(part["image_url"].get("url"), at, len(images)))
+            images.append((part["image_url"].get("url"), at))
         elif kind == "image_url":
             raise bad(f'{at}.image_url must be an object, {{"url": "data:image/png;base64,..."}}', at)
         elif kind == "text":

@@ -342,4 +342,4 @@ def test_the_http_api_says_which_name_serves_a_providers_model_id(daemon_factory
     assert refused.value.code == 404
     error = json.loads(refused.value.read())["error"]
     assert error["code"] == "model_not_found"
-    assert "endpoint's model id of cloud model 'gpt-mini', so send model='gpt-mini'" in error["message"], error
+    assert "'gpt-4o-mini' is the endpoint's model id of cloud model 'gpt-mini': name 'gpt-mini'" in error["message"]

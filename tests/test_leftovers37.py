@@ -1,0 +1,148 @@
+"""Small defects earlier sessions noted and left (leftovers 37): the HTTP door's refusal of an unknown model
+in the socket's words, an ``x-request-id`` on every HTTP reply, a JSON error on stdout for every ``--json``
+command, ``stop --timeout`` bounded, ``$LOCOD_CONFIG`` named as the other variables are, the confidence of
+an answer in any script, ``--max-size`` read in linear time, history trimmed in linear time, and an earlier
+message's images left undecoded. Real daemons (the embedded model), the real `locod` command, real HTTP."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import urllib.request
+from typing import Any
+
+import pytest
+
+from locod.daemon.openai_wire import HttpError, parse_completion
+
+from .test_http import LOCAL, http_daemon
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the embedded model's file
+HI = [{"role": "user", "content": "Hi"}]
+
+
+def post(base: str, body: Any, raw: bytes | None = None) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """A chat completion as any HTTP client sends it: its status, headers and JSON body."""
+    data = raw if raw is not None else json.dumps(body).encode()
+    request = urllib.request.Request(f"{base}/v1/chat/completions", data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, dict(response.headers), json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read())
+
+
+def get(url: str) -> tuple[int, dict[str, str]]:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers)
+
+
+# -- 1. the HTTP door refuses an unknown model in the socket's words ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("typed", "meant"),
+    [
+        (GGUF, f"; {GGUF!r} is the GGUF file of local model {LOCAL!r}: name {LOCAL!r}"),
+        ("SmolLM2-135M-Instruct.Q4_1", f"is the GGUF file of local model {LOCAL!r}: name {LOCAL!r}"),
+        (LOCAL.upper(), f"; names are case-sensitive: {LOCAL!r}"),
+        ("gpt-4o-mini", "; 'gpt-4o-mini' is the endpoint's model id of cloud model 'gpt-mini': name 'gpt-mini'"),
+        ("/nowhere/other.gguf", "; a GGUF file is not a model's name: name it in the config"),
+    ],
+)
+def test_the_http_door_says_what_an_unknown_model_was_meant_as_the_socket_does(
+    daemon_factory: Any, typed: str, meant: str
+) -> None:
+    """`locod ask --model SmolLM2-135M-Instruct.Q4_1.gguf` was told the name of the model whose file it is;
+    the HTTP door said only that "the model does not exist" (and a case slip nothing either). Both now add
+    the same words, from one function, to a chat's refusal and to ``GET /v1/models/{id}``'s."""
+    cloud = {"name": "gpt-mini", "base_url": "http://127.0.0.1:9/v1", "model": "gpt-4o-mini"}
+    handle, base = http_daemon(daemon_factory, {"routing": {"mode": "local"}, "cloud": {"models": [cloud]}})
+    asked = handle.cli("ask", "--model", typed, "hi")
+    assert asked.returncode == 1 and meant in asked.stderr, asked.stderr
+    status, _, body = post(base, {"model": typed, "messages": HI})
+    message = body["error"]["message"]
+    assert (status, body["error"]["code"]) == (404, "model_not_found")
+    assert message.startswith(f"the model {typed!r} does not exist; send 'auto' or one of {LOCAL!r}, 'gpt-mini'")
+    assert meant in message and message.endswith("; see GET /v1/models"), message
+    if not typed.startswith("/"):  # a path's slashes are the URL's own
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{base}/v1/models/{typed}", timeout=30)
+        assert json.loads(missing.value.read())["error"]["message"] == message
+    assert handle.rows() == []
+
+
+# -- 2. every HTTP reply carries an x-request-id ----------------------------------------------------------
+
+
+def test_every_http_reply_carries_a_request_id(daemon_factory: Any) -> None:
+    """The SDKs keep ``x-request-id`` as an error's ``request_id``: a turn that failed after its decision
+    carried one, a refusal before it none (a bad body, an unknown model, an attachment that is no image,
+    a path not served). Every reply now has one: a turn's is its completion's id, any other its own."""
+    _, base = http_daemon(daemon_factory, {"routing": {"mode": "local"}})
+    not_an_image = "data:image/png;base64," + base64.b64encode(b"plain text, no image").decode()
+    shown = [{"role": "user", "content": [{"type": "text", "text": "look"}, image_part(not_an_image)]}]
+    refusals = {
+        "bad_json": post(base, None, raw=b"{not json"),
+        "unknown_model": post(base, {"model": "nope", "messages": HI}),
+        "no_messages": post(base, {"model": "auto", "messages": []}),
+        "not_an_image": post(base, {"model": "auto", "messages": shown}),
+    }
+    ids = set()
+    for what, (status, headers, body) in refusals.items():
+        assert status >= 400 and "error" in body, (what, status, body)
+        assert headers.get("x-request-id", "").startswith(("req-", "chatcmpl-")), (what, headers)
+        ids.add(headers["x-request-id"])
+    assert len(ids) == len(refusals)  # one for each reply
+    handed_in = refusals["not_an_image"][1]["x-request-id"]
+    assert handed_in.startswith("chatcmpl-"), handed_in  # a turn refused before its decision: the turn's id
+    for url in (f"{base}/v1/models", f"{base}/health", f"{base}/v1/nowhere", f"{base}/metrics"):
+        status, headers = get(url)
+        assert headers.get("x-request-id", "").startswith("req-"), (url, status, headers)
+    status, headers, body = post(base, {"model": "auto", "messages": HI, "max_tokens": 2})
+    assert status == 200 and headers["x-request-id"] == body["id"], headers  # a turn's: its completion's id
+    assert malformed_reply_headers(base).get("x-request-id", "").startswith("req-")
+
+
+def image_part(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def malformed_reply_headers(base: str) -> dict[str, str]:
+    """The headers of the door's answer to bytes that are no HTTP/1.1 request."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as raw:
+        raw.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+        reply = b""
+        while b"\r\n\r\n" not in reply and (piece := raw.recv(4096)):
+            reply += piece
+    head = reply.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+    assert head[0].startswith("HTTP/1.1 400"), head
+    return {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])}
+
+
+# -- 9. an earlier message's images are not decoded ------------------------------------------------------
+
+
+def test_an_earlier_message_s_broken_image_does_not_refuse_the_turn(daemon_factory: Any) -> None:
+    """Only the last message's images are sent, yet every message's were decoded: a chat UI sends each image
+    of the conversation back with every turn, so one broken (or remote) image refused every later turn
+    with 400, and each turn decoded them all. Now only the last message's are read."""
+    earlier = [
+        {"role": "user", "content": [{"type": "text", "text": "look"}, image_part("data:image/png;base64,@@@")]},
+        {"role": "assistant", "content": "I cannot read that image."},
+        {"role": "user", "content": [{"type": "text", "text": "and this?"}, image_part("https://x.example/y.png")]},
+        {"role": "assistant", "content": "I fetch nothing."},
+    ]
+    ask = [*earlier, {"role": "user", "content": "Say hello."}]
+    assert parse_completion({"model": "auto", "messages": ask}, [LOCAL]).attachments == []
+    with pytest.raises(HttpError) as broken:  # the turn's own image is read, and refused when broken
+        parse_completion({"model": "auto", "messages": earlier[:1]}, [LOCAL])
+    assert (broken.value.code, broken.value.param) == ("bad_image", "messages[0].content[1]")
+    _, base = http_daemon(daemon_factory, {"routing": {"mode": "local"}})
+    status, _, body = post(base, {"model": "auto", "messages": ask, "max_tokens": 4})
+    assert status == 200 and body["locod"]["attachments_sent"] == [], body
