@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from locod import __version__
-from locod.commands.common import CONFIG_PLACES
+from locod.commands.common import CONFIG_PLACES, error_json
 from locod.commands.control import cmd_reload, cmd_serve, cmd_stop
 from locod.commands.decisions import cmd_decisions, cmd_feedback
 from locod.commands.offline import (
@@ -54,7 +54,8 @@ EXIT_CODES: dict[type[LocodError], int] = {
     Busy: 6,
     CloudError: 7,
 }
-EXIT_STATUS = """exit status (for scripts; the message is one line on stderr):
+EXIT_STATUS = """exit status (for scripts; the message is one line on stderr, and with --json also one JSON
+object on stdout, {"type": "error", "kind": ..., "code": ..., "message": ...}, code as in locod.errors):
   0    done
   1    the request was refused or failed: change it (an unknown model, an unreadable file, an empty prompt)
   2    a wrong command line, or an invalid configuration
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at exit, so that a reader who left (`| head`) is handled below
         return code
     except LocodError as exc:
+        if getattr(args, "json", False):  # a script reading stdout gets why, not empty input
+            print(error_json(exc), flush=True)
         print(shown(f"locod: {exc.message}"), file=sys.stderr)
         return next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1)
     except BrokenPipeError:  # `locod ... | head`: the reader left. Before OSError, whose subclass it is.
@@ -136,6 +139,9 @@ HABITS = {
         ("start", "`locod serve` runs the daemon (scripts/install.sh installs it as a service)"),
     )
 }
+# The longest `locod stop --timeout`: a daemon still stopping after a day is stuck (its own wait for the turns
+# in flight is daemon.shutdown_grace_s), and the command says so rather than wait for good.
+MAX_STOP_WAIT_S = 86400.0
 GLOBAL_VALUED = ("--config", "--set", "--endpoint", "--secret", "--secret-file")
 
 
@@ -283,14 +289,16 @@ def _limit(text: str) -> int:
 
 
 def _seconds(text: str) -> float:
-    """``stop --timeout``: 0 or more seconds. A negative one (or ``nan``) sent the daemon SIGTERM, then said at
-    once that it was "still stopping after -1 s" and exited 1: the stop was done, the command said it failed."""
+    """``stop --timeout``: 0 to ``MAX_STOP_WAIT_S`` seconds. A negative one (or ``nan``) sent the daemon
+    SIGTERM, then said at once that it was "still stopping after -1 s" and exited 1: the stop was done, the
+    command said it failed; ``inf`` (or ``1e300``) waited for good on a daemon that never exits."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expects a number of seconds, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text!r}")
+    if not 0 <= value <= MAX_STOP_WAIT_S:
+        most = f"at most {MAX_STOP_WAIT_S:g} (a day)"
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, {most}, got {text!r}")
     return value
 
 
@@ -516,7 +524,9 @@ def _add_daemon_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_reload)
 
     p = sub.add_parser("stop", help="stop the daemon (as SIGTERM: turns in flight finish first)")
-    p.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for it to exit (default 60)")
+    p.add_argument(
+        "--timeout", type=_seconds, default=60.0, help="seconds to wait for it to exit, at most a day (default 60)"
+    )
     p.set_defaults(func=cmd_stop)
 
 

@@ -343,7 +343,7 @@ def find_config_file(env: Mapping[str, str]) -> Path | None:
     if env.get("LOCOD_CONFIG"):
         path = Path(env["LOCOD_CONFIG"])
         if not path.is_file():
-            raise ConfigError(f"LOCOD_CONFIG names {path}, which is not a file")
+            raise ConfigError(f"$LOCOD_CONFIG names {path}, which is not a file")
         return path
     xdg = xdg_dir(env, "XDG_CONFIG_HOME", Path.home() / ".config")
     for candidate in (xdg / "locod" / "config.toml", Path("/etc/locod/config.toml")):

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
+import subprocess
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from locod.daemon.openai_wire import HttpError, parse_completion
 
+from .conftest import DaemonHandle, locod_command
 from .test_http import LOCAL, http_daemon
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"  # the embedded model's file
@@ -123,6 +127,67 @@ def malformed_reply_headers(base: str) -> dict[str, str]:
     head = reply.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
     assert head[0].startswith("HTTP/1.1 400"), head
     return {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in head[1:])}
+
+
+# -- 3. every --json command fails with a JSON object on stdout -------------------------------------------
+
+
+def new_user(home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """The real `locod` with no config file and no daemon."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("LOCOD_")}
+    clean.update(HOME=str(home), XDG_CONFIG_HOME=str(home / "config"), LOCOD_RUNTIME_DIR=str(home / "run"))
+    clean.update(XDG_STATE_HOME=str(home / "state"), **(env or {}))
+    return subprocess.run(locod_command(*args), capture_output=True, text=True, env=clean, timeout=120, cwd=home)
+
+
+def test_a_json_command_that_fails_says_why_on_stdout(tmp_path: Path) -> None:
+    """`locod status --json` with no daemon printed nothing on stdout: a script piping it to ``jq`` read
+    empty input. Every ``--json`` command now prints the ``error`` object ``ask --json`` ends with (its
+    stable code from locod.errors), the exit status and the line on stderr as before."""
+    for args, env, code, status in (
+        (("status", "--json"), {}, "not_running", 5),
+        (("config", "show", "--json"), {"LOCOD_SLA": "lots"}, "config", 2),
+        (("models", "list", "--json"), {"LOCOD_CONFIG": str(tmp_path / "none.toml")}, "config", 2),
+        (("decisions", "7", "--json"), {}, "unknown_decision", 1),
+    ):
+        result = new_user(tmp_path, *args, env=env)
+        assert result.returncode == status, (args, result.stderr)
+        error = json.loads(result.stdout)
+        assert error["type"] == "error" and error["code"] == code, (args, error)
+        assert result.stderr.strip().splitlines()[-1] == f"locod: {error['message']}"
+    plain = new_user(tmp_path, "status")
+    assert plain.returncode == 5 and plain.stdout == ""  # without --json, stdout stays empty
+
+
+def test_ask_json_still_ends_with_one_error_line(daemon: DaemonHandle) -> None:
+    """``ask --json`` printed its error frame itself; the command line prints it now, once."""
+    asked = daemon.cli("ask", "--json", "--model", "nope", "hi")
+    lines = asked.stdout.splitlines()
+    assert asked.returncode == 1 and len(lines) == 1, asked.stdout
+    assert json.loads(lines[0])["code"] == "unknown_model"
+
+
+# -- 4. stop --timeout -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("timeout", ["inf", "1e400", "1e300", "86401", "nan", "-1", "-inf"])
+def test_stop_refuses_a_timeout_it_cannot_keep(tmp_path: Path, timeout: str) -> None:
+    """``--timeout inf`` (and 1e300) waited for good on a daemon that never exits; nan and negatives were
+    already refused. All are now a usage error (exit 2) saying the range, before any daemon is asked."""
+    result = new_user(tmp_path, "stop", f"--timeout={timeout}")
+    assert result.returncode == 2, result.stderr
+    assert f"argument --timeout: must be 0 or more seconds, at most 86400 (a day), got {timeout!r}" in result.stderr
+
+
+# -- 5. $LOCOD_CONFIG ------------------------------------------------------------------------------------
+
+
+def test_the_config_variable_is_named_as_the_others_are(tmp_path: Path) -> None:
+    """An override's error names its variable as ``$LOCOD_SLA``; a missing config file said ``LOCOD_CONFIG``."""
+    missing = new_user(tmp_path, "config", "show", "--new", env={"LOCOD_CONFIG": str(tmp_path / "none.toml")})
+    assert missing.returncode == 2 and f"$LOCOD_CONFIG names {tmp_path / 'none.toml'}," in missing.stderr
+    other = new_user(tmp_path, "config", "show", "--new", env={"LOCOD_SLA": "lots"})
+    assert other.returncode == 2 and "$LOCOD_SLA" in other.stderr, other.stderr
 
 
 # -- 9. an earlier message's images are not decoded ------------------------------------------------------

@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from locod.errors import ConfigError, DaemonNotRunning, StorageError, UnsafeSocket
+from locod.errors import ConfigError, DaemonNotRunning, LocodError, StorageError, UnsafeSocket
+from locod.protocol import ErrorFrame, Frame
 from locod.terminal import shown
 
 SYSTEM_STATE_DIR = Path("/var/lib/locod")  # the system unit's StateDirectory
@@ -104,6 +105,17 @@ def _endpoint(args: argparse.Namespace, warn: bool = True) -> str:
 
 def print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
+
+
+def frame_json(frame: Frame) -> str:
+    """A frame as ``ask --json`` prints it, one line: its type, then its fields."""
+    return json.dumps({"type": frame.type, **vars(frame)})
+
+
+def error_json(exc: LocodError) -> str:
+    """What every ``--json`` command prints on stdout when it fails, so that a script reading it (``jq``) gets
+    why rather than empty input: the ``error`` frame ``ask --json`` ends its stream with."""
+    return frame_json(ErrorFrame.of(exc))
 
 
 def as_running(args: argparse.Namespace) -> Any:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import shlex
@@ -16,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from locod.commands.common import connect
+from locod.commands.common import connect, frame_json
 from locod.errors import DaemonNotRunning, LocodError, ModelError, RequestError
 from locod.protocol import (
     MAX_STOP_SEQUENCES,
@@ -24,7 +23,6 @@ from locod.protocol import (
     DecisionFrame,
     DeltaFrame,
     DoneFrame,
-    ErrorFrame,
     EscalatedFrame,
     FallbackFrame,
     Frame,
@@ -38,18 +36,8 @@ if TYPE_CHECKING:  # imported when a command talks to the daemon (pyzmq): `locod
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
-    """``ask``; with ``--json`` an error ends the frame stream on stdout too, as an ``error`` frame, so that a
-    script reading the stream with ``jq`` sees why it stopped (the one line on stderr stays)."""
-    try:
-        return _ask(args)
-    except LocodError as exc:
-        if args.json:
-            frame = ErrorFrame.of(exc)
-            print(json.dumps({"type": frame.type, **vars(frame)}), flush=True)
-        raise
-
-
-def _ask(args: argparse.Namespace) -> int:
+    """``ask``; with ``--json`` every frame is a JSON line, and an error ends the stream with an ``error``
+    frame's (``error_json``, which the command line prints for every ``--json`` command that fails)."""
     if args.stop and len(args.stop) > MAX_STOP_SEQUENCES:
         raise RequestError(f"argument --stop: at most {MAX_STOP_SEQUENCES} of them, got {len(args.stop)}")
     with connect(args) as client:
@@ -127,7 +115,7 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool, client: Clien
             print(shown(f"[{notice}]"), file=sys.stderr)
             notice = None
         if as_json:
-            print(json.dumps({"type": frame.type, **vars(frame)}))
+            print(frame_json(frame))
         elif isinstance(frame, DeltaFrame):
             streamed = True
             print(for_stream(frame.text, sys.stdout), end="", flush=True)
