@@ -32,7 +32,11 @@ _HALF = math.log(0.5)  # a token the model gave less than even odds
 # The range of each feature (features() below).
 _LOW = (FLOOR / 5.0, FLOOR / 10.0, FLOOR / 5.0, FLOOR / 10.0, 0.0, 0.0)
 _HIGH = (0.0, 0.0, 0.0, 0.0, 1.0, 1.0)
-_WORD = re.compile(r"[a-z0-9]+")
+# A word: a run of letters and digits in any script (Cyrillic, Greek, accented Latin as English), or one
+# kana or Han character, which are written without spaces between words: each stands for a word of its own,
+# so the prompt's 法国 makes an answer's 法国 a repetition, as "france" would be in English.
+_IDEOGRAPHS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_WORD = re.compile(rf"[{_IDEOGRAPHS}]|[^\W_{_IDEOGRAPHS}]+")
 
 
 @dataclass(frozen=True)

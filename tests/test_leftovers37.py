@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from locod.daemon.openai_wire import HttpError, parse_completion
+from locod.policy.confidence import Answer, content_logprobs, features
 
 from .conftest import DaemonHandle, locod_command
 from .test_http import LOCAL, http_daemon
@@ -188,6 +189,33 @@ def test_the_config_variable_is_named_as_the_others_are(tmp_path: Path) -> None:
     assert missing.returncode == 2 and f"$LOCOD_CONFIG names {tmp_path / 'none.toml'}," in missing.stderr
     other = new_user(tmp_path, "config", "show", "--new", env={"LOCOD_SLA": "lots"})
     assert other.returncode == 2 and "$LOCOD_SLA" in other.stderr, other.stderr
+
+
+# -- 6. the confidence of an answer in any script ---------------------------------------------------------
+
+# One question and answer in four languages, token by token, with the same log-probabilities: each answer
+# repeats the question's words but one, the capital's name, whose token the model was unsure of.
+CAPITALS = {
+    "English": ("What is the capital of France?", ["The", " capital", " of", " France", " is", " Paris", "."]),
+    "Russian": ("Какая столица у Франции?", ["Столица", " у", " Франции", " —", " ", " Париж", "."]),
+    "Greek": (
+        "Ποια είναι η πρωτεύουσα της Γαλλίας;",
+        ["Η", " πρωτεύουσα", " της", " Γαλλίας", " είναι", " Παρίσι", "."],
+    ),
+    "Chinese": ("法国的首都是什么？", ["法国", "的", "首都", "是", "：", "巴黎", "。"]),
+}
+SURE = [-0.1, -0.2, -0.3, -0.2, -0.1, -3.0, -0.05]
+
+
+@pytest.mark.parametrize("language", ["Russian", "Greek", "Chinese"])
+def test_an_answer_in_another_script_is_judged_as_an_english_one(language: str) -> None:
+    """A word was ``[a-z0-9]+``: a Russian, Greek or Chinese answer had no content words, so its content
+    features fell back to the whole answer's, and the one name it guessed among sure repetitions of the
+    question weighed no more than they did. Now words are any script's (a Han character each)."""
+    english = Answer(CAPITALS["English"][0], CAPITALS["English"][1], SURE)
+    other = Answer(*CAPITALS[language], SURE)
+    assert content_logprobs(english) == content_logprobs(other) == [-3.0]
+    assert features(other, 16) == features(english, 16)
 
 
 # -- 9. an earlier message's images are not decoded ------------------------------------------------------
