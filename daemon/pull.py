@@ -9,6 +9,7 @@ The daemon never calls this module: downloads happen only when the user runs ``p
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import urllib.error
@@ -146,10 +147,15 @@ def pull_model(
 
 def parse_size(text: str) -> int:
     """Bytes in a size the user typed: a number with an optional K, M, G or T (binary units), e.g. ``80G``."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    # Stripped first: a pattern with a \s* on both sides of its optional unit tried every split of a long run of
+    # spaces between them, quadratic in the length typed.
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", text.strip(), re.IGNORECASE)
     if not match:
         raise FetchError(f"--max-size expects a size such as 8G or 500M, got {text!r}")
-    size = int(float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " "))
+    scaled = float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")
+    if not math.isfinite(scaled):  # over 308 digits: int() of it ended the command in a traceback
+        raise FetchError(f"--max-size is more than any disk holds, got {text[:40]!r}...")
+    size = int(scaled)
     if size <= 0:
         raise FetchError(f"--max-size must be more than 0, got {text!r}")
     return size

@@ -18,6 +18,8 @@ from typing import Any
 import pytest
 
 from locod.daemon.openai_wire import HttpError, parse_completion
+from locod.daemon.pull import parse_size
+from locod.errors import FetchError
 from locod.policy.confidence import Answer, content_logprobs, features
 
 from .conftest import DaemonHandle, locod_command
@@ -216,6 +218,25 @@ def test_an_answer_in_another_script_is_judged_as_an_english_one(language: str) 
     other = Answer(*CAPITALS[language], SURE)
     assert content_logprobs(english) == content_logprobs(other) == [-3.0]
     assert features(other, 16) == features(english, 16)
+
+
+# -- 7. --max-size in linear time ------------------------------------------------------------------------
+
+
+def test_a_long_max_size_is_refused_at_once() -> None:
+    """A pattern with ``\\s*`` on both sides of an optional unit tried every split of a run of spaces: a
+    megabyte of them took hours to refuse. 400 digits ended in OverflowError's traceback."""
+    with pytest.raises(FetchError, match="expects a size such as 8G"):
+        parse_size("1" + " " * 1_000_000 + "x")
+    with pytest.raises(FetchError, match="more than any disk holds"):
+        parse_size("9" * 400)
+    assert parse_size("  80 GiB ") == 80 << 30 and parse_size("1.5k") == 1536
+
+
+def test_pull_says_a_size_past_any_disk_as_a_usage_error(tmp_path: Path) -> None:
+    result = new_user(tmp_path, "models", "pull", "--max-size", "9" * 400, "http://127.0.0.1:9/x.gguf")
+    assert result.returncode == 2 and "more than any disk holds" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # -- 9. an earlier message's images are not decoded ------------------------------------------------------
