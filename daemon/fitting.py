@@ -74,13 +74,13 @@ def trim_to_context(
         raise PromptTooLong(f"the prompt needs about {fixed} tokens; {limit}")
     answer = min(max_tokens, n_ctx - fixed)
     room = n_ctx - fixed - answer
-    kept: list[dict[str, str]] = []
+    newest_first: list[dict[str, str]] = []  # appended, then turned once: inserting each at the front was quadratic
     for message in reversed(history):
         room -= cost(message)
         if room < 0:
             break
-        kept.insert(0, message)
-    fitted = _from_a_user(system, kept, last)
+        newest_first.append(message)
+    fitted = _from_a_user(system, newest_first[::-1], last)
     return fitted, fixed + sum(cost(m) for m in fitted[len(system) : -1]), answer
 
 

@@ -9,17 +9,21 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 import socket
+import string
 import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+from llama_cpp import Llama
 
+from locod.daemon.fitting import PER_MESSAGE_TOKENS, TEMPLATE_SLACK_TOKENS, _from_a_user, _split, trim_to_context
 from locod.daemon.openai_wire import HttpError, parse_completion
 from locod.daemon.pull import parse_size
-from locod.errors import FetchError
+from locod.errors import FetchError, PromptTooLong
 from locod.policy.confidence import Answer, content_logprobs, features
 
 from .conftest import DaemonHandle, locod_command
@@ -237,6 +241,58 @@ def test_pull_says_a_size_past_any_disk_as_a_usage_error(tmp_path: Path) -> None
     result = new_user(tmp_path, "models", "pull", "--max-size", "9" * 400, "http://127.0.0.1:9/x.gguf")
     assert result.returncode == 2 and "more than any disk holds" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+# -- 8. history trimmed in linear time, keeping what it kept ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vocab(model_path: Path) -> Llama:
+    """The embedded model's tokenizer alone (no weights)."""
+    return Llama(str(model_path), vocab_only=True, n_ctx=256, verbose=False)
+
+
+def trimmed_as_before(llm: Llama, messages: list[dict[str, str]], max_tokens: int) -> list[dict[str, str]]:
+    """The messages the trimming kept before it was made linear (``kept.insert(0, ...)``), the rest of its
+    rule as it is; the sizes here are all far under what it refuses unread."""
+    system, history, last = _split(messages)
+    n_ctx = llm.n_ctx()
+
+    def cost(message: dict[str, str]) -> int:
+        return len(llm.tokenize(message["content"].encode(), add_bos=False, special=False)) + PER_MESSAGE_TOKENS
+
+    fixed = TEMPLATE_SLACK_TOKENS + sum(cost(m) for m in system) + cost(last)
+    room = n_ctx - fixed - min(max_tokens, n_ctx - fixed)
+    kept: list[dict[str, str]] = []
+    for message in reversed(history):
+        room -= cost(message)
+        if room < 0:
+            break
+        kept.insert(0, message)
+    return _from_a_user(system, kept, last)
+
+
+def random_dialogue(rng: random.Random) -> list[dict[str, str]]:
+    roles = ["system"] * rng.randint(0, 2) + [rng.choice(["user", "assistant"]) for _ in range(rng.randint(0, 30))]
+    words = [" ".join(rng.choices(string.ascii_lowercase, k=rng.randint(1, 12))) for _ in roles]
+    return [*({"role": r, "content": w} for r, w in zip(roles, words)), {"role": "user", "content": "and now?"}]
+
+
+def test_trimming_keeps_what_it_kept(vocab: Llama) -> None:
+    """Each kept message was put at the front of the list, moving all the others: quadratic on a long
+    history. Now it is appended and the list turned once; on 300 random dialogues (system messages,
+    histories that start with an answer, budgets that drop some, all or none) it keeps the same messages."""
+    rng = random.Random(37)
+    trimmed = 0
+    for _ in range(300):
+        messages, max_tokens = random_dialogue(rng), rng.choice([16, 64, 128])
+        try:
+            kept = trim_to_context(vocab, messages, max_tokens)[0]
+        except PromptTooLong:
+            continue
+        assert kept == trimmed_as_before(vocab, messages, max_tokens)
+        trimmed += len(kept) < len(messages)
+    assert trimmed > 50  # the budgets dropped history often
 
 
 # -- 9. an earlier message's images are not decoded ------------------------------------------------------
