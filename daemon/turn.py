@@ -643,9 +643,12 @@ class TurnRunner:
             self.learner.will_settle(decision_id, decision)
         try:
             self.records.finish(decision_id, _outcome(turn, ending, private), turn.held)
-        except Exception:  # no done frame, no settling: a label sent once the record is written trains at once
+        except Exception as exc:  # no done frame, no settling: a label sent once the record is written trains at once
             self.learner.wont_settle(decision_id)
-            raise
+            if not isinstance(exc, LocodError):
+                raise
+            reply.send(ErrorFrame.of(exc, decision_id))  # record_not_committed: an accepted turn's error names it
+            return
         if not answered:
             code = ending.code or ending.outcome
             reply.send(ErrorFrame(ending.kind, code, ending.error or ending.outcome, decision_id))
