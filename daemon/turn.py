@@ -485,6 +485,8 @@ class TurnRunner:
         """The backend's answer; when the cloud fails, the local model's instead, or, after an escalation
         that dropped a whole local answer (``held``, with its judgement), that answer."""
         started = time.perf_counter()
+        if reply.cancelled.is_set():  # before the answer began (client gone, stop's grace over): nothing is asked
+            return self._ended(decision, dataclasses.replace(EMPTY, cancelled=True), reply)
         try:
             return self._ended(decision, backend.generate(decision.model, prompt), reply)
         except CloudError as exc:
