@@ -151,6 +151,9 @@ class Daemon:
         # The same rejected config reloaded again and again (SIGHUP from a tool in a loop): its reply says it
         # each time, the log once a minute; anew after each accepted reload (``reload``).
         self._rejections = Throttle(log)
+        # What the config file changed that the last accepted reload could not apply: status says it waits
+        # for a restart (an [http] listen set and reloaded left status saying "off: set http.listen").
+        self.restart_needed: list[str] = []
         self.stopping_since: float | None = None
         self.ctx = zmq.Context()
         # The PUSH sockets through which other threads wake the loop, one per endpoint, each behind its lock
@@ -609,6 +612,7 @@ class Daemon:
             "http": f"http://{self.http.listen}/v1" if self.http is not None else None,
             "db": str(cfg.db_path),
             "db_warning": self.records.warning,
+            "restart_needed": self.restart_needed,
             "local": self._local_status(),
             "cloud": self._cloud_status(),
             "queue": {
@@ -737,7 +741,7 @@ class Daemon:
         new, kept = _as_started(new, self.config)
         if kept:
             log.warning("reload: [%s] changed and take(s) effect at the next restart", "], [".join(kept))
-        self.config = new
+        self.config, self.restart_needed = new, kept
         self.tcp_auth = TcpAuth(secret)
         if self.http is not None:
             self.http.reloaded(http_key)

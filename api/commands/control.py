@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from locod.commands.common import CONFIG_PLACES, configuration, connect, set_overrides
-from locod.commands.status import code_skew, no_key_warning
+from locod.commands.status import code_skew, no_key_warning, waits_for_restart
 from locod.errors import ConfigError, LocodError
 from locod.protocol import NO_CONFIG_FILE
 
@@ -33,7 +33,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    with connect(args) as client:
+    # warn=False: a config file that does not load is the daemon's to reject, naming why; said here as well, each
+    # typo was printed twice
+    with connect(args, warn=False) as client:
         result = client.reload()
         running = client.daemon_config() if result["reloaded"] else {}
         status = client.status()
@@ -54,7 +56,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     if result.get("models_changed"):  # an older daemon does not say
         print(f"local models: {'; '.join(result['models_changed'])}")
     if result.get("restart_needed"):
-        print(f"changed in [{'], ['.join(result['restart_needed'])}]: takes effect when the daemon restarts")
+        print(waits_for_restart(result["restart_needed"]))
     _say_which_variables_stay_here(running, keyless)
     for name, var in keyless.items():  # one whose variable this shell has is named by the line above
         if not os.environ.get(var):

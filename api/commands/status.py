@@ -57,12 +57,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     if "db" in status:  # an older daemon's status has no such field
         rows.insert(1, ("files", _files(status)))
     if "http" in status:  # an older daemon's status has no such field
-        off = "off: set http.listen to serve it (`locod serve --set http.listen=127.0.0.1:8080`; docs/http.md)"
-        rows.insert(1, ("http", f"OpenAI-compatible API at {status['http']}" if status["http"] else off))
+        rows.insert(1, ("http", f"OpenAI-compatible API at {status['http']}" if status["http"] else _http_off(status)))
     lines = [f"{name:>8}  {text}" for name, text in rows] + [f"warning: {w}" for w in _status_warnings(status)]
     for line in lines:  # a prior's `source`, a policy file's error, a model's name: one line each, no escapes
         print(shown(line, layout=False))
     return 0
+
+
+def _http_off(status: dict[str, Any]) -> str:
+    """Why the HTTP API is off: not set, or set in the config since the start and waiting for a restart (which
+    the warnings below say), where "set http.listen" sent a user who had just set it looking for a typo."""
+    if "http" in status.get("restart_needed", []):  # an older daemon's status has no such field
+        return "off until the daemon restarts: the config's [http] changed since it started (below)"
+    return "off: set http.listen to serve it (`locod serve --set http.listen=127.0.0.1:8080`; docs/http.md)"
 
 
 def _local_line(loc: dict[str, Any]) -> str:
@@ -114,8 +121,23 @@ def _status_warnings(status: dict[str, Any]) -> list[str]:
         )
     if status.get("db_warning"):  # an older daemon's status has no such field
         warnings.append(status["db_warning"])
+    if status.get("restart_needed"):  # an older daemon's status has no such field
+        warnings.append(waits_for_restart(status["restart_needed"]))
     skew = code_skew(status)
     return [*warnings, skew] if skew else warnings
+
+
+# How to restart the daemon, which locod has no command for: one started by hand, or a service.
+RESTART = (
+    "`locod stop`, then start it as before, with `locod serve` or scripts/quickstart.sh; a service: "
+    "`systemctl --user restart locod` or `sudo systemctl restart locod`"
+)
+
+
+def waits_for_restart(changed: list[str]) -> str:
+    """What a reload read but could not apply (paths, the doors, telemetry): said by the reload, and by status
+    for as long as it waits, with how to restart."""
+    return f"changed in [{'], ['.join(changed)}]: takes effect when the daemon restarts ({RESTART})"
 
 
 def no_key_warning(name: str, variable: str) -> str:
@@ -131,14 +153,13 @@ def code_skew(status: dict[str, Any]) -> str | None:
     if "code" not in status:  # a daemon older than the digest
         return (
             f"the daemon (locod {status['version']}) runs code older than this command's (its status has no code "
-            "digest): restart it to run the installed version (`locod stop`, then start it as before)"
+            f"digest): restart it to run the installed version ({RESTART})"
         )
     if status["code"] is None or ours is None or status["code"] == ours:
         return None
     return (
         f"the daemon runs other code than this command (code {status['code']}, installed {ours}): it was "
-        "started before an upgrade, or from another installation; restart it to run this one (`locod stop`, "
-        "then start it as before)"
+        f"started before an upgrade, or from another installation; restart it to run this one ({RESTART})"
     )
 
 
