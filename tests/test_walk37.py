@@ -6,8 +6,11 @@ embedded model) and the real `locod` command."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from .conftest import DaemonHandle, free_port
+
+CUT = "[the answer stopped at its length limit"
 
 
 def test_a_typo_reloaded_is_said_once(daemon: DaemonHandle) -> None:
@@ -39,3 +42,37 @@ def test_a_listen_address_set_and_reloaded_is_said_to_wait_for_a_restart(daemon:
     status = daemon.cli("status")
     assert "http  off: set http.listen" in status.stdout and "warning: changed" not in status.stdout, status.stdout
     assert json.loads(daemon.cli("status", "--json").stdout)["restart_needed"] == []
+
+
+def test_an_answer_cut_at_its_length_limit_says_so(daemon_factory: Any) -> None:
+    """Walk finding: "Write a 1000 word essay" ended mid-word at 256 tokens, local.max_tokens's default, with
+    nothing said: an Ollama user (no limit by default) took it for the model's whole answer. One line on stderr
+    now says the limit was reached and what raises it, in `ask` and `chat`, as the HTTP door's finish_reason
+    `length` does."""
+    daemon = daemon_factory({"local": {"max_tokens": 4}})
+    story = "Tell me a long story about the sea."
+    default = daemon.cli("ask", "--seed", "1", story)
+    assert default.returncode == 0, default.stderr
+    assert daemon.rows()[-1]["tokens_out"] == 4
+    said = f"{CUT}, 4 tokens: for a longer one, --max-tokens N, or local.max_tokens in the config]"
+    assert said in default.stderr and said not in default.stdout, default.stderr
+    asked = daemon.cli("ask", "--max-tokens", "3", "--seed", "1", story)
+    assert f"{CUT}, 3 tokens: for a longer one, --max-tokens N]" in asked.stderr, asked.stderr
+    chat = daemon.cli("chat", "--max-tokens", "3", stdin=f"{story}\n")
+    assert chat.returncode == 0 and f"{CUT}, 3 tokens" in chat.stderr, chat.stderr
+    room = daemon.cli("ask", "--max-tokens", "200", "--seed", "1", "Say hello.")  # room to end on its own
+    assert room.returncode == 0, room.stderr
+    assert (CUT in room.stderr) == (daemon.rows()[-1]["tokens_out"] >= 200), room.stderr
+    as_json = daemon.cli("ask", "--json", "--max-tokens", "3", story)  # the frames are the output: nothing added
+    assert as_json.returncode == 0 and CUT not in as_json.stdout + as_json.stderr
+
+
+def test_an_answer_cut_by_a_full_context_says_so(daemon_factory: Any) -> None:
+    """The same finding where a local model's context fills before the length limit: the limit is not what
+    cut it, and the line says what is."""
+    model = {"name": "smollm2-135m-instruct", "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "n_ctx": 128}
+    daemon = daemon_factory({"local": {"models": [model]}})
+    essay = daemon.cli("ask", "--max-tokens", "1000", "--seed", "1", "Write a 1000 word essay about the sea.")
+    assert essay.returncode == 0, essay.stderr
+    assert daemon.rows()[-1]["tokens_out"] < 1000
+    assert "[the answer stopped where the model's context was full" in essay.stderr and CUT not in essay.stderr

@@ -54,7 +54,7 @@ def cmd_ask(args: argparse.Namespace) -> int:
             queued=True,
             stop=args.stop,
         )
-        return _stream(frames, args.json, args.verbose, client)
+        return _stream(frames, args.json, args.verbose, client, args.max_tokens)
 
 
 def _turn_files(client: Any, named: list[tuple[str, bool]]) -> list[Attachment]:
@@ -103,9 +103,10 @@ def _utf8(text: str, where: str) -> str:
     )
 
 
-def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool, client: Client) -> int:
+def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool, client: Client, max_tokens: int | None) -> int:
     """Print a turn: the answer on stdout; on stderr whatever the user should know (always: a notice that
-    the answer did not come from where they asked, or without something they gave; a fallback), and with
+    the answer did not come from where they asked, or without something they gave; a fallback; an answer cut
+    at its length limit, ``max_tokens`` or the daemon's default), and with
     ``verbose`` where and why it ran (for a local answer that could have escalated, read from its record once
     the turn is done: no frame says why it was kept). The decision's notice waits for the answer: a local
     answer that escalates is never shown, and the escalation or fallback says what the answer given missed."""
@@ -140,9 +141,32 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool, client: Clien
                     f"{counted(frame.tokens_out, 'token')}, {frame.latency_ms:.0f} ms, ${frame.cost_usd:.5f}{estimate}]"
                 )
                 print(shown(line), file=sys.stderr)
+    if done is not None and not as_json:
+        _say_if_cut(client, done, max_tokens)
     if verbose and done is not None and (done.outcome, done.location) == ("ok", "local"):
         _say_why_kept(client, done.decision)
     return 0
+
+
+def _say_if_cut(client: Client, done: DoneFrame, max_tokens: int | None) -> None:
+    """Say that an answer was cut short (its backend's ``finish_reason`` "length"): it ends mid-sentence, and a
+    user used to tools without a default limit (Ollama's) took it for the model's whole answer, knowing nothing
+    of local.max_tokens. Short of the limit, it was a local model's context that filled."""
+    if done.finish_reason != "length":
+        return
+    try:
+        limit = max_tokens or int(client.daemon_config()["local"]["max_tokens"])
+    except LocodError:  # the configuration refused (a tcp client): the limit goes unnamed
+        limit = None
+    if limit is not None and done.tokens_out < limit:
+        said = (
+            "the answer stopped where the model's context was full: a new session, or a larger n_ctx, leaves more room"
+        )
+    else:
+        flag = "--max-tokens N" if max_tokens else "--max-tokens N, or local.max_tokens in the config"
+        size = f", {counted(limit, 'token')}" if limit else ""
+        said = f"the answer stopped at its length limit{size}: for a longer one, {flag}"
+    print(f"[{said}]", file=sys.stderr)
 
 
 def _say_why_kept(client: Client, decision: int) -> None:
@@ -261,7 +285,7 @@ def _chat_turn(
             max_tokens=args.max_tokens,
             queued=True,
         )
-        _stream(frames, False, args.verbose, client)
+        _stream(frames, False, args.verbose, client, args.max_tokens)
     except KeyboardInterrupt:
         print("\n[stopped]", file=sys.stderr)
         client.close()
