@@ -31,8 +31,8 @@ from locod.commands.offline import (
     cmd_policy_train,
     cmd_report,
 )
-from locod.commands.status import cmd_status
-from locod.commands.turns import cmd_ask, cmd_chat
+from locod.commands.status import RESTART, cmd_status
+from locod.commands.turns import CHAT_KEYS, cmd_ask, cmd_chat
 from locod.errors import (
     Busy,
     CloudError,
@@ -137,6 +137,14 @@ HABITS = {
         ("rm", "models are removed by `locod models rm NAME`"),
         ("show", "`locod models list` shows each model's size and context, `locod config show` the configuration"),
         ("start", "`locod serve` runs the daemon (scripts/install.sh installs it as a service)"),
+        ("restart", f"restart the daemon with {RESTART}"),
+        ("explain", "`locod decisions ID` shows one turn: where it ran and why"),
+        ("why", "`locod decisions ID` shows one turn: where it ran and why"),
+        (
+            "logs",
+            "a service logs to the journal (`journalctl --user -u locod`, or `-u locod` for the system one); "
+            "scripts/quickstart.sh's daemon to daemon.log beside its decision log (`locod status` names it)",
+        ),
     )
 }
 # The longest `locod stop --timeout`: a daemon still stopping after a day is stuck (its own wait for the turns
@@ -426,7 +434,8 @@ def _add_turn_commands(sub: Any) -> None:
         ("ask", cmd_ask, "ask one question and stream the answer"),
         ("chat", cmd_chat, "interactive multi-turn chat"),
     ):
-        p = sub.add_parser(name, help=text)
+        # the chat's own commands (/attach, /bye) were said only once it ran, not by `locod chat --help`
+        p = sub.add_parser(name, help=text, description=f"{text}; in it, {CHAT_KEYS}" if name == "chat" else None)
         if name == "ask":
             p.add_argument(
                 "prompt",

@@ -6,9 +6,12 @@ embedded model) and the real `locod` command."""
 from __future__ import annotations
 
 import json
+import subprocess
 from typing import Any
 
-from .conftest import DaemonHandle, free_port
+import pytest
+
+from .conftest import DaemonHandle, free_port, locod_command
 
 CUT = "[the answer stopped at its length limit"
 
@@ -76,3 +79,30 @@ def test_an_answer_cut_by_a_full_context_says_so(daemon_factory: Any) -> None:
     assert essay.returncode == 0, essay.stderr
     assert daemon.rows()[-1]["tokens_out"] < 1000
     assert "[the answer stopped where the model's context was full" in essay.stderr and CUT not in essay.stderr
+
+
+@pytest.mark.parametrize(
+    ("word", "meaning"),
+    [
+        ("explain", "`locod decisions ID` shows one turn: where it ran and why"),
+        ("why", "`locod decisions ID` shows one turn"),
+        ("restart", "`locod stop`, then start it as before"),
+        ("logs", "journalctl --user -u locod"),
+    ],
+)
+def test_commands_typed_from_habit_are_named_with_locod_s_own(word: str, meaning: str) -> None:
+    """Walk finding: `locod explain 15` (the turn's why), `locod restart` (after a change that waits for a
+    restart) and `locod logs` got argparse's "invalid choice" and the list of commands, none of which says
+    where a turn's why, a restart or the daemon's log is."""
+    result = subprocess.run(locod_command(word, "15"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and f"locod has no {word!r} command" in result.stderr, result.stderr
+    assert meaning in result.stderr, result.stderr
+
+
+def test_chat_help_names_the_chat_s_own_commands() -> None:
+    """Walk finding: `locod chat --help` said nothing of /attach, /private or /bye: the banner said them only
+    once the chat had started."""
+    result = subprocess.run(locod_command("chat", "--help"), capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    words = " ".join(result.stdout.split())  # argparse wraps the description
+    assert "/attach FILE (or /private FILE) adds a file to the next question" in words and "/bye" in words
