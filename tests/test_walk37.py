@@ -106,3 +106,16 @@ def test_chat_help_names_the_chat_s_own_commands() -> None:
     assert result.returncode == 0, result.stderr
     words = " ".join(result.stdout.split())  # argparse wraps the description
     assert "/attach FILE (or /private FILE) adds a file to the next question" in words and "/bye" in words
+
+
+def test_a_stop_refused_for_a_typo_names_the_daemon_and_how_to_stop_it(daemon: DaemonHandle) -> None:
+    """Walk finding: with a typo in the config, `locod stop` printed the config's error alone: the user could
+    not tell whether the daemon had stopped (it had not: a config that does not load names no socket, and stop
+    never falls back to another daemon's), nor how to stop it before fixing the file."""
+    daemon.config_path.write_text(daemon.config_path.read_text() + "\n[cloud]\ndaily_cap = 1\n")
+    refused = daemon.cli("stop")
+    assert refused.returncode == 2 and "unknown key 'cloud.daily_cap'" in refused.stderr, refused.stderr
+    said = f"the daemon at {daemon.endpoint} was not stopped: fix the configuration, or `locod --endpoint "
+    assert said in refused.stderr and daemon.proc.poll() is None, refused.stderr
+    stop = daemon.cli("--endpoint", daemon.endpoint, "stop")  # the command it names
+    assert stop.returncode == 0 and daemon.proc.wait(60) == 0, stop.stderr

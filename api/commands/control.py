@@ -121,7 +121,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from locod.client import listener_pid
 
     if not args.endpoint:
-        configuration(args)  # a config that does not load names no socket: never fall back to another daemon's
+        _config_that_names_the_socket(args)
     with connect(args) as client:
         endpoint = client.endpoint
         reported = int(client.ping()["pid"])  # something that is not locod does not answer
@@ -147,6 +147,21 @@ def cmd_stop(args: argparse.Namespace) -> int:
             return 0
         time.sleep(0.1)
     raise LocodError(f"locod (pid {pid}) is still stopping after {args.timeout:g} s; see its log")
+
+
+def _config_that_names_the_socket(args: argparse.Namespace) -> None:
+    """A config that does not load names no socket, and `stop` never falls back to another daemon's; but its
+    error alone left a user who had made a typo unsure whether the daemon had stopped, and how to stop it: the
+    daemon found despite the file (where `status` finds it) is named, with the command that stops it."""
+    try:
+        configuration(args)
+    except ConfigError as exc:
+        with connect(args, warn=False) as client:  # none answers: the error says so, and where it looked
+            endpoint = client.endpoint
+        raise ConfigError(
+            f"{exc.message}; the daemon at {endpoint} was not stopped: fix the configuration, or `locod --endpoint "
+            f"{endpoint} stop`"
+        ) from None
 
 
 def _exited(pid: int) -> bool:
