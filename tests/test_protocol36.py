@@ -101,7 +101,7 @@ def turn(frames: list[dict[str, Any]], rid: str) -> tuple[dict[str, Any], list[s
     shaped(frames[0], DECISION, {"notice": str})
     for delta in frames[1:-1]:
         shaped(delta, {"text": str})
-    shaped(frames[-1], DONE, {"text": str, "cost_estimated": bool})
+    shaped(frames[-1], DONE, {"text": str, "cost_estimated": bool, "finish_reason": str})
     assert frames[-1]["decision"] == frames[0]["decision"]
     return frames[0], [f["text"] for f in frames[1:-1]], frames[-1]
 
@@ -230,7 +230,7 @@ def test_a_raw_client_reads_escalations_and_fallbacks(daemon_factory: Any, tmp_p
     shaped(frames[1], ESCALATED, {"notice": str})
     assert "escalates to" in frames[0]["reason"] and frames[0]["location"] == "local"
     assert frames[1]["model"] == CLOUD and frames[1]["decision"] == frames[0]["decision"]
-    shaped(frames[-1], DONE, {"cost_estimated": bool})
+    shaped(frames[-1], DONE, {"cost_estimated": bool, "finish_reason": str})
     assert (frames[-1]["outcome"], frames[-1]["location"], frames[-1]["model"]) == ("escalated", "cloud", CLOUD)
     proxy.set(Fault(kind="status", status=500))  # every try fails: the local model answers from the start
     rid = raw.send({"op": "chat", "prompt": "Say hi.", "options": {"max_tokens": 6, "force": "cloud"}})
