@@ -198,12 +198,11 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
         msg = read_json(raw)
     except (ValueError, RecursionError) as exc:  # ValueError: also an integer of over 4,300 digits
         raise BadRequest(f"message is not valid JSON: {exc}", code="invalid_json", request_id=None) from None
-    if holds_lone_surrogate(raw, msg):
-        raise BadRequest(
-            f"message {NOT_TEXT}",
-            code="bad_request",
-            request_id=msg.get("id") if isinstance(msg, dict) and isinstance(msg.get("id"), str) else None,
-        )
+    where = lone_surrogate_at(raw, msg)
+    if where is not None:  # the id echoed only when it is text: a strict JSON decoder refuses "\ud800"
+        rid = msg.get("id") if isinstance(msg, dict) else None
+        text_id = rid if isinstance(rid, str) and not SURROGATE.search(rid) else None
+        raise BadRequest(not_text(where), code="bad_request", request_id=text_id)
     if not isinstance(msg, dict):
         raise BadRequest(f"message must be a JSON object, got {type(msg).__name__}", code="not_object", request_id=None)
     rid = msg.get("id")
@@ -215,14 +214,14 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
     version = msg.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:  # not true, not 1.0
         raise BadRequest(
-            f"unsupported protocol version {version!r}; this daemon (locod {__version__}) speaks "
+            f"unsupported protocol version {version!r:.40}; this daemon (locod {__version__}) speaks "
             f"v{PROTOCOL_VERSION}: use a client of its version, or run a daemon of the client's",
             code="unsupported_version",
             request_id=rid,
         )
     op = msg.get("op")
     if op not in OPS:
-        raise BadRequest(f"unknown op {op!r}; known: {', '.join(OPS)}", code="unknown_op", request_id=rid)
+        raise BadRequest(f"unknown op {op!r:.40}; known: {', '.join(OPS)}", code="unknown_op", request_id=rid)
     _refuse_unknown_fields(reader, op)
     secret = reader.optional("secret", str)
     if op == "chat":
@@ -336,44 +335,55 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def holds_lone_surrogate(raw: bytes | bytearray, value: Any) -> bool:
-    """Whether any string (key or value) in a parsed message holds a surrogate that no pair completed:
-    such a string cannot be encoded, so it would fail later, in a backend, as an internal error. Walks the
-    value only when the raw text has a surrogate escape at all."""
+def lone_surrogate_at(raw: bytes | bytearray, value: Any) -> str | None:
+    """Where the first string (key or value) in a parsed message holds a surrogate that no pair completed,
+    as a field's path (``options.stop[0]``; "" the message itself), or None when none does: such a string
+    cannot be encoded, so it would fail later, in a backend, as an internal error. Walks the value only when
+    the raw text has a surrogate escape at all."""
     if not LONE_SURROGATE_ESCAPE.search(raw):
-        return False
-    stack = [value]
+        return None
+    stack: list[tuple[str, Any]] = [("", value)]
     while stack:
-        item = stack.pop()
+        path, item = stack.pop()
         if isinstance(item, str):
             if SURROGATE.search(item):
-                return True
+                return path
         elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
+            for key, nested in reversed(item.items()):  # popped in the message's order
+                inner = SURROGATE.sub("\ufffd", key)  # the path is said in a reply: it must be text
+                at = f"{path}.{inner}" if path else inner
+                stack.extend(((at, nested), (at, key)))  # the key first: a field named so holds it
         elif isinstance(item, list):
-            stack.extend(item)
-    return False
+            stack.extend((f"{path}[{i}]", nested) for i, nested in reversed(list(enumerate(item))))
+    return None
+
+
+def not_text(where: str) -> str:
+    """A lone surrogate's refusal, naming where it is (``lone_surrogate_at``)."""
+    return f"field {where!r} {NOT_TEXT}" if where else f"message {NOT_TEXT}"
 
 
 class _Fields:
-    """Typed field access that turns every mismatch into a BadRequest naming the field."""
+    """Typed field access that turns every mismatch into a BadRequest naming the field, by its whole path
+    (``options.stream``, ``attachments[1].kind``) when it is read from a nested object (``within``)."""
 
-    def __init__(self, msg: dict[str, Any], rid: str) -> None:
-        self.msg, self.rid = msg, rid
+    def __init__(self, msg: dict[str, Any], rid: str, path: str = "") -> None:
+        self.msg, self.rid, self.path = msg, rid, path
+
+    def within(self, nested: dict[str, Any], path: str) -> _Fields:
+        """A reader of ``nested``, the object at ``path``: a bare 'kind' did not say which attachment's."""
+        return _Fields(nested, self.rid, f"{self.path}{path}.")
 
     def bad(self, name: str, why: str) -> BadRequest:
-        return BadRequest(f"field {name!r} {why}", code="bad_field", request_id=self.rid)
+        return BadRequest(f"field {self.path + name!r} {why}", code="bad_field", request_id=self.rid)
 
-    def required(self, name: str, kind: type, within: dict[str, Any] | None = None) -> Any:
-        source = self.msg if within is None else within
-        if name not in source:
+    def required(self, name: str, kind: type) -> Any:
+        if name not in self.msg:
             raise self.bad(name, "is required")
-        return self._check(name, source[name], kind)
+        return self._check(name, self.msg[name], kind)
 
-    def optional(self, name: str, kind: type, within: dict[str, Any] | None = None) -> Any:
-        source = self.msg if within is None else within
-        value = source.get(name)
+    def optional(self, name: str, kind: type) -> Any:
+        value = self.msg.get(name)
         return None if value is None else self._check(name, value, kind)
 
     def _check(self, name: str, value: Any, kind: type) -> Any:
@@ -424,11 +434,12 @@ def _parse_attachment(reader: _Fields, index: int, raw: Any) -> Attachment:
     unknown = set(raw) - {"kind", "name", "data", "path", "private"}
     if unknown:
         raise reader.bad(where, f"has unknown keys {sorted(unknown)}")
-    kind = reader.required("kind", str, raw)
+    item = reader.within(raw, where)
+    kind = item.required("kind", str)
     if kind not in ATTACHMENT_KINDS:
-        raise reader.bad(f"{where}.kind", f"must be one of {ATTACHMENT_KINDS}")
-    name = reader.optional("name", str, raw) or f"attachment-{index}"
-    data_b64, path = reader.optional("data", str, raw), reader.optional("path", str, raw)
+        raise item.bad("kind", f"must be one of {ATTACHMENT_KINDS}")
+    name = item.optional("name", str) or f"attachment-{index}"
+    data_b64, path = item.optional("data", str), item.optional("path", str)
     if (data_b64 is None) == (path is None):
         raise reader.bad(where, "needs exactly one of 'data' (base64) or 'path'")
     data = None
@@ -436,8 +447,8 @@ def _parse_attachment(reader: _Fields, index: int, raw: Any) -> Attachment:
         try:
             data = base64.b64decode(data_b64, validate=True)
         except (binascii.Error, ValueError):
-            raise reader.bad(f"{where}.data", "is not valid base64") from None
-    private = reader.optional("private", bool, raw) or False
+            raise item.bad("data", "is not valid base64") from None
+    private = item.optional("private", bool) or False
     return Attachment(kind, name[:200], data, path, private)
 
 
@@ -506,23 +517,24 @@ def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
             f"has unknown keys {sorted(unknown)}; this daemon (locod {__version__}) knows {', '.join(OPTIONS)} "
             "(a client newer than the daemon: restart the daemon, which keeps its code until then)",
         )
+    options = reader.within(raw, "options")
     for name in OPTION_RULES:
         problem = None if raw.get(name) is None else option_problem(name, raw[name])
         if problem:
-            raise reader.bad(f"options.{name}", problem)
+            raise options.bad(name, problem)
     max_tokens, temperature = raw.get("max_tokens"), raw.get("temperature")
-    force = reader.optional("force", str, raw)
+    force = options.optional("force", str)
     if force is not None and force not in FORCE:
-        raise reader.bad("options.force", f"must be one of {FORCE}")
-    stream = reader.optional("stream", bool, raw)
-    queued = reader.optional("queued", bool, raw)
+        raise options.bad("force", f"must be one of {FORCE}")
+    stream = options.optional("stream", bool)
+    queued = options.optional("queued", bool)
     stop = [] if raw.get("stop") is None else raw["stop"]  # null, as for every option: the default
     problem = stop_problem(stop)
     if problem:
-        raise reader.bad("options.stop", problem)
+        raise options.bad("stop", problem)
     problem = None if raw.get("response_format") is None else response_format_problem(raw["response_format"])
     if problem:
-        raise reader.bad("options.response_format", problem)
+        raise options.bad("response_format", problem)
     return ChatOptions(
         max_tokens=max_tokens,
         temperature=0.7 if temperature is None else float(temperature),

@@ -49,7 +49,6 @@ from locod.daemon.reply import Reply
 from locod.daemon.sessions import HTTP
 from locod.errors import ConfigError
 from locod.protocol import (
-    NOT_TEXT,
     ChatRequest,
     DecisionFrame,
     DeltaFrame,
@@ -58,7 +57,8 @@ from locod.protocol import (
     EscalatedFrame,
     FallbackFrame,
     Frame,
-    holds_lone_surrogate,
+    lone_surrogate_at,
+    not_text,
     read_json,
 )
 
@@ -283,8 +283,9 @@ class HttpServer:
             body = read_json(raw)
         except (ValueError, RecursionError) as exc:
             raise wire.bad(f"the body is not valid JSON: {exc}", code="invalid_json") from None
-        if holds_lone_surrogate(raw, body):
-            raise wire.bad(f"the body {NOT_TEXT}", code="bad_request")
+        where = lone_surrogate_at(raw, body)
+        if where is not None:
+            raise wire.bad(not_text(where), code="bad_request")
         return body
 
     # -- routes --------------------------------------------------------------------------------------
