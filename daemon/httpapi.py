@@ -285,7 +285,7 @@ class HttpServer:
             raise wire.bad(f"the body is not valid JSON: {exc}", code="invalid_json") from None
         where = lone_surrogate_at(raw, body)
         if where is not None:
-            raise wire.bad(not_text(where), code="bad_request")
+            raise wire.bad(not_text(where), param=where or None, code="bad_request")
         return body
 
     # -- routes --------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ import binascii
 import json
 import math
 import sys
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import fields
@@ -31,6 +33,7 @@ import pytest
 from locod.protocol import OP_FIELDS, OPS, OPTIONS, Attachment, BadRequest, parse_request
 
 from .conftest import DaemonHandle
+from .test_http import http_daemon
 from .test_protocol36 import LAST, Raw
 
 COMMON = ("v", "id", "op", "secret")  # every op's (docs/protocol.md, Requests)
@@ -355,3 +358,17 @@ def test_an_accepted_value_the_doc_allows_is_run_through_by_the_daemon(daemon_fa
     finally:
         wire.close()
     assert "Traceback" not in handle.log()
+
+
+def test_the_http_door_names_the_field_holding_a_lone_surrogate(daemon_factory: Any) -> None:
+    """The HTTP door applies the same walk: its 400 said "the body holds ...", with OpenAI's ``param`` null."""
+    handle, base = http_daemon(daemon_factory)
+    body = b'{"model": "auto", "messages": [{"role": "user", "content": "Hi"}], "stop": ["a", "\\udc00"]}'
+    post = urllib.request.Request(f"{base}/v1/chat/completions", data=body, method="POST")
+    post.add_header("content-type", "application/json")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(post, timeout=60)
+    error = json.loads(refused.value.read())["error"]
+    assert (refused.value.code, error["code"], error["param"]) == (400, "bad_request", "stop[1]")
+    assert "'stop[1]'" in error["message"] and "surrogate" in error["message"]
+    assert handle.rows() == [] and "Traceback" not in handle.log()
