@@ -335,6 +335,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+_Trail = tuple[Any, str | int] | None  # (the parent's trail, a key or an index); None: the message itself
+
+
 def lone_surrogate_at(raw: bytes | bytearray, value: Any) -> str | None:
     """Where the first string (key or value) in a parsed message holds a surrogate that no pair completed,
     as a field's path (``options.stop[0]``; "" the message itself), or None when none does: such a string
@@ -342,20 +345,31 @@ def lone_surrogate_at(raw: bytes | bytearray, value: Any) -> str | None:
     the raw text has a surrogate escape at all."""
     if not LONE_SURROGATE_ESCAPE.search(raw):
         return None
-    stack: list[tuple[str, Any]] = [("", value)]
+    # Each item keeps the way to it as a link to its parent's (a key or an index), spelt out only for the
+    # one found: a path string for every item grew with its depth, gigabytes for a wide list deep inside.
+    stack: list[tuple[_Trail, Any]] = [(None, value)]
     while stack:
-        path, item = stack.pop()
+        trail, item = stack.pop()
         if isinstance(item, str):
             if SURROGATE.search(item):
-                return path
+                return _spelt(trail)
         elif isinstance(item, dict):
             for key, nested in reversed(item.items()):  # popped in the message's order
-                inner = SURROGATE.sub("\ufffd", key)  # the path is said in a reply: it must be text
-                at = f"{path}.{inner}" if path else inner
+                at = (trail, key)
                 stack.extend(((at, nested), (at, key)))  # the key first: a field named so holds it
         elif isinstance(item, list):
-            stack.extend((f"{path}[{i}]", nested) for i, nested in reversed(list(enumerate(item))))
+            stack.extend(((trail, i), nested) for i, nested in reversed(list(enumerate(item))))
     return None
+
+
+def _spelt(trail: _Trail) -> str:
+    """A trail as a field's path, ``options.stop[0]``; a key's lone surrogate shown as U+FFFD, since the
+    path is said in a reply, which must be text."""
+    steps: list[str] = []
+    while trail is not None:
+        trail, step = trail
+        steps.append(f"[{step}]" if isinstance(step, int) else "." + SURROGATE.sub("\ufffd", step))
+    return "".join(reversed(steps)).removeprefix(".")
 
 
 def not_text(where: str) -> str:

@@ -255,6 +255,19 @@ def test_the_parser_refuses_each_frame_fault_by_its_code(fault: str) -> None:
     assert (refused.value.code, refused.value.request_id) == (code, rid)
 
 
+def test_a_lone_surrogate_at_the_end_of_a_wide_list_deep_inside_is_named_by_its_path() -> None:
+    """The path is spelt out for the string found only: one built for every item grew with its depth, and
+    200,000 items 400 levels down made gigabytes of paths from a message of under a megabyte."""
+    depth, width = 400, 200_000
+    nested = "[" * depth + "0," * width + '"\\ud800"' + "]" * depth
+    raw = f'{{"v": 1, "id": "w", "op": "ping", "x": {{"y": {nested}}}}}'.encode()
+    assert len(raw) < 1 << 20
+    with pytest.raises(BadRequest) as refused:
+        parse_request([raw], 64 << 20)
+    where = "x.y" + "[0]" * (depth - 1) + f"[{width}]"
+    assert refused.value.code == "bad_request" and repr(where) in refused.value.message
+
+
 # -- over a real daemon's socket ---------------------------------------------------------------------
 
 
