@@ -334,6 +334,15 @@ def gguf_path_hint(name: str) -> str:
     return f"; a GGUF file is not a model's name: {NAME_A_GGUF}" if name.lower().endswith(".gguf") else ""
 
 
+# Keys naming one file or folder (besides the lists and the key files): ``~`` expanded, a relative one refused.
+PATH_KEYS = (
+    "paths.state_dir",
+    "paths.runtime_dir",
+    "paths.models_dir",
+    "routing.policy_path",
+    "telemetry.sysfs_root",
+    "telemetry.procfs_root",
+)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")  # what api_key_env may hold: a variable's name
 
@@ -376,8 +385,7 @@ def load_config(
         set_text(Config, table, key, text, origin)
         origins[key] = origin
     config = build_table(Config, table, source, "")
-    paths = _expanded_paths(config.paths, source, origins)
-    config = _with_defaults(dataclasses.replace(config, source=source, paths=paths), env)
+    config = _with_defaults(_expanded_paths(dataclasses.replace(config, source=source), origins), env)
     _check_models(config, origins)
     _check_secrets(config, origins)
     _check_endpoints(config, origins)
@@ -445,25 +453,32 @@ def runtime_dir_leniently(path: Path | None, env: Mapping[str, str], overrides: 
     return default_runtime_dir(env)
 
 
-def _expanded_paths(paths: PathsConfig, source: str, origins: Mapping[str, str]) -> PathsConfig:
-    """The directories of ``[paths]`` with ``~`` expanded, as a shell would: taken as written, ``~/locod``
-    made a folder named ``~`` in whatever directory the daemon started in. A relative one is refused: the
-    daemon and every command (each started elsewhere) would look for the socket and the log in different places."""
-    named = [(f"paths.{key}", [getattr(paths, key)]) for key in ("state_dir", "runtime_dir", "models_dir")]
-    for key, values in [*named, ("paths.allow_dirs", paths.allow_dirs)]:
-        for value in values:
-            if value and not os.path.isabs(os.path.expanduser(value)):  # ~name of no user stays relative
-                raise ConfigError(
-                    f"{origins.get(key, source)}: {key} must be an absolute path or begin with ~/, got {quoted(value)} "
-                    "(a relative one would depend on the directory each command and the daemon start in)"
-                )
-    return dataclasses.replace(
-        paths,
-        state_dir=os.path.expanduser(paths.state_dir),
-        runtime_dir=os.path.expanduser(paths.runtime_dir),
-        models_dir=os.path.expanduser(paths.models_dir),
-        allow_dirs=[os.path.expanduser(d) for d in paths.allow_dirs],
-    )
+def _expanded_paths(config: Config, origins: Mapping[str, str]) -> Config:
+    """The files and folders the config names (``PATH_KEYS``, ``paths.allow_dirs``) with ``~`` expanded, as a
+    shell would: taken as written, ``~/locod`` made a folder named ``~`` in whatever directory the daemon
+    started in, and ``~/policy.onnx`` or ``~/sys`` were never found (MESS+ alone, no battery read). A relative
+    one is refused: the daemon and every command (each started elsewhere) would look in different places."""
+    written = [(key, _at(config, key)) for key in PATH_KEYS]
+    written += [("paths.allow_dirs", directory) for directory in config.paths.allow_dirs]
+    for key, value in written:
+        if value and not os.path.isabs(os.path.expanduser(value)):  # ~name of no user stays relative
+            raise ConfigError(
+                f"{origins.get(key, config.source)}: {key} must be an absolute path or begin with ~/, got "
+                f"{quoted(value)} (a relative one would depend on the directory each command and the daemon start in)"
+            )
+    allow_dirs = [os.path.expanduser(directory) for directory in config.paths.allow_dirs]
+    sections: dict[str, dict[str, Any]] = {"paths": {"allow_dirs": allow_dirs}}
+    for key, value in written[: len(PATH_KEYS)]:
+        section, name = key.split(".")
+        sections.setdefault(section, {})[name] = os.path.expanduser(value)
+    expanded = {section: dataclasses.replace(getattr(config, section), **keys) for section, keys in sections.items()}
+    return dataclasses.replace(config, **expanded)
+
+
+def _at(config: Config, dotted: str) -> Any:
+    """The value of ``section.key`` in ``config``."""
+    section, name = dotted.split(".")
+    return getattr(getattr(config, section), name)
 
 
 def _with_defaults(config: Config, env: Mapping[str, str]) -> Config:
