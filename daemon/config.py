@@ -385,6 +385,7 @@ def load_config(
         set_text(Config, table, key, text, origin)
         origins[key] = origin
     config = build_table(Config, table, source, "")
+    _check_names(config, source)
     config = _with_defaults(_expanded_paths(dataclasses.replace(config, source=source), origins), env)
     _check_models(config, origins)
     _check_secrets(config, origins)
@@ -479,6 +480,18 @@ def _at(config: Config, dotted: str) -> Any:
     """The value of ``section.key`` in ``config``."""
     section, name = dotted.split(".")
     return getattr(getattr(config, section), name)
+
+
+def _check_names(config: Config, source: str) -> None:
+    """Every model of the file has a name: an empty (or blank) one was served as a model that no client,
+    ``--model`` or ``local.default`` can name clearly (``serving ... with local model`` and nothing after)."""
+    local_names, cloud_names = [m.name for m in config.local.models], [m.name for m in config.cloud.models]
+    for key, names in (("local.models", local_names), ("cloud.models", cloud_names)):
+        for index, name in enumerate(names):
+            if not name.strip():
+                raise ConfigError(
+                    f"{source}: {key}[{index}].name must not be empty: it is how clients and the defaults name it"
+                )
 
 
 def _with_defaults(config: Config, env: Mapping[str, str]) -> Config:

@@ -188,6 +188,18 @@ def test_a_relative_path_is_refused_and_a_home_one_expanded_for_every_path_key(d
     assert getattr(getattr(config, section), name) == os.path.join(Path.home(), "there")
 
 
+@pytest.mark.parametrize("table", sorted(ENTRIES))
+@pytest.mark.parametrize("name", ["", "   "])
+def test_a_model_with_an_empty_name_is_refused(table: str, name: str, tmp_path: Path) -> None:
+    """An empty name was served: "serving on ... with local model " and nothing after it, a model that no
+    client, --model or default could name but as the empty string."""
+    path = tmp_path / "config.toml"
+    entry = {**ENTRIES[table], "name": name}
+    path.write_text(f"[[{table}]]\n" + "".join(f"{k} = {toml_value(v)}\n" for k, v in entry.items()))
+    message = refusal(path, clean_env(tmp_path))
+    assert message.startswith(f"{path}: {table}[0].name must not be empty"), message
+
+
 def bad_text(variable: str, dotted: str) -> str:
     """A wrong value for ``variable``, by its key's kind: a word for a number, a relative path, a URL
     without its scheme, a model no one configured."""
@@ -262,6 +274,7 @@ def serve(tmp_path: Path, text: str, extra_env: dict[str, str] | None = None) ->
         ('[telemetry]\nsysfs_root = "sys"\n', {}, "telemetry.sysfs_root must be an absolute path"),
         ("[routng]\nsla = 0.5\n", {}, "unknown key 'routng'"),
         ("[log]\n[log]\n", {}, "not valid TOML"),
+        ('[[local.models]]\nname = ""\npath = "/x.gguf"\n', {}, "local.models[0].name must not be empty"),
         ("", {"LOCOD_SLA": "high"}, "$LOCOD_SLA: routing.sla expects a number, got 'high'"),
         ("", {"LOCOD_HUB_ENDPOINT": "hf.co"}, "$LOCOD_HUB_ENDPOINT: local.hub_endpoint must be an http(s) URL"),
         (
@@ -291,6 +304,7 @@ def test_a_reload_of_each_kind_of_bad_config_is_refused_and_the_old_one_serves_o
         ({"routing": {"mode": "local", "sla": "high"}}, "routing.sla expects a number"),
         ({"routing": {"mode": "local", "policy_path": "p.onnx"}}, "routing.policy_path must be an absolute"),
         ({"routing": {"mode": "local"}, "telemetry": {"procfs_root": "proc"}}, "telemetry.procfs_root must be"),
+        ({"routing": {"mode": "local"}, "local": {"models": [{"name": " ", "path": "/x.gguf"}]}}, "must not be empty"),
         ({"routng": {"mode": "local"}}, "unknown key 'routng'"),
     ]
     for config, said in bad:
