@@ -187,7 +187,9 @@ class CloudConfig:
 
 @dataclass(frozen=True)
 class AttachmentsConfig:
-    max_bytes: int = field(default=20 << 20, metadata=in_range(1))
+    # Bytes of one file, at most a GiB, as a request's frame (daemon.max_message_bytes): a file is read whole, up
+    # to this, so a limit past the memory ended `locod ask --attach` in a MemoryError, even for a small file.
+    max_bytes: int = field(default=20 << 20, metadata=in_range(1, 1 << 30))
     max_count: int = field(default=8, metadata=in_range(0, 64))
     image_max_side: int = field(default=1024, metadata=in_range(32, 16384))
     image_max_pixels: int = field(default=100_000_000, metadata=in_range(1))

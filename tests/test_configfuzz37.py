@@ -319,3 +319,21 @@ def test_a_reload_of_each_kind_of_bad_config_is_refused_and_the_old_one_serves_o
     assert json.loads(shown.stdout)["routing"]["sla"] == 0.7
     assert daemon.cli("ask", "Hi", "--max-tokens", "3").returncode == 0
     assert "Traceback" not in daemon.log()
+
+
+def test_an_attachment_limit_past_what_a_read_can_ask_for_is_refused_and_the_most_still_attaches(
+    daemon_factory: Any,
+) -> None:
+    """attachments.max_bytes was unbounded: at 10**20 `locod ask --attach` ended in an OverflowError's
+    traceback (``read(max_bytes + 1)``), at a terabyte in a MemoryError, for a file of a few bytes."""
+    daemon: DaemonHandle = daemon_factory({"routing": {"mode": "local"}})
+    note = daemon.home / "note.md"
+    note.write_text("Paris is the capital of France.\n")
+    for too_many in (1 << 40, 10**20):
+        write_config(daemon.config_path, {"routing": {"mode": "local"}, "attachments": {"max_bytes": too_many}})
+        done = daemon.cli("reload")
+        assert done.returncode == 2 and "attachments.max_bytes must be between 1 and " in done.stderr, done.stderr
+    write_config(daemon.config_path, {"routing": {"mode": "local"}, "attachments": {"max_bytes": 1 << 30}})
+    assert daemon.cli("reload").returncode == 0
+    done = daemon.cli("ask", "What is this?", "--attach", str(note), "--max-tokens", "3")
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
