@@ -669,9 +669,11 @@ def _check_endpoints(config: Config, origins: Mapping[str, str]) -> None:
         raise ConfigError(f"{source}: local.hub_endpoint must be an http(s) URL, got {hub_problem}")
     if config.daemon.tcp:
         source = origins.get("daemon.tcp", config.source)
-        host = _unbracketed(config.daemon.tcp.removeprefix("tcp://").rpartition(":")[0])
-        if not config.daemon.tcp.startswith("tcp://") or not host:
-            raise ConfigError(f"{source}: daemon.tcp must look like tcp://127.0.0.1:5557")
+        host, _, port = config.daemon.tcp.removeprefix("tcp://").rpartition(":")
+        host = _unbracketed(host)
+        if not config.daemon.tcp.startswith("tcp://") or not host or _port(port) is None:
+            tcp = quoted(config.daemon.tcp)
+            raise ConfigError(f"{source}: daemon.tcp must look like tcp://127.0.0.1:5557, got {tcp}")
         if host not in LOOPBACK and not config.daemon.tcp_secret_file:  # refused before a model is loaded
             raise ConfigError(
                 f"{source}: daemon.tcp binds {host}, beyond loopback: set daemon.tcp_secret_file", code="insecure_tcp"
@@ -697,9 +699,17 @@ def split_listen(listen: str, source: str = "(config)") -> tuple[str, int]:
     """``host:port`` (IPv6 as ``[::1]:port``) of ``http.listen``, checked."""
     host, _, port = listen.rpartition(":")
     host = _unbracketed(host)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+    number = _port(port)
+    if not host or number is None:
         raise ConfigError(f"{source}: http.listen must look like 127.0.0.1:8080, got {quoted(listen)}")
-    return host, int(port)
+    return host, number
+
+
+def _port(text: str) -> int | None:
+    """The port ``text`` names, 1 to 65535 in ASCII digits, else None: ``str.isdigit`` takes "²", which int()
+    refused in a traceback; ZeroMQ took tcp://127.0.0.1:99999, the daemon saying it served there, and refused
+    :abc only at the bind, after the model was loaded, as a port another program might hold."""
+    return int(text) if text.isascii() and text.isdigit() and 0 < int(text) < 65536 else None
 
 
 def _unbracketed(host: str) -> str:

@@ -129,6 +129,7 @@ def refusal(path: Path, env: dict[str, str]) -> str:
 
 
 KEYS = list(schema_keys())
+ENV_NAMES = {dotted: variable for variable, dotted in ENV_OVERRIDES.items()}
 
 
 def test_the_sweep_sees_every_section_and_the_model_tables() -> None:
@@ -232,6 +233,28 @@ def test_each_environment_override_with_a_bad_value_is_refused_naming_the_variab
         load_config(path, env={**clean_env(tmp_path), variable: text})
     message = str(refused.value)
     assert "\n" not in message and message.startswith(f"${variable}: {dotted} "), message
+
+
+@pytest.mark.parametrize(
+    ("dotted", "text"),
+    [
+        ("http.listen", "127.0.0.1:\u00b2"),  # str.isdigit() takes a superscript two, which int() refuses
+        ("http.listen", "127.0.0.1:\u0668\u0660\u0668\u0660"),  # 8080 in Arabic-Indic digits
+        ("daemon.tcp", "tcp://127.0.0.1:99999"),
+        ("daemon.tcp", "tcp://127.0.0.1:abc"),
+        ("daemon.tcp", "tcp://127.0.0.1:*"),
+        ("daemon.tcp", "tcp://127.0.0.1:0"),
+    ],
+)
+def test_an_address_whose_port_is_no_port_is_refused_before_a_model_is_loaded(
+    dotted: str, text: str, tmp_path: Path
+) -> None:
+    """http.listen's superscript port raised ValueError, a traceback; daemon.tcp's port was not checked:
+    ZeroMQ took 99999, the daemon saying it served there, and refused abc only after the model was loaded,
+    as a port another program might hold."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(env={**clean_env(tmp_path), ENV_NAMES[dotted]: text})
+    assert str(refused.value).startswith(f"${ENV_NAMES[dotted]}: {dotted} must look like "), refused.value
 
 
 @pytest.mark.parametrize(
