@@ -360,3 +360,18 @@ def test_an_attachment_limit_past_what_a_read_can_ask_for_is_refused_and_the_mos
     assert daemon.cli("reload").returncode == 0
     done = daemon.cli("ask", "What is this?", "--attach", str(note), "--max-tokens", "3")
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "missing", "not_utf8"])
+def test_a_config_file_that_is_no_readable_toml_file_stops_serve_in_one_line(kind: str, tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "not_utf8":
+        path.write_bytes(b'[routing]\nmode = "\xff"\n')
+    command = locod_command("--config", str(path), "serve")
+    done = subprocess.run(command, capture_output=True, text=True, env=clean_env(tmp_path), timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"locod: {path}: ") and len(done.stderr.strip().splitlines()) == 1, done.stderr
