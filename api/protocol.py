@@ -24,6 +24,7 @@ from typing import Any, ClassVar, NoReturn
 
 from locod import __version__
 from locod.errors import LocodError, ProtocolError, from_frame
+from locod.words import listed, quoted
 
 PROTOCOL_VERSION = 1
 OPS = ("chat", "feedback", "status", "decisions", "ping", "reload", "config")
@@ -389,7 +390,7 @@ class _Fields:
         return _Fields(nested, self.rid, f"{self.path}{path}.")
 
     def bad(self, name: str, why: str) -> BadRequest:
-        return BadRequest(f"field {self.path + name!r} {why}", code="bad_field", request_id=self.rid)
+        return BadRequest(f"field {quoted(self.path + name)} {why}", code="bad_field", request_id=self.rid)
 
     def required(self, name: str, kind: type) -> Any:
         if name not in self.msg:
@@ -447,7 +448,7 @@ def _parse_attachment(reader: _Fields, index: int, raw: Any) -> Attachment:
         raise reader.bad(where, "must be an object")
     unknown = set(raw) - {"kind", "name", "data", "path", "private"}
     if unknown:
-        raise reader.bad(where, f"has unknown keys {sorted(unknown)}")
+        raise reader.bad(where, f"has unknown keys {listed(unknown)}")
     item = reader.within(raw, where)
     kind = item.required("kind", str)
     if kind not in ATTACHMENT_KINDS:
@@ -528,7 +529,7 @@ def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
     if unknown:  # a newer client's, perhaps (the client's retry without ``queued`` reads its name here)
         raise reader.bad(
             "options",
-            f"has unknown keys {sorted(unknown)}; this daemon (locod {__version__}) knows {', '.join(OPTIONS)} "
+            f"has unknown keys {listed(unknown)}; this daemon (locod {__version__}) knows {', '.join(OPTIONS)} "
             "(a client newer than the daemon: restart the daemon, which keeps its code until then)",
         )
     options = reader.within(raw, "options")

@@ -1,8 +1,11 @@
-"""Counts and money in words, as the CLI, the report and decision reasons show them: ``1 turn``, ``$0.05``."""
+"""Counts, money and quoted values in words, as the CLI, the report, decision reasons and refusals show them:
+``1 turn``, ``$0.05``, ``'a long na'... (9,000 characters)``."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import Any
 
 
 def counted(n: int, noun: str, plural: str | None = None) -> str:
@@ -21,3 +24,21 @@ def dollars(usd: float) -> str:
 def or_na(value: object, pattern: str) -> str:
     """``value`` in ``pattern`` (``"{:.1f} W"``), or ``n/a`` for what was not measured."""
     return "n/a" if value is None else pattern.format(value)
+
+
+def quoted(value: Any, most: int = 80) -> str:
+    """``value`` as an error quotes it: its repr, a long text's first ``most`` characters only. A 100 kB
+    variable (a file's content pasted into it) was echoed whole, the one line an error is many screens; a
+    1 MB field name sent to the daemon came back in a 1 MB refusal."""
+    if isinstance(value, str) and len(value) > most:
+        return f"{value[:most]!r}... ({len(value):,} characters)"
+    return repr(value)
+
+
+def listed(names: Iterable[str], most: int = 5) -> str:
+    """Names a refusal lists (unknown keys), sorted: the first ``most`` of them, each ``quoted`` in 40
+    characters, and how many more, so that a message of 100,000 unknown keys is not sent back whole."""
+    ordered = sorted(names)
+    shown = ", ".join(quoted(name, 40) for name in ordered[:most])
+    more = f", and {len(ordered) - most:,} more" if len(ordered) > most else ""
+    return f"[{shown}{more}]"

@@ -26,7 +26,6 @@ from locod.daemon.typed_toml import (
     build_table,
     in_range,
     one_of,
-    quoted,
     read_toml,
     separated_by,
     set_text,
@@ -34,6 +33,7 @@ from locod.daemon.typed_toml import (
 )
 from locod.errors import ConfigError
 from locod.protocol import NO_CONFIG_FILE, zmq_address
+from locod.words import quoted
 
 # The most a routing weight, V, the queue's cap, a price or an energy figure may be: beyond, products of them
 # overflow the router's arithmetic (inf, then NaN costs in every decision and its record) while meaning no more

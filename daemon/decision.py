@@ -25,7 +25,7 @@ from locod.daemon.regular_file import file_stamp
 from locod.errors import ConfigError, ModelError, UnknownModel
 from locod.policy.messplus import RecordedFeatures
 from locod.protocol import NO_CONFIG_FILE
-from locod.words import dollars
+from locod.words import dollars, quoted
 
 
 @dataclass(frozen=True)
@@ -356,12 +356,7 @@ def unknown_model(offered: Offered, name: str, left_out: Mapping[str, ModelError
     leaves out for their file apart, with why), then what the name was meant as (``meant_instead``)."""
     local = [m for m in offered.local if m not in left_out]
     listed = f"local models: {local}, cloud models: {list(offered.cloud)}{left_out_note(left_out)}"
-    return UnknownModel(f"no model named {quoted_name(name)}; {listed}{meant_instead(offered, name, left_out)}")
-
-
-def quoted_name(name: str) -> str:
-    """A model name as a refusal shows it: quoted, and cut (its length said) when long, not echoed whole."""
-    return repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name)} characters)"
+    return UnknownModel(f"no model named {quoted(name)}; {listed}{meant_instead(offered, name, left_out)}")
 
 
 def meant_instead(offered: Offered, name: str, left_out: Mapping[str, ModelError]) -> str:
@@ -370,7 +365,7 @@ def meant_instead(offered: Offered, name: str, left_out: Mapping[str, ModelError
     model's file, by path or stem (else another's in other case, or the config's way to use a GGUF file it
     names), and `locod reload` when the config file or the models directory has it now (added, or pulled,
     after this daemon last read them); "" when none applies."""
-    shown = quoted_name(name)
+    shown = quoted(name)
     meant = [m for m, model_id in offered.cloud.items() if model_id == name]
     local_file = offered.file_of(name)
     if meant:  # the endpoint's model id, as the provider's docs and the config's `model` key spell it

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from locod.daemon.config import ROUTED_MODEL, gguf_path_hint
-from locod.daemon.decision import Offered, left_out_note, meant_instead, quoted_name
+from locod.daemon.decision import Offered, left_out_note, meant_instead
 from locod.errors import (
     MODEL_RELOADED,
     AttachmentError,
@@ -42,6 +42,7 @@ from locod.protocol import (
     response_format_problem,
     stop_problem,
 )
+from locod.words import quoted
 
 # Keys that change what an answer is and that locod cannot honour: refused rather than silently ignored.
 UNSUPPORTED = (
@@ -126,7 +127,7 @@ def unknown_model(
     names = [name for name in models if name not in left_out]
     meant = meant_instead(offered, model, left_out) if offered else gguf_path_hint(model)
     hint = f"send 'auto' or {_one_of(names)}{left_out_note(left_out)}{meant}"
-    message = f"the model {quoted_name(model)} does not exist; {hint}; see GET /v1/models"
+    message = f"the model {quoted(model)} does not exist; {hint}; see GET /v1/models"
     return HttpError(404, message, "model_not_found", "model")
 
 

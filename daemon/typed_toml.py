@@ -20,6 +20,7 @@ from typing import Any
 
 from locod.daemon.regular_file import read_regular
 from locod.errors import ConfigError
+from locod.words import quoted
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -28,14 +29,6 @@ else:  # pragma: no cover
 
 # A schema field that no file or override sets: Config.source, where the values came from.
 NOT_A_KEY = "source"
-
-
-def quoted(value: Any, most: int = 80) -> str:
-    """``value`` as an error quotes it: its repr, a long text's first ``most`` characters only. A 100 kB
-    variable (a file's content pasted into it) was echoed whole, the one line an error is many screens."""
-    if isinstance(value, str) and len(value) > most:
-        return f"{value[:most]!r}... ({len(value):,} characters)"
-    return repr(value)
 
 
 def in_range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:

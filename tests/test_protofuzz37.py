@@ -268,6 +268,26 @@ def test_a_lone_surrogate_at_the_end_of_a_wide_list_deep_inside_is_named_by_its_
     assert refused.value.code == "bad_request" and repr(where) in refused.value.message
 
 
+UNKNOWN_KEYS = {
+    "a 1 MB field name": {"op": "ping", "k" * (1 << 20): 1},
+    "100,000 unknown options": {"op": "chat", "prompt": "hi", "options": {f"k{i}": 1 for i in range(100_000)}},
+    "unknown attachment keys": {
+        "op": "chat",
+        "prompt": "hi",
+        "attachments": [{"kind": "image", "path": "/x", **{f"z{i}" * 1000: 1 for i in range(9)}}],
+    },
+}
+
+
+@pytest.mark.parametrize("case", UNKNOWN_KEYS)
+def test_unknown_keys_are_named_without_being_echoed_whole(case: str) -> None:
+    """A refused key was quoted whole, and unknown keys listed all: a 1 MB name came back in a 1 MB reply."""
+    with pytest.raises(BadRequest) as refused:
+        parse_request([json.dumps({"v": 1, "id": "u", **UNKNOWN_KEYS[case]}).encode()], 64 << 20)
+    assert refused.value.code == "bad_field" and len(refused.value.message) < 1000, refused.value.message
+    assert "more" in refused.value.message or "characters)" in refused.value.message
+
+
 # -- over a real daemon's socket ---------------------------------------------------------------------
 
 
