@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except LocodError as exc:
         if getattr(args, "json", False):  # a script reading stdout gets why, not empty input
             print(error_json(exc), flush=True)
-        print(shown(f"locod: {exc.message}"), file=sys.stderr)
+        record = "" if exc.decision is None else f" (the turn's record: `locod decisions {exc.decision}`)"
+        print(shown(f"locod: {exc.message}{record}"), file=sys.stderr)
         return next((code for cls, code in EXIT_CODES.items() if isinstance(exc, cls)), 1)
     except BrokenPipeError:  # `locod ... | head`: the reader left. Before OSError, whose subclass it is.
         # Quiet, with the status of a command that SIGPIPE ended; stdout goes to /dev/null so that the

@@ -29,6 +29,7 @@ import sys
 
 class LocodError(Exception):
     code = "error"
+    decision: int | None = None  # the accepted turn it ended, as its error frame named it (``from_frame``)
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)
@@ -138,7 +139,9 @@ def install_hint(extra: str) -> str:
     return f"{sys.executable} -m pip install '.[{extra}]' in the locod checkout"
 
 
-def from_frame(kind: str, code: str, message: str) -> LocodError:
-    """Rebuild the error a daemon reported: ``kind`` is the class's code, ``code`` the specific one."""
-    cls = _BY_CODE.get(kind, LocodError)
-    return cls(message, code=code)
+def from_frame(kind: str, code: str, message: str, decision: int | None = None) -> LocodError:
+    """Rebuild the error a daemon reported: ``kind`` is the class's code, ``code`` the specific one, and
+    ``decision`` the accepted turn it ended (its record, which ``locod decisions`` shows)."""
+    error = _BY_CODE.get(kind, LocodError)(message, code=code)
+    error.decision = decision
+    return error

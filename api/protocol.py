@@ -715,12 +715,13 @@ class ErrorFrame:
 
     @classmethod
     def of(cls, error: LocodError, decision: int | None = None) -> ErrorFrame:
-        """``kind`` names the class in locod.errors, ``code`` the specific problem."""
-        return cls(type(error).code, error.code, error.message, decision)
+        """``kind`` names the class in locod.errors, ``code`` the specific problem; ``decision`` the turn it
+        ended, else the one the error was reported with (a client passing a daemon's error on)."""
+        return cls(type(error).code, error.code, error.message, error.decision if decision is None else decision)
 
     def error(self) -> LocodError:
-        """The matching ``locod.errors`` instance, as the client raises it."""
-        return from_frame(self.kind, self.code, self.message)
+        """The matching ``locod.errors`` instance, as the client raises it, with the turn it ended."""
+        return from_frame(self.kind, self.code, self.message, self.decision)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Why an answer ended is the answering backend's own word, at both doors.
+"""How a turn ended, told to the client: why an answer ended is the answering backend's own word, at both
+doors, and an accepted turn that failed names its record to the Python client and to `locod ask`.
 
 The HTTP door inferred ``finish_reason`` from the token counts alone, so a cloud endpoint's
 ``content_filter`` (an answer its provider cut off) reached an OpenAI client as ``stop``: a complete answer.
@@ -9,9 +10,14 @@ cloud behind the fault proxy, the openai SDK.
 
 from __future__ import annotations
 
+import json
+import sqlite3
+import subprocess
 from typing import Any
 
-from .conftest import cloud_config
+from locod.errors import StorageError
+
+from .conftest import cloud_config, locod_command, wait_for
 from .faultproxy import Fault, FaultProxy
 from .test_http import LOCAL, http_daemon, sdk
 
@@ -45,3 +51,53 @@ def test_the_reason_is_the_backends_stop_or_length(daemon_factory: Any, proxy: F
     assert client.ask("Count to twenty.", model=CLOUD, max_tokens=2).done.finish_reason == "length"
     cut = sdk(base).chat.completions.create(model=CLOUD, messages=HI, max_tokens=2, temperature=0)
     assert cut.choices[0].finish_reason == "length"
+
+
+def test_an_accepted_turn_that_failed_names_its_record_to_the_client_and_to_locod_ask(
+    daemon_factory: Any, proxy: FaultProxy
+) -> None:
+    """The error frame of an accepted turn carries its ``decision``; the Python client dropped it, so
+    `locod ask` said what failed and not which record to look at. A completion held back by another
+    process's lock on the decision log (``record_not_committed``) is such a failure."""
+    held = Fault("hold")
+    proxy.set(held)
+    handle, _ = http_daemon(daemon_factory, cloud_config(proxy.base_url, timeout_s=60.0))
+    asked = subprocess.Popen(
+        locod_command("--config", str(handle.config_path), "ask", "--json", "--model", CLOUD, "Say hi."),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=handle.env,
+    )
+    decision = wait_for(lambda: handle.rows() and handle.rows()[-1]["id"], what="the turn's record begun")
+    holder = sqlite3.connect(handle.db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # as `sqlite3 locod.db` with `BEGIN IMMEDIATE;` would
+    try:
+        held.released.set()  # the cloud answers; the completion waits out the lock and is held back
+        out, err = asked.communicate(timeout=120)
+    finally:
+        holder.rollback()
+        holder.close()
+    assert asked.returncode != 0
+    error = json.loads(out.splitlines()[-1])
+    assert (error["type"], error["code"], error["decision"]) == ("error", "record_not_committed", decision)
+    assert f"`locod decisions {decision}`" in err, err
+
+    proxy.set(Fault("hold"))
+    client = handle.client()
+    frames = client.chat("Say hi again.", model=CLOUD)
+    accepted = next(frames)
+    holder = sqlite3.connect(handle.db_path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        proxy.faults[0].released.set()
+        try:
+            list(frames)
+        except StorageError as exc:
+            failed: StorageError | None = exc
+        else:
+            failed = None
+    finally:
+        holder.rollback()
+        holder.close()
+    assert failed is not None and failed.decision == accepted.decision, failed
