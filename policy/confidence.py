@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from locod.policy.tasks import TASKS
+from locod.policy.tasks import RUN_TOGETHER, TASKS
 
 FEATURES = ("mean", "min", "content_mean", "content_min", "unsure_share", "length")
 FLOOR = -10.0  # a log-probability below this says no more than this does
@@ -35,8 +35,7 @@ _HIGH = (0.0, 0.0, 0.0, 0.0, 1.0, 1.0)
 # A word: a run of letters and digits in any script (Cyrillic, Greek, accented Latin as English), or one
 # kana or Han character, which are written without spaces between words: each stands for a word of its own,
 # so the prompt's 法国 makes an answer's 法国 a repetition, as "france" would be in English.
-_IDEOGRAPHS = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-_WORD = re.compile(rf"[{_IDEOGRAPHS}]|[^\W_{_IDEOGRAPHS}]+")
+_WORD = re.compile(rf"[{RUN_TOGETHER}]|[^\W_{RUN_TOGETHER}]+")
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,9 @@ EDGE_CHARS = 2_000  # a longer prompt is read at its start and its end only (the
 # A letter of a script written with spaces: a word of such a script ends where the next character is none
 # (Chinese and Japanese run words together, so "用Python写" holds the word "Python"). Combining marks are
 # part of a word: Devanagari writes most vowels with them ("क्या" is four characters, two of them marks).
-_RUN_TOGETHER = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"  # kana and Han
+RUN_TOGETHER = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f"  # kana and Han
 _MARKS = "\u0300-\u036f\u064b-\u065f\u0670\u0900-\u0963\u0966-\u097f"  # Latin, Arabic, Devanagari (not ।)
-_LETTER = rf"(?:[^\W{_RUN_TOGETHER}]|[{_MARKS}])"
+_LETTER = rf"(?:[^\W{RUN_TOGETHER}]|[{_MARKS}])"
 # English, German, French, Spanish, Portuguese, Russian, Polish, Arabic, Hindi, Korean, Indonesian, Turkish,
 # Vietnamese, Chinese, Japanese
 LANGUAGES = ("en", "de", "fr", "es", "pt", "ru", "pl", "ar", "hi", "ko", "id", "tr", "vi", "zh", "ja")
@@ -261,7 +261,7 @@ def _words(*words: str) -> str:
 def _run_together(*words: str) -> str:
     """An alternation of Chinese and Japanese words, found anywhere; tried only where such a letter is, as
     each of its words would be tried at every position of the text otherwise."""
-    return rf"(?=[{_RUN_TOGETHER}])(?:{'|'.join(words)})"
+    return rf"(?=[{RUN_TOGETHER}])(?:{'|'.join(words)})"
 
 
 def _of(table: Mapping[str, tuple[str, ...]], run_together: bool) -> tuple[str, ...]:
