@@ -1,7 +1,8 @@
 """``locod report``: one picture of what the router did, drawn from the decision log with matplotlib.
 
 Panels: satisfaction against the SLA target, the MESS+ queue Q, the cloud share, money per day against the
-daily cap, energy, local and cloud first-token time, and the satisfaction labels collected by source.
+daily cap, energy, local and cloud first-token time, and the labels collected by kind (feedback and judge on
+answers shown, shadow and escalation on local answers graded against the cloud's, as `locod status` counts them).
 matplotlib is the ``report`` extra; without it the command says how to install it.
 """
 
@@ -15,14 +16,21 @@ from pathlib import Path
 from typing import Any
 
 from locod.daemon.config import CloudModelConfig, Config
-from locod.daemon.history import History, daily_cost, parse_since, read_history
+from locod.daemon.history import LOCAL_LABELS, History, daily_cost, parse_since, read_history
 from locod.daemon.records import NO_LOG
 from locod.errors import LocodError, RequestError, StorageError, install_hint
 from locod.words import counted
 
 SUFFIXES = (".png", ".html")
 MAX_TICKS = 8  # labelled buckets (or days) per axis
-LABEL_COLOURS = {"user": "tab:blue", "judge": "tab:purple", "explore": "tab:orange", "shadow": "tab:green"}
+LABEL_COLOURS = {
+    "user": "tab:blue",
+    "judge": "tab:purple",
+    "explore": "tab:orange",
+    "shadow": "tab:green",
+    "escalation": "tab:red",
+}
+LABEL_NAMES = {"user": "feedback"}  # the log's label source -> the word `locod feedback` and the docs use
 
 
 def report_file(out: str | Path) -> Path:
@@ -158,9 +166,10 @@ def _labels(ax: Any, history: History, times: list[dt.datetime], width: float) -
     bottom = [0] * len(times)
     for source in sources:
         counts = [b.labels.get(source, 0) for b in history.buckets]
-        ax.bar(times, counts, width, bottom=bottom, label=source, color=LABEL_COLOURS.get(source))
+        name = LABEL_NAMES.get(source, source)
+        ax.bar(times, counts, width, bottom=bottom, label=name, color=LABEL_COLOURS.get(source))
         bottom = [x + y for x, y in zip(bottom, counts)]
-    ax.set(title="satisfaction labels collected", ylabel="labels")
+    ax.set(title="labels collected", ylabel="labels")
     if sources:
         ax.legend(loc="upper left")
 
@@ -194,7 +203,20 @@ def summary(history: History, cap: float, cloud: CloudModelConfig | None = None)
         **({"all in the cloud": _all_cloud(history, cloud)} if cloud else {}),
         **({"priced from text": f"{counted(estimated, 'turn')} (no usage reported)"} if estimated else {}),
         "energy": f"{sum(b.energy_j for b in buckets) / _energy_unit(history)[0]:.2f} {_energy_unit(history)[1]}",
-        "labels": ", ".join(f"{k} {v}" for k, v in sorted(labels.items())) or "none",
+        **_labels_said(labels),
+    }
+
+
+def _labels_said(labels: dict[str, int]) -> dict[str, str]:
+    """The period's labels: those of the answers shown by source, then the local labels (of local answers
+    the user never saw) in `locod status`'s words. "labels: none" beside status's "2 shadow labels" read as
+    a contradiction. Two short rows: one long one narrowed the money panel beside it."""
+    named = sorted((LABEL_NAMES.get(source, source), n) for source, n in labels.items() if source not in LOCAL_LABELS)
+    shown = ", ".join(counted(n, f"{name} label") for name, n in named) or "none"
+    shadow, escalation = (labels.get(kind, 0) for kind in LOCAL_LABELS)
+    return {
+        "labels": f"{shown} on answers shown",
+        "local labels": f"{counted(shadow, 'shadow label')} and {counted(escalation, 'escalation label')}",
     }
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from locod.daemon.records import iter_rows, read_rows
+from locod.daemon.records_schema import ESCALATION_LABELLED, SHADOWED
 from locod.daemon.tallies import local_midnight
 from locod.errors import RequestError
 from locod.protocol import ANSWERED
@@ -27,8 +28,11 @@ MAX_BUCKETS = 48
 # Where each turn was answered (after a fallback or an escalation, not where it was first sent).
 COLUMNS = (
     "created, finished, COALESCE(backend, location) AS location, outcome, satisfied, label_source, q, sla, cost_usd, "
-    "cost_estimated, energy_j, latency_first_token_ms, tokens_in, tokens_out"
+    "cost_estimated, energy_j, latency_first_token_ms, tokens_in, tokens_out, "
+    f"({SHADOWED}) AS shadow_label, ({ESCALATION_LABELLED}) AS escalation_label"
 )
+# Labels of local answers the user never saw, graded against the cloud's: counted as `locod status` counts them.
+LOCAL_LABELS = ("shadow", "escalation")
 
 # The period's first turn, and the SLA of its newest routed one (each an index search on ``created``).
 EDGES = (
@@ -63,7 +67,7 @@ class Bucket:
     q_sum: float = 0.0  # of the routed turns' Q, ``q_count`` of them
     q_count: int = 0
     first_token_ms: dict[str, list[float]] = field(default_factory=lambda: {"local": [], "cloud": []})
-    labels: dict[str, int] = field(default_factory=dict)  # label source -> count
+    labels: dict[str, int] = field(default_factory=dict)  # label source (or one of LOCAL_LABELS) -> count
 
     @property
     def cloud_share(self) -> float:
@@ -177,8 +181,14 @@ def _add(bucket: Bucket, row: sqlite3.Row) -> None:
         if row["sla"] is not None:  # a forced turn's label is collected (below), but the SLA does not cover it
             bucket.labelled += 1
             bucket.satisfied += row["satisfied"]
-        source = row["label_source"] or "unknown"
-        bucket.labels[source] = bucket.labels.get(source, 0) + 1
+        _count_label(bucket, row["label_source"] or "unknown")
+    for kind in LOCAL_LABELS:
+        if row[f"{kind}_label"]:
+            _count_label(bucket, kind)
+
+
+def _count_label(bucket: Bucket, kind: str) -> None:
+    bucket.labels[kind] = bucket.labels.get(kind, 0) + 1
 
 
 def daily_cost(history: History) -> dict[str, float]:

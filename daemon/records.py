@@ -30,7 +30,7 @@ from locod import __version__
 from locod.daemon.decision import NO_ROUTING_COLUMNS, Routing
 from locod.daemon.ownership import closed_to_this_user
 from locod.daemon.records_schema import (
-    ESCALATED_JUDGED,
+    ESCALATION_LABELLED,
     MIGRATIONS,
     PENDING,
     SHADOWED,
@@ -571,9 +571,8 @@ class DecisionLog:
         """Labels the local model got without the user: (shadow answers, escalated answers), as recorded. An
         escalated answer whose cloud answer had no words to grade it against has none (daemon/shadow.py)."""
         sql = "SELECT (SELECT COUNT(*) FROM decisions WHERE {}), (SELECT COUNT(*) FROM decisions WHERE {})"
-        graded = f"{ESCALATED_JUDGED} AND json_extract(confidence, '$.label') IS NOT NULL"  # within its index
         with self._reading("counting local labels") as conn:
-            shadows, escalated = conn.execute(sql.format(SHADOWED, graded)).fetchone()
+            shadows, escalated = conn.execute(sql.format(SHADOWED, ESCALATION_LABELLED)).fetchone()
         return int(shadows), int(escalated)
 
     def hold_cost(self, decision_id: int, usd: float, held: Held | None = None) -> CostHold:

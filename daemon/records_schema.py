@@ -19,6 +19,8 @@ from locod.protocol import ANSWERED
 PENDING, SHADOWED = "outcome = 'pending'", "shadow IS NOT NULL"
 WAS_ANSWERED = f"outcome IN {ANSWERED!r}"  # protocol.ANSWERED, in SQL
 ESCALATED_JUDGED = "outcome = 'escalated' AND confidence IS NOT NULL"
+# An escalated answer graded against the cloud's: an escalation label (within its index)
+ESCALATION_LABELLED = f"{ESCALATED_JUDGED} AND json_extract(confidence, '$.label') IS NOT NULL"
 PARTIAL_INDEXES = {
     "decisions_pending": PENDING,
     "decisions_shadowed": SHADOWED,
