@@ -111,8 +111,11 @@ def figure(history: History, daily_cap_usd: float, title: str, cloud: CloudModel
     _labels(axes[3][0], history, times, width)
     _summary(axes[3][1], history, daily_cap_usd, cloud)
     ticks = times[:: -(-len(times) // MAX_TICKS)]
+    half = dt.timedelta(seconds=history.bucket_s / 2)  # every time panel spans the period, drawn or empty:
+    # an empty one spanned 1970 to now, all its ticks on one spot ("04:38" over "04:39")
     for ax in [a for row in axes for a in row][:-1]:
         if ax.get_title() != "money per day":
+            ax.set_xlim(times[0] - half, times[-1] + half)
             ax.set_xticks(ticks)
             ax.tick_params(axis="x", labelrotation=30)
             ax.xaxis.set_major_formatter(_date_format(history))

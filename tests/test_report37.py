@@ -1,4 +1,5 @@
-"""`locod report` counts the labels `locod status` counts, in its words."""
+"""`locod report` counts the labels `locod status` counts, in its words; a report of a few minutes labels each
+time panel's minutes once, apart."""
 
 from __future__ import annotations
 
@@ -59,3 +60,35 @@ def test_every_kind_of_label_is_counted_as_status_counts_it(tmp_path: Path) -> N
     said = summary(read_history(tmp_path / "locod.db", parse_since("1h"), now=now), 0.0)
     assert said["labels"] == "1 feedback label, 1 judge label on answers shown"
     assert said["local labels"] == "1 shadow label and 1 escalation label"
+
+
+def test_a_report_of_minutes_labels_each_minute_once_on_every_panel(tmp_path: Path) -> None:
+    """A log of a few minutes with no labels and no routed queue: the empty panels spanned 1970 to now, so
+    their minute ticks fell on one spot ("04:38" over "04:39")."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from locod.report import figure
+
+    now, log = time.time(), DecisionLog(tmp_path / "locod.db")
+    for minutes_ago in (4.0, 2.0, 0.1):
+        decision = log.begin(DecisionRecord("s", 0, "r", "0" * 64, 5, None, "chat", "cloud", "cloud", "test"))
+        log.finish(decision, Outcome("ok", "cloud", "cloud", latency_first_token_ms=50.0, cost_usd=0.001))
+        log.db.execute("UPDATE decisions SET created = ? WHERE id = ?", [now - minutes_ago * 60, decision])
+    log.close()
+    history = read_history(tmp_path / "locod.db", parse_since("7d"), now=now)
+    assert history.bucket_s == 60
+    fig = figure(history, 0.0, "t")
+    try:
+        fig.canvas.draw()
+        for ax in fig.axes[:-1]:
+            if ax.get_title() == "money per day":
+                continue
+            ticks = [label for label in ax.get_xticklabels() if label.get_text()]
+            texts = [label.get_text() for label in ticks]
+            assert len(texts) >= 4 and len(set(texts)) == len(texts), (ax.get_title(), texts)
+            assert all(len(t) == 5 and t[2] == ":" for t in texts)  # minutes: HH:MM
+            boxes = [label.get_window_extent() for label in ticks]
+            assert all(b.x0 - a.x0 >= 10 for a, b in zip(boxes, boxes[1:])), ax.get_title()  # apart, left to right
+    finally:
+        plt.close(fig)
