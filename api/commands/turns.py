@@ -151,14 +151,18 @@ def _stream(frames: Iterator[Frame], as_json: bool, verbose: bool, client: Clien
 def _say_if_cut(client: Client, done: DoneFrame, max_tokens: int | None) -> None:
     """Say that an answer was cut short (its backend's ``finish_reason`` "length"): it ends mid-sentence, and a
     user used to tools without a default limit (Ollama's) took it for the model's whole answer, knowing nothing
-    of local.max_tokens. Short of the limit, it was a local model's context that filled."""
+    of local.max_tokens. Short of the limit, it was a local model's context that filled, or a cloud endpoint's
+    own cap (a provider's most output tokens), which no setting of locod's raises."""
     if done.finish_reason != "length":
         return
     try:
         limit = max_tokens or int(client.daemon_config()["local"]["max_tokens"])
     except LocodError:  # the configuration refused (a tcp client): the limit goes unnamed
         limit = None
-    if limit is not None and done.tokens_out < limit:
+    if limit is not None and done.tokens_out < limit and done.location == "cloud":
+        asked = counted(limit, "token")
+        said = f"the cloud endpoint stopped the answer at its own length limit, before the {asked} asked"
+    elif limit is not None and done.tokens_out < limit:
         said = (
             "the answer stopped where the model's context was full: a new session, or a larger n_ctx, leaves more room"
         )
