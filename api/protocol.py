@@ -365,12 +365,20 @@ def lone_surrogate_at(raw: bytes | bytearray, value: Any) -> str | None:
 
 def _spelt(trail: _Trail) -> str:
     """A trail as a field's path, ``options.stop[0]``; a key's lone surrogate shown as U+FFFD, since the
-    path is said in a reply, which must be text."""
+    path is said in a reply, which must be text, and a long key by its first ``KEY_SHOWN`` characters: a
+    300 kB key holding one came back whole, at both doors."""
     steps: list[str] = []
     while trail is not None:
         trail, step = trail
-        steps.append(f"[{step}]" if isinstance(step, int) else "." + SURROGATE.sub("\ufffd", step))
+        steps.append(f"[{step}]" if isinstance(step, int) else "." + _key_shown(SURROGATE.sub("\ufffd", step)))
     return "".join(reversed(steps)).removeprefix(".")
+
+
+KEY_SHOWN = 80  # characters of a key that a path shows
+
+
+def _key_shown(key: str) -> str:
+    return key if len(key) <= KEY_SHOWN else f"{key[:KEY_SHOWN]}...({len(key):,} characters)"
 
 
 def not_text(where: str) -> str:
