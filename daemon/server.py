@@ -215,7 +215,10 @@ class Daemon:
         cfg.socket_path.unlink(missing_ok=True)  # a stale socket of a dead daemon; the lock says none is alive
         self._bind_ipc()
         ipc_share = max(1, int(fd_limit * IPC_SHARE))
-        self.guards[IPC] = DoorGuard(self.sockets[IPC], ipc_share, ipc_share, ("an eighth of the open-file limit",) * 2)
+        # One process holds half of it at most: a script leaking clients that had each asked (none evictable)
+        # took every place, and `locod status` and `locod stop` were refused until it ended.
+        ipc_bounds = ("an eighth of the open-file limit", "half the ipc socket's bound, from one process")
+        self.guards[IPC] = DoorGuard(self.sockets[IPC], ipc_share, max(1, ipc_share // 2), ipc_bounds)
         if cfg.daemon.tcp:
             self.sockets[TCP] = self._router_socket()
             self.sockets[TCP].setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)

@@ -19,9 +19,10 @@ keep its connections younger than one would close and reopen them faster than th
 at once, as locod's does, is vouched for within a round trip.
 
 The ipc socket is bounded the same way, within an eighth of the open-file limit (fdlimit.py), its "host"
-the peer's process: only its owner can connect, but a script of the owner's that makes a client for each
-request and never closes it took every descriptor, and libzmq aborted the daemon. Any request vouches for
-an ipc connection.
+the peer's process, which holds half the bound at most: only its owner can connect, but a script of the
+owner's that makes a client for each request and never closes it took every descriptor, and libzmq aborted
+the daemon (and, bounded in all only, it kept out the owner's `locod status` and `stop`). Any request
+vouches for an ipc connection.
 
 The monitor reports the accepted descriptor's number; before anything is done to it, the descriptor is
 checked to be a socket on this endpoint's own address (the number may have been reused meanwhile).

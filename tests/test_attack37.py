@@ -31,12 +31,10 @@ def test_a_script_leaking_clients_is_refused_at_the_ipc_bound_and_the_daemon_ser
             handle.client(timeout_s=3).ping()  # kept open, as the script keeps it
     assert handle.proc.poll() is None, handle.log()[-2000:]
     ipc = established.status()["ipc"]
-    assert ipc["max"] == 300 // 8 and ipc["open"] == ipc["max"] and ipc["refused"] > 0
+    assert ipc["max"] == 300 // 8 and ipc["open"] == ipc["max"] // 2 and ipc["refused"] > 0  # one process: half
     assert established.ask("Say hi.", max_tokens=2).done.outcome == "ok"
     leaker = f"pid {os.getpid()}"
-    assert f"ipc: refused a connection from {leaker}: 37 connections open (37 from {leaker}), at an eighth" in (
-        handle.log()
-    )
+    assert f"ipc: refused a connection from {leaker}: 18 connections open from it, at half" in handle.log()
     for client in handle.clients[1:]:
         client.close()
     wait_for(lambda: handle.client().ping()["pong"], 60, "a newcomer to be let in once the script's clients left")
