@@ -276,8 +276,11 @@ def _of(table: Mapping[str, tuple[str, ...]], run_together: bool) -> tuple[str, 
 
 def _rule(table: Mapping[str, tuple[str, ...]], *patterns: str) -> re.Pattern[str]:
     """A category's rule, over lower-cased text: a few alternations, since each part is tried at every
-    position of the text (a category's words are one ``_words`` part, not one a language)."""
-    return re.compile("|".join((_words(*_of(table, False)), _run_together(*_of(table, True)), *patterns)))
+    position of the text (a category's words are one ``_words`` part, not one a language). A part with no
+    words is left out: an empty alternation matches everywhere, and every prompt would take the category."""
+    spaced, run_together = _of(table, False), _of(table, True)
+    parts = ([_words(*spaced)] if spaced else []) + ([_run_together(*run_together)] if run_together else [])
+    return re.compile("|".join((*parts, *patterns)))
 
 
 # The first rule that matches names the task; TMO's categories plus the ones a laptop assistant sees most.

@@ -25,6 +25,7 @@ from locod.policy.tasks import (
     RECOMMEND,
     REWRITE,
     TASKS,
+    _rule,
     task_of,
 )
 
@@ -347,3 +348,11 @@ def test_a_devanagari_word_ends_where_its_marks_do() -> None:
     "किसान" (farmer)."""
     for prompt in ("कबूतर छत पर बैठा है", "किसान खेत में काम करता है"):
         assert task_of(prompt) == "chat", prompt
+
+
+def test_a_rule_whose_table_has_no_words_of_a_kind_does_not_match_everywhere() -> None:
+    """A table without Chinese or Japanese words (or without any others) made an empty alternation, which
+    matches at every such character: every CJK prompt would have taken the category."""
+    english_only, chinese_only = _rule({"en": ("sum",)}), _rule({"zh": ("总和",)})
+    assert english_only.search("这是什么") is None and english_only.search("what is the sum")
+    assert chinese_only.search("what is this") is None and chinese_only.search("求总和")
