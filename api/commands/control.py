@@ -53,6 +53,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(f"reloaded, but no config file was found ({CONFIG_PLACES}): defaults and LOCOD_* variables only")
     else:
         print(f"reloaded from {source}")
+    _say_when_another_file_was_named(args, source)
     if result.get("models_changed"):  # an older daemon does not say
         print(f"local models: {'; '.join(result['models_changed'])}")
     if result.get("restart_needed"):
@@ -68,6 +69,27 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(f"locod: the routing policy was refused: {result['policy_error']}", file=sys.stderr)
         return 1
     return 0
+
+
+def _say_when_another_file_was_named(args: argparse.Namespace, source: str) -> None:
+    """A reload re-reads the file the daemon started with, whatever file the caller names: ``locod --config
+    FILE reload`` (or ``$LOCOD_CONFIG``) after editing FILE said "reloaded" and applied nothing of it."""
+    named, how = (args.config, "--config") if args.config else (os.environ.get("LOCOD_CONFIG", ""), "$LOCOD_CONFIG")
+    if not named or _same_file(named, source):
+        return
+    running = "none, defaults only" if source == NO_CONFIG_FILE else source
+    print(
+        f"note: {how} {named} is not the running daemon's config file ({running}): a reload re-reads the file "
+        f"it was started with; to run with {named}, `locod stop`, then `locod --config {named} serve`",
+        file=sys.stderr,
+    )
+
+
+def _same_file(one: str, other: str) -> bool:
+    try:
+        return os.path.samefile(one, other)
+    except OSError:  # either is missing (or no file at all: the daemon runs on defaults)
+        return False
 
 
 def _say_which_variables_stay_here(running: dict[str, Any], keyless: dict[str, str]) -> None:

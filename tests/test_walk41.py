@@ -1,0 +1,57 @@
+"""Walk 41: a new user on a fresh machine, from README.md's quick start through chat, attachments, llama.cpp's
+server as the cloud, the HTTP door with the SDK and curl, decisions and report, a config broken on purpose,
+stop and start, and the systemd unit's ExecStart run by hand. Real daemons (the embedded model) and the real
+`locod` command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from .conftest import DaemonHandle, locod_command
+
+NOTE = "is not the running daemon's config file"
+
+
+def reload_with(
+    daemon: DaemonHandle, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`locod reload` as a user types it, with the config they name (not the daemon's own --config)."""
+    return subprocess.run(
+        locod_command(*args, "reload"), capture_output=True, text=True, env=env or daemon.env, cwd=cwd, timeout=120
+    )
+
+
+def running_sla(daemon: DaemonHandle) -> float:
+    shown = daemon.cli("config", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    return float(json.loads(shown.stdout)["routing"]["sla"])
+
+
+def test_a_reload_naming_another_config_file_says_it_read_the_daemon_s_own(
+    daemon: DaemonHandle, tmp_path: Path
+) -> None:
+    """Walk finding: `locod --config other.toml reload`, after editing other.toml, answered "reloaded from
+    ~/.config/locod/config.toml" and exit 0, and nothing of other.toml applied (a reload re-reads the file the
+    daemon started with); `$LOCOD_CONFIG` naming a file that does not exist passed as silently. The command
+    now notes that the file named is not the daemon's, and how to run with it."""
+    other = tmp_path / "other.toml"
+    other.write_text("[routing]\nsla = 0.9\n")
+    named = reload_with(daemon, "--config", str(other))
+    assert named.returncode == 0, named.stderr
+    assert f"note: --config {other} {NOTE} ({daemon.config_path})" in named.stderr, named.stderr
+    assert f"`locod --config {other} serve`" in named.stderr, named.stderr
+    assert running_sla(daemon) == 0.8  # what the note says: other.toml was not read
+    missing = tmp_path / "nope.toml"
+    by_variable = reload_with(daemon, env={**daemon.env, "LOCOD_CONFIG": str(missing)})
+    assert by_variable.returncode == 0, by_variable.stderr
+    assert f"note: $LOCOD_CONFIG {missing} {NOTE}" in by_variable.stderr, by_variable.stderr
+
+
+def test_a_reload_naming_the_daemon_s_own_file_adds_no_note(daemon: DaemonHandle) -> None:
+    """The same file named another way (relative to where the command runs) is the daemon's: no note."""
+    same = reload_with(daemon, "--config", daemon.config_path.name, cwd=daemon.config_path.parent)
+    assert same.returncode == 0 and NOTE not in same.stderr, same.stderr
+    plain = daemon.cli("reload")
+    assert plain.returncode == 0 and NOTE not in plain.stderr, plain.stderr
