@@ -2,8 +2,9 @@
 
 SOURCE is an http(s) URL or ``hf://owner/repo/file.gguf`` (resolved against ``local.hub_endpoint``; the hub's
 LFS SHA-256 is checked without the user typing it). Bytes go to ``.<file>.partial`` beside the models
-(``download.py``, which resumes an interrupted download). Only a file that parses as a GGUF and matches the
-expected SHA-256 is renamed into place, so the daemon never sees a half-written model.
+(``download.py``, which resumes an interrupted download). Only a file that parses as a GGUF, reaches its last
+tensor's data and matches the expected SHA-256 is renamed into place, so the daemon never sees a half-written
+model.
 The daemon never calls this module: downloads happen only when the user runs ``pull``.
 """
 
@@ -211,8 +212,16 @@ def _target(config: Config, name: str, source: str, pulled: dict[str, catalog.Pu
 
 
 def _verify(partial: Path, digest: str, expected: str | None, source: str) -> gguf.GgufInfo:
+    """The header, and that the file reaches its last tensor's data: a server that sent part of a model (a
+    broken mirror, an upload cut short) gave a file whose header passed, and without a published SHA-256 it
+    was installed, loaded by nothing and listed as `cut short` only afterwards."""
     try:
-        info = gguf.describe(partial)
+        info = gguf.summary(gguf.check_whole(partial))
+    except gguf.CutShort:
+        raise FetchError(
+            f"{source}: the download is a GGUF cut short (it ends before its last tensor's data: the server "
+            "sent part of the model); it was removed"
+        ) from None
     except gguf.NotGGUF:
         raise FetchError(f"{source}: the download is not a GGUF model file; it was removed") from None
     if expected and digest != expected:

@@ -6,10 +6,15 @@ stop and start, and the systemd unit's ExecStart run by hand. Real daemons (the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from .conftest import DaemonHandle, locod_command
+from .fileserver import FileServer, Served
 
 NOTE = "is not the running daemon's config file"
 
@@ -55,3 +60,35 @@ def test_a_reload_naming_the_daemon_s_own_file_adds_no_note(daemon: DaemonHandle
     assert same.returncode == 0 and NOTE not in same.stderr, same.stderr
     plain = daemon.cli("reload")
     assert plain.returncode == 0 and NOTE not in plain.stderr, plain.stderr
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    fs = FileServer().start()
+    yield fs
+    fs.stop()
+
+
+def test_a_pulled_gguf_cut_short_is_refused_and_removed(tmp_path: Path, server: FileServer, model_path: Path) -> None:
+    """Walk finding: `locod models pull URL` of a GGUF the server sent only half of (a whole header, half the
+    tensors' data, its Content-Length saying so) printed "installed ... it takes about 138 MiB" and exit 0;
+    `locod models list` then called it `cut short`, and the daemon left it out. Pull now checks that the file
+    reaches its last tensor's data, as the daemon does, and removes it; the whole file still installs."""
+    whole = model_path.read_bytes()
+    server.files["half.gguf"] = Served(whole[: len(whole) // 2])
+    server.files["whole.gguf"] = Served(whole)
+    models = tmp_path / "models"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCOD_")}
+    env.update(LOCOD_MODELS_DIR=str(models), XDG_CONFIG_HOME=str(tmp_path))
+
+    def pull(name: str) -> subprocess.CompletedProcess[str]:
+        command = locod_command("models", "pull", f"{server.url}/files/{name}")
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+    half = pull("half.gguf")
+    assert half.returncode == 1, half.stdout + half.stderr
+    assert "the download is a GGUF cut short" in half.stderr and "it was removed" in half.stderr, half.stderr
+    assert "installed" not in half.stdout and "Traceback" not in half.stderr
+    assert os.listdir(models) == []  # neither the file nor a pulled.toml entry
+    assert pull("whole.gguf").returncode == 0
+    assert sorted(os.listdir(models)) == ["pulled.toml", "whole.gguf"]
