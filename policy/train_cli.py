@@ -53,9 +53,26 @@ def parser(default_out: Path | None = None) -> argparse.ArgumentParser:
     p.add_argument(
         "--from-db", metavar="LOCOD.DB", help="also train on this device's labelled decision log (its locod.db)"
     )
-    p.add_argument("--steps", type=int, default=TrainConfig.steps, help="environment steps (default: %(default)s)")
+    p.add_argument(
+        "--steps",
+        type=_steps,
+        default=TrainConfig.steps,
+        help=f"environment steps, 1 or more, run in whole rollouts of {TrainConfig.rollout} (default: %(default)s)",
+    )
     p.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed (default: %(default)s)")
     return p
+
+
+def _steps(text: str) -> int:
+    """``--steps``, 1 or more: 0 or fewer trained nothing and exported the untrained network as a policy (worse
+    than random at routing), where the daemon loads it at its next reload."""
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise argparse.ArgumentTypeError(f"expects a number of steps, 1 or more, got {text!r}")
+    return steps
 
 
 def main(argv: Sequence[str] | None = None, default_out: Path | None = None) -> int:

@@ -92,3 +92,16 @@ def test_a_pulled_gguf_cut_short_is_refused_and_removed(tmp_path: Path, server: 
     assert os.listdir(models) == []  # neither the file nor a pulled.toml entry
     assert pull("whole.gguf").returncode == 0
     assert sorted(os.listdir(models)) == ["pulled.toml", "whole.gguf"]
+
+
+@pytest.mark.parametrize("steps", ["0", "-5"])
+def test_policy_train_with_no_steps_is_refused_before_anything_is_written(tmp_path: Path, steps: str) -> None:
+    """Walk finding: `locod policy train --steps 0` (a user trying the command quickly) trained nothing, yet
+    exported the untrained network (its reward below random's) over the state directory's policy.onnx, which
+    the daemon loads at its next reload, and exited 0 (`--steps -5` as well, as version `rcppo-s0--1k-...`)."""
+    out = tmp_path / "policy.onnx"
+    command = locod_command("policy", "train", "--steps", steps, "--out", str(out))
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert f"argument --steps: expects a number of steps, 1 or more, got '{steps}'" in refused.stderr
+    assert not out.exists()
