@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 
 from locod.daemon.config import EMBEDDED_MODEL, LocalModelConfig
-from locod.daemon.gguf import NotGGUF, check_whole, is_gguf
+from locod.daemon.gguf import CutShort, NotGGUF, check_whole, is_gguf
 from locod.daemon.regular_file import file_stamp
 from locod.errors import ModelError
 
@@ -37,10 +37,11 @@ def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
     """Fail early, and by name, on a missing, unreadable or non-GGUF file: a traceback from llama.cpp (or an
     OSError that names no model) helps nobody."""
     path = resolve_path(model, models_dir)
+    embedded = (model.name, model.path) == (EMBEDDED_MODEL.name, EMBEDDED_MODEL.path)  # n_gpu_layers may differ
     if not path.is_file():
         remedy = (
             "run `locod models fetch`"
-            if (model.name, model.path) == (EMBEDDED_MODEL.name, EMBEDDED_MODEL.path)  # n_gpu_layers may differ
+            if embedded
             else "fix its path in the config, or download it with `locod models pull`"
         )
         found = "is not a file (name the .gguf file itself)" if path.exists() else "not found"
@@ -49,6 +50,11 @@ def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
         if not is_gguf(path):
             raise ModelError(f"model {model.name!r}: {path} is not a GGUF file", code="model_corrupt")
         check_whole(path)
+    except CutShort as exc:  # nothing in the config to fix: the file is what a stopped copy or download leaves
+        again = "run `locod models fetch`" if embedded else "copy or download it again (`locod models pull`)"
+        raise ModelError(
+            f"model {model.name!r}: {exc}, as a copy or download that stopped leaves it; {again}", code="model_corrupt"
+        ) from None
     except NotGGUF as exc:
         raise ModelError(f"model {model.name!r}: {exc}", code="model_corrupt") from None
     except OSError as exc:  # a file the daemon's user may not read: a service's user, its sandbox

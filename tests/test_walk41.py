@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import DaemonHandle, locod_command
+from .conftest import DaemonHandle, locod_command, start_daemon
 from .fileserver import FileServer, Served
 
 NOTE = "is not the running daemon's config file"
@@ -105,3 +105,34 @@ def test_policy_train_with_no_steps_is_refused_before_anything_is_written(tmp_pa
     assert refused.returncode == 2, refused.stderr
     assert f"argument --steps: expects a number of steps, 1 or more, got '{steps}'" in refused.stderr
     assert not out.exists()
+
+
+def half_of(model_path: Path, target: Path) -> Path:
+    """A GGUF as a copy stopped halfway leaves it: the whole header, half the tensors' data."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    whole = model_path.read_bytes()
+    target.write_bytes(whole[: len(whole) // 2])
+    return target
+
+
+def test_a_model_file_cut_short_is_refused_with_what_to_do(
+    daemon: DaemonHandle, tmp_path: Path, model_path: Path
+) -> None:
+    """Walk finding: a truncated GGUF as `local.default` was refused, at a reload and at start, with "... is
+    cut short: N bytes, where its last tensor begins at byte M" and nothing more, where a missing file says
+    what to do. Nothing in the config is wrong: the refusal now says to copy or download the file again (the
+    embedded model's: `locod models fetch`, which replaces a file whose SHA-256 is not the manifest's)."""
+    half = half_of(model_path, tmp_path / "half.gguf")
+    good = daemon.config_path.read_text()
+    daemon.config_path.write_text(
+        good + f'[local]\ndefault = "half"\n[[local.models]]\nname = "half"\npath = "{half}"\n'
+    )
+    reload = daemon.cli("reload")
+    assert reload.returncode == 2, reload.stderr
+    assert f"model 'half': {half} is cut short: " in reload.stderr, reload.stderr
+    assert "copy or download it again (`locod models pull`)" in reload.stderr, reload.stderr
+    models = tmp_path / "models"
+    half_of(model_path, models / model_path.name)
+    cut = start_daemon(tmp_path / "cut", models, wait=False)
+    assert cut.proc.wait(120) == 3, cut.log()
+    assert "as a copy or download that stopped leaves it; run `locod models fetch`" in cut.log(), cut.log()
