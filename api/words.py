@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -42,3 +43,10 @@ def listed(names: Iterable[str], most: int = 5) -> str:
     shown = ", ".join(quoted(name, 40) for name in ordered[:most])
     more = f", and {len(ordered) - most:,} more" if len(ordered) > most else ""
     return f"[{shown}{more}]"
+
+
+def closest(word: str, names: Iterable[str]) -> str | None:
+    """The one of ``names`` that ``word`` most likely misspells (``defualt`` for ``default``), or None: a
+    refusal that only lists every known name leaves the user to spot the one they meant."""
+    close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.6)
+    return close[0] if close else None

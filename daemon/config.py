@@ -33,7 +33,7 @@ from locod.daemon.typed_toml import (
 )
 from locod.errors import ConfigError
 from locod.protocol import NO_CONFIG_FILE, zmq_address
-from locod.words import quoted
+from locod.words import closest, quoted
 
 # The most a routing weight, V, the queue's cap, a price or an energy figure may be: beyond, products of them
 # overflow the router's arithmetic (inf, then NaN costs in every decision and its record) while meaning no more
@@ -536,8 +536,9 @@ def _warn_unknown_variables(env: Mapping[str, str], config: Config) -> None:
     unknown = sorted(v for v in env if v.startswith("LOCOD_") and v not in {*known, *TOOLING_VARIABLES, *_warned})
     if unknown:
         _warned.update(unknown)
+        said = [f"{name} (did you mean {meant}?)" if (meant := closest(name, known)) else name for name in unknown]
         logging.getLogger(__name__).warning(
-            "ignoring unknown environment variable(s) %s; known: %s", ", ".join(unknown), ", ".join(sorted(known))
+            "ignoring unknown environment variable(s) %s; known: %s", ", ".join(said), ", ".join(sorted(known))
         )
 
 

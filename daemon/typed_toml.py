@@ -20,7 +20,7 @@ from typing import Any
 
 from locod.daemon.regular_file import read_regular
 from locod.errors import ConfigError
-from locod.words import quoted
+from locod.words import closest, quoted
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -136,7 +136,7 @@ def set_text(schema: Any, table: dict[str, Any], dotted: str, text: str, origin:
     for section in sections:
         hints = typing.get_type_hints(cls)
         if section not in hints or not dataclasses.is_dataclass(hints[section]):
-            raise ConfigError(f"{origin}: unknown section {section!r} (known here: {_known(cls)})")
+            raise ConfigError(f"{origin}: unknown section {section!r} ({_known(cls, section)})")
         cls = hints[section]
         node = node.setdefault(section, {})
         if not isinstance(node, dict):  # the file's `routing = 5`: build_table refuses it, naming the file
@@ -178,12 +178,14 @@ def _unknown_key(cls: Any, source: str, dotted: str) -> ConfigError:
     name = dotted.rpartition(".")[2]
     if name in retired:
         return ConfigError(f"{source}: key {dotted!r} was removed from locod: {retired[name]}")
-    return ConfigError(f"{source}: unknown key {dotted!r} (known here: {_known(cls)})")
+    return ConfigError(f"{source}: unknown key {dotted!r} ({_known(cls, name)})")
 
 
-def _known(cls: Any) -> str:
-    """The names an override may use at this level, as a file's unknown key lists them."""
-    return ", ".join(sorted(f.name for f in dataclasses.fields(cls) if f.name != NOT_A_KEY))
+def _known(cls: Any, name: str) -> str:
+    """The names a file or an override may use at this level, the one ``name`` misspells first."""
+    names = sorted(f.name for f in dataclasses.fields(cls) if f.name != NOT_A_KEY)
+    meant = closest(name, names)
+    return f"{f'did you mean {meant!r}? ' if meant else ''}known here: {', '.join(names)}"
 
 
 def _strip_optional(hint: Any) -> Any:

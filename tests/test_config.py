@@ -121,9 +121,18 @@ def test_an_override_into_a_section_the_file_gave_no_table_names_the_file(tmp_pa
         ({"LOCOD_LOCAL_MODEL": "ghost"}, {}, "$LOCOD_LOCAL_MODEL: local.default is 'ghost', which names no local"),
         ({"LOCOD_ROUTING": "cloud"}, {}, "$LOCOD_ROUTING: routing.mode is 'cloud', but no cloud model is configured"),
         ({}, {"cloud.default": "ghost"}, "override cloud.default: cloud.default is 'ghost', which names no cloud"),
-        # a typo lists what was meant, as the same typo in the file does
-        ({}, {"routing.sal": "0.9"}, "override routing.sal: unknown key 'routing.sal' (known here: battery_crit"),
-        ({}, {"routin.sla": "0.9"}, "override routin.sla: unknown section 'routin' (known here: attachments, cloud"),
+        # a typo names what was meant, then lists what is known, as the same typo in the file does
+        (
+            {},
+            {"routing.sal": "0.9"},
+            "override routing.sal: unknown key 'routing.sal' (did you mean 'sla'? known here: ",
+        ),
+        (
+            {},
+            {"routin.sla": "0.9"},
+            "override routin.sla: unknown section 'routin' (did you mean 'routing'? known here",
+        ),
+        ({}, {"routing.zzz": "0"}, "override routing.zzz: unknown key 'routing.zzz' (known here: battery_crit"),
     ],
 )
 def test_out_of_range_overrides_name_their_source_not_the_file(
@@ -142,7 +151,8 @@ def test_an_unknown_locod_variable_is_warned_of_once(
     load_config(write(tmp_path, ""), env=env)
     load_config(write(tmp_path, ""), env=env)
     warnings = [r.getMessage() for r in caplog.records if "LOCOD_" in r.getMessage()]
-    assert len(warnings) == 1 and "LOCOD_SLAA" in warnings[0] and "LOCOD_SLA," in warnings[0], warnings
+    assert len(warnings) == 1 and "LOCOD_SLAA (did you mean LOCOD_SLA?)" in warnings[0], warnings
+    assert "LOCOD_SLA," in warnings[0], warnings
     assert "LOCOD_VENV" not in warnings[0]  # the scripts' own variables are not news
 
 

@@ -152,8 +152,8 @@ def test_every_key_refuses_each_wrong_value_naming_the_file_and_the_key(key: Key
 @pytest.mark.parametrize(
     ("text", "said"),
     [
-        ("[routng]\nsla = 0.5\n", "unknown key 'routng' (known here: attachments, cloud, daemon"),
-        ("[routing]\nslaa = 0.5\n", "unknown key 'routing.slaa' (known here: "),
+        ("[routng]\nsla = 0.5\n", "unknown key 'routng' (did you mean 'routing'? known here: attachments, cloud"),
+        ("[routing]\nslaa = 0.5\n", "unknown key 'routing.slaa' (did you mean 'sla'? known here: "),
         ("[routing]\nsla = 0.5\n[routing]\nmode = 'local'\n", "not valid TOML: Cannot declare ('routing',) twice"),
         ("[routing]\nsla = 0.5\nsla = 0.6\n", "not valid TOML: Cannot overwrite a value"),
         ("routing = 5\n", "[routing] must be a table, got int"),
