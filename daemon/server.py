@@ -432,7 +432,7 @@ class Daemon:
         if tag == TCP:
             self.tcp_auth.check(request)
         if (guard := self.guards.get(tag)) is not None:
-            guard.vouch(fd)  # it passed the door's checks: never evicted for a newcomer
+            guard.vouch(fd)  # it passed the door's checks: evicted only for a far less greedy host (tcpguard.py)
         if isinstance(request, ChatRequest):
             try:
                 self._start_turn(peer, request)

@@ -13,16 +13,19 @@ Counting connections alone would let anyone who can reach the port hold every sl
 silent (or secretless) connections and keep the owner's clients out. So a connection is *vouched for*
 once it sends a request that passes the endpoint's secret, and a newcomer that finds its bound full
 takes the slot of the oldest connection not vouched for; only when every one is vouched for is the
-newcomer shut instead. Vouched-for connections are never evicted. No grace: a squatter that only had to
-keep its connections younger than one would close and reopen them faster than the owner's client retries
-(and a DEALER's first message is lost with a connection refused mid-handshake), while a client that sends
-at once, as locod's does, is vouched for within a round trip.
+newcomer shut instead. Vouched-for connections are never evicted at the tcp endpoint. No grace: a
+squatter that only had to keep its connections younger than one would close and reopen them faster than
+the owner's client retries (and a DEALER's first message is lost with a connection refused mid-handshake),
+while a client that sends at once, as locod's does, is vouched for within a round trip.
 
 The ipc socket is bounded the same way, within an eighth of the open-file limit (fdlimit.py), its "host"
 the peer's process, which holds half the bound at most: only its owner can connect, but a script of the
 owner's that makes a client for each request and never closes it took every descriptor, and libzmq aborted
 the daemon (and, bounded in all only, it kept out the owner's `locod status` and `stop`). Any request
-vouches for an ipc connection.
+vouches for an ipc connection. Past the whole bound, a newcomer from a process holding two fewer than the
+process holding the most takes that one's oldest connection, vouched for or not: three processes of a worker
+pool, each leaking a client a request and each under its half, held all of it. Only at the ipc socket, where
+every peer is the owner's: at the tcp endpoint a peer without the secret would evict the owner's connections.
 
 The monitor reports the accepted descriptor's number; before anything is done to it, the descriptor is
 checked to be a socket on this endpoint's own address (the number may have been reused meanwhile).
@@ -106,7 +109,8 @@ class DoorGuard:
                 self._gone(fd)
 
     def vouch(self, fd: int) -> None:
-        """The connection on ``fd`` sent a request that passed the door's checks: it is never evicted."""
+        """The connection on ``fd`` sent a request that passed the door's checks: it is never evicted at the
+        tcp endpoint, and at the ipc socket only for a process holding two fewer than its own."""
         if fd not in self._live:
             self.drain()  # its ACCEPTED event may still wait in the monitor
         conn = self._live.get(fd)
@@ -126,6 +130,13 @@ class DoorGuard:
                 over = self._over(host)
             while over is not None and self._evict(host if over[0] == "host" else None, over[1]):
                 over = self._over(host)
+            if (
+                over is not None
+                and over[0] == "total"
+                and self.door == "ipc"
+                and self._take_from_the_greediest(host, over[1])
+            ):
+                over = self._over(host)
             if over is None:
                 self._live[fd] = _Conn(host, inode)  # in order of arrival: the oldest first
                 self._hosts[host] += 1
@@ -142,13 +153,8 @@ class DoorGuard:
         )
         if fd is None or conn is None:
             return False
-        self._gone(fd)
-        with _endpoint_conn(fd, self._local) as found:
-            if found is None or found[1][1] != conn.inode:
-                return True  # closed meanwhile: its slot is free all the same
-            _shut(found[0])
-        self.evicted += 1
-        self.refused += 1
+        if not self._shut_counted(fd):
+            return True  # closed meanwhile: its slot is free all the same
         self._throttle.say(
             "evicted",
             logging.WARNING,
@@ -158,6 +164,38 @@ class DoorGuard:
             conn.host,
             self._asked,
         )
+        return True
+
+    def _take_from_the_greediest(self, host: str, why: str) -> bool:
+        """Shut the oldest connection of the host holding the most, vouched for or not, when ``host`` holds at
+        least two fewer (so that two hosts never trade one slot back and forth); False if it does not."""
+        greediest, held = self._hosts.most_common(1)[0]
+        if self._hosts[host] + 1 >= held:
+            return False
+        if not self._shut_counted(next(fd for fd, conn in self._live.items() if conn.host == greediest)):
+            return True  # closed meanwhile: its slot is free all the same
+        self._throttle.say(
+            "evicted greediest",
+            logging.WARNING,
+            "%s: %s: closed the oldest connection from %s, which held %d, for a newcomer from %s",
+            self.door,
+            why,
+            greediest,
+            held,
+            host,
+        )
+        return True
+
+    def _shut_counted(self, fd: int) -> bool:
+        """Stop counting the connection on ``fd`` and shut it; False if it had closed meanwhile."""
+        inode = self._live[fd].inode
+        self._gone(fd)
+        with _endpoint_conn(fd, self._local) as found:
+            if found is None or found[1][1] != inode:
+                return False
+            _shut(found[0])
+        self.evicted += 1
+        self.refused += 1
         return True
 
     def _forget_closed(self, host: str | None) -> None:
