@@ -774,6 +774,20 @@ def decode_frame(raw: bytes) -> tuple[str | None, Frame]:
         body = json.loads(raw)
         cls = FRAME_TYPES[body["type"]]
         names = {f.name for f in fields(cls)}
-        return body.get("id"), cls(**{k: v for k, v in body.items() if k in names})
+        frame = cls(**{k: v for k, v in body.items() if k in names})
     except (ValueError, KeyError, TypeError) as exc:
         raise ProtocolError(f"unreadable reply frame from the daemon: {exc!r}", code="bad_reply") from None
+    if isinstance(frame, ErrorFrame):
+        _check_error_frame(frame)
+    return body.get("id"), frame
+
+
+def _check_error_frame(frame: ErrorFrame) -> None:
+    """Refuse an error frame whose fields are not the daemon's types: a broken or hostile end's ``decision``
+    of text reached `locod ask`'s stderr as a command to run (`locod decisions 1; rm -rf ~`), and a ``kind``
+    of a list ended the client in a TypeError's traceback."""
+    odd = [name for name in ("kind", "code", "message") if not isinstance(getattr(frame, name), str)]
+    if frame.decision is not None and type(frame.decision) is not int:  # bool is not
+        odd.append("decision")
+    if odd:
+        raise ProtocolError(f"unreadable error frame from the daemon: {listed(odd)} of a wrong type", code="bad_reply")
