@@ -65,6 +65,7 @@ CONTEXT_REFUSAL = re.compile(
     r"|tokens \+ `max_new_tokens` must be",
     re.IGNORECASE,
 )
+FINISH_WORD = re.compile(r"[a-z_]{1,40}")  # an endpoint's finish_reason passed on: stop, length, content_filter
 
 # llama-cpp-python's server refuses a response format it does not take (``json_schema``) with a 500 carrying
 # its request validation's error, which names the field's place after it: FastAPI's "1 validation error:\n
@@ -483,7 +484,8 @@ class CloudBackend:
         first: float | None = None
         parts: list[str] = []
         usage = None
-        finish: str | None = None  # the endpoint's finish_reason, once a chunk gives one
+        finish: str | None = None  # the endpoint's finish_reason, once a chunk gives one that reads as a word
+        finished = False  # once a chunk gives any, readable or not
         chunks = 0
         try:
             for chunk in stream:
@@ -493,10 +495,11 @@ class CloudBackend:
                     usage = chunk.usage
                 if not chunk.choices:
                     continue
-                finish = chunk.choices[0].finish_reason or finish
+                if said := chunk.choices[0].finish_reason:
+                    finished, finish = True, _finish_word(said)
                 delta = _delta_text(chunk)
                 if delta and chunks >= prompt.max_tokens:  # more than was asked for: the answer is complete
-                    finish = "length"
+                    finished, finish = True, "length"
                     break
                 if delta:
                     if first is None:
@@ -514,20 +517,22 @@ class CloudBackend:
             stream.close()
         generation = _generation(model, prompt, "".join(parts), usage, chunks, first, started, finish)
         if not prompt.cancelled.is_set():
-            self._check_complete(name, model, breaker, generation)
+            self._check_complete(name, model, breaker, generation, finished)
         breaker.success()
         self.answered += 1
         return generation
 
     @staticmethod
-    def _check_complete(name: str, model: CloudModelConfig, breaker: CircuitBreaker, generation: Generation) -> None:
+    def _check_complete(
+        name: str, model: CloudModelConfig, breaker: CircuitBreaker, generation: Generation, finished: bool
+    ) -> None:
         """A stream that closed cleanly may still have said nothing, or never said its answer was complete."""
         if generation.first_token_ms is None:
             breaker.failure()
             upload = Upload(generation.images_sent, generation.bytes_up)
             hint = _vision_hint(model, generation.images_sent)
             raise Received(f"{name}: the endpoint returned no answer text{hint}", upload, code="cloud_invalid_reply")
-        if generation.finish_reason is None:
+        if not finished:
             breaker.failure()
             raise StreamCut(f"{name}: the answer stream ended without finishing", generation)
 
@@ -682,6 +687,13 @@ class StreamCut(Received):
     def __init__(self, message: str, partial: Generation, code: str = "cloud_stream_cut") -> None:
         super().__init__(message, Upload(partial.images_sent, partial.bytes_up), code)
         self.partial = partial
+
+
+def _finish_word(said: object) -> str | None:
+    """An endpoint's finish_reason as the done frame and the HTTP door pass it on: a word (``content_filter``),
+    else None (no reason of its own, as a local model's): 42, a list, or 100 kB of text reached the OpenAI
+    client whole, where its SDK reads one of a few words."""
+    return said if isinstance(said, str) and FINISH_WORD.fullmatch(said) else None
 
 
 def _generation(

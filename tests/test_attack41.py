@@ -10,6 +10,7 @@ import resource
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,9 @@ import zmq
 from locod.client import Client
 from locod.errors import LocodError
 
-from .conftest import DaemonHandle, locod_command
+from .conftest import DaemonHandle, cloud_config, locod_command
+from .faultproxy import Fault, FaultProxy
+from .test_http import http_daemon
 
 # A script of the owner's that keeps a client for each request: it asks with each (so none is evictable) and
 # keeps them all, until the daemon refuses one, then waits to be killed.
@@ -140,3 +143,46 @@ def test_a_hostile_daemon_ends_unknown_error_reaches_the_terminal_escaped(
     ran = subprocess.run(status, env=env, capture_output=True, text=True, timeout=60)
     assert ran.returncode == 1 and "\x1b" not in ran.stderr and "\\x1b]0;owned" in ran.stderr, ran.stderr[:300]
     assert json.loads(ran.stdout)["code"] == "zap"
+
+
+ODD_FINISHES: list[Any] = [42, ["stop"], {"why": "stop"}, "x" * 100_000, "stop\x1b[31m"]
+
+
+def test_a_cloud_endpoints_unreadable_finish_reason_is_not_passed_on(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """The done frame and the HTTP door passed a cloud endpoint's finish_reason on as it came: 42, a list or
+    an object reached an OpenAI client, whose SDK reads one of a few words, and a 100 kB one came back whole
+    in every reply. One that is not a short word is now no reason of the endpoint's own: the answer stays the
+    cloud's, and the door says ``stop`` or ``length`` as for a local model."""
+    handle, base = http_daemon(daemon_factory, cloud_config(proxy.base_url, timeout_s=30.0))
+    for finish in ODD_FINISHES:
+        proxy.set(Fault(kind="finish", finish=finish))
+        with urllib.request.urlopen(completions(base, max_tokens=8), timeout=120) as response:
+            reply = json.loads(response.read())
+        assert (reply["locod"]["location"], reply["locod"]["outcome"]) == ("cloud", "ok"), reply["locod"]
+        assert reply["choices"][0]["finish_reason"] in ("stop", "length"), str(reply)[:300]
+    proxy.set(Fault(kind="finish", finish=ODD_FINISHES[0]))
+    answer = handle.client(timeout_s=60).ask("Say hi.", max_tokens=8)
+    assert answer.done.location == "cloud" and answer.done.finish_reason is None
+
+
+def test_a_cloud_endpoints_empty_or_unknown_finish_reason_held(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """Held: an empty finish_reason is none (the stream never said it finished: answered locally), and an
+    unknown word is the endpoint's own, passed on as it said it."""
+    handle, base = http_daemon(daemon_factory, cloud_config(proxy.base_url, timeout_s=30.0))
+    proxy.set(Fault(kind="finish", finish=""))
+    with urllib.request.urlopen(completions(base, max_tokens=8), timeout=120) as response:
+        reply = json.loads(response.read())
+    assert reply["locod"]["location"] == "local" and "without finishing" in reply["locod"]["fallback"]
+    proxy.set(Fault(kind="finish", finish="eos_token"))
+    with urllib.request.urlopen(completions(base, max_tokens=8), timeout=120) as response:
+        reply = json.loads(response.read())
+    assert reply["locod"]["location"] == "cloud" and reply["choices"][0]["finish_reason"] == "eos_token"
+    assert handle.proc.poll() is None
+
+
+def completions(base: str, **fields: Any) -> urllib.request.Request:
+    """A POST of one user message to the HTTP door's chat completions."""
+    body = {"model": "auto", "messages": [{"role": "user", "content": "Say hi."}], **fields}
+    request = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(body).encode(), method="POST")
+    request.add_header("Content-Type", "application/json")
+    return request
