@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import socket
 import subprocess
 import sys
 import threading
@@ -75,6 +76,34 @@ def test_processes_leaking_clients_together_leave_room_at_the_ipc_socket_for_the
         for leaker in leakers:
             leaker.kill()
             leaker.wait()
+    assert handle.cli("stop").returncode == 0
+    assert handle.proc.wait(60) == 0
+
+
+def test_silent_and_half_framed_ipc_connections_leave_the_owner_in(daemon_factory: Any) -> None:
+    """Held: raw connections to the ipc socket that never send, or send half a ZMTP greeting, are evicted for
+    the owner's commands (none of them asked), the daemon stays up and a turn is answered; the refusals are
+    a line a minute, not one each."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    handle = daemon_factory({}, fd_limit=300)
+    squatters = []
+    try:
+        for n in range(200):
+            squatter = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            squatter.connect(handle.endpoint[len("ipc://") :])
+            if n % 2:
+                squatter.send(b"\xff\x00\x00\x00\x00\x00\x00\x00\x01")  # the greeting's first bytes only
+            squatters.append(squatter)
+        for _ in range(3):
+            status = handle.cli("status", "--json")
+            assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["ipc"]["refused"] > 0
+        assert handle.client(timeout_s=10).ask("Say hi.", max_tokens=2).done is not None
+        assert handle.log().count("ipc: refused a connection") <= 4, handle.log()[-3000:]
+    finally:
+        for squatter in squatters:
+            squatter.close()
     assert handle.cli("stop").returncode == 0
     assert handle.proc.wait(60) == 0
 
