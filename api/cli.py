@@ -15,7 +15,7 @@ import os
 import re
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from locod import __version__
@@ -43,7 +43,15 @@ from locod.errors import (
     RequestError,
     StorageError,
 )
-from locod.protocol import LOCATIONS, MAX_STOP_CHARS, OPTION_RULES, OUTCOMES, option_problem
+from locod.protocol import (
+    LOCATIONS,
+    MAX_ID_CHARS,
+    MAX_STOP_CHARS,
+    MAX_STOP_SEQUENCES,
+    OPTION_RULES,
+    OUTCOMES,
+    option_problem,
+)
 from locod.terminal import shown
 
 EXIT_CODES: dict[type[LocodError], int] = {
@@ -72,10 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     _no_writes_by_others()
     parser = _parser()
     argv = _help_as_an_option(sys.argv[1:] if argv is None else argv, parser)
-    word = _command_word(argv)
-    mistake = HABITS.get(word or "") or _near_miss(word, list(_subcommands(parser)))
+    mistake = _mistyped(argv, parser)
     if mistake:
-        parser.error(mistake)
+        mistake[0].error(mistake[1])
     args, extra = _prompt_words(*parser.parse_known_args(argv))
     if extra and args.func is not cmd_policy_train:  # only training passes its own options through
         args.command_parser.error(_unrecognized(extra, args.command_parser))
@@ -154,12 +161,6 @@ MAX_STOP_WAIT_S = 86400.0
 GLOBAL_VALUED = ("--config", "--set", "--endpoint", "--secret", "--secret-file")
 
 
-def _command_word(argv: list[str]) -> str | None:
-    """The command a command line names."""
-    at = _command_at(argv)
-    return None if at is None else argv[at]
-
-
 def _command_at(argv: list[str]) -> int | None:
     """Where the command is in a command line: its first word that is neither an option nor a global option's
     value."""
@@ -179,16 +180,34 @@ def _help_as_an_option(argv: list[str], parser: argparse.ArgumentParser) -> list
     ``help`` are: argparse alone refused the first thing many users type as "invalid choice: 'help'". So at
     every level: ``locod models help`` is ``locod models --help``, ``locod models help pull`` ``locod models
     pull --help`` (the actions of ``config``, ``models`` and ``policy`` refused it as their invalid choice)."""
+    for at, _ in _levels(argv, parser):
+        if argv[at] == "help":
+            return [*argv[:at], *argv[at + 1 :], "--help"]
+    return argv
+
+
+def _levels(argv: list[str], parser: argparse.ArgumentParser) -> Iterator[tuple[int, argparse.ArgumentParser]]:
+    """Where each level's command word is in a command line, with the parser that reads it: for ``locod models
+    pull URL``, the place of ``models`` with locod's parser, then that of ``pull`` with models'. A command
+    without actions ends it: ``locod ask help`` asks "help"."""
     start = 0
     while (at := _command_at(argv[start:])) is not None:
         at += start
-        if argv[at] == "help":
-            return [*argv[:at], *argv[at + 1 :], "--help"]
+        yield at, parser
         below = _subcommands(parser).get(argv[at])
-        if below is None or not _subcommands(below):  # a command without actions: ``locod ask help`` asks "help"
-            return argv
+        if below is None or not _subcommands(below):
+            return
         parser, start = below, at + 1
-    return argv
+
+
+def _mistyped(argv: list[str], parser: argparse.ArgumentParser) -> tuple[argparse.ArgumentParser, str] | None:
+    """A command or action the command line names that locod lacks, with the parser that says so and what was
+    likely meant: another tool's habit (``locod ps``) or a typo at any level (``locod models lst``)."""
+    for at, level in _levels(argv, parser):
+        mistake = (HABITS.get(argv[at]) if level is parser else None) or _near_miss(argv[at], level)
+        if mistake:
+            return level, mistake
+    return None
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -241,14 +260,17 @@ def _meant(flag: str, known: list[str]) -> str | None:
     return f"did you mean {' or '.join(meant)}?" if meant else None
 
 
-def _near_miss(word: str | None, commands: list[str]) -> str | None:
-    """A mistyped command (``locod askk``, ``locod stauts``) named with the command it is closest to: argparse's
-    "invalid choice" listed all twelve and left the user to spot which was meant."""
-    if word is None or word in commands:
+def _near_miss(word: str, level: argparse.ArgumentParser) -> str | None:
+    """A mistyped command (``locod askk``, ``locod stauts``) or action (``locod models lst``) named with the one
+    it is closest to: argparse's "invalid choice" listed them all and left the user to spot which was meant."""
+    commands = list(_subcommands(level))
+    if word in commands:
         return None
     close = difflib.get_close_matches(word, commands, n=1, cutoff=0.6)
+    what = "command" if level.prog == "locod" else "action"
     return (
-        f"locod has no {word!r} command; did you mean `locod {close[0]}`? (`locod --help` lists them)"
+        f"{level.prog} has no {word!r} {what}; did you mean `{level.prog} {close[0]}`? (`{level.prog} --help` lists "
+        "them)"
         if close
         else None
     )
@@ -286,10 +308,23 @@ def _before(text: str) -> int:
     return before
 
 
+def _number(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``kind`` (int or float) read from ASCII alone, as ``_decision_id`` reads an id: Python's own also take
+    ``３``, ``١٢`` (12) and ``5_0`` (50), so ``--max-tokens 5_0`` ran with 50 and ``--limit ３`` listed 3 where
+    ``locod decisions ３`` is no decision at all."""
+
+    def read(text: str) -> Any:
+        if not text.isascii() or "_" in text:
+            raise ValueError(f"not an ASCII number: {text!r}")
+        return kind(text)
+
+    return read
+
+
 def _limit(text: str) -> int:
     """``decisions --limit``: the range the daemon takes, checked before asking it (or the file)."""
     try:
-        value = int(text)
+        value = _number(int)(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expects a whole number, got {text!r}") from None
     if not 1 <= value <= 1000:
@@ -302,7 +337,7 @@ def _seconds(text: str) -> float:
     SIGTERM, then said at once that it was "still stopping after -1 s" and exited 1: the stop was done, the
     command said it failed; ``inf`` (or ``1e300``) waited for good on a daemon that never exits."""
     try:
-        value = float(text)
+        value = _number(float)(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expects a number of seconds, got {text!r}") from None
     if not 0 <= value <= MAX_STOP_WAIT_S:
@@ -328,9 +363,27 @@ def _session(text: str) -> str:
     mode) Python reads each non-ASCII byte of an argument as a lone surrogate, which the daemon refused as
     "a lone UTF-16 surrogate escape": ``café`` could be neither continued nor looked up in the log."""
     try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8")
+        return _record_key(text.encode("utf-8", "surrogateescape").decode("utf-8"))
     except UnicodeError:
         raise argparse.ArgumentTypeError("is not UTF-8 text") from None
+
+
+def _record_key(text: str) -> str:
+    """A session id or ``decisions ID``, in the daemon's bounds: an empty one was refused as a protocol
+    field (``field 'session' must be 1 to 200 characters``, exit 1), or, with no daemon, matched nothing."""
+    if not 0 < len(text) <= MAX_ID_CHARS:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_ID_CHARS} characters, got {len(text)}")
+    return text
+
+
+def _given(text: str) -> str:
+    """A name, a path or a secret, never empty: ``--endpoint ''`` and ``--secret ''`` were taken for not given
+    (the default socket, ``$LOCOD_SECRET``), ``models fetch ''`` and ``--dir ''`` for the embedded model and
+    the default directory, each without a word; ``--attach ''`` was refused as the file ".", ``--model ''``
+    once the daemon was asked."""
+    if not text:
+        raise argparse.ArgumentTypeError("is empty: leave it out for its default")
+    return text
 
 
 FLAG_FIRST = re.compile(r"^--[a-z0-9-]+ ")  # a rule's message names its flag, as argparse's own words will
@@ -382,6 +435,7 @@ def _global_options(default: Any) -> argparse.ArgumentParser:
     group.add_argument(
         "--config",
         default=default,
+        type=_given,
         help=f"config file (default: {CONFIG_PLACES})",
     )
     group.add_argument(
@@ -393,17 +447,22 @@ def _global_options(default: Any) -> argparse.ArgumentParser:
         help="override one config key (after the file and LOCOD_* variables); repeatable",
     )
     group.add_argument(
-        "--endpoint", default=default, help="daemon endpoint (default: the ipc socket in the runtime directory)"
+        "--endpoint",
+        default=default,
+        type=_given,
+        help="daemon endpoint (default: the ipc socket in the runtime directory)",
     )
     group.add_argument(
         "--secret",
         default=default,
+        type=_given,
         help="shared secret for a tcp endpoint (other users can read it in the process list: prefer --secret-file "
         "or $LOCOD_SECRET)",
     )
     group.add_argument(
         "--secret-file",
         default=default,
+        type=_given,
         metavar="FILE",
         help="file holding the tcp endpoint's shared secret, readable by its owner only (chmod 600)",
     )
@@ -448,8 +507,10 @@ def _add_turn_commands(sub: Any) -> None:
                 ("--attach", "image or document to attach"),
                 ("--private", "attachment that never leaves the device"),
             ):
-                p.add_argument(flag, action="append", metavar="FILE", help=f"{meaning} (repeatable)")
-        p.add_argument("--model", help="answer with this configured model (`locod models list` names them)")
+                p.add_argument(flag, action="append", type=_given, metavar="FILE", help=f"{meaning} (repeatable)")
+        p.add_argument(
+            "--model", type=_given, help="answer with this configured model (`locod models list` names them)"
+        )
         p.add_argument(
             "--max-tokens", type=_option("max_tokens"), help="answer length limit (default: local.max_tokens)"
         )
@@ -457,7 +518,11 @@ def _add_turn_commands(sub: Any) -> None:
             p.add_argument("--temperature", type=_option("temperature"), help="sampling temperature, 0-2")
             p.add_argument("--seed", type=_option("seed"), help="sampling seed, for a repeatable local answer")
             p.add_argument(
-                "--stop", action="append", type=_stop_text, metavar="TEXT", help="end the answer before TEXT (up to 4)"
+                "--stop",
+                action=_StopTexts,
+                type=_stop_text,
+                metavar="TEXT",
+                help=f"end the answer before TEXT (up to {MAX_STOP_SEQUENCES})",
             )
             p.add_argument("--json", action="store_true", help="print every frame as JSON")
         p.add_argument("--session", type=_session, help="session id (keeps the dialogue history)")
@@ -473,7 +538,7 @@ def _option(name: str) -> Callable[[str], Any]:
 
     def parse(text: str) -> Any:
         try:
-            value = kind(text)
+            value = _number(kind)(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expects {'a whole' if kind is int else 'a'} number, got {text!r}"
@@ -493,6 +558,17 @@ def _stop_text(text: str) -> str:
     return text
 
 
+class _StopTexts(argparse._AppendAction):
+    """``--stop``, repeatable up to the socket's bound (options.stop): a fifth was refused once the command ran,
+    exit 1 as a refused request, not 2 as the wrong command line it is."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None) -> None:
+        super().__call__(parser, namespace, values, option)
+        given = len(getattr(namespace, self.dest))
+        if given > MAX_STOP_SEQUENCES:
+            raise argparse.ArgumentError(self, f"at most {MAX_STOP_SEQUENCES} of them, got {given}")
+
+
 def _add_daemon_commands(sub: Any) -> None:
     """What asks a running daemon: ``status``, ``decisions`` (the file itself when none runs), ``feedback``,
     ``reload``, ``stop``."""
@@ -504,6 +580,7 @@ def _add_daemon_commands(sub: Any) -> None:
     p.add_argument(
         "of",
         nargs="?",
+        type=_record_key,
         metavar="ID",
         help="only this decision: its id (`x-locod-decision`, `locod ask -v`) or its request id (an HTTP "
         "completion's `id`, chatcmpl-...)",
@@ -553,11 +630,11 @@ def _add_offline_commands(sub: Any) -> None:
 
     models = sub.nested("models", help="local models")
     p = models.add_parser("fetch", help="download and verify a model of the manifest")
-    p.add_argument("name", nargs="?", help="a model of models/manifest.toml (default: the embedded one)")
-    p.add_argument("--dir", help="models directory (default: paths.models_dir)")
+    p.add_argument("name", nargs="?", type=_given, help="a model of models/manifest.toml (default: the embedded one)")
+    p.add_argument("--dir", type=_given, help="models directory (default: paths.models_dir)")
     p.set_defaults(func=cmd_models_fetch)
     p = models.add_parser("pull", help="download a GGUF (URL or hf://owner/repo/file.gguf) and register it")
-    p.add_argument("source", help="an http(s) URL of a .gguf, or hf://owner/repo/file.gguf")
+    p.add_argument("source", type=_given, help="an http(s) URL of a .gguf, or hf://owner/repo/file.gguf")
     p.add_argument(
         "--name",
         type=_rule(PULL, "model_name"),
@@ -570,7 +647,7 @@ def _add_offline_commands(sub: Any) -> None:
     )
     p.add_argument(
         "--ctx",
-        type=_rule(PULL, "context_size", int),
+        type=_rule(PULL, "context_size", _number(int)),
         help="context size to load it with (default: its trained context, at most 4096)",
     )
     p.add_argument(
@@ -583,7 +660,7 @@ def _add_offline_commands(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="as JSON")
     p.set_defaults(func=cmd_models_list)
     p = models.add_parser("rm", help="remove a pulled model and its file")
-    p.add_argument("name", help="the model's name, as `locod models list` shows it")
+    p.add_argument("name", type=_given, help="the model's name, as `locod models list` shows it")
     p.set_defaults(func=cmd_models_rm)
 
     p = sub.add_parser("report", help="charts of what the router did, from the decision log")

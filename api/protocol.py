@@ -70,6 +70,7 @@ JSON_SCHEMA_KEYS = ("name", "schema", "strict", "description")
 JSON_SCHEMA_TYPES = {"name": str, "description": str, "strict": bool}  # each also null: not sent
 # Stop sequences: as many as OpenAI's API takes, each bounded (every generated token is checked against them).
 MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 4, 200
+MAX_ID_CHARS = 200  # a session id, or the id or request id `decisions` looks up
 
 
 @dataclass(frozen=True)
@@ -256,8 +257,8 @@ def _record_query(reader: _Fields) -> RecordQuery:
         raise reader.bad("limit", "must be between 1 and 1000")
     texts = {name: reader.optional(name, str) for name in ("of", "session", "location", "outcome")}
     for name in ("of", "session"):
-        if texts[name] is not None and not 0 < len(texts[name]) <= 200:
-            raise reader.bad(name, "must be a string of 1 to 200 characters")
+        if texts[name] is not None and not 0 < len(texts[name]) <= MAX_ID_CHARS:
+            raise reader.bad(name, f"must be a string of 1 to {MAX_ID_CHARS} characters")
     for name, known in (("location", LOCATIONS), ("outcome", OUTCOMES)):
         if texts[name] is not None and texts[name] not in known:
             raise reader.bad(name, f"must be one of {', '.join(known)}")
@@ -443,8 +444,8 @@ def _parse_chat(reader: _Fields, secret: str | None) -> ChatRequest:
     if not messages[-1]["content"].strip():
         raise BadRequest("the prompt is empty", code="empty_prompt", request_id=reader.rid)
     session = reader.optional("session", str)
-    if session is not None and not 0 < len(session) <= 200:
-        raise reader.bad("session", "must be 1 to 200 characters")
+    if session is not None and not 0 < len(session) <= MAX_ID_CHARS:
+        raise reader.bad("session", f"must be 1 to {MAX_ID_CHARS} characters")
     attachments = [_parse_attachment(reader, i, a) for i, a in enumerate(reader.optional("attachments", list) or [])]
     options = _parse_options(reader, reader.optional("options", dict) or {})
     return ChatRequest(reader.rid, messages, session, reader.optional("model", str), attachments, options, secret)

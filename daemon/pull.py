@@ -150,7 +150,7 @@ def parse_size(text: str) -> int:
     """Bytes in a size the user typed: a number with an optional K, M, G or T (binary units), e.g. ``80G``."""
     # Stripped first: a pattern with a \s* on both sides of its optional unit tried every split of a long run of
     # spaces between them, quadratic in the length typed.
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?", text.strip(), re.IGNORECASE)
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)i?B?", text.strip(), re.IGNORECASE)
     if not match:
         raise FetchError(f"--max-size expects a size such as 8G or 500M, got {text!r}")
     scaled = float(match.group(1)) * 1024 ** " KMGT".index(match.group(2).upper() or " ")

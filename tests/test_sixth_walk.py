@@ -357,4 +357,4 @@ def test_review_of_the_walks_fixes(tmp_path: Path, models_dir: Path) -> None:
     empty = subprocess.run(ask, capture_output=True, text=True, timeout=60)
     assert empty.returncode == 2 and "argument --stop: must be 1 to 200 characters, got 0" in empty.stderr
     five = subprocess.run([*locod_command("ask", "Hi"), *("--stop", "x") * 5], capture_output=True, text=True)
-    assert five.returncode == 1 and "argument --stop: at most 4 of them, got 5" in five.stderr, five.stderr
+    assert five.returncode == 2 and "argument --stop: at most 4 of them, got 5" in five.stderr, five.stderr

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 from locod.commands.common import connect, frame_json
 from locod.errors import DaemonNotRunning, LocodError, ModelError, RequestError
 from locod.protocol import (
-    MAX_STOP_SEQUENCES,
     Attachment,
     DecisionFrame,
     DeltaFrame,
@@ -38,8 +37,6 @@ if TYPE_CHECKING:  # imported when a command talks to the daemon (pyzmq): `locod
 def cmd_ask(args: argparse.Namespace) -> int:
     """``ask``; with ``--json`` every frame is a JSON line, and an error ends the stream with an ``error``
     frame's (``error_json``, which the command line prints for every ``--json`` command that fails)."""
-    if args.stop and len(args.stop) > MAX_STOP_SEQUENCES:
-        raise RequestError(f"argument --stop: at most {MAX_STOP_SEQUENCES} of them, got {len(args.stop)}")
     with connect(args) as client:
         named = [(p, False) for p in args.attach or []] + [(p, True) for p in args.private or []]
         frames = client.chat(
