@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 from locod import __version__
 from locod.commands.common import CONFIG_PLACES, error_json
@@ -80,13 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     _no_writes_by_others()
     parser = _parser()
     argv = _help_as_an_option(sys.argv[1:] if argv is None else argv, parser)
-    mistake = _mistyped(argv, parser)
-    if mistake:
-        mistake[0].error(mistake[1])
-    args, extra = _prompt_words(*parser.parse_known_args(argv))
-    if extra and args.func is not cmd_policy_train:  # only training passes its own options through
-        args.command_parser.error(_unrecognized(extra, args.command_parser))
-    args.train_args = extra
+    try:
+        args = _parsed(argv, parser)
+    except _Wrong as wrong:
+        return wrong.said(_asks_json(argv))
     args.set = (args.set or []) + getattr(args, "set_after", [])
     _say_what_set_cannot_do(args)
     try:
@@ -110,6 +107,49 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _parsed(argv: list[str], parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The command line read, or ``_Wrong`` raised with what is wrong in it."""
+    mistake = _mistyped(argv, parser)
+    if mistake:
+        mistake[0].error(mistake[1])
+    args, extra = _prompt_words(*parser.parse_known_args(argv))
+    if extra and args.func is not cmd_policy_train:  # only training passes its own options through
+        args.command_parser.error(_unrecognized(extra, args.command_parser))
+    args.train_args = extra
+    return args
+
+
+class _Wrong(SystemExit):
+    """A wrong command line: argparse's exit with status 2, carrying what is wrong so that main says it, and to
+    a ``--json`` command line as its error object on stdout too, as every other failure of one is (a script
+    reading ``locod decisions --json --limit 0`` got empty input)."""
+
+    def __init__(self, parser: argparse.ArgumentParser, message: str) -> None:
+        super().__init__(2)
+        self.parser, self.message = parser, message
+
+    def said(self, as_json: bool) -> int:
+        if as_json:
+            print(error_json(ConfigError(f"{self.parser.prog}: {self.message}", code="usage")), flush=True)
+        self.parser.print_usage(sys.stderr)
+        print(f"{self.parser.prog}: error: {self.message}", file=sys.stderr)
+        return 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """locod's parsers (its commands' too: ``add_subparsers`` makes them of their parent's class): a usage
+    error raises ``_Wrong``, which main says."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _Wrong(self, message)
+
+
+def _asks_json(argv: list[str]) -> bool:
+    """Whether the command line has ``--json``, as a command reads it: before ``--``, after which it is a
+    word of the prompt."""
+    return "--json" in (argv[: argv.index("--")] if "--" in argv else argv)
 
 
 def _standard_streams() -> None:
@@ -240,6 +280,10 @@ def _unrecognized(extra: list[str], command: argparse.ArgumentParser) -> str:
     if not unknown:
         return f"unrecognized arguments: {' '.join(extra)}"
     known = [flag for action in command._actions for flag in action.option_strings]
+    early = [flag for flag in unknown if flag in known]
+    if early:  # the command's own, before it (`locod --json status`): "no such option: --json (did you mean --json?)"
+        goes = "goes" if len(early) == 1 else "go"
+        return f"{', '.join(early)} {goes} after the command: `{command.prog} {' '.join(early)}`"
     said = [f"{flag} ({meant})" if (meant := _meant(flag, known)) else flag for flag in unknown]
     words = "; a word of the prompt that begins with - goes after --" if _takes_prompt(command) else ""
     return f"no such option: {', '.join(said)}; `{command.prog} --help` lists them{words}"
@@ -409,7 +453,7 @@ def _rule(module: str, name: str, kind: Callable[[str], Any] = str) -> Callable[
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="locod",
         description="Local-cloud LLM daemon for edge devices.",
         parents=[_global_options(None)],

@@ -227,3 +227,47 @@ def test_every_command_to_a_reader_that_left_ends_quietly(daemon: DaemonHandle, 
     answered = daemon.cli(*words)
     assert answered.returncode == 0, answered.stderr
     assert json_documents(answered.stdout, words)
+
+
+@pytest.mark.parametrize("words", json_commands(), ids=" ".join)
+def test_a_wrong_json_command_line_prints_its_error_as_json(tmp_path: Path, words: list[str]) -> None:
+    """Found: a --json command line argparse refused (`locod decisions --json --limit 0`) printed nothing on
+    stdout, where every other failure of a --json command prints its error object: a script piping it to jq
+    read empty input. It prints the object now (kind config, code usage), and stderr says it as before."""
+    wrong = run_locod(tmp_path, *words, "--no-such-flag")
+    assert_usage_error(wrong, "no such option: --no-such-flag")
+    said = wrong.stderr.strip().splitlines()[-1].replace(": error: ", ": ", 1)
+    expected = {"type": "error", "kind": "config", "code": "usage", "message": said, "decision": None}
+    assert json.loads(wrong.stdout) == expected, wrong.stdout
+    plain = run_locod(tmp_path, *words[:-1], "--no-such-flag")
+    assert_usage_error(plain, "no such option: --no-such-flag")
+    assert plain.stdout == ""  # without --json, stdout stays empty
+
+
+def test_json_after_double_dash_is_a_word_of_the_prompt(tmp_path: Path) -> None:
+    """`--` ends the options: a `--json` after it is the prompt's, so a wrong command line is said on stderr
+    alone."""
+    wrong = run_locod(tmp_path, "ask", "--max-tokens", "0", "--", "--json")
+    assert_usage_error(wrong, "argument --max-tokens")
+    assert wrong.stdout == ""
+
+
+def flags_of_their_own() -> list[tuple[tuple[str, ...], str]]:
+    """(command, flag) for each flag without a value that a command takes and locod's own level does not."""
+    return [
+        (path, action.option_strings[-1])
+        for path, parser in levels(_parser())
+        if path and not _subcommands(parser)
+        for action in parser._actions
+        if action.nargs == 0 and action.option_strings and not set(action.option_strings) & global_flags()
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "flag"), flags_of_their_own(), ids=[" ".join((*p, f)) for p, f in flags_of_their_own()]
+)
+def test_a_command_s_flag_before_it_is_told_where_it_goes(tmp_path: Path, path: tuple[str, ...], flag: str) -> None:
+    """Found: `locod --json status` said "no such option: --json (did you mean --json?)". The command's own
+    flag given before it is told where it goes."""
+    result = run_locod(tmp_path, flag, *path)
+    assert_usage_error(result, f"{flag} goes after the command: `locod {' '.join(path)} {flag}`")
