@@ -245,9 +245,29 @@ def _mistyped(argv: list[str], parser: argparse.ArgumentParser) -> tuple[argpars
     likely meant: another tool's habit (``locod ps``) or a typo at any level (``locod models lst``)."""
     for at, level in _levels(argv, parser):
         mistake = (HABITS.get(argv[at]) if level is parser else None) or _near_miss(argv[at], level)
+        if level is parser and not mistake and at and argv[at] not in _subcommands(parser):
+            mistake = _misplaced(argv[at - 1], parser)
         if mistake:
             return level, mistake
     return None
+
+
+def _misplaced(flag: str, parser: argparse.ArgumentParser) -> str | None:
+    """A command's option given before the command (``locod --limit 5 decisions``), whose value argparse took
+    for the command and refused as "invalid choice: '5'": the commands it belongs to."""
+    owners = [
+        f"`{below.prog} {flag}`"
+        for _, below in _all_levels(parser)
+        if flag in below._option_string_actions and flag not in parser._option_string_actions
+    ]
+    return f"{flag} goes after the command: {' or '.join(owners)}" if owners else None
+
+
+def _all_levels(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every command and action under ``parser``, by name, the groups' actions after their group."""
+    for name, below in _subcommands(parser).items():
+        yield name, below
+        yield from _all_levels(below)
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

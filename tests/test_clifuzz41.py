@@ -271,3 +271,18 @@ def test_a_command_s_flag_before_it_is_told_where_it_goes(tmp_path: Path, path: 
     flag given before it is told where it goes."""
     result = run_locod(tmp_path, flag, *path)
     assert_usage_error(result, f"{flag} goes after the command: `locod {' '.join(path)} {flag}`")
+
+
+OWN_VALUED = [(p, a) for p, a in VALUED if p and a.option_strings]
+
+
+@pytest.mark.parametrize(("path", "action"), OWN_VALUED, ids=[label(p, a) for p, a in OWN_VALUED])
+def test_a_command_s_valued_flag_before_it_is_told_where_it_goes(
+    tmp_path: Path, path: tuple[str, ...], action: argparse.Action
+) -> None:
+    """Found: `locod --limit 5 decisions` was "invalid choice: '5'" and the list of commands (argparse took the
+    value for the command). The flag is told the commands it belongs to, this one among them."""
+    flag = action.option_strings[-1]
+    result = run_locod(tmp_path, flag, "3", *path)
+    assert_usage_error(result, f"{flag} goes after the command: ")
+    assert f"`locod {' '.join(path)} {flag}`" in result.stderr, result.stderr
