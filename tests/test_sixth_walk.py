@@ -159,7 +159,7 @@ def test_policy_train_and_report_say_where_their_files_go(tmp_path: Path) -> Non
     shown = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60)
     assert shown.returncode == 0, shown.stderr
     assert f"(default: {tmp_path / 'state' / 'policy.onnx'}, which the daemon loads" in shown.stdout, shown.stdout
-    assert "environment steps (default: 200000)" in shown.stdout
+    assert "environment steps, 1 or more, run in whole rollouts of 2048 (default: 200000)" in shown.stdout
     folder = subprocess.run(  # a folder for --out was named by its last part alone: "got 'walk6'"
         locod_command("--config", str(tmp_path / "none.toml"), "report", "--out", f"{tmp_path}/"),
         capture_output=True,
