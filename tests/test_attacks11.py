@@ -286,7 +286,8 @@ def test_a_local_model_replaced_under_its_name_starts_over_from_its_prior(
     handle = daemon_factory(mine)
     client = handle.client()
     client.feedback(client.ask("Say hi.", max_tokens=2).done.decision, True)
-    assert client.status()["routing"]["labels"] == {name: 1}
+    # a label that comes before its turn settles (learning runs after the reply) trains at the settling
+    wait_for(lambda: client.status()["routing"]["labels"] == {name: 1}, 60, "the label to train")
     handle.stop()
     same = daemon_factory(mine)
     assert same.client().status()["routing"]["labels"] == {name: 1}

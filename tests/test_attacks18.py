@@ -140,7 +140,8 @@ def test_a_cloud_answer_without_words_labels_no_shadow_answer(daemon_factory: An
     second = client.ask("What is the capital of France?", max_tokens=8, temperature=0.0).decision
     (row,) = wait_for(lambda: [r for r in handle.rows() if r["shadow"]], 120, "the second shadow answer")
     assert row["id"] == second.decision and json.loads(row["shadow"])["grader"] == "overlap"
-    assert client.status()["routing"]["shadow_labels"] == 1
+    # its label is learned just after its grade is written to the record
+    wait_for(lambda: client.status()["routing"]["shadow_labels"] == 1, 60, "the shadow label")
 
 
 def test_a_label_for_a_turn_whose_pending_prediction_was_dropped_still_trains(

@@ -41,7 +41,7 @@ from locod.policy.confidence import identity
 from locod.policy.messplus import DIM
 from locod.policy.warmstart import PRIORS, Prior, file_sha256, save_prior
 
-from .conftest import free_port, start_daemon
+from .conftest import free_port, start_daemon, wait_for
 
 KNOWN = len(MIGRATIONS)
 
@@ -341,7 +341,7 @@ def test_a_fifo_at_the_state_files_temp_name_holds_nothing(daemon_factory: Any, 
     handle = daemon_factory()
     client = handle.client(turn_timeout_s=120)
     assert [client.ask(f"Hi {i}", max_tokens=2).done.outcome for i in range(3)] == ["ok"] * 3
-    assert client.status()["routing"]["turns"] == 3
+    wait_for(lambda: client.status()["routing"]["turns"] == 3, 60, "the last turn to settle")  # after `done`
     assert handle.stop() == 0
     assert (state / "messplus.npz").is_file() and not (state / "messplus.tmp").exists()
 

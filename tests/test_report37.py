@@ -26,6 +26,9 @@ def test_report_says_the_shadow_labels_status_says(daemon_factory: Any, proxy: F
     asked = [handle.client().ask(q, max_tokens=8, temperature=0.0) for q in ("What is 2 + 2?", "Name a fruit.")]
     assert [turn.decision.location for turn in asked] == ["cloud", "cloud"]
     wait_for(lambda: all(r["shadow"] for r in handle.rows()), 120, "both shadow answers")
+    # a shadow answer's label is learned just after its grade is written to the record
+    client = handle.client()
+    wait_for(lambda: client.status()["routing"]["shadow_labels"] == 2, 60, "both shadow labels")
     said = "2 shadow labels and 0 escalation labels"
     assert said in handle.cli("status").stdout
     out = handle.home / "r.html"

@@ -51,8 +51,9 @@ def test_cloud_turns_get_graded_shadow_answers(daemon_factory: Any, proxy: Fault
         shadow = json.loads(row["shadow"])
         assert shadow["model"] == "smollm2-135m-instruct" and shadow["grader"] == "overlap"
         assert isinstance(shadow["satisfied"], bool) and shadow["tokens_out"] > 0
-    routing = client.status()["routing"]
-    assert routing["shadow_labels"] == 2 and routing["labels"]["smollm2-135m-instruct"] == 2
+    # a shadow answer's label is learned just after its grade is written to the record: wait for it too
+    wait_for(lambda: client.status()["routing"]["shadow_labels"] == 2, 60, "both shadow labels")
+    assert client.status()["routing"]["labels"]["smollm2-135m-instruct"] == 2
     listed = handle.cli("decisions").stdout.splitlines()
     assert "shadow" in listed[0].split() and all(("good" in line) or ("bad" in line) for line in listed[1:])
 
