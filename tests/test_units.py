@@ -88,8 +88,7 @@ def test_fair_gate_gives_up_when_cancelled() -> None:
     with gate.slot("first"):
         t = threading.Thread(target=lambda: results.append(gate.slot("second", cancelled).__enter__()))
         t.start()
-        time.sleep(0.05)
-        assert gate.waiting == 1
+        wait_for(lambda: gate.waiting == 1, 5, "the second turn to wait")  # not a 0.05 s sleep: too short under load
         cancelled.set()
         t.join(5)
     assert results == [False] and gate.waiting == 0
