@@ -204,7 +204,10 @@ def test_errors_map_onto_status_codes_and_a_hang_up_cancels_the_turn(daemon_fact
     assert large.value.status_code == 413
     assert "limit of 4096 bytes (daemon.max_message_bytes)" in large.value.message  # the key to raise
 
-    stream = client.chat.completions.create(model="auto", messages=ask, max_tokens=1000, stream=True)
+    # greedy, a story that runs past 400 tokens: a sampled answer to "Hello" (a few dozen tokens) could end, and
+    # free the slot, before the next request came
+    story = [{"role": "user", "content": "Write a long story about a dragon"}]
+    stream = client.chat.completions.create(model="auto", messages=story, max_tokens=1000, temperature=0, stream=True)
     next(iter(stream))  # the turn is accepted and generating: the one slot of the queue is taken
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="auto", messages=ask, max_tokens=4)

@@ -58,7 +58,8 @@ def test_leaving_the_chat_loop_cancels_the_turn(daemon: DaemonHandle) -> None:
     left the turn generating all 400 tokens, and their next turn waited behind it for the local model."""
     client = daemon.client()
     decision = 0
-    for frame in client.chat("Write a long story about a dragon", max_tokens=400, force="local"):
+    # greedy: this story runs all 400 tokens, where a sampled one could end before the cancel lands
+    for frame in client.chat("Write a long story about a dragon", max_tokens=400, force="local", temperature=0.0):
         if isinstance(frame, DecisionFrame):
             decision = frame.decision
         if isinstance(frame, DeltaFrame):
