@@ -8,7 +8,6 @@ Exit codes: EXIT_STATUS below (also `locod --help`, README.md). Every error is o
 from __future__ import annotations
 
 import argparse
-import difflib
 import errno
 import importlib
 import os
@@ -53,6 +52,7 @@ from locod.protocol import (
     option_problem,
 )
 from locod.terminal import shown
+from locod.words import closest
 
 EXIT_CODES: dict[type[LocodError], int] = {
     ConfigError: 2,
@@ -320,7 +320,7 @@ def _meant(flag: str, known: list[str]) -> str | None:
     if len(flag) == 2:
         meant = [option for option in known if option.startswith(f"--{flag[1]}")]
     else:
-        meant = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        meant = [close] if (close := closest(flag, known)) else []
     return f"did you mean {' or '.join(meant)}?" if meant else None
 
 
@@ -330,11 +330,10 @@ def _near_miss(word: str, level: argparse.ArgumentParser) -> str | None:
     commands = list(_subcommands(level))
     if word in commands:
         return None
-    close = difflib.get_close_matches(word, commands, n=1, cutoff=0.6)
+    close = closest(word, commands)
     what = "command" if level.prog == "locod" else "action"
     return (
-        f"{level.prog} has no {word!r} {what}; did you mean `{level.prog} {close[0]}`? (`{level.prog} --help` lists "
-        "them)"
+        f"{level.prog} has no {word!r} {what}; did you mean `{level.prog} {close}`? (`{level.prog} --help` lists them)"
         if close
         else None
     )
