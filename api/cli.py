@@ -116,7 +116,7 @@ def _parsed(argv: list[str], parser: argparse.ArgumentParser) -> argparse.Namesp
         mistake[0].error(mistake[1])
     args, extra = _prompt_words(*parser.parse_known_args(argv))
     if extra and args.func is not cmd_policy_train:  # only training passes its own options through
-        args.command_parser.error(_unrecognized(extra, args.command_parser))
+        args.command_parser.error(_unrecognized(extra, args))
     args.train_args = extra
     return args
 
@@ -195,6 +195,12 @@ HABITS = {
         ),
     )
 }
+# `ollama stop MODEL` unloads a model; `locod stop` stops the daemon, and locod unloads models itself.
+STOP_TAKES_NO_MODEL = (
+    "`locod stop` stops the daemon and takes no model: locod loads a model when a turn needs it and unloads the "
+    "least recently used to stay within local.memory_budget_mb; `--model NAME` on `ask` or `chat` answers with "
+    "another, and a model removed from the configuration is unloaded by `locod reload`"
+)
 # The longest `locod stop --timeout`: a daemon still stopping after a day is stuck (its own wait for the turns
 # in flight is daemon.shutdown_grace_s), and the command says so rather than wait for good.
 MAX_STOP_WAIT_S = 86400.0
@@ -292,13 +298,16 @@ def _prompt_words(args: argparse.Namespace, extra: list[str]) -> tuple[argparse.
     return args, []
 
 
-def _unrecognized(extra: list[str], command: argparse.ArgumentParser) -> str:
-    """What the command line held that ``command`` does not take. An unknown option is named alone, with the
+def _unrecognized(extra: list[str], args: argparse.Namespace) -> str:
+    """What the command line held that its command does not take. An unknown option is named alone, with the
     options it may have meant: argparse took the value after it as the command's argument (``locod ask -m x
-    hi`` asked "x" and called ``-m hi`` unrecognized; ``models pull -n NAME URL`` pulled NAME)."""
+    hi`` asked "x" and called ``-m hi`` unrecognized; ``models pull -n NAME URL`` pulled NAME). Words where a
+    command takes none say what the command does instead, where a habit may have put them (``stop MODEL``)."""
+    command = args.command_parser
     unknown = [word.split("=", 1)[0] for word in extra if word.startswith("-") and word != "-"]
     if not unknown:
-        return f"unrecognized arguments: {' '.join(extra)}"
+        meaning = getattr(args, "words_mean", None)
+        return f"unrecognized arguments: {' '.join(extra)}" + (f"; {meaning}" if meaning else "")
     known = [flag for action in command._actions for flag in action.option_strings]
     early = [flag for flag in unknown if flag in known]
     if early:  # the command's own, before it (`locod --json status`): "no such option: --json (did you mean --json?)"
@@ -677,7 +686,7 @@ def _add_daemon_commands(sub: Any) -> None:
     p.add_argument(
         "--timeout", type=_seconds, default=60.0, help="seconds to wait for it to exit, at most a day (default 60)"
     )
-    p.set_defaults(func=cmd_stop)
+    p.set_defaults(func=cmd_stop, words_mean=STOP_TAKES_NO_MODEL)
 
 
 PULL = "locod.daemon.pull"  # the rules of `models pull`'s flags
