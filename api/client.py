@@ -64,6 +64,9 @@ from locod.protocol import (
 )
 
 MAX_ATTACHMENT_BYTES = 20 << 20  # the daemon's attachments.max_bytes, by default
+# Connections the daemon closes, one after another with no frame between, before a client says it is refused:
+# a restart closes one, its guard at a bound each one (libzmq reconnects every 100 ms).
+REFUSED_AFTER = 3
 
 
 def attachment(
@@ -350,6 +353,10 @@ class Client:
         self._cut: set[str] = set()  # requests in flight on a connection closed to cancel another turn
 
     def close(self) -> None:
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
 
     def _reconnect(self) -> None:
@@ -357,7 +364,7 @@ class Client:
         are told so when they next read (they waited out ``turn_timeout_s`` for frames that never came)."""
         if self._sock.closed:  # the caller closed the Client: that cancelled them
             return
-        self._sock.close(linger=0)
+        self._close_socket()
         self._sock = self._connect()
         self._cut |= self._in_flight
 
@@ -373,6 +380,9 @@ class Client:
                 f"endpoint {self.endpoint!r}: {exc.strerror}; locod listens on ipc://PATH or tcp://HOST:PORT",
                 code="bad_endpoint",
             ) from None
+        # At an address of its own: pyzmq's default is by the socket's descriptor, which a reconnect may reuse
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED, f"inproc://locod-client-{uuid.uuid4().hex}")
+        self._dropped = 0  # times the daemon closed the connection since the last frame came
         return sock
 
     def _claim(self, rid: str) -> None:
@@ -465,13 +475,31 @@ class Client:
                 )
             if not self._sock.poll(int(min(left, 1.0) * 1000), zmq.POLLIN):
                 check_alive(self.endpoint)
+                self._check_not_refused()
                 continue
+            self._dropped = 0
             frame_id, frame = decode_frame(self._sock.recv())
             if frame_id == rid:
                 return frame
             if frame_id in self._in_flight:
                 self._held.setdefault(frame_id, deque()).append(frame)
             # else a late reply to an earlier, abandoned request
+
+    def _check_not_refused(self) -> None:
+        """Raise ``DaemonNotRunning`` (``connection_refused``) when the daemon closes each connection this
+        client makes: its guard refuses one over the socket's bound on connections, and the client, which
+        reconnects by itself, waited out its timeout to be told the daemon might be stuck (docs/protocol.md)."""
+        while self._monitor.poll(0):
+            self._monitor.recv_multipart()
+            self._dropped += 1
+        if self._dropped >= REFUSED_AFTER:
+            raise DaemonNotRunning(
+                f"locod at {self.endpoint} closed this client's connection {self._dropped} times without an "
+                "answer: it is at its bound on connections, from this process or from all (a program that opens "
+                "a Client for each request and never closes it?); close the ones you no longer use, and `locod "
+                "status` shows the bound and the refusals",
+                code="connection_refused",
+            )
 
     def call(self, op: str, **fields: Any) -> Any:
         if op == "feedback":
