@@ -343,7 +343,7 @@ def _prepare_document(
     if text is None or "\x00" in text:
         what = binary_kind(data) or (nul_kind(data) if text is not None else undecodable(data))
         # a Chinese, Japanese or Russian user's text file is often GB18030, Shift-JIS or Windows-1251: text
-        then = CONVERT_TO_UTF8 if what == NOT_UTF8 else "convert it to text first"
+        then = CONVERT_TO_UTF8 if what.startswith(NOT_UTF8) else "convert it to text first"
         raise AttachmentError(
             f"document {attachment.name!r} is {what}: locod reads UTF-8 text (or UTF-16 or UTF-32 with a "
             f"byte-order mark) such as plain text, Markdown, CSV or code; {then}",

@@ -55,7 +55,8 @@ NOT_UTF8 = "not UTF-8 text"  # text in another encoding (GB18030, Shift-JIS, Win
 
 def undecodable(data: bytes) -> str:
     """What a document ``document_text`` could not read is, in words: one whose byte-order mark says UTF-16
-    was not "not UTF-8" to its user (a Unix tool's newline appended to a Windows file leaves an odd byte)."""
+    was not "not UTF-8" to its user (a Unix tool's newline appended to a Windows file leaves an odd byte). Text
+    that is not UTF-8 is said with its first bad byte's offset and line, so a stray one can be found."""
     for boms, name, unit, uneven in (
         (UTF32_BOMS, "UTF-32", 4, "not a multiple of 4 bytes"),
         (UTF16_BOMS, "UTF-16", 2, "an odd number of bytes"),
@@ -63,6 +64,11 @@ def undecodable(data: bytes) -> str:
         if data.startswith(boms):
             odd = f", {uneven}" if len(data) % unit else ""
             return f"{name} text, by its byte-order mark, that does not decode (cut short or damaged{odd})"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # its place: one stray byte (a Latin-1 "é" pasted in) refused a whole file
+        line = data.count(b"\n", 0, exc.start) + 1
+        return f"{NOT_UTF8} (byte 0x{data[exc.start]:02x} at offset {exc.start}, line {line})"
     return NOT_UTF8
 
 
