@@ -345,6 +345,7 @@ PATH_KEYS = (
     "telemetry.sysfs_root",
     "telemetry.procfs_root",
 )
+ROOT_KEYS = ("telemetry.sysfs_root", "telemetry.procfs_root")  # of PATH_KEYS, those with no empty default
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")  # what api_key_env may hold: a variable's name
 
@@ -390,6 +391,7 @@ def load_config(
     _check_names(config, source)
     config = _with_defaults(_expanded_paths(dataclasses.replace(config, source=source), origins), env)
     _check_models(config, origins)
+    _check_cache(config, origins)
     _check_secrets(config, origins)
     _check_endpoints(config, origins)
     _check_socket_path(config, origins)
@@ -464,6 +466,11 @@ def _expanded_paths(config: Config, origins: Mapping[str, str]) -> Config:
     written = [(key, _at(config, key)) for key in PATH_KEYS]
     written += [("paths.allow_dirs", directory) for directory in config.paths.allow_dirs]
     for key, value in written:
+        if not value and key in ROOT_KEYS:
+            raise ConfigError(
+                f'{origins.get(key, config.source)}: {key} must be an absolute path or begin with ~/, got "" (the '
+                "root the device is read under: empty, it read the directory the daemon started in)"
+            )
         if value and not os.path.isabs(os.path.expanduser(value)):  # ~name of no user stays relative
             raise ConfigError(
                 f"{origins.get(key, config.source)}: {key} must be an absolute path or begin with ~/, got "
@@ -486,7 +493,8 @@ def _at(config: Config, dotted: str) -> Any:
 
 def _check_names(config: Config, source: str) -> None:
     """Every model of the file has a name: an empty (or blank) one was served as a model that no client,
-    ``--model`` or ``local.default`` can name clearly (``serving ... with local model`` and nothing after)."""
+    ``--model`` or ``local.default`` can name clearly (``serving ... with local model`` and nothing after);
+    and every cloud model the endpoint's id for it."""
     local_names, cloud_names = [m.name for m in config.local.models], [m.name for m in config.cloud.models]
     for key, names in (("local.models", local_names), ("cloud.models", cloud_names)):
         for index, name in enumerate(names):
@@ -494,6 +502,12 @@ def _check_names(config: Config, source: str) -> None:
                 raise ConfigError(
                     f"{source}: {key}[{index}].name must not be empty: it is how clients and the defaults name it"
                 )
+    for index, model in enumerate(config.cloud.models):
+        if not model.model.strip():  # sent as "", the endpoint refused every turn, each falling back to local
+            raise ConfigError(
+                f"{source}: cloud.models[{index}].model must not be empty: it is the model id the endpoint is asked "
+                "for (e.g. gpt-4o-mini)"
+            )
 
 
 def _with_defaults(config: Config, env: Mapping[str, str]) -> Config:
@@ -601,6 +615,18 @@ def _check_models(config: Config, origins: Mapping[str, str]) -> None:
         raise ConfigError(
             f"{origins.get('routing.mode', config.source)}: routing.mode is 'cloud', but no cloud model is "
             "configured: add a [[cloud.models]] entry, or set routing.mode to auto or local"
+        )
+
+
+def _check_cache(config: Config, origins: Mapping[str, str]) -> None:
+    """``local.cache_mb`` within ``local.memory_budget_mb``: the cache is held inside the budget, beside the
+    loaded models, so a larger one (up to 1 TiB was taken) was silently a smaller one."""
+    local = config.local
+    if local.cache_mb > local.memory_budget_mb:
+        raise ConfigError(
+            f"{origins.get('local.cache_mb', config.source)}: local.cache_mb must be -1, 0 or at most "
+            f"local.memory_budget_mb ({local.memory_budget_mb}), got {local.cache_mb}: the dialogue cache is held "
+            "within the budget, beside the loaded models; lower it, or raise the budget"
         )
 
 
