@@ -68,6 +68,7 @@ RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 # description (the schema's meaning, for the model) is passed to a cloud model as given
 JSON_SCHEMA_KEYS = ("name", "schema", "strict", "description")
 JSON_SCHEMA_TYPES = {"name": str, "description": str, "strict": bool}  # each also null: not sent
+JSON_SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for json_schema.name, which it requires
 # Stop sequences: as many as OpenAI's API takes, each bounded (every generated token is checked against them).
 MAX_STOP_SEQUENCES, MAX_STOP_CHARS = 4, 200
 MAX_ID_CHARS = 200  # a session id, or the id or request id `decisions` looks up
@@ -515,6 +516,10 @@ def response_format_problem(value: Any) -> str | None:
     mistyped = [key for key, kind in JSON_SCHEMA_TYPES.items() if isinstance(spec, dict) and _mistyped(spec, key, kind)]
     if mistyped:  # "strict": "false" went to a cloud model as given (OpenAI refuses it), unread by a local one
         return f"has json_schema.{mistyped[0]} of the wrong type: name and description are strings, strict a boolean"
+    if isinstance(spec, dict) and not JSON_SCHEMA_NAME.fullmatch(spec.get("name") or ""):
+        # OpenAI's API refuses it (a cloud turn then fell back to local), and a local one was answered: one rule
+        name = spec.get("name")
+        return f"needs json_schema.name, 1 to 64 letters, digits, _ or - (as OpenAI's API does), got {name!r:.70}"
     return None
 
 
