@@ -509,10 +509,13 @@ class CloudBackend:
                     parts.append(delta)
                     prompt.on_delta(delta)
         except Exception as exc:  # the stream ended early: cut here, billed so far, answered locally
-            breaker.failure()
-            partial = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
-            why, code = _why_cut(exc, len(partial.text))
-            raise StreamCut(f"{name}: {why}", partial, code=code) from None
+            # unless its finish chunk had come before the connection dropped: the answer is whole, and only the
+            # stream's end was lost ([DONE], the usage chunk), so it stands, priced from its text if need be
+            if finish is None or not _broke_off(exc):
+                breaker.failure()
+                partial = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
+                why, code = _why_cut(exc, len(partial.text))
+                raise StreamCut(f"{name}: {why}", partial, code=code) from None
         finally:
             stream.close()
         generation = _generation(model, prompt, "".join(parts), usage, chunks, first, started, finish)
@@ -559,6 +562,14 @@ def _delta_text(chunk: Any) -> str | None:
     return delta
 
 
+MALFORMED = (ValueError, AttributeError, TypeError, LookupError)  # what reading a chunk of another shape raises
+
+
+def _broke_off(exc: Exception) -> bool:
+    """Whether a stream ended by its transport (the connection dropped, a timeout), not by what it said."""
+    return not isinstance(exc, (OverBound, InvalidChunk, *MALFORMED))
+
+
 def _why_cut(exc: Exception, received: int) -> tuple[str, str]:
     """Why a cloud answer stream ended early, and the code to report: past the turn's deadline or byte bounds,
     the endpoint breaking the protocol (a chunk's text; JSON, UTF-8 or the chunk's shape), or the transport
@@ -567,7 +578,7 @@ def _why_cut(exc: Exception, received: int) -> tuple[str, str]:
         return str(exc), exc.code
     if isinstance(exc, InvalidChunk):
         return f"invalid reply from the endpoint: {exc}", "cloud_invalid_reply"
-    if isinstance(exc, (ValueError, AttributeError, TypeError, LookupError)):
+    if isinstance(exc, MALFORMED):
         shape = "an event that is not a chat completion chunk"
         return f"invalid reply from the endpoint: {shape} ({type(exc).__name__})", "cloud_invalid_reply"
     silent = "went silent past cloud.timeout_s" if isinstance(exc, openai.APITimeoutError) else "broke off"
