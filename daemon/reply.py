@@ -23,6 +23,7 @@ class Reply:
     cancelled: threading.Event = field(default_factory=threading.Event)
     answered: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = "the client disconnected"
+    request_id: str | None = None  # the socket request's id, which its frames carry (None: the HTTP door's)
 
     def send(self, frame: Frame) -> None:
         if isinstance(frame, DoneFrame | ErrorFrame):

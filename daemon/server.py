@@ -55,7 +55,16 @@ from locod.daemon.tcpauth import TcpAuth
 from locod.daemon.tcpguard import HANDSHAKE_S, DoorGuard
 from locod.daemon.telemetry import TelemetrySampler
 from locod.daemon.turn import TurnRunner
-from locod.errors import Busy, ConfigError, LocodError, PromptTooLong, ProtocolError, StorageError, install_hint
+from locod.errors import (
+    Busy,
+    ConfigError,
+    LocodError,
+    PromptTooLong,
+    ProtocolError,
+    RequestError,
+    StorageError,
+    install_hint,
+)
 from locod.protocol import (
     NARROWING,
     BadRequest,
@@ -505,7 +514,7 @@ class Daemon:
         session takes its place in the session's queue here, in the order the turns arrive (it waits in
         ``TurnRunner.run`` for those before it to answer)."""
         self._check_admission(peer, request)
-        reply = reply or Reply(post=self._poster(peer, request.id))
+        reply = reply or Reply(post=self._poster(peer, request.id), request_id=request.id)
         if request.session is not None:
             self.sessions.enter(request.session, door_of(peer), reply.answered)
         self._turns[self.pool.submit(self.runner.run, request, peer, reply)] = (peer, reply)
@@ -521,6 +530,7 @@ class Daemon:
         owners = [owner for owner, reply in self._turns.values() if not reply.answered.is_set()]
         if len(owners) >= self.config.daemon.queue_limit:
             raise Busy(f"{counted(len(owners), 'turn')} in flight, at the queue limit; try again shortly")
+        self._check_id_is_free(peer, request.id)
         chars = sum(len(m["content"]) for m in request.messages)
         if chars > self.config.daemon.max_prompt_chars:  # refused by size, before any work on the text
             raise PromptTooLong(
@@ -540,6 +550,20 @@ class Daemon:
             raise Busy(
                 f"this client (connection) has {own} turns in flight, at daemon.max_turns_per_client; try "
                 "again when one is answered"
+            )
+
+    def _check_id_is_free(self, peer: bytes, request_id: str) -> None:
+        """Refuse a turn whose id is a turn's still in flight on the same connection: both ran, their frames
+        under one id, and the client read one answer's words mixed into the other's (or its ``done`` ended
+        both). The refusal goes to that id; the turn before goes on."""
+        if any(
+            owner == peer and reply.request_id == request_id and not reply.answered.is_set()
+            for owner, reply in self._turns.values()
+        ):
+            raise RequestError(
+                f"a turn with id {request_id!r} is still in flight on this connection: give each request its own "
+                "id (a fresh UUID); the turn before goes on, its frames under that id",
+                code="duplicate_id",
             )
 
     def _door_share(self) -> int:
