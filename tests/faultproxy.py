@@ -8,7 +8,8 @@ or, without asking upstream, answer a hostile stream: one byte at a time (``tric
 short valid answer gzip-compressed (``gzip``), ``size`` bytes without a newline gzip-compressed to a few
 hundred kB (``gzip_bomb``), gzip that inflates to nothing, an empty block per ``delay_s`` for 30 s
 (``gzip_idle``), or a delta holding a lone UTF-16 surrogate (``surrogate``), a chunk whose ``choices`` is
-a string (``bad_shape``) or an event that is not UTF-8 (``not_utf8``);
+a string (``bad_shape``), an event that is not UTF-8 (``not_utf8``) or a whole answer, its finish chunk
+included, whose connection then drops before ``[DONE]`` and the body's end (``finished_then_dropped``);
 redirect (``redirect``: ``status`` with ``location``); or relay the real answer with its ``usage``
 replaced (``usage``) or its ``finish_reason`` replaced (``finish``), or once ``released`` is set
 (``hold``: a turn kept in flight until the test lets it go). Hostile streams stop when the daemon hangs
@@ -324,6 +325,12 @@ def _gzip_idle(fault: Fault) -> Iterator[bytes]:
     yield pack.flush()
 
 
+def _finished_then_dropped(fault: Fault) -> Iterator[bytes]:
+    """A whole answer, finish_reason stop, then nothing: the handler closes the connection mid-body."""
+    yield _event("The whole answer.")
+    yield _event("", "stop")
+
+
 def _with_usage(line: bytes, usage: Any) -> tuple[bytes, bool]:
     """An SSE data line with its non-null ``usage`` replaced, and whether there was one."""
     try:
@@ -365,6 +372,7 @@ HOSTILE_STREAMS: dict[str, Callable[[Fault], Iterator[bytes]]] = {
     "not_utf8": _not_utf8,
     "gzip_bomb": _gzip_bomb,
     "gzip_idle": _gzip_idle,
+    "finished_then_dropped": _finished_then_dropped,
 }
 GZIPPED = frozenset({"gzip", "gzip_bomb", "gzip_idle"})  # sent with Content-Encoding: gzip
 
