@@ -468,6 +468,7 @@ class Client:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
+                self._check_not_refused()  # closed in the last second, on a machine busy enough to be slow at it
                 raise DaemonNotRunning(  # its socket took connections meanwhile (check_alive): it runs
                     f"nothing from locod at {self.endpoint} for {timeout_ms / 1000:g} s, though its socket takes "
                     "connections: the daemon may be stuck or stopped (SIGSTOP, swapping), or dropped the request; "

@@ -26,7 +26,7 @@ def test_a_script_leaking_clients_is_refused_at_the_ipc_bound_and_the_daemon_ser
     handle = daemon_factory({}, fd_limit=300)
     established = handle.client()
     assert established.ping()["pong"]
-    with pytest.raises(DaemonNotRunning, match="though its socket takes connections"):
+    with pytest.raises(DaemonNotRunning, match="at its bound on connections"):
         for _ in range(300):
             handle.client(timeout_s=3).ping()  # kept open, as the script keeps it
     assert handle.proc.poll() is None, handle.log()[-2000:]
