@@ -42,6 +42,7 @@ from locod.limits import ALWAYS_READ_BYTES, check_request_size
 from locod.protocol import (
     DEFAULT_OPTIONS,
     LAST_FRAMES,
+    READ_ONLY_OPS,
     Attachment,
     ChatOptions,
     ChatRequest,
@@ -351,6 +352,7 @@ class Client:
         self._in_flight: set[str] = set()
         self._held: dict[str, deque[Frame]] = {}  # frames that came while another request's were read
         self._cut: set[str] = set()  # requests in flight on a connection closed to cancel another turn
+        self._resendable: dict[str, bytes] = {}  # read-only requests in flight, as sent: see _receive
 
     def close(self) -> None:
         self._close_socket()
@@ -406,6 +408,7 @@ class Client:
             self._in_flight.discard(rid)
             self._held.pop(rid, None)
             self._cut.discard(rid)
+            self._resendable.pop(rid, None)
             if not self._in_flight:
                 self._owner = None
 
@@ -424,6 +427,8 @@ class Client:
         if isinstance(request, ChatRequest) and len(raw) > ALWAYS_READ_BYTES:
             check_request_size(len(raw), request.attachments, self.daemon_config())
         self._claim(request.id)
+        if isinstance(request, SimpleRequest) and request.op in READ_ONLY_OPS:
+            self._resendable[request.id] = raw
         try:
             self._sock.send(raw)
         except BaseException:
@@ -476,7 +481,7 @@ class Client:
                 )
             if not self._sock.poll(int(min(left, 1.0) * 1000), zmq.POLLIN):
                 check_alive(self.endpoint)
-                self._check_not_refused()
+                self._resend_if_dropped(rid)
                 continue
             self._dropped = 0
             frame_id, frame = decode_frame(self._sock.recv())
@@ -485,6 +490,16 @@ class Client:
             if frame_id in self._in_flight:
                 self._held.setdefault(frame_id, deque()).append(frame)
             # else a late reply to an earlier, abandoned request
+
+    def _resend_if_dropped(self, rid: str) -> None:
+        """Send a read-only request again when the daemon closed the connection it went out on: one it took
+        then shut (its guard, counting connections that had just closed as still open) lost the request, and
+        its client waited out the timeout on the new connection to be told the daemon might be stuck. A turn
+        or a feedback is never sent twice: the daemon may have read it before the connection closed."""
+        dropped = self._dropped
+        self._check_not_refused()
+        if self._dropped > dropped and rid in self._resendable:
+            self._sock.send(self._resendable[rid])
 
     def _check_not_refused(self) -> None:
         """Raise ``DaemonNotRunning`` (``connection_refused``) when the daemon closes each connection this

@@ -28,6 +28,7 @@ from locod.words import listed, quoted
 
 PROTOCOL_VERSION = 1
 OPS = ("chat", "feedback", "status", "decisions", "ping", "reload", "config")
+READ_ONLY_OPS = ("status", "decisions", "ping", "config")  # change nothing: sent twice, answered the same
 ROLES = ("system", "user", "assistant")
 FORCE = ("local", "cloud")
 QUEUED_EVERY_S = 30.0  # a turn waiting for the local model is told again at least this often (``queued``)
