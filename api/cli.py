@@ -248,31 +248,40 @@ def _levels(argv: list[str], parser: argparse.ArgumentParser) -> Iterator[tuple[
 
 def _mistyped(argv: list[str], parser: argparse.ArgumentParser) -> tuple[argparse.ArgumentParser, str] | None:
     """A command or action the command line names that locod lacks, with the parser that says so and what was
-    likely meant: another tool's habit (``locod ps``) or a typo at any level (``locod models lst``)."""
+    likely meant: another tool's habit (``locod ps``), a typo at any level (``locod models lst``), or a valued
+    option given before its command or action (``locod models --dir D fetch``)."""
     for at, level in _levels(argv, parser):
         mistake = (HABITS.get(argv[at]) if level is parser else None) or _near_miss(argv[at], level)
-        if level is parser and not mistake and at and argv[at] not in _subcommands(parser):
-            mistake = _misplaced(argv[at - 1], parser)
+        if not mistake and at and argv[at] not in _subcommands(level):
+            mistake = _misplaced(argv[at - 1], level)
         if mistake:
             return level, mistake
     return None
 
 
 def _misplaced(flag: str, parser: argparse.ArgumentParser) -> str | None:
-    """A command's option given before the command (``locod --limit 5 decisions``), whose value argparse took
-    for the command and refused as "invalid choice: '5'": the commands it belongs to."""
+    """A command's valued option given before the command (``locod --limit 5 decisions``), whose value argparse
+    took for the command and refused as "invalid choice: '5'": the commands it belongs to. Not a flag without a
+    value: in ``locod --json frobnicate`` the word after it is the unknown command, and was told it was --json's
+    place that was wrong."""
     owners = [
         f"`{below.prog} {flag}`"
-        for _, below in _all_levels(parser)
-        if flag in below._option_string_actions and flag not in parser._option_string_actions
+        for below in _all_levels(parser)
+        if _takes_a_value(below, flag) and flag not in parser._option_string_actions
     ]
     return f"{flag} goes after the command: {' or '.join(owners)}" if owners else None
 
 
-def _all_levels(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
-    """Every command and action under ``parser``, by name, the groups' actions after their group."""
-    for name, below in _subcommands(parser).items():
-        yield name, below
+def _takes_a_value(parser: argparse.ArgumentParser, flag: str) -> bool:
+    """Whether ``flag`` is an option of ``parser`` that reads the word after it."""
+    action = parser._option_string_actions.get(flag)
+    return action is not None and action.nargs != 0
+
+
+def _all_levels(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    """Every command and action under ``parser``, the groups' actions after their group."""
+    for below in _subcommands(parser).values():
+        yield below
         yield from _all_levels(below)
 
 
