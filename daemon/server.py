@@ -227,7 +227,9 @@ class Daemon:
         # One process holds half of it at most: a script leaking clients that had each asked (none evictable)
         # took every place, and `locod status` and `locod stop` were refused until it ended.
         ipc_bounds = ("an eighth of the open-file limit", "half the ipc socket's bound, from one process")
-        self.guards[IPC] = DoorGuard(self.sockets[IPC], ipc_share, max(1, ipc_share // 2), ipc_bounds)
+        self.guards[IPC] = DoorGuard(
+            self.sockets[IPC], ipc_share, max(1, ipc_share // 2), ipc_bounds, self._connections_in_turn
+        )
         if cfg.daemon.tcp:
             self.sockets[TCP] = self._router_socket()
             self.sockets[TCP].setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_S * 1000)
@@ -425,6 +427,11 @@ class Daemon:
             while (frame := self.backlog.first(peer)) is not None and self._try_send(peer, frame):
                 if peer in self.backlog:  # not discarded because the peer vanished
                     self.backlog.pop(peer)
+
+    def _connections_in_turn(self) -> set[tuple[int, int]]:
+        """The connections (descriptor, inode) of the clients with turns in flight: a guard spares them."""
+        owners = {owner for owner, _ in self._turns.values()}
+        return {(link.fd, link.inode) for peer, link in self._links.items() if peer in owners}
 
     def _cancel_turns_of(self, peer: bytes) -> None:
         for owner, reply in self._turns.values():

@@ -26,6 +26,8 @@ vouches for an ipc connection. Past the whole bound, a newcomer from a process h
 process holding the most takes that one's oldest connection, vouched for or not: three processes of a worker
 pool, each leaking a client a request and each under its half, held all of it. Only at the ipc socket, where
 every peer is the owner's: at the tcp endpoint a peer without the secret would evict the owner's connections.
+Never one with a turn in flight (``in_turn``): its answer was lost, and its client blamed the daemon or the
+bound, for a newcomer as small as `locod status` or a client's liveness probe.
 
 The monitor reports the accepted descriptor's number; before anything is done to it, the descriptor is
 checked to be a socket on this endpoint's own address (the number may have been reused meanwhile).
@@ -39,7 +41,7 @@ import os
 import socket
 import struct
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import zmq
@@ -62,9 +64,18 @@ class _Conn:
 
 
 class DoorGuard:
-    def __init__(self, sock: zmq.Socket[bytes], max_total: int, max_per_host: int, bounds: tuple[str, str]) -> None:
-        """``bounds``: what sets ``max_total`` and ``max_per_host``, in words (a config key), for the log."""
+    def __init__(
+        self,
+        sock: zmq.Socket[bytes],
+        max_total: int,
+        max_per_host: int,
+        bounds: tuple[str, str],
+        in_turn: Callable[[], set[tuple[int, int]]] = set,
+    ) -> None:
+        """``bounds``: what sets ``max_total`` and ``max_per_host``, in words (a config key), for the log.
+        ``in_turn``: the connections (descriptor, inode) with a turn in flight, which no greedy host loses."""
         self.max_total = max_total
+        self._in_turn = in_turn
         self.max_per_host = max_per_host
         self.bounds = bounds
         self.monitor: zmq.Socket[bytes] = sock.get_monitor_socket(EVENTS)
@@ -167,12 +178,17 @@ class DoorGuard:
         return True
 
     def _take_from_the_greediest(self, host: str, why: str) -> bool:
-        """Shut the oldest connection of the host holding the most, vouched for or not, when ``host`` holds at
-        least two fewer (so that two hosts never trade one slot back and forth); False if it does not."""
+        """Shut the oldest connection of the host holding the most, vouched for or not but without a turn in
+        flight, when ``host`` holds at least two fewer (so that two hosts never trade one slot back and forth);
+        False if it does not, or every one of that host's is answering."""
         greediest, held = self._hosts.most_common(1)[0]
         if self._hosts[host] + 1 >= held:
             return False
-        if not self._shut_counted(next(fd for fd, conn in self._live.items() if conn.host == greediest)):
+        busy = self._in_turn()
+        idle = (fd for fd, conn in self._live.items() if conn.host == greediest and (fd, conn.inode) not in busy)
+        if (fd := next(idle, None)) is None:
+            return False
+        if not self._shut_counted(fd):
             return True  # closed meanwhile: its slot is free all the same
         self._throttle.say(
             "evicted greediest",
