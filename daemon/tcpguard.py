@@ -164,18 +164,8 @@ class DoorGuard:
         )
         if fd is None or conn is None:
             return False
-        if not self._shut_counted(fd):
-            return True  # closed meanwhile: its slot is free all the same
-        self._throttle.say(
-            "evicted",
-            logging.WARNING,
-            "%s: %s: closed the oldest connection from %s that had %s, for a newcomer",
-            self.door,
-            why,
-            conn.host,
-            self._asked,
-        )
-        return True
+        message = "%s: %s: closed the oldest connection from %s that had %s, for a newcomer"
+        return self._shut_said(fd, "evicted", message, self.door, why, conn.host, self._asked)
 
     def _take_from_the_greediest(self, host: str, why: str) -> bool:
         """Shut the oldest connection of the host holding the most, vouched for or not but without a turn in
@@ -188,18 +178,14 @@ class DoorGuard:
         idle = (fd for fd, conn in self._live.items() if conn.host == greediest and (fd, conn.inode) not in busy)
         if (fd := next(idle, None)) is None:
             return False
-        if not self._shut_counted(fd):
-            return True  # closed meanwhile: its slot is free all the same
-        self._throttle.say(
-            "evicted greediest",
-            logging.WARNING,
-            "%s: %s: closed the oldest connection from %s, which held %d, for a newcomer from %s",
-            self.door,
-            why,
-            greediest,
-            held,
-            host,
-        )
+        message = "%s: %s: closed the oldest connection from %s, which held %d, for a newcomer from %s"
+        return self._shut_said(fd, "evicted greediest", message, self.door, why, greediest, held, host)
+
+    def _shut_said(self, fd: int, key: str, message: str, *args: object) -> bool:
+        """Shut the connection on ``fd`` for a newcomer and log ``message`` (throttled per ``key``); True
+        either way, as a connection closed meanwhile has freed its slot all the same."""
+        if self._shut_counted(fd):
+            self._throttle.say(key, logging.WARNING, message, *args)
         return True
 
     def _shut_counted(self, fd: int) -> bool:
