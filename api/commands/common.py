@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from locod.errors import ConfigError, DaemonNotRunning, LocodError, StorageError, UnsafeSocket
-from locod.protocol import ErrorFrame, Frame
+from locod.protocol import NO_CONFIG_FILE, ErrorFrame, Frame
 from locod.terminal import shown
 
 SYSTEM_STATE_DIR = Path("/var/lib/locod")  # the system unit's StateDirectory
@@ -20,6 +20,12 @@ SYSTEM_STATE_DIR = Path("/var/lib/locod")  # the system unit's StateDirectory
 CONFIG_PLACES = (
     "$LOCOD_CONFIG, $XDG_CONFIG_HOME/locod/config.toml (~/.config/locod/config.toml), /etc/locod/config.toml"
 )
+
+
+def same_file(path: str, source: str) -> bool:
+    """Whether ``path``, a file this command line names, is the running daemon's config file ``source`` (which
+    may be NO_CONFIG_FILE), however either is spelled."""
+    return source != NO_CONFIG_FILE and Path(path).resolve() == Path(source).resolve()
 
 
 def set_overrides(args: argparse.Namespace) -> dict[str, str]:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from locod.commands.common import CONFIG_PLACES, configuration, connect, set_overrides
+from locod.commands.common import CONFIG_PLACES, configuration, connect, same_file, set_overrides
 from locod.commands.status import code_skew, no_key_warning, waits_for_restart
 from locod.errors import ConfigError, LocodError
 from locod.protocol import NO_CONFIG_FILE
@@ -75,7 +75,7 @@ def _say_when_another_file_was_named(args: argparse.Namespace, source: str) -> N
     """A reload re-reads the file the daemon started with, whatever file the caller names: ``locod --config
     FILE reload`` (or ``$LOCOD_CONFIG``) after editing FILE said "reloaded" and applied nothing of it."""
     named, how = (args.config, "--config") if args.config else (os.environ.get("LOCOD_CONFIG", ""), "$LOCOD_CONFIG")
-    if not named or _same_file(named, source):
+    if not named or same_file(named, source):
         return
     running = "none, defaults only" if source == NO_CONFIG_FILE else source
     print(
@@ -83,13 +83,6 @@ def _say_when_another_file_was_named(args: argparse.Namespace, source: str) -> N
         f"it was started with; to run with {named}, `locod stop`, then `locod --config {named} serve`",
         file=sys.stderr,
     )
-
-
-def _same_file(one: str, other: str) -> bool:
-    try:
-        return os.path.samefile(one, other)
-    except OSError:  # either is missing (or no file at all: the daemon runs on defaults)
-        return False
 
 
 def _say_which_variables_stay_here(running: dict[str, Any], keyless: dict[str, str]) -> None:

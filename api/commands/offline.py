@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from locod.commands.common import as_running, configuration, connect, models_config, print_json
+from locod.commands.common import as_running, configuration, connect, models_config, print_json, same_file
 from locod.errors import ConfigError, DaemonNotRunning, LocodError
 from locod.protocol import NO_CONFIG_FILE
 
@@ -20,7 +20,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     restart), the one a daemon started now would run with."""
     new = bool(args.new or args.set)
     data, header = _running_config(args) if not new else (None, "")
-    if data is not None and args.config and not _same_file(args.config, str(data["source"])):
+    if data is not None and args.config and not same_file(args.config, str(data["source"])):
         header = f"the running daemon reads {data['source']}, not this file; "
         data = None
     if data is None:
@@ -68,10 +68,6 @@ def _running_config(args: argparse.Namespace) -> tuple[dict[str, Any] | None, st
         "started or last reloaded;\n# `locod config show --new` shows what a daemon started now would use"
     )
     return data, header
-
-
-def _same_file(path: str, source: str) -> bool:
-    return source != NO_CONFIG_FILE and Path(path).resolve() == Path(source).resolve()
 
 
 def _sources(source: str) -> str:
