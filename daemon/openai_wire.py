@@ -56,6 +56,7 @@ UNSUPPORTED = (
     "audio",  # a spoken answer (with ``modalities``): the SDK would find ``message.audio`` empty
     "modalities",
     "web_search_options",  # an answer from a web search, with its citations: locod searches nothing
+    "moderation",  # a request or answer blocked (or scored) by a moderation model: locod runs none
 )
 # Those that ask for tool calls: an agent that wants a structured answer can ask for it as JSON instead.
 TOOL_FIELDS = ("tools", "tool_choice", "functions", "function_call")
