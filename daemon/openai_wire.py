@@ -268,8 +268,8 @@ def _messages(raw: list[Any]) -> tuple[list[dict[str, str]], list[Attachment]]:
             )
         content = item.get("content")
         if content is None and item["role"] == "assistant":  # OpenAI's null, as clients send back a turn without text
-            content = ""
-        text, found = _content(content, where)
+            content = _refusal(item, where)
+        text, found = _content(content, where, item["role"])
         if found and item["role"] != "user":  # as OpenAI: a system or assistant image would be dropped unseen
             raise bad(f"{where}: images are taken in user messages only", where)
         role = ROLES[item["role"]]
@@ -290,8 +290,19 @@ def _messages(raw: list[Any]) -> tuple[list[dict[str, str]], list[Attachment]]:
     return messages, attachments
 
 
-def _content(content: Any, where: str) -> tuple[str, list[tuple[Any, str]]]:
-    """A message's text, and its images as they came (each ``image_url``'s url, and where it is), undecoded."""
+def _refusal(message: dict[str, Any], where: str) -> str:
+    """The text of an assistant message without content: its ``refusal``, which OpenAI's model writes instead of
+    content when it declines (the SDK's ``message.model_dump()`` sends it back so), else none. Dropped, the
+    model was shown an empty answer where it had declined, and a follow-up about why read as nonsense."""
+    refusal = message.get("refusal")
+    if refusal is not None and not isinstance(refusal, str):
+        raise bad(f"{where}.refusal must be a string or null", f"{where}.refusal")
+    return refusal or ""
+
+
+def _content(content: Any, where: str, role: str) -> tuple[str, list[tuple[Any, str]]]:
+    """A message's text, and its images as they came (each ``image_url``'s url, and where it is), undecoded; an
+    assistant's ``refusal`` parts are its text, as OpenAI types them (a history sent back from OpenAI holds them)."""
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
@@ -303,6 +314,8 @@ def _content(content: Any, where: str) -> tuple[str, list[tuple[Any, str]]]:
         at = f"{where}.content[{j}]"
         if kind == "text" and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif kind == "refusal" and role == "assistant" and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
         elif kind == "image_url" and isinstance(part.get("image_url"), dict):
             images.append((part["image_url"].get("url"), at))
         elif kind == "image_url":

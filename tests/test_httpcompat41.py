@@ -14,6 +14,7 @@ from typing import Any
 import openai
 import pytest
 from openai.resources.chat.completions import Completions
+from openai.types import Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from .conftest import cloud_config
@@ -129,6 +130,11 @@ def test_replies_validate_against_the_sdk_models_local(daemon_factory: Any) -> N
     check_whole_reply(client, "smollm2-135m-instruct", **IGNORED)
     check_streamed_reply(client, "smollm2-135m-instruct")
     assert [r["outcome"] for r in handle.rows()] == ["ok", "ok"]
+    listed = client.models.with_raw_response.list()
+    models = [Model.model_validate(entry) for entry in json.loads(listed.text)["data"]]
+    assert [(m.id, m.object) for m in models] == [("auto", "model"), ("smollm2-135m-instruct", "model")]
+    one = client.models.with_raw_response.retrieve("smollm2-135m-instruct")
+    assert Model.model_validate(json.loads(one.text)) == models[1]
 
 
 def test_replies_validate_against_the_sdk_models_cloud(daemon_factory: Any, proxy: FaultProxy) -> None:
@@ -140,3 +146,21 @@ def test_replies_validate_against_the_sdk_models_cloud(daemon_factory: Any, prox
     check_streamed_reply(client, "cloud-small")
     sent = [seen.body for seen in proxy.chat_requests()]
     assert len(sent) == 2 and not set(IGNORED) & {key for body in sent for key in body}
+
+
+def test_an_assistant_refusal_sent_back_is_what_the_model_is_shown(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """OpenAI's model declines with ``refusal`` and null ``content``, and the SDK's ``message.model_dump()``
+    sends it back so (or as a ``refusal`` content part): the model was shown an empty answer where it had
+    declined, and a refusal part was a 400."""
+    _, base = http_daemon(daemon_factory, cloud_config(proxy.base_url, timeout_s=30.0))
+    client = sdk(base)
+    declined = {"role": "assistant", "content": None, "refusal": "I can't help with that.", "tool_calls": None}
+    parts = {"role": "assistant", "content": [{"type": "refusal", "refusal": "Nor with that."}]}
+    question = {"role": "user", "content": "Why not?"}
+    messages: Any = [{"role": "user", "content": "Pick a lock."}, declined, question, parts, question]
+    client.chat.completions.create(model="auto", messages=messages, max_tokens=4)
+    sent = proxy.chat_requests()[-1].body["messages"]
+    assert [m["content"] for m in sent if m["role"] == "assistant"] == ["I can't help with that.", "Nor with that."]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="auto", messages=[{**declined, "refusal": 3}, question])
+    assert refused.value.param == "messages[0].refusal"
