@@ -52,7 +52,7 @@ from locod.protocol import (
     option_problem,
 )
 from locod.terminal import shown
-from locod.words import closest
+from locod.words import ascii_number, closest
 
 EXIT_CODES: dict[type[LocodError], int] = {
     ConfigError: 2,
@@ -389,23 +389,10 @@ def _before(text: str) -> int:
     return before
 
 
-def _number(kind: Callable[[str], Any]) -> Callable[[str], Any]:
-    """``kind`` (int or float) read from ASCII alone, as ``_decision_id`` reads an id: Python's own also take
-    ``３``, ``١٢`` (12) and ``5_0`` (50), so ``--max-tokens 5_0`` ran with 50 and ``--limit ３`` listed 3 where
-    ``locod decisions ３`` is no decision at all."""
-
-    def read(text: str) -> Any:
-        if not text.isascii() or "_" in text:
-            raise ValueError(f"not an ASCII number: {text!r}")
-        return kind(text)
-
-    return read
-
-
 def _limit(text: str) -> int:
     """``decisions --limit``: the range the daemon takes, checked before asking it (or the file)."""
     try:
-        value = _number(int)(text)
+        value = ascii_number(int)(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expects a whole number, got {text!r}") from None
     if not 1 <= value <= 1000:
@@ -418,7 +405,7 @@ def _seconds(text: str) -> float:
     SIGTERM, then said at once that it was "still stopping after -1 s" and exited 1: the stop was done, the
     command said it failed; ``inf`` (or ``1e300``) waited for good on a daemon that never exits."""
     try:
-        value = _number(float)(text)
+        value = ascii_number(float)(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expects a number of seconds, got {text!r}") from None
     if not 0 <= value <= MAX_STOP_WAIT_S:
@@ -619,7 +606,7 @@ def _option(name: str) -> Callable[[str], Any]:
 
     def parse(text: str) -> Any:
         try:
-            value = _number(kind)(text)
+            value = ascii_number(kind)(text)
         except ValueError:
             raise argparse.ArgumentTypeError(
                 f"expects {'a whole' if kind is int else 'a'} number, got {text!r}"
@@ -728,7 +715,7 @@ def _add_offline_commands(sub: Any) -> None:
     )
     p.add_argument(
         "--ctx",
-        type=_rule(PULL, "context_size", _number(int)),
+        type=_rule(PULL, "context_size", ascii_number(int)),
         help="context size to load it with (default: its trained context, at most 4096)",
     )
     p.add_argument(

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from locod.errors import LocodError, install_hint
+from locod.words import ascii_number
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,9 @@ def parser(default_out: Path | None = None) -> argparse.ArgumentParser:
         default=TrainConfig.steps,
         help=f"environment steps, 1 or more, run in whole rollouts of {TrainConfig.rollout} (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed (default: %(default)s)")
+    p.add_argument(
+        "--seed", type=ascii_number(int), default=TrainConfig.seed, help="random seed (default: %(default)s)"
+    )
     return p
 
 
@@ -67,7 +70,7 @@ def _steps(text: str) -> int:
     """``--steps``, 1 or more: 0 or fewer trained nothing and exported the untrained network as a policy (worse
     than random at routing), where the daemon loads it at its next reload."""
     try:
-        steps = int(text)
+        steps = ascii_number(int)(text)
     except ValueError:
         steps = 0
     if steps < 1:

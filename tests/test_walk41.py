@@ -94,7 +94,7 @@ def test_a_pulled_gguf_cut_short_is_refused_and_removed(tmp_path: Path, server: 
     assert sorted(os.listdir(models)) == ["pulled.toml", "whole.gguf"]
 
 
-@pytest.mark.parametrize("steps", ["0", "-5"])
+@pytest.mark.parametrize("steps", ["0", "-5", "５", "1_000"])  # the last two: int() took them (review41)
 def test_policy_train_with_no_steps_is_refused_before_anything_is_written(tmp_path: Path, steps: str) -> None:
     """Walk finding: `locod policy train --steps 0` (a user trying the command quickly) trained nothing, yet
     exported the untrained network (its reward below random's) over the state directory's policy.onnx, which
@@ -104,6 +104,16 @@ def test_policy_train_with_no_steps_is_refused_before_anything_is_written(tmp_pa
     refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2, refused.stderr
     assert f"argument --steps: expects a number of steps, 1 or more, got '{steps}'" in refused.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", ["５", "1_0"])
+def test_policy_train_reads_its_seed_from_ascii_digits(tmp_path: Path, seed: str) -> None:
+    """Every other number of the command line is read from ASCII digits alone (clifuzz41); --seed took these."""
+    out = tmp_path / "policy.onnx"
+    command = locod_command("policy", "train", "--seed", seed, "--out", str(out))
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and f"argument --seed: invalid int value: '{seed}'" in refused.stderr
     assert not out.exists()
 
 
