@@ -1,5 +1,6 @@
 """Counts, money and quoted values in words, as the CLI, the report, decision reasons and refusals show them:
-``1 turn``, ``$0.05``, ``'a long na'... (9,000 characters)``."""
+``1 turn``, ``$0.05``, ``'a long na'... (9,000 characters)``; and the other way, the name a mistyped word
+meant and a number a command line gives."""
 
 from __future__ import annotations
 

@@ -376,7 +376,8 @@ def load_config(
     table: dict[str, Any] = {}
     source = NO_CONFIG_FILE
     if file is not None:
-        source = str(file)
+        # absolute: a client in another folder compares the file it names with this one (reload's note)
+        source = str(file.absolute())
         try:
             table = read_toml(file, MAX_CONFIG_BYTES)
         except FileNotFoundError:

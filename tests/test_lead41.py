@@ -15,6 +15,7 @@ import pytest
 import zmq
 
 from locod.client import Client
+from locod.daemon.config import load_config
 from locod.errors import DaemonNotRunning
 
 
@@ -75,3 +76,14 @@ def test_a_turn_lost_with_its_connection_is_never_sent_twice(dropping_end: Dropp
     with Client(dropping_end.address, timeout_s=3, turn_timeout_s=3) as client, pytest.raises(DaemonNotRunning):
         client.ask("Say hi.", max_tokens=2)
     assert [request["op"] for request in dropping_end.received] == ["chat"]
+
+
+def test_a_config_file_named_relative_is_the_daemons_source_as_an_absolute_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """review41: a daemon started with `--config rel.toml` kept the relative name as its source, so `locod
+    reload` or `config show` from another folder, naming the same file, was told it named another file."""
+    (tmp_path / "rel.toml").write_text("[routing]\nsla = 0.5\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config("rel.toml", env={})
+    assert config.source == str(tmp_path / "rel.toml") and config.routing.sla == 0.5
