@@ -352,7 +352,7 @@ class Client:
         self._in_flight: set[str] = set()
         self._held: dict[str, deque[Frame]] = {}  # frames that came while another request's were read
         self._cut: set[str] = set()  # requests in flight on a connection closed to cancel another turn
-        self._resendable: dict[str, bytes] = {}  # read-only requests in flight, as sent: see _receive
+        self._resendable: dict[str, bytes] = {}  # unanswered read-only requests in flight, as sent: see _receive
 
     def close(self) -> None:
         self._close_socket()
@@ -481,25 +481,29 @@ class Client:
                 )
             if not self._sock.poll(int(min(left, 1.0) * 1000), zmq.POLLIN):
                 check_alive(self.endpoint)
-                self._resend_if_dropped(rid)
+                self._resend_if_dropped()
                 continue
             self._dropped = 0
             frame_id, frame = decode_frame(self._sock.recv())
             if frame_id == rid:
                 return frame
             if frame_id in self._in_flight:
+                self._resendable.pop(frame_id, None)  # answered: a drop after this does not send it again
                 self._held.setdefault(frame_id, deque()).append(frame)
             # else a late reply to an earlier, abandoned request
 
-    def _resend_if_dropped(self, rid: str) -> None:
-        """Send a read-only request again when the daemon closed the connection it went out on: one it took
-        then shut (its guard, counting connections that had just closed as still open) lost the request, and
-        its client waited out the timeout on the new connection to be told the daemon might be stuck. A turn
-        or a feedback is never sent twice: the daemon may have read it before the connection closed."""
+    def _resend_if_dropped(self) -> None:
+        """Send the unanswered read-only requests again when the daemon closed the connection they went out on:
+        one it took then shut (its guard, counting connections that had just closed as still open) lost them,
+        and their client waited out the timeout on the new connection to be told the daemon might be stuck.
+        Every one in flight, not only the one being read: the others' drop was counted here, so reading them
+        next would never resend them. A turn or a feedback is never sent twice: the daemon may have read it
+        before the connection closed."""
         dropped = self._dropped
         self._check_not_refused()
-        if self._dropped > dropped and rid in self._resendable:
-            self._sock.send(self._resendable[rid])
+        if self._dropped > dropped:
+            for raw in self._resendable.values():
+                self._sock.send(raw)
 
     def _check_not_refused(self) -> None:
         """Raise ``DaemonNotRunning`` (``connection_refused``) when the daemon closes each connection this

@@ -20,10 +20,12 @@ from locod.errors import DaemonNotRunning
 
 
 class DroppingEnd:
-    """Reads the first request and drops its connection; answers every request after that with a result."""
+    """Reads the first ``drop_after`` requests, leaves them unanswered and drops their connection; answers every
+    request after that with a result."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, drop_after: int = 1) -> None:
         self.address = f"ipc://{path}"
+        self.drop_after = drop_after
         self.received: list[dict[str, object]] = []
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._serve, daemon=True)
@@ -43,9 +45,10 @@ class DroppingEnd:
             peer, raw = router.recv_multipart()
             request = json.loads(raw)
             self.received.append(request)
-            if len(self.received) == 1:
-                router.close(linger=0)
-                router = self._router()
+            if len(self.received) <= self.drop_after:
+                if len(self.received) == self.drop_after:
+                    router.close(linger=0)
+                    router = self._router()
                 continue
             reply = {"v": 1, "id": request["id"], "type": "result", "op": request["op"], "data": {"pong": True}}
             router.send_multipart([peer, json.dumps(reply).encode()])
