@@ -511,7 +511,7 @@ class CloudBackend:
         except Exception as exc:  # the stream ended early: cut here, billed so far, answered locally
             # unless its finish chunk had come before the connection dropped: the answer is whole, and only the
             # stream's end was lost ([DONE], the usage chunk), so it stands, priced from its text if need be
-            if finish is None or not _broke_off(exc):
+            if not finished or not _broke_off(exc):
                 breaker.failure()
                 partial = _generation(model, prompt, "".join(parts), usage, chunks, first, started)
                 why, code = _why_cut(exc, len(partial.text))

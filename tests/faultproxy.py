@@ -326,9 +326,9 @@ def _gzip_idle(fault: Fault) -> Iterator[bytes]:
 
 
 def _finished_then_dropped(fault: Fault) -> Iterator[bytes]:
-    """A whole answer, finish_reason stop, then nothing: the handler closes the connection mid-body."""
+    """A whole answer, its finish_reason ``finish``, then nothing: the handler closes the connection mid-body."""
     yield _event("The whole answer.")
-    yield _event("", "stop")
+    yield _event("", fault.finish)
 
 
 def _with_usage(line: bytes, usage: Any) -> tuple[bytes, bool]:

@@ -123,14 +123,15 @@ def test_a_json_schema_without_a_valid_name_is_refused_by_both_doors(daemon: Dae
     assert not daemon.rows(), "refused before a turn was accepted"
 
 
+@pytest.mark.parametrize("finish", ["stop", 42])  # 42: a reason not passed on (attack41), a finish all the same
 def test_a_cloud_stream_dropped_after_its_finish_chunk_is_a_whole_answer(
-    daemon_factory: Any, proxy: FaultProxy
+    daemon_factory: Any, proxy: FaultProxy, finish: Any
 ) -> None:
     """The connection dropped before `[DONE]` (a proxy, a NAT timeout) after the answer's finish chunk: the
     answer had come whole, yet it counted as cut, was thrown away for a local one and counted against the
     endpoint's breaker."""
     handle = daemon_factory(cloud_config(proxy.base_url, timeout_s=30.0), extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
-    proxy.set(Fault("finished_then_dropped", times=1))
+    proxy.set(Fault("finished_then_dropped", finish=finish, times=1))
     with handle.client() as client:
         result = client.ask("Say hello.", max_tokens=16)
         assert result.text == "The whole answer." and result.fallback is None, result.frames
