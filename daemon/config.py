@@ -467,16 +467,16 @@ def _expanded_paths(config: Config, origins: Mapping[str, str]) -> Config:
     written = [(key, _at(config, key)) for key in PATH_KEYS]
     written += [("paths.allow_dirs", directory) for directory in config.paths.allow_dirs]
     for key, value in written:
-        if not value and key in ROOT_KEYS:
-            raise ConfigError(
-                f'{origins.get(key, config.source)}: {key} must be an absolute path or begin with ~/, got "" (the '
-                "root the device is read under: empty, it read the directory the daemon started in)"
-            )
-        if value and not os.path.isabs(os.path.expanduser(value)):  # ~name of no user stays relative
-            raise ConfigError(
-                f"{origins.get(key, config.source)}: {key} must be an absolute path or begin with ~/, got "
-                f"{quoted(value)} (a relative one would depend on the directory each command and the daemon start in)"
-            )
+        if (value and os.path.isabs(os.path.expanduser(value))) or (not value and key not in ROOT_KEYS):
+            continue  # ~name of no user stays relative; an empty key other than a root is unset
+        shown, why = (
+            (quoted(value), "a relative one would depend on the directory each command and the daemon start in")
+            if value
+            else ('""', "the root the device is read under: empty, it read the directory the daemon started in")
+        )
+        raise ConfigError(
+            f"{origins.get(key, config.source)}: {key} must be an absolute path or begin with ~/, got {shown} ({why})"
+        )
     allow_dirs = [os.path.expanduser(directory) for directory in config.paths.allow_dirs]
     sections: dict[str, dict[str, Any]] = {"paths": {"allow_dirs": allow_dirs}}
     for key, value in written[: len(PATH_KEYS)]:
