@@ -208,7 +208,9 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
         text_id = rid if isinstance(rid, str) and not SURROGATE.search(rid) else None
         raise BadRequest(not_text(where), code="bad_request", request_id=text_id)
     if not isinstance(msg, dict):
-        raise BadRequest(f"message must be a JSON object, got {type(msg).__name__}", code="not_object", request_id=None)
+        raise BadRequest(
+            f"message must be a JSON object, got {json_type(type(msg))}", code="not_object", request_id=None
+        )
     rid = msg.get("id")
     if not isinstance(rid, str) or not rid or len(rid) > 200:
         raise BadRequest(
@@ -218,14 +220,14 @@ def parse_request(frames: list[bytes], max_bytes: int) -> Request:
     version = msg.get("v")
     if type(version) is not int or version != PROTOCOL_VERSION:  # not true, not 1.0
         raise BadRequest(
-            f"unsupported protocol version {version!r:.40}; this daemon (locod {__version__}) speaks "
+            f"unsupported protocol version {as_json(version)}; this daemon (locod {__version__}) speaks "
             f"v{PROTOCOL_VERSION}: use a client of its version, or run a daemon of the client's",
             code="unsupported_version",
             request_id=rid,
         )
     op = msg.get("op")
     if op not in OPS:
-        raise BadRequest(f"unknown op {op!r:.40}; known: {', '.join(OPS)}", code="unknown_op", request_id=rid)
+        raise BadRequest(f"unknown op {as_json(op)}; known: {', '.join(OPS)}", code="unknown_op", request_id=rid)
     _refuse_unknown_fields(reader, op)
     secret = reader.optional("secret", str)
     if op == "chat":
@@ -384,6 +386,32 @@ def _key_shown(key: str) -> str:
     return key if len(key) <= KEY_SHOWN else f"{key[:KEY_SHOWN]}...({len(key):,} characters)"
 
 
+# A refusal names a value's type as JSON does: its reader may write a client in any language, to whom
+# "got NoneType" or "must be str" (Python's names) says little.
+JSON_TYPE_NAMES: dict[type, str] = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    list: "an array",
+    dict: "an object",
+    type(None): "null",
+}
+
+
+def json_type(kind: type) -> str:
+    """``kind`` by its JSON name (``an integer``, ``null``)."""
+    return JSON_TYPE_NAMES.get(kind, kind.__name__)
+
+
+def as_json(value: Any, most: int = 40) -> str:
+    """A value of a request as its JSON text (``true``, ``null``, ``"x"``), its first ``most`` characters; an
+    array or object by its type alone (one nested as deep as the decoder allows would not be written back)."""
+    if isinstance(value, list | dict):
+        return json_type(type(value))
+    return json.dumps(value, ensure_ascii=False)[:most]
+
+
 def not_text(where: str) -> str:
     """A lone surrogate's refusal, naming where it is (``lone_surrogate_at``)."""
     return f"field {where!r} {NOT_TEXT}" if where else f"message {NOT_TEXT}"
@@ -419,7 +447,7 @@ class _Fields:
             except OverflowError:  # an integer past a double's range: the loop answered `internal`, with no id
                 raise self.bad(name, "is out of range (a double)") from None
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise self.bad(name, f"must be {kind.__name__}, got {type(value).__name__}")
+            raise self.bad(name, f"must be {json_type(kind)}, got {json_type(type(value))}")
         if kind is int and value not in INT64:
             raise self.bad(name, "is out of range (a signed 64-bit integer)")
         return value

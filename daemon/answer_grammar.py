@@ -32,7 +32,7 @@ from llama_cpp.llama_grammar import JSON_GBNF, PRIMITIVE_RULES, BuiltinRule, Lla
 
 from locod.daemon.json_pattern import json_text_pattern
 from locod.daemon.logs import Throttle
-from locod.errors import RequestError, first_line
+from locod.errors import ProtocolError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +287,8 @@ BUILT = _Built()
 
 def answer_grammar(response_format: dict[str, Any] | None) -> LlamaGrammar | None:
     """The grammar of ``response_format`` (``locod.protocol.response_format``'s: None is plain text), or a
-    ``bad_field`` refusal, before the turn is accepted, of a schema llama.cpp's converter cannot follow
+    ``bad_field`` refusal (kind ``protocol``, as every ``bad_field``: a client sorts errors by kind), before
+    the turn is accepted, of a schema llama.cpp's converter cannot follow
     (a remote ``$ref``, an unknown type) or locod holds no local answer to (the module's bounds): answered
     without it, the JSON would not be the schema's."""
     if response_format is None:
@@ -298,7 +299,7 @@ def answer_grammar(response_format: dict[str, Any] | None) -> LlamaGrammar | Non
         grammar = BUILT.get(response_format["json_schema"]["schema"])
     except Exception as exc:  # the converter's ValueError, AssertionError, KeyError, RecursionError ...
         why = str(exc) if isinstance(exc, _Refused) else first_line(exc)
-        raise RequestError(
+        raise ProtocolError(
             f"'response_format': a local model cannot follow this JSON schema ({why}); send a schema "
             "llama.cpp's converter takes (local $refs, no unknown types) within locod's bounds (docs/http.md), "
             "or name a cloud model to answer it",
