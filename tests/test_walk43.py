@@ -6,13 +6,19 @@ client talks: raw JSON frames over a real socket to a real daemon (the embedded 
 from __future__ import annotations
 
 import json
+import threading
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
 
-from .conftest import Context, DaemonHandle
+from locod.client import Client
+from locod.errors import ProtocolError
+
+from .conftest import CloudServer, Context, DaemonHandle, cloud_config
 from .test_docs_protocol import PROTOCOL, section
 
 LONG = {"max_tokens": 200, "force": "local"}
@@ -105,3 +111,110 @@ def test_a_refusal_names_types_and_values_as_json_does(raw: Raw, message: dict[s
     refused = raw.refusal(message)
     assert (refused["type"], refused["code"]) == ("error", code), refused
     assert said in refused["message"], refused["message"]
+
+
+def test_a_restarted_daemon_answers_the_open_connection_and_forgets_its_sessions(
+    ctx: Context, daemon_factory: Any
+) -> None:
+    """Walk finding: after a restart under an open connection, a turn naming the session it had continued
+    answered as a new dialogue (no history, turn 0 again) without a word, while the doc said each turn
+    "takes the next turn number in the decisions table". The doc now says a session lives in memory only,
+    and how a client can tell. What it said already holds too: a request sent while the daemon is down
+    waits in ZeroMQ's queue and is answered by the daemon that comes back, on the same connection."""
+    handle = daemon_factory()
+    raw = Raw(ctx, handle.endpoint)
+    ask = {"prompt": "My name is Zorblax. Say hi.", "options": {"max_tokens": 2, "force": "local"}}
+    before = raw.ask("ping")["data"]["pid"]
+    first = raw.ask("chat", session="R", **ask)
+    assert first["type"] == "done", first
+    handle.stop()
+
+    waiting = raw.send("ping")
+    again = daemon_factory()  # the same home and socket path: the user's daemon started again
+    assert again.endpoint == handle.endpoint
+    answered = raw.until_end(waiting)[-1]
+    assert answered["type"] == "result" and answered["data"]["pid"] not in (before, None), answered
+
+    second = raw.ask("chat", session="R", **ask)
+    fresh = raw.ask("chat", session="another", **ask)
+    assert second["type"] == "done" and second["session"] == "R", second
+    assert second["tokens_in"] == fresh["tokens_in"] == first["tokens_in"], "no history: a new dialogue"
+    turns = again.rows("SELECT turn FROM decisions WHERE session = 'R' ORDER BY id")
+    assert [row["turn"] for row in turns] == [0, 0]
+    sessions = section(PROTOCOL, "Sessions")
+    assert "A session lives in the daemon's memory only: when the daemon restarts" in " ".join(sessions.split())
+
+
+QUEUED = {"max_tokens": 2, "queued": True}
+STORY = "Tell me, in many words, the story of a lighthouse keeper and the storm that came. " * 20
+
+
+def test_a_lone_client_may_wait_behind_the_daemon_s_own_shadow_answer(
+    ctx: Context, daemon_factory: Any, cloud_server: CloudServer
+) -> None:
+    """Walk finding: a client with nothing else in flight asked for `queued` frames and was told `"ahead": 1`
+    right after a cloud turn, while the doc said the local model is held by "another turn": it was the
+    daemon's shadow answer to that cloud turn (`routing.shadow`), which gives way at its next token. The doc
+    now says so. The shadow is offered once the cloud turn's `done` is sent, so a turn sent at once may
+    (rarely) come first: a few tries."""
+    config = cloud_config(cloud_server.base_url, timeout_s=60.0)
+    config["routing"]["shadow"] = "always"
+    raw = Raw(ctx, daemon_factory(config).endpoint)
+    for _ in range(5):
+        cloud = raw.ask("chat", prompt=STORY, options={"max_tokens": 48, "force": "cloud", "temperature": 0})
+        assert (cloud["type"], cloud["location"]) == ("done", "cloud"), cloud
+        local = raw.until_end(raw.send("chat", prompt="hi", options={**QUEUED, "force": "local"}))
+        if local[0]["type"] == "queued":
+            break
+    assert local[0]["ahead"] == 1 and local[-1]["type"] == "done", local
+    queued = " ".join(section(PROTOCOL, "Requests").split())
+    assert "The one generating may be the daemon's own: a shadow answer to an earlier cloud turn" in queued
+
+
+class FakeEnd:
+    """A daemon end (a real ZeroMQ ROUTER) that answers each request with the frames given for it, in turn."""
+
+    def __init__(self, path: Path, answers: list[list[dict[str, Any]]]) -> None:
+        self.router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.bind(f"ipc://{path}")
+        self.address = f"ipc://{path}"
+        self.answers = answers
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        for frames in self.answers:
+            peer, body = self.router.recv_multipart()
+            rid = json.loads(body)["id"]
+            for frame in frames:
+                self.router.send_multipart([peer, json.dumps({"v": 1, "id": rid, **frame}).encode()])
+
+    def close(self) -> None:
+        self.thread.join(10)
+        self.router.close(linger=0)
+
+
+@pytest.fixture
+def fake_end(tmp_path: Path) -> Iterator[FakeEnd]:
+    (tmp_path / "run").mkdir(mode=0o700)
+    later_field = {"type": "result", "op": "ping", "data": {"pong": True}, "served_by": "a later daemon"}
+    unknown_type = {"type": "progress", "percent": 50}
+    end = FakeEnd(tmp_path / "run" / "locod.sock", [[later_field], [unknown_type]])
+    yield end
+    end.close()
+
+
+def test_a_field_a_client_does_not_know_is_read_past_and_a_frame_type_refused(fake_end: FakeEnd) -> None:
+    """Walk finding: the doc said a daemon of protocol 1 sends no frame type it does not list, but not what
+    a client does with a field it does not list, which later daemons of protocol 1 have added (`finish_reason`,
+    `cost_estimated`, `notice`): a client refusing unknown fields breaks on the next upgrade. The doc now says
+    to read past them, as `locod.client` does, and that `locod.client` refuses an unknown type, `bad_reply`."""
+    with Client(fake_end.address, timeout_s=20) as client:
+        assert client.ping() == {"pong": True}
+        with pytest.raises(ProtocolError) as refused:
+            client.ping()
+    assert refused.value.code == "bad_reply"
+    reading = " ".join(PROTOCOL.split("**Reading replies.**")[1].split("### `chat`")[0].split())
+    assert "a client reads the fields it knows and ignores the rest, as `locod.client` does" in reading
+    assert "`locod.client` refuses it (`bad_reply`)" in reading
