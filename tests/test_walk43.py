@@ -5,6 +5,7 @@ client talks: raw JSON frames over a real socket to a real daemon (the embedded 
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import uuid
@@ -88,6 +89,20 @@ def test_a_reused_id_and_a_schema_refusal_come_with_the_kinds_the_doc_gives(raw:
     kind_row = next(row for row in section(PROTOCOL, "Errors").splitlines() if "| `RequestError` |" in row)
     assert "never a frame's kind" not in kind_row
     assert "in a frame only as the kind of `duplicate_id`" in kind_row
+
+
+def test_an_unnamed_attachment_s_name_and_a_secret_sent_over_ipc_are_as_the_doc_says(raw: Raw) -> None:
+    """Walk finding: the doc gave an unnamed attachment the name `attachment-N` without saying from which N
+    (a client matching refusals and `attachments_sent` to its files needs it: the first is `attachment-0`),
+    and said a `secret` is required on a tcp endpoint, not what the ipc socket does with one (ignores it)."""
+    text = base64.b64encode(b"The secret word is tangerine.").decode()
+    unnamed = [{"kind": "document", "data": text}, {"kind": "document", "data": ""}]
+    refused = raw.ask("chat", prompt="What is the word?", attachments=unnamed)
+    assert (refused["code"], refused["message"]) == ("bad_attachment", "attachment 'attachment-1' is empty")
+    assert raw.ask("ping", secret="not the tcp endpoint's")["data"]["pong"] is True
+    doc = " ".join(PROTOCOL.split())
+    assert "default `attachment-N`, N its place in the list from 0" in doc
+    assert "one sent there is ignored, right or wrong" in doc
 
 
 @pytest.mark.parametrize(
