@@ -533,15 +533,16 @@ class TurnRunner:
         """The cloud failed: the default local model answers the same turn, under the same record."""
         local = decision.fallen_back(turn.config.local.default, failure.message)
         uploaded, told = _uploaded(turn, decision, failure)
+        unanswered = _with_partial(EMPTY, failure)  # what the cloud attempt uploaded and was billed, answered or not
         with self.local.slot(turn.client, reply.cancelled) as granted:
             if not granted:
-                return Ending(local, EMPTY, "cancelled", reply.cancel_reason, Busy.code, uploaded=uploaded)
+                return Ending(local, unanswered, "cancelled", reply.cancel_reason, Busy.code, uploaded=uploaded)
             try:
                 prompt = self._fitted(self.local, turn, local, reply, None)
             except LocodError as exc:
                 error = f"{failure.message}; local fallback failed: {exc.message}"
-                failed = _with_partial(EMPTY, failure)  # reported under the cloud's code: it failed first
-                return Ending(local, failed, "error", error, CloudError.code, failure.code, uploaded=uploaded)
+                # reported under the cloud's code: it failed first
+                return Ending(local, unanswered, "error", error, CloudError.code, failure.code, uploaded=uploaded)
             message = f"the cloud answer failed ({failure.message}{told}); answering locally, from the start"
             reply.send(FallbackFrame(decision_id, local.model, failure.code, message + _unseen(turn.attachments)))
             ending = self._ended(local, _with_partial(self.local.generate(local.model, prompt), failure), reply)

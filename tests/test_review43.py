@@ -1,0 +1,42 @@
+"""Review of the turn's error paths, the local backend and the learner (review43): each defect shown against
+the real daemon (real model, real loopback cloud behind tests/faultproxy.py, real SQLite) or the real module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .conftest import Context, cloud_config, wait_for
+from .faultproxy import Fault, FaultProxy
+from .test_attacks14 import dealer, receive, send, status
+from .test_cancel31 import LONG_PROMPT, MODEL
+
+
+def test_a_cut_cloud_stream_whose_fallback_is_cancelled_in_the_local_queue_keeps_what_it_was_billed(
+    daemon_factory: Any, proxy: FaultProxy, ctx: Context
+) -> None:
+    """The cloud's stream broke after it began (real providers bill the part they streamed, and had the whole
+    question), and the turn fell back to the local model, which another client's long prompt held. Its client
+    left while it waited: the record said the turn cost nothing and uploaded nothing, so today's spend (the
+    daily cap, /metrics) lost the billed part. A fallback whose local answer failed or was cancelled while it
+    ran kept it; only the one cancelled in the queue did not."""
+    config = cloud_config(proxy.base_url, timeout_s=60.0)
+    model = {"name": MODEL, "path": "SmolLM2-135M-Instruct.Q4_1.gguf", "n_ctx": 16384}
+    config["local"] = {"n_threads": 1, "models": [model]}
+    handle = daemon_factory(config)
+    holder = dealer(handle, ctx)  # holds the local model while it reads a 14,000-token prompt
+    send(holder, "holder", "chat", prompt=LONG_PROMPT, options={"force": "local", "max_tokens": 8})
+    assert receive(holder)["type"] == "decision"
+
+    proxy.set(Fault("cut", cut_after_chunks=3))
+    leaver = dealer(handle, ctx)
+    send(leaver, "leaver", "chat", prompt="Name three colours.", options={"max_tokens": 64, "temperature": 0.0})
+    assert receive(leaver)["type"] == "decision"  # accepted: sent to the cloud, whose stream is then cut
+    wait_for(lambda: status(handle, ctx)["queue"]["waiting_for_local"] == 1, 120, "the fallback to queue")
+    leaver.close()
+    wait_for(lambda: [r for r in handle.rows() if r["outcome"] == "cancelled"], 120, "the fallback's cancel")
+    holder.close()
+
+    (row,) = [r for r in handle.rows() if r["request_id"] == "leaver"]
+    assert (row["outcome"], row["location"], row["backend"]) == ("cancelled", "cloud", "local")
+    assert row["cost_usd"] > 0 and row["cost_estimated"] == 1  # the cut part, priced from its text
+    assert row["bytes_up"] > 0  # the question left the device
