@@ -524,7 +524,9 @@ class TurnRunner:
         reply.send(FallbackFrame(decision_id, judged.model, failure.code, message + _unseen(turn.attachments)))
         if turn.request.options.stream:
             reply.send(DeltaFrame(answer.text))
-        shown = Generation(answer.text, answer.tokens_in, answer.tokens_out, waited_ms, waited_ms)
+        shown = Generation(
+            answer.text, answer.tokens_in, answer.tokens_out, waited_ms, waited_ms, finish_reason=answer.finish_reason
+        )
         kept = dataclasses.replace(judged, kept=True)
         shown = _with_partial(shown, failure)
         return Ending(local, shown, "fallback", failure.message, code=failure.code, judged=kept, uploaded=uploaded)

@@ -3,12 +3,14 @@ the real daemon (real model, real loopback cloud behind tests/faultproxy.py, rea
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from .conftest import Context, cloud_config, wait_for
 from .faultproxy import Fault, FaultProxy
 from .test_attacks14 import dealer, receive, send, status
 from .test_cancel31 import LONG_PROMPT, MODEL
+from .test_escalation import _daemon, _head
 
 
 def test_a_cut_cloud_stream_whose_fallback_is_cancelled_in_the_local_queue_keeps_what_it_was_billed(
@@ -40,3 +42,20 @@ def test_a_cut_cloud_stream_whose_fallback_is_cancelled_in_the_local_queue_keeps
     assert (row["outcome"], row["location"], row["backend"]) == ("cancelled", "cloud", "local")
     assert row["cost_usd"] > 0 and row["cost_estimated"] == 1  # the cut part, priced from its text
     assert row["bytes_up"] > 0  # the question left the device
+
+
+def test_a_held_local_answer_shown_after_the_clouds_failure_says_why_it_ended(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    """An escalation dropped a whole local answer, the cloud then failed, and the held answer was shown: its
+    ``done`` frame carried no ``finish_reason``, though the same answer shown unjudged says it (a client
+    reading it could not tell an answer cut at ``max_tokens`` from one that ended)."""
+    unsure = _head(min_weight=1000.0, bias=10.0)
+    handle = _daemon(daemon_factory, tmp_path, proxy, unsure, "held", routing={"escalate_tokens": 64})
+    client = handle.client()
+    forced = client.ask("What is the plural of mouse?", max_tokens=24, temperature=0.0, force="local")
+    assert forced.done.finish_reason in ("stop", "length")
+    proxy.set(Fault("status", status=500))
+    result = client.ask("What is the plural of mouse?", max_tokens=24, temperature=0.0)
+    assert result.fallback is not None and "showing the local answer" in result.fallback.message
+    assert result.text == forced.text and result.done.finish_reason == forced.done.finish_reason
