@@ -91,7 +91,8 @@ class Routing:
     normalised cost, the predicted satisfaction and the policy's probability; MESS+'s queue and targets."""
 
     action: str  # the candidate chosen (after a fallback: the local model that answered)
-    features: RecordedFeatures  # of the chosen action: a later label trains on exactly these
+    # of the chosen action (after an escalation or a fallback, of the one that answered): a label trains on these
+    features: RecordedFeatures
     q: float
     sla: float
     v: float
@@ -182,11 +183,11 @@ class Decision:
     notice: str | None = None  # said to the user: the answer does not come from where they asked
     escalation: Escalation | None = None  # local first; where an unsure answer goes
 
-    def fallen_back(self, local_model: str, why: str) -> Decision:
+    def fallen_back(self, local_model: str, why: str, features: RecordedFeatures) -> Decision:
         """The same turn answered by the local model after the cloud failed. The routing state goes along:
         the turn still counts for the SLA (with the local model's prediction) and an explored turn is still
-        graded."""
-        routing = None if self.routing is None else dataclasses.replace(self.routing, action=local_model)
+        graded, its label training the local model on ``features``, the turn as that model saw it."""
+        routing = self.routing and dataclasses.replace(self.routing, action=local_model, features=features)
         return Decision("local", local_model, (), f"{self.reason}; fell back: {why}", self.explored, routing)
 
     def answered(self, s_answered: float, explored: bool) -> Decision:

@@ -150,6 +150,9 @@ class Outcome:
     private_answer: str | None = None  # SHA-256 of an answer made from private material, to know it again
     private_openings: tuple[str, ...] = ()  # and of its first words (``opening_digests``), to know a part of it
     s_settled: float | None = None  # a routed answer's prediction, which MESS+'s queue settles with
+    # The features (``RecordedFeatures.to_json``) of the action that answered, where it is not the one the record
+    # was begun with (an escalation, a fallback): what a label trains that model on. None: as begun.
+    features: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -412,9 +415,10 @@ class DecisionLog:
         """Complete the turn's record, its cost counted today in place of ``held``, what its cloud call was
         held at against the daily cap."""
         row: dict[str, Any] = asdict(outcome)
-        sent = row.pop("attachments_sent")
-        if sent is not None:
-            row["attachments_sent"] = json.dumps(sent)
+        for column in ("attachments_sent", "features"):  # None: as the record was begun
+            value = row.pop(column)
+            if value is not None:
+                row[column] = json.dumps(value, separators=(",", ":"))
         if row["confidence"] is not None:
             row["confidence"] = json.dumps(row["confidence"], separators=(",", ":"))
             if outcome.confidence and outcome.confidence.explored:  # the checkpoint's choice explored

@@ -181,6 +181,8 @@ class Ending:
 
 
 EMPTY = Generation("", 0, 0, None, 0.0)
+# Outcomes answered by another action than the one the record was begun with (what its features describe).
+HANDED_OVER = ("escalated", "fallback")
 
 
 class Acceptance:
@@ -259,8 +261,10 @@ def _after(local: Generation, answer: Generation) -> Generation:
 
 def _outcome(turn: Turn, ending: Ending, private: bool) -> Outcome:
     """What the turn's record is completed with; a ``private`` answer (made from private material) with the
-    digests it is known by again when a client sends it back."""
+    digests it is known by again when a client sends it back; one another action answered than the record
+    was begun with (an escalation, a fallback) with that action's features, which a label trains it on."""
     decision, g = ending.decision, ending.generation
+    handed_over = decision.routing is not None and ending.outcome in HANDED_OVER
     return Outcome(
         outcome=ending.outcome,
         backend=decision.location,
@@ -281,6 +285,7 @@ def _outcome(turn: Turn, ending: Ending, private: bool) -> Outcome:
         private_answer=answer_digest(g.text) if private and g.text.strip() else None,
         private_openings=opening_digests(g.text) if private else (),
         s_settled=decision.routing.s_hat_taken if decision.routing and ending.outcome in ANSWERED else None,
+        features=decision.routing.features.to_json() if decision.routing and handed_over else None,
     )
 
 
@@ -504,8 +509,8 @@ class TurnRunner:
             waited_ms = (time.perf_counter() - started) * 1000
             return self._show_held(decision_id, turn, decision, exc, reply, held, waited_ms)
 
-    @staticmethod
     def _show_held(
+        self,
         decision_id: int,
         turn: Turn,
         decision: Decision,
@@ -518,7 +523,8 @@ class TurnRunner:
         was, is shown rather than made again (the local attempt's time and energy are added by ``_after``).
         It settles with the s_hat its confidence gave, and a label for it trains the confidence head."""
         judged, answer = held
-        local = decision.fallen_back(judged.model, failure.message).answered(judged.s_answered, False)
+        local = decision.fallen_back(judged.model, failure.message, self.decider.local_features(turn))
+        local = local.answered(judged.s_answered, False)
         uploaded, told = _uploaded(turn, decision, failure)
         message = f"the cloud answer failed ({failure.message}{told}); showing the local answer it was to replace"
         reply.send(FallbackFrame(decision_id, judged.model, failure.code, message + _unseen(turn.attachments)))
@@ -533,7 +539,7 @@ class TurnRunner:
 
     def _fall_back(self, decision_id: int, turn: Turn, decision: Decision, failure: CloudError, reply: Reply) -> Ending:
         """The cloud failed: the default local model answers the same turn, under the same record."""
-        local = decision.fallen_back(turn.config.local.default, failure.message)
+        local = decision.fallen_back(turn.config.local.default, failure.message, self.decider.local_features(turn))
         uploaded, told = _uploaded(turn, decision, failure)
         unanswered = _with_partial(EMPTY, failure)  # what the cloud attempt uploaded and was billed, answered or not
         with self.local.slot(turn.client, reply.cancelled) as granted:

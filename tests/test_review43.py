@@ -3,8 +3,11 @@ the real daemon (real model, real loopback cloud behind tests/faultproxy.py, rea
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
+
+from locod.protocol import Attachment
 
 from .conftest import Context, cloud_config, wait_for
 from .faultproxy import Fault, FaultProxy
@@ -59,3 +62,27 @@ def test_a_held_local_answer_shown_after_the_clouds_failure_says_why_it_ended(
     result = client.ask("What is the plural of mouse?", max_tokens=24, temperature=0.0)
     assert result.fallback is not None and "showing the local answer" in result.fallback.message
     assert result.text == forced.text and result.done.finish_reason == forced.done.finish_reason
+
+
+def test_a_turn_answered_by_another_action_than_it_began_with_is_labelled_on_that_actions_features(
+    daemon_factory: Any, tmp_path: Path, proxy: FaultProxy
+) -> None:
+    """A label trains the model that answered on the features its record keeps, which were those of the action
+    the record was begun with. An escalated turn's label trained the cloud model on what the local model saw
+    (here a document the cloud was never sent), and a fallback's, once the fix above kept the escalation's,
+    the local model on what the cloud would have seen. The record now keeps the features of what answered."""
+    unsure = _head(min_weight=1000.0, bias=10.0)
+    handle = _daemon(daemon_factory, tmp_path, proxy, unsure, "handed")
+    recipe = Attachment("document", "recipe.md", data=b"Whisk two eggs with sugar, fold in flour, bake for an hour.\n")
+    client = handle.client()
+    escalated = client.ask("What is the plural of mouse?", attachments=[recipe], max_tokens=24, temperature=0.0)
+    assert escalated.done.outcome == "escalated" and escalated.decision.attachments_sent == []
+    proxy.set(Fault("status", status=500))
+    fell_back = client.ask("What is the plural of goose?", attachments=[recipe], max_tokens=24, temperature=0.0)
+    assert fell_back.done.outcome == "fallback" and fell_back.done.location == "local"
+
+    rows = {row["id"]: row for row in handle.rows()}
+    cloud, local = (json.loads(rows[turn.done.decision]["features"]) for turn in (escalated, fell_back))
+    assert cloud["n_attachments"] == 0  # the cloud answered without the recipe
+    assert cloud["withheld_relevance"] == local["max_relevance"]
+    assert local["n_attachments"] == 1  # the local model answered with it

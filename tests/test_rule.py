@@ -239,7 +239,7 @@ def test_record_dataclasses_and_migrated_columns_agree(tmp_path: Path) -> None:
 
 def test_a_fallback_keeps_the_routing_state_for_the_local_answer() -> None:
     decision = Decision("cloud", "gpt", (0,), "the rule", explored=True, routing=routing())
-    local = decision.fallen_back("smol", "HTTP 500")
+    local = decision.fallen_back("smol", "HTTP 500", routing().features)
     assert (local.location, local.model, local.send, local.explored) == ("local", "smol", (), True)
     assert local.routing is not None and local.routing.action == "smol" and local.routing.s_hat_taken is None
     assert local.reason == "the rule; fell back: HTTP 500"
