@@ -288,12 +288,15 @@ class Daemon:
         watchdog_every = self.notifier.watchdog_interval
         last_ping = last_status = last_look = 0.0
         while True:
-            events = dict(poller.poll(timeout=10 if self.backlog else 250))
+            wait_ms = 10 if self.backlog else 250
+            events = dict(poller.poll(timeout=min(guard.wait_ms(wait_ms) for guard in self.guards.values())))
             if self._wake_r.fileno() in events:
                 self._on_signals()
-            for guard in self.guards.values():
+            for tag, guard in self.guards.items():
                 if guard.monitor in events:
                     guard.drain()  # before the requests: a connection over the bounds is shut first
+                for fd, frames in guard.settle():  # the requests of a newcomer let in once it settled
+                    self._take(tag, self.sockets[tag], frames, fd)
             for tag, sock in self.sockets.items():
                 if sock in events:
                     self._drain_requests(tag, sock)
@@ -358,25 +361,32 @@ class Daemon:
         return (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino)
 
     def _drain_requests(self, tag: bytes, sock: zmq.Socket[bytes]) -> None:
+        guard = self.guards.get(tag)
         for _ in range(100):  # bounded, so outgoing frames and signals are not starved
             try:
                 parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             frames = [part.bytes for part in parts]
-            peer = tag + frames[0]
-            if len(frames) > 2 and frames[1] == b"":  # a REQ socket's envelope: it reads replies behind one
-                self._refuse_req_socket(sock, frames[0])
-                continue
-            try:
-                self._dispatch(peer, tag, frames[1:], parts[-1].get(zmq.SRCFD))
-            except BadRequest as exc:
-                self._send(peer, encode_frame(exc.request_id, ErrorFrame.of(exc)))
-            except LocodError as exc:
-                self._send(peer, encode_frame(None, ErrorFrame.of(exc)))
-            except Exception:  # a bug in one request's handling must not take the loop down
-                log.exception("request from a client failed")
-                self._send(peer, encode_frame(None, INTERNAL))
+            fd = parts[-1].get(zmq.SRCFD)
+            if guard is None or not guard.hold(fd, frames):  # held while its connection settles (tcpguard.py)
+                self._take(tag, sock, frames, fd)
+
+    def _take(self, tag: bytes, sock: zmq.Socket[bytes], frames: list[bytes], fd: int) -> None:
+        """Answer one message (its routing id first) come on connection ``fd`` of door ``tag``."""
+        peer = tag + frames[0]
+        if len(frames) > 2 and frames[1] == b"":  # a REQ socket's envelope: it reads replies behind one
+            self._refuse_req_socket(sock, frames[0])
+            return
+        try:
+            self._dispatch(peer, tag, frames[1:], fd)
+        except BadRequest as exc:
+            self._send(peer, encode_frame(exc.request_id, ErrorFrame.of(exc)))
+        except LocodError as exc:
+            self._send(peer, encode_frame(None, ErrorFrame.of(exc)))
+        except Exception:  # a bug in one request's handling must not take the loop down
+            log.exception("request from a client failed")
+            self._send(peer, encode_frame(None, INTERNAL))
 
     @staticmethod
     def _refuse_req_socket(sock: zmq.Socket[bytes], identity: bytes) -> None:

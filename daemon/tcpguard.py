@@ -29,6 +29,17 @@ every peer is the owner's: at the tcp endpoint a peer without the secret would e
 Never one with a turn in flight (``in_turn``): its answer was lost, and its client blamed the daemon or the
 bound, for a newcomer as small as `locod status` or a client's liveness probe.
 
+A newcomer that finds its bound full is not judged at once: the connections it would count against may be
+closing already (a client that closes one connection and opens the next: libzmq closes the old descriptor from
+its reaper thread, after the new connect may have reached the daemon, and the daemon's own monitor reports a
+close after the next accept). Judged at once, it was shut, or an older live connection evicted for it, though
+the slots were in fact free, and a request it had sent was lost: locod's own client sends a read-only one
+again, any other client waited out its timeout. So it *settles*: for up to ``SETTLE_S`` it waits, uncounted,
+its requests held unread by the loop, and is let in (its requests then answered, in order) as soon as the
+closes on their way free a slot; only then is it judged as above (its held requests dropped if it is shut).
+At most ``MAX_SETTLING`` wait at once: past them a newcomer is judged at its accept, so a flood costs no more
+descriptors than before.
+
 The monitor reports the accepted descriptor's number; before anything is done to it, the descriptor is
 checked to be a socket on this endpoint's own address (the number may have been reused meanwhile).
 """
@@ -40,9 +51,10 @@ import logging
 import os
 import socket
 import struct
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -54,6 +66,9 @@ log = logging.getLogger(__name__)
 
 HANDSHAKE_S = 10  # a tcp connection has this long to complete its ZMTP greeting
 EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+SETTLE_S = 0.25  # how long a newcomer over a bound waits for the closes on their way before it is judged
+MAX_SETTLING = 8  # newcomers waiting so at once; one more is judged at its accept
+MAX_HELD_BYTES = 64 << 20  # what their held requests may take in all; past it, the sender is judged at once
 
 
 @dataclass
@@ -61,6 +76,15 @@ class _Conn:
     host: str
     inode: int  # checked again before an eviction: the descriptor number may have been reused
     vouched: bool = False
+
+
+@dataclass
+class _Newcomer:
+    """A connection over a bound, waiting for the closes on their way (``SETTLE_S``) before it is judged."""
+
+    conn: _Conn
+    judged_at: float  # time.monotonic()
+    held: list[list[bytes]] = field(default_factory=list)  # its requests, read meanwhile and not answered
 
 
 class DoorGuard:
@@ -88,10 +112,12 @@ class DoorGuard:
         self._asked = "sent no request" if self.door == "ipc" else "sent no request with the secret"
         self._live: dict[int, _Conn] = {}  # descriptor -> the connection let in on it
         self._hosts: Counter[str] = Counter()
-        # The hosts (None: all) whose closed connections this drain has looked for: once a drain, as a look
+        # The hosts (None: all) whose closed connections this drain (or settling) has looked for: once, as a look
         # costs a few system calls a connection, and a flood refused at its bound had it made for each
         # newcomer, until the loop fell so far behind libzmq's accepts that the descriptors ran out.
         self._swept: set[str | None] = set()
+        self._settling: dict[int, _Newcomer] = {}  # descriptor -> a newcomer over a bound, in order of arrival
+        self._let_in: dict[int, list[list[bytes]]] = {}  # the held requests of newcomers let in, to be answered
         self.refused = 0  # connections shut: refused at their accept, or evicted for a newcomer
         self.evicted = 0
         self._throttle = Throttle(log)
@@ -118,6 +144,50 @@ class DoorGuard:
                 self._accepted(fd)
             else:
                 self._gone(fd)
+                self._let_in_those_that_fit()
+
+    def hold(self, fd: int, request: list[bytes]) -> bool:
+        """Keep ``request``, come on ``fd``, unanswered while its connection settles (or until the held ones
+        before it are answered); False when it may be answered now."""
+        if fd not in self._live and fd not in self._settling:
+            self.drain()  # its ACCEPTED event may still wait in the monitor
+        if (newcomer := self._settling.get(fd)) is not None:
+            newcomer.held.append(request)
+            if self._held_bytes() > MAX_HELD_BYTES:  # held in the daemon's memory, unlike libzmq's bounded pipes
+                self._judge_settled(fd)
+            return True
+        if fd in self._let_in:
+            self._let_in[fd].append(request)
+            return True
+        return False
+
+    def settle(self) -> list[tuple[int, list[bytes]]]:
+        """Judge the newcomers whose wait is over; the held requests (descriptor, frames) of those let in
+        meanwhile, in order, for the loop to answer now."""
+        self._swept.clear()
+        now = time.monotonic()
+        for fd in [fd for fd, newcomer in self._settling.items() if newcomer.judged_at <= now]:
+            self._judge_settled(fd)
+        let_in = [(fd, request) for fd, requests in self._let_in.items() for request in requests]
+        self._let_in.clear()
+        return let_in
+
+    def _judge_settled(self, fd: int) -> None:
+        """Judge the newcomer waiting on ``fd`` now; forget it if it has closed meanwhile."""
+        newcomer = self._settling.pop(fd)
+        with _endpoint_conn(fd, self._local) as found:
+            if found is not None and found[1][1] == newcomer.conn.inode and not closed_by_peer(found[0]):
+                self._judge(fd, found[0], newcomer)
+
+    def _held_bytes(self) -> int:
+        return sum(len(frame) for newcomer in self._settling.values() for held in newcomer.held for frame in held)
+
+    def wait_ms(self, longest: int) -> int:
+        """How long the loop may wait for events, at most ``longest``: until the next newcomer is judged."""
+        if not self._settling:
+            return longest
+        first = min(newcomer.judged_at for newcomer in self._settling.values())
+        return max(0, min(longest, int((first - time.monotonic()) * 1000) + 1))
 
     def vouch(self, fd: int) -> None:
         """The connection on ``fd`` sent a request that passed the door's checks: it is never evicted at the
@@ -134,33 +204,69 @@ class DoorGuard:
             if found is None:
                 return  # closed already, or the number now names another descriptor: not ours to judge
             conn, (host, inode) = found
+            newcomer = _Newcomer(_Conn(host, inode), time.monotonic() + SETTLE_S)
+            if self._sweep_over(host) is None:
+                self._admit(fd, newcomer)
+            elif len(self._settling) < MAX_SETTLING:
+                self._settling[fd] = newcomer
+            else:
+                self._judge(fd, conn, newcomer)
+
+    def _sweep_over(self, host: str) -> tuple[str, str] | None:
+        """``_over``, once the connections its bound counts that have closed are forgotten."""
+        over = self._over(host)
+        if over is not None and (scope := host if over[0] == "host" else None) not in self._swept:
+            self._swept.add(scope)
+            self._forget_closed(scope)
             over = self._over(host)
-            if over is not None and (scope := host if over[0] == "host" else None) not in self._swept:
-                self._swept.add(scope)
-                self._forget_closed(scope)
-                over = self._over(host)
-            while over is not None and self._evict(host if over[0] == "host" else None, over[1]):
-                over = self._over(host)
-            if (
-                over is not None
-                and over[0] == "total"
-                and self.door == "ipc"
-                and self._take_from_the_greediest(host, over[1])
-            ):
-                over = self._over(host)
-            if over is None:
-                self._live[fd] = _Conn(host, inode)  # in order of arrival: the oldest first
-                self._hosts[host] += 1
-                return
-            _shut(conn)
-            self.refused += 1
-            kind, why = over
-            self._throttle.say(kind, logging.WARNING, "%s: refused a connection from %s: %s", self.door, host, why)
+        return over
+
+    def _let_in_those_that_fit(self) -> None:
+        """Let in the newcomers, oldest first, that a connection's close has left room for."""
+        for fd, newcomer in list(self._settling.items()):
+            if self._over(newcomer.conn.host) is None:
+                del self._settling[fd]
+                self._admit(fd, newcomer)
+
+    def _admit(self, fd: int, newcomer: _Newcomer) -> None:
+        self._live[fd] = newcomer.conn  # in order of arrival: the oldest first
+        self._hosts[newcomer.conn.host] += 1
+        if newcomer.held:
+            self._let_in[fd] = newcomer.held
+
+    def _judge(self, fd: int, conn: socket.socket, newcomer: _Newcomer) -> None:
+        """Let in a newcomer over a bound in place of the oldest connection not vouched for (or of the greediest
+        process's, at the ipc socket); else shut it, dropping its held requests."""
+        host = newcomer.conn.host
+        over = self._sweep_over(host)
+        while over is not None and self._evict(host if over[0] == "host" else None, over[1]):
+            over = self._over(host)
+        if (
+            over is not None
+            and over[0] == "total"
+            and self.door == "ipc"
+            and self._take_from_the_greediest(host, over[1])
+        ):
+            over = self._over(host)
+        if over is None:
+            self._admit(fd, newcomer)
+            return
+        _shut(conn)
+        self.refused += 1
+        kind, why = over
+        self._throttle.say(kind, logging.WARNING, "%s: refused a connection from %s: %s", self.door, host, why)
 
     def _evict(self, host: str | None, why: str) -> bool:
-        """Shut the oldest connection (from ``host``, or any) not vouched for; False if there is none."""
+        """Shut the oldest connection (from ``host``, or any) not vouched for; False if there is none. One let in
+        with held requests not answered yet is spared: a flood of newcomers judged before the loop answered them
+        evicted it, its requests lost."""
         fd, conn = next(
-            ((fd, c) for fd, c in self._live.items() if not c.vouched and host in (None, c.host)), (None, None)
+            (
+                (fd, c)
+                for fd, c in self._live.items()
+                if not c.vouched and fd not in self._let_in and host in (None, c.host)
+            ),
+            (None, None),
         )
         if fd is None or conn is None:
             return False
@@ -175,7 +281,11 @@ class DoorGuard:
         if self._hosts[host] + 1 >= held:
             return False
         busy = self._in_turn()
-        idle = (fd for fd, conn in self._live.items() if conn.host == greediest and (fd, conn.inode) not in busy)
+        idle = (
+            fd
+            for fd, conn in self._live.items()
+            if conn.host == greediest and (fd, conn.inode) not in busy and fd not in self._let_in
+        )
         if (fd := next(idle, None)) is None:
             return False
         message = "%s: %s: closed the oldest connection from %s, which held %d, for a newcomer from %s"
@@ -220,6 +330,8 @@ class DoorGuard:
         return None
 
     def _gone(self, fd: int) -> None:
+        self._settling.pop(fd, None)
+        self._let_in.pop(fd, None)
         conn = self._live.pop(fd, None)
         if conn is not None:
             self._hosts[conn.host] -= 1
