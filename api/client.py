@@ -352,7 +352,8 @@ class Client:
         self._in_flight: set[str] = set()
         self._held: dict[str, deque[Frame]] = {}  # frames that came while another request's were read
         self._cut: set[str] = set()  # requests in flight on a connection closed to cancel another turn
-        self._resendable: dict[str, bytes] = {}  # unanswered read-only requests in flight, as sent: see _receive
+        # Unanswered read-only requests in flight, as sent, each with the drops counted before it was (_drops)
+        self._resendable: dict[str, tuple[bytes, int]] = {}
 
     def close(self) -> None:
         self._close_socket()
@@ -385,6 +386,7 @@ class Client:
         # At an address of its own: pyzmq's default is by the socket's descriptor, which a reconnect may reuse
         self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED, f"inproc://locod-client-{uuid.uuid4().hex}")
         self._dropped = 0  # times the daemon closed the connection since the last frame came
+        self._drops = 0  # times it closed it in all
         return sock
 
     def _claim(self, rid: str) -> None:
@@ -428,7 +430,8 @@ class Client:
             check_request_size(len(raw), request.attachments, self.daemon_config())
         self._claim(request.id)
         if isinstance(request, SimpleRequest) and request.op in READ_ONLY_OPS:
-            self._resendable[request.id] = raw
+            self._count_drops()  # one before the send did not lose this request
+            self._resendable[request.id] = (raw, self._drops)
         try:
             self._sock.send(raw)
         except BaseException:
@@ -497,21 +500,21 @@ class Client:
         one it took then shut (its guard, counting connections that had just closed as still open) lost them,
         and their client waited out the timeout on the new connection to be told the daemon might be stuck.
         Every one in flight, not only the one being read: the others' drop was counted here, so reading them
-        next would never resend them. A turn or a feedback is never sent twice: the daemon may have read it
-        before the connection closed."""
-        dropped = self._dropped
+        next would never resend them. Only those sent before the drop: one the daemon made of a connection
+        closed while this Client was idle, counted after the next request went out, had it sent twice and
+        answered twice. A turn or a feedback is never sent twice: the daemon may have read it before the
+        connection closed."""
         self._check_not_refused()
-        if self._dropped > dropped:
-            for raw in self._resendable.values():
+        for rid, (raw, drops_before) in list(self._resendable.items()):
+            if drops_before < self._drops:
                 self._sock.send(raw)
+                self._resendable[rid] = (raw, self._drops)
 
     def _check_not_refused(self) -> None:
         """Raise ``DaemonNotRunning`` (``connection_refused``) when the daemon closes each connection this
         client makes: its guard refuses one over the socket's bound on connections, and the client, which
         reconnects by itself, waited out its timeout to be told the daemon might be stuck (docs/protocol.md)."""
-        while self._monitor.poll(0):
-            self._monitor.recv_multipart()
-            self._dropped += 1
+        self._count_drops()
         if self._dropped >= REFUSED_AFTER:
             raise DaemonNotRunning(
                 f"locod at {self.endpoint} closed this client's connection {self._dropped} times without an "
@@ -520,6 +523,13 @@ class Client:
                 "status` shows the bound and the refusals",
                 code="connection_refused",
             )
+
+    def _count_drops(self) -> None:
+        """Count the daemon's closes of this client's connection that its monitor has reported."""
+        while self._monitor.poll(0):
+            self._monitor.recv_multipart()
+            self._dropped += 1
+            self._drops += 1
 
     def call(self, op: str, **fields: Any) -> Any:
         if op == "feedback":

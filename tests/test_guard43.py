@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import json
 import resource
+import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import zmq
+
+from locod.client import Client
 
 from .conftest import DaemonHandle
 
@@ -88,3 +92,86 @@ def test_a_newcomer_past_the_bound_is_still_refused_and_its_held_request_dropped
             sock.close(linger=0)
         ctx.term()
     assert "ipc: refused a connection from pid" in handle.log()
+
+
+class IdleDroppingEnd:
+    """A fake daemon end (a real ROUTER): answers the first request, then closes its connection while the
+    client is idle (and binds again); it holds the next request's answer until a copy of it comes or
+    ``hold_ms`` passes."""
+
+    def __init__(self, path: Path, hold_ms: int = 3000) -> None:
+        self.address = f"ipc://{path}"
+        self.hold_ms = hold_ms
+        self.received: list[dict[str, Any]] = []
+        self.dropped = threading.Event()  # the client reconnected after the drop
+        self._go = threading.Event()
+        self._ended = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _router(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+        """A ROUTER bound at the address, and its monitor of completed handshakes (set before the bind)."""
+        router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        monitor = router.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        router.bind(self.address)
+        return router, monitor
+
+    def _receive(self, router: zmq.Socket[bytes]) -> tuple[bytes, dict[str, Any]]:
+        peer, raw = router.recv_multipart()
+        request = json.loads(raw)
+        self.received.append(request)
+        return peer, request
+
+    def _answer(self, router: zmq.Socket[bytes], peer: bytes, request: dict[str, Any]) -> None:
+        reply = {"v": 1, "id": request["id"], "type": "result", "op": request["op"], "data": {"pong": True}}
+        router.send_multipart([peer, json.dumps(reply).encode()])
+
+    def _serve(self) -> None:
+        router, monitor = self._router()
+        self._answer(router, *self._receive(router))
+        self._go.wait()
+        self._close(router, monitor)
+        router, monitor = self._router()
+        if monitor.poll(30_000):  # the client's DEALER is back, so its drop was seen and reported
+            self.dropped.set()
+        if self.dropped.is_set() and router.poll(30_000):
+            peer, request = self._receive(router)
+            if router.poll(self.hold_ms):
+                self._receive(router)
+            self._answer(router, peer, request)
+        self._ended.wait()  # closed with linger 0 at once, the answer might never leave
+        self._close(router, monitor)
+
+    @staticmethod
+    def _close(router: zmq.Socket[bytes], monitor: zmq.Socket[bytes]) -> None:
+        router.disable_monitor()
+        monitor.close(linger=0)
+        router.close(linger=0)
+
+    def drop(self) -> None:
+        self._go.set()
+        assert self.dropped.wait(30)
+
+    def __enter__(self) -> IdleDroppingEnd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._go.set()
+        self._ended.set()
+        self._thread.join(30)
+
+
+def test_a_connection_dropped_while_the_client_was_idle_does_not_send_the_next_request_twice(
+    tmp_path: Path,
+) -> None:
+    """The close of an idle connection (an eviction) was counted only once the next, slow, read-only request
+    had gone out and a second passed unanswered: it was sent again, the daemon did its work twice and the
+    client dropped the second answer. Only a close after a request went out sends it again."""
+    (tmp_path / "run").mkdir()
+    with IdleDroppingEnd(tmp_path / "run" / "locod.sock") as end, Client(end.address, timeout_s=20) as client:
+        assert client.ping() == {"pong": True}
+        end.drop()
+        assert client.ping() == {"pong": True}
+    first, second = end.received
+    assert first["id"] != second["id"] and [first["op"], second["op"]] == ["ping", "ping"]
