@@ -193,13 +193,18 @@ def _session_socket() -> Path | None:
 def check_alive(endpoint: str, timeout_s: float = 1.0, *, connect: bool = True) -> None:
     """Raise DaemonNotRunning at once when nothing listens: a missing socket, a stale one left by a stopped
     daemon (connecting is refused), or a closed tcp port. Costs one connect, well under a millisecond, but
-    it wakes the daemon's I/O thread too; ``connect=False`` checks only that the socket file exists."""
+    it wakes the daemon's I/O thread too; ``connect=False`` checks only that the socket file exists. An ipc
+    socket whose runtime directory's lock a process holds (a daemon's, for its life: the kernel lets go of it
+    when the process ends, so a stale file holds none) is not connected to: the probe was a connection of its
+    own, which at the socket's bound the daemon's guard counted, refused, or evicted another for."""
     address: str | tuple[str, int]
     if endpoint.startswith("ipc://"):
-        address = endpoint[6:]
-        if not _socket_exists(Path(address)):
-            raise DaemonNotRunning(_no_socket(Path(address)))
-        family = socket.AF_UNIX
+        path = Path(endpoint[6:])
+        if not _socket_exists(path):
+            raise DaemonNotRunning(_no_socket(path))
+        if not connect or _flock_held(path.with_name("locod.lock")):
+            return
+        family, address = socket.AF_UNIX, str(path)
     elif endpoint.startswith("tcp://"):
         host, _, port = endpoint[6:].rpartition(":")
         family, address = (socket.AF_INET6 if ":" in host else socket.AF_INET), (host.strip("[]"), int(port))

@@ -6,16 +6,20 @@ Real daemon, real ZeroMQ; a fake daemon end of real ZeroMQ for the client's own 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import resource
+import socket
 import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 import zmq
 
-from locod.client import Client
+from locod.client import Client, check_alive
+from locod.errors import DaemonNotRunning
 
 from .conftest import DaemonHandle
 
@@ -175,3 +179,34 @@ def test_a_connection_dropped_while_the_client_was_idle_does_not_send_the_next_r
         assert client.ping() == {"pong": True}
     first, second = end.received
     assert first["id"] != second["id"] and [first["op"], second["op"]] == ["ping", "ping"]
+
+
+def test_the_liveness_check_takes_no_connection_where_a_process_holds_the_lock(tmp_path: Path) -> None:
+    """Each Client's liveness probe (at its start, and each second of silence) was a connection of its own,
+    which at the ipc socket's bound the daemon's guard counted, refused or evicted another for. Where a process
+    holds the runtime directory's lock (a daemon, for its life), nothing connects."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener, (run / "locod.lock").open("w") as lock:
+        listener.bind(str(run / "locod.sock"))
+        listener.listen(8)
+        listener.setblocking(False)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        check_alive(f"ipc://{run / 'locod.sock'}")
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing connected
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        check_alive(f"ipc://{run / 'locod.sock'}")  # a lock no one holds: the probe connects, as before
+        listener.accept()[0].close()
+
+
+def test_a_stale_socket_beside_a_lock_no_one_holds_is_still_no_daemon(tmp_path: Path) -> None:
+    """Held: the file a killed daemon left holds no lock (the kernel let go of it), so the probe connects, is
+    refused, and says no daemon runs."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "locod.lock").write_text("")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
+        gone.bind(str(run / "locod.sock"))  # closed unlistened: the file stays, stale
+    with pytest.raises(DaemonNotRunning, match="not running"):
+        check_alive(f"ipc://{run / 'locod.sock'}")
