@@ -205,8 +205,10 @@ class DecisionLog:
         self.db = sqlite_utils.Database(self._conn)
         self._opened = _file_identity(path)  # the file the writer writes (``_check_in_place``)
         self._wal: tuple[int, int] | None = None  # the -wal file's identity, from the first write on
+        self._shm: tuple[int, int] | None = None  # and the -shm file's, the WAL's index the connections share
         self._lock = threading.Lock()  # the writer connection: held while a write waits for SQLite's lock
         self.wal_warning: str | None = None  # why the WAL outgrew WAL_WARN_BYTES, while it does (status)
+        self.shm_warning: str | None = None  # that the -shm file was replaced under the daemon (``_watch_shm``)
         self._failing: StorageError | None = None  # the last write's failure, until a write succeeds (status)
         self._wal_warned = 0  # the WAL's size when that was last logged
         self._unwritten: dict[int, dict[str, Any]] = {}  # decision -> its completion, not on disk yet
@@ -271,7 +273,9 @@ class DecisionLog:
             except sqlite3.Error as exc:
                 raise _write_failed(self.path, what, exc) from None
             self._wal = self._wal or _file_identity(Path(f"{self.path}-wal"))
+            self._shm = self._shm or _file_identity(Path(f"{self.path}-shm"))
             self._watch_wal()
+            self._watch_shm()
             self._say_writable_again()
         except StorageError as exc:
             self._say_write_failed(exc)
@@ -297,7 +301,7 @@ class DecisionLog:
         """What ``status`` says of the log: that it was replaced under the daemon (every turn is refused until
         a restart, so checked afresh, two stats), else that its last write failed (a full disk, a lock held:
         turns are refused and answered turns' completions held back until a write succeeds), else that its
-        WAL outgrew what checkpoints keep it to."""
+        WAL outgrew what checkpoints keep it to, else that its -shm file was replaced (checked afresh)."""
         try:
             self._check_in_place("writing")
         except StorageError as exc:
@@ -306,7 +310,8 @@ class DecisionLog:
         if failing is not None:
             message = f"no write has succeeded since this one failed: {failing.message}"
             return message + (f"; the records of {counted(held, 'answered turn')} are held in memory" if held else "")
-        return self.wal_warning
+        self._watch_shm()
+        return self.shm_warning or self.wal_warning
 
     def _watch_wal(self) -> None:
         """Say when the WAL outgrows what checkpoints keep it to: a reader holding a transaction open (a
@@ -330,6 +335,23 @@ class DecisionLog:
             "checkpointed; end that transaction and it shrinks back (docs/operations.md, The decision log)"
         )
         log.warning("%s", self.wal_warning)
+
+    def _watch_shm(self) -> None:
+        """Say when ``locod.db-shm`` is no longer the file this daemon's connections share. SQLite keeps the
+        WAL's index and its writers' locks there: a program that opens the log after it was removed (a
+        "stale file" deleted) makes a new one and sees neither, so what it writes (the pruning in
+        docs/operations.md, a sqlite3 shell's UPDATE) the daemon's next writes overwrite in the WAL, or its
+        stop's checkpoint, silently. The daemon's own records are kept, so it goes on serving; a restart
+        makes it share the file at that path again."""
+        if self._shm is None or self.shm_warning is not None or _file_identity(Path(f"{self.path}-shm")) == self._shm:
+            return
+        self.shm_warning = (
+            f"the decision log's {self.path}-shm file was removed or replaced while the daemon ran: other programs "
+            "no longer see the daemon's locks on the log, and what one writes to it (a pruning DELETE, a sqlite3 "
+            "shell's UPDATE) the daemon's own writes undo; restart the daemon (`locod stop`, then start it) "
+            "before writing to the log with another program (docs/operations.md, The decision log)"
+        )
+        log.warning("%s", self.shm_warning)
 
     def _check_in_place(self, what: str) -> None:
         """Refuse a write when the file at ``path`` is no longer the one this connection writes: removed or
