@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import sqlite3
 import stat
 import threading
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SQLITE_FULL = 13  # sqlite3.SQLITE_FULL from Python 3.11 on
 MIN_FREE_BYTES = 1 << 20  # less room than this, at start: the disk is full, whatever SQLite calls it
+MAX_PAGE_BYTES = 1 << 16  # SQLite's largest page: a file this near the file size limit may not grow a page
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
 BUSY_WAIT_S = 10.0  # how long a write waits for another process's lock on the file (a turn's record)
 # StorageError's code for a log that is not there at all: none was written yet (a new user's `locod decisions`
@@ -720,6 +722,23 @@ def _not_regular(path: Path) -> str | None:
     return None
 
 
+def _at_size_limit(path: Path) -> str | None:
+    """What to say when the log or its -wal has grown to the daemon's file size limit (``ulimit -f`` in the
+    shell that started it, systemd's ``LimitFSIZE=``), for which SQLite says only "disk I/O error" at every
+    write from then on; None when neither has, or there is no limit."""
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return None
+    for file in (path, Path(f"{path}-wal")):
+        with suppress(OSError):
+            if file.stat().st_size > limit - MAX_PAGE_BYTES:
+                return (
+                    f"{file} has grown to the daemon's file size limit ({limit} bytes: `ulimit -f`, systemd's "
+                    "LimitFSIZE=); start the daemon again without that limit"
+                )
+    return None
+
+
 def _disk_full(directory: Path) -> bool:
     """Whether the file system holding ``directory`` has less than MIN_FREE_BYTES left for this user. SQLite
     says only "disk I/O error" when a full disk leaves no room for the log's -wal and -shm files at start."""
@@ -780,7 +799,7 @@ def _write_failed(path: Path, what: str, exc: sqlite3.Error) -> StorageError:
             "left in a transaction?); nothing was written, try again once it lets go",
             code="db_locked",
         )
-    odd = _not_regular(path) if "disk I/O error" in str(exc) else None
+    odd = (_not_regular(path) or _at_size_limit(path)) if "disk I/O error" in str(exc) else None
     if odd is not None:
         return StorageError(f"decision log {path}: {what} failed: {odd}")
     if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL or "disk is full" in str(exc):

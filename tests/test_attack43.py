@@ -3,9 +3,15 @@ file size limit on the daemon, and a log whose table ``decisions`` is gone or a 
 
 from __future__ import annotations
 
+import os
+import resource
 import sqlite3
 from pathlib import Path
 from typing import Any
+
+import pytest
+
+from locod.errors import StorageError
 
 from .conftest import DaemonHandle
 
@@ -48,3 +54,22 @@ def test_a_shm_file_removed_under_the_daemon_is_said_and_a_restart_keeps_other_w
     prune_first(handle.db_path)
     one_turn(handle)
     assert [row["id"] for row in handle.rows()][: len(kept) - 1] == kept[1:]
+
+
+def test_a_file_size_limit_the_log_reaches_is_named(daemon: DaemonHandle) -> None:
+    """Attack: a file size limit on the daemon (`ulimit -f` in the shell that started it, systemd's
+    LimitFSIZE=). Once the decision log's WAL reached it, every turn was refused with SQLite's "disk I/O
+    error", which says neither what nor where. Now the refusal names the file and the limit, and the daemon
+    answers everyone else."""
+    one_turn(daemon)
+    files = [daemon.db_path, Path(f"{daemon.db_path}-wal")]
+    limit = max(os.stat(file).st_size for file in files) + (128 << 10)
+    resource.prlimit(daemon.proc.pid, resource.RLIMIT_FSIZE, (limit, limit))
+    with pytest.raises(StorageError) as refused:
+        for _ in range(100):
+            one_turn(daemon)
+    said = refused.value.message
+    assert f"has grown to the daemon's file size limit ({limit} bytes" in said, said
+    assert "ulimit -f" in said and "LimitFSIZE=" in said
+    assert daemon.client().ping()["pong"]
+    assert "file size limit" in daemon.client().status()["db_warning"]
