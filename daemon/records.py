@@ -404,7 +404,14 @@ class DecisionLog:
             )
         self._say_migrating(version)
         for number, step in enumerate(MIGRATIONS[version:], start=version + 1):
-            step(self.db)
+            try:
+                step(self.db)
+            except sqlite_utils.db.NoTable as exc:  # a view at the name of a table the step makes or alters
+                raise StorageError(
+                    f"decision log {self.path} cannot be migrated to schema version {number}: {exc} (another "
+                    "program's, at the name of one of locod's tables); move the file aside, or drop that view, and "
+                    "start again; nothing was written to it"
+                ) from None
             self._conn.execute(f"PRAGMA user_version = {number}")
         return version
 

@@ -188,18 +188,21 @@ def version_of_schema(conn: sqlite3.Connection) -> int:
 
 
 def schema_faults(conn: sqlite3.Connection, version: int) -> list[str]:
-    """What a log at ``version`` lacks of the tables the migrations up to it make: a column dropped or renamed
-    by another program, or ``decisions.id`` as its key (a table rebuilt with ``CREATE TABLE ... AS SELECT``,
-    which keeps no key). Without a column each turn was answered and its completion then failed ("no such
-    column"); without the key a new turn's id was its rowid, an older turn's id, whose record its label then
-    changed."""
+    """What a log at ``version`` lacks of the tables the migrations up to it make: a table or a column dropped
+    or renamed by another program, or ``decisions.id`` as its key (a table rebuilt with ``CREATE TABLE ... AS
+    SELECT``, which keeps no key). Without a column each turn was answered and its completion then failed ("no
+    such column"); without the key a new turn's id was its rowid, an older turn's id, whose record its label
+    then changed."""
     scratch = sqlite3.connect(":memory:", isolation_level=None)
     with closing(scratch):
         for step in MIGRATIONS[:version]:
             step(sqlite_utils.Database(scratch))
         wanted = _schema_items(scratch)
     have = _schema_items(conn)
-    faults = sorted(f"column {table}.{column}" for table, column in wanted - have if table != "index")
+    # a table gone (dropped, or a view at its name) is one fault, not one for each of its columns
+    gone = {table for table, _ in wanted if table != "index"} - {table for table, _ in have}
+    faults = sorted(f"table {table}" for table in gone)
+    faults += sorted(f"column {table}.{column}" for table, column in wanted - have if table not in {"index", *gone})
     key = conn.execute("SELECT type, pk FROM pragma_table_info('decisions') WHERE name = 'id'").fetchone()
     if ("decisions", "id") in wanted & have and key != ("INTEGER", 1):
         faults.append("decisions.id as its INTEGER PRIMARY KEY")

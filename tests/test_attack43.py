@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import resource
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from locod.daemon.records import DecisionLog
+from locod.daemon.records_schema import MIGRATIONS
 from locod.errors import StorageError
 
 from .conftest import DaemonHandle
@@ -73,3 +76,51 @@ def test_a_file_size_limit_the_log_reaches_is_named(daemon: DaemonHandle) -> Non
     assert "ulimit -f" in said and "LimitFSIZE=" in said
     assert daemon.client().ping()["pong"]
     assert "file size limit" in daemon.client().status()["db_warning"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "ALTER TABLE decisions RENAME TO kept; CREATE VIEW decisions AS SELECT * FROM kept",
+        "DROP TABLE decisions",
+    ],
+    ids=["a view in its place", "dropped"],
+)
+def test_a_log_whose_table_is_gone_is_refused_naming_the_table(tmp_path: Path, change: str) -> None:
+    """Attack: replace table ``decisions`` with a view of it (or drop it), ``user_version`` left at this code's.
+    The start was refused, rightly, by a line naming each of the table's 49 columns as lacking (1,650
+    characters); it now names the table."""
+    db_path = tmp_path / "locod.db"
+    DecisionLog(db_path).close()
+    with closing(sqlite3.connect(db_path)) as conn:
+        conn.executescript(change)
+    with pytest.raises(StorageError) as refused:
+        DecisionLog(db_path)
+    said = refused.value.message
+    assert f"decision log {db_path} is at schema version {len(MIGRATIONS)} but lacks table decisions: " in said, said
+    assert "column" not in said and len(said) < 500
+
+
+@pytest.mark.parametrize(
+    ("version", "view"),
+    [(0, "decisions"), (len(MIGRATIONS) - 1, "log_identity")],
+    ids=["a new log's decisions", "the last migration's table"],
+)
+def test_a_view_where_a_migration_makes_a_table_is_refused_by_name(tmp_path: Path, version: int, view: str) -> None:
+    """Attack: a view at the name of a table a migration makes (a file another program made, or a log restored
+    from a dump one migration behind, its new table a view). The start ended in sqlite_utils' traceback
+    ("Table decisions is actually a view", exit 1); it is now refused naming the file and the view, and the
+    file is left as it was."""
+    db_path = tmp_path / "locod.db"
+    if version:
+        DecisionLog(db_path).close()
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
+        conn.executescript(f"DROP TABLE IF EXISTS {view}; CREATE VIEW {view} AS SELECT 1 AS identity")
+        conn.execute(f"PRAGMA user_version = {version}")
+    with pytest.raises(StorageError) as refused:
+        DecisionLog(db_path)
+    said = refused.value.message
+    assert said.startswith(f"decision log {db_path} cannot be migrated to schema version {version + 1}: "), said
+    assert f"Table {view} is actually a view" in said and "nothing was written to it" in said
+    with closing(sqlite3.connect(db_path)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (version,)
