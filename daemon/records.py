@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SQLITE_FULL = 13  # sqlite3.SQLITE_FULL from Python 3.11 on
 MIN_FREE_BYTES = 1 << 20  # less room than this, at start: the disk is full, whatever SQLite calls it
+WAL_MAGIC = (0x377F0682, 0x377F0683)  # a WAL file's first four bytes, big-endian
 MAX_PAGE_BYTES = 1 << 16  # SQLite's largest page: a file this near the file size limit may not grow a page
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
 BUSY_WAIT_S = 10.0  # how long a write waits for another process's lock on the file (a turn's record)
@@ -208,6 +209,7 @@ class DecisionLog:
         self._opened = _file_identity(path)  # the file the writer writes (``_check_in_place``)
         self._wal: tuple[int, int] | None = None  # the -wal file's identity, from the first write on
         self._shm: tuple[int, int] | None = None  # and the -shm file's, the WAL's index the connections share
+        self._wal_lost: str | None = None  # why the -wal file's frames are gone (``_check_wal_intact``)
         self._lock = threading.Lock()  # the writer connection: held while a write waits for SQLite's lock
         self.wal_warning: str | None = None  # why the WAL outgrew WAL_WARN_BYTES, while it does (status)
         self.shm_warning: str | None = None  # that the -shm file was replaced under the daemon (``_watch_shm``)
@@ -260,7 +262,7 @@ class DecisionLog:
         if not self._lock.acquire(timeout=-1 if wait_s is None else wait_s):
             raise _write_failed(self.path, what, sqlite3.OperationalError("database is locked"))
         try:
-            self._check_in_place(what)
+            self._check_wal_intact(what)
             try:
                 if deadline is not None:
                     left_ms = max(1, int((deadline - time.monotonic()) * 1000))
@@ -276,6 +278,7 @@ class DecisionLog:
                 raise _write_failed(self.path, what, exc) from None
             self._wal = self._wal or _file_identity(Path(f"{self.path}-wal"))
             self._shm = self._shm or _file_identity(Path(f"{self.path}-shm"))
+            self._check_wal_intact(what)  # this write's too: not said done when it went into a damaged file
             self._watch_wal()
             self._watch_shm()
             self._say_writable_again()
@@ -355,11 +358,33 @@ class DecisionLog:
         )
         log.warning("%s", self.shm_warning)
 
+    def _check_wal_intact(self, what: str) -> None:
+        """Refuse a write once ``locod.db-wal`` no longer starts as SQLite writes one: emptied in place
+        (``truncate -s 0`` to win back room) or overwritten while the daemon ran. Its turns since the last
+        checkpoint are gone, but this connection's index still names their frames: the daemon answered on, each
+        record written past a hole no other reader, nor the next start, could read, and a clean stop's
+        checkpoint copied that hole into ``locod.db`` (malformed). Emptied again here, the file makes that
+        checkpoint fail at its first read and leaves ``locod.db`` as that last checkpoint left it. Called
+        holding the writer's lock, before and after each write (a write meanwhile would fill the file again);
+        it ends with ``_check_in_place``'s checks."""
+        wal = Path(f"{self.path}-wal")
+        if self._wal_lost is None and self._wal is not None and not _wal_intact(wal):
+            with suppress(OSError):
+                os.truncate(wal, 0)
+            self._wal_lost = (
+                f"its -wal file {wal} was emptied or overwritten while the daemon ran: the turns it held since the "
+                "last checkpoint are lost, and so would be any written now; restart the daemon (`locod stop`, then "
+                "start it), which leaves locod.db as that checkpoint left it"
+            )
+        self._check_in_place(what)
+
     def _check_in_place(self, what: str) -> None:
         """Refuse a write when the file at ``path`` is no longer the one this connection writes: removed or
         replaced while the daemon ran, what it wrote would be gone at its next start, and every accepted
         turn's record with it. So with its -wal file: other readers no longer see what it holds, and a
-        crash loses it."""
+        crash loses it; and once that file was found emptied (``_check_wal_intact``)."""
+        if self._wal_lost is not None:
+            raise StorageError(f"decision log {self.path}: {what} failed: {self._wal_lost}", code="db_replaced")
         if self._wal is not None and _file_identity(Path(f"{self.path}-wal")) != self._wal:
             raise StorageError(
                 f"decision log {self.path}: {what} failed: its -wal file was removed or replaced while the daemon "
@@ -727,6 +752,17 @@ def _not_regular(path: Path) -> str | None:
         if not regular:
             return f"{file} is not a regular file (a FIFO, socket or directory put there); remove it and start again"
     return None
+
+
+def _wal_intact(wal: Path) -> bool:
+    """Whether a -wal file starts with SQLite's magic number (sqlite.org/fileformat2.html), or is empty (as a
+    TRUNCATE checkpoint leaves it); one not there is ``_check_in_place``'s to judge."""
+    try:
+        with wal.open("rb") as f:
+            head = f.read(4)
+    except OSError:
+        return True
+    return len(head) < 4 or int.from_bytes(head, "big") in WAL_MAGIC
 
 
 def _at_size_limit(path: Path) -> str | None:

@@ -124,3 +124,35 @@ def test_a_view_where_a_migration_makes_a_table_is_refused_by_name(tmp_path: Pat
     assert f"Table {view} is actually a view" in said and "nothing was written to it" in said
     with closing(sqlite3.connect(db_path)) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (version,)
+
+
+def test_a_wal_emptied_under_the_daemon_refuses_turns_and_leaves_the_log_whole(daemon_factory: Any) -> None:
+    """Attack: empty `locod.db-wal` in place while the daemon runs (`truncate -s 0` to win back room on a full
+    disk). The daemon answered on: each turn's record went past a hole at the file's start, `decisions` then
+    failed ("database disk image is malformed"), a kill -9 lost every one of them, and a clean stop's
+    checkpoint copied the hole into `locod.db`, which `PRAGMA integrity_check` then found malformed, the turns
+    checkpointed before it included. Now the next turn is refused by name (`db_replaced`), nothing more is
+    written, and a stop leaves `locod.db` whole, as the last checkpoint left it."""
+    handle = daemon_factory()
+    kept = one_turn(handle)
+    handle.stop()  # a clean stop checkpoints the turn into locod.db
+    handle = daemon_factory(name=handle.home.name)
+    one_turn(handle)
+    wal = Path(f"{handle.db_path}-wal")
+    os.truncate(wal, 0)
+    with pytest.raises(StorageError) as refused:
+        for _ in range(3):
+            one_turn(handle)
+    assert refused.value.code == "db_replaced"
+    assert f"its -wal file {wal} was emptied or overwritten while the daemon ran" in refused.value.message
+    client = handle.client()
+    assert "was emptied or overwritten" in client.status()["db_warning"]
+    with pytest.raises(StorageError, match="was emptied or overwritten"):
+        one_turn(handle)
+    assert client.ping()["pong"]
+    assert handle.stop() == 0
+    with closing(sqlite3.connect(handle.db_path)) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert conn.execute("SELECT id, outcome FROM decisions").fetchall() == [(kept, "ok")]
+    handle = daemon_factory(name=handle.home.name)
+    assert one_turn(handle) == kept + 1
