@@ -37,6 +37,8 @@ the slots were in fact free, and a request it had sent was lost: locod's own cli
 again, any other client waited out its timeout. So it *settles*: for up to ``SETTLE_S`` it waits, uncounted,
 its requests held unread by the loop, and is let in (its requests then answered, in order) as soon as the
 closes on their way free a slot; only then is it judged as above (its held requests dropped if it is shut).
+One that closes while it settles has what it sent answered all the same, as any connection's requests that came
+before its close are.
 At most ``MAX_SETTLING`` wait at once: past them a newcomer is judged at its accept, so a flood costs no more
 descriptors than before.
 
@@ -117,7 +119,8 @@ class DoorGuard:
         # newcomer, until the loop fell so far behind libzmq's accepts that the descriptors ran out.
         self._swept: set[str | None] = set()
         self._settling: dict[int, _Newcomer] = {}  # descriptor -> a newcomer over a bound, in order of arrival
-        self._let_in: dict[int, list[list[bytes]]] = {}  # the held requests of newcomers let in, to be answered
+        # The held requests to answer now, in order: of newcomers let in, or closed while they settled
+        self._to_answer: dict[int, list[list[bytes]]] = {}
         self.refused = 0  # connections shut: refused at their accept, or evicted for a newcomer
         self.evicted = 0
         self._throttle = Throttle(log)
@@ -156,34 +159,39 @@ class DoorGuard:
             if self._held_bytes() > MAX_HELD_BYTES:  # held in the daemon's memory, unlike libzmq's bounded pipes
                 self._judge_settled(fd)
             return True
-        if fd in self._let_in:
-            self._let_in[fd].append(request)
+        if fd in self._to_answer:
+            self._to_answer[fd].append(request)
             return True
         return False
 
     def settle(self) -> list[tuple[int, list[bytes]]]:
         """Judge the newcomers whose wait is over; the held requests (descriptor, frames) of those let in
-        meanwhile, in order, for the loop to answer now."""
+        meanwhile, or closed while they settled, in order, for the loop to answer now."""
         self._swept.clear()
         now = time.monotonic()
         for fd in [fd for fd, newcomer in self._settling.items() if newcomer.judged_at <= now]:
             self._judge_settled(fd)
-        let_in = [(fd, request) for fd, requests in self._let_in.items() for request in requests]
-        self._let_in.clear()
-        return let_in
+        answer_now = [(fd, request) for fd, requests in self._to_answer.items() for request in requests]
+        self._to_answer.clear()
+        return answer_now
 
     def _judge_settled(self, fd: int) -> None:
-        """Judge the newcomer waiting on ``fd`` now; forget it if it has closed meanwhile."""
-        newcomer = self._settling.pop(fd)
+        """Judge the newcomer waiting on ``fd`` now; one that has closed meanwhile is gone (``_gone``)."""
+        newcomer = self._settling[fd]
         with _endpoint_conn(fd, self._local) as found:
-            if found is not None and found[1][1] == newcomer.conn.inode and not closed_by_peer(found[0]):
-                self._judge(fd, found[0], newcomer)
+            if found is None or found[1][1] != newcomer.conn.inode or closed_by_peer(found[0]):
+                self._gone(fd)
+                return
+            del self._settling[fd]
+            self._judge(fd, found[0], newcomer)
 
     def _held_bytes(self) -> int:
         return sum(len(frame) for newcomer in self._settling.values() for held in newcomer.held for frame in held)
 
     def wait_ms(self, longest: int) -> int:
         """How long the loop may wait for events, at most ``longest``: until the next newcomer is judged."""
+        if self._to_answer:  # held requests that ``settle`` hands over: answered now, not after the poll's wait
+            return 0
         if not self._settling:
             return longest
         first = min(newcomer.judged_at for newcomer in self._settling.values())
@@ -232,7 +240,7 @@ class DoorGuard:
         self._live[fd] = newcomer.conn  # in order of arrival: the oldest first
         self._hosts[newcomer.conn.host] += 1
         if newcomer.held:
-            self._let_in[fd] = newcomer.held
+            self._to_answer.setdefault(fd, []).extend(newcomer.held)  # after a closed one's on this number, if any
 
     def _judge(self, fd: int, conn: socket.socket, newcomer: _Newcomer) -> None:
         """Let in a newcomer over a bound in place of the oldest connection not vouched for (or of the greediest
@@ -264,7 +272,7 @@ class DoorGuard:
             (
                 (fd, c)
                 for fd, c in self._live.items()
-                if not c.vouched and fd not in self._let_in and host in (None, c.host)
+                if not c.vouched and fd not in self._to_answer and host in (None, c.host)
             ),
             (None, None),
         )
@@ -284,7 +292,7 @@ class DoorGuard:
         idle = (
             fd
             for fd, conn in self._live.items()
-            if conn.host == greediest and (fd, conn.inode) not in busy and fd not in self._let_in
+            if conn.host == greediest and (fd, conn.inode) not in busy and fd not in self._to_answer
         )
         if (fd := next(idle, None)) is None:
             return False
@@ -330,8 +338,12 @@ class DoorGuard:
         return None
 
     def _gone(self, fd: int) -> None:
-        self._settling.pop(fd, None)
-        self._let_in.pop(fd, None)
+        """Stop counting the connection on ``fd``, closed. What it sent while it settled is answered all the
+        same (``settle``), as a request is that came on any connection before it closed: a client that sent a
+        label or a reload and closed at once lost it, silently, where the bound was full."""
+        newcomer = self._settling.pop(fd, None)
+        if newcomer is not None and newcomer.held:
+            self._to_answer.setdefault(fd, []).extend(newcomer.held)
         conn = self._live.pop(fd, None)
         if conn is not None:
             self._hosts[conn.host] -= 1
