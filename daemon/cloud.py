@@ -123,6 +123,8 @@ def _hint(model: CloudModelConfig, exc: openai.APIStatusError, source: str, prom
     does not take (400: OpenAI's reasoning models), or of the images or the response format it was sent,
     naming what was used.
     The endpoint's own message is read for those words only, never repeated: it may quote the request."""
+    if exc.status_code in (401, 403) and not model.needs_key:
+        return f": the endpoint asks for a key, but {model.name!r} has needs_key = false: remove it and give the key"
     if exc.status_code in (401, 403):
         return f": check the API key, which the daemon takes from {source}"
     if exc.status_code == 404:
@@ -265,7 +267,8 @@ class CloudBackend:
         self._retune_breakers(config)  # before the models: a model is never seen without its breaker
         self._models = models  # one assignment: a turn looks a model and its client up together
         self._key_sources = {model.name: key_source(model) for model in config.models}
-        self.key_from_env = [m.name for m in config.models if os.environ.get(m.api_key_env)]  # as key_source reads it
+        # as key_source reads it: a model that takes no key reads no variable
+        self.key_from_env = [m.name for m in config.models if m.needs_key and os.environ.get(m.api_key_env)]
         self.config, self._source = config, source
         self._note_keyless(config, keys)
 
@@ -287,11 +290,11 @@ class CloudBackend:
 
     def _note_keyless(self, config: CloudConfig, keys: dict[str, str | None]) -> None:
         """Keep the models without a key for `locod status`, and say each in the log once (a reload repeats no
-        warning)."""
+        warning). A model that takes no key (``needs_key = false``) is neither."""
         said = self.keyless
-        self.keyless = {model.name: model.api_key_env for model in config.models if not keys[model.name]}
+        self.keyless = {m.name: m.api_key_env for m in config.models if m.needs_key and not keys[m.name]}
         for model in config.models:
-            if not keys[model.name] and model.name not in said:
+            if model.name in self.keyless and model.name not in said:
                 log.warning(
                     "cloud model %r has no API key: set $%s, or api_key_file in its [[cloud.models]] entry",
                     model.name,

@@ -40,6 +40,7 @@ from locod.words import closest, quoted
 # than a million does, as costs are normalised over the dearest action.
 MOST = 1e6
 LEAST_V = 1e-3  # MESS+'s V: the price of satisfaction divides by it
+DEFAULT_KEY_ENV = "LOCOD_CLOUD_API_KEY"  # a cloud model's api_key_env unless its entry names another
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,10 @@ class CloudModelConfig:
     name: str
     base_url: str
     model: str
-    api_key_env: str = "LOCOD_CLOUD_API_KEY"
+    api_key_env: str = DEFAULT_KEY_ENV
     api_key_file: str = ""
+    # False: the endpoint takes no key (a llama.cpp server on loopback): none is read, sent or warned about.
+    needs_key: bool = True
     usd_per_mtok_in: float = field(default=0.15, metadata=in_range(0, MOST))
     usd_per_mtok_out: float = field(default=0.60, metadata=in_range(0, MOST))
     usd_per_image: float = field(default=0.0, metadata=in_range(0, MOST))
@@ -647,6 +650,7 @@ def _check_secrets(config: Config, origins: Mapping[str, str]) -> None:
             raise ConfigError(
                 f"{where}: base_url must be an http(s) URL, such as https://api.openai.com/v1, got {problem}"
             )
+        _check_keyless(model, where)
     files = [(f"cloud model {m.name!r}: api_key_file", m.api_key_file, config.source) for m in config.cloud.models]
     files += [
         ("http.api_key_file", config.http.api_key_file, origins.get("http.api_key_file", config.source)),
@@ -658,6 +662,18 @@ def _check_secrets(config: Config, origins: Mapping[str, str]) -> None:
                 f"{source}: {what} must be an absolute path or begin with ~/ (a relative one would depend on the "
                 "directory the daemon starts in); the value is not shown, as it may be the key itself"
             )
+
+
+def _check_keyless(model: CloudModelConfig, where: str) -> None:
+    """A model that takes no key names no place for one: both said, one of them is a slip the daemon cannot
+    settle (a key that would never be sent, or a warning-free model whose endpoint refuses every turn)."""
+    places = (("api_key_file", bool(model.api_key_file)), ("api_key_env", model.api_key_env != DEFAULT_KEY_ENV))
+    named = [key for key, given in places if given]
+    if not model.needs_key and named:
+        raise ConfigError(
+            f"{where}: needs_key = false says the endpoint takes no key, but {' and '.join(named)} says where one "
+            "is: remove one of them"
+        )
 
 
 def _check_socket_path(config: Config, origins: Mapping[str, str]) -> None:

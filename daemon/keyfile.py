@@ -54,8 +54,10 @@ def tcp_secret(config: Config) -> str | None:
 
 def read_api_key(model: CloudModelConfig, source: str, env: dict[str, str] | None = None) -> str | None:
     """The key from the model's env variable, else its key file (refused if group/world can read it, in an
-    error that names the config file ``source`` that points at it)."""
+    error that names the config file ``source`` that points at it); None for a model that takes none."""
     env = dict(os.environ) if env is None else env
+    if not model.needs_key:
+        return None
     if env.get(model.api_key_env):
         key = env[model.api_key_env].strip()
     elif model.api_key_file:
@@ -81,6 +83,8 @@ def _header_safe(key: str, model: CloudModelConfig, source: str, env: dict[str, 
 def key_source(model: CloudModelConfig, env: dict[str, str] | None = None) -> str:
     """Where ``read_api_key`` takes the model's key from, in words (never the key)."""
     env = dict(os.environ) if env is None else env
+    if not model.needs_key:
+        return "nowhere: needs_key = false"
     if env.get(model.api_key_env):
         return f"${model.api_key_env}"
     if model.api_key_file:

@@ -1,0 +1,58 @@
+"""Leftovers earlier sessions noticed: a keyless endpoint that can be declared, a temperature left to the
+endpoint when the client gives none, unknown-model hints after `locod models rm`, CLI flags' own words, and a
+client that bounds what a daemon end may send it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from locod.daemon.config import load_config
+from locod.errors import ConfigError
+
+from .conftest import SECRET, cloud_config, write_config
+from .faultproxy import Fault, FaultProxy
+
+
+def _keyless(base_url: str, mode: str = "cloud") -> dict[str, Any]:
+    """The loopback cloud model declared as taking no key."""
+    config = cloud_config(base_url, mode=mode, timeout_s=30.0)
+    config["cloud"]["models"][0]["needs_key"] = False
+    return config
+
+
+def test_a_keyless_endpoint_is_declared_and_never_warned_about(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """Leftover: a loopback endpoint that needs no key had "cloud model ... has no API key" in the log and in
+    every `locod status`, `reload` and `stop`, with no way to say it needs none. ``needs_key = false`` says so;
+    the default key variable, set for another endpoint, is not sent to it."""
+    handle = daemon_factory(_keyless(proxy.base_url), extra_env={"LOCOD_CLOUD_API_KEY": SECRET})
+    status = handle.cli("status", "--json")
+    assert json.loads(status.stdout)["cloud"]["no_api_key"] == {}, status.stdout
+    assert "has no API key" not in handle.cli("status").stdout
+    reloaded = handle.cli("reload")
+    assert reloaded.returncode == 0 and "has no API key" not in reloaded.stderr, reloaded.stderr
+    asked = handle.cli("ask", "Say hi.", "--max-tokens", "4", "-v")
+    assert asked.returncode == 0 and "cloud-small" in asked.stderr, asked.stderr
+    sent = proxy.chat_requests()
+    assert sent and all(SECRET not in seen.headers.get("authorization", "") for seen in sent)
+    assert "has no API key" not in handle.log() and SECRET not in handle.log()
+
+    proxy.set(Fault("status", status=401, times=1))
+    refused = handle.cli("ask", "Hi", "--max-tokens", "2")
+    assert refused.returncode == 0  # answered locally instead
+    assert "the endpoint asks for a key, but 'cloud-small' has needs_key = false" in refused.stderr, refused.stderr
+    assert SECRET not in json.dumps(handle.rows())
+
+
+@pytest.mark.parametrize("place", [{"api_key_file": "/etc/locod/key"}, {"api_key_env": "OPENAI_API_KEY"}])
+def test_a_keyless_model_that_names_a_key_is_refused(tmp_path: Path, place: dict[str, str]) -> None:
+    """Both said, one is a slip: a key that would never be sent, or an endpoint refusing every turn unwarned."""
+    config = _keyless("http://127.0.0.1:9/v1")
+    config["cloud"]["models"][0].update(place)
+    path = write_config(tmp_path / "config.toml", config)
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, env={"LOCOD_RUNTIME_DIR": str(tmp_path / "run")})
+    assert f"needs_key = false says the endpoint takes no key, but {next(iter(place))}" in refused.value.message
