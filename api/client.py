@@ -40,7 +40,6 @@ from locod.errors import (
 from locod.filekinds import image_format
 from locod.limits import ALWAYS_READ_BYTES, check_request_size
 from locod.protocol import (
-    DEFAULT_OPTIONS,
     LAST_FRAMES,
     READ_ONLY_OPS,
     Attachment,
@@ -644,7 +643,7 @@ class Client:
             messages = [{"role": "user", "content": prompt or ""}]
         options = ChatOptions(
             max_tokens=max_tokens,
-            temperature=DEFAULT_OPTIONS.temperature if temperature is None else temperature,
+            temperature=temperature,
             seed=seed,
             force=force,
             stream=stream,

@@ -87,7 +87,7 @@ class Attachment:
 @dataclass(frozen=True)
 class ChatOptions:
     max_tokens: int | None = None
-    temperature: float = 0.7
+    temperature: float | None = None  # None: a local model's DEVICE_TEMPERATURE, a cloud endpoint's own default
     seed: int | None = None
     force: str | None = None
     stream: bool = True
@@ -580,7 +580,7 @@ def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
         problem = None if raw.get(name) is None else option_problem(name, raw[name])
         if problem:
             raise options.bad(name, problem)
-    max_tokens, temperature = raw.get("max_tokens"), raw.get("temperature")
+    max_tokens = raw.get("max_tokens")
     force = options.optional("force", str)
     if force is not None and force not in FORCE:
         raise options.bad("force", f"must be one of {FORCE}")
@@ -595,7 +595,7 @@ def _parse_options(reader: _Fields, raw: dict[str, Any]) -> ChatOptions:
         raise options.bad("response_format", problem)
     return ChatOptions(
         max_tokens=max_tokens,
-        temperature=0.7 if temperature is None else float(temperature),
+        temperature=optional_float(raw.get("temperature")),
         seed=raw.get("seed"),
         force=force,
         stream=True if stream is None else stream,

@@ -55,7 +55,7 @@ class Prompt:
 
     messages: list[dict[str, object]]
     max_tokens: int
-    temperature: float
+    temperature: float | None  # None: the request gave none (a cloud endpoint keeps its own)
     seed: int | None
     on_delta: OnDelta
     cancelled: threading.Event = field(default_factory=threading.Event)

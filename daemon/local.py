@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 # local.cache_mb = -1: keep this many full-context dialogue states, within a quarter of the free memory.
 AUTO_CACHE_DIALOGUES = 8
+# A turn that gives no temperature: the device's own, as a cloud endpoint applies its own (OpenAI's 1.0).
+DEVICE_TEMPERATURE = 0.7
 TEMPLATE_DEADLINE_S = 2.0  # a chat template renders in a millisecond or so; one still going is stopped
 
 
@@ -667,7 +669,7 @@ class LocalBackend:
                 stream: Generator[Any, None, None] = loaded.llm.create_chat_completion(  # type: ignore[assignment]
                     messages=cast(Any, loaded.shape.shaped(prompt.messages)),  # as its chat template takes them
                     max_tokens=prompt.max_tokens,
-                    temperature=prompt.temperature,
+                    temperature=DEVICE_TEMPERATURE if prompt.temperature is None else prompt.temperature,
                     seed=prompt.seed,
                     stop=[*prompt.stop, *loaded.shape.end_of_turn],
                     stream=True,

@@ -213,7 +213,7 @@ def _options(body: dict[str, Any]) -> ChatOptions:
         problem = None if given[name] is None else option_problem(name, given[name])
         if problem:
             raise bad(f"{sent_as[name]!r} {problem}", sent_as[name])
-    max_tokens, temperature = given["max_tokens"], given["temperature"]
+    max_tokens = given["max_tokens"]
     stream = False if body.get("stream") is None else body["stream"]
     if not isinstance(stream, bool):
         raise bad("'stream' must be true or false", "stream")
@@ -228,7 +228,7 @@ def _options(body: dict[str, Any]) -> ChatOptions:
         raise bad(f"'response_format' {problem}", "response_format")
     return ChatOptions(
         max_tokens=max_tokens,
-        temperature=0.7 if temperature is None else float(temperature),
+        temperature=optional_float(given["temperature"]),  # absent: OpenAI's rule, the answering model's own
         seed=given["seed"],
         stream=stream,
         stop=tuple(stop),

@@ -5,6 +5,7 @@ client that bounds what a daemon end may send it."""
 from __future__ import annotations
 
 import json
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 from locod.daemon.config import load_config
 from locod.errors import ConfigError
 
-from .conftest import SECRET, cloud_config, write_config
+from .conftest import SECRET, cloud_config, free_port, write_config
 from .faultproxy import Fault, FaultProxy
 
 
@@ -56,3 +57,25 @@ def test_a_keyless_model_that_names_a_key_is_refused(tmp_path: Path, place: dict
     with pytest.raises(ConfigError) as refused:
         load_config(path, env={"LOCOD_RUNTIME_DIR": str(tmp_path / "run")})
     assert f"needs_key = false says the endpoint takes no key, but {next(iter(place))}" in refused.value.message
+
+
+def test_no_temperature_given_leaves_the_endpoint_its_own(daemon_factory: Any, proxy: FaultProxy) -> None:
+    """Leftover: a turn without a temperature was sent 0.7 to the cloud, where an OpenAI client that leaves the
+    field out gets the endpoint's own default. Now it is sent none, through the socket and the HTTP API, and
+    one given is sent as given; a local turn without one still answers (at the device's 0.7)."""
+    port = free_port()
+    handle = daemon_factory(_keyless(proxy.base_url, mode="auto"), extra_env={"LOCOD_HTTP": f"127.0.0.1:{port}"})
+    plain = handle.cli("ask", "Say hi.", "--max-tokens", "4", "--force", "cloud")
+    given = handle.cli("ask", "Say hi.", "--max-tokens", "4", "--force", "cloud", "--temperature", "0.3")
+    assert plain.returncode == 0 and given.returncode == 0, plain.stderr + given.stderr
+    body = json.dumps({"model": "cloud-small", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", body.encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.status == 200
+    bodies = [seen.body for seen in proxy.chat_requests()]
+    assert len(bodies) == 3 and "temperature" not in bodies[0] and "temperature" not in bodies[2], bodies
+    assert bodies[1]["temperature"] == 0.3
+    local = handle.cli("ask", "Say hi.", "--max-tokens", "4", "--force", "local")
+    assert local.returncode == 0 and local.stdout.strip(), local.stderr
