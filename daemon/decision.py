@@ -356,7 +356,7 @@ def unknown_model(offered: Offered, name: str, left_out: Mapping[str, ModelError
     """The error for a request naming no model ``offered``: the models it may name instead (those routing
     leaves out for their file apart, with why), then what the name was meant as (``meant_instead``)."""
     local = [m for m in offered.local if m not in left_out]
-    listed = f"local models: {local}, cloud models: {list(offered.cloud)}{left_out_note(left_out)}"
+    listed = f"local models: {local}, cloud models: {list(offered.cloud)}{left_out_note(left_out, offered)}"
     return UnknownModel(f"no model named {quoted(name)}; {listed}{meant_instead(offered, name, left_out)}")
 
 
@@ -376,8 +376,7 @@ def meant_instead(offered: Offered, name: str, left_out: Mapping[str, ModelError
     else:
         meant = [n for n in [*offered.local, *offered.cloud] if n.lower() == name.lower()]
         said = (f"; names are case-sensitive: {meant[0]!r}" if meant else "") + gguf_path_hint(name)
-    files = (Path(offered.source) if offered.source else None, manifest_path(offered.models_dir))
-    if name in _names_on_disk(offered.source, tuple(file_stamp(f) for f in files)):
+    if name in (names_now(offered) or ()):
         said += f"; {shown} was added after the daemon last read its configuration: run `locod reload`"
     return said
 
@@ -390,23 +389,34 @@ LEFT_OUT_BECAUSE = {
 }
 
 
-def left_out_note(left_out: Mapping[str, ModelError]) -> str:
+def left_out_note(left_out: Mapping[str, ModelError], offered: Offered | None) -> str:
     """What a refusal of an unknown model name adds about the local models left out for their file, one short
-    clause each: they are configured, but not on offer until their file can be loaded; "" when none is."""
-    if not left_out:
+    clause each: they are configured, but not on offer until their file can be loaded; "" when none is. One
+    the configuration no longer holds (`locod models rm` deleted its file and its entry) is not named: no
+    file will bring it back, and the next reload drops it."""
+    now = names_now(offered) if offered is not None else None
+    kept = sorted((name, e) for name, e in left_out.items() if now is None or name in now)
+    if not kept:
         return ""
-    why = ", ".join(f"{name!r} ({LEFT_OUT_BECAUSE.get(e.code, e.code)})" for name, e in sorted(left_out.items()))
+    why = ", ".join(f"{name!r} ({LEFT_OUT_BECAUSE.get(e.code, e.code)})" for name, e in kept)
     return f"; left out until their file can be loaded: {why}"
 
 
+def names_now(offered: Offered) -> frozenset[str] | None:
+    """The model names the configuration would hold if read now; None when it does not load."""
+    files = (Path(offered.source) if offered.source else None, manifest_path(offered.models_dir))
+    return _names_on_disk(offered.source, tuple(file_stamp(f) for f in files))
+
+
 @functools.lru_cache(maxsize=4)
-def _names_on_disk(source: str | None, stamps: tuple[tuple[int, int] | None, ...]) -> frozenset[str]:
-    """The model names the configuration would hold if read now; read again only when the config file or the
-    pulled models' manifest changed (``stamps``), so a client naming unknown models costs no file reads."""
+def _names_on_disk(source: str | None, stamps: tuple[tuple[int, int] | None, ...]) -> frozenset[str] | None:
+    """The model names the configuration would hold if read now, None when it does not load; read again only
+    when the config file or the pulled models' manifest changed (``stamps``), so a client naming unknown
+    models costs no file reads."""
     try:
         now = load_config(source)
     except ConfigError:
-        return frozenset()
+        return None
     return frozenset([m.name for m in now.local.models] + [m.name for m in now.cloud.models])
 
 

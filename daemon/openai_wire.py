@@ -127,7 +127,7 @@ def unknown_model(
     left_out = left_out or {}
     names = [name for name in models if name not in left_out]
     meant = meant_instead(offered, model, left_out) if offered else gguf_path_hint(model)
-    hint = f"send 'auto' or {_one_of(names)}{left_out_note(left_out)}{meant}"
+    hint = f"send 'auto' or {_one_of(names)}{left_out_note(left_out, offered)}{meant}"
     message = f"the model {quoted(model)} does not exist; {hint}; see GET /v1/models"
     return HttpError(404, message, "model_not_found", "model")
 

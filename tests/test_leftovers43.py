@@ -5,16 +5,18 @@ client that bounds what a daemon end may send it."""
 from __future__ import annotations
 
 import json
+import shutil
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from locod.daemon.catalog import PulledModel, register
 from locod.daemon.config import load_config
 from locod.errors import ConfigError
 
-from .conftest import SECRET, cloud_config, free_port, write_config
+from .conftest import SECRET, cloud_config, free_port, start_daemon, write_config
 from .faultproxy import Fault, FaultProxy
 
 
@@ -79,3 +81,28 @@ def test_no_temperature_given_leaves_the_endpoint_its_own(daemon_factory: Any, p
     assert bodies[1]["temperature"] == 0.3
     local = handle.cli("ask", "Say hi.", "--max-tokens", "4", "--force", "local")
     assert local.returncode == 0 and local.stdout.strip(), local.stderr
+
+
+def test_a_removed_model_leaves_the_unknown_model_hint(tmp_path: Path, models_dir: Path) -> None:
+    """Leftover: after `locod models rm tiny`, every unknown model name the running daemon refused went on to
+    say "left out until their file can be loaded: 'tiny'" until a reload, as if a file could bring it back.
+    A model whose file is missing but which is still configured is still named."""
+    mine = tmp_path / "models"
+    mine.mkdir()
+    embedded = models_dir / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    (mine / embedded.name).symlink_to(embedded)
+    (mine / "tiny.gguf").symlink_to(embedded)
+    register(mine, PulledModel("tiny", "tiny.gguf", embedded.stat().st_size, "0" * 64, "test", "Q4_1", 2048, 2048))
+    handle = start_daemon(tmp_path / "d", mine)
+    try:
+        (mine / "tiny.gguf").unlink()
+        missing = handle.cli("ask", "Hi", "--model", "tinyy")
+        assert "left out until their file can be loaded: 'tiny' (its file is missing" in missing.stderr
+        removed = handle.cli("models", "rm", "tiny")
+        assert removed.returncode == 0, removed.stderr
+        after = handle.cli("ask", "Hi", "--model", "tinyy")
+        assert after.returncode == 1 and "no model named 'tinyy'" in after.stderr, after.stderr
+        assert "'tiny'" not in after.stderr
+    finally:
+        handle.stop()
+    shutil.rmtree(mine)
