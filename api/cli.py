@@ -721,7 +721,7 @@ def _add_offline_commands(sub: Any) -> None:
     p.add_argument(
         "--max-size",
         type=_rule(PULL, "parse_size"),
-        help="the largest file to accept, e.g. 80G (default 64G): a download stops there",
+        help="the largest file to accept, e.g. 80G (default 64G, at most 2T): a download stops there",
     )
     p.set_defaults(func=cmd_models_pull)
     p = models.add_parser("list", help="local models: size, quantisation, context, loaded, path")

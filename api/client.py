@@ -59,7 +59,9 @@ from locod.protocol import (
     SimpleRequest,
     decode_frame,
     encode_request,
+    endpoint_problem,
     ipv6,
+    tcp_host_port,
     zmq_address,
 )
 
@@ -204,9 +206,8 @@ def check_alive(endpoint: str, timeout_s: float = 1.0, *, connect: bool = True) 
         if not connect or _flock_held(path.with_name("locod.lock")):
             return
         family, address = socket.AF_UNIX, str(path)
-    elif endpoint.startswith("tcp://"):
-        host, _, port = endpoint[6:].rpartition(":")
-        family, address = (socket.AF_INET6 if ":" in host else socket.AF_INET), (host.strip("[]"), int(port))
+    elif (host_port := tcp_host_port(endpoint)) is not None:
+        family, address = (socket.AF_INET6 if ":" in host_port[0] else socket.AF_INET), host_port
     else:
         return
     if not connect:
@@ -343,6 +344,9 @@ class Client:
         secret: str | None = None,
     ) -> None:
         self.endpoint = endpoint or default_endpoint()
+        problem = endpoint_problem(self.endpoint)
+        if problem is not None:
+            raise ConfigError(problem, code="bad_endpoint")
         self.timeout_ms = int(timeout_s * 1000)
         self.turn_timeout_ms = int(turn_timeout_s * 1000)
         self.secret = secret

@@ -311,6 +311,39 @@ def zmq_address(endpoint: str) -> bytes:
     return endpoint.encode()
 
 
+ENDPOINT_SHAPE = "ipc://PATH or tcp://HOST:PORT (such as tcp://127.0.0.1:5557; IPv6: tcp://[::1]:5557)"
+
+
+def tcp_host_port(endpoint: str) -> tuple[str, int] | None:
+    """The host (IPv6 without its brackets) and port of a ``tcp://HOST:PORT`` endpoint; None for anything else,
+    a port out of 1-65535 or not in ASCII digits included (ZeroMQ's ``*`` for any port too)."""
+    if not endpoint.startswith("tcp://"):
+        return None
+    host, _, port = endpoint[6:].rpartition(":")
+    host, number = unbracketed(host), port_number(port)
+    return (host, number) if host and number is not None else None
+
+
+def endpoint_problem(endpoint: str) -> str | None:
+    """What keeps ``endpoint`` from being one a client connects to, in words; None when it is one. ZeroMQ's
+    own refusal said "Invalid argument (addr=b'x')", and ``tcp://host`` without a port was a traceback."""
+    if (endpoint.startswith("ipc://") and len(endpoint) > 6) or tcp_host_port(endpoint) is not None:
+        return None
+    return f"endpoint {quoted(endpoint)} must look like {ENDPOINT_SHAPE}"
+
+
+def port_number(text: str) -> int | None:
+    """The port ``text`` names, 1 to 65535 in ASCII digits, else None: ``str.isdigit`` takes "²", which int()
+    refused in a traceback; ZeroMQ took tcp://127.0.0.1:99999, the daemon saying it served there, and refused
+    :abc only at the bind, after the model was loaded, as a port another program might hold."""
+    return int(text) if text.isascii() and text.isdigit() and 0 < int(text) < 65536 else None
+
+
+def unbracketed(host: str) -> str:
+    """An address's host as the loopback check compares it: IPv6's [::1] written ::1."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
 def ipv6(endpoint: str) -> bool:
     """Whether ``endpoint`` is a tcp address written in IPv6 (``tcp://[::1]:5557``): ZeroMQ binds and connects
     to one only on a socket told so, which would then take an IPv4 client's address for ``::ffff:127.0.0.1``."""

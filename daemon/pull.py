@@ -22,8 +22,17 @@ from urllib.parse import quote, unquote, urlsplit
 
 from locod.daemon import catalog, gguf
 from locod.daemon.config import EMBEDDED_MODEL, NAME_A_GGUF, ROUTED_MODEL, Config
-from locod.daemon.download import DEFAULT_MAX_BYTES, HEADERS, TIMEOUT_S, MeterFactory, download, silent, status_said
-from locod.daemon.fetch import Progress
+from locod.daemon.download import (
+    DEFAULT_MAX_BYTES,
+    HEADERS,
+    MOST_MAX_BYTES,
+    TIMEOUT_S,
+    MeterFactory,
+    download,
+    silent,
+    status_said,
+)
+from locod.daemon.fetch import Progress, make_models_dir
 from locod.daemon.modelfile import resolve_path
 from locod.daemon.regular_file import replace_on_disk
 from locod.errors import FetchError
@@ -109,7 +118,7 @@ def pull_model(
         progress(f"{name}: already pulled, at {models_dir / existing.file}")
         return existing
     target = _target(config, name, source, pulled)
-    models_dir.mkdir(parents=True, exist_ok=True)
+    make_models_dir(models_dir)
     partial = models_dir / f".{target.name}.partial"
     progress(f"{name}: downloading {found.url}")
     digest = download(found.url, partial, meter, max_bytes)
@@ -157,8 +166,10 @@ def parse_size(text: str) -> int:
     if not math.isfinite(scaled):  # over 308 digits: int() of it ended the command in a traceback
         raise FetchError(f"--max-size is more than any disk holds, got {text[:40]!r}...")
     size = int(scaled)
-    if size <= 0:
-        raise FetchError(f"--max-size must be more than 0, got {text!r}")
+    if not 0 < size <= MOST_MAX_BYTES:
+        raise FetchError(
+            f"--max-size must be more than 0 and at most 2T (over the largest model file there is), got {text!r}"
+        )
     return size
 
 

@@ -5,7 +5,9 @@ client that bounds what a daemon end may send it."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,19 @@ import pytest
 
 from locod.daemon.catalog import PulledModel, register
 from locod.daemon.config import load_config
+from locod.daemon.pull import parse_size
 from locod.errors import ConfigError
 
-from .conftest import SECRET, cloud_config, free_port, start_daemon, write_config
+from .conftest import SECRET, cloud_config, free_port, locod_command, start_daemon, write_config
 from .faultproxy import Fault, FaultProxy
+
+
+def run_locod(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The real `locod` with no config file and no daemon, as a new user runs it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCOD_")}
+    env.update(HOME=str(home), XDG_CONFIG_HOME=str(home / "config"), LOCOD_RUNTIME_DIR=str(home / "run"))
+    env.update(XDG_STATE_HOME=str(home / "state"), XDG_DATA_HOME=str(home / "data"))
+    return subprocess.run(locod_command(*args), capture_output=True, text=True, env=env, timeout=120, cwd=home)
 
 
 def _keyless(base_url: str, mode: str = "cloud") -> dict[str, Any]:
@@ -106,3 +117,35 @@ def test_a_removed_model_leaves_the_unknown_model_hint(tmp_path: Path, models_di
     finally:
         handle.stop()
     shutil.rmtree(mine)
+
+
+@pytest.mark.parametrize("endpoint", ["x", "tcp://host", "ipc://", "tcp://127.0.0.1:99999"])
+def test_an_endpoint_that_is_none_says_what_one_looks_like(tmp_path: Path, endpoint: str) -> None:
+    """Leftover: `--endpoint x` said ZeroMQ's "Invalid argument (addr=b'x')", and `tcp://host` without a
+    port ended in int()'s traceback."""
+    result = run_locod(tmp_path, "--endpoint", endpoint, "status")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    shape = "must look like ipc://PATH or tcp://HOST:PORT (such as tcp://127.0.0.1:5557"
+    assert f"endpoint {endpoint!r} {shape}" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("kind", ["fifo", "file", "under a file"])
+def test_models_fetch_into_no_directory_says_so(tmp_path: Path, kind: str) -> None:
+    """Leftover: `locod models fetch --dir FIFO` (or a file) said "File exists"."""
+    place = tmp_path / "place"
+    if kind == "fifo":
+        os.mkfifo(place)
+    else:
+        place.write_text("")
+    given = place / "models" if kind == "under a file" else place
+    result = run_locod(tmp_path, "models", "fetch", "--dir", str(given))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"{given} is not a directory, and none can be made there" in result.stderr, result.stderr
+
+
+def test_max_size_is_bounded(tmp_path: Path) -> None:
+    """Leftover: `--max-size` took any size short of infinity; 2T is over the largest model file there is."""
+    assert parse_size("2T") == 2 << 40
+    refused = run_locod(tmp_path, "models", "pull", "--max-size", "3T", "http://127.0.0.1:9/x.gguf")
+    assert refused.returncode == 2, refused.stderr
+    assert "argument --max-size: must be more than 0 and at most 2T" in refused.stderr, refused.stderr
