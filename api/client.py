@@ -38,7 +38,7 @@ from locod.errors import (
     UnsafeSocket,
 )
 from locod.filekinds import image_format
-from locod.limits import ALWAYS_READ_BYTES, check_request_size
+from locod.limits import ALWAYS_READ_BYTES, MAX_REPLY_BYTES, check_request_size
 from locod.protocol import (
     LAST_FRAMES,
     READ_ONLY_OPS,
@@ -332,7 +332,9 @@ class Client:
     retrying as it is: ``Busy`` (``busy``, ``shutting_down``), ``StorageError`` (``db_locked``, and
     ``disk_full`` once space is back) and ``DaemonNotRunning``; a ``RequestError`` needs a changed request.
     Client-side ones: an endpoint that is not ``ipc://PATH`` or ``tcp://HOST:PORT`` is a ``ConfigError``
-    (``bad_endpoint``), a request on a closed Client a ``RequestError`` (``client_closed``).
+    (``bad_endpoint``), a request on a closed Client a ``RequestError`` (``client_closed``), a connection closed
+    before a turn's answer ended (a reply frame over ``MAX_REPLY_BYTES`` closes it) ``DaemonNotRunning``
+    (``connection_lost``).
     """
 
     def __init__(
@@ -362,6 +364,7 @@ class Client:
         self._cut: set[str] = set()  # requests in flight on a connection closed to cancel another turn
         # Unanswered read-only requests in flight, as sent, each with the drops counted before it was (_drops)
         self._resendable: dict[str, tuple[bytes, int]] = {}
+        self._once_sent: dict[str, int] = {}  # the other requests in flight (turns, feedback), likewise
 
     def close(self) -> None:
         self._close_socket()
@@ -382,6 +385,7 @@ class Client:
     def _connect(self) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_BYTES)
         sock.setsockopt(zmq.IPV6, ipv6(self.endpoint))
         try:
             sock.connect(zmq_address(self.endpoint))  # type: ignore[arg-type]  # pyzmq takes bytes too
@@ -419,6 +423,7 @@ class Client:
             self._held.pop(rid, None)
             self._cut.discard(rid)
             self._resendable.pop(rid, None)
+            self._once_sent.pop(rid, None)
             if not self._in_flight:
                 self._owner = None
 
@@ -437,9 +442,11 @@ class Client:
         if isinstance(request, ChatRequest) and len(raw) > ALWAYS_READ_BYTES:
             check_request_size(len(raw), request.attachments, self.daemon_config())
         self._claim(request.id)
+        self._count_drops()  # one before the send did not lose this request
         if isinstance(request, SimpleRequest) and request.op in READ_ONLY_OPS:
-            self._count_drops()  # one before the send did not lose this request
             self._resendable[request.id] = (raw, self._drops)
+        else:
+            self._once_sent[request.id] = self._drops
         try:
             self._sock.send(raw)
         except BaseException:
@@ -493,6 +500,8 @@ class Client:
             if not self._sock.poll(int(min(left, 1.0) * 1000), zmq.POLLIN):
                 check_alive(self.endpoint)
                 self._resend_if_dropped()
+                if self._once_sent.get(rid, self._drops) < self._drops:  # a turn or feedback the drop lost
+                    raise self._lost()
                 continue
             self._dropped = 0
             frame_id, frame = decode_frame(self._sock.recv())
@@ -511,12 +520,31 @@ class Client:
         next would never resend them. Only those sent before the drop: one the daemon made of a connection
         closed while this Client was idle, counted after the next request went out, had it sent twice and
         answered twice. A turn or a feedback is never sent twice: the daemon may have read it before the
-        connection closed."""
+        connection closed.
+
+        ZeroMQ connects again after a drop, queueing what is sent meanwhile, but not after a frame it refused
+        (over MAX_REPLY_BYTES): that connection is gone for good, and a send on it waited forever."""
         self._check_not_refused()
         for rid, (raw, drops_before) in list(self._resendable.items()):
             if drops_before < self._drops:
-                self._sock.send(raw)
+                try:
+                    self._sock.send(raw, zmq.NOBLOCK)
+                except zmq.Again:
+                    raise self._lost() from None
                 self._resendable[rid] = (raw, self._drops)
+
+    def _lost(self) -> DaemonNotRunning:
+        """The error for a request whose connection closed before its last frame and cannot be sent again (a
+        turn or a feedback, or any once the connection is gone for good): its answer went with the connection
+        (a turn is cancelled with it), so waiting out the timeout, as the client did, would only end in "the
+        daemon may be stuck". The Client connects afresh, for the next request."""
+        self._reconnect()
+        return DaemonNotRunning(
+            f"locod at {self.endpoint} closed the connection before the answer's end, which was lost with it: the "
+            "daemon was at its bound on connections, or what answers there sent a frame over the "
+            f"{MAX_REPLY_BYTES} bytes this client reads (locod.limits.MAX_REPLY_BYTES): is it locod?",
+            code="connection_lost",
+        )
 
     def _check_not_refused(self) -> None:
         """Raise ``DaemonNotRunning`` (``connection_refused``) when the daemon closes each connection this

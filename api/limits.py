@@ -18,6 +18,11 @@ from locod.protocol import Attachment
 # The smallest frame ZeroMQ may drop: twice the least max_message_bytes the daemon accepts (1024), plus the
 # slack daemon/server.py adds. A request up to this size always reaches the daemon, which answers it.
 ALWAYS_READ_BYTES = 2 * 1024 + 4096
+# The largest frame a client reads (ZeroMQ's MAXMSGSIZE on its socket): what daemon.max_message_bytes may be at
+# most. The daemon's own frames are far smaller (an answer within cloud.max_answer_bytes, a page of at most 1000
+# records); without it, whatever answered at the endpoint (a port taken by another program) could send a frame
+# as large as the client's memory. ZeroMQ closes the connection on a larger one, unread.
+MAX_REPLY_BYTES = 1 << 30
 
 
 def check_request_size(size: int, attachments: Sequence[Attachment], config: Mapping[str, Any]) -> None:

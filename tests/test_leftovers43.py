@@ -8,16 +8,20 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
+from locod.client import Client
 from locod.daemon.catalog import PulledModel, register
 from locod.daemon.config import load_config
 from locod.daemon.pull import parse_size
-from locod.errors import ConfigError
+from locod.errors import ConfigError, DaemonNotRunning
+from locod.limits import MAX_REPLY_BYTES
 
 from .conftest import SECRET, cloud_config, free_port, locod_command, start_daemon, write_config
 from .faultproxy import Fault, FaultProxy
@@ -149,3 +153,53 @@ def test_max_size_is_bounded(tmp_path: Path) -> None:
     refused = run_locod(tmp_path, "models", "pull", "--max-size", "3T", "http://127.0.0.1:9/x.gguf")
     assert refused.returncode == 2, refused.stderr
     assert "argument --max-size: must be more than 0 and at most 2T" in refused.stderr, refused.stderr
+
+
+class OversizedEnd:
+    """A ZeroMQ ROUTER at an ipc path that answers every request with one frame over MAX_REPLY_BYTES, as a
+    program that is not locod, or a hostile one, could."""
+
+    def __init__(self, path: Path) -> None:
+        self.address = f"ipc://{path}"
+        self.received = 0
+        self._done = threading.Event()
+        self._router: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.bind(self.address)
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        huge = bytes(MAX_REPLY_BYTES + 1)
+        while not self._done.is_set():
+            if self._router.poll(100):
+                peer, _ = self._router.recv_multipart()
+                self.received += 1
+                self._router.send_multipart([peer, huge], copy=False)
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join()
+        self._router.close(linger=0)
+
+
+def test_a_frame_over_what_a_reply_may_take_is_not_read_and_said(tmp_path: Path) -> None:
+    """Leftover: the client set no MAXMSGSIZE, so whatever answered at the endpoint could send a frame as large
+    as its memory. Now ZeroMQ closes the connection on one over MAX_REPLY_BYTES, unread and for good: a turn,
+    and a read-only request that would be sent again, say the answer was lost at the first close (a send on
+    the dead connection waited forever), and the Client connects afresh for the next request."""
+    (tmp_path / "run").mkdir()
+    end = OversizedEnd(tmp_path / "run" / "locod.sock")
+    try:
+        with Client(end.address, timeout_s=60, turn_timeout_s=600) as client:
+            with pytest.raises(DaemonNotRunning) as lost:
+                list(client.chat("Hi"))
+            assert lost.value.code == "connection_lost", lost.value.message
+            assert f"a frame over the {MAX_REPLY_BYTES} bytes this client reads" in lost.value.message
+            for _ in range(2):  # on the fresh connection too
+                with pytest.raises(DaemonNotRunning) as lost:
+                    client.ping()
+                assert lost.value.code == "connection_lost", lost.value.message
+    finally:
+        end.close()
+    assert end.received >= 3  # the turn, and each ping once
