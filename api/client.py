@@ -541,8 +541,8 @@ class Client:
         self._reconnect()
         return DaemonNotRunning(
             f"locod at {self.endpoint} closed the connection before the answer's end, which was lost with it: the "
-            "daemon was at its bound on connections, or what answers there sent a frame over the "
-            f"{MAX_REPLY_BYTES} bytes this client reads (locod.limits.MAX_REPLY_BYTES): is it locod?",
+            "daemon stopped or restarted meanwhile (see its log), was at its bound on connections, or what answers "
+            f"there sent a frame over the {MAX_REPLY_BYTES} bytes this client reads (locod.limits.MAX_REPLY_BYTES)",
             code="connection_lost",
         )
 
