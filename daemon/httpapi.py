@@ -172,10 +172,14 @@ class HttpServer:
         ]
         config = uvicorn.Config(  # log_config=None: uvicorn's lines go through locod's own logging
             _identified(
-                cross_origin(
-                    _tidy_path(Starlette(routes=routes, exception_handlers={404: self.no_route, 405: self.no_route})),
-                    cfg.cors_origins,
-                    "x-locod-decision, x-locod-location, x-request-id",
+                _one_framing(
+                    cross_origin(
+                        _tidy_path(
+                            Starlette(routes=routes, exception_handlers={404: self.no_route, 405: self.no_route})
+                        ),
+                        cfg.cors_origins,
+                        "x-locod-decision, x-locod-location, x-request-id",
+                    )
                 )
             ),
             host=host,
@@ -510,6 +514,28 @@ def _tidy_path(app: ASGIApp) -> ASGIApp:
         if scope["type"] == "http":
             scope = {**scope, "path": "/" + "/".join(part for part in scope["path"].split("/") if part)}
         await app(scope, receive, send)
+
+    return asgi
+
+
+def _one_framing(app: ASGIApp) -> ASGIApp:
+    """Refuse a request that names both Content-Length and Transfer-Encoding, and close its connection (RFC
+    9112, 6.3): h11 reads it as chunked and kept the connection, so behind a proxy that goes by the
+    Content-Length, what the proxy sent as one request's body was read here as the next request on the
+    connection (request smuggling)."""
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        named = {key for key, _ in scope["headers"]} if scope["type"] == "http" else set()
+        if not {b"content-length", b"transfer-encoding"} <= named:
+            await app(scope, receive, send)
+            return
+        error = wire.HttpError(
+            400,
+            "the request names both Content-Length and Transfer-Encoding, so where its body ends is ambiguous: "
+            "send one of them",
+            "bad_request",
+        )
+        await JSONResponse(error.body(), status_code=400, headers={"connection": "close"})(scope, receive, send)
 
     return asgi
 
