@@ -91,9 +91,16 @@ class HttpError(Exception):
         """``Retry-After`` on a 429 (a limit of turns in flight, freed as turns end) and on a turn whose model a
         reload removed (sent again, it is decided anew): the SDKs wait that long before their own retry, as
         they do for the connection limit's 503 (httpconn.py); and the headers of a turn that failed once
-        handed in (its ``x-request-id``; after its decision, the ``x-locod-*`` by which its record is found)."""
+        handed in (its ``x-request-id``; after its decision, the ``x-locod-*`` by which its record is found).
+        A turn that was decided and then failed (500, 502: after the daemon's own cloud retries and fallback)
+        says ``x-should-retry: false``: the SDKs retry any 5xx, which ran and recorded the whole turn again."""
         retry = self.status == 429 or self.code == MODEL_RELOADED
-        return {**self.turn_headers, **({"retry-after": "1"} if retry else {})}
+        ran = self.status in (500, 502) and "x-locod-decision" in self.turn_headers
+        return {
+            **self.turn_headers,
+            **({"retry-after": "1"} if retry else {}),
+            **({"x-should-retry": "false"} if ran else {}),
+        }
 
 
 def request_id() -> str:
