@@ -17,8 +17,10 @@ byte at a time, opening a new one as each times out. So a newcomer that finds th
 slot of the connection that has been sending its request longest, once that has had ``EVICT_AFTER_S``;
 else that of the connection idle longest between requests: a kept-alive connection holds nothing, and a
 cheap request every few seconds (``GET /health`` needs no key, a 401 keeps the connection too) kept one
-open for good. A connection whose request has arrived (its turn running, its answer streaming) is never
-evicted.
+open for good; else that of a connection pipelining (sending its next request before the answer to the last
+was whole: no browser or SDK does) whose answers wait unread: read a little at a time, never quite
+stopping, they kept it open for good. Any other connection whose request has arrived (its turn running,
+its answer streaming) is never evicted.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ log = logging.getLogger(__name__)
 
 OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 EVICT_AFTER_S = 5.0  # a request still arriving after this may lose its connection to a newcomer
+EVICTED_FOR = {
+    "arriving": f"still sending its request after {EVICT_AFTER_S:.0f} s",
+    "idle": "idle between requests",
+    "pipelining": "pipelining requests",
+}
 
 
 @dataclass
@@ -55,14 +62,17 @@ class Limits:
     arriving: dict[asyncio.Protocol, float] = field(default_factory=dict)
     # Connections kept alive between requests, nothing sent yet of the next one; oldest first.
     idle: dict[asyncio.Protocol, None] = field(default_factory=dict)
+    # Connections pipelining whose answers wait unread (their writing paused); oldest first.
+    pipelining: dict[asyncio.Protocol, None] = field(default_factory=dict)
 
     def stalest(self) -> asyncio.Protocol | None:
         """The connection a newcomer may take the slot of: the one sending its request longest, if it has had
-        EVICT_AFTER_S; else the one idle longest between requests; else None."""
+        EVICT_AFTER_S; else the one idle longest between requests; else one pipelining whose answers wait unread;
+        else None."""
         oldest = next(iter(self.arriving.items()), None)
         if oldest is not None and time.monotonic() - oldest[1] >= EVICT_AFTER_S:
             return oldest[0]
-        return next(iter(self.idle), None)
+        return next(iter(self.idle), None) or next(iter(self.pipelining), None)
 
     def accept_batch(self) -> int:
         """The listen backlog, which is also how many connections asyncio accepts at one go, before any of
@@ -88,6 +98,7 @@ class BoundedProtocol(H11Protocol):
     limits: Limits
     refused = False
     evicted = False  # closed for a newcomer, which took over its slot
+    pipelined = False  # its request came before the answer to the one before it was whole
     deadline: asyncio.TimerHandle | None = None
     unread: asyncio.TimerHandle | None = None  # runs while the client reads nothing of what it is sent
 
@@ -152,12 +163,15 @@ class BoundedProtocol(H11Protocol):
         super().pause_writing()
         if self.unread is None:
             self._watch_unread()
+        if self.pipelined:
+            self.limits.pipelining[self] = None
 
     def resume_writing(self) -> None:
         super().resume_writing()
         self._reading_again()
 
     def _reading_again(self) -> None:
+        self.limits.pipelining.pop(self, None)
         if self.unread is not None:
             self.unread.cancel()
             self.unread = None
@@ -191,21 +205,27 @@ class BoundedProtocol(H11Protocol):
         )
 
     def evict(self) -> None:
-        """Close this connection, its request unfinished or not begun, and hand its slot over at once."""
-        idle = self in self.limits.idle
+        """Close this connection, its request unfinished or not begun, or its client pipelining, and hand its
+        slot over at once."""
+        kind = "idle" if self in self.limits.idle else "pipelining" if self in self.limits.pipelining else "arriving"
         self.evicted = True
         self.limits.open -= 1
         self._disarm()
+        self.limits.pipelining.pop(self, None)
         self.limits.throttle.say(
-            "evicted idle" if idle else "evicted",
+            f"evicted {kind}",
             logging.WARNING,
             "HTTP: %d connections open, at http.max_connections: closed one %s, for a newcomer",
             self.limits.max_connections,
-            "idle between requests" if idle else f"still sending its request after {EVICT_AFTER_S:.0f} s",
+            EVICTED_FOR[kind],
         )
-        self.transport.close()
+        if kind == "pipelining":  # a close would wait for its unread answers to be read
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     def on_response_complete(self) -> None:
+        self.pipelined = bool(self.conn.trailing_data[0])  # the next request came before this answer was whole
         super().on_response_complete()  # which starts a pipelined next request, if one came
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
             return

@@ -15,6 +15,7 @@ from .conftest import cloud_config, wait_for
 from .faultproxy import Fault, FaultProxy
 from .test_escalation import CLOUD
 from .test_http import http_daemon
+from .test_slow36 import unread_health_checks
 
 CHAT = b'{"model": "auto", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2}'
 
@@ -125,5 +126,32 @@ def test_streams_nobody_reads_hold_neither_the_model_nor_the_door(daemon_factory
         wait_for(bystander_served, 120, "a bystander to be served")
     finally:
         for s in unread:
+            s.close()
+    assert handle.proc.poll() is None and "Traceback" not in handle.log()
+
+
+def test_pipelined_requests_read_a_little_at_a_time_cannot_keep_everyone_else_out(daemon_factory: Any) -> None:
+    """Connections that pipeline ``GET /health`` (no key needed) and read their answers a little at a time,
+    never quite stopping, held every slot of the door for good: a connection whose request has arrived was
+    never taken for a newcomer, and one that reads now and then is never cut off as a client that reads
+    nothing. Everyone else was answered 503 ``busy``. A connection that sends its next request before it has
+    read the last answer (no browser or SDK does) now gives its slot to a newcomer, as an idle one does."""
+    handle, base = http_daemon(daemon_factory, max_connections=2, request_timeout_s=600.0)
+    port = int(base.rsplit(":", 1)[1])
+    pipelines = [unread_health_checks(port) for _ in range(2)]
+    try:
+        wait_for(lambda: all(s.recv(4096) for s in pipelines), 60, "the pipelines to be answered")
+        health = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+
+        def bystander_served() -> bool:
+            try:
+                return exchange(port, health).startswith(b"HTTP/1.1 200")
+            except OSError:  # refused (503 and closed) before its request was read
+                return False
+
+        wait_for(bystander_served, 60, "a bystander to be served")
+        assert "closed one pipelining requests, for a newcomer" in handle.log()  # its slot: the bystander's
+    finally:
+        for s in pipelines:
             s.close()
     assert handle.proc.poll() is None and "Traceback" not in handle.log()
