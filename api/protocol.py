@@ -545,14 +545,17 @@ def option_problem(name: str, value: Any) -> str | None:
     kind, lo, hi, what = OPTION_RULES[name]
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if not number or (kind is int and not isinstance(value, int)) or not lo <= value <= hi:
-        return f"must be {what}, got {value!r:.40}"
+        return f"must be {what}, got {as_json(value)}"
     return None
 
 
 def stop_problem(value: Any) -> str | None:
     """Why stop sequences are refused (None: they are fine): a list of non-empty strings, both doors' rule."""
-    if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value):
-        return f"must be a list of non-empty strings, got {value!r:.40}"
+    if not isinstance(value, list):
+        return f"must be an array of non-empty strings, got {as_json(value)}"
+    wrong = next((i for i, s in enumerate(value) if not (isinstance(s, str) and s)), None)
+    if wrong is not None:
+        return f"must be an array of non-empty strings; its item {wrong} is {as_json(value[wrong])}"
     if len(value) > MAX_STOP_SEQUENCES or any(len(s) > MAX_STOP_CHARS for s in value):
         return f"takes at most {MAX_STOP_SEQUENCES} sequences of at most {MAX_STOP_CHARS} characters each"
     return None
@@ -564,14 +567,14 @@ def response_format_problem(value: Any) -> str | None:
     would be ignored: it goes in ``json_schema``)."""
     shapes = '{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}'
     if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMATS:
-        return f'must be {shapes} or {{"type": "text"}}, got {value!r:.60}'
+        return f'must be {shapes} or {{"type": "text"}}, got {_format_shown(value)}'
     expected = {"type", "json_schema"} if value["type"] == "json_schema" else {"type"}
     unread = sorted(set(value) - expected)
     if unread:
-        return f"of type {value['type']!r} has keys locod would leave unread, {unread}: send {shapes}"
+        return f"of type {as_json(value['type'])} has keys locod would leave unread, {unread}: send {shapes}"
     spec = value.get("json_schema")
     if value["type"] == "json_schema" and not (isinstance(spec, dict) and isinstance(spec.get("schema"), dict)):
-        return f'of type json_schema needs "json_schema": {{"name": ..., "schema": {{...}}}}, got {spec!r:.60}'
+        return f'of type json_schema needs "json_schema": {{"name": ..., "schema": {{...}}}}, got {as_json(spec)}'
     unread = sorted(set(spec) - set(JSON_SCHEMA_KEYS)) if isinstance(spec, dict) else []
     if unread:
         return f"has json_schema keys locod would leave unread, {unread}: it takes {', '.join(JSON_SCHEMA_KEYS)}"
@@ -581,8 +584,13 @@ def response_format_problem(value: Any) -> str | None:
     if isinstance(spec, dict) and not JSON_SCHEMA_NAME.fullmatch(spec.get("name") or ""):
         # OpenAI's API refuses it (a cloud turn then fell back to local), and a local one was answered: one rule
         name = spec.get("name")
-        return f"needs json_schema.name, 1 to 64 letters, digits, _ or - (as OpenAI's API does), got {name!r:.70}"
+        return f"needs json_schema.name, 1 to 64 letters, digits, _ or - (as OpenAI's API does), got {as_json(name)}"
     return None
+
+
+def _format_shown(value: Any) -> str:
+    """A refused response format as a refusal shows it: an object by its ``type``, the one key read first."""
+    return f'an object with "type": {as_json(value.get("type"))}' if isinstance(value, dict) else as_json(value)
 
 
 def _mistyped(spec: dict[str, Any], key: str, kind: type) -> bool:

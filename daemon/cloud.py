@@ -45,7 +45,7 @@ from locod.daemon.keyfile import key_source, read_api_key
 from locod.daemon.proxy import first_hop, proxy_for
 from locod.daemon.walkaway import LEFT_AT_MOST, Streamed, run_leaving_on_cancel
 from locod.errors import CloudError
-from locod.protocol import NOT_TEXT, SURROGATE
+from locod.protocol import NOT_TEXT, SURROGATE, json_type
 
 log = logging.getLogger(__name__)
 
@@ -562,7 +562,7 @@ def _delta_text(chunk: Any) -> str | None:
     """A chunk's text, checked before any of it is passed on."""
     delta = chunk.choices[0].delta.content
     if delta is not None and not isinstance(delta, str):
-        raise InvalidChunk(f"a delta's content is {type(delta).__name__}, not text")
+        raise InvalidChunk(f"a delta's content is {json_type(type(delta))}, not text")
     if delta and SURROGATE.search(delta):  # JSON's "\ud800": kept, it fails the session's next turns
         raise InvalidChunk(f"a delta's content {NOT_TEXT}")
     return delta

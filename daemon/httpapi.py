@@ -57,6 +57,7 @@ from locod.protocol import (
     EscalatedFrame,
     FallbackFrame,
     Frame,
+    as_json,
     lone_surrogate_at,
     not_text,
     read_json,
@@ -337,7 +338,7 @@ class HttpServer:
         origin = request.headers.get("origin")
         if request.method == "OPTIONS" and origin and "access-control-request-method" in request.headers:
             why = (  # a web chat UI's developer reads this in the browser's network panel, beside "CORS error"
-                f"a browser's CORS preflight from {origin[:200]!r} is granted only to the origins named in "
+                f"a browser's CORS preflight from {as_json(origin, 200)} is granted only to the origins named in "
                 "http.cors_origins: name that page's origin there to let it call the API (docs/http.md, Web pages)"
             )
         else:

@@ -20,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from locod.daemon.config import LOOPBACK
 from locod.daemon.openai_wire import HttpError
+from locod.protocol import as_json
 
 LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
@@ -38,15 +39,15 @@ class Gate:
             if host not in self.names:
                 raise HttpError(
                     403,
-                    f"the Host header names {host or 'nothing'!r}, not this machine: the API on a loopback address "
-                    f"answers only requests for {', '.join(sorted(self.names))}",
+                    f"the Host header names {as_json(host) if host else 'nothing'}, not this machine: the API on a "
+                    f"loopback address answers only requests for {', '.join(sorted(self.names))}",
                     "host_not_allowed",
                 )
             origin = headers.get("origin")
             if origin is not None and origin not in self.cors_origins and urlsplit(origin).hostname not in self.names:
                 raise HttpError(
                     403,
-                    f"requests from web pages of {origin[:200]!r} are refused: name a page's origin in "
+                    f"requests from web pages of {as_json(origin, 200)} are refused: name a page's origin in "
                     "http.cors_origins to let it call the API (docs/http.md, Web pages)",
                     "origin_not_allowed",
                     "origin",
@@ -56,7 +57,8 @@ class Gate:
             if media != "application/json":
                 raise HttpError(
                     415,
-                    f"the body must be sent as 'Content-Type: application/json', not {media or 'without one'!r}",
+                    "the body must be sent as 'Content-Type: application/json', not "
+                    + (as_json(media) if media else "without one"),
                     "unsupported_media_type",
                 )
 

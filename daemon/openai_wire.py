@@ -36,6 +36,7 @@ from locod.protocol import (
     DecisionFrame,
     DoneFrame,
     ErrorFrame,
+    as_json,
     option_problem,
     optional_float,
     response_format,
@@ -169,7 +170,7 @@ def parse_completion(
     n = body.get("n")
     if n is not None and (not _is_int(n) or n != 1):  # not true, not 1.0: what the socket would refuse
         raise bad(
-            f"'n' must be 1, got {n!r:.40}: locod writes one choice per request; send n=1 (or none), and ask again "
+            f"'n' must be 1, got {as_json(n)}: locod writes one choice per request; send n=1 (or none), and ask again "
             "for another answer",
             "n",
             "unsupported_parameter",
@@ -201,13 +202,13 @@ def _include_usage(stream_options: Any, stream: bool) -> bool:
     if stream_options is None:
         return False
     if not isinstance(stream_options, dict):
-        raise bad(f"'stream_options' must be an object or null, got {stream_options!r:.40}", "stream_options")
+        raise bad(f"'stream_options' must be an object or null, got {as_json(stream_options)}", "stream_options")
     for key, value in stream_options.items():
         if key not in STREAM_OPTIONS:
-            unread = f"'stream_options' has a key locod does not read, {key!r:.40}: it takes {STREAM_OPTIONS}"
+            unread = f"'stream_options' has a key locod does not read, {as_json(key)}: it takes {STREAM_OPTIONS}"
             raise bad(unread, "stream_options")
         if value is not None and not isinstance(value, bool):
-            raise bad(f"'stream_options.{key}' must be true or false, got {value!r:.40}", f"stream_options.{key}")
+            raise bad(f"'stream_options.{key}' must be true or false, got {as_json(value)}", f"stream_options.{key}")
     return stream and stream_options.get("include_usage") is True
 
 
@@ -223,7 +224,7 @@ def _options(body: dict[str, Any]) -> ChatOptions:
     max_tokens = given["max_tokens"]
     stream = False if body.get("stream") is None else body["stream"]
     if not isinstance(stream, bool):
-        raise bad("'stream' must be true or false", "stream")
+        raise bad(f"'stream' must be true or false, got {as_json(stream)}", "stream")
     stop = body.get("stop")
     stop = [] if stop in (None, "") else [stop] if isinstance(stop, str) else stop  # OpenAI takes either
     problem = stop_problem(stop)
@@ -269,7 +270,7 @@ def _messages(raw: list[Any]) -> tuple[list[dict[str, str]], list[Attachment]]:
             raise bad(f"{where} must be an object with a role in {sorted(ROLES)}", where)
         if item["role"] not in ROLES:  # a tool's or function's answer: locod calls no tools
             raise bad(
-                f"{where}: role {item['role']!r:.40} is not supported by locod, which calls no tools; send roles "
+                f"{where}: role {as_json(item['role'])} is not supported by locod, which calls no tools; send roles "
                 f"{', '.join(sorted(ROLES))}",
                 where,
             )
@@ -333,7 +334,7 @@ def _content(content: Any, where: str, role: str) -> tuple[str, list[tuple[Any, 
             raise bad(f"{at} must be a text or image_url part", at)
         else:  # input_audio, file, the Responses API's input_text: what it holds would go unread
             raise bad(
-                f"{at}: a part of type {kind!r:.40} is not supported by locod; send text and image_url parts "
+                f"{at}: a part of type {as_json(kind)} is not supported by locod; send text and image_url parts "
                 "(images as data: URLs; documents through the socket API, `locod ask --attach`)",
                 at,
             )

@@ -75,6 +75,7 @@ from locod.protocol import (
     Frame,
     ResultFrame,
     SimpleRequest,
+    as_json,
     encode_frame,
     ipv6,
     parse_request,
@@ -578,8 +579,8 @@ class Daemon:
             for owner, reply in self._turns.values()
         ):
             raise RequestError(
-                f"a turn with id {request_id!r} is still in flight on this connection: give each request its own "
-                "id (a fresh UUID); the turn before goes on, its frames under that id",
+                f"a turn with id {as_json(request_id)} is still in flight on this connection: give each request its "
+                "own id (a fresh UUID); the turn before goes on, its frames under that id",
                 code="duplicate_id",
             )
 

@@ -541,7 +541,7 @@ def test_a_delta_that_is_not_text_is_an_invalid_reply_and_none_of_it_reaches_the
     proxy.set(Fault("bad_delta"))
     result = patient_cloud.client().ask("Say something nice.", max_tokens=8)
     assert result.fallback is not None and result.fallback.cause == "cloud_invalid_reply"
-    assert "a delta's content is list, not text" in result.fallback.message
+    assert "a delta's content is an array, not text" in result.fallback.message
     kinds = [f.type for f in result.frames]
     assert "delta" not in kinds[: kinds.index("fallback")]  # nothing of the list was passed on
     assert all(isinstance(f.text, str) for f in result.frames if f.type == "delta")

@@ -174,7 +174,7 @@ def test_a_second_turn_of_an_id_in_flight_on_the_connection_is_refused_and_the_f
         sock.close()
     errors = [f for f in frames if f["type"] == "error"]
     assert len(errors) == 1 and errors[0]["code"] == "duplicate_id", frames
-    assert "a turn with id 'same' is still in flight on this connection" in errors[0]["message"]
+    assert 'a turn with id "same" is still in flight on this connection' in errors[0]["message"]
     assert [f["type"] for f in frames].count("decision") == 1 and frames[-1]["type"] == "done", frames
     assert again[-1]["type"] == "done", again
     assert len(daemon.rows()) == 2

@@ -125,13 +125,13 @@ def test_refusals_say_what_is_not_supported_and_what_to_send(daemon_factory: Any
     with pytest.raises(openai.BadRequestError) as role:
         client.chat.completions.create(model="auto", messages=[hi, called, tool])  # type: ignore[list-item]
     assert role.value.param == "messages[2]"
-    assert "role 'tool' is not supported by locod, which calls no tools" in role.value.message
+    assert 'role "tool" is not supported by locod, which calls no tools' in role.value.message
 
     audio = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
     with pytest.raises(openai.BadRequestError) as part:
         client.chat.completions.create(model="auto", messages=[{"role": "user", "content": [audio]}])  # type: ignore[list-item]
     assert part.value.param == "messages[0].content[0]"
-    assert "a part of type 'input_audio' is not supported by locod; send text and image_url parts" in part.value.message
+    assert 'a part of type "input_audio" is not supported by locod; send text and image_url parts' in part.value.message
 
     # a GGUF's path where a model's name goes: how a file becomes a model, not only the names there are
     with pytest.raises(openai.NotFoundError) as path:

@@ -91,7 +91,7 @@ def test_a_web_page_the_door_refuses_is_told_of_http_cors_origins(daemon: Daemon
     preflight = {"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"}
     status, answer = request(port, "OPTIONS", "/v1/chat/completions", headers=preflight)
     assert (status, answer["error"]["code"]) == (405, "method_not_allowed")
-    assert "CORS preflight from 'http://localhost:3000'" in answer["error"]["message"]
+    assert 'CORS preflight from "http://localhost:3000"' in answer["error"]["message"]
     assert "http.cors_origins" in answer["error"]["message"]
     status, answer = request(port, "OPTIONS", "/v1/chat/completions")  # no browser: what is served, as before
     assert status == 405 and "it serves POST /v1/chat/completions" in answer["error"]["message"]

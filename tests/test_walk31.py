@@ -140,7 +140,7 @@ def test_what_cannot_be_honoured_is_refused_by_name(daemon_factory: Any, proxy: 
     with pytest.raises(openai.BadRequestError) as shape:
         client.chat.completions.create(model="auto", messages=ASK, response_format=llama_style)  # type: ignore[arg-type]
     assert (shape.value.code, shape.value.param) == ("bad_field", "response_format")
-    assert "of type 'json_object' has keys locod would leave unread, ['schema']" in shape.value.message
+    assert "of type \"json_object\" has keys locod would leave unread, ['schema']" in shape.value.message
     with handle.client() as c, pytest.raises(Exception) as socket:
         c.ask(messages=ASK, response_format={"type": "json_schema"})
     assert "options.response_format" in str(socket.value) and 'needs "json_schema"' in str(socket.value)
