@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -174,12 +175,14 @@ class HttpServer:
         config = uvicorn.Config(  # log_config=None: uvicorn's lines go through locod's own logging
             _identified(
                 _one_framing(
-                    cross_origin(
-                        _tidy_path(
-                            Starlette(routes=routes, exception_handlers={404: self.no_route, 405: self.no_route})
-                        ),
-                        cfg.cors_origins,
-                        "x-locod-decision, x-locod-location, x-request-id",
+                    _origin_form(
+                        cross_origin(
+                            _tidy_path(
+                                Starlette(routes=routes, exception_handlers={404: self.no_route, 405: self.no_route})
+                            ),
+                            cfg.cors_origins,
+                            "x-locod-decision, x-locod-location, x-request-id",
+                        )
                     )
                 )
             ),
@@ -520,23 +523,59 @@ def _tidy_path(app: ASGIApp) -> ASGIApp:
 
 
 def _one_framing(app: ASGIApp) -> ASGIApp:
-    """Refuse a request that names both Content-Length and Transfer-Encoding, and close its connection (RFC
-    9112, 6.3): h11 reads it as chunked and kept the connection, so behind a proxy that goes by the
-    Content-Length, what the proxy sent as one request's body was read here as the next request on the
-    connection (request smuggling)."""
+    """Refuse a request whose headers can be read two ways, and close its connection: one that names both
+    Content-Length and Transfer-Encoding (RFC 9112, 6.3), which h11 reads as chunked and kept the connection,
+    so behind a proxy that goes by the Content-Length, what the proxy sent as one request's body was read here
+    as the next request on the connection (request smuggling); and one with more than one Origin, whose first
+    passed the Gate while the CORS answer went by the last."""
 
     async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
-        named = {key for key, _ in scope["headers"]} if scope["type"] == "http" else set()
-        if not {b"content-length", b"transfer-encoding"} <= named:
+        why = _ambiguity([key for key, _ in scope["headers"]]) if scope["type"] == "http" else None
+        if why is None:
             await app(scope, receive, send)
             return
-        error = wire.HttpError(
-            400,
-            "the request names both Content-Length and Transfer-Encoding, so where its body ends is ambiguous: "
-            "send one of them",
-            "bad_request",
-        )
+        error = wire.HttpError(400, why, "bad_request")
         await JSONResponse(error.body(), status_code=400, headers={"connection": "close"})(scope, receive, send)
+
+    return asgi
+
+
+def _ambiguity(names: list[bytes]) -> str | None:
+    """Why headers named ``names`` can be read two ways (None: they cannot)."""
+    if {b"content-length", b"transfer-encoding"} <= set(names):
+        return (
+            "the request names both Content-Length and Transfer-Encoding, so where its body ends is ambiguous: "
+            "send one of them"
+        )
+    if names.count(b"origin") > 1:
+        return f"the request names Origin {names.count(b'origin')} times, so whose page sent it is ambiguous: send one"
+    return None
+
+
+def _origin_form(app: ASGIApp) -> ASGIApp:
+    """Serve a request whose target is a whole URL, ``GET http://127.0.0.1:8080/v1/models`` (absolute-form,
+    which RFC 9112, 3.2.2, says a server must accept, as a proxy-minded client sends it), as its path, with
+    the URL's authority as its Host (the Gate then checks that one); a target that is neither a path nor an
+    http(s) URL (``*``, ``host:port``) is refused by name rather than answered 404 for a path it is not."""
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        target = scope["raw_path"].decode("latin-1") if scope["type"] == "http" else "/"
+        if target.startswith("/"):
+            await app(scope, receive, send)
+            return
+        url = urlsplit(target)
+        if url.scheme.lower() not in ("http", "https") or not url.netloc:
+            error = wire.HttpError(
+                400,
+                f"the request target {as_json(target)} is neither a path (/v1/models) nor an http URL (absolute-form)",
+                "bad_request",
+            )
+            await JSONResponse(error.body(), status_code=400)(scope, receive, send)
+            return
+        headers = [(k, v) for k, v in scope["headers"] if k != b"host"] + [(b"host", url.netloc.encode("latin-1"))]
+        path = url.path or "/"
+        scope = {**scope, "path": unquote(path), "raw_path": path.encode("latin-1"), "headers": headers}
+        await app(scope, receive, send)
 
     return asgi
 
