@@ -11,6 +11,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from locod.daemon.config import MAX_CONFIG_BYTES, Config, LocalModelConfig
 from locod.daemon.gguf import CutShort, NotGGUF, check_whole, is_gguf, kv_bytes_per_token, summary
@@ -39,50 +40,93 @@ class PulledModel:
         return LocalModelConfig(name=self.name, path=self.file, n_ctx=self.n_ctx)
 
 
+@dataclass(frozen=True)
+class RemovedModel:
+    """A model ``locod models rm`` removed, kept in the manifest as ``[[removed]]``: a daemon offers it until
+    its next reload, and a turn naming it is told it was removed and where to pull it from again, not that
+    its file is missing from a path to fix."""
+
+    name: str
+    file: str
+    origin: str
+
+
+MAX_REMOVED = 32  # the latest removals the manifest remembers
+
+
 def manifest_path(models_dir: Path) -> Path:
     return models_dir / MANIFEST
 
 
 def pulled_models(models_dir: Path) -> list[PulledModel]:
     """The entries of the user manifest, checked like the config file; [] when nothing was pulled."""
+    return _entries(models_dir, "model", PulledModel)
+
+
+def removed_models(models_dir: Path) -> list[RemovedModel]:
+    """The models ``locod models rm`` removed, the latest last."""
+    return _entries(models_dir, "removed", RemovedModel)
+
+
+def _entries(models_dir: Path, kind: str, entry: type[Any]) -> list[Any]:
     path = manifest_path(models_dir)
     try:
         table = read_toml(path, MAX_CONFIG_BYTES)  # read at every reload
     except FileNotFoundError:
         return []
-    entries = table.get("model", [])
+    entries = table.get(kind, [])
     if not isinstance(entries, list):
-        raise ConfigError(f"{path}: model must be an array of tables ([[model]])")
-    return [build_table(PulledModel, item, str(path), f"model[{i}].") for i, item in enumerate(entries)]
+        raise ConfigError(f"{path}: {kind} must be an array of tables ([[{kind}]])")
+    return [build_table(entry, item, str(path), f"{kind}[{i}].") for i, item in enumerate(entries)]
 
 
-def save(models_dir: Path, models: list[PulledModel]) -> None:
+def save(models_dir: Path, models: list[PulledModel], removed: list[RemovedModel]) -> None:
     """Rewrite the manifest atomically: a reader sees the old file or the new one, never half of it, and
     after a power loss too (the new file's bytes reach the disk before its name does; without it some
     filesystems bring the manifest back empty, and every pulled model drops out of the config unsaid)."""
     path = manifest_path(models_dir)
     lines = ["# Models added with `locod models pull`; `locod models rm NAME` removes one. Written by locod."]
-    for model in models:
-        lines.append("\n[[model]]")
-        # JSON strings and integers are valid TOML values
-        lines.extend(f"{key} = {json.dumps(value)}" for key, value in dataclasses.asdict(model).items())
+    for kind, entries in (("model", models), ("removed", removed[-MAX_REMOVED:])):
+        for entry in entries:
+            lines.append(f"\n[[{kind}]]")
+            # JSON strings and integers are valid TOML values
+            lines.extend(f"{key} = {json.dumps(value)}" for key, value in dataclasses.asdict(entry).items())
     with written_whole(path, path.with_name(f".{MANIFEST}.partial"), mode=0o666) as out:  # a service reads it
         out.write(("\n".join(lines) + "\n").encode())
 
 
 def register(models_dir: Path, model: PulledModel) -> None:
-    """Add ``model``, replacing an entry of the same name."""
+    """Add ``model``, replacing an entry of the same name (and forgetting its removal)."""
     kept = [m for m in pulled_models(models_dir) if m.name != model.name]
-    save(models_dir, [*kept, model])
+    save(models_dir, [*kept, model], [r for r in removed_models(models_dir) if r.name != model.name])
 
 
 def unregister(models_dir: Path, name: str) -> PulledModel | None:
-    """Drop the entry called ``name``; returns it, or None when there was none."""
+    """Drop the entry called ``name``, remembering it as removed; returns it, or None when there was none."""
     models = pulled_models(models_dir)
     found = next((m for m in models if m.name == name), None)
     if found is not None:
-        save(models_dir, [m for m in models if m.name != name])
+        removed = [r for r in removed_models(models_dir) if r.name != name]
+        removed.append(RemovedModel(name, found.file, found.origin))
+        save(models_dir, [m for m in models if m.name != name], removed)
     return found
+
+
+def gone_file_remedy(models_dir: Path, name: str, file: str) -> str | None:
+    """What a user does about pulled model ``name`` whose ``file`` is gone: it was removed, or its file
+    deleted by hand; either way ``locod models pull`` from where it came. None: locod did not pull it (or
+    the manifest cannot be read, which the next reload says)."""
+    try:
+        pulled, removed = pulled_models(models_dir), removed_models(models_dir)
+    except ConfigError:
+        return None
+    kept = next((m for m in pulled if m.name == name and m.file == file), None)
+    if kept is not None:
+        return f"its file was deleted; pull it again: `locod models pull {kept.origin} --name {name}`"
+    gone = next((r for r in reversed(removed) if r.name == name and r.file == file), None)
+    if gone is None:
+        return None
+    return f"it was removed (`locod models rm {name}`); pull it again: `locod models pull {gone.origin} --name {name}`"
 
 
 @dataclass(frozen=True)

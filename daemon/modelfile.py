@@ -39,6 +39,9 @@ def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
     path = resolve_path(model, models_dir)
     embedded = (model.name, model.path) == (EMBEDDED_MODEL.name, EMBEDDED_MODEL.path)  # n_gpu_layers may differ
     if not path.is_file():
+        pulled = None if embedded or path.exists() else _pulled_remedy(model, models_dir)
+        if pulled:
+            raise ModelError(f"model {model.name!r}: {pulled}", code="model_missing")
         remedy = (
             "run `locod models fetch`"
             if embedded
@@ -64,6 +67,14 @@ def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
             code="model_missing",
         ) from None
     return path
+
+
+def _pulled_remedy(model: LocalModelConfig, models_dir: Path) -> str | None:
+    """What to do about a model ``locod models pull`` brought whose file is gone (removed, or deleted by
+    hand): the catalog imports this module, so it is imported here."""
+    from locod.daemon.catalog import gone_file_remedy
+
+    return gone_file_remedy(models_dir, model.name, model.path)
 
 
 def _user() -> str:
