@@ -140,10 +140,27 @@ class _Wrong(SystemExit):
 
 class _Parser(argparse.ArgumentParser):
     """locod's parsers (its commands' too: ``add_subparsers`` makes them of their parent's class): a usage
-    error raises ``_Wrong``, which main says."""
+    error raises ``_Wrong``, which main says; a flag that holds one value takes it once (``_Once``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in (None, "store"):
+            self.register("action", name, _Once)
 
     def error(self, message: str) -> NoReturn:
         raise _Wrong(self, message)
+
+
+class _Once(argparse._StoreAction):
+    """A flag that holds one value, given twice (``locod ask --model a --model b``): argparse kept the last
+    without a word, so a command line built from pieces asked another model than the one its author saw."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: Any, values: Any, option: Any = None) -> None:
+        given = namespace.__dict__.setdefault("given_flags", set())
+        if self.dest in given:
+            raise argparse.ArgumentError(self, "given twice: give it once")
+        given.add(self.dest)
+        super().__call__(parser, namespace, values, option)
 
 
 def _asks_json(argv: list[str]) -> bool:
@@ -498,7 +515,7 @@ def _global_options(default: Any) -> argparse.ArgumentParser:
     """--config, --set, --endpoint and --secret: taken before the command and after it (``locod serve --set
     ...``). The copies after it default to ``argparse.SUPPRESS`` so that they leave what was given before the
     command alone; ``--set`` after it goes to ``set_after`` and adds to the ones before (main joins them)."""
-    options = argparse.ArgumentParser(add_help=False)
+    options = _Parser(add_help=False)
     group = options.add_argument_group("global options (before or after the command)")
     group.add_argument(
         "--config",
