@@ -73,6 +73,9 @@ FINISH_WORD = re.compile(r"[a-z_]{1,40}")  # an endpoint's finish_reason passed 
 # for CreateChatCompletionRequest\nresponse_format.type\n  Input should be ..."
 VALIDATION_ERROR = re.compile(r"\bvalidation errors?\b")
 FORMAT_FIELD = re.compile(r"'loc': \('body', 'response_format'|^response_format\b", re.MULTILINE)
+# A call to a model that takes no key (``needs_key = false``) carries no Authorization header: the SDK sends its
+# client's key, a placeholder it must be built with, on every call unless the call omits the header.
+NO_KEY_SENT = {"Authorization": openai.Omit()}
 
 
 def backoff_s(attempt: int) -> float:
@@ -91,6 +94,7 @@ def _ask(model: CloudModelConfig, client: openai.OpenAI, prompt: Prompt) -> open
         response_format=cast(Any, prompt.response_format) or openai.omit,
         stream=True,
         stream_options={"include_usage": True},
+        extra_headers=None if model.needs_key else NO_KEY_SENT,
     )
 
 
@@ -109,7 +113,8 @@ def _limits(model: CloudModelConfig, prompt: Prompt) -> dict[str, Any]:
 def _client(model: CloudModelConfig, key: str | None, timeout_s: float, source: str) -> openai.OpenAI:
     """The model's client, bounded (``bounded_http``) and through its proxy. It retries nothing itself
     (``_open`` does, before the first token) and follows no redirect: the prompt would be re-sent to whatever
-    host it names."""
+    host it names. A model without a key is built with a placeholder, which the SDK requires: sent to one that
+    needs a key, its endpoint's 401 says to give it one; one that takes none is never sent it (``NO_KEY_SENT``)."""
     return openai.OpenAI(
         base_url=model.base_url,
         api_key=key or "no-key-configured",
