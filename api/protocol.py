@@ -316,12 +316,16 @@ ENDPOINT_SHAPE = "ipc://PATH or tcp://HOST:PORT (such as tcp://127.0.0.1:5557; I
 
 def tcp_host_port(endpoint: str) -> tuple[str, int] | None:
     """The host (IPv6 without its brackets) and port of a ``tcp://HOST:PORT`` endpoint; None for anything else,
-    a port out of 1-65535 or not in ASCII digits included (ZeroMQ's ``*`` for any port too)."""
+    a port out of 1-65535 or not in ASCII digits included (ZeroMQ's ``*`` for any port too), and an IPv6 host
+    not in brackets: ZeroMQ's socket is told IPv6 only for ``tcp://[`` (``ipv6``), so ``tcp://::1:5557`` failed
+    its bind after the model was loaded and waited forever at a connect; it is ambiguous too (``::1:5557`` is
+    itself an IPv6 address)."""
     if not endpoint.startswith("tcp://"):
         return None
-    host, _, port = endpoint[6:].rpartition(":")
-    host, number = unbracketed(host), port_number(port)
-    return (host, number) if host and number is not None else None
+    written, _, port = endpoint[6:].rpartition(":")
+    host, number = unbracketed(written), port_number(port)
+    bare_ipv6 = ":" in host and host == written
+    return (host, number) if host and number is not None and not bare_ipv6 else None
 
 
 def endpoint_problem(endpoint: str) -> str | None:

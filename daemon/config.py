@@ -716,7 +716,10 @@ def _check_endpoints(config: Config, origins: Mapping[str, str]) -> None:
         address = tcp_host_port(config.daemon.tcp)
         if address is None:
             tcp = quoted(config.daemon.tcp)
-            raise ConfigError(f"{source}: daemon.tcp must look like tcp://127.0.0.1:5557, got {tcp}")
+            raise ConfigError(
+                f"{source}: daemon.tcp must look like tcp://127.0.0.1:5557 (IPv6 in brackets: tcp://[::1]:5557), "
+                f"got {tcp}"
+            )
         host = address[0]
         if host not in LOOPBACK and not config.daemon.tcp_secret_file:  # refused before a model is loaded
             raise ConfigError(
