@@ -19,6 +19,7 @@ version 1), and `locod policy train` makes one that does.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -44,9 +45,22 @@ RUN_LIMIT_S = 1.0  # a run still going after this is stopped: at a probe the fil
 PROBE_ROUNDS = 3  # each probe observation is run this many times: the fastest run is the policy's speed
 MAX_DECIDE_MS = 5.0  # the shipped policy decides in about 10 us; a file this much slower is not one to route by
 EXTERNAL_DATA_FOLDER = "session.model_external_initializers_file_folder_path"  # onnxruntime's key
+ENV_ALLOCATORS = "session.use_env_allocators"  # onnxruntime's key: a session allocates from the arena registered
+# What the tensors of every policy's runs may take at once (the weights are held apart from it): a trained
+# policy's run takes kilobytes, and a 2 kB graph that expands one number to 250 million took 1 GiB at each
+# decision, which onnxruntime's arena then kept; one to billions would take the machine's memory.
+RUN_ARENA_BYTES = MAX_POLICY_BYTES
 SUM_TOLERANCE = 1e-3  # how far from 1 the allowed actions' probabilities may sum (float32 rounding)
 
 T = TypeVar("T")
+
+
+@functools.cache
+def _bounded_arena() -> None:
+    """Register, once per process, the arena of RUN_ARENA_BYTES every policy session runs in: a tensor past it
+    fails its run (a PolicyError naming the policy) instead of being allocated."""
+    cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(cpu, ort.OrtArenaCfg(RUN_ARENA_BYTES, -1, -1, -1))
 
 
 class _Watchdog:
@@ -123,8 +137,15 @@ def _session(path: Path) -> ort.InferenceSession:
     # the working directory: under systemd (cwd /) it was not found. It is beside the file that names it: a
     # symlink's target (a policy chosen by a link to one of its versions), where onnxruntime confines it.
     options.add_session_config_entry(EXTERNAL_DATA_FOLDER, str(path.resolve().parent))
+    _bounded_arena()
+    options.add_session_config_entry(ENV_ALLOCATORS, "1")
     try:
-        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        # Constant folding computes a graph's constant parts as it loads, outside any arena: a graph that
+        # expands a constant to 250 million numbers took 2 GiB and 8 s at load. Left to the run, the
+        # arena bounds it (a trained policy decides as fast without it).
+        return ort.InferenceSession(
+            model, options, providers=["CPUExecutionProvider"], disabled_optimizers=["ConstantFolding"]
+        )
     except Exception as exc:  # onnxruntime raises its own exception types for every kind of bad file
         raise PolicyError(f"policy file {path} is not a loadable ONNX model: {exc}", code="policy_corrupt") from None
 
