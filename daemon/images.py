@@ -26,6 +26,9 @@ DECODE_BYTES_PER_PIXEL = 6  # OpenCV's peak while decoding to BGR, measured for 
 ALPHA_BYTES_PER_PIXEL = 8
 BAND_PIXELS = 1 << 18
 BAND_BYTES_PER_PIXEL = 48
+# The size of OS/2's bitmap header (BITMAPCOREHEADER), whose sides are 16-bit: read as the 32-bit sides of
+# every later header, a 40x30 bitmap was refused as 1966120x1572865 pixels (OpenCV decodes it)
+BMP_CORE_HEADER = 12
 BMP_BITFIELDS = (3, 6)  # BI_BITFIELDS, BI_ALPHABITFIELDS: compressions whose masks may say where alpha is
 COEFFICIENT_BYTES = 2  # a progressive JPEG's decoder keeps every DCT coefficient, whatever the output scale
 # Scans a JPEG may have: a progressive one has about 10, and libjpeg goes over the whole image once per scan,
@@ -62,7 +65,8 @@ def image_size(data: bytes) -> tuple[str, int, int]:
             bits = int.from_bytes(data[21:25], "little")
             return "webp", (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
     if data[:2] == b"BM" and len(data) >= 26:
-        w, h = struct.unpack("<ii", data[18:26])
+        core = int.from_bytes(data[14:18], "little") == BMP_CORE_HEADER
+        w, h = struct.unpack("<HH", data[18:22]) if core else struct.unpack("<ii", data[18:26])
         return "bmp", abs(w), abs(h)
     if (known := image_format(data)) in READABLE_FORMATS:  # its header is cut short or not one decoded here
         raise AttachmentError(f"its {known} header is cut short or unreadable", code="bad_image")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
 from locod.policy.observation import N_ACTIONS, OBS_DIM
 from locod.policy.onnx_policy import DEFAULT_POLICY
+from locod.protocol import Attachment
 
 from .faultproxy import FaultProxy
 from .test_attacks8 import _peak_rss
@@ -92,3 +95,23 @@ def test_a_small_policy_expanding_to_a_gigabyte_is_refused_or_stopped_within_its
     assert result.done.outcome in ("ok", "escalated") and "TMO" not in result.decision.reason
     assert "deciding with MESS+ alone" in handle.log()
     assert _peak_rss(handle.proc.pid) - before < 256 << 20
+
+
+def os2_bitmap(width: int, height: int) -> bytes:
+    """A 24-bit BMP with OS/2's 12-byte header (BITMAPCOREHEADER, 16-bit sides), rows of blue to red."""
+    row = bytes(b for x in range(width) for b in (255 - 255 * x // width, 0, 255 * x // width))
+    pixels = (row + bytes(-len(row) % 4)) * height
+    header = struct.pack("<IHHHH", 12, width, height, 1, 24)
+    return b"BM" + struct.pack("<IHHI", 26 + len(pixels), 0, 0, 26) + header + pixels
+
+
+def test_a_bitmap_with_an_os2_header_is_read_at_its_size(daemon_factory: Any) -> None:
+    """A BMP whose header is OS/2's (as ImageMagick's BMP2: writes, 16-bit sides) was read as if its sides
+    were 32-bit: a 40x30 picture was refused as 1966120x1572865 pixels, outside the accepted size, though
+    OpenCV decodes it. Now its sides are read as that header has them."""
+    handle = daemon_factory({"routing": {"mode": "local"}})
+    picture = Attachment("image", "old.bmp", data=os2_bitmap(40, 30))
+    result = handle.client().ask("What is in this picture?", attachments=[picture], max_tokens=2)
+    assert result.done.outcome == "ok"
+    (offered,) = json.loads(handle.rows()[-1]["attachments_offered"])
+    assert (offered["width"], offered["height"]) == (40, 30)
