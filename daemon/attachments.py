@@ -349,8 +349,7 @@ def _prepare_document(
             f"byte-order mark) such as plain text, Markdown, CSV or code; {then}",
             code="bad_document",
         )
-    pieces = chunk_text(text, config.doc_chunk_chars)
-    check_cancelled(cancelled)
+    pieces = chunk_text(text, config.doc_chunk_chars, cancelled)
     chunks = rank_chunks(pieces, prompt_terms, cancelled=cancelled)
     relevance = chunks[0].score if chunks else 0.0
     return PreparedAttachment(

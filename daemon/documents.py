@@ -82,17 +82,21 @@ def nul_kind(data: bytes) -> str:
     return "binary data, not text"
 
 
-def chunk_text(text: str, size: int) -> list[str]:
+def chunk_text(text: str, size: int, cancelled: threading.Event | None = None) -> list[str]:
     """Paragraph-aligned chunks of about ``size`` characters (a long paragraph is cut at ``size``, by index:
     re-slicing the rest each time would copy a one-paragraph document quadratically). A paragraph keeps its
-    first line's indentation: in code (a method after a blank line) it is meaning."""
+    first line's indentation: in code (a method after a blank line) it is meaning. A paragraph within
+    ``size`` is taken as it is, and ``cancelled`` is checked at each: 20 MB of one-letter paragraphs, six
+    million, took 27 s on a busy machine (5 s now), past its client's leaving and the daemon's stop."""
     chunks: list[str] = []
     current = ""
     for paragraph in re.split(r"\n\s*\n", text):
+        check_cancelled(cancelled)
         paragraph = paragraph.rstrip().lstrip("\n")
-        cut = max(0, (len(paragraph) - 1) // size) * size  # leaves the last 1 to ``size`` characters
-        chunks.extend(paragraph[i : i + size] for i in range(0, cut, size))
-        paragraph = paragraph[cut:]
+        if len(paragraph) > size:
+            cut = (len(paragraph) - 1) // size * size  # leaves the last 1 to ``size`` characters
+            chunks.extend(paragraph[i : i + size] for i in range(0, cut, size))
+            paragraph = paragraph[cut:]
         if current and len(current) + len(paragraph) + 2 > size:
             chunks.append(current)
             current = ""

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from locod.daemon.documents import chunk_text
+from locod.errors import Busy
 from locod.policy.observation import N_ACTIONS, OBS_DIM
 from locod.policy.onnx_policy import DEFAULT_POLICY
 from locod.protocol import Attachment
@@ -115,3 +120,16 @@ def test_a_bitmap_with_an_os2_header_is_read_at_its_size(daemon_factory: Any) ->
     assert result.done.outcome == "ok"
     (offered,) = json.loads(handle.rows()[-1]["attachments_offered"])
     assert (offered["width"], offered["height"]) == (40, 30)
+
+
+def test_a_document_of_millions_of_paragraphs_stops_splitting_when_its_turn_is_cancelled() -> None:
+    """20 MB of one-letter paragraphs are six million of them: splitting them took half a minute of a turn's
+    thread, checked for a cancel only after, so `locod stop` waited past its grace (20 s) for a turn its
+    client had left. The split is checked at each paragraph now (and is several times faster)."""
+    cancelled = threading.Event()
+    cancelled.set()
+    with pytest.raises(Busy) as stopped:
+        chunk_text("a\n\n" * (6 << 20), 1200, cancelled)
+    assert stopped.value.code == "cancelled"
+    paragraphs = "\n\n".join(["a"] * 1000)  # packed as before: as many as fit in 1200 characters
+    assert chunk_text(paragraphs, 1200) == ["\n\n".join(["a"] * 400)] * 2 + ["\n\n".join(["a"] * 200)]
