@@ -20,6 +20,7 @@ version 1), and `locod policy train` makes one that does.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import math
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 
 DEFAULT_POLICY = Path(__file__).resolve().parent / "default" / "policy.onnx"
 MAX_POLICY_BYTES = 64 << 20  # the shipped policy is ~100 kB; a bigger file is not one `locod policy train` wrote
+# Entries of a policy's graphs (nodes, initializers, inputs, value infos; the shipped one has 21): onnxruntime
+# takes about a millisecond for each as it loads, on the serving loop, and a 1.7 MB file of 100,000 unused
+# initializers held it 111 s (the service's watchdog restarts a loop silent for 30 s), logging a line for each
+MAX_GRAPH_ENTRIES = 2000
 RUN_LIMIT_S = 1.0  # a run still going after this is stopped: at a probe the file is refused, at a turn MESS+ decides
 PROBE_ROUNDS = 3  # each probe observation is run this many times: the fastest run is the policy's speed
 MAX_DECIDE_MS = 5.0  # the shipped policy decides in about 10 us; a file this much slower is not one to route by
@@ -151,10 +156,17 @@ def _session(path: Path) -> ort.InferenceSession:
 
 
 def _check_side_files(path: Path, model: bytes) -> None:
-    """The files ``model`` keeps its weights in (ONNX external data), bounded as the policy file is: the
-    policy and they together within MAX_POLICY_BYTES, each a regular file. onnxruntime reads them whole, with
-    no bound: a 125-byte policy naming a 512 MiB side file took 1 GiB at load, on the serving loop."""
+    """The graphs of ``model`` within MAX_GRAPH_ENTRIES, and the files it keeps its weights in (ONNX external
+    data) bounded as the policy file is: the policy and they together within MAX_POLICY_BYTES, each a regular
+    file. onnxruntime reads them whole, with no bound: a 125-byte policy naming a 512 MiB side file took 1 GiB
+    at load, on the serving loop."""
     try:
+        if _too_many_entries(memoryview(model)):
+            raise PolicyError(
+                f"policy file {path} has more than {MAX_GRAPH_ENTRIES} nodes, initializers and value infos in its "
+                "graphs: onnxruntime would take minutes to load it; not a policy `locod policy train` wrote",
+                code="policy_corrupt",
+            )
         names = sorted(set(_external_data(memoryview(model))))
     except (ValueError, IndexError):  # not the protobuf an ONNX model is
         raise PolicyError(f"policy file {path} is not a loadable ONNX model", code="policy_corrupt") from None
@@ -189,23 +201,38 @@ _HOLDS = {
     "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
     "sparse": {1: "tensor", 2: "tensor"},
     "tensor": {13: "entry"},
+    "entry": {},
 }
 
 
-def _external_data(message: memoryview, kind: str = "model", depth: int = 0) -> Iterator[str]:
-    """The ``location`` of every tensor's external data in ``message`` (a serialised ``kind``), ``depth``
-    messages down."""
+def _messages(message: memoryview, kind: str = "model", depth: int = 0) -> Iterator[tuple[str, memoryview]]:
+    """``message`` (a serialised ``kind``, ``depth`` messages down) and every message in it that may lead to
+    a tensor, with its kind; as they are walked, so a reader that stops early stops the walk."""
     if depth > _MAX_DEPTH:
         raise ValueError(f"messages nested over {_MAX_DEPTH} deep")
-    if kind == "entry":  # StringStringEntryProto: key 1, value 2
-        entry = {number: bytes(value) for number, value in _fields(message) if isinstance(value, memoryview)}
-        if entry.get(1) == b"location":
-            yield entry.get(2, b"").decode("utf-8", "surrogateescape")
-        return
+    yield kind, message
     for number, value in _fields(message):
         held = _HOLDS[kind].get(number)
         if held is not None and isinstance(value, memoryview):
-            yield from _external_data(value, held, depth + 1)
+            yield from _messages(value, held, depth + 1)
+
+
+def _external_data(model: memoryview) -> Iterator[str]:
+    """The ``location`` of every tensor's external data in the serialised ``model``."""
+    for kind, message in _messages(model):
+        if kind == "entry":  # StringStringEntryProto: key 1, value 2
+            entry = {number: bytes(value) for number, value in _fields(message) if isinstance(value, memoryview)}
+            if entry.get(1) == b"location":
+                yield entry.get(2, b"").decode("utf-8", "surrogateescape")
+
+
+def _too_many_entries(model: memoryview) -> bool:
+    """Whether the graphs and functions of the serialised ``model`` have more than MAX_GRAPH_ENTRIES entries
+    (nodes, initializers, inputs, value infos ...) in all; counted up to one past it, not further."""
+    entries = (
+        number for kind, message in _messages(model) if kind in ("graph", "function") for number, _ in _fields(message)
+    )
+    return next(itertools.islice(entries, MAX_GRAPH_ENTRIES, None), None) is not None
 
 
 def _fields(message: memoryview) -> Iterator[tuple[int, int | memoryview]]:

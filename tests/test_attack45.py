@@ -102,6 +102,39 @@ def test_a_small_policy_expanding_to_a_gigabyte_is_refused_or_stopped_within_its
     assert _peak_rss(handle.proc.pid) - before < 256 << 20
 
 
+def cluttered_policy(path: Path, unused: int) -> Path:
+    """The shipped policy with ``unused`` scalar initializers no node reads (22 bytes each)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(DEFAULT_POLICY))
+    model.graph.initializer.extend(helper.make_tensor(f"c{i}", TensorProto.FLOAT, [], [1.0]) for i in range(unused))
+    onnx.save(model, str(path))
+    return path
+
+
+def test_a_policy_of_thousands_of_initializers_is_refused_before_onnxruntime_reads_it(
+    daemon_factory: Any, proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """onnxruntime loads a graph on the serving loop at about a millisecond an entry, and more as they grow: a
+    1.7 MB policy.onnx of 100,000 initializers no node reads held the loop 111 s at a reload (the service's
+    watchdog restarts a loop silent for 30 s, and the start loads it again), logging a warning for each.
+    Now a policy of more than 2,000 graph entries is refused from its bytes, naming the file, and the policy
+    before it routes on."""
+    path = shutil.copy(DEFAULT_POLICY, tmp_path / "policy.onnx")
+    handle = daemon_factory(policy_config(proxy.base_url, policy_path=str(path)))
+    client = handle.client()
+    version = client.status()["routing"]["policy"]
+    cluttered_policy(path, 5000)
+    refused = client.reload()["policy_error"]
+    assert str(path) in refused and "more than 2000 nodes, initializers and value infos" in refused
+    assert f"keeping policy {version}" in refused and client.status()["routing"]["policy"] == version
+    assert "Removing initializer" not in handle.log()
+    cluttered_policy(path, 1000)  # within the bound: loaded, its unused initializers dropped by onnxruntime
+    assert client.reload()["policy_error"] is None
+    assert "TMO policy" in client.ask("Hello", max_tokens=2).decision.reason
+
+
 def os2_bitmap(width: int, height: int) -> bytes:
     """A 24-bit BMP with OS/2's 12-byte header (BITMAPCOREHEADER, 16-bit sides), rows of blue to red."""
     row = bytes(b for x in range(width) for b in (255 - 255 * x // width, 0, 255 * x // width))
