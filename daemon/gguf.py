@@ -33,11 +33,11 @@ FILE_TYPES = {
 
 
 class NotGGUF(ValueError):
-    """The file is not a GGUF model (or its header is cut short)."""
+    """The file is not a GGUF model, or its header is damaged."""
 
 
 class CutShort(NotGGUF):
-    """The file has a whole GGUF header, but ends before its last tensor's data: a copy or download stopped."""
+    """The file ends before its last tensor's data, or within its header: a copy or download stopped."""
 
 
 @dataclass(frozen=True)
@@ -97,11 +97,11 @@ def _read_header(path: Path, with_tensors: bool) -> dict[str, Any]:
     with path.open("rb") as f:
         if f.read(4) != MAGIC:
             raise NotGGUF(f"{path} is not a GGUF file")
+        size = os.fstat(f.fileno()).st_size
         try:
             version, tensors, count = struct.unpack("<IQQ", _exact(f, 20))
             if version < 2:
                 raise NotGGUF(f"GGUF version {version} is too old (llama.cpp reads 2 and later)")
-            size = os.fstat(f.fileno()).st_size
             end = min(size, MAX_HEADER)
             meta: dict[str, Any] = {}
             for _ in range(count):
@@ -115,7 +115,9 @@ def _read_header(path: Path, with_tensors: bool) -> dict[str, Any]:
             last_tensor = _last_tensor_start(f, tensors, size, meta.get("general.alignment")) if with_tensors else 0
         except NotGGUF as exc:
             raise NotGGUF(f"{path}: the GGUF header is damaged ({exc})") from None
-        except Exception as exc:  # struct, UTF-8, EOF, seek overflow...: whatever the bytes make the parser do
+        except EOFError:  # the file ends within its header: what a copy or download stopped early leaves
+            raise CutShort(f"{path} is cut short: {size} bytes, ending within its GGUF header") from None
+        except Exception as exc:  # struct, UTF-8, seek overflow...: whatever the bytes make the parser do
             raise NotGGUF(f"{path}: the GGUF header is damaged ({type(exc).__name__}: {exc})") from None
     if last_tensor >= size:
         raise CutShort(f"{path} is cut short: {size} bytes, where its last tensor begins at byte {last_tensor}")

@@ -49,17 +49,22 @@ def check_model_file(model: LocalModelConfig, models_dir: Path) -> Path:
         )
         found = "is not a file (name the .gguf file itself)" if path.exists() else "not found"
         raise ModelError(f"model {model.name!r}: file {path} {found}; {remedy}", code="model_missing")
+    again = "run `locod models fetch`" if embedded else "copy or download it again (`locod models pull`)"
     try:
         if not is_gguf(path):
-            raise ModelError(f"model {model.name!r}: {path} is not a GGUF file", code="model_corrupt")
+            fix = (
+                "run `locod models fetch`"
+                if embedded
+                else "point its path at a GGUF model, or download one with `locod models pull`"
+            )
+            raise ModelError(f"model {model.name!r}: {path} is not a GGUF file; {fix}", code="model_corrupt")
         check_whole(path)
     except CutShort as exc:  # nothing in the config to fix: the file is what a stopped copy or download leaves
-        again = "run `locod models fetch`" if embedded else "copy or download it again (`locod models pull`)"
         raise ModelError(
             f"model {model.name!r}: {exc}, as a copy or download that stopped leaves it; {again}", code="model_corrupt"
         ) from None
     except NotGGUF as exc:
-        raise ModelError(f"model {model.name!r}: {exc}", code="model_corrupt") from None
+        raise ModelError(f"model {model.name!r}: {exc}; {again}", code="model_corrupt") from None
     except OSError as exc:  # a file the daemon's user may not read: a service's user, its sandbox
         raise ModelError(
             f"model {model.name!r}: cannot read {path} ({exc.strerror or exc}); make it readable by the user "

@@ -304,11 +304,11 @@ def test_a_damaged_user_manifest_names_file_and_key(tmp_path: Path) -> None:
 
 
 def test_the_gguf_header_of_the_embedded_model(model_path: Path, tmp_path: Path) -> None:
-    """Read without llama.cpp; a header cut short is NotGGUF, not a crash."""
+    """Read without llama.cpp; a header cut short is NotGGUF (CutShort), not a crash."""
     assert describe(model_path) == GgufInfo(8192, "Q4_1")
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(model_path.read_bytes()[:300])
-    with pytest.raises(NotGGUF, match="header is damaged"):
+    with pytest.raises(NotGGUF, match="is cut short: 300 bytes, ending within its GGUF header"):
         describe(cut)
 
 
