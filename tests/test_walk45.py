@@ -45,7 +45,8 @@ def test_own_gguf_files_another_path_works_and_bad_ones_say_what_to_do(
     tmp_path: Path, models_dir: Path, model_path: Path, daemon_factory: Any
 ) -> None:
     """The embedded model copied elsewhere answers under its own name; a text file named .gguf said only "is not
-    a GGUF file" (and `locod reload`'s note "...; it is left out of routing until then", until what?)."""
+    a GGUF file" (and `locod reload`'s note "...; it is left out of routing until then", until what?), and
+    `locod status` said it learned "from the task priors (no prior for its GGUF)", of a file that is no GGUF."""
     files = own_models(tmp_path, model_path)
     config = {"local": {"models": [{"name": name, "path": str(path)} for name, path in files.items()]}}
     handle = daemon_factory(config)
@@ -62,3 +63,8 @@ def test_own_gguf_files_another_path_works_and_bad_ones_say_what_to_do(
     )
     for name in ("header", "half"):
         assert f"{files[name]} is cut short" in reloaded.stderr and "EOFError" not in reloaded.stderr
+    shown = handle.cli("status")
+    assert shown.returncode == 0, shown.stderr
+    rows = {line.split()[0]: line for line in shown.stdout.splitlines()}
+    assert "left out, no usable file (`locod models list`): notes, header, half" in rows["local"], shown.stdout
+    assert "tiny" in rows["learning"] and "notes" not in rows["learning"] and "no prior for" not in rows["learning"]

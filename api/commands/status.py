@@ -52,8 +52,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"for the local model{_for_session(status['queue'])}; {counted(status['sessions'], 'session')}",
         ),
     ]
-    if r.get("predictors"):  # after the routing row; an older daemon's status has no such field
-        rows.insert(4, ("learning", _predictors(r["predictors"])))
+    # A model left out for its file is the local row's to name: "from the task priors (no prior for its GGUF)"
+    # said of a text file named .gguf sent a user looking for a prior to fit.
+    unavailable = status["local"].get("unavailable", {})  # an older daemon's status has no such field
+    learning = {name: p for name, p in r.get("predictors", {}).items() if name not in unavailable}
+    if learning:  # after the routing row; an older daemon's status has no such field
+        rows.insert(4, ("learning", _predictors(learning)))
     if "db" in status:  # an older daemon's status has no such field
         rows.insert(1, ("files", _files(status)))
     if "http" in status:  # an older daemon's status has no such field
