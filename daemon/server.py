@@ -296,8 +296,8 @@ class Daemon:
             for tag, guard in self.guards.items():
                 if guard.monitor in events:
                     guard.drain()  # before the requests: a connection over the bounds is shut first
-                for fd, frames in guard.settle():  # the requests of a newcomer let in once it settled
-                    self._take(tag, self.sockets[tag], frames, fd)
+                for fd, frames, let_in in guard.settle():  # the requests of a newcomer let in once it settled
+                    self._take(tag, self.sockets[tag], frames, fd, let_in)
             for tag, sock in self.sockets.items():
                 if sock in events:
                     self._drain_requests(tag, sock)
@@ -373,14 +373,15 @@ class Daemon:
             if guard is None or not guard.hold(fd, frames):  # held while its connection settles (tcpguard.py)
                 self._take(tag, sock, frames, fd)
 
-    def _take(self, tag: bytes, sock: zmq.Socket[bytes], frames: list[bytes], fd: int) -> None:
-        """Answer one message (its routing id first) come on connection ``fd`` of door ``tag``."""
+    def _take(self, tag: bytes, sock: zmq.Socket[bytes], frames: list[bytes], fd: int, let_in: bool = True) -> None:
+        """Answer one message (its routing id first) come on connection ``fd`` of door ``tag``; ``let_in`` False
+        for one held for a newcomer that closed before its door's guard let it in (tcpguard.py)."""
         peer = tag + frames[0]
         if len(frames) > 2 and frames[1] == b"":  # a REQ socket's envelope: it reads replies behind one
             self._refuse_req_socket(sock, frames[0])
             return
         try:
-            self._dispatch(peer, tag, frames[1:], fd)
+            self._dispatch(peer, tag, frames[1:], fd, let_in)
         except BadRequest as exc:
             self._send(peer, encode_frame(exc.request_id, ErrorFrame.of(exc)))
         except LocodError as exc:
@@ -451,16 +452,21 @@ class Daemon:
 
     # -- requests ------------------------------------------------------------------------------------
 
-    def _dispatch(self, peer: bytes, tag: bytes, frames: list[bytes], fd: int) -> None:
-        """Answer one request; ``fd`` is the connection it came on (for its door's guard)."""
+    def _dispatch(self, peer: bytes, tag: bytes, frames: list[bytes], fd: int, let_in: bool = True) -> None:
+        """Answer one request; ``fd`` is the connection it came on (for its door's guard), ``let_in`` as ``_take``
+        says. A chat turn of a newcomer never let in is dropped: it would run, and be recorded, for nobody, and
+        it was never acknowledged; a label or a reload is answered, as on a connection that closed after it."""
         if tag == TCP:
             self.tcp_auth.check_head(frames)
         request = parse_request(frames, self.config.daemon.max_message_bytes)
         if tag == TCP:
             self.tcp_auth.check(request)
-        if (guard := self.guards.get(tag)) is not None:
+        if (guard := self.guards.get(tag)) is not None and let_in:  # the number may name another connection now
             guard.vouch(fd)  # it passed the door's checks: evicted only for a far less greedy host (tcpguard.py)
         if isinstance(request, ChatRequest):
+            if not let_in:
+                log.debug("dropped chat %s: its connection closed before it was let in", request.id)
+                return
             try:
                 self._start_turn(peer, request)
                 if (link := Link.of(fd)) is not None:  # the latest: a client may name its own routing id

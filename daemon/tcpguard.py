@@ -36,11 +36,14 @@ close after the next accept). Judged at once, it was shut, or an older live conn
 the slots were in fact free, and a request it had sent was lost: locod's own client sends a read-only one
 again, any other client waited out its timeout. So it *settles*: for up to ``SETTLE_S`` it waits, uncounted,
 its requests held unread by the loop, and is let in (its requests then answered, in order) as soon as the
-closes on their way free a slot; only then is it judged as above (its held requests dropped if it is shut).
-One that closes while it settles has what it sent answered all the same, as any connection's requests that came
-before its close are.
+closes on their way free a slot, oldest first (a slot found free by another newcomer's sweep too); only then is it
+judged as above (its held requests dropped if it is shut). One that closes while it settles has what it sent
+answered all the same, as any connection's requests that came before its close are, but a chat turn: never let in,
+never acknowledged, it would run and be recorded for nobody (the loop drops it).
 At most ``MAX_SETTLING`` wait at once: past them a newcomer is judged at its accept, so a flood costs no more
-descriptors than before.
+descriptors than before. Their held requests take ``MAX_HELD_BYTES`` at most: past it, the newcomer holding the most
+is judged at once, not the one whose request crossed it (a small request behind a big one, which cost it), and
+judging it alone brings them back within it.
 
 The monitor reports the accepted descriptor's number; before anything is done to it, the descriptor is
 checked to be a socket on this endpoint's own address (the number may have been reused meanwhile).
@@ -70,7 +73,9 @@ HANDSHAKE_S = 10  # a tcp connection has this long to complete its ZMTP greeting
 EVENTS = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 SETTLE_S = 0.25  # how long a newcomer over a bound waits for the closes on their way before it is judged
 MAX_SETTLING = 8  # newcomers waiting so at once; one more is judged at its accept
-MAX_HELD_BYTES = 64 << 20  # what their held requests may take in all; past it, the sender is judged at once
+MAX_HELD_BYTES = 64 << 20  # what their held requests may take in all; past it, the one holding most is judged at once
+
+Request = list[bytes]  # a message's frames, its routing id first
 
 
 @dataclass
@@ -86,7 +91,11 @@ class _Newcomer:
 
     conn: _Conn
     judged_at: float  # time.monotonic()
-    held: list[list[bytes]] = field(default_factory=list)  # its requests, read meanwhile and not answered
+    held: list[Request] = field(default_factory=list)  # its requests, read meanwhile and not answered
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(len(frame) for request in self.held for frame in request)
 
 
 class DoorGuard:
@@ -119,8 +128,12 @@ class DoorGuard:
         # newcomer, until the loop fell so far behind libzmq's accepts that the descriptors ran out.
         self._swept: set[str | None] = set()
         self._settling: dict[int, _Newcomer] = {}  # descriptor -> a newcomer over a bound, in order of arrival
-        # The held requests to answer now, in order: of newcomers let in, or closed while they settled
-        self._to_answer: dict[int, list[list[bytes]]] = {}
+        # The held requests to answer now, in order, each with whether its newcomer was let in (False: it closed
+        # while it settled)
+        self._to_answer: dict[int, list[tuple[Request, bool]]] = {}
+        # The descriptors of newcomers that closed while they settled, until the number is accepted again: what
+        # libzmq still had of theirs in its pipe is read after the close
+        self._closed_settling: set[int] = set()
         self.refused = 0  # connections shut: refused at their accept, or evicted for a newcomer
         self.evicted = 0
         self._throttle = Throttle(log)
@@ -149,29 +162,31 @@ class DoorGuard:
                 self._gone(fd)
                 self._let_in_those_that_fit()
 
-    def hold(self, fd: int, request: list[bytes]) -> bool:
+    def hold(self, fd: int, request: Request) -> bool:
         """Keep ``request``, come on ``fd``, unanswered while its connection settles (or until the held ones
         before it are answered); False when it may be answered now."""
         if fd not in self._live and fd not in self._settling:
             self.drain()  # its ACCEPTED event may still wait in the monitor
         if (newcomer := self._settling.get(fd)) is not None:
             newcomer.held.append(request)
-            if self._held_bytes() > MAX_HELD_BYTES:  # held in the daemon's memory, unlike libzmq's bounded pipes
-                self._judge_settled(fd)
+            if sum(n.held_bytes for n in self._settling.values()) > MAX_HELD_BYTES:  # unlike libzmq's pipes
+                self._judge_settled(max(self._settling, key=lambda waiting: self._settling[waiting].held_bytes))
             return True
-        if fd in self._to_answer:
-            self._to_answer[fd].append(request)
+        if fd in self._to_answer or fd in self._closed_settling:
+            self._to_answer.setdefault(fd, []).append((request, fd not in self._closed_settling))
             return True
         return False
 
-    def settle(self) -> list[tuple[int, list[bytes]]]:
-        """Judge the newcomers whose wait is over; the held requests (descriptor, frames) of those let in
-        meanwhile, or closed while they settled, in order, for the loop to answer now."""
+    def settle(self) -> list[tuple[int, Request, bool]]:
+        """Judge the newcomers whose wait is over; the held requests (descriptor, frames, whether the newcomer
+        was let in) of those let in meanwhile, or closed while they settled, in order, for the loop to answer
+        now."""
         self._swept.clear()
         now = time.monotonic()
         for fd in [fd for fd, newcomer in self._settling.items() if newcomer.judged_at <= now]:
-            self._judge_settled(fd)
-        answer_now = [(fd, request) for fd, requests in self._to_answer.items() for request in requests]
+            if fd in self._settling:  # not let in meanwhile, by a slot the judging of one before it found free
+                self._judge_settled(fd)
+        answer_now = [(fd, *held) for fd, requests in self._to_answer.items() for held in requests]
         self._to_answer.clear()
         return answer_now
 
@@ -184,9 +199,6 @@ class DoorGuard:
                 return
             del self._settling[fd]
             self._judge(fd, found[0], newcomer)
-
-    def _held_bytes(self) -> int:
-        return sum(len(frame) for newcomer in self._settling.values() for held in newcomer.held for frame in held)
 
     def wait_ms(self, longest: int) -> int:
         """How long the loop may wait for events, at most ``longest``: until the next newcomer is judged."""
@@ -208,6 +220,7 @@ class DoorGuard:
 
     def _accepted(self, fd: int) -> None:
         self._gone(fd)  # a descriptor number reused before its DISCONNECTED was read
+        self._closed_settling.discard(fd)
         with _endpoint_conn(fd, self._local) as found:
             if found is None:
                 return  # closed already, or the number now names another descriptor: not ours to judge
@@ -221,11 +234,14 @@ class DoorGuard:
                 self._judge(fd, conn, newcomer)
 
     def _sweep_over(self, host: str) -> tuple[str, str] | None:
-        """``_over``, once the connections its bound counts that have closed are forgotten."""
+        """``_over``, once the connections its bound counts that have closed are forgotten, and the newcomers
+        already waiting let in to the slots they held: a newcomer whose accept found them took one first, and
+        the one waiting for exactly that close was judged when its wait was over."""
         over = self._over(host)
         if over is not None and (scope := host if over[0] == "host" else None) not in self._swept:
             self._swept.add(scope)
             self._forget_closed(scope)
+            self._let_in_those_that_fit()
             over = self._over(host)
         return over
 
@@ -239,8 +255,8 @@ class DoorGuard:
     def _admit(self, fd: int, newcomer: _Newcomer) -> None:
         self._live[fd] = newcomer.conn  # in order of arrival: the oldest first
         self._hosts[newcomer.conn.host] += 1
-        if newcomer.held:
-            self._to_answer.setdefault(fd, []).extend(newcomer.held)  # after a closed one's on this number, if any
+        if newcomer.held:  # after a closed one's on this number, if any
+            self._to_answer.setdefault(fd, []).extend((request, True) for request in newcomer.held)
 
     def _judge(self, fd: int, conn: socket.socket, newcomer: _Newcomer) -> None:
         """Let in a newcomer over a bound in place of the oldest connection not vouched for (or of the greediest
@@ -338,12 +354,14 @@ class DoorGuard:
         return None
 
     def _gone(self, fd: int) -> None:
-        """Stop counting the connection on ``fd``, closed. What it sent while it settled is answered all the
-        same (``settle``), as a request is that came on any connection before it closed: a client that sent a
-        label or a reload and closed at once lost it, silently, where the bound was full."""
+        """Stop counting the connection on ``fd``, closed. What it sent while it settled is handed to the loop
+        all the same (``settle``), as a request is that came on any connection before it closed: a client that
+        sent a label or a reload and closed at once lost it, silently, where the bound was full. The loop drops
+        a chat turn among them (server.py), which was never let in."""
         newcomer = self._settling.pop(fd, None)
-        if newcomer is not None and newcomer.held:
-            self._to_answer.setdefault(fd, []).extend(newcomer.held)
+        if newcomer is not None:
+            self._closed_settling.add(fd)
+            self._to_answer.setdefault(fd, []).extend((request, False) for request in newcomer.held)
         conn = self._live.pop(fd, None)
         if conn is not None:
             self._hosts[conn.host] -= 1
