@@ -362,9 +362,9 @@ class Client:
         self._in_flight: set[str] = set()
         self._held: dict[str, deque[Frame]] = {}  # frames that came while another request's were read
         self._cut: set[str] = set()  # requests in flight on a connection closed to cancel another turn
-        # Unanswered read-only requests in flight, as sent, each with the drops counted before it was (_drops)
-        self._resendable: dict[str, tuple[bytes, int]] = {}
-        self._once_sent: dict[str, int] = {}  # the other requests in flight (turns, feedback), likewise
+        # Unanswered requests in flight, each with the drops counted before it was sent (_drops), and as sent
+        # where it is read-only (sent again after a drop); None for the others (turns, feedback), sent once
+        self._sent: dict[str, tuple[bytes | None, int]] = {}
 
     def close(self) -> None:
         self._close_socket()
@@ -422,8 +422,7 @@ class Client:
             self._in_flight.discard(rid)
             self._held.pop(rid, None)
             self._cut.discard(rid)
-            self._resendable.pop(rid, None)
-            self._once_sent.pop(rid, None)
+            self._sent.pop(rid, None)
             if not self._in_flight:
                 self._owner = None
 
@@ -443,10 +442,8 @@ class Client:
             check_request_size(len(raw), request.attachments, self.daemon_config())
         self._claim(request.id)
         self._count_drops()  # one before the send did not lose this request
-        if isinstance(request, SimpleRequest) and request.op in READ_ONLY_OPS:
-            self._resendable[request.id] = (raw, self._drops)
-        else:
-            self._once_sent[request.id] = self._drops
+        resendable = isinstance(request, SimpleRequest) and request.op in READ_ONLY_OPS
+        self._sent[request.id] = (raw if resendable else None, self._drops)
         try:
             self._sock.send(raw)
         except BaseException:
@@ -500,7 +497,8 @@ class Client:
             if not self._sock.poll(int(min(left, 1.0) * 1000), zmq.POLLIN):
                 check_alive(self.endpoint)
                 self._resend_if_dropped()
-                if self._once_sent.get(rid, self._drops) < self._drops:  # a turn or feedback the drop lost
+                sent = self._sent.get(rid)
+                if sent is not None and sent[0] is None and sent[1] < self._drops:  # a turn or feedback the drop lost
                     raise self._lost()
                 continue
             self._dropped = 0
@@ -508,7 +506,8 @@ class Client:
             if frame_id == rid:
                 return frame
             if frame_id in self._in_flight:
-                self._resendable.pop(frame_id, None)  # answered: a drop after this does not send it again
+                if self._sent.get(frame_id, (None, 0))[0] is not None:  # read-only, answered: a drop after this
+                    del self._sent[frame_id]  # does not send it again
                 self._held.setdefault(frame_id, deque()).append(frame)
             # else a late reply to an earlier, abandoned request
 
@@ -525,13 +524,13 @@ class Client:
         ZeroMQ connects again after a drop, queueing what is sent meanwhile, but not after a frame it refused
         (over MAX_REPLY_BYTES): that connection is gone for good, and a send on it waited forever."""
         self._check_not_refused()
-        for rid, (raw, drops_before) in list(self._resendable.items()):
-            if drops_before < self._drops:
+        for rid, (raw, drops_before) in list(self._sent.items()):
+            if raw is not None and drops_before < self._drops:
                 try:
                     self._sock.send(raw, zmq.NOBLOCK)
                 except zmq.Again:
                     raise self._lost() from None
-                self._resendable[rid] = (raw, self._drops)
+                self._sent[rid] = (raw, self._drops)
 
     def _lost(self) -> DaemonNotRunning:
         """The error for a request whose connection closed before its last frame and cannot be sent again (a
