@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -229,9 +230,8 @@ class Learner:
                     "full", logging.WARNING, "decision %d is not judged: %d gradings wait", decision_id, MAX_JUDGING
                 )
                 return
-            self._judge.submit(self._grade, decision_id, question, answer).add_done_callback(
-                lambda _: self._judging.release()
-            )
+            grading = self._judge.submit(self._grade, decision_id, question, answer)
+            grading.add_done_callback(partial(self._graded, decision_id))
 
     def feedback(self, decision_id: int, satisfied: bool, source: str) -> dict[str, Any]:
         labelled = self.records.label(decision_id, satisfied, source)  # refuses a turn still running
@@ -381,6 +381,14 @@ class Learner:
             pass  # the user labelled it first: their label stands
         except StorageError as exc:  # on the judge's thread: unsaid, it would vanish without a word
             log.warning("judge's verdict for decision %d is not stored: %s", decision_id, exc.message)
+
+    def _graded(self, decision_id: int, grading: Future[None]) -> None:
+        """A grading's end: its place in the queue freed, and what it raised unforeseen logged (kept in its
+        Future, which nobody reads, it vanished without a word); the daemon serves on."""
+        self._judging.release()
+        failed = None if grading.cancelled() else grading.exception()
+        if failed is not None:
+            log.error("judge's grading of decision %d failed", decision_id, exc_info=failed)
 
     def status(self) -> dict[str, Any]:
         with self.lock:
