@@ -836,6 +836,7 @@ class Daemon:
         if self.http is not None:
             self.http.stop()  # after the turns ended, so their last frames reach the HTTP clients
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.runner.close()
         self._feedback.shutdown(wait=True)  # labels sent before the stop are written and answered
         self._drain_outbox()
         self.telemetry.stop()

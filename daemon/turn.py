@@ -316,6 +316,10 @@ class TurnRunner:
         # fallback is in the decision log; the log says each kind (model, code, HTTP status) once a minute.
         self._fallbacks = Throttle(log)
 
+    def close(self) -> None:
+        """After the last turn (the server's pool shut down): its records are committed by then."""
+        self._recorder.shutdown(wait=True)
+
     def run(self, request: ChatRequest, client: bytes, reply: Reply) -> None:
         held: Held | None = None
         try:
