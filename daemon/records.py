@@ -29,6 +29,7 @@ import sqlite_utils
 
 from locod import __version__
 from locod.daemon.decision import NO_ROUTING_COLUMNS, Routing
+from locod.daemon.log_files import LogFiles, file_identity
 from locod.daemon.ownership import closed_to_this_user
 from locod.daemon.records_schema import (
     ESCALATION_LABELLED,
@@ -36,6 +37,7 @@ from locod.daemon.records_schema import (
     PENDING,
     SHADOWED,
     WAS_ANSWERED,
+    added_under_writes,
     schema_faults,
     version_of_schema,
 )
@@ -49,7 +51,6 @@ log = logging.getLogger(__name__)
 
 SQLITE_FULL = 13  # sqlite3.SQLITE_FULL from Python 3.11 on
 MIN_FREE_BYTES = 1 << 20  # less room than this, at start: the disk is full, whatever SQLite calls it
-WAL_MAGIC = (0x377F0682, 0x377F0683)  # a WAL file's first four bytes, big-endian
 MAX_PAGE_BYTES = 1 << 16  # SQLite's largest page: a file this near the file size limit may not grow a page
 MAX_UNWRITTEN = 1000  # completions kept in memory while the disk is full; beyond, the oldest are given up
 BUSY_WAIT_S = 10.0  # how long a write waits for another process's lock on the file (a turn's record)
@@ -206,10 +207,8 @@ class DecisionLog:
         self._migrating = migrating
         self._conn = _open_writer(path)
         self.db = sqlite_utils.Database(self._conn)
-        self._opened = _file_identity(path)  # the file the writer writes (``_check_in_place``)
-        self._wal: tuple[int, int] | None = None  # the -wal file's identity, from the first write on
-        self._shm: tuple[int, int] | None = None  # and the -shm file's, the WAL's index the connections share
-        self._wal_lost: str | None = None  # why the -wal file's frames are gone (``_check_wal_intact``)
+        self._files = LogFiles(path)  # the files the writer writes (``_check_in_place``)
+        self._lost: str | None = None  # why no write may go into the files again (``_lose_wal``)
         self._lock = threading.Lock()  # the writer connection: held while a write waits for SQLite's lock
         self.wal_warning: str | None = None  # why the WAL outgrew WAL_WARN_BYTES, while it does (status)
         self.shm_warning: str | None = None  # that the -shm file was replaced under the daemon (``_watch_shm``)
@@ -262,7 +261,7 @@ class DecisionLog:
         if not self._lock.acquire(timeout=-1 if wait_s is None else wait_s):
             raise _write_failed(self.path, what, sqlite3.OperationalError("database is locked"))
         try:
-            self._check_wal_intact(what)
+            self._check_in_place(what)
             try:
                 if deadline is not None:
                     left_ms = max(1, int((deadline - time.monotonic()) * 1000))
@@ -274,19 +273,35 @@ class DecisionLog:
                 finally:
                     if deadline is not None:
                         self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_WAIT_S * 1000)}")
+            except sqlite3.IntegrityError as exc:
+                raise self._refused_by_table(what, exc) from None
             except sqlite3.Error as exc:
                 raise _write_failed(self.path, what, exc) from None
-            self._wal = self._wal or _file_identity(Path(f"{self.path}-wal"))
-            self._shm = self._shm or _file_identity(Path(f"{self.path}-shm"))
+            self._files.know()
             self._check_wal_intact(what)  # this write's too: not said done when it went into a damaged file
             self._watch_wal()
             self._watch_shm()
+            self._files.note_written()
             self._say_writable_again()
         except StorageError as exc:
             self._say_write_failed(exc)
             raise
         finally:
             self._lock.release()
+
+    def _refused_by_table(self, what: str, exc: sqlite3.IntegrityError) -> StorageError:
+        """The error of a write a constraint refused: by name, when another program changed the table under
+        the daemon (every turn is refused until that is undone)."""
+        added = added_under_writes(self._conn)
+        if not added:
+            return _write_failed(self.path, what, exc)
+        return StorageError(
+            f"decision log {self.path}: {what} failed: table decisions was changed under the daemon, and no turn "
+            f"can be recorded until that is undone: {', '.join(added)} (SQLite: {exc}); drop what was added "
+            "(`DROP TRIGGER`, `ALTER TABLE decisions DROP COLUMN`), or give the column a default "
+            "(docs/operations.md, The decision log)",
+            code="db_changed",
+        )
 
     def _say_write_failed(self, exc: StorageError) -> None:
         """A refused write is told to the client that asked, and logged once a cause until a write succeeds:
@@ -304,13 +319,17 @@ class DecisionLog:
     @property
     def warning(self) -> str | None:
         """What ``status`` says of the log: that it was replaced under the daemon (every turn is refused until
-        a restart, so checked afresh, two stats), else that its last write failed (a full disk, a lock held:
-        turns are refused and answered turns' completions held back until a write succeeds), else that its
-        WAL outgrew what checkpoints keep it to, else that its -shm file was replaced (checked afresh)."""
-        try:
-            self._check_in_place("writing")
-        except StorageError as exc:
-            return exc.message
+        a restart, so checked afresh as a write checks it, unless a write is under way and checks it itself),
+        else that its last write failed (a full disk, a lock held: turns are refused and answered turns'
+        completions held back until a write succeeds), else that its WAL outgrew what checkpoints keep it to,
+        else that its -shm file was replaced (checked afresh)."""
+        if self._lock.acquire(blocking=False):  # never waits behind a write (which waits up to BUSY_WAIT_S)
+            try:
+                self._check_in_place("writing")
+            except StorageError as exc:
+                return exc.message
+            finally:
+                self._lock.release()
         failing, held = self._failing, len(self._unwritten)
         if failing is not None:
             message = f"no write has succeeded since this one failed: {failing.message}"
@@ -322,9 +341,8 @@ class DecisionLog:
         """Say when the WAL outgrows what checkpoints keep it to: a reader holding a transaction open (a
         sqlite3 shell after ``BEGIN``, a notebook's unfinished cursor) stops them, and every turn then
         grows the file until it lets go. Silent, it filled the disk."""
-        try:
-            size = os.stat(f"{self.path}-wal").st_size
-        except OSError:
+        size = self._files.wal_size()
+        if size is None:
             return
         if size < WAL_WARN_BYTES:
             if self.wal_warning is not None:
@@ -348,7 +366,8 @@ class DecisionLog:
         docs/operations.md, a sqlite3 shell's UPDATE) the daemon's next writes overwrite in the WAL, or its
         stop's checkpoint, silently. The daemon's own records are kept, so it goes on serving; a restart
         makes it share the file at that path again."""
-        if self._shm is None or self.shm_warning is not None or _file_identity(Path(f"{self.path}-shm")) == self._shm:
+        shm = self._files.shm
+        if shm is None or self.shm_warning is not None or file_identity(self._files.shm_path) == shm:
             return
         self.shm_warning = (
             f"the decision log's {self.path}-shm file was removed or replaced while the daemon ran: other programs "
@@ -363,41 +382,54 @@ class DecisionLog:
         (``truncate -s 0`` to win back room) or overwritten while the daemon ran. Its turns since the last
         checkpoint are gone, but this connection's index still names their frames: the daemon answered on, each
         record written past a hole no other reader, nor the next start, could read, and a clean stop's
-        checkpoint copied that hole into ``locod.db`` (malformed). Emptied again here, the file makes that
-        checkpoint fail at its first read and leaves ``locod.db`` as that last checkpoint left it. Called
-        holding the writer's lock, before and after each write (a write meanwhile would fill the file again);
-        it ends with ``_check_in_place``'s checks."""
-        wal = Path(f"{self.path}-wal")
-        if self._wal_lost is None and self._wal is not None and not _wal_intact(wal):
-            with suppress(OSError):
-                os.truncate(wal, 0)
-            self._wal_lost = (
-                f"its -wal file {wal} was emptied or overwritten while the daemon ran: the turns it held since the "
-                "last checkpoint are lost, and so would be any written now; restart the daemon (`locod stop`, then "
-                "start it), which leaves locod.db as that checkpoint left it"
+        checkpoint copied that hole into ``locod.db`` (malformed). Called holding the writer's lock, before
+        (``_check_in_place``) and after each write (a write meanwhile would fill the file again)."""
+        if self._lost is None and not self._files.wal_intact():
+            self._lose_wal(
+                f"its -wal file {self._files.wal_path} was emptied or overwritten while the daemon ran: the turns "
+                "it held since the last checkpoint are lost, and so would be any written now; restart the daemon "
+                "(`locod stop`, then start it), which leaves locod.db as that checkpoint left it"
             )
-        self._check_in_place(what)
+        if self._lost is not None:
+            raise StorageError(f"decision log {self.path}: {what} failed: {self._lost}", code="db_replaced")
+
+    def _lose_wal(self, why: str) -> None:
+        """Refuse every write from now on, and empty the -wal file: the daemon's stop then finds nothing to
+        checkpoint into ``locod.db`` (a checkpoint of frames meant for another file left it malformed), and
+        leaves it as it is."""
+        with suppress(OSError):
+            os.truncate(self._files.wal_path, 0)
+        self._lost = why
 
     def _check_in_place(self, what: str) -> None:
         """Refuse a write when the file at ``path`` is no longer the one this connection writes: removed or
         replaced while the daemon ran, what it wrote would be gone at its next start, and every accepted
         turn's record with it. So with its -wal file: other readers no longer see what it holds, and a
-        crash loses it; and once that file was found emptied (``_check_wal_intact``)."""
-        if self._wal_lost is not None:
-            raise StorageError(f"decision log {self.path}: {what} failed: {self._wal_lost}", code="db_replaced")
-        if self._wal is not None and _file_identity(Path(f"{self.path}-wal")) != self._wal:
+        crash loses it; and once that file was found emptied (``_check_wal_intact``). Overwritten in place
+        (``cp backup.db locod.db``), its pages are no longer those this connection holds and writes after:
+        the next write, or the stop's checkpoint, left it malformed."""
+        self._check_wal_intact(what)
+        changed = self._files.changed()
+        if changed == "wal":
             raise StorageError(
                 f"decision log {self.path}: {what} failed: its -wal file was removed or replaced while the daemon "
                 "ran, and the turns it held since the last checkpoint are in the daemon's copy alone; stop the "
                 "daemon cleanly (`locod stop`), which writes them into the file, and start it again",
                 code="db_replaced",
             )
-        if _file_identity(self.path) != self._opened:
+        if changed == "db":
             raise StorageError(
                 f"decision log {self.path}: {what} failed: the file was removed or replaced while the daemon "
                 "ran, so nothing written now would be kept; restart the daemon to open the one at that path",
                 code="db_replaced",
             )
+        if changed == "rewritten":
+            self._lose_wal(
+                "the file was overwritten in place while the daemon ran (a backup restored with cp?): its pages "
+                "are no longer those the daemon writes after, so nothing more is written to it; restart the daemon "
+                "(`locod stop`, then start it), which opens it as it is now"
+            )
+            self._check_wal_intact(what)
 
     def _migrate(self) -> int:
         """Bring the schema up to this code's, in the start's one transaction: a daemon killed midway leaves
@@ -706,6 +738,7 @@ class DecisionLog:
             self._reader.close()
         with self._lock:
             self._conn.close()
+            self._files.close()
 
 
 def _label_target(row: dict[str, Any]) -> LabelTarget:
@@ -752,17 +785,6 @@ def _not_regular(path: Path) -> str | None:
         if not regular:
             return f"{file} is not a regular file (a FIFO, socket or directory put there); remove it and start again"
     return None
-
-
-def _wal_intact(wal: Path) -> bool:
-    """Whether a -wal file starts with SQLite's magic number (sqlite.org/fileformat2.html), or is empty (as a
-    TRUNCATE checkpoint leaves it); one not there is ``_check_in_place``'s to judge."""
-    try:
-        with wal.open("rb") as f:
-            head = f.read(4)
-    except OSError:
-        return True
-    return len(head) < 4 or int.from_bytes(head, "big") in WAL_MAGIC
 
 
 def _at_size_limit(path: Path) -> str | None:
@@ -823,15 +845,6 @@ def _refuse_newer(path: Path, conn: sqlite3.Connection) -> None:
             "restore a backup made with this version) and start again; nothing was written to it",
             code="db_too_new",
         )
-
-
-def _file_identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of the file at ``path``; None when there is none."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 def _write_failed(path: Path, what: str, exc: sqlite3.Error) -> StorageError:

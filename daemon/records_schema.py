@@ -193,12 +193,7 @@ def schema_faults(conn: sqlite3.Connection, version: int) -> list[str]:
     SELECT``, which keeps no key). Without a column each turn was answered and its completion then failed ("no
     such column"); without the key a new turn's id was its rowid, an older turn's id, whose record its label
     then changed."""
-    scratch = sqlite3.connect(":memory:", isolation_level=None)
-    with closing(scratch):
-        for step in MIGRATIONS[:version]:
-            step(sqlite_utils.Database(scratch))
-        wanted = _schema_items(scratch)
-    have = _schema_items(conn)
+    wanted, have = _made_by(version), _schema_items(conn)
     # a table gone (dropped, or a view at its name) is one fault, not one for each of its columns
     gone = {table for table, _ in wanted if table != "index"} - {table for table, _ in have}
     faults = sorted(f"table {table}" for table in gone)
@@ -207,6 +202,29 @@ def schema_faults(conn: sqlite3.Connection, version: int) -> list[str]:
     if ("decisions", "id") in wanted & have and key != ("INTEGER", 1):
         faults.append("decisions.id as its INTEGER PRIMARY KEY")
     return faults
+
+
+def added_under_writes(conn: sqlite3.Connection) -> list[str]:
+    """What another program added to table ``decisions`` that refuses the daemon's writes of it: a trigger
+    on it (one that raises, say), or a column NOT NULL without a default, which no row the daemon writes has
+    a value for. SQLite's own words for either ("NOT NULL constraint failed", a trigger's message) named
+    neither, and every turn was refused with them."""
+    triggers = conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'decisions'")
+    added = [f"trigger {name}" for (name,) in triggers]
+    ours = {column for table, column in _made_by(len(MIGRATIONS)) if table == "decisions"}
+    required = conn.execute(
+        "SELECT name FROM pragma_table_info('decisions') WHERE \"notnull\" AND dflt_value IS NULL AND NOT pk"
+    )
+    return added + [f"column {name} NOT NULL without a default" for (name,) in required if name not in ours]
+
+
+def _made_by(version: int) -> set[tuple[str, str]]:
+    """``_schema_items`` of the tables the migrations up to ``version`` make."""
+    scratch = sqlite3.connect(":memory:", isolation_level=None)
+    with closing(scratch):
+        for step in MIGRATIONS[:version]:
+            step(sqlite_utils.Database(scratch))
+        return _schema_items(scratch)
 
 
 def _schema_items(conn: sqlite3.Connection) -> set[tuple[str, str]]:
