@@ -100,11 +100,13 @@ def _ask(model: CloudModelConfig, client: openai.OpenAI, prompt: Prompt) -> open
 
 def _limits(model: CloudModelConfig, prompt: Prompt) -> dict[str, Any]:
     """The answer's length limit in the field the model takes, and the sampling settings where it takes them
-    (those the request left unset, its temperature, top_p and the penalties, stay the endpoint's own, as
-    OpenAI's API leaves them)."""
+    (those the request left unset, its seed, temperature, top_p and the penalties, stay the endpoint's own, as
+    OpenAI's API leaves them: an endpoint that checks its fields strictly may refuse a null)."""
     limits: dict[str, Any] = {model.max_tokens_param: prompt.max_tokens}
     if model.sampling:
-        limits.update(seed=prompt.seed, **prompt.sampling.given())
+        limits.update(prompt.sampling.given())
+        if prompt.seed is not None:
+            limits["seed"] = prompt.seed
         if prompt.temperature is not None:
             limits["temperature"] = prompt.temperature
     return limits

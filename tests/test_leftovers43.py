@@ -79,11 +79,12 @@ def test_a_keyless_model_that_names_a_key_is_refused(tmp_path: Path, place: dict
 def test_no_temperature_given_leaves_the_endpoint_its_own(daemon_factory: Any, proxy: FaultProxy) -> None:
     """Leftover: a turn without a temperature was sent 0.7 to the cloud, where an OpenAI client that leaves the
     field out gets the endpoint's own default. Now it is sent none, through the socket and the HTTP API, and
-    one given is sent as given; a local turn without one still answers (at the device's 0.7)."""
+    one given is sent as given; a local turn without one still answers (at the device's 0.7). Likewise the
+    seed: one not given was sent as null, which an endpoint checking its fields strictly may refuse."""
     port = free_port()
     handle = daemon_factory(_keyless(proxy.base_url, mode="auto"), extra_env={"LOCOD_HTTP": f"127.0.0.1:{port}"})
     plain = handle.cli("ask", "Say hi.", "--max-tokens", "4", "--force", "cloud")
-    given = handle.cli("ask", "Say hi.", "--max-tokens", "4", "--force", "cloud", "--temperature", "0.3")
+    given = handle.cli("ask", "Say hi.", "--max-tokens", "4", "--force", "cloud", "--temperature", "0.3", "--seed", "7")
     assert plain.returncode == 0 and given.returncode == 0, plain.stderr + given.stderr
     body = json.dumps({"model": "cloud-small", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
     request = urllib.request.Request(
@@ -94,6 +95,7 @@ def test_no_temperature_given_leaves_the_endpoint_its_own(daemon_factory: Any, p
     bodies = [seen.body for seen in proxy.chat_requests()]
     assert len(bodies) == 3 and "temperature" not in bodies[0] and "temperature" not in bodies[2], bodies
     assert bodies[1]["temperature"] == 0.3
+    assert "seed" not in bodies[0] and "seed" not in bodies[2] and bodies[1]["seed"] == 7, bodies
     local = handle.cli("ask", "Say hi.", "--max-tokens", "4", "--force", "local")
     assert local.returncode == 0 and local.stdout.strip(), local.stderr
 
